@@ -1,0 +1,1 @@
+"""The configuration server: the control plane."""

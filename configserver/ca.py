@@ -1,0 +1,134 @@
+"""The configuration server's certificate authority (ECDSA P-256, cryptography x509).
+
+Process servers get server certificates; each protected machine gets a client
+certificate whose common name is the machine's name, which process servers use
+to authorize the machine's writes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CA_DAYS = 3650
+LEAF_DAYS = 365
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+@dataclass(frozen=True)
+class Issued:
+    cert_pem: bytes
+    key_pem: bytes
+
+
+class CertificateAuthority:
+    def __init__(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey,
+                 directory: Path) -> None:
+        self.cert, self.key, self.directory = cert, key, directory
+
+    @property
+    def cert_path(self) -> Path:
+        return self.directory / "ca.pem"
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    @classmethod
+    def load_or_create(cls, directory: str | os.PathLike[str]) -> CertificateAuthority:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cert_path, key_path = d / "ca.pem", d / "ca.key"
+        if cert_path.exists() and key_path.exists():
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise ValueError(f"{key_path} is not an EC private key")
+            return cls(cert, key, d)
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "siterecovery CA")])
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=CA_DAYS))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=True,
+                content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                           critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        _write_private(key_path, _key_pem(key))
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return cls(cert, key, d)
+
+    def _issue(self, cn: str, *, server_names: list[str] | None, days: int) -> Issued:
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.UTC)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .issuer_name(self.cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                self.key.public_key()), critical=False)
+        )
+        if server_names is not None:
+            sans: list[x509.GeneralName] = []
+            for n in server_names:
+                try:
+                    sans.append(x509.IPAddress(ipaddress.ip_address(n)))
+                except ValueError:
+                    sans.append(x509.DNSName(n))
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            builder = builder.add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        else:
+            builder = builder.add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        cert = builder.sign(self.key, hashes.SHA256())
+        return Issued(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+    def issue_server(self, name: str, hosts: list[str], days: int = LEAF_DAYS) -> Issued:
+        return self._issue(name, server_names=hosts, days=days)
+
+    def issue_client(self, machine: str, days: int = LEAF_DAYS) -> Issued:
+        return self._issue(machine, server_names=None, days=days)
+
+
+def write_bundle(directory: str | os.PathLike[str], stem: str, issued: Issued,
+                 ca_pem: bytes) -> tuple[Path, Path, Path]:
+    """Write ``<stem>.pem``, ``<stem>.key`` (0600) and ``ca.pem`` into ``directory``."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    cert, key, ca = d / f"{stem}.pem", d / f"{stem}.key", d / "ca.pem"
+    cert.write_bytes(issued.cert_pem)
+    _write_private(key, issued.key_pem)
+    ca.write_bytes(ca_pem)
+    return cert, key, ca

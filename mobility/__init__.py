@@ -1,0 +1,1 @@
+"""The Mobility agent: runs on each protected machine and replicates its disks."""

@@ -1,0 +1,45 @@
+"""The Mobility agent's typed configuration (one flat TOML file)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class MobilityConfig:
+    machine: str
+    server_host: str
+    tls_ca: str
+    tls_cert: str
+    tls_key: str
+    state_dir: str
+    disks: list[dict[str, Any]]
+    server_port: int = 9443
+    interval_seconds: float = 30.0
+    block_size: int = 64 * 1024
+    snapshot: str = "none"
+    freeze_mounts: list[str] = field(default_factory=list)
+    pre_script: str = ""
+    post_script: str = ""
+    script_timeout_seconds: float = 60.0
+    connect_timeout_seconds: float = 15.0
+    ack_timeout_seconds: float = 300.0
+
+    def validate(self) -> None:
+        if not self.disks:
+            raise ValueError("'disks' must list at least one disk")
+        for d in self.disks:
+            if set(d) != {"name", "path"} or not all(isinstance(v, str) for v in d.values()):
+                raise ValueError("each entry of 'disks' needs exactly a 'name' and a 'path'")
+        bs = self.block_size
+        if bs & (bs - 1) or not (1 << 16) <= bs <= (1 << 20):
+            raise ValueError("block_size must be a power of two from 65536 to 1048576")
+        if self.snapshot not in ("none", "quiesced", "fsfreeze", "script"):
+            raise ValueError("snapshot must be none, quiesced, fsfreeze or script")
+        if self.snapshot == "fsfreeze" and not self.freeze_mounts:
+            raise ValueError("snapshot = 'fsfreeze' needs freeze_mounts")
+        if self.snapshot == "script" and not (self.pre_script and self.post_script):
+            raise ValueError("snapshot = 'script' needs pre_script and post_script")
+        if self.interval_seconds <= 0:
+            raise ValueError("interval_seconds must be positive")

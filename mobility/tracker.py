@@ -1,0 +1,161 @@
+"""The portable change tracker: a persisted per-block fingerprint map.
+
+Each cycle hashes every block (xxh3-128; holes of sparse files are not read) and
+sends the blocks whose fingerprint changed. New maps are written under the new
+cycle's name and become the agent's state only when ``state.json`` is replaced
+after the process server acknowledged the cycle: a crash at any moment leaves
+either the old state or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from vault.digest import block_count, fingerprint
+
+CHUNK = 4 << 20
+_ZERO = bytes(1 << 20)
+
+
+@dataclass
+class DiskState:
+    size: int
+    block_size: int
+    map_file: str
+
+
+@dataclass
+class AgentState:
+    last_cycle: str
+    disks: dict[str, DiskState]
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_state(state_dir: Path) -> AgentState | None:
+    try:
+        doc = json.loads((state_dir / "state.json").read_text())
+        return AgentState(doc["last_cycle"],
+                          {k: DiskState(**v) for k, v in doc["disks"].items()})
+    except FileNotFoundError:
+        return None
+
+
+def load_map(state_dir: Path, ds: DiskState) -> bytes | None:
+    try:
+        data = (state_dir / ds.map_file).read_bytes()
+    except FileNotFoundError:
+        return None
+    if len(data) != 16 * block_count(ds.size, ds.block_size):
+        return None
+    return data
+
+
+def write_map(state_dir: Path, name: str, fps: bytes) -> None:
+    path = state_dir / name
+    with open(path, "wb") as f:
+        f.write(fps)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def commit_state(state_dir: Path, state: AgentState) -> None:
+    """Atomically make ``state`` current, then delete maps no longer referenced."""
+    tmp = state_dir / "state.json.tmp"
+    doc = {"last_cycle": state.last_cycle,
+           "disks": {k: v.__dict__ for k, v in state.disks.items()}}
+    with open(tmp, "w") as f:
+        json.dump(doc, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, state_dir / "state.json")
+    _fsync_dir(state_dir)
+    keep = {d.map_file for d in state.disks.values()}
+    for p in state_dir.glob("*.fp"):
+        if p.name not in keep:
+            p.unlink(missing_ok=True)
+
+
+def disk_size(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """The byte ranges that hold data (SEEK_DATA/SEEK_HOLE); the whole disk if unsupported."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    try:
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after pos
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            out.append((start, min(end, size)))
+            pos = end
+    except OSError:
+        return [(0, size)]
+    return out
+
+
+Change = tuple[int, bytes | None]
+
+
+def scan_chunk(
+    fd: int, size: int, bs: int, first: int, count: int, old: bytes | None,
+    extents: list[tuple[int, int]], new_fps: bytearray, full: bool,
+) -> list[Change]:
+    """Fingerprint blocks ``first .. first+count-1``; return the changed ones.
+
+    ``(n, data)`` for a changed data block, ``(n, None)`` for a block that became zero.
+    """
+    start, end = first * bs, min(size, (first + count) * bs)
+    has_data = any(s < end and e > start for s, e in extents)
+    buf = os.pread(fd, end - start, start) if has_data else b""
+    view = memoryview(buf)
+    changes: list[Change] = []
+    for i in range(count):
+        n = first + i
+        lo = i * bs
+        ln = min(bs, size - n * bs)
+        blk = view[lo:lo + ln] if has_data else None
+        is_zero = blk is None or blk == _ZERO[:ln]
+        fp = _zero_fp(ln) if is_zero else fingerprint(blk)  # type: ignore[arg-type]
+        new_fps[16 * n:16 * n + 16] = fp
+        if full:
+            if not is_zero:
+                changes.append((n, bytes(blk)))  # type: ignore[arg-type]
+        elif old is None or old[16 * n:16 * n + 16] != fp:
+            changes.append((n, None if is_zero else bytes(blk)))  # type: ignore[arg-type]
+    return changes
+
+
+_ZFP: dict[int, bytes] = {}
+
+
+def _zero_fp(ln: int) -> bytes:
+    fp = _ZFP.get(ln)
+    if fp is None:
+        fp = _ZFP[ln] = fingerprint(_ZERO[:ln])
+    return fp
+
+
+def chunks(size: int, bs: int) -> Iterator[tuple[int, int]]:
+    nblocks = block_count(size, bs)
+    per = max(1, CHUNK // bs)
+    for first in range(0, nblocks, per):
+        yield first, min(per, nblocks - first)

@@ -1,0 +1,1 @@
+"""The process server: the data plane between Mobility agents and the vault."""

@@ -1,0 +1,163 @@
+"""The replication wire protocol on port 9443. Standard library only: agents import it.
+
+Every frame is a 8-byte header and a payload::
+
+    offset  size  field
+    0       2     magic b"SR"
+    2       1     protocol version (1)
+    3       1     frame type (FrameType)
+    4       4     u32 LE payload length (checked against the cap before any allocation)
+    8       n     payload
+
+Control frames carry UTF-8 JSON objects; BLOCK and ZERO frames are binary
+(``u16 disk index | u64 block number | data``). A session is::
+
+    agent: HELLO            server: WELCOME   (or ERROR)
+    agent: BEGIN            server: READY     (or ERROR code=resync_required)
+    agent: BLOCK|ZERO ...
+    agent: END              server: ACK       (only after the cycle is fsynced)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+MAGIC = b"SR"
+VERSION = 1
+HEADER = struct.Struct("<2sBBI")
+BLOCK_HEAD = struct.Struct("<HQ")
+MAX_CONTROL = 64 * 1024
+MAX_FRAME = (1 << 20) + BLOCK_HEAD.size
+DEFAULT_PORT = 9443
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 1
+    WELCOME = 2
+    BEGIN = 3
+    READY = 4
+    BLOCK = 5
+    ZERO = 6
+    END = 7
+    ACK = 8
+    ERROR = 9
+
+
+CONTROL = {FrameType.HELLO, FrameType.WELCOME, FrameType.BEGIN, FrameType.READY,
+           FrameType.END, FrameType.ACK, FrameType.ERROR}
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not a valid frame here. Carries an error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RemoteError(Exception):
+    """The peer answered with an ERROR frame."""
+
+    def __init__(self, code: str, message: str, hint: str = "") -> None:
+        super().__init__(f"{message} ({code})" + (f"; {hint}" if hint else ""))
+        self.code, self.message, self.hint = code, message, hint
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    type: FrameType
+    payload: bytes
+
+    def json(self) -> dict[str, Any]:
+        try:
+            doc = json.loads(self.payload)
+        except (UnicodeDecodeError, ValueError):
+            raise ProtocolError("bad_json", f"{self.type.name} payload is not JSON") from None
+        if not isinstance(doc, dict):
+            raise ProtocolError("bad_json", f"{self.type.name} payload is not a JSON object")
+        return doc
+
+    def block(self) -> tuple[int, int, memoryview]:
+        if len(self.payload) < BLOCK_HEAD.size:
+            raise ProtocolError("bad_block", f"{self.type.name} frame is too short")
+        disk, n = BLOCK_HEAD.unpack_from(self.payload, 0)
+        return disk, n, memoryview(self.payload)[BLOCK_HEAD.size :]
+
+
+def parse_header(head: bytes, max_frame: int = MAX_FRAME) -> tuple[FrameType, int]:
+    """Validate an 8-byte header; return ``(type, payload length)`` or raise ProtocolError."""
+    if len(head) != HEADER.size:
+        raise ProtocolError("short_header", "frame header is truncated")
+    magic, version, ftype, length = HEADER.unpack(head)
+    if magic != MAGIC:
+        raise ProtocolError("bad_magic", "not a siterecovery replication stream (bad magic)")
+    if version != VERSION:
+        raise ProtocolError("bad_version", f"protocol version {version}; this side speaks {VERSION}")
+    try:
+        t = FrameType(ftype)
+    except ValueError:
+        raise ProtocolError("bad_type", f"unknown frame type {ftype}") from None
+    cap = MAX_CONTROL if t in CONTROL else max_frame
+    if length > cap:
+        raise ProtocolError("frame_too_large",
+                            f"{t.name} frame of {length} bytes exceeds the {cap}-byte cap")
+    return t, length
+
+
+def decode(buf: bytes, max_frame: int = MAX_FRAME) -> tuple[Frame, int]:
+    """Decode one whole frame from the front of ``buf``; return it and bytes consumed."""
+    t, length = parse_header(buf[: HEADER.size], max_frame)
+    end = HEADER.size + length
+    if len(buf) < end:
+        raise ProtocolError("truncated", f"{t.name} frame is truncated")
+    return Frame(t, bytes(buf[HEADER.size : end])), end
+
+
+def encode(t: FrameType, payload: bytes | memoryview = b"") -> bytes:
+    return HEADER.pack(MAGIC, VERSION, t, len(payload)) + bytes(payload)
+
+
+def encode_json(t: FrameType, doc: dict[str, Any]) -> bytes:
+    return encode(t, json.dumps(doc, separators=(",", ":")).encode())
+
+
+def block_frame_parts(
+    t: FrameType, disk: int, n: int, data: bytes | memoryview = b""
+) -> tuple[bytes, bytes | memoryview]:
+    """Header+block header and the data, for ``writer.writelines`` without a copy."""
+    head = HEADER.pack(MAGIC, VERSION, t, BLOCK_HEAD.size + len(data)) + BLOCK_HEAD.pack(disk, n)
+    return head, data
+
+
+async def read_frame(
+    reader: asyncio.StreamReader, *, timeout: float, max_frame: int = MAX_FRAME
+) -> Frame:
+    """Read one frame, with a timeout and the size cap applied before allocation."""
+    try:
+        async with asyncio.timeout(timeout):
+            head = await reader.readexactly(HEADER.size)
+            t, length = parse_header(head, max_frame)
+            payload = await reader.readexactly(length) if length else b""
+    except TimeoutError:
+        raise ProtocolError("timeout", f"no complete frame within {timeout:g}s") from None
+    except asyncio.IncompleteReadError as e:
+        if not e.partial:
+            raise ConnectionResetError("peer closed the connection") from None
+        raise ProtocolError("truncated", "connection closed in the middle of a frame") from None
+    return Frame(t, payload)
+
+
+def error_frame(code: str, message: str, hint: str = "") -> bytes:
+    return encode_json(FrameType.ERROR, {"code": code, "message": message, "hint": hint})
+
+
+def raise_if_error(frame: Frame) -> None:
+    if frame.type == FrameType.ERROR:
+        doc = frame.json()
+        raise RemoteError(str(doc.get("code", "error")), str(doc.get("message", "")),
+                          str(doc.get("hint", "")))

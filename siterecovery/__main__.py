@@ -1,0 +1,5 @@
+import sys
+
+from siterecovery.cli import main
+
+sys.exit(main())

@@ -1,0 +1,146 @@
+"""``siterecovery``: one command for the daemons and the admin verbs.
+
+Exit codes: 0 success, 1 failure, 2 bad usage or configuration, 3 the vault holds
+damaged data, 4 the key does not open the vault.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from siterecovery import __version__, agentcmds, vaultcmds
+from siterecovery.logs import configure
+from siterecovery.tomlconfig import ConfigError, load
+from vault.errors import IntegrityError, VaultError, WrongKeyError
+
+EXIT_FAIL, EXIT_USAGE, EXIT_CORRUPT, EXIT_KEY = 1, 2, 3, 4
+
+
+async def cmd_serve(args: argparse.Namespace) -> int:
+    from siterecovery.embedded import serve
+
+    return await serve(args.data_dir, args.admin_port, args.listen, args.metrics_port)
+
+
+async def cmd_configserver_run(args: argparse.Namespace) -> int:
+    from configserver.config import ConfigServerConfig
+    from configserver.server import ConfigServer
+    from siterecovery.embedded import wait_for_signal
+
+    cs = ConfigServer(load(ConfigServerConfig, args.config))
+    await cs.start()
+    try:
+        await wait_for_signal()
+    finally:
+        await cs.stop()
+    return 0
+
+
+async def cmd_procserver_run(args: argparse.Namespace) -> int:
+    from procserver.config import ProcServerConfig
+    from procserver.server import ProcServer
+    from siterecovery.embedded import wait_for_signal
+
+    ps = ProcServer(load(ProcServerConfig, args.config))
+    await ps.start()
+    try:
+        await wait_for_signal()
+    finally:
+        await ps.stop()
+    return 0
+
+
+async def cmd_demo(args: argparse.Namespace) -> int:
+    from siterecovery.demo import demo
+
+    return await demo(args.dir, args.size_mib, args.cycles)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from siterecovery.embedded import default_data_dir
+
+    p = argparse.ArgumentParser(
+        prog="siterecovery",
+        description="Self-hosted disaster-recovery replication: protect Linux machines' disks "
+                    "into an encrypted vault, restore any recovery point byte for byte.")
+    p.add_argument("--version", action="version", version=f"siterecovery {__version__}")
+    p.add_argument("--log-level", default="warning",
+                   help="debug, info, warning, error (daemons default to info)")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run configuration + process server on embedded defaults",
+                       description="Run the all-in-one installation: SQLite catalog, local-folder "
+                                   "vault, admin API on loopback, replication on port 9443. "
+                                   "Creates the vault, key file, CA and tokens on first start.")
+    s.add_argument("--data-dir", default=default_data_dir(),
+                   help="where everything lives (default: %(default)s)")
+    s.add_argument("--admin-port", type=int, default=9440, help="admin API port on 127.0.0.1")
+    s.add_argument("--listen", default="127.0.0.1:9443",
+                   help="replication listener HOST:PORT (default: %(default)s)")
+    s.add_argument("--metrics-port", type=int, default=9444, help="process-server metrics port")
+    s.set_defaults(func=cmd_serve, daemon=True)
+
+    for name, func, what in (("configserver", cmd_configserver_run, "configuration server"),
+                             ("procserver", cmd_procserver_run, "process server")):
+        dp = sub.add_parser(name, help=f"the {what} daemon")
+        dsub = dp.add_subparsers(dest=f"{name}_cmd", required=True)
+        run = dsub.add_parser("run", help=f"run the {what} (the systemd service)")
+        run.add_argument("--config", required=True, help=f"TOML config (see deploy/{name}.toml)")
+        run.set_defaults(func=func, daemon=True)
+
+    agentcmds.register(sub)
+    vaultcmds.register(sub)
+
+    d = sub.add_parser("demo", help="protect a sample disk end to end and prove the restore",
+                       description="Make a sample disk image, protect it through TLS, the cache "
+                                   "and a vault, change it over a few cycles, restore every point "
+                                   "and compare byte for byte. Exits non-zero on any difference.")
+    d.add_argument("--dir", help="work directory (default: a temporary one, removed after)")
+    d.add_argument("--size-mib", type=int, default=64, help="sample disk size (default: 64)")
+    d.add_argument("--cycles", type=int, default=3, help="delta cycles after the initial copy")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def _run(func: Callable[[argparse.Namespace], Awaitable[int]], args: argparse.Namespace) -> int:
+    coro: Any = func(args)
+    if getattr(args, "daemon", False):
+        import uvloop
+
+        return int(uvloop.run(coro))
+    return int(asyncio.run(coro))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = args.log_level if args.log_level != "warning" or not getattr(args, "daemon", False) \
+        else "info"
+    configure(level)
+    try:
+        return _run(args.func, args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except WrongKeyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_KEY
+    except IntegrityError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CORRUPT
+    except VaultError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The all-in-one embedded installation: configuration + process server in one process.
+
+Layout of a data directory::
+
+    DATA_DIR/vault/            the local-folder vault
+    DATA_DIR/vault.key         its key file (0600)
+    DATA_DIR/configserver/     catalog (SQLite), CA, api-token, internal-token
+    DATA_DIR/procserver/       HRL cache, bookkeeping (SQLite), TLS certificate
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from configserver.ca import CertificateAuthority, write_bundle
+from configserver.config import ConfigServerConfig
+from configserver.server import ConfigServer
+from procserver.config import ProcServerConfig
+from procserver.server import ProcServer
+from vault.keyslots import KeyMaterial, new_keyfile
+from vault.local import LocalStore
+from vault.repo import Vault
+
+log = structlog.get_logger("siterecovery")
+
+
+def default_data_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/siterecovery"
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return os.path.join(base, "siterecovery")
+
+
+@dataclass
+class Embedded:
+    config: ConfigServer
+    proc: ProcServer
+    data_dir: Path
+
+    @property
+    def vault_url(self) -> str:
+        return f"file://{self.data_dir / 'vault'}"
+
+
+async def ensure_vault(data_dir: Path) -> None:
+    key = data_dir / "vault.key"
+    if not (data_dir / "vault" / "config").exists():
+        kek = new_keyfile(key)
+        v = await Vault.create(LocalStore(data_dir / "vault"), KeyMaterial(keyfile=kek))
+        log.info("vault_created", vault=str(data_dir / "vault"), key_file=str(key))
+        await v.close()
+
+
+async def start_embedded(
+    data_dir: str | Path, *, admin_port: int = 9440, listen_host: str = "127.0.0.1",
+    listen_port: int = 9443, metrics_port: int = 9444, cache_quota_bytes: int = 8 << 30,
+) -> Embedded:
+    d = Path(data_dir).resolve()
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    await ensure_vault(d)
+    cs = ConfigServer(ConfigServerConfig(data_dir=str(d / "configserver"),
+                                         listen_port=admin_port))
+    await cs.start()
+    tls = d / "procserver" / "tls"
+    if not (tls / "server.pem").exists():
+        ca = CertificateAuthority.load_or_create(cs.cfg.ca_dir)
+        hosts = sorted({"127.0.0.1", "localhost", listen_host} - {"0.0.0.0", "::"})
+        write_bundle(tls, "server", ca.issue_server("procserver", hosts), ca.cert_pem)
+    pcfg = ProcServerConfig(
+        data_dir=str(d / "procserver"), vault_url=f"file://{d / 'vault'}",
+        vault_key_file=str(d / "vault.key"), tls_cert=str(tls / "server.pem"),
+        tls_key=str(tls / "server.key"), tls_ca=str(cs.cfg.ca_dir / "ca.pem"),
+        listen_host=listen_host, listen_port=listen_port, metrics_port=metrics_port,
+        configserver_url=cs.url, configserver_token_file=str(cs.cfg.internal_token_path),
+        cache_quota_bytes=cache_quota_bytes,
+    )
+    ps = ProcServer(pcfg)
+    try:
+        await ps.start()
+    except BaseException:
+        await cs.stop()
+        raise
+    return Embedded(cs, ps, d)
+
+
+async def stop_embedded(e: Embedded) -> None:
+    await e.proc.stop()
+    await e.config.stop()
+
+
+async def wait_for_signal() -> None:
+    """Return on the first SIGTERM/SIGINT; a second one aborts the graceful shutdown."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    count = 0
+
+    def on_signal() -> None:
+        nonlocal count
+        count += 1
+        if count > 1:
+            log.warning("second_signal_aborting")
+            os._exit(130)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    await stop.wait()
+
+
+async def serve(data_dir: str, admin_port: int, listen: str, metrics_port: int) -> int:
+    host, _, port = listen.rpartition(":")
+    e = await start_embedded(data_dir, admin_port=admin_port, listen_host=host or "127.0.0.1",
+                             listen_port=int(port), metrics_port=metrics_port)
+    token = e.config.cfg.token_path
+    print(f"""siterecovery is running (embedded: SQLite + local-folder vault)
+  data directory   {e.data_dir}
+  vault            {e.vault_url}   key file {e.data_dir / 'vault.key'}
+  admin API        {e.config.url}   token file {token}
+  replication      {host or '127.0.0.1'}:{e.proc.port} (mutual TLS)
+  metrics          {e.config.url}/metrics  http://127.0.0.1:{e.proc.metrics_port}/metrics
+Protect a machine:
+  siterecovery mobility enroll --machine NAME --api {e.config.url} --token-file {token} \\
+      --server {host or '127.0.0.1'}:{e.proc.port} --disk sda=/dev/sda --out ./agent
+  siterecovery mobility run --config ./agent/mobility.toml
+Stop with Ctrl-C.""", flush=True)
+    try:
+        await wait_for_signal()
+    finally:
+        await stop_embedded(e)
+    return 0

@@ -1,0 +1,172 @@
+"""Verbs that work from the vault and its key alone: no database, no server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from siterecovery.progress import Progress
+from vault.errors import VaultError
+from vault.keyslots import KeyMaterial, new_keyfile, read_keyfile
+from vault.materialize import materialize
+from vault.open import open_store
+from vault.point import Point
+from vault.repo import DEFAULT_BLOCK_SIZE, Vault
+
+
+def add_vault_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vault", help="vault URL, e.g. file:///srv/vault (default: DATA_DIR/vault)")
+    p.add_argument("--key-file", help="vault key file (default: DATA_DIR/vault.key)")
+    p.add_argument("--data-dir", help="an embedded 'siterecovery serve' data directory")
+
+
+def vault_location(args: argparse.Namespace) -> tuple[str, str]:
+    if args.data_dir:
+        d = Path(args.data_dir).resolve()
+        return args.vault or f"file://{d / 'vault'}", args.key_file or str(d / "vault.key")
+    if not args.vault or not args.key_file:
+        raise SystemExit("error: give --vault and --key-file, or --data-dir of an embedded "
+                         "installation")
+    return args.vault, args.key_file
+
+
+async def open_vault(args: argparse.Namespace) -> Vault:
+    url, key = vault_location(args)
+    return await Vault.open(open_store(url), KeyMaterial(keyfile=read_keyfile(key)))
+
+
+async def cmd_vault_init(args: argparse.Namespace) -> int:
+    url, key = vault_location(args)
+    if os.path.exists(key):
+        raise SystemExit(f"error: key file {key} already exists; refusing to overwrite it")
+    kek = new_keyfile(key)
+    try:
+        v = await Vault.create(open_store(url), KeyMaterial(keyfile=kek), args.block_size)
+    except VaultError:
+        os.unlink(key)
+        raise
+    await v.close()
+    out = {"vault": url, "key_file": key, "vault_id": v.config.vault_id,
+           "block_size": v.config.block_size}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"created vault {v.config.vault_id} at {url}\n"
+              f"key file: {key} (keep a copy off-site: without it the vault cannot be read)")
+    return 0
+
+
+def select_point(points: list[Point], which: str, machine: str | None) -> Point:
+    if machine:
+        points = [p for p in points if p.machine == machine]
+    machines = sorted({p.machine for p in points})
+    if which.startswith("latest") and len(machines) > 1:
+        raise SystemExit(f"error: the vault holds several machines ({', '.join(machines)}); "
+                         "pick one with --machine")
+    if which == "latest":
+        cands = points
+    elif which == "latest-app-consistent":
+        cands = [p for p in points if p.consistency == "app"]
+    elif which == "latest-crash-consistent":
+        cands = [p for p in points if p.consistency in ("app", "crash")]
+    else:
+        cands = [p for p in points if p.id == which or p.id.startswith(which)]
+        if len(cands) > 1:
+            raise SystemExit(f"error: point id prefix {which!r} is ambiguous")
+    if not cands:
+        raise SystemExit(f"error: no recovery point matches {which!r}"
+                         + (f" for machine {machine!r}" if machine else ""))
+    return cands[-1]
+
+
+async def cmd_points_list(args: argparse.Namespace) -> int:
+    v = await open_vault(args)
+    try:
+        points = await v.list_points(args.machine)
+    finally:
+        await v.close()
+    if args.json:
+        print(json.dumps([{"id": p.id, "machine": p.machine, "created": p.created,
+                           "consistency": p.consistency,
+                           "disks": [{"disk": d.disk, "size": d.size} for d in p.disks]}
+                          for p in points]))
+        return 0
+    if not points:
+        print("no recovery points")
+        return 0
+    print(f"{'ID':<16}  {'MACHINE':<20}  {'CREATED (UTC)':<27}  {'CONSISTENCY':<12}  DISKS")
+    for p in points:
+        disks = ", ".join(f"{d.disk} ({d.size / 2**20:.0f} MiB)" for d in p.disks)
+        print(f"{p.id[:16]}  {p.machine:<20}  {p.created:<27}  {p.consistency:<12}  {disks}")
+    return 0
+
+
+async def cmd_restore(args: argparse.Namespace) -> int:
+    v = await open_vault(args)
+    try:
+        point = select_point(await v.list_points(), args.point, args.machine)
+        index = await v.load_index()
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        results = []
+        with ThreadPoolExecutor(2) as ex:
+            for d in point.disks:
+                if args.disk and d.disk not in args.disk:
+                    continue
+                target = str(out_dir / f"{d.disk}.img")
+                digest = await materialize(
+                    v, point, d.disk, target, index=index, executor=ex,
+                    progress=Progress(f"restore {d.disk}", quiet=args.json))
+                results.append({"disk": d.disk, "path": target, "size": d.size,
+                                "digest": digest})
+    finally:
+        await v.close()
+    if args.json:
+        print(json.dumps({"point": point.id, "machine": point.machine, "created": point.created,
+                          "consistency": point.consistency, "disks": results}))
+    else:
+        for r in results:
+            print(f"restored {point.machine}/{r['disk']} at {point.created} "
+                  f"({point.consistency}) to {r['path']}: verified")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    vp = sub.add_parser("vault", help="create and manage vaults")
+    vsub = vp.add_subparsers(dest="vault_cmd", required=True)
+    init = vsub.add_parser("init", help="create a vault and its key file",
+                           description="Create an encrypted vault in a blob store and a new "
+                                       "key file that unlocks it.")
+    add_vault_args(init)
+    init.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
+                      help="default block size in bytes (64 KiB - 1 MiB, power of two)")
+    init.add_argument("--json", action="store_true", help="machine-readable output")
+    init.set_defaults(func=cmd_vault_init)
+
+    pp = sub.add_parser("points", help="recovery points")
+    psub = pp.add_subparsers(dest="points_cmd", required=True)
+    pl = psub.add_parser("list", help="list recovery points from the vault alone",
+                         description="List the recovery points in a vault. Needs only the "
+                                     "vault and its key: works with the configuration server gone.")
+    add_vault_args(pl)
+    pl.add_argument("--machine", help="only this machine's points")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
+    pl.set_defaults(func=cmd_points_list)
+
+    rp = sub.add_parser(
+        "restore", help="materialize a recovery point to raw disk images",
+        description="Write every disk of a machine at a recovery point to OUT/<disk>.img "
+                    "(sparse), verifying every block and the end-to-end disk digest. Needs only "
+                    "the vault and its key.")
+    add_vault_args(rp)
+    rp.add_argument("--machine", help="the protected machine (needed if the vault has several)")
+    rp.add_argument("--point", default="latest",
+                    help="latest | latest-app-consistent | latest-crash-consistent | ID "
+                         "(a unique prefix is enough); default: latest")
+    rp.add_argument("--disk", action="append", help="restore only this disk (repeatable)")
+    rp.add_argument("--out", required=True, help="output directory")
+    rp.add_argument("--json", action="store_true", help="machine-readable output")
+    rp.set_defaults(func=cmd_restore)

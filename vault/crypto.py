@@ -1,0 +1,152 @@
+"""Keys and sealing: zstd, then AES-256-GCM with associated data.
+
+Sealed unit (all integers little-endian)::
+
+    offset  size  field
+    0       1     format version (1)
+    1       1     object type (ObjectType)
+    2       1     flags: bit 0 = payload is zstd-compressed
+    3       1     reserved, 0
+    4       12    nonce
+    16      n     ciphertext
+    16+n    16    GCM tag
+
+The associated data is ``header[0:4] || u16 len(name) || name || extra``: it binds
+the unit to its type, to the object it lives in and, for blocks, to the block id,
+so storage cannot hand us a different object, or move a block, undetected.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import struct
+
+import blake3
+import zstandard
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from vault.errors import FormatError, IntegrityError
+
+FORMAT_VERSION = 1
+HEADER = struct.Struct("<BBBB12s")
+OVERHEAD = HEADER.size + 16
+FLAG_ZSTD = 0x01
+MASTER_KEY_BYTES = 64
+ZSTD_LEVEL = 3
+
+
+class ObjectType(enum.IntEnum):
+    CONFIG = 1
+    BLOCK = 2
+    PACK_TRAILER = 3
+    INDEX = 4
+    POINT = 5
+    MAP = 6
+
+
+def _hkdf(master: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(master)
+
+
+class Keyring:
+    """The keys derived from one vault master key.
+
+    - ``id_key``: keys the BLAKE3 hash that names blocks, so names reveal nothing.
+    - per-object AES-256-GCM keys: HKDF(master, type || object name). Object names
+      are random 256-bit values, so every pack gets its own key and its blocks use
+      a counter nonce that cannot repeat under that key.
+    """
+
+    def __init__(self, master: bytes) -> None:
+        if len(master) != MASTER_KEY_BYTES:
+            raise FormatError(f"master key must be {MASTER_KEY_BYTES} bytes")
+        self._master = master
+        self.id_key = _hkdf(master, b"siterecovery/v1/block-id")
+        self._data_root = _hkdf(master, b"siterecovery/v1/data")
+
+    def __repr__(self) -> str:
+        return "Keyring(<secret>)"
+
+    def block_id(self, data: bytes | memoryview) -> bytes:
+        return blake3.blake3(data, key=self.id_key).digest()
+
+    def aead(self, otype: ObjectType, name: str) -> AESGCM:
+        info = b"siterecovery/v1/object/" + bytes([otype]) + name.encode()
+        return AESGCM(
+            HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(
+                self._data_root
+            )
+        )
+
+
+def _ad(header: bytes, name: str, extra: bytes) -> bytes:
+    n = name.encode()
+    return header[:4] + struct.pack("<H", len(n)) + n + extra
+
+
+def counter_nonce(i: int) -> bytes:
+    return i.to_bytes(12, "big")
+
+
+def seal(
+    aead: AESGCM,
+    otype: ObjectType,
+    name: str,
+    plaintext: bytes | memoryview,
+    *,
+    nonce: bytes | None = None,
+    extra: bytes = b"",
+    compressor: zstandard.ZstdCompressor | None = None,
+) -> bytes:
+    """Compress (if it helps) and encrypt ``plaintext`` as one sealed unit.
+
+    ``compressor`` must not be shared between threads (zstandard objects are not
+    thread-safe); pass one per worker thread.
+    """
+    flags = 0
+    payload: bytes | memoryview = plaintext
+    if compressor is not None and len(plaintext) > 64:
+        packed = compressor.compress(plaintext)
+        if len(packed) < len(plaintext):
+            payload, flags = packed, FLAG_ZSTD
+    nonce = nonce if nonce is not None else os.urandom(12)
+    header = HEADER.pack(FORMAT_VERSION, otype, flags, 0, nonce)
+    return header + aead.encrypt(nonce, payload, _ad(header, name, extra))
+
+
+def unseal(
+    aead: AESGCM,
+    otype: ObjectType,
+    name: str,
+    sealed: bytes | memoryview,
+    *,
+    extra: bytes = b"",
+    max_size: int,
+    what: str | None = None,
+) -> bytes:
+    """Authenticate, decrypt and decompress one sealed unit, or raise ``IntegrityError``."""
+    label = what or name
+    if len(sealed) < OVERHEAD:
+        raise IntegrityError(label, f"truncated ({len(sealed)} bytes)")
+    version, t, flags, _res, nonce = HEADER.unpack_from(sealed, 0)
+    if version != FORMAT_VERSION:
+        raise IntegrityError(label, f"unknown format version {version}")
+    if t != otype:
+        raise IntegrityError(label, f"object type {t} where {int(otype)} was expected")
+    header = bytes(sealed[:4])
+    try:
+        payload = aead.decrypt(nonce, bytes(sealed[HEADER.size :]), _ad(header, name, extra))
+    except InvalidTag:
+        raise IntegrityError(label, "authentication failed") from None
+    if flags & FLAG_ZSTD:
+        try:
+            return zstandard.ZstdDecompressor().decompress(payload, max_output_size=max_size)
+        except zstandard.ZstdError as e:
+            raise IntegrityError(label, f"decompression failed: {e}") from None
+    if len(payload) > max_size:
+        raise IntegrityError(label, f"payload larger than {max_size} bytes")
+    return payload

@@ -1,0 +1,51 @@
+"""Error hierarchy of the vault package.
+
+Every error that reaches an operator says what failed, why, and what to do.
+"""
+
+from __future__ import annotations
+
+
+class VaultError(Exception):
+    """Base class for all vault errors."""
+
+
+class StoreError(VaultError):
+    """A blob store operation failed."""
+
+
+class NotFoundError(StoreError):
+    """The named object does not exist."""
+
+
+class TransientStoreError(StoreError):
+    """The operation may succeed if retried (timeouts, throttling, 5xx)."""
+
+
+class PermanentStoreError(StoreError):
+    """Retrying will not help (permissions, bad names, invalid requests)."""
+
+
+class IntegrityError(VaultError):
+    """An object failed authentication or its content does not match its identity.
+
+    Raised for tampering, truncation, swapped objects and wrong keys alike:
+    data that does not authenticate is never returned.
+    """
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(
+            f"vault object {name!r} failed verification: {reason}. "
+            "The object is corrupt, was tampered with, or the vault key is wrong; "
+            "run 'siterecovery check --read-data' to list every damaged object."
+        )
+        self.object_name = name
+        self.reason = reason
+
+
+class WrongKeyError(VaultError):
+    """No key slot of the vault opens with the key material given."""
+
+
+class FormatError(VaultError):
+    """An object is structurally invalid or of an unsupported format version."""

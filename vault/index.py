@@ -1,0 +1,82 @@
+"""The index: block id -> (pack, offset, length).
+
+An index object's plaintext is ``u32 npacks`` then, per pack,
+``pack_id[32] | u32 count | count x (id[32] | u64 offset | u32 length)``.
+Index objects are written after the packs they describe and before any map
+that references their blocks; the index can be rebuilt from pack trailers.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from vault.crypto import Keyring, ObjectType, seal, unseal
+from vault.errors import IntegrityError
+from vault.pack import ENTRY, PackEntry
+
+MAX_INDEX = 256 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    pack_id: str
+    offset: int
+    length: int
+
+
+@dataclass
+class Index:
+    """The in-memory view of every index object of a vault."""
+
+    entries: dict[bytes, Location] = field(default_factory=dict)
+
+    def add_pack(self, pack_id: str, pack_entries: list[PackEntry]) -> None:
+        for e in pack_entries:
+            self.entries[e.block_id] = Location(pack_id, e.offset, e.length)
+
+    def __contains__(self, block_id: object) -> bool:
+        return block_id in self.entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def encode_index(packs: dict[str, list[PackEntry]]) -> bytes:
+    out = [struct.pack("<I", len(packs))]
+    for pack_id, entries in packs.items():
+        out.append(bytes.fromhex(pack_id) + struct.pack("<I", len(entries)))
+        out.extend(ENTRY.pack(e.block_id, e.offset, e.length) for e in entries)
+    return b"".join(out)
+
+
+def decode_index(plain: bytes, what: str) -> dict[str, list[PackEntry]]:
+    try:
+        (npacks,) = struct.unpack_from("<I", plain, 0)
+        pos = 4
+        packs: dict[str, list[PackEntry]] = {}
+        for _ in range(npacks):
+            pack_id = plain[pos : pos + 32].hex()
+            (count,) = struct.unpack_from("<I", plain, pos + 32)
+            pos += 36
+            packs[pack_id] = [
+                PackEntry(*ENTRY.unpack_from(plain, pos + i * ENTRY.size)) for i in range(count)
+            ]
+            pos += count * ENTRY.size
+    except struct.error:
+        raise IntegrityError(what, "index is truncated") from None
+    if pos != len(plain):
+        raise IntegrityError(what, "index has trailing bytes")
+    return packs
+
+
+def seal_index(keyring: Keyring, name_id: str, packs: dict[str, list[PackEntry]]) -> bytes:
+    return seal(keyring.aead(ObjectType.INDEX, name_id), ObjectType.INDEX, name_id,
+                encode_index(packs))
+
+
+def open_index(keyring: Keyring, name_id: str, sealed: bytes) -> dict[str, list[PackEntry]]:
+    what = f"index/{name_id}"
+    plain = unseal(keyring.aead(ObjectType.INDEX, name_id), ObjectType.INDEX, name_id, sealed,
+                   max_size=MAX_INDEX, what=what)
+    return decode_index(plain, what)

@@ -1,0 +1,106 @@
+"""Local-folder backend: one file per object, written temp + fsync + rename."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from vault.errors import NotFoundError, PermanentStoreError
+from vault.store import BlobInfo, check_name
+
+_TMP_SUFFIX = ".tmp"
+
+
+class LocalStore:
+    """A vault in a local directory. The embedded default."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).resolve()
+        self.url = f"file://{self.root}"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, name: str) -> Path:
+        return self.root / check_name(name)
+
+    def _put(self, name: str, data: bytes) -> None:
+        path = self._path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(data):x}{_TMP_SUFFIX}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    async def put(self, name: str, data: bytes) -> None:
+        await asyncio.to_thread(self._put, name, data)
+
+    def _get(self, name: str, offset: int, length: int | None) -> bytes:
+        path = self._path(name)
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                end = size if length is None else offset + length
+                if offset < 0 or end > size or end < offset:
+                    raise PermanentStoreError(
+                        f"range {offset}+{length} outside object {name!r} of {size} bytes"
+                    )
+                f.seek(offset)
+                return f.read(end - offset)
+        except FileNotFoundError:
+            raise NotFoundError(f"object {name!r} not found in {self.url}") from None
+
+    async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        return await asyncio.to_thread(self._get, name, offset, length)
+
+    async def stat(self, name: str) -> BlobInfo:
+        try:
+            st = await asyncio.to_thread(os.stat, self._path(name))
+        except FileNotFoundError:
+            raise NotFoundError(f"object {name!r} not found in {self.url}") from None
+        return BlobInfo(name, st.st_size)
+
+    def _list(self, prefix: str) -> list[BlobInfo]:
+        out: list[BlobInfo] = []
+        # Walk only the directory the prefix can live in.
+        base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        if not base.is_dir():
+            return out
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for fn in filenames:
+                if fn.startswith(".") or fn.endswith(_TMP_SUFFIX):
+                    continue
+                full = os.path.join(dirpath, fn)
+                name = os.path.relpath(full, self.root).replace(os.sep, "/")
+                if name.startswith(prefix):
+                    try:
+                        out.append(BlobInfo(name, os.stat(full).st_size))
+                    except FileNotFoundError:
+                        continue
+        out.sort(key=lambda b: b.name)
+        return out
+
+    async def list(self, prefix: str = "") -> AsyncIterator[BlobInfo]:
+        for info in await asyncio.to_thread(self._list, prefix):
+            yield info
+
+    async def delete(self, name: str) -> None:
+        try:
+            await asyncio.to_thread(os.unlink, self._path(name))
+        except FileNotFoundError:
+            pass
+
+    async def close(self) -> None:
+        return None

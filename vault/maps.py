@@ -1,0 +1,69 @@
+"""Block maps: for one disk at one recovery point, block number -> block id.
+
+Plaintext::
+
+    offset  size  field
+    0       1     kind: 0 = full, 1 = delta
+    1       8     u64 disk size in bytes
+    9       4     u32 block size
+    13      4     u32 entry count
+    17      40*n  entries, sorted by block number: u64 block number | id[32]
+
+A full map lists every non-zero block. A delta map lists the blocks that changed
+since its base point; an all-zero id there means "this block is now zero".
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from vault.crypto import Keyring, ObjectType, seal, unseal
+from vault.errors import IntegrityError
+
+HEAD = struct.Struct("<BQII")
+ENTRY = struct.Struct("<Q32s")
+ZERO_ID = bytes(32)
+FULL, DELTA = 0, 1
+MAX_MAP = 1 << 31
+
+
+@dataclass
+class BlockMap:
+    kind: int
+    size: int
+    block_size: int
+    blocks: dict[int, bytes]
+
+
+def encode_map(m: BlockMap) -> bytes:
+    items = sorted(m.blocks.items())
+    return HEAD.pack(m.kind, m.size, m.block_size, len(items)) + b"".join(
+        ENTRY.pack(n, bid) for n, bid in items
+    )
+
+
+def decode_map(plain: bytes, what: str) -> BlockMap:
+    if len(plain) < HEAD.size:
+        raise IntegrityError(what, "map is truncated")
+    kind, size, bs, count = HEAD.unpack_from(plain, 0)
+    if len(plain) != HEAD.size + count * ENTRY.size or kind not in (FULL, DELTA) or bs == 0:
+        raise IntegrityError(what, "map header does not match its body")
+    nblocks = (size + bs - 1) // bs
+    blocks: dict[int, bytes] = {}
+    for n, bid in ENTRY.iter_unpack(plain[HEAD.size :]):
+        if n >= nblocks:
+            raise IntegrityError(what, f"block {n} lies beyond the disk's {nblocks} blocks")
+        blocks[n] = bid
+    return BlockMap(kind, size, bs, blocks)
+
+
+def seal_map(keyring: Keyring, name_id: str, m: BlockMap) -> bytes:
+    return seal(keyring.aead(ObjectType.MAP, name_id), ObjectType.MAP, name_id, encode_map(m))
+
+
+def open_map(keyring: Keyring, name_id: str, sealed: bytes) -> BlockMap:
+    what = f"maps/{name_id}"
+    plain = unseal(keyring.aead(ObjectType.MAP, name_id), ObjectType.MAP, name_id, sealed,
+                   max_size=MAX_MAP, what=what)
+    return decode_map(plain, what)

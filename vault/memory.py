@@ -1,0 +1,43 @@
+"""In-memory backend, for unit tests only."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from vault.errors import NotFoundError, PermanentStoreError
+from vault.store import BlobInfo, check_name
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self.url = "memory://"
+        self.objects: dict[str, bytes] = {}
+
+    async def put(self, name: str, data: bytes) -> None:
+        self.objects[check_name(name)] = bytes(data)
+
+    async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        try:
+            data = self.objects[check_name(name)]
+        except KeyError:
+            raise NotFoundError(f"object {name!r} not found") from None
+        end = len(data) if length is None else offset + length
+        if offset < 0 or end > len(data) or end < offset:
+            raise PermanentStoreError(f"range {offset}+{length} outside object {name!r}")
+        return data[offset:end]
+
+    async def stat(self, name: str) -> BlobInfo:
+        try:
+            return BlobInfo(name, len(self.objects[check_name(name)]))
+        except KeyError:
+            raise NotFoundError(f"object {name!r} not found") from None
+
+    async def list(self, prefix: str = "") -> AsyncIterator[BlobInfo]:
+        for name in sorted(n for n in self.objects if n.startswith(prefix)):
+            yield BlobInfo(name, len(self.objects[name]))
+
+    async def delete(self, name: str) -> None:
+        self.objects.pop(check_name(name), None)
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,172 @@
+"""``Vault``: open or create a vault and read/write its objects in the right order.
+
+Write ordering (a reader never sees a point that is not whole): packs, then the
+index object describing them, then maps, then the point manifest last.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+
+from vault import names
+from vault.crypto import MASTER_KEY_BYTES, Keyring, ObjectType, seal, unseal
+from vault.errors import FormatError, IntegrityError, NotFoundError, VaultError, WrongKeyError
+from vault.index import Index, open_index, seal_index
+from vault.keyslots import KeyMaterial, unwrap, wrap
+from vault.maps import DELTA, ZERO_ID, BlockMap, open_map, seal_map
+from vault.pack import PackEntry, open_block
+from vault.point import Point, now_iso, open_point, seal_point
+from vault.store import BlobStore
+
+DEFAULT_BLOCK_SIZE = 64 * 1024
+MAX_CHAIN = 16
+
+
+@dataclass(frozen=True)
+class VaultConfig:
+    vault_id: str
+    created: str
+    block_size: int
+    format: int = 1
+
+
+class Vault:
+    def __init__(self, store: BlobStore, keyring: Keyring, config: VaultConfig) -> None:
+        self.store = store
+        self.keyring = keyring
+        self.config = config
+
+    # -- lifecycle ---------------------------------------------------------
+    @classmethod
+    async def create(
+        cls, store: BlobStore, km: KeyMaterial, block_size: int = DEFAULT_BLOCK_SIZE
+    ) -> Vault:
+        if block_size & (block_size - 1) or not (64 * 1024 <= block_size <= 1024 * 1024):
+            raise FormatError("block size must be a power of two from 64 KiB to 1 MiB")
+        try:
+            await store.stat(names.CONFIG)
+        except NotFoundError:
+            pass
+        else:
+            raise VaultError(f"{store.url} already holds a vault; refusing to overwrite it")
+        master = secrets.token_bytes(MASTER_KEY_BYTES)
+        keyring = Keyring(master)
+        config = VaultConfig(vault_id=secrets.token_hex(16), created=now_iso(),
+                             block_size=block_size)
+        slot, doc = wrap(master, km)
+        await store.put(names.KEYS + slot, doc)
+        body = json.dumps(config.__dict__, sort_keys=True).encode()
+        await store.put(names.CONFIG, seal(keyring.aead(ObjectType.CONFIG, names.CONFIG),
+                                           ObjectType.CONFIG, names.CONFIG, body))
+        return cls(store, keyring, config)
+
+    @classmethod
+    async def open(cls, store: BlobStore, km: KeyMaterial) -> Vault:
+        try:
+            sealed_config = await store.get(names.CONFIG)
+        except NotFoundError:
+            raise VaultError(
+                f"no vault at {store.url}; create one with 'siterecovery vault init'"
+            ) from None
+        slots = [b.name async for b in store.list(names.KEYS)]
+        for slot in slots:
+            master = unwrap(await store.get(slot), km)
+            if master is not None:
+                break
+        else:
+            raise WrongKeyError(
+                f"the key given opens none of the {len(slots)} key slot(s) of the vault at "
+                f"{store.url}; check --key-file / the passphrase"
+            )
+        keyring = Keyring(master)
+        plain = unseal(keyring.aead(ObjectType.CONFIG, names.CONFIG), ObjectType.CONFIG,
+                       names.CONFIG, sealed_config, max_size=1 << 20)
+        try:
+            config = VaultConfig(**json.loads(plain))
+        except (ValueError, TypeError) as e:
+            raise IntegrityError(names.CONFIG, f"config is malformed: {e}") from None
+        if config.format != 1:
+            raise FormatError(f"vault format {config.format} is newer than this program knows")
+        return cls(store, keyring, config)
+
+    async def close(self) -> None:
+        await self.store.close()
+
+    # -- writes, in order ----------------------------------------------------
+    async def put_pack(self, pack_id: str, data: bytes) -> None:
+        await self.store.put(names.pack_name(pack_id), data)
+
+    async def put_index(self, packs: dict[str, list[PackEntry]]) -> str:
+        name_id = names.random_id()
+        await self.store.put(names.INDEX + name_id, seal_index(self.keyring, name_id, packs))
+        return name_id
+
+    async def put_map(self, m: BlockMap) -> str:
+        name_id = names.random_id()
+        await self.store.put(names.MAPS + name_id, seal_map(self.keyring, name_id, m))
+        return name_id
+
+    async def put_point(self, p: Point) -> None:
+        await self.store.put(names.POINTS + p.id, seal_point(self.keyring, p))
+
+    # -- reads -----------------------------------------------------------------
+    async def load_index(self) -> Index:
+        index = Index()
+        async for info in self.store.list(names.INDEX):
+            name_id = info.name[len(names.INDEX):]
+            for pack_id, entries in open_index(
+                self.keyring, name_id, await self.store.get(info.name)
+            ).items():
+                index.add_pack(pack_id, entries)
+        return index
+
+    async def read_point(self, point_id: str) -> Point:
+        return open_point(self.keyring, point_id, await self.store.get(names.POINTS + point_id))
+
+    async def list_points(self, machine: str | None = None) -> list[Point]:
+        """Every whole recovery point, oldest first."""
+        points = []
+        async for info in self.store.list(names.POINTS):
+            p = open_point(self.keyring, info.name[len(names.POINTS):],
+                           await self.store.get(info.name))
+            if machine is None or p.machine == machine:
+                points.append(p)
+        points.sort(key=lambda p: (p.created, p.id))
+        return points
+
+    async def read_map(self, map_id: str) -> BlockMap:
+        return open_map(self.keyring, map_id, await self.store.get(names.MAPS + map_id))
+
+    async def resolve_map(self, point: Point, disk: str) -> BlockMap:
+        """The full map of ``disk`` at ``point``: its base full map plus deltas in order."""
+        chain: list[BlockMap] = []
+        p: Point | None = point
+        while p is not None:
+            entry = p.disk(disk)
+            m = await self.read_map(entry.map)
+            chain.append(m)
+            if entry.map_kind == "full":
+                break
+            if p.base is None or len(chain) > MAX_CHAIN + 1:
+                raise IntegrityError(f"points/{point.id}", "delta chain is broken")
+            p = await self.read_point(p.base)
+        full = chain.pop()
+        blocks = dict(full.blocks)
+        for delta in reversed(chain):
+            assert delta.kind == DELTA
+            for n, bid in delta.blocks.items():
+                if bid == ZERO_ID:
+                    blocks.pop(n, None)
+                else:
+                    blocks[n] = bid
+        top = chain[0] if chain else full
+        return BlockMap(0, top.size, top.block_size, blocks)
+
+    async def read_block(self, block_id: bytes, index: Index) -> bytes:
+        loc = index.entries.get(block_id)
+        if loc is None:
+            raise IntegrityError(block_id.hex(), "block is referenced but in no index")
+        sealed = await self.store.get(names.pack_name(loc.pack_id), loc.offset, loc.length)
+        return open_block(self.keyring, loc.pack_id, block_id, sealed)

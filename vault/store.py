@@ -1,0 +1,61 @@
+"""The ``BlobStore`` protocol every storage backend implements.
+
+Names are ``/``-separated ASCII paths of ``[a-z0-9._-]`` segments, validated once
+here (:func:`check_name`) rather than in each backend.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from vault.errors import PermanentStoreError
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*$")
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it is a valid object name, else raise ``PermanentStoreError``."""
+    if len(name) > 512 or not _NAME.match(name) or ".." in name:
+        raise PermanentStoreError(f"invalid object name {name!r}")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    name: str
+    size: int
+
+
+@runtime_checkable
+class BlobStore(Protocol):
+    """An object store with whole-object atomic writes.
+
+    Contracts every backend keeps:
+
+    - ``put`` makes the object visible atomically: a reader sees the old object,
+      no object, or the whole new one, never a part. After ``put`` returns the
+      object is durable.
+    - ``get`` returns ``length`` bytes from ``offset`` (to the end when ``length``
+      is ``None``); raises ``NotFoundError`` if the object does not exist and
+      ``PermanentStoreError`` if the range lies outside it.
+    - ``stat`` raises ``NotFoundError`` for a missing object.
+    - ``list`` yields the objects whose name starts with ``prefix``, sorted by name.
+    - ``delete`` is idempotent: deleting a missing object succeeds.
+    """
+
+    url: str
+
+    async def put(self, name: str, data: bytes) -> None: ...
+
+    async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes: ...
+
+    async def stat(self, name: str) -> BlobInfo: ...
+
+    def list(self, prefix: str = "") -> AsyncIterator[BlobInfo]: ...
+
+    async def delete(self, name: str) -> None: ...
+
+    async def close(self) -> None: ...
