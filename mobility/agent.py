@@ -79,6 +79,7 @@ class Agent:
 
     async def replicate_once(self, progress: Progress | None = None) -> CycleResult:
         cfg = self.cfg
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         state = load_state(self.state_dir)
         sizes = {d["name"]: disk_size(d["path"]) for d in cfg.disks}
         olds: dict[str, bytes | None] = {}

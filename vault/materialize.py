@@ -3,9 +3,9 @@
 Cost is O(disk size): the map is resolved from at most one full map and a bounded
 chain of deltas. Blocks are fetched pack by pack with bounded concurrency,
 authenticated, checked against their ids, and written; the disk digest is then
-compared with the one the agent recorded. Output goes to ``<out>.partial`` and is
-renamed only when everything verified: wrong data is never left under the
-requested name.
+compared with the one the agent recorded. Output goes to ``<out>.partial``, is
+renamed only when everything verified and removed when anything failed: wrong
+data is never left under the requested name.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from concurrent.futures import Executor
 
 from vault import names
 from vault.digest import DiskDigest, block_count, fingerprint
-from vault.errors import IntegrityError
+from vault.errors import IntegrityError, NotFoundError, PermanentStoreError
 from vault.index import Index, Location
 from vault.pack import open_block
 from vault.point import Point
@@ -75,7 +75,14 @@ async def materialize(
             async with sem:
                 lo = min(loc.offset for _, _, loc in items)
                 hi = max(loc.offset + loc.length for _, _, loc in items)
-                raw = await vault.store.get(names.pack_name(pack_id), lo, hi - lo)
+                pname = names.pack_name(pack_id)
+                try:
+                    raw = await vault.store.get(pname, lo, hi - lo)
+                except NotFoundError:
+                    raise IntegrityError(pname, "the pack is missing") from None
+                except PermanentStoreError:
+                    raise IntegrityError(pname, "the pack is shorter than its index says "
+                                                "(truncated)") from None
                 got = await loop.run_in_executor(executor, _write_blocks, vault, pack_id, items,
                                                  raw, lo, fd, bs)
                 fps.update(got)
@@ -85,6 +92,10 @@ async def materialize(
 
         await asyncio.gather(*(one_pack(p, items) for p, items in by_pack.items()))
         os.fsync(fd)
+    except BaseException:
+        if not is_device:
+            os.unlink(target)
+        raise
     finally:
         os.close(fd)
 
@@ -98,6 +109,8 @@ async def materialize(
         digest.update(fp)
     got_digest = digest.hexdigest()
     if got_digest != entry.digest:
+        if not is_device:
+            os.unlink(target)
         raise IntegrityError(
             f"points/{point.id}",
             f"disk {disk!r} restored to digest {got_digest[:16]}, recorded {entry.digest[:16]}",

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs, then run it all: lint, types, tests.
+# Usage: bash tests/run.sh [pytest args...]   (CI runs exactly this via .ci/run)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# System packages: qemu-img (VHD checks), e2fsprogs (ext4 on loop devices), openssh-server
+# (push install), postgresql (scale-out catalog), systemd (systemd-analyze verify), restic.
+need=()
+for pair in qemu-img:qemu-utils mkfs.ext4:e2fsprogs sshd:openssh-server \
+            pg_ctlcluster:postgresql-common systemd-analyze:systemd; do
+  cmd=${pair%%:*}; pkg=${pair#*:}
+  command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
+done
+[ -d /usr/lib/postgresql ] || need+=(postgresql)
+if ((${#need[@]})); then
+  echo "tests/run.sh: installing ${need[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# Azurite (Azure Blob emulator) pinned: 3.37 needs Node 22.
+if [ ! -x "$ROOT/.cache/azurite/node_modules/.bin/azurite" ]; then
+  echo "tests/run.sh: installing azurite@3.35.0"
+  mkdir -p "$ROOT/.cache/azurite"
+  npm install --silent --no-audit --no-fund --prefix "$ROOT/.cache/azurite" azurite@3.35.0 >/dev/null
+fi
+export SITERECOVERY_AZURITE="$ROOT/.cache/azurite/node_modules/.bin/azurite"
+
+# Python environment.
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 \
+  | grep -v -e '^WARNING: Location' -e '^ *$' || true
+
+echo "tests/run.sh: ruff"
+.venv/bin/ruff check .
+echo "tests/run.sh: mypy"
+.venv/bin/mypy configserver procserver mobility vault siterecovery tests benchmarks
+echo "tests/run.sh: pytest"
+set +e
+.venv/bin/python -m pytest -p no:cacheprovider "$@"
+rc=$?
+set -e
+if [ "$rc" = 5 ]; then
+  echo "tests/run.sh: pytest collected no tests — that is a failure" >&2
+  exit 1
+fi
+exit "$rc"

@@ -1,0 +1,58 @@
+"""Fault injection as a store wrapper (tests and drills; never on by default).
+
+Selected by URL: ``fault+file:///path?hang=packs/&fail=index/&fail_times=3`` wraps
+the inner store and
+
+- ``hang=PREFIX``: ``put`` of a name with that prefix blocks until cancelled;
+- ``fail=PREFIX``: ``put`` of such a name raises ``TransientStoreError``
+  (``fail_times`` times, then succeeds; forever when 0 or absent);
+- ``corrupt_get=PREFIX``: ``get`` of such a name returns the data with one bit flipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from vault.errors import TransientStoreError
+from vault.store import BlobInfo, BlobStore
+
+
+class FaultStore:
+    def __init__(self, inner: BlobStore, *, hang: str = "", fail: str = "",
+                 fail_times: int = 0, corrupt_get: str = "") -> None:
+        self.inner = inner
+        self.url = "fault+" + inner.url
+        self.hang, self.fail, self.corrupt_get = hang, fail, corrupt_get
+        self.fail_times = fail_times
+        self.failures = 0
+
+    async def put(self, name: str, data: bytes) -> None:
+        if self.hang and name.startswith(self.hang):
+            await asyncio.Event().wait()
+        if self.fail and name.startswith(self.fail):
+            if self.fail_times == 0 or self.failures < self.fail_times:
+                self.failures += 1
+                raise TransientStoreError(f"injected failure writing {name!r}")
+        await self.inner.put(name, data)
+
+    async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        data = await self.inner.get(name, offset, length)
+        if self.corrupt_get and name.startswith(self.corrupt_get) and data:
+            b = bytearray(data)
+            b[len(b) // 2] ^= 0x01
+            return bytes(b)
+        return data
+
+    async def stat(self, name: str) -> BlobInfo:
+        return await self.inner.stat(name)
+
+    async def list(self, prefix: str = "") -> AsyncIterator[BlobInfo]:
+        async for info in self.inner.list(prefix):
+            yield info
+
+    async def delete(self, name: str) -> None:
+        await self.inner.delete(name)
+
+    async def close(self) -> None:
+        await self.inner.close()
