@@ -52,8 +52,11 @@ class CycleResult:
 
 
 def provider_for(cfg: MobilityConfig) -> SnapshotProvider:
-    inner: SnapshotProvider = {"quiesced": Quiesced(), "fsfreeze": FsFreeze(cfg.freeze_mounts)
-                               }.get(cfg.snapshot, NoSnapshot())
+    inner: SnapshotProvider = NoSnapshot()
+    if cfg.snapshot == "quiesced":
+        inner = Quiesced()
+    elif cfg.snapshot == "fsfreeze" or (cfg.snapshot == "script" and cfg.freeze_mounts):
+        inner = FsFreeze(cfg.freeze_mounts)
     if cfg.snapshot == "script":
         return Scripts(cfg.pre_script, cfg.post_script, cfg.script_timeout_seconds, inner)
     return inner

@@ -45,7 +45,7 @@ async def _run(argv: list[str], timeout: float) -> None:
         *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         async with asyncio.timeout(timeout):
-            out, err = await proc.communicate()
+            _out, err = await proc.communicate()
     except TimeoutError:
         proc.kill()
         await proc.wait()

@@ -11,7 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, Text, event
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 RECEIVING, COMPLETE, UPLOADED, ABORTED = "receiving", "complete", "uploaded", "aborted"
@@ -60,7 +65,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-async def open_db(path: str) -> tuple[AsyncEngine, async_sessionmaker[Any]]:
+async def open_db(path: str) -> tuple[AsyncEngine, async_sessionmaker[AsyncSession]]:
     engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
     event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     async with engine.begin() as conn:

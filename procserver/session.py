@@ -146,7 +146,7 @@ class Session:
                     d, n, data = frame.block()
                     if d >= len(limits) or n >= limits[d][0]:
                         raise ProtocolError("bad_block", f"block {d}:{n} lies outside the disks")
-                    nblocks, bs, size = limits[d]
+                    _nblocks, bs, size = limits[d]
                     want = min(bs, size - n * bs) if frame.type == FrameType.BLOCK else 0
                     if len(data) != want:
                         raise ProtocolError("bad_block",

@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from procserver import db
 from procserver.cache import read_segment, remove_cycle_dir
-from procserver.wire import FrameType
+from procserver.wire import Frame, FrameType
 from vault.point import Point
 from vault.writer import CycleWriter, DiskSpec
 
@@ -99,7 +99,7 @@ class Uploader:
                         db.Segment.cycle_seq == cyc.seq, db.Segment.seq >= done)
                         .order_by(db.Segment.seq))).scalars().all()
                 for seg in segs:
-                    frames = await asyncio.to_thread(lambda p=seg.path: list(read_segment(p)))
+                    frames = await asyncio.to_thread(_read_all, seg.path)
                     for i in range(0, len(frames), BATCH):
                         items = []
                         for f in frames[i:i + BATCH]:
@@ -136,6 +136,10 @@ class Uploader:
             server.points_changed.notify_all()
         log.info("point_uploaded", machine=cyc.machine, cycle=cyc.id, point=point.id,
                  consistency=point.consistency, stored_bytes=writer.stored_bytes)
+
+
+def _read_all(path: str) -> list[Frame]:
+    return list(read_segment(path))
 
 
 def _size(p: Path) -> int:

@@ -97,7 +97,8 @@ def parse_header(head: bytes, max_frame: int = MAX_FRAME) -> tuple[FrameType, in
     if magic != MAGIC:
         raise ProtocolError("bad_magic", "not a siterecovery replication stream (bad magic)")
     if version != VERSION:
-        raise ProtocolError("bad_version", f"protocol version {version}; this side speaks {VERSION}")
+        raise ProtocolError("bad_version",
+                            f"protocol version {version}; this side speaks {VERSION}")
     try:
         t = FrameType(ftype)
     except ValueError:
@@ -109,9 +110,9 @@ def parse_header(head: bytes, max_frame: int = MAX_FRAME) -> tuple[FrameType, in
     return t, length
 
 
-def decode(buf: bytes, max_frame: int = MAX_FRAME) -> tuple[Frame, int]:
+def decode(buf: bytes | memoryview, max_frame: int = MAX_FRAME) -> tuple[Frame, int]:
     """Decode one whole frame from the front of ``buf``; return it and bytes consumed."""
-    t, length = parse_header(buf[: HEADER.size], max_frame)
+    t, length = parse_header(bytes(buf[: HEADER.size]), max_frame)
     end = HEADER.size + length
     if len(buf) < end:
         raise ProtocolError("truncated", f"{t.name} frame is truncated")

@@ -85,9 +85,9 @@ async def cmd_replicate(args: argparse.Namespace) -> int:
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
-    from siterecovery.embedded import wait_for_signal
-
     import asyncio
+
+    from siterecovery.embedded import wait_for_signal
 
     agent = Agent(load(MobilityConfig, args.config))
     task = asyncio.create_task(agent.run_forever())

@@ -32,7 +32,12 @@ export SITERECOVERY_AZURITE="$ROOT/.cache/azurite/node_modules/.bin/azurite"
 
 # Python environment.
 if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
+  if ! python3 -m venv .venv 2>/dev/null; then
+    rm -rf .venv
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+    python3 -m venv .venv
+  fi
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 \
   | grep -v -e '^WARNING: Location' -e '^ *$' || true

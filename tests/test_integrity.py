@@ -25,7 +25,7 @@ BS = 64 * 1024
 
 async def _vault_with_point(tmp: Path) -> tuple[Path, Path, str]:
     """A vault holding one machine's point of a 2 MiB disk; returns (vault dir, key, sha)."""
-    url, key = await make_vault(tmp)
+    _url, key = await make_vault(tmp)
     disk = tmp / "disk.img"
     make_disk(disk, 2 << 20, seed=3)
     data = disk.read_bytes()

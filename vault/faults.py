@@ -30,10 +30,10 @@ class FaultStore:
     async def put(self, name: str, data: bytes) -> None:
         if self.hang and name.startswith(self.hang):
             await asyncio.Event().wait()
-        if self.fail and name.startswith(self.fail):
-            if self.fail_times == 0 or self.failures < self.fail_times:
-                self.failures += 1
-                raise TransientStoreError(f"injected failure writing {name!r}")
+        if self.fail and name.startswith(self.fail) and (
+                self.fail_times == 0 or self.failures < self.fail_times):
+            self.failures += 1
+            raise TransientStoreError(f"injected failure writing {name!r}")
         await self.inner.put(name, data)
 
     async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:

@@ -19,7 +19,7 @@ class LocalStore:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).resolve()
         self.url = f"file://{self.root}"
-        self.root.mkdir(parents=True, exist_ok=True)
+        # Folders are created by put() only: reading a vault never changes the disk.
 
     def _path(self, name: str) -> Path:
         return self.root / check_name(name)

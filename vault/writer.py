@@ -77,9 +77,8 @@ class CycleWriter:
         """Record ``(disk_index, block_number, data or None for a zero block)``."""
         data_items = [(d, n, b) for d, n, b in items if b is not None]
         loop = asyncio.get_running_loop()
-        ids = await loop.run_in_executor(
-            self.executor, _hash_all, self.vault, [b for _, _, b in data_items]
-        )
+        blocks: list[bytes | memoryview] = [b for _, _, b in data_items]
+        ids = await loop.run_in_executor(self.executor, _hash_all, self.vault, blocks)
         for d, n, b in items:
             if b is None:
                 self.changes[d][n] = ZERO_ID
@@ -176,10 +175,9 @@ class CycleWriter:
 _ZERO = bytes(1 << 20)
 
 
-def _hash_all(vault: Vault, blocks: list[bytes | memoryview | None]) -> list[bytes | None]:
+def _hash_all(vault: Vault, blocks: list[bytes | memoryview]) -> list[bytes | None]:
     out: list[bytes | None] = []
     for b in blocks:
-        assert b is not None
         if _ZERO[: len(b)] == b:
             out.append(None)
         else:

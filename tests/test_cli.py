@@ -1,0 +1,119 @@
+"""The operator's path through the real CLI and daemons, as subprocesses."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers import Daemon, make_disk, run_cli, sha256, write_toml
+
+
+def _metric(text: str, name: str) -> float:
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name:
+                return float(s.value)
+    raise AssertionError(f"metric {name} not exposed")
+
+
+def test_demo_passes() -> None:
+    r = run_cli("demo", "--size-mib", "16", "--cycles", "2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "byte-exact" in r.stdout
+    assert "demo: PASS" in r.stdout
+
+
+async def test_serve_enroll_replicate_restore(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    serve = Daemon(["serve", "--data-dir", str(data), "--admin-port", "0",
+                    "--listen", "127.0.0.1:0", "--metrics-port", "0"], "procserver_started")
+    ready = await serve.start()
+    try:
+        api_port = serve.events("configserver_started")[0]["port"]
+        api = f"http://127.0.0.1:{api_port}"
+        token_file = data / "configserver" / "api-token"
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        assert (data / "vault.key").stat().st_mode & 0o777 == 0o600
+        disk = tmp_path / "disk.img"
+        make_disk(disk, 8 << 20, seed=9)
+
+        r = run_cli("mobility", "enroll", "--machine", "vm1", "--api", api, "--token-file",
+                    str(token_file), "--server", f"127.0.0.1:{ready['port']}",
+                    "--disk", f"sda={disk}", "--out", str(tmp_path / "agent"))
+        assert r.returncode == 0, r.stderr
+        cfg = tmp_path / "agent" / "mobility.toml"
+        doc = tomllib.loads(cfg.read_text())
+        assert doc["machine"] == "vm1" and doc["snapshot"] == "none"
+        r = run_cli("mobility", "replicate", "--config", str(cfg), "--json")
+        assert r.returncode == 0, r.stderr
+        first = json.loads(r.stdout)
+        # A live read without a snapshot provider is never labelled consistent.
+        assert first["full"] is True and first["consistency"] == "inconsistent"
+        write_toml(cfg, {**doc, "snapshot": "quiesced"})
+        with open(disk, "r+b") as f:
+            f.write(b"changed")
+        r = run_cli("mobility", "replicate", "--config", str(cfg), "--json")
+        assert r.returncode == 0, r.stderr
+        second = json.loads(r.stdout)
+        assert second["full"] is False and second["consistency"] == "crash"
+        assert second["blocks_sent"] == 1
+        await serve.wait_events("point_recorded", 2)
+
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{api}/api/v1/points") as resp:
+                assert resp.status == 401
+                assert (await resp.json())["error"]["code"] == "unauthorized"
+            auth = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
+            async with http.get(f"{api}/api/v1/points", headers=auth) as resp:
+                listed = (await resp.json())["points"]
+            assert [p["consistency"] for p in listed] == ["inconsistent", "crash"]
+            async with http.get(f"{api}/metrics") as resp:
+                assert _metric(await resp.text(),
+                               "siterecovery_configserver_recovery_points_total") == 2
+            async with http.get(f"http://127.0.0.1:{ready['metrics_port']}/metrics") as resp:
+                text = await resp.text()
+            assert _metric(text, "siterecovery_procserver_received_bytes_total") > 0
+            assert _metric(text, "siterecovery_procserver_recovery_points_total") == 2
+    finally:
+        assert await serve.stop() == 0
+    assert serve.events("procserver_stopped") and serve.events("configserver_stopped")
+
+    # With the servers gone: list and restore from the vault and its key alone.
+    r = run_cli("points", "list", "--data-dir", str(data), "--json")
+    assert r.returncode == 0, r.stderr
+    points = json.loads(r.stdout)
+    assert [p["id"] for p in points] == [p["id"] for p in listed]
+    r = run_cli("restore", "--data-dir", str(data), "--point", "latest-crash-consistent",
+                "--out", str(tmp_path / "restored"), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["point"] == points[1]["id"]
+    assert sha256(tmp_path / "restored" / "sda.img") == sha256(disk)
+
+
+def test_bad_arguments_get_clear_errors(tmp_path: Path) -> None:
+    r = run_cli("restore", "--data-dir", str(tmp_path))
+    assert r.returncode == 2 and "--out" in r.stderr
+    r = run_cli("points", "list")
+    assert r.returncode != 0 and "--vault and --key-file" in r.stderr
+    r = run_cli("points", "list", "--data-dir", str(tmp_path / "nothing"))
+    assert r.returncode != 0 and "error:" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_restore_unknown_point_is_refused(tmp_path: Path) -> None:
+    key = tmp_path / "k"
+    r = run_cli("vault", "init", "--vault", f"file://{tmp_path / 'v'}", "--key-file", str(key),
+                "--json")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("vault", "init", "--vault", f"file://{tmp_path / 'v'}", "--key-file",
+                str(tmp_path / "k2"))
+    assert r.returncode == 1 and "already holds a vault" in r.stderr
+    assert not (tmp_path / "k2").exists()
+    r = run_cli("restore", "--vault", f"file://{tmp_path / 'v'}", "--key-file", str(key),
+                "--point", "abc", "--out", str(tmp_path / "o"))
+    assert r.returncode != 0 and "no recovery point matches 'abc'" in r.stderr
