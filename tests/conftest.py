@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -41,3 +41,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         if reporter is not None:
             reporter.write_line(f"CI: {skipped} test(s) were skipped; in CI every test must "
                                 "run (start the missing backend in tests/run.sh)", red=True)
+
+
+@pytest.fixture(scope="session")
+def azurite_conn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from tests.backends import azurite
+
+    with azurite(tmp_path_factory.mktemp("azurite")) as conn:
+        yield conn

@@ -23,12 +23,12 @@ if ((${#need[@]})); then
 fi
 
 # Azurite (Azure Blob emulator) pinned: 3.37 needs Node 22.
-if [ ! -x "$ROOT/.cache/azurite/node_modules/.bin/azurite" ]; then
+if [ ! -x "$ROOT/.cache/azurite/node_modules/.bin/azurite-blob" ]; then
   echo "tests/run.sh: installing azurite@3.35.0"
   mkdir -p "$ROOT/.cache/azurite"
   npm install --silent --no-audit --no-fund --prefix "$ROOT/.cache/azurite" azurite@3.35.0 >/dev/null
 fi
-export SITERECOVERY_AZURITE="$ROOT/.cache/azurite/node_modules/.bin/azurite"
+export SITERECOVERY_AZURITE="$ROOT/.cache/azurite/node_modules/.bin/azurite-blob"
 
 # Python environment.
 if [ ! -x .venv/bin/python ]; then

@@ -28,7 +28,8 @@ def _auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-POINT = {"id": "a" * 64, "machine": "web01", "created": "2026-11-25T10:00:00.000000Z",
+POINT: dict[str, object] = {
+    "id": "a" * 64, "machine": "web01", "created": "2026-11-25T10:00:00.000000Z",
          "consistency": "crash", "cycle": "c1", "base": None, "chain": 0, "disks": []}
 
 

@@ -54,5 +54,8 @@ class FaultStore:
     async def delete(self, name: str) -> None:
         await self.inner.delete(name)
 
+    async def setup(self) -> None:
+        await self.inner.setup()
+
     async def close(self) -> None:
         await self.inner.close()

@@ -102,5 +102,8 @@ class LocalStore:
         except FileNotFoundError:
             pass
 
+    async def setup(self) -> None:
+        await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+
     async def close(self) -> None:
         return None

@@ -39,5 +39,8 @@ class MemoryStore:
     async def delete(self, name: str) -> None:
         self.objects.pop(check_name(name), None)
 
+    async def setup(self) -> None:
+        return None
+
     async def close(self) -> None:
         return None

@@ -51,6 +51,7 @@ class Vault:
             pass
         else:
             raise VaultError(f"{store.url} already holds a vault; refusing to overwrite it")
+        await store.setup()
         master = secrets.token_bytes(MASTER_KEY_BYTES)
         keyring = Keyring(master)
         config = VaultConfig(vault_id=secrets.token_hex(16), created=now_iso(),

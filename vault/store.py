@@ -44,6 +44,10 @@ class BlobStore(Protocol):
     - ``stat`` raises ``NotFoundError`` for a missing object.
     - ``list`` yields the objects whose name starts with ``prefix``, sorted by name.
     - ``delete`` is idempotent: deleting a missing object succeeds.
+    - ``setup`` makes the store ready to hold a vault (creates the container); idempotent.
+
+    Errors: ``NotFoundError`` for a missing object, ``TransientStoreError`` when a
+    retry may succeed, ``PermanentStoreError`` otherwise.
     """
 
     url: str
@@ -57,5 +61,7 @@ class BlobStore(Protocol):
     def list(self, prefix: str = "") -> AsyncIterator[BlobInfo]: ...
 
     async def delete(self, name: str) -> None: ...
+
+    async def setup(self) -> None: ...
 
     async def close(self) -> None: ...

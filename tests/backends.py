@@ -1,0 +1,86 @@
+"""Real storage backends for tests: Azurite started from npm's package, on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO
+
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = ("Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/"
+               "KBHBeksoGMGw==")
+
+
+def azurite_binary() -> str | None:
+    env = os.environ.get("SITERECOVERY_AZURITE")
+    candidates = [env] if env else []
+    candidates += [str(REPO / ".cache/azurite/node_modules/.bin/azurite-blob"),
+                   shutil.which("azurite-blob") or ""]
+    for c in candidates:
+        if c and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+def missing_backend(what: str, how: str) -> None:
+    """Skip locally; in CI a missing real backend is a failure, never a skip."""
+    msg = f"{what} is not available: {how}"
+    if os.environ.get("CI"):
+        pytest.fail(f"CI: {msg}")
+    pytest.skip(msg)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def azurite(workdir: Path) -> Iterator[str]:
+    """Run Azurite's blob service; yield its connection string."""
+    binary = azurite_binary()
+    if binary is None:
+        missing_backend("Azurite", "run tests/run.sh, which installs azurite@3.35.0")
+        raise AssertionError("unreachable")
+    port = _free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [binary, "--silent", "--disableTelemetry", "--skipApiVersionCheck", "--loose",
+         "--location", str(workdir),
+         "--blobHost", "127.0.0.1", "--blobPort", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    seen = []
+    # Read until Azurite says it listens (or exits); the suite timeout bounds this.
+    for line in proc.stdout:
+        seen.append(line)
+        if "successfully listen" in line:
+            break
+    else:
+        proc.wait()
+        raise RuntimeError("Azurite did not start:\n" + "".join(seen))
+    drain = threading.Thread(target=lambda: [None for _ in proc.stdout or ()], daemon=True)
+    drain.start()  # keep Azurite's pipe from filling up
+    try:
+        yield (f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};"
+               f"AccountKey={AZURITE_KEY};"
+               f"BlobEndpoint=http://127.0.0.1:{port}/{AZURITE_ACCOUNT};")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        drain.join(timeout=10)
+        proc.stdout.close()

@@ -1,0 +1,192 @@
+"""Azure Blob backend (block blobs) through ``azure-storage-blob``'s async client.
+
+URL: ``azure://CONTAINER[/PREFIX]`` with credentials, never in the URL itself, from
+
+- ``?connection_string_file=PATH`` (a file holding a connection string: account
+  key, SAS or the Azurite emulator), else
+- ``?account_url=https://ACCOUNT.blob.core.windows.net`` with ``&sas_file=PATH`` or
+  ``&key_file=PATH``, else
+- the environment: ``SITERECOVERY_AZURE_CONNECTION_STRING`` or
+  ``AZURE_STORAGE_CONNECTION_STRING``.
+
+Objects above ``SINGLE_PUT_BYTES`` are staged in blocks and committed in one
+``Put Block List``, so an interrupted put is never visible. Every request body
+carries a transactional MD5 the service checks. The SDK's own retries are off:
+retries are the ``RetryStore`` wrapper's job, so there is one retry policy.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+from azure.core.exceptions import (
+    AzureError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.storage.blob.aio import BlobServiceClient, ContainerClient
+
+from vault.errors import NotFoundError, PermanentStoreError, StoreError, TransientStoreError
+from vault.store import BlobInfo, check_name
+
+SINGLE_PUT_BYTES = 4 << 20
+STAGE_BYTES = 4 << 20
+_ENV = ("SITERECOVERY_AZURE_CONNECTION_STRING", "AZURE_STORAGE_CONNECTION_STRING")
+
+
+def _read_secret(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError as e:
+        raise PermanentStoreError(f"cannot read Azure credentials file {path!r}: "
+                                  f"{e.strerror}") from None
+
+
+def _map_error(e: AzureError, what: str) -> StoreError:
+    if isinstance(e, ResourceNotFoundError):
+        return NotFoundError(f"{what}: not found")
+    if isinstance(e, (ServiceRequestError, ServiceResponseError)):
+        return TransientStoreError(f"{what}: {type(e).__name__}: {e.message}")
+    status = getattr(e, "status_code", None)
+    if isinstance(e, HttpResponseError) and (status in (408, 429) or (status or 0) >= 500):
+        return TransientStoreError(f"{what}: HTTP {status} {e.reason}")
+    code = getattr(e, "error_code", None) or status
+    return PermanentStoreError(f"{what}: {code}: {e.reason if hasattr(e, 'reason') else e}")
+
+
+class AzureBlobStore:
+    def __init__(self, service: BlobServiceClient, container: str, prefix: str,
+                 display: str) -> None:
+        self._svc = service
+        self._c: ContainerClient = service.get_container_client(container)
+        self._prefix = prefix
+        self.url = display
+
+    def __repr__(self) -> str:
+        return f"AzureBlobStore({self.url})"  # never the credentials
+
+    @classmethod
+    def from_url(cls, url: str) -> AzureBlobStore:
+        p = urlparse(url)
+        q = {k: v[-1] for k, v in parse_qs(p.query).items()}
+        container = p.netloc
+        prefix = p.path.strip("/")
+        if not container:
+            raise PermanentStoreError(f"{url!r} names no container: use azure://CONTAINER/PREFIX")
+        opts: dict[str, Any] = {"retry_total": 0, "connection_timeout": 20, "read_timeout": 60}
+        if "connection_string_file" in q:
+            svc = BlobServiceClient.from_connection_string(
+                _read_secret(q["connection_string_file"]), **opts)
+        elif "account_url" in q:
+            if "sas_file" in q:
+                cred: Any = _read_secret(q["sas_file"])
+            elif "key_file" in q:
+                account = urlparse(q["account_url"]).netloc.split(".")[0]
+                cred = {"account_name": account, "account_key": _read_secret(q["key_file"])}
+            else:
+                raise PermanentStoreError("account_url needs sas_file or key_file")
+            svc = BlobServiceClient(q["account_url"], credential=cred, **opts)
+        else:
+            conn = next((os.environ[k] for k in _ENV if os.environ.get(k)), None)
+            if conn is None:
+                raise PermanentStoreError(
+                    f"no Azure credentials for {url!r}: set SITERECOVERY_AZURE_CONNECTION_STRING "
+                    "or add ?connection_string_file=PATH")
+            svc = BlobServiceClient.from_connection_string(conn, **opts)
+        display = f"azure://{container}/{prefix}".rstrip("/")
+        return cls(svc, container, f"{prefix}/" if prefix else "", display)
+
+    async def setup(self) -> None:
+        try:
+            await self._c.create_container()
+        except ResourceExistsError:
+            pass
+        except AzureError as e:
+            raise _map_error(e, f"create container of {self.url}") from None
+
+    def _key(self, name: str) -> str:
+        return self._prefix + check_name(name)
+
+    async def put(self, name: str, data: bytes) -> None:
+        blob = self._c.get_blob_client(self._key(name))
+        try:
+            if len(data) <= SINGLE_PUT_BYTES:
+                # A stream, not raw bytes: aiohttp would send a large bytes body on the loop.
+                await blob.upload_blob(io.BytesIO(data), length=len(data), overwrite=True,
+                                       validate_content=True)
+                return
+            ids = []
+            view = memoryview(data)
+            for i, off in enumerate(range(0, len(data), STAGE_BYTES)):
+                bid = base64.b64encode(f"{i:08d}".encode()).decode()
+                chunk = bytes(view[off:off + STAGE_BYTES])
+                await blob.stage_block(bid, io.BytesIO(chunk), length=len(chunk),
+                                       validate_content=True)
+                ids.append(bid)
+            await blob.commit_block_list(ids)  # type: ignore[arg-type]
+        except ResourceNotFoundError:
+            raise PermanentStoreError(f"container of {self.url} does not exist; create the vault "
+                                      "with 'siterecovery vault init'") from None
+        except AzureError as e:
+            raise _map_error(e, f"put {name!r} to {self.url}") from None
+
+    async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        if offset < 0 or (length is not None and length < 0):
+            raise PermanentStoreError(f"invalid range {offset}+{length} for {name!r}")
+        if length == 0:
+            await self.stat(name)
+            return b""
+        blob = self._c.get_blob_client(self._key(name))
+        try:
+            stream = await blob.download_blob(offset=offset, length=length)
+            data = await stream.readall()
+        except HttpResponseError as e:
+            if e.status_code == 416:
+                raise PermanentStoreError(
+                    f"range {offset}+{length} outside object {name!r}") from None
+            raise _map_error(e, f"get {name!r} from {self.url}") from None
+        except AzureError as e:
+            raise _map_error(e, f"get {name!r} from {self.url}") from None
+        if length is not None and len(data) != length:
+            raise PermanentStoreError(f"range {offset}+{length} outside object {name!r} "
+                                      f"(got {len(data)} bytes)")
+        return bytes(data)
+
+    async def stat(self, name: str) -> BlobInfo:
+        try:
+            props = await self._c.get_blob_client(self._key(name)).get_blob_properties()
+        except AzureError as e:
+            raise _map_error(e, f"stat {name!r} in {self.url}") from None
+        return BlobInfo(name, int(props.size))
+
+    async def list(self, prefix: str = "") -> AsyncIterator[BlobInfo]:
+        cut = len(self._prefix)
+        try:
+            async for b in self._c.list_blobs(name_starts_with=self._prefix + prefix):
+                yield BlobInfo(b.name[cut:], int(b.size))
+        except ResourceNotFoundError:
+            return
+        except AzureError as e:
+            raise _map_error(e, f"list {prefix!r} in {self.url}") from None
+
+    async def delete(self, name: str) -> None:
+        try:
+            await self._c.get_blob_client(self._key(name)).delete_blob()
+        except ResourceNotFoundError:
+            pass
+        except AzureError as e:
+            raise _map_error(e, f"delete {name!r} from {self.url}") from None
+
+    async def close(self) -> None:
+        # The container client shares the service client's transport: close both.
+        await self._c.close()
+        await self._svc.close()

@@ -1,0 +1,115 @@
+"""Retry wrapper: transient store errors are retried with capped, jittered backoff.
+
+Each attempt of a ``put`` sends the identical body. ``list`` resumes after the last
+name it yielded, so a retried listing neither repeats nor skips objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import structlog
+
+from vault.errors import TransientStoreError
+from vault.store import BlobInfo, BlobStore
+
+T = TypeVar("T")
+log = structlog.get_logger("vault.retry")
+
+
+class RetryStore:
+    def __init__(self, inner: BlobStore, *, attempts: int = 8, base: float = 0.1,
+                 cap: float = 10.0) -> None:
+        self.inner, self.attempts, self.base, self.cap = inner, attempts, base, cap
+        self.url = inner.url
+
+    def _delay(self, attempt: int) -> float:
+        return float(min(self.cap, self.base * 2**attempt)) * random.uniform(0.5, 1.0)
+
+    async def _retry(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
+        for attempt in range(self.attempts):
+            try:
+                return await op()
+            except TransientStoreError as e:
+                if attempt == self.attempts - 1:
+                    raise
+                delay = self._delay(attempt)
+                log.warning("store_retry", op=what, attempt=attempt + 1, error=str(e),
+                            retry_in_seconds=round(delay, 3))
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def put(self, name: str, data: bytes) -> None:
+        await self._retry(f"put {name}", lambda: self.inner.put(name, data))
+
+    async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        return await self._retry(f"get {name}", lambda: self.inner.get(name, offset, length))
+
+    async def stat(self, name: str) -> BlobInfo:
+        return await self._retry(f"stat {name}", lambda: self.inner.stat(name))
+
+    async def list(self, prefix: str = "") -> AsyncIterator[BlobInfo]:
+        last: str | None = None
+        attempt = 0
+        while True:
+            try:
+                async for info in self.inner.list(prefix):
+                    if last is not None and info.name <= last:
+                        continue
+                    yield info
+                    last = info.name
+                return
+            except TransientStoreError as e:
+                if attempt == self.attempts - 1:
+                    raise
+                delay = self._delay(attempt)
+                attempt += 1
+                log.warning("store_retry", op=f"list {prefix}", attempt=attempt, error=str(e))
+                await asyncio.sleep(delay)
+
+    async def delete(self, name: str) -> None:
+        await self._retry(f"delete {name}", lambda: self.inner.delete(name))
+
+    async def setup(self) -> None:
+        await self.inner.setup()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+class LimitStore:
+    """At most ``limit`` operations in flight against the inner store."""
+
+    def __init__(self, inner: BlobStore, limit: int = 8) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self._sem = asyncio.Semaphore(limit)
+
+    async def put(self, name: str, data: bytes) -> None:
+        async with self._sem:
+            await self.inner.put(name, data)
+
+    async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        async with self._sem:
+            return await self.inner.get(name, offset, length)
+
+    async def stat(self, name: str) -> BlobInfo:
+        async with self._sem:
+            return await self.inner.stat(name)
+
+    async def list(self, prefix: str = "") -> AsyncIterator[BlobInfo]:
+        async for info in self.inner.list(prefix):
+            yield info
+
+    async def delete(self, name: str) -> None:
+        async with self._sem:
+            await self.inner.delete(name)
+
+    async def setup(self) -> None:
+        await self.inner.setup()
+
+    async def close(self) -> None:
+        await self.inner.close()
