@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import blake3
 import structlog
 
 from mobility.config import MobilityConfig
@@ -36,6 +35,7 @@ from procserver.wire import (
     raise_if_error,
     read_frame,
 )
+from vault.digest import digest_of_fingerprint_map
 from vault.point import now_iso
 
 log = structlog.get_logger("mobility")
@@ -127,11 +127,11 @@ class Agent:
                     fps, s, b = await self._send_disk(
                         writer, idx, d["name"], d["path"], sizes[d["name"]],
                         None if full else olds[d["name"]], full, progress)
-                    digests[d["name"]] = blake3.blake3(fps).hexdigest()
+                    digests[d["name"]] = digest_of_fingerprint_map(fps)
                     new_maps[d["name"]] = fps
                     sent, nbytes = sent + s, nbytes + b
             writer.write(encode_json(FrameType.END, {"cycle": cycle, "digests": digests,
-                                                     "created": created}))
+                                                     "created": created, "blocks": sent}))
             await writer.drain()
             ack = await read_frame(reader, timeout=cfg.ack_timeout_seconds)
             raise_if_error(ack)

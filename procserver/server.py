@@ -60,6 +60,7 @@ class ProcServer:
         self.uploader = Uploader(self)
         self.reporter = Reporter(self)
         self._cache_bytes = 0
+        self._cycle_bytes: dict[int, int] = {}
         self._space = asyncio.Condition()
         self._sessions = asyncio.Semaphore(cfg.max_sessions)
         self._tasks: list[asyncio.Task[None]] = []
@@ -71,14 +72,18 @@ class ProcServer:
         self.metrics_port = cfg.metrics_port
 
     async def start(self) -> None:
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        self.engine, self.sessionmaker = await db.open_db(str(self.data_dir / "procserver.db"))
+        # The vault and its key first: a wrong key or URL must leave nothing behind.
         km = KeyMaterial(keyfile=read_keyfile(self.cfg.vault_key_file))
         self.vault = await Vault.open(open_store(self.cfg.vault_url), km)
-        self.index = await self.vault.load_index()
+        try:
+            self.index = await self.vault.load_index()
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            self.engine, self.sessionmaker = await db.open_db(
+                str(self.data_dir / "procserver.db"))
+        except BaseException:
+            await self.vault.close()
+            raise
         await self._recover()
-        self._cache_bytes = await asyncio.to_thread(cache_usage, self.cache_dir)
-        self.metrics.cache_bytes.set(self._cache_bytes)
         self._server = await asyncio.start_server(
             self._accept, self.cfg.listen_host, self.cfg.listen_port,
             ssl=server_ssl_context(self.cfg), ssl_handshake_timeout=10)
@@ -97,16 +102,32 @@ class ProcServer:
                  vault=self.vault.store.url, blocks_indexed=len(self.index))
 
     async def _recover(self) -> None:
-        """Cycles that were still receiving when we died were never acked: drop them."""
+        """Drop cycles that were never acknowledged; account for the ones still cached.
+
+        Cycles still receiving when we died were never acked: their data goes. Cache
+        folders of no complete cycle (left by a crash between a database commit and
+        the folder's removal) are removed too.
+        """
         async with self.sessionmaker() as s:
             rows = (await s.execute(select(db.Cycle).where(db.Cycle.state == db.RECEIVING))
                     ).scalars().all()
             for row in rows:
                 row.state = db.ABORTED
-                await asyncio.to_thread(remove_cycle_dir, self.cache_dir / row.machine / row.id)
             await s.commit()
+            live = (await s.execute(select(db.Cycle).where(db.Cycle.state == db.COMPLETE))
+                    ).scalars().all()
         if rows:
             log.warning("unacknowledged_cycles_dropped", count=len(rows))
+        keep = {self.cache_dir / c.machine / c.id: c.seq for c in live}
+        for machine_dir in await asyncio.to_thread(_subdirs, self.cache_dir):
+            for cycle_dir in await asyncio.to_thread(_subdirs, machine_dir):
+                if cycle_dir in keep:
+                    size = await asyncio.to_thread(cache_usage, cycle_dir)
+                    self._cycle_bytes[keep[cycle_dir]] = size
+                    self._cache_bytes += size
+                else:
+                    await asyncio.to_thread(remove_cycle_dir, cycle_dir)
+        self.metrics.cache_bytes.set(self._cache_bytes)
 
     async def stop(self, grace: float = 5.0) -> None:
         if self._server is not None:
@@ -129,26 +150,35 @@ class ProcServer:
         log.info("procserver_stopped")
 
     # -- cache accounting: backpressure instead of unbounded growth -------------
-    async def reserve_cache(self, n: int) -> None:
+    async def reserve_cache(self, cycle_seq: int, n: int) -> None:
+        """Account ``n`` cache bytes to a cycle; wait (backpressure) while over quota."""
         if self._cache_bytes + n > self.cfg.cache_quota_bytes:
             log.warning("cache_full_backpressure", cache_bytes=self._cache_bytes)
             async with self._space:
                 await self._space.wait_for(
                     lambda: self._cache_bytes + n <= self.cfg.cache_quota_bytes)
         self._cache_bytes += n
+        self._cycle_bytes[cycle_seq] = self._cycle_bytes.get(cycle_seq, 0) + n
         self.metrics.cache_bytes.set(self._cache_bytes)
 
-    def release_cache(self, n: int) -> None:
-        self._cache_bytes = max(0, self._cache_bytes - n)
+    def release_cache(self, cycle_seq: int, n: int | None = None) -> None:
+        """Give back ``n`` of a cycle's cache bytes (all that remain when ``None``)."""
+        held = self._cycle_bytes.get(cycle_seq, 0)
+        freed = held if n is None else min(n, held)
+        if n is None or freed == held:
+            self._cycle_bytes.pop(cycle_seq, None)
+        else:
+            self._cycle_bytes[cycle_seq] = held - freed
+        self._cache_bytes -= freed
         self.metrics.cache_bytes.set(self._cache_bytes)
+        if freed:
+            t = asyncio.get_running_loop().create_task(self._notify_space())
+            self._conn_tasks.add(t)
+            t.add_done_callback(self._conn_tasks.discard)
 
-        async def notify() -> None:
-            async with self._space:
-                self._space.notify_all()
-
-        t = asyncio.get_running_loop().create_task(notify())
-        self._conn_tasks.add(t)
-        t.add_done_callback(self._conn_tasks.discard)
+    async def _notify_space(self) -> None:
+        async with self._space:
+            self._space.notify_all()
 
     # -- connections ---------------------------------------------------------------
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -204,9 +234,17 @@ class ProcServer:
                     raise RuntimeError(f"cycle {cycle} was aborted")
                 await self.points_changed.wait()
 
+    @property
+    def cache_bytes(self) -> int:
+        return self._cache_bytes
+
     async def _metrics(self, _req: web.Request) -> web.Response:
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _health(self, _req: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "cache_bytes": self._cache_bytes})
+
+
+def _subdirs(p: Path) -> list[Path]:
+    return [c for c in p.iterdir() if c.is_dir()] if p.is_dir() else []

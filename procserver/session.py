@@ -16,6 +16,9 @@ from procserver import db
 from procserver.cache import SegmentWriter, remove_cycle_dir
 from procserver.wire import (
     HEADER,
+    MAGIC,
+    VERSION,
+    Frame,
     FrameType,
     ProtocolError,
     encode_json,
@@ -35,15 +38,21 @@ MAX_DISK_BYTES = 64 << 40
 HANDSHAKE_TIMEOUT = 15.0
 
 
+def _is_id(v: object) -> bool:
+    return isinstance(v, str) and _ID.fullmatch(v) is not None
+
+
 def _validate_begin(doc: dict[str, Any]) -> None:
     cyc, disks = doc.get("cycle"), doc.get("disks")
-    if not isinstance(cyc, str) or not _ID.match(cyc):
+    if not _is_id(cyc):
         raise ProtocolError("bad_begin", "BEGIN needs a 'cycle' id of [a-z0-9-], max 64")
     if not isinstance(doc.get("full"), bool):
         raise ProtocolError("bad_begin", "BEGIN needs a boolean 'full'")
     base = doc.get("base")
-    if not doc["full"] and (not isinstance(base, str) or not _ID.match(base)):
+    if not doc["full"] and not _is_id(base):
         raise ProtocolError("bad_begin", "a delta cycle needs the 'base' cycle it builds on")
+    if doc["full"] and base is not None and not _is_id(base):
+        raise ProtocolError("bad_begin", "'base' must be null or a cycle id")
     if doc.get("consistency") not in CONSISTENCY:
         raise ProtocolError("bad_begin", f"'consistency' must be one of {CONSISTENCY}")
     if not isinstance(disks, list) or not 1 <= len(disks) <= MAX_DISKS:
@@ -51,7 +60,7 @@ def _validate_begin(doc: dict[str, Any]) -> None:
     names = set()
     for d in disks:
         if not isinstance(d, dict) or not isinstance(d.get("name"), str) \
-                or not _DISK.match(d["name"]):
+                or not _DISK.fullmatch(d["name"]):
             raise ProtocolError("bad_begin", "each disk needs a 'name' of [A-Za-z0-9_.-]")
         size, bs = d.get("size"), d.get("block_size")
         if not isinstance(size, int) or not 0 < size <= MAX_DISK_BYTES:
@@ -62,6 +71,27 @@ def _validate_begin(doc: dict[str, Any]) -> None:
         names.add(d["name"])
     if len(names) != len(disks):
         raise ProtocolError("bad_begin", "disk names must be unique")
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z")
+
+
+def _validate_end(end: dict[str, Any], cycle: str, disks: list[dict[str, Any]],
+                  received: int) -> None:
+    if end.get("blocks") != received:
+        raise ProtocolError("bad_end", f"END counts {end.get('blocks')!r} blocks; "
+                                       f"{received} arrived in this cycle")
+    digests = end.get("digests")
+    if end.get("cycle") != cycle or not isinstance(digests, dict) or \
+            set(digests) != {d["name"] for d in disks}:
+        raise ProtocolError("bad_end", "END must name the cycle and a digest for every disk")
+    if not all(isinstance(v, str) and _HEX64.fullmatch(v) for v in digests.values()):
+        raise ProtocolError("bad_end", "each disk digest must be 64 lowercase hex characters")
+    created = end.get("created")
+    if not isinstance(created, str) or not _TIME.fullmatch(created):
+        raise ProtocolError("bad_end", "'created' must be a UTC time like "
+                                       "2026-01-31T12:00:00.000000Z")
 
 
 class Session:
@@ -76,7 +106,7 @@ class Session:
 
     async def run(self) -> None:
         timeout = self.server.cfg.idle_timeout_seconds
-        hello = await read_frame(self.reader, timeout=HANDSHAKE_TIMEOUT)
+        hello = await read_frame(self.reader, timeout=min(HANDSHAKE_TIMEOUT, timeout))
         if hello.type != FrameType.HELLO:
             raise ProtocolError("expected_hello", f"expected HELLO, got {hello.type.name}")
         claimed = hello.json().get("machine")
@@ -121,6 +151,10 @@ class Session:
         disks = doc["disks"]
         limits = [((d["size"] + d["block_size"] - 1) // d["block_size"], d["block_size"],
                    d["size"]) for d in disks]
+        # One bit per block and disk: a block may arrive once per cycle (bounded memory:
+        # 1 bit per 64 KiB is 4 MiB for a 2 TiB disk).
+        seen = [bytearray((n + 7) // 8) for n, _bs, _size in limits]
+        received = 0
         cycle_dir = self.server.cache_dir / self.machine / doc["cycle"]
         async with self.server.sessionmaker() as s:
             exists = (await s.execute(select(db.Cycle).where(db.Cycle.id == doc["cycle"]))
@@ -136,8 +170,9 @@ class Session:
         await self.send(encode_json(FrameType.READY, {"cycle": doc["cycle"]}))
         self.server.uploader.wake()
         seg_no = 0
-        seg = SegmentWriter(cycle_dir / f"{seg_no:08d}.hrl")
+        seg = await self._new_segment(cycle_seq, cycle_dir, seg_no)
         timeout = self.server.cfg.idle_timeout_seconds
+        complete = False
         try:
             while True:
                 frame = await read_frame(self.reader, timeout=timeout,
@@ -151,25 +186,28 @@ class Session:
                     if len(data) != want:
                         raise ProtocolError("bad_block",
                                             f"block {d}:{n} has {len(data)} bytes, not {want}")
-                    await self.server.reserve_cache(len(frame.payload) + HEADER.size)
+                    if seen[d][n >> 3] & (1 << (n & 7)):
+                        raise ProtocolError("bad_block", f"block {d}:{n} was sent twice")
+                    seen[d][n >> 3] |= 1 << (n & 7)
+                    received += 1
+                    await self.server.reserve_cache(cycle_seq, len(frame.payload) + HEADER.size)
                     seg.append(frame_head(frame), frame.payload)
                     self.server.metrics.received_bytes.inc(len(data))
                     if seg.size >= self.server.cfg.segment_bytes:
                         await self._seal(seg, cycle_seq, seg_no)
                         seg_no += 1
-                        seg = SegmentWriter(cycle_dir / f"{seg_no:08d}.hrl")
+                        seg = await self._new_segment(cycle_seq, cycle_dir, seg_no)
                 elif frame.type == FrameType.END:
                     end = frame.json()
-                    digests = end.get("digests")
-                    if end.get("cycle") != doc["cycle"] or not isinstance(digests, dict) or \
-                            set(digests) != {d["name"] for d in disks}:
-                        raise ProtocolError("bad_end", "END must name the cycle and a digest "
-                                                       "for every disk")
+                    _validate_end(end, doc["cycle"], disks, received)
                     await self._seal(seg, cycle_seq, seg_no)
                     async with self.server.sessionmaker() as s:
                         row = await s.get_one(db.Cycle, cycle_seq)
                         row.state, row.end_doc = db.COMPLETE, json.dumps(end)
                         await s.commit()
+                    # From here the cycle is durable and will become a point, whether or
+                    # not the ACK reaches the agent: it must never be aborted.
+                    complete = True
                     self.server.uploader.wake()
                     await self.send(encode_json(FrameType.ACK, {"cycle": doc["cycle"]}))
                     self.log.info("cycle_acknowledged", cycle=doc["cycle"], segments=seg_no + 1)
@@ -178,9 +216,15 @@ class Session:
                     raise ProtocolError("unexpected_frame",
                                         f"{frame.type.name} is not valid inside a cycle")
         except BaseException:
-            seg.discard()
-            await self._abort(cycle_seq, cycle_dir)
+            if not complete:
+                seg.discard()
+                await self._abort(cycle_seq, cycle_dir)
             raise
+
+    async def _new_segment(self, cycle_seq: int, cycle_dir: Path, seg_no: int) -> SegmentWriter:
+        seg = await asyncio.to_thread(SegmentWriter, cycle_dir / f"{seg_no:08d}.hrl")
+        await self.server.reserve_cache(cycle_seq, seg.size)
+        return seg
 
     async def _seal(self, seg: SegmentWriter, cycle_seq: int, seg_no: int) -> None:
         await asyncio.to_thread(seg.seal)
@@ -194,20 +238,12 @@ class Session:
             row = await s.get_one(db.Cycle, cycle_seq)
             row.state = db.ABORTED
             await s.commit()
-        freed = await asyncio.to_thread(_dir_size, cycle_dir)
         await asyncio.to_thread(remove_cycle_dir, cycle_dir)
-        self.server.release_cache(freed)
+        self.server.release_cache(cycle_seq)
         self.server.uploader.wake()
         self.log.warning("cycle_aborted", cycle_seq=cycle_seq)
 
 
-def frame_head(frame: Any) -> bytes:
-    from procserver.wire import MAGIC, VERSION
-
+def frame_head(frame: Frame) -> bytes:
     return HEADER.pack(MAGIC, VERSION, frame.type, len(frame.payload))
 
-
-def _dir_size(p: Path) -> int:
-    from procserver.cache import cache_usage
-
-    return cache_usage(p) if p.exists() else 0

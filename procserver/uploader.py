@@ -1,24 +1,30 @@
-"""The uploader: turns cached cycles into recovery points in the vault, in arrival order.
+"""The uploader: turns cached cycles into recovery points in the vault.
 
-Segments are processed as soon as they are sealed, so upload overlaps receiving.
-A cycle's segments are deleted only after its point is whole in the vault and
-recorded; a restarted process server re-processes every complete cycle still in
-its cache (invariant 9).
+Each machine's cycles are processed in arrival order (a delta builds on the point
+before it); different machines do not wait for each other. Segments are processed
+as soon as they are sealed, so upload overlaps receiving. After each segment the
+cycle is checkpointed: its packs and an index for them are durable in the vault,
+its block-map changes are appended (fsynced) to the cycle's journal, and only then
+is the segment deleted and its cache space released — so a cycle larger than the
+cache quota drains instead of stalling, and a restarted process server resumes
+from the journal (invariant 9).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import delete, func, select
 
 from procserver import db
-from procserver.cache import read_segment, remove_cycle_dir
+from procserver.cache import fsync_or_die, read_segment, remove_cycle_dir
 from procserver.wire import Frame, FrameType
 from vault.point import Point
 from vault.writer import CycleWriter, DiskSpec
@@ -28,33 +34,75 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("procserver.uploader")
 BATCH = 128
+JOURNAL = "changes.log"
+JREC = struct.Struct("<HQ32s")
+
+
+class _Wakeups:
+    """Edge-triggered wake-ups without lost signals: register, check, then wait."""
+
+    def __init__(self) -> None:
+        self._events: set[asyncio.Event] = set()
+
+    def fire(self) -> None:
+        for ev in self._events:
+            ev.set()
+
+    def register(self) -> asyncio.Event:
+        ev = asyncio.Event()
+        self._events.add(ev)
+        return ev
+
+    def forget(self, ev: asyncio.Event) -> None:
+        self._events.discard(ev)
 
 
 class Uploader:
     def __init__(self, server: ProcServer) -> None:
         self.server = server
-        self._changed = asyncio.Event()
-        self.idle = asyncio.Event()
+        self._wakeups = _Wakeups()
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._slots = asyncio.Semaphore(max(1, server.cfg.upload_threads))
 
     def wake(self) -> None:
-        self._changed.set()
-
-    async def _next_cycle(self) -> db.Cycle | None:
-        async with self.server.sessionmaker() as s:
-            return (await s.execute(
-                select(db.Cycle).where(db.Cycle.state.in_([db.RECEIVING, db.COMPLETE]))
-                .order_by(db.Cycle.seq).limit(1))).scalar_one_or_none()
+        self._wakeups.fire()
 
     async def run(self) -> None:
+        try:
+            while True:
+                ev = self._wakeups.register()
+                try:
+                    async with self.server.sessionmaker() as s:
+                        machines = (await s.execute(
+                            select(db.Cycle.machine).where(
+                                db.Cycle.state.in_([db.RECEIVING, db.COMPLETE])).distinct()
+                        )).scalars().all()
+                        backlog = (await s.execute(select(func.count()).where(
+                            db.Cycle.state == db.COMPLETE))).scalar_one()
+                    self.server.metrics.backlog_cycles.set(backlog)
+                    for m in machines:
+                        t = self._workers.get(m)
+                        if t is None or t.done():
+                            self._workers[m] = asyncio.create_task(self._worker(m),
+                                                                   name=f"upload-{m}")
+                    await ev.wait()
+                finally:
+                    self._wakeups.forget(ev)
+        finally:
+            for t in self._workers.values():
+                t.cancel()
+            await asyncio.gather(*self._workers.values(), return_exceptions=True)
+
+    async def _worker(self, machine: str) -> None:
         failures = 0
         while True:
-            self._changed.clear()
-            cyc = await self._next_cycle()
+            async with self.server.sessionmaker() as s:
+                cyc = (await s.execute(
+                    select(db.Cycle).where(db.Cycle.machine == machine,
+                                           db.Cycle.state.in_([db.RECEIVING, db.COMPLETE]))
+                    .order_by(db.Cycle.seq).limit(1))).scalar_one_or_none()
             if cyc is None:
-                self.idle.set()
-                await self._changed.wait()
-                continue
-            self.idle.clear()
+                return
             try:
                 await self.process(cyc)
                 failures = 0
@@ -63,8 +111,8 @@ class Uploader:
             except Exception as e:
                 failures += 1
                 delay = min(60.0, 0.5 * 2 ** min(failures, 7)) * random.uniform(0.5, 1.0)
-                log.error("cycle_upload_failed", cycle=cyc.id, error=str(e),
-                          retry_in_seconds=round(delay, 2))
+                log.error("cycle_upload_failed", machine=machine, cycle=cyc.id, error=str(e),
+                          error_type=type(e).__name__, retry_in_seconds=round(delay, 2))
                 await asyncio.sleep(delay)
 
     async def _state(self, seq: int) -> db.Cycle:
@@ -85,64 +133,114 @@ class Uploader:
         server = self.server
         begin = json.loads(cyc.begin_doc)
         disks = [DiskSpec(d["name"], d["size"], d["block_size"]) for d in begin["disks"]]
+        cycle_dir = server.cache_dir / cyc.machine / cyc.id
         writer = CycleWriter(
             server.vault, server.index, server.executor, machine=cyc.machine, cycle=cyc.id,
             disks=disks, full=cyc.full, base=await self._base_point(cyc),
             on_upload=server.metrics.uploaded_bytes.inc,
         )
-        done = 0
+        writer.replay(await asyncio.to_thread(_read_journal, cycle_dir / JOURNAL))
         try:
             while True:
-                self._changed.clear()
-                async with server.sessionmaker() as s:
-                    segs = (await s.execute(select(db.Segment).where(
-                        db.Segment.cycle_seq == cyc.seq, db.Segment.seq >= done)
-                        .order_by(db.Segment.seq))).scalars().all()
-                for seg in segs:
-                    frames = await asyncio.to_thread(_read_all, seg.path)
-                    for i in range(0, len(frames), BATCH):
-                        items = []
-                        for f in frames[i:i + BATCH]:
-                            d, n, data = f.block()
-                            items.append((d, n, data if f.type == FrameType.BLOCK else None))
-                        await writer.add(items)
-                    done += 1
-                state = await self._state(cyc.seq)
-                if state.state == db.ABORTED:
-                    await writer.abort()
-                    return
-                if state.state == db.COMPLETE and not segs:
-                    break
-                if not segs:
-                    await self._changed.wait()
+                ev = self._wakeups.register()
+                try:
+                    # State first, then segments: the session records every segment before
+                    # it marks the cycle complete, so "complete and no segments left" read
+                    # in this order means done. The other order races with the session.
+                    state = await self._state(cyc.seq)
+                    if state.state == db.ABORTED:
+                        await writer.abort()
+                        return
+                    async with server.sessionmaker() as s:
+                        segs = (await s.execute(select(db.Segment).where(
+                            db.Segment.cycle_seq == cyc.seq).order_by(db.Segment.seq))
+                        ).scalars().all()
+                    if state.state == db.COMPLETE and not segs:
+                        break
+                    for seg in segs:
+                        async with self._slots:
+                            await self._process_segment(writer, cyc, seg, cycle_dir)
+                    if not segs:
+                        await ev.wait()
+                finally:
+                    self._wakeups.forget(ev)
             end = json.loads(state.end_doc or "{}")
-            point = await writer.finish(end["digests"], begin["consistency"], end.get("created"))
+            if writer.block_count() != end["blocks"]:
+                # Never write a point that does not hold every block the agent sent.
+                raise RuntimeError(f"cycle {cyc.id}: {writer.block_count()} blocks processed, "
+                                   f"{end['blocks']} acknowledged")
+            async with self._slots:
+                point = await writer.finish(end["digests"], begin["consistency"],
+                                            end.get("created"))
         except BaseException:
             await writer.abort()
             raise
         async with server.sessionmaker() as s:
             row = await s.get_one(db.Cycle, cyc.seq)
             row.state, row.point_id = db.UPLOADED, point.id
-            s.add(db.PointReport(point_id=point.id, machine=point.machine,
-                                 doc=json.dumps(point.to_json()), reported=False))
+            if await s.get(db.PointReport, point.id) is None:
+                s.add(db.PointReport(point_id=point.id, machine=point.machine,
+                                     doc=json.dumps(point.to_json()), reported=False))
             await s.commit()
-        cycle_dir = server.cache_dir / cyc.machine / cyc.id
-        freed = await asyncio.to_thread(_size, cycle_dir)
         await asyncio.to_thread(remove_cycle_dir, cycle_dir)
-        server.release_cache(freed)
+        server.release_cache(cyc.seq)
         server.metrics.points.inc()
         server.reporter.wake()
+        self.wake()
         async with server.points_changed:
             server.points_changed.notify_all()
         log.info("point_uploaded", machine=cyc.machine, cycle=cyc.id, point=point.id,
                  consistency=point.consistency, stored_bytes=writer.stored_bytes)
+
+    async def _process_segment(self, writer: CycleWriter, cyc: db.Cycle, seg: db.Segment,
+                               cycle_dir: Path) -> None:
+        frames = await asyncio.to_thread(_read_all, seg.path)
+        for i in range(0, len(frames), BATCH):
+            items = []
+            for f in frames[i:i + BATCH]:
+                d, n, data = f.block()
+                items.append((d, n, data if f.type == FrameType.BLOCK else None))
+            await writer.add(items)
+        del frames
+        # Checkpoint: durable in the vault and journaled before the segment goes.
+        journal = await writer.checkpoint()
+        await asyncio.to_thread(_append_journal, cycle_dir / JOURNAL, journal)
+        async with self.server.sessionmaker() as s:
+            await s.execute(delete(db.Segment).where(db.Segment.id == seg.id))
+            await s.commit()
+        await asyncio.to_thread(Path(seg.path).unlink, True)
+        self.server.release_cache(cyc.seq, seg.size)
 
 
 def _read_all(path: str) -> list[Frame]:
     return list(read_segment(path))
 
 
-def _size(p: Path) -> int:
-    from procserver.cache import cache_usage
+def _append_journal(path: Path, entries: list[tuple[int, int, bytes]]) -> None:
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, b"".join(JREC.pack(d, n, bid) for d, n, bid in entries))
+        fsync_or_die(fd, str(path))
+    finally:
+        os.close(fd)
+    if new:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            fsync_or_die(dfd, str(path.parent))
+        finally:
+            os.close(dfd)
 
-    return cache_usage(p) if p.exists() else 0
+
+def _read_journal(path: Path) -> list[tuple[int, int, bytes]]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    whole = len(data) - len(data) % JREC.size
+    if whole != len(data):
+        # A torn append was never fsynced, so its segment was never deleted and will
+        # be processed again: drop the tail so later appends stay aligned.
+        os.truncate(path, whole)
+    return [JREC.unpack_from(data, o) for o in range(0, whole, JREC.size)]

@@ -76,7 +76,7 @@ class Frame:
     def json(self) -> dict[str, Any]:
         try:
             doc = json.loads(self.payload)
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             raise ProtocolError("bad_json", f"{self.type.name} payload is not JSON") from None
         if not isinstance(doc, dict):
             raise ProtocolError("bad_json", f"{self.type.name} payload is not a JSON object")
@@ -139,6 +139,7 @@ async def read_frame(
     reader: asyncio.StreamReader, *, timeout: float, max_frame: int = MAX_FRAME
 ) -> Frame:
     """Read one frame, with a timeout and the size cap applied before allocation."""
+    head = b""
     try:
         async with asyncio.timeout(timeout):
             head = await reader.readexactly(HEADER.size)
@@ -147,7 +148,7 @@ async def read_frame(
     except TimeoutError:
         raise ProtocolError("timeout", f"no complete frame within {timeout:g}s") from None
     except asyncio.IncompleteReadError as e:
-        if not e.partial:
+        if not e.partial and not head:
             raise ConnectionResetError("peer closed the connection") from None
         raise ProtocolError("truncated", "connection closed in the middle of a frame") from None
     return Frame(t, payload)

@@ -103,7 +103,8 @@ def disk_doc(**kw: Any) -> dict[str, Any]:
 def end_doc(cycle: str, fields: dict[str, Any] | None = None) -> dict[str, Any]:
     """A well-formed END, with ``fields`` replacing (or, when None, removing) entries."""
     doc: dict[str, Any] = {"cycle": cycle, "digests": {"sda": "00" * 32},
-                           "created": "2030-01-01T00:00:00.000000Z"}
+                           "created": "2030-01-01T00:00:00.000000Z",
+                           "blocks": 3}  # start_cycle sends three frames
     doc.update(fields or {})
     return {k: v for k, v in doc.items() if v is not None}
 
@@ -453,8 +454,6 @@ async def test_bad_frame_after_hello_is_refused(bench: Bench, case: str) -> None
     await rejected_then_recovers(bench, code)
 
 
-@pytest.mark.xfail(strict=True, reason="BEGIN ids are matched with '$', which accepts a "
-                                        "trailing newline (session.py _ID/_DISK)")
 @pytest.mark.parametrize("doc", [begin_doc(cycle="abc\n"), disk_doc(name="sda\n"),
                                  begin_doc(full=False, base="abc\n")],
                          ids=["cycle", "disk-name", "base"])
@@ -467,9 +466,6 @@ async def test_begin_ids_with_trailing_newline_are_refused(bench: Bench,
     await rejected_then_recovers(bench, "bad_begin")
 
 
-@pytest.mark.xfail(strict=True, reason="a full BEGIN's 'base' is not validated: a list or "
-                                        "object reaches the SQL insert, the session dies on an "
-                                        "unhandled ProgrammingError and the client gets no ERROR")
 @pytest.mark.parametrize("base", [[1], {"cycle": "x"}], ids=["list", "object"])
 async def test_full_begin_with_a_malformed_base_is_refused(bench: Bench, base: object) -> None:
     async with bench.connect() as peer:
@@ -479,8 +475,6 @@ async def test_full_begin_with_a_malformed_base_is_refused(bench: Bench, base: o
     await rejected_then_recovers(bench, "bad_begin")
 
 
-@pytest.mark.xfail(strict=True, reason="Frame.json lets RecursionError escape: the session dies "
-                                        "on an unhandled exception and the client gets no ERROR")
 async def test_deeply_nested_hello_is_refused(bench: Bench) -> None:
     async with bench.connect() as peer:
         await peer.send(encode(FrameType.HELLO, b"[" * 60000))
@@ -554,6 +548,8 @@ MID_CYCLE_FRAMES: dict[str, tuple[bytes, str]] = {
     "last-block-short": (block(RAW_BLOCKS - 1, bytes(RAW_TAIL - 1)), "bad_block"),
     "zero-with-data": (encode(FrameType.ZERO, BLOCK_HEAD.pack(0, 2) + b"x"), "bad_block"),
     "block-without-block-header": (encode(FrameType.BLOCK, b"\x00" * 5), "bad_block"),
+    "block-sent-twice": (block(2, b"x" * BS) + block(2, b"y" * BS), "bad_block"),
+    "zero-after-block": (block(3, b"x" * BS) + zero(3), "bad_block"),
     "end-not-json": (encode(FrameType.END, b"done"), "bad_json"),
     "hello-in-cycle": (encode_json(FrameType.HELLO, {"machine": "m1"}), "unexpected_frame"),
     "begin-in-cycle": (encode_json(FrameType.BEGIN, begin_doc()), "unexpected_frame"),
@@ -571,6 +567,8 @@ BAD_ENDS: dict[str, dict[str, Any]] = {
     "end-digests-list": {"digests": ["00" * 32]},
     "end-without-cycle": {"cycle": None},
     "end-other-cycle": {"cycle": "another-cycle"},
+    "end-without-block-count": {"blocks": None},
+    "end-with-wrong-block-count": {"blocks": 2},
 }
 MID_CYCLE = [*MID_CYCLE_FRAMES, *BAD_ENDS]
 
@@ -592,10 +590,6 @@ async def test_bad_frame_mid_cycle_aborts_the_cycle(bench: Bench, case: str) -> 
     await rejected_then_recovers(bench, code, cycle)
 
 
-@pytest.mark.xfail(strict=True, reason="END fields other than the digests' keys are not "
-                                        "validated: the cycle is ACKed and a malformed point is "
-                                        "written (a numeric 'created' breaks list_points for "
-                                        "the whole vault)")
 @pytest.mark.parametrize("fields", [{"created": 12345}, {"digests": {"sda": 5}},
                                     {"digests": {"sda": "not a digest"}}],
                          ids=["created-number", "digest-number", "digest-not-hex"])
@@ -608,9 +602,6 @@ async def test_end_with_malformed_fields_is_refused(bench: Bench,
     await rejected_then_recovers(bench, "bad_end", cycle)
 
 
-@pytest.mark.xfail(strict=True, reason="an aborted cycle does not release the cache it reserved "
-                                        "for frames of its unsealed segment (session.py: "
-                                        "seg.discard() runs before _abort measures the dir)")
 async def test_aborted_cycle_releases_its_cache_reservation(bench: Bench) -> None:
     assert await bench.cache_bytes_metric() == 0
     async with bench.connect() as peer:
@@ -649,8 +640,6 @@ async def test_truncated_frame_mid_cycle_aborts_the_cycle(bench: Bench, where: s
 
 # -- slow loris: every read has a timeout ---------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="the first frame is read with the fixed 15 s "
-                                        "HANDSHAKE_TIMEOUT, not idle_timeout_seconds")
 async def test_silent_client_is_closed_after_the_idle_timeout(quick: Bench) -> None:
     async with quick.connect() as peer, asyncio.timeout(3):
         await peer.expect_rejected("timeout")
@@ -736,9 +725,6 @@ async def test_rejected_sessions_do_not_disturb_a_concurrent_good_session(bench:
     assert {p.machine for p in await bench.points()} == {"m1"}
 
 
-@pytest.mark.xfail(strict=True, reason="the uploader takes cycles strictly in arrival order "
-                                        "across all machines: a stalled session's cycle holds "
-                                        "back every later point until its idle timeout")
 async def test_stalled_session_does_not_hold_back_other_machines_points(bench: Bench) -> None:
     async with bench.connect("m2") as peer:
         await peer.start_cycle("m2")  # ... and then nothing, for up to idle_timeout (60 s)

@@ -153,8 +153,6 @@ def test_json_refuses_what_is_not_a_json_object(payload: bytes) -> None:
     assert "HELLO" in str(e.value)
 
 
-@pytest.mark.xfail(strict=True, reason="Frame.json lets RecursionError escape: deeply nested "
-                                        "JSON inside the 64 KiB cap is not a ProtocolError")
 @pytest.mark.parametrize("payload", [b"[" * 60000, b'{"a":' * 12000])
 def test_json_refuses_deeply_nested_payload(payload: bytes) -> None:
     assert len(payload) <= MAX_CONTROL
@@ -326,10 +324,8 @@ def test_read_frame_returns_a_valid_frame_or_protocol_error(buf: bytes) -> None:
         check_valid(frame, len(buf) - len(rest), buf, MAX_FRAME)
         return
     if isinstance(err, ConnectionResetError):
-        # Only a close before the first byte of a frame is a clean close. A close right after
-        # a whole header is the known bug of test_read_frame_reports_truncation[header-only]:
-        # drop the second clause when that xfail is fixed.
-        assert buf == b"" or (len(buf) == HEADER.size and parse_header(buf)[1] > 0)
+        # Only a close before the first byte of a frame is a clean close.
+        assert buf == b""
         return
     assert isinstance(err, ProtocolError)
     assert err.code in {"bad_magic", "bad_version", "bad_type", "frame_too_large", "truncated"}
@@ -383,9 +379,7 @@ async def test_read_frame_times_out_on_a_stalled_frame(sent: bytes) -> None:
 
 @pytest.mark.parametrize("sent", [
     head(FrameType.HELLO, 10)[:5],
-    pytest.param(head(FrameType.HELLO, 10), marks=pytest.mark.xfail(
-        strict=True, reason="read_frame reports a close right after a whole header as a clean "
-                            "close (ConnectionResetError), not as a truncated frame")),
+    head(FrameType.HELLO, 10),
     encode(FrameType.BLOCK, bytes(1000))[:-1],
 ], ids=["half-header", "header-only", "partial-payload"])
 async def test_read_frame_reports_truncation(sent: bytes) -> None:

@@ -74,6 +74,12 @@ class Keyring:
     def block_id(self, data: bytes | memoryview) -> bytes:
         return blake3.blake3(data, key=self.id_key).digest()
 
+    def name_for(self, kind: str, *parts: str) -> str:
+        """A deterministic object name that reveals nothing without the key."""
+        h = blake3.blake3(key=self.id_key)
+        h.update(kind.encode() + b"\0" + b"\0".join(p.encode() for p in parts))
+        return h.hexdigest()
+
     def aead(self, otype: ObjectType, name: str) -> AESGCM:
         info = b"siterecovery/v1/object/" + bytes([otype]) + name.encode()
         return AESGCM(

@@ -123,6 +123,13 @@ class Vault:
                 index.add_pack(pack_id, entries)
         return index
 
+    async def has_point(self, point_id: str) -> bool:
+        try:
+            await self.store.stat(names.POINTS + point_id)
+        except NotFoundError:
+            return False
+        return True
+
     async def read_point(self, point_id: str) -> Point:
         return open_point(self.keyring, point_id, await self.store.get(names.POINTS + point_id))
 

@@ -2,8 +2,12 @@
 
 Used by the process server. Blocks are hashed (keyed BLAKE3) and deduplicated
 against the index, sealed into packs on worker threads, uploaded with bounded
-concurrency; ``finish`` then writes the index, the maps and the manifest, in
-that order, so the point is visible only when whole (invariant 2).
+concurrency. ``checkpoint`` makes everything added so far durable in the vault
+(packs, then an index object for them) and returns the block-map changes added
+since the last checkpoint, for the caller to journal; ``finish`` writes the last
+packs and index, then the maps, then the manifest, so the point is visible only
+when whole (invariant 2). The point's name is derived from the machine and cycle,
+so processing a cycle again after a crash rewrites the same point, never a second.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from vault.crypto import ZSTD_LEVEL
 from vault.index import Index
 from vault.maps import DELTA, FULL, ZERO_ID, BlockMap
 from vault.pack import PackEntry, build_pack
-from vault.point import Point, now_iso
+from vault.point import DiskEntry, Point, now_iso
 from vault.repo import MAX_CHAIN, Vault
 
 PACK_TARGET = 8 << 20
@@ -71,7 +75,17 @@ class CycleWriter:
         self._new_packs: dict[str, list[PackEntry]] = {}
         self._inflight: set[asyncio.Task[None]] = set()
         self._on_upload = on_upload
+        self._journal: list[tuple[int, int, bytes]] = []
         self.stored_bytes = 0
+
+    def block_count(self) -> int:
+        """How many distinct blocks (data or zero) this cycle has recorded."""
+        return sum(len(c) for c in self.changes)
+
+    def replay(self, entries: Sequence[tuple[int, int, bytes]]) -> None:
+        """Restore map changes journaled by earlier checkpoints of this cycle."""
+        for d, n, bid in entries:
+            self.changes[d][n] = bid
 
     async def add(self, items: Sequence[tuple[int, int, bytes | memoryview | None]]) -> None:
         """Record ``(disk_index, block_number, data or None for a zero block)``."""
@@ -82,11 +96,12 @@ class CycleWriter:
         for d, n, b in items:
             if b is None:
                 self.changes[d][n] = ZERO_ID
+                self._journal.append((d, n, ZERO_ID))
         for (d, n, b), bid in zip(data_items, ids, strict=True):
+            self.changes[d][n] = bid or ZERO_ID
+            self._journal.append((d, n, bid or ZERO_ID))
             if bid is None:
-                self.changes[d][n] = ZERO_ID
                 continue
-            self.changes[d][n] = bid
             if bid in self.index or bid in self._pending_ids:
                 continue
             assert b is not None
@@ -120,8 +135,8 @@ class CycleWriter:
         if self._on_upload is not None:
             self._on_upload(len(data))
 
-    async def finish(self, digests: dict[str, str], consistency: str,
-                     created: str | None = None) -> Point:
+    async def checkpoint(self) -> list[tuple[int, int, bytes]]:
+        """Make every block added so far durable and indexed; return the new map changes."""
         await self._flush()
         if self._inflight:
             await asyncio.gather(*self._inflight)
@@ -130,11 +145,20 @@ class CycleWriter:
             await self.vault.put_index(self._new_packs)
             for pack_id, entries in self._new_packs.items():
                 self.index.add_pack(pack_id, entries)
+            self._new_packs = {}
+        self._pending_ids.clear()
+        journal, self._journal = self._journal, []
+        return journal
+
+    async def finish(self, digests: dict[str, str], consistency: str,
+                     created: str | None = None) -> Point:
+        await self.checkpoint()
+        point_id = self.vault.keyring.name_for("point", self.machine, self.cycle)
+        if await self.vault.has_point(point_id):
+            return await self.vault.read_point(point_id)
         chain = 0 if self.full or self.base is None else self.base.chain + 1
         write_full = self.full or chain > MAX_CHAIN
         disk_entries = []
-        from vault.point import DiskEntry
-
         for i, spec in enumerate(self.disks):
             if write_full:
                 if self.full:
@@ -157,7 +181,7 @@ class CycleWriter:
                 map_kind="full" if write_full else "delta", digest=digests[spec.name],
             ))
         point = Point(
-            id=names.random_id(), machine=self.machine, created=created or now_iso(),
+            id=point_id, machine=self.machine, created=created or now_iso(),
             consistency=consistency, cycle=self.cycle,
             base=None if write_full or self.base is None else self.base.id,
             chain=0 if write_full else chain, disks=disk_entries,
