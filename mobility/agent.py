@@ -29,7 +29,6 @@ from mobility.tracker import (
 from procserver.wire import (
     FrameType,
     ProtocolError,
-    RemoteError,
     block_frame_parts,
     encode_json,
     raise_if_error,
@@ -199,9 +198,11 @@ class Agent:
                 await self.replicate_once()
                 delay = 1.0
                 await asyncio.sleep(self.cfg.interval_seconds)
-            except (OSError, ssl.SSLError, ProtocolError, RemoteError, TimeoutError) as e:
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the daemon must keep protecting the machine
                 log.warning("cycle_failed", error=str(e) or type(e).__name__,
-                            retry_in_seconds=delay)
+                            error_type=type(e).__name__, retry_in_seconds=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60.0)
 

@@ -33,9 +33,21 @@ class Reporter:
     async def run(self) -> None:
         cfg = self.server.cfg
         if not cfg.configserver_url:
+            log.warning("point_reporting_disabled",
+                        hint="set configserver_url to list points in the catalog")
             return
-        with open(cfg.configserver_token_file) as f:
-            token = f.read().strip()
+        delay = 1.0
+        while True:
+            try:
+                with open(cfg.configserver_token_file) as f:
+                    token = f.read().strip()
+                break
+            except OSError as e:
+                log.error("point_reporting_blocked", error=f"cannot read token file: {e}",
+                          hint="configserver_token_file must name the configuration server's "
+                               "internal-token file", retry_in_seconds=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
         headers = {"Authorization": f"Bearer {token}"}
         url = cfg.configserver_url.rstrip("/") + "/api/v1/internal/points"
         delay = 1.0

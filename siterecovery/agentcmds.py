@@ -10,6 +10,7 @@ import aiohttp
 
 from mobility.agent import Agent
 from mobility.config import MobilityConfig
+from siterecovery.errors import CliError, UsageError
 from siterecovery.progress import Progress
 from siterecovery.tomlconfig import load
 
@@ -27,8 +28,8 @@ async def enroll(api: str, token: str, machine: str, server: str, disks: list[st
         body = await resp.json()
         if resp.status != 201:
             err = body.get("error", {})
-            raise SystemExit(f"error: enrollment refused: {err.get('message')} "
-                             f"{err.get('hint', '')}".strip())
+            raise CliError(f"enrollment refused: {err.get('message')} "
+                           f"{err.get('hint', '')}".strip())
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     (out / "ca.pem").write_text(body["ca"])
     (out / "agent.pem").write_text(body["cert"])
@@ -40,7 +41,7 @@ async def enroll(api: str, token: str, machine: str, server: str, disks: list[st
     for spec in disks:
         name, sep, path = spec.partition("=")
         if not sep:
-            raise SystemExit(f"error: --disk wants NAME=PATH, got {spec!r}")
+            raise UsageError(f"--disk wants NAME=PATH, got {spec!r}")
         disk_lines.append(f"  {{ name = {_toml_str(name)}, path = {_toml_str(path)} }},")
     cfg = out / "mobility.toml"
     cfg.write_text(f"""# siterecovery Mobility agent — written by 'siterecovery mobility enroll'

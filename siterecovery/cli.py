@@ -12,7 +12,9 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from procserver.wire import ProtocolError, RemoteError
 from siterecovery import __version__, agentcmds, vaultcmds
+from siterecovery.errors import CliError
 from siterecovery.logs import configure
 from siterecovery.tomlconfig import ConfigError, load
 from vault.errors import IntegrityError, VaultError, WrongKeyError
@@ -69,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "into an encrypted vault, restore any recovery point byte for byte.")
     p.add_argument("--version", action="version", version=f"siterecovery {__version__}")
     p.add_argument("--log-level", default="warning",
-                   help="debug, info, warning, error (daemons default to info)")
+                   choices=["debug", "info", "warning", "error"],
+                   help="log level of the JSON events on stdout (daemons default to info)")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", help="run configuration + process server on embedded defaults",
@@ -123,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     configure(level)
     try:
         return _run(args.func, args)
+    except CliError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.code
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -135,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     except VaultError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAIL
-    except OSError as e:
+    except (OSError, ProtocolError, RemoteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAIL
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from configserver.config import ConfigServerConfig
 from configserver.server import ConfigServer
 from procserver.config import ProcServerConfig
 from procserver.server import ProcServer
-from vault.keyslots import KeyMaterial, new_keyfile
+from vault.keyslots import KeyMaterial, new_keyfile, read_keyfile
 from vault.local import LocalStore
 from vault.repo import Vault
 
@@ -51,7 +52,8 @@ class Embedded:
 async def ensure_vault(data_dir: Path) -> None:
     key = data_dir / "vault.key"
     if not (data_dir / "vault" / "config").exists():
-        kek = new_keyfile(key)
+        # A crash between the key file and the vault leaves the key: use it.
+        kek = read_keyfile(key) if key.exists() else new_keyfile(key)
         v = await Vault.create(LocalStore(data_dir / "vault"), KeyMaterial(keyfile=kek))
         log.info("vault_created", vault=str(data_dir / "vault"), key_file=str(key))
         await v.close()
@@ -70,7 +72,11 @@ async def start_embedded(
     tls = d / "procserver" / "tls"
     if not (tls / "server.pem").exists():
         ca = CertificateAuthority.load_or_create(cs.cfg.ca_dir)
-        hosts = sorted({"127.0.0.1", "localhost", listen_host} - {"0.0.0.0", "::"})
+        names = {"127.0.0.1", "localhost", listen_host}
+        if listen_host in ("0.0.0.0", "::"):
+            # Listening everywhere: agents will reach us by this machine's names.
+            names |= {socket.gethostname(), socket.getfqdn()}
+        hosts = sorted(names - {"0.0.0.0", "::", ""})
         write_bundle(tls, "server", ca.issue_server("procserver", hosts), ca.cert_pem)
     pcfg = ProcServerConfig(
         data_dir=str(d / "procserver"), vault_url=f"file://{d / 'vault'}",

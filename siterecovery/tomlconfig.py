@@ -48,7 +48,8 @@ def from_mapping(cls: type[T], doc: dict[str, Any], where: str) -> T:
     for name, f in fields.items():
         if name in doc:
             if not _check(doc[name], hints[name]):
-                raise ConfigError(f"{where}: key {name!r} must be of type {hints[name]}, "
+                want = getattr(hints[name], "__name__", None) or str(hints[name])
+                raise ConfigError(f"{where}: key {name!r} must be {want}, "
                                   f"not {type(doc[name]).__name__}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{where}: required key {name!r} is missing")

@@ -8,6 +8,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from siterecovery.errors import CliError, UsageError
 from siterecovery.progress import Progress
 from vault.errors import VaultError
 from vault.keyslots import KeyMaterial, new_keyfile, read_keyfile
@@ -28,7 +29,7 @@ def vault_location(args: argparse.Namespace) -> tuple[str, str]:
         d = Path(args.data_dir).resolve()
         return args.vault or f"file://{d / 'vault'}", args.key_file or str(d / "vault.key")
     if not args.vault or not args.key_file:
-        raise SystemExit("error: give --vault and --key-file, or --data-dir of an embedded "
+        raise UsageError("give --vault and --key-file, or --data-dir of an embedded "
                          "installation")
     return args.vault, args.key_file
 
@@ -41,7 +42,7 @@ async def open_vault(args: argparse.Namespace) -> Vault:
 async def cmd_vault_init(args: argparse.Namespace) -> int:
     url, key = vault_location(args)
     if os.path.exists(key):
-        raise SystemExit(f"error: key file {key} already exists; refusing to overwrite it")
+        raise CliError(f"key file {key} already exists; refusing to overwrite it")
     kek = new_keyfile(key)
     try:
         v = await Vault.create(open_store(url), KeyMaterial(keyfile=kek), args.block_size)
@@ -64,7 +65,7 @@ def select_point(points: list[Point], which: str, machine: str | None) -> Point:
         points = [p for p in points if p.machine == machine]
     machines = sorted({p.machine for p in points})
     if which.startswith("latest") and len(machines) > 1:
-        raise SystemExit(f"error: the vault holds several machines ({', '.join(machines)}); "
+        raise UsageError(f"the vault holds several machines ({', '.join(machines)}); "
                          "pick one with --machine")
     if which == "latest":
         cands = points
@@ -75,9 +76,9 @@ def select_point(points: list[Point], which: str, machine: str | None) -> Point:
     else:
         cands = [p for p in points if p.id == which or p.id.startswith(which)]
         if len(cands) > 1:
-            raise SystemExit(f"error: point id prefix {which!r} is ambiguous")
+            raise UsageError(f"point id prefix {which!r} is ambiguous")
     if not cands:
-        raise SystemExit(f"error: no recovery point matches {which!r}"
+        raise CliError(f"no recovery point matches {which!r}"
                          + (f" for machine {machine!r}" if machine else ""))
     return cands[-1]
 

@@ -291,9 +291,10 @@ def good_docs(tmp: Path) -> dict[str, dict[str, Any]]:
 BAD_CONFIGS: list[tuple[str, str, Any, list[str]]] = [
     ("procserver", "set", {"colour": "blue"}, ["unknown key", "colour"]),
     ("configserver", "set", {"listen_addr": "127.0.0.1"}, ["unknown key", "listen_addr"]),
-    ("procserver", "set", {"listen_port": "9443"}, ["'listen_port'", "type", "str"]),
-    ("mobility", "set", {"disks": "/dev/sda"}, ["'disks'", "type"]),
-    ("procserver", "set", {"cache_quota_bytes": 1.5e9}, ["'cache_quota_bytes'", "type"]),
+    ("procserver", "set", {"listen_port": "9443"}, ["'listen_port'", "must be int", "not str"]),
+    ("mobility", "set", {"disks": "/dev/sda"}, ["'disks'", "must be", "not str"]),
+    ("procserver", "set", {"cache_quota_bytes": 1.5e9},
+     ["'cache_quota_bytes'", "must be int", "not float"]),
     ("procserver", "drop", "vault_key_file", ["required key 'vault_key_file' is missing"]),
     ("mobility", "drop", "machine", ["required key 'machine' is missing"]),
     ("configserver", "drop", "data_dir", ["required key 'data_dir' is missing"]),

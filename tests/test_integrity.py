@@ -14,8 +14,8 @@ from tests.helpers import make_disk, make_vault, open_vault, run_cli, sha256
 from vault import names
 from vault.crypto import Keyring, ObjectType, seal, unseal
 from vault.digest import fingerprint
-from vault.errors import IntegrityError
-from vault.keyslots import new_keyfile
+from vault.errors import FormatError, IntegrityError
+from vault.keyslots import new_keyfile, unwrap
 from vault.maps import open_map
 from vault.pack import open_block
 from vault.writer import CycleWriter, DiskSpec
@@ -134,3 +134,29 @@ def test_block_cannot_move_between_packs_or_types() -> None:
 def test_object_names_reveal_nothing() -> None:
     k = Keyring(os.urandom(64))
     assert k.block_id(bytes(100)) != Keyring(os.urandom(64)).block_id(bytes(100))
+
+
+async def test_damaged_key_slot_does_not_lock_out_the_others(tmp_path: Path) -> None:
+    vault, key, want = await _vault_with_point(tmp_path)
+    (vault / names.KEYS / "0000000000000000").write_text("{not json")
+    code, err = _restore(vault, key, tmp_path / "out")
+    assert code == 0, err
+    assert sha256(tmp_path / "out" / "sda.img") == want
+    other = tmp_path / "other.key"
+    new_keyfile(other)
+    code, err = _restore(vault, other, tmp_path / "out2")
+    assert code == 4 and "1 damaged: keys/0000000000000000" in err
+
+
+async def test_excessive_kdf_parameters_are_refused(tmp_path: Path) -> None:
+    import json
+
+    from vault.keyslots import KeyMaterial, wrap
+
+    _slot, doc = wrap(os.urandom(64), KeyMaterial(passphrase="pw"))
+    slot = json.loads(doc)
+    slot["kdf"]["p"] = 1 << 20  # storage asking us to burn CPU forever
+    with pytest.raises(FormatError, match="excessive"):
+        unwrap(json.dumps(slot).encode(), KeyMaterial(passphrase="pw"))
+    assert unwrap(doc, KeyMaterial(passphrase="pw")) is not None
+    assert unwrap(doc, KeyMaterial(passphrase="wrong")) is None

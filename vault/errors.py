@@ -36,8 +36,8 @@ class IntegrityError(VaultError):
     def __init__(self, name: str, reason: str) -> None:
         super().__init__(
             f"vault object {name!r} failed verification: {reason}. "
-            "The object is corrupt, was tampered with, or the vault key is wrong; "
-            "run 'siterecovery check --read-data' to list every damaged object."
+            "The object is corrupt or was tampered with (or the key is wrong); no data from "
+            "it was used. Restore another recovery point, or replicate again."
         )
         self.object_name = name
         self.reason = reason

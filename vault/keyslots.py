@@ -112,7 +112,8 @@ def unwrap(slot_json: bytes, km: KeyMaterial) -> bytes | None:
     if doc.get("kind") == "keyfile" and km.keyfile is not None:
         kek = km.keyfile
     elif doc.get("kind") == "passphrase" and km.passphrase is not None:
-        if kdf.get("name") != "scrypt" or int(kdf["n"]) > 2**20 or int(kdf["r"]) > 32:
+        if kdf.get("name") != "scrypt" or int(kdf["n"]) > 2**20 or int(kdf["r"]) > 32 \
+                or int(kdf["p"]) > 16:
             raise FormatError("key slot names an unsupported or excessive KDF")
         kek = _scrypt(
             km.passphrase, base64.b64decode(kdf["salt"]), int(kdf["n"]), int(kdf["r"]),

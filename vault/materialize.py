@@ -3,9 +3,10 @@
 Cost is O(disk size): the map is resolved from at most one full map and a bounded
 chain of deltas. Blocks are fetched pack by pack with bounded concurrency,
 authenticated, checked against their ids, and written; the disk digest is then
-compared with the one the agent recorded. Output goes to ``<out>.partial``, is
+compared with the one the agent recorded. A file is written as ``<out>.partial``,
 renamed only when everything verified and removed when anything failed: wrong
-data is never left under the requested name.
+data is never left under the requested name. A block device is written in place
+(it cannot be renamed); a failure there raises, and the device must not be used.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from vault.crypto import MASTER_KEY_BYTES, Keyring, ObjectType, seal, unseal
 from vault.errors import FormatError, IntegrityError, NotFoundError, VaultError, WrongKeyError
 from vault.index import Index, open_index, seal_index
 from vault.keyslots import KeyMaterial, unwrap, wrap
-from vault.maps import DELTA, ZERO_ID, BlockMap, open_map, seal_map
+from vault.maps import DELTA, FULL, ZERO_ID, BlockMap, open_map, seal_map
 from vault.pack import PackEntry, open_block
 from vault.point import Point, now_iso, open_point, seal_point
 from vault.store import BlobStore
@@ -72,14 +72,21 @@ class Vault:
                 f"no vault at {store.url}; create one with 'siterecovery vault init'"
             ) from None
         slots = [b.name async for b in store.list(names.KEYS)]
+        damaged: list[str] = []
+        master = None
         for slot in slots:
-            master = unwrap(await store.get(slot), km)
+            try:
+                master = unwrap(await store.get(slot), km)
+            except FormatError:
+                damaged.append(slot)  # one bad slot must not lock out the others
+                continue
             if master is not None:
                 break
-        else:
+        if master is None:
+            extra = f" ({len(damaged)} damaged: {', '.join(damaged)})" if damaged else ""
             raise WrongKeyError(
                 f"the key given opens none of the {len(slots)} key slot(s) of the vault at "
-                f"{store.url}; check --key-file / the passphrase"
+                f"{store.url}{extra}; check --key-file / the passphrase"
             )
         keyring = Keyring(master)
         plain = unseal(keyring.aead(ObjectType.CONFIG, names.CONFIG), ObjectType.CONFIG,
@@ -157,13 +164,14 @@ class Vault:
             chain.append(m)
             if entry.map_kind == "full":
                 break
-            if p.base is None or len(chain) > MAX_CHAIN + 1:
+            if p.base is None or len(chain) > MAX_CHAIN:
                 raise IntegrityError(f"points/{point.id}", "delta chain is broken")
             p = await self.read_point(p.base)
         full = chain.pop()
+        if full.kind != FULL or any(d.kind != DELTA for d in chain):
+            raise IntegrityError(f"points/{point.id}", "map kinds do not match the manifest")
         blocks = dict(full.blocks)
         for delta in reversed(chain):
-            assert delta.kind == DELTA
             for n, bid in delta.blocks.items():
                 if bid == ZERO_ID:
                     blocks.pop(n, None)
