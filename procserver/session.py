@@ -136,6 +136,8 @@ class Session:
                 db.Cycle.state.in_([db.COMPLETE, db.UPLOADED])))).scalar_one_or_none()
         if base is None:
             return False
+        if base.point_id is not None and not await self.server.vault.has_point(base.point_id):
+            return False  # pruned: a delta on it could not be resolved
         old = {d["name"]: (d["size"], d["block_size"])
                for d in json.loads(base.begin_doc)["disks"]}
         new = {d["name"]: (d["size"], d["block_size"]) for d in doc["disks"]}

@@ -26,14 +26,21 @@ from sqlalchemy import delete, func, select
 from procserver import db
 from procserver.cache import fsync_or_die, read_segment, remove_cycle_dir
 from procserver.wire import Frame, FrameType
+from vault.errors import NotFoundError
+from vault.locks import locked
 from vault.point import Point
-from vault.writer import CycleWriter, DiskSpec
+from vault.writer import CycleWriter, DiskSpec, MissingBlocksError
 
 if TYPE_CHECKING:
     from procserver.server import ProcServer
 
 log = structlog.get_logger("procserver.uploader")
 BATCH = 128
+LOCK_WAIT = 600.0
+
+
+class BaseGoneError(Exception):
+    """The point a delta cycle builds on no longer exists."""
 JOURNAL = "changes.log"
 JREC = struct.Struct("<HQ32s")
 
@@ -104,16 +111,34 @@ class Uploader:
             if cyc is None:
                 return
             try:
-                await self.process(cyc)
+                async with locked(self.server.vault, "shared", f"upload {machine}",
+                                  wait=LOCK_WAIT):
+                    await self.process(cyc)
                 failures = 0
             except asyncio.CancelledError:
                 raise
+            except (MissingBlocksError, BaseGoneError) as e:
+                # The cycle cannot become a restorable point any more. Drop it: the
+                # agent's next cycle builds on it, is refused, and resyncs in full.
+                log.error("cycle_unrecoverable", machine=machine, cycle=cyc.id, error=str(e),
+                          hint="the machine will resync")
+                await self._drop(cyc)
             except Exception as e:
                 failures += 1
                 delay = min(60.0, 0.5 * 2 ** min(failures, 7)) * random.uniform(0.5, 1.0)
                 log.error("cycle_upload_failed", machine=machine, cycle=cyc.id, error=str(e),
                           error_type=type(e).__name__, retry_in_seconds=round(delay, 2))
                 await asyncio.sleep(delay)
+
+    async def _drop(self, cyc: db.Cycle) -> None:
+        async with self.server.sessionmaker() as s:
+            row = await s.get_one(db.Cycle, cyc.seq)
+            row.state = db.ABORTED
+            await s.execute(delete(db.Segment).where(db.Segment.cycle_seq == cyc.seq))
+            await s.commit()
+        await asyncio.to_thread(remove_cycle_dir,
+                                self.server.cache_dir / cyc.machine / cyc.id)
+        self.server.release_cache(cyc.seq)
 
     async def _state(self, seq: int) -> db.Cycle:
         async with self.server.sessionmaker() as s:
@@ -127,10 +152,15 @@ class Uploader:
                     ).scalar_one()
         if base.point_id is None:
             raise RuntimeError(f"base cycle {base.id} of cycle {cyc.id} has no point yet")
-        return await self.server.vault.read_point(base.point_id)
+        try:
+            return await self.server.vault.read_point(base.point_id)
+        except NotFoundError:
+            raise BaseGoneError(f"cycle {cyc.id} builds on point {base.point_id[:16]}, which "
+                                "a prune removed") from None
 
     async def process(self, cyc: db.Cycle) -> None:
         server = self.server
+        server.index = await server.vault.refresh_index(server.index)
         begin = json.loads(cyc.begin_doc)
         disks = [DiskSpec(d["name"], d["size"], d["block_size"]) for d in begin["disks"]]
         cycle_dir = server.cache_dir / cyc.machine / cyc.id

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from procserver.wire import ProtocolError, RemoteError
-from siterecovery import __version__, agentcmds, vaultcmds
+from siterecovery import __version__, agentcmds, prunecmds, vaultcmds
 from siterecovery.errors import CliError
 from siterecovery.logs import configure
 from siterecovery.tomlconfig import ConfigError, load
@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     agentcmds.register(sub)
     vaultcmds.register(sub)
+    prunecmds.register(sub)
 
     d = sub.add_parser("demo", help="protect a sample disk end to end and prove the restore",
                        description="Make a sample disk image, protect it through TLS, the cache "

@@ -106,6 +106,10 @@ async def cmd_points_list(args: argparse.Namespace) -> int:
 
 
 async def cmd_restore(args: argparse.Namespace) -> int:
+    from vault.vhd import materialize_vhd
+
+    write = materialize_vhd if args.format == "vhd" else materialize
+    ext = "vhd" if args.format == "vhd" else "img"
     v = await open_vault(args)
     try:
         point = select_point(await v.list_points(), args.point, args.machine)
@@ -117,8 +121,8 @@ async def cmd_restore(args: argparse.Namespace) -> int:
             for d in point.disks:
                 if args.disk and d.disk not in args.disk:
                     continue
-                target = str(out_dir / f"{d.disk}.img")
-                digest = await materialize(
+                target = str(out_dir / f"{d.disk}.{ext}")
+                digest = await write(
                     v, point, d.disk, target, index=index, executor=ex,
                     progress=Progress(f"restore {d.disk}", quiet=args.json))
                 results.append({"disk": d.disk, "path": target, "size": d.size,
@@ -127,7 +131,8 @@ async def cmd_restore(args: argparse.Namespace) -> int:
         await v.close()
     if args.json:
         print(json.dumps({"point": point.id, "machine": point.machine, "created": point.created,
-                          "consistency": point.consistency, "disks": results}))
+                          "consistency": point.consistency, "format": args.format,
+                          "disks": results}))
     else:
         for r in results:
             print(f"restored {point.machine}/{r['disk']} at {point.created} "
@@ -158,10 +163,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     pl.set_defaults(func=cmd_points_list)
 
     rp = sub.add_parser(
-        "restore", help="materialize a recovery point to raw disk images",
+        "restore", help="materialize a recovery point to raw disk images or fixed VHDs",
         description="Write every disk of a machine at a recovery point to OUT/<disk>.img "
-                    "(sparse), verifying every block and the end-to-end disk digest. Needs only "
-                    "the vault and its key.")
+                    "(sparse raw) or OUT/<disk>.vhd (fixed VHD, padded to whole MiB, ready "
+                    "for Azure), verifying every block and the end-to-end disk digest. Needs "
+                    "only the vault and its key.")
     add_vault_args(rp)
     rp.add_argument("--machine", help="the protected machine (needed if the vault has several)")
     rp.add_argument("--point", default="latest",
@@ -169,5 +175,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                          "(a unique prefix is enough); default: latest")
     rp.add_argument("--disk", action="append", help="restore only this disk (repeatable)")
     rp.add_argument("--out", required=True, help="output directory")
+    rp.add_argument("--format", choices=["raw", "vhd"], default="raw",
+                    help="raw: sparse OUT/<disk>.img; vhd: fixed VHD OUT/<disk>.vhd "
+                         "(default: raw)")
     rp.add_argument("--json", action="store_true", help="machine-readable output")
     rp.set_defaults(func=cmd_restore)

@@ -46,6 +46,7 @@ class ObjectType(enum.IntEnum):
     INDEX = 4
     POINT = 5
     MAP = 6
+    LOCK = 7
 
 
 def _hkdf(master: bytes, info: bytes) -> bytes:

@@ -6,12 +6,15 @@ the inner store and
 - ``hang=PREFIX``: ``put`` of a name with that prefix blocks until cancelled;
 - ``fail=PREFIX``: ``put`` of such a name raises ``TransientStoreError``
   (``fail_times`` times, then succeeds; forever when 0 or absent);
-- ``corrupt_get=PREFIX``: ``get`` of such a name returns the data with one bit flipped.
+- ``corrupt_get=PREFIX``: ``get`` of such a name returns the data with one bit flipped;
+- ``crash_after=N``: the process dies (``os._exit(137)``, as under ``kill -9``) just
+  before its N-th mutating operation (put or delete) — a deterministic kill point.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 
 from vault.errors import TransientStoreError
@@ -20,14 +23,22 @@ from vault.store import BlobInfo, BlobStore
 
 class FaultStore:
     def __init__(self, inner: BlobStore, *, hang: str = "", fail: str = "",
-                 fail_times: int = 0, corrupt_get: str = "") -> None:
+                 fail_times: int = 0, corrupt_get: str = "", crash_after: int = 0) -> None:
         self.inner = inner
         self.url = "fault+" + inner.url
         self.hang, self.fail, self.corrupt_get = hang, fail, corrupt_get
         self.fail_times = fail_times
         self.failures = 0
+        self.crash_after = crash_after
+        self.mutations = 0
+
+    def _maybe_crash(self) -> None:
+        self.mutations += 1
+        if self.crash_after and self.mutations >= self.crash_after:
+            os._exit(137)
 
     async def put(self, name: str, data: bytes) -> None:
+        self._maybe_crash()
         if self.hang and name.startswith(self.hang):
             await asyncio.Event().wait()
         if self.fail and name.startswith(self.fail) and (
@@ -52,6 +63,7 @@ class FaultStore:
             yield info
 
     async def delete(self, name: str) -> None:
+        self._maybe_crash()
         await self.inner.delete(name)
 
     async def setup(self) -> None:

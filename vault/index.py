@@ -30,6 +30,7 @@ class Index:
     """The in-memory view of every index object of a vault."""
 
     entries: dict[bytes, Location] = field(default_factory=dict)
+    objects: set[str] = field(default_factory=set)  # the index objects loaded into it
 
     def add_pack(self, pack_id: str, pack_entries: list[PackEntry]) -> None:
         for e in pack_entries:

@@ -118,6 +118,11 @@ async def materialize(
         )
     if not is_device:
         os.replace(target, out)
+        dfd = os.open(os.path.dirname(os.path.abspath(out)), os.O_RDONLY)
+        try:
+            os.fsync(dfd)  # the rename is what says "verified": make it durable
+        finally:
+            os.close(dfd)
     if progress is not None:
         progress(size, size)
     return got_digest

@@ -8,6 +8,7 @@ Layout::
     index/<64 hex>            sealed index: block id -> (pack, offset, length)
     maps/<64 hex>             sealed block maps (full or delta) of one disk
     points/<64 hex>           sealed recovery-point manifests
+    locks/<64 hex>            sealed lock objects (shared: writers; exclusive: prune)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ PACKS = "packs/"
 INDEX = "index/"
 MAPS = "maps/"
 POINTS = "points/"
+LOCKS = "locks/"
 
 
 def random_id() -> str:

@@ -29,7 +29,8 @@ def open_backend(url: str) -> BlobStore:
         q = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
         return FaultStore(open_backend(inner_url), hang=q.get("hang", ""),
                           fail=q.get("fail", ""), fail_times=int(q.get("fail_times", "0")),
-                          corrupt_get=q.get("corrupt_get", ""))
+                          corrupt_get=q.get("corrupt_get", ""),
+                          crash_after=int(q.get("crash_after", "0")))
     if parsed.scheme in ("", "file"):
         path = parsed.path if parsed.scheme == "file" else url
         if not path:

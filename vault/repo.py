@@ -106,9 +106,15 @@ class Vault:
     async def put_pack(self, pack_id: str, data: bytes) -> None:
         await self.store.put(names.pack_name(pack_id), data)
 
-    async def put_index(self, packs: dict[str, list[PackEntry]]) -> str:
+    async def put_index(self, packs: dict[str, list[PackEntry]],
+                        index: Index | None = None) -> str:
+        """Write an index object; record it in ``index`` (with its entries) if given."""
         name_id = names.random_id()
         await self.store.put(names.INDEX + name_id, seal_index(self.keyring, name_id, packs))
+        if index is not None:
+            for pack_id, entries in packs.items():
+                index.add_pack(pack_id, entries)
+            index.objects.add(names.INDEX + name_id)
         return name_id
 
     async def put_map(self, m: BlockMap) -> str:
@@ -120,15 +126,27 @@ class Vault:
         await self.store.put(names.POINTS + p.id, seal_point(self.keyring, p))
 
     # -- reads -----------------------------------------------------------------
-    async def load_index(self) -> Index:
-        index = Index()
+    async def load_index(self, index: Index | None = None) -> Index:
+        """Load every index object (only those ``index`` has not loaded yet, if given)."""
+        index = index if index is not None else Index()
         async for info in self.store.list(names.INDEX):
+            if info.name in index.objects:
+                continue
             name_id = info.name[len(names.INDEX):]
             for pack_id, entries in open_index(
                 self.keyring, name_id, await self.store.get(info.name)
             ).items():
                 index.add_pack(pack_id, entries)
+            index.objects.add(info.name)
         return index
+
+    async def refresh_index(self, index: Index) -> Index:
+        """Bring ``index`` up to date: new objects are added; if any object it was built
+        from is gone (a prune rewrote the index), a fresh index is loaded instead."""
+        current = {b.name async for b in self.store.list(names.INDEX)}
+        if index.objects - current:
+            return await self.load_index()
+        return await self.load_index(index)
 
     async def has_point(self, point_id: str) -> bool:
         try:

@@ -29,12 +29,16 @@ from vault.point import DiskEntry, Point, now_iso
 from vault.repo import MAX_CHAIN, Vault
 
 PACK_TARGET = 8 << 20
+
+
+class MissingBlocksError(Exception):
+    """A block the point would reference is in no index (removed by a prune)."""
 MAX_INFLIGHT_PACKS = 3
 
 _local = threading.local()
 
 
-def _compressor() -> zstandard.ZstdCompressor:
+def thread_compressor() -> zstandard.ZstdCompressor:
     # One compressor per thread: zstandard objects must not be shared.
     c: zstandard.ZstdCompressor | None = getattr(_local, "zc", None)
     if c is None:
@@ -127,7 +131,8 @@ class CycleWriter:
         pack_id = names.random_id()
         loop = asyncio.get_running_loop()
         data, entries = await loop.run_in_executor(
-            self.executor, lambda: build_pack(self.vault.keyring, pack_id, blocks, _compressor())
+            self.executor,
+            lambda: build_pack(self.vault.keyring, pack_id, blocks, thread_compressor())
         )
         await self.vault.put_pack(pack_id, data)
         self._new_packs[pack_id] = entries
@@ -142,9 +147,7 @@ class CycleWriter:
             await asyncio.gather(*self._inflight)
             self._inflight.clear()
         if self._new_packs:
-            await self.vault.put_index(self._new_packs)
-            for pack_id, entries in self._new_packs.items():
-                self.index.add_pack(pack_id, entries)
+            await self.vault.put_index(self._new_packs, self.index)
             self._new_packs = {}
         self._pending_ids.clear()
         journal, self._journal = self._journal, []
@@ -175,6 +178,13 @@ class CycleWriter:
                 m = BlockMap(FULL, spec.size, spec.block_size, blocks)
             else:
                 m = BlockMap(DELTA, spec.size, spec.block_size, self.changes[i])
+            missing = sum(1 for b in m.blocks.values()
+                          if b != ZERO_ID and b not in self.index)
+            if missing:
+                # Never write a point that cannot be restored.
+                raise MissingBlocksError(
+                    f"cycle {self.cycle}: {missing} block(s) of disk {spec.name!r} are in no "
+                    "index (a prune removed them while the cycle waited in the cache)")
             map_id = await self.vault.put_map(m)
             disk_entries.append(DiskEntry(
                 disk=spec.name, size=spec.size, block_size=spec.block_size, map=map_id,

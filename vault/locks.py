@@ -1,0 +1,175 @@
+"""Lock objects: writers share the vault, prune excludes them.
+
+A lock is a sealed JSON object ``locks/<random id>``: ``{"kind": "shared" |
+"exclusive", "holder": "host:pid", "purpose", "created", "expires"}`` (times in
+Unix seconds). Process servers hold a shared lock while they upload a cycle;
+prune holds an exclusive one. Acquiring writes the lock, then lists the others:
+
+- shared: if a live exclusive lock exists, withdraw and wait;
+- exclusive: if any other live lock exists, withdraw and wait.
+
+Two contenders that both see each other both withdraw and retry after a random
+delay. A holder refreshes its lock before it expires; a lock past its expiry, or
+held by a process of this host that no longer runs, is stale and is ignored. An
+exclusive holder deletes stale locks; ``siterecovery unlock`` removes them too,
+``--all`` every lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import structlog
+
+from vault import names
+from vault.crypto import ObjectType, seal, unseal
+from vault.errors import IntegrityError, NotFoundError, VaultError
+from vault.repo import Vault
+
+log = structlog.get_logger("vault.locks")
+TTL = 30 * 60.0
+REFRESH = 5 * 60.0
+
+
+class LockedError(VaultError):
+    """The vault is locked by another holder."""
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    id: str
+    kind: str
+    holder: str
+    purpose: str
+    created: float
+    expires: float
+
+    def stale(self, now: float) -> bool:
+        """Expired, or held by a process of this host that no longer exists."""
+        if self.expires < now:
+            return True
+        host, _, pid = self.holder.rpartition(":")
+        if host == socket.gethostname() and pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                return False
+        return False
+
+
+def _encode(vault: Vault, lock_id: str, kind: str, purpose: str, now: float) -> bytes:
+    body = json.dumps({"kind": kind, "holder": f"{socket.gethostname()}:{os.getpid()}",
+                       "purpose": purpose, "created": now, "expires": now + TTL}).encode()
+    return seal(vault.keyring.aead(ObjectType.LOCK, lock_id), ObjectType.LOCK, lock_id, body)
+
+
+async def list_locks(vault: Vault) -> tuple[list[LockInfo], list[str]]:
+    """Every lock object, and the names of those that fail to authenticate."""
+    out, bad = [], []
+    async for info in vault.store.list(names.LOCKS):
+        lock_id = info.name[len(names.LOCKS):]
+        try:
+            raw = await vault.store.get(info.name)
+            doc = json.loads(unseal(vault.keyring.aead(ObjectType.LOCK, lock_id),
+                                    ObjectType.LOCK, lock_id, raw, max_size=1 << 16))
+            out.append(LockInfo(lock_id, str(doc["kind"]), str(doc["holder"]),
+                                str(doc.get("purpose", "")), float(doc["created"]),
+                                float(doc["expires"])))
+        except NotFoundError:
+            continue  # released while we listed
+        except (IntegrityError, ValueError, KeyError, TypeError):
+            bad.append(info.name)
+    return out, bad
+
+
+async def remove_locks(vault: Vault, *, all_locks: bool = False) -> list[LockInfo]:
+    """Delete stale locks (every lock with ``all_locks``); return what was removed."""
+    locks, bad = await list_locks(vault)
+    now = time.time()
+    gone = [lk for lk in locks if all_locks or lk.stale(now)]
+    for lk in gone:
+        await vault.store.delete(names.LOCKS + lk.id)
+    for name in bad:  # unreadable lock objects can only be noise or tampering
+        await vault.store.delete(name)
+    return gone
+
+
+class Lock:
+    """A held lock; refreshes itself until released."""
+
+    def __init__(self, vault: Vault, lock_id: str, kind: str, purpose: str) -> None:
+        self.vault, self.id, self.kind, self.purpose = vault, lock_id, kind, purpose
+        self._task: asyncio.Task[None] | None = None
+
+    async def _refresh(self) -> None:
+        while True:
+            await asyncio.sleep(REFRESH)
+            await self.vault.store.put(names.LOCKS + self.id,
+                                       _encode(self.vault, self.id, self.kind, self.purpose,
+                                               time.time()))
+
+    def start_refresh(self) -> None:
+        self._task = asyncio.create_task(self._refresh(), name=f"lock-refresh-{self.id[:8]}")
+
+    async def release(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.vault.store.delete(names.LOCKS + self.id)
+
+
+async def try_acquire(vault: Vault, kind: str, purpose: str) -> Lock | LockInfo:
+    """Take a lock, or return the live lock that is in the way (ours withdrawn)."""
+    lock_id = names.random_id()
+    await vault.store.put(names.LOCKS + lock_id,
+                          _encode(vault, lock_id, kind, purpose, time.time()))
+    locks, _bad = await list_locks(vault)
+    now = time.time()
+    for other in locks:
+        if other.id == lock_id or other.stale(now):
+            continue
+        if kind == "exclusive" or other.kind == "exclusive":
+            await vault.store.delete(names.LOCKS + lock_id)
+            return other
+    if kind == "exclusive":  # sole holder now: clear what dead holders left behind
+        for other in locks:
+            if other.id != lock_id and other.stale(now):
+                await vault.store.delete(names.LOCKS + other.id)
+    lock = Lock(vault, lock_id, kind, purpose)
+    lock.start_refresh()
+    return lock
+
+
+@contextlib.asynccontextmanager
+async def locked(vault: Vault, kind: str, purpose: str, *, wait: float = 0.0
+                 ) -> AsyncIterator[Lock]:
+    """Hold a ``shared`` or ``exclusive`` lock for the block; wait up to ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    delay = 0.05
+    while True:
+        got = await try_acquire(vault, kind, purpose)
+        if isinstance(got, Lock):
+            break
+        if time.monotonic() >= deadline:
+            raise LockedError(
+                f"the vault is locked ({got.kind}) by {got.holder} for {got.purpose!r} until "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(got.expires))} UTC; if that "
+                "holder is gone, run 'siterecovery unlock'")
+        log.info("vault_locked_waiting", holder=got.holder, kind=got.kind)
+        await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())) *
+                            random.uniform(0.5, 1.0))
+        delay = min(delay * 2, 5.0)
+    try:
+        yield got
+    finally:
+        await got.release()

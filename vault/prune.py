@@ -1,0 +1,202 @@
+"""Prune: forget points past retention, then collect garbage. Crash-safe, re-runnable.
+
+The caller holds the vault's exclusive lock (vault/locks.py). Order, each step safe
+to interrupt because every retained point stays resolvable throughout:
+
+1. plan which points to keep (vault/retention.py);
+2. rebase: a kept point whose delta chain passes through a forgotten point gets a
+   full map written, then its manifest is replaced (same id, atomic put);
+3. delete the forgotten manifests;
+4. delete maps no point references;
+5. repack: live blocks of mostly-dead packs are sealed into new packs;
+6. write one consolidated index of the packs that stay (and the new ones),
+   then delete the old index objects;
+7. delete packs no index lists (dead, repacked, or left by a crashed writer).
+
+An interrupted run leaves only garbage (unreferenced maps, unindexed packs, a
+duplicate index), which the next run removes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import structlog
+
+from vault import names
+from vault.index import Location
+from vault.maps import FULL, BlockMap
+from vault.pack import PackEntry, build_pack, open_block
+from vault.point import DiskEntry, Point
+from vault.repo import Vault
+from vault.retention import Retention, plan
+from vault.writer import PACK_TARGET, thread_compressor
+
+log = structlog.get_logger("vault.prune")
+INDEX_CHUNK = 200_000
+
+
+@dataclass
+class PruneReport:
+    kept: dict[str, str] = field(default_factory=dict)
+    forgotten: list[str] = field(default_factory=list)
+    rebased: list[str] = field(default_factory=list)
+    maps_deleted: int = 0
+    packs_deleted: int = 0
+    packs_repacked: int = 0
+    packs_written: int = 0
+    index_objects_replaced: int = 0
+    bytes_deleted: int = 0
+
+
+async def _chain(vault: Vault, p: Point, cache: dict[str, Point]) -> list[Point]:
+    out = [p]
+    while out[-1].base is not None:
+        base_id = out[-1].base
+        assert base_id is not None
+        if base_id not in cache:
+            cache[base_id] = await vault.read_point(base_id)
+        out.append(cache[base_id])
+    return out
+
+
+async def prune(
+    vault: Vault, policy: Retention, executor: Executor, *, now: datetime | None = None,
+    dry_run: bool = False, repack_below: float = 0.5,
+    progress: Callable[[str], None] | None = None,
+) -> PruneReport:
+    say = progress or (lambda _m: None)
+    now = now or datetime.now(UTC)
+    report = PruneReport()
+    points = await vault.list_points()
+    report.kept = plan(points, policy, now)
+    report.forgotten = [p.id for p in points if p.id not in report.kept]
+    forget = set(report.forgotten)
+    cache = {p.id: p for p in points}
+    kept = [p for p in points if p.id in report.kept]
+
+    # 2. rebase kept points whose chain crosses a forgotten one
+    for p in kept:
+        chain = await _chain(vault, p, cache)
+        if any(q.id in forget for q in chain[1:]):
+            report.rebased.append(p.id)
+            if dry_run:
+                continue
+            disks = []
+            for d in p.disks:
+                full = await vault.resolve_map(p, d.disk)
+                map_id = await vault.put_map(BlockMap(FULL, d.size, d.block_size, full.blocks))
+                disks.append(DiskEntry(d.disk, d.size, d.block_size, map_id, "full", d.digest))
+            rebased = Point(id=p.id, machine=p.machine, created=p.created,
+                            consistency=p.consistency, cycle=p.cycle, base=None, chain=0,
+                            disks=disks, policy=p.policy)
+            await vault.put_point(rebased)
+            cache[p.id] = rebased
+    say(f"{len(report.forgotten)} points to forget, {len(report.rebased)} rebased")
+    if dry_run:
+        return report
+
+    # 3. forget
+    for pid in report.forgotten:
+        await vault.store.delete(names.POINTS + pid)
+
+    # 4. maps and blocks still referenced
+    live_maps: set[str] = set()
+    live_blocks: set[bytes] = set()
+    for p in kept:
+        chain = await _chain(vault, cache[p.id], cache)
+        for q in chain:
+            live_maps.update(d.map for d in q.disks)
+        for d in p.disks:
+            live_blocks.update((await vault.resolve_map(cache[p.id], d.disk)).blocks.values())
+    async for info in vault.store.list(names.MAPS):
+        if info.name[len(names.MAPS):] not in live_maps:
+            await vault.store.delete(info.name)
+            report.maps_deleted += 1
+            report.bytes_deleted += info.size
+    say(f"{report.maps_deleted} unreferenced maps deleted")
+
+    # 5. repack mostly-dead packs
+    old_index_names = [b.name async for b in vault.store.list(names.INDEX)]
+    index = await vault.load_index()
+    per_pack: dict[str, list[tuple[bytes, Location]]] = {}
+    for bid, loc in index.entries.items():
+        per_pack.setdefault(loc.pack_id, []).append((bid, loc))
+    keep_packs: dict[str, list[PackEntry]] = {}
+    to_repack: list[tuple[str, list[tuple[bytes, Location]]]] = []
+    for pack_id, entries in per_pack.items():
+        total = sum(loc.length for _, loc in entries)
+        live = sum(loc.length for bid, loc in entries if bid in live_blocks)
+        if live == 0:
+            continue
+        if live / total < repack_below:
+            to_repack.append((pack_id, [(b, loc) for b, loc in entries if b in live_blocks]))
+        else:
+            keep_packs[pack_id] = [PackEntry(b, loc.offset, loc.length) for b, loc in entries]
+    new_packs = await _repack(vault, to_repack, executor)
+    report.packs_repacked = len(to_repack)
+    report.packs_written = len(new_packs)
+    keep_packs.update(new_packs)
+    say(f"{len(to_repack)} packs repacked into {len(new_packs)}")
+
+    # 6. one consolidated index, then the old index objects go
+    batch: dict[str, list[PackEntry]] = {}
+    count = 0
+    for pack_id, pack_entries in keep_packs.items():
+        batch[pack_id] = pack_entries
+        count += len(pack_entries)
+        if count >= INDEX_CHUNK:
+            await vault.put_index(batch)
+            batch, count = {}, 0
+    if batch:
+        await vault.put_index(batch)
+    for name in old_index_names:
+        await vault.store.delete(name)
+    report.index_objects_replaced = len(old_index_names)
+
+    # 7. packs that no index lists any more
+    async for info in vault.store.list(names.PACKS):
+        if names.pack_id_of(info.name) not in keep_packs:
+            await vault.store.delete(info.name)
+            report.packs_deleted += 1
+            report.bytes_deleted += info.size
+    say(f"{report.packs_deleted} packs deleted, {report.bytes_deleted / 1e6:.1f} MB freed")
+    log.info("prune_finished", forgotten=len(report.forgotten), rebased=len(report.rebased),
+             packs_deleted=report.packs_deleted, bytes_deleted=report.bytes_deleted)
+    return report
+
+
+async def _repack(vault: Vault, work: list[tuple[str, list[tuple[bytes, Location]]]],
+                  executor: Executor) -> dict[str, list[PackEntry]]:
+    loop = asyncio.get_running_loop()
+    out: dict[str, list[PackEntry]] = {}
+    pending: list[tuple[bytes, bytes]] = []
+    size = 0
+
+    async def flush() -> None:
+        nonlocal pending, size
+        if not pending:
+            return
+        blocks, pending, size = pending, [], 0
+        pack_id = names.random_id()
+        data, entries = await loop.run_in_executor(
+            executor,
+            lambda: build_pack(vault.keyring, pack_id, list(blocks), thread_compressor()))
+        await vault.put_pack(pack_id, data)
+        out[pack_id] = entries
+
+    for pack_id, entries in work:
+        for bid, loc in entries:
+            sealed = await vault.store.get(names.pack_name(pack_id), loc.offset, loc.length)
+            data = open_block(vault.keyring, pack_id, bid, sealed)  # never copy unverified data
+            pending.append((bid, data))
+            size += len(data)
+            if size >= PACK_TARGET:
+                await flush()
+    await flush()
+    return out
+
