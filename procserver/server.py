@@ -23,6 +23,7 @@ from procserver.reporter import Reporter
 from procserver.session import Session
 from procserver.uploader import Uploader
 from procserver.wire import MAX_FRAME, ProtocolError, error_frame
+from vault.instrument import StoreMetrics
 from vault.keyslots import KeyMaterial, read_keyfile
 from vault.open import open_store
 from vault.repo import Vault
@@ -74,7 +75,8 @@ class ProcServer:
     async def start(self) -> None:
         # The vault and its key first: a wrong key or URL must leave nothing behind.
         km = KeyMaterial(keyfile=read_keyfile(self.cfg.vault_key_file))
-        self.vault = await Vault.open(open_store(self.cfg.vault_url), km)
+        self.vault = await Vault.open(
+            open_store(self.cfg.vault_url, StoreMetrics(self.metrics.registry)), km)
         try:
             self.index = await self.vault.load_index()
             self.cache_dir.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from siterecovery.errors import CliError, UsageError
 from siterecovery.progress import Progress
@@ -105,6 +106,36 @@ async def cmd_points_list(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_machines_list(args: argparse.Namespace) -> int:
+    v = await open_vault(args)
+    try:
+        points = await v.list_points()
+    finally:
+        await v.close()
+    machines: dict[str, list[Point]] = {}
+    for p in points:
+        machines.setdefault(p.machine, []).append(p)
+    rows: list[dict[str, Any]] = []
+    for name, pts in sorted(machines.items()):
+        app = [p for p in pts if p.consistency == "app"]
+        rows.append({"machine": name, "points": len(pts), "oldest": pts[0].created,
+                     "latest": pts[-1].created, "latest_point": pts[-1].id,
+                     "latest_app_consistent": app[-1].created if app else None,
+                     "disks": [{"disk": d.disk, "size": d.size} for d in pts[-1].disks]})
+    if args.json:
+        print(json.dumps(rows))
+    elif not rows:
+        print("no machines")
+    else:
+        print(f"{'MACHINE':<20}  {'POINTS':>6}  {'LATEST (UTC)':<27}  {'LATEST APP-CONSISTENT':<27}"
+              "  DISKS")
+        for r in rows:
+            disks = ", ".join(f"{d['disk']} ({d['size'] / 2**20:.0f} MiB)" for d in r["disks"])
+            print(f"{r['machine']:<20}  {r['points']:>6}  {r['latest']:<27}  "
+                  f"{r['latest_app_consistent'] or '-':<27}  {disks}")
+    return 0
+
+
 async def cmd_restore(args: argparse.Namespace) -> int:
     from vault.vhd import materialize_vhd
 
@@ -161,6 +192,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     pl.add_argument("--machine", help="only this machine's points")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     pl.set_defaults(func=cmd_points_list)
+
+    mp = sub.add_parser("machines", help="protected machines")
+    msub = mp.add_subparsers(dest="machines_cmd", required=True)
+    ml = msub.add_parser("list", help="list the machines in the vault alone",
+                         description="List the machines that have recovery points in a vault, "
+                                     "with their newest points. Needs only the vault and key.")
+    add_vault_args(ml)
+    ml.add_argument("--json", action="store_true", help="machine-readable output")
+    ml.set_defaults(func=cmd_machines_list)
 
     rp = sub.add_parser(
         "restore", help="materialize a recovery point to raw disk images or fixed VHDs",

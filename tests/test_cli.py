@@ -12,12 +12,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.helpers import Daemon, make_disk, run_cli, sha256, write_toml
 
 
-def _metric(text: str, name: str) -> float:
+def _metric(text: str, name: str, **labels: str) -> float:
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
-            if s.name == name:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 return float(s.value)
-    raise AssertionError(f"metric {name} not exposed")
+    raise AssertionError(f"metric {name} {labels} not exposed")
 
 
 def test_demo_passes() -> None:
@@ -78,6 +78,10 @@ async def test_serve_enroll_replicate_restore(tmp_path: Path) -> None:
                 text = await resp.text()
             assert _metric(text, "siterecovery_procserver_received_bytes_total") > 0
             assert _metric(text, "siterecovery_procserver_recovery_points_total") == 2
+            # Store instrumentation: 2 manifests, 2 maps, packs and index objects were put.
+            assert _metric(text, "siterecovery_vault_store_operations_total", op="put",
+                           outcome="ok") >= 6
+            assert _metric(text, "siterecovery_vault_store_bytes_total", op="put") > 0
     finally:
         assert await serve.stop() == 0
     assert serve.events("procserver_stopped") and serve.events("configserver_stopped")
@@ -87,6 +91,12 @@ async def test_serve_enroll_replicate_restore(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     points = json.loads(r.stdout)
     assert [p["id"] for p in points] == [p["id"] for p in listed]
+    r = run_cli("machines", "list", "--data-dir", str(data), "--json")
+    assert r.returncode == 0, r.stderr
+    (machine,) = json.loads(r.stdout)
+    assert (machine["machine"], machine["points"], machine["latest_point"]) == \
+        ("vm1", 2, points[1]["id"])
+    assert machine["latest_app_consistent"] is None
     r = run_cli("restore", "--data-dir", str(data), "--point", "latest-crash-consistent",
                 "--out", str(tmp_path / "restored"), "--json")
     assert r.returncode == 0, r.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from pathlib import Path
 
@@ -92,4 +93,39 @@ async def test_lost_agent_state_triggers_full_resync(tmp_path: Path, pki: Pki,
     vault = await open_vault(tmp_path / "vault", vault_at[1])
     point = await vault.read_point(await procserver.wait_point(r.cycle))
     assert await restore_all(vault, point, tmp_path / "o") == {"sda": sha256(disk)}
+    await vault.close()
+
+
+async def test_two_process_servers_write_one_vault(tmp_path: Path, pki: Pki,
+                                                   vault_at: tuple[str, Path]) -> None:
+    from tests.helpers import proc_config, running_procserver
+
+    url, key = vault_at
+    disks = {m: tmp_path / f"{m}.img" for m in ("web01", "db01")}
+    for d in disks.values():
+        make_disk(d, 16 << 20, seed=4)  # identical content: both servers store the same blocks
+    async with running_procserver(proc_config(tmp_path / "a", pki, url, key)) as ps_a, \
+            running_procserver(proc_config(tmp_path / "b", pki, url, key)) as ps_b:
+
+        async def protect(machine: str, ps: ProcServer) -> dict[str, str]:
+            agent = make_agent(agent_config(tmp_path, pki, machine, ps.port,
+                                            {"sda": disks[machine]}))
+            want = {}
+            try:
+                for i in range(3):
+                    if i:
+                        mutate(disks[machine], 0.05, seed=i + len(machine))
+                    r = await agent.replicate_once()
+                    want[await ps.wait_point(r.cycle)] = sha256(disks[machine])
+            finally:
+                agent.close()
+            return want
+
+        results = await asyncio.gather(protect("web01", ps_a), protect("db01", ps_b))
+    vault = await open_vault(tmp_path / "vault", key)
+    expected = {**results[0], **results[1]}
+    points = await vault.list_points()
+    assert {p.id for p in points} == set(expected)
+    for p in points:
+        assert await restore_all(vault, p, tmp_path / "out") == {"sda": expected[p.id]}
     await vault.close()

@@ -4,6 +4,7 @@ are detected and reported with the object named; wrong data is never written."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,7 +15,7 @@ from tests.helpers import make_disk, make_vault, open_vault, run_cli, sha256
 from vault import names
 from vault.crypto import Keyring, ObjectType, seal, unseal
 from vault.digest import fingerprint
-from vault.errors import FormatError, IntegrityError
+from vault.errors import FormatError, IntegrityError, TransientStoreError
 from vault.keyslots import new_keyfile, unwrap
 from vault.maps import open_map
 from vault.pack import open_block
@@ -160,3 +161,56 @@ async def test_excessive_kdf_parameters_are_refused(tmp_path: Path) -> None:
         unwrap(json.dumps(slot).encode(), KeyMaterial(passphrase="pw"))
     assert unwrap(doc, KeyMaterial(passphrase="pw")) is not None
     assert unwrap(doc, KeyMaterial(passphrase="wrong")) is None
+
+
+class _Outage:
+    """Reads succeed ``budget`` times, then the store is unreachable."""
+
+    def __init__(self, inner: object, budget: int) -> None:
+        self.inner, self.budget, self.pack_gets = inner, budget, 0
+        self.url = "outage"
+
+    async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        if name.startswith(names.PACKS):
+            self.pack_gets += 1
+            if self.budget == 0:
+                raise TransientStoreError("storage unreachable")
+            self.budget -= 1
+        return await self.inner.get(name, offset, length)  # type: ignore[attr-defined, no-any-return]
+
+    def __getattr__(self, attr: str) -> object:
+        return getattr(self.inner, attr)
+
+
+async def test_interrupted_restore_resumes(tmp_path: Path) -> None:
+    from vault.local import LocalStore
+    from vault.materialize import materialize
+
+    _url, key = await make_vault(tmp_path)
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(random.Random(8).randbytes(40 << 20))  # incompressible: five packs
+    import blake3
+
+    data = disk.read_bytes()
+    v = await open_vault(tmp_path / "vault", key)
+    fps = b"".join(fingerprint(data[i:i + BS]) for i in range(0, len(data), BS))
+    with ThreadPoolExecutor(2) as ex:
+        w = CycleWriter(v, await v.load_index(), ex, machine="m1", cycle="c1",
+                        disks=[DiskSpec("sda", len(data), BS)], full=True, base=None)
+        await w.add([(0, n, data[n * BS:(n + 1) * BS]) for n in range(len(data) // BS)])
+        point = await w.finish({"sda": blake3.blake3(fps).hexdigest()}, "crash")
+        index = await v.load_index()
+        packs = {loc.pack_id for loc in index.entries.values()}
+        assert len(packs) >= 3
+        out = str(tmp_path / "out.img")
+        v.store = _Outage(LocalStore(tmp_path / "vault"), 2)  # type: ignore[assignment]
+        with pytest.raises(TransientStoreError):
+            await materialize(v, point, "sda", out, index=index, executor=ex)
+        assert not os.path.exists(out)
+        assert os.path.exists(out + ".partial.progress")  # kept for the next run
+        v.store = counting = _Outage(LocalStore(tmp_path / "vault"), 10**6)  # type: ignore[assignment]
+        await materialize(v, point, "sda", out, index=index, executor=ex)
+    assert counting.pack_gets < len(packs)  # finished packs were not fetched again
+    assert sha256(Path(out)) == sha256(disk)
+    assert not os.path.exists(out + ".partial.progress")
+    assert not os.path.exists(out + ".partial")

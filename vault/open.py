@@ -5,6 +5,7 @@ from __future__ import annotations
 from urllib.parse import parse_qs, urlparse
 
 from vault.errors import PermanentStoreError
+from vault.instrument import InstrumentedStore, StoreMetrics
 from vault.local import LocalStore
 from vault.memory import MemoryStore
 from vault.retry import LimitStore, RetryStore
@@ -47,6 +48,10 @@ def open_backend(url: str) -> BlobStore:
     )
 
 
-def open_store(url: str) -> BlobStore:
-    """The store for ``url`` with retries and a concurrency limit around it."""
-    return RetryStore(LimitStore(open_backend(url), MAX_CONCURRENCY))
+def open_store(url: str, metrics: StoreMetrics | None = None) -> BlobStore:
+    """The store for ``url`` with retries and a concurrency limit around it, and
+    Prometheus instrumentation of every attempt when ``metrics`` is given."""
+    store = open_backend(url)
+    if metrics is not None:
+        store = InstrumentedStore(store, metrics)
+    return RetryStore(LimitStore(store, MAX_CONCURRENCY))
