@@ -26,7 +26,7 @@ from sqlalchemy import delete, func, select
 from procserver import db
 from procserver.cache import fsync_or_die, read_segment, remove_cycle_dir
 from procserver.wire import Frame, FrameType
-from vault.errors import NotFoundError
+from vault.errors import MissingObjectError
 from vault.locks import locked
 from vault.point import Point
 from vault.writer import CycleWriter, DiskSpec, MissingBlocksError
@@ -154,7 +154,7 @@ class Uploader:
             raise RuntimeError(f"base cycle {base.id} of cycle {cyc.id} has no point yet")
         try:
             return await self.server.vault.read_point(base.point_id)
-        except NotFoundError:
+        except MissingObjectError:
             raise BaseGoneError(f"cycle {cyc.id} builds on point {base.point_id[:16]}, which "
                                 "a prune removed") from None
 

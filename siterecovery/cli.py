@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from procserver.wire import ProtocolError, RemoteError
-from siterecovery import __version__, agentcmds, prunecmds, vaultcmds
+from siterecovery import __version__, agentcmds, checkcmds, keycmds, prunecmds, vaultcmds
 from siterecovery.errors import CliError
 from siterecovery.logs import configure
 from siterecovery.tomlconfig import ConfigError, load
@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     agentcmds.register(sub)
     vaultcmds.register(sub)
+    checkcmds.register(sub)
+    keycmds.register(sub)  # 'vault key ...': after vaultcmds
     prunecmds.register(sub)
 
     d = sub.add_parser("demo", help="protect a sample disk end to end and prove the restore",

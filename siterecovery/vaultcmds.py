@@ -10,55 +10,87 @@ from pathlib import Path
 from typing import Any
 
 from siterecovery.errors import CliError, UsageError
+from siterecovery.keycmds import (
+    add_passphrase_args,
+    key_file_path,
+    open_vault_args,
+    passphrase,
+    vault_url,
+)
 from siterecovery.progress import Progress
-from vault.errors import VaultError
-from vault.keyslots import KeyMaterial, new_keyfile, read_keyfile
+from vault import names
+from vault.errors import NotFoundError, VaultError
+from vault.keys import list_slots
+from vault.keyslots import KeyMaterial, new_keyfile
 from vault.materialize import materialize
 from vault.open import open_store
 from vault.point import Point
 from vault.repo import DEFAULT_BLOCK_SIZE, Vault
+from vault.store import BlobStore
 
 
 def add_vault_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vault", help="vault URL, e.g. file:///srv/vault (default: DATA_DIR/vault)")
     p.add_argument("--key-file", help="vault key file (default: DATA_DIR/vault.key)")
+    add_passphrase_args(p)
     p.add_argument("--data-dir", help="an embedded 'siterecovery serve' data directory")
 
 
-def vault_location(args: argparse.Namespace) -> tuple[str, str]:
-    if args.data_dir:
-        d = Path(args.data_dir).resolve()
-        return args.vault or f"file://{d / 'vault'}", args.key_file or str(d / "vault.key")
-    if not args.vault or not args.key_file:
-        raise UsageError("give --vault and --key-file, or --data-dir of an embedded "
-                         "installation")
-    return args.vault, args.key_file
-
-
 async def open_vault(args: argparse.Namespace) -> Vault:
-    url, key = vault_location(args)
-    return await Vault.open(open_store(url), KeyMaterial(keyfile=read_keyfile(key)))
+    return await open_vault_args(args)  # --key-file and/or --passphrase-file/--passphrase-env
 
 
 async def cmd_vault_init(args: argparse.Namespace) -> int:
-    url, key = vault_location(args)
-    if os.path.exists(key):
+    url = vault_url(args)
+    secret = passphrase(args, new=True)  # read first: a usage error leaves nothing behind
+    key = key_file_path(args, init=True)  # None: a passphrase only
+    if key is not None and os.path.exists(key):
         raise CliError(f"key file {key} already exists; refusing to overwrite it")
-    kek = new_keyfile(key)
+    store = open_store(url)
     try:
-        v = await Vault.create(open_store(url), KeyMaterial(keyfile=kek), args.block_size)
-    except VaultError:
-        os.unlink(key)
-        raise
-    await v.close()
-    out = {"vault": url, "key_file": key, "vault_id": v.config.vault_id,
-           "block_size": v.config.block_size}
+        try:
+            await store.stat(names.CONFIG)
+        except NotFoundError:
+            pass
+        else:
+            raise CliError(f"{url} already holds a vault; refusing to overwrite it")
+        kms = [KeyMaterial(keyfile=new_keyfile(key))] if key is not None else []
+        if secret is not None:
+            kms.append(KeyMaterial(passphrase=secret))
+        try:
+            v = await Vault.create(store, kms, args.block_size)
+        except VaultError:
+            if key is not None and not await _holds_vault(store):
+                os.unlink(key)  # keep it if the vault may exist after all
+            raise
+        slots = await list_slots(v)
+    finally:
+        await store.close()
+    out = {"vault": url, "key_file": key, "passphrase": secret is not None,
+           "vault_id": v.config.vault_id, "block_size": v.config.block_size,
+           "slots": [{"slot": s.slot, "kind": s.kind} for s in slots]}
     if args.json:
         print(json.dumps(out))
-    else:
-        print(f"created vault {v.config.vault_id} at {url}\n"
-              f"key file: {key} (keep a copy off-site: without it the vault cannot be read)")
+        return 0
+    print(f"created vault {v.config.vault_id} at {url}")
+    if key is not None:
+        print(f"key file: {key} (keep a copy off-site: without it the vault cannot be read)")
+    if secret is not None:
+        print("passphrase slot added" + ("; the key file or the passphrase opens the vault"
+                                         if key is not None else
+                                         ": without the passphrase the vault cannot be read"))
     return 0
+
+
+async def _holds_vault(store: BlobStore) -> bool:
+    """Whether the vault config exists; True when that cannot be told."""
+    try:
+        await store.stat(names.CONFIG)
+    except NotFoundError:
+        return False
+    except VaultError:
+        return True
+    return True
 
 
 def select_point(points: list[Point], which: str, machine: str | None) -> Point:
@@ -174,9 +206,14 @@ async def cmd_restore(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     vp = sub.add_parser("vault", help="create and manage vaults")
     vsub = vp.add_subparsers(dest="vault_cmd", required=True)
-    init = vsub.add_parser("init", help="create a vault and its key file",
-                           description="Create an encrypted vault in a blob store and a new "
-                                       "key file that unlocks it.")
+    init = vsub.add_parser(
+        "init", help="create a vault with a key file and/or a passphrase",
+        description="Create an encrypted vault in a blob store, with a new random master key "
+                    "that is stored only wrapped in key slots: one for a new key file "
+                    "(--key-file, or DATA_DIR/vault.key; the default) and/or one for a "
+                    "passphrase (--passphrase-file or --passphrase-env; never on the command "
+                    "line). A passphrase alone replaces the key file unless --key-file or "
+                    "--data-dir is given too. Manage keys later with 'siterecovery vault key'.")
     add_vault_args(init)
     init.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
                       help="default block size in bytes (64 KiB - 1 MiB, power of two)")

@@ -19,7 +19,9 @@ from vault.open import open_backend, open_store
 from vault.retry import RetryStore
 from vault.store import BlobInfo, BlobStore
 
-BACKENDS = ["local", "memory", "azure"]
+# Real Azure too when a connection string is given (never in CI: no network there).
+REAL_AZURE = os.environ.get("SITERECOVERY_TEST_AZURE_CONNECTION_STRING", "")
+BACKENDS = ["local", "memory", "azure"] + (["azure-real"] if REAL_AZURE else [])
 
 
 @pytest.fixture(params=BACKENDS)
@@ -38,7 +40,8 @@ def _make(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> BlobStor
     if kind == "memory":
         return MemoryStore()
     conn_file = tmp_path / "azure-conn"
-    conn_file.write_text(request.getfixturevalue("azurite_conn"))
+    conn_file.write_text(REAL_AZURE if kind == "azure-real"
+                         else request.getfixturevalue("azurite_conn"))
     conn_file.chmod(0o600)
     return open_backend(f"azure://c{secrets.token_hex(6)}/vault1?connection_string_file={conn_file}")
 

@@ -38,7 +38,9 @@ from azure.storage.blob.aio import BlobServiceClient, ContainerClient
 from vault.errors import NotFoundError, PermanentStoreError, StoreError, TransientStoreError
 from vault.store import BlobInfo, check_name
 
-SINGLE_PUT_BYTES = 4 << 20
+# Above 1 MiB, the SDK's single upload hands aiohttp the body as raw bytes (sent on
+# the event loop); staged blocks stream. So larger objects are always staged.
+SINGLE_PUT_BYTES = 1 << 20
 STAGE_BYTES = 4 << 20
 _ENV = ("SITERECOVERY_AZURE_CONNECTION_STRING", "AZURE_STORAGE_CONNECTION_STRING")
 

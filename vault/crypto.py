@@ -75,6 +75,11 @@ class Keyring:
     def block_id(self, data: bytes | memoryview) -> bytes:
         return blake3.blake3(data, key=self.id_key).digest()
 
+    @property
+    def master_key(self) -> bytes:
+        """The master key itself: only for wrapping it into a new key slot."""
+        return self._master
+
     def name_for(self, kind: str, *parts: str) -> str:
         """A deterministic object name that reveals nothing without the key."""
         h = blake3.blake3(key=self.id_key)
@@ -142,6 +147,8 @@ def unseal(
     version, t, flags, _res, nonce = HEADER.unpack_from(sealed, 0)
     if version != FORMAT_VERSION:
         raise IntegrityError(label, f"unknown format version {version}")
+    if flags & ~FLAG_ZSTD or _res:
+        raise IntegrityError(label, f"unknown flags {flags:#x}/{_res:#x}")
     if t != otype:
         raise IntegrityError(label, f"object type {t} where {int(otype)} was expected")
     header = bytes(sealed[:4])

@@ -43,6 +43,10 @@ class IntegrityError(VaultError):
         self.reason = reason
 
 
+class MissingObjectError(IntegrityError):
+    """An object that another, authenticated object references is not in the store."""
+
+
 class WrongKeyError(VaultError):
     """No key slot of the vault opens with the key material given."""
 

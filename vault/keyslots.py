@@ -12,8 +12,10 @@ import base64
 import json
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -93,35 +95,69 @@ def wrap(master: bytes, km: KeyMaterial) -> tuple[str, bytes]:
         }
     else:
         raise WrongKeyError("no key file or passphrase given")
+    doc["created"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     nonce = secrets.token_bytes(12)
     doc["nonce"] = base64.b64encode(nonce).decode()
     doc["wrapped"] = base64.b64encode(AESGCM(kek).encrypt(nonce, master, _ad(slot))).decode()
     return slot, json.dumps(doc, sort_keys=True).encode()
 
 
-def unwrap(slot_json: bytes, km: KeyMaterial) -> bytes | None:
-    """Return the master key if ``km`` opens this slot, else ``None``."""
+@dataclass(frozen=True)
+class SlotDoc:
+    """A parsed key slot. Only ``wrapped`` is authenticated (by the KEK); the rest is
+    plaintext that storage could alter, which can only make the slot fail to open."""
+
+    slot: str
+    kind: str  # "keyfile", "passphrase", or a kind this program does not know
+    nonce: bytes
+    wrapped: bytes
+    kdf: dict[str, Any] = field(default_factory=dict)  # name, n, r, p (no salt)
+    salt: bytes = b""
+    created: str | None = None  # absent in slots written before it was recorded
+
+
+def parse_slot(slot_json: bytes) -> SlotDoc:
+    """Parse and bound-check a slot; ``FormatError`` if it is damaged or excessive."""
     try:
         doc = json.loads(slot_json)
+        slot = doc["slot"]
+        kind = doc["kind"]
+        nonce = base64.b64decode(doc["nonce"], validate=True)
+        wrapped = base64.b64decode(doc["wrapped"], validate=True)
         kdf = doc["kdf"]
-        nonce = base64.b64decode(doc["nonce"])
-        wrapped = base64.b64decode(doc["wrapped"])
-        slot = str(doc["slot"])
-    except (ValueError, KeyError, TypeError) as e:
+        created = doc.get("created")
+        if not isinstance(slot, str) or not isinstance(kind, str) or not isinstance(kdf, dict) \
+                or not isinstance(created, str | None):
+            raise TypeError("a field has the wrong type")
+        if len(nonce) != 12 or len(wrapped) <= 16:
+            raise ValueError("nonce or wrapped key has the wrong length")
+        params: dict[str, Any] = {"name": kdf.get("name")}
+        salt = b""
+        if kind == "passphrase":
+            if kdf.get("name") != "scrypt":
+                raise FormatError("key slot names an unsupported or excessive KDF")
+            n, r, p = kdf["n"], kdf["r"], kdf["p"]
+            if not all(type(x) is int and x >= 1 for x in (n, r, p)) or n < 2 or n & (n - 1):
+                raise ValueError("scrypt parameters are not valid")
+            if n > 2**20 or r > 32 or p > 16:
+                raise FormatError("key slot names an unsupported or excessive KDF")
+            salt = base64.b64decode(kdf["salt"], validate=True)
+            params.update(n=n, r=r, p=p)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise FormatError(f"damaged key slot: {e}") from None
-    if doc.get("kind") == "keyfile" and km.keyfile is not None:
+    return SlotDoc(slot, kind, nonce, wrapped, params, salt, created)
+
+
+def unwrap(slot_json: bytes, km: KeyMaterial) -> bytes | None:
+    """Return the master key if ``km`` opens this slot, else ``None``."""
+    doc = parse_slot(slot_json)
+    if doc.kind == "keyfile" and km.keyfile is not None:
         kek = km.keyfile
-    elif doc.get("kind") == "passphrase" and km.passphrase is not None:
-        if kdf.get("name") != "scrypt" or int(kdf["n"]) > 2**20 or int(kdf["r"]) > 32 \
-                or int(kdf["p"]) > 16:
-            raise FormatError("key slot names an unsupported or excessive KDF")
-        kek = _scrypt(
-            km.passphrase, base64.b64decode(kdf["salt"]), int(kdf["n"]), int(kdf["r"]),
-            int(kdf["p"]),
-        )
+    elif doc.kind == "passphrase" and km.passphrase is not None:
+        kek = _scrypt(km.passphrase, doc.salt, doc.kdf["n"], doc.kdf["r"], doc.kdf["p"])
     else:
         return None
     try:
-        return AESGCM(kek).decrypt(nonce, wrapped, _ad(slot))
+        return AESGCM(kek).decrypt(doc.nonce, doc.wrapped, _ad(doc.slot))
     except InvalidTag:
         return None

@@ -90,6 +90,8 @@ def parse_trailer(keyring: Keyring, pack_id: str, sealed: bytes) -> list[PackEnt
         keyring.aead(ObjectType.PACK_TRAILER, pack_id), ObjectType.PACK_TRAILER, pack_id,
         sealed, max_size=MAX_TRAILER, what=what,
     )
+    if len(plain) < 4:
+        raise IntegrityError(what, "trailer is truncated")
     (count,) = struct.unpack_from("<I", plain, 0)
     if len(plain) != 4 + count * ENTRY.size:
         raise IntegrityError(what, "trailer length does not match its entry count")

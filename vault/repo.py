@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from vault import names
 from vault.crypto import MASTER_KEY_BYTES, Keyring, ObjectType, seal, unseal
-from vault.errors import FormatError, IntegrityError, NotFoundError, VaultError, WrongKeyError
+from vault.errors import (
+    FormatError,
+    IntegrityError,
+    MissingObjectError,
+    NotFoundError,
+    VaultError,
+    WrongKeyError,
+)
 from vault.index import Index, open_index, seal_index
 from vault.keyslots import KeyMaterial, unwrap, wrap
 from vault.maps import DELTA, FULL, ZERO_ID, BlockMap, open_map, seal_map
@@ -33,6 +41,9 @@ class VaultConfig:
 
 
 class Vault:
+    #: the id of the key slot that opened this vault (``Vault.open``); None if created
+    slot: str | None = None
+
     def __init__(self, store: BlobStore, keyring: Keyring, config: VaultConfig) -> None:
         self.store = store
         self.keyring = keyring
@@ -41,8 +52,14 @@ class Vault:
     # -- lifecycle ---------------------------------------------------------
     @classmethod
     async def create(
-        cls, store: BlobStore, km: KeyMaterial, block_size: int = DEFAULT_BLOCK_SIZE
+        cls, store: BlobStore, km: KeyMaterial | Sequence[KeyMaterial],
+        block_size: int = DEFAULT_BLOCK_SIZE,
     ) -> Vault:
+        """Create a vault with one key slot per ``KeyMaterial`` (each a key file or a
+        passphrase). Slots are written before the config: the config makes it a vault."""
+        kms = [km] if isinstance(km, KeyMaterial) else list(km)
+        if not kms:
+            raise WrongKeyError("a vault needs at least one key file or passphrase")
         if block_size & (block_size - 1) or not (64 * 1024 <= block_size <= 1024 * 1024):
             raise FormatError("block size must be a power of two from 64 KiB to 1 MiB")
         try:
@@ -56,8 +73,9 @@ class Vault:
         keyring = Keyring(master)
         config = VaultConfig(vault_id=secrets.token_hex(16), created=now_iso(),
                              block_size=block_size)
-        slot, doc = wrap(master, km)
-        await store.put(names.KEYS + slot, doc)
+        slots = [wrap(master, k) for k in kms]  # every KDF runs before anything is written
+        for slot, doc in slots:
+            await store.put(names.KEYS + slot, doc)
         body = json.dumps(config.__dict__, sort_keys=True).encode()
         await store.put(names.CONFIG, seal(keyring.aead(ObjectType.CONFIG, names.CONFIG),
                                            ObjectType.CONFIG, names.CONFIG, body))
@@ -73,31 +91,49 @@ class Vault:
             ) from None
         slots = [b.name async for b in store.list(names.KEYS)]
         damaged: list[str] = []
-        master = None
+        opened: str | None = None
+        config_error: IntegrityError | None = None
         for slot in slots:
             try:
                 master = unwrap(await store.get(slot), km)
+                if master is None:
+                    continue
+                keyring = Keyring(master)
             except FormatError:
                 damaged.append(slot)  # one bad slot must not lock out the others
                 continue
-            if master is not None:
-                break
-        if master is None:
+            except NotFoundError:
+                continue  # removed since the listing
+            try:
+                plain = unseal(keyring.aead(ObjectType.CONFIG, names.CONFIG), ObjectType.CONFIG,
+                               names.CONFIG, sealed_config, max_size=1 << 20)
+            except IntegrityError as e:
+                # A slot left by an interrupted 'vault init' wraps another master key; a
+                # damaged config fails under every slot and is reported below.
+                config_error = e
+                continue
+            opened = slot
+            break
+        if opened is None:
+            if config_error is not None:
+                raise config_error
+            what = " and ".join(w for w, given in (("key file", km.keyfile is not None),
+                                                   ("passphrase", km.passphrase is not None))
+                                if given) or "key"
             extra = f" ({len(damaged)} damaged: {', '.join(damaged)})" if damaged else ""
             raise WrongKeyError(
-                f"the key given opens none of the {len(slots)} key slot(s) of the vault at "
+                f"the {what} given opens none of the {len(slots)} key slot(s) of the vault at "
                 f"{store.url}{extra}; check --key-file / the passphrase"
             )
-        keyring = Keyring(master)
-        plain = unseal(keyring.aead(ObjectType.CONFIG, names.CONFIG), ObjectType.CONFIG,
-                       names.CONFIG, sealed_config, max_size=1 << 20)
         try:
             config = VaultConfig(**json.loads(plain))
         except (ValueError, TypeError) as e:
             raise IntegrityError(names.CONFIG, f"config is malformed: {e}") from None
         if config.format != 1:
             raise FormatError(f"vault format {config.format} is newer than this program knows")
-        return cls(store, keyring, config)
+        v = cls(store, keyring, config)
+        v.slot = opened[len(names.KEYS):]
+        return v
 
     async def close(self) -> None:
         await self.store.close()
@@ -156,7 +192,11 @@ class Vault:
         return True
 
     async def read_point(self, point_id: str) -> Point:
-        return open_point(self.keyring, point_id, await self.store.get(names.POINTS + point_id))
+        try:
+            raw = await self.store.get(names.POINTS + point_id)
+        except NotFoundError:
+            raise MissingObjectError(names.POINTS + point_id, "the manifest is missing") from None
+        return open_point(self.keyring, point_id, raw)
 
     async def list_points(self, machine: str | None = None) -> list[Point]:
         """Every whole recovery point, oldest first."""
@@ -170,7 +210,11 @@ class Vault:
         return points
 
     async def read_map(self, map_id: str) -> BlockMap:
-        return open_map(self.keyring, map_id, await self.store.get(names.MAPS + map_id))
+        try:
+            raw = await self.store.get(names.MAPS + map_id)
+        except NotFoundError:
+            raise MissingObjectError(names.MAPS + map_id, "the map is missing") from None
+        return open_map(self.keyring, map_id, raw)
 
     async def resolve_map(self, point: Point, disk: str) -> BlockMap:
         """The full map of ``disk`` at ``point``: its base full map plus deltas in order."""

@@ -1,0 +1,481 @@
+"""Check a vault: every object authenticates and everything a point needs is there.
+
+Structure (always): the key slots parse and one opens; the config authenticates;
+every index object authenticates; every point manifest authenticates; every map a
+point references authenticates and matches its manifest entry, every delta chain
+resolves (``Vault.resolve_map``) and every block of a resolved map is in the index;
+every pack the index names exists and is long enough for its entries. Packs that no
+index lists are warnings ("unindexed": a writer crashed between pack and index, or
+a prune was interrupted; ``rebuild-index`` or ``prune`` deals with them).
+
+With ``read_data``: every pack (or a deterministic subset) is read, one bounded
+chunk at a time; its trailer authenticates and agrees with the index; every block
+authenticates and hashes to its id; and every point's disks are shown to restore to
+their recorded digests, from the blocks' fingerprints, without writing anything.
+
+Problems name the store object at fault; a point that cannot be restored because
+of another object's damage is reported too ("unrestorable", naming the cause).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from vault import names
+from vault.crypto import OVERHEAD, Keyring, ObjectType, unseal
+from vault.digest import DiskDigest, block_count, fingerprint
+from vault.errors import (
+    FormatError,
+    IntegrityError,
+    MissingObjectError,
+    NotFoundError,
+    VaultError,
+)
+from vault.index import Index, Location, open_index
+from vault.keyslots import KeyMaterial, parse_slot, unwrap
+from vault.maps import DELTA, FULL, ZERO_ID
+from vault.pack import MAX_BLOCK, PackEntry, open_block
+from vault.point import Point
+from vault.rebuild import for_each, pack_id_if_valid, read_trailer
+from vault.repo import MAX_CHAIN, Vault, VaultConfig
+from vault.store import BlobStore
+
+CHUNK = 8 << 20  # bytes of a pack read at once
+WARNING_KINDS = frozenset({"unindexed", "stray"})
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Problem:
+    object: str  # the store name of the object at fault
+    kind: str  # damaged, missing, truncated, mismatch, unrestorable, wrong-key; warnings
+    reason: str
+
+    @property
+    def severity(self) -> str:
+        return "warning" if self.kind in WARNING_KINDS else "error"
+
+    def to_json(self) -> dict[str, str]:
+        return {"object": self.object, "kind": self.kind, "reason": self.reason,
+                "severity": self.severity}
+
+
+@dataclass
+class CheckReport:
+    problems: list[Problem] = field(default_factory=list)
+    wrong_key: bool = False  # no key slot opens with the key given: nothing else was checked
+    read_data: bool = False
+    subset: float | None = None
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("key_slots", "index_objects", "packs", "blocks", "maps", "points", "packs_read",
+         "blocks_read", "bytes_read", "digests_verified", "digests_skipped"), 0))
+
+    def add(self, obj: str, kind: str, reason: str) -> None:
+        p = Problem(obj, kind, reason)
+        if p not in self.problems:
+            self.problems.append(p)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+    def to_json(self) -> dict[str, object]:
+        return {"ok": not self.errors and not self.wrong_key, "wrong_key": self.wrong_key,
+                "read_data": self.read_data, "subset_percent": self.subset,
+                "counts": self.counts, "errors": len(self.errors),
+                "warnings": len(self.warnings),
+                "problems": [p.to_json() for p in self.problems]}
+
+
+async def check_vault(store: BlobStore, km: KeyMaterial, *, read_data: bool = False,
+                      subset: float | None = None, executor: Executor | None = None,
+                      progress: Progress | None = None) -> CheckReport:
+    """Check the vault in ``store``. ``subset`` (percent, with ``read_data``) reads only
+    that share of the packs, picked deterministically from their ids."""
+    report = CheckReport(read_data=read_data, subset=subset if read_data else None)
+    vault = await open_for_check(store, km, report)
+    if vault is None:
+        return report
+    c = _Checker(vault, report, executor)
+    await c.load_index()
+    await c.check_packs()
+    if read_data:
+        await c.read_packs(subset, progress)
+    await c.check_points()
+    return report
+
+
+async def open_for_check(store: BlobStore, km: KeyMaterial, report: CheckReport
+                         ) -> Vault | None:
+    """Open the vault like ``Vault.open``, but report a damaged slot or config and go on
+    (a damaged config does not stop the data from being checked). None: wrong key."""
+    try:
+        sealed_config: bytes | None = await store.get(names.CONFIG)
+    except NotFoundError:
+        sealed_config = None
+    slots = [b.name async for b in store.list(names.KEYS)]
+    if sealed_config is None and not slots:
+        raise VaultError(f"no vault at {store.url}")
+    if sealed_config is None:
+        report.add(names.CONFIG, "missing", "the vault config is missing")
+    report.counts["key_slots"] = len(slots)
+    masters: list[bytes] = []
+    unopened: list[str] = []
+    for slot in slots:
+        try:
+            doc = await store.get(slot)
+            parse_slot(doc)
+            master = unwrap(doc, km)
+        except NotFoundError:
+            continue
+        except FormatError as e:
+            report.add(slot, "damaged", str(e))
+            continue
+        if master is None:
+            unopened.append(slot)
+        else:
+            masters.append(master)
+    if not masters:
+        report.wrong_key = True
+        for slot in unopened:
+            report.add(slot, "wrong-key", "the key given does not open this key slot (a "
+                                          "wrong key file or passphrase, or a damaged slot)")
+        return None
+    config_error: IntegrityError | None = None
+    for master in masters:
+        keyring = Keyring(master)
+        if sealed_config is None:
+            return Vault(store, keyring, VaultConfig("", "", 0))
+        try:
+            plain = unseal(keyring.aead(ObjectType.CONFIG, names.CONFIG), ObjectType.CONFIG,
+                           names.CONFIG, sealed_config, max_size=1 << 20)
+        except IntegrityError as e:
+            config_error = e
+            continue
+        try:
+            config = VaultConfig(**json.loads(plain))
+        except (ValueError, TypeError) as e:
+            report.add(names.CONFIG, "damaged", f"config is malformed: {e}")
+            return Vault(store, keyring, VaultConfig("", "", 0))
+        if config.format != 1:
+            raise FormatError(f"vault format {config.format} is newer than this program knows")
+        return Vault(store, keyring, config)
+    assert config_error is not None
+    report.add(names.CONFIG, "damaged", config_error.reason)
+    return Vault(store, Keyring(masters[0]), VaultConfig("", "", 0))
+
+
+def subset_of(pack_ids: list[str], percent: float) -> set[str]:
+    """A deterministic ``percent`` share of ``pack_ids`` (at least one if any): the packs
+    whose SHA-256 of the id sorts lowest. Spread at random over the vault, and the same
+    from run to run."""
+    want = min(len(pack_ids), math.ceil(len(pack_ids) * percent / 100))
+    return set(sorted(pack_ids, key=lambda p: hashlib.sha256(p.encode()).digest())[:want])
+
+
+class _Checker:
+    def __init__(self, vault: Vault, report: CheckReport, executor: Executor | None) -> None:
+        self.vault, self.report, self.executor = vault, report, executor
+        self.index = Index()
+        self.indexed: dict[str, set[PackEntry]] = {}  # pack id -> entries the index gives
+        self.listed_by: dict[str, str] = {}  # pack id -> an index object listing it
+        self.sizes: dict[str, int] = {}  # pack id -> size, for packs in the store
+        self.bad_packs: dict[str, str] = {}  # pack id -> "missing" or "truncated"
+        self.fps: dict[bytes, bytes] = {}  # block id -> fingerprint, blocks that verified
+        self.bad_blocks: dict[bytes, str] = {}  # block id -> pack whose indexed copy failed
+
+    def add(self, obj: str, kind: str, reason: str) -> None:
+        self.report.add(obj, kind, reason)
+
+    # -- index and packs -----------------------------------------------------------
+    async def load_index(self) -> None:
+        async for info in self.vault.store.list(names.INDEX):
+            self.report.counts["index_objects"] += 1
+            try:
+                listed = open_index(self.vault.keyring, info.name[len(names.INDEX):],
+                                    await self.vault.store.get(info.name))
+            except NotFoundError:
+                continue  # deleted since the listing (a prune or rebuild-index ran)
+            except IntegrityError as e:
+                self.add(info.name, "damaged", e.reason)
+                continue
+            for pack_id, entries in listed.items():
+                self.index.add_pack(pack_id, entries)
+                self.indexed.setdefault(pack_id, set()).update(entries)
+                self.listed_by[pack_id] = info.name
+            self.index.objects.add(info.name)
+        self.report.counts["blocks"] = len(self.index)
+
+    async def check_packs(self) -> None:
+        async for info in self.vault.store.list(names.PACKS):
+            pack_id = pack_id_if_valid(info.name)
+            if pack_id is None:
+                self.add(info.name, "stray", "not a pack name (packs/<2 hex>/<64 hex>)")
+                continue
+            self.sizes[pack_id] = info.size
+            if pack_id not in self.indexed:
+                self.add(info.name, "unindexed",
+                         "no index object lists this pack ('siterecovery rebuild-index' "
+                         "indexes it, 'siterecovery prune' deletes it if unused)")
+        self.report.counts["packs"] = len(self.sizes)
+        for pack_id, entries in sorted(self.indexed.items()):
+            name = names.pack_name(pack_id)
+            size = self.sizes.get(pack_id)
+            if size is None:
+                self.bad_packs[pack_id] = "missing"
+                self.add(name, "missing", f"{self.listed_by[pack_id]} lists it "
+                                          f"({len(entries)} blocks), but it is not in the store")
+                continue
+            need = max((e.offset + e.length for e in entries), default=0)
+            if need > size:
+                self.bad_packs[pack_id] = "truncated"
+                self.add(name, "truncated", f"{size} bytes, but {self.listed_by[pack_id]} "
+                                            f"has blocks up to byte {need}")
+
+    async def read_packs(self, subset: float | None, progress: Progress | None) -> None:
+        chosen = sorted(self.sizes) if subset is None else sorted(
+            subset_of(list(self.sizes), subset))
+        total = sum(self.sizes[p] for p in chosen)
+        done = 0
+
+        async def one(pack_id: str) -> None:
+            nonlocal done
+            await self._read_pack(pack_id)
+            done += self.sizes[pack_id]
+            if progress is not None:
+                progress(done, total)
+
+        await for_each(chosen, one, concurrency=4)
+        self.report.counts["packs_read"] = len(chosen)
+        self.report.counts["bytes_read"] = total
+        if progress is not None and not chosen:
+            progress(0, 0)
+
+    async def _read_pack(self, pack_id: str) -> None:
+        name = names.pack_name(pack_id)
+        size = self.sizes[pack_id]
+        indexed = self.indexed.get(pack_id, set())
+        trailer: list[PackEntry] = []
+        end = size
+        try:
+            trailer, end = await read_trailer(self.vault, pack_id, size)
+        except NotFoundError:
+            return
+        except IntegrityError as err:
+            self.add(name, "damaged", err.reason)
+        else:
+            stray = sorted(indexed - set(trailer), key=lambda e: e.offset)
+            if stray:
+                self.add(name, "mismatch",
+                         f"{len(stray)} block(s) the index gives are not in the pack's "
+                         f"trailer (first: block {stray[0].block_id.hex()[:16]} at "
+                         f"{stray[0].offset}+{stray[0].length}, from {self.listed_by[pack_id]})")
+        work: list[PackEntry] = []
+        for e in sorted(set(trailer) | indexed, key=lambda e: (e.offset, e.length)):
+            if e.offset + e.length > end or e.length > MAX_BLOCK + OVERHEAD:
+                self._block_failed(pack_id, e)  # truncation was reported by check_packs
+            else:
+                work.append(e)
+        failures: list[tuple[PackEntry, str]] = []
+        for lo, hi, group in _chunks(work):
+            try:
+                raw = await self.vault.store.get(name, lo, hi - lo)
+            except NotFoundError:
+                return
+            results = await asyncio.get_running_loop().run_in_executor(
+                self.executor, _open_blocks, self.vault.keyring, pack_id, group, raw, lo)
+            for e, fp_or_error in zip(group, results, strict=True):
+                if isinstance(fp_or_error, bytes):
+                    self.fps[e.block_id] = fp_or_error
+                else:
+                    failures.append((e, fp_or_error))
+                    self._block_failed(pack_id, e)
+        self.report.counts["blocks_read"] += len(work)
+        if failures:
+            e, why = failures[0]
+            self.add(name, "damaged", f"{len(failures)} of {len(work)} block(s) failed "
+                                      f"verification (first: block {e.block_id.hex()[:16]} "
+                                      f"at {e.offset}: {why})")
+
+    def _block_failed(self, pack_id: str, e: PackEntry) -> None:
+        if self.index.entries.get(e.block_id) == Location(pack_id, e.offset, e.length):
+            self.bad_blocks[e.block_id] = names.pack_name(pack_id)
+
+    # -- points and maps ---------------------------------------------------------------
+    async def check_points(self) -> None:
+        points: dict[str, Point] = {}
+        bad: set[str] = set()
+        async for info in self.vault.store.list(names.POINTS):
+            point_id = info.name[len(names.POINTS):]
+            try:
+                points[point_id] = await self.vault.read_point(point_id)
+            except (NotFoundError, MissingObjectError):
+                continue  # deleted while we listed
+            except IntegrityError as e:
+                self.add(info.name, "damaged", e.reason)
+                bad.add(point_id)
+        self.report.counts["points"] = len(points) + len(bad)
+        maps: dict[str, str | None] = {}  # map id -> None if good, else why not
+        for p in points.values():
+            for d in p.disks:
+                if d.map not in maps:
+                    maps[d.map] = await self._check_map(p, d.disk, d.map)
+        self.report.counts["maps"] = len(maps)
+        for p in sorted(points.values(), key=lambda p: (p.created, p.id)):
+            cause = self._chain_cause(p, points, bad, maps)
+            if cause is not None:
+                self.add(names.POINTS + p.id, "unrestorable", cause)
+                continue
+            for d in p.disks:
+                await self._check_disk(p, d.disk)
+
+    async def _check_map(self, p: Point, disk: str, map_id: str) -> str | None:
+        name = names.MAPS + map_id
+        try:
+            m = await self.vault.read_map(map_id)
+        except (NotFoundError, MissingObjectError):
+            self.add(name, "missing", f"points/{p.id} references it (disk {disk!r}), but it "
+                                      "is not in the store")
+            return f"{name} is missing"
+        except IntegrityError as e:
+            self.add(name, "damaged", e.reason)
+            return f"{name} is damaged"
+        entry = p.disk(disk)
+        kind = {FULL: "full", DELTA: "delta"}[m.kind]
+        if (kind, m.size, m.block_size) != (entry.map_kind, entry.size, entry.block_size):
+            self.add(name, "mismatch", f"a {kind} map of {m.size} bytes in blocks of "
+                                       f"{m.block_size}, but points/{p.id} says a "
+                                       f"{entry.map_kind} map of {entry.size} bytes in blocks "
+                                       f"of {entry.block_size}")
+            return f"{name} does not match its manifest"
+        return None
+
+    def _chain_cause(self, p: Point, points: dict[str, Point], bad: set[str],
+                     maps: dict[str, str | None]) -> str | None:
+        """Why ``p``'s chain of manifests and maps is unusable, or None."""
+        q: Point | None = p
+        depth = 0
+        while q is not None:
+            for d in p.disks:
+                try:
+                    entry = q.disk(d.disk)
+                except KeyError:
+                    return f"its base points/{q.id} has no disk {d.disk!r}"
+                why = maps.get(entry.map)
+                if why is not None:
+                    return why if q is p else f"{why} (in its delta chain, via points/{q.id})"
+            if q.base is None:
+                return None
+            depth += 1
+            if depth > MAX_CHAIN + 1:
+                return f"its delta chain is longer than {MAX_CHAIN + 1} (a loop?)"
+            if q.base in bad:
+                return f"its base points/{q.base} is damaged"
+            if q.base not in points:
+                self.add(names.POINTS + q.base, "missing",
+                         f"points/{q.id} is a delta on it, but it is not in the store")
+                return f"its base points/{q.base} is missing"
+            q = points[q.base]
+        return None
+
+    async def _check_disk(self, p: Point, disk: str) -> None:
+        pname = names.POINTS + p.id
+        entry = p.disk(disk)
+        try:
+            bmap = await self.vault.resolve_map(p, disk)
+        except (IntegrityError, NotFoundError) as e:
+            self.add(pname, "unrestorable", f"disk {disk!r}: the delta chain does not "
+                                            f"resolve: {e}")
+            return
+        blocks = {n: b for n, b in bmap.blocks.items() if b != ZERO_ID}
+        cause = self._block_cause(disk, blocks)
+        if cause is not None:
+            self.add(pname, "unrestorable", cause)
+            return
+        if not self.report.read_data:
+            return
+        got = _digest(entry.size, entry.block_size, blocks, self.fps)
+        if got is None:
+            self.report.counts["digests_skipped"] += 1
+        elif got != entry.digest:
+            self.add(pname, "mismatch", f"disk {disk!r}: its blocks give digest {got[:16]}, "
+                                        f"the manifest records {entry.digest[:16]}")
+        else:
+            self.report.counts["digests_verified"] += 1
+
+    def _block_cause(self, disk: str, blocks: dict[int, bytes]) -> str | None:
+        unindexed = [n for n, b in sorted(blocks.items()) if b not in self.index.entries]
+        if unindexed:
+            hint = ""
+            if any(p not in self.indexed for p in self.sizes):
+                hint = "; some packs are unindexed: 'siterecovery rebuild-index' may recover them"
+            return (f"disk {disk!r}: {len(unindexed)} block(s) it needs are in no index "
+                    f"(first: block {unindexed[0]}){hint}")
+        for n, b in sorted(blocks.items()):
+            pack_id = self.index.entries[b].pack_id
+            if pack_id in self.bad_packs:
+                loc = self.index.entries[b]
+                if pack_id not in self.sizes or loc.offset + loc.length > self.sizes[pack_id]:
+                    return (f"disk {disk!r}: block {n} is in {names.pack_name(pack_id)}, which "
+                            f"is {self.bad_packs[pack_id]}")
+            if b in self.bad_blocks:
+                return f"disk {disk!r}: block {n} is damaged in {self.bad_blocks[b]}"
+        return None
+
+
+def _chunks(entries: list[PackEntry]) -> list[tuple[int, int, list[PackEntry]]]:
+    """Group entries (sorted by offset) into reads of about ``CHUNK`` bytes."""
+    out: list[tuple[int, int, list[PackEntry]]] = []
+    for e in entries:
+        if out and e.offset + e.length - out[-1][0] <= CHUNK and e.offset >= out[-1][0]:
+            lo, hi, group = out[-1]
+            group.append(e)
+            out[-1] = (lo, max(hi, e.offset + e.length), group)
+        else:
+            out.append((e.offset, e.offset + e.length, [e]))
+    return out
+
+
+def _open_blocks(keyring: Keyring, pack_id: str, group: list[PackEntry], raw: bytes,
+                 base: int) -> list[bytes | str]:
+    """Per entry: the block's fingerprint, or why it failed (runs on a worker thread)."""
+    view = memoryview(raw)
+    out: list[bytes | str] = []
+    for e in group:
+        try:
+            data = open_block(keyring, pack_id, e.block_id,
+                              view[e.offset - base: e.offset - base + e.length])
+        except IntegrityError as err:
+            out.append(err.reason)
+        else:
+            out.append(fingerprint(data))
+    return out
+
+
+def _digest(size: int, bs: int, blocks: dict[int, bytes], fps: dict[bytes, bytes]
+            ) -> str | None:
+    """The disk digest from the blocks' fingerprints; None if one was not read."""
+    d = DiskDigest()
+    zero_fp = fingerprint(bytes(bs))
+    for n in range(block_count(size, bs)):
+        bid = blocks.get(n)
+        if bid is None:
+            ln = min(bs, size - n * bs)
+            d.update(zero_fp if ln == bs else fingerprint(bytes(ln)))
+            continue
+        fp = fps.get(bid)
+        if fp is None:
+            return None
+        d.update(fp)
+    return d.hexdigest()
+
