@@ -48,13 +48,14 @@ from mobility.snapshot import Quiesced
 from siterecovery.agentcmds import enroll
 from siterecovery.embedded import Embedded, start_embedded, stop_embedded
 from siterecovery.tomlconfig import load
+from vault.check import check_vault
 from vault.keyslots import KeyMaterial, read_keyfile
 from vault.local import LocalStore
 from vault.materialize import materialize
 from vault.repo import Vault
 
 MACHINE = "bench-vm"
-STEPS = ("initial", "incremental", "restore")
+STEPS = ("initial", "incremental", "restore", "check")
 PASSWORD = "bench-not-a-secret"
 CHANGE_FRACTION = 0.02
 CHANGE_BLOCK = 64 * 1024
@@ -168,6 +169,9 @@ class Restic:
     async def restore(self, target: Path) -> None:
         await run_cmd(["restic", "restore", "latest", "--quiet", "--target", str(target)],
                       self.env)
+
+    async def check(self) -> None:
+        await run_cmd(["restic", "check", "--read-data", "--quiet"], self.env)
 
 
 class Borg:
@@ -356,6 +360,24 @@ async def bench(args: argparse.Namespace) -> Results:
         say(f"  restic       {res.seconds['restore']['restic']:.2f} s, "
             f"verified={res.verified['restic']}")
         shutil.rmtree(target)
+
+        # 4. verify the whole repository: every object read, authenticated, decompressed
+        say("step 4: check --read-data")
+        report: list[bool] = []
+
+        async def sr_check() -> None:
+            with ThreadPoolExecutor(2) as ex:
+                r = await check_vault(
+                    LocalStore(sr.vault_dir),
+                    KeyMaterial(keyfile=read_keyfile(work / "sr" / "vault.key")),
+                    read_data=True, executor=ex)
+            report.append(not r.errors and not r.wrong_key)
+
+        res.seconds["check"]["siterecovery"] = await timed(sr_check)
+        res.verified["check"] = report == [True]
+        say(f"  siterecovery {res.seconds['check']['siterecovery']:.2f} s, clean={report}")
+        res.seconds["check"]["restic"] = await timed(restic.check)
+        say(f"  restic       {res.seconds['check']['restic']:.2f} s")
     finally:
         await sr.stop()
     res.siterecovery = {"cycles": sr.cycles}
@@ -400,7 +422,7 @@ def render(res: Results) -> str:
     lines.append("")
     lines.append("verified by sha256 against the source: " + ", ".join(
         f"{t} {'OK' if res.verified[t] else 'MISMATCH'}"
-        for t in ("siterecovery", "restic", "rsync") if t in res.verified))
+        for t in ("siterecovery", "restic", "rsync", "check") if t in res.verified))
     for c in res.siterecovery.get("cycles", []):
         lines.append(f"siterecovery {'full' if c['full'] else 'delta'} cycle: "
                      f"{c['blocks_sent']} blocks, {c['bytes_sent'] / 1e6:.1f} MB sent, "
