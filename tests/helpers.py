@@ -21,6 +21,7 @@ from mobility.config import MobilityConfig
 from mobility.snapshot import Quiesced
 from procserver.config import ProcServerConfig
 from procserver.server import ProcServer
+from siterecovery.demo import make_disk as make_disk  # one disk generator for demo and tests
 from vault.keyslots import KeyMaterial, new_keyfile, read_keyfile
 from vault.local import LocalStore
 from vault.materialize import materialize
@@ -29,21 +30,6 @@ from vault.repo import Vault
 
 BLOCK = 64 * 1024
 REPO = Path(__file__).resolve().parent.parent
-
-
-def make_disk(path: Path, size: int, seed: int) -> None:
-    """A disk image with ~30% zeros (holes), ~30% random and ~40% compressible data."""
-    rng = random.Random(seed)
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for off in range(0, size, 1 << 20):
-            r = rng.random()
-            ln = min(1 << 20, size - off)
-            if r < 0.3:
-                continue
-            f.seek(off)
-            pattern = b"siterecovery block at %d; " % off
-            f.write(rng.randbytes(ln) if r < 0.6 else (pattern * (ln // len(pattern) + 1))[:ln])
 
 
 def mutate(path: Path, fraction: float, seed: int, zero_share: float = 0.1) -> list[int]:
