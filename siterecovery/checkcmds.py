@@ -15,7 +15,8 @@ from siterecovery.errors import UsageError
 from siterecovery.keycmds import key_material, vault_url
 from siterecovery.progress import Progress
 from siterecovery.vaultcmds import add_vault_args, open_vault
-from vault.check import CheckReport, check_vault
+from vault.check import check_vault
+from vault.checkreport import CheckReport
 from vault.locks import locked
 from vault.open import open_store
 from vault.rebuild import rebuild_index
