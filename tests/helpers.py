@@ -22,11 +22,13 @@ from mobility.snapshot import Quiesced
 from procserver.config import ProcServerConfig
 from procserver.server import ProcServer
 from siterecovery.demo import make_disk as make_disk  # one disk generator for demo and tests
+from vault.digest import block_count, digest_of_fingerprint_map, fingerprint
 from vault.keyslots import KeyMaterial, new_keyfile, read_keyfile
 from vault.local import LocalStore
 from vault.materialize import materialize
 from vault.point import Point
 from vault.repo import Vault
+from vault.writer import CycleWriter, DiskSpec
 
 BLOCK = 64 * 1024
 REPO = Path(__file__).resolve().parent.parent
@@ -241,3 +243,17 @@ def write_toml(path: Path, doc: dict[str, object]) -> Path:
 def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "siterecovery", *args], capture_output=True,
                           text=True, cwd=REPO, check=check, timeout=300)
+
+
+async def write_full_point(vault: Vault, data: bytes, *, machine: str = "m1",
+                           cycle: str = "c1", block_size: int = BLOCK) -> Point:
+    """Write ``data`` as one disk ("sda") of a full recovery point, as the process server
+    would, with the digest the agent would send (a short last block included)."""
+    blocks = [data[n * block_size:(n + 1) * block_size]
+              for n in range(block_count(len(data), block_size))]
+    with ThreadPoolExecutor(2) as ex:
+        w = CycleWriter(vault, await vault.load_index(), ex, machine=machine, cycle=cycle,
+                        disks=[DiskSpec("sda", len(data), block_size)], full=True, base=None)
+        await w.add([(0, n, b) for n, b in enumerate(blocks)])
+        digest = digest_of_fingerprint_map(b"".join(fingerprint(b) for b in blocks))
+        return await w.finish({"sda": digest}, "crash")

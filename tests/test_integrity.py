@@ -11,15 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import make_disk, make_vault, open_vault, run_cli, sha256
+from tests.helpers import make_disk, make_vault, open_vault, run_cli, sha256, write_full_point
 from vault import names
 from vault.crypto import Keyring, ObjectType, seal, unseal
-from vault.digest import fingerprint
 from vault.errors import FormatError, IntegrityError, TransientStoreError
 from vault.keyslots import new_keyfile, unwrap
 from vault.maps import open_map
 from vault.pack import open_block
-from vault.writer import CycleWriter, DiskSpec
 
 BS = 64 * 1024
 
@@ -31,14 +29,7 @@ async def _vault_with_point(tmp: Path) -> tuple[Path, Path, str]:
     make_disk(disk, 2 << 20, seed=3)
     data = disk.read_bytes()
     v = await open_vault(tmp / "vault", key)
-    import blake3
-
-    fps = b"".join(fingerprint(data[i:i + BS]) for i in range(0, len(data), BS))
-    with ThreadPoolExecutor(2) as ex:
-        w = CycleWriter(v, await v.load_index(), ex, machine="m1", cycle="c1",
-                        disks=[DiskSpec("sda", len(data), BS)], full=True, base=None)
-        await w.add([(0, n, data[n * BS:(n + 1) * BS]) for n in range(len(data) // BS)])
-        await w.finish({"sda": blake3.blake3(fps).hexdigest()}, "crash")
+    await write_full_point(v, data)
     await v.close()
     return tmp / "vault", key, sha256(disk)
 
@@ -189,16 +180,9 @@ async def test_interrupted_restore_resumes(tmp_path: Path) -> None:
     _url, key = await make_vault(tmp_path)
     disk = tmp_path / "disk.img"
     disk.write_bytes(random.Random(8).randbytes(40 << 20))  # incompressible: five packs
-    import blake3
-
-    data = disk.read_bytes()
     v = await open_vault(tmp_path / "vault", key)
-    fps = b"".join(fingerprint(data[i:i + BS]) for i in range(0, len(data), BS))
+    point = await write_full_point(v, disk.read_bytes())
     with ThreadPoolExecutor(2) as ex:
-        w = CycleWriter(v, await v.load_index(), ex, machine="m1", cycle="c1",
-                        disks=[DiskSpec("sda", len(data), BS)], full=True, base=None)
-        await w.add([(0, n, data[n * BS:(n + 1) * BS]) for n in range(len(data) // BS)])
-        point = await w.finish({"sda": blake3.blake3(fps).hexdigest()}, "crash")
         index = await v.load_index()
         packs = {loc.pack_id for loc in index.entries.values()}
         assert len(packs) >= 3

@@ -13,22 +13,18 @@ import json
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import blake3
 import pytest
 
-from tests.helpers import REPO, make_disk, sha256
+from tests.helpers import REPO, make_disk, sha256, write_full_point
 from vault import names
-from vault.digest import fingerprint
 from vault.errors import WrongKeyError
 from vault.keys import KeySlotError, add_slot, change_passphrase, list_slots, remove_slot
 from vault.keyslots import KeyMaterial, new_keyfile, read_keyfile, wrap
 from vault.local import LocalStore
 from vault.repo import Vault
-from vault.writer import CycleWriter, DiskSpec
 
 BS = 64 * 1024
 PW = "correct horse battery staple"
@@ -72,12 +68,7 @@ async def _write_point(vault: Path, km: KeyMaterial, tmp: Path) -> tuple[str, st
     make_disk(disk, 1 << 20, seed=5)
     data = disk.read_bytes()
     v = await Vault.open(LocalStore(vault), km)
-    fps = b"".join(fingerprint(data[i:i + BS]) for i in range(0, len(data), BS))
-    with ThreadPoolExecutor(2) as ex:
-        w = CycleWriter(v, await v.load_index(), ex, machine="m1", cycle="c1",
-                        disks=[DiskSpec("sda", len(data), BS)], full=True, base=None)
-        await w.add([(0, n, data[n * BS:(n + 1) * BS]) for n in range(len(data) // BS)])
-        await w.finish({"sda": blake3.blake3(fps).hexdigest()}, "crash")
+    await write_full_point(v, data)
     await v.close()
     assert v.slot is not None
     return sha256(disk), v.slot

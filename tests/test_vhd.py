@@ -9,15 +9,13 @@ import shutil
 import struct
 import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import blake3
 import pytest
 
-from tests.helpers import make_vault, open_vault, run_cli
+from tests.helpers import make_vault, open_vault, run_cli, write_full_point
 from vault import names
-from vault.digest import block_count, fingerprint
+from vault.digest import block_count
 from vault.vhd import (
     FOOTER_SIZE,
     VHD_EPOCH,
@@ -27,7 +25,6 @@ from vault.vhd import (
     parse_footer,
     vhd_size,
 )
-from vault.writer import CycleWriter, DiskSpec
 
 BS = 64 * 1024
 MIB = 1 << 20
@@ -138,15 +135,8 @@ async def _vault_with_point(tmp: Path) -> tuple[Path, Path, Path]:
     _url, key = await make_vault(tmp)
     disk = tmp / "disk.img"
     data = _make_disk(disk)
-    nblocks = block_count(len(data), BS)
-    blocks = [data[n * BS:(n + 1) * BS] for n in range(nblocks)]
     v = await open_vault(tmp / "vault", key)
-    with ThreadPoolExecutor(2) as ex:
-        w = CycleWriter(v, await v.load_index(), ex, machine="m1", cycle="c1",
-                        disks=[DiskSpec("sda", len(data), BS)], full=True, base=None)
-        await w.add([(0, n, b) for n, b in enumerate(blocks)])
-        fps = b"".join(fingerprint(b) for b in blocks)
-        await w.finish({"sda": blake3.blake3(fps).hexdigest()}, "crash")
+    await write_full_point(v, data)
     await v.close()
     return tmp / "vault", key, disk
 
