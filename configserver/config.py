@@ -3,28 +3,52 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 @dataclass(frozen=True)
 class ConfigServerConfig:
     data_dir: str
+    # The admin API: loopback only, bearer token.
     listen_host: str = "127.0.0.1"
     listen_port: int = 9440
+    # The site listener (mutual TLS): agents enroll, pull settings and report progress;
+    # process servers heartbeat and report points. site_port = -1 turns it off.
+    site_host: str = "127.0.0.1"
+    site_port: int = 9441
+    site_names: list[str] = field(default_factory=list)  # extra names for its certificate
     database_url: str = ""
     token_file: str = ""
     internal_token_file: str = ""
+    passphrase_file: str = ""
+    secrets_key_file: str = ""
+    vault_key_file: str = ""
+    alert_interval_seconds: float = 30.0
 
     def validate(self) -> None:
-        try:
-            loopback = ipaddress.ip_address(self.listen_host).is_loopback
-        except ValueError:
-            loopback = self.listen_host == "localhost"
-        if not loopback:
-            raise ValueError("the admin API listens on loopback only (listen_host = 127.0.0.1)")
-        if not 0 <= self.listen_port < 65536:
-            raise ValueError("listen_port must be 0-65535")
+        if not _is_loopback(self.listen_host):
+            raise ValueError("the admin API listens on loopback only (listen_host = 127.0.0.1); "
+                             "agents and process servers use the site listener (site_host)")
+        for name, port in (("listen_port", self.listen_port), ("site_port", self.site_port)):
+            if not -1 <= port < 65536:
+                raise ValueError(f"{name} must be 0-65535 (site_port -1: off)")
+        if self.alert_interval_seconds <= 0:
+            raise ValueError("alert_interval_seconds must be positive")
+        if self.database_url and not self.database_url.startswith(
+                ("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError("database_url must be sqlite+aiosqlite:///PATH or "
+                             "postgresql+asyncpg://USER@HOST/DB")
+
+    def _path(self, configured: str, default: str) -> Path:
+        return Path(configured or Path(self.data_dir) / default)
 
     @property
     def db_url(self) -> str:
@@ -32,11 +56,21 @@ class ConfigServerConfig:
 
     @property
     def token_path(self) -> Path:
-        return Path(self.token_file or Path(self.data_dir) / "api-token")
+        return self._path(self.token_file, "api-token")
 
     @property
     def internal_token_path(self) -> Path:
-        return Path(self.internal_token_file or Path(self.data_dir) / "internal-token")
+        return self._path(self.internal_token_file, "internal-token")
+
+    @property
+    def passphrase_path(self) -> Path:
+        """The enrollment passphrase agents present (as ASR's configuration-server one)."""
+        return self._path(self.passphrase_file, "enrollment-passphrase")
+
+    @property
+    def secrets_key_path(self) -> Path:
+        """The key that seals push-install account secrets; never in the database."""
+        return self._path(self.secrets_key_file, "secrets.key")
 
     @property
     def ca_dir(self) -> Path:

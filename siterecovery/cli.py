@@ -13,7 +13,21 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from procserver.wire import ProtocolError, RemoteError
-from siterecovery import __version__, agentcmds, checkcmds, keycmds, prunecmds, vaultcmds
+from siterecovery import (
+    __version__,
+    accountcmds,
+    agentcmds,
+    certcmds,
+    checkcmds,
+    keycmds,
+    machinecmds,
+    policycmds,
+    procservercmds,
+    prunecmds,
+    registercmds,
+    replicationcmds,
+    vaultcmds,
+)
 from siterecovery.errors import CliError
 from siterecovery.logs import configure
 from siterecovery.tomlconfig import ConfigError, load
@@ -94,12 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
         run = dsub.add_parser("run", help=f"run the {what} (the systemd service)")
         run.add_argument("--config", required=True, help=f"TOML config (see deploy/{name}.toml)")
         run.set_defaults(func=func, daemon=True)
+        if name == "procserver":
+            procservercmds.register_under(dsub)  # procserver list|show|refresh
 
     agentcmds.register(sub)
     vaultcmds.register(sub)
     checkcmds.register(sub)
     keycmds.register(sub)  # 'vault key ...': after vaultcmds
     prunecmds.register(sub)
+    for m in (registercmds, certcmds, policycmds, machinecmds, accountcmds, procservercmds,
+              replicationcmds):
+        m.register(sub)
 
     d = sub.add_parser("demo", help="protect a sample disk end to end and prove the restore",
                        description="Make a sample disk image, protect it through TLS, the cache "

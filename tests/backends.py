@@ -84,3 +84,81 @@ def azurite(workdir: Path) -> Iterator[str]:
             proc.wait()
         drain.join(timeout=10)
         proc.stdout.close()
+
+
+def postgres_bin() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"), reverse=True)
+    return found[0].parent if found else None
+
+
+@contextmanager
+def postgres(workdir: Path) -> Iterator[str]:
+    """Run a throwaway PostgreSQL server (Debian's package) on loopback; yield its base URL
+    ``postgresql+asyncpg://postgres@127.0.0.1:PORT``."""
+    bindir = postgres_bin()
+    if bindir is None:
+        missing_backend("PostgreSQL", "run tests/run.sh, which installs Debian's postgresql")
+        raise AssertionError("unreachable")
+    workdir.mkdir(parents=True, exist_ok=True)
+    data, sock = workdir / "data", workdir / "sock"
+    sock.mkdir(exist_ok=True)
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # initdb and postgres refuse to run as root
+        import pwd
+
+        pw = pwd.getpwnam("postgres")
+        os.chown(workdir, pw.pw_uid, pw.pw_gid)
+        os.chown(sock, pw.pw_uid, pw.pw_gid)
+        for parent in workdir.parents:  # pytest's tmp dirs are 0700
+            if parent == Path("/tmp") or parent == parent.parent:
+                break
+            os.chmod(parent, os.stat(parent).st_mode | 0o011)
+        prefix = ["runuser", "-u", "postgres", "--"]
+    subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "-U", "postgres",
+                    "-A", "trust", "-E", "UTF8", "--no-sync"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    port = _free_port()
+    proc = subprocess.Popen(
+        [*prefix, str(bindir / "postgres"), "-D", str(data), "-p", str(port),
+         "-k", str(sock), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
+         "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+         "-c", "max_connections=200", "-c", "logging_collector=off"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:  # read until it accepts connections (or exits)
+        seen.append(line)
+        if "ready to accept connections" in line:
+            break
+    else:
+        proc.wait()
+        raise RuntimeError("PostgreSQL did not start:\n" + "".join(seen))
+    drain = threading.Thread(target=lambda: [None for _ in proc.stdout or ()], daemon=True)
+    drain.start()
+    try:
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}"
+    finally:
+        proc.terminate()  # SIGTERM: smart shutdown
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        drain.join(timeout=10)
+        proc.stdout.close()
+
+
+async def fresh_database(base_url: str) -> str:
+    """Create an empty database on the server at ``base_url``; return its URL."""
+    import secrets
+
+    import asyncpg
+
+    name = "t_" + secrets.token_hex(6)
+    conn = await asyncpg.connect(base_url.replace("postgresql+asyncpg://", "postgresql://")
+                                 + "/postgres")
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return f"{base_url}/{name}"

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from configserver.config import ConfigServerConfig
+from configserver.server import ConfigServer
 from procserver.server import ProcServer
+from siterecovery.apiclient import ApiClient
 from tests.helpers import Pki, make_pki, make_vault, proc_config, running_procserver
 
 
@@ -49,3 +52,43 @@ def azurite_conn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     with azurite(tmp_path_factory.mktemp("azurite")) as conn:
         yield conn
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real PostgreSQL server for the session (its base URL, without a database)."""
+    from tests.backends import postgres
+
+    with postgres(tmp_path_factory.mktemp("postgres")) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The configuration server's catalog: SQLite in tmp_path, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'catalog.db'}"
+    from tests.backends import fresh_database
+
+    base: str = request.getfixturevalue("postgres_url")
+    return await fresh_database(base)
+
+
+@pytest.fixture
+async def cs(tmp_path: Path, catalog_url: str) -> AsyncIterator[ConfigServer]:
+    """A running configuration server (admin + site listeners on free ports), on SQLite and on
+    PostgreSQL."""
+    server = ConfigServer(ConfigServerConfig(data_dir=str(tmp_path / "cs"), listen_port=0,
+                                             site_port=0, database_url=catalog_url))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def api(cs: ConfigServer) -> AsyncIterator[ApiClient]:
+    """The admin API client the CLI uses, against ``cs`` over real HTTP."""
+    async with ApiClient(cs.url, cs.admin_token) as client:
+        yield client

@@ -1,0 +1,7 @@
+"""Routes: machines."""
+
+from __future__ import annotations
+
+from configserver.rest import Route
+
+ROUTES: list[Route] = []

@@ -1,0 +1,63 @@
+"""Routes: the recovery-point catalog, fed by process servers."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import structlog
+from aiohttp import web
+from sqlalchemy import select
+
+from configserver import db
+from configserver.rest import NAME, Call, Route, array, obj, reply
+
+log = structlog.get_logger("configserver.points")
+
+POINT = obj({"id": {"type": "string"}, "machine": {"type": "string"},
+             "created": {"type": "string"}, "consistency": {"type": "string"}},
+            ["id", "machine", "created", "consistency"])
+POINT_REPORT = {"type": "object", "required": ["id", "machine", "created", "consistency"],
+                "properties": {"id": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                               "machine": NAME,
+                               "created": {"type": "string", "maxLength": 40},
+                               "consistency": {"enum": ["crash", "app"]}}}
+
+
+async def list_points(call: Call) -> web.Response:
+    q = select(db.RecoveryPoint).order_by(db.RecoveryPoint.created)
+    if "machine" in call.query:
+        q = q.where(db.RecoveryPoint.machine == call.query["machine"])
+    async with call.server.sessionmaker() as s:
+        rows = (await s.execute(q)).scalars().all()
+    return reply({"points": [{"id": r.id, "machine": r.machine, "created": r.created,
+                              "consistency": r.consistency} for r in rows]})
+
+
+async def report_point(call: Call) -> web.Response:
+    doc: dict[str, Any] = call.body
+    pid, machine = doc["id"], doc["machine"]
+    async with call.server.sessionmaker() as s:
+        if await s.get(db.RecoveryPoint, pid) is None:
+            s.add(db.RecoveryPoint(id=pid, machine=machine, created=doc["created"],
+                                   consistency=doc["consistency"], doc=json.dumps(doc),
+                                   received=time.time()))
+            await s.commit()
+            call.server.metrics.points.inc()
+            from configserver.items import point_recorded
+
+            await point_recorded(call.server, doc)
+    log.info("point_recorded", point=pid, machine=machine, consistency=doc["consistency"])
+    return reply({"id": pid}, status=201)
+
+
+
+ROUTES = [
+    Route("GET", "/api/v1/points", list_points, "List recovery points in the catalog", "points",
+          query={"machine": NAME}, responses={200: obj({"points": array(POINT)}, ["points"])}),
+    Route("POST", "/api/v1/internal/points", report_point,
+          "Record a recovery point (process servers)", "points", auth="internal",
+          body=POINT_REPORT, responses={201: obj({"id": {"type": "string"}}, ["id"])},
+          listeners=("admin", "site")),
+]

@@ -1,0 +1,13 @@
+"""The configuration server's background work: alerts, job runner."""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from configserver.server import ConfigServer
+
+
+def background_tasks(server: ConfigServer) -> list[Coroutine[Any, Any, None]]:
+    return []

@@ -1,0 +1,160 @@
+"""The configuration server's catalog: SQLAlchemy 2 models.
+
+Times are UNIX seconds (float) in the database and ISO 8601 UTC in the API.
+The schema is owned by Alembic (``configserver/migrations``); a test checks
+that the migrations and these models agree on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, Float, Integer, LargeBinary, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Registration(Base):
+    """The vault this configuration server is registered with (one row, id 1)."""
+
+    __tablename__ = "registration"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vault_id: Mapped[str] = mapped_column(String(64))
+    vault_url: Mapped[str] = mapped_column(Text)
+    key_id: Mapped[str] = mapped_column(String(64))
+    registered_at: Mapped[float] = mapped_column(Float)
+    key_expires: Mapped[float] = mapped_column(Float)
+    skew_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class RecoveryPoint(Base):
+    __tablename__ = "recovery_points"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    machine: Mapped[str] = mapped_column(String(255), index=True)
+    created: Mapped[str] = mapped_column(String(40), index=True)
+    consistency: Mapped[str] = mapped_column(String(16))
+    doc: Mapped[str] = mapped_column(Text)
+    received: Mapped[float] = mapped_column(Float)
+
+
+class ProcessServer(Base):
+    __tablename__ = "process_servers"
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    address: Mapped[str] = mapped_column(String(255))
+    version: Mapped[str] = mapped_column(String(40), default="")
+    registered_at: Mapped[float] = mapped_column(Float)
+    last_contact: Mapped[float] = mapped_column(Float)
+    cache_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    cache_free_ratio: Mapped[float] = mapped_column(Float, default=1.0)
+    backlog_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    backlog_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    throughput_bps: Mapped[float] = mapped_column(Float, default=0.0)
+    sessions: Mapped[int] = mapped_column(Integer, default=0)
+    refresh_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Policy(Base):
+    __tablename__ = "policies"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    rpo_threshold_s: Mapped[int] = mapped_column(Integer)
+    retention_hours: Mapped[int] = mapped_column(Integer)
+    app_consistent_frequency_s: Mapped[int] = mapped_column(Integer)
+    crash_consistent_interval_s: Mapped[int] = mapped_column(Integer)
+    block_size: Mapped[int] = mapped_column(Integer)
+    created: Mapped[float] = mapped_column(Float)
+    updated: Mapped[float] = mapped_column(Float)
+
+
+class Machine(Base):
+    __tablename__ = "machines"
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    ip: Mapped[str] = mapped_column(String(64))
+    os_type: Mapped[str] = mapped_column(String(16))
+    os_name: Mapped[str] = mapped_column(String(64), default="")
+    os_version: Mapped[str] = mapped_column(String(32), default="")
+    kernel: Mapped[str] = mapped_column(String(64), default="")
+    disks: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    process_server: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    account: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created: Mapped[float] = mapped_column(Float)
+    last_contact: Mapped[float | None] = mapped_column(Float, nullable=True)
+    agent_version: Mapped[str] = mapped_column(String(40), default="")
+
+
+class Certificate(Base):
+    """Every certificate the CA issued; revocation is by serial."""
+
+    __tablename__ = "certificates"
+    serial: Mapped[str] = mapped_column(String(64), primary_key=True)
+    subject: Mapped[str] = mapped_column(String(255), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # agent | procserver
+    issued_at: Mapped[float] = mapped_column(Float)
+    not_after: Mapped[float] = mapped_column(Float)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Account(Base):
+    """A push-install account; the secret is sealed under a key outside the database."""
+
+    __tablename__ = "accounts"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    username: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))  # password | ssh-key
+    secret: Mapped[bytes] = mapped_column(LargeBinary)
+    created: Mapped[float] = mapped_column(Float)
+    updated: Mapped[float] = mapped_column(Float)
+
+
+class ReplicatedItem(Base):
+    __tablename__ = "replicated_items"
+    machine: Mapped[str] = mapped_column(String(63), primary_key=True)
+    policy: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(32))
+    health: Mapped[str] = mapped_column(String(16), default="normal")
+    health_errors: Mapped[list[str]] = mapped_column(JSON, default=list)
+    initial_progress: Mapped[float] = mapped_column(Float, default=0.0)
+    resync_progress: Mapped[float | None] = mapped_column(Float, nullable=True)
+    disk_progress: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    latest_point: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    latest_point_time: Mapped[float | None] = mapped_column(Float, nullable=True)
+    latest_app_point: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    latest_app_point_time: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created: Mapped[float] = mapped_column(Float)
+    updated: Mapped[float] = mapped_column(Float)
+
+
+class Job(Base):
+    """A durable job: its steps and their states live here, so a restart resumes it."""
+
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(64), index=True)
+    target: Mapped[str] = mapped_column(String(255), index=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    steps: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created: Mapped[float] = mapped_column(Float)
+    started: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ended: Mapped[float | None] = mapped_column(Float, nullable=True)
+    updated: Mapped[float] = mapped_column(Float)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Event(Base):
+    """Alerts and notable events; an alert is active until its condition clears."""
+
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    time: Mapped[float] = mapped_column(Float, index=True)
+    severity: Mapped[str] = mapped_column(String(16))  # info | warning | critical
+    code: Mapped[str] = mapped_column(String(64), index=True)
+    target: Mapped[str] = mapped_column(String(255), index=True)
+    message: Mapped[str] = mapped_column(Text)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    cleared_at: Mapped[float | None] = mapped_column(Float, nullable=True)

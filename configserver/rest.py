@@ -1,0 +1,294 @@
+"""A small declarative REST layer: one ``Route`` describes a handler, its auth, its
+request schema and its responses; the same description validates requests and
+produces the OpenAPI 3.1 document, so the two cannot drift apart.
+
+Handlers take a ``Call`` (validated body, query and path parameters) and return
+``reply(data, status)``; they raise ``ApiError`` for a consistent error body::
+
+    {"error": {"code": "policy_not_found", "message": "...", "hint": "..."}}
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from aiohttp import web
+from jsonschema import Draft202012Validator
+
+from configserver.tokens import matches
+
+if TYPE_CHECKING:
+    from configserver.server import ConfigServer
+
+log = structlog.get_logger("configserver.api")
+
+# Who may call a route:
+#   admin     the operator's bearer token (admin listener, loopback only)
+#   internal  process servers' bearer token
+#   agent     a protected machine's client certificate (site listener, mutual TLS)
+#   none      anyone (health, metrics, the OpenAPI document, enrollment by passphrase)
+AUTHS = ("admin", "internal", "agent", "none")
+NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"}
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["code", "message", "hint"],
+        "properties": {"code": {"type": "string"}, "message": {"type": "string"},
+                       "hint": {"type": "string"}}}}}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.hint = status, code, message, hint
+
+
+def not_found(what: str, name: str, hint: str = "") -> ApiError:
+    return ApiError(404, f"{what.replace(' ', '_')}_not_found", f"no {what} named {name!r}",
+                    hint)
+
+
+def reply(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=lambda o: json.dumps(o, default=str))
+
+
+def error_response(status: int, code: str, message: str, hint: str = "") -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message, "hint": hint}},
+                             status=status)
+
+
+def iso(t: float | None) -> str | None:
+    """UNIX seconds → ISO 8601 UTC (``2026-11-25T10:00:00Z``); None stays None."""
+    if t is None:
+        return None
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds").replace(
+        "+00:00", "Z")
+
+
+@dataclass
+class Call:
+    request: web.Request
+    server: ConfigServer
+    body: Any
+    query: dict[str, Any]
+    params: dict[str, str]
+    peer: str | None = None  # a verified agent certificate's machine name
+
+
+Handler = Callable[[Call], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str  # OpenAPI style: /api/v1/policies/{name}
+    handler: Handler
+    summary: str
+    tag: str
+    auth: str = "admin"
+    body: dict[str, Any] | None = None
+    query: dict[str, dict[str, Any]] = field(default_factory=dict)
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    responses: dict[int, dict[str, Any] | None] = field(default_factory=lambda: {200: None})
+    description: str = ""
+    listeners: tuple[str, ...] = ("admin",)  # admin (loopback) and/or site (mutual TLS)
+
+    def __post_init__(self) -> None:
+        assert self.auth in AUTHS, self.auth
+        for p in self.params:
+            assert "{" + p + "}" in self.path, (self.path, p)
+
+
+def _coerce(value: str, schema: dict[str, Any]) -> Any:
+    t = schema.get("type")
+    if t == "integer":
+        return int(value)
+    if t == "number":
+        return float(value)
+    if t == "boolean":
+        if value not in ("true", "false"):
+            raise ValueError(value)
+        return value == "true"
+    return value
+
+
+class RouteTable:
+    """Builds the aiohttp application for one listener and its OpenAPI document."""
+
+    def __init__(self, server: ConfigServer, routes: Iterable[Route], listener: str) -> None:
+        self.server = server
+        self.listener = listener
+        self.routes = [r for r in routes if listener in r.listeners]
+        self._validators: dict[int, Draft202012Validator] = {}
+        for r in self.routes:
+            if r.body is not None:
+                Draft202012Validator.check_schema(r.body)
+                self._validators[id(r)] = Draft202012Validator(r.body)
+
+    def app(self, peer_of: Callable[[web.Request], Awaitable[str | None]] | None = None
+            ) -> web.Application:
+        app = web.Application(middlewares=[self._errors], client_max_size=1 << 20)
+        for r in self.routes:
+            app.router.add_route(r.method, r.path, self._wrap(r, peer_of))
+        if self.listener == "admin":
+            app.router.add_get("/openapi.json", self._openapi)
+        return app
+
+    @web.middleware
+    async def _errors(self, request: web.Request,
+                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                      ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as e:
+            return error_response(e.status, e.code, e.message, e.hint)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            code = (e.reason or "error").lower().replace(" ", "_")
+            hint = "see /openapi.json for the routes and methods" if e.status in (404, 405) \
+                else ""
+            return error_response(e.status, code, e.text or e.reason or code, hint)
+        except Exception as e:
+            log.exception("api_internal_error", path=request.path, method=request.method)
+            return error_response(500, "internal_error", f"{type(e).__name__}: {e}",
+                                  "see the configuration server's log")
+
+    def _wrap(self, route: Route,
+              peer_of: Callable[[web.Request], Awaitable[str | None]] | None) -> Any:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            peer = await self._authorize(route, request, peer_of)
+            params = dict(request.match_info)
+            for name, schema in route.params.items():
+                errs = list(Draft202012Validator(schema).iter_errors(params.get(name, "")))
+                if errs:
+                    raise ApiError(404, "not_found", f"no such {name}: {params.get(name)!r}",
+                                   f"{name} must match {schema.get('pattern', 'its schema')}")
+            query: dict[str, Any] = {}
+            for name, schema in route.query.items():
+                if name not in request.query:
+                    continue
+                raw = request.query.getall(name)
+                try:
+                    if len(raw) != 1:
+                        raise ValueError("given more than once")
+                    value = _coerce(raw[0], schema)
+                except ValueError:
+                    raise ApiError(400, "bad_query", f"query parameter {name}={raw!r} is not "
+                                   f"a valid {schema.get('type', 'value')}") from None
+                errs = list(Draft202012Validator(schema).iter_errors(value))
+                if errs:
+                    raise ApiError(400, "bad_query", f"query parameter {name}: "
+                                   f"{errs[0].message}")
+                query[name] = value
+            body: Any = None
+            if route.body is not None:
+                try:
+                    body = json.loads(await request.read() or b"null")
+                except (ValueError, UnicodeDecodeError):
+                    raise ApiError(400, "bad_json", "the request body is not JSON",
+                                   "send Content-Type: application/json") from None
+                errs = sorted(self._validators[id(route)].iter_errors(body),
+                              key=lambda e: list(e.path))
+                if errs:
+                    where = "/".join(str(p) for p in errs[0].path) or "body"
+                    raise ApiError(422, "invalid_request", f"{where}: {errs[0].message}",
+                                   f"see the {route.method} {route.path} schema in "
+                                   "/openapi.json")
+            return await route.handler(Call(request, self.server, body, query, params, peer))
+
+        handle.__name__ = route.handler.__name__
+        return handle
+
+    async def _authorize(self, route: Route, request: web.Request,
+                         peer_of: Callable[[web.Request], Awaitable[str | None]] | None
+                         ) -> str | None:
+        if route.auth == "none":
+            return None
+        if route.auth == "agent":
+            peer = await peer_of(request) if peer_of is not None else None
+            if peer is None:
+                raise ApiError(401, "unauthorized", "a valid, unrevoked machine certificate "
+                               "is required", "enroll the machine: siterecovery mobility "
+                               "enroll")
+            return peer
+        token = self.server.admin_token if route.auth == "admin" else self.server.internal_token
+        if not matches(request.headers.get("Authorization"), token):
+            where = (self.server.cfg.token_path if route.auth == "admin"
+                     else self.server.cfg.internal_token_path)
+            raise ApiError(401, "unauthorized", "missing or wrong bearer token",
+                           f"send 'Authorization: Bearer <token>' from {where}")
+        return None
+
+    async def _openapi(self, _r: web.Request) -> web.Response:
+        return web.json_response(self.openapi())
+
+    def openapi(self) -> dict[str, Any]:
+        from siterecovery import __version__
+
+        paths: dict[str, dict[str, Any]] = {}
+        for r in self.routes:
+            op: dict[str, Any] = {
+                "operationId": r.handler.__name__, "summary": r.summary, "tags": [r.tag],
+                "responses": {
+                    str(code): ({"description": "OK" if code < 300 else "error",
+                                 "content": {"application/json": {"schema": schema}}}
+                                if schema is not None else {"description": "OK"})
+                    for code, schema in r.responses.items()},
+            }
+            op["responses"]["default"] = {
+                "description": "an error",
+                "content": {"application/json": {"schema": {"$ref":
+                                                            "#/components/schemas/Error"}}}}
+            if r.description:
+                op["description"] = r.description
+            if r.auth in ("admin", "internal"):
+                op["security"] = [{r.auth + "Token": []}]
+            else:
+                op["security"] = []
+            parameters = [{"name": n, "in": "path", "required": True, "schema": s}
+                          for n, s in r.params.items()]
+            parameters += [{"name": n, "in": "query", "required": False, "schema": s}
+                           for n, s in r.query.items()]
+            if parameters:
+                op["parameters"] = parameters
+            if r.body is not None:
+                op["requestBody"] = {"required": True, "content": {
+                    "application/json": {"schema": r.body}}}
+            paths.setdefault(r.path, {})[r.method.lower()] = op
+        return {
+            "openapi": "3.1.0",
+            "info": {"title": "siterecovery configuration server", "version": __version__,
+                     "description": "Admin API (127.0.0.1 only). Errors are "
+                                    "{\"error\": {\"code\", \"message\", \"hint\"}}."},
+            "paths": paths,
+            "components": {
+                "schemas": {"Error": ERROR_SCHEMA},
+                "securitySchemes": {
+                    "adminToken": {"type": "http", "scheme": "bearer",
+                                   "description": "the api-token file (0600)"},
+                    "internalToken": {"type": "http", "scheme": "bearer",
+                                      "description": "the internal-token file, for process "
+                                                     "servers"}}},
+        }
+
+
+def obj(props: dict[str, Any], required: Iterable[str] = (), *,
+        extra: bool = False) -> dict[str, Any]:
+    """A JSON-schema object; unknown properties refused unless ``extra``."""
+    return {"type": "object", "properties": props, "required": list(required),
+            "additionalProperties": extra}
+
+
+def array(items: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "array", "items": items}
+
+
+def nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    t = schema.get("type")
+    return {**schema, "type": [t, "null"]} if isinstance(t, str) else {
+        "anyOf": [schema, {"type": "null"}]}
