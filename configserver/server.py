@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -28,8 +30,9 @@ log = structlog.get_logger("configserver")
 
 
 class ConfigServer:
-    def __init__(self, cfg: ConfigServerConfig) -> None:
+    def __init__(self, cfg: ConfigServerConfig, clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
+        self.clock = clock  # UNIX seconds; tests inject one to age heartbeats and points
         self.metrics = ConfigMetrics()
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
