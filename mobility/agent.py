@@ -209,8 +209,14 @@ class Agent:
 
 def _open_ro(path: str) -> int:
     import os
+    import stat
 
-    return os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY)
+    if stat.S_ISBLK(os.fstat(fd).st_mode):
+        # A filesystem writes file data to the device beneath the block device's own page
+        # cache: pages cached by our previous scan would be stale. Drop them first.
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    return fd
 
 
 def _close(fd: int) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +96,13 @@ def disk_size(path: str) -> int:
 
 
 def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
-    """The byte ranges that hold data (SEEK_DATA/SEEK_HOLE); the whole disk if unsupported."""
+    """The byte ranges that hold data (SEEK_DATA/SEEK_HOLE); the whole disk if unsupported.
+
+    Only regular files (image files) have holes: on a block device Linux answers
+    SEEK_DATA with ENXIO, which would read as "no data at all".
+    """
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        return [(0, size)]
     out: list[tuple[int, int]] = []
     pos = 0
     try:
