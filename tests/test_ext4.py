@@ -116,9 +116,24 @@ class Workload:
             self.error = e
 
 
+@pytest.mark.parametrize("label", ["crash", "app"])
 async def test_ext4_on_a_loop_device_replicated_under_a_workload(
-        tmp_path: Path, pki: Pki, procserver: ProcServer, vault_at: tuple[str, Path]) -> None:
+        tmp_path: Path, pki: Pki, procserver: ProcServer, vault_at: tuple[str, Path],
+        label: str) -> None:
+    """``crash``: fsfreeze alone; ``app``: the application's pre/post scripts around the
+    fsfreeze (the scripts here log that they ran, as an application quiesce would)."""
     _need_root_tools()
+    log = tmp_path / "scripts.log"
+    scripts: dict[str, object] = {}
+    if label == "app":
+        for phase in ("pre", "post"):
+            script = tmp_path / f"{phase}.sh"
+            script.write_text(f"#!/bin/sh\necho {phase} >> {log}\n")
+            script.chmod(0o755)
+            scripts[f"{phase}_script"] = str(script)
+        scripts["snapshot"] = "script"
+    else:
+        scripts["snapshot"] = "fsfreeze"
     image = tmp_path / "protected.img"
     with open(image, "wb") as f:
         f.truncate(IMAGE)
@@ -126,7 +141,7 @@ async def test_ext4_on_a_loop_device_replicated_under_a_workload(
     expected: dict[str, dict[str, str]] = {}
     with loop_device(image) as dev, mounted(dev, tmp_path / "mnt") as mnt:
         cfg = agent_config(tmp_path, pki, "ext4host", procserver.port, {"sda": Path(dev)},
-                           snapshot="fsfreeze", freeze_mounts=[str(mnt)])
+                           freeze_mounts=[str(mnt)], **scripts)
         agent = Agent(cfg)
         work = Workload(mnt, seed=11)
         try:
@@ -135,7 +150,7 @@ async def test_ext4_on_a_loop_device_replicated_under_a_workload(
                 before = work.snapshot()  # finished before this cycle began
                 work.release(60)  # and the workload keeps writing during the cycle
                 r = await agent.replicate_once()
-                assert r.consistency == "crash"
+                assert r.consistency == label
                 expected[r.cycle] = before
             work.stop()  # every released file finished: the last point must hold them all
             r = await agent.replicate_once()
@@ -145,13 +160,15 @@ async def test_ext4_on_a_loop_device_replicated_under_a_workload(
                 work.stop()
             agent.close()
     assert len(expected[r.cycle]) == 40 + 4 * 60
+    if label == "app":
+        assert log.read_text().split() == ["pre", "post"] * 5
     points = {cycle: await procserver.wait_point(cycle) for cycle in expected}
     vault = await open_vault(tmp_path / "vault", vault_at[1])
     index = await vault.load_index()
     try:
         for cycle, files in expected.items():
             point = await vault.read_point(points[cycle])
-            assert point.consistency == "crash"
+            assert point.consistency == label
             out = tmp_path / f"restored-{cycle[:8]}.img"
             await materialize(vault, point, "sda", str(out), index=index)
             fsck = await asyncio.create_subprocess_exec(
