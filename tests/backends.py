@@ -46,13 +46,14 @@ def _free_port() -> int:
 
 
 @contextmanager
-def azurite(workdir: Path) -> Iterator[str]:
-    """Run Azurite's blob service; yield its connection string."""
+def azurite(workdir: Path, port: int = 0) -> Iterator[str]:
+    """Run Azurite's blob service; yield its connection string. Started again with the same
+    ``workdir`` and ``port``, it serves the same blobs (an outage, then recovery)."""
     binary = azurite_binary()
     if binary is None:
         missing_backend("Azurite", "run tests/run.sh, which installs azurite@3.35.0")
         raise AssertionError("unreachable")
-    port = _free_port()
+    port = port or _free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [binary, "--silent", "--disableTelemetry", "--skipApiVersionCheck", "--loose",

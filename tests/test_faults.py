@@ -1,0 +1,77 @@
+"""Fault runs. Each ends the same way: every listed recovery point restores byte for byte
+and nothing the process server acknowledged was lost."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import select
+
+from procserver import db
+from procserver.server import ProcServer
+from tests.backends import _free_port, azurite
+from tests.helpers import (
+    Pki,
+    agent_config,
+    make_agent,
+    make_disk,
+    mutate,
+    proc_config,
+    restore_all,
+    sha256,
+)
+from vault.keyslots import KeyMaterial, new_keyfile, read_keyfile
+from vault.open import open_store
+from vault.repo import Vault
+
+
+async def _uploaded(ps: ProcServer) -> int:
+    async with ps.sessionmaker() as s:
+        return len((await s.execute(select(db.Cycle).where(db.Cycle.point_id.is_not(None)))
+                    ).scalars().all())
+
+
+async def _points_restore_exactly(vault: Vault, ps: ProcServer, expected: dict[str, str],
+                                  out: Path) -> None:
+    for cycle in expected:
+        await ps.wait_point(cycle)
+    points = await vault.list_points("web01")
+    assert [p.cycle for p in points] == list(expected)
+    for p in points:
+        assert await restore_all(vault, p, out) == {"sda": expected[p.cycle]}
+
+
+async def test_blob_storage_down_for_a_while_then_back(tmp_path: Path, pki: Pki) -> None:
+    """Azurite really stopped: the process server keeps acknowledging into its cache, retries
+    the uploads with backoff, and drains the backlog once the storage is back."""
+    port, blobs = _free_port(), tmp_path / "azurite"
+    conn_file = tmp_path / "azure.conn"
+    key = tmp_path / "vault.key"
+    url = f"azure://outage/site1?connection_string_file={conn_file}"
+    disk = tmp_path / "disk.img"
+    make_disk(disk, 16 << 20, seed=41)
+    expected: dict[str, str] = {}
+    with azurite(blobs, port) as conn:
+        conn_file.write_text(conn)
+        await (await Vault.create(open_store(url), KeyMaterial(keyfile=new_keyfile(key)))
+               ).close()
+        ps = ProcServer(proc_config(tmp_path, pki, url, key))
+        await ps.start()
+    # Storage is down from here on until the second 'with azurite'.
+    agent = make_agent(agent_config(tmp_path, pki, "web01", ps.port, {"sda": disk}))
+    try:
+        for i in range(3):
+            if i:
+                mutate(disk, 0.05, seed=50 + i)
+            r = await agent.replicate_once()  # acknowledged: durable in the cache
+            expected[r.cycle] = sha256(disk)
+        assert await _uploaded(ps) == 0  # nothing could reach the storage
+        with azurite(blobs, port):
+            vault = await Vault.open(open_store(url), KeyMaterial(keyfile=read_keyfile(key)))
+            try:
+                await _points_restore_exactly(vault, ps, expected, tmp_path / "out")
+            finally:
+                await vault.close()
+    finally:
+        agent.close()
+        await ps.stop()
