@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from configserver import db
 from configserver.rest import NAME, Call, Route, array, obj, reply
+from vault.point import CONSISTENCY
 
 log = structlog.get_logger("configserver.points")
 
@@ -22,7 +23,7 @@ POINT_REPORT = {"type": "object", "required": ["id", "machine", "created", "cons
                 "properties": {"id": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
                                "machine": NAME,
                                "created": {"type": "string", "maxLength": 40},
-                               "consistency": {"enum": ["crash", "app"]}}}
+                               "consistency": {"enum": list(CONSISTENCY)}}}
 
 
 async def list_points(call: Call) -> web.Response:
