@@ -1,0 +1,82 @@
+"""A point's fingerprint map, recomputed from the vault: what a resync compares against.
+
+When an agent lost its own map (or the process server its cache), the agent need not
+resend the whole disk: the process server reads the machine's latest point back from
+the vault, block by block, and hands the agent the fingerprint of every block
+(``xxh3_128``, as the agent computes them). The agent sends only the blocks whose
+fingerprint differs, as a delta on that point.
+
+The result is checked against the digest the point recorded when it was written, so
+a map built from damaged or substituted data is refused rather than trusted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from concurrent.futures import Executor
+
+from vault import names
+from vault.digest import block_count, digest_of_fingerprint_map, fingerprint
+from vault.errors import IntegrityError, NotFoundError, PermanentStoreError
+from vault.index import Index, Location
+from vault.pack import open_block
+from vault.point import Point
+from vault.repo import Vault
+
+FP = 16  # bytes per fingerprint
+
+
+def _fingerprints(vault: Vault, pack_id: str, items: list[tuple[int, bytes, Location]],
+                  raw: bytes, base: int) -> list[tuple[int, bytes]]:
+    view = memoryview(raw)
+    return [(n, fingerprint(open_block(vault.keyring, pack_id, bid,
+                                       view[loc.offset - base:loc.offset - base + loc.length])))
+            for n, bid, loc in items]
+
+
+async def point_fingerprints(vault: Vault, point: Point, disk: str, *, index: Index,
+                             executor: Executor | None = None) -> bytes:
+    """The concatenated fingerprints of every block of ``disk`` in ``point``."""
+    entry = point.disk(disk)
+    bmap = await vault.resolve_map(point, disk)
+    size, bs = entry.size, entry.block_size
+    nblocks = block_count(size, bs)
+    out = bytearray(FP * nblocks)
+    # Blocks absent from the map are zeros; the last one may be short.
+    full_zero = fingerprint(bytes(bs))
+    for n in range(nblocks):
+        if n not in bmap.blocks:
+            ln = min(bs, size - n * bs)
+            out[n * FP:(n + 1) * FP] = full_zero if ln == bs else fingerprint(bytes(ln))
+    by_pack: dict[str, list[tuple[int, bytes, Location]]] = defaultdict(list)
+    for n, bid in bmap.blocks.items():
+        loc = index.entries.get(bid)
+        if loc is None:
+            raise IntegrityError(f"points/{point.id}", f"block {n} of disk {disk!r} is in "
+                                 "no index")
+        by_pack[loc.pack_id].append((n, bid, loc))
+    loop = asyncio.get_running_loop()
+    sem = asyncio.Semaphore(4)
+
+    async def one(pack_id: str, items: list[tuple[int, bytes, Location]]) -> None:
+        async with sem:
+            lo = min(loc.offset for _, _, loc in items)
+            hi = max(loc.offset + loc.length for _, _, loc in items)
+            pname = names.pack_name(pack_id)
+            try:
+                raw = await vault.store.get(pname, lo, hi - lo)
+            except NotFoundError:
+                raise IntegrityError(pname, "the pack is missing") from None
+            except PermanentStoreError:
+                raise IntegrityError(pname, "the pack is shorter than its index says") from None
+            got = await loop.run_in_executor(executor, _fingerprints, vault, pack_id, items,
+                                             raw, lo)
+            for n, fp in got:
+                out[n * FP:(n + 1) * FP] = fp
+
+    await asyncio.gather(*(one(p, items) for p, items in by_pack.items()))
+    if entry.digest and digest_of_fingerprint_map(out) != entry.digest:
+        raise IntegrityError(f"points/{point.id}", f"disk {disk!r} read back from the vault "
+                             "does not match the digest recorded with the point")
+    return bytes(out)
