@@ -18,6 +18,7 @@ retries are the ``RetryStore`` wrapper's job, so there is one retry policy.
 from __future__ import annotations
 
 import base64
+import email.utils
 import io
 import os
 from collections.abc import AsyncIterator
@@ -187,6 +188,31 @@ class AzureBlobStore:
             pass
         except AzureError as e:
             raise _map_error(e, f"delete {name!r} from {self.url}") from None
+
+    async def server_time(self) -> float | None:
+        """The service's clock: the ``Date`` header of a Get Container Properties.
+
+        Every answer carries ``Date``, an error too (a missing container, a SAS without
+        the right permission), so any answer tells the time; only no answer fails."""
+        seen: list[str] = []
+
+        def hook(response: Any) -> None:
+            date = response.http_response.headers.get("Date")
+            if date:
+                seen.append(date)
+
+        try:
+            await self._c.get_container_properties(raw_response_hook=hook)
+        except AzureError as e:
+            if not seen:
+                raise _map_error(e, f"read the clock of {self.url}") from None
+        if not seen:
+            raise PermanentStoreError(f"{self.url} answered without a Date header")
+        try:
+            return email.utils.parsedate_to_datetime(seen[-1]).timestamp()
+        except (TypeError, ValueError):
+            raise PermanentStoreError(f"{self.url} sent an unreadable Date header "
+                                      f"{seen[-1]!r}") from None
 
     async def close(self) -> None:
         # The container client shares the service client's transport: close both.

@@ -71,5 +71,8 @@ class InstrumentedStore:
     async def setup(self) -> None:
         await self.inner.setup()
 
+    async def server_time(self) -> float | None:
+        return await self.inner.server_time()
+
     async def close(self) -> None:
         await self.inner.close()

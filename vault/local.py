@@ -105,5 +105,8 @@ class LocalStore:
     async def setup(self) -> None:
         await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
 
+    async def server_time(self) -> float | None:
+        return None  # a local folder has no clock of its own
+
     async def close(self) -> None:
         return None

@@ -42,5 +42,8 @@ class MemoryStore:
     async def setup(self) -> None:
         return None
 
+    async def server_time(self) -> float | None:
+        return None  # memory has no clock of its own
+
     async def close(self) -> None:
         return None

@@ -76,6 +76,9 @@ class RetryStore:
     async def setup(self) -> None:
         await self.inner.setup()
 
+    async def server_time(self) -> float | None:
+        return await self._retry("server_time", self.inner.server_time)
+
     async def close(self) -> None:
         await self.inner.close()
 
@@ -110,6 +113,10 @@ class LimitStore:
 
     async def setup(self) -> None:
         await self.inner.setup()
+
+    async def server_time(self) -> float | None:
+        async with self._sem:
+            return await self.inner.server_time()
 
     async def close(self) -> None:
         await self.inner.close()

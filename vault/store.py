@@ -45,6 +45,9 @@ class BlobStore(Protocol):
     - ``list`` yields the objects whose name starts with ``prefix``, sorted by name.
     - ``delete`` is idempotent: deleting a missing object succeeds.
     - ``setup`` makes the store ready to hold a vault (creates the container); idempotent.
+    - ``server_time`` is the storage service's clock (UNIX seconds, from the HTTP ``Date``
+      header of a cheap request), or ``None`` when the store has no clock of its own (a
+      local folder, memory). Registration compares it with this machine's clock.
 
     Errors: ``NotFoundError`` for a missing object, ``TransientStoreError`` when a
     retry may succeed, ``PermanentStoreError`` otherwise.
@@ -63,5 +66,7 @@ class BlobStore(Protocol):
     async def delete(self, name: str) -> None: ...
 
     async def setup(self) -> None: ...
+
+    async def server_time(self) -> float | None: ...
 
     async def close(self) -> None: ...
