@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from procserver.wire import DEFAULT_PORT
@@ -26,6 +27,22 @@ class ProcServerConfig:
     idle_timeout_seconds: float = 60.0
     max_sessions: int = 256
     upload_threads: int = 2
+    # Connections whose TLS handshake is not finished: at most this many in all and
+    # from one address; more are closed at once. The handshake must end in this time.
+    max_handshakes: int = 256
+    max_handshakes_per_host: int = 64
+    handshake_timeout_seconds: float = 10.0
+    # A cycle whose connection broke stays resumable this long (agents that resume).
+    resume_window_seconds: float = 600.0
+    # Received bytes waiting for the cache writers, across sessions (each session may
+    # always have 1 MiB); past that, reading stops and TCP slows the agents down.
+    receive_buffer_bytes: int = 64 << 20
+    # Cache writes of all sessions together, in bytes per second (0: unlimited).
+    receive_bytes_per_second: int = 0
+    # Heartbeats to the configuration server (with configserver_url): this server's name
+    # there ("" = the host name) and how often it reports its health.
+    name: str = ""
+    heartbeat_interval_seconds: float = 30.0
 
     def validate(self) -> None:
         if not 0 <= self.listen_port < 65536:
@@ -36,3 +53,20 @@ class ProcServerConfig:
             raise ValueError("cache_quota_bytes must hold at least two segments")
         if self.idle_timeout_seconds <= 0:
             raise ValueError("idle_timeout_seconds must be positive")
+        if self.max_sessions < 1:
+            raise ValueError("max_sessions must be at least 1")
+        if not 1 <= self.max_handshakes_per_host <= self.max_handshakes:
+            raise ValueError("max_handshakes_per_host must be 1 to max_handshakes")
+        if self.handshake_timeout_seconds <= 0:
+            raise ValueError("handshake_timeout_seconds must be positive")
+        if self.resume_window_seconds < 0:
+            raise ValueError("resume_window_seconds must not be negative")
+        if self.receive_buffer_bytes < (1 << 20):
+            raise ValueError("receive_buffer_bytes must be at least 1 MiB")
+        if self.receive_bytes_per_second < 0:
+            raise ValueError("receive_bytes_per_second must not be negative")
+        if self.heartbeat_interval_seconds <= 0:
+            raise ValueError("heartbeat_interval_seconds must be positive")
+        if self.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", self.name):
+            raise ValueError("name must be 1-63 letters, digits, '.', '_' or '-', starting "
+                             "with a letter or digit")

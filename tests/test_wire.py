@@ -8,23 +8,31 @@ before any payload is read or allocated; every read has a timeout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Awaitable, Callable
+import random
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from procserver.cache import SEGMENT_MAGIC, read_segment
 from procserver.wire import (
     BLOCK_HEAD,
     CONTROL,
+    FEATURES,
     HEADER,
+    HEARTBEAT_FRAME,
     MAGIC,
     MAX_CONTROL,
     MAX_FRAME,
     VERSION,
     Frame,
+    FrameStream,
     FrameType,
     ProtocolError,
     RemoteError,
@@ -33,6 +41,7 @@ from procserver.wire import (
     encode,
     encode_json,
     error_frame,
+    features_of,
     parse_header,
     raise_if_error,
     read_frame,
@@ -49,6 +58,10 @@ CONTROL_DOCS: dict[FrameType, dict[str, object]] = {
     FrameType.END: {"cycle": "c1", "digests": {"sda": "ab" * 32}, "created": "x"},
     FrameType.ACK: {"cycle": "c1"},
     FrameType.ERROR: {"code": "bad_block", "message": "no", "hint": "send less"},
+    FrameType.HEARTBEAT: {},
+    FrameType.RESUME: {"cycle": "c1"},
+    FrameType.SYNC: {"cycle": "c1"},
+    FrameType.PROGRESS: {"cycle": "c1", "blocks": 7, "position": [0, 12]},
 }
 
 
@@ -193,7 +206,7 @@ def test_parse_header_refuses_other_versions(version: int) -> None:
     assert str(version) in str(e.value)
 
 
-@pytest.mark.parametrize("t", [0, 10, 11, 128, 255])
+@pytest.mark.parametrize("t", [0, 14, 15, 128, 255])
 def test_parse_header_refuses_unknown_types(t: int) -> None:
     with pytest.raises(ProtocolError) as e:
         parse_header(head(t, 0))
@@ -403,3 +416,219 @@ async def test_read_frame_refuses_bad_headers(raw: bytes, code: str) -> None:
     with pytest.raises(ProtocolError) as e:
         await read_frame(await fed(raw, eof=False), timeout=5)
     assert code_of(e) == code
+
+
+# -- optional features: heartbeat and resume ---------------------------------------------------
+
+def test_heartbeat_frame_is_a_control_frame_with_an_empty_object() -> None:
+    frame, used = decode(HEARTBEAT_FRAME)
+    assert used == len(HEARTBEAT_FRAME)
+    assert (frame.type, frame.json()) == (FrameType.HEARTBEAT, {})
+
+
+@pytest.mark.parametrize(("doc", "want"), [
+    ({}, set()),
+    ({"features": "heartbeat"}, set()),
+    ({"features": ["heartbeat", 7, "teleport", "resume"]}, {"heartbeat", "resume"}),
+    ({"features": list(FEATURES)}, set(FEATURES)),
+])
+def test_features_of_keeps_only_known_names(doc: dict[str, object], want: set[str]) -> None:
+    assert features_of(doc) == want
+
+
+# -- FrameStream: frames parsed in the receive buffers, over a real socket ---------------------
+
+@contextlib.asynccontextmanager
+async def stream_pair(**kw: int) -> AsyncIterator[tuple[FrameStream, socket.socket]]:
+    """A FrameStream on one end of a real socket pair; the other end for the test to write."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    stream = FrameStream(**kw)
+    transport, _ = await asyncio.get_running_loop().connect_accepted_socket(lambda: stream, a)
+    try:
+        yield stream, b
+    finally:
+        transport.close()
+        b.close()
+        await stream.wait_closed()
+
+
+async def send_all(sock: socket.socket, data: bytes, pieces: int = 1, seed: int = 0) -> None:
+    loop = asyncio.get_running_loop()
+    rng = random.Random(seed)
+    cuts = sorted(rng.sample(range(1, len(data)), min(pieces - 1, len(data) - 1))) \
+        if len(data) > 1 else []
+    sock.setblocking(False)
+    for lo, hi in zip([0, *cuts], [*cuts, len(data)], strict=True):
+        await loop.sock_sendall(sock, data[lo:hi])
+
+
+def sample_frames(n: int, seed: int) -> list[Frame]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        kind = rng.random()
+        if kind < 0.6:
+            out.append(Frame(FrameType.BLOCK, BLOCK_HEAD.pack(0, i) + rng.randbytes(
+                rng.choice([1, 100, 4096, 65536, 70000]))))
+        elif kind < 0.8:
+            out.append(Frame(FrameType.ZERO, BLOCK_HEAD.pack(1, i)))
+        else:
+            t = rng.choice(sorted(CONTROL_DOCS))
+            out.append(Frame(t, json.dumps(CONTROL_DOCS[t]).encode()))
+    return out
+
+
+@pytest.mark.parametrize("pieces", [1, 7, 300])
+@pytest.mark.parametrize("chunk", [4096, 1 << 20])
+async def test_frame_stream_yields_every_frame_whatever_the_split(pieces: int,
+                                                                  chunk: int) -> None:
+    """Small chunks make frames straddle buffers; random cuts make reads end mid-frame."""
+    frames = sample_frames(60, seed=pieces * chunk)
+    raw = b"".join(encode(f.type, f.payload) for f in frames)
+    async with stream_pair(chunk=chunk, high_water=1 << 30) as (stream, peer):
+        writer = asyncio.create_task(send_all(peer, raw, pieces, seed=pieces))
+        got = [(await stream.next_frame(5)).frame() for _ in frames]
+        await writer
+    assert got == frames
+
+
+async def test_frame_stream_frames_are_views_of_the_receive_buffer() -> None:
+    """Frames that arrived together lie back to back in one buffer: a run is one slice."""
+    frames = [encode(FrameType.BLOCK, BLOCK_HEAD.pack(0, n) + bytes([n]) * 1000)
+              for n in range(5)]
+    async with stream_pair() as (stream, peer):
+        await send_all(peer, b"".join(frames))
+        got = [await stream.next_frame(5) for _ in frames]
+    assert all(g.buf is got[0].buf for g in got)
+    assert [g.start for g in got[1:]] == [g.end for g in got[:-1]]
+    assert bytes(got[0].buf[got[0].start:got[-1].end]) == b"".join(frames)
+    assert [g.block_head() for g in got] == [(0, n) for n in range(5)]
+
+
+async def test_frame_stream_pop_takes_only_whole_frames() -> None:
+    raw = encode(FrameType.BLOCK, BLOCK_HEAD.pack(0, 1) + bytes(5000))
+    async with stream_pair() as (stream, peer):
+        await send_all(peer, raw[:3000])
+        with pytest.raises(ProtocolError) as e:
+            await stream.next_frame(0.05)  # not whole within the time: a timeout
+        assert code_of(e) == "timeout"
+        assert stream.pop() is None
+        await send_all(peer, raw[3000:])
+        assert (await stream.next_frame(5)).frame() == decode(raw)[0]
+        assert stream.pop() is None
+
+
+async def test_frame_stream_a_trickle_does_not_extend_the_deadline() -> None:
+    """Bytes that keep coming, too slowly to make a frame: still a timeout (slow loris)."""
+    raw = encode(FrameType.BLOCK, BLOCK_HEAD.pack(0, 1) + bytes(5000))
+    async with stream_pair() as (stream, peer):
+
+        async def trickle() -> None:
+            for i in range(len(raw) - 1):
+                await send_all(peer, raw[i:i + 1])
+                await asyncio.sleep(0.01)  # the behaviour under test: a slow sender
+
+        sender = asyncio.create_task(trickle())
+        try:
+            with pytest.raises(ProtocolError) as e:
+                await stream.next_frame(0.3)
+            assert code_of(e) == "timeout"
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+
+
+@pytest.mark.parametrize(("sent", "exc", "code"), [
+    (b"", ConnectionResetError, None),
+    (encode(FrameType.BLOCK, bytes(100))[:50], ProtocolError, "truncated"),
+    (head(FrameType.HELLO, 10)[:5], ProtocolError, "truncated"),
+], ids=["clean-close", "mid-payload", "mid-header"])
+async def test_frame_stream_end_of_stream(sent: bytes, exc: type[Exception],
+                                          code: str | None) -> None:
+    async with stream_pair() as (stream, peer):
+        if sent:
+            await send_all(peer, sent)
+        peer.shutdown(socket.SHUT_WR)
+        with pytest.raises(exc) as e:
+            await stream.next_frame(5)
+    if code is not None:
+        assert isinstance(e.value, ProtocolError) and e.value.code == code
+
+
+@pytest.mark.parametrize(("raw", "code"), [
+    (head(FrameType.BLOCK, MAX_FRAME + 1), "frame_too_large"),
+    (head(FrameType.HEARTBEAT, MAX_CONTROL + 1), "frame_too_large"),
+    (b"GET / HTTP/1.1\r\n\r\n", "bad_magic"),
+    (head(FrameType.HELLO, 0, version=2), "bad_version"),
+    (head(99, 0), "bad_type"),
+])
+async def test_frame_stream_refuses_bad_headers_before_the_payload(raw: bytes,
+                                                                   code: str) -> None:
+    async with stream_pair() as (stream, peer):
+        await send_all(peer, raw)
+        with pytest.raises(ProtocolError) as e:
+            await stream.next_frame(5)
+    assert code_of(e) == code
+
+
+async def test_frame_stream_applies_its_cap_to_data_frames() -> None:
+    async with stream_pair(max_frame=100) as (stream, peer):
+        await send_all(peer, encode(FrameType.BLOCK, bytes(101)))
+        with pytest.raises(ProtocolError) as e:
+            await stream.next_frame(5)
+    assert code_of(e) == "frame_too_large"
+
+
+async def test_frame_stream_stops_reading_at_its_high_water_mark() -> None:
+    """A peer that sends faster than frames are taken: the stream holds at most about
+    ``high_water`` bytes (plus one read), the rest waits in the kernel, then all arrives."""
+    high = 256 << 10
+    frames = [encode(FrameType.BLOCK, BLOCK_HEAD.pack(0, n) + bytes(60000)) for n in range(200)]
+    raw = b"".join(frames)
+    async with stream_pair(chunk=64 << 10, high_water=high) as (stream, peer):
+        writer = asyncio.create_task(send_all(peer, raw))
+        peak = 0
+        got = 0
+        while got < len(frames):
+            # Let the transport deliver whatever it will before anything is taken.
+            for _ in range(20):
+                await asyncio.sleep(0)
+            peak = max(peak, stream.buffered)
+            f = await stream.next_frame(5)
+            assert f.block_head() == (0, got)
+            got += 1
+        await writer
+    assert peak <= high + (256 << 10)  # one read past the mark at most
+    assert peak < len(raw) // 4
+
+
+# -- HRL segments read back (procserver/cache.py) ------------------------------------------------
+
+@pytest.mark.parametrize("chunk", [7, 1000, 65536 + 5, 4 << 20])
+def test_hrl_segment_frames_read_back_whatever_the_read_size(tmp_path: Path,
+                                                             chunk: int) -> None:
+    frames = [f for f in sample_frames(120, seed=chunk) if f.type in DATA_TYPES]
+    path = tmp_path / "00000000.hrl"
+    path.write_bytes(SEGMENT_MAGIC + b"".join(encode(f.type, f.payload) for f in frames))
+    assert list(read_segment(path, chunk)) == frames
+
+
+@pytest.mark.parametrize("cut", [5, 9, 12, -1, -70000])
+def test_hrl_segment_that_is_cut_short_is_an_error(tmp_path: Path, cut: int) -> None:
+    raw = SEGMENT_MAGIC + b"".join(
+        encode(FrameType.BLOCK, BLOCK_HEAD.pack(0, n) + bytes(70000)) for n in range(3))
+    path = tmp_path / "00000000.hrl"
+    path.write_bytes(raw[:cut])
+    with pytest.raises(ProtocolError) as e:
+        list(read_segment(path, 1000))
+    assert code_of(e) in {"bad_segment", "truncated"}
+
+
+def test_hrl_segment_holds_only_data_frames(tmp_path: Path) -> None:
+    path = tmp_path / "00000000.hrl"
+    path.write_bytes(SEGMENT_MAGIC + encode_json(FrameType.END, {"cycle": "c1"}))
+    with pytest.raises(ProtocolError) as e:
+        list(read_segment(path))
+    assert code_of(e) == "bad_segment"

@@ -1,0 +1,281 @@
+"""Which agent certificates the configuration server still trusts.
+
+TLS proves that a client certificate comes from the CA. That is not enough: a
+machine may since have been disabled or removed from the inventory, or its
+certificate revoked. With ``configserver_url`` set, the process server keeps the
+configuration server's trust list (``GET /api/v1/internal/trust``, a long poll that
+answers as soon as the list changes) and refuses, at HELLO, a certificate that
+
+- was revoked (``certificate_revoked``),
+- belongs to a machine that is not in the inventory (``machine_unknown``) or is
+  disabled (``machine_disabled``),
+- is not one the configuration server issued to that machine, or expired
+  (``certificate_unknown``).
+
+A refusal first re-fetches the list once (a machine enrolled a moment ago may be
+newer than our copy), so only a current "no" refuses. The list is persisted in
+``data_dir/trust.json``: while the configuration server is unreachable the last
+known list applies (``trust_refresh_failed`` is logged). Before any list is known a
+session waits up to ``FIRST_LIST_TIMEOUT`` seconds for one, then is refused
+(``trust_unavailable``). Without ``configserver_url``, or when the list speaks for
+another CA than our ``tls_ca`` (``trust_list_not_applicable``), the CA alone decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from procserver.config import ProcServerConfig
+from procserver.wire import ProtocolError
+
+log = structlog.get_logger("procserver.trust")
+
+FIRST_LIST_TIMEOUT = 10.0
+LONG_POLL_SECONDS = 25
+REFRESH_TIMEOUT = 5.0
+MAX_LIST_BYTES = 16 << 20
+
+
+def _ca_fingerprints(path: str) -> set[str]:
+    try:
+        certs = x509.load_pem_x509_certificates(Path(path).read_bytes())
+    except (OSError, ValueError):
+        return set()
+    return {hashlib.sha256(c.public_bytes(serialization.Encoding.DER)).hexdigest()
+            for c in certs}
+
+
+def _valid_doc(doc: Any) -> bool:
+    return (isinstance(doc, dict) and isinstance(doc.get("version"), str)
+            and isinstance(doc.get("ca_sha256"), str)
+            and isinstance(doc.get("revoked"), list)
+            and isinstance(doc.get("machines"), list)
+            and all(isinstance(m, dict) and isinstance(m.get("name"), str)
+                    and isinstance(m.get("enabled"), bool)
+                    and isinstance(m.get("serials"), list) for m in doc["machines"]))
+
+
+class TrustList:
+    def __init__(self, cfg: ProcServerConfig) -> None:
+        self.cfg = cfg
+        self.enabled = bool(cfg.configserver_url)
+        self.path = Path(cfg.data_dir) / "trust.json"
+        self.version: str | None = None
+        self.applies = False  # the list speaks for our tls_ca
+        self._machines: dict[str, tuple[bool, frozenset[str]]] = {}
+        self._revoked: frozenset[str] = frozenset()
+        self._known = asyncio.Event()
+        self.changed = asyncio.Condition()
+        self._fetch: asyncio.Task[None] | None = None
+        self._fetch_wait = 0
+        self._urgent = False
+        self._poke = asyncio.Event()
+        self._fetched = asyncio.Condition()  # notified when a request ends
+        self._done_started = float("-inf")  # when the last request that ended had started
+        self._fail_logged = 0.0
+
+    # -- the list ---------------------------------------------------------------------
+    def _apply(self, doc: dict[str, Any], source: str) -> bool:
+        if doc["version"] == self.version:
+            return False
+        self.applies = doc["ca_sha256"] in _ca_fingerprints(self.cfg.tls_ca)
+        self._machines = {m["name"]: (m["enabled"], frozenset(str(s) for s in m["serials"]))
+                          for m in doc["machines"]}
+        self._revoked = frozenset(str(s) for s in doc["revoked"])
+        self.version = doc["version"]
+        self._known.set()
+        if not self.applies:
+            log.warning("trust_list_not_applicable", source=source,
+                        hint="the configuration server's CA is not this process server's "
+                             "tls_ca: the CA alone decides which agents may connect")
+        else:
+            log.info("trust_list_updated", version=self.version, source=source,
+                     machines=len(self._machines), revoked=len(self._revoked))
+        return True
+
+    def _load_saved(self) -> None:
+        try:
+            doc = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            log.warning("trust_list_unreadable", path=str(self.path), error=str(e))
+            return
+        if _valid_doc(doc):
+            self._apply(doc, "saved")
+
+    def _save(self, doc: dict[str, Any]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(doc, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    async def _get(self, http: aiohttp.ClientSession, wait: int) -> None:
+        """One request; apply and save the answer if it is new."""
+        url = self.cfg.configserver_url.rstrip("/") + "/api/v1/internal/trust"
+        params = {"wait": str(wait)} if self.version is None else \
+            {"version": self.version, "wait": str(wait)}
+        token = await asyncio.to_thread(Path(self.cfg.configserver_token_file).read_text)
+        async with http.get(url, params=params,
+                            headers={"Authorization": f"Bearer {token.strip()}"}) as resp:
+            body = bytearray()
+            while chunk := await resp.content.readany():
+                body += chunk
+                if len(body) > MAX_LIST_BYTES:
+                    raise RuntimeError("the trust list is larger than 16 MiB")
+            if resp.status != 200:
+                raise RuntimeError(f"HTTP {resp.status}: {bytes(body[:200])!r}")
+        doc = json.loads(body)
+        if not _valid_doc(doc):
+            raise RuntimeError("the answer is not a trust list")
+        if self._apply(doc, "configserver"):
+            await asyncio.to_thread(self._save, doc)
+            async with self.changed:
+                self.changed.notify_all()
+
+    def _session(self) -> aiohttp.ClientSession:
+        ctx: ssl.SSLContext | bool = True
+        if self.cfg.configserver_url.startswith("https:"):
+            ctx = ssl.create_default_context(cafile=self.cfg.tls_ca)  # the site listener
+        return aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=LONG_POLL_SECONDS + 15),
+            connector=aiohttp.TCPConnector(ssl=ctx))
+
+    async def run(self) -> None:
+        """Keep the list current. This loop makes every request, one at a time: a long
+        poll, or an immediate request when a session asked for one (``_refresh``), with
+        backoff while the configuration server is unreachable."""
+        if not self.enabled:
+            return
+        await asyncio.to_thread(self._load_saved)
+        loop = asyncio.get_running_loop()
+        delay = 1.0
+        async with self._session() as http:
+            while True:
+                urgent, self._urgent = self._urgent, False
+                started = loop.time()
+                self._fetch_wait = 0 if urgent else LONG_POLL_SECONDS
+                self._fetch = asyncio.create_task(self._get(http, self._fetch_wait))
+                failed: Exception | None = None
+                try:
+                    await self._fetch
+                except asyncio.CancelledError:
+                    current = asyncio.current_task()
+                    if current is not None and current.cancelling():
+                        raise  # the process server stops (awaiting it cancelled the fetch)
+                    continue  # a long poll interrupted for an immediate request
+                except Exception as e:  # any failure: keep the last list
+                    failed = e
+                async with self._fetched:
+                    self._done_started = started
+                    self._fetched.notify_all()
+                if failed is None:
+                    delay = 1.0
+                    continue
+                self._failed(failed, delay)
+                self._poke.clear()
+                if not self._urgent:
+                    try:
+                        async with asyncio.timeout(delay * random.uniform(0.5, 1.0)):
+                            await self._poke.wait()
+                    except TimeoutError:
+                        pass
+                delay = min(delay * 2, 60.0)
+
+    def _failed(self, e: BaseException, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._fail_logged >= 60 or delay <= 1.0:  # at most once a minute
+            self._fail_logged = loop.time()
+            log.warning("trust_refresh_failed", error=str(e) or type(e).__name__,
+                        known=self.version, retry_in_seconds=delay,
+                        hint="the last known trust list applies until the configuration "
+                             "server answers")
+
+    def _ask_now(self) -> None:
+        """Have the loop make an immediate request (interrupting a long poll)."""
+        self._urgent = True
+        self._poke.set()
+        if self._fetch is not None and not self._fetch.done() and self._fetch_wait:
+            self._fetch.cancel()
+
+    def wake(self) -> None:
+        """Re-fetch now (the configuration server asked for a refresh)."""
+        self._ask_now()
+
+    async def _refresh(self, since: float) -> None:
+        """Wait until a request that started after ``since`` has been answered (or has
+        failed), at most ``REFRESH_TIMEOUT`` seconds."""
+        self._ask_now()
+        try:
+            async with asyncio.timeout(REFRESH_TIMEOUT), self._fetched:
+                await self._fetched.wait_for(lambda: self._done_started >= since)
+        except TimeoutError:
+            log.warning("trust_refresh_slow", timeout_seconds=REFRESH_TIMEOUT,
+                        hint="the last known trust list applies")
+
+    # -- the check --------------------------------------------------------------------
+    def _reason(self, machine: str, serial: str) -> tuple[str, str] | None:
+        if serial in self._revoked:
+            return "certificate_revoked", f"certificate {serial} of {machine!r} was revoked"
+        entry = self._machines.get(machine)
+        if entry is None:
+            return "machine_unknown", (f"machine {machine!r} is not in the configuration "
+                                       "server's inventory (removed, or never added)")
+        enabled, serials = entry
+        if not enabled:
+            return "machine_disabled", f"machine {machine!r} is disabled"
+        if serial not in serials:
+            return "certificate_unknown", (f"certificate {serial} is not one the configuration "
+                                           f"server issued to {machine!r}, or it expired")
+        return None
+
+    async def authorize(self, machine: str, peercert: dict[str, Any] | None) -> None:
+        """Raise ``ProtocolError`` if the configuration server no longer trusts this
+        client certificate; return if it does (or if only the CA decides)."""
+        if not self.enabled:
+            return
+        serial = str((peercert or {}).get("serialNumber", "")).lower().lstrip("0")
+        loop = asyncio.get_running_loop()
+        since = loop.time()
+        if not self._known.is_set():
+            try:
+                async with asyncio.timeout(FIRST_LIST_TIMEOUT):
+                    await self._known.wait()
+            except TimeoutError:
+                raise ProtocolError(
+                    "trust_unavailable", "this process server has not yet received the "
+                    "configuration server's trust list; try again later") from None
+        if not self.applies:
+            return
+        if self._reason(machine, serial) is None:
+            return
+        await self._refresh(since)
+        if not self.applies:
+            return
+        why = self._reason(machine, serial)
+        if why is not None:
+            raise ProtocolError(*why)
+
+    async def wait_until(self, predicate: Callable[[TrustList], bool],
+                         timeout: float = 60.0) -> None:
+        """Wait until ``predicate(self)`` holds (tests, and whoever needs a fresh list)."""
+        async with asyncio.timeout(timeout), self.changed:
+            await self.changed.wait_for(lambda: predicate(self))
+
+    def allows(self, machine: str, serial: str) -> bool:
+        return not self.applies or self._reason(machine, serial) is None
