@@ -195,7 +195,7 @@ class SiteRecovery:
         self.cycles: list[dict[str, Any]] = []
 
     async def start(self) -> None:
-        self.e = await start_embedded(self.work / "sr", admin_port=0, listen_port=0,
+        self.e = await start_embedded(self.work / "sr", admin_port=0, site_port=0, listen_port=0,
                                       metrics_port=0)
         cfg = await enroll(self.e.config.url, self.e.config.admin_token, MACHINE,
                            f"127.0.0.1:{self.e.proc.port}", [f"sda={self.image}"],

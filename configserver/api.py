@@ -7,6 +7,7 @@ from configserver import (
     api_agent,
     api_certs,
     api_core,
+    api_events,
     api_items,
     api_jobs,
     api_machines,
@@ -18,7 +19,7 @@ from configserver import (
 from configserver.rest import Route
 
 MODULES = (api_core, api_registration, api_certs, api_procservers, api_policies, api_machines,
-           api_accounts, api_items, api_jobs, api_points, api_agent)
+           api_accounts, api_items, api_jobs, api_points, api_agent, api_events)
 
 
 def all_routes() -> list[Route]:

@@ -1,7 +1,154 @@
-"""Routes: agent."""
+"""Routes: what a protected machine's Mobility agent calls on the site listener.
+
+Authenticated by the machine's client certificate (``auth="agent"``): ``call.peer``
+is the machine name ``configserver/peer.py`` verified, so an agent only ever
+reads and writes its own machine. Every call counts as a check-in
+(``last_contact``), which is what Enable protection waits for.
+"""
 
 from __future__ import annotations
 
-from configserver.rest import Route
+import structlog
+from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncSession
 
-ROUTES: list[Route] = []
+from configserver import db
+from configserver.items import ITEM, PERCENT, REPLICATING_STATES, apply_progress, item_doc
+from configserver.rest import ApiError, Call, Route, iso, nullable, obj, reply
+
+log = structlog.get_logger("configserver.agent")
+
+HEARTBEAT_INTERVAL_SECONDS = 60
+DISK_NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"}
+
+SETTINGS = obj({
+    "machine": {"type": "string"},
+    "replicate": {"type": "boolean", "description": "whether the agent should replicate now"},
+    "item_state": nullable({"type": "string"}),
+    "resync_required": {"type": "boolean"},
+    "disks": {"type": "array", "items": obj(
+        {"name": {"type": "string"}, "path": {"type": "string"},
+         "size_bytes": nullable({"type": "integer"})}, ["name", "path", "size_bytes"])},
+    "process_server": nullable(obj({"name": {"type": "string"},
+                                    "address": {"type": "string"}}, ["name", "address"])),
+    "policy": nullable(obj({
+        "name": {"type": "string"}, "crash_consistent_interval_seconds": {"type": "integer"},
+        "app_consistent_frequency_seconds": {"type": "integer"},
+        "block_size": {"type": "integer"}, "rpo_threshold_seconds": {"type": "integer"}},
+        ["name", "crash_consistent_interval_seconds", "app_consistent_frequency_seconds",
+         "block_size", "rpo_threshold_seconds"])),
+    "bandwidth": obj({"limit_bytes_per_second": nullable({"type": "integer"})},
+                     ["limit_bytes_per_second"]),
+    "heartbeat_interval_seconds": {"type": "integer"},
+}, ["machine", "replicate", "item_state", "resync_required", "disks", "process_server",
+    "policy", "bandwidth", "heartbeat_interval_seconds"])
+HEARTBEAT = obj({"agent_version": {"type": "string", "minLength": 1, "maxLength": 40}},
+                ["agent_version"])
+HEARTBEAT_REPLY = obj({"machine": {"type": "string"}, "last_contact": {"type": "string"},
+                       "replicate": {"type": "boolean"}, "item_state": nullable(
+                           {"type": "string"})},
+                      ["machine", "last_contact", "replicate", "item_state"])
+PROGRESS = obj({
+    "disks": {"type": "object", "minProperties": 1, "maxProperties": 64,
+              "propertyNames": DISK_NAME, "additionalProperties": PERCENT},
+    "resync": {"type": "boolean", "description": "true while a resynchronization (a full "
+                                                  "cycle after initial replication) runs"},
+}, ["disks"])
+
+
+async def _machine(s: AsyncSession, name: str) -> db.Machine:
+    machine: db.Machine | None = await s.get(db.Machine, name, with_for_update=True)
+    if machine is None:  # verify_peer checked it a moment ago; it was removed since
+        raise ApiError(401, "unauthorized", f"machine {name!r} is no longer in the inventory")
+    return machine
+
+
+async def settings(call: Call) -> web.Response:
+    name = str(call.peer)
+    async with call.server.sessionmaker() as s:
+        machine = await _machine(s, name)
+        machine.last_contact = call.server.clock()
+        item = await s.get(db.ReplicatedItem, name)
+        policy = await s.get(db.Policy, item.policy) if item is not None else None
+        ps = await s.get(db.ProcessServer, machine.process_server) \
+            if machine.process_server else None
+        disks = [{"name": str(d["name"]), "path": str(d.get("path", "")),
+                  "size_bytes": d.get("size_bytes")} for d in machine.disks or []]
+        await s.commit()
+    await call.server.notify()
+    return reply({
+        "machine": name,
+        "replicate": item is not None and item.state in REPLICATING_STATES,
+        "item_state": item.state if item is not None else None,
+        "resync_required": item is not None and item.state == "resync_required",
+        "disks": disks,
+        "process_server": {"name": ps.name, "address": ps.address} if ps else None,
+        "policy": None if policy is None else {
+            "name": policy.name,
+            "crash_consistent_interval_seconds": policy.crash_consistent_interval_s,
+            "app_consistent_frequency_seconds": policy.app_consistent_frequency_s,
+            "block_size": policy.block_size, "rpo_threshold_seconds": policy.rpo_threshold_s},
+        "bandwidth": {"limit_bytes_per_second": None},  # no limits yet: use the link
+        "heartbeat_interval_seconds": HEARTBEAT_INTERVAL_SECONDS,
+    })
+
+
+async def heartbeat(call: Call) -> web.Response:
+    name = str(call.peer)
+    now = call.server.clock()
+    async with call.server.sessionmaker() as s:
+        machine = await _machine(s, name)
+        machine.last_contact, machine.agent_version = now, call.body["agent_version"]
+        item = await s.get(db.ReplicatedItem, name)
+        state = item.state if item is not None else None
+        await s.commit()
+    call.server.metrics.agent_heartbeats.inc()
+    log.info("agent_heartbeat", machine=name, agent_version=call.body["agent_version"])
+    await call.server.notify()
+    return reply({"machine": name, "last_contact": iso(now),
+                  "replicate": state in REPLICATING_STATES, "item_state": state})
+
+
+async def progress(call: Call) -> web.Response:
+    name = str(call.peer)
+    disks: dict[str, float] = call.body["disks"]
+    now = call.server.clock()
+    async with call.server.sessionmaker() as s:
+        machine = await _machine(s, name)
+        item = await s.get(db.ReplicatedItem, name, with_for_update=True)
+        if item is None:
+            raise ApiError(409, "not_replicated", f"replication of {name!r} is not enabled",
+                           f"enable it on the configuration server: siterecovery replication "
+                           f"enable {name}")
+        known = {str(d["name"]) for d in machine.disks or []}
+        unknown = sorted(set(disks) - known) if known else []
+        if unknown:
+            raise ApiError(422, "unknown_disk", f"machine {name!r} has no disk named "
+                           f"{', '.join(unknown)} (it has {', '.join(sorted(known))})",
+                           "the agent's disks must match the machine's inventory: "
+                           f"siterecovery machine show {name}")
+        before = item.state
+        apply_progress(item, machine, disks, bool(call.body.get("resync", False)), now)
+        machine.last_contact = now
+        await s.commit()
+        doc = item_doc(item, await s.get(db.Policy, item.policy), now)
+    if doc["state"] != before:
+        log.info("item_state_changed", machine=name, state=doc["state"], was=before)
+    await call.server.notify()
+    return reply(doc)
+
+
+ROUTES = [
+    Route("GET", "/api/v1/agent/settings", settings, "The calling agent's settings", "agent",
+          auth="agent", listeners=("site",), responses={200: SETTINGS},
+          description="Disks, process server, policy intervals and block size, bandwidth "
+                      "limit; whether to replicate. Counts as a check-in."),
+    Route("POST", "/api/v1/agent/heartbeat", heartbeat, "An agent's heartbeat", "agent",
+          auth="agent", listeners=("site",), body=HEARTBEAT, responses={200: HEARTBEAT_REPLY},
+          description="Records last contact and the agent's version."),
+    Route("POST", "/api/v1/agent/progress", progress, "An agent's replication progress",
+          "agent", auth="agent", listeners=("site",), body=PROGRESS, responses={200: ITEM},
+          description="Per-disk percentages of the initial replication (or of a "
+                      "resynchronization with resync=true). 409 not_replicated without a "
+                      "replicated item; 422 unknown_disk for a disk not in the inventory."),
+]

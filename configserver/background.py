@@ -10,4 +10,8 @@ if TYPE_CHECKING:
 
 
 def background_tasks(server: ConfigServer) -> list[Coroutine[Any, Any, None]]:
-    return []
+    from configserver import alerts, certs, replication
+    from configserver.jobs import JobEngine
+
+    assert replication.ENABLE  # importing it registers the replication job kinds
+    return [alerts.run(server), certs.record_own(server), JobEngine(server).run()]

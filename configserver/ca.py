@@ -33,10 +33,22 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
+def serial_hex(n: int) -> str:
+    """A serial number as the catalog and the API spell it: lowercase hex, no leading zeros."""
+    return format(n, "x")
+
+
 @dataclass(frozen=True)
 class Issued:
     cert_pem: bytes
     key_pem: bytes
+    serial: str = ""  # serial_hex of the certificate's serial number
+    subject: str = ""  # the common name
+    not_before: float = 0.0  # UNIX seconds
+    not_after: float = 0.0
+
+    def __repr__(self) -> str:
+        return f"Issued(serial={self.serial!r}, subject={self.subject!r}, key=<secret>)"
 
 
 class CertificateAuthority:
@@ -85,16 +97,20 @@ class CertificateAuthority:
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return cls(cert, key, d)
 
-    def _issue(self, cn: str, *, server_names: list[str] | None, days: int) -> Issued:
+    def _issue(self, cn: str, *, server_names: list[str] | None, days: float,
+               now: float | None) -> Issued:
         key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.UTC)
+        t = dt.datetime.now(dt.UTC) if now is None else dt.datetime.fromtimestamp(now, dt.UTC)
+        serial = x509.random_serial_number()
+        not_before = t - dt.timedelta(minutes=5)
+        not_after = t + dt.timedelta(days=days)
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
             .issuer_name(self.cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=days))
+            .serial_number(serial)
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
                 self.key.public_key()), critical=False)
@@ -113,13 +129,26 @@ class CertificateAuthority:
             builder = builder.add_extension(
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         cert = builder.sign(self.key, hashes.SHA256())
-        return Issued(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+        return Issued(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key),
+                      serial_hex(serial), cn, not_before.timestamp(), not_after.timestamp())
 
-    def issue_server(self, name: str, hosts: list[str], days: int = LEAF_DAYS) -> Issued:
-        return self._issue(name, server_names=hosts, days=days)
+    def issue_server(self, name: str, hosts: list[str], days: float = LEAF_DAYS, *,
+                     now: float | None = None) -> Issued:
+        """A server certificate (TLS server auth) for ``hosts`` (IP addresses or DNS names).
 
-    def issue_client(self, machine: str, days: int = LEAF_DAYS) -> Issued:
-        return self._issue(machine, server_names=None, days=days)
+        Not recorded anywhere: ``configserver/certs.py`` issues and records."""
+        return self._issue(name, server_names=hosts, days=days, now=now)
+
+    def issue_client(self, machine: str, days: float = LEAF_DAYS, *,
+                     now: float | None = None) -> Issued:
+        """A client certificate (TLS client auth) whose common name is ``machine``."""
+        return self._issue(machine, server_names=None, days=days, now=now)
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the CA certificate (DER), lowercase hex: how process servers tell
+        that a trust list speaks for the CA they verify agents with."""
+        return self.cert.fingerprint(hashes.SHA256()).hex()
 
 
 def write_bundle(directory: str | os.PathLike[str], stem: str, issued: Issued,

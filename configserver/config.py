@@ -31,6 +31,7 @@ class ConfigServerConfig:
     passphrase_file: str = ""
     secrets_key_file: str = ""
     vault_key_file: str = ""
+    agent_cert_days: float = 365.0  # lifetime of agent certificates; renew before it ends
     alert_interval_seconds: float = 30.0
 
     def validate(self) -> None:
@@ -40,6 +41,8 @@ class ConfigServerConfig:
         for name, port in (("listen_port", self.listen_port), ("site_port", self.site_port)):
             if not -1 <= port < 65536:
                 raise ValueError(f"{name} must be 0-65535 (site_port -1: off)")
+        if not 0 < self.agent_cert_days <= 3650:
+            raise ValueError("agent_cert_days must be more than 0 and at most 3650")
         if self.alert_interval_seconds <= 0:
             raise ValueError("alert_interval_seconds must be positive")
         if self.database_url and not self.database_url.startswith(

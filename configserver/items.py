@@ -1,13 +1,184 @@
-"""Replicated items: state, health, progress, RPO and latest points."""
+"""Replicated items: state, health, progress, RPO and latest points.
+
+An item exists from "Enable protection" until "Disable protection" removes it.
+Its ``state`` is one of ``ItemState`` (the one place the set is defined); the
+jobs move it along, agent progress reports and recovery points feed it.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from configserver import db
+from configserver.rest import iso, nullable, obj
 
 if TYPE_CHECKING:
     from configserver.server import ConfigServer
 
+log = structlog.get_logger("configserver.items")
+
+
+class ItemState(StrEnum):
+    """Every state a replicated item can be in (failover states come with failover)."""
+
+    ENABLING = "enabling"                        # Enable protection is running
+    INITIAL_REPLICATION = "initial_replication"  # the agent copies every disk in full
+    PROTECTED = "protected"                      # delta replication; points keep coming
+    RESYNC_REQUIRED = "resync_required"          # the next cycle must be a full one
+    RESYNCING = "resyncing"                      # that full cycle is under way
+    DISABLING = "disabling"                      # Disable protection is running
+    ENABLE_FAILED = "enable_failed"              # Enable/Finalize protection failed or was
+    #                                              cancelled; enable again or disable
+
+
+STATE_TITLES = {
+    ItemState.ENABLING: "Enabling protection",
+    ItemState.INITIAL_REPLICATION: "Initial replication in progress",
+    ItemState.PROTECTED: "Protected",
+    ItemState.RESYNC_REQUIRED: "Resynchronization required",
+    ItemState.RESYNCING: "Resynchronization in progress",
+    ItemState.DISABLING: "Disabling protection",
+    ItemState.ENABLE_FAILED: "Enabling protection failed",
+}
+# States in which Enable protection/Finalize protection still own the item.
+ENABLING_STATES = (ItemState.ENABLING, ItemState.INITIAL_REPLICATION)
+# States in which the agent should replicate (settings tell it so).
+REPLICATING_STATES = (ItemState.ENABLING, ItemState.INITIAL_REPLICATION, ItemState.PROTECTED,
+                      ItemState.RESYNC_REQUIRED, ItemState.RESYNCING)
+HEALTHS = ("normal", "warning", "critical")
+
+PERCENT = {"type": "number", "minimum": 0, "maximum": 100}
+ITEM = obj({
+    "machine": {"type": "string"},
+    "policy": {"type": "string"},
+    "state": {"enum": [s.value for s in ItemState]},
+    "state_description": {"type": "string"},
+    "health": {"enum": list(HEALTHS)},
+    "health_errors": {"type": "array", "items": {"type": "string"}},
+    "initial_progress": PERCENT,
+    "resync_progress": nullable(PERCENT),
+    "disks": {"type": "object", "additionalProperties": PERCENT},
+    "rpo_seconds": nullable({"type": "number"}),
+    "rpo_threshold_seconds": nullable({"type": "integer"}),
+    "latest_point": nullable({"type": "string"}),
+    "latest_point_time": nullable({"type": "string"}),
+    "latest_app_point": nullable({"type": "string"}),
+    "latest_app_point_time": nullable({"type": "string"}),
+    "created": {"type": "string"},
+    "updated": {"type": "string"},
+}, ["machine", "policy", "state", "state_description", "health", "health_errors",
+    "initial_progress", "resync_progress", "disks", "rpo_seconds", "rpo_threshold_seconds",
+    "latest_point", "latest_point_time", "latest_app_point", "latest_app_point_time",
+    "created", "updated"])
+
+
+def _worst(a: str, b: str) -> str:
+    return max(a, b, key=HEALTHS.index)
+
+
+def item_doc(item: db.ReplicatedItem, policy: db.Policy | None, now: float) -> dict[str, Any]:
+    """The API view of an item; health adds what is true now (RPO, resync) to what the jobs
+    recorded (a failed Enable protection)."""
+    state = ItemState(item.state)
+    health = item.health if item.health in HEALTHS else "critical"
+    errors = list(item.health_errors or [])
+    rpo = None if item.latest_point_time is None else max(0.0, now - item.latest_point_time)
+    threshold = policy.rpo_threshold_s if policy is not None else None
+    if state in (ItemState.PROTECTED, ItemState.RESYNCING, ItemState.RESYNC_REQUIRED) \
+            and rpo is not None and threshold is not None and rpo > threshold:
+        health = _worst(health, "warning")
+        errors.append(f"RPO {rpo:.0f} s exceeds the policy's threshold of {threshold} s")
+    if state is ItemState.RESYNC_REQUIRED:
+        health = _worst(health, "critical")
+        errors.append("resynchronization required: the next cycle copies every disk in full")
+    return {
+        "machine": item.machine, "policy": item.policy, "state": state.value,
+        "state_description": STATE_TITLES[state], "health": health, "health_errors": errors,
+        "initial_progress": round(item.initial_progress, 2),
+        "resync_progress": None if item.resync_progress is None
+        else round(item.resync_progress, 2),
+        "disks": dict(item.disk_progress or {}),
+        "rpo_seconds": None if rpo is None else round(rpo, 1),
+        "rpo_threshold_seconds": threshold,
+        "latest_point": item.latest_point, "latest_point_time": iso(item.latest_point_time),
+        "latest_app_point": item.latest_app_point,
+        "latest_app_point_time": iso(item.latest_app_point_time),
+        "created": iso(item.created), "updated": iso(item.updated),
+    }
+
+
+def point_time(doc: dict[str, Any], default: float) -> float:
+    """A point report's ``created`` (ISO 8601) as UNIX seconds."""
+    try:
+        t = dt.datetime.fromisoformat(str(doc.get("created", "")))
+    except ValueError:
+        return default
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return t.timestamp()
+
 
 async def point_recorded(server: ConfigServer, doc: dict[str, Any]) -> None:
-    """A new recovery point reached the catalog: update its item, wake waiting jobs."""
+    """A new recovery point reached the catalog: update its item, wake waiting jobs.
+
+    The latest point only moves forward (reports can arrive out of order).
+    """
+    machine = str(doc["machine"])
+    async with server.sessionmaker() as s:
+        item = await s.get(db.ReplicatedItem, machine, with_for_update=True)
+        if item is not None and item.state != ItemState.DISABLING:
+            t = point_time(doc, server.clock())
+            if item.latest_point_time is None or t >= item.latest_point_time:
+                item.latest_point, item.latest_point_time = str(doc["id"]), t
+            if doc.get("consistency") == "app" and (
+                    item.latest_app_point_time is None or t >= item.latest_app_point_time):
+                item.latest_app_point, item.latest_app_point_time = str(doc["id"]), t
+            item.updated = server.clock()
+            await s.commit()
+            log.info("item_point_updated", machine=machine, point=doc["id"])
     await server.notify()
+
+
+def expected_disks(machine: db.Machine, progress: dict[str, float]) -> list[str]:
+    """The disks initial replication must finish: the machine's inventory, or (when the
+    inventory lists none) what the agent reported."""
+    names = [str(d["name"]) for d in (machine.disks or []) if "name" in d]
+    return names or sorted(progress)
+
+
+def mean_progress(machine: db.Machine, progress: dict[str, float]) -> float:
+    names = expected_disks(machine, progress)
+    if not names:
+        return 0.0
+    return sum(min(100.0, float(progress.get(n, 0.0))) for n in names) / len(names)
+
+
+def apply_progress(item: db.ReplicatedItem, machine: db.Machine, disks: dict[str, float],
+                   resync: bool, now: float) -> None:
+    """An agent's progress report: per-disk percentages, then the item's totals and state.
+
+    During enabling/initial replication the report is initial-replication progress. Once
+    protected, ``resync`` starts (or continues) a resynchronization; the item is protected
+    again when every disk reached 100 %.
+    """
+    state = ItemState(item.state)
+    if state in (ItemState.DISABLING, ItemState.ENABLE_FAILED):
+        return
+    starting_resync = resync and state not in ENABLING_STATES and state is not \
+        ItemState.RESYNCING
+    base = {} if starting_resync else (item.disk_progress or {})  # a resync starts from 0 %
+    merged = {**base, **{k: float(v) for k, v in disks.items()}}
+    item.disk_progress = merged
+    total = mean_progress(machine, merged)
+    if state in ENABLING_STATES:
+        item.initial_progress = total
+    elif resync or state is ItemState.RESYNCING:
+        if total >= 100.0:
+            item.state, item.resync_progress = ItemState.PROTECTED, None
+        else:
+            item.state, item.resync_progress = ItemState.RESYNCING, total
+    item.updated = now

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 
 class ConfigMetrics:
@@ -10,3 +10,41 @@ class ConfigMetrics:
         self.registry = CollectorRegistry()
         self.points = Counter("siterecovery_configserver_recovery_points",
                               "Recovery points recorded in the catalog", registry=self.registry)
+        # Alerts and the health they are computed from (configserver/alerts.py).
+        r, ps = self.registry, "siterecovery_configserver_procserver_"
+        self.alerts_active = Gauge("siterecovery_configserver_alerts_active",
+                                   "Active alerts by severity and code", ["severity", "code"],
+                                   registry=r)
+        self.ps_cache_free = Gauge(ps + "cache_free_ratio", "Free share of a process server's "
+                                   "cache quota at its last heartbeat", ["procserver"], registry=r)
+        self.ps_backlog_seconds = Gauge(ps + "upload_backlog_seconds", "Age of the oldest data "
+                                        "waiting for upload at the last heartbeat",
+                                        ["procserver"], registry=r)
+        self.ps_backlog_bytes = Gauge(ps + "upload_backlog_bytes", "Cached bytes waiting for "
+                                      "upload at the last heartbeat", ["procserver"], registry=r)
+        self.ps_heartbeat_age = Gauge(ps + "heartbeat_age_seconds", "Seconds since the process "
+                                      "server's last heartbeat", ["procserver"], registry=r)
+        self.ps_heartbeats = Counter(ps + "heartbeats", "Heartbeats received from a process "
+                                     "server", ["procserver"], registry=r)
+        self.item_rpo = Gauge("siterecovery_configserver_item_rpo_seconds", "Age of a replicated "
+                              "item's latest recovery point (its current RPO)", ["machine"],
+                              registry=r)
+        # Trust (configserver/certs.py, api_certs.py): certificates and enrollment.
+        self.certs_issued = Counter("siterecovery_configserver_certificates_issued",
+                                    "Certificates the CA issued and recorded, by kind", ["kind"],
+                                    registry=r)
+        self.enrollments = Counter("siterecovery_configserver_enrollments",
+                                   "Agent enrollment attempts with the passphrase, by outcome "
+                                   "(ok, wrong_passphrase, throttled, machine_not_found, "
+                                   "machine_disabled)", ["outcome"], registry=r)
+        # Jobs (configserver/jobs.py) and agents (api_agent.py).
+        self.jobs = Counter("siterecovery_configserver_jobs", "Jobs that ended, by kind and "
+                            "result (succeeded, failed, cancelled)", ["kind", "result"],
+                            registry=r)
+        self.jobs_resumed = Counter("siterecovery_configserver_jobs_resumed", "Jobs resumed "
+                                    "after a configuration-server restart", ["kind"], registry=r)
+        self.job_engine_errors = Counter("siterecovery_configserver_job_engine_errors",
+                                         "Job runs interrupted by an engine error (e.g. the "
+                                         "database was unreachable); retried", registry=r)
+        self.agent_heartbeats = Counter("siterecovery_configserver_agent_heartbeats",
+                                        "Heartbeats received from Mobility agents", registry=r)

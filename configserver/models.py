@@ -28,6 +28,7 @@ class Registration(Base):
     registered_at: Mapped[float] = mapped_column(Float)
     key_expires: Mapped[float] = mapped_column(Float)
     skew_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    vault_key_file: Mapped[str | None] = mapped_column(Text, nullable=True)  # a path, never a key
 
 
 class RecoveryPoint(Base):

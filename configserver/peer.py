@@ -2,36 +2,51 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import structlog
 from aiohttp import web
 
 from configserver import db
+from configserver.certs import trusted
 
 if TYPE_CHECKING:
     from configserver.server import ConfigServer
 
+log = structlog.get_logger("configserver.peer")
 
-async def verify_peer(server: ConfigServer, request: web.Request) -> str | None:
-    """The machine name of the caller's certificate, or None.
 
-    The TLS layer already checked the chain to our CA; here a certificate also
-    has to be one we issued, unrevoked, for a machine that exists and is enabled.
-    """
+def peer_certificate(request: web.Request) -> tuple[str, str] | None:
+    """(common name, serial) of the client certificate TLS verified, or None."""
     ssl_obj = request.transport.get_extra_info("ssl_object") if request.transport else None
-    cert = ssl_obj.getpeercert() if ssl_obj is not None else None
+    cert: dict[str, Any] | None = ssl_obj.getpeercert() if ssl_obj is not None else None
     if not cert:
         return None
     cn = next((v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"), None)
     serial = str(cert.get("serialNumber", "")).lower().lstrip("0")
     if not cn or not serial:
         return None
+    return str(cn), serial
+
+
+async def verify_peer(server: ConfigServer, request: web.Request) -> str | None:
+    """The machine name of the caller's certificate, or None.
+
+    The TLS layer already checked the chain to our CA and the validity dates; here a
+    certificate also has to be one we issued to that machine, unrevoked, for a machine
+    that exists and is enabled (``certs.trusted``).
+    """
+    peer = peer_certificate(request)
+    if peer is None:
+        return None
+    cn, serial = peer
     async with server.sessionmaker() as s:
-        issued = await s.get(db.Certificate, serial)
-        if issued is None or issued.revoked_at is not None or issued.subject != cn \
-                or issued.kind != "agent":
-            return None
+        row = await s.get(db.Certificate, serial)
         machine = await s.get(db.Machine, cn)
-        if machine is None or not machine.enabled:
-            return None
-    return str(cn)
+    reason = "wrong_subject" if row is not None and row.subject != cn else \
+        trusted(row, machine, server.clock())
+    if reason is not None:
+        log.warning("agent_certificate_refused", machine=cn, serial=serial, reason=reason,
+                    peer=request.remote)
+        return None
+    return cn

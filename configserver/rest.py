@@ -11,6 +11,7 @@ Handlers take a ``Call`` (validated body, query and path parameters) and return
 from __future__ import annotations
 
 import datetime as dt
+import importlib.metadata
 import json
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -228,7 +229,10 @@ class RouteTable:
         return web.json_response(self.openapi())
 
     def openapi(self) -> dict[str, Any]:
-        from siterecovery import __version__
+        try:
+            version = importlib.metadata.version("siterecovery")
+        except importlib.metadata.PackageNotFoundError:  # running from a source tree
+            version = "0+unknown"
 
         paths: dict[str, dict[str, Any]] = {}
         for r in self.routes:
@@ -262,7 +266,7 @@ class RouteTable:
             paths.setdefault(r.path, {})[r.method.lower()] = op
         return {
             "openapi": "3.1.0",
-            "info": {"title": "siterecovery configuration server", "version": __version__,
+            "info": {"title": "siterecovery configuration server", "version": version,
                      "description": "Admin API (127.0.0.1 only). Errors are "
                                     "{\"error\": {\"code\", \"message\", \"hint\"}}."},
             "paths": paths,

@@ -49,6 +49,9 @@ class ConfigServer:
         self.ca = CertificateAuthority.load_or_create(self.cfg.ca_dir)
         self.engine, self.sessionmaker = await db.open_db(self.cfg.db_url)
         try:
+            from configserver.defaults import ensure_defaults
+
+            await ensure_defaults(self)  # the "default" policy, the secrets key
             await self._listen()
         except BaseException:
             await self.stop()
@@ -103,7 +106,12 @@ class ConfigServer:
 
     @property
     def site_url(self) -> str:
-        return f"https://{self.cfg.site_host}:{self.site_port}"
+        host = self.cfg.site_host
+        if host in ("0.0.0.0", "::"):
+            import socket
+
+            host = socket.getfqdn()
+        return f"https://{host}:{self.site_port}"
 
     async def notify(self) -> None:
         async with self.changed:

@@ -16,6 +16,10 @@ class MobilityConfig:
     state_dir: str
     disks: list[dict[str, Any]]
     server_port: int = 9443
+    # The configuration server's site listener (https://HOST:9441). Set: `mobility run`
+    # pulls its settings (process server, policy intervals), heartbeats and reports
+    # progress there. Empty: the agent replicates on this file alone.
+    site_url: str = ""
     interval_seconds: float = 30.0
     block_size: int = 64 * 1024
     snapshot: str = "none"
@@ -25,6 +29,8 @@ class MobilityConfig:
     script_timeout_seconds: float = 60.0
     connect_timeout_seconds: float = 15.0
     ack_timeout_seconds: float = 300.0
+    # How long a cycle whose connection broke keeps trying to resume (0: never).
+    resume_timeout_seconds: float = 120.0
 
     def validate(self) -> None:
         if not self.disks:
@@ -43,3 +49,5 @@ class MobilityConfig:
             raise ValueError("snapshot = 'script' needs pre_script and post_script")
         if self.interval_seconds <= 0:
             raise ValueError("interval_seconds must be positive")
+        if self.resume_timeout_seconds < 0:
+            raise ValueError("resume_timeout_seconds must not be negative")

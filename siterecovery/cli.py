@@ -39,7 +39,8 @@ EXIT_FAIL, EXIT_USAGE, EXIT_CORRUPT, EXIT_KEY = 1, 2, 3, 4
 async def cmd_serve(args: argparse.Namespace) -> int:
     from siterecovery.embedded import serve
 
-    return await serve(args.data_dir, args.admin_port, args.listen, args.metrics_port)
+    return await serve(args.data_dir, args.admin_port, args.listen, args.metrics_port,
+                       args.site_port)
 
 
 async def cmd_configserver_run(args: argparse.Namespace) -> int:
@@ -96,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", default=default_data_dir(),
                    help="where everything lives (default: %(default)s)")
     s.add_argument("--admin-port", type=int, default=9440, help="admin API port on 127.0.0.1")
+    s.add_argument("--site-port", type=int, default=9441,
+                   help="enrollment/agent API port (TLS), on the --listen host")
     s.add_argument("--listen", default="127.0.0.1:9443",
                    help="replication listener HOST:PORT (default: %(default)s)")
     s.add_argument("--metrics-port", type=int, default=9444, help="process-server metrics port")

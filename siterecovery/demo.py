@@ -76,7 +76,7 @@ async def demo(work: str | None, size_mib: int, cycles: int) -> int:
     say(f"demo: working in {tmp}")
     say(f"demo: making a {size_mib} MiB sample disk (zeros, random data, text)")
     make_disk(disk, size, seed=1)
-    e = await start_embedded(tmp / "data", admin_port=0, listen_port=0, metrics_port=0)
+    e = await start_embedded(tmp / "data", admin_port=0, site_port=0, listen_port=0, metrics_port=0)
     ok = True
     try:
         cfg_path = await enroll(e.config.url, e.config.admin_token, "demo-vm",

@@ -20,6 +20,7 @@ from pathlib import Path
 import structlog
 
 from configserver.ca import CertificateAuthority, write_bundle
+from configserver.certs import record_pem
 from configserver.config import ConfigServerConfig
 from configserver.server import ConfigServer
 from procserver.config import ProcServerConfig
@@ -60,14 +61,19 @@ async def ensure_vault(data_dir: Path) -> None:
 
 
 async def start_embedded(
-    data_dir: str | Path, *, admin_port: int = 9440, listen_host: str = "127.0.0.1",
+    data_dir: str | Path, *, admin_port: int = 9440, site_port: int = 9441,
+    listen_host: str = "127.0.0.1",
     listen_port: int = 9443, metrics_port: int = 9444, cache_quota_bytes: int = 8 << 30,
 ) -> Embedded:
     d = Path(data_dir).resolve()
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     await ensure_vault(d)
+    wildcard = listen_host in ("0.0.0.0", "::")
+    # Listening everywhere: agents will reach us by this machine's names.
+    site_names = sorted({socket.gethostname(), socket.getfqdn()}) if wildcard else []
     cs = ConfigServer(ConfigServerConfig(data_dir=str(d / "configserver"),
-                                         listen_port=admin_port))
+                                         listen_port=admin_port, site_port=site_port,
+                                         site_host=listen_host, site_names=site_names))
     await cs.start()
     tls = d / "procserver" / "tls"
     if not (tls / "server.pem").exists():
@@ -78,6 +84,7 @@ async def start_embedded(
             names |= {socket.gethostname(), socket.getfqdn()}
         hosts = sorted(names - {"0.0.0.0", "::", ""})
         write_bundle(tls, "server", ca.issue_server("procserver", hosts), ca.cert_pem)
+    await record_pem(cs, (tls / "server.pem").read_bytes(), "procserver")  # in cert list
     pcfg = ProcServerConfig(
         data_dir=str(d / "procserver"), vault_url=f"file://{d / 'vault'}",
         vault_key_file=str(d / "vault.key"), tls_cert=str(tls / "server.pem"),
@@ -119,9 +126,11 @@ async def wait_for_signal() -> None:
     await stop.wait()
 
 
-async def serve(data_dir: str, admin_port: int, listen: str, metrics_port: int) -> int:
+async def serve(data_dir: str, admin_port: int, listen: str, metrics_port: int,
+                site_port: int = 9441) -> int:
     host, _, port = listen.rpartition(":")
-    e = await start_embedded(data_dir, admin_port=admin_port, listen_host=host or "127.0.0.1",
+    e = await start_embedded(data_dir, admin_port=admin_port, site_port=site_port,
+                             listen_host=host or "127.0.0.1",
                              listen_port=int(port), metrics_port=metrics_port)
     token = e.config.cfg.token_path
     print(f"""siterecovery is running (embedded: SQLite + local-folder vault)
@@ -132,8 +141,12 @@ async def serve(data_dir: str, admin_port: int, listen: str, metrics_port: int) 
   metrics          {e.config.url}/metrics  http://127.0.0.1:{e.proc.metrics_port}/metrics
 Protect a machine:
   siterecovery mobility enroll --machine NAME --api {e.config.url} --token-file {token} \\
-      --server {host or '127.0.0.1'}:{e.proc.port} --disk sda=/dev/sda --out ./agent
+      --site-url {e.config.site_url} --server {host or '127.0.0.1'}:{e.proc.port} \\
+      --disk sda=/dev/sda --out ./agent
   siterecovery mobility run --config ./agent/mobility.toml
+  (another machine, once added to the inventory: mobility enroll --site {e.config.site_url}
+   --passphrase-file <copy of {e.config.cfg.passphrase_path}>
+   --ca-file <copy of {e.config.ca.cert_path}> ...)
 Stop with Ctrl-C.""", flush=True)
     try:
         await wait_for_signal()

@@ -219,6 +219,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                       help="default block size in bytes (64 KiB - 1 MiB, power of two)")
     init.add_argument("--json", action="store_true", help="machine-readable output")
     init.set_defaults(func=cmd_vault_init)
+    from siterecovery.registercmds import register_under  # 'vault registration-key'
+
+    register_under(vsub, add_vault_args)
 
     pp = sub.add_parser("points", help="recovery points")
     psub = pp.add_subparsers(dest="points_cmd", required=True)

@@ -133,6 +133,7 @@ def upgrade() -> None:
         sa.Column("registered_at", sa.Float(), nullable=False),
         sa.Column("key_expires", sa.Float(), nullable=False),
         sa.Column("skew_seconds", sa.Float(), nullable=True),
+        sa.Column("vault_key_file", sa.Text(), nullable=True),
         sa.PrimaryKeyConstraint("id"),
     )
     op.create_table(

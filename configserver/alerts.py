@@ -1,0 +1,271 @@
+"""Alerts: process-server health and RPO, the way operators know them from ASR.
+
+An alert is a condition on a target (a process server's or a machine's name). While
+it holds, exactly one *active* row for (code, target) exists in ``events``; when it
+ends that row gets ``active = false`` and ``cleared_at``. A change of severity
+clears the row and opens a new one, so the history shows when a warning became
+critical. The message of an active row is kept current (the latest values).
+
+Conditions (``now`` is ``server.clock()``, so tests age things with an injected clock):
+
+===============================  ========  ============================================
+code                             severity  when
+===============================  ========  ============================================
+procserver_cache_free_low        warning   cache free ratio < 0.30 at the last heartbeat
+procserver_cache_free_low        critical  cache free ratio < 0.25
+procserver_upload_backlog        warning   upload backlog > 30 min at the last heartbeat
+procserver_upload_backlog        critical  upload backlog > 45 min
+procserver_heartbeat_missing     critical  no heartbeat for 15 min or more
+rpo_threshold_exceeded           warning   a protected (or resyncing) item's latest point
+                                           is older than its policy's RPO threshold
+===============================  ========  ============================================
+
+A process server that stopped heartbeating keeps its last reported cache and
+backlog alerts (they are the last known state) next to the heartbeat alert. Silence
+is counted from this configuration server's start at the earliest (``up_since``).
+
+``evaluate()`` runs after every heartbeat, on demand (``POST /api/v1/alerts/evaluate``),
+and in ``run()``: every ``alert_interval_seconds`` and soon after ``server.notify()``
+(new points). Evaluations are serialized: per server by a lock, and across
+configuration servers sharing one PostgreSQL catalog by an advisory transaction lock.
+An evaluation that raised or cleared something calls ``server.notify()`` itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import structlog
+from sqlalchemy import select, text
+
+from configserver import db
+from configserver.items import ItemState
+
+if TYPE_CHECKING:
+    from configserver.server import ConfigServer
+
+log = structlog.get_logger("configserver.alerts")
+
+CACHE_FREE_WARNING, CACHE_FREE_CRITICAL = 0.30, 0.25
+BACKLOG_WARNING_S, BACKLOG_CRITICAL_S = 30 * 60, 45 * 60
+HEARTBEAT_CRITICAL_S = 15 * 60
+
+CACHE_LOW = "procserver_cache_free_low"
+BACKLOG = "procserver_upload_backlog"
+NO_HEARTBEAT = "procserver_heartbeat_missing"
+RPO = "rpo_threshold_exceeded"
+PROCSERVER_CODES = (CACHE_LOW, BACKLOG, NO_HEARTBEAT)
+CODES = (*PROCSERVER_CODES, RPO)  # the codes this module owns in ``events``
+SEVERITIES = ("warning", "critical")
+# Items whose agent is expected to keep sending points (an item still in initial
+# replication has no RPO yet; one being disabled is going away).
+RPO_STATES = (ItemState.PROTECTED, ItemState.RESYNCING, ItemState.RESYNC_REQUIRED)
+_PG_LOCK_KEY = 0x5352_414C  # "SRAL": one advisory lock for alert evaluation
+_MIN_GAP_S = 1.0  # notification-driven evaluations run at most this often
+
+
+@dataclass(frozen=True)
+class Alert:
+    code: str
+    target: str
+    severity: str
+    message: str
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def procserver_alerts(ps: db.ProcessServer, now: float, up_since: float) -> list[Alert]:
+    """The alerts one process server's last heartbeat (and its age) call for.
+
+    Silence counts from ``up_since`` (this configuration server's start) at the earliest:
+    heartbeats sent while it was down could not arrive, so a restart after a long outage
+    does not raise a heartbeat alert before the process servers had a chance to call.
+    """
+    out = []
+    free = ps.cache_free_ratio
+    if free < CACHE_FREE_WARNING:
+        critical = free < CACHE_FREE_CRITICAL
+        limit = CACHE_FREE_CRITICAL if critical else CACHE_FREE_WARNING
+        out.append(Alert(CACHE_LOW, ps.name, "critical" if critical else "warning",
+                         f"process server {ps.name}: cache free {free:.0%} (below {limit:.0%}); "
+                         "uploads are not keeping up or the cache is too small: check the "
+                         "vault's reachability and cache_quota_bytes"))
+    backlog = ps.backlog_seconds
+    if backlog > BACKLOG_WARNING_S:
+        critical = backlog > BACKLOG_CRITICAL_S
+        limit = BACKLOG_CRITICAL_S if critical else BACKLOG_WARNING_S
+        out.append(Alert(BACKLOG, ps.name, "critical" if critical else "warning",
+                         f"process server {ps.name}: data has waited {_duration(backlog)} for "
+                         f"upload (over {_duration(limit)}; {ps.backlog_bytes} bytes pending); "
+                         "check the vault's reachability and the upload throughput"))
+    age = now - ps.last_contact
+    if now - max(ps.last_contact, up_since) >= HEARTBEAT_CRITICAL_S:
+        out.append(Alert(NO_HEARTBEAT, ps.name, "critical",
+                         f"process server {ps.name}: no heartbeat for {_duration(age)}; is it "
+                         "running and can it reach the configuration server?"))
+    return out
+
+
+def rpo_alert(item: db.ReplicatedItem, threshold: int | None, now: float) -> Alert | None:
+    """The RPO alert an item calls for, if any."""
+    if item.state not in RPO_STATES or item.latest_point_time is None or threshold is None:
+        return None
+    rpo = now - item.latest_point_time
+    if rpo <= threshold:
+        return None
+    return Alert(RPO, item.machine, "warning",
+                 f"machine {item.machine}: RPO {_duration(rpo)} exceeds the policy "
+                 f"{item.policy!r} threshold of {_duration(threshold)}; check the agent and "
+                 "its process server")
+
+
+@dataclass
+class _State:
+    """Per-server bookkeeping: the evaluation lock and the metric labels in use."""
+
+    up_since: float
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    procservers: set[str] = field(default_factory=set)
+    machines: set[str] = field(default_factory=set)
+
+
+_states: weakref.WeakKeyDictionary[ConfigServer, _State] = weakref.WeakKeyDictionary()
+
+
+def _state(server: ConfigServer) -> _State:
+    st = _states.get(server)
+    if st is None:
+        st = _states[server] = _State(up_since=server.clock())
+    return st
+
+
+async def evaluate(server: ConfigServer) -> list[Alert]:
+    """Bring ``events`` and the alert metrics in line with the catalog; return what is active."""
+    st = _state(server)
+    async with st.lock:
+        now = server.clock()
+        raised: list[Alert] = []
+        cleared: list[db.Event] = []
+        async with server.sessionmaker() as s, s.begin():
+            if server.engine.dialect.name == "postgresql":
+                await s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
+            procservers = (await s.execute(select(db.ProcessServer))).scalars().all()
+            items = (await s.execute(
+                select(db.ReplicatedItem, db.Policy.rpo_threshold_s).outerjoin(
+                    db.Policy, db.Policy.name == db.ReplicatedItem.policy))).all()
+            want: dict[tuple[str, str], Alert] = {}
+            for ps in procservers:
+                for a in procserver_alerts(ps, now, st.up_since):
+                    want[(a.code, a.target)] = a
+            for item, threshold in items:
+                if (a2 := rpo_alert(item, threshold, now)) is not None:
+                    want[(a2.code, a2.target)] = a2
+            active = (await s.execute(select(db.Event).where(
+                db.Event.active.is_(True), db.Event.code.in_(CODES)).order_by(db.Event.id))
+            ).scalars().all()
+            kept: set[tuple[str, str]] = set()
+            for ev in active:
+                key = (ev.code, ev.target)
+                still = want.get(key)
+                if still is None or still.severity != ev.severity or key in kept:
+                    ev.active, ev.cleared_at = False, now
+                    cleared.append(ev)
+                    continue
+                kept.add(key)
+                ev.message = still.message
+            for key, a in want.items():
+                if key not in kept:
+                    s.add(db.Event(time=now, severity=a.severity, code=a.code, target=a.target,
+                                   message=a.message, active=True, cleared_at=None))
+                    raised.append(a)
+        for ev in cleared:
+            log.info("alert_cleared", code=ev.code, target=ev.target, severity=ev.severity)
+        for a in raised:
+            (log.error if a.severity == "critical" else log.warning)(
+                "alert_raised", code=a.code, target=a.target, severity=a.severity,
+                message=a.message)
+        _update_metrics(server, st, list(want.values()), procservers,
+                        [(i, t) for i, t in items])
+        result = list(want.values())
+    if raised or cleared:  # waiters on server.changed see alerts move (at most once more)
+        await server.notify()
+    return result
+
+
+def _age(clock: Callable[[], float], since: float) -> Callable[[], float]:
+    return lambda: max(0.0, clock() - since)
+
+
+def _update_metrics(server: ConfigServer, st: _State, alerts: Sequence[Alert],
+                    procservers: Sequence[db.ProcessServer],
+                    items: Sequence[tuple[db.ReplicatedItem, int | None]]) -> None:
+    m = server.metrics
+    for sev in SEVERITIES:
+        for code in CODES:
+            m.alerts_active.labels(sev, code).set(
+                sum(1 for a in alerts if a.severity == sev and a.code == code))
+    names = {ps.name for ps in procservers}
+    for ps in procservers:
+        m.ps_cache_free.labels(ps.name).set(ps.cache_free_ratio)
+        m.ps_backlog_seconds.labels(ps.name).set(ps.backlog_seconds)
+        m.ps_backlog_bytes.labels(ps.name).set(ps.backlog_bytes)
+        # Computed at scrape time: the age keeps growing between evaluations.
+        m.ps_heartbeat_age.labels(ps.name).set_function(_age(server.clock, ps.last_contact))
+    for gone in st.procservers - names:
+        for g in (m.ps_cache_free, m.ps_backlog_seconds, m.ps_backlog_bytes, m.ps_heartbeat_age,
+                  m.ps_heartbeats):
+            with contextlib.suppress(KeyError):
+                g.remove(gone)
+    st.procservers = names
+    machines = set()
+    for item, _threshold in items:
+        if item.latest_point_time is not None:
+            machines.add(item.machine)
+            m.item_rpo.labels(item.machine).set_function(
+                _age(server.clock, item.latest_point_time))
+    for gone in st.machines - machines:
+        with contextlib.suppress(KeyError):
+            m.item_rpo.remove(gone)
+    st.machines = machines
+
+
+async def run(server: ConfigServer) -> None:
+    """The background evaluator: every ``alert_interval_seconds``, and soon after a change."""
+    _state(server)  # up_since: now, at start
+    dirty = asyncio.Event()
+
+    async def watch() -> None:
+        async with server.changed:
+            while True:
+                await server.changed.wait()
+                dirty.set()
+
+    watcher = asyncio.create_task(watch(), name="alerts-watch")
+    try:
+        while True:
+            dirty.clear()
+            try:
+                await evaluate(server)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a catalog hiccup must not end alerting
+                log.error("alert_evaluation_failed", error=str(e), error_type=type(e).__name__,
+                          retry_in_seconds=server.cfg.alert_interval_seconds)
+            # Rate limit: a burst of changes (many agents) costs one evaluation per gap;
+            # what changed meanwhile stays marked in ``dirty``.
+            gap = min(_MIN_GAP_S, server.cfg.alert_interval_seconds)
+            await asyncio.sleep(gap)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(server.cfg.alert_interval_seconds - gap):
+                    await dirty.wait()
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher

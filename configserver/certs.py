@@ -1,0 +1,221 @@
+"""Certificates: every one the CA issues is recorded; revocation; the trust list.
+
+The ``certificates`` table holds one row per certificate (serial = lowercase hex
+without leading zeros, subject = common name, kind ``agent`` | ``procserver`` |
+``configserver``). A certificate's state is computed from its row and the clock:
+
+- ``revoked``    ``revoked_at`` is set and has passed;
+- ``superseded`` renewed: ``revoked_at`` is set in the future (the old certificate
+  keeps working for ``RENEW_GRACE_SECONDS``, so an agent that died before it saved
+  the new one can renew again);
+- ``expired``    ``not_after`` has passed;
+- ``valid``      otherwise.
+
+An agent certificate is *trusted* when it is valid (or superseded), its machine is
+in the inventory and enabled, and it was issued after the machine row was created
+(a machine removed and added again does not inherit its old certificates). The
+configuration server's site listener (``peer.py``) and, through the trust list,
+every process server (``procserver/trust.py``) apply this one rule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import weakref
+from collections import deque
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from cryptography import x509
+from sqlalchemy import select
+
+from configserver import db
+from configserver.ca import Issued, serial_hex
+from configserver.rest import iso
+
+if TYPE_CHECKING:
+    from configserver.server import ConfigServer
+
+log = structlog.get_logger("configserver.certs")
+
+KINDS = ("agent", "procserver", "configserver")
+STATES = ("valid", "superseded", "revoked", "expired")
+RENEW_GRACE_SECONDS = 3600.0
+PROCSERVER_DAYS = 365.0
+
+
+def state(row: db.Certificate, now: float) -> str:
+    if row.revoked_at is not None and row.revoked_at <= now:
+        return "revoked"
+    if row.not_after <= now:
+        return "expired"
+    if row.revoked_at is not None:
+        return "superseded"
+    return "valid"
+
+
+def doc(row: db.Certificate, now: float) -> dict[str, Any]:
+    return {"serial": row.serial, "subject": row.subject, "kind": row.kind,
+            "state": state(row, now), "issued_at": iso(row.issued_at),
+            "not_after": iso(row.not_after), "revoked_at": iso(row.revoked_at)}
+
+
+def trusted(row: db.Certificate | None, machine: db.Machine | None, now: float) -> str | None:
+    """Why an agent certificate is refused (None: trusted). ``row`` is its catalog row,
+    ``machine`` the inventory row of its subject."""
+    if row is None or row.kind != "agent":
+        return "certificate_unknown"
+    st = state(row, now)
+    if st in ("revoked", "expired"):
+        return f"certificate_{st}"
+    if machine is None:
+        return "machine_unknown"
+    if not machine.enabled:
+        return "machine_disabled"
+    if row.issued_at < machine.created:
+        return "certificate_unknown"  # issued to an earlier machine of that name
+    return None
+
+
+async def record(server: ConfigServer, issued: Issued, kind: str, *,
+                 issued_at: float | None = None) -> None:
+    """Add a certificate the CA issued to the catalog (idempotent on the serial)."""
+    assert kind in KINDS, kind
+    async with server.sessionmaker() as s:
+        if await s.get(db.Certificate, issued.serial) is None:
+            s.add(db.Certificate(serial=issued.serial, subject=issued.subject, kind=kind,
+                                 issued_at=server.clock() if issued_at is None else issued_at,
+                                 not_after=issued.not_after))
+            await s.commit()
+            server.metrics.certs_issued.labels(kind).inc()
+    await server.notify()
+
+
+async def record_pem(server: ConfigServer, pem: bytes, kind: str) -> Issued:
+    """Record a certificate issued earlier (a PEM file on disk), if it is not yet listed."""
+    cert = x509.load_pem_x509_certificate(pem)
+    cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    issued = Issued(pem, b"", serial_hex(cert.serial_number),
+                    str(cn[0].value) if cn else "", cert.not_valid_before_utc.timestamp(),
+                    cert.not_valid_after_utc.timestamp())
+    await record(server, issued, kind, issued_at=issued.not_before)
+    return issued
+
+
+async def issue_agent(server: ConfigServer, machine: str, days: float | None = None) -> Issued:
+    """Issue and record a client certificate for ``machine``."""
+    issued = server.ca.issue_client(machine, days or server.cfg.agent_cert_days,
+                                    now=server.clock())
+    await record(server, issued, "agent")
+    log.info("agent_certificate_issued", machine=machine, serial=issued.serial,
+             not_after=iso(issued.not_after))
+    return issued
+
+
+async def issue_procserver(server: ConfigServer, name: str, hosts: list[str],
+                           days: float | None = None) -> Issued:
+    """Issue and record a server certificate for a process server reachable as ``hosts``."""
+    issued = server.ca.issue_server(name, hosts, days or PROCSERVER_DAYS, now=server.clock())
+    await record(server, issued, "procserver")
+    log.info("procserver_certificate_issued", procserver=name, serial=issued.serial,
+             hosts=hosts, not_after=iso(issued.not_after))
+    return issued
+
+
+async def record_own(server: ConfigServer) -> None:
+    """Record the site listener's certificate (issued at start, before the catalog is
+    written to): with this, every certificate the CA issued is in the catalog."""
+    pem = Path(server.cfg.data_dir) / "tls" / "site.pem"  # see ConfigServer._site_tls
+    if pem.exists():
+        await record_pem(server, pem.read_bytes(), "configserver")
+
+
+# -- the trust list ---------------------------------------------------------------------
+
+async def trust_list(server: ConfigServer) -> dict[str, Any]:
+    """What process servers need to refuse certificates the CA alone would accept.
+
+    ``machines``: every machine of the inventory with ``enabled`` and the serials of its
+    trusted agent certificates; ``revoked``: revoked serials not yet expired. ``version``
+    changes exactly when the content does.
+    """
+    now = server.clock()
+    async with server.sessionmaker() as s:
+        machines = (await s.execute(select(db.Machine).order_by(db.Machine.name))
+                    ).scalars().all()
+        rows = (await s.execute(select(db.Certificate).where(
+            db.Certificate.kind == "agent", db.Certificate.not_after > now)
+            .order_by(db.Certificate.serial))).scalars().all()
+    by_subject: dict[str, list[db.Certificate]] = {}
+    for r in rows:
+        by_subject.setdefault(r.subject, []).append(r)
+    content = {
+        "ca_sha256": server.ca.fingerprint,
+        "machines": [{"name": m.name, "enabled": bool(m.enabled),
+                      "serials": [r.serial for r in by_subject.get(m.name, [])
+                                  if trusted(r, m, now) is None]} for m in machines],
+        "revoked": [r.serial for r in rows if state(r, now) == "revoked"],
+    }
+    version = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+    return {"version": version, "generated_at": iso(now), **content}
+
+
+# -- enrollment throttle ------------------------------------------------------------------
+
+class Throttle:
+    """Per client address: after ``limit`` wrong passphrases within ``window`` seconds,
+    every attempt is refused until the oldest of them is ``window`` seconds old."""
+
+    MAX_ADDRESSES = 10_000
+
+    def __init__(self, limit: int = 5, window: float = 600.0) -> None:
+        self.limit, self.window = limit, window
+        self._failures: dict[str, deque[float]] = {}
+
+    def _recent(self, addr: str, now: float) -> deque[float]:
+        q = self._failures.get(addr, deque())
+        while q and q[0] <= now - self.window:
+            q.popleft()
+        return q
+
+    def retry_after(self, addr: str, now: float) -> float:
+        """Seconds until ``addr`` may try again (0: now)."""
+        q = self._recent(addr, now)
+        if len(q) < self.limit:
+            return 0.0
+        return max(1.0, q[0] + self.window - now)
+
+    def failed(self, addr: str, now: float) -> None:
+        if len(self._failures) >= self.MAX_ADDRESSES:
+            for a in [a for a in self._failures if not self._recent(a, now)]:
+                del self._failures[a]
+            while len(self._failures) >= self.MAX_ADDRESSES:  # all busy: forget the oldest
+                del self._failures[next(iter(self._failures))]
+        q = self._recent(addr, now)
+        q.append(now)
+        self._failures[addr] = q
+
+    def succeeded(self, addr: str) -> None:
+        self._failures.pop(addr, None)
+
+
+_throttles: weakref.WeakKeyDictionary[ConfigServer, Throttle] = weakref.WeakKeyDictionary()
+
+
+def throttle(server: ConfigServer) -> Throttle:
+    t = _throttles.get(server)
+    if t is None:
+        t = _throttles[server] = Throttle()
+    return t
+
+
+async def wait_changed(server: ConfigServer, timeout: float) -> None:
+    """Wait until ``server.notify()`` or ``timeout`` seconds, whichever comes first."""
+    try:
+        async with asyncio.timeout(timeout), server.changed:
+            await server.changed.wait()
+    except TimeoutError:
+        pass

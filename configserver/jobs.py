@@ -1,0 +1,427 @@
+"""The durable job engine.
+
+A job (table ``jobs``) is a kind, a target (a machine name), parameters and an
+ordered list of steps. Each step is an idempotent async function. The engine
+writes a step's state to the database before it runs it and after it ends, so
+a configuration server that stops, or is killed, resumes every unfinished job
+at its current step when it starts again (re-running the step that was
+running; ``attempts`` counts the runs and ``job_resumed`` is logged).
+
+Scheduling: for each target, the oldest unfinished job runs and the others wait
+(ids sort in creation order); different targets run concurrently. Waiting steps
+sleep on ``server.changed`` (``server.notify()``) with a periodic re-check, so
+they cost nothing while nothing happens. A failing step fails the job (the
+later steps are skipped) with an error naming the step; an operator may cancel
+a cancellable job. A kind may queue a follow-up job on success, in the same
+transaction that ends the job, so a crash cannot lose it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import weakref
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import structlog
+from sqlalchemy import select, text, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+from configserver import db
+from configserver.jobdefs import (
+    ACTIVE,
+    JOB,
+    JOB_ID,
+    JOB_STATES,
+    KINDS,
+    STEP_STATES,
+    JobKind,
+    JobRun,
+    Step,
+    StepFailed,
+    job_doc,
+    new_job,
+    register,
+)
+from configserver.rest import ApiError
+
+if TYPE_CHECKING:
+    from configserver.server import ConfigServer
+
+__all__ = ["ACTIVE", "JOB", "JOB_ID", "JOB_STATES", "KINDS", "STEP_STATES", "JobEngine",
+           "JobKind", "JobRun", "Step", "StepContext", "StepFailed", "engine_of", "job_doc",
+           "new_job", "register", "wait_tick"]
+
+log = structlog.get_logger("configserver.jobs")
+_PG_LEADER_KEY = 0x5352_4A42  # "SRJB": the job engine's leader lock on PostgreSQL
+
+RETRY_SECONDS = 5.0  # after an engine error (e.g. the database went away) in a job's task
+
+T = TypeVar("T")
+
+
+class StepContext:
+    """What a step function gets: its job, progress reporting and waiting."""
+
+    def __init__(self, engine: JobEngine, job: JobRun, index: int) -> None:
+        self.engine, self.job, self.index = engine, job, index
+        self.server = engine.server
+
+    @property
+    def target(self) -> str:
+        return self.job.target
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.job.params
+
+    @property
+    def started(self) -> float:
+        """When this step first started (kept across restarts)."""
+        return float(self.job.steps[self.index]["started"])
+
+    async def progress(self, percent: float, message: str | None = None) -> None:
+        """Record the step's progress (written only when it changed)."""
+        st = self.job.steps[self.index]
+        percent = round(max(0.0, min(100.0, percent)), 2)
+        if st["progress"] == percent and (message is None or st["message"] == message):
+            return
+        st["progress"] = percent
+        if message is not None:
+            st["message"] = message
+        self.job.updated = self.server.clock()
+        self.job.recompute_progress()
+        await self.engine.save(self.job, ("running",))
+
+    async def wait_for(self, check: Callable[[], Awaitable[T | None]], *, what: str,
+                       timeout: float | None = None) -> T:
+        """Re-run ``check`` whenever the server's state changes (and every
+        ``engine.recheck_seconds``) until it returns something other than None. Fails
+        the step after ``timeout`` seconds (server clock) from the step's first start."""
+        while True:
+            tick = self.engine.tick
+            result = await check()
+            if result is not None:
+                return result
+            if timeout is not None and self.server.clock() >= self.started + timeout:
+                raise StepFailed(f"timed out after {timeout:.0f} s waiting for {what}")
+            await wait_tick(tick, self.engine.recheck_seconds)
+
+
+async def wait_tick(tick: asyncio.Event, seconds: float) -> None:
+    """Until ``tick`` is set or ``seconds`` pass. (asyncio.timeout, not wait_for: on
+    Python 3.11 wait_for can swallow a cancellation that races with the event.)"""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await tick.wait()
+
+
+_ENGINES: weakref.WeakKeyDictionary[ConfigServer, JobEngine] = weakref.WeakKeyDictionary()
+
+
+def engine_of(server: ConfigServer) -> JobEngine:
+    engine = _ENGINES.get(server)
+    if engine is None:
+        raise ApiError(503, "jobs_not_running", "the job engine has not started yet",
+                       "retry in a moment")
+    return engine
+
+
+@dataclass
+class _Running:
+    target: str
+    task: asyncio.Task[None]
+    step_task: asyncio.Task[str | None] | None = None
+    cancel_requested: bool = False
+
+
+class JobEngine:
+    """Runs the jobs of one configuration server; ``run()`` is its background task."""
+
+    recheck_seconds = 10.0
+
+    def __init__(self, server: ConfigServer, kinds: Mapping[str, JobKind] = KINDS) -> None:
+        self.server, self.kinds = server, kinds
+        self.tick = asyncio.Event()  # replaced (and the old one set) on every change
+        self._running: dict[str, _Running] = {}  # job id → its task
+        self._targets: set[str] = set()
+        self._retry_at: dict[str, float] = {}
+        self._writes: set[asyncio.Task[int]] = set()
+        self._write_lock: dict[str, asyncio.Lock] = {}
+        _ENGINES[server] = self
+
+    def poke(self) -> None:
+        old, self.tick = self.tick, asyncio.Event()
+        old.set()
+
+    async def _listen(self) -> None:
+        # Always inside wait() while not poking, so no notify_all() is missed.
+        async with self.server.changed:
+            while True:
+                await self.server.changed.wait()
+                self.poke()
+
+    async def _lead(self) -> AsyncConnection | None:
+        """On a shared PostgreSQL catalog only one configuration server runs jobs: the one
+        holding a session-level advisory lock on a connection it keeps open. The others
+        wait as standbys and take over when that connection goes (its server died)."""
+        if self.server.engine.dialect.name != "postgresql":
+            return None
+        announced = False
+        while True:
+            conn = await self.server.engine.connect()
+            try:
+                if await conn.scalar(text("SELECT pg_try_advisory_lock(:k)"),
+                                     {"k": _PG_LEADER_KEY}):
+                    await conn.commit()
+                    log.info("job_engine_leading")
+                    return conn
+                await conn.rollback()
+            except BaseException:
+                await conn.close()
+                raise
+            await conn.close()
+            if not announced:
+                log.info("job_engine_standby", hint="another configuration server on this "
+                         "catalog runs the jobs; this one takes over if it stops")
+                announced = True
+            await asyncio.sleep(self.recheck_seconds)  # poll for the leader's departure
+
+    async def run(self) -> None:
+        leader = await self._lead()
+        listener = asyncio.create_task(self._listen())
+        try:
+            while True:
+                tick = self.tick
+                try:
+                    await self._schedule()
+                except Exception:
+                    log.exception("job_scheduler_error")
+                await wait_tick(tick, self.recheck_seconds)
+        finally:
+            tasks = [listener, *(r.task for r in self._running.values())]
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+            if self._writes:
+                await asyncio.gather(*self._writes, return_exceptions=True)
+            if leader is not None:  # hand over at once: unlock, and never pool the session
+                with contextlib.suppress(Exception):
+                    await leader.execute(text("SELECT pg_advisory_unlock(:k)"),
+                                         {"k": _PG_LEADER_KEY})
+                await leader.invalidate()
+                await leader.close()
+
+    async def _schedule(self) -> None:
+        async with self.server.sessionmaker() as s:
+            rows = (await s.execute(
+                select(db.Job.id, db.Job.target).where(db.Job.state.in_(ACTIVE))
+                .order_by(db.Job.id))).all()
+        first: dict[str, str] = {}
+        for jid, target in rows:
+            first.setdefault(target, jid)
+        now = asyncio.get_running_loop().time()
+        for target, jid in first.items():
+            if target in self._targets or self._retry_at.get(jid, 0.0) > now:
+                continue
+            self._targets.add(target)
+            task = asyncio.create_task(self._drive(jid), name=f"job-{jid}")
+            self._running[jid] = _Running(target, task)
+            task.add_done_callback(functools.partial(self._done, jid))
+
+    def _done(self, jid: str, task: asyncio.Task[None]) -> None:
+        r = self._running.pop(jid, None)
+        self._write_lock.pop(jid, None)
+        if r is not None:
+            self._targets.discard(r.target)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("job_engine_error", job=jid, error=repr(task.exception()))
+            self._retry_at[jid] = asyncio.get_running_loop().time() + RETRY_SECONDS
+            self.server.metrics.job_engine_errors.inc()
+        self.poke()
+
+    # -- persistence: one writer per job, in call order, never cut by a cancellation --
+
+    async def save(self, job: JobRun, expect: tuple[str, ...],
+                   extra: Callable[[AsyncSession], Awaitable[None]] | None = None) -> int:
+        """Write the job's state if its row is in one of the ``expect`` states; returns the
+        number of rows written. ``extra`` runs in the same transaction."""
+        lock = self._write_lock.setdefault(job.id, asyncio.Lock())
+        values = job.values()
+
+        async def write() -> int:
+            async with lock, self.server.sessionmaker() as s:
+                result = await s.execute(update(db.Job).where(
+                    db.Job.id == job.id, db.Job.state.in_(expect)).values(**values))
+                written: int = result.rowcount  # type: ignore[attr-defined]
+                if written and extra is not None:
+                    await extra(s)
+                await s.commit()
+            self.poke()  # wakes long polls of this job (and re-checks waiting steps)
+            return written
+
+        task = asyncio.create_task(write())
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        return await asyncio.shield(task)
+
+    async def _load(self, jid: str) -> JobRun | None:
+        async with self.server.sessionmaker() as s:
+            row = await s.get(db.Job, jid)
+            return JobRun.of(row) if row is not None else None
+
+    # -- running one job --
+
+    async def _drive(self, jid: str) -> None:
+        job = await self._load(jid)
+        if job is None or job.state not in ACTIVE:
+            return
+        kind = self.kinds.get(job.kind)
+        now = self.server.clock()
+        resumed = job.state == "running"
+        job.state, job.attempts, job.updated = "running", job.attempts + 1, now
+        job.started = job.started or now
+        if kind is None or len(kind.steps) != len(job.steps):
+            await self._finish(job, None, "failed", None,
+                               f"this configuration server does not know job kind {job.kind!r}"
+                               " (or its steps changed); run the version that created it")
+            return
+        if not await self.save(job, ("running",) if resumed else ("queued",)):
+            return  # cancelled while queued
+        if resumed:
+            self.server.metrics.jobs_resumed.labels(job.kind).inc()
+        log.info("job_resumed" if resumed else "job_started", job=job.id, kind=job.kind,
+                 target=job.target, attempts=job.attempts)
+        me = self._running[jid]
+        for i, spec in enumerate(kind.steps):
+            st = job.steps[i]
+            if st["state"] in ("succeeded", "skipped"):
+                continue
+            if me.cancel_requested:
+                await self._finish(job, kind, "cancelled", i, "cancelled by the operator")
+                return
+            now = self.server.clock()
+            st.update(state="running", started=st.get("started") or now, ended=None,
+                      attempts=int(st.get("attempts") or 0) + 1)
+            job.updated = now
+            job.recompute_progress()
+            await self.save(job, ("running",))
+            log.info("job_step_started", job=job.id, kind=job.kind, target=job.target,
+                     step=spec.name, attempt=st["attempts"])
+            me.step_task = asyncio.create_task(spec.run(StepContext(self, job, i)))
+            try:
+                message = await me.step_task
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not me.cancel_requested or (task is not None and task.cancelling()):
+                    raise  # the server is stopping: the job resumes at the next start
+                await self._finish(job, kind, "cancelled", i, "cancelled by the operator")
+                return
+            except StepFailed as e:
+                await self._finish(job, kind, "failed", i, str(e))
+                return
+            except Exception as e:
+                log.exception("job_step_error", job=job.id, step=spec.name)
+                await self._finish(job, kind, "failed", i,
+                                   f"unexpected error: {type(e).__name__}: {e}")
+                return
+            finally:
+                me.step_task = None
+            now = self.server.clock()
+            st.update(state="succeeded", ended=now, progress=100.0,
+                      message=message if message is not None else st.get("message", ""))
+            job.updated = now
+            job.recompute_progress()
+            await self.save(job, ("running",))
+            log.info("job_step_succeeded", job=job.id, kind=job.kind, target=job.target,
+                     step=spec.name, message=st["message"])
+        await self._finish(job, kind, "succeeded", None, None)
+
+    async def _finish(self, job: JobRun, kind: JobKind | None, state: str, index: int | None,
+                      error: str | None) -> None:
+        now = self.server.clock()
+        for i, st in enumerate(job.steps):
+            if i == index:
+                st.update(state="failed", ended=now, message=error or "")
+            elif st["state"] in ("pending", "running"):
+                st.update(state="skipped", ended=now if st["state"] == "running" else None)
+        if index is not None and error is not None:
+            title = job.steps[index].get("title", job.steps[index]["name"])
+            error = f"{title}: {error}"
+        job.state, job.error, job.ended, job.updated = state, error, now, now
+        if state == "succeeded":
+            job.progress = 100.0
+        follow: db.Job | None = None
+        if state == "succeeded" and kind is not None and kind.then is not None:
+            follow = new_job(self.kinds[kind.then], job.target,
+                             {**job.params, "after": job.id}, now)
+
+        async def extra(s: AsyncSession) -> None:
+            if kind is not None and kind.on_end is not None:
+                await kind.on_end(s, job, state)
+            if follow is not None:
+                s.add(follow)
+
+        if not await self.save(job, ACTIVE, extra):
+            return
+        self.server.metrics.jobs.labels(job.kind, state).inc()
+        fields: dict[str, Any] = {"job": job.id, "kind": job.kind, "target": job.target,
+                                  "attempts": job.attempts}
+        if error:
+            fields["error"] = error
+        if follow is not None:
+            fields["next_job"] = follow.id
+        (log.info if state == "succeeded" else log.warning)(f"job_{state}", **fields)
+        await self.server.notify()
+
+    # -- operator actions --
+
+    async def cancel(self, jid: str) -> None:
+        """Cancel a queued or running job; returns once it is cancelled. Raises ApiError
+        (404 unknown, 409 finished or not cancellable)."""
+        job = await self._load(jid)
+        if job is None:
+            raise ApiError(404, "job_not_found", f"no job with id {jid!r}",
+                           "list jobs: siterecovery jobs list")
+        kind = self.kinds.get(job.kind)
+        if kind is not None and not kind.cancellable:
+            raise ApiError(409, "not_cancellable", f"a {kind.title} job cannot be cancelled",
+                           "wait for it to end: siterecovery jobs wait " + jid)
+        if job.state not in ACTIVE:
+            raise ApiError(409, "job_finished", f"job {jid} already ended ({job.state})")
+        r = self._running.get(jid)
+        if r is None:
+            queued = replace(job, state="cancelled")
+            await self._finish_queued(queued, kind)
+            if (await self._load(jid) or job).state == "cancelled":
+                return
+            r = self._running.get(jid)  # it started meanwhile
+            if r is None:
+                return
+        r.cancel_requested = True
+        if r.step_task is not None:
+            r.step_task.cancel()
+        await asyncio.wait([r.task])  # a caller going away does not stop the cancellation
+
+    async def _finish_queued(self, job: JobRun, kind: JobKind | None) -> None:
+        now = self.server.clock()
+        for st in job.steps:
+            st["state"] = "skipped"
+        job.error, job.ended, job.updated = "cancelled by the operator before it started", now, now
+
+        async def extra(s: AsyncSession) -> None:
+            if kind is not None and kind.on_end is not None:
+                await kind.on_end(s, job, "cancelled")
+
+        if await self.save(job, ("queued",), extra):
+            self.server.metrics.jobs.labels(job.kind, "cancelled").inc()
+            log.warning("job_cancelled", job=job.id, kind=job.kind, target=job.target,
+                        attempts=job.attempts, error=job.error)
+            await self.server.notify()
+        if job.id not in self._running:
+            self._write_lock.pop(job.id, None)

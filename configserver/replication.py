@@ -1,0 +1,222 @@
+"""The replication jobs: Enable protection → Finalize protection, Disable protection.
+
+Every step is idempotent (the engine re-runs a step that was running when the
+server stopped) and reads what it needs from the catalog rather than from
+memory.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from configserver import db
+from configserver.items import ENABLING_STATES, ItemState, expected_disks
+from configserver.jobs import JobKind, JobRun, Step, StepContext, StepFailed, register
+from configserver.rest import iso
+
+AGENT_TIMEOUT_SECONDS = 3600.0  # how long Enable protection waits for the agent to check in
+STALE_PROCSERVER_SECONDS = 900.0  # no heartbeat for 15 min: not chosen for new machines
+
+
+async def _item(s: AsyncSession, machine: str) -> db.ReplicatedItem:
+    item = await s.get(db.ReplicatedItem, machine)
+    if item is None:
+        raise StepFailed(f"machine {machine!r} has no replicated item any more (replication "
+                         "was disabled)")
+    return item
+
+
+async def _set_state(ctx: StepContext, state: ItemState, *,
+                     only_from: tuple[ItemState, ...] = ()) -> None:
+    async with ctx.server.sessionmaker() as s:
+        item = await _item(s, ctx.target)
+        if item.state == state or (only_from and item.state not in only_from):
+            return
+        item.state, item.updated = state, ctx.server.clock()
+        await s.commit()
+    await ctx.server.notify()
+
+
+# -- Enable protection --
+
+async def validate(ctx: StepContext) -> str:
+    """The machine, its policy and a process server for it."""
+    policy_name = str(ctx.params.get("policy", "default"))
+    async with ctx.server.sessionmaker() as s:
+        machine = await s.get(db.Machine, ctx.target)
+        if machine is None:
+            raise StepFailed(f"machine {ctx.target!r} is no longer in the inventory")
+        if not machine.enabled:
+            raise StepFailed(f"machine {ctx.target!r} is disabled; enable it with "
+                             f"'siterecovery machine update {ctx.target} --enable'")
+        if machine.os_type != "linux":
+            raise StepFailed(f"machine {ctx.target!r} runs {machine.os_type}; only Linux "
+                             "machines can be protected for now")
+        if await s.get(db.Policy, policy_name) is None:
+            raise StepFailed(f"policy {policy_name!r} no longer exists")
+        await _item(s, ctx.target)
+        ps_name = machine.process_server
+        if ps_name is not None:
+            ps = await s.get(db.ProcessServer, ps_name)
+            if ps is None:
+                raise StepFailed(f"the machine's process server {ps_name!r} is not registered;"
+                                 " start it (it registers with its first heartbeat) or assign "
+                                 "another one: siterecovery machine update "
+                                 f"{ctx.target} --process-server NAME")
+        else:
+            ps = await _least_loaded(s, ctx.server.clock())
+            if ps is None:
+                raise StepFailed("no process server is registered; start one (it registers "
+                                 "with its first heartbeat), then enable replication again")
+            machine.process_server = ps.name
+        await s.commit()
+    return f"machine {ctx.target}, policy {policy_name}, process server {ps.name} " \
+           f"({ps.address})"
+
+
+async def _least_loaded(s: AsyncSession, now: float) -> db.ProcessServer | None:
+    """The registered process server with a recent heartbeat and the fewest machines."""
+    servers = (await s.execute(select(db.ProcessServer))).scalars().all()
+    if not servers:
+        return None
+    counts = dict((await s.execute(
+        select(db.Machine.process_server, func.count()).group_by(db.Machine.process_server)
+    )).all())
+    return min(servers, key=lambda p: (now - p.last_contact > STALE_PROCSERVER_SECONDS,
+                                       counts.get(p.name, 0), p.name))
+
+
+async def prepare_agent(ctx: StepContext) -> str:
+    """Wait for the machine's Mobility agent to check in (heartbeat or settings call) after
+    the job was created. (Push installation over SSH will happen here.)"""
+    since = ctx.job.created
+
+    async def checked_in() -> str | None:
+        async with ctx.server.sessionmaker() as s:
+            machine = await s.get(db.Machine, ctx.target)
+            if machine is None:
+                raise StepFailed(f"machine {ctx.target!r} was removed from the inventory")
+            await _item(s, ctx.target)
+            if machine.last_contact is not None and machine.last_contact >= since:
+                return f"agent {machine.agent_version or '(version unknown)'} checked in at " \
+                       f"{iso(machine.last_contact)}"
+        return None
+
+    await ctx.progress(0.0, "waiting for the Mobility agent to check in")
+    return await ctx.wait_for(checked_in, what="the Mobility agent to check in (is it "
+                              "installed, enrolled and running? siterecovery mobility enroll)",
+                              timeout=AGENT_TIMEOUT_SECONDS)
+
+
+async def initial_replication(ctx: StepContext) -> str:
+    """Wait until every disk is copied (agent progress 100 %) and the first recovery point
+    is in the catalog."""
+    await _set_state(ctx, ItemState.INITIAL_REPLICATION, only_from=(ItemState.ENABLING,))
+
+    async def done() -> str | None:
+        async with ctx.server.sessionmaker() as s:
+            item = await _item(s, ctx.target)
+            machine = await s.get(db.Machine, ctx.target)
+            if machine is None:
+                raise StepFailed(f"machine {ctx.target!r} was removed from the inventory")
+            if item.state not in ENABLING_STATES:
+                raise StepFailed(f"the item is {item.state}, not in initial replication")
+            progress = dict(item.disk_progress or {})
+            disks = expected_disks(machine, progress)
+            copied = bool(disks) and all(progress.get(d, 0.0) >= 100.0 for d in disks)
+            point = item.latest_point
+        if copied and point is not None:
+            return f"{len(disks)} disk(s) copied; first recovery point {point}"
+        percent = min(item.initial_progress, 99.0 if point is None else 100.0)
+        await ctx.progress(percent, "waiting for the first recovery point" if copied
+                           else f"copying {len(disks)} disk(s)" if disks
+                           else "waiting for the agent's first progress report")
+        return None
+
+    return await ctx.wait_for(done, what="initial replication")
+
+
+async def _enable_ended(s: AsyncSession, job: JobRun, state: str) -> None:
+    if state == "succeeded":
+        return
+    item = await s.get(db.ReplicatedItem, job.target)
+    if item is not None and item.state in ENABLING_STATES:
+        item.state, item.health = ItemState.ENABLE_FAILED, "critical"
+        item.health_errors = [job.error or f"{job.kind} {state}"]
+        item.updated = job.updated
+
+
+ENABLE = register(JobKind(
+    "enable_protection", "Enable protection",
+    (Step("validate", "Prerequisites check", validate),
+     Step("prepare_agent", "Prepare the Mobility agent", prepare_agent),
+     Step("initial_replication", "Initial replication", initial_replication)),
+    then="finalize_protection", on_end=_enable_ended))
+
+
+# -- Finalize protection --
+
+async def record_first_point(ctx: StepContext) -> str:
+    async with ctx.server.sessionmaker() as s:
+        item = await _item(s, ctx.target)
+        if item.latest_point is None:
+            raise StepFailed("the item has no recovery point yet")
+        point = await s.get(db.RecoveryPoint, item.latest_point)
+        if point is None:
+            raise StepFailed(f"recovery point {item.latest_point} is not in the catalog")
+    return f"first recovery point {point.id} ({point.consistency}-consistent, {point.created})"
+
+
+async def mark_protected(ctx: StepContext) -> str:
+    async with ctx.server.sessionmaker() as s:
+        item = await _item(s, ctx.target)
+        if item.state in ENABLING_STATES:
+            item.state, item.initial_progress = ItemState.PROTECTED, 100.0
+            item.health, item.health_errors = "normal", []
+            item.updated = ctx.server.clock()
+            await s.commit()
+        elif item.state != ItemState.PROTECTED:
+            raise StepFailed(f"the item is {item.state}; it cannot become protected")
+    await ctx.server.notify()
+    return "protected; delta replication continues"
+
+
+FINALIZE = register(JobKind(
+    "finalize_protection", "Finalize protection",
+    (Step("record_first_point", "Record the first recovery point", record_first_point),
+     Step("mark_protected", "Mark the item protected", mark_protected)),
+    on_end=_enable_ended))
+
+
+# -- Disable protection --
+
+async def stop_replication(ctx: StepContext) -> str:
+    async with ctx.server.sessionmaker() as s:
+        item = await s.get(db.ReplicatedItem, ctx.target)
+        if item is None:
+            return "no replicated item (already removed)"
+        if item.state != ItemState.DISABLING:
+            item.state, item.updated = ItemState.DISABLING, ctx.server.clock()
+            await s.commit()
+    await ctx.server.notify()
+    return "the agent's settings no longer ask it to replicate"
+
+
+async def remove_item(ctx: StepContext) -> str:
+    async with ctx.server.sessionmaker() as s:
+        await s.execute(delete(db.ReplicatedItem).where(
+            db.ReplicatedItem.machine == ctx.target))
+        await s.commit()
+    await ctx.server.notify()
+    return "replicated item removed; its recovery points stay in the vault until retention " \
+           "removes them"
+
+
+DISABLE = register(JobKind(
+    "disable_protection", "Disable protection",
+    (Step("stop_replication", "Stop replication", stop_replication),
+     Step("remove_item", "Remove the replicated item", remove_item)),
+    cancellable=False))  # quick, and a half-disabled item could neither be enabled nor used
+
+ENABLE_KINDS = (ENABLE.name, FINALIZE.name)

@@ -1,0 +1,136 @@
+"""``mobility run`` with a configuration server: the agent as a managed daemon.
+
+Each round the agent asks the site listener for its settings (the assigned process
+server, the policy's crash-consistent interval and app-consistent frequency, the
+block size, whether to replicate at all), heartbeats, runs a cycle and reports
+the progress of full copies (initial replication, resynchronization). When the
+configuration server cannot be reached it keeps replicating on what it last knew:
+the control plane steers the data path, it never stops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Callable
+
+import structlog
+
+from mobility.agent import Agent
+from mobility.config import MobilityConfig
+from mobility.control import ControlError, ControlPlane, ProgressReporter, Settings
+from mobility.snapshot import FsFreeze, NoSnapshot, Quiesced, Scripts, SnapshotProvider
+from mobility.tracker import load_state
+
+log = structlog.get_logger("mobility.daemon")
+ENABLING = ("enabling", "initial_replication")
+
+
+def providers(cfg: MobilityConfig) -> tuple[SnapshotProvider, SnapshotProvider | None]:
+    """The crash-consistent provider, and the app-consistent one if scripts are set."""
+    crash: SnapshotProvider = NoSnapshot()
+    if cfg.snapshot == "quiesced":
+        crash = Quiesced()
+    elif cfg.snapshot in ("fsfreeze", "script") and cfg.freeze_mounts:
+        crash = FsFreeze(cfg.freeze_mounts)
+    app = (Scripts(cfg.pre_script, cfg.post_script, cfg.script_timeout_seconds, crash)
+           if cfg.pre_script and cfg.post_script else None)
+    return crash, app
+
+
+class ManagedAgent:
+    def __init__(self, cfg: MobilityConfig, control: ControlPlane,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg, self.control, self.clock = cfg, control, clock
+        self.crash, self.app = providers(cfg)
+        self.agent = Agent(cfg, provider=self.crash)
+        self.settings: Settings | None = None
+        self._last_app: float | None = None
+        self._last_heartbeat: float | None = None
+
+    def close(self) -> None:
+        self.agent.close()
+
+    async def refresh(self) -> Settings | None:
+        try:
+            s = await self.control.settings()
+        except ControlError as e:
+            log.warning("settings_unavailable", error=str(e),
+                        hint="replicating on the last known settings")
+            return self.settings
+        self.settings = s
+        cfg = self.cfg
+        if s.process_server:
+            host, _, port = s.process_server.rpartition(":")
+            if host and port.isdigit():
+                cfg = dataclasses.replace(cfg, server_host=host, server_port=int(port))
+        if s.block_size and s.block_size != cfg.block_size:
+            cfg = dataclasses.replace(cfg, block_size=s.block_size)
+        if cfg != self.agent.cfg:
+            log.info("settings_applied", server=f"{cfg.server_host}:{cfg.server_port}",
+                     block_size=cfg.block_size)
+            self.agent.cfg = cfg
+        return s
+
+    async def heartbeat(self) -> None:
+        interval = self.settings.heartbeat_interval_seconds if self.settings else 60.0
+        now = self.clock()
+        if self._last_heartbeat is not None and now - self._last_heartbeat < interval:
+            return
+        try:
+            await self.control.heartbeat()
+            self._last_heartbeat = now
+        except ControlError as e:
+            log.warning("heartbeat_failed", error=str(e))
+
+    def interval(self) -> float:
+        s = self.settings
+        if s is not None and s.crash_interval_seconds:
+            return float(s.crash_interval_seconds)
+        return self.cfg.interval_seconds
+
+    def _provider(self) -> SnapshotProvider:
+        s = self.settings
+        freq = s.app_frequency_seconds if s is not None else None
+        if self.app is None or not freq:
+            return self.crash if self.app is None or freq == 0 else self.app
+        now = self.clock()
+        if self._last_app is None or now - self._last_app >= freq:
+            self._last_app = now
+            return self.app
+        return self.crash
+
+    async def round(self) -> bool:
+        """One round: settings, heartbeat, and a cycle if the item is to replicate.
+        Returns whether a cycle ran."""
+        s = await self.refresh()
+        await self.heartbeat()
+        if s is not None and not s.replicate:
+            log.info("replication_not_enabled", item_state=s.item_state)
+            return False
+        self.agent.provider = self._provider()
+        full = load_state(self.agent.state_dir) is None
+        names = [d["name"] for d in self.cfg.disks]
+        if s is not None and full:
+            resync = s.item_state not in ENABLING
+            async with ProgressReporter(self.control, names, resync=resync) as report:
+                await self.agent.replicate_once(report)
+        else:
+            await self.agent.replicate_once()
+        return True
+
+    async def run_forever(self) -> None:
+        delay = 1.0
+        while True:
+            try:
+                await self.round()
+                delay = 1.0
+                await asyncio.sleep(self.interval())
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the daemon must keep protecting the machine
+                log.warning("cycle_failed", error=str(e) or type(e).__name__,
+                            error_type=type(e).__name__, retry_in_seconds=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
