@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 
 from procserver.wire import DEFAULT_PORT
+from vault.throttle import Schedule
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,12 @@ class ProcServerConfig:
     # there ("" = the host name) and how often it reports its health.
     name: str = ""
     heartbeat_interval_seconds: float = 30.0
+    # Upload bandwidth into the vault (as ASR's process-server throttling), in Mbit/s:
+    # during work_hours on work_days, and outside them. 0: unlimited.
+    upload_limit_work_mbps: float = 0.0
+    upload_limit_off_mbps: float = 0.0
+    work_days: str = "mon-fri"
+    work_hours: str = "08:00-18:00"
 
     def validate(self) -> None:
         if not 0 <= self.listen_port < 65536:
@@ -65,8 +72,13 @@ class ProcServerConfig:
             raise ValueError("receive_buffer_bytes must be at least 1 MiB")
         if self.receive_bytes_per_second < 0:
             raise ValueError("receive_bytes_per_second must not be negative")
+        self.upload_schedule()  # raises ValueError naming the bad setting
         if self.heartbeat_interval_seconds <= 0:
             raise ValueError("heartbeat_interval_seconds must be positive")
         if self.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", self.name):
             raise ValueError("name must be 1-63 letters, digits, '.', '_' or '-', starting "
                              "with a letter or digit")
+
+    def upload_schedule(self) -> Schedule:
+        return Schedule.from_mbps(self.upload_limit_work_mbps, self.upload_limit_off_mbps,
+                                  self.work_days, self.work_hours)

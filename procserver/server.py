@@ -39,6 +39,8 @@ from vault.instrument import StoreMetrics
 from vault.keyslots import KeyMaterial, read_keyfile
 from vault.open import open_store
 from vault.repo import Vault
+from vault.store import BlobStore
+from vault.throttle import ThrottleStore, TokenBucket
 
 log = structlog.get_logger("procserver")
 
@@ -126,8 +128,11 @@ class ProcServer:
         responsive_gil()
         # The vault and its key first: a wrong key or URL must leave nothing behind.
         km = KeyMaterial(keyfile=read_keyfile(self.cfg.vault_key_file))
-        self.vault = await Vault.open(
-            open_store(self.cfg.vault_url, StoreMetrics(self.metrics.registry)), km)
+        store: BlobStore = open_store(self.cfg.vault_url, StoreMetrics(self.metrics.registry))
+        schedule = self.cfg.upload_schedule()
+        if not schedule.unlimited:  # pace uploads; the cache absorbs the difference
+            store = ThrottleStore(store, TokenBucket(schedule))
+        self.vault = await Vault.open(store, km)
         try:
             self.index = await self.vault.load_index()
             self.cache_dir.mkdir(parents=True, exist_ok=True)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import pytest
 
+from tests.helpers import Pki
 from vault.memory import MemoryStore
 from vault.throttle import Schedule, ThrottleStore, TokenBucket, parse_days, parse_hours
 
@@ -77,3 +79,50 @@ async def test_throttle_store_paces_uploads_only() -> None:
     assert clock.t - 1000.0 == pytest.approx(3.0)
     assert await store.get("packs/p0") == bytes(1_000_000)  # reads are not paced
     assert clock.t - 1000.0 == pytest.approx(3.0)
+
+
+def test_process_server_config_refuses_a_bad_schedule() -> None:
+    from procserver.config import ProcServerConfig
+    from siterecovery.tomlconfig import ConfigError, from_mapping
+
+    base = {"data_dir": "/x", "vault_url": "file:///v", "vault_key_file": "/k",
+            "tls_cert": "/c", "tls_key": "/k", "tls_ca": "/a"}
+    for bad, match in (({"work_hours": "9-5"}, "work hours"),
+                       ({"work_days": "weekdays"}, "work days"),
+                       ({"upload_limit_work_mbps": -5.0}, "unlimited")):
+        with pytest.raises(ConfigError, match=match):
+            from_mapping(ProcServerConfig, {**base, **bad}, "procserver.toml")
+
+
+async def test_a_throttled_process_server_still_makes_exact_points(
+        tmp_path: Path, pki: Pki, vault_at: tuple[str, Path]) -> None:
+    from tests.helpers import (
+        agent_config,
+        make_agent,
+        make_disk,
+        open_vault,
+        proc_config,
+        restore_all,
+        running_procserver,
+        sha256,
+    )
+
+    url, key = vault_at
+    disk = tmp_path / "disk.img"
+    make_disk(disk, 4 << 20, seed=8)
+    cfg = proc_config(tmp_path, pki, url, key, upload_limit_work_mbps=400.0,
+                      upload_limit_off_mbps=800.0)
+    async with running_procserver(cfg) as ps:
+        assert isinstance(ps.vault.store, ThrottleStore)  # the setting reaches the uploads
+        agent = make_agent(agent_config(tmp_path, pki, "web01", ps.port, {"sda": disk}))
+        try:
+            r = await agent.replicate_once()
+        finally:
+            agent.close()
+        pid = await ps.wait_point(r.cycle)
+    vault = await open_vault(tmp_path / "vault", key)
+    try:
+        assert await restore_all(vault, await vault.read_point(pid), tmp_path / "o") == {
+            "sda": sha256(disk)}
+    finally:
+        await vault.close()
