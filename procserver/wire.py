@@ -238,7 +238,10 @@ class FrameStream(asyncio.BufferedProtocol):
 
     def __init__(self, *, chunk: int = 1 << 20, high_water: int = 2 << 20,
                  max_frame: int = MAX_FRAME) -> None:
-        self.chunk, self.high_water, self.max_frame = chunk, high_water, max_frame
+        # Never pause short of a whole frame: with a largest frame still incomplete below
+        # the mark, reading would stop for good (and the peer time out).
+        self.chunk, self.max_frame = chunk, max_frame
+        self.high_water = max(high_water, max_frame + 1)
         self.transport: asyncio.Transport | None = None
         # Unread data: a deque of [chunk, start, end]; the last chunk also takes writes.
         self._chunks: collections.deque[list[Any]] = collections.deque()

@@ -165,3 +165,21 @@ async def test_end_to_end_on_azure_blob(tmp_path: Path, pki: Pki, azurite_conn: 
                                       "--point", point_id, "--out", str(out))
         assert res.returncode == 0, res.stderr
         assert sha256(out / "sda.img") == want
+
+
+async def test_the_largest_block_size_replicates(tmp_path: Path, pki: Pki,
+                                                 procserver: ProcServer,
+                                                 vault_at: tuple[str, Path]) -> None:
+    """1 MiB blocks: each BLOCK frame is larger than the receive buffer's usual mark."""
+    disk = tmp_path / "disk.img"
+    make_disk(disk, 24 << 20, seed=13)
+    agent = make_agent(agent_config(tmp_path, pki, "big01", procserver.port, {"sda": disk},
+                                    block_size=1 << 20))
+    try:
+        r = await agent.replicate_once()
+    finally:
+        agent.close()
+    vault = await open_vault(tmp_path / "vault", vault_at[1])
+    point = await vault.read_point(await procserver.wait_point(r.cycle))
+    assert await restore_all(vault, point, tmp_path / "o") == {"sda": sha256(disk)}
+    await vault.close()
