@@ -587,7 +587,9 @@ async def test_frame_stream_stops_reading_at_its_high_water_mark() -> None:
     high = 256 << 10
     frames = [encode(FrameType.BLOCK, BLOCK_HEAD.pack(0, n) + bytes(60000)) for n in range(200)]
     raw = b"".join(frames)
-    async with stream_pair(chunk=64 << 10, high_water=high) as (stream, peer):
+    async with stream_pair(chunk=64 << 10, high_water=high, max_frame=64 << 10) as (
+            stream, peer):
+        assert stream.high_water == high
         writer = asyncio.create_task(send_all(peer, raw))
         peak = 0
         got = 0
@@ -632,3 +634,16 @@ def test_hrl_segment_holds_only_data_frames(tmp_path: Path) -> None:
     with pytest.raises(ProtocolError) as e:
         list(read_segment(path))
     assert code_of(e) == "bad_segment"
+
+
+async def test_frame_stream_never_pauses_short_of_its_largest_frame() -> None:
+    """A mark below the largest frame would stop reading with that frame still incomplete,
+    for good: the mark is raised to hold one whole frame, and such frames arrive."""
+    big = encode(FrameType.BLOCK, BLOCK_HEAD.pack(0, 0) + bytes(1 << 20))
+    async with stream_pair(chunk=64 << 10, high_water=256 << 10) as (stream, peer):
+        assert stream.high_water > MAX_FRAME
+        writer = asyncio.create_task(send_all(peer, big * 3))
+        for n in range(3):
+            f = await stream.next_frame(5)
+            assert f.block_head() == (0, 0), n
+        await writer
