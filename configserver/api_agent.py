@@ -13,7 +13,14 @@ from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from configserver import db
-from configserver.items import ITEM, PERCENT, REPLICATING_STATES, apply_progress, item_doc
+from configserver.items import (
+    ITEM,
+    PERCENT,
+    REPLICATING_STATES,
+    ItemState,
+    apply_progress,
+    item_doc,
+)
 from configserver.rest import ApiError, Call, Route, iso, nullable, obj, reply
 
 log = structlog.get_logger("configserver.agent")
@@ -109,6 +116,14 @@ async def heartbeat(call: Call) -> web.Response:
                   "replicate": state in REPLICATING_STATES, "item_state": state})
 
 
+def _resync_event(before: str, after: str) -> tuple[str, str] | None:
+    if after == ItemState.RESYNCING and before != ItemState.RESYNCING:
+        return "resync_started", "resynchronization started"
+    if before == ItemState.RESYNCING and after == ItemState.PROTECTED:
+        return "resync_completed", "resynchronization completed: every disk is in sync"
+    return None
+
+
 async def progress(call: Call) -> web.Response:
     name = str(call.peer)
     disks: dict[str, float] = call.body["disks"]
@@ -130,6 +145,10 @@ async def progress(call: Call) -> web.Response:
         before = item.state
         apply_progress(item, machine, disks, bool(call.body.get("resync", False)), now)
         machine.last_contact = now
+        event = _resync_event(before, item.state)
+        if event is not None:
+            s.add(db.Event(time=now, severity="info", code=event[0], target=name,
+                           message=event[1], active=False))
         await s.commit()
         doc = item_doc(item, await s.get(db.Policy, item.policy), now)
     if doc["state"] != before:

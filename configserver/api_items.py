@@ -136,12 +136,47 @@ async def disable(call: Call) -> web.Response:
     return reply({"job": job_doc(job)}, status=202)
 
 
+RESYNCABLE = (ItemState.PROTECTED, ItemState.RESYNC_REQUIRED)
+
+
+async def resync(call: Call) -> web.Response:
+    name = call.params["machine"]
+    now = call.server.clock()
+    async with call.server.sessionmaker() as s:
+        item = await s.get(db.ReplicatedItem, name, with_for_update=True)
+        if item is None:
+            raise _no_item(name)
+        if item.state not in RESYNCABLE:
+            raise ApiError(409, "not_resyncable", f"{name!r} is {item.state}: only a protected "
+                           "item can be resynchronized",
+                           "wait for initial replication or the running resync to finish: "
+                           f"siterecovery items show {name}")
+        item.state, item.updated = ItemState.RESYNC_REQUIRED, now
+        s.add(db.Event(time=now, severity="info", code="resync_requested", target=name,
+                       message="resynchronization requested: the agent compares every disk "
+                               "with the newest recovery point and sends the differences",
+                       active=False))
+        await s.commit()
+        doc = item_doc(item, await s.get(db.Policy, item.policy), now)
+    log.info("resync_requested", machine=name)
+    await call.server.notify()
+    return reply(doc, status=202)
+
+
 ROUTES = [
     Route("GET", "/api/v1/items", list_items, "List replicated items", "items",
           query={"state": {"enum": [s.value for s in ItemState]}},
           responses={200: obj({"items": array(ITEM)}, ["items"])}),
     Route("GET", "/api/v1/items/{machine}", show_item, "Show a replicated item", "items",
           params=_MACHINE, responses={200: ITEM}),
+    Route("POST", "/api/v1/items/{machine}/resync", resync,
+          "Resynchronize a replicated item", "items", params=_MACHINE,
+          responses={202: ITEM},
+          description="Marks a protected item resync_required. At its next cycle the agent "
+                      "compares every disk, block by block, with the fingerprints of the "
+                      "newest recovery point in the vault and sends only the blocks that "
+                      "differ; the item shows resyncing with progress, then protected. 404 "
+                      "for an item that does not exist, 409 unless it is protected."),
     Route("POST", "/api/v1/replication/enable", enable,
           "Enable replication of a machine (starts Enable protection)", "items",
           body=obj({"machine": NAME, "policy": NAME}, ["machine"]),

@@ -38,6 +38,7 @@ from typing import Any
 import structlog
 
 from mobility.config import MobilityConfig
+from mobility.link import FOREVER, Link, broken
 from mobility.snapshot import FsFreeze, NoSnapshot, Quiesced, Scripts, SnapshotProvider
 from mobility.tracker import (
     CHUNK,
@@ -54,27 +55,25 @@ from mobility.tracker import (
 )
 from procserver.wire import (
     FEATURES,
-    HEARTBEAT_FRAME,
+    FINGERPRINT,
     Frame,
     FrameType,
     ProtocolError,
     RemoteError,
     block_frame_parts,
     encode_json,
-    features_of,
     raise_if_error,
     read_frame,
 )
-from vault.digest import digest_of_fingerprint_map
+from vault.digest import block_count, digest_of_fingerprint_map
 from vault.point import now_iso
+from vault.throttle import TokenBucket
 
 log = structlog.get_logger("mobility")
 Progress = Callable[[str, int, int], None]
 AGENT_VERSION = "0.1.0"
 REFUSED_GRACE = 5.0  # seconds of "connection refused" after which a resume gives up
-WRITE_HIGH_WATER = 2 * CHUNK  # bytes queued on the connection before a send waits
 PREFETCH = 3  # chunks scanned ahead of the one being sent
-_FOREVER = 10.0 * 365 * 86400  # "no timeout" for read_frame
 
 
 @dataclass(frozen=True)
@@ -85,6 +84,32 @@ class CycleResult:
     blocks_sent: int
     bytes_sent: int  # block data written to the network, a resend after a resume included
     resumes: int = 0
+    kind: str = "delta"  # "full", "delta" (on the agent's own map), "resync" (on the vault's)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a cycle compares the disks against: nothing (full), the agent's own maps
+    (delta), or the fingerprints of the vault's newest point (resync)."""
+
+    kind: str
+    base: str | None
+    olds: dict[str, bytes | None]
+
+    @property
+    def full(self) -> bool:
+        return self.kind == "full"
+
+
+@dataclass
+class _Conn:
+    """The cycle's current connection: a resume replaces it."""
+
+    link: Link
+
+
+class _Retry(Exception):
+    """The process server does not know the base: leave the hold, fetch a basis."""
 
 
 def provider_for(cfg: MobilityConfig) -> SnapshotProvider:
@@ -103,119 +128,6 @@ def client_ssl_context(cfg: MobilityConfig) -> ssl.SSLContext:
     ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
-
-
-def _broken(e: BaseException) -> bool:
-    """The connection failed (a resume may help), as opposed to a refusal or bad data."""
-    if isinstance(e, ProtocolError):
-        return e.code in ("timeout", "truncated")
-    return isinstance(e, ConnectionError | OSError | ssl.SSLError | TimeoutError |
-                      asyncio.IncompleteReadError)
-
-
-class Link:
-    """One connection to the process server: frames out, frames in, heartbeats."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 welcome: dict[str, Any]) -> None:
-        self.reader, self.writer = reader, writer
-        self.features = features_of(welcome)
-        self.heartbeat = "heartbeat" in self.features
-        self.resumable = "resume" in self.features
-        # The server's idle timeout: silence this long (no frame, no heartbeat) is death.
-        self.idle = min(3600.0, max(0.2, float(welcome.get("idle_timeout_seconds") or 60)))
-        self.every = min(self.idle / 2, max(0.05, float(welcome.get("heartbeat_seconds") or 15)))
-        self.last_sent = time.monotonic()
-        self._frames: asyncio.Queue[Frame | BaseException] = asyncio.Queue()
-        self._error: BaseException | None = None
-        # An ERROR the server sent that nobody has read yet: why the connection ended.
-        self.remote_error: RemoteError | None = None
-        self._waiting = 0  # recv() calls waiting for an answer
-        self._tasks = [asyncio.create_task(self._read())]
-        if self.heartbeat:
-            self._tasks.append(asyncio.create_task(self._beat()))
-        writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-
-    async def _read(self) -> None:
-        try:
-            while True:
-                f = await read_frame(self.reader, timeout=self.idle if self.heartbeat
-                                     else _FOREVER)
-                if f.type == FrameType.ERROR:
-                    try:
-                        raise_if_error(f)
-                    except RemoteError as e:
-                        self.remote_error = e
-                    except ProtocolError:
-                        pass
-                    if not self._waiting:  # not an answer: the server ends the session
-                        self._frames.put_nowait(f)
-                        self._error = ConnectionResetError("the process server ended the "
-                                                           "session")
-                        self._frames.put_nowait(self._error)
-                        self.writer.transport.abort()  # a blocked send fails now
-                        return
-                if f.type != FrameType.HEARTBEAT:
-                    self._frames.put_nowait(f)
-        except Exception as e:
-            if isinstance(e, ProtocolError) and e.code == "timeout":
-                e = ProtocolError("timeout", f"nothing from the process server for "
-                                             f"{self.idle:g}s (not even a heartbeat)")
-            self._error = e
-            self._frames.put_nowait(e)
-            self.writer.transport.abort()  # a send blocked on a dead peer fails now
-
-    async def _beat(self) -> None:
-        while True:
-            await asyncio.sleep(max(0.0, self.last_sent + self.every - time.monotonic()))
-            if time.monotonic() - self.last_sent >= self.every:
-                if self.writer.transport.is_closing():
-                    return
-                self.writer.write(HEARTBEAT_FRAME)
-                self.last_sent = time.monotonic()
-
-    def send(self, data: bytes) -> None:
-        if self._error is not None:
-            raise self._error
-        if self.writer.transport.is_closing():
-            raise ConnectionResetError("the connection to the process server is closed")
-        self.writer.write(data)
-        self.last_sent = time.monotonic()
-
-    async def drain(self) -> None:
-        await self.writer.drain()
-        if self._error is not None:
-            raise self._error
-
-    async def recv(self, timeout: float) -> Frame:
-        """The next frame that is not a heartbeat, within ``timeout`` seconds."""
-        self._waiting += 1
-        try:
-            async with asyncio.timeout(timeout):
-                item = await self._frames.get()
-        except TimeoutError:
-            raise ProtocolError("timeout", f"no answer from the process server within "
-                                           f"{timeout:g}s") from None
-        finally:
-            self._waiting -= 1
-        if isinstance(item, BaseException):
-            self._frames.put_nowait(item)  # every later call fails the same way
-            raise item
-        if item.type == FrameType.ERROR:
-            self.remote_error = None  # read: the caller deals with it
-        return item
-
-    def why(self, e: BaseException) -> BaseException:
-        """The server's own explanation of a failure, if it sent one."""
-        return self.remote_error or e
-
-    async def close(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.writer.close()
-        with contextlib.suppress(OSError, TimeoutError, ssl.SSLError):
-            await asyncio.wait_for(self.writer.wait_closed(), 5)
 
 
 @dataclass
@@ -315,6 +227,7 @@ class _Sender:
                 if i + PREFETCH < len(work):
                     ahead.append(submit(i + PREFETCH))
                 if frames:
+                    await self.agent.send_limit.take(len(data))
                     link.send(data)
                     self.sent += frames
                     self.nbytes += nbytes
@@ -335,6 +248,7 @@ class Agent:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.provider = provider or provider_for(cfg)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="scan")
+        self.send_limit = TokenBucket(cfg.send_schedule())
         # The scan thread holds the GIL between reads: a 1 ms switch interval (instead
         # of 5) keeps the event loop sending meanwhile. Process-wide, only ever lowered.
         if sys.getswitchinterval() > 0.001:
@@ -381,8 +295,10 @@ class Agent:
                 await asyncio.wait_for(writer.wait_closed(), 5)
             raise
 
-    async def _resume(self, link: Link, cycle: str, error: BaseException) -> tuple[Link, Frame]:
-        """The connection broke mid-cycle: reconnect and ask to resume ``cycle``."""
+    async def _resume(self, conn: _Conn, cycle: str, error: BaseException) -> Frame:
+        """The connection broke mid-cycle: reconnect (``conn.link``) and ask to resume
+        ``cycle``; return the server's answer."""
+        link = conn.link
         await link.close()
         if not link.resumable or self.cfg.resume_timeout_seconds <= 0:
             raise error
@@ -406,10 +322,11 @@ class Agent:
                 except BaseException:
                     await new.close()
                     raise
-                return new, answer
+                conn.link = new
+                return answer
             except Exception as e:
                 busy = isinstance(e, RemoteError) and e.code == "busy"
-                if not (busy or _broken(e)):
+                if not (busy or broken(e)):
                     raise
                 now = time.monotonic()
                 if isinstance(e, ConnectionRefusedError):
@@ -423,109 +340,197 @@ class Agent:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def replicate_once(self, progress: Progress | None = None) -> CycleResult:
+    def _plan(self, state: AgentState | None, sizes: dict[str, int], resync: bool) -> _Plan:
+        """A delta on the agent's own maps if it has them all, for this layout."""
+        cfg = self.cfg
+        full = _Plan("full", None, dict.fromkeys(sizes))
+        if state is None or resync:
+            return full
+        olds: dict[str, bytes | None] = {}
+        for d in cfg.disks:
+            ds = state.disks.get(d["name"])
+            if ds is None or ds.size != sizes[d["name"]] or ds.block_size != cfg.block_size:
+                return full
+            olds[d["name"]] = load_map(self.state_dir, ds)
+            if olds[d["name"]] is None:
+                return full
+        return _Plan("delta", state.last_cycle, olds)
+
+    async def _basis(self, link: Link, sizes: dict[str, int]) -> _Plan | None:
+        """Ask for the fingerprints of the vault's newest point of this machine; None if
+        the process server has none to offer (the cycle is then a full one)."""
+        if "resync" not in link.features:
+            return None
+        cfg, bs = self.cfg, self.cfg.block_size
+        disks = [{"name": d["name"], "size": sizes[d["name"]], "block_size": bs}
+                 for d in cfg.disks]
+        link.send(encode_json(FrameType.BASIS, {"disks": disks}))
+        # Reading a point back takes a while; heartbeats tell a slow server from a dead one.
+        wait = FOREVER if link.heartbeat else cfg.ack_timeout_seconds
+
+        async def answer(want: FrameType) -> Frame | None:
+            f = await link.recv(wait)
+            if f.type == FrameType.ERROR and f.json().get("code") == "no_basis":
+                log.info("resync_basis_unavailable", reason=f.json().get("message"))
+                return None
+            raise_if_error(f)
+            if f.type != want:
+                raise ProtocolError("bad_basis", f"expected {want.name}, got {f.type.name}")
+            return f
+
+        head = await answer(FrameType.BASIS)
+        if head is None:
+            return None
+        doc = head.json()
+        counts = [block_count(sizes[d["name"]], bs) for d in cfg.disks]
+        if not isinstance(doc.get("cycle"), str) or doc.get("disks") != [
+                {"name": d["name"], "blocks": n} for d, n in zip(cfg.disks, counts, strict=True)]:
+            raise ProtocolError("bad_basis", "the BASIS answer does not describe this "
+                                             "machine's disks")
+        olds: dict[str, bytes | None] = {}
+        for idx, (d, n) in enumerate(zip(cfg.disks, counts, strict=True)):
+            fps = bytearray(FINGERPRINT * n)
+            got = 0
+            while got < n:
+                f = await answer(FrameType.MAP)
+                if f is None:
+                    return None
+                disk, first, part = f.map()
+                more = len(part) // FINGERPRINT
+                if disk != idx or first != got or not 0 < more <= n - got:
+                    raise ProtocolError("bad_map", f"MAP {disk}:{first}+{more} out of order "
+                                                   f"(expected disk {idx} from block {got})")
+                fps[FINGERPRINT * got:FINGERPRINT * (got + more)] = part
+                got += more
+            olds[d["name"]] = bytes(fps)
+        log.info("resync_basis_received", point=doc.get("point"), cycle=doc["cycle"])
+        return _Plan("resync", doc["cycle"], olds)
+
+    async def _begin(self, link: Link, plan: _Plan, doc: dict[str, Any]) -> _Plan:
+        """BEGIN the cycle ``doc`` on ``plan``; READY, or the plan it ended up on."""
+        cfg = self.cfg
+        doc.update(full=plan.full, base=plan.base)
+        link.send(encode_json(FrameType.BEGIN, doc))
+        ready = await link.recv(cfg.connect_timeout_seconds)
+        if ready.type == FrameType.ERROR and ready.json().get("code") == "resync_required":
+            log.warning("resync_required", reason=ready.json().get("message"), plan=plan.kind)
+            if plan.kind == "delta" and "resync" in link.features:
+                raise _Retry
+            plan = _Plan("full", None, dict.fromkeys(plan.olds))
+            doc.update(cycle=uuid.uuid4().hex, full=True, base=None)
+            link.send(encode_json(FrameType.BEGIN, doc))
+            ready = await link.recv(cfg.connect_timeout_seconds)
+        raise_if_error(ready)
+        if ready.type != FrameType.READY:
+            raise ProtocolError("expected_ready", f"got {ready.type.name}")
+        return plan
+
+    async def replicate_once(self, progress: Progress | None = None, *,
+                             on_kind: Callable[[str], None] | None = None,
+                             resync: bool = False) -> CycleResult:
+        """One cycle: a full copy, a delta on the agent's own maps, or (``resync``, or
+        when the maps or the server's base are lost) a delta on the vault's newest point.
+
+        ``on_kind`` learns which, before the first block is read."""
         cfg = self.cfg
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         state = load_state(self.state_dir)
         sizes = {d["name"]: disk_size(d["path"]) for d in cfg.disks}
-        olds: dict[str, bytes | None] = {}
-        full = state is None
-        for d in cfg.disks:
-            ds = state.disks.get(d["name"]) if state else None
-            if ds is None or ds.size != sizes[d["name"]] or ds.block_size != cfg.block_size:
-                full = True
-                olds[d["name"]] = None
-            else:
-                olds[d["name"]] = load_map(self.state_dir, ds)
-                full = full or olds[d["name"]] is None
-        link = await self._connect_retrying()
+        plan = self._plan(state, sizes, resync)
+        conn = _Conn(await self._connect_retrying())
         resumes = 0
         try:
-            async with self.provider.hold() as consistency:
-                created = now_iso()
-                cycle = uuid.uuid4().hex
-                doc = {"cycle": cycle, "full": full, "consistency": consistency,
-                       "base": None if full or state is None else state.last_cycle,
-                       "disks": [{"name": d["name"], "size": sizes[d["name"]],
-                                  "block_size": cfg.block_size} for d in cfg.disks]}
-                link.send(encode_json(FrameType.BEGIN, doc))
-                ready = await link.recv(cfg.connect_timeout_seconds)
-                if ready.type == FrameType.ERROR and ready.json().get("code") == "resync_required":
-                    log.warning("resync_required", reason=ready.json().get("message"))
-                    full, cycle = True, uuid.uuid4().hex
-                    doc.update(cycle=cycle, full=True, base=None)
-                    link.send(encode_json(FrameType.BEGIN, doc))
-                    ready = await link.recv(cfg.connect_timeout_seconds)
-                raise_if_error(ready)
-                if ready.type != FrameType.READY:
-                    raise ProtocolError("expected_ready", f"got {ready.type.name}")
-                sender = _Sender(self, [
-                    _Disk(i, d["name"], d["path"], sizes[d["name"]],
-                          None if full else olds[d["name"]])
-                    for i, d in enumerate(cfg.disks)], full, progress)
-                await sender.open()
+            if plan.full:
+                plan = await self._basis(conn.link, sizes) or plan
+            while True:
                 try:
-                    while True:
-                        try:
-                            await sender.send(link)
-                            if link.resumable:
-                                # Everything durable before the snapshot is let go: after
-                                # it, a resume needs nothing but END.
-                                link.send(encode_json(FrameType.SYNC, {"cycle": cycle}))
-                                p = await link.recv(cfg.ack_timeout_seconds)
-                                raise_if_error(p)
-                                _check_progress(p, cycle, sender.sent, sender.last)
-                            break
-                        except Exception as e:
-                            if not _broken(link.why(e)):
-                                raise link.why(e) from e
-                            link, answer = await self._resume(link, cycle, e)
-                            resumes += 1
-                            if answer.type != FrameType.PROGRESS:
-                                raise ProtocolError("bad_resume", "the process server says "
-                                                    "a cycle still being sent is complete"
-                                                    ) from e
-                            blocks, position = _progress_of(answer)
-                            log.info("cycle_resumed", cycle=cycle, blocks=blocks,
-                                     position=position, sent_before=sender.sent)
-                            sender.rewind(blocks, position)
-                    digests = sender.digests()
-                    new_maps = {d.name: d.fps for d in sender.disks}
-                finally:
-                    await sender.close()
+                    async with self.provider.hold() as consistency:
+                        created = now_iso()
+                        doc: dict[str, Any] = {
+                            "cycle": uuid.uuid4().hex, "consistency": consistency,
+                            "disks": [{"name": d["name"], "size": sizes[d["name"]],
+                                       "block_size": cfg.block_size} for d in cfg.disks]}
+                        plan = await self._begin(conn.link, plan, doc)
+                        cycle = doc["cycle"]
+                        if on_kind is not None:
+                            on_kind(plan.kind)
+                        sender, resumes = await self._send(conn, plan, doc, progress)
+                    break
+                except _Retry:
+                    plan = await self._basis(conn.link, sizes) or _Plan(
+                        "full", None, dict.fromkeys(sizes))
+            digests = sender.digests()
             end = encode_json(FrameType.END, {"cycle": cycle, "digests": digests,
                                               "created": created, "blocks": sender.sent})
             while True:
                 try:
-                    link.send(end)
-                    await link.drain()
-                    ack = await link.recv(cfg.ack_timeout_seconds)
+                    conn.link.send(end)
+                    await conn.link.drain()
+                    ack = await conn.link.recv(cfg.ack_timeout_seconds)
                     raise_if_error(ack)
                     if ack.type != FrameType.ACK or ack.json().get("cycle") != cycle:
                         raise ProtocolError("bad_ack", f"unexpected {ack.type.name} instead "
                                                        "of ACK")
                     break
                 except Exception as e:
-                    if not _broken(link.why(e)):
-                        raise link.why(e) from e
-                    link, answer = await self._resume(link, cycle, e)
+                    if not broken(conn.link.why(e)):
+                        raise conn.link.why(e) from e
+                    answer = await self._resume(conn, cycle, e)
                     resumes += 1
                     if answer.type == FrameType.ACK:
                         break  # END had arrived; only its ACK was lost
                     # Everything was durable (SYNC): only END needs sending again.
                     _check_progress(answer, cycle, sender.sent, sender.last)
         finally:
-            await link.close()
+            await conn.link.close()
         # Acknowledged: only now does the agent advance its own state.
         disks = {}
-        for d in cfg.disks:
-            name = f"{d['name']}.{cycle}.fp"
-            write_map(self.state_dir, name, bytes(new_maps[d["name"]]))
-            disks[d["name"]] = DiskState(sizes[d["name"]], cfg.block_size, name)
+        for d in sender.disks:
+            name = f"{d.name}.{cycle}.fp"
+            write_map(self.state_dir, name, bytes(d.fps))
+            disks[d.name] = DiskState(sizes[d.name], cfg.block_size, name)
         commit_state(self.state_dir, AgentState(cycle, disks))
-        log.info("cycle_committed", cycle=cycle, full=full, consistency=consistency,
+        log.info("cycle_committed", cycle=cycle, kind=plan.kind, consistency=consistency,
                  blocks=sender.sent, bytes=sender.nbytes, resumes=resumes)
-        return CycleResult(cycle, full, consistency, sender.sent, sender.nbytes, resumes)
+        return CycleResult(cycle, plan.full, consistency, sender.sent, sender.nbytes, resumes,
+                           plan.kind)
+
+    async def _send(self, conn: _Conn, plan: _Plan, doc: dict[str, Any],
+                    progress: Progress | None) -> tuple[_Sender, int]:
+        """Send every changed block of the cycle (resuming after broken connections) and,
+        with ``resume``, make it durable: after this only END is left."""
+        cfg, cycle, resumes = self.cfg, doc["cycle"], 0
+        sender = _Sender(self, [
+            _Disk(i, d["name"], d["path"], doc["disks"][i]["size"], plan.olds[d["name"]])
+            for i, d in enumerate(cfg.disks)], plan.full, progress)
+        await sender.open()
+        try:
+            while True:
+                link = conn.link
+                try:
+                    await sender.send(link)
+                    if link.resumable:
+                        # Everything durable before the snapshot is let go: after it, a
+                        # resume needs nothing but END.
+                        link.send(encode_json(FrameType.SYNC, {"cycle": cycle}))
+                        p = await link.recv(cfg.ack_timeout_seconds)
+                        raise_if_error(p)
+                        _check_progress(p, cycle, sender.sent, sender.last)
+                    return sender, resumes
+                except Exception as e:
+                    if not broken(link.why(e)):
+                        raise link.why(e) from e
+                    answer = await self._resume(conn, cycle, e)
+                    resumes += 1
+                    if answer.type != FrameType.PROGRESS:
+                        raise ProtocolError("bad_resume", "the process server says a cycle "
+                                            "still being sent is complete") from e
+                    blocks, position = _progress_of(answer)
+                    log.info("cycle_resumed", cycle=cycle, blocks=blocks, position=position,
+                             sent_before=sender.sent)
+                    sender.rewind(blocks, position)
+        finally:
+            await sender.close()
 
     async def run_forever(self) -> None:
         delay = 1.0

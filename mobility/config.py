@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from vault.throttle import Schedule
+
 
 @dataclass(frozen=True)
 class MobilityConfig:
@@ -31,6 +33,16 @@ class MobilityConfig:
     ack_timeout_seconds: float = 300.0
     # How long a cycle whose connection broke keeps trying to resume (0: never).
     resume_timeout_seconds: float = 120.0
+    # Bandwidth the agent may use towards the process server, in Mbit/s: during
+    # work_hours on work_days, and outside them (as ASR's throttling). 0: unlimited.
+    send_limit_work_mbps: float = 0.0
+    send_limit_off_mbps: float = 0.0
+    work_days: str = "mon-fri"
+    work_hours: str = "08:00-18:00"
+
+    def send_schedule(self) -> Schedule:
+        return Schedule.from_mbps(self.send_limit_work_mbps, self.send_limit_off_mbps,
+                                  self.work_days, self.work_hours)
 
     def validate(self) -> None:
         if not self.disks:
@@ -51,3 +63,4 @@ class MobilityConfig:
             raise ValueError("interval_seconds must be positive")
         if self.resume_timeout_seconds < 0:
             raise ValueError("resume_timeout_seconds must not be negative")
+        self.send_schedule()  # the limits, days and hours parse

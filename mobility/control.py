@@ -101,18 +101,27 @@ class ControlPlane:
 
 class ProgressReporter:
     """Turns the cycle's per-disk progress callbacks into ``progress`` calls: at most one
-    every ``every`` seconds, always the final 100%. Failures are logged, never raised."""
+    every ``every`` seconds, always the final 100%. Failures are logged, never raised.
 
-    def __init__(self, control: ControlPlane, disks: list[str], resync: bool,
-                 every: float = 2.0) -> None:
-        self.control, self.resync, self.every = control, resync, every
+    Created with ``active=False`` it reports nothing until ``start()``: the agent learns
+    only at BEGIN whether a cycle copies or compares whole disks (worth reporting) or
+    sends a delta (not)."""
+
+    def __init__(self, control: ControlPlane, disks: list[str], resync: bool = False,
+                 every: float = 2.0, active: bool = True) -> None:
+        self.control, self.resync, self.every, self.active = control, resync, every, active
         self.percent = dict.fromkeys(disks, 0.0)
         self._last_sent = 0.0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
+    def start(self, resync: bool) -> None:
+        """Report from now on; ``resync``: as a resynchronization, not initial replication."""
+        self.active, self.resync = True, resync
+        self._wake.set()
+
     def __call__(self, disk: str, done: int, total: int) -> None:
-        if disk in self.percent:
+        if self.active and disk in self.percent:
             self.percent[disk] = 100.0 if total <= 0 else min(100.0, 100.0 * done / total)
             self._wake.set()
 
@@ -126,7 +135,7 @@ class ProgressReporter:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if et is None:  # the cycle was acknowledged: every disk is complete
+        if et is None and self.active:  # the cycle was acknowledged: every disk is complete
             self.percent = dict.fromkeys(self.percent, 100.0)
             await self._send()
 

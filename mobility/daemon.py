@@ -17,11 +17,10 @@ from collections.abc import Callable
 
 import structlog
 
-from mobility.agent import Agent
+from mobility.agent import Agent, CycleResult
 from mobility.config import MobilityConfig
 from mobility.control import ControlError, ControlPlane, ProgressReporter, Settings
 from mobility.snapshot import FsFreeze, NoSnapshot, Quiesced, Scripts, SnapshotProvider
-from mobility.tracker import load_state
 
 log = structlog.get_logger("mobility.daemon")
 ENABLING = ("enabling", "initial_replication")
@@ -48,6 +47,7 @@ class ManagedAgent:
         self.settings: Settings | None = None
         self._last_app: float | None = None
         self._last_heartbeat: float | None = None
+        self.last: CycleResult | None = None  # the last acknowledged cycle
 
     def close(self) -> None:
         self.agent.close()
@@ -110,14 +110,24 @@ class ManagedAgent:
             log.info("replication_not_enabled", item_state=s.item_state)
             return False
         self.agent.provider = self._provider()
-        full = load_state(self.agent.state_dir) is None
+        if s is None:
+            self.last = await self.agent.replicate_once()
+            return True
         names = [d["name"] for d in self.cfg.disks]
-        if s is not None and full:
-            resync = s.item_state not in ENABLING
-            async with ProgressReporter(self.control, names, resync=resync) as report:
-                await self.agent.replicate_once(report)
-        else:
-            await self.agent.replicate_once()
+        enabling = s.item_state in ENABLING
+        async with ProgressReporter(self.control, names, active=False) as report:
+
+            def on_kind(kind: str) -> None:
+                # Whole disks copied or compared: initial replication while enabling,
+                # a resynchronization once protected. Deltas are not reported.
+                if kind != "delta":
+                    report.start(resync=not enabling)
+
+            r = await self.agent.replicate_once(report, on_kind=on_kind,
+                                                resync=s.resync_required)
+        if r.kind == "resync":
+            log.info("resynchronized", cycle=r.cycle, blocks=r.blocks_sent)
+        self.last = r
         return True
 
     async def run_forever(self) -> None:

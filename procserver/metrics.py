@@ -19,6 +19,16 @@ class ProcMetrics:
                                 ["reason"], registry=r)
         self.sessions = Gauge(p + "sessions", "Agent sessions open now", registry=r)
         self.cache_bytes = Gauge(p + "cache_bytes", "Bytes held in the HRL cache", registry=r)
+        # Set at scrape time (procserver/policies.py refresh_metrics).
+        self.cache_free_ratio = Gauge(p + "cache_free_ratio", "Share of the cache quota the "
+                                      "cache may still grow by (0-1; at most the disk's free "
+                                      "space)", registry=r)
+        self.upload_backlog_seconds = Gauge(p + "upload_backlog_seconds", "Age of the oldest "
+                                            "received data not yet uploaded", registry=r)
+        self.item_rpo = Gauge(p + "item_rpo_seconds", "Age of the newest recovery point of a "
+                              "machine", ["machine"], registry=r)
+        self.item_rpo_threshold = Gauge(p + "item_rpo_threshold_seconds", "RPO threshold of "
+                                        "the machine's policy", ["machine"], registry=r)
         self.backlog_cycles = Gauge(p + "upload_backlog_cycles",
                                     "Acknowledged cycles not yet uploaded", registry=r)
         self.handshakes = Gauge(p + "tls_handshakes", "TCP connections whose TLS handshake "
@@ -37,3 +47,5 @@ class ProcMetrics:
                                        registry=r)
         self.heartbeats_received = Counter(p + "heartbeats_received",
                                            "HEARTBEAT frames received from agents", registry=r)
+        self.resync_bases = Counter(p + "resync_bases", "Fingerprint maps of vault points "
+                                    "sent to agents to resync against", registry=r)

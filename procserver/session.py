@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
@@ -32,7 +31,9 @@ from sqlalchemy import ForeignKey, Integer, select
 from sqlalchemy.orm import Mapped, mapped_column
 
 from procserver import db
+from procserver.basis import serve_basis
 from procserver.cache import SEGMENT_MAGIC, SegmentSink, SinkError
+from procserver.checks import is_id, validate_begin, validate_end
 from procserver.wire import (
     BLOCK_HEAD,
     DATA,
@@ -52,11 +53,6 @@ if TYPE_CHECKING:
     from procserver.server import ProcServer
 
 log = structlog.get_logger("procserver.session")
-_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
-_DISK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-CONSISTENCY = ("app", "crash", "inconsistent")
-MAX_DISKS = 64
-MAX_DISK_BYTES = 64 << 40
 HANDSHAKE_TIMEOUT = 15.0
 RUN_BYTES = 1 << 20  # a run of frames is handed over at least this often
 # Errors after which a resumable cycle is suspended instead of aborted: the peer went
@@ -77,62 +73,6 @@ class ReceiveProgress(db.Base):
     last_disk: Mapped[int | None] = mapped_column(Integer, nullable=True)
     last_block: Mapped[int | None] = mapped_column(Integer, nullable=True)
     next_segment: Mapped[int] = mapped_column(Integer, default=0)
-
-
-def _is_id(v: object) -> bool:
-    return isinstance(v, str) and _ID.fullmatch(v) is not None
-
-
-def _validate_begin(doc: dict[str, Any]) -> None:
-    cyc, disks = doc.get("cycle"), doc.get("disks")
-    if not _is_id(cyc):
-        raise ProtocolError("bad_begin", "BEGIN needs a 'cycle' id of [a-z0-9-], max 64")
-    if not isinstance(doc.get("full"), bool):
-        raise ProtocolError("bad_begin", "BEGIN needs a boolean 'full'")
-    base = doc.get("base")
-    if not doc["full"] and not _is_id(base):
-        raise ProtocolError("bad_begin", "a delta cycle needs the 'base' cycle it builds on")
-    if doc["full"] and base is not None and not _is_id(base):
-        raise ProtocolError("bad_begin", "'base' must be null or a cycle id")
-    if doc.get("consistency") not in CONSISTENCY:
-        raise ProtocolError("bad_begin", f"'consistency' must be one of {CONSISTENCY}")
-    if not isinstance(disks, list) or not 1 <= len(disks) <= MAX_DISKS:
-        raise ProtocolError("bad_begin", f"BEGIN needs 1-{MAX_DISKS} disks")
-    names = set()
-    for d in disks:
-        if not isinstance(d, dict) or not isinstance(d.get("name"), str) \
-                or not _DISK.fullmatch(d["name"]):
-            raise ProtocolError("bad_begin", "each disk needs a 'name' of [A-Za-z0-9_.-]")
-        size, bs = d.get("size"), d.get("block_size")
-        if not isinstance(size, int) or not 0 < size <= MAX_DISK_BYTES:
-            raise ProtocolError("bad_begin", f"disk {d['name']!r} has an invalid size")
-        if not isinstance(bs, int) or bs & (bs - 1) or not (1 << 16) <= bs <= (1 << 20):
-            raise ProtocolError("bad_begin",
-                                f"disk {d['name']!r}: block_size must be a power of two, 64K-1M")
-        names.add(d["name"])
-    if len(names) != len(disks):
-        raise ProtocolError("bad_begin", "disk names must be unique")
-
-
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z")
-
-
-def _validate_end(end: dict[str, Any], cycle: str, disks: list[dict[str, Any]],
-                  received: int) -> None:
-    if end.get("blocks") != received:
-        raise ProtocolError("bad_end", f"END counts {end.get('blocks')!r} blocks; "
-                                       f"{received} arrived in this cycle")
-    digests = end.get("digests")
-    if end.get("cycle") != cycle or not isinstance(digests, dict) or \
-            set(digests) != {d["name"] for d in disks}:
-        raise ProtocolError("bad_end", "END must name the cycle and a digest for every disk")
-    if not all(isinstance(v, str) and _HEX64.fullmatch(v) for v in digests.values()):
-        raise ProtocolError("bad_end", "each disk digest must be 64 lowercase hex characters")
-    created = end.get("created")
-    if not isinstance(created, str) or not _TIME.fullmatch(created):
-        raise ProtocolError("bad_end", "'created' must be a UTC time like "
-                                       "2026-01-31T12:00:00.000000Z")
 
 
 OPEN, COMPLETE, ABORTED = "open", "complete", "aborted"
@@ -239,6 +179,8 @@ class Session:
                     await self.begin(frame.frame().json())
                 elif frame.type == FrameType.RESUME:
                     await self.resume(frame.frame().json())
+                elif frame.type == FrameType.BASIS and "resync" in self.features:
+                    await serve_basis(self, frame.frame().json())
                 else:
                     raise ProtocolError("expected_begin",
                                         f"expected BEGIN, got {frame.type.name}")
@@ -278,7 +220,7 @@ class Session:
         return old == new
 
     async def begin(self, doc: dict[str, Any]) -> None:
-        _validate_begin(doc)
+        validate_begin(doc)
         if not await self._base_ok(doc):
             await self.send(error_frame(
                 "resync_required", f"base cycle {doc.get('base')!r} is unknown here "
@@ -311,7 +253,7 @@ class Session:
 
     async def resume(self, doc: dict[str, Any]) -> None:
         cycle = doc.get("cycle")
-        if not _is_id(cycle):
+        if not is_id(cycle):
             raise ProtocolError("bad_resume", "RESUME needs the 'cycle' id to continue")
         assert isinstance(cycle, str)
         oc = self.server.open_cycles.get(cycle)
@@ -436,7 +378,7 @@ class Session:
                 elif t == FrameType.END:
                     end = f.frame().json()
                     await flush_run()
-                    _validate_end(end, oc.id, oc.doc["disks"], oc.frames)
+                    validate_end(end, oc.id, oc.doc["disks"], oc.frames)
                     if seg_size:
                         close_segment()
                     await sink.sync()

@@ -18,15 +18,24 @@ Control frames carry UTF-8 JSON objects; BLOCK and ZERO frames are binary
     agent: SYNC             server: PROGRESS  (optional: everything so far is durable)
     agent: END              server: ACK       (only after the cycle is fsynced)
 
-or, to continue a cycle whose connection broke, ``RESUME`` instead of ``BEGIN``,
-answered by ``PROGRESS`` (continue after the position it names), ``ACK`` (the cycle
-was already complete) or ``ERROR code=cannot_resume``. HEARTBEAT frames may come
-from either side at any point after WELCOME and are otherwise ignored.
+To continue a cycle whose connection broke, the agent sends ``RESUME`` instead of
+``BEGIN``, answered by ``PROGRESS`` (continue after the position it names), ``ACK``
+(the cycle was already complete) or ``ERROR code=cannot_resume``. HEARTBEAT frames
+may come from either side at any point after WELCOME and are otherwise ignored.
 
-Frame types 10-13 are optional features of version 1: an agent lists the ones it
-speaks in HELLO ``features`` (``heartbeat``, ``resume``), the server answers with the
-ones both speak in WELCOME ``features``, and neither side sends a frame of a feature
-the other did not list. Peers that list nothing speak the original nine types.
+Before a BEGIN, an agent that lost its fingerprint map (or whose base the server no
+longer knows) may ask what the vault holds instead of resending every block::
+
+    agent: BASIS {disks}    server: BASIS {cycle, point, disks}, then MAP ... per disk
+                            (or ERROR code=no_basis: send a full cycle)
+
+and then BEGIN a delta cycle on the named ``cycle``. MAP frames are binary
+(``u16 disk index | u64 first block | 16-byte fingerprints``), in block order.
+
+Frame types 10-15 are optional features of version 1: an agent lists the ones it
+speaks in HELLO ``features`` (``heartbeat``, ``resume``, ``resync``), the server
+answers with the ones both speak in WELCOME ``features``, and neither side sends a
+frame of a feature the other did not list. Peers that list nothing speak the original nine types.
 """
 
 from __future__ import annotations
@@ -63,13 +72,17 @@ class FrameType(enum.IntEnum):
     RESUME = 11  # feature "resume": agent -> server {"cycle"}
     SYNC = 12  # feature "resume": agent -> server {"cycle"}; answered by PROGRESS
     PROGRESS = 13  # feature "resume": server -> agent {"cycle", "blocks", "position"}
+    BASIS = 14  # feature "resync": agent -> server {"disks"}; server -> agent its answer
+    MAP = 15  # feature "resync": server -> agent, u16 disk | u64 first block | fingerprints
 
 
 CONTROL = {FrameType.HELLO, FrameType.WELCOME, FrameType.BEGIN, FrameType.READY,
            FrameType.END, FrameType.ACK, FrameType.ERROR, FrameType.HEARTBEAT,
-           FrameType.RESUME, FrameType.SYNC, FrameType.PROGRESS}
+           FrameType.RESUME, FrameType.SYNC, FrameType.PROGRESS, FrameType.BASIS}
 DATA = (FrameType.BLOCK, FrameType.ZERO)
-FEATURES = ("heartbeat", "resume")
+FEATURES = ("heartbeat", "resume", "resync")
+FINGERPRINT = 16  # bytes of one block fingerprint in a MAP frame
+MAP_BLOCKS = (MAX_FRAME - BLOCK_HEAD.size) // FINGERPRINT  # fingerprints per MAP frame
 
 
 class ProtocolError(Exception):
@@ -101,6 +114,13 @@ class Frame:
         if not isinstance(doc, dict):
             raise ProtocolError("bad_json", f"{self.type.name} payload is not a JSON object")
         return doc
+
+    def map(self) -> tuple[int, int, memoryview]:
+        """``(disk index, first block, fingerprints)`` of a MAP frame."""
+        disk, first, fps = self.block()
+        if len(fps) % FINGERPRINT:
+            raise ProtocolError("bad_map", "a MAP frame holds whole 16-byte fingerprints")
+        return disk, first, fps
 
     def block(self) -> tuple[int, int, memoryview]:
         if len(self.payload) < BLOCK_HEAD.size:
@@ -172,6 +192,14 @@ async def read_frame(
             raise ConnectionResetError("peer closed the connection") from None
         raise ProtocolError("truncated", "connection closed in the middle of a frame") from None
     return Frame(t, payload)
+
+
+def map_frames(disk: int, fps: bytes | memoryview) -> list[bytes]:
+    """The MAP frames of one disk's fingerprint map."""
+    view = memoryview(fps)
+    step = MAP_BLOCKS * FINGERPRINT
+    return [encode(FrameType.MAP, BLOCK_HEAD.pack(disk, off // FINGERPRINT)
+                   + view[off:off + step]) for off in range(0, len(view), step)]
 
 
 def error_frame(code: str, message: str, hint: str = "") -> bytes:

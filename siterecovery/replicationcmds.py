@@ -161,6 +161,13 @@ async def cmd_items_show(args: argparse.Namespace) -> int:
     return show(doc, args, describe_item(doc))
 
 
+async def cmd_items_resync(args: argparse.Namespace) -> int:
+    async with client(args) as api:
+        doc = await api.post(f"/api/v1/items/{args.machine}/resync", {})
+    return show(doc, args, describe_item(doc) + "\nThe agent resynchronizes at its next cycle: "
+                f"follow it with 'siterecovery items show {args.machine}'.")
+
+
 async def cmd_jobs_list(args: argparse.Namespace) -> int:
     async with client(args) as api:
         doc = await api.get("/api/v1/jobs", target=args.target, kind=args.kind,
@@ -236,7 +243,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ish = isub.add_parser("show", help="show one replicated item")
     ish.add_argument("machine")
     ish.set_defaults(func=cmd_items_show)
-    verbs += [il, ish]
+    irs = isub.add_parser(
+        "resync", help="resynchronize a protected item against its newest recovery point",
+        description="Marks the item resync_required. At its next cycle the agent compares "
+                    "every disk, block by block, with the newest recovery point in the vault "
+                    "and sends only the blocks that differ (ASR's 'Resynchronize'); the item "
+                    "shows resyncing with progress, then protected again.")
+    irs.add_argument("machine")
+    irs.set_defaults(func=cmd_items_resync)
+    verbs += [il, ish, irs]
 
     j = sub.add_parser("jobs", help="durable jobs and their steps: list, show, wait, cancel",
                        description="Jobs (Enable protection, Finalize protection, Disable "

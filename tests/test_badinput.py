@@ -100,6 +100,10 @@ def disk_doc(**kw: Any) -> dict[str, Any]:
     return begin_doc(disks=[{"name": "sda", "size": RAW_SIZE, "block_size": BS, **kw}])
 
 
+def one_disk(**kw: Any) -> dict[str, Any]:
+    return {"name": "sda", "size": RAW_SIZE, "block_size": BS, **kw}
+
+
 def end_doc(cycle: str, fields: dict[str, Any] | None = None) -> dict[str, Any]:
     """A well-formed END, with ``fields`` replacing (or, when None, removing) entries."""
     doc: dict[str, Any] = {"cycle": cycle, "digests": {"sda": "00" * 32},
@@ -120,9 +124,11 @@ class Peer:
     async def recv(self) -> Frame:
         return await read_frame(self.reader, timeout=READ)
 
-    async def hello(self, machine: str = "m1") -> None:
-        await self.send(encode_json(FrameType.HELLO, {"machine": machine,
-                                                      "agent_version": "test"}))
+    async def hello(self, machine: str = "m1", features: list[str] | None = None) -> None:
+        doc: dict[str, Any] = {"machine": machine, "agent_version": "test"}
+        if features is not None:
+            doc["features"] = features
+        await self.send(encode_json(FrameType.HELLO, doc))
         welcome = await self.recv()
         assert welcome.type == FrameType.WELCOME, welcome
 
@@ -440,6 +446,11 @@ OTHER_AFTER_HELLO = {
     "second-hello": (encode_json(FrameType.HELLO, {"machine": "m1"}), "expected_begin"),
     "end-without-begin": (encode_json(FrameType.END, end_doc("c1")), "expected_begin"),
     "garbage-after-hello": (b"\xde\xad\xbe\xef" * 16, "bad_magic"),
+    # Without the "resync" feature in HELLO, BASIS is just another frame out of place.
+    "basis-without-the-feature": (encode_json(FrameType.BASIS, {"disks": [one_disk()]}),
+                                  "expected_begin"),
+    "map-from-an-agent": (encode(FrameType.MAP, BLOCK_HEAD.pack(0, 0) + bytes(16)),
+                          "expected_begin"),
 }
 
 
@@ -452,6 +463,36 @@ async def test_bad_frame_after_hello_is_refused(bench: Bench, case: str) -> None
         await peer.expect_rejected(code)
     assert await bench.cycles() == []
     await rejected_then_recovers(bench, code)
+
+
+BAD_BASIS: dict[str, dict[str, Any]] = {
+    "no-disks": {},
+    "disks-not-a-list": {"disks": "sda"},
+    "empty-disks": {"disks": []},
+    "bad-disk-name": {"disks": [one_disk(name="../sda")]},
+    "bad-block-size": {"disks": [one_disk(block_size=4096)]},
+    "duplicate-disks": {"disks": [one_disk(), one_disk()]},
+}
+
+
+@pytest.mark.parametrize("case", BAD_BASIS)
+async def test_basis_with_invalid_disks_is_refused(bench: Bench, case: str) -> None:
+    async with bench.connect() as peer:
+        await peer.hello(features=["resync"])
+        await peer.send(encode_json(FrameType.BASIS, BAD_BASIS[case]))
+        await peer.expect_rejected("bad_basis")
+    assert await bench.cycles() == []
+    await rejected_then_recovers(bench, "bad_basis")
+
+
+async def test_basis_without_a_point_is_no_basis_and_the_session_goes_on(bench: Bench) -> None:
+    async with bench.connect() as peer:
+        await peer.hello(features=["resync"])
+        await peer.send(encode_json(FrameType.BASIS, {"disks": [one_disk()]}))
+        assert "no recovery point" in await peer.expect_error("no_basis")
+        doc = begin_doc()
+        await peer.begin(doc)  # the same session goes on with a full cycle
+    assert [c.id for c in await bench.cycles()] == [doc["cycle"]]
 
 
 @pytest.mark.parametrize("doc", [begin_doc(cycle="abc\n"), disk_doc(name="sda\n"),

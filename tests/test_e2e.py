@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 from pathlib import Path
 
 from procserver.server import ProcServer
@@ -72,27 +71,6 @@ async def test_multi_disk_point_spans_all_disks(tmp_path: Path, pki: Pki,
     vault = await open_vault(tmp_path / "vault", vault_at[1])
     assert await restore_all(vault, await vault.read_point(p1), tmp_path / "o") == want1
     assert await restore_all(vault, await vault.read_point(p2), tmp_path / "o") == want2
-    await vault.close()
-
-
-async def test_lost_agent_state_triggers_full_resync(tmp_path: Path, pki: Pki,
-                                                     procserver: ProcServer,
-                                                     vault_at: tuple[str, Path]) -> None:
-    disk = tmp_path / "disk.img"
-    make_disk(disk, 4 << 20, seed=5)
-    cfg = agent_config(tmp_path, pki, "app01", procserver.port, {"sda": disk})
-    agent = make_agent(cfg)
-    try:
-        await agent.replicate_once()
-        shutil.rmtree(cfg.state_dir)
-        mutate(disk, 0.25, seed=6)
-        r = await agent.replicate_once()
-    finally:
-        agent.close()
-    assert r.full
-    vault = await open_vault(tmp_path / "vault", vault_at[1])
-    point = await vault.read_point(await procserver.wait_point(r.cycle))
-    assert await restore_all(vault, point, tmp_path / "o") == {"sda": sha256(disk)}
     await vault.close()
 
 

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
+
+import pytest
 
 from configserver.ca import write_bundle
 from configserver.server import ConfigServer
@@ -34,6 +37,39 @@ async def wait_until(cs: ConfigServer, check: Callable[[], Awaitable[T | None]],
         while (result := await check()) is None:
             await cs.changed.wait()
         return result
+
+
+async def events(api: ApiClient, code: str) -> list[dict[str, Any]]:
+    doc = await api.get("/api/v1/events", target="web01", active="false")
+    return [e for e in doc["events"] if e["code"] == code]
+
+
+async def resyncs(api: ApiClient, managed: ManagedAgent, cfg: MobilityConfig,
+                  disk: Path) -> None:
+    """A lost agent map, then an operator's resync: each compares against the vault's
+    newest point, sends the differences and shows as a resynchronization."""
+    shutil.rmtree(cfg.state_dir)
+    mutate(disk, 0.05, seed=5)
+    assert await managed.round()
+    r = managed.last
+    assert r is not None and r.kind == "resync"
+    assert 0 < r.bytes_sent <= 0.07 * (8 << 20)
+    assert len(await events(api, "resync_started")) == 1
+    assert len(await events(api, "resync_completed")) == 1
+    item = await api.get("/api/v1/items/web01")
+    assert (item["state"], item["resync_progress"]) == ("protected", None)
+
+    item = await api.post("/api/v1/items/web01/resync")
+    assert item["state"] == "resync_required"
+    with pytest.raises(ApiCallError) as e:  # no such item
+        await api.post("/api/v1/items/nosuch/resync")
+    assert e.value.status == 404
+    assert await managed.round()  # the settings ask for it: the agent ignores its maps
+    r = managed.last
+    assert r is not None and (r.kind, r.blocks_sent) == ("resync", 0)
+    assert len(await events(api, "resync_requested")) == 1
+    assert len(await events(api, "resync_completed")) == 2
+    assert (await api.get("/api/v1/items/web01"))["state"] == "protected"
 
 
 async def test_protect_a_machine_through_the_control_plane(
@@ -85,14 +121,20 @@ async def test_protect_a_machine_through_the_control_plane(
                 mutate(disk, 0.1, seed=4)
                 assert await managed.round()  # a delta: the item's latest point moves on
                 second = sha256(disk)
+                assert managed.last is not None and managed.last.kind == "delta"
+                second_cycle = managed.last.cycle
+
+                async def moved() -> dict[str, Any] | None:
+                    doc: dict[str, Any] = await api.get("/api/v1/items/web01")
+                    return doc if doc["latest_point"] != item["latest_point"] else None
+
+                latest = await wait_until(cs, moved)
+                await resyncs(api, managed, cfg, disk)
+                third = sha256(disk)
+                assert managed.last is not None
+                last_point = await ps.wait_point(managed.last.cycle)
             finally:
                 managed.close()
-
-        async def moved() -> dict[str, Any] | None:
-            doc: dict[str, Any] = await api.get("/api/v1/items/web01")
-            return doc if doc["latest_point"] != item["latest_point"] else None
-
-        latest = await wait_until(cs, moved)
         machine = await api.get("/api/v1/machines/web01")
         assert machine["agent_version"] and machine["last_contact"]
     vault = await open_vault(tmp_path / "vault", key)
@@ -100,7 +142,9 @@ async def test_protect_a_machine_through_the_control_plane(
         points = {p.id: p for p in await vault.list_points("web01")}
         assert await restore_all(vault, points[item["latest_point"]], tmp_path / "o") == {
             "sda": first}
+        assert points[latest["latest_point"]].cycle == second_cycle
         assert await restore_all(vault, points[latest["latest_point"]], tmp_path / "o") == {
             "sda": second}
+        assert await restore_all(vault, points[last_point], tmp_path / "o") == {"sda": third}
     finally:
         await vault.close()

@@ -28,6 +28,7 @@ from procserver.wire import (
     HEADER,
     HEARTBEAT_FRAME,
     MAGIC,
+    MAP_BLOCKS,
     MAX_CONTROL,
     MAX_FRAME,
     VERSION,
@@ -42,13 +43,14 @@ from procserver.wire import (
     encode_json,
     error_frame,
     features_of,
+    map_frames,
     parse_header,
     raise_if_error,
     read_frame,
 )
 
 T = TypeVar("T")
-DATA_TYPES = (FrameType.BLOCK, FrameType.ZERO)
+DATA_TYPES = (FrameType.BLOCK, FrameType.ZERO, FrameType.MAP)  # binary payloads
 CONTROL_DOCS: dict[FrameType, dict[str, object]] = {
     FrameType.HELLO: {"machine": "web01", "agent_version": "0.1.0"},
     FrameType.WELCOME: {"server": "siterecovery-procserver", "max_frame": MAX_FRAME},
@@ -62,6 +64,8 @@ CONTROL_DOCS: dict[FrameType, dict[str, object]] = {
     FrameType.RESUME: {"cycle": "c1"},
     FrameType.SYNC: {"cycle": "c1"},
     FrameType.PROGRESS: {"cycle": "c1", "blocks": 7, "position": [0, 12]},
+    FrameType.BASIS: {"cycle": "c0", "point": "ab" * 32, "disks": [{"name": "sda",
+                                                                    "blocks": 16}]},
 }
 
 
@@ -125,6 +129,30 @@ def test_block_frames_round_trip(t: FrameType, data: bytes) -> None:
     assert frame.type == t
     disk, n, got = frame.block()
     assert (disk, n, bytes(got)) == (3, (1 << 40) + 5, data)
+
+
+@pytest.mark.parametrize("blocks", [0, 1, MAP_BLOCKS - 1, MAP_BLOCKS, MAP_BLOCKS + 1,
+                                    3 * MAP_BLOCKS + 7])
+def test_map_frames_carry_a_whole_map_in_capped_frames(blocks: int) -> None:
+    fps = bytes(random.Random(blocks).randbytes(16 * blocks))
+    raws = map_frames(5, fps)
+    assert len(raws) == -(-blocks // MAP_BLOCKS)
+    got = bytearray()
+    for raw in raws:
+        frame, used = decode(raw)  # the default cap: the largest frame fits
+        assert used == len(raw) and frame.type == FrameType.MAP
+        disk, first, part = frame.map()
+        assert disk == 5 and first == len(got) // 16
+        got += part
+    assert bytes(got) == fps
+
+
+@pytest.mark.parametrize("extra", [1, 15])
+def test_map_frame_with_a_partial_fingerprint_is_refused(extra: int) -> None:
+    frame = Frame(FrameType.MAP, BLOCK_HEAD.pack(0, 0) + bytes(32 + extra))
+    with pytest.raises(ProtocolError) as e:
+        frame.map()
+    assert code_of(e) == "bad_map"
 
 
 async def test_read_frame_reads_a_stream_of_every_type() -> None:
@@ -206,7 +234,7 @@ def test_parse_header_refuses_other_versions(version: int) -> None:
     assert str(version) in str(e.value)
 
 
-@pytest.mark.parametrize("t", [0, 14, 15, 128, 255])
+@pytest.mark.parametrize("t", [0, 16, 17, 128, 255])
 def test_parse_header_refuses_unknown_types(t: int) -> None:
     with pytest.raises(ProtocolError) as e:
         parse_header(head(t, 0))
