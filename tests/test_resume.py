@@ -78,12 +78,17 @@ class Proxy:
     ``stall_at`` the connection goes silent both ways, sockets left open; at
     ``pause_at`` forwarding stops and ``paused`` is set until ``reset_all``; once the
     connection that crosses ``drop_down_after`` has, nothing more reaches the agent on it.
+    At ``closes`` the connection towards the server is closed cleanly (FIN) mid-stream
+    instead of reset. Every chunk forwarded either way waits ``delay`` seconds first
+    (a slow, long link).
     """
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.up = self.down = self.connections = 0
         self.cuts: list[int] = []
+        self.closes: list[int] = []
+        self.delay = 0.0
         self.stall_at: int | None = None
         self.pause_at: int | None = None
         self.drop_down_after: int | None = None
@@ -117,6 +122,7 @@ class Proxy:
 
     def _next_event(self) -> tuple[int, str] | None:
         events = [(c, "cut") for c in self.cuts if c > self.up]
+        events += [(c, "close") for c in self.closes if c > self.up]
         if self.stall_at is not None and self.stall_at > self.up:
             events.append((self.stall_at, "stall"))
         if self.pause_at is not None and self.pause_at > self.up:
@@ -150,6 +156,8 @@ class Proxy:
     async def _up(self, r: asyncio.StreamReader, w: asyncio.StreamWriter,
                   conn: _Conn) -> None:
         while data := await r.read(64 << 10):
+            if self.delay:
+                await asyncio.sleep(self.delay)  # the fault itself, not synchronisation
             while data:
                 event = self._next_event()
                 n = len(data) if event is None else min(len(data), event[0] - self.up)
@@ -166,6 +174,9 @@ class Proxy:
                 if event is not None and self.up >= event[0]:
                     if event[1] == "cut":
                         return
+                    if event[1] == "close":
+                        w.write_eof()  # the server reads a clean end in the middle of it all
+                        await asyncio.Event().wait()  # until the server closes its side
                     if event[1] == "stall":
                         conn.quiet = True
                     else:
@@ -175,6 +186,8 @@ class Proxy:
     async def _down(self, r: asyncio.StreamReader, w: asyncio.StreamWriter,
                     conn: _Conn) -> None:
         while data := await r.read(64 << 10):
+            if self.delay:
+                await asyncio.sleep(self.delay)
             if conn.quiet or conn.drop_down:
                 continue  # swallowed: the agent never sees it
             w.write(data)
@@ -237,6 +250,29 @@ async def test_cycle_resumes_after_resets_at_several_points(
         async with ps.sessionmaker() as s:
             states = (await s.execute(select(db.Cycle.state))).scalars().all()
         assert states == [db.UPLOADED]  # one cycle, resumed: not four
+
+
+async def test_cycle_survives_a_slow_link_and_clean_closes_mid_frame(
+        tmp_path: Path, pki: Pki, vault_at: tuple[str, Path]) -> None:
+    """Latency on every chunk both ways, and the stream towards the server ended cleanly
+    (FIN, not a reset) in the middle of a frame, twice: the server reads a truncated
+    frame, keeps what was whole, and the agent resumes after it."""
+    url, key = vault_at
+    size = 12 << 20
+    disk = tmp_path / "disk.img"
+    random_disk(disk, size, seed=11)
+    total = frame_bytes(size)
+    async with running_procserver(proc_config(tmp_path, pki, url, key,
+                                              segment_bytes=2 << 20)) as ps, \
+            proxied(ps) as proxy:
+        proxy.delay = 0.005
+        proxy.closes = [total // 3 + BLOCK_FRAME // 2, total * 2 // 3 + 7]
+        r = await replicate(make_agent(agent_config(tmp_path, pki, "slow01", proxy.port,
+                                                    {"sda": disk})))
+        assert r.full and r.resumes == 2 and proxy.connections == 3
+        assert metric(ps, "resumed_cycles_total") == 2
+        assert total <= proxy.up <= total + 3 * TLS_SLACK + 2 * PER_CUT
+        await restored_exactly(ps, tmp_path, key, r, disk)
 
 
 async def test_delta_cycle_resumes_and_spans_disks(
