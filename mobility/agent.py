@@ -39,7 +39,7 @@ import structlog
 
 from mobility.config import MobilityConfig
 from mobility.link import FOREVER, Link, broken
-from mobility.snapshot import FsFreeze, NoSnapshot, Quiesced, Scripts, SnapshotProvider
+from mobility.snapshot import Held, Scripts, SnapshotProvider, crash_provider, held
 from mobility.tracker import (
     CHUNK,
     AgentState,
@@ -113,12 +113,10 @@ class _Retry(Exception):
 
 
 def provider_for(cfg: MobilityConfig) -> SnapshotProvider:
-    inner: SnapshotProvider = NoSnapshot()
-    if cfg.snapshot == "quiesced":
-        inner = Quiesced()
-    elif cfg.snapshot == "fsfreeze" or (cfg.snapshot == "script" and cfg.freeze_mounts):
-        inner = FsFreeze(cfg.freeze_mounts)
-    if cfg.snapshot == "script":
+    inner = crash_provider(cfg.snapshot, [d["path"] for d in cfg.disks], cfg.freeze_mounts,
+                           cfg.lvm_snapshot_size)
+    if cfg.snapshot == "script" or (cfg.snapshot == "lvm" and cfg.pre_script
+                                    and cfg.post_script):
         return Scripts(cfg.pre_script, cfg.post_script, cfg.script_timeout_seconds, inner)
     return inner
 
@@ -444,7 +442,9 @@ class Agent:
                 plan = await self._basis(conn.link, sizes) or plan
             while True:
                 try:
-                    async with self.provider.hold() as consistency:
+                    async with self.provider.hold() as h:
+                        snap = held(h)
+                        consistency = snap.label
                         created = now_iso()
                         doc: dict[str, Any] = {
                             "cycle": uuid.uuid4().hex, "consistency": consistency,
@@ -454,7 +454,7 @@ class Agent:
                         cycle = doc["cycle"]
                         if on_kind is not None:
                             on_kind(plan.kind)
-                        sender, resumes = await self._send(conn, plan, doc, progress)
+                        sender, resumes = await self._send(conn, plan, doc, progress, snap)
                     break
                 except _Retry:
                     plan = await self._basis(conn.link, sizes) or _Plan(
@@ -496,12 +496,13 @@ class Agent:
                            plan.kind)
 
     async def _send(self, conn: _Conn, plan: _Plan, doc: dict[str, Any],
-                    progress: Progress | None) -> tuple[_Sender, int]:
+                    progress: Progress | None, snap: Held) -> tuple[_Sender, int]:
         """Send every changed block of the cycle (resuming after broken connections) and,
         with ``resume``, make it durable: after this only END is left."""
         cfg, cycle, resumes = self.cfg, doc["cycle"], 0
         sender = _Sender(self, [
-            _Disk(i, d["name"], d["path"], doc["disks"][i]["size"], plan.olds[d["name"]])
+            _Disk(i, d["name"], snap.path(d["path"]), doc["disks"][i]["size"],
+                  plan.olds[d["name"]])
             for i, d in enumerate(cfg.disks)], plan.full, progress)
         await sender.open()
         try:

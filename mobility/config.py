@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from vault.throttle import Schedule
+
+_LVM_SIZE = re.compile(r"(\d{1,3}%ORIGIN|\d+(\.\d+)?[KMGT]?)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,9 @@ class MobilityConfig:
     pre_script: str = ""
     post_script: str = ""
     script_timeout_seconds: float = 60.0
+    # snapshot = "lvm": copy-on-write space of each disk's LVM snapshot, N%ORIGIN or
+    # a size such as 2G.
+    lvm_snapshot_size: str = "10%ORIGIN"
     connect_timeout_seconds: float = 15.0
     ack_timeout_seconds: float = 300.0
     # How long a cycle whose connection broke keeps trying to resume (0: never).
@@ -53,8 +59,11 @@ class MobilityConfig:
         bs = self.block_size
         if bs & (bs - 1) or not (1 << 16) <= bs <= (1 << 20):
             raise ValueError("block_size must be a power of two from 65536 to 1048576")
-        if self.snapshot not in ("none", "quiesced", "fsfreeze", "script"):
-            raise ValueError("snapshot must be none, quiesced, fsfreeze or script")
+        if self.snapshot not in ("none", "quiesced", "fsfreeze", "lvm", "script"):
+            raise ValueError("snapshot must be none, quiesced, fsfreeze, lvm or script")
+        if not _LVM_SIZE.fullmatch(self.lvm_snapshot_size):
+            raise ValueError(f"lvm_snapshot_size {self.lvm_snapshot_size!r}: use N%ORIGIN "
+                             "(e.g. 10%ORIGIN) or a size such as 2G or 512M")
         if self.snapshot == "fsfreeze" and not self.freeze_mounts:
             raise ValueError("snapshot = 'fsfreeze' needs freeze_mounts")
         if self.snapshot == "script" and not (self.pre_script and self.post_script):

@@ -20,7 +20,7 @@ import structlog
 from mobility.agent import Agent, CycleResult
 from mobility.config import MobilityConfig
 from mobility.control import ControlError, ControlPlane, ProgressReporter, Settings
-from mobility.snapshot import FsFreeze, NoSnapshot, Quiesced, Scripts, SnapshotProvider
+from mobility.snapshot import Scripts, SnapshotProvider, crash_provider
 
 log = structlog.get_logger("mobility.daemon")
 ENABLING = ("enabling", "initial_replication")
@@ -28,11 +28,8 @@ ENABLING = ("enabling", "initial_replication")
 
 def providers(cfg: MobilityConfig) -> tuple[SnapshotProvider, SnapshotProvider | None]:
     """The crash-consistent provider, and the app-consistent one if scripts are set."""
-    crash: SnapshotProvider = NoSnapshot()
-    if cfg.snapshot == "quiesced":
-        crash = Quiesced()
-    elif cfg.snapshot in ("fsfreeze", "script") and cfg.freeze_mounts:
-        crash = FsFreeze(cfg.freeze_mounts)
+    crash = crash_provider(cfg.snapshot, [d["path"] for d in cfg.disks], cfg.freeze_mounts,
+                           cfg.lvm_snapshot_size)
     app = (Scripts(cfg.pre_script, cfg.post_script, cfg.script_timeout_seconds, crash)
            if cfg.pre_script and cfg.post_script else None)
     return crash, app

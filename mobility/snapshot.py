@@ -7,16 +7,28 @@ while they are read and yields the label that honestly describes the read:
 - ``quiesced``: the operator guarantees nothing writes during the read (e.g. a
   stopped VM's image, or a test harness that pauses its writer): ``crash``.
 - ``fsfreeze``: ``fsfreeze -f`` on each mount for the read, then ``-u``: ``crash``.
+- ``lvm``: an LVM snapshot of every disk (each disk a logical volume), taken while
+  the ``freeze_mounts`` are frozen, which are thawed at once: the cycle reads the
+  snapshots, so writes are held back only for the ``lvcreate`` calls, not for the
+  send. ``crash`` for one disk or with frozen mounts (every disk at one moment);
+  ``inconsistent`` for several disks without a freeze (their snapshots are taken
+  one after the other). The snapshots are removed when the hold ends.
 - ``script``: a user pre-script (application quiesce) before and post-script after,
   each with a timeout: ``app``; if the pre-script fails the cycle is labelled by
-  the inner provider and the failure is logged.
+  the inner provider and the failure is logged. With ``lvm`` inside, the
+  post-script runs as soon as the snapshots exist.
+
+A provider yields a label, or a ``Held`` naming the paths to read instead of the
+disks' own (a block snapshot) and whether writes are already let go.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import structlog
@@ -24,28 +36,44 @@ import structlog
 log = structlog.get_logger("mobility.snapshot")
 
 
+@dataclass(frozen=True)
+class Held:
+    """What a provider holds: the label, and for a block snapshot where to read."""
+
+    label: str
+    paths: dict[str, str] = field(default_factory=dict)  # disk path -> snapshot path
+    released: bool = False  # writes go on already: the reads come from the snapshot
+
+    def path(self, disk_path: str) -> str:
+        return self.paths.get(disk_path, disk_path)
+
+
+def held(h: str | Held) -> Held:
+    return h if isinstance(h, Held) else Held(h)
+
+
 class SnapshotProvider(Protocol):
-    def hold(self) -> contextlib.AbstractAsyncContextManager[str]: ...
+    def hold(self) -> contextlib.AbstractAsyncContextManager[str | Held]: ...
 
 
 class NoSnapshot:
     @contextlib.asynccontextmanager
-    async def hold(self) -> AsyncIterator[str]:
+    async def hold(self) -> AsyncIterator[str | Held]:
         yield "inconsistent"
 
 
 class Quiesced:
     @contextlib.asynccontextmanager
-    async def hold(self) -> AsyncIterator[str]:
+    async def hold(self) -> AsyncIterator[str | Held]:
         yield "crash"
 
 
-async def _run(argv: list[str], timeout: float) -> None:
+async def _run(argv: list[str], timeout: float) -> str:
     proc = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         async with asyncio.timeout(timeout):
-            _out, err = await proc.communicate()
+            out, err = await proc.communicate()
     except TimeoutError:
         proc.kill()
         await proc.wait()
@@ -53,6 +81,7 @@ async def _run(argv: list[str], timeout: float) -> None:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): "
                            f"{err.decode(errors='replace').strip()}")
+    return out.decode(errors="replace")
 
 
 class FsFreeze:
@@ -60,7 +89,7 @@ class FsFreeze:
         self.mounts, self.timeout = mounts, timeout
 
     @contextlib.asynccontextmanager
-    async def hold(self) -> AsyncIterator[str]:
+    async def hold(self) -> AsyncIterator[str | Held]:
         frozen: list[str] = []
         try:
             for m in self.mounts:
@@ -77,7 +106,7 @@ class Scripts:
         self.pre, self.post, self.timeout, self.inner = pre, post, timeout, inner
 
     @contextlib.asynccontextmanager
-    async def hold(self) -> AsyncIterator[str]:
+    async def hold(self) -> AsyncIterator[str | Held]:
         try:
             await _run([self.pre], self.timeout)
         except (RuntimeError, OSError) as e:
@@ -85,8 +114,77 @@ class Scripts:
             async with self.inner.hold() as label:
                 yield label
             return
+        posted = False
         try:
-            async with self.inner.hold() as label:
-                yield "app" if label != "inconsistent" else label
+            async with self.inner.hold() as inner:
+                h = held(inner)
+                if h.released:  # the snapshot exists: the application may go on now
+                    posted = True
+                    await _run([self.post], self.timeout)
+                yield Held("app" if h.label != "inconsistent" else h.label, h.paths,
+                           h.released)
         finally:
-            await _run([self.post], self.timeout)
+            if not posted:
+                await _run([self.post], self.timeout)
+
+
+class LvmSnapshot:
+    """LVM snapshots of the disks (``lvcreate --snapshot``), read instead of the disks.
+
+    ``size`` is the copy-on-write space of each snapshot: ``N%ORIGIN`` (extents,
+    ``-l``) or a size such as ``2G`` (``-L``). Writes beyond it invalidate the
+    snapshot and the cycle fails (its reads error out); make it larger, or the
+    cycle interval shorter.
+    """
+
+    def __init__(self, disks: list[str], mounts: list[str], size: str = "10%ORIGIN",
+                 timeout: float = 60.0) -> None:
+        self.disks, self.mounts, self.size, self.timeout = disks, mounts, size, timeout
+
+    async def _lv_of(self, path: str) -> tuple[str, str]:
+        out = await _run(["lvs", "--noheadings", "-o", "vg_name,lv_name", path], self.timeout)
+        parts = out.split()
+        if len(parts) != 2:
+            raise RuntimeError(f"{path} is not an LVM logical volume (lvs said {out.strip()!r})")
+        return parts[0], parts[1]
+
+    @contextlib.asynccontextmanager
+    async def hold(self) -> AsyncIterator[Held]:
+        lvs = [await self._lv_of(p) for p in self.disks]
+        tag = uuid.uuid4().hex[:8]
+        made: list[str] = []
+        paths: dict[str, str] = {}
+        size = ["-l", self.size] if self.size.upper().endswith("%ORIGIN") else ["-L", self.size]
+        try:
+            async with FsFreeze(self.mounts, self.timeout).hold():
+                for (vg, lv), _path in zip(lvs, self.disks, strict=True):
+                    snap = f"{vg}/{lv}-sr-{tag}"
+                    await _run(["lvcreate", "--snapshot", "--name", f"{lv}-sr-{tag}", *size,
+                                f"{vg}/{lv}"], self.timeout)
+                    made.append(snap)
+            for snap, path in zip(made, self.disks, strict=True):
+                out = await _run(["lvs", "--noheadings", "-o", "lv_path", snap], self.timeout)
+                paths[path] = out.strip()
+            one_moment = len(self.disks) == 1 or bool(self.mounts)
+            log.info("lvm_snapshots_taken", snapshots=made)
+            yield Held("crash" if one_moment else "inconsistent", paths, released=True)
+        finally:
+            for snap in reversed(made):
+                try:
+                    await _run(["lvremove", "--yes", snap], self.timeout)
+                except (RuntimeError, OSError) as e:
+                    log.error("lvm_snapshot_not_removed", snapshot=snap, error=str(e),
+                              hint=f"remove it by hand: lvremove {snap}")
+
+
+def crash_provider(snapshot: str, disks: list[str], mounts: list[str],
+                   lvm_size: str = "10%ORIGIN") -> SnapshotProvider:
+    """The provider of crash-consistent (or honestly inconsistent) points for a
+    ``snapshot`` setting; ``script`` wraps it for app-consistent ones."""
+    if snapshot == "quiesced":
+        return Quiesced()
+    if snapshot == "lvm":
+        return LvmSnapshot(disks, mounts, lvm_size)
+    if snapshot in ("fsfreeze", "script") and mounts:
+        return FsFreeze(mounts)
+    return NoSnapshot()

@@ -108,7 +108,8 @@ tls_key = {_toml_str(str(key.resolve()))}
 state_dir = {_toml_str(str((out / 'state').resolve()))}
 interval_seconds = 30.0
 # none: live reads, points labelled 'inconsistent'; fsfreeze: crash-consistent;
-# script: app-consistent with pre_script/post_script.
+# lvm: LVM snapshots of the disks (logical volumes); script: app-consistent with
+# pre_script/post_script.
 snapshot = "none"
 disks = [
 {chr(10).join(disk_lines)}
