@@ -307,7 +307,7 @@ BAD_CONFIGS: list[tuple[str, str, Any, list[str]]] = [
     ("mobility", "set", {"block_size": 1000}, ["block_size", "power of two"]),
     ("mobility", "set", {"disks": []}, ["disks", "at least one"]),
     ("mobility", "set", {"disks": [{"name": "sda"}]}, ["disks", "'path'"]),
-    ("mobility", "set", {"snapshot": "lvm"}, ["snapshot must be"]),
+    ("mobility", "set", {"snapshot": "zfs"}, ["snapshot must be"]),
     ("mobility", "set", {"snapshot": "fsfreeze"}, ["fsfreeze", "freeze_mounts"]),
     ("procserver", "text", 'data_dir = "unterminated\n', ["not valid TOML", "line 1"]),
     ("mobility", "text", "machine = web01\n", ["not valid TOML", "line 1"]),
