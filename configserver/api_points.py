@@ -8,7 +8,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from configserver import db
 from configserver.rest import NAME, Call, Route, array, obj, reply
@@ -19,8 +19,10 @@ log = structlog.get_logger("configserver.points")
 POINT = obj({"id": {"type": "string"}, "machine": {"type": "string"},
              "created": {"type": "string"}, "consistency": {"type": "string"}},
             ["id", "machine", "created", "consistency"])
+POINT_ID = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+MAX_FORGOTTEN = 1000  # ids per request; a process server sends larger sets in batches
 POINT_REPORT = {"type": "object", "required": ["id", "machine", "created", "consistency"],
-                "properties": {"id": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                "properties": {"id": POINT_ID,
                                "machine": NAME,
                                "created": {"type": "string", "maxLength": 40},
                                "consistency": {"enum": list(CONSISTENCY)}}}
@@ -53,6 +55,21 @@ async def report_point(call: Call) -> web.Response:
     return reply({"id": pid}, status=201)
 
 
+async def points_forgotten(call: Call) -> web.Response:
+    """A process server's retention forgot these points in the vault: the catalog drops
+    them too. Unknown ids are ignored, so a repeated report changes nothing."""
+    ids = sorted(set(call.body["points"]))
+    async with call.server.sessionmaker() as s:
+        known = (await s.execute(select(db.RecoveryPoint.id).where(
+            db.RecoveryPoint.id.in_(ids)))).scalars().all()
+        if known:
+            await s.execute(delete(db.RecoveryPoint).where(db.RecoveryPoint.id.in_(known)))
+            await s.commit()
+    if known:
+        log.info("points_forgotten", count=len(known), points=sorted(known))
+        await call.server.notify()
+    return reply({"removed": len(known)})
+
 
 ROUTES = [
     Route("GET", "/api/v1/points", list_points, "List recovery points in the catalog", "points",
@@ -61,4 +78,13 @@ ROUTES = [
           "Record a recovery point (process servers)", "points", auth="internal",
           body=POINT_REPORT, responses={201: obj({"id": {"type": "string"}}, ["id"])},
           listeners=("admin", "site")),
+    Route("POST", "/api/v1/internal/points/forgotten", points_forgotten,
+          "Remove recovery points a process server's retention forgot (process servers)",
+          "points", auth="internal", listeners=("admin", "site"),
+          body=obj({"points": {**array(POINT_ID),
+                               "maxItems": MAX_FORGOTTEN}}, ["points"]),
+          responses={200: obj({"removed": {"type": "integer", "minimum": 0}}, ["removed"])},
+          description="The points' manifests are gone from the vault. Ids the catalog does "
+                      "not list are ignored (a repeated report removes nothing more); "
+                      "'removed' counts the rows deleted."),
 ]

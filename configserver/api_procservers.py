@@ -4,7 +4,9 @@ A process server registers itself with its first heartbeat (internal token, on t
 admin and the site listener) and then heartbeats every ``heartbeat_interval_seconds``
 (30 s by default) with its health: cache use, upload backlog, throughput, sessions.
 The answer tells it whether an operator asked for a refresh; it then re-pulls what it
-gets from the configuration server and heartbeats again at once.
+gets from the configuration server and heartbeats again at once. It pulls the policies
+of the replicated items whose machines are assigned to it (``GET
+/api/v1/internal/procservers/{name}/policies``) and applies their retention.
 """
 
 from __future__ import annotations
@@ -19,7 +21,20 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from configserver import alerts, db
-from configserver.rest import NAME, ApiError, Call, Route, array, iso, not_found, obj, reply
+from configserver.api_policies import COLUMNS
+from configserver.api_policies import FIELDS as POLICY_FIELDS
+from configserver.rest import (
+    ERROR_SCHEMA,
+    NAME,
+    ApiError,
+    Call,
+    Route,
+    array,
+    iso,
+    not_found,
+    obj,
+    reply,
+)
 
 log = structlog.get_logger("configserver.procservers")
 
@@ -195,7 +210,44 @@ async def delete_procserver(call: Call) -> web.Response:
     return web.Response(status=204)
 
 
+ITEM_POLICY = obj({
+    "machine": {"type": "string"},
+    "policy": obj({"name": {"type": "string"},
+                   **{k: {"type": "integer"} for k in POLICY_FIELDS}},
+                  ["name", *POLICY_FIELDS]),
+}, ["machine", "policy"])
+
+
+async def item_policies(call: Call) -> web.Response:
+    """The policy of every replicated item whose machine is assigned to this process
+    server (items not yet assigned, during their Prerequisites check, are not listed)."""
+    name = call.params["name"]
+    async with call.server.sessionmaker() as s:
+        if await s.get(db.ProcessServer, name) is None:
+            raise not_found("procserver", name, "a process server registers with its first "
+                            "heartbeat: is its name the one it heartbeats with?")
+        rows = (await s.execute(
+            select(db.ReplicatedItem.machine, db.Policy)
+            .join(db.Machine, db.Machine.name == db.ReplicatedItem.machine)
+            .join(db.Policy, db.Policy.name == db.ReplicatedItem.policy)
+            .where(db.Machine.process_server == name)
+            .order_by(db.ReplicatedItem.machine))).all()
+    return reply({"items": [
+        {"machine": machine, "policy": {"name": policy.name, **{
+            k: int(getattr(policy, c)) for k, c in COLUMNS.items()}}}
+        for machine, policy in rows]})
+
+
 ROUTES = [
+    Route("GET", "/api/v1/internal/procservers/{name}/policies", item_policies,
+          "The policies a process server applies (process servers)", "procservers",
+          auth="internal", params=PARAMS, listeners=("admin", "site"),
+          responses={200: obj({"items": array(ITEM_POLICY)}, ["items"]), 404: ERROR_SCHEMA},
+          description="One entry per replicated item whose machine is assigned to the "
+                      "process server, with its policy's fields. The process server forgets "
+                      "a machine's recovery points older than retention_hours and shows "
+                      "rpo_threshold_seconds in its metrics. 404 for a name that never "
+                      "heartbeated."),
     Route("POST", "/api/v1/internal/procservers/heartbeat", heartbeat,
           "Register or heartbeat a process server (process servers)", "procservers",
           auth="internal", body=HEARTBEAT, listeners=("admin", "site"),

@@ -44,6 +44,9 @@ class ProcServerConfig:
     # there ("" = the host name) and how often it reports its health.
     name: str = ""
     heartbeat_interval_seconds: float = 30.0
+    # How often the policies of the machines assigned here are pulled (with
+    # configserver_url) and their retention applied to the vault.
+    policy_interval_seconds: float = 300.0
     # Upload bandwidth into the vault (as ASR's process-server throttling), in Mbit/s:
     # during work_hours on work_days, and outside them. 0: unlimited.
     upload_limit_work_mbps: float = 0.0
@@ -75,6 +78,8 @@ class ProcServerConfig:
         self.upload_schedule()  # raises ValueError naming the bad setting
         if self.heartbeat_interval_seconds <= 0:
             raise ValueError("heartbeat_interval_seconds must be positive")
+        if self.policy_interval_seconds <= 0:
+            raise ValueError("policy_interval_seconds must be positive")
         if self.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", self.name):
             raise ValueError("name must be 1-63 letters, digits, '.', '_' or '-', starting "
                              "with a letter or digit")

@@ -6,6 +6,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 
 class ProcMetrics:
+    def pack_uploaded(self, logical: int, stored: int) -> None:
+        """A pack is in the vault: ``logical`` bytes of blocks sealed into ``stored`` bytes."""
+        self.uploaded_bytes.inc(stored)
+        self.stored_logical_bytes.inc(logical)
+        self._logical_total += logical
+        self._stored_total += stored
+        self.compression_ratio.set(self._logical_total / self._stored_total)
+
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         p = "siterecovery_procserver_"
@@ -13,6 +21,14 @@ class ProcMetrics:
                                       registry=r)
         self.uploaded_bytes = Counter(p + "uploaded_bytes", "Sealed pack bytes uploaded",
                                       registry=r)
+        self.stored_logical_bytes = Counter(
+            p + "stored_logical_bytes", "Block bytes sealed into the packs uploaded, before "
+            "compression (uploaded_bytes is after)", registry=r)
+        self.compression_ratio = Gauge(
+            p + "compression_ratio", "stored_logical_bytes / uploaded_bytes since the process "
+            "started (NaN until the first pack)", registry=r)
+        self.compression_ratio.set(float("nan"))
+        self._logical_total = self._stored_total = 0
         self.points = Counter(p + "recovery_points", "Recovery points written to the vault",
                               registry=r)
         self.rejected = Counter(p + "rejected_sessions", "Sessions refused or ended by an error",

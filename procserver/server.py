@@ -30,6 +30,7 @@ from procserver.cache import (
 )
 from procserver.config import ProcServerConfig
 from procserver.metrics import ProcMetrics
+from procserver.policies import Policies
 from procserver.reporter import Reporter
 from procserver.session import ABORTED, OPEN, OpenCycle, ReceiveProgress, Session
 from procserver.trust import TrustList
@@ -97,6 +98,7 @@ class ProcServer:
         self.reporter = Reporter(self)
         self.trust = TrustList(cfg)  # agent certificates the configuration server refuses
         self.reporter.on_refresh.append(self.trust.wake)
+        self.policies = Policies(self)  # pulled policies, retention, scrape-time metrics
         self._cache_bytes = 0
         self._cycle_bytes: dict[int, int] = {}
         self._space = asyncio.Condition()
@@ -161,7 +163,8 @@ class ProcServer:
         self.metrics_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self._tasks = [asyncio.create_task(self.uploader.run(), name="uploader"),
                        asyncio.create_task(self.reporter.run(), name="reporter"),
-                       asyncio.create_task(self.trust.run(), name="trust")]
+                       asyncio.create_task(self.trust.run(), name="trust"),
+                       asyncio.create_task(self.policies.run(), name="policies")]
         log.info("procserver_started", port=self.port, metrics_port=self.metrics_port,
                  vault=self.vault.store.url, blocks_indexed=len(self.index))
 
@@ -512,6 +515,7 @@ class ProcServer:
         return self._cache_bytes
 
     async def _metrics(self, _req: web.Request) -> web.Response:
+        await self.policies.refresh_metrics()
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
