@@ -39,8 +39,9 @@ CERT = obj({"serial": {"type": "string"}, "subject": {"type": "string"},
 TRUST = obj({"version": {"type": "string"}, "generated_at": {"type": "string"},
              "ca_sha256": {"type": "string"},
              "machines": array(obj({"name": {"type": "string"}, "enabled": {"type": "boolean"},
-                                    "serials": array({"type": "string"})},
-                                   ["name", "enabled", "serials"])),
+                                    "serials": array({"type": "string"}),
+                                    "disks": array({"type": "string"})},
+                                   ["name", "enabled", "serials", "disks"])),
              "revoked": array({"type": "string"})},
             ["version", "generated_at", "ca_sha256", "machines", "revoked"])
 MAX_WAIT = 60

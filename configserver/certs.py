@@ -138,9 +138,10 @@ async def record_own(server: ConfigServer) -> None:
 async def trust_list(server: ConfigServer) -> dict[str, Any]:
     """What process servers need to refuse certificates the CA alone would accept.
 
-    ``machines``: every machine of the inventory with ``enabled`` and the serials of its
-    trusted agent certificates; ``revoked``: revoked serials not yet expired. ``version``
-    changes exactly when the content does.
+    ``machines``: every machine of the inventory with ``enabled``, the serials of its
+    trusted agent certificates and the names of its disks (the only ones it may write;
+    none listed: the inventory does not say); ``revoked``: revoked serials not yet
+    expired. ``version`` changes exactly when the content does.
     """
     now = server.clock()
     async with server.sessionmaker() as s:
@@ -156,7 +157,9 @@ async def trust_list(server: ConfigServer) -> dict[str, Any]:
         "ca_sha256": server.ca.fingerprint,
         "machines": [{"name": m.name, "enabled": bool(m.enabled),
                       "serials": [r.serial for r in by_subject.get(m.name, [])
-                                  if trusted(r, m, now) is None]} for m in machines],
+                                  if trusted(r, m, now) is None],
+                      "disks": sorted(str(d["name"]) for d in m.disks or [])}
+                     for m in machines],
         "revoked": [r.serial for r in rows if state(r, now) == "revoked"],
     }
     version = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]

@@ -118,6 +118,7 @@ async def serve_basis(session: Session, doc: dict[str, Any]) -> None:
     """Answer a BASIS frame: the point's description, then each disk's MAP frames."""
     validate_disks(doc.get("disks"), "BASIS")
     server, machine = session.server, session.machine
+    await server.trust.authorize_disks(machine, [d["name"] for d in doc["disks"]])
     want = _layout(doc["disks"])
     await _uploads_settled(session)
     try:

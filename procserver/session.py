@@ -221,6 +221,8 @@ class Session:
 
     async def begin(self, doc: dict[str, Any]) -> None:
         validate_begin(doc)
+        await self.server.trust.authorize_disks(self.machine,
+                                                [d["name"] for d in doc["disks"]])
         if not await self._base_ok(doc):
             await self.send(error_frame(
                 "resync_required", f"base cycle {doc.get('base')!r} is unknown here "

@@ -10,7 +10,11 @@ answers as soon as the list changes) and refuses, at HELLO, a certificate that
 - belongs to a machine that is not in the inventory (``machine_unknown``) or is
   disabled (``machine_disabled``),
 - is not one the configuration server issued to that machine, or expired
-  (``certificate_unknown``).
+  (``certificate_unknown``);
+
+and refuses, at BEGIN and BASIS, a disk the inventory does not list for the machine
+(``disk_not_allowed``): a machine may write only its own disks. A machine whose
+inventory lists no disks is not restricted by name.
 
 A refusal first re-fetches the list once (a machine enrolled a moment ago may be
 newer than our copy), so only a current "no" refuses. The list is persisted in
@@ -77,6 +81,7 @@ class TrustList:
         self.applies = False  # the list speaks for our tls_ca
         self._machines: dict[str, tuple[bool, frozenset[str]]] = {}
         self._revoked: frozenset[str] = frozenset()
+        self._disks: dict[str, frozenset[str]] = {}
         self._known = asyncio.Event()
         self.changed = asyncio.Condition()
         self._fetch: asyncio.Task[None] | None = None
@@ -95,6 +100,8 @@ class TrustList:
         self._machines = {m["name"]: (m["enabled"], frozenset(str(s) for s in m["serials"]))
                           for m in doc["machines"]}
         self._revoked = frozenset(str(s) for s in doc["revoked"])
+        self._disks = {m["name"]: frozenset(str(d) for d in m.get("disks") or [])
+                       for m in doc["machines"]}
         self.version = doc["version"]
         self._known.set()
         if not self.applies:
@@ -270,6 +277,24 @@ class TrustList:
         why = self._reason(machine, serial)
         if why is not None:
             raise ProtocolError(*why)
+
+    def _foreign(self, machine: str, disks: list[str]) -> list[str]:
+        own = self._disks.get(machine)
+        if not self.applies or not own:
+            return []
+        return sorted(set(disks) - own)
+
+    async def authorize_disks(self, machine: str, disks: list[str]) -> None:
+        """Raise ``ProtocolError`` if any of ``disks`` is not one of the machine's own."""
+        if not self.enabled or not self._foreign(machine, disks):
+            return
+        await self._refresh(asyncio.get_running_loop().time())  # added a moment ago?
+        foreign = self._foreign(machine, disks)
+        if foreign:
+            raise ProtocolError(
+                "disk_not_allowed", f"machine {machine!r} may write only its own disks "
+                f"({', '.join(sorted(self._disks.get(machine, ())))}); not "
+                f"{', '.join(foreign)}: add them to the machine in the inventory first")
 
     async def wait_until(self, predicate: Callable[[TrustList], bool],
                          timeout: float = 60.0) -> None:

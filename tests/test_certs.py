@@ -5,6 +5,7 @@ disabled, removed or revoked machine. Real servers, real TLS, SQLite and Postgre
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -333,7 +334,8 @@ async def test_certificates_expire(clocked: tuple[ConfigServer, list[float]],
         (row,) = await certificates(api, kind="agent")
         assert row["state"] == "expired"
         status, trust = await internal_get(cs, "/api/v1/internal/trust")
-        assert trust["machines"] == [{"name": "web01", "enabled": True, "serials": []}]
+        assert trust["machines"] == [{"name": "web01", "enabled": True, "serials": [],
+                                      "disks": []}]
         cert, key = _write_agent(tmp_path / "agent", issued)
         with pytest.raises(aiohttp.ClientError):  # TLS refuses an expired client certificate
             await site_post(cs, "/api/v1/agent/renew", {}, site_ssl(cs, cert, key))
@@ -357,7 +359,7 @@ async def test_trust_list_long_poll(cs: ConfigServer, api: ApiClient) -> None:
     status, doc = await internal_get(cs, "/api/v1/internal/trust")
     assert status == 200
     assert doc["machines"] == [{"name": "web01", "enabled": True,
-                                "serials": [issued["serial"]]}]
+                                "serials": [issued["serial"]], "disks": []}]
     assert doc["revoked"] == [] and doc["ca_sha256"] == cs.ca.fingerprint
     # A long poll on the current version answers as soon as the list changes.
     poll = asyncio.create_task(internal_get(
@@ -369,7 +371,8 @@ async def test_trust_list_long_poll(cs: ConfigServer, api: ApiClient) -> None:
     assert time.monotonic() - started < 10
     assert changed["version"] != doc["version"]
     assert changed["revoked"] == [issued["serial"]]
-    assert changed["machines"] == [{"name": "web01", "enabled": True, "serials": []}]
+    assert changed["machines"] == [{"name": "web01", "enabled": True, "serials": [],
+                                    "disks": []}]
     # An unchanged list: the poll answers after `wait` seconds with the same version.
     status, same = await internal_get(
         cs, f"/api/v1/internal/trust?version={changed['version']}&wait=1")
@@ -479,6 +482,32 @@ async def test_procserver_refuses_disabled_revoked_and_removed_machines(
         await api.post("/api/v1/machines", {"name": "web03", **MACHINE})
         await ps.trust.wait_until(lambda t: "web03" in t._machines)
         await _refused(ps, web03, "certificate_revoked")  # not revived by the new machine
+
+
+async def test_a_machine_may_write_only_its_own_disks(
+        cs: ConfigServer, api: ApiClient, tmp_path: Path) -> None:
+    await api.post("/api/v1/machines", {"name": "db01", **MACHINE,
+                                        "disks": [{"name": "sda", "path": "/dev/sda"}]})
+    pcfg = await _procserver(cs, api, tmp_path)
+    async with running_procserver(pcfg) as ps:
+        own = await _agent(cs, tmp_path, "db01", ps.port)
+        extra = tmp_path / "other.img"
+        make_disk(extra, 1 << 20, seed=9)
+        # A valid certificate of db01, and a disk the inventory does not list for it.
+        grabby = dataclasses.replace(own, disks=[*own.disks, {"name": "sdb",
+                                                              "path": str(extra)}])
+        with structlog.testing.capture_logs() as logs:
+            await _refused(ps, grabby, "disk_not_allowed")
+        rejected = [e for e in logs if e["event"] == "session_rejected"]
+        assert [(e["code"], e["machine"]) for e in rejected] == [("disk_not_allowed", "db01")]
+        assert "sdb" in rejected[0]["error"]
+        await _replicate(own)  # its own disk: accepted, on the same server
+        assert await _cycles(ps) == 1
+        # Added to the inventory: the list follows and the disk is accepted.
+        await api.patch("/api/v1/machines/db01", {"disks": [
+            {"name": "sda", "path": "/dev/sda"}, {"name": "sdb", "path": "/dev/sdb"}]})
+        await _replicate(grabby)
+        assert await _cycles(ps) == 2
 
 
 async def test_procserver_keeps_the_last_trust_list_while_the_configserver_is_down(
