@@ -51,6 +51,7 @@ async def report_point(call: Call) -> web.Response:
             from configserver.items import point_recorded
 
             await point_recorded(call.server, doc)
+            await call.server.notify()
     log.info("point_recorded", point=pid, machine=machine, consistency=doc["consistency"])
     return reply({"id": pid}, status=201)
 

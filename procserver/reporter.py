@@ -4,7 +4,9 @@ Two loops, both only with ``configserver_url`` and the internal token:
 
 - **Point reports.** An outbox in the process server's database: a point is marked
   reported only after the configuration server accepted it, so reports survive
-  restarts.
+  restarts. One it refuses for good (a 4xx other than 401, 408, 429) is logged
+  ``point_report_refused`` and parked until a refresh or a restart, so the reports
+  behind it are not held up.
 - **Heartbeats** every ``heartbeat_interval_seconds``: name, address, version and
   health — cache use and free share of the quota, upload backlog (bytes and the
   age of the oldest data waiting for upload), upload throughput, open sessions.
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
     from procserver.server import ProcServer
 
 log = structlog.get_logger("procserver.reporter")
+REFUSED = frozenset({400, 403, 404, 405, 409, 410, 413, 415, 422})
 JOURNAL = "changes.log"  # procserver/uploader.py: the cycle's journal, written per checkpoint
 
 
@@ -61,6 +64,8 @@ class Reporter:
         self._beat = asyncio.Event()
         # Called when the configuration server asks for a refresh (e.g. re-pull trust).
         self.on_refresh: list[Callable[[], None]] = []
+        # Reports the configuration server refused for good (4xx but 401/408/429).
+        self._parked: set[str] = set()
         self._uploaded: tuple[float, float] | None = None  # (monotonic time, bytes) last beat
 
     def wake(self) -> None:
@@ -112,11 +117,23 @@ class Reporter:
             self._changed.clear()
             async with self.server.sessionmaker() as s:
                 rows = (await s.execute(select(db.PointReport).where(
-                    db.PointReport.reported.is_(False)).limit(100))).scalars().all()
+                    db.PointReport.reported.is_(False),
+                    db.PointReport.point_id.not_in(self._parked))
+                    .order_by(db.PointReport.point_id).limit(100))).scalars().all()
             try:
                 for row in rows:
                     async with http.post(url, json=json.loads(row.doc),
                                          headers=headers) as resp:
+                        if resp.status in REFUSED:
+                            # Sending it again will not change the answer: park it (until
+                            # a refresh or a restart) so the reports behind it go on.
+                            self._parked.add(row.point_id)
+                            log.error("point_report_refused", point=row.point_id,
+                                      machine=row.machine, status=resp.status,
+                                      error=(await resp.text())[:500],
+                                      hint="fix the cause, then 'siterecovery procserver "
+                                           "refresh NAME' sends it again")
+                            continue
                         if resp.status >= 300:
                             raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
                     async with self.server.sessionmaker() as s:
@@ -153,6 +170,7 @@ class Reporter:
                     failing = False
                 if answer.get("refresh_requested"):
                     log.info("procserver_refresh_requested", procserver=doc["name"])
+                    self._parked.clear()  # refused reports are tried again
                     self.wake()
                     for hook in self.on_refresh:
                         hook()

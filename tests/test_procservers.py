@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
+import structlog.testing
 
 from configserver.server import ConfigServer
+from procserver import db as psdb
 from procserver.config import ProcServerConfig
 from siterecovery.apiclient import ApiCallError, ApiClient
 from tests.helpers import (
@@ -231,6 +233,43 @@ async def test_a_real_process_server_registers_and_heartbeats(
         doc = await api.get("/api/v1/procservers/ps-real")
         assert doc["throughput_bps"] > 0
         assert (doc["cache_bytes"], doc["backlog_bytes"], doc["backlog_seconds"]) == (0, 0, 0)
+
+
+async def test_a_refused_point_report_does_not_hold_up_the_others(
+        tmp_path: Path, pki: Pki, vault_at: tuple[str, Path], cs: ConfigServer,
+        api: ApiClient) -> None:
+    cfg = _ps_config(tmp_path, pki, cs, vault_at, name="ps-out",
+                     heartbeat_interval_seconds=3600)
+    async with running_procserver(cfg) as ps:
+        await wait_until(cs, lambda: _registered(api, "ps-out"))
+        # First in the outbox: a report the catalog refuses whatever happens (422).
+        bad = "0" * 64
+        async with ps.sessionmaker() as s:
+            s.add(psdb.PointReport(point_id=bad, machine="web01", reported=False,
+                                   doc=json.dumps({"id": bad, "machine": "web01",
+                                                   "consistency": "sorta"})))
+            await s.commit()
+        disk = tmp_path / "disk.img"
+        disk.write_bytes(random.Random(6).randbytes(1 << 20))
+        agent = make_agent(agent_config(tmp_path, pki, "web01", ps.port, {"sda": disk}))
+        with structlog.testing.capture_logs() as logs:
+            try:
+                r = await agent.replicate_once()
+            finally:
+                agent.close()
+            good = await ps.wait_point(r.cycle)
+
+            async def listed() -> list[str] | None:
+                doc = await api.get("/api/v1/points", machine="web01")
+                ids = [p["id"] for p in doc["points"]]
+                return ids if good in ids else None
+
+            assert await wait_until(cs, listed) == [good]  # the one behind it got through
+        refused = [e for e in logs if e["event"] == "point_report_refused"]
+        assert [(e["point"], e["status"]) for e in refused] == [(bad, 422)]
+        async with ps.sessionmaker() as s:
+            row = await s.get_one(psdb.PointReport, bad)
+            assert not row.reported  # parked, not lost: a refresh or a restart retries it
 
 
 async def _count_at_least(api: ApiClient, name: str, n: int) -> float | None:
