@@ -15,23 +15,23 @@ With a process server that speaks them (WELCOME ``features``), two more things:
   every block durable, after it only END is left to resend. The agent keeps trying
   for ``resume_timeout_seconds`` (a server that refuses connections outright, for
   ``REFUSED_GRACE`` seconds), then the cycle fails and the next one starts over.
+
+The blocks are read and sent by ``sender.py``, a broken connection is resumed by
+``resume.py``; ``link.py`` is one connection (and its heartbeats).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import os
 import random
 import ssl
-import stat
 import sys
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,18 +39,16 @@ import structlog
 
 from mobility.config import MobilityConfig
 from mobility.link import FOREVER, Link, broken
+from mobility.resume import Conn, check_progress, progress_of, resume
+from mobility.sender import CycleDisk, Progress, Sender
 from mobility.snapshot import Held, Scripts, SnapshotProvider, crash_provider, held
 from mobility.tracker import (
-    CHUNK,
     AgentState,
     DiskState,
-    chunks,
     commit_state,
-    data_extents,
     disk_size,
     load_map,
     load_state,
-    scan_chunk,
     write_map,
 )
 from procserver.wire import (
@@ -60,20 +58,16 @@ from procserver.wire import (
     FrameType,
     ProtocolError,
     RemoteError,
-    block_frame_parts,
     encode_json,
     raise_if_error,
     read_frame,
 )
-from vault.digest import block_count, digest_of_fingerprint_map
+from vault.digest import block_count
 from vault.point import now_iso
 from vault.throttle import TokenBucket
 
 log = structlog.get_logger("mobility")
-Progress = Callable[[str, int, int], None]
 AGENT_VERSION = "0.1.0"
-REFUSED_GRACE = 5.0  # seconds of "connection refused" after which a resume gives up
-PREFETCH = 3  # chunks scanned ahead of the one being sent
 
 
 @dataclass(frozen=True)
@@ -101,13 +95,6 @@ class _Plan:
         return self.kind == "full"
 
 
-@dataclass
-class _Conn:
-    """The cycle's current connection: a resume replaces it."""
-
-    link: Link
-
-
 class _Retry(Exception):
     """The process server does not know the base: leave the hold, fetch a basis."""
 
@@ -126,117 +113,6 @@ def client_ssl_context(cfg: MobilityConfig) -> ssl.SSLContext:
     ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
-
-
-@dataclass
-class _Disk:
-    idx: int
-    name: str
-    path: str
-    size: int
-    old: bytes | None
-    fps: bytearray = field(default_factory=bytearray)
-    fd: int = -1
-    extents: list[tuple[int, int]] | None = None
-
-
-def _scan_frames(fd: int, size: int, bs: int, first: int, count: int, old: bytes | None,
-                 extents: list[tuple[int, int]], fps: bytearray, full: bool, idx: int
-                 ) -> tuple[bytes, int, int, int]:
-    """Scan a chunk (worker thread) and encode its changed blocks as one run of frames.
-
-    Returns the frames, how many, their data bytes and the last block number (-1: none).
-    """
-    parts: list[bytes | memoryview] = []
-    nbytes, last = 0, -1
-    changes = scan_chunk(fd, size, bs, first, count, old, extents, fps, full)
-    for n, data in changes:
-        if data is None:
-            parts.extend(block_frame_parts(FrameType.ZERO, idx, n))
-        else:
-            parts.extend(block_frame_parts(FrameType.BLOCK, idx, n, data))
-            nbytes += len(data)
-        last = n
-    return b"".join(parts), len(changes), nbytes, last
-
-
-class _Sender:
-    """The blocks of one cycle, sent in (disk, block) order; restartable after a position."""
-
-    def __init__(self, agent: Agent, disks: list[_Disk], full: bool,
-                 progress: Progress | None) -> None:
-        self.agent, self.disks, self.full, self.progress = agent, disks, full, progress
-        self.bs = agent.cfg.block_size
-        self.sent = 0  # frames the server has (after a resume: its count) plus those since
-        self.nbytes = 0
-        self.last: tuple[int, int] | None = None
-        self._pending: collections.deque[asyncio.Future[Any]] = collections.deque()
-
-    async def open(self) -> None:
-        for d in self.disks:
-            d.fd = await asyncio.to_thread(_open_ro, d.path)
-            d.fps = bytearray(16 * ((d.size + self.bs - 1) // self.bs))
-
-    async def close(self) -> None:
-        await self._settle()
-        for d in self.disks:
-            if d.fd >= 0:
-                await asyncio.to_thread(os.close, d.fd)
-                d.fd = -1
-
-    async def _settle(self) -> None:
-        while self._pending:
-            with contextlib.suppress(Exception):
-                await self._pending.popleft()
-
-    def rewind(self, blocks: int, position: tuple[int, int] | None) -> None:
-        self.sent, self.last = blocks, position
-
-    async def send(self, link: Link) -> None:
-        """Send every block after ``self.last``."""
-        await self._settle()
-        loop = asyncio.get_running_loop()
-        bs = self.bs
-        for d in self.disks:
-            if self.last is not None and d.idx < self.last[0]:
-                continue
-            start = self.last[1] + 1 if self.last is not None and d.idx == self.last[0] else 0
-            if d.extents is None:
-                d.extents = await asyncio.to_thread(data_extents, d.fd, d.size)
-            per = max(1, CHUNK // bs)
-            work = [(f, c) for f, c in chunks(d.size, bs) if f + c > start]
-            if work and work[0][0] < start:  # the first chunk only from ``start`` on
-                f, c = work[0]
-                work[0] = (start, f + c - start)
-            assert all(c <= per for _f, c in work)
-
-            def submit(i: int, d: _Disk = d, work: list[tuple[int, int]] = work
-                       ) -> asyncio.Future[tuple[bytes, int, int, int]]:
-                first, count = work[i]
-                assert d.extents is not None
-                return loop.run_in_executor(
-                    self.agent.executor, _scan_frames, d.fd, d.size, bs, first, count,
-                    None if self.full else d.old, d.extents, d.fps, self.full, d.idx)
-
-            ahead = collections.deque(submit(i) for i in range(min(PREFETCH, len(work))))
-            self._pending = ahead
-            for i in range(len(work)):
-                data, frames, nbytes, last = await ahead.popleft()
-                if i + PREFETCH < len(work):
-                    ahead.append(submit(i + PREFETCH))
-                if frames:
-                    await self.agent.send_limit.take(len(data))
-                    link.send(data)
-                    self.sent += frames
-                    self.nbytes += nbytes
-                    self.last = (d.idx, last)
-                    await link.drain()
-                if self.progress is not None:
-                    first, count = work[i]
-                    self.progress(d.name, min(d.size, (first + count) * bs), d.size)
-
-    def digests(self) -> dict[str, str]:
-        return {d.name: digest_of_fingerprint_map(d.fps) for d in self.disks}
 
 
 class Agent:
@@ -292,51 +168,6 @@ class Agent:
             with contextlib.suppress(OSError, TimeoutError, ssl.SSLError):
                 await asyncio.wait_for(writer.wait_closed(), 5)
             raise
-
-    async def _resume(self, conn: _Conn, cycle: str, error: BaseException) -> Frame:
-        """The connection broke mid-cycle: reconnect (``conn.link``) and ask to resume
-        ``cycle``; return the server's answer."""
-        link = conn.link
-        await link.close()
-        if not link.resumable or self.cfg.resume_timeout_seconds <= 0:
-            raise error
-        cfg = self.cfg
-        deadline = time.monotonic() + cfg.resume_timeout_seconds
-        refused_since: float | None = None
-        delay = 0.1
-        log.warning("connection_lost_resuming", cycle=cycle,
-                    error=str(error) or type(error).__name__)
-        while True:
-            try:
-                new = await self._connect()
-                try:
-                    new.send(encode_json(FrameType.RESUME, {"cycle": cycle}))
-                    answer = await new.recv(cfg.connect_timeout_seconds)
-                    raise_if_error(answer)
-                    if answer.type not in (FrameType.PROGRESS, FrameType.ACK) or \
-                            answer.json().get("cycle") != cycle:
-                        raise ProtocolError("bad_resume",
-                                            f"unexpected {answer.type.name} after RESUME")
-                except BaseException:
-                    await new.close()
-                    raise
-                conn.link = new
-                return answer
-            except Exception as e:
-                busy = isinstance(e, RemoteError) and e.code == "busy"
-                if not (busy or broken(e)):
-                    raise
-                now = time.monotonic()
-                if isinstance(e, ConnectionRefusedError):
-                    refused_since = refused_since or now
-                    if now - refused_since > REFUSED_GRACE:
-                        raise
-                else:
-                    refused_since = None
-                if now + delay > deadline:
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
 
     def _plan(self, state: AgentState | None, sizes: dict[str, int], resync: bool) -> _Plan:
         """A delta on the agent's own maps if it has them all, for this layout."""
@@ -435,7 +266,7 @@ class Agent:
         state = load_state(self.state_dir)
         sizes = {d["name"]: disk_size(d["path"]) for d in cfg.disks}
         plan = self._plan(state, sizes, resync)
-        conn = _Conn(await self._connect_retrying())
+        conn = Conn(await self._connect_retrying())
         resumes = 0
         try:
             if plan.full:
@@ -475,12 +306,12 @@ class Agent:
                 except Exception as e:
                     if not broken(conn.link.why(e)):
                         raise conn.link.why(e) from e
-                    answer = await self._resume(conn, cycle, e)
+                    answer = await resume(self._connect, cfg, conn, cycle, e)
                     resumes += 1
                     if answer.type == FrameType.ACK:
                         break  # END had arrived; only its ACK was lost
                     # Everything was durable (SYNC): only END needs sending again.
-                    _check_progress(answer, cycle, sender.sent, sender.last)
+                    check_progress(answer, cycle, sender.sent, sender.last)
         finally:
             await conn.link.close()
         # Acknowledged: only now does the agent advance its own state.
@@ -495,13 +326,13 @@ class Agent:
         return CycleResult(cycle, plan.full, consistency, sender.sent, sender.nbytes, resumes,
                            plan.kind)
 
-    async def _send(self, conn: _Conn, plan: _Plan, doc: dict[str, Any],
-                    progress: Progress | None, snap: Held) -> tuple[_Sender, int]:
+    async def _send(self, conn: Conn, plan: _Plan, doc: dict[str, Any],
+                    progress: Progress | None, snap: Held) -> tuple[Sender, int]:
         """Send every changed block of the cycle (resuming after broken connections) and,
         with ``resume``, make it durable: after this only END is left."""
         cfg, cycle, resumes = self.cfg, doc["cycle"], 0
-        sender = _Sender(self, [
-            _Disk(i, d["name"], snap.path(d["path"]), doc["disks"][i]["size"],
+        sender = Sender(self, [
+            CycleDisk(i, d["name"], snap.path(d["path"]), doc["disks"][i]["size"],
                   plan.olds[d["name"]])
             for i, d in enumerate(cfg.disks)], plan.full, progress)
         await sender.open()
@@ -516,17 +347,17 @@ class Agent:
                         link.send(encode_json(FrameType.SYNC, {"cycle": cycle}))
                         p = await link.recv(cfg.ack_timeout_seconds)
                         raise_if_error(p)
-                        _check_progress(p, cycle, sender.sent, sender.last)
+                        check_progress(p, cycle, sender.sent, sender.last)
                     return sender, resumes
                 except Exception as e:
                     if not broken(link.why(e)):
                         raise link.why(e) from e
-                    answer = await self._resume(conn, cycle, e)
+                    answer = await resume(self._connect, cfg, conn, cycle, e)
                     resumes += 1
                     if answer.type != FrameType.PROGRESS:
                         raise ProtocolError("bad_resume", "the process server says a cycle "
                                             "still being sent is complete") from e
-                    blocks, position = _progress_of(answer)
+                    blocks, position = progress_of(answer)
                     log.info("cycle_resumed", cycle=cycle, blocks=blocks, position=position,
                              sent_before=sender.sent)
                     sender.rewind(blocks, position)
@@ -547,33 +378,3 @@ class Agent:
                             error_type=type(e).__name__, retry_in_seconds=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 60.0)
-
-
-def _progress_of(frame: Frame) -> tuple[int, tuple[int, int] | None]:
-    doc = frame.json()
-    blocks, pos = doc.get("blocks"), doc.get("position")
-    if not isinstance(blocks, int) or blocks < 0:
-        raise ProtocolError("bad_progress", "PROGRESS needs a block count")
-    if pos is None:
-        return blocks, None
-    if not (isinstance(pos, list) and len(pos) == 2 and all(isinstance(x, int) for x in pos)):
-        raise ProtocolError("bad_progress", "PROGRESS position must be [disk, block] or null")
-    return blocks, (pos[0], pos[1])
-
-
-def _check_progress(frame: Frame, cycle: str, sent: int, last: tuple[int, int] | None) -> None:
-    if frame.type != FrameType.PROGRESS or frame.json().get("cycle") != cycle:
-        raise ProtocolError("bad_progress", f"unexpected {frame.type.name} instead of PROGRESS")
-    if _progress_of(frame) != (sent, last):
-        raise ProtocolError("bad_progress",
-                            f"the process server holds {_progress_of(frame)} of the cycle, "
-                            f"the agent sent {(sent, last)}")
-
-
-def _open_ro(path: str) -> int:
-    fd = os.open(path, os.O_RDONLY)
-    if stat.S_ISBLK(os.fstat(fd).st_mode):
-        # A filesystem writes file data to the device beneath the block device's own page
-        # cache: pages cached by our previous scan would be stale. Drop them first.
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    return fd

@@ -35,7 +35,7 @@ class ProcMetrics:
                                 ["reason"], registry=r)
         self.sessions = Gauge(p + "sessions", "Agent sessions open now", registry=r)
         self.cache_bytes = Gauge(p + "cache_bytes", "Bytes held in the HRL cache", registry=r)
-        # Set at scrape time (procserver/policies.py refresh_metrics).
+        # Set at scrape time (procserver/scrape.py refresh_metrics).
         self.cache_free_ratio = Gauge(p + "cache_free_ratio", "Share of the cache quota the "
                                       "cache may still grow by (0-1; at most the disk's free "
                                       "space)", registry=r)

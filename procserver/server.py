@@ -1,14 +1,15 @@
-"""``ProcServer``: the process-server daemon (TLS listener, uploader, reporter, metrics)."""
+"""``ProcServer``: the process-server daemon (TLS listener, uploader, reporter, metrics).
+
+The cycles it receives are kept in ``cycles.CycleBook`` and their cache space in
+``cachespace.CacheSpace``; the sessions themselves are ``session.Session``."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import socket
 import ssl
 import sys
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,24 +19,22 @@ import structlog
 from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from sqlalchemy import delete, func, select
+from sqlalchemy import select
 
 from procserver import db
-from procserver.cache import (
-    RateLimit,
-    SealedSegment,
-    cache_usage,
-    drop_unsealed,
-    remove_cycle_dir,
-)
+from procserver.cache import RateLimit
+from procserver.cachespace import CacheSpace
 from procserver.config import ProcServerConfig
+from procserver.cycles import CycleBook
+from procserver.framestream import FrameStream
 from procserver.metrics import ProcMetrics
 from procserver.policies import Policies
 from procserver.reporter import Reporter
-from procserver.session import ABORTED, OPEN, OpenCycle, ReceiveProgress, Session
+from procserver.scrape import refresh_metrics
+from procserver.session import Session
 from procserver.trust import TrustList
 from procserver.uploader import Uploader
-from procserver.wire import MAX_FRAME, FrameStream, ProtocolError, error_frame
+from procserver.wire import MAX_FRAME, ProtocolError, error_frame
 from vault.instrument import StoreMetrics
 from vault.keyslots import KeyMaterial, read_keyfile
 from vault.open import open_store
@@ -98,25 +97,22 @@ class ProcServer:
         self.reporter = Reporter(self)
         self.trust = TrustList(cfg)  # agent certificates the configuration server refuses
         self.reporter.on_refresh.append(self.trust.wake)
-        self.policies = Policies(self)  # pulled policies, retention, scrape-time metrics
-        self._cache_bytes = 0
-        self._cycle_bytes: dict[int, int] = {}
-        self._space = asyncio.Condition()
+        self.policies = Policies(self)  # pulled policies; retention on them (retention.py)
+        self.space = CacheSpace(cfg.cache_quota_bytes, self.metrics.cache_bytes, self.background)
         self._sessions = asyncio.Semaphore(cfg.max_sessions)
         self._tasks: list[asyncio.Task[None]] = []
         self._conn_tasks: set[asyncio.Task[Any]] = set()
         self._handshakes = 0  # TCP connections accepted whose TLS handshake is not done
         self._handshakes_by_host: Counter[str] = Counter()
         self._ssl: ssl.SSLContext | None = None
-        # Cycles being received (and resumable ones while suspended), by cycle id.
-        self.open_cycles: dict[str, OpenCycle] = {}
+        self.cycles = CycleBook(self)  # being received, and resumable ones while suspended
         self.rate_limit = RateLimit(cfg.receive_bytes_per_second) \
             if cfg.receive_bytes_per_second > 0 else None
         self.heartbeat_seconds = max(0.05, cfg.idle_timeout_seconds / 4)
         self._queued = self._queued_total = 0
         self._streams: set[FrameStream] = set()
         self.receiving = 0  # sessions receiving a cycle now
-        self.metrics.suspended_cycles.set_function(self.suspended)
+        self.metrics.suspended_cycles.set_function(self.cycles.suspended)
         self.metrics.receive_buffer_bytes.set_function(lambda: self.receive_buffered)
         self._listeners: list[socket.socket] = []
         self._acceptors: list[asyncio.Task[None]] = []
@@ -143,7 +139,7 @@ class ProcServer:
         except BaseException:
             await self.vault.close()
             raise
-        await self._recover()
+        await self.cycles.recover()
         self._ssl = server_ssl_context(self.cfg)
         # Accepting is ours, the TLS handshake is started per connection: connections
         # that have not finished it are counted and capped (max_handshakes) before any
@@ -168,75 +164,13 @@ class ProcServer:
         log.info("procserver_started", port=self.port, metrics_port=self.metrics_port,
                  vault=self.vault.store.url, blocks_indexed=len(self.index))
 
-    async def _recover(self) -> None:
-        """Drop cycles that were never acknowledged; account for the ones still cached.
-
-        Cycles still receiving when we died were never acked: their data goes, unless
-        the cycle is resumable (its agent speaks ``resume``) and is its machine's newest:
-        then its recorded segments stay, the unrecorded tail is deleted, and the agent
-        may resume it within ``resume_window_seconds``. Cache folders of no complete or
-        resumable cycle (left by a crash between a database commit and the folder's
-        removal) are removed too.
-        """
-        async with self.sessionmaker() as s:
-            rows = (await s.execute(select(db.Cycle).where(db.Cycle.state == db.RECEIVING)
-                                    .order_by(db.Cycle.seq))).scalars().all()
-            progress = {p.cycle_seq: p for p in
-                        (await s.execute(select(ReceiveProgress))).scalars().all()}
-            newest = {m: seq for m, seq in (await s.execute(
-                select(db.Cycle.machine, func.max(db.Cycle.seq)).group_by(db.Cycle.machine)
-            )).all()}
-            dropped, kept = [], []
-            for row in rows:
-                p = progress.get(row.seq)
-                cycle_dir = self.cache_dir / row.machine / row.id
-                if p is not None and newest.get(row.machine) == row.seq and \
-                        (p.frames == 0 or cycle_dir.is_dir()):
-                    kept.append((row, p))
-                else:
-                    row.state = db.ABORTED
-                    dropped.append(row)
-            await s.execute(delete(ReceiveProgress).where(
-                ReceiveProgress.cycle_seq.in_([r.seq for r in dropped])))
-            await s.commit()
-            live = (await s.execute(select(db.Cycle).where(db.Cycle.state == db.COMPLETE))
-                    ).scalars().all()
-        if dropped:
-            log.warning("unacknowledged_cycles_dropped", count=len(dropped))
-        keep = {self.cache_dir / c.machine / c.id: c.seq for c in live}
-        for row, p in kept:
-            last = None if p.last_disk is None or p.last_block is None \
-                else (p.last_disk, p.last_block)
-            oc = OpenCycle(row.seq, row.id, row.machine, json.loads(row.begin_doc), True,
-                           self.cache_dir / row.machine / row.id, frames=p.frames, last=last,
-                           floor=last, next_segment=p.next_segment)
-            await asyncio.to_thread(drop_unsealed, oc.cycle_dir, p.next_segment)
-            keep[oc.cycle_dir] = oc.seq
-            self.open_cycles[oc.id] = oc
-            oc.suspended_at = time.monotonic()
-            self._start_resume_window(oc)
-            log.info("cycle_resumable", machine=row.machine, cycle=row.id, blocks=p.frames,
-                     position=oc.position())
-        for machine_dir in await asyncio.to_thread(_subdirs, self.cache_dir):
-            for cycle_dir in await asyncio.to_thread(_subdirs, machine_dir):
-                if cycle_dir in keep:
-                    size = await asyncio.to_thread(cache_usage, cycle_dir)
-                    self._cycle_bytes[keep[cycle_dir]] = size
-                    self._cache_bytes += size
-                else:
-                    await asyncio.to_thread(remove_cycle_dir, cycle_dir)
-        self.metrics.cache_bytes.set(self._cache_bytes)
-
     async def stop(self, grace: float = 5.0) -> None:
         for t in self._acceptors:
             t.cancel()
         await asyncio.gather(*self._acceptors, return_exceptions=True)
         for sock in self._listeners:
             sock.close()
-        for oc in self.open_cycles.values():
-            if oc.expiry is not None:
-                oc.expiry.cancel()
-                oc.expiry = None
+        self.cycles.stop_timers()
         if self._conn_tasks:
             _done, pending = await asyncio.wait(self._conn_tasks, timeout=grace)
             for t in pending:
@@ -254,41 +188,30 @@ class ProcServer:
         self.executor.shutdown(wait=True)
         log.info("procserver_stopped")
 
-    # -- cache accounting: backpressure instead of unbounded growth -------------
-    async def reserve_cache(self, cycle_seq: int, n: int, wait: bool = True) -> None:
-        """Account ``n`` cache bytes to a cycle; wait (backpressure) while over quota.
+    def background(self, coro: Any) -> None:
+        """Run ``coro`` as a task that shutdown waits for (like a connection's)."""
+        t = asyncio.get_running_loop().create_task(coro)
+        self._conn_tasks.add(t)
+        t.add_done_callback(self._conn_tasks.discard)
 
-        ``wait=False`` only when a session seals what already arrived before it ends:
-        the quota may then be exceeded by that much."""
-        if wait and self._cache_bytes + n > self.cfg.cache_quota_bytes:
-            log.warning("cache_full_backpressure", cache_bytes=self._cache_bytes)
-            async with self._space:
-                await self._space.wait_for(
-                    lambda: self._cache_bytes + n <= self.cfg.cache_quota_bytes)
-        self._cache_bytes += n
-        self._cycle_bytes[cycle_seq] = self._cycle_bytes.get(cycle_seq, 0) + n
-        self.metrics.cache_bytes.set(self._cache_bytes)
+    def suspended(self) -> int:
+        """Resumable cycles waiting for their agent to resume them (``CycleBook``)."""
+        return self.cycles.suspended()
+
+    # -- cache space (CacheSpace) ------------------------------------------------------
+    async def reserve_cache(self, cycle_seq: int, n: int, wait: bool = True) -> None:
+        """Account ``n`` cache bytes to a cycle; wait (backpressure) while over quota."""
+        await self.space.reserve(cycle_seq, n, wait)
 
     def release_cache(self, cycle_seq: int, n: int | None = None) -> None:
         """Give back ``n`` of a cycle's cache bytes (all that remain when ``None``)."""
-        held = self._cycle_bytes.get(cycle_seq, 0)
-        freed = held if n is None else min(n, held)
-        if n is None or freed == held:
-            self._cycle_bytes.pop(cycle_seq, None)
-        else:
-            self._cycle_bytes[cycle_seq] = held - freed
-        self._cache_bytes -= freed
-        self.metrics.cache_bytes.set(self._cache_bytes)
-        if freed:
-            t = asyncio.get_running_loop().create_task(self._notify_space())
-            self._conn_tasks.add(t)
-            t.add_done_callback(self._conn_tasks.discard)
+        self.space.release(cycle_seq, n)
 
-    async def _notify_space(self) -> None:
-        async with self._space:
-            self._space.notify_all()
+    @property
+    def cache_bytes(self) -> int:
+        return self.space.used
 
-    # -- cycles being received: durable progress, suspend, resume window ---------
+    # -- receive buffering: bytes received and not yet in the cache --------------------
     def note_queued(self, n: int) -> None:
         """Bytes handed to the cache writers (> 0) or written or dropped by them (< 0)."""
         self._queued += n
@@ -308,98 +231,6 @@ class ProcServer:
     def sink_budget(self) -> int:
         """How much one receiving session may have queued for its cache writer."""
         return max(SINK_MIN, self.cfg.receive_buffer_bytes // max(1, self.receiving))
-
-    async def record_segments(self, oc: OpenCycle, segs: list[SealedSegment]) -> None:
-        """Segments of ``oc`` are fsynced: their rows and the cycle's progress, atomically."""
-        async with self.sessionmaker() as s:
-            for seg in segs:
-                s.add(db.Segment(cycle_seq=oc.seq, seq=seg.number, path=str(seg.path),
-                                 size=seg.size))
-            if oc.resumable:
-                p = await s.get(ReceiveProgress, oc.seq)
-                if p is not None:
-                    last = segs[-1]
-                    p.frames, p.next_segment = last.frames, last.number + 1
-                    p.last_disk, p.last_block = last.last if last.last else (None, None)
-            await s.commit()
-        self.uploader.wake()
-
-    def suspended(self) -> int:
-        return sum(1 for oc in self.open_cycles.values()
-                   if oc.suspended_at is not None and oc.state == OPEN)
-
-    async def suspend(self, oc: OpenCycle, reason: str) -> None:
-        """A resumable cycle's session ended without END; what arrived is recorded."""
-        async with self.sessionmaker() as s:
-            newest = (await s.execute(select(func.max(db.Cycle.seq)).where(
-                db.Cycle.machine == oc.machine))).scalar_one()
-        if newest is not None and newest > oc.seq:  # its agent has moved on already
-            await self.abort_cycle(oc, "superseded")
-            return
-        oc.suspended_at = time.monotonic()
-        self._start_resume_window(oc)
-        async with self.cycles_changed:
-            self.cycles_changed.notify_all()
-        log.info("cycle_suspended", machine=oc.machine, cycle=oc.id, blocks=oc.frames,
-                 position=oc.position(), reason=reason,
-                 resume_window_seconds=self.cfg.resume_window_seconds)
-
-    def _start_resume_window(self, oc: OpenCycle) -> None:
-        if oc.expiry is not None:
-            oc.expiry.cancel()
-        oc.expiry = asyncio.get_running_loop().call_later(
-            self.cfg.resume_window_seconds, self._expire, oc)
-
-    def _expire(self, oc: OpenCycle) -> None:
-        oc.expiry = None
-        if oc.state == OPEN and oc.owner is None and not oc.lock.locked():
-            self._background(self.abort_cycle(oc, "resume window passed"))
-
-    def _background(self, coro: Any) -> None:
-        t = asyncio.get_running_loop().create_task(coro)
-        self._conn_tasks.add(t)
-        t.add_done_callback(self._conn_tasks.discard)
-
-    async def supersede(self, machine: str, new_seq: int) -> None:
-        """``machine`` began cycle ``new_seq``: its suspended cycles will not be resumed."""
-        for oc in list(self.open_cycles.values()):
-            if oc.machine == machine and oc.seq < new_seq and oc.state == OPEN and \
-                    oc.owner is None and not oc.lock.locked():
-                await self.abort_cycle(oc, "superseded")
-
-    async def abort_cycle(self, oc: OpenCycle, reason: str = "") -> None:
-        """Drop a cycle that was never acknowledged: row aborted, cache deleted."""
-        if oc.state != OPEN:
-            return
-        oc.state = ABORTED
-        self.open_cycles.pop(oc.id, None)
-        if oc.expiry is not None:
-            oc.expiry.cancel()
-            oc.expiry = None
-        try:
-            await self._mark_aborted(oc.seq)
-        except Exception:
-            # The database may sit on the cache's full disk: free the cycle's space and
-            # try once more. (A cycle left `receiving` without its folder is dropped at
-            # the next start.)
-            await asyncio.to_thread(remove_cycle_dir, oc.cycle_dir)
-            self.release_cache(oc.seq)
-            await self._mark_aborted(oc.seq)
-        await asyncio.to_thread(remove_cycle_dir, oc.cycle_dir)
-        self.release_cache(oc.seq)
-        self.uploader.wake()
-        async with self.cycles_changed:
-            self.cycles_changed.notify_all()
-        log.warning("cycle_aborted", machine=oc.machine, cycle=oc.id, cycle_seq=oc.seq,
-                    **({"reason": reason} if reason else {}))
-
-    async def _mark_aborted(self, seq: int) -> None:
-        async with self.sessionmaker() as s:
-            row = await s.get_one(db.Cycle, seq)
-            row.state = db.ABORTED
-            await s.execute(delete(ReceiveProgress).where(ReceiveProgress.cycle_seq == seq))
-            await s.execute(delete(db.Segment).where(db.Segment.cycle_seq == seq))
-            await s.commit()
 
     # -- connections ---------------------------------------------------------------
     async def _accept_loop(self, listener: socket.socket) -> None:
@@ -421,7 +252,7 @@ class ProcServer:
             self._handshakes += 1
             self._handshakes_by_host[host] += 1
             self.metrics.handshakes.set(self._handshakes)
-            self._background(self._connection(sock, host))
+            self.background(self._connection(sock, host))
 
     async def _connection(self, sock: socket.socket, host: str) -> None:
         timeout = self.cfg.handshake_timeout_seconds
@@ -510,17 +341,13 @@ class ProcServer:
                     raise RuntimeError(f"cycle {cycle} was aborted")
                 await self.points_changed.wait()
 
-    @property
-    def cache_bytes(self) -> int:
-        return self._cache_bytes
-
     async def _metrics(self, _req: web.Request) -> web.Response:
-        await self.policies.refresh_metrics()
+        await refresh_metrics(self)
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _health(self, _req: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "cache_bytes": self._cache_bytes})
+        return web.json_response({"status": "ok", "cache_bytes": self.space.used})
 
 
 def _listen(host: str, port: int) -> list[socket.socket]:
@@ -545,6 +372,3 @@ def _listen(host: str, port: int) -> list[socket.socket]:
         raise
     return out
 
-
-def _subdirs(p: Path) -> list[Path]:
-    return [c for c in p.iterdir() if c.is_dir()] if p.is_dir() else []

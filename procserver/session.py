@@ -1,7 +1,7 @@
 """One agent session on port 9443: validate, cache durably, acknowledge; resume.
 
 The event loop only reads the network here: frames are parsed in the receive
-buffers (``wire.FrameStream``), checked, and handed in runs to the cycle's
+buffers (``framestream.FrameStream``), checked, and handed in runs to the cycle's
 ``SegmentSink``, whose thread appends them to the HRL segments. A segment is
 recorded (its row, and for a resumable cycle the cycle's durable progress, in one
 transaction) only after it is fsynced; SYNC and END wait until every segment is
@@ -13,7 +13,7 @@ truncated frame, a timeout, a shutdown), what arrived is sealed and the cycle is
 **suspended**, not aborted. The agent reconnects with ``RESUME``, learns how many
 frames are durable and the highest block among them, and goes on after it. A
 suspended cycle is aborted when its machine begins a new one, when a newer cycle
-of its machine exists, or after ``resume_window_seconds``.
+of its machine exists, or after ``resume_window_seconds`` (``cycles.CycleBook``).
 """
 
 from __future__ import annotations
@@ -21,29 +21,26 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Coroutine
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from sqlalchemy import ForeignKey, Integer, select
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import select
 
 from procserver import db
 from procserver.basis import serve_basis
 from procserver.cache import SEGMENT_MAGIC, SegmentSink, SinkError
 from procserver.checks import is_id, validate_begin, validate_end
+from procserver.cycles import COMPLETE, OPEN, OpenCycle, ReceiveProgress
+from procserver.framestream import FrameStream, RawFrame
+from procserver.receive import FrameRun, quietly, uncancellable
 from procserver.wire import (
     BLOCK_HEAD,
     DATA,
     FEATURES,
     HEADER,
     HEARTBEAT_FRAME,
-    FrameStream,
     FrameType,
     ProtocolError,
-    RawFrame,
     encode_json,
     error_frame,
     features_of,
@@ -58,58 +55,6 @@ RUN_BYTES = 1 << 20  # a run of frames is handed over at least this often
 # Errors after which a resumable cycle is suspended instead of aborted: the peer went
 # away or fell silent, or the server is shutting down; not bad input.
 RESUMABLE_CODES = ("truncated", "timeout")
-
-
-class ReceiveProgress(db.Base):
-    """The durable part of a resumable cycle still being received (one row per cycle).
-
-    Updated in the same transaction as each segment's row: ``frames`` and the highest
-    ``(last_disk, last_block)`` among them are exactly what the recorded segments hold.
-    """
-
-    __tablename__ = "receive_progress"
-    cycle_seq: Mapped[int] = mapped_column(ForeignKey("cycles.seq"), primary_key=True)
-    frames: Mapped[int] = mapped_column(Integer, default=0)
-    last_disk: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    last_block: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    next_segment: Mapped[int] = mapped_column(Integer, default=0)
-
-
-OPEN, COMPLETE, ABORTED = "open", "complete", "aborted"
-
-
-@dataclass(eq=False)
-class OpenCycle:
-    """A cycle being received, in memory; for a resumable one, also while suspended."""
-
-    seq: int
-    id: str
-    machine: str
-    doc: dict[str, Any]
-    resumable: bool
-    cycle_dir: Path
-    frames: int = 0  # frames handed to the cache (durable once synced)
-    last: tuple[int, int] | None = None  # highest (disk, block) among them
-    floor: tuple[int, int] | None = None  # after a resume, frames must come after this
-    next_segment: int = 0
-    state: str = OPEN
-    owner: asyncio.Task[Any] | None = None
-    detaching: bool = False  # its session ended and is sealing what arrived
-    suspended_at: float | None = None  # time.monotonic() when it was last suspended
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    expiry: asyncio.TimerHandle | None = None
-    limits: list[tuple[int, int, int]] = field(init=False)
-    # One bit per block and disk: a block may arrive once per cycle (bounded memory:
-    # 1 bit per 64 KiB is 4 MiB for a 2 TiB disk).
-    seen: list[bytearray] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.limits = [((d["size"] + d["block_size"] - 1) // d["block_size"],
-                        d["block_size"], d["size"]) for d in self.doc["disks"]]
-        self.seen = [bytearray((n + 7) // 8) for n, _bs, _size in self.limits]
-
-    def position(self) -> list[int] | None:
-        return None if self.last is None else [self.last[0], self.last[1]]
 
 
 def _disconnected(e: BaseException) -> bool:
@@ -244,10 +189,10 @@ class Session:
             await s.commit()
             cycle_seq = row.seq
         # The agent started over: a suspended cycle of this machine will never be resumed.
-        await self.server.supersede(self.machine, cycle_seq)
+        await self.server.cycles.supersede(self.machine, cycle_seq)
         oc = OpenCycle(cycle_seq, doc["cycle"], self.machine, doc, resumable,
                        self.server.cache_dir / self.machine / doc["cycle"])
-        self.server.open_cycles[oc.id] = oc
+        self.server.cycles.open[oc.id] = oc
         async with oc.lock:
             await self.send(encode_json(FrameType.READY, {"cycle": doc["cycle"]}))
             self.server.uploader.wake()
@@ -258,7 +203,7 @@ class Session:
         if not is_id(cycle):
             raise ProtocolError("bad_resume", "RESUME needs the 'cycle' id to continue")
         assert isinstance(cycle, str)
-        oc = self.server.open_cycles.get(cycle)
+        oc = self.server.cycles.open.get(cycle)
         if oc is not None and oc.machine == self.machine and oc.resumable:
             owner = oc.owner
             if owner is not None and not owner.done() and not oc.detaching:
@@ -269,7 +214,7 @@ class Session:
                 if oc.state == OPEN and oc.suspended_at is not None and \
                         time.monotonic() - oc.suspended_at >= \
                         self.server.cfg.resume_window_seconds:
-                    await self.server.abort_cycle(oc, "resume window passed")
+                    await self.server.cycles.abort(oc, "resume window passed")
                 if oc.state == OPEN:
                     oc.suspended_at = None
                     if oc.expiry is not None:
@@ -306,11 +251,11 @@ class Session:
         oc.owner = asyncio.current_task()
         server.receiving += 1
         sink = SegmentSink(oc.cycle_dir, budget=server.sink_budget, limit=server.rate_limit,
-                           record=lambda segs: server.record_segments(oc, segs),
+                           record=lambda segs: server.cycles.record_segments(oc, segs),
                            on_queued=server.note_queued)
         seg_size = 0  # bytes in the open segment (0: none open)
         seg_limit = server.cfg.segment_bytes
-        run = _Run(oc.last)
+        run = FrameRun(oc.last)
         limits, seen, floor = oc.limits, oc.seen, oc.floor
         complete = False
         timeout = server.cfg.idle_timeout_seconds
@@ -395,7 +340,7 @@ class Session:
                     # not the ACK reaches the agent: it must never be aborted.
                     complete = True
                     oc.state = COMPLETE
-                    server.open_cycles.pop(oc.id, None)
+                    server.cycles.open.pop(oc.id, None)
                     server.uploader.wake()
                     await self.send(encode_json(FrameType.ACK, {"cycle": oc.id}))
                     self.log.info("cycle_acknowledged", cycle=oc.id,
@@ -405,7 +350,7 @@ class Session:
                     raise ProtocolError("unexpected_frame",
                                         f"{t.name} is not valid inside a cycle")
         except SinkError as e:  # the cache disk is full or failing: tell the agent
-            await _uncancellable(self._abandon(oc, sink))
+            await uncancellable(self._abandon(oc, sink))
             raise ProtocolError("cache_failed", f"{e}; the cycle was dropped, retry "
                                                 "later") from e
         except BaseException as e:
@@ -424,90 +369,28 @@ class Session:
                         except BaseException as e2:
                             self.log.warning("cycle_suspend_failed", cycle=oc.id,
                                              error=str(e2) or type(e2).__name__)
-                            await _quietly(sink.stop())
-                            await server.abort_cycle(oc)
+                            await quietly(sink.stop())
+                            await server.cycles.abort(oc)
                         else:
-                            await server.suspend(oc, reason=str(e) or type(e).__name__)
+                            await server.cycles.suspend(oc, reason=str(e) or type(e).__name__)
                     else:
-                        await _quietly(sink.stop())
-                        await server.abort_cycle(oc)
+                        await quietly(sink.stop())
+                        await server.cycles.abort(oc)
 
                 # Bounded work (what was queued is written and fsynced) that must finish
                 # before the cycle is let go, even if this task is cancelled meanwhile.
-                await _uncancellable(settle(e))
+                await uncancellable(settle(e))
             raise
         finally:
-            await _quietly(sink.stop())
+            await quietly(sink.stop())
             oc.owner = None
             oc.detaching = False
             server.receiving -= 1
 
 
     async def _abandon(self, oc: OpenCycle, sink: SegmentSink) -> None:
-        await _quietly(sink.stop())
+        await quietly(sink.stop())
         try:
-            await self.server.abort_cycle(oc, "cache write failed")
+            await self.server.cycles.abort(oc, "cache write failed")
         except Exception as e:  # the database may sit on the same full disk
             self.log.error("cycle_abort_failed", cycle=oc.id, error=str(e))
-
-
-class _Run:
-    """Whole, checked frames not yet handed to the cache writer (adjacent ones merged)."""
-
-    __slots__ = ("buf", "data", "end", "frames", "last", "nbytes", "reserved", "start",
-                 "views_")
-
-    def __init__(self, last: tuple[int, int] | None) -> None:
-        self.last = last
-        self.views_: list[memoryview] = []
-        self.buf: bytearray | None = None
-        self.start = self.end = self.nbytes = self.frames = self.data = 0
-        self.reserved = False
-
-    def add(self, f: RawFrame, pos: tuple[int, int], data_len: int) -> None:
-        if f.buf is self.buf and f.start == self.end:
-            self.end = f.end
-        else:
-            if self.buf is not None:
-                self.views_.append(memoryview(self.buf)[self.start:self.end])
-            self.buf, self.start, self.end = f.buf, f.start, f.end
-        self.nbytes += f.size
-        self.frames += 1
-        self.data += data_len
-        if self.last is None or pos > self.last:
-            self.last = pos
-
-    def views(self) -> list[memoryview]:
-        if self.buf is not None:
-            self.views_.append(memoryview(self.buf)[self.start:self.end])
-            self.buf = None
-        return self.views_
-
-    def clear(self) -> None:
-        self.views_ = []
-        self.buf = None
-        self.nbytes = self.frames = self.data = 0
-        self.reserved = False
-
-
-async def _uncancellable(coro: Coroutine[Any, Any, None]) -> None:
-    """Run ``coro`` to its end even if the caller is cancelled; then re-raise that."""
-    task = asyncio.ensure_future(coro)
-    cancelled = False
-    while not task.done():
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.done():
-                break
-            cancelled = True
-    task.result()
-    if cancelled:
-        raise asyncio.CancelledError
-
-
-async def _quietly(aw: Awaitable[None]) -> None:
-    try:
-        await aw
-    except Exception as e:
-        log.warning("cache_writer_stop_failed", error=str(e) or type(e).__name__)

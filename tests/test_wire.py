@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from procserver.cache import SEGMENT_MAGIC, read_segment
+from procserver.framestream import FrameStream
 from procserver.wire import (
     BLOCK_HEAD,
     CONTROL,
@@ -33,7 +34,6 @@ from procserver.wire import (
     MAX_FRAME,
     VERSION,
     Frame,
-    FrameStream,
     FrameType,
     ProtocolError,
     RemoteError,

@@ -1,0 +1,251 @@
+"""Cycles being received: in memory (``OpenCycle``), durably (``ReceiveProgress``), and
+what becomes of them at the process server (``CycleBook``).
+
+A cycle is open from BEGIN until its END is acknowledged (the uploader takes it from
+there) or it is aborted. A resumable one whose session ended without END is
+*suspended*: what arrived is recorded and kept for ``resume_window_seconds``; it is
+aborted when that window passes or when its machine begins a newer cycle
+(superseded). At start, ``recover`` keeps each machine's newest resumable cycle,
+drops every other unacknowledged one, and accounts the cache space of what stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from sqlalchemy import ForeignKey, Integer, delete, func, select
+from sqlalchemy.orm import Mapped, mapped_column
+
+from procserver import db
+from procserver.cache import SealedSegment, cache_usage, drop_unsealed, remove_cycle_dir
+
+if TYPE_CHECKING:
+    from procserver.server import ProcServer
+
+log = structlog.get_logger("procserver")
+
+
+class ReceiveProgress(db.Base):
+    """The durable part of a resumable cycle still being received (one row per cycle).
+
+    Updated in the same transaction as each segment's row: ``frames`` and the highest
+    ``(last_disk, last_block)`` among them are exactly what the recorded segments hold.
+    """
+
+    __tablename__ = "receive_progress"
+    cycle_seq: Mapped[int] = mapped_column(ForeignKey("cycles.seq"), primary_key=True)
+    frames: Mapped[int] = mapped_column(Integer, default=0)
+    last_disk: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_block: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    next_segment: Mapped[int] = mapped_column(Integer, default=0)
+
+
+OPEN, COMPLETE, ABORTED = "open", "complete", "aborted"
+
+
+@dataclass(eq=False)
+class OpenCycle:
+    """A cycle being received, in memory; for a resumable one, also while suspended."""
+
+    seq: int
+    id: str
+    machine: str
+    doc: dict[str, Any]
+    resumable: bool
+    cycle_dir: Path
+    frames: int = 0  # frames handed to the cache (durable once synced)
+    last: tuple[int, int] | None = None  # highest (disk, block) among them
+    floor: tuple[int, int] | None = None  # after a resume, frames must come after this
+    next_segment: int = 0
+    state: str = OPEN
+    owner: asyncio.Task[Any] | None = None
+    detaching: bool = False  # its session ended and is sealing what arrived
+    suspended_at: float | None = None  # time.monotonic() when it was last suspended
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    expiry: asyncio.TimerHandle | None = None
+    limits: list[tuple[int, int, int]] = field(init=False)
+    # One bit per block and disk: a block may arrive once per cycle (bounded memory:
+    # 1 bit per 64 KiB is 4 MiB for a 2 TiB disk).
+    seen: list[bytearray] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.limits = [((d["size"] + d["block_size"] - 1) // d["block_size"],
+                        d["block_size"], d["size"]) for d in self.doc["disks"]]
+        self.seen = [bytearray((n + 7) // 8) for n, _bs, _size in self.limits]
+
+    def position(self) -> list[int] | None:
+        return None if self.last is None else [self.last[0], self.last[1]]
+
+
+class CycleBook:
+    """The open cycles of one process server: durable progress, suspend, resume window,
+    supersede, abort; and, at start, which of them survive."""
+
+    def __init__(self, server: ProcServer) -> None:
+        self.server = server
+        # Cycles being received (and resumable ones while suspended), by cycle id.
+        self.open: dict[str, OpenCycle] = {}
+
+    async def recover(self) -> None:
+        """Drop cycles that were never acknowledged; account for the ones still cached.
+
+        Cycles still receiving when we died were never acked: their data goes, unless
+        the cycle is resumable (its agent speaks ``resume``) and is its machine's newest:
+        then its recorded segments stay, the unrecorded tail is deleted, and the agent
+        may resume it within ``resume_window_seconds``. Cache folders of no complete or
+        resumable cycle (left by a crash between a database commit and the folder's
+        removal) are removed too.
+        """
+        server = self.server
+        async with server.sessionmaker() as s:
+            rows = (await s.execute(select(db.Cycle).where(db.Cycle.state == db.RECEIVING)
+                                    .order_by(db.Cycle.seq))).scalars().all()
+            progress = {p.cycle_seq: p for p in
+                        (await s.execute(select(ReceiveProgress))).scalars().all()}
+            newest = {m: seq for m, seq in (await s.execute(
+                select(db.Cycle.machine, func.max(db.Cycle.seq)).group_by(db.Cycle.machine)
+            )).all()}
+            dropped, kept = [], []
+            for row in rows:
+                p = progress.get(row.seq)
+                cycle_dir = server.cache_dir / row.machine / row.id
+                if p is not None and newest.get(row.machine) == row.seq and \
+                        (p.frames == 0 or cycle_dir.is_dir()):
+                    kept.append((row, p))
+                else:
+                    row.state = db.ABORTED
+                    dropped.append(row)
+            await s.execute(delete(ReceiveProgress).where(
+                ReceiveProgress.cycle_seq.in_([r.seq for r in dropped])))
+            await s.commit()
+            live = (await s.execute(select(db.Cycle).where(db.Cycle.state == db.COMPLETE))
+                    ).scalars().all()
+        if dropped:
+            log.warning("unacknowledged_cycles_dropped", count=len(dropped))
+        keep = {server.cache_dir / c.machine / c.id: c.seq for c in live}
+        for row, p in kept:
+            last = None if p.last_disk is None or p.last_block is None \
+                else (p.last_disk, p.last_block)
+            oc = OpenCycle(row.seq, row.id, row.machine, json.loads(row.begin_doc), True,
+                           server.cache_dir / row.machine / row.id, frames=p.frames, last=last,
+                           floor=last, next_segment=p.next_segment)
+            await asyncio.to_thread(drop_unsealed, oc.cycle_dir, p.next_segment)
+            keep[oc.cycle_dir] = oc.seq
+            self.open[oc.id] = oc
+            oc.suspended_at = time.monotonic()
+            self._start_resume_window(oc)
+            log.info("cycle_resumable", machine=row.machine, cycle=row.id, blocks=p.frames,
+                     position=oc.position())
+        for machine_dir in await asyncio.to_thread(_subdirs, server.cache_dir):
+            for cycle_dir in await asyncio.to_thread(_subdirs, machine_dir):
+                if cycle_dir in keep:
+                    size = await asyncio.to_thread(cache_usage, cycle_dir)
+                    server.space.hold(keep[cycle_dir], size)
+                else:
+                    await asyncio.to_thread(remove_cycle_dir, cycle_dir)
+
+    async def record_segments(self, oc: OpenCycle, segs: list[SealedSegment]) -> None:
+        """Segments of ``oc`` are fsynced: their rows and the cycle's progress, atomically."""
+        async with self.server.sessionmaker() as s:
+            for seg in segs:
+                s.add(db.Segment(cycle_seq=oc.seq, seq=seg.number, path=str(seg.path),
+                                 size=seg.size))
+            if oc.resumable:
+                p = await s.get(ReceiveProgress, oc.seq)
+                if p is not None:
+                    last = segs[-1]
+                    p.frames, p.next_segment = last.frames, last.number + 1
+                    p.last_disk, p.last_block = last.last if last.last else (None, None)
+            await s.commit()
+        self.server.uploader.wake()
+
+    def suspended(self) -> int:
+        return sum(1 for oc in self.open.values()
+                   if oc.suspended_at is not None and oc.state == OPEN)
+
+    async def suspend(self, oc: OpenCycle, reason: str) -> None:
+        """A resumable cycle's session ended without END; what arrived is recorded."""
+        server = self.server
+        async with server.sessionmaker() as s:
+            newest = (await s.execute(select(func.max(db.Cycle.seq)).where(
+                db.Cycle.machine == oc.machine))).scalar_one()
+        if newest is not None and newest > oc.seq:  # its agent has moved on already
+            await self.abort(oc, "superseded")
+            return
+        oc.suspended_at = time.monotonic()
+        self._start_resume_window(oc)
+        async with server.cycles_changed:
+            server.cycles_changed.notify_all()
+        log.info("cycle_suspended", machine=oc.machine, cycle=oc.id, blocks=oc.frames,
+                 position=oc.position(), reason=reason,
+                 resume_window_seconds=server.cfg.resume_window_seconds)
+
+    def _start_resume_window(self, oc: OpenCycle) -> None:
+        if oc.expiry is not None:
+            oc.expiry.cancel()
+        oc.expiry = asyncio.get_running_loop().call_later(
+            self.server.cfg.resume_window_seconds, self._expire, oc)
+
+    def _expire(self, oc: OpenCycle) -> None:
+        oc.expiry = None
+        if oc.state == OPEN and oc.owner is None and not oc.lock.locked():
+            self.server.background(self.abort(oc, "resume window passed"))
+
+    def stop_timers(self) -> None:
+        """At shutdown: no resume window ends any more (the next start sets them anew)."""
+        for oc in self.open.values():
+            if oc.expiry is not None:
+                oc.expiry.cancel()
+                oc.expiry = None
+
+    async def supersede(self, machine: str, new_seq: int) -> None:
+        """``machine`` began cycle ``new_seq``: its suspended cycles will not be resumed."""
+        for oc in list(self.open.values()):
+            if oc.machine == machine and oc.seq < new_seq and oc.state == OPEN and \
+                    oc.owner is None and not oc.lock.locked():
+                await self.abort(oc, "superseded")
+
+    async def abort(self, oc: OpenCycle, reason: str = "") -> None:
+        """Drop a cycle that was never acknowledged: row aborted, cache deleted."""
+        if oc.state != OPEN:
+            return
+        server = self.server
+        oc.state = ABORTED
+        self.open.pop(oc.id, None)
+        if oc.expiry is not None:
+            oc.expiry.cancel()
+            oc.expiry = None
+        try:
+            await self._mark_aborted(oc.seq)
+        except Exception:
+            # The database may sit on the cache's full disk: free the cycle's space and
+            # try once more. (A cycle left `receiving` without its folder is dropped at
+            # the next start.)
+            await asyncio.to_thread(remove_cycle_dir, oc.cycle_dir)
+            server.release_cache(oc.seq)
+            await self._mark_aborted(oc.seq)
+        await asyncio.to_thread(remove_cycle_dir, oc.cycle_dir)
+        server.release_cache(oc.seq)
+        server.uploader.wake()
+        async with server.cycles_changed:
+            server.cycles_changed.notify_all()
+        log.warning("cycle_aborted", machine=oc.machine, cycle=oc.id, cycle_seq=oc.seq,
+                    **({"reason": reason} if reason else {}))
+
+    async def _mark_aborted(self, seq: int) -> None:
+        async with self.server.sessionmaker() as s:
+            row = await s.get_one(db.Cycle, seq)
+            row.state = db.ABORTED
+            await s.execute(delete(ReceiveProgress).where(ReceiveProgress.cycle_seq == seq))
+            await s.execute(delete(db.Segment).where(db.Segment.cycle_seq == seq))
+            await s.commit()
+
+
+def _subdirs(p: Path) -> list[Path]:
+    return [c for c in p.iterdir() if c.is_dir()] if p.is_dir() else []

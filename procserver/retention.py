@@ -1,0 +1,221 @@
+"""Retention at the process server: the pulled policies (``policies.py``) applied.
+
+After each pull (or once per interval on the saved policies) each policy's machine's
+points older than its ``retention_hours`` are forgotten in the vault with the vault's
+own plan (``vault/retention.py``: every point of the window kept, none thinned; the
+newest point and the newest app-consistent point always kept), under the vault's
+exclusive lock as prune takes it. Also kept: the point of each machine's newest uploaded
+cycle and every point a cycle still in the cache builds on (the agent's next delta names
+them), and points not yet reported to the catalog (a report after the forget would list
+a point that is gone). As prune does, a kept point whose delta chain crosses a forgotten
+one first gets full maps (rebase), then the forgotten manifests are deleted. Garbage
+collection — maps, packs and index entries only forgotten points used — is left to
+``siterecovery prune``.
+
+**The catalog** is told through an outbox (``forgotten_points``): rows are written
+before the manifests are deleted, sent to ``POST /api/v1/internal/points/forgotten``
+and removed once accepted; ids whose manifest still exists (a round interrupted between
+the two) are dropped unsent, the next round forgets those points again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import aiohttp
+import structlog
+from sqlalchemy import String, delete, func, select
+from sqlalchemy.orm import Mapped, mapped_column
+
+from procserver import db
+from vault import names
+from vault.errors import MissingObjectError
+from vault.locks import LockedError, locked
+from vault.maps import FULL, BlockMap
+from vault.point import DiskEntry, Point
+from vault.repo import MAX_CHAIN
+from vault.retention import Retention, plan
+
+if TYPE_CHECKING:
+    from procserver.policies import Policies
+    from procserver.server import ProcServer
+
+log = structlog.get_logger("procserver.policies")
+
+LOCK_WAIT = 30.0  # for the exclusive lock; a busy vault defers retention to the next round
+LOG_IDS = 100  # point ids named per log event (the count is always whole)
+REPORT_BATCH = 1000  # ids per catalog request (configserver/api_points.py MAX_FORGOTTEN)
+
+
+class ForgottenPoint(db.Base):
+    """Outbox: points retention forgot in the vault that the catalog still has to drop."""
+
+    __tablename__ = "forgotten_points"
+    point_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    machine: Mapped[str] = mapped_column(String(255))
+
+
+@dataclass
+class RetentionReport:
+    forgotten: dict[str, list[str]] = field(default_factory=dict)  # machine -> point ids
+    kept: dict[str, str] = field(default_factory=dict)  # point id -> why
+    rebased: list[str] = field(default_factory=list)
+
+
+class PointRetention:
+    """Forgets the points past their machine's retention, and tells the catalog."""
+
+    def __init__(self, server: ProcServer, policies: Policies) -> None:
+        self.server = server
+        self.policies = policies  # its items and clock, read at each round
+        self._work = asyncio.Lock()  # one retention round or outbox flush at a time
+
+    async def round(self) -> None:
+        """One retention round of the policy loop: failures are logged, not raised."""
+        try:
+            await self.apply()
+        except LockedError as e:
+            log.info("retention_deferred", reason=str(e),
+                     retry_in_seconds=self.server.cfg.policy_interval_seconds)
+        except Exception as e:  # a failing store or database: the next round plans again
+            log.error("retention_failed", error=str(e) or type(e).__name__,
+                      error_type=type(e).__name__, hint="nothing is lost: an interrupted "
+                      "round leaves every kept point whole; the next round plans again")
+
+    async def _protected(self) -> dict[str, str]:
+        """Points this process server still needs, with why."""
+        out: dict[str, str] = {}
+        async with self.server.sessionmaker() as s:
+            newest = select(func.max(db.Cycle.seq)).where(
+                db.Cycle.state == db.UPLOADED).group_by(db.Cycle.machine)
+            for pid in (await s.execute(select(db.Cycle.point_id).where(
+                    db.Cycle.seq.in_(newest)))).scalars():
+                if pid is not None:
+                    out[pid] = "newest uploaded cycle (the agent's next delta builds on it)"
+            cached = select(db.Cycle.base).where(
+                db.Cycle.state.in_([db.RECEIVING, db.COMPLETE]), db.Cycle.base.is_not(None))
+            for pid in (await s.execute(select(db.Cycle.point_id).where(
+                    db.Cycle.id.in_(cached)))).scalars():
+                if pid is not None:
+                    out[pid] = "a cycle in the cache builds on it"
+            for pid in (await s.execute(select(db.PointReport.point_id).where(
+                    db.PointReport.reported.is_(False)))).scalars():
+                out[pid] = "not yet reported to the catalog"
+        return out
+
+    async def apply(self) -> RetentionReport:
+        """Forget, for each machine with a policy, the points past its retention.
+
+        Raises ``LockedError`` when the vault stays locked for ``LOCK_WAIT`` seconds."""
+        report = RetentionReport()
+        policies = dict(self.policies.items)
+        if not policies:
+            return report
+        vault = self.server.vault
+        async with self._work, locked(vault, "exclusive", "retention", wait=LOCK_WAIT):
+            now = self.policies.clock()
+            protected = await self._protected()  # under the lock: no point appears now
+            points = await vault.list_points()
+            by_id = {p.id: p for p in points}
+            forget: dict[str, list[Point]] = {}
+            for machine, pol in policies.items():
+                pts = [p for p in points if p.machine == machine]
+                if not pts:
+                    continue
+                r = float(pol.retention_hours)
+                try:
+                    keep = plan(pts, Retention(r, r, r, r), now)
+                except ValueError as e:
+                    log.error("retention_failed", machine=machine, error=str(e))
+                    continue
+                for p in pts:
+                    if p.id in protected:
+                        keep.setdefault(p.id, protected[p.id])
+                report.kept.update({p.id: keep[p.id] for p in pts if p.id in keep})
+                gone = [p for p in pts if p.id not in keep]
+                if gone:
+                    forget[machine] = gone
+            if not forget:
+                return report
+            ids = {p.id for pts in forget.values() for p in pts}
+            async with self.server.sessionmaker() as s:  # the outbox first
+                for pts in forget.values():
+                    for p in pts:
+                        await s.merge(ForgottenPoint(point_id=p.id, machine=p.machine))
+                await s.commit()
+            for pid in [k for k in report.kept if by_id[k].machine in forget]:
+                if await self._crosses(by_id[pid], ids, by_id):
+                    await self._rebase(by_id[pid])
+                    report.rebased.append(pid)
+            for machine, pts in forget.items():
+                for p in pts:
+                    await vault.store.delete(names.POINTS + p.id)
+                report.forgotten[machine] = [p.id for p in pts]
+                pol = policies[machine]
+                log.info("points_forgotten", machine=machine, count=len(pts),
+                         points=[p.id for p in pts[:LOG_IDS]], oldest=pts[0].created,
+                         newest=pts[-1].created, policy=pol.name,
+                         retention_hours=pol.retention_hours,
+                         rebased=[k for k in report.rebased if by_id[k].machine == machine])
+        return report
+
+    async def _crosses(self, p: Point, forget: set[str], by_id: dict[str, Point]) -> bool:
+        """Whether ``p``'s delta chain passes through a point about to be forgotten (a
+        chain that is broken already stays as it is: rebasing cannot mend it)."""
+        for _ in range(MAX_CHAIN + 1):
+            if p.base is None:
+                return False
+            if p.base in forget:
+                return True
+            base = by_id.get(p.base)
+            if base is None:
+                try:
+                    base = by_id[p.base] = await self.server.vault.read_point(p.base)
+                except MissingObjectError:
+                    return False
+            p = base
+        return False
+
+    async def _rebase(self, p: Point) -> None:
+        """Give ``p`` full maps (same id, replaced atomically), as prune does."""
+        vault = self.server.vault
+        disks = []
+        for d in p.disks:
+            full = await vault.resolve_map(p, d.disk)
+            map_id = await vault.put_map(BlockMap(FULL, d.size, d.block_size, full.blocks))
+            disks.append(DiskEntry(d.disk, d.size, d.block_size, map_id, "full", d.digest))
+        await vault.put_point(dataclasses.replace(p, base=None, chain=0, disks=disks))
+
+    # -- the catalog's outbox ----------------------------------------------------------
+    async def flush_forgotten(self, http: aiohttp.ClientSession,
+                              headers: dict[str, str]) -> None:
+        url = self.server.cfg.configserver_url.rstrip("/") + "/api/v1/internal/points/forgotten"
+        async with self._work:
+            while True:
+                async with self.server.sessionmaker() as s:
+                    rows = (await s.execute(select(ForgottenPoint).order_by(
+                        ForgottenPoint.point_id).limit(REPORT_BATCH))).scalars().all()
+                if not rows:
+                    return
+                gone = [r.point_id for r in rows
+                        if not await self.server.vault.has_point(r.point_id)]
+                try:
+                    if gone:
+                        async with http.post(url, json={"points": gone},
+                                             headers=headers) as resp:
+                            if resp.status != 200:
+                                raise RuntimeError(f"HTTP {resp.status}: "
+                                                   f"{(await resp.text())[:500]}")
+                except (aiohttp.ClientError, RuntimeError, TimeoutError) as e:
+                    log.warning("forgotten_report_failed", error=str(e) or type(e).__name__,
+                                pending=len(rows))
+                    return
+                async with self.server.sessionmaker() as s:
+                    await s.execute(delete(ForgottenPoint).where(
+                        ForgottenPoint.point_id.in_([r.point_id for r in rows])))
+                    await s.commit()
+                log.info("forgotten_points_reported", count=len(gone),
+                         still_in_vault=len(rows) - len(gone))
