@@ -120,6 +120,11 @@ async def serve_basis(session: Session, doc: dict[str, Any]) -> None:
     server, machine = session.server, session.machine
     await server.trust.authorize_disks(machine, [d["name"] for d in doc["disks"]])
     want = _layout(doc["disks"])
+    if not server.vault_ready.is_set():
+        session.log.info("resync_basis_unavailable", reason="the vault is not open")
+        await session.send(error_frame("no_basis", "the process server cannot reach its "
+                                       "vault yet", "send a full cycle"))
+        return
     await _uploads_settled(session)
     try:
         async with locked(server.vault, "shared", f"resync basis {machine}",

@@ -75,6 +75,10 @@ class PointRetention:
 
     async def round(self) -> None:
         """One retention round of the policy loop: failures are logged, not raised."""
+        if not self.server.vault_ready.is_set():
+            log.info("retention_deferred", reason="the vault is not open yet",
+                     retry_in_seconds=self.server.cfg.policy_interval_seconds)
+            return
         try:
             await self.apply()
         except LockedError as e:

@@ -35,6 +35,8 @@ from procserver.session import Session
 from procserver.trust import TrustList
 from procserver.uploader import Uploader
 from procserver.wire import MAX_FRAME, ProtocolError, error_frame
+from vault.errors import TransientStoreError
+from vault.index import Index
 from vault.instrument import StoreMetrics
 from vault.keyslots import KeyMaterial, read_keyfile
 from vault.open import open_store
@@ -43,6 +45,10 @@ from vault.store import BlobStore
 from vault.throttle import ThrottleStore, TokenBucket
 
 log = structlog.get_logger("procserver")
+
+
+class VaultUnavailableError(TransientStoreError):
+    """The process server has not been able to open its vault yet."""
 
 
 def server_ssl_context(cfg: ProcServerConfig) -> ssl.SSLContext:
@@ -121,23 +127,36 @@ class ProcServer:
         self._runner: web.AppRunner | None = None
         self.port = cfg.listen_port
         self.metrics_port = cfg.metrics_port
+        self._vault: Vault | None = None
+        self.vault_ready = asyncio.Event()  # set once the vault is open
+        self.index = Index()
 
     async def start(self) -> None:
         responsive_gil()
         # The vault and its key first: a wrong key or URL must leave nothing behind.
+        # Storage that does not answer is not a reason to refuse agents: the cache takes
+        # their cycles and the vault is opened in the background (invariant 9).
         km = KeyMaterial(keyfile=read_keyfile(self.cfg.vault_key_file))
         store: BlobStore = open_store(self.cfg.vault_url, StoreMetrics(self.metrics.registry))
         schedule = self.cfg.upload_schedule()
         if not schedule.unlimited:  # pace uploads; the cache absorbs the difference
             store = ThrottleStore(store, TokenBucket(schedule))
-        self.vault = await Vault.open(store, km)
+        self._store = store
         try:
-            self.index = await self.vault.load_index()
+            await self._open_vault(store, km)
+        except TransientStoreError as e:
+            log.error("vault_unavailable", vault=store.url, error=str(e),
+                      hint="agents are acknowledged into the cache; uploads start as soon "
+                           "as the storage answers")
+        except BaseException:
+            await store.close()
+            raise
+        try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             self.engine, self.sessionmaker = await db.open_db(
                 str(self.data_dir / "procserver.db"))
         except BaseException:
-            await self.vault.close()
+            await (self._vault.close() if self._vault is not None else store.close())
             raise
         await self.cycles.recover()
         self._ssl = server_ssl_context(self.cfg)
@@ -161,8 +180,51 @@ class ProcServer:
                        asyncio.create_task(self.reporter.run(), name="reporter"),
                        asyncio.create_task(self.trust.run(), name="trust"),
                        asyncio.create_task(self.policies.run(), name="policies")]
+        if self._vault is None:
+            self._tasks.append(asyncio.create_task(self._open_vault_later(store, km),
+                                                   name="open-vault"))
         log.info("procserver_started", port=self.port, metrics_port=self.metrics_port,
-                 vault=self.vault.store.url, blocks_indexed=len(self.index))
+                 vault=store.url, vault_open=self._vault is not None,
+                 blocks_indexed=len(self.index))
+
+    @property
+    def vault(self) -> Vault:
+        """The vault; ``VaultUnavailableError`` while its storage has not answered yet."""
+        if self._vault is None:
+            raise VaultUnavailableError(f"the vault at {self._store.url} has not answered "
+                                        "since this process server started")
+        return self._vault
+
+    async def _open_vault(self, store: BlobStore, km: KeyMaterial) -> None:
+        vault = await Vault.open(store, km)
+        try:
+            self.index = await vault.load_index()
+        except BaseException:
+            await vault.close()
+            raise
+        self._vault = vault
+        self.vault_ready.set()
+
+    async def _open_vault_later(self, store: BlobStore, km: KeyMaterial) -> None:
+        delay = 1.0
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._open_vault(store, km)
+            except TransientStoreError as e:
+                delay = min(delay * 2, 60.0)
+                log.warning("vault_unavailable", vault=store.url, error=str(e),
+                            retry_in_seconds=delay)
+                continue
+            except Exception as e:  # a wrong key, a vault that is not there: say so loudly
+                delay = min(delay * 2, 60.0)
+                log.error("vault_open_failed", vault=store.url, error=str(e),
+                          error_type=type(e).__name__, retry_in_seconds=delay,
+                          hint="check vault_url and vault_key_file; the cache keeps filling")
+                continue
+            log.info("vault_opened", vault=store.url, blocks_indexed=len(self.index))
+            self.uploader.wake()
+            return
 
     async def stop(self, grace: float = 5.0) -> None:
         for t in self._acceptors:
@@ -183,7 +245,7 @@ class ProcServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
-        await self.vault.close()
+        await (self._vault.close() if self._vault is not None else self._store.close())
         await self.engine.dispose()
         self.executor.shutdown(wait=True)
         log.info("procserver_stopped")
@@ -347,7 +409,8 @@ class ProcServer:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _health(self, _req: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "cache_bytes": self.space.used})
+        return web.json_response({"status": "ok", "cache_bytes": self.space.used,
+                                  "vault_open": self._vault is not None})
 
 
 def _listen(host: str, port: int) -> list[socket.socket]:

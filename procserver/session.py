@@ -45,6 +45,7 @@ from procserver.wire import (
     error_frame,
     features_of,
 )
+from vault.errors import TransientStoreError
 
 if TYPE_CHECKING:
     from procserver.server import ProcServer
@@ -157,8 +158,14 @@ class Session:
                 db.Cycle.state.in_([db.COMPLETE, db.UPLOADED])))).scalar_one_or_none()
         if base is None:
             return False
-        if base.point_id is not None and not await self.server.vault.has_point(base.point_id):
-            return False  # pruned: a delta on it could not be resolved
+        if base.point_id is not None and self.server.vault_ready.is_set():
+            try:
+                if not await self.server.vault.has_point(base.point_id):
+                    return False  # pruned: a delta on it could not be resolved
+            except TransientStoreError:
+                # The storage does not answer: the base is taken on trust. Its upload
+                # drops the cycle if the point turns out gone, and the agent resyncs.
+                pass
         old = {d["name"]: (d["size"], d["block_size"])
                for d in json.loads(base.begin_doc)["disks"]}
         new = {d["name"]: (d["size"], d["block_size"]) for d in doc["disks"]}

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+import structlog.testing
 from sqlalchemy import select
 
 from procserver import db
@@ -20,6 +22,7 @@ from tests.helpers import (
     restore_all,
     sha256,
 )
+from vault.errors import WrongKeyError
 from vault.keyslots import KeyMaterial, new_keyfile, read_keyfile
 from vault.open import open_store
 from vault.repo import Vault
@@ -75,3 +78,62 @@ async def test_blob_storage_down_for_a_while_then_back(tmp_path: Path, pki: Pki)
     finally:
         agent.close()
         await ps.stop()
+
+
+async def test_process_server_starts_while_blob_storage_is_down(tmp_path: Path,
+                                                                 pki: Pki) -> None:
+    """Storage unreachable when the process server starts: it starts anyway, acknowledges
+    agents into its cache, opens the vault once the storage answers and drains."""
+    port, blobs = _free_port(), tmp_path / "azurite"
+    conn_file = tmp_path / "azure.conn"
+    key = tmp_path / "vault.key"
+    url = f"azure://outage/site2?connection_string_file={conn_file}"
+    disk = tmp_path / "disk.img"
+    make_disk(disk, 8 << 20, seed=43)
+    with azurite(blobs, port) as conn:
+        conn_file.write_text(conn)
+        await (await Vault.create(open_store(url), KeyMaterial(keyfile=new_keyfile(key)))
+               ).close()
+    # Storage is down from here on until the second 'with azurite'.
+    ps = ProcServer(proc_config(tmp_path, pki, url, key))
+    with structlog.testing.capture_logs() as logs:
+        await ps.start()
+    assert [e["event"] for e in logs if e["event"] == "vault_unavailable"] == \
+        ["vault_unavailable"]
+    assert not ps.vault_ready.is_set()
+    agent = make_agent(agent_config(tmp_path, pki, "web01", ps.port, {"sda": disk}))
+    expected: dict[str, str] = {}
+    try:
+        for i in range(2):
+            if i:
+                mutate(disk, 0.05, seed=60 + i)
+            r = await agent.replicate_once()  # acknowledged: durable in the cache
+            assert r.kind == "full" if i == 0 else r.kind == "delta"
+            expected[r.cycle] = sha256(disk)
+        assert await _uploaded(ps) == 0
+        with azurite(blobs, port):
+            await ps.vault_ready.wait()
+            vault = await Vault.open(open_store(url), KeyMaterial(keyfile=read_keyfile(key)))
+            try:
+                await _points_restore_exactly(vault, ps, expected, tmp_path / "out")
+            finally:
+                await vault.close()
+    finally:
+        agent.close()
+        await ps.stop()
+
+
+async def test_a_wrong_key_still_refuses_to_start(tmp_path: Path, pki: Pki) -> None:
+    """Only an unreachable storage is waited out: a vault the key does not open is not."""
+    port, blobs = _free_port(), tmp_path / "azurite"
+    conn_file = tmp_path / "azure.conn"
+    url = f"azure://outage/site3?connection_string_file={conn_file}"
+    with azurite(blobs, port) as conn:
+        conn_file.write_text(conn)
+        await (await Vault.create(open_store(url), KeyMaterial(
+            keyfile=new_keyfile(tmp_path / "right.key")))).close()
+        new_keyfile(tmp_path / "wrong.key")
+        ps = ProcServer(proc_config(tmp_path, pki, url, tmp_path / "wrong.key"))
+        with pytest.raises(WrongKeyError):
+            await ps.start()
+    assert not (tmp_path / "procserver" / "procserver.db").exists()  # nothing left behind
