@@ -32,7 +32,6 @@ import os
 import re
 import secrets
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -41,6 +40,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from configserver import db
 from configserver.rest import ApiError, iso
+from vault.atomic import atomic_write
 from vault.errors import (
     NotFoundError,
     PermanentStoreError,
@@ -95,18 +95,7 @@ def make_key(vault: Vault, vault_url: str, now: float, valid_days: float = VALID
 
 def write_key(path: str | os.PathLike[str], key: dict[str, Any]) -> None:
     """Write the key file 0600 (temp file, fsync, rename: never half a key)."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(key, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, json.dumps(key, indent=2) + "\n", 0o600)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from vault.atomic import atomic_write
 from vault.digest import block_count, fingerprint
 
 CHUNK = 4 << 20
@@ -33,14 +34,6 @@ class DiskState:
 class AgentState:
     last_cycle: str
     disks: dict[str, DiskState]
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_state(state_dir: Path) -> AgentState | None:
@@ -72,15 +65,9 @@ def write_map(state_dir: Path, name: str, fps: bytes) -> None:
 
 def commit_state(state_dir: Path, state: AgentState) -> None:
     """Atomically make ``state`` current, then delete maps no longer referenced."""
-    tmp = state_dir / "state.json.tmp"
     doc = {"last_cycle": state.last_cycle,
            "disks": {k: v.__dict__ for k, v in state.disks.items()}}
-    with open(tmp, "w") as f:
-        json.dump(doc, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, state_dir / "state.json")
-    _fsync_dir(state_dir)
+    atomic_write(state_dir / "state.json", json.dumps(doc))
     keep = {d.map_file for d in state.disks.values()}
     for p in state_dir.glob("*.fp"):
         if p.name not in keep:

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import os
 import re
 import ssl
 import time
@@ -32,6 +31,7 @@ import aiohttp
 import structlog
 
 from procserver.retention import PointRetention, RetentionReport
+from vault.atomic import atomic_write
 
 if TYPE_CHECKING:
     from procserver.server import ProcServer
@@ -94,20 +94,6 @@ def parse_answer(doc: Any) -> dict[str, ItemPolicy]:
     return out
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 class Policies:
     def __init__(self, server: ProcServer) -> None:
         self.server = server
@@ -143,7 +129,7 @@ class Policies:
     async def _save(self) -> None:
         doc = {"items": [p.to_json() for p in self.items.values()],
                "pulled": datetime.now(UTC).isoformat(timespec="seconds")}
-        await asyncio.to_thread(_write_atomic, self.path, json.dumps(doc).encode())
+        await asyncio.to_thread(atomic_write, self.path, json.dumps(doc).encode())
 
     # -- the loop ----------------------------------------------------------------------
     async def run(self) -> None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import random
 import ssl
 from collections.abc import Callable
@@ -44,6 +43,7 @@ from cryptography.hazmat.primitives import serialization
 
 from procserver.config import ProcServerConfig
 from procserver.wire import ProtocolError
+from vault.atomic import atomic_write
 
 log = structlog.get_logger("procserver.trust")
 
@@ -125,12 +125,7 @@ class TrustList:
             self._apply(doc, "saved")
 
     def _save(self, doc: dict[str, Any]) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(doc, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(doc))
 
     async def _get(self, http: aiohttp.ClientSession, wait: int) -> None:
         """One request; apply and save the answer if it is new."""

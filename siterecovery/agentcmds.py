@@ -19,6 +19,7 @@ from siterecovery.apiclient import ApiCallError, ApiClient
 from siterecovery.errors import CliError, UsageError
 from siterecovery.progress import Progress
 from siterecovery.tomlconfig import load
+from vault.atomic import atomic_write
 
 
 def _toml_str(s: str) -> str:
@@ -35,17 +36,7 @@ def _write_private(path: Path, text: str) -> None:
 
 def _replace_text(path: Path, text: str) -> None:
     """Replace a file atomically (temp file, fsync, rename, directory fsync)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    atomic_write(path, text)
 
 
 def _refused(what: str, body: Any) -> CliError:
