@@ -17,9 +17,17 @@ from typing import Any
 
 import aiohttp
 import structlog
+from cryptography import x509
 
 log = structlog.get_logger("mobility.control")
 AGENT_VERSION = "0.1.0"
+
+
+def cert_not_after(path: str) -> float:
+    """When the PEM certificate at ``path`` expires (seconds since the epoch)."""
+    with open(path, "rb") as f:
+        cert = x509.load_pem_x509_certificate(f.read())
+    return cert.not_valid_after_utc.timestamp()
 
 
 class ControlError(Exception):
@@ -57,11 +65,16 @@ class Settings:
 class ControlPlane:
     def __init__(self, site_url: str, tls_ca: str, tls_cert: str, tls_key: str,
                  timeout: float = 30.0) -> None:
-        self.site_url = site_url.rstrip("/")
-        self._ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls_ca)
-        self._ctx.load_cert_chain(tls_cert, tls_key)
+        self.site_url, self.tls_ca = site_url.rstrip("/"), tls_ca
+        self.use_cert(tls_cert, tls_key)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._http: aiohttp.ClientSession | None = None
+
+    def use_cert(self, tls_cert: str, tls_key: str) -> None:
+        """Authenticate with this certificate from the next call on (after a renewal)."""
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.tls_ca)
+        ctx.load_cert_chain(tls_cert, tls_key)
+        self._ctx = ctx
 
     async def __aenter__(self) -> ControlPlane:
         self._http = aiohttp.ClientSession(timeout=self._timeout)

@@ -13,13 +13,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 
 from mobility.agent import Agent, CycleResult
 from mobility.config import MobilityConfig
-from mobility.control import ControlError, ControlPlane, ProgressReporter, Settings
+from mobility.control import (
+    ControlError,
+    ControlPlane,
+    ProgressReporter,
+    Settings,
+    cert_not_after,
+)
 from mobility.snapshot import Scripts, SnapshotProvider, crash_provider
 
 log = structlog.get_logger("mobility.daemon")
@@ -37,8 +43,14 @@ def providers(cfg: MobilityConfig) -> tuple[SnapshotProvider, SnapshotProvider |
 
 class ManagedAgent:
     def __init__(self, cfg: MobilityConfig, control: ControlPlane,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 renew: Callable[[], Awaitable[MobilityConfig]] | None = None,
+                 renew_before_days: float = 30.0,
+                 wall: Callable[[], float] = time.time) -> None:
         self.cfg, self.control, self.clock = cfg, control, clock
+        # Renewal: ``renew`` gets a new certificate and writes it (with the config that
+        # names it); it runs once the certificate has less than renew_before_days left.
+        self.renew, self.renew_before, self.wall = renew, renew_before_days * 86400, wall
         self.crash, self.app = providers(cfg)
         self.agent = Agent(cfg, provider=self.crash)
         self.settings: Settings | None = None
@@ -48,6 +60,28 @@ class ManagedAgent:
 
     def close(self) -> None:
         self.agent.close()
+
+    async def renew_if_due(self) -> None:
+        """Renew the certificate ahead of its expiry; a failure is logged and retried next
+        round while the current certificate still works."""
+        if self.renew is None:
+            return
+        left = cert_not_after(self.cfg.tls_cert) - self.wall()
+        if left > self.renew_before:
+            return
+        try:
+            new = await self.renew()
+        except Exception as e:  # the site listener is away, say: the old one still works
+            log.warning("certificate_renewal_failed", error=str(e) or type(e).__name__,
+                        days_left=round(left / 86400, 1),
+                        hint="retried every round; 'mobility renew' does it by hand")
+            return
+        self.cfg = dataclasses.replace(self.cfg, tls_cert=new.tls_cert, tls_key=new.tls_key)
+        self.agent.cfg = dataclasses.replace(self.agent.cfg, tls_cert=new.tls_cert,
+                                             tls_key=new.tls_key)
+        self.control.use_cert(new.tls_cert, new.tls_key)
+        log.info("certificate_renewed", cert=new.tls_cert,
+                 not_after=cert_not_after(new.tls_cert))
 
     async def refresh(self) -> Settings | None:
         try:
@@ -101,6 +135,7 @@ class ManagedAgent:
     async def round(self) -> bool:
         """One round: settings, heartbeat, and a cycle if the item is to replicate.
         Returns whether a cycle ran."""
+        await self.renew_if_due()
         s = await self.refresh()
         await self.heartbeat()
         if s is not None and not s.replicate:

@@ -273,8 +273,13 @@ async def cmd_run(args: argparse.Namespace) -> int:
     from mobility.control import ControlPlane
     from mobility.daemon import ManagedAgent
 
+    async def renewed() -> MobilityConfig:
+        await renew(Path(args.config), cfg.site_url)
+        return load(MobilityConfig, args.config)
+
     async with ControlPlane(cfg.site_url, cfg.tls_ca, cfg.tls_cert, cfg.tls_key) as control:
-        managed = ManagedAgent(cfg, control)
+        managed = ManagedAgent(cfg, control, renew=renewed,
+                               renew_before_days=args.renew_before_days)
         task = asyncio.create_task(managed.run_forever())
         try:
             await wait_for_signal()
@@ -331,6 +336,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rp.add_argument("--config", required=True, help="mobility.toml")
     rp.add_argument("--json", action="store_true", help="machine-readable output")
     rp.set_defaults(func=cmd_replicate)
-    run = msub.add_parser("run", help="replicate continuously (the systemd service)")
+    run = msub.add_parser(
+        "run", help="replicate continuously (the systemd service)",
+        description="Replicate every interval_seconds. With site_url in mobility.toml the "
+                    "agent is managed: it takes its settings from the configuration server, "
+                    "heartbeats, reports progress and renews its certificate before it "
+                    "expires (rewriting mobility.toml to the new files).")
     run.add_argument("--config", required=True, help="mobility.toml")
+    run.add_argument("--renew-before-days", type=float, default=30.0,
+                     help="renew the certificate when it has fewer days left (default 30)")
     run.set_defaults(func=cmd_run, daemon=True)
