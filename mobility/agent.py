@@ -102,7 +102,7 @@ class _Retry(Exception):
 def provider_for(cfg: MobilityConfig) -> SnapshotProvider:
     inner = crash_provider(cfg.snapshot, [d["path"] for d in cfg.disks], cfg.freeze_mounts,
                            cfg.lvm_snapshot_size)
-    if cfg.snapshot == "script" or (cfg.snapshot == "lvm" and cfg.pre_script
+    if cfg.snapshot == "script" or (cfg.snapshot in ("lvm", "reflink") and cfg.pre_script
                                     and cfg.post_script):
         return Scripts(cfg.pre_script, cfg.post_script, cfg.script_timeout_seconds, inner)
     return inner

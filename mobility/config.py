@@ -8,6 +8,7 @@ from typing import Any
 
 from vault.throttle import Schedule
 
+SNAPSHOTS = ("none", "quiesced", "fsfreeze", "lvm", "reflink", "script")
 _LVM_SIZE = re.compile(r"(\d{1,3}%ORIGIN|\d+(\.\d+)?[KMGT]?)", re.IGNORECASE)
 
 
@@ -59,8 +60,8 @@ class MobilityConfig:
         bs = self.block_size
         if bs & (bs - 1) or not (1 << 16) <= bs <= (1 << 20):
             raise ValueError("block_size must be a power of two from 65536 to 1048576")
-        if self.snapshot not in ("none", "quiesced", "fsfreeze", "lvm", "script"):
-            raise ValueError("snapshot must be none, quiesced, fsfreeze, lvm or script")
+        if self.snapshot not in SNAPSHOTS:
+            raise ValueError(f"snapshot must be one of {', '.join(SNAPSHOTS)}")
         if not _LVM_SIZE.fullmatch(self.lvm_snapshot_size):
             raise ValueError(f"lvm_snapshot_size {self.lvm_snapshot_size!r}: use N%ORIGIN "
                              "(e.g. 10%ORIGIN) or a size such as 2G or 512M")

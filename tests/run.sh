@@ -9,10 +9,12 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # System packages: qemu-img (VHD checks), e2fsprogs (ext4 on loop devices), openssh-server
 # (push install), postgresql (scale-out catalog), systemd (systemd-analyze verify), restic,
-# faketime (libfaketime: registration's clock-skew check with a real offset).
+# faketime (libfaketime: registration's clock-skew check with a real offset), xfsprogs
+# (reflink snapshots of disk images on a real XFS).
 need=()
 for pair in qemu-img:qemu-utils mkfs.ext4:e2fsprogs sshd:openssh-server \
-            pg_ctlcluster:postgresql-common systemd-analyze:systemd faketime:faketime; do
+            pg_ctlcluster:postgresql-common systemd-analyze:systemd faketime:faketime \
+            mkfs.xfs:xfsprogs; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
 done
