@@ -2,12 +2,14 @@
 
 Each machine's cycles are processed in arrival order (a delta builds on the point
 before it); different machines do not wait for each other. Segments are processed
-as soon as they are sealed, so upload overlaps receiving. After each segment the
-cycle is checkpointed: its packs and an index for them are durable in the vault,
-its block-map changes are appended (fsynced) to the cycle's journal, and only then
-is the segment deleted and its cache space released — so a cycle larger than the
-cache quota drains instead of stalling, and a restarted process server resumes
-from the journal (invariant 9).
+as soon as they are sealed, so upload overlaps receiving. After each segment (or
+run of small segments, ``CHECKPOINT_BYTES``) the cycle is checkpointed: its packs
+and an index for them are durable in the vault, its block-map changes are appended
+(fsynced) to the cycle's journal, and only then is the segment deleted and its cache
+space released — so a cycle larger than the cache quota drains instead of stalling,
+and a restarted process server resumes from the journal (invariant 9). A checkpoint
+writes to the vault while the next segment is read, hashed and compressed;
+checkpoints, and so journal appends, still complete in segment order.
 """
 
 from __future__ import annotations
@@ -17,26 +19,38 @@ import json
 import os
 import random
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import structlog
 from sqlalchemy import delete, func, select
 
 from procserver import db
-from procserver.cache import fsync_or_die, read_segment, remove_cycle_dir
-from procserver.wire import Frame, FrameType
+from procserver.cache import fsync_or_die, remove_cycle_dir
+from procserver.segruns import Run, SealedSegment, close_released
 from vault.errors import MissingObjectError
 from vault.locks import locked
 from vault.point import Point
-from vault.writer import CycleWriter, DiskSpec, MissingBlocksError
+from vault.writer import CycleWriter, DiskSpec, JournalEntry, MissingBlocksError
 
 if TYPE_CHECKING:
     from procserver.server import ProcServer
 
 log = structlog.get_logger("procserver.uploader")
-BATCH = 128
+# Frames are handed to the writer (hashed on a worker thread) in runs of this many
+# bytes or frames, each run a mapping of its own (procserver/segruns.py).
+BATCH_BYTES = 8 << 20
+BATCH_FRAMES = 1024
+# At most this many bytes of sealed segments go into one checkpoint (at least one
+# segment): small segments (closed at SYNC or END) share one, a full one has its own.
+# A segment is deleted, and its page cache freed for the segments and packs being
+# written, only after its checkpoint: larger runs hold more of the cache, and on a VM
+# fresh memory costs more than memory the kernel just freed. A segment that is alone
+# is checkpointed at once, so a cache that holds only a few segments always drains.
+CHECKPOINT_BYTES = 64 << 20
 LOCK_WAIT = 600.0
+T = TypeVar("T")
 
 
 class BaseGoneError(Exception):
@@ -167,9 +181,16 @@ class Uploader:
         writer = CycleWriter(
             server.vault, server.index, server.executor, machine=cyc.machine, cycle=cyc.id,
             disks=disks, full=cyc.full, base=await self._base_point(cyc),
-            on_upload=server.metrics.uploaded_bytes.inc,
+            on_pack=server.metrics.pack_uploaded,
         )
         writer.replay(await asyncio.to_thread(_read_journal, cycle_dir / JOURNAL))
+        # Segments handed to the writer whose checkpoint has not deleted them yet.
+        taken: set[int] = set()
+        # Mapped runs of segments some of whose blocks may wait to be sealed into a pack.
+        mapped: list[Run] = []
+        # The checkpoint of the previous run of segments: it writes to the vault while
+        # the next run is read, hashed and compressed.
+        commit: asyncio.Task[None] | None = None
         try:
             while True:
                 ev = self._wakeups.register()
@@ -179,19 +200,39 @@ class Uploader:
                     # in this order means done. The other order races with the session.
                     state = await self._state(cyc.seq)
                     if state.state == db.ABORTED:
-                        await writer.abort()
-                        return
+                        raise _CycleAborted
                     async with server.sessionmaker() as s:
-                        segs = (await s.execute(select(db.Segment).where(
+                        segs = [seg for seg in (await s.execute(select(db.Segment).where(
                             db.Segment.cycle_seq == cyc.seq).order_by(db.Segment.seq))
-                        ).scalars().all()
-                    if state.state == db.COMPLETE and not segs:
-                        break
-                    for seg in segs:
-                        async with self._slots:
-                            await self._process_segment(writer, cyc, seg, cycle_dir)
+                        ).scalars().all() if seg.id not in taken]
                     if not segs:
+                        if commit is not None:
+                            # Nothing new yet: let the last checkpoint end (its segments
+                            # are still listed until then), then look again.
+                            await commit
+                            commit = None
+                            continue
+                        if state.state == db.COMPLETE:
+                            break
                         await ev.wait()
+                        continue
+                    run: list[db.Segment] = []
+                    size = 0
+                    for seg in segs:
+                        if run and size + seg.size > CHECKPOINT_BYTES:
+                            break
+                        run.append(seg)
+                        size += seg.size
+                    for seg in run:
+                        async with self._slots:
+                            await self._add_segment(writer, seg.path, mapped)
+                        taken.add(seg.id)
+                    ck = await writer.start_checkpoint()
+                    if commit is not None:
+                        await commit  # journal appends stay in segment order
+                    commit = asyncio.create_task(
+                        self._commit(cyc, cycle_dir, ck, run, mapped, taken),
+                        name=f"checkpoint-{cyc.machine}")
                 finally:
                     self._wakeups.forget(ev)
             end = json.loads(state.end_doc or "{}")
@@ -202,8 +243,16 @@ class Uploader:
             async with self._slots:
                 point = await writer.finish(end["digests"], begin["consistency"],
                                             end.get("created"))
-        except BaseException:
+        except _CycleAborted:
+            await _stop(commit, cancel=True)
             await writer.abort()
+            return
+        except BaseException as e:
+            # Cancel the pack writes first: a checkpoint still waiting for them fails
+            # without journaling; one already journaling ends first. Cancelled (shutdown):
+            # stop it too.
+            await writer.abort()
+            await _stop(commit, cancel=isinstance(e, asyncio.CancelledError))
             raise
         async with server.sessionmaker() as s:
             row = await s.get_one(db.Cycle, cyc.seq)
@@ -220,30 +269,62 @@ class Uploader:
         async with server.points_changed:
             server.points_changed.notify_all()
         log.info("point_uploaded", machine=cyc.machine, cycle=cyc.id, point=point.id,
-                 consistency=point.consistency, stored_bytes=writer.stored_bytes)
+                 consistency=point.consistency, stored_bytes=writer.stored_bytes,
+                 logical_bytes=writer.logical_bytes)
 
-    async def _process_segment(self, writer: CycleWriter, cyc: db.Cycle, seg: db.Segment,
-                               cycle_dir: Path) -> None:
-        frames = await asyncio.to_thread(_read_all, seg.path)
-        for i in range(0, len(frames), BATCH):
-            items = []
-            for f in frames[i:i + BATCH]:
-                d, n, data = f.block()
-                items.append((d, n, data if f.type == FrameType.BLOCK else None))
-            await writer.add(items)
-        del frames
-        # Checkpoint: durable in the vault and journaled before the segment goes.
-        journal = await writer.checkpoint()
-        await asyncio.to_thread(_append_journal, cycle_dir / JOURNAL, journal)
+    async def _add_segment(self, writer: CycleWriter, path: str, mapped: list[Run]) -> None:
+        segment = await asyncio.to_thread(SealedSegment, path, BATCH_BYTES, BATCH_FRAMES)
+        try:
+            for run in segment.map_runs():
+                mapped.append(run)
+                await writer.add(run.take())
+                close_released(mapped)
+        finally:
+            segment.close()
+
+    async def _commit(self, cyc: db.Cycle, cycle_dir: Path,
+                      checkpoint: asyncio.Task[list[JournalEntry]], segs: list[db.Segment],
+                      mapped: list[Run], taken: set[int]) -> None:
+        """Journal a run of segments once its checkpoint is durable, then delete them."""
+        journal = await checkpoint
+        close_released(mapped)
+        # Durable in the vault and journaled before the segments go. The append is never
+        # left running behind a cancelled caller (a retry reads the journal).
+        await _in_thread_to_the_end(_append_journal, cycle_dir / JOURNAL, journal)
+        ids = [seg.id for seg in segs]
         async with self.server.sessionmaker() as s:
-            await s.execute(delete(db.Segment).where(db.Segment.id == seg.id))
+            await s.execute(delete(db.Segment).where(db.Segment.id.in_(ids)))
             await s.commit()
-        await asyncio.to_thread(Path(seg.path).unlink, True)
-        self.server.release_cache(cyc.seq, seg.size)
+        taken.difference_update(ids)
+        await asyncio.to_thread(_unlink_all, [seg.path for seg in segs])
+        self.server.release_cache(cyc.seq, sum(seg.size for seg in segs))
 
 
-def _read_all(path: str) -> list[Frame]:
-    return list(read_segment(path))
+class _CycleAborted(Exception):
+    """The session aborted the cycle while it was being uploaded."""
+
+
+async def _stop(task: asyncio.Task[None] | None, *, cancel: bool) -> None:
+    if task is None:
+        return
+    if cancel:
+        task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def _in_thread_to_the_end(fn: Callable[..., T], *args: object) -> T:
+    """``asyncio.to_thread``, except that a cancelled caller still waits for the thread."""
+    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        await asyncio.wait([fut])
+        raise
+
+
+def _unlink_all(paths: list[str]) -> None:
+    for p in paths:
+        Path(p).unlink(missing_ok=True)
 
 
 def _append_journal(path: Path, entries: list[tuple[int, int, bytes]]) -> None:

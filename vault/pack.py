@@ -22,7 +22,16 @@ from dataclasses import dataclass
 
 import zstandard
 
-from vault.crypto import Keyring, ObjectType, counter_nonce, seal, unseal
+from vault.crypto import (
+    OVERHEAD,
+    Keyring,
+    ObjectType,
+    compress_payloads,
+    counter_nonce,
+    seal,
+    seal_into,
+    unseal,
+)
 from vault.errors import IntegrityError
 
 MAGIC = b"SRPK"
@@ -47,14 +56,15 @@ def build_pack(
 ) -> tuple[bytes, list[PackEntry]]:
     """Seal ``(block_id, data)`` pairs into one pack; CPU-bound, run on a worker thread."""
     aead = keyring.aead(ObjectType.BLOCK, pack_id)
-    parts: list[bytes] = []
+    parts: list[bytes | bytearray] = []
     entries: list[PackEntry] = []
     off = 0
-    for i, (bid, data) in enumerate(blocks):
-        sealed = seal(
-            aead, ObjectType.BLOCK, pack_id, data,
-            nonce=counter_nonce(i), extra=bid, compressor=compressor,
-        )
+    payloads = compress_payloads([data for _, data in blocks], compressor)
+    for i, ((bid, _data), (payload, flags)) in enumerate(zip(blocks, payloads, strict=True)):
+        # Sealed straight into its own buffer: the join below is the only copy.
+        sealed = bytearray(OVERHEAD + len(payload))
+        seal_into(aead, ObjectType.BLOCK, pack_id, payload, flags, sealed,
+                  nonce=counter_nonce(i), extra=bid)
         parts.append(sealed)
         entries.append(PackEntry(bid, off, len(sealed)))
         off += len(sealed)
