@@ -193,6 +193,12 @@ class Policies:
                     if len(raw) > MAX_ANSWER_BYTES:
                         raise PolicyAnswerError(f"the answer is larger than "
                                                 f"{MAX_ANSWER_BYTES} bytes")
+                if resp.status == 404 and b"procserver_not_found" in raw and \
+                        not self.server.reporter.registered:
+                    # Our first heartbeat, which registers us, has not arrived yet.
+                    log.info("policy_pull_waiting", reason="not registered yet",
+                             retry_in_seconds=retry_in)
+                    return False
                 if resp.status != 200:
                     raise RuntimeError(f"HTTP {resp.status}: "
                                        f"{raw[:500].decode(errors='replace')}")

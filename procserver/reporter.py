@@ -66,6 +66,7 @@ class Reporter:
         self.on_refresh: list[Callable[[], None]] = []
         # Reports the configuration server refused for good (4xx but 401/408/429).
         self._parked: set[str] = set()
+        self.registered = False  # a heartbeat was accepted since the start
         self._uploaded: tuple[float, float] | None = None  # (monotonic time, bytes) last beat
 
     def wake(self) -> None:
@@ -165,6 +166,7 @@ class Reporter:
                     if resp.status >= 300:
                         raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
                     answer: dict[str, Any] = await resp.json()
+                self.registered = True
                 if failing:
                     log.info("heartbeat_restored")
                     failing = False

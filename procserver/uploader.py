@@ -116,6 +116,9 @@ class Uploader:
 
     async def _worker(self, machine: str) -> None:
         failures = 0
+        # A process server that started while its storage was down keeps cycles in the
+        # cache until the vault is open (``ProcServer._open_vault_later``).
+        await self.server.vault_ready.wait()
         while True:
             async with self.server.sessionmaker() as s:
                 cyc = (await s.execute(

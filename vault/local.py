@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from vault.errors import NotFoundError, PermanentStoreError
+from vault.names import PACKS
 from vault.store import BlobInfo, check_name
 
 _TMP_SUFFIX = ".tmp"
@@ -34,6 +35,12 @@ class LocalStore:
             while view:
                 view = view[os.write(fd, view) :]
             os.fsync(fd)
+            if name.startswith(PACKS):
+                # Durable now, and read again only by a restore or a check: give the pages
+                # back rather than let packs push everything else out of the page cache
+                # (borg does the same). Writing into freed pages is also far cheaper than
+                # growing the cache into memory never touched.
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
         os.replace(tmp, path)
