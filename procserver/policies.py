@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import json
 import re
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from urllib.parse import quote
 import aiohttp
 import structlog
 
+from procserver.reporter import configserver_access
 from procserver.retention import PointRetention, RetentionReport
 from vault.atomic import atomic_write
 
@@ -138,21 +138,7 @@ class Policies:
             log.info("policy_pull_disabled", hint="set configserver_url to apply the "
                      "configuration server's policies (retention)")
             return
-        delay = 1.0
-        while True:
-            try:
-                with open(cfg.configserver_token_file) as f:
-                    token = f.read().strip()
-                break
-            except OSError as e:  # the reporter logs the same cause, with the hint
-                log.warning("policy_pull_blocked", error=f"cannot read token file: {e}",
-                            retry_in_seconds=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 60.0)
-        headers = {"Authorization": f"Bearer {token}"}
-        tls: ssl.SSLContext | bool = True
-        if cfg.configserver_url.startswith("https:"):  # the site listener: our own CA
-            tls = ssl.create_default_context(cafile=cfg.tls_ca)
+        headers, tls = await configserver_access(cfg, "policy_pull_blocked")
         interval = cfg.policy_interval_seconds
         last_round = float("-inf")
         delay = 1.0

@@ -34,6 +34,7 @@ import structlog
 from sqlalchemy import exists, func, select
 
 from procserver import db
+from procserver.config import ProcServerConfig
 
 if TYPE_CHECKING:
     from procserver.server import ProcServer
@@ -41,6 +42,28 @@ if TYPE_CHECKING:
 log = structlog.get_logger("procserver.reporter")
 REFUSED = frozenset({400, 403, 404, 405, 409, 410, 413, 415, 422})
 JOURNAL = "changes.log"  # procserver/uploader.py: the cycle's journal, written per checkpoint
+
+
+async def configserver_access(cfg: ProcServerConfig, blocked_event: str
+                              ) -> tuple[dict[str, str], ssl.SSLContext | bool]:
+    """The internal token's header (waiting until the token file can be read) and the
+    TLS setting for ``configserver_url`` (the site listener: our own CA)."""
+    delay = 1.0
+    while True:
+        try:
+            with open(cfg.configserver_token_file) as f:
+                token = f.read().strip()
+            break
+        except OSError as e:
+            log.error(blocked_event, error=f"cannot read token file: {e}",
+                      hint="configserver_token_file must name the configuration server's "
+                           "internal-token file", retry_in_seconds=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60.0)
+    tls: ssl.SSLContext | bool = True
+    if cfg.configserver_url.startswith("https:"):
+        tls = ssl.create_default_context(cafile=cfg.tls_ca)
+    return {"Authorization": f"Bearer {token}"}, tls
 
 
 def _version() -> str:
@@ -87,22 +110,7 @@ class Reporter:
             log.warning("point_reporting_disabled",
                         hint="set configserver_url to list points in the catalog")
             return
-        delay = 1.0
-        while True:
-            try:
-                with open(cfg.configserver_token_file) as f:
-                    token = f.read().strip()
-                break
-            except OSError as e:
-                log.error("point_reporting_blocked", error=f"cannot read token file: {e}",
-                          hint="configserver_token_file must name the configuration server's "
-                               "internal-token file", retry_in_seconds=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 60.0)
-        headers = {"Authorization": f"Bearer {token}"}
-        tls: ssl.SSLContext | bool = True
-        if cfg.configserver_url.startswith("https:"):  # the site listener: our own CA
-            tls = ssl.create_default_context(cafile=cfg.tls_ca)
+        headers, tls = await configserver_access(cfg, "point_reporting_blocked")
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30),
                                          connector=aiohttp.TCPConnector(ssl=tls)) as http, \
                 asyncio.TaskGroup() as tg:

@@ -144,6 +144,18 @@ async def restore_all(vault: Vault, point: Point, out_dir: Path) -> dict[str, st
     return result
 
 
+async def point_restores_to(ps: ProcServer, tmp: Path, key: Path, cycle: str,
+                            want: dict[str, str]) -> None:
+    """The point of the acknowledged ``cycle`` (in the vault at ``tmp/vault``) restores to
+    exactly ``want`` (disk -> sha256)."""
+    vault = await open_vault(tmp / "vault", key)
+    try:
+        point = await vault.read_point(await ps.wait_point(cycle, timeout=60))
+        assert await restore_all(vault, point, tmp / "out" / cycle) == want
+    finally:
+        await vault.close()
+
+
 class Daemon:
     """A real ``siterecovery`` daemon in a subprocess, ready once it logs ``ready_event``."""
 

@@ -9,6 +9,7 @@ import pytest
 import structlog.testing
 from sqlalchemy import select
 
+from mobility.agent import Agent
 from procserver import db
 from procserver.server import ProcServer
 from tests.backends import _free_port, azurite
@@ -44,6 +45,29 @@ async def _points_restore_exactly(vault: Vault, ps: ProcServer, expected: dict[s
         assert await restore_all(vault, p, out) == {"sda": expected[p.cycle]}
 
 
+async def _into_the_cache(ps: ProcServer, agent: Agent, disk: Path, cycles: int,
+                          seed: int) -> dict[str, str]:
+    """``cycles`` acknowledged cycles while the storage is down; cycle -> disk digest."""
+    expected: dict[str, str] = {}
+    for i in range(cycles):
+        if i:
+            mutate(disk, 0.05, seed=seed + i)
+        r = await agent.replicate_once()  # acknowledged: durable in the cache
+        assert r.kind == ("full" if i == 0 else "delta")
+        expected[r.cycle] = sha256(disk)
+    assert await _uploaded(ps) == 0  # nothing could reach the storage
+    return expected
+
+
+async def _drained(ps: ProcServer, url: str, key: Path, expected: dict[str, str],
+                   out: Path) -> None:
+    vault = await Vault.open(open_store(url), KeyMaterial(keyfile=read_keyfile(key)))
+    try:
+        await _points_restore_exactly(vault, ps, expected, out)
+    finally:
+        await vault.close()
+
+
 async def test_blob_storage_down_for_a_while_then_back(tmp_path: Path, pki: Pki) -> None:
     """Azurite really stopped: the process server keeps acknowledging into its cache, retries
     the uploads with backoff, and drains the backlog once the storage is back."""
@@ -53,7 +77,6 @@ async def test_blob_storage_down_for_a_while_then_back(tmp_path: Path, pki: Pki)
     url = f"azure://outage/site1?connection_string_file={conn_file}"
     disk = tmp_path / "disk.img"
     make_disk(disk, 16 << 20, seed=41)
-    expected: dict[str, str] = {}
     with azurite(blobs, port) as conn:
         conn_file.write_text(conn)
         await (await Vault.create(open_store(url), KeyMaterial(keyfile=new_keyfile(key)))
@@ -63,18 +86,9 @@ async def test_blob_storage_down_for_a_while_then_back(tmp_path: Path, pki: Pki)
     # Storage is down from here on until the second 'with azurite'.
     agent = make_agent(agent_config(tmp_path, pki, "web01", ps.port, {"sda": disk}))
     try:
-        for i in range(3):
-            if i:
-                mutate(disk, 0.05, seed=50 + i)
-            r = await agent.replicate_once()  # acknowledged: durable in the cache
-            expected[r.cycle] = sha256(disk)
-        assert await _uploaded(ps) == 0  # nothing could reach the storage
+        expected = await _into_the_cache(ps, agent, disk, 3, seed=50)
         with azurite(blobs, port):
-            vault = await Vault.open(open_store(url), KeyMaterial(keyfile=read_keyfile(key)))
-            try:
-                await _points_restore_exactly(vault, ps, expected, tmp_path / "out")
-            finally:
-                await vault.close()
+            await _drained(ps, url, key, expected, tmp_path / "out")
     finally:
         agent.close()
         await ps.stop()
@@ -102,22 +116,11 @@ async def test_process_server_starts_while_blob_storage_is_down(tmp_path: Path,
         ["vault_unavailable"]
     assert not ps.vault_ready.is_set()
     agent = make_agent(agent_config(tmp_path, pki, "web01", ps.port, {"sda": disk}))
-    expected: dict[str, str] = {}
     try:
-        for i in range(2):
-            if i:
-                mutate(disk, 0.05, seed=60 + i)
-            r = await agent.replicate_once()  # acknowledged: durable in the cache
-            assert r.kind == "full" if i == 0 else r.kind == "delta"
-            expected[r.cycle] = sha256(disk)
-        assert await _uploaded(ps) == 0
+        expected = await _into_the_cache(ps, agent, disk, 2, seed=60)
         with azurite(blobs, port):
             await ps.vault_ready.wait()
-            vault = await Vault.open(open_store(url), KeyMaterial(keyfile=read_keyfile(key)))
-            try:
-                await _points_restore_exactly(vault, ps, expected, tmp_path / "out")
-            finally:
-                await vault.close()
+            await _drained(ps, url, key, expected, tmp_path / "out")
     finally:
         agent.close()
         await ps.stop()

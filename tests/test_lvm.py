@@ -21,7 +21,7 @@ import pytest
 from mobility.agent import Agent, provider_for
 from mobility.config import MobilityConfig
 from procserver.server import ProcServer
-from tests.helpers import Pki, agent_config, make_disk, open_vault, restore_all, sha256
+from tests.helpers import Pki, agent_config, make_disk, point_restores_to, sha256
 
 LVS = """#!/bin/sh
 # lvs --noheadings -o vg_name,lv_name PATH | lvs --noheadings -o lv_path VG/LV
@@ -95,16 +95,6 @@ def lvm_agent(tmp: Path, pki: Pki, ps: ProcServer, disks: dict[str, Path],
     cfg = agent_config(tmp, pki, "lvm01", ps.port, disks, snapshot="lvm", **kw)
     cfg.validate()
     return Agent(cfg, provider=provider_for(cfg)), cfg
-
-
-async def point_restores_to(ps: ProcServer, tmp: Path, key: Path, cycle: str,
-                            want: dict[str, str]) -> None:
-    vault = await open_vault(tmp / "vault", key)
-    try:
-        point = await vault.read_point(await ps.wait_point(cycle, timeout=60))
-        assert await restore_all(vault, point, tmp / "out" / cycle) == want
-    finally:
-        await vault.close()
 
 
 async def test_cycle_reads_the_snapshot_while_the_disk_changes(

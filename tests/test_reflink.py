@@ -18,7 +18,7 @@ import pytest
 from mobility.agent import Agent, provider_for
 from procserver.server import ProcServer
 from tests.backends import missing_backend
-from tests.helpers import Pki, agent_config, make_disk, mutate, open_vault, restore_all, sha256
+from tests.helpers import Pki, agent_config, make_disk, mutate, point_restores_to, sha256
 from tests.test_ext4 import loop_device, mounted
 
 XFS_IMAGE = 320 << 20  # mkfs.xfs wants at least 300 MB
@@ -39,16 +39,6 @@ def xfs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", dev], check=True)
         with mounted(dev, tmp_path / "mnt") as mnt:
             yield mnt
-
-
-async def restores_to(ps: ProcServer, tmp: Path, key: Path, cycle: str,
-                      want: dict[str, str]) -> None:
-    vault = await open_vault(tmp / "vault", key)
-    try:
-        point = await vault.read_point(await ps.wait_point(cycle, timeout=60))
-        assert await restore_all(vault, point, tmp / "out" / cycle) == want
-    finally:
-        await vault.close()
 
 
 def clones(where: Path) -> list[str]:
@@ -83,7 +73,7 @@ async def test_cycles_read_clones_while_the_images_change(
             r = await agent.replicate_once()
             assert r.consistency == "app" and r.kind == ("full" if i == 0 else "delta")
             assert sha256(disk) != at_clone  # the post-script wrote during the cycle
-            await restores_to(procserver, tmp_path, vault_at[1], r.cycle,
+            await point_restores_to(procserver, tmp_path, vault_at[1], r.cycle,
                               {"sda": at_clone})
             assert clones(xfs) == []
     finally:

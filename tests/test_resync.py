@@ -19,9 +19,8 @@ from tests.helpers import (
     make_agent,
     make_disk,
     mutate,
-    open_vault,
+    point_restores_to,
     proc_config,
-    restore_all,
     running_procserver,
     sha256,
 )
@@ -32,14 +31,8 @@ CHANGED = 0.05
 
 async def restores_exactly(ps: ProcServer, tmp: Path, key: Path, r: CycleResult,
                            disks: dict[str, Path]) -> None:
-    want = {name: sha256(p) for name, p in disks.items()}
-    point_id = await ps.wait_point(r.cycle, timeout=60)
-    vault = await open_vault(tmp / "vault", key)
-    try:
-        point = await vault.read_point(point_id)
-        assert await restore_all(vault, point, tmp / "out" / r.cycle) == want
-    finally:
-        await vault.close()
+    await point_restores_to(ps, tmp, key, r.cycle,
+                            {name: sha256(p) for name, p in disks.items()})
 
 
 async def metric(ps: ProcServer, name: str) -> float:
