@@ -204,10 +204,13 @@ class Uploader:
                     state = await self._state(cyc.seq)
                     if state.state == db.ABORTED:
                         raise _CycleAborted
+                    # Taken before the query: a checkpoint that deletes rows (and forgets
+                    # them in ``taken``) meanwhile must not make a stale row look new.
+                    skip = set(taken)
                     async with server.sessionmaker() as s:
                         segs = [seg for seg in (await s.execute(select(db.Segment).where(
                             db.Segment.cycle_seq == cyc.seq).order_by(db.Segment.seq))
-                        ).scalars().all() if seg.id not in taken]
+                        ).scalars().all() if seg.id not in skip]
                     if not segs:
                         if commit is not None:
                             # Nothing new yet: let the last checkpoint end (its segments

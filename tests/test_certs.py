@@ -454,12 +454,15 @@ async def _cycles(ps: ProcServer) -> int:
         return int((await s.execute(select(func.count()).select_from(psdb.Cycle))).scalar_one())
 
 
-async def _replicate(cfg: MobilityConfig) -> None:
+async def _replicate(cfg: MobilityConfig, ps: ProcServer | None = None) -> None:
+    """A cycle; with ``ps``, also wait until it is a point (its cache files are gone)."""
     agent = make_agent(cfg)
     try:
-        await agent.replicate_once()
+        r = await agent.replicate_once()
     finally:
         agent.close()
+    if ps is not None:
+        await ps.wait_point(r.cycle)
 
 
 async def _refused(ps: ProcServer, cfg: MobilityConfig, code: str) -> None:
@@ -490,7 +493,7 @@ async def test_procserver_refuses_disabled_revoked_and_removed_machines(
         await _refused(ps, web04, "machine_unknown")
         # Enrolled a moment ago: the process server fetches the newer list and accepts.
         for cfg in (web01, web02, web03):
-            await _replicate(cfg)
+            await _replicate(cfg, ps)
         assert await _cycles(ps) == 3
 
         await api.patch("/api/v1/machines/web01", {"enabled": False})
@@ -541,7 +544,7 @@ async def test_a_machine_may_write_only_its_own_disks(
         rejected = [e for e in logs if e["event"] == "session_rejected"]
         assert [(e["code"], e["machine"]) for e in rejected] == [("disk_not_allowed", "db01")]
         assert "sdb" in rejected[0]["error"]
-        await _replicate(own)  # its own disk: accepted, on the same server
+        await _replicate(own, ps)  # its own disk: accepted, on the same server
         assert await _cycles(ps) == 1
         # Added to the inventory: the list follows and the disk is accepted.
         await api.patch("/api/v1/machines/db01", {"disks": [
