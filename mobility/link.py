@@ -8,6 +8,7 @@ import ssl
 import time
 from typing import Any
 
+from mobility.tracker import CHUNK
 from procserver.wire import (
     HEARTBEAT_FRAME,
     Frame,
@@ -19,7 +20,7 @@ from procserver.wire import (
     read_frame,
 )
 
-WRITE_HIGH_WATER = 2 * (4 << 20)  # bytes queued on the connection before a send waits
+WRITE_HIGH_WATER = 2 * CHUNK  # bytes queued on the connection before a send waits
 FOREVER = 10.0 * 365 * 86400  # "no timeout" for read_frame
 
 
