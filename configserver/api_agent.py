@@ -12,6 +12,7 @@ import structlog
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from common.names import DISK_PATTERN
 from configserver import db
 from configserver.items import (
     ITEM,
@@ -26,7 +27,7 @@ from configserver.rest import ApiError, Call, Route, iso, nullable, obj, reply
 log = structlog.get_logger("configserver.agent")
 
 HEARTBEAT_INTERVAL_SECONDS = 60
-DISK_NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"}
+DISK_NAME = {"type": "string", "pattern": DISK_PATTERN}
 
 SETTINGS = obj({
     "machine": {"type": "string"},

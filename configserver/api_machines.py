@@ -20,6 +20,7 @@ from aiohttp import web
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
+from common.names import DISK_PATTERN
 from configserver import db, support
 from configserver.rest import (
     NAME,
@@ -37,7 +38,7 @@ from configserver.rest import (
 log = structlog.get_logger("configserver.machines")
 
 MAX_DISK_BYTES = 64 << 40  # what the process server accepts per disk
-DISK_NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"}
+DISK_NAME = {"type": "string", "pattern": DISK_PATTERN}
 DISK = obj({"name": DISK_NAME,
             "path": {"type": "string", "minLength": 1, "maxLength": 4096,
                      "description": "absolute path of the block device or image file"},

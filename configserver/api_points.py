@@ -10,9 +10,9 @@ import structlog
 from aiohttp import web
 from sqlalchemy import delete, select
 
+from common.labels import CONSISTENCY
 from configserver import db
 from configserver.rest import NAME, Call, Route, array, obj, reply
-from vault.point import CONSISTENCY
 
 log = structlog.get_logger("configserver.points")
 

@@ -38,9 +38,9 @@ import structlog
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from common.fs import atomic_write
 from configserver import db
 from configserver.rest import ApiError, iso
-from vault.atomic import atomic_write
 from vault.errors import (
     NotFoundError,
     PermanentStoreError,

@@ -21,6 +21,7 @@ import structlog
 from aiohttp import web
 from jsonschema import Draft202012Validator
 
+from common.names import NAME_PATTERN
 from configserver.tokens import matches
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ log = structlog.get_logger("configserver.api")
 #   agent     a protected machine's client certificate (site listener, mutual TLS)
 #   none      anyone (health, metrics, the OpenAPI document, enrollment by passphrase)
 AUTHS = ("admin", "internal", "agent", "none")
-NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"}
+NAME = {"type": "string", "pattern": NAME_PATTERN}
 ERROR_SCHEMA: dict[str, Any] = {
     "type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "required": ["code", "message", "hint"],

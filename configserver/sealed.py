@@ -18,7 +18,6 @@ Nothing here logs a secret or puts one into an exception message.
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +27,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import func, select
 
+from common.fs import create_exclusive
 from configserver import db
 
 if TYPE_CHECKING:
@@ -130,16 +130,7 @@ def create_key(path: Path) -> bytes:
     """Write a new key to ``path`` (0600, never overwriting one), durably."""
     key = secrets.token_bytes(KEY_BYTES)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key.hex() + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    create_exclusive(path, key.hex() + "\n")
     log.info("secrets_key_created", path=str(path), key_id=key_id(key))
     return key
 

@@ -37,6 +37,9 @@ from typing import Any
 
 import structlog
 
+from common.digest import block_count
+from common.pacing import TokenBucket
+from common.timefmt import now_iso
 from mobility.config import MobilityConfig
 from mobility.link import FOREVER, Link, broken
 from mobility.resume import Conn, check_progress, progress_of, resume
@@ -51,7 +54,7 @@ from mobility.tracker import (
     load_state,
     write_map,
 )
-from procserver.wire import (
+from wire.protocol import (
     FEATURES,
     FINGERPRINT,
     Frame,
@@ -62,9 +65,6 @@ from procserver.wire import (
     raise_if_error,
     read_frame,
 )
-from vault.digest import block_count
-from vault.point import now_iso
-from vault.throttle import TokenBucket
 
 log = structlog.get_logger("mobility")
 AGENT_VERSION = "0.1.0"

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from vault.throttle import Schedule
+from common.pacing import Schedule
 
 SNAPSHOTS = ("none", "quiesced", "fsfreeze", "lvm", "reflink", "script")
 _LVM_SIZE = re.compile(r"(\d{1,3}%ORIGIN|\d+(\.\d+)?[KMGT]?)", re.IGNORECASE)

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from mobility.tracker import CHUNK
-from procserver.wire import (
+from wire.protocol import (
     HEARTBEAT_FRAME,
     Frame,
     FrameType,

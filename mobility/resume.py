@@ -18,7 +18,7 @@ import structlog
 
 from mobility.config import MobilityConfig
 from mobility.link import Link, broken
-from procserver.wire import (
+from wire.protocol import (
     Frame,
     FrameType,
     ProtocolError,

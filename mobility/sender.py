@@ -18,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from common.digest import digest_of_fingerprint_map
 from mobility.link import Link
 from mobility.tracker import CHUNK, chunks, data_extents, scan_chunk
-from procserver.wire import FrameType, block_frame_parts
-from vault.digest import digest_of_fingerprint_map
+from wire.protocol import FrameType, block_frame_parts
 
 if TYPE_CHECKING:
     from mobility.agent import Agent

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from vault.atomic import atomic_write
-from vault.digest import block_count, fingerprint
+from common.digest import block_count, fingerprint
+from common.fs import atomic_write
 
 CHUNK = 4 << 20
 _ZERO = bytes(1 << 20)

@@ -26,12 +26,12 @@ import structlog
 from sqlalchemy import select
 
 from procserver import db
-from procserver.checks import validate_disks
-from procserver.wire import FrameType, encode_json, error_frame, map_frames
 from vault.errors import MissingObjectError, VaultError
 from vault.fpmap import point_fingerprints
 from vault.locks import locked
 from vault.point import Point
+from wire.checks import validate_disks
+from wire.protocol import FrameType, encode_json, error_frame, map_frames
 
 if TYPE_CHECKING:
     from procserver.session import Session

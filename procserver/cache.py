@@ -25,13 +25,13 @@ import queue
 import shutil
 import sys
 import threading
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from procserver.wire import HEADER, Frame, FrameType, ProtocolError, parse_header
+from common.pacing import TokenBucket
+from wire.protocol import HEADER, Frame, FrameType, ProtocolError, parse_header
 
 SEGMENT_MAGIC = b"SRHRL001"
 
@@ -79,26 +79,6 @@ def drop_unsealed(cycle_dir: Path, first: int) -> None:
             continue
 
 
-class RateLimit:
-    """A byte rate shared by every cache writer thread (``rate`` <= 0: unlimited)."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self._lock = threading.Lock()
-        self._next = 0.0
-
-    def take(self, n: int) -> None:
-        """Block the calling (writer) thread until ``n`` more bytes are allowed."""
-        if self.rate <= 0:
-            return
-        with self._lock:
-            now = time.monotonic()
-            start = max(now, self._next)
-            self._next = start + n / self.rate
-        if start > now:
-            time.sleep(start - now)
-
-
 @dataclass(frozen=True)
 class SealedSegment:
     """A closed segment of a receiving cycle, once durable: what the caller records."""
@@ -125,7 +105,7 @@ class SegmentSink:
 
     def __init__(self, cycle_dir: Path, *, budget: Callable[[], int],
                  record: Callable[[list[SealedSegment]], Awaitable[None]],
-                 limit: RateLimit | None = None,
+                 limit: TokenBucket | None = None,
                  on_queued: Callable[[int], None] | None = None) -> None:
         self.cycle_dir, self.budget = cycle_dir, budget
         self._record, self._limit, self._on_queued = record, limit, on_queued
@@ -255,7 +235,7 @@ class SegmentSink:
         if not iov:
             return
         if self._limit is not None:
-            self._limit.take(nbytes)
+            self._limit.take_blocking(nbytes)
         _write_all(fd, iov)
         self._notify(self._released, nbytes)
 

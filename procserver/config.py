@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from procserver.wire import DEFAULT_PORT
-from vault.throttle import Schedule
+from common.pacing import Schedule
+from wire.protocol import DEFAULT_PORT
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, cast
 
-from procserver.wire import (
+from wire.protocol import (
     BLOCK_HEAD,
     HEADER,
     MAX_FRAME,

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,9 +28,10 @@ from urllib.parse import quote
 import aiohttp
 import structlog
 
+from common.fs import atomic_write
+from common.names import is_name
 from procserver.reporter import configserver_access
 from procserver.retention import PointRetention, RetentionReport
-from vault.atomic import atomic_write
 
 if TYPE_CHECKING:
     from procserver.server import ProcServer
@@ -40,7 +40,6 @@ log = structlog.get_logger("procserver.policies")
 
 POLICY_FILE = "policies.json"
 MAX_ANSWER_BYTES = 16 << 20
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 # Each policy field and the values accepted from the configuration server.
 BOUNDS = {"rpo_threshold_seconds": (1, 10**8), "retention_hours": (1, 10**6),
           "app_consistent_frequency_seconds": (0, 10**8),
@@ -77,11 +76,11 @@ def parse_answer(doc: Any) -> dict[str, ItemPolicy]:
         if not isinstance(item, dict) or not isinstance(item.get("policy"), dict):
             raise PolicyAnswerError(f"{where}: not an object with a 'policy' object")
         machine, p = item.get("machine"), item["policy"]
-        if not isinstance(machine, str) or not _NAME.fullmatch(machine):
+        if not is_name(machine):
             raise PolicyAnswerError(f"{where}: 'machine' is not a machine name")
         if machine in out:
             raise PolicyAnswerError(f"{where}: machine {machine!r} is listed twice")
-        if not isinstance(p.get("name"), str) or not _NAME.fullmatch(p["name"]):
+        if not is_name(p.get("name")):
             raise PolicyAnswerError(f"{where}: the policy's 'name' is not a policy name")
         values: dict[str, int] = {}
         for k, (lo, hi) in BOUNDS.items():

@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator
 
 from procserver.cache import SEGMENT_MAGIC
-from procserver.wire import BLOCK_HEAD, HEADER, FrameType, ProtocolError, parse_header
+from wire.protocol import BLOCK_HEAD, HEADER, FrameType, ProtocolError, parse_header
 
 Item = tuple[int, int, memoryview | None]
 

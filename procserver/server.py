@@ -21,8 +21,8 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from sqlalchemy import select
 
+from common.pacing import Schedule, TokenBucket
 from procserver import db
-from procserver.cache import RateLimit
 from procserver.cachespace import CacheSpace
 from procserver.config import ProcServerConfig
 from procserver.cycles import CycleBook
@@ -34,7 +34,6 @@ from procserver.scrape import refresh_metrics
 from procserver.session import Session
 from procserver.trust import TrustList
 from procserver.uploader import Uploader
-from procserver.wire import MAX_FRAME, ProtocolError, error_frame
 from vault.errors import TransientStoreError
 from vault.index import Index
 from vault.instrument import StoreMetrics
@@ -42,7 +41,8 @@ from vault.keyslots import KeyMaterial, read_keyfile
 from vault.open import open_store
 from vault.repo import Vault
 from vault.store import BlobStore
-from vault.throttle import ThrottleStore, TokenBucket
+from vault.throttle import ThrottleStore
+from wire.protocol import MAX_FRAME, ProtocolError, error_frame
 
 log = structlog.get_logger("procserver")
 
@@ -112,7 +112,7 @@ class ProcServer:
         self._handshakes_by_host: Counter[str] = Counter()
         self._ssl: ssl.SSLContext | None = None
         self.cycles = CycleBook(self)  # being received, and resumable ones while suspended
-        self.rate_limit = RateLimit(cfg.receive_bytes_per_second) \
+        self.rate_limit = TokenBucket(Schedule.constant(cfg.receive_bytes_per_second)) \
             if cfg.receive_bytes_per_second > 0 else None
         self.heartbeat_seconds = max(0.05, cfg.idle_timeout_seconds / 4)
         self._queued = self._queued_total = 0

@@ -26,14 +26,16 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from sqlalchemy import select
 
+from common.names import is_id
 from procserver import db
 from procserver.basis import serve_basis
 from procserver.cache import SEGMENT_MAGIC, SegmentSink, SinkError
-from procserver.checks import is_id, validate_begin, validate_end
 from procserver.cycles import COMPLETE, OPEN, OpenCycle, ReceiveProgress
 from procserver.framestream import FrameStream, RawFrame
 from procserver.receive import FrameRun, quietly, uncancellable
-from procserver.wire import (
+from vault.errors import TransientStoreError
+from wire.checks import validate_begin, validate_end
+from wire.protocol import (
     BLOCK_HEAD,
     DATA,
     FEATURES,
@@ -45,7 +47,6 @@ from procserver.wire import (
     error_frame,
     features_of,
 )
-from vault.errors import TransientStoreError
 
 if TYPE_CHECKING:
     from procserver.server import ProcServer

@@ -41,9 +41,9 @@ import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from common.fs import atomic_write
 from procserver.config import ProcServerConfig
-from procserver.wire import ProtocolError
-from vault.atomic import atomic_write
+from wire.protocol import ProtocolError
 
 log = structlog.get_logger("procserver.trust")
 

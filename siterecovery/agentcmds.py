@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import re
 import ssl
@@ -13,30 +12,17 @@ from typing import Any
 
 import aiohttp
 
+from common.fs import atomic_write
 from mobility.agent import Agent
 from mobility.config import MobilityConfig
 from siterecovery.apiclient import ApiCallError, ApiClient
 from siterecovery.errors import CliError, UsageError
 from siterecovery.progress import Progress
 from siterecovery.tomlconfig import load
-from vault.atomic import atomic_write
 
 
 def _toml_str(s: str) -> str:
     return json.dumps(s)  # a JSON string is a valid TOML basic string
-
-
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _replace_text(path: Path, text: str) -> None:
-    """Replace a file atomically (temp file, fsync, rename, directory fsync)."""
-    atomic_write(path, text)
 
 
 def _refused(what: str, body: Any) -> CliError:
@@ -85,7 +71,7 @@ def write_agent(out: Path, issued: dict[str, Any], machine: str, server: str,
     (out / "ca.pem").write_text(issued["ca"])
     (out / "agent.pem").write_text(issued["cert"])
     key = out / "agent.key"
-    _write_private(key, issued["key"])
+    atomic_write(key, issued["key"])
     cfg = out / "mobility.toml"
     cfg.write_text(f"""# siterecovery Mobility agent — written by 'siterecovery mobility enroll'
 machine = {_toml_str(machine)}
@@ -183,15 +169,15 @@ async def renew(cfg_path: Path, site: str) -> dict[str, Any]:
     d = old_cert.parent
     new_cert, new_key = d / f"agent-{issued['serial'][:16]}.pem", \
         d / f"agent-{issued['serial'][:16]}.key"
-    _write_private(new_key, issued["key"])
-    _write_private(new_cert, issued["cert"])
+    atomic_write(new_key, issued["key"])
+    atomic_write(new_cert, issued["cert"])
     text = cfg_path.read_text()
     for field, path in (("tls_cert", new_cert), ("tls_key", new_key)):
         text, n = re.subn(rf"^{field}\s*=.*$", f"{field} = {_toml_str(str(path.resolve()))}",
                           text, count=1, flags=re.M)
         if not n:
             raise CliError(f"{cfg_path} has no '{field} = ...' line to point at {path}")
-    _replace_text(cfg_path, text)
+    atomic_write(cfg_path, text)
     for old in (old_cert, old_key):
         if old not in (new_cert, new_key):
             old.unlink(missing_ok=True)

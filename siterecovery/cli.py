@@ -12,7 +12,6 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from procserver.wire import ProtocolError, RemoteError
 from siterecovery import (
     __version__,
     accountcmds,
@@ -32,6 +31,7 @@ from siterecovery.errors import CliError
 from siterecovery.logs import configure
 from siterecovery.tomlconfig import ConfigError, load
 from vault.errors import IntegrityError, VaultError, WrongKeyError
+from wire.protocol import ProtocolError, RemoteError
 
 EXIT_FAIL, EXIT_USAGE, EXIT_CORRUPT, EXIT_KEY = 1, 2, 3, 4
 

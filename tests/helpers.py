@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.digest import block_count, digest_of_fingerprint_map, fingerprint
 from configserver.ca import CertificateAuthority, write_bundle
 from mobility.agent import Agent
 from mobility.config import MobilityConfig
@@ -22,7 +23,6 @@ from mobility.snapshot import Quiesced
 from procserver.config import ProcServerConfig
 from procserver.server import ProcServer
 from siterecovery.demo import make_disk as make_disk  # one disk generator for demo and tests
-from vault.digest import block_count, digest_of_fingerprint_map, fingerprint
 from vault.keyslots import KeyMaterial, new_keyfile, read_keyfile
 from vault.local import LocalStore
 from vault.materialize import materialize

@@ -33,7 +33,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from vault.digest import digest_of_fingerprint_map, fingerprint
+from common.digest import digest_of_fingerprint_map, fingerprint
 from vault.keyslots import KeyMaterial, new_keyfile
 from vault.local import LocalStore
 from vault.repo import Vault

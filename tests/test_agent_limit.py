@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
+from common.pacing import TokenBucket
 from mobility.config import MobilityConfig
 from procserver.server import ProcServer
 from tests.helpers import Pki, agent_config, make_agent, make_disk, mutate
-from vault.throttle import TokenBucket
 
 SIZE = 12 << 20
 MONDAY_NOON = dt.datetime(2026, 11, 23, 12, 0)

@@ -27,20 +27,6 @@ from configserver.ca import CertificateAuthority, write_bundle
 from mobility.agent import Agent
 from procserver import db
 from procserver.server import ProcServer
-from procserver.wire import (
-    BLOCK_HEAD,
-    HEADER,
-    MAGIC,
-    MAX_CONTROL,
-    MAX_FRAME,
-    VERSION,
-    Frame,
-    FrameType,
-    block_frame_parts,
-    encode,
-    encode_json,
-    read_frame,
-)
 from tests.helpers import (
     Pki,
     agent_config,
@@ -54,6 +40,20 @@ from tests.helpers import (
     sha256,
 )
 from vault.point import Point
+from wire.protocol import (
+    BLOCK_HEAD,
+    HEADER,
+    MAGIC,
+    MAX_CONTROL,
+    MAX_FRAME,
+    VERSION,
+    Frame,
+    FrameType,
+    block_frame_parts,
+    encode,
+    encode_json,
+    read_frame,
+)
 
 BS = 1 << 16
 AGENT_DISK = (3 << 20) + 12345        # not a whole number of blocks

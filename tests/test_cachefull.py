@@ -45,7 +45,7 @@ async def test_cache_disk_full(tmp_path: Path, pki: Pki, vault_at: tuple[str, Pa
         await ps.start()
         agent = make_agent(agent_config(tmp_path, pki, "web01", ps.port, {"sda": disk}))
         try:
-            from procserver.wire import RemoteError
+            from wire.protocol import RemoteError
 
             try:
                 await agent.replicate_once()

@@ -33,11 +33,11 @@ from mobility.daemon import ManagedAgent
 from procserver import db as psdb
 from procserver.config import ProcServerConfig
 from procserver.server import ProcServer
-from procserver.wire import RemoteError
 from siterecovery.agentcmds import enroll_with_passphrase, renew
 from siterecovery.apiclient import ApiCallError, ApiClient
 from siterecovery.tomlconfig import load
 from tests.helpers import REPO, make_agent, make_disk, make_vault, running_procserver
+from wire.protocol import RemoteError
 
 MACHINE = {"ip": "10.0.0.5", "os_type": "linux", "os_name": "ubuntu", "os_version": "22.04"}
 

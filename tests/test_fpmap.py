@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from common.digest import fingerprint
 from tests.helpers import BLOCK, make_disk, make_vault, open_vault, write_full_point
-from vault.digest import fingerprint
 from vault.errors import IntegrityError
 from vault.fpmap import point_fingerprints
 

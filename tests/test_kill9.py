@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from mobility.agent import Agent
-from procserver.wire import ProtocolError, RemoteError
 from tests.helpers import (
     REPO,
     Daemon,
@@ -31,6 +30,7 @@ from tests.helpers import (
     sha256,
     write_toml,
 )
+from wire.protocol import ProtocolError, RemoteError
 
 ROUNDS = 8
 SEED = int(os.environ.get("SITERECOVERY_TEST_SEED", "20261125"))

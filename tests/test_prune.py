@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from common.digest import digest_of_fingerprint_map, fingerprint
 from tests.helpers import REPO, make_vault, open_vault, restore_all
 from vault import names
-from vault.digest import digest_of_fingerprint_map, fingerprint
 from vault.locks import LockedError, list_locks, locked, remove_locks
 from vault.point import Point
 from vault.prune import prune

@@ -31,7 +31,6 @@ from procserver import db
 from procserver.config import ProcServerConfig
 from procserver.server import RECV_CHUNK, RECV_HIGH_WATER, ProcServer
 from procserver.session import RUN_BYTES
-from procserver.wire import HEADER, RemoteError
 from tests.helpers import (
     Daemon,
     Pki,
@@ -44,6 +43,7 @@ from tests.helpers import (
     sha256,
     write_toml,
 )
+from wire.protocol import HEADER, RemoteError
 
 BS = 64 << 10
 BLOCK_FRAME = HEADER.size + 10 + BS

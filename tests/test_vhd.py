@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from common.digest import block_count
 from tests.helpers import make_vault, open_vault, run_cli, write_full_point
 from vault import names
-from vault.digest import block_count
 from vault.vhd import (
     FOOTER_SIZE,
     VHD_EPOCH,

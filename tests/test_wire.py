@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from procserver.cache import SEGMENT_MAGIC, read_segment
 from procserver.framestream import FrameStream
-from procserver.wire import (
+from wire.protocol import (
     BLOCK_HEAD,
     CONTROL,
     FEATURES,

@@ -26,10 +26,10 @@ import math
 from collections.abc import Callable
 from concurrent.futures import Executor
 
+from common.digest import DiskDigest, block_count, fingerprint
 from vault import names
 from vault.checkreport import CheckReport
 from vault.crypto import OVERHEAD, Keyring, ObjectType, unseal
-from vault.digest import DiskDigest, block_count, fingerprint
 from vault.errors import (
     FormatError,
     IntegrityError,

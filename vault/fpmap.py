@@ -16,8 +16,8 @@ import asyncio
 from collections import defaultdict
 from concurrent.futures import Executor
 
+from common.digest import block_count, digest_of_fingerprint_map, fingerprint
 from vault import names
-from vault.digest import block_count, digest_of_fingerprint_map, fingerprint
 from vault.errors import IntegrityError, NotFoundError, PermanentStoreError
 from vault.index import Index, Location
 from vault.pack import open_block

@@ -13,7 +13,6 @@ import json
 import os
 import secrets
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from common.fs import create_exclusive
+from common.timefmt import now_iso
 from vault.errors import FormatError, WrongKeyError
 
 KEYFILE_MAGIC = "siterecovery-keyfile v1"
@@ -42,11 +43,9 @@ def new_keyfile(path: str | os.PathLike[str]) -> bytes:
     """Create a key file (mode 0600) holding a fresh 32-byte KEK; refuse to overwrite."""
     kek = secrets.token_bytes(32)
     text = f"{KEYFILE_MAGIC}\n{base64.b64encode(kek).decode()}\n"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    # The file and its directory entry are durable before the slot that needs it is
+    # written: a crash right after ``vault key add`` must not lose the new key file.
+    create_exclusive(path, text)
     return kek
 
 
@@ -95,7 +94,7 @@ def wrap(master: bytes, km: KeyMaterial) -> tuple[str, bytes]:
         }
     else:
         raise WrongKeyError("no key file or passphrase given")
-    doc["created"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    doc["created"] = now_iso()
     nonce = secrets.token_bytes(12)
     doc["nonce"] = base64.b64encode(nonce).decode()
     doc["wrapped"] = base64.b64encode(AESGCM(kek).encrypt(nonce, master, _ad(slot))).decode()

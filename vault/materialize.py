@@ -24,8 +24,8 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
+from common.digest import DiskDigest, block_count, fingerprint
 from vault import names
-from vault.digest import DiskDigest, block_count, fingerprint
 from vault.errors import IntegrityError, NotFoundError, PermanentStoreError
 from vault.index import Index, Location
 from vault.pack import open_block

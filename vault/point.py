@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 
+from common.labels import CONSISTENCY
 from vault.crypto import Keyring, ObjectType, seal, unseal
 from vault.errors import IntegrityError
 
-CONSISTENCY = ("app", "crash", "inconsistent")
 MAX_POINT = 16 << 20
 
 
@@ -49,10 +48,6 @@ class Point:
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def encode_point(p: Point) -> bytes:

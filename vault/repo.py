@@ -11,6 +11,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from common.timefmt import now_iso
 from vault import names
 from vault.crypto import MASTER_KEY_BYTES, Keyring, ObjectType, seal, unseal
 from vault.errors import (
@@ -25,7 +26,7 @@ from vault.index import Index, open_index, seal_index
 from vault.keyslots import KeyMaterial, unwrap, wrap
 from vault.maps import DELTA, FULL, ZERO_ID, BlockMap, open_map, seal_map
 from vault.pack import PackEntry, open_block
-from vault.point import Point, now_iso, open_point, seal_point
+from vault.point import Point, open_point, seal_point
 from vault.store import BlobStore
 
 DEFAULT_BLOCK_SIZE = 64 * 1024

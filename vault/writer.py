@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 
 import zstandard
 
+from common.timefmt import now_iso
 from vault import names
 from vault.crypto import Keyring
 from vault.index import Index
 from vault.maps import DELTA, FULL, ZERO_ID, BlockMap
 from vault.pack import PackEntry, build_pack
-from vault.point import DiskEntry, Point, now_iso
+from vault.point import DiskEntry, Point
 from vault.repo import MAX_CHAIN, Vault
 
 PACK_TARGET = 8 << 20

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from procserver.wire import ProtocolError
+from common.labels import CONSISTENCY
+from common.names import HEX64, is_disk_name, is_id
+from common.timefmt import UTC_TIME
+from wire.protocol import ProtocolError
 
-_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
-_DISK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-CONSISTENCY = ("app", "crash", "inconsistent")
 MAX_DISKS = 64
 MAX_DISK_BYTES = 64 << 40
-
-
-def is_id(v: object) -> bool:
-    return isinstance(v, str) and _ID.fullmatch(v) is not None
 
 
 def validate_begin(doc: dict[str, Any]) -> None:
@@ -34,10 +29,6 @@ def validate_begin(doc: dict[str, Any]) -> None:
     validate_disks(disks, "BEGIN")
 
 
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z")
-
-
 def validate_end(end: dict[str, Any], cycle: str, disks: list[dict[str, Any]],
                  received: int) -> None:
     if end.get("blocks") != received:
@@ -47,10 +38,10 @@ def validate_end(end: dict[str, Any], cycle: str, disks: list[dict[str, Any]],
     if end.get("cycle") != cycle or not isinstance(digests, dict) or \
             set(digests) != {d["name"] for d in disks}:
         raise ProtocolError("bad_end", "END must name the cycle and a digest for every disk")
-    if not all(isinstance(v, str) and _HEX64.fullmatch(v) for v in digests.values()):
+    if not all(isinstance(v, str) and HEX64.fullmatch(v) for v in digests.values()):
         raise ProtocolError("bad_end", "each disk digest must be 64 lowercase hex characters")
     created = end.get("created")
-    if not isinstance(created, str) or not _TIME.fullmatch(created):
+    if not isinstance(created, str) or not UTC_TIME.fullmatch(created):
         raise ProtocolError("bad_end", "'created' must be a UTC time like "
                                        "2026-01-31T12:00:00.000000Z")
 
@@ -62,8 +53,7 @@ def validate_disks(disks: Any, what: str) -> None:
         raise ProtocolError(code, f"{what} needs 1-{MAX_DISKS} disks")
     names = set()
     for d in disks:
-        if not isinstance(d, dict) or not isinstance(d.get("name"), str) \
-                or not _DISK.fullmatch(d["name"]):
+        if not isinstance(d, dict) or not is_disk_name(d.get("name")):
             raise ProtocolError(code, "each disk needs a 'name' of [A-Za-z0-9_.-]")
         size, bs = d.get("size"), d.get("block_size")
         if not isinstance(size, int) or not 0 < size <= MAX_DISK_BYTES:

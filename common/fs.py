@@ -1,0 +1,68 @@
+"""Durable local file writes: whole or not at all, across a crash.
+
+``atomic_write`` replaces a file: it writes a temporary file beside it, fsyncs it,
+renames it over the target and fsyncs the directory (so the rename itself is
+durable). ``create_exclusive`` writes a new file that must not exist yet, fsynced
+with its directory. Used for every small state file the daemons keep (agent state,
+trust lists, policies, key files and slots, agent configs, sealed secrets).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make the entries of directory ``path`` (creations, renames) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, raw: bytes) -> None:
+    view = memoryview(raw)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes | str, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` (text is written as UTF-8); the file gets ``mode``."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    raw = data.encode() if isinstance(data, str) else data
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        try:
+            _write_all(fd, raw)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(p.parent)
+
+
+def create_exclusive(path: str | os.PathLike[str], data: bytes | str, mode: int = 0o600) -> None:
+    """Create ``path`` holding ``data``; ``FileExistsError`` if it exists (nothing changed).
+
+    The file and its directory are fsynced before returning, so a crash right after
+    cannot lose the new file. A failed write removes the partial file.
+    """
+    p = Path(path)
+    raw = data.encode() if isinstance(data, str) else data
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        try:
+            _write_all(fd, raw)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        p.unlink(missing_ok=True)
+        raise
+    fsync_dir(p.parent)
