@@ -53,3 +53,20 @@ class WrongKeyError(VaultError):
 
 class FormatError(VaultError):
     """An object is structurally invalid or of an unsupported format version."""
+
+
+class PointSelectionError(VaultError):
+    """No recovery point, or more than one, answers a point spec (vault/select.py)."""
+
+
+class NoSuchPointError(PointSelectionError):
+    """No recovery point matches the spec; the message names the spec and what exists."""
+
+
+class AmbiguousPointError(PointSelectionError):
+    """Several points match an id prefix, or a ``latest*`` spec met the points of several
+    machines (``machines`` names them then; empty otherwise)."""
+
+    def __init__(self, message: str, *, machines: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.machines = machines
