@@ -19,31 +19,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from sqlalchemy import ForeignKey, Integer, delete, func, select
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import delete, func, select
 
 from procserver import db
 from procserver.cache import SealedSegment, cache_usage, drop_unsealed, remove_cycle_dir
+from procserver.models import ReceiveProgress
 
 if TYPE_CHECKING:
     from procserver.server import ProcServer
 
 log = structlog.get_logger("procserver")
-
-
-class ReceiveProgress(db.Base):
-    """The durable part of a resumable cycle still being received (one row per cycle).
-
-    Updated in the same transaction as each segment's row: ``frames`` and the highest
-    ``(last_disk, last_block)`` among them are exactly what the recorded segments hold.
-    """
-
-    __tablename__ = "receive_progress"
-    cycle_seq: Mapped[int] = mapped_column(ForeignKey("cycles.seq"), primary_key=True)
-    frames: Mapped[int] = mapped_column(Integer, default=0)
-    last_disk: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    last_block: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    next_segment: Mapped[int] = mapped_column(Integer, default=0)
 
 
 OPEN, COMPLETE, ABORTED = "open", "complete", "aborted"

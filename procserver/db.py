@@ -1,60 +1,66 @@
-"""The process server's HRL bookkeeping in SQLite (SQLAlchemy 2, async).
+"""The process server's HRL bookkeeping store: SQLite (WAL, ``synchronous=FULL``),
+SQLAlchemy 2 async, schema by Alembic.
 
-A cycle is one agent replication cycle: ``receiving`` while frames arrive,
-``complete`` once every segment is fsynced and the agent was acked, ``uploaded``
-once its recovery point is whole in the vault, ``aborted`` if the agent went
-away before the end (nothing of it was acknowledged).
+The tables are in ``procserver.models`` (re-exported here). At every start the
+database is upgraded to the newest revision; a database created before the
+migrations existed (by ``create_all``: it has ``cycles`` but no ``alembic_version``)
+holds exactly revision 0001's schema and is stamped 0001 in place first.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, Text, event
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, event, inspect
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-RECEIVING, COMPLETE, UPLOADED, ABORTED = "receiving", "complete", "uploaded", "aborted"
+from procserver.models import (
+    ABORTED,
+    COMPLETE,
+    RECEIVING,
+    SCHEMA_VERSION,
+    UPLOADED,
+    Base,
+    Cycle,
+    ForgottenPoint,
+    PointReport,
+    ReceiveProgress,
+    Segment,
+)
 
+__all__ = ["ABORTED", "COMPLETE", "RECEIVING", "SCHEMA_VERSION", "UPLOADED", "Base", "Cycle",
+           "ForgottenPoint", "PointReport", "ReceiveProgress", "Segment", "migrate", "open_db"]
 
-class Base(DeclarativeBase):
-    pass
-
-
-class Cycle(Base):
-    __tablename__ = "cycles"
-    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    id: Mapped[str] = mapped_column(String(64), unique=True)
-    machine: Mapped[str] = mapped_column(String(255), index=True)
-    state: Mapped[str] = mapped_column(String(16), index=True)
-    full: Mapped[bool] = mapped_column(Boolean)
-    base: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    begin_doc: Mapped[str] = mapped_column(Text)
-    end_doc: Mapped[str | None] = mapped_column(Text, nullable=True)
-    point_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    created: Mapped[float] = mapped_column(Float)
+MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-class Segment(Base):
-    __tablename__ = "segments"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    cycle_seq: Mapped[int] = mapped_column(ForeignKey("cycles.seq"), index=True)
-    seq: Mapped[int] = mapped_column(Integer)
-    path: Mapped[str] = mapped_column(Text)
-    size: Mapped[int] = mapped_column(Integer)
+def alembic_config(connection: Connection | None = None) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = connection
+    return cfg
 
 
-class PointReport(Base):
-    __tablename__ = "point_reports"
-    point_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    machine: Mapped[str] = mapped_column(String(255))
-    doc: Mapped[str] = mapped_column(Text)
-    reported: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+def _upgrade(conn: Connection) -> None:
+    tables = set(inspect(conn).get_table_names())
+    cfg = alembic_config(conn)
+    if "alembic_version" not in tables and "cycles" in tables:
+        command.stamp(cfg, "0001")  # made by create_all before the migrations existed
+    command.upgrade(cfg, "head")
+
+
+async def migrate(engine: AsyncEngine) -> None:
+    """Bring the database to the newest revision (``SCHEMA_VERSION``)."""
+    async with engine.begin() as conn:
+        await conn.run_sync(_upgrade)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -65,9 +71,18 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-async def open_db(path: str) -> tuple[AsyncEngine, async_sessionmaker[AsyncSession]]:
+def make_engine(path: str) -> AsyncEngine:
     engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
     event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-    async with engine.begin() as conn:
-        await conn.run_sync(Base.metadata.create_all)
+    return engine
+
+
+async def open_db(path: str) -> tuple[AsyncEngine, async_sessionmaker[AsyncSession]]:
+    """Open (creating or upgrading) the database file at ``path``."""
+    engine = make_engine(path)
+    try:
+        await migrate(engine)
+    except BaseException:
+        await engine.dispose()
+        raise
     return engine, async_sessionmaker(engine, expire_on_commit=False)

@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 import structlog
-from sqlalchemy import String, delete, func, select
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import delete, func, select
 
 from procserver import db
+from procserver.models import ForgottenPoint
 from vault import names
 from vault.errors import MissingObjectError
 from vault.locks import LockedError, locked
@@ -48,14 +48,6 @@ log = structlog.get_logger("procserver.policies")
 LOCK_WAIT = 30.0  # for the exclusive lock; a busy vault defers retention to the next round
 LOG_IDS = 100  # point ids named per log event (the count is always whole)
 REPORT_BATCH = 1000  # ids per catalog request (configserver/api_points.py MAX_FORGOTTEN)
-
-
-class ForgottenPoint(db.Base):
-    """Outbox: points retention forgot in the vault that the catalog still has to drop."""
-
-    __tablename__ = "forgotten_points"
-    point_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    machine: Mapped[str] = mapped_column(String(255))
 
 
 @dataclass

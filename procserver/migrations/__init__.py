@@ -1,0 +1,1 @@
+"""Alembic migrations of the process server's HRL bookkeeping database."""
