@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import ssl
 import sys
 import time
@@ -37,9 +36,11 @@ from typing import Any
 
 import structlog
 
+from common.backoff import Backoff
 from common.digest import block_count
 from common.pacing import TokenBucket
 from common.timefmt import now_iso
+from mobility import AGENT_VERSION
 from mobility.config import MobilityConfig
 from mobility.link import FOREVER, Link, broken
 from mobility.resume import Conn, check_progress, progress_of, resume
@@ -67,7 +68,6 @@ from wire.protocol import (
 )
 
 log = structlog.get_logger("mobility")
-AGENT_VERSION = "0.1.0"
 
 
 @dataclass(frozen=True)
@@ -136,17 +136,18 @@ class Agent:
         there but refuses for now: busy, or the connection reset before the TLS handshake
         ended (too many handshakes at once). Nothing listening fails at once."""
         deadline = time.monotonic() + self.cfg.connect_timeout_seconds
-        delay = 0.05
+        # Jittered: many agents refused at once must not all come back in step.
+        backoff = Backoff(0.05, 2.0)
         while True:
             try:
                 return await self._connect()
             except (RemoteError, ConnectionResetError) as e:
                 if isinstance(e, RemoteError) and e.code != "busy":
                     raise
+                delay = backoff.next()
                 if time.monotonic() + delay > deadline:
                     raise
-                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-                delay = min(delay * 2, 2.0)
+                await asyncio.sleep(delay)
 
     async def _connect(self) -> Link:
         cfg = self.cfg
@@ -365,16 +366,17 @@ class Agent:
             await sender.close()
 
     async def run_forever(self) -> None:
-        delay = 1.0
+        # Without jitter, as before: one agent per machine, each on its own schedule.
+        backoff = Backoff(1.0, 60.0, jitter=False)
         while True:
             try:
                 await self.replicate_once()
-                delay = 1.0
+                backoff.reset()
                 await asyncio.sleep(self.cfg.interval_seconds)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # the daemon must keep protecting the machine
+                delay = backoff.next()
                 log.warning("cycle_failed", error=str(e) or type(e).__name__,
                             error_type=type(e).__name__, retry_in_seconds=delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 60.0)

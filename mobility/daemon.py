@@ -13,19 +13,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from pathlib import Path
 
 import structlog
 
+from common.backoff import Backoff
 from mobility.agent import Agent, CycleResult
 from mobility.config import MobilityConfig
-from mobility.control import (
-    ControlError,
-    ControlPlane,
-    ProgressReporter,
-    Settings,
-    cert_not_after,
-)
+from mobility.renewal import cert_not_after, renew
+from mobility.reporter import ProgressReporter
+from mobility.siteclient import Settings, SiteClient, SiteError
 from mobility.snapshot import Scripts, SnapshotProvider, crash_provider
 
 log = structlog.get_logger("mobility.daemon")
@@ -42,15 +40,18 @@ def providers(cfg: MobilityConfig) -> tuple[SnapshotProvider, SnapshotProvider |
 
 
 class ManagedAgent:
-    def __init__(self, cfg: MobilityConfig, control: ControlPlane,
-                 clock: Callable[[], float] = time.monotonic,
-                 renew: Callable[[], Awaitable[MobilityConfig]] | None = None,
-                 renew_before_days: float = 30.0,
+    """The agent steered by the site listener ``site`` (a ``SiteClient`` authenticated
+    with ``cfg``'s certificate). With ``config`` (the mobility.toml ``cfg`` was read
+    from) it renews its certificate once fewer than ``renew_before_days`` are left,
+    rewriting that file; without, it never renews. ``clock`` (monotonic) paces
+    heartbeats and app-consistent points, ``wall`` is compared with the expiry."""
+
+    def __init__(self, cfg: MobilityConfig, site: SiteClient,
+                 clock: Callable[[], float] = time.monotonic, *,
+                 config: Path | None = None, renew_before_days: float = 30.0,
                  wall: Callable[[], float] = time.time) -> None:
-        self.cfg, self.control, self.clock = cfg, control, clock
-        # Renewal: ``renew`` gets a new certificate and writes it (with the config that
-        # names it); it runs once the certificate has less than renew_before_days left.
-        self.renew, self.renew_before, self.wall = renew, renew_before_days * 86400, wall
+        self.cfg, self.site, self.clock = cfg, site, clock
+        self.config, self.renew_before, self.wall = config, renew_before_days * 86400, wall
         self.crash, self.app = providers(cfg)
         self.agent = Agent(cfg, provider=self.crash)
         self.settings: Settings | None = None
@@ -64,29 +65,28 @@ class ManagedAgent:
     async def renew_if_due(self) -> None:
         """Renew the certificate ahead of its expiry; a failure is logged and retried next
         round while the current certificate still works."""
-        if self.renew is None:
+        if self.config is None:
             return
         left = cert_not_after(self.cfg.tls_cert) - self.wall()
         if left > self.renew_before:
             return
         try:
-            new = await self.renew()
+            new = await renew(self.site, self.config, self.cfg.tls_cert, self.cfg.tls_key)
         except Exception as e:  # the site listener is away, say: the old one still works
             log.warning("certificate_renewal_failed", error=str(e) or type(e).__name__,
                         days_left=round(left / 86400, 1),
                         hint="retried every round; 'mobility renew' does it by hand")
             return
-        self.cfg = dataclasses.replace(self.cfg, tls_cert=new.tls_cert, tls_key=new.tls_key)
-        self.agent.cfg = dataclasses.replace(self.agent.cfg, tls_cert=new.tls_cert,
-                                             tls_key=new.tls_key)
-        self.control.use_cert(new.tls_cert, new.tls_key)
-        log.info("certificate_renewed", cert=new.tls_cert,
-                 not_after=cert_not_after(new.tls_cert))
+        # The same paths the renewal wrote into the config file.
+        cert, key = str(new.cert.resolve()), str(new.key.resolve())
+        self.cfg = dataclasses.replace(self.cfg, tls_cert=cert, tls_key=key)
+        self.agent.cfg = dataclasses.replace(self.agent.cfg, tls_cert=cert, tls_key=key)
+        log.info("certificate_renewed", cert=cert, not_after=cert_not_after(cert))
 
     async def refresh(self) -> Settings | None:
         try:
-            s = await self.control.settings()
-        except ControlError as e:
+            s = await self.site.settings()
+        except SiteError as e:
             log.warning("settings_unavailable", error=str(e),
                         hint="replicating on the last known settings")
             return self.settings
@@ -110,9 +110,9 @@ class ManagedAgent:
         if self._last_heartbeat is not None and now - self._last_heartbeat < interval:
             return
         try:
-            await self.control.heartbeat()
+            await self.site.heartbeat()
             self._last_heartbeat = now
-        except ControlError as e:
+        except SiteError as e:
             log.warning("heartbeat_failed", error=str(e))
 
     def interval(self) -> float:
@@ -147,7 +147,7 @@ class ManagedAgent:
             return True
         names = [d["name"] for d in self.cfg.disks]
         enabling = s.item_state in ENABLING
-        async with ProgressReporter(self.control, names, active=False) as report:
+        async with ProgressReporter(self.site, names, active=False) as report:
 
             def on_kind(kind: str) -> None:
                 # Whole disks copied or compared: initial replication while enabling,
@@ -163,16 +163,17 @@ class ManagedAgent:
         return True
 
     async def run_forever(self) -> None:
-        delay = 1.0
+        # Without jitter, as before: one agent per machine, each on its own schedule.
+        backoff = Backoff(1.0, 60.0, jitter=False)
         while True:
             try:
                 await self.round()
-                delay = 1.0
+                backoff.reset()
                 await asyncio.sleep(self.interval())
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # the daemon must keep protecting the machine
+                delay = backoff.next()
                 log.warning("cycle_failed", error=str(e) or type(e).__name__,
                             error_type=type(e).__name__, retry_in_seconds=delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 60.0)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from common.backoff import Backoff
 from mobility.config import MobilityConfig
 from mobility.link import Link, broken
 from wire.protocol import (
@@ -48,7 +49,8 @@ async def resume(connect: Callable[[], Awaitable[Link]], cfg: MobilityConfig, co
         raise error
     deadline = time.monotonic() + cfg.resume_timeout_seconds
     refused_since: float | None = None
-    delay = 0.1
+    # Not jittered, as before: one agent reconnecting to the server of its own cycle.
+    backoff = Backoff(0.1, 5.0, jitter=False)
     log.warning("connection_lost_resuming", cycle=cycle,
                 error=str(error) or type(error).__name__)
     while True:
@@ -78,10 +80,10 @@ async def resume(connect: Callable[[], Awaitable[Link]], cfg: MobilityConfig, co
                     raise
             else:
                 refused_since = None
+            delay = backoff.next()
             if now + delay > deadline:
                 raise
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
 
 
 def progress_of(frame: Frame) -> tuple[int, tuple[int, int] | None]:

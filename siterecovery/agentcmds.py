@@ -1,34 +1,62 @@
-"""``siterecovery mobility …``: enroll, replicate once, run as a daemon."""
+"""``siterecovery mobility …``: enroll, renew, replicate once, run as a daemon.
+
+A thin layer: it parses the arguments, calls ``mobility.*`` and words the outcome
+(and the agent's ``SiteError``s) for the operator. The admin path of enrollment,
+over the loopback admin API, is the one part that is the CLI's own.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import platform
-import re
-import ssl
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
-from common.fs import atomic_write
 from mobility.agent import Agent
+from mobility.agentfile import AgentFileError
 from mobility.config import MobilityConfig
+from mobility.daemon import ManagedAgent
+from mobility.enroll import enroll_with_passphrase, write_agent
+from mobility.renewal import renew
+from mobility.siteclient import (
+    SiteCertificateUnverified,
+    SiteClient,
+    SiteError,
+    SiteRefused,
+    SiteTLSFilesError,
+    SiteUnreachable,
+)
 from siterecovery.apiclient import ApiCallError, ApiClient
+from siterecovery.daemon import wait_for_signal
 from siterecovery.errors import CliError, UsageError
 from siterecovery.progress import Progress
 from siterecovery.tomlconfig import load
-
-
-def _toml_str(s: str) -> str:
-    return json.dumps(s)  # a JSON string is a valid TOML basic string
 
 
 def _refused(what: str, body: Any) -> CliError:
     err = body.get("error", {}) if isinstance(body, dict) else {}
     return CliError(f"{what} refused: {err.get('message', body)}"
                     + (f"\nhint: {err['hint']}" if err.get("hint") else ""))
+
+
+def _site_failed(what: str, site: str, e: SiteError) -> CliError:
+    """A failed call to the site listener, worded for the operator of ``what``."""
+    if isinstance(e, SiteRefused):
+        return _refused(what, e.body)
+    if isinstance(e, SiteCertificateUnverified):
+        return CliError(f"{what}: the site listener's certificate does not verify against "
+                        f"the CA file: {e.certificate_error}\nhint: --ca-file must be the "
+                        "configuration server's ca.pem (DATA_DIR/ca/ca.pem)")
+    if isinstance(e, SiteUnreachable):
+        return CliError(f"{what}: cannot reach the configuration server at {site}: "
+                        f"{str(e.cause) or type(e.cause).__name__}\nhint: --site is its "
+                        "site listener, https://HOST:9441")
+    if isinstance(e, SiteTLSFilesError):
+        return CliError(str(e))
+    return CliError(f"{what}: {e}")
 
 
 def local_machine(machine: str) -> dict[str, Any]:
@@ -49,50 +77,19 @@ def local_machine(machine: str) -> dict[str, Any]:
     return doc
 
 
-def _checked(server: str, disks: list[str]) -> tuple[str, int, list[str]]:
-    """--server and --disk, checked before anything is asked of the server."""
-    disk_lines = []
+def _checked(server: str, disks: list[str]) -> tuple[str, int, list[tuple[str, str]]]:
+    """--server HOST:PORT and --disk NAME=PATH, checked before anything is asked of the
+    server: (host, port, [(name, path), ...])."""
+    pairs = []
     for spec in disks:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise UsageError(f"--disk wants NAME=PATH, got {spec!r}")
-        disk_lines.append(f"  {{ name = {_toml_str(name)}, path = {_toml_str(path)} }},")
+        pairs.append((name, path))
     host, _, port = server.rpartition(":")
     if not host or not port.isdigit():
         raise UsageError(f"--server wants HOST:PORT, got {server!r}")
-    return host, int(port), disk_lines
-
-
-def write_agent(out: Path, issued: dict[str, Any], machine: str, server: str,
-                disks: list[str], site_url: str = "") -> Path:
-    """Write ca.pem, agent.pem, agent.key (0600) and mobility.toml into ``out``."""
-    host, port, disk_lines = _checked(server, disks)
-    out.mkdir(parents=True, exist_ok=True, mode=0o700)
-    (out / "ca.pem").write_text(issued["ca"])
-    (out / "agent.pem").write_text(issued["cert"])
-    key = out / "agent.key"
-    atomic_write(key, issued["key"])
-    cfg = out / "mobility.toml"
-    cfg.write_text(f"""# siterecovery Mobility agent — written by 'siterecovery mobility enroll'
-machine = {_toml_str(machine)}
-server_host = {_toml_str(host)}
-server_port = {port}
-# The configuration server's site listener: settings, heartbeats and progress ("": none).
-site_url = {_toml_str(site_url)}
-tls_ca = {_toml_str(str((out / 'ca.pem').resolve()))}
-tls_cert = {_toml_str(str((out / 'agent.pem').resolve()))}
-tls_key = {_toml_str(str(key.resolve()))}
-state_dir = {_toml_str(str((out / 'state').resolve()))}
-interval_seconds = 30.0
-# none: live reads, points labelled 'inconsistent'; fsfreeze: crash-consistent;
-# lvm: LVM snapshots of the disks (logical volumes); script: app-consistent with
-# pre_script/post_script.
-snapshot = "none"
-disks = [
-{chr(10).join(disk_lines)}
-]
-""")
-    return cfg
+    return host, int(port), pairs
 
 
 async def enroll(api: str, token: str, machine: str, server: str, disks: list[str],
@@ -100,7 +97,7 @@ async def enroll(api: str, token: str, machine: str, server: str, disks: list[st
     """The admin path: with the admin token (loopback API, so on the configuration
     server's host), add this machine to the inventory if it is not there yet, get its
     client certificate and write the agent's config."""
-    _checked(server, disks)
+    host, port, pairs = _checked(server, disks)
     async with ApiClient(api, token, timeout=30) as c:
         try:
             await c.get(f"/api/v1/machines/{machine}")
@@ -109,80 +106,20 @@ async def enroll(api: str, token: str, machine: str, server: str, disks: list[st
                 raise
             await c.post("/api/v1/machines", local_machine(machine))
         issued = await c.post("/api/v1/certificates/agent", {"machine": machine})
-    return write_agent(out, issued, machine, server, disks, site_url)
+    return write_agent(out, issued, machine=machine, server_host=host, server_port=port,
+                       disks=pairs, site_url=site_url)
 
 
-def _site_ssl(ca_file: str, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
+async def _enroll_on_site(site: str, ca_file: str, passphrase: str, machine: str,
+                          server: str, disks: list[str], out: Path) -> Path:
+    host, port, pairs = _checked(server, disks)
     try:
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
-        if cert and key:
-            ctx.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as e:
-        raise CliError(f"cannot load the TLS files ({ca_file}"
-                       + (f", {cert}, {key}" if cert else "") + f"): {e}") from None
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
-
-
-async def _site_post(site: str, path: str, body: dict[str, Any], ctx: ssl.SSLContext,
-                     what: str) -> dict[str, Any]:
-    url = site.rstrip("/") + path
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30),
-                                         connector=aiohttp.TCPConnector(ssl=ctx)) as http, \
-                http.post(url, json=body) as resp:
-            try:
-                doc = await resp.json(content_type=None)
-            except ValueError:
-                doc = {"error": {"message": f"HTTP {resp.status}"}}
-            if resp.status != 201:
-                raise _refused(what, doc)
-            return dict(doc)
-    except aiohttp.ClientConnectorCertificateError as e:
-        raise CliError(f"{what}: the site listener's certificate does not verify against "
-                       f"the CA file: {e.certificate_error}\nhint: --ca-file must be the "
-                       "configuration server's ca.pem (DATA_DIR/ca/ca.pem)") from None
-    except (aiohttp.ClientError, TimeoutError) as e:
-        raise CliError(f"{what}: cannot reach the configuration server at {site}: "
-                       f"{e or type(e).__name__}\nhint: --site is its site listener, "
-                       "https://HOST:9441") from None
-
-
-async def enroll_with_passphrase(site: str, ca_file: str, passphrase: str, machine: str,
-                                 server: str, disks: list[str], out: Path) -> Path:
-    """The agent path: the configuration server's site listener, the passphrase, a
-    machine the operator added to the inventory."""
-    _checked(server, disks)
-    issued = await _site_post(site, "/api/v1/agent/enroll",
-                              {"machine": machine, "passphrase": passphrase},
-                              _site_ssl(ca_file), "enrollment")
-    return write_agent(out, issued, machine, server, disks, site)
-
-
-async def renew(cfg_path: Path, site: str) -> dict[str, Any]:
-    """Renew the agent's certificate with the current one; switch mobility.toml to the
-    new files in one rename, then delete the old files."""
-    cfg = load(MobilityConfig, cfg_path)
-    issued = await _site_post(site, "/api/v1/agent/renew", {},
-                              _site_ssl(cfg.tls_ca, cfg.tls_cert, cfg.tls_key), "renewal")
-    old_cert, old_key = Path(cfg.tls_cert), Path(cfg.tls_key)
-    d = old_cert.parent
-    new_cert, new_key = d / f"agent-{issued['serial'][:16]}.pem", \
-        d / f"agent-{issued['serial'][:16]}.key"
-    atomic_write(new_key, issued["key"])
-    atomic_write(new_cert, issued["cert"])
-    text = cfg_path.read_text()
-    for field, path in (("tls_cert", new_cert), ("tls_key", new_key)):
-        text, n = re.subn(rf"^{field}\s*=.*$", f"{field} = {_toml_str(str(path.resolve()))}",
-                          text, count=1, flags=re.M)
-        if not n:
-            raise CliError(f"{cfg_path} has no '{field} = ...' line to point at {path}")
-    atomic_write(cfg_path, text)
-    for old in (old_cert, old_key):
-        if old not in (new_cert, new_key):
-            old.unlink(missing_ok=True)
-    return {"machine": issued["machine"], "serial": issued["serial"],
-            "not_after": issued["not_after"], "cert": str(new_cert), "key": str(new_key)}
+        async with SiteClient(site, ca_file) as client:
+            return await enroll_with_passphrase(client, passphrase, out, machine=machine,
+                                                server_host=host, server_port=port,
+                                                disks=pairs)
+    except SiteError as e:
+        raise _site_failed("enrollment", site, e) from None
 
 
 async def cmd_enroll(args: argparse.Namespace) -> int:
@@ -197,8 +134,8 @@ async def cmd_enroll(args: argparse.Namespace) -> int:
             raise CliError(f"cannot read the passphrase file: {e}") from None
         if not secret:
             raise UsageError(f"the passphrase file {args.passphrase_file} is empty")
-        cfg = await enroll_with_passphrase(args.site, args.ca_file, secret, args.machine,
-                                           args.server, args.disk, out)
+        cfg = await _enroll_on_site(args.site, args.ca_file, secret, args.machine,
+                                    args.server, args.disk, out)
     elif args.token_file:
         if args.passphrase_file or args.ca_file:
             raise UsageError("--passphrase-file and --ca-file go with --site")
@@ -216,12 +153,21 @@ async def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 async def cmd_renew(args: argparse.Namespace) -> int:
-    r = await renew(Path(args.config), args.site)
+    path = Path(args.config)
+    cfg = load(MobilityConfig, path)
+    try:
+        async with SiteClient(args.site, cfg.tls_ca, cfg.tls_cert, cfg.tls_key) as site:
+            r = await renew(site, path, cfg.tls_cert, cfg.tls_key)
+    except SiteError as e:
+        raise _site_failed("renewal", args.site, e) from None
+    except AgentFileError as e:
+        raise CliError(str(e)) from None
     if args.json:
-        print(json.dumps(r))
+        print(json.dumps({"machine": r.machine, "serial": r.serial, "not_after": r.not_after,
+                          "cert": str(r.cert), "key": str(r.key)}))
     else:
-        print(f"renewed the certificate of {r['machine']}: serial {r['serial']}, valid until "
-              f"{r['not_after']}; {args.config} now uses {r['cert']}")
+        print(f"renewed the certificate of {r.machine}: serial {r.serial}, valid until "
+              f"{r.not_after}; {args.config} now uses {r.cert}")
     return 0
 
 
@@ -240,38 +186,35 @@ async def cmd_replicate(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _until_signal(work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work`` until SIGTERM/SIGINT, then cancel it and wait for it to end."""
+    task = asyncio.create_task(work)
+    try:
+        await wait_for_signal()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def cmd_run(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from siterecovery.embedded import wait_for_signal
-
     cfg = load(MobilityConfig, args.config)
     if not cfg.site_url:
         agent = Agent(cfg)
-        task = asyncio.create_task(agent.run_forever())
         try:
-            await wait_for_signal()
+            await _until_signal(agent.run_forever())
         finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
             agent.close()
         return 0
-    from mobility.control import ControlPlane
-    from mobility.daemon import ManagedAgent
-
-    async def renewed() -> MobilityConfig:
-        await renew(Path(args.config), cfg.site_url)
-        return load(MobilityConfig, args.config)
-
-    async with ControlPlane(cfg.site_url, cfg.tls_ca, cfg.tls_cert, cfg.tls_key) as control:
-        managed = ManagedAgent(cfg, control, renew=renewed,
+    try:
+        site = SiteClient(cfg.site_url, cfg.tls_ca, cfg.tls_cert, cfg.tls_key)
+    except SiteError as e:
+        raise CliError(str(e)) from None
+    async with site:
+        managed = ManagedAgent(cfg, site, config=Path(args.config),
                                renew_before_days=args.renew_before_days)
-        task = asyncio.create_task(managed.run_forever())
         try:
-            await wait_for_signal()
+            await _until_signal(managed.run_forever())
         finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
             managed.close()
     return 0
 

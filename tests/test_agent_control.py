@@ -7,16 +7,17 @@ from pathlib import Path
 import pytest
 
 from configserver.server import ConfigServer
-from mobility.control import ControlError, ControlPlane, ProgressReporter
+from mobility.reporter import ProgressReporter
+from mobility.siteclient import SiteClient, SiteRefused
 from siterecovery.apiclient import ApiClient
 from tests.sitehelpers import AgentSite, add_machine, add_procserver, step_running, wait_job
 
 
-async def _enrolled(cs: ConfigServer, tmp_path: Path, name: str) -> ControlPlane:
+async def _enrolled(cs: ConfigServer, tmp_path: Path, name: str) -> SiteClient:
     site = await AgentSite.enroll(cs.site_url, cs.ca.cert_path, name, cs.passphrase,
                                   tmp_path / "agent")
     assert site.cert is not None and site.key is not None
-    return ControlPlane(cs.site_url, str(cs.ca.cert_path), str(site.cert), str(site.key))
+    return SiteClient(cs.site_url, str(cs.ca.cert_path), str(site.cert), str(site.key))
 
 
 async def test_settings_heartbeat_and_progress(cs: ConfigServer, api: ApiClient,
@@ -43,12 +44,14 @@ async def test_settings_heartbeat_and_progress(cs: ConfigServer, api: ApiClient,
         assert item["initial_progress"] == pytest.approx(100.0)
 
 
-async def test_refusals_are_control_errors(cs: ConfigServer, api: ApiClient,
+async def test_refusals_are_site_errors(cs: ConfigServer, api: ApiClient,
                                            tmp_path: Path) -> None:
     await add_machine(api, "db01")
     async with await _enrolled(cs, tmp_path, "db01") as control:
-        with pytest.raises(ControlError, match="not_replicated"):
+        with pytest.raises(SiteRefused, match="not_replicated") as e:
             await control.progress({"sda": 10.0})
+        assert e.value.code == "not_replicated"
         await api.patch("/api/v1/machines/db01", {"enabled": False})
-        with pytest.raises(ControlError, match="401"):
+        with pytest.raises(SiteRefused, match="401") as e:
             await control.settings()
+        assert e.value.status == 401

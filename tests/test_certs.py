@@ -28,12 +28,13 @@ from configserver.ca import Issued, write_bundle
 from configserver.config import ConfigServerConfig
 from configserver.server import ConfigServer
 from mobility.config import MobilityConfig
-from mobility.control import ControlPlane, cert_not_after
 from mobility.daemon import ManagedAgent
+from mobility.enroll import enroll_with_passphrase
+from mobility.renewal import cert_not_after
+from mobility.siteclient import SiteClient
 from procserver import db as psdb
 from procserver.config import ProcServerConfig
 from procserver.server import ProcServer
-from siterecovery.agentcmds import enroll_with_passphrase, renew
 from siterecovery.apiclient import ApiCallError, ApiClient
 from siterecovery.tomlconfig import load
 from tests.helpers import REPO, make_agent, make_disk, make_vault, running_procserver
@@ -328,25 +329,22 @@ async def test_renewal_supersedes_the_old_certificate(
 async def test_the_managed_agent_renews_its_certificate_before_it_expires(
         cs: ConfigServer, api: ApiClient, tmp_path: Path) -> None:
     await api.post("/api/v1/machines", {"name": "web01", **MACHINE})
-    cfg_path = await enroll_with_passphrase(
-        cs.site_url, str(cs.ca.cert_path), cs.passphrase, "web01", "127.0.0.1:1",
-        ["sda=/dev/sda"], tmp_path / "agent")
+    async with SiteClient(cs.site_url, str(cs.ca.cert_path)) as site:
+        cfg_path = await enroll_with_passphrase(
+            site, cs.passphrase, tmp_path / "agent", machine="web01",
+            server_host="127.0.0.1", server_port=1, disks=[("sda", "/dev/sda")])
     cfg = load(MobilityConfig, cfg_path)
     old = serial_of(Path(cfg.tls_cert).read_text())
     not_after = cert_not_after(cfg.tls_cert)
 
-    async def renewed() -> MobilityConfig:
-        await renew(cfg_path, cs.site_url)
-        return load(MobilityConfig, cfg_path)
-
-    async with ControlPlane(cfg.site_url, cfg.tls_ca, cfg.tls_cert, cfg.tls_key) as cp:
-        early = ManagedAgent(cfg, cp, renew=renewed, wall=lambda: not_after - 31 * 86400)
+    async with SiteClient(cfg.site_url, cfg.tls_ca, cfg.tls_cert, cfg.tls_key) as cp:
+        early = ManagedAgent(cfg, cp, config=cfg_path, wall=lambda: not_after - 31 * 86400)
         try:
             await early.renew_if_due()  # 31 days left: nothing to do yet
             assert early.cfg.tls_cert == cfg.tls_cert
         finally:
             early.close()
-        managed = ManagedAgent(cfg, cp, renew=renewed, wall=lambda: not_after - 29 * 86400)
+        managed = ManagedAgent(cfg, cp, config=cfg_path, wall=lambda: not_after - 29 * 86400)
         try:
             await managed.round()  # 29 days left: renewed first, then the settings
             new = managed.cfg.tls_cert

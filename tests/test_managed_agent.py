@@ -17,10 +17,10 @@ import pytest
 from configserver.ca import write_bundle
 from configserver.server import ConfigServer
 from mobility.config import MobilityConfig
-from mobility.control import ControlPlane
 from mobility.daemon import ManagedAgent
+from mobility.enroll import enroll_with_passphrase
+from mobility.siteclient import SiteClient
 from procserver.config import ProcServerConfig
-from siterecovery.agentcmds import enroll_with_passphrase
 from siterecovery.apiclient import ApiCallError, ApiClient
 from siterecovery.tomlconfig import load
 from tests.helpers import make_disk, make_vault, mutate, open_vault, restore_all, sha256
@@ -100,13 +100,14 @@ async def test_protect_a_machine_through_the_control_plane(
             "process_server": "ps1"})
         # The agent's own path: the passphrase on the site listener. Its process server is
         # a placeholder: the settings name the one the inventory assigned.
-        cfg_path = await enroll_with_passphrase(
-            cs.site_url, str(cs.ca.cert_path), cs.passphrase, "web01", "127.0.0.1:1",
-            [f"sda={disk}"], tmp_path / "agent")
+        async with SiteClient(cs.site_url, str(cs.ca.cert_path)) as site:
+            cfg_path = await enroll_with_passphrase(
+                site, cs.passphrase, tmp_path / "agent", machine="web01",
+                server_host="127.0.0.1", server_port=1, disks=[("sda", str(disk))])
         cfg = dataclasses.replace(load(MobilityConfig, cfg_path), snapshot="quiesced")
         assert cfg.site_url == cs.site_url
         job = (await api.post("/api/v1/replication/enable", {"machine": "web01"}))["job"]
-        async with ControlPlane(cfg.site_url, cfg.tls_ca, cfg.tls_cert, cfg.tls_key) as cp:
+        async with SiteClient(cfg.site_url, cfg.tls_ca, cfg.tls_cert, cfg.tls_key) as cp:
             managed = ManagedAgent(cfg, cp)
             try:
                 assert await managed.round()  # settings, heartbeat, the initial copy
