@@ -40,18 +40,21 @@ async def renew(site: SiteClient, config: Path, tls_cert: str, tls_key: str) -> 
     files ``config`` names): write the new pair beside the old one, point ``config`` at
     it, delete the old files and make ``site`` use the new pair.
 
-    Raises ``SiteError`` (nothing changed) or ``agentfile.AgentFileError`` (the new
-    files are written, ``config`` still names the old ones, which are kept)."""
+    Raises ``SiteError`` (``config`` and the old files unchanged) or
+    ``agentfile.AgentFileError`` (the new files are written and ``site`` uses them;
+    ``config`` still names the old ones, which are kept)."""
     issued = await site.renew()
     old_cert, old_key = Path(tls_cert), Path(tls_key)
     d, stem = old_cert.parent, f"agent-{issued['serial'][:16]}"
     new_cert, new_key = d / f"{stem}.pem", d / f"{stem}.key"
     atomic_write(new_key, issued["key"])
     atomic_write(new_cert, issued["cert"])
+    # Switch before the config names the new pair: it proves the pair loads while the
+    # old files are still there to fall back on (the old certificate works for an hour).
+    site.use_cert(str(new_cert), str(new_key))
     agentfile.update(config, {"tls_cert": str(new_cert.resolve()),
                               "tls_key": str(new_key.resolve())})
     for old in (old_cert, old_key):
         if old not in (new_cert, new_key):
             old.unlink(missing_ok=True)
-    site.use_cert(str(new_cert), str(new_key))
     return Renewed(issued["machine"], issued["serial"], issued["not_after"], new_cert, new_key)

@@ -12,7 +12,7 @@ import structlog
 
 from mobility.siteclient import SiteClient, SiteError
 
-log = structlog.get_logger("mobility.control")
+log = structlog.get_logger("mobility.control")  # the name its events always had
 
 
 class ProgressReporter:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from configserver.server import ConfigServer
 from mobility.reporter import ProgressReporter
-from mobility.siteclient import SiteClient, SiteRefused
+from mobility.siteclient import SiteClient, SiteRefused, SiteTLSFilesError, SiteUnreachable
 from siterecovery.apiclient import ApiClient
+from tests.helpers import run_cli
 from tests.sitehelpers import AgentSite, add_machine, add_procserver, step_running, wait_job
 
 
@@ -55,3 +58,39 @@ async def test_refusals_are_site_errors(cs: ConfigServer, api: ApiClient,
         with pytest.raises(SiteRefused, match="401") as e:
             await control.settings()
         assert e.value.status == 401
+
+
+@pytest.fixture
+def refusing_port() -> Iterator[int]:
+    """A local port that refuses connections: bound (so nobody else takes it), not listening."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
+async def test_an_unreachable_listener_is_site_unreachable(cs: ConfigServer,
+                                                           refusing_port: int) -> None:
+    async with SiteClient(f"https://127.0.0.1:{refusing_port}", str(cs.ca.cert_path)) as site:
+        with pytest.raises(SiteUnreachable) as e:
+            await site.settings()
+    assert isinstance(e.value.cause, OSError)
+    assert str(e.value).startswith("GET /api/v1/agent/settings: ClientConnectorError")
+
+
+def test_tls_files_that_do_not_load_are_named(tmp_path: Path) -> None:
+    with pytest.raises(SiteTLSFilesError, match=r"cannot load the TLS files \(.*/nosuch.pem\)"):
+        SiteClient("https://127.0.0.1:9441", str(tmp_path / "nosuch.pem"))
+
+
+def test_enrolling_with_an_unreachable_listener_says_so(cs: ConfigServer, tmp_path: Path,
+                                                        refusing_port: int) -> None:
+    pf = tmp_path / "passphrase"
+    pf.write_text(cs.passphrase)
+    site = f"https://127.0.0.1:{refusing_port}"
+    r = run_cli("mobility", "enroll", "--machine", "web01", "--site", site,
+                "--passphrase-file", str(pf), "--ca-file", str(cs.ca.cert_path),
+                "--disk", "sda=/dev/sda", "--out", str(tmp_path / "agent"))
+    assert r.returncode == 1, r.stderr
+    assert f"error: enrollment: cannot reach the configuration server at {site}: " in r.stderr
+    assert "hint: --site is its site listener, https://HOST:9441" in r.stderr
+    assert not (tmp_path / "agent").exists()
