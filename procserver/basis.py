@@ -58,8 +58,9 @@ def _point_layout(p: Point) -> dict[str, tuple[int, int]]:
 async def newest_point(session: Session) -> Point | None:
     """The machine's newest whole point: the newest this server uploaded, else the
     newest in the vault (a process server with a new, empty cache)."""
-    server, machine = session.server, session.machine
-    async with server.sessionmaker() as s:
+    deps, machine = session.deps, session.machine
+    vault = deps.vaults.vault
+    async with deps.sessionmaker() as s:
         ids = (await s.execute(select(db.Cycle.point_id).where(
             db.Cycle.machine == machine, db.Cycle.state == db.UPLOADED,
             db.Cycle.point_id.is_not(None)).order_by(db.Cycle.seq.desc()).limit(1))
@@ -67,25 +68,26 @@ async def newest_point(session: Session) -> Point | None:
     for pid in ids:
         assert pid is not None
         try:
-            return await server.vault.read_point(pid)
+            return await vault.read_point(pid)
         except MissingObjectError:
             break  # pruned since: look in the vault
-    points = await server.vault.list_points(machine)
+    points = await vault.list_points(machine)
     return points[-1] if points else None
 
 
 async def _uploads_settled(session: Session) -> None:
-    server, machine = session.server, session.machine
+    deps, machine = session.deps, session.machine
+    points_changed = deps.uploader.points_changed
     try:
-        async with asyncio.timeout(UPLOAD_WAIT), server.points_changed:
+        async with asyncio.timeout(UPLOAD_WAIT), points_changed:
             while True:
-                async with server.sessionmaker() as s:
+                async with deps.sessionmaker() as s:
                     pending = (await s.execute(select(db.Cycle.seq).where(
                         db.Cycle.machine == machine, db.Cycle.state == db.COMPLETE).limit(1))
                     ).first()
                 if pending is None:
                     return
-                await server.points_changed.wait()
+                await points_changed.wait()
     except TimeoutError:
         session.log.warning("resync_basis_not_newest", hint="acknowledged cycles of this "
                             "machine are still being uploaded; the newest uploaded point "
@@ -94,7 +96,7 @@ async def _uploads_settled(session: Session) -> None:
 
 async def _record_base(session: Session, p: Point) -> None:
     """Make the point's cycle a known, uploaded base cycle of this machine."""
-    async with session.server.sessionmaker() as s:
+    async with session.deps.sessionmaker() as s:
         row = (await s.execute(select(db.Cycle).where(db.Cycle.id == p.cycle))
                ).scalar_one_or_none()
         if row is not None:
@@ -117,17 +119,18 @@ async def _record_base(session: Session, p: Point) -> None:
 async def serve_basis(session: Session, doc: dict[str, Any]) -> None:
     """Answer a BASIS frame: the point's description, then each disk's MAP frames."""
     validate_disks(doc.get("disks"), "BASIS")
-    server, machine = session.server, session.machine
-    await server.trust.authorize_disks(machine, [d["name"] for d in doc["disks"]])
+    deps, machine = session.deps, session.machine
+    vaults = deps.vaults
+    await deps.trust.authorize_disks(machine, [d["name"] for d in doc["disks"]])
     want = _layout(doc["disks"])
-    if not server.vault_ready.is_set():
+    if not vaults.ready.is_set():
         session.log.info("resync_basis_unavailable", reason="the vault is not open")
         await session.send(error_frame("no_basis", "the process server cannot reach its "
                                        "vault yet", "send a full cycle"))
         return
     await _uploads_settled(session)
     try:
-        async with locked(server.vault, "shared", f"resync basis {machine}",
+        async with locked(vaults.vault, "shared", f"resync basis {machine}",
                           wait=LOCK_WAIT):
             point = await newest_point(session)
             if point is None:
@@ -141,11 +144,11 @@ async def serve_basis(session: Session, doc: dict[str, Any]) -> None:
                 "cycle": point.cycle, "point": point.id, "created": point.created,
                 "disks": [{"name": n, "blocks": -(-want[n][0] // want[n][1])}
                           for n in order]}))
-            server.index = await server.vault.refresh_index(server.index)
+            index = await vaults.refresh_index()
             started = time.monotonic()
             for idx, name in enumerate(order):
-                fps = await point_fingerprints(server.vault, point, name, index=server.index,
-                                               executor=server.executor)
+                fps = await point_fingerprints(vaults.vault, point, name, index=index,
+                                               executor=deps.executor)
                 for frame in map_frames(idx, fps):
                     await session.send(frame)
     except NoBasisError as e:
@@ -158,6 +161,6 @@ async def serve_basis(session: Session, doc: dict[str, Any]) -> None:
         await session.send(error_frame("no_basis", f"the newest point could not be read "
                                        f"back: {e}", "send a full cycle"))
         return
-    server.metrics.resync_bases.inc()
+    deps.metrics.resync_bases.inc()
     session.log.info("resync_basis_sent", point=point.id, cycle=point.cycle,
                      seconds=round(time.monotonic() - started, 3))

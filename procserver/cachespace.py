@@ -23,7 +23,7 @@ class CacheSpace:
     """The cache's bytes: ``used`` of ``quota`` in all, and what each cycle holds."""
 
     def __init__(self, quota: int, gauge: Gauge,
-                 background: Callable[[Coroutine[Any, Any, None]], None]) -> None:
+                 background: Callable[[Coroutine[Any, Any, None]], object]) -> None:
         self.quota = quota
         self.gauge = gauge  # set to ``used`` on every change
         self.background = background  # runs the wake-up of sessions waiting for space

@@ -14,19 +14,19 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from sqlalchemy import delete, func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from procserver import db
 from procserver.cache import SealedSegment, cache_usage, drop_unsealed, remove_cycle_dir
+from procserver.cachespace import CacheSpace
 from procserver.models import ReceiveProgress
-
-if TYPE_CHECKING:
-    from procserver.server import ProcServer
 
 log = structlog.get_logger("procserver")
 
@@ -72,10 +72,17 @@ class CycleBook:
     """The open cycles of one process server: durable progress, suspend, resume window,
     supersede, abort; and, at start, which of them survive."""
 
-    def __init__(self, server: ProcServer) -> None:
-        self.server = server
+    def __init__(self, sessionmaker: async_sessionmaker[AsyncSession], cache_dir: Path,
+                 space: CacheSpace, resume_window: float, *,
+                 wake_uploader: Callable[[], None],
+                 spawn: Callable[[Coroutine[Any, Any, None]], Any]) -> None:
+        self.sessionmaker, self.cache_dir, self.space = sessionmaker, cache_dir, space
+        self.resume_window = resume_window  # resume_window_seconds
+        self.wake_uploader = wake_uploader  # segments were recorded, or a cycle went
+        self.spawn = spawn  # runs an abort when a resume window ends (shutdown waits)
         # Cycles being received (and resumable ones while suspended), by cycle id.
         self.open: dict[str, OpenCycle] = {}
+        self.changed = asyncio.Condition()  # notified when a cycle is suspended or aborted
 
     async def recover(self) -> None:
         """Drop cycles that were never acknowledged; account for the ones still cached.
@@ -87,8 +94,7 @@ class CycleBook:
         resumable cycle (left by a crash between a database commit and the folder's
         removal) are removed too.
         """
-        server = self.server
-        async with server.sessionmaker() as s:
+        async with self.sessionmaker() as s:
             rows = (await s.execute(select(db.Cycle).where(db.Cycle.state == db.RECEIVING)
                                     .order_by(db.Cycle.seq))).scalars().all()
             progress = {p.cycle_seq: p for p in
@@ -99,7 +105,7 @@ class CycleBook:
             dropped, kept = [], []
             for row in rows:
                 p = progress.get(row.seq)
-                cycle_dir = server.cache_dir / row.machine / row.id
+                cycle_dir = self.cache_dir / row.machine / row.id
                 if p is not None and newest.get(row.machine) == row.seq and \
                         (p.frames == 0 or cycle_dir.is_dir()):
                     kept.append((row, p))
@@ -113,12 +119,12 @@ class CycleBook:
                     ).scalars().all()
         if dropped:
             log.warning("unacknowledged_cycles_dropped", count=len(dropped))
-        keep = {server.cache_dir / c.machine / c.id: c.seq for c in live}
+        keep = {self.cache_dir / c.machine / c.id: c.seq for c in live}
         for row, p in kept:
             last = None if p.last_disk is None or p.last_block is None \
                 else (p.last_disk, p.last_block)
             oc = OpenCycle(row.seq, row.id, row.machine, json.loads(row.begin_doc), True,
-                           server.cache_dir / row.machine / row.id, frames=p.frames, last=last,
+                           self.cache_dir / row.machine / row.id, frames=p.frames, last=last,
                            floor=last, next_segment=p.next_segment)
             await asyncio.to_thread(drop_unsealed, oc.cycle_dir, p.next_segment)
             keep[oc.cycle_dir] = oc.seq
@@ -127,17 +133,17 @@ class CycleBook:
             self._start_resume_window(oc)
             log.info("cycle_resumable", machine=row.machine, cycle=row.id, blocks=p.frames,
                      position=oc.position())
-        for machine_dir in await asyncio.to_thread(_subdirs, server.cache_dir):
+        for machine_dir in await asyncio.to_thread(_subdirs, self.cache_dir):
             for cycle_dir in await asyncio.to_thread(_subdirs, machine_dir):
                 if cycle_dir in keep:
                     size = await asyncio.to_thread(cache_usage, cycle_dir)
-                    server.space.hold(keep[cycle_dir], size)
+                    self.space.hold(keep[cycle_dir], size)
                 else:
                     await asyncio.to_thread(remove_cycle_dir, cycle_dir)
 
     async def record_segments(self, oc: OpenCycle, segs: list[SealedSegment]) -> None:
         """Segments of ``oc`` are fsynced: their rows and the cycle's progress, atomically."""
-        async with self.server.sessionmaker() as s:
+        async with self.sessionmaker() as s:
             for seg in segs:
                 s.add(db.Segment(cycle_seq=oc.seq, seq=seg.number, path=str(seg.path),
                                  size=seg.size))
@@ -148,7 +154,7 @@ class CycleBook:
                     p.frames, p.next_segment = last.frames, last.number + 1
                     p.last_disk, p.last_block = last.last if last.last else (None, None)
             await s.commit()
-        self.server.uploader.wake()
+        self.wake_uploader()
 
     def suspended(self) -> int:
         return sum(1 for oc in self.open.values()
@@ -156,8 +162,7 @@ class CycleBook:
 
     async def suspend(self, oc: OpenCycle, reason: str) -> None:
         """A resumable cycle's session ended without END; what arrived is recorded."""
-        server = self.server
-        async with server.sessionmaker() as s:
+        async with self.sessionmaker() as s:
             newest = (await s.execute(select(func.max(db.Cycle.seq)).where(
                 db.Cycle.machine == oc.machine))).scalar_one()
         if newest is not None and newest > oc.seq:  # its agent has moved on already
@@ -165,22 +170,22 @@ class CycleBook:
             return
         oc.suspended_at = time.monotonic()
         self._start_resume_window(oc)
-        async with server.cycles_changed:
-            server.cycles_changed.notify_all()
+        async with self.changed:
+            self.changed.notify_all()
         log.info("cycle_suspended", machine=oc.machine, cycle=oc.id, blocks=oc.frames,
                  position=oc.position(), reason=reason,
-                 resume_window_seconds=server.cfg.resume_window_seconds)
+                 resume_window_seconds=self.resume_window)
 
     def _start_resume_window(self, oc: OpenCycle) -> None:
         if oc.expiry is not None:
             oc.expiry.cancel()
         oc.expiry = asyncio.get_running_loop().call_later(
-            self.server.cfg.resume_window_seconds, self._expire, oc)
+            self.resume_window, self._expire, oc)
 
     def _expire(self, oc: OpenCycle) -> None:
         oc.expiry = None
         if oc.state == OPEN and oc.owner is None and not oc.lock.locked():
-            self.server.background(self.abort(oc, "resume window passed"))
+            self.spawn(self.abort(oc, "resume window passed"))
 
     def stop_timers(self) -> None:
         """At shutdown: no resume window ends any more (the next start sets them anew)."""
@@ -200,7 +205,6 @@ class CycleBook:
         """Drop a cycle that was never acknowledged: row aborted, cache deleted."""
         if oc.state != OPEN:
             return
-        server = self.server
         oc.state = ABORTED
         self.open.pop(oc.id, None)
         if oc.expiry is not None:
@@ -213,18 +217,18 @@ class CycleBook:
             # try once more. (A cycle left `receiving` without its folder is dropped at
             # the next start.)
             await asyncio.to_thread(remove_cycle_dir, oc.cycle_dir)
-            server.release_cache(oc.seq)
+            self.space.release(oc.seq)
             await self._mark_aborted(oc.seq)
         await asyncio.to_thread(remove_cycle_dir, oc.cycle_dir)
-        server.release_cache(oc.seq)
-        server.uploader.wake()
-        async with server.cycles_changed:
-            server.cycles_changed.notify_all()
+        self.space.release(oc.seq)
+        self.wake_uploader()
+        async with self.changed:
+            self.changed.notify_all()
         log.warning("cycle_aborted", machine=oc.machine, cycle=oc.id, cycle_seq=oc.seq,
                     **({"reason": reason} if reason else {}))
 
     async def _mark_aborted(self, seq: int) -> None:
-        async with self.server.sessionmaker() as s:
+        async with self.sessionmaker() as s:
             row = await s.get_one(db.Cycle, seq)
             row.state = db.ABORTED
             await s.execute(delete(ReceiveProgress).where(ReceiveProgress.cycle_seq == seq))

@@ -22,19 +22,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
-import aiohttp
 import structlog
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from common.backoff import Backoff
 from common.fs import atomic_write
 from common.names import is_name
-from procserver.reporter import configserver_access
+from procserver.csclient import ConfigServerClient, ConfigServerError
 from procserver.retention import PointRetention, RetentionReport
-
-if TYPE_CHECKING:
-    from procserver.server import ProcServer
+from procserver.vaultaccess import VaultAccess
 
 log = structlog.get_logger("procserver.policies")
 
@@ -94,9 +93,16 @@ def parse_answer(doc: Any) -> dict[str, ItemPolicy]:
 
 
 class Policies:
-    def __init__(self, server: ProcServer) -> None:
-        self.server = server
-        self.path = Path(server.cfg.data_dir) / POLICY_FILE
+    """The policies of the machines assigned to this process server (``name`` at the
+    configuration server, through ``client``), pulled every ``interval`` seconds and
+    saved in ``data_dir``; each round applies their retention to the vault."""
+
+    def __init__(self, client: ConfigServerClient, data_dir: Path, interval: float,
+                 name: str, registered: Callable[[], bool],
+                 sessionmaker: async_sessionmaker[AsyncSession], vaults: VaultAccess) -> None:
+        self.client, self.interval, self.name = client, interval, name
+        self.registered = registered  # our first heartbeat was accepted
+        self.path = Path(data_dir) / POLICY_FILE
         self.items: dict[str, ItemPolicy] = {}  # by machine
         self.known = False  # a valid answer was pulled or loaded
         # Retention and the RPO metric measure ages on this clock (tests inject one).
@@ -104,8 +110,7 @@ class Policies:
         self.rounds = 0  # rounds of the loop finished (pull, report, retention)
         self.changed = asyncio.Condition()  # notified after each round
         self._wake = asyncio.Event()
-        self.retention = PointRetention(server, self)  # retention.py
-        server.reporter.on_refresh.append(self.wake)
+        self.retention = PointRetention(sessionmaker, vaults, self, client, interval)
         self._load_saved()
 
     def wake(self) -> None:
@@ -132,68 +137,58 @@ class Policies:
 
     # -- the loop ----------------------------------------------------------------------
     async def run(self) -> None:
-        cfg = self.server.cfg
-        if not cfg.configserver_url:
+        if not self.client.enabled:
             log.info("policy_pull_disabled", hint="set configserver_url to apply the "
                      "configuration server's policies (retention)")
             return
-        headers, tls = await configserver_access(cfg, "policy_pull_blocked")
-        interval = cfg.policy_interval_seconds
+        await self.client.wait_token("policy_pull_blocked")
+        interval = self.interval
         last_round = float("-inf")
-        delay = 1.0
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30),
-                                         connector=aiohttp.TCPConnector(ssl=tls)) as http:
-            while True:
-                self._wake.clear()
-                ok = await self._pull(http, headers, delay)
-                # Retention after each pull; on the saved policies while pulls fail.
-                if ok or time.monotonic() - last_round >= interval:
-                    last_round = time.monotonic()
-                    await self.retention.round()
-                try:
-                    await self.retention.flush_forgotten(http, headers)
-                except Exception as e:  # the vault or the database: retried next round
-                    log.error("forgotten_report_failed", error=str(e) or type(e).__name__,
-                              error_type=type(e).__name__)
-                async with self.changed:
-                    self.rounds += 1
-                    self.changed.notify_all()
-                wait, delay = (interval, 1.0) if ok else (min(delay, interval),
-                                                         min(delay * 2, interval))
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait):
-                        await self._wake.wait()
+        backoff = Backoff(base=min(1.0, interval), cap=interval, jitter=False)
+        while True:
+            self._wake.clear()
+            ok = await self._pull(backoff.delay(backoff.failures))
+            # Retention after each pull; on the saved policies while pulls fail.
+            if ok or time.monotonic() - last_round >= interval:
+                last_round = time.monotonic()
+                await self.retention.round()
+            try:
+                await self.retention.flush_forgotten()
+            except Exception as e:  # the vault or the database: retried next round
+                log.error("forgotten_report_failed", error=str(e) or type(e).__name__,
+                          error_type=type(e).__name__)
+            async with self.changed:
+                self.rounds += 1
+                self.changed.notify_all()
+            if ok:
+                backoff.reset()
+                wait = interval
+            else:
+                wait = backoff.next()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
 
-    async def _pull(self, http: aiohttp.ClientSession, headers: dict[str, str],
-                    retry_in: float) -> bool:
-        cfg = self.server.cfg
-        name = self.server.reporter.name
-        url = f"{cfg.configserver_url.rstrip('/')}/api/v1/internal/procservers/" \
-              f"{quote(name, safe='')}/policies"
+    async def _pull(self, retry_in: float) -> bool:
+        path = f"/api/v1/internal/procservers/{quote(self.name, safe='')}/policies"
+        url = self.client.url + path
         try:
-            async with http.get(url, headers=headers) as resp:
-                raw = bytearray()
-                while chunk := await resp.content.readany():
-                    raw += chunk
-                    if len(raw) > MAX_ANSWER_BYTES:
-                        raise PolicyAnswerError(f"the answer is larger than "
-                                                f"{MAX_ANSWER_BYTES} bytes")
-                if resp.status == 404 and b"procserver_not_found" in raw and \
-                        not self.server.reporter.registered:
-                    # Our first heartbeat, which registers us, has not arrived yet.
-                    log.info("policy_pull_waiting", reason="not registered yet",
-                             retry_in_seconds=retry_in)
-                    return False
-                if resp.status != 200:
-                    raise RuntimeError(f"HTTP {resp.status}: "
-                                       f"{raw[:500].decode(errors='replace')}")
-            items = parse_answer(json.loads(raw))
-        except ValueError as e:  # PolicyAnswerError, or not JSON at all
+            answer = await self.client.get(path, max_bytes=MAX_ANSWER_BYTES)
+            if answer.status == 404 and b"procserver_not_found" in answer.body and \
+                    not self.registered():
+                # Our first heartbeat, which registers us, has not arrived yet.
+                log.info("policy_pull_waiting", reason="not registered yet",
+                         retry_in_seconds=retry_in)
+                return False
+            if answer.status != 200:
+                raise ConfigServerError(f"HTTP {answer.status}: {answer.excerpt()}")
+            items = parse_answer(answer.json())
+        except ValueError as e:  # PolicyAnswerError, too large, or not JSON at all
             log.error("policies_rejected", error=str(e), url=url,
                       hint="the policies in use stay; is configserver_url a configuration "
                            "server of the same version?", machines=len(self.items))
             return False
-        except (aiohttp.ClientError, RuntimeError, TimeoutError) as e:
+        except ConfigServerError as e:
             log.warning("policy_pull_failed", error=str(e) or type(e).__name__,
                         retry_in_seconds=retry_in, using="saved" if self.known else "none",
                         machines=len(self.items))

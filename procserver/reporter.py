@@ -22,48 +22,28 @@ import contextlib
 import json
 import shutil
 import socket
-import ssl
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import aiohttp
 import structlog
-from sqlalchemy import exists, func, select
+from prometheus_client import CollectorRegistry
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from common.backoff import Backoff
 from procserver import db
-from procserver.config import ProcServerConfig
-
-if TYPE_CHECKING:
-    from procserver.server import ProcServer
+from procserver.backlog import upload_backlog
+from procserver.cachespace import CacheSpace
+from procserver.csclient import ConfigServerClient, ConfigServerError
 
 log = structlog.get_logger("procserver.reporter")
 REFUSED = frozenset({400, 403, 404, 405, 409, 410, 413, 415, 422})
-JOURNAL = "changes.log"  # procserver/uploader.py: the cycle's journal, written per checkpoint
-
-
-async def configserver_access(cfg: ProcServerConfig, blocked_event: str
-                              ) -> tuple[dict[str, str], ssl.SSLContext | bool]:
-    """The internal token's header (waiting until the token file can be read) and the
-    TLS setting for ``configserver_url`` (the site listener: our own CA)."""
-    delay = 1.0
-    while True:
-        try:
-            with open(cfg.configserver_token_file) as f:
-                token = f.read().strip()
-            break
-        except OSError as e:
-            log.error(blocked_event, error=f"cannot read token file: {e}",
-                      hint="configserver_token_file must name the configuration server's "
-                           "internal-token file", retry_in_seconds=delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 60.0)
-    tls: ssl.SSLContext | bool = True
-    if cfg.configserver_url.startswith("https:"):
-        tls = ssl.create_default_context(cafile=cfg.tls_ca)
-    return {"Authorization": f"Bearer {token}"}, tls
+POINTS = "/api/v1/internal/points"
+HEARTBEAT = "/api/v1/internal/procservers/heartbeat"
 
 
 def _version() -> str:
@@ -73,16 +53,41 @@ def _version() -> str:
         return "unknown"
 
 
-def _mtime(path: Path) -> float | None:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return None
+def server_name(configured: str) -> str:
+    """This process server's name at the configuration server ("" = the host name)."""
+    return configured or socket.gethostname().split(".")[0]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who this process server is, as the heartbeat says: ``port`` is read at each beat
+    (the listener may have been given an ephemeral one)."""
+
+    name: str
+    listen_host: str
+    port: Callable[[], int]
+
+    def address(self) -> str:
+        host = self.listen_host
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.getfqdn()
+        port = self.port()
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Reporter:
-    def __init__(self, server: ProcServer) -> None:
-        self.server = server
+    """The point-report outbox and the heartbeats (both only with a configuration server).
+
+    ``on_refresh`` callbacks run when the configuration server asks for a refresh."""
+
+    def __init__(self, client: ConfigServerClient, identity: Identity,
+                 sessionmaker: async_sessionmaker[AsyncSession], cache_dir: Path,
+                 space: CacheSpace, registry: CollectorRegistry,
+                 heartbeat_interval: float) -> None:
+        self.client, self.identity = client, identity
+        self.sessionmaker, self.cache_dir = sessionmaker, cache_dir
+        self.space, self.registry = space, registry
+        self.heartbeat_interval = heartbeat_interval
         self._changed = asyncio.Event()
         self._beat = asyncio.Event()
         # Called when the configuration server asks for a refresh (e.g. re-pull trust).
@@ -102,83 +107,75 @@ class Reporter:
 
     @property
     def name(self) -> str:
-        return self.server.cfg.name or socket.gethostname().split(".")[0]
+        return self.identity.name
 
     async def run(self) -> None:
-        cfg = self.server.cfg
-        if not cfg.configserver_url:
+        if not self.client.enabled:
             log.warning("point_reporting_disabled",
                         hint="set configserver_url to list points in the catalog")
             return
-        headers, tls = await configserver_access(cfg, "point_reporting_blocked")
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30),
-                                         connector=aiohttp.TCPConnector(ssl=tls)) as http, \
-                asyncio.TaskGroup() as tg:
-            tg.create_task(self._report_points(http, headers), name="point-reports")
-            tg.create_task(self._heartbeats(http, headers), name="heartbeats")
+        await self.client.wait_token("point_reporting_blocked")
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._report_points(), name="point-reports")
+            tg.create_task(self._heartbeats(), name="heartbeats")
 
     # -- point reports ---------------------------------------------------------------
-    async def _report_points(self, http: aiohttp.ClientSession, headers: dict[str, str]
-                             ) -> None:
-        url = self.server.cfg.configserver_url.rstrip("/") + "/api/v1/internal/points"
-        delay = 1.0
+    async def _report_points(self) -> None:
+        backoff = Backoff(jitter=False)
         while True:
             self._changed.clear()
-            async with self.server.sessionmaker() as s:
+            async with self.sessionmaker() as s:
                 rows = (await s.execute(select(db.PointReport).where(
                     db.PointReport.reported.is_(False),
                     db.PointReport.point_id.not_in(self._parked))
                     .order_by(db.PointReport.point_id).limit(100))).scalars().all()
             try:
                 for row in rows:
-                    async with http.post(url, json=json.loads(row.doc),
-                                         headers=headers) as resp:
-                        if resp.status in REFUSED:
-                            # Sending it again will not change the answer: park it (until
-                            # a refresh or a restart) so the reports behind it go on.
-                            self._parked.add(row.point_id)
-                            log.error("point_report_refused", point=row.point_id,
-                                      machine=row.machine, status=resp.status,
-                                      error=(await resp.text())[:500],
-                                      hint="fix the cause, then 'siterecovery procserver "
-                                           "refresh NAME' sends it again")
-                            continue
-                        if resp.status >= 300:
-                            raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
-                    async with self.server.sessionmaker() as s:
+                    answer = await self.client.post(POINTS, json.loads(row.doc))
+                    if answer.status in REFUSED:
+                        # Sending it again will not change the answer: park it (until
+                        # a refresh or a restart) so the reports behind it go on.
+                        self._parked.add(row.point_id)
+                        log.error("point_report_refused", point=row.point_id,
+                                  machine=row.machine, status=answer.status,
+                                  error=answer.excerpt(),
+                                  hint="fix the cause, then 'siterecovery procserver "
+                                       "refresh NAME' sends it again")
+                        continue
+                    if answer.status >= 300:
+                        raise ConfigServerError(f"HTTP {answer.status}: {answer.excerpt()}")
+                    async with self.sessionmaker() as s:
                         r = await s.get_one(db.PointReport, row.point_id)
                         r.reported = True
                         await s.commit()
-                delay = 1.0
-            except (aiohttp.ClientError, RuntimeError, TimeoutError) as e:
+                backoff.reset()
+            except ConfigServerError as e:
+                delay = backoff.next()
                 log.warning("point_report_failed", error=str(e), retry_in_seconds=delay)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
                         await self._changed.wait()
-                delay = min(delay * 2, 60.0)
                 continue
             if not rows:
                 await self._changed.wait()
 
     # -- heartbeats ------------------------------------------------------------------
-    async def _heartbeats(self, http: aiohttp.ClientSession, headers: dict[str, str]) -> None:
-        cfg = self.server.cfg
-        url = cfg.configserver_url.rstrip("/") + "/api/v1/internal/procservers/heartbeat"
+    async def _heartbeats(self) -> None:
         failing = again = False
         while True:
             self._beat.clear()
             immediate, again = again, False
             try:
                 doc = await self.status()
-                async with http.post(url, json=doc, headers=headers) as resp:
-                    if resp.status >= 300:
-                        raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
-                    answer: dict[str, Any] = await resp.json()
+                answer = await self.client.post(HEARTBEAT, doc)
+                if answer.status >= 300:
+                    raise ConfigServerError(f"HTTP {answer.status}: {answer.excerpt()}")
+                reply: dict[str, Any] = answer.json()
                 self.registered = True
                 if failing:
                     log.info("heartbeat_restored")
                     failing = False
-                if answer.get("refresh_requested"):
+                if reply.get("refresh_requested"):
                     log.info("procserver_refresh_requested", procserver=doc["name"])
                     self._parked.clear()  # refused reports are tried again
                     self.wake()
@@ -187,30 +184,24 @@ class Reporter:
                     if not immediate:  # once: a misbehaving server cannot make us spin
                         again = True
                         continue  # heartbeat again at once: the refresh is seen done
-            except (aiohttp.ClientError, RuntimeError, TimeoutError, ValueError) as e:
+            except (ConfigServerError, ValueError) as e:
                 # One line per failure is enough: it recurs only every interval.
                 log.warning("heartbeat_failed", error=str(e) or type(e).__name__,
-                            retry_in_seconds=cfg.heartbeat_interval_seconds)
+                            retry_in_seconds=self.heartbeat_interval)
                 failing = True
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(cfg.heartbeat_interval_seconds):
+                async with asyncio.timeout(self.heartbeat_interval):
                     await self._beat.wait()
-
-    def address(self) -> str:
-        host = self.server.cfg.listen_host
-        if host in ("0.0.0.0", "::", ""):
-            host = socket.getfqdn()
-        return f"[{host}]:{self.server.port}" if ":" in host else f"{host}:{self.server.port}"
 
     async def status(self) -> dict[str, Any]:
         """This process server's health, as the heartbeat sends it."""
-        server, cfg = self.server, self.server.cfg
-        used = server.cache_bytes
-        disk_free = (await asyncio.to_thread(shutil.disk_usage, server.cache_dir)).free
+        used, quota = self.space.used, self.space.quota
+        disk_free = (await asyncio.to_thread(shutil.disk_usage, self.cache_dir)).free
         # The cache can grow by what the quota allows and the disk still holds.
-        free = max(0, min(cfg.cache_quota_bytes - used, disk_free))
-        backlog_bytes, backlog_seconds = await self.backlog()
-        registry = server.metrics.registry
+        free = max(0, min(quota - used, disk_free))
+        backlog_bytes, backlog_seconds = await upload_backlog(self.sessionmaker,
+                                                              self.cache_dir)
+        registry = self.registry
         uploaded = registry.get_sample_value("siterecovery_procserver_uploaded_bytes_total") \
             or 0.0
         mono = time.monotonic()
@@ -219,47 +210,9 @@ class Reporter:
             throughput = max(0.0, (uploaded - self._uploaded[1]) / (mono - self._uploaded[0]))
         self._uploaded = (mono, uploaded)
         return {
-            "name": self.name, "address": self.address(), "version": _version(),
-            "cache_bytes": used, "cache_free_ratio": round(min(1.0, free / cfg.cache_quota_bytes),
-                                                           4),
+            "name": self.name, "address": self.identity.address(), "version": _version(),
+            "cache_bytes": used, "cache_free_ratio": round(min(1.0, free / quota), 4),
             "backlog_bytes": backlog_bytes, "backlog_seconds": round(backlog_seconds, 1),
             "throughput_bps": round(throughput, 1),
             "sessions": int(registry.get_sample_value("siterecovery_procserver_sessions") or 0),
         }
-
-    async def backlog(self) -> tuple[int, float]:
-        """Bytes waiting for upload and how long the oldest of them has waited (seconds).
-
-        Waiting are the sealed segments of cycles still receiving or complete; a complete
-        cycle with every segment consumed waits for its ``finish`` since its last checkpoint.
-        A segment's waiting starts when it was sealed (its file's last write).
-        """
-        live = (db.RECEIVING, db.COMPLETE)
-        async with self.server.sessionmaker() as s:
-            total = (await s.execute(
-                select(func.coalesce(func.sum(db.Segment.size), 0))
-                .join(db.Cycle, db.Cycle.seq == db.Segment.cycle_seq)
-                .where(db.Cycle.state.in_(live)))).scalar_one()
-            oldest = (await s.execute(
-                select(db.Segment.path).join(db.Cycle, db.Cycle.seq == db.Segment.cycle_seq)
-                .where(db.Cycle.state.in_(live)).order_by(db.Segment.id).limit(4))
-            ).scalars().all()
-            finishing = (await s.execute(select(db.Cycle).where(
-                db.Cycle.state == db.COMPLETE,
-                ~exists().where(db.Segment.cycle_seq == db.Cycle.seq)))).scalars().all()
-        cache = self.server.cache_dir
-
-        def since() -> list[float]:
-            times = []
-            for p in oldest:  # the oldest one may be consumed meanwhile: take the next
-                if (t := _mtime(Path(p))) is not None:
-                    times.append(t)
-                    break
-            for c in finishing:
-                t = _mtime(cache / c.machine / c.id / JOURNAL)
-                times.append(t if t is not None else c.created)
-            return times
-
-        times = await asyncio.to_thread(since)
-        age = max(0.0, time.time() - min(times)) if times else 0.0
-        return int(total), age

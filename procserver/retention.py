@@ -22,15 +22,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from datetime import datetime
+from typing import Protocol
 
-import aiohttp
 import structlog
 from sqlalchemy import delete, func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from procserver import db
+from procserver.csclient import ConfigServerClient, ConfigServerError
 from procserver.models import ForgottenPoint
+from procserver.vaultaccess import VaultAccess
 from vault import names
 from vault.errors import MissingObjectError
 from vault.locks import LockedError, locked
@@ -39,15 +43,29 @@ from vault.point import DiskEntry, Point
 from vault.repo import MAX_CHAIN
 from vault.retention import Retention, plan
 
-if TYPE_CHECKING:
-    from procserver.policies import Policies
-    from procserver.server import ProcServer
-
 log = structlog.get_logger("procserver.policies")
 
 LOCK_WAIT = 30.0  # for the exclusive lock; a busy vault defers retention to the next round
 LOG_IDS = 100  # point ids named per log event (the count is always whole)
 REPORT_BATCH = 1000  # ids per catalog request (configserver/api_points.py MAX_FORGOTTEN)
+
+
+class RetentionPolicy(Protocol):
+    """What retention reads of a machine's policy (``policies.ItemPolicy``)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def retention_hours(self) -> int: ...
+
+
+class PolicySource(Protocol):
+    """Where retention finds the policies and the time (``policies.Policies``)."""
+
+    @property
+    def items(self) -> Mapping[str, RetentionPolicy]: ...
+    @property
+    def clock(self) -> Callable[[], datetime]: ...
 
 
 @dataclass
@@ -60,22 +78,24 @@ class RetentionReport:
 class PointRetention:
     """Forgets the points past their machine's retention, and tells the catalog."""
 
-    def __init__(self, server: ProcServer, policies: Policies) -> None:
-        self.server = server
+    def __init__(self, sessionmaker: async_sessionmaker[AsyncSession], vaults: VaultAccess,
+                 policies: PolicySource, client: ConfigServerClient, interval: float) -> None:
+        self.sessionmaker, self.vaults, self.client = sessionmaker, vaults, client
         self.policies = policies  # its items and clock, read at each round
+        self.interval = interval  # policy_interval_seconds: the next round
         self._work = asyncio.Lock()  # one retention round or outbox flush at a time
 
     async def round(self) -> None:
         """One retention round of the policy loop: failures are logged, not raised."""
-        if not self.server.vault_ready.is_set():
+        if not self.vaults.ready.is_set():
             log.info("retention_deferred", reason="the vault is not open yet",
-                     retry_in_seconds=self.server.cfg.policy_interval_seconds)
+                     retry_in_seconds=self.interval)
             return
         try:
             await self.apply()
         except LockedError as e:
             log.info("retention_deferred", reason=str(e),
-                     retry_in_seconds=self.server.cfg.policy_interval_seconds)
+                     retry_in_seconds=self.interval)
         except Exception as e:  # a failing store or database: the next round plans again
             log.error("retention_failed", error=str(e) or type(e).__name__,
                       error_type=type(e).__name__, hint="nothing is lost: an interrupted "
@@ -84,7 +104,7 @@ class PointRetention:
     async def _protected(self) -> dict[str, str]:
         """Points this process server still needs, with why."""
         out: dict[str, str] = {}
-        async with self.server.sessionmaker() as s:
+        async with self.sessionmaker() as s:
             newest = select(func.max(db.Cycle.seq)).where(
                 db.Cycle.state == db.UPLOADED).group_by(db.Cycle.machine)
             for pid in (await s.execute(select(db.Cycle.point_id).where(
@@ -110,7 +130,7 @@ class PointRetention:
         policies = dict(self.policies.items)
         if not policies:
             return report
-        vault = self.server.vault
+        vault = self.vaults.vault
         async with self._work, locked(vault, "exclusive", "retention", wait=LOCK_WAIT):
             now = self.policies.clock()
             protected = await self._protected()  # under the lock: no point appears now
@@ -137,7 +157,7 @@ class PointRetention:
             if not forget:
                 return report
             ids = {p.id for pts in forget.values() for p in pts}
-            async with self.server.sessionmaker() as s:  # the outbox first
+            async with self.sessionmaker() as s:  # the outbox first
                 for pts in forget.values():
                     for p in pts:
                         await s.merge(ForgottenPoint(point_id=p.id, machine=p.machine))
@@ -169,7 +189,7 @@ class PointRetention:
             base = by_id.get(p.base)
             if base is None:
                 try:
-                    base = by_id[p.base] = await self.server.vault.read_point(p.base)
+                    base = by_id[p.base] = await self.vaults.vault.read_point(p.base)
                 except MissingObjectError:
                     return False
             p = base
@@ -177,7 +197,7 @@ class PointRetention:
 
     async def _rebase(self, p: Point) -> None:
         """Give ``p`` full maps (same id, replaced atomically), as prune does."""
-        vault = self.server.vault
+        vault = self.vaults.vault
         disks = []
         for d in p.disks:
             full = await vault.resolve_map(p, d.disk)
@@ -186,30 +206,29 @@ class PointRetention:
         await vault.put_point(dataclasses.replace(p, base=None, chain=0, disks=disks))
 
     # -- the catalog's outbox ----------------------------------------------------------
-    async def flush_forgotten(self, http: aiohttp.ClientSession,
-                              headers: dict[str, str]) -> None:
-        url = self.server.cfg.configserver_url.rstrip("/") + "/api/v1/internal/points/forgotten"
+    async def flush_forgotten(self) -> None:
+        """Tell the catalog which points were forgotten (the outbox, in batches)."""
         async with self._work:
             while True:
-                async with self.server.sessionmaker() as s:
+                async with self.sessionmaker() as s:
                     rows = (await s.execute(select(ForgottenPoint).order_by(
                         ForgottenPoint.point_id).limit(REPORT_BATCH))).scalars().all()
                 if not rows:
                     return
                 gone = [r.point_id for r in rows
-                        if not await self.server.vault.has_point(r.point_id)]
+                        if not await self.vaults.vault.has_point(r.point_id)]
                 try:
                     if gone:
-                        async with http.post(url, json={"points": gone},
-                                             headers=headers) as resp:
-                            if resp.status != 200:
-                                raise RuntimeError(f"HTTP {resp.status}: "
-                                                   f"{(await resp.text())[:500]}")
-                except (aiohttp.ClientError, RuntimeError, TimeoutError) as e:
+                        answer = await self.client.post("/api/v1/internal/points/forgotten",
+                                                        {"points": gone})
+                        if answer.status != 200:
+                            raise ConfigServerError(f"HTTP {answer.status}: "
+                                                    f"{answer.excerpt()}")
+                except ConfigServerError as e:
                     log.warning("forgotten_report_failed", error=str(e) or type(e).__name__,
                                 pending=len(rows))
                     return
-                async with self.server.sessionmaker() as s:
+                async with self.sessionmaker() as s:
                     await s.execute(delete(ForgottenPoint).where(
                         ForgottenPoint.point_id.in_([r.point_id for r in rows])))
                     await s.commit()

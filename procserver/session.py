@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from sqlalchemy import select
@@ -30,9 +30,11 @@ from common.names import is_id
 from procserver import db
 from procserver.basis import serve_basis
 from procserver.cache import SEGMENT_MAGIC, SegmentSink, SinkError
-from procserver.cycles import COMPLETE, OPEN, OpenCycle, ReceiveProgress
+from procserver.cycles import COMPLETE, OPEN, OpenCycle
 from procserver.framestream import FrameStream, RawFrame
+from procserver.models import ReceiveProgress
 from procserver.receive import FrameRun, quietly, uncancellable
+from procserver.sessiondeps import SessionDeps
 from vault.errors import TransientStoreError
 from wire.checks import validate_begin, validate_end
 from wire.protocol import (
@@ -47,9 +49,6 @@ from wire.protocol import (
     error_frame,
     features_of,
 )
-
-if TYPE_CHECKING:
-    from procserver.server import ProcServer
 
 log = structlog.get_logger("procserver.session")
 HANDSHAKE_TIMEOUT = 15.0
@@ -68,9 +67,9 @@ def _disconnected(e: BaseException) -> bool:
 
 
 class Session:
-    def __init__(self, server: ProcServer, stream: FrameStream, machine: str,
+    def __init__(self, deps: SessionDeps, stream: FrameStream, machine: str,
                  peer: str) -> None:
-        self.server, self.stream, self.machine = server, stream, machine
+        self.deps, self.stream, self.machine = deps, stream, machine
         self.log = log.bind(machine=machine, peer=peer)
         self.features: frozenset[str] = frozenset()
         self.last_sent = time.monotonic()
@@ -86,11 +85,11 @@ class Session:
             f = await self.stream.next_frame(timeout)
             if f.type != FrameType.HEARTBEAT:
                 return f
-            self.server.metrics.heartbeats_received.inc()
+            self.deps.metrics.heartbeats_received.inc()
 
     async def run(self) -> None:
-        cfg = self.server.cfg
-        timeout = cfg.idle_timeout_seconds
+        settings = self.deps.settings
+        timeout = settings.idle_timeout
         hello = await self.stream.read_frame(min(HANDSHAKE_TIMEOUT, timeout))
         if hello.type != FrameType.HELLO:
             raise ProtocolError("expected_hello", f"expected HELLO, got {hello.type.name}")
@@ -103,14 +102,14 @@ class Session:
                 f"not {claimed!r}: a machine may write only its own disks")
         # Revoked, disabled, removed: refused here, before anything is written.
         transport = self.stream.transport
-        await self.server.trust.authorize(
+        await self.deps.trust.authorize(
             self.machine, transport.get_extra_info("peercert") if transport else None)
         self.features = features_of(doc) & frozenset(FEATURES)
         welcome: dict[str, Any] = {"server": "siterecovery-procserver",
-                                   "max_frame": self.server.max_frame}
+                                   "max_frame": settings.max_frame}
         if self.features:
             welcome.update(features=sorted(self.features),
-                           heartbeat_seconds=self.server.heartbeat_seconds,
+                           heartbeat_seconds=settings.heartbeat_seconds,
                            idle_timeout_seconds=timeout)
         await self.send(encode_json(FrameType.WELCOME, welcome))
         self.log.info("session_started", features=sorted(self.features))
@@ -138,7 +137,7 @@ class Session:
 
     async def _heartbeats(self) -> None:
         """While this side sends nothing else, a HEARTBEAT every ``heartbeat_seconds``."""
-        every = self.server.heartbeat_seconds
+        every = self.deps.settings.heartbeat_seconds
         while True:
             await asyncio.sleep(max(0.0, self.last_sent + every - time.monotonic()))
             if time.monotonic() - self.last_sent >= every:
@@ -147,21 +146,22 @@ class Session:
                 except ConnectionError:
                     return
                 self.last_sent = time.monotonic()
-                self.server.metrics.heartbeats_sent.inc()
+                self.deps.metrics.heartbeats_sent.inc()
 
     # -- starting and resuming a cycle ------------------------------------------------
     async def _base_ok(self, doc: dict[str, Any]) -> bool:
         if doc["full"]:
             return True
-        async with self.server.sessionmaker() as s:
+        async with self.deps.sessionmaker() as s:
             base = (await s.execute(select(db.Cycle).where(
                 db.Cycle.id == doc["base"], db.Cycle.machine == self.machine,
                 db.Cycle.state.in_([db.COMPLETE, db.UPLOADED])))).scalar_one_or_none()
         if base is None:
             return False
-        if base.point_id is not None and self.server.vault_ready.is_set():
+        vaults = self.deps.vaults
+        if base.point_id is not None and vaults.ready.is_set():
             try:
-                if not await self.server.vault.has_point(base.point_id):
+                if not await vaults.vault.has_point(base.point_id):
                     return False  # pruned: a delta on it could not be resolved
             except TransientStoreError:
                 # The storage does not answer: the base is taken on trust. Its upload
@@ -174,7 +174,7 @@ class Session:
 
     async def begin(self, doc: dict[str, Any]) -> None:
         validate_begin(doc)
-        await self.server.trust.authorize_disks(self.machine,
+        await self.deps.trust.authorize_disks(self.machine,
                                                 [d["name"] for d in doc["disks"]])
         if not await self._base_ok(doc):
             await self.send(error_frame(
@@ -182,7 +182,7 @@ class Session:
                 "or the disk layout changed", "send a full cycle"))
             return
         resumable = "resume" in self.features
-        async with self.server.sessionmaker() as s:
+        async with self.deps.sessionmaker() as s:
             exists = (await s.execute(select(db.Cycle).where(db.Cycle.id == doc["cycle"]))
                       ).scalar_one_or_none()
             if exists is not None:
@@ -197,13 +197,13 @@ class Session:
             await s.commit()
             cycle_seq = row.seq
         # The agent started over: a suspended cycle of this machine will never be resumed.
-        await self.server.cycles.supersede(self.machine, cycle_seq)
+        await self.deps.cycles.supersede(self.machine, cycle_seq)
         oc = OpenCycle(cycle_seq, doc["cycle"], self.machine, doc, resumable,
-                       self.server.cache_dir / self.machine / doc["cycle"])
-        self.server.cycles.open[oc.id] = oc
+                       self.deps.cache_dir / self.machine / doc["cycle"])
+        self.deps.cycles.open[oc.id] = oc
         async with oc.lock:
             await self.send(encode_json(FrameType.READY, {"cycle": doc["cycle"]}))
-            self.server.uploader.wake()
+            self.deps.uploader.wake()
             await self.receive(oc)
 
     async def resume(self, doc: dict[str, Any]) -> None:
@@ -211,7 +211,7 @@ class Session:
         if not is_id(cycle):
             raise ProtocolError("bad_resume", "RESUME needs the 'cycle' id to continue")
         assert isinstance(cycle, str)
-        oc = self.server.cycles.open.get(cycle)
+        oc = self.deps.cycles.open.get(cycle)
         if oc is not None and oc.machine == self.machine and oc.resumable:
             owner = oc.owner
             if owner is not None and not owner.done() and not oc.detaching:
@@ -221,8 +221,8 @@ class Session:
             async with oc.lock:
                 if oc.state == OPEN and oc.suspended_at is not None and \
                         time.monotonic() - oc.suspended_at >= \
-                        self.server.cfg.resume_window_seconds:
-                    await self.server.cycles.abort(oc, "resume window passed")
+                        self.deps.settings.resume_window:
+                    await self.deps.cycles.abort(oc, "resume window passed")
                 if oc.state == OPEN:
                     oc.suspended_at = None
                     if oc.expiry is not None:
@@ -230,13 +230,13 @@ class Session:
                         oc.expiry = None
                     await self.send(encode_json(FrameType.PROGRESS, {
                         "cycle": cycle, "blocks": oc.frames, "position": oc.position()}))
-                    self.server.metrics.resumed_cycles.inc()
+                    self.deps.metrics.resumed_cycles.inc()
                     self.log.info("cycle_resumed", cycle=cycle, blocks=oc.frames,
                                   position=oc.position())
                     oc.floor = oc.last
                     await self.receive(oc)
                     return
-        async with self.server.sessionmaker() as s:
+        async with self.deps.sessionmaker() as s:
             row = (await s.execute(select(db.Cycle).where(
                 db.Cycle.id == cycle, db.Cycle.machine == self.machine))).scalar_one_or_none()
         if row is not None and row.state in (db.COMPLETE, db.UPLOADED):
@@ -255,30 +255,31 @@ class Session:
         of the run, and a run changes ``oc.frames``/``oc.last`` only once it is queued:
         whatever interrupts the session, ``oc`` describes exactly the frames queued.
         """
-        server = self.server
+        deps = self.deps
+        cycles, space, buffers, metrics = deps.cycles, deps.space, deps.buffers, deps.metrics
         oc.owner = asyncio.current_task()
-        server.receiving += 1
-        sink = SegmentSink(oc.cycle_dir, budget=server.sink_budget, limit=server.rate_limit,
-                           record=lambda segs: server.cycles.record_segments(oc, segs),
-                           on_queued=server.note_queued)
+        buffers.receiving += 1
+        sink = SegmentSink(oc.cycle_dir, budget=buffers.sink_budget, limit=deps.rate_limit,
+                           record=lambda segs: cycles.record_segments(oc, segs),
+                           on_queued=buffers.note_queued)
         seg_size = 0  # bytes in the open segment (0: none open)
-        seg_limit = server.cfg.segment_bytes
+        seg_limit = deps.settings.segment_bytes
         run = FrameRun(oc.last)
         limits, seen, floor = oc.limits, oc.seen, oc.floor
         complete = False
-        timeout = server.cfg.idle_timeout_seconds
+        timeout = deps.settings.idle_timeout
 
         async def flush_run(wait: bool = True) -> None:
             views = run.views()
             if not views:
                 return
             if not run.reserved:
-                await server.reserve_cache(oc.seq, run.nbytes, wait=wait)
+                await space.reserve(oc.seq, run.nbytes, wait=wait)
                 run.reserved = True
             await sink.write(oc.next_segment, views, run.nbytes)
             oc.frames += run.frames
             oc.last = run.last
-            server.metrics.received_bytes.inc(run.data)
+            metrics.received_bytes.inc(run.data)
             run.clear()
 
         def close_segment() -> None:
@@ -308,7 +309,7 @@ class Session:
                             (floor is not None and (d, n) <= floor):
                         raise ProtocolError("bad_block", f"block {d}:{n} was sent twice")
                     if seg_size == 0:
-                        await server.reserve_cache(oc.seq, len(SEGMENT_MAGIC))
+                        await space.reserve(oc.seq, len(SEGMENT_MAGIC))
                         seg_size = len(SEGMENT_MAGIC)
                     # No await from here until the frame is in the run.
                     seen[d][n >> 3] |= 1 << (n & 7)
@@ -320,7 +321,7 @@ class Session:
                     elif run.nbytes >= RUN_BYTES:
                         await flush_run()
                 elif t == FrameType.HEARTBEAT:
-                    server.metrics.heartbeats_received.inc()
+                    metrics.heartbeats_received.inc()
                 elif t == FrameType.SYNC:
                     if f.frame().json().get("cycle") != oc.id:
                         raise ProtocolError("bad_sync", "SYNC must name the cycle being sent")
@@ -337,7 +338,7 @@ class Session:
                     if seg_size:
                         close_segment()
                     await sink.sync()
-                    async with server.sessionmaker() as s:
+                    async with deps.sessionmaker() as s:
                         row = await s.get_one(db.Cycle, oc.seq)
                         row.state, row.end_doc = db.COMPLETE, json.dumps(end)
                         progress = await s.get(ReceiveProgress, oc.seq)
@@ -348,8 +349,8 @@ class Session:
                     # not the ACK reaches the agent: it must never be aborted.
                     complete = True
                     oc.state = COMPLETE
-                    server.cycles.open.pop(oc.id, None)
-                    server.uploader.wake()
+                    cycles.open.pop(oc.id, None)
+                    deps.uploader.wake()
                     await self.send(encode_json(FrameType.ACK, {"cycle": oc.id}))
                     self.log.info("cycle_acknowledged", cycle=oc.id,
                                   segments=oc.next_segment, blocks=oc.frames)
@@ -378,12 +379,12 @@ class Session:
                             self.log.warning("cycle_suspend_failed", cycle=oc.id,
                                              error=str(e2) or type(e2).__name__)
                             await quietly(sink.stop())
-                            await server.cycles.abort(oc)
+                            await cycles.abort(oc)
                         else:
-                            await server.cycles.suspend(oc, reason=str(e) or type(e).__name__)
+                            await cycles.suspend(oc, reason=str(e) or type(e).__name__)
                     else:
                         await quietly(sink.stop())
-                        await server.cycles.abort(oc)
+                        await cycles.abort(oc)
 
                 # Bounded work (what was queued is written and fsynced) that must finish
                 # before the cycle is let go, even if this task is cancelled meanwhile.
@@ -393,12 +394,12 @@ class Session:
             await quietly(sink.stop())
             oc.owner = None
             oc.detaching = False
-            server.receiving -= 1
+            buffers.receiving -= 1
 
 
     async def _abandon(self, oc: OpenCycle, sink: SegmentSink) -> None:
         await quietly(sink.stop())
         try:
-            await self.server.cycles.abort(oc, "cache write failed")
+            await self.deps.cycles.abort(oc, "cache write failed")
         except Exception as e:  # the database may sit on the same full disk
             self.log.error("cycle_abort_failed", cycle=oc.id, error=str(e))

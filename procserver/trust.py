@@ -30,19 +30,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import random
-import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from common.backoff import Backoff
 from common.fs import atomic_write
-from procserver.config import ProcServerConfig
+from procserver.csclient import ConfigServerClient
 from wire.protocol import ProtocolError
 
 log = structlog.get_logger("procserver.trust")
@@ -73,10 +71,13 @@ def _valid_doc(doc: Any) -> bool:
 
 
 class TrustList:
-    def __init__(self, cfg: ProcServerConfig) -> None:
-        self.cfg = cfg
-        self.enabled = bool(cfg.configserver_url)
-        self.path = Path(cfg.data_dir) / "trust.json"
+    """The configuration server's trust list (through ``client``), kept current and
+    saved in ``data_dir``; it applies when it speaks for the CA in ``tls_ca``."""
+
+    def __init__(self, client: ConfigServerClient, data_dir: Path, tls_ca: str) -> None:
+        self.client, self.tls_ca = client, tls_ca
+        self.enabled = client.enabled
+        self.path = Path(data_dir) / "trust.json"
         self.version: str | None = None
         self.applies = False  # the list speaks for our tls_ca
         self._machines: dict[str, tuple[bool, frozenset[str]]] = {}
@@ -96,7 +97,7 @@ class TrustList:
     def _apply(self, doc: dict[str, Any], source: str) -> bool:
         if doc["version"] == self.version:
             return False
-        self.applies = doc["ca_sha256"] in _ca_fingerprints(self.cfg.tls_ca)
+        self.applies = doc["ca_sha256"] in _ca_fingerprints(self.tls_ca)
         self._machines = {m["name"]: (m["enabled"], frozenset(str(s) for s in m["serials"]))
                           for m in doc["machines"]}
         self._revoked = frozenset(str(s) for s in doc["revoked"])
@@ -127,36 +128,22 @@ class TrustList:
     def _save(self, doc: dict[str, Any]) -> None:
         atomic_write(self.path, json.dumps(doc))
 
-    async def _get(self, http: aiohttp.ClientSession, wait: int) -> None:
+    async def _get(self, wait: int) -> None:
         """One request; apply and save the answer if it is new."""
-        url = self.cfg.configserver_url.rstrip("/") + "/api/v1/internal/trust"
         params = {"wait": str(wait)} if self.version is None else \
             {"version": self.version, "wait": str(wait)}
-        token = await asyncio.to_thread(Path(self.cfg.configserver_token_file).read_text)
-        async with http.get(url, params=params,
-                            headers={"Authorization": f"Bearer {token.strip()}"}) as resp:
-            body = bytearray()
-            while chunk := await resp.content.readany():
-                body += chunk
-                if len(body) > MAX_LIST_BYTES:
-                    raise RuntimeError("the trust list is larger than 16 MiB")
-            if resp.status != 200:
-                raise RuntimeError(f"HTTP {resp.status}: {bytes(body[:200])!r}")
-        doc = json.loads(body)
+        answer = await self.client.get("/api/v1/internal/trust", params=params,
+                                       timeout=LONG_POLL_SECONDS + 15,
+                                       max_bytes=MAX_LIST_BYTES)
+        if answer.status != 200:
+            raise RuntimeError(f"HTTP {answer.status}: {answer.body[:200]!r}")
+        doc = answer.json()
         if not _valid_doc(doc):
             raise RuntimeError("the answer is not a trust list")
         if self._apply(doc, "configserver"):
             await asyncio.to_thread(self._save, doc)
             async with self.changed:
                 self.changed.notify_all()
-
-    def _session(self) -> aiohttp.ClientSession:
-        ctx: ssl.SSLContext | bool = True
-        if self.cfg.configserver_url.startswith("https:"):
-            ctx = ssl.create_default_context(cafile=self.cfg.tls_ca)  # the site listener
-        return aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=LONG_POLL_SECONDS + 15),
-            connector=aiohttp.TCPConnector(ssl=ctx))
 
     async def run(self) -> None:
         """Keep the list current. This loop makes every request, one at a time: a long
@@ -166,45 +153,45 @@ class TrustList:
             return
         await asyncio.to_thread(self._load_saved)
         loop = asyncio.get_running_loop()
-        delay = 1.0
-        async with self._session() as http:
-            while True:
-                urgent, self._urgent = self._urgent, False
-                started = loop.time()
-                self._fetch_wait = 0 if urgent else LONG_POLL_SECONDS
-                self._fetch = asyncio.create_task(self._get(http, self._fetch_wait))
-                failed: Exception | None = None
+        backoff = Backoff()
+        while True:
+            urgent, self._urgent = self._urgent, False
+            started = loop.time()
+            self._fetch_wait = 0 if urgent else LONG_POLL_SECONDS
+            self._fetch = asyncio.create_task(self._get(self._fetch_wait))
+            failed: Exception | None = None
+            try:
+                await self._fetch
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # the process server stops (awaiting it cancelled the fetch)
+                continue  # a long poll interrupted for an immediate request
+            except Exception as e:  # any failure: keep the last list
+                failed = e
+            async with self._fetched:
+                self._done_started = started
+                self._fetched.notify_all()
+            if failed is None:
+                backoff.reset()
+                continue
+            first = backoff.failures == 0
+            delay = backoff.next()
+            self._failed(failed, delay, first)
+            self._poke.clear()
+            if not self._urgent:
                 try:
-                    await self._fetch
-                except asyncio.CancelledError:
-                    current = asyncio.current_task()
-                    if current is not None and current.cancelling():
-                        raise  # the process server stops (awaiting it cancelled the fetch)
-                    continue  # a long poll interrupted for an immediate request
-                except Exception as e:  # any failure: keep the last list
-                    failed = e
-                async with self._fetched:
-                    self._done_started = started
-                    self._fetched.notify_all()
-                if failed is None:
-                    delay = 1.0
-                    continue
-                self._failed(failed, delay)
-                self._poke.clear()
-                if not self._urgent:
-                    try:
-                        async with asyncio.timeout(delay * random.uniform(0.5, 1.0)):
-                            await self._poke.wait()
-                    except TimeoutError:
-                        pass
-                delay = min(delay * 2, 60.0)
+                    async with asyncio.timeout(delay):
+                        await self._poke.wait()
+                except TimeoutError:
+                    pass
 
-    def _failed(self, e: BaseException, delay: float) -> None:
+    def _failed(self, e: BaseException, delay: float, first: bool) -> None:
         loop = asyncio.get_running_loop()
-        if loop.time() - self._fail_logged >= 60 or delay <= 1.0:  # at most once a minute
+        if loop.time() - self._fail_logged >= 60 or first:  # at most once a minute
             self._fail_logged = loop.time()
             log.warning("trust_refresh_failed", error=str(e) or type(e).__name__,
-                        known=self.version, retry_in_seconds=delay,
+                        known=self.version, retry_in_seconds=round(delay, 2),
                         hint="the last known trust list applies until the configuration "
                              "server answers")
 

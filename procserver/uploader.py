@@ -17,25 +17,28 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import struct
 from collections.abc import Callable
+from concurrent.futures import Executor
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import structlog
 from sqlalchemy import delete, func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from common.backoff import Backoff
 from procserver import db
+from procserver.backlog import JOURNAL
 from procserver.cache import fsync_or_die, remove_cycle_dir
+from procserver.cachespace import CacheSpace
+from procserver.metrics import ProcMetrics
 from procserver.segruns import Run, SealedSegment, close_released
+from procserver.vaultaccess import VaultAccess
 from vault.errors import MissingObjectError
 from vault.locks import locked
 from vault.point import Point
 from vault.writer import CycleWriter, DiskSpec, JournalEntry, MissingBlocksError
-
-if TYPE_CHECKING:
-    from procserver.server import ProcServer
 
 log = structlog.get_logger("procserver.uploader")
 # Frames are handed to the writer (hashed on a worker thread) in runs of this many
@@ -55,7 +58,6 @@ T = TypeVar("T")
 
 class BaseGoneError(Exception):
     """The point a delta cycle builds on no longer exists."""
-JOURNAL = "changes.log"
 JREC = struct.Struct("<HQ32s")
 
 
@@ -79,28 +81,53 @@ class _Wakeups:
 
 
 class Uploader:
-    def __init__(self, server: ProcServer) -> None:
-        self.server = server
+    """Turns the cached cycles in ``sessionmaker``'s database into points in the vault
+    (once ``vaults`` is open), releasing their ``space`` as they drain; ``on_point`` is
+    called after each point is recorded (the reporter's outbox has a new row)."""
+
+    def __init__(self, sessionmaker: async_sessionmaker[AsyncSession], vaults: VaultAccess,
+                 cache_dir: Path, space: CacheSpace, executor: Executor,
+                 metrics: ProcMetrics, threads: int,
+                 on_point: Callable[[], None] = lambda: None) -> None:
+        self.sessionmaker, self.vaults, self.cache_dir = sessionmaker, vaults, cache_dir
+        self.space, self.executor, self.metrics = space, executor, metrics
+        self.on_point = on_point
+        self.points_changed = asyncio.Condition()  # notified after each point uploaded
         self._wakeups = _Wakeups()
         self._workers: dict[str, asyncio.Task[None]] = {}
-        self._slots = asyncio.Semaphore(max(1, server.cfg.upload_threads))
+        self._slots = asyncio.Semaphore(max(1, threads))
 
     def wake(self) -> None:
+        """Look for new cycles and segments now."""
         self._wakeups.fire()
+
+    async def wait_point(self, cycle: str, timeout: float = 300.0) -> str:
+        """Wait until the acknowledged ``cycle`` is a whole point in the vault; return its
+        id (``RuntimeError`` if the cycle was aborted, ``TimeoutError`` after ``timeout``)."""
+        async with asyncio.timeout(timeout), self.points_changed:
+            while True:
+                async with self.sessionmaker() as s:
+                    row = (await s.execute(select(db.Cycle).where(db.Cycle.id == cycle))
+                           ).scalar_one_or_none()
+                if row is not None and row.point_id is not None:
+                    return row.point_id
+                if row is not None and row.state == db.ABORTED:
+                    raise RuntimeError(f"cycle {cycle} was aborted")
+                await self.points_changed.wait()
 
     async def run(self) -> None:
         try:
             while True:
                 ev = self._wakeups.register()
                 try:
-                    async with self.server.sessionmaker() as s:
+                    async with self.sessionmaker() as s:
                         machines = (await s.execute(
                             select(db.Cycle.machine).where(
                                 db.Cycle.state.in_([db.RECEIVING, db.COMPLETE])).distinct()
                         )).scalars().all()
                         backlog = (await s.execute(select(func.count()).where(
                             db.Cycle.state == db.COMPLETE))).scalar_one()
-                    self.server.metrics.backlog_cycles.set(backlog)
+                    self.metrics.backlog_cycles.set(backlog)
                     for m in machines:
                         t = self._workers.get(m)
                         if t is None or t.done():
@@ -115,12 +142,12 @@ class Uploader:
             await asyncio.gather(*self._workers.values(), return_exceptions=True)
 
     async def _worker(self, machine: str) -> None:
-        failures = 0
+        backoff = Backoff(base=1.0, cap=60.0)
         # A process server that started while its storage was down keeps cycles in the
-        # cache until the vault is open (``ProcServer._open_vault_later``).
-        await self.server.vault_ready.wait()
+        # cache until the vault is open (``VaultAccess.open_later``).
+        await self.vaults.ready.wait()
         while True:
-            async with self.server.sessionmaker() as s:
+            async with self.sessionmaker() as s:
                 cyc = (await s.execute(
                     select(db.Cycle).where(db.Cycle.machine == machine,
                                            db.Cycle.state.in_([db.RECEIVING, db.COMPLETE]))
@@ -128,10 +155,10 @@ class Uploader:
             if cyc is None:
                 return
             try:
-                async with locked(self.server.vault, "shared", f"upload {machine}",
+                async with locked(self.vaults.vault, "shared", f"upload {machine}",
                                   wait=LOCK_WAIT):
                     await self.process(cyc)
-                failures = 0
+                backoff.reset()
             except asyncio.CancelledError:
                 raise
             except (MissingBlocksError, BaseGoneError) as e:
@@ -141,50 +168,47 @@ class Uploader:
                           hint="the machine will resync")
                 await self._drop(cyc)
             except Exception as e:
-                failures += 1
-                delay = min(60.0, 0.5 * 2 ** min(failures, 7)) * random.uniform(0.5, 1.0)
+                delay = backoff.next()
                 log.error("cycle_upload_failed", machine=machine, cycle=cyc.id, error=str(e),
                           error_type=type(e).__name__, retry_in_seconds=round(delay, 2))
                 await asyncio.sleep(delay)
 
     async def _drop(self, cyc: db.Cycle) -> None:
-        async with self.server.sessionmaker() as s:
+        async with self.sessionmaker() as s:
             row = await s.get_one(db.Cycle, cyc.seq)
             row.state = db.ABORTED
             await s.execute(delete(db.Segment).where(db.Segment.cycle_seq == cyc.seq))
             await s.commit()
-        await asyncio.to_thread(remove_cycle_dir,
-                                self.server.cache_dir / cyc.machine / cyc.id)
-        self.server.release_cache(cyc.seq)
+        await asyncio.to_thread(remove_cycle_dir, self.cache_dir / cyc.machine / cyc.id)
+        self.space.release(cyc.seq)
 
     async def _state(self, seq: int) -> db.Cycle:
-        async with self.server.sessionmaker() as s:
+        async with self.sessionmaker() as s:
             return await s.get_one(db.Cycle, seq)
 
     async def _base_point(self, cyc: db.Cycle) -> Point | None:
         if cyc.full:
             return None
-        async with self.server.sessionmaker() as s:
+        async with self.sessionmaker() as s:
             base = (await s.execute(select(db.Cycle).where(db.Cycle.id == cyc.base))
                     ).scalar_one()
         if base.point_id is None:
             raise RuntimeError(f"base cycle {base.id} of cycle {cyc.id} has no point yet")
         try:
-            return await self.server.vault.read_point(base.point_id)
+            return await self.vaults.vault.read_point(base.point_id)
         except MissingObjectError:
             raise BaseGoneError(f"cycle {cyc.id} builds on point {base.point_id[:16]}, which "
                                 "a prune removed") from None
 
     async def process(self, cyc: db.Cycle) -> None:
-        server = self.server
-        server.index = await server.vault.refresh_index(server.index)
+        vault, index = self.vaults.vault, await self.vaults.refresh_index()
         begin = json.loads(cyc.begin_doc)
         disks = [DiskSpec(d["name"], d["size"], d["block_size"]) for d in begin["disks"]]
-        cycle_dir = server.cache_dir / cyc.machine / cyc.id
+        cycle_dir = self.cache_dir / cyc.machine / cyc.id
         writer = CycleWriter(
-            server.vault, server.index, server.executor, machine=cyc.machine, cycle=cyc.id,
+            vault, index, self.executor, machine=cyc.machine, cycle=cyc.id,
             disks=disks, full=cyc.full, base=await self._base_point(cyc),
-            on_pack=server.metrics.pack_uploaded,
+            on_pack=self.metrics.pack_uploaded,
         )
         writer.replay(await asyncio.to_thread(_read_journal, cycle_dir / JOURNAL))
         # Segments handed to the writer whose checkpoint has not deleted them yet.
@@ -207,7 +231,7 @@ class Uploader:
                     # Taken before the query: a checkpoint that deletes rows (and forgets
                     # them in ``taken``) meanwhile must not make a stale row look new.
                     skip = set(taken)
-                    async with server.sessionmaker() as s:
+                    async with self.sessionmaker() as s:
                         segs = [seg for seg in (await s.execute(select(db.Segment).where(
                             db.Segment.cycle_seq == cyc.seq).order_by(db.Segment.seq))
                         ).scalars().all() if seg.id not in skip]
@@ -260,7 +284,7 @@ class Uploader:
             await writer.abort()
             await _stop(commit, cancel=isinstance(e, asyncio.CancelledError))
             raise
-        async with server.sessionmaker() as s:
+        async with self.sessionmaker() as s:
             row = await s.get_one(db.Cycle, cyc.seq)
             row.state, row.point_id = db.UPLOADED, point.id
             if await s.get(db.PointReport, point.id) is None:
@@ -268,12 +292,12 @@ class Uploader:
                                      doc=json.dumps(point.to_json()), reported=False))
             await s.commit()
         await asyncio.to_thread(remove_cycle_dir, cycle_dir)
-        server.release_cache(cyc.seq)
-        server.metrics.points.inc()
-        server.reporter.wake()
+        self.space.release(cyc.seq)
+        self.metrics.points.inc()
+        self.on_point()
         self.wake()
-        async with server.points_changed:
-            server.points_changed.notify_all()
+        async with self.points_changed:
+            self.points_changed.notify_all()
         log.info("point_uploaded", machine=cyc.machine, cycle=cyc.id, point=point.id,
                  consistency=point.consistency, stored_bytes=writer.stored_bytes,
                  logical_bytes=writer.logical_bytes)
@@ -298,12 +322,12 @@ class Uploader:
         # left running behind a cancelled caller (a retry reads the journal).
         await _in_thread_to_the_end(_append_journal, cycle_dir / JOURNAL, journal)
         ids = [seg.id for seg in segs]
-        async with self.server.sessionmaker() as s:
+        async with self.sessionmaker() as s:
             await s.execute(delete(db.Segment).where(db.Segment.id.in_(ids)))
             await s.commit()
         taken.difference_update(ids)
         await asyncio.to_thread(_unlink_all, [seg.path for seg in segs])
-        self.server.release_cache(cyc.seq, sum(seg.size for seg in segs))
+        self.space.release(cyc.seq, sum(seg.size for seg in segs))
 
 
 class _CycleAborted(Exception):

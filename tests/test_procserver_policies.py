@@ -189,7 +189,7 @@ async def test_pulled_retention_forgets_old_points_in_vault_and_catalog(
         assert m[("siterecovery_procserver_item_rpo_seconds", MACHINE)] == pytest.approx(
             (now - t[4]).total_seconds(), abs=1e-6)
         assert m[("siterecovery_procserver_item_rpo_threshold_seconds", MACHINE)] == 900
-        assert ps.cache_bytes == 0  # everything uploaded: the whole quota is free
+        assert ps.space.used == 0  # everything uploaded: the whole quota is free
         assert m[("siterecovery_procserver_cache_free_ratio", "")] == 1.0
         assert m[("siterecovery_procserver_upload_backlog_seconds", "")] == 0.0
 

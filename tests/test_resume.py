@@ -29,7 +29,8 @@ from mobility.agent import Agent, CycleResult
 from mobility.snapshot import Quiesced, Scripts
 from procserver import db
 from procserver.config import ProcServerConfig
-from procserver.server import RECV_CHUNK, RECV_HIGH_WATER, ProcServer
+from procserver.listener import RECV_CHUNK, RECV_HIGH_WATER
+from procserver.server import ProcServer
 from procserver.session import RUN_BYTES
 from tests.helpers import (
     Daemon,
@@ -396,8 +397,8 @@ async def test_new_cycle_supersedes_a_suspended_one(
                             resume_timeout_seconds=0.0)
         with pytest.raises((ConnectionError, OSError)):
             await replicate(make_agent(acfg))
-        async with asyncio.timeout(30), ps.cycles_changed:
-            await ps.cycles_changed.wait_for(lambda: ps.suspended() == 1)
+        async with asyncio.timeout(30), ps.cycles.changed:
+            await ps.cycles.changed.wait_for(lambda: ps.cycles.suspended() == 1)
         r = await replicate(make_agent(acfg))
         assert r.full and r.resumes == 0
         assert metric(ps, "suspended_cycles") == 0
@@ -559,8 +560,8 @@ async def test_fast_agent_is_held_back_by_a_slow_cache_writer(
         ahead: list[int] = []
 
         def sample() -> None:  # at every forward towards the server
-            held.append(ps.receive_buffered)
-            ahead.append(proxy.up - ps.cache_written)
+            held.append(ps.buffers.buffered)
+            ahead.append(proxy.up - ps.buffers.written)
 
         proxy.on_forward = sample
         r = await replicate(make_agent(agent_config(tmp_path, pki, "web01", proxy.port,
