@@ -6,7 +6,7 @@ ends that row gets ``active = false`` and ``cleared_at``. A change of severity
 clears the row and opens a new one, so the history shows when a warning became
 critical. The message of an active row is kept current (the latest values).
 
-Conditions (``now`` is ``server.clock()``, so tests age things with an injected clock):
+Conditions (``now`` is ``core.clock()``, so tests age things with an injected clock):
 
 ===============================  ========  ============================================
 code                             severity  when
@@ -25,29 +25,25 @@ backlog alerts (they are the last known state) next to the heartbeat alert. Sile
 is counted from this configuration server's start at the earliest (``up_since``).
 
 ``evaluate()`` runs after every heartbeat, on demand (``POST /api/v1/alerts/evaluate``),
-and in ``run()``: every ``alert_interval_seconds`` and soon after ``server.notify()``
-(new points). Evaluations are serialized: per server by a lock, and across
-configuration servers sharing one PostgreSQL catalog by an advisory transaction lock.
-An evaluation that raised or cleared something calls ``server.notify()`` itself.
+and in ``run()``: every ``alert_interval_seconds`` and soon after ``core.notify()``
+(new points). Evaluations are serialized: per server by the ``AlertBook``'s lock, and
+across configuration servers sharing one PostgreSQL catalog by an advisory transaction
+lock. An evaluation that raised or cleared something calls ``core.notify()`` itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import structlog
 from sqlalchemy import select, text
 
 from configserver import db
+from configserver.core import Core
 from configserver.items import ItemState
-
-if TYPE_CHECKING:
-    from configserver.server import ConfigServer
 
 log = structlog.get_logger("configserver.alerts")
 
@@ -127,8 +123,9 @@ def rpo_alert(item: db.ReplicatedItem, threshold: int | None, now: float) -> Ale
 
 
 @dataclass
-class _State:
-    """Per-server bookkeeping: the evaluation lock and the metric labels in use."""
+class AlertBook:
+    """One configuration server's alert bookkeeping: since when it is up (silence counts
+    from then), the evaluation lock and the metric labels in use."""
 
     up_since: float
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -136,25 +133,14 @@ class _State:
     machines: set[str] = field(default_factory=set)
 
 
-_states: weakref.WeakKeyDictionary[ConfigServer, _State] = weakref.WeakKeyDictionary()
-
-
-def _state(server: ConfigServer) -> _State:
-    st = _states.get(server)
-    if st is None:
-        st = _states[server] = _State(up_since=server.clock())
-    return st
-
-
-async def evaluate(server: ConfigServer) -> list[Alert]:
+async def evaluate(core: Core, st: AlertBook) -> list[Alert]:
     """Bring ``events`` and the alert metrics in line with the catalog; return what is active."""
-    st = _state(server)
     async with st.lock:
-        now = server.clock()
+        now = core.clock()
         raised: list[Alert] = []
         cleared: list[db.Event] = []
-        async with server.sessionmaker() as s, s.begin():
-            if server.engine.dialect.name == "postgresql":
+        async with core.sessionmaker() as s, s.begin():
+            if core.dialect == "postgresql":
                 await s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
             procservers = (await s.execute(select(db.ProcessServer))).scalars().all()
             items = (await s.execute(
@@ -191,11 +177,11 @@ async def evaluate(server: ConfigServer) -> list[Alert]:
             (log.error if a.severity == "critical" else log.warning)(
                 "alert_raised", code=a.code, target=a.target, severity=a.severity,
                 message=a.message)
-        _update_metrics(server, st, list(want.values()), procservers,
+        _update_metrics(core, st, list(want.values()), procservers,
                         [(i, t) for i, t in items])
         result = list(want.values())
-    if raised or cleared:  # waiters on server.changed see alerts move (at most once more)
-        await server.notify()
+    if raised or cleared:  # waiters on the notifier see alerts move (at most once more)
+        await core.notify()
     return result
 
 
@@ -203,10 +189,10 @@ def _age(clock: Callable[[], float], since: float) -> Callable[[], float]:
     return lambda: max(0.0, clock() - since)
 
 
-def _update_metrics(server: ConfigServer, st: _State, alerts: Sequence[Alert],
+def _update_metrics(core: Core, st: AlertBook, alerts: Sequence[Alert],
                     procservers: Sequence[db.ProcessServer],
                     items: Sequence[tuple[db.ReplicatedItem, int | None]]) -> None:
-    m = server.metrics
+    m = core.metrics
     for sev in SEVERITIES:
         for code in CODES:
             m.alerts_active.labels(sev, code).set(
@@ -217,7 +203,7 @@ def _update_metrics(server: ConfigServer, st: _State, alerts: Sequence[Alert],
         m.ps_backlog_seconds.labels(ps.name).set(ps.backlog_seconds)
         m.ps_backlog_bytes.labels(ps.name).set(ps.backlog_bytes)
         # Computed at scrape time: the age keeps growing between evaluations.
-        m.ps_heartbeat_age.labels(ps.name).set_function(_age(server.clock, ps.last_contact))
+        m.ps_heartbeat_age.labels(ps.name).set_function(_age(core.clock, ps.last_contact))
     for gone in st.procservers - names:
         for g in (m.ps_cache_free, m.ps_backlog_seconds, m.ps_backlog_bytes, m.ps_heartbeat_age,
                   m.ps_heartbeats):
@@ -229,22 +215,22 @@ def _update_metrics(server: ConfigServer, st: _State, alerts: Sequence[Alert],
         if item.latest_point_time is not None:
             machines.add(item.machine)
             m.item_rpo.labels(item.machine).set_function(
-                _age(server.clock, item.latest_point_time))
+                _age(core.clock, item.latest_point_time))
     for gone in st.machines - machines:
         with contextlib.suppress(KeyError):
             m.item_rpo.remove(gone)
     st.machines = machines
 
 
-async def run(server: ConfigServer) -> None:
-    """The background evaluator: every ``alert_interval_seconds``, and soon after a change."""
-    _state(server)  # up_since: now, at start
+async def run(core: Core, st: AlertBook, interval: float) -> None:
+    """The background evaluator: every ``interval`` seconds, and soon after a change."""
     dirty = asyncio.Event()
 
     async def watch() -> None:
-        async with server.changed:
+        changed = core.notifier.changed
+        async with changed:
             while True:
-                await server.changed.wait()
+                await changed.wait()
                 dirty.set()
 
     watcher = asyncio.create_task(watch(), name="alerts-watch")
@@ -252,18 +238,18 @@ async def run(server: ConfigServer) -> None:
         while True:
             dirty.clear()
             try:
-                await evaluate(server)
+                await evaluate(core, st)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a catalog hiccup must not end alerting
                 log.error("alert_evaluation_failed", error=str(e), error_type=type(e).__name__,
-                          retry_in_seconds=server.cfg.alert_interval_seconds)
+                          retry_in_seconds=interval)
             # Rate limit: a burst of changes (many agents) costs one evaluation per gap;
             # what changed meanwhile stays marked in ``dirty``.
-            gap = min(_MIN_GAP_S, server.cfg.alert_interval_seconds)
+            gap = min(_MIN_GAP_S, interval)
             await asyncio.sleep(gap)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(server.cfg.alert_interval_seconds - gap):
+                async with asyncio.timeout(interval - gap):
                     await dirty.wait()
     finally:
         watcher.cancel()

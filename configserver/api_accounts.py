@@ -121,7 +121,8 @@ async def _users(s: Any, name: str) -> list[str]:
 
 async def _seal(call: Call, name: str, kind: str, secret: bytes) -> bytes:
     try:
-        return sealed.seal(await sealed.key_for_sealing(call.server), name, kind, secret)
+        key = await sealed.key_for_sealing(call.services, call.services.cfg.secrets_key_path)
+        return sealed.seal(key, name, kind, secret)
     except sealed.SecretError as e:
         raise ApiError(503, e.code, e.message, e.hint) from None
 
@@ -133,12 +134,12 @@ async def add_account(call: Call) -> web.Response:
     exists = ApiError(409, "account_exists", f"an account named {name!r} already exists",
                       f"change its secret with 'siterecovery account update {name}' or "
                       "pick another name")
-    async with call.server.sessionmaker() as s:
+    async with call.services.sessionmaker() as s:
         if await s.get(db.Account, name) is not None:
             raise exists
     blob = await _seal(call, name, kind, plain)
-    now = call.server.clock()
-    async with call.server.sessionmaker() as s:
+    now = call.services.clock()
+    async with call.services.sessionmaker() as s:
         a = db.Account(name=name, username=b["username"], kind=kind, secret=blob,
                        created=now, updated=now)
         s.add(a)
@@ -152,7 +153,7 @@ async def add_account(call: Call) -> web.Response:
 
 
 async def list_accounts(call: Call) -> web.Response:
-    async with call.server.sessionmaker() as s:
+    async with call.services.sessionmaker() as s:
         rows = (await s.execute(select(db.Account).order_by(db.Account.name))).scalars().all()
         uses = (await s.execute(select(db.Machine.account, db.Machine.name)
                                 .where(db.Machine.account.is_not(None))
@@ -165,7 +166,7 @@ async def list_accounts(call: Call) -> web.Response:
 
 async def show_account(call: Call) -> web.Response:
     name = call.params["name"]
-    async with call.server.sessionmaker() as s:
+    async with call.services.sessionmaker() as s:
         a = await s.get(db.Account, name)
         if a is None:
             raise not_found("account", name, "list them: siterecovery account list")
@@ -175,7 +176,7 @@ async def show_account(call: Call) -> web.Response:
 async def update_account(call: Call) -> web.Response:
     name = call.params["name"]
     b: dict[str, Any] = call.body
-    async with call.server.sessionmaker() as s:
+    async with call.services.sessionmaker() as s:
         a = await s.get(db.Account, name)
         if a is None:
             raise not_found("account", name, "list them: siterecovery account list")
@@ -186,7 +187,7 @@ async def update_account(call: Call) -> web.Response:
     blob = None
     if "secret" in b:
         blob = await _seal(call, name, kind, _check_secret(kind, b["secret"]))
-    async with call.server.sessionmaker() as s:
+    async with call.services.sessionmaker() as s:
         a2 = await s.get(db.Account, name, with_for_update=True)
         if a2 is None:
             raise not_found("account", name, "it was removed meanwhile")
@@ -194,7 +195,7 @@ async def update_account(call: Call) -> web.Response:
             a2.username = b["username"]
         if blob is not None:
             a2.kind, a2.secret = kind, blob
-        a2.updated = call.server.clock()
+        a2.updated = call.services.clock()
         await s.commit()
         machines = await _users(s, name)
     log.info("account_updated", account=name, changed=sorted(b), secret_rotated=blob is not None,
@@ -204,7 +205,7 @@ async def update_account(call: Call) -> web.Response:
 
 async def remove_account(call: Call) -> web.Response:
     name = call.params["name"]
-    async with call.server.sessionmaker() as s:
+    async with call.services.sessionmaker() as s:
         a = await s.get(db.Account, name, with_for_update=True)
         if a is None:
             raise not_found("account", name, "list them: siterecovery account list")

@@ -73,9 +73,9 @@ async def _machine(s: AsyncSession, name: str) -> db.Machine:
 
 async def settings(call: Call) -> web.Response:
     name = str(call.peer)
-    async with call.server.sessionmaker() as s:
+    async with call.services.sessionmaker() as s:
         machine = await _machine(s, name)
-        machine.last_contact = call.server.clock()
+        machine.last_contact = call.services.clock()
         item = await s.get(db.ReplicatedItem, name)
         policy = await s.get(db.Policy, item.policy) if item is not None else None
         ps = await s.get(db.ProcessServer, machine.process_server) \
@@ -83,7 +83,7 @@ async def settings(call: Call) -> web.Response:
         disks = [{"name": str(d["name"]), "path": str(d.get("path", "")),
                   "size_bytes": d.get("size_bytes")} for d in machine.disks or []]
         await s.commit()
-    await call.server.notify()
+    await call.services.notify()
     return reply({
         "machine": name,
         "replicate": item is not None and item.state in REPLICATING_STATES,
@@ -103,16 +103,16 @@ async def settings(call: Call) -> web.Response:
 
 async def heartbeat(call: Call) -> web.Response:
     name = str(call.peer)
-    now = call.server.clock()
-    async with call.server.sessionmaker() as s:
+    now = call.services.clock()
+    async with call.services.sessionmaker() as s:
         machine = await _machine(s, name)
         machine.last_contact, machine.agent_version = now, call.body["agent_version"]
         item = await s.get(db.ReplicatedItem, name)
         state = item.state if item is not None else None
         await s.commit()
-    call.server.metrics.agent_heartbeats.inc()
+    call.services.metrics.agent_heartbeats.inc()
     log.info("agent_heartbeat", machine=name, agent_version=call.body["agent_version"])
-    await call.server.notify()
+    await call.services.notify()
     return reply({"machine": name, "last_contact": iso(now),
                   "replicate": state in REPLICATING_STATES, "item_state": state})
 
@@ -128,8 +128,8 @@ def _resync_event(before: str, after: str) -> tuple[str, str] | None:
 async def progress(call: Call) -> web.Response:
     name = str(call.peer)
     disks: dict[str, float] = call.body["disks"]
-    now = call.server.clock()
-    async with call.server.sessionmaker() as s:
+    now = call.services.clock()
+    async with call.services.sessionmaker() as s:
         machine = await _machine(s, name)
         item = await s.get(db.ReplicatedItem, name, with_for_update=True)
         if item is None:
@@ -154,7 +154,7 @@ async def progress(call: Call) -> web.Response:
         doc = item_doc(item, await s.get(db.Policy, item.policy), now)
     if doc["state"] != before:
         log.info("item_state_changed", machine=name, state=doc["state"], was=before)
-    await call.server.notify()
+    await call.services.notify()
     return reply(doc)
 
 

@@ -49,22 +49,25 @@ MAX_WAIT = 60
 
 def _issued(call: Call, issued: Issued) -> dict[str, Any]:
     return {"machine": issued.subject, "cert": issued.cert_pem.decode(),
-            "key": issued.key_pem.decode(), "ca": call.server.ca.cert_pem.decode(),
+            "key": issued.key_pem.decode(), "ca": call.services.ca.cert_pem.decode(),
             "serial": issued.serial, "not_after": iso(issued.not_after)}
 
 
 # -- admin -------------------------------------------------------------------------------
 
 async def issue_agent_cert(call: Call) -> web.Response:
-    issued = await certs.issue_agent(call.server, call.body["machine"], call.body.get("days"))
+    svc = call.services
+    issued = await certs.issue_agent(svc, svc.ca, call.body["machine"],
+                                     call.body.get("days") or svc.cfg.agent_cert_days)
     return reply(_issued(call, issued), status=201)
 
 
 async def issue_procserver_cert(call: Call) -> web.Response:
     name, hosts = call.body["name"], list(dict.fromkeys(call.body["hosts"]))
-    issued = await certs.issue_procserver(call.server, name, hosts, call.body.get("days"))
+    issued = await certs.issue_procserver(call.services, call.services.ca, name, hosts,
+                                          call.body.get("days"))
     return reply({"name": name, "hosts": hosts, "cert": issued.cert_pem.decode(),
-                  "key": issued.key_pem.decode(), "ca": call.server.ca.cert_pem.decode(),
+                  "key": issued.key_pem.decode(), "ca": call.services.ca.cert_pem.decode(),
                   "serial": issued.serial, "not_after": iso(issued.not_after)}, status=201)
 
 
@@ -74,9 +77,9 @@ async def list_certs(call: Call) -> web.Response:
         q = q.where(db.Certificate.kind == call.query["kind"])
     if "subject" in call.query:
         q = q.where(db.Certificate.subject == call.query["subject"])
-    async with call.server.sessionmaker() as s:
+    async with call.services.sessionmaker() as s:
         rows = (await s.execute(q)).scalars().all()
-    now = call.server.clock()
+    now = call.services.clock()
     docs = [certs.doc(r, now) for r in rows]
     if "state" in call.query:
         docs = [d for d in docs if d["state"] == call.query["state"]]
@@ -84,7 +87,7 @@ async def list_certs(call: Call) -> web.Response:
 
 
 async def _get(call: Call, serial: str) -> db.Certificate:
-    async with call.server.sessionmaker() as s:
+    async with call.services.sessionmaker() as s:
         row = await s.get(db.Certificate, serial)
     if row is None:
         raise ApiError(404, "certificate_not_found", f"no certificate with serial {serial!r}",
@@ -94,13 +97,13 @@ async def _get(call: Call, serial: str) -> db.Certificate:
 
 async def show_cert(call: Call) -> web.Response:
     row = await _get(call, call.params["serial"])
-    return reply(certs.doc(row, call.server.clock()))
+    return reply(certs.doc(row, call.services.clock()))
 
 
 async def revoke_cert(call: Call) -> web.Response:
     serial = call.params["serial"]
-    now = call.server.clock()
-    async with call.server.sessionmaker() as s:
+    now = call.services.clock()
+    async with call.services.sessionmaker() as s:
         row = await s.get(db.Certificate, serial)
         if row is None:
             raise ApiError(404, "certificate_not_found",
@@ -111,17 +114,17 @@ async def revoke_cert(call: Call) -> web.Response:
             await s.commit()
             log.warning("certificate_revoked", serial=serial, subject=row.subject,
                         kind=row.kind)
-    await call.server.notify()
+    await call.services.notify()
     return reply(certs.doc(row, now))
 
 
 # -- site listener: agents ----------------------------------------------------------------
 
 async def enroll(call: Call) -> web.Response:
-    server, machine = call.server, call.body["machine"]
+    server, machine = call.services, call.body["machine"]
     addr = call.request.remote or "unknown"
     now = server.clock()
-    throttle = certs.throttle(server)
+    throttle = server.throttle
     wait = throttle.retry_after(addr, now)
     if wait:
         server.metrics.enrollments.labels("throttled").inc()
@@ -149,7 +152,7 @@ async def enroll(call: Call) -> web.Response:
         raise ApiError(409, "machine_disabled", f"machine {machine!r} is disabled",
                        f"enable it first: PATCH /api/v1/machines/{machine} "
                        '{"enabled": true}')
-    issued = await certs.issue_agent(server, machine)
+    issued = await certs.issue_agent(server, server.ca, machine, server.cfg.agent_cert_days)
     server.metrics.enrollments.labels("ok").inc()
     log.info("agent_enrolled", machine=machine, peer=addr, serial=issued.serial)
     return reply(_issued(call, issued), status=201)
@@ -168,14 +171,15 @@ async def renew(call: Call) -> web.Response:
     assert call.peer is not None
     peer = peer_certificate(call.request)
     assert peer is not None  # the agent auth verified it
-    issued = await certs.issue_agent(call.server, call.peer)
-    async with call.server.sessionmaker() as s:
+    svc = call.services
+    issued = await certs.issue_agent(svc, svc.ca, call.peer, svc.cfg.agent_cert_days)
+    async with call.services.sessionmaker() as s:
         old = await s.get_one(db.Certificate, peer[1])
-        grace_end = call.server.clock() + certs.RENEW_GRACE_SECONDS
+        grace_end = call.services.clock() + certs.RENEW_GRACE_SECONDS
         if old.revoked_at is None or old.revoked_at > grace_end:
             old.revoked_at = grace_end
             await s.commit()
-    await call.server.notify()
+    await call.services.notify()
     log.info("agent_certificate_renewed", machine=call.peer, old_serial=peer[1],
              serial=issued.serial)
     return reply(_issued(call, issued), status=201)
@@ -194,15 +198,16 @@ def _going_away(request: web.Request) -> bool:
 async def trust(call: Call) -> web.Response:
     """The trust list; with ``version`` and ``wait``, a long poll: answer as soon as the
     list differs from ``version``, or after ``wait`` seconds with the same list."""
-    doc = await certs.trust_list(call.server)
+    svc = call.services
+    doc = await certs.trust_list(svc, svc.ca.fingerprint)
     known, wait = call.query.get("version"), float(call.query.get("wait", 0))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     while known == doc["version"] and (left := deadline - loop.time()) > 0 \
             and not _going_away(call.request):
         # Our own changes notify; others' (a machine disabled) are seen within a second.
-        await certs.wait_changed(call.server, min(1.0, left))
-        doc = await certs.trust_list(call.server)
+        await svc.notifier.wait(min(1.0, left))
+        doc = await certs.trust_list(svc, svc.ca.fingerprint)
     return reply(doc)
 
 

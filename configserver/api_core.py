@@ -14,7 +14,7 @@ async def health(call: Call) -> web.Response:
 
 
 async def metrics(call: Call) -> web.Response:
-    return web.Response(body=generate_latest(call.server.metrics.registry),
+    return web.Response(body=generate_latest(call.services.metrics.registry),
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -44,14 +44,14 @@ async def list_events(call: Call) -> web.Response:
     if "code" in call.query:
         q = q.where(db.Event.code == call.query["code"])
     q = q.limit(call.query.get("limit", 500))
-    async with call.server.sessionmaker() as s:
+    async with call.services.sessionmaker() as s:
         rows = (await s.execute(q)).scalars().all()
     return reply(_docs(rows))
 
 
 async def evaluate_alerts(call: Call) -> web.Response:
-    await alerts.evaluate(call.server)
-    async with call.server.sessionmaker() as s:
+    await alerts.evaluate(call.services, call.services.alert_book)
+    async with call.services.sessionmaker() as s:
         rows = (await s.execute(select(db.Event).where(db.Event.active.is_(True)).order_by(
             db.Event.time.desc(), db.Event.id.desc()))).scalars().all()
     return reply(_docs(rows))

@@ -8,8 +8,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from configserver import db
+from configserver.errors import ItemStateError
 from configserver.items import ITEM, ItemState, item_doc
-from configserver.jobs import ACTIVE, JOB, engine_of, job_doc, new_job
+from configserver.jobs import ACTIVE, JOB, job_doc, new_job
 from configserver.replication import DISABLE, ENABLE, ENABLE_KINDS
 from configserver.rest import NAME, ApiError, Call, Route, array, not_found, obj, reply
 
@@ -24,20 +25,20 @@ async def list_items(call: Call) -> web.Response:
         db.Policy, db.Policy.name == db.ReplicatedItem.policy).order_by(db.ReplicatedItem.machine)
     if "state" in call.query:
         q = q.where(db.ReplicatedItem.state == call.query["state"])
-    now = call.server.clock()
-    async with call.server.sessionmaker() as s:
+    now = call.services.clock()
+    async with call.services.sessionmaker() as s:
         rows = (await s.execute(q)).all()
     return reply({"items": [item_doc(item, policy, now) for item, policy in rows]})
 
 
 async def show_item(call: Call) -> web.Response:
     name = call.params["machine"]
-    async with call.server.sessionmaker() as s:
+    async with call.services.sessionmaker() as s:
         item = await s.get(db.ReplicatedItem, name)
         if item is None:
             raise _no_item(name)
         policy = await s.get(db.Policy, item.policy)
-    return reply(item_doc(item, policy, call.server.clock()))
+    return reply(item_doc(item, policy, call.services.clock()))
 
 
 def _no_item(name: str) -> ApiError:
@@ -53,8 +54,8 @@ def _already_disabling(name: str) -> ApiError:
 async def enable(call: Call) -> web.Response:
     name: str = call.body["machine"]
     policy_name: str = call.body.get("policy", "default")
-    now = call.server.clock()
-    async with call.server.sessionmaker() as s:
+    now = call.services.clock()
+    async with call.services.sessionmaker() as s:
         machine = await s.get(db.Machine, name)
         if machine is None:
             raise not_found("machine", name, "add it first: siterecovery machine add")
@@ -94,13 +95,13 @@ async def enable(call: Call) -> web.Response:
             raise ApiError(409, "already_enabling", f"protection of {name!r} is already being "
                            "enabled") from None
     log.info("replication_enable_requested", machine=name, policy=policy_name, job=job.id)
-    await call.server.notify()
-    return reply({"job": job_doc(job)}, status=202)
+    await call.services.notify()
+    return reply({"job": job_doc(job, call.services.jobs.kinds)}, status=202)
 
 
 async def disable(call: Call) -> web.Response:
     name: str = call.body["machine"]
-    async with call.server.sessionmaker() as s:
+    async with call.services.sessionmaker() as s:
         item = await s.get(db.ReplicatedItem, name)
         if item is None:
             raise _no_item(name)
@@ -110,15 +111,15 @@ async def disable(call: Call) -> web.Response:
             raise _already_disabling(name)
         # (disabling without a Disable protection job: the last one failed; try again)
         enabling = [jid for jid, kind in active if kind in ENABLE_KINDS]
-    engine = engine_of(call.server)
+    engine = call.services.jobs
     for jid in enabling:  # a disable supersedes an enable still waiting for the agent
         try:
             await engine.cancel(jid)
-        except ApiError as e:
+        except ItemStateError as e:
             if e.code != "job_finished":
                 raise
-    now = call.server.clock()
-    async with call.server.sessionmaker() as s:
+    now = call.services.clock()
+    async with call.services.sessionmaker() as s:
         item = await s.get(db.ReplicatedItem, name)
         if item is None:
             raise _no_item(name)
@@ -132,8 +133,8 @@ async def disable(call: Call) -> web.Response:
         await s.commit()
     log.info("replication_disable_requested", machine=name, job=job.id,
              cancelled=list(enabling))
-    await call.server.notify()
-    return reply({"job": job_doc(job)}, status=202)
+    await call.services.notify()
+    return reply({"job": job_doc(job, call.services.jobs.kinds)}, status=202)
 
 
 RESYNCABLE = (ItemState.PROTECTED, ItemState.RESYNC_REQUIRED)
@@ -141,8 +142,8 @@ RESYNCABLE = (ItemState.PROTECTED, ItemState.RESYNC_REQUIRED)
 
 async def resync(call: Call) -> web.Response:
     name = call.params["machine"]
-    now = call.server.clock()
-    async with call.server.sessionmaker() as s:
+    now = call.services.clock()
+    async with call.services.sessionmaker() as s:
         item = await s.get(db.ReplicatedItem, name, with_for_update=True)
         if item is None:
             raise _no_item(name)
@@ -159,7 +160,7 @@ async def resync(call: Call) -> web.Response:
         await s.commit()
         doc = item_doc(item, await s.get(db.Policy, item.policy), now)
     log.info("resync_requested", machine=name)
-    await call.server.notify()
+    await call.services.notify()
     return reply(doc, status=202)
 
 

@@ -7,20 +7,10 @@ import asyncio
 from aiohttp import web
 from sqlalchemy import select
 
-from configserver import db, replication
-from configserver.jobs import (
-    ACTIVE,
-    JOB,
-    JOB_ID,
-    JOB_STATES,
-    KINDS,
-    engine_of,
-    job_doc,
-    wait_tick,
-)
+from configserver import db
+from configserver.jobkinds import KINDS
+from configserver.jobs import ACTIVE, JOB, JOB_ID, JOB_STATES, job_doc, wait_tick
 from configserver.rest import NAME, ApiError, Call, Route, array, obj, reply
-
-assert replication.ENABLE.name in KINDS  # the kinds are registered by importing them
 
 _ID = {"id": JOB_ID}
 
@@ -34,14 +24,15 @@ async def list_jobs(call: Call) -> web.Response:
     if "active" in call.query:
         q = q.where(db.Job.state.in_(ACTIVE) if call.query["active"]
                     else db.Job.state.not_in(ACTIVE))
-    async with call.server.sessionmaker() as s:
+    async with call.services.sessionmaker() as s:
         rows = (await s.execute(q)).scalars().all()
-    return reply({"jobs": [job_doc(j) for j in rows]})
+    kinds = call.services.jobs.kinds
+    return reply({"jobs": [job_doc(j, kinds) for j in rows]})
 
 
 async def _get(call: Call) -> db.Job:
     jid = call.params["id"]
-    async with call.server.sessionmaker() as s:
+    async with call.services.sessionmaker() as s:
         job = await s.get(db.Job, jid)
     if job is None:
         raise ApiError(404, "job_not_found", f"no job with id {jid!r}",
@@ -52,23 +43,23 @@ async def _get(call: Call) -> db.Job:
 async def show_job(call: Call) -> web.Response:
     """With ``version`` and ``wait``, a long poll: answers as soon as the job's version
     differs from ``version``, or after ``wait`` seconds with the job as it is."""
-    engine = engine_of(call.server)
+    engine = call.services.jobs
     tick = engine.tick  # taken before reading: a change after the read sets it
-    doc = job_doc(await _get(call))
+    doc = job_doc(await _get(call), engine.kinds)
     known, wait = call.query.get("version"), float(call.query.get("wait", 0))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     while doc["version"] == known and (left := deadline - loop.time()) > 0:
         await wait_tick(tick, left)
         tick = engine.tick
-        doc = job_doc(await _get(call))
+        doc = job_doc(await _get(call), engine.kinds)
     return reply(doc)
 
 
 async def cancel_job(call: Call) -> web.Response:
     job = await _get(call)
-    await engine_of(call.server).cancel(job.id)
-    return reply(job_doc(await _get(call)))
+    await call.services.jobs.cancel(job.id)
+    return reply(job_doc(await _get(call), call.services.jobs.kinds))
 
 
 ROUTES = [

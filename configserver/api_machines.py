@@ -182,14 +182,14 @@ async def add_machine(call: Call) -> web.Response:
     ip, disks = _ip(b["ip"]), _disks(b.get("disks", []))
     exists = ApiError(409, "machine_exists", f"a machine named {name!r} already exists",
                       f"change it with 'siterecovery machine update {name}' or remove it first")
-    async with call.server.sessionmaker() as s:
+    async with call.services.sessionmaker() as s:
         if await s.get(db.Machine, name) is not None:
             raise exists
         await _check_refs(s, b.get("process_server"), b.get("account"))
         m = db.Machine(name=name, ip=ip, os_type=b["os_type"], os_name=os_name,
                        os_version=os_version, kernel=b.get("kernel") or "", disks=disks,
                        process_server=b.get("process_server"), account=b.get("account"),
-                       enabled=True, created=call.server.clock(), last_contact=None,
+                       enabled=True, created=call.services.clock(), last_contact=None,
                        agent_version="")
         s.add(m)
         try:
@@ -202,7 +202,7 @@ async def add_machine(call: Call) -> web.Response:
 
 
 async def list_machines(call: Call) -> web.Response:
-    async with call.server.sessionmaker() as s:
+    async with call.services.sessionmaker() as s:
         rows = (await s.execute(select(db.Machine).order_by(db.Machine.name))).scalars().all()
         states = {str(machine): str(state) for machine, state in (await s.execute(
             select(db.ReplicatedItem.machine, db.ReplicatedItem.state))).all()}
@@ -211,7 +211,7 @@ async def list_machines(call: Call) -> web.Response:
 
 async def show_machine(call: Call) -> web.Response:
     name = call.params["name"]
-    async with call.server.sessionmaker() as s:
+    async with call.services.sessionmaker() as s:
         m = await s.get(db.Machine, name)
         if m is None:
             raise not_found("machine", name, "list them: siterecovery machine list")
@@ -221,7 +221,7 @@ async def show_machine(call: Call) -> web.Response:
 async def update_machine(call: Call) -> web.Response:
     name = call.params["name"]
     b: dict[str, Any] = call.body
-    async with call.server.sessionmaker() as s:
+    async with call.services.sessionmaker() as s:
         m = await s.get(db.Machine, name, with_for_update=True)
         if m is None:
             raise not_found("machine", name, "list them: siterecovery machine list")
@@ -245,13 +245,13 @@ async def update_machine(call: Call) -> web.Response:
     changed = sorted(b)
     log.info("machine_updated", machine=name, changed=changed,
              **({"enabled": b["enabled"]} if "enabled" in b else {}))
-    await call.server.notify()  # a disabled machine's agent is refused from now on
+    await call.services.notify()  # a disabled machine's agent is refused from now on
     return reply(_doc(m, state))
 
 
 async def remove_machine(call: Call) -> web.Response:
     name = call.params["name"]
-    async with call.server.sessionmaker() as s:
+    async with call.services.sessionmaker() as s:
         m = await s.get(db.Machine, name, with_for_update=True)
         if m is None:
             raise not_found("machine", name, "list them: siterecovery machine list")
@@ -266,10 +266,10 @@ async def remove_machine(call: Call) -> web.Response:
             update(db.Certificate)
             .where(db.Certificate.subject == name, db.Certificate.kind == "agent",
                    db.Certificate.revoked_at.is_(None))
-            .values(revoked_at=call.server.clock()))).rowcount  # type: ignore[attr-defined]
+            .values(revoked_at=call.services.clock()))).rowcount  # type: ignore[attr-defined]
         await s.commit()
     log.info("machine_removed", machine=name, certificates_revoked=revoked)
-    await call.server.notify()
+    await call.services.notify()
     return reply({"deleted": name})
 
 

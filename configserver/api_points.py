@@ -12,6 +12,7 @@ from sqlalchemy import delete, select
 
 from common.labels import CONSISTENCY
 from configserver import db
+from configserver.items import point_recorded
 from configserver.rest import NAME, Call, Route, array, obj, reply
 
 log = structlog.get_logger("configserver.points")
@@ -32,7 +33,7 @@ async def list_points(call: Call) -> web.Response:
     q = select(db.RecoveryPoint).order_by(db.RecoveryPoint.created)
     if "machine" in call.query:
         q = q.where(db.RecoveryPoint.machine == call.query["machine"])
-    async with call.server.sessionmaker() as s:
+    async with call.services.sessionmaker() as s:
         rows = (await s.execute(q)).scalars().all()
     return reply({"points": [{"id": r.id, "machine": r.machine, "created": r.created,
                               "consistency": r.consistency} for r in rows]})
@@ -41,17 +42,15 @@ async def list_points(call: Call) -> web.Response:
 async def report_point(call: Call) -> web.Response:
     doc: dict[str, Any] = call.body
     pid, machine = doc["id"], doc["machine"]
-    async with call.server.sessionmaker() as s:
+    async with call.services.sessionmaker() as s:
         if await s.get(db.RecoveryPoint, pid) is None:
             s.add(db.RecoveryPoint(id=pid, machine=machine, created=doc["created"],
                                    consistency=doc["consistency"], doc=json.dumps(doc),
                                    received=time.time()))
             await s.commit()
-            call.server.metrics.points.inc()
-            from configserver.items import point_recorded
-
-            await point_recorded(call.server, doc)
-            await call.server.notify()
+            call.services.metrics.points.inc()
+            await point_recorded(call.services, doc)
+            await call.services.notify()
     log.info("point_recorded", point=pid, machine=machine, consistency=doc["consistency"])
     return reply({"id": pid}, status=201)
 
@@ -60,7 +59,7 @@ async def points_forgotten(call: Call) -> web.Response:
     """A process server's retention forgot these points in the vault: the catalog drops
     them too. Unknown ids are ignored, so a repeated report changes nothing."""
     ids = sorted(set(call.body["points"]))
-    async with call.server.sessionmaker() as s:
+    async with call.services.sessionmaker() as s:
         known = (await s.execute(select(db.RecoveryPoint.id).where(
             db.RecoveryPoint.id.in_(ids)))).scalars().all()
         if known:
@@ -68,7 +67,7 @@ async def points_forgotten(call: Call) -> web.Response:
             await s.commit()
     if known:
         log.info("points_forgotten", count=len(known), points=sorted(known))
-        await call.server.notify()
+        await call.services.notify()
     return reply({"removed": len(known)})
 
 

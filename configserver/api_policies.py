@@ -128,8 +128,8 @@ async def create_policy(call: Call) -> web.Response:
     name = body["name"]
     values = {k: int(body.get(k, v)) for k, v in POLICY_DEFAULTS.items()}
     _check(values)
-    now = call.server.clock()
-    async with call.server.sessionmaker() as s:
+    now = call.services.clock()
+    async with call.services.sessionmaker() as s:
         exists = ApiError(409, "policy_exists", f"a policy named {name!r} already exists",
                           f"change it with PATCH /api/v1/policies/{name} (siterecovery "
                           "policy update) or pick another name")
@@ -147,7 +147,7 @@ async def create_policy(call: Call) -> web.Response:
 
 
 async def list_policies(call: Call) -> web.Response:
-    async with call.server.sessionmaker() as s:
+    async with call.services.sessionmaker() as s:
         rows = (await s.execute(select(db.Policy).order_by(db.Policy.name))).scalars().all()
         counts = {str(policy): int(n) for policy, n in (await s.execute(
             select(db.ReplicatedItem.policy, func.count())
@@ -157,7 +157,7 @@ async def list_policies(call: Call) -> web.Response:
 
 async def show_policy(call: Call) -> web.Response:
     name = call.params["name"]
-    async with call.server.sessionmaker() as s:
+    async with call.services.sessionmaker() as s:
         row = await s.get(db.Policy, name)
         if row is None:
             raise not_found("policy", name, "list them: siterecovery policy list")
@@ -168,7 +168,7 @@ async def show_policy(call: Call) -> web.Response:
 async def update_policy(call: Call) -> web.Response:
     name = call.params["name"]
     changes: dict[str, int] = {k: int(v) for k, v in call.body.items()}
-    async with call.server.sessionmaker() as s:
+    async with call.services.sessionmaker() as s:
         row = await s.get(db.Policy, name, with_for_update=True)
         if row is None:
             raise not_found("policy", name, "list them: siterecovery policy list")
@@ -183,10 +183,10 @@ async def update_policy(call: Call) -> web.Response:
                            "with it and protect the machines again under that policy")
         for k, v in changes.items():
             setattr(row, COLUMNS[k], v)
-        row.updated = call.server.clock()
+        row.updated = call.services.clock()
         await s.commit()
     log.info("policy_updated", policy=name, **changes)
-    await call.server.notify()  # agents' settings follow their policy
+    await call.services.notify()  # agents' settings follow their policy
     return reply(_doc(row, len(users)))
 
 
@@ -196,7 +196,7 @@ async def delete_policy(call: Call) -> web.Response:
         raise ApiError(409, "default_policy", "the default policy cannot be deleted: "
                        "replication uses it when no policy is named",
                        "change it instead: siterecovery policy update default ...")
-    async with call.server.sessionmaker() as s:
+    async with call.services.sessionmaker() as s:
         row = await s.get(db.Policy, name, with_for_update=True)
         if row is None:
             raise not_found("policy", name, "list them: siterecovery policy list")

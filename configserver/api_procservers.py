@@ -111,11 +111,11 @@ async def _docs(call: Call, name: str | None = None) -> list[dict[str, Any]]:
         q = q.where(db.ProcessServer.name == name)
         counts_q = counts_q.where(db.Machine.process_server == name)
         events_q = events_q.where(db.Event.target == name)
-    async with call.server.sessionmaker() as s:
+    async with call.services.sessionmaker() as s:
         rows = (await s.execute(q)).scalars().all()
         counts = {k: int(v) for k, v in (await s.execute(counts_q)).all()}
         events = (await s.execute(events_q.order_by(db.Event.id))).scalars().all()
-    now = call.server.clock()
+    now = call.services.clock()
     return [_doc(r, now, counts.get(r.name, 0), events) for r in rows]
 
 
@@ -133,7 +133,7 @@ async def heartbeat(call: Call) -> web.Response:
     for k in ("cache_free_ratio", "backlog_seconds", "throughput_bps"):
         if not math.isfinite(b[k]):
             raise ApiError(422, "invalid_request", f"{k}: must be a finite number")
-    server = call.server
+    server = call.services
     fields = {k: b[k] for k in ("address", "version", "cache_bytes", "cache_free_ratio",
                                 "backlog_bytes", "backlog_seconds", "throughput_bps",
                                 "sessions")}
@@ -163,7 +163,7 @@ async def heartbeat(call: Call) -> web.Response:
                  version=b["version"])
     if refresh:
         log.info("procserver_refresh_delivered", procserver=b["name"])
-    await alerts.evaluate(server)
+    await alerts.evaluate(server, server.alert_book)
     await server.notify()
     return reply({"refresh_requested": refresh})
 
@@ -178,7 +178,7 @@ async def get_procserver(call: Call) -> web.Response:
 
 async def refresh_procserver(call: Call) -> web.Response:
     name = call.params["name"]
-    async with call.server.sessionmaker() as s:
+    async with call.services.sessionmaker() as s:
         row = await s.get(db.ProcessServer, name, with_for_update=True)
         if row is not None:
             row.refresh_requested = True
@@ -190,7 +190,7 @@ async def refresh_procserver(call: Call) -> web.Response:
 
 async def delete_procserver(call: Call) -> web.Response:
     name = call.params["name"]
-    async with call.server.sessionmaker() as s:
+    async with call.services.sessionmaker() as s:
         row = await s.get(db.ProcessServer, name, with_for_update=True)
         if row is None:
             raise not_found("procserver", name, "see GET /api/v1/procservers")
@@ -206,7 +206,8 @@ async def delete_procserver(call: Call) -> web.Response:
         await s.delete(row)
         await s.commit()
     log.info("procserver_removed", procserver=name)
-    await alerts.evaluate(call.server)  # its alerts clear, its metrics go
+    # its alerts clear, its metrics go
+    await alerts.evaluate(call.services, call.services.alert_book)
     return web.Response(status=204)
 
 
@@ -222,7 +223,7 @@ async def item_policies(call: Call) -> web.Response:
     """The policy of every replicated item whose machine is assigned to this process
     server (items not yet assigned, during their Prerequisites check, are not listed)."""
     name = call.params["name"]
-    async with call.server.sessionmaker() as s:
+    async with call.services.sessionmaker() as s:
         if await s.get(db.ProcessServer, name) is None:
             raise not_found("procserver", name, "a process server registers with its first "
                             "heartbeat: is its name the one it heartbeats with?")

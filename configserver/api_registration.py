@@ -6,6 +6,7 @@ from aiohttp import web
 
 from configserver import db, registration
 from configserver.rest import Call, Route, array, iso, nullable, obj, reply
+from vault.regkey import MAX_KEY_BYTES
 
 STATUS = obj({
     "registered": {"type": "boolean"},
@@ -35,11 +36,12 @@ def _status(row: db.Registration | None) -> dict[str, object]:
 
 
 async def show_registration(call: Call) -> web.Response:
-    return reply(_status(await registration.current(call.server)))
+    return reply(_status(await registration.current(call.services)))
 
 
 async def register(call: Call) -> web.Response:
-    out = await registration.register(call.server, call.body["key"],
+    out = await registration.register(call.services, call.services.cfg.vault_key_file,
+                                      call.body["key"],
                                       call.body.get("vault_key_file"),
                                       call.body.get("vault_url"))
     return reply({**_status(out.row), "clock_reference": out.reference,
@@ -61,7 +63,7 @@ ROUTES = [
                       "server (this API is loopback-only), else the config's vault_key_file; "
                       "only the path is stored.",
           body=obj({"key": {"type": "string", "minLength": 1,
-                            "maxLength": registration.MAX_KEY_BYTES},
+                            "maxLength": MAX_KEY_BYTES},
                     "vault_key_file": {"type": "string", "minLength": 1, "maxLength": 4096},
                     "vault_url": {"type": "string", "minLength": 1, "maxLength": 2048}},
                    ["key"]),

@@ -1,17 +1,17 @@
-"""The configuration server's background work: alerts, job runner."""
+"""The configuration server's background work: alerts, the own certificate, the job engine."""
 
 from __future__ import annotations
 
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
-if TYPE_CHECKING:
-    from configserver.server import ConfigServer
+from configserver import alerts, certs
+from configserver.services import Services
 
 
-def background_tasks(server: ConfigServer) -> list[Coroutine[Any, Any, None]]:
-    from configserver import alerts, certs, replication
-    from configserver.jobs import JobEngine
-
-    assert replication.ENABLE  # importing it registers the replication job kinds
-    return [alerts.run(server), certs.record_own(server), JobEngine(server).run()]
+def background_tasks(services: Services) -> list[Coroutine[Any, Any, None]]:
+    """The coroutines the daemon runs as tasks for as long as it runs."""
+    site_pem = Path(services.cfg.data_dir) / "tls" / "site.pem"  # see ConfigServer._site_tls
+    return [alerts.run(services, services.alert_book, services.cfg.alert_interval_seconds),
+            certs.record_own(services, site_pem), services.jobs.run()]

@@ -20,24 +20,20 @@ every process server (``procserver/trust.py``) apply this one rule.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import weakref
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from cryptography import x509
 from sqlalchemy import select
 
 from configserver import db
-from configserver.ca import Issued, serial_hex
-from configserver.rest import iso
-
-if TYPE_CHECKING:
-    from configserver.server import ConfigServer
+from configserver.ca import CertificateAuthority, Issued, serial_hex
+from configserver.core import Core
+from configserver.schema import iso
 
 log = structlog.get_logger("configserver.certs")
 
@@ -80,71 +76,71 @@ def trusted(row: db.Certificate | None, machine: db.Machine | None, now: float) 
     return None
 
 
-async def record(server: ConfigServer, issued: Issued, kind: str, *,
+async def record(core: Core, issued: Issued, kind: str, *,
                  issued_at: float | None = None) -> None:
     """Add a certificate the CA issued to the catalog (idempotent on the serial)."""
     assert kind in KINDS, kind
-    async with server.sessionmaker() as s:
+    async with core.sessionmaker() as s:
         if await s.get(db.Certificate, issued.serial) is None:
             s.add(db.Certificate(serial=issued.serial, subject=issued.subject, kind=kind,
-                                 issued_at=server.clock() if issued_at is None else issued_at,
+                                 issued_at=core.clock() if issued_at is None else issued_at,
                                  not_after=issued.not_after))
             await s.commit()
-            server.metrics.certs_issued.labels(kind).inc()
-    await server.notify()
+            core.metrics.certs_issued.labels(kind).inc()
+    await core.notify()
 
 
-async def record_pem(server: ConfigServer, pem: bytes, kind: str) -> Issued:
+async def record_pem(core: Core, pem: bytes, kind: str) -> Issued:
     """Record a certificate issued earlier (a PEM file on disk), if it is not yet listed."""
     cert = x509.load_pem_x509_certificate(pem)
     cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
     issued = Issued(pem, b"", serial_hex(cert.serial_number),
                     str(cn[0].value) if cn else "", cert.not_valid_before_utc.timestamp(),
                     cert.not_valid_after_utc.timestamp())
-    await record(server, issued, kind, issued_at=issued.not_before)
+    await record(core, issued, kind, issued_at=issued.not_before)
     return issued
 
 
-async def issue_agent(server: ConfigServer, machine: str, days: float | None = None) -> Issued:
-    """Issue and record a client certificate for ``machine``."""
-    issued = server.ca.issue_client(machine, days or server.cfg.agent_cert_days,
-                                    now=server.clock())
-    await record(server, issued, "agent")
+async def issue_agent(core: Core, ca: CertificateAuthority, machine: str,
+                      days: float) -> Issued:
+    """Issue and record a client certificate for ``machine``, valid for ``days``."""
+    issued = ca.issue_client(machine, days, now=core.clock())
+    await record(core, issued, "agent")
     log.info("agent_certificate_issued", machine=machine, serial=issued.serial,
              not_after=iso(issued.not_after))
     return issued
 
 
-async def issue_procserver(server: ConfigServer, name: str, hosts: list[str],
+async def issue_procserver(core: Core, ca: CertificateAuthority, name: str, hosts: list[str],
                            days: float | None = None) -> Issued:
     """Issue and record a server certificate for a process server reachable as ``hosts``."""
-    issued = server.ca.issue_server(name, hosts, days or PROCSERVER_DAYS, now=server.clock())
-    await record(server, issued, "procserver")
+    issued = ca.issue_server(name, hosts, days or PROCSERVER_DAYS, now=core.clock())
+    await record(core, issued, "procserver")
     log.info("procserver_certificate_issued", procserver=name, serial=issued.serial,
              hosts=hosts, not_after=iso(issued.not_after))
     return issued
 
 
-async def record_own(server: ConfigServer) -> None:
-    """Record the site listener's certificate (issued at start, before the catalog is
-    written to): with this, every certificate the CA issued is in the catalog."""
-    pem = Path(server.cfg.data_dir) / "tls" / "site.pem"  # see ConfigServer._site_tls
+async def record_own(core: Core, pem: Path) -> None:
+    """Record the site listener's certificate ``pem`` (issued at start, before the catalog
+    is written to): with this, every certificate the CA issued is in the catalog."""
     if pem.exists():
-        await record_pem(server, pem.read_bytes(), "configserver")
+        await record_pem(core, pem.read_bytes(), "configserver")
 
 
 # -- the trust list ---------------------------------------------------------------------
 
-async def trust_list(server: ConfigServer) -> dict[str, Any]:
+async def trust_list(core: Core, ca_sha256: str) -> dict[str, Any]:
     """What process servers need to refuse certificates the CA alone would accept.
 
     ``machines``: every machine of the inventory with ``enabled``, the serials of its
     trusted agent certificates and the names of its disks (the only ones it may write;
     none listed: the inventory does not say); ``revoked``: revoked serials not yet
-    expired. ``version`` changes exactly when the content does.
+    expired. ``version`` changes exactly when the content does. ``ca_sha256`` is the CA
+    certificate's fingerprint.
     """
-    now = server.clock()
-    async with server.sessionmaker() as s:
+    now = core.clock()
+    async with core.sessionmaker() as s:
         machines = (await s.execute(select(db.Machine).order_by(db.Machine.name))
                     ).scalars().all()
         rows = (await s.execute(select(db.Certificate).where(
@@ -154,7 +150,7 @@ async def trust_list(server: ConfigServer) -> dict[str, Any]:
     for r in rows:
         by_subject.setdefault(r.subject, []).append(r)
     content = {
-        "ca_sha256": server.ca.fingerprint,
+        "ca_sha256": ca_sha256,
         "machines": [{"name": m.name, "enabled": bool(m.enabled),
                       "serials": [r.serial for r in by_subject.get(m.name, [])
                                   if trusted(r, m, now) is None],
@@ -203,22 +199,3 @@ class Throttle:
 
     def succeeded(self, addr: str) -> None:
         self._failures.pop(addr, None)
-
-
-_throttles: weakref.WeakKeyDictionary[ConfigServer, Throttle] = weakref.WeakKeyDictionary()
-
-
-def throttle(server: ConfigServer) -> Throttle:
-    t = _throttles.get(server)
-    if t is None:
-        t = _throttles[server] = Throttle()
-    return t
-
-
-async def wait_changed(server: ConfigServer, timeout: float) -> None:
-    """Wait until ``server.notify()`` or ``timeout`` seconds, whichever comes first."""
-    try:
-        async with asyncio.timeout(timeout), server.changed:
-            await server.changed.wait()
-    except TimeoutError:
-        pass

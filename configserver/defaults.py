@@ -6,15 +6,13 @@ operator's changes to the default policy survive restarts.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import structlog
 from sqlalchemy.exc import IntegrityError
 
 from configserver import db, sealed
-
-if TYPE_CHECKING:
-    from configserver.server import ConfigServer
+from configserver.core import Core
 
 log = structlog.get_logger("configserver.defaults")
 
@@ -31,11 +29,11 @@ POLICY_DEFAULTS: dict[str, int] = {
 }
 
 
-async def ensure_default_policy(server: ConfigServer) -> None:
-    async with server.sessionmaker() as s:
+async def ensure_default_policy(core: Core) -> None:
+    async with core.sessionmaker() as s:
         if await s.get(db.Policy, DEFAULT_POLICY) is not None:
             return
-        now = server.clock()
+        now = core.clock()
         d = POLICY_DEFAULTS
         s.add(db.Policy(name=DEFAULT_POLICY, rpo_threshold_s=d["rpo_threshold_seconds"],
                         retention_hours=d["retention_hours"],
@@ -49,6 +47,6 @@ async def ensure_default_policy(server: ConfigServer) -> None:
     log.info("policy_created", policy=DEFAULT_POLICY, **POLICY_DEFAULTS)
 
 
-async def ensure_defaults(server: ConfigServer) -> None:
-    await ensure_default_policy(server)
-    await sealed.ensure_key(server)
+async def ensure_defaults(core: Core, secrets_key_path: Path) -> None:
+    await ensure_default_policy(core)
+    await sealed.ensure_key(core, secrets_key_path)

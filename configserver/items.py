@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import datetime as dt
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
 from configserver import db
-from configserver.rest import iso, nullable, obj
-
-if TYPE_CHECKING:
-    from configserver.server import ConfigServer
+from configserver.core import Core
+from configserver.schema import iso, nullable, obj
 
 log = structlog.get_logger("configserver.items")
 
@@ -122,25 +120,25 @@ def point_time(doc: dict[str, Any], default: float) -> float:
     return t.timestamp()
 
 
-async def point_recorded(server: ConfigServer, doc: dict[str, Any]) -> None:
+async def point_recorded(core: Core, doc: dict[str, Any]) -> None:
     """A new recovery point reached the catalog: update its item, wake waiting jobs.
 
     The latest point only moves forward (reports can arrive out of order).
     """
     machine = str(doc["machine"])
-    async with server.sessionmaker() as s:
+    async with core.sessionmaker() as s:
         item = await s.get(db.ReplicatedItem, machine, with_for_update=True)
         if item is not None and item.state != ItemState.DISABLING:
-            t = point_time(doc, server.clock())
+            t = point_time(doc, core.clock())
             if item.latest_point_time is None or t >= item.latest_point_time:
                 item.latest_point, item.latest_point_time = str(doc["id"]), t
             if doc.get("consistency") == "app" and (
                     item.latest_app_point_time is None or t >= item.latest_app_point_time):
                 item.latest_app_point, item.latest_app_point_time = str(doc["id"]), t
-            item.updated = server.clock()
+            item.updated = core.clock()
             await s.commit()
             log.info("item_point_updated", machine=machine, point=doc["id"])
-    await server.notify()
+    await core.notify()
 
 
 def expected_disks(machine: db.Machine, progress: dict[str, float]) -> list[str]:

@@ -1,7 +1,8 @@
 """What a job is: its kinds and steps, its row as the engine holds it, its API document.
 
 The engine that runs jobs is ``configserver/jobs.py``; the replication kinds are in
-``configserver/replication.py``.
+``configserver/replication.py``; the kinds a server runs are listed in
+``configserver/jobkinds.py``.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from configserver import db
-from configserver.rest import iso, nullable, obj
+from configserver.schema import iso, nullable, obj
 
 if TYPE_CHECKING:
     from configserver.jobs import StepContext
@@ -51,12 +52,15 @@ class JobKind:
     on_end: Callable[[AsyncSession, JobRun, str], Awaitable[None]] | None = None
 
 
-KINDS: dict[str, JobKind] = {}
-
-
-def register(kind: JobKind) -> JobKind:
-    KINDS[kind.name] = kind
-    return kind
+def by_name(kinds: Iterable[JobKind]) -> dict[str, JobKind]:
+    """The kinds keyed by name; a name given twice is a programming error."""
+    out: dict[str, JobKind] = {}
+    for kind in kinds:
+        assert kind.name not in out, kind.name
+        out[kind.name] = kind
+    for kind in out.values():
+        assert kind.then is None or kind.then in out, (kind.name, kind.then)
+    return out
 
 
 @dataclass
@@ -149,8 +153,9 @@ JOB = obj({"id": {"type": "string"}, "kind": {"type": "string"}, "title": {"type
            "version"])
 
 
-def job_doc(job: db.Job | JobRun) -> dict[str, Any]:
-    kind = KINDS.get(job.kind)
+def job_doc(job: db.Job | JobRun, kinds: Mapping[str, JobKind]) -> dict[str, Any]:
+    """The API view of a job; ``kinds`` gives titles and cancellability."""
+    kind = kinds.get(job.kind)
     doc = {
         "id": job.id, "kind": job.kind, "title": kind.title if kind else job.kind,
         "target": job.target, "state": job.state,

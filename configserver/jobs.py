@@ -9,7 +9,7 @@ running; ``attempts`` counts the runs and ``job_resumed`` is logged).
 
 Scheduling: for each target, the oldest unfinished job runs and the others wait
 (ids sort in creation order); different targets run concurrently. Waiting steps
-sleep on ``server.changed`` (``server.notify()``) with a periodic re-check, so
+sleep on the change notifier (``Core.notify()``) with a periodic re-check, so
 they cost nothing while nothing happens. A failing step fails the job (the
 later steps are skipped) with an error naming the step; an operator may cancel
 a cancellable job. A kind may queue a follow-up job on success, in the same
@@ -21,22 +21,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import structlog
 from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from configserver import db
+from configserver.core import Core
+from configserver.errors import Conflict, ItemStateError, NotFound
 from configserver.jobdefs import (
     ACTIVE,
     JOB,
     JOB_ID,
     JOB_STATES,
-    KINDS,
     STEP_STATES,
     JobKind,
     JobRun,
@@ -44,16 +44,10 @@ from configserver.jobdefs import (
     StepFailed,
     job_doc,
     new_job,
-    register,
 )
-from configserver.rest import ApiError
 
-if TYPE_CHECKING:
-    from configserver.server import ConfigServer
-
-__all__ = ["ACTIVE", "JOB", "JOB_ID", "JOB_STATES", "KINDS", "STEP_STATES", "JobEngine",
-           "JobKind", "JobRun", "Step", "StepContext", "StepFailed", "engine_of", "job_doc",
-           "new_job", "register", "wait_tick"]
+__all__ = ["ACTIVE", "JOB", "JOB_ID", "JOB_STATES", "STEP_STATES", "JobEngine", "JobKind",
+           "JobRun", "Step", "StepContext", "StepFailed", "job_doc", "new_job", "wait_tick"]
 
 log = structlog.get_logger("configserver.jobs")
 _PG_LEADER_KEY = 0x5352_4A42  # "SRJB": the job engine's leader lock on PostgreSQL
@@ -64,11 +58,12 @@ T = TypeVar("T")
 
 
 class StepContext:
-    """What a step function gets: its job, progress reporting and waiting."""
+    """What a step function gets: its job, the catalog (``core``), progress reporting and
+    waiting."""
 
     def __init__(self, engine: JobEngine, job: JobRun, index: int) -> None:
         self.engine, self.job, self.index = engine, job, index
-        self.server = engine.server
+        self.core = engine.core
 
     @property
     def target(self) -> str:
@@ -92,7 +87,7 @@ class StepContext:
         st["progress"] = percent
         if message is not None:
             st["message"] = message
-        self.job.updated = self.server.clock()
+        self.job.updated = self.core.clock()
         self.job.recompute_progress()
         await self.engine.save(self.job, ("running",))
 
@@ -106,7 +101,7 @@ class StepContext:
             result = await check()
             if result is not None:
                 return result
-            if timeout is not None and self.server.clock() >= self.started + timeout:
+            if timeout is not None and self.core.clock() >= self.started + timeout:
                 raise StepFailed(f"timed out after {timeout:.0f} s waiting for {what}")
             await wait_tick(tick, self.engine.recheck_seconds)
 
@@ -119,17 +114,6 @@ async def wait_tick(tick: asyncio.Event, seconds: float) -> None:
             await tick.wait()
 
 
-_ENGINES: weakref.WeakKeyDictionary[ConfigServer, JobEngine] = weakref.WeakKeyDictionary()
-
-
-def engine_of(server: ConfigServer) -> JobEngine:
-    engine = _ENGINES.get(server)
-    if engine is None:
-        raise ApiError(503, "jobs_not_running", "the job engine has not started yet",
-                       "retry in a moment")
-    return engine
-
-
 @dataclass
 class _Running:
     target: str
@@ -139,19 +123,21 @@ class _Running:
 
 
 class JobEngine:
-    """Runs the jobs of one configuration server; ``run()`` is its background task."""
+    """Runs the jobs of one configuration server; ``run()`` is its background task.
+
+    ``kinds`` is every job kind it knows (``configserver/jobkinds.py``); a job of another
+    kind fails when it is scheduled."""
 
     recheck_seconds = 10.0
 
-    def __init__(self, server: ConfigServer, kinds: Mapping[str, JobKind] = KINDS) -> None:
-        self.server, self.kinds = server, kinds
+    def __init__(self, core: Core, kinds: Mapping[str, JobKind]) -> None:
+        self.core, self.kinds = core, kinds
         self.tick = asyncio.Event()  # replaced (and the old one set) on every change
         self._running: dict[str, _Running] = {}  # job id → its task
         self._targets: set[str] = set()
         self._retry_at: dict[str, float] = {}
         self._writes: set[asyncio.Task[int]] = set()
         self._write_lock: dict[str, asyncio.Lock] = {}
-        _ENGINES[server] = self
 
     def poke(self) -> None:
         old, self.tick = self.tick, asyncio.Event()
@@ -159,20 +145,21 @@ class JobEngine:
 
     async def _listen(self) -> None:
         # Always inside wait() while not poking, so no notify_all() is missed.
-        async with self.server.changed:
+        changed = self.core.notifier.changed
+        async with changed:
             while True:
-                await self.server.changed.wait()
+                await changed.wait()
                 self.poke()
 
     async def _lead(self) -> AsyncConnection | None:
         """On a shared PostgreSQL catalog only one configuration server runs jobs: the one
         holding a session-level advisory lock on a connection it keeps open. The others
         wait as standbys and take over when that connection goes (its server died)."""
-        if self.server.engine.dialect.name != "postgresql":
+        if self.core.dialect != "postgresql":
             return None
         announced = False
         while True:
-            conn = await self.server.engine.connect()
+            conn = await self.core.database.connect()
             try:
                 if await conn.scalar(text("SELECT pg_try_advisory_lock(:k)"),
                                      {"k": _PG_LEADER_KEY}):
@@ -218,7 +205,7 @@ class JobEngine:
                 await leader.close()
 
     async def _schedule(self) -> None:
-        async with self.server.sessionmaker() as s:
+        async with self.core.sessionmaker() as s:
             rows = (await s.execute(
                 select(db.Job.id, db.Job.target).where(db.Job.state.in_(ACTIVE))
                 .order_by(db.Job.id))).all()
@@ -242,7 +229,7 @@ class JobEngine:
         if not task.cancelled() and task.exception() is not None:
             log.error("job_engine_error", job=jid, error=repr(task.exception()))
             self._retry_at[jid] = asyncio.get_running_loop().time() + RETRY_SECONDS
-            self.server.metrics.job_engine_errors.inc()
+            self.core.metrics.job_engine_errors.inc()
         self.poke()
 
     # -- persistence: one writer per job, in call order, never cut by a cancellation --
@@ -255,7 +242,7 @@ class JobEngine:
         values = job.values()
 
         async def write() -> int:
-            async with lock, self.server.sessionmaker() as s:
+            async with lock, self.core.sessionmaker() as s:
                 result = await s.execute(update(db.Job).where(
                     db.Job.id == job.id, db.Job.state.in_(expect)).values(**values))
                 written: int = result.rowcount  # type: ignore[attr-defined]
@@ -271,7 +258,7 @@ class JobEngine:
         return await asyncio.shield(task)
 
     async def _load(self, jid: str) -> JobRun | None:
-        async with self.server.sessionmaker() as s:
+        async with self.core.sessionmaker() as s:
             row = await s.get(db.Job, jid)
             return JobRun.of(row) if row is not None else None
 
@@ -282,7 +269,7 @@ class JobEngine:
         if job is None or job.state not in ACTIVE:
             return
         kind = self.kinds.get(job.kind)
-        now = self.server.clock()
+        now = self.core.clock()
         resumed = job.state == "running"
         job.state, job.attempts, job.updated = "running", job.attempts + 1, now
         job.started = job.started or now
@@ -294,7 +281,7 @@ class JobEngine:
         if not await self.save(job, ("running",) if resumed else ("queued",)):
             return  # cancelled while queued
         if resumed:
-            self.server.metrics.jobs_resumed.labels(job.kind).inc()
+            self.core.metrics.jobs_resumed.labels(job.kind).inc()
         log.info("job_resumed" if resumed else "job_started", job=job.id, kind=job.kind,
                  target=job.target, attempts=job.attempts)
         me = self._running[jid]
@@ -305,7 +292,7 @@ class JobEngine:
             if me.cancel_requested:
                 await self._finish(job, kind, "cancelled", i, "cancelled by the operator")
                 return
-            now = self.server.clock()
+            now = self.core.clock()
             st.update(state="running", started=st.get("started") or now, ended=None,
                       attempts=int(st.get("attempts") or 0) + 1)
             job.updated = now
@@ -332,7 +319,7 @@ class JobEngine:
                 return
             finally:
                 me.step_task = None
-            now = self.server.clock()
+            now = self.core.clock()
             st.update(state="succeeded", ended=now, progress=100.0,
                       message=message if message is not None else st.get("message", ""))
             job.updated = now
@@ -344,7 +331,7 @@ class JobEngine:
 
     async def _finish(self, job: JobRun, kind: JobKind | None, state: str, index: int | None,
                       error: str | None) -> None:
-        now = self.server.clock()
+        now = self.core.clock()
         for i, st in enumerate(job.steps):
             if i == index:
                 st.update(state="failed", ended=now, message=error or "")
@@ -369,7 +356,7 @@ class JobEngine:
 
         if not await self.save(job, ACTIVE, extra):
             return
-        self.server.metrics.jobs.labels(job.kind, state).inc()
+        self.core.metrics.jobs.labels(job.kind, state).inc()
         fields: dict[str, Any] = {"job": job.id, "kind": job.kind, "target": job.target,
                                   "attempts": job.attempts}
         if error:
@@ -377,23 +364,24 @@ class JobEngine:
         if follow is not None:
             fields["next_job"] = follow.id
         (log.info if state == "succeeded" else log.warning)(f"job_{state}", **fields)
-        await self.server.notify()
+        await self.core.notify()
 
     # -- operator actions --
 
     async def cancel(self, jid: str) -> None:
-        """Cancel a queued or running job; returns once it is cancelled. Raises ApiError
-        (404 unknown, 409 finished or not cancellable)."""
+        """Cancel a queued or running job; returns once it is cancelled. Raises ``NotFound``
+        (unknown job), ``Conflict`` (its kind cannot be cancelled) or ``ItemStateError``
+        (code ``job_finished``: it already ended)."""
         job = await self._load(jid)
         if job is None:
-            raise ApiError(404, "job_not_found", f"no job with id {jid!r}",
+            raise NotFound("job_not_found", f"no job with id {jid!r}",
                            "list jobs: siterecovery jobs list")
         kind = self.kinds.get(job.kind)
         if kind is not None and not kind.cancellable:
-            raise ApiError(409, "not_cancellable", f"a {kind.title} job cannot be cancelled",
+            raise Conflict("not_cancellable", f"a {kind.title} job cannot be cancelled",
                            "wait for it to end: siterecovery jobs wait " + jid)
         if job.state not in ACTIVE:
-            raise ApiError(409, "job_finished", f"job {jid} already ended ({job.state})")
+            raise ItemStateError("job_finished", f"job {jid} already ended ({job.state})")
         r = self._running.get(jid)
         if r is None:
             queued = replace(job, state="cancelled")
@@ -409,7 +397,7 @@ class JobEngine:
         await asyncio.wait([r.task])  # a caller going away does not stop the cancellation
 
     async def _finish_queued(self, job: JobRun, kind: JobKind | None) -> None:
-        now = self.server.clock()
+        now = self.core.clock()
         for st in job.steps:
             st["state"] = "skipped"
         job.error, job.ended, job.updated = "cancelled by the operator before it started", now, now
@@ -419,9 +407,9 @@ class JobEngine:
                 await kind.on_end(s, job, "cancelled")
 
         if await self.save(job, ("queued",), extra):
-            self.server.metrics.jobs.labels(job.kind, "cancelled").inc()
+            self.core.metrics.jobs.labels(job.kind, "cancelled").inc()
             log.warning("job_cancelled", job=job.id, kind=job.kind, target=job.target,
                         attempts=job.attempts, error=job.error)
-            await self.server.notify()
+            await self.core.notify()
         if job.id not in self._running:
             self._write_lock.pop(job.id, None)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from aiohttp import web
 
 from configserver import db
 from configserver.certs import trusted
-
-if TYPE_CHECKING:
-    from configserver.server import ConfigServer
+from configserver.core import Core
 
 log = structlog.get_logger("configserver.peer")
 
@@ -29,7 +27,7 @@ def peer_certificate(request: web.Request) -> tuple[str, str] | None:
     return str(cn), serial
 
 
-async def verify_peer(server: ConfigServer, request: web.Request) -> str | None:
+async def verify_peer(core: Core, request: web.Request) -> str | None:
     """The machine name of the caller's certificate, or None.
 
     The TLS layer already checked the chain to our CA and the validity dates; here a
@@ -40,11 +38,11 @@ async def verify_peer(server: ConfigServer, request: web.Request) -> str | None:
     if peer is None:
         return None
     cn, serial = peer
-    async with server.sessionmaker() as s:
+    async with core.sessionmaker() as s:
         row = await s.get(db.Certificate, serial)
         machine = await s.get(db.Machine, cn)
     reason = "wrong_subject" if row is not None and row.subject != cn else \
-        trusted(row, machine, server.clock())
+        trusted(row, machine, core.clock())
     if reason is not None:
         log.warning("agent_certificate_refused", machine=cn, serial=serial, reason=reason,
                     peer=request.remote)

@@ -12,8 +12,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from configserver import db
 from configserver.items import ENABLING_STATES, ItemState, expected_disks
-from configserver.jobs import JobKind, JobRun, Step, StepContext, StepFailed, register
-from configserver.rest import iso
+from configserver.jobdefs import JobKind, JobRun, Step, StepFailed
+from configserver.jobs import StepContext
+from configserver.schema import iso
 
 AGENT_TIMEOUT_SECONDS = 3600.0  # how long Enable protection waits for the agent to check in
 STALE_PROCSERVER_SECONDS = 900.0  # no heartbeat for 15 min: not chosen for new machines
@@ -29,13 +30,13 @@ async def _item(s: AsyncSession, machine: str) -> db.ReplicatedItem:
 
 async def _set_state(ctx: StepContext, state: ItemState, *,
                      only_from: tuple[ItemState, ...] = ()) -> None:
-    async with ctx.server.sessionmaker() as s:
+    async with ctx.core.sessionmaker() as s:
         item = await _item(s, ctx.target)
         if item.state == state or (only_from and item.state not in only_from):
             return
-        item.state, item.updated = state, ctx.server.clock()
+        item.state, item.updated = state, ctx.core.clock()
         await s.commit()
-    await ctx.server.notify()
+    await ctx.core.notify()
 
 
 # -- Enable protection --
@@ -43,7 +44,7 @@ async def _set_state(ctx: StepContext, state: ItemState, *,
 async def validate(ctx: StepContext) -> str:
     """The machine, its policy and a process server for it."""
     policy_name = str(ctx.params.get("policy", "default"))
-    async with ctx.server.sessionmaker() as s:
+    async with ctx.core.sessionmaker() as s:
         machine = await s.get(db.Machine, ctx.target)
         if machine is None:
             raise StepFailed(f"machine {ctx.target!r} is no longer in the inventory")
@@ -65,7 +66,7 @@ async def validate(ctx: StepContext) -> str:
                                  "another one: siterecovery machine update "
                                  f"{ctx.target} --process-server NAME")
         else:
-            ps = await _least_loaded(s, ctx.server.clock())
+            ps = await _least_loaded(s, ctx.core.clock())
             if ps is None:
                 raise StepFailed("no process server is registered; start one (it registers "
                                  "with its first heartbeat), then enable replication again")
@@ -93,7 +94,7 @@ async def prepare_agent(ctx: StepContext) -> str:
     since = ctx.job.created
 
     async def checked_in() -> str | None:
-        async with ctx.server.sessionmaker() as s:
+        async with ctx.core.sessionmaker() as s:
             machine = await s.get(db.Machine, ctx.target)
             if machine is None:
                 raise StepFailed(f"machine {ctx.target!r} was removed from the inventory")
@@ -115,7 +116,7 @@ async def initial_replication(ctx: StepContext) -> str:
     await _set_state(ctx, ItemState.INITIAL_REPLICATION, only_from=(ItemState.ENABLING,))
 
     async def done() -> str | None:
-        async with ctx.server.sessionmaker() as s:
+        async with ctx.core.sessionmaker() as s:
             item = await _item(s, ctx.target)
             machine = await s.get(db.Machine, ctx.target)
             if machine is None:
@@ -147,18 +148,18 @@ async def _enable_ended(s: AsyncSession, job: JobRun, state: str) -> None:
         item.updated = job.updated
 
 
-ENABLE = register(JobKind(
+ENABLE = JobKind(
     "enable_protection", "Enable protection",
     (Step("validate", "Prerequisites check", validate),
      Step("prepare_agent", "Prepare the Mobility agent", prepare_agent),
      Step("initial_replication", "Initial replication", initial_replication)),
-    then="finalize_protection", on_end=_enable_ended))
+    then="finalize_protection", on_end=_enable_ended)
 
 
 # -- Finalize protection --
 
 async def record_first_point(ctx: StepContext) -> str:
-    async with ctx.server.sessionmaker() as s:
+    async with ctx.core.sessionmaker() as s:
         item = await _item(s, ctx.target)
         if item.latest_point is None:
             raise StepFailed("the item has no recovery point yet")
@@ -169,54 +170,55 @@ async def record_first_point(ctx: StepContext) -> str:
 
 
 async def mark_protected(ctx: StepContext) -> str:
-    async with ctx.server.sessionmaker() as s:
+    async with ctx.core.sessionmaker() as s:
         item = await _item(s, ctx.target)
         if item.state in ENABLING_STATES:
             item.state, item.initial_progress = ItemState.PROTECTED, 100.0
             item.health, item.health_errors = "normal", []
-            item.updated = ctx.server.clock()
+            item.updated = ctx.core.clock()
             await s.commit()
         elif item.state != ItemState.PROTECTED:
             raise StepFailed(f"the item is {item.state}; it cannot become protected")
-    await ctx.server.notify()
+    await ctx.core.notify()
     return "protected; delta replication continues"
 
 
-FINALIZE = register(JobKind(
+FINALIZE = JobKind(
     "finalize_protection", "Finalize protection",
     (Step("record_first_point", "Record the first recovery point", record_first_point),
      Step("mark_protected", "Mark the item protected", mark_protected)),
-    on_end=_enable_ended))
+    on_end=_enable_ended)
 
 
 # -- Disable protection --
 
 async def stop_replication(ctx: StepContext) -> str:
-    async with ctx.server.sessionmaker() as s:
+    async with ctx.core.sessionmaker() as s:
         item = await s.get(db.ReplicatedItem, ctx.target)
         if item is None:
             return "no replicated item (already removed)"
         if item.state != ItemState.DISABLING:
-            item.state, item.updated = ItemState.DISABLING, ctx.server.clock()
+            item.state, item.updated = ItemState.DISABLING, ctx.core.clock()
             await s.commit()
-    await ctx.server.notify()
+    await ctx.core.notify()
     return "the agent's settings no longer ask it to replicate"
 
 
 async def remove_item(ctx: StepContext) -> str:
-    async with ctx.server.sessionmaker() as s:
+    async with ctx.core.sessionmaker() as s:
         await s.execute(delete(db.ReplicatedItem).where(
             db.ReplicatedItem.machine == ctx.target))
         await s.commit()
-    await ctx.server.notify()
+    await ctx.core.notify()
     return "replicated item removed; its recovery points stay in the vault until retention " \
            "removes them"
 
 
-DISABLE = register(JobKind(
+DISABLE = JobKind(
     "disable_protection", "Disable protection",
     (Step("stop_replication", "Stop replication", stop_replication),
      Step("remove_item", "Remove the replicated item", remove_item)),
-    cancellable=False))  # quick, and a half-disabled item could neither be enabled nor used
+    cancellable=False)  # quick, and a half-disabled item could neither be enabled nor used
 
 ENABLE_KINDS = (ENABLE.name, FINALIZE.name)
+KINDS = (ENABLE, FINALIZE, DISABLE)

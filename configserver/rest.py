@@ -2,30 +2,41 @@
 request schema and its responses; the same description validates requests and
 produces the OpenAPI 3.1 document, so the two cannot drift apart.
 
-Handlers take a ``Call`` (validated body, query and path parameters) and return
-``reply(data, status)``; they raise ``ApiError`` for a consistent error body::
+Handlers take a ``Call`` (validated body, query and path parameters, and the server's
+``Services``) and return ``reply(data, status)``; they raise ``ApiError``, and the domain
+code they call raises ``DomainError``s (``configserver/errors.py``), which this layer
+alone maps to HTTP statuses (``STATUS``). Either gives a consistent error body::
 
     {"error": {"code": "policy_not_found", "message": "...", "hint": "..."}}
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import importlib.metadata
 import json
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from aiohttp import web
 from jsonschema import Draft202012Validator
 
-from common.names import NAME_PATTERN
+from configserver.errors import (
+    Conflict,
+    DomainError,
+    InvalidRequest,
+    NotFound,
+    Refused,
+    Unavailable,
+)
+from configserver.schema import ERROR_SCHEMA, NAME, array, iso, nullable, obj
+from configserver.services import Services
 from configserver.tokens import matches
 
-if TYPE_CHECKING:
-    from configserver.server import ConfigServer
+__all__ = ["AUTHS", "ERROR_SCHEMA", "NAME", "STATUS", "ApiError", "Call", "Handler", "Route",
+           "RouteTable", "array", "error_response", "iso", "not_found", "nullable", "obj",
+           "reply", "status_of"]
 
 log = structlog.get_logger("configserver.api")
 
@@ -35,15 +46,19 @@ log = structlog.get_logger("configserver.api")
 #   agent     a protected machine's client certificate (site listener, mutual TLS)
 #   none      anyone (health, metrics, the OpenAPI document, enrollment by passphrase)
 AUTHS = ("admin", "internal", "agent", "none")
-NAME = {"type": "string", "pattern": NAME_PATTERN}
-ERROR_SCHEMA: dict[str, Any] = {
-    "type": "object", "required": ["error"], "properties": {"error": {
-        "type": "object", "required": ["code", "message", "hint"],
-        "properties": {"code": {"type": "string"}, "message": {"type": "string"},
-                       "hint": {"type": "string"}}}}}
+# The HTTP status of each kind of domain error (a subclass answers as its base).
+STATUS: tuple[tuple[type[DomainError], int], ...] = (
+    (NotFound, 404), (Conflict, 409), (InvalidRequest, 422), (Refused, 403),
+    (Unavailable, 503))
+
+
+def status_of(e: DomainError) -> int:
+    return next((status for cls, status in STATUS if isinstance(e, cls)), 500)
 
 
 class ApiError(Exception):
+    """An HTTP-level refusal raised by a handler (auth, request syntax, ...)."""
+
     def __init__(self, status: int, code: str, message: str, hint: str = "") -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.hint = status, code, message, hint
@@ -63,18 +78,10 @@ def error_response(status: int, code: str, message: str, hint: str = "") -> web.
                              status=status)
 
 
-def iso(t: float | None) -> str | None:
-    """UNIX seconds → ISO 8601 UTC (``2026-11-25T10:00:00Z``); None stays None."""
-    if t is None:
-        return None
-    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds").replace(
-        "+00:00", "Z")
-
-
 @dataclass
 class Call:
     request: web.Request
-    server: ConfigServer
+    services: Services
     body: Any
     query: dict[str, Any]
     params: dict[str, str]
@@ -121,8 +128,8 @@ def _coerce(value: str, schema: dict[str, Any]) -> Any:
 class RouteTable:
     """Builds the aiohttp application for one listener and its OpenAPI document."""
 
-    def __init__(self, server: ConfigServer, routes: Iterable[Route], listener: str) -> None:
-        self.server = server
+    def __init__(self, services: Services, routes: Iterable[Route], listener: str) -> None:
+        self.services = services
         self.listener = listener
         self.routes = [r for r in routes if listener in r.listeners]
         self._validators: dict[int, Draft202012Validator] = {}
@@ -148,6 +155,8 @@ class RouteTable:
             return await handler(request)
         except ApiError as e:
             return error_response(e.status, e.code, e.message, e.hint)
+        except DomainError as e:
+            return error_response(status_of(e), e.code, e.message, e.hint)
         except web.HTTPException as e:
             if e.status < 400:
                 raise
@@ -201,7 +210,7 @@ class RouteTable:
                     raise ApiError(422, "invalid_request", f"{where}: {errs[0].message}",
                                    f"see the {route.method} {route.path} schema in "
                                    "/openapi.json")
-            return await route.handler(Call(request, self.server, body, query, params, peer))
+            return await route.handler(Call(request, self.services, body, query, params, peer))
 
         handle.__name__ = route.handler.__name__
         return handle
@@ -218,10 +227,10 @@ class RouteTable:
                                "is required", "enroll the machine: siterecovery mobility "
                                "enroll")
             return peer
-        token = self.server.admin_token if route.auth == "admin" else self.server.internal_token
+        svc = self.services
+        token = svc.admin_token if route.auth == "admin" else svc.internal_token
         if not matches(request.headers.get("Authorization"), token):
-            where = (self.server.cfg.token_path if route.auth == "admin"
-                     else self.server.cfg.internal_token_path)
+            where = svc.cfg.token_path if route.auth == "admin" else svc.cfg.internal_token_path
             raise ApiError(401, "unauthorized", "missing or wrong bearer token",
                            f"send 'Authorization: Bearer <token>' from {where}")
         return None
@@ -280,20 +289,3 @@ class RouteTable:
                                       "description": "the internal-token file, for process "
                                                      "servers"}}},
         }
-
-
-def obj(props: dict[str, Any], required: Iterable[str] = (), *,
-        extra: bool = False) -> dict[str, Any]:
-    """A JSON-schema object; unknown properties refused unless ``extra``."""
-    return {"type": "object", "properties": props, "required": list(required),
-            "additionalProperties": extra}
-
-
-def array(items: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "array", "items": items}
-
-
-def nullable(schema: dict[str, Any]) -> dict[str, Any]:
-    t = schema.get("type")
-    return {**schema, "type": [t, "null"]} if isinstance(t, str) else {
-        "anyOf": [schema, {"type": "null"}]}

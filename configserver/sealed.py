@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import secrets
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import structlog
 from cryptography.exceptions import InvalidTag
@@ -29,9 +28,7 @@ from sqlalchemy import func, select
 
 from common.fs import create_exclusive
 from configserver import db
-
-if TYPE_CHECKING:
-    from configserver.server import ConfigServer
+from configserver.core import Core
 
 log = structlog.get_logger("configserver.secrets")
 
@@ -135,19 +132,18 @@ def create_key(path: Path) -> bytes:
     return key
 
 
-async def _account_count(server: ConfigServer) -> int:
-    async with server.sessionmaker() as s:
+async def _account_count(core: Core) -> int:
+    async with core.sessionmaker() as s:
         return int((await s.execute(select(func.count()).select_from(db.Account))
                     ).scalar_one())
 
 
-async def ensure_key(server: ConfigServer) -> None:
-    """At start: create the key if there is none and nothing was sealed yet; if accounts
-    exist and the file is missing, say so now (the server still starts)."""
-    path = server.cfg.secrets_key_path
+async def ensure_key(core: Core, path: Path) -> None:
+    """At start: create the key file ``path`` if there is none and nothing was sealed yet;
+    if accounts exist and the file is missing, say so now (the server still starts)."""
     if path.exists():
         return
-    count = await _account_count(server)
+    count = await _account_count(core)
     if count == 0:
         create_key(path)
     else:
@@ -156,17 +152,16 @@ async def ensure_key(server: ConfigServer) -> None:
                          "until then")
 
 
-async def key_for_sealing(server: ConfigServer) -> bytes:
-    """The key new secrets are sealed under. Created if missing while no account exists
-    (it was never used); refused if accounts exist, since a new key would leave their
+async def key_for_sealing(core: Core, path: Path) -> bytes:
+    """The key in ``path`` new secrets are sealed under. Created if missing while no account
+    exists (it was never used); refused if accounts exist, since a new key would leave their
     secrets unopenable without anyone noticing."""
-    path = server.cfg.secrets_key_path
     try:
         return read_key(path)
     except SecretError as e:
         if e.code != "secrets_key_missing":
             raise
-        if await _account_count(server) > 0:
+        if await _account_count(core) > 0:
             raise SecretError(e.code, e.message, e.hint + "; or, if it is lost for good, "
                               "remove every account (siterecovery account remove NAME) and "
                               "add them again") from None
@@ -176,16 +171,16 @@ async def key_for_sealing(server: ConfigServer) -> bytes:
         return read_key(path)
 
 
-async def open_secret(server: ConfigServer, name: str) -> bytes:
+async def open_secret(core: Core, path: Path, name: str) -> bytes:
     """The plaintext secret of account ``name`` (password or private key, UTF-8 bytes),
-    for the push installer. Never log the result. Raises ``SecretError`` with code
-    ``account_not_found``, ``secrets_key_missing``/``_unreadable``/``_exposed``/
-    ``_malformed``, ``secrets_key_mismatch`` or ``secret_damaged``."""
-    async with server.sessionmaker() as s:
+    opened with the key file ``path``, for the push installer. Never log the result.
+    Raises ``SecretError`` with code ``account_not_found``, ``secrets_key_missing``/
+    ``_unreadable``/``_exposed``/``_malformed``, ``secrets_key_mismatch`` or
+    ``secret_damaged``."""
+    async with core.sessionmaker() as s:
         acct = await s.get(db.Account, name)
     if acct is None:
         raise SecretError("account_not_found", f"no account named {name!r}",
                           "add it: siterecovery account add NAME --username USER "
                           "--password-file FILE | --ssh-key-file FILE")
-    path = server.cfg.secrets_key_path
     return unseal(read_key(path), acct.name, acct.kind, acct.secret, where=str(path))

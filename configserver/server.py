@@ -4,12 +4,19 @@ Two listeners: the admin API on loopback (bearer token), and the site listener
 (TLS with this server's CA; client certificates optional) where agents enroll
 with the passphrase and then authenticate with their machine certificate, and
 where process servers heartbeat and report recovery points.
+
+This is where the parts are wired, once: the catalog, clock, notifier and metrics
+(``Core``), the job engine with its explicit kinds, and the ``Services`` the API
+handlers get. Shutdown runs in a fixed order: stop accepting on both listeners, let
+in-flight requests finish within ``SHUTDOWN_GRACE_SECONDS`` (then they are cancelled),
+stop the job engine and the other background tasks, close the database.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -18,15 +25,26 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
-from configserver import db, tokens
+from configserver import db, jobkinds, tokens
+from configserver.alerts import AlertBook
 from configserver.api import all_routes
+from configserver.background import background_tasks
 from configserver.ca import CertificateAuthority, write_bundle
+from configserver.certs import Throttle
 from configserver.config import ConfigServerConfig
+from configserver.core import Core, Notifier
+from configserver.defaults import ensure_defaults
+from configserver.jobs import JobEngine
 from configserver.metrics import ConfigMetrics
 from configserver.peer import verify_peer
 from configserver.rest import RouteTable
+from configserver.services import Services
 
 log = structlog.get_logger("configserver")
+
+# How long requests in flight at shutdown may take to finish before they are cancelled
+# (aiohttp's default, made explicit: long polls wait at most 60 s).
+SHUTDOWN_GRACE_SECONDS = 60.0
 
 
 class ConfigServer:
@@ -34,11 +52,16 @@ class ConfigServer:
         self.cfg = cfg
         self.clock = clock  # UNIX seconds; tests inject one to age heartbeats and points
         self.metrics = ConfigMetrics()
+        self.notifier = Notifier()  # notified when items, points or agents change
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.port = cfg.listen_port
         self.site_port = cfg.site_port
-        self.changed = asyncio.Condition()  # notified when items, points or agents change
+
+    @property
+    def changed(self) -> asyncio.Condition:
+        """Notified whenever items, points, agents, jobs or alerts change."""
+        return self.notifier.changed
 
     async def start(self) -> None:
         d = Path(self.cfg.data_dir)
@@ -48,41 +71,47 @@ class ConfigServer:
         self.passphrase = tokens.load_or_create(self.cfg.passphrase_path)
         self.ca = CertificateAuthority.load_or_create(self.cfg.ca_dir)
         self.engine, self.sessionmaker = await db.open_db(self.cfg.db_url)
+        core = Core(self.engine, self.sessionmaker, self.clock, self.notifier, self.metrics)
+        self.services = Services(
+            database=self.engine, sessionmaker=self.sessionmaker, clock=self.clock,
+            notifier=self.notifier, metrics=self.metrics, cfg=self.cfg, ca=self.ca,
+            jobs=JobEngine(core, jobkinds.KINDS), alert_book=AlertBook(up_since=self.clock()),
+            throttle=Throttle(), admin_token=self.admin_token,
+            internal_token=self.internal_token, passphrase=self.passphrase)
         try:
-            from configserver.defaults import ensure_defaults
-
-            await ensure_defaults(self)  # the "default" policy, the secrets key
+            # the "default" policy, the secrets key
+            await ensure_defaults(core, self.cfg.secrets_key_path)
             await self._listen()
         except BaseException:
             await self.stop()
             raise
-        from configserver.background import background_tasks
-
-        for coro in background_tasks(self):
+        for coro in background_tasks(self.services):
             self._tasks.append(asyncio.create_task(coro))
         log.info("configserver_started", port=self.port, site_port=self.site_port,
                  token_file=str(self.cfg.token_path), database=self.engine.url.drivername)
 
     async def _listen(self) -> None:
         routes = all_routes()
-        self.admin_table = RouteTable(self, routes, "admin")
-        runner = web.AppRunner(self.admin_table.app(), access_log=None)
+        self.admin_table = RouteTable(self.services, routes, "admin")
+        runner = web.AppRunner(self.admin_table.app(), access_log=None,
+                               shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
         await runner.setup()
         self._runners.append(runner)
         site = web.TCPSite(runner, self.cfg.listen_host, self.cfg.listen_port)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = site.port
         if self.cfg.site_port < 0:
             return
-        self.site_table = RouteTable(self, routes, "site")
-        srunner = web.AppRunner(self.site_table.app(lambda r: verify_peer(self, r)),
-                                access_log=None)
+        self.site_table = RouteTable(self.services, routes, "site")
+        core = self.services
+        srunner = web.AppRunner(self.site_table.app(lambda r: verify_peer(core, r)),
+                                access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
         await srunner.setup()
         self._runners.append(srunner)
         ssite = web.TCPSite(srunner, self.cfg.site_host, self.cfg.site_port,
                             ssl_context=self._site_tls())
         await ssite.start()
-        self.site_port = ssite._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.site_port = ssite.port
 
     def _site_tls(self) -> ssl.SSLContext:
         tls = Path(self.cfg.data_dir) / "tls"
@@ -108,23 +137,38 @@ class ConfigServer:
     def site_url(self) -> str:
         host = self.cfg.site_host
         if host in ("0.0.0.0", "::"):
-            import socket
-
             host = socket.getfqdn()
         return f"https://{host}:{self.site_port}"
 
     async def notify(self) -> None:
-        async with self.changed:
-            self.changed.notify_all()
+        await self.notifier.notify()
 
     async def stop(self) -> None:
+        """Stop accepting, drain, stop background work, close the catalog (in that order,
+        as uvicorn does): a request in flight still has the job engine and the database."""
+        for r in self._runners:  # 1. close every listening socket first
+            for site in list(r.sites):
+                await site.stop()
+        in_flight = sum(len(r.server.connections) for r in self._runners if r.server)
+        if in_flight:
+            log.info("configserver_draining", connections=in_flight,
+                     grace_seconds=SHUTDOWN_GRACE_SECONDS)
+        # 2. idle connections close at once; requests in progress get the grace period,
+        # then aiohttp cancels them.
+        await asyncio.gather(*(r.cleanup() for r in self._runners))
+        self._runners.clear()
+        # 3. background work: jobs resume at the next start where they stood.
         for t in self._tasks:
             t.cancel()
+        cancelled = 0
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        for r in reversed(self._runners):
-            await r.cleanup()
+            cancelled += t.cancelled()
+        self._tasks.clear()
+        if cancelled:
+            log.info("configserver_background_stopped", tasks=cancelled)
+        # 4. the catalog.
         if hasattr(self, "engine"):
             await self.engine.dispose()
         log.info("configserver_stopped")

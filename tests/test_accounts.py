@@ -75,6 +75,11 @@ def json_logs(capsys: pytest.CaptureFixture[str]) -> Iterator[list[str]]:
         structlog.configure(**saved)
 
 
+async def open_secret(cs: ConfigServer, name: str) -> bytes:
+    """What the push installer gets: the account's secret, opened with the server's key."""
+    return await sealed.open_secret(cs.services, cs.cfg.secrets_key_path, name)
+
+
 async def raw_account_rows(cs: ConfigServer, catalog_url: str) -> bytes:
     """Every byte of the accounts table as the database holds it, read behind the server's
     back: the SQLite files themselves, or the PostgreSQL rows in their text form."""
@@ -132,8 +137,8 @@ async def test_secret_is_sealed_never_returned_never_logged(
     for s in secrets:
         assert s.encode() not in raw
         assert s.encode().hex().encode() not in raw
-    assert await sealed.open_secret(cs, "installer") == ROTATED.encode()
-    assert await sealed.open_secret(cs, "keyed") == key_text.encode()
+    assert await open_secret(cs, "installer") == ROTATED.encode()
+    assert await open_secret(cs, "keyed") == key_text.encode()
 
 
 async def test_secrets_key_is_created_at_first_start_outside_the_database(
@@ -160,12 +165,12 @@ async def test_add_list_show_update_remove(cs: ConfigServer, api: ApiClient,
     # Rename the user only: the secret stays as it was.
     u = await api.patch("/api/v1/accounts/installer", {"username": "admin"})
     assert u["username"] == "admin" and u["kind"] == "password"
-    assert await sealed.open_secret(cs, "installer") == PASSWORD.encode()
+    assert await open_secret(cs, "installer") == PASSWORD.encode()
     # Rotate to an SSH key: kind and secret change together.
     key_text = ssh_keygen(tmp_path)
     u = await api.patch("/api/v1/accounts/installer", {"kind": "ssh-key", "secret": key_text})
     assert u["kind"] == "ssh-key"
-    assert await sealed.open_secret(cs, "installer") == key_text.encode()
+    assert await open_secret(cs, "installer") == key_text.encode()
     e = await _refused(api.patch("/api/v1/accounts/installer", {"kind": "password"}), 422,
                        "secret_required")
     assert "needs the new secret" in e.message
@@ -177,7 +182,7 @@ async def test_add_list_show_update_remove(cs: ConfigServer, api: ApiClient,
     await _refused(api.patch("/api/v1/accounts/keyed", {"username": "x"}), 404,
                    "account_not_found")
     with pytest.raises(sealed.SecretError) as err:
-        await sealed.open_secret(cs, "keyed")
+        await open_secret(cs, "keyed")
     assert err.value.code == "account_not_found"
 
 
@@ -246,7 +251,7 @@ async def test_open_secret_says_clearly_what_is_wrong_with_the_key(
 
     async def refused(code: str, *says: str) -> None:
         with pytest.raises(sealed.SecretError) as e:
-            await sealed.open_secret(cs, "installer")
+            await open_secret(cs, "installer")
         assert e.value.code == code, e.value
         for s in says:
             assert s in e.value.message + e.value.hint, e.value.message
@@ -272,7 +277,7 @@ async def test_open_secret_says_clearly_what_is_wrong_with_the_key(
     path.write_text("not hex\n")
     await refused("secrets_key_malformed", "does not hold a key")
     path.write_text(good)  # restored from the backup: works again, no restart
-    assert await sealed.open_secret(cs, "installer") == PASSWORD.encode()
+    assert await open_secret(cs, "installer") == PASSWORD.encode()
 
     # A sealed row copied onto another account does not open as that account's secret.
     if catalog_url.startswith("sqlite"):
@@ -288,7 +293,7 @@ async def test_open_secret_says_clearly_what_is_wrong_with_the_key(
                            "name = 'other') WHERE name = 'installer'")
         await conn.close()
     await refused("secret_damaged", "does not authenticate")
-    assert await sealed.open_secret(cs, "other") == ROTATED.encode()
+    assert await open_secret(cs, "other") == ROTATED.encode()
 
 
 async def test_lost_key_with_no_accounts_left_is_replaced(cs: ConfigServer,
@@ -300,7 +305,7 @@ async def test_lost_key_with_no_accounts_left_is_replaced(cs: ConfigServer,
     a = await api.post("/api/v1/accounts", _body())
     assert path.stat().st_mode & 0o777 == 0o600
     assert a["key_id"] == sealed.key_id(sealed.read_key(path))
-    assert await sealed.open_secret(cs, "installer") == PASSWORD.encode()
+    assert await open_secret(cs, "installer") == PASSWORD.encode()
 
 
 async def test_account_cli(cs: ConfigServer, tmp_path: Path) -> None:
@@ -321,7 +326,7 @@ async def test_account_cli(cs: ConfigServer, tmp_path: Path) -> None:
                   str(pw))
     assert r.returncode == 0, r.stderr
     assert "kind:      password (stored sealed; never shown)" in r.stdout
-    assert await sealed.open_secret(cs, "installer") == PASSWORD.encode()  # no newline
+    assert await open_secret(cs, "installer") == PASSWORD.encode()  # no newline
     r = await cli("account", "add", "keyed", "--username", "deploy", "--ssh-key-file",
                   str(tmp_path / "plain"), "--json")
     assert r.returncode == 0, r.stderr
@@ -334,7 +339,7 @@ async def test_account_cli(cs: ConfigServer, tmp_path: Path) -> None:
     pw.write_text(ROTATED)
     r = await cli("account", "update", "installer", "--password-file", str(pw), "--json")
     assert r.returncode == 0, r.stderr
-    assert await sealed.open_secret(cs, "installer") == ROTATED.encode()
+    assert await open_secret(cs, "installer") == ROTATED.encode()
     r = await cli("account", "show", "installer", "--json")
     assert json.loads(r.stdout)["has_secret"] is True
 

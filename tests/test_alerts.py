@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from configserver.config import ConfigServerConfig
-from configserver.rest import iso
+from configserver.schema import iso
 from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiCallError, ApiClient
 from tests.sitehelpers import (

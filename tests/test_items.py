@@ -5,6 +5,7 @@ bad requests change nothing."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 
 from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiCallError, ApiClient
+from tests.csclock import Clock, clocked_configserver
 from tests.sitehelpers import (
     AgentSite,
     add_machine,
@@ -24,6 +26,18 @@ from tests.sitehelpers import (
 )
 
 P1, P2, P3 = "1" * 64, "2" * 64, "3" * 64
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def cs(tmp_path: Path, catalog_url: str, clock: Clock) -> AsyncIterator[ConfigServer]:
+    """The configuration server of every test here runs on ``clock`` (SQLite, PostgreSQL)."""
+    async with clocked_configserver(tmp_path / "cs", catalog_url, clock) as server:
+        yield server
 
 
 async def _setup(cs: ConfigServer, api: ApiClient, tmp_path: Path, name: str = "web01"
@@ -105,7 +119,7 @@ async def test_enable_to_protected(cs: ConfigServer, api: ApiClient, tmp_path: P
 
 
 async def test_points_move_latest_and_app_points_forward(cs: ConfigServer, api: ApiClient,
-                                                        tmp_path: Path) -> None:
+                                                        tmp_path: Path, clock: Clock) -> None:
     await _setup(cs, api, tmp_path)
     await _enable(api, "web01")
     base = cs.clock()
@@ -120,7 +134,7 @@ async def test_points_move_latest_and_app_points_forward(cs: ConfigServer, api: 
     assert item["latest_point"] == P2 and item["latest_app_point"] == P1
     assert item["latest_point_time"] == at(-10)[:19] + "Z"
     assert item["latest_app_point_time"] == at(-100)[:19] + "Z"
-    cs.clock = lambda: base + 90  # an injected clock ages the point
+    clock.now = base + 90  # an injected clock ages the point
     item = await api.get("/api/v1/items/web01")
     assert item["rpo_seconds"] == 100.0
     # points of a machine without an item are catalogued and touch no item
@@ -129,7 +143,7 @@ async def test_points_move_latest_and_app_points_forward(cs: ConfigServer, api: 
 
 
 async def test_rpo_over_threshold_is_a_warning(cs: ConfigServer, api: ApiClient,
-                                               tmp_path: Path) -> None:
+                                               tmp_path: Path, clock: Clock) -> None:
     agent = await _setup(cs, api, tmp_path)
     job = await _enable(api, "web01")
     async with agent:
@@ -143,7 +157,7 @@ async def test_rpo_over_threshold_is_a_warning(cs: ConfigServer, api: ApiClient,
     item = await api.get("/api/v1/items/web01")
     assert item["health"] == "normal" and item["health_errors"] == []
     now = cs.clock()
-    cs.clock = lambda: now + 15 * 60 + 5  # the default policy's threshold is 15 min
+    clock.now = now + 15 * 60 + 5  # the default policy's threshold is 15 min
     item = await api.get("/api/v1/items/web01")
     assert item["health"] == "warning" and item["rpo_threshold_seconds"] == 900
     assert "exceeds the policy's threshold" in item["health_errors"][0]

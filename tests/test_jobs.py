@@ -8,6 +8,7 @@ import asyncio
 import datetime as dt
 import json
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiCallError, ApiClient
+from tests.csclock import Clock, clocked_configserver
 from tests.helpers import Daemon, run_cli, write_toml
 from tests.sitehelpers import (
     AgentSite,
@@ -30,6 +32,18 @@ from tests.sitehelpers import (
 )
 
 P1 = "1" * 64
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def cs(tmp_path: Path, catalog_url: str, clock: Clock) -> AsyncIterator[ConfigServer]:
+    """The configuration server of every test here runs on ``clock`` (SQLite, PostgreSQL)."""
+    async with clocked_configserver(tmp_path / "cs", catalog_url, clock) as server:
+        yield server
 
 
 def _now_iso() -> str:
@@ -183,13 +197,13 @@ async def test_targets_run_concurrently_and_list_filters(cs: ConfigServer, api: 
 
 
 async def test_a_step_that_times_out_fails_the_job(cs: ConfigServer, api: ApiClient,
-                                                  tmp_path: Path) -> None:
+                                                  tmp_path: Path, clock: Clock) -> None:
     await _ready(cs, api, tmp_path, "web01")
     jid = await _enable(api, "web01")
     await wait_job(api, jid, lambda j: step(j, "prepare_agent")["message"] ==
                    "waiting for the Mobility agent to check in")
     start = cs.clock()
-    cs.clock = lambda: start + 3601  # an hour later and the agent never checked in
+    clock.now = start + 3601  # an hour later and the agent never checked in
     await report_point(cs.url, cs.internal_token, "elsewhere", P1)  # any change re-checks
     job = await wait_job(api, jid)
     assert job["state"] == "failed"

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from configserver.config import ConfigServerConfig
-from configserver.rest import iso
+from configserver.schema import iso
 from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiCallError, ApiClient
 from tests.backends import missing_backend

@@ -1,0 +1,34 @@
+"""A configuration server whose clock a test can move: real time until ``now`` is set."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from configserver.config import ConfigServerConfig
+from configserver.server import ConfigServer
+
+
+class Clock:
+    """UNIX seconds: ``time.time()``, or ``now`` once a test sets it."""
+
+    def __init__(self) -> None:
+        self.now: float | None = None
+
+    def __call__(self) -> float:
+        return time.time() if self.now is None else self.now
+
+
+@asynccontextmanager
+async def clocked_configserver(data_dir: Path, catalog_url: str, clock: Clock
+                               ) -> AsyncIterator[ConfigServer]:
+    """A running configuration server (admin and site listeners on free ports) on ``clock``."""
+    server = ConfigServer(ConfigServerConfig(data_dir=str(data_dir), listen_port=0, site_port=0,
+                                             database_url=catalog_url), clock=clock)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
