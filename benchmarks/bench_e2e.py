@@ -52,9 +52,9 @@ from siterecovery.embedded import Embedded, start_embedded, stop_embedded
 from siterecovery.tomlconfig import load
 from vault.check import check_vault
 from vault.keyslots import KeyMaterial, read_keyfile
-from vault.local import LocalStore
 from vault.materialize import materialize
 from vault.repo import Vault
+from vault.store.local import LocalStore
 
 MACHINE = "bench-vm"
 STEPS = ("initial", "incremental", "restore", "check")

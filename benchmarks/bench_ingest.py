@@ -32,8 +32,8 @@ from diskgen import generate
 
 from configserver.ca import CertificateAuthority, write_bundle
 from vault.keyslots import KeyMaterial, new_keyfile
-from vault.local import LocalStore
 from vault.repo import Vault
+from vault.store.local import LocalStore
 
 TARGET_MB_S = 200.0
 TARGET_RSS = 512 << 20

@@ -38,8 +38,8 @@ from mobility.snapshot import Quiesced
 from procserver.config import ProcServerConfig
 from procserver.server import ProcServer
 from vault.keyslots import KeyMaterial, new_keyfile
-from vault.local import LocalStore
 from vault.repo import Vault
+from vault.store.local import LocalStore
 
 
 async def run(args: argparse.Namespace, work: Path) -> None:

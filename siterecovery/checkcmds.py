@@ -18,8 +18,8 @@ from siterecovery.vaultcmds import add_vault_args, open_vault
 from vault.check import check_vault
 from vault.checkreport import CheckReport
 from vault.locks import locked
-from vault.open import open_store
 from vault.rebuild import rebuild_index
+from vault.store.open import open_store
 
 EXIT_OK, EXIT_CORRUPT, EXIT_KEY = 0, 3, 4
 

@@ -18,9 +18,9 @@ from siterecovery.embedded import start_embedded, stop_embedded
 from siterecovery.progress import Progress
 from siterecovery.tomlconfig import load
 from vault.keyslots import KeyMaterial, read_keyfile
-from vault.local import LocalStore
 from vault.materialize import materialize
 from vault.repo import Vault
+from vault.store.local import LocalStore
 
 BLOCK = 64 * 1024
 

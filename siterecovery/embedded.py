@@ -26,8 +26,8 @@ from configserver.server import ConfigServer
 from procserver.config import ProcServerConfig
 from procserver.server import ProcServer
 from vault.keyslots import KeyMaterial, new_keyfile, read_keyfile
-from vault.local import LocalStore
 from vault.repo import Vault
+from vault.store.local import LocalStore
 
 log = structlog.get_logger("siterecovery")
 

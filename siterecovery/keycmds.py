@@ -15,8 +15,8 @@ from pathlib import Path
 from siterecovery.errors import CliError, UsageError
 from vault.keys import SlotInfo, add_slot, change_passphrase, list_slots, remove_slot
 from vault.keyslots import KeyMaterial, new_keyfile, read_keyfile
-from vault.open import open_store
 from vault.repo import Vault
+from vault.store.open import open_store
 
 MIN_PASSPHRASE = 8
 

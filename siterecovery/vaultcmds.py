@@ -23,10 +23,10 @@ from vault.errors import NotFoundError, VaultError
 from vault.keys import list_slots
 from vault.keyslots import KeyMaterial, new_keyfile
 from vault.materialize import materialize
-from vault.open import open_store
 from vault.point import Point
 from vault.repo import DEFAULT_BLOCK_SIZE, Vault
-from vault.store import BlobStore
+from vault.store.open import open_store
+from vault.store.protocol import BlobStore
 
 
 def add_vault_args(p: argparse.ArgumentParser) -> None:

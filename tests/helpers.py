@@ -24,10 +24,10 @@ from procserver.config import ProcServerConfig
 from procserver.server import ProcServer
 from siterecovery.demo import make_disk as make_disk  # one disk generator for demo and tests
 from vault.keyslots import KeyMaterial, new_keyfile, read_keyfile
-from vault.local import LocalStore
 from vault.materialize import materialize
 from vault.point import Point
 from vault.repo import Vault
+from vault.store.local import LocalStore
 from vault.writer import CycleWriter, DiskSpec
 
 BLOCK = 64 * 1024

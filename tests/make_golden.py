@@ -35,8 +35,8 @@ from pathlib import Path
 
 from common.digest import digest_of_fingerprint_map, fingerprint
 from vault.keyslots import KeyMaterial, new_keyfile
-from vault.local import LocalStore
 from vault.repo import Vault
+from vault.store.local import LocalStore
 from vault.writer import CycleWriter, DiskSpec
 
 GOLDEN = Path(__file__).resolve().parent / "fixtures" / "golden"

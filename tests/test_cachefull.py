@@ -16,8 +16,8 @@ from tests.helpers import (
     sha256,
 )
 from vault.keyslots import KeyMaterial, read_keyfile
-from vault.open import open_store
 from vault.repo import Vault
+from vault.store.open import open_store
 
 
 async def test_cache_disk_full(tmp_path: Path, pki: Pki, vault_at: tuple[str, Path]) -> None:

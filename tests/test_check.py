@@ -24,9 +24,9 @@ from vault.check import check_vault, subset_of
 from vault.checkreport import CheckReport
 from vault.index import open_index
 from vault.keyslots import KeyMaterial, read_keyfile
-from vault.local import LocalStore
 from vault.pack import build_pack
 from vault.rebuild import rebuild_index
+from vault.store.local import LocalStore
 from vault.writer import CycleWriter, DiskSpec
 
 BS = 64 * 1024

@@ -113,8 +113,8 @@ async def test_end_to_end_on_azure_blob(tmp_path: Path, pki: Pki, azurite_conn: 
     """The production backend: the vault lives in Azure Blob Storage (Azurite here)."""
     from tests.helpers import proc_config, running_procserver
     from vault.keyslots import KeyMaterial, new_keyfile
-    from vault.open import open_store
     from vault.repo import Vault
+    from vault.store.open import open_store
 
     conn = tmp_path / "azure.conn"
     conn.write_text(azurite_conn)

@@ -25,8 +25,8 @@ from tests.helpers import (
 )
 from vault.errors import WrongKeyError
 from vault.keyslots import KeyMaterial, new_keyfile, read_keyfile
-from vault.open import open_store
 from vault.repo import Vault
+from vault.store.open import open_store
 
 
 async def _uploaded(ps: ProcServer) -> int:

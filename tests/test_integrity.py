@@ -17,7 +17,11 @@ from vault.crypto import Keyring, ObjectType, seal, unseal
 from vault.errors import FormatError, IntegrityError, TransientStoreError
 from vault.keyslots import new_keyfile, unwrap
 from vault.maps import open_map
+from vault.materialize import materialize
 from vault.pack import open_block
+from vault.store.local import LocalStore
+from vault.store.protocol import BlobStore
+from vault.store.wrapper import StoreWrapper
 
 BS = 64 * 1024
 
@@ -154,11 +158,12 @@ async def test_excessive_kdf_parameters_are_refused(tmp_path: Path) -> None:
     assert unwrap(doc, KeyMaterial(passphrase="wrong")) is None
 
 
-class _Outage:
+class _Outage(StoreWrapper):
     """Reads succeed ``budget`` times, then the store is unreachable."""
 
-    def __init__(self, inner: object, budget: int) -> None:
-        self.inner, self.budget, self.pack_gets = inner, budget, 0
+    def __init__(self, inner: BlobStore, budget: int) -> None:
+        super().__init__(inner)
+        self.budget, self.pack_gets = budget, 0
         self.url = "outage"
 
     async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
@@ -167,16 +172,10 @@ class _Outage:
             if self.budget == 0:
                 raise TransientStoreError("storage unreachable")
             self.budget -= 1
-        return await self.inner.get(name, offset, length)  # type: ignore[attr-defined, no-any-return]
-
-    def __getattr__(self, attr: str) -> object:
-        return getattr(self.inner, attr)
+        return await self.inner.get(name, offset, length)
 
 
 async def test_interrupted_restore_resumes(tmp_path: Path) -> None:
-    from vault.local import LocalStore
-    from vault.materialize import materialize
-
     _url, key = await make_vault(tmp_path)
     disk = tmp_path / "disk.img"
     disk.write_bytes(random.Random(8).randbytes(40 << 20))  # incompressible: five packs
@@ -187,12 +186,12 @@ async def test_interrupted_restore_resumes(tmp_path: Path) -> None:
         packs = {loc.pack_id for loc in index.entries.values()}
         assert len(packs) >= 3
         out = str(tmp_path / "out.img")
-        v.store = _Outage(LocalStore(tmp_path / "vault"), 2)  # type: ignore[assignment]
+        v.store = _Outage(LocalStore(tmp_path / "vault"), 2)
         with pytest.raises(TransientStoreError):
             await materialize(v, point, "sda", out, index=index, executor=ex)
         assert not os.path.exists(out)
         assert os.path.exists(out + ".partial.progress")  # kept for the next run
-        v.store = counting = _Outage(LocalStore(tmp_path / "vault"), 10**6)  # type: ignore[assignment]
+        v.store = counting = _Outage(LocalStore(tmp_path / "vault"), 10**6)
         await materialize(v, point, "sda", out, index=index, executor=ex)
     assert counting.pack_gets < len(packs)  # finished packs were not fetched again
     assert sha256(Path(out)) == sha256(disk)

@@ -23,8 +23,8 @@ from vault import names
 from vault.errors import WrongKeyError
 from vault.keys import KeySlotError, add_slot, change_passphrase, list_slots, remove_slot
 from vault.keyslots import KeyMaterial, new_keyfile, read_keyfile, wrap
-from vault.local import LocalStore
 from vault.repo import Vault
+from vault.store.local import LocalStore
 
 BS = 64 * 1024
 PW = "correct horse battery staple"

@@ -17,11 +17,14 @@ import pytest
 from common.digest import digest_of_fingerprint_map, fingerprint
 from tests.helpers import REPO, make_vault, open_vault, restore_all
 from vault import names
+from vault.keyslots import KeyMaterial, read_keyfile
 from vault.locks import LockedError, list_locks, locked, remove_locks
 from vault.point import Point
 from vault.prune import prune
 from vault.repo import MAX_CHAIN, Vault
 from vault.retention import Retention, plan
+from vault.store.faults import FaultStore
+from vault.store.local import LocalStore
 from vault.writer import CycleWriter, DiskSpec
 
 BS = 64 * 1024
@@ -152,10 +155,6 @@ async def test_dry_run_changes_nothing(tmp_path: Path) -> None:
 def _mutations(vdir: Path, key: Path) -> int:
     """How many puts and deletes a full prune of this vault does."""
     async def count() -> int:
-        from vault.faults import FaultStore
-        from vault.keyslots import KeyMaterial, read_keyfile
-        from vault.local import LocalStore
-
         store = FaultStore(LocalStore(vdir))
         v = await Vault.open(store, KeyMaterial(keyfile=read_keyfile(key)))
         with ThreadPoolExecutor(2) as ex:

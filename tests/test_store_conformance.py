@@ -11,17 +11,24 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from common.pacing import Schedule, TokenBucket
 from vault.errors import NotFoundError, PermanentStoreError, TransientStoreError
-from vault.local import LocalStore
-from vault.memory import MemoryStore
-from vault.open import open_backend, open_store
-from vault.retry import RetryStore
-from vault.store import BlobInfo, BlobStore
+from vault.store.faults import FaultStore
+from vault.store.instrument import StoreMetrics
+from vault.store.local import LocalStore
+from vault.store.memory import MemoryStore
+from vault.store.open import open_backend, open_store
+from vault.store.protocol import BlobInfo, BlobStore
+from vault.store.retry import RetryStore
+from vault.store.wrapper import StoreWrapper
 
 # Real Azure too when a connection string is given (never in CI: no network there).
 REAL_AZURE = os.environ.get("SITERECOVERY_TEST_AZURE_CONNECTION_STRING", "")
-BACKENDS = ["local", "memory", "azure"] + (["azure-real"] if REAL_AZURE else [])
+# "wrapped": a local folder under every wrapper (faults injecting none), so each keeps
+# every contract of the protocol, not only the operations it overrides.
+BACKENDS = ["local", "memory", "wrapped", "azure"] + (["azure-real"] if REAL_AZURE else [])
 
 
 @pytest.fixture(params=BACKENDS)
@@ -39,6 +46,10 @@ def _make(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> BlobStor
         return LocalStore(tmp_path / "store")
     if kind == "memory":
         return MemoryStore()
+    if kind == "wrapped":
+        return open_store(f"fault+file://{tmp_path / 'store'}",
+                          StoreMetrics(CollectorRegistry()),
+                          upload_bucket=TokenBucket(Schedule.constant(1e12)))
     conn_file = tmp_path / "azure-conn"
     conn_file.write_text(REAL_AZURE if kind == "azure-real"
                          else request.getfixturevalue("azurite_conn"))
@@ -155,12 +166,32 @@ async def test_cancellation_mid_list(store: BlobStore) -> None:
     assert len(await _names(store, "points/")) == 30  # the store still works
 
 
-class _LostResponses:
+async def test_wrapped_stack_is_the_one_open_store_builds(tmp_path: Path) -> None:
+    s = open_store(f"fault+file://{tmp_path}", StoreMetrics(CollectorRegistry()),
+                   upload_bucket=TokenBucket(Schedule.constant(1e12)))
+    layers = []
+    while isinstance(s, StoreWrapper):
+        layers.append(type(s).__name__)
+        s = s.inner
+    assert layers == ["ThrottleStore", "RetryStore", "LimitStore", "InstrumentedStore",
+                      "FaultStore"]
+    assert isinstance(s, LocalStore)
+
+
+def test_store_wrapper_has_every_protocol_member() -> None:
+    # runtime_checkable looks only at the wrapper's own attributes: no __getattr__ help.
+    assert isinstance(StoreWrapper(MemoryStore()), BlobStore)
+    assert isinstance(FaultStore(MemoryStore()), BlobStore)
+    assert StoreWrapper(MemoryStore()).url == "memory://"
+
+
+class _LostResponses(StoreWrapper):
     """Passes each put through, then 'loses the response' the first ``n`` times."""
 
     def __init__(self, inner: BlobStore, n: int) -> None:
-        self.inner, self.n, self.bodies = inner, n, []  # type: ignore[var-annotated]
-        self.url = inner.url
+        super().__init__(inner)
+        self.n = n
+        self.bodies: list[str] = []
 
     async def put(self, name: str, data: bytes) -> None:
         self.bodies.append(hashlib.sha256(data).hexdigest())
@@ -169,13 +200,10 @@ class _LostResponses:
             self.n -= 1
             raise TransientStoreError("response lost")
 
-    def __getattr__(self, attr: str) -> object:
-        return getattr(self.inner, attr)
-
 
 async def test_transient_errors_retried_with_identical_body(store: BlobStore) -> None:
     flaky = _LostResponses(store, 3)
-    retrying = RetryStore(flaky, base=0.001)  # type: ignore[arg-type]
+    retrying = RetryStore(flaky, base=0.001)
     data = os.urandom(300_000)
     await retrying.put("packs/22/retried", data)
     assert len(flaky.bodies) == 4 and len(set(flaky.bodies)) == 1
@@ -185,7 +213,7 @@ async def test_transient_errors_retried_with_identical_body(store: BlobStore) ->
 async def test_retry_gives_up_after_its_attempts(store: BlobStore) -> None:
     flaky = _LostResponses(store, 100)
     with pytest.raises(TransientStoreError):
-        await RetryStore(flaky, attempts=3, base=0.001).put("index/x", b"y")  # type: ignore[arg-type]
+        await RetryStore(flaky, attempts=3, base=0.001).put("index/x", b"y")
     assert len(flaky.bodies) == 3
 
 

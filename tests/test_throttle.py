@@ -9,8 +9,8 @@ import pytest
 
 from common.pacing import Schedule, TokenBucket, parse_days, parse_hours
 from tests.helpers import Pki
-from vault.memory import MemoryStore
-from vault.throttle import ThrottleStore
+from vault.store.memory import MemoryStore
+from vault.store.throttle import ThrottleStore
 
 MONDAY_10 = dt.datetime(2026, 11, 23, 10, 0)  # a Monday
 MONDAY_20 = dt.datetime(2026, 11, 23, 20, 0)

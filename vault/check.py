@@ -44,7 +44,7 @@ from vault.pack import MAX_BLOCK, PackEntry, open_block
 from vault.point import Point
 from vault.rebuild import for_each, pack_id_if_valid, read_trailer
 from vault.repo import MAX_CHAIN, Vault, VaultConfig
-from vault.store import BlobStore
+from vault.store.protocol import BlobStore
 
 CHUNK = 8 << 20  # bytes of a pack read at once
 Progress = Callable[[int, int], None]

@@ -28,7 +28,7 @@ from vault.errors import IntegrityError, NotFoundError, VaultError
 from vault.index import open_index
 from vault.pack import MAGIC, MAX_BLOCK, MAX_TRAILER, TAIL, PackEntry, parse_trailer
 from vault.repo import Vault
-from vault.store import BlobInfo
+from vault.store.protocol import BlobInfo
 
 INDEX_CHUNK = 200_000  # entries per new index object (about 9 MB of plaintext)
 CONCURRENCY = 8

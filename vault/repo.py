@@ -27,7 +27,7 @@ from vault.keyslots import KeyMaterial, unwrap, wrap
 from vault.maps import DELTA, FULL, ZERO_ID, BlockMap, open_map, seal_map
 from vault.pack import PackEntry, open_block
 from vault.point import Point, open_point, seal_point
-from vault.store import BlobStore
+from vault.store.protocol import BlobStore
 
 DEFAULT_BLOCK_SIZE = 64 * 1024
 MAX_CHAIN = 16

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from vault.errors import NotFoundError, PermanentStoreError
 from vault.names import PACKS
-from vault.store import BlobInfo, check_name
+from vault.store.protocol import BlobInfo, check_name
 
 _TMP_SUFFIX = ".tmp"
 

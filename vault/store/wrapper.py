@@ -1,22 +1,24 @@
-"""Uploads paced by a ``common.pacing.TokenBucket`` (the process server's upload limit)."""
+"""``StoreWrapper``: the base of every store wrapper (retry, limit, metrics, faults, …)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from common.pacing import TokenBucket
-from vault.store import BlobInfo, BlobStore
+from vault.store.protocol import BlobInfo, BlobStore
 
 
-class ThrottleStore:
-    """Uploads (``put``) pass through a token bucket; everything else is untouched."""
+class StoreWrapper:
+    """A ``BlobStore`` that passes every operation to ``inner`` unchanged.
 
-    def __init__(self, inner: BlobStore, bucket: TokenBucket) -> None:
-        self.inner, self.bucket = inner, bucket
+    A wrapper subclasses it and overrides only the operations it changes; ``url`` is
+    the inner store's unless the subclass sets its own. Errors are the inner store's.
+    """
+
+    def __init__(self, inner: BlobStore) -> None:
+        self.inner = inner
         self.url = inner.url
 
     async def put(self, name: str, data: bytes) -> None:
-        await self.bucket.take(len(data))
         await self.inner.put(name, data)
 
     async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
@@ -25,9 +27,8 @@ class ThrottleStore:
     async def stat(self, name: str) -> BlobInfo:
         return await self.inner.stat(name)
 
-    async def list(self, prefix: str = "") -> AsyncIterator[BlobInfo]:
-        async for info in self.inner.list(prefix):
-            yield info
+    def list(self, prefix: str = "") -> AsyncIterator[BlobInfo]:
+        return self.inner.list(prefix)
 
     async def delete(self, name: str) -> None:
         await self.inner.delete(name)

@@ -37,7 +37,7 @@ from azure.core.exceptions import (
 from azure.storage.blob.aio import BlobServiceClient, ContainerClient
 
 from vault.errors import NotFoundError, PermanentStoreError, StoreError, TransientStoreError
-from vault.store import BlobInfo, check_name
+from vault.store.protocol import BlobInfo, check_name
 
 # Above 1 MiB, the SDK's single upload hands aiohttp the body as raw bytes (sent on
 # the event loop); staged blocks stream. So larger objects are always staged.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from vault.errors import NotFoundError, PermanentStoreError
-from vault.store import BlobInfo, check_name
+from vault.store.protocol import BlobInfo, check_name
 
 
 class MemoryStore:

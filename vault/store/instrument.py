@@ -9,7 +9,8 @@ from typing import TypeVar
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from vault.errors import NotFoundError, TransientStoreError
-from vault.store import BlobInfo, BlobStore
+from vault.store.protocol import BlobInfo, BlobStore
+from vault.store.wrapper import StoreWrapper
 
 T = TypeVar("T")
 
@@ -26,10 +27,12 @@ class StoreMetrics:
                                  buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
 
 
-class InstrumentedStore:
+class InstrumentedStore(StoreWrapper):
+    """Counts every operation by outcome, its bytes and its latency in ``metrics``."""
+
     def __init__(self, inner: BlobStore, metrics: StoreMetrics) -> None:
-        self.inner, self.m = inner, metrics
-        self.url = inner.url
+        super().__init__(inner)
+        self.m = metrics
 
     async def _timed(self, op: str, aw: Awaitable[T]) -> T:
         start = time.perf_counter()
@@ -67,12 +70,3 @@ class InstrumentedStore:
 
     async def delete(self, name: str) -> None:
         await self._timed("delete", self.inner.delete(name))
-
-    async def setup(self) -> None:
-        await self.inner.setup()
-
-    async def server_time(self) -> float | None:
-        return await self.inner.server_time()
-
-    async def close(self) -> None:
-        await self.inner.close()

@@ -14,17 +14,21 @@ from typing import TypeVar
 import structlog
 
 from vault.errors import TransientStoreError
-from vault.store import BlobInfo, BlobStore
+from vault.store.protocol import BlobInfo, BlobStore
+from vault.store.wrapper import StoreWrapper
 
 T = TypeVar("T")
 log = structlog.get_logger("vault.retry")
 
 
-class RetryStore:
+class RetryStore(StoreWrapper):
+    """Retries ``TransientStoreError`` up to ``attempts`` tries in all, then raises the
+    last one; every other error passes at once. ``setup`` and ``close`` are not retried."""
+
     def __init__(self, inner: BlobStore, *, attempts: int = 8, base: float = 0.1,
                  cap: float = 10.0) -> None:
-        self.inner, self.attempts, self.base, self.cap = inner, attempts, base, cap
-        self.url = inner.url
+        super().__init__(inner)
+        self.attempts, self.base, self.cap = attempts, base, cap
 
     def _delay(self, attempt: int) -> float:
         return float(min(self.cap, self.base * 2**attempt)) * random.uniform(0.5, 1.0)
@@ -73,50 +77,5 @@ class RetryStore:
     async def delete(self, name: str) -> None:
         await self._retry(f"delete {name}", lambda: self.inner.delete(name))
 
-    async def setup(self) -> None:
-        await self.inner.setup()
-
     async def server_time(self) -> float | None:
         return await self._retry("server_time", self.inner.server_time)
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-
-class LimitStore:
-    """At most ``limit`` operations in flight against the inner store."""
-
-    def __init__(self, inner: BlobStore, limit: int = 8) -> None:
-        self.inner = inner
-        self.url = inner.url
-        self._sem = asyncio.Semaphore(limit)
-
-    async def put(self, name: str, data: bytes) -> None:
-        async with self._sem:
-            await self.inner.put(name, data)
-
-    async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
-        async with self._sem:
-            return await self.inner.get(name, offset, length)
-
-    async def stat(self, name: str) -> BlobInfo:
-        async with self._sem:
-            return await self.inner.stat(name)
-
-    async def list(self, prefix: str = "") -> AsyncIterator[BlobInfo]:
-        async for info in self.inner.list(prefix):
-            yield info
-
-    async def delete(self, name: str) -> None:
-        async with self._sem:
-            await self.inner.delete(name)
-
-    async def setup(self) -> None:
-        await self.inner.setup()
-
-    async def server_time(self) -> float | None:
-        async with self._sem:
-            return await self.inner.server_time()
-
-    async def close(self) -> None:
-        await self.inner.close()

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
 
 from vault.errors import TransientStoreError
-from vault.store import BlobInfo, BlobStore
+from vault.store.protocol import BlobStore
+from vault.store.wrapper import StoreWrapper
 
 
-class FaultStore:
+class FaultStore(StoreWrapper):
     def __init__(self, inner: BlobStore, *, hang: str = "", fail: str = "",
                  fail_times: int = 0, corrupt_get: str = "", crash_after: int = 0) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.url = "fault+" + inner.url
         self.hang, self.fail, self.corrupt_get = hang, fail, corrupt_get
         self.fail_times = fail_times
@@ -55,22 +55,6 @@ class FaultStore:
             return bytes(b)
         return data
 
-    async def stat(self, name: str) -> BlobInfo:
-        return await self.inner.stat(name)
-
-    async def list(self, prefix: str = "") -> AsyncIterator[BlobInfo]:
-        async for info in self.inner.list(prefix):
-            yield info
-
     async def delete(self, name: str) -> None:
         self._maybe_crash()
         await self.inner.delete(name)
-
-    async def setup(self) -> None:
-        await self.inner.setup()
-
-    async def server_time(self) -> float | None:
-        return await self.inner.server_time()
-
-    async def close(self) -> None:
-        await self.inner.close()

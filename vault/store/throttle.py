@@ -1,0 +1,19 @@
+"""Uploads paced by a ``common.pacing.TokenBucket`` (the process server's upload limit)."""
+
+from __future__ import annotations
+
+from common.pacing import TokenBucket
+from vault.store.protocol import BlobStore
+from vault.store.wrapper import StoreWrapper
+
+
+class ThrottleStore(StoreWrapper):
+    """Uploads (``put``) pass through a token bucket; everything else is untouched."""
+
+    def __init__(self, inner: BlobStore, bucket: TokenBucket) -> None:
+        super().__init__(inner)
+        self.bucket = bucket
+
+    async def put(self, name: str, data: bytes) -> None:
+        await self.bucket.take(len(data))
+        await self.inner.put(name, data)
