@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from siterecovery.apiclient import add_api_args, client, show, table
+from siterecovery.apiopts import add_api_args, call_and_show
 from siterecovery.errors import UsageError
+from siterecovery.output import table
 
 COLUMNS = [("name", "NAME"), ("username", "USER"), ("kind", "KIND"),
            ("machines", "MACHINES"), ("updated", "UPDATED")]
@@ -52,23 +53,19 @@ async def cmd_add(args: argparse.Namespace) -> int:
     got = read_secret(args)
     assert got is not None  # the argument group is required
     kind, secret = got
-    async with client(args) as api:
-        a = await api.post("/api/v1/accounts", {"name": args.name, "username": args.username,
-                                                "kind": kind, "secret": secret})
-    return show(a, args, describe(a))
+    return await call_and_show(args, "POST", "/api/v1/accounts", describe,
+                               {"name": args.name, "username": args.username, "kind": kind,
+                                "secret": secret})
 
 
 async def cmd_list(args: argparse.Namespace) -> int:
-    async with client(args) as api:
-        doc = await api.get("/api/v1/accounts")
-    rows = [{**a, "machines": ",".join(a["machines"]) or None} for a in doc["accounts"]]
-    return show(doc, args, table(rows, COLUMNS))
+    return await call_and_show(args, "GET", "/api/v1/accounts", lambda doc: table(
+        [{**a, "machines": ",".join(a["machines"]) or None} for a in doc["accounts"]],
+        COLUMNS))
 
 
 async def cmd_show(args: argparse.Namespace) -> int:
-    async with client(args) as api:
-        a = await api.get(f"/api/v1/accounts/{args.name}")
-    return show(a, args, describe(a))
+    return await call_and_show(args, "GET", f"/api/v1/accounts/{args.name}", describe)
 
 
 async def cmd_update(args: argparse.Namespace) -> int:
@@ -81,15 +78,13 @@ async def cmd_update(args: argparse.Namespace) -> int:
     if not body:
         raise UsageError("nothing to change: give --username, --password-file or "
                          "--ssh-key-file")
-    async with client(args) as api:
-        a = await api.patch(f"/api/v1/accounts/{args.name}", body)
-    return show(a, args, describe(a))
+    return await call_and_show(args, "PATCH", f"/api/v1/accounts/{args.name}", describe,
+                               body)
 
 
 async def cmd_remove(args: argparse.Namespace) -> int:
-    async with client(args) as api:
-        doc = await api.delete(f"/api/v1/accounts/{args.name}")
-    return show(doc, args, f"account {args.name} removed")
+    return await call_and_show(args, "DELETE", f"/api/v1/accounts/{args.name}",
+                               lambda _: f"account {args.name} removed")
 
 
 def _secret_options(p: argparse.ArgumentParser, required: bool) -> None:

@@ -1,23 +1,17 @@
 """The admin API client: what every CLI verb that talks to the configuration server
-uses (and what the tests use, so they go through real HTTP).
-
-Also the CLI plumbing shared by those verbs: ``--api`` / ``--token-file`` /
-``--json`` options, and plain tables for humans.
+uses (and what the tests use, so they go through real HTTP). How a verb gets one from
+its command line: siterecovery/apiopts.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-from collections.abc import Sequence
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import aiohttp
 
-from siterecovery.errors import CliError
+from siterecovery.errors import EXIT_FAIL, EXIT_USAGE, CliError
 
 DEFAULT_API = "http://127.0.0.1:9440"
 
@@ -28,7 +22,7 @@ class ApiCallError(CliError):
     def __init__(self, status: int, code: str, message: str, hint: str = "") -> None:
         super().__init__(f"{message}" + (f"\nhint: {hint}" if hint else ""))
         self.status, self.api_code, self.message, self.hint = status, code, message, hint
-        self.code = 2 if status in (400, 404, 409, 422) else 1
+        self.code = EXIT_USAGE if status in (400, 404, 409, 422) else EXIT_FAIL
 
 
 class ApiClient:
@@ -87,62 +81,3 @@ class ApiClient:
 
     async def delete(self, path: str) -> Any:
         return await self.call("DELETE", path)
-
-
-def add_api_args(p: argparse.ArgumentParser) -> None:
-    """``--api``, ``--token-file``, ``--json`` for a verb that calls the admin API."""
-    p.add_argument("--api", default=os.environ.get("SITERECOVERY_API", DEFAULT_API),
-                   help="configuration server admin URL (default: $SITERECOVERY_API or "
-                        "%(default)s)")
-    p.add_argument("--token-file",
-                   help="admin token file (default: $SITERECOVERY_TOKEN_FILE, else "
-                        "DATA_DIR/configserver/api-token)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-
-def token_from(args: argparse.Namespace) -> str:
-    from siterecovery.embedded import default_data_dir
-
-    path = Path(args.token_file or os.environ.get("SITERECOVERY_TOKEN_FILE")
-                or Path(default_data_dir()) / "configserver" / "api-token")
-    try:
-        token = path.read_text().strip()
-    except OSError as e:
-        raise CliError(f"cannot read the admin token: {e}\n"
-                       "hint: pass --token-file (the configuration server writes "
-                       "DATA_DIR/configserver/api-token at first start)") from None
-    if not token:
-        raise CliError(f"the admin token file {path} is empty")
-    return token
-
-
-def client(args: argparse.Namespace) -> ApiClient:
-    return ApiClient(args.api, token_from(args))
-
-
-def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
-    """A plain text table: ``columns`` are (key, header) pairs."""
-    if not rows:
-        return "(none)"
-
-    def cell(v: Any) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.1f}"
-        if isinstance(v, (list, dict)):
-            return json.dumps(v)
-        return str(v)
-
-    cells = [[cell(r.get(k)) for k, _ in columns] for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (_, h) in enumerate(columns)]
-    lines = ["  ".join(h.ljust(w) for (_, h), w in zip(columns, widths, strict=True)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-              for row in cells]
-    return "\n".join(lines)
-
-
-def show(doc: Any, args: argparse.Namespace, human: str) -> int:
-    """Print ``doc`` as JSON with --json, else the human text."""
-    print(json.dumps(doc) if args.json else human)
-    return 0

@@ -9,8 +9,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from siterecovery.apiclient import add_api_args, client, show, table
+from configserver.ca import Issued, write_bundle
+from siterecovery.apiopts import add_api_args, call, call_and_show
 from siterecovery.errors import CliError
+from siterecovery.output import show, table
 
 COLUMNS = [("serial", "SERIAL"), ("kind", "KIND"), ("subject", "SUBJECT"), ("state", "STATE"),
            ("issued_at", "ISSUED"), ("not_after", "EXPIRES"), ("revoked_at", "REVOKED")]
@@ -27,24 +29,21 @@ def _one(doc: dict[str, Any]) -> str:
 
 
 async def cmd_list(args: argparse.Namespace) -> int:
-    params = {"kind": args.kind, "subject": args.subject, "state": args.state}
-    async with client(args) as api:
-        doc = await api.get("/api/v1/certificates", **params)
-    return show(doc, args, table(doc["certificates"], COLUMNS))
+    return await call_and_show(args, "GET", "/api/v1/certificates",
+                               lambda doc: table(doc["certificates"], COLUMNS),
+                               kind=args.kind, subject=args.subject, state=args.state)
 
 
 async def cmd_show(args: argparse.Namespace) -> int:
-    async with client(args) as api:
-        doc = await api.get(f"/api/v1/certificates/{_serial(args.serial)}")
-    return show(doc, args, _one(doc))
+    return await call_and_show(args, "GET", f"/api/v1/certificates/{_serial(args.serial)}",
+                               _one)
 
 
 async def cmd_revoke(args: argparse.Namespace) -> int:
-    async with client(args) as api:
-        doc = await api.post(f"/api/v1/certificates/{_serial(args.serial)}/revoke")
-    return show(doc, args, f"revoked {doc['kind']} certificate {doc['serial']} of "
-                           f"{doc['subject']}: the configuration server and the process "
-                           "servers refuse it from now on")
+    return await call_and_show(
+        args, "POST", f"/api/v1/certificates/{_serial(args.serial)}/revoke",
+        lambda doc: f"revoked {doc['kind']} certificate {doc['serial']} of {doc['subject']}: "
+                    "the configuration server and the process servers refuse it from now on")
 
 
 async def cmd_procserver(args: argparse.Namespace) -> int:
@@ -54,10 +53,7 @@ async def cmd_procserver(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"name": args.name, "hosts": args.host}
     if args.days:
         body["days"] = args.days
-    async with client(args) as api:
-        doc = await api.post("/api/v1/certificates/procserver", body)
-    from configserver.ca import Issued, write_bundle
-
+    doc = await call(args, "POST", "/api/v1/certificates/procserver", body)
     cert, key, ca = write_bundle(out, "server", Issued(doc["cert"].encode(),
                                                        doc["key"].encode()), doc["ca"].encode())
     summary = {k: doc[k] for k in ("name", "hosts", "serial", "not_after")}

@@ -1,6 +1,6 @@
 """``siterecovery check`` and ``siterecovery rebuild-index``: verify and repair a vault.
 
-Exit codes (siterecovery/cli.py): 0 nothing wrong (warnings allowed), 3 damaged or
+Exit codes (siterecovery/errors.py): 0 nothing wrong (warnings allowed), 3 damaged or
 missing data found, 4 the key opens no key slot.
 """
 
@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from siterecovery.errors import UsageError
-from siterecovery.keycmds import key_material, vault_url
+from siterecovery.errors import EXIT_CORRUPT, EXIT_KEY, EXIT_OK, UsageError
+from siterecovery.output import notes
 from siterecovery.progress import Progress
-from siterecovery.vaultcmds import add_vault_args, open_vault
+from siterecovery.vaultopts import add_vault_args, key_material, open_vault, vault_url
 from vault.check import check_vault
 from vault.checkreport import CheckReport
 from vault.locks import locked
 from vault.rebuild import rebuild_index
 from vault.store.open import open_store
-
-EXIT_OK, EXIT_CORRUPT, EXIT_KEY = 0, 3, 4
 
 
 def parse_percent(text: str) -> float:
@@ -87,14 +84,9 @@ async def cmd_check(args: argparse.Namespace) -> int:
 
 async def cmd_rebuild_index(args: argparse.Namespace) -> int:
     v = await open_vault(args)
-
-    def say(msg: str) -> None:
-        if not args.json:
-            print(f"rebuild-index: {msg}", file=sys.stderr, flush=True)
-
     try:
         async with locked(v, "exclusive", "rebuild-index", wait=args.wait):
-            report = await rebuild_index(v, progress=say)
+            report = await rebuild_index(v, progress=notes("rebuild-index", quiet=args.json))
     finally:
         await v.close()
     code = EXIT_CORRUPT if report.skipped else EXIT_OK

@@ -1,7 +1,9 @@
 """``siterecovery``: one command for the daemons and the admin verbs.
 
-Exit codes: 0 success, 1 failure, 2 bad usage or configuration, 3 the vault holds
-damaged data, 4 the key does not open the vault.
+The composition root: it builds the parser from the verb modules, runs the verb, and
+turns what the verb raised into ``error: ...`` and an exit code (siterecovery/errors.py:
+0 success, 1 failure, 2 bad usage or configuration, 3 the vault holds damaged data, 4 the
+key does not open the vault).
 """
 
 from __future__ import annotations
@@ -12,6 +14,12 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import uvloop
+
+from configserver.config import ConfigServerConfig
+from configserver.server import ConfigServer
+from procserver.config import ProcServerConfig
+from procserver.server import ProcServer
 from siterecovery import (
     __version__,
     accountcmds,
@@ -27,59 +35,33 @@ from siterecovery import (
     replicationcmds,
     vaultcmds,
 )
-from siterecovery.errors import CliError
+from siterecovery.daemon import run_until_signal
+from siterecovery.datadir import default_data_dir
+from siterecovery.demo import demo
+from siterecovery.embedded import serve
+from siterecovery.errors import exit_code
 from siterecovery.logs import configure
-from siterecovery.tomlconfig import ConfigError, load
-from vault.errors import IntegrityError, VaultError, WrongKeyError
-from wire.protocol import ProtocolError, RemoteError
-
-EXIT_FAIL, EXIT_USAGE, EXIT_CORRUPT, EXIT_KEY = 1, 2, 3, 4
+from siterecovery.tomlconfig import load
 
 
 async def cmd_serve(args: argparse.Namespace) -> int:
-    from siterecovery.embedded import serve
-
     return await serve(args.data_dir, args.admin_port, args.listen, args.metrics_port,
                        args.site_port)
 
 
 async def cmd_configserver_run(args: argparse.Namespace) -> int:
-    from configserver.config import ConfigServerConfig
-    from configserver.server import ConfigServer
-    from siterecovery.embedded import wait_for_signal
-
-    cs = ConfigServer(load(ConfigServerConfig, args.config))
-    await cs.start()
-    try:
-        await wait_for_signal()
-    finally:
-        await cs.stop()
-    return 0
+    return await run_until_signal(ConfigServer(load(ConfigServerConfig, args.config)))
 
 
 async def cmd_procserver_run(args: argparse.Namespace) -> int:
-    from procserver.config import ProcServerConfig
-    from procserver.server import ProcServer
-    from siterecovery.embedded import wait_for_signal
-
-    ps = ProcServer(load(ProcServerConfig, args.config))
-    await ps.start()
-    try:
-        await wait_for_signal()
-    finally:
-        await ps.stop()
-    return 0
+    return await run_until_signal(ProcServer(load(ProcServerConfig, args.config)))
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
-    from siterecovery.demo import demo
-
     return await demo(args.dir, args.size_mib, args.cycles)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from siterecovery.embedded import default_data_dir
-
     p = argparse.ArgumentParser(
         prog="siterecovery",
         description="Self-hosted disaster-recovery replication: protect Linux machines' disks "
@@ -115,9 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
             procservercmds.register_under(dsub)  # procserver list|show|refresh
 
     agentcmds.register(sub)
-    vaultcmds.register(sub)
+    vsub = vaultcmds.register(sub)
+    registercmds.register_under(vsub)  # vault registration-key
+    keycmds.register_under(vsub)  # vault key ...
     checkcmds.register(sub)
-    keycmds.register(sub)  # 'vault key ...': after vaultcmds
     prunecmds.register(sub)
     for m in (registercmds, certcmds, policycmds, machinecmds, accountcmds, procservercmds,
               replicationcmds):
@@ -137,8 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(func: Callable[[argparse.Namespace], Awaitable[int]], args: argparse.Namespace) -> int:
     coro: Any = func(args)
     if getattr(args, "daemon", False):
-        import uvloop
-
         return int(uvloop.run(coro))
     return int(asyncio.run(coro))
 
@@ -151,26 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     configure(level)
     try:
         return _run(args.func, args)
-    except CliError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.code
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except WrongKeyError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_KEY
-    except IntegrityError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CORRUPT
-    except VaultError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_FAIL
-    except (OSError, ProtocolError, RemoteError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_FAIL
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        code = exit_code(e)
+        if code is None:
+            raise  # a bug: its traceback says more than a message would
+        print(f"error: {e}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

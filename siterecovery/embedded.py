@@ -10,9 +10,6 @@ Layout of a data directory::
 
 from __future__ import annotations
 
-import asyncio
-import os
-import signal
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,18 +22,12 @@ from configserver.config import ConfigServerConfig
 from configserver.server import ConfigServer
 from procserver.config import ProcServerConfig
 from procserver.server import ProcServer
+from siterecovery.daemon import wait_for_signal
 from vault.keyslots import KeyMaterial, new_keyfile, read_keyfile
 from vault.repo import Vault
 from vault.store.local import LocalStore
 
 log = structlog.get_logger("siterecovery")
-
-
-def default_data_dir() -> str:
-    if os.geteuid() == 0:
-        return "/var/lib/siterecovery"
-    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
-    return os.path.join(base, "siterecovery")
 
 
 @dataclass
@@ -78,13 +69,10 @@ async def start_embedded(
     tls = d / "procserver" / "tls"
     if not (tls / "server.pem").exists():
         ca = CertificateAuthority.load_or_create(cs.cfg.ca_dir)
-        names = {"127.0.0.1", "localhost", listen_host}
-        if listen_host in ("0.0.0.0", "::"):
-            # Listening everywhere: agents will reach us by this machine's names.
-            names |= {socket.gethostname(), socket.getfqdn()}
+        names = {"127.0.0.1", "localhost", listen_host, *site_names}
         hosts = sorted(names - {"0.0.0.0", "::", ""})
         write_bundle(tls, "server", ca.issue_server("procserver", hosts), ca.cert_pem)
-    await record_pem(cs, (tls / "server.pem").read_bytes(), "procserver")  # in cert list
+    await record_pem(cs.services, (tls / "server.pem").read_bytes(), "procserver")  # in cert list
     pcfg = ProcServerConfig(
         data_dir=str(d / "procserver"), vault_url=f"file://{d / 'vault'}",
         vault_key_file=str(d / "vault.key"), tls_cert=str(tls / "server.pem"),
@@ -105,25 +93,6 @@ async def start_embedded(
 async def stop_embedded(e: Embedded) -> None:
     await e.proc.stop()
     await e.config.stop()
-
-
-async def wait_for_signal() -> None:
-    """Return on the first SIGTERM/SIGINT; a second one aborts the graceful shutdown."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    count = 0
-
-    def on_signal() -> None:
-        nonlocal count
-        count += 1
-        if count > 1:
-            log.warning("second_signal_aborting")
-            os._exit(130)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
-    await stop.wait()
 
 
 async def serve(data_dir: str, admin_port: int, listen: str, metrics_port: int,

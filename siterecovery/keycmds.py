@@ -1,24 +1,25 @@
-"""``siterecovery vault key ...``: list, add, remove and change the vault's key slots;
-and how every vault verb turns ``--key-file`` / ``--passphrase-*`` into key material.
+"""``siterecovery vault key ...``: list, add, remove and change the vault's key slots.
 
-Passphrases are read from a file or an environment variable, never from the command
-line (where other users see it in the process list), and never printed.
+New passphrases, like every passphrase (siterecovery/vaultopts.py), are read from a
+file or an environment variable, never from the command line, and never printed.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-from pathlib import Path
 
 from siterecovery.errors import CliError, UsageError
+from siterecovery.output import show
+from siterecovery.vaultopts import (
+    MIN_PASSPHRASE,
+    add_vault_args,
+    open_vault,
+    read_secret,
+    vault_url,
+)
 from vault.keys import SlotInfo, add_slot, change_passphrase, list_slots, remove_slot
-from vault.keyslots import KeyMaterial, new_keyfile, read_keyfile
-from vault.repo import Vault
-from vault.store.open import open_store
-
-MIN_PASSPHRASE = 8
+from vault.keyslots import KeyMaterial, new_keyfile
 
 KEY_HELP = (
     "Manage the key slots that unlock a vault. Each slot holds the vault's master key "
@@ -31,108 +32,16 @@ KEY_HELP = (
     "(--key-file, --passphrase-file or --passphrase-env).")
 
 
-def add_passphrase_args(p: argparse.ArgumentParser) -> None:
-    """``--passphrase-file`` / ``--passphrase-env``: the vault passphrase, instead of (or
-    with an explicit --key-file, as well as) the key file."""
-    p.add_argument("--passphrase-file", metavar="FILE",
-                   help="read the vault passphrase from FILE (a trailing newline is dropped); "
-                        "replaces the default key file unless --key-file is given too")
-    p.add_argument("--passphrase-env", metavar="VAR",
-                   help="read the vault passphrase from environment variable VAR")
-
-
-def read_secret(file: str | None, env: str | None, flags: str, *, new: bool = False
-                ) -> str | None:
-    """A passphrase from ``file`` or environment variable ``env`` (at most one given)."""
-    if file and env:
-        raise UsageError(f"give one of {flags}, not both")
-    if file:
-        try:
-            text = Path(file).read_bytes().decode()
-        except OSError as e:
-            raise UsageError(f"cannot read passphrase file {file}: {e.strerror}") from None
-        except UnicodeDecodeError:
-            raise UsageError(f"passphrase file {file} is not UTF-8 text") from None
-        text = text.removesuffix("\n").removesuffix("\r")
-        source = f"passphrase file {file}"
-    elif env:
-        value = os.environ.get(env)
-        if value is None:
-            raise UsageError(f"environment variable {env} is not set")
-        text, source = value, f"environment variable {env}"
-    else:
-        return None
-    if not text:
-        raise UsageError(f"the passphrase in {source} is empty")
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        raise UsageError(f"the passphrase in {source} is not valid UTF-8") from None
-    if new and len(text) < MIN_PASSPHRASE:
-        raise UsageError(f"the passphrase in {source} is shorter than {MIN_PASSPHRASE} "
-                         "characters; a vault passphrase must resist guessing")
-    return text
-
-
-def passphrase(args: argparse.Namespace, *, new: bool = False) -> str | None:
-    return read_secret(getattr(args, "passphrase_file", None),
-                       getattr(args, "passphrase_env", None),
-                       "--passphrase-file and --passphrase-env", new=new)
-
-
-def _has_passphrase(args: argparse.Namespace) -> bool:
-    return bool(getattr(args, "passphrase_file", None) or getattr(args, "passphrase_env", None))
-
-
-def vault_url(args: argparse.Namespace) -> str:
-    if args.vault:
-        return str(args.vault)
-    if args.data_dir:
-        return f"file://{Path(args.data_dir).resolve() / 'vault'}"
-    raise UsageError("give --vault and --key-file (and/or --passphrase-file or "
-                     "--passphrase-env), or --data-dir of an embedded installation")
-
-
-def key_file_path(args: argparse.Namespace, *, init: bool = False) -> str | None:
-    """--key-file; else DATA_DIR/vault.key with --data-dir, unless a passphrase is given
-    (a passphrase replaces the default key file; at init the embedded installation
-    always gets its key file, which its process server needs)."""
-    if getattr(args, "key_file", None):
-        return str(args.key_file)
-    if args.data_dir and (init or not _has_passphrase(args)):
-        return str(Path(args.data_dir).resolve() / "vault.key")
-    return None
-
-
-def key_material(args: argparse.Namespace) -> KeyMaterial:
-    """The key material the command line gives to open a vault: a key file, a
-    passphrase, or both (any slot either opens will do)."""
-    vault_url(args)  # the usage error about --vault comes first
-    secret = passphrase(args)
-    key = key_file_path(args)
-    if key is None and secret is None:
-        raise UsageError("give --key-file, --passphrase-file or --passphrase-env to open the "
-                         "vault")
-    return KeyMaterial(keyfile=read_keyfile(key) if key is not None else None,
-                       passphrase=secret)
-
-
-async def open_vault_args(args: argparse.Namespace) -> Vault:
-    """Open the vault the command line names with the key material it gives."""
-    km = key_material(args)
-    store = open_store(vault_url(args))
-    try:
-        return await Vault.open(store, km)
-    except BaseException:
-        await store.close()
-        raise
+def _new_passphrase(args: argparse.Namespace) -> str | None:
+    """The new passphrase ``--new-passphrase-file`` / ``--new-passphrase-env`` give."""
+    return read_secret(args.new_passphrase_file, args.new_passphrase_env,
+                       "--new-passphrase-file and --new-passphrase-env", new=True)
 
 
 def _new_key(args: argparse.Namespace) -> tuple[str | None, str | None]:
     """The key 'vault key add' adds: ``(new passphrase, None)`` or ``(None, new key file
     path)``; checked before the vault is opened, so a usage error costs no KDF run."""
-    secret = read_secret(args.new_passphrase_file, args.new_passphrase_env,
-                         "--new-passphrase-file and --new-passphrase-env", new=True)
+    secret = _new_passphrase(args)
     if args.new_key_file:
         if secret is not None:
             raise UsageError("give one new key: --new-key-file or a new passphrase, not both")
@@ -154,28 +63,25 @@ def _kdf_text(s: SlotInfo) -> str:
 
 
 async def cmd_key_list(args: argparse.Namespace) -> int:
-    v = await open_vault_args(args)
+    v = await open_vault(args)
     try:
         slots = await list_slots(v)
     finally:
         await v.close()
-    if args.json:
-        print(json.dumps({"vault": vault_url(args), "vault_id": v.config.vault_id,
-                          "slots": [s.to_json() for s in slots]}))
-        return 0
-    print(f"{'SLOT':<16}  {'KIND':<10}  {'KDF':<24}  CREATED (UTC)")
+    lines = [f"{'SLOT':<16}  {'KIND':<10}  {'KDF':<24}  CREATED (UTC)"]
     for s in slots:
         note = "  (used to open the vault now)" if s.in_use else ""
         if s.error:
             note += f"  {s.error}"
-        print(f"{s.slot:<16}  {s.kind:<10}  {_kdf_text(s):<24}  {s.created or '-':<27}{note}"
-              .rstrip())
-    return 0
+        lines.append(f"{s.slot:<16}  {s.kind:<10}  {_kdf_text(s):<24}  "
+                     f"{s.created or '-':<27}{note}".rstrip())
+    return show({"vault": vault_url(args), "vault_id": v.config.vault_id,
+                 "slots": [s.to_json() for s in slots]}, args, "\n".join(lines))
 
 
 async def cmd_key_add(args: argparse.Namespace) -> int:
     secret, key_path = _new_key(args)
-    v = await open_vault_args(args)
+    v = await open_vault(args)
     try:
         if key_path is not None:
             km = KeyMaterial(keyfile=new_keyfile(key_path))
@@ -190,47 +96,35 @@ async def cmd_key_add(args: argparse.Namespace) -> int:
             slot = await add_slot(v, KeyMaterial(passphrase=secret))
     finally:
         await v.close()
-    if args.json:
-        print(json.dumps({"added": slot.to_json(), "key_file": key_path}))
-    elif key_path is not None:
-        print(f"added key-file slot {slot.slot}; key file: {key_path} (keep a copy off-site)")
-    else:
-        print(f"added passphrase slot {slot.slot}")
-    return 0
+    return show({"added": slot.to_json(), "key_file": key_path}, args,
+                f"added key-file slot {slot.slot}; key file: {key_path} (keep a copy off-site)"
+                if key_path is not None else f"added passphrase slot {slot.slot}")
 
 
 async def cmd_key_remove(args: argparse.Namespace) -> int:
-    v = await open_vault_args(args)
+    v = await open_vault(args)
     try:
         removed = await remove_slot(v, args.slot, force=args.force)
         left = await list_slots(v)
     finally:
         await v.close()
-    if args.json:
-        print(json.dumps({"removed": removed.to_json(),
-                          "remaining": [s.to_json() for s in left]}))
-    else:
-        print(f"removed {removed.kind} slot {removed.slot}; {len(left)} key slot(s) left. "
-              "Its key no longer opens the vault; the master key is unchanged.")
-    return 0
+    return show({"removed": removed.to_json(), "remaining": [s.to_json() for s in left]}, args,
+                f"removed {removed.kind} slot {removed.slot}; {len(left)} key slot(s) left. "
+                "Its key no longer opens the vault; the master key is unchanged.")
 
 
 async def cmd_key_passwd(args: argparse.Namespace) -> int:
-    secret = read_secret(args.new_passphrase_file, args.new_passphrase_env,
-                         "--new-passphrase-file and --new-passphrase-env", new=True)
+    secret = _new_passphrase(args)
     if secret is None:
         raise UsageError("give the new passphrase: --new-passphrase-file FILE or "
                          "--new-passphrase-env VAR")
-    v = await open_vault_args(args)
+    v = await open_vault(args)
     try:
         new, old = await change_passphrase(v, secret, args.slot)
     finally:
         await v.close()
-    if args.json:
-        print(json.dumps({"added": new.to_json(), "removed": old.to_json()}))
-    else:
-        print(f"passphrase changed: new passphrase slot {new.slot}, removed slot {old.slot}")
-    return 0
+    return show({"added": new.to_json(), "removed": old.to_json()}, args,
+                f"passphrase changed: new passphrase slot {new.slot}, removed slot {old.slot}")
 
 
 def _new_passphrase_args(p: argparse.ArgumentParser) -> None:
@@ -241,17 +135,8 @@ def _new_passphrase_args(p: argparse.ArgumentParser) -> None:
                    help="read the new passphrase from environment variable VAR")
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``vault key ...`` under the ``vault`` command (register vaultcmds first)."""
-    # Imported here: vaultcmds imports this module for its key arguments.
-    from siterecovery.vaultcmds import add_vault_args
-
-    vp = sub.choices.get("vault")
-    vsub = next((a for a in vp._actions if isinstance(a, argparse._SubParsersAction)), None) \
-        if vp is not None else None
-    if vsub is None:
-        raise RuntimeError("keycmds.register needs the 'vault' command: register vaultcmds "
-                           "first")
+def register_under(vsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``key ...`` under the ``vault`` command's subcommands."""
     kp = vsub.add_parser("key", help="list, add, remove and change vault keys (KEK rotation)",
                          description=KEY_HELP)
     ksub = kp.add_subparsers(dest="key_cmd", required=True)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from siterecovery.apiclient import add_api_args, client, show, table
+from siterecovery.apiopts import add_api_args, call_and_show
 from siterecovery.errors import UsageError
+from siterecovery.output import table
 
 COLUMNS = [("name", "NAME"), ("ip", "IP"), ("os", "OS"), ("kernel", "KERNEL"),
            ("disks", "DISKS"), ("process_server", "PROCESS SERVER"), ("account", "ACCOUNT"),
@@ -65,21 +66,16 @@ async def cmd_add(args: argparse.Namespace) -> int:
     for k in ("os_name", "os_version", "kernel", "process_server", "account"):
         if getattr(args, k) is not None:
             body[k] = getattr(args, k)
-    async with client(args) as api:
-        m = await api.post("/api/v1/machines", body)
-    return show(m, args, describe(m))
+    return await call_and_show(args, "POST", "/api/v1/machines", describe, body)
 
 
 async def cmd_list(args: argparse.Namespace) -> int:
-    async with client(args) as api:
-        doc = await api.get("/api/v1/machines")
-    return show(doc, args, table([_row(m) for m in doc["machines"]], COLUMNS))
+    return await call_and_show(args, "GET", "/api/v1/machines",
+                               lambda doc: table([_row(m) for m in doc["machines"]], COLUMNS))
 
 
 async def cmd_show(args: argparse.Namespace) -> int:
-    async with client(args) as api:
-        m = await api.get(f"/api/v1/machines/{args.name}")
-    return show(m, args, describe(m))
+    return await call_and_show(args, "GET", f"/api/v1/machines/{args.name}", describe)
 
 
 async def cmd_update(args: argparse.Namespace) -> int:
@@ -96,22 +92,17 @@ async def cmd_update(args: argparse.Namespace) -> int:
             body[k] = getattr(args, k) or None  # "" from --no-...
     if not body:
         raise UsageError("nothing to change: see 'siterecovery machine update --help'")
-    async with client(args) as api:
-        m = await api.patch(f"/api/v1/machines/{args.name}", body)
-    return show(m, args, describe(m))
+    return await call_and_show(args, "PATCH", f"/api/v1/machines/{args.name}", describe, body)
 
 
 async def cmd_remove(args: argparse.Namespace) -> int:
-    async with client(args) as api:
-        doc = await api.delete(f"/api/v1/machines/{args.name}")
-    return show(doc, args, f"machine {args.name} removed (its agent certificates are "
-                           "revoked)")
+    return await call_and_show(args, "DELETE", f"/api/v1/machines/{args.name}",
+                               lambda _: f"machine {args.name} removed (its agent "
+                                         "certificates are revoked)")
 
 
 async def cmd_matrix(args: argparse.Namespace) -> int:
-    async with client(args) as api:
-        doc = await api.get("/api/v1/support-matrix")
-    return show(doc, args, describe_matrix(doc))
+    return await call_and_show(args, "GET", "/api/v1/support-matrix", describe_matrix)
 
 
 def _os_options(p: argparse.ArgumentParser) -> None:

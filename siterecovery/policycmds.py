@@ -7,7 +7,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from siterecovery.apiclient import add_api_args, client, show, table
+from siterecovery.apiopts import add_api_args, call_and_show
+from siterecovery.errors import UsageError
+from siterecovery.output import table
 
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZES = {"": 1, "k": 1 << 10, "m": 1 << 20}
@@ -107,39 +109,31 @@ def _fields(args: argparse.Namespace) -> dict[str, int]:
 
 
 async def cmd_create(args: argparse.Namespace) -> int:
-    async with client(args) as api:
-        p = await api.post("/api/v1/policies", {"name": args.name, **_fields(args)})
-    return show(p, args, describe(p))
+    return await call_and_show(args, "POST", "/api/v1/policies", describe,
+                               {"name": args.name, **_fields(args)})
 
 
 async def cmd_list(args: argparse.Namespace) -> int:
-    async with client(args) as api:
-        doc = await api.get("/api/v1/policies")
-    return show(doc, args, table([_row(p) for p in doc["policies"]], COLUMNS))
+    return await call_and_show(args, "GET", "/api/v1/policies",
+                               lambda doc: table([_row(p) for p in doc["policies"]], COLUMNS))
 
 
 async def cmd_show(args: argparse.Namespace) -> int:
-    async with client(args) as api:
-        p = await api.get(f"/api/v1/policies/{args.name}")
-    return show(p, args, describe(p))
+    return await call_and_show(args, "GET", f"/api/v1/policies/{args.name}", describe)
 
 
 async def cmd_update(args: argparse.Namespace) -> int:
     fields = _fields(args)
     if not fields:
-        from siterecovery.errors import UsageError
-
         raise UsageError("nothing to change: give at least one of "
                          + ", ".join(o for _, o, *_ in OPTIONS))
-    async with client(args) as api:
-        p = await api.patch(f"/api/v1/policies/{args.name}", fields)
-    return show(p, args, describe(p))
+    return await call_and_show(args, "PATCH", f"/api/v1/policies/{args.name}", describe,
+                               fields)
 
 
 async def cmd_delete(args: argparse.Namespace) -> int:
-    async with client(args) as api:
-        doc = await api.delete(f"/api/v1/policies/{args.name}")
-    return show(doc, args, f"policy {args.name} deleted")
+    return await call_and_show(args, "DELETE", f"/api/v1/policies/{args.name}",
+                               lambda _: f"policy {args.name} deleted")
 
 
 def _options(p: argparse.ArgumentParser) -> None:

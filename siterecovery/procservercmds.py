@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from siterecovery.apiclient import add_api_args, client, show, table
+from siterecovery.apiopts import add_api_args, call, call_and_show
+from siterecovery.output import show, table
 
 
 def _bytes(n: float) -> str:
@@ -39,14 +40,15 @@ def _row(p: dict[str, Any]) -> dict[str, Any]:
             "throughput": _bytes(p["throughput_bps"]) + "/s"}
 
 
+COLUMNS = [("name", "NAME"), ("address", "ADDRESS"), ("version", "VERSION"),
+           ("health", "HEALTH"), ("last", "LAST CONTACT"), ("free", "CACHE FREE"),
+           ("backlog", "UPLOAD BACKLOG"), ("throughput", "THROUGHPUT"), ("sessions", "SESSIONS"),
+           ("machines", "MACHINES")]
+
+
 async def cmd_list(args: argparse.Namespace) -> int:
-    async with client(args) as api:
-        doc = await api.get("/api/v1/procservers")
-    rows = [_row(p) for p in doc["procservers"]]
-    return show(doc, args, table(rows, [
-        ("name", "NAME"), ("address", "ADDRESS"), ("version", "VERSION"), ("health", "HEALTH"),
-        ("last", "LAST CONTACT"), ("free", "CACHE FREE"), ("backlog", "UPLOAD BACKLOG"),
-        ("throughput", "THROUGHPUT"), ("sessions", "SESSIONS"), ("machines", "MACHINES")]))
+    return await call_and_show(args, "GET", "/api/v1/procservers", lambda doc: table(
+        [_row(p) for p in doc["procservers"]], COLUMNS))
 
 
 def _details(p: dict[str, Any]) -> str:
@@ -68,21 +70,18 @@ def _details(p: dict[str, Any]) -> str:
 
 
 async def cmd_show(args: argparse.Namespace) -> int:
-    async with client(args) as api:
-        doc = await api.get(f"/api/v1/procservers/{args.name}")
-    return show(doc, args, _details(doc))
+    return await call_and_show(args, "GET", f"/api/v1/procservers/{args.name}", _details)
 
 
 async def cmd_refresh(args: argparse.Namespace) -> int:
-    async with client(args) as api:
-        doc = await api.post(f"/api/v1/procservers/{args.name}/refresh")
-    return show(doc, args, f"refresh requested: {args.name} re-pulls its settings and "
-                           "heartbeats again after its next heartbeat (see 'procserver show')")
+    return await call_and_show(
+        args, "POST", f"/api/v1/procservers/{args.name}/refresh",
+        lambda _: f"refresh requested: {args.name} re-pulls its settings and heartbeats "
+                  "again after its next heartbeat (see 'procserver show')")
 
 
 async def cmd_remove(args: argparse.Namespace) -> int:
-    async with client(args) as api:
-        await api.delete(f"/api/v1/procservers/{args.name}")
+    await call(args, "DELETE", f"/api/v1/procservers/{args.name}")
     return show({"removed": args.name}, args, f"removed process server {args.name}")
 
 
@@ -91,20 +90,19 @@ EVENT_COLUMNS = [("time", "RAISED"), ("severity", "SEVERITY"), ("code", "CODE"),
 
 
 async def cmd_alerts(args: argparse.Namespace) -> int:
-    async with client(args) as api:
-        doc = await api.get("/api/v1/events", active=None if args.all else True,
-                            target=args.target, limit=args.limit)
     columns = EVENT_COLUMNS + ([("cleared_at", "CLEARED")] if args.all else [])
-    return show(doc, args, table(doc["events"], columns))
+    return await call_and_show(args, "GET", "/api/v1/events",
+                               lambda doc: table(doc["events"], columns),
+                               active=None if args.all else True, target=args.target,
+                               limit=args.limit)
 
 
 async def cmd_events(args: argparse.Namespace) -> int:
     active = True if args.active else False if args.cleared else None
-    async with client(args) as api:
-        doc = await api.get("/api/v1/events", active=active, target=args.target,
-                            code=args.code, limit=args.limit)
-    return show(doc, args, table(doc["events"], [("id", "ID"), *EVENT_COLUMNS,
-                                                 ("cleared_at", "CLEARED")]))
+    columns = [("id", "ID"), *EVENT_COLUMNS, ("cleared_at", "CLEARED")]
+    return await call_and_show(args, "GET", "/api/v1/events",
+                               lambda doc: table(doc["events"], columns), active=active,
+                               target=args.target, code=args.code, limit=args.limit)
 
 
 def _name(p: argparse.ArgumentParser) -> None:

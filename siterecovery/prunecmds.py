@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from siterecovery.vaultcmds import add_vault_args, open_vault
+from siterecovery.errors import UsageError
+from siterecovery.output import notes, show
+from siterecovery.vaultopts import add_vault_args, open_vault
 from vault.locks import list_locks, locked, remove_locks
 from vault.prune import prune
 from vault.retention import Retention
@@ -20,29 +20,20 @@ async def cmd_prune(args: argparse.Namespace) -> int:
     try:
         policy.validate()
     except ValueError as e:
-        from siterecovery.errors import UsageError
-
         raise UsageError(str(e)) from None
     v = await open_vault(args)
-
-    def say(msg: str) -> None:
-        if not args.json:
-            print(f"prune: {msg}", file=sys.stderr, flush=True)
-
     try:
         async with locked(v, "exclusive", "prune", wait=args.wait):
             with ThreadPoolExecutor(2) as ex:
-                report = await prune(v, policy, ex, dry_run=args.dry_run, progress=say)
+                report = await prune(v, policy, ex, dry_run=args.dry_run,
+                                     progress=notes("prune", quiet=args.json))
     finally:
         await v.close()
-    if args.json:
-        print(json.dumps(report.__dict__))
-    else:
-        verb = "would forget" if args.dry_run else "forgot"
-        print(f"{verb} {len(report.forgotten)} point(s), kept {len(report.kept)}; "
-              f"rebased {len(report.rebased)}; deleted {report.packs_deleted} pack(s) and "
-              f"{report.maps_deleted} map(s), {report.bytes_deleted / 1e6:.1f} MB")
-    return 0
+    verb = "would forget" if args.dry_run else "forgot"
+    return show(report.__dict__, args,
+                f"{verb} {len(report.forgotten)} point(s), kept {len(report.kept)}; "
+                f"rebased {len(report.rebased)}; deleted {report.packs_deleted} pack(s) and "
+                f"{report.maps_deleted} map(s), {report.bytes_deleted / 1e6:.1f} MB")
 
 
 async def cmd_unlock(args: argparse.Namespace) -> int:
@@ -53,23 +44,15 @@ async def cmd_unlock(args: argparse.Namespace) -> int:
             now = time.time()
             rows = [{"id": lk.id, "kind": lk.kind, "holder": lk.holder, "purpose": lk.purpose,
                      "stale": lk.stale(now)} for lk in locks]
-            if args.json:
-                print(json.dumps({"locks": rows, "unreadable": bad}))
-            else:
-                for r in rows:
-                    print(f"{str(r['id'])[:16]}  {r['kind']:<9}  {r['holder']:<30}  "
-                          f"{r['purpose']:<12}  {'STALE' if r['stale'] else 'live'}")
-                if not rows:
-                    print("no locks")
-            return 0
+            return show({"locks": rows, "unreadable": bad}, args, "\n".join(
+                f"{str(r['id'])[:16]}  {r['kind']:<9}  {r['holder']:<30}  "
+                f"{r['purpose']:<12}  {'STALE' if r['stale'] else 'live'}" for r in rows)
+                or "no locks")
         gone = await remove_locks(v, all_locks=args.all)
     finally:
         await v.close()
-    if args.json:
-        print(json.dumps({"removed": [lk.id for lk in gone]}))
-    else:
-        print(f"removed {len(gone)} lock(s)" + ("" if args.all else " (stale only)"))
-    return 0
+    return show({"removed": [lk.id for lk in gone]}, args,
+                f"removed {len(gone)} lock(s)" + ("" if args.all else " (stale only)"))
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from configserver.registration import VALID_DAYS, make_key, write_key
-from siterecovery.apiclient import add_api_args, client, show
+from siterecovery.apiopts import add_api_args, call
 from siterecovery.errors import CliError, UsageError
-from siterecovery.keycmds import open_vault_args, vault_url
+from siterecovery.output import show
+from siterecovery.vaultopts import add_vault_args, open_vault, vault_url
+from vault.regkey import VALID_DAYS, make_key, write_key
 
 
 async def cmd_registration_key(args: argparse.Namespace) -> int:
     if not 1 <= args.valid_days <= VALID_DAYS:
         raise UsageError(f"--valid-days must be 1-{VALID_DAYS}")
     url = vault_url(args)
-    v = await open_vault_args(args)
+    v = await open_vault(args)
     try:
         key = make_key(v, url, time.time(), args.valid_days)
     finally:
@@ -50,8 +50,7 @@ async def cmd_register(args: argparse.Namespace) -> int:
     if args.status:
         if args.vault_key or args.vault:
             raise UsageError("--status takes no --vault-key or --vault")
-        async with client(args) as api:
-            doc = await api.get("/api/v1/registration")
+        doc = await call(args, "GET", "/api/v1/registration")
         return show(doc, args, _status_text(doc))
     try:
         text = Path(args.key_file).read_text()
@@ -62,8 +61,7 @@ async def cmd_register(args: argparse.Namespace) -> int:
         body["vault_key_file"] = str(Path(args.vault_key).resolve())
     if args.vault:
         body["vault_url"] = args.vault
-    async with client(args) as api:
-        doc = await api.post("/api/v1/registration", body)
+    doc = await call(args, "POST", "/api/v1/registration", body)
     if not args.json:
         for w in doc["warnings"]:
             print(f"warning: {w}")
@@ -92,9 +90,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rp.set_defaults(func=cmd_register)
 
 
-def register_under(vsub: argparse._SubParsersAction[argparse.ArgumentParser],
-                   add_vault_args: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Add ``vault registration-key`` (called by vaultcmds)."""
+def register_under(vsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``registration-key`` under the ``vault`` command's subcommands."""
     rk = vsub.add_parser(
         "registration-key", help="make a registration key file for a configuration server",
         description="Write a registration key file that names this vault and its store, "

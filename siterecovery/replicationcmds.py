@@ -9,11 +9,13 @@ import sys
 import time
 from typing import Any
 
-from siterecovery.apiclient import ApiClient, add_api_args, client, show, table
-from siterecovery.errors import CliError
+from siterecovery.apiclient import ApiClient
+from siterecovery.apiopts import add_api_args, call_and_show, client
+from siterecovery.errors import EXIT_FAIL, CliError
+from siterecovery.output import show, table
 
 DONE = ("succeeded", "failed", "cancelled")
-EXIT_JOB_FAILED = 1
+EXIT_JOB_FAILED = EXIT_FAIL
 ITEM_COLUMNS = [("machine", "MACHINE"), ("state", "STATE"), ("health", "HEALTH"),
                 ("progress", "PROGRESS"), ("rpo", "RPO"), ("policy", "POLICY"),
                 ("latest_point_time", "LATEST POINT")]
@@ -110,6 +112,10 @@ async def wait_for_job(api: ApiClient, jid: str, args: argparse.Namespace,
 
 
 def _ended(doc: dict[str, Any], args: argparse.Namespace) -> int:
+    """Report how a followed job ended (its document with --json); exit 0 if it
+    succeeded, else EXIT_JOB_FAILED."""
+    if args.json:
+        print(json.dumps(doc))
     if doc["state"] == "succeeded":
         if not args.json:
             print(f"job {doc['id']} succeeded")
@@ -133,8 +139,6 @@ async def cmd_enable(args: argparse.Namespace) -> int:
             fin = [j for j in fin if j["params"].get("after") == done["id"]]
             if fin:
                 done = await wait_for_job(api, fin[0]["id"], args, args.timeout)
-    if args.json:
-        print(json.dumps(done))
     return _ended(done, args)
 
 
@@ -144,56 +148,45 @@ async def cmd_disable(args: argparse.Namespace) -> int:
         if not args.wait:
             return show(job, args, f"{job['title']} queued for {args.machine}: job {job['id']}")
         done = await wait_for_job(api, job["id"], args, args.timeout)
-    if args.json:
-        print(json.dumps(done))
     return _ended(done, args)
 
 
 async def cmd_items_list(args: argparse.Namespace) -> int:
-    async with client(args) as api:
-        doc = await api.get("/api/v1/items", state=args.state)
-    return show(doc, args, table([_item_row(i) for i in doc["items"]], ITEM_COLUMNS))
+    return await call_and_show(args, "GET", "/api/v1/items", lambda doc: table(
+        [_item_row(i) for i in doc["items"]], ITEM_COLUMNS), state=args.state)
 
 
 async def cmd_items_show(args: argparse.Namespace) -> int:
-    async with client(args) as api:
-        doc = await api.get(f"/api/v1/items/{args.machine}")
-    return show(doc, args, describe_item(doc))
+    return await call_and_show(args, "GET", f"/api/v1/items/{args.machine}", describe_item)
 
 
 async def cmd_items_resync(args: argparse.Namespace) -> int:
-    async with client(args) as api:
-        doc = await api.post(f"/api/v1/items/{args.machine}/resync", {})
-    return show(doc, args, describe_item(doc) + "\nThe agent resynchronizes at its next cycle: "
-                f"follow it with 'siterecovery items show {args.machine}'.")
+    return await call_and_show(
+        args, "POST", f"/api/v1/items/{args.machine}/resync",
+        lambda doc: describe_item(doc) + "\nThe agent resynchronizes at its next cycle: "
+                                         f"follow it with 'siterecovery items show "
+                                         f"{args.machine}'.")
 
 
 async def cmd_jobs_list(args: argparse.Namespace) -> int:
-    async with client(args) as api:
-        doc = await api.get("/api/v1/jobs", target=args.target, kind=args.kind,
-                            state=args.state, active=True if args.active else None,
-                            limit=args.limit)
-    return show(doc, args, table([_job_row(j) for j in doc["jobs"]], JOB_COLUMNS))
+    return await call_and_show(args, "GET", "/api/v1/jobs", lambda doc: table(
+        [_job_row(j) for j in doc["jobs"]], JOB_COLUMNS), target=args.target, kind=args.kind,
+        state=args.state, active=True if args.active else None, limit=args.limit)
 
 
 async def cmd_jobs_show(args: argparse.Namespace) -> int:
-    async with client(args) as api:
-        doc = await api.get(f"/api/v1/jobs/{args.id}")
-    return show(doc, args, describe_job(doc))
+    return await call_and_show(args, "GET", f"/api/v1/jobs/{args.id}", describe_job)
 
 
 async def cmd_jobs_wait(args: argparse.Namespace) -> int:
     async with client(args) as api:
         doc = await wait_for_job(api, args.id, args, args.timeout)
-    if args.json:
-        print(json.dumps(doc))
     return _ended(doc, args)
 
 
 async def cmd_jobs_cancel(args: argparse.Namespace) -> int:
-    async with client(args) as api:
-        doc = await api.post(f"/api/v1/jobs/{args.id}/cancel")
-    return show(doc, args, f"job {doc['id']} {doc['state']}")
+    return await call_and_show(args, "POST", f"/api/v1/jobs/{args.id}/cancel",
+                               lambda doc: f"job {doc['id']} {doc['state']}")
 
 
 def _timeout(p: argparse.ArgumentParser) -> None:

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import tomllib
 from pathlib import Path
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import Daemon, make_disk, run_cli, sha256, write_toml
+from tests.helpers import (
+    Daemon,
+    make_disk,
+    make_vault,
+    open_vault,
+    run_cli,
+    sha256,
+    write_full_point,
+    write_toml,
+)
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
@@ -127,3 +137,34 @@ def test_restore_unknown_point_is_refused(tmp_path: Path) -> None:
     r = run_cli("restore", "--vault", f"file://{tmp_path / 'v'}", "--key-file", str(key),
                 "--point", "abc", "--out", str(tmp_path / "o"))
     assert r.returncode != 0 and "no recovery point matches 'abc'" in r.stderr
+
+
+async def test_restore_chooses_the_point_through_the_vault_rule(tmp_path: Path) -> None:
+    """--point and --machine reach vault/select.py; its refusals keep the CLI's words and
+    exit codes (2: say more; 1: nothing matches)."""
+    _url, key = await make_vault(tmp_path)
+    v = await open_vault(tmp_path / "vault", key)
+    try:
+        p1 = await write_full_point(v, b"one" * 30000, machine="m1")
+        p2 = await write_full_point(v, b"two" * 30000, machine="m2", cycle="c2")
+    finally:
+        await v.close()
+    where = ["--vault", f"file://{tmp_path / 'vault'}", "--key-file", str(key)]
+
+    def restore(*extra: str) -> subprocess.CompletedProcess[str]:
+        return run_cli("restore", *where, "--out", str(tmp_path / "out"), "--json", *extra)
+
+    r = restore()
+    assert r.returncode == 2, r.stderr
+    assert "the vault holds several machines (m1, m2); pick one with --machine" in r.stderr
+    r = restore("--machine", "m2", "--point", "latest-crash-consistent")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["point"] == p2.id
+    r = restore("--point", p1.id[:12])
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["point"] == p1.id
+    assert (tmp_path / "out" / "sda.img").read_bytes() == b"one" * 30000
+    r = restore("--machine", "m1", "--point", "latest-app-consistent")
+    assert r.returncode == 1
+    assert ("error: no recovery point matches 'latest-app-consistent' for machine 'm1'; "
+            "there is 1 (1 crash)") in r.stderr
