@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import math
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -29,16 +28,16 @@ from concurrent.futures import Executor
 from common.digest import DiskDigest, block_count, fingerprint
 from vault import names
 from vault.checkreport import CheckReport
-from vault.crypto import OVERHEAD, Keyring, ObjectType, unseal
+from vault.crypto import OVERHEAD, Keyring
 from vault.errors import (
-    FormatError,
     IntegrityError,
     MissingObjectError,
     NotFoundError,
     VaultError,
 )
 from vault.index import Index, Location, open_index
-from vault.keyslots import KeyMaterial, parse_slot, unwrap
+from vault.keyopen import scan_key_slots
+from vault.keyslots import KeyMaterial
 from vault.maps import DELTA, FULL, ZERO_ID
 from vault.pack import MAX_BLOCK, PackEntry, open_block
 from vault.point import Point
@@ -70,62 +69,41 @@ async def check_vault(store: BlobStore, km: KeyMaterial, *, read_data: bool = Fa
 
 async def open_for_check(store: BlobStore, km: KeyMaterial, report: CheckReport
                          ) -> Vault | None:
-    """Open the vault like ``Vault.open``, but report a damaged slot or config and go on
-    (a damaged config does not stop the data from being checked). None: wrong key."""
+    """Open the vault by the rule ``Vault.open`` follows (``vault/keyopen.py``), but
+    report every damaged slot and a missing, damaged or malformed config and go on (a
+    damaged config does not stop the data from being checked). None: wrong key.
+
+    Raises ``VaultError`` if ``store`` holds neither a config nor a key slot,
+    ``FormatError`` for a config of a newer format."""
     try:
         sealed_config: bytes | None = await store.get(names.CONFIG)
     except NotFoundError:
         sealed_config = None
-    slots = [b.name async for b in store.list(names.KEYS)]
-    if sealed_config is None and not slots:
+    scan = await scan_key_slots(store, km, sealed_config, every_slot=True)
+    if sealed_config is None and not scan.slots:
         raise VaultError(f"no vault at {store.url}")
     if sealed_config is None:
         report.add(names.CONFIG, "missing", "the vault config is missing")
-    report.counts["key_slots"] = len(slots)
-    masters: list[bytes] = []
-    unopened: list[str] = []
-    for slot in slots:
-        try:
-            doc = await store.get(slot)
-            parse_slot(doc)
-            master = unwrap(doc, km)
-        except NotFoundError:
-            continue
-        except FormatError as e:
-            report.add(slot, "damaged", str(e))
-            continue
-        if master is None:
-            unopened.append(slot)
-        else:
-            masters.append(master)
-    if not masters:
+    report.counts["key_slots"] = len(scan.slots)
+    for slot, why in scan.damaged:
+        report.add(slot, "damaged", why)
+    if not scan.unlocked:
         report.wrong_key = True
-        for slot in unopened:
+        for slot in scan.unopened:
             report.add(slot, "wrong-key", "the key given does not open this key slot (a "
                                           "wrong key file or passphrase, or a damaged slot)")
         return None
-    config_error: IntegrityError | None = None
-    for master in masters:
-        keyring = Keyring(master)
-        if sealed_config is None:
-            return Vault(store, keyring, VaultConfig("", "", 0))
-        try:
-            plain = unseal(keyring.aead(ObjectType.CONFIG, names.CONFIG), ObjectType.CONFIG,
-                           names.CONFIG, sealed_config, max_size=1 << 20)
-        except IntegrityError as e:
-            config_error = e
-            continue
-        try:
-            config = VaultConfig(**json.loads(plain))
-        except (ValueError, TypeError) as e:
-            report.add(names.CONFIG, "damaged", f"config is malformed: {e}")
-            return Vault(store, keyring, VaultConfig("", "", 0))
-        if config.format != 1:
-            raise FormatError(f"vault format {config.format} is newer than this program knows")
-        return Vault(store, keyring, config)
-    assert config_error is not None
-    report.add(names.CONFIG, "damaged", config_error.reason)
-    return Vault(store, Keyring(masters[0]), VaultConfig("", "", 0))
+    unknown = VaultConfig("", "", 0)
+    if scan.keyring is None or scan.config is None:
+        if scan.config_error is not None:  # None: the config is missing (reported above)
+            report.add(names.CONFIG, "damaged", scan.config_error.reason)
+        return Vault(store, scan.unlocked[0][1], unknown)
+    try:
+        config = VaultConfig.from_json(scan.config)
+    except IntegrityError as e:
+        report.add(names.CONFIG, "damaged", e.reason)
+        return Vault(store, scan.keyring, unknown)
+    return Vault(store, scan.keyring, config)
 
 
 def subset_of(pack_ids: list[str], percent: float) -> set[str]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from common.timefmt import now_iso
 from vault import names
-from vault.crypto import MASTER_KEY_BYTES, Keyring, ObjectType, seal, unseal
+from vault.crypto import MASTER_KEY_BYTES, Keyring, ObjectType, seal
 from vault.errors import (
     FormatError,
     IntegrityError,
@@ -23,7 +23,8 @@ from vault.errors import (
     WrongKeyError,
 )
 from vault.index import Index, open_index, seal_index
-from vault.keyslots import KeyMaterial, unwrap, wrap
+from vault.keyopen import scan_key_slots
+from vault.keyslots import KeyMaterial, wrap
 from vault.maps import DELTA, FULL, ZERO_ID, BlockMap, open_map, seal_map
 from vault.pack import PackEntry, open_block
 from vault.point import Point, open_point, seal_point
@@ -39,6 +40,18 @@ class VaultConfig:
     created: str
     block_size: int
     format: int = 1
+
+    @classmethod
+    def from_json(cls, plain: bytes) -> VaultConfig:
+        """The config from its authenticated plaintext. Raises ``IntegrityError`` if it is
+        malformed, ``FormatError`` if its format is newer than this program knows."""
+        try:
+            config = cls(**json.loads(plain))
+        except (ValueError, TypeError) as e:
+            raise IntegrityError(names.CONFIG, f"config is malformed: {e}") from None
+        if config.format != 1:
+            raise FormatError(f"vault format {config.format} is newer than this program knows")
+        return config
 
 
 class Vault:
@@ -84,56 +97,33 @@ class Vault:
 
     @classmethod
     async def open(cls, store: BlobStore, km: KeyMaterial) -> Vault:
+        """Open the vault in ``store`` with the first key slot ``km`` opens
+        (``vault/keyopen.py``).
+
+        Raises ``VaultError`` if ``store`` holds no vault, ``WrongKeyError`` if no slot
+        opens, ``IntegrityError`` if the config fails to authenticate under every slot
+        ``km`` unlocks or is malformed, ``FormatError`` for a newer format."""
         try:
             sealed_config = await store.get(names.CONFIG)
         except NotFoundError:
             raise VaultError(
                 f"no vault at {store.url}; create one with 'siterecovery vault init'"
             ) from None
-        slots = [b.name async for b in store.list(names.KEYS)]
-        damaged: list[str] = []
-        opened: str | None = None
-        config_error: IntegrityError | None = None
-        for slot in slots:
-            try:
-                master = unwrap(await store.get(slot), km)
-                if master is None:
-                    continue
-                keyring = Keyring(master)
-            except FormatError:
-                damaged.append(slot)  # one bad slot must not lock out the others
-                continue
-            except NotFoundError:
-                continue  # removed since the listing
-            try:
-                plain = unseal(keyring.aead(ObjectType.CONFIG, names.CONFIG), ObjectType.CONFIG,
-                               names.CONFIG, sealed_config, max_size=1 << 20)
-            except IntegrityError as e:
-                # A slot left by an interrupted 'vault init' wraps another master key; a
-                # damaged config fails under every slot and is reported below.
-                config_error = e
-                continue
-            opened = slot
-            break
-        if opened is None:
-            if config_error is not None:
-                raise config_error
+        scan = await scan_key_slots(store, km, sealed_config)
+        if scan.opened is None or scan.keyring is None or scan.config is None:
+            if scan.config_error is not None:
+                raise scan.config_error
             what = " and ".join(w for w, given in (("key file", km.keyfile is not None),
                                                    ("passphrase", km.passphrase is not None))
                                 if given) or "key"
+            damaged = [slot for slot, _why in scan.damaged]
             extra = f" ({len(damaged)} damaged: {', '.join(damaged)})" if damaged else ""
             raise WrongKeyError(
-                f"the {what} given opens none of the {len(slots)} key slot(s) of the vault at "
-                f"{store.url}{extra}; check --key-file / the passphrase"
+                f"the {what} given opens none of the {len(scan.slots)} key slot(s) of the "
+                f"vault at {store.url}{extra}; check --key-file / the passphrase"
             )
-        try:
-            config = VaultConfig(**json.loads(plain))
-        except (ValueError, TypeError) as e:
-            raise IntegrityError(names.CONFIG, f"config is malformed: {e}") from None
-        if config.format != 1:
-            raise FormatError(f"vault format {config.format} is newer than this program knows")
-        v = cls(store, keyring, config)
-        v.slot = opened[len(names.KEYS):]
+        v = cls(store, scan.keyring, VaultConfig.from_json(scan.config))
+        v.slot = scan.opened[len(names.KEYS):]
         return v
 
     async def close(self) -> None:
