@@ -96,6 +96,13 @@ class Reporter:
         self._parked: set[str] = set()
         self.registered = False  # a heartbeat was accepted since the start
         self._uploaded: tuple[float, float] | None = None  # (monotonic time, bytes) last beat
+        self.passes = 0  # passes over the outbox finished (sent, parked or failed)
+        self.passed = asyncio.Condition()  # notified after each pass
+
+    @property
+    def parked(self) -> frozenset[str]:
+        """Points whose report the configuration server refused for good (until a refresh)."""
+        return frozenset(self._parked)
 
     def wake(self) -> None:
         """Look at the point outbox now."""
@@ -149,15 +156,22 @@ class Reporter:
                         r.reported = True
                         await s.commit()
                 backoff.reset()
+                await self._passed()
             except ConfigServerError as e:
                 delay = backoff.next()
                 log.warning("point_report_failed", error=str(e), retry_in_seconds=delay)
+                await self._passed()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
                         await self._changed.wait()
                 continue
             if not rows:
                 await self._changed.wait()
+
+    async def _passed(self) -> None:
+        async with self.passed:
+            self.passes += 1
+            self.passed.notify_all()
 
     # -- heartbeats ------------------------------------------------------------------
     async def _heartbeats(self) -> None:

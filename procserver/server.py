@@ -52,8 +52,6 @@ from vault.keyslots import KeyMaterial, read_keyfile
 from vault.repo import Vault
 from vault.store.instrument import StoreMetrics
 from vault.store.open import open_store
-from vault.store.protocol import BlobStore
-from vault.store.throttle import ThrottleStore
 from wire.protocol import MAX_FRAME
 
 log = structlog.get_logger("procserver")
@@ -157,10 +155,9 @@ class ProcServer:
         # Storage that does not answer is not a reason to refuse agents: the cache takes
         # their cycles and the vault is opened in the background (invariant 9).
         km = KeyMaterial(keyfile=read_keyfile(self.cfg.vault_key_file))
-        store: BlobStore = open_store(self.cfg.vault_url, StoreMetrics(self.metrics.registry))
-        schedule = self.cfg.upload_schedule()
-        if not schedule.unlimited:  # pace uploads; the cache absorbs the difference
-            store = ThrottleStore(store, TokenBucket(schedule))
+        schedule = self.cfg.upload_schedule()  # uploads paced; the cache absorbs the rest
+        store = open_store(self.cfg.vault_url, StoreMetrics(self.metrics.registry),
+                           upload_bucket=None if schedule.unlimited else TokenBucket(schedule))
         vaults = VaultAccess(store, km)
         try:
             await vaults.open()

@@ -152,6 +152,8 @@ class TrustList:
         if not self.enabled:
             return
         await asyncio.to_thread(self._load_saved)
+        async with self.changed:  # waiters may accept the saved list
+            self.changed.notify_all()
         loop = asyncio.get_running_loop()
         backoff = Backoff()
         while True:
