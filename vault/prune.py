@@ -28,10 +28,9 @@ from datetime import UTC, datetime
 import structlog
 
 from vault import names
+from vault.chain import chain_of, crosses, rebase
 from vault.index import Location
-from vault.maps import FULL, BlockMap
 from vault.pack import PackEntry, build_pack, open_block
-from vault.point import DiskEntry, Point
 from vault.repo import Vault
 from vault.retention import Retention, plan
 from vault.writer import PACK_TARGET, thread_compressor
@@ -53,22 +52,17 @@ class PruneReport:
     bytes_deleted: int = 0
 
 
-async def _chain(vault: Vault, p: Point, cache: dict[str, Point]) -> list[Point]:
-    out = [p]
-    while out[-1].base is not None:
-        base_id = out[-1].base
-        assert base_id is not None
-        if base_id not in cache:
-            cache[base_id] = await vault.read_point(base_id)
-        out.append(cache[base_id])
-    return out
-
-
 async def prune(
     vault: Vault, policy: Retention, executor: Executor, *, now: datetime | None = None,
     dry_run: bool = False, repack_below: float = 0.5,
     progress: Callable[[str], None] | None = None,
 ) -> PruneReport:
+    """Prune ``vault`` by ``policy`` (see the module's docstring for the order).
+
+    Raises ``BrokenChainError`` (vault/chain.py), before it writes or deletes anything,
+    if the delta chain of a point it would keep is broken: collecting garbage around a
+    damaged point could delete what is left of it, so the damage is for an operator
+    to see first ('siterecovery check')."""
     say = progress or (lambda _m: None)
     now = now or datetime.now(UTC)
     report = PruneReport()
@@ -79,23 +73,17 @@ async def prune(
     cache = {p.id: p for p in points}
     kept = [p for p in points if p.id in report.kept]
 
-    # 2. rebase kept points whose chain crosses a forgotten one
+    for p in kept:  # every kept chain whole, before anything is written
+        await chain_of(vault, p, cache)
+
+    # 2. rebase kept points whose chain crosses a forgotten one (a point rebased here
+    # cuts the chains of the later points built on it: they are walked afresh)
     for p in kept:
-        chain = await _chain(vault, p, cache)
-        if any(q.id in forget for q in chain[1:]):
+        if crosses(await chain_of(vault, p, cache), forget):
             report.rebased.append(p.id)
             if dry_run:
                 continue
-            disks = []
-            for d in p.disks:
-                full = await vault.resolve_map(p, d.disk)
-                map_id = await vault.put_map(BlockMap(FULL, d.size, d.block_size, full.blocks))
-                disks.append(DiskEntry(d.disk, d.size, d.block_size, map_id, "full", d.digest))
-            rebased = Point(id=p.id, machine=p.machine, created=p.created,
-                            consistency=p.consistency, cycle=p.cycle, base=None, chain=0,
-                            disks=disks, policy=p.policy)
-            await vault.put_point(rebased)
-            cache[p.id] = rebased
+            cache[p.id] = await rebase(vault, p, cache)
     say(f"{len(report.forgotten)} points to forget, {len(report.rebased)} rebased")
     if dry_run:
         return report
@@ -108,8 +96,7 @@ async def prune(
     live_maps: set[str] = set()
     live_blocks: set[bytes] = set()
     for p in kept:
-        chain = await _chain(vault, cache[p.id], cache)
-        for q in chain:
+        for q in await chain_of(vault, cache[p.id], cache):
             live_maps.update(d.map for d in q.disks)
         for d in p.disks:
             live_blocks.update((await vault.resolve_map(cache[p.id], d.disk)).blocks.values())
