@@ -13,18 +13,21 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import structlog.testing
 
 from common.digest import digest_of_fingerprint_map, fingerprint
 from tests.helpers import REPO, make_vault, open_vault, restore_all
 from vault import names
 from vault.keyslots import KeyMaterial, read_keyfile
-from vault.locks import LockedError, list_locks, locked, remove_locks
+from vault.locks import Lock, LockedError, list_locks, locked, remove_locks, try_acquire
 from vault.point import Point
 from vault.prune import prune
 from vault.repo import MAX_CHAIN, Vault
 from vault.retention import Retention, plan
 from vault.store.faults import FaultStore
 from vault.store.local import LocalStore
+from vault.store.protocol import BlobStore
+from vault.store.wrapper import StoreWrapper
 from vault.writer import CycleWriter, DiskSpec
 
 BS = 64 * 1024
@@ -221,6 +224,46 @@ async def test_prune_is_excluded_while_a_writer_holds_the_vault(tmp_path: Path) 
         with pytest.raises(LockedError, match="prune"):
             async with locked(v, "shared", "upload web01"):
                 pass
+    assert await list_locks(v) == ([], [])
+    await v.close()
+
+
+class _LockPuts(StoreWrapper):
+    """Sets ``twice`` once two locks have been written through it."""
+
+    def __init__(self, inner: BlobStore) -> None:
+        super().__init__(inner)
+        self.puts = 0
+        self.twice = asyncio.Event()
+
+    async def put(self, name: str, data: bytes) -> None:
+        await self.inner.put(name, data)
+        if name.startswith(names.LOCKS):
+            self.puts += 1
+            if self.puts >= 2:
+                self.twice.set()
+
+
+async def test_a_waiting_prune_backs_off_then_gets_the_released_vault(tmp_path: Path) -> None:
+    _url, key = await make_vault(tmp_path)
+    v = await open_vault(tmp_path / "vault", key)
+    writer = await try_acquire(v, "shared", "upload web01")
+    assert isinstance(writer, Lock)
+    with pytest.raises(LockedError, match="upload web01"):  # a short wait runs out
+        async with locked(v, "exclusive", "prune", wait=0.2):
+            pass
+
+    async def prune_waiting() -> None:
+        async with locked(v, "exclusive", "prune", wait=60):
+            assert [lk.kind for lk in (await list_locks(v))[0]] == ["exclusive"]
+
+    v.store = watch = _LockPuts(v.store)
+    with structlog.testing.capture_logs() as logs:
+        waiting = asyncio.create_task(prune_waiting())
+        await asyncio.wait_for(watch.twice.wait(), 30)  # found it locked, backed off, retried
+        await writer.release()
+        await asyncio.wait_for(waiting, 30)
+    assert sum(e["event"] == "vault_locked_waiting" for e in logs) >= 1
     assert await list_locks(v) == ([], [])
     await v.close()
 

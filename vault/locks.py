@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import json
 import os
-import random
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from common.backoff import Backoff
 from vault import names
 from vault.crypto import ObjectType, seal, unseal
 from vault.errors import IntegrityError, NotFoundError, VaultError
@@ -155,7 +155,7 @@ async def locked(vault: Vault, kind: str, purpose: str, *, wait: float = 0.0
                  ) -> AsyncIterator[Lock]:
     """Hold a ``shared`` or ``exclusive`` lock for the block; wait up to ``wait`` seconds."""
     deadline = time.monotonic() + wait
-    delay = 0.05
+    backoff = Backoff(base=0.05, cap=5.0)
     while True:
         got = await try_acquire(vault, kind, purpose)
         if isinstance(got, Lock):
@@ -166,9 +166,7 @@ async def locked(vault: Vault, kind: str, purpose: str, *, wait: float = 0.0
                 f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(got.expires))} UTC; if that "
                 "holder is gone, run 'siterecovery unlock'")
         log.info("vault_locked_waiting", holder=got.holder, kind=got.kind)
-        await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())) *
-                            random.uniform(0.5, 1.0))
-        delay = min(delay * 2, 5.0)
+        await asyncio.sleep(min(backoff.next(), max(0.0, deadline - time.monotonic())))
     try:
         yield got
     finally:

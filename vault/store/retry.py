@@ -7,12 +7,12 @@ name it yielded, so a retried listing neither repeats nor skips objects.
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import structlog
 
+from common.backoff import Backoff
 from vault.errors import TransientStoreError
 from vault.store.protocol import BlobInfo, BlobStore
 from vault.store.wrapper import StoreWrapper
@@ -30,17 +30,18 @@ class RetryStore(StoreWrapper):
         super().__init__(inner)
         self.attempts, self.base, self.cap = attempts, base, cap
 
-    def _delay(self, attempt: int) -> float:
-        return float(min(self.cap, self.base * 2**attempt)) * random.uniform(0.5, 1.0)
+    def _backoff(self) -> Backoff:
+        return Backoff(self.base, self.cap)  # one per operation: its own count of failures
 
     async def _retry(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
+        backoff = self._backoff()
         for attempt in range(self.attempts):
             try:
                 return await op()
             except TransientStoreError as e:
                 if attempt == self.attempts - 1:
                     raise
-                delay = self._delay(attempt)
+                delay = backoff.next()
                 log.warning("store_retry", op=what, attempt=attempt + 1, error=str(e),
                             retry_in_seconds=round(delay, 3))
                 await asyncio.sleep(delay)
@@ -58,6 +59,7 @@ class RetryStore(StoreWrapper):
     async def list(self, prefix: str = "") -> AsyncIterator[BlobInfo]:
         last: str | None = None
         attempt = 0
+        backoff = self._backoff()
         while True:
             try:
                 async for info in self.inner.list(prefix):
@@ -69,7 +71,7 @@ class RetryStore(StoreWrapper):
             except TransientStoreError as e:
                 if attempt == self.attempts - 1:
                     raise
-                delay = self._delay(attempt)
+                delay = backoff.next()
                 attempt += 1
                 log.warning("store_retry", op=f"list {prefix}", attempt=attempt, error=str(e))
                 await asyncio.sleep(delay)
