@@ -11,7 +11,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 from siterecovery.errors import EXIT_CORRUPT, EXIT_KEY, EXIT_OK, UsageError
-from siterecovery.output import notes
+from siterecovery.output import add_json_arg, notes
 from siterecovery.progress import Progress
 from siterecovery.vaultopts import add_vault_args, key_material, open_vault, vault_url
 from vault.check import check_vault
@@ -131,7 +131,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="with --read-data: read only P%% of the packs, chosen "
                         "deterministically from their ids (every point's structure is "
                         "still checked)")
-    c.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_arg(c)
     c.set_defaults(func=cmd_check)
 
     r = sub.add_parser(
@@ -145,5 +145,5 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_vault_args(r)
     r.add_argument("--wait", type=float, default=0.0,
                    help="seconds to wait for writers to release the vault (default: 0)")
-    r.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_arg(r)
     r.set_defaults(func=cmd_rebuild_index)

@@ -10,7 +10,7 @@ import argparse
 import os
 
 from siterecovery.errors import CliError, UsageError
-from siterecovery.output import show
+from siterecovery.output import add_json_arg, show
 from siterecovery.vaultopts import (
     MIN_PASSPHRASE,
     add_vault_args,
@@ -150,7 +150,7 @@ def register_under(vsub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     ls = verb("list", "list the key slots",
               "List the vault's key slots: id, kind (key file or passphrase), KDF "
               "parameters and creation time (slots made before it was recorded show '-').")
-    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_arg(ls)
     ls.set_defaults(func=cmd_key_list)
 
     add = verb("add", "add a key file or passphrase slot",
@@ -158,7 +158,7 @@ def register_under(vsub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                "a new passphrase, wrapping the same master key.")
     add.add_argument("--new-key-file", metavar="FILE", help="create this key file for the slot")
     _new_passphrase_args(add)
-    add.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_arg(add)
     add.set_defaults(func=cmd_key_add)
 
     rm = verb("remove", "remove a key slot",
@@ -168,7 +168,7 @@ def register_under(vsub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     rm.add_argument("slot", metavar="SLOT", help="slot id (or a unique prefix), from 'list'")
     rm.add_argument("--force", action="store_true",
                     help="remove the slot even if it is the one this command was opened with")
-    rm.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_arg(rm)
     rm.set_defaults(func=cmd_key_remove)
 
     pw = verb("passwd", "change a passphrase",
@@ -179,5 +179,5 @@ def register_under(vsub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     _new_passphrase_args(pw)
     pw.add_argument("--slot", help="the passphrase slot to replace (default: the one the "
                                    "given passphrase opens)")
-    pw.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_arg(pw)
     pw.set_defaults(func=cmd_key_passwd)

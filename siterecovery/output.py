@@ -9,6 +9,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 
+def add_json_arg(p: argparse.ArgumentParser) -> None:
+    """``--json``: print the result as one JSON document instead of text."""
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
     """A plain text table: ``columns`` are (key, header) pairs; ``(none)`` for no rows.
     None shows as ``-``, floats with one decimal, lists and dicts as JSON."""

@@ -7,7 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from siterecovery.errors import UsageError
-from siterecovery.output import notes, show
+from siterecovery.output import add_json_arg, notes, show
 from siterecovery.vaultopts import add_vault_args, open_vault
 from vault.locks import list_locks, locked, remove_locks
 from vault.prune import prune
@@ -72,7 +72,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--dry-run", action="store_true", help="show what would be forgotten")
     p.add_argument("--wait", type=float, default=0.0,
                    help="seconds to wait for writers to release the vault (default: 0)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_arg(p)
     p.set_defaults(func=cmd_prune)
 
     u = sub.add_parser(
@@ -82,5 +82,5 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_vault_args(u)
     u.add_argument("--all", action="store_true", help="remove live locks too")
     u.add_argument("--list", action="store_true", help="only list the locks")
-    u.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_arg(u)
     u.set_defaults(func=cmd_unlock)

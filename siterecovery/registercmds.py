@@ -9,7 +9,7 @@ from typing import Any
 
 from siterecovery.apiopts import add_api_args, call
 from siterecovery.errors import CliError, UsageError
-from siterecovery.output import show
+from siterecovery.output import add_json_arg, show
 from siterecovery.vaultopts import add_vault_args, open_vault, vault_url
 from vault.regkey import VALID_DAYS, make_key, write_key
 
@@ -103,5 +103,5 @@ def register_under(vsub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     rk.add_argument("--out", required=True, help="the key file to write")
     rk.add_argument("--valid-days", type=int, default=VALID_DAYS,
                     help=f"days the key is valid (1-{VALID_DAYS}; default %(default)s)")
-    rk.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_arg(rk)
     rk.set_defaults(func=cmd_registration_key)

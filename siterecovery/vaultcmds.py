@@ -9,7 +9,7 @@ from typing import Any
 
 from common.labels import APP
 from siterecovery.errors import CliError, UsageError
-from siterecovery.output import mib, show
+from siterecovery.output import add_json_arg, mib, show
 from siterecovery.progress import Progress
 from siterecovery.vaultopts import (
     add_vault_args,
@@ -168,7 +168,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     add_vault_args(init)
     init.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
                       help="default block size in bytes (64 KiB - 1 MiB, power of two)")
-    init.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_arg(init)
     init.set_defaults(func=cmd_vault_init)
 
     pp = sub.add_parser("points", help="recovery points")
@@ -178,7 +178,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]
                                      "vault and its key: works with the configuration server gone.")
     add_vault_args(pl)
     pl.add_argument("--machine", help="only this machine's points")
-    pl.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_arg(pl)
     pl.set_defaults(func=cmd_points_list)
 
     mp = sub.add_parser("machines", help="protected machines")
@@ -187,7 +187,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]
                          description="List the machines that have recovery points in a vault, "
                                      "with their newest points. Needs only the vault and key.")
     add_vault_args(ml)
-    ml.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_arg(ml)
     ml.set_defaults(func=cmd_machines_list)
 
     rp = sub.add_parser(
@@ -206,6 +206,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     rp.add_argument("--format", choices=list(FORMATS), default="raw",
                     help="raw: sparse OUT/<disk>.img; vhd: fixed VHD OUT/<disk>.vhd "
                          "(default: raw)")
-    rp.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_arg(rp)
     rp.set_defaults(func=cmd_restore)
     return vsub
