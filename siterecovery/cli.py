@@ -35,7 +35,7 @@ from siterecovery import (
     replicationcmds,
     vaultcmds,
 )
-from siterecovery.daemon import run_until_signal
+from siterecovery.daemon import run_until_signal, wait_for_signal
 from siterecovery.datadir import default_data_dir
 from siterecovery.demo import demo
 from siterecovery.embedded import serve
@@ -54,7 +54,13 @@ async def cmd_configserver_run(args: argparse.Namespace) -> int:
 
 
 async def cmd_procserver_run(args: argparse.Namespace) -> int:
-    return await run_until_signal(ProcServer(load(ProcServerConfig, args.config)))
+    ps = ProcServer(load(ProcServerConfig, args.config))
+    await ps.start()
+    try:  # a crashed part of the daemon raises TaskCrashedError: exit non-zero, loudly
+        await ps.serve_until(wait_for_signal())
+    finally:
+        await ps.stop()
+    return 0
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
