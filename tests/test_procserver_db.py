@@ -4,10 +4,12 @@ database created before the migrations existed is upgraded in place."""
 from __future__ import annotations
 
 import sqlite3
+import tomllib
 from pathlib import Path
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from setuptools.discovery import PEP420PackageFinder  # type: ignore[import-untyped]
 from sqlalchemy import Connection, inspect, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -90,3 +92,10 @@ def test_the_migrations_ship_with_the_package() -> None:
     versions = sorted(p.name for p in (db.MIGRATIONS / "versions").glob("*.py"))
     assert versions and versions[0].startswith("0001_")
     assert (db.MIGRATIONS / "env.py").is_file()
+    # pyproject's package discovery (namespaces on, as setuptools does for pyproject.toml)
+    # takes the migrations and their versions folder into the distribution.
+    root = db.MIGRATIONS.parents[1]
+    find = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"]["find"]
+    found = PEP420PackageFinder.find(str(root), include=find["include"])
+    assert {"procserver.migrations", "procserver.migrations.versions"} <= set(found)
