@@ -123,7 +123,7 @@ def new_job_id() -> str:
 
 
 def new_job(kind: JobKind, target: str, params: dict[str, Any], now: float) -> db.Job:
-    """A queued job row; add it to a session, commit, then ``server.notify()``."""
+    """A queued job row; add it to a session, commit, then ``Core.notify()``."""
     steps = [{"name": s.name, "title": s.title, "state": "pending", "started": None,
               "ended": None, "progress": 0.0, "message": "", "attempts": 0}
              for s in kind.steps]

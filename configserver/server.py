@@ -103,8 +103,8 @@ class ConfigServer:
         if self.cfg.site_port < 0:
             return
         self.site_table = RouteTable(self.services, routes, "site")
-        core = self.services
-        srunner = web.AppRunner(self.site_table.app(lambda r: verify_peer(core, r)),
+        services = self.services
+        srunner = web.AppRunner(self.site_table.app(lambda r: verify_peer(services, r)),
                                 access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
         await srunner.setup()
         self._runners.append(srunner)
