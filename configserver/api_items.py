@@ -1,20 +1,15 @@
-"""Routes: replicated items, and enabling/disabling replication (which start jobs)."""
+"""Routes: replicated items, and enabling/disabling replication (which start jobs; the
+checks and changes are in ``configserver/protection.py``)."""
 
 from __future__ import annotations
 
-import structlog
 from aiohttp import web
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 
-from configserver import db
-from configserver.errors import ItemStateError
+from configserver import db, protection
 from configserver.items import ITEM, ItemState, item_doc
-from configserver.jobs import ACTIVE, JOB, job_doc, new_job
-from configserver.replication import DISABLE, ENABLE, ENABLE_KINDS
-from configserver.rest import NAME, ApiError, Call, Route, array, not_found, obj, reply
-
-log = structlog.get_logger("configserver.items")
+from configserver.jobs import JOB, job_doc
+from configserver.rest import NAME, Call, Route, array, obj, reply
 
 JOB_REPLY = obj({"job": JOB}, ["job"])
 _MACHINE = {"machine": NAME}
@@ -36,130 +31,26 @@ async def show_item(call: Call) -> web.Response:
     async with call.services.sessionmaker() as s:
         item = await s.get(db.ReplicatedItem, name)
         if item is None:
-            raise _no_item(name)
+            raise protection.no_item(name)
         policy = await s.get(db.Policy, item.policy)
     return reply(item_doc(item, policy, call.services.clock()))
 
 
-def _no_item(name: str) -> ApiError:
-    return ApiError(404, "item_not_found", f"machine {name!r} is not replicated",
-                    f"enable replication: siterecovery replication enable {name}")
-
-
-def _already_disabling(name: str) -> ApiError:
-    return ApiError(409, "already_disabling", f"replication of {name!r} is already being "
-                    "disabled", f"follow it: siterecovery jobs list --target {name}")
-
-
 async def enable(call: Call) -> web.Response:
-    name: str = call.body["machine"]
-    policy_name: str = call.body.get("policy", "default")
-    now = call.services.clock()
-    async with call.services.sessionmaker() as s:
-        machine = await s.get(db.Machine, name)
-        if machine is None:
-            raise not_found("machine", name, "add it first: siterecovery machine add")
-        if not machine.enabled:
-            raise ApiError(409, "machine_disabled", f"machine {name!r} is disabled",
-                           f"enable it: siterecovery machine update {name} --enable")
-        if await s.get(db.Policy, policy_name) is None:
-            raise not_found("policy", policy_name, "list policies: siterecovery policy list")
-        item = await s.get(db.ReplicatedItem, name)
-        if item is not None and item.state != ItemState.ENABLE_FAILED:
-            if item.state == ItemState.DISABLING:
-                raise ApiError(409, "disabling", f"replication of {name!r} is being disabled",
-                               "enable it again once Disable protection has ended: "
-                               f"siterecovery jobs list --target {name}")
-            if item.state in (ItemState.ENABLING, ItemState.INITIAL_REPLICATION):
-                raise ApiError(409, "already_enabling", f"protection of {name!r} is already "
-                               f"being enabled (item {item.state})",
-                               f"follow it: siterecovery jobs list --target {name}")
-            raise ApiError(409, "already_protected", f"machine {name!r} is already "
-                           f"replicated (item {item.state})",
-                           f"to start over, disable it first: siterecovery replication "
-                           f"disable {name}")
-        if item is None:
-            item = db.ReplicatedItem(machine=name, created=now)
-            s.add(item)
-        item.policy, item.state, item.health, item.health_errors = (
-            policy_name, ItemState.ENABLING, "normal", [])
-        item.initial_progress, item.resync_progress, item.disk_progress = 0.0, None, {}
-        item.latest_point = item.latest_point_time = None
-        item.latest_app_point = item.latest_app_point_time = None
-        item.updated = now
-        job = new_job(ENABLE, name, {"policy": policy_name}, now)
-        s.add(job)
-        try:
-            await s.commit()
-        except IntegrityError:  # a concurrent enable of the same machine won
-            raise ApiError(409, "already_enabling", f"protection of {name!r} is already being "
-                           "enabled") from None
-    log.info("replication_enable_requested", machine=name, policy=policy_name, job=job.id)
+    job = await protection.enable(call.services, call.body["machine"],
+                                  call.body.get("policy", "default"))
     await call.services.notify()
     return reply({"job": job_doc(job, call.services.jobs.kinds)}, status=202)
 
 
 async def disable(call: Call) -> web.Response:
-    name: str = call.body["machine"]
-    async with call.services.sessionmaker() as s:
-        item = await s.get(db.ReplicatedItem, name)
-        if item is None:
-            raise _no_item(name)
-        active = (await s.execute(select(db.Job.id, db.Job.kind).where(
-            db.Job.target == name, db.Job.state.in_(ACTIVE)))).all()
-        if item.state == ItemState.DISABLING and any(k == DISABLE.name for _, k in active):
-            raise _already_disabling(name)
-        # (disabling without a Disable protection job: the last one failed; try again)
-        enabling = [jid for jid, kind in active if kind in ENABLE_KINDS]
-    engine = call.services.jobs
-    for jid in enabling:  # a disable supersedes an enable still waiting for the agent
-        try:
-            await engine.cancel(jid)
-        except ItemStateError as e:
-            if e.code != "job_finished":
-                raise
-    now = call.services.clock()
-    async with call.services.sessionmaker() as s:
-        item = await s.get(db.ReplicatedItem, name)
-        if item is None:
-            raise _no_item(name)
-        if (await s.execute(select(db.Job.id).where(
-                db.Job.target == name, db.Job.state.in_(ACTIVE),
-                db.Job.kind == DISABLE.name))).first() is not None:
-            raise _already_disabling(name)  # a concurrent disable won
-        item.state, item.updated = ItemState.DISABLING, now
-        job = new_job(DISABLE, name, {}, now)
-        s.add(job)
-        await s.commit()
-    log.info("replication_disable_requested", machine=name, job=job.id,
-             cancelled=list(enabling))
+    job = await protection.disable(call.services, call.services.jobs, call.body["machine"])
     await call.services.notify()
     return reply({"job": job_doc(job, call.services.jobs.kinds)}, status=202)
 
 
-RESYNCABLE = (ItemState.PROTECTED, ItemState.RESYNC_REQUIRED)
-
-
 async def resync(call: Call) -> web.Response:
-    name = call.params["machine"]
-    now = call.services.clock()
-    async with call.services.sessionmaker() as s:
-        item = await s.get(db.ReplicatedItem, name, with_for_update=True)
-        if item is None:
-            raise _no_item(name)
-        if item.state not in RESYNCABLE:
-            raise ApiError(409, "not_resyncable", f"{name!r} is {item.state}: only a protected "
-                           "item can be resynchronized",
-                           "wait for initial replication or the running resync to finish: "
-                           f"siterecovery items show {name}")
-        item.state, item.updated = ItemState.RESYNC_REQUIRED, now
-        s.add(db.Event(time=now, severity="info", code="resync_requested", target=name,
-                       message="resynchronization requested: the agent compares every disk "
-                               "with the newest recovery point and sends the differences",
-                       active=False))
-        await s.commit()
-        doc = item_doc(item, await s.get(db.Policy, item.policy), now)
-    log.info("resync_requested", machine=name)
+    doc = await protection.resync(call.services, call.params["machine"])
     await call.services.notify()
     return reply(doc, status=202)
 
