@@ -131,8 +131,9 @@ class Uploader:
                     for m in machines:
                         t = self._workers.get(m)
                         if t is None or t.done():
-                            self._workers[m] = asyncio.create_task(self._worker(m),
-                                                                   name=f"upload-{m}")
+                            t = self._workers[m] = asyncio.create_task(self._worker(m),
+                                                                       name=f"upload-{m}")
+                            t.add_done_callback(_worker_done)
                     await ev.wait()
                 finally:
                     self._wakeups.forget(ev)
@@ -328,6 +329,13 @@ class Uploader:
         taken.difference_update(ids)
         await asyncio.to_thread(_unlink_all, [seg.path for seg in segs])
         self.space.release(cyc.seq, sum(seg.size for seg in segs))
+
+
+def _worker_done(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (e := task.exception()) is not None:
+        # The machine's cycles stay in the cache: the next wake-up starts a new worker.
+        log.error("upload_worker_failed", task=task.get_name(),
+                  error=str(e) or type(e).__name__, error_type=type(e).__name__)
 
 
 class _CycleAborted(Exception):
