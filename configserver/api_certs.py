@@ -4,14 +4,13 @@ listener), list and revoke (admin), and the trust list process servers poll (int
 from __future__ import annotations
 
 import asyncio
-import hmac
 from typing import Any
 
 import structlog
 from aiohttp import web
 from sqlalchemy import select
 
-from configserver import certs, db
+from configserver import certs, db, enrollment
 from configserver.ca import Issued
 from configserver.peer import peer_certificate
 from configserver.rest import NAME, ApiError, Call, Route, array, iso, nullable, obj, reply
@@ -121,48 +120,12 @@ async def revoke_cert(call: Call) -> web.Response:
 # -- site listener: agents ----------------------------------------------------------------
 
 async def enroll(call: Call) -> web.Response:
-    server, machine = call.services, call.body["machine"]
-    addr = call.request.remote or "unknown"
-    now = server.clock()
-    throttle = server.throttle
-    wait = throttle.retry_after(addr, now)
-    if wait:
-        server.metrics.enrollments.labels("throttled").inc()
-        log.warning("enrollment_refused", machine=machine, peer=addr, reason="throttled")
-        raise ThrottledError(wait)
-    if not hmac.compare_digest(call.body["passphrase"].encode(), server.passphrase.encode()):
-        throttle.failed(addr, now)
-        server.metrics.enrollments.labels("wrong_passphrase").inc()
-        log.warning("enrollment_refused", machine=machine, peer=addr, reason="wrong_passphrase")
-        raise ApiError(401, "wrong_passphrase", "the enrollment passphrase is wrong",
-                       "use the configuration server's passphrase: the file "
-                       f"{server.cfg.passphrase_path.name} in its data directory "
-                       f"(after {throttle.limit} wrong attempts within "
-                       f"{throttle.window / 60:.0f} minutes this address must wait)")
-    throttle.succeeded(addr)
-    async with server.sessionmaker() as s:
-        row = await s.get(db.Machine, machine)
-    if row is None:
-        server.metrics.enrollments.labels("machine_not_found").inc()
-        raise ApiError(404, "machine_not_found", f"no machine named {machine!r} in the inventory",
-                       "the operator adds it first: siterecovery machine add (POST "
-                       "/api/v1/machines)")
-    if not row.enabled:
-        server.metrics.enrollments.labels("machine_disabled").inc()
-        raise ApiError(409, "machine_disabled", f"machine {machine!r} is disabled",
-                       f"enable it first: PATCH /api/v1/machines/{machine} "
-                       '{"enabled": true}')
-    issued = await certs.issue_agent(server, server.ca, machine, server.cfg.agent_cert_days)
-    server.metrics.enrollments.labels("ok").inc()
-    log.info("agent_enrolled", machine=machine, peer=addr, serial=issued.serial)
+    svc = call.services
+    issued = await enrollment.enroll(
+        svc, svc.ca, svc.throttle, svc.passphrase, machine=call.body["machine"],
+        given=call.body["passphrase"], addr=call.request.remote or "unknown",
+        days=svc.cfg.agent_cert_days, passphrase_file=svc.cfg.passphrase_path.name)
     return reply(_issued(call, issued), status=201)
-
-
-class ThrottledError(ApiError):
-    def __init__(self, retry_after: float) -> None:
-        super().__init__(429, "too_many_attempts", "too many wrong passphrases from this address",
-                         f"wait {retry_after:.0f} seconds, then try again with the right "
-                         "passphrase")
 
 
 async def renew(call: Call) -> web.Response:

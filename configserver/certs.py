@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -160,42 +159,3 @@ async def trust_list(core: Core, ca_sha256: str) -> dict[str, Any]:
     }
     version = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
     return {"version": version, "generated_at": iso(now), **content}
-
-
-# -- enrollment throttle ------------------------------------------------------------------
-
-class Throttle:
-    """Per client address: after ``limit`` wrong passphrases within ``window`` seconds,
-    every attempt is refused until the oldest of them is ``window`` seconds old."""
-
-    MAX_ADDRESSES = 10_000
-
-    def __init__(self, limit: int = 5, window: float = 600.0) -> None:
-        self.limit, self.window = limit, window
-        self._failures: dict[str, deque[float]] = {}
-
-    def _recent(self, addr: str, now: float) -> deque[float]:
-        q = self._failures.get(addr, deque())
-        while q and q[0] <= now - self.window:
-            q.popleft()
-        return q
-
-    def retry_after(self, addr: str, now: float) -> float:
-        """Seconds until ``addr`` may try again (0: now)."""
-        q = self._recent(addr, now)
-        if len(q) < self.limit:
-            return 0.0
-        return max(1.0, q[0] + self.window - now)
-
-    def failed(self, addr: str, now: float) -> None:
-        if len(self._failures) >= self.MAX_ADDRESSES:
-            for a in [a for a in self._failures if not self._recent(a, now)]:
-                del self._failures[a]
-            while len(self._failures) >= self.MAX_ADDRESSES:  # all busy: forget the oldest
-                del self._failures[next(iter(self._failures))]
-        q = self._recent(addr, now)
-        q.append(now)
-        self._failures[addr] = q
-
-    def succeeded(self, addr: str) -> None:
-        self._failures.pop(addr, None)

@@ -32,6 +32,14 @@ class InvalidRequest(DomainError):
     """The request is well formed but its content cannot be accepted."""
 
 
+class Unauthenticated(DomainError):
+    """The caller did not prove who it is (a wrong passphrase)."""
+
+
+class TooManyAttempts(DomainError):
+    """Too many failed attempts from one caller: it must wait before trying again."""
+
+
 class Refused(DomainError):
     """The request proves no right to what it asks (a forged or foreign key)."""
 

@@ -28,6 +28,8 @@ from configserver.errors import (
     InvalidRequest,
     NotFound,
     Refused,
+    TooManyAttempts,
+    Unauthenticated,
     Unavailable,
 )
 from configserver.schema import ERROR_SCHEMA, NAME, array, iso, nullable, obj
@@ -48,8 +50,8 @@ log = structlog.get_logger("configserver.api")
 AUTHS = ("admin", "internal", "agent", "none")
 # The HTTP status of each kind of domain error (a subclass answers as its base).
 STATUS: tuple[tuple[type[DomainError], int], ...] = (
-    (NotFound, 404), (Conflict, 409), (InvalidRequest, 422), (Refused, 403),
-    (Unavailable, 503))
+    (NotFound, 404), (Conflict, 409), (InvalidRequest, 422), (Unauthenticated, 401),
+    (Refused, 403), (TooManyAttempts, 429), (Unavailable, 503))
 
 
 def status_of(e: DomainError) -> int:

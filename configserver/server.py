@@ -30,10 +30,10 @@ from configserver.alerts import AlertBook
 from configserver.api import all_routes
 from configserver.background import background_tasks
 from configserver.ca import CertificateAuthority, write_bundle
-from configserver.certs import Throttle
 from configserver.config import ConfigServerConfig
 from configserver.core import Core, Notifier
 from configserver.defaults import ensure_defaults
+from configserver.enrollment import Throttle
 from configserver.jobs import JobEngine
 from configserver.metrics import ConfigMetrics
 from configserver.peer import verify_peer

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 from configserver.alerts import AlertBook
 from configserver.ca import CertificateAuthority
-from configserver.certs import Throttle
 from configserver.config import ConfigServerConfig
 from configserver.core import Core
+from configserver.enrollment import Throttle
 from configserver.jobs import JobEngine
 
 
