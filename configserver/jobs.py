@@ -26,8 +26,8 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import structlog
-from sqlalchemy import select, text, update
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from configserver import db
 from configserver.core import Core
@@ -45,12 +45,12 @@ from configserver.jobdefs import (
     job_doc,
     new_job,
 )
+from configserver.leader import lead, resign
 
 __all__ = ["ACTIVE", "JOB", "JOB_ID", "JOB_STATES", "STEP_STATES", "JobEngine", "JobKind",
            "JobRun", "Step", "StepContext", "StepFailed", "job_doc", "new_job", "wait_tick"]
 
 log = structlog.get_logger("configserver.jobs")
-_PG_LEADER_KEY = 0x5352_4A42  # "SRJB": the job engine's leader lock on PostgreSQL
 
 RETRY_SECONDS = 5.0  # after an engine error (e.g. the database went away) in a job's task
 
@@ -151,34 +151,8 @@ class JobEngine:
                 await changed.wait()
                 self.poke()
 
-    async def _lead(self) -> AsyncConnection | None:
-        """On a shared PostgreSQL catalog only one configuration server runs jobs: the one
-        holding a session-level advisory lock on a connection it keeps open. The others
-        wait as standbys and take over when that connection goes (its server died)."""
-        if self.core.dialect != "postgresql":
-            return None
-        announced = False
-        while True:
-            conn = await self.core.database.connect()
-            try:
-                if await conn.scalar(text("SELECT pg_try_advisory_lock(:k)"),
-                                     {"k": _PG_LEADER_KEY}):
-                    await conn.commit()
-                    log.info("job_engine_leading")
-                    return conn
-                await conn.rollback()
-            except BaseException:
-                await conn.close()
-                raise
-            await conn.close()
-            if not announced:
-                log.info("job_engine_standby", hint="another configuration server on this "
-                         "catalog runs the jobs; this one takes over if it stops")
-                announced = True
-            await asyncio.sleep(self.recheck_seconds)  # poll for the leader's departure
-
     async def run(self) -> None:
-        leader = await self._lead()
+        leader = await lead(self.core.database, self.recheck_seconds)
         listener = asyncio.create_task(self._listen())
         try:
             while True:
@@ -197,12 +171,7 @@ class JobEngine:
                     await t
             if self._writes:
                 await asyncio.gather(*self._writes, return_exceptions=True)
-            if leader is not None:  # hand over at once: unlock, and never pool the session
-                with contextlib.suppress(Exception):
-                    await leader.execute(text("SELECT pg_advisory_unlock(:k)"),
-                                         {"k": _PG_LEADER_KEY})
-                await leader.invalidate()
-                await leader.close()
+            await resign(leader)
 
     async def _schedule(self) -> None:
         async with self.core.sessionmaker() as s:
