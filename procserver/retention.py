@@ -21,7 +21,6 @@ the two) are dropped unsent, the next round forgets those points again.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -36,11 +35,9 @@ from procserver.csclient import ConfigServerClient, ConfigServerError
 from procserver.models import ForgottenPoint
 from procserver.vaultaccess import VaultAccess
 from vault import names
-from vault.errors import MissingObjectError
+from vault.chain import BrokenChainError, chain_of, crosses, rebase
 from vault.locks import LockedError, locked
-from vault.maps import FULL, BlockMap
-from vault.point import DiskEntry, Point
-from vault.repo import MAX_CHAIN
+from vault.point import Point
 from vault.retention import Retention, plan
 
 log = structlog.get_logger("procserver.policies")
@@ -163,8 +160,13 @@ class PointRetention:
                         await s.merge(ForgottenPoint(point_id=p.id, machine=p.machine))
                 await s.commit()
             for pid in [k for k in report.kept if by_id[k].machine in forget]:
-                if await self._crosses(by_id[pid], ids, by_id):
-                    await self._rebase(by_id[pid])
+                try:
+                    chain = await chain_of(vault, by_id[pid], by_id)
+                except BrokenChainError as e:  # cannot be restored, so cannot be rebased
+                    log.warning("retention_chain_broken", point=pid, error=str(e))
+                    continue
+                if crosses(chain, ids):
+                    by_id[pid] = await rebase(vault, by_id[pid], by_id)
                     report.rebased.append(pid)
             for machine, pts in forget.items():
                 for p in pts:
@@ -177,33 +179,6 @@ class PointRetention:
                          retention_hours=pol.retention_hours,
                          rebased=[k for k in report.rebased if by_id[k].machine == machine])
         return report
-
-    async def _crosses(self, p: Point, forget: set[str], by_id: dict[str, Point]) -> bool:
-        """Whether ``p``'s delta chain passes through a point about to be forgotten (a
-        chain that is broken already stays as it is: rebasing cannot mend it)."""
-        for _ in range(MAX_CHAIN + 1):
-            if p.base is None:
-                return False
-            if p.base in forget:
-                return True
-            base = by_id.get(p.base)
-            if base is None:
-                try:
-                    base = by_id[p.base] = await self.vaults.vault.read_point(p.base)
-                except MissingObjectError:
-                    return False
-            p = base
-        return False
-
-    async def _rebase(self, p: Point) -> None:
-        """Give ``p`` full maps (same id, replaced atomically), as prune does."""
-        vault = self.vaults.vault
-        disks = []
-        for d in p.disks:
-            full = await vault.resolve_map(p, d.disk)
-            map_id = await vault.put_map(BlockMap(FULL, d.size, d.block_size, full.blocks))
-            disks.append(DiskEntry(d.disk, d.size, d.block_size, map_id, "full", d.digest))
-        await vault.put_point(dataclasses.replace(p, base=None, chain=0, disks=disks))
 
     # -- the catalog's outbox ----------------------------------------------------------
     async def flush_forgotten(self) -> None:

@@ -56,7 +56,7 @@ async def cmd_configserver_run(args: argparse.Namespace) -> int:
 async def cmd_procserver_run(args: argparse.Namespace) -> int:
     ps = ProcServer(load(ProcServerConfig, args.config))
     await ps.start()
-    try:  # a crashed part of the daemon raises TaskCrashedError: exit non-zero, loudly
+    try:  # a crashed part of the daemon raises TaskCrashedError: exit 1, loudly
         await ps.serve_until(wait_for_signal())
     finally:
         await ps.stop()

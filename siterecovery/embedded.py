@@ -117,8 +117,8 @@ Protect a machine:
    --passphrase-file <copy of {e.config.cfg.passphrase_path}>
    --ca-file <copy of {e.config.ca.cert_path}> ...)
 Stop with Ctrl-C.""", flush=True)
-    try:
-        await wait_for_signal()
+    try:  # a crashed part of the process server ends the run (TaskCrashedError, exit 1)
+        await e.proc.serve_until(wait_for_signal())
     finally:
         await stop_embedded(e)
     return 0

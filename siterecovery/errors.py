@@ -6,6 +6,7 @@ data, 4 the key does not open the vault.
 
 from __future__ import annotations
 
+from procserver.supervisor import TaskCrashedError
 from siterecovery.tomlconfig import ConfigError
 from vault.errors import AmbiguousPointError, IntegrityError, VaultError, WrongKeyError
 from wire.protocol import ProtocolError, RemoteError
@@ -38,6 +39,6 @@ def exit_code(e: BaseException) -> int | None:
         return EXIT_CORRUPT
     if isinstance(e, AmbiguousPointError):
         return EXIT_USAGE  # the operator must say more: --machine, a longer id
-    if isinstance(e, (VaultError, OSError, ProtocolError, RemoteError)):
+    if isinstance(e, (VaultError, OSError, ProtocolError, RemoteError, TaskCrashedError)):
         return EXIT_FAIL
     return None

@@ -39,7 +39,6 @@ HEADER = struct.Struct("<BBBB12s")
 OVERHEAD = HEADER.size + 16
 FLAG_ZSTD = 0x01
 MASTER_KEY_BYTES = 64
-ZSTD_LEVEL = 3
 
 
 class ObjectType(enum.IntEnum):
