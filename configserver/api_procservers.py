@@ -133,14 +133,14 @@ async def heartbeat(call: Call) -> web.Response:
     for k in ("cache_free_ratio", "backlog_seconds", "throughput_bps"):
         if not math.isfinite(b[k]):
             raise ApiError(422, "invalid_request", f"{k}: must be a finite number")
-    server = call.services
+    svc = call.services
     fields = {k: b[k] for k in ("address", "version", "cache_bytes", "cache_free_ratio",
                                 "backlog_bytes", "backlog_seconds", "throughput_bps",
                                 "sessions")}
     for attempt in (1, 2):
-        now = server.clock()
+        now = svc.clock()
         try:
-            async with server.sessionmaker() as s:
+            async with svc.sessionmaker() as s:
                 row = await s.get(db.ProcessServer, b["name"], with_for_update=True)
                 first = row is None
                 if row is None:
@@ -157,14 +157,14 @@ async def heartbeat(call: Call) -> web.Response:
         except IntegrityError:
             if attempt == 2:  # a concurrent first heartbeat inserted it: update that row
                 raise
-    server.metrics.ps_heartbeats.labels(b["name"]).inc()
+    svc.metrics.ps_heartbeats.labels(b["name"]).inc()
     if first:
         log.info("procserver_registered", procserver=b["name"], address=b["address"],
                  version=b["version"])
     if refresh:
         log.info("procserver_refresh_delivered", procserver=b["name"])
-    await alerts.evaluate(server, server.alert_book)
-    await server.notify()
+    await alerts.evaluate(svc, svc.alert_book)
+    await svc.notify()
     return reply({"refresh_requested": refresh})
 
 
