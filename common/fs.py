@@ -22,24 +22,32 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def _write_all(fd: int, raw: bytes) -> None:
-    view = memoryview(raw)
-    while view:
-        view = view[os.write(fd, view):]
+def _write_file(path: Path, raw: bytes, flags: int, mode: int) -> None:
+    """Open ``path`` with ``flags``, write ``raw``, fsync, close; remove it on failure."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, mode)
+    try:
+        try:
+            view = memoryview(raw)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def _raw(data: bytes | str) -> bytes:
+    return data.encode() if isinstance(data, str) else data
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes | str, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` (text is written as UTF-8); the file gets ``mode``."""
     p = Path(path)
     tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    raw = data.encode() if isinstance(data, str) else data
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    _write_file(tmp, _raw(data), os.O_TRUNC, mode)
     try:
-        try:
-            _write_all(fd, raw)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
         os.replace(tmp, p)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -54,15 +62,5 @@ def create_exclusive(path: str | os.PathLike[str], data: bytes | str, mode: int 
     cannot lose the new file. A failed write removes the partial file.
     """
     p = Path(path)
-    raw = data.encode() if isinstance(data, str) else data
-    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        try:
-            _write_all(fd, raw)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except BaseException:
-        p.unlink(missing_ok=True)
-        raise
+    _write_file(p, _raw(data), os.O_EXCL, mode)
     fsync_dir(p.parent)
