@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
+from common.names import is_name
 from common.pacing import Schedule
 from wire.protocol import DEFAULT_PORT
 
@@ -80,7 +80,7 @@ class ProcServerConfig:
             raise ValueError("heartbeat_interval_seconds must be positive")
         if self.policy_interval_seconds <= 0:
             raise ValueError("policy_interval_seconds must be positive")
-        if self.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", self.name):
+        if self.name and not is_name(self.name):
             raise ValueError("name must be 1-63 letters, digits, '.', '_' or '-', starting "
                              "with a letter or digit")
 
