@@ -9,18 +9,10 @@ revision at every start; a catalog created before Alembic (it holds only
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import Connection, event, inspect
-from sqlalchemy.ext.asyncio import (
-    AsyncEngine,
-    AsyncSession,
-    async_sessionmaker,
-    create_async_engine,
-)
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from common import sqldb
 from configserver.models import (
     Account,
     Base,
@@ -42,47 +34,9 @@ __all__ = ["Account", "Base", "Certificate", "Event", "Job", "Machine", "Policy"
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def alembic_config(connection: Connection | None = None) -> Config:
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
-    cfg.attributes["connection"] = connection
-    return cfg
-
-
-def _upgrade(conn: Connection) -> None:
-    tables = set(inspect(conn).get_table_names())
-    cfg = alembic_config(conn)
-    if "alembic_version" not in tables and "recovery_points" in tables:
-        command.stamp(cfg, "0001")  # a catalog from before the migrations
-    command.upgrade(cfg, "head")
-
-
 async def migrate(engine: AsyncEngine) -> None:
-    async with engine.begin() as conn:
-        await conn.run_sync(_upgrade)
-
-
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.close()
-
-
-def make_engine(url: str) -> AsyncEngine:
-    if url.startswith("sqlite"):
-        engine = create_async_engine(url)
-        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-        return engine
-    return create_async_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    await sqldb.migrate(engine, MIGRATIONS, "recovery_points")
 
 
 async def open_db(url: str) -> tuple[AsyncEngine, async_sessionmaker[AsyncSession]]:
-    engine = make_engine(url)
-    try:
-        await migrate(engine)
-    except BaseException:
-        await engine.dispose()
-        raise
-    return engine, async_sessionmaker(engine, expire_on_commit=False)
+    return await sqldb.open_db(url, MIGRATIONS, "recovery_points")

@@ -1,0 +1,75 @@
+"""Opening a daemon's SQL database: SQLAlchemy 2 async engine, schema by Alembic.
+
+Both servers keep their state this way (the configuration server's catalog, the
+process server's HRL bookkeeping); each passes its own migrations folder and the
+table that tells a database made before its migrations existed. SQLite runs in WAL
+mode with ``synchronous=FULL`` (a commit is on disk when it returns); PostgreSQL
+through asyncpg with a small pool. Only the servers import this module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, event, inspect
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+
+def alembic_config(migrations: Path, connection: Connection | None = None) -> Config:
+    """An Alembic config for ``migrations``; ``env.py`` finds ``connection`` in
+    ``config.attributes``."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+async def migrate(engine: AsyncEngine, migrations: Path, legacy_table: str) -> None:
+    """Bring the database to the newest revision. A database that holds
+    ``legacy_table`` but no ``alembic_version`` was made before the migrations, with
+    exactly revision 0001's schema: it is stamped 0001 in place first."""
+    def upgrade(conn: Connection) -> None:
+        tables = set(inspect(conn).get_table_names())
+        cfg = alembic_config(migrations, conn)
+        if "alembic_version" not in tables and legacy_table in tables:
+            command.stamp(cfg, "0001")
+        command.upgrade(cfg, "head")
+
+    async with engine.begin() as conn:
+        await conn.run_sync(upgrade)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def make_engine(url: str) -> AsyncEngine:
+    if url.startswith("sqlite"):
+        engine = create_async_engine(url)
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_async_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+async def open_db(url: str, migrations: Path, legacy_table: str
+                  ) -> tuple[AsyncEngine, async_sessionmaker[AsyncSession]]:
+    """Open (creating or upgrading) the database at ``url``."""
+    engine = make_engine(url)
+    try:
+        await migrate(engine, migrations, legacy_table)
+    except BaseException:
+        await engine.dispose()
+        raise
+    return engine, async_sessionmaker(engine, expire_on_commit=False)
