@@ -18,7 +18,8 @@ import pytest
 
 from tests.helpers import REPO
 
-PACKAGES = ("common", "wire", "vault", "mobility", "procserver", "configserver", "siterecovery")
+PACKAGES = ("common", "wire", "vault", "targets", "mobility", "procserver", "configserver",
+            "siterecovery")
 
 # package -> the packages of ours it may import (besides itself).
 ALLOWED: dict[str, set[str]] = {
@@ -26,9 +27,11 @@ ALLOWED: dict[str, set[str]] = {
     "wire": {"common"},
     "vault": {"common"},
     "mobility": {"wire", "common"},
+    "targets": {"vault", "common"},
     "procserver": {"vault", "wire", "common"},
-    "configserver": {"vault", "common"},
-    "siterecovery": {"common", "wire", "vault", "mobility", "procserver", "configserver"},
+    "configserver": {"vault", "targets", "common"},
+    "siterecovery": {"common", "wire", "vault", "targets", "mobility", "procserver",
+                     "configserver"},
 }
 
 
