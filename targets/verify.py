@@ -1,0 +1,317 @@
+"""The drill's disk proof, host side: partition table, filesystem kinds, read-only checks.
+
+``verify_image(path)`` reads a raw image's partition table (MBR with its extended chain,
+or GPT; a whole-disk filesystem without a table counts as one partition numbered 0),
+names each partition's filesystem by its superblock magic, and checks ext2/3/4 with
+``e2fsck -fn`` and XFS with ``xfs_repair -n`` on a read-only loop device limited to the
+partition. Other filesystems are reported ``not_checked``. Nothing is ever written to the
+image, and every loop device attached is detached again, whatever happens.
+
+A malformed partition table raises ``PartitionTableError`` (a ``TargetError``), naming
+what is wrong; a damaged filesystem is not an error but a ``damaged`` entry in the
+report, with the checker's last lines, so the caller can fail the drill with them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+from targets.base import TargetError
+
+SECTOR = 512
+Status = Literal["clean", "damaged", "not_checked"]
+Table = Literal["mbr", "gpt", "none"]
+TAIL_LINES = 20
+_EXTENDED = {0x05, 0x0F, 0x85}
+_GPT_PROTECTIVE = 0xEE
+
+
+class PartitionTableError(TargetError):
+    """The image's partition table cannot be read: the restored disk is not usable."""
+
+    def __init__(self, image: Path, why: str) -> None:
+        super().__init__("partition_table", f"{image}: malformed partition table: {why}",
+                         "choose another recovery point; this one's first sectors are damaged")
+
+
+class CheckToolError(TargetError):
+    """A checking tool could not run at all (missing, or the loop device failed)."""
+
+    def __init__(self, what: str, output: str) -> None:
+        super().__init__("verify_tool", f"{what}: {output.strip()[-500:]}",
+                         "install e2fsprogs, xfsprogs and util-linux; run as root")
+
+
+@dataclass(frozen=True)
+class Partition:
+    number: int  # 1-based as the guest sees it (MBR logical partitions from 5); 0: whole disk
+    start: int  # bytes from the start of the image
+    size: int  # bytes
+    type: str  # MBR type "0x83", GPT type GUID, or "disk" for a whole-disk filesystem
+
+
+@dataclass(frozen=True)
+class PartitionCheck:
+    partition: Partition
+    fs: str  # ext2 | ext3 | ext4 | xfs | vfat | ntfs | swap | btrfs | lvm2 | unknown
+    status: Status
+    output_tail: list[str]  # the checker's last lines (empty when not checked)
+
+
+@dataclass(frozen=True)
+class DiskVerification:
+    image: Path
+    table: Table
+    checks: list[PartitionCheck]
+
+    @property
+    def damaged(self) -> list[PartitionCheck]:
+        return [c for c in self.checks if c.status == "damaged"]
+
+    @property
+    def ok(self) -> bool:
+        """True when no filesystem was found damaged (``not_checked`` ones do not count)."""
+        return not self.damaged
+
+
+# ---- partition tables -------------------------------------------------------------------
+
+def read_partitions(image: Path) -> tuple[Table, list[Partition]]:
+    """The image's partition table and its partitions, in table order.
+
+    Raises ``PartitionTableError`` when the table is malformed (bad GPT checksums, entries
+    past the end of the disk or overlapping, a looping extended chain, or neither a table
+    nor a filesystem in the first sectors)."""
+    size = image.stat().st_size
+    with open(image, "rb") as f:
+        head = _read(f, 0, 4 * SECTOR)
+        if detect_fs(f, 0) != "unknown":
+            return "none", [Partition(0, 0, size, "disk")]
+        if len(head) < SECTOR or head[510:512] != b"\x55\xaa":
+            raise PartitionTableError(image, "no MBR signature (55 AA) and no filesystem "
+                                             "at the start of the disk")
+        entries = _mbr_entries(image, head[:SECTOR])
+        if any(t == _GPT_PROTECTIVE for _, t, _, _ in entries):
+            parts = _gpt(image, f, size)
+            table: Table = "gpt"
+        else:
+            parts = _mbr(image, f, entries, size)
+            table = "mbr"
+    _check_layout(image, parts, size)
+    return table, parts
+
+
+def _read(f: BinaryIO, offset: int, length: int) -> bytes:
+    f.seek(offset)
+    return f.read(length)
+
+
+def _mbr_entries(image: Path, sector: bytes) -> list[tuple[int, int, int, int]]:
+    """(slot 1-4, type, first LBA, sector count) of the primary slots in use. A slot keeps
+    its number even when an earlier one is empty, as the guest's kernel numbers them."""
+    out = []
+    for slot in range(1, 5):
+        e = sector[446 + 16 * (slot - 1): 446 + 16 * slot]
+        status, ptype = e[0], e[4]
+        lba, count = struct.unpack_from("<II", e, 8)
+        if ptype == 0:
+            continue
+        if status not in (0x00, 0x80):
+            raise PartitionTableError(image, f"MBR entry {slot} has status byte "
+                                             f"0x{status:02x} (only 00 or 80 are valid)")
+        out.append((slot, ptype, lba, count))
+    return out
+
+
+def _mbr(image: Path, f: BinaryIO, entries: list[tuple[int, int, int, int]],
+         size: int) -> list[Partition]:
+    parts: list[Partition] = []
+    for slot, ptype, lba, count in entries:
+        if ptype in _EXTENDED:
+            parts += _logical(image, f, lba, count, size)
+        else:
+            parts.append(Partition(slot, lba * SECTOR, count * SECTOR, f"0x{ptype:02x}"))
+    return parts
+
+
+def _logical(image: Path, f: BinaryIO, ext_lba: int, ext_count: int,
+             size: int) -> list[Partition]:
+    """Walk the extended partition's chain of EBRs; logical partitions count from 5."""
+    out: list[Partition] = []
+    ebr, seen = ext_lba, set[int]()
+    while True:
+        if ebr in seen or len(seen) > 128:
+            raise PartitionTableError(image, f"the extended partition's chain loops at "
+                                             f"sector {ebr}")
+        seen.add(ebr)
+        if (ebr + 1) * SECTOR > size:
+            raise PartitionTableError(image, f"an extended boot record at sector {ebr} lies "
+                                             "past the end of the disk")
+        sector = _read(f, ebr * SECTOR, SECTOR)
+        if sector[510:512] != b"\x55\xaa":
+            raise PartitionTableError(image, f"the extended boot record at sector {ebr} has "
+                                             "no 55 AA signature")
+        ptype = sector[446 + 4]
+        rel, count = struct.unpack_from("<II", sector, 446 + 8)
+        if ptype:
+            out.append(Partition(5 + len(out), (ebr + rel) * SECTOR, count * SECTOR,
+                                 f"0x{ptype:02x}"))
+        nxt_type = sector[462 + 4]
+        nxt_rel, _ = struct.unpack_from("<II", sector, 462 + 8)
+        if nxt_type not in _EXTENDED or nxt_rel == 0:
+            return out
+        if nxt_rel >= ext_count:
+            raise PartitionTableError(image, f"the extended chain points to sector "
+                                             f"{ext_lba + nxt_rel}, outside its partition")
+        ebr = ext_lba + nxt_rel
+
+
+def _gpt(image: Path, f: BinaryIO, size: int) -> list[Partition]:
+    """The primary GPT, or the backup at the disk's last sector when the primary is bad."""
+    errors = []
+    for lba in (1, size // SECTOR - 1):
+        try:
+            return _gpt_at(image, f, lba, size)
+        except PartitionTableError as e:
+            errors.append(e.message.split(": ", 2)[-1])
+    raise PartitionTableError(image, "GPT: " + "; backup: ".join(errors))
+
+
+def _gpt_at(image: Path, f: BinaryIO, lba: int, size: int) -> list[Partition]:
+    hdr = _read(f, lba * SECTOR, SECTOR)
+    if hdr[:8] != b"EFI PART":
+        raise PartitionTableError(image, f"no 'EFI PART' header at sector {lba}")
+    hsize, hcrc = struct.unpack_from("<II", hdr, 12)
+    if not 92 <= hsize <= SECTOR:
+        raise PartitionTableError(image, f"header size {hsize} at sector {lba}")
+    if zlib.crc32(hdr[:16] + b"\0\0\0\0" + hdr[20:hsize]) != hcrc:
+        raise PartitionTableError(image, f"header checksum mismatch at sector {lba}")
+    entries_lba, count, esize, ecrc = struct.unpack_from("<QIII", hdr, 72)
+    if esize < 128 or count > 4096 or (entries_lba * SECTOR + count * esize) > size:
+        raise PartitionTableError(image, f"entry array ({count} x {esize} at sector "
+                                         f"{entries_lba}) does not fit the disk")
+    raw = _read(f, entries_lba * SECTOR, count * esize)
+    if zlib.crc32(raw) != ecrc:
+        raise PartitionTableError(image, "partition entry array checksum mismatch")
+    parts = []
+    for i in range(count):
+        e = raw[i * esize:(i + 1) * esize]
+        if e[:16] == bytes(16):
+            continue
+        first, last = struct.unpack_from("<QQ", e, 32)
+        if last < first:
+            raise PartitionTableError(image, f"GPT entry {i + 1} ends before it starts")
+        parts.append(Partition(i + 1, first * SECTOR, (last - first + 1) * SECTOR,
+                               _guid(e[:16])))
+    return parts
+
+
+def _guid(b: bytes) -> str:
+    a, b2, c = struct.unpack_from("<IHH", b)
+    return f"{a:08x}-{b2:04x}-{c:04x}-{b[8:10].hex()}-{b[10:16].hex()}".upper()
+
+
+def _check_layout(image: Path, parts: list[Partition], size: int) -> None:
+    spans = sorted(parts, key=lambda p: p.start)
+    for p in spans:
+        if p.size <= 0 or p.start + p.size > size:
+            raise PartitionTableError(image, f"partition {p.number} ({p.start}+{p.size} "
+                                             f"bytes) lies past the end of the disk ({size})")
+    for a, b in itertools.pairwise(spans):
+        if a.start + a.size > b.start:
+            raise PartitionTableError(image, f"partitions {a.number} and {b.number} overlap")
+
+
+# ---- filesystem kinds -------------------------------------------------------------------
+
+def detect_fs(f: BinaryIO, offset: int) -> str:
+    """The filesystem whose superblock starts the partition at ``offset`` ("unknown" if
+    none is recognised)."""
+    head = _read(f, offset, 70 * 1024)
+    if head[:4] == b"XFSB":
+        return "xfs"
+    if len(head) >= 1124 and head[1024 + 56:1024 + 58] == b"\x53\xef":
+        compat, incompat, ro_compat = struct.unpack_from("<III", head, 1024 + 92)
+        # extents, 64bit, flex_bg, or huge_file / metadata_csum: ext4's features
+        if incompat & 0x2C0 or ro_compat & 0x408:
+            return "ext4"
+        return "ext3" if compat & 0x4 else "ext2"
+    if head[0x10040:0x10048] == b"_BHRfS_M":
+        return "btrfs"
+    if head[3:11] == b"NTFS    ":
+        return "ntfs"
+    if head[82:87] == b"FAT32" or head[54:59] in (b"FAT12", b"FAT16"):
+        return "vfat"
+    if head[4086:4096] in (b"SWAPSPACE2", b"SWAP-SPACE"):
+        return "swap"
+    if head[512:520] == b"LABELONE":
+        return "lvm2"
+    return "unknown"
+
+
+# ---- read-only checks -------------------------------------------------------------------
+
+async def verify_image(image: Path, tail_lines: int = TAIL_LINES) -> DiskVerification:
+    """Read ``image``'s table and check every partition's filesystem read-only."""
+    table, parts = await asyncio.to_thread(read_partitions, image)
+    checks = []
+    for p in parts:
+        with open(image, "rb") as f:
+            fs = detect_fs(f, p.start)
+        checks.append(await _check(image, p, fs, tail_lines))
+    return DiskVerification(image, table, checks)
+
+
+async def _check(image: Path, p: Partition, fs: str, tail_lines: int) -> PartitionCheck:
+    if fs in ("ext2", "ext3", "ext4"):
+        # e2fsck -n: 0 clean; 4 errors left uncorrected; 8 and up: it could not check
+        # (a superblock it cannot read is damage too, so those count as damaged).
+        argv, clean = ["e2fsck", "-f", "-n"], {0}
+    elif fs == "xfs":
+        # xfs_repair -n: 0 clean; 1 corruption found; 2 a dirty log it will not replay.
+        argv, clean = ["xfs_repair", "-n"], {0}
+    else:
+        return PartitionCheck(p, fs, "not_checked", [])
+    async with _loop_device(image, p) as dev:
+        rc, out = await _run(*argv, dev)
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    return PartitionCheck(p, fs, "clean" if rc in clean else "damaged",
+                          [*lines[-tail_lines:], f"(exit status {rc})"])
+
+
+class _loop_device:
+    """A read-only loop device over one partition of the image; detached on exit."""
+
+    def __init__(self, image: Path, p: Partition) -> None:
+        self.image, self.p, self.dev = image, p, ""
+
+    async def __aenter__(self) -> str:
+        rc, out = await _run("losetup", "--read-only", "--find", "--show",
+                             "--offset", str(self.p.start), "--sizelimit", str(self.p.size),
+                             str(self.image))
+        if rc != 0:
+            raise CheckToolError(f"losetup of partition {self.p.number} of {self.image}", out)
+        self.dev = out.strip()
+        return self.dev
+
+    async def __aexit__(self, *exc: object) -> None:
+        # Shielded: a cancelled check must still give its loop device back.
+        await asyncio.shield(_run("losetup", "--detach", self.dev))
+
+
+async def _run(*argv: str) -> tuple[int, str]:
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT)
+    except FileNotFoundError as e:
+        raise CheckToolError(f"{argv[0]} is not installed", str(e)) from e
+    out, _ = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode("utf-8", "replace")
