@@ -1,0 +1,288 @@
+"""The Azure target: the point's disks as fixed-VHD page blobs, and an ARM template.
+
+``create`` uploads each restored raw disk as a fixed VHD page blob
+(``targets.pageblob``: non-zero ranges only, in parallel, resumable) into the target
+container under ``PREFIX/VM_NAME/DISK.vhd``, builds the deployment template from the
+Azure SDK's models (``targets.armtemplate``), checks it against those models, and
+stores it beside the disks as ``VM_NAME/template.json``. Only when Azure Resource
+Manager credentials are configured (``ArmCredentials``) is the template deployed;
+without them the recovery stops at the blobs and the template (an operator can deploy
+it by hand), ``submit`` refuses with ``azure_credentials_missing``, and ``boot``
+returns None: no boot can be proven.
+
+Blob credentials follow the vault's rules (``vault.store.azure``): a connection string
+or an account key or SAS from a file or the environment, never in the URL, never logged.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from azure.core.exceptions import AzureError, ResourceNotFoundError
+from azure.identity.aio import ClientSecretCredential
+from azure.mgmt.compute.aio import ComputeManagementClient
+from azure.mgmt.network.aio import NetworkManagementClient
+from azure.mgmt.resource.deployments.aio import DeploymentsMgmtClient
+from azure.mgmt.resource.deployments.models import Deployment, DeploymentProperties
+from azure.storage.blob.aio import ContainerClient
+
+from targets.armtemplate import (
+    DiskPlan,
+    VmPlan,
+    build_template,
+    subnet_id,
+    template_json,
+    unknown_properties,
+)
+from targets.azurecheck import GENERATION, check_vm, choose_size, managed_disk_name
+from targets.base import BootProof, Recovered, RecoveryDisk, RecoverySpec, Refusal, TargetError
+from targets.pageblob import PageBlobError, upload_vhd
+from vault.errors import StoreError
+from vault.store.azure import AzureBlobStore
+
+NOT_CONFIGURED = ("Azure credentials not configured: the disks and the template are in "
+                  "blob storage, nothing was deployed")
+NOT_CONFIGURED_HINT = ("set the target's subscription_id, tenant_id, client_id and "
+                       "client_secret_file (a service principal), or deploy template.json "
+                       "by hand (az deployment group create --template-file template.json)")
+_ARM_KINDS = ("azure-vm", "azure-nic", "azure-disk")  # deletion order: the VM first
+
+
+@dataclass(frozen=True)
+class ArmCredentials:
+    """A service principal allowed to deploy into the target resource group."""
+
+    subscription_id: str
+    tenant_id: str
+    client_id: str
+    client_secret_file: Path  # read when used; never logged
+
+    def __repr__(self) -> str:
+        return (f"ArmCredentials(subscription_id={self.subscription_id!r}, "
+                f"tenant_id={self.tenant_id!r}, client_id={self.client_id!r}, secret=***)")
+
+
+@dataclass(frozen=True)
+class AzureSettings:
+    """Where and how recovered machines are made in Azure."""
+
+    location: str  # the region: westeurope, eastus2 …
+    resource_group: str
+    storage_account_id: str  # resource id of the account holding the page blobs
+    network: str | None = None  # VNET/SUBNET (or subnet id) for failovers
+    drill_network: str | None = None  # an isolated VNET/SUBNET for drills
+    vm_size: str | None = None  # None: the smallest offered size fitting CPUs and memory
+    disk_sku: str = "Standard_LRS"
+    concurrency: int = 8  # page uploads in flight per disk
+    arm: ArmCredentials | None = None  # None: templates are made, not deployed
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+class AzureTarget:
+    name = "azure"
+
+    def __init__(self, container: ContainerClient, settings: AzureSettings, *,
+                 prefix: str = "", store: AzureBlobStore | None = None) -> None:
+        self._c = container
+        self._s = settings
+        self._prefix = prefix
+        self._store = store  # closed with the target when it opened the container
+
+    @classmethod
+    def open(cls, url: str, settings: AzureSettings) -> AzureTarget:
+        """The target on ``azure://CONTAINER[/PREFIX]?…``, credentials as for a vault."""
+        try:
+            store = AzureBlobStore.from_url(url)
+        except StoreError as e:
+            raise TargetError("azure_storage_unusable", str(e),
+                              "give the target container's credentials as for a vault") from None
+        # vault.store.azure owns URL and credential parsing; it exposes no accessor for
+        # its container client and prefix yet, so they are read here.
+        return cls(store._c, settings, prefix=store._prefix, store=store)
+
+    async def close(self) -> None:
+        if self._store is not None:
+            await self._store.close()
+
+    def network_for(self, spec: RecoverySpec) -> str | None:
+        if spec.network is not None:
+            return spec.network
+        return self._s.drill_network if spec.drill else self._s.network
+
+    async def check(self, spec: RecoverySpec, disks: list[RecoveryDisk]) -> list[Refusal]:
+        return check_vm(spec, disks, vm_size=self._s.vm_size, network=self.network_for(spec))
+
+    def blob_name(self, vm_name: str, leaf: str) -> str:
+        return f"{self._prefix}{vm_name}/{leaf}"
+
+    async def create(self, spec: RecoverySpec, disks: list[RecoveryDisk]) -> Recovered:
+        """Upload the disks, write the template and, with credentials, deploy it.
+
+        Refuses (``azure_refused``) what ``check`` refuses. On a failure part way the
+        error's ``recovered`` names every blob begun, for ``cleanup``."""
+        refusals = await self.check(spec, disks)
+        if refusals:
+            raise TargetError("azure_refused", "; ".join(r.message for r in refusals),
+                              "change the item's recovery settings")
+        rec = Recovered(target=self.name, vm_name=spec.vm_name)
+        size = self._s.vm_size or choose_size(spec, len(disks) - 1)
+        assert size is not None  # check refused otherwise
+        rec.details["vm_size"] = size
+        network = self.network_for(spec)
+        assert network is not None
+        plans: list[DiskPlan] = []
+        try:
+            for d in disks:
+                name = self.blob_name(spec.vm_name, f"{d.name}.vhd")
+                rec.resources.append(f"blob:{self._c.container_name}/{name}")
+                report = await upload_vhd(self._c.get_blob_client(name), d.path,
+                                          concurrency=self._s.concurrency)
+                rec.details[f"disk:{d.name}"] = (f"{report.url} ({report.vhd_size} bytes, "
+                                                 f"{report.uploaded} extents written, "
+                                                 f"{report.skipped} already there)")
+                plans.append(DiskPlan(managed_disk_name(spec.vm_name, d.name), report.url))
+            plan = VmPlan(vm_name=spec.vm_name, location=self._s.location, vm_size=size,
+                          generation=GENERATION[spec.firmware],
+                          storage_account_id=self._s.storage_account_id,
+                          subnet_id=subnet_id(network), ip=spec.ip, os_disk=plans[0],
+                          data_disks=plans[1:], disk_sku=self._s.disk_sku,
+                          tags={**self._s.tags, "siterecovery-machine": spec.machine})
+            template = build_template(plan)
+            problems = unknown_properties(template)
+            if problems:
+                raise TargetError("azure_template_invalid", "; ".join(problems),
+                                  "a bug: report it with the template", recovered=rec)
+            tname = self.blob_name(spec.vm_name, "template.json")
+            rec.resources.append(f"blob:{self._c.container_name}/{tname}")
+            text = template_json(template).encode()
+            await self._c.get_blob_client(tname).upload_blob(
+                io.BytesIO(text), length=len(text), overwrite=True, validate_content=True)
+            rec.details["template"] = tname
+        except PageBlobError as e:
+            raise TargetError("azure_upload_failed", str(e),
+                              "run the recovery again: uploads resume where they stopped",
+                              recovered=rec) from None
+        except AzureError as e:
+            raise TargetError("azure_upload_failed", f"cannot store the template: "
+                              f"{type(e).__name__}", "run the recovery again",
+                              recovered=rec) from None
+        if self._s.arm is None:
+            rec.details["deployment"] = NOT_CONFIGURED
+            return rec
+        await self.submit(rec)
+        return rec
+
+    async def submit(self, recovered: Recovered) -> None:
+        """Deploy the template ``create`` stored, into the target resource group.
+
+        Raises ``TargetError('azure_credentials_missing')`` without ARM credentials.
+        The resources the template makes are named on ``recovered`` before the
+        deployment starts, so a failed deployment can be cleaned up."""
+        arm = self._s.arm
+        if arm is None:
+            raise TargetError("azure_credentials_missing", NOT_CONFIGURED, NOT_CONFIGURED_HINT)
+        tname = recovered.details["template"]
+        try:
+            stream = await self._c.get_blob_client(tname).download_blob()
+            template = json.loads(await stream.readall())
+        except AzureError as e:
+            raise TargetError("azure_template_missing", f"cannot read {tname}: "
+                              f"{type(e).__name__}", "run the recovery again") from None
+        kinds = {"Microsoft.Compute/virtualMachines": "azure-vm",
+                 "Microsoft.Network/networkInterfaces": "azure-nic",
+                 "Microsoft.Compute/disks": "azure-disk"}
+        for r in template["resources"]:
+            ref = f"{kinds[r['type']]}:{r['name']}"
+            if ref not in recovered.resources:
+                recovered.resources.append(ref)
+        deployment = f"siterecovery-{recovered.vm_name}"
+        async with _credential(arm) as cred, \
+                DeploymentsMgmtClient(cred, arm.subscription_id) as client:
+            try:
+                poller = await client.deployments.begin_create_or_update(
+                    self._s.resource_group, deployment,
+                    Deployment(properties=DeploymentProperties(mode="Incremental",
+                                                               template=template)))
+                await poller.result()
+            except AzureError as e:
+                raise TargetError("azure_deployment_failed",
+                                  f"deployment {deployment} failed: {e.message}",
+                                  "read the deployment's operations in the resource group",
+                                  recovered=recovered) from None
+        recovered.details["deployment"] = deployment
+
+    async def boot(self, recovered: Recovered, timeout: float) -> BootProof | None:
+        # Proof of a boot would come from the VM's boot diagnostics (serial log), which
+        # only exists after a deployment; this target does not read it yet.
+        return None
+
+    async def cleanup(self, recovered: Recovered) -> None:
+        """Delete what ``create`` made: deployed resources (with credentials), then blobs.
+
+        Idempotent. Without credentials, deployed resources cannot be deleted: the blobs
+        are deleted and ``azure_credentials_missing`` names what is left."""
+        arm_refs = [r for r in recovered.resources if r.split(":", 1)[0] in _ARM_KINDS]
+        left: list[str] = []
+        if arm_refs and self._s.arm is None:
+            left = arm_refs
+        elif arm_refs:
+            assert self._s.arm is not None
+            await self._delete_arm(self._s.arm, arm_refs)
+        for ref in recovered.resources:
+            kind, _, rest = ref.partition(":")
+            if kind != "blob":
+                continue
+            container, _, name = rest.partition("/")
+            if container != self._c.container_name:
+                left.append(ref)
+                continue
+            try:
+                await self._c.delete_blob(name, delete_snapshots="include")
+            except ResourceNotFoundError:
+                pass
+            except AzureError as e:
+                raise TargetError("azure_cleanup_failed", f"cannot delete blob {name}: "
+                                  f"{type(e).__name__}", "run the cleanup again") from None
+        if left:
+            raise TargetError("azure_credentials_missing",
+                              f"{NOT_CONFIGURED}; not deleted: {', '.join(left)}",
+                              NOT_CONFIGURED_HINT)
+
+    async def _delete_arm(self, arm: ArmCredentials, refs: list[str]) -> None:
+        rg = self._s.resource_group
+        async with _credential(arm) as cred, \
+                ComputeManagementClient(cred, arm.subscription_id) as compute, \
+                NetworkManagementClient(cred, arm.subscription_id) as network:
+            for kind in _ARM_KINDS:  # the VM holds the NIC and the disks: it goes first
+                for ref in refs:
+                    k, _, name = ref.partition(":")
+                    if k != kind:
+                        continue
+                    try:
+                        if kind == "azure-vm":
+                            poller = await compute.virtual_machines.begin_delete(rg, name)
+                        elif kind == "azure-nic":
+                            poller = await network.network_interfaces.begin_delete(rg, name)
+                        else:
+                            poller = await compute.disks.begin_delete(rg, name)
+                        await poller.result()
+                    except ResourceNotFoundError:
+                        pass
+                    except AzureError as e:
+                        raise TargetError("azure_cleanup_failed",
+                                          f"cannot delete {ref}: {e.message}",
+                                          "run the cleanup again") from None
+
+
+def _credential(arm: ArmCredentials) -> ClientSecretCredential:
+    try:
+        secret = arm.client_secret_file.read_text().strip()
+    except OSError as e:
+        raise TargetError("azure_credentials_unreadable",
+                          f"cannot read the client secret file {arm.client_secret_file}: "
+                          f"{os.strerror(e.errno or 0)}", NOT_CONFIGURED_HINT) from None
+    return ClientSecretCredential(arm.tenant_id, arm.client_id, secret)

@@ -1,0 +1,241 @@
+"""Upload a raw disk image as a fixed VHD page blob: only its non-zero ranges, in
+parallel, resumable.
+
+The blob is the VHD's bytes: the raw image zero-padded to a whole number of MiB
+(``vault.vhd.vhd_size``), then the 512-byte fixed-VHD footer (``vault.vhd.build_footer``).
+A page blob reads back zeros wherever nothing was written, so the zero ranges of the
+image need no upload at all.
+
+Resumable: Azure applies each Put Page whole or not at all, and this module writes
+every extent with exactly one Put Page, so an extent that ``list_page_ranges`` shows
+fully written is there and is skipped on a re-run. The footer is written last, after
+every data extent, so a blob whose footer page is written is complete. The blob
+carries the identity of the image it was made from (size, mtime, inode) in its
+metadata; a blob of another image under the same name is deleted and made anew,
+never patched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import errno
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from azure.core.exceptions import AzureError, ResourceNotFoundError
+from azure.storage.blob import BlobType
+from azure.storage.blob.aio import BlobClient
+
+from vault.vhd import FOOTER_SIZE, build_footer, vhd_size
+
+PAGE = 512  # page blobs are written in whole 512-byte pages
+MAX_PUT = 4 << 20  # one Put Page writes at most 4 MiB
+GRANULE = 4 << 10  # zero detection works on 4 KiB blocks (a filesystem block)
+READ_BLOCK = MAX_PUT
+SOURCE_KEY = "siterecovery_source"  # blob metadata: the image the blob was made from
+
+_ZERO = bytes(READ_BLOCK)
+
+
+class PageBlobError(Exception):
+    """An upload failed; ``message`` says which blob and why (never a credential)."""
+
+
+@dataclass(frozen=True)
+class UploadReport:
+    blob: str
+    url: str
+    vhd_size: int  # the VHD's virtual size: the image padded to whole MiB
+    blob_size: int  # vhd_size + the footer
+    extents: int  # non-zero extents in the image
+    uploaded: int  # extents written by this run (the footer not counted)
+    skipped: int  # extents already in the blob from an earlier run
+    bytes_uploaded: int
+
+
+def image_identity(path: Path) -> str:
+    """What names one restored image: size, mtime and inode (images are written once)."""
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+
+def _data_regions(fd: int, size: int) -> list[tuple[int, int]]:
+    """The (start, end) regions of the file that may hold data: its holes skipped."""
+    regions: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data past pos
+                break
+            return [(0, size)]  # the filesystem cannot say: read it all (correct, slower)
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        regions.append((start, end))
+        pos = end
+    return regions
+
+
+def nonzero_extents(path: Path, *, granule: int = GRANULE,
+                    max_extent: int = MAX_PUT) -> list[tuple[int, int]]:
+    """The (offset, length) extents of ``path`` that hold a non-zero byte.
+
+    Zero detection is per ``granule`` bytes (aligned); adjacent non-zero granules are
+    merged into one extent of at most ``max_extent`` bytes, aligned so that no extent
+    crosses a ``max_extent`` boundary. The last extent may end at the image's size,
+    which need not be a multiple of 512 (the uploader pads it with zeros). Blocking:
+    run it in a thread."""
+    if max_extent % granule or granule % PAGE:
+        raise ValueError("granule must be a multiple of 512 and divide max_extent")
+    size = path.stat().st_size
+    out: list[tuple[int, int]] = []
+    zero_g = bytes(granule)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for rstart, rend in _data_regions(fd, size):
+            block = rstart - rstart % max_extent
+            while block < rend:
+                data = os.pread(fd, max_extent, block)
+                if data != _ZERO[:len(data)]:
+                    run_start = -1
+                    for i in range(0, len(data), granule):
+                        nonzero = data[i:i + granule] != zero_g[:len(data) - i]
+                        if nonzero and run_start < 0:
+                            run_start = i
+                        elif not nonzero and run_start >= 0:
+                            out.append((block + run_start, i - run_start))
+                            run_start = -1
+                    if run_start >= 0:
+                        out.append((block + run_start, len(data) - run_start))
+                block += max_extent
+    finally:
+        os.close(fd)
+    # Regions may share a block (a hole inside one max_extent block): drop repeats.
+    return sorted(set(out))
+
+
+def _covered(ranges: list[tuple[int, int]], start: int, end: int) -> bool:
+    """Is [start, end) inside one of the merged, sorted [s, e) ``ranges``?"""
+    i = bisect.bisect_right(ranges, start, key=lambda r: r[0]) - 1
+    return i >= 0 and ranges[i][0] <= start and end <= ranges[i][1]
+
+
+async def written_ranges(blob: BlobClient) -> list[tuple[int, int]]:
+    """The blob's written page ranges as merged, sorted [start, end) pairs."""
+    raw: list[tuple[int, int]] = []
+    async for r in blob.list_page_ranges():
+        if not r.cleared and r.start is not None and r.end is not None:
+            raw.append((r.start, r.end + 1))  # the service's end is inclusive
+    raw.sort()
+    merged: list[tuple[int, int]] = []
+    for s, e in raw:
+        if merged and s <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], e))
+        else:
+            merged.append((s, e))
+    return merged
+
+
+async def _prepare(blob: BlobClient, size: int, identity: str) -> None:
+    """Make sure ``blob`` is a page blob of ``size`` bytes made from ``identity``."""
+    try:
+        props = await blob.get_blob_properties()
+    except ResourceNotFoundError:
+        props = None
+    if props is not None:
+        same = (props.blob_type == BlobType.PAGEBLOB and props.size == size
+                and (props.metadata or {}).get(SOURCE_KEY) == identity)
+        if same:
+            return
+        await blob.delete_blob()
+    await blob.create_page_blob(size, metadata={SOURCE_KEY: identity})
+
+
+async def upload_vhd(
+    blob: BlobClient,
+    image: Path,
+    *,
+    concurrency: int = 8,
+    on_extent: Callable[[int, int], None] | None = None,
+) -> UploadReport:
+    """Write ``image`` (a raw disk) to ``blob`` as a fixed VHD page blob; return what it did.
+
+    Uploads the non-zero extents ``concurrency`` at a time, then the footer. Resumes a
+    blob left by an interrupted run of the same image. ``on_extent(offset, length)`` is
+    called after each extent is written. Raises ``PageBlobError`` on a storage failure
+    (what was written stays, for the next run to resume); cancellation propagates."""
+    if concurrency < 1:
+        raise ValueError("concurrency must be at least 1")
+    raw_size = image.stat().st_size
+    if raw_size == 0:
+        raise PageBlobError(f"{image} is empty: there is no disk to upload")
+    vsize = vhd_size(raw_size)
+    total = vsize + FOOTER_SIZE
+    name = blob.blob_name
+    try:
+        await _prepare(blob, total, image_identity(image))
+        extents = await asyncio.to_thread(nonzero_extents, image)
+        present = await written_ranges(blob)
+    except AzureError as e:
+        raise PageBlobError(f"cannot prepare page blob {name!r}: {_reason(e)}") from None
+    todo = [(o, n) for o, n in extents if not _covered(present, o, o + _pages(n))]
+    footer_there = _covered(present, vsize, total)
+    uploaded_bytes = 0
+    queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+    for ext in todo:
+        queue.put_nowait(ext)
+    fd = os.open(image, os.O_RDONLY)
+
+    async def worker() -> None:
+        nonlocal uploaded_bytes
+        while True:
+            try:
+                off, length = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            data = await asyncio.to_thread(os.pread, fd, length, off)
+            if len(data) != length:
+                raise PageBlobError(f"{image} changed while uploading: short read at {off}")
+            data += bytes(_pages(length) - length)  # the image's tail, padded to a page
+            try:
+                await blob.upload_page(data, offset=off, length=len(data),
+                                       validate_content=True)
+            except AzureError as e:
+                raise PageBlobError(f"cannot write {len(data)} bytes at {off} of page blob "
+                                    f"{name!r}: {_reason(e)}") from None
+            uploaded_bytes += len(data)
+            if on_extent is not None:
+                on_extent(off, len(data))
+
+    try:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(min(concurrency, len(todo))):
+                    tg.create_task(worker())
+        except* PageBlobError as eg:
+            raise eg.exceptions[0] from None
+        if not footer_there or todo:
+            # Last, and again when any extent was written: the footer marks a whole blob.
+            try:
+                await blob.upload_page(build_footer(vsize), offset=vsize, length=FOOTER_SIZE,
+                                       validate_content=True)
+            except AzureError as e:
+                raise PageBlobError(f"cannot write the VHD footer of page blob {name!r}: "
+                                    f"{_reason(e)}") from None
+    finally:
+        os.close(fd)
+    return UploadReport(blob=name, url=blob.url, vhd_size=vsize, blob_size=total,
+                        extents=len(extents), uploaded=len(todo),
+                        skipped=len(extents) - len(todo), bytes_uploaded=uploaded_bytes)
+
+
+def _pages(n: int) -> int:
+    return -(-n // PAGE) * PAGE
+
+
+def _reason(e: AzureError) -> str:
+    code = getattr(e, "error_code", None) or getattr(e, "status_code", None)
+    return f"{type(e).__name__}: {code or e.message}"
