@@ -150,7 +150,7 @@ async def _prepare(blob: BlobClient, size: int, identity: str) -> None:
                 and (props.metadata or {}).get(SOURCE_KEY) == identity)
         if same:
             return
-        await blob.delete_blob()
+        await blob.delete_blob(delete_snapshots="include")
     await blob.create_page_blob(size, metadata={SOURCE_KEY: identity})
 
 

@@ -230,6 +230,45 @@ async def test_an_interrupted_upload_resumes_without_rewriting(
     assert await written_ranges(c.get_blob_client("vm1/sda.vhd")) == expected_ranges(image)
 
 
+async def test_a_cancelled_upload_resumes_without_rewriting(
+        tmp_path: Path, azurite_conn: str, container: tuple[str, ContainerClient]) -> None:
+    name, c = container
+    img = tmp_path / "disk.raw"
+    image = make_image(img)
+    sent: list[tuple[int, int]] = []
+    record = page_puts(sent)
+    midway = asyncio.Event()
+
+    def hook(request: Any) -> None:
+        record(request)
+        if len(sent) >= 8:
+            midway.set()
+
+    first = _open(azurite_conn, name, hook)
+    try:
+        task = asyncio.create_task(upload_vhd(first.get_blob_client("vm1/sda.vhd"), img,
+                                              concurrency=3))
+        await midway.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        await first.close()
+    before = await written_ranges(c.get_blob_client("vm1/sda.vhd"))
+    vsize = vhd_size(len(image))
+    assert before and not covered(before, vsize, vsize + FOOTER_SIZE)
+
+    resent: list[tuple[int, int]] = []
+    second = _open(azurite_conn, name, page_puts(resent))
+    try:
+        report = await upload_vhd(second.get_blob_client("vm1/sda.vhd"), img)
+    finally:
+        await second.close()
+    assert report.skipped > 0 and report.uploaded > 0
+    assert not [r for r in resent if covered(before, *r)]
+    assert_vhd_of(await download(c, "vm1/sda.vhd"), image)
+
+
 async def test_a_blob_of_another_image_is_made_anew(
         tmp_path: Path, container: tuple[str, ContainerClient]) -> None:
     _, c = container
