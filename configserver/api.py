@@ -8,6 +8,7 @@ from configserver import (
     api_certs,
     api_core,
     api_events,
+    api_failover,
     api_items,
     api_jobs,
     api_machines,
@@ -19,7 +20,7 @@ from configserver import (
 from configserver.rest import Route
 
 MODULES = (api_core, api_registration, api_certs, api_procservers, api_policies, api_machines,
-           api_accounts, api_items, api_jobs, api_points, api_agent, api_events)
+           api_accounts, api_items, api_failover, api_jobs, api_points, api_agent, api_events)
 
 
 def all_routes() -> list[Route]:

@@ -15,13 +15,14 @@ import structlog
 
 from configserver import db
 from configserver.core import Core
+from configserver.recovery import RECOVERY, RecoverySettings
 from configserver.schema import iso, nullable, obj
 
 log = structlog.get_logger("configserver.items")
 
 
 class ItemState(StrEnum):
-    """Every state a replicated item can be in (failover states come with failover)."""
+    """Every state a replicated item can be in."""
 
     ENABLING = "enabling"                        # Enable protection is running
     INITIAL_REPLICATION = "initial_replication"  # the agent copies every disk in full
@@ -31,6 +32,13 @@ class ItemState(StrEnum):
     DISABLING = "disabling"                      # Disable protection is running
     ENABLE_FAILED = "enable_failed"              # Enable/Finalize protection failed or was
     #                                              cancelled; enable again or disable
+    # Failover (configserver/failover.py). A drill leaves production alone: replication
+    # goes on during it. A failover stops replication for good (until reprotect).
+    TEST_FAILOVER_IN_PROGRESS = "test_failover_in_progress"  # Test failover is running
+    TEST_FAILOVER_DONE = "test_failover_done"    # the drill ended; Cleanup test failover next
+    FAILOVER_IN_PROGRESS = "failover_in_progress"  # Failover (or Change recovery point) runs
+    FAILED_OVER = "failed_over"                  # the machine runs on the target; commit next
+    COMMITTED = "committed"                      # failover committed; the points are gone
 
 
 STATE_TITLES = {
@@ -41,12 +49,23 @@ STATE_TITLES = {
     ItemState.RESYNCING: "Resynchronization in progress",
     ItemState.DISABLING: "Disabling protection",
     ItemState.ENABLE_FAILED: "Enabling protection failed",
+    ItemState.TEST_FAILOVER_IN_PROGRESS: "Test failover in progress",
+    ItemState.TEST_FAILOVER_DONE: "Test failover done: clean it up",
+    ItemState.FAILOVER_IN_PROGRESS: "Failover in progress",
+    ItemState.FAILED_OVER: "Failed over",
+    ItemState.COMMITTED: "Failover committed",
 }
 # States in which Enable protection/Finalize protection still own the item.
 ENABLING_STATES = (ItemState.ENABLING, ItemState.INITIAL_REPLICATION)
 # States in which the agent should replicate (settings tell it so).
 REPLICATING_STATES = (ItemState.ENABLING, ItemState.INITIAL_REPLICATION, ItemState.PROTECTED,
-                      ItemState.RESYNC_REQUIRED, ItemState.RESYNCING)
+                      ItemState.RESYNC_REQUIRED, ItemState.RESYNCING,
+                      ItemState.TEST_FAILOVER_IN_PROGRESS, ItemState.TEST_FAILOVER_DONE)
+# States a failover owns: the agent no longer replicates, progress reports change nothing.
+FAILOVER_STATES = (ItemState.FAILOVER_IN_PROGRESS, ItemState.FAILED_OVER, ItemState.COMMITTED)
+# A drill: replication goes on, but a progress report does not move the state (the drill's
+# jobs own it until Cleanup test failover).
+DRILL_STATES = (ItemState.TEST_FAILOVER_IN_PROGRESS, ItemState.TEST_FAILOVER_DONE)
 HEALTHS = ("normal", "warning", "critical")
 
 PERCENT = {"type": "number", "minimum": 0, "maximum": 100}
@@ -68,10 +87,16 @@ ITEM = obj({
     "latest_app_point_time": nullable({"type": "string"}),
     "created": {"type": "string"},
     "updated": {"type": "string"},
+    "recovery": RECOVERY,
+    "last_drill": nullable({"type": "object", "description": "the last test failover as its "
+                            "jobs recorded it: job, point, checks, boot, rto_seconds, result, "
+                            "cleanup notes"}),
+    "failover": nullable({"type": "object", "description": "the failover under way or done: "
+                          "job, point, checks, rto_seconds, committed"}),
 }, ["machine", "policy", "state", "state_description", "health", "health_errors",
     "initial_progress", "resync_progress", "disks", "rpo_seconds", "rpo_threshold_seconds",
     "latest_point", "latest_point_time", "latest_app_point", "latest_app_point_time",
-    "created", "updated"])
+    "created", "updated", "recovery", "last_drill", "failover"])
 
 
 def _worst(a: str, b: str) -> str:
@@ -106,6 +131,8 @@ def item_doc(item: db.ReplicatedItem, policy: db.Policy | None, now: float) -> d
         "latest_app_point": item.latest_app_point,
         "latest_app_point_time": iso(item.latest_app_point_time),
         "created": iso(item.created), "updated": iso(item.updated),
+        "recovery": RecoverySettings.stored(item.recovery).doc(item.machine),
+        "last_drill": item.last_drill, "failover": item.failover,
     }
 
 
@@ -164,7 +191,12 @@ def apply_progress(item: db.ReplicatedItem, machine: db.Machine, disks: dict[str
     again when every disk reached 100 %.
     """
     state = ItemState(item.state)
-    if state in (ItemState.DISABLING, ItemState.ENABLE_FAILED):
+    if state in (ItemState.DISABLING, ItemState.ENABLE_FAILED, *FAILOVER_STATES):
+        return
+    if state in DRILL_STATES:
+        item.disk_progress = {**(item.disk_progress or {}),
+                              **{k: float(v) for k, v in disks.items()}}
+        item.updated = now
         return
     starting_resync = resync and state not in ENABLING_STATES and state is not \
         ItemState.RESYNCING

@@ -126,6 +126,12 @@ class ReplicatedItem(Base):
     latest_app_point_time: Mapped[float | None] = mapped_column(Float, nullable=True)
     created: Mapped[float] = mapped_column(Float)
     updated: Mapped[float] = mapped_column(Float)
+    # Failover (configserver/recovery.py, configserver/failover.py): the recovery settings
+    # as the operator set them (None: every default), the last drill (test failover) and
+    # the failover under way or done, each as its job records it.
+    recovery: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    last_drill: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    failover: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class Job(Base):

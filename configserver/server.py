@@ -75,7 +75,8 @@ class ConfigServer:
         self.services = Services(
             database=self.engine, sessionmaker=self.sessionmaker, clock=self.clock,
             notifier=self.notifier, metrics=self.metrics, cfg=self.cfg, ca=self.ca,
-            jobs=JobEngine(core, jobkinds.KINDS), alert_book=AlertBook(up_since=self.clock()),
+            jobs=JobEngine(core, jobkinds.for_config(self.cfg)),
+            alert_book=AlertBook(up_since=self.clock()),
             throttle=Throttle(), admin_token=self.admin_token,
             internal_token=self.internal_token, passphrase=self.passphrase)
         try:

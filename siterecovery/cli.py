@@ -26,6 +26,7 @@ from siterecovery import (
     agentcmds,
     certcmds,
     checkcmds,
+    failovercmds,
     keycmds,
     machinecmds,
     policycmds,
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     checkcmds.register(sub)
     prunecmds.register(sub)
     for m in (registercmds, certcmds, policycmds, machinecmds, accountcmds, procservercmds,
-              replicationcmds):
+              replicationcmds, failovercmds):
         m.register(sub)
 
     d = sub.add_parser("demo", help="protect a sample disk end to end and prove the restore",

@@ -48,6 +48,7 @@ class RecoverySpec:
     mac: str | None = None
     boot_marker: str | None = None  # console text that proves a boot (None: a login prompt)
     firmware: str = "bios"  # bios | uefi
+    point: str | None = None  # the recovery point's id, for targets that record it
 
 
 @dataclass

@@ -1,0 +1,77 @@
+"""Routes: recovery settings of an item and the failover verbs, which start jobs (the
+checks are in ``configserver/failoverops.py``, the steps in ``configserver/failover.py``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from configserver import failoverops
+from configserver.items import ITEM
+from configserver.jobs import JOB, job_doc
+from configserver.recovery import RECOVERY_CHANGE
+from configserver.rest import NAME, Call, Handler, Route, obj, reply
+
+JOB_REPLY = obj({"job": JOB}, ["job"])
+_MACHINE = {"machine": NAME}
+_POINT = {"type": "string", "minLength": 1, "maxLength": 64,
+          "description": "latest-processed (default), latest, latest-app-consistent, "
+                         "latest-crash-consistent, or a point id (or a prefix of one)"}
+_AT = {"type": "string", "maxLength": 40,
+       "description": "only points created at or before this time (ISO 8601)"}
+_NOTES = {"type": "string", "maxLength": 4000}
+RECOVER_BODY = obj({"point": _POINT, "at": _AT, "network": NAME})
+FAILOVER_BODY = obj({"point": _POINT, "at": _AT, "network": NAME,
+                     "shutdown_source": {"type": "boolean"}})
+CLEANUP_BODY = obj({"notes": _NOTES}, ["notes"])
+
+
+async def update_recovery(call: Call) -> web.Response:
+    doc = await failoverops.update_settings(call.services, call.params["machine"], call.body)
+    await call.services.notify()
+    return reply(doc)
+
+
+def _starter(verb: str) -> Handler:
+    async def start(call: Call) -> web.Response:
+        job = await failoverops.request(call.services, call.services.jobs.kinds, verb,
+                                        call.params["machine"], call.body or {})
+        await call.services.notify()
+        return reply({"job": job_doc(job, call.services.jobs.kinds)}, status=202)
+    start.__name__ = verb.replace("-", "_")  # the OpenAPI operationId
+    return start
+
+
+def _verb(verb: str, summary: str, body: dict[str, Any], description: str) -> Route:
+    return Route("POST", f"/api/v1/items/{{machine}}/{verb}", _starter(verb), summary,
+                 "failover", params=_MACHINE, body=body, responses={202: JOB_REPLY},
+                 description=description + " 404 for an item that does not exist; 409 when "
+                 "its state does not allow it or a job of it is running.")
+
+
+ROUTES = [
+    Route("PATCH", "/api/v1/items/{machine}/recovery", update_recovery,
+          "Change a replicated item's recovery settings", "failover", params=_MACHINE,
+          body=RECOVERY_CHANGE, responses={200: ITEM},
+          description="Sets any of the recovery settings (compute and network); null sets "
+                      "one back to its default. 422 names the setting refused and the values "
+                      "allowed; 409 while a recovery of the item runs."),
+    _verb("test-failover", "Test failover (a drill) of a replicated item", RECOVER_BODY,
+          "Queues Test failover: the point's disks are restored from the vault, checked and "
+          "created on the item's target on its drill network, booted where the target can; "
+          "the drill's proof (point, checks, boot, RTO) goes on the job and the item. "
+          "Replication goes on."),
+    _verb("cleanup-test-failover", "Clean up a test failover", CLEANUP_BODY,
+          "Queues Cleanup test failover: removes everything the drill created and keeps the "
+          "operator's notes on the item."),
+    _verb("failover", "Fail a replicated item over", FAILOVER_BODY,
+          "Queues Failover (not cancellable): replication stops, the point is restored, "
+          "checked, created on the target and booted; the item ends failed_over."),
+    _verb("change-recovery-point", "Change the recovery point of a failed-over item",
+          RECOVER_BODY, "Queues Change recovery point (before commit): the machine made "
+          "from the previous point is removed and the new point's is created and booted."),
+    _verb("commit", "Commit a failover", obj({}),
+          "Queues Commit: the item's remaining recovery points are deleted from the vault "
+          "and the catalog; the item ends committed."),
+]

@@ -1,0 +1,132 @@
+"""The failover requests: the checks and catalog changes behind ``POST
+/api/v1/items/{machine}/test-failover|cleanup-test-failover|failover|change-recovery-point
+|commit`` and ``PATCH /api/v1/items/{machine}/recovery``.
+
+Each verb is allowed in some item states only (``ALLOWED``); elsewhere it raises
+``ItemStateError`` saying the state and what to do. A recovery verb moves the item to its
+in-progress state and queues its job in one transaction (the job's steps are
+``configserver/failover.py``). Other refusals: ``NotFound`` (no such item),
+``InvalidRequest`` (a setting, a time). Callers notify after a success.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+from sqlalchemy import select
+
+from configserver import db
+from configserver.core import Core
+from configserver.errors import InvalidRequest, ItemStateError, NotFound
+from configserver.items import ItemState, item_doc
+from configserver.jobdefs import ACTIVE, JobKind, new_job
+from configserver.recovery import RecoverySettings, apply
+
+log = structlog.get_logger("configserver.failover")
+
+S = ItemState
+# verb -> (job kind, the states it may start from, the state it moves the item to)
+ALLOWED: dict[str, tuple[str, tuple[ItemState, ...], ItemState | None]] = {
+    "test-failover": ("test_failover", (S.PROTECTED,), S.TEST_FAILOVER_IN_PROGRESS),
+    "cleanup-test-failover": ("cleanup_test_failover", (S.TEST_FAILOVER_DONE,), None),
+    "failover": ("failover", (S.PROTECTED, S.RESYNC_REQUIRED, S.RESYNCING,
+                              S.FAILOVER_IN_PROGRESS), S.FAILOVER_IN_PROGRESS),
+    "change-recovery-point": ("change_recovery_point", (S.FAILED_OVER, S.FAILOVER_IN_PROGRESS),
+                              S.FAILOVER_IN_PROGRESS),
+    "commit": ("commit_failover", (S.FAILED_OVER,), None),
+}
+HINTS = {
+    S.TEST_FAILOVER_IN_PROGRESS: "wait for the test failover to end",
+    S.TEST_FAILOVER_DONE: "clean the drill up first: siterecovery failover cleanup {m} "
+                          "--notes TEXT",
+    S.FAILOVER_IN_PROGRESS: "wait for the failover to end",
+    S.FAILED_OVER: "the machine is failed over: change its point or commit: siterecovery "
+                   "failover change-point|commit {m}",
+    S.COMMITTED: "the failover is committed; nothing is left to fail over",
+}
+LOCKED_SETTINGS = (S.TEST_FAILOVER_IN_PROGRESS, S.FAILOVER_IN_PROGRESS)
+
+
+def _no_item(name: str) -> NotFound:
+    return NotFound("item_not_found", f"machine {name!r} is not replicated",
+                    f"enable replication: siterecovery replication enable {name}")
+
+
+def _refuse(verb: str, name: str, state: ItemState, allowed: tuple[ItemState, ...]
+            ) -> ItemStateError:
+    hint = HINTS.get(state, "wait until the item is protected: siterecovery items show {m}")
+    return ItemStateError("failover_not_allowed",
+                          f"cannot {verb.replace('-', ' ')} {name!r}: the item is {state} "
+                          f"(allowed in: {', '.join(allowed)})", hint.format(m=name))
+
+
+def _at(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        t = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidRequest("invalid_time", f"at: {value!r} is not a time",
+                             "give an ISO 8601 time: 2026-12-05T10:00:00Z") from None
+    return (t if t.tzinfo else t.replace(tzinfo=dt.UTC)).isoformat()
+
+
+async def request(core: Core, kinds: Mapping[str, JobKind], verb: str, name: str,
+                  body: dict[str, Any]) -> db.Job:
+    """Check that ``verb`` may run on item ``name`` now, move the item and queue the job;
+    the job. ``body``: point, at, network, notes, shutdown_source (what the verb takes)."""
+    kind_name, allowed, moves_to = ALLOWED[verb]
+    if verb == "cleanup-test-failover" and not str(body.get("notes") or "").strip():
+        raise InvalidRequest("notes_required", "cleaning up a test failover needs notes: what "
+                             "the drill showed", "pass --notes TEXT")
+    params: dict[str, Any] = {k: body[k] for k in ("point", "network", "notes",
+                                                   "shutdown_source") if body.get(k)}
+    if body.get("at"):
+        params["at"] = _at(body["at"])
+    now = core.clock()
+    async with core.sessionmaker() as s:
+        item = await s.get(db.ReplicatedItem, name, with_for_update=True)
+        if item is None:
+            raise _no_item(name)
+        state = ItemState(item.state)
+        if state not in allowed:
+            raise _refuse(verb, name, state, allowed)
+        active = (await s.execute(select(db.Job.kind).where(
+            db.Job.target == name, db.Job.state.in_(ACTIVE)))).scalars().all()
+        if active:
+            raise ItemStateError("job_running", f"{name!r} has a job running or queued "
+                                 f"({', '.join(active)})",
+                                 f"wait for it: siterecovery jobs list --target {name}")
+        params["from_state"] = state.value
+        if moves_to is not None:
+            item.state, item.updated = moves_to, now
+        job = new_job(kinds[kind_name], name, params, now)
+        s.add(job)
+        await s.commit()
+    log.info("failover_requested", verb=verb, machine=name, job=job.id)
+    return job
+
+
+async def update_settings(core: Core, name: str, change: dict[str, Any]) -> dict[str, Any]:
+    """Change item ``name``'s recovery settings (null: back to the default); the item's
+    document. Refused while a recovery of it runs (the job reads them)."""
+    now = core.clock()
+    async with core.sessionmaker() as s:
+        item = await s.get(db.ReplicatedItem, name, with_for_update=True)
+        if item is None:
+            raise _no_item(name)
+        if item.state in LOCKED_SETTINGS:
+            raise ItemStateError("recovery_settings_locked", f"{name!r} is {item.state}: its "
+                                 "recovery settings cannot change until that ends",
+                                 f"follow it: siterecovery jobs list --target {name}")
+        machine = await s.get(db.Machine, name)
+        disks = [str(d["name"]) for d in (machine.disks if machine else []) if "name" in d]
+        settings = apply(RecoverySettings.stored(item.recovery), change, disks)
+        item.recovery, item.updated = settings.changed(), now
+        await s.commit()
+        doc = item_doc(item, await s.get(db.Policy, item.policy), now)
+    log.info("recovery_settings_changed", machine=name, settings=sorted(change))
+    return doc
