@@ -22,7 +22,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from azure.core.exceptions import AzureError, ResourceNotFoundError
+from azure.core.exceptions import (
+    AzureError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceNotFoundError,
+)
 from azure.identity.aio import ClientSecretCredential
 from azure.mgmt.compute.aio import ComputeManagementClient
 from azure.mgmt.network.aio import NetworkManagementClient
@@ -136,6 +141,7 @@ class AzureTarget:
         assert network is not None
         plans: list[DiskPlan] = []
         try:
+            await self._ensure_container()
             for d in disks:
                 name = self.blob_name(spec.vm_name, f"{d.name}.vhd")
                 rec.resources.append(f"blob:{self._c.container_name}/{name}")
@@ -175,6 +181,17 @@ class AzureTarget:
             return rec
         await self.submit(rec)
         return rec
+
+    async def _ensure_container(self) -> None:
+        try:
+            await self._c.create_container()
+        except ResourceExistsError:
+            pass
+        except HttpResponseError as e:
+            # A SAS limited to the container's blobs may not create it: if it does not
+            # exist, the first upload says so.
+            if e.status_code != 403:
+                raise
 
     async def submit(self, recovered: Recovered) -> None:
         """Deploy the template ``create`` stored, into the target resource group.

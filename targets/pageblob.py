@@ -29,6 +29,9 @@ from azure.core.exceptions import AzureError, ResourceNotFoundError
 from azure.storage.blob import BlobType
 from azure.storage.blob.aio import BlobClient
 
+from common.backoff import Backoff
+from vault.errors import TransientStoreError
+from vault.store.azure import _map_error
 from vault.vhd import FOOTER_SIZE, build_footer, vhd_size
 
 PAGE = 512  # page blobs are written in whole 512-byte pages
@@ -159,13 +162,17 @@ async def upload_vhd(
     image: Path,
     *,
     concurrency: int = 8,
+    retries: int = 4,
+    backoff: Callable[[], Backoff] = Backoff,
     on_extent: Callable[[int, int], None] | None = None,
 ) -> UploadReport:
     """Write ``image`` (a raw disk) to ``blob`` as a fixed VHD page blob; return what it did.
 
     Uploads the non-zero extents ``concurrency`` at a time, then the footer. Resumes a
     blob left by an interrupted run of the same image. ``on_extent(offset, length)`` is
-    called after each extent is written. Raises ``PageBlobError`` on a storage failure
+    called after each extent is written. A transient failure (no answer, 408, 429, 5xx)
+    of one page write is retried ``retries`` times, waiting ``backoff()``'s delays.
+    Raises ``PageBlobError`` on any other storage failure or when the retries are spent
     (what was written stays, for the next run to resume); cancellation propagates."""
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
@@ -200,12 +207,7 @@ async def upload_vhd(
             if len(data) != length:
                 raise PageBlobError(f"{image} changed while uploading: short read at {off}")
             data += bytes(_pages(length) - length)  # the image's tail, padded to a page
-            try:
-                await blob.upload_page(data, offset=off, length=len(data),
-                                       validate_content=True)
-            except AzureError as e:
-                raise PageBlobError(f"cannot write {len(data)} bytes at {off} of page blob "
-                                    f"{name!r}: {_reason(e)}") from None
+            await _put(blob, data, off, retries, backoff())
             uploaded_bytes += len(data)
             if on_extent is not None:
                 on_extent(off, len(data))
@@ -219,17 +221,29 @@ async def upload_vhd(
             raise eg.exceptions[0] from None
         if not footer_there or todo:
             # Last, and again when any extent was written: the footer marks a whole blob.
-            try:
-                await blob.upload_page(build_footer(vsize), offset=vsize, length=FOOTER_SIZE,
-                                       validate_content=True)
-            except AzureError as e:
-                raise PageBlobError(f"cannot write the VHD footer of page blob {name!r}: "
-                                    f"{_reason(e)}") from None
+            await _put(blob, build_footer(vsize), vsize, retries, backoff())
     finally:
         os.close(fd)
     return UploadReport(blob=name, url=blob.url, vhd_size=vsize, blob_size=total,
                         extents=len(extents), uploaded=len(todo),
                         skipped=len(extents) - len(todo), bytes_uploaded=uploaded_bytes)
+
+
+async def _put(blob: BlobClient, data: bytes, offset: int, retries: int,
+               backoff: Backoff) -> None:
+    """One Put Page of ``data`` at ``offset``, retried while the failure is transient."""
+    while True:
+        try:
+            await blob.upload_page(data, offset=offset, length=len(data), validate_content=True)
+            return
+        except AzureError as e:
+            # One classification of transient Azure failures: the vault's store's.
+            transient = isinstance(_map_error(e, ""), TransientStoreError)
+            if not transient or backoff.failures >= retries:
+                tries = backoff.failures + 1
+                raise PageBlobError(f"cannot write {len(data)} bytes at {offset} of page blob "
+                                    f"{blob.blob_name!r} ({tries} tries): {_reason(e)}") from None
+        await backoff.sleep()
 
 
 def _pages(n: int) -> int:

@@ -19,6 +19,7 @@ import pytest
 from azure.core.exceptions import ServiceRequestError
 from azure.storage.blob.aio import ContainerClient
 
+from common.backoff import Backoff
 from targets.armtemplate import DISK, MODELS, NIC, VM, api_versions, template_json
 from targets.armtemplate import unknown_properties as template_problems
 from targets.azure import AzureSettings, AzureTarget
@@ -41,6 +42,10 @@ ACCOUNT_ID = ("/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroup
               "providers/Microsoft.Storage/storageAccounts/drdisks")
 
 Hook = Callable[[Any], None]
+
+
+def quick() -> Backoff:
+    return Backoff(base=0.001, cap=0.001)
 
 
 def _open(conn: str, name: str, hook: Hook | None = None) -> ContainerClient:
@@ -204,10 +209,11 @@ async def test_an_interrupted_upload_resumes_without_rewriting(
     broken = _open(azurite_conn, name, fail_after_ten)
     try:
         with pytest.raises(PageBlobError, match="injected: the storage went away") as info:
-            await upload_vhd(broken.get_blob_client("vm1/sda.vhd"), img, concurrency=3)
+            await upload_vhd(broken.get_blob_client("vm1/sda.vhd"), img, concurrency=3,
+                             retries=2, backoff=quick)
     finally:
         await broken.close()
-    assert "vm1/sda.vhd" in str(info.value)
+    assert "vm1/sda.vhd" in str(info.value) and "(3 tries)" in str(info.value)
     _, c = container
     before = await written_ranges(c.get_blob_client("vm1/sda.vhd"))
     assert before, "some pages were written before the failure"
@@ -228,6 +234,30 @@ async def test_an_interrupted_upload_resumes_without_rewriting(
     assert resent[-1] == (vsize, vsize + FOOTER_SIZE)
     assert_vhd_of(await download(c, "vm1/sda.vhd"), image)
     assert await written_ranges(c.get_blob_client("vm1/sda.vhd")) == expected_ranges(image)
+
+
+async def test_a_transient_failure_of_a_page_is_retried(
+        tmp_path: Path, azurite_conn: str, container: tuple[str, ContainerClient]) -> None:
+    name, c = container
+    img = tmp_path / "disk.raw"
+    image = make_image(img)
+    sent: list[tuple[int, int]] = []
+    record = page_puts(sent)
+
+    def fail_the_fifth_once(request: Any) -> None:
+        record(request)
+        if len(sent) == 5:
+            raise ServiceRequestError("injected: connection reset")
+
+    flaky = _open(azurite_conn, name, fail_the_fifth_once)
+    try:
+        report = await upload_vhd(flaky.get_blob_client("vm1/sda.vhd"), img, concurrency=1,
+                                  backoff=quick)
+    finally:
+        await flaky.close()
+    assert sent[4] == sent[5]  # the failed page, sent again
+    assert len(sent) == report.uploaded + 2  # every extent, the retry, the footer
+    assert_vhd_of(await download(c, "vm1/sda.vhd"), image)
 
 
 async def test_a_cancelled_upload_resumes_without_rewriting(
@@ -449,17 +479,17 @@ async def test_create_refuses_what_check_refuses(
 
 
 async def test_cleanup_removes_the_blobs_and_submit_needs_credentials(
-        tmp_path: Path, azurite_conn: str, container: tuple[str, ContainerClient],
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    name, _ = container
+        tmp_path: Path, azurite_conn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    name = "t" + uuid.uuid4().hex[:20]  # not there yet: create makes it
     conn = tmp_path / "conn"
     conn.write_text(azurite_conn)
     monkeypatch.delenv("SITERECOVERY_AZURE_CONNECTION_STRING", raising=False)
     monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING", raising=False)
     target = AzureTarget.open(f"azure://{name}/dr?connection_string_file={conn}", _settings())
+    c = _open(azurite_conn, name)
     try:
         rec = await target.create(RecoverySpec(machine="m", vm_name="web1"), _disks(tmp_path))
-        listed = [b.name async for b in container[1].list_blobs()]
+        listed = [b.name async for b in c.list_blobs()]
         assert sorted(listed) == ["dr/web1/sda.vhd", "dr/web1/sdb.vhd", "dr/web1/template.json"]
 
         with pytest.raises(TargetError) as info:
@@ -468,7 +498,7 @@ async def test_cleanup_removes_the_blobs_and_submit_needs_credentials(
         assert "credentials not configured" in info.value.message
 
         await target.cleanup(rec)
-        assert [b async for b in container[1].list_blobs()] == []
+        assert [b async for b in c.list_blobs()] == []
         await target.cleanup(rec)  # idempotent
 
         # Deployed resources cannot go without credentials: the blobs go, the rest is named.
@@ -478,9 +508,10 @@ async def test_cleanup_removes_the_blobs_and_submit_needs_credentials(
             await target.cleanup(deployed)
         assert info.value.code == "azure_credentials_missing"
         assert "azure-vm:web1" in info.value.message
-        assert [b async for b in container[1].list_blobs()] == []
+        assert [b async for b in c.list_blobs()] == []
     finally:
         await target.close()
+        await c.close()
 
     with pytest.raises(TargetError) as info:
         AzureTarget.open(f"azure://{name}", _settings())
