@@ -38,6 +38,7 @@ PAGE = 512  # page blobs are written in whole 512-byte pages
 MAX_PUT = 4 << 20  # one Put Page writes at most 4 MiB
 GRANULE = 4 << 10  # zero detection works on 4 KiB blocks (a filesystem block)
 READ_BLOCK = MAX_PUT
+SCAN_WINDOW = 16 * MAX_PUT  # the scan reads ahead of the uploads this much at a time
 SOURCE_KEY = "siterecovery_source"  # blob metadata: the image the blob was made from
 
 _ZERO = bytes(READ_BLOCK)
@@ -65,43 +66,50 @@ def image_identity(path: Path) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
 
-def _data_regions(fd: int, size: int) -> list[tuple[int, int]]:
-    """The (start, end) regions of the file that may hold data: its holes skipped."""
+def _data_regions(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The (start, end) regions of [start, end) of the file that may hold data: holes
+    skipped."""
     regions: list[tuple[int, int]] = []
-    pos = 0
-    while pos < size:
+    pos = start
+    while pos < end:
         try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
+            data = os.lseek(fd, pos, os.SEEK_DATA)
         except OSError as e:
             if e.errno == errno.ENXIO:  # no data past pos
                 break
-            return [(0, size)]  # the filesystem cannot say: read it all (correct, slower)
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        regions.append((start, end))
-        pos = end
+            return [(start, end)]  # the filesystem cannot say: read it all (correct, slower)
+        if data >= end:
+            break
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        regions.append((data, hole))
+        pos = hole
     return regions
 
 
-def nonzero_extents(path: Path, *, granule: int = GRANULE,
-                    max_extent: int = MAX_PUT) -> list[tuple[int, int]]:
-    """The (offset, length) extents of ``path`` that hold a non-zero byte.
+def nonzero_extents(path: Path, start: int = 0, end: int | None = None, *,
+                    granule: int = GRANULE, max_extent: int = MAX_PUT) -> list[tuple[int, int]]:
+    """The (offset, length) extents of ``path`` in [start, end) that hold a non-zero byte.
 
     Zero detection is per ``granule`` bytes (aligned); adjacent non-zero granules are
     merged into one extent of at most ``max_extent`` bytes, aligned so that no extent
-    crosses a ``max_extent`` boundary. The last extent may end at the image's size,
-    which need not be a multiple of 512 (the uploader pads it with zeros). Blocking:
-    run it in a thread."""
+    crosses a ``max_extent`` boundary. ``start`` and ``end`` (default: the file's size)
+    are multiples of ``max_extent``, or ``end`` is the size. The last extent may end at
+    the image's size, which need not be a multiple of 512 (the uploader pads it with
+    zeros). Blocking: run it in a thread."""
     if max_extent % granule or granule % PAGE:
         raise ValueError("granule must be a multiple of 512 and divide max_extent")
     size = path.stat().st_size
+    end = size if end is None else min(end, size)
+    if start % max_extent or (end != size and end % max_extent):
+        raise ValueError(f"scan window {start}-{end} is not aligned to {max_extent}")
     out: list[tuple[int, int]] = []
     zero_g = bytes(granule)
     fd = os.open(path, os.O_RDONLY)
     try:
-        for rstart, rend in _data_regions(fd, size):
+        for rstart, rend in _data_regions(fd, start, end):
             block = rstart - rstart % max_extent
             while block < rend:
-                data = os.pread(fd, max_extent, block)
+                data = os.pread(fd, min(max_extent, end - block), block)
                 if data != _ZERO[:len(data)]:
                     run_start = -1
                     for i in range(0, len(data), granule):
@@ -164,6 +172,7 @@ async def upload_vhd(
     concurrency: int = 8,
     retries: int = 4,
     backoff: Callable[[], Backoff] = Backoff,
+    scan_window: int = SCAN_WINDOW,
     on_extent: Callable[[int, int], None] | None = None,
 ) -> UploadReport:
     """Write ``image`` (a raw disk) to ``blob`` as a fixed VHD page blob; return what it did.
@@ -171,11 +180,14 @@ async def upload_vhd(
     Uploads the non-zero extents ``concurrency`` at a time, then the footer. Resumes a
     blob left by an interrupted run of the same image. ``on_extent(offset, length)`` is
     called after each extent is written. A transient failure (no answer, 408, 429, 5xx)
-    of one page write is retried ``retries`` times, waiting ``backoff()``'s delays.
+    of one page write is retried ``retries`` times, waiting ``backoff()``'s delays. The
+    image is scanned ``scan_window`` bytes at a time while earlier extents upload.
     Raises ``PageBlobError`` on any other storage failure or when the retries are spent
     (what was written stays, for the next run to resume); cancellation propagates."""
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
+    if scan_window <= 0 or scan_window % MAX_PUT:
+        raise ValueError(f"scan_window must be a positive multiple of {MAX_PUT}")
     raw_size = image.stat().st_size
     if raw_size == 0:
         raise PageBlobError(f"{image} is empty: there is no disk to upload")
@@ -184,49 +196,63 @@ async def upload_vhd(
     name = blob.blob_name
     try:
         await _prepare(blob, total, image_identity(image))
-        extents = await asyncio.to_thread(nonzero_extents, image)
         present = await written_ranges(blob)
     except AzureError as e:
         raise PageBlobError(f"cannot prepare page blob {name!r}: {_reason(e)}") from None
-    todo = [(o, n) for o, n in extents if not _covered(present, o, o + _pages(n))]
     footer_there = _covered(present, vsize, total)
-    uploaded_bytes = 0
-    queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
-    for ext in todo:
-        queue.put_nowait(ext)
-    fd = os.open(image, os.O_RDONLY)
+    extents = uploaded = uploaded_bytes = 0
+    # The scan feeds the uploads as it goes: the first pages leave while later windows
+    # are read, and a bounded queue keeps the scan from running far ahead.
+    queue: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue(maxsize=2 * concurrency)
+
+    async def scan() -> None:
+        nonlocal extents
+        for start in range(0, raw_size, scan_window):
+            found = await asyncio.to_thread(nonzero_extents, image, start, start + scan_window)
+            extents += len(found)
+            for off, length in found:
+                if not _covered(present, off, off + _pages(length)):
+                    await queue.put((off, length))
+        for _ in range(concurrency):
+            await queue.put(None)  # one end mark per worker
 
     async def worker() -> None:
-        nonlocal uploaded_bytes
-        while True:
-            try:
-                off, length = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-            data = await asyncio.to_thread(os.pread, fd, length, off)
+        nonlocal uploaded, uploaded_bytes
+        while (item := await queue.get()) is not None:
+            off, length = item
+            data = await asyncio.to_thread(_read, image, off, length)
             if len(data) != length:
                 raise PageBlobError(f"{image} changed while uploading: short read at {off}")
             data += bytes(_pages(length) - length)  # the image's tail, padded to a page
             await _put(blob, data, off, retries, backoff())
+            uploaded += 1
             uploaded_bytes += len(data)
             if on_extent is not None:
                 on_extent(off, len(data))
 
     try:
-        try:
-            async with asyncio.TaskGroup() as tg:
-                for _ in range(min(concurrency, len(todo))):
-                    tg.create_task(worker())
-        except* PageBlobError as eg:
-            raise eg.exceptions[0] from None
-        if not footer_there or todo:
-            # Last, and again when any extent was written: the footer marks a whole blob.
-            await _put(blob, build_footer(vsize), vsize, retries, backoff())
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(scan())
+            for _ in range(concurrency):
+                tg.create_task(worker())
+    except* PageBlobError as eg:
+        raise eg.exceptions[0] from None
+    if not footer_there or uploaded:
+        # Last, and again when any extent was written: the footer marks a whole blob.
+        await _put(blob, build_footer(vsize), vsize, retries, backoff())
+    return UploadReport(blob=name, url=blob.url, vhd_size=vsize, blob_size=total,
+                        extents=extents, uploaded=uploaded, skipped=extents - uploaded,
+                        bytes_uploaded=uploaded_bytes)
+
+
+def _read(path: Path, offset: int, length: int) -> bytes:
+    # Its own descriptor per read: a cancelled upload leaves no shared one to close
+    # under a read still running in its thread.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, length, offset)
     finally:
         os.close(fd)
-    return UploadReport(blob=name, url=blob.url, vhd_size=vsize, blob_size=total,
-                        extents=len(extents), uploaded=len(todo),
-                        skipped=len(extents) - len(todo), bytes_uploaded=uploaded_bytes)
 
 
 async def _put(blob: BlobClient, data: bytes, offset: int, retries: int,

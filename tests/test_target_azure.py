@@ -153,6 +153,9 @@ def test_nonzero_extents_skip_holes_and_written_zeros(tmp_path: Path) -> None:
     data = sum(n for _, n in extents)
     assert data < len(image) // 2  # and the zeros were left out
     assert not any(off <= 2 * MIB + (64 << 10) < off + n for off, n in extents)
+    windows = [e for start in range(0, len(image), 4 * MIB)
+               for e in nonzero_extents(img, start, start + 4 * MIB)]
+    assert windows == extents  # a scan in windows finds the same extents
 
 
 async def test_page_blob_equals_the_raw_disk_and_skips_zeros(
@@ -160,7 +163,9 @@ async def test_page_blob_equals_the_raw_disk_and_skips_zeros(
     name, c = container
     img = tmp_path / "disk.raw"
     image = make_image(img)
-    report = await upload_vhd(c.get_blob_client("vm1/sda.vhd"), img, concurrency=4)
+    # Scanned 4 MiB at a time: the scan and the uploads overlap across windows.
+    report = await upload_vhd(c.get_blob_client("vm1/sda.vhd"), img, concurrency=4,
+                              scan_window=4 * MIB)
     assert report.vhd_size == vhd_size(len(image)) and report.skipped == 0
     assert report.uploaded == report.extents > 24
     blob = await download(c, "vm1/sda.vhd")
