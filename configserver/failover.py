@@ -47,6 +47,7 @@ from vault.store.open import open_store
 StepFn = Callable[[StepContext], Coroutine[Any, Any, str]]
 DRILL, FAILOVER = "last_drill", "failover"  # the item's record each kind writes
 LATEST_PROCESSED = "latest-processed"
+LOCK_WAIT_SECONDS = 3600.0  # how long a recovery waits for a prune to release the vault
 NOT_CHECKED = "not checked"
 DiskCheck = Callable[[Path], Any]
 """``targets.verify.check_disk(path)``: checks one restored raw image (partition table,
@@ -134,9 +135,11 @@ def steps(field: str, deps: FailoverDeps) -> dict[str, StepFn]:
                 keep = {"recovered": rec.get("recovered"), "history": list(
                     rec.get("history") or []) + ([{"point": rec["point"], "job": rec["job"]}]
                                                  if rec.get("point") else [])}
-            await record(ctx, field, **{k: None for k in rec}, **keep, job=ctx.job.id,
-                         kind=ctx.job.kind, result="running", started=ctx.job.started,
-                         target=settings.target, vm_name=settings.vm_name or ctx.target)
+            fresh: dict[str, Any] = {**dict.fromkeys(rec), **keep, "job": ctx.job.id,
+                                     "kind": ctx.job.kind, "result": "running",
+                                     "started": ctx.job.started, "target": settings.target,
+                                     "vm_name": settings.vm_name or ctx.target}
+            await record(ctx, field, **fresh)
         return f"target {settings.target}, VM {settings.vm_name or ctx.target}; vault open"
 
     async def select(ctx: StepContext) -> str:
@@ -172,9 +175,14 @@ def steps(field: str, deps: FailoverDeps) -> dict[str, StepFn]:
                 raise StepFailed(f"the point has no disk {', '.join(missing)} (it has "
                                  f"{', '.join(d.disk for d in point.disks)}); change the "
                                  "recovery setting disks")
-            await ctx.progress(0.0, f"restoring {len(point.disks)} disk(s) into {work}")
-            done = await restore_point(vault, point, work, disks=settings.disks or None)
-        except VaultError as e:
+            await ctx.progress(0.0, f"restoring {len(point.disks)} disk(s) into {work} (after "
+                               "a prune of the vault, if one holds its lock)")
+            # shared: process servers may go on uploading; a prune (exclusive) may not
+            # repack what is being read
+            async with locked(vault, "shared", f"restore {ctx.target} ({ctx.job.kind})",
+                              wait=LOCK_WAIT_SECONDS):
+                done = await restore_point(vault, point, work, disks=settings.disks or None)
+        except (LockedError, VaultError) as e:
             raise StepFailed(f"cannot restore point {rec['point']}: {e}") from None
         finally:
             await vault.close()
@@ -357,7 +365,7 @@ def kinds(deps: FailoverDeps) -> tuple[JobKind, ...]:
         vault = await open_vault(ctx)
         try:
             async with locked(vault, "exclusive", f"commit failover of {ctx.target}",
-                              wait=300.0):
+                              wait=LOCK_WAIT_SECONDS):
                 points = await vault.list_points(ctx.target)
                 for p in points:  # the chains are the machine's own: no other point needs them
                     await vault.store.delete(names.POINTS + p.id)
