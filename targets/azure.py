@@ -19,8 +19,10 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from azure.core.exceptions import (
     AzureError,
@@ -85,6 +87,47 @@ class AzureSettings:
     concurrency: int = 8  # page uploads in flight per disk
     arm: ArmCredentials | None = None  # None: templates are made, not deployed
     tags: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, m: Mapping[str, Any]) -> AzureSettings:
+        """Settings from a config table (``[targets.azure]``): the fields above by name,
+        ``arm`` a table of ``ArmCredentials``' fields. Raises ``ValueError`` naming the
+        key for an unknown key, a missing required one or a value of the wrong type."""
+        strs = ("location", "resource_group", "storage_account_id")
+        opt = ("network", "drill_network", "vm_size")
+        known = {*strs, *opt, "disk_sku", "concurrency", "arm", "tags"}
+        unknown = sorted(set(m) - known)
+        if unknown:
+            raise ValueError(f"unknown Azure target setting(s) {', '.join(unknown)}; "
+                             f"allowed: {', '.join(sorted(known))}")
+        for k in strs:
+            if not isinstance(m.get(k), str) or not m[k]:
+                raise ValueError(f"Azure target setting {k} is required (a string)")
+        for k in (*opt, "disk_sku"):
+            if k in m and not isinstance(m[k], str):
+                raise ValueError(f"Azure target setting {k} must be a string")
+        conc = m.get("concurrency", 8)
+        if not isinstance(conc, int) or isinstance(conc, bool) or not 1 <= conc <= 64:
+            raise ValueError("Azure target setting concurrency must be an integer 1-64")
+        tags = m.get("tags", {})
+        if not isinstance(tags, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
+            raise ValueError("Azure target setting tags must be a table of strings")
+        arm = None
+        if "arm" in m:
+            a = m["arm"]
+            fields = ("subscription_id", "tenant_id", "client_id", "client_secret_file")
+            if not isinstance(a, Mapping) or set(a) != set(fields) or not all(
+                    isinstance(a[f], str) and a[f] for f in fields):
+                raise ValueError(f"Azure target setting arm needs exactly {', '.join(fields)} "
+                                 "(strings)")
+            arm = ArmCredentials(a["subscription_id"], a["tenant_id"], a["client_id"],
+                                 Path(a["client_secret_file"]))
+        return cls(location=m["location"], resource_group=m["resource_group"],
+                   storage_account_id=m["storage_account_id"], network=m.get("network"),
+                   drill_network=m.get("drill_network"), vm_size=m.get("vm_size"),
+                   disk_sku=m.get("disk_sku", "Standard_LRS"), concurrency=conc, arm=arm,
+                   tags=dict(tags))
 
 
 class AzureTarget:

@@ -522,3 +522,22 @@ async def test_cleanup_removes_the_blobs_and_submit_needs_credentials(
         AzureTarget.open(f"azure://{name}", _settings())
     assert info.value.code == "azure_storage_unusable"
     assert "no Azure credentials" in info.value.message
+
+
+def test_settings_from_a_config_table() -> None:
+    s = AzureSettings.from_mapping({
+        "location": "westeurope", "resource_group": "dr", "storage_account_id": ACCOUNT_ID,
+        "network": "prod/apps", "drill_network": "drill/iso", "concurrency": 16,
+        "arm": {"subscription_id": "s", "tenant_id": "t", "client_id": "c",
+                "client_secret_file": "/etc/siterecovery/azure-secret"}})
+    assert (s.network, s.drill_network, s.concurrency, s.vm_size) == ("prod/apps", "drill/iso",
+                                                                       16, None)
+    assert s.arm is not None and s.arm.client_secret_file == Path("/etc/siterecovery/azure-secret")
+    assert "secret=***" in repr(s.arm)
+    base = {"location": "l", "resource_group": "r", "storage_account_id": "a"}
+    for bad, key in (({**base, "regoin": "x"}, "regoin"), ({"location": "l"}, "resource_group"),
+                     ({**base, "concurrency": 0}, "concurrency"),
+                     ({**base, "arm": {"tenant_id": "t"}}, "arm"),
+                     ({**base, "tags": {"a": 1}}, "tags")):
+        with pytest.raises(ValueError, match=key):
+            AzureSettings.from_mapping(bad)
