@@ -199,7 +199,8 @@ class AzureTarget:
                           storage_account_id=self._s.storage_account_id,
                           subnet_id=subnet_id(network), ip=spec.ip, os_disk=plans[0],
                           data_disks=plans[1:], disk_sku=self._s.disk_sku,
-                          tags={**self._s.tags, "siterecovery-machine": spec.machine})
+                          tags={**self._s.tags, "siterecovery-machine": spec.machine,
+                                "siterecovery-drill": "true" if spec.drill else "false"})
             template = build_template(plan)
             problems = unknown_properties(template)
             if problems:

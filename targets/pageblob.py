@@ -240,7 +240,10 @@ async def upload_vhd(
     if not footer_there or uploaded:
         # Last, and again when any extent was written: the footer marks a whole blob.
         await _put(blob, build_footer(vsize), vsize, retries, backoff())
-    return UploadReport(blob=name, url=blob.url, vhd_size=vsize, blob_size=total,
+    # Without the query: a client made with a SAS carries the token in its URLs, and this
+    # URL goes into templates and job records.
+    url = blob.url.split("?", 1)[0]
+    return UploadReport(blob=name, url=url, vhd_size=vsize, blob_size=total,
                         extents=extents, uploaded=uploaded, skipped=extents - uploaded,
                         bytes_uploaded=uploaded_bytes)
 

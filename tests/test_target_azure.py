@@ -12,11 +12,13 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from azure.core.exceptions import ServiceRequestError
+from azure.storage.blob import ContainerSasPermissions, generate_container_sas
 from azure.storage.blob.aio import ContainerClient
 
 from common.backoff import Backoff
@@ -33,7 +35,7 @@ from targets.pageblob import (
     upload_vhd,
     written_ranges,
 )
-from tests.backends import missing_backend
+from tests.backends import AZURITE_ACCOUNT, AZURITE_KEY, missing_backend
 from vault.vhd import FOOTER_SIZE, parse_footer, vhd_size
 
 MIB = 1 << 20
@@ -196,6 +198,24 @@ async def test_page_blob_equals_the_raw_disk_and_skips_zeros(
     finally:
         await c2.close()
     assert (again.uploaded, again.skipped, log) == (0, report.extents, [])
+
+
+async def test_a_sas_never_reaches_the_report(
+        tmp_path: Path, azurite_conn: str, container: tuple[str, ContainerClient]) -> None:
+    name, c = container
+    sas = generate_container_sas(AZURITE_ACCOUNT, name, account_key=AZURITE_KEY,
+                                 permission=ContainerSasPermissions(read=True, write=True,
+                                                                    create=True, delete=True,
+                                                                    list=True),
+                                 expiry=datetime.now(UTC) + timedelta(hours=1))
+    img = tmp_path / "disk.raw"
+    image = make_image(img)
+    url = c.url.split("?")[0]
+    async with ContainerClient.from_container_url(url, credential=sas) as with_sas:
+        report = await upload_vhd(with_sas.get_blob_client("vm1/sda.vhd"), img)
+        assert "sig=" in with_sas.get_blob_client("vm1/sda.vhd").url
+    assert report.url == f"{url}/vm1/sda.vhd" and "?" not in report.url
+    assert_vhd_of(await download(c, "vm1/sda.vhd"), image)
 
 
 async def test_an_interrupted_upload_resumes_without_rewriting(
