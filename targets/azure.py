@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from azure.mgmt.resource.deployments.aio import DeploymentsMgmtClient
 from azure.mgmt.resource.deployments.models import Deployment, DeploymentProperties
 from azure.storage.blob.aio import ContainerClient
 
+from common.backoff import Backoff
 from targets.armtemplate import (
     DiskPlan,
     VmPlan,
@@ -134,8 +135,10 @@ class AzureTarget:
     name = "azure"
 
     def __init__(self, container: ContainerClient, settings: AzureSettings, *,
-                 prefix: str = "", store: AzureBlobStore | None = None) -> None:
+                 prefix: str = "", store: AzureBlobStore | None = None,
+                 backoff: Callable[[], Backoff] = Backoff) -> None:
         self._c = container
+        self._backoff = backoff  # the waits between retries of one page write
         self._s = settings
         self._prefix = prefix
         self._store = store  # closed with the target when it opened the container
@@ -189,7 +192,8 @@ class AzureTarget:
                 name = self.blob_name(spec.vm_name, f"{d.name}.vhd")
                 rec.resources.append(f"blob:{self._c.container_name}/{name}")
                 report = await upload_vhd(self._c.get_blob_client(name), d.path,
-                                          concurrency=self._s.concurrency)
+                                          concurrency=self._s.concurrency,
+                                          backoff=self._backoff)
                 rec.details[f"disk:{d.name}"] = (f"{report.url} ({report.vhd_size} bytes, "
                                                  f"{report.uploaded} extents written, "
                                                  f"{report.skipped} already there)")

@@ -561,3 +561,30 @@ def test_settings_from_a_config_table() -> None:
                      ({**base, "tags": {"a": 1}}, "tags")):
         with pytest.raises(ValueError, match=key):
             AzureSettings.from_mapping(bad)
+
+
+async def test_a_failed_create_names_what_it_made_for_cleanup(
+        tmp_path: Path, azurite_conn: str, container: tuple[str, ContainerClient]) -> None:
+    name, c = container
+    puts: list[tuple[int, int]] = []
+    record = page_puts(puts)
+
+    def outage_after_five(request: Any) -> None:
+        record(request)
+        if len(puts) > 5 and "comp=page" in request.http_request.url:
+            raise ServiceRequestError("injected: the storage went away")
+
+    broken = _open(azurite_conn, name, outage_after_five)
+    try:
+        target = AzureTarget(broken, _settings(concurrency=2), backoff=quick)
+        with pytest.raises(TargetError) as info:
+            await target.create(RecoverySpec(machine="m", vm_name="web1"), _disks(tmp_path))
+    finally:
+        await broken.close()
+    err = info.value
+    assert err.code == "azure_upload_failed" and "resume" in err.hint
+    assert err.recovered is not None
+    assert err.recovered.resources == [f"blob:{name}/web1/sda.vhd"]
+    assert [b.name async for b in c.list_blobs()] == ["web1/sda.vhd"]
+    await AzureTarget(c, _settings()).cleanup(err.recovered)
+    assert [b async for b in c.list_blobs()] == []
