@@ -2,30 +2,24 @@
 ``JobEngine`` and to the jobs API (titles, the ``kind`` filter) by the daemon.
 
 The failover kinds are built around what they use (``failover.FailoverDeps``): the
-targets by name, built here from the server's configuration, and the disk check of
-``targets/verify.py`` when that module is installed (until then drills record "not
-checked"). ``for_config(cfg)`` is what the daemon runs; ``KINDS`` (the same kinds with no
-target) gives the API the kinds' names and titles.
+targets by name, built here from the server's configuration, and the disk check
+(``targets.verify.verify_image``: partition table, read-only fsck). ``for_config(cfg)``
+is what the daemon runs; ``KINDS`` (the same kinds with no target) gives the API the
+kinds' names and titles.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
 
 from configserver import failover, replication
 from configserver.config import ConfigServerConfig
-from configserver.failover import DiskCheck, FailoverDeps
+from configserver.failover import FailoverDeps
 from configserver.jobdefs import JobKind, by_name
 from targets.base import Target
 from targets.folder import FolderTarget
-
-# targets/verify.py is written alongside this (issue #11); wired in once it exists.
-CHECK_DISK: DiskCheck | None = (
-    getattr(importlib.import_module("targets.verify"), "check_disk", None)
-    if importlib.util.find_spec("targets.verify") is not None else None)
+from targets.verify import verify_image
 
 
 def kinds(deps: FailoverDeps) -> Mapping[str, JobKind]:
@@ -42,7 +36,7 @@ def for_config(cfg: ConfigServerConfig) -> Mapping[str, JobKind]:
     """The kinds the daemon of ``cfg`` runs, bound to its targets and work folder."""
     return kinds(FailoverDeps(targets=targets_of(cfg),
                               work_root=Path(cfg.data_dir) / "failover-work",
-                              check_disk=CHECK_DISK))
+                              check_disk=verify_image))
 
 
 KINDS: Mapping[str, JobKind] = kinds(FailoverDeps(targets={}, work_root=Path("/nonexistent")))

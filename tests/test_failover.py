@@ -9,6 +9,9 @@ import asyncio
 import hashlib
 import json
 import os
+import re
+import shutil
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,11 +20,11 @@ from typing import Any
 
 import pytest
 
-from configserver import jobkinds
 from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiCallError, ApiClient
 from targets.base import RecoveryDisk, RecoverySpec
 from targets.folder import FolderTarget
+from tests.backends import missing_backend
 from tests.helpers import (
     Daemon,
     make_vault,
@@ -45,11 +48,37 @@ from vault.point import Point
 from vault.regkey import make_key
 from vault.repo import Vault
 
-DISK = (1 << 20) + 5000  # a short last block
+DISK = (8 << 20) + 5120  # a short last block (disks are whole 512-byte sectors)
 
 
 def _data(seed: int) -> bytes:
     return os.urandom(DISK // 2) + bytes(DISK - DISK // 2 - 100) + bytes([seed]) * 100
+
+
+def _ext4(tmp: Path, seed: int, *, damaged: bool = False) -> bytes:
+    """A whole-disk ext4 with a few files (mkfs.ext4 -d); ``damaged``: its inode table
+    overwritten, which e2fsck -fn reports."""
+    for tool in ("mkfs.ext4", "e2fsck", "dumpe2fs", "losetup"):
+        if shutil.which(tool) is None:
+            missing_backend(tool, "tests/run.sh installs e2fsprogs and util-linux")
+    if os.geteuid() != 0:
+        missing_backend("root (read-only loop devices for e2fsck)", "run the suite as root")
+    content, img = tmp / f"content{seed}", tmp / f"disk{seed}.img"
+    (content / "etc").mkdir(parents=True)
+    (content / "etc" / "hostname").write_text(f"web01-{seed}\n")
+    with open(img, "wb") as f:
+        f.truncate(DISK)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-d", str(content), str(img)],
+                   check=True)
+    if damaged:
+        dump = subprocess.run(["dumpe2fs", str(img)], capture_output=True, text=True,
+                              check=True).stdout
+        m = re.search(r"Inode table at (\d+)-", dump)
+        assert m is not None
+        with open(img, "r+b") as f:
+            f.seek(int(m.group(1)) * 4096)
+            f.write(b"\xa5" * 8 * 4096)
+    return img.read_bytes()
 
 
 @dataclass
@@ -84,7 +113,7 @@ async def _protect(api: ApiClient, url: str, site_url: str, internal: str, ca: P
         assert (await agent.progress({"sda": 100}))[0] == 200
     points, data = [], {}
     for i in range(2):
-        d = _data(i)
+        d = _ext4(tmp, i)
         p = await write_full_point(vault, d, machine="web01", cycle=f"c{i}")
         await report_point(url, internal, "web01", p.id, p.created, p.consistency)
         points.append(p)
@@ -120,10 +149,6 @@ async def _refused(api: ApiClient, verb: str, body: dict[str, Any] | None = None
         await api.post(f"/api/v1/items/web01/{verb}", body or {})
     assert e.value.status == 409, e.value
     return e.value.message
-
-
-def _checks_expected() -> Any:
-    return {"sda": "not checked"} if jobkinds.CHECK_DISK is None else None
 
 
 def _recovered_is(site: Site, point: Point, *, drill: bool) -> None:
@@ -166,8 +191,10 @@ async def test_drill_on_the_folder_target_then_cleanup(site: Site, cs: ConfigSer
     assert (drill["job"], drill["point"], drill["result"], drill["target"]) == (
         job["id"], p2.id, "succeeded", "folder")
     assert isinstance(drill["rto_seconds"], float) and drill["rto_seconds"] >= 0
-    if _checks_expected() is not None:
-        assert drill["checks"] == _checks_expected()
+    [fs] = drill["checks"]["sda"]["checks"]  # e2fsck -fn on the restored disk
+    assert drill["checks"]["sda"]["ok"] is True and drill["checks"]["sda"]["table"] == "none"
+    assert (fs["fs"], fs["status"]) == ("ext4", "clean")
+    assert "sda: ext4 clean" in step(job, "verify")["message"]
     assert drill["recovered"]["resources"] == [f"folder:{site.recovered / 'web01'}"]
     assert drill["work"] is None  # the restored images went once the target had its copy
     assert not any((Path(cs.cfg.data_dir) / "failover-work").iterdir())
@@ -199,6 +226,31 @@ async def test_drill_on_the_folder_target_then_cleanup(site: Site, cs: ConfigSer
     assert job["state"] == "failed" and "no recovery point matches" in job["error"]
     item = await api.get("/api/v1/items/web01")
     assert item["state"] == "protected" and item["last_drill"]["result"] == "failed"
+
+
+async def test_a_drill_of_a_damaged_point_fails_with_the_fsck_findings(
+        site: Site, cs: ConfigServer, tmp_path: Path) -> None:
+    api = site.api
+    bad = await write_full_point(site.vault, _ext4(tmp_path / "bad", 9, damaged=True),
+                                 machine="web01", cycle="c9")
+    await report_point(site.url, site.internal, "web01", bad.id, bad.created, bad.consistency)
+    job = await _run(api, "test-failover")
+    assert job["state"] == "failed" and step(job, "verify")["state"] == "failed", job
+    assert bad.id in step(job, "select_point")["message"]
+    assert "disk sda: partition 0 (ext4) damaged" in job["error"]
+    assert re.search(r"\(exit status (4|8|12)\)", job["error"]), job["error"]
+    item = await api.get("/api/v1/items/web01")
+    drill = item["last_drill"]
+    assert item["state"] == "test_failover_done"  # the restored disk is there to clean up
+    assert (drill["result"], drill["checks"]["sda"]["ok"]) == ("failed", False)
+    assert drill["checks"]["sda"]["checks"][0]["status"] == "damaged"
+    assert drill.get("recovered") is None and not (site.recovered / "web01").exists()
+    work = Path(drill["work"])
+    assert work.is_dir()
+    done = await _run(api, "cleanup-test-failover", {"notes": "point c9 is damaged"})
+    assert done["state"] == "succeeded", done
+    assert not work.exists()
+    assert (await api.get("/api/v1/items/web01"))["state"] == "protected"
 
 
 async def test_failover_change_point_and_commit(site: Site) -> None:
