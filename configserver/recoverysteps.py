@@ -162,6 +162,7 @@ def steps(field: str, deps: FailoverDeps) -> dict[str, StepFn]:
     async def restore(ctx: StepContext) -> str:
         rec, settings = await read(ctx, field)
         work = deps.work_root / ctx.job.id
+        await record(ctx, field, work=str(work))  # before a byte is written: cleanup finds it
         vault = await open_vault(ctx)
         try:
             point = await vault.read_point(str(rec["point"]))

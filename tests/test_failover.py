@@ -90,6 +90,7 @@ class Site:
     points: list[Point]
     data: dict[str, bytes]  # point id -> the disk's bytes
     recovered: Path  # the folder target's root
+    agent: AgentSite  # web01's agent (its settings say whether to replicate)
 
 
 async def _register(api: ApiClient, tmp: Path) -> Vault:
@@ -131,8 +132,10 @@ async def site(cs: ConfigServer, api: ApiClient, tmp_path: Path) -> AsyncIterato
     try:
         points, data = await _protect(api, cs.url, cs.site_url, cs.internal_token,
                                       cs.ca.cert_path, cs.passphrase, tmp_path, vault)
+        agent = AgentSite(cs.site_url, cs.ca.cert_path, tmp_path / "agent" / "web01.pem",
+                          tmp_path / "agent" / "web01.key")
         yield Site(api, cs.url, cs.internal_token, vault, points, data,
-                   Path(cs.cfg.data_dir) / "recovered")
+                   Path(cs.cfg.data_dir) / "recovered", agent)
     finally:
         await vault.close()
 
@@ -185,6 +188,8 @@ async def test_drill_on_the_folder_target_then_cleanup(site: Site, cs: ConfigSer
     assert p2.id in step(job, "select_point")["message"]  # latest-processed: the newest
     assert "cannot boot machines" in step(job, "boot")["message"]
     _recovered_is(site, p2, drill=True)
+    async with site.agent:  # a drill leaves production alone: replication goes on
+        assert (await site.agent.settings())[1]["replicate"] is True
     item = await api.get("/api/v1/items/web01")
     drill = item["last_drill"]
     assert item["state"] == "test_failover_done"
@@ -253,6 +258,24 @@ async def test_a_drill_of_a_damaged_point_fails_with_the_fsck_findings(
     assert (await api.get("/api/v1/items/web01"))["state"] == "protected"
 
 
+async def test_a_cancelled_drill_leaves_its_work_for_cleanup(site: Site) -> None:
+    api = site.api
+    got = await try_acquire(site.vault, "exclusive", "test: a prune")  # the restore waits
+    assert isinstance(got, Lock)
+    try:
+        jid = (await api.post("/api/v1/items/web01/test-failover", {}))["job"]["id"]
+        await wait_job(api, jid, lambda j: "after a prune" in step(j, "restore")["message"])
+        assert (await api.post(f"/api/v1/jobs/{jid}/cancel", {}))["state"] == "cancelled"
+    finally:
+        await got.release()
+    item = await api.get("/api/v1/items/web01")
+    assert item["state"] == "test_failover_done" and item["last_drill"]["result"] == "cancelled"
+    done = await _run(api, "cleanup-test-failover", {"notes": "cancelled drill"})
+    assert done["state"] == "succeeded", done
+    assert not Path(item["last_drill"]["work"]).exists()
+    assert (await api.get("/api/v1/items/web01"))["state"] == "protected"
+
+
 async def test_failover_change_point_and_commit(site: Site) -> None:
     api = site.api
     await _settings(api)
@@ -265,6 +288,8 @@ async def test_failover_change_point_and_commit(site: Site) -> None:
     assert "not available yet" in step(job, "shutdown_source")["message"]
     assert "no longer ask it to replicate" in step(job, "stop_replication")["message"]
     _recovered_is(site, p2, drill=False)
+    async with site.agent:  # replication stopped
+        assert (await site.agent.settings())[1]["replicate"] is False
     item = await api.get("/api/v1/items/web01")
     assert item["state"] == "failed_over"
     assert (item["failover"]["point"], item["failover"]["shutdown_source"]) == (
