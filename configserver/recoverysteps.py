@@ -30,7 +30,14 @@ from configserver.items import ItemState
 from configserver.jobdefs import StepFailed
 from configserver.jobs import StepContext
 from configserver.recovery import RecoverySettings
-from targets.base import BootFailedError, Recovered, RecoveryDisk, Target, TargetError
+from targets.base import (
+    BootFailedError,
+    Recovered,
+    RecoveryDisk,
+    Refusal,
+    Target,
+    TargetError,
+)
 from vault.errors import VaultError
 from vault.keyslots import KeyMaterial, read_keyfile
 from vault.locks import LockedError, locked
@@ -138,7 +145,7 @@ def steps(field: str, deps: FailoverDeps) -> dict[str, StepFn]:
         return f"target {settings.target}, VM {settings.vm_name or ctx.target}; vault open"
 
     async def select(ctx: StepContext) -> str:
-        rec, _ = await read(ctx, field)
+        rec, settings = await read(ctx, field)
         if rec.get("point"):  # chosen before a restart: the same point, whatever came since
             return f"point {rec['point']} (chosen before the restart)"
         spec = str(ctx.params.get("point") or LATEST_PROCESSED)
@@ -155,9 +162,16 @@ def steps(field: str, deps: FailoverDeps) -> dict[str, StepFn]:
             raise StepFailed(str(e)) from None
         finally:
             await vault.close()
+        # the target's requirements before hours of restoring: the disks as they will be
+        planned = [RecoveryDisk(d.disk, deps.work_root / ctx.job.id / f"{d.disk}.img", d.size)
+                   for d in point.disks if not settings.disks or d.disk in settings.disks]
+        _accept(await deps.targets[settings.target].check(
+            settings.spec(ctx.target, point.id, drill=field == DRILL,
+                          network=ctx.params.get("network")), planned))
         await record(ctx, field, point=point.id, point_created=point.created,
                      consistency=point.consistency)
-        return f"point {point.id} ({point.consistency}-consistent, {point.created}){note}"
+        return f"point {point.id} ({point.consistency}-consistent, {point.created}); the " \
+               f"target accepts its {len(planned)} disk(s){note}"
 
     async def restore(ctx: StepContext) -> str:
         rec, settings = await read(ctx, field)
@@ -228,10 +242,7 @@ def steps(field: str, deps: FailoverDeps) -> dict[str, StepFn]:
                              network=ctx.params.get("network"))
         disks = [RecoveryDisk(d["name"], Path(d["path"]), int(d["size"]))
                  for d in rec["disks"]]
-        refusals = await target.check(spec, disks)
-        if refusals:
-            raise StepFailed("the target refuses the recovery settings: " + "; ".join(
-                f"{r.setting}: {r.message}" for r in refusals))
+        _accept(await target.check(spec, disks))
         try:
             made = await target.create(spec, disks)
         except TargetError as e:
@@ -264,6 +275,12 @@ def steps(field: str, deps: FailoverDeps) -> dict[str, StepFn]:
 
     return {"prerequisites": prerequisites, "select_point": select, "restore": restore,
             "verify": verify, "create": create, "boot": boot}
+
+
+def _accept(refusals: list[Refusal]) -> None:
+    if refusals:
+        raise StepFailed("the target refuses the recovery: " + "; ".join(
+            f"{r.setting}: {r.message}" for r in refusals))
 
 
 def _findings(result: Any) -> str:
