@@ -77,7 +77,7 @@ def _on_end(field: str, made_state: ItemState
             setattr(item, field, {**rec, "result": state, "error": job.error,
                                   "ended": job.updated})
         before = str(job.params.get("from_state"))
-        made = ours and bool(rec.get("work") or rec.get("recovered"))
+        made = ours and bool(rec.get("work") or rec.get("made_by") == job.id)
         item.state = made_state if made or before not in set(ItemState) else ItemState(before)
         item.updated = job.updated
     return on_end

@@ -125,12 +125,6 @@ def steps(field: str, deps: FailoverDeps) -> dict[str, StepFn]:
 
     async def prerequisites(ctx: StepContext) -> str:
         rec, settings = await read(ctx, field)
-        if settings.target not in deps.targets:
-            raise StepFailed(f"recovery target {settings.target!r} is not available on this "
-                             f"configuration server (available: {', '.join(deps.targets)}); "
-                             f"siterecovery failover settings {ctx.target} --target NAME")
-        vault = await open_vault(ctx)
-        await vault.close()
         if rec.get("job") != ctx.job.id:  # not a resumed run: a fresh record
             keep: dict[str, Any] = {}
             if field == FAILOVER:  # what runs now is replaced by the new point's machine
@@ -142,6 +136,12 @@ def steps(field: str, deps: FailoverDeps) -> dict[str, StepFn]:
                                      "started": ctx.job.started, "target": settings.target,
                                      "vm_name": settings.vm_name or ctx.target}
             await record(ctx, field, **fresh)
+        if settings.target not in deps.targets:
+            raise StepFailed(f"recovery target {settings.target!r} is not available on this "
+                             f"configuration server (available: {', '.join(deps.targets)}); "
+                             f"siterecovery failover settings {ctx.target} --target NAME")
+        vault = await open_vault(ctx)
+        await vault.close()
         return f"target {settings.target}, VM {settings.vm_name or ctx.target}; vault open"
 
     async def select(ctx: StepContext) -> str:
@@ -247,10 +247,12 @@ def steps(field: str, deps: FailoverDeps) -> dict[str, StepFn]:
             made = await target.create(spec, disks)
         except TargetError as e:
             if e.recovered is not None:
-                await record(ctx, field, recovered=dataclasses.asdict(e.recovered))
+                await record(ctx, field, recovered=dataclasses.asdict(e.recovered),
+                             made_by=ctx.job.id)
             raise StepFailed(f"{e.message} ({e.code}); {e.hint}") from None
         now = ctx.core.clock()
-        await record(ctx, field, recovered=dataclasses.asdict(made), created_at=now,
+        await record(ctx, field, recovered=dataclasses.asdict(made), made_by=ctx.job.id,
+                     created_at=now,
                      rto_seconds=round(now - (ctx.job.started or now), 3))
         return f"created {made.vm_name} on {made.target}: {', '.join(made.resources)}"
 

@@ -282,6 +282,14 @@ async def test_failover_change_point_and_commit(site: Site) -> None:
     p1, p2 = site.points
     await _refused(api, "commit")  # not failed over
     await _refused(api, "change-recovery-point")
+    # a failover that fails before it made anything gives the item back (replication on)
+    await api.call("PATCH", "/api/v1/items/web01/recovery", {"target": "libvirt"}, {})
+    job = await _run(api, "failover")
+    assert job["state"] == "failed" and step(job, "prerequisites")["state"] == "failed"
+    assert "recovery target 'libvirt' is not available" in job["error"]
+    item = await api.get("/api/v1/items/web01")
+    assert item["state"] == "protected" and item["failover"]["result"] == "failed"
+    await api.call("PATCH", "/api/v1/items/web01/recovery", {"target": None}, {})
     job = await _run(api, "failover", {"shutdown_source": True})
     assert job["state"] == "succeeded", job
     assert job["cancellable"] is False
