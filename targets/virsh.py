@@ -1,0 +1,69 @@
+"""``virsh`` as an asyncio subprocess: one place that runs it and turns failures into
+``TargetError``s. virsh rather than libvirt-python: no compiled binding to build, and the
+commands it runs are the ones an operator would type to look at the same objects."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+from targets.base import TargetError
+
+# libvirt's messages when the object a command names is not there (an idempotent
+# cleanup treats these as done)
+_MISSING = re.compile(r"not found|failed to get (domain|network)|no domain with|"
+                      r"no network with|is not running|not active|"
+                      r"no static host definition|couldn't locate a matching dhcp host",
+                      re.IGNORECASE)
+
+
+class VirshError(TargetError):
+    def __init__(self, argv: list[str], rc: int, output: str) -> None:
+        super().__init__("libvirt", f"virsh {' '.join(argv)} failed ({rc}): {output.strip()}",
+                         "check that libvirtd runs and the URI is right "
+                         "(virsh -c URI list --all)")
+        self.output = output
+
+    @property
+    def missing(self) -> bool:
+        """The command failed because its object does not exist (or is not running)."""
+        return bool(_MISSING.search(self.output))
+
+
+class Virsh:
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    async def __call__(self, *argv: str, stdin: str | None = None) -> str:
+        """Run ``virsh -c URI ARGV``; its stdout, or ``VirshError`` with its stderr."""
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                "virsh", "-q", "-c", self.uri, *argv,
+                stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        except FileNotFoundError as e:
+            raise TargetError("libvirt", "virsh is not installed",
+                              "install libvirt-clients") from e
+        out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
+        assert proc.returncode is not None
+        if proc.returncode != 0:
+            raise VirshError(list(argv), proc.returncode, err.decode(errors="replace"))
+        return out.decode(errors="replace")
+
+    async def exists(self, kind: str, name: str) -> bool:
+        """Whether the ``kind`` ("domain" or "network") called ``name`` is defined."""
+        try:
+            await self("domuuid" if kind == "domain" else "net-uuid", name)
+        except VirshError as e:
+            if e.missing:
+                return False
+            raise
+        return True
+
+    async def gone(self, *argv: str) -> None:
+        """Run a removing command; its object being already gone is success."""
+        try:
+            await self(*argv)
+        except VirshError as e:
+            if not e.missing:
+                raise

@@ -1,0 +1,190 @@
+"""The libvirt target on a real libvirtd and QEMU: a drill of the boot disk boots, an
+unbootable disk fails at the boot step with the console's last lines, cleanup leaves
+nothing (checked with virsh), and check refuses bad settings by name. Two VM boots."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from targets.base import BootFailedError, RecoveryDisk, RecoverySpec, TargetError
+from targets.console import ConsoleLog
+from targets.kvm import probe_kvm
+from targets.libvirt import LibvirtTarget
+from tests.backends import missing_backend
+from tests.bootdisk import DRILL_TEXT, HOSTNAME, MARKER, bootdisk, missing_tools
+from tests.libvirtd import libvirtd_running
+
+DRILL_NET = "sr-test-drill"
+BOOT_BOUND = 240.0  # seconds: a bound for an emulated boot, not a measurement
+FAIL_BOUND = 45.0  # the unbootable disk shows SeaBIOS's lines within seconds
+
+
+@pytest.fixture(scope="module")
+def uri() -> Iterator[str]:
+    with libvirtd_running() as u:
+        yield u
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pool = tmp_path_factory.mktemp("libvirt-pool")
+    # the emulator runs as libvirt-qemu: it must traverse down to the images
+    for d in [pool, *pool.parents]:
+        if d == Path("/tmp") or d == d.parent:
+            break
+        d.chmod(d.stat().st_mode | 0o011)
+    return pool
+
+
+@pytest.fixture(scope="module")
+def disk_image() -> Path:
+    if os.geteuid() != 0:
+        missing_backend("root (the boot disk's loop mount)", "run the suite as root")
+    if missing := missing_tools():
+        missing_backend(", ".join(missing), "tests/run.sh installs fdisk and e2fsprogs")
+    return bootdisk()
+
+
+@pytest.fixture
+def target(uri: str, pool: Path) -> LibvirtTarget:
+    return LibvirtTarget(uri=uri, pool_dir=pool / "images", drill_network=DRILL_NET,
+                         drill_bridge="virbr-srtest", drill_subnet="10.213.0.0/24")
+
+
+def virsh(uri: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["virsh", "-q", "-c", uri, *argv], capture_output=True, text=True)
+
+
+def _copy_disk(src: Path, dst: Path) -> RecoveryDisk:
+    shutil.copyfile(src, dst)
+    return RecoveryDisk("sda", dst, dst.stat().st_size)
+
+
+def _assert_nothing_left(uri: str, vm: str, folder: Path) -> None:
+    assert virsh(uri, "domuuid", vm).returncode != 0, "the domain is still defined"
+    assert DRILL_NET not in virsh(uri, "net-list", "--all", "--name").stdout.split()
+    assert not folder.exists(), list(folder.iterdir())
+
+
+async def test_drill_boots_and_cleanup_leaves_nothing(
+        target: LibvirtTarget, uri: str, disk_image: Path, tmp_path: Path) -> None:
+    disk = _copy_disk(disk_image, tmp_path / "restored.raw")
+    spec = RecoverySpec(machine="web1", vm_name="sr-test-drill-ok", cpus=1, memory_mib=256,
+                        drill=True, ip="10.213.0.50", mac="52:54:00:aa:bb:01",
+                        boot_marker=MARKER)
+    assert await target.check(spec, [disk]) == []
+    rec = await target.create(spec, [disk])
+    folder = target.pool_dir / spec.vm_name
+    try:
+        assert rec.resources == [
+            f"dir:{folder}", f"file:{folder}/00-sda.raw", f"file:{folder}/console.log",
+            f"network:{DRILL_NET}", f"dhcp-host:{DRILL_NET}|52:54:00:aa:bb:01|10.213.0.50",
+            f"domain:{spec.vm_name}"]
+        assert rec.details["virt_type"] == ("kvm" if probe_kvm().usable else "qemu")
+        xml = virsh(uri, "dumpxml", spec.vm_name).stdout
+        assert f"type='{rec.details['virt_type']}'" in xml
+        assert "<memory unit='KiB'>262144</memory>" in xml
+        assert "<mac address='52:54:00:aa:bb:01'/>" in xml
+        assert f"<source network='{DRILL_NET}'/>" in xml
+        assert f"<source file='{folder}/00-sda.raw'/>" in xml and "dev='vda' bus='virtio'" in xml
+        net = virsh(uri, "net-dumpxml", DRILL_NET).stdout
+        assert "<forward" not in net  # isolated: no route out of the drill
+        assert "<host mac='52:54:00:aa:bb:01' name='sr-test-drill-ok' ip='10.213.0.50'/>" in net
+        # a second recovery under the same name is refused while this one exists
+        [refusal] = await target.check(spec, [disk])
+        assert refusal.setting == "vm_name" and "already exists" in refusal.message
+
+        proof = await target.boot(rec, BOOT_BOUND)
+        assert proof.matched == f"{MARKER} hostname={HOSTNAME} drill={DRILL_TEXT}"
+        assert proof.seconds > 0
+        assert proof.console_tail[-1:] != [] and any("SYSLINUX" in ln
+                                                     for ln in proof.console_tail)
+    finally:
+        await target.cleanup(rec)
+    _assert_nothing_left(uri, spec.vm_name, folder)
+    await target.cleanup(rec)  # again: everything is already gone, which is not an error
+
+
+async def test_unbootable_disk_fails_at_boot_and_cleanup_removes_it(
+        target: LibvirtTarget, uri: str, disk_image: Path, tmp_path: Path) -> None:
+    disk = _copy_disk(disk_image, tmp_path / "restored.raw")
+    with open(disk.path, "r+b") as f:
+        f.write(bytes(440))  # the MBR's boot code: the partition table stays
+    spec = RecoverySpec(machine="web2", vm_name="sr-test-drill-bad", memory_mib=256,
+                        drill=True, boot_marker=MARKER)
+    rec = await target.create(spec, [disk])
+    folder = target.pool_dir / spec.vm_name
+    try:
+        with pytest.raises(BootFailedError) as e:
+            await target.boot(rec, FAIL_BOUND)
+        assert e.value.code == "boot_failed" and e.value.hint
+        assert e.value.console_tail, "the console's last lines are empty"
+        assert any("Booting from Hard Disk" in ln for ln in e.value.console_tail), \
+            e.value.console_tail
+        assert not any(MARKER in ln for ln in e.value.console_tail)
+        # stopped, but still defined: cleanup is what removes it
+        assert virsh(uri, "domstate", spec.vm_name).stdout.strip() == "shut off"
+    finally:
+        await target.cleanup(rec)
+    _assert_nothing_left(uri, spec.vm_name, folder)
+
+
+async def test_check_refuses_bad_settings_by_name(
+        uri: str, pool: Path, tmp_path: Path) -> None:
+    target = LibvirtTarget(uri=uri, pool_dir=pool / "images", network="sr-no-such-net")
+    img = tmp_path / "d.raw"
+    with open(img, "wb") as f:
+        f.truncate(1 << 20)
+    odd = tmp_path / "odd.raw"
+    odd.write_bytes(b"x" * 1000)
+    spec = RecoverySpec(machine="m", vm_name="-bad name", cpus=0, memory_mib=16,
+                        mac="01:00:5e:00:00:01", firmware="coreboot", boot_marker="a\nb")
+    disks = [RecoveryDisk("sda", img, 1 << 20), RecoveryDisk("sda", tmp_path / "gone.raw", 512),
+             RecoveryDisk("sdc", odd, 1000)]
+    refusals = await target.check(spec, disks)
+    by: dict[str, list[str]] = {}
+    for r in refusals:
+        by.setdefault(r.setting, []).append(r.message)
+    assert set(by) == {"vm_name", "cpus", "memory_mib", "disks", "mac", "firmware",
+                       "boot_marker", "network"}
+    assert "'-bad name'" in by["vm_name"][0]
+    assert "0: 1 to " in by["cpus"][0] and "16: 64 to " in by["memory_mib"][0]
+    assert any("repeat" in m for m in by["disks"])
+    assert any("no image at" in m for m in by["disks"])
+    assert any("multiple of 512" in m for m in by["disks"])
+    assert "bios or uefi" in by["firmware"][0]
+    assert "'sr-no-such-net' is not a network" in by["network"][0]
+    with pytest.raises(TargetError) as e:  # create refuses the same, and makes nothing
+        await target.create(spec, disks)
+    assert e.value.code == "spec_refused" and "vm_name:" in e.value.message
+    assert not (pool / "images" / "-bad name").exists()
+    bad_ip = RecoverySpec(machine="m", vm_name="ok", ip="10.0.0.300")
+    assert [r.setting for r in await target.check(bad_ip, disks[:1])] == ["ip"]
+
+
+def test_console_log_reads_as_it_grows(tmp_path: Path) -> None:
+    path = tmp_path / "console.log"
+    log = ConsoleLog(path)
+    assert log.find(lambda ln: True) == "" and log.tail() == []  # not there yet: empty
+    path.write_bytes(b"\x1b[2J\x1b[1;1HSeaBIOS\r\nBooting from Hard Disk...\r\nweb1 log")
+    assert log.find(lambda ln: "login:" in ln) is None
+    with open(path, "ab") as f:
+        f.write(b"in: ")
+    assert log.find(lambda ln: "login:" in ln) == "web1 login:"
+    assert log.tail() == ["SeaBIOS", "Booting from Hard Disk...", "web1 login:"]
+    assert log.tail(1) == ["web1 login:"]
+
+
+def test_kvm_probe_explains_itself(tmp_path: Path) -> None:
+    probe = probe_kvm(device=tmp_path / "no-kvm")
+    assert not probe.usable and "no-kvm" in probe.reason
+    if Path("/dev/kvm").exists() and os.access("/dev/kvm", os.R_OK | os.W_OK):
+        probe = probe_kvm()
+        hardware = any(Path("/sys/module", m).exists() for m in ("kvm_intel", "kvm_amd"))
+        assert probe.usable == hardware, probe.reason
