@@ -48,7 +48,7 @@ fi
 echo "tests/run.sh: ruff"
 .venv/bin/ruff check .
 echo "tests/run.sh: mypy"
-.venv/bin/mypy common wire configserver procserver mobility vault siterecovery tests benchmarks
+.venv/bin/mypy common wire vault targets configserver procserver mobility siterecovery tests benchmarks
 echo "tests/run.sh: pytest"
 set +e
 .venv/bin/python -m pytest -p no:cacheprovider "$@"
