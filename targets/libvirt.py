@@ -49,6 +49,9 @@ MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 MAX_DISKS = 26  # vda … vdz
 MIN_MEMORY_MIB = 64
 LOGIN_PROMPT = re.compile(r"login:\s*$")
+# console lines after which no boot follows: fail now rather than at the timeout
+FATAL = re.compile(r"No bootable device|Kernel panic - not syncing|"
+                   r"siterecovery-boot-failed")
 POLL = 0.2  # seconds between reads of the console log while waiting for a boot
 
 
@@ -237,7 +240,12 @@ class LibvirtTarget:
         await self.virsh("start", name)
         deadline = started + timeout
         while True:
-            line = log.find(lambda ln: marker in ln if marker else bool(LOGIN_PROMPT.search(ln)))
+            line = log.find(lambda ln: (marker in ln if marker else bool(LOGIN_PROMPT.search(ln)))
+                            or bool(FATAL.search(ln)))
+            if line is not None and FATAL.search(line):
+                await self.virsh.gone("destroy", name)
+                raise BootFailedError(f"{name} cannot boot: its console shows {line!r}",
+                                      log.tail())
             if line is not None:
                 return BootProof(time.monotonic() - started, line, log.tail())
             if not await self._running(name):

@@ -1,6 +1,7 @@
 """The libvirt target on a real libvirtd and QEMU: a drill of the boot disk boots, an
 unbootable disk fails at the boot step with the console's last lines, cleanup leaves
-nothing (checked with virsh), and check refuses bad settings by name. Two VM boots."""
+nothing (checked with virsh), and check refuses bad settings by name. Three VM boots
+(one full, two that stop in the firmware)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from tests.libvirtd import libvirtd_running
 
 DRILL_NET = "sr-test-drill"
 BOOT_BOUND = 240.0  # seconds: a bound for an emulated boot, not a measurement
-FAIL_BOUND = 45.0  # the unbootable disk shows SeaBIOS's lines within seconds
+FAIL_BOUND = 30.0  # the unbootable disk shows SeaBIOS's lines within seconds
 
 
 @pytest.fixture(scope="module")
@@ -111,18 +112,24 @@ async def test_drill_boots_and_cleanup_leaves_nothing(
     await target.cleanup(rec)  # again: everything is already gone, which is not an error
 
 
+@pytest.mark.parametrize("zeroed, why", [
+    (440, "showed no siterecovery-boot-ok on its console within"),  # boot code: it hangs
+    (512, "cannot boot: its console shows 'No bootable device.'"),  # and the signature
+])
 async def test_unbootable_disk_fails_at_boot_and_cleanup_removes_it(
-        target: LibvirtTarget, uri: str, disk_image: Path, tmp_path: Path) -> None:
+        target: LibvirtTarget, uri: str, disk_image: Path, tmp_path: Path,
+        zeroed: int, why: str) -> None:
     disk = _copy_disk(disk_image, tmp_path / "restored.raw")
     with open(disk.path, "r+b") as f:
-        f.write(bytes(440))  # the MBR's boot code: the partition table stays
-    spec = RecoverySpec(machine="web2", vm_name="sr-test-drill-bad", memory_mib=256,
+        f.write(bytes(zeroed))  # the MBR's boot code (440), the table stays; or all of it
+    spec = RecoverySpec(machine="web2", vm_name=f"sr-test-bad-{zeroed}", memory_mib=256,
                         drill=True, boot_marker=MARKER)
     rec = await target.create(spec, [disk])
     folder = target.pool_dir / spec.vm_name
     try:
         with pytest.raises(BootFailedError) as e:
             await target.boot(rec, FAIL_BOUND)
+        assert why in e.value.message
         assert e.value.code == "boot_failed" and e.value.hint
         assert e.value.console_tail, "the console's last lines are empty"
         assert any("Booting from Hard Disk" in ln for ln in e.value.console_tail), \
