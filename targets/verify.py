@@ -4,8 +4,10 @@
 or GPT; a whole-disk filesystem without a table counts as one partition numbered 0),
 names each partition's filesystem by its superblock magic, and checks ext2/3/4 with
 ``e2fsck -fn`` and XFS with ``xfs_repair -n`` on a read-only loop device limited to the
-partition. Other filesystems are reported ``not_checked``. Nothing is ever written to the
-image, and every loop device attached is detached again, whatever happens.
+partition. Other filesystems are reported ``not_checked``. A dirty journal or log (a
+crash-consistent point) is replayed first on a throwaway copy (``targets.replay``).
+Nothing is ever written to the image, and every loop device attached is detached again,
+whatever happens.
 
 A malformed partition table raises ``PartitionTableError`` (a ``TargetError``), naming
 what is wrong; a damaged filesystem is not an error but a ``damaged`` entry in the
@@ -17,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import struct
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
 from targets.base import TargetError
+from targets.replay import partition_copy
 
 SECTOR = 512
 Status = Literal["clean", "damaged", "not_checked"]
@@ -257,46 +261,93 @@ def detect_fs(f: BinaryIO, offset: int) -> str:
 
 # ---- read-only checks -------------------------------------------------------------------
 
-async def verify_image(image: Path, tail_lines: int = TAIL_LINES) -> DiskVerification:
-    """Read ``image``'s table and check every partition's filesystem read-only."""
+async def verify_image(image: Path, tail_lines: int = TAIL_LINES,
+                       scratch: Path | None = None) -> DiskVerification:
+    """Read ``image``'s table and check every partition's filesystem read-only.
+
+    A dirty ext3/4 journal or XFS log is replayed first on a copy of its partition in
+    ``scratch`` (default: the image's folder; see ``targets.replay``)."""
     table, parts = await asyncio.to_thread(read_partitions, image)
     checks = []
     for p in parts:
         with open(image, "rb") as f:
             fs = detect_fs(f, p.start)
-        checks.append(await _check(image, p, fs, tail_lines))
+            dirty = fs in EXT and _ext_needs_recovery(f, p.start)
+        checks.append(await _check(image, p, fs, dirty, tail_lines,
+                                   scratch or image.parent))
     return DiskVerification(image, table, checks)
 
 
-async def _check(image: Path, p: Partition, fs: str, tail_lines: int) -> PartitionCheck:
-    if fs in ("ext2", "ext3", "ext4"):
-        # e2fsck -n: 0 clean; 4 errors left uncorrected; 8 and up: it could not check
-        # (a superblock it cannot read is damage too, so those count as damaged).
-        argv, clean = ["e2fsck", "-f", "-n"], {0}
+EXT = ("ext2", "ext3", "ext4")
+REPLAYED = "(the journal was replayed on a copy of the partition first, as a mount would)"
+XFS_DIRTY_LOG = "valuable metadata changes in a log"
+
+
+def _ext_needs_recovery(f: BinaryIO, offset: int) -> bool:
+    (incompat,) = struct.unpack("<I", _read(f, offset + 1024 + 96, 4))
+    return bool(incompat & 0x4)  # EXT3_FEATURE_INCOMPAT_RECOVER
+
+
+async def _check(image: Path, p: Partition, fs: str, dirty: bool, tail_lines: int,
+                 scratch: Path) -> PartitionCheck:
+    # e2fsck -n: 0 clean; 4 errors left uncorrected; 8 and up: it could not check (a
+    # superblock it cannot read is damage too, so all but 0 count as damaged).
+    # xfs_repair -n: 0 clean; 1 corruption found; 2 a dirty log it will not replay.
+    notes: list[str] = []
+    if fs in EXT and dirty:
+        async with partition_copy(image, p.start, p.size, scratch) as copy:
+            rc, out = await _run("e2fsck", "-E", "journal_only", "-p", str(copy))
+            if rc in (0, 1):  # 1: the journal was replayed
+                rc, out = await _run("e2fsck", "-f", "-n", str(copy))
+                notes = [REPLAYED]
+    elif fs in EXT:
+        async with _loop_device(image, p.start, p.size) as dev:
+            rc, out = await _run("e2fsck", "-f", "-n", dev)
     elif fs == "xfs":
-        # xfs_repair -n: 0 clean; 1 corruption found; 2 a dirty log it will not replay.
-        argv, clean = ["xfs_repair", "-n"], {0}
+        async with _loop_device(image, p.start, p.size) as dev:
+            rc, out = await _run("xfs_repair", "-n", dev)
+        if rc == 2 or (rc == 1 and XFS_DIRTY_LOG in out):
+            rc, out = await _xfs_replayed(image, p, scratch)
+            notes = [REPLAYED.replace("journal", "log")]
     else:
         return PartitionCheck(p, fs, "not_checked", [])
-    async with _loop_device(image, p) as dev:
-        rc, out = await _run(*argv, dev)
     lines = [ln for ln in out.splitlines() if ln.strip()]
-    return PartitionCheck(p, fs, "clean" if rc in clean else "damaged",
-                          [*lines[-tail_lines:], f"(exit status {rc})"])
+    return PartitionCheck(p, fs, "clean" if rc == 0 else "damaged",
+                          [*lines[-tail_lines:], *notes, f"(exit status {rc})"])
+
+
+async def _xfs_replayed(image: Path, p: Partition, scratch: Path) -> tuple[int, str]:
+    """xfs_repair -n after the kernel replayed the log (mount, umount) on a copy."""
+    async with partition_copy(image, p.start, p.size, scratch) as copy, \
+            _loop_device(copy, 0, p.size, read_only=False) as dev:
+        mnt = Path(tempfile.mkdtemp(prefix=".verify-mnt-", dir=scratch))
+        try:
+            # nouuid: the protected machine's own filesystem may be mounted on this host
+            rc, out = await _run("mount", "-t", "xfs", "-o", "nouuid", dev, str(mnt))
+            if rc != 0:
+                return rc, f"the log could not be replayed: {out}"
+            rc, out = await _run("umount", str(mnt))
+            if rc != 0:
+                raise CheckToolError(f"umount {mnt}", out)
+        finally:
+            mnt.rmdir()
+        return await _run("xfs_repair", "-n", dev)
 
 
 class _loop_device:
-    """A read-only loop device over one partition of the image; detached on exit."""
+    """A loop device over ``size`` bytes of ``path`` from ``offset``, read-only unless
+    asked; detached on exit."""
 
-    def __init__(self, image: Path, p: Partition) -> None:
-        self.image, self.p, self.dev = image, p, ""
+    def __init__(self, path: Path, offset: int, size: int, read_only: bool = True) -> None:
+        self.path, self.offset, self.size, self.read_only = path, offset, size, read_only
+        self.dev = ""
 
     async def __aenter__(self) -> str:
-        rc, out = await _run("losetup", "--read-only", "--find", "--show",
-                             "--offset", str(self.p.start), "--sizelimit", str(self.p.size),
-                             str(self.image))
+        ro = ["--read-only"] if self.read_only else []
+        rc, out = await _run("losetup", *ro, "--find", "--show", "--offset", str(self.offset),
+                             "--sizelimit", str(self.size), str(self.path))
         if rc != 0:
-            raise CheckToolError(f"losetup of partition {self.p.number} of {self.image}", out)
+            raise CheckToolError(f"losetup of {self.path} at byte {self.offset}", out)
         self.dev = out.strip()
         return self.dev
 

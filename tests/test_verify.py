@@ -13,6 +13,7 @@ import pytest
 
 from targets.verify import PartitionTableError, read_partitions, verify_image
 from tests.backends import missing_backend
+from tests.helpers import sha256
 
 MIB = 1 << 20
 LINUX_FS_GUID = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
@@ -21,7 +22,7 @@ LINUX_FS_GUID = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 @pytest.fixture(autouse=True)
 def _tools() -> None:
     for tool in ("sfdisk", "mkfs.ext4", "mkfs.xfs", "e2fsck", "xfs_repair", "losetup",
-                 "dumpe2fs"):
+                 "dumpe2fs", "xfs_io", "mount"):
         if shutil.which(tool) is None:
             missing_backend(tool, "tests/run.sh installs fdisk, e2fsprogs, xfsprogs")
 
@@ -192,3 +193,71 @@ def test_gpt_falls_back_to_its_backup_then_refuses(tmp_path: Path) -> None:
     with pytest.raises(PartitionTableError, match=r"header checksum mismatch at sector 1;"
                                                   r".*checksum mismatch at sector 16383"):
         read_partitions(disk)
+
+
+def _crashed_fs(tmp: Path, kind: str, size_mib: int) -> Path:
+    """A filesystem copied as a power cut leaves it: mounted, written, then shut down
+    with its journal/log flushed but not checkpointed (``xfs_io shutdown -f``)."""
+    live, mnt = tmp / f"{kind}-live.fs", tmp / f"{kind}-mnt"
+    with open(live, "wb") as f:
+        f.truncate(size_mib * MIB)
+    subprocess.run([f"mkfs.{kind}", "-q", *(["-F"] if kind == "ext4" else ["-f"]), str(live)],
+                   check=True)
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(live), str(mnt)], check=True)
+    try:
+        for i in range(300):
+            (mnt / f"d{i}").mkdir()
+            (mnt / f"d{i}" / "f").write_text(f"{i}\n")
+        subprocess.run(["xfs_io", "-x", "-c", "shutdown -f", str(mnt)], check=True)
+        crashed = tmp / f"{kind}-crashed.fs"
+        shutil.copyfile(live, crashed)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    return crashed
+
+
+def _plain_xfs_repair(fs: Path) -> str:
+    dev = subprocess.run(["losetup", "--read-only", "--find", "--show", str(fs)],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        return subprocess.run(["xfs_repair", "-n", dev], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True).stdout
+    finally:
+        subprocess.run(["losetup", "--detach", dev], check=True)
+
+
+async def test_a_dirty_xfs_log_is_replayed_on_a_copy_not_the_image(tmp_path: Path) -> None:
+    _needs_root()
+    xfs = _crashed_fs(tmp_path, "xfs", 320)
+    # as it is, xfs_repair -n would call this crash-consistent filesystem damaged
+    assert "valuable metadata changes in a log" in _plain_xfs_repair(xfs)
+    disk = _disk(tmp_path, f"label: gpt\nsize=320MiB, type={LINUX_FS_GUID}\n", 330, {1: xfs})
+    before = sha256(disk)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    report = await verify_image(disk, scratch=scratch)
+    [check] = report.checks
+    assert (check.fs, check.status) == ("xfs", "clean"), check.output_tail
+    assert any("log was replayed on a copy" in ln for ln in check.output_tail)
+    assert sha256(disk) == before  # the image itself is never written
+    assert list(scratch.iterdir()) == [] and _attached(disk) == ""
+
+
+def _features(fs: Path) -> str:
+    return subprocess.run(["dumpe2fs", "-h", str(fs)], capture_output=True, text=True,
+                          check=True).stdout
+
+
+async def test_an_ext4_needing_recovery_is_checked_after_its_journal(tmp_path: Path) -> None:
+    _needs_root()
+    ext4 = _crashed_fs(tmp_path, "ext4", 32)
+    assert "needs_recovery" in _features(ext4)
+    disk = _disk(tmp_path, "label: dos\nstart=2048, size=32MiB, type=83\n", 40, {1: ext4})
+    before = sha256(disk)
+    report = await verify_image(disk)  # scratch: the image's own folder
+    [check] = report.checks
+    assert (check.fs, check.status) == ("ext4", "clean"), check.output_tail
+    assert any("journal was replayed on a copy" in ln for ln in check.output_tail)
+    assert sha256(disk) == before
+    assert sorted(p.name for p in tmp_path.glob(".verify-*")) == []
