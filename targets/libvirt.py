@@ -218,10 +218,15 @@ class LibvirtTarget:
                 await self.virsh("net-start", self.drill_network)
 
     async def _reserve(self, network: str, mac: str, ip: str, name: str) -> None:
-        live = ["--live"] if re.search(r"Active:\s+yes",
-                                       await self.virsh("net-info", network)) else []
         await self.virsh("net-update", network, "add", "ip-dhcp-host",
-                         dhcp_host_xml(mac, ip, name), *live, "--config")
+                         dhcp_host_xml(mac, ip, name), *await self._update_flags(network))
+
+    async def _update_flags(self, network: str) -> list[str]:
+        """net-update's flags: the running network (--live) and its stored definition
+        (--config), each where it exists (a transient network has no definition)."""
+        info = await self.virsh("net-info", network)
+        return [flag for flag, field in (("--live", "Active"), ("--config", "Persistent"))
+                if re.search(rf"{field}:\s+yes", info)]
 
     # ---- boot -----------------------------------------------------------------------
 
@@ -289,10 +294,8 @@ class LibvirtTarget:
     async def _unreserve(self, net: str, mac: str, ip: str, name: str) -> None:
         if not await self.virsh.exists("network", net):
             return
-        live = ["--live"] if re.search(r"Active:\s+yes",
-                                       await self.virsh("net-info", net)) else []
         await self.virsh.gone("net-update", net, "delete", "ip-dhcp-host",
-                              dhcp_host_xml(mac, ip, name), *live, "--config")
+                              dhcp_host_xml(mac, ip, name), *await self._update_flags(net))
 
     async def _remove_drill_network_if_unused(self, net: str) -> None:
         async with self._net_lock:

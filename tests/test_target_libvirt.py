@@ -5,6 +5,7 @@ nothing (checked with virsh), and check refuses bad settings by name. Three VM b
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 
 from targets.base import BootFailedError, RecoveryDisk, RecoverySpec, TargetError
 from targets.console import ConsoleLog
+from targets.domainxml import isolated_network_xml
 from targets.kvm import probe_kvm
 from targets.libvirt import LibvirtTarget
 from tests.backends import missing_backend
@@ -140,6 +142,60 @@ async def test_unbootable_disk_fails_at_boot_and_cleanup_removes_it(
     finally:
         await target.cleanup(rec)
     _assert_nothing_left(uri, spec.vm_name, folder)
+
+
+@pytest.fixture(scope="module")
+def production_net(uri: str) -> Iterator[str]:
+    """A stand-in for the operator's production network (isolated too: tests send no
+    traffic), made and removed by the test, never by the target."""
+    name = "sr-test-prod"
+    xml = isolated_network_xml(name, "virbr-srtprod", ipaddress.IPv4Network("10.214.0.0/24"))
+    subprocess.run(["virsh", "-q", "-c", uri, "net-create", "/dev/stdin"], input=xml,
+                   text=True, check=True, capture_output=True)
+    try:
+        yield name
+    finally:
+        virsh(uri, "net-destroy", name)
+
+
+async def test_failover_goes_on_its_network_with_a_dhcp_reservation(
+        uri: str, pool: Path, production_net: str, tmp_path: Path) -> None:
+    target = LibvirtTarget(uri=uri, pool_dir=pool / "images", network="sr-no-default",
+                           drill_network=DRILL_NET)
+    img = tmp_path / "d.raw"
+    with open(img, "wb") as f:
+        f.truncate(1 << 20)
+    disks = [RecoveryDisk("sda", img, 1 << 20), RecoveryDisk("sdb", img, 1 << 20)]
+    outside = RecoverySpec(machine="db1", vm_name="sr-test-failover", network=production_net,
+                           ip="192.0.2.10")
+    [refusal] = await target.check(outside, disks)
+    assert refusal.setting == "ip" and "outside network 'sr-test-prod' (10.214.0.0/24)" \
+        in refusal.message
+    spec = RecoverySpec(machine="db1", vm_name="sr-test-failover", cpus=2, memory_mib=128,
+                        network=production_net, ip="10.214.0.20")
+    assert await target.check(spec, disks) == []
+    rec = await target.create(spec, disks)
+    folder = target.pool_dir / spec.vm_name
+    try:
+        mac = rec.details["mac"]
+        assert mac.startswith("52:54:00:")  # none given: a stable one from the name
+        assert rec.resources == [
+            f"dir:{folder}", f"file:{folder}/00-sda.raw", f"file:{folder}/01-sdb.raw",
+            f"file:{folder}/console.log", f"dhcp-host:{production_net}|{mac}|10.214.0.20",
+            f"domain:{spec.vm_name}"]
+        xml = virsh(uri, "dumpxml", spec.vm_name).stdout
+        assert f"<source network='{production_net}'/>" in xml and "<vcpu placement='static'>2" \
+            in xml
+        assert "dev='vda' bus='virtio'" in xml and "dev='vdb' bus='virtio'" in xml
+        assert f"<host mac='{mac}' name='sr-test-failover' ip='10.214.0.20'/>" in \
+            virsh(uri, "net-dumpxml", production_net).stdout
+        assert DRILL_NET not in virsh(uri, "net-list", "--all", "--name").stdout.split()
+    finally:
+        await target.cleanup(rec)
+    assert virsh(uri, "domuuid", spec.vm_name).returncode != 0 and not folder.exists()
+    net = virsh(uri, "net-dumpxml", production_net).stdout
+    assert "<host " not in net  # the reservation went with the machine; the network stays
+    await target.cleanup(rec)  # again, with the reservation already gone from the network
 
 
 async def test_check_refuses_bad_settings_by_name(
