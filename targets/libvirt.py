@@ -233,16 +233,21 @@ class LibvirtTarget:
     async def boot(self, recovered: Recovered, timeout: float) -> BootProof:
         """Start the domain and wait for the marker (or a login prompt) on its console.
 
-        On no proof within ``timeout``, or the machine stopping first, the domain is
-        stopped (left defined, for cleanup) and ``BootFailedError`` carries the
-        console's last lines."""
+        A domain already running is followed, not started again (``seconds`` then
+        counts from this call). On no proof within ``timeout``, on a console line after
+        which no boot follows, or on the machine stopping first, the domain is stopped
+        (left defined, for cleanup) and ``BootFailedError`` carries the console's last
+        lines."""
         name = recovered.vm_name
         log = ConsoleLog(Path(recovered.details["console_log"]))
         marker = recovered.details.get("boot_marker") or None
         if recovered.details.get("drill") == "yes":
             await self._ensure_drill_network()  # another drill's cleanup may have removed it
         started = time.monotonic()
-        await self.virsh("start", name)
+        if not await self._running(name):
+            await self.virsh("start", name)
+        # else a boot already under way (a job resumed after a restart): follow it; its
+        # console log holds this run from its start (append='off')
         deadline = started + timeout
         while True:
             line = log.find(lambda ln: (marker in ln if marker else bool(LOGIN_PROMPT.search(ln)))

@@ -268,14 +268,17 @@ async def verify_image(image: Path, tail_lines: int = TAIL_LINES,
     A dirty ext3/4 journal or XFS log is replayed first on a copy of its partition in
     ``scratch`` (default: the image's folder; see ``targets.replay``)."""
     table, parts = await asyncio.to_thread(read_partitions, image)
-    checks = []
-    for p in parts:
-        with open(image, "rb") as f:
-            fs = detect_fs(f, p.start)
-            dirty = fs in EXT and _ext_needs_recovery(f, p.start)
-        checks.append(await _check(image, p, fs, dirty, tail_lines,
-                                   scratch or image.parent))
+    kinds = await asyncio.to_thread(_kinds, image, parts)
+    checks = [await _check(image, p, fs, dirty, tail_lines, scratch or image.parent)
+              for p, (fs, dirty) in zip(parts, kinds, strict=True)]
     return DiskVerification(image, table, checks)
+
+
+def _kinds(image: Path, parts: list[Partition]) -> list[tuple[str, bool]]:
+    """Each partition's filesystem, and whether its ext journal needs replaying."""
+    with open(image, "rb") as f:
+        return [(fs, fs in EXT and _ext_needs_recovery(f, p.start))
+                for p in parts for fs in [detect_fs(f, p.start)]]
 
 
 EXT = ("ext2", "ext3", "ext4")
