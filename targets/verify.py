@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import struct
+import subprocess
 import tempfile
 import zlib
 from dataclasses import dataclass
@@ -339,24 +340,40 @@ async def _xfs_replayed(image: Path, p: Partition, scratch: Path) -> tuple[int, 
 
 class _loop_device:
     """A loop device over ``size`` bytes of ``path`` from ``offset``, read-only unless
-    asked; detached on exit."""
+    asked; detached on exit.
+
+    Attaching and detaching are blocking calls (milliseconds) on purpose: an awaited
+    losetup cancelled half-way could attach a device whose name is never read, and an
+    awaited detach could be cut short by a second cancellation or the loop closing."""
 
     def __init__(self, path: Path, offset: int, size: int, read_only: bool = True) -> None:
         self.path, self.offset, self.size, self.read_only = path, offset, size, read_only
         self.dev = ""
 
     async def __aenter__(self) -> str:
-        ro = ["--read-only"] if self.read_only else []
-        rc, out = await _run("losetup", *ro, "--find", "--show", "--offset", str(self.offset),
-                             "--sizelimit", str(self.size), str(self.path))
-        if rc != 0:
-            raise CheckToolError(f"losetup of {self.path} at byte {self.offset}", out)
-        self.dev = out.strip()
+        self.dev = _attach(self.path, self.offset, self.size, self.read_only)
         return self.dev
 
     async def __aexit__(self, *exc: object) -> None:
-        # Shielded: a cancelled check must still give its loop device back.
-        await asyncio.shield(_run("losetup", "--detach", self.dev))
+        _detach(self.dev)
+
+
+def _attach(path: Path, offset: int, size: int, read_only: bool) -> str:
+    ro = ["--read-only"] if read_only else []
+    try:
+        res = subprocess.run(["losetup", *ro, "--find", "--show", "--offset", str(offset),
+                              "--sizelimit", str(size), str(path)],
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    except FileNotFoundError as e:
+        raise CheckToolError("losetup is not installed", str(e)) from e
+    if res.returncode != 0:
+        raise CheckToolError(f"losetup of {path} at byte {offset}", res.stdout + res.stderr)
+    return res.stdout.strip()
+
+
+def _detach(dev: str) -> None:
+    subprocess.run(["losetup", "--detach", dev], stdin=subprocess.DEVNULL,
+                   capture_output=True)
 
 
 async def _run(*argv: str) -> tuple[int, str]:
