@@ -1,7 +1,7 @@
 """The libvirt target on a real libvirtd and QEMU: a drill of the boot disk boots, an
 unbootable disk fails at the boot step with the console's last lines, cleanup leaves
-nothing (checked with virsh), and check refuses bad settings by name. Three VM boots
-(one full, two that stop in the firmware)."""
+nothing (checked with virsh), and check refuses bad settings by name. Four VM boots
+(two full ones of one machine, two that stop in the firmware)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import ipaddress
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,6 +76,12 @@ def _assert_nothing_left(uri: str, vm: str, folder: Path) -> None:
     assert not folder.exists(), list(folder.iterdir())
 
 
+def _until_shut_off(uri: str, vm: str) -> None:
+    """Poll for the guest's own poweroff (a condition; the suite's timeout bounds it)."""
+    while virsh(uri, "domstate", vm).stdout.strip() != "shut off":
+        time.sleep(0.2)
+
+
 async def test_drill_boots_and_cleanup_leaves_nothing(
         target: LibvirtTarget, uri: str, disk_image: Path, tmp_path: Path) -> None:
     disk = _copy_disk(disk_image, tmp_path / "restored.raw")
@@ -108,6 +115,14 @@ async def test_drill_boots_and_cleanup_leaves_nothing(
         assert proof.seconds > 0
         assert proof.console_tail[-1:] != [] and any("SYSLINUX" in ln
                                                      for ln in proof.console_tail)
+
+        # booted again, waiting for a marker this disk never prints: its init powers the
+        # machine off, which ends the wait at once with the console's lines
+        _until_shut_off(uri, spec.vm_name)
+        rec.details["boot_marker"] = "a-marker-never-printed"
+        with pytest.raises(BootFailedError, match="stopped before it showed") as e:
+            await target.boot(rec, BOOT_BOUND)
+        assert any(MARKER in ln for ln in e.value.console_tail), e.value.console_tail
     finally:
         await target.cleanup(rec)
     _assert_nothing_left(uri, spec.vm_name, folder)
