@@ -7,7 +7,8 @@ names each partition's filesystem by its superblock magic, and checks ext2/3/4 w
 partition. Other filesystems are reported ``not_checked``. A dirty journal or log (a
 crash-consistent point) is replayed first on a throwaway copy (``targets.replay``).
 Nothing is ever written to the image, and every loop device attached is detached again,
-whatever happens.
+even on cancellation (a process killed mid-check leaves its device to
+``targets.loopdev.detach_stale_loops`` at the next start).
 
 A malformed partition table raises ``PartitionTableError`` (a ``TargetError``), naming
 what is wrong; a damaged filesystem is not an error but a ``damaged`` entry in the
@@ -19,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import struct
-import subprocess
 import tempfile
 import zlib
 from dataclasses import dataclass
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 from targets.base import TargetError
+from targets.loopdev import CheckToolError, LoopDevice
 from targets.replay import partition_copy
 
 SECTOR = 512
@@ -43,14 +44,6 @@ class PartitionTableError(TargetError):
     def __init__(self, image: Path, why: str) -> None:
         super().__init__("partition_table", f"{image}: malformed partition table: {why}",
                          "choose another recovery point; this one's first sectors are damaged")
-
-
-class CheckToolError(TargetError):
-    """A checking tool could not run at all (missing, or the loop device failed)."""
-
-    def __init__(self, what: str, output: str) -> None:
-        super().__init__("verify_tool", f"{what}: {output.strip()[-500:]}",
-                         "install e2fsprogs, xfsprogs and util-linux; run as root")
 
 
 @dataclass(frozen=True)
@@ -305,10 +298,10 @@ async def _check(image: Path, p: Partition, fs: str, dirty: bool, tail_lines: in
                 rc, out = await _run("e2fsck", "-f", "-n", str(copy))
                 notes = [REPLAYED]
     elif fs in EXT:
-        async with _loop_device(image, p.start, p.size) as dev:
+        async with LoopDevice(image, p.start, p.size) as dev:
             rc, out = await _run("e2fsck", "-f", "-n", dev)
     elif fs == "xfs":
-        async with _loop_device(image, p.start, p.size) as dev:
+        async with LoopDevice(image, p.start, p.size) as dev:
             rc, out = await _run("xfs_repair", "-n", dev)
         if rc == 2 or (rc == 1 and XFS_DIRTY_LOG in out):
             rc, out = await _xfs_replayed(image, p, scratch)
@@ -323,7 +316,7 @@ async def _check(image: Path, p: Partition, fs: str, dirty: bool, tail_lines: in
 async def _xfs_replayed(image: Path, p: Partition, scratch: Path) -> tuple[int, str]:
     """xfs_repair -n after the kernel replayed the log (mount, umount) on a copy."""
     async with partition_copy(image, p.start, p.size, scratch) as copy, \
-            _loop_device(copy, 0, p.size, read_only=False) as dev:
+            LoopDevice(copy, 0, p.size, read_only=False) as dev:
         mnt = Path(tempfile.mkdtemp(prefix=".verify-mnt-", dir=scratch))
         try:
             # nouuid: the protected machine's own filesystem may be mounted on this host
@@ -336,44 +329,6 @@ async def _xfs_replayed(image: Path, p: Partition, scratch: Path) -> tuple[int, 
         finally:
             mnt.rmdir()
         return await _run("xfs_repair", "-n", dev)
-
-
-class _loop_device:
-    """A loop device over ``size`` bytes of ``path`` from ``offset``, read-only unless
-    asked; detached on exit.
-
-    Attaching and detaching are blocking calls (milliseconds) on purpose: an awaited
-    losetup cancelled half-way could attach a device whose name is never read, and an
-    awaited detach could be cut short by a second cancellation or the loop closing."""
-
-    def __init__(self, path: Path, offset: int, size: int, read_only: bool = True) -> None:
-        self.path, self.offset, self.size, self.read_only = path, offset, size, read_only
-        self.dev = ""
-
-    async def __aenter__(self) -> str:
-        self.dev = _attach(self.path, self.offset, self.size, self.read_only)
-        return self.dev
-
-    async def __aexit__(self, *exc: object) -> None:
-        _detach(self.dev)
-
-
-def _attach(path: Path, offset: int, size: int, read_only: bool) -> str:
-    ro = ["--read-only"] if read_only else []
-    try:
-        res = subprocess.run(["losetup", *ro, "--find", "--show", "--offset", str(offset),
-                              "--sizelimit", str(size), str(path)],
-                             stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    except FileNotFoundError as e:
-        raise CheckToolError("losetup is not installed", str(e)) from e
-    if res.returncode != 0:
-        raise CheckToolError(f"losetup of {path} at byte {offset}", res.stdout + res.stderr)
-    return res.stdout.strip()
-
-
-def _detach(dev: str) -> None:
-    subprocess.run(["losetup", "--detach", dev], stdin=subprocess.DEVNULL,
-                   capture_output=True)
 
 
 async def _run(*argv: str) -> tuple[int, str]:

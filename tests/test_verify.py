@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from targets.loopdev import detach_stale_loops
 from targets.verify import PartitionTableError, read_partitions, verify_image
 from tests.backends import missing_backend
 from tests.helpers import sha256
@@ -261,3 +262,25 @@ async def test_an_ext4_needing_recovery_is_checked_after_its_journal(tmp_path: P
     assert any("journal was replayed on a copy" in ln for ln in check.output_tail)
     assert sha256(disk) == before
     assert sorted(p.name for p in tmp_path.glob(".verify-*")) == []
+
+
+def test_stale_loop_devices_under_a_work_root_are_detached(tmp_path: Path) -> None:
+    _needs_root()
+    work, other = tmp_path / "work", tmp_path / "other"
+    work.mkdir()
+    other.mkdir()
+    kept, gone, foreign = work / "kept.img", work / "gone.img", other / "x.img"
+    for img in (kept, gone, foreign):
+        with open(img, "wb") as f:
+            f.truncate(MIB)
+    devs = [subprocess.run(["losetup", "--read-only", "--find", "--show", str(img)],
+                           capture_output=True, text=True, check=True).stdout.strip()
+            for img in (kept, gone, foreign)]
+    try:
+        gone.unlink()  # as when a killed check's work folder was removed afterwards
+        assert sorted(detach_stale_loops(work)) == sorted(devs[:2])
+        assert _attached(kept) == "" and _attached(foreign) != ""
+        assert detach_stale_loops(work) == []
+    finally:
+        for dev in devs:
+            subprocess.run(["losetup", "--detach", dev], capture_output=True)
