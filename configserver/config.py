@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 def _is_loopback(host: str) -> bool:
@@ -33,6 +34,16 @@ class ConfigServerConfig:
     vault_key_file: str = ""
     agent_cert_days: float = 365.0  # lifetime of agent certificates; renew before it ends
     alert_interval_seconds: float = 30.0
+    # Failover targets (docs/REFERENCE.md §13). The folder target is always there.
+    recovered_dir: str = ""  # the folder target's root (default DATA_DIR/recovered)
+    folder_format: str = "raw"  # raw | vhd | qcow2
+    libvirt_uri: str = ""  # e.g. qemu:///system; empty: no libvirt target
+    libvirt_image_dir: str = ""  # recovered disks (default DATA_DIR/libvirt)
+    libvirt_network: str = "default"  # the network failovers join
+    libvirt_drill_subnet: str = "10.213.0.0/24"  # the isolated network drills join
+    libvirt_accel: str = "auto"  # auto (KVM when it works) | kvm | qemu
+    azure_target_url: str = ""  # azure://CONTAINER[/PREFIX]; empty: no Azure target
+    azure_target: dict[str, Any] = field(default_factory=dict)  # AzureSettings' fields
 
     def validate(self) -> None:
         if not _is_loopback(self.listen_host):
@@ -45,6 +56,12 @@ class ConfigServerConfig:
             raise ValueError("agent_cert_days must be more than 0 and at most 3650")
         if self.alert_interval_seconds <= 0:
             raise ValueError("alert_interval_seconds must be positive")
+        if self.folder_format not in ("raw", "vhd", "qcow2"):
+            raise ValueError("folder_format must be raw, vhd or qcow2")
+        if self.libvirt_accel not in ("auto", "kvm", "qemu"):
+            raise ValueError("libvirt_accel must be auto, kvm or qemu")
+        if self.azure_target_url and not self.azure_target_url.startswith("azure://"):
+            raise ValueError("azure_target_url must be azure://CONTAINER[/PREFIX]")
         if self.database_url and not self.database_url.startswith(
                 ("sqlite+aiosqlite://", "postgresql+asyncpg://")):
             raise ValueError("database_url must be sqlite+aiosqlite:///PATH or "

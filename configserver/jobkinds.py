@@ -17,8 +17,10 @@ from configserver import failover, replication
 from configserver.config import ConfigServerConfig
 from configserver.failover import FailoverDeps
 from configserver.jobdefs import JobKind, by_name
+from targets.azure import AzureSettings, AzureTarget
 from targets.base import Target
 from targets.folder import FolderTarget
+from targets.libvirt import LibvirtTarget
 from targets.verify import verify_image
 
 
@@ -27,9 +29,21 @@ def kinds(deps: FailoverDeps) -> Mapping[str, JobKind]:
 
 
 def targets_of(cfg: ConfigServerConfig) -> dict[str, Target]:
-    """The recovery targets this server offers: the folder target under the data dir
-    (``<data_dir>/recovered/<vm>/``)."""
-    return {"folder": FolderTarget(Path(cfg.data_dir) / "recovered")}
+    """The recovery targets this server offers: always the folder target
+    (``recovered_dir``, default ``<data_dir>/recovered/<vm>/``); libvirt when
+    ``libvirt_uri`` is set; Azure when ``azure_target_url`` is set."""
+    data = Path(cfg.data_dir)
+    out: dict[str, Target] = {
+        "folder": FolderTarget(cfg.recovered_dir or data / "recovered", cfg.folder_format)}
+    if cfg.libvirt_uri:
+        out["libvirt"] = LibvirtTarget(
+            cfg.libvirt_uri, Path(cfg.libvirt_image_dir or data / "libvirt"),
+            network=cfg.libvirt_network, drill_subnet=cfg.libvirt_drill_subnet,
+            accel=cfg.libvirt_accel)
+    if cfg.azure_target_url:
+        out["azure"] = AzureTarget.open(cfg.azure_target_url,
+                                        AzureSettings.from_mapping(cfg.azure_target))
+    return out
 
 
 def for_config(cfg: ConfigServerConfig) -> Mapping[str, JobKind]:

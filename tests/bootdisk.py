@@ -111,8 +111,13 @@ def _kernel_package() -> str:
 def _build(work: Path) -> Path:
     debs, tree = work / "debs", work / "tree"
     debs.mkdir()
-    _run("apt-get", "download", "-q", _kernel_package(), "busybox-static", "extlinux",
-         "syslinux-common", cwd=debs)
+    try:
+        _run("apt-get", "download", "-q", _kernel_package(), "busybox-static", "extlinux",
+             "syslinux-common", cwd=debs)
+    except RuntimeError:  # package lists missing or stale (a new machine): refresh, once
+        _run("apt-get", "update", "-qq")
+        _run("apt-get", "download", "-q", _kernel_package(), "busybox-static", "extlinux",
+             "syslinux-common", cwd=debs)
     for deb in sorted(debs.glob("*.deb")):
         _run("dpkg-deb", "-x", deb, tree)
     [vmlinuz] = sorted(tree.glob("boot/vmlinuz-*"))

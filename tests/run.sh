@@ -10,11 +10,14 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 # System packages: qemu-img (VHD checks), e2fsprogs (ext4 on loop devices), openssh-server
 # (push install), postgresql (scale-out catalog), systemd (systemd-analyze verify), restic,
 # faketime (libfaketime: registration's clock-skew check with a real offset), xfsprogs
-# (reflink snapshots of disk images on a real XFS).
+# (reflink snapshots of disk images on a real XFS), libvirt + QEMU + dnsmasq (the libvirt
+# failover target: emulated VMs boot the test disk that tests/bootdisk.py builds from
+# Debian packages fetched with apt-get download), fdisk (sfdisk: partitioned test disks).
 need=()
 for pair in qemu-img:qemu-utils mkfs.ext4:e2fsprogs sshd:openssh-server \
             pg_ctlcluster:postgresql-common systemd-analyze:systemd faketime:faketime \
-            mkfs.xfs:xfsprogs; do
+            mkfs.xfs:xfsprogs virsh:libvirt-clients libvirtd:libvirt-daemon-system \
+            qemu-system-x86_64:qemu-system-x86 dnsmasq:dnsmasq-base sfdisk:fdisk; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
 done
