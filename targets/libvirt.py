@@ -154,7 +154,7 @@ class LibvirtTarget:
     # ---- create ---------------------------------------------------------------------
 
     async def create(self, spec: RecoverySpec, disks: list[RecoveryDisk]) -> Recovered:
-        refusals = await self.check(spec, disks)
+        refusals = await self.check(spec, disks) + _missing_images(disks)
         if refusals:
             raise TargetError("spec_refused", "; ".join(f"{r.setting}: {r.message}"
                                                         for r in refusals),
@@ -320,13 +320,19 @@ def _check_disks(disks: list[RecoveryDisk]) -> list[Refusal]:
     if len(set(names)) != len(names):
         out.append(Refusal("disks", f"disk names repeat: {names}"))
     for d in disks:
-        if not d.path.is_file():
-            out.append(Refusal("disks", f"{d.name}: no image at {d.path}"))
-        elif d.size <= 0 or d.size % 512 or d.path.stat().st_size != d.size:
+        # check runs before the restore too (base.py): an image not there yet is judged
+        # by the size it will have; create refuses one still missing (_missing_images)
+        on_disk = d.path.stat().st_size if d.path.is_file() else d.size
+        if d.size <= 0 or d.size % 512 or on_disk != d.size:
             out.append(Refusal("disks", f"{d.name}: {d.size} bytes; a raw image whose size "
                                         f"is a positive multiple of 512 and matches the "
-                                        f"file ({d.path.stat().st_size})"))
+                                        f"file ({on_disk})"))
     return out
+
+
+def _missing_images(disks: list[RecoveryDisk]) -> list[Refusal]:
+    return [Refusal("disks", f"{d.name}: no image at {d.path}")
+            for d in disks if not d.path.is_file()]
 
 
 def _remove_tree(path: Path) -> None:

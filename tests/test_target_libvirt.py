@@ -239,7 +239,7 @@ async def test_check_refuses_bad_settings_by_name(
     assert "'-bad name'" in by["vm_name"][0]
     assert "0: 1 to " in by["cpus"][0] and "16: 64 to " in by["memory_mib"][0]
     assert any("repeat" in m for m in by["disks"])
-    assert any("no image at" in m for m in by["disks"])
+    assert not any("no image at" in m for m in by["disks"])  # checked before the restore
     assert any("multiple of 512" in m for m in by["disks"])
     assert "bios or uefi" in by["firmware"][0]
     assert "'sr-no-such-net' is not a network" in by["network"][0]
@@ -247,6 +247,14 @@ async def test_check_refuses_bad_settings_by_name(
         await target.create(spec, disks)
     assert e.value.code == "spec_refused" and "vm_name:" in e.value.message
     assert not (pool / "images" / "-bad name").exists()
+    # an image still missing at create (the restore did not make it) is refused there
+    gone = [RecoveryDisk("sda", tmp_path / "gone.raw", 512)]
+    assert await target.check(RecoverySpec(machine="m", vm_name="sr-test-gone", drill=True),
+                              gone) == []
+    with pytest.raises(TargetError, match="sda: no image at") as e:
+        await target.create(RecoverySpec(machine="m", vm_name="sr-test-gone", drill=True),
+                            gone)
+    assert e.value.code == "spec_refused" and not (pool / "images" / "sr-test-gone").exists()
     bad_ip = RecoverySpec(machine="m", vm_name="ok", ip="10.0.0.300")
     assert [r.setting for r in await target.check(bad_ip, disks[:1])] == ["ip"]
 
