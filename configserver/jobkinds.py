@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+import structlog
+
 from configserver import failover, replication
 from configserver.config import ConfigServerConfig
 from configserver.failover import FailoverDeps
@@ -21,7 +23,10 @@ from targets.azure import AzureSettings, AzureTarget
 from targets.base import Target
 from targets.folder import FolderTarget
 from targets.libvirt import LibvirtTarget
+from targets.loopdev import detach_stale_loops
 from targets.verify import verify_image
+
+log = structlog.get_logger("configserver")
 
 
 def kinds(deps: FailoverDeps) -> Mapping[str, JobKind]:
@@ -47,10 +52,28 @@ def targets_of(cfg: ConfigServerConfig) -> dict[str, Target]:
 
 
 def for_config(cfg: ConfigServerConfig) -> Mapping[str, JobKind]:
-    """The kinds the daemon of ``cfg`` runs, bound to its targets and work folder."""
-    return kinds(FailoverDeps(targets=targets_of(cfg),
-                              work_root=Path(cfg.data_dir) / "failover-work",
+    """The kinds the daemon of ``cfg`` runs, bound to its targets and work folder.
+
+    Called once, when the daemon starts its job engine and before any job runs: the loop
+    devices a check left attached over the work folder (the server killed during a disk
+    check) are detached here, as nothing else would ever free them."""
+    work_root = Path(cfg.data_dir) / "failover-work"
+    free_stale_loops(work_root)
+    return kinds(FailoverDeps(targets=targets_of(cfg), work_root=work_root,
                               check_disk=verify_image))
+
+
+def free_stale_loops(work_root: Path) -> list[str]:
+    """Detach the loop devices left over ``work_root``; log and return them. Without
+    losetup (or without root) there is nothing the checks could have attached."""
+    try:
+        freed = detach_stale_loops(work_root)
+    except OSError as e:  # losetup missing: the disk checks cannot have run either
+        log.info("stale_loops_not_checked", work_root=str(work_root), error=str(e))
+        return []
+    if freed:
+        log.warning("stale_loops_detached", work_root=str(work_root), devices=freed)
+    return freed
 
 
 KINDS: Mapping[str, JobKind] = kinds(FailoverDeps(targets={}, work_root=Path("/nonexistent")))
