@@ -12,9 +12,11 @@ event loop only reads the network: the session hands it runs of whole frames
 (memoryviews of the receive buffers, no copy), the thread appends them with one
 ``writev`` per batch, and closed segments are fsynced on another thread while the
 writer goes on with the next one. Recording them (the caller's ``record``) happens
-on the event loop, strictly in segment order. The bytes handed over and not yet
-written are bounded (``budget``): a session that finds no room waits, stops
-reading, and TCP backpressure slows the agent down.
+on the event loop, strictly in segment order, and is never cut short: a database
+transaction cancelled halfway can leave SQLite's write lock held by a connection
+that is being thrown away. The bytes handed over and not yet written are bounded
+(``budget``): a session that finds no room waits, stops reading, and TCP
+backpressure slows the agent down.
 """
 
 from __future__ import annotations
@@ -114,7 +116,10 @@ class SegmentSink:
         self._queued = 0
         self._space = asyncio.Event()
         self._error: BaseException | None = None
-        self._closing: asyncio.Queue[_Closing] = asyncio.Queue()
+        # Closed segments in order; ``None`` (put by ``stop``) ends the recorder.
+        self._closing: asyncio.Queue[_Closing | None] = asyncio.Queue()
+        # The futures of closed segments the recorder has not dealt with yet.
+        self._unsealed: set[asyncio.Future[tuple[int, int]]] = set()
         self._closed = self._recorded = 0
         self._progress = asyncio.Event()
         self._stopped = False
@@ -151,6 +156,7 @@ class SegmentSink:
         fut: asyncio.Future[tuple[int, int]] = self._loop.create_future()
         self._q.put((_CLOSE, number, fut))
         self._closed += 1
+        self._unsealed.add(fut)
         self._closing.put_nowait((fut, (number, frames, last)))
 
     async def sync(self) -> None:
@@ -163,16 +169,22 @@ class SegmentSink:
         self._raise_if_failed()
 
     async def stop(self) -> None:
-        """End the writer thread (what was queued is written; open files are closed)."""
+        """End the writer thread (what was queued is written), then the recorder.
+
+        Without an error every closed segment is sealed and recorded first; after one
+        (the writer's or a recording's), none is any more. Either way, when ``stop``
+        returns no segment file is open here any more, and no recording is under way:
+        an aborted cycle's space is free once its files are deleted."""
         if not self._stopped:
             self._stopped = True
             self._q.put((_STOP,))
+            self._closing.put_nowait(None)
         await asyncio.to_thread(self._thread.join)
-        if not self._recorder.done():
-            if self._recorded < self._closed and self._error is None:
-                await self.sync()
-            self._recorder.cancel()
-        await asyncio.gather(self._recorder, return_exceptions=True)
+        # The writer has ended: a closed segment it did not hand over never will be.
+        for fut in self._unsealed:
+            if not fut.done():
+                fut.cancel()
+        await asyncio.wait([self._recorder])  # not cancelled with the caller: it ends
         if self._queued and self._on_queued is not None:
             self._on_queued(-self._queued)
             self._queued = 0
@@ -191,27 +203,40 @@ class SegmentSink:
 
     async def _record_in_order(self) -> None:
         """Seal and record closed segments in order; all those waiting in one go (one
-        directory fsync, one transaction: group commit)."""
-        while True:
+        directory fsync, one transaction: group commit). After an error, close their
+        files instead. Ends at ``stop``'s ``None``; nothing else cancels it."""
+        end = False
+        while not end:
             batch = [await self._closing.get()]
             while not self._closing.empty():
                 batch.append(self._closing.get_nowait())
+            end = batch[-1] is None
+            closing = [c for c in batch if c is not None]
+            if not closing:
+                continue
+            # Each is handed over by the writer, or given up by ``stop`` (cancelled).
+            await asyncio.wait([fut for fut, _meta in closing])
+            self._unsealed.difference_update(fut for fut, _meta in closing)
+            handed = [(fut.result(), meta) for fut, meta in closing if not fut.cancelled()]
+            if self._error is not None or len(handed) < len(closing):
+                for (fd, _size), _meta in handed:
+                    os.close(fd)
+                continue
+            fds: list[tuple[int, Path]] = []
+            sealed: list[SealedSegment] = []
+            for (fd, size), (number, frames, last) in handed:
+                path = segment_path(self.cycle_dir, number)
+                fds.append((fd, path))
+                sealed.append(SealedSegment(number, path, size, frames, last))
             try:
-                sealed: list[SealedSegment] = []
-                fds: list[tuple[int, Path]] = []
-                for fut, (number, frames, last) in batch:
-                    fd, size = await fut
-                    path = segment_path(self.cycle_dir, number)
-                    fds.append((fd, path))
-                    sealed.append(SealedSegment(number, path, size, frames, last))
-                await asyncio.to_thread(seal_fds, fds)
+                await asyncio.to_thread(seal_fds, fds)  # closes them, whatever happens
                 await self._record(sealed)
             except asyncio.CancelledError:
                 raise
             except BaseException as e:
                 self._failed(e)
-                return
-            self._recorded += len(batch)
+                continue
+            self._recorded += len(closing)
             self._progress.set()
 
     # -- writer thread ------------------------------------------------------------------

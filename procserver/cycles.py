@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,11 @@ log = structlog.get_logger("procserver")
 
 
 OPEN, COMPLETE, ABORTED = "open", "complete", "aborted"
+
+
+@asynccontextmanager
+async def _nothing_to_withhold(_cycle_seq: int) -> AsyncIterator[None]:
+    yield
 
 
 @dataclass(eq=False)
@@ -75,10 +81,15 @@ class CycleBook:
     def __init__(self, sessionmaker: async_sessionmaker[AsyncSession], cache_dir: Path,
                  space: CacheSpace, resume_window: float, *,
                  wake_uploader: Callable[[], None],
-                 spawn: Callable[[Coroutine[Any, Any, None]], Any]) -> None:
+                 spawn: Callable[[Coroutine[Any, Any, None]], Any],
+                 withhold_upload: Callable[[int], AbstractAsyncContextManager[None]]
+                 = _nothing_to_withhold) -> None:
         self.sessionmaker, self.cache_dir, self.space = sessionmaker, cache_dir, space
         self.resume_window = resume_window  # resume_window_seconds
         self.wake_uploader = wake_uploader  # segments were recorded, or a cycle went
+        # ``Uploader.withhold``: a cycle being aborted is let go of by the uploader
+        # (none of its segments mapped or open there) before its files are deleted.
+        self.withhold_upload = withhold_upload
         self.spawn = spawn  # runs an abort when a resume window ends (shutdown waits)
         # Cycles being received (and resumable ones while suspended), by cycle id.
         self.open: dict[str, OpenCycle] = {}
@@ -202,7 +213,11 @@ class CycleBook:
                 await self.abort(oc, "superseded")
 
     async def abort(self, oc: OpenCycle, reason: str = "") -> None:
-        """Drop a cycle that was never acknowledged: row aborted, cache deleted."""
+        """Drop a cycle that was never acknowledged: row aborted, cache deleted.
+
+        When it returns, the cycle's cache space is free on the disk (the uploader has
+        let go of its segments first) and no database transaction of it is left open:
+        a session may tell its agent the cycle was refused, and the next one fits."""
         if oc.state != OPEN:
             return
         oc.state = ABORTED
@@ -210,16 +225,17 @@ class CycleBook:
         if oc.expiry is not None:
             oc.expiry.cancel()
             oc.expiry = None
-        try:
-            await self._mark_aborted(oc.seq)
-        except Exception:
-            # The database may sit on the cache's full disk: free the cycle's space and
-            # try once more. (A cycle left `receiving` without its folder is dropped at
-            # the next start.)
+        async with self.withhold_upload(oc.seq):
+            try:
+                await self._mark_aborted(oc.seq)
+            except Exception:
+                # The database may sit on the cache's full disk: free the cycle's space
+                # and try once more. (A cycle left `receiving` without its folder is
+                # dropped at the next start; until then the uploader leaves it alone.)
+                await asyncio.to_thread(remove_cycle_dir, oc.cycle_dir)
+                self.space.release(oc.seq)
+                await self._mark_aborted(oc.seq)
             await asyncio.to_thread(remove_cycle_dir, oc.cycle_dir)
-            self.space.release(oc.seq)
-            await self._mark_aborted(oc.seq)
-        await asyncio.to_thread(remove_cycle_dir, oc.cycle_dir)
         self.space.release(oc.seq)
         self.wake_uploader()
         async with self.changed:

@@ -4,12 +4,18 @@ The uploader hands a segment's frames to the ``CycleWriter`` in runs; each run i
 read-only mapping of its part of the file, so block data are views of the page cache.
 A run is unmapped as soon as none of its views is left (its blocks are sealed into
 packs), which keeps the process's resident memory to the runs waiting to be sealed.
+
+A mapping of a deleted segment keeps the file's space in use: ``Mappings`` counts the
+runs of each cycle still mapped, so that an aborted cycle's space can be waited for.
 """
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import mmap
 import os
+import weakref
 from collections.abc import Iterator
 
 from procserver.cache import SEGMENT_MAGIC
@@ -112,3 +118,43 @@ class SealedSegment:
 def close_released(runs: list[Run]) -> None:
     """Forget the runs that could be unmapped."""
     runs[:] = [r for r in runs if not r.try_close()]
+
+
+class Mappings:
+    """The runs mapped now, by cycle. A run is unmapped when its mapping is freed:
+    closed by ``close_released``, or dropped with its last view, on any thread."""
+
+    def __init__(self) -> None:
+        self._live: weakref.WeakKeyDictionary[mmap.mmap, int] = weakref.WeakKeyDictionary()
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+
+    def track(self, key: int, run: Run) -> None:
+        """Count ``run`` as mapped for cycle ``key`` until its mapping is freed."""
+        self._live[run._mm] = key
+        weakref.finalize(run._mm, self._freed).atexit = False
+
+    def mapped(self, key: int) -> int:
+        return sum(1 for k in list(self._live.values()) if k == key)
+
+    def _freed(self) -> None:
+        for loop, ev in tuple(self._waiters):
+            try:
+                loop.call_soon_threadsafe(ev.set)
+            except RuntimeError:  # that loop is closed: nobody waits there any more
+                pass
+
+    async def wait_unmapped(self, key: int) -> None:
+        """Wait until no run of cycle ``key`` is mapped (the caller bounds the wait)."""
+        waiter = (asyncio.get_running_loop(), asyncio.Event())
+        self._waiters.add(waiter)
+        try:
+            while self.mapped(key):
+                waiter[1].clear()
+                # The last views of an abandoned upload's runs may be held only by
+                # reference cycles (the tracebacks of its cancelled tasks): free them
+                # now rather than at the next automatic collection.
+                gc.collect()
+                if self.mapped(key):
+                    await waiter[1].wait()  # a thread still reads one (a pack build)
+        finally:
+            self._waiters.discard(waiter)

@@ -119,7 +119,7 @@ class ProcServer:
         vaults.on_open = self.uploader.wake
         self.cycles = CycleBook(sessionmaker, self.cache_dir, self.space,
                                 cfg.resume_window_seconds, wake_uploader=self.uploader.wake,
-                                spawn=spawn)
+                                spawn=spawn, withhold_upload=self.uploader.withhold)
         self.trust = TrustList(self.client, self.data_dir, cfg.tls_ca)
         self.policies = Policies(self.client, self.data_dir, cfg.policy_interval_seconds,
                                  self.reporter.name, lambda: self.reporter.registered,

@@ -10,16 +10,19 @@ space released — so a cycle larger than the cache quota drains instead of stal
 and a restarted process server resumes from the journal (invariant 9). A checkpoint
 writes to the vault while the next segment is read, hashed and compressed;
 checkpoints, and so journal appends, still complete in segment order.
+
+A cycle being aborted is *withheld* (``withhold``): its upload stops, and the abort
+goes on only once none of its segments is mapped or open here any more — a mapped
+or open file keeps its space after it is deleted, and the next cycle needs it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import struct
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -30,10 +33,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from common.backoff import Backoff
 from procserver import db
 from procserver.backlog import JOURNAL
-from procserver.cache import fsync_or_die, remove_cycle_dir
+from procserver.cache import remove_cycle_dir
 from procserver.cachespace import CacheSpace
+from procserver.journal import append_journal, read_journal
 from procserver.metrics import ProcMetrics
-from procserver.segruns import Run, SealedSegment, close_released
+from procserver.segruns import Mappings, Run, SealedSegment, close_released
 from procserver.vaultaccess import VaultAccess
 from vault.errors import MissingObjectError
 from vault.locks import locked
@@ -53,12 +57,14 @@ BATCH_FRAMES = 1024
 # is checkpointed at once, so a cache that holds only a few segments always drains.
 CHECKPOINT_BYTES = 64 << 20
 LOCK_WAIT = 600.0
+# An aborted cycle's upload lets go of its segments within this time (it stops at the
+# next run of frames; a checkpoint under way ends first).
+LET_GO_WAIT = 60.0
 T = TypeVar("T")
 
 
 class BaseGoneError(Exception):
     """The point a delta cycle builds on no longer exists."""
-JREC = struct.Struct("<HQ32s")
 
 
 class _Wakeups:
@@ -96,10 +102,35 @@ class Uploader:
         self._wakeups = _Wakeups()
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(max(1, threads))
+        self.mappings = Mappings()  # the runs of segments mapped now, by cycle
+        self._withheld: set[int] = set()  # cycles being aborted: never uploaded
+        self._busy: dict[int, asyncio.Event] = {}  # cycles being processed: set when not
 
     def wake(self) -> None:
         """Look for new cycles and segments now."""
         self._wakeups.fire()
+
+    @asynccontextmanager
+    async def withhold(self, cycle_seq: int) -> AsyncIterator[None]:
+        """Stop uploading the cycle ``cycle_seq`` (it is being aborted) and enter once
+        none of its segment files is mapped or open here any more, so that deleting
+        them frees their space. Inside, the caller marks the cycle aborted; if that
+        raises, the cycle stays withheld (its row may still say receiving). A
+        mapping still left after ``LET_GO_WAIT`` is logged (``cycle_space_held``)."""
+        self._withheld.add(cycle_seq)
+        self.wake()
+        try:
+            async with asyncio.timeout(LET_GO_WAIT):
+                busy = self._busy.get(cycle_seq)
+                if busy is not None:
+                    await busy.wait()
+                await self.mappings.wait_unmapped(cycle_seq)
+        except TimeoutError:
+            log.warning("cycle_space_held", cycle_seq=cycle_seq,
+                        mapped_runs=self.mappings.mapped(cycle_seq),
+                        hint="the aborted cycle's cache space is freed when they go")
+        yield
+        self._withheld.discard(cycle_seq)
 
     async def wait_point(self, cycle: str, timeout: float = 300.0) -> str:
         """Wait until the acknowledged ``cycle`` is a whole point in the vault; return its
@@ -151,10 +182,12 @@ class Uploader:
             async with self.sessionmaker() as s:
                 cyc = (await s.execute(
                     select(db.Cycle).where(db.Cycle.machine == machine,
-                                           db.Cycle.state.in_([db.RECEIVING, db.COMPLETE]))
+                                           db.Cycle.state.in_([db.RECEIVING, db.COMPLETE]),
+                                           db.Cycle.seq.not_in(self._withheld))
                     .order_by(db.Cycle.seq).limit(1))).scalar_one_or_none()
             if cyc is None:
                 return
+            delay = None
             try:
                 async with locked(self.vaults.vault, "shared", f"upload {machine}",
                                   wait=LOCK_WAIT):
@@ -172,6 +205,9 @@ class Uploader:
                 delay = backoff.next()
                 log.error("cycle_upload_failed", machine=machine, cycle=cyc.id, error=str(e),
                           error_type=type(e).__name__, retry_in_seconds=round(delay, 2))
+            if delay is not None:
+                # Not inside ``except``: the error's traceback holds the failed upload's
+                # frames, and with them views of its mapped segments.
                 await asyncio.sleep(delay)
 
     async def _drop(self, cyc: db.Cycle) -> None:
@@ -202,6 +238,22 @@ class Uploader:
                                 "a prune removed") from None
 
     async def process(self, cyc: db.Cycle) -> None:
+        """Upload the cycle ``cyc`` as far as its segments go (to a point once it is
+        complete); return early if it is aborted or withheld meanwhile."""
+        busy = self._busy[cyc.seq] = asyncio.Event()
+        try:
+            await self._process(cyc)
+        finally:
+            del self._busy[cyc.seq]
+            busy.set()
+
+    def _check_withheld(self, cyc: db.Cycle) -> None:
+        if cyc.seq in self._withheld:
+            raise _CycleAborted
+
+    async def _process(self, cyc: db.Cycle) -> None:
+        if cyc.seq in self._withheld:
+            return
         vault, index = self.vaults.vault, await self.vaults.refresh_index()
         begin = json.loads(cyc.begin_doc)
         disks = [DiskSpec(d["name"], d["size"], d["block_size"]) for d in begin["disks"]]
@@ -211,7 +263,7 @@ class Uploader:
             disks=disks, full=cyc.full, base=await self._base_point(cyc),
             on_pack=self.metrics.pack_uploaded,
         )
-        writer.replay(await asyncio.to_thread(_read_journal, cycle_dir / JOURNAL))
+        writer.replay(await asyncio.to_thread(read_journal, cycle_dir / JOURNAL))
         # Segments handed to the writer whose checkpoint has not deleted them yet.
         taken: set[int] = set()
         # Mapped runs of segments some of whose blocks may wait to be sealed into a pack.
@@ -229,6 +281,7 @@ class Uploader:
                     state = await self._state(cyc.seq)
                     if state.state == db.ABORTED:
                         raise _CycleAborted
+                    self._check_withheld(cyc)
                     # Taken before the query: a checkpoint that deletes rows (and forgets
                     # them in ``taken``) meanwhile must not make a stale row look new.
                     skip = set(taken)
@@ -256,7 +309,7 @@ class Uploader:
                         size += seg.size
                     for seg in run:
                         async with self._slots:
-                            await self._add_segment(writer, seg.path, mapped)
+                            await self._add_segment(writer, cyc, seg.path, mapped)
                         taken.add(seg.id)
                     ck = await writer.start_checkpoint()
                     if commit is not None:
@@ -275,8 +328,11 @@ class Uploader:
                 point = await writer.finish(end["digests"], begin["consistency"],
                                             end.get("created"))
         except _CycleAborted:
-            await _stop(commit, cancel=True)
+            # The pack writes first: a checkpoint waiting for them ends without
+            # journaling, one journaling already ends first (never cut in a transaction).
             await writer.abort()
+            await _stop(commit, cancel=False)
+            mapped.clear()
             return
         except BaseException as e:
             # Cancel the pack writes first: a checkpoint still waiting for them fails
@@ -303,13 +359,16 @@ class Uploader:
                  consistency=point.consistency, stored_bytes=writer.stored_bytes,
                  logical_bytes=writer.logical_bytes)
 
-    async def _add_segment(self, writer: CycleWriter, path: str, mapped: list[Run]) -> None:
+    async def _add_segment(self, writer: CycleWriter, cyc: db.Cycle, path: str,
+                           mapped: list[Run]) -> None:
         segment = await asyncio.to_thread(SealedSegment, path, BATCH_BYTES, BATCH_FRAMES)
         try:
             for run in segment.map_runs():
+                self.mappings.track(cyc.seq, run)
                 mapped.append(run)
                 await writer.add(run.take())
                 close_released(mapped)
+                self._check_withheld(cyc)
         finally:
             segment.close()
 
@@ -321,7 +380,7 @@ class Uploader:
         close_released(mapped)
         # Durable in the vault and journaled before the segments go. The append is never
         # left running behind a cancelled caller (a retry reads the journal).
-        await _in_thread_to_the_end(_append_journal, cycle_dir / JOURNAL, journal)
+        await _in_thread_to_the_end(append_journal, cycle_dir / JOURNAL, journal)
         ids = [seg.id for seg in segs]
         async with self.sessionmaker() as s:
             await s.execute(delete(db.Segment).where(db.Segment.id.in_(ids)))
@@ -363,33 +422,3 @@ async def _in_thread_to_the_end(fn: Callable[..., T], *args: object) -> T:
 def _unlink_all(paths: list[str]) -> None:
     for p in paths:
         Path(p).unlink(missing_ok=True)
-
-
-def _append_journal(path: Path, entries: list[tuple[int, int, bytes]]) -> None:
-    new = not path.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        os.write(fd, b"".join(JREC.pack(d, n, bid) for d, n, bid in entries))
-        fsync_or_die(fd, str(path))
-    finally:
-        os.close(fd)
-    if new:
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            fsync_or_die(dfd, str(path.parent))
-        finally:
-            os.close(dfd)
-
-
-def _read_journal(path: Path) -> list[tuple[int, int, bytes]]:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    whole = len(data) - len(data) % JREC.size
-    if whole != len(data):
-        # A torn append was never fsynced, so its segment was never deleted and will
-        # be processed again: drop the tail so later appends stay aligned.
-        os.truncate(path, whole)
-    return [JREC.unpack_from(data, o) for o in range(0, whole, JREC.size)]

@@ -54,6 +54,11 @@ async def test_cache_disk_full(tmp_path: Path, pki: Pki, vault_at: tuple[str, Pa
                 refused = True
                 assert "space" in str(e).lower() or "full" in str(e).lower(), str(e)
             assert refused, "a 48 MiB initial copy cannot fit a 24 MiB cache unacknowledged"
+            # The refused cycle's space is free before the agent hears of it: no file of it
+            # is left open or mapped (only the database and its WAL stay on the disk).
+            st = os.statvfs(cache_fs)
+            assert st.f_bavail * st.f_frsize >= 22 << 20, \
+                f"{st.f_bavail * st.f_frsize} bytes free after the refused cycle"
             small = tmp_path / "small.img"
             make_disk(small, 8 << 20, seed=44)
             other = make_agent(agent_config(tmp_path, pki, "web02", ps.port, {"sda": small}))
