@@ -12,15 +12,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from alembic import command
+from alembic import command, context
 from alembic.config import Config
-from sqlalchemy import Connection, event, inspect
+from sqlalchemy import Connection, MetaData, event, inspect
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
+
+
+def run_env(metadata: MetaData, owner: str) -> None:
+    """The body of a migrations folder's ``env.py``: run the migrations on the connection
+    ``migrate`` handed over (``owner`` names the module whose ``migrate()`` does that)."""
+    connection = context.config.attributes.get("connection")
+    if connection is None:  # pragma: no cover - only 'alembic' on the command line
+        raise RuntimeError(f"run migrations through {owner}.migrate()")
+    context.configure(connection=connection, target_metadata=metadata,
+                      render_as_batch=connection.dialect.name == "sqlite")
+    with context.begin_transaction():
+        context.run_migrations()
 
 
 def alembic_config(migrations: Path, connection: Connection | None = None) -> Config:

@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-from alembic import context
-
+from common.sqldb import run_env
 from configserver.models import Base
 
-connection = context.config.attributes.get("connection")
-if connection is None:  # pragma: no cover - only 'alembic' on the command line
-    raise RuntimeError("run migrations through configserver.db.migrate()")
-context.configure(connection=connection, target_metadata=Base.metadata,
-                  render_as_batch=connection.dialect.name == "sqlite")
-with context.begin_transaction():
-    context.run_migrations()
+run_env(Base.metadata, "configserver.db")
