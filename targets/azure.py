@@ -151,9 +151,8 @@ class AzureTarget:
         except StoreError as e:
             raise TargetError("azure_storage_unusable", str(e),
                               "give the target container's credentials as for a vault") from None
-        # vault.store.azure owns URL and credential parsing; it exposes no accessor for
-        # its container client and prefix yet, so they are read here.
-        return cls(store._c, settings, prefix=store._prefix, store=store)
+        # vault.store.azure owns URL and credential parsing: one set of rules for both.
+        return cls(store.container, settings, prefix=store.prefix, store=store)
 
     async def close(self) -> None:
         if self._store is not None:

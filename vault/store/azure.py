@@ -77,6 +77,17 @@ class AzureBlobStore:
     def __repr__(self) -> str:
         return f"AzureBlobStore({self.url})"  # never the credentials
 
+    @property
+    def container(self) -> ContainerClient:
+        """The container's client, built with the URL's credentials; closed by ``close``
+        (for users that need more than the protocol, such as page blobs)."""
+        return self._c
+
+    @property
+    def prefix(self) -> str:
+        """The URL's path inside the container: ``""`` or ``"PATH/"``."""
+        return self._prefix
+
     @classmethod
     def from_url(cls, url: str) -> AzureBlobStore:
         p = urlparse(url)
