@@ -38,7 +38,7 @@ from configserver.tokens import matches
 
 __all__ = ["AUTHS", "ERROR_SCHEMA", "NAME", "STATUS", "ApiError", "Call", "Handler", "Route",
            "RouteTable", "array", "error_response", "iso", "not_found", "nullable", "obj",
-           "reply", "status_of"]
+           "parse_body", "reply", "status_of"]
 
 log = structlog.get_logger("configserver.api")
 
@@ -48,6 +48,8 @@ log = structlog.get_logger("configserver.api")
 #   agent     a protected machine's client certificate (site listener, mutual TLS)
 #   none      anyone (health, metrics, the OpenAPI document, enrollment by passphrase)
 AUTHS = ("admin", "internal", "agent", "none")
+# Strict-Transport-Security on the site listener: one year (what browsers' preload lists ask).
+HSTS = "max-age=31536000"
 # The HTTP status of each kind of domain error (a subclass answers as its base).
 STATUS: tuple[tuple[type[DomainError], int], ...] = (
     (NotFound, 404), (Conflict, 409), (InvalidRequest, 422), (Unauthenticated, 401),
@@ -78,6 +80,47 @@ def reply(data: Any, status: int = 200) -> web.Response:
 def error_response(status: int, code: str, message: str, hint: str = "") -> web.Response:
     return web.json_response({"error": {"code": code, "message": message, "hint": hint}},
                              status=status)
+
+
+# How deeply a request body may nest. Every document of the API is a few levels deep;
+# the cap keeps recursive code (the JSON decoder, schema validation, handlers) far from
+# Python's recursion limit, whatever a client sends.
+MAX_JSON_DEPTH = 32
+
+
+def json_depth_exceeds(doc: Any, limit: int) -> bool:
+    """Whether ``doc`` nests containers more than ``limit`` deep (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children: Iterable[Any] = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def parse_body(raw: bytes) -> Any:
+    """A request body as JSON (empty: None); ``ApiError`` 400 ``bad_json`` for anything else:
+    not UTF-8, not JSON, or nested deeper than ``MAX_JSON_DEPTH``."""
+    too_deep = ApiError(400, "bad_json", f"the request body nests JSON arrays or objects "
+                        f"more than {MAX_JSON_DEPTH} levels deep",
+                        "send the document the operation's schema describes (/openapi.json)")
+    try:
+        body = json.loads(raw or b"null")
+    except RecursionError:  # the C decoder recurses once per level
+        raise too_deep from None
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "bad_json", "the request body is not JSON",
+                       "send Content-Type: application/json") from None
+    if json_depth_exceeds(body, MAX_JSON_DEPTH):
+        raise too_deep
+    return body
 
 
 @dataclass
@@ -143,11 +186,23 @@ class RouteTable:
     def app(self, peer_of: Callable[[web.Request], Awaitable[str | None]] | None = None
             ) -> web.Application:
         app = web.Application(middlewares=[self._errors], client_max_size=1 << 20)
+        app.on_response_prepare.append(self._security_headers)
         for r in self.routes:
             app.router.add_route(r.method, r.path, self._wrap(r, peer_of))
         if self.listener == "admin":
             app.router.add_get("/openapi.json", self._openapi)
         return app
+
+    async def _security_headers(self, _request: web.Request,
+                                response: web.StreamResponse) -> None:
+        """Every answer: never cached (tokens, certificates and secrets pass through here),
+        never content-sniffed; on the TLS site listener also HSTS, which a browser honours
+        only over HTTPS (RFC 6797), so the plain loopback admin listener does not send it."""
+        headers = response.headers
+        headers.setdefault("Cache-Control", "no-store")
+        headers.setdefault("X-Content-Type-Options", "nosniff")
+        if self.listener == "site":
+            headers.setdefault("Strict-Transport-Security", HSTS)
 
     @web.middleware
     async def _errors(self, request: web.Request,
@@ -165,7 +220,10 @@ class RouteTable:
             code = (e.reason or "error").lower().replace(" ", "_")
             hint = "see /openapi.json for the routes and methods" if e.status in (404, 405) \
                 else ""
-            return error_response(e.status, code, e.text or e.reason or code, hint)
+            resp = error_response(e.status, code, e.text or e.reason or code, hint)
+            if "Allow" in e.headers:  # a 405 names the methods the path has (RFC 9110)
+                resp.headers["Allow"] = e.headers["Allow"]
+            return resp
         except Exception as e:
             log.exception("api_internal_error", path=request.path, method=request.method)
             return error_response(500, "internal_error", f"{type(e).__name__}: {e}",
@@ -200,11 +258,7 @@ class RouteTable:
                 query[name] = value
             body: Any = None
             if route.body is not None:
-                try:
-                    body = json.loads(await request.read() or b"null")
-                except (ValueError, UnicodeDecodeError):
-                    raise ApiError(400, "bad_json", "the request body is not JSON",
-                                   "send Content-Type: application/json") from None
+                body = parse_body(await request.read())
                 errs = sorted(self._validators[id(route)].iter_errors(body),
                               key=lambda e: list(e.path))
                 if errs:

@@ -25,6 +25,7 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
+from common.tls import server_context
 from configserver import db, jobkinds, tokens
 from configserver.alerts import AlertBook
 from configserver.api import all_routes
@@ -124,11 +125,9 @@ class ConfigServer:
             write_bundle(tls, "site", self.ca.issue_server("configserver", names),
                          self.ca.cert_pem)
             marker.write_text(",".join(names))
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(self.ca.cert_path))
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(tls / "site.pem", tls / "site.key")
-        ctx.verify_mode = ssl.CERT_OPTIONAL  # enrollment comes without a certificate
-        return ctx
+        # enrollment comes without a certificate: CERT_OPTIONAL
+        return server_context(cafile=str(self.ca.cert_path), certfile=str(tls / "site.pem"),
+                              keyfile=str(tls / "site.key"), verify_mode=ssl.CERT_OPTIONAL)
 
     @property
     def url(self) -> str:

@@ -21,6 +21,8 @@ from typing import Any, cast
 
 import structlog
 
+from common.logthrottle import LogThrottle
+from common.tls import server_context
 from procserver.framestream import FrameStream
 from procserver.metrics import ProcMetrics
 from procserver.recvbuffers import ReceiveBuffers
@@ -32,15 +34,14 @@ log = structlog.get_logger("procserver")
 # Receive buffering per connection: reading pauses once this much waits to be parsed.
 RECV_CHUNK = 256 << 10
 RECV_HIGH_WATER = 512 << 10
+# Refused TLS handshakes are logged at most once per peer address per this many seconds.
+HANDSHAKE_LOG_INTERVAL = 60.0
 
 
 def server_ssl_context(tls_ca: str, tls_cert: str, tls_key: str) -> ssl.SSLContext:
-    """Mutual TLS: a client certificate from our CA is required."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=tls_ca)
-    ctx.load_cert_chain(tls_cert, tls_key)
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
+    """Mutual TLS: a client certificate from our CA is required; AEAD suites only."""
+    return server_context(cafile=tls_ca, certfile=tls_cert, keyfile=tls_key,
+                          verify_mode=ssl.CERT_REQUIRED)
 
 
 def peer_machine(writer: asyncio.StreamWriter | asyncio.BaseTransport) -> str | None:
@@ -102,6 +103,8 @@ class Listener:
         self._sessions = asyncio.Semaphore(limits.max_sessions)
         self._handshakes = 0  # TCP connections accepted whose TLS handshake is not done
         self._handshakes_by_host: Counter[str] = Counter()
+        # one line per peer per minute for refused handshakes (the metric counts them all)
+        self.handshake_log = LogThrottle(HANDSHAKE_LOG_INTERVAL)
 
     async def accept_loop(self, listener: socket.socket) -> None:
         """Accept connections on ``listener`` until cancelled."""
@@ -118,6 +121,7 @@ class Listener:
             if self._handshakes >= limits.max_handshakes or \
                     self._handshakes_by_host[host] >= limits.max_handshakes_per_host:
                 self.metrics.rejected_handshakes.labels("busy").inc()
+                self._log_rejected(host, "busy", "too many TLS handshakes in progress")
                 sock.close()
                 continue
             self._handshakes += 1
@@ -138,8 +142,10 @@ class Listener:
                     lambda: stream, sock, ssl=self.tls, ssl_handshake_timeout=timeout + 1)
         except TimeoutError:
             self.metrics.rejected_handshakes.labels("timeout").inc()
-        except (OSError, ssl.SSLError, ConnectionError):
+            self._log_rejected(host, "timeout", f"no TLS handshake within {timeout:g}s")
+        except (OSError, ssl.SSLError, ConnectionError) as e:
             self.metrics.rejected_handshakes.labels("failed").inc()
+            self._log_rejected(host, "failed", str(e) or type(e).__name__)
         finally:
             self._handshakes -= 1
             self._handshakes_by_host[host] -= 1
@@ -155,6 +161,12 @@ class Listener:
             await self._handle(stream, cast(asyncio.Transport, transport))
         finally:
             self.buffers.streams.discard(stream)
+
+    def _log_rejected(self, host: str, reason: str, error: str) -> None:
+        suppressed = self.handshake_log.admit(host)
+        if suppressed is not None:
+            log.warning("tls_handshake_rejected", peer=host, reason=reason, error=error,
+                        suppressed=suppressed)
 
     async def _handle(self, stream: FrameStream, transport: asyncio.Transport) -> None:
         machine = peer_machine(transport)
