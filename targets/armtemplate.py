@@ -12,7 +12,8 @@ sends on a create), so property names and nesting are the service's; each resour
   private IP or a dynamic one;
 - the ``Microsoft.Compute/virtualMachines`` of the chosen size, attaching those disks
   (the OS disk, then data disks at LUN 0, 1, …) and that NIC, boot diagnostics on
-  (managed storage).
+  (the serial log and a screenshot: in managed storage, or in the storage account
+  whose blob endpoint ``boot_diagnostics_uri`` names).
 
 ``unknown_properties`` reads a template back through the same models and names every
 property they do not know or that is read-only: the check before a submission, and
@@ -83,6 +84,7 @@ class VmPlan:
     data_disks: list[DiskPlan] = field(default_factory=list)
     disk_sku: str = "Standard_LRS"
     tags: dict[str, str] = field(default_factory=dict)
+    boot_diagnostics_uri: str | None = None  # None: managed boot diagnostics storage
 
     @property
     def nic_name(self) -> str:
@@ -165,9 +167,11 @@ def _vm(plan: VmPlan) -> dict[str, Any]:
                 cm.NetworkInterfaceReference(
                     id=_rid(NIC, plan.nic_name),
                     properties=cm.NetworkInterfaceReferenceProperties(primary=True))]),
-            # Managed boot diagnostics: the serial log and screenshot, no storage account.
+            # The serial log and screenshot: the proof of a boot (or why not) on Azure.
+            # Without a storage URI Azure keeps them in managed storage.
             diagnostics_profile=cm.DiagnosticsProfile(
-                boot_diagnostics=cm.BootDiagnostics(enabled=True)),
+                boot_diagnostics=cm.BootDiagnostics(enabled=True,
+                                                    storage_uri=plan.boot_diagnostics_uri)),
         ),
     )
     depends = [_rid(DISK, d.name) for d in (plan.os_disk, *plan.data_disks)]
@@ -219,9 +223,10 @@ def unknown_properties(template: dict[str, Any]) -> list[str]:
 
 def _walk(cls: type[Any], data: dict[str, Any], where: str, problems: list[str]) -> None:
     # The SDK's models keep their fields in _attr_to_rest_field (rest name, visibility):
-    # the only place the generated code states which properties exist.
-    fields = {rf._rest_name: (attr, rf) for attr, rf in cls._attr_to_rest_field.items()}
+    # the only place the generated code states which properties exist. The class sets it
+    # on its first instance, so the model is made first.
     model = cls(data)
+    fields = {rf._rest_name: (attr, rf) for attr, rf in cls._attr_to_rest_field.items()}
     for key, value in data.items():
         if key not in fields:
             problems.append(f"{where}.{key}: not a property of {cls.__name__}")

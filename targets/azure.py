@@ -10,17 +10,22 @@ without them the recovery stops at the blobs and the template (an operator can d
 it by hand), ``submit`` refuses with ``azure_credentials_missing``, and ``boot``
 returns None: no boot can be proven.
 
+The machine's generation follows its restored OS disk (``targets.bootmode``): BIOS boot
+code makes a Generation 1 machine, an EFI system partition a Generation 2 one; ``check``
+reads it once the disk is restored (before, it judges by the item's settings alone).
+
 Blob credentials follow the vault's rules (``vault.store.azure``): a connection string
 or an account key or SAS from a file or the environment, never in the URL, never logged.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +51,11 @@ from targets.armtemplate import (
     template_json,
     unknown_properties,
 )
-from targets.azurecheck import GENERATION, check_vm, choose_size, managed_disk_name
+from targets.azurecheck import GENERATION, Assessment, assess, managed_disk_name
 from targets.base import BootProof, Recovered, RecoveryDisk, RecoverySpec, Refusal, TargetError
+from targets.bootmode import BootMode, detect_boot
 from targets.pageblob import PageBlobError, upload_vhd
+from targets.verify import PartitionTableError
 from vault.errors import StoreError
 from vault.store.azure import AzureBlobStore
 
@@ -88,6 +95,8 @@ class AzureSettings:
     concurrency: int = 8  # page uploads in flight per disk
     arm: ArmCredentials | None = None  # None: templates are made, not deployed
     tags: dict[str, str] = field(default_factory=dict)
+    # https://ACCOUNT.blob.core.windows.net/ for boot diagnostics (None: managed storage)
+    boot_diagnostics_storage_uri: str | None = None
 
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any]) -> AzureSettings:
@@ -95,7 +104,7 @@ class AzureSettings:
         ``arm`` a table of ``ArmCredentials``' fields. Raises ``ValueError`` naming the
         key for an unknown key, a missing required one or a value of the wrong type."""
         strs = ("location", "resource_group", "storage_account_id")
-        opt = ("network", "drill_network", "vm_size")
+        opt = ("network", "drill_network", "vm_size", "boot_diagnostics_storage_uri")
         known = {*strs, *opt, "disk_sku", "concurrency", "arm", "tags"}
         unknown = sorted(set(m) - known)
         if unknown:
@@ -114,6 +123,11 @@ class AzureSettings:
         if not isinstance(tags, Mapping) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
             raise ValueError("Azure target setting tags must be a table of strings")
+        diag = m.get("boot_diagnostics_storage_uri")
+        if diag is not None and (not diag.startswith("https://") or "?" in diag):
+            raise ValueError("Azure target setting boot_diagnostics_storage_uri must be a "
+                             "storage account's blob endpoint, https://ACCOUNT.blob.core."
+                             "windows.net/, without a SAS (omit it for managed storage)")
         arm = None
         if "arm" in m:
             a = m["arm"]
@@ -128,7 +142,7 @@ class AzureSettings:
                    storage_account_id=m["storage_account_id"], network=m.get("network"),
                    drill_network=m.get("drill_network"), vm_size=m.get("vm_size"),
                    disk_sku=m.get("disk_sku", "Standard_LRS"), concurrency=conc, arm=arm,
-                   tags=dict(tags))
+                   tags=dict(tags), boot_diagnostics_storage_uri=diag)
 
 
 class AzureTarget:
@@ -164,7 +178,22 @@ class AzureTarget:
         return self._s.drill_network if spec.drill else self._s.network
 
     async def check(self, spec: RecoverySpec, disks: list[RecoveryDisk]) -> list[Refusal]:
-        return check_vm(spec, disks, vm_size=self._s.vm_size, network=self.network_for(spec))
+        return (await self.assess(spec, disks)).refusals
+
+    async def assess(self, spec: RecoverySpec, disks: list[RecoveryDisk]) -> Assessment:
+        """``check``'s refusals with the firmware and size the machine would get. The OS
+        disk's boot mode is read when it is restored (an image of its full size)."""
+        boot: BootMode | None = None
+        unreadable: list[Refusal] = []
+        if disks and _restored(disks[0]):
+            try:
+                boot = await asyncio.to_thread(detect_boot, disks[0].path)
+            except PartitionTableError as e:
+                unreadable.append(Refusal("disks", f"OS disk {disks[0].name}: {e.message}; "
+                                                   f"{e.hint}"))
+        found = assess(spec, disks, vm_size=self._s.vm_size, network=self.network_for(spec),
+                       boot=boot)
+        return replace(found, refusals=[*unreadable, *found.refusals])
 
     def blob_name(self, vm_name: str, leaf: str) -> str:
         return f"{self._prefix}{vm_name}/{leaf}"
@@ -174,14 +203,15 @@ class AzureTarget:
 
         Refuses (``azure_refused``) what ``check`` refuses. On a failure part way the
         error's ``recovered`` names every blob begun, for ``cleanup``."""
-        refusals = await self.check(spec, disks)
-        if refusals:
-            raise TargetError("azure_refused", "; ".join(r.message for r in refusals),
+        found = await self.assess(spec, disks)
+        if found.refusals:
+            raise TargetError("azure_refused", "; ".join(r.message for r in found.refusals),
                               "change the item's recovery settings")
         rec = Recovered(target=self.name, vm_name=spec.vm_name)
-        size = self._s.vm_size or choose_size(spec, len(disks) - 1)
-        assert size is not None  # check refused otherwise
+        size = found.vm_size
+        assert size is not None  # assess refused otherwise
         rec.details["vm_size"] = size
+        rec.details["firmware"] = found.firmware_note
         network = self.network_for(spec)
         assert network is not None
         plans: list[DiskPlan] = []
@@ -198,10 +228,11 @@ class AzureTarget:
                                                  f"{report.skipped} already there)")
                 plans.append(DiskPlan(managed_disk_name(spec.vm_name, d.name), report.url))
             plan = VmPlan(vm_name=spec.vm_name, location=self._s.location, vm_size=size,
-                          generation=GENERATION[spec.firmware],
+                          generation=GENERATION[found.firmware],
                           storage_account_id=self._s.storage_account_id,
                           subnet_id=subnet_id(network), ip=spec.ip, os_disk=plans[0],
                           data_disks=plans[1:], disk_sku=self._s.disk_sku,
+                          boot_diagnostics_uri=self._s.boot_diagnostics_storage_uri,
                           tags={**self._s.tags, "siterecovery-machine": spec.machine,
                                 "siterecovery-drill": "true" if spec.drill else "false"})
             template = build_template(plan)
@@ -340,6 +371,15 @@ class AzureTarget:
                         raise TargetError("azure_cleanup_failed",
                                           f"cannot delete {ref}: {e.message}",
                                           "run the cleanup again") from None
+
+
+def _restored(disk: RecoveryDisk) -> bool:
+    # check runs before the restore too (on the disks as they will be): only an image of
+    # the disk's full size is read
+    try:
+        return disk.path.stat().st_size == disk.size
+    except OSError:
+        return False
 
 
 def _credential(arm: ArmCredentials) -> ClientSecretCredential:

@@ -47,7 +47,8 @@ class RecoverySpec:
     ip: str | None = None  # static address (None: DHCP)
     mac: str | None = None
     boot_marker: str | None = None  # console text that proves a boot (None: a login prompt)
-    firmware: str = "bios"  # bios | uefi
+    firmware: str = "bios"  # bios | uefi (a target that reads the disk's own may differ)
+    azure_size: str | None = None  # azure: the VM size (None: the target's, or from cpus/memory)
     point: str | None = None  # the recovery point's id, for targets that record it
 
 

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,18 @@ from azure.storage.blob import ContainerSasPermissions, generate_container_sas
 from azure.storage.blob.aio import ContainerClient
 
 from common.backoff import Backoff
-from targets.armtemplate import DISK, MODELS, NIC, VM, api_versions, template_json
+from configserver.recovery import RecoverySettings, apply
+from targets.armtemplate import (
+    DISK,
+    MODELS,
+    NIC,
+    VM,
+    DiskPlan,
+    VmPlan,
+    api_versions,
+    build_template,
+    template_json,
+)
 from targets.armtemplate import unknown_properties as template_problems
 from targets.azure import AzureSettings, AzureTarget
 from targets.azurecheck import check_vm
@@ -35,6 +47,7 @@ from targets.pageblob import (
     upload_vhd,
     written_ranges,
 )
+from tests import bootimages
 from tests.backends import AZURITE_ACCOUNT, AZURITE_KEY, missing_backend
 from vault.vhd import FOOTER_SIZE, parse_footer, vhd_size
 
@@ -349,9 +362,21 @@ def _settings(**kw: Any) -> AzureSettings:
     return AzureSettings(**{**base, **kw})
 
 
+def bios_bootable(path: Path, code: bytes | None = None) -> None:
+    """Give a raw image an MBR (sfdisk) with one partition and boot code in front of the
+    table: what a BIOS runs. ``code`` stands in for a boot loader's (the target reads only
+    whether there is any); None: random bytes."""
+    out = subprocess.run(["sfdisk", "-q", str(path)], capture_output=True, text=True,
+                         input="label: dos\nstart=2048, type=83, bootable\n")
+    assert out.returncode == 0, out.stderr
+    with open(path, "r+b") as f:
+        f.write(code or os.urandom(440))
+
+
 def _disks(tmp_path: Path) -> list[RecoveryDisk]:
     os_img = tmp_path / "sda.raw"
     image = make_image(os_img)
+    bios_bootable(os_img)
     data_img = tmp_path / "sdb.raw"
     with open(data_img, "wb") as f:  # a data disk of about the smallest size Azure takes
         f.truncate(GIB + 3 * MIB + 512)
@@ -372,6 +397,8 @@ async def test_create_writes_vhds_and_a_template_the_sdk_models_read_back(
                                      f"blob:{name}/dr/web1-test/sdb.vhd",
                                      f"blob:{name}/dr/web1-test/template.json"]
     assert "not configured" in rec.details["deployment"]
+    assert rec.details["firmware"].startswith("bios: the item's firmware setting, and the "
+                                              "disk boots with it (boot code in the MBR")
     assert await target.boot(rec, 1.0) is None
     assert_vhd_of(await download(c, "dr/web1-test/sda.vhd"), disks[0].path.read_bytes())
 
@@ -479,7 +506,7 @@ def test_check_refuses_each_bad_setting_naming_it_and_what_is_allowed() -> None:
     msg = _refused(uefi, [os_disk], vm_size="Standard_A1_v2")["vm_size"]
     assert "Generation 1" in msg and "Standard_B2s" in msg
     got = _refused(RecoverySpec(machine="m", vm_name="w", cpus=64), [os_disk], vm_size=None)
-    assert "64 CPUs" in got["vm_size"] and "Standard_D8s_v3" in got["vm_size"]
+    assert "64 CPUs" in got["azure_size"] and "Standard_D8s_v3" in got["azure_size"]
     assert _refused(RecoverySpec(machine="m", vm_name="w", cpus=2, memory_mib=6000),
                     [os_disk], vm_size=None) == {}
 
@@ -588,3 +615,85 @@ async def test_a_failed_create_names_what_it_made_for_cleanup(
     assert [b.name async for b in c.list_blobs()] == ["web1/sda.vhd"]
     await AzureTarget(c, _settings()).cleanup(err.recovered)
     assert [b async for b in c.list_blobs()] == []
+
+
+async def test_the_generation_follows_the_restored_disk(
+        tmp_path: Path, container: tuple[str, ContainerClient]) -> None:
+    bootimages.need_tools()
+    _, c = container
+    target = AzureTarget(c, _settings(vm_size=None))
+    spec = RecoverySpec(machine="m", vm_name="web2")  # firmware: bios, the default
+    uefi = bootimages.gpt(tmp_path / "uefi.img", bios_boot=False, esp=True)
+    disk = RecoveryDisk("sda", uefi, uefi.stat().st_size)
+
+    # Before the restore (the select step) the disk is judged by the settings alone.
+    later = RecoveryDisk("sda", tmp_path / "not-yet.img", disk.size)
+    assert await target.check(replace(spec, azure_size="Standard_A1_v2"), [later]) == []
+    # Restored, it boots UEFI only: a Generation 1 size is refused, naming the setting.
+    (refusal,) = await target.check(replace(spec, azure_size="Standard_A1_v2"), [disk])
+    assert refusal.setting == "azure_size"
+    assert "Generation 1 (BIOS) machines only" in refusal.message
+    assert "Standard_B1s" in refusal.message
+
+    rec = await target.create(spec, [disk])
+    assert rec.details["firmware"].startswith("uefi: the disk boots with uefi only")
+    assert "the item's firmware setting bios would not boot it" in rec.details["firmware"]
+    t = json.loads(await download(c, "web2/template.json"))
+    assert template_problems(t) == []
+    (os_disk,) = [r for r in t["resources"] if r["type"] == DISK]
+    assert os_disk["properties"]["hyperVGeneration"] == "V2"
+    (vm,) = [r for r in t["resources"] if r["type"] == VM]
+    assert vm["properties"]["hardwareProfile"]["vmSize"] == rec.details["vm_size"]
+    assert rec.details["vm_size"] == "Standard_B1s"  # the smallest Generation 2 size
+
+    # A disk that boots neither way is refused before anything is uploaded.
+    blobs = sorted([b.name async for b in c.list_blobs()])
+    dead = bootimages.mbr(tmp_path / "dead.img", boot_code=False)
+    with pytest.raises(TargetError) as info:
+        await target.create(replace(spec, vm_name="web3"),
+                            [RecoveryDisk("sda", dead, dead.stat().st_size)])
+    assert info.value.code == "azure_refused"
+    assert "OS disk sda boots neither with BIOS nor with UEFI" in info.value.message
+    assert "no boot code in the MBR" in info.value.message
+    assert sorted([b.name async for b in c.list_blobs()]) == blobs
+    # A first sector that is no partition table is refused with the parser's reason.
+    junk = tmp_path / "junk.img"
+    junk.write_bytes(os.urandom(2 * MIB))
+    (refusal,) = await target.check(spec, [RecoveryDisk("sda", junk, 2 * MIB)])
+    assert refusal.setting == "disks" and "no MBR signature" in refusal.message
+
+
+def test_the_item_azure_size_reaches_the_check_and_wins_over_the_target_vm_size() -> None:
+    item = apply(RecoverySettings(), {"target": "azure", "azure_size": "Standard_D4s_v5"}, [])
+    spec = item.spec("m", "p1", drill=False)
+    assert spec.azure_size == "Standard_D4s_v5"
+    os_disk = RecoveryDisk("sda", Path("/nonexistent"), 30 * GIB)
+    six = [os_disk] + [RecoveryDisk(f"d{i}", Path("/nonexistent"), GIB) for i in range(6)]
+    # Standard_B2s (the target's) takes 4 data disks; the item's Standard_D4s_v5 takes 8.
+    assert "disks" in _refused(replace(spec, azure_size=None), six)
+    assert _refused(spec, six) == {}
+    nine = six + [RecoveryDisk(f"e{i}", Path("/nonexistent"), GIB) for i in range(3)]
+    msg = _refused(spec, nine)["disks"]
+    assert "azure_size Standard_D4s_v5 takes at most 8" in msg and "Standard_D8s_v3" in msg
+    msg = _refused(replace(spec, azure_size="Standard_Nope"), [os_disk])["azure_size"]
+    assert "'Standard_Nope' is not offered" in msg and "Standard_D4s_v5" in msg
+
+
+def test_boot_diagnostics_go_to_managed_storage_or_the_given_account() -> None:
+    plan = VmPlan(vm_name="v", location="westeurope", vm_size="Standard_B2s",
+                  generation="V1", storage_account_id=ACCOUNT_ID, subnet_id="[x]", ip=None,
+                  os_disk=DiskPlan("v-sda", "https://a.blob.core.windows.net/c/v/sda.vhd"))
+    for uri, expected in ((None, {"enabled": True}),
+                          ("https://diag.blob.core.windows.net/",
+                           {"enabled": True, "storageUri": "https://diag.blob.core.windows.net/"})):
+        t = build_template(replace(plan, boot_diagnostics_uri=uri))
+        (vm,) = [r for r in t["resources"] if r["type"] == VM]
+        assert vm["properties"]["diagnosticsProfile"] == {"bootDiagnostics": expected}
+        assert template_problems(t) == []
+    base = {"location": "l", "resource_group": "r", "storage_account_id": "a"}
+    s = AzureSettings.from_mapping({**base, "boot_diagnostics_storage_uri":
+                                    "https://diag.blob.core.windows.net/"})
+    assert s.boot_diagnostics_storage_uri == "https://diag.blob.core.windows.net/"
+    for bad in ("http://diag.blob.core.windows.net/", "https://d.blob.core.windows.net/?sig=x"):
+        with pytest.raises(ValueError, match="boot_diagnostics_storage_uri"):
+            AzureSettings.from_mapping({**base, "boot_diagnostics_storage_uri": bad})
