@@ -81,7 +81,7 @@ class RecoverySettings:
             memory_mib=self.memory_mib, drill=drill,
             network=network or (self.drill_network if drill else self.network),
             ip=self.ip, mac=self.mac, boot_marker=self.boot_marker, firmware=self.firmware,
-            point=point)
+            point=point, azure_size=self.azure_size)
 
 
 def _refuse(setting: str, value: Any, allowed: str) -> InvalidRequest:
