@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import re
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,6 +179,9 @@ class RouteTable:
         self.listener = listener
         self.routes = [r for r in routes if listener in r.listeners]
         self._validators: dict[int, Draft202012Validator] = {}
+        self._path_patterns = [
+            (r, re.compile(re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(r.path))))
+            for r in self.routes]
         for r in self.routes:
             if r.body is not None:
                 Draft202012Validator.check_schema(r.body)
@@ -221,13 +225,27 @@ class RouteTable:
             hint = "see /openapi.json for the routes and methods" if e.status in (404, 405) \
                 else ""
             resp = error_response(e.status, code, e.text or e.reason or code, hint)
-            if "Allow" in e.headers:  # a 405 names the methods the path has (RFC 9110)
-                resp.headers["Allow"] = e.headers["Allow"]
+            if e.status == 405:  # names the methods the path has (RFC 9110 §15.5.6)
+                resp.headers["Allow"] = ", ".join(self.allowed_methods(request.path))
             return resp
         except Exception as e:
             log.exception("api_internal_error", path=request.path, method=request.method)
             return error_response(500, "internal_error", f"{type(e).__name__}: {e}",
                                   "see the configuration server's log")
+
+    def allowed_methods(self, path: str) -> list[str]:
+        """The methods this listener serves for a concrete ``path``: those of the routes
+        whose template matches it with path parameters their schemas accept (aiohttp's
+        own list would also name ``GET /certificates/{serial}`` for
+        ``/certificates/agent``, where that GET can only answer 404)."""
+        methods: set[str] = set()
+        for r, pattern in self._path_patterns:
+            m = pattern.fullmatch(path)
+            if m is not None and all(
+                    not any(Draft202012Validator(schema).iter_errors(m.group(name)))
+                    for name, schema in r.params.items()):
+                methods.add(r.method)
+        return sorted(methods)
 
     def _wrap(self, route: Route,
               peer_of: Callable[[web.Request], Awaitable[str | None]] | None) -> Any:

@@ -232,3 +232,13 @@ async def test_testssl_finds_only_aead_suites_on_both_listeners(
         found = await asyncio.to_thread(_testssl_suites, port, tmp_path)
         assert found, f"testssl listed no suite on {port}"
         assert not _non_aead(found), (port, _non_aead(found))
+
+
+async def test_allow_names_only_methods_the_concrete_path_serves(
+        cs: ConfigServer, http: aiohttp.ClientSession) -> None:
+    """``/api/v1/certificates/agent`` is POST only: the ``GET /certificates/{serial}``
+    template matches it too, but its serial pattern does not, so GET is not offered."""
+    async with http.request("OPTIONS", f"{cs.url}/api/v1/certificates/agent",
+                            headers=_auth(cs)) as r:
+        assert r.status == 405
+        assert r.headers["Allow"] == "POST"
