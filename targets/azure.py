@@ -5,10 +5,12 @@
 container under ``PREFIX/VM_NAME/DISK.vhd``, builds the deployment template from the
 Azure SDK's models (``targets.armtemplate``), checks it against those models, and
 stores it beside the disks as ``VM_NAME/template.json``. Only when Azure Resource
-Manager credentials are configured (``ArmCredentials``) is the template deployed;
-without them the recovery stops at the blobs and the template (an operator can deploy
-it by hand), ``submit`` refuses with ``azure_credentials_missing``, and ``boot``
-returns None: no boot can be proven.
+Manager credentials are configured (``ArmCredentials``) is the template deployed
+(``targets.azurearm``), ``boot`` waits for the proof in the VM's serial log (boot
+diagnostics) and ``cleanup`` deletes the VM, NIC, disks and deployment; without them the
+recovery stops at the blobs and the template (an operator can deploy it by hand),
+``submit`` refuses with ``azure_credentials_missing``, and ``boot`` returns None: no
+boot can be proven.
 
 The machine's generation follows its restored OS disk (``targets.bootmode``): BIOS boot
 code makes a Generation 1 machine, an EFI system partition a Generation 2 one; ``check``
@@ -23,7 +25,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
+import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,11 +38,6 @@ from azure.core.exceptions import (
     ResourceExistsError,
     ResourceNotFoundError,
 )
-from azure.identity.aio import ClientSecretCredential
-from azure.mgmt.compute.aio import ComputeManagementClient
-from azure.mgmt.network.aio import NetworkManagementClient
-from azure.mgmt.resource.deployments.aio import DeploymentsMgmtClient
-from azure.mgmt.resource.deployments.models import Deployment, DeploymentProperties
 from azure.storage.blob.aio import ContainerClient
 
 from common.backoff import Backoff
@@ -51,34 +49,32 @@ from targets.armtemplate import (
     template_json,
     unknown_properties,
 )
+from targets.azurearm import DELETE_ORDER, DEPLOYMENT, Arm, ArmCredentials, template_refs
 from targets.azurecheck import GENERATION, Assessment, assess, managed_disk_name
-from targets.base import BootProof, Recovered, RecoveryDisk, RecoverySpec, Refusal, TargetError
+from targets.base import (
+    BootFailedError,
+    BootProof,
+    Recovered,
+    RecoveryDisk,
+    RecoverySpec,
+    Refusal,
+    TargetError,
+)
 from targets.bootmode import BootMode, detect_boot
 from targets.pageblob import PageBlobError, upload_vhd
 from targets.verify import PartitionTableError
 from vault.errors import StoreError
 from vault.store.azure import AzureBlobStore
 
+__all__ = ["ArmCredentials", "AzureSettings", "AzureTarget"]
+
 NOT_CONFIGURED = ("Azure credentials not configured: the disks and the template are in "
                   "blob storage, nothing was deployed")
 NOT_CONFIGURED_HINT = ("set the target's subscription_id, tenant_id, client_id and "
                        "client_secret_file (a service principal), or deploy template.json "
                        "by hand (az deployment group create --template-file template.json)")
-_ARM_KINDS = ("azure-vm", "azure-nic", "azure-disk")  # deletion order: the VM first
-
-
-@dataclass(frozen=True)
-class ArmCredentials:
-    """A service principal allowed to deploy into the target resource group."""
-
-    subscription_id: str
-    tenant_id: str
-    client_id: str
-    client_secret_file: Path  # read when used; never logged
-
-    def __repr__(self) -> str:
-        return (f"ArmCredentials(subscription_id={self.subscription_id!r}, "
-                f"tenant_id={self.tenant_id!r}, client_id={self.client_id!r}, secret=***)")
+LOGIN_PROMPT = re.compile(r"login:\s*$")  # a getty's prompt, as on the libvirt target
+TAIL = 25
 
 
 @dataclass(frozen=True)
@@ -150,9 +146,12 @@ class AzureTarget:
 
     def __init__(self, container: ContainerClient, settings: AzureSettings, *,
                  prefix: str = "", store: AzureBlobStore | None = None,
-                 backoff: Callable[[], Backoff] = Backoff) -> None:
+                 backoff: Callable[[], Backoff] = Backoff,
+                 boot_poll: Callable[[], Backoff] = lambda: Backoff(base=5.0, cap=20.0)
+                 ) -> None:
         self._c = container
         self._backoff = backoff  # the waits between retries of one page write
+        self._boot_poll = boot_poll  # the waits between reads of a booting VM's serial log
         self._s = settings
         self._prefix = prefix
         self._store = store  # closed with the target when it opened the container
@@ -212,6 +211,7 @@ class AzureTarget:
         assert size is not None  # assess refused otherwise
         rec.details["vm_size"] = size
         rec.details["firmware"] = found.firmware_note
+        rec.details["boot_marker"] = spec.boot_marker or ""
         network = self.network_for(spec)
         assert network is not None
         plans: list[DiskPlan] = []
@@ -272,11 +272,14 @@ class AzureTarget:
                 raise
 
     async def submit(self, recovered: Recovered) -> None:
-        """Deploy the template ``create`` stored, into the target resource group.
+        """Deploy the template ``create`` stored, into the target resource group, as
+        deployment ``siterecovery-VM_NAME`` (incremental: run again, it completes a
+        deployment that failed part way).
 
-        Raises ``TargetError('azure_credentials_missing')`` without ARM credentials.
-        The resources the template makes are named on ``recovered`` before the
-        deployment starts, so a failed deployment can be cleaned up."""
+        Raises ``TargetError('azure_credentials_missing')`` without ARM credentials, and
+        the codes of ``targets.azurearm.arm_error`` when Azure refuses. The resources the
+        template makes, and the deployment, are named on ``recovered`` before it starts,
+        so a failed deployment can be cleaned up."""
         arm = self._s.arm
         if arm is None:
             raise TargetError("azure_credentials_missing", NOT_CONFIGURED, NOT_CONFIGURED_HINT)
@@ -287,46 +290,58 @@ class AzureTarget:
         except AzureError as e:
             raise TargetError("azure_template_missing", f"cannot read {tname}: "
                               f"{type(e).__name__}", "run the recovery again") from None
-        kinds = {"Microsoft.Compute/virtualMachines": "azure-vm",
-                 "Microsoft.Network/networkInterfaces": "azure-nic",
-                 "Microsoft.Compute/disks": "azure-disk"}
-        for r in template["resources"]:
-            ref = f"{kinds[r['type']]}:{r['name']}"
+        deployment = f"siterecovery-{recovered.vm_name}"
+        for ref in [*template_refs(template), f"{DEPLOYMENT}:{deployment}"]:
             if ref not in recovered.resources:
                 recovered.resources.append(ref)
-        deployment = f"siterecovery-{recovered.vm_name}"
-        async with _credential(arm) as cred, \
-                DeploymentsMgmtClient(cred, arm.subscription_id) as client:
-            try:
-                poller = await client.deployments.begin_create_or_update(
-                    self._s.resource_group, deployment,
-                    Deployment(properties=DeploymentProperties(mode="Incremental",
-                                                               template=template)))
-                await poller.result()
-            except AzureError as e:
-                raise TargetError("azure_deployment_failed",
-                                  f"deployment {deployment} failed: {e.message}",
-                                  "read the deployment's operations in the resource group",
-                                  recovered=recovered) from None
+        try:
+            await Arm(arm, self._s.resource_group).deploy(deployment, template, recovered)
+        except TargetError as e:
+            e.recovered = recovered  # what was begun is cleaned up whatever failed
+            raise
         recovered.details["deployment"] = deployment
+        recovered.details["deployed_at"] = repr(time.time())
 
     async def boot(self, recovered: Recovered, timeout: float) -> BootProof | None:
-        # Proof of a boot would come from the VM's boot diagnostics (serial log), which
-        # only exists after a deployment; this target does not read it yet.
-        return None
+        """Wait for the boot marker (or a login prompt) in the deployed VM's serial log,
+        read from its boot diagnostics. None when nothing was deployed (no credentials):
+        no boot can be proven then. Raises ``BootFailedError`` with the log's last lines
+        when ``timeout`` passes without it."""
+        if self._s.arm is None or "deployed_at" not in recovered.details:
+            return None
+        arm = Arm(self._s.arm, self._s.resource_group)
+        marker = recovered.details.get("boot_marker") or None
+        deployed_at = float(recovered.details["deployed_at"])
+        deadline = time.monotonic() + timeout
+        # Azure writes the serial log in batches: poll it, not too often.
+        wait = self._boot_poll()
+        lines: list[str] = []
+        while True:
+            lines = await arm.serial_log(recovered.vm_name)
+            hit = next((ln for ln in lines if (marker in ln if marker
+                                               else LOGIN_PROMPT.search(ln))), None)
+            if hit is not None:
+                return BootProof(seconds=round(time.time() - deployed_at, 3),
+                                 matched=hit.strip(), console_tail=lines[-TAIL:])
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BootFailedError(
+                    f"{recovered.vm_name} showed no {marker or 'login prompt'} in its serial "
+                    f"log (boot diagnostics) within {timeout:.0f} s", lines[-TAIL:])
+            await asyncio.sleep(min(wait.next(), left))
 
     async def cleanup(self, recovered: Recovered) -> None:
         """Delete what ``create`` made: deployed resources (with credentials), then blobs.
 
         Idempotent. Without credentials, deployed resources cannot be deleted: the blobs
         are deleted and ``azure_credentials_missing`` names what is left."""
-        arm_refs = [r for r in recovered.resources if r.split(":", 1)[0] in _ARM_KINDS]
+        arm_refs = [r for r in recovered.resources if r.split(":", 1)[0] in DELETE_ORDER]
         left: list[str] = []
         if arm_refs and self._s.arm is None:
             left = arm_refs
         elif arm_refs:
             assert self._s.arm is not None
-            await self._delete_arm(self._s.arm, arm_refs)
+            await Arm(self._s.arm, self._s.resource_group).delete(arm_refs)
         for ref in recovered.resources:
             kind, _, rest = ref.partition(":")
             if kind != "blob":
@@ -347,31 +362,6 @@ class AzureTarget:
                               f"{NOT_CONFIGURED}; not deleted: {', '.join(left)}",
                               NOT_CONFIGURED_HINT)
 
-    async def _delete_arm(self, arm: ArmCredentials, refs: list[str]) -> None:
-        rg = self._s.resource_group
-        async with _credential(arm) as cred, \
-                ComputeManagementClient(cred, arm.subscription_id) as compute, \
-                NetworkManagementClient(cred, arm.subscription_id) as network:
-            for kind in _ARM_KINDS:  # the VM holds the NIC and the disks: it goes first
-                for ref in refs:
-                    k, _, name = ref.partition(":")
-                    if k != kind:
-                        continue
-                    try:
-                        if kind == "azure-vm":
-                            poller = await compute.virtual_machines.begin_delete(rg, name)
-                        elif kind == "azure-nic":
-                            poller = await network.network_interfaces.begin_delete(rg, name)
-                        else:
-                            poller = await compute.disks.begin_delete(rg, name)
-                        await poller.result()
-                    except ResourceNotFoundError:
-                        pass
-                    except AzureError as e:
-                        raise TargetError("azure_cleanup_failed",
-                                          f"cannot delete {ref}: {e.message}",
-                                          "run the cleanup again") from None
-
 
 def _restored(disk: RecoveryDisk) -> bool:
     # check runs before the restore too (on the disks as they will be): only an image of
@@ -380,13 +370,3 @@ def _restored(disk: RecoveryDisk) -> bool:
         return disk.path.stat().st_size == disk.size
     except OSError:
         return False
-
-
-def _credential(arm: ArmCredentials) -> ClientSecretCredential:
-    try:
-        secret = arm.client_secret_file.read_text().strip()
-    except OSError as e:
-        raise TargetError("azure_credentials_unreadable",
-                          f"cannot read the client secret file {arm.client_secret_file}: "
-                          f"{os.strerror(e.errno or 0)}", NOT_CONFIGURED_HINT) from None
-    return ClientSecretCredential(arm.tenant_id, arm.client_id, secret)
