@@ -172,9 +172,15 @@ class AzureTarget:
             await self._store.close()
 
     def network_for(self, spec: RecoverySpec) -> str | None:
-        if spec.network is not None:
+        """The subnet this recovery uses: the spec's, else the target's drill or failover
+        network. An item's network is a plain name (its settings allow no ``/``): it names
+        a subnet of the VNet of the target's network for the same kind of recovery."""
+        default = self._s.drill_network if spec.drill else self._s.network
+        if spec.network is None:
+            return default
+        if "/" in spec.network or default is None or "/" not in default:
             return spec.network
-        return self._s.drill_network if spec.drill else self._s.network
+        return f"{default.rsplit('/', 1)[0]}/{spec.network}"
 
     async def check(self, spec: RecoverySpec, disks: list[RecoveryDisk]) -> list[Refusal]:
         return (await self.assess(spec, disks)).refusals

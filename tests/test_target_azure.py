@@ -697,3 +697,25 @@ def test_boot_diagnostics_go_to_managed_storage_or_the_given_account() -> None:
     for bad in ("http://diag.blob.core.windows.net/", "https://d.blob.core.windows.net/?sig=x"):
         with pytest.raises(ValueError, match="boot_diagnostics_storage_uri"):
             AzureSettings.from_mapping({**base, "boot_diagnostics_storage_uri": bad})
+
+
+async def test_an_item_network_names_a_subnet_of_the_target_vnet(
+        container: tuple[str, ContainerClient]) -> None:
+    _, c = container
+    target = AzureTarget(c, _settings())  # prod-vnet/apps, drill-vnet/isolated
+    spec = RecoverySpec(machine="m", vm_name="w")
+    assert target.network_for(spec) == "prod-vnet/apps"
+    assert target.network_for(replace(spec, drill=True)) == "drill-vnet/isolated"
+    # The item's settings hold plain names: a subnet of the VNet the target uses.
+    assert target.network_for(replace(spec, network="db")) == "prod-vnet/db"
+    assert target.network_for(replace(spec, network="iso2", drill=True)) == "drill-vnet/iso2"
+    assert target.network_for(replace(spec, network="other/sub")) == "other/sub"
+    rid = ("/subscriptions/s/resourceGroups/r/providers/Microsoft.Network/virtualNetworks/v/"
+           "subnets/apps")
+    by_id = AzureTarget(c, _settings(network=rid))
+    assert by_id.network_for(replace(spec, network="db")) == rid.replace("/apps", "/db")
+    # With no target network there is no VNet to name a subnet of: refused, saying so.
+    bare = AzureTarget(c, _settings(network=None))
+    disk = RecoveryDisk("sda", Path("/nonexistent"), GIB)
+    (refusal,) = await bare.check(replace(spec, network="db"), [disk])
+    assert refusal.setting == "network" and "VNET/SUBNET" in refusal.message
