@@ -48,6 +48,9 @@ SETTINGS = obj({
     "bandwidth": obj({"limit_bytes_per_second": nullable({"type": "integer"})},
                      ["limit_bytes_per_second"]),
     "heartbeat_interval_seconds": {"type": "integer"},
+    "shutdown_request": nullable({"type": "string", "description": (
+        "a failover asks the agent to take a last delta cycle, report it with POST "
+        "/api/v1/agent/shutdown carrying this id, and shut the machine down")}),
 }, ["machine", "replicate", "item_state", "resync_required", "disks", "process_server",
     "policy", "bandwidth", "heartbeat_interval_seconds"])
 HEARTBEAT = obj({"agent_version": {"type": "string", "minLength": 1, "maxLength": 40}},
@@ -56,6 +59,16 @@ HEARTBEAT_REPLY = obj({"machine": {"type": "string"}, "last_contact": {"type": "
                        "replicate": {"type": "boolean"}, "item_state": nullable(
                            {"type": "string"})},
                       ["machine", "last_contact", "replicate", "item_state"])
+SHUTDOWN = obj({
+    "request": {"type": "string", "minLength": 1, "maxLength": 64},
+    "cycle": nullable({"type": "string", "maxLength": 64, "description": (
+        "the last cycle, acknowledged by the process server (null if it failed)")}),
+    "error": nullable({"type": "string", "maxLength": 2000, "description": (
+        "why the last cycle or the shutdown failed")}),
+    "stage": {"enum": ["shutting_down", "shutdown_failed"], "description": (
+        "shutting_down: the last cycle is done and the machine is being shut down; "
+        "shutdown_failed: the shutdown command failed (the machine may still run)")},
+}, ["request", "cycle", "error", "stage"])
 PROGRESS = obj({
     "disks": {"type": "object", "minProperties": 1, "maxProperties": 64,
               "propertyNames": DISK_NAME, "additionalProperties": PERCENT},
@@ -98,7 +111,46 @@ async def settings(call: Call) -> web.Response:
             "block_size": policy.block_size, "rpo_threshold_seconds": policy.rpo_threshold_s},
         "bandwidth": {"limit_bytes_per_second": None},  # no limits yet: use the link
         "heartbeat_interval_seconds": HEARTBEAT_INTERVAL_SECONDS,
+        "shutdown_request": shutdown_request(item),
     })
+
+
+def shutdown_request(item: db.ReplicatedItem | None) -> str | None:
+    """The id of a failover's unanswered request to shut the machine down, if any."""
+    if item is None or item.state != ItemState.FAILOVER_IN_PROGRESS:
+        return None
+    asked = (item.failover or {}).get("shutdown") or {}
+    return str(asked["request"]) if asked.get("request") and not asked.get("reported") \
+        else None
+
+
+async def shutdown(call: Call) -> web.Response:
+    """The agent's answer to a shutdown request: its last cycle (or why there is none),
+    then whether the shutdown command failed. Recorded on the item's failover."""
+    name, b = str(call.peer), call.body
+    now = call.services.clock()
+    async with call.services.sessionmaker() as s:
+        machine = await _machine(s, name)
+        machine.last_contact = now
+        item = await s.get(db.ReplicatedItem, name, with_for_update=True)
+        rec = dict(item.failover or {}) if item is not None else {}
+        asked = dict(rec.get("shutdown") or {})
+        if asked.get("request") != b["request"]:
+            raise ApiError(409, "no_shutdown_request", f"no shutdown of {name!r} was "
+                           f"requested with id {b['request']!r}",
+                           "only a running failover asks for it (its settings' "
+                           "shutdown_request)")
+        assert item is not None
+        if b["stage"] == "shutting_down":
+            asked.update(reported=now, cycle=b["cycle"], cycle_error=b["error"])
+        else:
+            asked.update(shutdown_error=b["error"] or "the shutdown command failed")
+        item.failover = {**rec, "shutdown": asked}
+        await s.commit()
+    log.info("agent_shutdown_reported", machine=name, request=b["request"], stage=b["stage"],
+             cycle=b["cycle"], error=b["error"])
+    await call.services.notify()
+    return reply({"request": b["request"], "recorded": True})
 
 
 async def heartbeat(call: Call) -> web.Response:
@@ -166,6 +218,15 @@ ROUTES = [
     Route("POST", "/api/v1/agent/heartbeat", heartbeat, "An agent's heartbeat", "agent",
           auth="agent", listeners=("site",), body=HEARTBEAT, responses={200: HEARTBEAT_REPLY},
           description="Records last contact and the agent's version."),
+    Route("POST", "/api/v1/agent/shutdown", shutdown,
+          "An agent's answer to a failover's shutdown request", "agent", auth="agent",
+          listeners=("site",), body=SHUTDOWN,
+          responses={200: obj({"request": {"type": "string"}, "recorded": {"type": "boolean"}},
+                              ["request", "recorded"])},
+          description="Sent after the last delta cycle (stage shutting_down, with its cycle "
+                      "or the error) and again if the shutdown command fails (stage "
+                      "shutdown_failed). 409 no_shutdown_request when no running failover "
+                      "asked for it."),
     Route("POST", "/api/v1/agent/progress", progress, "An agent's replication progress",
           "agent", auth="agent", listeners=("site",), body=PROGRESS, responses={200: ITEM},
           description="Per-disk percentages of the initial replication (or of a "

@@ -21,9 +21,20 @@ _POINT = {"type": "string", "minLength": 1, "maxLength": 64,
 _AT = {"type": "string", "maxLength": 40,
        "description": "only points created at or before this time (ISO 8601)"}
 _NOTES = {"type": "string", "maxLength": 4000}
-RECOVER_BODY = obj({"point": _POINT, "at": _AT, "network": NAME})
+_DRAIN = {"type": "integer", "minimum": 1, "maximum": 86400, "description": (
+    "with the point 'latest': how long to wait for the process server to upload what it "
+    "acknowledged (default: the server's failover_drain_timeout_seconds)")}
+RECOVER_BODY = obj({"point": _POINT, "at": _AT, "network": NAME,
+                    "drain_timeout_seconds": _DRAIN})
 FAILOVER_BODY = obj({"point": _POINT, "at": _AT, "network": NAME,
-                     "shutdown_source": {"type": "boolean"}})
+                     "drain_timeout_seconds": _DRAIN,
+                     "shutdown_source": {"type": "boolean", "description": (
+                         "ask the source's agent for a last delta cycle and a shutdown "
+                         "first; the failover goes on if it does not answer")},
+                     "shutdown_timeout_seconds": {
+                         "type": "integer", "minimum": 1, "maximum": 86400, "description": (
+                             "how long to wait for the agent's answer (default: the "
+                             "server's failover_shutdown_timeout_seconds)")}})
 CLEANUP_BODY = obj({"notes": _NOTES}, ["notes"])
 
 

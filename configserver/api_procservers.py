@@ -53,6 +53,11 @@ HEARTBEAT = obj({
     "throughput_bps": {"type": "number", "minimum": 0, "maximum": 1e15,
                        "description": "upload throughput into the vault, bytes per second"},
     "sessions": {"type": "integer", "minimum": 0, "maximum": 1_000_000},
+    "pending_cycles": {
+        "type": "object", "maxProperties": 100_000, "propertyNames": NAME,
+        "additionalProperties": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+        "description": "per machine, the cycles acknowledged to its agent whose point is not "
+                       "whole in the vault yet (what a failover to 'latest' waits for)"},
 }, ["name", "address", "version", "cache_bytes", "cache_free_ratio", "backlog_bytes",
     "backlog_seconds", "throughput_bps", "sessions"])
 HEALTH = {"enum": ["normal", "warning", "critical"]}
@@ -150,6 +155,8 @@ async def heartbeat(call: Call) -> web.Response:
                 for k, v in fields.items():
                     setattr(row, k, v)
                 row.last_contact = now
+                row.pending_cycles = b.get("pending_cycles")
+                row.heartbeats = (row.heartbeats or 0) + 1
                 refresh = bool(row.refresh_requested)
                 row.refresh_requested = False
                 await s.commit()

@@ -34,6 +34,10 @@ class ConfigServerConfig:
     vault_key_file: str = ""
     agent_cert_days: float = 365.0  # lifetime of agent certificates; renew before it ends
     alert_interval_seconds: float = 30.0
+    # Failover: how long the point 'latest' waits for the process server's upload, and
+    # how long a failover waits for the source's agent to take a last cycle and shut down.
+    failover_drain_timeout_seconds: float = 1800.0
+    failover_shutdown_timeout_seconds: float = 600.0
     # Failover targets (docs/REFERENCE.md §13). The folder target is always there.
     recovered_dir: str = ""  # the folder target's root (default DATA_DIR/recovered)
     folder_format: str = "raw"  # raw | vhd | qcow2
@@ -56,6 +60,9 @@ class ConfigServerConfig:
             raise ValueError("agent_cert_days must be more than 0 and at most 3650")
         if self.alert_interval_seconds <= 0:
             raise ValueError("alert_interval_seconds must be positive")
+        for name in ("failover_drain_timeout_seconds", "failover_shutdown_timeout_seconds"):
+            if not 0 < getattr(self, name) <= 86400:
+                raise ValueError(f"{name} must be more than 0 and at most 86400 (a day)")
         if self.folder_format not in ("raw", "vhd", "qcow2"):
             raise ValueError("folder_format must be raw, vhd or qcow2")
         if self.libvirt_accel not in ("auto", "kvm", "qemu"):

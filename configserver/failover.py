@@ -17,19 +17,17 @@ from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from configserver import db
+from configserver.drain import shutdown_source
+from configserver.itemrecord import DRILL, FAILOVER, read, record
 from configserver.items import ItemState
 from configserver.jobdefs import JobKind, JobRun, Step, StepFailed
 from configserver.jobs import StepContext
 from configserver.recoverysteps import (
-    DRILL,
-    FAILOVER,
     LOCK_WAIT_SECONDS,
     FailoverDeps,
     StepFn,
     cleanup_recovered,
     open_vault,
-    read,
-    record,
     steps,
 )
 from vault import names
@@ -83,13 +81,6 @@ def _on_end(field: str, made_state: ItemState
     return on_end
 
 
-async def _drain_shutdown(ctx: StepContext) -> str:
-    if not ctx.params.get("shutdown_source"):
-        return "not asked for"
-    await record(ctx, FAILOVER, shutdown_source="not available yet")
-    return "shutting the source down through its agent is not available yet: going on"
-
-
 async def _stop_replication(ctx: StepContext) -> str:
     # The request set failover_in_progress, which is not a replicating state: the agent's
     # settings no longer ask it to replicate (what Disable protection does, points kept).
@@ -99,6 +90,9 @@ async def _stop_replication(ctx: StepContext) -> str:
 
 def kinds(deps: FailoverDeps) -> tuple[JobKind, ...]:
     """The failover job kinds bound to ``deps``."""
+    async def shutdown(ctx: StepContext) -> str:
+        return await shutdown_source(ctx, deps.shutdown_timeout)
+
     async def cleanup_target(ctx: StepContext) -> str:
         rec, _ = await read(ctx, DRILL)
         if rec.get("recovered"):
@@ -158,7 +152,7 @@ def kinds(deps: FailoverDeps) -> tuple[JobKind, ...]:
                           Step("record", "Record the failover",
                                _finish(FAILOVER, ItemState.FAILED_OVER, "failed over")),
                           Step("shutdown_source", "Shut the source machine down",
-                               _drain_shutdown),
+                               shutdown),
                           Step("stop_replication", "Stop replication", _stop_replication)),
                 cancellable=False, on_end=failover_ended),
         JobKind("change_recovery_point", "Change recovery point",

@@ -77,13 +77,15 @@ def _at(value: str | None) -> str | None:
 async def request(core: Core, kinds: Mapping[str, JobKind], verb: str, name: str,
                   body: dict[str, Any]) -> db.Job:
     """Check that ``verb`` may run on item ``name`` now, move the item and queue the job;
-    the job. ``body``: point, at, network, notes, shutdown_source (what the verb takes)."""
+    the job. ``body``: point, at, network, notes, shutdown_source, shutdown_timeout_seconds,
+    drain_timeout_seconds (what the verb takes)."""
     kind_name, allowed, moves_to = ALLOWED[verb]
     if verb == "cleanup-test-failover" and not str(body.get("notes") or "").strip():
         raise InvalidRequest("notes_required", "cleaning up a test failover needs notes: what "
                              "the drill showed", "pass --notes TEXT")
-    params: dict[str, Any] = {k: body[k] for k in ("point", "network", "notes",
-                                                   "shutdown_source") if body.get(k)}
+    params: dict[str, Any] = {k: body[k] for k in (
+        "point", "network", "notes", "shutdown_source", "shutdown_timeout_seconds",
+        "drain_timeout_seconds") if body.get(k)}
     if body.get("at"):
         params["at"] = _at(body["at"])
     now = core.clock()

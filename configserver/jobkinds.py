@@ -64,7 +64,9 @@ def for_config(cfg: ConfigServerConfig) -> Mapping[str, JobKind]:
     work_root = Path(cfg.data_dir) / "failover-work"
     free_stale_loops(work_root)
     return kinds(FailoverDeps(targets=targets_of(cfg), work_root=work_root,
-                              check_disk=verify_image))
+                              check_disk=verify_image,
+                              drain_timeout=cfg.failover_drain_timeout_seconds,
+                              shutdown_timeout=cfg.failover_shutdown_timeout_seconds))
 
 
 def free_stale_loops(work_root: Path) -> list[str]:

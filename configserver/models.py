@@ -55,6 +55,10 @@ class ProcessServer(Base):
     throughput_bps: Mapped[float] = mapped_column(Float, default=0.0)
     sessions: Mapped[int] = mapped_column(Integer, default=0)
     refresh_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Per machine, the cycles acknowledged to its agent not yet whole in the vault, as of
+    # the last heartbeat (None: the process server does not report them).
+    pending_cycles: Mapped[dict[str, int] | None] = mapped_column(JSON, nullable=True)
+    heartbeats: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class Policy(Base):

@@ -23,13 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from configserver import db
-from configserver.items import ItemState
+from configserver.drain import drain
+from configserver.itemrecord import DRILL, FAILOVER, read, record
 from configserver.jobdefs import StepFailed
 from configserver.jobs import StepContext
-from configserver.recovery import RecoverySettings
 from targets.base import (
     BootFailedError,
     Recovered,
@@ -47,7 +45,6 @@ from vault.select import LATEST, select_point
 from vault.store.open import open_store
 
 StepFn = Callable[[StepContext], Coroutine[Any, Any, str]]
-DRILL, FAILOVER = "last_drill", "failover"  # the item's record each kind writes
 LATEST_PROCESSED = "latest-processed"
 LOCK_WAIT_SECONDS = 3600.0  # how long a recovery waits for a prune to release the vault
 NOT_CHECKED = "not checked"
@@ -63,36 +60,8 @@ class FailoverDeps:
     work_root: Path  # restored images of each job, under <work_root>/<job id>/
     check_disk: DiskCheck | None = None
     boot_timeout: float = 600.0
-
-
-# -- the item's record --
-
-async def _item(s: AsyncSession, machine: str) -> db.ReplicatedItem:
-    item = await s.get(db.ReplicatedItem, machine)
-    if item is None:
-        raise StepFailed(f"machine {machine!r} has no replicated item any more")
-    return item
-
-
-async def read(ctx: StepContext, field: str) -> tuple[dict[str, Any], RecoverySettings]:
-    async with ctx.core.sessionmaker() as s:
-        item = await _item(s, ctx.target)
-        return dict(getattr(item, field) or {}), RecoverySettings.stored(item.recovery)
-
-
-async def record(ctx: StepContext, field: str, *, state: ItemState | None = None,
-                 **values: Any) -> dict[str, Any]:
-    """Merge ``values`` into the item's ``field`` (and set its state) in one commit."""
-    async with ctx.core.sessionmaker() as s:
-        item = await _item(s, ctx.target)
-        doc = {**(getattr(item, field) or {}), **values}
-        setattr(item, field, doc)
-        if state is not None:
-            item.state = state
-        item.updated = ctx.core.clock()
-        await s.commit()
-    await ctx.core.notify()
-    return doc
+    drain_timeout: float = 1800.0  # the point 'latest': the process server's upload
+    shutdown_timeout: float = 600.0  # the source's agent: a last cycle and its shutdown
 
 
 async def open_vault(ctx: StepContext) -> Vault:
@@ -150,10 +119,10 @@ def steps(field: str, deps: FailoverDeps) -> dict[str, StepFn]:
             return f"point {rec['point']} (chosen before the restart)"
         spec = str(ctx.params.get("point") or LATEST_PROCESSED)
         note = ""
-        if spec in (LATEST, LATEST_PROCESSED):
-            note = "; draining the process server first ('latest') is not available yet: " \
-                   "the newest point the vault holds" if spec == LATEST else ""
-            spec = LATEST
+        if spec == LATEST:  # nothing acknowledged left behind: wait for the upload
+            note = "; " + await drain(ctx, field, deps.drain_timeout)
+        elif spec == LATEST_PROCESSED:
+            spec = LATEST  # the vault's newest, as it is now
         vault = await open_vault(ctx)
         try:
             point = select_point(await vault.list_points(ctx.target), spec,

@@ -46,6 +46,9 @@ class MobilityConfig:
     send_limit_off_mbps: float = 0.0
     work_days: str = "mon-fri"
     work_hours: str = "08:00-18:00"
+    # What a failover's shutdown request runs, after the last cycle was acknowledged
+    # (argv, no shell). The agent goes on running until the machine goes down.
+    shutdown_command: list[str] = field(default_factory=lambda: ["systemctl", "poweroff"])
 
     def send_schedule(self) -> Schedule:
         return Schedule.from_mbps(self.send_limit_work_mbps, self.send_limit_off_mbps,
@@ -73,4 +76,8 @@ class MobilityConfig:
             raise ValueError("interval_seconds must be positive")
         if self.resume_timeout_seconds < 0:
             raise ValueError("resume_timeout_seconds must not be negative")
+        if not self.shutdown_command or not all(
+                isinstance(a, str) and a for a in self.shutdown_command):
+            raise ValueError("shutdown_command must be a non-empty list of arguments, e.g. "
+                             "[\"systemctl\", \"poweroff\"]")
         self.send_schedule()  # the limits, days and hours parse

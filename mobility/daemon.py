@@ -23,6 +23,7 @@ from mobility.agent import Agent, CycleResult
 from mobility.config import MobilityConfig
 from mobility.renewal import cert_not_after, renew
 from mobility.reporter import ProgressReporter
+from mobility.shutdown import answered, shut_down
 from mobility.siteclient import Settings, SiteClient, SiteError
 from mobility.snapshot import Scripts, SnapshotProvider, crash_provider
 
@@ -133,11 +134,18 @@ class ManagedAgent:
         return self.crash
 
     async def round(self) -> bool:
-        """One round: settings, heartbeat, and a cycle if the item is to replicate.
+        """One round: settings, heartbeat, and a cycle if the item is to replicate (or
+        a failover asks for a last one and a shutdown: ``mobility/shutdown.py``).
         Returns whether a cycle ran."""
         await self.renew_if_due()
         s = await self.refresh()
         await self.heartbeat()
+        if s is not None and self._asked_to_shut_down():
+            assert s.shutdown_request is not None
+            self.agent.provider = self.crash
+            self.last = await shut_down(self.agent, self.site, s.shutdown_request,
+                                        self.cfg.shutdown_command) or self.last
+            return True
         if s is not None and not s.replicate:
             log.info("replication_not_enabled", item_state=s.item_state)
             return False
@@ -162,6 +170,24 @@ class ManagedAgent:
         self.last = r
         return True
 
+    def _asked_to_shut_down(self) -> bool:
+        s = self.settings
+        return s is not None and s.shutdown_request is not None and \
+            s.shutdown_request != answered(self.cfg.state_dir)
+
+    async def pause(self, seconds: float) -> None:
+        """Wait ``seconds`` for the next round, pulling the settings every heartbeat
+        interval meanwhile: a failover's shutdown request ends the wait at once instead
+        of after a whole crash-consistent interval."""
+        end = self.clock() + seconds
+        while (left := end - self.clock()) > 0:
+            every = self.settings.heartbeat_interval_seconds if self.settings else 60.0
+            await asyncio.sleep(min(left, max(1.0, every)))
+            if self.clock() < end:
+                await self.refresh()
+                if self._asked_to_shut_down():
+                    return
+
     async def run_forever(self) -> None:
         # Without jitter, as before: one agent per machine, each on its own schedule.
         backoff = Backoff(1.0, 60.0, jitter=False)
@@ -169,7 +195,7 @@ class ManagedAgent:
             try:
                 await self.round()
                 backoff.reset()
-                await asyncio.sleep(self.interval())
+                await self.pause(self.interval())
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # the daemon must keep protecting the machine

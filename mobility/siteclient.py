@@ -105,6 +105,7 @@ class Settings:
     app_frequency_seconds: float | None  # None or 0: no app-consistent points
     block_size: int | None
     heartbeat_interval_seconds: float
+    shutdown_request: str | None = None  # a failover wants a last cycle and a shutdown
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> Settings:
@@ -117,7 +118,8 @@ class Settings:
             crash_interval_seconds=policy.get("crash_consistent_interval_seconds"),
             app_frequency_seconds=policy.get("app_consistent_frequency_seconds"),
             block_size=policy.get("block_size"),
-            heartbeat_interval_seconds=float(doc.get("heartbeat_interval_seconds", 60)))
+            heartbeat_interval_seconds=float(doc.get("heartbeat_interval_seconds", 60)),
+            shutdown_request=doc.get("shutdown_request") or None)
 
 
 class SiteClient:
@@ -197,3 +199,12 @@ class SiteClient:
 
     async def progress(self, disks: dict[str, float], resync: bool = False) -> None:
         await self._call("POST", "/api/v1/agent/progress", {"disks": disks, "resync": resync})
+
+    async def report_shutdown(self, request: str, stage: str, cycle: str | None,
+                              error: str | None) -> None:
+        """Answer a failover's shutdown request: ``shutting_down`` after the last cycle
+        (its id, or the error that stopped it), ``shutdown_failed`` if the command
+        failed."""
+        await self._call("POST", "/api/v1/agent/shutdown", {
+            "request": request, "stage": stage, "cycle": cycle,
+            "error": None if error is None else error[:2000]})

@@ -57,3 +57,13 @@ async def upload_backlog(sessionmaker: async_sessionmaker[AsyncSession], cache_d
     times = await asyncio.to_thread(since)
     age = max(0.0, time.time() - min(times)) if times else 0.0
     return int(total), age
+
+
+async def pending_cycles(sessionmaker: async_sessionmaker[AsyncSession]) -> dict[str, int]:
+    """Per machine, the cycles acknowledged to its agent whose point is not whole in the
+    vault yet (``complete``, not ``uploaded``): what a failover to the ``latest`` point
+    waits for. Machines with none are left out."""
+    async with sessionmaker() as s:
+        rows = (await s.execute(select(db.Cycle.machine, func.count()).where(
+            db.Cycle.state == db.COMPLETE).group_by(db.Cycle.machine))).all()
+    return {str(m): int(n) for m, n in rows}

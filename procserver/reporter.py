@@ -36,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from common.backoff import Backoff
 from procserver import db
-from procserver.backlog import upload_backlog
+from procserver.backlog import pending_cycles, upload_backlog
 from procserver.cachespace import CacheSpace
 from procserver.csclient import ConfigServerClient, ConfigServerError
 
@@ -229,4 +229,5 @@ class Reporter:
             "backlog_bytes": backlog_bytes, "backlog_seconds": round(backlog_seconds, 1),
             "throughput_bps": round(throughput, 1),
             "sessions": int(registry.get_sample_value("siterecovery_procserver_sessions") or 0),
+            "pending_cycles": await pending_cycles(self.sessionmaker),
         }

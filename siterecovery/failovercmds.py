@@ -81,7 +81,8 @@ async def _start(args: argparse.Namespace, verb: str, body: dict[str, Any]) -> i
 
 async def cmd_test(args: argparse.Namespace) -> int:
     return await _start(args, "test-failover", {"point": args.point, "at": args.at,
-                                                "network": args.network})
+                                                "network": args.network,
+                                                "drain_timeout_seconds": args.drain_timeout})
 
 
 async def cmd_cleanup(args: argparse.Namespace) -> int:
@@ -91,12 +92,15 @@ async def cmd_cleanup(args: argparse.Namespace) -> int:
 async def cmd_start(args: argparse.Namespace) -> int:
     return await _start(args, "failover", {"point": args.point, "at": args.at,
                                            "network": args.network,
-                                           "shutdown_source": args.shutdown_source})
+                                           "drain_timeout_seconds": args.drain_timeout,
+                                           "shutdown_source": args.shutdown_source,
+                                           "shutdown_timeout_seconds": args.shutdown_timeout})
 
 
 async def cmd_change_point(args: argparse.Namespace) -> int:
-    return await _start(args, "change-recovery-point", {"point": args.point, "at": args.at,
-                                                        "network": args.network})
+    return await _start(args, "change-recovery-point", {
+        "point": args.point, "at": args.at, "network": args.network,
+        "drain_timeout_seconds": args.drain_timeout})
 
 
 async def cmd_commit(args: argparse.Namespace) -> int:
@@ -125,6 +129,10 @@ def _point_args(p: argparse.ArgumentParser) -> None:
                    help="the newest point created at or before TIME (ISO 8601)")
     p.add_argument("--network", help="the target's network for this run (default: the "
                                      "item's setting)")
+    p.add_argument("--drain-timeout", type=int, metavar="SECONDS",
+                   help="with --point latest: how long to wait for the process server to "
+                        "upload what it acknowledged (default: the server's "
+                        "failover_drain_timeout_seconds, 1800)")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -179,7 +187,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         verbs.append(v)
     verbs[2].add_argument("--notes", required=True, help="what the drill showed")
     verbs[3].add_argument("--shutdown-source", action="store_true",
-                          help="shut the source machine down first (not available yet: "
-                               "recorded, and the failover goes on)")
+                          help="first ask the source's agent for a last delta cycle and a "
+                               "shutdown (with --point latest nothing it wrote is lost); "
+                               "the failover goes on if the agent does not answer")
+    verbs[3].add_argument("--shutdown-timeout", type=int, metavar="SECONDS",
+                          help="how long to wait for the agent's answer (default: the "
+                               "server's failover_shutdown_timeout_seconds, 600)")
     for v in verbs:
         add_api_args(v)

@@ -290,18 +290,19 @@ async def test_failover_change_point_and_commit(site: Site) -> None:
     item = await api.get("/api/v1/items/web01")
     assert item["state"] == "protected" and item["failover"]["result"] == "failed"
     await api.call("PATCH", "/api/v1/items/web01/recovery", {"target": None}, {})
-    job = await _run(api, "failover", {"shutdown_source": True})
+    job = await _run(api, "failover", {"shutdown_source": True,
+                                       "shutdown_timeout_seconds": 1})
     assert job["state"] == "succeeded", job
     assert job["cancellable"] is False
-    assert "not available yet" in step(job, "shutdown_source")["message"]
+    assert "did not answer within 1 s" in step(job, "shutdown_source")["message"]
     assert "no longer ask it to replicate" in step(job, "stop_replication")["message"]
     _recovered_is(site, p2, drill=False)
     async with site.agent:  # replication stopped
         assert (await site.agent.settings())[1]["replicate"] is False
     item = await api.get("/api/v1/items/web01")
     assert item["state"] == "failed_over"
-    assert (item["failover"]["point"], item["failover"]["shutdown_source"]) == (
-        p2.id, "not available yet")
+    assert (item["failover"]["point"], item["failover"]["shutdown"]["result"]) == (
+        p2.id, "no answer")
     await _refused(api, "test-failover")
     await _refused(api, "failover")
 
