@@ -46,6 +46,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import uvloop
+
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # the boot disk and libvirtd come from the tests' helpers
     sys.path.insert(0, str(REPO))
@@ -366,9 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="sr-bench-rto-", dir=args.work))
     try:
         traversable(work)
-        # Not uvloop (the daemons' loop): its subprocess pipes are socketpairs, and
-        # targets/virsh.py's `virsh define /dev/stdin` cannot open a socket (ENXIO).
-        res = asyncio.run(bench(work))
+        res = uvloop.run(bench(work))  # the daemons' event loop
     finally:
         if args.keep:
             say(f"kept {work}")

@@ -205,14 +205,14 @@ class LibvirtTarget:
             await self._reserve(network, mac, spec.ip, spec.vm_name)
         xml = domain_xml(spec, DomainLayout(virt_type, images, mac, network, console))
         rec.resources.append(f"domain:{spec.vm_name}")
-        await self.virsh("define", "/dev/stdin", stdin=xml)
+        await self.virsh.define("define", xml)
 
     async def _ensure_drill_network(self) -> None:
         async with self._net_lock:
             if not await self.virsh.exists("network", self.drill_network):
                 xml = isolated_network_xml(self.drill_network, self.drill_bridge,
                                            self.drill_subnet)
-                await self.virsh("net-define", "/dev/stdin", stdin=xml)
+                await self.virsh.define("net-define", xml)
             info = await self.virsh("net-info", self.drill_network)
             if re.search(r"Active:\s+no", info):
                 await self.virsh("net-start", self.drill_network)

@@ -5,7 +5,9 @@ commands it runs are the ones an operator would type to look at the same objects
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import tempfile
 
 from targets.base import TargetError
 
@@ -34,21 +36,31 @@ class Virsh:
     def __init__(self, uri: str) -> None:
         self.uri = uri
 
-    async def __call__(self, *argv: str, stdin: str | None = None) -> str:
+    async def __call__(self, *argv: str) -> str:
         """Run ``virsh -c URI ARGV``; its stdout, or ``VirshError`` with its stderr."""
         try:
             proc = await asyncio.create_subprocess_exec(
                 "virsh", "-q", "-c", self.uri, *argv,
-                stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+                stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         except FileNotFoundError as e:
             raise TargetError("libvirt", "virsh is not installed",
                               "install libvirt-clients") from e
-        out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
+        out, err = await proc.communicate()
         assert proc.returncode is not None
         if proc.returncode != 0:
             raise VirshError(list(argv), proc.returncode, err.decode(errors="replace"))
         return out.decode(errors="replace")
+
+    async def define(self, command: str, xml: str) -> str:
+        """``virsh define`` / ``net-define`` of ``xml``, through a private file: not
+        ``/dev/stdin``, which virsh cannot open when the event loop's pipes are socket
+        pairs (uvloop's, which the daemons run on)."""
+        with tempfile.TemporaryDirectory(prefix="siterecovery-virsh-") as tmp:
+            path = os.path.join(tmp, "definition.xml")
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(xml)
+            return await self(command, path)
 
     async def exists(self, kind: str, name: str) -> bool:
         """Whether the ``kind`` ("domain" or "network") called ``name`` is defined."""

@@ -14,12 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from targets.base import BootFailedError, RecoveryDisk, RecoverySpec, TargetError
 from targets.console import ConsoleLog
 from targets.domainxml import isolated_network_xml
 from targets.kvm import probe_kvm
 from targets.libvirt import LibvirtTarget
+from targets.virsh import Virsh
 from tests.backends import missing_backend
 from tests.bootdisk import DRILL_TEXT, HOSTNAME, MARKER, bootdisk, missing_tools
 from tests.libvirtd import libvirtd_running
@@ -279,3 +281,22 @@ def test_kvm_probe_explains_itself(tmp_path: Path) -> None:
         probe = probe_kvm()
         hardware = any(Path("/sys/module", m).exists() for m in ("kvm_intel", "kvm_amd"))
         assert probe.usable == hardware, probe.reason
+
+
+def test_definitions_work_on_the_daemons_event_loop(uri: str) -> None:
+    """The daemons run on uvloop, whose subprocess pipes are socket pairs that virsh
+    cannot open as /dev/stdin: a network defined there (and removed) the way the target
+    defines its drill network and domains."""
+    virsh = Virsh(uri)
+
+    async def define_and_remove() -> bool:
+        xml = isolated_network_xml("sr-test-uvloop", "virbr-sruv",
+                                   ipaddress.IPv4Network("10.216.0.0/24"))
+        await virsh.define("net-define", xml)
+        try:
+            return await virsh.exists("network", "sr-test-uvloop")
+        finally:
+            await virsh.gone("net-undefine", "sr-test-uvloop")
+
+    assert uvloop.run(define_and_remove())
+    assert not uvloop.run(virsh.exists("network", "sr-test-uvloop"))
