@@ -323,7 +323,14 @@ class AzureTarget:
         wait = self._boot_poll()
         lines: list[str] = []
         while True:
-            lines = await arm.serial_log(recovered.vm_name)
+            try:
+                lines = await arm.serial_log(recovered.vm_name)
+            except TargetError as e:
+                # An outage may pass before the deadline; anything else will not.
+                if e.code != "azure_unreachable" or time.monotonic() >= deadline:
+                    raise BootFailedError(f"cannot read the serial log of {recovered.vm_name}"
+                                          f": {e.message} ({e.code}: {e.hint})",
+                                          lines[-TAIL:]) from None
             hit = next((ln for ln in lines if (marker in ln if marker
                                                else LOGIN_PROMPT.search(ln))), None)
             if hit is not None:
