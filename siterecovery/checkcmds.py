@@ -68,7 +68,7 @@ async def cmd_check(args: argparse.Namespace) -> int:
     try:
         with ThreadPoolExecutor(2) as ex:
             report = await check_vault(store, km, read_data=args.read_data, subset=subset,
-                                       executor=ex, progress=progress)
+                                       executor=ex, progress=progress, wait=args.wait)
     finally:
         await store.close()
     code = EXIT_KEY if report.wrong_key else EXIT_CORRUPT if report.errors else EXIT_OK
@@ -118,13 +118,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "check", help="verify a vault: structure, and with --read-data every block",
         description="Check that every object of a vault authenticates and that every "
                     "recovery point has what it needs: key slots, config, index, manifests, "
-                    "maps and delta chains, and that every pack the index names exists and is "
-                    "long enough. --read-data also reads the packs: every trailer and block "
-                    "authenticates, every block hashes to its id, and every point's disks "
-                    "give their recorded digests (nothing is written). Needs only the vault "
-                    "and its key. Exit code 0: all good (warnings allowed); 3: damaged or "
-                    "missing data, each bad object named; 4: the key opens no key slot.")
+                    "maps and delta chains, and that every pack the index names exists, is "
+                    "long enough and has a trailer that authenticates under its name (a "
+                    "swapped or damaged pack is caught without reading its blocks). "
+                    "--read-data also reads the packs: every block authenticates, every block "
+                    "hashes to its id, and every point's disks give their recorded digests "
+                    "(nothing is written). Holds a shared vault lock while it reads (process "
+                    "servers may go on writing; prune and rebuild-index wait, or it waits "
+                    "for them with --wait). Needs only the vault and its key. Exit code 0: "
+                    "all good (warnings allowed); 1: the vault is locked by a prune or "
+                    "rebuild-index; 3: damaged or missing data, each bad object named; 4: "
+                    "the key opens no key slot.")
     add_vault_args(c)
+    c.add_argument("--wait", type=float, default=0.0,
+                   help="seconds to wait for a prune or rebuild-index to release the vault "
+                        "(default: 0)")
     c.add_argument("--read-data", action="store_true",
                    help="read and verify every pack and every point's disk digests")
     c.add_argument("--subset", metavar="P%",

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import asdict
 from typing import Any
 
 from common.labels import APP
-from siterecovery.errors import CliError, UsageError
+from siterecovery.errors import EXIT_CORRUPT, EXIT_OK, CliError, UsageError
 from siterecovery.output import add_json_arg, mib, show
 from siterecovery.progress import Progress
 from siterecovery.vaultopts import (
@@ -23,9 +24,9 @@ from vault.errors import AmbiguousPointError, NotFoundError, VaultError
 from vault.keys import list_slots
 from vault.keyslots import KeyMaterial, new_keyfile
 from vault.point import Point
-from vault.repo import DEFAULT_BLOCK_SIZE, Vault
+from vault.repo import DEFAULT_BLOCK_SIZE, PointScan, Vault
 from vault.restore import FORMATS, restore_point
-from vault.select import select_point
+from vault.select import SPECS, select_point
 from vault.store.open import open_store
 from vault.store.protocol import BlobStore
 
@@ -96,28 +97,56 @@ def _select(points: list[Point], spec: str, machine: str | None) -> Point:
         raise UsageError(str(e)) from None
 
 
+def _report_damaged(scan: PointScan) -> int:
+    """After a listing: name each damaged manifest on stderr (the listing itself went to
+    stdout) and return exit code 3 if there is one, else 0."""
+    if not scan.damaged:
+        return EXIT_OK
+    for name, e in scan.damaged:
+        print(f"error: {name}: damaged: {e.reason}", file=sys.stderr)
+    print(f"error: {len(scan.damaged)} point manifest(s) failed verification and are not "
+          "listed as points (their machine cannot be told); the others are intact. Run "
+          "'siterecovery check' for what they break; restore another point, or prune to "
+          "forget them.", file=sys.stderr)
+    return EXIT_CORRUPT
+
+
+def _damaged_rows(scan: PointScan) -> list[dict[str, Any]]:
+    return [{"object": name, "reason": e.reason} for name, e in scan.damaged]
+
+
 async def cmd_points_list(args: argparse.Namespace) -> int:
     v = await open_vault(args)
     try:
-        points = await v.list_points(args.machine)
+        scan = await v.scan_points(args.machine)
     finally:
         await v.close()
+    points = scan.points
+    rows: list[dict[str, Any]] = [
+        {"id": p.id, "object": names.POINTS + p.id, "machine": p.machine, "created": p.created,
+         "consistency": p.consistency, "disks": _disks(p), "damaged": None} for p in points]
+    # A damaged manifest is a row of its own, after the intact ones: its id is its name,
+    # everything else in it is unknown.
+    rows += [{"id": name[len(names.POINTS):], "object": name, "machine": None,
+              "created": None, "consistency": None, "disks": [], "damaged": e.reason}
+             for name, e in scan.damaged]
     lines = [f"{'ID':<16}  {'MACHINE':<20}  {'CREATED (UTC)':<27}  {'CONSISTENCY':<12}  DISKS"]
     lines += [f"{p.id[:16]}  {p.machine:<20}  {p.created:<27}  {p.consistency:<12}  "
               + ", ".join(f"{d.disk} ({mib(d.size)})" for d in p.disks) for p in points]
-    return show([{"id": p.id, "machine": p.machine, "created": p.created,
-                  "consistency": p.consistency, "disks": _disks(p)} for p in points], args,
-                "\n".join(lines) if points else "no recovery points")
+    lines += [f"{name[len(names.POINTS):][:16]}  {'?':<20}  {'?':<27}  {'DAMAGED':<12}  "
+              f"{name}" for name, _e in scan.damaged]
+    show(rows, args, "\n".join(lines) if rows else "no recovery points")
+    return _report_damaged(scan)
 
 
 async def cmd_machines_list(args: argparse.Namespace) -> int:
     v = await open_vault(args)
     try:
-        points = await v.list_points()
+        scan = await v.scan_points()
     finally:
         await v.close()
     machines: dict[str, list[Point]] = {}
-    for p in points:
+    for p in scan.points:
         machines.setdefault(p.machine, []).append(p)
     rows: list[dict[str, Any]] = []
     for name, pts in sorted(machines.items()):
@@ -125,19 +154,33 @@ async def cmd_machines_list(args: argparse.Namespace) -> int:
         rows.append({"machine": name, "points": len(pts), "oldest": pts[0].created,
                      "latest": pts[-1].created, "latest_point": pts[-1].id,
                      "latest_app_consistent": app[-1].created if app else None,
-                     "disks": _disks(pts[-1])})
+                     "disks": _disks(pts[-1]), "damaged_points": []})
     lines = [f"{'MACHINE':<20}  {'POINTS':>6}  {'LATEST (UTC)':<27}  "
              f"{'LATEST APP-CONSISTENT':<27}  DISKS"]
     lines += [f"{r['machine']:<20}  {r['points']:>6}  {r['latest']:<27}  "
               f"{r['latest_app_consistent'] or '-':<27}  "
               + ", ".join(f"{d['disk']} ({mib(d['size'])})" for d in r["disks"]) for r in rows]
-    return show(rows, args, "\n".join(lines) if rows else "no machines")
+    if scan.damaged:
+        # Damaged manifests cannot be told apart by machine: one row (machine null)
+        # holds them all, so that the JSON stays a list of rows of one shape.
+        rows.append({"machine": None, "points": 0, "oldest": None, "latest": None,
+                     "latest_point": None, "latest_app_consistent": None, "disks": [],
+                     "damaged_points": _damaged_rows(scan)})
+        lines += [f"{'?':<20}  {'DAMAGED':>6}  {name}" for name, _e in scan.damaged]
+    show(rows, args, "\n".join(lines) if rows else "no machines")
+    return _report_damaged(scan)
 
 
 async def cmd_restore(args: argparse.Namespace) -> int:
     v = await open_vault(args)
     try:
-        point = _select(await v.list_points(), args.point, args.machine)
+        scan = await v.scan_points()
+        for name, e in scan.damaged:
+            # A damaged manifest may be the point asked for ('latest' might be it): only
+            # a point id it cannot be lets the restore go on without it.
+            if args.point in SPECS or name[len(names.POINTS):].startswith(args.point):
+                raise e
+        point = _select(scan.points, args.point, args.machine)
         restored = await restore_point(
             v, point, args.out, fmt=args.format, disks=args.disk,
             progress=lambda disk: Progress(f"restore {disk}", quiet=args.json))

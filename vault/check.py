@@ -38,6 +38,7 @@ from vault.errors import (
 from vault.index import Index, Location, open_index
 from vault.keyopen import scan_key_slots
 from vault.keyslots import KeyMaterial
+from vault.locks import locked
 from vault.maps import DELTA, FULL, ZERO_ID
 from vault.pack import MAX_BLOCK, PackEntry, open_block
 from vault.point import Point
@@ -51,19 +52,28 @@ Progress = Callable[[int, int], None]
 
 async def check_vault(store: BlobStore, km: KeyMaterial, *, read_data: bool = False,
                       subset: float | None = None, executor: Executor | None = None,
-                      progress: Progress | None = None) -> CheckReport:
+                      progress: Progress | None = None, wait: float = 0.0) -> CheckReport:
     """Check the vault in ``store``. ``subset`` (percent, with ``read_data``) reads only
-    that share of the packs, picked deterministically from their ids."""
+    that share of the packs, picked deterministically from their ids.
+
+    Holds a shared vault lock (vault/locks.py) while it reads, waiting up to ``wait``
+    seconds for an exclusive holder (prune, rebuild-index): what they delete is rightly
+    gone, and a check that raced them would report it missing. Writers share the vault
+    with a check; what they add cannot make it report a problem, because the points are
+    listed before the index and the index before the packs (the reverse of the order
+    they are written in). Raises ``LockedError`` if the lock cannot be had in time."""
     report = CheckReport(read_data=read_data, subset=subset if read_data else None)
     vault = await open_for_check(store, km, report)
     if vault is None:
         return report
-    c = _Checker(vault, report, executor)
-    await c.load_index()
-    await c.check_packs()
-    if read_data:
-        await c.read_packs(subset, progress)
-    await c.check_points()
+    async with locked(vault, "shared", "check", wait=wait):
+        c = _Checker(vault, report, executor)
+        point_objects = [info.name async for info in vault.store.list(names.POINTS)]
+        await c.load_index()
+        await c.check_packs()
+        if read_data:
+            await c.read_packs(subset, progress)
+        await c.check_points(point_objects)
     return report
 
 
@@ -124,6 +134,8 @@ class _Checker:
         self.bad_packs: dict[str, str] = {}  # pack id -> "missing" or "truncated"
         self.fps: dict[bytes, bytes] = {}  # block id -> fingerprint, blocks that verified
         self.bad_blocks: dict[bytes, str] = {}  # block id -> pack whose indexed copy failed
+        # pack id -> (trailer entries, end of the blocks), or why the trailer failed
+        self.trailers: dict[str, tuple[list[PackEntry], int] | IntegrityError] = {}
 
     def add(self, obj: str, kind: str, reason: str) -> None:
         self.report.add(obj, kind, reason)
@@ -148,6 +160,7 @@ class _Checker:
         self.report.counts["blocks"] = len(self.index)
 
     async def check_packs(self) -> None:
+        unindexed: list[str] = []
         async for info in self.vault.store.list(names.PACKS):
             pack_id = pack_id_if_valid(info.name)
             if pack_id is None:
@@ -155,9 +168,11 @@ class _Checker:
                 continue
             self.sizes[pack_id] = info.size
             if pack_id not in self.indexed:
-                self.add(info.name, "unindexed",
-                         "no index object lists this pack ('siterecovery rebuild-index' "
-                         "indexes it, 'siterecovery prune' deletes it if unused)")
+                unindexed.append(pack_id)
+        for pack_id in await self._indexed_since(unindexed):
+            self.add(names.pack_name(pack_id), "unindexed",
+                     "no index object lists this pack ('siterecovery rebuild-index' "
+                     "indexes it, 'siterecovery prune' deletes it if unused)")
         self.report.counts["packs"] = len(self.sizes)
         for pack_id, entries in sorted(self.indexed.items()):
             name = names.pack_name(pack_id)
@@ -172,6 +187,60 @@ class _Checker:
                 self.bad_packs[pack_id] = "truncated"
                 self.add(name, "truncated", f"{size} bytes, but {self.listed_by[pack_id]} "
                                             f"has blocks up to byte {need}")
+        await self._check_trailers()
+
+    async def _indexed_since(self, pack_ids: list[str]) -> list[str]:
+        """Those of ``pack_ids`` that no index object lists, counting the index objects
+        written since the index was loaded: a writer that shares the vault writes a pack,
+        then its index object, and its pack is not left behind."""
+        if not pack_ids:
+            return []
+        listed: set[str] = set()
+        async for info in self.vault.store.list(names.INDEX):
+            if info.name in self.index.objects:
+                continue
+            try:
+                listed.update(open_index(self.vault.keyring, info.name[len(names.INDEX):],
+                                         await self.vault.store.get(info.name)))
+            except (NotFoundError, IntegrityError):
+                continue  # gone again, or damaged: that is for the next check to judge
+        return [p for p in pack_ids if p not in listed]
+
+    async def _check_trailers(self) -> None:
+        """Read the trailer of every indexed pack that is long enough (the tail and the
+        trailer: one or two small ranged reads, no block data). The trailer is sealed
+        under a key derived from the pack's name, with the name in its associated data,
+        so it authenticates only under its own name: this catches two packs swapped, or
+        one copied over another, without reading the data. Its entries must then include
+        every entry the index gives for the pack."""
+        todo = [p for p in sorted(self.indexed) if p in self.sizes and p not in self.bad_packs]
+
+        async def one(pack_id: str) -> None:
+            name = names.pack_name(pack_id)
+            try:
+                entries, end = await read_trailer(self.vault, pack_id, self.sizes[pack_id])
+            except NotFoundError:
+                return  # deleted since the listing; check_points judges what needs it
+            except IntegrityError as err:
+                self.trailers[pack_id] = err
+                self.add(name, "damaged",
+                         f"{err.reason} (the pack is damaged, or holds another pack's "
+                         "content: a trailer authenticates only under its own pack's name; "
+                         "'check --read-data' tells which points it breaks)")
+                return
+            self.trailers[pack_id] = (entries, end)
+            self._compare_trailer(pack_id, entries)
+
+        await for_each(todo, one, concurrency=8)
+        self.report.counts["trailers_read"] = len(self.trailers)
+
+    def _compare_trailer(self, pack_id: str, trailer: list[PackEntry]) -> None:
+        stray = sorted(self.indexed.get(pack_id, set()) - set(trailer), key=lambda e: e.offset)
+        if stray:
+            self.add(names.pack_name(pack_id), "mismatch",
+                     f"{len(stray)} block(s) the index gives are not in the pack's "
+                     f"trailer (first: block {stray[0].block_id.hex()[:16]} at "
+                     f"{stray[0].offset}+{stray[0].length}, from {self.listed_by[pack_id]})")
 
     async def read_packs(self, subset: float | None, progress: Progress | None) -> None:
         chosen = sorted(self.sizes) if subset is None else sorted(
@@ -198,19 +267,18 @@ class _Checker:
         indexed = self.indexed.get(pack_id, set())
         trailer: list[PackEntry] = []
         end = size
-        try:
-            trailer, end = await read_trailer(self.vault, pack_id, size)
-        except NotFoundError:
-            return
-        except IntegrityError as err:
-            self.add(name, "damaged", err.reason)
-        else:
-            stray = sorted(indexed - set(trailer), key=lambda e: e.offset)
-            if stray:
-                self.add(name, "mismatch",
-                         f"{len(stray)} block(s) the index gives are not in the pack's "
-                         f"trailer (first: block {stray[0].block_id.hex()[:16]} at "
-                         f"{stray[0].offset}+{stray[0].length}, from {self.listed_by[pack_id]})")
+        known = self.trailers.get(pack_id)  # read (and reported) by the structural pass
+        if isinstance(known, tuple):
+            trailer, end = known
+        elif known is None:
+            try:
+                trailer, end = await read_trailer(self.vault, pack_id, size)
+            except NotFoundError:
+                return
+            except IntegrityError as err:
+                self.add(name, "damaged", err.reason)
+            else:
+                self._compare_trailer(pack_id, trailer)
         work: list[PackEntry] = []
         for e in sorted(set(trailer) | indexed, key=lambda e: (e.offset, e.length)):
             if e.offset + e.length > end or e.length > MAX_BLOCK + OVERHEAD:
@@ -243,17 +311,18 @@ class _Checker:
             self.bad_blocks[e.block_id] = names.pack_name(pack_id)
 
     # -- points and maps ---------------------------------------------------------------
-    async def check_points(self) -> None:
+    async def check_points(self, point_objects: list[str]) -> None:
+        """Check the manifests ``point_objects`` (listed before the index was loaded)."""
         points: dict[str, Point] = {}
         bad: set[str] = set()
-        async for info in self.vault.store.list(names.POINTS):
-            point_id = info.name[len(names.POINTS):]
+        for name in point_objects:
+            point_id = name[len(names.POINTS):]
             try:
                 points[point_id] = await self.vault.read_point(point_id)
             except (NotFoundError, MissingObjectError):
                 continue  # deleted while we listed
             except IntegrityError as e:
-                self.add(info.name, "damaged", e.reason)
+                self.add(name, "damaged", e.reason)
                 bad.add(point_id)
         self.report.counts["points"] = len(points) + len(bad)
         maps: dict[str, str | None] = {}  # map id -> None if good, else why not

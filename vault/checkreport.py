@@ -29,7 +29,8 @@ class CheckReport:
     read_data: bool = False
     subset: float | None = None
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("key_slots", "index_objects", "packs", "blocks", "maps", "points", "packs_read",
+        ("key_slots", "index_objects", "packs", "trailers_read", "blocks", "maps", "points",
+         "packs_read",
          "blocks_read", "bytes_read", "digests_verified", "digests_skipped"), 0))
 
     def add(self, obj: str, kind: str, reason: str) -> None:

@@ -47,6 +47,28 @@ class MissingObjectError(IntegrityError):
     """An object that another, authenticated object references is not in the store."""
 
 
+class UnindexedBlocksError(IntegrityError):
+    """A point needs blocks that no index object lists.
+
+    The point's manifest and maps authenticated: what is wrong is the index (an index
+    object missing or damaged, or a crash before a pack was indexed), and the packs may
+    still hold the blocks. The message says so, and how to repair it, instead of blaming
+    the manifest. Exit code 3, as every ``IntegrityError``.
+    """
+
+    def __init__(self, point: str, disk: str, missing: int, first: int) -> None:
+        VaultError.__init__(
+            self,
+            f"{point} cannot be restored: {missing} block(s) of disk {disk!r} (first: block "
+            f"{first}) are in no index object. The point's manifest and maps are intact; an "
+            "index object is missing or damaged. Run 'siterecovery check' to see which, then "
+            "'siterecovery rebuild-index' to index the packs again from their trailers.")
+        self.object_name = point
+        self.reason = (f"{missing} block(s) of disk {disk!r} are in no index (first: block "
+                       f"{first}); 'siterecovery rebuild-index' may recover them")
+        self.disk, self.missing, self.first = disk, missing, first
+
+
 class WrongKeyError(VaultError):
     """No key slot of the vault opens with the key material given."""
 

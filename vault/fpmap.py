@@ -13,13 +13,12 @@ a map built from damaged or substituted data is refused rather than trusted.
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
 from concurrent.futures import Executor
 
 from common.digest import block_count, digest_of_fingerprint_map, fingerprint
 from vault import names
 from vault.errors import IntegrityError, NotFoundError, PermanentStoreError
-from vault.index import Index, Location
+from vault.index import Index, Location, locate_blocks
 from vault.pack import open_block
 from vault.point import Point
 from vault.repo import Vault
@@ -49,13 +48,7 @@ async def point_fingerprints(vault: Vault, point: Point, disk: str, *, index: In
         if n not in bmap.blocks:
             ln = min(bs, size - n * bs)
             out[n * FP:(n + 1) * FP] = full_zero if ln == bs else fingerprint(bytes(ln))
-    by_pack: dict[str, list[tuple[int, bytes, Location]]] = defaultdict(list)
-    for n, bid in bmap.blocks.items():
-        loc = index.entries.get(bid)
-        if loc is None:
-            raise IntegrityError(f"points/{point.id}", f"block {n} of disk {disk!r} is in "
-                                 "no index")
-        by_pack[loc.pack_id].append((n, bid, loc))
+    by_pack = locate_blocks(index, names.POINTS + point.id, disk, bmap.blocks)
     loop = asyncio.get_running_loop()
     sem = asyncio.Semaphore(4)
 

@@ -9,10 +9,11 @@ that references their blocks; the index can be rebuilt from pack trailers.
 from __future__ import annotations
 
 import struct
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 from vault.crypto import Keyring, ObjectType, seal, unseal
-from vault.errors import IntegrityError
+from vault.errors import IntegrityError, UnindexedBlocksError
 from vault.pack import ENTRY, PackEntry
 
 MAX_INDEX = 256 << 20
@@ -41,6 +42,27 @@ class Index:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+
+def locate_blocks(index: Index, point: str, disk: str, blocks: dict[int, bytes]
+                  ) -> dict[str, list[tuple[int, bytes, Location]]]:
+    """Where the ``blocks`` (block number -> id) of ``disk`` of ``point`` (a store name,
+    ``points/<id>``) are, grouped by pack in first-seen order: what a restore reads.
+
+    Raises ``UnindexedBlocksError`` (naming how many and the first) if any block is in no
+    index object: the index, not the point, is what is damaged then."""
+    out: dict[str, list[tuple[int, bytes, Location]]] = defaultdict(list)
+    entries = index.entries
+    missing: list[int] = []
+    for n, bid in blocks.items():
+        loc = entries.get(bid)
+        if loc is None:
+            missing.append(n)
+        else:
+            out[loc.pack_id].append((n, bid, loc))
+    if missing:
+        raise UnindexedBlocksError(point, disk, len(missing), min(missing))
+    return out
 
 
 def encode_index(packs: dict[str, list[PackEntry]]) -> bytes:

@@ -13,7 +13,6 @@ import json
 import os
 import secrets
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -26,6 +25,7 @@ from vault.errors import FormatError, WrongKeyError
 
 KEYFILE_MAGIC = "siterecovery-keyfile v1"
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
+MAX_KEYFILE = 4096  # bytes read from a key file, far above the ~70 one holds
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,28 @@ def new_keyfile(path: str | os.PathLike[str]) -> bytes:
 
 
 def read_keyfile(path: str | os.PathLike[str]) -> bytes:
+    """The 32-byte KEK in the key file at ``path``.
+
+    Every way the file fails to give one (missing, unreadable, a directory, not text, not
+    a key file, damaged) is a ``WrongKeyError`` naming the file: the key does not open the
+    vault, and the operator must be told which file to look at.
+    """
     try:
-        lines = Path(path).read_text().split()
+        # A key file is ~70 bytes; reading a bounded prefix keeps a mistaken path
+        # (a disk image, /dev/urandom) from being read whole.
+        with open(path, "rb") as f:
+            raw = f.read(MAX_KEYFILE + 1)
+        if len(raw) > MAX_KEYFILE:
+            raise WrongKeyError(f"{str(path)!r} is not a siterecovery key file (too large)")
+        lines = raw.decode("utf-8").split()
     except FileNotFoundError:
         raise WrongKeyError(f"key file {str(path)!r} does not exist") from None
+    except UnicodeDecodeError:
+        # Random bytes, a binary file, another encoding: not a key file we wrote.
+        raise WrongKeyError(f"{str(path)!r} is not a siterecovery key file "
+                            "(it is not text)") from None
+    except OSError as e:
+        raise WrongKeyError(f"cannot read key file {str(path)!r}: {e.strerror}") from None
     if len(lines) != 3 or " ".join(lines[:2]) != KEYFILE_MAGIC:
         raise WrongKeyError(f"{str(path)!r} is not a siterecovery key file")
     try:

@@ -19,7 +19,6 @@ import concurrent.futures
 import json
 import os
 import stat
-from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any, TypeVar
@@ -27,7 +26,7 @@ from typing import Any, TypeVar
 from common.digest import DiskDigest, block_count, fingerprint
 from vault import names
 from vault.errors import IntegrityError, NotFoundError, PermanentStoreError
-from vault.index import Index, Location
+from vault.index import Index, Location, locate_blocks
 from vault.pack import open_block
 from vault.point import Point
 from vault.repo import Vault
@@ -52,13 +51,7 @@ async def materialize(
     bmap = await vault.resolve_map(point, disk)
     size, bs = entry.size, entry.block_size
     nblocks = block_count(size, bs)
-    by_pack: dict[str, list[tuple[int, bytes, Location]]] = defaultdict(list)
-    for n, bid in bmap.blocks.items():
-        loc = index.entries.get(bid)
-        if loc is None:
-            raise IntegrityError(f"points/{point.id}",
-                                 f"block {n} of disk {disk!r} is in no index")
-        by_pack[loc.pack_id].append((n, bid, loc))
+    by_pack = locate_blocks(index, names.POINTS + point.id, disk, bmap.blocks)
 
     is_device = os.path.exists(out) and stat.S_ISBLK(os.stat(out).st_mode)
     target = out if is_device else out + ".partial"

@@ -32,6 +32,7 @@ from vault.store.protocol import BlobInfo
 
 INDEX_CHUNK = 200_000  # entries per new index object (about 9 MB of plaintext)
 CONCURRENCY = 8
+TRAILER_PROBE = 64 << 10  # bytes read from a pack's end to find its tail and trailer
 _PACK_ID = re.compile(r"^[0-9a-f]{64}$")
 T = TypeVar("T")
 
@@ -73,7 +74,13 @@ async def read_trailer(vault: Vault, pack_id: str, size: int) -> tuple[list[Pack
     name = names.pack_name(pack_id)
     if size < TAIL.size + OVERHEAD:
         raise IntegrityError(name, f"{size} bytes is too short for a pack (truncated)")
-    t, magic = TAIL.unpack(await vault.store.get(name, size - TAIL.size, TAIL.size))
+    # One ranged read of the pack's end usually holds the tail and the whole trailer
+    # (~44 bytes per block): a second read is needed only for a larger trailer.
+    probe = min(size, TRAILER_PROBE)
+    end = await vault.store.get(name, size - probe, probe)
+    if len(end) != probe:
+        raise IntegrityError(name, f"shorter than the {size} bytes listed (truncated)")
+    t, magic = TAIL.unpack(end[-TAIL.size:])
     if magic != MAGIC:
         raise IntegrityError(name, "trailer: the pack does not end with the pack tail "
                                    "(truncated, extended or not a pack)")
@@ -81,7 +88,10 @@ async def read_trailer(vault: Vault, pack_id: str, size: int) -> tuple[list[Pack
         raise IntegrityError(name, f"trailer: the tail gives a trailer length of {t} bytes, "
                                    f"which does not fit a pack of {size} bytes")
     data_end = size - TAIL.size - t
-    sealed = await vault.store.get(name, data_end, t)
+    if t + TAIL.size <= probe:
+        sealed = end[probe - TAIL.size - t: probe - TAIL.size]
+    else:
+        sealed = await vault.store.get(name, data_end, t)
     try:
         entries = parse_trailer(vault.keyring, pack_id, sealed)
     except IntegrityError as e:

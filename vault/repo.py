@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from common.timefmt import now_iso
 from vault import names
@@ -52,6 +52,15 @@ class VaultConfig:
         if config.format != 1:
             raise FormatError(f"vault format {config.format} is newer than this program knows")
         return config
+
+
+@dataclass
+class PointScan:
+    """What ``Vault.scan_points`` found: the intact points, oldest first, and the
+    manifests that failed to authenticate, as ``(store name, error)``."""
+
+    points: list[Point] = field(default_factory=list)
+    damaged: list[tuple[str, IntegrityError]] = field(default_factory=list)
 
 
 class Vault:
@@ -190,15 +199,34 @@ class Vault:
         return open_point(self.keyring, point_id, raw)
 
     async def list_points(self, machine: str | None = None) -> list[Point]:
-        """Every whole recovery point, oldest first."""
-        points = []
+        """Every whole recovery point, oldest first. The first manifest that fails to
+        authenticate raises ``IntegrityError``: for callers that act on the whole set
+        (prune, point selection), where skipping one would change what they decide."""
+        scan = await self.scan_points(machine)
+        if scan.damaged:
+            raise scan.damaged[0][1]
+        return scan.points
+
+    async def scan_points(self, machine: str | None = None) -> PointScan:
+        """Every recovery point whose manifest authenticates (of ``machine``, if given),
+        oldest first, and every manifest that does not, in name order, with its error
+        (its machine cannot be known: it is listed whatever ``machine`` is). A manifest
+        deleted since the listing is left out; store errors raise."""
+        scan = PointScan()
         async for info in self.store.list(names.POINTS):
-            p = open_point(self.keyring, info.name[len(names.POINTS):],
-                           await self.store.get(info.name))
+            try:
+                p = open_point(self.keyring, info.name[len(names.POINTS):],
+                               await self.store.get(info.name))
+            except NotFoundError:
+                continue  # deleted since the listing (a prune forgot it)
+            except IntegrityError as e:
+                scan.damaged.append((info.name, e))
+                continue
             if machine is None or p.machine == machine:
-                points.append(p)
-        points.sort(key=lambda p: (p.created, p.id))
-        return points
+                scan.points.append(p)
+        scan.points.sort(key=lambda p: (p.created, p.id))
+        scan.damaged.sort(key=lambda d: d[0])
+        return scan
 
     async def read_map(self, map_id: str) -> BlockMap:
         try:
