@@ -132,6 +132,9 @@ async def cmd_enroll(args: argparse.Namespace) -> int:
             secret = Path(args.passphrase_file).read_text().strip()
         except OSError as e:
             raise CliError(f"cannot read the passphrase file: {e}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"the passphrase file {args.passphrase_file} is not UTF-8 "
+                             "text") from None
         if not secret:
             raise UsageError(f"the passphrase file {args.passphrase_file} is empty")
         cfg = await _enroll_on_site(args.site, args.ca_file, secret, args.machine,
