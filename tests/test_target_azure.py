@@ -366,6 +366,7 @@ def bios_bootable(path: Path, code: bytes | None = None) -> None:
     """Give a raw image an MBR (sfdisk) with one partition and boot code in front of the
     table: what a BIOS runs. ``code`` stands in for a boot loader's (the target reads only
     whether there is any); None: random bytes."""
+    bootimages.need_tools()
     out = subprocess.run(["sfdisk", "-q", str(path)], capture_output=True, text=True,
                          input="label: dos\nstart=2048, type=83, bootable\n")
     assert out.returncode == 0, out.stderr
