@@ -4,12 +4,15 @@ Structure (always): the key slots parse and one opens; the config authenticates;
 every index object authenticates; every point manifest authenticates; every map a
 point references authenticates and matches its manifest entry, every delta chain
 resolves (``Vault.resolve_map``) and every block of a resolved map is in the index;
-every pack the index names exists and is long enough for its entries. Packs that no
-index lists are warnings ("unindexed": a writer crashed between pack and index, or
-a prune was interrupted; ``rebuild-index`` or ``prune`` deals with them).
+every pack the index names exists, is long enough for its entries, and has a trailer
+that authenticates under its name and lists every entry the index gives (a cheap read
+of the pack's end that catches swapped packs without reading their blocks). Packs
+that no index lists are warnings ("unindexed": a writer crashed between pack and
+index, or a prune was interrupted; ``rebuild-index`` or ``prune`` deals with them).
 
 With ``read_data``: every pack (or a deterministic subset) is read, one bounded
-chunk at a time; its trailer authenticates and agrees with the index; every block
+chunk at a time; its trailer (if the structural pass did not read it already)
+authenticates and agrees with the index; every block
 authenticates and hashes to its id; and every point's disks are shown to restore to
 their recorded digests, from the blocks' fingerprints, without writing anything.
 
