@@ -30,7 +30,7 @@ from mobility.siteclient import (
     SiteUnreachable,
 )
 from siterecovery.apiclient import ApiCallError, ApiClient
-from siterecovery.daemon import wait_for_signal
+from siterecovery.daemon import MOBILITY_FILES, require_files, wait_for_signal
 from siterecovery.errors import CliError, UsageError
 from siterecovery.progress import Progress
 from siterecovery.tomlconfig import load
@@ -201,6 +201,7 @@ async def _until_signal(work: Coroutine[Any, Any, None]) -> None:
 
 async def cmd_run(args: argparse.Namespace) -> int:
     cfg = load(MobilityConfig, args.config)
+    require_files(cfg, args.config, MOBILITY_FILES)  # exit 2 now, not retries forever
     if not cfg.site_url:
         agent = Agent(cfg)
         try:

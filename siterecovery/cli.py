@@ -36,7 +36,14 @@ from siterecovery import (
     replicationcmds,
     vaultcmds,
 )
-from siterecovery.daemon import run_until_signal, wait_for_signal
+from siterecovery.daemon import (
+    PROCSERVER_FILES,
+    listen_address,
+    port_number,
+    require_files,
+    run_until_signal,
+    wait_for_signal,
+)
 from siterecovery.datadir import default_data_dir
 from siterecovery.demo import demo
 from siterecovery.embedded import serve
@@ -55,7 +62,9 @@ async def cmd_configserver_run(args: argparse.Namespace) -> int:
 
 
 async def cmd_procserver_run(args: argparse.Namespace) -> int:
-    ps = ProcServer(load(ProcServerConfig, args.config))
+    cfg = load(ProcServerConfig, args.config)
+    require_files(cfg, args.config, PROCSERVER_FILES)  # missing: exit 2, not 4 or 1
+    ps = ProcServer(cfg)
     await ps.start()
     try:  # a crashed part of the daemon raises TaskCrashedError: exit 1, loudly
         await ps.serve_until(wait_for_signal())
@@ -85,12 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Creates the vault, key file, CA and tokens on first start.")
     s.add_argument("--data-dir", default=default_data_dir(),
                    help="where everything lives (default: %(default)s)")
-    s.add_argument("--admin-port", type=int, default=9440, help="admin API port on 127.0.0.1")
+    s.add_argument("--admin-port", type=port_number, default=9440,
+                   help="admin API port on 127.0.0.1")
     s.add_argument("--site-port", type=int, default=9441,
                    help="enrollment/agent API port (TLS), on the --listen host")
-    s.add_argument("--listen", default="127.0.0.1:9443",
+    s.add_argument("--listen", type=listen_address, default="127.0.0.1:9443",
                    help="replication listener HOST:PORT (default: %(default)s)")
-    s.add_argument("--metrics-port", type=int, default=9444, help="process-server metrics port")
+    s.add_argument("--metrics-port", type=port_number, default=9444,
+                   help="process-server metrics port")
     s.set_defaults(func=cmd_serve, daemon=True)
 
     for name, func, what in (("configserver", cmd_configserver_run, "configuration server"),
