@@ -30,8 +30,7 @@ from azure.storage.blob import BlobType
 from azure.storage.blob.aio import BlobClient
 
 from common.backoff import Backoff
-from vault.errors import TransientStoreError
-from vault.store.azure import _map_error
+from vault.store.azure import is_transient
 from vault.vhd import FOOTER_SIZE, build_footer, vhd_size
 
 PAGE = 512  # page blobs are written in whole 512-byte pages
@@ -266,9 +265,8 @@ async def _put(blob: BlobClient, data: bytes, offset: int, retries: int,
             await blob.upload_page(data, offset=offset, length=len(data), validate_content=True)
             return
         except AzureError as e:
-            # One classification of transient Azure failures: the vault's store's.
-            transient = isinstance(_map_error(e, ""), TransientStoreError)
-            if not transient or backoff.failures >= retries:
+            # One classification of transient Azure failures: the vault store's.
+            if not is_transient(e) or backoff.failures >= retries:
                 tries = backoff.failures + 1
                 raise PageBlobError(f"cannot write {len(data)} bytes at {offset} of page blob "
                                     f"{blob.blob_name!r} ({tries} tries): {_reason(e)}") from None

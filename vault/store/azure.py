@@ -66,6 +66,12 @@ def _map_error(e: AzureError, what: str) -> StoreError:
     return PermanentStoreError(f"{what}: {code}: {e.reason if hasattr(e, 'reason') else e}")
 
 
+def is_transient(e: AzureError) -> bool:
+    """Whether ``e`` is worth retrying (network, 408, 429, 5xx): the one classification
+    of Azure failures, for users of Azure Blob beside the store (page blobs)."""
+    return isinstance(_map_error(e, ""), TransientStoreError)
+
+
 class AzureBlobStore:
     def __init__(self, service: BlobServiceClient, container: str, prefix: str,
                  display: str) -> None:
