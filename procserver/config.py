@@ -1,7 +1,15 @@
-"""The process server's typed configuration (one flat TOML file)."""
+"""The process server's typed configuration (one flat TOML file).
+
+The vault key: ``vault_key_file``, and/or the vault passphrase from
+``vault_passphrase_file`` or the environment variable ``vault_passphrase_env`` (one of
+the two), as every vault verb takes them (``--key-file``, ``--passphrase-file``,
+``--passphrase-env``). At least one of them must be given; any key slot either opens
+will do. ``procserver.vaultaccess.key_material`` reads them.
+"""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from common.names import is_name
@@ -13,10 +21,15 @@ from wire.protocol import DEFAULT_PORT
 class ProcServerConfig:
     data_dir: str
     vault_url: str
+    # The vault key (see the module's docstring): a key file ("": none, the passphrase
+    # alone; the key must be written, so that dropping it by mistake is an error)
+    # and/or a passphrase.
     vault_key_file: str
     tls_cert: str
     tls_key: str
     tls_ca: str
+    vault_passphrase_file: str = ""
+    vault_passphrase_env: str = ""
     listen_host: str = "127.0.0.1"
     listen_port: int = DEFAULT_PORT
     metrics_host: str = "127.0.0.1"
@@ -55,6 +68,16 @@ class ProcServerConfig:
     work_hours: str = "08:00-18:00"
 
     def validate(self) -> None:
+        if not (self.vault_key_file or self.vault_passphrase_file
+                or self.vault_passphrase_env):
+            raise ValueError("give the vault key: vault_key_file, vault_passphrase_file or "
+                             "vault_passphrase_env")
+        if self.vault_passphrase_file and self.vault_passphrase_env:
+            raise ValueError("give one of vault_passphrase_file and vault_passphrase_env, "
+                             "not both")
+        if self.vault_passphrase_env and not os.environ.get(self.vault_passphrase_env):
+            raise ValueError(f"vault_passphrase_env: environment variable "
+                             f"{self.vault_passphrase_env} is not set or empty")
         if not 0 <= self.listen_port < 65536:
             raise ValueError("listen_port must be 0-65535")
         if self.segment_bytes < (1 << 20):

@@ -46,9 +46,8 @@ from procserver.sessiondeps import SessionDeps, SessionSettings
 from procserver.supervisor import Supervisor, TaskCrashedError
 from procserver.trust import TrustList
 from procserver.uploader import Uploader
-from procserver.vaultaccess import VaultAccess
+from procserver.vaultaccess import VaultAccess, key_material
 from vault.errors import TransientStoreError
-from vault.keyslots import KeyMaterial, read_keyfile
 from vault.repo import Vault
 from vault.store.instrument import StoreMetrics
 from vault.store.open import open_store
@@ -154,7 +153,7 @@ class ProcServer:
         # The vault and its key first: a wrong key or URL must leave nothing behind.
         # Storage that does not answer is not a reason to refuse agents: the cache takes
         # their cycles and the vault is opened in the background (invariant 9).
-        km = KeyMaterial(keyfile=read_keyfile(self.cfg.vault_key_file))
+        km = await asyncio.to_thread(key_material, self.cfg)  # WrongKeyError names the source
         schedule = self.cfg.upload_schedule()  # uploads paced; the cache absorbs the rest
         store = open_store(self.cfg.vault_url, StoreMetrics(self.metrics.registry),
                            upload_bucket=None if schedule.unlimited else TokenBucket(schedule))
