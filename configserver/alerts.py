@@ -18,6 +18,10 @@ procserver_upload_backlog        critical  upload backlog > 45 min
 procserver_heartbeat_missing     critical  no heartbeat for 15 min or more
 rpo_threshold_exceeded           warning   a protected (or resyncing) item's latest point
                                            is older than its policy's RPO threshold
+drill_overdue                    warning   a protected item's last successful drill (test
+                                           failover) ended more than ``drill_warning_days``
+                                           ago; never drilled: counted from when Finalize
+                                           protection succeeded (or the item's creation)
 ===============================  ========  ============================================
 
 A process server that stopped heartbeating keeps its last reported cache and
@@ -39,11 +43,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 
 from configserver import db
 from configserver.core import Core
-from configserver.items import ItemState
+from configserver.items import DAY, ItemState, last_good_drill
+from configserver.replication import FINALIZE
+from configserver.schema import iso
 
 log = structlog.get_logger("configserver.alerts")
 
@@ -55,12 +61,16 @@ CACHE_LOW = "procserver_cache_free_low"
 BACKLOG = "procserver_upload_backlog"
 NO_HEARTBEAT = "procserver_heartbeat_missing"
 RPO = "rpo_threshold_exceeded"
+DRILL_OVERDUE = "drill_overdue"
 PROCSERVER_CODES = (CACHE_LOW, BACKLOG, NO_HEARTBEAT)
-CODES = (*PROCSERVER_CODES, RPO)  # the codes this module owns in ``events``
+CODES = (*PROCSERVER_CODES, RPO, DRILL_OVERDUE)  # the codes this module owns in ``events``
 SEVERITIES = ("warning", "critical")
 # Items whose agent is expected to keep sending points (an item still in initial
 # replication has no RPO yet; one being disabled is going away).
 RPO_STATES = (ItemState.PROTECTED, ItemState.RESYNCING, ItemState.RESYNC_REQUIRED)
+# Items a drill is expected of: protected ones (a drill under way does not stop the count;
+# a failed-over machine runs on the target and is drilled again after reprotect).
+DRILL_WATCH = (*RPO_STATES, ItemState.TEST_FAILOVER_IN_PROGRESS, ItemState.TEST_FAILOVER_DONE)
 _PG_LOCK_KEY = 0x5352_414C  # "SRAL": one advisory lock for alert evaluation
 _MIN_GAP_S = 1.0  # notification-driven evaluations run at most this often
 
@@ -122,15 +132,42 @@ def rpo_alert(item: db.ReplicatedItem, threshold: int | None, now: float) -> Ale
                  "its process server")
 
 
+def drill_alert(item: db.ReplicatedItem, protected_at: float | None, warning_days: float,
+                now: float) -> Alert | None:
+    """The drill-freshness alert an item calls for, if any: its last successful drill ended
+    more than ``warning_days`` ago, or it never had one since ``protected_at`` (when
+    Finalize protection succeeded; the item's creation if no such job is known)."""
+    if item.state not in DRILL_WATCH:
+        return None
+    good = last_good_drill(item.last_drill)
+    since = good["ended"] if good is not None else (
+        protected_at if protected_at is not None else item.created)
+    age = now - since
+    if age <= warning_days * DAY:
+        return None
+    days, m = age / DAY, item.machine
+    what = (f"no successful drill for {days:.0f} days (the last ended {iso(good['ended'])}, "
+            f"point {good['point']})" if good is not None else
+            f"no successful drill since it was protected {days:.0f} days ago")
+    return Alert(DRILL_OVERDUE, m, "warning",
+                 f"machine {m}: {what}; drill_warning_days is {warning_days:g}: prove the "
+                 f"recovery with 'siterecovery failover test {m} --wait', then 'siterecovery "
+                 f"failover cleanup {m}'")
+
+
 @dataclass
 class AlertBook:
     """One configuration server's alert bookkeeping: since when it is up (silence counts
-    from then), the evaluation lock and the metric labels in use."""
+    from then), its thresholds from the configuration, the evaluation lock and the metric
+    labels in use."""
 
     up_since: float
+    drill_warning_days: float = 180.0
+    storage_alert_seconds: float = 300.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     procservers: set[str] = field(default_factory=set)
     machines: set[str] = field(default_factory=set)
+    drilled: set[str] = field(default_factory=set)
 
 
 async def evaluate(core: Core, st: AlertBook) -> list[Alert]:
@@ -146,6 +183,10 @@ async def evaluate(core: Core, st: AlertBook) -> list[Alert]:
             items = (await s.execute(
                 select(db.ReplicatedItem, db.Policy.rpo_threshold_s).outerjoin(
                     db.Policy, db.Policy.name == db.ReplicatedItem.policy))).all()
+            protected_at = {str(t): float(e) for t, e in (await s.execute(
+                select(db.Job.target, func.max(db.Job.ended)).where(
+                    db.Job.kind == FINALIZE.name, db.Job.state == "succeeded")
+                .group_by(db.Job.target))).all() if e is not None}
             want: dict[tuple[str, str], Alert] = {}
             for ps in procservers:
                 for a in procserver_alerts(ps, now, st.up_since):
@@ -153,6 +194,9 @@ async def evaluate(core: Core, st: AlertBook) -> list[Alert]:
             for item, threshold in items:
                 if (a2 := rpo_alert(item, threshold, now)) is not None:
                     want[(a2.code, a2.target)] = a2
+                if (a3 := drill_alert(item, protected_at.get(item.machine),
+                                      st.drill_warning_days, now)) is not None:
+                    want[(a3.code, a3.target)] = a3
             active = (await s.execute(select(db.Event).where(
                 db.Event.active.is_(True), db.Event.code.in_(CODES)).order_by(db.Event.id))
             ).scalars().all()
@@ -220,6 +264,22 @@ def _update_metrics(core: Core, st: AlertBook, alerts: Sequence[Alert],
         with contextlib.suppress(KeyError):
             m.item_rpo.remove(gone)
     st.machines = machines
+    drilled = set()
+    for item, _threshold in items:
+        if (good := last_good_drill(item.last_drill)) is not None:
+            drilled.add(item.machine)
+            m.item_drill_time.labels(item.machine).set(good["ended"])
+            rto = good["rto_seconds"]
+            if isinstance(rto, (int, float)):
+                m.item_drill_rto.labels(item.machine).set(rto)
+            else:
+                with contextlib.suppress(KeyError):
+                    m.item_drill_rto.remove(item.machine)
+    for gone in st.drilled - drilled:
+        for g in (m.item_drill_time, m.item_drill_rto):
+            with contextlib.suppress(KeyError):
+                g.remove(gone)
+    st.drilled = drilled
 
 
 async def run(core: Core, st: AlertBook, interval: float) -> None:

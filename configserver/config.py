@@ -34,6 +34,12 @@ class ConfigServerConfig:
     vault_key_file: str = ""
     agent_cert_days: float = 365.0  # lifetime of agent certificates; renew before it ends
     alert_interval_seconds: float = 30.0
+    # An item with no successful drill (test failover) for this long raises drill_overdue
+    # (ASR warns after 180 days); counted from protection when it never had one.
+    drill_warning_days: float = 180.0
+    # Uploads to the vault failing without a break for this long raise
+    # procserver_storage_failing (the process server's health turns critical).
+    storage_alert_seconds: float = 300.0
     # Failover: how long the point 'latest' waits for the process server's upload, and
     # how long a failover waits for the source's agent to take a last cycle and shut down.
     failover_drain_timeout_seconds: float = 1800.0
@@ -60,6 +66,10 @@ class ConfigServerConfig:
             raise ValueError("agent_cert_days must be more than 0 and at most 3650")
         if self.alert_interval_seconds <= 0:
             raise ValueError("alert_interval_seconds must be positive")
+        if not 0 < self.drill_warning_days <= 3650:
+            raise ValueError("drill_warning_days must be more than 0 and at most 3650")
+        if not 0 < self.storage_alert_seconds <= 86400:
+            raise ValueError("storage_alert_seconds must be more than 0 and at most 86400")
         for name in ("failover_drain_timeout_seconds", "failover_shutdown_timeout_seconds"):
             if not 0 < getattr(self, name) <= 86400:
                 raise ValueError(f"{name} must be more than 0 and at most 86400 (a day)")

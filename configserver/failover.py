@@ -41,8 +41,13 @@ def _finish(field: str, state: ItemState, what: str) -> StepFn:
         rec, _ = await read(ctx, field)
         if rec.get("work"):  # the target has its own copy (create) and booted it
             await asyncio.to_thread(shutil.rmtree, str(rec["work"]), ignore_errors=True)
+        ended = ctx.core.clock()
+        # A drill's summary outlives the next drill (``last_success``): drill freshness.
+        good = {"last_success": {"job": ctx.job.id, "ended": ended, "point": rec.get("point"),
+                                 "rto_seconds": rec.get("rto_seconds")}
+                } if field == DRILL else {}
         rec = await record(ctx, field, state=state, result="succeeded", work=None,
-                           ended=ctx.core.clock())
+                           ended=ended, **good)
         return f"{what}; point {rec.get('point')}, RTO {rec.get('rto_seconds')} s"
     return finish
 

@@ -93,10 +93,38 @@ ITEM = obj({
                             "cleanup notes"}),
     "failover": nullable({"type": "object", "description": "the failover under way or done: "
                           "job, point, checks, rto_seconds, committed"}),
+    "last_successful_drill": nullable(obj({
+        "time": {"type": "string", "description": "when the drill ended"},
+        "job": nullable({"type": "string"}),
+        "point": nullable({"type": "string"}),
+        "rto_seconds": nullable({"type": "number"}),
+        "age_days": {"type": "number", "minimum": 0},
+    }, ["time", "job", "point", "rto_seconds", "age_days"])),
 }, ["machine", "policy", "state", "state_description", "health", "health_errors",
     "initial_progress", "resync_progress", "disks", "rpo_seconds", "rpo_threshold_seconds",
     "latest_point", "latest_point_time", "latest_app_point", "latest_app_point_time",
-    "created", "updated", "recovery", "last_drill", "failover"])
+    "created", "updated", "recovery", "last_drill", "failover", "last_successful_drill"])
+DAY = 86400.0
+
+
+def last_good_drill(drill: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The item's last *successful* drill (``job``, ``ended``, ``point``, ``rto_seconds``)
+    from its ``last_drill`` record, or None if it never had one.
+
+    The record is the newest drill; a successful one copies its summary into
+    ``last_success``, which a newer drill keeps, so a drill that fails later does not
+    erase it. A record written before that existed counts when its own result is a success.
+    """
+    if not drill:
+        return None
+    if drill.get("result") == "succeeded" and drill.get("ended") is not None:
+        return {"job": drill.get("job"), "ended": float(drill["ended"]),
+                "point": drill.get("point"), "rto_seconds": drill.get("rto_seconds")}
+    good = drill.get("last_success")
+    if isinstance(good, dict) and good.get("ended") is not None:
+        return {"job": good.get("job"), "ended": float(good["ended"]),
+                "point": good.get("point"), "rto_seconds": good.get("rto_seconds")}
+    return None
 
 
 def _worst(a: str, b: str) -> str:
@@ -118,6 +146,7 @@ def item_doc(item: db.ReplicatedItem, policy: db.Policy | None, now: float) -> d
     if state is ItemState.RESYNC_REQUIRED:
         health = _worst(health, "critical")
         errors.append("resynchronization required: the next cycle copies every disk in full")
+    good = last_good_drill(item.last_drill)
     return {
         "machine": item.machine, "policy": item.policy, "state": state.value,
         "state_description": STATE_TITLES[state], "health": health, "health_errors": errors,
@@ -133,6 +162,10 @@ def item_doc(item: db.ReplicatedItem, policy: db.Policy | None, now: float) -> d
         "created": iso(item.created), "updated": iso(item.updated),
         "recovery": RecoverySettings.stored(item.recovery).doc(item.machine),
         "last_drill": item.last_drill, "failover": item.failover,
+        "last_successful_drill": None if good is None else {
+            "time": iso(good["ended"]), "job": good["job"], "point": good["point"],
+            "rto_seconds": good["rto_seconds"],
+            "age_days": round(max(0.0, now - good["ended"]) / DAY, 2)},
     }
 
 

@@ -29,6 +29,19 @@ class ConfigMetrics:
         self.item_rpo = Gauge("siterecovery_configserver_item_rpo_seconds", "Age of a replicated "
                               "item's latest recovery point (its current RPO)", ["machine"],
                               registry=r)
+        # Drill freshness: items that had a successful drill (test failover) only.
+        self.item_drill_time = Gauge("siterecovery_configserver_item_last_drill_success_"
+                                     "timestamp_seconds", "When a replicated item's last "
+                                     "successful drill ended (UNIX seconds)", ["machine"],
+                                     registry=r)
+        self.item_drill_rto = Gauge("siterecovery_configserver_item_last_drill_rto_seconds",
+                                    "The RTO a replicated item's last successful drill "
+                                    "measured (command to booted, or to created where the "
+                                    "target cannot boot)", ["machine"], registry=r)
+        self.ps_storage_failing = Gauge(ps + "storage_failing_seconds", "How long a process "
+                                        "server's uploads to the vault have been failing "
+                                        "without a success, at its last heartbeat (0: not "
+                                        "failing)", ["procserver"], registry=r)
         # Trust (configserver/certs.py, api_certs.py): certificates and enrollment.
         self.certs_issued = Counter("siterecovery_configserver_certificates_issued",
                                     "Certificates the CA issued and recorded, by kind", ["kind"],

@@ -26,6 +26,7 @@ from typing import Any
 from configserver import db
 from configserver.drain import drain
 from configserver.itemrecord import DRILL, FAILOVER, read, record
+from configserver.items import last_good_drill
 from configserver.jobdefs import StepFailed
 from configserver.jobs import StepContext
 from targets.base import (
@@ -100,6 +101,8 @@ def steps(field: str, deps: FailoverDeps) -> dict[str, StepFn]:
                 keep = {"recovered": rec.get("recovered"), "history": list(
                     rec.get("history") or []) + ([{"point": rec["point"], "job": rec["job"]}]
                                                  if rec.get("point") else [])}
+            else:  # a drill that fails must not erase the last good one (drill freshness)
+                keep = {"last_success": last_good_drill(rec)}
             fresh: dict[str, Any] = {**dict.fromkeys(rec), **keep, "job": ctx.job.id,
                                      "kind": ctx.job.kind, "result": "running",
                                      "started": ctx.job.started, "target": settings.target,

@@ -77,7 +77,9 @@ class ConfigServer:
             database=self.engine, sessionmaker=self.sessionmaker, clock=self.clock,
             notifier=self.notifier, metrics=self.metrics, cfg=self.cfg, ca=self.ca,
             jobs=JobEngine(core, jobkinds.for_config(self.cfg)),
-            alert_book=AlertBook(up_since=self.clock()),
+            alert_book=AlertBook(up_since=self.clock(),
+                                 drill_warning_days=self.cfg.drill_warning_days,
+                                 storage_alert_seconds=self.cfg.storage_alert_seconds),
             throttle=Throttle(), admin_token=self.admin_token,
             internal_token=self.internal_token, passphrase=self.passphrase)
         try:

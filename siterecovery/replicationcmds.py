@@ -55,8 +55,92 @@ def describe_item(i: dict[str, Any]) -> str:
         f"{i['latest_app_point_time'] or ''}",
         f"created:            {i['created']}",
         f"updated:            {i['updated']}",
+        *_recovery_lines(i),
     ]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _or(v: Any, none: str = "-") -> str:
+    return none if v is None or v == [] else ", ".join(v) if isinstance(v, list) else str(v)
+
+
+def _fsck(checks: Any) -> str:
+    """One line per disk of a drill's disk checks: each filesystem and its status."""
+    if not isinstance(checks, dict) or not checks:
+        return "-"
+    out = []
+    for disk, c in sorted(checks.items()):
+        if not isinstance(c, dict):
+            out.append(f"{disk}: {c}")
+        elif "checks" in c:
+            fs = ", ".join(f"{x['partition']['number']}:{x['fs']} {x['status']}"
+                           for x in c["checks"]) or "no filesystem"
+            out.append(f"{disk}: {'ok' if c.get('ok') else 'FAILED'} (table {c.get('table')}; "
+                       f"{fs})")
+        else:
+            out.append(f"{disk}: {'ok' if c.get('ok') else 'FAILED'} {c.get('error', '')}")
+    return "; ".join(out)
+
+
+def _boot(boot: Any) -> str:
+    if not isinstance(boot, dict):
+        return "not booted (the target cannot boot machines)" if boot is None else str(boot)
+    if boot.get("booted"):
+        return f"booted in {boot.get('seconds', 0):.1f} s ({boot.get('matched')!r})"
+    tail = " | ".join((boot.get("console_tail") or [])[-3:])
+    return "did not boot" + (f"; console: {tail}" if tail else "")
+
+
+def _record_lines(title: str, rec: dict[str, Any]) -> list[str]:
+    rto = rec.get("rto_seconds")
+    return [
+        f"{title}:",
+        f"  result:           {_or(rec.get('result'))} (job {_or(rec.get('job'))})",
+        f"  point:            {_or(rec.get('point'))} {rec.get('point_created') or ''}",
+        "  RTO:              " + ("-" if rto is None else f"{rto:.1f} s"),
+        f"  started:          {_or(_when(rec.get('started')))}",
+        f"  ended:            {_or(_when(rec.get('ended')))}",
+        f"  disk checks:      {_fsck(rec.get('checks'))}",
+        f"  boot:             {_boot(rec.get('boot'))}" if "boot" in rec else "",
+        *([f"  error:            {rec['error']}"] if rec.get("error") else []),
+        *([f"  cleanup notes:    {rec['notes']}"] if rec.get("notes") else []),
+        *([f"  committed:        {_when(rec['committed'])}"] if rec.get("committed") else []),
+    ]
+
+
+def _when(t: Any) -> str | None:
+    """A record's UNIX time as ISO 8601 UTC (records keep the job's own numbers)."""
+    if not isinstance(t, (int, float)):
+        return None if t is None else str(t)
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _recovery_lines(i: dict[str, Any]) -> list[str]:
+    """The recovery settings, the last successful drill, the last drill and the failover."""
+    r = i.get("recovery") or {}
+    lines = [
+        "recovery settings:",
+        f"  target:           {_or(r.get('target'))}",
+        f"  VM name:          {_or(r.get('vm_name'))}",
+        f"  CPUs:             {_or(r.get('cpus'))}",
+        f"  memory:           {_or(r.get('memory_mib'))} MiB",
+        f"  Azure size:       {_or(r.get('azure_size'))}",
+        f"  network:          {_or(r.get('network'))} (drills: {_or(r.get('drill_network'))})",
+        f"  IP:               {_or(r.get('ip'), 'DHCP')}",
+        f"  MAC:              {_or(r.get('mac'))}",
+        f"  firmware:         {_or(r.get('firmware'))}",
+        f"  disks:            {_or(r.get('disks'), 'every disk')}",
+    ]
+    good = i.get("last_successful_drill")
+    lines.append("last good drill:    " + ("never" if not good else
+                 f"{good['time']} ({good['age_days']:.0f} days ago), point {good['point']}, "
+                 "RTO " + ("-" if good["rto_seconds"] is None else
+                           f"{good['rto_seconds']:.1f} s")))
+    if i.get("last_drill"):
+        lines += _record_lines("last drill", i["last_drill"])
+    if i.get("failover"):
+        lines += _record_lines("failover", i["failover"])
+    return [line for line in lines if line]
 
 
 def _job_row(j: dict[str, Any]) -> dict[str, Any]:
