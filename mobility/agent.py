@@ -30,7 +30,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ from mobility.tracker import (
     load_state,
     write_map,
 )
+from mobility.trackers import trackers_for
 from wire.protocol import (
     FEATURES,
     FINGERPRINT,
@@ -79,6 +80,9 @@ class CycleResult:
     bytes_sent: int  # block data written to the network, a resend after a resume included
     resumes: int = 0
     kind: str = "delta"  # "full", "delta" (on the agent's own map), "resync" (on the vault's)
+    bytes_read: int = 0  # read from the disks (snapshots) to find and send the changes
+    tracking: dict[str, str] = field(default_factory=dict)  # disk -> "scan", "reflink"...
+    fallbacks: dict[str, str] = field(default_factory=dict)  # disk -> why a tracker scanned
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,7 @@ class Agent:
         self.provider = provider or provider_for(cfg)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="scan")
         self.send_limit = TokenBucket(cfg.send_schedule())
+        self.trackers = trackers_for(cfg)  # disk name -> its change tracker
         # The scan thread holds the GIL between reads: a 1 ms switch interval (instead
         # of 5) keeps the event loop sending meanwhile. Process-wide, only ever lowered.
         if sys.getswitchinterval() > 0.001:
@@ -323,9 +328,10 @@ class Agent:
             disks[d.name] = DiskState(sizes[d.name], cfg.block_size, name)
         commit_state(self.state_dir, AgentState(cycle, disks))
         log.info("cycle_committed", cycle=cycle, kind=plan.kind, consistency=consistency,
-                 blocks=sender.sent, bytes=sender.nbytes, resumes=resumes)
+                 blocks=sender.sent, bytes=sender.nbytes, resumes=resumes,
+                 bytes_read=sender.nread, tracking=sender.tracking)
         return CycleResult(cycle, plan.full, consistency, sender.sent, sender.nbytes, resumes,
-                           plan.kind)
+                           plan.kind, sender.nread, sender.tracking, sender.fallbacks)
 
     async def _send(self, conn: Conn, plan: _Plan, doc: dict[str, Any],
                     progress: Progress | None, snap: Held) -> tuple[Sender, int]:
@@ -335,7 +341,8 @@ class Agent:
         sender = Sender(self, [
             CycleDisk(i, d["name"], snap.path(d["path"]), doc["disks"][i]["size"],
                   plan.olds[d["name"]])
-            for i, d in enumerate(cfg.disks)], plan.full, progress)
+            for i, d in enumerate(cfg.disks)], plan.full, progress,
+            cycle=cycle, base=plan.base if plan.kind == "delta" else None)
         await sender.open()
         try:
             while True:

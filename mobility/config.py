@@ -9,6 +9,7 @@ from typing import Any
 from common.pacing import Schedule
 
 SNAPSHOTS = ("none", "quiesced", "fsfreeze", "lvm", "reflink", "script")
+TRACKERS = ("auto", "scan", "reflink")
 _LVM_SIZE = re.compile(r"(\d{1,3}%ORIGIN|\d+(\.\d+)?[KMGT]?)", re.IGNORECASE)
 
 
@@ -36,6 +37,10 @@ class MobilityConfig:
     # snapshot = "lvm": copy-on-write space of each disk's LVM snapshot, N%ORIGIN or
     # a size such as 2G.
     lvm_snapshot_size: str = "10%ORIGIN"
+    # How a cycle finds the changed blocks: "scan" reads every block; "reflink" compares
+    # the extent maps of this cycle's and the last one's clone (snapshot = "reflink"
+    # only); "auto" takes reflink where it can, else scan.
+    tracker: str = "auto"
     connect_timeout_seconds: float = 15.0
     ack_timeout_seconds: float = 300.0
     # How long a cycle whose connection broke keeps trying to resume (0: never).
@@ -68,6 +73,11 @@ class MobilityConfig:
         if not _LVM_SIZE.fullmatch(self.lvm_snapshot_size):
             raise ValueError(f"lvm_snapshot_size {self.lvm_snapshot_size!r}: use N%ORIGIN "
                              "(e.g. 10%ORIGIN) or a size such as 2G or 512M")
+        if self.tracker not in TRACKERS:
+            raise ValueError(f"tracker must be one of {', '.join(TRACKERS)}")
+        if self.tracker == "reflink" and self.snapshot != "reflink":
+            raise ValueError("tracker = 'reflink' needs snapshot = 'reflink' (it compares "
+                             "the clones that snapshot makes); use tracker = 'auto'")
         if self.snapshot == "fsfreeze" and not self.freeze_mounts:
             raise ValueError("snapshot = 'fsfreeze' needs freeze_mounts")
         if self.snapshot == "script" and not (self.pre_script and self.post_script):

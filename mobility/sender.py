@@ -5,6 +5,11 @@ agent's scan thread, ``PREFETCH`` chunks ahead of the one being sent; each chunk
 changed blocks go to the connection as one run of BLOCK/ZERO frames, paced by the
 agent's send limit. After a resume, sending starts again after the position the
 process server names.
+
+Which blocks are read comes from each disk's change tracker (``changes.py``), asked
+once the snapshot is held: the blocks it names (the others keep the base's
+fingerprints), or, on a ``Rescan`` and for full copies, every block. ``nread`` counts
+the bytes read from the disks.
 """
 
 from __future__ import annotations
@@ -18,9 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
 from common.digest import digest_of_fingerprint_map
+from mobility.changes import Changed, Rescan
 from mobility.link import Link
-from mobility.tracker import CHUNK, chunks, data_extents, scan_chunk
+from mobility.tracker import Piece, data_extents, scan_chunk, work
 from wire.protocol import FrameType, block_frame_parts
 
 if TYPE_CHECKING:
@@ -28,12 +36,14 @@ if TYPE_CHECKING:
 
 Progress = Callable[[str, int, int], None]
 PREFETCH = 3  # chunks scanned ahead of the one being sent
+log = structlog.get_logger("mobility")
 
 
 @dataclass
 class CycleDisk:
     """One disk of the cycle being sent: where to read it, its previous fingerprints
-    (``old``; None for a full copy) and the new ones (``fps``)."""
+    (``old``; None for a full copy), the new ones (``fps``) and the block ranges its
+    tracker named (``ranges``; None: every block)."""
 
     idx: int
     name: str
@@ -43,44 +53,75 @@ class CycleDisk:
     fps: bytearray = field(default_factory=bytearray)
     fd: int = -1
     extents: list[tuple[int, int]] | None = None
+    ranges: tuple[tuple[int, int], ...] | None = None
 
 
-def _scan_frames(fd: int, size: int, bs: int, first: int, count: int, old: bytes | None,
+def _scan_frames(fd: int, size: int, bs: int, pieces: list[Piece], old: bytes | None,
                  extents: list[tuple[int, int]], fps: bytearray, full: bool, idx: int
-                 ) -> tuple[bytes, int, int, int]:
-    """Scan a chunk (worker thread) and encode its changed blocks as one run of frames.
+                 ) -> tuple[bytes, int, int, int, int]:
+    """Scan the pieces of a chunk (worker thread) and encode their changed blocks as one
+    run of frames.
 
-    Returns the frames, how many, their data bytes and the last block number (-1: none).
+    Returns the frames, how many, their data bytes, the last block number (-1: none)
+    and the bytes read.
     """
     parts: list[bytes | memoryview] = []
-    nbytes, last = 0, -1
-    changes = scan_chunk(fd, size, bs, first, count, old, extents, fps, full)
-    for n, data in changes:
-        if data is None:
-            parts.extend(block_frame_parts(FrameType.ZERO, idx, n))
-        else:
-            parts.extend(block_frame_parts(FrameType.BLOCK, idx, n, data))
-            nbytes += len(data)
-        last = n
-    return b"".join(parts), len(changes), nbytes, last
+    frames = nbytes = nread = 0
+    last = -1
+    for first, count in pieces:
+        changes, got = scan_chunk(fd, size, bs, first, count, old, extents, fps, full)
+        nread += got
+        frames += len(changes)
+        for n, data in changes:
+            if data is None:
+                parts.extend(block_frame_parts(FrameType.ZERO, idx, n))
+            else:
+                parts.extend(block_frame_parts(FrameType.BLOCK, idx, n, data))
+                nbytes += len(data)
+            last = n
+    return b"".join(parts), frames, nbytes, last, nread
 
 
 class Sender:
     """The blocks of one cycle, sent in (disk, block) order; restartable after a position."""
 
     def __init__(self, agent: Agent, disks: list[CycleDisk], full: bool,
-                 progress: Progress | None) -> None:
+                 progress: Progress | None, *, cycle: str = "", base: str | None = None
+                 ) -> None:
+        """``base``: the agent's last acknowledged cycle when ``disks``' ``old`` maps are
+        its own (a delta), the trackers' reference; None: every block is read."""
         self.agent, self.disks, self.full, self.progress = agent, disks, full, progress
+        self.cycle, self.base = cycle, None if full else base
         self.bs = agent.cfg.block_size
         self.sent = 0  # frames the server has (after a resume: its count) plus those since
         self.nbytes = 0
+        self.nread = 0  # bytes read from the disks (snapshots), re-reads included
+        self.tracking: dict[str, str] = {}  # disk -> what found its changes
+        self.fallbacks: dict[str, str] = {}  # disk -> why its tracker asked for a scan
         self.last: tuple[int, int] | None = None
         self._pending: collections.deque[asyncio.Future[Any]] = collections.deque()
 
     async def open(self) -> None:
+        """Open the disks and ask each one's tracker what to read."""
         for d in self.disks:
             d.fd = await asyncio.to_thread(_open_ro, d.path)
             d.fps = bytearray(16 * ((d.size + self.bs - 1) // self.bs))
+            tracker = self.agent.trackers.get(d.name)
+            if tracker is None:
+                continue
+            answer = await asyncio.to_thread(tracker.changes, self.base, self.cycle, d.path,
+                                             d.size, self.bs)
+            if isinstance(answer, Changed) and d.old is not None and len(d.old) == len(d.fps):
+                d.ranges, d.fps[:] = answer.ranges, d.old
+                self.tracking[d.name] = tracker.kind
+                continue
+            self.tracking[d.name] = "scan"
+            if tracker.kind != "scan" and self.base is not None:
+                reason = (answer.reason if isinstance(answer, Rescan)
+                          else "no fingerprint map of the base cycle")
+                self.fallbacks[d.name] = reason
+                log.warning("tracker_fell_back_to_scan", disk=d.name, tracker=tracker.kind,
+                            reason=reason)
 
     async def close(self) -> None:
         await self._settle()
@@ -108,26 +149,21 @@ class Sender:
             start = self.last[1] + 1 if self.last is not None and d.idx == self.last[0] else 0
             if d.extents is None:
                 d.extents = await asyncio.to_thread(data_extents, d.fd, d.size)
-            per = max(1, CHUNK // bs)
-            work = [(f, c) for f, c in chunks(d.size, bs) if f + c > start]
-            if work and work[0][0] < start:  # the first chunk only from ``start`` on
-                f, c = work[0]
-                work[0] = (start, f + c - start)
-            assert all(c <= per for _f, c in work)
+            todo = work(d.size, bs, d.ranges, start)
 
-            def submit(i: int, d: CycleDisk = d, work: list[tuple[int, int]] = work
-                       ) -> asyncio.Future[tuple[bytes, int, int, int]]:
-                first, count = work[i]
+            def submit(i: int, d: CycleDisk = d, todo: list[list[Piece]] = todo
+                       ) -> asyncio.Future[tuple[bytes, int, int, int, int]]:
                 assert d.extents is not None
                 return loop.run_in_executor(
-                    self.agent.executor, _scan_frames, d.fd, d.size, bs, first, count,
+                    self.agent.executor, _scan_frames, d.fd, d.size, bs, todo[i],
                     None if self.full else d.old, d.extents, d.fps, self.full, d.idx)
 
-            ahead = collections.deque(submit(i) for i in range(min(PREFETCH, len(work))))
+            ahead = collections.deque(submit(i) for i in range(min(PREFETCH, len(todo))))
             self._pending = ahead
-            for i in range(len(work)):
-                data, frames, nbytes, last = await ahead.popleft()
-                if i + PREFETCH < len(work):
+            for i in range(len(todo)):
+                data, frames, nbytes, last, nread = await ahead.popleft()
+                self.nread += nread
+                if i + PREFETCH < len(todo):
                     ahead.append(submit(i + PREFETCH))
                 if frames:
                     await self.agent.send_limit.take(len(data))
@@ -137,7 +173,7 @@ class Sender:
                     self.last = (d.idx, last)
                     await link.drain()
                 if self.progress is not None:
-                    first, count = work[i]
+                    first, count = todo[i][-1]
                     self.progress(d.name, min(d.size, (first + count) * bs), d.size)
 
     def digests(self) -> dict[str, str]:

@@ -1,7 +1,9 @@
-"""The portable change tracker: a persisted per-block fingerprint map.
+"""The persisted per-block fingerprint map, and the full scan that computes it.
 
-Each cycle hashes every block (xxh3-128; holes of sparse files are not read) and
-sends the blocks whose fingerprint changed. New maps are written under the new
+A full scan hashes every block (xxh3-128; holes of sparse files are not read) and
+sends the blocks whose fingerprint changed; with a change tracker (``changes.py``)
+only the blocks it names are read and hashed, the others keep the base's
+fingerprints (``work``). New maps are written under the new
 cycle's name and become the agent's state only when ``state.json`` is replaced
 after the process server acknowledged the cycle: a crash at any moment leaves
 either the old state or the new one.
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,8 +114,9 @@ Change = tuple[int, bytes | None]
 def scan_chunk(
     fd: int, size: int, bs: int, first: int, count: int, old: bytes | None,
     extents: list[tuple[int, int]], new_fps: bytearray, full: bool,
-) -> list[Change]:
-    """Fingerprint blocks ``first .. first+count-1``; return the changed ones.
+) -> tuple[list[Change], int]:
+    """Fingerprint blocks ``first .. first+count-1``; return the changed ones and how
+    many bytes were read.
 
     ``(n, data)`` for a changed data block, ``(n, None)`` for a block that became zero.
     """
@@ -135,7 +138,7 @@ def scan_chunk(
                 changes.append((n, bytes(blk)))  # type: ignore[arg-type]
         elif old is None or old[16 * n:16 * n + 16] != fp:
             changes.append((n, None if is_zero else bytes(blk)))  # type: ignore[arg-type]
-    return changes
+    return changes, len(buf)
 
 
 _ZFP: dict[int, bytes] = {}
@@ -148,8 +151,25 @@ def _zero_fp(ln: int) -> bytes:
     return fp
 
 
-def chunks(size: int, bs: int) -> Iterator[tuple[int, int]]:
+Piece = tuple[int, int]  # blocks first .. first+count-1
+
+
+def work(size: int, bs: int, ranges: Sequence[tuple[int, int]] | None, start: int
+         ) -> list[list[Piece]]:
+    """The blocks to read from block ``start`` on, grouped by ``CHUNK``-aligned chunk:
+    each item the pieces of one chunk, read by one task. ``ranges`` (``[first, end)``
+    block ranges, sorted) limits the reads to what a tracker named; None: every block.
+    """
     nblocks = block_count(size, bs)
     per = max(1, CHUNK // bs)
-    for first in range(0, nblocks, per):
-        yield first, min(per, nblocks - first)
+    items: list[list[Piece]] = []
+    for lo, hi in ranges if ranges is not None else ((0, nblocks),):
+        lo, hi = max(lo, start), min(hi, nblocks)
+        while lo < hi:
+            end = min(hi, (lo // per + 1) * per)
+            if items and items[-1][-1][0] // per == lo // per:
+                items[-1].append((lo, end - lo))
+            else:
+                items.append([(lo, end - lo)])
+            lo = end
+    return items

@@ -1,0 +1,131 @@
+"""Change tracking without a full read, the parts that need no special filesystem: the
+extent-map comparison, the read plan of a tracked cycle, the tracker setting, and the
+reflink tracker's refusals (no clone can be kept, the image read live)."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mobility.changes import Changed, FullScan, Rescan
+from mobility.config import MobilityConfig
+from mobility.fiemap import (
+    FIEMAP_EXTENT_LAST,
+    FIEMAP_EXTENT_SHARED,
+    FIEMAP_EXTENT_UNWRITTEN,
+    Extent,
+    FiemapError,
+    block_ranges,
+    differing,
+    file_extents,
+)
+from mobility.reflinktrack import ReflinkTracker
+from mobility.tracker import CHUNK, work
+from mobility.trackers import tracker_kind, trackers_for
+
+K = 4096
+MIB = 1 << 20
+
+
+def test_shared_extents_are_unchanged_and_everything_else_differs() -> None:
+    size = 64 * K
+    a = [Extent(0, 1000 * K, 16 * K, FIEMAP_EXTENT_SHARED),
+         Extent(16 * K, 2000 * K, 16 * K, 0),
+         Extent(40 * K, 3000 * K, 24 * K, FIEMAP_EXTENT_LAST)]
+    # b: the first 8 KiB rewritten elsewhere, the same second extent split in two with
+    # its flags differing only in what is ignored, a new extent in a's hole, and the
+    # last one unwritten at the same place (flags that matter differ).
+    b = [Extent(0, 5000 * K, 2 * K, 0),
+         Extent(2 * K, 1002 * K, 14 * K, FIEMAP_EXTENT_SHARED),
+         Extent(16 * K, 2000 * K, 8 * K, FIEMAP_EXTENT_SHARED),
+         Extent(24 * K, 2008 * K, 8 * K, 0),
+         Extent(32 * K, 6000 * K, 4 * K, 0),
+         Extent(40 * K, 3000 * K, 24 * K, FIEMAP_EXTENT_UNWRITTEN | FIEMAP_EXTENT_LAST)]
+    assert differing(a, b, size) == [(0, 2 * K), (32 * K, 36 * K), (40 * K, 64 * K)]
+    assert differing(a, a, size) == []
+    assert differing([], [], size) == []  # holes in both read as zeros in both
+    assert differing(a, [], size) == [(0, 32 * K), (40 * K, 64 * K)]
+    # The same bytes at another physical place are reported too: a superset is fine.
+    moved = [dataclasses.replace(e, physical=e.physical + K) for e in a]
+    assert differing(a, moved, size) == [(0, 32 * K), (40 * K, 64 * K)]
+
+
+def test_byte_ranges_become_every_block_they_touch() -> None:
+    bs = 64 * 1024
+    assert block_ranges([(0, 1), (bs - 1, bs + 1), (5 * bs, 6 * bs), (6 * bs, 6 * bs + 5)],
+                        bs) == [(0, 2), (5, 7)]
+    assert block_ranges([], bs) == []
+
+
+def test_a_tracked_cycle_reads_only_the_named_blocks_a_chunk_per_task() -> None:
+    bs = 64 * 1024
+    per = CHUNK // bs
+    size = 3 * CHUNK + 100  # a short last block
+    nblocks = 3 * per + 1
+    # Untracked: every block, in CHUNK-aligned tasks, the first one from the resume point.
+    assert work(size, bs, None, 0) == [[(0, per)], [(per, per)], [(2 * per, per)],
+                                       [(3 * per, 1)]]
+    assert work(size, bs, None, per + 5) == [[(per + 5, per - 5)], [(2 * per, per)],
+                                             [(3 * per, 1)]]
+    # Tracked: the named ranges, cut at chunk boundaries, grouped per chunk.
+    ranges = ((1, 3), (5, 6), (per - 1, per + 2), (nblocks - 1, nblocks + 7))
+    assert work(size, bs, ranges, 0) == [[(1, 2), (5, 1), (per - 1, 1)], [(per, 2)],
+                                         [(3 * per, 1)]]
+    assert work(size, bs, ranges, per) == [[(per, 2)], [(3 * per, 1)]]
+    assert work(size, bs, (), 0) == []
+
+
+def config(tmp_path: Path, **kw: object) -> MobilityConfig:
+    return MobilityConfig(machine="m", server_host="h", tls_ca="c", tls_cert="c",
+                          tls_key="k", state_dir=str(tmp_path),
+                          disks=[{"name": "sda", "path": str(tmp_path / "a.img")}],
+                          **kw)  # type: ignore[arg-type]
+
+
+def test_the_tracker_setting(tmp_path: Path) -> None:
+    assert tracker_kind(config(tmp_path)) == "scan"
+    assert tracker_kind(config(tmp_path, snapshot="reflink")) == "reflink"
+    assert tracker_kind(config(tmp_path, snapshot="reflink", tracker="scan")) == "scan"
+    assert isinstance(trackers_for(config(tmp_path))["sda"], FullScan)
+    assert isinstance(trackers_for(config(tmp_path, snapshot="reflink"))["sda"],
+                      ReflinkTracker)
+    with pytest.raises(ValueError, match="tracker must be one of auto, scan, reflink"):
+        config(tmp_path, tracker="bitmap").validate()
+    with pytest.raises(ValueError, match="needs snapshot = 'reflink'"):
+        config(tmp_path, tracker="reflink").validate()
+    config(tmp_path, tracker="reflink", snapshot="reflink").validate()
+
+
+def test_without_reflinks_the_tracker_asks_for_a_scan_and_keeps_nothing(
+        tmp_path: Path) -> None:
+    image = tmp_path / "vm.img"
+    image.write_bytes(b"x" * MIB)
+    copy = tmp_path / "copy.img"  # stands for the cycle's snapshot
+    shutil.copyfile(image, copy)
+    stale = tmp_path / ".vm.img.srtrack-0123"  # a clone of a cycle never acknowledged
+    stale.write_bytes(b"")
+    t = ReflinkTracker(str(image))
+    live = t.changes("base", "c1", str(image), MIB, 65536)
+    assert isinstance(live, Rescan) and "read live" in live.reason
+    assert not stale.exists()
+    # The test directory is not XFS/Btrfs: no clone can be kept.
+    answer = t.changes("base", "c2", str(copy), MIB, 65536)
+    assert isinstance(answer, Rescan) and "cannot keep a clone" in answer.reason
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.img", "vm.img"]
+
+
+def test_extent_maps_of_an_ordinary_file(tmp_path: Path) -> None:
+    # Whatever the test directory's filesystem, FIEMAP either describes the data it
+    # holds or refuses (tmpfs): then the tracker must not guess.
+    f = tmp_path / "f"
+    f.write_bytes(b"y" * (3 * K))
+    try:
+        ext = file_extents(str(f), 3 * K)
+    except FiemapError:
+        return
+    assert sum(e.length for e in ext) == 3 * K and ext[0].logical == 0
+    assert isinstance(FullScan().changes("b", "c", str(f), 3 * K, 65536), Rescan)
+    assert Changed(((0, 2), (5, 6))).blocks == 3
