@@ -46,7 +46,7 @@ from siterecovery.daemon import (
 )
 from siterecovery.datadir import default_data_dir
 from siterecovery.demo import demo
-from siterecovery.embedded import serve
+from siterecovery.embedded import add_serve_vault_args, serve, vault_choice
 from siterecovery.errors import exit_code
 from siterecovery.logs import configure
 from siterecovery.tomlconfig import load
@@ -54,7 +54,7 @@ from siterecovery.tomlconfig import load
 
 async def cmd_serve(args: argparse.Namespace) -> int:
     return await serve(args.data_dir, args.admin_port, args.listen, args.metrics_port,
-                       args.site_port)
+                       args.site_port, vault_choice(args))
 
 
 async def cmd_configserver_run(args: argparse.Namespace) -> int:
@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run configuration + process server on embedded defaults",
                        description="Run the all-in-one installation: SQLite catalog, local-folder "
-                                   "vault, admin API on loopback, replication on port 9443. "
-                                   "Creates the vault, key file, CA and tokens on first start.")
+                                   "vault (or --vault azure://...), admin API on loopback, "
+                                   "replication on port 9443. Creates the vault, key file, CA "
+                                   "and tokens on first start.")
     s.add_argument("--data-dir", default=default_data_dir(),
                    help="where everything lives (default: %(default)s)")
     s.add_argument("--admin-port", type=port_number, default=9440,
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replication listener HOST:PORT (default: %(default)s)")
     s.add_argument("--metrics-port", type=port_number, default=9444,
                    help="process-server metrics port")
+    add_serve_vault_args(s)  # --vault (default: the local folder), --key-file, passphrase
     s.set_defaults(func=cmd_serve, daemon=True)
 
     for name, func, what in (("configserver", cmd_configserver_run, "configuration server"),
