@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -61,6 +60,7 @@ from targets.base import (
     TargetError,
 )
 from targets.bootmode import BootMode, detect_boot
+from targets.console import proves_boot
 from targets.pageblob import PageBlobError, upload_vhd
 from targets.verify import PartitionTableError
 from vault.errors import StoreError
@@ -73,7 +73,6 @@ NOT_CONFIGURED = ("Azure credentials not configured: the disks and the template 
 NOT_CONFIGURED_HINT = ("set the target's subscription_id, tenant_id, client_id and "
                        "client_secret_file (a service principal), or deploy template.json "
                        "by hand (az deployment group create --template-file template.json)")
-LOGIN_PROMPT = re.compile(r"login:\s*$")  # a getty's prompt, as on the libvirt target
 TAIL = 25
 
 
@@ -331,8 +330,7 @@ class AzureTarget:
                     raise BootFailedError(f"cannot read the serial log of {recovered.vm_name}"
                                           f": {e.message} ({e.code}: {e.hint})",
                                           lines[-TAIL:]) from None
-            hit = next((ln for ln in lines if (marker in ln if marker
-                                               else LOGIN_PROMPT.search(ln))), None)
+            hit = next((ln for ln in lines if proves_boot(ln, marker)), None)
             if hit is not None:
                 return BootProof(seconds=round(time.time() - deployed_at, 3),
                                  matched=hit.strip(), console_tail=lines[-TAIL:])

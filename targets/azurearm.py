@@ -12,7 +12,6 @@ hint says what to do.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from azure.storage.blob.aio import BlobClient
 
 from targets.armtemplate import DISK, NIC, VM
 from targets.base import Recovered, TargetError
+from targets.console import clean
 
 CREDENTIALS_HINT = ("set the target's arm table: subscription_id, tenant_id, client_id and "
                     "client_secret_file (a service principal with Contributor on the "
@@ -45,7 +45,6 @@ DEPLOYMENT = "azure-deployment"
 DELETE_ORDER = ("azure-vm", "azure-nic", "azure-disk", DEPLOYMENT)
 SERIAL_LOG_TAIL = 256 << 10  # bytes of a serial log read: the end is where a boot shows
 # Terminal control in a serial log (cursor moves, screen clears), as targets.console drops.
-_CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|\x1b[=>c]|[\r\x00\x07]")
 
 
 @dataclass(frozen=True)
@@ -200,5 +199,5 @@ class Arm:
                 raise arm_error(e, f"cannot read the serial log of {vm}",
                                 code="azure_boot_diagnostics_failed", hint="run the boot again",
                                 resource_group=self.resource_group) from None
-        text = _CONTROL.sub("", bytes(data).decode("utf-8", "replace"))
+        text = clean(bytes(data))
         return [ln.rstrip() for ln in text.split("\n") if ln.strip()]

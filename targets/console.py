@@ -10,6 +10,18 @@ from pathlib import Path
 TAIL = 25
 # ANSI/VT100 sequences (SGABIOS and the kernel position the cursor, clear the screen)
 _CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|\x1b[=>c]|[\r\x00\x07]")
+LOGIN_PROMPT = re.compile(r"login:\s*$")  # a getty's prompt: the machine booted
+
+
+def clean(data: bytes) -> str:
+    """Console bytes as text without terminal control sequences."""
+    return _CONTROL.sub("", data.decode("utf-8", "replace"))
+
+
+def proves_boot(line: str, marker: str | None) -> bool:
+    """Whether a console line proves the boot: it holds ``marker`` when one is set,
+    else it is a login prompt."""
+    return marker in line if marker else bool(LOGIN_PROMPT.search(line))
 
 
 class ConsoleLog:
@@ -28,7 +40,7 @@ class ConsoleLog:
         except FileNotFoundError:
             return []
         self.offset += len(data)
-        text = self.partial + _CONTROL.sub("", data.decode("utf-8", "replace"))
+        text = self.partial + clean(data)
         *done, self.partial = text.split("\n")
         self.lines.extend(done)
         return done

@@ -32,7 +32,7 @@ from targets.base import (
     Refusal,
     TargetError,
 )
-from targets.console import ConsoleLog
+from targets.console import ConsoleLog, proves_boot
 from targets.domainxml import (
     DomainLayout,
     dhcp_host_xml,
@@ -48,7 +48,6 @@ VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 MAX_DISKS = 26  # vda … vdz
 MIN_MEMORY_MIB = 64
-LOGIN_PROMPT = re.compile(r"login:\s*$")
 # console lines after which no boot follows: fail now rather than at the timeout
 FATAL = re.compile(r"No bootable device|Kernel panic - not syncing|"
                    r"siterecovery-boot-failed")
@@ -250,8 +249,7 @@ class LibvirtTarget:
         # console log holds this run from its start (append='off')
         deadline = started + timeout
         while True:
-            line = log.find(lambda ln: (marker in ln if marker else bool(LOGIN_PROMPT.search(ln)))
-                            or bool(FATAL.search(ln)))
+            line = log.find(lambda ln: proves_boot(ln, marker) or bool(FATAL.search(ln)))
             if line is not None and FATAL.search(line):
                 await self.virsh.gone("destroy", name)
                 raise BootFailedError(f"{name} cannot boot: its console shows {line!r}",
