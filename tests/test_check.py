@@ -20,7 +20,8 @@ from tests.make_golden import DISK, SIZE, disk_versions
 from tests.test_golden import P1, P2, Golden, _flip, _trailer_range, copy_golden, restore
 from vault import check as check_mod
 from vault import names
-from vault.check import check_vault, subset_of
+from vault.check import check_vault
+from vault.checkdata import subset_of
 from vault.checkreport import CheckReport
 from vault.index import open_index
 from vault.keyslots import KeyMaterial, read_keyfile

@@ -23,30 +23,27 @@ of another object's damage is reported too ("unrestorable", naming the cause).
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import math
 from collections.abc import Callable
 from concurrent.futures import Executor
 
-from common.digest import DiskDigest, block_count, fingerprint
 from vault import names
+from vault.checkdata import chunks, digest_from, open_blocks, subset_of
+from vault.checkopen import open_for_check
 from vault.checkreport import CheckReport
-from vault.crypto import OVERHEAD, Keyring
+from vault.crypto import OVERHEAD
 from vault.errors import (
     IntegrityError,
     MissingObjectError,
     NotFoundError,
-    VaultError,
 )
 from vault.index import Index, Location, open_index
-from vault.keyopen import scan_key_slots
 from vault.keyslots import KeyMaterial
 from vault.locks import locked
 from vault.maps import DELTA, FULL, ZERO_ID
-from vault.pack import MAX_BLOCK, PackEntry, open_block
+from vault.pack import MAX_BLOCK, PackEntry
 from vault.point import Point
 from vault.rebuild import for_each, pack_id_if_valid, read_trailer
-from vault.repo import MAX_CHAIN, Vault, VaultConfig
+from vault.repo import MAX_CHAIN, Vault
 from vault.store.protocol import BlobStore
 
 CHUNK = 8 << 20  # bytes of a pack read at once
@@ -78,53 +75,6 @@ async def check_vault(store: BlobStore, km: KeyMaterial, *, read_data: bool = Fa
             await c.read_packs(subset, progress)
         await c.check_points(point_objects)
     return report
-
-
-async def open_for_check(store: BlobStore, km: KeyMaterial, report: CheckReport
-                         ) -> Vault | None:
-    """Open the vault by the rule ``Vault.open`` follows (``vault/keyopen.py``), but
-    report every damaged slot and a missing, damaged or malformed config and go on (a
-    damaged config does not stop the data from being checked). None: wrong key.
-
-    Raises ``VaultError`` if ``store`` holds neither a config nor a key slot,
-    ``FormatError`` for a config of a newer format."""
-    try:
-        sealed_config: bytes | None = await store.get(names.CONFIG)
-    except NotFoundError:
-        sealed_config = None
-    scan = await scan_key_slots(store, km, sealed_config, every_slot=True)
-    if sealed_config is None and not scan.slots:
-        raise VaultError(f"no vault at {store.url}")
-    if sealed_config is None:
-        report.add(names.CONFIG, "missing", "the vault config is missing")
-    report.counts["key_slots"] = len(scan.slots)
-    for slot, why in scan.damaged:
-        report.add(slot, "damaged", why)
-    if not scan.unlocked:
-        report.wrong_key = True
-        for slot in scan.unopened:
-            report.add(slot, "wrong-key", "the key given does not open this key slot (a "
-                                          "wrong key file or passphrase, or a damaged slot)")
-        return None
-    unknown = VaultConfig("", "", 0)
-    if scan.keyring is None or scan.config is None:
-        if scan.config_error is not None:  # None: the config is missing (reported above)
-            report.add(names.CONFIG, "damaged", scan.config_error.reason)
-        return Vault(store, scan.unlocked[0][1], unknown)
-    try:
-        config = VaultConfig.from_json(scan.config)
-    except IntegrityError as e:
-        report.add(names.CONFIG, "damaged", e.reason)
-        return Vault(store, scan.keyring, unknown)
-    return Vault(store, scan.keyring, config)
-
-
-def subset_of(pack_ids: list[str], percent: float) -> set[str]:
-    """A deterministic ``percent`` share of ``pack_ids`` (at least one if any): the packs
-    whose SHA-256 of the id sorts lowest. Spread at random over the vault, and the same
-    from run to run."""
-    want = min(len(pack_ids), math.ceil(len(pack_ids) * percent / 100))
-    return set(sorted(pack_ids, key=lambda p: hashlib.sha256(p.encode()).digest())[:want])
 
 
 class _Checker:
@@ -289,13 +239,13 @@ class _Checker:
             else:
                 work.append(e)
         failures: list[tuple[PackEntry, str]] = []
-        for lo, hi, group in _chunks(work):
+        for lo, hi, group in chunks(work, CHUNK):
             try:
                 raw = await self.vault.store.get(name, lo, hi - lo)
             except NotFoundError:
                 return
             results = await asyncio.get_running_loop().run_in_executor(
-                self.executor, _open_blocks, self.vault.keyring, pack_id, group, raw, lo)
+                self.executor, open_blocks, self.vault.keyring, pack_id, group, raw, lo)
             for e, fp_or_error in zip(group, results, strict=True):
                 if isinstance(fp_or_error, bytes):
                     self.fps[e.block_id] = fp_or_error
@@ -407,7 +357,7 @@ class _Checker:
             return
         if not self.report.read_data:
             return
-        got = _digest(entry.size, entry.block_size, blocks, self.fps)
+        got = digest_from(entry.size, entry.block_size, blocks, self.fps)
         if got is None:
             self.report.counts["digests_skipped"] += 1
         elif got != entry.digest:
@@ -434,51 +384,3 @@ class _Checker:
             if b in self.bad_blocks:
                 return f"disk {disk!r}: block {n} is damaged in {self.bad_blocks[b]}"
         return None
-
-
-def _chunks(entries: list[PackEntry]) -> list[tuple[int, int, list[PackEntry]]]:
-    """Group entries (sorted by offset) into reads of about ``CHUNK`` bytes."""
-    out: list[tuple[int, int, list[PackEntry]]] = []
-    for e in entries:
-        if out and e.offset + e.length - out[-1][0] <= CHUNK and e.offset >= out[-1][0]:
-            lo, hi, group = out[-1]
-            group.append(e)
-            out[-1] = (lo, max(hi, e.offset + e.length), group)
-        else:
-            out.append((e.offset, e.offset + e.length, [e]))
-    return out
-
-
-def _open_blocks(keyring: Keyring, pack_id: str, group: list[PackEntry], raw: bytes,
-                 base: int) -> list[bytes | str]:
-    """Per entry: the block's fingerprint, or why it failed (runs on a worker thread)."""
-    view = memoryview(raw)
-    out: list[bytes | str] = []
-    for e in group:
-        try:
-            data = open_block(keyring, pack_id, e.block_id,
-                              view[e.offset - base: e.offset - base + e.length])
-        except IntegrityError as err:
-            out.append(err.reason)
-        else:
-            out.append(fingerprint(data))
-    return out
-
-
-def _digest(size: int, bs: int, blocks: dict[int, bytes], fps: dict[bytes, bytes]
-            ) -> str | None:
-    """The disk digest from the blocks' fingerprints; None if one was not read."""
-    d = DiskDigest()
-    zero_fp = fingerprint(bytes(bs))
-    for n in range(block_count(size, bs)):
-        bid = blocks.get(n)
-        if bid is None:
-            ln = min(bs, size - n * bs)
-            d.update(zero_fp if ln == bs else fingerprint(bytes(ln)))
-            continue
-        fp = fps.get(bid)
-        if fp is None:
-            return None
-        d.update(fp)
-    return d.hexdigest()
-
