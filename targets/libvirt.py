@@ -11,6 +11,11 @@ it, and the drill network once no running machine uses it.
 
 Resources named on ``Recovered.resources``: ``dir:<folder>``, ``file:<image or log>``,
 ``network:<drill network>``, ``dhcp-host:<network>|<mac>|<ip>``, ``domain:<name>``.
+
+An existing folder is never reused, except one that ``create`` itself began for the same
+recovery (machine, point, drill or not: ``recovery.json`` in it, written first) and was
+interrupted before it could say what it made (the configuration server killed part way):
+what that attempt may have made is removed and the machine made anew.
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ipaddress
+import json
 import re
 import shutil
 import time
 from pathlib import Path
 
+from common.fs import atomic_write
 from targets.base import (
     BootFailedError,
     BootProof,
@@ -47,6 +54,7 @@ from targets.virsh import Virsh
 VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 MAX_DISKS = 26  # vda … vdz
+OWNER = "recovery.json"  # in a machine's folder: the recovery that made it
 MIN_MEMORY_MIB = 64
 # console lines after which no boot follows: fail now rather than at the timeout
 FATAL = re.compile(r"No bootable device|Kernel panic - not syncing|"
@@ -87,7 +95,8 @@ class LibvirtTarget:
         if not VM_NAME.match(spec.vm_name):
             out.append(Refusal("vm_name", f"{spec.vm_name!r}: 1-63 letters, digits, '_', "
                                           "'.', '-', starting with a letter or digit"))
-        elif await self.virsh.exists("domain", spec.vm_name):
+        elif await self.virsh.exists("domain", spec.vm_name) and not await asyncio.to_thread(
+                _began_by, self.pool_dir / spec.vm_name, spec):  # else create replaces it
             out.append(Refusal("vm_name", f"{spec.vm_name!r}: a domain of that name already "
                                           f"exists on {self.uri}; choose another name"))
         max_cpus = await self._max_vcpus()
@@ -158,6 +167,9 @@ class LibvirtTarget:
             raise TargetError("spec_refused", "; ".join(f"{r.setting}: {r.message}"
                                                         for r in refusals),
                               "change the item's recovery settings")
+        folder = self.pool_dir / spec.vm_name
+        if await asyncio.to_thread(_began_by, folder, spec):
+            await self.cleanup(self._leftovers(spec, folder))
         rec = Recovered(self.name, spec.vm_name)
         try:
             await self._create(spec, disks, rec)
@@ -177,6 +189,7 @@ class LibvirtTarget:
         folder.mkdir(mode=0o711)  # an existing folder is someone else's: never reuse it
         folder.chmod(0o711)  # the emulator runs as libvirt-qemu: it must reach the images
         rec.resources.append(f"dir:{folder}")
+        await asyncio.to_thread(atomic_write, folder / OWNER, json.dumps(_owner(spec)), 0o644)
         images = []
         for i, d in enumerate(disks):
             image = folder / f"{i:02d}-{d.name}.raw"
@@ -294,6 +307,20 @@ class LibvirtTarget:
                 raise TargetError("cleanup", f"unknown resource {res!r} on {recovered.vm_name}",
                                   "remove it by hand")
 
+    def _leftovers(self, spec: RecoverySpec, folder: Path) -> Recovered:
+        """Everything an interrupted ``create`` of ``spec`` may have made (``cleanup``
+        skips what is not there), in the order ``_create`` makes it."""
+        rec = Recovered(self.name, spec.vm_name, [f"dir:{folder}"])
+        network = self.drill_network if spec.drill else spec.network or self.network
+        if spec.drill:
+            rec.resources.append(f"network:{network}")
+        if spec.ip is not None and (not spec.drill or
+                                    ipaddress.IPv4Address(spec.ip) in self.drill_subnet):
+            mac = spec.mac or _mac_for(spec.vm_name)
+            rec.resources.append(f"dhcp-host:{network}|{mac}|{spec.ip}")
+        rec.resources.append(f"domain:{spec.vm_name}")
+        return rec
+
     async def _unreserve(self, net: str, mac: str, ip: str, name: str) -> None:
         if not await self.virsh.exists("network", net):
             return
@@ -331,6 +358,19 @@ def _check_disks(disks: list[RecoveryDisk]) -> list[Refusal]:
 def _missing_images(disks: list[RecoveryDisk]) -> list[Refusal]:
     return [Refusal("disks", f"{d.name}: no image at {d.path}")
             for d in disks if not d.path.is_file()]
+
+
+def _owner(spec: RecoverySpec) -> dict[str, object]:
+    return {"machine": spec.machine, "vm_name": spec.vm_name, "point": spec.point,
+            "drill": spec.drill}
+
+
+def _began_by(folder: Path, spec: RecoverySpec) -> bool:
+    """Whether ``folder`` was begun by a ``create`` of this very recovery."""
+    try:
+        return bool(json.loads((folder / OWNER).read_text()) == _owner(spec))
+    except (OSError, ValueError):
+        return False
 
 
 def _remove_tree(path: Path) -> None:

@@ -5,6 +5,7 @@ nothing (checked with virsh), and check refuses bad settings by name. Four VM bo
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import shutil
@@ -300,3 +301,33 @@ def test_definitions_work_on_the_daemons_event_loop(uri: str) -> None:
 
     assert uvloop.run(define_and_remove())
     assert not uvloop.run(virsh.exists("network", "sr-test-uvloop"))
+
+
+async def test_create_after_an_interrupted_create_of_the_same_recovery(
+        target: LibvirtTarget, uri: str, pool: Path, tmp_path: Path) -> None:
+    """A configuration server killed during create never recorded what it made: the same
+    recovery made again replaces it; a folder another recovery began is never reused."""
+    image = tmp_path / "disk.raw"
+    with open(image, "wb") as f:
+        f.truncate(1 << 20)
+    disk = RecoveryDisk("sda", image, 1 << 20)
+    spec = RecoverySpec(machine="web1", vm_name="sr-test-resume", cpus=1, memory_mib=128,
+                        drill=True, ip="10.213.0.77", point="p1")
+    folder = pool / "images" / spec.vm_name
+    first = await target.create(spec, [disk])  # "killed" before it was recorded: forgotten
+    try:
+        again = await target.create(spec, [disk])
+        assert again.resources == first.resources
+        assert virsh(uri, "domuuid", spec.vm_name).returncode == 0
+        await target.cleanup(again)
+        _assert_nothing_left(uri, spec.vm_name, folder)
+
+        other = await target.create(spec, [disk])
+        with pytest.raises(TargetError) as e:  # another point's recovery: not ours to remove
+            await target.create(dataclasses.replace(spec, point="p2"), [disk])
+        assert e.value.code == "spec_refused" and "already exists" in e.value.message
+        assert virsh(uri, "domuuid", spec.vm_name).returncode == 0
+        await target.cleanup(other)
+    finally:
+        await target.cleanup(first)
+    _assert_nothing_left(uri, spec.vm_name, folder)
