@@ -18,6 +18,7 @@ from vault.repo import Vault
 from vault.store.open import open_store
 
 MIN_PASSPHRASE = 8
+MAX_PASSPHRASE_FILE = 4096  # bytes; a passphrase is a line of text
 
 
 def add_passphrase_args(p: argparse.ArgumentParser) -> None:
@@ -47,7 +48,13 @@ def read_secret(file: str | None, env: str | None, flags: str, *, new: bool = Fa
         raise UsageError(f"give one of {flags}, not both")
     if file:
         try:
-            text = Path(file).read_bytes().decode()
+            # Bounded: a mistaken path (a disk image, /dev/urandom) is not read whole.
+            with open(file, "rb") as f:
+                raw = f.read(MAX_PASSPHRASE_FILE + 1)
+            if len(raw) > MAX_PASSPHRASE_FILE:
+                raise UsageError(f"passphrase file {file} is larger than "
+                                 f"{MAX_PASSPHRASE_FILE} bytes: is it the right file?")
+            text = raw.decode()
         except OSError as e:
             raise UsageError(f"cannot read passphrase file {file}: {e.strerror}") from None
         except UnicodeDecodeError:

@@ -21,12 +21,13 @@ from tests.test_golden import P1, P2, Golden, _flip, copy_golden
 from tests.test_prune import _history
 from vault import names
 from vault.check import check_vault
-from vault.errors import UnindexedBlocksError, WrongKeyError
+from vault.errors import PermanentStoreError, UnindexedBlocksError, WrongKeyError
 from vault.fpmap import point_fingerprints
 from vault.keyslots import MAX_KEYFILE, KeyMaterial, read_keyfile
 from vault.locks import LockInfo, list_locks, locked, try_acquire
 from vault.prune import prune
 from vault.retention import Retention
+from vault.store.azure import AzureBlobStore
 from vault.store.local import LocalStore
 from vault.store.wrapper import StoreWrapper
 
@@ -83,6 +84,20 @@ def test_vault_passphrase_file_that_is_not_text_is_a_usage_error(tmp_path: Path)
                 "--passphrase-file", str(bad))
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and str(bad) in r.stderr
+
+
+def test_passphrase_file_is_read_bounded(tmp_path: Path) -> None:
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * (64 << 10))
+    r = run_cli("points", "list", "--vault", f"file://{tmp_path / 'v'}",
+                "--passphrase-file", str(big))
+    assert r.returncode == 2 and str(big) in r.stderr and "larger than" in r.stderr, r.stderr
+
+
+def test_azure_credentials_file_that_is_not_text_names_it(tmp_path: Path) -> None:
+    bad = _random_file(tmp_path / "account.key")
+    with pytest.raises(PermanentStoreError, match="not UTF-8"):
+        AzureBlobStore.from_url(f"azure://c/p?connection_string_file={bad}")
 
 
 # -- 5. a missing index object: restore says so, as check does ------------------------------

@@ -48,10 +48,13 @@ _ENV = ("SITERECOVERY_AZURE_CONNECTION_STRING", "AZURE_STORAGE_CONNECTION_STRING
 
 def _read_secret(path: str) -> str:
     try:
-        return Path(path).read_text().strip()
+        return Path(path).read_bytes().decode("utf-8").strip()
     except OSError as e:
         raise PermanentStoreError(f"cannot read Azure credentials file {path!r}: "
                                   f"{e.strerror}") from None
+    except UnicodeDecodeError:
+        raise PermanentStoreError(f"Azure credentials file {path!r} is not UTF-8 text (a "
+                                  "connection string, SAS token or account key)") from None
 
 
 def _map_error(e: AzureError, what: str) -> StoreError:
