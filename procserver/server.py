@@ -10,6 +10,11 @@ retention), the listener and its sessions. Long-lived loops run under one
 limping on. ``stop`` goes in a fixed order: stop accepting, let sessions finish within
 the grace (``sessions_cancelled_at_shutdown`` names how many did not), cancel the rest,
 close resources (``procserver_stopped``).
+
+Before the uploader goes on with the cycles a previous run was writing, the packs that
+run (or a failed upload) left outside the index are adopted or removed
+(``_settle_orphans``, procserver/orphans.py); the pack log (``DATA_DIR/pack-log``) says
+which packs are ours.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from procserver.cycles import CycleBook
 from procserver.framestream import FrameStream
 from procserver.listener import Listener, ListenerLimits, listen, server_ssl_context
 from procserver.metrics import ProcMetrics
+from procserver.orphans import resumable_cycles
+from procserver.packlog import PackLog
 from procserver.policies import Policies
 from procserver.recvbuffers import ReceiveBuffers
 from procserver.reporter import Identity, Reporter, server_name
@@ -116,6 +123,7 @@ class ProcServer:
                                  self.executor, metrics, cfg.upload_threads,
                                  on_point=self.reporter.wake)
         vaults.on_open = self.uploader.wake
+        vaults.before_ready = self._settle_orphans  # when it opens in the background
         self.cycles = CycleBook(sessionmaker, self.cache_dir, self.space,
                                 cfg.resume_window_seconds, wake_uploader=self.uploader.wake,
                                 spawn=spawn, withhold_upload=self.uploader.withhold)
@@ -157,7 +165,7 @@ class ProcServer:
         schedule = self.cfg.upload_schedule()  # uploads paced; the cache absorbs the rest
         store = open_store(self.cfg.vault_url, StoreMetrics(self.metrics.registry),
                            upload_bucket=None if schedule.unlimited else TokenBucket(schedule))
-        vaults = VaultAccess(store, km)
+        vaults = VaultAccess(store, km, pack_log=PackLog(self.data_dir / "pack-log"))
         try:
             await vaults.open()
         except TransientStoreError as e:
@@ -175,6 +183,8 @@ class ProcServer:
             raise
         self._wire(vaults, engine, sessionmaker)
         await self.cycles.recover()
+        if vaults.is_open:  # before the uploader goes on with the cycles it was writing
+            await self._settle_orphans()
         self._listeners = await asyncio.to_thread(
             listen, self.cfg.listen_host, self.cfg.listen_port)
         self.port = self._listeners[0].getsockname()[1]
@@ -199,6 +209,11 @@ class ProcServer:
         log.info("procserver_started", port=self.port, metrics_port=self.metrics_port,
                  vault=store.url, vault_open=vaults.is_open,
                  blocks_indexed=len(vaults.index))
+
+    async def _settle_orphans(self) -> None:
+        """Adopt or remove the packs a killed run or a failed upload of ours left outside
+        the index (procserver/orphans.py), knowing which cycles will resume."""
+        await self.vaults.settle_orphans(await resumable_cycles(self.sessionmaker))
 
     async def serve_until(self, stop: Awaitable[Any]) -> None:
         """Run until ``stop`` completes; raise ``TaskCrashedError`` as soon as a supervised

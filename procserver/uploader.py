@@ -262,6 +262,7 @@ class Uploader:
             vault, index, self.executor, machine=cyc.machine, cycle=cyc.id,
             disks=disks, full=cyc.full, base=await self._base_point(cyc),
             on_pack=self.metrics.pack_uploaded,
+            before_pack=self.vaults.pack_recorder(cyc.seq),  # its packs are ours: orphans.py
         )
         writer.replay(await asyncio.to_thread(read_journal, cycle_dir / JOURNAL))
         # Segments handed to the writer whose checkpoint has not deleted them yet.
@@ -348,6 +349,7 @@ class Uploader:
                 s.add(db.PointReport(point_id=point.id, machine=point.machine,
                                      doc=json.dumps(point.to_json()), reported=False))
             await s.commit()
+        await self.vaults.settle_cycle(cyc.seq)  # packs of failed attempts go
         await asyncio.to_thread(remove_cycle_dir, cycle_dir)
         self.space.release(cyc.seq)
         self.metrics.points.inc()

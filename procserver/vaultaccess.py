@@ -6,6 +6,12 @@ in-memory block index the uploader and resync share. ``vault`` raises
 ``VaultUnavailableError`` (a ``TransientStoreError``) until then; ``ready`` is set
 once it is open.
 
+Its pack log (``pack_log``, procserver/packlog.py) records every pack the uploader puts
+before it puts it (``pack_recorder``); the packs a kill or a failed upload left outside
+the index are settled (procserver/orphans.py) at start, before ``ready`` lets the
+uploader go on (``settle_orphans``), and for each cycle once its point is written
+(``settle_cycle``).
+
 ``key_material`` turns the config's key settings (a key file and/or a passphrase from a
 file or the environment) into the ``KeyMaterial`` that opens the vault.
 """
@@ -14,15 +20,18 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 
 from common.backoff import Backoff
 from procserver.config import ProcServerConfig
+from procserver.orphans import settle
+from procserver.packlog import PackLog
 from vault.errors import TransientStoreError, WrongKeyError
 from vault.index import Index
 from vault.keyslots import KeyMaterial, read_keyfile
+from vault.locks import locked
 from vault.repo import Vault
 from vault.store.protocol import BlobStore
 
@@ -78,9 +87,13 @@ def key_material(cfg: ProcServerConfig) -> KeyMaterial:
 
 class VaultAccess:
     def __init__(self, store: BlobStore, km: KeyMaterial,
-                 on_open: Callable[[], None] = lambda: None) -> None:
+                 on_open: Callable[[], None] = lambda: None,
+                 pack_log: PackLog | None = None) -> None:
         self.store, self._km = store, km
         self.on_open = on_open  # called once the vault opened in the background
+        self.pack_log = pack_log
+        # Awaited by ``open`` before ``ready`` is set (the daemon settles orphans there).
+        self.before_ready: Callable[[], Awaitable[None]] | None = None
         self._vault: Vault | None = None
         self.ready = asyncio.Event()  # set once the vault is open
         self.index = Index()
@@ -111,7 +124,63 @@ class VaultAccess:
             await vault.close()
             raise
         self._vault = vault
+        if self.before_ready is not None:
+            await self.before_ready()
         self.ready.set()
+
+    def pack_recorder(self, cycle_seq: int) -> Callable[[str], Awaitable[None]] | None:
+        """What the uploader's writer awaits before it puts a pack of cycle ``cycle_seq``:
+        the pack is recorded (fsynced) in the pack log. None without a pack log."""
+        pack_log = self.pack_log
+        if pack_log is None:
+            return None
+
+        async def record(pack_id: str) -> None:
+            await asyncio.to_thread(pack_log.record, pack_id, cycle_seq)
+
+        return record
+
+    async def settle_orphans(self, resumable: set[int]) -> None:
+        """Settle every pack in the pack log (``orphans.settle``), with ``resumable`` the
+        cycles that will go on, under the vault's shared lock. Nothing here stops the
+        process server: a vault that is locked (a prune) or fails leaves them for the next
+        start (``orphan_packs_left``)."""
+        if self.pack_log is None or not await asyncio.to_thread(self.pack_log.read):
+            return
+        try:
+            async with locked(self.vault, "shared", "settle orphan packs"):
+                index = await self.refresh_index()
+                done = await settle(self.vault, index, self.pack_log, resumable)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.warning("orphan_packs_left", vault=self.store.url, error=str(e),
+                        error_type=type(e).__name__,
+                        hint="they are settled at the next start; 'siterecovery prune' "
+                             "removes them too")
+            return
+        log.info("orphan_packs_settled", adopted=len(done.adopted), removed=len(done.removed),
+                 damaged=len(done.damaged))
+
+    async def settle_cycle(self, cycle_seq: int) -> None:
+        """Remove the packs cycle ``cycle_seq`` put that no index lists (left by attempts
+        that failed), now that its point is written; the caller holds the vault's shared
+        lock. A store error leaves them for the next start (``orphan_packs_left``)."""
+        if self.pack_log is None:
+            return
+        try:
+            index = await self.refresh_index()
+            done = await settle(self.vault, index, self.pack_log, set(), only={cycle_seq})
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.warning("orphan_packs_left", vault=self.store.url, cycle_seq=cycle_seq,
+                        error=str(e), error_type=type(e).__name__,
+                        hint="they are settled at the next start")
+            return
+        if done.removed:
+            log.info("orphan_packs_settled", cycle_seq=cycle_seq, adopted=0,
+                     removed=len(done.removed), damaged=0)
 
     async def open_later(self) -> None:
         """Retry ``open`` with back-off until it succeeds, then call ``on_open``."""

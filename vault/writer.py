@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -92,6 +92,7 @@ class CycleWriter:
         full: bool,
         base: Point | None,
         on_pack: Callable[[int, int], None] | None = None,
+        before_pack: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         if not full and base is None:
             raise ValueError("a delta cycle needs a base point")
@@ -107,6 +108,8 @@ class CycleWriter:
         self._last_checkpoint: asyncio.Task[list[JournalEntry]] | None = None
         self._error: BaseException | None = None
         self._on_pack = on_pack
+        # Awaited with a pack's id before the pack is put (the caller records it as its own).
+        self._before_pack = before_pack
         self._journal: list[JournalEntry] = []
         self.stored_bytes = 0
         self.logical_bytes = 0
@@ -179,6 +182,8 @@ class CycleWriter:
         data, entries = await loop.run_in_executor(
             self.executor, _build_pack, self.vault.keyring, pack_id, blocks)
         del blocks  # the caller's buffers are free once the pack is sealed
+        if self._before_pack is not None:
+            await self._before_pack(pack_id)
         await self.vault.put_pack(pack_id, data)
         packs[pack_id] = entries
         self.stored_bytes += len(data)
