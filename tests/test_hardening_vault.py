@@ -286,6 +286,20 @@ async def test_check_concurrent_with_prune_reports_nothing_missing(tmp_path: Pat
         await v.close()
 
 
+async def test_check_with_read_only_access_runs_unlocked_with_a_warning(tmp_path: Path
+                                                                        ) -> None:
+    class ReadOnly(StoreWrapper):
+        async def put(self, name: str, data: bytes) -> None:
+            raise PermanentStoreError(f"{name}: 403 AuthorizationPermissionMismatch")
+
+    g = await copy_golden(tmp_path)
+    report = await check_vault(ReadOnly(LocalStore(g.vault)),
+                               KeyMaterial(keyfile=read_keyfile(g.key)), read_data=True)
+    assert report.errors == [] and report.counts["digests_verified"] == 2
+    assert [(p.object, p.kind) for p in report.warnings] == [("locks/", "unlocked")]
+    assert "403" in report.warnings[0].reason
+
+
 async def test_check_concurrent_with_a_writer_reports_nothing(tmp_path: Path) -> None:
     _url, key = await make_vault(tmp_path)
     km = KeyMaterial(keyfile=read_keyfile(key))

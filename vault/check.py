@@ -23,6 +23,7 @@ of another object's damage is reported too ("unrestorable", naming the cause).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from concurrent.futures import Executor
 
@@ -35,6 +36,7 @@ from vault.errors import (
     IntegrityError,
     MissingObjectError,
     NotFoundError,
+    PermanentStoreError,
 )
 from vault.index import Index, Location, open_index
 from vault.keyslots import KeyMaterial
@@ -61,12 +63,21 @@ async def check_vault(store: BlobStore, km: KeyMaterial, *, read_data: bool = Fa
     gone, and a check that raced them would report it missing. Writers share the vault
     with a check; what they add cannot make it report a problem, because the points are
     listed before the index and the index before the packs (the reverse of the order
-    they are written in). Raises ``LockedError`` if the lock cannot be had in time."""
+    they are written in). Raises ``LockedError`` if the lock cannot be had in time. A
+    store that refuses the lock object (read-only credentials or file system) is
+    checked without one, with an "unlocked" warning."""
     report = CheckReport(read_data=read_data, subset=subset if read_data else None)
     vault = await open_for_check(store, km, report)
     if vault is None:
         return report
-    async with locked(vault, "shared", "check", wait=wait):
+    async with contextlib.AsyncExitStack() as held:
+        try:
+            await held.enter_async_context(locked(vault, "shared", "check", wait=wait))
+        except (PermanentStoreError, OSError) as e:
+            report.add(names.LOCKS, "unlocked",
+                       f"cannot write a lock object ({e}): checked without the shared "
+                       "lock, so a prune or rebuild-index running now could make objects it "
+                       "rightly deleted show as missing; run the check again if some are")
         c = _Checker(vault, report, executor)
         point_objects = [info.name async for info in vault.store.list(names.POINTS)]
         await c.load_index()

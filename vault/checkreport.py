@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-WARNING_KINDS = frozenset({"unindexed", "stray"})
+WARNING_KINDS = frozenset({"unindexed", "stray", "unlocked"})
 
 
 @dataclass(frozen=True)
