@@ -130,9 +130,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     "rebuild-index; 3: damaged or missing data, each bad object named; 4: "
                     "the key opens no key slot.")
     add_vault_args(c)
-    c.add_argument("--wait", type=float, default=0.0,
-                   help="seconds to wait for a prune or rebuild-index to release the vault "
-                        "(default: 0)")
+    c.add_argument("--wait", type=float, default=60.0,
+                   help="seconds to wait for a prune, rebuild-index or process server "
+                        "retention run to release the vault (default: 60)")
     c.add_argument("--read-data", action="store_true",
                    help="read and verify every pack and every point's disk digests")
     c.add_argument("--subset", metavar="P%",
