@@ -135,6 +135,8 @@ class Agent:
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
+        for t in self.trackers.values():
+            t.close()
 
     async def _connect_retrying(self) -> Link:
         """Connect, retrying for up to ``connect_timeout_seconds`` while the server is

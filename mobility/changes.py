@@ -9,8 +9,9 @@ others, so the new map is exactly what a full scan would produce; on ``Rescan`` 
 reads the whole disk, as the full scan (``FullScan``) always does.
 
 Trackers (one module each): ``FullScan`` here; ``ReflinkTracker``
-(``reflinktrack.py``, images cloned by ``snapshot = "reflink"``). The agent picks
-one per disk (``trackers.py``).
+(``reflinktrack.py``, images cloned by ``snapshot = "reflink"``);
+``BlockTraceTracker`` (``blocktrace.py``, block devices, from tracefs). The agent
+picks one per disk (``trackers.py``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ class Tracker(Protocol):
         Never raises for a tracking problem: that is a ``Rescan``."""
         ...
 
+    def close(self) -> None:
+        """Let go of what the tracker holds (threads, tracing instances)."""
+        ...
+
 
 class FullScan:
     """No tracking: every cycle reads the whole disk (the portable fallback)."""
@@ -64,4 +69,7 @@ class FullScan:
     def changes(self, base: str | None, cycle: str, path: str, size: int,
                 block_size: int) -> Answer:
         return Rescan("full scan configured")
+
+    def close(self) -> None:
+        pass
 

@@ -9,7 +9,9 @@ from typing import Any
 from common.pacing import Schedule
 
 SNAPSHOTS = ("none", "quiesced", "fsfreeze", "lvm", "reflink", "script")
-TRACKERS = ("auto", "scan", "reflink")
+TRACKERS = ("auto", "scan", "reflink", "blocktrace")
+# Snapshots under which no write lands between the snapshot and the tracker's cut.
+BLOCKTRACE_SNAPSHOTS = ("none", "quiesced", "fsfreeze", "script")
 _LVM_SIZE = re.compile(r"(\d{1,3}%ORIGIN|\d+(\.\d+)?[KMGT]?)", re.IGNORECASE)
 
 
@@ -39,8 +41,12 @@ class MobilityConfig:
     lvm_snapshot_size: str = "10%ORIGIN"
     # How a cycle finds the changed blocks: "scan" reads every block; "reflink" compares
     # the extent maps of this cycle's and the last one's clone (snapshot = "reflink"
-    # only); "auto" takes reflink where it can, else scan.
+    # only); "blocktrace" records the block devices' completed writes from tracefs;
+    # "auto" takes reflink where it can, else scan.
     tracker: str = "auto"
+    # tracker = "blocktrace": the trace ring buffer per CPU, in KiB. An overrun (too
+    # small for the write rate) costs a full scan, never a missed write.
+    blocktrace_buffer_kb: int = 4096
     connect_timeout_seconds: float = 15.0
     ack_timeout_seconds: float = 300.0
     # How long a cycle whose connection broke keeps trying to resume (0: never).
@@ -78,6 +84,12 @@ class MobilityConfig:
         if self.tracker == "reflink" and self.snapshot != "reflink":
             raise ValueError("tracker = 'reflink' needs snapshot = 'reflink' (it compares "
                              "the clones that snapshot makes); use tracker = 'auto'")
+        if self.tracker == "blocktrace" and self.snapshot not in BLOCKTRACE_SNAPSHOTS:
+            raise ValueError("tracker = 'blocktrace' needs snapshot = 'none', 'quiesced', "
+                             "'fsfreeze' or 'script' (writes between an lvm or reflink "
+                             "snapshot and the tracker's cut would be missed)")
+        if not 4 <= self.blocktrace_buffer_kb <= (1 << 20):
+            raise ValueError("blocktrace_buffer_kb must be from 4 to 1048576")
         if self.snapshot == "fsfreeze" and not self.freeze_mounts:
             raise ValueError("snapshot = 'fsfreeze' needs freeze_mounts")
         if self.snapshot == "script" and not (self.pre_script and self.post_script):

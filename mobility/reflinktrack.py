@@ -82,6 +82,9 @@ class ReflinkTracker:
             return Rescan(str(e))
         return Changed(tuple(block_ranges(diff, block_size)))
 
+    def close(self) -> None:
+        pass  # the kept clone stays: the next agent goes on from it
+
     def _prune(self, keep: set[str]) -> None:
         """Delete the kept clones of cycles other than ``keep``'s (never acknowledged,
         or superseded)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from mobility.blocktrace import BlockTraceTracker
 from mobility.changes import FullScan, Tracker
 from mobility.config import MobilityConfig
 from mobility.reflinktrack import ReflinkTracker
@@ -9,7 +10,8 @@ from mobility.reflinktrack import ReflinkTracker
 
 def tracker_kind(cfg: MobilityConfig) -> str:
     """``cfg.tracker``, with ``auto`` resolved: the reflink diff when the images are
-    cloned each cycle (``snapshot = "reflink"``), else the full scan."""
+    cloned each cycle (``snapshot = "reflink"``), else the full scan (the block-layer
+    tracker only when asked for: it needs tracefs and root)."""
     if cfg.tracker != "auto":
         return cfg.tracker
     return "reflink" if cfg.snapshot == "reflink" else "scan"
@@ -18,5 +20,12 @@ def tracker_kind(cfg: MobilityConfig) -> str:
 def trackers_for(cfg: MobilityConfig) -> dict[str, Tracker]:
     """One tracker per disk name."""
     kind = tracker_kind(cfg)
-    return {d["name"]: ReflinkTracker(d["path"]) if kind == "reflink" else FullScan()
-            for d in cfg.disks}
+    out: dict[str, Tracker] = {}
+    for d in cfg.disks:
+        if kind == "reflink":
+            out[d["name"]] = ReflinkTracker(d["path"])
+        elif kind == "blocktrace":
+            out[d["name"]] = BlockTraceTracker(d["name"], d["path"], cfg.blocktrace_buffer_kb)
+        else:
+            out[d["name"]] = FullScan()
+    return out

@@ -97,6 +97,11 @@ def test_the_tracker_setting(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="needs snapshot = 'reflink'"):
         config(tmp_path, tracker="reflink").validate()
     config(tmp_path, tracker="reflink", snapshot="reflink").validate()
+    with pytest.raises(ValueError, match="'blocktrace' needs snapshot = 'none'"):
+        config(tmp_path, tracker="blocktrace", snapshot="lvm").validate()
+    with pytest.raises(ValueError, match="blocktrace_buffer_kb"):
+        config(tmp_path, tracker="blocktrace", blocktrace_buffer_kb=2).validate()
+    config(tmp_path, tracker="blocktrace", snapshot="fsfreeze", freeze_mounts=["/m"]).validate()
 
 
 def test_without_reflinks_the_tracker_asks_for_a_scan_and_keeps_nothing(

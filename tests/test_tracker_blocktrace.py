@@ -1,0 +1,193 @@
+"""The block-layer write tracker on the real thing: ext4 on a loop device, tracefs.
+
+The filesystem is mounted, written through (files created, rewritten, deleted) and
+unmounted between cycles, so each cycle reads a still device (``quiesced``) whose
+content the test knows; every point is restored from the vault and compared byte for
+byte. The tracker reads only what the block layer wrote, nothing for an unchanged
+disk, and scans — counted, never a wrong point — when the trace ring buffer
+overran (provoked with a one-page buffer), when the event was disabled behind its
+back, and when the agent restarted (the marks were in memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mobility.agent import Agent, CycleResult
+from mobility.blocktrace import BlockTraceTracker, tracefs_root
+from mobility.snapshot import Quiesced
+from procserver.server import ProcServer
+from tests.backends import missing_backend
+from tests.helpers import Pki, agent_config, point_restores_to
+from tests.test_ext4 import loop_device, mounted
+
+DEVICE = 64 << 20
+
+
+@pytest.fixture
+def tracefs(tmp_path: Path) -> Iterator[str]:
+    if os.geteuid() != 0:
+        missing_backend("root (tracefs, loop devices)", "run the suite as root")
+    root = tracefs_root()
+    if root is not None:
+        yield root
+        return
+    where = tmp_path / "tracefs"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tracefs", "nodev", str(where)], check=True)
+    try:
+        yield str(where)
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+@pytest.fixture
+def ext4_loop(tmp_path: Path, tracefs: str) -> Iterator[str]:
+    """An ext4 on a loop device, unmounted; the device's path."""
+    if shutil.which("mkfs.ext4") is None:
+        missing_backend("mkfs.ext4", "tests/run.sh installs e2fsprogs")
+    image = tmp_path / "ext4.img"
+    with open(image, "wb") as f:
+        f.truncate(DEVICE)
+    with loop_device(image) as dev:
+        # No lazy initialisation: nothing writes in the background between cycles.
+        subprocess.run(["mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+                        dev], check=True)
+        yield dev
+
+
+def device_sha(dev: str) -> str:
+    fd = os.open(dev, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # data went around this cache
+        h = hashlib.sha256()
+        while chunk := os.read(fd, 1 << 20):
+            h.update(chunk)
+        return h.hexdigest()
+    finally:
+        os.close(fd)
+
+
+def write_files(dev: str, where: Path, seed: int, files: int = 3) -> int:
+    """Mount, write through the filesystem, unmount; the bytes of file data written."""
+    rng = random.Random(seed)
+    n = 0
+    with mounted(dev, where) as mnt:
+        for i in range(files):
+            data = rng.randbytes(rng.randrange(64 << 10, 1 << 20))
+            (mnt / f"f{seed}-{i}").write_bytes(data)
+            n += len(data)
+        old = sorted(mnt.glob("f*"))
+        if len(old) > files:
+            old[0].unlink()
+    return n
+
+
+async def cycle(agent: Agent, ps: ProcServer, tmp: Path, key: Path, dev: str
+                ) -> CycleResult:
+    want = device_sha(dev)
+    r = await agent.replicate_once()
+    await point_restores_to(ps, tmp, key, r.cycle, {"sda": want})
+    return r
+
+
+def make(tmp: Path, pki: Pki, port: int, dev: str, **kw: object) -> Agent:
+    cfg = agent_config(tmp, pki, "vm01", port, {"sda": Path(dev)}, snapshot="quiesced",
+                       tracker="blocktrace", **kw)
+    cfg.validate()
+    return Agent(cfg, provider=Quiesced())
+
+
+def instance(tracefs: str) -> Path:
+    return Path(tracefs) / "instances" / "siterecovery-sda"
+
+
+@pytest.mark.root
+async def test_only_written_blocks_are_read_and_every_point_is_exact(
+        tmp_path: Path, pki: Pki, procserver: ProcServer, vault_at: tuple[str, Path],
+        tracefs: str, ext4_loop: str) -> None:
+    key, mnt = vault_at[1], tmp_path / "mnt"
+    agent = make(tmp_path, pki, procserver.port, ext4_loop)
+    try:
+        r = await cycle(agent, procserver, tmp_path, key, ext4_loop)
+        assert (r.kind, r.tracking) == ("full", {"sda": "scan"})
+        assert instance(tracefs).is_dir()  # tracing from this cycle on
+
+        for seed in (1, 2, 3):
+            written = write_files(ext4_loop, mnt, seed)
+            r = await cycle(agent, procserver, tmp_path, key, ext4_loop)
+            assert (r.kind, r.tracking, r.fallbacks) == ("delta", {"sda": "blocktrace"}, {})
+            # The files' data plus the metadata ext4 wrote: far from the whole device.
+            assert written <= r.bytes_read <= written + (4 << 20)
+
+        r = await cycle(agent, procserver, tmp_path, key, ext4_loop)  # nothing written
+        assert (r.tracking, r.bytes_read, r.blocks_sent) == ({"sda": "blocktrace"}, 0, 0)
+    finally:
+        agent.close()
+    assert not instance(tracefs).exists()  # the agent removes its tracing instance
+
+
+@pytest.mark.root
+async def test_an_overrun_a_disabled_event_or_a_restart_means_a_counted_scan(
+        tmp_path: Path, pki: Pki, procserver: ProcServer, vault_at: tuple[str, Path],
+        tracefs: str, ext4_loop: str) -> None:
+    key, mnt = vault_at[1], tmp_path / "mnt"
+    # A one-page ring buffer per CPU, filled on purpose faster than it is read.
+    agent = make(tmp_path, pki, procserver.port, ext4_loop, blocktrace_buffer_kb=4)
+    tracker = agent.trackers["sda"]
+    assert isinstance(tracker, BlockTraceTracker)
+    try:
+        await cycle(agent, procserver, tmp_path, key, ext4_loop)
+        write_files(ext4_loop, mnt, 10)
+        r = await cycle(agent, procserver, tmp_path, key, ext4_loop)
+        assert r.tracking == {"sda": "blocktrace"}
+
+        flood = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "import os,sys\n"
+            "fd = os.open(sys.argv[1], os.O_WRONLY)\n"
+            "for _ in range(20000): os.write(fd, b'x' * 3000)\n",
+            str(instance(tracefs) / "trace_marker"))
+        write_files(ext4_loop, mnt, 11, files=6)
+        assert await flood.wait() == 0
+        r = await cycle(agent, procserver, tmp_path, key, ext4_loop)
+        assert r.tracking == {"sda": "scan"} and "overran" in r.fallbacks["sda"]
+        assert r.bytes_read >= DEVICE // 2 and tracker.rescans == 1
+
+        write_files(ext4_loop, mnt, 12)  # tracing started over with the last cycle
+        r = await cycle(agent, procserver, tmp_path, key, ext4_loop)
+        assert (r.tracking, r.fallbacks) == ({"sda": "blocktrace"}, {})
+
+        # Someone turns the event off: writes would go unseen.
+        (instance(tracefs) / "events/block/block_rq_complete/enable").write_text("0")
+        write_files(ext4_loop, mnt, 13)
+        r = await cycle(agent, procserver, tmp_path, key, ext4_loop)
+        assert r.tracking == {"sda": "scan"} and "disabled" in r.fallbacks["sda"]
+        assert tracker.rescans == 2
+        write_files(ext4_loop, mnt, 14)
+        r = await cycle(agent, procserver, tmp_path, key, ext4_loop)
+        assert r.tracking == {"sda": "blocktrace"}
+    finally:
+        agent.close()
+
+    # A restart: the marks were in memory. The writes while no agent ran are not lost.
+    write_files(ext4_loop, mnt, 15)
+    agent = make(tmp_path, pki, procserver.port, ext4_loop)
+    try:
+        r = await cycle(agent, procserver, tmp_path, key, ext4_loop)
+        assert r.kind == "delta" and r.tracking == {"sda": "scan"}
+        assert "starts with this cycle" in r.fallbacks["sda"]
+        write_files(ext4_loop, mnt, 16)
+        r = await cycle(agent, procserver, tmp_path, key, ext4_loop)
+        assert r.tracking == {"sda": "blocktrace"}
+    finally:
+        agent.close()
