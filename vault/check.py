@@ -182,7 +182,8 @@ class _Checker:
         async def one(pack_id: str) -> None:
             name = names.pack_name(pack_id)
             try:
-                entries, end = await read_trailer(self.vault, pack_id, self.sizes[pack_id])
+                entries, end = await read_trailer(self.vault, pack_id, self.sizes[pack_id],
+                                                  entries=len(self.indexed[pack_id]))
             except NotFoundError:
                 return  # deleted since the listing; check_points judges what needs it
             except IntegrityError as err:

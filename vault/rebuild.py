@@ -26,7 +26,7 @@ from vault import names
 from vault.crypto import OVERHEAD
 from vault.errors import IntegrityError, NotFoundError, VaultError
 from vault.index import open_index
-from vault.pack import MAGIC, MAX_BLOCK, MAX_TRAILER, TAIL, PackEntry, parse_trailer
+from vault.pack import ENTRY, MAGIC, MAX_BLOCK, MAX_TRAILER, TAIL, PackEntry, parse_trailer
 from vault.repo import Vault
 from vault.store.protocol import BlobInfo
 
@@ -65,18 +65,23 @@ async def for_each(items: Iterable[T], fn: Callable[[T], Awaitable[None]],
         raise
 
 
-async def read_trailer(vault: Vault, pack_id: str, size: int) -> tuple[list[PackEntry], int]:
+async def read_trailer(vault: Vault, pack_id: str, size: int, *, entries: int | None = None
+                       ) -> tuple[list[PackEntry], int]:
     """Locate, authenticate and parse the trailer of a pack of ``size`` bytes.
 
-    Returns ``(entries, data_end)``: ``data_end`` is where the trailer starts, i.e. the
-    end of the sealed blocks. ``IntegrityError`` names the pack when the tail or the
-    trailer is damaged, or when the trailer's entries do not tile the blocks region."""
+    ``entries``: how many blocks the pack is expected to hold (the index says), to read
+    just enough of its end; without it a fixed probe is read. Returns ``(entries,
+    data_end)``: ``data_end`` is where the trailer starts, i.e. the end of the sealed
+    blocks. ``IntegrityError`` names the pack when the tail or the trailer is damaged,
+    or when the trailer's entries do not tile the blocks region."""
     name = names.pack_name(pack_id)
     if size < TAIL.size + OVERHEAD:
         raise IntegrityError(name, f"{size} bytes is too short for a pack (truncated)")
     # One ranged read of the pack's end usually holds the tail and the whole trailer
-    # (~44 bytes per block): a second read is needed only for a larger trailer.
-    probe = min(size, TRAILER_PROBE)
+    # (44 bytes per block, never more once sealed: it is compressed only if that helps);
+    # a second read is needed only for a trailer larger than expected.
+    want = TRAILER_PROBE if entries is None else TAIL.size + OVERHEAD + 4 + ENTRY.size * entries
+    probe = min(size, want)
     end = await vault.store.get(name, size - probe, probe)
     if len(end) != probe:
         raise IntegrityError(name, f"shorter than the {size} bytes listed (truncated)")
