@@ -183,7 +183,7 @@ class _Checker:
             name = names.pack_name(pack_id)
             try:
                 entries, end = await read_trailer(self.vault, pack_id, self.sizes[pack_id],
-                                                  entries=len(self.indexed[pack_id]))
+                                                  expect=len(self.indexed[pack_id]))
             except NotFoundError:
                 return  # deleted since the listing; check_points judges what needs it
             except IntegrityError as err:

@@ -65,11 +65,11 @@ async def for_each(items: Iterable[T], fn: Callable[[T], Awaitable[None]],
         raise
 
 
-async def read_trailer(vault: Vault, pack_id: str, size: int, *, entries: int | None = None
+async def read_trailer(vault: Vault, pack_id: str, size: int, *, expect: int | None = None
                        ) -> tuple[list[PackEntry], int]:
     """Locate, authenticate and parse the trailer of a pack of ``size`` bytes.
 
-    ``entries``: how many blocks the pack is expected to hold (the index says), to read
+    ``expect``: how many blocks the pack is expected to hold (the index says), to read
     just enough of its end; without it a fixed probe is read. Returns ``(entries,
     data_end)``: ``data_end`` is where the trailer starts, i.e. the end of the sealed
     blocks. ``IntegrityError`` names the pack when the tail or the trailer is damaged,
@@ -80,7 +80,7 @@ async def read_trailer(vault: Vault, pack_id: str, size: int, *, entries: int | 
     # One ranged read of the pack's end usually holds the tail and the whole trailer
     # (44 bytes per block, never more once sealed: it is compressed only if that helps);
     # a second read is needed only for a trailer larger than expected.
-    want = TRAILER_PROBE if entries is None else TAIL.size + OVERHEAD + 4 + ENTRY.size * entries
+    want = TRAILER_PROBE if expect is None else TAIL.size + OVERHEAD + 4 + ENTRY.size * expect
     probe = min(size, want)
     end = await vault.store.get(name, size - probe, probe)
     if len(end) != probe:
