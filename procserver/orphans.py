@@ -66,7 +66,7 @@ async def settle(vault: Vault, index: Index, pack_log: PackLog, resumable: set[i
     out = Settlement()
     if not todo:
         return out
-    indexed = {loc.pack_id for loc in index.entries.values()}
+    indexed = index.packs  # listed by an index object (where its blocks are found or not)
     adopt: dict[str, list[PackEntry]] = {}
     done: set[str] = set()
     claimed: set[bytes] = set()  # blocks of the packs adopted so far: one copy is enough

@@ -28,6 +28,7 @@ from vault import names
 from vault.check import check_vault
 from vault.keyslots import KeyMaterial, read_keyfile
 from vault.pack import build_pack
+from vault.rebuild import read_trailer
 from vault.repo import Vault
 from vault.store.local import LocalStore
 
@@ -120,6 +121,33 @@ async def test_a_cycle_once_uploaded_removes_only_its_own_unindexed_packs(
         await access.settle_cycle(7)
         assert await _packs(access.vault) == {in_flight}
         assert log.read() == {in_flight: 8}
+    finally:
+        await access.close()
+
+
+async def test_a_pack_an_index_lists_stays_when_its_blocks_are_found_elsewhere(
+        tmp_path: Path, vault_at: tuple[str, Path]) -> None:
+    """Two process servers stored the same blocks: the index locates them in the other
+    server's pack, but ours is listed by our index object, and deleting it would leave
+    that object pointing at nothing (a restore reading through it would fail)."""
+    _url, key = vault_at
+    log = PackLog(tmp_path / "pack-log")
+    access = VaultAccess(LocalStore(tmp_path / "vault"),
+                         KeyMaterial(keyfile=read_keyfile(key)), pack_log=log)
+    await access.open()
+    try:
+        same = _blocks(3)
+        ours = await _put_pack(access.vault, same, log, 7, indexed=True)
+        theirs = await _put_pack(access.vault, same, indexed=True)
+        vault = access.vault
+        index = await vault.load_index()
+        size = (await vault.store.stat(names.pack_name(theirs))).size
+        index.add_pack(theirs, (await read_trailer(vault, theirs, size))[0])
+        assert {loc.pack_id for loc in index.entries.values()} == {theirs}
+        done = await settle(vault, index, log, set(), only={7})
+        assert done.removed == [] and done.adopted == []
+        assert await _packs(access.vault) == {ours, theirs}
+        assert log.read() == {}
     finally:
         await access.close()
 

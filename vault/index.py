@@ -32,8 +32,12 @@ class Index:
 
     entries: dict[bytes, Location] = field(default_factory=dict)
     objects: set[str] = field(default_factory=set)  # the index objects loaded into it
+    # Every pack those objects list: a block stored twice is located in one of them only,
+    # but deleting the other would still break the index object that lists it.
+    packs: set[str] = field(default_factory=set)
 
     def add_pack(self, pack_id: str, pack_entries: list[PackEntry]) -> None:
+        self.packs.add(pack_id)
         for e in pack_entries:
             self.entries[e.block_id] = Location(pack_id, e.offset, e.length)
 
