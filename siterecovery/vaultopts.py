@@ -92,11 +92,16 @@ def _has_passphrase(args: argparse.Namespace) -> bool:
 
 
 def vault_url(args: argparse.Namespace) -> str:
-    """--vault; else DATA_DIR/vault with --data-dir; else a UsageError."""
+    """--vault; else, with --data-dir, the vault that data directory serves (its
+    ``vault.url``, written by ``serve --vault``) or DATA_DIR/vault; else a UsageError."""
     if args.vault:
         return str(args.vault)
     if args.data_dir:
-        return f"file://{Path(args.data_dir).resolve() / 'vault'}"
+        d = Path(args.data_dir).resolve()
+        try:
+            return (d / "vault.url").read_text().strip() or f"file://{d / 'vault'}"
+        except FileNotFoundError:
+            return f"file://{d / 'vault'}"
     raise UsageError("give --vault and --key-file (and/or --passphrase-file or "
                      "--passphrase-env), or --data-dir of an embedded installation")
 

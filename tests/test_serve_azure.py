@@ -62,6 +62,11 @@ async def test_serve_protects_into_an_azure_vault_and_its_points_restore(
         assert json.loads(r.stdout)["point"] == point
         assert sha256(out / "sda.img") == want
 
+    # Every vault verb finds it through the data directory too.
+    r = run_cli("points", "list", "--data-dir", str(data), "--json")
+    assert r.returncode == 0, r.stderr
+    assert [p["id"] for p in json.loads(r.stdout)] == [first["point"], second["point"]]
+
     # The data directory remembers its vault: another one is refused before anything starts.
     r = run_cli("serve", "--data-dir", str(data), "--vault", f"file://{tmp_path / 'other'}",
                 "--admin-port", "0", "--site-port", "0", "--listen", "127.0.0.1:0",
