@@ -54,8 +54,11 @@ async def cmd_register(args: argparse.Namespace) -> int:
         return show(doc, args, _status_text(doc))
     try:
         text = Path(args.key_file).read_text()
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise CliError(f"cannot read the registration key file: {e}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{args.key_file} is not a registration key file (it is not text); "
+                         "make one with 'siterecovery vault registration-key'") from None
     body: dict[str, Any] = {"key": text}
     if args.vault_key:
         body["vault_key_file"] = str(Path(args.vault_key).resolve())

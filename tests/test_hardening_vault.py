@@ -86,6 +86,14 @@ def test_vault_passphrase_file_that_is_not_text_is_a_usage_error(tmp_path: Path)
     assert "Traceback" not in r.stderr and str(bad) in r.stderr
 
 
+def test_registration_key_file_that_is_not_text_is_a_usage_error(tmp_path: Path) -> None:
+    bad = _random_file(tmp_path / "registration.key")
+    r = run_cli("register", "--key-file", str(bad), "--api", "http://127.0.0.1:9",
+                "--token-file", str(tmp_path / "token"))
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and str(bad) in r.stderr and "not text" in r.stderr
+
+
 def test_passphrase_file_is_read_bounded(tmp_path: Path) -> None:
     big = tmp_path / "big"
     big.write_bytes(b"x" * (64 << 10))
