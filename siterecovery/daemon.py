@@ -57,7 +57,7 @@ async def run_until_signal(service: Service) -> int:
 
 # The files each daemon's config names that must exist when it starts (empty = not used).
 # Files a daemon creates on first start (tokens, the CA, the secrets key) are not here.
-PROCSERVER_FILES = ("vault_key_file", "tls_cert", "tls_key", "tls_ca",
+PROCSERVER_FILES = ("vault_key_file", "vault_passphrase_file", "tls_cert", "tls_key", "tls_ca",
                     "configserver_token_file")
 MOBILITY_FILES = ("tls_ca", "tls_cert", "tls_key")
 

@@ -89,6 +89,8 @@ async def test_procserver_run_with_the_passphrase_in_the_environment(
     ({}, 2, "give the vault key"),
     ({"vault_passphrase_file": "/nonexistent", "vault_passphrase_env": "X"}, 2, "not both"),
     ({"vault_passphrase_env": "SR_TEST_UNSET_VARIABLE"}, 2, "SR_TEST_UNSET_VARIABLE"),
+    ({"vault_passphrase_file": "/nonexistent/passphrase"}, 2,
+     "key 'vault_passphrase_file': file '/nonexistent/passphrase' does not exist"),
     ({"vault_passphrase_env": "SR_TEST_WRONG"}, 4, "opens none of the"),
 ])
 async def test_bad_passphrase_settings_get_their_documented_exit_codes(
