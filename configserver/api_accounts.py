@@ -62,6 +62,19 @@ ACCOUNT = obj({"name": {"type": "string"}, "username": {"type": "string"},
               ["name", "username", "kind", "has_secret", "key_id", "machines", "created",
                "updated"])
 _HINT = "give it with --password-file FILE or --ssh-key-file FILE"
+# What _check_secret accepts, per kind, as far as a schema can say it (it answers 422
+# invalid_secret itself, never quoting the secret). Not "type" errors from the generic
+# validation, which would quote the value.
+SECRET_RULES = {"oneOf": [
+    {"properties": {"kind": {"const": "password"}, "secret": {
+        "type": "string", "minLength": 1, "maxLength": MAX_PASSWORD,
+        "pattern": "^[^\\u0000\\r\\n]*$"}}},
+    {"properties": {"kind": {"const": "ssh-key"}, "secret": {
+        "type": "string", "minLength": 1, "maxLength": MAX_KEY,
+        "contentMediaType": "application/x-pem-file",
+        "description": "the text of an unencrypted private key (OpenSSH or PEM)"}}}]}
+KEY_REFUSAL = ("an ssh-key secret is not an unencrypted private key in OpenSSH or PEM form "
+               "(a public key, a passphrase-protected key or other text)")
 
 
 def _bad(message: str, hint: str = _HINT) -> ApiError:
@@ -224,7 +237,8 @@ async def remove_account(call: Call) -> web.Response:
 _NAME_PARAM = {"name": NAME}
 ROUTES = [
     Route("POST", "/api/v1/accounts", add_account, "Add a push-install account", "accounts",
-          body=CREATE, responses={201: ACCOUNT},
+          body=CREATE, responses={201: ACCOUNT}, rules=SECRET_RULES,
+          refusals=(KEY_REFUSAL, "the secret holds a lone surrogate (not Unicode text)"),
           description="The secret is sealed under the server's secrets key and never "
                       "returned."),
     Route("GET", "/api/v1/accounts", list_accounts, "List push-install accounts", "accounts",
@@ -234,7 +248,10 @@ ROUTES = [
     Route("PATCH", "/api/v1/accounts/{name}", update_account,
           "Change an account's user name or rotate its secret", "accounts",
           params=_NAME_PARAM, body=UPDATE, responses={200: ACCOUNT},
-          description="Changing kind needs the new secret."),
+          description="Changing kind needs the new secret.",
+          refusals=("kind changes without a new secret (secret_required)",
+                    "the secret is not one of the account's kind (invalid_secret): as "
+                    "for POST /api/v1/accounts")),
     Route("DELETE", "/api/v1/accounts/{name}", remove_account,
           "Remove a push-install account", "accounts", params=_NAME_PARAM,
           responses={200: obj({"deleted": {"type": "string"}}, ["deleted"])},

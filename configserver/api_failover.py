@@ -18,8 +18,9 @@ _MACHINE = {"machine": NAME}
 _POINT = {"type": "string", "minLength": 1, "maxLength": 64,
           "description": "latest-processed (default), latest, latest-app-consistent, "
                          "latest-crash-consistent, or a point id (or a prefix of one)"}
-_AT = {"type": "string", "maxLength": 40,
-       "description": "only points created at or before this time (ISO 8601)"}
+_AT = {"type": "string", "maxLength": 40, "format": "date-time",
+       "description": "only points created at or before this time (RFC 3339; other ISO 8601 "
+                      "forms, such as a date alone, are accepted too; 422 invalid_time)"}
 _NOTES = {"type": "string", "maxLength": 4000}
 _DRAIN = {"type": "integer", "minimum": 1, "maximum": 86400, "description": (
     "with the point 'latest': how long to wait for the process server to upload what it "
@@ -54,9 +55,11 @@ def _starter(verb: str) -> Handler:
     return start
 
 
-def _verb(verb: str, summary: str, body: dict[str, Any], description: str) -> Route:
+def _verb(verb: str, summary: str, body: dict[str, Any], description: str,
+          rules: dict[str, Any] | None = None) -> Route:
     return Route("POST", f"/api/v1/items/{{machine}}/{verb}", _starter(verb), summary,
                  "failover", params=_MACHINE, body=body, responses={202: JOB_REPLY},
+                 rules=rules,
                  description=description + " 404 for an item that does not exist; 409 when "
                  "its state does not allow it or a job of it is running.")
 
@@ -75,7 +78,8 @@ ROUTES = [
           "Replication goes on."),
     _verb("cleanup-test-failover", "Clean up a test failover", CLEANUP_BODY,
           "Queues Cleanup test failover: removes everything the drill created and keeps the "
-          "operator's notes on the item."),
+          "operator's notes on the item (notes that are only blanks: 422 notes_required).",
+          rules={"properties": {"notes": {"pattern": "\\S"}}}),
     _verb("failover", "Fail a replicated item over", FAILOVER_BODY,
           "Queues Failover (not cancellable): replication stops, the point is restored, "
           "checked, created on the target and booted; the item ends failed_over."),

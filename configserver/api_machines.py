@@ -282,7 +282,13 @@ ROUTES = [
     Route("POST", "/api/v1/machines", add_machine, "Add a machine to the inventory",
           "machines", body=CREATE, responses={201: MACHINE},
           description="Checked against the support matrix (422 unsupported_os, e.g. for "
-                      "Windows); the process server and account must exist."),
+                      "Windows; 422 invalid_kernel), as the body schema's second part "
+                      "states; os_name is also accepted in other letter case; the process "
+                      "server and account must exist (404).",
+          rules=support.request_rules(),
+          refusals=("ip is not a unicast IPv4 or IPv6 address (invalid_ip)",
+                    "a disk path is not a normalized absolute path, or two disks share a "
+                    "name or a path (invalid_disks)")),
     Route("GET", "/api/v1/machines", list_machines, "List machines", "machines",
           responses={200: obj({"machines": array(MACHINE)}, ["machines"])}),
     Route("GET", "/api/v1/machines/{name}", show_machine, "Show a machine", "machines",

@@ -213,17 +213,25 @@ async def delete_policy(call: Call) -> web.Response:
 
 
 _NAME_PARAM = {"name": NAME}
+# The cross-field rules of ``cross_field_problems``, which no JSON schema can state
+# (422 invalid_policy).
+POLICY_REFUSALS = (
+    "crash_consistent_interval_seconds exceeds rpo_threshold_seconds or the retention "
+    "(retention_hours x 3600 s)",
+    "app_consistent_frequency_seconds is neither 0 nor a multiple of "
+    "crash_consistent_interval_seconds, or exceeds the retention")
 ROUTES = [
     Route("POST", "/api/v1/policies", create_policy, "Create a replication policy", "policies",
-          body=CREATE, responses={201: POLICY}),
+          body=CREATE, responses={201: POLICY}, refusals=POLICY_REFUSALS),
     Route("GET", "/api/v1/policies", list_policies, "List replication policies", "policies",
           responses={200: obj({"policies": array(POLICY)}, ["policies"])}),
     Route("GET", "/api/v1/policies/{name}", show_policy, "Show a replication policy",
           "policies", params=_NAME_PARAM, responses={200: POLICY}),
     Route("PATCH", "/api/v1/policies/{name}", update_policy,
           "Change some fields of a replication policy", "policies", params=_NAME_PARAM,
-          body=UPDATE, responses={200: POLICY},
-          description="The result is validated as a whole. The block size of a policy in use "
+          body=UPDATE, responses={200: POLICY}, refusals=POLICY_REFUSALS,
+          description="The result is validated as a whole (fields not given keep their "
+                      "stored values). The block size of a policy in use "
                       "cannot change (409 policy_in_use)."),
     Route("DELETE", "/api/v1/policies/{name}", delete_policy, "Delete a replication policy",
           "policies", params=_NAME_PARAM, responses={200: DELETED},

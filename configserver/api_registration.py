@@ -67,5 +67,11 @@ ROUTES = [
                     "vault_key_file": {"type": "string", "minLength": 1, "maxLength": 4096},
                     "vault_url": {"type": "string", "minLength": 1, "maxLength": 2048}},
                    ["key"]),
-          responses={200: REGISTERED}),
+          responses={200: REGISTERED},
+          refusals=("key is not the text of a registration key file (format "
+                    "siterecovery-registration-key; registration_key_malformed)",
+                    "the key is outside its validity window, names another vault, or its "
+                    "authentication code does not verify",
+                    "the vault key (vault_key_file, or the config's) is missing or does "
+                    "not open the vault", "the clocks differ by more than 5 minutes")),
 ]

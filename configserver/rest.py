@@ -151,6 +151,13 @@ class Route:
     responses: dict[int, dict[str, Any] | None] = field(default_factory=lambda: {200: None})
     description: str = ""
     listeners: tuple[str, ...] = ("admin",)  # admin (loopback) and/or site (mutual TLS)
+    # Rules on the body that the handler checks itself, to answer with its own error code
+    # and hint (``unsupported_os``, ``invalid_secret``): JSON schema, documented in the
+    # OpenAPI body (``allOf``) but not applied by the generic validation here.
+    rules: dict[str, Any] | None = None
+    # Rules no schema can state (comparisons between fields, what a key file must hold):
+    # answered 422; listed in the operation's description and as ``x-refusals``.
+    refusals: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         assert self.auth in AUTHS, self.auth
@@ -186,6 +193,8 @@ class RouteTable:
             if r.body is not None:
                 Draft202012Validator.check_schema(r.body)
                 self._validators[id(r)] = Draft202012Validator(r.body)
+            if r.rules is not None:
+                Draft202012Validator.check_schema(r.rules)
 
     def app(self, peer_of: Callable[[web.Request], Awaitable[str | None]] | None = None
             ) -> web.Application:
@@ -255,6 +264,10 @@ class RouteTable:
             for name, schema in route.params.items():
                 errs = list(Draft202012Validator(schema).iter_errors(params.get(name, "")))
                 if errs:
+                    # /certificates/agent is not a serial: a path served by other methods
+                    allowed = self.allowed_methods(request.path)
+                    if allowed:
+                        raise web.HTTPMethodNotAllowed(request.method, allowed)
                     raise ApiError(404, "not_found", f"no such {name}: {params.get(name)!r}",
                                    f"{name} must match {schema.get('pattern', 'its schema')}")
             query: dict[str, Any] = {}
@@ -332,8 +345,13 @@ class RouteTable:
                 "description": "an error",
                 "content": {"application/json": {"schema": {"$ref":
                                                             "#/components/schemas/Error"}}}}
-            if r.description:
-                op["description"] = r.description
+            description = r.description
+            if r.refusals:
+                description += ("\n\n" if description else "") + "Refused with 422 when: " + \
+                    "; ".join(r.refusals) + "."
+                op["x-refusals"] = list(r.refusals)
+            if description:
+                op["description"] = description
             if r.auth in ("admin", "internal"):
                 op["security"] = [{r.auth + "Token": []}]
             else:
@@ -345,8 +363,9 @@ class RouteTable:
             if parameters:
                 op["parameters"] = parameters
             if r.body is not None:
+                body = r.body if r.rules is None else {"allOf": [r.body, r.rules]}
                 op["requestBody"] = {"required": True, "content": {
-                    "application/json": {"schema": r.body}}}
+                    "application/json": {"schema": body}}}
             paths.setdefault(r.path, {})[r.method.lower()] = op
         return {
             "openapi": "3.1.0",

@@ -135,3 +135,54 @@ def check(os_type: str, os_name: str | None, os_version: str | None,
                               f"{release.version}'s {need}; supported kernels for it are "
                               f"{need} and newer")
     return dist.os_name, version
+
+
+def _at_least(n: int, width: int) -> str:
+    """A regex for strings of exactly ``width`` digits (leading zeros allowed) whose value
+    is at least ``n`` (which has at most ``width`` digits)."""
+    digits = str(n).zfill(width)
+    assert len(digits) == width, (n, width)
+    alts, prefix = [], ""
+    for i, d in enumerate(digits):
+        rest = width - i - 1
+        if d != "9":
+            alts.append(f"{prefix}[{int(d) + 1}-9][0-9]{{{rest}}}")
+        prefix += d
+    alts.append(prefix)
+    return "(?:" + "|".join(alts) + ")"
+
+
+def _kernel_at_least(major: int, minor: int) -> str:
+    """A pattern for the ``uname -r`` strings ``parse_kernel`` reads as at least
+    ``major.minor`` (up to 3 digits each, as it reads them; leading zeros count as it
+    counts them: by value)."""
+    def widths(n: int, among: tuple[int, ...] = (1, 2, 3)) -> str:  # value >= n
+        return "(?:" + "|".join(_at_least(n, w) for w in among if n < 10 ** w) + ")"
+
+    tail = "(\\.[0-9]{1,5})?[-+~._A-Za-z0-9]{0,56}$"
+    # the minor is the first (up to) 3 digits after the dot: a shorter one ends the run
+    short_tail = "(\\.[0-9]{1,5})?([-+~._A-Za-z][-+~._A-Za-z0-9]{0,55})?$"
+    minor_ok = f"(?:{_at_least(minor, 3)}{tail}"
+    if minor < 100:
+        minor_ok += f"|{widths(minor, (1, 2))}{short_tail}"
+    minor_ok += ")"
+    any_minor = f"(?:[0-9]{{3}}{tail}|[0-9]{{1,2}}{short_tail})"
+    return f"^(?:{widths(major + 1)}\\.{any_minor}|{widths(major)}\\.{minor_ok})"
+
+
+def request_rules() -> dict[str, Any]:
+    """The matrix as JSON schema for a machine's ``os_type``, ``os_name``, ``os_version``
+    and ``kernel`` (what ``check`` accepts; spellings are given in lower case, which
+    ``check`` does not require). Windows is refused."""
+    releases = []
+    for d in DISTRIBUTIONS:
+        for r in d.releases:
+            head = r.version.replace(".", "\\.")
+            more = 4 - d.version_parts
+            releases.append({"properties": {
+                "os_name": {"enum": list(d.aliases)},
+                "os_version": {"pattern": f"^\\s*{head}(\\.[0-9]{{1,4}}){{0,{more}}}\\s*$"},
+                "kernel": {"anyOf": [{"type": "null"}, {"const": ""},
+                                     {"pattern": _kernel_at_least(*r.min_kernel)}]}}})
+    return {"properties": {"os_type": {"const": "linux"}},
+            "required": ["os_name", "os_version"], "anyOf": releases}

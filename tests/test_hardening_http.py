@@ -242,3 +242,8 @@ async def test_allow_names_only_methods_the_concrete_path_serves(
                             headers=_auth(cs)) as r:
         assert r.status == 405
         assert r.headers["Allow"] == "POST"
+    async with http.get(f"{cs.url}/api/v1/certificates/agent", headers=_auth(cs)) as r:
+        assert r.status == 405  # not a 404 for a serial named "agent"
+        assert r.headers["Allow"] == "POST"
+    async with http.get(f"{cs.url}/api/v1/certificates/zz", headers=_auth(cs)) as r:
+        assert r.status == 404  # no route serves it: an unknown serial
