@@ -5,7 +5,8 @@ A policy says how a protected machine replicates: a crash-consistent point every
 ``app_consistent_frequency_seconds`` (0: never), points kept for
 ``retention_hours``, an RPO alert when the newest point is older than
 ``rpo_threshold_seconds`` (it only alerts; replication goes on), and the block
-size disks are split into. Each field has bounds (the JSON schema) and the
+size disks are split into; optionally the agents' send limit (``sendlimit.py``:
+work/off-hours Mbit/s, overriding each agent's own). Each field has bounds (the JSON schema) and the
 fields must fit together (``cross_field_problems``). The "default" policy exists
 from the first start and cannot be deleted; a policy a replicated item uses
 cannot be deleted, nor can its block size change (that would force every such
@@ -21,7 +22,7 @@ from aiohttp import web
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from configserver import db
+from configserver import db, sendlimit
 from configserver.defaults import DEFAULT_POLICY, POLICY_DEFAULTS
 from configserver.rest import NAME, ApiError, Call, Route, array, iso, not_found, obj, reply
 
@@ -56,15 +57,21 @@ COLUMNS = {"rpo_threshold_seconds": "rpo_threshold_s", "retention_hours": "reten
            "crash_consistent_interval_seconds": "crash_consistent_interval_s",
            "block_size": "block_size"}
 
-CREATE = {**obj({"name": NAME, **FIELDS}, ["name"]),
+SEND_LIMIT = "send_limit"
+CREATE = {**obj({"name": NAME, **FIELDS,
+                 SEND_LIMIT: {**sendlimit.GIVEN, "description": sendlimit.DESCRIPTION}},
+                ["name"]),
           "description": "fields left out take the defaults: " + ", ".join(
               f"{k}={v}" for k, v in POLICY_DEFAULTS.items())}
-UPDATE = {**obj(FIELDS), "minProperties": 1}
+UPDATE = {**obj({**FIELDS, SEND_LIMIT: {
+    **sendlimit.GIVEN, "description": sendlimit.DESCRIPTION + " (null removes it)"}}),
+    "minProperties": 1}
 POLICY = obj({"name": {"type": "string"},
               **{k: {"type": "integer"} for k in FIELDS},
+              SEND_LIMIT: {**sendlimit.SHOWN, "description": sendlimit.DESCRIPTION},
               "items": {"type": "integer", "description": "replicated items using it"},
               "created": {"type": "string"}, "updated": {"type": "string"}},
-             ["name", *FIELDS, "items", "created", "updated"])
+             ["name", *FIELDS, SEND_LIMIT, "items", "created", "updated"])
 DELETED = obj({"deleted": {"type": "string"}}, ["deleted"])
 
 
@@ -105,8 +112,17 @@ def _values(row: db.Policy) -> dict[str, int]:
 
 
 def _doc(row: db.Policy, items: int) -> dict[str, Any]:
-    return {"name": row.name, **_values(row), "items": items, "created": iso(row.created),
-            "updated": iso(row.updated)}
+    return {"name": row.name, **_values(row), SEND_LIMIT: row.send_limit, "items": items,
+            "created": iso(row.created), "updated": iso(row.updated)}
+
+
+def _send_limit(given: dict[str, Any] | None) -> dict[str, Any] | None:
+    try:
+        return sendlimit.normalize(given)
+    except ValueError as e:
+        raise ApiError(422, "invalid_policy", f"send_limit: {e}",
+                       "work_days like 'mon-fri' or 'mon,wed,fri'; work_hours like "
+                       "'08:00-18:00'") from None
 
 
 def _check(values: dict[str, int]) -> None:
@@ -128,6 +144,7 @@ async def create_policy(call: Call) -> web.Response:
     name = body["name"]
     values = {k: int(body.get(k, v)) for k, v in POLICY_DEFAULTS.items()}
     _check(values)
+    limit = _send_limit(body.get(SEND_LIMIT))
     now = call.services.clock()
     async with call.services.sessionmaker() as s:
         exists = ApiError(409, "policy_exists", f"a policy named {name!r} already exists",
@@ -135,14 +152,14 @@ async def create_policy(call: Call) -> web.Response:
                           "policy update) or pick another name")
         if await s.get(db.Policy, name) is not None:
             raise exists
-        row = db.Policy(name=name, created=now, updated=now,
+        row = db.Policy(name=name, created=now, updated=now, send_limit=limit,
                         **{COLUMNS[k]: v for k, v in values.items()})
         s.add(row)
         try:
             await s.commit()
         except IntegrityError:
             raise exists from None
-    log.info("policy_created", policy=name, **values)
+    log.info("policy_created", policy=name, send_limit=limit, **values)
     return reply(_doc(row, 0), 201)
 
 
@@ -167,7 +184,9 @@ async def show_policy(call: Call) -> web.Response:
 
 async def update_policy(call: Call) -> web.Response:
     name = call.params["name"]
-    changes: dict[str, int] = {k: int(v) for k, v in call.body.items()}
+    changes: dict[str, int] = {k: int(v) for k, v in call.body.items() if k != SEND_LIMIT}
+    limit_given = SEND_LIMIT in call.body
+    limit = _send_limit(call.body.get(SEND_LIMIT))
     async with call.services.sessionmaker() as s:
         row = await s.get(db.Policy, name, with_for_update=True)
         if row is None:
@@ -183,9 +202,12 @@ async def update_policy(call: Call) -> web.Response:
                            "with it and protect the machines again under that policy")
         for k, v in changes.items():
             setattr(row, COLUMNS[k], v)
+        if limit_given:
+            row.send_limit = limit
         row.updated = call.services.clock()
         await s.commit()
-    log.info("policy_updated", policy=name, **changes)
+    log.info("policy_updated", policy=name, **changes,
+             **({SEND_LIMIT: limit} if limit_given else {}))
     await call.services.notify()  # agents' settings follow their policy
     return reply(_doc(row, len(users)))
 
@@ -213,13 +235,14 @@ async def delete_policy(call: Call) -> web.Response:
 
 
 _NAME_PARAM = {"name": NAME}
-# The cross-field rules of ``cross_field_problems``, which no JSON schema can state
-# (422 invalid_policy).
+# The cross-field rules of ``cross_field_problems`` and ``_send_limit``, which no JSON
+# schema can state (422 invalid_policy).
 POLICY_REFUSALS = (
     "crash_consistent_interval_seconds exceeds rpo_threshold_seconds or the retention "
     "(retention_hours x 3600 s)",
     "app_consistent_frequency_seconds is neither 0 nor a multiple of "
-    "crash_consistent_interval_seconds, or exceeds the retention")
+    "crash_consistent_interval_seconds, or exceeds the retention",
+    "send_limit's work_days or work_hours do not parse (like 'mon-fri', '08:00-18:00')")
 ROUTES = [
     Route("POST", "/api/v1/policies", create_policy, "Create a replication policy", "policies",
           body=CREATE, responses={201: POLICY}, refusals=POLICY_REFUSALS),
@@ -232,7 +255,8 @@ ROUTES = [
           body=UPDATE, responses={200: POLICY}, refusals=POLICY_REFUSALS,
           description="The result is validated as a whole (fields not given keep their "
                       "stored values). The block size of a policy in use "
-                      "cannot change (409 policy_in_use)."),
+                      "cannot change (409 policy_in_use). send_limit replaces the whole "
+                      "limit; null removes it (agents fall back to their own)."),
     Route("DELETE", "/api/v1/policies/{name}", delete_policy, "Delete a replication policy",
           "policies", params=_NAME_PARAM, responses={200: DELETED},
           description="Refused (409) for the default policy and for a policy a replicated "

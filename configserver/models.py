@@ -59,6 +59,10 @@ class ProcessServer(Base):
     # the last heartbeat (None: the process server does not report them).
     pending_cycles: Mapped[dict[str, int] | None] = mapped_column(JSON, nullable=True)
     heartbeats: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # Since when its uploads to the vault fail without a success, and the newest error,
+    # as of the last heartbeat (None: they do not).
+    storage_failing_since: Mapped[float | None] = mapped_column(Float, nullable=True)
+    storage_error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class Policy(Base):
@@ -71,6 +75,9 @@ class Policy(Base):
     block_size: Mapped[int] = mapped_column(Integer)
     created: Mapped[float] = mapped_column(Float)
     updated: Mapped[float] = mapped_column(Float)
+    # The agents' send limit (work_mbps, off_mbps, work_days, work_hours); None: each
+    # agent's own mobility.toml limits apply.
+    send_limit: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class Machine(Base):

@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from siterecovery.apiopts import add_api_args, call_and_show
+from siterecovery.apiopts import add_api_args, call, call_and_show
 from siterecovery.errors import UsageError
 from siterecovery.output import table
 
@@ -74,9 +74,48 @@ OPTIONS: list[tuple[str, str, Callable[[str], int], str]] = [
     ("block_size", "--block-size", size,
      "block size: 64K, 128K, 256K, 512K or 1M (default 64K)"),
 ]
+
+
+def mbps(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 100_000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate in Mbit/s (0: unlimited, "
+                                         "e.g. 10 or 2.5)")
+    return value
+
+
+# (send-limit field, option, argparse type, metavar, help)
+LIMIT_OPTIONS: list[tuple[str, str, Callable[[str], Any], str, str]] = [
+    ("work_mbps", "--send-limit-work", mbps, "MBPS",
+     "the agents' send limit towards the process server during the work hours of the work "
+     "days, in Mbit/s (0: unlimited); overrides each agent's mobility.toml"),
+    ("off_mbps", "--send-limit-off", mbps, "MBPS",
+     "the agents' send limit outside the work hours, in Mbit/s (0: unlimited)"),
+    ("work_days", "--work-days", str, "DAYS",
+     "the work days of the send limit, e.g. mon-fri or mon,wed,fri (default mon-fri)"),
+    ("work_hours", "--work-hours", str, "HH:MM-HH:MM",
+     "the work hours of the send limit (default 08:00-18:00)"),
+]
+
+
+def human_limit(limit: dict[str, Any] | None) -> str:
+    """``10 Mbit/s mon-fri 08:00-18:00, unlimited otherwise``; none: the agents' own."""
+    if limit is None:
+        return "none (each agent's mobility.toml)"
+
+    def rate(v: float) -> str:
+        return "unlimited" if not v else f"{v:g} Mbit/s"
+
+    return (f"{rate(limit['work_mbps'])} {limit['work_days']} {limit['work_hours']}, "
+            f"{rate(limit['off_mbps'])} otherwise")
+
+
 COLUMNS = [("name", "NAME"), ("rpo", "RPO THRESHOLD"), ("retention", "RETENTION"),
            ("app", "APP-CONSISTENT"), ("crash", "CRASH-CONSISTENT"), ("block", "BLOCK"),
-           ("items", "ITEMS")]
+           ("limit", "SEND LIMIT WORK/OFF MBPS"), ("items", "ITEMS")]
 
 
 def _row(p: dict[str, Any]) -> dict[str, Any]:
@@ -84,7 +123,10 @@ def _row(p: dict[str, Any]) -> dict[str, Any]:
             "retention": f"{p['retention_hours']}h",
             "app": human_duration(p["app_consistent_frequency_seconds"]),
             "crash": human_duration(p["crash_consistent_interval_seconds"]),
-            "block": human_size(p["block_size"]), "items": p["items"]}
+            "block": human_size(p["block_size"]),
+            "limit": "-" if p.get("send_limit") is None else
+            f"{p['send_limit']['work_mbps']:g}/{p['send_limit']['off_mbps']:g}",
+            "items": p["items"]}
 
 
 def describe(p: dict[str, Any]) -> str:
@@ -98,6 +140,7 @@ def describe(p: dict[str, Any]) -> str:
         "crash-consistent interval: "
         f"{human_duration(p['crash_consistent_interval_seconds'])}",
         f"block size:                {human_size(p['block_size'])} ({p['block_size']} bytes)",
+        f"agents' send limit:        {human_limit(p.get('send_limit'))}",
         f"replicated items:          {p['items']}",
         f"created:                   {p['created']}",
         f"updated:                   {p['updated']}",
@@ -108,9 +151,32 @@ def _fields(args: argparse.Namespace) -> dict[str, int]:
     return {f: getattr(args, f) for f, *_ in OPTIONS if getattr(args, f) is not None}
 
 
+def _limit_given(args: argparse.Namespace) -> dict[str, Any]:
+    return {f: getattr(args, f"limit_{f}") for f, *_ in LIMIT_OPTIONS
+            if getattr(args, f"limit_{f}") is not None}
+
+
+def _send_limit(args: argparse.Namespace, current: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``send_limit`` field to send (none if no send-limit option was given): the
+    given values over the policy's ``current`` limit."""
+    given = _limit_given(args)
+    if args.no_send_limit:
+        if given:
+            raise UsageError("--no-send-limit cannot go with the other send-limit options")
+        return {"send_limit": None}
+    if not given:
+        return {}
+    limit = {**(current or {}), **given}
+    missing = [o for f, o, *_ in LIMIT_OPTIONS[:2] if f not in limit]
+    if missing:
+        raise UsageError(f"a send limit needs {' and '.join(missing)} (0: unlimited)")
+    return {"send_limit": limit}
+
+
 async def cmd_create(args: argparse.Namespace) -> int:
     return await call_and_show(args, "POST", "/api/v1/policies", describe,
-                               {"name": args.name, **_fields(args)})
+                               {"name": args.name, **_fields(args),
+                                **_send_limit(args, None)})
 
 
 async def cmd_list(args: argparse.Namespace) -> int:
@@ -123,10 +189,18 @@ async def cmd_show(args: argparse.Namespace) -> int:
 
 
 async def cmd_update(args: argparse.Namespace) -> int:
-    fields = _fields(args)
+    fields: dict[str, Any] = dict(_fields(args))
+    if _limit_given(args) and not args.no_send_limit:
+        # the options given change the policy's current limit, the others stay
+        current = (await call(args, "GET", f"/api/v1/policies/{args.name}"))
+        fields.update(_send_limit(args, current.get("send_limit")))
+    else:
+        fields.update(_send_limit(args, None))
     if not fields:
         raise UsageError("nothing to change: give at least one of "
-                         + ", ".join(o for _, o, *_ in OPTIONS))
+                         + ", ".join([o for _, o, *_ in OPTIONS]
+                                     + [o for _, o, *_ in LIMIT_OPTIONS]
+                                     + ["--no-send-limit"]))
     return await call_and_show(args, "PATCH", f"/api/v1/policies/{args.name}", describe,
                                fields)
 
@@ -140,6 +214,12 @@ def _options(p: argparse.ArgumentParser) -> None:
     for field, option, kind, help_ in OPTIONS:
         p.add_argument(option, dest=field, type=kind,
                        metavar="SIZE" if field == "block_size" else "DURATION", help=help_)
+    for field, option, limit_kind, metavar, help_ in LIMIT_OPTIONS:
+        p.add_argument(option, dest=f"limit_{field}", type=limit_kind, metavar=metavar,
+                       help=help_)
+    p.add_argument("--no-send-limit", action="store_true",
+                   help="no send limit in the policy: each agent's mobility.toml applies "
+                        "(the default)")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
