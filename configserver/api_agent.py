@@ -13,7 +13,7 @@ from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.names import DISK_PATTERN
-from configserver import db
+from configserver import certs, db, sendlimit
 from configserver.items import (
     ITEM,
     PERCENT,
@@ -22,7 +22,7 @@ from configserver.items import (
     apply_progress,
     item_doc,
 )
-from configserver.rest import ApiError, Call, Route, iso, nullable, obj, reply
+from configserver.rest import ApiError, Call, Route, array, iso, nullable, obj, reply
 
 log = structlog.get_logger("configserver.agent")
 
@@ -45,14 +45,22 @@ SETTINGS = obj({
         "block_size": {"type": "integer"}, "rpo_threshold_seconds": {"type": "integer"}},
         ["name", "crash_consistent_interval_seconds", "app_consistent_frequency_seconds",
          "block_size", "rpo_threshold_seconds"])),
-    "bandwidth": obj({"limit_bytes_per_second": nullable({"type": "integer"})},
-                     ["limit_bytes_per_second"]),
+    "bandwidth": {**sendlimit.SHOWN, "description": (
+        "the policy's send limit, which overrides the agent's own mobility.toml limits; "
+        "null: the policy has none, the agent's own apply")},
+    "revoked_server_certificates": {**array(certs.SERIAL), "description": (
+        "serials (lowercase hex) of revoked process-server and site-listener certificates "
+        "not yet expired: the agent refuses a server presenting one")},
+    "server_revocation_list": nullable({"type": "string", "description": (
+        "the same serials as a CRL (PEM) signed by the CA, which the agent's TLS "
+        "contexts check at the handshake; null when none is revoked")}),
     "heartbeat_interval_seconds": {"type": "integer"},
     "shutdown_request": nullable({"type": "string", "description": (
         "a failover asks the agent to take a last delta cycle, report it with POST "
         "/api/v1/agent/shutdown carrying this id, and shut the machine down")}),
 }, ["machine", "replicate", "item_state", "resync_required", "disks", "process_server",
-    "policy", "bandwidth", "heartbeat_interval_seconds"])
+    "policy", "bandwidth", "revoked_server_certificates", "server_revocation_list",
+    "heartbeat_interval_seconds"])
 HEARTBEAT = obj({"agent_version": {"type": "string", "minLength": 1, "maxLength": 40}},
                 ["agent_version"])
 HEARTBEAT_REPLY = obj({"machine": {"type": "string"}, "last_contact": {"type": "string"},
@@ -95,6 +103,7 @@ async def settings(call: Call) -> web.Response:
             if machine.process_server else None
         disks = [{"name": str(d["name"]), "path": str(d.get("path", "")),
                   "size_bytes": d.get("size_bytes")} for d in machine.disks or []]
+        revoked = await certs.revoked_servers(s, call.services.clock())
         await s.commit()
     await call.services.notify()
     return reply({
@@ -109,7 +118,10 @@ async def settings(call: Call) -> web.Response:
             "crash_consistent_interval_seconds": policy.crash_consistent_interval_s,
             "app_consistent_frequency_seconds": policy.app_consistent_frequency_s,
             "block_size": policy.block_size, "rpo_threshold_seconds": policy.rpo_threshold_s},
-        "bandwidth": {"limit_bytes_per_second": None},  # no limits yet: use the link
+        "bandwidth": None if policy is None else policy.send_limit,
+        "revoked_server_certificates": [serial for serial, _ in revoked],
+        "server_revocation_list": call.services.ca.revocation_list(
+            revoked, call.services.clock()).decode() if revoked else None,
         "heartbeat_interval_seconds": HEARTBEAT_INTERVAL_SECONDS,
         "shutdown_request": shutdown_request(item),
     })
@@ -213,8 +225,9 @@ async def progress(call: Call) -> web.Response:
 ROUTES = [
     Route("GET", "/api/v1/agent/settings", settings, "The calling agent's settings", "agent",
           auth="agent", listeners=("site",), responses={200: SETTINGS},
-          description="Disks, process server, policy intervals and block size, bandwidth "
-                      "limit; whether to replicate. Counts as a check-in."),
+          description="Disks, process server, policy intervals and block size, the "
+                      "policy's send limit, revoked server certificates; whether to "
+                      "replicate. Counts as a check-in."),
     Route("POST", "/api/v1/agent/heartbeat", heartbeat, "An agent's heartbeat", "agent",
           auth="agent", listeners=("site",), body=HEARTBEAT, responses={200: HEARTBEAT_REPLY},
           description="Records last contact and the agent's version."),

@@ -10,14 +10,14 @@ import structlog
 from aiohttp import web
 from sqlalchemy import select
 
-from configserver import certs, db, enrollment
+from configserver import certs, db, enrollment, sitecert
 from configserver.ca import Issued
 from configserver.peer import peer_certificate
 from configserver.rest import NAME, ApiError, Call, Route, array, iso, nullable, obj, reply
 
 log = structlog.get_logger("configserver.certs")
 
-SERIAL = {"type": "string", "pattern": "^[0-9a-f]{1,40}$"}
+SERIAL = certs.SERIAL
 DAYS = {"type": "number", "exclusiveMinimum": 0, "maximum": 3650}
 HOST = {"type": "string", "minLength": 1, "maxLength": 253,
         "pattern": "^[A-Za-z0-9]([A-Za-z0-9.:-]*[A-Za-z0-9])?$"}
@@ -113,6 +113,9 @@ async def revoke_cert(call: Call) -> web.Response:
             await s.commit()
             log.warning("certificate_revoked", serial=serial, subject=row.subject,
                         kind=row.kind)
+    if row.kind == "configserver":  # if it is the site listener's, it gets a new one now
+        svc = call.services
+        await sitecert.reissue_if_revoked(svc, svc.ca, sitecert.tls_dir(svc.cfg.data_dir))
     await call.services.notify()
     return reply(certs.doc(row, now))
 
@@ -196,7 +199,11 @@ ROUTES = [
     Route("POST", "/api/v1/certificates/{serial}/revoke", revoke_cert,
           "Revoke a certificate", "certificates", params={"serial": SERIAL},
           description="From now on the configuration server and every process server refuse "
-                      "it. Revoking a revoked certificate changes nothing. No request body.",
+                      "it; agents refuse a revoked process-server or site-listener "
+                      "certificate (their settings list them), a process server whose own "
+                      "certificate is revoked refuses every session, and the site listener "
+                      "gets a new certificate at once. Revoking a revoked certificate "
+                      "changes nothing. No request body.",
           responses={200: CERT}),
     Route("POST", "/api/v1/agent/enroll", enroll,
           "Enroll a machine with the passphrase: its client certificate", "agent", auth="none",

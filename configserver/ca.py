@@ -144,6 +144,23 @@ class CertificateAuthority:
         """A client certificate (TLS client auth) whose common name is ``machine``."""
         return self._issue(machine, server_names=None, days=days, now=now)
 
+    def revocation_list(self, revoked: list[tuple[str, float]], now: float) -> bytes:
+        """A CRL (PEM) signed by the CA listing ``revoked`` (serial_hex, revoked-at UNIX
+        seconds). Its number is ``now`` in milliseconds, so a newer list has a higher
+        number; it is valid until the CA expires (the list, not its age, is what matters:
+        an agent that cannot reach the configuration server keeps its last one)."""
+        t = dt.datetime.fromtimestamp(now, dt.UTC)
+        builder = (x509.CertificateRevocationListBuilder()
+                   .issuer_name(self.cert.subject)
+                   .last_update(t - dt.timedelta(minutes=5))
+                   .next_update(self.cert.not_valid_after_utc)
+                   .add_extension(x509.CRLNumber(int(now * 1000)), critical=False))
+        for serial, when in revoked:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(int(serial, 16))
+                .revocation_date(dt.datetime.fromtimestamp(when, dt.UTC)).build())
+        return builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
     @property
     def fingerprint(self) -> str:
         """SHA-256 of the CA certificate (DER), lowercase hex: how process servers tell

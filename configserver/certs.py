@@ -28,6 +28,7 @@ from typing import Any
 import structlog
 from cryptography import x509
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from configserver import db
 from configserver.ca import CertificateAuthority, Issued, serial_hex
@@ -37,6 +38,8 @@ from configserver.schema import iso
 log = structlog.get_logger("configserver.certs")
 
 KINDS = ("agent", "procserver", "configserver")
+SERVER_KINDS = ("procserver", "configserver")
+SERIAL = {"type": "string", "pattern": "^[0-9a-f]{1,40}$"}
 STATES = ("valid", "superseded", "revoked", "expired")
 RENEW_GRACE_SECONDS = 3600.0
 PROCSERVER_DAYS = 365.0
@@ -127,6 +130,17 @@ async def record_own(core: Core, pem: Path) -> None:
         await record_pem(core, pem.read_bytes(), "configserver")
 
 
+async def revoked_servers(s: AsyncSession, now: float) -> list[tuple[str, float]]:
+    """Revoked server certificates (process servers, the site listener) that have not
+    expired, as (serial, revoked at): what agents must refuse (their settings carry
+    them, and a CRL of them)."""
+    rows = (await s.execute(select(db.Certificate.serial, db.Certificate.revoked_at).where(
+        db.Certificate.kind.in_(SERVER_KINDS), db.Certificate.revoked_at.is_not(None),
+        db.Certificate.revoked_at <= now, db.Certificate.not_after > now)
+        .order_by(db.Certificate.serial))).all()
+    return [(str(serial), float(at or now)) for serial, at in rows]
+
+
 # -- the trust list ---------------------------------------------------------------------
 
 async def trust_list(core: Core, ca_sha256: str) -> dict[str, Any]:
@@ -135,7 +149,8 @@ async def trust_list(core: Core, ca_sha256: str) -> dict[str, Any]:
     ``machines``: every machine of the inventory with ``enabled``, the serials of its
     trusted agent certificates and the names of its disks (the only ones it may write;
     none listed: the inventory does not say); ``revoked``: revoked serials not yet
-    expired. ``version`` changes exactly when the content does. ``ca_sha256`` is the CA
+    expired, of agents and of servers (a process server finds its own among them and
+    stops accepting). ``version`` changes exactly when the content does. ``ca_sha256`` is the CA
     certificate's fingerprint.
     """
     now = core.clock()
@@ -145,6 +160,7 @@ async def trust_list(core: Core, ca_sha256: str) -> dict[str, Any]:
         rows = (await s.execute(select(db.Certificate).where(
             db.Certificate.kind == "agent", db.Certificate.not_after > now)
             .order_by(db.Certificate.serial))).scalars().all()
+        servers = await revoked_servers(s, now)
     by_subject: dict[str, list[db.Certificate]] = {}
     for r in rows:
         by_subject.setdefault(r.subject, []).append(r)
@@ -155,7 +171,8 @@ async def trust_list(core: Core, ca_sha256: str) -> dict[str, Any]:
                                   if trusted(r, m, now) is None],
                       "disks": sorted(str(d["name"]) for d in m.disks or [])}
                      for m in machines],
-        "revoked": [r.serial for r in rows if state(r, now) == "revoked"],
+        "revoked": sorted([r.serial for r in rows if state(r, now) == "revoked"]
+                          + [serial for serial, _ in servers]),
     }
     version = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
     return {"version": version, "generated_at": iso(now), **content}

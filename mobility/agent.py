@@ -112,11 +112,34 @@ def provider_for(cfg: MobilityConfig) -> SnapshotProvider:
     return inner
 
 
-def client_ssl_context(cfg: MobilityConfig) -> ssl.SSLContext:
+# OpenSSL's X509_V_ERR_CERT_REVOKED: the server's certificate is on our CRL.
+CERT_REVOKED = 23
+
+
+def client_ssl_context(cfg: MobilityConfig, revocation_list: str | None = None
+                       ) -> ssl.SSLContext:
+    """Mutual TLS towards the process server; with ``revocation_list`` (the path of a CRL
+    from the CA, PEM) a server certificate on it fails the handshake (``CERT_REVOKED``)."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cfg.tls_ca)
     ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if revocation_list:
+        ctx.load_verify_locations(cafile=revocation_list)
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     return ctx
+
+
+def revoked_refusal(e: BaseException, server: str) -> ProtocolError | None:
+    """``server_certificate_revoked`` if ``e`` is a handshake that failed because the
+    server's certificate is on the CRL, else None."""
+    if isinstance(e, ssl.SSLCertVerificationError) and e.verify_code == CERT_REVOKED:
+        return ProtocolError(
+            "server_certificate_revoked",
+            f"the process server {server} presented a certificate the configuration server "
+            "revoked: refusing it (it needs a new one: siterecovery cert procserver --name "
+            "NAME --host HOST --out DIR --force on the configuration server, then restart "
+            "the process server)")
+    return None
 
 
 class Agent:
@@ -128,6 +151,10 @@ class Agent:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="scan")
         self.send_limit = TokenBucket(cfg.send_schedule())
         self.trackers = trackers_for(cfg)  # disk name -> its change tracker
+        # The file of the CA's list of revoked server certificates (a CRL, from the managed
+        # agent's settings): the handshake refuses a process server whose certificate is on
+        # it.
+        self.revocation_list: str | None = None
         # The scan thread holds the GIL between reads: a 1 ms switch interval (instead
         # of 5) keeps the event loop sending meanwhile. Process-wide, only ever lowered.
         if sys.getswitchinterval() > 0.001:
@@ -158,10 +185,19 @@ class Agent:
 
     async def _connect(self) -> Link:
         cfg = self.cfg
-        async with asyncio.timeout(cfg.connect_timeout_seconds):
-            reader, writer = await asyncio.open_connection(
-                cfg.server_host, cfg.server_port, ssl=client_ssl_context(cfg),
-                server_hostname=cfg.server_host)
+        server = f"{cfg.server_host}:{cfg.server_port}"
+        try:
+            async with asyncio.timeout(cfg.connect_timeout_seconds):
+                reader, writer = await asyncio.open_connection(
+                    cfg.server_host, cfg.server_port,
+                    ssl=client_ssl_context(cfg, self.revocation_list),
+                    server_hostname=cfg.server_host)
+        except ssl.SSLCertVerificationError as e:
+            refusal = revoked_refusal(e, server)
+            if refusal is None:
+                raise
+            log.error("server_certificate_revoked", server=server, error=str(refusal))
+            raise refusal from None
         try:
             writer.write(encode_json(FrameType.HELLO, {
                 "machine": cfg.machine, "agent_version": AGENT_VERSION,

@@ -6,6 +6,11 @@ block size, whether to replicate at all), heartbeats, runs a cycle and reports
 the progress of full copies (initial replication, resynchronization). When the
 configuration server cannot be reached it keeps replicating on what it last knew:
 the control plane steers the data path, it never stops it.
+
+The settings also carry the policy's send limit (work and off hours), which replaces
+mobility.toml's while the policy has one (and gives it back when it has none), and the
+CA's list of revoked server certificates (a CRL), which the agent's TLS contexts then
+check at every handshake, with the process server and with the site listener.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 import structlog
 
 from common.backoff import Backoff
+from common.fs import atomic_write
 from mobility.agent import Agent, CycleResult
 from mobility.config import MobilityConfig
 from mobility.renewal import cert_not_after, renew
@@ -28,6 +34,7 @@ from mobility.siteclient import Settings, SiteClient, SiteError
 from mobility.snapshot import Scripts, SnapshotProvider, crash_provider
 
 log = structlog.get_logger("mobility.daemon")
+CRL_FILE = "server-revocations.pem"  # in state_dir: the CA's CRL of server certificates
 ENABLING = ("enabling", "initial_replication")
 
 
@@ -59,6 +66,13 @@ class ManagedAgent:
         self._last_app: float | None = None
         self._last_heartbeat: float | None = None
         self.last: CycleResult | None = None  # the last acknowledged cycle
+        self._revoked: frozenset[str] | None = None  # the revoked servers the CRL lists
+        if self._crl_path().exists():  # revocations known before a restart still hold
+            try:
+                self._use_crl(str(self._crl_path()))
+            except SiteError as e:
+                log.warning("revocation_list_unreadable", error=str(e),
+                            hint="the next settings bring the current one")
 
     def close(self) -> None:
         self.agent.close()
@@ -103,7 +117,43 @@ class ManagedAgent:
             log.info("settings_applied", server=f"{cfg.server_host}:{cfg.server_port}",
                      block_size=cfg.block_size)
             self.agent.cfg = cfg
+        self._apply_send_limit(s)
+        self._apply_revocations(s)
         return s
+
+    def _apply_revocations(self, s: Settings) -> None:
+        """Keep the CA's CRL of revoked server certificates in ``state_dir`` (it survives
+        a restart) and have both TLS contexts check it."""
+        # (compared by content: each list is signed anew, so its bytes always differ)
+        if s.revoked_servers == self._revoked and (self._revoked or s.revocation_list is None):
+            return
+        crl = self._crl_path()
+        if s.revocation_list is None:
+            crl.unlink(missing_ok=True)
+            self._use_crl(None)
+        else:
+            atomic_write(crl, s.revocation_list.encode())
+            self._use_crl(str(crl))
+        self._revoked = s.revoked_servers
+        log.info("revoked_server_certificates", serials=sorted(s.revoked_servers))
+
+    def _crl_path(self) -> Path:
+        return Path(self.cfg.state_dir) / CRL_FILE
+
+    def _use_crl(self, path: str | None) -> None:
+        self.agent.revocation_list = path
+        self.site.use_revocation_list(path)
+
+    def _apply_send_limit(self, s: Settings) -> None:
+        """The policy's send limit, or mobility.toml's when the policy has none."""
+        schedule = s.send_limit or self.cfg.send_schedule()
+        bucket = self.agent.send_limit
+        if bucket.schedule != schedule:
+            bucket.schedule = schedule  # the bucket starts afresh at the new rate
+            log.info("send_limit_applied",
+                     source="policy" if s.send_limit is not None else "mobility.toml",
+                     work_bytes_per_second=schedule.work_bytes_per_second,
+                     off_bytes_per_second=schedule.off_bytes_per_second)
 
     async def heartbeat(self) -> None:
         interval = self.settings.heartbeat_interval_seconds if self.settings else 60.0

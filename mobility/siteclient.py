@@ -4,7 +4,8 @@ Enrollment (the passphrase, no client certificate yet), certificate renewal, set
 heartbeats and replication progress all go through ``SiteClient``. Every failure is a
 ``SiteError``: ``SiteRefused`` (the listener answered with an error), ``SiteUnreachable``
 (no answer: connection, TLS or timeout; ``SiteCertificateUnverified`` when the listener's
-certificate does not verify against the CA file), ``SiteBadAnswer`` (a success
+certificate does not verify against the CA file, ``SiteCertificateRevoked`` when it is on
+the CA's revocation list the last settings carried), ``SiteBadAnswer`` (a success
 that is not a JSON object) or ``SiteTLSFilesError`` (the local CA,
 certificate or key file cannot be loaded). The exceptions carry the parts, so that the
 CLI can word them for an operator and the daemon can log them.
@@ -23,6 +24,7 @@ from typing import Any
 
 import aiohttp
 
+from common.pacing import Schedule
 from mobility import AGENT_VERSION
 
 
@@ -76,14 +78,33 @@ class SiteCertificateUnverified(SiteUnreachable):
         self.certificate_error = cause.certificate_error
 
 
-def tls_context(tls_ca: str, tls_cert: str | None = None,
-                tls_key: str | None = None) -> ssl.SSLContext:
+class SiteCertificateRevoked(SiteCertificateUnverified):
+    """The listener presented a certificate on the CA's revocation list: the handshake
+    was refused, nothing was sent."""
+
+    def __str__(self) -> str:
+        return (f"{super().__str__()} (the site listener's certificate was revoked; the "
+                "configuration server gives its listener a new one when it is revoked or "
+                "restarted)")
+
+
+# OpenSSL's X509_V_ERR_CERT_REVOKED
+CERT_REVOKED = 23
+
+
+def tls_context(tls_ca: str, tls_cert: str | None = None, tls_key: str | None = None,
+                revocation_list: str | None = None) -> ssl.SSLContext:
     """A client context that verifies the listener against ``tls_ca`` and, given both,
-    authenticates with ``tls_cert``/``tls_key``. Raises ``SiteTLSFilesError``."""
+    authenticates with ``tls_cert``/``tls_key``; with ``revocation_list`` (the path of a
+    CRL from the CA, PEM) a listener certificate on it fails the handshake. Raises
+    ``SiteTLSFilesError``."""
     try:
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls_ca)
         if tls_cert and tls_key:
             ctx.load_cert_chain(tls_cert, tls_key)
+        if revocation_list:
+            ctx.load_verify_locations(cafile=revocation_list)
+            ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     except (OSError, ssl.SSLError) as e:
         raise SiteTLSFilesError(f"cannot load the TLS files ({tls_ca}"
                                 + (f", {tls_cert}, {tls_key}" if tls_cert else "")
@@ -106,11 +127,21 @@ class Settings:
     block_size: int | None
     heartbeat_interval_seconds: float
     shutdown_request: str | None = None  # a failover wants a last cycle and a shutdown
+    # The policy's send limit (None: the policy has none, mobility.toml's applies).
+    send_limit: Schedule | None = None
+    # Serials (lowercase hex) of revoked server certificates, and the CA's CRL of them.
+    revoked_servers: frozenset[str] = frozenset()
+    revocation_list: str | None = None
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> Settings:
+        """Raises ``ValueError`` (or ``KeyError``/``TypeError``) for a malformed document."""
         policy = doc.get("policy") or {}
         ps = doc.get("process_server") or {}
+        bw = doc.get("bandwidth")
+        limit = None if bw is None else Schedule.from_mbps(
+            float(bw["work_mbps"]), float(bw["off_mbps"]), str(bw["work_days"]),
+            str(bw["work_hours"]))
         return cls(
             replicate=bool(doc["replicate"]), item_state=doc.get("item_state"),
             resync_required=bool(doc.get("resync_required")),
@@ -119,7 +150,11 @@ class Settings:
             app_frequency_seconds=policy.get("app_consistent_frequency_seconds"),
             block_size=policy.get("block_size"),
             heartbeat_interval_seconds=float(doc.get("heartbeat_interval_seconds", 60)),
-            shutdown_request=doc.get("shutdown_request") or None)
+            shutdown_request=doc.get("shutdown_request") or None, send_limit=limit,
+            revoked_servers=frozenset(str(x).lower().lstrip("0")
+                                      for x in doc.get("revoked_server_certificates") or ()),
+            revocation_list=str(doc["server_revocation_list"])
+            if doc.get("server_revocation_list") else None)
 
 
 class SiteClient:
@@ -132,13 +167,22 @@ class SiteClient:
     def __init__(self, site_url: str, tls_ca: str, tls_cert: str | None = None,
                  tls_key: str | None = None, timeout: float = 30.0) -> None:
         self.site_url, self.tls_ca = site_url.rstrip("/"), tls_ca
+        self._cert, self._key = tls_cert, tls_key
+        self.revocation_list: str | None = None  # the path of the CA's CRL, if any
         self._ctx = tls_context(tls_ca, tls_cert, tls_key)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._http: aiohttp.ClientSession | None = None
 
     def use_cert(self, tls_cert: str, tls_key: str) -> None:
         """Authenticate with this certificate from the next call on (after a renewal)."""
-        self._ctx = tls_context(self.tls_ca, tls_cert, tls_key)
+        self._cert, self._key = tls_cert, tls_key
+        self._ctx = tls_context(self.tls_ca, tls_cert, tls_key, self.revocation_list)
+
+    def use_revocation_list(self, revocation_list: str | None) -> None:
+        """Refuse listener certificates on the CRL in this file (PEM; None: none) from the
+        next call on (the file is read now)."""
+        self._ctx = tls_context(self.tls_ca, self._cert, self._key, revocation_list)
+        self.revocation_list = revocation_list
 
     async def __aenter__(self) -> SiteClient:
         self._http = aiohttp.ClientSession(timeout=self._timeout)
@@ -168,6 +212,10 @@ class SiteClient:
                     raise SiteRefused(method, path, r.status, doc)
                 return doc
         except aiohttp.ClientConnectorCertificateError as e:
+            err = e.certificate_error
+            if isinstance(err, ssl.SSLCertVerificationError) and \
+                    err.verify_code == CERT_REVOKED:
+                raise SiteCertificateRevoked(method, path, e) from None
             raise SiteCertificateUnverified(method, path, e) from None
         except (aiohttp.ClientError, TimeoutError) as e:
             raise SiteUnreachable(method, path, e) from None
@@ -191,7 +239,13 @@ class SiteClient:
         return await self._doc("POST", "/api/v1/agent/renew", {}, expect=201)
 
     async def settings(self) -> Settings:
-        return Settings.from_doc(await self._doc("GET", "/api/v1/agent/settings"))
+        path = "/api/v1/agent/settings"
+        doc = await self._doc("GET", path)
+        try:
+            settings = Settings.from_doc(doc)
+        except (KeyError, TypeError, ValueError) as e:
+            raise SiteBadAnswer("GET", path, f"not agent settings: {e}") from None
+        return settings
 
     async def heartbeat(self) -> dict[str, Any]:
         return await self._doc("POST", "/api/v1/agent/heartbeat",

@@ -23,6 +23,12 @@ known list applies (``trust_refresh_failed`` is logged). Before any list is know
 session waits up to ``FIRST_LIST_TIMEOUT`` seconds for one, then is refused
 (``trust_unavailable``). Without ``configserver_url``, or when the list speaks for
 another CA than our ``tls_ca`` (``trust_list_not_applicable``), the CA alone decides.
+
+The list's ``revoked`` also holds revoked server certificates. When this process
+server's own (``tls_cert``) is among them, it logs ``certificate_revoked`` at error
+level (again at most once a minute while it refuses) and refuses every session at HELLO
+(``server_certificate_revoked``) until it runs with a new certificate: agents learn the
+revocation from their settings and refuse its handshake anyway.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from cryptography.hazmat.primitives import serialization
 
 from common.backoff import Backoff
 from common.fs import atomic_write
+from common.logthrottle import LogThrottle
 from procserver.csclient import ConfigServerClient
 from wire.protocol import ProtocolError
 
@@ -60,6 +67,16 @@ def _ca_fingerprints(path: str) -> set[str]:
             for c in certs}
 
 
+def _serial_of(path: str) -> str | None:
+    """The serial of the certificate in ``path`` as the configuration server spells it
+    (lowercase hex, no leading zeros); None if it cannot be read."""
+    try:
+        cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return format(cert.serial_number, "x")
+
+
 def _valid_doc(doc: Any) -> bool:
     return (isinstance(doc, dict) and isinstance(doc.get("version"), str)
             and isinstance(doc.get("ca_sha256"), str)
@@ -72,10 +89,15 @@ def _valid_doc(doc: Any) -> bool:
 
 class TrustList:
     """The configuration server's trust list (through ``client``), kept current and
-    saved in ``data_dir``; it applies when it speaks for the CA in ``tls_ca``."""
+    saved in ``data_dir``; it applies when it speaks for the CA in ``tls_ca``. With
+    ``tls_cert`` (our own certificate), it also says whether that one was revoked."""
 
-    def __init__(self, client: ConfigServerClient, data_dir: Path, tls_ca: str) -> None:
+    def __init__(self, client: ConfigServerClient, data_dir: Path, tls_ca: str,
+                 tls_cert: str = "") -> None:
         self.client, self.tls_ca = client, tls_ca
+        self.own_serial = _serial_of(tls_cert) if tls_cert else None
+        self.own_revoked = False  # our own certificate is on the list: refuse sessions
+        self._own_log = LogThrottle(60.0)
         self.enabled = client.enabled
         self.path = Path(data_dir) / "trust.json"
         self.version: str | None = None
@@ -104,6 +126,7 @@ class TrustList:
         self._disks = {m["name"]: frozenset(str(d) for d in m.get("disks") or [])
                        for m in doc["machines"]}
         self.version = doc["version"]
+        self._check_own(source)
         self._known.set()
         if not self.applies:
             log.warning("trust_list_not_applicable", source=source,
@@ -113,6 +136,25 @@ class TrustList:
             log.info("trust_list_updated", version=self.version, source=source,
                      machines=len(self._machines), revoked=len(self._revoked))
         return True
+
+    def _check_own(self, source: str) -> None:
+        revoked = self.applies and self.own_serial is not None and \
+            self.own_serial in self._revoked
+        if revoked and not self.own_revoked:
+            self._log_own_revoked(source)
+        elif self.own_revoked and not revoked:
+            log.warning("certificate_revocation_lifted", serial=self.own_serial,
+                        source=source, hint="accepting agents again")
+        self.own_revoked = revoked
+
+    def _log_own_revoked(self, source: str) -> None:
+        suppressed = self._own_log.admit("own")
+        if suppressed is not None:
+            log.error("certificate_revoked", serial=self.own_serial, source=source,
+                      refused_since_last=suppressed,
+                      hint="this process server's own certificate was revoked: it refuses "
+                           "every agent until it has a new one (siterecovery cert procserver "
+                           "--name NAME --host HOST --out DIR --force, then restart it)")
 
     def _load_saved(self) -> None:
         try:
@@ -253,6 +295,12 @@ class TrustList:
                     "configuration server's trust list; try again later") from None
         if not self.applies:
             return
+        if self.own_revoked:
+            self._log_own_revoked("session")
+            raise ProtocolError(
+                "server_certificate_revoked", f"this process server's certificate "
+                f"{self.own_serial} was revoked: it accepts no session until it has a new "
+                "one")
         if self._reason(machine, serial) is None:
             return
         await self._refresh(since)

@@ -52,7 +52,9 @@ async def test_settings_and_heartbeat(cs: ConfigServer, api: ApiClient, tmp_path
             "disks": [{"name": "sda", "path": "/dev/sda", "size_bytes": 1 << 30},
                       {"name": "sdb", "path": "/dev/sdb", "size_bytes": 1 << 30}],
             "process_server": None, "policy": None,
-            "bandwidth": {"limit_bytes_per_second": None}, "heartbeat_interval_seconds": 60}
+            "bandwidth": None, "revoked_server_certificates": [],
+            "server_revocation_list": None,
+            "heartbeat_interval_seconds": 60, "shutdown_request": None}
         machine = await api.get("/api/v1/machines/web01")
         assert machine["last_contact"] is not None  # the settings call is a check-in
 
