@@ -127,7 +127,7 @@ class ProcServer:
         self.cycles = CycleBook(sessionmaker, self.cache_dir, self.space,
                                 cfg.resume_window_seconds, wake_uploader=self.uploader.wake,
                                 spawn=spawn, withhold_upload=self.uploader.withhold)
-        self.trust = TrustList(self.client, self.data_dir, cfg.tls_ca)
+        self.trust = TrustList(self.client, self.data_dir, cfg.tls_ca, cfg.tls_cert)
         self.policies = Policies(self.client, self.data_dir, cfg.policy_interval_seconds,
                                  self.reporter.name, lambda: self.reporter.registered,
                                  sessionmaker, vaults)
