@@ -26,7 +26,7 @@ import structlog
 from aiohttp import web
 
 from common.tls import server_context
-from configserver import db, jobkinds, tokens
+from configserver import db, jobkinds, sitecert, tokens
 from configserver.alerts import AlertBook
 from configserver.api import all_routes
 from configserver.background import background_tasks
@@ -112,8 +112,13 @@ class ConfigServer:
                                 access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
         await srunner.setup()
         self._runners.append(srunner)
+        tls = sitecert.tls_dir(self.cfg.data_dir)
+        # a revoked certificate is not served, now nor after it is revoked (sitecert.py)
+        await sitecert.reissue_if_revoked(self.services, self.ca, tls)
+        site_tls = self._site_tls()
+        sitecert.watch(site_tls, tls, str(self.ca.cert_path))
         ssite = web.TCPSite(srunner, self.cfg.site_host, self.cfg.site_port,
-                            ssl_context=self._site_tls())
+                            ssl_context=site_tls)
         await ssite.start()
         self.site_port = ssite.port
 
