@@ -16,6 +16,9 @@ procserver_cache_free_low        critical  cache free ratio < 0.25
 procserver_upload_backlog        warning   upload backlog > 30 min at the last heartbeat
 procserver_upload_backlog        critical  upload backlog > 45 min
 procserver_heartbeat_missing     critical  no heartbeat for 15 min or more
+procserver_storage_failing       warning   uploads to the vault failing without a success
+                                           for ``storage_alert_seconds`` (default 300)
+procserver_storage_failing       critical  for 3 times that
 rpo_threshold_exceeded           warning   a protected (or resyncing) item's latest point
                                            is older than its policy's RPO threshold
 drill_overdue                    warning   a protected item's last successful drill (test
@@ -56,13 +59,15 @@ log = structlog.get_logger("configserver.alerts")
 CACHE_FREE_WARNING, CACHE_FREE_CRITICAL = 0.30, 0.25
 BACKLOG_WARNING_S, BACKLOG_CRITICAL_S = 30 * 60, 45 * 60
 HEARTBEAT_CRITICAL_S = 15 * 60
+STORAGE_CRITICAL_FACTOR = 3  # storage failing this many times storage_alert_seconds
 
 CACHE_LOW = "procserver_cache_free_low"
 BACKLOG = "procserver_upload_backlog"
 NO_HEARTBEAT = "procserver_heartbeat_missing"
+STORAGE = "procserver_storage_failing"
 RPO = "rpo_threshold_exceeded"
 DRILL_OVERDUE = "drill_overdue"
-PROCSERVER_CODES = (CACHE_LOW, BACKLOG, NO_HEARTBEAT)
+PROCSERVER_CODES = (CACHE_LOW, BACKLOG, NO_HEARTBEAT, STORAGE)
 CODES = (*PROCSERVER_CODES, RPO, DRILL_OVERDUE)  # the codes this module owns in ``events``
 SEVERITIES = ("warning", "critical")
 # Items whose agent is expected to keep sending points (an item still in initial
@@ -87,12 +92,14 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
-def procserver_alerts(ps: db.ProcessServer, now: float, up_since: float) -> list[Alert]:
+def procserver_alerts(ps: db.ProcessServer, now: float, up_since: float,
+                      storage_alert_seconds: float = 300.0) -> list[Alert]:
     """The alerts one process server's last heartbeat (and its age) call for.
 
     Silence counts from ``up_since`` (this configuration server's start) at the earliest:
     heartbeats sent while it was down could not arrive, so a restart after a long outage
     does not raise a heartbeat alert before the process servers had a chance to call.
+    Failing uploads count from the start of the failure the heartbeats reported.
     """
     out = []
     free = ps.cache_free_ratio
@@ -116,6 +123,15 @@ def procserver_alerts(ps: db.ProcessServer, now: float, up_since: float) -> list
         out.append(Alert(NO_HEARTBEAT, ps.name, "critical",
                          f"process server {ps.name}: no heartbeat for {_duration(age)}; is it "
                          "running and can it reach the configuration server?"))
+    if ps.storage_failing_since is not None \
+            and (failing := now - ps.storage_failing_since) >= storage_alert_seconds:
+        critical = failing >= STORAGE_CRITICAL_FACTOR * storage_alert_seconds
+        out.append(Alert(STORAGE, ps.name, "critical" if critical else "warning",
+                         f"process server {ps.name}: uploads to the vault have failed for "
+                         f"{_duration(failing)} without a success (last error: "
+                         f"{ps.storage_error or 'unknown'}); no recovery point is made while "
+                         "the data waits in the cache: check the vault's storage (free "
+                         "space, credentials, reachability)"))
     return out
 
 
@@ -189,7 +205,7 @@ async def evaluate(core: Core, st: AlertBook) -> list[Alert]:
                 .group_by(db.Job.target))).all() if e is not None}
             want: dict[tuple[str, str], Alert] = {}
             for ps in procservers:
-                for a in procserver_alerts(ps, now, st.up_since):
+                for a in procserver_alerts(ps, now, st.up_since, st.storage_alert_seconds):
                     want[(a.code, a.target)] = a
             for item, threshold in items:
                 if (a2 := rpo_alert(item, threshold, now)) is not None:
@@ -246,11 +262,14 @@ def _update_metrics(core: Core, st: AlertBook, alerts: Sequence[Alert],
         m.ps_cache_free.labels(ps.name).set(ps.cache_free_ratio)
         m.ps_backlog_seconds.labels(ps.name).set(ps.backlog_seconds)
         m.ps_backlog_bytes.labels(ps.name).set(ps.backlog_bytes)
+        m.ps_storage_failing.labels(ps.name).set(
+            0.0 if ps.storage_failing_since is None
+            else max(0.0, ps.last_contact - ps.storage_failing_since))
         # Computed at scrape time: the age keeps growing between evaluations.
         m.ps_heartbeat_age.labels(ps.name).set_function(_age(core.clock, ps.last_contact))
     for gone in st.procservers - names:
         for g in (m.ps_cache_free, m.ps_backlog_seconds, m.ps_backlog_bytes, m.ps_heartbeat_age,
-                  m.ps_heartbeats):
+                  m.ps_heartbeats, m.ps_storage_failing):
             with contextlib.suppress(KeyError):
                 g.remove(gone)
     st.procservers = names

@@ -58,6 +58,11 @@ HEARTBEAT = obj({
         "additionalProperties": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
         "description": "per machine, the cycles acknowledged to its agent whose point is not "
                        "whole in the vault yet (what a failover to 'latest' waits for)"},
+    "storage_failing_seconds": {"type": "number", "minimum": 0, "maximum": 1e10,
+                                "description": "how long uploads to the vault have been "
+                                               "failing without a success (0: they are not)"},
+    "storage_error": {"type": ["string", "null"], "maxLength": 1000,
+                      "description": "the newest upload failure while they fail"},
 }, ["name", "address", "version", "cache_bytes", "cache_free_ratio", "backlog_bytes",
     "backlog_seconds", "throughput_bps", "sessions"])
 HEALTH = {"enum": ["normal", "warning", "critical"]}
@@ -77,6 +82,10 @@ PROCSERVER = obj({
     "backlog_seconds": {"type": "number"},
     "throughput_bps": {"type": "number"},
     "sessions": {"type": "integer"},
+    "storage_failing_seconds": {"type": "number", "minimum": 0,
+                                "description": "how long its uploads to the vault have been "
+                                               "failing without a success (0: they are not)"},
+    "storage_error": {"type": ["string", "null"]},
     "refresh_requested": {"type": "boolean"},
     "machines": {"type": "integer", "minimum": 0,
                  "description": "machines assigned to this process server"},
@@ -100,6 +109,9 @@ def _doc(ps: db.ProcessServer, now: float, machines: int,
         "cache_bytes": ps.cache_bytes, "cache_free_ratio": ps.cache_free_ratio,
         "backlog_bytes": ps.backlog_bytes, "backlog_seconds": ps.backlog_seconds,
         "throughput_bps": ps.throughput_bps, "sessions": ps.sessions,
+        "storage_failing_seconds": 0.0 if ps.storage_failing_since is None
+        else round(max(0.0, now - ps.storage_failing_since), 1),
+        "storage_error": ps.storage_error,
         "refresh_requested": ps.refresh_requested, "machines": machines, "health": health,
         "alerts": [{"code": e.code, "severity": e.severity, "message": e.message,
                     "since": iso(e.time)} for e in mine],
@@ -135,8 +147,9 @@ async def _one(call: Call) -> dict[str, Any]:
 
 async def heartbeat(call: Call) -> web.Response:
     b: dict[str, Any] = call.body
-    for k in ("cache_free_ratio", "backlog_seconds", "throughput_bps"):
-        if not math.isfinite(b[k]):
+    for k in ("cache_free_ratio", "backlog_seconds", "throughput_bps",
+              "storage_failing_seconds"):
+        if not math.isfinite(b.get(k, 0.0)):
             raise ApiError(422, "invalid_request", f"{k}: must be a finite number")
     svc = call.services
     fields = {k: b[k] for k in ("address", "version", "cache_bytes", "cache_free_ratio",
@@ -156,6 +169,11 @@ async def heartbeat(call: Call) -> web.Response:
                     setattr(row, k, v)
                 row.last_contact = now
                 row.pending_cycles = b.get("pending_cycles")
+                failing = float(b.get("storage_failing_seconds") or 0.0)
+                row.storage_failing_since = now - failing if failing > 0 or b.get(
+                    "storage_error") else None
+                row.storage_error = b.get("storage_error") if row.storage_failing_since \
+                    is not None else None
                 row.heartbeats = (row.heartbeats or 0) + 1
                 refresh = bool(row.refresh_requested)
                 row.refresh_requested = False

@@ -9,7 +9,9 @@ Two loops, both only with ``configserver_url`` and the internal token:
   behind it are not held up.
 - **Heartbeats** every ``heartbeat_interval_seconds``: name, address, version and
   health — cache use and free share of the quota, upload backlog (bytes and the
-  age of the oldest data waiting for upload), upload throughput, open sessions.
+  age of the oldest data waiting for upload), upload throughput, open sessions, and
+  how long uploads to the vault have been failing with the last error
+  (``procserver/storagehealth.py``).
   The first one registers this process server. When the answer says an operator
   asked for a refresh, the outbox is re-sent, ``on_refresh`` callbacks re-pull what
   they get from the configuration server, and another heartbeat goes out at once.
@@ -39,6 +41,7 @@ from procserver import db
 from procserver.backlog import pending_cycles, upload_backlog
 from procserver.cachespace import CacheSpace
 from procserver.csclient import ConfigServerClient, ConfigServerError
+from procserver.storagehealth import StorageHealth
 
 log = structlog.get_logger("procserver.reporter")
 REFUSED = frozenset({400, 403, 404, 405, 409, 410, 413, 415, 422})
@@ -83,11 +86,13 @@ class Reporter:
     def __init__(self, client: ConfigServerClient, identity: Identity,
                  sessionmaker: async_sessionmaker[AsyncSession], cache_dir: Path,
                  space: CacheSpace, registry: CollectorRegistry,
-                 heartbeat_interval: float) -> None:
+                 heartbeat_interval: float, storage: StorageHealth | None = None) -> None:
         self.client, self.identity = client, identity
         self.sessionmaker, self.cache_dir = sessionmaker, cache_dir
         self.space, self.registry = space, registry
         self.heartbeat_interval = heartbeat_interval
+        # The uploader's failing writes to the vault (it is handed this one).
+        self.storage = storage if storage is not None else StorageHealth()
         self._changed = asyncio.Event()
         self._beat = asyncio.Event()
         # Called when the configuration server asks for a refresh (e.g. re-pull trust).
@@ -230,4 +235,5 @@ class Reporter:
             "throughput_bps": round(throughput, 1),
             "sessions": int(registry.get_sample_value("siterecovery_procserver_sessions") or 0),
             "pending_cycles": await pending_cycles(self.sessionmaker),
+            **self.storage.heartbeat(),
         }

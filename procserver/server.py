@@ -121,7 +121,7 @@ class ProcServer:
             cfg.heartbeat_interval_seconds)
         self.uploader = Uploader(sessionmaker, vaults, self.cache_dir, self.space,
                                  self.executor, metrics, cfg.upload_threads,
-                                 on_point=self.reporter.wake)
+                                 on_point=self.reporter.wake, storage=self.reporter.storage)
         vaults.on_open = self.uploader.wake
         vaults.before_ready = self._settle_orphans  # when it opens in the background
         self.cycles = CycleBook(sessionmaker, self.cache_dir, self.space,

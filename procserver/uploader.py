@@ -38,6 +38,7 @@ from procserver.cachespace import CacheSpace
 from procserver.journal import append_journal, read_journal
 from procserver.metrics import ProcMetrics
 from procserver.segruns import Mappings, Run, SealedSegment, close_released
+from procserver.storagehealth import StorageHealth
 from procserver.vaultaccess import VaultAccess
 from vault.errors import MissingObjectError
 from vault.locks import locked
@@ -89,15 +90,18 @@ class _Wakeups:
 class Uploader:
     """Turns the cached cycles in ``sessionmaker``'s database into points in the vault
     (once ``vaults`` is open), releasing their ``space`` as they drain; ``on_point`` is
-    called after each point is recorded (the reporter's outbox has a new row)."""
+    called after each point is recorded (the reporter's outbox has a new row). Failed
+    uploads and the writes that end them are told to ``storage`` (the heartbeat's)."""
 
     def __init__(self, sessionmaker: async_sessionmaker[AsyncSession], vaults: VaultAccess,
                  cache_dir: Path, space: CacheSpace, executor: Executor,
                  metrics: ProcMetrics, threads: int,
-                 on_point: Callable[[], None] = lambda: None) -> None:
+                 on_point: Callable[[], None] = lambda: None,
+                 storage: StorageHealth | None = None) -> None:
         self.sessionmaker, self.vaults, self.cache_dir = sessionmaker, vaults, cache_dir
         self.space, self.executor, self.metrics = space, executor, metrics
         self.on_point = on_point
+        self.storage = storage if storage is not None else StorageHealth()
         self.points_changed = asyncio.Condition()  # notified after each point uploaded
         self._wakeups = _Wakeups()
         self._workers: dict[str, asyncio.Task[None]] = {}
@@ -186,6 +190,7 @@ class Uploader:
                                            db.Cycle.seq.not_in(self._withheld))
                     .order_by(db.Cycle.seq).limit(1))).scalar_one_or_none()
             if cyc is None:
+                self.storage.forget(machine)
                 return
             delay = None
             try:
@@ -193,6 +198,7 @@ class Uploader:
                                   wait=LOCK_WAIT):
                     await self.process(cyc)
                 backoff.reset()
+                self.storage.succeeded(machine)
             except asyncio.CancelledError:
                 raise
             except (MissingBlocksError, BaseGoneError) as e:
@@ -200,9 +206,11 @@ class Uploader:
                 # agent's next cycle builds on it, is refused, and resyncs in full.
                 log.error("cycle_unrecoverable", machine=machine, cycle=cyc.id, error=str(e),
                           hint="the machine will resync")
+                self.storage.forget(machine)
                 await self._drop(cyc)
             except Exception as e:
                 delay = backoff.next()
+                self.storage.failed(machine, e)  # past storage_alert_seconds: an alert
                 log.error("cycle_upload_failed", machine=machine, cycle=cyc.id, error=str(e),
                           error_type=type(e).__name__, retry_in_seconds=round(delay, 2))
             if delay is not None:
@@ -383,6 +391,7 @@ class Uploader:
         # Durable in the vault and journaled before the segments go. The append is never
         # left running behind a cancelled caller (a retry reads the journal).
         await _in_thread_to_the_end(append_journal, cycle_dir / JOURNAL, journal)
+        self.storage.succeeded(cyc.machine)  # the vault took a checkpoint: it is writable
         ids = [seg.id for seg in segs]
         async with self.sessionmaker() as s:
             await s.execute(delete(db.Segment).where(db.Segment.id.in_(ids)))
