@@ -152,6 +152,34 @@ async def test_a_pack_an_index_lists_stays_when_its_blocks_are_found_elsewhere(
         await access.close()
 
 
+async def test_a_vault_opened_in_the_background_is_settled_before_it_is_ready(
+        tmp_path: Path, vault_at: tuple[str, Path]) -> None:
+    """A process server whose storage did not answer at start opens its vault later:
+    the orphans are settled before ``ready`` lets the uploader go on."""
+    _url, key = vault_at
+    log = PackLog(tmp_path / "pack-log")
+    vault = await open_vault(tmp_path / "vault", key)
+    try:
+        gone = await _put_pack(vault, _blocks(2), log, 3)  # cycle 3 will not resume
+    finally:
+        await vault.close()
+    access = VaultAccess(LocalStore(tmp_path / "vault"),
+                         KeyMaterial(keyfile=read_keyfile(key)), pack_log=log)
+    seen: list[set[str]] = []
+
+    async def settle_first() -> None:
+        await access.settle_orphans(set())
+        seen.append(await _packs(access.vault))
+
+    access.before_ready = settle_first
+    await access.open_later()
+    try:
+        assert access.ready.is_set() and seen == [set()]
+        assert gone not in await _packs(access.vault) and log.read() == {}
+    finally:
+        await access.close()
+
+
 async def test_the_pack_log_keeps_whole_entries_only(tmp_path: Path) -> None:
     log = PackLog(tmp_path / "pack-log")
     a, b = names.random_id(), names.random_id()
