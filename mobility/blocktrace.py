@@ -8,13 +8,16 @@ the written blocks. *Completions* are recorded, not submissions: once an event i
 seen the data is on the device, so a read after it gets the new data, and a write
 still in flight during a read completes later and lands in the next cycle.
 
-At each cycle (the snapshot held) the tracker writes a marker into the instance and
-waits for the reader to reach it — every write completed before is then counted —
-and cuts: the blocks marked since the last cut are kept, named after the cut's
-cycle. What changed since ``base`` is the union of the parts cut after ``base``'s
-cut. A cut of a cycle is only valid when no write can land between the snapshot and
-the cut: disks read live (``none``), quiesced or frozen (``fsfreeze``, ``script``);
-``lvm`` and ``reflink`` snapshots are refused (``config.py``).
+At each cycle (the snapshot held) the tracker flushes the device's own page cache
+(``fsync``: what a program wrote to the device itself and the kernel has not written
+back yet is seen by a read of the device, so it must be on the device, traced, before
+the cut), writes a marker into the instance and waits for the reader to reach it —
+every write completed before is then counted — and cuts: the blocks marked since
+the last cut are kept, named after the cut's cycle. What changed since ``base`` is
+the union of the parts cut after ``base``'s cut. A cut of a cycle is only valid when
+no write can land between the snapshot and the cut: disks read live (``none``),
+quiesced or frozen (``fsfreeze``, ``script``); ``lvm`` and ``reflink`` snapshots are
+refused (``config.py``).
 
 The tracker knows when it may have missed something, and answers ``Rescan``: the
 ring buffer overran or dropped events (per-cpu ``stats``), tracing was turned off,
@@ -208,6 +211,19 @@ class _Reader:
             os.rmdir(self.dir)
 
 
+def _sync(path: str) -> str | None:
+    """Write back the device's dirty pages; why not, or None."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        return f"cannot flush {path}: {e.strerror}"
+    return None
+
+
 def ranges_of(marks: bytearray) -> list[tuple[int, int]]:
     """The runs of marked blocks, ``[first, end)``."""
     out: list[tuple[int, int]] = []
@@ -254,7 +270,7 @@ class BlockTraceTracker:
             r = None
         if r is None:
             return self._start(cycle, size, block_size)
-        why = r.trouble()
+        why = r.trouble() or _sync(path)
         self._n += 1
         marks = None if why else r.cut(self._n, self.cut_timeout)
         why = why or r.trouble() or (None if marks is not None else
