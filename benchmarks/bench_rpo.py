@@ -18,9 +18,12 @@ cycle reads all of it (no snapshot: points are labelled ``inconsistent``).
 ``--tracker reflink`` (root): the image lies on an XFS made with reflink=1 on a loop
 device in the working directory; each cycle reads a reflink clone (``snapshot =
 "reflink"``) and only the extents no longer shared with the last cycle's clone.
+``--tracker blocktrace`` (root, tracefs; mounted for the run if it is not): the image
+is attached to a loop device, which is protected and written to; each cycle reads
+only the blocks the kernel's block trace events say were written.
 
 Run: ``.venv/bin/python benchmarks/bench_rpo.py [--size-mib N] [--seconds S]
-[--rate-mb S] [--tracker scan|reflink] [--json]``. Not a test: nothing here runs
+[--rate-mb S] [--tracker scan|reflink|blocktrace] [--json]``. Not a test: nothing here runs
 under pytest.
 """
 
@@ -47,6 +50,7 @@ from bench_e2e import SiteRecovery, clean, quiet_logs, say
 from diskgen import generate
 
 from mobility.agent import Agent, provider_for
+from mobility.blocktrace import tracefs_root
 from mobility.snapshot import NoSnapshot
 
 TARGET_P99_S = 10.0
@@ -56,7 +60,8 @@ WRITE = 64 * 1024
 def churn(image: Path, rate: float, seconds: float, seed: int, done: threading.Event) -> int:
     """Random 64 KiB writes at ``rate`` bytes/s for ``seconds``; returns the writes made."""
     rng = random.Random(seed)
-    blocks = image.stat().st_size // WRITE
+    with open(image, "rb") as f:  # a block device's st_size is 0
+        blocks = f.seek(0, os.SEEK_END) // WRITE
     n = 0
     start = time.monotonic()
     with open(image, "r+b", buffering=0) as f:
@@ -95,6 +100,28 @@ def xfs_folder(work: Path, size: int) -> Iterator[Path]:
         backing.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def loop_disk(work: Path, image: Path) -> Iterator[Path]:
+    """``image`` attached to a loop device (root), tracefs mounted if it is not."""
+    if os.geteuid() != 0:
+        raise SystemExit("--tracker blocktrace needs root (a loop device and tracefs)")
+    mounted = None
+    if tracefs_root() is None:
+        mounted = work / "tracefs"
+        mounted.mkdir(exist_ok=True)
+        subprocess.run(["mount", "-t", "tracefs", "nodev", str(mounted)], check=True)
+    try:
+        dev = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
+                             capture_output=True, text=True).stdout.strip()
+        try:
+            yield Path(dev)
+        finally:
+            subprocess.run(["losetup", "--detach", dev], check=False)
+    finally:
+        if mounted is not None:
+            subprocess.run(["umount", str(mounted)], check=False)
+
+
 def percentile(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
@@ -114,6 +141,13 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 async def bench_on(args: argparse.Namespace, work: Path, image: Path) -> dict[str, Any]:
     say(f"generating a {args.size_mib} MiB image (seed {args.seed})")
     generate(image, args.size_mib << 20, args.seed)
+    if args.tracker == "blocktrace":
+        with loop_disk(work, image) as dev:
+            return await bench_disk(args, work, dev)
+    return await bench_disk(args, work, image)
+
+
+async def bench_disk(args: argparse.Namespace, work: Path, image: Path) -> dict[str, Any]:
     sr = SiteRecovery(work, image)
     await sr.start()
     assert sr.agent is not None and sr.e is not None
@@ -122,6 +156,11 @@ async def bench_on(args: argparse.Namespace, work: Path, image: Path) -> dict[st
         cfg.validate()
         sr.agent.close()
         sr.agent = Agent(cfg, provider=provider_for(cfg))
+    elif args.tracker == "blocktrace":
+        cfg = dataclasses.replace(sr.agent.cfg, snapshot="none", tracker="blocktrace")
+        cfg.validate()
+        sr.agent.close()
+        sr.agent = Agent(cfg, provider=NoSnapshot())
     else:
         sr.agent.provider = NoSnapshot()  # the writer never pauses: labelled honestly
     try:
@@ -196,9 +235,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--work", default=str(Path(__file__).resolve().parent / "work"),
                     help="working directory (default benchmarks/work/, git-ignored)")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--tracker", choices=("scan", "reflink"), default="scan",
-                    help="how cycles find changes: scan (read everything, default) or "
-                         "reflink (image on an XFS loop device, root)")
+    ap.add_argument("--tracker", choices=("scan", "reflink", "blocktrace"), default="scan",
+                    help="how cycles find changes: scan (read everything, default), "
+                         "reflink (image on an XFS loop device, root) or blocktrace "
+                         "(image on a loop device, tracefs, root)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     return ap.parse_args(argv)
 
