@@ -100,10 +100,10 @@ def _remembered_url(data_dir: Path) -> str | None:
         return None
 
 
-def resolve_vault(data_dir: Path, choice: VaultChoice) -> tuple[str, str]:
+def resolve_vault(data_dir: Path, choice: VaultChoice) -> tuple[str, str, bool]:
     """The vault URL and key file (``""``: none, the passphrase alone) to serve, and
-    remember the URL in the data directory. ``UsageError`` if ``choice.url`` is not the
-    vault this data directory already serves."""
+    whether this data directory served that vault before. ``UsageError`` if
+    ``choice.url`` is not the vault this data directory already serves."""
     default = f"file://{data_dir / 'vault'}"
     known = _remembered_url(data_dir)
     if known is None and (data_dir / "procserver").exists():
@@ -113,41 +113,46 @@ def resolve_vault(data_dir: Path, choice: VaultChoice) -> tuple[str, str]:
         raise UsageError(
             f"the data directory {data_dir} serves the vault {known}; its cache and catalog "
             f"belong to that vault, not {url}. Use another --data-dir for another vault")
-    if url != default and known is None:
-        atomic_write(data_dir / "vault.url", (url + "\n").encode(), mode=0o600)
     has_pass = bool(choice.passphrase_file or choice.passphrase_env)
     key = choice.key_file or ("" if has_pass and not (data_dir / "vault.key").exists()
                               else str(data_dir / "vault.key"))
-    return url, key
+    return url, key, known is not None
 
 
 async def ensure_vault(data_dir: Path, choice: VaultChoice = VaultChoice()) -> tuple[str, str]:
     """Create the vault on first start if its store holds none: a key slot for the key
     file (created, 0600, if missing; one left by an interrupted first start is used) and
-    one for the passphrase if given. Returns ``resolve_vault``'s URL and key file."""
-    url, key = resolve_vault(data_dir, choice)
+    one for the passphrase if given; then remember its URL (``DATA_DIR/vault.url``, only
+    once the vault is there: a first start that fails, e.g. on a mistyped URL or bad
+    credentials, binds the data directory to nothing). Returns the URL and key file."""
+    url, key, served = resolve_vault(data_dir, choice)
+    if served and not url.startswith("file://"):
+        # Served before: storage that does not answer now must not stop serve (the
+        # process server takes agents into its cache and opens the vault when it can).
+        return url, key
     store = open_store(url)
     try:
         try:
             await store.stat("config")
-            return url, key
         except NotFoundError:
-            pass
-        key = key or str(data_dir / "vault.key")  # a new vault always gets its key file
-        path = Path(key)
-        # A crash between the key file and the vault leaves the key: use it.
-        kek = read_keyfile(path) if path.exists() else new_keyfile(path)
-        kms = [KeyMaterial(keyfile=kek)]
-        secret = passphrase(argparse.Namespace(passphrase_file=choice.passphrase_file,
-                                               passphrase_env=choice.passphrase_env), new=True)
-        if secret is not None:
-            kms.append(KeyMaterial(passphrase=secret))
-        await Vault.create(store, kms)  # closed with its store, below
-        log.info("vault_created", vault=store.url, key_file=key,
-                 passphrase_slot=secret is not None)
-        return url, key
+            key = key or str(data_dir / "vault.key")  # a new vault always gets its key file
+            path = Path(key)
+            # A crash between the key file and the vault leaves the key: use it.
+            kek = read_keyfile(path) if path.exists() else new_keyfile(path)
+            kms = [KeyMaterial(keyfile=kek)]
+            secret = passphrase(argparse.Namespace(passphrase_file=choice.passphrase_file,
+                                                   passphrase_env=choice.passphrase_env),
+                                new=True)
+            if secret is not None:
+                kms.append(KeyMaterial(passphrase=secret))
+            await Vault.create(store, kms)  # closed with its store, below
+            log.info("vault_created", vault=store.url, key_file=key,
+                     passphrase_slot=secret is not None)
     finally:
         await store.close()
+    if not served and url != f"file://{data_dir / 'vault'}":
+        atomic_write(data_dir / "vault.url", (url + "\n").encode(), mode=0o600)
+    return url, key
 
 
 def server_hosts(listen_host: str, site_names: list[str]) -> list[str]:

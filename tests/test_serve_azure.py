@@ -21,6 +21,13 @@ async def test_serve_protects_into_an_azure_vault_and_its_points_restore(
     data = tmp_path / "data"
     pfile = tmp_path / "passphrase"
     pfile.write_text(PASSPHRASE + "\n")
+    # A first start on a store it cannot use binds the data directory to nothing.
+    bad = run_cli("serve", "--data-dir", str(data), "--vault",
+                  f"azure://c{secrets.token_hex(6)}/x?connection_string_file={tmp_path / 'no'}",
+                  "--admin-port", "0", "--site-port", "0", "--listen", "127.0.0.1:0",
+                  "--metrics-port", "0")
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr, bad.stderr
+    assert not (data / "vault.url").exists()
     serve = Daemon(["serve", "--data-dir", str(data), "--vault", url, "--passphrase-file",
                     str(pfile), "--admin-port", "0", "--site-port", "0",
                     "--listen", "127.0.0.1:0", "--metrics-port", "0"], "procserver_started")
