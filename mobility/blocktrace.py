@@ -1,6 +1,7 @@
 """The block-layer write tracker: completed writes of a block device, from tracefs.
 
-A tracefs instance of its own (``instances/siterecovery-<disk>``) records the
+A tracefs instance of its own (``instances/siterecovery-<disk>-<id>``, the id
+derived from the agent's state directory, so agents never share one) records the
 ``block:block_rq_complete`` events of the disk (filtered on its ``dev_t``; request
 events are per whole disk, so a write to a partition counts for its disk with the
 disk's sectors); a thread reads them from the instance's ``trace_pipe`` and marks
@@ -252,9 +253,12 @@ class BlockTraceTracker:
 
     kind = "blocktrace"
 
-    def __init__(self, name: str, path: str, buffer_kb: int = 4096,
+    def __init__(self, name: str, path: str, instance: str, buffer_kb: int = 4096,
                  cut_timeout: float = 30.0) -> None:
+        """``instance``: the name of the tracefs instance, the same for the same agent
+        and disk across restarts (a leftover of a killed agent is replaced)."""
         self.name, self.path, self.buffer_kb = name, path, buffer_kb
+        self.instance = instance
         self.cut_timeout = cut_timeout
         self.reader: _Reader | None = None
         self.cuts: list[str] = []  # cycles whose cut is valid, oldest first
@@ -298,7 +302,7 @@ class BlockTraceTracker:
                           "/sys/kernel/tracing)")
         try:
             major, minor, start = disk_of(self.path)
-            self.reader = _Reader(root, f"siterecovery-{self.name}", major, minor, start,
+            self.reader = _Reader(root, self.instance, major, minor, start,
                                   size, block_size, self.buffer_kb)
         except (OSError, ValueError) as e:
             log.warning("blocktrace_unavailable", disk=self.name, error=str(e))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+
 from mobility.blocktrace import BlockTraceTracker
 from mobility.changes import FullScan, Tracker
 from mobility.config import MobilityConfig
@@ -17,6 +20,12 @@ def tracker_kind(cfg: MobilityConfig) -> str:
     return "reflink" if cfg.snapshot == "reflink" else "scan"
 
 
+def instance_name(state_dir: str, disk: str) -> str:
+    """The tracefs instance of an agent's disk: ``siterecovery-<disk>-<8 hex>``."""
+    key = f"{os.path.abspath(state_dir)}\0{disk}".encode()
+    return f"siterecovery-{disk}-{hashlib.sha256(key).hexdigest()[:8]}"
+
+
 def trackers_for(cfg: MobilityConfig) -> dict[str, Tracker]:
     """One tracker per disk name."""
     kind = tracker_kind(cfg)
@@ -25,7 +34,9 @@ def trackers_for(cfg: MobilityConfig) -> dict[str, Tracker]:
         if kind == "reflink":
             out[d["name"]] = ReflinkTracker(d["path"])
         elif kind == "blocktrace":
-            out[d["name"]] = BlockTraceTracker(d["name"], d["path"], cfg.blocktrace_buffer_kb)
+            out[d["name"]] = BlockTraceTracker(d["name"], d["path"],
+                                               instance_name(cfg.state_dir, d["name"]),
+                                               cfg.blocktrace_buffer_kb)
         else:
             out[d["name"]] = FullScan()
     return out

@@ -109,8 +109,10 @@ def make(tmp: Path, pki: Pki, port: int, dev: str, **kw: object) -> Agent:
     return Agent(cfg, provider=Quiesced())
 
 
-def instance(tracefs: str) -> Path:
-    return Path(tracefs) / "instances" / "siterecovery-sda"
+def instance(tracefs: str, agent: Agent) -> Path:
+    tracker = agent.trackers["sda"]
+    assert isinstance(tracker, BlockTraceTracker)
+    return Path(tracefs) / "instances" / tracker.instance
 
 
 @pytest.mark.root
@@ -122,7 +124,7 @@ async def test_only_written_blocks_are_read_and_every_point_is_exact(
     try:
         r = await cycle(agent, procserver, tmp_path, key, ext4_loop)
         assert (r.kind, r.tracking) == ("full", {"sda": "scan"})
-        assert instance(tracefs).is_dir()  # tracing from this cycle on
+        assert instance(tracefs, agent).is_dir()  # tracing from this cycle on
 
         for seed in (1, 2, 3):
             written = write_files(ext4_loop, mnt, seed)
@@ -145,7 +147,7 @@ async def test_only_written_blocks_are_read_and_every_point_is_exact(
         assert r.tracking == {"sda": "blocktrace"} and r.blocks_sent == 2
     finally:
         agent.close()
-    assert not instance(tracefs).exists()  # the agent removes its tracing instance
+    assert not instance(tracefs, agent).exists()  # the agent removes its tracing instance
 
 
 @pytest.mark.root
@@ -167,7 +169,7 @@ async def test_an_overrun_a_disabled_event_or_a_restart_means_a_counted_scan(
             sys.executable, "-c", "import os,sys\n"
             "fd = os.open(sys.argv[1], os.O_WRONLY)\n"
             "for _ in range(20000): os.write(fd, b'x' * 3000)\n",
-            str(instance(tracefs) / "trace_marker"))
+            str(instance(tracefs, agent) / "trace_marker"))
         write_files(ext4_loop, mnt, 11, files=6)
         assert await flood.wait() == 0
         r = await cycle(agent, procserver, tmp_path, key, ext4_loop)
@@ -179,7 +181,7 @@ async def test_an_overrun_a_disabled_event_or_a_restart_means_a_counted_scan(
         assert (r.tracking, r.fallbacks) == ({"sda": "blocktrace"}, {})
 
         # Someone turns the event off: writes would go unseen.
-        (instance(tracefs) / "events/block/block_rq_complete/enable").write_text("0")
+        (instance(tracefs, agent) / "events/block/block_rq_complete/enable").write_text("0")
         write_files(ext4_loop, mnt, 13)
         r = await cycle(agent, procserver, tmp_path, key, ext4_loop)
         assert r.tracking == {"sda": "scan"} and "disabled" in r.fallbacks["sda"]
@@ -191,8 +193,14 @@ async def test_an_overrun_a_disabled_event_or_a_restart_means_a_counted_scan(
         agent.close()
 
     # A restart: the marks were in memory. The writes while no agent ran are not lost.
+    # A killed agent leaves its instance behind (here made by hand, tracing something
+    # else): the next one replaces it.
     write_files(ext4_loop, mnt, 15)
     agent = make(tmp_path, pki, procserver.port, ext4_loop)
+    left = instance(tracefs, agent)
+    left.mkdir()
+    (left / "events/block/block_rq_complete/filter").write_text("dev == 1")
+    (left / "events/block/block_rq_complete/enable").write_text("1")
     try:
         r = await cycle(agent, procserver, tmp_path, key, ext4_loop)
         assert r.kind == "delta" and r.tracking == {"sda": "scan"}
