@@ -40,6 +40,7 @@ from configserver.metrics import ConfigMetrics
 from configserver.peer import verify_peer
 from configserver.rest import RouteTable
 from configserver.services import Services
+from configserver.tlssite import LoggingTLSSite
 
 log = structlog.get_logger("configserver")
 
@@ -117,8 +118,8 @@ class ConfigServer:
         await sitecert.reissue_if_revoked(self.services, self.ca, tls)
         site_tls = self._site_tls()
         sitecert.watch(site_tls, tls, str(self.ca.cert_path))
-        ssite = web.TCPSite(srunner, self.cfg.site_host, self.cfg.site_port,
-                            ssl_context=site_tls)
+        ssite = LoggingTLSSite(srunner, self.cfg.site_host, self.cfg.site_port,
+                               ssl_context=site_tls)
         await ssite.start()
         self.site_port = ssite.port
 

@@ -247,3 +247,19 @@ async def test_allow_names_only_methods_the_concrete_path_serves(
         assert r.headers["Allow"] == "POST"
     async with http.get(f"{cs.url}/api/v1/certificates/zz", headers=_auth(cs)) as r:
         assert r.status == 404  # no route serves it: an unknown serial
+
+
+async def test_refused_handshakes_on_the_site_listener_are_logged(cs: ConfigServer) -> None:
+    """The site listener logs a refused handshake with the peer (asyncio alone says
+    nothing), once per peer per interval; requests after it are served as before."""
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(2):
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                await _handshake(cs.site_port, _site_client_tls(cs, ciphers=CBC_ONLY))
+        async with aiohttp.ClientSession() as http, \
+                http.get(cs.site_url + "/healthz", ssl=_site_client_tls(cs)) as r:
+            assert r.status == 200
+    lines = [e for e in logs if e["event"] == "tls_handshake_rejected"]
+    assert len(lines) == 1, lines
+    assert (lines[0]["listener"], lines[0]["peer"]) == ("site", "127.0.0.1")
+    assert lines[0]["log_level"] == "warning" and lines[0]["suppressed"] == 0
