@@ -30,7 +30,7 @@ log = structlog.get_logger("mobility.tracker")
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 
 
-def _clone(src: str, dst: str) -> None:
+def reflink_clone(src: str, dst: str) -> None:
     with open(src, "rb") as s, open(dst, "xb") as d:
         try:
             fcntl.ioctl(d.fileno(), FICLONE, s.fileno())
@@ -63,7 +63,7 @@ class ReflinkTracker:
         try:
             if os.path.lexists(new):
                 os.unlink(new)
-            _clone(path, new)
+            reflink_clone(path, new)
         except OSError as e:
             # Without it the next cycle has nothing to compare with: a scan, then.
             log.warning("tracker_clone_failed", image=self.image, error=e.strerror,
