@@ -130,13 +130,22 @@ class VaultAccess:
 
     def pack_recorder(self, cycle_seq: int) -> Callable[[str], Awaitable[None]] | None:
         """What the uploader's writer awaits before it puts a pack of cycle ``cycle_seq``:
-        the pack is recorded (fsynced) in the pack log. None without a pack log."""
+        the pack is recorded (fsynced) in the pack log. None without a pack log. A log
+        that cannot be written is logged (``pack_log_unwritable``), never an upload
+        failure."""
         pack_log = self.pack_log
         if pack_log is None:
             return None
 
         async def record(pack_id: str) -> None:
-            await asyncio.to_thread(pack_log.record, pack_id, cycle_seq)
+            try:
+                await asyncio.to_thread(pack_log.record, pack_id, cycle_seq)
+            except OSError as e:
+                # A full or failing data disk must not stop the uploads that free the
+                # cache: the pack goes up unrecorded, and if it is ever orphaned, 'prune'
+                # (not this process server) removes it.
+                log.warning("pack_log_unwritable", path=str(pack_log.path), error=str(e),
+                            pack=pack_id, hint="free space on the process server's data disk")
 
         return record
 

@@ -180,6 +180,18 @@ async def test_a_vault_opened_in_the_background_is_settled_before_it_is_ready(
         await access.close()
 
 
+async def test_a_pack_log_that_cannot_be_written_does_not_stop_uploads(
+        tmp_path: Path, vault_at: tuple[str, Path]) -> None:
+    _url, key = vault_at
+    log = PackLog(tmp_path / "missing-dir" / "pack-log")  # every append fails (ENOENT)
+    access = VaultAccess(LocalStore(tmp_path / "vault"),
+                         KeyMaterial(keyfile=read_keyfile(key)), pack_log=log)
+    record = access.pack_recorder(1)
+    assert record is not None
+    await record(names.random_id())  # logged as pack_log_unwritable, not raised
+    assert log.read() == {}
+
+
 async def test_the_pack_log_keeps_whole_entries_only(tmp_path: Path) -> None:
     log = PackLog(tmp_path / "pack-log")
     a, b = names.random_id(), names.random_id()
