@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import shutil
 import ssl
 import subprocess
@@ -18,8 +19,10 @@ from typing import Any
 import aiohttp
 import pytest
 import structlog
+from jsonschema import Draft202012Validator
 
 from common.logthrottle import OVERFLOW, LogThrottle
+from configserver import support
 from configserver.server import ConfigServer
 from procserver.server import ProcServer
 from tests.backends import missing_backend
@@ -263,3 +266,31 @@ async def test_refused_handshakes_on_the_site_listener_are_logged(cs: ConfigServ
     assert len(lines) == 1, lines
     assert (lines[0]["listener"], lines[0]["peer"]) == ("site", "127.0.0.1")
     assert lines[0]["log_level"] == "warning" and lines[0]["suppressed"] == 0
+
+
+def test_the_documented_support_matrix_rules_agree_with_the_check() -> None:
+    """What the OpenAPI body of POST /api/v1/machines states (``support.request_rules``)
+    is what ``support.check`` accepts: schemathesis sends data valid by the schema and
+    expects it accepted, and data invalid by it and expects it refused."""
+    rules = Draft202012Validator(support.request_rules())
+    rnd = random.Random(20261205)
+    names = [a for d in support.DISTRIBUTIONS for a in d.aliases] + ["fedora", "arch"]
+    versions = ["20.04", "22.04.3", "24.04", "11", "12.5", "13", "8", "9.3", "10", "022.04",
+                "22.4", "7"]
+    kernels = [None, "", "4.18.0-477.el8", "5.14", "5.4.0-150-generic", "5.15.0-91-generic",
+               "6.1.0-18-amd64", "6.8.0", "6.12.1", "4.9", "05.015", "5.1", "7.0", "x"]
+    checked = 0
+    for _ in range(3000):
+        doc: dict[str, object] = {"os_type": "linux", "os_name": rnd.choice(names),
+                                  "os_version": rnd.choice(versions),
+                                  "kernel": rnd.choice(kernels)}
+        try:
+            support.check("linux", str(doc["os_name"]), str(doc["os_version"]),
+                          doc["kernel"] if isinstance(doc["kernel"], str) else None)
+            accepted = True
+        except (support.Unsupported, support.BadKernel):
+            accepted = False
+        assert rules.is_valid(doc) == accepted, doc
+        checked += accepted
+    assert checked > 100  # the sample holds both kinds
+    assert not rules.is_valid({"os_type": "windows", "os_name": "windows", "os_version": "11"})
