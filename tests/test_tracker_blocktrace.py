@@ -28,8 +28,9 @@ from mobility.blocktrace import BlockTraceTracker, tracefs_root
 from mobility.snapshot import Quiesced
 from procserver.server import ProcServer
 from tests.backends import missing_backend
-from tests.helpers import Pki, agent_config, point_restores_to
-from tests.test_ext4 import loop_device, mounted
+from tests.helpers import Pki, agent_config, open_vault, point_restores_to
+from tests.test_ext4 import Workload, loop_device, mounted
+from vault.materialize import materialize
 
 DEVICE = 64 << 20
 
@@ -210,3 +211,59 @@ async def test_an_overrun_a_disabled_event_or_a_restart_means_a_counted_scan(
         assert r.tracking == {"sda": "blocktrace"}
     finally:
         agent.close()
+
+
+@pytest.mark.root
+async def test_a_mounted_filesystem_frozen_for_each_cycle_under_a_workload(
+        tmp_path: Path, pki: Pki, procserver: ProcServer, vault_at: tuple[str, Path],
+        tracefs: str, ext4_loop: str) -> None:
+    """The writes go on during the cycles (the workload never pauses; each cycle freezes
+    the filesystem for its cut and read): every point is a clean filesystem holding every
+    file finished before its cycle began, and the cycles read only what was written."""
+    expected: dict[str, dict[str, str]] = {}
+    with mounted(ext4_loop, tmp_path / "mnt") as mnt:
+        cfg = agent_config(tmp_path, pki, "vm02", procserver.port, {"sda": Path(ext4_loop)},
+                           snapshot="fsfreeze", freeze_mounts=[str(mnt)],
+                           tracker="blocktrace")
+        cfg.validate()
+        agent = Agent(cfg)
+        work = Workload(mnt, seed=21)
+        try:
+            work.release(20)
+            for i in range(4):
+                before = work.snapshot()
+                work.release(30)
+                r = await agent.replicate_once()
+                expected[r.cycle] = before
+                if i:
+                    assert r.tracking == {"sda": "blocktrace"}, r.fallbacks
+                    assert r.bytes_read < DEVICE // 4
+            work.stop()
+            r = await agent.replicate_once()
+            expected[r.cycle] = work.snapshot()
+            assert r.tracking == {"sda": "blocktrace"}
+        finally:
+            if work._thread.is_alive():
+                work.stop()
+            agent.close()
+    points = {cycle: await procserver.wait_point(cycle) for cycle in expected}
+    vault = await open_vault(tmp_path / "vault", vault_at[1])
+    index = await vault.load_index()
+    try:
+        for cycle, files in expected.items():
+            point = await vault.read_point(points[cycle])
+            out = tmp_path / f"restored-{cycle[:8]}.img"
+            await materialize(vault, point, "sda", str(out), index=index)
+            fsck = await asyncio.create_subprocess_exec(
+                "e2fsck", "-fn", str(out), stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT)
+            report, _ = await fsck.communicate()
+            assert fsck.returncode == 0, report.decode()
+            with loop_device(out) as rdev, \
+                    mounted(rdev, tmp_path / "check", "-o", "ro,noload") as check:
+                for name, digest in files.items():
+                    got = hashlib.sha256((check / name).read_bytes()).hexdigest()
+                    assert got == digest, f"{name} differs in point {point.id}"
+            out.unlink()
+    finally:
+        await vault.close()
