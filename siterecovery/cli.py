@@ -23,6 +23,7 @@ from procserver.server import ProcServer
 from siterecovery import (
     __version__,
     accountcmds,
+    agentbundlecmds,
     agentcmds,
     certcmds,
     checkcmds,
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
             procservercmds.register_under(dsub)  # procserver list|show|refresh
 
     agentcmds.register(sub)
+    agentbundlecmds.register(sub)  # agent bundle
     vsub = vaultcmds.register(sub)
     registercmds.register_under(vsub)  # vault registration-key
     keycmds.register_under(vsub)  # vault key ...
