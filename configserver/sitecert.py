@@ -8,9 +8,7 @@ refuse it (their settings list revoked server certificates). So
   the catalog says the one in ``site.pem`` is revoked: at start, and at once when it
   is revoked through the API (``site_certificate_reissued``);
 - ``watch`` makes a listening context pick up a replaced ``site.pem`` at the next TLS
-  handshake (an SNI callback compares the file's identity, a ``stat``, and switches the
-  connection to a context loaded from the new files), so the listener never has to
-  restart for it.
+  handshake (``common.certwatch``), so the listener never has to restart for it.
 """
 
 from __future__ import annotations
@@ -22,6 +20,7 @@ from pathlib import Path
 import structlog
 from cryptography import x509
 
+from common import certwatch
 from common.tls import server_context
 from configserver import certs, db
 from configserver.ca import CertificateAuthority, serial_hex, write_bundle
@@ -32,14 +31,6 @@ log = structlog.get_logger("configserver.sitecert")
 
 def tls_dir(data_dir: str | os.PathLike[str]) -> Path:
     return Path(data_dir) / "tls"
-
-
-def _signature(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _serial(pem: Path) -> str | None:
@@ -71,33 +62,10 @@ async def reissue_if_revoked(core: Core, ca: CertificateAuthority, directory: Pa
     return True
 
 
-class _Watcher:
-    """The SNI callback of a listening context: see ``watch``."""
-
-    def __init__(self, ctx: ssl.SSLContext, directory: Path, cafile: str) -> None:
-        self.ctx, self.cafile = ctx, cafile
-        self.pem, self.key = directory / "site.pem", directory / "site.key"
-        self.signature = _signature(self.pem)
-        self.current = ctx
-
-    def __call__(self, conn: ssl.SSLObject | ssl.SSLSocket, _name: str | None,
-                 _ctx: ssl.SSLContext) -> None:
-        signature = _signature(self.pem)
-        if signature is not None and signature != self.signature:
-            try:
-                self.current = server_context(cafile=self.cafile, certfile=str(self.pem),
-                                              keyfile=str(self.key),
-                                              verify_mode=ssl.CERT_OPTIONAL)
-                self.signature = signature
-                log.info("site_certificate_loaded", cert=str(self.pem))
-            except (OSError, ssl.SSLError) as e:  # half-written: try at the next one
-                log.warning("site_certificate_unloadable", error=str(e))
-        if self.current is not self.ctx:
-            conn.context = self.current
-
-
 def watch(ctx: ssl.SSLContext, directory: Path, cafile: str) -> None:
     """Serve the current ``directory/site.pem`` through ``ctx``: when the file is replaced,
     each new connection is switched to a context loaded from the new files (the same
     settings: ``common.tls.server_context``, client certificates optional)."""
-    ctx.sni_callback = _Watcher(ctx, directory, cafile)
+    pem, key = directory / "site.pem", directory / "site.key"
+    certwatch.watch(ctx, str(pem), lambda: server_context(
+        cafile=cafile, certfile=str(pem), keyfile=str(key), verify_mode=ssl.CERT_OPTIONAL))

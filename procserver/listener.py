@@ -21,6 +21,7 @@ from typing import Any, cast
 
 import structlog
 
+from common import certwatch
 from common.logthrottle import LogThrottle
 from common.tls import server_context
 from procserver.framestream import FrameStream
@@ -39,9 +40,17 @@ HANDSHAKE_LOG_INTERVAL = 60.0
 
 
 def server_ssl_context(tls_ca: str, tls_cert: str, tls_key: str) -> ssl.SSLContext:
-    """Mutual TLS: a client certificate from our CA is required; AEAD suites only."""
-    return server_context(cafile=tls_ca, certfile=tls_cert, keyfile=tls_key,
-                          verify_mode=ssl.CERT_REQUIRED)
+    """Mutual TLS: a client certificate from our CA is required; AEAD suites only. A
+    certificate file replaced while we run (renewed, or after a revocation) is served
+    from the next handshake on (``common.certwatch``)."""
+
+    def load() -> ssl.SSLContext:
+        return server_context(cafile=tls_ca, certfile=tls_cert, keyfile=tls_key,
+                              verify_mode=ssl.CERT_REQUIRED)
+
+    ctx = load()
+    certwatch.watch(ctx, tls_cert, load)
+    return ctx
 
 
 def peer_machine(writer: asyncio.StreamWriter | asyncio.BaseTransport) -> str | None:

@@ -27,7 +27,8 @@ another CA than our ``tls_ca`` (``trust_list_not_applicable``), the CA alone dec
 The list's ``revoked`` also holds revoked server certificates. When this process
 server's own (``tls_cert``) is among them, it logs ``certificate_revoked`` at error
 level (again at most once a minute while it refuses) and refuses every session at HELLO
-(``server_certificate_revoked``) until it runs with a new certificate: agents learn the
+(``server_certificate_revoked``) until a new certificate is in its ``tls_cert`` file
+(served from the next handshake on, ``listener.server_ssl_context``): agents learn the
 revocation from their settings and refuse its handshake anyway.
 """
 
@@ -95,6 +96,7 @@ class TrustList:
     def __init__(self, client: ConfigServerClient, data_dir: Path, tls_ca: str,
                  tls_cert: str = "") -> None:
         self.client, self.tls_ca = client, tls_ca
+        self.tls_cert = tls_cert
         self.own_serial = _serial_of(tls_cert) if tls_cert else None
         self.own_revoked = False  # our own certificate is on the list: refuse sessions
         self._own_log = LogThrottle(60.0)
@@ -154,7 +156,8 @@ class TrustList:
                       refused_since_last=suppressed,
                       hint="this process server's own certificate was revoked: it refuses "
                            "every agent until it has a new one (siterecovery cert procserver "
-                           "--name NAME --host HOST --out DIR --force, then restart it)")
+                           "--name NAME --host HOST --out DIR --force into its tls_cert and "
+                           "tls_key; no restart needed)")
 
     def _load_saved(self) -> None:
         try:
@@ -295,6 +298,10 @@ class TrustList:
                     "configuration server's trust list; try again later") from None
         if not self.applies:
             return
+        if self.own_revoked and (serial_now := _serial_of(self.tls_cert)) is not None \
+                and serial_now != self.own_serial:  # a new certificate was installed
+            self.own_serial = serial_now
+            self._check_own("certificate_file")
         if self.own_revoked:
             self._log_own_revoked("session")
             raise ProtocolError(

@@ -28,16 +28,11 @@ from tests.helpers import make_disk, make_vault
 @dataclass
 class Site:
     pcfg: ProcServerConfig
-    ps: ProcServer  # running; ``restart_procserver`` replaces it
+    ps: ProcServer  # running
     cfg: MobilityConfig
     managed: ManagedAgent
     disk: Path
     ps_cert: Issued  # the process server's certificate as the API issued it
-
-    async def restart_procserver(self) -> None:
-        await self.ps.stop()
-        self.ps = ProcServer(self.pcfg)
-        await self.ps.start()
 
 
 async def issue_procserver_cert(api: ApiClient, out: Path, name: str = "ps1") -> Issued:
@@ -80,7 +75,6 @@ async def managed_site(cs: ConfigServer, api: ApiClient, tmp_path: Path, *,
     make_disk(disk, disk_size, seed=3)
     ps = ProcServer(pcfg)
     await ps.start()
-    site: Site | None = None
     try:
         await _registered(cs, api)
         await api.post("/api/v1/machines", {
@@ -96,10 +90,9 @@ async def managed_site(cs: ConfigServer, api: ApiClient, tmp_path: Path, *,
         await api.post("/api/v1/replication/enable", {"machine": "web01", "policy": policy})
         async with SiteClient(cfg.site_url, cfg.tls_ca, cfg.tls_cert, cfg.tls_key) as cp:
             managed = ManagedAgent(cfg, cp)
-            site = Site(pcfg, ps, cfg, managed, disk, issued)
             try:
-                yield site
+                yield Site(pcfg, ps, cfg, managed, disk, issued)
             finally:
                 managed.close()
     finally:
-        await (site.ps if site is not None else ps).stop()
+        await ps.stop()
