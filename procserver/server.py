@@ -39,6 +39,7 @@ from procserver.cachespace import CacheSpace
 from procserver.config import ProcServerConfig
 from procserver.csclient import ConfigServerClient
 from procserver.cycles import CycleBook
+from procserver.datadirlock import DataDirLock
 from procserver.framestream import FrameStream
 from procserver.listener import Listener, ListenerLimits, listen, server_ssl_context
 from procserver.metrics import ProcMetrics
@@ -103,6 +104,7 @@ class ProcServer:
         self._listeners: list[socket.socket] = []
         self._accepting: list[str] = []
         self._runner: web.AppRunner | None = None
+        self.dir_lock = DataDirLock(self.data_dir)
 
     # -- wiring ----------------------------------------------------------------------
     def _wire(self, vaults: VaultAccess, engine: AsyncEngine,
@@ -157,6 +159,16 @@ class ProcServer:
 
     # -- life cycle ------------------------------------------------------------------
     async def start(self) -> None:
+        # One process server per data directory, before anything in it is touched: a
+        # second one would settle the first one's packs in flight as orphans.
+        await asyncio.to_thread(self.dir_lock.acquire)
+        try:
+            await self._start()
+        except BaseException:
+            self.dir_lock.release()
+            raise
+
+    async def _start(self) -> None:
         responsive_gil()
         # The vault and its key first: a wrong key or URL must leave nothing behind.
         # Storage that does not answer is not a reason to refuse agents: the cache takes
@@ -248,6 +260,7 @@ class ProcServer:
         await self.vaults.close()
         await self.engine.dispose()
         self.executor.shutdown(wait=True)
+        self.dir_lock.release()
         log.info("procserver_stopped", tasks_cancelled=stopped)
 
     # -- for tools and tests -----------------------------------------------------------

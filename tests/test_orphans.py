@@ -268,3 +268,25 @@ async def test_kill9_mid_upload_then_restart_leaves_no_orphan_and_every_point_re
     assert sha256(tmp_path / "out" / "sda.img") == want
     log_path = tmp_path / "procserver" / "pack-log"
     assert os.path.exists(log_path) and PackLog(log_path).read() == {}
+
+
+async def test_a_second_process_server_on_the_same_data_directory_is_refused(
+        tmp_path: Path, pki: Pki, vault_at: tuple[str, Path]) -> None:
+    """It would share the cache and the pack log, and settle the first one's packs in
+    flight as orphans."""
+    url, key = vault_at
+    cfg = _proc_toml(tmp_path, pki, url, key)
+    first = Daemon(["procserver", "run", "--config", str(cfg)], "procserver_started")
+    await first.start()
+    try:
+        second = run_cli("procserver", "run", "--config", str(cfg))
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert first.proc is not None
+        assert f"another process server (pid {first.proc.pid}) uses the data directory" \
+            in second.stderr
+    finally:
+        await first.stop()
+    # The kernel dropped the lock with the first one: a restart goes ahead.
+    again = Daemon(["procserver", "run", "--config", str(cfg)], "procserver_started")
+    await again.start()
+    await again.stop()
