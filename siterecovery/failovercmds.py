@@ -107,13 +107,19 @@ async def cmd_commit(args: argparse.Namespace) -> int:
     return await _start(args, "commit", {})
 
 
-async def cmd_settings(args: argparse.Namespace) -> int:
+def settings_change(args: argparse.Namespace) -> dict[str, Any]:
+    """The recovery settings the options of ``add_settings_args`` change."""
     change: dict[str, Any] = {k: getattr(args, k) for k in SETTINGS
                               if getattr(args, k) is not None}
     if "disks" in change:
         change["disks"] = [d for d in change["disks"].split(",") if d]
     for name in args.reset or []:
         change[name] = None
+    return change
+
+
+async def cmd_settings(args: argparse.Namespace) -> int:
+    change = settings_change(args)
     if not change:
         return await call_and_show(args, "GET", f"/api/v1/items/{args.machine}",
                                    describe_settings)
@@ -135,19 +141,9 @@ def _point_args(p: argparse.ArgumentParser) -> None:
                         "failover_drain_timeout_seconds, 1800)")
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add this module's verbs to the top-level subparsers."""
-    f = sub.add_parser("failover", help="drills (test failover), failover, commit; recovery "
-                                        "settings",
-                       description="Recover a replicated item's machine onto its target "
-                                   "(folder, libvirt, azure): test failover (a drill) and its "
-                                   "cleanup, failover, change of recovery point, commit.")
-    fsub = f.add_subparsers(dest="failover_cmd", required=True, metavar="VERB")
-    verbs: list[argparse.ArgumentParser] = []
-    s = fsub.add_parser("settings", help="show or change an item's recovery settings",
-                        description="Without options, show them. Each option changes one "
-                                    "setting; --reset NAME sets one back to its default.")
-    s.add_argument("machine")
+def add_settings_args(s: argparse.ArgumentParser) -> None:
+    """The options that change an item's recovery settings (``failover settings`` and
+    ``items update``)."""
     s.add_argument("--target", help="folder | libvirt | azure")
     s.add_argument("--vm-name", dest="vm_name", help="the recovered VM's name")
     s.add_argument("--cpus", type=int)
@@ -165,6 +161,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                                    "('' for every disk)")
     s.add_argument("--reset", action="append", choices=SETTINGS, metavar="SETTING",
                    help="set SETTING back to its default (repeatable)")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add this module's verbs to the top-level subparsers."""
+    f = sub.add_parser("failover", help="drills (test failover), failover, commit; recovery "
+                                        "settings",
+                       description="Recover a replicated item's machine onto its target "
+                                   "(folder, libvirt, azure): test failover (a drill) and its "
+                                   "cleanup, failover, change of recovery point, commit.")
+    fsub = f.add_subparsers(dest="failover_cmd", required=True, metavar="VERB")
+    verbs: list[argparse.ArgumentParser] = []
+    s = fsub.add_parser("settings", help="show or change an item's recovery settings",
+                        description="Without options, show them. Each option changes one "
+                                    "setting; --reset NAME sets one back to its default.")
+    s.add_argument("machine")
+    add_settings_args(s)
     s.set_defaults(func=cmd_settings)
     verbs.append(s)
     for name, func, help_, extra in (

@@ -11,7 +11,8 @@ from typing import Any
 
 from siterecovery.apiclient import ApiClient
 from siterecovery.apiopts import add_api_args, call_and_show, client
-from siterecovery.errors import EXIT_FAIL, CliError
+from siterecovery.errors import EXIT_FAIL, CliError, UsageError
+from siterecovery.failovercmds import add_settings_args, describe_settings, settings_change
 from siterecovery.output import show, table
 
 DONE = ("succeeded", "failed", "cancelled")
@@ -43,6 +44,10 @@ def describe_item(i: dict[str, Any]) -> str:
         f"health:             {i['health']}",
         *[f"  - {e}" for e in i["health_errors"]],
         f"policy:             {i['policy']}",
+        *([f"agent version:      {i['agent']['version'] or '-'}"
+           + (f" (older than process server {i['agent']['process_server']}'s "
+              f"{i['agent']['process_server_version']})" if i["agent"]["outdated"] else "")]
+          if i.get("agent") else []),
         f"initial progress:   {_pct(i['initial_progress'])}",
         *([f"resync progress:    {_pct(i['resync_progress'])}"]
           if i["resync_progress"] is not None else []),
@@ -244,6 +249,15 @@ async def cmd_items_show(args: argparse.Namespace) -> int:
     return await call_and_show(args, "GET", f"/api/v1/items/{args.machine}", describe_item)
 
 
+async def cmd_items_update(args: argparse.Namespace) -> int:
+    change = settings_change(args)
+    if not change:
+        raise UsageError("nothing to change: give at least one setting (see --help), or show "
+                       f"them with: siterecovery items show {args.machine}")
+    return await call_and_show(args, "PATCH", f"/api/v1/items/{args.machine}/recovery",
+                               describe_settings, change)
+
+
 async def cmd_items_resync(args: argparse.Namespace) -> int:
     return await call_and_show(
         args, "POST", f"/api/v1/items/{args.machine}/resync",
@@ -320,6 +334,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ish = isub.add_parser("show", help="show one replicated item")
     ish.add_argument("machine")
     ish.set_defaults(func=cmd_items_show)
+    iup = isub.add_parser("update", help="change an item's recovery settings",
+                          description="Each option changes one recovery setting (compute and "
+                                      "network); --reset NAME sets one back to its default. "
+                                      "The same as 'failover settings' with options; the "
+                                      "target checks them before every drill and failover.")
+    iup.add_argument("machine")
+    add_settings_args(iup)
+    iup.set_defaults(func=cmd_items_update)
     irs = isub.add_parser(
         "resync", help="resynchronize a protected item against its newest recovery point",
         description="Marks the item resync_required. At its next cycle the agent compares "
@@ -328,7 +350,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     "shows resyncing with progress, then protected again.")
     irs.add_argument("machine")
     irs.set_defaults(func=cmd_items_resync)
-    verbs += [il, ish, irs]
+    verbs += [il, ish, iup, irs]
 
     j = sub.add_parser("jobs", help="durable jobs and their steps: list, show, wait, cancel",
                        description="Jobs (Enable protection, Finalize protection, Disable "

@@ -116,3 +116,23 @@ async def test_cli_settings_show_and_change(cs: ConfigServer, api: ApiClient) ->
                                 *api_args)
     assert r.returncode == 2 and "recovery setting firmware" in r.stderr
     assert "bios | uefi" in r.stderr
+
+
+async def test_cli_items_update_changes_the_recovery_settings(
+        cs: ConfigServer, api: ApiClient) -> None:
+    await _item(cs, api)
+    api_args = ["--api", cs.url, "--token-file", str(cs.cfg.token_path)]
+    r = await asyncio.to_thread(run_cli, "items", "update", "web01", "--vm-name", "web01-dr",
+                                "--cpus", "4", "--json", *api_args)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["recovery"] == {**DEFAULTS, "vm_name": "web01-dr", "cpus": 4}
+    r = await asyncio.to_thread(run_cli, "items", "update", "web01", "--reset", "cpus",
+                                *api_args)
+    assert r.returncode == 0, r.stderr
+    assert (await api.get("/api/v1/items/web01"))["recovery"]["cpus"] == DEFAULTS["cpus"]
+    r = await asyncio.to_thread(run_cli, "items", "update", "web01", *api_args)
+    assert r.returncode == 2 and "nothing to change" in r.stderr
+    r = await asyncio.to_thread(run_cli, "items", "update", "web01", "--memory-mib", "1",
+                                *api_args)
+    assert r.returncode == 2 and "memory_mib" in r.stderr
+    assert (await api.get("/api/v1/items/web01"))["recovery"]["vm_name"] == "web01-dr"
