@@ -43,6 +43,7 @@ from siterecovery.daemon import (
     port_number,
     require_files,
     run_until_signal,
+    site_port_number,
     wait_for_signal,
 )
 from siterecovery.datadir import default_data_dir
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where everything lives (default: %(default)s)")
     s.add_argument("--admin-port", type=port_number, default=9440,
                    help="admin API port on 127.0.0.1")
-    s.add_argument("--site-port", type=int, default=9441,
+    s.add_argument("--site-port", type=site_port_number, default=9441,
                    help="enrollment/agent API port (TLS), on the --listen host")
     s.add_argument("--listen", type=listen_address, default="127.0.0.1:9443",
                    help="replication listener HOST:PORT (default: %(default)s)")

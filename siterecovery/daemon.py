@@ -90,6 +90,11 @@ def port_number(text: str) -> int:
     return port
 
 
+def site_port_number(text: str) -> int:
+    """An ``argparse`` type: a port as ``port_number``, or -1 (no site listener)."""
+    return -1 if text.strip() == "-1" else port_number(text)
+
+
 def listen_address(text: str) -> str:
     """An ``argparse`` type: ``HOST:PORT`` (``:PORT``: the default host), returned
     unchanged."""

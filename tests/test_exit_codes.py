@@ -154,6 +154,9 @@ CASES = [
     Case(EXIT_USAGE, "serve: a port outside 0-65535", lambda s, _: [
         "serve", "--data-dir", str(s.tmp / "serve"), "--admin-port", "70000"],
         "--admin-port"),
+    Case(EXIT_USAGE, "serve: a site port outside 0-65535", lambda s, _: [
+        "serve", "--data-dir", str(s.tmp / "serve"), "--site-port", "99999"],
+        "--site-port"),
     # 3: damaged data
     Case(EXIT_CORRUPT, "check of a damaged vault", lambda s, _: [
         "check", "--vault", s.damaged, "--key-file", str(s.tmp / "d.key")], "config"),
