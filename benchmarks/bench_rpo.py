@@ -192,6 +192,9 @@ async def bench_disk(args: argparse.Namespace, work: Path, image: Path) -> dict[
             reads.append(r.bytes_read)
             trackers.update(r.tracking.values())
             waiters.append(asyncio.create_task(whole(r.cycle, began)))
+            # Pacing the agent as interval_seconds would: not a synchronisation.
+            if (pause := args.min_cycle_seconds - (time.time() - began)) > 0:
+                await asyncio.sleep(pause)
         writes = await writer
         t_end = time.time()
         cpu = _cpu_seconds() - cpu_start
@@ -208,6 +211,7 @@ async def bench_disk(args: argparse.Namespace, work: Path, image: Path) -> dict[
     res = {
         "image_bytes": args.size_mib << 20, "seconds": args.seconds,
         "rate_mb_s": args.rate_mb, "writes": writes, "cycles": cycles,
+        "min_cycle_seconds": args.min_cycle_seconds,
         "rpo_median_s": round(statistics.median(ages), 2),
         "rpo_p99_s": round(percentile(ages, 0.99), 2),
         "rpo_max_s": round(max(ages), 2), "target_p99_s": TARGET_P99_S,
@@ -239,6 +243,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="how cycles find changes: scan (read everything, default), "
                          "reflink (image on an XFS loop device, root) or blocktrace "
                          "(image on a loop device, tracefs, root)")
+    ap.add_argument("--min-cycle-seconds", type=float, default=0.0,
+                    help="start a cycle at most this often (default 0: back to back); "
+                         "with a tracker, cycles of a few milliseconds make more points "
+                         "than the process server finishes")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     return ap.parse_args(argv)
 
