@@ -297,7 +297,11 @@ ROUTES = [
           "Enable/disable a machine or change its IP, OS, disks, process server or account",
           "machines", params=_NAME_PARAM, body=UPDATE, responses={200: MACHINE},
           description="enabled=false makes the configuration server and process servers "
-                      "refuse the machine's certificate. disks replaces the whole list."),
+                      "refuse the machine's certificate. disks replaces the whole list.",
+          refusals=("the machine's OS fields, with those not given taken from the stored "
+                    "machine, are outside the support matrix (unsupported_os, "
+                    "invalid_kernel; see POST /api/v1/machines)",
+                    "ip or disks as POST /api/v1/machines refuses them")),
     Route("DELETE", "/api/v1/machines/{name}", remove_machine, "Remove a machine",
           "machines", params=_NAME_PARAM,
           responses={200: obj({"deleted": {"type": "string"}}, ["deleted"])},
