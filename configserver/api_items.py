@@ -7,6 +7,7 @@ from aiohttp import web
 from sqlalchemy import select
 
 from configserver import db, protection
+from configserver.agentversion import with_agent
 from configserver.items import ITEM, ItemState, item_doc
 from configserver.jobs import JOB, job_doc
 from configserver.rest import NAME, Call, Route, array, obj, reply
@@ -23,7 +24,11 @@ async def list_items(call: Call) -> web.Response:
     now = call.services.clock()
     async with call.services.sessionmaker() as s:
         rows = (await s.execute(q)).all()
-    return reply({"items": [item_doc(item, policy, now) for item, policy in rows]})
+        machines = {m.name: m for m in (await s.scalars(select(db.Machine))).all()}
+        servers = {p.name: p for p in (await s.scalars(select(db.ProcessServer))).all()}
+    return reply({"items": [with_agent(item_doc(item, policy, now), m := machines.get(item.machine),
+                                       servers.get(m.process_server or "") if m else None)
+                            for item, policy in rows]})
 
 
 async def show_item(call: Call) -> web.Response:
@@ -33,7 +38,10 @@ async def show_item(call: Call) -> web.Response:
         if item is None:
             raise protection.no_item(name)
         policy = await s.get(db.Policy, item.policy)
-    return reply(item_doc(item, policy, call.services.clock()))
+        machine = await s.get(db.Machine, name)
+        server = await s.get(db.ProcessServer, machine.process_server) \
+            if machine is not None and machine.process_server else None
+    return reply(with_agent(item_doc(item, policy, call.services.clock()), machine, server))
 
 
 async def enable(call: Call) -> web.Response:

@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 
 from configserver import db
+from configserver.agentversion import AGENT
 from configserver.core import Core
 from configserver.recovery import RECOVERY, RecoverySettings
 from configserver.schema import iso, nullable, obj
@@ -100,6 +101,7 @@ ITEM = obj({
         "rto_seconds": nullable({"type": "number"}),
         "age_days": {"type": "number", "minimum": 0},
     }, ["time", "job", "point", "rto_seconds", "age_days"])),
+    "agent": AGENT,  # items list/show only (configserver/agentversion.py)
 }, ["machine", "policy", "state", "state_description", "health", "health_errors",
     "initial_progress", "resync_progress", "disks", "rpo_seconds", "rpo_threshold_seconds",
     "latest_point", "latest_point_time", "latest_app_point", "latest_app_point_time",
