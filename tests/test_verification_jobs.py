@@ -1,0 +1,95 @@
+"""Verification of recovery points (#17): every retained point is proved to restore to
+its recorded digests, on the real golden vault, with real damage."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from configserver.verification import DAY, due, verify_points
+from tests.helpers import open_vault
+from tests.test_golden import P1, P2, Golden, _flip, copy_golden
+from vault.locks import LockedError, locked
+from vault.point import Point
+
+
+async def _verify(g: Golden, wait: float = 0.0) -> dict[str, tuple[bool, list[str], int]]:
+    v = await open_vault(g.vault, g.key)
+    try:
+        points = await v.list_points()
+        with ThreadPoolExecutor(2) as ex:
+            results = await verify_points(v, points, ex, clock=lambda: 1000.0, wait=wait)
+    finally:
+        await v.close()
+    assert all(r.verified == 1000.0 for r in results)
+    return {r.point: (r.ok, r.objects, r.disks) for r in results}
+
+
+async def test_clean_vault_all_verified(tmp_path: Path) -> None:
+    g = await copy_golden(tmp_path)
+    assert await _verify(g) == {P1: (True, [], 1), P2: (True, [], 1)}
+
+
+async def test_flipped_byte_fails_only_the_points_that_need_it(tmp_path: Path) -> None:
+    g = await copy_golden(tmp_path)
+    off, ln = g.p1_only_block  # block 3 is in point 1 only (point 2 zeroed it)
+    _flip(g.path(g.full_pack), off + ln // 2)
+    got = await _verify(g)
+    assert got[P2] == (True, [], 1)
+    assert got[P1] == (False, [g.full_pack], 0)
+
+
+async def test_a_shared_block_damaged_fails_both(tmp_path: Path) -> None:
+    g = await copy_golden(tmp_path)
+    off, ln = g.shared_block
+    _flip(g.path(g.full_pack), off + ln // 2)
+    got = await _verify(g)
+    assert got == {P1: (False, [g.full_pack], 0), P2: (False, [g.full_pack], 0)}
+
+
+async def test_missing_pack_and_map_are_named(tmp_path: Path) -> None:
+    g = await copy_golden(tmp_path)
+    os.unlink(g.path(g.delta_pack))
+    got = await _verify(g)
+    assert got[P1] == (True, [], 1) and got[P2] == (False, [g.delta_pack], 0)
+    os.unlink(g.path(g.full_map))
+    got = await _verify(g)
+    assert got[P1] == (False, [g.full_map], 0) and got[P2] == (False, [g.full_map], 0)
+
+
+async def test_shares_the_lock_with_uploads_and_waits_for_prune(tmp_path: Path) -> None:
+    g = await copy_golden(tmp_path)
+    v = await open_vault(g.vault, g.key)
+    try:
+        async with locked(v, "shared", "upload m1"):  # an upload mid-cycle
+            assert all(ok for ok, _, _ in (await _verify(g)).values())
+        async with locked(v, "exclusive", "prune"):
+            with pytest.raises(LockedError):
+                await _verify(g)
+    finally:
+        await v.close()
+
+
+def _pt(i: int) -> Point:
+    return Point(id=f"{i:064x}", machine="m", created=f"2026-01-{i:02d}T00:00:00Z",
+                 consistency="crash", cycle=f"c{i}", base=None, chain=0)
+
+
+def test_due_takes_new_points_then_a_daily_share_of_the_stale() -> None:
+    pts = [_pt(i) for i in range(1, 11)]
+    now = 100 * DAY
+    # all verified long ago, the oldest verification first; a 20 % share is 2 points
+    last = {p.id: now - (40 - i) * DAY for i, p in enumerate(pts)}
+    assert [p.id for p in due(pts, last, now, reverify_days=30, daily_share=20)] == [
+        pts[0].id, pts[1].id]
+    # only those past 30 days are due at all
+    assert [p.id for p in due(pts, last, now, reverify_days=35, daily_share=100)] == [
+        p.id for p in pts[:6]]
+    # new points come first and are all taken, whatever the share
+    del last[pts[9].id], last[pts[8].id], last[pts[7].id]
+    assert [p.id for p in due(pts, last, now, reverify_days=30, daily_share=20)] == [
+        pts[7].id, pts[8].id, pts[9].id]
+    assert due(pts, {p.id: now for p in pts}, now, reverify_days=30, daily_share=100) == []
