@@ -91,3 +91,28 @@ async def test_serve_protects_into_an_azure_vault_and_its_points_restore(
         assert not again.events("vault_created")
     finally:
         await again.stop()
+
+
+async def test_serve_starts_while_the_azure_vault_it_serves_is_down(tmp_path: Path) -> None:
+    """Served before, the vault is not probed at start: storage that does not answer does
+    not stop serve (the process server opens the vault when it answers)."""
+    from tests.backends import _free_port, azurite
+
+    port, blobs = _free_port(), tmp_path / "azurite"
+    conn = tmp_path / "azure.conn"
+    url = f"azure://down/site1?connection_string_file={conn}"
+    data = tmp_path / "data"
+    args = ["serve", "--data-dir", str(data), "--admin-port", "0", "--site-port", "0",
+            "--listen", "127.0.0.1:0", "--metrics-port", "0"]
+    with azurite(blobs, port) as text:
+        conn.write_text(text)
+        first = Daemon([*args, "--vault", url], "procserver_started")
+        assert (await first.start())["vault_open"] is True
+        await first.stop()
+    # Azurite is down now.
+    again = Daemon(args, "procserver_started")
+    ready = await again.start()
+    try:
+        assert ready["vault_open"] is False and str(ready["vault"]).startswith("azure://")
+    finally:
+        await again.stop()
