@@ -51,6 +51,7 @@ from sqlalchemy import func, select, text
 from configserver import db
 from configserver.core import Core
 from configserver.items import DAY, ItemState, last_good_drill
+from configserver.notifyoutbox import CLEARED, RAISED, Change, enqueue
 from configserver.replication import FINALIZE
 from configserver.schema import iso
 
@@ -231,6 +232,11 @@ async def evaluate(core: Core, st: AlertBook) -> list[Alert]:
                     s.add(db.Event(time=now, severity=a.severity, code=a.code, target=a.target,
                                    message=a.message, active=True, cleared_at=None))
                     raised.append(a)
+            # Notices commit with the events they announce (configserver/notifyoutbox.py).
+            await enqueue(s, now, [Change(CLEARED, e.code, e.target, e.severity, e.message)
+                                   for e in cleared]
+                          + [Change(RAISED, a.code, a.target, a.severity, a.message)
+                             for a in raised])
         for ev in cleared:
             log.info("alert_cleared", code=ev.code, target=ev.target, severity=ev.severity)
         for a in raised:

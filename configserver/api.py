@@ -12,6 +12,7 @@ from configserver import (
     api_items,
     api_jobs,
     api_machines,
+    api_notify,
     api_points,
     api_policies,
     api_procservers,
@@ -20,7 +21,8 @@ from configserver import (
 from configserver.rest import Route
 
 MODULES = (api_core, api_registration, api_certs, api_procservers, api_policies, api_machines,
-           api_accounts, api_items, api_failover, api_jobs, api_points, api_agent, api_events)
+           api_accounts, api_items, api_failover, api_jobs, api_points, api_agent, api_events,
+           api_notify)
 
 
 def all_routes() -> list[Route]:

@@ -6,7 +6,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from configserver import alerts, certs
+from configserver import alerts, certs, notifydeliver
 from configserver.services import Services
 
 
@@ -14,4 +14,5 @@ def background_tasks(services: Services) -> list[Coroutine[Any, Any, None]]:
     """The coroutines the daemon runs as tasks for as long as it runs."""
     site_pem = Path(services.cfg.data_dir) / "tls" / "site.pem"  # see ConfigServer._site_tls
     return [alerts.run(services, services.alert_book, services.cfg.alert_interval_seconds),
-            certs.record_own(services, site_pem), services.jobs.run()]
+            certs.record_own(services, site_pem), services.jobs.run(),
+            notifydeliver.run(services, services.cfg.secrets_key_path)]

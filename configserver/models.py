@@ -176,3 +176,33 @@ class Event(Base):
     message: Mapped[str] = mapped_column(Text)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     cleared_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class NotifyChannel(Base):
+    """Where alert raise/clear notices go (configserver/api_notify.py): a webhook or an
+    SMTP mailbox, for the severities listed; its secret is sealed (configserver/sealed.py)."""
+
+    __tablename__ = "notify_channels"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # webhook | email
+    severities: Mapped[list[str]] = mapped_column(JSON)
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON)  # no secret in here
+    secret: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    created: Mapped[float] = mapped_column(Float)
+    updated: Mapped[float] = mapped_column(Float)
+
+
+class NotifyOutbox(Base):
+    """One notice for one channel, written in the transaction that raised or cleared the
+    alert, so a restart loses none; delivered at least once (configserver/notifydeliver.py)."""
+
+    __tablename__ = "notify_outbox"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    channel: Mapped[str] = mapped_column(String(64), index=True)
+    notice: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created: Mapped[float] = mapped_column(Float)
+    state: Mapped[str] = mapped_column(String(16), index=True)  # pending|delivered|failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt: Mapped[float] = mapped_column(Float, index=True)
+    delivered: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
