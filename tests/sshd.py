@@ -1,0 +1,179 @@
+"""A real OpenSSH server on "another machine" for the push-install tests.
+
+``Sshd`` starts Debian's /usr/sbin/sshd inside its own network namespace (a veth pair,
+the host side 10.217.0.1/30, the target 10.217.0.2/30: outside 192.0.2.0/24) and its
+own mount namespace (``ip netns exec`` gives one; mounts there never reach the host), in
+which /etc, /opt and /var/lib are overlays: the host's files read through, every write
+landing in the test's target root (``root``), so what an install writes is there and
+nothing of the host changes; /etc/passwd, /etc/shadow and /etc/group are the test's
+(users root and alice, passwords of the test's choosing, alice without sudo). /usr,
+/bin, /lib (the programs, python3.11) are the host's, read-only in effect: the shortcut
+instead of a full Debian tree, which would take minutes to build.
+
+Needs root (network and mount namespaces) and openssh-server (tests/run.sh installs it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import subprocess
+from pathlib import Path
+
+SSHD = "/usr/sbin/sshd"
+HOST_ADDR, TARGET_ADDR = "10.217.0.1", "10.217.0.2"
+TARGET_DIRS = ("etc", "opt", "var/lib")
+
+
+def missing() -> str | None:
+    """Why the real sshd cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (network and mount namespaces)"
+    if not Path(SSHD).exists():
+        return "openssh-server is not installed (apt-get install openssh-server)"
+    return None
+
+
+def _hash(password: str) -> str:
+    return subprocess.run(["openssl", "passwd", "-6", "-stdin"], input=password, text=True,
+                          capture_output=True, check=True).stdout.strip()
+
+
+class Sshd:
+    """``async with Sshd(dir, passwords={...}) as s``: s.host, s.port, s.root (the target
+    root), s.host_key (OpenSSH public key line). ``sftp=False`` serves no SFTP subsystem;
+    ``listen=False`` starts the namespace without sshd (port closed)."""
+
+    def __init__(self, work: Path, *, passwords: dict[str, str],
+                 authorized: dict[str, str] | None = None, sftp: bool = True,
+                 listen: bool = True) -> None:
+        self.work, self.passwords, self.authorized = work, passwords, authorized or {}
+        self.sftp, self.listen = sftp, listen
+        self.ns = f"srhj{secrets.token_hex(3)}"
+        self.host, self.port = TARGET_ADDR, 22
+        self.root = work / "target"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.host_key = ""
+
+    def _files(self) -> Path:
+        etc = self.work / "etc"
+        etc.mkdir(parents=True, exist_ok=True)
+        for d in TARGET_DIRS:
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+        users = {"root": (0, "/root"), "alice": (1500, "/home/alice")}
+        passwd = [f"{u}:x:{uid}:{uid}::{home}:/bin/sh" for u, (uid, home) in users.items()]
+        passwd.append("sshd:x:100:65534::/run/sshd:/usr/sbin/nologin")
+        (etc / "passwd").write_text("\n".join(passwd) + "\n")
+        (etc / "group").write_text("root:x:0:\nalice:x:1500:\nnogroup:x:65534:\n")
+        shadow = [f"{u}:{_hash(self.passwords[u]) if u in self.passwords else '!'}:19000:0:"
+                  "99999:7:::" for u in users]
+        (etc / "shadow").write_text("\n".join(shadow) + "\n")
+        (etc / "shadow").chmod(0o600)
+        keys = self.work / "keys"
+        keys.mkdir(exist_ok=True)
+        for u, line in self.authorized.items():
+            (keys / u).write_text(line + "\n")
+        hostkey = self.work / "ssh_host_ed25519_key"
+        if not hostkey.exists():
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(hostkey)],
+                           check=True)
+        self.host_key = " ".join(Path(f"{hostkey}.pub").read_text().split()[:2])
+        cfg = self.work / "sshd_config"
+        cfg.write_text("\n".join([
+            f"ListenAddress {TARGET_ADDR}", "Port 22", f"HostKey {hostkey}",
+            f"PidFile {self.work / 'sshd.pid'}", "PermitRootLogin yes",
+            "PasswordAuthentication yes", "KbdInteractiveAuthentication no", "UsePAM no",
+            "StrictModes no", f"AuthorizedKeysFile {keys}/%u", "LogLevel VERBOSE",
+            *(["Subsystem sftp internal-sftp"] if self.sftp else [])]) + "\n")
+        return cfg
+
+    def _script(self, cfg: Path) -> str:
+        binds = []
+        for d in TARGET_DIRS:
+            upper, scratch = self.root / d, self.work / "overlay-work" / d
+            scratch.mkdir(parents=True, exist_ok=True)
+            binds.append(f"mount -t overlay overlay -o lowerdir=/{d},upperdir={upper},"
+                         f"workdir={scratch} /{d}")
+        binds += [f"mount --bind {self.work / 'etc' / f} /etc/{f}"
+                  for f in ("passwd", "shadow", "group")]
+        return " && ".join(["mkdir -p /run/sshd", *binds, f"exec {SSHD} -D -e -f {cfg}"])
+
+    async def __aenter__(self) -> Sshd:
+        cfg = self._files()
+        a, b = f"{self.ns}a", f"{self.ns}b"
+        try:
+            self._network(a, b)
+            if self.listen:
+                await self.start(cfg)
+        except BaseException:
+            await self.__aexit__()
+            raise
+        return self
+
+    def _network(self, a: str, b: str) -> None:
+        for cmd in (["ip", "netns", "add", self.ns],
+                    ["ip", "link", "add", a, "type", "veth", "peer", "name", b],
+                    ["ip", "link", "set", b, "netns", self.ns],
+                    ["ip", "addr", "add", f"{HOST_ADDR}/30", "dev", a],
+                    ["ip", "link", "set", a, "up"],
+                    ["ip", "netns", "exec", self.ns, "ip", "addr", "add", f"{TARGET_ADDR}/30",
+                     "dev", b],
+                    ["ip", "netns", "exec", self.ns, "ip", "link", "set", b, "up"],
+                    ["ip", "netns", "exec", self.ns, "ip", "link", "set", "lo", "up"]):
+            subprocess.run(cmd, check=True, capture_output=True)
+
+    async def start(self, cfg: Path | None = None) -> None:
+        """Start sshd; returns once it listens (its own log line, not a sleep)."""
+        cfg = cfg or self._files()
+        self.proc = await asyncio.create_subprocess_exec(
+            "ip", "netns", "exec", self.ns, "sh", "-c", self._script(cfg),
+            stderr=asyncio.subprocess.PIPE)
+        assert self.proc.stderr is not None
+        log = []
+        async with asyncio.timeout(30):
+            while True:
+                line = (await self.proc.stderr.readline()).decode()
+                log.append(line)
+                if not line:
+                    raise RuntimeError("sshd did not start:\n" + "".join(log))
+                if "Server listening on" in line:
+                    break
+        self._drain = asyncio.create_task(self._read_rest())
+
+    async def _read_rest(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        while await self.proc.stderr.readline():
+            pass
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            await self.proc.wait()
+            await self._drain
+        self.proc = None
+
+    def new_host_key(self) -> None:
+        """The machine "was reinstalled": a new host key from the next start."""
+        for p in self.work.glob("ssh_host_ed25519_key*"):
+            p.unlink()
+
+    def files(self) -> list[str]:
+        """Every file under the target root (what an install left behind)."""
+        return sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*")
+                      if not p.is_dir())
+
+    def unplug(self) -> None:
+        """The machine's network goes away (its link down): its address stops answering."""
+        subprocess.run(["ip", "netns", "exec", self.ns, "ip", "link", "set", f"{self.ns}b",
+                        "down"], check=True, capture_output=True)
+
+    def _teardown(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", f"{self.ns}a"], capture_output=True)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+        self._teardown()

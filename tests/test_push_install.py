@@ -1,0 +1,134 @@
+"""Push-install prerequisites (issue #14) against a real sshd on "another machine"
+(tests/sshd.py: its own network and mount namespaces): every check passes on a good
+target, and each failure is its own clear error that changes nothing on the target."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import pytest
+
+from configserver.support import BadKernel, Unsupported, check
+from procserver.sshprereq import HostKeyChanged, PrerequisiteFailed, SshTarget, check_target
+from tests.backends import missing_backend
+from tests.sshd import Sshd, missing
+
+ROOT_PW, ALICE_PW = "root-secret-1", "alice-secret-2"
+BUNDLE_TARGET = {"implementation": "cpython", "python": "3.11", "python_exact": True,
+                 "machine": "x86_64"}
+NEED = 64 * 2**20
+
+
+def matrix(release: dict[str, str], kernel: str) -> str | None:
+    try:
+        check("linux", release.get("ID"), release.get("VERSION_ID"), kernel)
+    except (Unsupported, BadKernel) as e:
+        return str(e)
+    return None
+
+
+@pytest.fixture(scope="module")
+def root_key() -> asyncssh.SSHKey:
+    return asyncssh.generate_private_key("ssh-ed25519")
+
+
+@pytest.fixture
+async def sshd(tmp_path: Path, root_key: asyncssh.SSHKey) -> AsyncIterator[Sshd]:
+    if why := missing():
+        missing_backend("a real sshd", why)
+    authorized = {"root": root_key.export_public_key("openssh").decode().strip()}
+    async with Sshd(tmp_path / "sshd", passwords={"root": ROOT_PW, "alice": ALICE_PW},
+                    authorized=authorized) as s:
+        yield s
+
+
+async def _probe(s: Sshd, need: int = NEED, os_check: Any = matrix, **kw: Any) -> Any:
+    t = SshTarget(s.host, port=s.port, timeout=5, **{"username": "root", **kw})
+    return await check_target(t, bundle_target=BUNDLE_TARGET, need_bytes=need,
+                              os_check=os_check)
+
+
+async def _fails(s: Sshd, check_name: str, **kw: Any) -> PrerequisiteFailed:
+    with pytest.raises(PrerequisiteFailed) as e:
+        await _probe(s, **kw)
+    assert e.value.check == check_name, str(e.value)
+    assert "hint: " in str(e.value) and e.value.remediation
+    assert s.files() == []  # nothing written on the target
+    return e.value
+
+
+async def test_every_prerequisite_passes_on_a_good_target(sshd: Sshd,
+                                                          root_key: asyncssh.SSHKey) -> None:
+    p = await _probe(sshd, password=ROOT_PW)
+    assert [name for name, _ in p.passed] == ["ssh_port", "host_key", "authentication", "sftp",
+                                              "privileges", "os", "python", "free_space"]
+    assert p.host_key == sshd.host_key  # what trust on first use records
+    assert p.sudo == "" and p.os_release["ID"] == "debian" and p.python.endswith("3.11")
+    assert p.free_bytes >= NEED
+    # with the key instead of a password, and the recorded host key
+    key = root_key.export_private_key("openssh").decode()
+    again = await _probe(sshd, private_key=key, known_host_key=p.host_key)
+    assert again.fingerprint == p.fingerprint
+    assert sshd.files() == []
+
+
+async def test_wrong_password(sshd: Sshd) -> None:
+    e = await _fails(sshd, "authentication", password="not-it")
+    assert "refuses the account 'root' with its password" in e.message
+
+
+async def test_wrong_key(sshd: Sshd) -> None:
+    other = asyncssh.generate_private_key("ssh-ed25519").export_private_key("openssh").decode()
+    e = await _fails(sshd, "authentication", private_key=other)
+    assert "with its key" in e.message
+
+
+async def test_not_root_and_no_sudo(sshd: Sshd) -> None:
+    e = await _fails(sshd, "privileges", username="alice", password=ALICE_PW)
+    assert "'alice' is not root and may not use sudo" in e.message
+
+
+async def test_no_sftp_subsystem(tmp_path: Path) -> None:
+    if why := missing():
+        missing_backend("a real sshd", why)
+    async with Sshd(tmp_path / "sshd", passwords={"root": ROOT_PW}, sftp=False) as s:
+        e = await _fails(s, "sftp", password=ROOT_PW)
+        assert "Subsystem sftp" in e.remediation
+
+
+async def test_port_closed(tmp_path: Path) -> None:
+    if why := missing():
+        missing_backend("a real sshd", why)
+    async with Sshd(tmp_path / "sshd", passwords={"root": ROOT_PW}, listen=False) as s:
+        e = await _fails(s, "ssh_port", password=ROOT_PW)
+        assert "refuses connections" in e.message
+
+
+async def test_host_key_changed_refuses_before_any_credential(sshd: Sshd) -> None:
+    first = await _probe(sshd, password=ROOT_PW)
+    await sshd.stop()
+    sshd.new_host_key()  # the machine "was reinstalled"
+    await sshd.start()
+    assert sshd.host_key != first.host_key
+    e = await _fails(sshd, "host_key", password=ROOT_PW, known_host_key=first.host_key)
+    assert isinstance(e, HostKeyChanged)
+    new = asyncssh.import_public_key(sshd.host_key).get_fingerprint("sha256")
+    assert e.recorded == first.fingerprint and e.presented == new
+    assert first.fingerprint in str(e) and new in str(e)
+
+
+async def test_unsupported_os_and_too_little_space(sshd: Sshd) -> None:
+    e = await _fails(sshd, "os", password=ROOT_PW,
+                     os_check=lambda release, kernel: "distribution 'debian' is not supported")
+    assert "Debian GNU/Linux 12" in e.message and "not supported" in e.message
+    e = await _fails(sshd, "free_space", password=ROOT_PW, need=1 << 60)
+    assert "MiB free under /opt/siterecovery-agent" in e.message
+
+
+async def test_unreachable_address(sshd: Sshd) -> None:
+    sshd.unplug()
+    e = await _fails(sshd, "reachability", password=ROOT_PW)
+    assert "cannot be reached from the process server" in e.message
