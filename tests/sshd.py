@@ -98,6 +98,10 @@ class Sshd:
                          f"workdir={scratch} /{d}")
         binds += [f"mount --bind {self.work / 'etc' / f} /etc/{f}"
                   for f in ("passwd", "shadow", "group")]
+        # Its own /var/tmp (uploads), and no view of the host's systemd: an install on the
+        # target must never enable a unit on the host.
+        binds += ["mount -t tmpfs tmpfs /var/tmp",
+                  "{ [ ! -d /run/systemd ] || mount -t tmpfs tmpfs /run/systemd; }"]
         return " && ".join(["mkdir -p /run/sshd", *binds, f"exec {SSHD} -D -e -f {cfg}"])
 
     async def __aenter__(self) -> Sshd:

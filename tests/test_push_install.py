@@ -12,7 +12,15 @@ import asyncssh
 import pytest
 
 from configserver.support import BadKernel, Unsupported, check
-from procserver.sshprereq import HostKeyChanged, PrerequisiteFailed, SshTarget, check_target
+from procserver.pushinstall import InstallFailed, install, uninstall
+from procserver.sshprereq import (
+    HostKeyChanged,
+    PrerequisiteFailed,
+    SshTarget,
+    check_target,
+    connect,
+)
+from siterecovery.agentbundle import Bundle, build
 from tests.backends import missing_backend
 from tests.sshd import Sshd, missing
 
@@ -33,6 +41,11 @@ def matrix(release: dict[str, str], kernel: str) -> str | None:
 @pytest.fixture(scope="module")
 def root_key() -> asyncssh.SSHKey:
     return asyncssh.generate_private_key("ssh-ed25519")
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    return build(tmp_path_factory.mktemp("bundle") / "agent.tar.gz")
 
 
 @pytest.fixture
@@ -132,3 +145,49 @@ async def test_unreachable_address(sshd: Sshd) -> None:
     sshd.unplug()
     e = await _fails(sshd, "reachability", password=ROOT_PW)
     assert "cannot be reached from the process server" in e.message
+
+
+async def test_install_then_uninstall_removes_everything(sshd: Sshd, bundle: Bundle) -> None:
+    """Prerequisites, then the bundle over SFTP and install.sh as root: the agent lands in
+    the target's /opt and its unit in /etc/systemd/system (this target has no systemd:
+    said so); a second install changes nothing; uninstall leaves no file behind, and
+    the upload directory is gone."""
+    t = SshTarget(sshd.host, username="root", password=ROOT_PW, timeout=5)
+    p = await check_target(t, bundle_target=bundle.manifest["target"], need_bytes=NEED,
+                           os_check=matrix)
+    key = asyncssh.import_public_key(p.host_key)
+    async with await connect(t, key) as conn:
+        done = await install(conn, bundle.path, sudo=p.sudo, python=p.python)
+        assert (done.version, done.prefix) == (bundle.manifest["agent_version"],
+                                               "/opt/siterecovery-agent")
+        assert "does not run systemd" in done.output
+        files = sshd.files()
+        assert "etc/systemd/system/siterecovery-agent.service" in files
+        assert "opt/siterecovery-agent/lib/mobility/standalone.py" in files
+        assert {f.split("/")[0] for f in files} == {"etc", "opt"}
+        version = await conn.run("/opt/siterecovery-agent/bin/siterecovery-agent version",
+                                 check=True)
+        assert str(version.stdout).strip() == bundle.manifest["agent_version"]
+        assert str((await conn.run("ls -A /var/tmp", check=True)).stdout) == ""
+
+        again = await install(conn, bundle.path, sudo=p.sudo, python=p.python)
+        assert "already installed" in again.output
+        assert [f for f in sshd.files() if "__pycache__" not in f] == files  # python's own
+
+        assert "removed" in await uninstall(conn, sudo=p.sudo)
+        assert sshd.files() == []
+        assert "not installed" in await uninstall(conn, sudo=p.sudo)
+
+
+async def test_install_refused_by_the_bundle_changes_nothing(sshd: Sshd, bundle: Bundle,
+                                                            tmp_path: Path) -> None:
+    """A bundle whose interpreter does not fit (here: a wrong --python) is refused by its
+    own install.sh before anything is written."""
+    t = SshTarget(sshd.host, username="root", password=ROOT_PW, timeout=5)
+    p = await check_target(t, bundle_target=bundle.manifest["target"], need_bytes=NEED,
+                           os_check=matrix)
+    async with await connect(t, asyncssh.import_public_key(p.host_key)) as conn:
+        with pytest.raises(InstallFailed) as e:
+            await install(conn, bundle.path, sudo=p.sudo, python="/bin/false")
+    assert "refused" in str(e.value) and "install CPython 3.11" in str(e.value)
+    assert sshd.files() == []

@@ -1,0 +1,90 @@
+"""Push install of the agent bundle over an SSH connection whose prerequisites passed.
+
+``install`` copies the bundle over SFTP into a private upload directory in /var/tmp,
+unpacks it there and runs its ``install.sh`` as root (directly, or through the sudo
+prefix ``sshprereq`` found), with the interpreter the prerequisites chose; the upload
+directory is removed whatever happens. ``install.sh`` itself checks the interpreter and
+every file's checksum before it changes anything, is idempotent (the same version:
+nothing changes) and lists what it installed in PREFIX/INSTALLED. ``uninstall`` runs
+PREFIX/uninstall.sh, which removes exactly that list.
+
+Not here yet (issue #14): writing the agent's config and enrolling it (key generated on
+the machine, CSR to the CA), starting the unit, waiting for the first heartbeat.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncssh
+
+DEFAULT_PREFIX = "/opt/siterecovery-agent"
+
+
+class InstallFailed(Exception):
+    """The install or removal on the machine failed; ``str(e)`` has its script's words."""
+
+
+@dataclass(frozen=True)
+class Installed:
+    version: str
+    prefix: str
+    output: str  # install.sh's report, for the job's step message
+
+
+def _as_root(sudo: str, command: str) -> str:
+    return f"{sudo} sh -c {shlex.quote(command)}" if sudo else command
+
+
+async def install(conn: asyncssh.SSHClientConnection, bundle: Path, *, sudo: str,
+                  python: str, password: str = "") -> Installed:
+    """Install ``bundle`` (a file written by ``siterecovery agent bundle``) on the machine
+    behind ``conn``; ``InstallFailed`` names what went wrong (the script refuses before
+    changing anything when the interpreter or a checksum does not fit)."""
+    stdin = password + "\n" if sudo.startswith("sudo -S") else None
+    made = await conn.run("mktemp -d /var/tmp/siterecovery-agent.XXXXXXXX", check=False)
+    upload = str(made.stdout).strip()
+    if made.exit_status != 0 or not upload.startswith("/var/tmp/"):
+        raise InstallFailed(f"cannot make an upload directory in /var/tmp: "
+                            f"{str(made.stderr).strip()}")
+    try:
+        remote = f"{upload}/{bundle.name}"
+        try:
+            async with conn.start_sftp_client() as sftp:
+                await sftp.put(str(bundle), remote)
+        except (asyncssh.Error, OSError) as e:
+            raise InstallFailed(f"copying the bundle over SFTP failed: {e}") from None
+        q = shlex.quote
+        script = (f"cd {q(upload)} && tar xzf {q(bundle.name)} && "
+                  f"./siterecovery-agent-*/install.sh --python {q(python)}")
+        r = await conn.run(_as_root(sudo, script), input=stdin, check=False)
+        out, err = str(r.stdout).strip(), str(r.stderr).strip()
+        if r.exit_status != 0:
+            raise InstallFailed(f"install.sh failed (exit {r.exit_status}): {err or out}")
+    finally:
+        await conn.run(_as_root(sudo, f"rm -rf {shlex.quote(upload)}"), input=stdin,
+                       check=False)
+    version = prefix = ""
+    for line in out.splitlines():
+        words = line.split()
+        if "siterecovery agent" in line and " in " in line:
+            version = words[words.index("agent") + 1]
+            prefix = words[words.index("in") + 1]
+    return Installed(version, prefix or DEFAULT_PREFIX, out)
+
+
+async def uninstall(conn: asyncssh.SSHClientConnection, *, sudo: str, password: str = "",
+                    prefix: str = DEFAULT_PREFIX) -> str:
+    """Remove the agent and everything its install listed; a machine without it is
+    already done (returns what happened)."""
+    stdin = password + "\n" if sudo.startswith("sudo -S") else None
+    script = f"{shlex.quote(prefix)}/uninstall.sh"
+    r = await conn.run(_as_root(sudo, f"if [ -x {script} ]; then {script}; "
+                                      "else echo 'siterecovery agent not installed'; fi"),
+                       input=stdin, check=False)
+    if r.exit_status != 0:
+        raise InstallFailed(f"uninstall.sh failed (exit {r.exit_status}): "
+                            f"{str(r.stderr).strip() or str(r.stdout).strip()}")
+    return str(r.stdout).strip()
