@@ -30,6 +30,7 @@ from siterecovery import (
     failovercmds,
     keycmds,
     machinecmds,
+    notifycmds,
     policycmds,
     procservercmds,
     prunecmds,
@@ -126,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     checkcmds.register(sub)
     prunecmds.register(sub)
     for m in (registercmds, certcmds, policycmds, machinecmds, accountcmds, procservercmds,
-              replicationcmds, failovercmds):
+              replicationcmds, failovercmds, notifycmds):
         m.register(sub)
 
     d = sub.add_parser("demo", help="protect a sample disk end to end and prove the restore",

@@ -11,6 +11,7 @@ import hmac
 import json
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -31,6 +32,7 @@ from cryptography.x509.oid import NameOID
 from configserver.config import ConfigServerConfig
 from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiCallError, ApiClient
+from tests.helpers import run_cli
 from tests.test_procservers import beat, post_beat
 
 HOOK_SECRET = "hook-Signing-Key-0123456789"
@@ -314,3 +316,38 @@ async def test_channel_refusals(cs: ConfigServer, api: ApiClient) -> None:
     assert e2.value.status == 409
     tested = await api.post("/api/v1/notify/channels/h/test")
     assert tested["delivered"] is False and "unreachable" in tested["error"]
+
+
+async def test_cli_add_list_test_remove(cs: ConfigServer, receiver: tuple[Receiver, str],
+                                        tmp_path: Path) -> None:
+    hook, url = receiver
+    key = tmp_path / "hook.key"
+    key.write_text(HOOK_SECRET + "\n")
+    api = ["--api", cs.url, "--token-file", str(cs.cfg.token_path)]
+
+    async def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(run_cli, *args, *api)
+
+    r = await cli("notify", "add", "ops", "--webhook", url, "--secret-file", str(key),
+                  "--severity", "critical")
+    assert r.returncode == 0, r.stderr
+    assert "signed:     yes" in r.stdout and HOOK_SECRET not in r.stdout
+    r = await cli("notify", "list", "--json")
+    (doc,) = json.loads(r.stdout)["channels"]
+    assert (doc["name"], doc["severities"], doc["settings"]) == ("ops", ["critical"],
+                                                                 {"url": url})
+    r = await cli("notify", "test", "ops")
+    assert r.returncode == 0 and "accepted" in r.stdout, r.stderr
+    _status, headers, body = await hook.next()
+    assert body["event"] == "test"
+    check_signature(headers, body)
+    hook.status = 500
+    r = await cli("notify", "test", "ops", "--json")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert json.loads(r.stdout)["error"].endswith("HTTP 500")
+    r = await cli("notify", "add", "bad", "--email", "a@example.net")
+    assert r.returncode == 2 and "--smtp-host" in r.stderr
+    r = await cli("notify", "remove", "ops")
+    assert r.returncode == 0, r.stderr
+    r = await cli("notify", "show", "ops")
+    assert r.returncode == 2 and "siterecovery notify list" in r.stderr
