@@ -40,12 +40,12 @@ from siterecovery import (
 )
 from siterecovery.daemon import (
     PROCSERVER_FILES,
+    StopSignals,
     listen_address,
     port_number,
     require_files,
     run_until_signal,
     site_port_number,
-    wait_for_signal,
 )
 from siterecovery.datadir import default_data_dir
 from siterecovery.demo import demo
@@ -68,9 +68,10 @@ async def cmd_procserver_run(args: argparse.Namespace) -> int:
     cfg = load(ProcServerConfig, args.config)
     require_files(cfg, args.config, PROCSERVER_FILES)  # missing: exit 2, not 4 or 1
     ps = ProcServer(cfg)
+    signals = StopSignals()  # before the start: a stop during it is graceful too
     await ps.start()
     try:  # a crashed part of the daemon raises TaskCrashedError: exit 1, loudly
-        await ps.serve_until(wait_for_signal())
+        await ps.serve_until(signals.wait())
     finally:
         await ps.stop()
     return 0

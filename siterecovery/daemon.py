@@ -26,30 +26,43 @@ class Service(Protocol):
     async def stop(self) -> None: ...
 
 
-async def wait_for_signal() -> None:
-    """Return on the first SIGTERM/SIGINT; a second one aborts the graceful shutdown."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    count = 0
+class StopSignals:
+    """SIGTERM/SIGINT, caught from the moment this is made: a daemon makes it before it
+    starts, so a stop asked while it starts (systemd stopping it at once, say) is a
+    graceful stop once it has started, never the default handler's kill. A second signal
+    aborts the graceful shutdown (exit 130)."""
 
-    def on_signal() -> None:
-        nonlocal count
-        count += 1
-        if count > 1:
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self._count = 0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal)
+
+    def _on_signal(self) -> None:
+        self._count += 1
+        if self._count > 1:
             log.warning("second_signal_aborting")
             os._exit(130)
-        stop.set()
+        self._stop.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
-    await stop.wait()
+    async def wait(self) -> None:
+        """Return once the first signal came (at once if it came already)."""
+        await self._stop.wait()
+
+
+async def wait_for_signal() -> None:
+    """Return on the first SIGTERM/SIGINT from now on (``StopSignals`` for a daemon)."""
+    await StopSignals().wait()
 
 
 async def run_until_signal(service: Service) -> int:
-    """Start ``service``, serve until the first signal, stop it; exit code 0."""
+    """Start ``service``, serve until the first signal (one during the start included),
+    stop it; exit code 0."""
+    signals = StopSignals()
     await service.start()
     try:
-        await wait_for_signal()
+        await signals.wait()
     finally:
         await service.stop()
     return 0

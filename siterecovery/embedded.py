@@ -42,7 +42,7 @@ from configserver.config import ConfigServerConfig
 from configserver.server import ConfigServer
 from procserver.config import ProcServerConfig
 from procserver.server import ProcServer
-from siterecovery.daemon import wait_for_signal
+from siterecovery.daemon import StopSignals
 from siterecovery.errors import UsageError
 from siterecovery.vaultopts import add_passphrase_args, passphrase
 from vault.errors import NotFoundError
@@ -256,6 +256,7 @@ async def stop_embedded(e: Embedded) -> None:
 async def serve(data_dir: str, admin_port: int, listen: str, metrics_port: int,
                 site_port: int = 9441, vault: VaultChoice = VaultChoice()) -> int:
     host, _, port = listen.rpartition(":")
+    signals = StopSignals()  # before the start: a stop during it is graceful too
     e = await start_embedded(data_dir, admin_port=admin_port, site_port=site_port,
                              listen_host=host or "127.0.0.1",
                              listen_port=int(port), metrics_port=metrics_port, vault=vault)
@@ -281,7 +282,7 @@ Protect a machine:
    --ca-file <copy of {e.config.ca.cert_path}> ...)
 Stop with Ctrl-C.""", flush=True)
     try:  # a crashed part of the process server ends the run (TaskCrashedError, exit 1)
-        await e.proc.serve_until(wait_for_signal())
+        await e.proc.serve_until(signals.wait())
     finally:
         await stop_embedded(e)
     return 0

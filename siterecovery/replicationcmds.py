@@ -12,8 +12,8 @@ from typing import Any
 from siterecovery.apiclient import ApiClient
 from siterecovery.apiopts import add_api_args, call_and_show, client
 from siterecovery.errors import EXIT_FAIL, CliError, UsageError
-from siterecovery.failovercmds import add_settings_args, describe_settings, settings_change
 from siterecovery.output import show, table
+from siterecovery.recoveryopts import add_settings_args, describe_settings, settings_change
 
 DONE = ("succeeded", "failed", "cancelled")
 EXIT_JOB_FAILED = EXIT_FAIL

@@ -79,8 +79,9 @@ async def test_procserver_run_with_the_passphrase_in_the_environment(
     ready = await ps.start()
     try:
         assert ready["vault_open"] is True
-    finally:
-        await ps.stop()  # (a SIGTERM this early may come before the daemon's handler)
+    finally:  # a SIGTERM right at the start is a graceful stop (StopSignals)
+        assert await ps.stop() == 0
+    assert ps.events("procserver_stopped")
     # The passphrase is never logged.
     assert not any(PASSPHRASE in line for line in ps.lines)
 

@@ -1,0 +1,59 @@
+"""The options and the display of an item's recovery settings, shared by
+``failover settings`` and ``items update`` (verb modules meet only in cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+SETTINGS = ("target", "vm_name", "cpus", "memory_mib", "azure_size", "network",
+            "drill_network", "ip", "mac", "boot_marker", "firmware", "disks")
+
+
+def add_settings_args(s: argparse.ArgumentParser) -> None:
+    """The options that change an item's recovery settings (``failover settings`` and
+    ``items update``)."""
+    s.add_argument("--target", help="folder | libvirt | azure")
+    s.add_argument("--vm-name", dest="vm_name", help="the recovered VM's name")
+    s.add_argument("--cpus", type=int)
+    s.add_argument("--memory-mib", dest="memory_mib", type=int)
+    s.add_argument("--azure-size", dest="azure_size", help="e.g. Standard_D2s_v5")
+    s.add_argument("--network", help="the target network for failover")
+    s.add_argument("--drill-network", dest="drill_network",
+                   help="the target network for drills (isolated)")
+    s.add_argument("--ip", help="a static address (192.0.2.10/24) or 'dhcp'")
+    s.add_argument("--mac")
+    s.add_argument("--boot-marker", dest="boot_marker",
+                   help="console text that proves a boot (default: a login prompt)")
+    s.add_argument("--firmware", help="bios | uefi")
+    s.add_argument("--disks", help="the disks to recover, comma-separated, in order "
+                                   "('' for every disk)")
+    s.add_argument("--reset", action="append", choices=SETTINGS, metavar="SETTING",
+                   help="set SETTING back to its default (repeatable)")
+
+
+def settings_change(args: argparse.Namespace) -> dict[str, Any]:
+    """The recovery settings the options of ``add_settings_args`` change."""
+    change: dict[str, Any] = {k: getattr(args, k) for k in SETTINGS
+                              if getattr(args, k) is not None}
+    if "disks" in change:
+        change["disks"] = [d for d in change["disks"].split(",") if d]
+    for name in args.reset or []:
+        change[name] = None
+    return change
+
+
+def describe_settings(item: dict[str, Any]) -> str:
+    r = item["recovery"]
+    lines = [f"{item['machine']} ({item['state']}): recovery settings"]
+    for k in SETTINGS:
+        v = r[k]
+        shown = ", ".join(v) or "(every disk)" if k == "disks" else (
+            "(dhcp)" if k == "ip" and v is None else "-" if v is None else v)
+        lines.append(f"  {k}: {shown}")
+    for title, key in (("last drill", "last_drill"), ("failover", "failover")):
+        rec = item.get(key)
+        if rec:
+            lines.append(f"{title}: {rec.get('result')} (job {rec.get('job')}), point "
+                         f"{rec.get('point')}, RTO {rec.get('rto_seconds')} s")
+    return "\n".join(lines)
