@@ -17,12 +17,13 @@ from configserver import (
     api_policies,
     api_procservers,
     api_registration,
+    api_verify,
 )
 from configserver.rest import Route
 
 MODULES = (api_core, api_registration, api_certs, api_procservers, api_policies, api_machines,
            api_accounts, api_items, api_failover, api_jobs, api_points, api_agent, api_events,
-           api_notify)
+           api_notify, api_verify)
 
 
 def all_routes() -> list[Route]:

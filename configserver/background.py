@@ -6,7 +6,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from configserver import alerts, certs, notifydeliver
+from configserver import alerts, certs, notifydeliver, verifyjob
 from configserver.services import Services
 
 
@@ -15,4 +15,7 @@ def background_tasks(services: Services) -> list[Coroutine[Any, Any, None]]:
     site_pem = Path(services.cfg.data_dir) / "tls" / "site.pem"  # see ConfigServer._site_tls
     return [alerts.run(services, services.alert_book, services.cfg.alert_interval_seconds),
             certs.record_own(services, site_pem), services.jobs.run(),
-            notifydeliver.run(services, services.cfg.secrets_key_path)]
+            notifydeliver.run(services, services.cfg.secrets_key_path),
+            verifyjob.schedule(services, services.cfg.verify_interval_hours, {
+                "reverify_days": services.cfg.verify_reverify_days,
+                "daily_share": services.cfg.verify_daily_share_percent})]

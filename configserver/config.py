@@ -40,6 +40,14 @@ class ConfigServerConfig:
     # Uploads to the vault failing without a break for this long raise
     # procserver_storage_failing (the process server's health turns critical).
     storage_alert_seconds: float = 300.0
+    # Verification of recovery points (configserver/verifyjob.py): a run is queued every
+    # verify_interval_hours (0, the default here: only by hand; deploy/configserver.toml
+    # sets 24); it verifies new points and, of those last
+    # verified verify_reverify_days ago or more, at most verify_daily_share_percent of
+    # the retained points, so re-verification is spread over days.
+    verify_interval_hours: float = 0.0
+    verify_reverify_days: float = 30.0
+    verify_daily_share_percent: float = 10.0
     # Failover: how long the point 'latest' waits for the process server's upload, and
     # how long a failover waits for the source's agent to take a last cycle and shut down.
     failover_drain_timeout_seconds: float = 1800.0
@@ -70,6 +78,12 @@ class ConfigServerConfig:
             raise ValueError("drill_warning_days must be more than 0 and at most 3650")
         if not 0 < self.storage_alert_seconds <= 86400:
             raise ValueError("storage_alert_seconds must be more than 0 and at most 86400")
+        if not 0 <= self.verify_interval_hours <= 24 * 366:
+            raise ValueError("verify_interval_hours must be 0 (off) to 8784 (a year)")
+        if not 0 < self.verify_reverify_days <= 3650:
+            raise ValueError("verify_reverify_days must be more than 0 and at most 3650")
+        if not 0 < self.verify_daily_share_percent <= 100:
+            raise ValueError("verify_daily_share_percent must be more than 0 and at most 100")
         for name in ("failover_drain_timeout_seconds", "failover_shutdown_timeout_seconds"):
             if not 0 < getattr(self, name) <= 86400:
                 raise ValueError(f"{name} must be more than 0 and at most 86400 (a day)")

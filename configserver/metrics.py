@@ -61,3 +61,14 @@ class ConfigMetrics:
                                          "database was unreachable); retried", registry=r)
         self.agent_heartbeats = Counter("siterecovery_configserver_agent_heartbeats",
                                         "Heartbeats received from Mobility agents", registry=r)
+        # Verification of recovery points (configserver/verifyjob.py), by machine.
+        self.verify_last = Gauge("siterecovery_configserver_verify_last_timestamp_seconds",
+                                 "When a machine's points were last verified (UNIX seconds)",
+                                 ["machine"], registry=r)
+        self.verify_failed = Gauge("siterecovery_configserver_verify_failed_points",
+                                   "A machine's retained points whose last verification "
+                                   "failed", ["machine"], registry=r)
+        self.verify_unverified = Gauge("siterecovery_configserver_verify_unverified_points",
+                                       "Retained points not verified within "
+                                       "verify_reverify_days, at the last verification",
+                                       ["machine"], registry=r)

@@ -41,6 +41,18 @@ class RecoveryPoint(Base):
     received: Mapped[float] = mapped_column(Float)
 
 
+class PointVerification(Base):
+    """A recovery point's last verification (configserver/verifyjob.py); the row goes when
+    the point leaves the vault."""
+
+    __tablename__ = "point_verifications"
+    point_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    machine: Mapped[str] = mapped_column(String(255), index=True)  # "" if unknown
+    verified: Mapped[float] = mapped_column(Float)
+    ok: Mapped[bool] = mapped_column(Boolean)
+    damaged: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # [{object, reason}]
+
+
 class ProcessServer(Base):
     __tablename__ = "process_servers"
     name: Mapped[str] = mapped_column(String(255), primary_key=True)

@@ -3,17 +3,26 @@ its recorded digests, on the real golden vault, with real damage."""
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from configserver.server import ConfigServer
 from configserver.verification import DAY, due, verify_points
+from siterecovery.apiclient import ApiClient
 from tests.helpers import open_vault
+from tests.sitehelpers import wait_job
 from tests.test_golden import P1, P2, Golden, _flip, copy_golden
 from vault.locks import LockedError, locked
 from vault.point import Point
+from vault.regkey import make_key
 
 
 async def _verify(g: Golden, wait: float = 0.0) -> dict[str, tuple[bool, list[str], int]]:
@@ -93,3 +102,70 @@ def test_due_takes_new_points_then_a_daily_share_of_the_stale() -> None:
     assert [p.id for p in due(pts, last, now, reverify_days=30, daily_share=20)] == [
         pts[7].id, pts[8].id, pts[9].id]
     assert due(pts, {p.id: now for p in pts}, now, reverify_days=30, daily_share=100) == []
+
+
+# -- the job, through the real configuration server and its API ---------------------------
+
+async def _register_golden(api: ApiClient, g: Golden) -> None:
+    v = await open_vault(g.vault, g.key)
+    try:
+        await api.post("/api/v1/registration", {
+            "key": json.dumps(make_key(v, g.url, time.time())), "vault_key_file": str(g.key)})
+    finally:
+        await v.close()
+
+
+async def _run(api: ApiClient, **body: object) -> dict[str, Any]:
+    job = (await api.post("/api/v1/verify", body))["job"]
+    assert job["kind"] == "verify_points" and job["target"] == "vault"
+    return await wait_job(api, job["id"])
+
+
+def _sample(text: str, name: str, machine: str) -> float | None:
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels.get("machine") == machine:
+                return float(s.value)
+    return None
+
+
+async def test_verify_job_fails_naming_the_damage_and_alerts(
+        cs: ConfigServer, api: ApiClient, tmp_path: Path) -> None:
+    g = await copy_golden(tmp_path)
+    await _register_golden(api, g)
+    done = await _run(api)
+    assert done["state"] == "succeeded", done
+    st = await api.get("/api/v1/verify")
+    assert {(p["point"], p["ok"]) for p in st["points"]} == {(P1, True), (P2, True)}
+    machine = st["points"][0]["machine"]
+
+    off, ln = g.p1_only_block
+    _flip(g.path(g.full_pack), off + ln // 2)
+    # Everything was verified just now: a run of what is due verifies nothing...
+    assert (await _run(api))["state"] == "succeeded"
+    assert (await api.get("/api/v1/verify"))["failed"] == 0
+    # ...and one of every point finds the damage, names it, and alerts.
+    failed = await _run(api, all=True)
+    assert failed["state"] == "failed" and g.full_pack in failed["error"], failed
+    assert P1 in failed["error"] and P2 not in failed["error"]
+    st = await api.get("/api/v1/verify", machine=machine)
+    bad = [p for p in st["points"] if not p["ok"]]
+    assert [p["point"] for p in bad] == [P1] and st["failed"] == 1
+    assert [d["object"] for d in bad[0]["damaged"]] == [g.full_pack]
+    events = (await api.get("/api/v1/events", active=True))["events"]
+    alert = [e for e in events if e["code"] == "point_verification_failed"]
+    assert len(alert) == 1 and alert[0]["target"] == machine, events
+    assert g.full_pack in alert[0]["message"] and alert[0]["severity"] == "critical"
+    async with aiohttp.ClientSession() as http, http.get(f"{cs.url}/metrics") as r:
+        text = await r.text()
+    assert _sample(text, "siterecovery_configserver_verify_failed_points", machine) == 1
+    assert _sample(text, "siterecovery_configserver_verify_unverified_points", machine) == 0
+    assert _sample(text, "siterecovery_configserver_verify_last_timestamp_seconds",
+                   machine) is not None
+
+    # Repaired (the bit flipped back): verified again, the alert clears.
+    _flip(g.path(g.full_pack), off + ln // 2)
+    assert (await _run(api, all=True, machine=machine))["state"] == "succeeded"
+    assert (await api.get("/api/v1/verify"))["failed"] == 0
+    events = (await api.get("/api/v1/events", active=True))["events"]
+    assert not [e for e in events if e["code"] == "point_verification_failed"]
