@@ -66,9 +66,10 @@ CACHE_LOW = "procserver_cache_free_low"
 BACKLOG = "procserver_upload_backlog"
 NO_HEARTBEAT = "procserver_heartbeat_missing"
 STORAGE = "procserver_storage_failing"
+CERT_REVOKED = "procserver_certificate_revoked"
 RPO = "rpo_threshold_exceeded"
 DRILL_OVERDUE = "drill_overdue"
-PROCSERVER_CODES = (CACHE_LOW, BACKLOG, NO_HEARTBEAT, STORAGE)
+PROCSERVER_CODES = (CACHE_LOW, BACKLOG, NO_HEARTBEAT, STORAGE, CERT_REVOKED)
 CODES = (*PROCSERVER_CODES, RPO, DRILL_OVERDUE)  # the codes this module owns in ``events``
 SEVERITIES = ("warning", "critical")
 # Items whose agent is expected to keep sending points (an item still in initial
@@ -134,6 +135,19 @@ def procserver_alerts(ps: db.ProcessServer, now: float, up_since: float,
                          "the data waits in the cache: check the vault's storage (free "
                          "space, credentials, reachability)"))
     return out
+
+
+def revoked_alert(ps: db.ProcessServer, newest: db.Certificate | None) -> Alert | None:
+    """A process server whose newest certificate from this CA is revoked refuses every
+    agent (procserver/trust.py) until it has a new one: critical."""
+    if newest is None or newest.revoked_at is None:
+        return None
+    return Alert(CERT_REVOKED, ps.name, "critical",
+                 f"process server {ps.name}: its certificate (serial {newest.serial}) is "
+                 f"revoked since {iso(newest.revoked_at)}, and it refuses every agent until "
+                 f"it has a new one: siterecovery cert procserver --name {ps.name} --host "
+                 "ADDRESS --out DIR, then put those files in place of its tls_cert and "
+                 "tls_key (read at the next handshake, no restart)")
 
 
 def rpo_alert(item: db.ReplicatedItem, threshold: int | None, now: float) -> Alert | None:
@@ -204,10 +218,17 @@ async def evaluate(core: Core, st: AlertBook) -> list[Alert]:
                 select(db.Job.target, func.max(db.Job.ended)).where(
                     db.Job.kind == FINALIZE.name, db.Job.state == "succeeded")
                 .group_by(db.Job.target))).all() if e is not None}
+            newest: dict[str, db.Certificate] = {}
+            for c in (await s.execute(select(db.Certificate).where(
+                    db.Certificate.kind == "procserver").order_by(
+                    db.Certificate.issued_at))).scalars().all():
+                newest[c.subject] = c  # the last issued for each name wins
             want: dict[tuple[str, str], Alert] = {}
             for ps in procservers:
                 for a in procserver_alerts(ps, now, st.up_since, st.storage_alert_seconds):
                     want[(a.code, a.target)] = a
+                if (a1 := revoked_alert(ps, newest.get(ps.name))) is not None:
+                    want[(a1.code, a1.target)] = a1
             for item, threshold in items:
                 if (a2 := rpo_alert(item, threshold, now)) is not None:
                     want[(a2.code, a2.target)] = a2

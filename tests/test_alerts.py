@@ -318,3 +318,28 @@ async def test_rpo_threshold_per_item(aged: Aged, tmp_path: Path) -> None:
     assert await aged.evaluate() == []
     m = await aged.metrics()
     assert rpo_gauge(m, "web01") is None and active_gauge(m, "warning", code) == 0
+
+
+async def test_a_revoked_process_server_certificate_is_critical_until_a_new_one(
+        aged: Aged) -> None:
+    code = "procserver_certificate_revoked"
+    await aged.beat()
+
+    async def issue() -> str:
+        doc = await aged.api.post("/api/v1/certificates/procserver",
+                                  {"name": "ps1", "hosts": ["127.0.0.1"]})
+        return str(doc["serial"])
+
+    first = await issue()
+    assert await aged.evaluate() == []
+    await aged.api.post(f"/api/v1/certificates/{first}/revoke")
+    events = await aged.evaluate()
+    assert [(e["code"], e["severity"], e["target"]) for e in events] == [
+        (code, "critical", "ps1")]
+    assert first in events[0]["message"] and "refuses every agent" in events[0]["message"]
+    assert (await aged.api.get("/api/v1/procservers/ps1"))["health"] == "critical"
+    aged.clock.now = T0 + 1  # a new certificate for it: cleared
+    await issue()
+    assert await aged.evaluate() == []
+    assert [(e["active"], e["cleared_at"]) for e in await aged.history(code)] == [
+        (False, iso(T0 + 1))]
