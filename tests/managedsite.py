@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,10 +58,14 @@ async def _registered(cs: ConfigServer, api: ApiClient) -> None:
 @asynccontextmanager
 async def managed_site(cs: ConfigServer, api: ApiClient, tmp_path: Path, *,
                        policy: str = "default", disk_size: int = 8 << 20,
+                       make_disk_with: Callable[[Path], None] | None = None,
+                       procserver: dict[str, object] | None = None,
                        **agent: object) -> AsyncIterator[Site]:
     """A running process server ps1 registered with ``cs``, machine web01 on it enrolled
     with the passphrase and its replication enabled under ``policy``, and its managed
-    agent (no round run yet); ``agent`` overrides mobility.toml values."""
+    agent (no round run yet); ``make_disk_with`` writes the disk image (default: random
+    data of ``disk_size``), ``procserver`` overrides procserver.toml values and ``agent``
+    mobility.toml values."""
     url, key = await make_vault(tmp_path)
     tls = tmp_path / "ps-tls"
     issued = await issue_procserver_cert(api, tls)
@@ -71,8 +75,12 @@ async def managed_site(cs: ConfigServer, api: ApiClient, tmp_path: Path, *,
         tls_ca=str(cs.ca.cert_path), listen_port=0, metrics_port=0, name="ps1",
         configserver_url=cs.site_url,
         configserver_token_file=str(cs.cfg.internal_token_path))
+    pcfg = dataclasses.replace(pcfg, **(procserver or {}))  # type: ignore[arg-type]
     disk = tmp_path / "disk.img"
-    make_disk(disk, disk_size, seed=3)
+    if make_disk_with is None:
+        make_disk(disk, disk_size, seed=3)
+    else:
+        make_disk_with(disk)
     ps = ProcServer(pcfg)
     await ps.start()
     try:

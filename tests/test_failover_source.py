@@ -10,38 +10,30 @@ failover going on, saying so."""
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
-from configserver.ca import write_bundle
 from configserver.server import ConfigServer
-from mobility.config import MobilityConfig
 from mobility.daemon import ManagedAgent
-from mobility.enroll import enroll_with_passphrase
 from mobility.shutdown import answered
-from mobility.siteclient import SiteClient, SiteRefused
-from procserver.config import ProcServerConfig
+from mobility.siteclient import SiteRefused
 from procserver.server import ProcServer
-from siterecovery.apiclient import ApiCallError, ApiClient
-from siterecovery.tomlconfig import load
+from siterecovery.apiclient import ApiClient
 from tests.backends import missing_backend
-from tests.helpers import make_vault, open_vault, running_procserver, sha256
+from tests.helpers import open_vault, sha256
+from tests.managedsite import managed_site
 from tests.sitehelpers import next_job, step, step_running, wait_job
 from vault.locks import Lock, try_acquire
 from vault.regkey import make_key
 
-T = TypeVar("T")
 DISK = 16 << 20
 
 
@@ -66,14 +58,6 @@ def _write(disk: Path, name: str, data: bytes) -> None:
                    capture_output=True)
 
 
-async def wait_until(cs: ConfigServer, check: Callable[[], Awaitable[T | None]],
-                     timeout: float = 60) -> T:
-    async with asyncio.timeout(timeout), cs.changed:
-        while (result := await check()) is None:
-            await cs.changed.wait()
-        return result
-
-
 @dataclass
 class Protected:
     api: ApiClient
@@ -87,60 +71,30 @@ class Protected:
 @pytest.fixture
 async def protected(cs: ConfigServer, api: ApiClient, tmp_path: Path
                     ) -> AsyncIterator[Protected]:
-    """web01 protected through the real path: one initial cycle, its point in the vault
-    and in the catalog."""
-    url, key = await make_vault(tmp_path)
-    vault = await open_vault(tmp_path / "vault", key)
-    try:
-        await api.post("/api/v1/registration", {
-            "key": json.dumps(make_key(vault, url, time.time())), "vault_key_file": str(key)})
-    finally:
-        await vault.close()
-    tls = write_bundle(tmp_path / "ps-tls", "server",
-                       cs.ca.issue_server("ps1", ["127.0.0.1", "localhost"]), cs.ca.cert_pem)
-    pcfg = ProcServerConfig(
-        data_dir=str(tmp_path / "ps"), vault_url=url, vault_key_file=str(key),
-        tls_cert=str(tls[0]), tls_key=str(tls[1]), tls_ca=str(cs.ca.cert_path),
-        listen_port=0, metrics_port=0, name="ps1", configserver_url=cs.site_url,
-        configserver_token_file=str(cs.cfg.internal_token_path),
-        heartbeat_interval_seconds=1.0)
-    disk, marker = tmp_path / "disk.img", tmp_path / "shut-down"
+    """web01 protected through the real path (its vault registered with the
+    configuration server, which recovers from it): one initial cycle, its point in the
+    vault and in the catalog."""
     _need_e2fsprogs()
-    _ext4(disk)
-    async with running_procserver(pcfg) as ps:
-
-        async def registered() -> bool | None:
-            try:
-                await api.get("/api/v1/procservers/ps1")
-                return True
-            except ApiCallError:
-                return None
-
-        await wait_until(cs, registered)
-        await api.post("/api/v1/machines", {
-            "name": "web01", "ip": "192.0.2.7", "os_type": "linux", "os_name": "debian",
-            "os_version": "12", "disks": [{"name": "sda", "path": str(disk)}],
-            "process_server": "ps1"})
-        async with SiteClient(cs.site_url, str(cs.ca.cert_path)) as site:
-            cfg_path = await enroll_with_passphrase(
-                site, cs.passphrase, tmp_path / "agent", machine="web01",
-                server_host="127.0.0.1", server_port=1, disks=[("sda", str(disk))])
-        cfg = dataclasses.replace(load(MobilityConfig, cfg_path), snapshot="quiesced",
-                                  shutdown_command=["touch", str(marker)])
-        job = (await api.post("/api/v1/replication/enable", {"machine": "web01"}))["job"]
-        async with SiteClient(cfg.site_url, cfg.tls_ca, cfg.tls_cert, cfg.tls_key) as cp:
-            managed = ManagedAgent(cfg, cp)
-            try:
-                assert await managed.round()  # the initial copy
-                assert (await wait_job(api, job["id"]))["state"] == "succeeded"
-                fin = await next_job(api, "web01", "finalize_protection")
-                assert (await wait_job(api, fin["id"]))["state"] == "succeeded"
-                assert managed.last is not None
-                await ps.wait_point(managed.last.cycle)
-                yield Protected(api, ps, managed, disk, marker,
-                                Path(cs.cfg.data_dir) / "recovered" / "web01")
-            finally:
-                managed.close()
+    marker = tmp_path / "shut-down"
+    async with managed_site(cs, api, tmp_path, make_disk_with=_ext4,
+                            procserver={"heartbeat_interval_seconds": 1.0},
+                            shutdown_command=["touch", str(marker)]) as site:
+        vault = await open_vault(tmp_path / "vault", Path(site.pcfg.vault_key_file))
+        try:
+            await api.post("/api/v1/registration", {
+                "key": json.dumps(make_key(vault, site.pcfg.vault_url, time.time())),
+                "vault_key_file": site.pcfg.vault_key_file})
+        finally:
+            await vault.close()
+        job = await next_job(api, "web01", "enable_protection")
+        assert await site.managed.round()  # the initial copy
+        assert (await wait_job(api, job["id"]))["state"] == "succeeded"
+        fin = await next_job(api, "web01", "finalize_protection")
+        assert (await wait_job(api, fin["id"]))["state"] == "succeeded"
+        assert site.managed.last is not None
+        await site.ps.wait_point(site.managed.last.cycle)
+        yield Protected(api, site.ps, site.managed, site.disk, marker,
+                        Path(cs.cfg.data_dir) / "recovered" / "web01")
 
 
 async def test_failover_with_source_shutdown_loses_nothing_acknowledged(
