@@ -41,10 +41,9 @@ class ConfigServerConfig:
     # procserver_storage_failing (the process server's health turns critical).
     storage_alert_seconds: float = 300.0
     # Verification of recovery points (configserver/verifyjob.py): a run is queued every
-    # verify_interval_hours (0, the default here: only by hand; deploy/configserver.toml
-    # sets 24); it verifies new points and, of those last
-    # verified verify_reverify_days ago or more, at most verify_daily_share_percent of
-    # the retained points, so re-verification is spread over days.
+    # verify_interval_hours (0, the default: only by hand; 24: daily); it verifies new
+    # points and, of those last verified verify_reverify_days ago or more, at most
+    # verify_daily_share_percent of the retained points, so the work is spread over days.
     verify_interval_hours: float = 0.0
     verify_reverify_days: float = 30.0
     verify_daily_share_percent: float = 10.0

@@ -37,6 +37,7 @@ from siterecovery import (
     registercmds,
     replicationcmds,
     vaultcmds,
+    verifycmds,
 )
 from siterecovery.daemon import (
     PROCSERVER_FILES,
@@ -128,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     checkcmds.register(sub)
     prunecmds.register(sub)
     for m in (registercmds, certcmds, policycmds, machinecmds, accountcmds, procservercmds,
-              replicationcmds, failovercmds, notifycmds):
+              replicationcmds, failovercmds, notifycmds, verifycmds):
         m.register(sub)
 
     d = sub.add_parser("demo", help="protect a sample disk end to end and prove the restore",

@@ -3,6 +3,7 @@ its recorded digests, on the real golden vault, with real damage."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -16,8 +17,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from configserver.server import ConfigServer
 from configserver.verification import DAY, due, verify_points
+from configserver.verifyjob import schedule_once
 from siterecovery.apiclient import ApiClient
-from tests.helpers import open_vault
+from tests.csclock import Clock, clocked_configserver
+from tests.helpers import open_vault, run_cli
 from tests.sitehelpers import wait_job
 from tests.test_golden import P1, P2, Golden, _flip, copy_golden
 from vault.locks import LockedError, locked
@@ -169,3 +172,44 @@ async def test_verify_job_fails_naming_the_damage_and_alerts(
     assert (await api.get("/api/v1/verify"))["failed"] == 0
     events = (await api.get("/api/v1/events", active=True))["events"]
     assert not [e for e in events if e["code"] == "point_verification_failed"]
+
+
+async def test_verify_cli_run_wait_and_status(cs: ConfigServer, api: ApiClient,
+                                              tmp_path: Path) -> None:
+    g = await copy_golden(tmp_path)
+    await _register_golden(api, g)
+    off, ln = g.shared_block
+    _flip(g.path(g.full_pack), off + ln // 2)
+    opts = ("--api", cs.url, "--token-file", str(cs.cfg.token_path))
+    r = await asyncio.to_thread(run_cli, "verify", "run", "--wait", *opts)
+    assert r.returncode == 1, r.stderr
+    assert "failed" in r.stdout and g.full_pack in r.stdout, r.stdout
+    r = await asyncio.to_thread(run_cli, "verify", "status", "--json", *opts)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["failed"] == 2 and doc["last_job"]["state"] == "failed"
+    r = await asyncio.to_thread(run_cli, "verify", "status", *opts)
+    assert "2 failed" in r.stdout and r.stdout.count("FAILED") == 2, r.stdout
+    r = await asyncio.to_thread(run_cli, "verify", "run", "--machine", "no such", *opts)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+
+
+async def test_schedule_queues_once_per_interval_and_only_when_registered(
+        tmp_path: Path, catalog_url: str) -> None:
+    clock = Clock()  # real time until the registration is in; then moved by hand
+    async with clocked_configserver(tmp_path / "cs", catalog_url, clock) as cs:
+        params = {"reverify_days": 30, "daily_share": 10}
+        assert await schedule_once(cs.services, 24, params) is None  # no vault yet
+        async with ApiClient(cs.url, cs.admin_token) as api:
+            g = await copy_golden(tmp_path)
+            await _register_golden(api, g)
+            clock.now = time.time()
+            first = await schedule_once(cs.services, 24, params)
+            assert first is not None and first.params["scheduled"] is True
+            assert (await wait_job(api, first.id))["state"] == "succeeded"
+            clock.now += 23 * 3600
+            assert await schedule_once(cs.services, 24, params) is None
+            clock.now += 3600
+            second = await schedule_once(cs.services, 24, params)
+            assert second is not None
+            assert (await wait_job(api, second.id))["state"] == "succeeded"
