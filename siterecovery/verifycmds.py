@@ -16,7 +16,7 @@ from typing import Any
 
 from siterecovery.apiopts import add_api_args, call_and_show, client
 from siterecovery.errors import EXIT_FAIL
-from siterecovery.failovercmds import _follow, describe_job
+from siterecovery.jobfollow import describe_job, follow
 from siterecovery.output import show
 
 
@@ -29,7 +29,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
         if not args.wait:
             return show(job, args, f"{job['title']} queued: job {job['id']}\nfollow it: "
                                    f"siterecovery jobs wait {job['id']}")
-        job = await _follow(api, job, args.timeout)
+        job = await follow(api, job, args.timeout)
     show(job, args, describe_job(job))
     return 0 if job["state"] == "succeeded" else EXIT_FAIL
 
