@@ -98,8 +98,13 @@ class CertificateAuthority:
         return cls(cert, key, d)
 
     def _issue(self, cn: str, *, server_names: list[str] | None, days: float,
-               now: float | None) -> Issued:
-        key = ec.generate_private_key(ec.SECP256R1())
+               now: float | None, public_key: ec.EllipticCurvePublicKey | None = None
+               ) -> Issued:
+        # With public_key (from a CSR) the private key stays where it was made.
+        key: ec.EllipticCurvePrivateKey | None = None
+        if public_key is None:
+            key = ec.generate_private_key(ec.SECP256R1())
+            public_key = key.public_key()
         t = dt.datetime.now(dt.UTC) if now is None else dt.datetime.fromtimestamp(now, dt.UTC)
         serial = x509.random_serial_number()
         not_before = t - dt.timedelta(minutes=5)
@@ -107,7 +112,7 @@ class CertificateAuthority:
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-            .issuer_name(self.cert.subject).public_key(key.public_key())
+            .issuer_name(self.cert.subject).public_key(public_key)
             .serial_number(serial)
             .not_valid_before(not_before)
             .not_valid_after(not_after)
@@ -129,8 +134,9 @@ class CertificateAuthority:
             builder = builder.add_extension(
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         cert = builder.sign(self.key, hashes.SHA256())
-        return Issued(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key),
-                      serial_hex(serial), cn, not_before.timestamp(), not_after.timestamp())
+        return Issued(cert.public_bytes(serialization.Encoding.PEM),
+                      _key_pem(key) if key is not None else b"", serial_hex(serial), cn,
+                      not_before.timestamp(), not_after.timestamp())
 
     def issue_server(self, name: str, hosts: list[str], days: float = LEAF_DAYS, *,
                      now: float | None = None) -> Issued:
@@ -143,6 +149,27 @@ class CertificateAuthority:
                      now: float | None = None) -> Issued:
         """A client certificate (TLS client auth) whose common name is ``machine``."""
         return self._issue(machine, server_names=None, days=days, now=now)
+
+    def sign_client_csr(self, machine: str, csr_pem: bytes, days: float = LEAF_DAYS, *,
+                        now: float | None = None) -> Issued:
+        """A client certificate for the key of ``csr_pem`` (made on the machine, never sent):
+        the request must be signed by that key, name ``machine`` as its common name and hold
+        a P-256 key; else ``ValueError`` says which. ``key_pem`` of the result is empty."""
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+        except ValueError:
+            raise ValueError("the certificate request is not a PEM CSR") from None
+        if not csr.is_signature_valid:
+            raise ValueError("the certificate request's signature does not verify")
+        names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if [n.value for n in names] != [machine]:
+            raise ValueError(f"the certificate request names {[n.value for n in names]}, "
+                             f"not the machine {machine!r}")
+        public = csr.public_key()
+        if not isinstance(public, ec.EllipticCurvePublicKey) or \
+                not isinstance(public.curve, ec.SECP256R1):
+            raise ValueError("the certificate request's key must be EC P-256")
+        return self._issue(machine, server_names=None, days=days, now=now, public_key=public)
 
     def revocation_list(self, revoked: list[tuple[str, float]], now: float) -> bytes:
         """A CRL (PEM) signed by the CA listing ``revoked`` (serial_hex, revoked-at UNIX

@@ -30,6 +30,7 @@ from mobility import AGENT_VERSION
 from mobility.agent import Agent
 from mobility.config import MobilityConfig
 from mobility.daemon import ManagedAgent
+from mobility.localenroll import LocalEnrollError, configure, request
 from mobility.siteclient import SiteClient, SiteError
 
 log = structlog.get_logger("siterecovery")
@@ -139,7 +140,44 @@ def parser() -> argparse.ArgumentParser:
                      help="renew the certificate when it has fewer days left (default 30)")
     rp = sub.add_parser("replicate", help="run one replication cycle and exit (JSON result)")
     rp.add_argument("--config", required=True, help="mobility.toml")
+    cr = sub.add_parser("csr", help="print a certificate request; the key stays in --dir",
+                        description="Make DIR/agent.key (once; reused on a re-run) and print "
+                                    "a PEM certificate request naming --machine. Used by "
+                                    "the push install: the key never leaves this machine.")
+    cr.add_argument("--dir", default="/etc/siterecovery", help="(default: %(default)s)")
+    cr.add_argument("--machine", required=True, help="this machine's name in the inventory")
+    cf = sub.add_parser("configure", help="write DIR/mobility.toml after enrollment",
+                        description="With DIR/agent.key, DIR/agent.pem (its certificate) and "
+                                    "DIR/ca.pem in place, write DIR/mobility.toml.")
+    cf.add_argument("--dir", default="/etc/siterecovery", help="(default: %(default)s)")
+    cf.add_argument("--machine", required=True)
+    cf.add_argument("--server", required=True, help="process server HOST:PORT")
+    cf.add_argument("--site", default="", help="site listener https://HOST:9441")
+    cf.add_argument("--state-dir", default="/var/lib/siterecovery-mobility")
+    cf.add_argument("--disk", action="append", default=[], help="NAME=PATH (repeat)")
     return p
+
+
+def _local(args: argparse.Namespace) -> int:
+    """``csr`` and ``configure``: exit 2 on bad arguments, 1 when the step fails."""
+    directory = Path(args.dir)
+    try:
+        if args.cmd == "csr":
+            sys.stdout.write(request(directory, args.machine).decode())
+            return 0
+        host, _, port = args.server.rpartition(":")
+        disks = [tuple(d.split("=", 1)) for d in args.disk]
+        if not host or not port.isdigit() or any(len(d) != 2 or not all(d) for d in disks):
+            print("error: --server wants HOST:PORT and --disk NAME=PATH", file=sys.stderr)
+            return 2
+        out = configure(directory, machine=args.machine, server_host=host,
+                        server_port=int(port), site_url=args.site, state_dir=args.state_dir,
+                        disks=[(d[0], d[1]) for d in disks])
+    except (LocalEnrollError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -147,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "version":
         print(json.dumps(version_doc()) if args.json else AGENT_VERSION)
         return 0
+    if args.cmd in ("csr", "configure"):
+        return _local(args)
     _configure_logs()
     try:
         return asyncio.run(_run(args) if args.cmd == "run" else _replicate(args))

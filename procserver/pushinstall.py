@@ -8,13 +8,18 @@ every file's checksum before it changes anything, is idempotent (the same versio
 nothing changes) and lists what it installed in PREFIX/INSTALLED. ``uninstall`` runs
 PREFIX/uninstall.sh, which removes exactly that list.
 
-Not here yet (issue #14): writing the agent's config and enrolling it (key generated on
-the machine, CSR to the CA), starting the unit, waiting for the first heartbeat.
+``enroll`` then has the installed agent make its key on the machine and print a
+certificate request, passes it to ``sign`` (the CA, on the configuration server's
+side), writes the certificate and the CA next to the key and has the agent write its
+own mobility.toml; those files and the state directory join PREFIX/INSTALLED.
+
+Not here yet (issue #14): starting the unit and waiting for the first heartbeat.
 """
 
 from __future__ import annotations
 
 import shlex
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,3 +93,42 @@ async def uninstall(conn: asyncssh.SSHClientConnection, *, sudo: str, password: 
         raise InstallFailed(f"uninstall.sh failed (exit {r.exit_status}): "
                             f"{str(r.stderr).strip() or str(r.stdout).strip()}")
     return str(r.stdout).strip()
+
+
+# The CA's side of enrollment: a CSR (PEM) in, (certificate PEM, CA certificate PEM) out.
+Signer = Callable[[bytes], Awaitable[tuple[bytes, bytes]]]
+
+
+async def enroll(conn: asyncssh.SSHClientConnection, *, machine: str, sign: Signer,
+                 server: str, site_url: str, disks: list[tuple[str, str]], sudo: str,
+                 password: str = "", prefix: str = DEFAULT_PREFIX,
+                 conf_dir: str = "/etc/siterecovery",
+                 state_dir: str = "/var/lib/siterecovery-mobility") -> str:
+    """Enroll the installed agent of ``machine`` (its key made there, never sent) and write
+    its config; return the config's path. ``InstallFailed`` names the step that failed."""
+    pw = password + "\n" if sudo.startswith("sudo -S") else ""
+    q = shlex.quote
+    agent, d = f"{q(prefix)}/bin/siterecovery-agent", q(conf_dir)
+
+    async def root(command: str, data: str = "") -> str:
+        r = await conn.run(_as_root(sudo, command), input=(pw + data) or None, check=False)
+        if r.exit_status != 0:
+            raise InstallFailed(f"{command.split()[0]} on {machine} failed "
+                                f"(exit {r.exit_status}): {str(r.stderr).strip()}")
+        return str(r.stdout)
+
+    fresh = (await conn.run(_as_root(sudo, f"test -d {d}"), input=pw or None,
+                            check=False)).exit_status != 0
+    csr = await root(f"{agent} csr --dir {d} --machine {q(machine)}")
+    cert, ca = await sign(csr.encode())
+    for name, pem in (("agent.pem", cert), ("ca.pem", ca)):
+        await root(f"umask 022 && cat > {d}/.{name}.tmp && mv {d}/.{name}.tmp {d}/{name}",
+                   pem.decode())
+    disk_args = " ".join(f"--disk {q(f'{n}={p}')}" for n, p in disks)
+    config = (await root(f"{agent} configure --dir {d} --machine {q(machine)} "
+                         f"--server {q(server)} --site {q(site_url)} "
+                         f"--state-dir {q(state_dir)} {disk_args}")).strip()
+    listed = [f"{conf_dir}/{f}" for f in ("agent.key", "agent.pem", "ca.pem", "mobility.toml")]
+    listed += [state_dir] + ([conf_dir] if fresh else [])
+    await root(f"cat >> {q(prefix)}/INSTALLED", "".join(f"{p}\n" for p in listed))
+    return config

@@ -10,9 +10,15 @@ from typing import Any
 
 import asyncssh
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
+from common.tomlconfig import load
+from configserver.ca import CertificateAuthority
 from configserver.support import BadKernel, Unsupported, check
-from procserver.pushinstall import InstallFailed, install, uninstall
+from mobility.config import MobilityConfig
+from mobility.localenroll import request
+from procserver.pushinstall import InstallFailed, enroll, install, uninstall
 from procserver.sshprereq import (
     HostKeyChanged,
     PrerequisiteFailed,
@@ -191,3 +197,57 @@ async def test_install_refused_by_the_bundle_changes_nothing(sshd: Sshd, bundle:
             await install(conn, bundle.path, sudo=p.sudo, python="/bin/false")
     assert "refused" in str(e.value) and "install CPython 3.11" in str(e.value)
     assert sshd.files() == []
+
+
+async def test_enroll_makes_the_key_on_the_machine(sshd: Sshd, bundle: Bundle,
+                                                   tmp_path: Path) -> None:
+    """After the install: the agent makes its key on the machine, the CA signs only its
+    request, the certificate and CA land next to the key and the agent writes its config;
+    uninstall removes all of it."""
+    ca = CertificateAuthority.load_or_create(tmp_path / "ca")
+    requests: list[bytes] = []
+
+    async def sign(csr: bytes) -> tuple[bytes, bytes]:
+        requests.append(csr)
+        issued = ca.sign_client_csr("web01", csr)
+        assert issued.key_pem == b""  # the CA never had the key
+        return issued.cert_pem, ca.cert_pem
+
+    t = SshTarget(sshd.host, username="root", password=ROOT_PW, timeout=5)
+    p = await check_target(t, bundle_target=bundle.manifest["target"], need_bytes=NEED,
+                           os_check=matrix)
+    async with await connect(t, asyncssh.import_public_key(p.host_key)) as conn:
+        await install(conn, bundle.path, sudo=p.sudo, python=p.python)
+        config = await enroll(conn, machine="web01", sign=sign, server="10.217.0.1:9443",
+                              site_url="https://10.217.0.1:9441",
+                              disks=[("sda", "/dev/sda")], sudo=p.sudo)
+        assert config == "/etc/siterecovery/mobility.toml"
+        conf = sshd.root / "etc" / "siterecovery"
+        assert (conf / "agent.key").stat().st_mode & 0o077 == 0
+        key = conf / "agent.key"
+        assert b"PRIVATE KEY" not in b"".join(requests)
+        cfg = load(MobilityConfig, conf / "mobility.toml")
+        assert (cfg.machine, cfg.server_host, cfg.server_port) == ("web01", "10.217.0.1", 9443)
+        assert cfg.tls_key == "/etc/siterecovery/agent.key" and cfg.disks == [
+            {"name": "sda", "path": "/dev/sda"}]
+        # the certificate the CA issued is for the key made on the machine
+        cert = x509.load_pem_x509_certificate((conf / "agent.pem").read_bytes())
+        own = serialization.load_pem_private_key(key.read_bytes(), password=None)
+        pub = serialization.PublicFormat.SubjectPublicKeyInfo
+        assert cert.public_key().public_bytes(serialization.Encoding.DER, pub) == \
+            own.public_key().public_bytes(serialization.Encoding.DER, pub)
+
+        await uninstall(conn, sudo=p.sudo)
+    assert sshd.files() == []
+
+
+def test_the_ca_signs_only_a_request_for_the_machine(tmp_path: Path) -> None:
+    ca = CertificateAuthority.load_or_create(tmp_path / "ca")
+    csr = request(tmp_path / "agent", "web01")
+    assert request(tmp_path / "agent", "web01") != b"" and \
+        (tmp_path / "agent" / "agent.key").stat().st_mode & 0o777 == 0o600
+    with pytest.raises(ValueError, match="names \\['web01'\\], not the machine 'db01'"):
+        ca.sign_client_csr("db01", csr)
+    with pytest.raises(ValueError, match="not a PEM CSR"):
+        ca.sign_client_csr("web01", b"junk")
+    assert ca.sign_client_csr("web01", csr).subject == "web01"
