@@ -14,13 +14,14 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 # failover target: emulated VMs boot the test disk that tests/bootdisk.py builds from
 # Debian packages fetched with apt-get download), fdisk (sfdisk: partitioned test disks),
 # testssl.sh (the suites the TLS listeners offer), dosfstools (mkfs.vfat: EFI system
-# partitions of the images whose boot mode the Azure target reads).
+# partitions of the images whose boot mode the Azure target reads), prometheus (promtool:
+# deploy/prometheus/ rules checked and unit tested; no daemon is started or needed).
 need=()
 for pair in qemu-img:qemu-utils mkfs.ext4:e2fsprogs sshd:openssh-server \
             pg_ctlcluster:postgresql-common systemd-analyze:systemd faketime:faketime \
             mkfs.xfs:xfsprogs virsh:libvirt-clients libvirtd:libvirt-daemon-system \
             qemu-system-x86_64:qemu-system-x86 dnsmasq:dnsmasq-base sfdisk:fdisk \
-            testssl:testssl.sh mkfs.vfat:dosfstools; do
+            testssl:testssl.sh mkfs.vfat:dosfstools promtool:prometheus; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
 done
