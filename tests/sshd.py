@@ -33,6 +33,8 @@ def missing() -> str | None:
         return "needs root (network and mount namespaces)"
     if not Path(SSHD).exists():
         return "openssh-server is not installed (apt-get install openssh-server)"
+    if shutil.which("openssl") is None or shutil.which("ip") is None:
+        return "openssl (password hashes) and iproute2 (ip netns) are needed"
     return None
 
 
