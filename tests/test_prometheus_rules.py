@@ -1,9 +1,11 @@
 """deploy/prometheus/: the rules pass ``promtool check`` and their unit tests
-(``promtool test rules``), and every metric they name is one a running configuration
-server or process server really exposes."""
+(``promtool test rules``); deploy/grafana/: every dashboard query parses; and every metric
+the rules and the queries name is one a running configuration server or process server
+really exposes (or a recording rule defines)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -18,7 +20,9 @@ from tests.backends import missing_backend
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "prometheus"
 RULES = DEPLOY / "rules" / "siterecovery.yml"
+DASHBOARDS = sorted((DEPLOY.parent / "grafana").glob("*.json"))
 METRIC = re.compile(r"\b(siterecovery_[a-z0-9_]+)\b")
+RECORDED = re.compile(r"\b(siterecovery:[a-z0-9_:]+)")
 BUILTIN = {"up"}  # Prometheus's own series
 
 
@@ -80,6 +84,33 @@ async def test_every_metric_in_the_rules_is_exposed(cs: ConfigServer,
     assert {"siterecovery_configserver_item_rpo_seconds",
             "siterecovery_procserver_item_rpo_threshold_seconds"} <= used
     assert used - have == set(), "the rules name metrics no service exposes"
+    queries = dashboard_queries()
+    in_queries = {m for q in queries for m in METRIC.findall(q)}
+    assert in_queries - have == set(), "the dashboard names metrics no service exposes"
+    records = set(re.findall(r"record: (siterecovery:[a-z0-9_:]+)", RULES.read_text()))
+    assert {r for q in queries for r in RECORDED.findall(q)} - records == set(), \
+        "the dashboard uses recording rules deploy/prometheus does not define"
+
+
+def dashboard_queries() -> list[str]:
+    assert DASHBOARDS, "deploy/grafana/ has no dashboard"
+    out = []
+    for path in DASHBOARDS:
+        doc = json.loads(path.read_text())
+        for panel in doc["panels"]:
+            assert panel["targets"], panel["title"]
+            out += [t["expr"] for t in panel["targets"]]
+    return out
+
+
+def test_every_dashboard_query_parses(tmp_path: Path) -> None:
+    """promtool parses each query as the expression of a throwaway recording rule."""
+    rules = tmp_path / "queries.yml"
+    rules.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard_query_{i}", "expr": q}
+        for i, q in enumerate(dashboard_queries())]}]}))
+    r = promtool("check", "rules", str(rules))
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("name", ["siterecovery_configserver_item_rpo_seconds",
