@@ -16,6 +16,7 @@ from configserver import (
     api_points,
     api_policies,
     api_procservers,
+    api_prune,
     api_registration,
     api_verify,
 )
@@ -23,7 +24,7 @@ from configserver.rest import Route
 
 MODULES = (api_core, api_registration, api_certs, api_procservers, api_policies, api_machines,
            api_accounts, api_items, api_failover, api_jobs, api_points, api_agent, api_events,
-           api_notify, api_verify)
+           api_notify, api_verify, api_prune)
 
 
 def all_routes() -> list[Route]:

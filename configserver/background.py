@@ -6,7 +6,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from configserver import alerts, certs, notifydeliver, verifyjob
+from configserver import alerts, certs, gcjob, notifydeliver, verifyjob
 from configserver.services import Services
 
 
@@ -18,4 +18,5 @@ def background_tasks(services: Services) -> list[Coroutine[Any, Any, None]]:
             notifydeliver.run(services, services.cfg.secrets_key_path),
             verifyjob.schedule(services, services.cfg.verify_interval_hours, {
                 "reverify_days": services.cfg.verify_reverify_days,
-                "daily_share": services.cfg.verify_daily_share_percent})]
+                "daily_share": services.cfg.verify_daily_share_percent}),
+            gcjob.schedule(services, services.cfg.prune_interval_hours)]

@@ -47,6 +47,9 @@ class ConfigServerConfig:
     verify_interval_hours: float = 0.0
     verify_reverify_days: float = 30.0
     verify_daily_share_percent: float = 10.0
+    # A Prune the vault job (configserver/gcjob.py) every prune_interval_hours (0, the
+    # default: only by hand); it never forgets a point any policy's retention keeps.
+    prune_interval_hours: float = 0.0
     # Failover: how long the point 'latest' waits for the process server's upload, and
     # how long a failover waits for the source's agent to take a last cycle and shut down.
     failover_drain_timeout_seconds: float = 1800.0
@@ -81,6 +84,8 @@ class ConfigServerConfig:
             raise ValueError("verify_interval_hours must be 0 (off) to 8784 (a year)")
         if not 0 < self.verify_reverify_days <= 3650:
             raise ValueError("verify_reverify_days must be more than 0 and at most 3650")
+        if not 0 <= self.prune_interval_hours <= 24 * 366:
+            raise ValueError("prune_interval_hours must be 0 (off) to 8784 (a year)")
         if not 0 < self.verify_daily_share_percent <= 100:
             raise ValueError("verify_daily_share_percent must be more than 0 and at most 100")
         for name in ("failover_drain_timeout_seconds", "failover_shutdown_timeout_seconds"):
