@@ -193,10 +193,18 @@ class Uploader:
                 self.storage.forget(machine)
                 return
             delay = None
+            # Registered before the cycle is looked at: a segment sealed after that look
+            # wakes an idle worker (no lost wake-up while it waits unlocked).
+            ev = self._wakeups.register()
             try:
                 async with locked(self.vaults.vault, "shared", f"upload {machine}",
                                   wait=LOCK_WAIT):
-                    await self.process(cyc)
+                    went_idle = not await self.process(cyc)
+                if went_idle:
+                    # Nothing of the cycle is in the vault yet and no segment is sealed:
+                    # wait without the lock, so a prune can run meanwhile (issue #17).
+                    await self._until_segment(cyc.seq, ev)
+                    continue
                 backoff.reset()
                 self.storage.succeeded(machine)
             except asyncio.CancelledError:
@@ -213,10 +221,27 @@ class Uploader:
                 self.storage.failed(machine, e)  # past storage_alert_seconds: an alert
                 log.error("cycle_upload_failed", machine=machine, cycle=cyc.id, error=str(e),
                           error_type=type(e).__name__, retry_in_seconds=round(delay, 2))
+            finally:
+                self._wakeups.forget(ev)
             if delay is not None:
                 # Not inside ``except``: the error's traceback holds the failed upload's
                 # frames, and with them views of its mapped segments.
                 await asyncio.sleep(delay)
+
+    async def _until_segment(self, seq: int, ev: asyncio.Event) -> None:
+        """Wait (woken by ``ev`` first) until the cycle ``seq`` has a sealed segment, is no
+        longer receiving, or is withheld: other machines' wake-ups do not retake the lock."""
+        while True:
+            await ev.wait()
+            ev.clear()  # still registered: a wake-up between the query and the wait stays
+            if seq in self._withheld:
+                return
+            async with self.sessionmaker() as s:
+                row = await s.get(db.Cycle, seq)
+                seg = (await s.execute(select(db.Segment.id).where(
+                    db.Segment.cycle_seq == seq).limit(1))).first()
+            if row is None or row.state != db.RECEIVING or seg is not None:
+                return
 
     async def _drop(self, cyc: db.Cycle) -> None:
         async with self.sessionmaker() as s:
@@ -245,12 +270,16 @@ class Uploader:
             raise BaseGoneError(f"cycle {cyc.id} builds on point {base.point_id[:16]}, which "
                                 "a prune removed") from None
 
-    async def process(self, cyc: db.Cycle) -> None:
+    async def process(self, cyc: db.Cycle) -> bool:
         """Upload the cycle ``cyc`` as far as its segments go (to a point once it is
-        complete); return early if it is aborted or withheld meanwhile."""
+        complete); return early if it is aborted or withheld meanwhile. False: it went
+        *idle* — still receiving, no segment sealed yet and nothing of it written to the
+        vault (no checkpoint journaled) — so the caller may wait for its segments without
+        the vault lock. Once something is written, the lock is held until the point is:
+        a prune meanwhile would delete the cycle's packs, which no point references yet."""
         busy = self._busy[cyc.seq] = asyncio.Event()
         try:
-            await self._process(cyc)
+            return await self._process(cyc)
         finally:
             del self._busy[cyc.seq]
             busy.set()
@@ -259,9 +288,9 @@ class Uploader:
         if cyc.seq in self._withheld:
             raise _CycleAborted
 
-    async def _process(self, cyc: db.Cycle) -> None:
+    async def _process(self, cyc: db.Cycle) -> bool:
         if cyc.seq in self._withheld:
-            return
+            return True
         vault, index = self.vaults.vault, await self.vaults.refresh_index()
         begin = json.loads(cyc.begin_doc)
         disks = [DiskSpec(d["name"], d["size"], d["block_size"]) for d in begin["disks"]]
@@ -272,7 +301,10 @@ class Uploader:
             on_pack=self.metrics.pack_uploaded,
             before_pack=self.vaults.pack_recorder(cyc.seq),  # its packs are ours: orphans.py
         )
-        writer.replay(await asyncio.to_thread(read_journal, cycle_dir / JOURNAL))
+        journaled = await asyncio.to_thread(read_journal, cycle_dir / JOURNAL)
+        writer.replay(journaled)
+        # Nothing of this cycle in the vault yet (no checkpoint before, no segment now).
+        untouched = not journaled
         # Segments handed to the writer whose checkpoint has not deleted them yet.
         taken: set[int] = set()
         # Mapped runs of segments some of whose blocks may wait to be sealed into a pack.
@@ -307,6 +339,11 @@ class Uploader:
                             continue
                         if state.state == db.COMPLETE:
                             break
+                        if untouched:
+                            # Its writer and index are dropped: a prune may replace the
+                            # index and delete blocks meanwhile, so the next attempt
+                            # starts afresh from the vault as it is then.
+                            return False
                         await ev.wait()
                         continue
                     run: list[db.Segment] = []
@@ -316,6 +353,7 @@ class Uploader:
                             break
                         run.append(seg)
                         size += seg.size
+                    untouched = False
                     for seg in run:
                         async with self._slots:
                             await self._add_segment(writer, cyc, seg.path, mapped)
@@ -342,7 +380,7 @@ class Uploader:
             await writer.abort()
             await _stop(commit, cancel=False)
             mapped.clear()
-            return
+            return True
         except BaseException as e:
             # Cancel the pack writes first: a checkpoint still waiting for them fails
             # without journaling; one already journaling ends first. Cancelled (shutdown):
@@ -368,6 +406,7 @@ class Uploader:
         log.info("point_uploaded", machine=cyc.machine, cycle=cyc.id, point=point.id,
                  consistency=point.consistency, stored_bytes=writer.stored_bytes,
                  logical_bytes=writer.logical_bytes)
+        return True
 
     async def _add_segment(self, writer: CycleWriter, cyc: db.Cycle, path: str,
                            mapped: list[Run]) -> None:
