@@ -61,6 +61,15 @@ class ConfigMetrics:
                                          "database was unreachable); retried", registry=r)
         self.agent_heartbeats = Counter("siterecovery_configserver_agent_heartbeats",
                                         "Heartbeats received from Mobility agents", registry=r)
+        # Alert notices (configserver/notifydeliver.py), by channel kind.
+        self.notifications = Counter("siterecovery_configserver_notifications",
+                                     "Alert notices sent through notification channels, by "
+                                     "channel kind and result (delivered; failed: an attempt "
+                                     "that will be retried; gave_up: retries used up)",
+                                     ["kind", "result"], registry=r)
+        self.notify_pending = Gauge("siterecovery_configserver_notifications_pending",
+                                    "Notices in the outbox waiting for delivery",
+                                    registry=r)
         # Verification of recovery points (configserver/verifyjob.py), by machine.
         self.verify_last = Gauge("siterecovery_configserver_verify_last_timestamp_seconds",
                                  "When a machine's points were last verified (UNIX seconds)",

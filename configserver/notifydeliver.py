@@ -93,12 +93,15 @@ async def _deliver(core: Core, key_path: Path, row: NotifyOutbox) -> None:
         await _finish(core, row.id, attempts=attempt, last_error=str(e),
                       state=FAILED if done else PENDING,
                       next_attempt=core.clock() + (0.0 if done else retry_in))
+        core.metrics.notifications.labels(ch.kind if ch is not None else "removed",
+                                          "gave_up" if done else "failed").inc()
         log.warning("notification_failed", channel=row.channel, delivery=row.id,
                     attempt=attempt, error=str(e), gave_up=done,
                     retry_in_seconds=None if done else round(retry_in, 1))
         return
     await _finish(core, row.id, attempts=attempt, state=DELIVERED, delivered=core.clock(),
                   last_error=None)
+    core.metrics.notifications.labels(ch.kind, "delivered").inc()
     log.info("notification_delivered", channel=row.channel, delivery=row.id,
              notice_event=row.notice.get("event"), code=row.notice.get("code"),
              target=row.notice.get("target"), attempt=attempt)
@@ -117,8 +120,10 @@ async def deliver_due(core: Core, key_path: Path) -> float | None:
     async with core.sessionmaker() as s, s.begin():
         await s.execute(delete(NotifyOutbox).where(
             NotifyOutbox.state != PENDING, NotifyOutbox.created < now - KEEP_SECONDS))
-        nxt = (await s.execute(select(func.min(NotifyOutbox.next_attempt)).where(
-            NotifyOutbox.state == PENDING))).scalar_one()
+        nxt, pending = (await s.execute(select(
+            func.min(NotifyOutbox.next_attempt), func.count()).where(
+            NotifyOutbox.state == PENDING))).one()
+    core.metrics.notify_pending.set(pending)
     return None if nxt is None else float(nxt)
 
 

@@ -20,6 +20,7 @@ from email import message_from_bytes
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiosmtpd.controller import Controller
@@ -28,6 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from prometheus_client.parser import text_string_to_metric_families
 
 from configserver.config import ConfigServerConfig
 from configserver.server import ConfigServer
@@ -177,6 +179,15 @@ async def heartbeat(cs: ConfigServer, ratio: float) -> None:
     assert status == 200, body
 
 
+async def notices_sent(cs: ConfigServer) -> dict[tuple[str, str], float]:
+    """siterecovery_configserver_notifications_total by (kind, result), from /metrics."""
+    async with aiohttp.ClientSession() as http, http.get(f"{cs.url}/metrics") as r:
+        text = await r.text()
+    return {(s.labels["kind"], s.labels["result"]): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples
+            if s.name == "siterecovery_configserver_notifications_total"}
+
+
 def check_signature(headers: dict[str, str], body: dict[str, Any]) -> None:
     raw = json.dumps(body, sort_keys=True).encode()
     ts = headers["X-Siterecovery-Timestamp"]
@@ -233,6 +244,8 @@ async def test_alerts_reach_webhook_and_mail_by_severity(
             return docs if all(c["pending"] == 0 for c in docs.values()) else None
         docs = await wait_until_api(cs, settled)
         assert (docs["hook"]["delivered"], docs["oncall"]["delivered"]) == (4, 2)
+        assert await notices_sent(cs) == {("webhook", "delivered"): 4,
+                                          ("email", "delivered"): 2}
         assert first_delivery.isdigit()
         # the test route sends now, and says so
         assert (await api.post("/api/v1/notify/channels/oncall/test")) == {
@@ -276,6 +289,7 @@ async def test_undelivered_notice_survives_a_restart_and_keeps_its_delivery_id(
             return doc if doc["last_error"] else None
         doc = await wait_until_api(cs, failed_once)
         assert doc["pending"] == 1 and "HTTP 503" in doc["last_error"]
+        assert await notices_sent(cs) == {("webhook", "failed"): 1}
     finally:
         await cs.stop()
     hook.status = 200
