@@ -5,11 +5,15 @@ really exposes (or a recording rule defines)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
+import socket
 import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import aiohttp
 import pytest
@@ -17,6 +21,7 @@ import pytest
 from configserver.server import ConfigServer
 from procserver.server import ProcServer
 from tests.backends import missing_backend
+from tests.test_procservers import beat, post_beat
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "prometheus"
 RULES = DEPLOY / "rules" / "siterecovery.yml"
@@ -24,6 +29,7 @@ DASHBOARDS = sorted((DEPLOY.parent / "grafana").glob("*.json"))
 METRIC = re.compile(r"\b(siterecovery_[a-z0-9_]+)\b")
 RECORDED = re.compile(r"\b(siterecovery:[a-z0-9_:]+)")
 BUILTIN = {"up"}  # Prometheus's own series
+T = TypeVar("T")
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
@@ -121,3 +127,96 @@ def test_exposed_reads_type_lines(name: str) -> None:
             "# TYPE siterecovery_procserver_received_bytes counter\n")
     assert name in exposed(page)
     assert "siterecovery_configserver_item_rpo" not in exposed(page)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+async def prometheus(tmp_path: Path, cs: ConfigServer, procserver: ProcServer
+                     ) -> AsyncIterator[str]:
+    """A real Prometheus (Debian's) scraping ``cs`` and ``procserver`` every second with
+    deploy/prometheus/rules; its HTTP API URL."""
+    exe = shutil.which("prometheus")
+    if exe is None:
+        missing_backend("prometheus", "apt-get install prometheus (tests/run.sh does)")
+    conf = (DEPLOY / "prometheus.yml").read_text()
+    conf = conf.replace("30s", "1s").replace("rules/siterecovery.yml", str(RULES))
+    conf = conf.replace('"127.0.0.1:9440"', f'"127.0.0.1:{cs.port}"')
+    conf = conf.replace('"127.0.0.1:9444"', f'"127.0.0.1:{procserver.metrics_port}"')
+    (tmp_path / "prometheus.yml").write_text(conf)
+    port = _free_port()
+    with open(tmp_path / "prometheus.log", "wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            str(exe), f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            stdout=asyncio.subprocess.DEVNULL, stderr=log)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            await proc.wait()
+
+
+async def _until(check: Callable[[], Awaitable[T | None]], what: str, log: Path) -> T:
+    """Ask ``check`` once a second (Prometheus scrapes and evaluates every second and
+    announces nothing) until it answers; fail after 60 s with the server's log."""
+    try:
+        async with asyncio.timeout(60):
+            while True:
+                if (got := await check()) is not None:
+                    return got
+                await asyncio.sleep(1)
+    except TimeoutError:
+        raise AssertionError(f"{what}; prometheus.log:\n{log.read_text()[-3000:]}") from None
+
+
+async def test_a_real_prometheus_scrapes_the_services_and_fires(
+        prometheus: str, cs: ConfigServer, tmp_path: Path) -> None:
+    log = tmp_path / "prometheus.log"
+
+    async def api(path: str) -> Any:
+        try:
+            async with aiohttp.ClientSession() as http, http.get(prometheus + path) as r:
+                return (await r.json())["data"] if r.status == 200 else None
+        except aiohttp.ClientError:  # not listening yet
+            return None
+
+    async def both_up() -> list[Any] | None:
+        data = await api("/api/v1/targets")
+        up = [t for t in (data or {}).get("activeTargets", []) if t["health"] == "up"]
+        return up if len(up) == 2 else None
+
+    await _until(both_up, "both services scraped", log)
+    groups = (await _until(lambda: api("/api/v1/rules"), "rules loaded", log))["groups"]
+    assert {g["name"] for g in groups} == {"siterecovery-recording", "siterecovery-alerts"}
+    # a cache below 25 %: the configuration server raises its alert, Prometheus sees it
+    status, body = await post_beat(cs, beat(cache_free_ratio=0.2))
+    assert status == 200, body
+
+    async def firing() -> list[Any] | None:
+        data = await api("/api/v1/alerts")
+        alerts = [a for a in (data or {}).get("alerts", []) if a["state"] == "firing"
+                  and a["labels"]["alertname"] == "SiteRecoveryConfigServerAlert"]
+        return alerts or None
+
+    (alert,) = await _until(firing, "SiteRecoveryConfigServerAlert firing", log)
+    assert (alert["labels"]["code"], alert["labels"]["severity"]) == (
+        "procserver_cache_free_low", "critical")
+
+    async def pending() -> list[Any] | None:
+        data = await api("/api/v1/alerts")
+        return [a for a in (data or {}).get("alerts", [])
+                if a["labels"]["alertname"] == "SiteRecoveryProcServerCacheLow"] or None
+
+    # its own rule reads the gauge and waits its 5 minutes
+    cache = await _until(pending, "SiteRecoveryProcServerCacheLow pending", log)
+    assert {(a["labels"]["severity"], a["state"]) for a in cache} == {
+        ("warning", "pending"), ("critical", "pending")}
+    # every rule evaluates without error against the real series
+    rules = (await api("/api/v1/rules"))["groups"]
+    assert [r["name"] for g in rules for r in g["rules"] if r["health"] == "err"] == []
