@@ -47,6 +47,13 @@ class ProcMetrics:
                                         "the machine's policy", ["machine"], registry=r)
         self.backlog_cycles = Gauge(p + "upload_backlog_cycles",
                                     "Acknowledged cycles not yet uploaded", registry=r)
+        # The uploader's shared vault lock (procserver/uploader.py): time spent waiting for
+        # it (an exclusive holder: prune, rebuild-index) and uploads waiting now.
+        self.vault_lock_wait_seconds = Counter(
+            p + "vault_lock_wait_seconds", "Seconds uploads waited for the vault's shared lock "
+            "(a prune or rebuild-index held it exclusively)", registry=r)
+        self.vault_lock_waiting = Gauge(p + "vault_lock_waiting", "Uploads waiting for the "
+                                        "vault's shared lock now", registry=r)
         self.handshakes = Gauge(p + "tls_handshakes", "TCP connections whose TLS handshake "
                                 "is in progress", registry=r)
         self.rejected_handshakes = Counter(

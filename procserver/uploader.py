@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -197,8 +198,7 @@ class Uploader:
             # wakes an idle worker (no lost wake-up while it waits unlocked).
             ev = self._wakeups.register()
             try:
-                async with locked(self.vaults.vault, "shared", f"upload {machine}",
-                                  wait=LOCK_WAIT):
+                async with self._vault_lock(machine):
                     went_idle = not await self.process(cyc)
                 if went_idle:
                     # Nothing of the cycle is in the vault yet and no segment is sealed:
@@ -227,6 +227,21 @@ class Uploader:
                 # Not inside ``except``: the error's traceback holds the failed upload's
                 # frames, and with them views of its mapped segments.
                 await asyncio.sleep(delay)
+
+    @asynccontextmanager
+    async def _vault_lock(self, machine: str) -> AsyncIterator[None]:
+        """The vault's shared lock for one attempt at a cycle; the time spent waiting for
+        it goes to the metrics (``vault_lock_wait_seconds``, ``vault_lock_waiting``)."""
+        async with AsyncExitStack() as stack:
+            started = time.monotonic()
+            self.metrics.vault_lock_waiting.inc()
+            try:
+                await stack.enter_async_context(locked(
+                    self.vaults.vault, "shared", f"upload {machine}", wait=LOCK_WAIT))
+            finally:
+                self.metrics.vault_lock_waiting.dec()
+                self.metrics.vault_lock_wait_seconds.inc(time.monotonic() - started)
+            yield
 
     async def _until_segment(self, seq: int, ev: asyncio.Event) -> None:
         """Wait (woken by ``ev`` first) until the cycle ``seq`` has a sealed segment, is no
