@@ -29,6 +29,7 @@ from email.message import EmailMessage
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
 TIMEOUT_SECONDS = 15.0
 USER_AGENT = "siterecovery-notify/1"
@@ -55,16 +56,27 @@ async def send_webhook(settings: dict[str, Any], secret: bytes | None, delivery:
     if secret is not None:
         headers["X-Siterecovery-Signature"] = signature(secret, ts, body)
     url = settings["url"]
+    where = _origin(url)  # errors are logged: a path may hold a token (Slack-style URLs)
     try:
         async with aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=timeout)) as session, \
                 session.post(url, data=body, headers=headers, allow_redirects=False) as r:
             if not 200 <= r.status < 300:
-                raise SendError(f"webhook {url} answered HTTP {r.status}")
+                raise SendError(f"webhook {where} answered HTTP {r.status}")
     except (aiohttp.ClientError, ValueError) as e:
-        raise SendError(f"webhook {url} unreachable: {type(e).__name__}: {e}") from None
+        detail = str(e).replace(url, where)
+        raise SendError(f"webhook {where} unreachable: {type(e).__name__}: {detail}") from None
     except TimeoutError:
-        raise SendError(f"webhook {url} did not answer within {timeout:g} s") from None
+        raise SendError(f"webhook {where} did not answer within {timeout:g} s") from None
+
+
+def _origin(url: str) -> str:
+    """scheme://host:port of ``url``, nothing of its path, query or user info."""
+    try:
+        u = URL(url)
+        return f"{u.scheme}://{u.host}:{u.port}"
+    except (ValueError, TypeError):
+        return "(invalid URL)"
 
 
 def subject(notice: dict[str, Any]) -> str:

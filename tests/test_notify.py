@@ -330,6 +330,11 @@ async def test_channel_refusals(cs: ConfigServer, api: ApiClient) -> None:
     assert e2.value.status == 409
     tested = await api.post("/api/v1/notify/channels/h/test")
     assert tested["delivered"] is False and "unreachable" in tested["error"]
+    # a webhook URL's path may hold a token: errors (logged, listed) name its origin only
+    await api.post("/api/v1/notify/channels", {"name": "tok", "kind": "webhook",
+                                               "url": "http://127.0.0.1:9/T0KEN/secret"})
+    tested = await api.post("/api/v1/notify/channels/tok/test")
+    assert "http://127.0.0.1:9 " in tested["error"] and "T0KEN" not in tested["error"]
 
 
 async def test_cli_add_list_test_remove(cs: ConfigServer, receiver: tuple[Receiver, str],
