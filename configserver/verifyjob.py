@@ -25,6 +25,7 @@ from configserver.core import Core
 from configserver.jobdefs import ACTIVE, JobKind, Step, StepFailed, new_job
 from configserver.jobs import StepContext
 from configserver.models import PointVerification
+from configserver.notifyoutbox import CLEARED, RAISED, Change, enqueue
 from configserver.recoverysteps import open_vault
 from configserver.verification import DAY, Damage, PointResult, due, verify_points
 from vault import names
@@ -133,6 +134,7 @@ async def refresh(core: Core) -> None:
     """Alerts, item health and metrics from ``point_verifications`` as it stands."""
     now = core.clock()
     changed = False
+    notices: list[Change] = []
     async with core.sessionmaker() as s:
         rows = (await s.execute(select(PointVerification))).scalars().all()
         failing: dict[str, list[PointVerification]] = {}
@@ -145,6 +147,7 @@ async def refresh(core: Core) -> None:
             if target not in failing:
                 ev.active, ev.cleared_at = False, now
                 changed = True
+                notices.append(Change(CLEARED, ALERT, target, ev.severity, ev.message))
                 log.info("alert_cleared", code=ALERT, target=target, severity="critical")
         for target, bad in failing.items():
             msg = alert_message(target, bad)
@@ -153,6 +156,7 @@ async def refresh(core: Core) -> None:
                 continue
             s.add(db.Event(time=now, severity="critical", code=ALERT, target=target,
                            message=msg, active=True, cleared_at=None))
+            notices.append(Change(RAISED, ALERT, target, "critical", msg))
             changed = True
             log.error("alert_raised", code=ALERT, target=target, severity="critical",
                       message=msg)
@@ -167,6 +171,8 @@ async def refresh(core: Core) -> None:
                     "normal" if not errors else item.health)
                 item.updated = now
                 changed = True
+        # In the transaction of the event rows: a notice exists exactly when its event does.
+        await enqueue(s, now, notices)
         await s.commit()
     _metrics(core, rows)
     if changed:

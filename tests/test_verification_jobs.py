@@ -23,6 +23,7 @@ from tests.csclock import Clock, clocked_configserver
 from tests.helpers import open_vault, run_cli
 from tests.sitehelpers import wait_job
 from tests.test_golden import P1, P2, Golden, _flip, copy_golden
+from tests.test_notify import Receiver, receiver  # noqa: F401 - the webhook fixture
 from vault.locks import LockedError, locked
 from vault.point import Point
 from vault.regkey import make_key
@@ -133,7 +134,11 @@ def _sample(text: str, name: str, machine: str) -> float | None:
 
 
 async def test_verify_job_fails_naming_the_damage_and_alerts(
-        cs: ConfigServer, api: ApiClient, tmp_path: Path) -> None:
+        cs: ConfigServer, api: ApiClient, tmp_path: Path,
+        receiver: tuple[Receiver, str]) -> None:  # noqa: F811 - the imported fixture
+    hook, hook_url = receiver
+    await api.post("/api/v1/notify/channels", {"name": "hook", "kind": "webhook",
+                                               "url": hook_url})
     g = await copy_golden(tmp_path)
     await _register_golden(api, g)
     done = await _run(api)
@@ -159,6 +164,10 @@ async def test_verify_job_fails_naming_the_damage_and_alerts(
     alert = [e for e in events if e["code"] == "point_verification_failed"]
     assert len(alert) == 1 and alert[0]["target"] == machine, events
     assert g.full_pack in alert[0]["message"] and alert[0]["severity"] == "critical"
+    _status, _headers, body = await hook.next()  # the notice reaches the webhook
+    assert (body["event"], body["code"], body["target"]) == (
+        "alert_raised", "point_verification_failed", machine)
+    assert g.full_pack in body["message"]
     async with aiohttp.ClientSession() as http, http.get(f"{cs.url}/metrics") as r:
         text = await r.text()
     assert _sample(text, "siterecovery_configserver_verify_failed_points", machine) == 1
@@ -172,6 +181,8 @@ async def test_verify_job_fails_naming_the_damage_and_alerts(
     assert (await api.get("/api/v1/verify"))["failed"] == 0
     events = (await api.get("/api/v1/events", active=True))["events"]
     assert not [e for e in events if e["code"] == "point_verification_failed"]
+    _status, _headers, body = await hook.next()
+    assert (body["event"], body["code"]) == ("alert_cleared", "point_verification_failed")
 
 
 async def test_verify_cli_run_wait_and_status(cs: ConfigServer, api: ApiClient,
