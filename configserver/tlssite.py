@@ -1,17 +1,21 @@
-"""The site listener's TLS socket: aiohttp's ``TCPSite``, with each handshake done here so
+"""The site listener's TLS socket: an aiohttp site whose TLS handshakes are done here, so
 that a refused one is logged with the peer's address (rate-limited: one line per peer
-per ``HANDSHAKE_LOG_INTERVAL``, counting the ones held back). With ``ssl=`` on the
-server, asyncio drops a failed handshake without a word outside debug mode.
+per ``HANDSHAKE_LOG_INTERVAL``, counting the ones held back). With ``ssl=`` on
+``create_server``, the event loop drops a failed handshake without a word outside debug
+mode.
 
-Per connection: accept plain TCP, stop reading, upgrade with ``loop.start_tls`` (which
-reads on from where the kernel buffered the ClientHello), then hand the TLS transport
-to aiohttp's protocol exactly as ``create_server(ssl=...)`` would.
+Per connection: accept the plain socket, then ``loop.connect_accepted_socket`` with the
+TLS context and aiohttp's protocol factory, which does the handshake and hands the TLS
+transport to aiohttp as ``create_server(ssl=...)`` would. (The way the process server's
+listener does it, and one that works on uvloop, the daemons' loop: upgrading a
+transport of ``create_server`` with ``loop.start_tls`` does not, there.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 
 import structlog
@@ -25,20 +29,6 @@ HANDSHAKE_TIMEOUT_SECONDS = 10.0
 HANDSHAKE_LOG_INTERVAL = 60.0
 
 
-class _Handshake(asyncio.Protocol):
-    """The protocol of a connection until its TLS handshake ends."""
-
-    def __init__(self, site: LoggingTLSSite) -> None:
-        self.site = site
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.pause_reading()  # the ClientHello waits in the kernel for start_tls
-        task = asyncio.get_running_loop().create_task(self.site.upgrade(transport))
-        self.site.handshakes.add(task)
-        task.add_done_callback(self.site.handshakes.discard)
-
-
 class LoggingTLSSite(web.TCPSite):
     """A ``TCPSite`` whose refused TLS handshakes are logged (``tls_handshake_rejected``
     with ``listener``, ``peer``, ``error``, ``suppressed``)."""
@@ -49,6 +39,8 @@ class LoggingTLSSite(web.TCPSite):
         self.tls, self.listener = ssl_context, listener
         self.handshake_log = LogThrottle(HANDSHAKE_LOG_INTERVAL)
         self.handshakes: set[asyncio.Task[None]] = set()
+        self._sock: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
 
     @property
     def name(self) -> str:
@@ -56,42 +48,61 @@ class LoggingTLSSite(web.TCPSite):
 
     async def start(self) -> None:
         self._runner._reg_site(self)
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Handshake(self), self._host,
-                                                self._port, backlog=self._backlog)
-        sockets = self._server.sockets
-        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
+        host = self._host or "0.0.0.0"
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, self._port), family=family,
+                                    backlog=self._backlog)
+        sock.setblocking(False)
+        self._sock = sock
+        self._bound_port = sock.getsockname()[1]
+        self._accepting = asyncio.get_running_loop().create_task(self._accept(sock))
 
     async def stop(self) -> None:
-        await super().stop()
+        self._runner._check_site(self)
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
+        if self._sock is not None:
+            self._sock.close()
         for task in list(self.handshakes):  # unfinished handshakes: nobody to serve now
             task.cancel()
         for task in list(self.handshakes):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self._runner._unreg_site(self)
 
-    async def upgrade(self, transport: asyncio.Transport) -> None:
-        """TLS on ``transport``, then aiohttp's request handling; a refusal is logged."""
-        peer = transport.get_extra_info("peername")
-        host = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, addr = await loop.sock_accept(listener)
+            except OSError as e:  # EMFILE and friends: do not spin
+                log.warning("accept_failed", listener=self.listener, error=str(e))
+                await asyncio.sleep(0.1)
+                continue
+            host = str(addr[0]) if isinstance(addr, tuple) and addr else "?"
+            task = loop.create_task(self.upgrade(sock, host))
+            self.handshakes.add(task)
+            task.add_done_callback(self.handshakes.discard)
+
+    async def upgrade(self, sock: socket.socket, host: str) -> None:
+        """TLS on ``sock``, then aiohttp's request handling; a refusal is logged."""
         server = self._runner.server
         assert server is not None
-        app = server()
-        loop = asyncio.get_running_loop()
         try:
-            tls = await loop.start_tls(transport, app, self.tls, server_side=True,
-                                       ssl_handshake_timeout=HANDSHAKE_TIMEOUT_SECONDS)
+            sock.setblocking(False)
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT_SECONDS + 1):
+                await asyncio.get_running_loop().connect_accepted_socket(
+                    server, sock, ssl=self.tls,
+                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT_SECONDS)
         except asyncio.CancelledError:
-            transport.abort()
+            sock.close()
             raise
         except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as e:
-            transport.abort()
+            with contextlib.suppress(OSError):
+                sock.close()
             suppressed = self.handshake_log.admit(host)
             if suppressed is not None:
                 log.warning("tls_handshake_rejected", listener=self.listener, peer=host,
                             error=str(e) or type(e).__name__, suppressed=suppressed)
-            return
-        if tls is None:  # the peer went away as the handshake ended
-            transport.abort()
-            return
-        app.connection_made(tls)
