@@ -7,12 +7,22 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from configserver.config import ConfigServerConfig
 from configserver.server import ConfigServer
 from procserver.server import ProcServer
 from siterecovery.apiclient import ApiClient
 from tests.helpers import Pki, make_pki, make_vault, proc_config, running_procserver
+
+
+@pytest.fixture(autouse=True)
+def _structlog_restored() -> Iterator[None]:
+    """A test that runs the CLI in-process (``siterecovery.cli.main``) configures structlog
+    onto its captured stdout; the tests after it must not log into that closed file."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 @pytest.fixture
