@@ -13,9 +13,10 @@ Resources named on ``Recovered.resources``: ``dir:<folder>``, ``file:<image or l
 ``network:<drill network>``, ``dhcp-host:<network>|<mac>|<ip>``, ``domain:<name>``.
 
 An existing folder is never reused, except one that ``create`` itself began for the same
-recovery (machine, point, drill or not: ``recovery.json`` in it, written first) and was
-interrupted before it could say what it made (the configuration server killed part way):
-what that attempt may have made is removed and the machine made anew.
+recovery (machine, point, drill or not: ``recovery.json`` in it, written first, marked
+complete once the domain is defined) and was interrupted before it finished (the
+configuration server killed part way): what that attempt may have made is removed and
+the machine made anew.
 """
 
 from __future__ import annotations
@@ -218,6 +219,9 @@ class LibvirtTarget:
         xml = domain_xml(spec, DomainLayout(virt_type, images, mac, network, console))
         rec.resources.append(f"domain:{spec.vm_name}")
         await self.virsh.define("define", xml)
+        # made whole: from now on its recovery is recorded, and only its cleanup removes it
+        await asyncio.to_thread(atomic_write, folder / OWNER,
+                                json.dumps({**_owner(spec), "complete": True}), 0o644)
 
     async def _ensure_drill_network(self) -> None:
         async with self._net_lock:
@@ -366,7 +370,8 @@ def _owner(spec: RecoverySpec) -> dict[str, object]:
 
 
 def _began_by(folder: Path, spec: RecoverySpec) -> bool:
-    """Whether ``folder`` was begun by a ``create`` of this very recovery."""
+    """Whether ``folder`` was begun by a ``create`` of this very recovery that did not
+    finish (a finished one is its recovery's to clean up, never replaced here)."""
     try:
         return bool(json.loads((folder / OWNER).read_text()) == _owner(spec))
     except (OSError, ValueError):

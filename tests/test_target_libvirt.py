@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import os
 import shutil
 import subprocess
@@ -314,8 +315,16 @@ async def test_create_after_an_interrupted_create_of_the_same_recovery(
     spec = RecoverySpec(machine="web1", vm_name="sr-test-resume", cpus=1, memory_mib=128,
                         drill=True, ip="10.213.0.77", point="p1")
     folder = pool / "images" / spec.vm_name
-    first = await target.create(spec, [disk])  # "killed" before it was recorded: forgotten
+    first = await target.create(spec, [disk])
     try:
+        with pytest.raises(TargetError) as e:  # whole: its recovery's to clean up
+            await target.create(spec, [disk])
+        assert e.value.code == "spec_refused" and "already exists" in e.value.message
+        # what a create killed after the define, before it was whole, leaves behind
+        owner = folder / "recovery.json"
+        doc = json.loads(owner.read_text())
+        assert doc.pop("complete") is True
+        owner.write_text(json.dumps(doc))
         again = await target.create(spec, [disk])
         assert again.resources == first.resources
         assert virsh(uri, "domuuid", spec.vm_name).returncode == 0
