@@ -13,7 +13,6 @@ always, each machine's newest point and newest app-consistent point. Started by 
 
 from __future__ import annotations
 
-import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -21,9 +20,9 @@ from typing import Any
 import structlog
 from sqlalchemy import func, select
 
-from configserver import db
+from configserver import db, vaultjobs
 from configserver.core import Core
-from configserver.jobdefs import ACTIVE, JobKind, Step, StepFailed, new_job
+from configserver.jobdefs import JobKind, Step, StepFailed
 from configserver.jobs import StepContext
 from configserver.recoverysteps import open_vault
 from vault.chain import BrokenChainError
@@ -33,7 +32,7 @@ from vault.prune import prune
 from vault.retention import Retention
 
 log = structlog.get_logger("configserver.prune")
-TARGET = "vault"
+TARGET = vaultjobs.TARGET
 LOCK_WAIT = 600.0  # for the exclusive lock: uploads in progress end their cycles first
 
 
@@ -83,40 +82,18 @@ async def _prune(ctx: StepContext) -> str:
 
 async def request(core: Core, params: dict[str, Any]) -> db.Job:
     """Queue Prune vault with ``params`` (``dry_run``, ``scheduled``); the job."""
-    async with core.sessionmaker() as s:
-        job = new_job(PRUNE, TARGET, params, core.clock())
-        s.add(job)
-        await s.commit()
-    await core.notify()
-    log.info("prune_requested", job=job.id, **params)
-    return job
+    return await vaultjobs.request(core, PRUNE, params, "prune_requested")
 
 
 async def schedule_once(core: Core, interval_hours: float) -> db.Job | None:
-    """Queue a scheduled prune if the server has a vault key, none is active and the last
-    one was created ``interval_hours`` ago or more (or never); the job, if any."""
-    async with core.sessionmaker() as s:
-        reg = await s.get(db.Registration, 1)
-        if reg is None or not reg.vault_key_file:
-            return None
-        last = (await s.execute(select(db.Job).where(db.Job.kind == PRUNE.name)
-                                .order_by(db.Job.created.desc()).limit(1))).scalar_one_or_none()
-    if last is not None and (last.state in ACTIVE
-                             or core.clock() - last.created < interval_hours * 3600):
-        return None
-    return await request(core, {"scheduled": True})
+    """A scheduled prune, when one is due (``vaultjobs.schedule_once``)."""
+    return await vaultjobs.schedule_once(core, PRUNE, interval_hours, {}, "prune_requested")
 
 
 async def schedule(core: Core, interval_hours: float, check_seconds: float = 60.0) -> None:
-    """The in-daemon schedule: ``schedule_once`` every ``check_seconds`` (0 hours: off)."""
-    if interval_hours <= 0:
-        return
-    while True:
-        try:
-            await schedule_once(core, interval_hours)
-        except Exception as e:  # a catalog hiccup must not end the schedule
-            log.error("prune_schedule_failed", error=str(e), error_type=type(e).__name__)
-        await asyncio.sleep(check_seconds)
+    """The in-daemon schedule of prunes (0 hours: off)."""
+    await vaultjobs.schedule(core, PRUNE, interval_hours, {}, "prune_requested",
+                             check_seconds)
 
 
 PRUNE = JobKind("prune_vault", "Prune the vault",

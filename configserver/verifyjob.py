@@ -20,9 +20,9 @@ from typing import Any
 import structlog
 from sqlalchemy import delete, select
 
-from configserver import db
+from configserver import db, vaultjobs
 from configserver.core import Core
-from configserver.jobdefs import ACTIVE, JobKind, Step, StepFailed, new_job
+from configserver.jobdefs import JobKind, Step, StepFailed
 from configserver.jobs import StepContext
 from configserver.models import PointVerification
 from configserver.notifyoutbox import CLEARED, RAISED, Change, enqueue
@@ -33,7 +33,7 @@ from vault.errors import VaultError
 from vault.locks import LockedError
 
 log = structlog.get_logger("configserver.verify")
-TARGET = "vault"
+TARGET = vaultjobs.TARGET
 ALERT = "point_verification_failed"
 HEALTH_PREFIX = "recovery point verification failed"
 
@@ -217,43 +217,21 @@ async def status(core: Core, machine: str | None = None) -> dict[str, Any]:
 
 async def request(core: Core, params: dict[str, Any]) -> db.Job:
     """Queue a verification with ``params`` (see the module's docstring); the job."""
-    async with core.sessionmaker() as s:
-        job = new_job(VERIFY, TARGET, params, core.clock())
-        s.add(job)
-        await s.commit()
-    await core.notify()
-    log.info("verify_requested", job=job.id, **params)
-    return job
+    return await vaultjobs.request(core, VERIFY, params, "verify_requested")
 
 
 async def schedule_once(core: Core, interval_hours: float, params: dict[str, Any]
                         ) -> db.Job | None:
-    """Queue a scheduled verification if none is active and the last one was created
-    ``interval_hours`` ago or more (or never), once the server is registered with a vault
-    and has its key; the job queued, if any."""
-    async with core.sessionmaker() as s:
-        reg = await s.get(db.Registration, 1)
-        if reg is None or not reg.vault_key_file:
-            return None
-        last = (await s.execute(select(db.Job).where(db.Job.kind == VERIFY.name)
-                                .order_by(db.Job.created.desc()).limit(1))).scalar_one_or_none()
-    if last is not None and (last.state in ACTIVE
-                             or core.clock() - last.created < interval_hours * 3600):
-        return None
-    return await request(core, {**params, "scheduled": True})
+    """A scheduled verification, when one is due (``vaultjobs.schedule_once``)."""
+    return await vaultjobs.schedule_once(core, VERIFY, interval_hours, params,
+                                         "verify_requested")
 
 
 async def schedule(core: Core, interval_hours: float, params: dict[str, Any],
                    check_seconds: float = 60.0) -> None:
-    """The in-daemon schedule: ``schedule_once`` every ``check_seconds`` (0 hours: off)."""
-    if interval_hours <= 0:
-        return
-    while True:
-        try:
-            await schedule_once(core, interval_hours, params)
-        except Exception as e:  # a catalog hiccup must not end the schedule
-            log.error("verify_schedule_failed", error=str(e), error_type=type(e).__name__)
-        await asyncio.sleep(check_seconds)
+    """The in-daemon schedule of verifications (0 hours: off)."""
+    await vaultjobs.schedule(core, VERIFY, interval_hours, params, "verify_requested",
+                             check_seconds)
 
 
 VERIFY = JobKind("verify_points", "Verify recovery points",
