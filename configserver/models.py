@@ -107,6 +107,12 @@ class Machine(Base):
     created: Mapped[float] = mapped_column(Float)
     last_contact: Mapped[float | None] = mapped_column(Float, nullable=True)
     agent_version: Mapped[str] = mapped_column(String(40), default="")
+    # Its SSH host key (OpenSSH public key line) for push installs: recorded on first use
+    # ("tofu") or given by the operator ("operator"); None: the next install trusts the
+    # first key it sees (configserver/install.py).
+    host_key: Mapped[str | None] = mapped_column(Text, nullable=True)
+    host_key_source: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    host_key_recorded: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Certificate(Base):
@@ -174,6 +180,25 @@ class Job(Base):
     ended: Mapped[float | None] = mapped_column(Float, nullable=True)
     updated: Mapped[float] = mapped_column(Float)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class InstallRequest(Base):
+    """A push install, upgrade or uninstall of a machine's agent that its job asked of a
+    process server (configserver/install.py): the process server claims it, runs it over
+    SSH and reports each step (``steps``: name -> {state, message}) until it is done."""
+
+    __tablename__ = "install_requests"
+    job_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    machine: Mapped[str] = mapped_column(String(63))
+    action: Mapped[str] = mapped_column(String(16))  # install | upgrade | uninstall
+    procserver: Mapped[str] = mapped_column(String(255), index=True)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)  # no secret in here
+    state: Mapped[str] = mapped_column(String(16), index=True)  # pending|claimed|done|failed
+    steps: Mapped[dict[str, Any]] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created: Mapped[float] = mapped_column(Float)
+    claimed: Mapped[float | None] = mapped_column(Float, nullable=True)
+    updated: Mapped[float] = mapped_column(Float)
 
 
 class Event(Base):
