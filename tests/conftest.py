@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,6 +24,17 @@ def _structlog_restored() -> Iterator[None]:
     saved = structlog.get_config()
     yield
     structlog.configure(**saved)
+
+
+@pytest.fixture(autouse=True)
+def _leak_hunt() -> Iterator[None]:
+    """With SITERECOVERY_LEAK_HUNT=1 every test ends with a garbage collection, so an
+    unclosed socket or transport is reported by the test that left it (run with
+    PYTHONTRACEMALLOC=10 to see where it was made), not by whichever test the collector
+    happens to run in."""
+    yield
+    if os.environ.get("SITERECOVERY_LEAK_HUNT"):
+        gc.collect()
 
 
 @pytest.fixture

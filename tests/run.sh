@@ -21,7 +21,8 @@ for pair in qemu-img:qemu-utils mkfs.ext4:e2fsprogs sshd:openssh-server \
             pg_ctlcluster:postgresql-common systemd-analyze:systemd faketime:faketime \
             mkfs.xfs:xfsprogs virsh:libvirt-clients libvirtd:libvirt-daemon-system \
             qemu-system-x86_64:qemu-system-x86 dnsmasq:dnsmasq-base sfdisk:fdisk \
-            testssl:testssl.sh mkfs.vfat:dosfstools promtool:prometheus; do
+            testssl:testssl.sh mkfs.vfat:dosfstools promtool:prometheus \
+            chromium:chromium chromedriver:chromium-driver nbdinfo:libnbd-bin; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need+=("$pkg")
 done
@@ -40,6 +41,14 @@ if [ ! -x "$ROOT/.cache/azurite/node_modules/.bin/azurite-blob" ]; then
 fi
 export SITERECOVERY_AZURITE="$ROOT/.cache/azurite/node_modules/.bin/azurite-blob"
 
+# axe-core pinned: the web console's accessibility check runs it inside the real browser.
+if [ ! -f "$ROOT/.cache/axe/node_modules/axe-core/axe.min.js" ]; then
+  echo "tests/run.sh: installing axe-core@4.10.3"
+  mkdir -p "$ROOT/.cache/axe"
+  npm install --silent --no-audit --no-fund --prefix "$ROOT/.cache/axe" axe-core@4.10.3 >/dev/null
+fi
+export SITERECOVERY_AXE="$ROOT/.cache/axe/node_modules/axe-core/axe.min.js"
+
 # Python environment.
 if [ ! -x .venv/bin/python ]; then
   if ! python3 -m venv .venv 2>/dev/null; then
@@ -55,7 +64,7 @@ fi
 echo "tests/run.sh: ruff"
 .venv/bin/ruff check .
 echo "tests/run.sh: mypy"
-.venv/bin/mypy common wire vault targets configserver procserver mobility siterecovery tests benchmarks
+.venv/bin/mypy common wire vault targets instant configserver procserver mobility siterecovery tests benchmarks
 echo "tests/run.sh: pytest"
 set +e
 .venv/bin/python -m pytest -p no:cacheprovider "$@"

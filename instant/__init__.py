@@ -1,0 +1,1 @@
+"""Instant recovery: a recovery point's disk served over NBD from the vault, then hydrated."""
