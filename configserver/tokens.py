@@ -7,14 +7,21 @@ import os
 import secrets
 from pathlib import Path
 
+from common.tomlconfig import ConfigError
+
 
 def load_or_create(path: Path) -> str:
+    """The token in ``path``; a new one written there (0600) if the file is absent or empty.
+    A file that is not text is a ``ConfigError`` naming it: it is never overwritten."""
     try:
         token = path.read_text().strip()
         if token:
             return token
     except FileNotFoundError:
         pass
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a token file (it is not text); move it away and "
+                          "a new token is written at the next start") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -146,6 +146,9 @@ async def cmd_enroll(args: argparse.Namespace) -> int:
             token = Path(args.token_file).read_text().strip()
         except OSError as e:
             raise CliError(f"cannot read the admin token file: {e}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"the admin token file {args.token_file} is not a token (it is "
+                             "not text)") from None
         cfg = await enroll(args.api, token, args.machine, args.server, args.disk, out,
                            args.site_url or "")
     else:

@@ -12,7 +12,7 @@ from typing import Any
 
 from siterecovery.apiclient import DEFAULT_API, ApiClient
 from siterecovery.datadir import default_data_dir
-from siterecovery.errors import CliError
+from siterecovery.errors import CliError, UsageError
 from siterecovery.output import show
 
 
@@ -38,6 +38,10 @@ def token_from(args: argparse.Namespace) -> str:
         raise CliError(f"cannot read the admin token: {e}\n"
                        "hint: pass --token-file (the configuration server writes "
                        "DATA_DIR/configserver/api-token at first start)") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"the admin token file {path} is not a token (it is not text)\n"
+                         "hint: pass the configuration server's DATA_DIR/configserver/"
+                         "api-token") from None
     if not token:
         raise CliError(f"the admin token file {path} is empty")
     return token

@@ -111,6 +111,13 @@ def _no_file(s: Site) -> str:
     return str(s.tmp / "no-such-file")
 
 
+def _binary(path: Path) -> str:
+    """A file of bytes that are not UTF-8 text, at ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\xff\xfe\x80" + bytes(range(256)))
+    return str(path)
+
+
 CASES = [
     Case(EXIT_OK, "vault init", lambda s, _: [
         "vault", "init", "--vault", f"file://{s.tmp}/fresh", "--key-file",
@@ -149,6 +156,14 @@ CASES = [
     Case(EXIT_USAGE, "mobility run: a required key is missing", lambda s, _: [
         "mobility", "run", "--config", s.toml("mob-req", s.mobility, machine=None)],
         "machine"),
+    Case(EXIT_USAGE, "configserver run: its admin token file is not text", lambda s, _: [
+        "configserver", "run", "--config",
+        s.toml("cs-token", s.configserver, data_dir=str(s.tmp / "cs-token"),
+               token_file=_binary(s.tmp / "cs-token" / "binary-token"))],
+        "not a token file"),
+    Case(EXIT_USAGE, "a verb of the admin API: its --token-file is not text", lambda s, _: [
+        "policy", "list", "--api", "http://127.0.0.1:9", "--token-file",
+        _binary(s.tmp / "binary-token")], "not a token"),
     Case(EXIT_USAGE, "serve: --listen is not HOST:PORT", lambda s, _: [
         "serve", "--data-dir", str(s.tmp / "serve"), "--listen", "garbage"], "--listen"),
     Case(EXIT_USAGE, "serve: a port outside 0-65535", lambda s, _: [
