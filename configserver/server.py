@@ -26,7 +26,7 @@ import structlog
 from aiohttp import web
 
 from common.tls import server_context
-from configserver import db, jobkinds, sitecert, tokens
+from configserver import console, db, jobkinds, sitecert, tokens
 from configserver.alerts import AlertBook
 from configserver.api import all_routes
 from configserver.background import background_tasks
@@ -98,7 +98,9 @@ class ConfigServer:
     async def _listen(self) -> None:
         routes = all_routes()
         self.admin_table = RouteTable(self.services, routes, "admin")
-        runner = web.AppRunner(self.admin_table.app(), access_log=None,
+        admin_app = self.admin_table.app()
+        console.mount(admin_app, self.services)  # the web console, under /console/
+        runner = web.AppRunner(admin_app, access_log=None,
                                shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
         await runner.setup()
         self._runners.append(runner)

@@ -1,0 +1,186 @@
+"""The console's aiohttp application: sign-in, sessions, CSRF and the security headers.
+
+Every page and action needs a session: a GET without one is sent to the sign-in page, a
+POST without one (or without its session's CSRF token, or from another origin) is refused
+with 403. Sign-in takes the admin token in a POST form body — never in a URL — and
+answers with the session cookie (HttpOnly, SameSite=Strict, Path=/, Secure over TLS).
+Neither the token nor a session id is ever logged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import jinja2
+import structlog
+from aiohttp import web
+
+from configserver.console.render import STATIC, environment, html
+from configserver.console.sessions import Session, SessionStore, same_secret
+from configserver.enrollment import Throttle
+from configserver.services import Services
+
+log = structlog.get_logger("configserver.console")
+
+PREFIX = "/console"
+COOKIE = "siterecovery_console"
+# No inline script or style anywhere: the pages load /console/static/console.css only.
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+       "form-action 'self'; base-uri 'none'; object-src 'none'; frame-ancestors 'none'")
+PUBLIC = ("/console/signin", "/console/static/")
+MAX_FORM_BYTES = 64 << 10
+
+
+@dataclass(frozen=True)
+class Console:
+    """What the console's handlers use."""
+
+    services: Services
+    sessions: SessionStore
+    throttle: Throttle  # wrong tokens, per client address
+    templates: jinja2.Environment
+
+    def page(self, request: web.Request, template: str, status: int = 200,
+             **context: Any) -> web.Response:
+        session: Session | None = request.get("session")
+        return html(self.templates, template, status, csrf=session.csrf if session else "",
+                    signed_in=session is not None, path=request.path, **context)
+
+
+CONSOLE = web.AppKey("console", Console)
+
+
+def console_of(request: web.Request) -> Console:
+    return request.config_dict[CONSOLE]
+
+
+def _same_origin(request: web.Request) -> bool:
+    """A POST's Origin (when the browser sends one) must be this listener: defence in depth
+    behind the SameSite cookie and the CSRF token, and the guard of the sign-in form."""
+    if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+        return False
+    origin = request.headers.get("Origin")
+    return origin is None or origin == f"{request.scheme}://{request.host}"
+
+
+def see_other(location: str) -> web.Response:
+    """A 303 to ``location`` (returned, not raised: the API's error layer stays out)."""
+    return web.Response(status=303, headers={"Location": location})
+
+
+def refused(request: web.Request, why: str) -> web.Response:
+    log.warning("console_request_refused", path=request.path, reason=why,
+                client=request.remote)
+    return console_of(request).page(request, "refused.html", 403, why=why)
+
+
+@web.middleware
+async def guard(request: web.Request,
+                handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                ) -> web.StreamResponse:
+    console = console_of(request)
+    post = request.method == "POST"
+    if post and not _same_origin(request):
+        return refused(request, "the form was sent from another site")
+    if request.path.startswith(PUBLIC):
+        return await handler(request)
+    session = console.sessions.get(request.cookies.get(COOKIE))
+    if session is None:
+        if post:
+            return refused(request, "you are not signed in, or your session ended")
+        return see_other(f"{PREFIX}/signin?next={quote(request.path_qs, safe='/')}")
+    request["session"] = session
+    if post:
+        form = await request.post()
+        given = form.get("csrf")
+        if not same_secret(given if isinstance(given, str) else None, session.csrf):
+            return refused(request, "the form's security token is missing or out of date")
+        request["form"] = form
+    return await handler(request)
+
+
+async def security_headers(_request: web.Request, response: web.StreamResponse) -> None:
+    h = response.headers
+    h["Content-Security-Policy"] = CSP
+    h["X-Content-Type-Options"] = "nosniff"
+    h["Referrer-Policy"] = "no-referrer"
+    h["X-Frame-Options"] = "DENY"
+    h.setdefault("Cache-Control", "no-store")
+
+
+def _next(value: object) -> str:
+    """Where to go after sign-in: a console path only (never another site)."""
+    if isinstance(value, str) and value.startswith(f"{PREFIX}/") and "//" not in value \
+            and "\\" not in value and not value.startswith(f"{PREFIX}/signin"):
+        return value
+    return f"{PREFIX}/"
+
+
+async def signin_form(request: web.Request) -> web.Response:
+    console = console_of(request)
+    return console.page(request, "signin.html", next=_next(request.query.get("next")),
+                        error="", token_file=str(console.services.cfg.token_path))
+
+
+async def signin(request: web.Request) -> web.StreamResponse:
+    console = console_of(request)
+    form = await request.post()
+    addr, now = request.remote or "?", console.services.clock()
+    wait = console.throttle.retry_after(addr, now)
+    target = _next(form.get("next"))
+    token = form.get("token")
+    if wait or not same_secret(token if isinstance(token, str) else None,
+                               console.services.admin_token):
+        if not wait:
+            console.throttle.failed(addr, now)
+        log.warning("console_signin_refused", client=addr, throttled=bool(wait))
+        error = (f"too many wrong tokens: try again in {wait:.0f} s" if wait
+                 else "wrong token: paste the whole content of the api-token file")
+        resp = console.page(request, "signin.html", 429 if wait else 401, next=target,
+                            error=error, token_file=str(console.services.cfg.token_path))
+        if wait:
+            resp.headers["Retry-After"] = str(int(wait))
+        return resp
+    console.throttle.succeeded(addr)
+    session = console.sessions.create()
+    log.info("console_signed_in", client=addr)
+    resp = see_other(target)
+    resp.set_cookie(COOKIE, session.id, path="/", httponly=True, samesite="Strict",
+                    secure=request.secure)
+    return resp
+
+
+async def signout(request: web.Request) -> web.StreamResponse:
+    session: Session = request["session"]
+    console_of(request).sessions.end(session.id)
+    log.info("console_signed_out", client=request.remote)
+    resp = see_other(f"{PREFIX}/signin")
+    resp.del_cookie(COOKIE, path="/")
+    return resp
+
+
+async def _to_console(_request: web.Request) -> web.StreamResponse:
+    return see_other(f"{PREFIX}/")
+
+
+def make_app(console: Console, routes: list[web.RouteDef]) -> web.Application:
+    app = web.Application(middlewares=[guard], client_max_size=MAX_FORM_BYTES)
+    app[CONSOLE] = console
+    app.on_response_prepare.append(security_headers)
+    app.router.add_get("/signin", signin_form)
+    app.router.add_post("/signin", signin)
+    app.router.add_post("/signout", signout)
+    app.router.add_static("/static", STATIC, append_version=False)
+    app.router.add_routes(routes)
+    return app
+
+
+def mount(parent: web.Application, services: Services, routes: list[web.RouteDef]) -> None:
+    """Serve the console under ``/console/`` of ``parent`` (the admin listener)."""
+    console = Console(services, SessionStore(services.clock), Throttle(limit=10),
+                      environment())
+    parent.add_subapp(PREFIX, make_app(console, routes))
+    parent.router.add_get(PREFIX, _to_console)
