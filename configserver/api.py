@@ -9,10 +9,12 @@ from configserver import (
     api_core,
     api_events,
     api_failover,
+    api_install,
     api_items,
     api_jobs,
     api_machines,
     api_notify,
+    api_plans,
     api_points,
     api_policies,
     api_procservers,
@@ -24,7 +26,7 @@ from configserver.rest import Route
 
 MODULES = (api_core, api_registration, api_certs, api_procservers, api_policies, api_machines,
            api_accounts, api_items, api_failover, api_jobs, api_points, api_agent, api_events,
-           api_notify, api_verify, api_prune)
+           api_notify, api_verify, api_prune, api_install, api_plans)
 
 
 def all_routes() -> list[Route]:

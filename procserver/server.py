@@ -41,6 +41,7 @@ from procserver.csclient import ConfigServerClient
 from procserver.cycles import CycleBook
 from procserver.datadirlock import DataDirLock
 from procserver.framestream import FrameStream
+from procserver.installreq import BUNDLE_NAME, InstallRequests
 from procserver.listener import Listener, ListenerLimits, listen, server_ssl_context
 from procserver.metrics import ProcMetrics
 from procserver.orphans import resumable_cycles
@@ -88,6 +89,7 @@ class ProcServer:
     reporter: Reporter
     trust: TrustList
     policies: Policies
+    installs: InstallRequests
     listener: Listener
     scrape: ScrapeGauges
     vault_ready: asyncio.Event  # set once the vault is open (``vaults.ready``)
@@ -134,6 +136,8 @@ class ProcServer:
                                  self.reporter.name, lambda: self.reporter.registered,
                                  sessionmaker, vaults)
         self.reporter.on_refresh += [self.trust.wake, self.policies.wake]
+        self.installs = InstallRequests(self.client, self.reporter.name,
+                                        self.data_dir / BUNDLE_NAME)
         self.scrape = ScrapeGauges(metrics, self.policies, sessionmaker, self.cache_dir,
                                    self.space)
         metrics.suspended_cycles.set_function(self.cycles.suspended)
@@ -216,6 +220,7 @@ class ProcServer:
         sup.start("reporter", self.reporter.run())
         sup.start("trust", self.trust.run())
         sup.start("policies", self.policies.run())
+        sup.start("install-requests", self.installs.run())
         if not vaults.is_open:
             sup.start("open-vault", vaults.open_later())
         log.info("procserver_started", port=self.port, metrics_port=self.metrics_port,

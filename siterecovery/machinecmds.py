@@ -1,14 +1,18 @@
 """CLI verbs: machines and the support matrix
-(``siterecovery machine add|list|show|update|remove|support-matrix``)."""
+(``siterecovery machine add|list|show|update|remove|support-matrix``), and the push
+install of their agent (``machine install|upgrade|uninstall|host-key``): each queues its
+job and follows it to the end, every step's message on stderr as it changes."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
-from siterecovery.apiopts import add_api_args, call_and_show
-from siterecovery.errors import UsageError
-from siterecovery.output import table
+from siterecovery.apiopts import add_api_args, call_and_show, client
+from siterecovery.errors import EXIT_FAIL, UsageError
+from siterecovery.jobfollow import describe_job, follow
+from siterecovery.output import show, table
 
 COLUMNS = [("name", "NAME"), ("ip", "IP"), ("os", "OS"), ("kernel", "KERNEL"),
            ("disks", "DISKS"), ("process_server", "PROCESS SERVER"), ("account", "ACCOUNT"),
@@ -105,6 +109,89 @@ async def cmd_matrix(args: argparse.Namespace) -> int:
     return await call_and_show(args, "GET", "/api/v1/support-matrix", describe_matrix)
 
 
+async def cmd_push(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {}
+    if getattr(args, "known_hosts", None):
+        try:
+            body["known_hosts"] = Path(args.known_hosts).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read --known-hosts {args.known_hosts}: {e}") from None
+    for k in ("forget_host_key", "server", "site_url"):
+        if getattr(args, k, None):
+            body[k] = getattr(args, k)
+    if getattr(args, "heartbeat_timeout", None):
+        body["heartbeat_timeout_seconds"] = args.heartbeat_timeout
+    async with client(args) as api:
+        job = (await api.post(f"/api/v1/machines/{args.name}/{args.action}", body))["job"]
+        if args.no_wait:
+            return show(job, args, f"{job['title']} queued for {args.name}: job {job['id']}"
+                                   f"\nfollow it: siterecovery jobs wait {job['id']}")
+        job = await follow(api, job, args.timeout)
+    show(job, args, describe_job(job))
+    return 0 if job["state"] == "succeeded" else EXIT_FAIL
+
+
+def _host_key(doc: dict[str, Any]) -> str:
+    if not doc["host_key"]:
+        return f"{doc['machine']}: no host key recorded (the next push install trusts the " \
+               "first one it sees)"
+    return f"{doc['machine']}: {doc['fingerprint']} ({doc['source']})\n{doc['host_key']}"
+
+
+async def cmd_host_key(args: argparse.Namespace) -> int:
+    return await call_and_show(args, "GET", f"/api/v1/machines/{args.name}/host-key",
+                               _host_key)
+
+
+def _push_verbs(msub: argparse._SubParsersAction[argparse.ArgumentParser]
+                ) -> list[argparse.ArgumentParser]:
+    out = []
+    for action, help_, desc in (
+            ("install", "push-install the Mobility agent over SSH",
+             "The machine's process server logs in over SSH with its account, checks the "
+             "prerequisites one by one, copies the agent bundle over SFTP and installs it, "
+             "enrolls the agent (its key is made on the machine; the CA signs its request), "
+             "enables and starts its systemd unit and waits for its first heartbeat. The "
+             "first host key seen is recorded (trust on first use) unless --known-hosts "
+             "gives it; a changed key refuses the install. On an installed machine it "
+             "verifies and changes nothing."),
+            ("upgrade", "replace the agent by the process server's bundle, keeping its state",
+             "As install, for a machine whose agent is installed: the program files are "
+             "replaced; its config, certificate and state (the block maps) are kept, so its "
+             "next cycle is a delta."),
+            ("uninstall", "remove the agent and everything its install listed",
+             "Stops the agent and removes every path its install listed (program files, "
+             "unit, config, certificate, state), then checks that each one is gone.")):
+        v = msub.add_parser(action, help=help_, description=desc)
+        v.add_argument("name")
+        v.set_defaults(func=cmd_push, action=action)
+        v.add_argument("--known-hosts", metavar="FILE",
+                       help="an OpenSSH known_hosts file with the machine's host key: "
+                            "recorded as the operator's and pinned")
+        v.add_argument("--forget-host-key", action="store_true",
+                       help="forget the recorded host key first (a machine really "
+                            "reinstalled): the next one seen is trusted")
+        if action != "uninstall":
+            v.add_argument("--server", metavar="HOST:PORT",
+                           help="where the agent replicates to (default: its process "
+                                "server's address)")
+            v.add_argument("--site-url", metavar="URL",
+                           help="the configuration server's site listener as the machine "
+                                "reaches it (default: from site_names/site_host)")
+            v.add_argument("--heartbeat-timeout", type=int, metavar="SECONDS",
+                           help="how long to wait for the agent's first heartbeat "
+                                "(default 600)")
+        v.add_argument("--no-wait", action="store_true",
+                       help="queue the job and return (follow it: siterecovery jobs wait)")
+        v.add_argument("--timeout", type=float, metavar="SECONDS",
+                       help="stop following after this long (the job goes on)")
+        out.append(v)
+    hk = msub.add_parser("host-key", help="the machine's recorded SSH host key")
+    hk.add_argument("name")
+    hk.set_defaults(func=cmd_host_key)
+    return [*out, hk]
+
+
 def _os_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--os-name", help="ID from the machine's /etc/os-release: ubuntu, debian, "
                                      "rhel, rocky, almalinux, centos, ol")
@@ -172,5 +259,5 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     r.set_defaults(func=cmd_remove)
     sm = msub.add_parser("support-matrix", help="which operating systems are supported")
     sm.set_defaults(func=cmd_matrix)
-    for verb in (a, ls, s, u, r, sm):
+    for verb in (a, ls, s, u, r, sm, *_push_verbs(msub)):
         add_api_args(verb)
