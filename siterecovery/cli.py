@@ -28,9 +28,11 @@ from siterecovery import (
     certcmds,
     checkcmds,
     failovercmds,
+    instantcmds,
     keycmds,
     machinecmds,
     notifycmds,
+    plancmds,
     policycmds,
     procservercmds,
     prunecmds,
@@ -129,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     checkcmds.register(sub)
     prunecmds.register(sub)
     for m in (registercmds, certcmds, policycmds, machinecmds, accountcmds, procservercmds,
-              replicationcmds, failovercmds, notifycmds, verifycmds):
+              replicationcmds, failovercmds, notifycmds, verifycmds, instantcmds, plancmds):
         m.register(sub)
 
     d = sub.add_parser("demo", help="protect a sample disk end to end and prove the restore",

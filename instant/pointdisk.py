@@ -1,0 +1,285 @@
+"""``PointDisk``: a recovery point's disk as an NBD export, read from the vault on demand.
+
+A block is read from the local overlay (overlay.py) once present there; otherwise it
+is fetched: a byte range of its pack (the block and the point's blocks after it in the
+same pack, up to READAHEAD bytes: a guest reading one block mostly reads its
+neighbours next) is read from the store, every block in it is authenticated,
+decompressed and checked against its id (vault/pack.py), then all of them go into the
+overlay. The overlay is the cache: nothing is fetched twice, and two requests for the
+same block wait for one fetch.
+
+Writes go to the overlay only; the vault is never written. A write that covers part
+of a block not yet present fetches that block first; one that covers whole blocks
+needs no fetch. Extents report blocks absent from the point's map (and holes the
+client made) as holes that read as zeros.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import structlog
+
+from instant import protocol as p
+from instant.overlay import Overlay, OverlayHeader
+from vault import names
+from vault.errors import IntegrityError, NotFoundError, PermanentStoreError
+from vault.index import Index, Location, locate_blocks
+from vault.pack import open_block
+from vault.point import Point
+from vault.repo import Vault
+
+log = structlog.get_logger("instant.pointdisk")
+
+READAHEAD = 1 << 20  # pack bytes fetched for one block read on demand
+MAX_EXTENT_BLOCKS = 1 << 14  # blocks one BLOCK_STATUS reply describes at most
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """One stored block of a pack, and the disk's blocks that hold it."""
+
+    loc: Location
+    block_id: bytes
+    blocks: tuple[int, ...]
+
+
+class PointDisk:
+    """Open with ``PointDisk.open``; ``close`` closes the overlay (not the vault)."""
+
+    def __init__(self, vault: Vault, point: Point, disk: str, overlay: Overlay,
+                 packs: dict[str, list[_Entry]], where: dict[int, tuple[str, int]],
+                 executor: Executor) -> None:
+        self.vault, self.point, self.disk = vault, point, disk
+        self.overlay = overlay
+        self._packs = packs  # pack id -> its entries of this disk, by offset
+        self._where = where  # block number -> (pack id, position in _packs[pack])
+        self._executor = executor
+        self._inflight: dict[int, asyncio.Future[None]] = {}
+        self.fetched_bytes = 0
+
+    @classmethod
+    async def open(cls, vault: Vault, point: Point, disk: str, overlay_dir: str, *,
+                   executor: Executor, index: Index | None = None) -> PointDisk:
+        """Resolve ``disk`` of ``point`` (its map and where its blocks are) and open its
+        overlay in ``overlay_dir``. Raises KeyError for a disk the point lacks,
+        UnindexedBlocksError / IntegrityError for a damaged vault, OverlayMismatch."""
+        entry = point.disk(disk)
+        bmap = await vault.resolve_map(point, disk)
+        index = index if index is not None else await vault.load_index()
+        by_pack = locate_blocks(index, names.POINTS + point.id, disk, bmap.blocks)
+        packs: dict[str, list[_Entry]] = {}
+        where: dict[int, tuple[str, int]] = {}
+        for pack_id, items in by_pack.items():
+            at: dict[int, tuple[Location, bytes, list[int]]] = {}
+            for n, bid, loc in items:
+                at.setdefault(loc.offset, (loc, bid, []))[2].append(n)
+            entries = [_Entry(loc, bid, tuple(ns)) for _, (loc, bid, ns) in sorted(at.items())]
+            packs[pack_id] = entries
+            for i, e in enumerate(entries):
+                for n in e.blocks:
+                    where[n] = (pack_id, i)
+        header = OverlayHeader(point.id, disk, entry.size, entry.block_size)
+        nblocks = (entry.size + entry.block_size - 1) // entry.block_size
+        zero = (n for n in range(nblocks) if n not in bmap.blocks)
+        loop = asyncio.get_running_loop()
+        overlay = await loop.run_in_executor(executor, Overlay.open, overlay_dir, header, zero,
+                                             executor)
+        return cls(vault, point, disk, overlay, packs, where, executor)
+
+    # -- the Export protocol -----------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self.overlay.size
+
+    @property
+    def block_size(self) -> int:
+        return self.overlay.block_size
+
+    def _blocks(self, offset: int, length: int) -> range:
+        bs = self.block_size
+        return range(offset // bs, (offset + length + bs - 1) // bs)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        if length == 0:
+            return b""
+        await self.ensure(self._blocks(offset, length))
+        return await self.overlay.read(offset, length)
+
+    async def write(self, offset: int, data: bytes, *, fua: bool = False) -> None:
+        await self._write(offset, data, len(data), fua)
+
+    async def write_zeroes(self, offset: int, length: int, *, fua: bool = False) -> None:
+        await self._write(offset, None, length, fua)
+
+    async def _write(self, offset: int, data: bytes | None, length: int, fua: bool) -> None:
+        if length == 0:
+            return
+        bs, end = self.block_size, offset + length
+        whole: list[int] = []
+        part: list[int] = []
+        for n in self._blocks(offset, length):
+            lo, hi = n * bs, min((n + 1) * bs, self.size)
+            (whole if offset <= lo and hi <= end else part).append(n)
+        await self.ensure(part)
+        await self.overlay.write(offset, data, length, mark=whole, sync=fua)
+
+    async def trim(self, offset: int, length: int) -> None:
+        # Only whole blocks are trimmed (the protocol lets a trim do less): as zeros.
+        bs = self.block_size
+        lo = -(-offset // bs) * bs
+        hi = min(offset + length, self.size)
+        hi = hi if hi == self.size else hi // bs * bs
+        if hi > lo:
+            await self._write(lo, None, hi - lo, False)
+
+    async def flush(self) -> None:
+        await self.overlay.flush()
+
+    async def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        blocks = self._blocks(offset, length)
+        end = min(offset + length, (blocks.start + MAX_EXTENT_BLOCKS) * self.block_size)
+        holes = await self.overlay.zero_runs(offset, end - offset)
+        bs = self.block_size
+        runs: list[tuple[int, int]] = []  # (length, flags), merged
+
+        def add(n: int, flags: int) -> None:
+            if runs and runs[-1][1] == flags:
+                runs[-1] = (runs[-1][0] + n, flags)
+            else:
+                runs.append((n, flags))
+
+        starts = [h[0] for h in holes]
+        pos = offset
+        while pos < end:
+            n = pos // bs
+            nxt = min((n + 1) * bs, end)
+            if self.overlay.present(n):
+                # Present: the image says, hole by hole (a hole reads as zeros).
+                i = bisect.bisect_right(starts, pos) - 1
+                if i >= 0 and holes[i][0] <= pos < holes[i][1]:
+                    stop = min(holes[i][1], nxt)
+                    add(stop - pos, p.STATE_HOLE | p.STATE_ZERO)
+                else:
+                    j = bisect.bisect_right(starts, pos)
+                    stop = min(holes[j][0], nxt) if j < len(holes) else nxt
+                    add(stop - pos, 0)
+                pos = stop
+            else:
+                add(nxt - pos, 0)  # not fetched yet, and in the map: data
+                pos = nxt
+        return runs
+
+    # -- fetching ---------------------------------------------------------------
+    async def ensure(self, blocks: range | list[int]) -> None:
+        """Return once every block of ``blocks`` is present in the overlay."""
+        waits: list[asyncio.Future[None]] = []
+        for n in blocks:
+            if self.overlay.present(n):
+                continue
+            fut = self._inflight.get(n)
+            if fut is None:
+                fut = self._start_fetch(n, READAHEAD)
+            waits.append(fut)
+        for fut in dict.fromkeys(waits):
+            await asyncio.shield(fut)
+
+    def _start_fetch(self, n: int, span: int) -> asyncio.Future[None]:
+        pack_id, i = self._where[n]
+        entries = self._packs[pack_id]
+        lo = entries[i].loc.offset
+        chosen = [entries[i]]
+        for e in entries[i + 1:]:
+            if e.loc.offset + e.loc.length - lo > span:
+                break
+            if any(not self.overlay.present(b) and b not in self._inflight for b in e.blocks):
+                chosen.append(e)
+        return self._fetch(pack_id, chosen)
+
+    def plan_span(self, pack_id: str, start: int, span: int) -> tuple[int, list[_Entry], int]:
+        """For hydration: the entries of ``pack_id`` from position ``start`` on whose
+        blocks are missing (and not being fetched), within ``span`` pack bytes. Returns
+        the position after the span, the entries, and the pack bytes they span."""
+        entries = self._packs[pack_id]
+        lo = entries[start].loc.offset
+        chosen: list[_Entry] = []
+        i = start
+        while i < len(entries) and (i == start or
+                                    entries[i].loc.offset + entries[i].loc.length - lo <= span):
+            e = entries[i]
+            if any(not self.overlay.present(b) and b not in self._inflight for b in e.blocks):
+                chosen.append(e)
+            i += 1
+        nbytes = (max(e.loc.offset + e.loc.length for e in chosen) - chosen[0].loc.offset
+                  if chosen else 0)
+        return i, chosen, nbytes
+
+    async def fetch(self, pack_id: str, entries: list[_Entry]) -> None:
+        """Fetch ``entries`` of ``pack_id`` (from ``plan_span``) into the overlay."""
+        if any(not self.overlay.present(b) and b not in self._inflight
+               for e in entries for b in e.blocks):
+            await asyncio.shield(self._fetch(pack_id, entries))
+        await self.ensure([b for e in entries for b in e.blocks])
+
+    def pack_sizes(self) -> dict[str, int]:
+        """Per pack of this disk: how many entries it has (for hydration's walk)."""
+        return {pid: len(es) for pid, es in self._packs.items()}
+
+    def _fetch(self, pack_id: str, chosen: list[_Entry]) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        mine = [b for e in chosen for b in e.blocks
+                if not self.overlay.present(b) and b not in self._inflight]
+        for b in mine:
+            self._inflight[b] = fut
+        task = asyncio.create_task(self._fetch_into(pack_id, chosen))
+
+        def settle(t: asyncio.Task[None]) -> None:
+            for b in mine:
+                if self._inflight.get(b) is fut:
+                    del self._inflight[b]
+            if t.cancelled():
+                fut.cancel()
+            elif t.exception() is not None:
+                fut.set_exception(t.exception())  # type: ignore[arg-type]
+            else:
+                fut.set_result(None)
+
+        task.add_done_callback(settle)
+        # A fetch no one waits for any more must not log "exception never retrieved".
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return fut
+
+    async def _fetch_into(self, pack_id: str, chosen: list[_Entry]) -> None:
+        lo = chosen[0].loc.offset
+        hi = max(e.loc.offset + e.loc.length for e in chosen)
+        pname = names.pack_name(pack_id)
+        try:
+            raw = await self.vault.store.get(pname, lo, hi - lo)
+        except NotFoundError:
+            raise IntegrityError(pname, "the pack is missing") from None
+        except PermanentStoreError:
+            raise IntegrityError(pname, "the pack is shorter than its index says "
+                                        "(truncated)") from None
+        self.fetched_bytes += len(raw)
+        loop = asyncio.get_running_loop()
+        blocks = await loop.run_in_executor(self._executor, self._open, pack_id, chosen, raw, lo)
+        await self.overlay.fill(blocks)
+
+    def _open(self, pack_id: str, chosen: list[_Entry], raw: bytes, base: int
+              ) -> list[tuple[int, bytes]]:
+        view = memoryview(raw)
+        out: list[tuple[int, bytes]] = []
+        for e in chosen:
+            data = open_block(self.vault.keyring, pack_id, e.block_id,
+                              view[e.loc.offset - base:e.loc.offset - base + e.loc.length])
+            last = self.size - (self.overlay.nblocks - 1) * self.block_size
+            for n in e.blocks:
+                out.append((n, data[:last] if n == self.overlay.nblocks - 1 else data))
+        return out
+
+    def close(self) -> None:
+        self.overlay.close()
+

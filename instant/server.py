@@ -1,0 +1,114 @@
+"""``NbdServer``: serves exports over a UNIX socket (and, if asked, TCP on loopback).
+
+Each connection runs the handshake (handshake.py), then the transmission phase
+(transmission.py). A connection that breaks the protocol is dropped and logged; the
+others go on. ``stop`` stops accepting, lets the connections' requests in flight
+finish, closes the connections and removes the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+from collections.abc import Mapping
+
+import structlog
+
+from instant import protocol as p
+from instant.export import Export
+from instant.handshake import negotiate
+from instant.transmission import serve_session
+
+log = structlog.get_logger("instant.nbd")
+
+STOP_GRACE = 10.0  # seconds the requests in flight get to finish at stop
+
+
+class NbdServer:
+    def __init__(self, exports: Mapping[str, Export], *, socket_path: str,
+                 tcp_port: int | None = None) -> None:
+        """``exports`` maps export names to exports; ``""`` is the default export (the
+        one ``nbd+unix:///?socket=PATH`` names). ``tcp_port`` (0: any free port) also
+        listens on 127.0.0.1."""
+        self.exports = dict(exports)
+        self.socket_path = socket_path
+        self.tcp_port = tcp_port
+        self._servers: list[asyncio.Server] = []
+        self._conns: dict[int, tuple[asyncio.Task[None], asyncio.StreamWriter]] = {}
+        self._ids = itertools.count(1)
+
+    @property
+    def uri(self) -> str:
+        """The NBD URI of the default export."""
+        return f"nbd+unix:///?socket={self.socket_path}"
+
+    @property
+    def tcp_address(self) -> tuple[str, int] | None:
+        for s in self._servers:
+            for sock in s.sockets:
+                addr = sock.getsockname()
+                if isinstance(addr, tuple):
+                    return addr[0], addr[1]
+        return None
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)  # a socket left by a killed server
+        self._servers.append(await asyncio.start_unix_server(self._client,
+                                                             path=self.socket_path))
+        os.chmod(self.socket_path, 0o600)
+        if self.tcp_port is not None:
+            self._servers.append(await asyncio.start_server(self._client, "127.0.0.1",
+                                                            self.tcp_port))
+        log.info("nbd_server_listening", socket=self.socket_path, tcp=self.tcp_address,
+                 exports=sorted(self.exports))
+
+    async def stop(self) -> None:
+        for s in self._servers:
+            s.close()
+        conns = list(self._conns.values())
+        for _t, w in conns:
+            w.close()  # the connection's reader sees the end: it finishes what is in flight
+        if conns:
+            _done, late = await asyncio.wait([t for t, _w in conns], timeout=STOP_GRACE)
+            for t in late:
+                t.cancel()
+            if late:
+                await asyncio.wait(late)
+            log.info("nbd_connections_closed", count=len(conns), cancelled=len(late))
+        for s in self._servers:
+            await s.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+        self._servers.clear()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                      ) -> None:
+        cid = next(self._ids)
+        task = asyncio.current_task()
+        assert task is not None
+        self._conns[cid] = (task, writer)
+        clog = log.bind(connection=cid)
+        try:
+            session = await negotiate(reader, writer, self.exports)
+            if session is not None:
+                clog.info("nbd_client_connected", export=session.name,
+                          structured=session.structured,
+                          block_status=session.meta_context is not None)
+                await serve_session(reader, writer, session)
+            clog.info("nbd_client_disconnected")
+        except p.ProtocolViolation as e:
+            clog.warning("nbd_client_dropped", reason=str(e))
+        except (ConnectionError, asyncio.IncompleteReadError) as e:
+            clog.info("nbd_client_lost", reason=str(e) or type(e).__name__)
+        except asyncio.CancelledError:
+            # Only stop() cancels, after its grace: end quietly (the stream's callback
+            # would log a cancelled handler as an error).
+            clog.warning("nbd_client_cancelled")
+        finally:
+            self._conns.pop(cid, None)
+            writer.close()
+            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+                await writer.wait_closed()
