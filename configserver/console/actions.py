@@ -24,16 +24,17 @@ from configserver.rest import status_of
 log = structlog.get_logger("configserver.console")
 
 RECOVERY_VERBS = ("test-failover", "cleanup-test-failover", "failover", "commit")
+Form = MultiDictProxy[Any]
 DESTRUCTIVE = ("failover", "commit", "disable")
 VERBS = (*RECOVERY_VERBS, "resync", "disable")
 
 
-def _text(form: MultiDictProxy[Any], name: str) -> str:
+def _text(form: Form, name: str) -> str:
     value = form.get(name)
     return value.strip() if isinstance(value, str) else ""
 
 
-def _body(verb: str, form: MultiDictProxy[Any]) -> dict[str, Any]:
+def _body(verb: str, form: Form) -> dict[str, Any]:
     """The REST body of a recovery verb from its form's fields."""
     body: dict[str, Any] = {}
     if verb in ("test-failover", "failover"):
@@ -52,7 +53,7 @@ async def act(request: web.Request) -> web.Response:
     if verb not in VERBS:
         return console.page(request, "missing.html", 404, title="Not found", nav="items",
                             message=f"no action {verb!r}", hint="use the item's page")
-    form: MultiDictProxy[Any] = request["form"]
+    form = await request.post()  # the guard checked its CSRF token
     if verb in DESTRUCTIVE and _text(form, "confirm") != machine:
         return await item_page(request, status=422, error=(
             f"{verb}: type the item's name, {machine}, in the confirmation box to go on"))
@@ -78,7 +79,7 @@ async def act(request: web.Request) -> web.Response:
 async def enable(request: web.Request) -> web.Response:
     console = console_of(request)
     svc = console.services
-    form: MultiDictProxy[Any] = request["form"]
+    form = await request.post()  # the guard checked its CSRF token
     machine, policy = _text(form, "machine"), _text(form, "policy") or "default"
     try:
         job = await protection.enable(svc, machine, policy)

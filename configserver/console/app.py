@@ -9,6 +9,7 @@ Neither the token nor a session id is ever logged.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,8 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self';
        "form-action 'self'; base-uri 'none'; object-src 'none'; frame-ancestors 'none'")
 PUBLIC = ("/console/signin", "/console/static/")
 MAX_FORM_BYTES = 64 << 10
+# Where sign-in may lead: a console path (no '//', backslash or percent-encoding).
+NEXT = re.compile(r"/console/[A-Za-z0-9._~/-]*(?:\?[A-Za-z0-9._~=&-]*)?")
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ class Console:
 
     def page(self, request: web.Request, template: str, status: int = 200,
              **context: Any) -> web.Response:
-        session: Session | None = request.get("session")
+        session = session_of(request)
         return html(self.templates, template, status, csrf=session.csrf if session else "",
                     signed_in=session is not None, path=request.path, **context)
 
@@ -55,6 +58,12 @@ CONSOLE = web.AppKey("console", Console)
 
 def console_of(request: web.Request) -> Console:
     return request.config_dict[CONSOLE]
+
+
+def session_of(request: web.Request) -> Session | None:
+    """The request's live session, from its cookie (the guard lets only requests with one
+    through to pages and actions)."""
+    return console_of(request).sessions.get(request.cookies.get(COOKIE))
 
 
 def _same_origin(request: web.Request) -> bool:
@@ -92,13 +101,10 @@ async def guard(request: web.Request,
         if post:
             return refused(request, "you are not signed in, or your session ended")
         return see_other(f"{PREFIX}/signin?next={quote(request.path_qs, safe='/')}")
-    request["session"] = session
     if post:
-        form = await request.post()
-        given = form.get("csrf")
+        given = (await request.post()).get("csrf")  # the form is read once, then cached
         if not same_secret(given if isinstance(given, str) else None, session.csrf):
             return refused(request, "the form's security token is missing or out of date")
-        request["form"] = form
     return await handler(request)
 
 
@@ -113,8 +119,9 @@ async def security_headers(_request: web.Request, response: web.StreamResponse) 
 
 def _next(value: object) -> str:
     """Where to go after sign-in: a console path only (never another site)."""
-    if isinstance(value, str) and value.startswith(f"{PREFIX}/") and "//" not in value \
-            and "\\" not in value and not value.startswith(f"{PREFIX}/signin"):
+    if isinstance(value, str) and NEXT.fullmatch(value) and "//" not in value \
+            and not {".", ".."} & set(value.split("?")[0].split("/")) \
+            and not value.startswith(f"{PREFIX}/signin"):
         return value
     return f"{PREFIX}/"
 
@@ -154,8 +161,9 @@ async def signin(request: web.Request) -> web.StreamResponse:
 
 
 async def signout(request: web.Request) -> web.StreamResponse:
-    session: Session = request["session"]
-    console_of(request).sessions.end(session.id)
+    session = session_of(request)
+    if session is not None:
+        console_of(request).sessions.end(session.id)
     log.info("console_signed_out", client=request.remote)
     resp = see_other(f"{PREFIX}/signin")
     resp.del_cookie(COOKIE, path="/")
