@@ -83,9 +83,17 @@ async def cmd_instant_serve(args: argparse.Namespace) -> int:
             rate = args.hydrate_rate
             bucket = TokenBucket(Schedule.from_mbps(rate, rate)) if rate else None
             bar = Progress(f"hydrate {disk_name}", quiet=args.json)
+            last_pct = -1
 
             def progress(pr: HydrationProgress) -> None:
+                nonlocal last_pct
                 bar(pr.done * ov.block_size, pr.total * ov.block_size)
+                pct = pr.done * 100 // max(1, pr.total)
+                if args.json and pct != last_pct:  # one line per percent at most
+                    last_pct = pct
+                    print(json.dumps({"event": "hydrating", "present_blocks": pr.done,
+                                      "total_blocks": pr.total,
+                                      "fetched_bytes": pr.fetched_bytes}), flush=True)
 
             task = asyncio.create_task(hydrate(disk, bucket, progress=progress))
         stop = asyncio.create_task(signals.wait())
