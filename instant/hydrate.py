@@ -12,6 +12,7 @@ present blocks of all blocks; a restarted server resumes from the overlay as it 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,6 +25,7 @@ from instant.pointdisk import PointDisk
 log = structlog.get_logger("instant.hydrate")
 
 HYDRATE_SPAN = 4 << 20
+HYDRATE_PARALLEL = 3  # spans fetched at once: the store's latency overlaps
 
 
 @dataclass(frozen=True)
@@ -54,16 +56,34 @@ async def hydrate(disk: PointDisk, bucket: TokenBucket | None = None, *,
     # Spans of at most a quarter second's worth at the rate: the pace stays even.
     rate = bucket.schedule.rate_at(datetime.now()) if bucket is not None else 0
     span = max(1, min(HYDRATE_SPAN, int(rate / 4))) if rate > 0 else HYDRATE_SPAN
-    for pack_id, count in disk.pack_sizes().items():
-        pos = 0
-        while pos < count:
-            pos, entries, nbytes = disk.plan_span(pack_id, pos, span)
-            if not entries:
-                continue  # nothing missing in that span
-            if bucket is not None:
-                await bucket.take(nbytes)
-            await disk.fetch(pack_id, entries)
-            report()
+    running: set[asyncio.Task[None]] = set()
+
+    async def settle(when: str) -> None:
+        done, _ = await asyncio.wait(running, return_when=when)
+        running.difference_update(done)
+        for t in done:
+            t.result()  # a failed span raises here
+        report()
+
+    try:
+        for pack_id, count in disk.pack_sizes().items():
+            pos = 0
+            while pos < count:
+                pos, entries, nbytes = disk.plan_span(pack_id, pos, span)
+                if not entries:
+                    continue  # nothing missing in that span
+                if bucket is not None:
+                    await bucket.take(nbytes)
+                running.add(asyncio.create_task(disk.fetch(pack_id, entries)))
+                if len(running) >= HYDRATE_PARALLEL:
+                    await settle(asyncio.FIRST_COMPLETED)
+        if running:
+            await settle(asyncio.ALL_COMPLETED)
+    finally:
+        for t in running:
+            t.cancel()
+        if running:
+            await asyncio.wait(running)
     # Spans a guest's reads had in flight when the walk passed them are awaited here.
     await disk.ensure(list(ov.missing()))
     await disk.flush()

@@ -35,6 +35,7 @@ from vault.repo import Vault
 log = structlog.get_logger("instant.pointdisk")
 
 READAHEAD = 1 << 20  # pack bytes fetched for one block read on demand
+MAX_FETCHES = 8  # store reads in flight at once, on-demand and hydration together
 MAX_EXTENT_BLOCKS = 1 << 14  # blocks one BLOCK_STATUS reply describes at most
 
 
@@ -59,6 +60,7 @@ class PointDisk:
         self._where = where  # block number -> (pack id, position in _packs[pack])
         self._executor = executor
         self._inflight: dict[int, asyncio.Future[None]] = {}
+        self._fetch_slots = asyncio.Semaphore(MAX_FETCHES)
         self.fetched_bytes = 0
 
     @classmethod
@@ -256,17 +258,19 @@ class PointDisk:
         lo = chosen[0].loc.offset
         hi = max(e.loc.offset + e.loc.length for e in chosen)
         pname = names.pack_name(pack_id)
-        try:
-            raw = await self.vault.store.get(pname, lo, hi - lo)
-        except NotFoundError:
-            raise IntegrityError(pname, "the pack is missing") from None
-        except PermanentStoreError:
-            raise IntegrityError(pname, "the pack is shorter than its index says "
-                                        "(truncated)") from None
-        self.fetched_bytes += len(raw)
-        loop = asyncio.get_running_loop()
-        blocks = await loop.run_in_executor(self._executor, self._open, pack_id, chosen, raw, lo)
-        await self.overlay.fill(blocks)
+        async with self._fetch_slots:
+            try:
+                raw = await self.vault.store.get(pname, lo, hi - lo)
+            except NotFoundError:
+                raise IntegrityError(pname, "the pack is missing") from None
+            except PermanentStoreError:
+                raise IntegrityError(pname, "the pack is shorter than its index says "
+                                            "(truncated)") from None
+            self.fetched_bytes += len(raw)
+            loop = asyncio.get_running_loop()
+            blocks = await loop.run_in_executor(self._executor, self._open, pack_id, chosen,
+                                                raw, lo)
+            await self.overlay.fill(blocks)
 
     def _open(self, pack_id: str, chosen: list[_Entry], raw: bytes, base: int
               ) -> list[tuple[int, bytes]]:
