@@ -33,7 +33,7 @@ from procserver import db
 from procserver.packlog import PackLog
 from vault import names
 from vault.errors import IntegrityError, NotFoundError
-from vault.index import Index
+from vault.index import BlockIndex
 from vault.pack import PackEntry
 from vault.rebuild import read_trailer
 from vault.repo import Vault
@@ -55,7 +55,7 @@ async def resumable_cycles(sessionmaker: async_sessionmaker[AsyncSession]) -> se
             db.Cycle.state.in_([db.RECEIVING, db.COMPLETE])))).scalars().all())
 
 
-async def settle(vault: Vault, index: Index, pack_log: PackLog, resumable: set[int],
+async def settle(vault: Vault, index: BlockIndex, pack_log: PackLog, resumable: set[int],
                  only: set[int] | None = None) -> Settlement:
     """Settle the packs in ``pack_log`` (of the cycles ``only``, if given) against
     ``index`` (up to date: every index object of the vault), as the module says, and

@@ -2,7 +2,10 @@
 does not answer (agents are acknowledged into the cache meanwhile, invariant 9).
 
 ``VaultAccess`` holds the store, the key material, the vault once it is open, and the
-in-memory block index the uploader and resync share. ``vault`` raises
+block index the uploader and resync share: in memory, or with ``index_dir`` given, on
+local disk (vault/indexdb.py) once the vault's index outgrows ``index_memory`` bytes
+(vault/indexopen.py); the on-disk one stays between starts and is brought up to date
+(or rebuilt after a prune) by ``refresh_index``. ``vault`` raises
 ``VaultUnavailableError`` (a ``TransientStoreError``) until then; ``ready`` is set
 once it is open.
 
@@ -29,7 +32,8 @@ from procserver.config import ProcServerConfig
 from procserver.orphans import settle
 from procserver.packlog import PackLog
 from vault.errors import TransientStoreError, WrongKeyError
-from vault.index import Index
+from vault.index import BlockIndex, Index
+from vault.indexopen import open_block_index
 from vault.keyslots import KeyMaterial, read_keyfile
 from vault.locks import locked
 from vault.repo import Vault
@@ -88,15 +92,18 @@ def key_material(cfg: ProcServerConfig) -> KeyMaterial:
 class VaultAccess:
     def __init__(self, store: BlobStore, km: KeyMaterial,
                  on_open: Callable[[], None] = lambda: None,
-                 pack_log: PackLog | None = None) -> None:
+                 pack_log: PackLog | None = None,
+                 index_dir: str | os.PathLike[str] | None = None,
+                 index_memory: int | None = None) -> None:
         self.store, self._km = store, km
+        self.index_dir, self.index_memory = index_dir, index_memory
         self.on_open = on_open  # called once the vault opened in the background
         self.pack_log = pack_log
         # Awaited by ``open`` before ``ready`` is set (the daemon settles orphans there).
         self.before_ready: Callable[[], Awaitable[None]] | None = None
         self._vault: Vault | None = None
         self.ready = asyncio.Event()  # set once the vault is open
-        self.index = Index()
+        self.index: BlockIndex = Index()
 
     @property
     def is_open(self) -> bool:
@@ -110,7 +117,7 @@ class VaultAccess:
                                         "since this process server started")
         return self._vault
 
-    async def refresh_index(self) -> Index:
+    async def refresh_index(self) -> BlockIndex:
         """The block index, with what other writers added to the vault since."""
         self.index = await self.vault.refresh_index(self.index)
         return self.index
@@ -119,7 +126,8 @@ class VaultAccess:
         """Open the vault and load its index (raises what ``Vault.open`` raises)."""
         vault = await Vault.open(self.store, self._km)
         try:
-            self.index = await vault.load_index()
+            self.index = await open_block_index(vault, index_dir=self.index_dir,
+                                                memory=self.index_memory)
         except BaseException:
             await vault.close()
             raise
@@ -215,4 +223,5 @@ class VaultAccess:
             return
 
     async def close(self) -> None:
+        self.index.close()
         await (self._vault.close() if self._vault is not None else self.store.close())

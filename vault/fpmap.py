@@ -18,7 +18,7 @@ from concurrent.futures import Executor
 from common.digest import block_count, digest_of_fingerprint_map, fingerprint
 from vault import names
 from vault.errors import IntegrityError, NotFoundError, PermanentStoreError
-from vault.index import Index, Location, locate_blocks
+from vault.index import BlockIndex, Location, locate_blocks
 from vault.pack import open_block
 from vault.point import Point
 from vault.repo import Vault
@@ -34,7 +34,7 @@ def _fingerprints(vault: Vault, pack_id: str, items: list[tuple[int, bytes, Loca
             for n, bid, loc in items]
 
 
-async def point_fingerprints(vault: Vault, point: Point, disk: str, *, index: Index,
+async def point_fingerprints(vault: Vault, point: Point, disk: str, *, index: BlockIndex,
                              executor: Executor | None = None) -> bytes:
     """The concatenated fingerprints of every block of ``disk`` in ``point``."""
     entry = point.disk(disk)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import struct
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
+from typing import Protocol, Self
 
 from vault.crypto import Keyring, ObjectType, seal, unseal
 from vault.errors import IntegrityError, UnindexedBlocksError
@@ -26,9 +29,66 @@ class Location:
     length: int
 
 
+class BlockIndex(Protocol):
+    """Where every block of a vault is: what the index objects loaded into it say.
+
+    Two implementations: ``Index`` (a dict in memory, about 220 bytes a block) and
+    ``DiskIndex`` (vault/indexdb.py: a table on local disk behind a Bloom filter, for
+    vaults whose index does not fit the memory budget). ``Vault.load_index`` and
+    ``Vault.refresh_index`` fill either from the vault's index objects."""
+
+    @property
+    def objects(self) -> AbstractSet[str]:
+        """The index objects (store names) loaded into it."""
+        ...
+
+    @property
+    def packs(self) -> AbstractSet[str]:
+        """Every pack those objects list. A block stored twice is located in one of them
+        only, but deleting the other would still break the index object that lists it."""
+        ...
+
+    @property
+    def entries(self) -> Mapping[bytes, Location]:
+        """Every block id and its location (iterating it reads the whole index)."""
+        ...
+
+    def get(self, block_id: bytes) -> Location | None:
+        """Where ``block_id`` is, or None if no loaded index object lists it."""
+        ...
+
+    def lookup(self, block_ids: Iterable[bytes]) -> dict[bytes, Location]:
+        """The locations of those of ``block_ids`` that are indexed, looked up in one
+        batch (in id order): what a restore or a pack's worth of blocks asks."""
+        ...
+
+    def add_pack(self, pack_id: str, pack_entries: list[PackEntry]) -> None:
+        """Record a pack's entries (not tied to an index object)."""
+        ...
+
+    def add_object(self, name: str, packs: dict[str, list[PackEntry]]) -> None:
+        """Record index object ``name`` and every entry of ``packs`` it lists, at once:
+        after a crash either all of it is there or none of it."""
+        ...
+
+    def fresh(self) -> Self:
+        """An empty index of the same kind (and place) that replaces this one, which
+        must not be used any more: what ``Vault.refresh_index`` rebuilds when an index
+        object it was built from is gone."""
+        ...
+
+    def close(self) -> None:
+        """Let go of what it holds (files); a closed index must not be used."""
+        ...
+
+    def __contains__(self, block_id: object) -> bool: ...
+
+    def __len__(self) -> int: ...
+
+
 @dataclass
 class Index:
-    """The in-memory view of every index object of a vault."""
+    """The in-memory view of every index object of a vault (a ``BlockIndex``)."""
 
     entries: dict[bytes, Location] = field(default_factory=dict)
     objects: set[str] = field(default_factory=set)  # the index objects loaded into it
@@ -41,6 +101,24 @@ class Index:
         for e in pack_entries:
             self.entries[e.block_id] = Location(pack_id, e.offset, e.length)
 
+    def add_object(self, name: str, packs: dict[str, list[PackEntry]]) -> None:
+        for pack_id, pack_entries in packs.items():
+            self.add_pack(pack_id, pack_entries)
+        self.objects.add(name)
+
+    def get(self, block_id: bytes) -> Location | None:
+        return self.entries.get(block_id)
+
+    def lookup(self, block_ids: Iterable[bytes]) -> dict[bytes, Location]:
+        entries = self.entries
+        return {b: loc for b in block_ids if (loc := entries.get(b)) is not None}
+
+    def fresh(self) -> Index:
+        return Index()
+
+    def close(self) -> None:
+        pass
+
     def __contains__(self, block_id: object) -> bool:
         return block_id in self.entries
 
@@ -48,18 +126,19 @@ class Index:
         return len(self.entries)
 
 
-def locate_blocks(index: Index, point: str, disk: str, blocks: dict[int, bytes]
+def locate_blocks(index: BlockIndex, point: str, disk: str, blocks: dict[int, bytes]
                   ) -> dict[str, list[tuple[int, bytes, Location]]]:
     """Where the ``blocks`` (block number -> id) of ``disk`` of ``point`` (a store name,
-    ``points/<id>``) are, grouped by pack in first-seen order: what a restore reads.
+    ``points/<id>``) are, grouped by pack in first-seen order: what a restore reads. The
+    ids are looked up in one batch (``BlockIndex.lookup``).
 
     Raises ``UnindexedBlocksError`` (naming how many and the first) if any block is in no
     index object: the index, not the point, is what is damaged then."""
     out: dict[str, list[tuple[int, bytes, Location]]] = defaultdict(list)
-    entries = index.entries
+    found = index.lookup(set(blocks.values()))
     missing: list[int] = []
     for n, bid in blocks.items():
-        loc = entries.get(bid)
+        loc = found.get(bid)
         if loc is None:
             missing.append(n)
         else:

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from common.digest import DiskDigest, block_count, fingerprint
 from vault import names
 from vault.errors import IntegrityError, NotFoundError, PermanentStoreError
-from vault.index import Index, Location, locate_blocks
+from vault.index import BlockIndex, Location, locate_blocks
 from vault.pack import open_block
 from vault.point import Point
 from vault.repo import Vault
@@ -42,7 +42,7 @@ async def materialize(
     disk: str,
     out: str,
     *,
-    index: Index,
+    index: BlockIndex,
     executor: Executor | None = None,
     progress: Progress | None = None,
 ) -> str:

@@ -6,10 +6,12 @@ index object describing them, then maps, then the point manifest last.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar, overload
 
 from common.timefmt import now_iso
 from vault import names
@@ -22,13 +24,15 @@ from vault.errors import (
     VaultError,
     WrongKeyError,
 )
-from vault.index import Index, open_index, seal_index
+from vault.index import BlockIndex, Index, open_index, seal_index
 from vault.keyopen import scan_key_slots
 from vault.keyslots import KeyMaterial, wrap
 from vault.maps import DELTA, FULL, ZERO_ID, BlockMap, open_map, seal_map
 from vault.pack import PackEntry, open_block
 from vault.point import Point, open_point, seal_point
 from vault.store.protocol import BlobStore
+
+IndexT = TypeVar("IndexT", bound=BlockIndex)
 
 DEFAULT_BLOCK_SIZE = 64 * 1024
 MAX_CHAIN = 16
@@ -143,14 +147,12 @@ class Vault:
         await self.store.put(names.pack_name(pack_id), data)
 
     async def put_index(self, packs: dict[str, list[PackEntry]],
-                        index: Index | None = None) -> str:
+                        index: BlockIndex | None = None) -> str:
         """Write an index object; record it in ``index`` (with its entries) if given."""
         name_id = names.random_id()
         await self.store.put(names.INDEX + name_id, seal_index(self.keyring, name_id, packs))
         if index is not None:
-            for pack_id, entries in packs.items():
-                index.add_pack(pack_id, entries)
-            index.objects.add(names.INDEX + name_id)
+            index.add_object(names.INDEX + name_id, packs)
         return name_id
 
     async def put_map(self, m: BlockMap) -> str:
@@ -162,26 +164,34 @@ class Vault:
         await self.store.put(names.POINTS + p.id, seal_point(self.keyring, p))
 
     # -- reads -----------------------------------------------------------------
-    async def load_index(self, index: Index | None = None) -> Index:
-        """Load every index object (only those ``index`` has not loaded yet, if given)."""
+    @overload
+    async def load_index(self) -> Index: ...
+
+    @overload
+    async def load_index(self, index: IndexT) -> IndexT: ...
+
+    async def load_index(self, index: BlockIndex | None = None) -> BlockIndex:
+        """Load every index object into a new in-memory ``Index``, or into ``index`` (only
+        the objects it has not loaded yet), and return it."""
         index = index if index is not None else Index()
         async for info in self.store.list(names.INDEX):
             if info.name in index.objects:
                 continue
-            name_id = info.name[len(names.INDEX):]
-            for pack_id, entries in open_index(
-                self.keyring, name_id, await self.store.get(info.name)
-            ).items():
-                index.add_pack(pack_id, entries)
-            index.objects.add(info.name)
+            sealed = await self.store.get(info.name)
+            # Off the event loop: decrypting, decoding and (DiskIndex) writing the table.
+            await asyncio.to_thread(self._load_index_object, index, info.name, sealed)
         return index
 
-    async def refresh_index(self, index: Index) -> Index:
+    def _load_index_object(self, index: BlockIndex, name: str, sealed: bytes) -> None:
+        index.add_object(name, open_index(self.keyring, name[len(names.INDEX):], sealed))
+
+    async def refresh_index(self, index: IndexT) -> IndexT:
         """Bring ``index`` up to date: new objects are added; if any object it was built
-        from is gone (a prune rewrote the index), a fresh index is loaded instead."""
+        from is gone (a prune rewrote the index), it is replaced by a fresh one of the same
+        kind (``BlockIndex.fresh``), loaded whole."""
         current = {b.name async for b in self.store.list(names.INDEX)}
-        if index.objects - current:
-            return await self.load_index()
+        if not index.objects <= current:
+            index = index.fresh()
         return await self.load_index(index)
 
     async def has_point(self, point_id: str) -> bool:
@@ -261,8 +271,8 @@ class Vault:
         top = chain[0] if chain else full
         return BlockMap(0, top.size, top.block_size, blocks)
 
-    async def read_block(self, block_id: bytes, index: Index) -> bytes:
-        loc = index.entries.get(block_id)
+    async def read_block(self, block_id: bytes, index: BlockIndex) -> bytes:
+        loc = index.get(block_id)
         if loc is None:
             raise IntegrityError(block_id.hex(), "block is referenced but in no index")
         sealed = await self.store.get(names.pack_name(loc.pack_id), loc.offset, loc.length)

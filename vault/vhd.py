@@ -38,7 +38,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from vault.errors import FormatError
-from vault.index import Index
+from vault.index import BlockIndex
 from vault.materialize import Progress, materialize
 from vault.point import Point
 from vault.repo import Vault
@@ -161,7 +161,7 @@ async def materialize_vhd(
     disk: str,
     out: str,
     *,
-    index: Index,
+    index: BlockIndex,
     executor: Executor | None = None,
     progress: Progress | None = None,
 ) -> str:

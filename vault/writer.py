@@ -23,7 +23,7 @@ import zstandard
 from common.timefmt import now_iso
 from vault import names
 from vault.crypto import Keyring
-from vault.index import Index
+from vault.index import BlockIndex
 from vault.maps import DELTA, FULL, ZERO_ID, BlockMap
 from vault.pack import PackEntry, build_pack
 from vault.point import DiskEntry, Point
@@ -83,7 +83,7 @@ class CycleWriter:
     def __init__(
         self,
         vault: Vault,
-        index: Index,
+        index: BlockIndex,
         executor: Executor,
         *,
         machine: str,

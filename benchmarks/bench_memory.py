@@ -1,0 +1,255 @@
+"""Memory against vault size: peak RSS and time of the steps that open a vault's index.
+
+A synthetic vault of ``--blocks`` distinct blocks is built once, through the vault's own
+writer (``CycleWriter``: hashed, sealed into packs, indexed, mapped, with a point per
+100 000 blocks), and kept in ``--vault-dir`` for later runs. Its blocks are 4 KiB of a
+counter and zeros: distinct and small, since it is their count that the index grows
+with (they compress to a few bytes, so a million blocks take about 100 MB of packs).
+
+Each step then runs in a child process of its own, which reports its wall time and its
+own peak RSS (``VmHWM``):
+
+- ``ingest``: the process server's path: ``VaultAccess.open`` (vault and index), then a
+  new 256 MiB disk of distinct 64 KiB blocks deduplicated against the index and written
+  as a point (``CycleWriter``), as an uploader cycle does;
+- ``restore``: ``restore_point`` of that point (256 MiB);
+- ``check``: ``check_vault`` (no data read);
+- ``prune``: ``prune`` with a retention that keeps every point: the mark over every map,
+  the index loaded, one consolidated index written (a dry run stops before the index);
+- ``rebuild``: ``rebuild_index`` (rewrites the index objects from pack trailers).
+
+``--index-dir DIR`` (and ``--index-memory-mib``) runs the ingest and restore with the
+on-disk index (vault/indexdb.py) instead of the in-memory one.
+
+Run: ``.venv/bin/python benchmarks/bench_memory.py [--blocks N] [--vault-dir DIR]
+[--steps ingest,restore,check,prune,rebuild] [--json]``. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from bench_e2e import quiet_logs, say
+
+from common.digest import DiskDigest, fingerprint
+from common.labels import CRASH
+from vault.keyslots import KeyMaterial, new_keyfile, read_keyfile
+from vault.repo import Vault
+from vault.store.local import LocalStore
+from vault.writer import CycleWriter, DiskSpec
+
+STEPS = ("ingest", "restore", "check", "prune", "rebuild")
+POINT_BLOCKS = 100_000
+SMALL = 4096
+BS = 64 * 1024
+INGEST_BYTES = 256 << 20
+BATCH = 64  # blocks handed to the writer at once (4 MiB), as the uploader's runs
+
+
+def vm_hwm() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def tree_bytes(root: Path) -> int:
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+
+def km_of(vdir: Path) -> KeyMaterial:
+    return KeyMaterial(keyfile=read_keyfile(str(vdir / "vault.key")))
+
+
+async def build(vdir: Path, nblocks: int) -> dict[str, Any]:
+    """Write ``nblocks`` distinct small blocks into a new vault in ``vdir``."""
+    from vault.index import Index
+
+    if vdir.exists():
+        shutil.rmtree(vdir)
+    vdir.mkdir(parents=True)
+    km = KeyMaterial(keyfile=new_keyfile(str(vdir / "vault.key")))
+    vault = await Vault.create(LocalStore(vdir / "vault"), km)
+    t0 = time.monotonic()
+    zeros = bytes(SMALL - 8)
+    with ThreadPoolExecutor(2) as ex:
+        done, cycle = 0, 0
+        while done < nblocks:
+            count = min(POINT_BLOCKS, nblocks - done)
+            w = CycleWriter(vault, Index(), ex, machine="bench-build", cycle=f"c{cycle:06d}",
+                            disks=[DiskSpec("d0", count * BS, BS)], full=True, base=None)
+            digest = DiskDigest()
+            for lo in range(0, count, 1024):
+                items: list[tuple[int, int, bytes | memoryview | None]] = []
+                for n in range(lo, min(lo + 1024, count)):
+                    data = struct.pack("<Q", done + n + 1) + zeros
+                    items.append((0, n, data))
+                    digest.update(fingerprint(data))
+                await w.add(items)
+            await w.finish({"d0": digest.hexdigest()}, CRASH)
+            done += count
+            cycle += 1
+            say(f"built {done} / {nblocks} blocks ({time.monotonic() - t0:.0f} s)")
+    await vault.close()
+    info = {"blocks": nblocks, "points": cycle, "build_seconds": round(time.monotonic() - t0, 1),
+            "vault_bytes": tree_bytes(vdir / "vault")}
+    (vdir / "built.json").write_text(json.dumps(info))
+    return info
+
+
+# -- the steps, each in a child process ---------------------------------------------------
+async def step_ingest(vdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from procserver.vaultaccess import VaultAccess
+
+    kw: dict[str, Any] = {}
+    if args.index_dir:
+        kw = {"index_dir": args.index_dir, "index_memory": args.index_memory_mib << 20}
+    va = VaultAccess(LocalStore(vdir / "vault"), km_of(vdir), **kw)
+    t0 = time.monotonic()
+    await va.open()
+    opened = time.monotonic() - t0
+    vault = va.vault
+    seed = int(time.time_ns())
+    cycle = f"i{seed}"
+    digest = DiskDigest()
+    with ThreadPoolExecutor(2) as ex:
+        w = CycleWriter(vault, await va.refresh_index(), ex, machine="bench-ingest",
+                        cycle=cycle, disks=[DiskSpec("d0", INGEST_BYTES, BS)], full=True,
+                        base=None)
+        nblocks = INGEST_BYTES // BS
+        for lo in range(0, nblocks, BATCH):
+            items: list[tuple[int, int, bytes | memoryview | None]] = []
+            for n in range(lo, lo + BATCH):
+                data = os.urandom(BS)
+                items.append((0, n, data))
+                digest.update(fingerprint(data))
+            await w.add(items)
+        point = await w.finish({"d0": digest.hexdigest()}, CRASH)
+    await va.close()
+    (vdir / "last_ingest").write_text(point.id)
+    return {"open_seconds": round(opened, 2)}
+
+
+async def step_restore(vdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from vault.restore import restore_point
+
+    vault = await Vault.open(LocalStore(vdir / "vault"), km_of(vdir))
+    point = await vault.read_point((vdir / "last_ingest").read_text())
+    kw: dict[str, Any] = {}
+    if args.index_dir:
+        kw = {"index_dir": args.index_dir, "index_memory": args.index_memory_mib << 20}
+    with tempfile.TemporaryDirectory(dir=vdir) as out:
+        await restore_point(vault, point, out, **kw)
+    await vault.close()
+    return {}
+
+
+async def step_check(vdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from vault.check import check_vault
+
+    report = await check_vault(LocalStore(vdir / "vault"), km_of(vdir))
+    return {"problems": len(report.problems)}
+
+
+async def step_prune(vdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from vault.prune import prune
+    from vault.retention import Retention
+
+    vault = await Vault.open(LocalStore(vdir / "vault"), km_of(vdir))
+    keep = Retention(1e6, 1e6, 1e6, 1e6)
+    with ThreadPoolExecutor(2) as ex:
+        await prune(vault, keep, ex)
+    await vault.close()
+    return {}
+
+
+async def step_rebuild(vdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from vault.rebuild import rebuild_index
+
+    vault = await Vault.open(LocalStore(vdir / "vault"), km_of(vdir))
+    report = await rebuild_index(vault)
+    await vault.close()
+    return {"packs": report.packs_indexed}
+
+
+STEP_FNS = {"ingest": step_ingest, "restore": step_restore, "check": step_check,
+            "prune": step_prune, "rebuild": step_rebuild}
+
+
+def child(args: argparse.Namespace) -> None:
+    quiet_logs()
+    vdir = Path(args.vault_dir)
+    t0 = time.monotonic()
+    extra = asyncio.run(STEP_FNS[args.child](vdir, args))
+    print(json.dumps({"step": args.child, "seconds": round(time.monotonic() - t0, 2),
+                      "peak_rss": vm_hwm(), **extra}))
+
+
+def run_step(step: str, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", step, "--vault-dir", args.vault_dir]
+    if args.index_dir:
+        cmd += ["--index-dir", args.index_dir, "--index-memory-mib", str(args.index_memory_mib)]
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+    res: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--blocks", type=int, default=1_000_000,
+                    help="distinct blocks in the synthetic vault (default 1000000)")
+    ap.add_argument("--vault-dir", help="where the vault is built and kept (default "
+                    "benchmarks/work/memory-<blocks>)")
+    ap.add_argument("--steps", default=",".join(STEPS),
+                    help=f"comma-separated steps, from {', '.join(STEPS)} (default: all)")
+    ap.add_argument("--index-dir", help="use the on-disk index kept in this directory")
+    ap.add_argument("--index-memory-mib", type=int, default=0,
+                    help="with --index-dir: the in-memory index is used below this estimate")
+    ap.add_argument("--rebuild-vault", action="store_true", help="build the vault anew")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("--child", choices=STEPS, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.vault_dir is None:
+        args.vault_dir = str(Path(__file__).parent / "work" / f"memory-{args.blocks}")
+    if args.child:
+        child(args)
+        return
+    quiet_logs()
+    vdir = Path(args.vault_dir)
+    built = vdir / "built.json"
+    info = json.loads(built.read_text()) if built.exists() else None
+    if args.rebuild_vault or info is None or info["blocks"] != args.blocks:
+        say(f"building a vault of {args.blocks} blocks in {vdir}")
+        info = asyncio.run(build(vdir, args.blocks))
+    steps = [s for s in STEPS if s in args.steps.split(",")]
+    if "restore" in steps and "ingest" not in steps and not (vdir / "last_ingest").exists():
+        steps.insert(0, "ingest")
+    results = []
+    for s in steps:
+        say(f"step {s}")
+        results.append(run_step(s, args))
+    doc = {"vault": info, "index_dir": args.index_dir, "steps": results}
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return
+    print(f"vault: {info['blocks']} blocks, {info['points']} points, "
+          f"{info['vault_bytes'] / 1e6:.0f} MB, built in {info['build_seconds']} s")
+    print(f"{'step':<10}{'seconds':>10}{'peak RSS MiB':>14}")
+    for r in results:
+        print(f"{r['step']:<10}{r['seconds']:>10.2f}{r['peak_rss'] / 2**20:>14.0f}")
+
+
+if __name__ == "__main__":
+    main()
