@@ -1,0 +1,109 @@
+"""instant/ against the vault: a damaged pack is an I/O error and never data, one fetch
+serves concurrent reads of a block, and hydration keeps to its rate."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from common.pacing import Schedule, TokenBucket
+from instant import protocol as p
+from instant.hydrate import HydrationProgress, hydrate
+from instant.pointdisk import PointDisk
+from tests.helpers import BLOCK, open_vault
+from tests.test_instant_nbd import NBLOCKS, Client, Site, _build, served
+from vault import names
+from vault.errors import IntegrityError
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
+    return _build(tmp_path_factory.mktemp("instant-vault"))
+
+
+async def test_a_damaged_block_is_an_io_error_never_data(site: Site, tmp_path: Path) -> None:
+    # A copy of the vault with one byte of block 1's sealed bytes flipped.
+    copy = Site(**{**site.__dict__, "vault_dir": tmp_path / "vault"})
+    shutil.copytree(site.vault_dir, copy.vault_dir)
+    v = await open_vault(copy.vault_dir, copy.key)
+    try:
+        bmap = await v.resolve_map(site.point, "sda")
+        loc = (await v.load_index()).entries[bmap.blocks[1]]
+    finally:
+        await v.close()
+    pack = copy.vault_dir / names.pack_name(loc.pack_id)
+    raw = bytearray(pack.read_bytes())
+    raw[loc.offset + loc.length // 2] ^= 0x40
+    pack.write_bytes(bytes(raw))
+
+    sock = tmp_path / "nbd.sock"
+    async with served(copy, tmp_path / "ov", sock) as (disk, _server):
+        c = await Client.connect(sock)
+        await c.go()
+        assert (await c.cmd(p.CMD_READ, BLOCK, 512))[0] == p.EIO
+        assert not disk.overlay.present(1)
+        # Blocks of other spans of the pack read as they should, on the same connection.
+        far = (NBLOCKS - 2) * BLOCK
+        assert await c.cmd(p.CMD_READ, far, BLOCK) == (0, site.data[far:far + BLOCK])
+        assert (await c.cmd(p.CMD_READ, BLOCK, 512))[0] == p.EIO  # still, not cached
+        await c.close()
+        with pytest.raises(IntegrityError, match="failed verification"):
+            await hydrate(disk)
+        assert not disk.overlay.complete and not disk.overlay.present(1)
+
+
+async def test_concurrent_reads_of_a_block_share_one_fetch(site: Site, tmp_path: Path
+                                                            ) -> None:
+    v = await open_vault(site.vault_dir, site.key)
+    try:
+        with ThreadPoolExecutor(2) as ex:
+            got = []
+            for i, readers in enumerate((1, 4)):
+                disk = await PointDisk.open(v, site.point, "sda", str(tmp_path / f"o{i}"),
+                                            executor=ex)
+                try:
+                    reads = await asyncio.gather(*(disk.read(3 * BLOCK + 100, 1000)
+                                                   for _ in range(readers)))
+                    assert set(reads) == {site.data[3 * BLOCK + 100:3 * BLOCK + 1100]}
+                    got.append(disk.fetched_bytes)
+                finally:
+                    disk.close()
+    finally:
+        await v.close()
+    assert got[0] == got[1] > 0
+
+
+async def test_hydration_keeps_to_its_rate(site: Site, tmp_path: Path) -> None:
+    clock = [0.0]
+    slept: list[float] = []
+
+    async def sleep(s: float) -> None:  # time passes only when hydration waits
+        slept.append(s)
+        clock[0] += s
+
+    rate = 200_000.0  # bytes/s: a quarter second is 50 kB, less than a block's span
+    bucket = TokenBucket(Schedule.constant(rate), monotonic=lambda: clock[0], sleep=sleep)
+    seen: list[HydrationProgress] = []
+    v = await open_vault(site.vault_dir, site.key)
+    try:
+        with ThreadPoolExecutor(2) as ex:
+            disk = await PointDisk.open(v, site.point, "sda", str(tmp_path / "ov"),
+                                        executor=ex)
+            try:
+                await hydrate(disk, bucket, progress=seen.append)
+                assert disk.overlay.image_path.read_bytes() == site.data
+                fetched = disk.fetched_bytes
+            finally:
+                disk.close()
+    finally:
+        await v.close()
+    # One second's burst is free; every byte after it is paid for in waiting.
+    assert clock[0] >= (fetched - rate) / rate - 0.01
+    assert clock[0] <= fetched / rate + 0.01
+    assert len(slept) > 5  # paced span by span, not in one wait
+    dones = [s.done for s in seen]
+    assert dones == sorted(dones) and seen[-1].complete and seen[0].done < seen[-1].done
