@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import socket
 from collections.abc import Mapping
 from typing import Any
 
@@ -90,6 +91,8 @@ def site_url(core_cfg: Any) -> str:
     """The configuration server's site listener as a protected machine reaches it (the
     first of ``site_names``, else ``site_host``)."""
     host = (list(core_cfg.site_names) or [core_cfg.site_host])[0]
+    if host in ("0.0.0.0", "::"):
+        host = socket.getfqdn()
     port = core_cfg.site_port if core_cfg.site_port > 0 else DEFAULT_SITE_PORT
     return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
 
@@ -152,8 +155,13 @@ def request_doc(r: InstallRequest) -> dict[str, Any]:
 
 
 async def pending(core: Core, procserver: str) -> list[dict[str, Any]]:
-    """The requests ``procserver`` is to run (pending, or claimed by it)."""
+    """The requests ``procserver`` is to run (pending, or claimed by it); ``NotFound`` for
+    a name that never heartbeated."""
     async with core.sessionmaker() as s:
+        if await s.get(db.ProcessServer, procserver) is None:
+            raise NotFound("procserver_not_found", f"no process server named {procserver!r}",
+                           "a process server registers with its first heartbeat: is its "
+                           "name the one it heartbeats with?")
         rows = (await s.execute(select(InstallRequest).where(
             InstallRequest.procserver == procserver, InstallRequest.state.in_(OPEN))
             .order_by(InstallRequest.job_id))).scalars().all()

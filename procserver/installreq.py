@@ -43,16 +43,17 @@ class InstallRequests:
         if not self.client.enabled:
             return
         await self.client.wait_token("install_requests_blocked")
-        backoff = Backoff(jitter=False)
+        backoff = Backoff(cap=15.0, jitter=False)
         path = f"/api/v1/internal/procservers/{self.name}/install-requests"
         try:
             while True:
                 try:
                     answer = await self.client.get(
                         path, params={"wait": str(POLL_SECONDS)}, timeout=POLL_SECONDS + 15)
-                    if answer.status == 404:  # an older configuration server
-                        raise ConfigServerError("HTTP 404: the configuration server has no "
-                                                "install requests")
+                    if answer.status == 404:  # before our first heartbeat registers us
+                        raise ConfigServerError("HTTP 404: not registered yet (no heartbeat "
+                                                "accepted), or a configuration server "
+                                                "without install requests")
                     if answer.status >= 300:
                         raise ConfigServerError(f"HTTP {answer.status}: {answer.excerpt()}")
                     requests: list[dict[str, Any]] = answer.json()["requests"]

@@ -22,6 +22,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
+from siterecovery.agentbundle import Bundle, build
+
 SSHD = "/usr/sbin/sshd"
 HOST_ADDR, TARGET_ADDR = "10.217.0.1", "10.217.0.2"
 TARGET_DIRS = ("etc", "opt", "var/lib")
@@ -36,6 +40,19 @@ def missing() -> str | None:
     if shutil.which("openssl") is None or shutil.which("ip") is None:
         return "openssl (password hashes) and iproute2 (ip netns) are needed"
     return None
+
+
+_BUNDLES: dict[Path, Bundle] = {}
+
+
+def agent_bundle(factory: pytest.TempPathFactory) -> Bundle:
+    """The agent bundle, built once per test session (it takes 5-15 s) for every module
+    that push-installs it."""
+    path = factory.getbasetemp() / "agent-bundle" / "agent.tar.gz"
+    if path not in _BUNDLES:
+        path.parent.mkdir(exist_ok=True)
+        _BUNDLES[path] = build(path)
+    return _BUNDLES[path]
 
 
 def _hash(password: str) -> str:

@@ -26,9 +26,9 @@ from procserver.sshprereq import (
     check_target,
     connect,
 )
-from siterecovery.agentbundle import Bundle, build
+from siterecovery.agentbundle import Bundle
 from tests.backends import missing_backend
-from tests.sshd import Sshd, missing
+from tests.sshd import Sshd, agent_bundle, missing
 
 ROOT_PW, ALICE_PW = "root-secret-1", "alice-secret-2"
 BUNDLE_TARGET = {"implementation": "cpython", "python": "3.11", "python_exact": True,
@@ -51,7 +51,7 @@ def root_key() -> asyncssh.SSHKey:
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
-    return build(tmp_path_factory.mktemp("bundle") / "agent.tar.gz")
+    return agent_bundle(tmp_path_factory)
 
 
 @pytest.fixture

@@ -1,0 +1,241 @@
+"""Push install through the real control plane (issue #14): ``siterecovery machine
+install|uninstall`` asks the configuration server, whose job hands the request to the
+machine's process server, which logs in over SSH to a real sshd on "another machine"
+(tests/sshd.py: its own network and mount namespaces), installs the agent bundle, has
+the key made on the machine signed by the CA, and the agent's first heartbeat is
+awaited. The target has no systemd: the job says how to start the agent, and the test
+starts it over SSH as the operator would.
+
+One configuration server, process server and sshd for the module (each test builds on
+the previous one's state, in file order): the install records the host key on first
+use; a re-run verifies and changes nothing; uninstall removes every file; a changed host
+key (or one the operator's known_hosts pins) refuses the install with both
+fingerprints, before anything is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import pytest
+import pytest_asyncio
+
+from configserver.config import ConfigServerConfig
+from configserver.server import ConfigServer
+from procserver.config import ProcServerConfig
+from procserver.installreq import BUNDLE_NAME
+from procserver.server import ProcServer
+from siterecovery.apiclient import ApiClient
+from tests.backends import missing_backend
+from tests.helpers import REPO, make_vault
+from tests.sitehelpers import step, wait_job
+from tests.sshd import HOST_ADDR, Sshd, agent_bundle, missing
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+ROOT_PW = "root-secret-3"
+AGENT = "/opt/siterecovery-agent/bin/siterecovery-agent"
+
+
+@dataclass
+class Site:
+    cs: ConfigServer
+    ps: ProcServer
+    api: ApiClient
+    sshd: Sshd
+    token_file: Path
+    push: list[str]  # the CLI options every push verb of the tests takes
+    agent_pid: list[int]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def site(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Site]:
+    if why := missing():
+        missing_backend("a real sshd", why)
+    tmp = tmp_path_factory.mktemp("install")
+    bundle = agent_bundle(tmp_path_factory)
+    async with Sshd(tmp / "sshd", passwords={"root": ROOT_PW}) as sshd:
+        # The agent on the target reaches both servers at the host's end of its link.
+        cs = ConfigServer(ConfigServerConfig(
+            data_dir=str(tmp / "cs"), listen_port=0, site_port=0, site_host="0.0.0.0",
+            site_names=[HOST_ADDR],
+            database_url=f"sqlite+aiosqlite:///{tmp / 'catalog.db'}"))
+        await cs.start()
+        stack = contextlib.AsyncExitStack()
+        api = await stack.enter_async_context(ApiClient(cs.url, cs.admin_token))
+        ps: ProcServer | None = None
+        pids: list[int] = []
+        try:
+            tls = tmp / "ps-tls"
+            doc = await api.post("/api/v1/certificates/procserver",
+                                 {"name": "ps1", "hosts": ["127.0.0.1", HOST_ADDR]})
+            (tls).mkdir()
+            for name, key in (("server.pem", "cert"), ("server.key", "key"), ("ca.pem", "ca")):
+                (tls / name).write_text(doc[key])
+            url, key_file = await make_vault(tmp)
+            pdir = tmp / "ps"
+            pdir.mkdir()
+            shutil.copy(bundle.path, pdir / BUNDLE_NAME)
+            ps = ProcServer(ProcServerConfig(
+                data_dir=str(pdir), vault_url=url, vault_key_file=str(key_file),
+                tls_cert=str(tls / "server.pem"), tls_key=str(tls / "server.key"),
+                tls_ca=str(cs.ca.cert_path), listen_host="0.0.0.0", listen_port=0,
+                metrics_port=0, name="ps1", configserver_url=f"https://127.0.0.1:"
+                f"{cs.site_port}", configserver_token_file=str(cs.cfg.internal_token_path)))
+            await ps.start()
+            async with asyncio.timeout(60), cs.changed:
+                while not (await api.get("/api/v1/procservers"))["procservers"]:
+                    await cs.changed.wait()
+            await api.post("/api/v1/accounts", {"name": "rootpw", "username": "root",
+                                                "kind": "password", "secret": ROOT_PW})
+            await api.post("/api/v1/machines", {
+                "name": "web01", "ip": sshd.host, "os_type": "linux", "os_name": "debian",
+                "os_version": "12", "account": "rootpw", "process_server": "ps1",
+                "disks": [{"name": "sda", "path": "/var/lib/disk.img"}]})
+            push = ["--api", cs.url, "--token-file", str(cs.cfg.token_path), "--json",
+                    "--site-url", f"https://{HOST_ADDR}:{cs.site_port}",
+                    "--server", f"{HOST_ADDR}:{ps.port}", "--heartbeat-timeout", "120"]
+            yield Site(cs, ps, api, sshd, cs.cfg.token_path, push, pids)
+        finally:
+            for pid in pids:  # an agent the uninstall did not stop (a failed test)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if ps is not None:
+                await ps.stop()
+            await stack.aclose()
+            await cs.stop()
+
+
+async def _cli(*args: str) -> tuple[int, dict[str, Any], str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "siterecovery", *args, cwd=REPO,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, json.loads(out) if out.strip() else {}, err.decode()
+
+
+async def _ssh(s: Site, command: str) -> str:
+    async with asyncssh.connect(s.sshd.host, username="root", password=ROOT_PW,
+                                known_hosts=None, config=None, agent_path=None) as conn:
+        return str((await conn.run(command, check=True)).stdout)
+
+
+async def _latest(s: Site, kind: str) -> dict[str, Any]:
+    async with asyncio.timeout(60), s.cs.changed:
+        while not (jobs := (await s.api.get("/api/v1/jobs", target="web01",
+                                            kind=kind))["jobs"]):
+            await s.cs.changed.wait()
+    first: dict[str, Any] = jobs[0]
+    return first
+
+
+def _program_files(s: Site) -> list[str]:
+    return [f for f in s.sshd.files() if f.startswith(("opt/", "etc/")) and
+            "__pycache__" not in f]
+
+
+async def test_install_records_the_host_key_and_the_agent_checks_in(site: Site) -> None:
+    cli = asyncio.create_task(_cli("machine", "install", "web01", *site.push))
+    job = await _latest(site, "agent_install")
+    job = await wait_job(site.api, job["id"], lambda j: step(j, "start")["state"] == "succeeded"
+                         or j["state"] in ("succeeded", "failed", "cancelled"), timeout=120)
+    assert job["state"] == "running", job
+    how = step(job, "start")["message"]
+    assert "does not run systemd" in how and f"'{AGENT} run --config" in how
+    # the operator starts it as the job says
+    pid = await _ssh(site, f"setsid {AGENT} run --config /etc/siterecovery/mobility.toml "
+                           "</dev/null >/var/tmp/agent.log 2>&1 & echo $!")
+    site.agent_pid.append(int(pid))
+    code, doc, err = await asyncio.wait_for(cli, 120)
+    assert code == 0, (doc, err)
+    assert doc["state"] == "succeeded" and doc["kind"] == "agent_install"
+    assert [s["name"] for s in doc["steps"]] == ["validate", "prerequisites", "install",
+                                                 "enroll", "start", "first_heartbeat"]
+    assert "Wait for the agent's first heartbeat: running" in err  # followed step by step
+    assert "checked in" in step(doc, "first_heartbeat")["message"]
+    prereq = step(doc, "prerequisites")["message"]
+    fp = asyncssh.import_public_key(site.sshd.host_key).get_fingerprint("sha256")
+    assert f"host key {fp} recorded (trust on first use)" in prereq
+    key = await site.api.get("/api/v1/machines/web01/host-key")
+    assert (key["fingerprint"], key["source"]) == (fp, "tofu")
+    assert key["host_key"] == site.sshd.host_key
+    files = _program_files(site)
+    assert {"etc/siterecovery/agent.key", "etc/siterecovery/agent.pem",
+            "etc/siterecovery/mobility.toml",
+            "opt/siterecovery-agent/bin/siterecovery-agent"} <= set(files)
+    # the certificate is the CA's, for web01, recorded; the key never left the machine
+    certs = (await site.api.get("/api/v1/certificates", subject="web01"))["certificates"]
+    assert [c["state"] for c in certs] == ["valid"]
+    machine = await site.api.get("/api/v1/machines/web01")
+    assert machine["agent_version"] and machine["last_contact"]
+
+
+async def test_a_rerun_verifies_and_changes_nothing(site: Site) -> None:
+    before = {f: (site.sshd.root / f).stat().st_mtime_ns for f in _program_files(site)}
+    code, doc, err = await _cli("machine", "install", "web01", *site.push)
+    assert code == 0, (doc, err)
+    assert "already installed" in step(doc, "install")["message"]
+    assert "already enrolled" in step(doc, "enroll")["message"]
+    assert "the agent runs" in step(doc, "start")["message"]
+    assert "recorded" not in step(doc, "prerequisites")["message"]
+    after = {f: (site.sshd.root / f).stat().st_mtime_ns for f in _program_files(site)}
+    assert after == before
+    certs = (await site.api.get("/api/v1/certificates", subject="web01"))["certificates"]
+    assert len(certs) == 1  # no second enrollment
+
+
+async def test_uninstall_removes_everything_it_installed(site: Site) -> None:
+    code, doc, err = await _cli("machine", "uninstall", "web01", "--api", site.cs.url,
+                                "--token-file", str(site.token_file), "--json")
+    assert code == 0, (doc, err)
+    message = step(doc, "uninstall")["message"]
+    assert "each checked gone" in message and "/etc/siterecovery/agent.key" in message
+    assert "/var/lib/siterecovery-mobility" in message
+    assert site.sshd.files() == []
+    assert not Path(f"/proc/{site.agent_pid[0]}").exists() or \
+        "agent.py" not in Path(f"/proc/{site.agent_pid[0]}/cmdline").read_text()
+    # again: nothing to remove
+    code, doc, _ = await _cli("machine", "uninstall", "web01", "--api", site.cs.url,
+                              "--token-file", str(site.token_file), "--json")
+    assert code == 0 and "nothing to remove" in step(doc, "uninstall")["message"]
+
+
+async def test_a_changed_host_key_refuses_the_install_with_both_fingerprints(
+        site: Site, tmp_path: Path) -> None:
+    recorded = (await site.api.get("/api/v1/machines/web01/host-key"))["fingerprint"]
+    await site.sshd.stop()
+    site.sshd.new_host_key()  # the machine "was reinstalled"
+    await site.sshd.start()
+    presented = asyncssh.import_public_key(site.sshd.host_key).get_fingerprint("sha256")
+    assert presented != recorded
+    code, doc, err = await _cli("machine", "install", "web01", *site.push)
+    assert code == 1 and doc["state"] == "failed", (doc, err)
+    error = doc["error"]
+    assert error.startswith("Prerequisites on the machine: host_key:"), error
+    assert recorded in error and presented in error and "no credential was sent" in error
+    assert site.sshd.files() == []
+    assert (await site.api.get("/api/v1/machines/web01/host-key"))["fingerprint"] == recorded
+
+    # an operator's known_hosts pins its key the same way: another key is refused
+    other = asyncssh.generate_private_key("ssh-ed25519").export_public_key("openssh")
+    known = tmp_path / "known_hosts"
+    known.write_text(f"{site.sshd.host} {other.decode().strip()}\n")
+    job = (await site.api.post("/api/v1/machines/web01/install",
+                               {"known_hosts": known.read_text()}))["job"]
+    job = await wait_job(site.api, job["id"], timeout=60)
+    pinned = (await site.api.get("/api/v1/machines/web01/host-key"))
+    assert pinned["source"] == "operator" and pinned["fingerprint"] != recorded
+    assert job["state"] == "failed" and pinned["fingerprint"] in job["error"]
+    assert presented in job["error"] and site.sshd.files() == []
