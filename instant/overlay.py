@@ -24,6 +24,7 @@ is never replaced by vault data fetched before the write.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import ctypes
 import ctypes.util
@@ -35,7 +36,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from common.fs import atomic_write, fsync_dir
 
@@ -75,6 +76,8 @@ class Overlay:
         self._fd, self._bfd, self._lfd = image_fd, bitmap_fd, lock_fd
         self._executor = executor
         self._lock = asyncio.Lock()
+        self._threads: set[concurrent.futures.Future[Any]] = set()
+        self._closed = False
         self.present_count = int.from_bytes(bitmap).bit_count()
 
     @classmethod
@@ -164,7 +167,12 @@ class Overlay:
                         yield n
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        if self._closed:
+            raise OSError(errno.EBADF, f"overlay {self.folder} is closed")
+        cf = self._executor.submit(fn, *args)
+        self._threads.add(cf)
+        cf.add_done_callback(self._threads.discard)
+        return await asyncio.wrap_future(cf)
 
     async def fill(self, blocks: list[tuple[int, bytes]]) -> int:
         """Store whole blocks fetched from the point, skipping those present already;
@@ -253,6 +261,10 @@ class Overlay:
         return out
 
     def close(self) -> None:
+        """Close the files once the I/O threads started on them are done (a thread
+        cannot be cancelled: closing under one could make it write to a reused fd)."""
+        self._closed = True
+        concurrent.futures.wait(list(self._threads))
         for fd in (self._fd, self._bfd):
             with contextlib.suppress(OSError):
                 os.fdatasync(fd)

@@ -49,7 +49,8 @@ class _Entry:
 
 
 class PointDisk:
-    """Open with ``PointDisk.open``; ``close`` closes the overlay (not the vault)."""
+    """Open with ``PointDisk.open``; ``close`` stops its fetches and closes the overlay
+    (not the vault)."""
 
     def __init__(self, vault: Vault, point: Point, disk: str, overlay: Overlay,
                  packs: dict[str, list[_Entry]], where: dict[int, tuple[str, int]],
@@ -61,6 +62,7 @@ class PointDisk:
         self._executor = executor
         self._inflight: dict[int, asyncio.Future[None]] = {}
         self._fetch_slots = asyncio.Semaphore(MAX_FETCHES)
+        self._tasks: set[asyncio.Task[None]] = set()
         self.fetched_bytes = 0
 
     @classmethod
@@ -237,6 +239,8 @@ class PointDisk:
         for b in mine:
             self._inflight[b] = fut
         task = asyncio.create_task(self._fetch_into(pack_id, chosen))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
         def settle(t: asyncio.Task[None]) -> None:
             for b in mine:
@@ -284,6 +288,12 @@ class PointDisk:
                 out.append((n, data[:last] if n == self.overlay.nblocks - 1 else data))
         return out
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Stop the fetches in flight, then close the overlay."""
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
         self.overlay.close()
 

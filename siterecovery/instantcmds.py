@@ -134,7 +134,7 @@ async def cmd_instant_serve(args: argparse.Namespace) -> int:
             await server.stop()
         if disk is not None:
             await disk.flush()
-            disk.close()
+            await disk.close()
         await v.close()
         executor.shutdown()
     present = disk.overlay.present_count if disk is not None else 0

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from common.digest import digest_of_fingerprint_map, fingerprint
 from instant import protocol as p
 from instant.hydrate import HydrationProgress, hydrate
 from instant.overlay import Overlay, OverlayBusy, OverlayHeader, OverlayMismatch
@@ -26,6 +27,7 @@ from instant.server import NbdServer
 from tests.helpers import BLOCK, make_vault, open_vault, write_full_point
 from vault.point import Point
 from vault.restore import restore_point
+from vault.writer import CycleWriter, DiskSpec
 
 NBLOCKS = 48
 SIZE = NBLOCKS * BLOCK + 12 * 1024  # a short last block
@@ -60,13 +62,31 @@ class Site:
     data: bytes
 
 
+def _blocks(data: bytes) -> list[bytes]:
+    return [data[n * BLOCK:(n + 1) * BLOCK] for n in range(NBLOCKS + 1)]
+
+
 def _build(root: Path) -> Site:
+    """A vault whose newest point is a delta on a full one: the served disk's map is
+    resolved through the chain (a block turned zero, one turned data, one changed)."""
     async def go() -> Site:
         _url, key = await make_vault(root)
         v = await open_vault(root / "vault", key)
         try:
             data = make_data()
-            point = await write_full_point(v, data, machine="web1")
+            old = _blocks(data)
+            old[10], old[11], old[12] = b"\x01" * BLOCK, bytes(BLOCK), b"\x02" * BLOCK
+            base = await write_full_point(v, b"".join(old), machine="web1")
+            new = _blocks(data)
+            changed = [n for n in range(NBLOCKS + 1) if old[n] != new[n]]
+            assert changed == [10, 11, 12]
+            with ThreadPoolExecutor(2) as ex:
+                w = CycleWriter(v, await v.load_index(), ex, machine="web1", cycle="c2",
+                                disks=[DiskSpec("sda", SIZE, BLOCK)], full=False, base=base)
+                await w.add([(0, n, None if zero_block(n) else new[n]) for n in changed])
+                fps = b"".join(fingerprint(b) for b in new)
+                point = await w.finish({"sda": digest_of_fingerprint_map(fps)}, "crash")
+            assert point.base == base.id
             (r,) = await restore_point(v, point, root / "restored")
         finally:
             await v.close()
@@ -99,7 +119,7 @@ async def served(site: Site, overlay: Path, sock: Path) -> AsyncIterator[tuple[P
             yield disk, server
         finally:
             await server.stop()
-            disk.close()
+            await disk.close()
             await v.close()
 
 
@@ -251,7 +271,12 @@ async def test_writes_land_in_the_overlay_never_the_vault(site: Site, tmp_path: 
         zlo, zlen = 8 * BLOCK, 2 * BLOCK + 512
         assert (await c.cmd(p.CMD_WRITE_ZEROES, zlo, zlen))[0] == 0
         expect[zlo:zlo + zlen] = bytes(zlen)
+        # TRIM of blocks 20-21 and part of 22: the whole blocks become holes.
+        assert (await c.cmd(p.CMD_TRIM, 20 * BLOCK, 2 * BLOCK + 4096))[0] == 0
+        expect[20 * BLOCK:22 * BLOCK] = bytes(2 * BLOCK)
         assert (await c.cmd(p.CMD_FLUSH))[0] == 0
+        err, words = await c.cmd(p.CMD_BLOCK_STATUS, 20 * BLOCK, 3 * BLOCK)
+        assert err == 0 and words == [2 * BLOCK, p.STATE_HOLE | p.STATE_ZERO, BLOCK, 0]
         assert await c.cmd(p.CMD_READ, 0, SIZE // 2) == (0, bytes(expect[:SIZE // 2]))
         # The zeroed whole blocks read as holes now; block 4 as data.
         err, words = await c.cmd(p.CMD_BLOCK_STATUS, 8 * BLOCK, 2 * BLOCK)

@@ -71,7 +71,7 @@ async def test_concurrent_reads_of_a_block_share_one_fetch(site: Site, tmp_path:
                     assert set(reads) == {site.data[3 * BLOCK + 100:3 * BLOCK + 1100]}
                     got.append(disk.fetched_bytes)
                 finally:
-                    disk.close()
+                    await disk.close()
     finally:
         await v.close()
     assert got[0] == got[1] > 0
@@ -98,7 +98,7 @@ async def test_hydration_keeps_to_its_rate(site: Site, tmp_path: Path) -> None:
                 assert disk.overlay.image_path.read_bytes() == site.data
                 fetched = disk.fetched_bytes
             finally:
-                disk.close()
+                await disk.close()
     finally:
         await v.close()
     # One second's burst is free; every byte after it is paid for in waiting.
