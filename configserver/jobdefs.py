@@ -25,8 +25,9 @@ from configserver.schema import iso, nullable, obj
 if TYPE_CHECKING:
     from configserver.jobs import StepContext
 
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-ACTIVE = ("queued", "running")
+JOB_STATES = ("queued", "running", "waiting", "succeeded", "failed", "cancelled")
+ACTIVE = ("queued", "running", "waiting")
+RUNNING = ("running", "waiting")  # started; waiting: a step waits for an operator
 STEP_STATES = ("pending", "running", "succeeded", "failed", "skipped")
 
 
@@ -50,6 +51,12 @@ class JobKind:
     then: str | None = None  # the kind queued for the same target when this one succeeds
     # Called inside the transaction that ends the job, with its final state.
     on_end: Callable[[AsyncSession, JobRun, str], Awaitable[None]] | None = None
+    # Steps that depend on the job's parameters (a recovery plan's groups and items):
+    # when set, a job's steps are ``steps_for(params)`` and ``steps`` is unused.
+    steps_for: Callable[[dict[str, Any]], tuple[Step, ...]] | None = None
+
+    def steps_of(self, params: dict[str, Any]) -> tuple[Step, ...]:
+        return self.steps if self.steps_for is None else self.steps_for(params)
 
 
 def by_name(kinds: Iterable[JobKind]) -> dict[str, JobKind]:
@@ -126,7 +133,7 @@ def new_job(kind: JobKind, target: str, params: dict[str, Any], now: float) -> d
     """A queued job row; add it to a session, commit, then ``Core.notify()``."""
     steps = [{"name": s.name, "title": s.title, "state": "pending", "started": None,
               "ended": None, "progress": 0.0, "message": "", "attempts": 0}
-             for s in kind.steps]
+             for s in kind.steps_of(params)]
     return db.Job(id=new_job_id(), kind=kind.name, target=target, state="queued",
                   params=params, steps=steps, progress=0.0, error=None, created=now,
                   started=None, ended=None, updated=now, attempts=0)

@@ -37,6 +37,7 @@ from configserver.jobdefs import (
     JOB,
     JOB_ID,
     JOB_STATES,
+    RUNNING,
     STEP_STATES,
     JobKind,
     JobRun,
@@ -89,7 +90,7 @@ class StepContext:
             st["message"] = message
         self.job.updated = self.core.clock()
         self.job.recompute_progress()
-        await self.engine.save(self.job, ("running",))
+        await self.engine.save(self.job, RUNNING)
 
     async def wait_for(self, check: Callable[[], Awaitable[T | None]], *, what: str,
                        timeout: float | None = None) -> T:
@@ -104,6 +105,21 @@ class StepContext:
             if timeout is not None and self.core.clock() >= self.started + timeout:
                 raise StepFailed(f"timed out after {timeout:.0f} s waiting for {what}")
             await wait_tick(tick, self.engine.recheck_seconds)
+
+    async def wait_for_operator(self, check: Callable[[], Awaitable[T | None]], *,
+                                what: str) -> T:
+        """``wait_for(check)`` with the job in the ``waiting`` state meanwhile (an operator
+        must confirm something: ``POST /api/v1/jobs/{id}/resume``); running again after."""
+        if (found := await check()) is not None:
+            return found
+        self.job.state, self.job.updated = "waiting", self.core.clock()
+        await self.engine.save(self.job, RUNNING)
+        log.info("job_waiting", job=self.job.id, kind=self.job.kind, target=self.job.target,
+                 waiting_for=what)
+        found = await self.wait_for(check, what=what)
+        self.job.state, self.job.updated = "running", self.core.clock()
+        await self.engine.save(self.job, RUNNING)
+        return found
 
 
 async def wait_tick(tick: asyncio.Event, seconds: float) -> None:
@@ -239,22 +255,23 @@ class JobEngine:
             return
         kind = self.kinds.get(job.kind)
         now = self.core.clock()
-        resumed = job.state == "running"
+        resumed = job.state in RUNNING
         job.state, job.attempts, job.updated = "running", job.attempts + 1, now
         job.started = job.started or now
-        if kind is None or len(kind.steps) != len(job.steps):
+        steps = kind.steps_of(job.params) if kind is not None else ()
+        if kind is None or len(steps) != len(job.steps):
             await self._finish(job, None, "failed", None,
                                f"this configuration server does not know job kind {job.kind!r}"
                                " (or its steps changed); run the version that created it")
             return
-        if not await self.save(job, ("running",) if resumed else ("queued",)):
+        if not await self.save(job, RUNNING if resumed else ("queued",)):
             return  # cancelled while queued
         if resumed:
             self.core.metrics.jobs_resumed.labels(job.kind).inc()
         log.info("job_resumed" if resumed else "job_started", job=job.id, kind=job.kind,
                  target=job.target, attempts=job.attempts)
         me = self._running[jid]
-        for i, spec in enumerate(kind.steps):
+        for i, spec in enumerate(steps):
             st = job.steps[i]
             if st["state"] in ("succeeded", "skipped"):
                 continue
@@ -266,7 +283,7 @@ class JobEngine:
                       attempts=int(st.get("attempts") or 0) + 1)
             job.updated = now
             job.recompute_progress()
-            await self.save(job, ("running",))
+            await self.save(job, RUNNING)
             log.info("job_step_started", job=job.id, kind=job.kind, target=job.target,
                      step=spec.name, attempt=st["attempts"])
             me.step_task = asyncio.create_task(spec.run(StepContext(self, job, i)))
@@ -293,7 +310,7 @@ class JobEngine:
                       message=message if message is not None else st.get("message", ""))
             job.updated = now
             job.recompute_progress()
-            await self.save(job, ("running",))
+            await self.save(job, RUNNING)
             log.info("job_step_succeeded", job=job.id, kind=job.kind, target=job.target,
                      step=spec.name, message=st["message"])
         await self._finish(job, kind, "succeeded", None, None)

@@ -243,3 +243,6 @@ class NotifyOutbox(Base):
     next_attempt: Mapped[float] = mapped_column(Float, index=True)
     delivered: Mapped[float | None] = mapped_column(Float, nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+from configserver import planmodels  # noqa: E402,F401  (recovery plans' tables, on Base)

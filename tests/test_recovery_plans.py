@@ -1,0 +1,262 @@
+"""Recovery plans through the real configuration server (SQLite and PostgreSQL), a real
+vault with real points and the folder target: a plan of three items in two groups, with
+a script and a manual action, run as a drill (and its cleanup) and as a failover (and its
+commit) — each recovered disk byte-exact; a failing script stops its plan; a manual
+action resumed from the CLI; every refusal of bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from configserver.server import ConfigServer
+from siterecovery.apiclient import ApiCallError, ApiClient
+from tests.helpers import make_vault, open_vault, run_cli, sha256, write_full_point
+from tests.sitehelpers import (
+    AgentSite,
+    add_machine,
+    add_procserver,
+    next_job,
+    report_point,
+    step,
+    wait_job,
+)
+from vault.regkey import make_key
+
+DISK = (1 << 20) + 5120  # a short last block (disks are whole 512-byte sectors)
+GROUP1, GROUP2 = ["web01", "web02"], ["db01"]
+
+
+def _disk() -> bytes:
+    """Random content behind an empty MBR (the disk check finds a table, no partition)."""
+    d = bytearray(os.urandom(DISK))
+    d[446:512] = bytes(64) + b"\x55\xaa"
+    return bytes(d)
+
+
+async def _protect(cs: ConfigServer, api: ApiClient, tmp: Path) -> dict[str, tuple[str, str]]:
+    """Register a vault; protect every machine through the real jobs with one full point;
+    machine -> (point id, the disk's sha256)."""
+    url, key = await make_vault(tmp)
+    vault = await open_vault(tmp / "vault", key)
+    out: dict[str, tuple[str, str]] = {}
+    try:
+        await api.post("/api/v1/registration", {
+            "key": json.dumps(make_key(vault, url, time.time())), "vault_key_file": str(key)})
+        await add_procserver(cs.url, cs.internal_token)
+        for m in GROUP1 + GROUP2:
+            await add_machine(api, m, disks=("sda",))
+            agent = await AgentSite.enroll(cs.site_url, cs.ca.cert_path, m, cs.passphrase,
+                                           tmp / "agent")
+            jid = (await api.post("/api/v1/replication/enable", {"machine": m}))["job"]["id"]
+            async with agent:
+                assert (await agent.heartbeat("2.0.0"))[0] == 200
+                assert (await agent.progress({"sda": 100}))[0] == 200
+            data = _disk()
+            p = await write_full_point(vault, data, machine=m, cycle="c1")
+            await report_point(cs.url, cs.internal_token, m, p.id, p.created, p.consistency)
+            out[m] = (p.id, hashlib.sha256(data).hexdigest())
+            assert (await wait_job(api, jid))["state"] == "succeeded"
+        for m in out:
+            fin = await wait_job(api, (await next_job(api, m, "finalize_protection"))["id"])
+            assert fin["state"] == "succeeded", fin
+    finally:
+        await vault.close()
+    return out
+
+
+def _script(path: Path, body: str) -> str:
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+def _cli_args(cs: ConfigServer) -> list[str]:
+    return ["--api", cs.url, "--token-file", str(cs.cfg.token_path)]
+
+
+async def _cli(cs: ConfigServer, *args: str) -> Any:
+    r = await asyncio.to_thread(run_cli, *args, "--json", *_cli_args(cs))
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+async def _run(cs: ConfigServer, api: ApiClient, verb: str, body: dict[str, Any],
+               *, action: bool = True) -> dict[str, Any]:
+    """Run a plan verb; confirm its manual action (from the CLI) when it waits at it."""
+    job = (await api.post(f"/api/v1/plans/dr/{verb}", body))["job"]
+    assert job["kind"] == "plan_" + verb.replace("-", "_")
+    if action:
+        job = await wait_job(api, job["id"], lambda j: j["state"] in (
+            "waiting", "succeeded", "failed", "cancelled"))
+        assert job["state"] == "waiting", job
+        act = step(job, "g1_post_action")
+        assert act["state"] == "running" and "check the web tier" in act["message"]
+        assert f"siterecovery jobs resume {job['id']}" in act["message"]
+        # group 2 has not started while group 1's action waits
+        assert step(job, "g2_start")["state"] == "pending"
+        for m in GROUP1:
+            assert step(job, f"item_{m}")["state"] == "succeeded"
+        done = await _cli(cs, "jobs", "resume", job["id"], "--notes", "web tier answers")
+        assert done["id"] == job["id"]  # as it is: the engine goes on at its next tick
+    return await wait_job(api, job["id"])
+
+
+def _recovered(cs: ConfigServer, points: dict[str, tuple[str, str]]) -> None:
+    for m, (_, digest) in points.items():
+        folder = Path(cs.cfg.data_dir) / "recovered" / m
+        assert sha256(folder / "sda.img") == digest, m
+        assert json.loads((folder / "vm.json").read_text())["point"] == points[m][0]
+
+
+async def test_a_plan_drills_and_fails_over_three_items_in_two_groups(
+        cs: ConfigServer, api: ApiClient, tmp_path: Path) -> None:
+    points = await _protect(cs, api, tmp_path)
+    env_dir = tmp_path / "env"
+    env_dir.mkdir()
+    pre = _script(tmp_path / "pre.sh", f"env | grep ^SITERECOVERY_ | sort > "
+                  f"{env_dir}/$SITERECOVERY_PLAN_OPERATION\necho web tier prepared\n"
+                  "echo to stderr >&2\n")
+    failing = _script(tmp_path / "fail.sh", "echo database not ready\nexit 3\n")
+
+    # a plan whose first script fails: nothing of it runs
+    await api.post("/api/v1/plans", {"name": "broken", "groups": [
+        {"items": GROUP1, "pre_script": {"path": failing}}, {"items": GROUP2}]})
+    job = (await api.post("/api/v1/plans/broken/test-failover", {}))["job"]
+    job = await wait_job(api, job["id"])
+    assert job["state"] == "failed"
+    assert job["error"] == f"group1: pre script: group group1: the pre script {failing} " \
+                           "failed (exit status 3); its output: database not ready"
+    assert all(s["state"] == "skipped" for s in job["steps"][1:])
+    for m in points:
+        assert (await api.get("/api/v1/items/" + m))["state"] == "protected"
+        assert (await api.get("/api/v1/jobs", target=m, kind="test_failover"))["jobs"] == []
+
+    plan = await _cli(cs, "plan", "create", "dr", "--group", ",".join(GROUP1), "--group",
+                      GROUP2[0], "--pre-script", f"1={pre}", "--post-action",
+                      "1=check the web tier", "--description", "web then database")
+    assert plan["items"] == 3 and [g["name"] for g in plan["groups"]] == ["group1", "group2"]
+    assert plan["groups"][0]["pre_script"] == {"path": pre, "args": [],
+                                               "timeout_seconds": 600}
+
+    drill = await _run(cs, api, "test-failover", {})
+    assert drill["state"] == "succeeded", drill
+    assert [s["name"] for s in drill["steps"]] == [
+        "g1_pre_script", "g1_start", "item_web01", "item_web02", "g1_post_action",
+        "g2_start", "item_db01"]
+    assert step(drill, "g1_pre_script")["message"] == \
+        f"{pre} exited 0; its output: web tier prepared\nto stderr"
+    assert "notes: web tier answers" in step(drill, "g1_post_action")["message"]
+    for m, (pid, _) in points.items():
+        msg = step(drill, f"item_{m}")["message"]
+        assert msg.startswith(f"Test failover of {m} succeeded (job ") and f"point {pid}" in msg
+        item = await api.get("/api/v1/items/" + m)
+        assert item["state"] == "test_failover_done" and item["last_drill"]["point"] == pid
+        [child] = (await api.get("/api/v1/jobs", target=m, kind="test_failover"))["jobs"]
+        assert child["params"]["plan_job"] == drill["id"]
+    _recovered(cs, points)
+    env = (env_dir / "test-failover").read_text().splitlines()
+    assert env == ["SITERECOVERY_JOB=" + drill["id"], "SITERECOVERY_PLAN=dr",
+                   "SITERECOVERY_PLAN_GROUP=group1", "SITERECOVERY_PLAN_ITEMS=web01 web02",
+                   "SITERECOVERY_PLAN_OPERATION=test-failover", "SITERECOVERY_PLAN_PHASE=pre"]
+    shown = await _cli(cs, "plan", "show", "dr")
+    assert shown["last_job"] == {"id": drill["id"], "kind": "plan_test_failover",
+                                 "state": "succeeded"}
+
+    # a second drill is refused while the first is not cleaned up, naming each item
+    with pytest.raises(ApiCallError) as e:
+        await api.post("/api/v1/plans/dr/test-failover", {})
+    assert e.value.status == 409 and e.value.api_code == "plan_not_allowed"
+    assert "web01: test_failover_done" in e.value.message and "db01" in e.value.message
+
+    cleanup = await _run(cs, api, "cleanup-test-failover", {"notes": "all three came up"})
+    assert cleanup["state"] == "succeeded", cleanup
+    for m in points:
+        item = await api.get("/api/v1/items/" + m)
+        assert item["state"] == "protected"
+        assert item["last_drill"]["notes"] == "all three came up"
+        assert not (Path(cs.cfg.data_dir) / "recovered" / m).exists()
+
+    failover = await _run(cs, api, "failover", {})
+    assert failover["state"] == "succeeded", failover
+    assert not failover["cancellable"]
+    for m, (pid, _) in points.items():
+        assert f"point {pid}" in step(failover, f"item_{m}")["message"]
+        item = await api.get("/api/v1/items/" + m)
+        assert item["state"] == "failed_over" and item["failover"]["point"] == pid
+    _recovered(cs, points)
+    assert (env_dir / "failover").is_file()
+
+    commit = await _run(cs, api, "commit", {})
+    assert commit["state"] == "succeeded", commit
+    for m in points:
+        assert (await api.get("/api/v1/items/" + m))["state"] == "committed"
+    _recovered(cs, points)  # a commit keeps the failed-over machines
+
+
+async def test_bad_input_and_resume_refusals(cs: ConfigServer, api: ApiClient,
+                                             tmp_path: Path) -> None:
+    await add_procserver(cs.url, cs.internal_token)
+    for m in ("web01", "db01"):
+        await add_machine(api, m, disks=("sda",))
+        await api.post("/api/v1/replication/enable", {"machine": m})
+
+    async def refused(body: dict[str, Any], status: int, code: str) -> str:
+        with pytest.raises(ApiCallError) as e:
+            await api.post("/api/v1/plans", body)
+        assert (e.value.status, e.value.api_code) == (status, code), e.value
+        return e.value.message
+
+    msg = await refused({"name": "p", "groups": [{"items": ["web01", "nope"]}]}, 422,
+                        "plan_item_unknown")
+    assert msg == "plan 'p': nope is not replicated"
+    many = [{"items": [f"m{g}-{i}" for i in range(50)]} for g in range(2)] + \
+        [{"items": ["web01"]}]
+    msg = await refused({"name": "p", "groups": many}, 422, "plan_too_large")
+    assert "101 items; a plan holds at most 100" in msg
+    await refused({"name": "p", "groups": [{"items": ["web01"]}, {"items": ["web01"]}]},
+                  422, "plan_item_repeated")
+    await refused({"name": "p", "groups": [{"items": ["web01"],
+                                            "pre_script": {"path": str(tmp_path)}}]},
+                  422, "plan_script_invalid")
+    await refused({"name": "p", "groups": []}, 422, "invalid_request")
+    assert (await api.get("/api/v1/plans"))["plans"] == []  # nothing was written
+
+    await api.post("/api/v1/plans", {"name": "p", "groups": [{"items": ["web01"]}]})
+    await refused({"name": "p", "groups": [{"items": ["db01"]}]}, 409, "plan_exists")
+    doc = await api.call("PATCH", "/api/v1/plans/p", {"groups": [
+        {"items": ["db01"], "name": "db"}, {"items": ["web01"], "name": "web"}]}, {})
+    assert [g["items"] for g in doc["groups"]] == [["db01"], ["web01"]]
+
+    r = await asyncio.to_thread(run_cli, "plan", "create", "p", "--group", "web01",
+                                *_cli_args(cs))
+    assert r.returncode == 2 and "a recovery plan named 'p' exists" in r.stderr
+    r = await asyncio.to_thread(run_cli, "plan", "create", "q", "--group", "web01,ghost",
+                                *_cli_args(cs))
+    assert r.returncode == 2 and "ghost is not replicated" in r.stderr
+    r = await asyncio.to_thread(run_cli, "plan", "test-failover", "nope", *_cli_args(cs))
+    assert r.returncode == 2 and "no recovery plan named 'nope'" in r.stderr
+    # items still enabling: the plan is refused before any job is queued
+    with pytest.raises(ApiCallError) as e:
+        await api.post("/api/v1/plans/p/failover", {})
+    assert e.value.status == 409 and e.value.api_code == "plan_not_allowed"
+
+    job = (await api.get("/api/v1/jobs", target="web01"))["jobs"][0]
+    with pytest.raises(ApiCallError) as e:
+        await api.post(f"/api/v1/jobs/{job['id']}/resume", {})
+    assert e.value.status == 409 and e.value.api_code == "job_not_waiting"
+    r = await asyncio.to_thread(run_cli, "jobs", "resume",
+                                "01234567-89ab-7def-8123-456789abcdef", *_cli_args(cs))
+    assert r.returncode == 2 and "no job with id" in r.stderr
+
+    assert (await api.call("DELETE", "/api/v1/plans/p", None, {}))["deleted"] == "p"
+    with pytest.raises(ApiCallError) as e:
+        await api.get("/api/v1/plans/p")
+    assert e.value.status == 404 and e.value.api_code == "plan_not_found"
