@@ -22,7 +22,12 @@ from instant.export import Export
 HANDSHAKE_TIMEOUT = 30.0
 CONTEXT_ID = 1  # the id of base:allocation, the one context served
 TRANSMISSION_FLAGS = (p.FLAG_HAS_FLAGS | p.FLAG_SEND_FLUSH | p.FLAG_SEND_FUA | p.FLAG_SEND_TRIM
-                      | p.FLAG_SEND_WRITE_ZEROES | p.FLAG_SEND_DF | p.FLAG_CAN_MULTI_CONN)
+                      | p.FLAG_SEND_WRITE_ZEROES | p.FLAG_CAN_MULTI_CONN)
+
+
+def transmission_flags(structured: bool) -> int:
+    """The export's flags; DF (reads never split) only with structured replies."""
+    return TRANSMISSION_FLAGS | (p.FLAG_SEND_DF if structured else 0)
 
 
 @dataclass
@@ -88,7 +93,7 @@ async def negotiate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
             export = exports.get(name)
             if export is None:
                 raise p.ProtocolViolation(f"unknown export {name!r} (EXPORT_NAME)")
-            writer.write(struct.pack(">QH", export.size, TRANSMISSION_FLAGS)
+            writer.write(struct.pack(">QH", export.size, transmission_flags(structured))
                          + (b"" if no_zeroes else bytes(124)))
             await writer.drain()
             return Session(name, export, structured, meta)
@@ -110,7 +115,7 @@ async def negotiate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     reply(p.REP_ERR_UNKNOWN, f"no export named {name!r}".encode())
                 else:
                     reply(p.REP_INFO, struct.pack(">HQH", p.INFO_EXPORT, export.size,
-                                                  TRANSMISSION_FLAGS))
+                                                  transmission_flags(structured)))
                     reply(p.REP_INFO, struct.pack(">HIII", p.INFO_BLOCK_SIZE, 1,
                                                   min(export.block_size, p.MAX_PAYLOAD),
                                                   p.MAX_PAYLOAD))

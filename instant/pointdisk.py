@@ -146,6 +146,11 @@ class PointDisk:
     async def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
         blocks = self._blocks(offset, length)
         end = min(offset + length, (blocks.start + MAX_EXTENT_BLOCKS) * self.block_size)
+        # Which blocks are present is read before the image's holes: a block filled in
+        # between is then reported as data, never as the hole it was a moment before.
+        present = {n for n in range(blocks.start, min(blocks.stop, blocks.start
+                                                      + MAX_EXTENT_BLOCKS))
+                   if self.overlay.present(n)}
         holes = await self.overlay.zero_runs(offset, end - offset)
         bs = self.block_size
         runs: list[tuple[int, int]] = []  # (length, flags), merged
@@ -161,7 +166,7 @@ class PointDisk:
         while pos < end:
             n = pos // bs
             nxt = min((n + 1) * bs, end)
-            if self.overlay.present(n):
+            if n in present:
                 # Present: the image says, hole by hole (a hole reads as zeros).
                 i = bisect.bisect_right(starts, pos) - 1
                 if i >= 0 and holes[i][0] <= pos < holes[i][1]:

@@ -136,7 +136,7 @@ class Client:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.r, self.w = reader, writer
         self.structured = False
-        self.size = 0
+        self.size = self.flags = 0
 
     @classmethod
     async def connect(cls, sock: Path, cflags: int = p.FLAG_C_FIXED_NEWSTYLE
@@ -174,7 +174,7 @@ class Client:
                                  + struct.pack(">H", 0))
         assert reps[-1][0] == p.REP_ACK, reps
         info = next(d for k, d in reps if k == p.REP_INFO and d[:2] == b"\0\0")
-        self.size = struct.unpack(">Q", info[2:10])[0]
+        self.size, self.flags = struct.unpack(">QH", info[2:12])
 
     async def cmd(self, cmd: int, offset: int = 0, length: int = 0, data: bytes = b"",
                   flags: int = 0, cookie: int = 7) -> tuple[int, bytes | list[int]]:
@@ -224,15 +224,18 @@ async def test_real_clients_read_the_point_and_see_its_holes(site: Site, tmp_pat
         before = disk.overlay.present_count
         assert before == sum(zero_block(n) for n in range(NBLOCKS + 1))
 
+        async def holes_are_the_zero_blocks() -> None:
+            doc = json.loads(await run("qemu-img", "map", "--output=json", "-f", "raw", uri))
+            assert sum(e["length"] for e in doc) == SIZE
+            for n in range(NBLOCKS + 1):
+                at = n * BLOCK
+                (e,) = [e for e in doc if e["start"] <= at < e["start"] + e["length"]]
+                assert e["data"] is not zero_block(n), (n, e)
+                assert e["zero"] is zero_block(n), (n, e)
+
         # qemu-img map asks for block status only: nothing is fetched from the vault.
-        doc = json.loads(await run("qemu-img", "map", "--output=json", "-f", "raw", uri))
+        await holes_are_the_zero_blocks()
         assert disk.fetched_bytes == 0
-        assert sum(e["length"] for e in doc) == SIZE
-        for n in range(NBLOCKS + 1):
-            at = n * BLOCK
-            (e,) = [e for e in doc if e["start"] <= at < e["start"] + e["length"]]
-            assert e["data"] is not zero_block(n), (n, e)
-            assert e["zero"] is zero_block(n), (n, e)
 
         info = json.loads(await run("nbdinfo", "--json", uri))
         (export,) = info["exports"]
@@ -244,6 +247,7 @@ async def test_real_clients_read_the_point_and_see_its_holes(site: Site, tmp_pat
         out = tmp_path / "copy.img"
         await run("nbdcopy", uri, str(out))
         assert out.read_bytes() == site.data
+        await holes_are_the_zero_blocks()  # now from the overlay's own holes
 
         # Everything read went through the overlay: it holds what it marked present.
         img = disk.overlay.image_path.read_bytes()
@@ -260,7 +264,7 @@ async def test_writes_land_in_the_overlay_never_the_vault(site: Site, tmp_path: 
     async with served(site, ov, sock) as (disk, _server):
         c = await Client.connect(sock)
         await c.go()
-        assert c.size == SIZE
+        assert c.size == SIZE and c.flags & p.FLAG_SEND_DF and not c.flags & p.FLAG_READ_ONLY
         off = 2 * BLOCK + 1000
         assert await c.cmd(p.CMD_WRITE, off, data=patch) == (0, b"")
         expect[off:off + len(patch)] = patch
@@ -318,7 +322,7 @@ async def test_bad_input_gets_protocol_errors_and_others_are_served(site: Site,
         assert sorted(d[4:] for k, d in names if k == p.REP_SERVER) == [b"", b"sda"]
         # ... and the same connection still gets its export.
         await c.go(structured=False)
-        assert c.size == SIZE
+        assert c.size == SIZE and not c.flags & p.FLAG_SEND_DF
 
         # Transmission: errors the protocol defines, the connection goes on.
         assert (await c.cmd(42, 0, 512))[0] == p.EINVAL
