@@ -161,7 +161,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     "block is copied into the overlay at --hydrate-rate; when that is done "
                     "OVERLAY/disk.img is the whole disk. Run again with the same --overlay "
                     "after a stop or a crash: it resumes from what the overlay holds. "
-                    "Serves until SIGTERM/SIGINT. Needs only the vault and its key.")
+                    "Serves until SIGTERM/SIGINT. Needs only the vault and its key. The "
+                    "disk is the default export (nbd+unix:///?socket=PATH) and the export "
+                    "named DISK. With --json, stdout carries, besides the JSON log events, "
+                    "one JSON line per state: event 'serving' (with the URI), 'hydrating' "
+                    "(at most one a percent), 'hydrated', 'stopped'.")
     add_vault_args(s)
     s.add_argument("--machine", help="the protected machine (needed if the vault has several)")
     s.add_argument("--point", default="latest",
