@@ -136,10 +136,13 @@ async def test_every_form_needs_its_sessions_csrf_token(cs: ConfigServer) -> Non
                     assert "security token" in await r.text()
         assert not await _item_exists(cs)
         # a form from another site is refused even with the right token
-        async with http.post(f"{cs.url}/console/enable", allow_redirects=False,
-                             data={"machine": "web01", "csrf": mine},
-                             headers={"Origin": "https://evil.example"}) as r:
-            assert r.status == 403
+        for headers in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"},
+                        {"Sec-Fetch-Site": "same-site", "Origin": "null"}):
+            async with http.post(f"{cs.url}/console/enable", allow_redirects=False,
+                                 data={"machine": "web01", "csrf": mine},
+                                 headers=headers) as r:
+                assert r.status == 403, headers
+                assert "from another site" in await r.text()
         assert not await _item_exists(cs)
         # the right token: replication of web01 is enabled, and the session can sign out
         async with http.post(f"{cs.url}/console/enable", allow_redirects=False,
@@ -163,7 +166,8 @@ async def test_every_form_needs_its_sessions_csrf_token(cs: ConfigServer) -> Non
 async def test_security_headers_on_every_page_and_no_inline_code(cs: ConfigServer) -> None:
     async with _browser() as http:
         await _sign_in(http, cs)
-        for page in ["/console/signin", *PAGES, "/console/static/console.css"]:
+        for page in ["/console/signin", *PAGES, "/console/static/console.css",
+                     "/console/static/refresh.js"]:
             async with http.get(cs.url + page, allow_redirects=False) as r:
                 assert r.status in (200, 404), page
                 h = r.headers
@@ -174,10 +178,17 @@ async def test_security_headers_on_every_page_and_no_inline_code(cs: ConfigServe
                 assert h["Referrer-Policy"] == "no-referrer"
                 assert h["Cache-Control"] == "no-store"
                 body = await r.text()
-            if page.endswith(".css"):
+            if "/static/" in page:
+                assert r.headers["Content-Type"] in ("text/css", "text/javascript",
+                                                     "application/javascript"), page
                 continue
             assert r.headers["Content-Type"].startswith("text/html")
-            assert "<script" not in body and " style=" not in body and "<style" not in body
+            # scripts only from files of the console's own (no inline code, no handlers)
+            assert re.findall(r"<script[^>]*>", body) in (
+                [], ['<script src="/console/static/refresh.js" defer>']), page
+            assert not re.search(r"<script[^>]*>\s*[^<\s]", body), page
+            assert not re.search(r"\son[a-z]+=", body), page
+            assert " style=" not in body and "<style" not in body, page
             assert re.search(r'<html lang="en">', body)
 
 

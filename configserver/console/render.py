@@ -41,6 +41,12 @@ def when(value: str | float | int | None) -> str:
     return t.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def clock(value: str | float | int | None) -> str:
+    """An API time as ``10:00:00`` (UTC), for tables where the day is the same."""
+    full = when(value)
+    return full[11:19] if full.endswith(" UTC") else full
+
+
 def short(point: str | None) -> str:
     """A point or job id, shortened for a table (the full id is in its title)."""
     return "—" if not point else point[:12]
@@ -50,7 +56,7 @@ def environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True,
                              lstrip_blocks=True)
-    env.filters.update(duration=duration, when=when, short=short)
+    env.filters.update(duration=duration, when=when, clock=clock, short=short)
     return env
 
 

@@ -1,0 +1,335 @@
+"""The web console in a real browser: Debian's Chromium, driven headless through
+chromedriver's W3C WebDriver HTTP API, against a running configuration server with a
+real vault, real jobs and the folder target.
+
+An operator signs in, enables replication of web01 from the items page and watches it
+go from enabling to protected, runs a drill of its latest point from the item's page
+and watches the job's steps (the restore waits for a vault lock the test holds, so the
+running step is seen for sure), then cleans the drill up with a note. axe-core, injected
+through WebDriver, finds no serious or critical violation on any page.
+
+With SITERECOVERY_CONSOLE_SCREENSHOTS=<folder> the main pages are saved there as PNG at
+1366x768 (docs/console/ holds the ones the README shows).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from configserver.config import ConfigServerConfig
+from configserver.server import ConfigServer
+from siterecovery.apiclient import ApiClient
+from tests.backends import missing_backend
+from tests.helpers import REPO, make_vault, open_vault, write_full_point
+from tests.sitehelpers import (
+    AgentSite,
+    add_machine,
+    add_procserver,
+    next_job,
+    report_point,
+    step,
+    wait_job,
+)
+from vault.locks import Lock, try_acquire
+from vault.regkey import make_key
+from vault.repo import Vault
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+T = TypeVar("T")
+ELEMENT = "element-6066-11e4-a52e-4f735466cecf"  # the W3C web element identifier
+DISK = 8 << 20
+WAIT = 60.0  # seconds for anything the browser should come to show
+POLL = 0.2  # seconds between two looks at the page while waiting for it to change
+AXE_DEFAULT = REPO / ".cache" / "axe" / "node_modules" / "axe-core" / "axe.min.js"
+PAGES = ["/console/", "/console/items/web01", "/console/alerts", "/console/jobs",
+         "/console/procservers"]
+
+
+class WebDriverError(Exception):
+    pass
+
+
+class Browser:
+    """One chromedriver session (W3C WebDriver over HTTP)."""
+
+    def __init__(self, http: aiohttp.ClientSession, driver: str, session: str) -> None:
+        self.http, self.base = http, f"{driver}/session/{session}"
+
+    async def call(self, method: str, path: str, body: Any = None) -> Any:
+        async with self.http.request(method, self.base + path, json=body) as r:
+            doc = await r.json(content_type=None)
+        if r.status != 200:
+            raise WebDriverError(f"{method} {path}: {r.status} {doc}")
+        return doc["value"]
+
+    async def go(self, url: str) -> None:
+        await self.call("POST", "/url", {"url": url})
+
+    async def url(self) -> str:
+        return str(await self.call("GET", "/url"))
+
+    async def find(self, css: str) -> str:
+        return str((await self.call("POST", "/element", {"using": "css selector",
+                                                         "value": css}))[ELEMENT])
+
+    async def text(self, css: str) -> str:
+        return str(await self.call("GET", f"/element/{await self.find(css)}/text"))
+
+    async def type(self, css: str, text: str) -> None:
+        await self.call("POST", f"/element/{await self.find(css)}/value", {"text": text})
+
+    async def submit(self, css: str) -> str:
+        """Click ``css`` (a form's button) and wait for the next page; its URL."""
+        await self.script("window.consoleOldPage = true")
+        await self.call("POST", f"/element/{await self.find(css)}/click", {})
+
+        async def loaded() -> str | None:
+            try:
+                new = await self.script("return !window.consoleOldPage "
+                                        "&& document.readyState === 'complete'")
+            except WebDriverError:  # between two documents
+                return None
+            return await self.url() if new else None
+        return await until(loaded, f"the page after clicking {css}")
+
+    async def script(self, source: str, *args: Any) -> Any:
+        return await self.call("POST", "/execute/sync", {"script": source, "args": list(args)})
+
+    async def screenshot(self, name: str) -> None:
+        folder = os.environ.get("SITERECOVERY_CONSOLE_SCREENSHOTS")
+        if folder:
+            png = base64.b64decode(await self.call("GET", "/screenshot"))
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            (Path(folder) / f"{name}.png").write_bytes(png)
+
+    async def shows(self, css: str, wanted: str) -> str:
+        """The text of ``css`` once it contains ``wanted`` (the pages reload themselves)."""
+        async def look() -> str | None:
+            try:
+                text = await self.text(css)
+            except WebDriverError:  # between two loads of the page
+                return None
+            return text if wanted in text else None
+        return await until(look, f"{css} to show {wanted!r}")
+
+
+async def until(check: Callable[[], Awaitable[T | None]], what: str) -> T:
+    """``check()``'s first answer that is not None, looking every POLL seconds."""
+    deadline = time.monotonic() + WAIT
+    while (got := await check()) is None:
+        assert time.monotonic() < deadline, f"waited {WAIT} s for {what}"
+        await asyncio.sleep(POLL)
+    return got
+
+
+@dataclass
+class Site:
+    cs: ConfigServer
+    api: ApiClient
+    vault: Vault
+    agent: AgentSite
+    tmp: Path
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def site(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Site]:
+    """A configuration server with a registered vault, a process server and web01 in the
+    inventory with an enrolled agent; replication is not enabled yet."""
+    tmp: Path = tmp_path_factory.mktemp("console-browser")
+    cs = ConfigServer(ConfigServerConfig(
+        data_dir=str(tmp / "cs"), listen_port=0, site_port=0,
+        database_url=f"sqlite+aiosqlite:///{tmp / 'catalog.db'}"))
+    await cs.start()
+    try:
+        async with ApiClient(cs.url, cs.admin_token) as api:
+            url, key = await make_vault(tmp)
+            vault = await open_vault(tmp / "vault", key)
+            try:
+                await api.post("/api/v1/registration", {
+                    "key": json.dumps(make_key(vault, url, time.time())),
+                    "vault_key_file": str(key)})
+                await add_procserver(cs.url, cs.internal_token)
+                await add_machine(api, "web01", disks=("sda",))
+                agent = await AgentSite.enroll(cs.site_url, cs.ca.cert_path, "web01",
+                                               cs.passphrase, tmp / "agent")
+                yield Site(cs, api, vault, agent, tmp)
+            finally:
+                await vault.close()
+    finally:
+        await cs.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def browser(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Browser]:
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if chromium is None or driver is None:
+        missing_backend("chromium and chromedriver", "tests/run.sh installs Debian's "
+                        "chromium and chromium-driver")
+    assert chromium is not None and driver is not None
+    profile = tmp_path_factory.mktemp("chromium")
+    proc = await asyncio.create_subprocess_exec(
+        driver, "--port=0", stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT)
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(WAIT):  # "... started successfully on port N."
+            while b"started successfully" not in (line := await proc.stdout.readline()):
+                assert line, "chromedriver exited before it listened"
+        port = int(line.rstrip().rstrip(b".").rsplit(b" ", 1)[1])
+        drain = asyncio.get_running_loop().create_task(_drain(proc.stdout))
+        base = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT)) as http:
+            async with http.post(f"{base}/session", json={"capabilities": {"alwaysMatch": {
+                    "browserName": "chrome", "goog:chromeOptions": {
+                        "binary": chromium,
+                        "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                                 "--disable-dev-shm-usage", "--window-size=1366,768",
+                                 f"--user-data-dir={profile}"]}}}}) as r:
+                doc = await r.json(content_type=None)
+                assert r.status == 200, doc
+            b = Browser(http, base, doc["value"]["sessionId"])
+            try:
+                await b.call("POST", "/window/rect", {"width": 1366, "height": 768})
+                yield b
+            finally:
+                await b.call("DELETE", "")
+    finally:
+        proc.terminate()
+        await proc.wait()
+        if "drain" in locals():
+            await drain
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    while await stream.readline():
+        pass
+
+
+async def _axe(b: Browser) -> list[dict[str, Any]]:
+    """axe-core's serious and critical violations on the page the browser shows."""
+    path = Path(os.environ.get("SITERECOVERY_AXE", str(AXE_DEFAULT)))
+    if not path.is_file():
+        missing_backend("axe-core", "tests/run.sh installs axe-core@4.10.3 into .cache/axe")
+    await b.script(path.read_text() + "\n;return true;")
+    found: list[dict[str, Any]] = await b.call("POST", "/execute/async", {"args": [], "script": (
+        "const done = arguments[arguments.length - 1];"
+        "axe.run(document).then(r => done(r.violations"
+        ".filter(v => v.impact === 'serious' || v.impact === 'critical')"
+        ".map(v => ({id: v.id, impact: v.impact, help: v.help,"
+        "            nodes: v.nodes.map(n => n.target.join(' '))}))),"
+        "e => done([{id: 'axe-error', impact: 'critical', help: String(e), nodes: []}]));")})
+    return found
+
+
+def _ext4(tmp: Path) -> bytes:
+    """A whole-disk ext4 with a file, which the drill's check finds clean."""
+    if shutil.which("mkfs.ext4") is None or os.geteuid() != 0:
+        missing_backend("mkfs.ext4 as root", "run the suite as root (tests/run.sh)")
+    content, img = tmp / "content", tmp / "disk.img"
+    (content / "etc").mkdir(parents=True)
+    (content / "etc" / "hostname").write_text("web01\n")
+    with open(img, "wb") as f:
+        f.truncate(DISK)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-d", str(content), str(img)],
+                   check=True)
+    return img.read_bytes()
+
+
+async def test_sign_in_enable_drill_and_clean_up_from_the_console(site: Site,
+                                                                  browser: Browser) -> None:
+    b, cs, api = browser, site.cs, site.api
+    await b.go(f"{cs.url}/console/")  # no session: the sign-in page
+    assert (await b.url()).startswith(f"{cs.url}/console/signin?next=")
+    assert "api-token" in await b.text("main")
+    await b.screenshot("signin")
+    await b.type("#token", cs.admin_token)
+    assert await b.submit("form.signin button") == f"{cs.url}/console/"
+
+    # enable replication of web01 from the items page; watch it get protected
+    assert await b.submit("form[action='/console/enable'] button") == \
+        f"{cs.url}/console/items/web01"
+    assert "enabling" in await b.text("#item-state")
+    enable = await next_job(api, "web01", "enable_protection")
+    async with site.agent:
+        assert (await site.agent.heartbeat("2.0.0"))[0] == 200
+        assert (await site.agent.progress({"sda": 100}))[0] == 200
+    disk = _ext4(site.tmp)
+    point = await write_full_point(site.vault, disk, machine="web01", cycle="c1")
+    await report_point(cs.url, cs.internal_token, "web01", point.id, point.created,
+                       point.consistency)
+    assert (await wait_job(api, enable["id"]))["state"] == "succeeded"
+    await b.shows("#item-state", "protected")  # the page reloaded itself
+    assert point.id[:12] in await b.text("main")
+    await b.go(f"{cs.url}/console/")
+    row = await b.text("tbody tr")
+    assert "web01" in row and "protected" in row and point.id[:12] in row
+    await b.screenshot("items")
+
+    # a drill of the latest point, chosen on the item's page; the restore waits for a
+    # vault lock held here, so the page shows the job running, then done
+    got = await try_acquire(site.vault, "exclusive", "test: a prune")
+    assert isinstance(got, Lock)
+    try:
+        await b.go(f"{cs.url}/console/items/web01")
+        await b.screenshot("item")
+        url = await b.submit("form[action$='/test-failover'] button")
+        jid = url.rsplit("/", 1)[1]
+        assert url == f"{cs.url}/console/jobs/{jid}"
+        await wait_job(api, jid, lambda j: "after a prune" in step(j, "restore")["message"])
+        await b.shows("#step-restore", "after a prune")
+        assert "succeeded" in await b.text("#step-select_point")
+        assert "running" in await b.text("#job-state")
+        await b.screenshot("job-running")
+    finally:
+        await got.release()
+    job = await wait_job(api, jid)
+    assert job["state"] == "succeeded", job
+    await b.shows("#job-state", "succeeded")
+    for s in job["steps"]:
+        assert "succeeded" in await b.text(f"#step-{s['name']}")
+    await b.screenshot("job")
+
+    # clean the drill up with a note, from the item's page
+    await b.go(f"{cs.url}/console/items/web01")
+    assert "test failover done" in await b.text("#item-state")
+    await b.type("#cleanup-notes", "web01 came up; <b>app</b> checked")
+    cleanup = (await b.submit("form[action$='/cleanup-test-failover'] button")
+               ).rsplit("/", 1)[1]
+    assert (await wait_job(api, cleanup))["state"] == "succeeded"
+    await b.go(f"{cs.url}/console/items/web01")
+    assert "protected" in await b.text("#item-state")
+    assert "Notes: web01 came up; <b>app</b> checked" in await b.text("main")  # as text
+    item = await api.get("/api/v1/items/web01")
+    assert item["last_drill"]["notes"] == "web01 came up; <b>app</b> checked"
+    assert item["last_drill"]["job"] == jid
+
+
+async def test_every_page_passes_axe_core(site: Site, browser: Browser) -> None:
+    b, cs = browser, site.cs
+    for page in ["/console/signin", *PAGES, *(
+            [f"/console/jobs/{j['id']}" for j in (await site.api.get(
+                "/api/v1/jobs", limit=1))["jobs"]])]:
+        await b.go(cs.url + page)
+        violations = await _axe(b)
+        assert violations == [], (page, violations)
+        title = await b.script("return document.title")
+        assert "siterecovery" in title, page
+    for name, page in (("alerts", "/console/alerts"), ("procservers", "/console/procservers"),
+                       ("jobs", "/console/jobs")):
+        await b.go(cs.url + page)
+        await b.screenshot(name)
