@@ -62,12 +62,14 @@ async def skip(reader: asyncio.StreamReader, n: int, timeout: float | None) -> N
 
 
 async def negotiate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    exports: Mapping[str, Export]) -> Session | None:
+                    exports: Mapping[str, Export], *, timeout: float = HANDSHAKE_TIMEOUT
+                    ) -> Session | None:
     """Run the handshake; return the session once the client entered transmission, or
-    None if it ended the handshake (ABORT). Raises ProtocolViolation to drop it."""
+    None if it ended the handshake (ABORT). Raises ProtocolViolation to drop it (a
+    client silent for ``timeout`` seconds at any step among them)."""
     writer.write(p.greeting())
     await writer.drain()
-    (cflags,) = struct.unpack(">I", await read_exactly(reader, 4, HANDSHAKE_TIMEOUT))
+    (cflags,) = struct.unpack(">I", await read_exactly(reader, 4, timeout))
     if cflags & ~(p.FLAG_C_FIXED_NEWSTYLE | p.FLAG_C_NO_ZEROES):
         raise p.ProtocolViolation(f"unknown client flags {cflags:#x}")
     no_zeroes = bool(cflags & p.FLAG_C_NO_ZEROES)
@@ -75,7 +77,7 @@ async def negotiate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     meta: int | None = None
     while True:
         magic, option, length = p.OPTION_HEAD.unpack(
-            await read_exactly(reader, p.OPTION_HEAD.size, HANDSHAKE_TIMEOUT))
+            await read_exactly(reader, p.OPTION_HEAD.size, timeout))
         if magic != p.IHAVEOPT:
             raise p.ProtocolViolation(f"bad option magic {magic:#x}")
 
@@ -83,11 +85,11 @@ async def negotiate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
             writer.write(p.option_reply(opt, kind, data))
 
         if length > p.MAX_OPTION:
-            await skip(reader, length, HANDSHAKE_TIMEOUT)
+            await skip(reader, length, timeout)
             reply(p.REP_ERR_TOO_BIG, b"option data too large")
             await writer.drain()
             continue
-        data = await read_exactly(reader, length, HANDSHAKE_TIMEOUT)
+        data = await read_exactly(reader, length, timeout)
         if option == p.OPT_EXPORT_NAME:
             name = data.decode(errors="replace")
             export = exports.get(name)

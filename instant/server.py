@@ -18,7 +18,7 @@ import structlog
 
 from instant import protocol as p
 from instant.export import Export
-from instant.handshake import negotiate
+from instant.handshake import HANDSHAKE_TIMEOUT, negotiate
 from instant.transmission import serve_session
 
 log = structlog.get_logger("instant.nbd")
@@ -28,13 +28,15 @@ STOP_GRACE = 10.0  # seconds the requests in flight get to finish at stop
 
 class NbdServer:
     def __init__(self, exports: Mapping[str, Export], *, socket_path: str,
-                 tcp_port: int | None = None) -> None:
+                 tcp_port: int | None = None,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
         """``exports`` maps export names to exports; ``""`` is the default export (the
         one ``nbd+unix:///?socket=PATH`` names). ``tcp_port`` (0: any free port) also
         listens on 127.0.0.1."""
         self.exports = dict(exports)
         self.socket_path = socket_path
         self.tcp_port = tcp_port
+        self.handshake_timeout = handshake_timeout
         self._servers: list[asyncio.Server] = []
         self._conns: dict[int, tuple[asyncio.Task[None], asyncio.StreamWriter]] = {}
         self._ids = itertools.count(1)
@@ -92,7 +94,8 @@ class NbdServer:
         self._conns[cid] = (task, writer)
         clog = log.bind(connection=cid)
         try:
-            session = await negotiate(reader, writer, self.exports)
+            session = await negotiate(reader, writer, self.exports,
+                                      timeout=self.handshake_timeout)
             if session is not None:
                 clog.info("nbd_client_connected", export=session.name,
                           structured=session.structured,

@@ -108,12 +108,13 @@ def tree_digest(d: Path) -> dict[str, str]:
 
 
 @asynccontextmanager
-async def served(site: Site, overlay: Path, sock: Path) -> AsyncIterator[tuple[PointDisk,
-                                                                                 NbdServer]]:
+async def served(site: Site, overlay: Path, sock: Path, *, handshake_timeout: float = 30.0
+                 ) -> AsyncIterator[tuple[PointDisk, NbdServer]]:
     v = await open_vault(site.vault_dir, site.key)
     with ThreadPoolExecutor(2) as ex:
         disk = await PointDisk.open(v, site.point, "sda", str(overlay), executor=ex)
-        server = NbdServer({"": disk, "sda": disk}, socket_path=str(sock))
+        server = NbdServer({"": disk, "sda": disk}, socket_path=str(sock),
+                           handshake_timeout=handshake_timeout)
         await server.start()
         try:
             yield disk, server
@@ -301,9 +302,14 @@ async def test_writes_land_in_the_overlay_never_the_vault(site: Site, tmp_path: 
 async def test_bad_input_gets_protocol_errors_and_others_are_served(site: Site,
                                                                     tmp_path: Path) -> None:
     sock = tmp_path / "nbd.sock"
-    async with served(site, tmp_path / "ov", sock):
+    async with served(site, tmp_path / "ov", sock, handshake_timeout=1.0):
         good = await Client.connect(sock)
         await good.go("sda")
+
+        # A client silent in the handshake is dropped after the timeout.
+        silent = await Client.connect(sock)
+        assert await silent.closed()
+        await silent.close()
 
         # Handshake: unknown client flags drop that connection only.
         c = await Client.connect(sock, cflags=1 << 7)
@@ -333,6 +339,11 @@ async def test_bad_input_gets_protocol_errors_and_others_are_served(site: Site,
         assert (await c.cmd(p.CMD_FLUSH, 1, 0))[0] == p.EINVAL
         assert (await c.cmd(p.CMD_WRITE_ZEROES, 0, 512, flags=p.CMD_FLAG_FAST_ZERO))[0] \
             == p.ENOTSUP
+        assert await c.cmd(p.CMD_READ, BLOCK, 4096) == (0, site.data[BLOCK:BLOCK + 4096])
+        # A write over the payload limit: its data is skipped, the reply is EOVERFLOW.
+        big = bytes(p.MAX_PAYLOAD + 1)
+        assert (await c.cmd(p.CMD_WRITE, 0, data=big))[0] == p.EOVERFLOW
+        assert (await c.cmd(p.CMD_READ, 0, p.MAX_PAYLOAD + 1))[0] == p.EINVAL
         assert await c.cmd(p.CMD_READ, BLOCK, 4096) == (0, site.data[BLOCK:BLOCK + 4096])
         # A structured client gets its errors as ERROR chunks.
         assert (await good.cmd(p.CMD_READ, SIZE, 1))[0] == p.EINVAL
