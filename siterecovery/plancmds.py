@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from siterecovery.apiopts import add_api_args, call, call_and_show, client
-from siterecovery.errors import EXIT_FAIL, CliError
+from siterecovery.errors import EXIT_FAIL, UsageError
 from siterecovery.jobfollow import describe_job, follow
 from siterecovery.output import show, table
 
@@ -51,7 +51,7 @@ def _numbered(values: list[str] | None, option: str, groups: int) -> dict[int, s
     for v in values or []:
         n, sep, rest = v.partition("=")
         if not sep or not n.isdigit() or not 1 <= int(n) <= groups or not rest:
-            raise CliError(f"{option} {v!r}: give N=VALUE with N a group number from 1 to "
+            raise UsageError(f"{option} {v!r}: give N=VALUE with N a group number from 1 to "
                            f"{groups} (the order of --group)")
         out[int(n)] = rest
     return out
@@ -63,9 +63,9 @@ def _groups(args: argparse.Namespace) -> list[dict[str, Any]] | None:
         try:
             doc = json.loads(Path(args.file).read_text())
         except (OSError, ValueError) as e:
-            raise CliError(f"cannot read the plan file {args.file}: {e}") from None
+            raise UsageError(f"cannot read the plan file {args.file}: {e}") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("groups"), list):
-            raise CliError(f"{args.file}: a JSON object with a list 'groups' is expected")
+            raise UsageError(f"{args.file}: a JSON object with a list 'groups' is expected")
         groups: list[dict[str, Any]] = doc["groups"]
         if args.description is None and isinstance(doc.get("description"), str):
             args.description = doc["description"]
@@ -73,7 +73,7 @@ def _groups(args: argparse.Namespace) -> list[dict[str, Any]] | None:
     if not args.group:
         for opt in ("pre_script", "post_script", "pre_action", "post_action"):
             if getattr(args, opt):
-                raise CliError(f"--{opt.replace('_', '-')} needs the groups: --group ITEMS")
+                raise UsageError(f"--{opt.replace('_', '-')} needs the groups: --group ITEMS")
         return None
     out: list[dict[str, Any]] = [{"items": [i.strip() for i in g.split(",") if i.strip()]}
                                  for g in args.group]
@@ -92,7 +92,7 @@ def _groups(args: argparse.Namespace) -> list[dict[str, Any]] | None:
 async def cmd_create(args: argparse.Namespace) -> int:
     groups = _groups(args)
     if groups is None:
-        raise CliError("a plan needs groups: --group ITEM,ITEM (repeated) or --file FILE")
+        raise UsageError("a plan needs groups: --group ITEM,ITEM (repeated) or --file FILE")
     body: dict[str, Any] = {"name": args.name, "groups": groups}
     if args.description is not None:
         body["description"] = args.description
@@ -107,7 +107,7 @@ async def cmd_update(args: argparse.Namespace) -> int:
     if args.description is not None:
         body["description"] = args.description
     if not body:
-        raise CliError("nothing to change: give --group/--file or --description")
+        raise UsageError("nothing to change: give --group/--file or --description")
     return await call_and_show(args, "PATCH", f"/api/v1/plans/{args.name}", describe_plan,
                                body)
 

@@ -18,7 +18,8 @@ import pytest
 
 from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiCallError, ApiClient
-from tests.helpers import make_vault, open_vault, run_cli, sha256, write_full_point
+from siterecovery.cli import main
+from tests.helpers import make_vault, open_vault, sha256, write_full_point
 from tests.sitehelpers import (
     AgentSite,
     add_machine,
@@ -78,33 +79,39 @@ def _script(path: Path, body: str) -> str:
     return str(path)
 
 
-def _cli_args(cs: ConfigServer) -> list[str]:
-    return ["--api", cs.url, "--token-file", str(cs.cfg.token_path)]
-
-
-async def _cli(cs: ConfigServer, *args: str) -> Any:
-    r = await asyncio.to_thread(run_cli, *args, "--json", *_cli_args(cs))
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
+async def _cli(cs: ConfigServer, capsys: pytest.CaptureFixture[str], *args: str
+               ) -> tuple[int, str]:
+    """The CLI run in-process (in a thread: it has its own event loop); its exit status
+    and standard error (its standard output shares the server's logs)."""
+    capsys.readouterr()
+    rc = await asyncio.to_thread(main, [*args, "--api", cs.url, "--token-file",
+                                        str(cs.cfg.token_path)])
+    return rc, capsys.readouterr().err
 
 
 async def _run(cs: ConfigServer, api: ApiClient, verb: str, body: dict[str, Any],
-               *, action: bool = True) -> dict[str, Any]:
-    """Run a plan verb; confirm its manual action (from the CLI) when it waits at it."""
+               capsys: pytest.CaptureFixture[str] | None = None) -> dict[str, Any]:
+    """Run a plan verb; confirm its manual action when it waits at it (from the CLI with
+    ``capsys``, else through the REST API)."""
     job = (await api.post(f"/api/v1/plans/dr/{verb}", body))["job"]
     assert job["kind"] == "plan_" + verb.replace("-", "_")
-    if action:
-        job = await wait_job(api, job["id"], lambda j: j["state"] in (
-            "waiting", "succeeded", "failed", "cancelled"))
-        assert job["state"] == "waiting", job
-        act = step(job, "g1_post_action")
-        assert act["state"] == "running" and "check the web tier" in act["message"]
-        assert f"siterecovery jobs resume {job['id']}" in act["message"]
-        # group 2 has not started while group 1's action waits
-        assert step(job, "g2_start")["state"] == "pending"
-        for m in GROUP1:
-            assert step(job, f"item_{m}")["state"] == "succeeded"
-        done = await _cli(cs, "jobs", "resume", job["id"], "--notes", "web tier answers")
+    job = await wait_job(api, job["id"], lambda j: j["state"] in (
+        "waiting", "succeeded", "failed", "cancelled"))
+    assert job["state"] == "waiting", job
+    act = step(job, "g1_post_action")
+    assert act["state"] == "running" and "check the web tier" in act["message"]
+    assert f"siterecovery jobs resume {job['id']}" in act["message"]
+    # group 2 has not started while group 1's action waits
+    assert step(job, "g2_start")["state"] == "pending"
+    for m in GROUP1:
+        assert step(job, f"item_{m}")["state"] == "succeeded"
+    if capsys is not None:
+        rc, err = await _cli(cs, capsys, "jobs", "resume", job["id"], "--notes",
+                             "web tier answers")
+        assert rc == 0, err
+    else:
+        done = await api.post(f"/api/v1/jobs/{job['id']}/resume",
+                              {"notes": "web tier answers"})
         assert done["id"] == job["id"]  # as it is: the engine goes on at its next tick
     return await wait_job(api, job["id"])
 
@@ -117,7 +124,8 @@ def _recovered(cs: ConfigServer, points: dict[str, tuple[str, str]]) -> None:
 
 
 async def test_a_plan_drills_and_fails_over_three_items_in_two_groups(
-        cs: ConfigServer, api: ApiClient, tmp_path: Path) -> None:
+        cs: ConfigServer, api: ApiClient, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
     points = await _protect(cs, api, tmp_path)
     env_dir = tmp_path / "env"
     env_dir.mkdir()
@@ -139,14 +147,16 @@ async def test_a_plan_drills_and_fails_over_three_items_in_two_groups(
         assert (await api.get("/api/v1/items/" + m))["state"] == "protected"
         assert (await api.get("/api/v1/jobs", target=m, kind="test_failover"))["jobs"] == []
 
-    plan = await _cli(cs, "plan", "create", "dr", "--group", ",".join(GROUP1), "--group",
-                      GROUP2[0], "--pre-script", f"1={pre}", "--post-action",
-                      "1=check the web tier", "--description", "web then database")
+    rc, err = await _cli(cs, capsys, "plan", "create", "dr", "--group", ",".join(GROUP1),
+                         "--group", GROUP2[0], "--pre-script", f"1={pre}", "--post-action",
+                         "1=check the web tier", "--description", "web then database")
+    assert rc == 0, err
+    plan = await api.get("/api/v1/plans/dr")
     assert plan["items"] == 3 and [g["name"] for g in plan["groups"]] == ["group1", "group2"]
     assert plan["groups"][0]["pre_script"] == {"path": pre, "args": [],
                                                "timeout_seconds": 600}
 
-    drill = await _run(cs, api, "test-failover", {})
+    drill = await _run(cs, api, "test-failover", {}, capsys)
     assert drill["state"] == "succeeded", drill
     assert [s["name"] for s in drill["steps"]] == [
         "g1_pre_script", "g1_start", "item_web01", "item_web02", "g1_post_action",
@@ -166,7 +176,7 @@ async def test_a_plan_drills_and_fails_over_three_items_in_two_groups(
     assert env == ["SITERECOVERY_JOB=" + drill["id"], "SITERECOVERY_PLAN=dr",
                    "SITERECOVERY_PLAN_GROUP=group1", "SITERECOVERY_PLAN_ITEMS=web01 web02",
                    "SITERECOVERY_PLAN_OPERATION=test-failover", "SITERECOVERY_PLAN_PHASE=pre"]
-    shown = await _cli(cs, "plan", "show", "dr")
+    shown = await api.get("/api/v1/plans/dr")
     assert shown["last_job"] == {"id": drill["id"], "kind": "plan_test_failover",
                                  "state": "succeeded"}
 
@@ -202,7 +212,8 @@ async def test_a_plan_drills_and_fails_over_three_items_in_two_groups(
 
 
 async def test_bad_input_and_resume_refusals(cs: ConfigServer, api: ApiClient,
-                                             tmp_path: Path) -> None:
+                                             tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
     await add_procserver(cs.url, cs.internal_token)
     for m in ("web01", "db01"):
         await add_machine(api, m, disks=("sda",))
@@ -235,14 +246,14 @@ async def test_bad_input_and_resume_refusals(cs: ConfigServer, api: ApiClient,
         {"items": ["db01"], "name": "db"}, {"items": ["web01"], "name": "web"}]}, {})
     assert [g["items"] for g in doc["groups"]] == [["db01"], ["web01"]]
 
-    r = await asyncio.to_thread(run_cli, "plan", "create", "p", "--group", "web01",
-                                *_cli_args(cs))
-    assert r.returncode == 2 and "a recovery plan named 'p' exists" in r.stderr
-    r = await asyncio.to_thread(run_cli, "plan", "create", "q", "--group", "web01,ghost",
-                                *_cli_args(cs))
-    assert r.returncode == 2 and "ghost is not replicated" in r.stderr
-    r = await asyncio.to_thread(run_cli, "plan", "test-failover", "nope", *_cli_args(cs))
-    assert r.returncode == 2 and "no recovery plan named 'nope'" in r.stderr
+    rc, err = await _cli(cs, capsys, "plan", "create", "p", "--group", "web01")
+    assert rc == 2 and "a recovery plan named 'p' exists" in err
+    rc, err = await _cli(cs, capsys, "plan", "create", "q", "--group", "web01,ghost")
+    assert rc == 2 and "ghost is not replicated" in err
+    rc, err = await _cli(cs, capsys, "plan", "test-failover", "nope")
+    assert rc == 2 and "no recovery plan named 'nope'" in err
+    rc, err = await _cli(cs, capsys, "plan", "create", "q", "--pre-action", "1=x")
+    assert rc == 2 and "--pre-action needs the groups" in err
     # items still enabling: the plan is refused before any job is queued
     with pytest.raises(ApiCallError) as e:
         await api.post("/api/v1/plans/p/failover", {})
@@ -252,9 +263,8 @@ async def test_bad_input_and_resume_refusals(cs: ConfigServer, api: ApiClient,
     with pytest.raises(ApiCallError) as e:
         await api.post(f"/api/v1/jobs/{job['id']}/resume", {})
     assert e.value.status == 409 and e.value.api_code == "job_not_waiting"
-    r = await asyncio.to_thread(run_cli, "jobs", "resume",
-                                "01234567-89ab-7def-8123-456789abcdef", *_cli_args(cs))
-    assert r.returncode == 2 and "no job with id" in r.stderr
+    rc, err = await _cli(cs, capsys, "jobs", "resume", "01234567-89ab-7def-8123-456789abcdef")
+    assert rc == 2 and "no job with id" in err
 
     assert (await api.call("DELETE", "/api/v1/plans/p", None, {}))["deleted"] == "p"
     with pytest.raises(ApiCallError) as e:
