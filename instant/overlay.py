@@ -185,7 +185,7 @@ class Overlay:
 
     def _store(self, todo: list[tuple[int, bytes]]) -> None:
         for n, data in todo:
-            os.pwrite(self._fd, data, n * self.block_size)
+            _pwrite_all(self._fd, data, n * self.block_size)
         self._mark_durable([n for n, _ in todo])
 
     def _mark_durable(self, blocks: list[int]) -> None:
@@ -194,7 +194,7 @@ class Overlay:
         for n in blocks:  # the callers pass blocks not present yet, each once
             self._bits[n >> 3] |= 1 << (n & 7)
         lo, hi = min(blocks) >> 3, (max(blocks) >> 3) + 1
-        os.pwrite(self._bfd, bytes(self._bits[lo:hi]), lo)
+        _pwrite_all(self._bfd, bytes(self._bits[lo:hi]), lo)
         self.present_count += len(blocks)
 
     async def write(self, offset: int, data: bytes | None, length: int, *,
@@ -209,7 +209,7 @@ class Overlay:
     def _write(self, offset: int, data: bytes | None, length: int, mark: list[int],
                sync: bool) -> None:
         if data is not None:
-            os.pwrite(self._fd, data, offset)
+            _pwrite_all(self._fd, data, offset)
         else:
             self._zero(offset, length)
         if mark:
@@ -226,7 +226,9 @@ class Overlay:
         zeros = bytes(min(length, 1 << 20))
         end = offset + length
         while offset < end:
-            offset += os.pwrite(self._fd, zeros[:end - offset], offset)
+            n = min(len(zeros), end - offset)
+            _pwrite_all(self._fd, zeros[:n], offset)
+            offset += n
 
     async def read(self, offset: int, length: int) -> bytes:
         """The image's bytes (meaningful where the blocks are present)."""
@@ -270,3 +272,10 @@ class Overlay:
                 os.fdatasync(fd)
             os.close(fd)
         os.close(self._lfd)  # the lock goes with it
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
