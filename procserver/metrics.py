@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class ProcMetrics:
@@ -47,11 +47,17 @@ class ProcMetrics:
                                         "the machine's policy", ["machine"], registry=r)
         self.backlog_cycles = Gauge(p + "upload_backlog_cycles",
                                     "Acknowledged cycles not yet uploaded", registry=r)
-        # The uploader's shared vault lock (procserver/uploader.py): time spent waiting for
-        # it (an exclusive holder: prune, rebuild-index) and uploads waiting now.
-        self.vault_lock_wait_seconds = Counter(
-            p + "vault_lock_wait_seconds", "Seconds uploads waited for the vault's shared lock "
-            "(a prune or rebuild-index held it exclusively)", registry=r)
+        # The process server's shared vault lock (procserver/vaultlock.py), held only while
+        # uploads write: waits for it (long: a prune or rebuild-index held it
+        # exclusively), how often it was taken, uploads waiting now.
+        self.vault_lock_wait_seconds = Histogram(
+            p + "vault_lock_wait_seconds", "Seconds an acquisition of the vault lock waited "
+            "(long: a prune or rebuild-index held it exclusively), by mode", ["mode"],
+            buckets=(0.01, 0.05, 0.25, 1, 5, 30, 120, 600), registry=r)
+        self.vault_lock_acquisitions = Counter(
+            p + "vault_lock_acquisitions", "Vault locks taken, by mode (the uploads take the "
+            "shared lock when they start writing and let it go when they wait)", ["mode"],
+            registry=r)
         self.vault_lock_waiting = Gauge(p + "vault_lock_waiting", "Uploads waiting for the "
                                         "vault's shared lock now", registry=r)
         self.handshakes = Gauge(p + "tls_handshakes", "TCP connections whose TLS handshake "

@@ -1,32 +1,42 @@
 """A prune completes while an agent is mid-cycle (#17): the uploader holds its shared
-vault lock only while the cycle has something in the vault, not while it waits for
-segments still being received. Both results are exact: the prune's, and every point of
-the agent's, which restore byte-exact; ``check --read-data`` is clean."""
+vault lock only while it writes, not while it waits for segments still being received.
+Both results are exact: the prune's, and every point of the agent's, which restore
+byte-exact; ``check --read-data`` is clean.
+
+Mid-cycle with segments already checkpointed, the cycle's lease (vault/locks.py) keeps
+what it wrote and the blocks it found stored (here: blocks only a point being pruned
+holds) from the prune; the lock's waits and acquisitions are in the metrics."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sqlalchemy import select
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import func, select
 
 from common.pacing import TokenBucket
 from procserver import db as pdb
 from procserver.server import ProcServer
 from tests.helpers import (
+    BLOCK,
     Pki,
     agent_config,
     make_agent,
     make_disk,
     mutate,
     open_vault,
+    proc_config,
     restore_all,
+    running_procserver,
     sha256,
 )
 from vault.check import check_vault
 from vault.keyslots import KeyMaterial, read_keyfile
-from vault.locks import locked
+from vault.locks import LEASES, Leases, locked, read_leases
 from vault.prune import prune
 from vault.retention import Retention
 from vault.store.local import LocalStore
@@ -99,6 +109,134 @@ async def test_prune_completes_while_an_agent_is_mid_cycle(
             await vault.close()
     finally:
         agent.close()
+    report2 = await check_vault(LocalStore(tmp_path / "vault"),
+                                KeyMaterial(keyfile=read_keyfile(vault_at[1])), read_data=True)
+    assert report2.errors == [], report2.errors
+
+
+async def lock_metrics(ps: ProcServer) -> dict[str, float]:
+    """The process server's vault-lock samples of mode ``shared``, by sample name."""
+    async with aiohttp.ClientSession() as http, \
+            http.get(f"http://127.0.0.1:{ps.metrics_port}/metrics") as r:
+        text = await r.text()
+    return {s.name: s.value for fam in text_string_to_metric_families(text)
+            for s in fam.samples if "vault_lock" in s.name
+            and s.labels.get("mode", "shared") == "shared" and "le" not in s.labels}
+
+
+async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 60.0
+                ) -> None:
+    """Poll ``check()`` every 20 ms until it is true (nothing announces these states);
+    fail after ``timeout``."""
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                if await check():
+                    return
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"not within {timeout} s: {what}") from None
+
+
+async def test_prune_between_checkpoints_keeps_what_the_cycle_wrote(
+        tmp_path: Path, pki: Pki, vault_at: tuple[str, Path]) -> None:
+    # 1 MiB segments: the cycle in progress has several, checkpointed one by one.
+    cfg = proc_config(tmp_path, pki, *vault_at, segment_bytes=1 << 20)
+    disk = tmp_path / "disk.img"
+    size = 16 << 20  # four of the agent's 4 MiB chunks: it pauses before the third
+    make_disk(disk, size, seed=5)
+    original = disk.read_bytes()
+    expected: dict[str, str] = {}
+    async with running_procserver(cfg) as ps:
+        agent = make_agent(agent_config(tmp_path, pki, "web01", ps.port, {"sda": disk}))
+        try:
+            ids = []
+            for i in range(3):  # a full point and two deltas, all uploaded
+                if i:
+                    mutate(disk, 0.25, seed=i, zero_share=0)
+                r = await agent.replicate_once()
+                expected[r.cycle] = sha256(disk)
+                ids.append(await ps.wait_point(r.cycle))
+            # Blocks only the first point holds now (overwritten since): three of them are
+            # written back, at the start of the disk, so the next cycle finds them stored
+            # (no pack of its own holds them) and sends them in its first segments.
+            now = disk.read_bytes()
+            only_first = [n for n in range(size // BLOCK)
+                          if original[n * BLOCK:(n + 1) * BLOCK] != now[n * BLOCK:(n + 1) * BLOCK]]
+            revert = only_first[:3]
+            mutate(disk, 0.5, seed=9, zero_share=0)
+            with open(disk, "r+b") as f:
+                for n in revert:
+                    f.seek(n * BLOCK)
+                    f.write(original[n * BLOCK:(n + 1) * BLOCK])
+            want_last = sha256(disk)
+            gate = GatedBucket(agent.send_limit, after=3 << 20)
+            agent.send_limit = gate  # type: ignore[assignment]
+            cycle = asyncio.create_task(agent.replicate_once())
+            await asyncio.wait([cycle, asyncio.ensure_future(gate.paused.wait())],
+                               return_when=asyncio.FIRST_COMPLETED)
+            assert gate.paused.is_set() and not cycle.done()
+
+            vault = await open_vault(tmp_path / "vault", vault_at[1])
+            try:
+                reverted = {vault.keyring.block_id(original[n * BLOCK:(n + 1) * BLOCK])
+                            for n in revert}
+                leases = Leases()
+
+                async def checkpointed() -> bool:
+                    # The reverted blocks are journaled (so leased) and every sealed
+                    # segment is checkpointed: the cycle waits for the agent.
+                    nonlocal leases
+                    leases = await read_leases(vault)
+                    async with ps.sessionmaker() as s:
+                        segs = (await s.execute(select(func.count()).select_from(
+                            pdb.Segment))).scalar_one()
+                    return reverted <= leases.blocks and segs == 0
+
+                await until(checkpointed, "the first segments checkpointed")
+                assert leases.cycles and len(leases.blocks) > len(reverted)
+                before = await lock_metrics(ps)
+                async with locked(vault, "exclusive", "prune", wait=30):
+                    with ThreadPoolExecutor(2) as ex:
+                        report = await prune(vault, Retention(0, 0, 0, 0), ex)
+                    assert not cycle.done()  # it ran while the agent was paused mid-cycle
+                    assert report.cycles_in_progress == 1
+                    assert sorted(report.forgotten) == sorted(ids[:2])
+                    assert report.packs_deleted > 0
+                    # The agent goes on; its next segment waits for the lock we hold.
+                    gate.go.set()
+
+                    async def waiting() -> bool:
+                        m = await lock_metrics(ps)
+                        return m["siterecovery_procserver_vault_lock_waiting"] == 1
+
+                    await until(waiting, "the upload waiting for the vault lock")
+                async with asyncio.timeout(120):
+                    last = await cycle
+                    await ps.wait_point(last.cycle)
+                expected[last.cycle] = want_last
+                after = await lock_metrics(ps)
+                points = await vault.list_points("web01")
+                assert [p.cycle for p in points] == [list(expected)[2], last.cycle]
+                for p in points:
+                    assert await restore_all(vault, p, tmp_path / "out") == {
+                        "sda": expected[p.cycle]}
+            finally:
+                await vault.close()
+        finally:
+            agent.close()
+    # The lock was let go while the cycle waited and taken again after the prune, which
+    # the upload waited for; every acquisition's wait is observed.
+    taken = (after["siterecovery_procserver_vault_lock_acquisitions_total"]
+             - before["siterecovery_procserver_vault_lock_acquisitions_total"])
+    assert taken >= 1
+    assert after["siterecovery_procserver_vault_lock_wait_seconds_count"] == (
+        after["siterecovery_procserver_vault_lock_acquisitions_total"])
+    assert (after["siterecovery_procserver_vault_lock_wait_seconds_sum"]
+            > before["siterecovery_procserver_vault_lock_wait_seconds_sum"])
+    # The lease went with the point.
+    assert not list((tmp_path / "vault" / LEASES).rglob("*")) or not any(
+        p.is_file() for p in (tmp_path / "vault" / LEASES).rglob("*"))
     report2 = await check_vault(LocalStore(tmp_path / "vault"),
                                 KeyMaterial(keyfile=read_keyfile(vault_at[1])), read_data=True)
     assert report2.errors == [], report2.errors

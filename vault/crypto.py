@@ -49,6 +49,7 @@ class ObjectType(enum.IntEnum):
     POINT = 5
     MAP = 6
     LOCK = 7
+    LEASE = 8
 
 
 def _hkdf(master: bytes, info: bytes) -> bytes:

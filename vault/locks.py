@@ -1,4 +1,5 @@
-"""Lock objects: writers share the vault, prune excludes them.
+"""Lock objects: writers share the vault, prune excludes them; leases (below) keep what
+a cycle in progress wrote while its writer lets the lock go.
 
 A lock is a sealed JSON object ``locks/<random id>``: ``{"kind": "shared" |
 "exclusive", "holder": "host:pid", "purpose", "created", "expires"}`` (times in
@@ -23,8 +24,8 @@ import json
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -150,16 +151,15 @@ async def try_acquire(vault: Vault, kind: str, purpose: str) -> Lock | LockInfo:
     return lock
 
 
-@contextlib.asynccontextmanager
-async def locked(vault: Vault, kind: str, purpose: str, *, wait: float = 0.0
-                 ) -> AsyncIterator[Lock]:
-    """Hold a ``shared`` or ``exclusive`` lock for the block; wait up to ``wait`` seconds."""
+async def acquire(vault: Vault, kind: str, purpose: str, *, wait: float = 0.0) -> Lock:
+    """Take a ``shared`` or ``exclusive`` lock, waiting up to ``wait`` seconds
+    (``LockedError`` then); the caller releases it."""
     deadline = time.monotonic() + wait
     backoff = Backoff(base=0.05, cap=5.0)
     while True:
         got = await try_acquire(vault, kind, purpose)
         if isinstance(got, Lock):
-            break
+            return got
         if time.monotonic() >= deadline:
             raise LockedError(
                 f"the vault is locked ({got.kind}) by {got.holder} for {got.purpose!r} until "
@@ -167,7 +167,118 @@ async def locked(vault: Vault, kind: str, purpose: str, *, wait: float = 0.0
                 "holder is gone, run 'siterecovery unlock'")
         log.info("vault_locked_waiting", holder=got.holder, kind=got.kind)
         await asyncio.sleep(min(backoff.next(), max(0.0, deadline - time.monotonic())))
+
+
+@contextlib.asynccontextmanager
+async def locked(vault: Vault, kind: str, purpose: str, *, wait: float = 0.0
+                 ) -> AsyncIterator[Lock]:
+    """Hold a ``shared`` or ``exclusive`` lock for the block; wait up to ``wait`` seconds."""
+    got = await acquire(vault, kind, purpose, wait=wait)
     try:
         yield got
     finally:
         await got.release()
+
+
+# -- leases: what a cycle in progress has in the vault ---------------------------------------
+#
+# A writer that lets its shared lock go between writes (a process server waiting for a
+# cycle's next segment) leaves blocks in the vault that no point references yet: blocks
+# its packs hold, and blocks already stored that it found there instead of storing them
+# again. A prune must keep both. Each checkpoint of such a cycle writes, under the
+# shared lock, one *lease part* ``leases/<lease id>/<random part id>`` (sealed, type 8):
+# a JSON header line ``{"machine", "cycle", "base", "created", "expires"}`` then the
+# block ids its changes reference, 32 bytes each. The lease id is derived from the
+# machine and cycle (``lease_id``), so a restarted writer finds its parts again. A lease
+# is live while any of its parts has not expired (each part extends it); prune keeps
+# the blocks and the base point of every live lease and deletes expired ones. The
+# writer deletes its lease once the cycle's point is written or the cycle is dropped.
+
+LEASES = "leases/"
+LEASE_TTL = 24 * 3600.0
+MAX_LEASE_PART = 64 << 20
+
+
+def lease_id(vault: Vault, machine: str, cycle: str) -> str:
+    """The id of the lease of ``machine``'s ``cycle`` (the same in every run)."""
+    return vault.keyring.name_for("lease", machine, cycle)
+
+
+async def put_lease_part(vault: Vault, machine: str, cycle: str, base: str | None,
+                         blocks: Iterable[bytes], *, now: float | None = None) -> str:
+    """Write one part of the lease of ``machine``'s ``cycle`` (built on point ``base``),
+    holding ``blocks``, live for ``LEASE_TTL`` from ``now``; return its name."""
+    now = time.time() if now is None else now
+    name = f"{LEASES}{lease_id(vault, machine, cycle)}/{names.random_id()}"
+    header = json.dumps({"machine": machine, "cycle": cycle, "base": base, "created": now,
+                         "expires": now + LEASE_TTL}).encode()
+    body = header + b"\n" + b"".join(blocks)
+    await vault.store.put(name, seal(vault.keyring.aead(ObjectType.LEASE, name),
+                                     ObjectType.LEASE, name, body))
+    return name
+
+
+async def delete_lease(vault: Vault, machine: str, cycle: str) -> int:
+    """Delete every part of the lease of ``machine``'s ``cycle``; return how many."""
+    prefix = f"{LEASES}{lease_id(vault, machine, cycle)}/"
+    gone = [info.name async for info in vault.store.list(prefix)]
+    for name in gone:
+        await vault.store.delete(name)
+    return len(gone)
+
+
+@dataclass
+class Leases:
+    """What the live leases of a vault hold: the blocks and base points a prune keeps."""
+
+    cycles: set[tuple[str, str]] = field(default_factory=set)  # (machine, cycle)
+    blocks: set[bytes] = field(default_factory=set)
+    bases: set[str] = field(default_factory=set)
+    expired: list[str] = field(default_factory=list)  # names of the parts of dead leases
+    bad: list[str] = field(default_factory=list)  # parts that fail to authenticate
+
+
+async def read_leases(vault: Vault, now: float | None = None) -> Leases:
+    """Every lease of the vault: the live ones' blocks and bases, the expired ones'
+    parts. A part that fails to authenticate is listed in ``bad`` and keeps nothing."""
+    now = time.time() if now is None else now
+    parts: dict[str, list[_Part]] = {}
+    out = Leases()
+    async for info in vault.store.list(LEASES):
+        lid = info.name[len(LEASES):].split("/", 1)[0]
+        try:
+            raw = await vault.store.get(info.name)
+            plain = unseal(vault.keyring.aead(ObjectType.LEASE, info.name), ObjectType.LEASE,
+                           info.name, raw, max_size=MAX_LEASE_PART)
+            header, _, ids = plain.partition(b"\n")
+            doc = json.loads(header)
+            if len(ids) % 32:
+                raise ValueError("lease part: block ids are 32 bytes each")
+            part = _Part(info.name, str(doc["machine"]), str(doc["cycle"]),
+                         str(doc["base"]) if doc["base"] else None, float(doc["expires"]), ids)
+        except NotFoundError:
+            continue  # deleted while we listed
+        except (IntegrityError, ValueError, KeyError, TypeError):
+            out.bad.append(info.name)
+            continue
+        parts.setdefault(lid, []).append(part)
+    for lease in parts.values():
+        if max(p.expires for p in lease) < now:
+            out.expired += [p.name for p in lease]
+            continue
+        for p in lease:
+            out.cycles.add((p.machine, p.cycle))
+            if p.base is not None:
+                out.bases.add(p.base)
+            out.blocks.update(p.ids[i:i + 32] for i in range(0, len(p.ids), 32))
+    return out
+
+
+@dataclass(frozen=True)
+class _Part:
+    name: str
+    machine: str
+    cycle: str
+    base: str | None
+    expires: float
+    ids: bytes

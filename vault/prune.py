@@ -3,7 +3,8 @@
 The caller holds the vault's exclusive lock (vault/locks.py). Order, each step safe
 to interrupt because every retained point stays resolvable throughout:
 
-1. plan which points to keep (vault/retention.py);
+1. plan which points to keep (vault/retention.py), and read the leases of cycles in
+   progress (vault/locks.py): their base points are kept, their blocks stay live;
 2. rebase: a kept point whose delta chain passes through a forgotten point gets a
    full map written, then its manifest is replaced (same id, atomic put);
 3. delete the forgotten manifests;
@@ -11,7 +12,8 @@ to interrupt because every retained point stays resolvable throughout:
 5. repack: live blocks of mostly-dead packs are sealed into new packs;
 6. write one consolidated index of the packs that stay (and the new ones),
    then delete the old index objects;
-7. delete packs no index lists (dead, repacked, or left by a crashed writer).
+7. delete packs no index lists (dead, repacked, or left by a crashed writer);
+8. delete expired leases.
 
 An interrupted run leaves only garbage (unreferenced maps, unindexed packs, a
 duplicate index), which the next run removes.
@@ -30,6 +32,7 @@ import structlog
 from vault import names
 from vault.chain import chain_of, crosses, rebase
 from vault.index import Location
+from vault.locks import read_leases
 from vault.pack import PackEntry, build_pack, open_block
 from vault.repo import Vault
 from vault.retention import Retention, plan
@@ -50,6 +53,8 @@ class PruneReport:
     packs_written: int = 0
     index_objects_replaced: int = 0
     bytes_deleted: int = 0
+    cycles_in_progress: int = 0  # live leases honoured: their blocks and bases kept
+    leases_deleted: int = 0
 
 
 async def prune(
@@ -68,6 +73,13 @@ async def prune(
     report = PruneReport()
     points = await vault.list_points()
     report.kept = plan(points, policy, now)
+    # A cycle in progress (its writer let the lock go between segments) keeps its base
+    # point and every block it references: they become a point's once it is written.
+    leases = await read_leases(vault, now.timestamp())
+    report.cycles_in_progress = len(leases.cycles)
+    for base in leases.bases:
+        if any(p.id == base for p in points):
+            report.kept.setdefault(base, "base of a cycle in progress")
     report.forgotten = [p.id for p in points if p.id not in report.kept]
     forget = set(report.forgotten)
     cache = {p.id: p for p in points}
@@ -94,7 +106,7 @@ async def prune(
 
     # 4. maps and blocks still referenced
     live_maps: set[str] = set()
-    live_blocks: set[bytes] = set()
+    live_blocks: set[bytes] = set(leases.blocks)
     for p in kept:
         for q in await chain_of(vault, cache[p.id], cache):
             live_maps.update(d.map for d in q.disks)
@@ -152,8 +164,15 @@ async def prune(
             report.packs_deleted += 1
             report.bytes_deleted += info.size
     say(f"{report.packs_deleted} packs deleted, {report.bytes_deleted / 1e6:.1f} MB freed")
+
+    # 8. leases of cycles that will never end (a process server gone for good), and
+    # parts that fail to authenticate (they protect nothing)
+    for name in leases.expired + leases.bad:
+        await vault.store.delete(name)
+    report.leases_deleted = len(leases.expired) + len(leases.bad)
     log.info("prune_finished", forgotten=len(report.forgotten), rebased=len(report.rebased),
-             packs_deleted=report.packs_deleted, bytes_deleted=report.bytes_deleted)
+             packs_deleted=report.packs_deleted, bytes_deleted=report.bytes_deleted,
+             cycles_in_progress=report.cycles_in_progress)
     return report
 
 
