@@ -45,10 +45,13 @@ class _Invalid(Exception):
 
 
 async def read_exactly(reader: asyncio.StreamReader, n: int, timeout: float | None) -> bytes:
-    """``n`` bytes, or ProtocolViolation if the peer closes or stalls first."""
+    """``n`` bytes; ProtocolViolation if the peer stalls or closes in the middle of
+    them, ConnectionResetError if it closes before the first."""
     try:
         return await asyncio.wait_for(reader.readexactly(n), timeout)
-    except asyncio.IncompleteReadError:
+    except asyncio.IncompleteReadError as e:
+        if not e.partial:  # between messages: a client that went away, not a violation
+            raise ConnectionResetError("the client closed the connection") from None
         raise p.ProtocolViolation("the client closed the connection mid-message") from None
     except TimeoutError:
         raise p.ProtocolViolation(f"the client sent nothing for {timeout:.0f} s") from None

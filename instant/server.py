@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import stat
 from collections.abc import Mapping
 
 import structlog
@@ -24,6 +25,29 @@ from instant.transmission import serve_session
 log = structlog.get_logger("instant.nbd")
 
 STOP_GRACE = 10.0  # seconds the requests in flight get to finish at stop
+
+
+class SocketInUse(Exception):
+    """The socket path is taken."""
+
+
+async def _clear_stale_socket(path: str) -> None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketInUse(f"{path} exists and is not a socket; give another --socket")
+    try:
+        _r, w = await asyncio.wait_for(asyncio.open_unix_connection(path), 5)
+    except (OSError, TimeoutError):
+        os.unlink(path)  # left by a server that was killed: no one listens
+        return
+    w.close()
+    with contextlib.suppress(OSError):
+        await w.wait_closed()
+    raise SocketInUse(f"a server already listens on {path}; stop it or give another "
+                      "--socket")
 
 
 class NbdServer:
@@ -56,8 +80,9 @@ class NbdServer:
         return None
 
     async def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)  # a socket left by a killed server
+        """Listen. Raises ``SocketInUse`` if ``socket_path`` is something else than a
+        socket left behind by a server that died (a live server's, or not a socket)."""
+        await _clear_stale_socket(self.socket_path)
         self._servers.append(await asyncio.start_unix_server(self._client,
                                                              path=self.socket_path))
         os.chmod(self.socket_path, 0o600)
@@ -82,8 +107,9 @@ class NbdServer:
             log.info("nbd_connections_closed", count=len(conns), cancelled=len(late))
         for s in self._servers:
             await s.wait_closed()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)
+        if self._servers:  # only the socket this server made (a failed start made none)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
         self._servers.clear()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter

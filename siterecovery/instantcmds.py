@@ -16,7 +16,7 @@ from common.pacing import Schedule, TokenBucket
 from instant.hydrate import HydrationProgress, hydrate
 from instant.overlay import OverlayBusy, OverlayMismatch
 from instant.pointdisk import PointDisk
-from instant.server import NbdServer
+from instant.server import NbdServer, SocketInUse
 from siterecovery.daemon import StopSignals, port_number
 from siterecovery.errors import EXIT_OK, CliError, UsageError, exit_code
 from siterecovery.output import add_json_arg
@@ -79,7 +79,10 @@ async def cmd_instant_serve(args: argparse.Namespace) -> int:
             raise CliError(str(e)) from None
         server = NbdServer({"": disk, disk_name: disk}, socket_path=args.socket,
                            tcp_port=args.tcp_port)
-        await server.start()
+        try:
+            await server.start()
+        except SocketInUse as e:
+            raise CliError(str(e)) from None
         ov = disk.overlay
         _say(args, {"event": "serving", "uri": server.uri, "socket": args.socket,
                     "tcp": server.tcp_address and list(server.tcp_address),

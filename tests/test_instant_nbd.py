@@ -23,7 +23,7 @@ from instant import protocol as p
 from instant.hydrate import HydrationProgress, hydrate
 from instant.overlay import Overlay, OverlayBusy, OverlayHeader, OverlayMismatch
 from instant.pointdisk import PointDisk
-from instant.server import NbdServer
+from instant.server import NbdServer, SocketInUse
 from tests.helpers import BLOCK, make_vault, open_vault, write_full_point
 from vault.point import Point
 from vault.restore import restore_point
@@ -111,17 +111,19 @@ def tree_digest(d: Path) -> dict[str, str]:
 async def served(site: Site, overlay: Path, sock: Path, *, handshake_timeout: float = 30.0
                  ) -> AsyncIterator[tuple[PointDisk, NbdServer]]:
     v = await open_vault(site.vault_dir, site.key)
-    with ThreadPoolExecutor(2) as ex:
-        disk = await PointDisk.open(v, site.point, "sda", str(overlay), executor=ex)
-        server = NbdServer({"": disk, "sda": disk}, socket_path=str(sock),
-                           handshake_timeout=handshake_timeout)
-        await server.start()
-        try:
-            yield disk, server
-        finally:
-            await server.stop()
-            await disk.close()
-            await v.close()
+    try:
+        with ThreadPoolExecutor(2) as ex:
+            disk = await PointDisk.open(v, site.point, "sda", str(overlay), executor=ex)
+            server = NbdServer({"": disk, "sda": disk}, socket_path=str(sock),
+                               handshake_timeout=handshake_timeout)
+            try:
+                await server.start()
+                yield disk, server
+            finally:
+                await server.stop()
+                await disk.close()
+    finally:
+        await v.close()
 
 
 async def run(*argv: str) -> str:
@@ -369,6 +371,15 @@ async def test_overlay_of_another_point_is_refused(site: Site, tmp_path: Path) -
         with pytest.raises(OverlayBusy, match="in use by another process"):
             async with served(site, ov, tmp_path / "b.sock"):
                 pass
+        with pytest.raises(SocketInUse, match="already listens"):
+            async with served(site, tmp_path / "ov2", tmp_path / "a.sock"):
+                pass
+        assert (tmp_path / "a.sock").exists()  # the first server's socket is left alone
+    (tmp_path / "file").write_text("not a socket")
+    with pytest.raises(SocketInUse, match="not a socket"):
+        async with served(site, tmp_path / "ov2", tmp_path / "file"):
+            pass
+    assert (tmp_path / "file").read_text() == "not a socket"
     other = OverlayHeader("f" * 64, "sda", SIZE, BLOCK)
     with ThreadPoolExecutor(1) as ex, pytest.raises(OverlayMismatch, match="not of point"):
         Overlay.open(ov, other, [], ex)
