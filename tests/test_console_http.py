@@ -8,6 +8,7 @@ handlers, which the API tests run on both catalogs); each test signs in afresh.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest_asyncio
 from structlog.testing import capture_logs
 
 from configserver.config import ConfigServerConfig
+from configserver.console.chart import rpo_chart
 from configserver.console.sessions import SessionStore
 from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiClient
@@ -253,3 +255,24 @@ async def test_logs_of_a_refused_action_name_no_secret(cs: ConfigServer) -> None
                                      if e["event"] == "console_request_refused"]
     assert refused and refused[0]["path"] == "/console/items/web01/commit"
     assert csrf not in repr(logs)
+
+
+async def test_the_rpo_chart_has_a_bar_per_gap_between_points_and_one_for_now() -> None:
+    def doc(t: float) -> dict[str, str]:
+        return {"created": dt.datetime.fromtimestamp(t, dt.UTC).isoformat()}
+
+    t0 = 1_800_000_000.0
+    assert rpo_chart([], t0, 900) is None
+    # points 5 min apart, one gap of 20 min; now 2 min after the last
+    times = [t0, t0 + 300, t0 + 600, t0 + 1800, t0 + 2100]
+    chart = rpo_chart([doc(t) for t in reversed(times)], t0 + 2220, 900)
+    assert chart is not None
+    assert [b.seconds for b in chart.bars] == [300, 300, 1200, 300, 120]
+    assert [b.over for b in chart.bars] == [False, False, True, False, False]
+    assert [b.now for b in chart.bars] == [False] * 4 + [True]
+    assert chart.worst == 1200 and chart.over == 1
+    tallest = max(chart.bars, key=lambda b: b.height)
+    assert tallest.seconds == 1200 and tallest.y >= 0
+    assert chart.threshold_y is not None and tallest.y < chart.threshold_y < 64
+    many = rpo_chart([doc(t0 + 60 * i) for i in range(100)], t0 + 6000, None)
+    assert many is not None and len(many.bars) == 30 and many.threshold_y is None

@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from configserver.console.app import console_of
+from configserver.console.chart import rpo_chart
 from configserver.console.data import Reader
 from configserver.errors import NotFound
 from configserver.items import ItemState
@@ -76,6 +77,8 @@ async def item_page(request: web.Request, *, error: str = "", status: int = 200
     moving = item["state"] in MOVING or any(j["state"] in ACTIVE for j in jobs)
     return console.page(request, "item.html", status, title=machine, nav="items",
                         item=item, points=points, verified=by_point, jobs=jobs,
+                        chart=rpo_chart(points, console.services.clock(),
+                                        item["rpo_threshold_seconds"]),
                         actions=ACTIONS.get(item["state"], ()), error=error,
                         rpo_status=rpo_status, refresh=REFRESH_MOVING if moving else 0)
 
