@@ -227,16 +227,23 @@ async def test_real_clients_read_the_point_and_see_its_holes(site: Site, tmp_pat
         before = disk.overlay.present_count
         assert before == sum(zero_block(n) for n in range(NBLOCKS + 1))
 
-        async def holes_are_the_zero_blocks() -> None:
-            doc = json.loads(await run("qemu-img", "map", "--output=json", "-f", "raw", uri))
-            assert sum(e["length"] for e in doc) == SIZE
+        def check(extents: list[tuple[int, int, bool]]) -> None:
+            """(start, length, reads as a hole of zeros): the zero blocks, and only them."""
+            assert sum(ln for _, ln, _ in extents) == SIZE
             for n in range(NBLOCKS + 1):
                 at = n * BLOCK
-                (e,) = [e for e in doc if e["start"] <= at < e["start"] + e["length"]]
-                assert e["data"] is not zero_block(n), (n, e)
-                assert e["zero"] is zero_block(n), (n, e)
+                (e,) = [e for e in extents if e[0] <= at < e[0] + e[1]]
+                assert e[2] is zero_block(n), (n, e)
 
-        # qemu-img map asks for block status only: nothing is fetched from the vault.
+        async def holes_are_the_zero_blocks() -> None:
+            doc = json.loads(await run("qemu-img", "map", "--output=json", "-f", "raw", uri))
+            assert all(e["zero"] is not e["data"] for e in doc)
+            check([(e["start"], e["length"], e["zero"]) for e in doc])
+            doc = json.loads(await run("nbdinfo", "--map", "--json", uri))
+            assert {e["type"] for e in doc} == {0, p.STATE_HOLE | p.STATE_ZERO}
+            check([(e["offset"], e["length"], e["type"] != 0) for e in doc])
+
+        # qemu-img map and nbdinfo --map ask for block status only: nothing is fetched.
         await holes_are_the_zero_blocks()
         assert disk.fetched_bytes == 0
 
