@@ -9,7 +9,9 @@ parallel with the others: the engine runs jobs of different targets concurrently
 step per item that waits for that item's job and records the point it used, then the
 post script and the post manual action. Any failure — a script, a refusal, an item's
 job — fails the step, naming the group and the item or script, and so stops the plan:
-the later groups do not start (item jobs already queued run to their end).
+the later groups do not start (item jobs already queued run to their end). Run again,
+the plan passes by the items already done (``SKIP``: failed over, committed, or nothing
+to clean up) and recovers the others.
 
 An item's job is found again after a restart as the first job of its kind on that item
 queued after the plan job (and is tagged with ``plan`` and ``plan_job``).
@@ -25,6 +27,7 @@ from sqlalchemy import select, update
 from configserver import db, failoverops
 from configserver.errors import DomainError
 from configserver.itemrecord import DRILL, FAILOVER
+from configserver.items import ItemState
 from configserver.jobdefs import ACTIVE, JobKind, Step, StepFailed
 from configserver.jobs import StepContext
 from configserver.planmodels import PlanConfirmation
@@ -40,6 +43,11 @@ VERBS: dict[str, tuple[str, str, str, bool]] = {
     "failover": ("plan_failover", "Plan failover", FAILOVER, False),
     "commit": ("plan_commit", "Plan commit", FAILOVER, False),
 }
+# verb -> the item states in which a plan passes an item by: already done (a plan run
+# again after one of its items failed), or nothing to clean up
+SKIP: dict[str, tuple[ItemState, ...]] = {
+    "cleanup-test-failover": (ItemState.PROTECTED,), "failover": (ItemState.FAILED_OVER,),
+    "commit": (ItemState.COMMITTED,)}
 ITEM_TITLES = {"test-failover": "Test failover", "cleanup-test-failover":
                "Cleanup test failover", "failover": "Failover", "commit": "Commit"}
 
@@ -56,6 +64,13 @@ async def _child(ctx: StepContext, verb: str, item: str) -> db.Job | None:
         return (await s.execute(select(db.Job).where(
             db.Job.target == item, db.Job.kind == kind, db.Job.id > ctx.job.id)
             .order_by(db.Job.id).limit(1))).scalars().first()
+
+
+async def _skipped(ctx: StepContext, verb: str, item: str) -> str | None:
+    """The item's state if the plan passes it by (``SKIP``), else None."""
+    async with ctx.core.sessionmaker() as s:
+        row = await s.get(db.ReplicatedItem, item)
+    return row.state if row is not None and row.state in SKIP.get(verb, ()) else None
 
 
 def _script(g: int, phase: str) -> StepFn:
@@ -107,6 +122,8 @@ def _start(g: int) -> StepFn:
         for item in group["items"]:
             if await _child(ctx, verb, item) is not None:  # queued before a restart
                 continue
+            if await _skipped(ctx, verb, item):
+                continue
             try:
                 job = await failoverops.request(ctx.core, ctx.engine.kinds, verb, item,
                                                 dict(ctx.params.get("body") or {}))
@@ -129,8 +146,10 @@ def _item(g: int, item: str) -> StepFn:
         group, verb = _group(ctx, g), str(ctx.params["verb"])
         title = ITEM_TITLES[verb]
 
-        async def ended() -> db.Job | None:
+        async def ended() -> db.Job | str | None:
             job = await _child(ctx, verb, item)
+            if job is None and (state := await _skipped(ctx, verb, item)):
+                return state
             if job is None:
                 raise StepFailed(f"group {group['name']}: item {item}: no {title} job of it "
                                  "was queued by this plan")
@@ -139,7 +158,10 @@ def _item(g: int, item: str) -> StepFn:
                 return None
             return job
 
-        job = await ctx.wait_for(ended, what=f"the {title} job of {item}")
+        found: db.Job | str = await ctx.wait_for(ended, what=f"the {title} job of {item}")
+        if isinstance(found, str):
+            return f"{item} passed by: it is {found} already"
+        job = found
         if job.state != "succeeded":
             raise StepFailed(f"group {group['name']}: item {item}: its {title} job {job.id} "
                              f"{job.state}: {job.error}")

@@ -3,8 +3,10 @@
 (confirm the manual action a job waits at).
 
 A plan job is queued only when every item of the plan may take the verb now (the item
-states of ``failoverops.ALLOWED``) and has no job of its own running, and when no other
-job of the plan is running; else ``ItemStateError`` naming each item refused and why.
+states of ``failoverops.ALLOWED``, or those in which the plan passes the item by,
+``planjobs.SKIP``: a failover run again after one item failed passes the items failed
+over already) and has no job of its own running, and when no other job of the plan is
+running; else ``ItemStateError`` naming each item refused and why.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from configserver.core import Core
 from configserver.errors import InvalidRequest, ItemStateError, NotFound
 from configserver.items import ItemState
 from configserver.jobdefs import ACTIVE, JobKind, new_job
-from configserver.planjobs import VERBS
+from configserver.planjobs import SKIP, VERBS
 from configserver.planmodels import PlanConfirmation
 
 log = structlog.get_logger("configserver.plans")
@@ -35,7 +37,7 @@ async def request(core: Core, kinds: Mapping[str, JobKind], verb: str, name: str
                              "the drill showed", "pass --notes TEXT")
     plan = await plans.stored(core, name)
     items = [i for g in plan.groups for i in g["items"]]
-    allowed = failoverops.ALLOWED[verb][1]
+    allowed = failoverops.ALLOWED[verb][1] + SKIP.get(verb, ())
     target = plans.job_target(name)
     now = core.clock()
     async with core.sessionmaker() as s:

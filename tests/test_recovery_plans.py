@@ -194,11 +194,24 @@ async def test_a_plan_drills_and_fails_over_three_items_in_two_groups(
         assert item["last_drill"]["notes"] == "all three came up"
         assert not (Path(cs.cfg.data_dir) / "recovered" / m).exists()
 
+    # a failing item stops the plan, naming it; run again, the plan passes by the items
+    # failed over already
+    await api.call("PATCH", "/api/v1/items/db01/recovery", {"target": "libvirt"}, {})
+    failed = await _run(cs, api, "failover", {})
+    assert failed["state"] == "failed" and not failed["cancellable"]
+    assert failed["error"].startswith("group2: db01: group group2: item db01: its Failover "
+                                      "job "), failed["error"]
+    assert "recovery target 'libvirt' is not available" in failed["error"]
+    assert (await api.get("/api/v1/items/db01"))["state"] == "protected"
+    await api.call("PATCH", "/api/v1/items/db01/recovery", {"target": None}, {})
     failover = await _run(cs, api, "failover", {})
     assert failover["state"] == "succeeded", failover
-    assert not failover["cancellable"]
+    for m in GROUP1:
+        assert step(failover, f"item_{m}")["message"] == \
+            f"{m} passed by: it is failed_over already"
+        assert f"point {points[m][0]}" in step(failed, f"item_{m}")["message"]
+    assert f"point {points['db01'][0]}" in step(failover, "item_db01")["message"]
     for m, (pid, _) in points.items():
-        assert f"point {pid}" in step(failover, f"item_{m}")["message"]
         item = await api.get("/api/v1/items/" + m)
         assert item["state"] == "failed_over" and item["failover"]["point"] == pid
     _recovered(cs, points)
