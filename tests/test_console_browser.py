@@ -52,6 +52,7 @@ from vault.repo import Vault
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 T = TypeVar("T")
+TAB = "\ue004"  # the WebDriver key code of Tab
 ELEMENT = "element-6066-11e4-a52e-4f735466cecf"  # the W3C web element identifier
 DISK = 8 << 20
 WAIT = 60.0  # seconds for anything the browser should come to show
@@ -344,6 +345,20 @@ async def test_every_page_passes_axe_core(site: Site, browser: Browser) -> None:
         assert violations == [], (page, violations)
         title = await b.script("return document.title")
         assert "siterecovery" in title, page
+    # the keyboard: Tab reaches the skip link, then the navigation, each with a visible
+    # focus ring (and the skip link comes into view)
+    await b.go(cs.url + "/console/")
+    for expected in ("Skip to content", "Replicated items", "Alerts"):
+        await b.call("POST", "/actions", {"actions": [{"type": "key", "id": "kbd", "actions": [
+            {"type": "keyDown", "value": TAB}, {"type": "keyUp", "value": TAB}]}]})
+        focused = await b.script(
+            "const a = document.activeElement, s = getComputedStyle(a),"
+            " r = a.getBoundingClientRect();"
+            "return {text: a.textContent.trim(), outline: s.outlineStyle,"
+            " width: parseFloat(s.outlineWidth), left: r.left, top: r.top};")
+        assert focused["text"] == expected, focused
+        assert focused["outline"] != "none" and focused["width"] >= 2, focused
+        assert focused["left"] >= 0 and focused["top"] >= 0, focused
     for name, page in (("items", "/console/"), ("alerts", "/console/alerts"),
                        ("procservers", "/console/procservers"), ("jobs", "/console/jobs")):
         await b.go(cs.url + page)

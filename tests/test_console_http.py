@@ -276,3 +276,33 @@ async def test_the_rpo_chart_has_a_bar_per_gap_between_points_and_one_for_now() 
     assert chart.threshold_y is not None and tallest.y < chart.threshold_y < 64
     many = rpo_chart([doc(t0 + 60 * i) for i in range(100)], t0 + 6000, None)
     assert many is not None and len(many.bars) == 30 and many.threshold_y is None
+
+
+async def test_wrong_tokens_are_throttled_per_client(tmp_path: Path) -> None:
+    """Ten wrong tokens from an address: the next attempts are refused for a while, the
+    right token included (its own server: the module's keeps its counts clean)."""
+    server = ConfigServer(ConfigServerConfig(
+        data_dir=str(tmp_path / "cs"), listen_port=0, site_port=-1,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'catalog.db'}"))
+    await server.start()
+    try:
+        async with _browser() as http:
+            for _ in range(10):
+                async with http.post(f"{server.url}/console/signin",
+                                     data={"token": "guess"}) as r:
+                    assert r.status == 401
+            async with http.post(f"{server.url}/console/signin", allow_redirects=False,
+                                 data={"token": server.admin_token}) as r:
+                assert r.status == 429 and int(r.headers["Retry-After"]) > 0
+                assert "too many wrong tokens" in await r.text()
+                assert "Set-Cookie" not in r.headers
+    finally:
+        await server.stop()
+
+
+async def test_an_oversized_form_is_refused(cs: ConfigServer) -> None:
+    async with _browser() as http:
+        csrf = await _sign_in(http, cs)
+        async with http.post(f"{cs.url}/console/items/web01/cleanup-test-failover",
+                             data={"csrf": csrf, "notes": "x" * (80 << 10)}) as r:
+            assert r.status == 413

@@ -32,7 +32,7 @@ COOKIE = "siterecovery_console"
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
        "form-action 'self'; base-uri 'none'; object-src 'none'; frame-ancestors 'none'")
 PUBLIC = ("/console/signin", "/console/static/")
-MAX_FORM_BYTES = 64 << 10
+MAX_FORM_BYTES = 64 << 10  # a form's body (a chunked one: the admin app's 1 MiB cap)
 # Where sign-in may lead: a console path (no '//', backslash or percent-encoding).
 NEXT = re.compile(r"/console/[A-Za-z0-9._~/-]*(?:\?[A-Za-z0-9._~=&-]*)?")
 
@@ -96,6 +96,9 @@ async def guard(request: web.Request,
     post = request.method == "POST"
     if post and not _same_origin(request):
         return refused(request, "the form was sent from another site")
+    if post and (request.content_length or 0) > MAX_FORM_BYTES:
+        return console.page(request, "refused.html", 413,
+                            why=f"the form is larger than {MAX_FORM_BYTES >> 10} KiB")
     if request.path.startswith(PUBLIC):
         return await handler(request)
     session = console.sessions.get(request.cookies.get(COOKIE))
@@ -177,7 +180,7 @@ async def _to_console(_request: web.Request) -> web.StreamResponse:
 
 
 def make_app(console: Console, routes: list[web.RouteDef]) -> web.Application:
-    app = web.Application(middlewares=[guard], client_max_size=MAX_FORM_BYTES)
+    app = web.Application(middlewares=[guard])
     app[CONSOLE] = console
     app.on_response_prepare.append(security_headers)
     app.router.add_get("/signin", signin_form)
