@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from configserver.config import ConfigServerConfig
 from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiCallError, ApiClient
 from siterecovery.cli import main
@@ -42,9 +43,10 @@ def _disk() -> bytes:
     return bytes(d)
 
 
-async def _protect(cs: ConfigServer, api: ApiClient, tmp: Path) -> dict[str, tuple[str, str]]:
-    """Register a vault; protect every machine through the real jobs with one full point;
-    machine -> (point id, the disk's sha256)."""
+async def _protect(cs: ConfigServer, api: ApiClient, tmp: Path,
+                   machines: list[str] = GROUP1 + GROUP2) -> dict[str, tuple[str, str]]:
+    """Register a vault; protect ``machines`` through the real jobs with one full point
+    each; machine -> (point id, the disk's sha256)."""
     url, key = await make_vault(tmp)
     vault = await open_vault(tmp / "vault", key)
     out: dict[str, tuple[str, str]] = {}
@@ -52,7 +54,7 @@ async def _protect(cs: ConfigServer, api: ApiClient, tmp: Path) -> dict[str, tup
         await api.post("/api/v1/registration", {
             "key": json.dumps(make_key(vault, url, time.time())), "vault_key_file": str(key)})
         await add_procserver(cs.url, cs.internal_token)
-        for m in GROUP1 + GROUP2:
+        for m in machines:
             await add_machine(api, m, disks=("sda",))
             agent = await AgentSite.enroll(cs.site_url, cs.ca.cert_path, m, cs.passphrase,
                                            tmp / "agent")
@@ -283,3 +285,42 @@ async def test_bad_input_and_resume_refusals(cs: ConfigServer, api: ApiClient,
     with pytest.raises(ApiCallError) as e:
         await api.get("/api/v1/plans/p")
     assert e.value.status == 404 and e.value.api_code == "plan_not_found"
+
+
+async def test_a_job_waiting_at_a_manual_action_waits_again_after_a_restart(
+        tmp_path: Path, catalog_url: str) -> None:
+    """The waiting state is durable: a configuration server stopped while a plan job waits
+    resumes the job at its manual action, which still needs the operator; then the plan
+    goes on and the item is recovered byte-exact."""
+    cfg = ConfigServerConfig(data_dir=str(tmp_path / "cs"), listen_port=0, site_port=0,
+                             database_url=catalog_url)
+    server = ConfigServer(cfg)
+    await server.start()
+    try:
+        async with ApiClient(server.url, server.admin_token) as api:
+            points = await _protect(server, api, tmp_path, machines=["web01"])
+            await api.post("/api/v1/plans", {"name": "dr", "groups": [
+                {"items": ["web01"], "pre_action": "stop the batch jobs"}]})
+            job = (await api.post("/api/v1/plans/dr/test-failover", {}))["job"]
+            job = await wait_job(api, job["id"], lambda j: j["state"] == "waiting")
+            assert step(job, "g1_pre_action")["state"] == "running"
+    finally:
+        await server.stop()
+    server = ConfigServer(cfg)
+    await server.start()
+    try:
+        async with ApiClient(server.url, server.admin_token) as api:
+            job = await wait_job(api, job["id"], lambda j: j["attempts"] == 2 and
+                                 j["state"] == "waiting")
+            assert step(job, "g1_pre_action")["attempts"] == 2
+            assert step(job, "g1_start")["state"] == "pending"  # nothing went on by itself
+            await api.post(f"/api/v1/jobs/{job['id']}/resume", {})
+            job = await wait_job(api, job["id"])
+            assert job["state"] == "succeeded", job
+            assert f"point {points['web01'][0]}" in step(job, "item_web01")["message"]
+            _recovered(server, points)
+            with pytest.raises(ApiCallError) as e:  # it waits for nothing any more
+                await api.post(f"/api/v1/jobs/{job['id']}/resume", {})
+            assert e.value.status == 409 and e.value.api_code == "job_not_waiting"
+    finally:
+        await server.stop()
