@@ -66,6 +66,10 @@ class ProcServerConfig:
     upload_limit_off_mbps: float = 0.0
     work_days: str = "mon-fri"
     work_hours: str = "08:00-18:00"
+    # The vault's block index: in memory while it is estimated to fit in this many bytes
+    # (about 220 a block), past that in a table on local disk, <data_dir>/index/, kept
+    # between starts (vault/indexdb.py). 0: always on disk.
+    index_memory_bytes: int = 256 << 20
 
     def validate(self) -> None:
         if not (self.vault_key_file or self.vault_passphrase_file
@@ -98,6 +102,8 @@ class ProcServerConfig:
             raise ValueError("receive_buffer_bytes must be at least 1 MiB")
         if self.receive_bytes_per_second < 0:
             raise ValueError("receive_bytes_per_second must not be negative")
+        if self.index_memory_bytes < 0:
+            raise ValueError("index_memory_bytes must not be negative")
         self.upload_schedule()  # raises ValueError naming the bad setting
         if self.heartbeat_interval_seconds <= 0:
             raise ValueError("heartbeat_interval_seconds must be positive")

@@ -33,6 +33,7 @@ from procserver.orphans import settle
 from procserver.packlog import PackLog
 from vault.errors import TransientStoreError, WrongKeyError
 from vault.index import BlockIndex, Index
+from vault.indexdb import DiskIndex
 from vault.indexopen import open_block_index
 from vault.keyslots import KeyMaterial, read_keyfile
 from vault.locks import locked
@@ -128,6 +129,13 @@ class VaultAccess:
         try:
             self.index = await open_block_index(vault, index_dir=self.index_dir,
                                                 memory=self.index_memory)
+            if isinstance(self.index, DiskIndex):
+                if self.index.discarded:
+                    log.warning("block_index_discarded", path=str(self.index.path),
+                                reason=self.index.discarded,
+                                hint="it was rebuilt from the vault's index objects")
+                log.info("block_index_on_disk", path=str(self.index.path),
+                         memory_budget_bytes=self.index_memory)
         except BaseException:
             await vault.close()
             raise

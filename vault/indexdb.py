@@ -136,8 +136,7 @@ class DiskIndex:
         # Callers hold the lock (or are __init__).
         (count,) = self._db.execute("SELECT count(*) FROM blocks").fetchone()
         bloom = BloomFilter(max(2 * count, self._expect))
-        for (bid,) in self._db.execute("SELECT id FROM blocks"):
-            bloom.add(bid)
+        bloom.update(bid for (bid,) in self._db.execute("SELECT id FROM blocks"))
         return bloom
 
     # -- BlockIndex ----------------------------------------------------------------------
@@ -192,7 +191,7 @@ class DiskIndex:
                 nxt += 1
             for e in entries:
                 latest[e.block_id] = (e.block_id, n, e.offset, e.length)
-        rows = sorted(latest.values())  # in key order: the B-tree's pages in turn
+        rows = [latest[b] for b in sorted(latest)]  # in key order: the B-tree's pages in turn
         db = self._db
         with self._lock:
             db.execute("BEGIN")
@@ -213,7 +212,7 @@ class DiskIndex:
             if name is not None:
                 self._objects.add(name)
             self._count = None
-            self._bloom.update(r[0] for r in rows)
+            self._bloom.update(latest)
             if self._bloom.count > 2 * self._bloom.capacity:
                 self._bloom = self._scan_filter()  # outgrown: more false positives than meant
 
