@@ -181,7 +181,9 @@ class ProcServer:
         schedule = self.cfg.upload_schedule()  # uploads paced; the cache absorbs the rest
         store = open_store(self.cfg.vault_url, StoreMetrics(self.metrics.registry),
                            upload_bucket=None if schedule.unlimited else TokenBucket(schedule))
-        vaults = VaultAccess(store, km, pack_log=PackLog(self.data_dir / "pack-log"))
+        vaults = VaultAccess(store, km, pack_log=PackLog(self.data_dir / "pack-log"),
+                             index_dir=self.data_dir / "index",
+                             index_memory=self.cfg.index_memory_bytes)
         try:
             await vaults.open()
         except TransientStoreError as e:
