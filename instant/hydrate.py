@@ -66,15 +66,15 @@ async def hydrate(disk: PointDisk, bucket: TokenBucket | None = None, *,
         report()
 
     try:
-        for pack_id, count in disk.pack_sizes().items():
+        for pack, count in enumerate(disk.pack_sizes()):
             pos = 0
             while pos < count:
-                pos, entries, nbytes = disk.plan_span(pack_id, pos, span)
+                pos, entries, nbytes = disk.plan_span(pack, pos, span)
                 if not entries:
                     continue  # nothing missing in that span
                 if bucket is not None:
                     await bucket.take(nbytes)
-                running.add(asyncio.create_task(disk.fetch(pack_id, entries)))
+                running.add(asyncio.create_task(disk.fetch(entries)))
                 if len(running) >= HYDRATE_PARALLEL:
                     await settle(asyncio.FIRST_COMPLETED)
         if running:

@@ -19,15 +19,15 @@ from __future__ import annotations
 import asyncio
 import bisect
 from concurrent.futures import Executor
-from dataclasses import dataclass
 
 import structlog
 
 from instant import protocol as p
+from instant.blocktable import BlockTable, Entry
 from instant.overlay import Overlay, OverlayHeader
 from vault import names
 from vault.errors import IntegrityError, NotFoundError, PermanentStoreError
-from vault.index import Index, Location, locate_blocks
+from vault.index import Index, locate_blocks
 from vault.pack import open_block
 from vault.point import Point
 from vault.repo import Vault
@@ -39,26 +39,15 @@ MAX_FETCHES = 8  # store reads in flight at once, on-demand and hydration togeth
 MAX_EXTENT_BLOCKS = 1 << 14  # blocks one BLOCK_STATUS reply describes at most
 
 
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    """One stored block of a pack, and the disk's blocks that hold it."""
-
-    loc: Location
-    block_id: bytes
-    blocks: tuple[int, ...]
-
-
 class PointDisk:
     """Open with ``PointDisk.open``; ``close`` stops its fetches and closes the overlay
     (not the vault)."""
 
     def __init__(self, vault: Vault, point: Point, disk: str, overlay: Overlay,
-                 packs: dict[str, list[_Entry]], where: dict[int, tuple[str, int]],
-                 executor: Executor) -> None:
+                 table: BlockTable, executor: Executor) -> None:
         self.vault, self.point, self.disk = vault, point, disk
         self.overlay = overlay
-        self._packs = packs  # pack id -> its entries of this disk, by offset
-        self._where = where  # block number -> (pack id, position in _packs[pack])
+        self._table = table
         self._executor = executor
         self._inflight: dict[int, asyncio.Future[None]] = {}
         self._fetch_slots = asyncio.Semaphore(MAX_FETCHES)
@@ -75,24 +64,15 @@ class PointDisk:
         bmap = await vault.resolve_map(point, disk)
         index = index if index is not None else await vault.load_index()
         by_pack = locate_blocks(index, names.POINTS + point.id, disk, bmap.blocks)
-        packs: dict[str, list[_Entry]] = {}
-        where: dict[int, tuple[str, int]] = {}
-        for pack_id, items in by_pack.items():
-            at: dict[int, tuple[Location, bytes, list[int]]] = {}
-            for n, bid, loc in items:
-                at.setdefault(loc.offset, (loc, bid, []))[2].append(n)
-            entries = [_Entry(loc, bid, tuple(ns)) for _, (loc, bid, ns) in sorted(at.items())]
-            packs[pack_id] = entries
-            for i, e in enumerate(entries):
-                for n in e.blocks:
-                    where[n] = (pack_id, i)
-        header = OverlayHeader(point.id, disk, entry.size, entry.block_size)
         nblocks = (entry.size + entry.block_size - 1) // entry.block_size
-        zero = (n for n in range(nblocks) if n not in bmap.blocks)
+        table = BlockTable(nblocks, by_pack)
+        del by_pack, bmap  # the table is all that is kept
+        header = OverlayHeader(point.id, disk, entry.size, entry.block_size)
+        zero = (n for n in range(nblocks) if not table.in_map(n))
         loop = asyncio.get_running_loop()
         overlay = await loop.run_in_executor(executor, Overlay.open, overlay_dir, header, zero,
                                              executor)
-        return cls(vault, point, disk, overlay, packs, where, executor)
+        return cls(vault, point, disk, overlay, table, executor)
 
     # -- the Export protocol -----------------------------------------------------
     @property
@@ -186,64 +166,72 @@ class PointDisk:
     async def ensure(self, blocks: range | list[int]) -> None:
         """Return once every block of ``blocks`` is present in the overlay."""
         waits: list[asyncio.Future[None]] = []
+        zeros: list[tuple[int, bytes]] = []
         for n in blocks:
             if self.overlay.present(n):
+                continue
+            if not self._table.in_map(n):  # zero at the point (its bit was lost)
+                zeros.append((n, bytes(min(self.block_size, self.size - n * self.block_size))))
                 continue
             fut = self._inflight.get(n)
             if fut is None:
                 fut = self._start_fetch(n, READAHEAD)
             waits.append(fut)
+        if zeros:
+            await self.overlay.fill(zeros)
         for fut in dict.fromkeys(waits):
             await asyncio.shield(fut)
 
-    def _start_fetch(self, n: int, span: int) -> asyncio.Future[None]:
-        pack_id, i = self._where[n]
-        entries = self._packs[pack_id]
-        lo = entries[i].loc.offset
-        chosen = [entries[i]]
-        for e in entries[i + 1:]:
-            if e.loc.offset + e.loc.length - lo > span:
-                break
-            if any(not self.overlay.present(b) and b not in self._inflight for b in e.blocks):
-                chosen.append(e)
-        return self._fetch(pack_id, chosen)
+    def _wanted(self, e: Entry) -> bool:
+        return any(not self.overlay.present(b) and b not in self._inflight for b in e.blocks)
 
-    def plan_span(self, pack_id: str, start: int, span: int) -> tuple[int, list[_Entry], int]:
-        """For hydration: the entries of ``pack_id`` from position ``start`` on whose
-        blocks are missing (and not being fetched), within ``span`` pack bytes. Returns
-        the position after the span, the entries, and the pack bytes they span."""
-        entries = self._packs[pack_id]
-        lo = entries[start].loc.offset
-        chosen: list[_Entry] = []
+    def _start_fetch(self, n: int, span: int) -> asyncio.Future[None]:
+        t = self._table
+        pack, i = t.locate(n)
+        lo = t.start(pack, i)
+        chosen = [t.entry(pack, i)]
+        for j in range(i + 1, t.count(pack)):
+            if t.end(pack, j) - lo > span:
+                break
+            e = t.entry(pack, j)
+            if self._wanted(e):
+                chosen.append(e)
+        return self._fetch(chosen)
+
+    def plan_span(self, pack: int, start: int, span: int) -> tuple[int, list[Entry], int]:
+        """For hydration: the entries of pack number ``pack`` from position ``start`` on
+        whose blocks are missing (and not being fetched), within ``span`` pack bytes.
+        Returns the position after the span, the entries, and the pack bytes they span."""
+        t = self._table
+        lo = t.start(pack, start)
+        chosen: list[Entry] = []
         i = start
-        while i < len(entries) and (i == start or
-                                    entries[i].loc.offset + entries[i].loc.length - lo <= span):
-            e = entries[i]
-            if any(not self.overlay.present(b) and b not in self._inflight for b in e.blocks):
+        while i < t.count(pack) and (i == start or t.end(pack, i) - lo <= span):
+            e = t.entry(pack, i)
+            if self._wanted(e):
                 chosen.append(e)
             i += 1
         nbytes = (max(e.loc.offset + e.loc.length for e in chosen) - chosen[0].loc.offset
                   if chosen else 0)
         return i, chosen, nbytes
 
-    async def fetch(self, pack_id: str, entries: list[_Entry]) -> None:
-        """Fetch ``entries`` of ``pack_id`` (from ``plan_span``) into the overlay."""
-        if any(not self.overlay.present(b) and b not in self._inflight
-               for e in entries for b in e.blocks):
-            await asyncio.shield(self._fetch(pack_id, entries))
+    async def fetch(self, entries: list[Entry]) -> None:
+        """Fetch ``entries`` (of one pack, from ``plan_span``) into the overlay."""
+        if any(self._wanted(e) for e in entries):
+            await asyncio.shield(self._fetch(entries))
         await self.ensure([b for e in entries for b in e.blocks])
 
-    def pack_sizes(self) -> dict[str, int]:
-        """Per pack of this disk: how many entries it has (for hydration's walk)."""
-        return {pid: len(es) for pid, es in self._packs.items()}
+    def pack_sizes(self) -> list[int]:
+        """Per pack number: how many entries of this disk it has (hydration's walk)."""
+        return [self._table.count(pack) for pack in range(len(self._table.pack_ids))]
 
-    def _fetch(self, pack_id: str, chosen: list[_Entry]) -> asyncio.Future[None]:
+    def _fetch(self, chosen: list[Entry]) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         mine = [b for e in chosen for b in e.blocks
                 if not self.overlay.present(b) and b not in self._inflight]
         for b in mine:
             self._inflight[b] = fut
-        task = asyncio.create_task(self._fetch_into(pack_id, chosen))
+        task = asyncio.create_task(self._fetch_into(chosen))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -263,7 +251,8 @@ class PointDisk:
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())
         return fut
 
-    async def _fetch_into(self, pack_id: str, chosen: list[_Entry]) -> None:
+    async def _fetch_into(self, chosen: list[Entry]) -> None:
+        pack_id = chosen[0].loc.pack_id
         lo = chosen[0].loc.offset
         hi = max(e.loc.offset + e.loc.length for e in chosen)
         pname = names.pack_name(pack_id)
@@ -281,7 +270,7 @@ class PointDisk:
                                                 raw, lo)
             await self.overlay.fill(blocks)
 
-    def _open(self, pack_id: str, chosen: list[_Entry], raw: bytes, base: int
+    def _open(self, pack_id: str, chosen: list[Entry], raw: bytes, base: int
               ) -> list[tuple[int, bytes]]:
         view = memoryview(raw)
         out: list[tuple[int, bytes]] = []
