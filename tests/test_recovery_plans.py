@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from configserver.config import ConfigServerConfig
+from configserver.planscripts import TAIL_BYTES, run_script
 from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiCallError, ApiClient
 from siterecovery.cli import main
@@ -324,3 +325,20 @@ async def test_a_job_waiting_at_a_manual_action_waits_again_after_a_restart(
             assert e.value.status == 409 and e.value.api_code == "job_not_waiting"
     finally:
         await server.stop()
+
+
+async def test_a_script_is_killed_at_its_timeout_with_its_children_and_keeps_a_tail(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SITERECOVERY_TEST_SECRET", "not for scripts")
+    loud = _script(tmp_path / "loud.sh", "env\nyes x | head -c 100000\n"
+                                         "echo; echo last line\n")
+    r = await run_script(loud, [], {"SITERECOVERY_PLAN": "dr"}, 30)
+    assert r.status == 0 and r.output.endswith("x\nx\n\nlast line")
+    assert len(r.output) <= TAIL_BYTES  # what it printed first is gone, memory bounded
+    r = await run_script(_script(tmp_path / "env.sh", "env\n"), [], {"A": "1"}, 30)
+    assert "A=1" in r.output.splitlines() and "SITERECOVERY_TEST_SECRET" not in r.output
+    hang = _script(tmp_path / "hang.sh", "sleep 300 &\necho started\nwait\n")
+    started = time.monotonic()
+    r = await run_script(hang, [], {}, 1)
+    assert r.status is None and r.output == "started"
+    assert time.monotonic() - started < 30  # the background sleep was killed with it
