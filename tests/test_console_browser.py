@@ -5,7 +5,8 @@ real vault, real jobs and the folder target.
 An operator signs in, enables replication of web01 from the items page and watches it
 go from enabling to protected, runs a drill of its latest point from the item's page
 and watches the job's steps (the restore waits for a vault lock the test holds, so the
-running step is seen for sure), then cleans the drill up with a note. axe-core, injected
+running step is seen for sure), cleans the drill up with a note, then fails web01 over
+and commits, typing its name to confirm each. axe-core, injected
 through WebDriver, finds no serious or critical violation on any page.
 
 With SITERECOVERY_CONSOLE_SCREENSHOTS=<folder> the main pages are saved there as PNG at
@@ -252,7 +253,7 @@ def _ext4(tmp: Path) -> bytes:
     return img.read_bytes()
 
 
-async def test_sign_in_enable_drill_and_clean_up_from_the_console(site: Site,
+async def test_sign_in_enable_drill_clean_up_fail_over_and_commit(site: Site,
                                                                   browser: Browser) -> None:
     b, cs, api = browser, site.cs, site.api
     await b.go(f"{cs.url}/console/")  # no session: the sign-in page
@@ -294,6 +295,7 @@ async def test_sign_in_enable_drill_and_clean_up_from_the_console(site: Site,
     assert isinstance(got, Lock)
     try:
         await b.go(f"{cs.url}/console/items/web01")
+        assert await _axe(b) == []  # with the forms of a protected item
         await b.screenshot("item")
         url = await b.submit("form[action$='/test-failover'] button")
         jid = url.rsplit("/", 1)[1]
@@ -315,6 +317,7 @@ async def test_sign_in_enable_drill_and_clean_up_from_the_console(site: Site,
     # clean the drill up with a note, from the item's page
     await b.go(f"{cs.url}/console/items/web01")
     assert "test failover done" in await b.text("#item-state")
+    assert await _axe(b) == []  # with the cleanup form
     await b.type("#cleanup-notes", "web01 came up; <b>app</b> checked")
     cleanup = (await b.submit("form[action$='/cleanup-test-failover'] button")
                ).rsplit("/", 1)[1]
@@ -325,6 +328,27 @@ async def test_sign_in_enable_drill_and_clean_up_from_the_console(site: Site,
     item = await api.get("/api/v1/items/web01")
     assert item["last_drill"]["notes"] == "web01 came up; <b>app</b> checked"
     assert item["last_drill"]["job"] == jid
+
+    # failover and commit: each goes ahead only with the item's name typed
+    await b.type("#fo-confirm", "web0")
+    assert await b.submit("form[action$='/failover'] button") == \
+        f"{cs.url}/console/items/web01/failover"
+    assert "type the item's name" in await b.text("[role=alert]")
+    assert await _axe(b) == []  # with an error shown
+    assert (await api.get("/api/v1/items/web01"))["state"] == "protected"
+    await b.type("#fo-confirm", "web01")
+    failover = (await b.submit("form[action$='/failover'] button")).rsplit("/", 1)[1]
+    assert (await wait_job(api, failover))["state"] == "succeeded"
+    await b.go(f"{cs.url}/console/items/web01")
+    assert "failed over" in await b.text("#item-state")
+    assert await _axe(b) == []  # with the change of point and commit forms
+    await b.type("#commit-confirm", "web01")
+    commit = (await b.submit("form[action$='/commit'] button")).rsplit("/", 1)[1]
+    assert (await wait_job(api, commit))["state"] == "succeeded"
+    await b.shows("#job-state", "succeeded")
+    await b.go(f"{cs.url}/console/items/web01")
+    assert "committed" in await b.text("#item-state")
+    assert "No recovery point yet" in await b.text("main")
 
 
 async def test_every_page_passes_axe_core(site: Site, browser: Browser) -> None:

@@ -3,8 +3,8 @@
 They call the same domain functions as the REST handlers (``failoverops.request``,
 ``protection.enable|disable|resync``); a refusal (``DomainError``) is shown on the
 item's page with its message and hint, with the status the API would answer. The
-destructive ones — failover, commit, disable — go ahead only when the form's
-``confirm`` field is the item's name, typed by the operator.
+destructive ones — failover, change of recovery point, commit, disable — go ahead only
+when the form's ``confirm`` field is the item's name, typed by the operator.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from configserver.rest import status_of
 
 log = structlog.get_logger("configserver.console")
 
-RECOVERY_VERBS = ("test-failover", "cleanup-test-failover", "failover", "commit")
+RECOVERY_VERBS = ("test-failover", "cleanup-test-failover", "failover",
+                  "change-recovery-point", "commit")
 Form = MultiDictProxy[Any]
-DESTRUCTIVE = ("failover", "commit", "disable")
+DESTRUCTIVE = ("failover", "change-recovery-point", "commit", "disable")
 VERBS = (*RECOVERY_VERBS, "resync", "disable")
 
 
@@ -37,7 +38,7 @@ def _text(form: Form, name: str) -> str:
 def _body(verb: str, form: Form) -> dict[str, Any]:
     """The REST body of a recovery verb from its form's fields."""
     body: dict[str, Any] = {}
-    if verb in ("test-failover", "failover"):
+    if verb in ("test-failover", "failover", "change-recovery-point"):
         body["point"] = _text(form, "point") or "latest-processed"
     if verb == "failover" and _text(form, "shutdown_source") == "yes":
         body["shutdown_source"] = True

@@ -31,7 +31,7 @@ ACTIONS: dict[str, tuple[str, ...]] = {
     ItemState.RESYNC_REQUIRED: ("failover", "disable"),
     ItemState.RESYNCING: ("failover", "disable"),
     ItemState.TEST_FAILOVER_DONE: ("cleanup-test-failover",),
-    ItemState.FAILED_OVER: ("commit",),
+    ItemState.FAILED_OVER: ("change-recovery-point", "commit"),
     ItemState.ENABLE_FAILED: ("disable",),
     ItemState.ENABLING: ("disable",),
     ItemState.INITIAL_REPLICATION: ("disable",),
