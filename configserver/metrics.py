@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from common.certexpiry import CertificateExpiry
+
+CERT_EXPIRY = "siterecovery_configserver_certificate_not_after_timestamp_seconds"
 
 
 class ConfigMetrics:
+    _certs: CertificateExpiry | None = None  # watch_certificates
+
+    def watch_certificates(self, site: Path, ca: Path) -> None:
+        """Expose the not-after times of the site listener's certificate and of the CA
+        (``certificate`` = ``site``, ``ca``)."""
+        paths = {"site": site, "ca": ca}
+        if self._certs is not None:  # started again: the same collector, the new files
+            self._certs.paths = paths
+            return
+        self._certs = CertificateExpiry(
+            CERT_EXPIRY, "Not-after time of the configuration server's site certificate "
+            "and of its CA (UNIX seconds)", paths)
+        self.registry.register(self._certs)
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.points = Counter("siterecovery_configserver_recovery_points",

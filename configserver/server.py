@@ -72,6 +72,7 @@ class ConfigServer:
         self.internal_token = tokens.load_or_create(self.cfg.internal_token_path)
         self.passphrase = tokens.load_or_create(self.cfg.passphrase_path)
         self.ca = CertificateAuthority.load_or_create(self.cfg.ca_dir)
+        self.metrics.watch_certificates(sitecert.tls_dir(d) / "site.pem", self.ca.cert_path)
         self.engine, self.sessionmaker = await db.open_db(self.cfg.db_url)
         core = Core(self.engine, self.sessionmaker, self.clock, self.notifier, self.metrics)
         self.services = Services(

@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from common.certexpiry import CertificateExpiry
+
+CERT_EXPIRY = "siterecovery_procserver_certificate_not_after_timestamp_seconds"
 
 
 class ProcMetrics:
+    _certs: CertificateExpiry | None = None  # watch_certificates
+
+    def watch_certificates(self, server: Path, ca: Path) -> None:
+        """Expose the not-after times of the process server's TLS certificate and of the
+        CA it trusts (``certificate`` = ``server``, ``ca``)."""
+        paths = {"server": server, "ca": ca}
+        if self._certs is not None:  # started again: the same collector, the new files
+            self._certs.paths = paths
+            return
+        self._certs = CertificateExpiry(
+            CERT_EXPIRY, "Not-after time of the process server's TLS certificate and of "
+            "its CA (UNIX seconds)", paths)
+        self.registry.register(self._certs)
+
     def pack_uploaded(self, logical: int, stored: int) -> None:
         """A pack is in the vault: ``logical`` bytes of blocks sealed into ``stored`` bytes."""
         self.uploaded_bytes.inc(stored)

@@ -99,6 +99,7 @@ class ProcServer:
         self.data_dir = Path(cfg.data_dir)
         self.cache_dir = self.data_dir / "cache"
         self.metrics = ProcMetrics()
+        self.metrics.watch_certificates(Path(cfg.tls_cert), Path(cfg.tls_ca))
         self.executor = ThreadPoolExecutor(cfg.upload_threads, thread_name_prefix="seal")
         self.supervisor = Supervisor()
         self.port = cfg.listen_port

@@ -11,12 +11,15 @@ import re
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
 import pytest
+from cryptography import x509
+from prometheus_client.parser import text_string_to_metric_families
 
 from configserver.server import ConfigServer
 from procserver.server import ProcServer
@@ -220,3 +223,29 @@ async def test_a_real_prometheus_scrapes_the_services_and_fires(
     # every rule evaluates without error against the real series
     rules = (await api("/api/v1/rules"))["groups"]
     assert [r["name"] for g in rules for r in g["rules"] if r["health"] == "err"] == []
+
+
+async def test_each_server_exposes_its_certificates_not_after(
+        cs: ConfigServer, procserver: ProcServer) -> None:
+    """The gauges hold the not-after times of the certificate files each server uses."""
+
+    def not_after(path: str | Path) -> float:
+        return x509.load_pem_x509_certificate(Path(path).read_bytes()
+                                              ).not_valid_after_utc.timestamp()
+
+    async with aiohttp.ClientSession() as http:
+        got: dict[tuple[str, str], float] = {}
+        for url in (f"{cs.url}/metrics", f"http://127.0.0.1:{procserver.metrics_port}/metrics"):
+            async with http.get(url) as r:
+                for fam in text_string_to_metric_families(await r.text()):
+                    if fam.name.endswith("_certificate_not_after_timestamp_seconds"):
+                        got |= {(s.name.split("_")[1], s.labels["certificate"]): s.value
+                                for s in fam.samples}
+    assert got == {
+        ("configserver", "site"): not_after(Path(cs.cfg.data_dir) / "tls" / "site.pem"),
+        ("configserver", "ca"): not_after(cs.ca.cert_path),
+        ("procserver", "server"): not_after(procserver.cfg.tls_cert),
+        ("procserver", "ca"): not_after(procserver.cfg.tls_ca),
+    }
+    # a year ahead or more: nothing to warn about on a fresh installation
+    assert min(got.values()) - time.time() > 300 * 86400
