@@ -96,9 +96,14 @@ class Browser:
     async def type(self, css: str, text: str) -> None:
         await self.call("POST", f"/element/{await self.find(css)}/value", {"text": text})
 
+    async def click(self, css: str) -> None:
+        await self.call("POST", f"/element/{await self.find(css)}/click", {})
+
     async def submit(self, css: str) -> str:
         """Click ``css`` (a form's button) and wait for the next page; its URL."""
-        await self.script("window.consoleOldPage = true")
+        # the focus in a form holds the page's self-refresh (static/refresh.js) off
+        await self.script("document.querySelector(arguments[0]).focus();"
+                          "window.consoleOldPage = true;", css)
         await self.call("POST", f"/element/{await self.find(css)}/click", {})
 
         async def loaded() -> str | None:
@@ -383,6 +388,17 @@ async def test_every_page_passes_axe_core(site: Site, browser: Browser) -> None:
         assert focused["text"] == expected, focused
         assert focused["outline"] != "none" and focused["width"] >= 2, focused
         assert focused["left"] >= 0 and focused["top"] >= 0, focused
+    # the self-refresh can be paused (WCAG 2.2.1), and stays paused in the tab
+    await b.go(cs.url + "/console/jobs")
+    assert "refreshes every" in await b.text("#refresh-status")
+    await b.click("#refresh-toggle")
+    assert await b.text("#refresh-status") == "Auto-refresh is paused."
+    await b.go(cs.url + "/console/alerts")
+    assert await b.text("#refresh-status") == "Auto-refresh is paused."
+    assert await b.script("return document.getElementById('refresh-toggle')"
+                          ".getAttribute('aria-pressed')") == "true"
+    await b.click("#refresh-toggle")
+    assert "refreshes every" in await b.text("#refresh-status")
     for name, page in (("items", "/console/"), ("alerts", "/console/alerts"),
                        ("procservers", "/console/procservers"), ("jobs", "/console/jobs")):
         await b.go(cs.url + page)
