@@ -214,7 +214,8 @@ class Client:
 # -- tests -----------------------------------------------------------------------------
 @pytest.fixture
 def tools() -> Iterator[None]:
-    missing = [t for t in ("qemu-img", "nbdinfo", "nbdcopy") if shutil.which(t) is None]
+    missing = [t for t in ("qemu-img", "qemu-io", "nbdinfo", "nbdcopy")
+               if shutil.which(t) is None]
     assert not missing, f"{missing} not installed: tests/run.sh installs them"
     yield
 
@@ -266,7 +267,8 @@ async def test_real_clients_read_the_point_and_see_its_holes(site: Site, tmp_pat
                 assert img[n * BLOCK:(n + 1) * BLOCK] == site.data[n * BLOCK:(n + 1) * BLOCK]
 
 
-async def test_writes_land_in_the_overlay_never_the_vault(site: Site, tmp_path: Path) -> None:
+async def test_writes_land_in_the_overlay_never_the_vault(site: Site, tmp_path: Path,
+                                                           tools: None) -> None:
     vault_before = tree_digest(site.vault_dir)
     sock, ov = tmp_path / "nbd.sock", tmp_path / "ov"
     expect = bytearray(site.data)
@@ -304,6 +306,13 @@ async def test_writes_land_in_the_overlay_never_the_vault(site: Site, tmp_path: 
         seen: list[HydrationProgress] = []
         await hydrate(disk, progress=seen.append)
         assert seen[-1].complete and seen[0].done < seen[-1].done
+        assert disk.overlay.image_path.read_bytes() == bytes(expect)
+        # QEMU's own client writes (FUA, zeros with unmap) through the same server.
+        await run("qemu-io", "-f", "raw", "-c", f"write -f -P 0xab {30 * BLOCK + 7} 5000",
+                  "-c", f"write -z -u {31 * BLOCK} {BLOCK}", "-c", "flush",
+                  f"nbd+unix:///?socket={sock}")
+        expect[30 * BLOCK + 7:30 * BLOCK + 5007] = b"\xab" * 5000
+        expect[31 * BLOCK:32 * BLOCK] = bytes(BLOCK)
         assert disk.overlay.image_path.read_bytes() == bytes(expect)
     assert tree_digest(site.vault_dir) == vault_before
 
