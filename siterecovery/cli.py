@@ -130,8 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     keycmds.register_under(vsub)  # vault key ...
     checkcmds.register(sub)
     prunecmds.register(sub)
-    for m in (registercmds, certcmds, policycmds, machinecmds, accountcmds, procservercmds,
-              replicationcmds, failovercmds, notifycmds, verifycmds, instantcmds, plancmds):
+    for m in (registercmds, certcmds, policycmds, machinecmds, accountcmds, procservercmds):
+        m.register(sub)
+    plancmds.register_under(replicationcmds.register(sub))  # jobs resume
+    for m in (failovercmds, notifycmds, verifycmds, instantcmds, plancmds):
         m.register(sub)
 
     d = sub.add_parser("demo", help="protect a sample disk end to end and prove the restore",

@@ -191,8 +191,18 @@ def _point_args(p: argparse.ArgumentParser) -> None:
                    help="for every item, its newest point created at or before TIME")
 
 
+def register_under(jsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``resume`` to the ``jobs`` command's subcommands."""
+    r = jsub.add_parser("resume", help="confirm the manual action a job waits at",
+                        description="A plan job waiting at a manual action goes on.")
+    r.add_argument("id")
+    r.add_argument("--notes", help="what was done (kept on the job's step)")
+    r.set_defaults(func=cmd_resume)
+    add_api_args(r)
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``plan`` to the top-level subparsers, and ``resume`` under ``jobs``."""
+    """Add ``plan`` to the top-level subparsers."""
     p = sub.add_parser("plan", help="recovery plans: ordered groups of items recovered "
                                     "together, with scripts and manual actions",
                        description="A recovery plan drills, fails over, cleans up and "
@@ -236,15 +246,5 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     verbs[-2].add_argument("--shutdown-source", action="store_true",
                            help="ask each source's agent for a last cycle and a shutdown "
                                 "first")
-    jobs = sub.choices.get("jobs")
-    if jobs is not None:
-        jsub = next(a for a in jobs._actions
-                    if isinstance(a, argparse._SubParsersAction))
-        r = jsub.add_parser("resume", help="confirm the manual action a job waits at",
-                            description="A plan job waiting at a manual action goes on.")
-        r.add_argument("id")
-        r.add_argument("--notes", help="what was done (kept on the job's step)")
-        r.set_defaults(func=cmd_resume)
-        verbs.append(r)
     for v in verbs:
         add_api_args(v)

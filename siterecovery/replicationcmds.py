@@ -292,8 +292,10 @@ def _timeout(p: argparse.ArgumentParser) -> None:
                    help="give up waiting after this long (the job goes on); default: no limit")
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add this module's verbs to the top-level subparsers."""
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]
+             ) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    """Add this module's verbs to the top-level subparsers; return the ``jobs`` command's
+    subcommands, for the other ``jobs`` verbs."""
     verbs: list[argparse.ArgumentParser] = []
     r = sub.add_parser("replication", help="enable or disable replication of a machine",
                        description="Enabling replication creates the machine's replicated item "
@@ -360,9 +362,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     jl = jsub.add_parser("list", help="list jobs, newest first")
     jl.add_argument("--target", help="only jobs of this machine")
     jl.add_argument("--kind", help="only jobs of this kind (e.g. enable_protection)")
-    jl.add_argument("--state", choices=["queued", "running", "succeeded", "failed",
-                                        "cancelled"], help="only jobs in this state")
-    jl.add_argument("--active", action="store_true", help="only queued or running jobs")
+    jl.add_argument("--state", choices=["queued", "running", "waiting", "succeeded",
+                                        "failed", "cancelled"], help="only jobs in this state")
+    jl.add_argument("--active", action="store_true",
+                    help="only queued, running or waiting jobs")
     jl.add_argument("--limit", type=int, help="at most this many (default 100)")
     jl.set_defaults(func=cmd_jobs_list)
     js = jsub.add_parser("show", help="show a job and its steps")
@@ -381,3 +384,4 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     verbs += [jl, js, jw, jc]
     for v in verbs:
         add_api_args(v)
+    return jsub
