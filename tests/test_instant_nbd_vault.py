@@ -15,7 +15,7 @@ from instant import protocol as p
 from instant.hydrate import HydrationProgress, hydrate
 from instant.pointdisk import PointDisk
 from tests.helpers import BLOCK, open_vault
-from tests.test_instant_nbd import NBLOCKS, Client, Site, _build, served
+from tests.test_instant_nbd import NBLOCKS, Client, Site, _build, run, served
 from vault import names
 from vault.errors import IntegrityError
 
@@ -107,3 +107,27 @@ async def test_hydration_keeps_to_its_rate(site: Site, tmp_path: Path) -> None:
     assert len(slept) > 5  # paced span by span, not in one wait
     dones = [s.done for s in seen]
     assert dones == sorted(dones) and seen[-1].complete and seen[0].done < seen[-1].done
+
+
+async def test_reads_while_hydrating_see_the_point(site: Site, tmp_path: Path) -> None:
+    """Guest reads and hydration fetch side by side (sharing fetches in flight); both end
+    with the point's bytes."""
+    async def sleep(_s: float) -> None:
+        await asyncio.sleep(0)  # let the reads in between every span
+
+    bucket = TokenBucket(Schedule.constant(100_000.0), monotonic=lambda: 0.0, sleep=sleep)
+    sock = tmp_path / "nbd.sock"
+    async with served(site, tmp_path / "ov", sock) as (disk, server):
+        hydration = asyncio.create_task(hydrate(disk, bucket))
+        c = await Client.connect(sock)
+        await c.go()
+        for n in range(NBLOCKS, -1, -3):  # from the end: against hydration's walk
+            at = n * BLOCK
+            ln = min(BLOCK + 333, len(site.data) - at)
+            assert await c.cmd(p.CMD_READ, at, ln) == (0, site.data[at:at + ln]), n
+        await c.close()
+        await run("nbdcopy", server.uri, str(tmp_path / "copy.img"))
+        await hydration
+        assert disk.overlay.complete
+    assert (tmp_path / "copy.img").read_bytes() == site.data
+    assert (tmp_path / "ov" / "disk.img").read_bytes() == site.data
