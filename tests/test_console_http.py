@@ -28,7 +28,7 @@ from tests.sitehelpers import add_machine
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 PAGES = ["/console/", "/console/alerts", "/console/jobs", "/console/procservers",
-         "/console/items/web01", "/console/jobs/0123456789abcdef"]
+         "/console/items/web01", "/console/jobs/0123456789abcdef", "/console/no/such/page"]
 ACTIONS = ["/console/items/web01/test-failover", "/console/items/web01/cleanup-test-failover",
            "/console/items/web01/failover", "/console/items/web01/commit",
            "/console/items/web01/resync", "/console/items/web01/disable", "/console/enable",
@@ -102,6 +102,10 @@ async def test_the_session_cookie_and_where_sign_in_leads(cs: ConfigServer) -> N
         assert "Path=/" in cookie and "SameSite=Strict" in cookie
         async with http.get(f"{cs.url}/console/jobs", allow_redirects=False) as r:
             assert r.status == 200
+        async with http.get(f"{cs.url}/console", allow_redirects=False) as r:
+            assert r.status == 303 and r.headers["Location"] == "/console/"
+        async with http.get(f"{cs.url}/console/nope", allow_redirects=False) as r:
+            assert r.status == 404 and "has no page /console/nope" in await r.text()
         # never to another site after sign-in
         for where in ("https://evil.example/", "//evil.example/", "/console//evil.example",
                       "/console/../api/v1/items", "/console/%2e%2e/api/v1/items",

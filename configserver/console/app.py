@@ -93,6 +93,8 @@ async def guard(request: web.Request,
                 handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                 ) -> web.StreamResponse:
     console = console_of(request)
+    if request.path == PREFIX:  # the sub-application's own root
+        return see_other(f"{PREFIX}/")
     post = request.method == "POST"
     if post and not _same_origin(request):
         return refused(request, "the form was sent from another site")
@@ -110,7 +112,12 @@ async def guard(request: web.Request,
         given = (await request.post()).get("csrf")  # the form is read once, then cached
         if not same_secret(given if isinstance(given, str) else None, session.csrf):
             return refused(request, "the form's security token is missing or out of date")
-    return await handler(request)
+    try:
+        return await handler(request)
+    except web.HTTPNotFound:  # no such console page
+        return console.page(request, "missing.html", 404, title="Not found",
+                            message=f"the console has no page {request.path}",
+                            hint="use the links above")
 
 
 async def security_headers(_request: web.Request, response: web.StreamResponse) -> None:
@@ -175,10 +182,6 @@ async def signout(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-async def _to_console(_request: web.Request) -> web.StreamResponse:
-    return see_other(f"{PREFIX}/")
-
-
 def make_app(console: Console, routes: list[web.RouteDef]) -> web.Application:
     app = web.Application(middlewares=[guard])
     app[CONSOLE] = console
@@ -196,4 +199,3 @@ def mount(parent: web.Application, services: Services, routes: list[web.RouteDef
     console = Console(services, SessionStore(services.clock), Throttle(limit=10),
                       environment())
     parent.add_subapp(PREFIX, make_app(console, routes))
-    parent.router.add_get(PREFIX, _to_console)
