@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -54,7 +55,7 @@ from siterecovery.datadir import default_data_dir
 from siterecovery.demo import demo
 from siterecovery.embedded import add_serve_vault_args, serve, vault_choice
 from siterecovery.errors import exit_code
-from siterecovery.logs import configure
+from siterecovery.logs import FORMATS, configure, wants_json
 from siterecovery.tomlconfig import load
 
 
@@ -92,7 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"siterecovery {__version__}")
     p.add_argument("--log-level", default="warning",
                    choices=["debug", "info", "warning", "error"],
-                   help="log level of the JSON events on stdout (daemons default to info)")
+                   help="log level of the events on stdout (daemons default to info)")
+    p.add_argument("--log-format", choices=FORMATS,
+                   default=os.environ.get("SITERECOVERY_LOG_FORMAT", "auto"),
+                   help="events as JSON lines or as human-readable lines; auto (default, or "
+                        "$SITERECOVERY_LOG_FORMAT): readable on a terminal, JSON otherwise "
+                        "(journald, pipes, files)")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", help="run configuration + process server on embedded defaults",
@@ -159,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = args.log_level if args.log_level != "warning" or not getattr(args, "daemon", False) \
         else "info"
-    configure(level)
+    if args.log_format not in FORMATS:
+        parser.error(f"--log-format: {args.log_format!r} is not one of {', '.join(FORMATS)} "
+                     "(check $SITERECOVERY_LOG_FORMAT)")
+    configure(level, json=wants_json(args.log_format))
     try:
         return _run(args.func, args)
     except KeyboardInterrupt:

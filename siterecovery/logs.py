@@ -1,4 +1,5 @@
-"""structlog set-up: JSON events to stdout (journald picks them up)."""
+"""structlog set-up: events to stdout, JSON when it is a pipe or a file (journald, a log
+shipper), human-readable lines when it is a terminal; the same fields either way."""
 
 from __future__ import annotations
 
@@ -6,6 +7,15 @@ import logging
 import sys
 
 import structlog
+
+FORMATS = ("auto", "json", "console")
+
+
+def wants_json(fmt: str) -> bool:
+    """``auto`` (the default): JSON unless stdout is a terminal."""
+    if fmt == "auto":
+        return not sys.stdout.isatty()
+    return fmt == "json"
 
 
 def configure(level: str = "info", *, json: bool = True) -> None:
