@@ -183,7 +183,8 @@ async def cmd_restore(args: argparse.Namespace) -> int:
         point = _select(scan.points, args.point, args.machine)
         restored = await restore_point(
             v, point, args.out, fmt=args.format, disks=args.disk,
-            progress=lambda disk: Progress(f"restore {disk}", quiet=args.json))
+            progress=lambda disk: Progress(f"restore {disk}", quiet=args.json),
+            index_dir=args.index_dir, index_memory=args.index_memory_mib << 20)
     finally:
         await v.close()
     return show({"point": point.id, "machine": point.machine, "created": point.created,
@@ -249,6 +250,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     rp.add_argument("--format", choices=list(FORMATS), default="raw",
                     help="raw: sparse OUT/<disk>.img; vhd: fixed VHD OUT/<disk>.vhd "
                          "(default: raw)")
+    rp.add_argument("--index-dir", help="read the block index through a table kept in this "
+                    "directory (built once, reused by later restores) when it outgrows "
+                    "--index-memory-mib, not from memory")
+    rp.add_argument("--index-memory-mib", type=int, default=256,
+                    help="with --index-dir: the index is held in memory below this "
+                         "estimate (default 256; 0: always on disk)")
     add_json_arg(rp)
     rp.set_defaults(func=cmd_restore)
     return vsub

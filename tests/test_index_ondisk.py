@@ -5,6 +5,7 @@ with SIGKILL and a prune that rewrote the index objects both detected and rebuil
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import shutil
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 from common.digest import DiskDigest, fingerprint
 from common.labels import CRASH
 from procserver.vaultaccess import VaultAccess
+from tests.helpers import run_cli
 from vault import names
 from vault.index import BlockIndex, Index
 from vault.indexdb import DiskIndex
@@ -175,6 +177,16 @@ async def test_restore_through_it_is_byte_exact(built: Path, tmp_path: Path) -> 
             assert m.digest == d.digest == p.disks[0].digest
             assert Path(m.path).read_bytes() == Path(d.path).read_bytes()
         assert list((tmp_path / "idx").glob("*.index.sqlite"))
+        # The command, through the index the restores above left (brought up to date).
+        latest = (await vault.list_points("a"))[-1]
+        r = await asyncio.to_thread(
+            run_cli, "restore", "--vault", f"file://{built / 'vault'}", "--key-file",
+            str(built / "vault.key"), "--machine", "a", "--out", str(tmp_path / "cli"),
+            "--index-dir", str(tmp_path / "idx"), "--index-memory-mib", "0", "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["point"] == latest.id
+        assert ((tmp_path / "cli" / "d0.img").read_bytes()
+                == (tmp_path / latest.id / "mem" / "d0.img").read_bytes())
     finally:
         await vault.close()
 
