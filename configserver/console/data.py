@@ -76,9 +76,14 @@ class Reader:
         doc: dict[str, Any] = await self._get(api_jobs.show_job, params={"id": jid})
         return doc
 
+    async def active_alerts(self) -> list[dict[str, Any]]:
+        docs: list[dict[str, Any]] = (await self._get(api_events.list_events,
+                                                      {"active": True}))["events"]
+        return docs
+
     async def alerts(self, cleared: int = 100) -> list[dict[str, Any]]:
         """Active alerts (newest first), then up to ``cleared`` cleared ones."""
-        active = (await self._get(api_events.list_events, {"active": True}))["events"]
+        active = await self.active_alerts()
         old = (await self._get(api_events.list_events, {"active": False,
                                                          "limit": cleared}))["events"]
         return [*active, *old]

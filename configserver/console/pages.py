@@ -16,7 +16,7 @@ from configserver.console.app import console_of
 from configserver.console.chart import rpo_chart
 from configserver.console.data import Reader
 from configserver.errors import NotFound
-from configserver.items import ItemState
+from configserver.items import HEALTHS, ItemState
 from configserver.jobs import ACTIVE
 from configserver.rest import ApiError
 
@@ -53,8 +53,11 @@ async def items_page(request: web.Request, *, error: str = "", status: int = 200
     reader = Reader(request, console.services)
     items = await reader.items()
     _, verified = await reader.verification()
+    alerts = await reader.active_alerts()
+    health = {h: sum(1 for i in items if i["health"] == h) for h in HEALTHS}
     return console.page(request, "items.html", status, title="Replicated items", nav="items",
                         items=items, verified=verified, rpo_status=rpo_status,
+                        health=health, alerts=alerts,
                         machines=await reader.unreplicated(), policies=await reader.policies(),
                         error=error, refresh=0 if error else REFRESH_ITEMS)
 
