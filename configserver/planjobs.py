@@ -8,7 +8,8 @@ of ``configserver/failoverops.py``, so each item runs exactly as its own verb wo
 parallel with the others: the engine runs jobs of different targets concurrently), one
 step per item that waits for that item's job and records the point it used, then the
 post script and the post manual action. Any failure — a script, a refusal, an item's
-job — fails the step, naming the group and the item or script, and so stops the plan:
+job — fails the step (its title names the group and the item or script; the job's
+error is that title and why) and so stops the plan:
 the later groups do not start (item jobs already queued run to their end). Run again,
 the plan passes by the items already done (``SKIP``: failed over, committed, or nothing
 to clean up) and recovers the others.
@@ -78,7 +79,7 @@ def _script(g: int, phase: str) -> StepFn:
         group = _group(ctx, g)
         script = group[f"{phase}_script"]
         path, timeout = str(script["path"]), float(script["timeout_seconds"])
-        what = f"group {group['name']}: the {phase} script {path}"
+        what = f"the {phase} script {path}"
         await ctx.progress(0.0, f"running {path}")
         env = {"SITERECOVERY_PLAN": str(ctx.params["plan"]),
                "SITERECOVERY_PLAN_GROUP": str(group["name"]),
@@ -128,7 +129,7 @@ def _start(g: int) -> StepFn:
                 job = await failoverops.request(ctx.core, ctx.engine.kinds, verb, item,
                                                 dict(ctx.params.get("body") or {}))
             except DomainError as e:
-                raise StepFailed(f"group {group['name']}: item {item}: {e.message}"
+                raise StepFailed(f"item {item}: {e.message}"
                                  + (f" ({e.hint})" if e.hint else "")) from None
             async with ctx.core.sessionmaker() as s:
                 await s.execute(update(db.Job).where(db.Job.id == job.id).values(
@@ -141,9 +142,9 @@ def _start(g: int) -> StepFn:
     return run
 
 
-def _item(g: int, item: str) -> StepFn:
+def _item(item: str) -> StepFn:
     async def run(ctx: StepContext) -> str:
-        group, verb = _group(ctx, g), str(ctx.params["verb"])
+        verb = str(ctx.params["verb"])
         title = ITEM_TITLES[verb]
 
         async def ended() -> db.Job | str | None:
@@ -151,8 +152,7 @@ def _item(g: int, item: str) -> StepFn:
             if job is None and (state := await _skipped(ctx, verb, item)):
                 return state
             if job is None:
-                raise StepFailed(f"group {group['name']}: item {item}: no {title} job of it "
-                                 "was queued by this plan")
+                raise StepFailed(f"no {title} job of {item} was queued by this plan")
             if job.state in ACTIVE:
                 await ctx.progress(job.progress, f"job {job.id} {job.state}")
                 return None
@@ -163,8 +163,7 @@ def _item(g: int, item: str) -> StepFn:
             return f"{item} passed by: it is {found} already"
         job = found
         if job.state != "succeeded":
-            raise StepFailed(f"group {group['name']}: item {item}: its {title} job {job.id} "
-                             f"{job.state}: {job.error}")
+            raise StepFailed(f"the {title} job {job.id} of {item} {job.state}: {job.error}")
         async with ctx.core.sessionmaker() as s:
             row = await s.get(db.ReplicatedItem, item)
             rec = dict(getattr(row, VERBS[verb][2]) or {}) if row is not None else {}
@@ -186,7 +185,7 @@ def steps_for(verb: str) -> Callable[[dict[str, Any]], tuple[Step, ...]]:
                 out.append(Step(f"g{n}_pre_action", f"{name}: manual action",
                                 _action(g, "pre", f"g{n}_pre_action")))
             out.append(Step(f"g{n}_start", f"{name}: queue the items' jobs", _start(g)))
-            out += [Step(f"item_{item}", f"{name}: {item}", _item(g, item))
+            out += [Step(f"item_{item}", f"{name}: {item}", _item(item))
                     for item in group["items"]]
             if group.get("post_script"):
                 out.append(Step(f"g{n}_post_script", f"{name}: post script",

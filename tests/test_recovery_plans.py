@@ -143,8 +143,8 @@ async def test_a_plan_drills_and_fails_over_three_items_in_two_groups(
     job = (await api.post("/api/v1/plans/broken/test-failover", {}))["job"]
     job = await wait_job(api, job["id"])
     assert job["state"] == "failed"
-    assert job["error"] == f"group1: pre script: group group1: the pre script {failing} " \
-                           "failed (exit status 3); its output: database not ready"
+    assert job["error"] == f"group1: pre script: the pre script {failing} failed (exit " \
+                           "status 3); its output: database not ready"
     assert all(s["state"] == "skipped" for s in job["steps"][1:])
     for m in points:
         assert (await api.get("/api/v1/items/" + m))["state"] == "protected"
@@ -202,8 +202,8 @@ async def test_a_plan_drills_and_fails_over_three_items_in_two_groups(
     await api.call("PATCH", "/api/v1/items/db01/recovery", {"target": "libvirt"}, {})
     failed = await _run(cs, api, "failover", {})
     assert failed["state"] == "failed" and not failed["cancellable"]
-    assert failed["error"].startswith("group2: db01: group group2: item db01: its Failover "
-                                      "job "), failed["error"]
+    assert failed["error"].startswith("group2: db01: the Failover job "), failed["error"]
+    assert " of db01 failed: Prerequisites check: " in failed["error"]
     assert "recovery target 'libvirt' is not available" in failed["error"]
     assert (await api.get("/api/v1/items/db01"))["state"] == "protected"
     await api.call("PATCH", "/api/v1/items/db01/recovery", {"target": None}, {})
