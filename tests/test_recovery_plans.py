@@ -323,6 +323,15 @@ async def test_a_job_waiting_at_a_manual_action_waits_again_after_a_restart(
             with pytest.raises(ApiCallError) as e:  # it waits for nothing any more
                 await api.post(f"/api/v1/jobs/{job['id']}/resume", {})
             assert e.value.status == 409 and e.value.api_code == "job_not_waiting"
+            # a waiting drill cleanup can be cancelled: it ends before any item's job
+            job = (await api.post("/api/v1/plans/dr/cleanup-test-failover",
+                                  {"notes": "n"}))["job"]
+            job = await wait_job(api, job["id"], lambda j: j["state"] == "waiting")
+            assert job["cancellable"]
+            job = await api.post(f"/api/v1/jobs/{job['id']}/cancel", {})
+            assert job["state"] == "cancelled"
+            assert step(job, "g1_pre_action")["message"] == "cancelled by the operator"
+            assert (await api.get("/api/v1/items/web01"))["state"] == "test_failover_done"
     finally:
         await server.stop()
 
