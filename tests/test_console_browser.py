@@ -333,9 +333,16 @@ async def test_sign_in_enable_drill_clean_up_fail_over_and_commit(site: Site,
     item = await api.get("/api/v1/items/web01")
     assert item["last_drill"]["notes"] == "web01 came up; <b>app</b> checked"
     assert item["last_drill"]["job"] == jid
+    # the point's verification shows on the item's row and in its points
+    verify = (await api.post("/api/v1/verify", {"machine": "web01"}))["job"]
+    assert (await wait_job(api, verify["id"]))["state"] == "succeeded"
     await b.go(f"{cs.url}/console/")
-    assert "succeeded" in await b.text("tbody tr")  # the last drill, with its RTO
+    row = await b.text("tbody tr")
+    assert "succeeded" in row and "verified" in row  # the last drill (RTO) and verification
     await b.screenshot("items")
+    await b.go(f"{cs.url}/console/items/web01")
+    assert "verified" in await b.text(f"#point-{point.id}")
+    assert "never" in await b.text(f"#point-{0:064x}")  # in the catalog only
     await b.go(f"{cs.url}/console/items/web01")
 
     # failover and commit: each goes ahead only with the item's name typed
