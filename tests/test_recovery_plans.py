@@ -282,6 +282,17 @@ async def test_bad_input_and_resume_refusals(cs: ConfigServer, api: ApiClient,
     rc, err = await _cli(cs, capsys, "jobs", "resume", "01234567-89ab-7def-8123-456789abcdef")
     assert rc == 2 and "no job with id" in err
 
+    plan_file = tmp_path / "p.json"
+    plan_file.write_text(json.dumps({"description": "from a file", "groups": [
+        {"items": ["web01", "db01"], "post_action": "call the DBA"}]}))
+    rc, err = await _cli(cs, capsys, "plan", "update", "p", "--file", str(plan_file))
+    assert rc == 0, err
+    doc = await api.get("/api/v1/plans/p")
+    assert (doc["description"], doc["items"]) == ("from a file", 2)
+    assert doc["groups"][0]["post_action"] == "call the DBA"
+    for verb in ("list", "show"):
+        rc, err = await _cli(cs, capsys, "plan", verb, *(["p"] if verb == "show" else []))
+        assert rc == 0, err
     assert (await api.call("DELETE", "/api/v1/plans/p", None, {}))["deleted"] == "p"
     with pytest.raises(ApiCallError) as e:
         await api.get("/api/v1/plans/p")
