@@ -20,6 +20,7 @@ from structlog.testing import capture_logs
 
 from configserver.config import ConfigServerConfig
 from configserver.console.chart import rpo_chart
+from configserver.console.pages import POINTS_SHOWN
 from configserver.console.sessions import SessionStore
 from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiClient
@@ -310,3 +311,22 @@ async def test_an_oversized_form_is_refused(cs: ConfigServer) -> None:
         async with http.post(f"{cs.url}/console/items/web01/cleanup-test-failover",
                              data={"csrf": csrf, "notes": "x" * (80 << 10)}) as r:
             assert r.status == 413
+
+
+async def test_an_items_page_lists_its_newest_points_only(cs: ConfigServer) -> None:
+    async with ApiClient(cs.url, cs.admin_token) as api:
+        await add_machine(api, "db01", disks=("sda",))
+        await api.post("/api/v1/replication/enable", {"machine": "db01"})
+    async with ApiClient(cs.url, cs.internal_token) as internal:
+        for i in range(POINTS_SHOWN + 1):
+            created = dt.datetime.fromtimestamp(1_800_000_000 + 60 * i, dt.UTC).isoformat()
+            await internal.post("/api/v1/internal/points", {
+                "id": f"{i:064x}", "machine": "db01", "created": created,
+                "consistency": "crash"})
+    async with _browser() as http:
+        await _sign_in(http, cs)
+        async with http.get(f"{cs.url}/console/items/db01") as r:
+            page = await r.text()
+    rows = re.findall(r'<tr id="point-([0-9a-f]{64})">', page)
+    assert rows == [f"{i:064x}" for i in range(POINTS_SHOWN, 0, -1)]  # the oldest left out
+    assert f"The newest {POINTS_SHOWN} of {POINTS_SHOWN + 1} points" in page

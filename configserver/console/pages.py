@@ -25,6 +25,9 @@ MOVING = (ItemState.ENABLING, ItemState.INITIAL_REPLICATION, ItemState.RESYNC_RE
           ItemState.RESYNCING, ItemState.DISABLING, ItemState.TEST_FAILOVER_IN_PROGRESS,
           ItemState.FAILOVER_IN_PROGRESS)
 REFRESH_ITEMS, REFRESH_MOVING = 15, 3  # seconds
+# The newest points an item's page lists and offers to recover (a day of points a minute
+# apart would be 1440); older ones are reached by id with the CLI.
+POINTS_SHOWN = 200
 # What each state lets the operator do from the item's page (the server checks again).
 ACTIONS: dict[str, tuple[str, ...]] = {
     ItemState.PROTECTED: ("test-failover", "failover", "resync", "disable"),
@@ -79,7 +82,8 @@ async def item_page(request: web.Request, *, error: str = "", status: int = 200
     jobs = await reader.jobs(target=machine, limit=20)
     moving = item["state"] in MOVING or any(j["state"] in ACTIVE for j in jobs)
     return console.page(request, "item.html", status, title=machine, nav="items",
-                        item=item, points=points, verified=by_point, jobs=jobs,
+                        item=item, points=points[:POINTS_SHOWN], points_total=len(points),
+                        verified=by_point, jobs=jobs,
                         chart=rpo_chart(points, console.services.clock(),
                                         item["rpo_threshold_seconds"]),
                         actions=ACTIONS.get(item["state"], ()), error=error,
