@@ -270,6 +270,7 @@ async def serve(data_dir: str, admin_port: int, listen: str, metrics_port: int,
   data directory   {e.data_dir}
   vault            {e.proc.vaults.store.url}   {keys}
   admin API        {e.config.url}   token file {token}
+  web console      {e.config.url}/console/   (sign in with the token)
   replication      {host or '127.0.0.1'}:{e.proc.port} (mutual TLS)
   metrics          {e.config.url}/metrics  http://127.0.0.1:{e.proc.metrics_port}/metrics
 Protect a machine:

@@ -36,7 +36,7 @@ from configserver.config import ConfigServerConfig
 from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiClient
 from tests.backends import missing_backend
-from tests.helpers import REPO, make_vault, open_vault, write_full_point
+from tests.helpers import REPO, Daemon, make_vault, open_vault, write_full_point
 from tests.sitehelpers import (
     AgentSite,
     add_machine,
@@ -416,3 +416,34 @@ async def test_every_page_passes_axe_core(site: Site, browser: Browser) -> None:
                        ("procservers", "/console/procservers"), ("jobs", "/console/jobs")):
         await b.go(cs.url + page)
         await b.screenshot(name)
+
+
+async def test_the_console_of_a_running_serve(browser: Browser,
+                                              tmp_path_factory: pytest.TempPathFactory
+                                              ) -> None:
+    """``siterecovery serve`` (a subprocess on uvloop) serves the console and names it in
+    its banner; neither the token nor the session id reaches its output."""
+    b = browser
+    data = tmp_path_factory.mktemp("serve")
+    d = Daemon(["serve", "--data-dir", str(data), "--admin-port", "0", "--site-port", "0",
+                "--listen", "127.0.0.1:0", "--metrics-port", "0"], "procserver_started")
+    await d.start()
+    try:
+        [started] = d.events("configserver_started")
+        url = f"http://127.0.0.1:{started['port']}"
+        token = Path(str(started["token_file"])).read_text().strip()
+        await b.call("DELETE", "/cookie")  # the other server's session (cookies: per host)
+        await b.go(f"{url}/console/procservers")
+        await b.type("#token", token)
+        assert await b.submit("form.signin button") == f"{url}/console/procservers"
+        await b.shows("main", "127.0.0.1:")  # its process server, once it heartbeats
+        session = (await b.call("GET", "/cookie/siterecovery_console"))["value"]
+        await b.submit("form.signout button")
+        assert (await b.url()).startswith(f"{url}/console/signin")
+        await b.call("DELETE", "/cookie")
+    finally:
+        assert await d.stop() == 0
+    output = "".join(d.lines)
+    assert f"web console      {url}/console/" in output
+    assert d.events("console_signed_in") and d.events("console_signed_out")
+    assert token not in output and session not in output
