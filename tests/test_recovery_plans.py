@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from configserver.config import ConfigServerConfig
 from configserver.planscripts import TAIL_BYTES, run_script
@@ -87,8 +88,12 @@ async def _cli(cs: ConfigServer, capsys: pytest.CaptureFixture[str], *args: str
     """The CLI run in-process (in a thread: it has its own event loop); its exit status
     and standard error (its standard output shares the server's logs)."""
     capsys.readouterr()
-    rc = await asyncio.to_thread(main, [*args, "--api", cs.url, "--token-file",
-                                        str(cs.cfg.token_path)])
+    saved = structlog.get_config()  # the CLI configures logging onto the captured stdout
+    try:
+        rc = await asyncio.to_thread(main, [*args, "--api", cs.url, "--token-file",
+                                            str(cs.cfg.token_path)])
+    finally:
+        structlog.configure(**saved)  # the server's logs never go into a closed capture
     return rc, capsys.readouterr().err
 
 
