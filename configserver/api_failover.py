@@ -25,10 +25,20 @@ _NOTES = {"type": "string", "maxLength": 4000}
 _DRAIN = {"type": "integer", "minimum": 1, "maximum": 86400, "description": (
     "with the point 'latest': how long to wait for the process server to upload what it "
     "acknowledged (default: the server's failover_drain_timeout_seconds)")}
+_INSTANT = {
+    "instant": {"type": "boolean", "description": (
+        "instant recovery: the machine boots on its disks served over NBD straight from "
+        "the vault, then moves onto local copies without a reboot once they are hydrated "
+        "(libvirt target only; others: 422 instant_not_supported)")},
+    "hydrate_rate_mbps": {"type": "number", "minimum": 0, "maximum": 100000, "description": (
+        "with instant: the rate of the background copy from the vault in Mbit/s (0 or "
+        "absent: unlimited); the guest's own reads are not limited")}}
 RECOVER_BODY = obj({"point": _POINT, "at": _AT, "network": NAME,
                     "drain_timeout_seconds": _DRAIN})
+DRILL_BODY = obj({"point": _POINT, "at": _AT, "network": NAME,
+                  "drain_timeout_seconds": _DRAIN, **_INSTANT})
 FAILOVER_BODY = obj({"point": _POINT, "at": _AT, "network": NAME,
-                     "drain_timeout_seconds": _DRAIN,
+                     "drain_timeout_seconds": _DRAIN, **_INSTANT,
                      "shutdown_source": {"type": "boolean", "description": (
                          "ask the source's agent for a last delta cycle and a shutdown "
                          "first; the failover goes on if it does not answer")},
@@ -71,7 +81,7 @@ ROUTES = [
           description="Sets any of the recovery settings (compute and network); null sets "
                       "one back to its default. 422 names the setting refused and the values "
                       "allowed; 409 while a recovery of the item runs."),
-    _verb("test-failover", "Test failover (a drill) of a replicated item", RECOVER_BODY,
+    _verb("test-failover", "Test failover (a drill) of a replicated item", DRILL_BODY,
           "Queues Test failover: the point's disks are restored from the vault, checked and "
           "created on the item's target on its drill network, booted where the target can; "
           "the drill's proof (point, checks, boot, RTO) goes on the job and the item. "

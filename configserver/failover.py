@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import shutil
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from configserver import db
 from configserver.drain import shutdown_source
+from configserver.failoverinstant import instant_steps
 from configserver.itemrecord import DRILL, FAILOVER, read, record
 from configserver.items import ItemState
 from configserver.jobdefs import JobKind, JobRun, Step, StepFailed
@@ -60,6 +62,15 @@ def _recovery(field: str, deps: FailoverDeps, last: Step, *first: Step) -> tuple
             Step("verify", "Check the disks", s["verify"]),
             Step("create", "Create the machine on the target", s["create"]),
             Step("boot", "Boot the machine", s["boot"]), last)
+
+
+def _either(field: str, deps: FailoverDeps, last: Step, *first: Step
+            ) -> Callable[[dict[str, Any]], tuple[Step, ...]]:
+    """The recovery's steps: restored images, or with ``instant`` in the job's parameters
+    disks served from the vault (``failoverinstant.py``)."""
+    restored = _recovery(field, deps, last, *first)
+    instant = instant_steps(field, deps, last, *first)
+    return lambda params: instant if params.get("instant") else restored
 
 
 def _on_end(field: str, made_state: ItemState
@@ -143,23 +154,21 @@ def kinds(deps: FailoverDeps) -> tuple[JobKind, ...]:
 
     drill_ended = _on_end(DRILL, ItemState.TEST_FAILOVER_DONE)
     failover_ended = _on_end(FAILOVER, ItemState.FAILOVER_IN_PROGRESS)
+    drill_record = Step("record", "Record the drill",
+                        _finish(DRILL, ItemState.TEST_FAILOVER_DONE, "drill done"))
+    failover_last = (Step("record", "Record the failover",
+                          _finish(FAILOVER, ItemState.FAILED_OVER, "failed over")),
+                     Step("shutdown_source", "Shut the source machine down", shutdown),
+                     Step("stop_replication", "Stop replication", _stop_replication))
     return (
-        JobKind("test_failover", "Test failover",
-                _recovery(DRILL, deps, Step("record", "Record the drill",
-                                            _finish(DRILL, ItemState.TEST_FAILOVER_DONE,
-                                                    "drill done"))),
-                on_end=drill_ended),
+        JobKind("test_failover", "Test failover", _recovery(DRILL, deps, drill_record),
+                on_end=drill_ended, steps_for=_either(DRILL, deps, drill_record)),
         JobKind("cleanup_test_failover", "Cleanup test failover",
                 (Step("cleanup", "Remove what the drill created", cleanup_target),
                  Step("record", "Record the cleanup", cleanup_done))),
-        JobKind("failover", "Failover",
-                _recovery(FAILOVER, deps,
-                          Step("record", "Record the failover",
-                               _finish(FAILOVER, ItemState.FAILED_OVER, "failed over")),
-                          Step("shutdown_source", "Shut the source machine down",
-                               shutdown),
-                          Step("stop_replication", "Stop replication", _stop_replication)),
-                cancellable=False, on_end=failover_ended),
+        JobKind("failover", "Failover", _recovery(FAILOVER, deps, *failover_last),
+                cancellable=False, on_end=failover_ended,
+                steps_for=_either(FAILOVER, deps, *failover_last)),
         JobKind("change_recovery_point", "Change recovery point",
                 _recovery(FAILOVER, deps, Step("record", "Record the new point",
                                                _finish(FAILOVER, ItemState.FAILED_OVER,

@@ -24,6 +24,7 @@ from configserver.errors import InvalidRequest, ItemStateError, NotFound
 from configserver.items import ItemState, item_doc
 from configserver.jobdefs import ACTIVE, JobKind, new_job
 from configserver.recovery import RecoverySettings, apply
+from targets.instant import INSTANT_TARGETS, refusal
 
 log = structlog.get_logger("configserver.failover")
 
@@ -78,14 +79,15 @@ async def request(core: Core, kinds: Mapping[str, JobKind], verb: str, name: str
                   body: dict[str, Any]) -> db.Job:
     """Check that ``verb`` may run on item ``name`` now, move the item and queue the job;
     the job. ``body``: point, at, network, notes, shutdown_source, shutdown_timeout_seconds,
-    drain_timeout_seconds (what the verb takes)."""
+    drain_timeout_seconds, instant, hydrate_rate_mbps (what the verb takes); ``instant``
+    on a target that cannot do it is refused (``InvalidRequest``)."""
     kind_name, allowed, moves_to = ALLOWED[verb]
     if verb == "cleanup-test-failover" and not str(body.get("notes") or "").strip():
         raise InvalidRequest("notes_required", "cleaning up a test failover needs notes: what "
                              "the drill showed", "pass --notes TEXT")
     params: dict[str, Any] = {k: body[k] for k in (
         "point", "network", "notes", "shutdown_source", "shutdown_timeout_seconds",
-        "drain_timeout_seconds") if body.get(k)}
+        "drain_timeout_seconds", "instant", "hydrate_rate_mbps") if body.get(k)}
     if body.get("at"):
         params["at"] = _at(body["at"])
     now = core.clock()
@@ -102,6 +104,10 @@ async def request(core: Core, kinds: Mapping[str, JobKind], verb: str, name: str
             raise ItemStateError("job_running", f"{name!r} has a job running or queued "
                                  f"({', '.join(active)})",
                                  f"wait for it: siterecovery jobs list --target {name}")
+        kind = RecoverySettings.stored(item.recovery).target
+        if params.get("instant") and kind not in INSTANT_TARGETS:
+            raise InvalidRequest("instant_not_supported", refusal(kind),
+                                 f"siterecovery failover settings {name} --target libvirt")
         params["from_state"] = state.value
         if moves_to is not None:
             item.state, item.updated = moves_to, now

@@ -53,6 +53,13 @@ class PointDisk:
         self._fetch_slots = asyncio.Semaphore(MAX_FETCHES)
         self._tasks: set[asyncio.Task[None]] = set()
         self.fetched_bytes = 0
+        # blocks in the point's map (the rest are zeros, present from the overlay's creation)
+        self.stored_blocks = sum(1 for n in range(overlay.nblocks) if table.in_map(n))
+
+    @property
+    def stored_present(self) -> int:
+        """How many of the point's stored blocks are local (fetched, or overwritten)."""
+        return max(0, self.overlay.present_count - (self.overlay.nblocks - self.stored_blocks))
 
     @classmethod
     async def open(cls, vault: Vault, point: Point, disk: str, overlay_dir: str, *,

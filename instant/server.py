@@ -53,14 +53,18 @@ async def _clear_stale_socket(path: str) -> None:
 class NbdServer:
     def __init__(self, exports: Mapping[str, Export], *, socket_path: str,
                  tcp_port: int | None = None,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                 socket_owner: tuple[int, int] | None = None) -> None:
         """``exports`` maps export names to exports; ``""`` is the default export (the
         one ``nbd+unix:///?socket=PATH`` names). ``tcp_port`` (0: any free port) also
-        listens on 127.0.0.1."""
+        listens on 127.0.0.1. The socket is mode 0600, owned by ``socket_owner`` (uid,
+        gid) when given: the one user that may connect (an emulator running as its own
+        user), else by this process's user."""
         self.exports = dict(exports)
         self.socket_path = socket_path
         self.tcp_port = tcp_port
         self.handshake_timeout = handshake_timeout
+        self.socket_owner = socket_owner
         self._servers: list[asyncio.Server] = []
         self._conns: dict[int, tuple[asyncio.Task[None], asyncio.StreamWriter]] = {}
         self._ids = itertools.count(1)
@@ -86,6 +90,8 @@ class NbdServer:
         self._servers.append(await asyncio.start_unix_server(self._client,
                                                              path=self.socket_path))
         os.chmod(self.socket_path, 0o600)
+        if self.socket_owner is not None:
+            os.chown(self.socket_path, *self.socket_owner)
         if self.tcp_port is not None:
             self._servers.append(await asyncio.start_server(self._client, "127.0.0.1",
                                                             self.tcp_port))

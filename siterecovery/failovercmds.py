@@ -69,7 +69,8 @@ async def _start(args: argparse.Namespace, verb: str, body: dict[str, Any]) -> i
 async def cmd_test(args: argparse.Namespace) -> int:
     return await _start(args, "test-failover", {"point": args.point, "at": args.at,
                                                 "network": args.network,
-                                                "drain_timeout_seconds": args.drain_timeout})
+                                                "drain_timeout_seconds": args.drain_timeout,
+                                                **_instant_body(args)})
 
 
 async def cmd_cleanup(args: argparse.Namespace) -> int:
@@ -81,7 +82,8 @@ async def cmd_start(args: argparse.Namespace) -> int:
                                            "network": args.network,
                                            "drain_timeout_seconds": args.drain_timeout,
                                            "shutdown_source": args.shutdown_source,
-                                           "shutdown_timeout_seconds": args.shutdown_timeout})
+                                           "shutdown_timeout_seconds": args.shutdown_timeout,
+                                           **_instant_body(args)})
 
 
 async def cmd_change_point(args: argparse.Namespace) -> int:
@@ -123,6 +125,20 @@ def _point_args(p: argparse.ArgumentParser) -> None:
 
 
 
+def _instant_body(args: argparse.Namespace) -> dict[str, Any]:
+    return {"instant": args.instant, "hydrate_rate_mbps": args.hydrate_rate}
+
+
+def _instant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--instant", action="store_true",
+                   help="instant recovery (libvirt target): boot on the disks served over NBD "
+                        "straight from the vault, copy them in the background, then move the "
+                        "machine onto the copies without a reboot")
+    p.add_argument("--hydrate-rate", type=float, metavar="MBPS",
+                   help="with --instant: the background copy's rate from the vault in Mbit/s "
+                        "(default: unlimited)")
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add this module's verbs to the top-level subparsers."""
     f = sub.add_parser("failover", help="drills (test failover), failover, commit; recovery "
@@ -158,6 +174,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         v.set_defaults(func=func)
         verbs.append(v)
     verbs[2].add_argument("--notes", required=True, help="what the drill showed")
+    _instant_args(verbs[1])
+    _instant_args(verbs[3])
     verbs[3].add_argument("--shutdown-source", action="store_true",
                           help="first ask the source's agent for a last delta cycle and a "
                                "shutdown (with --point latest nothing it wrote is lost); "

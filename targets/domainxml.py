@@ -17,11 +17,21 @@ ET.register_namespace("siterecovery", NS)  # libvirt keeps <metadata> children b
 
 
 @dataclass(frozen=True)
+class NbdSource:
+    """A disk served over NBD on a UNIX socket (instant recovery) instead of an image."""
+
+    socket: Path
+
+
+NBD_RECONNECT_SECONDS = 5  # QEMU retries a lost NBD connection this long before failing I/O
+
+
+@dataclass(frozen=True)
 class DomainLayout:
     """What the target decided for one domain, beyond the spec."""
 
     virt_type: str  # "kvm" or "qemu"
-    images: list[Path]  # in the spec's disk order: vda, vdb, …
+    images: list[Path | NbdSource]  # in the spec's disk order: vda, vdb, …
     mac: str
     network: str
     console_log: Path
@@ -59,9 +69,16 @@ def domain_xml(spec: RecoverySpec, layout: DomainLayout) -> str:
     ET.SubElement(dom, "on_crash").text = "destroy"
     dev = ET.SubElement(dom, "devices")
     for i, image in enumerate(layout.images):
-        disk = ET.SubElement(dev, "disk", type="file", device="disk")
-        ET.SubElement(disk, "driver", name="qemu", type="raw")
-        ET.SubElement(disk, "source", file=str(image))
+        if isinstance(image, NbdSource):
+            disk = ET.SubElement(dev, "disk", type="network", device="disk")
+            ET.SubElement(disk, "driver", name="qemu", type="raw")
+            source = ET.SubElement(disk, "source", protocol="nbd")
+            ET.SubElement(source, "host", transport="unix", socket=str(image.socket))
+            ET.SubElement(source, "reconnect", delay=str(NBD_RECONNECT_SECONDS))
+        else:
+            disk = ET.SubElement(dev, "disk", type="file", device="disk")
+            ET.SubElement(disk, "driver", name="qemu", type="raw")
+            ET.SubElement(disk, "source", file=str(image))
         ET.SubElement(disk, "target", dev=disk_target(i), bus="virtio")
     nic = ET.SubElement(dev, "interface", type="network")
     ET.SubElement(nic, "source", network=layout.network)
@@ -76,6 +93,25 @@ def domain_xml(spec: RecoverySpec, layout: DomainLayout) -> str:
     console = ET.SubElement(dev, "console", type="pty")
     ET.SubElement(console, "target", type="serial", port="0")
     ET.SubElement(dev, "memballoon", model="none")
+    return ET.tostring(dom, encoding="unicode")
+
+
+def with_local_disks(xml: str, images: dict[str, Path]) -> str:
+    """A domain's XML (``virsh dumpxml``) with the disks of targets ``images`` names (vda
+    …) on those raw images instead of what they were on (NBD after an instant
+    recovery's pivot); the rest as it was."""
+    dom = ET.fromstring(xml)
+    for disk in dom.iterfind("devices/disk"):
+        target = disk.find("target")
+        dev = target.get("dev") if target is not None else None
+        if dev is None or dev not in images:
+            continue
+        disk.set("type", "file")
+        for old in disk.findall("source") + disk.findall("backingStore"):
+            disk.remove(old)
+        driver = disk.find("driver")
+        at = 0 if driver is None else list(disk).index(driver) + 1
+        disk.insert(at, ET.Element("source", file=str(images[dev])))
     return ET.tostring(dom, encoding="unicode")
 
 

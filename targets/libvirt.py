@@ -10,7 +10,12 @@ IP becomes a DHCP host reservation on the machine's network. ``boot`` starts it 
 it, and the drill network once no running machine uses it.
 
 Resources named on ``Recovered.resources``: ``dir:<folder>``, ``file:<image or log>``,
-``network:<drill network>``, ``dhcp-host:<network>|<mac>|<ip>``, ``domain:<name>``.
+``network:<drill network>``, ``dhcp-host:<network>|<mac>|<ip>``, ``domain:<name>``,
+``instant:<name>`` (the NBD servers of an instant recovery, ``targets.instantlibvirt``).
+
+``create_instant`` (``targets.instant``) makes the same machine on disks served over NBD
+from the vault by this process instead of copied images; ``pivot_instant`` later moves it
+onto local images without a reboot.
 
 An existing folder is never reused, except one that ``create`` itself began for the same
 recovery (machine, point, drill or not: ``recovery.json`` in it, written first, marked
@@ -28,9 +33,11 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from common.fs import atomic_write
+from targets import instantlibvirt
 from targets.base import (
     BootFailedError,
     BootProof,
@@ -43,12 +50,15 @@ from targets.base import (
 from targets.console import ConsoleLog, proves_boot
 from targets.domainxml import (
     DomainLayout,
+    NbdSource,
     dhcp_host_xml,
     domain_xml,
     isolated_network_xml,
     network_connections,
     network_subnets,
 )
+from targets.instant import InstantDisk, InstantSource
+from targets.instantserve import InstantServers
 from targets.kvm import KvmProbe, probe_kvm
 from targets.virsh import Virsh
 
@@ -78,7 +88,7 @@ class LibvirtTarget:
                  drill_network: str = "siterecovery-drill",
                  drill_bridge: str = "virbr-srdrill",
                  drill_subnet: str = "10.213.0.0/24",
-                 accel: str = "auto") -> None:
+                 accel: str = "auto", instant: InstantServers | None = None) -> None:
         if accel not in ("auto", "kvm", "qemu"):
             raise ValueError(f"accel {accel!r}: auto, kvm or qemu")
         self.virsh = Virsh(uri)
@@ -88,6 +98,8 @@ class LibvirtTarget:
         self.accel = accel
         self._kvm: KvmProbe | None = None
         self._net_lock = asyncio.Lock()  # one create/remove of the drill network at a time
+        # the NBD servers of instant recoveries: this process serves them
+        self.instant = instant or InstantServers(instantlibvirt.emulator_owner(uri))
 
     # ---- check ----------------------------------------------------------------------
 
@@ -163,7 +175,33 @@ class LibvirtTarget:
     # ---- create ---------------------------------------------------------------------
 
     async def create(self, spec: RecoverySpec, disks: list[RecoveryDisk]) -> Recovered:
-        refusals = await self.check(spec, disks) + _missing_images(disks)
+        return await self._make(spec, disks, await self.check(spec, disks)
+                                + _missing_images(disks), None)
+
+    async def create_instant(self, spec: RecoverySpec, disks: list[InstantDisk],
+                             source: InstantSource) -> Recovered:
+        """As ``create``, on disks served over NBD from ``source`` by this process."""
+        planned = [RecoveryDisk(d.name, self.pool_dir / spec.vm_name / f"{d.name}.raw", d.size)
+                   for d in disks]  # not there yet: judged by their sizes
+        return await self._make(spec, disks, await self.check(spec, planned), source)
+
+    async def serve_instant(self, recovered: Recovered, source: InstantSource) -> None:
+        await instantlibvirt.serve(self.instant, recovered, source)
+
+    def nbd_sockets(self, recovered: Recovered) -> dict[str, Path]:
+        return {d.name: d.socket for d in instantlibvirt.of(recovered)}
+
+    async def hydrate_instant(self, recovered: Recovered, rate_mbps: float) -> None:
+        await instantlibvirt.hydrate(self.instant, recovered, rate_mbps)
+
+    def instant_progress(self, recovered: Recovered) -> tuple[int, int]:
+        return instantlibvirt.progress(self.instant, recovered)
+
+    async def pivot_instant(self, recovered: Recovered) -> Recovered:
+        return await instantlibvirt.pivot(self.virsh, self.instant, recovered)
+
+    async def _make(self, spec: RecoverySpec, disks: Sequence[RecoveryDisk | InstantDisk],
+                    refusals: list[Refusal], source: InstantSource | None) -> Recovered:
         if refusals:
             raise TargetError("spec_refused", "; ".join(f"{r.setting}: {r.message}"
                                                         for r in refusals),
@@ -173,7 +211,7 @@ class LibvirtTarget:
             await self.cleanup(self._leftovers(spec, folder))
         rec = Recovered(self.name, spec.vm_name)
         try:
-            await self._create(spec, disks, rec)
+            await self._create(spec, disks, rec, source)
         except TargetError as e:
             e.recovered = rec
             raise
@@ -183,16 +221,20 @@ class LibvirtTarget:
                               recovered=rec) from e
         return rec
 
-    async def _create(self, spec: RecoverySpec, disks: list[RecoveryDisk],
-                      rec: Recovered) -> None:
+    async def _create(self, spec: RecoverySpec, disks: Sequence[RecoveryDisk | InstantDisk],
+                      rec: Recovered, source: InstantSource | None) -> None:
         folder = self.pool_dir / spec.vm_name
         self.pool_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
         folder.mkdir(mode=0o711)  # an existing folder is someone else's: never reuse it
         folder.chmod(0o711)  # the emulator runs as libvirt-qemu: it must reach the images
         rec.resources.append(f"dir:{folder}")
         await asyncio.to_thread(atomic_write, folder / OWNER, json.dumps(_owner(spec)), 0o644)
-        images = []
-        for i, d in enumerate(disks):
+        images: list[Path | NbdSource] = []
+        if source is not None:
+            images += await instantlibvirt.start(
+                self.instant, rec, instantlibvirt.layout(folder, [d.name for d in disks]), source)
+        for i, d in enumerate(disks if source is None else ()):
+            assert isinstance(d, RecoveryDisk)
             image = folder / f"{i:02d}-{d.name}.raw"
             rec.resources.append(f"file:{image}")
             await _copy(d.path, image)
@@ -307,6 +349,8 @@ class LibvirtTarget:
                 Path(what).unlink(missing_ok=True)
             elif kind == "dir":
                 _remove_tree(Path(what))
+            elif kind == "instant":
+                await self.instant.stop(what)
             else:
                 raise TargetError("cleanup", f"unknown resource {res!r} on {recovered.vm_name}",
                                   "remove it by hand")
@@ -314,7 +358,8 @@ class LibvirtTarget:
     def _leftovers(self, spec: RecoverySpec, folder: Path) -> Recovered:
         """Everything an interrupted ``create`` of ``spec`` may have made (``cleanup``
         skips what is not there), in the order ``_create`` makes it."""
-        rec = Recovered(self.name, spec.vm_name, [f"dir:{folder}"])
+        rec = Recovered(self.name, spec.vm_name, [f"dir:{folder}",
+                                                  f"instant:{spec.vm_name}"])
         network = self.drill_network if spec.drill else spec.network or self.network
         if spec.drill:
             rec.resources.append(f"network:{network}")
