@@ -178,8 +178,11 @@ class Vault:
             if info.name in index.objects:
                 continue
             sealed = await self.store.get(info.name)
-            # Off the event loop: decrypting, decoding and (DiskIndex) writing the table.
-            await asyncio.to_thread(self._load_index_object, index, info.name, sealed)
+            if isinstance(index, Index):
+                self._load_index_object(index, info.name, sealed)
+            else:
+                # Filling a table takes twice the time of a dict: off the event loop.
+                await asyncio.to_thread(self._load_index_object, index, info.name, sealed)
         return index
 
     def _load_index_object(self, index: BlockIndex, name: str, sealed: bytes) -> None:
