@@ -432,15 +432,17 @@ async def test_the_console_of_a_running_serve(browser: Browser,
         [started] = d.events("configserver_started")
         url = f"http://127.0.0.1:{started['port']}"
         token = Path(str(started["token_file"])).read_text().strip()
-        await b.call("DELETE", "/cookie")  # the other server's session (cookies: per host)
+        before = {c["name"] for c in await b.call("GET", "/cookie")}
         await b.go(f"{url}/console/procservers")
         await b.type("#token", token)
         assert await b.submit("form.signin button") == f"{url}/console/procservers"
         await b.shows("main", "127.0.0.1:")  # its process server, once it heartbeats
-        session = (await b.call("GET", "/cookie/siterecovery_console"))["value"]
+        # a cookie of its own, named after its port: another console's session stays
+        name = f"siterecovery_console_{started['port']}"
+        assert {c["name"] for c in await b.call("GET", "/cookie")} == before | {name}
+        session = (await b.call("GET", f"/cookie/{name}"))["value"]
         await b.submit("form.signout button")
         assert (await b.url()).startswith(f"{url}/console/signin")
-        await b.call("DELETE", "/cookie")
     finally:
         assert await d.stop() == 0
     output = "".join(d.lines)

@@ -75,7 +75,7 @@ async def _item_exists(cs: ConfigServer) -> bool:
 
 
 async def test_no_page_or_action_without_a_session(cs: ConfigServer) -> None:
-    for cookie in ({}, {"siterecovery_console": "not-a-session"}):
+    for cookie in ({}, {f"siterecovery_console_{cs.port}": "not-a-session"}):
         async with aiohttp.ClientSession(cookies=cookie) as http:
             for page in PAGES:
                 async with http.get(cs.url + page, allow_redirects=False) as r:
@@ -101,6 +101,7 @@ async def test_the_session_cookie_and_where_sign_in_leads(cs: ConfigServer) -> N
         attrs = {a.strip().split("=")[0].lower() for a in cookie.split(";")[1:]}
         assert attrs == {"httponly", "path", "samesite"}  # no Secure: plain loopback HTTP
         assert "Path=/" in cookie and "SameSite=Strict" in cookie
+        assert cookie.startswith(f"siterecovery_console_{cs.port}=")  # per port
         async with http.get(f"{cs.url}/console/jobs", allow_redirects=False) as r:
             assert r.status == 200
         async with http.get(f"{cs.url}/console", allow_redirects=False) as r:

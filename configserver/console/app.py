@@ -27,6 +27,9 @@ from configserver.services import Services
 log = structlog.get_logger("configserver.console")
 
 PREFIX = "/console"
+# The session cookie's name ends with the port the browser reached the console on:
+# browsers keep cookies per host, not per port, and an operator may reach the consoles of
+# two sites through two tunnels on one host (localhost:9440, localhost:19440).
 COOKIE = "siterecovery_console"
 # No inline script or style anywhere: the pages load /console/static/console.css only.
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -60,10 +63,15 @@ def console_of(request: web.Request) -> Console:
     return request.config_dict[CONSOLE]
 
 
+def cookie_name(request: web.Request) -> str:
+    port = request.url.port
+    return COOKIE if port is None else f"{COOKIE}_{port}"
+
+
 def session_of(request: web.Request) -> Session | None:
     """The request's live session, from its cookie (the guard lets only requests with one
     through to pages and actions)."""
-    return console_of(request).sessions.get(request.cookies.get(COOKIE))
+    return console_of(request).sessions.get(request.cookies.get(cookie_name(request)))
 
 
 def _same_origin(request: web.Request) -> bool:
@@ -103,7 +111,7 @@ async def guard(request: web.Request,
                             why=f"the form is larger than {MAX_FORM_BYTES >> 10} KiB")
     if request.path.startswith(PUBLIC):
         return await handler(request)
-    session = console.sessions.get(request.cookies.get(COOKIE))
+    session = session_of(request)
     if session is None:
         if post:
             return refused(request, "you are not signed in, or your session ended")
@@ -167,7 +175,7 @@ async def signin(request: web.Request) -> web.StreamResponse:
     session = console.sessions.create()
     log.info("console_signed_in", client=addr)
     resp = see_other(target)
-    resp.set_cookie(COOKIE, session.id, path="/", httponly=True, samesite="Strict",
+    resp.set_cookie(cookie_name(request), session.id, path="/", httponly=True, samesite="Strict",
                     secure=request.secure)
     return resp
 
@@ -178,7 +186,7 @@ async def signout(request: web.Request) -> web.StreamResponse:
         console_of(request).sessions.end(session.id)
     log.info("console_signed_out", client=request.remote)
     resp = see_other(f"{PREFIX}/signin")
-    resp.del_cookie(COOKIE, path="/")
+    resp.del_cookie(cookie_name(request), path="/")
     return resp
 
 
