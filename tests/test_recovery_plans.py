@@ -225,8 +225,16 @@ async def test_a_plan_drills_and_fails_over_three_items_in_two_groups(
     _recovered(cs, points)
     assert (env_dir / "failover").is_file()
 
-    commit = await _run(cs, api, "commit", {})
-    assert commit["state"] == "succeeded", commit
+    # the plan changed (no manual action now): the commit, followed by the CLI to its end
+    await api.call("PATCH", "/api/v1/plans/dr", {"groups": [{"items": GROUP1},
+                                                           {"items": GROUP2}]}, {})
+    rc, err = await _cli(cs, capsys, "plan", "commit", "dr", "--wait")
+    assert rc == 0, err
+    assert "group2: db01: succeeded Commit of db01 succeeded (job " in err  # followed
+    commit = await api.get(f"/api/v1/jobs/{(await api.get('/api/v1/plans/dr'))['last_job']['id']}")
+    assert commit["kind"] == "plan_commit" and commit["state"] == "succeeded", commit
+    assert [s["name"] for s in commit["steps"]] == [
+        "g1_start", "item_web01", "item_web02", "g2_start", "item_db01"]
     for m in points:
         assert (await api.get("/api/v1/items/" + m))["state"] == "committed"
     _recovered(cs, points)  # a commit keeps the failed-over machines
