@@ -342,6 +342,7 @@ async def test_sign_in_enable_drill_clean_up_fail_over_and_commit(site: Site,
     await b.screenshot("items")
     await b.go(f"{cs.url}/console/items/web01")
     assert "verified" in await b.text(f"#point-{point.id}")
+    assert point.id[:12] in await b.text("#item-verification")
     assert "never" in await b.text(f"#point-{0:064x}")  # in the catalog only
     await b.go(f"{cs.url}/console/items/web01")
 

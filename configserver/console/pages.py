@@ -78,12 +78,12 @@ async def item_page(request: web.Request, *, error: str = "", status: int = 200
         return console.page(request, "missing.html", 404, title="Not found", nav="items",
                             message=e.message, hint=e.hint)
     points = await reader.points(machine)
-    by_point, _ = await reader.verification(machine)
+    by_point, by_machine = await reader.verification(machine)
     jobs = await reader.jobs(target=machine, limit=20)
     moving = item["state"] in MOVING or any(j["state"] in ACTIVE for j in jobs)
     return console.page(request, "item.html", status, title=machine, nav="items",
                         item=item, points=points[:POINTS_SHOWN], points_total=len(points),
-                        verified=by_point, jobs=jobs,
+                        verified=by_point, last_verified=by_machine.get(machine), jobs=jobs,
                         chart=rpo_chart(points, console.services.clock(),
                                         item["rpo_threshold_seconds"]),
                         actions=ACTIONS.get(item["state"], ()), error=error,
