@@ -10,6 +10,9 @@ holds) from the prune; the lock's waits and acquisitions are in the metrics."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import random
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,10 +36,19 @@ from tests.helpers import (
     restore_all,
     running_procserver,
     sha256,
+    write_full_point,
 )
 from vault.check import check_vault
 from vault.keyslots import KeyMaterial, read_keyfile
-from vault.locks import LEASES, Leases, locked, read_leases
+from vault.locks import (
+    LEASE_TTL,
+    LEASES,
+    Leases,
+    delete_lease,
+    locked,
+    put_lease_part,
+    read_leases,
+)
 from vault.prune import prune
 from vault.retention import Retention
 from vault.store.local import LocalStore
@@ -240,3 +252,45 @@ async def test_prune_between_checkpoints_keeps_what_the_cycle_wrote(
     report2 = await check_vault(LocalStore(tmp_path / "vault"),
                                 KeyMaterial(keyfile=read_keyfile(vault_at[1])), read_data=True)
     assert report2.errors == [], report2.errors
+
+
+async def test_prune_keeps_what_live_leases_hold_and_deletes_expired_ones(
+        tmp_path: Path, vault_at: tuple[str, Path]) -> None:
+    """The vault alone: a live lease keeps its base point (retention would forget it) and
+    its blocks (only a forgotten point holds them); an expired lease keeps nothing and is
+    deleted, as is a part that fails to authenticate."""
+    rng = random.Random(7)
+    vault = await open_vault(tmp_path / "vault", vault_at[1])
+    try:
+        data = {key: rng.randbytes(4 * BLOCK) for key in ("m1c1", "m1c2", "m2c1", "m2c2")}
+        p = {key: await write_full_point(vault, d, machine=key[:2], cycle=key[2:])
+             for key, d in data.items()}
+        block = {key: [vault.keyring.block_id(d[n * BLOCK:(n + 1) * BLOCK]) for n in range(4)]
+                 for key, d in data.items()}
+        # m1's cycle c3 builds on its first point; m2's c3 found a block of m2's first point
+        # stored; m2's c0 was abandoned two days ago (its lease expired).
+        await put_lease_part(vault, "m1", "c3", p["m1c1"].id, [])
+        await put_lease_part(vault, "m2", "c3", p["m2c2"].id, [block["m2c1"][0]])
+        await put_lease_part(vault, "m2", "c0", p["m2c1"].id, block["m2c1"],
+                             now=time.time() - 2 * LEASE_TTL)
+        await vault.store.put(f"{LEASES}{'ab' * 32}/{'cd' * 32}", b"not a sealed lease part")
+        with ThreadPoolExecutor(2) as ex:
+            report = await prune(vault, Retention(0, 0, 0, 0), ex)
+        assert report.kept[p["m1c1"].id] == "base of a cycle in progress"
+        assert report.forgotten == [p["m2c1"].id]
+        assert report.cycles_in_progress == 2 and report.leases_deleted == 2
+        index = await vault.load_index()
+        assert block["m2c1"][0] in index  # leased: kept, though its point is forgotten
+        assert not any(b in index for b in block["m2c1"][1:])  # collected
+        leases = await read_leases(vault)
+        assert leases.cycles == {("m1", "c3"), ("m2", "c3")}
+        assert leases.expired == [] and leases.bad == []
+        for q in (p["m1c1"], p["m1c2"], p["m2c2"]):  # every kept point restores exactly
+            got = await restore_all(vault, q, tmp_path / "out")
+            assert got == {"sda": hashlib.sha256(data[q.machine + q.cycle]).hexdigest()}
+        # Once the cycles end, their leases go.
+        assert await delete_lease(vault, "m1", "c3") == 1
+        assert await delete_lease(vault, "m2", "c3") == 1
+        assert await read_leases(vault) == Leases()
+    finally:
+        await vault.close()
