@@ -132,8 +132,12 @@ def _steps(field: str, deps: FailoverDeps) -> dict[str, StepFn]:
         return await steps(field, dataclasses.replace(deps, check_disk=through))["verify"](ctx)
 
     async def boot(ctx: StepContext) -> str:
-        await _serve(ctx, field, deps)
-        return await s["boot"](ctx)
+        target, recovered, _rec = await _serve(ctx, field, deps)
+        msg = await s["boot"](ctx)
+        done, total = target.instant_progress(recovered)
+        local = round(100.0 * done / max(1, total), 1)
+        await record(ctx, field, local_at_boot_percent=local)
+        return f"{msg}; {local} % of the stored data local at boot"
 
     async def hydrate(ctx: StepContext) -> str:
         target, recovered, _rec = await _serve(ctx, field, deps)
@@ -141,13 +145,13 @@ def _steps(field: str, deps: FailoverDeps) -> dict[str, StepFn]:
         began = time.monotonic()
         try:
             await _hydrating(ctx, target, recovered, rate)
+            _done, total = target.instant_progress(recovered)
             made = await target.pivot_instant(recovered)
         except TargetError as e:
             raise StepFailed(f"{e.message} ({e.code}); {e.hint}") from None
         except VaultError as e:
             raise StepFailed(f"hydration stopped: {e}; what was copied stays: run the "
                              "recovery's cleanup, or fix the vault and run it again") from None
-        _done, total = target.instant_progress(recovered)
         await record(ctx, field, recovered=dataclasses.asdict(made),
                      hydrated_at=ctx.core.clock())
         images = [r.removeprefix("file:") for r in made.resources if r.endswith(".raw")]

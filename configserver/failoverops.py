@@ -95,6 +95,10 @@ async def request(core: Core, kinds: Mapping[str, JobKind], verb: str, name: str
         item = await s.get(db.ReplicatedItem, name, with_for_update=True)
         if item is None:
             raise _no_item(name)
+        kind = RecoverySettings.stored(item.recovery).target
+        if params.get("instant") and kind not in INSTANT_TARGETS:
+            raise InvalidRequest("instant_not_supported", refusal(kind),
+                                 f"siterecovery failover settings {name} --target libvirt")
         state = ItemState(item.state)
         if state not in allowed:
             raise _refuse(verb, name, state, allowed)
@@ -104,10 +108,6 @@ async def request(core: Core, kinds: Mapping[str, JobKind], verb: str, name: str
             raise ItemStateError("job_running", f"{name!r} has a job running or queued "
                                  f"({', '.join(active)})",
                                  f"wait for it: siterecovery jobs list --target {name}")
-        kind = RecoverySettings.stored(item.recovery).target
-        if params.get("instant") and kind not in INSTANT_TARGETS:
-            raise InvalidRequest("instant_not_supported", refusal(kind),
-                                 f"siterecovery failover settings {name} --target libvirt")
         params["from_state"] = state.value
         if moves_to is not None:
             item.state, item.updated = moves_to, now
