@@ -4,6 +4,7 @@ other): long-poll it to its end, each step's message on stderr as it changes."""
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 from siterecovery.apiclient import ApiClient
@@ -23,10 +24,13 @@ def describe_job(j: dict[str, Any]) -> str:
 
 async def follow(api: ApiClient, job: dict[str, Any], timeout: float | None
                  ) -> dict[str, Any]:
-    """The job once it ended (or as it is after ``timeout`` seconds), long-polling."""
+    """The job once it ended (or as it is after ``timeout`` seconds), long-polling. The
+    time is the clock's: a long poll that returns early (the job changed) counts only
+    what it waited."""
     seen: dict[str, str] = {}
-    waited = 0.0
+    start = time.monotonic()
     while True:
+        waited = time.monotonic() - start
         for s in job["steps"]:
             note = f"{s['state']} {s['message']}"
             if s["state"] != "pending" and seen.get(s["name"]) != note:
@@ -36,4 +40,3 @@ async def follow(api: ApiClient, job: dict[str, Any], timeout: float | None
             return job
         poll = 30.0 if timeout is None else max(1.0, min(30.0, timeout - waited))
         job = await api.get(f"/api/v1/jobs/{job['id']}", wait=int(poll), version=job["version"])
-        waited += poll

@@ -228,7 +228,8 @@ async def test_a_plan_drills_and_fails_over_three_items_in_two_groups(
     # the plan changed (no manual action now): the commit, followed by the CLI to its end
     await api.call("PATCH", "/api/v1/plans/dr", {"groups": [{"items": GROUP1},
                                                            {"items": GROUP2}]}, {})
-    rc, err = await _cli(cs, capsys, "plan", "commit", "dr", "--wait")
+    # --timeout counts the clock, not long polls: the job changes more often than 60 s / 30 s
+    rc, err = await _cli(cs, capsys, "plan", "commit", "dr", "--wait", "--timeout", "60")
     assert rc == 0, err
     assert "group2: db01: succeeded Commit of db01 succeeded (job " in err  # followed
     commit = await api.get(f"/api/v1/jobs/{(await api.get('/api/v1/plans/dr'))['last_job']['id']}")
