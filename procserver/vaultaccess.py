@@ -105,6 +105,7 @@ class VaultAccess:
         self._vault: Vault | None = None
         self.ready = asyncio.Event()  # set once the vault is open
         self.index: BlockIndex = Index()
+        self._refresh_lock = asyncio.Lock()
 
     @property
     def is_open(self) -> bool:
@@ -119,9 +120,14 @@ class VaultAccess:
         return self._vault
 
     async def refresh_index(self) -> BlockIndex:
-        """The block index, with what other writers added to the vault since."""
-        self.index = await self.vault.refresh_index(self.index)
-        return self.index
+        """The block index, with what other writers added to the vault since.
+
+        One refresh at a time: an on-disk index that a prune made stale is closed and
+        replaced (``BlockIndex.fresh``), which must not happen under another refresh
+        still filling it."""
+        async with self._refresh_lock:
+            self.index = await self.vault.refresh_index(self.index)
+            return self.index
 
     async def open(self) -> None:
         """Open the vault and load its index (raises what ``Vault.open`` raises)."""
