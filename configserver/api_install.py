@@ -6,6 +6,8 @@ channel process servers poll, claim, report and have certificates signed through
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 from typing import Any
 
 from aiohttp import web
@@ -14,7 +16,7 @@ from configserver import install
 from configserver.jobs import JOB, job_doc
 from configserver.rest import NAME, Call, Route, array, nullable, obj, reply
 
-MAX_WAIT = 60
+MAX_WAIT = 20
 _PUSH_BODY = obj({
     "known_hosts": {"type": "string", "maxLength": 1 << 20,
                     "description": "an OpenSSH known_hosts text holding the machine's host key "
@@ -86,15 +88,24 @@ async def host_key(call: Call) -> web.Response:
     return reply(await install.host_key_doc(call.services, call.params["name"]))
 
 
+def _version(requests: list[dict[str, Any]]) -> str:
+    return hashlib.blake2b(json.dumps(requests, sort_keys=True).encode(),
+                           digest_size=8).hexdigest()
+
+
 async def poll(call: Call) -> web.Response:
-    """Long poll: answer as soon as the process server has a request, or after ``wait``."""
+    """With ``version`` and ``wait``, a long poll: answer as soon as the list differs from
+    ``version``, or after ``wait`` seconds with the same list."""
     svc, name = call.services, call.params["name"]
+    known = call.query.get("version")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + float(call.query.get("wait", 0))
-    while not (found := await install.pending(svc, name)) and \
-            (left := deadline - loop.time()) > 0 and not _going_away(call.request):
+    found = await install.pending(svc, name)
+    while known == _version(found) and (left := deadline - loop.time()) > 0 \
+            and not _going_away(call.request):
         await svc.notifier.wait(min(1.0, left))
-    return reply({"requests": found})
+        found = await install.pending(svc, name)
+    return reply({"requests": found, "version": _version(found)})
 
 
 def _going_away(request: web.Request) -> bool:
@@ -146,10 +157,13 @@ ROUTES = [
           responses={200: HOST_KEY}),
     Route("GET", "/api/v1/internal/procservers/{name}/install-requests", poll,
           "The install requests a process server is to run (process servers)", "machines",
-          params=_NAME, query={"wait": {"type": "integer", "minimum": 0, "maximum": MAX_WAIT}},
-          responses={200: obj({"requests": array(REQUEST)}, ["requests"])}, **_INTERNAL,
+          params=_NAME, query={"version": {"type": "string", "maxLength": 64},
+                               "wait": {"type": "integer", "minimum": 0, "maximum": MAX_WAIT}},
+          responses={200: obj({"requests": array(REQUEST), "version": {"type": "string"}},
+                              ["requests", "version"])}, **_INTERNAL,
           description="Pending requests, and those it claimed (a restarted process server "
-                      "runs them again). With wait, a long poll."),
+                      "runs them again). With the version of the last answer and wait, a "
+                      "long poll: answered as soon as the list changes."),
     Route("POST", "/api/v1/internal/install-requests/{id}/claim", claim,
           "Claim an install request (process servers)", "machines", params=_JOB_ID,
           body=WHO, responses={200: CLAIMED}, **_INTERNAL,

@@ -1,7 +1,7 @@
 """The process server's install requests: push installs the configuration server asks for.
 
 ``InstallRequests.run`` long-polls ``GET /api/v1/internal/procservers/{name}/install-
-requests`` (answered at once when there is one), claims each request it is not already
+requests`` (answered as soon as the list changes), claims each request it is not already
 running (the claim's answer carries the machine's account and secret, held in memory for
 that request only) and runs it (procserver/installreqsteps.py) as its own task,
 reporting every step. A report that cannot be delivered is retried with back-off until
@@ -30,7 +30,7 @@ from procserver.pushinstall import InstallFailed
 
 log = structlog.get_logger("procserver.installreq")
 
-POLL_SECONDS = 30
+POLL_SECONDS = 20
 BUNDLE_NAME = "agent-bundle.tar.gz"
 
 
@@ -45,18 +45,22 @@ class InstallRequests:
         await self.client.wait_token("install_requests_blocked")
         backoff = Backoff(cap=15.0, jitter=False)
         path = f"/api/v1/internal/procservers/{self.name}/install-requests"
+        version = ""
         try:
             while True:
                 try:
                     answer = await self.client.get(
-                        path, params={"wait": str(POLL_SECONDS)}, timeout=POLL_SECONDS + 15)
+                        path, params={"wait": str(POLL_SECONDS), "version": version},
+                        timeout=POLL_SECONDS + 15)
                     if answer.status == 404:  # before our first heartbeat registers us
                         raise ConfigServerError("HTTP 404: not registered yet (no heartbeat "
                                                 "accepted), or a configuration server "
                                                 "without install requests")
                     if answer.status >= 300:
                         raise ConfigServerError(f"HTTP {answer.status}: {answer.excerpt()}")
-                    requests: list[dict[str, Any]] = answer.json()["requests"]
+                    doc = answer.json()
+                    requests: list[dict[str, Any]] = doc["requests"]
+                    version = str(doc["version"])
                     backoff.reset()
                 except (ConfigServerError, ValueError, KeyError) as e:
                     delay = backoff.next()
@@ -69,10 +73,6 @@ class InstallRequests:
                         task = asyncio.create_task(self._one(req), name=f"install-{req['id']}")
                         self._running[req["id"]] = task
                         task.add_done_callback(functools.partial(self._forget, req["id"]))
-                if requests and all(r["id"] in self._running for r in requests):
-                    # All of them run here already: the next poll would answer at once.
-                    await asyncio.wait(list(self._running.values()), timeout=POLL_SECONDS,
-                                       return_when=asyncio.FIRST_COMPLETED)
         finally:
             tasks = list(self._running.values())
             for t in tasks:
