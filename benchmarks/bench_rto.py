@@ -20,11 +20,20 @@ Measured, one VM boot:
   the bytes costs), and ``e2fsck -fn`` of the source's partition on a loop device (the
   floor of the checks). Ratios: each job step over its peer.
 
+With ``--instant``, in the same run: the same drill with ``failover test --instant``
+(the machine boots on its disk served over NBD from the vault; command → booted, the
+share of the point's data local at boot, then the hydration and the pivot onto the local
+image), and both drills again on a 16 GiB disk (``--big-gib``): the boot disk at its
+start and ``--big-data-mib`` of random data spread over the rest (holes between),
+protected in one cycle. Target: the instant RTO independent of the disk's size.
+
 Whether the VM ran under KVM or QEMU's emulation (TCG) is reported: ``targets.kvm``
 decides, as the libvirt target does. Needs root (loop devices, ``qemu:///system``),
-libvirt, QEMU, e2fsprogs, fdisk. Not a test: nothing here runs under pytest.
+libvirt, QEMU, e2fsprogs, fdisk (and nbdfuse, /dev/fuse for ``--instant``). Not a test:
+nothing here runs under pytest.
 
-Run: ``.venv/bin/python benchmarks/bench_rto.py [--json] [--json-out FILE] [--keep]``.
+Run: ``.venv/bin/python benchmarks/bench_rto.py [--instant] [--json] [--json-out FILE]
+[--keep]``.
 """
 
 from __future__ import annotations
@@ -76,8 +85,10 @@ from tests.sitehelpers import AgentSite, add_machine, next_job, wait_job  # noqa
 from vault.regkey import make_key  # noqa: E402
 
 MACHINE, VM = "web01", "sr-bench-rto-web01"
-DRILL_SUBNET = "10.216.0.0/24"  # neither the tests' drill subnets nor libvirt's default
+BIG = "web02"  # the 16 GiB disk's machine (--instant)
+DRILL_SUBNET = "10.217.0.0/24"  # neither the tests' drill subnets nor libvirt's default
 JOB_STEPS = ("prerequisites", "select_point", "restore", "verify", "create", "boot")
+INSTANT_STEPS = ("prerequisites", "select_point", "create", "verify", "boot")
 TOOLS = ("losetup", "mount", "umount", "e2fsck", "virsh", "libvirtd", "virtlogd",
          "qemu-system-x86_64", "qemu-img")
 DRILL_BOUND = 900.0  # seconds for the drill under emulation: a bound, not a measure
@@ -138,9 +149,10 @@ def traversable(work: Path) -> None:
 
 
 async def protect(cs: ConfigServer, api: ApiClient, stack: AsyncExitStack, work: Path,
-                  disk: Path) -> tuple[ProcServer, list[str], str, Path]:
+                  disk: Path) -> tuple[ProcServer, list[str], str, Path, Any]:
     """A process server on a new vault (running until ``stack`` closes), ``MACHINE``
-    protected in two cycles; the server, the points, the vault URL and key file."""
+    protected in two cycles; the server, the points, the vault URL and key file, the
+    process server's PKI."""
     url, key = await make_vault(work)
     vault = await open_vault(work / "vault", key)
     try:
@@ -159,32 +171,40 @@ async def protect(cs: ConfigServer, api: ApiClient, stack: AsyncExitStack, work:
                 "procservers"]}:
             await cs.changed.wait()
 
-    await add_machine(api, MACHINE, disks=("sda",))
-    await api.patch(f"/api/v1/machines/{MACHINE}", {"process_server": "ps1"})
-    enable = (await api.post("/api/v1/replication/enable", {"machine": MACHINE}))["job"]
-    site = await AgentSite.enroll(cs.site_url, cs.ca.cert_path, MACHINE, cs.passphrase,
-                                  work / "agent-site")
+    points = await protect_machine(cs, api, ps, pki, work, MACHINE, disk, cycles=2)
+    return ps, points, url, key, pki
+
+
+async def protect_machine(cs: ConfigServer, api: ApiClient, ps: ProcServer, pki: Any,
+                          work: Path, machine: str, disk: Path, *, cycles: int) -> list[str]:
+    """``machine`` (its disk sda: ``disk``) protected through ``ps`` in ``cycles``
+    cycles, a file of the boot partition changed before each; its points."""
+    await add_machine(api, machine, disks=("sda",))
+    await api.patch(f"/api/v1/machines/{machine}", {"process_server": "ps1"})
+    enable = (await api.post("/api/v1/replication/enable", {"machine": machine}))["job"]
+    site = await AgentSite.enroll(cs.site_url, cs.ca.cert_path, machine, cs.passphrase,
+                                  work / f"agent-site-{machine}")
     async with site:
         await site.heartbeat("2.0.0")
         await site.progress({"sda": 100})
-    agent = make_agent(agent_config(work, pki, MACHINE, ps.port, {"sda": disk}))
+    agent = make_agent(agent_config(work, pki, machine, ps.port, {"sda": disk}))
     points = []
     try:
-        for i in range(2):
+        for i in range(cycles):
             write_token(disk, f"bench-{i}-{uuid.uuid4().hex[:12]}", work / "mnt")
             r = await agent.replicate_once()
-            points.append(await ps.wait_point(r.cycle, timeout=120))
+            points.append(await ps.wait_point(r.cycle, timeout=1800))
     finally:
         agent.close()
     async with asyncio.timeout(60), cs.changed:
         while points[-1] not in {p["id"] for p in (await api.get(
-                "/api/v1/points", machine=MACHINE))["points"]}:
+                "/api/v1/points", machine=machine))["points"]}:
             await cs.changed.wait()
     assert (await wait_job(api, enable["id"]))["state"] == "succeeded"
-    fin = await wait_job(api, (await next_job(api, MACHINE, "finalize_protection"))["id"])
+    fin = await wait_job(api, (await next_job(api, machine, "finalize_protection"))["id"])
     if fin["state"] != "succeeded":
         raise RuntimeError(f"protection did not finish: {fin}")
-    return ps, points, url, key
+    return points
 
 
 async def job_row(cs: ConfigServer, jid: str) -> tuple[float, float, list[dict[str, Any]]]:
@@ -196,24 +216,29 @@ async def job_row(cs: ConfigServer, jid: str) -> tuple[float, float, list[dict[s
         return float(job.created), float(job.started), list(job.steps)
 
 
-async def drill(cs: ConfigServer, api: ApiClient, res: dict[str, Any]) -> str:
-    """``failover test`` as a command, timed; the job's id."""
-    await api.call("PATCH", f"/api/v1/items/{MACHINE}/recovery", {
-        "target": "libvirt", "vm_name": VM, "memory_mib": 256, "boot_marker": MARKER}, {})
-    say("drill: siterecovery failover test --wait (one VM boot)")
+async def drill(cs: ConfigServer, api: ApiClient, res: dict[str, Any], *,
+                machine: str = MACHINE, instant: bool = False, key: str = "drill") -> str:
+    """``failover test [--instant]`` as a command, timed, into ``res[key]``; the job's
+    id."""
+    await api.call("PATCH", f"/api/v1/items/{machine}/recovery", {
+        "target": "libvirt", "vm_name": f"sr-bench-rto-{machine}", "memory_mib": 256,
+        "boot_marker": MARKER}, {})
+    say(f"drill: siterecovery failover test {machine} --wait{' --instant' * instant} "
+        "(one VM boot)")
     t0 = time.time()
     seconds, out = await asyncio.wait_for(timed_cmd(
-        sys.executable, "-m", "siterecovery", "failover", "test", MACHINE, "--wait", "--json",
+        sys.executable, "-m", "siterecovery", "failover", "test", machine, "--wait", "--json",
+        *(["--instant"] if instant else []),
         "--api", cs.url, "--token-file", cs.cfg.token_path), DRILL_BOUND)
     job = json.loads(out)
     if job["state"] != "succeeded":
         raise RuntimeError(f"the drill failed: {job.get('error')}\n{json.dumps(job, indent=1)}")
     created, started, steps = await job_row(cs, job["id"])
-    item = await api.get(f"/api/v1/items/{MACHINE}")
+    item = await api.get(f"/api/v1/items/{machine}")
     rec = item["last_drill"]
     booted_at = started + float(rec["rto_seconds"])
     by_name = {s["name"]: s for s in steps}
-    res["drill"] = {
+    res[key] = {
         "job": job["id"], "point": rec["point"],
         "command_to_booted_s": round(booted_at - t0, 3),
         "command_to_exit_s": round(seconds, 3),
@@ -221,18 +246,25 @@ async def drill(cs: ConfigServer, api: ApiClient, res: dict[str, Any]) -> str:
         "job_queued_to_started_s": round(started - created, 3),
         "job_rto_s": float(rec["rto_seconds"]),
         "steps_s": {n: round(float(by_name[n]["ended"]) - float(by_name[n]["started"]), 3)
-                    for n in JOB_STEPS},
+                    for n in (INSTANT_STEPS if instant else JOB_STEPS)},
         "boot_proof_s": float(rec["boot"]["seconds"]),
         "boot_matched": rec["boot"]["matched"],
         "checks": {d: [(c["fs"], c["status"]) for c in v["checks"]]
                    for d, v in rec["checks"].items()},
     }
-    say(f"  booted {res['drill']['command_to_booted_s']:.1f} s after the command")
+    if instant:
+        hyd = by_name["hydrate"]
+        res[key].update(
+            local_at_boot_percent=rec["local_at_boot_percent"],
+            hydrate_and_pivot_s=round(float(hyd["ended"]) - float(hyd["started"]), 3),
+            hydrate_message=hyd["message"],
+            command_to_pivoted_s=round(float(hyd["ended"]) - t0, 3))
+    say(f"  booted {res[key]['command_to_booted_s']:.1f} s after the command")
     return str(job["id"])
 
 
-async def cleanup(api: ApiClient) -> None:
-    jid = (await api.post(f"/api/v1/items/{MACHINE}/cleanup-test-failover",
+async def cleanup(api: ApiClient, machine: str = MACHINE) -> None:
+    jid = (await api.post(f"/api/v1/items/{machine}/cleanup-test-failover",
                           {"notes": "bench_rto: booted, timed"}))["job"]["id"]
     done = await wait_job(api, jid, timeout=300)
     if done["state"] != "succeeded":
@@ -274,7 +306,41 @@ def ratios(res: dict[str, Any]) -> dict[str, float]:
     return {k: round(v, 2) for k, v in r.items()}
 
 
-async def bench(work: Path) -> dict[str, Any]:
+def big_disk(path: Path, gib: int, data_mib: int) -> None:
+    """A ``gib`` GiB disk: the boot disk at its start, then ``data_mib`` MiB of random
+    data in equal runs spread over the rest, holes between."""
+    shutil.copyfile(bootdisk(), path)
+    size = gib << 30
+    runs = 16
+    run_bytes = (data_mib << 20) // runs
+    with open(path, "r+b") as f:
+        f.truncate(size)
+        start = 256 << 20
+        stride = (size - start) // runs
+        for i in range(runs):
+            f.seek(start + i * stride)
+            f.write(os.urandom(run_bytes))
+
+
+async def big(cs: ConfigServer, api: ApiClient, ps: ProcServer, pki: Any, work: Path,
+              res: dict[str, Any], gib: int, data_mib: int) -> None:
+    disk = work / "web02-sda.img"
+    say(f"a {gib} GiB disk with {data_mib} MiB of data: protected in one cycle")
+    big_disk(disk, gib, data_mib)
+    t = time.perf_counter()
+    await protect_machine(cs, api, ps, pki, work, BIG, disk, cycles=1)
+    res["meta"]["big_disk"] = {"bytes": gib << 30, "data_bytes": data_mib << 20,
+                               "protect_s": round(time.perf_counter() - t, 3)}
+    disk.unlink()  # the vault holds it now: room for the restore and the copies
+    for instant, key in ((False, "big_drill"), (True, "big_instant")):
+        try:
+            await drill(cs, api, res, machine=BIG, instant=instant, key=key)
+        finally:
+            await cleanup(api, BIG)
+
+
+async def bench(work: Path, *, instant: bool = False, big_gib: int = 16,
+                big_data_mib: int = 1024) -> dict[str, Any]:
     kvm = probe_kvm()
     res: dict[str, Any] = {"meta": {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%SZ"), "cpus": os.cpu_count(),
@@ -298,7 +364,7 @@ async def bench(work: Path) -> dict[str, Any]:
         try:
             async with AsyncExitStack() as stack, ApiClient(cs.url, cs.admin_token) as api:
                 say("protecting the boot disk: two cycles, a file changed before each")
-                _ps, points, url, key = await protect(cs, api, stack, work, disk)
+                ps, points, url, key, pki = await protect(cs, api, stack, work, disk)
                 try:
                     await drill(cs, api, res)
                 finally:
@@ -306,10 +372,24 @@ async def bench(work: Path) -> dict[str, Any]:
                 if res["drill"]["point"] != points[-1]:
                     raise RuntimeError(f"the drill used {res['drill']['point']}, not the "
                                        f"newest point {points[-1]}")
+                if instant:
+                    try:
+                        await drill(cs, api, res, instant=True, key="instant")
+                    finally:
+                        await cleanup(api)
                 await peers(work, disk, url, key, points[-1], res)
+                if instant and big_gib:
+                    await big(cs, api, ps, pki, work, res, big_gib, big_data_mib)
         finally:
             await cs.stop()
     res["ratios"] = ratios(res)
+    if instant:
+        res["ratios"]["instant_over_restored_rto"] = round(
+            res["instant"]["command_to_booted_s"] / res["drill"]["command_to_booted_s"], 2)
+        if "big_instant" in res:
+            res["ratios"]["instant_big_over_small"] = round(
+                res["big_instant"]["command_to_booted_s"]
+                / res["instant"]["command_to_booted_s"], 2)
     return res
 
 
@@ -340,7 +420,28 @@ def render(res: dict[str, Any]) -> str:
               "ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()),
               f"restore verified by sha256 against the source: "
               f"{'OK' if res['verified'] else 'MISMATCH'}"]
+    for key, title in (("instant", f"{m['disk_bytes'] >> 20} MiB boot disk, --instant"),
+                       ("big_drill", "big disk, restored"),
+                       ("big_instant", "big disk, --instant")):
+        if key in res:
+            lines += ["", *_drill_lines(res[key], title)]
+    if "big_disk" in m:
+        b = m["big_disk"]
+        lines.append(f"big disk: {b['bytes'] >> 30} GiB, {b['data_bytes'] >> 20} MiB of data, "
+                     f"protected in {b['protect_s']:.1f} s")
     return "\n".join(lines)
+
+
+def _drill_lines(d: dict[str, Any], title: str) -> list[str]:
+    out = [f"failover test ({title}) → booted: {d['command_to_booted_s']:.2f} s (job RTO "
+           f"{d['job_rto_s']:.2f} s)"]
+    out += [f"  {n:<24} {v:>8.2f} s" for n, v in d["steps_s"].items()]
+    if "local_at_boot_percent" in d:
+        out += [f"  local at boot: {d['local_at_boot_percent']} % of the point's data; "
+                f"hydrate + pivot {d['hydrate_and_pivot_s']:.2f} s; command → pivoted "
+                f"{d['command_to_pivoted_s']:.2f} s",
+                f"  {d['hydrate_message']}"]
+    return out
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -356,6 +457,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--json-out", metavar="FILE", help="also write the JSON results to FILE")
     ap.add_argument("--keep", action="store_true", help="keep the run's folder afterwards")
+    ap.add_argument("--instant", action="store_true",
+                    help="also drill with --instant, and both ways on a big disk")
+    ap.add_argument("--big-gib", type=int, default=16, metavar="GIB",
+                    help="with --instant: the big disk's size (0: no big disk; default "
+                         "%(default)s)")
+    ap.add_argument("--big-data-mib", type=int, default=1024, metavar="MIB",
+                    help="with --instant: random data on the big disk (default %(default)s)")
     return ap.parse_args(argv)
 
 
@@ -368,7 +476,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="sr-bench-rto-", dir=args.work))
     try:
         traversable(work)
-        res = uvloop.run(bench(work))  # the daemons' event loop
+        res = uvloop.run(bench(work, instant=args.instant, big_gib=args.big_gib,
+                               big_data_mib=args.big_data_mib))  # the daemons' event loop
     finally:
         if args.keep:
             say(f"kept {work}")

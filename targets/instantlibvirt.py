@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from instant.overlay import IMAGE as OVERLAY_IMAGE
 from targets.base import Recovered, TargetError
 from targets.domainxml import NbdSource, disk_target, with_local_disks
 from targets.instant import InstantSource
@@ -117,22 +118,31 @@ def progress(servers: InstantServers, recovered: Recovered) -> tuple[int, int]:
 async def pivot(virsh: Virsh, servers: InstantServers, recovered: Recovered) -> Recovered:
     """Move the running domain onto local images (block copy from its NBD disks, then
     pivot: the guest keeps running and keeps what it wrote), make its stored definition
-    use them too, stop the servers and remove the overlays."""
+    use them too, stop the servers and remove the overlays. A domain no longer running
+    (its guest powered off) gets its hydrated overlays' images moved into place instead.
+    The disks must be hydrated."""
     disks = of(recovered)
     name = recovered.vm_name
     if pivoted(recovered):
         return recovered
+    running = (await virsh("domstate", name)).strip() in ("running", "paused")
     blk = await virsh("domblklist", name, "--details")
-    for d in disks:
+    for d in disks if running else ():
         if _source_of(blk, d.dev) != str(d.image):
             d.image.unlink(missing_ok=True)  # an interrupted copy's: blockcopy makes it
             # --transient-job: the copy need not outlive the domain (libvirt refuses a
             # persistent domain's copy otherwise); what a restart must see is redefined below
             await virsh("blockcopy", name, d.dev, "--dest", str(d.image), "--format", "raw",
                         "--wait", "--pivot", "--transient-job")
+    await servers.stop(name)
+    for d in disks if not running else ():
+        # The guest stopped (powered off): no one writes any more, and a hydrated overlay's
+        # image is the whole disk as the guest left it.
+        held = d.overlay / OVERLAY_IMAGE
+        if held.exists() or not d.image.exists():
+            await asyncio.to_thread(os.replace, held, d.image)
     inactive = await virsh("dumpxml", "--inactive", name)
     await virsh.define("define", with_local_disks(inactive, {d.dev: d.image for d in disks}))
-    await servers.stop(name)
     for d in disks:
         await asyncio.to_thread(shutil.rmtree, d.overlay, True)
         d.socket.unlink(missing_ok=True)

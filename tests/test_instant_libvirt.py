@@ -1,10 +1,13 @@
 """Instant recovery on libvirt end to end (one VM boot): the bootable test disk, as a
-point in a real vault, drilled with ``--instant`` through the configuration server's
-API on a real libvirtd. The machine boots on NBD disks served from the vault with less
-than a fifth of the point's data local; the guest writes (a block that was a hole, a
-block not fetched yet); hydration completes at its rate; the running machine moves onto
-the local image without a reboot, and that image holds the point plus the guest's
-writes, byte for byte; the cleanup leaves nothing.
+point in a real vault, drilled with ``--instant`` through a real ``configserver run``
+on a real libvirtd. The machine boots on NBD disks served from the vault with less than
+a fifth of the point's data local; the guest writes (a block that was a hole, a block
+not fetched yet); part way through the hydration the configuration server (the NBD
+servers' process) is killed with kill -9: the guest's reads fail, and never return
+other data; restarted, the server resumes the job, serves the disk again from its
+overlay and hydration goes on; the running machine moves onto the local image without
+a reboot, and that image holds the point plus the guest's writes, byte for byte; the
+cleanup leaves nothing.
 
 The guest is the test boot disk with an init of its own (an extra initramfs archive
 appended to its initrd replaces ``/init``): after the boot line it writes two sectors,
@@ -27,6 +30,7 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,7 +48,7 @@ from tests.bootdisk import (
     bootdisk,
     missing_tools,
 )
-from tests.helpers import make_vault, open_vault, write_full_point
+from tests.helpers import Daemon, make_vault, open_vault, write_full_point, write_toml
 from tests.libvirtd import libvirtd_running
 from tests.sitehelpers import (
     AgentSite,
@@ -60,7 +64,7 @@ from vault.regkey import make_key
 VM = "sr-instant-web01"
 DRILL_SUBNET = "10.216.0.0/24"  # not another libvirt test's
 DRILL_BOUND = 900.0  # seconds for the whole drill under emulation: a bound, not a measure
-RATE_MBPS = 200.0  # hydration's rate
+RATE_MBPS = 40.0  # hydration's rate: ~25 s for the point's data, killed part way
 FILLER_MIB = 96  # data after the boot disk that the guest never reads
 SECTOR = 512
 HOLE_SECTOR = 1024  # before the partition: zeros in the point (a hole)
@@ -96,6 +100,8 @@ while true; do
 done
 """
 ALIVE = re.compile(r"siterecovery-alive (\d+) ([0-9a-f]+)")
+GOOD = hashlib.md5(GUEST_BLOCK).hexdigest()[:12]  # the sector the guest wrote, read back
+FAILED = hashlib.md5(b"").hexdigest()[:12]  # a read that failed: nothing to digest
 
 
 def _need_root_tools() -> None:
@@ -163,12 +169,11 @@ def images(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def cs(tmp_path: Path, uri: str, images: Path) -> AsyncIterator[ConfigServer]:
-    """SQLite only: one VM boot for the module (the catalog is tested on both elsewhere)."""
+async def cs(tmp_path: Path) -> AsyncIterator[ConfigServer]:
+    """A configuration server without libvirt: its items' target is the folder one."""
     server = ConfigServer(ConfigServerConfig(
         data_dir=str(tmp_path / "cs"), listen_port=0, site_port=0,
-        database_url=f"sqlite+aiosqlite:///{tmp_path / 'catalog.db'}",
-        libvirt_uri=uri, libvirt_image_dir=str(images), libvirt_drill_subnet=DRILL_SUBNET))
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'catalog.db'}"))
     await server.start()
     try:
         yield server
@@ -182,23 +187,27 @@ async def api(cs: ConfigServer) -> AsyncIterator[ApiClient]:
         yield client
 
 
-async def _protect(cs: ConfigServer, api: ApiClient, tmp: Path, data: bytes) -> str:
+async def _protect(api: ApiClient, data_dir: Path, ready: dict[str, Any], tmp: Path,
+                   data: bytes) -> str:
     """web01 protected, with one full point of ``data`` as its disk sda; the point."""
     url, key = await make_vault(tmp)
     vault = await open_vault(tmp / "vault", key)
+    internal = (data_dir / "internal-token").read_text().strip()
+    cs_url = f"http://127.0.0.1:{ready['port']}"
     try:
         await api.post("/api/v1/registration", {
             "key": json.dumps(make_key(vault, url, time.time())), "vault_key_file": str(key)})
-        await add_procserver(cs.url, cs.internal_token)
+        await add_procserver(cs_url, internal)
         await add_machine(api, "web01", disks=("sda",))
-        agent = await AgentSite.enroll(cs.site_url, cs.ca.cert_path, "web01", cs.passphrase,
-                                       tmp / "agent")
+        agent = await AgentSite.enroll(
+            f"https://127.0.0.1:{ready['site_port']}", data_dir / "ca" / "ca.pem", "web01",
+            (data_dir / "enrollment-passphrase").read_text().strip(), tmp / "agent")
         jid = (await api.post("/api/v1/replication/enable", {"machine": "web01"}))["job"]["id"]
         async with agent:
             assert (await agent.heartbeat("2.0.0"))[0] == 200
             assert (await agent.progress({"sda": 100}))[0] == 200
         point = await write_full_point(vault, data, machine="web01")
-        await report_point(cs.url, cs.internal_token, "web01", point.id, point.created,
+        await report_point(cs_url, internal, "web01", point.id, point.created,
                            point.consistency)
     finally:
         await vault.close()
@@ -212,80 +221,124 @@ def _console(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
+def _alive(console: Path) -> list[tuple[int, str]]:
+    """The guest's "alive" lines: (count, digest of the sector it read)."""
+    return [(int(m[1]), m[2]) for m in ALIVE.finditer(_console(console))]
+
+
 async def _alive_after(console: Path, n: int, bound: float = 120.0) -> tuple[int, str]:
-    """The first "alive" line numbered above ``n`` (the guest reads its disk each
+    """The first "alive" line numbered ``n`` or more (the guest reads its disk each
     second), polling the console log until it appears or ``bound`` ends."""
     deadline = time.monotonic() + bound
-    while True:
-        found = [(int(m[1]), m[2]) for m in ALIVE.finditer(_console(console))]
-        later = [f for f in found if f[0] > n]
-        if later:
-            return later[0]
-        assert time.monotonic() < deadline, f"no alive line after {n}: {_console(console)}"
+    while not (later := [a for a in _alive(console) if a[0] >= n]):
+        assert time.monotonic() < deadline, f"no alive line {n}: {_console(console)}"
+        await asyncio.sleep(0.5)
+    return later[0]
+
+
+async def _console_shows(console: Path, text: str, bound: float = 120.0) -> None:
+    """Poll the console log until ``text`` appears on it (or ``bound`` ends)."""
+    deadline = time.monotonic() + bound
+    while text not in _console(console):
+        assert time.monotonic() < deadline, f"no {text!r} on the console: {_console(console)}"
         await asyncio.sleep(0.5)
 
 
-async def test_instant_drill_boots_from_the_vault_then_pivots_without_reboot(
-        cs: ConfigServer, api: ApiClient, uri: str, images: Path, disk: bytes,
-        tmp_path: Path) -> None:
-    point = await _protect(cs, api, tmp_path, disk)
-    await api.call("PATCH", "/api/v1/items/web01/recovery", {
-        "target": "libvirt", "vm_name": VM, "memory_mib": 256, "boot_marker": MARKER}, {})
-    jid = (await api.post("/api/v1/items/web01/test-failover", {
-        "instant": True, "hydrate_rate_mbps": RATE_MBPS}))["job"]["id"]
-    job = await wait_job(api, jid, timeout=DRILL_BOUND)
+async def test_instant_drill_boots_from_the_vault_survives_a_kill9_and_pivots(
+        uri: str, images: Path, disk: bytes, tmp_path: Path) -> None:
+    data_dir = tmp_path / "cs"
+    config = write_toml(tmp_path / "configserver.toml", {
+        "data_dir": str(data_dir), "listen_port": 0, "site_port": 0,
+        "database_url": f"sqlite+aiosqlite:///{tmp_path / 'catalog.db'}",
+        "libvirt_uri": uri, "libvirt_image_dir": str(images),
+        "libvirt_drill_subnet": DRILL_SUBNET})
+    args = ["configserver", "run", "--config", str(config)]
+    first, second = Daemon(args, "configserver_started"), None
     folder = images / VM
     console = folder / "console.log"
     try:
-        assert job["state"] == "succeeded", job
-        assert [s["name"] for s in job["steps"]] == [
-            "prerequisites", "select_point", "create", "verify", "boot", "hydrate", "record"]
-        drill = (await api.get("/api/v1/items/web01"))["last_drill"]
-        assert (drill["point"], drill["instant"], drill["result"]) == (point, True,
-                                                                      "succeeded")
-        # checked through the server, booted on it with less than a fifth local
-        assert "sda: ext4 clean" in step(job, "verify")["message"]
-        proof = f"{MARKER} hostname={HOSTNAME} drill=bootdisk-v1"
-        assert drill["boot"]["booted"] is True and drill["boot"]["matched"] == proof
-        assert drill["local_at_boot_percent"] < 20, drill
-        assert drill["rto_seconds"] >= drill["boot"]["seconds"]
-        hydrate = step(job, "hydrate")
-        assert f"{RATE_MBPS:g} Mbit/s" in hydrate["message"], hydrate
-        assert "without a reboot" in hydrate["message"]
+        ready = await first.start()
+        token = (data_dir / "api-token").read_text().strip()
+        async with ApiClient(f"http://127.0.0.1:{ready['port']}", token) as api:
+            point = await _protect(api, data_dir, ready, tmp_path, disk)
+            await api.call("PATCH", "/api/v1/items/web01/recovery", {
+                "target": "libvirt", "vm_name": VM, "memory_mib": 256,
+                "boot_marker": MARKER}, {})
+            jid = (await api.post("/api/v1/items/web01/test-failover", {
+                "instant": True, "hydrate_rate_mbps": RATE_MBPS}))["job"]["id"]
+            # booted, and hydrating: a quarter done, the server is killed
+            before = await wait_job(api, jid, lambda j: step(j, "hydrate")["progress"] >= 25,
+                                    timeout=DRILL_BOUND)
+            drill = (await api.get("/api/v1/items/web01"))["last_drill"]
+        n_before = max((n for n, _d in _alive(console)), default=0)
+        await first.kill9()
 
-        # on the local image now, in the running domain and in its definition
-        raw = folder / "00-sda.raw"
-        assert _virsh(uri, "domstate", VM).stdout.strip() == "running"
-        assert str(raw) in _virsh(uri, "domblklist", VM).stdout
-        inactive = _virsh(uri, "dumpxml", "--inactive", VM).stdout
-        assert "protocol='nbd'" not in inactive and f"file='{raw}'" in inactive
-        assert not list(folder.glob("*.sock")) and not list(folder.glob("*.overlay"))
+        # the guest's reads fail while nothing serves its disk; it never reads other data
+        await _console_shows(console, "I/O error, dev vda")
+        second = Daemon(args, "configserver_started")
+        ready = await second.start()
+        (resumed,) = await second.wait_events("job_resumed", 1)
+        assert resumed["job"] == jid
+        async with ApiClient(f"http://127.0.0.1:{ready['port']}", token) as api:
+            job = await wait_job(api, jid, timeout=DRILL_BOUND)
+            assert job["state"] == "succeeded" and job["attempts"] == 2, job
+            assert [s["name"] for s in job["steps"]] == [
+                "prerequisites", "select_point", "create", "verify", "boot", "hydrate",
+                "record"]
+            for name in ("create", "verify", "boot"):
+                assert step(job, name) == step(before, name)  # done before the kill
+            assert step(job, "hydrate")["attempts"] == 2
+            # checked through the server, booted on it with less than a fifth local
+            assert (drill["point"], drill["instant"]) == (point, True)
+            assert "sda: ext4 clean" in step(job, "verify")["message"]
+            proof = f"{MARKER} hostname={HOSTNAME} drill=bootdisk-v1"
+            assert drill["boot"]["booted"] is True and drill["boot"]["matched"] == proof
+            assert drill["local_at_boot_percent"] < 20, drill
+            assert drill["rto_seconds"] >= drill["boot"]["seconds"]
+            hydrate = step(job, "hydrate")["message"]
+            assert f"{RATE_MBPS:g} Mbit/s" in hydrate and "without a reboot" in hydrate
 
-        # no second boot; the guest goes on reading its disk, now the local image
-        seen = [int(m[1]) for m in ALIVE.finditer(_console(console))]
-        _n, digest = await _alive_after(console, max(seen, default=0) + 1)
-        assert digest == hashlib.md5(GUEST_BLOCK).hexdigest()[:12]
-        text = _console(console)
-        assert text.count("siterecovery-init: waiting") == 1, text
-        assert text.count(MARKER) == 1, text
+            # on the local image now, in the running domain and in its definition
+            raw = folder / "00-sda.raw"
+            assert _virsh(uri, "domstate", VM).stdout.strip() == "running"
+            assert str(raw) in _virsh(uri, "domblklist", VM).stdout
+            inactive = _virsh(uri, "dumpxml", "--inactive", VM).stdout
+            assert "protocol='nbd'" not in inactive and f"file='{raw}'" in inactive
+            assert not list(folder.glob("*.sock")) and not list(folder.glob("*.overlay"))
 
-        # the image: the point plus the guest's two writes, byte for byte
-        want = bytearray(disk)
-        for sector in (HOLE_SECTOR, DATA_SECTOR):
-            want[sector * SECTOR:(sector + 1) * SECTOR] = GUEST_BLOCK
-        got = raw.read_bytes()
-        assert len(got) == len(want)
-        assert hashlib.sha256(got).digest() == hashlib.sha256(want).digest(), \
-            f"first difference at byte {next(i for i in range(len(got)) if got[i] != want[i])}"
+            # no second boot; the guest goes on reading its disk, now the local image;
+            # every read it made gave the block it wrote, or failed
+            n, digest = await _alive_after(console, _alive(console)[-1][0] + 1)
+            assert n > n_before and digest == GOOD
+            assert {d for _n, d in _alive(console)} <= {GOOD, FAILED}, _console(console)
+            text = _console(console)
+            assert text.count("siterecovery-init: waiting") == 1, text
+            assert text.count(MARKER) == 1, text
+
+            # the image: the point plus the guest's two writes, byte for byte
+            want = bytearray(disk)
+            for sector in (HOLE_SECTOR, DATA_SECTOR):
+                want[sector * SECTOR:(sector + 1) * SECTOR] = GUEST_BLOCK
+            got = raw.read_bytes()
+            assert len(got) == len(want)
+            assert hashlib.sha256(got).digest() == hashlib.sha256(want).digest(), \
+                f"first difference at {next(i for i in range(len(got)) if got[i] != want[i])}"
+
+            done = await wait_job(api, (await api.post(
+                "/api/v1/items/web01/cleanup-test-failover",
+                {"notes": "instant drill: booted from the vault, pivoted"}))["job"]["id"],
+                timeout=300)
+            assert done["state"] == "succeeded", done
+        assert _virsh(uri, "domuuid", VM).returncode != 0, "the domain is still defined"
+        assert list(images.iterdir()) == []
+        assert list((data_dir / "failover-work").glob("*")) == []
     finally:
-        done = await wait_job(api, (await api.post(
-            "/api/v1/items/web01/cleanup-test-failover",
-            {"notes": "instant drill: booted from the vault, pivoted"}))["job"]["id"],
-            timeout=300)
-    assert done["state"] == "succeeded", done
-    assert _virsh(uri, "domuuid", VM).returncode != 0, "the domain is still defined"
-    assert list(images.iterdir()) == []
-    assert list((Path(cs.cfg.data_dir) / "failover-work").glob("*")) == []
+        for d in (first, second):
+            if d is not None and d.proc is not None and d.proc.returncode is None:
+                await d.stop()
+        if _virsh(uri, "domuuid", VM).returncode == 0:  # a failure above: nothing left
+            _virsh(uri, "destroy", VM)
+            _virsh(uri, "undefine", VM)
 
 
 async def test_instant_is_refused_by_a_target_that_cannot(cs: ConfigServer, api: ApiClient,
