@@ -75,11 +75,11 @@ async def prune(
     report.kept = plan(points, policy, now)
     # A cycle in progress (its writer let the lock go between segments) keeps its base
     # point and every block it references: they become a point's once it is written.
-    leases = await read_leases(vault, now.timestamp())
+    # Leases expire by the clock (``now`` may be a retention's point of view).
+    leases = await read_leases(vault)
     report.cycles_in_progress = len(leases.cycles)
-    for base in leases.bases:
-        if any(p.id == base for p in points):
-            report.kept.setdefault(base, "base of a cycle in progress")
+    for base in leases.bases & {p.id for p in points}:
+        report.kept.setdefault(base, "base of a cycle in progress")
     report.forgotten = [p.id for p in points if p.id not in report.kept]
     forget = set(report.forgotten)
     cache = {p.id: p for p in points}
