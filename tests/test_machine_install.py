@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import shutil
 import signal
 import sys
+import tarfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,6 +198,67 @@ async def test_a_rerun_verifies_and_changes_nothing(site: Site) -> None:
     assert len(certs) == 1  # no second enrollment
 
 
+def _next_version(path: Path, out: Path) -> str:
+    """The bundle at ``path`` as the next version would ship it (its manifest's version
+    only: every file and checksum the same); that version."""
+    with tarfile.open(path, "r:gz") as src, tarfile.open(out, "w:gz", compresslevel=1) as dst:
+        for member in src:
+            f = src.extractfile(member)
+            data = f.read() if f is not None else None
+            if member.name.endswith("/MANIFEST.json") and data is not None:
+                doc = json.loads(data)
+                version = str(doc["agent_version"]) + "+next"
+                doc["agent_version"] = version
+                data = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
+                member.size = len(data)
+            dst.addfile(member, io.BytesIO(data) if data is not None else None)
+    return version
+
+
+async def _restart_agent(s: Site) -> None:
+    for pid in s.agent_pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    started = await _ssh(s, f"setsid {AGENT} run --config /etc/siterecovery/mobility.toml "
+                            "</dev/null >/var/tmp/agent.log 2>&1 & echo $!")
+    s.agent_pid.append(int(started))
+
+
+async def test_upgrade_replaces_the_program_and_keeps_the_state(site: Site,
+                                                                tmp_path: Path) -> None:
+    state = site.sshd.root / "var/lib/siterecovery-mobility"
+    marker = await _ssh(site, "mkdir -p /var/lib/siterecovery-mobility && echo maps > "
+                              "/var/lib/siterecovery-mobility/marker && echo ok")
+    assert marker.strip() == "ok"
+    bundle = Path(site.ps.cfg.data_dir) / BUNDLE_NAME
+    old = bundle.with_name("previous.tar.gz")
+    shutil.copy(bundle, old)
+    version = await asyncio.to_thread(_next_version, old, tmp_path / "next.tar.gz")
+    shutil.copy(tmp_path / "next.tar.gz", bundle)
+    try:
+        key = (site.sshd.root / "etc/siterecovery/agent.key").read_bytes()
+        cli = asyncio.create_task(_cli("machine", "upgrade", "web01", *site.push))
+        job = await _latest(site, "agent_upgrade")
+        job = await wait_job(site.api, job["id"], lambda j: step(j, "start")["state"] ==
+                             "succeeded" or j["state"] in ("succeeded", "failed"), timeout=120)
+        assert "restart it: its files changed" in step(job, "start")["message"], job
+        await _restart_agent(site)  # as the job says (no systemd here)
+        code, doc, err = await asyncio.wait_for(cli, 120)
+        assert code == 0, (doc, err)
+        assert f"-> installed siterecovery agent {version}" in step(doc, "install")["message"]
+        assert "already enrolled" in step(doc, "enroll")["message"]
+        manifest = json.loads((site.sshd.root / "opt/siterecovery-agent/MANIFEST.json")
+                              .read_text())
+        assert manifest["agent_version"] == version
+        assert (state / "marker").read_text() == "maps\n"  # the agent's state is kept
+        assert (site.sshd.root / "etc/siterecovery/agent.key").read_bytes() == key
+        listed = (site.sshd.root / "opt/siterecovery-agent/INSTALLED").read_text().split()
+        assert "/var/lib/siterecovery-mobility" in listed and \
+            "/etc/siterecovery/agent.key" in listed  # uninstall still removes them
+    finally:
+        shutil.copy(old, bundle)
+
+
 async def test_uninstall_removes_everything_it_installed(site: Site) -> None:
     code, doc, err = await _cli("machine", "uninstall", "web01", "--api", site.cs.url,
                                 "--token-file", str(site.token_file), "--json")
@@ -204,8 +267,9 @@ async def test_uninstall_removes_everything_it_installed(site: Site) -> None:
     assert "each checked gone" in message and "/etc/siterecovery/agent.key" in message
     assert "/var/lib/siterecovery-mobility" in message
     assert site.sshd.files() == []
-    assert not Path(f"/proc/{site.agent_pid[0]}").exists() or \
-        "agent.py" not in Path(f"/proc/{site.agent_pid[0]}/cmdline").read_text()
+    for pid in site.agent_pid:  # the agent was stopped
+        assert not Path(f"/proc/{pid}").exists() or \
+            b"agent.py" not in Path(f"/proc/{pid}/cmdline").read_bytes()
     # again: nothing to remove
     code, doc, _ = await _cli("machine", "uninstall", "web01", "--api", site.cs.url,
                               "--token-file", str(site.token_file), "--json")
