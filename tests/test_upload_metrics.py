@@ -1,4 +1,5 @@
-"""The process server's compression metrics, through a real agent, server and vault.
+"""The process server's compression and vault-lock metrics, with a real vault (and a real
+agent and server for compression).
 
 ``siterecovery_procserver_stored_logical_bytes_total`` counts the block bytes sealed
 into the packs uploaded (before compression), next to ``uploaded_bytes_total`` (the
@@ -8,6 +9,7 @@ Also: a compressed unit is held to its size cap when it is opened again.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 from pathlib import Path
@@ -17,7 +19,10 @@ import pytest
 import zstandard
 from prometheus_client.parser import text_string_to_metric_families
 
+from procserver.metrics import ProcMetrics
 from procserver.server import ProcServer
+from procserver.vaultaccess import VaultAccess
+from procserver.vaultlock import SharedVaultLock
 from tests.helpers import (
     BLOCK,
     Pki,
@@ -28,6 +33,9 @@ from tests.helpers import (
 )
 from vault.crypto import Keyring, ObjectType, seal, unseal
 from vault.errors import IntegrityError
+from vault.keyslots import KeyMaterial, read_keyfile
+from vault.locks import Lock, list_locks, try_acquire
+from vault.store.local import LocalStore
 
 P = "siterecovery_procserver_"
 WORDS = [f"{w}{i}" for i, w in enumerate(("alpha", "beta", "gamma", "delta", "omega") * 40)]
@@ -118,3 +126,62 @@ def test_a_compressed_unit_over_its_size_cap_is_refused(content_size: bool) -> N
         b"x" * (2 * BLOCK))
     with pytest.raises(IntegrityError):
         unseal(aead, ObjectType.BLOCK, "p" * 64, sealed, max_size=BLOCK)
+
+
+def lock_samples(metrics: ProcMetrics) -> dict[str, float]:
+    return {s.name: s.value for fam in metrics.registry.collect() for s in fam.samples
+            if "vault_lock" in s.name and "le" not in s.labels
+            and s.labels.get("mode", "shared") == "shared"}
+
+
+async def test_one_shared_lock_for_every_upload_and_its_waits_in_the_metrics(
+        tmp_path: Path, vault_at: tuple[str, Path]) -> None:
+    """procserver/vaultlock.py on a real vault: concurrent holds share one lock object,
+    taken once and deleted when the last lets go (a cancelled one too); a wait for it
+    (a prune holds the vault) is observed by mode."""
+    _url, key = vault_at
+    vaults = VaultAccess(LocalStore(tmp_path / "vault"),
+                         KeyMaterial(keyfile=read_keyfile(key)))
+    await vaults.open()
+    metrics = ProcMetrics()
+    shared = SharedVaultLock(vaults, metrics, wait=60)
+    try:
+        async with shared.hold("upload a"), shared.hold("upload b"):
+            locks, _bad = await list_locks(vaults.vault)
+            assert [lk.kind for lk in locks] == ["shared"]
+        assert await list_locks(vaults.vault) == ([], [])
+        m = lock_samples(metrics)
+        assert m[P + "vault_lock_acquisitions_total"] == 1
+        assert m[P + "vault_lock_wait_seconds_count"] == 1
+
+        entered = asyncio.Event()
+
+        async def upload() -> None:
+            async with shared.hold("upload c"):
+                entered.set()
+                await asyncio.Event().wait()  # until cancelled
+
+        prune = await try_acquire(vaults.vault, "exclusive", "prune")
+        assert isinstance(prune, Lock)
+        task = asyncio.create_task(upload())
+        try:
+            async with asyncio.timeout(30):
+                while True:  # nothing announces the wait: look every 10 ms
+                    if lock_samples(metrics)[P + "vault_lock_waiting"] == 1:
+                        break
+                    await asyncio.sleep(0.01)
+            assert not entered.is_set()
+        finally:
+            await prune.release()
+        async with asyncio.timeout(30):
+            await entered.wait()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert await list_locks(vaults.vault) == ([], [])  # let go though cancelled
+        m = lock_samples(metrics)
+        assert m[P + "vault_lock_acquisitions_total"] == 2
+        assert m[P + "vault_lock_wait_seconds_count"] == 2
+        assert m[P + "vault_lock_waiting"] == 0
+        assert m[P + "vault_lock_wait_seconds_sum"] > 0.01  # it waited for the prune
+    finally:
+        await vaults.close()
