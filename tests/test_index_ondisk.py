@@ -25,7 +25,7 @@ from common.labels import CRASH
 from procserver.vaultaccess import VaultAccess
 from tests.helpers import run_cli
 from vault import names
-from vault.index import BlockIndex, Index
+from vault.index import BlockIndex, Index, open_index
 from vault.indexdb import DiskIndex
 from vault.indexopen import open_block_index
 from vault.keyslots import KeyMaterial, new_keyfile, read_keyfile
@@ -298,3 +298,40 @@ async def test_stale_after_a_prune_is_rebuilt(copy: Path, tmp_path: Path) -> Non
 async def _all_packs(vault: Vault) -> AsyncIterator[str]:
     async for info in vault.store.list(names.PACKS):
         yield names.pack_id_of(info.name)
+
+
+async def test_the_writer_deduplicates_against_it(copy: Path, tmp_path: Path) -> None:
+    """The process server's path: a cycle written against the on-disk index stores only
+    the blocks the vault lacks, the index learns its new object, and the point restores
+    through it byte for byte."""
+    access = VaultAccess(LocalStore(copy / "vault"),
+                         KeyMaterial(keyfile=read_keyfile(copy / "vault.key")),
+                         index_dir=tmp_path / "idx", index_memory=0)
+    await access.open()
+    try:
+        index = await access.refresh_index()
+        assert isinstance(index, DiskIndex)
+        vault = access.vault
+        known = {n: _data(n, b"A") for n in range(0, 200, 2)}  # machine a's blocks
+        new = {n: _data(n, b"C") for n in range(1, 200, 2)}
+        before = set(index.objects)
+        with ThreadPoolExecutor(2) as ex:
+            w = CycleWriter(vault, index, ex, machine="c", cycle="c1",
+                            disks=[DiskSpec("d0", 200 * BS, BS)], full=True, base=None)
+            await w.add([(0, n, b) for n, b in sorted({**known, **new}.items())])
+            digest = DiskDigest()
+            for n in range(200):
+                digest.update(fingerprint({**known, **new}[n]))
+            point = await w.finish({"d0": digest.hexdigest()}, CRASH)
+        [obj] = set(index.objects) - before
+        listed = open_index(vault.keyring, obj[len(names.INDEX):],
+                            await vault.store.get(obj))
+        stored = {e.block_id for entries in listed.values() for e in entries}
+        assert stored == {vault.keyring.block_id(b) for b in new.values()}
+        assert all(vault.keyring.block_id(b) in index for b in new.values())
+        [r] = await restore_point(vault, point, tmp_path / "out", index_dir=tmp_path / "idx",
+                                  index_memory=0)
+        assert Path(r.path).read_bytes() == b"".join(
+            ({**known, **new}[n]).ljust(BS, b"\0") for n in range(200))
+    finally:
+        await access.close()
