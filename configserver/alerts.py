@@ -25,6 +25,10 @@ drill_overdue                    warning   a protected item's last successful dr
                                            failover) ended more than ``drill_warning_days``
                                            ago; never drilled: counted from when Finalize
                                            protection succeeded (or the item's creation)
+tracker_missed_writes            critical  the machine's agent reported that a
+                                           verification scan found changed blocks its
+                                           change tracker had not named (cleared when a
+                                           later verification finds none)
 ===============================  ========  ============================================
 
 A process server that stopped heartbeating keeps its last reported cache and
@@ -44,6 +48,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 from sqlalchemy import func, select, text
@@ -69,8 +74,10 @@ STORAGE = "procserver_storage_failing"
 CERT_REVOKED = "procserver_certificate_revoked"
 RPO = "rpo_threshold_exceeded"
 DRILL_OVERDUE = "drill_overdue"
+TRACKER_MISSED = "tracker_missed_writes"
 PROCSERVER_CODES = (CACHE_LOW, BACKLOG, NO_HEARTBEAT, STORAGE, CERT_REVOKED)
-CODES = (*PROCSERVER_CODES, RPO, DRILL_OVERDUE)  # the codes this module owns in ``events``
+# the codes this module owns in ``events``
+CODES = (*PROCSERVER_CODES, RPO, DRILL_OVERDUE, TRACKER_MISSED)
 SEVERITIES = ("warning", "critical")
 # Items whose agent is expected to keep sending points (an item still in initial
 # replication has no RPO yet; one being disabled is going away).
@@ -186,6 +193,24 @@ def drill_alert(item: db.ReplicatedItem, protected_at: float | None, warning_day
                  f"failover cleanup {m}'")
 
 
+def tracker_alert(machine: str, report: dict[str, Any] | None) -> Alert | None:
+    """The alert of an agent whose last verification scan of a disk found changed blocks
+    its tracker had not named (``report``: the heartbeat's ``trackers``), if any."""
+    bad = {d: r for d, r in sorted((report or {}).items())
+           if isinstance(r, dict) and r.get("missed_blocks", 0) > 0}
+    if not bad:
+        return None
+    disks = ", ".join(f"{d} ({r['missed_blocks']} blocks, {r['tracker']} tracker, verified "
+                      f"{iso(r['verified_at']) if r.get('verified_at') else 'at an unknown time'})"
+                      for d, r in bad.items())
+    return Alert(TRACKER_MISSED, machine, "critical",
+                 f"machine {machine}: a verification scan found changed blocks the change "
+                 f"tracker had not named: {disks}. The points since that scan hold them; "
+                 "points taken before it may lack them (restore and check them, or drill). "
+                 "Set tracker = \"scan\" in the agent's mobility.toml until the cause is "
+                 "known; the alert clears when a later verification finds nothing missed")
+
+
 @dataclass
 class AlertBook:
     """One configuration server's alert bookkeeping: since when it is up (silence counts
@@ -218,6 +243,8 @@ async def evaluate(core: Core, st: AlertBook) -> list[Alert]:
                 select(db.Job.target, func.max(db.Job.ended)).where(
                     db.Job.kind == FINALIZE.name, db.Job.state == "succeeded")
                 .group_by(db.Job.target))).all() if e is not None}
+            reports = (await s.execute(select(db.Machine.name, db.Machine.tracker_report))
+                       ).all()
             newest: dict[str, db.Certificate] = {}
             for c in (await s.execute(select(db.Certificate).where(
                     db.Certificate.kind == "procserver").order_by(
@@ -235,6 +262,9 @@ async def evaluate(core: Core, st: AlertBook) -> list[Alert]:
                 if (a3 := drill_alert(item, protected_at.get(item.machine),
                                       st.drill_warning_days, now)) is not None:
                     want[(a3.code, a3.target)] = a3
+            for machine, report in reports:
+                if (a4 := tracker_alert(machine, report)) is not None:
+                    want[(a4.code, a4.target)] = a4
             active = (await s.execute(select(db.Event).where(
                 db.Event.active.is_(True), db.Event.code.in_(CODES)).order_by(db.Event.id))
             ).scalars().all()

@@ -61,8 +61,19 @@ SETTINGS = obj({
 }, ["machine", "replicate", "item_state", "resync_required", "disks", "process_server",
     "policy", "bandwidth", "revoked_server_certificates", "server_revocation_list",
     "heartbeat_interval_seconds"])
-HEARTBEAT = obj({"agent_version": {"type": "string", "minLength": 1, "maxLength": 40}},
-                ["agent_version"])
+TRACKER = obj({
+    "tracker": {"type": "string", "pattern": "^[a-z]{1,16}$"},
+    "verified_at": nullable({"type": "number", "minimum": 0, "maximum": 1e11}),
+    "missed_blocks": {"type": "integer", "minimum": 0, "maximum": 1 << 40}},
+    ["tracker", "verified_at", "missed_blocks"])
+HEARTBEAT = obj({
+    "agent_version": {"type": "string", "minLength": 1, "maxLength": 40},
+    "trackers": {"type": "object", "maxProperties": 64, "propertyNames": DISK_NAME,
+                 "additionalProperties": TRACKER, "description": (
+                     "per disk: its change tracker, when a cycle last read it whole "
+                     "(UNIX seconds) and how many changed blocks the tracker had missed "
+                     "at its last verification scan (the tracker_missed_writes alert)")}},
+    ["agent_version"])
 HEARTBEAT_REPLY = obj({"machine": {"type": "string"}, "last_contact": {"type": "string"},
                        "replicate": {"type": "boolean"}, "item_state": nullable(
                            {"type": "string"})},
@@ -171,6 +182,8 @@ async def heartbeat(call: Call) -> web.Response:
     async with call.services.sessionmaker() as s:
         machine = await _machine(s, name)
         machine.last_contact, machine.agent_version = now, call.body["agent_version"]
+        if "trackers" in call.body:
+            machine.tracker_report = call.body["trackers"]
         item = await s.get(db.ReplicatedItem, name)
         state = item.state if item is not None else None
         await s.commit()

@@ -113,6 +113,9 @@ class Machine(Base):
     host_key: Mapped[str | None] = mapped_column(Text, nullable=True)
     host_key_source: Mapped[str | None] = mapped_column(String(16), nullable=True)
     host_key_recorded: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Its agent's change trackers as its last heartbeat reported them: disk ->
+    # {"tracker", "verified_at", "missed_blocks"} (the tracker_missed_writes alert).
+    tracker_report: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class Certificate(Base):

@@ -83,6 +83,8 @@ class CycleResult:
     bytes_read: int = 0  # read from the disks (snapshots) to find and send the changes
     tracking: dict[str, str] = field(default_factory=dict)  # disk -> "scan", "reflink"...
     fallbacks: dict[str, str] = field(default_factory=dict)  # disk -> why a tracker scanned
+    # disk -> changed blocks its tracker had missed, for the disks this cycle verified
+    missed: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,20 @@ def revoked_refusal(e: BaseException, server: str) -> ProtocolError | None:
             "NAME --host HOST --out DIR --force on the configuration server, then restart "
             "the process server)")
     return None
+
+
+def tracker_report(agent: Agent) -> dict[str, dict[str, Any]]:
+    """Per disk: its tracker, when a cycle last read it whole (UNIX seconds; None: not
+    known), and how many changed blocks the last verification scan found its tracker
+    had missed — from the agent's committed state; what heartbeats carry."""
+    state = load_state(agent.state_dir)
+    out: dict[str, dict[str, Any]] = {}
+    for name, tracker in agent.trackers.items():
+        ds = state.disks.get(name) if state is not None else None
+        out[name] = {"tracker": tracker.kind,
+                     "verified_at": (ds.verified_at or None) if ds is not None else None,
+                     "missed_blocks": ds.missed_blocks if ds is not None else 0}
+    return out
 
 
 class Agent:
@@ -329,7 +345,8 @@ class Agent:
                         cycle = doc["cycle"]
                         if on_kind is not None:
                             on_kind(plan.kind)
-                        sender, resumes = await self._send(conn, plan, doc, progress, snap)
+                        sender, resumes = await self._send(conn, plan, doc, progress, snap,
+                                                           self._verify_due(state))
                     break
                 except _Retry:
                     plan = await self._basis(conn.link, sizes) or _Plan(
@@ -360,19 +377,51 @@ class Agent:
             await conn.link.close()
         # Acknowledged: only now does the agent advance its own state.
         disks = {}
+        whole, wall = sender.read_whole(), time.time()
         for d in sender.disks:
             name = f"{d.name}.{cycle}.fp"
             write_map(self.state_dir, name, bytes(d.fps))
-            disks[d.name] = DiskState(sizes[d.name], cfg.block_size, name)
+            before = state.disks.get(d.name) if state is not None else None
+            disks[d.name] = DiskState(
+                sizes[d.name], cfg.block_size, name,
+                verified_at=wall if d.name in whole else (before.verified_at if before else 0.0),
+                # sticky until a verification scan finds the tracker whole again
+                missed_blocks=len(sender.missed[d.name]) if d.name in sender.missed else (
+                    before.missed_blocks if before else 0))
         commit_state(self.state_dir, AgentState(cycle, disks))
+        self._report_verification(sender, cycle)
         log.info("cycle_committed", cycle=cycle, kind=plan.kind, consistency=consistency,
                  blocks=sender.sent, bytes=sender.nbytes, resumes=resumes,
                  bytes_read=sender.nread, tracking=sender.tracking)
         return CycleResult(cycle, plan.full, consistency, sender.sent, sender.nbytes, resumes,
-                           plan.kind, sender.nread, sender.tracking, sender.fallbacks)
+                           plan.kind, sender.nread, sender.tracking, sender.fallbacks,
+                           {k: len(v) for k, v in sender.missed.items()})
+
+    def _verify_due(self, state: AgentState | None) -> frozenset[str]:
+        """The disks whose last whole read is ``tracker_verify_hours`` old or more."""
+        hours = self.cfg.tracker_verify_hours
+        if hours <= 0 or state is None:
+            return frozenset()
+        now = time.time()
+        return frozenset(name for name, ds in state.disks.items()
+                         if now - ds.verified_at >= hours * 3600)
+
+    @staticmethod
+    def _report_verification(sender: Sender, cycle: str) -> None:
+        for disk, blocks in sender.missed.items():
+            tracker = sender.tracking.get(disk, "")
+            if not blocks:
+                log.info("tracker_verified", disk=disk, tracker=tracker, cycle=cycle)
+                continue
+            log.error("tracker_missed_writes", disk=disk, tracker=tracker, cycle=cycle,
+                      blocks=len(blocks), first_block=min(blocks),
+                      hint="this cycle's point holds them (the verification read every "
+                           "block), but points since the last verification may lack them; "
+                           "set tracker = \"scan\" in mobility.toml until the cause is known")
 
     async def _send(self, conn: Conn, plan: _Plan, doc: dict[str, Any],
-                    progress: Progress | None, snap: Held) -> tuple[Sender, int]:
+                    progress: Progress | None, snap: Held,
+                    verify: frozenset[str] = frozenset()) -> tuple[Sender, int]:
         """Send every changed block of the cycle (resuming after broken connections) and,
         with ``resume``, make it durable: after this only END is left."""
         cfg, cycle, resumes = self.cfg, doc["cycle"], 0
@@ -380,7 +429,7 @@ class Agent:
             CycleDisk(i, d["name"], snap.path(d["path"]), doc["disks"][i]["size"],
                   plan.olds[d["name"]])
             for i, d in enumerate(cfg.disks)], plan.full, progress,
-            cycle=cycle, base=plan.base if plan.kind == "delta" else None)
+            cycle=cycle, base=plan.base if plan.kind == "delta" else None, verify=verify)
         await sender.open()
         try:
             while True:

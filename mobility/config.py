@@ -47,6 +47,11 @@ class MobilityConfig:
     # tracker = "blocktrace": the trace ring buffer per CPU, in KiB. An overrun (too
     # small for the write rate) costs a full scan, never a missed write.
     blocktrace_buffer_kb: int = 4096
+    # A disk whose changes come from a tracker (reflink, blocktrace) is read whole at
+    # most this often anyway — a verification scan: what changed outside the tracker's
+    # ranges is sent all the same, counted and reported (tracker_missed_writes). A full
+    # or rescanned cycle counts as one. 0: never.
+    tracker_verify_hours: float = 24.0
     connect_timeout_seconds: float = 15.0
     ack_timeout_seconds: float = 300.0
     # How long a cycle whose connection broke keeps trying to resume (0: never).
@@ -88,6 +93,8 @@ class MobilityConfig:
             raise ValueError("tracker = 'blocktrace' needs snapshot = 'none', 'quiesced', "
                              "'fsfreeze' or 'script' (writes between an lvm or reflink "
                              "snapshot and the tracker's cut would be missed)")
+        if not 0 <= self.tracker_verify_hours <= 24 * 366:
+            raise ValueError("tracker_verify_hours must be from 0 (never) to 8784")
         if not 4 <= self.blocktrace_buffer_kb <= (1 << 20):
             raise ValueError("blocktrace_buffer_kb must be from 4 to 1048576")
         if self.snapshot == "fsfreeze" and not self.freeze_mounts:

@@ -25,7 +25,7 @@ import structlog
 
 from common.backoff import Backoff
 from common.fs import atomic_write
-from mobility.agent import Agent, CycleResult
+from mobility.agent import Agent, CycleResult, tracker_report
 from mobility.config import MobilityConfig
 from mobility.renewal import cert_not_after, renew
 from mobility.reporter import ProgressReporter
@@ -161,7 +161,7 @@ class ManagedAgent:
         if self._last_heartbeat is not None and now - self._last_heartbeat < interval:
             return
         try:
-            await self.site.heartbeat()
+            await self.site.heartbeat(tracker_report(self.agent))
             self._last_heartbeat = now
         except SiteError as e:
             log.warning("heartbeat_failed", error=str(e))

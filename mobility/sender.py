@@ -15,6 +15,7 @@ the bytes read from the disks.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import os
@@ -54,24 +55,44 @@ class CycleDisk:
     fd: int = -1
     extents: list[tuple[int, int]] | None = None
     ranges: tuple[tuple[int, int], ...] | None = None
+    # A verification scan: the ranges the tracker named, while every block is read.
+    claimed: tuple[tuple[int, int], ...] | None = None
+
+
+def missed(claimed: tuple[tuple[int, int], ...], starts: list[int], blocks: list[int]
+           ) -> list[int]:
+    """The ``blocks`` outside the sorted, disjoint ``claimed`` ranges (``starts``: their
+    first blocks)."""
+    out = []
+    for n in blocks:
+        i = bisect.bisect_right(starts, n) - 1
+        if i < 0 or n >= claimed[i][1]:
+            out.append(n)
+    return out
 
 
 def _scan_frames(fd: int, size: int, bs: int, pieces: list[Piece], old: bytes | None,
-                 extents: list[tuple[int, int]], fps: bytearray, full: bool, idx: int
-                 ) -> tuple[bytes, int, int, int, int]:
+                 extents: list[tuple[int, int]], fps: bytearray, full: bool, idx: int,
+                 claimed: tuple[tuple[int, int], ...] | None = None
+                 ) -> tuple[bytes, int, int, int, int, list[int]]:
     """Scan the pieces of a chunk (worker thread) and encode their changed blocks as one
     run of frames.
 
-    Returns the frames, how many, their data bytes, the last block number (-1: none)
-    and the bytes read.
+    Returns the frames, how many, their data bytes, the last block number (-1: none),
+    the bytes read and (a verification scan: ``claimed`` given) the changed blocks the
+    tracker did not name.
     """
     parts: list[bytes | memoryview] = []
     frames = nbytes = nread = 0
     last = -1
+    outside: list[int] = []
+    starts = [lo for lo, _ in claimed] if claimed is not None else []
     for first, count in pieces:
         changes, got = scan_chunk(fd, size, bs, first, count, old, extents, fps, full)
         nread += got
         frames += len(changes)
+        if claimed is not None and changes:
+            outside += missed(claimed, starts, [n for n, _ in changes])
         for n, data in changes:
             if data is None:
                 parts.extend(block_frame_parts(FrameType.ZERO, idx, n))
@@ -79,17 +100,19 @@ def _scan_frames(fd: int, size: int, bs: int, pieces: list[Piece], old: bytes | 
                 parts.extend(block_frame_parts(FrameType.BLOCK, idx, n, data))
                 nbytes += len(data)
             last = n
-    return b"".join(parts), frames, nbytes, last, nread
+    return b"".join(parts), frames, nbytes, last, nread, outside
 
 
 class Sender:
     """The blocks of one cycle, sent in (disk, block) order; restartable after a position."""
 
     def __init__(self, agent: Agent, disks: list[CycleDisk], full: bool,
-                 progress: Progress | None, *, cycle: str = "", base: str | None = None
-                 ) -> None:
+                 progress: Progress | None, *, cycle: str = "", base: str | None = None,
+                 verify: frozenset[str] = frozenset()) -> None:
         """``base``: the agent's last acknowledged cycle when ``disks``' ``old`` maps are
-        its own (a delta), the trackers' reference; None: every block is read."""
+        its own (a delta), the trackers' reference; None: every block is read.
+        ``verify``: the disks due for a verification scan (read whole even if their
+        tracker names ranges; what changed outside them is counted in ``missed``)."""
         self.agent, self.disks, self.full, self.progress = agent, disks, full, progress
         self.cycle, self.base = cycle, None if full else base
         self.bs = agent.cfg.block_size
@@ -98,6 +121,9 @@ class Sender:
         self.nread = 0  # bytes read from the disks (snapshots), re-reads included
         self.tracking: dict[str, str] = {}  # disk -> what found its changes
         self.fallbacks: dict[str, str] = {}  # disk -> why its tracker asked for a scan
+        self.verify = verify
+        # disk -> the changed blocks its tracker missed (verification scans only)
+        self.missed: dict[str, set[int]] = {}
         self.last: tuple[int, int] | None = None
         self._pending: collections.deque[asyncio.Future[Any]] = collections.deque()
 
@@ -112,8 +138,14 @@ class Sender:
             answer = await asyncio.to_thread(tracker.changes, self.base, self.cycle, d.path,
                                              d.size, self.bs)
             if isinstance(answer, Changed) and d.old is not None and len(d.old) == len(d.fps):
-                d.ranges, d.fps[:] = answer.ranges, d.old
                 self.tracking[d.name] = tracker.kind
+                if d.name in self.verify:  # read every block, compare with what it named
+                    d.claimed = answer.ranges
+                    self.missed[d.name] = set()
+                    log.info("tracker_verification_scan", disk=d.name, tracker=tracker.kind,
+                             named_blocks=answer.blocks)
+                else:
+                    d.ranges, d.fps[:] = answer.ranges, d.old
                 continue
             self.tracking[d.name] = "scan"
             if tracker.kind != "scan" and self.base is not None:
@@ -152,17 +184,20 @@ class Sender:
             todo = work(d.size, bs, d.ranges, start)
 
             def submit(i: int, d: CycleDisk = d, todo: list[list[Piece]] = todo
-                       ) -> asyncio.Future[tuple[bytes, int, int, int, int]]:
+                       ) -> asyncio.Future[tuple[bytes, int, int, int, int, list[int]]]:
                 assert d.extents is not None
                 return loop.run_in_executor(
                     self.agent.executor, _scan_frames, d.fd, d.size, bs, todo[i],
-                    None if self.full else d.old, d.extents, d.fps, self.full, d.idx)
+                    None if self.full else d.old, d.extents, d.fps, self.full, d.idx,
+                    d.claimed)
 
             ahead = collections.deque(submit(i) for i in range(min(PREFETCH, len(todo))))
             self._pending = ahead
             for i in range(len(todo)):
-                data, frames, nbytes, last, nread = await ahead.popleft()
+                data, frames, nbytes, last, nread, outside = await ahead.popleft()
                 self.nread += nread
+                if outside:  # a set: a resume may read a chunk twice
+                    self.missed[d.name].update(outside)
                 if i + PREFETCH < len(todo):
                     ahead.append(submit(i + PREFETCH))
                 if frames:
@@ -175,6 +210,10 @@ class Sender:
                 if self.progress is not None:
                     first, count = todo[i][-1]
                     self.progress(d.name, min(d.size, (first + count) * bs), d.size)
+
+    def read_whole(self) -> set[str]:
+        """The disks this cycle read every block of (full copy, scan, verification)."""
+        return {d.name for d in self.disks if d.ranges is None}
 
     def digests(self) -> dict[str, str]:
         return {d.name: digest_of_fingerprint_map(d.fps) for d in self.disks}

@@ -247,9 +247,13 @@ class SiteClient:
             raise SiteBadAnswer("GET", path, f"not agent settings: {e}") from None
         return settings
 
-    async def heartbeat(self) -> dict[str, Any]:
-        return await self._doc("POST", "/api/v1/agent/heartbeat",
-                               {"agent_version": AGENT_VERSION})
+    async def heartbeat(self, trackers: dict[str, dict[str, Any]] | None = None
+                        ) -> dict[str, Any]:
+        """``trackers``: per disk, its change tracker and its last verification."""
+        body: dict[str, Any] = {"agent_version": AGENT_VERSION}
+        if trackers is not None:
+            body["trackers"] = trackers
+        return await self._doc("POST", "/api/v1/agent/heartbeat", body)
 
     async def progress(self, disks: dict[str, float], resync: bool = False) -> None:
         await self._call("POST", "/api/v1/agent/progress", {"disks": disks, "resync": resync})

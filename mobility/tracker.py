@@ -30,6 +30,11 @@ class DiskState:
     size: int
     block_size: int
     map_file: str
+    # When a cycle last read every block of the disk (a full copy, a scan, a verification
+    # scan of a tracked disk; seconds since the epoch; 0: not since this field exists),
+    # and how many changed blocks the tracker had missed then (verification scans only).
+    verified_at: float = 0.0
+    missed_blocks: int = 0
 
 
 @dataclass

@@ -159,3 +159,41 @@ async def test_resynchronization(cs: ConfigServer, api: ApiClient, tmp_path: Pat
         status, item = await agent.progress({"sda": 50})
         assert item["state"] == "protected"
         assert (await api.get("/api/v1/items/web01"))["state"] == "protected"
+
+
+def _report(missed: int) -> dict[str, Any]:
+    return {"agent_version": "1", "trackers": {
+        "sda": {"tracker": "blocktrace", "verified_at": 1_800_000_000.0, "missed_blocks": missed},
+        "sdb": {"tracker": "scan", "verified_at": None, "missed_blocks": 0}}}
+
+
+async def test_a_tracker_that_missed_writes_raises_an_alert_until_verified_whole(
+        cs: ConfigServer, api: ApiClient, tmp_path: Path) -> None:
+    async with await _enrolled(cs, api, tmp_path) as agent:
+        assert (await agent.call("POST", "/api/v1/agent/heartbeat", _report(3)))[0] == 200
+        active = (await api.post("/api/v1/alerts/evaluate", {}))["events"]
+        [alert] = [e for e in active if e["code"] == "tracker_missed_writes"]
+        assert (alert["target"], alert["severity"]) == ("web01", "critical")
+        assert "sda (3 blocks, blocktrace tracker, verified 2027-01-15T08:00:00Z)" in \
+            alert["message"] and "sdb" not in alert["message"]
+
+        for bad in ({"sda": {"tracker": "blocktrace", "verified_at": None,
+                             "missed_blocks": -1}},
+                    {"sda": {"tracker": "Block Trace", "verified_at": None,
+                             "missed_blocks": 0}},
+                    {"sda": {"tracker": "scan", "verified_at": None}},
+                    {"../x": {"tracker": "scan", "verified_at": None, "missed_blocks": 0}},
+                    {f"d{i}": {"tracker": "scan", "verified_at": None, "missed_blocks": 0}
+                     for i in range(65)}):
+            status, err = await agent.call("POST", "/api/v1/agent/heartbeat",
+                                           {"agent_version": "1", "trackers": bad})
+            assert (status, err["error"]["code"]) == (422, "invalid_request"), bad
+        # refused reports changed nothing: still raised
+        active = (await api.post("/api/v1/alerts/evaluate", {}))["events"]
+        assert any(e["code"] == "tracker_missed_writes" for e in active)
+
+        assert (await agent.call("POST", "/api/v1/agent/heartbeat", _report(0)))[0] == 200
+        active = (await api.post("/api/v1/alerts/evaluate", {}))["events"]
+        assert not any(e["code"] == "tracker_missed_writes" for e in active)
+        cleared = (await api.get("/api/v1/events", code="tracker_missed_writes"))["events"]
+        assert [(e["active"], e["cleared_at"] is not None) for e in cleared] == [(False, True)]

@@ -24,7 +24,7 @@ async def test_migrations_build_exactly_the_models(catalog_url: str) -> None:
             assert await conn.run_sync(_diff) == []
             version = (await conn.execute(text("SELECT version_num FROM alembic_version"))
                        ).scalar_one()
-        assert version == "0010"
+        assert version == "0011"
     finally:
         await engine.dispose()
     engine, _ = await db.open_db(catalog_url)  # a second start migrates nothing

@@ -6,12 +6,14 @@ content the test knows; every point is restored from the vault and compared byte
 byte. The tracker reads only what the block layer wrote, nothing for an unchanged
 disk, and scans — counted, never a wrong point — when the trace ring buffer
 overran (provoked with a one-page buffer), when the event was disabled behind its
-back, and when the agent restarted (the marks were in memory).
+back, and when the agent restarted (the marks were in memory). A verification scan
+finds, sends and counts writes the tracker could not see.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 import random
@@ -22,9 +24,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from mobility.agent import Agent, CycleResult
+from mobility.agent import Agent, CycleResult, tracker_report
 from mobility.blocktrace import BlockTraceTracker, tracefs_root
+from mobility.sender import missed
 from mobility.snapshot import Quiesced
 from procserver.server import ProcServer
 from tests.backends import missing_backend
@@ -267,3 +272,71 @@ async def test_a_mounted_filesystem_frozen_for_each_cycle_under_a_workload(
             out.unlink()
     finally:
         await vault.close()
+
+
+@pytest.mark.root
+async def test_a_verification_scan_sends_and_counts_what_the_tracker_missed(
+        tmp_path: Path, pki: Pki, procserver: ProcServer, vault_at: tuple[str, Path],
+        tracefs: str, ext4_loop: str) -> None:
+    """Writes the block layer of the protected device never saw — into the loop device's
+    backing file, beneath it — are invisible to the tracker; the periodic verification
+    scan reads every block, sends them, counts them (the state and the heartbeat's report
+    keep the count until a verification finds the tracker whole again)."""
+    key, mnt = vault_at[1], tmp_path / "mnt"
+    agent = make(tmp_path, pki, procserver.port, ext4_loop, tracker_verify_hours=24.0)
+    bs = agent.cfg.block_size
+    try:
+        r = await cycle(agent, procserver, tmp_path, key, ext4_loop)
+        assert r.kind == "full" and r.missed == {}
+        assert tracker_report(agent)["sda"]["missed_blocks"] == 0
+        write_files(ext4_loop, mnt, 20)
+        r = await cycle(agent, procserver, tmp_path, key, ext4_loop)
+        assert (r.tracking, r.missed) == ({"sda": "blocktrace"}, {})  # not due: 24 h
+
+        beneath = [40, 41, (DEVICE // bs) - 3]  # blocks written under the device
+        with open(tmp_path / "ext4.img", "r+b") as f:
+            for n in beneath:
+                f.seek(n * bs)
+                f.write(os.urandom(bs))
+        r = await agent.replicate_once()  # the tracker saw nothing: it reads nothing
+        assert (r.tracking, r.bytes_read, r.blocks_sent, r.missed) == (
+            {"sda": "blocktrace"}, 0, 0, {})
+
+        agent.cfg = dataclasses.replace(agent.cfg, tracker_verify_hours=1e-9)  # always due
+        write_files(ext4_loop, mnt, 21)
+        r = await cycle(agent, procserver, tmp_path, key, ext4_loop)  # byte-exact again
+        assert r.tracking == {"sda": "blocktrace"} and r.missed == {"sda": len(beneath)}
+        assert r.bytes_read == DEVICE  # every block of the block device
+        report = tracker_report(agent)["sda"]
+        assert (report["tracker"], report["missed_blocks"]) == ("blocktrace", len(beneath))
+        assert report["verified_at"] is not None
+
+        write_files(ext4_loop, mnt, 22)
+        r = await cycle(agent, procserver, tmp_path, key, ext4_loop)
+        assert r.missed == {"sda": 0}  # whole again: the count is cleared
+        assert tracker_report(agent)["sda"]["missed_blocks"] == 0
+
+        agent.cfg = dataclasses.replace(agent.cfg, tracker_verify_hours=24.0)
+        write_files(ext4_loop, mnt, 23)
+        r = await cycle(agent, procserver, tmp_path, key, ext4_loop)
+        assert r.missed == {} and r.bytes_read < DEVICE // 4
+    finally:
+        agent.close()
+
+
+@given(st.lists(st.tuples(st.integers(0, 300), st.integers(1, 20)), max_size=12),
+       st.lists(st.integers(0, 400), max_size=50))
+def test_missed_is_the_blocks_outside_the_named_ranges(
+        spans: list[tuple[int, int]], blocks: list[int]) -> None:
+    named: set[int] = set()
+    for lo, n in spans:
+        named.update(range(lo, lo + n))
+    ranges: list[tuple[int, int]] = []
+    for n in sorted(named):  # sorted, disjoint, merged
+        if ranges and ranges[-1][1] == n:
+            ranges[-1] = (ranges[-1][0], n + 1)
+        else:
+            ranges.append((n, n + 1))
+    claimed = tuple(ranges)
+    assert missed(claimed, [lo for lo, _ in claimed], blocks) == [
+        n for n in blocks if n not in named]
