@@ -66,6 +66,7 @@ class DiskIndex:
         # One connection, used from the event loop and from the threads that load index
         # objects (``Vault.load_index``): one statement or transaction at a time.
         self._lock = threading.Lock()
+        self._closed = False
         #: why an existing file was thrown away at open (None if it was used or new)
         self.discarded: str | None = None
         self._db = self._connect()
@@ -217,21 +218,28 @@ class DiskIndex:
                 self._bloom = self._scan_filter()  # outgrown: more false positives than meant
 
     def fresh(self) -> DiskIndex:
-        self._db.close()
-        self._unlink()
+        with self._lock:  # after the statement a thread may be running
+            self._closed = True
+            self._db.close()
+            self._unlink()
         return DiskIndex(self.path, self.vault_id, expect=max(self._expect, self._bloom.count),
                          cache_bytes=self._cache_bytes)
 
     def close(self) -> None:
         """Save the filter (so the next open need not scan the ids) and close the file."""
-        try:
-            token = secrets.token_bytes(16)
-            self._bloom.save(self._filter_path, token)
-            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('filter', ?)", (token.hex(),))
-        except (OSError, sqlite3.Error):
-            pass  # the next open scans the ids instead
-        finally:
-            self._db.close()
+        with self._lock:  # after the statement a thread may be running
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                token = secrets.token_bytes(16)
+                self._bloom.save(self._filter_path, token)
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('filter', ?)",
+                                 (token.hex(),))
+            except (OSError, sqlite3.Error):
+                pass  # the next open scans the ids instead
+            finally:
+                self._db.close()
 
     def __contains__(self, block_id: object) -> bool:
         if not isinstance(block_id, bytes) or block_id not in self._bloom:
