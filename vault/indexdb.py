@@ -13,7 +13,7 @@ is rebuilt from them (``Vault.refresh_index``). In ``<dir>/<vault id>.index.sqli
   discarded), and the token of the saved Bloom filter.
 
 In memory: the sets of objects and packs (a few dozen bytes per pack, not per block) and
-a Bloom filter of the block ids (vault/bloom.py, 1.25-2.5 bytes a block) that answers
+a Bloom filter of the block ids (vault/bloom.py, 1.5-3 bytes a block) that answers
 "certainly new" for most blocks of a cycle without a read. The filter is saved beside
 the file on ``close`` (``<file>.filter``) with a token recorded in ``meta``; the token is
 cleared at open, before anything changes, so a filter that a kill left behind is stale
