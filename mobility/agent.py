@@ -41,8 +41,10 @@ from common.digest import block_count
 from common.pacing import TokenBucket
 from common.timefmt import now_iso
 from mobility import AGENT_VERSION
+from mobility.agenttls import client_ssl_context, revoked_refusal
 from mobility.config import MobilityConfig
 from mobility.link import FOREVER, Link, broken
+from mobility.metricsfile import AgentMetrics, CycleFacts
 from mobility.resume import Conn, check_progress, progress_of, resume
 from mobility.sender import CycleDisk, Progress, Sender
 from mobility.snapshot import Held, Scripts, SnapshotProvider, crash_provider, held
@@ -56,6 +58,7 @@ from mobility.tracker import (
     write_map,
 )
 from mobility.trackers import trackers_for
+from mobility.verification import report_verification, verify_due
 from wire.protocol import (
     FEATURES,
     FINGERPRINT,
@@ -114,50 +117,6 @@ def provider_for(cfg: MobilityConfig) -> SnapshotProvider:
     return inner
 
 
-# OpenSSL's X509_V_ERR_CERT_REVOKED: the server's certificate is on our CRL.
-CERT_REVOKED = 23
-
-
-def client_ssl_context(cfg: MobilityConfig, revocation_list: str | None = None
-                       ) -> ssl.SSLContext:
-    """Mutual TLS towards the process server; with ``revocation_list`` (the path of a CRL
-    from the CA, PEM) a server certificate on it fails the handshake (``CERT_REVOKED``)."""
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cfg.tls_ca)
-    ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if revocation_list:
-        ctx.load_verify_locations(cafile=revocation_list)
-        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-    return ctx
-
-
-def revoked_refusal(e: BaseException, server: str) -> ProtocolError | None:
-    """``server_certificate_revoked`` if ``e`` is a handshake that failed because the
-    server's certificate is on the CRL, else None."""
-    if isinstance(e, ssl.SSLCertVerificationError) and e.verify_code == CERT_REVOKED:
-        return ProtocolError(
-            "server_certificate_revoked",
-            f"the process server {server} presented a certificate the configuration server "
-            "revoked: refusing it (it needs a new one: siterecovery cert procserver --name "
-            "NAME --host HOST --out DIR --force on the configuration server, then restart "
-            "the process server)")
-    return None
-
-
-def tracker_report(agent: Agent) -> dict[str, dict[str, Any]]:
-    """Per disk: its tracker, when a cycle last read it whole (UNIX seconds; None: not
-    known), and how many changed blocks the last verification scan found its tracker
-    had missed — from the agent's committed state; what heartbeats carry."""
-    state = load_state(agent.state_dir)
-    out: dict[str, dict[str, Any]] = {}
-    for name, tracker in agent.trackers.items():
-        ds = state.disks.get(name) if state is not None else None
-        out[name] = {"tracker": tracker.kind,
-                     "verified_at": (ds.verified_at or None) if ds is not None else None,
-                     "missed_blocks": ds.missed_blocks if ds is not None else 0}
-    return out
-
-
 class Agent:
     def __init__(self, cfg: MobilityConfig, provider: SnapshotProvider | None = None) -> None:
         self.cfg = cfg
@@ -167,6 +126,9 @@ class Agent:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="scan")
         self.send_limit = TokenBucket(cfg.send_schedule())
         self.trackers = trackers_for(cfg)  # disk name -> its change tracker
+        self.metrics = (AgentMetrics(cfg.machine, Path(cfg.metrics_file))
+                        if cfg.metrics_file else None)
+        self._held = 0.0  # seconds the current cycle held its snapshot
         # The file of the CA's list of revoked server certificates (a CRL, from the managed
         # agent's settings): the handshake refuses a process server whose certificate is on
         # it.
@@ -321,17 +283,39 @@ class Agent:
         when the maps or the server's base are lost) a delta on the vault's newest point.
 
         ``on_kind`` learns which, before the first block is read."""
+        start, self._held = time.monotonic(), 0.0
+        try:
+            r = await self._replicate_once(progress, on_kind, resync)
+        except Exception as e:
+            if self.metrics is not None:
+                self.metrics.cycle_failed(type(e).__name__)
+            raise
+        if self.metrics is not None:
+            state = load_state(self.state_dir)
+            disks = state.disks if state is not None else {}
+            self.metrics.cycle_done(CycleFacts(
+                r.kind, r.consistency, time.time(), time.monotonic() - start, self._held,
+                r.blocks_sent, r.bytes_sent, r.bytes_read, r.tracking, r.fallbacks,
+                tuple(r.missed), {k: d.missed_blocks for k, d in disks.items()},
+                {k: d.verified_at for k, d in disks.items()}))
+        return r
+
+    async def _replicate_once(self, progress: Progress | None,
+                              on_kind: Callable[[str], None] | None,
+                              resync: bool) -> CycleResult:
         cfg = self.cfg
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         state = load_state(self.state_dir)
         sizes = {d["name"]: disk_size(d["path"]) for d in cfg.disks}
         plan = self._plan(state, sizes, resync)
+        due = verify_due(cfg.tracker_verify_hours, state)
         conn = Conn(await self._connect_retrying())
         resumes = 0
         try:
             if plan.full:
                 plan = await self._basis(conn.link, sizes) or plan
             while True:
+                held_from = time.monotonic()
                 try:
                     async with self.provider.hold() as h:
                         snap = held(h)
@@ -346,9 +330,11 @@ class Agent:
                         if on_kind is not None:
                             on_kind(plan.kind)
                         sender, resumes = await self._send(conn, plan, doc, progress, snap,
-                                                           self._verify_due(state))
+                                                           due)
+                    self._held += time.monotonic() - held_from
                     break
                 except _Retry:
+                    self._held += time.monotonic() - held_from
                     plan = await self._basis(conn.link, sizes) or _Plan(
                         "full", None, dict.fromkeys(sizes))
             digests = sender.digests()
@@ -389,35 +375,13 @@ class Agent:
                 missed_blocks=len(sender.missed[d.name]) if d.name in sender.missed else (
                     before.missed_blocks if before else 0))
         commit_state(self.state_dir, AgentState(cycle, disks))
-        self._report_verification(sender, cycle)
+        report_verification(sender, cycle)
         log.info("cycle_committed", cycle=cycle, kind=plan.kind, consistency=consistency,
                  blocks=sender.sent, bytes=sender.nbytes, resumes=resumes,
                  bytes_read=sender.nread, tracking=sender.tracking)
         return CycleResult(cycle, plan.full, consistency, sender.sent, sender.nbytes, resumes,
                            plan.kind, sender.nread, sender.tracking, sender.fallbacks,
                            {k: len(v) for k, v in sender.missed.items()})
-
-    def _verify_due(self, state: AgentState | None) -> frozenset[str]:
-        """The disks whose last whole read is ``tracker_verify_hours`` old or more."""
-        hours = self.cfg.tracker_verify_hours
-        if hours <= 0 or state is None:
-            return frozenset()
-        now = time.time()
-        return frozenset(name for name, ds in state.disks.items()
-                         if now - ds.verified_at >= hours * 3600)
-
-    @staticmethod
-    def _report_verification(sender: Sender, cycle: str) -> None:
-        for disk, blocks in sender.missed.items():
-            tracker = sender.tracking.get(disk, "")
-            if not blocks:
-                log.info("tracker_verified", disk=disk, tracker=tracker, cycle=cycle)
-                continue
-            log.error("tracker_missed_writes", disk=disk, tracker=tracker, cycle=cycle,
-                      blocks=len(blocks), first_block=min(blocks),
-                      hint="this cycle's point holds them (the verification read every "
-                           "block), but points since the last verification may lack them; "
-                           "set tracker = \"scan\" in mobility.toml until the cause is known")
 
     async def _send(self, conn: Conn, plan: _Plan, doc: dict[str, Any],
                     progress: Progress | None, snap: Held,

@@ -52,6 +52,9 @@ class MobilityConfig:
     # ranges is sent all the same, counted and reported (tracker_missed_writes). A full
     # or rescanned cycle counts as one. 0: never.
     tracker_verify_hours: float = 24.0
+    # The agent's metrics in Prometheus's text format, rewritten after every cycle (for
+    # node_exporter's textfile collector); "" = none.
+    metrics_file: str = ""
     connect_timeout_seconds: float = 15.0
     ack_timeout_seconds: float = 300.0
     # How long a cycle whose connection broke keeps trying to resume (0: never).

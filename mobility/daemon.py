@@ -25,13 +25,14 @@ import structlog
 
 from common.backoff import Backoff
 from common.fs import atomic_write
-from mobility.agent import Agent, CycleResult, tracker_report
+from mobility.agent import Agent, CycleResult
 from mobility.config import MobilityConfig
 from mobility.renewal import cert_not_after, renew
 from mobility.reporter import ProgressReporter
 from mobility.shutdown import answered, shut_down
 from mobility.siteclient import Settings, SiteClient, SiteError
 from mobility.snapshot import Scripts, SnapshotProvider, crash_provider
+from mobility.verification import tracker_report
 
 log = structlog.get_logger("mobility.daemon")
 CRL_FILE = "server-revocations.pem"  # in state_dir: the CA's CRL of server certificates

@@ -27,10 +27,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mobility.agent import Agent, CycleResult, tracker_report
+from mobility.agent import Agent, CycleResult
 from mobility.blocktrace import BlockTraceTracker, tracefs_root
 from mobility.sender import missed
 from mobility.snapshot import Quiesced
+from mobility.verification import tracker_report
 from procserver.server import ProcServer
 from tests.backends import missing_backend
 from tests.helpers import Pki, agent_config, open_vault, point_restores_to
