@@ -10,11 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Boolean, Float, Integer, LargeBinary, String, Text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column
 
-
-class Base(DeclarativeBase):
-    pass
+from configserver.modelbase import Base
 
 
 class Registration(Base):
@@ -249,3 +247,5 @@ class NotifyOutbox(Base):
 
 
 from configserver import planmodels  # noqa: E402,F401  (recovery plans' tables, on Base)
+
+

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import JSON, Float, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from configserver.models import Base
+from configserver.modelbase import Base
 
 
 class RecoveryPlan(Base):
