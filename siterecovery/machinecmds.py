@@ -173,8 +173,9 @@ def _push_verbs(msub: argparse._SubParsersAction[argparse.ArgumentParser]
                             "reinstalled): the next one seen is trusted")
         if action != "uninstall":
             v.add_argument("--server", metavar="HOST:PORT",
-                           help="where the agent replicates to (default: its process "
-                                "server's address)")
+                           help="where the agent replicates to until its first settings "
+                                "(default, and afterwards: its process server's address "
+                                "from the heartbeat)")
             v.add_argument("--site-url", metavar="URL",
                            help="the configuration server's site listener as the machine "
                                 "reaches it (default: from site_names/site_host)")

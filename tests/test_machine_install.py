@@ -8,9 +8,12 @@ starts it over SSH as the operator would.
 
 One configuration server, process server and sshd for the module (each test builds on
 the previous one's state, in file order): the install records the host key on first
-use; a re-run verifies and changes nothing; uninstall removes every file; a changed host
-key (or one the operator's known_hosts pins) refuses the install with both
-fingerprints, before anything is written.
+use; a re-run verifies and changes nothing; the pushed agent replicates a disk image on
+the target to the process server (its point restores byte-exact); an upgrade to the
+next bundle version keeps the agent's state, so its next cycle is a delta (restored
+byte-exact too); uninstall removes every file it installed (the machine's own disk
+stays); a changed host key (or one the operator's known_hosts pins) refuses the install
+with both fingerprints, before anything is written.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from procserver.installreq import BUNDLE_NAME
 from procserver.server import ProcServer
 from siterecovery.apiclient import ApiClient
 from tests.backends import missing_backend
-from tests.helpers import REPO, make_vault
+from tests.helpers import REPO, make_vault, open_vault, restore_all, sha256
 from tests.sitehelpers import step, wait_job
 from tests.sshd import HOST_ADDR, Sshd, agent_bundle, missing
 
@@ -92,7 +95,7 @@ async def site(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Site]:
             ps = ProcServer(ProcServerConfig(
                 data_dir=str(pdir), vault_url=url, vault_key_file=str(key_file),
                 tls_cert=str(tls / "server.pem"), tls_key=str(tls / "server.key"),
-                tls_ca=str(cs.ca.cert_path), listen_host="0.0.0.0", listen_port=0,
+                tls_ca=str(cs.ca.cert_path), listen_host=HOST_ADDR, listen_port=0,
                 metrics_port=0, name="ps1", configserver_url=f"https://127.0.0.1:"
                 f"{cs.site_port}", configserver_token_file=str(cs.cfg.internal_token_path)))
             await ps.start()
@@ -107,7 +110,7 @@ async def site(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Site]:
                 "disks": [{"name": "sda", "path": "/var/lib/disk.img"}]})
             push = ["--api", cs.url, "--token-file", str(cs.cfg.token_path), "--json",
                     "--site-url", f"https://{HOST_ADDR}:{cs.site_port}",
-                    "--server", f"{HOST_ADDR}:{ps.port}", "--heartbeat-timeout", "120"]
+                    "--heartbeat-timeout", "120"]
             yield Site(cs, ps, api, sshd, cs.cfg.token_path, push, pids)
         finally:
             for pid in pids:  # an agent the uninstall did not stop (a failed test)
@@ -198,6 +201,49 @@ async def test_a_rerun_verifies_and_changes_nothing(site: Site) -> None:
     assert len(certs) == 1  # no second enrollment
 
 
+DISK = "/var/lib/disk.img"
+DISK_BYTES = 8 << 20
+
+
+def _received(s: Site) -> float:
+    return s.ps.metrics.registry.get_sample_value(
+        "siterecovery_procserver_received_bytes_total") or 0.0
+
+
+async def _new_point(s: Site, old: str | None) -> str:
+    """The item's latest point once it is not ``old`` (and the item protected)."""
+    try:
+        async with asyncio.timeout(90), s.cs.changed:
+            while True:
+                item = await s.api.get("/api/v1/items/web01")
+                if item["state"] == "protected" and item["latest_point"] not in (None, old):
+                    return str(item["latest_point"])
+                await s.cs.changed.wait()
+    except TimeoutError:
+        log = await _ssh(s, "tail -n 30 /var/tmp/agent.log")
+        raise AssertionError(f"no new point; the agent's log:\n{log}") from None
+
+
+async def _restores_to_the_disk(s: Site, point_id: str, out: Path) -> None:
+    vault = await open_vault(Path(s.ps.cfg.vault_url.removeprefix("file://")),
+                             Path(s.ps.cfg.vault_key_file))
+    try:
+        got = await restore_all(vault, await vault.read_point(point_id), out)
+    finally:
+        await vault.close()
+    assert got == {"sda": sha256(s.sshd.root / DISK.lstrip("/"))}
+
+
+async def test_the_pushed_agent_replicates_and_its_point_restores_byte_exact(
+        site: Site, tmp_path: Path) -> None:
+    await _ssh(site, f"head -c {DISK_BYTES} /dev/urandom > {DISK}")
+    await site.api.post("/api/v1/replication/enable", {"machine": "web01"})
+    await _restart_agent(site)  # its first round: settings, then the initial copy
+    point = await _new_point(site, None)
+    assert _received(site) >= DISK_BYTES * 0.9
+    await _restores_to_the_disk(site, point, tmp_path)
+
+
 def _next_version(path: Path, out: Path) -> str:
     """The bundle at ``path`` as the next version would ship it (its manifest's version
     only: every file and checksum the same); that version."""
@@ -227,6 +273,8 @@ async def _restart_agent(s: Site) -> None:
 async def test_upgrade_replaces_the_program_and_keeps_the_state(site: Site,
                                                                 tmp_path: Path) -> None:
     state = site.sshd.root / "var/lib/siterecovery-mobility"
+    before = (await site.api.get("/api/v1/items/web01"))["latest_point"]
+    await _ssh(site, f"dd if=/dev/urandom of={DISK} bs=64K count=1 seek=5 conv=notrunc")
     marker = await _ssh(site, "mkdir -p /var/lib/siterecovery-mobility && echo maps > "
                               "/var/lib/siterecovery-mobility/marker && echo ok")
     assert marker.strip() == "ok"
@@ -242,6 +290,7 @@ async def test_upgrade_replaces_the_program_and_keeps_the_state(site: Site,
         job = await wait_job(site.api, job["id"], lambda j: step(j, "start")["state"] ==
                              "succeeded" or j["state"] in ("succeeded", "failed"), timeout=120)
         assert "restart it: its files changed" in step(job, "start")["message"], job
+        received = _received(site)
         await _restart_agent(site)  # as the job says (no systemd here)
         code, doc, err = await asyncio.wait_for(cli, 120)
         assert code == 0, (doc, err)
@@ -255,6 +304,10 @@ async def test_upgrade_replaces_the_program_and_keeps_the_state(site: Site,
         listed = (site.sshd.root / "opt/siterecovery-agent/INSTALLED").read_text().split()
         assert "/var/lib/siterecovery-mobility" in listed and \
             "/etc/siterecovery/agent.key" in listed  # uninstall still removes them
+        # the upgraded agent's next cycle is a delta: its maps were kept
+        point = await _new_point(site, before)
+        assert _received(site) - received < DISK_BYTES / 2
+        await _restores_to_the_disk(site, point, tmp_path / "out")
     finally:
         shutil.copy(old, bundle)
 
@@ -266,7 +319,7 @@ async def test_uninstall_removes_everything_it_installed(site: Site) -> None:
     message = step(doc, "uninstall")["message"]
     assert "each checked gone" in message and "/etc/siterecovery/agent.key" in message
     assert "/var/lib/siterecovery-mobility" in message
-    assert site.sshd.files() == []
+    assert site.sshd.files() == [DISK.lstrip("/")]  # the machine's own data stays
     for pid in site.agent_pid:  # the agent was stopped
         assert not Path(f"/proc/{pid}").exists() or \
             b"agent.py" not in Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -289,7 +342,7 @@ async def test_a_changed_host_key_refuses_the_install_with_both_fingerprints(
     error = doc["error"]
     assert error.startswith("Prerequisites on the machine: host_key:"), error
     assert recorded in error and presented in error and "no credential was sent" in error
-    assert site.sshd.files() == []
+    assert site.sshd.files() == [DISK.lstrip("/")]
     assert (await site.api.get("/api/v1/machines/web01/host-key"))["fingerprint"] == recorded
 
     # an operator's known_hosts pins its key the same way: another key is refused
@@ -302,4 +355,4 @@ async def test_a_changed_host_key_refuses_the_install_with_both_fingerprints(
     pinned = (await site.api.get("/api/v1/machines/web01/host-key"))
     assert pinned["source"] == "operator" and pinned["fingerprint"] != recorded
     assert job["state"] == "failed" and pinned["fingerprint"] in job["error"]
-    assert presented in job["error"] and site.sshd.files() == []
+    assert presented in job["error"] and site.sshd.files() == [DISK.lstrip("/")]
