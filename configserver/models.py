@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Boolean, Float, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from configserver.modelbase import Base
+from configserver.modelbase import Base as Base  # re-exported: db.Base, migrations
 
 
 class Registration(Base):
