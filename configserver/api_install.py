@@ -25,10 +25,10 @@ _PUSH_BODY = obj({
     "forget_host_key": {"type": "boolean",
                         "description": "forget the recorded host key first: the next one "
                                        "seen is trusted (a machine really reinstalled)"},
-    "server": {"type": "string", "pattern": "^\\S{1,255}$",
+    "server": {"type": "string", "pattern": "^[!-~]{1,255}$",
                "description": "host:port the agent replicates to (default: the process "
                               "server's address from its heartbeat)"},
-    "site_url": {"type": "string", "pattern": "^https://\\S{1,255}$",
+    "site_url": {"type": "string", "pattern": "^https://[!-~]{1,255}$",
                  "description": "the configuration server's site listener as the machine "
                                 "reaches it (default: from site_names/site_host)"},
     "heartbeat_timeout_seconds": {"type": "integer", "minimum": 1, "maximum": 86400,

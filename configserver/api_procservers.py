@@ -41,7 +41,7 @@ log = structlog.get_logger("configserver.procservers")
 _BYTES = {"type": "integer", "minimum": 0, "maximum": 1 << 62}
 HEARTBEAT = obj({
     "name": NAME,
-    "address": {"type": "string", "pattern": "^\\S{1,255}$",
+    "address": {"type": "string", "pattern": "^[!-~]{1,255}$",
                 "description": "host:port agents replicate to"},
     "version": {"type": "string", "maxLength": 40},
     "cache_bytes": _BYTES,

@@ -39,6 +39,7 @@ def schemathesis_config(doc: dict[str, Any]) -> str:
                     if p["name"] == "wait"]
             if wait:
                 settings.append(f"checks.max_response_time = {wait[0] + RESPONSE_SECONDS}")
+                settings.append(f"request-timeout = {wait[0] + RESPONSE_SECONDS}")
             if settings:
                 lines += ["[[operations]]",
                           f"include-operation-id = {json.dumps(op['operationId'])}",
