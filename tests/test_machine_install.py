@@ -13,7 +13,8 @@ the target to the process server (its point restores byte-exact); an upgrade to 
 next bundle version keeps the agent's state, so its next cycle is a delta (restored
 byte-exact too); uninstall removes every file it installed (the machine's own disk
 stays); a changed host key (or one the operator's known_hosts pins) refuses the install
-with both fingerprints, before anything is written.
+with both fingerprints, before anything is written; so do a refused account and a process
+server without a bundle, each with its own message.
 """
 
 from __future__ import annotations
@@ -356,3 +357,30 @@ async def test_a_changed_host_key_refuses_the_install_with_both_fingerprints(
     assert pinned["source"] == "operator" and pinned["fingerprint"] != recorded
     assert job["state"] == "failed" and pinned["fingerprint"] in job["error"]
     assert presented in job["error"] and site.sshd.files() == [DISK.lstrip("/")]
+
+
+async def test_a_refused_account_or_no_bundle_fails_the_prerequisites_and_changes_nothing(
+        site: Site) -> None:
+    await site.api.patch("/api/v1/accounts/rootpw", {"secret": "not-the-password"})
+    try:
+        job = (await site.api.post("/api/v1/machines/web01/install",
+                                   {"forget_host_key": True}))["job"]
+        job = await wait_job(site.api, job["id"], timeout=60)
+    finally:
+        await site.api.patch("/api/v1/accounts/rootpw", {"secret": ROOT_PW})
+    assert job["state"] == "failed"
+    assert job["error"].startswith("Prerequisites on the machine: authentication: ")
+    assert "refuses the account 'root' with its password" in job["error"]
+    assert "hint: " in job["error"] and site.sshd.files() == [DISK.lstrip("/")]
+    # forgotten, and not recorded again: no install got that far
+    assert (await site.api.get("/api/v1/machines/web01/host-key"))["host_key"] is None
+
+    bundle = Path(site.ps.cfg.data_dir) / BUNDLE_NAME
+    bundle.rename(bundle.with_name("away.tar.gz"))
+    try:
+        job = (await site.api.post("/api/v1/machines/web01/install", {}))["job"]
+        job = await wait_job(site.api, job["id"], timeout=60)
+    finally:
+        bundle.with_name("away.tar.gz").rename(bundle)
+    assert job["state"] == "failed" and f"no agent bundle at {bundle}" in job["error"]
+    assert f"siterecovery agent bundle --output {bundle}" in job["error"]
