@@ -154,10 +154,14 @@ def _steps(field: str, deps: FailoverDeps) -> dict[str, StepFn]:
                              "recovery's cleanup, or fix the vault and run it again") from None
         await record(ctx, field, recovered=dataclasses.asdict(made),
                      hydrated_at=ctx.core.clock())
-        images = [r.removeprefix("file:") for r in made.resources if r.endswith(".raw")]
+        images = ", ".join(r.removeprefix("file:") for r in made.resources
+                           if r.endswith(".raw"))
+        moved = (f"{made.vm_name} moved onto {images} without a reboot"
+                 if made.details.get("pivot") == "block copy" else
+                 f"{made.vm_name} had stopped: defined on {images}, the hydrated images")
         return (f"{total / 2**20:.1f} MiB hydrated in {time.monotonic() - began:.1f} s "
-                f"({'unlimited' if not rate else f'{rate:g} Mbit/s'}); {made.vm_name} moved "
-                f"onto {', '.join(images)} without a reboot; its NBD servers stopped")
+                f"({'unlimited' if not rate else f'{rate:g} Mbit/s'}); {moved}; its NBD "
+                "servers stopped")
 
     return {"prerequisites": prerequisites, "create": create, "verify": verify,
             "boot": boot, "hydrate": hydrate}

@@ -146,7 +146,8 @@ async def pivot(virsh: Virsh, servers: InstantServers, recovered: Recovered) -> 
     for d in disks:
         await asyncio.to_thread(shutil.rmtree, d.overlay, True)
         d.socket.unlink(missing_ok=True)
-    details = {**recovered.details, "pivoted": "yes"}
+    details = {**recovered.details, "pivoted": "yes",
+               "pivot": "block copy" if running else "stopped machine: hydrated image moved"}
     resources = [r for r in recovered.resources if r != f"instant:{name}"]
     resources += [f"file:{d.image}" for d in disks]
     return replace(recovered, resources=resources, details=details)
