@@ -53,9 +53,11 @@ class InstallRequests:
                         path, params={"wait": str(POLL_SECONDS), "version": version},
                         timeout=POLL_SECONDS + 15)
                     if answer.status == 404:  # before our first heartbeat registers us
-                        raise ConfigServerError("HTTP 404: not registered yet (no heartbeat "
-                                                "accepted), or a configuration server "
-                                                "without install requests")
+                        delay = backoff.next()
+                        log.info("install_requests_not_registered_yet",
+                                 retry_in_seconds=delay)
+                        await asyncio.sleep(delay)
+                        continue
                     if answer.status >= 300:
                         raise ConfigServerError(f"HTTP {answer.status}: {answer.excerpt()}")
                     doc = answer.json()
