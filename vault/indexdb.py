@@ -9,6 +9,10 @@ is rebuilt from them (``Vault.refresh_index``). In ``<dir>/<vault id>.index.sqli
 - ``objects(name)``: the index objects loaded, each in the same transaction as its
   entries, so a kill -9 mid-build (or mid-refresh) leaves whole objects only, and the
   next refresh loads the ones missing;
+- ``staging``: where those entries are appended, in load order; the next read moves
+  them into ``blocks`` in one transaction, sorted by id (SQLite's external sort), so a
+  build of many objects fills the B-tree in key order, each page written about once,
+  instead of touching most of its pages again for every object (random ids);
 - ``meta``: the vault id and layout version (another vault's file or an older layout is
   discarded), and the token of the saved Bloom filter.
 
@@ -48,6 +52,9 @@ CREATE TABLE IF NOT EXISTS objects (name TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS blocks (
     id BLOB PRIMARY KEY, pack INTEGER NOT NULL, off INTEGER NOT NULL, len INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS staging (
+    id BLOB NOT NULL, pack INTEGER NOT NULL, off INTEGER NOT NULL, len INTEGER NOT NULL
+);
 """
 
 
@@ -78,6 +85,8 @@ class DiskIndex:
             self._pack_n[name] = n
         self._next_pack = max(self._pack_ids, default=0) + 1
         self._count: int | None = None
+        self._pending = bool(self._db.execute(
+            "SELECT EXISTS (SELECT 1 FROM staging)").fetchone()[0])
         token = dict(self._db.execute("SELECT k, v FROM meta")).get("filter", "")
         bloom = BloomFilter.load(self._filter_path, bytes.fromhex(token)) if token else None
         if token:  # from now on the saved filter may go stale
@@ -106,6 +115,7 @@ class DiskIndex:
                 db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")
+                db.execute(f"PRAGMA journal_size_limit={64 << 20}")  # the WAL, once checkpointed
                 db.execute(f"PRAGMA cache_size=-{max(self._cache_bytes >> 10, 1024)}")
                 db.executescript(_SCHEMA)
                 meta = dict(db.execute("SELECT k, v FROM meta"))
@@ -133,8 +143,26 @@ class DiskIndex:
                   self.path.with_name(self.path.name + "-shm"), self._filter_path):
             p.unlink(missing_ok=True)
 
+    def _settle(self) -> None:
+        """Move the staged entries into ``blocks`` (callers hold the lock, or are
+        __init__): a later entry of a block replaces an earlier one, as in a dict."""
+        if not self._pending:
+            return
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            db.execute("INSERT OR REPLACE INTO blocks SELECT id, pack, off, len FROM staging "
+                       "ORDER BY id, rowid")
+            db.execute("DELETE FROM staging")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._pending = False
+
     def _scan_filter(self) -> BloomFilter:
         # Callers hold the lock (or are __init__).
+        self._settle()
         (count,) = self._db.execute("SELECT count(*) FROM blocks").fetchone()
         bloom = BloomFilter(max(2 * count, self._expect))
         bloom.update(bid for (bid,) in self._db.execute("SELECT id FROM blocks"))
@@ -157,6 +185,7 @@ class DiskIndex:
         if block_id not in self._bloom:
             return None
         with self._lock:
+            self._settle()
             row = self._db.execute("SELECT pack, off, len FROM blocks WHERE id = ?",
                                    (block_id,)).fetchone()
         return None if row is None else Location(self._pack_ids[row[0]], row[1], row[2])
@@ -170,6 +199,7 @@ class DiskIndex:
             q = ("SELECT id, pack, off, len FROM blocks WHERE id IN ("
                  + ",".join("?" * len(chunk)) + ")")
             with self._lock:
+                self._settle()
                 rows = self._db.execute(q, chunk).fetchall()
             for bid, n, off, ln in rows:
                 out[bid] = Location(pack_ids[n], off, ln)
@@ -192,14 +222,14 @@ class DiskIndex:
                 nxt += 1
             for e in entries:
                 latest[e.block_id] = (e.block_id, n, e.offset, e.length)
-        rows = [latest[b] for b in sorted(latest)]  # in key order: the B-tree's pages in turn
+        rows = list(latest.values())
         db = self._db
         with self._lock:
             db.execute("BEGIN")
             try:
                 db.executemany("INSERT INTO packs VALUES (?, ?)",
                                [(n, bytes.fromhex(p)) for p, n in new_packs.items()])
-                db.executemany("INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, ?)", rows)
+                db.executemany("INSERT INTO staging VALUES (?, ?, ?, ?)", rows)
                 if name is not None:
                     db.execute("INSERT OR IGNORE INTO objects VALUES (?)", (name,))
                 db.execute("COMMIT")
@@ -213,6 +243,7 @@ class DiskIndex:
             if name is not None:
                 self._objects.add(name)
             self._count = None
+            self._pending = True
             self._bloom.update(latest)
             if self._bloom.count > 2 * self._bloom.capacity:
                 self._bloom = self._scan_filter()  # outgrown: more false positives than meant
@@ -245,12 +276,14 @@ class DiskIndex:
         if not isinstance(block_id, bytes) or block_id not in self._bloom:
             return False
         with self._lock:
+            self._settle()
             return self._db.execute("SELECT 1 FROM blocks WHERE id = ?",
                                     (block_id,)).fetchone() is not None
 
     def __len__(self) -> int:
         if self._count is None:
             with self._lock:
+                self._settle()
                 (self._count,) = self._db.execute("SELECT count(*) FROM blocks").fetchone()
         return self._count
 
@@ -272,6 +305,8 @@ class _Entries(Mapping[bytes, Location]):
 
     def __iter__(self) -> Iterator[bytes]:
         # A cursor of its own: other statements may run between the rows it yields.
+        with self._index._lock:
+            self._index._settle()
         cur = self._index._db.cursor()
         for (bid,) in cur.execute("SELECT id FROM blocks"):
             yield bid

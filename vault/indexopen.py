@@ -10,6 +10,7 @@ date with ``Vault.refresh_index``.
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 from vault import names
@@ -38,7 +39,9 @@ async def open_block_index(vault: Vault, *, index_dir: str | os.PathLike[str] | 
     if memory is not None and blocks * MEMORY_PER_BLOCK <= memory:
         return await vault.load_index()
     cache = DEFAULT_CACHE if memory is None else max(1 << 20, min(DEFAULT_CACHE, memory // 4))
-    index = DiskIndex.open(index_dir, vault.config.vault_id, expect=blocks, cache_bytes=cache)
+    # Off the event loop: opening may finish a build a kill interrupted or scan the ids.
+    index = await asyncio.to_thread(DiskIndex.open, index_dir, vault.config.vault_id,
+                                    expect=blocks, cache_bytes=cache)
     try:
         return await vault.refresh_index(index)
     except BaseException:
