@@ -34,7 +34,9 @@ from typing import Any
 
 import pytest
 
+from configserver import failover
 from configserver.config import ConfigServerConfig
+from configserver.failover import FailoverDeps
 from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiCallError, ApiClient
 from targets.base import RecoverySpec
@@ -369,3 +371,16 @@ def test_domain_xml_of_nbd_disks_and_its_move_onto_local_images(tmp_path: Path) 
     assert [d.find("source").get("file") for d in moved  # type: ignore[union-attr]
             ] == [str(image), str(tmp_path / "b.raw")]
     assert [d.find("target").get("dev") for d in moved] == ["vda", "vdb"]  # type: ignore[union-attr]
+
+
+def test_instant_recoveries_have_their_own_steps() -> None:
+    kinds = {k.name: k for k in failover.kinds(FailoverDeps(targets={}, work_root=Path("/x")))}
+    drill, start = kinds["test_failover"], kinds["failover"]
+    instant = ["create", "verify", "boot", "hydrate", "record"]
+    assert [s.name for s in drill.steps_of({"instant": True})] == [
+        "prerequisites", "select_point", *instant]
+    assert [s.name for s in start.steps_of({"instant": True})] == [
+        "prerequisites", "shutdown_source", "stop_replication", "select_point", *instant]
+    assert [s.name for s in start.steps_of({})] == [
+        "prerequisites", "shutdown_source", "stop_replication", "select_point", "restore",
+        "verify", "create", "boot", "record"]
