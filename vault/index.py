@@ -71,6 +71,12 @@ class BlockIndex(Protocol):
         after a crash either all of it is there or none of it."""
         ...
 
+    def settle(self) -> None:
+        """Finish what ``add_object`` left for later (``DiskIndex``: staged entries moved
+        into its table), which the next read would otherwise do; loaders call it off the
+        event loop after a batch of objects."""
+        ...
+
     def fresh(self) -> Self:
         """An empty index of the same kind (and place) that replaces this one, which
         must not be used any more: what ``Vault.refresh_index`` rebuilds when an index
@@ -112,6 +118,9 @@ class Index:
     def lookup(self, block_ids: Iterable[bytes]) -> dict[bytes, Location]:
         entries = self.entries
         return {b: loc for b in block_ids if (loc := entries.get(b)) is not None}
+
+    def settle(self) -> None:
+        pass
 
     def fresh(self) -> Index:
         return Index()

@@ -248,6 +248,10 @@ class DiskIndex:
             if self._bloom.count > 2 * self._bloom.capacity:
                 self._bloom = self._scan_filter()  # outgrown: more false positives than meant
 
+    def settle(self) -> None:
+        with self._lock:
+            self._settle()
+
     def fresh(self) -> DiskIndex:
         with self._lock:  # after the statement a thread may be running
             self._closed = True

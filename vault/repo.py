@@ -183,6 +183,8 @@ class Vault:
             else:
                 # Filling a table takes twice the time of a dict: off the event loop.
                 await asyncio.to_thread(self._load_index_object, index, info.name, sealed)
+        if not isinstance(index, Index):
+            await asyncio.to_thread(index.settle)
         return index
 
     def _load_index_object(self, index: BlockIndex, name: str, sealed: bytes) -> None:
