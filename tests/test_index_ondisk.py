@@ -253,6 +253,17 @@ async def test_killed_mid_build_is_completed_at_restart(built: Path, tmp_path: P
         _same(broken, mem)
     finally:
         broken.close()
+    # Cut short: the header opens, the pages past the cut are gone.
+    with open(db, "r+b") as f:
+        f.truncate(db.stat().st_size - (db.stat().st_size // 4096 // 2) * 4096)
+    for p in idx.glob("*.filter"):
+        p.unlink()
+    cut = await open_block_index(vault, index_dir=idx, memory=0)
+    try:
+        assert isinstance(cut, DiskIndex) and cut.discarded
+        _same(cut, mem)
+    finally:
+        cut.close()
     await vault.close()
 
 

@@ -77,6 +77,16 @@ class DiskIndex:
         #: why an existing file was thrown away at open (None if it was used or new)
         self.discarded: str | None = None
         self._db = self._connect()
+        try:
+            self._load()
+        except sqlite3.DatabaseError as e:  # damage that opening the file did not show
+            self._db.close()
+            self.discarded = str(e)
+            self._unlink()
+            self._db = self._connect()
+            self._load()
+
+    def _load(self) -> None:
         self._objects = {name for (name,) in self._db.execute("SELECT name FROM objects")}
         self._pack_n: dict[str, int] = {}
         self._pack_ids: dict[int, str] = {}
@@ -88,7 +98,10 @@ class DiskIndex:
         self._pending = bool(self._db.execute(
             "SELECT EXISTS (SELECT 1 FROM staging)").fetchone()[0])
         token = dict(self._db.execute("SELECT k, v FROM meta")).get("filter", "")
-        bloom = BloomFilter.load(self._filter_path, bytes.fromhex(token)) if token else None
+        try:
+            bloom = BloomFilter.load(self._filter_path, bytes.fromhex(token)) if token else None
+        except ValueError:
+            bloom = None
         if token:  # from now on the saved filter may go stale
             self._db.execute("DELETE FROM meta WHERE k = 'filter'")
         self._bloom = bloom if bloom is not None else self._scan_filter()
