@@ -4,7 +4,7 @@ change notifier and the metrics — passed in, never reached through a server ob
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -20,8 +20,17 @@ class Notifier:
 
     def __init__(self) -> None:
         self.changed = asyncio.Condition()
+        # Also tells the other configuration servers on a shared PostgreSQL catalog
+        # (configserver/pgnotify.py); None: this server is alone.
+        self.publish: Callable[[], Awaitable[None]] | None = None
 
     async def notify(self) -> None:
+        await self.notify_local()
+        if self.publish is not None:
+            await self.publish()
+
+    async def notify_local(self) -> None:
+        """Wake this server's waiters only (a change another server announced)."""
         async with self.changed:
             self.changed.notify_all()
 

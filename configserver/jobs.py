@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import structlog
 from sqlalchemy import select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from configserver import db
 from configserver.core import Core
@@ -46,7 +46,7 @@ from configserver.jobdefs import (
     job_doc,
     new_job,
 )
-from configserver.leader import lead, resign
+from configserver.leader import holds_lock, lead, resign
 
 __all__ = ["ACTIVE", "JOB", "JOB_ID", "JOB_STATES", "STEP_STATES", "JobEngine", "JobKind",
            "JobRun", "Step", "StepContext", "StepFailed", "job_doc", "new_job", "wait_tick"]
@@ -154,6 +154,7 @@ class JobEngine:
         self._retry_at: dict[str, float] = {}
         self._writes: set[asyncio.Task[int]] = set()
         self._write_lock: dict[str, asyncio.Lock] = {}
+        self._leading = False
 
     def poke(self) -> None:
         old, self.tick = self.tick, asyncio.Event()
@@ -167,27 +168,60 @@ class JobEngine:
                 await changed.wait()
                 self.poke()
 
+    @property
+    def leading(self) -> bool:
+        """Whether this server runs the jobs now (always, on SQLite)."""
+        return self._leading
+
     async def run(self) -> None:
-        leader = await lead(self.core.database, self.recheck_seconds)
+        # Listening first: a standby's long polls wake with the leader's changes too.
         listener = asyncio.create_task(self._listen())
+        leader = None
         try:
             while True:
-                tick = self.tick
-                try:
-                    await self._schedule()
-                except Exception:
-                    log.exception("job_scheduler_error")
-                await wait_tick(tick, self.recheck_seconds)
+                leader = await lead(self.core.database, self.recheck_seconds)
+                self._leading = True
+                await self._lead(leader)  # returns only if the leadership was lost
+                self._leading = False
+                await self._stop_running()
+                await resign(leader)
+                leader = None
         finally:
-            tasks = [listener, *(r.task for r in self._running.values())]
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await t
+            self._leading = False
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+            await self._stop_running()
             if self._writes:
                 await asyncio.gather(*self._writes, return_exceptions=True)
             await resign(leader)
+
+    async def _lead(self, leader: AsyncConnection | None) -> None:
+        """Run the jobs while ``leader`` (the connection holding the leader lock; None on
+        SQLite) is alive; return when it is not — its session is gone, so is the lock,
+        and a standby may lead already: this server must stop running jobs at once."""
+        while True:
+            tick = self.tick
+            if leader is not None and not await holds_lock(leader):
+                log.error("job_engine_leadership_lost",
+                          hint="the connection holding the leader lock to the catalog was "
+                               "lost: the jobs this server ran stop here and resume on the "
+                               "server that leads now (this one tries to lead again)")
+                self.core.metrics.job_engine_errors.inc()
+                return
+            try:
+                await self._schedule()
+            except Exception:
+                log.exception("job_scheduler_error")
+            await wait_tick(tick, self.recheck_seconds)
+
+    async def _stop_running(self) -> None:
+        tasks = [r.task for r in self._running.values()]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
 
     async def _schedule(self) -> None:
         async with self.core.sessionmaker() as s:
@@ -235,6 +269,8 @@ class JobEngine:
                     await extra(s)
                 await s.commit()
             self.poke()  # wakes long polls of this job (and re-checks waiting steps)
+            if self.core.notifier.publish is not None:  # and those on the other servers
+                await self.core.notifier.publish()
             return written
 
         task = asyncio.create_task(write())

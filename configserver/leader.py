@@ -46,6 +46,22 @@ async def lead(database: AsyncEngine, poll_seconds: float) -> AsyncConnection | 
         await asyncio.sleep(poll_seconds)  # poll for the leader's departure
 
 
+async def holds_lock(conn: AsyncConnection, timeout: float = 15.0) -> bool:
+    """Whether ``conn`` still holds the leader lock: its session is alive and the lock is
+    among its locks (a connection cut by the network or by pg_terminate_backend is not)."""
+    try:
+        async with asyncio.timeout(timeout):
+            held = await conn.scalar(text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                "AND pid = pg_backend_pid() AND granted "
+                "AND ((classid::bigint << 32) | objid::bigint) = :k"), {"k": PG_LEADER_KEY})
+            await conn.rollback()
+    except Exception as e:  # any failure to ask is a lost session
+        log.warning("job_engine_lock_check_failed", error=str(e) or type(e).__name__)
+        return False
+    return bool(held)
+
+
 async def resign(conn: AsyncConnection | None) -> None:
     """Hand leadership over at once: unlock, and never return the session to the pool."""
     if conn is None:

@@ -38,6 +38,7 @@ from configserver.enrollment import Throttle
 from configserver.jobs import JobEngine
 from configserver.metrics import ConfigMetrics
 from configserver.peer import verify_peer
+from configserver.pgnotify import PgNotifyLink, asyncpg_dsn
 from configserver.rest import RouteTable
 from configserver.services import Services
 from configserver.tlssite import LoggingTLSSite
@@ -93,6 +94,14 @@ class ConfigServer:
             raise
         for coro in background_tasks(self.services):
             self._tasks.append(asyncio.create_task(coro))
+        if self.engine.dialect.name == "postgresql":
+            # Other configuration servers on this catalog wake with this one's changes.
+            link = PgNotifyLink(asyncpg_dsn(self.engine.url), self.notifier)
+            self.notifier.publish = link.publish
+            self._tasks.append(asyncio.create_task(link.run()))
+            with contextlib.suppress(TimeoutError):  # it keeps trying in the background
+                async with asyncio.timeout(10):
+                    await link.connected.wait()
         log.info("configserver_started", port=self.port, site_port=self.site_port,
                  token_file=str(self.cfg.token_path), database=self.engine.url.drivername)
 
