@@ -6,7 +6,7 @@ from __future__ import annotations
 from aiohttp import web
 from sqlalchemy import select
 
-from configserver import db, protection
+from configserver import db, install, protection
 from configserver.agentversion import with_agent
 from configserver.items import ITEM, ItemState, item_doc
 from configserver.jobs import JOB, job_doc
@@ -46,7 +46,8 @@ async def show_item(call: Call) -> web.Response:
 
 async def enable(call: Call) -> web.Response:
     job = await protection.enable(call.services, call.body["machine"],
-                                  call.body.get("policy", "default"))
+                                  call.body.get("policy", "default"),
+                                  install.site_url(call.services.cfg))
     await call.services.notify()
     return reply({"job": job_doc(job, call.services.jobs.kinds)}, status=202)
 

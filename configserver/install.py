@@ -31,9 +31,11 @@ from typing import Any
 
 import asyncssh
 import structlog
-from sqlalchemy import select
+from sqlalchemy import or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from configserver import certs, db, sealed, support
+from configserver.agentversion import older
 from configserver.core import Core
 from configserver.errors import Conflict, InvalidRequest, ItemStateError, NotFound
 from configserver.jobdefs import ACTIVE, JobKind, new_job
@@ -147,6 +149,76 @@ def new_request(job_id: str, action: str, m: db.Machine, ps: db.ProcessServer,
     return InstallRequest(job_id=job_id, machine=m.name, action=action, procserver=ps.name,
                           params=doc, state="pending", steps={}, error=None, created=now,
                           claimed=None, updated=now)
+
+
+async def push_action(s: AsyncSession, m: db.Machine, now: float) -> str | None:
+    """What Enable protection pushes to machine ``m`` (which has an account): ``install``
+    when no agent of it checked in with a certificate it still holds, ``upgrade`` when its
+    agent is older than its process server, None when it runs the right version."""
+    rows = (await s.execute(select(db.Certificate).where(
+        db.Certificate.subject == m.name, db.Certificate.kind == "agent"))).scalars().all()
+    if m.last_contact is None or all(certs.trusted(r, m, now) is not None for r in rows):
+        return "install"
+    ps = await s.get(db.ProcessServer, m.process_server) if m.process_server else None
+    if ps is not None and m.agent_version and ps.version and older(m.agent_version,
+                                                                    ps.version):
+        return "upgrade"
+    return None
+
+
+async def request_for_job(core: Core, job_id: str, action: str, name: str,
+                          params: dict[str, Any]) -> InstallRequest:
+    """The install request of job ``job_id`` (written now if it has none) for machine
+    ``name``'s process server: how a job other than agent_install/upgrade (Enable
+    protection) pushes the agent. It is that job's own request, so the job running on the
+    machine does not refuse it; ``InvalidRequest`` when the machine lacks what a push
+    needs (its account, its process server)."""
+    async with core.sessionmaker() as s:
+        r = await s.get(InstallRequest, job_id)
+        if r is not None:
+            return r
+        m = await s.get(db.Machine, name)
+        if m is None:
+            raise NotFound("machine_not_found", f"no machine named {name!r}")
+        if not m.account or await s.get(db.Account, m.account) is None:
+            raise InvalidRequest("no_account", f"machine {name!r} has no push-install "
+                                 f"account (or its account {m.account!r} no longer exists)",
+                                 f"give it one: siterecovery machine update {name} "
+                                 "--account NAME")
+        ps = await s.get(db.ProcessServer, m.process_server) if m.process_server else None
+        if ps is None:
+            raise InvalidRequest("procserver_not_found", f"machine {name!r} has no "
+                                 "registered process server",
+                                 f"assign one: siterecovery machine update {name} "
+                                 "--process-server NAME")
+        r = new_request(job_id, action, m, ps, params, core.clock())
+        s.add(r)
+        await s.commit()
+    await core.notify()
+    log.info("agent_push_requested", action=action, machine=name, job=job_id)
+    return r
+
+
+async def revoke_agent_certs(core: Core, name: str) -> list[str]:
+    """Revoke every agent certificate of machine ``name`` not revoked yet (valid or
+    superseded): its agent was uninstalled. The serials revoked; process servers drop them
+    with their next trust list, the site listener at once."""
+    now = core.clock()
+    async with core.sessionmaker() as s:
+        rows = (await s.execute(select(db.Certificate).where(
+            db.Certificate.subject == name, db.Certificate.kind == "agent",
+            or_(db.Certificate.revoked_at.is_(None), db.Certificate.revoked_at > now))
+            .order_by(db.Certificate.serial).with_for_update())).scalars().all()
+        serials = [r.serial for r in rows]
+        for r in rows:
+            r.revoked_at = now
+        await s.commit()
+    for serial in serials:
+        log.warning("certificate_revoked", serial=serial, subject=name, kind="agent",
+                    by="agent_uninstall")
+    if serials:
+        await core.notify()
+    return serials
 
 
 def request_doc(r: InstallRequest) -> dict[str, Any]:

@@ -22,7 +22,13 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from configserver import db
-from configserver.install import ACTIONS, REMOTE_STEPS, STEP_TITLES, new_request
+from configserver.install import (
+    ACTIONS,
+    REMOTE_STEPS,
+    STEP_TITLES,
+    new_request,
+    revoke_agent_certs,
+)
 from configserver.jobdefs import JobKind, JobRun, Step, StepFailed
 from configserver.jobs import StepContext
 from configserver.models import InstallRequest
@@ -86,40 +92,57 @@ async def validate(ctx: StepContext) -> str:
             f"by process server {ps.name}; host key: {key}")
 
 
+async def wait_remote(ctx: StepContext, name: str,
+                      show: Callable[[str], str] = lambda note: note) -> str:
+    """The message of step ``name`` of the job's install request once the process server
+    reported it succeeded; ``StepFailed`` with its message when it failed. Meanwhile the
+    job's step shows ``show(what the process server is doing)``."""
+    shown = [""]
+
+    async def reported() -> str | None:
+        async with ctx.core.sessionmaker() as s:
+            req = await s.get(InstallRequest, ctx.job.id)
+        if req is None:
+            raise StepFailed("the install request is gone (was the machine removed?)")
+        st = dict(req.steps or {}).get(name) or {}
+        if st.get("state") == "succeeded":
+            return str(st.get("message") or "done")
+        if st.get("state") == "failed" or req.state == "failed":
+            raise StepFailed(str(st.get("message") or req.error or "failed"))
+        now = ctx.core.clock()
+        if req.state == "pending" and now >= req.created + CLAIM_TIMEOUT_SECONDS:
+            raise StepFailed(
+                f"process server {req.procserver} did not take the request within "
+                f"{CLAIM_TIMEOUT_SECONDS:.0f} s: is it running, with configserver_url "
+                "set? (siterecovery procserver list)")
+        note = show(str(st.get("message") or (
+            f"waiting for process server {req.procserver}" if req.state == "pending"
+            else f"process server {req.procserver} at work")))
+        if note != shown[0]:
+            shown[0] = note
+            await ctx.progress(0.0, note)
+        return None
+
+    return await ctx.wait_for(reported, what=f"the process server's {name} step",
+                              timeout=STEP_TIMEOUT_SECONDS)
+
+
 def _remote(name: str) -> Callable[[StepContext], Coroutine[Any, Any, str | None]]:
     """A step the process server runs: wait for its report."""
 
     async def run(ctx: StepContext) -> str:
-        shown = [""]
-
-        async def reported() -> str | None:
-            async with ctx.core.sessionmaker() as s:
-                req = await s.get(InstallRequest, ctx.job.id)
-            if req is None:
-                raise StepFailed("the install request is gone (was the machine removed?)")
-            st = dict(req.steps or {}).get(name) or {}
-            if st.get("state") == "succeeded":
-                return str(st.get("message") or "done")
-            if st.get("state") == "failed" or req.state == "failed":
-                raise StepFailed(str(st.get("message") or req.error or "failed"))
-            now = ctx.core.clock()
-            if req.state == "pending" and now >= req.created + CLAIM_TIMEOUT_SECONDS:
-                raise StepFailed(
-                    f"process server {req.procserver} did not take the request within "
-                    f"{CLAIM_TIMEOUT_SECONDS:.0f} s: is it running, with configserver_url "
-                    "set? (siterecovery procserver list)")
-            note = str(st.get("message") or ("waiting for process server "
-                                             f"{req.procserver}" if req.state == "pending"
-                                             else f"process server {req.procserver} at work"))
-            if note != shown[0]:
-                shown[0] = note
-                await ctx.progress(0.0, note)
-            return None
-
-        return await ctx.wait_for(reported, what=f"the process server's {name} step",
-                                  timeout=STEP_TIMEOUT_SECONDS)
+        return await wait_remote(ctx, name)
 
     return run
+
+
+async def uninstall(ctx: StepContext) -> str:
+    """The process server's uninstall; then the machine's agent certificates are revoked
+    (an agent that was not uninstalled, or a copy of its key, is refused from now on)."""
+    message = await wait_remote(ctx, "uninstall")
+    serials = await revoke_agent_certs(ctx.core, ctx.target)
+    return message + (f"; agent certificate(s) revoked: {', '.join(serials)}" if serials
+                      else "; no agent certificate left to revoke")
 
 
 async def first_heartbeat(ctx: StepContext) -> str:
@@ -151,7 +174,9 @@ async def first_heartbeat(ctx: StepContext) -> str:
                               + (f"; {how}" if how else ""), timeout=timeout)
 
 
-async def _ended(s: AsyncSession, job: JobRun, state: str) -> None:
+async def end_request(s: AsyncSession, job: JobRun, state: str) -> None:
+    """Inside the transaction that ends ``job``: end its install request (if any) with it,
+    so its process server stops at its next report."""
     req = await s.get(InstallRequest, job.id, with_for_update=True)
     if req is None or req.state in ("done", "failed", "cancelled"):
         return
@@ -165,11 +190,12 @@ async def _ended(s: AsyncSession, job: JobRun, state: str) -> None:
 
 def _kind(action: str, title: str) -> JobKind:
     steps = [Step("validate", "Check the machine, its account and process server", validate)]
-    steps += [Step(n, STEP_TITLES[n], _remote(n)) for n in REMOTE_STEPS[action]]
+    steps += [Step(n, STEP_TITLES[n], uninstall if n == "uninstall" else _remote(n))
+              for n in REMOTE_STEPS[action]]
     if action != "uninstall":
         steps.append(Step("first_heartbeat", "Wait for the agent's first heartbeat",
                           first_heartbeat))
-    return JobKind(f"agent_{action}", title, tuple(steps), on_end=_ended)
+    return JobKind(f"agent_{action}", title, tuple(steps), on_end=end_request)
 
 
 INSTALL = _kind("install", "Install the Mobility agent")

@@ -38,8 +38,9 @@ def _already_disabling(name: str) -> ItemStateError:
                           "disabled", f"follow it: siterecovery jobs list --target {name}")
 
 
-async def enable(core: Core, name: str, policy_name: str) -> db.Job:
-    """Create (or reset a failed) replicated item and queue Enable protection; the job."""
+async def enable(core: Core, name: str, policy_name: str, site_url: str = "") -> db.Job:
+    """Create (or reset a failed) replicated item and queue Enable protection; the job.
+    ``site_url``: the site listener as the machine reaches it, for a push install."""
     now = core.clock()
     async with core.sessionmaker() as s:
         machine = await s.get(db.Machine, name)
@@ -75,7 +76,7 @@ async def enable(core: Core, name: str, policy_name: str) -> db.Job:
         item.latest_point = item.latest_point_time = None
         item.latest_app_point = item.latest_app_point_time = None
         item.updated = now
-        job = new_job(ENABLE, name, {"policy": policy_name}, now)
+        job = new_job(ENABLE, name, {"policy": policy_name, "site_url": site_url}, now)
         s.add(job)
         try:
             await s.commit()

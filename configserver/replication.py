@@ -11,9 +11,13 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from configserver import db
+from configserver.errors import DomainError
+from configserver.install import REMOTE_STEPS, STEP_TITLES, push_action, request_for_job
+from configserver.installjob import end_request, wait_remote
 from configserver.items import ENABLING_STATES, ItemState, expected_disks
 from configserver.jobdefs import JobKind, JobRun, Step, StepFailed
 from configserver.jobs import StepContext
+from configserver.models import InstallRequest
 from configserver.schema import iso
 
 AGENT_TIMEOUT_SECONDS = 3600.0  # how long Enable protection waits for the agent to check in
@@ -89,9 +93,23 @@ async def _least_loaded(s: AsyncSession, now: float) -> db.ProcessServer | None:
 
 
 async def prepare_agent(ctx: StepContext) -> str:
-    """Wait for the machine's Mobility agent to check in (heartbeat or settings call) after
-    the job was created. (Push installation over SSH will happen here.)"""
+    """Push the Mobility agent if it needs it, then wait for it to check in (heartbeat or
+    settings call) after the job was created.
+
+    A machine with a push-install account whose agent never checked in with a certificate
+    it still holds gets an install request, one whose agent is older than its process
+    server an upgrade request (configserver/install.py): the job's own request, followed
+    step by step in this step's message. An agent that checked in at the right version is
+    not reinstalled; a machine without an account waits for an agent installed by hand.
+    """
+    lines, push = await _push(ctx)
     since = ctx.job.created
+    if push is not None:
+        async with ctx.core.sessionmaker() as s:
+            req = await s.get(InstallRequest, ctx.job.id)
+        started = dict((req.steps or {}) if req else {}).get("start") or {}
+        if not started.get("running_before"):  # its check-in comes after the new start
+            since = max(since, float(started.get("at") or since))
 
     async def checked_in() -> str | None:
         async with ctx.core.sessionmaker() as s:
@@ -104,10 +122,54 @@ async def prepare_agent(ctx: StepContext) -> str:
                        f"{iso(machine.last_contact)}"
         return None
 
-    await ctx.progress(0.0, "waiting for the Mobility agent to check in")
-    return await ctx.wait_for(checked_in, what="the Mobility agent to check in (is it "
-                              "installed, enrolled and running? siterecovery mobility enroll)",
-                              timeout=AGENT_TIMEOUT_SECONDS)
+    await ctx.progress(0.0, "\n".join([*lines, "waiting for the Mobility agent to check in"]))
+    found = await ctx.wait_for(checked_in, what="the Mobility agent to check in (is it "
+                               "installed, enrolled and running? siterecovery mobility "
+                               "enroll)", timeout=AGENT_TIMEOUT_SECONDS)
+    return "\n".join([*lines, found])
+
+
+async def _push(ctx: StepContext) -> tuple[list[str], str | None]:
+    """The push install of this job (its request's steps, one line each), or why there is
+    none; and the action pushed (None: nothing pushed)."""
+    async with ctx.core.sessionmaker() as s:
+        req = await s.get(InstallRequest, ctx.job.id)  # a step run again follows it on
+        machine = await s.get(db.Machine, ctx.target)
+        if machine is None:
+            raise StepFailed(f"machine {ctx.target!r} was removed from the inventory")
+        if req is not None:
+            action: str | None = req.action
+        elif not machine.account:
+            return [f"machine {ctx.target} has no push-install account: waiting for an agent "
+                    f"installed by hand (or give it one to have the agent pushed: "
+                    f"siterecovery machine update {ctx.target} --account NAME)"], None
+        else:
+            action = await push_action(s, machine, ctx.core.clock())
+        if action is None:
+            return [f"agent {machine.agent_version or '(version unknown)'} installed and "
+                    "up to date: not reinstalled"], None
+    params = {k: ctx.params[k] for k in ("site_url", "server") if ctx.params.get(k)}
+    if "site_url" not in params:
+        raise StepFailed("no site URL for the agent (the configuration server's site "
+                         "listener as the machine reaches it): enable replication again "
+                         "through the API of a configuration server with site_names set")
+    try:
+        await request_for_job(ctx.core, ctx.job.id, action, ctx.target, params)
+    except DomainError as e:
+        raise StepFailed(f"{e.message} ({e.hint})" if e.hint else e.message) from None
+    lines = [f"push {action} of the agent by its process server"]
+    for name in REMOTE_STEPS[action]:
+        title = STEP_TITLES[name]
+
+        def show(note: str, title: str = title) -> str:
+            return "\n".join([*lines, f"{title}: {note}"])
+
+        try:
+            message = await wait_remote(ctx, name, show)
+        except StepFailed as e:
+            raise StepFailed(f"{title}: {e}") from None
+        lines.append(f"{title}: {message}")
+    return lines, action
 
 
 async def initial_replication(ctx: StepContext) -> str:
@@ -139,6 +201,7 @@ async def initial_replication(ctx: StepContext) -> str:
 
 
 async def _enable_ended(s: AsyncSession, job: JobRun, state: str) -> None:
+    await end_request(s, job, state)  # the push install it asked for, if any
     if state == "succeeded":
         return
     item = await s.get(db.ReplicatedItem, job.target)

@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import tarfile
 from collections.abc import AsyncIterator
@@ -45,7 +46,7 @@ from procserver.server import ProcServer
 from siterecovery.apiclient import ApiClient
 from tests.backends import missing_backend
 from tests.helpers import REPO, make_vault, open_vault, restore_all, sha256
-from tests.sitehelpers import step, wait_job
+from tests.sitehelpers import AgentSite, step, wait_job
 from tests.sshd import HOST_ADDR, Sshd, agent_bundle, missing
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -72,9 +73,12 @@ async def site(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Site]:
     tmp = tmp_path_factory.mktemp("install")
     bundle = agent_bundle(tmp_path_factory)
     async with Sshd(tmp / "sshd", passwords={"root": ROOT_PW}) as sshd:
-        # The agent on the target reaches both servers at the host's end of its link.
+        # The agent on the target reaches both servers at the host's end of its link; the
+        # site port is a fixed one, so the site URL Enable protection gives a pushed agent
+        # (site_names and site_port) is the listener's.
         cs = ConfigServer(ConfigServerConfig(
-            data_dir=str(tmp / "cs"), listen_port=0, site_port=0, site_host="0.0.0.0",
+            data_dir=str(tmp / "cs"), listen_port=0, site_port=_free_port(),
+            site_host="0.0.0.0",
             site_names=[HOST_ADDR],
             database_url=f"sqlite+aiosqlite:///{tmp / 'catalog.db'}"))
         await cs.start()
@@ -121,6 +125,12 @@ async def site(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Site]:
                 await ps.stop()
             await stack.aclose()
             await cs.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("0.0.0.0", 0))
+        return int(sock.getsockname()[1])
 
 
 async def _cli(*args: str) -> tuple[int, dict[str, Any], str]:
@@ -313,12 +323,34 @@ async def test_upgrade_replaces_the_program_and_keeps_the_state(site: Site,
         shutil.copy(old, bundle)
 
 
-async def test_uninstall_removes_everything_it_installed(site: Site) -> None:
+def _agent_site(s: Site, where: Path) -> AgentSite:
+    """The agent's side of the site listener with the certificate and key it has now."""
+    where.mkdir(exist_ok=True)
+    for name in ("agent.pem", "agent.key"):
+        shutil.copy(s.sshd.root / "etc/siterecovery" / name, where / name)
+    return AgentSite(f"https://127.0.0.1:{s.cs.site_port}", s.cs.ca.cert_path,
+                     where / "agent.pem", where / "agent.key")
+
+
+async def test_uninstall_removes_everything_it_installed_and_revokes_the_certificate(
+        site: Site, tmp_path: Path) -> None:
+    agent = _agent_site(site, tmp_path / "old")
+    async with agent:
+        assert (await agent.settings())[0] == 200
+    serials = [c["serial"] for c in (await site.api.get(
+        "/api/v1/certificates", subject="web01"))["certificates"] if c["state"] == "valid"]
+    assert len(serials) == 1
     code, doc, err = await _cli("machine", "uninstall", "web01", "--api", site.cs.url,
                                 "--token-file", str(site.token_file), "--json")
     assert code == 0, (doc, err)
     message = step(doc, "uninstall")["message"]
     assert "each checked gone" in message and "/etc/siterecovery/agent.key" in message
+    assert message.endswith(f"; agent certificate(s) revoked: {serials[0]}"), message
+    certs = (await site.api.get("/api/v1/certificates", subject="web01"))["certificates"]
+    assert [c["state"] for c in certs] == ["revoked"]
+    async with agent:  # a copy of the uninstalled agent's key is refused
+        status, refused = await agent.settings()
+    assert status == 401, refused
     assert "/var/lib/siterecovery-mobility" in message
     assert site.sshd.files() == [DISK.lstrip("/")]  # the machine's own data stays
     for pid in site.agent_pid:  # the agent was stopped
@@ -327,7 +359,8 @@ async def test_uninstall_removes_everything_it_installed(site: Site) -> None:
     # again: nothing to remove
     code, doc, _ = await _cli("machine", "uninstall", "web01", "--api", site.cs.url,
                               "--token-file", str(site.token_file), "--json")
-    assert code == 0 and "nothing to remove" in step(doc, "uninstall")["message"]
+    assert code == 0 and step(doc, "uninstall")["message"] == (
+        "no agent installed: nothing to remove; no agent certificate left to revoke")
 
 
 async def test_a_changed_host_key_refuses_the_install_with_both_fingerprints(
@@ -384,3 +417,62 @@ async def test_a_refused_account_or_no_bundle_fails_the_prerequisites_and_change
         bundle.with_name("away.tar.gz").rename(bundle)
     assert job["state"] == "failed" and f"no agent bundle at {bundle}" in job["error"]
     assert f"siterecovery agent bundle --output {bundle}" in job["error"]
+
+
+async def _enable(s: Site) -> dict[str, Any]:
+    """Replication of web01 enabled anew (disabled first); the Enable protection job."""
+    if (await s.api.get("/api/v1/machines/web01"))["replication"] is not None:
+        off = (await s.api.post("/api/v1/replication/disable", {"machine": "web01"}))["job"]
+        assert (await wait_job(s.api, off["id"]))["state"] == "succeeded"
+    job: dict[str, Any] = (await s.api.post("/api/v1/replication/enable",
+                                            {"machine": "web01"}))["job"]
+    return job
+
+
+async def test_enable_protection_pushes_the_agent_and_the_item_becomes_protected(
+        site: Site) -> None:
+    # web01 has an account and no agent (uninstalled, its certificate revoked)
+    job = await _enable(site)
+    job = await wait_job(site.api, job["id"], lambda j: "waiting for the Mobility agent to "
+                         "check in" in step(j, "prepare_agent")["message"]
+                         or j["state"] not in ("queued", "running"), timeout=120)
+    shown = step(job, "prepare_agent")["message"]
+    assert job["state"] == "running" and "Start the agent: the machine does not run " \
+        "systemd: start the agent with" in shown, job
+    await _restart_agent(site)  # as the step says (no systemd here)
+    try:
+        job = await wait_job(site.api, job["id"], timeout=120)
+    except TimeoutError:
+        log = await _ssh(site, "tail -n 30 /var/tmp/agent.log")
+        raise AssertionError(f"{job}\nthe agent's log:\n{log}") from None
+    assert job["state"] == "succeeded", job
+    lines = step(job, "prepare_agent")["message"].split("\n")
+    assert lines[0] == "push install of the agent by its process server"
+    assert [line.split(": ")[0] for line in lines[1:5]] == [
+        "Prerequisites on the machine", "Copy and install the agent bundle",
+        "Enroll the agent (its key made on the machine)", "Start the agent"]
+    assert "recorded (trust on first use)" in lines[1]  # the new key (forgotten before)
+    assert "installed siterecovery agent" in lines[2] and "key made on web01" in lines[3]
+    assert lines[5].startswith("agent ") and " checked in at " in lines[5]
+    point = await _new_point(site, None)
+    assert (await site.api.get("/api/v1/items/web01"))["state"] == "protected"
+    certs = (await site.api.get("/api/v1/certificates", subject="web01"))["certificates"]
+    assert sorted(c["state"] for c in certs) == ["revoked", "valid"]  # enrolled anew
+    assert point
+
+
+async def test_enable_protection_again_does_not_reinstall_a_current_agent(
+        site: Site) -> None:
+    before = {f: (site.sshd.root / f).stat().st_mtime_ns for f in _program_files(site)}
+    job = await _enable(site)
+    await _restart_agent(site)  # its next round checks in now, not at its next heartbeat
+    job = await wait_job(site.api, job["id"], lambda j: step(j, "prepare_agent")["state"]
+                         in ("succeeded", "failed", "skipped"), timeout=120)
+    lines = step(job, "prepare_agent")["message"].split("\n")
+    assert step(job, "prepare_agent")["state"] == "succeeded", job
+    assert lines[0].endswith("installed and up to date: not reinstalled"), lines
+    assert " checked in at " in lines[1] and len(lines) == 2
+    after = {f: (site.sshd.root / f).stat().st_mtime_ns for f in _program_files(site)}
+    assert after == before
+    certs = (await site.api.get("/api/v1/certificates", subject="web01"))["certificates"]
+    assert sorted(c["state"] for c in certs) == ["revoked", "valid"]  # no new enrollment

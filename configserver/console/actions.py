@@ -15,7 +15,7 @@ import structlog
 from aiohttp import web
 from multidict import MultiDictProxy
 
-from configserver import failoverops, protection
+from configserver import failoverops, install, protection
 from configserver.console.app import PREFIX, console_of, see_other
 from configserver.console.pages import item_page, items_page
 from configserver.errors import DomainError
@@ -83,7 +83,7 @@ async def enable(request: web.Request) -> web.Response:
     form = await request.post()  # the guard checked its CSRF token
     machine, policy = _text(form, "machine"), _text(form, "policy") or "default"
     try:
-        job = await protection.enable(svc, machine, policy)
+        job = await protection.enable(svc, machine, policy, install.site_url(svc.cfg))
     except DomainError as e:
         log.info("console_action_refused", verb="enable", machine=machine, code=e.code)
         return await items_page(request, status=status_of(e),
