@@ -8,49 +8,17 @@ if it failed). ``settings`` shows or changes the item's recovery settings.
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-from siterecovery.apiclient import ApiClient
 from siterecovery.apiopts import add_api_args, call_and_show, client
 from siterecovery.errors import EXIT_FAIL
+from siterecovery.jobfollow import describe_job, follow
 from siterecovery.output import show
 from siterecovery.recoveryopts import (
     add_settings_args,
     describe_settings,
     settings_change,
 )
-
-DONE = ("succeeded", "failed", "cancelled")
-
-
-def describe_job(j: dict[str, Any]) -> str:
-    lines = [f"{j['title']} {j['target']}: {j['state']} (job {j['id']})"]
-    lines += [f"  {s['title']}: {s['state']}" + (f" — {s['message']}" if s["message"] else "")
-              for s in j["steps"]]
-    if j["error"]:
-        lines.append(f"error: {j['error']}")
-    return "\n".join(lines)
-
-
-async def _follow(api: ApiClient, job: dict[str, Any], timeout: float | None) -> dict[str, Any]:
-    """The job once it ended, long-polling; each step's message on stderr as it changes."""
-    seen: dict[str, str] = {}
-    loop_until = None if timeout is None else timeout
-    waited = 0.0
-    while True:
-        for s in job["steps"]:
-            note = f"{s['state']} {s['message']}"
-            if s["state"] != "pending" and seen.get(s["name"]) != note:
-                seen[s["name"]] = note
-                print(f"{s['title']}: {note}".rstrip(), file=sys.stderr, flush=True)
-        if job["state"] in DONE:
-            return job
-        if loop_until is not None and waited >= loop_until:
-            return job
-        poll = 30.0 if loop_until is None else max(1.0, min(30.0, loop_until - waited))
-        job = await api.get(f"/api/v1/jobs/{job['id']}", wait=int(poll), version=job["version"])
-        waited += poll
 
 
 async def _start(args: argparse.Namespace, verb: str, body: dict[str, Any]) -> int:
@@ -61,7 +29,7 @@ async def _start(args: argparse.Namespace, verb: str, body: dict[str, Any]) -> i
             return show(job, args, f"{job['title']} queued for {args.machine}: job "
                                    f"{job['id']}\nfollow it: siterecovery jobs wait "
                                    f"{job['id']}")
-        job = await _follow(api, job, args.timeout)
+        job = await follow(api, job, args.timeout)
     show(job, args, describe_job(job))
     return 0 if job["state"] == "succeeded" else EXIT_FAIL
 
