@@ -12,9 +12,12 @@ use; a re-run verifies and changes nothing; the pushed agent replicates a disk i
 the target to the process server (its point restores byte-exact); an upgrade to the
 next bundle version keeps the agent's state, so its next cycle is a delta (restored
 byte-exact too); uninstall removes every file it installed (the machine's own disk
-stays); a changed host key (or one the operator's known_hosts pins) refuses the install
-with both fingerprints, before anything is written; so do a refused account and a process
-server without a bundle, each with its own message.
+stays) and revokes the agent's certificate; a changed host key (or one the operator's
+known_hosts pins) refuses the install with both fingerprints, before anything is written;
+so do a refused account and a process server without a bundle, each with its own message.
+Then Enable protection of the machine, which has an account and no agent, pushes the
+agent itself (a failed push fails the job with the install's message) and the item
+becomes protected; enabled again, the agent it finds up to date is not reinstalled.
 """
 
 from __future__ import annotations
@@ -431,8 +434,19 @@ async def _enable(s: Site) -> dict[str, Any]:
 
 async def test_enable_protection_pushes_the_agent_and_the_item_becomes_protected(
         site: Site) -> None:
-    # web01 has an account and no agent (uninstalled, its certificate revoked)
-    job = await _enable(site)
+    # web01 has an account and no agent (uninstalled, its certificate revoked). A failed
+    # push fails the step with the install's message:
+    bundle = Path(site.ps.cfg.data_dir) / BUNDLE_NAME
+    bundle.rename(bundle.with_name("away.tar.gz"))
+    try:
+        job = await wait_job(site.api, (await _enable(site))["id"], timeout=60)
+    finally:
+        bundle.with_name("away.tar.gz").rename(bundle)
+    assert job["state"] == "failed" and job["error"].startswith(
+        "Prepare the Mobility agent: Prerequisites on the machine: this process server has "
+        f"no agent bundle at {bundle}"), job
+    assert (await site.api.get("/api/v1/items/web01"))["state"] == "enable_failed"
+    job = await _enable(site)  # again, with the bundle
     job = await wait_job(site.api, job["id"], lambda j: "waiting for the Mobility agent to "
                          "check in" in step(j, "prepare_agent")["message"]
                          or j["state"] not in ("queued", "running"), timeout=120)
