@@ -150,9 +150,9 @@ async def _push(ctx: StepContext) -> tuple[list[str], str | None]:
                     "up to date: not reinstalled"], None
     params = {k: ctx.params[k] for k in ("site_url", "server") if ctx.params.get(k)}
     if "site_url" not in params:
-        raise StepFailed("no site URL for the agent (the configuration server's site "
-                         "listener as the machine reaches it): enable replication again "
-                         "through the API of a configuration server with site_names set")
+        raise StepFailed("this job has no site URL to give the pushed agent (it was queued "
+                         "by an older configuration server): disable replication and enable "
+                         "it again")
     try:
         await request_for_job(ctx.core, ctx.job.id, action, ctx.target, params)
     except DomainError as e:
