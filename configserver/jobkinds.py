@@ -56,15 +56,17 @@ def targets_of(cfg: ConfigServerConfig) -> dict[str, Target]:
     return out
 
 
-def for_config(cfg: ConfigServerConfig) -> Mapping[str, JobKind]:
-    """The kinds the daemon of ``cfg`` runs, bound to its targets and work folder.
+def for_config(cfg: ConfigServerConfig, targets: dict[str, Target]
+               ) -> Mapping[str, JobKind]:
+    """The kinds the daemon of ``cfg`` runs, bound to its ``targets`` (``targets_of``:
+    the daemon closes them when it stops) and work folder.
 
     Called once, when the daemon starts its job engine and before any job runs: the loop
     devices a check left attached over the work folder (the server killed during a disk
     check) are detached here, as nothing else would ever free them."""
     work_root = Path(cfg.data_dir) / "failover-work"
     free_stale_loops(work_root)
-    return kinds(FailoverDeps(targets=targets_of(cfg), work_root=work_root,
+    return kinds(FailoverDeps(targets=targets, work_root=work_root,
                               check_disk=verify_image,
                               drain_timeout=cfg.failover_drain_timeout_seconds,
                               shutdown_timeout=cfg.failover_shutdown_timeout_seconds))

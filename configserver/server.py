@@ -75,11 +75,12 @@ class ConfigServer:
         self.ca = CertificateAuthority.load_or_create(self.cfg.ca_dir)
         self.metrics.watch_certificates(sitecert.tls_dir(d) / "site.pem", self.ca.cert_path)
         self.engine, self.sessionmaker = await db.open_db(self.cfg.db_url)
+        self._targets = jobkinds.targets_of(self.cfg)  # closed by stop()
         core = Core(self.engine, self.sessionmaker, self.clock, self.notifier, self.metrics)
         self.services = Services(
             database=self.engine, sessionmaker=self.sessionmaker, clock=self.clock,
             notifier=self.notifier, metrics=self.metrics, cfg=self.cfg, ca=self.ca,
-            jobs=JobEngine(core, jobkinds.for_config(self.cfg)),
+            jobs=JobEngine(core, jobkinds.for_config(self.cfg, self._targets)),
             alert_book=AlertBook(up_since=self.clock(),
                                  drill_warning_days=self.cfg.drill_warning_days,
                                  storage_alert_seconds=self.cfg.storage_alert_seconds),
@@ -188,7 +189,14 @@ class ConfigServer:
         self._tasks.clear()
         if cancelled:
             log.info("configserver_background_stopped", tasks=cancelled)
-        # 4. the catalog.
+        # 4. the recovery targets (their clients; instantly recovered disks stop being
+        # served: a restart serves them again where they stood).
+        for target in getattr(self, "_targets", {}).values():
+            try:
+                await target.close()
+            except Exception as e:  # the rest must still stop
+                log.warning("target_close_failed", target=target.name, error=str(e))
+        # 5. the catalog.
         if hasattr(self, "engine"):
             await self.engine.dispose()
         log.info("configserver_stopped")

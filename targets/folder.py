@@ -131,6 +131,9 @@ class FolderTarget:
         if self.root.exists():
             fsync_dir(self.root)
 
+    async def close(self) -> None:
+        """Nothing to let go of: the target holds no client or server."""
+
 
 def describe(spec: RecoverySpec, images: list[dict[str, object]]) -> dict[str, object]:
     """The ``vm.json`` document: the machine, its disks in boot order, its network."""

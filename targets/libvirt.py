@@ -333,6 +333,11 @@ class LibvirtTarget:
 
     # ---- cleanup --------------------------------------------------------------------
 
+    async def close(self) -> None:
+        """Stop serving instantly recovered disks (a restarted server serves them again
+        from their overlays; meanwhile their guests get I/O errors, never other data)."""
+        await self.instant.close()
+
     async def cleanup(self, recovered: Recovered) -> None:
         """Remove what ``create`` made, newest first; what is already gone is skipped."""
         for res in reversed(recovered.resources):
