@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from configserver import install
 from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiCallError, ApiClient
 from tests.csclock import Clock, clocked_configserver
@@ -58,7 +59,9 @@ async def test_enable_to_protected(cs: ConfigServer, api: ApiClient, tmp_path: P
     agent = await _setup(cs, api, tmp_path)
     job = await _enable(api, "web01")
     assert job["kind"] == "enable_protection" and job["title"] == "Enable protection"
-    assert job["state"] == "queued" and job["params"] == {"policy": "default"}
+    # the site listener a pushed agent is to follow (the server's own, from its settings)
+    assert job["state"] == "queued" and job["params"] == {
+        "policy": "default", "site_url": install.site_url(cs.cfg)}
     assert [s["name"] for s in job["steps"]] == ["validate", "prepare_agent",
                                                   "initial_replication"]
     item = await api.get("/api/v1/items/web01")
@@ -102,7 +105,8 @@ async def test_enable_to_protected(cs: ConfigServer, api: ApiClient, tmp_path: P
     assert all(s["state"] == "succeeded" and s["started"] and s["ended"] for s in job["steps"])
 
     fin = await next_job(api, "web01", "finalize_protection")
-    assert fin["params"] == {"policy": "default", "after": job["id"]}
+    assert fin["params"] == {"policy": "default", "site_url": install.site_url(cs.cfg),
+                             "after": job["id"]}
     fin = await wait_job(api, fin["id"])
     assert fin["state"] == "succeeded", fin
     assert P1 in step(fin, "record_first_point")["message"]

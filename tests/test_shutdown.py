@@ -67,7 +67,8 @@ async def _waiting_job(cs: ConfigServer, api: ApiClient) -> dict[str, Any]:
     await add_procserver(cs.url, cs.internal_token)
     await add_machine(api, "web01")
     jid = (await api.post("/api/v1/replication/enable", {"machine": "web01"}))["job"]["id"]
-    return await wait_job(api, jid, lambda j: step(j, "prepare_agent")["message"] == WAITING)
+    return await wait_job(api, jid,
+                          lambda j: step(j, "prepare_agent")["message"].endswith(WAITING))
 
 
 async def _long_poll(cs: ConfigServer, http: aiohttp.ClientSession, job: dict[str, Any],
