@@ -10,10 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from siterecovery.apiopts import add_api_args, call_and_show, client
-from siterecovery.errors import EXIT_FAIL
-from siterecovery.jobfollow import describe_job, follow
-from siterecovery.output import show
+from siterecovery.apiopts import add_api_args, call_and_show
+from siterecovery.jobfollow import start_and_follow
 from siterecovery.recoveryopts import (
     add_settings_args,
     describe_settings,
@@ -22,16 +20,7 @@ from siterecovery.recoveryopts import (
 
 
 async def _start(args: argparse.Namespace, verb: str, body: dict[str, Any]) -> int:
-    body = {k: v for k, v in body.items() if v not in (None, False)}
-    async with client(args) as api:
-        job = (await api.post(f"/api/v1/items/{args.machine}/{verb}", body))["job"]
-        if not args.wait:
-            return show(job, args, f"{job['title']} queued for {args.machine}: job "
-                                   f"{job['id']}\nfollow it: siterecovery jobs wait "
-                                   f"{job['id']}")
-        job = await follow(api, job, args.timeout)
-    show(job, args, describe_job(job))
-    return 0 if job["state"] == "succeeded" else EXIT_FAIL
+    return await start_and_follow(args, f"/api/v1/items/{args.machine}/{verb}", args.machine, body)
 
 
 async def cmd_test(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from instant.hydrate import HydrationProgress, hydrate
 from instant.overlay import OverlayBusy, OverlayMismatch
 from instant.pointdisk import PointDisk
 from instant.server import NbdServer, SocketInUse
+from siterecovery.argtypes import mbps
 from siterecovery.daemon import StopSignals, port_number
 from siterecovery.errors import EXIT_OK, CliError, UsageError, exit_code
 from siterecovery.output import add_json_arg
@@ -27,18 +28,6 @@ from vault.point import Point
 from vault.select import SPECS, select_point
 
 log = structlog.get_logger("siterecovery.instant")
-
-
-def _mbps(text: str) -> float:
-    """An ``argparse`` type: a rate in Mbit/s, 0 (unlimited) or positive."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 100_000:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a rate in Mbit/s (0: unlimited, "
-                                         "e.g. 100 or 2.5)")
-    return value
 
 
 def _disk_of(point: Point, disk: str | None) -> str:
@@ -182,7 +171,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s.add_argument("--overlay", required=True, metavar="DIR",
                    help="overlay directory (created if need be; one served disk per "
                         "directory)")
-    s.add_argument("--hydrate-rate", type=_mbps, default=0.0, metavar="MBPS",
+    s.add_argument("--hydrate-rate", type=mbps, default=0.0, metavar="MBPS",
                    help="background copy rate from the vault in Mbit/s (0: unlimited; "
                         "the default)")
     s.add_argument("--no-hydrate", action="store_true",

@@ -3,11 +3,15 @@ other): long-poll it to its end, each step's message on stderr as it changes."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from typing import Any
 
 from siterecovery.apiclient import ApiClient
+from siterecovery.apiopts import client
+from siterecovery.errors import EXIT_FAIL
+from siterecovery.output import show
 
 DONE = ("succeeded", "failed", "cancelled")
 
@@ -40,3 +44,18 @@ async def follow(api: ApiClient, job: dict[str, Any], timeout: float | None
             return job
         poll = 30.0 if timeout is None else max(1.0, min(30.0, timeout - waited))
         job = await api.get(f"/api/v1/jobs/{job['id']}", wait=int(poll), version=job["version"])
+
+
+async def start_and_follow(args: argparse.Namespace, path: str, what: str,
+                           body: dict[str, Any]) -> int:
+    """POST ``body`` (None and False values left out) to ``path``, which queues a job for
+    ``what``; with ``--wait`` follow it to its end. Exit 0 only if it succeeded."""
+    body = {k: v for k, v in body.items() if v not in (None, False)}
+    async with client(args) as api:
+        job = (await api.post(path, body))["job"]
+        if not args.wait:
+            return show(job, args, f"{job['title']} queued for {what}: job {job['id']}\n"
+                                   f"follow it: siterecovery jobs wait {job['id']}")
+        job = await follow(api, job, args.timeout)
+    show(job, args, describe_job(job))
+    return 0 if job["state"] == "succeeded" else EXIT_FAIL

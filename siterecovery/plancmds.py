@@ -18,9 +18,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from siterecovery.apiopts import add_api_args, call, call_and_show, client
-from siterecovery.errors import EXIT_FAIL, UsageError
-from siterecovery.jobfollow import describe_job, follow
+from siterecovery.apiopts import add_api_args, call, call_and_show
+from siterecovery.errors import UsageError
+from siterecovery.jobfollow import describe_job, start_and_follow
 from siterecovery.output import show, table
 
 PLAN_COLUMNS = [("name", "NAME"), ("groups_n", "GROUPS"), ("items", "ITEMS"),
@@ -130,16 +130,8 @@ async def cmd_delete(args: argparse.Namespace) -> int:
 
 
 async def _start(args: argparse.Namespace, verb: str, body: dict[str, Any]) -> int:
-    body = {k: v for k, v in body.items() if v not in (None, False)}
-    async with client(args) as api:
-        job = (await api.post(f"/api/v1/plans/{args.name}/{verb}", body))["job"]
-        if not args.wait:
-            return show(job, args, f"{job['title']} queued for plan {args.name}: job "
-                                   f"{job['id']}\nfollow it: siterecovery jobs wait "
-                                   f"{job['id']}")
-        job = await follow(api, job, args.timeout)
-    show(job, args, describe_job(job))
-    return 0 if job["state"] == "succeeded" else EXIT_FAIL
+    return await start_and_follow(args, f"/api/v1/plans/{args.name}/{verb}",
+                                  f"plan {args.name}", body)
 
 
 async def cmd_test(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from siterecovery.apiopts import add_api_args, call, call_and_show
+from siterecovery.argtypes import mbps
 from siterecovery.errors import UsageError
 from siterecovery.output import table
 
@@ -74,17 +75,6 @@ OPTIONS: list[tuple[str, str, Callable[[str], int], str]] = [
     ("block_size", "--block-size", size,
      "block size: 64K, 128K, 256K, 512K or 1M (default 64K)"),
 ]
-
-
-def mbps(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 100_000:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a rate in Mbit/s (0: unlimited, "
-                                         "e.g. 10 or 2.5)")
-    return value
 
 
 # (send-limit field, option, argparse type, metavar, help)

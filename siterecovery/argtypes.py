@@ -1,0 +1,17 @@
+"""``argparse`` types shared by verb modules (which do not import each other)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def mbps(text: str) -> float:
+    """A rate in Mbit/s: 0 (unlimited) or positive, at most 100000."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 100_000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate in Mbit/s (0: unlimited, "
+                                         "e.g. 10 or 2.5)")
+    return value
