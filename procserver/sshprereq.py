@@ -15,12 +15,14 @@ seed lists for Linux, one at a time, and stops at the first that fails with
 5. ``sftp``          — the SFTP subsystem is enabled (the bundle goes over SFTP);
 6. ``privileges``    — the account is root, or may run ``sudo`` (without a password, or
    with the account's password);
-7. ``os``            — /etc/os-release and ``uname -r`` read on the machine, judged by the
+7. ``hosts``         — /etc/hosts maps the machine's host name to each of its IPv4
+   addresses (``hostname -I``), as the seed asks of a Linux source machine;
+8. ``os``            — /etc/os-release and ``uname -r`` read on the machine, judged by the
    caller's support-matrix check (the matrix is the configuration server's: it is
    passed in, this module does not import it);
-8. ``python``        — an interpreter the bundle's compiled wheels load in (its MANIFEST
+9. ``python``        — an interpreter the bundle's compiled wheels load in (its MANIFEST
    ``target``);
-9. ``free_space``    — enough free space where the agent is installed.
+10. ``free_space``   — enough free space where the agent is installed.
 
 Why one connection after the probes: the host key is fetched on its own first and the
 authenticated connection is pinned to exactly that key, so a password never reaches a
@@ -31,6 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
+import itertools
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -194,6 +198,48 @@ async def _privileges(conn: asyncssh.SSHClientConnection, t: SshTarget) -> str:
         f"(e.g. '{t.username} ALL=(ALL) ALL' in /etc/sudoers.d/siterecovery)")
 
 
+def _ipv4(token: str) -> str | None:
+    try:
+        return str(ipaddress.IPv4Address(token.partition("/")[0]))
+    except ValueError:
+        return None
+
+
+def hosts_gaps(name: str, hosts: str, addresses: str) -> list[str]:
+    """The machine's IPv4 addresses (``hostname -I``, or ``ip -o addr`` output: the word
+    after each ``inet``) that /etc/hosts (``hosts``) does not map to host name ``name``
+    (or its first label)."""
+    names = {name.lower(), name.lower().split(".")[0]}
+    mapped = set()
+    for line in hosts.splitlines():
+        words = line.partition("#")[0].split()
+        if len(words) >= 2 and names & {w.lower() for w in words[1:]}:
+            mapped.add(words[0])
+    words = addresses.split()
+    if "inet" in words:
+        words = [w for before, w in itertools.pairwise(words) if before == "inet"]
+    have = [a for a in dict.fromkeys(_ipv4(w) for w in words) if a is not None]
+    return [a for a in have if a not in mapped and not a.startswith("127.")]
+
+
+async def _hosts(conn: asyncssh.SSHClientConnection, t: SshTarget) -> str:
+    r = await run(conn, "uname -n; echo ---; cat /etc/hosts; echo ---; hostname -I 2>/dev/null"
+                        " || ip -o -4 addr show scope global")
+    name, _, rest = str(r.stdout).partition("\n---\n")
+    hosts, _, addresses = rest.rpartition("---\n")
+    name = name.strip()
+    if r.exit_status != 0 or not name:
+        raise PrerequisiteFailed("hosts", f"cannot read the host name, /etc/hosts and the "
+                                 f"addresses of {t.host}: {str(r.stderr).strip()}",
+                                 "check that /etc/hosts is readable and 'hostname -I' works")
+    if gaps := hosts_gaps(name, hosts, addresses):
+        raise PrerequisiteFailed(
+            "hosts", f"/etc/hosts on {t.host} does not map its host name {name!r} to "
+            f"{', '.join(gaps)}",
+            "add to /etc/hosts on the machine: " + "; ".join(f"'{a} {name}'" for a in gaps))
+    return name
+
+
 def _os_release(text: str) -> dict[str, str]:
     out = {}
     for line in text.splitlines():
@@ -264,6 +310,7 @@ async def check_target(t: SshTarget, *, bundle_target: dict[str, Any], need_byte
         p.passed.append(("sftp", "enabled"))
         p.sudo = await _privileges(conn, t)
         p.passed.append(("privileges", "root" if not p.sudo else "sudo"))
+        p.passed.append(("hosts", f"{await _hosts(conn, t)} mapped to its addresses"))
         facts = await run(conn, "cat /etc/os-release; echo ---; uname -r; uname -m")
         release, _, rest = str(facts.stdout).partition("---")
         p.os_release = _os_release(release)

@@ -1,14 +1,18 @@
 """A real OpenSSH server on "another machine" for the push-install tests.
 
 ``Sshd`` starts Debian's /usr/sbin/sshd inside its own network namespace (a veth pair,
-the host side 10.217.0.1/30, the target 10.217.0.2/30: outside 192.0.2.0/24) and its
-own mount namespace (``ip netns exec`` gives one; mounts there never reach the host), in
-which /etc, /opt and /var/lib are overlays: the host's files read through, every write
-landing in the test's target root (``root``), so what an install writes is there and
-nothing of the host changes; /etc/passwd, /etc/shadow and /etc/group are the test's
-(users root and alice, passwords of the test's choosing, alice without sudo). /usr,
-/bin, /lib (the programs, python3.11) are the host's, read-only in effect: the shortcut
-instead of a full Debian tree, which would take minutes to build.
+the host side 10.219.0.1/30, the target 10.219.0.2/30: outside 192.0.2.0/24 and the
+10.213-10.217 subnets of the drill and benchmark networks) and its own mount namespace
+(``ip netns exec`` gives one; mounts there never reach the host), in which /etc, /opt
+and /var/lib are overlays: the host's files read through, every write landing in the
+test's target root (``root``), so what an install writes is there and nothing of the
+host changes; /etc/passwd, /etc/shadow and /etc/group are the test's (users root and
+alice, passwords of the test's choosing, alice without sudo until ``sudoers`` says
+otherwise: /etc/sudoers is the test's too), and so is /etc/hosts
+(``hosts``: the host's, plus the target's address for the host name, which the network
+namespace shares with the host). /usr, /bin, /lib (the programs, python3.11) are the
+host's, read-only in effect: the shortcut instead of a full Debian tree, which would
+take minutes to build.
 
 Needs root (network and mount namespaces) and openssh-server (tests/run.sh installs it).
 """
@@ -19,6 +23,7 @@ import asyncio
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -27,7 +32,7 @@ import pytest
 from siterecovery.agentbundle import Bundle, build
 
 SSHD = "/usr/sbin/sshd"
-HOST_ADDR, TARGET_ADDR = "10.217.0.1", "10.217.0.2"
+HOST_ADDR, TARGET_ADDR = "10.219.0.1", "10.219.0.2"
 TARGET_DIRS = ("etc", "opt", "var/lib")
 
 
@@ -73,6 +78,8 @@ class Sshd:
         self.ns = f"srhj{secrets.token_hex(3)}"
         self.host, self.port = TARGET_ADDR, 22
         self.root = work / "target"
+        self.hosts = work / "etc" / "hosts"  # the target's /etc/hosts (bind-mounted)
+        self.sudoers_file = work / "etc" / "sudoers"  # its /etc/sudoers (where sudo is)
         self.proc: asyncio.subprocess.Process | None = None
         self.host_key = ""
 
@@ -90,6 +97,11 @@ class Sshd:
                   "99999:7:::" for u in users]
         (etc / "shadow").write_text("\n".join(shadow) + "\n")
         (etc / "shadow").chmod(0o600)
+        if not self.sudoers_file.exists():
+            self.sudoers()
+        if not self.hosts.exists():
+            self.hosts.write_text(Path("/etc/hosts").read_text() +
+                                  f"{TARGET_ADDR}\t{socket.gethostname()}\n")
         keys = self.work / "keys"
         keys.mkdir(exist_ok=True)
         for u, line in self.authorized.items():
@@ -116,7 +128,9 @@ class Sshd:
             binds.append(f"mount -t overlay overlay -o lowerdir=/{d},upperdir={upper},"
                          f"workdir={scratch} /{d}")
         binds += [f"mount --bind {self.work / 'etc' / f} /etc/{f}"
-                  for f in ("passwd", "shadow", "group")]
+                  for f in ("passwd", "shadow", "group", "hosts")]
+        binds.append(f"{{ [ ! -f /etc/sudoers ] || mount --bind {self.sudoers_file} "
+                     "/etc/sudoers; }")
         # Its own /var/tmp (uploads), and no view of the host's systemd: an install on the
         # target must never enable a unit on the host.
         binds += ["mount -t tmpfs tmpfs /var/tmp",
@@ -181,6 +195,17 @@ class Sshd:
         """The machine "was reinstalled": a new host key from the next start."""
         for p in self.work.glob("ssh_host_ed25519_key*"):
             p.unlink()
+
+    def sudoers(self, line: str = "") -> None:
+        """The target's /etc/sudoers: root's rule and ``line`` (e.g. 'alice ALL=(ALL) ALL');
+        in effect at once, sudo reads it at each call."""
+        self.sudoers_file.parent.mkdir(parents=True, exist_ok=True)
+        # its timestamps in the target's own /var/tmp, never the host's /run; no lecture
+        # remembered in /var/lib
+        self.sudoers_file.write_text("Defaults env_reset, lecture=never, timestampdir="
+                                     "/var/tmp/sudo-ts\nroot ALL=(ALL:ALL) ALL\n"
+                                     + (line + "\n" if line else ""))
+        self.sudoers_file.chmod(0o440)
 
     def files(self) -> list[str]:
         """Every file under the target root (what an install left behind)."""

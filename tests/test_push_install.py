@@ -4,6 +4,8 @@ target, and each failure is its own clear error that changes nothing on the targ
 
 from __future__ import annotations
 
+import shutil
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -25,10 +27,11 @@ from procserver.sshprereq import (
     SshTarget,
     check_target,
     connect,
+    hosts_gaps,
 )
 from siterecovery.agentbundle import Bundle
 from tests.backends import missing_backend
-from tests.sshd import Sshd, agent_bundle, missing
+from tests.sshd import HOST_ADDR, TARGET_ADDR, Sshd, agent_bundle, missing
 
 ROOT_PW, ALICE_PW = "root-secret-1", "alice-secret-2"
 BUNDLE_TARGET = {"implementation": "cpython", "python": "3.11", "python_exact": True,
@@ -83,7 +86,8 @@ async def test_every_prerequisite_passes_on_a_good_target(sshd: Sshd,
                                                           root_key: asyncssh.SSHKey) -> None:
     p = await _probe(sshd, password=ROOT_PW)
     assert [name for name, _ in p.passed] == ["ssh_port", "host_key", "authentication", "sftp",
-                                              "privileges", "os", "python", "free_space"]
+                                              "privileges", "hosts", "os", "python",
+                                              "free_space"]
     assert p.host_key == sshd.host_key  # what trust on first use records
     assert p.sudo == "" and p.os_release["ID"] == "debian" and p.python.endswith("3.11")
     assert p.free_bytes >= NEED
@@ -108,6 +112,43 @@ async def test_wrong_key(sshd: Sshd) -> None:
 async def test_not_root_and_no_sudo(sshd: Sshd) -> None:
     e = await _fails(sshd, "privileges", username="alice", password=ALICE_PW)
     assert "'alice' is not root and may not use sudo" in e.message
+
+
+async def test_etc_hosts_without_the_machine_address(sshd: Sshd) -> None:
+    name = socket.gethostname()
+    mapped = sshd.hosts.read_text()
+    sshd.hosts.write_text("".join(line for line in mapped.splitlines(keepends=True)
+                                  if not line.startswith(TARGET_ADDR)))
+    e = await _fails(sshd, "hosts", password=ROOT_PW)
+    assert e.message == f"/etc/hosts on {TARGET_ADDR} does not map its host name {name!r} " \
+        f"to {TARGET_ADDR}"
+    assert e.remediation == f"add to /etc/hosts on the machine: '{TARGET_ADDR} {name}'"
+    sshd.hosts.write_text(mapped)  # the fix the remediation names: the check passes
+    assert ("hosts", f"{name} mapped to its addresses") in (
+        await _probe(sshd, password=ROOT_PW)).passed
+
+
+def test_hosts_gaps_reads_both_address_listings() -> None:
+    hosts = "127.0.0.1 localhost\n10.0.0.5 web01.example.org web01 # eth0\n#10.0.0.6 web01\n"
+    assert hosts_gaps("web01", hosts, "10.0.0.5 fd00::5 \n") == []
+    assert hosts_gaps("WEB01.example.org", hosts, "10.0.0.5 10.0.0.6\n") == ["10.0.0.6"]
+    ip = ("2: eth0    inet 10.0.0.5/24 brd 10.0.0.255 scope global eth0\n"
+          "3: eth1    inet 10.0.0.6/24 brd 10.0.0.255 scope global eth1\n")
+    assert hosts_gaps("web01", hosts, ip) == ["10.0.0.6"]  # not the broadcast address
+    assert hosts_gaps("db01", hosts, "10.0.0.5") == ["10.0.0.5"]
+
+
+async def test_sudo_with_the_accounts_password_passes_and_without_sudo_is_refused(
+        sshd: Sshd) -> None:
+    if shutil.which("sudo") is None:
+        missing_backend("sudo", "sudo is not installed (apt-get install sudo)")
+    await _fails(sshd, "privileges", username="alice", password=ALICE_PW)
+    sshd.sudoers("alice ALL=(ALL) ALL")  # with her password
+    p = await _probe(sshd, username="alice", password=ALICE_PW)
+    assert p.sudo == "sudo -S -p ''" and ("privileges", "sudo") in p.passed
+    sshd.sudoers("alice ALL=(ALL) NOPASSWD: ALL")
+    assert (await _probe(sshd, username="alice", password=ALICE_PW)).sudo == "sudo -n"
+    assert sshd.files() == []
 
 
 async def test_no_sftp_subsystem(tmp_path: Path) -> None:
@@ -218,8 +259,8 @@ async def test_enroll_makes_the_key_on_the_machine(sshd: Sshd, bundle: Bundle,
                            os_check=matrix)
     async with await connect(t, asyncssh.import_public_key(p.host_key)) as conn:
         await install(conn, bundle.path, sudo=p.sudo, python=p.python)
-        config = await enroll(conn, machine="web01", sign=sign, server="10.217.0.1:9443",
-                              site_url="https://10.217.0.1:9441",
+        config = await enroll(conn, machine="web01", sign=sign, server=f"{HOST_ADDR}:9443",
+                              site_url=f"https://{HOST_ADDR}:9441",
                               disks=[("sda", "/dev/sda")], sudo=p.sudo)
         assert config == "/etc/siterecovery/mobility.toml"
         conf = sshd.root / "etc" / "siterecovery"
@@ -227,7 +268,7 @@ async def test_enroll_makes_the_key_on_the_machine(sshd: Sshd, bundle: Bundle,
         key = conf / "agent.key"
         assert b"PRIVATE KEY" not in b"".join(requests)
         cfg = load(MobilityConfig, conf / "mobility.toml")
-        assert (cfg.machine, cfg.server_host, cfg.server_port) == ("web01", "10.217.0.1", 9443)
+        assert (cfg.machine, cfg.server_host, cfg.server_port) == ("web01", HOST_ADDR, 9443)
         assert cfg.tls_key == "/etc/siterecovery/agent.key" and cfg.disks == [
             {"name": "sda", "path": "/dev/sda"}]
         # the certificate the CA issued is for the key made on the machine
