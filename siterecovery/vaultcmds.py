@@ -10,6 +10,7 @@ from typing import Any
 
 from common.labels import APP
 from siterecovery.errors import EXIT_CORRUPT, EXIT_OK, CliError, UsageError
+from siterecovery.inplacecmds import refuse_in_use, restore_in_place
 from siterecovery.output import add_json_arg, mib, show
 from siterecovery.progress import Progress
 from siterecovery.vaultopts import (
@@ -172,6 +173,8 @@ async def cmd_machines_list(args: argparse.Namespace) -> int:
 
 
 async def cmd_restore(args: argparse.Namespace) -> int:
+    if args.in_place:
+        refuse_in_use(args.in_place)
     v = await open_vault(args)
     try:
         scan = await v.scan_points()
@@ -181,6 +184,8 @@ async def cmd_restore(args: argparse.Namespace) -> int:
             if args.point in SPECS or name[len(names.POINTS):].startswith(args.point):
                 raise e
         point = _select(scan.points, args.point, args.machine)
+        if args.in_place:
+            return await restore_in_place(args, v, point)
         restored = await restore_point(
             v, point, args.out, fmt=args.format, disks=args.disk,
             progress=lambda disk: Progress(f"restore {disk}", quiet=args.json),
@@ -238,15 +243,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         "restore", help="materialize a recovery point to raw disk images or fixed VHDs",
         description="Write every disk of a machine at a recovery point to OUT/<disk>.img "
                     "(sparse raw) or OUT/<disk>.vhd (fixed VHD, padded to whole MiB, ready "
-                    "for Azure), verifying every block and the end-to-end disk digest. Needs "
-                    "only the vault and its key.")
+                    "for Azure), verifying every block and the end-to-end disk digest; or, "
+                    "with --in-place DEVICE, repair one disk (block device or image file) "
+                    "by writing only the blocks that differ from the point (a mounted or "
+                    "held device is refused). Needs only the vault and its key.")
     add_vault_args(rp)
     rp.add_argument("--machine", help="the protected machine (needed if the vault has several)")
     rp.add_argument("--point", default="latest",
                     help="latest | latest-app-consistent | latest-crash-consistent | ID "
                          "(a unique prefix is enough); default: latest")
     rp.add_argument("--disk", action="append", help="restore only this disk (repeatable)")
-    rp.add_argument("--out", required=True, help="output directory")
+    where = rp.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="output directory")
+    where.add_argument("--in-place", metavar="DEVICE",
+                       help="repair this block device or image file from the point: read it, "
+                            "write only the blocks that differ, verify the disk digest "
+                            "(one disk: --disk when the point has several)")
     rp.add_argument("--format", choices=list(FORMATS), default="raw",
                     help="raw: sparse OUT/<disk>.img; vhd: fixed VHD OUT/<disk>.vhd "
                          "(default: raw)")
