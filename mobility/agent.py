@@ -48,6 +48,7 @@ from mobility.metricsfile import AgentMetrics, CycleFacts
 from mobility.resume import Conn, check_progress, progress_of, resume
 from mobility.sender import CycleDisk, Progress, Sender
 from mobility.snapshot import Held, Scripts, SnapshotProvider, crash_provider, held
+from mobility.spool import fill
 from mobility.tracker import (
     AgentState,
     DiskState,
@@ -88,6 +89,8 @@ class CycleResult:
     fallbacks: dict[str, str] = field(default_factory=dict)  # disk -> why a tracker scanned
     # disk -> changed blocks its tracker had missed, for the disks this cycle verified
     missed: dict[str, int] = field(default_factory=dict)
+    spooled_bytes: int = 0  # copied to the spool while frozen, then sent after the thaw
+    spool_overflow: bool = False  # too much to spool: sent while the disks were held
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,9 @@ class Agent:
         self.metrics = (AgentMetrics(cfg.machine, Path(cfg.metrics_file))
                         if cfg.metrics_file else None)
         self._held = 0.0  # seconds the current cycle held its snapshot
+        self._hold_start = 0.0
+        self._thawed: float | None = None  # when the current hold let writes go (spool)
+        self._spooled, self._overflow = 0, False  # the current cycle's spool
         # The file of the CA's list of revoked server certificates (a CRL, from the managed
         # agent's settings): the handshake refuses a process server whose certificate is on
         # it.
@@ -284,6 +290,7 @@ class Agent:
 
         ``on_kind`` learns which, before the first block is read."""
         start, self._held = time.monotonic(), 0.0
+        self._spooled, self._overflow = 0, False
         try:
             r = await self._replicate_once(progress, on_kind, resync)
         except Exception as e:
@@ -297,7 +304,8 @@ class Agent:
                 r.kind, r.consistency, time.time(), time.monotonic() - start, self._held,
                 r.blocks_sent, r.bytes_sent, r.bytes_read, r.tracking, r.fallbacks,
                 tuple(r.missed), {k: d.missed_blocks for k, d in disks.items()},
-                {k: d.verified_at for k, d in disks.items()}))
+                {k: d.verified_at for k, d in disks.items()}, r.spooled_bytes,
+                r.spool_overflow))
         return r
 
     async def _replicate_once(self, progress: Progress | None,
@@ -315,7 +323,8 @@ class Agent:
             if plan.full:
                 plan = await self._basis(conn.link, sizes) or plan
             while True:
-                held_from = time.monotonic()
+                held_from = self._hold_start = time.monotonic()
+                self._thawed = None
                 try:
                     async with self.provider.hold() as h:
                         snap = held(h)
@@ -331,7 +340,7 @@ class Agent:
                             on_kind(plan.kind)
                         sender, resumes = await self._send(conn, plan, doc, progress, snap,
                                                            due)
-                    self._held += time.monotonic() - held_from
+                    self._held += (self._thawed or time.monotonic()) - held_from
                     break
                 except _Retry:
                     self._held += time.monotonic() - held_from
@@ -381,7 +390,8 @@ class Agent:
                  bytes_read=sender.nread, tracking=sender.tracking)
         return CycleResult(cycle, plan.full, consistency, sender.sent, sender.nbytes, resumes,
                            plan.kind, sender.nread, sender.tracking, sender.fallbacks,
-                           {k: len(v) for k, v in sender.missed.items()})
+                           {k: len(v) for k, v in sender.missed.items()}, self._spooled,
+                           self._overflow)
 
     async def _send(self, conn: Conn, plan: _Plan, doc: dict[str, Any],
                     progress: Progress | None, snap: Held,
@@ -396,6 +406,7 @@ class Agent:
             cycle=cycle, base=plan.base if plan.kind == "delta" else None, verify=verify)
         await sender.open()
         try:
+            await self._spool(sender, snap)
             while True:
                 link = conn.link
                 try:
@@ -422,6 +433,24 @@ class Agent:
                     sender.rewind(blocks, position)
         finally:
             await sender.close()
+
+    async def _spool(self, sender: Sender, snap: Held) -> None:
+        """Where the hold can thaw early (fsfreeze): copy what the cycle reads into the
+        spool (``spool.py``), then thaw, so that the disks are held for the copy alone."""
+        limit = self.cfg.freeze_spool_mb << 20
+        if snap.thaw is None or limit == 0:
+            return
+        got = await asyncio.to_thread(fill, sender.disks, self.cfg.block_size, limit)
+        if not got.fits:
+            self._overflow = True
+            log.warning("freeze_spool_overflow", cycle=sender.cycle, read_bytes=got.nbytes,
+                        spool_bytes=limit, hint="the filesystems stay frozen while this "
+                        "cycle is sent: raise freeze_spool_mb or shorten interval_seconds")
+            return
+        await snap.thaw()
+        self._thawed, self._spooled = time.monotonic(), got.nbytes
+        log.info("cycle_spooled", cycle=sender.cycle, bytes=got.nbytes,
+                 freeze_seconds=round(self._thawed - self._hold_start, 4))
 
     async def run_forever(self) -> None:
         # Without jitter, as before: one agent per machine, each on its own schedule.

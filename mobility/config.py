@@ -52,6 +52,11 @@ class MobilityConfig:
     # ranges is sent all the same, counted and reported (tracker_missed_writes). A full
     # or rescanned cycle counts as one. 0: never.
     tracker_verify_hours: float = 24.0
+    # snapshot = "fsfreeze" (or "script" around it): what a cycle reads is copied into
+    # a spool in memory of at most this many MiB while the filesystems are frozen, which
+    # are thawed before it is sent. A cycle that reads more (a full copy, a rescan, a
+    # verification scan) is sent frozen, as without a spool, and logged. 0: never spool.
+    freeze_spool_mb: int = 128
     # The agent's metrics in Prometheus's text format, rewritten after every cycle (for
     # node_exporter's textfile collector); "" = none.
     metrics_file: str = ""
@@ -100,6 +105,8 @@ class MobilityConfig:
             raise ValueError("tracker_verify_hours must be from 0 (never) to 8784")
         if not 4 <= self.blocktrace_buffer_kb <= (1 << 20):
             raise ValueError("blocktrace_buffer_kb must be from 4 to 1048576")
+        if not 0 <= self.freeze_spool_mb <= (1 << 20):
+            raise ValueError("freeze_spool_mb must be from 0 (never spool) to 1048576")
         if self.snapshot == "fsfreeze" and not self.freeze_mounts:
             raise ValueError("snapshot = 'fsfreeze' needs freeze_mounts")
         if self.snapshot == "script" and not (self.pre_script and self.post_script):

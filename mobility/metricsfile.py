@@ -40,6 +40,8 @@ class CycleFacts:
     verified: tuple[str, ...]  # the disks this cycle gave a verification scan
     missed: dict[str, int]  # disk -> missed blocks its last verification scan found
     verified_at: dict[str, float]  # disk -> its last whole read (0: unknown)
+    spooled_bytes: int = 0  # copied to the freeze spool, sent after the thaw
+    spool_overflow: bool = False  # more to read than the spool holds: sent frozen
 
 
 @dataclass
@@ -52,6 +54,7 @@ class AgentMetrics:
     bytes_read: int = 0
     fallbacks: Counter[str] = field(default_factory=Counter)  # disk -> tracker fallbacks
     verifications: Counter[str] = field(default_factory=Counter)  # disk -> verification scans
+    spool_overflows: int = 0
     last: CycleFacts | None = None
 
     def cycle_done(self, facts: CycleFacts) -> None:
@@ -62,6 +65,7 @@ class AgentMetrics:
             self.fallbacks[disk] += 1
         for disk in facts.verified:
             self.verifications[disk] += 1
+        self.spool_overflows += facts.spool_overflow
         self.last = facts
         self.write()
 
@@ -95,6 +99,9 @@ class AgentMetrics:
         metric("tracker_verifications_total", "counter",
                "verification scans of a tracked disk",
                [({"disk": d}, float(v)) for d, v in sorted(self.verifications.items())])
+        metric("freeze_spool_overflows_total", "counter",
+               "cycles that read more than freeze_spool_mb and were sent while frozen",
+               [({}, float(self.spool_overflows))])
         last = self.last
         if last is not None:
             metric("last_cycle_timestamp_seconds", "gauge",
@@ -105,6 +112,9 @@ class AgentMetrics:
             metric("last_cycle_hold_seconds", "gauge",
                    "how long the last cycle held its snapshot (with fsfreeze: the freeze)",
                    [({}, last.hold_seconds)])
+            metric("last_cycle_spooled_bytes", "gauge",
+                   "bytes the last cycle copied to its spool while frozen (0: none)",
+                   [({}, float(last.spooled_bytes))])
             metric("last_cycle_read_bytes", "gauge",
                    "bytes the last cycle read from the disks", [({}, float(last.bytes_read))])
             metric("last_cycle_sent_bytes", "gauge",

@@ -125,6 +125,7 @@ class Sender:
         # disk -> the changed blocks its tracker missed (verification scans only)
         self.missed: dict[str, set[int]] = {}
         self.last: tuple[int, int] | None = None
+        self.started = False  # the first block data went to the connection
         self._pending: collections.deque[asyncio.Future[Any]] = collections.deque()
 
     async def open(self) -> None:
@@ -202,6 +203,9 @@ class Sender:
                     ahead.append(submit(i + PREFETCH))
                 if frames:
                     await self.agent.send_limit.take(len(data))
+                    if not self.started:
+                        self.started = True
+                        log.info("cycle_send_started", cycle=self.cycle)
                     link.send(data)
                     self.sent += frames
                     self.nbytes += nbytes

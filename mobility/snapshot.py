@@ -22,7 +22,10 @@ while they are read and yields the label that honestly describes the read:
   inside, the post-script runs as soon as the snapshots exist.
 
 A provider yields a label, or a ``Held`` naming the paths to read instead of the
-disks' own (a block snapshot) and whether writes are already let go.
+disks' own (a block snapshot) and whether writes are already let go. A hold that can
+let writes go before it ends (``fsfreeze``, and ``script`` around it) offers ``thaw``:
+the cycle calls it once it has copied what it still has to read (``spool.py``), and
+the hold then ends without thawing again.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import contextlib
 import fcntl
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -48,6 +51,8 @@ class Held:
     label: str
     paths: dict[str, str] = field(default_factory=dict)  # disk path -> snapshot path
     released: bool = False  # writes go on already: the reads come from the snapshot
+    # Let writes go on now, before the hold ends (None: only when it ends).
+    thaw: Callable[[], Awaitable[None]] | None = None
 
     def path(self, disk_path: str) -> str:
         return self.paths.get(disk_path, disk_path)
@@ -96,14 +101,24 @@ class FsFreeze:
     @contextlib.asynccontextmanager
     async def hold(self) -> AsyncIterator[str | Held]:
         frozen: list[str] = []
+
+        async def thaw() -> None:
+            thawed: list[str] = []
+            try:
+                while frozen:
+                    await _run(["fsfreeze", "--unfreeze", frozen[-1]], self.timeout)
+                    thawed.append(frozen.pop())
+            finally:
+                if thawed:
+                    log.info("filesystems_thawed", mounts=thawed)
+
         try:
             for m in self.mounts:
                 await _run(["fsfreeze", "--freeze", m], self.timeout)
                 frozen.append(m)
-            yield "crash"
+            yield Held("crash", thaw=thaw)
         finally:
-            for m in reversed(frozen):
-                await _run(["fsfreeze", "--unfreeze", m], self.timeout)
+            await thaw()
 
 
 class Scripts:
@@ -120,17 +135,30 @@ class Scripts:
                 yield label
             return
         posted = False
+
+        async def post() -> None:
+            nonlocal posted
+            if not posted:
+                posted = True
+                await _run([self.post], self.timeout)
+
         try:
             async with self.inner.hold() as inner:
                 h = held(inner)
                 if h.released:  # the snapshot exists: the application may go on now
-                    posted = True
-                    await _run([self.post], self.timeout)
+                    await post()
+                thaw = None
+                if h.thaw is not None:
+                    inner_thaw = h.thaw
+
+                    async def thaw() -> None:  # the application goes on with the disks
+                        await inner_thaw()
+                        await post()
+
                 yield Held("app" if h.label != "inconsistent" else h.label, h.paths,
-                           h.released)
+                           h.released, thaw)
         finally:
-            if not posted:
-                await _run([self.post], self.timeout)
+            await post()
 
 
 class LvmSnapshot:

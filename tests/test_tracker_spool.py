@@ -1,0 +1,162 @@
+"""Short freezes: with fsfreeze and a tracker, a cycle's blocks are spooled while frozen.
+
+ext4 on a loop device, mounted and written through, protected with ``snapshot =
+"fsfreeze"`` and the block-layer tracker. A cycle of 10 MB of changes copies what it
+reads into the spool and thaws the filesystem *before* the first block goes to the
+process server (the order of the agent's own events: ``filesystems_thawed`` before
+``cycle_send_started``); a cycle that reads more than the spool holds (the full copy,
+20 MB of changes) is sent frozen as without a spool, logged and counted. Every point
+is compared byte for byte with the device as it was while frozen (read by the test
+from inside the hold) and passes ``e2fsck -fn``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+
+from mobility.agent import Agent, CycleResult
+from mobility.config import MobilityConfig
+from mobility.snapshot import FsFreeze
+from procserver.server import ProcServer
+from tests.backends import missing_backend
+from tests.helpers import Pki, agent_config, open_vault
+from tests.test_ext4 import loop_device, mounted
+from tests.test_tracker_blocktrace import device_sha, tracefs  # noqa: F401 (a fixture)
+from vault.materialize import materialize
+
+pytestmark = pytest.mark.root
+DEVICE = 64 << 20
+SPOOL_MB = 16
+
+
+def write_mb(mnt: Path, name: str, mb: int, seed: int) -> None:
+    """``mb`` MB of new file data, through the filesystem (the freeze writes it back)."""
+    rng = random.Random(seed)
+    for i in range(mb):
+        (mnt / f"{name}-{i}").write_bytes(rng.randbytes(1_000_000))
+
+
+async def cycle(agent: Agent, dev: str) -> tuple[CycleResult, str, list[str]]:
+    """One cycle; the device's sha256 read inside the hold, and the agent's events."""
+    frozen: list[str] = []
+
+    def inside(kind: str) -> None:  # called while the hold lasts, before any block is read
+        frozen.append(device_sha(dev))
+
+    with structlog.testing.capture_logs() as logs:
+        r = await agent.replicate_once(on_kind=inside)
+    events = [e["event"] for e in logs if e["event"] in (
+        "filesystems_thawed", "cycle_send_started", "cycle_spooled",
+        "freeze_spool_overflow")]
+    return r, frozen[0], events
+
+
+async def point_is(ps: ProcServer, tmp: Path, key: Path, cycle: str, want: str) -> None:
+    """The point of ``cycle`` restores to exactly ``want`` and its ext4 checks clean."""
+    vault = await open_vault(tmp / "vault", key)
+    try:
+        point = await vault.read_point(await ps.wait_point(cycle, timeout=60))
+        out = tmp / f"restored-{cycle[:8]}.img"
+        await materialize(vault, point, "sda", str(out), index=await vault.load_index())
+    finally:
+        await vault.close()
+    h = hashlib.sha256()
+    with open(out, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    assert h.hexdigest() == want
+    fsck = await asyncio.create_subprocess_exec(
+        "e2fsck", "-fn", str(out), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT)
+    report, _ = await fsck.communicate()
+    assert fsck.returncode == 0, report.decode()
+    out.unlink()
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(f"siterecovery_agent_{name}{{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in the metrics file")
+
+
+@pytest.fixture
+def ext4_mounted(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """An ext4 on a loop device, mounted: (the device, the mount point)."""
+    for tool in ("mkfs.ext4", "e2fsck", "fsfreeze"):
+        if shutil.which(tool) is None:
+            missing_backend(tool, "tests/run.sh installs e2fsprogs and util-linux")
+    image = tmp_path / "ext4.img"
+    with open(image, "wb") as f:
+        f.truncate(DEVICE)
+    with loop_device(image) as dev:
+        subprocess.run(["mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+                        dev], check=True)
+        with mounted(dev, tmp_path / "mnt") as mnt:
+            yield dev, mnt
+
+
+@pytest.mark.usefixtures("tracefs")
+async def test_a_small_cycle_is_spooled_and_thawed_before_it_is_sent(
+        tmp_path: Path, pki: Pki, procserver: ProcServer, vault_at: tuple[str, Path],
+        ext4_mounted: tuple[str, Path]) -> None:
+    key, (dev, mnt) = vault_at[1], ext4_mounted
+    cfg = agent_config(tmp_path, pki, "vm01", procserver.port, {"sda": Path(dev)},
+                       snapshot="fsfreeze", freeze_mounts=[str(mnt)],
+                       tracker="blocktrace", freeze_spool_mb=SPOOL_MB,
+                       metrics_file=str(tmp_path / "agent.prom"))
+    cfg.validate()
+    agent = Agent(cfg)
+    assert isinstance(agent.provider, FsFreeze)
+    try:
+        # The full copy reads the whole 64 MiB device: more than the spool.
+        r, want, events = await cycle(agent, dev)
+        assert (r.kind, r.spool_overflow, r.spooled_bytes) == ("full", True, 0)
+        assert events == ["freeze_spool_overflow", "cycle_send_started",
+                          "filesystems_thawed"]
+        await point_is(procserver, tmp_path, key, r.cycle, want)
+
+        write_mb(mnt, "ten", 10, seed=1)
+        r, want, events = await cycle(agent, dev)
+        assert (r.kind, r.tracking, r.spool_overflow) == (
+            "delta", {"sda": "blocktrace"}, False)
+        assert 10_000_000 <= r.spooled_bytes == r.bytes_read <= SPOOL_MB << 20
+        # Thawed before the first block was sent: the freeze lasted for the copy.
+        assert events == ["filesystems_thawed", "cycle_spooled",
+                          "cycle_send_started"]
+        await point_is(procserver, tmp_path, key, r.cycle, want)
+        prom = Path(cfg.metrics_file).read_text()
+        assert metric(prom, "last_cycle_spooled_bytes") == r.spooled_bytes
+        assert metric(prom, "freeze_spool_overflows_total") == 1
+
+        write_mb(mnt, "twenty", 20, seed=2)  # more than the spool: sent frozen
+        r, want, events = await cycle(agent, dev)
+        assert (r.tracking, r.spool_overflow, r.spooled_bytes) == (
+            {"sda": "blocktrace"}, True, 0)
+        assert r.bytes_read >= 20_000_000
+        assert events == ["freeze_spool_overflow", "cycle_send_started",
+                          "filesystems_thawed"]
+        await point_is(procserver, tmp_path, key, r.cycle, want)
+        prom = Path(cfg.metrics_file).read_text()
+        assert metric(prom, "freeze_spool_overflows_total") == 2
+        assert metric(prom, "last_cycle_spooled_bytes") == 0
+    finally:
+        agent.close()
+
+
+def test_the_spool_setting_is_checked() -> None:
+    cfg = MobilityConfig(machine="m", server_host="h", tls_ca="a", tls_cert="c", tls_key="k",
+                         state_dir="s", disks=[{"name": "sda", "path": "/dev/null"}],
+                         freeze_spool_mb=-1)
+    with pytest.raises(ValueError, match="freeze_spool_mb"):
+        cfg.validate()
+
