@@ -6,7 +6,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from configserver import alerts, certs, gcjob, notifydeliver, verifyjob
+from configserver import alerts, certs, gcjob, notifydeliver, pshealth, verifyjob
 from configserver.services import Services
 
 
@@ -19,4 +19,7 @@ def background_tasks(services: Services) -> list[Coroutine[Any, Any, None]]:
             verifyjob.schedule(services, services.cfg.verify_interval_hours, {
                 "reverify_days": services.cfg.verify_reverify_days,
                 "daily_share": services.cfg.verify_daily_share_percent}),
-            gcjob.schedule(services, services.cfg.prune_interval_hours)]
+            gcjob.schedule(services, services.cfg.prune_interval_hours),
+            pshealth.run(services, services.alert_book.up_since,
+                         services.cfg.alert_interval_seconds,
+                         services.cfg.procserver_failover_seconds)]

@@ -54,6 +54,9 @@ class ConfigServerConfig:
     # how long a failover waits for the source's agent to take a last cycle and shut down.
     failover_drain_timeout_seconds: float = 1800.0
     failover_shutdown_timeout_seconds: float = 600.0
+    # A process server silent this long loses its machines to a healthy one
+    # (configserver/pshealth.py); the procserver_heartbeat_missing alert's 15 minutes.
+    procserver_failover_seconds: float = 900.0
     # Failover targets (docs/REFERENCE.md §13). The folder target is always there.
     recovered_dir: str = ""  # the folder target's root (default DATA_DIR/recovered)
     folder_format: str = "raw"  # raw | vhd | qcow2
@@ -91,6 +94,8 @@ class ConfigServerConfig:
         for name in ("failover_drain_timeout_seconds", "failover_shutdown_timeout_seconds"):
             if not 0 < getattr(self, name) <= 86400:
                 raise ValueError(f"{name} must be more than 0 and at most 86400 (a day)")
+        if not 0 < self.procserver_failover_seconds <= 86400:
+            raise ValueError("procserver_failover_seconds must be more than 0 and at most 86400")
         if self.folder_format not in ("raw", "vhd", "qcow2"):
             raise ValueError("folder_format must be raw, vhd or qcow2")
         if self.libvirt_accel not in ("auto", "kvm", "qemu"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from configserver import db
+from configserver import assignment, db
 from configserver.errors import DomainError
 from configserver.install import REMOTE_STEPS, STEP_TITLES, push_action, request_for_job
 from configserver.installjob import end_request, wait_remote
@@ -70,26 +70,31 @@ async def validate(ctx: StepContext) -> str:
                                  "another one: siterecovery machine update "
                                  f"{ctx.target} --process-server NAME")
         else:
-            ps = await _least_loaded(s, ctx.core.clock())
+            ps, why = await _least_loaded(s, ctx.core.clock())
             if ps is None:
                 raise StepFailed("no process server is registered; start one (it registers "
                                  "with its first heartbeat), then enable replication again")
             machine.process_server = ps.name
         await s.commit()
     return f"machine {ctx.target}, policy {policy_name}, process server {ps.name} " \
-           f"({ps.address})"
+           f"({ps.address})" + (f"; {why}" if ps_name is None else "")
 
 
-async def _least_loaded(s: AsyncSession, now: float) -> db.ProcessServer | None:
-    """The registered process server with a recent heartbeat and the fewest machines."""
+async def _least_loaded(s: AsyncSession, now: float
+                        ) -> tuple[db.ProcessServer | None, str]:
+    """The least-loaded healthy process server and why (``configserver/assignment.py``);
+    with none healthy, the one heard from last, and so said."""
     servers = (await s.execute(select(db.ProcessServer))).scalars().all()
     if not servers:
-        return None
-    counts = dict((await s.execute(
+        return None, ""
+    counts = {str(k): int(v) for k, v in (await s.execute(
         select(db.Machine.process_server, func.count()).group_by(db.Machine.process_server)
-    )).all())
-    return min(servers, key=lambda p: (now - p.last_contact > STALE_PROCSERVER_SECONDS,
-                                       counts.get(p.name, 0), p.name))
+    )).all() if k is not None}
+    choice = assignment.choose(servers, counts, now, 0.0)
+    if choice.server is not None:
+        return choice.server, choice.explanation
+    newest = max(servers, key=lambda p: (p.last_contact, p.name))
+    return newest, f"{choice.explanation}: taking {newest.name}, heard from last"
 
 
 async def prepare_agent(ctx: StepContext) -> str:

@@ -1,0 +1,279 @@
+"""Process-server failover (#17), every part real: two process-server daemons registered
+with a configuration server, a machine's agent on the first; ``kill -9`` of the first
+while it holds an acknowledged cycle it could not upload (the test holds the vault's
+exclusive lock). The machine moves to the second by a job with an event; the agent
+follows its settings and its first cycle there is a resync by basis (a delta on the
+vault's newest point, not a full copy), restoring byte-exact. The first comes back,
+drains its cache (the acknowledged cycle becomes the point it would have been,
+byte-exact, without moving the machine's latest point back) and keeps no machine.
+
+Also: assignment by measured load (``configserver/assignment.py``) on catalog rows."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from configserver import assignment, db
+from configserver.config import ConfigServerConfig
+from configserver.pshealth import MOVED
+from configserver.server import ConfigServer
+from mobility.config import MobilityConfig
+from mobility.daemon import ManagedAgent
+from mobility.enroll import enroll_with_passphrase
+from mobility.siteclient import SiteClient
+from siterecovery.apiclient import ApiCallError, ApiClient
+from siterecovery.tomlconfig import load
+from tests.helpers import (
+    Daemon,
+    make_disk,
+    make_vault,
+    mutate,
+    open_vault,
+    restore_all,
+    sha256,
+    write_toml,
+)
+from tests.managedsite import issue_procserver_cert
+from tests.sitehelpers import step, wait_job
+from vault.locks import acquire
+
+SILENT_AFTER = 6.0  # procserver_failover_seconds: heartbeats come every 0.5 s
+
+
+@pytest.fixture
+async def cs(tmp_path: Path) -> AsyncIterator[ConfigServer]:
+    server = ConfigServer(ConfigServerConfig(
+        data_dir=str(tmp_path / "cs"), listen_port=0, site_port=0,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'catalog.db'}",
+        procserver_failover_seconds=SILENT_AFTER))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def _procserver_toml(cs: ConfigServer, api: ApiClient, tmp: Path, name: str,
+                           url: str, key: Path) -> Path:
+    tls = tmp / f"{name}-tls"
+    await issue_procserver_cert(api, tls, name)
+    return write_toml(tmp / f"{name}.toml", {
+        "data_dir": str(tmp / name), "vault_url": url, "vault_key_file": str(key),
+        "tls_cert": str(tls / "server.pem"), "tls_key": str(tls / "server.key"),
+        "tls_ca": str(cs.ca.cert_path), "listen_port": 0, "metrics_port": 0, "name": name,
+        "configserver_url": cs.site_url,
+        "configserver_token_file": str(cs.cfg.internal_token_path),
+        "heartbeat_interval_seconds": 0.5})
+
+
+async def _until(cs: ConfigServer, check: Any, timeout: float = 120) -> Any:
+    """``await check()`` once it returns something true, re-checked on every change."""
+    async with asyncio.timeout(timeout), cs.services.notifier.changed:
+        while not (got := await check()):
+            await cs.services.notifier.changed.wait()
+    return got
+
+
+async def _registered(cs: ConfigServer, api: ApiClient, name: str) -> None:
+    async def known() -> bool:
+        try:
+            await api.get(f"/api/v1/procservers/{name}")
+            return True
+        except ApiCallError:
+            return False
+    await _until(cs, known)
+
+
+async def _point_of(ps: Daemon, cycle: str) -> str:
+    n = 1
+    while True:
+        for e in ps.events("point_uploaded"):
+            if e.get("cycle") == cycle:
+                return str(e["point"])
+        await ps.wait_events("point_uploaded", n, timeout=180)
+        n += 1
+
+
+async def test_dead_procserver_machines_move_and_resync(cs: ConfigServer,
+                                                        tmp_path: Path) -> None:
+    url, key = await make_vault(tmp_path)
+    disk = tmp_path / "disk.img"
+    make_disk(disk, 8 << 20, seed=17)
+    async with ApiClient(cs.url, cs.admin_token) as api:
+        toml1 = await _procserver_toml(cs, api, tmp_path, "ps1", url, key)
+        toml2 = await _procserver_toml(cs, api, tmp_path, "ps2", url, key)
+        ps1 = Daemon(["procserver", "run", "--config", str(toml1)], "procserver_started")
+        ps2 = Daemon(["procserver", "run", "--config", str(toml2)], "procserver_started")
+        ps1b: Daemon | None = None
+        await ps1.start()
+        await ps2.start()
+        try:
+            await _registered(cs, api, "ps1")
+            await _registered(cs, api, "ps2")
+            await api.post("/api/v1/machines", {
+                "name": "web01", "ip": "192.0.2.7", "os_type": "linux", "os_name": "debian",
+                "os_version": "12", "disks": [{"name": "sda", "path": str(disk)}],
+                "process_server": "ps1"})
+            async with SiteClient(cs.site_url, str(cs.ca.cert_path)) as enrolling:
+                cfg_path = await enroll_with_passphrase(
+                    enrolling, cs.passphrase, tmp_path / "agent", machine="web01",
+                    server_host="127.0.0.1", server_port=1, disks=[("sda", str(disk))])
+            cfg = dataclasses.replace(load(MobilityConfig, cfg_path), snapshot="quiesced")
+            await api.post("/api/v1/replication/enable", {"machine": "web01",
+                                                          "policy": "default"})
+            async with SiteClient(cfg.site_url, cfg.tls_ca, cfg.tls_cert,
+                                  cfg.tls_key) as site:
+                managed = ManagedAgent(cfg, site)
+                try:
+                    moved = await _scenario(cs, api, managed, disk, ps1, ps2, tmp_path, key)
+                    # ps1 comes back: it drains what it acknowledged, then holds nothing.
+                    ps1b = Daemon(["procserver", "run", "--config", str(toml1)],
+                                  "procserver_started")
+                    await ps1b.start()
+                    await _returned(cs, api, ps1b, tmp_path, key, moved)
+                finally:
+                    managed.close()
+        finally:
+            for d in (ps1b, ps2):
+                if d is not None and d.proc is not None:
+                    await d.stop()
+            if ps1.proc is not None and ps1.proc.returncode is None:
+                await ps1.kill9()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Moved:
+    c2: str  # the cycle ps1 acknowledged and could not upload
+    d2: str  # the disk's digest then
+    p3: str  # the first point on ps2
+
+
+async def _scenario(cs: ConfigServer, api: ApiClient, managed: ManagedAgent, disk: Path,
+                    ps1: Daemon, ps2: Daemon, tmp: Path, key: Path) -> _Moved:
+    assert await managed.round()  # the initial copy, through ps1
+    assert managed.last is not None and managed.last.kind == "full"
+    p1 = await _point_of(ps1, managed.last.cycle)
+
+    async def protected() -> bool:
+        item = await api.get("/api/v1/items/web01")
+        return bool(item["state"] == "protected")
+    await _until(cs, protected)  # Enable and Finalize protection are over
+
+    # A cycle ps1 acknowledges but cannot upload: a prune-like holder of the exclusive lock.
+    vault = await open_vault(tmp / "vault", key)
+    try:
+        lock = await acquire(vault, "exclusive", "test: keep ps1 from uploading", wait=60)
+        try:
+            mutate(disk, 0.05, seed=18)
+            d2 = sha256(disk)
+            assert await managed.round()
+            assert managed.last is not None and managed.last.kind == "delta"
+            c2 = managed.last.cycle
+            await ps1.kill9()
+        finally:
+            await lock.release()
+    finally:
+        await vault.close()
+    assert not [e for e in ps1.events("point_uploaded") if e.get("cycle") == c2]
+
+    # ps1 is silent past procserver_failover_seconds: web01 moves to ps2 by a job.
+    async def move_job() -> dict[str, Any] | None:
+        jobs = (await api.get("/api/v1/jobs", target="web01", kind="move_machine"))["jobs"]
+        return jobs[0] if jobs else None
+    job = await _until(cs, move_job)
+    assert job["params"]["from"] == "ps1"
+    job = await wait_job(api, job["id"], lambda j: step(j, "choose")["state"] == "succeeded")
+    assert "to ps2; least loaded: ps2 (backlog" in step(job, "choose")["message"]
+    machine = await api.get("/api/v1/machines/web01")
+    assert machine["process_server"] == "ps2"
+    events = (await api.get("/api/v1/events", target="web01", code=MOVED))["events"]
+    assert len(events) == 1 and "moved from ps1" in events[0]["message"]
+
+    # The agent follows its settings; ps2 does not know its base: a resync by basis.
+    mutate(disk, 0.05, seed=19)
+    d3 = sha256(disk)
+    assert await managed.round()
+    assert managed.last is not None and managed.last.kind == "resync"
+    assert managed.last.bytes_sent < (8 << 20) // 2  # not a full copy
+    c3 = managed.last.cycle
+    p3 = await _point_of(ps2, c3)
+    job = await wait_job(api, job["id"], timeout=120)
+    assert job["state"] == "succeeded", job
+    assert f"first point on ps2: {p3[:16]}" in step(job, "resync")["message"]
+    assert f"a delta on point {p1[:16]}" in step(job, "resync")["message"]
+    vault = await open_vault(tmp / "vault", key)
+    try:
+        point = await vault.read_point(p3)
+        assert point.base == p1
+        assert (await restore_all(vault, point, tmp / "out3"))["sda"] == d3
+    finally:
+        await vault.close()
+    return _Moved(c2, d2, p3)
+
+
+async def _returned(cs: ConfigServer, api: ApiClient, ps1b: Daemon, tmp: Path,
+                    key: Path, moved: _Moved) -> None:
+    p2 = await _point_of(ps1b, moved.c2)
+    vault = await open_vault(tmp / "vault", key)
+    try:
+        point = await vault.read_point(p2)
+        assert (await restore_all(vault, point, tmp / "out2"))["sda"] == moved.d2
+    finally:
+        await vault.close()
+
+    async def drained() -> bool:  # its heartbeats hold nothing of web01 any more
+        async with cs.services.sessionmaker() as s:
+            row = await s.get(db.ProcessServer, "ps1")
+            return row is not None and row.heartbeats > 0 and row.pending_cycles == {} \
+                and await s.get(db.RecoveryPoint, p2) is not None
+    await _until(cs, drained)
+    item = await api.get("/api/v1/items/web01")
+    assert item["latest_point"] == moved.p3  # never moved back to the older point
+    assert (await api.get("/api/v1/machines/web01"))["process_server"] == "ps2"
+    assert (await api.get("/api/v1/procservers/ps1"))["machines"] == 0
+    async with cs.services.sessionmaker() as s:
+        moves = (await s.execute(select(db.Job).where(db.Job.kind == "move_machine"))
+                 ).scalars().all()
+    assert len(moves) == 1  # ps1's return does not move anything back
+
+
+# -- assignment by measured load ---------------------------------------------------------
+
+def _ps(name: str, **kw: Any) -> db.ProcessServer:
+    base: dict[str, Any] = dict(address=f"{name}:9443", registered_at=0.0, last_contact=1000.0,
+                                cache_bytes=0, cache_free_ratio=1.0, backlog_seconds=0.0,
+                                backlog_bytes=0, throughput_bps=0.0, sessions=0,
+                                storage_failing_since=None)
+    return db.ProcessServer(name=name, **{**base, **kw})
+
+
+def test_assignment_prefers_measured_load_over_machine_count() -> None:
+    now = 1010.0
+    servers = [
+        _ps("a", backlog_seconds=300.0),  # 5 min of backlog: loaded
+        _ps("b", cache_free_ratio=0.5, sessions=1),  # half its cache used
+        _ps("c", cache_free_ratio=0.95, sessions=3, throughput_bps=2e6),
+        _ps("d", last_contact=0.0),  # silent
+        _ps("e", cache_free_ratio=0.2),  # no room
+        _ps("f", storage_failing_since=900.0),
+    ]
+    choice = assignment.choose(servers, {"c": 1, "a": 0}, now, 0.0)
+    assert choice.server is not None and choice.server.name == "c"
+    text = choice.explanation
+    assert text.startswith("least loaded: c (backlog 0 s, cache 95% free, 3 agent(s), "
+                           "uploading 2.0 MB/s); then b (")
+    assert "a (backlog 300 s" in text and "d: no heartbeat for 16.8 min" in text
+    assert "e: cache only 20% free" in text and "f: its uploads to the vault are failing" in text
+    # The same figures: the fewer agents (sessions, or machines assigned when more) wins.
+    even = [_ps("x", sessions=1), _ps("y", sessions=0)]
+    assert assignment.choose(even, {"y": 2}, now, 0.0).server.name == "x"  # type: ignore[union-attr]
+    none = assignment.choose([_ps("d", last_contact=0.0)], {}, now, 0.0, exclude=["z"])
+    assert none.server is None and none.explanation.startswith(
+        "no healthy process server with room (d: no heartbeat")
