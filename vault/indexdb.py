@@ -265,6 +265,64 @@ class DiskIndex:
         with self._lock:
             self._settle()
 
+    def scan(self, *, by_pack: bool = False) -> Iterator[tuple[bytes, Location]]:
+        """Every entry, in block-id order (the table's own), or ``by_pack`` in pack order
+        and by offset within a pack (SQLite sorts it, spilling to temporary files past its
+        cache). A cursor of its own: other statements may run between the rows."""
+        with self._lock:
+            self._settle()
+        order = "pack, off" if by_pack else "id"
+        pack_ids = self._pack_ids
+        cur = self._db.cursor()
+        for bid, n, off, ln in cur.execute(
+                f"SELECT id, pack, off, len FROM blocks ORDER BY {order}"):
+            yield bid, Location(pack_ids[n], off, ln)
+
+    def replace_objects(self, objects: list[str], packs: dict[str, list[PackEntry]],
+                        drop_packs: AbstractSet[str]) -> None:
+        """After a prune: the index objects are now ``objects`` (the old ones are gone),
+        every entry located in a pack of ``drop_packs`` is deleted, and the entries of
+        ``packs`` (new packs) are added; one transaction, so a kill leaves the index as it
+        was (stale: the next refresh rebuilds it) or as it is meant to be, never half."""
+        new_packs: dict[str, int] = {}
+        nxt = self._next_pack
+        for pack_id in packs:
+            if pack_id not in self._pack_n:
+                new_packs[pack_id] = nxt
+                nxt += 1
+        numbers = {**self._pack_n, **new_packs}
+        rows = [(e.block_id, numbers[p], e.offset, e.length)
+                for p, entries in packs.items() for e in entries]
+        gone = [(self._pack_n[p],) for p in drop_packs if p in self._pack_n]
+        db = self._db
+        with self._lock:
+            self._settle()
+            db.execute("BEGIN")
+            try:
+                db.execute("CREATE TEMP TABLE IF NOT EXISTS dropped (n INTEGER PRIMARY KEY)")
+                db.execute("DELETE FROM dropped")
+                db.executemany("INSERT OR IGNORE INTO dropped VALUES (?)", gone)
+                db.execute("DELETE FROM blocks WHERE pack IN (SELECT n FROM dropped)")
+                db.execute("DELETE FROM packs WHERE n IN (SELECT n FROM dropped)")
+                db.executemany("INSERT INTO packs VALUES (?, ?)",
+                               [(n, bytes.fromhex(p)) for p, n in new_packs.items()])
+                db.executemany("INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, ?)", rows)
+                db.execute("DELETE FROM objects")
+                db.executemany("INSERT INTO objects VALUES (?)", [(o,) for o in objects])
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            self._next_pack = nxt
+            for (n,) in gone:
+                del self._pack_n[self._pack_ids.pop(n)]
+            for p, n in new_packs.items():
+                self._pack_n[p] = n
+                self._pack_ids[n] = p
+            self._objects = set(objects)
+            self._count = None
+            self._bloom.update(r[0] for r in rows)  # dropped ids stay: false positives only
+
     def fresh(self) -> DiskIndex:
         with self._lock:  # after the statement a thread may be running
             self._closed = True

@@ -22,6 +22,9 @@ duplicate index), which the next run removes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import tempfile
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -29,11 +32,14 @@ from datetime import UTC, datetime
 
 import structlog
 
-from vault import names
+from vault import names, prunestream
 from vault.chain import chain_of, crosses, rebase
+from vault.extsort import SortedSet
 from vault.index import Location
-from vault.locks import read_leases
+from vault.locks import Leases, read_leases
 from vault.pack import PackEntry, build_pack, open_block
+from vault.point import Point
+from vault.prunestream import fits_in_memory, live_set
 from vault.repo import Vault
 from vault.retention import Retention, plan
 from vault.writer import PACK_TARGET, thread_compressor
@@ -60,9 +66,16 @@ class PruneReport:
 async def prune(
     vault: Vault, policy: Retention, executor: Executor, *, now: datetime | None = None,
     dry_run: bool = False, repack_below: float = 0.5,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None, memory: int | None = None,
+    index_dir: str | os.PathLike[str] | None = None,
+    temp_dir: str | os.PathLike[str] | None = None,
 ) -> PruneReport:
     """Prune ``vault`` by ``policy`` (see the module's docstring for the order).
+
+    ``memory``: a budget in bytes for the garbage collection; when the vault's index
+    does not fit it, the collection streams (vault/prunestream.py: the live ids sorted
+    in ``temp_dir`` past the budget, the index a ``DiskIndex`` in ``index_dir``, or a
+    temporary one, updated in place at the end). None: in memory, whatever the size.
 
     Raises ``BrokenChainError`` (vault/chain.py), before it writes or deletes anything,
     if the delta chain of a point it would keep is broken: collecting garbage around a
@@ -105,18 +118,15 @@ async def prune(
         await vault.store.delete(names.POINTS + pid)
 
     # 4. maps and blocks still referenced
-    live_maps: set[str] = set()
+    if not await fits_in_memory(vault, memory):
+        assert memory is not None
+        with live_set(memory, temp_dir) as marked:
+            await _prune_streaming(vault, report, kept, cache, leases.blocks, marked, executor,
+                                   repack_below, memory, index_dir, temp_dir, say)
+        await _finish(vault, report, leases)
+        return report
     live_blocks: set[bytes] = set(leases.blocks)
-    for p in kept:
-        for q in await chain_of(vault, cache[p.id], cache):
-            live_maps.update(d.map for d in q.disks)
-        for d in p.disks:
-            live_blocks.update((await vault.resolve_map(cache[p.id], d.disk)).blocks.values())
-    async for info in vault.store.list(names.MAPS):
-        if info.name[len(names.MAPS):] not in live_maps:
-            await vault.store.delete(info.name)
-            report.maps_deleted += 1
-            report.bytes_deleted += info.size
+    await _mark(vault, report, kept, cache, live_blocks)
     say(f"{report.maps_deleted} unreferenced maps deleted")
 
     # 5. repack mostly-dead packs
@@ -164,7 +174,66 @@ async def prune(
             report.packs_deleted += 1
             report.bytes_deleted += info.size
     say(f"{report.packs_deleted} packs deleted, {report.bytes_deleted / 1e6:.1f} MB freed")
+    await _finish(vault, report, leases)
+    return report
 
+
+async def _mark(vault: Vault, report: PruneReport, kept: list[Point],
+                cache: dict[str, Point], live_blocks: set[bytes] | SortedSet) -> None:
+    """Step 4: add every block a kept point needs to ``live_blocks``; delete the maps
+    that no kept point's chain references."""
+    live_maps: set[str] = set()
+    for p in kept:
+        for q in await chain_of(vault, cache[p.id], cache):
+            live_maps.update(d.map for d in q.disks)
+        for d in p.disks:
+            live_blocks.update((await vault.resolve_map(cache[p.id], d.disk)).blocks.values())
+    async for info in vault.store.list(names.MAPS):
+        if info.name[len(names.MAPS):] not in live_maps:
+            await vault.store.delete(info.name)
+            report.maps_deleted += 1
+            report.bytes_deleted += info.size
+
+
+async def _prune_streaming(
+    vault: Vault, report: PruneReport, kept: list[Point], cache: dict[str, Point],
+    leased: set[bytes], live: SortedSet, executor: Executor, repack_below: float,
+    memory: int, index_dir: str | os.PathLike[str] | None,
+    temp_dir: str | os.PathLike[str] | None, say: Callable[[str], None],
+) -> None:
+    """Steps 4-7 within ``memory`` bytes (vault/prunestream.py)."""
+    live.update(leased)
+    await _mark(vault, report, kept, cache, live)
+    say(f"{report.maps_deleted} unreferenced maps deleted")
+    old_index_names = [b.name async for b in vault.store.list(names.INDEX)]
+    with contextlib.ExitStack() as stack:
+        if index_dir is None:
+            index_dir = stack.enter_context(tempfile.TemporaryDirectory(
+                prefix="siterecovery-index-", dir=temp_dir))
+        index = await prunestream.open_index(vault, index_dir, memory)
+        stack.callback(index.close)
+        keep, to_repack = await asyncio.to_thread(prunestream.plan_packs, index, live,
+                                                  repack_below)
+        new_packs = await _repack(vault, to_repack, executor)
+        report.packs_repacked = len(to_repack)
+        report.packs_written = len(new_packs)
+        say(f"{len(to_repack)} packs repacked into {len(new_packs)}")
+        written = await prunestream.write_index(vault, index, keep, new_packs)
+        for name in old_index_names:
+            await vault.store.delete(name)
+        report.index_objects_replaced = len(old_index_names)
+        drop = set(index.packs) - keep
+        await asyncio.to_thread(index.replace_objects, written, new_packs, drop)
+    keep.update(new_packs)
+    async for info in vault.store.list(names.PACKS):
+        if names.pack_id_of(info.name) not in keep:
+            await vault.store.delete(info.name)
+            report.packs_deleted += 1
+            report.bytes_deleted += info.size
+    say(f"{report.packs_deleted} packs deleted, {report.bytes_deleted / 1e6:.1f} MB freed")
+
+
+async def _finish(vault: Vault, report: PruneReport, leases: Leases) -> None:
     # 8. leases of cycles that will never end (a process server gone for good), and
     # parts that fail to authenticate (they protect nothing)
     for name in leases.expired + leases.bad:
@@ -173,7 +242,6 @@ async def prune(
     log.info("prune_finished", forgotten=len(report.forgotten), rebased=len(report.rebased),
              packs_deleted=report.packs_deleted, bytes_deleted=report.bytes_deleted,
              cycles_in_progress=report.cycles_in_progress)
-    return report
 
 
 async def _repack(vault: Vault, work: list[tuple[str, list[tuple[bytes, Location]]]],

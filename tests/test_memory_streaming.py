@@ -1,0 +1,181 @@
+"""Bounded memory (#16): prune, check and rebuild-index streaming within a tiny memory
+budget (forcing every spill path) give the results of the in-memory path on copies of
+the same vault, and the external sort they use is an exact sorted set."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from common.digest import DiskDigest, fingerprint
+from common.labels import CRASH
+from tests.helpers import restore_all
+from vault import names
+from vault.extsort import SortedSet
+from vault.index import Index
+from vault.indexdb import DiskIndex
+from vault.keyslots import KeyMaterial, new_keyfile, read_keyfile
+from vault.point import Point
+from vault.prune import PruneReport, prune
+from vault.repo import Vault
+from vault.retention import Retention
+from vault.store.local import LocalStore
+from vault.writer import CycleWriter, DiskSpec
+
+BS = 64 * 1024
+NBLOCKS = 160
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+AGES = [100, 90, 80, 30, 29.5, 5.5, 5.2, 3, 0.5, 0.2]  # hours: some forgotten, some kept
+TINY = 4096  # bytes: every streaming path spills
+
+
+def _iso(t: datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _block(rng: random.Random) -> bytes:
+    return rng.randbytes(16) + bytes(BS - 16)  # distinct, and compressed to next to nothing
+
+
+async def _build(root: Path) -> dict[str, str]:
+    """Two machines, a chain of points each (full, then deltas that change and zero some
+    blocks), dated by ``AGES``; returns point id -> sha256 of its disk."""
+    vault = await Vault.create(LocalStore(root / "vault"),
+                               KeyMaterial(keyfile=new_keyfile(root / "vault.key")))
+    rng = random.Random(16)
+    expected: dict[str, str] = {}
+    with ThreadPoolExecutor(2) as ex:
+        for machine in ("m1", "m2"):
+            disk: dict[int, bytes] = {}
+            base: Point | None = None
+            for i, age in enumerate(AGES):
+                if i == 0:
+                    changed = {n: _block(rng) for n in range(0, NBLOCKS, 2)}
+                else:
+                    changed = {n: _block(rng) for n in rng.sample(range(NBLOCKS), 30)}
+                    for n in rng.sample(sorted(disk), 3):
+                        changed[n] = bytes(BS)  # becomes zero
+                w = CycleWriter(vault, Index(), ex, machine=machine, cycle=f"c{i}",
+                                disks=[DiskSpec("d0", NBLOCKS * BS, BS)], full=base is None,
+                                base=base)
+                await w.add([(0, n, b) for n, b in sorted(changed.items())])
+                for n, b in changed.items():
+                    if b == bytes(BS):
+                        disk.pop(n, None)
+                    else:
+                        disk[n] = b
+                digest = DiskDigest()
+                image = hashlib.sha256()
+                for n in range(NBLOCKS):
+                    data = disk.get(n, bytes(BS))
+                    digest.update(fingerprint(data))
+                    image.update(data)
+                base = await w.finish({"d0": digest.hexdigest()}, CRASH,
+                                      _iso(NOW - timedelta(hours=age)))
+                expected[base.id] = image.hexdigest()
+    await vault.close()
+    return expected
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    root = tmp_path_factory.mktemp("streaming")
+    expected = asyncio.run(_build(root))
+    return root, expected
+
+
+async def _open(root: Path) -> Vault:
+    return await Vault.open(LocalStore(root / "vault"),
+                            KeyMaterial(keyfile=read_keyfile(root / "vault.key")))
+
+
+def _copy(built: Path, to: Path) -> Path:
+    shutil.copytree(built, to)
+    return to
+
+
+# -- the external sort ----------------------------------------------------------------------
+
+def test_sorted_set_spills_and_merges_to_the_exact_sorted_set(tmp_path: Path) -> None:
+    rng = random.Random(3)
+    recs = [rng.randbytes(8) for _ in range(3000)]
+    recs += rng.sample(recs, 500)  # repeats, across runs too
+    with SortedSet(8, 0, temp_dir=tmp_path) as s:  # 16 records a run: > FAN_IN runs
+        s.update(recs)
+        assert s.spilled > 64
+        want = sorted(set(recs))
+        assert list(s) == want
+        assert list(s) == want  # iterated again
+        assert list(tmp_path.iterdir())
+    assert not list(tmp_path.iterdir())  # closed: its directory is gone
+    with SortedSet(8, 1 << 20, temp_dir=tmp_path) as s:  # fits: never touches the disk
+        s.update(recs)
+        assert list(s) == want and s.spilled == 0
+    assert not list(tmp_path.iterdir())
+
+
+# -- prune --------------------------------------------------------------------------------
+
+def _comparable(r: PruneReport) -> dict[str, object]:
+    return {**r.__dict__, "forgotten": sorted(r.forgotten), "rebased": sorted(r.rebased)}
+
+
+async def test_prune_streaming_gives_the_in_memory_result(
+        built: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    root, expected = built
+    mem_root = _copy(root, tmp_path / "mem")
+    disk_root = _copy(root, tmp_path / "disk")
+    reports: list[PruneReport] = []
+    idx = tmp_path / "idx"
+    for r, kw in ((mem_root, {}), (disk_root, {"memory": TINY, "index_dir": idx,
+                                               "temp_dir": tmp_path})):
+        vault = await _open(r)
+        with ThreadPoolExecutor(2) as ex:
+            reports.append(await prune(vault, Retention(), ex, now=NOW, **kw))  # type: ignore[arg-type]
+        await vault.close()
+    mem, streamed = reports
+    assert mem.forgotten and mem.rebased and mem.packs_deleted and mem.packs_repacked
+    assert _comparable(streamed) == _comparable(mem)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("siterecovery-")] == []
+
+    mv, dv = await _open(mem_root), await _open(disk_root)
+    try:
+        mi, di = await mv.load_index(), await dv.load_index()
+        assert set(mi.entries) == set(di.entries)
+        old = {names.pack_id_of(n) for n in (
+            str(p.relative_to(root / "vault")) for p in (root / "vault" / "packs").rglob("*")
+            if p.is_file())}
+        same_place = {b: loc for b, loc in mi.entries.items() if loc.pack_id in old}
+        assert {b: loc for b, loc in di.entries.items() if loc.pack_id in old} == same_place
+        assert len(same_place) < len(mi.entries)  # some blocks were repacked
+        assert mi.packs - old and len(di.packs - old) == len(mi.packs - old)
+        points = {p.id for p in await dv.list_points()}
+        assert points == {p.id for p in await mv.list_points()} == set(mem.kept)
+        for p in await dv.list_points():
+            assert await restore_all(dv, p, tmp_path / "out") == {"d0": expected[p.id]}
+        # The index kept in the index directory was updated in place: same as the vault's.
+        disk_index = DiskIndex.open(idx, dv.config.vault_id)
+        try:
+            assert set(disk_index.objects) == di.objects
+            assert set(disk_index.packs) == di.packs
+            assert dict(disk_index.entries.items()) == di.entries
+            assert await dv.refresh_index(disk_index) is disk_index  # nothing to rebuild
+        finally:
+            disk_index.close()
+        # Nothing is left to collect on either.
+        for v in (mv, dv):
+            with ThreadPoolExecutor(2) as ex:
+                again = await prune(v, Retention(), ex, now=NOW, memory=TINY,
+                                    temp_dir=tmp_path)
+            assert (again.forgotten, again.packs_deleted, again.maps_deleted,
+                    again.packs_repacked) == ([], 0, 0, 0)
+    finally:
+        await mv.close()
+        await dv.close()
