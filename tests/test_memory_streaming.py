@@ -24,6 +24,7 @@ from vault.indexdb import DiskIndex
 from vault.keyslots import KeyMaterial, new_keyfile, read_keyfile
 from vault.point import Point
 from vault.prune import PruneReport, prune
+from vault.rebuild import rebuild_index
 from vault.repo import Vault
 from vault.retention import Retention
 from vault.store.local import LocalStore
@@ -179,3 +180,38 @@ async def test_prune_streaming_gives_the_in_memory_result(
     finally:
         await mv.close()
         await dv.close()
+
+
+# -- rebuild-index ------------------------------------------------------------------------
+
+def _damage_a_trailer(root: Path) -> str:
+    """Cut the end of one pack (its trailer no longer authenticates); return its name."""
+    pack = sorted(p for p in (root / "vault" / "packs").rglob("*") if p.is_file())[1]
+    data = pack.read_bytes()
+    pack.write_bytes(data[:-3] + bytes(3))
+    return str(pack.relative_to(root / "vault"))
+
+
+async def test_rebuild_streaming_gives_the_in_memory_result(
+        built: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    root, expected = built
+    results = []
+    for name, memory in (("mem", None), ("disk", TINY)):
+        r = _copy(root, tmp_path / name)
+        damaged = _damage_a_trailer(r)
+        vault = await _open(r)
+        before = await vault.load_index()
+        report = await rebuild_index(vault, memory=memory)
+        assert damaged in report.skipped and report.carried_over == [damaged]
+        after = await vault.load_index()
+        assert after.entries == before.entries  # nothing lost, the damaged pack carried over
+        results.append((report, after, len(report.index_written)))
+        point = (await vault.list_points())[-1]
+        assert await restore_all(vault, point, tmp_path / "out") == {"d0": expected[point.id]}
+        await vault.close()
+    (mem, mem_index, mem_objects), (streamed, disk_index, disk_objects) = results
+    assert (streamed.packs_indexed, streamed.blocks, streamed.skipped,
+            streamed.carried_over) == (mem.packs_indexed, mem.blocks, mem.skipped,
+                                       mem.carried_over)
+    assert disk_index.entries == mem_index.entries and disk_index.packs == mem_index.packs
+    assert mem_objects == 1 and disk_objects > 10  # a tiny budget: many small objects
