@@ -235,7 +235,10 @@ class RouteTable:
                 else ""
             resp = error_response(e.status, code, e.text or e.reason or code, hint)
             if e.status == 405:  # names the methods the path has (RFC 9110 §15.5.6)
-                resp.headers["Allow"] = ", ".join(self.allowed_methods(request.path))
+                # routes outside the table (/openapi.json, the console): aiohttp's list
+                allowed = self.allowed_methods(request.path) or sorted(
+                    getattr(e, "allowed_methods", ()))
+                resp.headers["Allow"] = ", ".join(allowed)
             return resp
         except Exception as e:
             log.exception("api_internal_error", path=request.path, method=request.method)
