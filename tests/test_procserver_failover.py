@@ -277,3 +277,33 @@ def test_assignment_prefers_measured_load_over_machine_count() -> None:
     none = assignment.choose([_ps("d", last_contact=0.0)], {}, now, 0.0, exclude=["z"])
     assert none.server is None and none.explanation.startswith(
         "no healthy process server with room (d: no heartbeat")
+
+
+async def test_enable_protection_assigns_the_least_loaded(cs: ConfigServer) -> None:
+    """Enable protection of a machine without a process server: the least-loaded healthy
+    one, by what the heartbeats measured, and the step says why."""
+    async def beat(name: str, **kw: Any) -> None:
+        await internal.post("/api/v1/internal/procservers/heartbeat", {
+            "name": name, "address": f"{name}.example:9443", "version": "test",
+            "cache_bytes": 0, "cache_free_ratio": 1.0, "backlog_bytes": 0,
+            "backlog_seconds": 0, "throughput_bps": 0, "sessions": 0, **kw})
+
+    async with ApiClient(cs.url, cs.admin_token) as api, \
+            ApiClient(cs.url, cs.services.internal_token) as internal:
+        await beat("busy", backlog_seconds=900, backlog_bytes=1 << 30, sessions=1)
+        await beat("full", cache_free_ratio=0.1)
+        await beat("idle", cache_free_ratio=0.9, sessions=4, throughput_bps=1e6)
+        await api.post("/api/v1/machines", {
+            "name": "db01", "ip": "192.0.2.11", "os_type": "linux", "os_name": "debian",
+            "os_version": "12", "disks": [{"name": "sda", "path": "/dev/sda"}]})
+        job = (await api.post("/api/v1/replication/enable", {"machine": "db01",
+                                                            "policy": "default"}))["job"]
+        job = await wait_job(api, job["id"], lambda j: step(j, "validate")["state"]
+                             in ("succeeded", "failed"))
+        message = step(job, "validate")["message"]
+        assert message.startswith("machine db01, policy default, process server idle "
+                                  "(idle.example:9443); least loaded: idle (backlog 0 s, "
+                                  "cache 90% free, 4 agent(s), uploading 1.0 MB/s); then "
+                                  "busy (backlog 900 s"), message
+        assert message.endswith("not candidates: full: cache only 10% free")
+        assert (await api.get("/api/v1/machines/db01"))["process_server"] == "idle"
