@@ -10,7 +10,7 @@ from typing import Any
 
 from common.labels import APP
 from siterecovery.errors import EXIT_CORRUPT, EXIT_OK, CliError, UsageError
-from siterecovery.inplacecmds import refuse_in_use, restore_in_place
+from siterecovery.inplacerestore import refuse_in_use, restore_in_place
 from siterecovery.output import add_json_arg, mib, show
 from siterecovery.progress import Progress
 from siterecovery.vaultopts import (
