@@ -75,6 +75,19 @@ async def newest_point(session: Session) -> Point | None:
     return points[-1] if points else None
 
 
+async def named_point(session: Session, point_id: object) -> Point:
+    """The point ``point_id`` of the session's machine (a restore names it)."""
+    if not isinstance(point_id, str) or not point_id.isalnum() or len(point_id) > 128:
+        raise NoBasisError(f"{point_id!r} is not a point id")
+    try:
+        point = await session.deps.vaults.vault.read_point(point_id)
+    except MissingObjectError:
+        raise NoBasisError(f"the vault holds no point {point_id[:16]}") from None
+    if point.machine != session.machine:
+        raise NoBasisError(f"point {point_id[:16]} is not one of {session.machine!r}'s")
+    return point
+
+
 async def _uploads_settled(session: Session) -> None:
     deps, machine = session.deps, session.machine
     points_changed = deps.uploader.points_changed
@@ -132,17 +145,26 @@ async def serve_basis(session: Session, doc: dict[str, Any]) -> None:
     try:
         async with locked(vaults.vault, "shared", f"resync basis {machine}",
                           wait=LOCK_WAIT):
-            point = await newest_point(session)
+            named = doc.get("point") if "restore" in session.features else None
+            point = await named_point(session, named) if named else await newest_point(session)
             if point is None:
                 raise NoBasisError(f"the vault holds no recovery point of {machine!r} yet")
-            if _point_layout(point) != want:
+            if named:  # a restore: the point's own sizes, the same disks and block size
+                want = {d.disk: (d.size, d.block_size) for d in point.disks}
+                if {n: bs for n, (_, bs) in want.items()} != {
+                        n: bs for n, (_, bs) in _layout(doc["disks"]).items()}:
+                    raise NoBasisError(f"point {point.id[:16]} has other disks or another "
+                                       "block size than this machine's")
+            elif _point_layout(point) != want:
                 raise NoBasisError(f"the newest point {point.id[:16]} has another disk "
                                    "layout (disks, sizes or block size changed)")
             await _record_base(session, point)
             order = [d["name"] for d in doc["disks"]]
             await session.send(encode_json(FrameType.BASIS, {
                 "cycle": point.cycle, "point": point.id, "created": point.created,
-                "disks": [{"name": n, "blocks": -(-want[n][0] // want[n][1])}
+                "disks": [{"name": n, "blocks": -(-want[n][0] // want[n][1]),
+                           **({"size": want[n][0], "block_size": want[n][1],
+                               "digest": point.disk(n).digest} if named else {})}
                           for n in order]}))
             index = await vaults.refresh_index()
             started = time.monotonic()

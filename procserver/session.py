@@ -31,6 +31,7 @@ from procserver import db
 from procserver.basis import serve_basis
 from procserver.cache import SEGMENT_MAGIC, SegmentSink, SinkError
 from procserver.cycles import COMPLETE, OPEN, OpenCycle
+from procserver.fetch import serve_fetch
 from procserver.framestream import FrameStream, RawFrame
 from procserver.models import ReceiveProgress
 from procserver.receive import FrameRun, quietly, uncancellable
@@ -127,6 +128,8 @@ class Session:
                     await self.resume(frame.frame().json())
                 elif frame.type == FrameType.BASIS and "resync" in self.features:
                     await serve_basis(self, frame.frame().json())
+                elif frame.type == FrameType.FETCH and "restore" in self.features:
+                    await serve_fetch(self, frame.frame().json())
                 else:
                     raise ProtocolError("expected_begin",
                                         f"expected BEGIN, got {frame.type.name}")

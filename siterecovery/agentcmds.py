@@ -29,6 +29,7 @@ from mobility.siteclient import (
     SiteTLSFilesError,
     SiteUnreachable,
 )
+from siterecovery import agentfailback
 from siterecovery.apiclient import ApiCallError, ApiClient
 from siterecovery.daemon import MOBILITY_FILES, require_files, wait_for_signal
 from siterecovery.errors import CliError, UsageError
@@ -272,6 +273,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rp.add_argument("--config", required=True, help="mobility.toml")
     rp.add_argument("--json", action="store_true", help="machine-readable output")
     rp.set_defaults(func=cmd_replicate)
+    agentfailback.register(msub)
     run = msub.add_parser(
         "run", help="replicate continuously (the systemd service)",
         description="Replicate every interval_seconds. With site_url in mobility.toml the "

@@ -451,6 +451,8 @@ OTHER_AFTER_HELLO = {
                                   "expected_begin"),
     "map-from-an-agent": (encode(FrameType.MAP, BLOCK_HEAD.pack(0, 0) + bytes(16)),
                           "expected_begin"),
+    "fetch-without-the-feature": (encode_json(FrameType.FETCH, {"point": "ab" * 32,
+                                  "disk": "sda", "blocks": [0]}), "expected_begin"),
 }
 
 

@@ -66,6 +66,7 @@ CONTROL_DOCS: dict[FrameType, dict[str, object]] = {
     FrameType.PROGRESS: {"cycle": "c1", "blocks": 7, "position": [0, 12]},
     FrameType.BASIS: {"cycle": "c0", "point": "ab" * 32, "disks": [{"name": "sda",
                                                                     "blocks": 16}]},
+    FrameType.FETCH: {"point": "ab" * 32, "disk": "sda", "blocks": [3, 9]},
 }
 
 

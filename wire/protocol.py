@@ -32,8 +32,20 @@ longer knows) may ask what the vault holds instead of resending every block::
 and then BEGIN a delta cycle on the named ``cycle``. MAP frames are binary
 (``u16 disk index | u64 first block | 16-byte fingerprints``), in block order.
 
-Frame types 10-15 are optional features of version 1: an agent lists the ones it
-speaks in HELLO ``features`` (``heartbeat``, ``resume``, ``resync``), the server
+To write a recovery point back onto its disks (failback, a repair in place), an agent
+that speaks ``restore`` names the point in BASIS and then fetches only the blocks its
+disks hold differently::
+
+    agent: BASIS {disks, point}   server: BASIS {cycle, point, disks}, MAP ... per disk
+    agent: FETCH {point, disk, blocks: [n, ...]}
+                                  server: BLOCK|ZERO per block, in that order, then
+                                          FETCH {point, disk, blocks: count}
+                                          (or ERROR code=no_point / bad_fetch)
+
+The BASIS answer's ``disks`` then carry the point's own ``size`` and ``block_size``.
+
+Frame types 10-16 are optional features of version 1: an agent lists the ones it
+speaks in HELLO ``features`` (``heartbeat``, ``resume``, ``resync``, ``restore``), the server
 answers with the ones both speak in WELCOME ``features``, and neither side sends a
 frame of a feature the other did not list. Peers that list nothing speak the original nine types.
 
@@ -75,13 +87,16 @@ class FrameType(enum.IntEnum):
     PROGRESS = 13  # feature "resume": server -> agent {"cycle", "blocks", "position"}
     BASIS = 14  # feature "resync": agent -> server {"disks"}; server -> agent its answer
     MAP = 15  # feature "resync": server -> agent, u16 disk | u64 first block | fingerprints
+    FETCH = 16  # feature "restore": agent -> server {"point", "disk", "blocks"}; the end
 
 
 CONTROL = {FrameType.HELLO, FrameType.WELCOME, FrameType.BEGIN, FrameType.READY,
            FrameType.END, FrameType.ACK, FrameType.ERROR, FrameType.HEARTBEAT,
-           FrameType.RESUME, FrameType.SYNC, FrameType.PROGRESS, FrameType.BASIS}
+           FrameType.RESUME, FrameType.SYNC, FrameType.PROGRESS, FrameType.BASIS,
+           FrameType.FETCH}
 DATA = (FrameType.BLOCK, FrameType.ZERO)
-FEATURES = ("heartbeat", "resume", "resync")
+FEATURES = ("heartbeat", "resume", "resync", "restore")
+MAX_FETCH = 2048  # block numbers in one FETCH
 FINGERPRINT = 16  # bytes of one block fingerprint in a MAP frame
 MAP_BLOCKS = (MAX_FRAME - BLOCK_HEAD.size) // FINGERPRINT  # fingerprints per MAP frame
 

@@ -1,0 +1,306 @@
+"""Write a recovery point back onto this machine's disks, only the blocks that differ:
+the agent's half of a failback (and of a repair in place from the agent).
+
+Over the agent's own session (feature ``restore``, wire/protocol.py) the agent asks for
+the fingerprints of a named point (BASIS with ``point``), reads each of its disks and
+compares every block's fingerprint with the point's, then fetches only the blocks that
+differ (FETCH, in batches) and writes them. Each written block is checked against the
+point's fingerprint, and the disk's digest, from the fingerprints of the blocks as they
+now stand, against the digest recorded with the point. A stretch of the disk that cannot
+be read cannot be compared: it is fetched and written whole, with a warning.
+
+Nothing is written to a disk that is mounted, swapped on or held (common/devicebusy.py);
+a block device is opened with ``O_EXCL``. An image file takes the point's size; a device
+smaller than the point's disk is refused. When every disk is written and verified, the
+agent's own state becomes the point (its fingerprint maps and the point's cycle as the
+last cycle): the next cycle is a delta on the point, no initial copy. A failure leaves
+the state as it was; the same failback run again compares again and writes what still
+differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import stat
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from common.devicebusy import DeviceInUseError, check_not_in_use
+from common.digest import block_count, digest_of_fingerprint_map, fingerprint
+from mobility.agent import Agent
+from mobility.config import MobilityConfig
+from mobility.link import FOREVER, Link
+from mobility.tracker import AgentState, DiskState, commit_state, write_map
+from wire.protocol import (
+    FINGERPRINT,
+    MAX_FETCH,
+    Frame,
+    FrameType,
+    ProtocolError,
+    encode_json,
+    raise_if_error,
+)
+
+log = structlog.get_logger("mobility.inplace")
+FP = FINGERPRINT
+READ_CHUNK = 8 << 20
+# progress(disk, phase, done, total): phase "compare" counts bytes read, "write" bytes written
+Progress = Callable[[str, str, int, int], None]
+
+
+class FailbackError(Exception):
+    """The point cannot be written onto this machine's disks (nothing was written)."""
+
+
+@dataclass(frozen=True)
+class DiskWritten:
+    disk: str
+    path: str
+    size: int
+    blocks_compared: int
+    blocks_written: int
+    bytes_written: int
+    digest: str
+    unreadable_blocks: int = 0  # could not be compared: written whole
+
+
+@dataclass(frozen=True)
+class FailbackResult:
+    point: str
+    cycle: str
+    disks: list[DiskWritten] = field(default_factory=list)
+
+    @property
+    def blocks_written(self) -> int:
+        return sum(d.blocks_written for d in self.disks)
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(d.bytes_written for d in self.disks)
+
+
+@dataclass
+class _Basis:
+    cycle: str
+    point: str
+    disks: list[dict[str, Any]]  # name, size, block_size, blocks, digest
+    fps: dict[str, bytes]
+
+
+async def write_point(link: Link, cfg: MobilityConfig, point: str, *,
+                      executor: Executor | None = None,
+                      progress: Progress | None = None) -> FailbackResult:
+    """Make this machine's disks hold ``point``, writing only what differs; then the
+    agent's state is the point's."""
+    if "restore" not in link.features:
+        raise FailbackError("the process server does not speak the restore feature: "
+                            "upgrade it to this agent's version")
+    for d in cfg.disks:  # every disk first: nothing is written if one is in use
+        check_not_in_use(d["path"])
+    basis = await _basis(link, cfg, point)
+    wait = FOREVER if link.heartbeat else cfg.ack_timeout_seconds
+    done: list[DiskWritten] = []
+    loop = asyncio.get_running_loop()
+    for d, pd in zip(cfg.disks, basis.disks, strict=True):
+        fd = _open(d["path"], pd["size"])
+        try:
+            done.append(await _write_disk(link, basis, d["name"], d["path"], fd, pd, wait,
+                                          executor, progress))
+            await loop.run_in_executor(executor, os.fsync, fd)
+        finally:
+            os.close(fd)
+    # Written and verified: the agent's maps are the point's, its last cycle the point's.
+    state_dir = Path(cfg.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    disks: dict[str, DiskState] = {}
+    now = time.time()
+    for d, pd in zip(cfg.disks, basis.disks, strict=True):
+        name = f"{d['name']}.{basis.cycle}.fp"
+        write_map(state_dir, name, basis.fps[d["name"]])
+        disks[d["name"]] = DiskState(pd["size"], pd["block_size"], name, verified_at=now)
+    commit_state(state_dir, AgentState(basis.cycle, disks))
+    result = FailbackResult(basis.point, basis.cycle, done)
+    log.info("point_written_in_place", point=basis.point, cycle=basis.cycle,
+             blocks_written=result.blocks_written, bytes_written=result.bytes_written,
+             disks={w.disk: w.blocks_written for w in done})
+    return result
+
+
+async def _basis(link: Link, cfg: MobilityConfig, point: str) -> _Basis:
+    disks = [{"name": d["name"], "size": _size(d["path"]), "block_size": cfg.block_size}
+             for d in cfg.disks]
+    link.send(encode_json(FrameType.BASIS, {"disks": disks, "point": point}))
+    wait = FOREVER if link.heartbeat else cfg.ack_timeout_seconds
+
+    async def answer(want: FrameType) -> Frame:
+        f = await link.recv(wait)
+        if f.type == FrameType.ERROR and f.json().get("code") == "no_basis":
+            raise FailbackError(f"the process server cannot offer point {point[:16]}: "
+                                f"{f.json().get('message')}")
+        raise_if_error(f)
+        if f.type != want:
+            raise ProtocolError("bad_basis", f"expected {want.name}, got {f.type.name}")
+        return f
+
+    doc = (await answer(FrameType.BASIS)).json()
+    got = doc.get("disks")
+    if (not isinstance(doc.get("cycle"), str) or not isinstance(got, list)
+            or [g.get("name") if isinstance(g, dict) else None for g in got]
+            != [d["name"] for d in cfg.disks]
+            or not all(isinstance(g.get(k), int) and g[k] > 0 for g in got
+                       for k in ("size", "block_size", "blocks"))
+            or any(g["blocks"] != block_count(g["size"], g["block_size"]) for g in got)):
+        raise ProtocolError("bad_basis", "the BASIS answer does not describe this "
+                                         "machine's disks")
+    fps: dict[str, bytes] = {}
+    for idx, g in enumerate(got):
+        n = g["blocks"]
+        buf = bytearray(FP * n)
+        have = 0
+        while have < n:
+            disk, first, part = (await answer(FrameType.MAP)).map()
+            more = len(part) // FP
+            if disk != idx or first != have or not 0 < more <= n - have:
+                raise ProtocolError("bad_map", f"MAP {disk}:{first}+{more} out of order "
+                                               f"(expected disk {idx} from block {have})")
+            buf[FP * have:FP * (have + more)] = part
+            have += more
+        fps[g["name"]] = bytes(buf)
+        digest = g.get("digest")
+        if isinstance(digest, str) and digest and digest_of_fingerprint_map(buf) != digest:
+            raise ProtocolError("bad_basis", f"the fingerprints of disk {g['name']!r} do not "
+                                             "match the point's digest")
+    log.info("failback_basis_received", point=doc.get("point"), cycle=doc["cycle"])
+    return _Basis(doc["cycle"], str(doc.get("point") or point), got, fps)
+
+
+def _size(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def _open(path: str, size: int) -> int:
+    st = os.stat(path)
+    if stat.S_ISBLK(st.st_mode):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_EXCL)
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                raise DeviceInUseError(path, "the kernel holds it open exclusively "
+                                             "(mounted or claimed)") from None
+            raise
+        if os.lseek(fd, 0, os.SEEK_END) < size:
+            os.close(fd)
+            raise FailbackError(f"{path} is smaller than the point's disk ({size} bytes)")
+        return fd
+    if not stat.S_ISREG(st.st_mode):
+        raise FailbackError(f"{path} is neither a block device nor an image file")
+    fd = os.open(path, os.O_RDWR)
+    if os.lseek(fd, 0, os.SEEK_END) != size:
+        os.ftruncate(fd, size)
+    return fd
+
+
+def _compare(fd: int, first: int, last: int, size: int, bs: int, want: bytes,
+             seen: bytearray) -> tuple[list[int], int]:
+    """Blocks first..last-1 whose fingerprint differs from ``want``'s (``seen`` notes the
+    others'), and how many of them could not be read at all (they differ by assumption)."""
+    lo, hi = first * bs, min(size, last * bs)
+    try:
+        data = os.pread(fd, hi - lo, lo)
+    except OSError as e:
+        log.warning("failback_unreadable", blocks=f"{first}-{last - 1}", error=str(e),
+                    hint="these blocks cannot be compared: they are written whole")
+        return list(range(first, last)), last - first
+    if len(data) < hi - lo:
+        data += bytes(hi - lo - len(data))
+    view = memoryview(data)
+    out = []
+    for n in range(first, last):
+        fp = fingerprint(view[(n - first) * bs:min(hi, (n + 1) * bs) - lo])
+        if fp == want[n * FP:(n + 1) * FP]:
+            seen[n * FP:(n + 1) * FP] = fp
+        else:
+            out.append(n)
+    return out, 0
+
+
+async def _write_disk(link: Link, basis: _Basis, name: str, path: str, fd: int,
+                      pd: dict[str, Any], wait: float, executor: Executor | None,
+                      progress: Progress | None) -> DiskWritten:
+    loop = asyncio.get_running_loop()
+    size, bs, n = pd["size"], pd["block_size"], pd["blocks"]
+    want = basis.fps[name]
+    seen = bytearray(FP * n)
+    differ: list[int] = []
+    unreadable = 0
+    chunk = max(1, READ_CHUNK // bs)
+    for first in range(0, n, chunk):
+        last = min(n, first + chunk)
+        got, bad = await loop.run_in_executor(executor, _compare, fd, first, last, size, bs,
+                                              want, seen)
+        differ += got
+        unreadable += bad
+        if progress is not None:
+            progress(name, "compare", min(size, last * bs), size)
+    total = sum(min(bs, size - b * bs) for b in differ)
+    written = 0
+    for i in range(0, len(differ), MAX_FETCH):
+        batch = differ[i:i + MAX_FETCH]
+        link.send(encode_json(FrameType.FETCH, {"point": basis.point, "disk": name,
+                                                "blocks": batch}))
+        for b in batch:
+            f = await link.recv(wait)
+            raise_if_error(f)
+            if f.type not in (FrameType.BLOCK, FrameType.ZERO):
+                raise ProtocolError("bad_fetch", f"expected BLOCK, got {f.type.name}")
+            _disk, num, data = f.block()
+            ln = min(bs, size - b * bs)
+            if num != b or (f.type == FrameType.BLOCK and len(data) != ln):
+                raise ProtocolError("bad_fetch", f"block {num} ({len(data)} bytes) instead "
+                                                 f"of block {b} ({ln} bytes)")
+            block = bytes(data) if f.type == FrameType.BLOCK else bytes(ln)
+            fp = fingerprint(block)
+            if fp != want[b * FP:(b + 1) * FP]:
+                raise ProtocolError("bad_fetch", f"block {b} of disk {name!r} does not "
+                                                 "match the point's fingerprint")
+            await loop.run_in_executor(executor, os.pwrite, fd, block, b * bs)
+            seen[b * FP:(b + 1) * FP] = fp
+            written += ln
+        end = await link.recv(wait)
+        raise_if_error(end)
+        if end.type != FrameType.FETCH or end.json().get("blocks") != len(batch):
+            raise ProtocolError("bad_fetch", f"expected the end of FETCH, got {end.type.name}")
+        if progress is not None:
+            progress(name, "write", written, total)
+    digest = digest_of_fingerprint_map(seen)
+    if seen != want or (pd.get("digest") and digest != pd["digest"]):
+        raise FailbackError(f"disk {name!r} at {path} does not hold point "
+                            f"{basis.point[:16]} after the writes (digest {digest[:16]}); "
+                            "do not use it: run the failback again")
+    if unreadable:
+        log.warning("failback_written_whole", disk=name, blocks=unreadable,
+                    hint="blocks that could not be read were written from the point")
+    return DiskWritten(name, path, size, n, len(differ), written, digest, unreadable)
+
+
+async def failback(agent: Agent, point: str, progress: Progress | None = None
+                   ) -> FailbackResult:
+    """Connect as the agent does for a cycle and write ``point`` onto its disks."""
+    link = await agent._connect_retrying()  # the cycle's own connection, retries included
+    try:
+        return await write_point(link, agent.cfg, point, executor=agent.executor,
+                                 progress=progress)
+    finally:
+        await link.close()
