@@ -2,6 +2,9 @@
 path (Mobility agent → process server → vault, points reported to the configuration
 server's catalog), changed between cycles through its filesystem, test-failed-over on a
 real libvirtd through the configuration server's API, then cleaned up. One VM boot.
+Then the source loses its boot loader's sector (carried by the agent's next cycle): a
+drill of that point checks clean but fails at the boot step with the console's last
+lines, and its cleanup too leaves nothing.
 
 And: a configuration server that starts frees the loop devices a killed check left
 attached over its failover work folder."""
@@ -190,8 +193,27 @@ async def test_drill_of_a_protected_boot_disk_on_libvirt_then_cleanup(
             r = await agent.replicate_once()
             points.append(await procserver.wait_point(r.cycle, timeout=120))
             await _in_catalog(cs, api, points[-1])
+        await _protected_and_drilled(cs, api, enable, points, tokens, uri, images, tmp_path)
+
+        # the source loses its boot loader's sector (the first of its partition; the
+        # filesystem stays whole): the next cycle carries it into a point
+        with open(disk, "r+b") as f:
+            f.seek(PART_START * 512)
+            f.write(bytes(512))
+        r = await agent.replicate_once()
+        bad = await procserver.wait_point(r.cycle, timeout=120)
+        await _in_catalog(cs, api, bad)
     finally:
         agent.close()
+    await _unbootable_drill(api, bad, uri)
+    _assert_nothing_left(cs, uri, images, tmp_path)
+
+
+async def _protected_and_drilled(cs: ConfigServer, api: ApiClient, enable: dict[str, Any],
+                                 points: list[str], tokens: list[str], uri: str,
+                                 images: Path, tmp_path: Path) -> None:
+    """Protection ends, a drill of the newest point boots with its files, and its
+    cleanup leaves nothing."""
     assert (await wait_job(api, enable["id"]))["state"] == "succeeded"
     fin = await wait_job(api, (await next_job(api, "web01", "finalize_protection"))["id"])
     assert fin["state"] == "succeeded", fin
@@ -216,8 +238,42 @@ async def test_drill_of_a_protected_boot_disk_on_libvirt_then_cleanup(
     assert (item["last_drill"]["notes"], item["last_drill"]["cleanup_job"]) == (
         notes, done["id"])
     assert VM in step(done, "cleanup")["message"]
+    _assert_nothing_left(cs, uri, images, tmp_path)
 
-    # nothing left: no domain, no drill network, no image, no work, no loop device
+
+async def _unbootable_drill(api: ApiClient, bad: str, uri: str) -> None:
+    """A drill of a point whose disk does not boot: its checks pass (its filesystem is
+    whole), the boot step fails with the console's last lines, the item keeps them."""
+    jid = (await api.post("/api/v1/items/web01/test-failover", {}))["job"]["id"]
+    job = await wait_job(api, jid, timeout=DRILL_BOUND)
+    try:
+        assert job["state"] == "failed", job
+        assert bad in step(job, "select_point")["message"]
+        assert [step(job, s)["state"] for s in ("verify", "create", "boot")] == [
+            "succeeded", "succeeded", "failed"], job["steps"]
+        # (the line may be read before its last character: 'No bootable device' is enough)
+        assert "cannot boot: its console shows 'No bootable device" in job["error"]
+        tail = job["error"].split("the console's last lines: ", 1)[1].split(" | ")
+        assert "Booting from Hard Disk..." in tail and "Missing operating system." in tail
+        item = await api.get("/api/v1/items/web01")
+        drill = item["last_drill"]
+        assert item["state"] == "test_failover_done"  # its machine is there to clean up
+        assert (drill["job"], drill["point"], drill["result"]) == (jid, bad, "failed")
+        assert drill["boot"]["booted"] is False
+        assert any("No bootable device" in ln for ln in drill["boot"]["console_tail"])
+        assert not any(MARKER in ln for ln in drill["boot"]["console_tail"])
+        assert drill["last_success"]["point"] != bad  # the good drill is still the last
+        assert _virsh(uri, "domstate", VM).stdout.strip() == "shut off"  # stopped, defined
+    finally:
+        done = await wait_job(api, (await api.post(
+            "/api/v1/items/web01/cleanup-test-failover",
+            {"notes": "the boot loader is gone from this point"}))["job"]["id"], timeout=120)
+    assert done["state"] == "succeeded", done
+    assert (await api.get("/api/v1/items/web01"))["state"] == "protected"
+
+
+def _assert_nothing_left(cs: ConfigServer, uri: str, images: Path, tmp_path: Path) -> None:
+    """No domain, no drill network, no image, no work, no loop device."""
     assert _virsh(uri, "domuuid", VM).returncode != 0, "the domain is still defined"
     assert DRILL_NET not in _virsh(uri, "net-list", "--all", "--name").stdout.split()
     assert list(images.iterdir()) == []
