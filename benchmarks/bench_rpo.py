@@ -22,9 +22,18 @@ device in the working directory; each cycle reads a reflink clone (``snapshot =
 is attached to a loop device, which is protected and written to; each cycle reads
 only the blocks the kernel's block trace events say were written.
 
+``--freeze`` (root, tracefs) measures something else: how long ``snapshot =
+"fsfreeze"`` keeps the filesystem frozen per cycle. An ext4 made on the image (a loop
+device) is mounted and protected with the block-layer tracker; each round writes
+``--changes-mb`` MB of new files (1 MB each, fsynced, as a database would) and runs one
+cycle. Printed: the freeze (the agent's snapshot hold) per cycle, median and max, with
+the spool (``freeze_spool_mb``, what the cycle reads copied while frozen, sent after
+the thaw) and without it (``freeze_spool_mb = 0``: frozen for the whole send), against
+the target (100 ms).
+
 Run: ``.venv/bin/python benchmarks/bench_rpo.py [--size-mib N] [--seconds S]
-[--rate-mb S] [--tracker scan|reflink|blocktrace] [--json]``. Not a test: nothing here runs
-under pytest.
+[--rate-mb S] [--tracker scan|reflink|blocktrace] [--freeze [--changes-mb M]
+[--rounds R]] [--json]``. Not a test: nothing here runs under pytest.
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ from mobility.blocktrace import tracefs_root
 from mobility.snapshot import NoSnapshot
 
 TARGET_P99_S = 10.0
+TARGET_FREEZE_S = 0.1
 WRITE = 64 * 1024
 
 
@@ -226,6 +236,87 @@ async def bench_disk(args: argparse.Namespace, work: Path, image: Path) -> dict[
     return res
 
 
+@contextlib.contextmanager
+def ext4_mounted(work: Path, image: Path) -> Iterator[tuple[Path, Path]]:
+    """An ext4 made on ``image`` attached to a loop device (root), mounted: (device,
+    mount point); unmounted afterwards."""
+    mnt = work / "freeze-mnt"
+    with loop_disk(work, image) as dev:
+        subprocess.run(["mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+                        str(dev)], check=True)
+        mnt.mkdir(exist_ok=True)
+        subprocess.run(["mount", str(dev), str(mnt)], check=True)
+        try:
+            yield dev, mnt
+        finally:
+            subprocess.run(["umount", str(mnt)], check=False)
+            with contextlib.suppress(OSError):
+                mnt.rmdir()
+
+
+async def bench_freeze(args: argparse.Namespace) -> dict[str, Any]:
+    if os.geteuid() != 0:
+        raise SystemExit("--freeze needs root (a loop device, mount, fsfreeze, tracefs)")
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    clean(work)
+    image = work / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(args.size_mib << 20)
+    with ext4_mounted(work, image) as (dev, mnt):
+        return await freeze_rounds(args, work, dev, mnt)
+
+
+def write_changes(mnt: Path, mb: int, seed: int) -> None:
+    rng = random.Random(seed)
+    for i in range(mb):
+        fd = os.open(mnt / f"c{seed}-{i}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, rng.randbytes(1_000_000))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+async def freeze_rounds(args: argparse.Namespace, work: Path, dev: Path, mnt: Path
+                        ) -> dict[str, Any]:
+    sr = SiteRecovery(work, dev)
+    await sr.start()
+    assert sr.agent is not None
+    res: dict[str, Any] = {"image_bytes": args.size_mib << 20, "changes_mb": args.changes_mb,
+                           "rounds": args.rounds, "target_freeze_s": TARGET_FREEZE_S,
+                           "cpus": os.cpu_count()}
+    try:
+        seed = args.seed
+        for spool_mb in (128, 0):
+            cfg = dataclasses.replace(sr.agent.cfg, snapshot="fsfreeze",
+                                      freeze_mounts=[str(mnt)], tracker="blocktrace",
+                                      freeze_spool_mb=spool_mb)
+            cfg.validate()
+            sr.agent.close()
+            sr.agent = Agent(cfg)
+            say(f"freeze_spool_mb = {spool_mb}: a first cycle (tracing starts), then "
+                f"{args.rounds} rounds of {args.changes_mb} MB of changes")
+            await sr.agent.replicate_once()
+            holds, spooled = [], []
+            for _ in range(args.rounds):
+                seed += 1
+                await asyncio.to_thread(write_changes, mnt, args.changes_mb, seed)
+                r = await sr.agent.replicate_once()
+                if r.tracking != {"sda": "blocktrace"}:
+                    raise SystemExit(f"the cycle was not tracked: {r.tracking} {r.fallbacks}")
+                holds.append(r.held_seconds)
+                spooled.append(r.spooled_bytes)
+            key = "spool" if spool_mb else "no_spool"
+            res[f"{key}_freeze_median_s"] = round(statistics.median(holds), 4)
+            res[f"{key}_freeze_max_s"] = round(max(holds), 4)
+            res[f"{key}_spooled_median_bytes"] = int(statistics.median(spooled))
+    finally:
+        await sr.stop()
+    res["max_vs_target"] = round(res["spool_freeze_max_s"] / TARGET_FREEZE_S, 2)
+    return res
+
+
 def _cpu_seconds() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
@@ -247,6 +338,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="start a cycle at most this often (default 0: back to back); "
                          "with a tracker, cycles of a few milliseconds make more points "
                          "than the process server finishes")
+    ap.add_argument("--freeze", action="store_true",
+                    help="measure the fsfreeze hold per cycle instead (ext4 on a loop "
+                         "device, blocktrace, root), with the spool and without")
+    ap.add_argument("--changes-mb", type=int, default=10,
+                    help="--freeze: MB of new files per cycle (default 10)")
+    ap.add_argument("--rounds", type=int, default=10, help="--freeze: cycles (default 10)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     return ap.parse_args(argv)
 
@@ -254,6 +351,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_logs()
+    if args.freeze:
+        return main_freeze(args)
     try:
         res = uvloop.run(bench(args))
     finally:
@@ -272,6 +371,24 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{res['process_cpu_s_per_min']:.1f} s/min")
         print(f"  p99 / target ({TARGET_P99_S:g} s): {res['p99_vs_target']:.2f}x")
     return 0 if res["rpo_p99_s"] <= TARGET_P99_S else 1
+
+
+def main_freeze(args: argparse.Namespace) -> int:
+    try:
+        res = uvloop.run(bench_freeze(args))
+    finally:
+        clean(Path(args.work).resolve())
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(f"fsfreeze hold per cycle ({res['changes_mb']} MB of changes, {res['rounds']} "
+              f"cycles, ext4 on a {res['image_bytes'] >> 20} MiB loop device, blocktrace):")
+        for key, what in (("spool", "with the spool"), ("no_spool", "without (sent frozen)")):
+            print(f"  {what}: median {res[f'{key}_freeze_median_s'] * 1000:.0f} ms   max "
+                  f"{res[f'{key}_freeze_max_s'] * 1000:.0f} ms   spooled "
+                  f"{res[f'{key}_spooled_median_bytes'] / 1e6:.1f} MB")
+        print(f"  max / target ({TARGET_FREEZE_S * 1000:g} ms): {res['max_vs_target']:.2f}x")
+    return 0 if res["spool_freeze_max_s"] <= TARGET_FREEZE_S else 1
 
 
 if __name__ == "__main__":

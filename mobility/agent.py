@@ -91,6 +91,7 @@ class CycleResult:
     missed: dict[str, int] = field(default_factory=dict)
     spooled_bytes: int = 0  # copied to the spool while frozen, then sent after the thaw
     spool_overflow: bool = False  # too much to spool: sent while the disks were held
+    held_seconds: float = 0.0  # the snapshot held (fsfreeze: frozen) until the thaw
 
 
 @dataclass(frozen=True)
@@ -391,7 +392,7 @@ class Agent:
         return CycleResult(cycle, plan.full, consistency, sender.sent, sender.nbytes, resumes,
                            plan.kind, sender.nread, sender.tracking, sender.fallbacks,
                            {k: len(v) for k, v in sender.missed.items()}, self._spooled,
-                           self._overflow)
+                           self._overflow, self._held)
 
     async def _send(self, conn: Conn, plan: _Plan, doc: dict[str, Any],
                     progress: Progress | None, snap: Held,

@@ -92,7 +92,7 @@ def metric(text: str, name: str) -> float:
 @pytest.fixture
 def ext4_mounted(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """An ext4 on a loop device, mounted: (the device, the mount point)."""
-    for tool in ("mkfs.ext4", "e2fsck", "fsfreeze"):
+    for tool in ("mkfs.ext4", "e2fsck"):
         if shutil.which(tool) is None:
             missing_backend(tool, "tests/run.sh installs e2fsprogs and util-linux")
     image = tmp_path / "ext4.img"
