@@ -4,12 +4,15 @@
   listeners and on the paths outside the route table (``/openapi.json``, the console);
 - item 3: a process server whose uploads have failed past ``storage_alert_seconds`` shows
   in ``procserver list`` with its health turned, and in ``alerts list`` with the error
-  named; the next heartbeat that reports success clears both.
+  named; the next heartbeat that reports success clears both;
+- item 4: a process server whose own certificate is revoked says so in its log at error
+  level, once a minute at most, and says when a new certificate lifts it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import ssl
 from collections import defaultdict
@@ -21,12 +24,18 @@ import aiohttp
 import pytest
 import pytest_asyncio
 import structlog
+import structlog.testing
 
 from configserver.api import all_routes
 from configserver.config import ConfigServerConfig
 from configserver.server import ConfigServer
+from procserver.csclient import ConfigServerClient
+from procserver.trust import TrustList
+from siterecovery.apiclient import ApiClient
 from siterecovery.cli import main
+from tests.managedsite import issue_procserver_cert
 from tests.test_procservers import beat, post_beat
+from wire.protocol import ProtocolError
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -130,3 +139,46 @@ async def test_failing_storage_shows_in_procserver_list_and_alerts_list(
     assert status == 200, body
     assert _row(await _cli(cs, capsys, "procserver", "list"), "ps-full")[3] == "normal"
     assert "procserver_storage_failing" not in await _cli(cs, capsys, "alerts", "list")
+
+
+async def test_a_revoked_process_server_says_so_loudly(cs: ConfigServer,
+                                                       tmp_path: Path) -> None:
+    """Item 4: a process server whose own certificate is revoked logs it at error level,
+    with the serial and the way to a new certificate, as soon as its trust list says so
+    (not only at the next session), then refuses sessions, each refusal logged at most once
+    a minute; a new certificate in its files lifts it, logged too."""
+    async with ApiClient(cs.url, cs.admin_token) as api:
+        issued = await issue_procserver_cert(api, tmp_path / "tls", name="ps-revoked")
+        client = ConfigServerClient(cs.url, str(cs.cfg.internal_token_path),
+                                    str(cs.ca.cert_path))
+        trust = TrustList(client, tmp_path, str(tmp_path / "tls" / "ca.pem"),
+                          str(tmp_path / "tls" / "server.pem"))
+        running = asyncio.create_task(trust.run())
+        try:
+            await trust.wait_until(lambda t: t.version is not None)
+            assert not trust.own_revoked
+            with structlog.testing.capture_logs() as logs:
+                await api.post(f"/api/v1/certificates/{issued.serial}/revoke")
+                await trust.wait_until(lambda t: t.own_revoked)
+                loud = [e for e in logs if e["log_level"] == "error"]
+                assert [(e["event"], e["serial"]) for e in loud] == [
+                    ("certificate_revoked", issued.serial)], logs
+                assert "refuses every agent" in loud[0]["hint"]
+                assert "siterecovery cert procserver" in loud[0]["hint"]
+                for _ in range(3):
+                    with pytest.raises(ProtocolError) as e:
+                        await trust.authorize("web01", {"serialNumber": "ab12"})
+                    assert e.value.code == "server_certificate_revoked"
+                assert len([e for e in logs if e["log_level"] == "error"]) == 1
+
+                await issue_procserver_cert(api, tmp_path / "tls", name="ps-revoked")
+                with pytest.raises(ProtocolError) as e:  # not revoked: the agent's own check
+                    await trust.authorize("web01", {"serialNumber": "ab12"})
+                assert e.value.code != "server_certificate_revoked"
+                assert not trust.own_revoked
+            assert [e["event"] for e in logs].count("certificate_revocation_lifted") == 1
+        finally:
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+            await client.close()
