@@ -18,6 +18,7 @@ from common.digest import DiskDigest, fingerprint
 from common.labels import CRASH
 from tests.helpers import restore_all
 from vault import names
+from vault.check import check_vault
 from vault.extsort import SortedSet
 from vault.index import Index
 from vault.indexdb import DiskIndex
@@ -215,3 +216,47 @@ async def test_rebuild_streaming_gives_the_in_memory_result(
                                        mem.carried_over)
     assert disk_index.entries == mem_index.entries and disk_index.packs == mem_index.packs
     assert mem_objects == 1 and disk_objects > 10  # a tiny budget: many small objects
+
+
+# -- check --------------------------------------------------------------------------------
+
+def _damage(root: Path) -> None:
+    """A pack deleted, one cut short, a block of another flipped, an index object and
+    a map gone, a stray object: every kind of finding."""
+    v = root / "vault"
+    packs = sorted(p for p in (v / "packs").rglob("*") if p.is_file())
+    packs[0].unlink()
+    packs[3].write_bytes(packs[3].read_bytes()[:100])
+    data = bytearray(packs[6].read_bytes())
+    data[40] ^= 0x10
+    packs[6].write_bytes(bytes(data))
+    sorted((v / "index").iterdir())[2].unlink()
+    sorted((v / "maps").iterdir())[5].unlink()
+    (v / "packs" / "zz").mkdir()
+    (v / "packs" / "zz" / "stray").write_bytes(b"x")
+
+
+async def test_check_streaming_finds_what_the_in_memory_check_finds(
+        built: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    root, _ = built
+    for damaged in (False, True):
+        r = _copy(root, tmp_path / f"damaged-{damaged}")
+        if damaged:
+            _damage(r)
+        km = KeyMaterial(keyfile=read_keyfile(r / "vault.key"))
+        for read_data in (False, True):
+            docs = []
+            for memory in (None, TINY):
+                with ThreadPoolExecutor(2) as ex:
+                    report = await check_vault(LocalStore(r / "vault"), km, read_data=read_data,
+                                               executor=ex, memory=memory, temp_dir=tmp_path)
+                docs.append(report.to_json())
+            assert docs[0] == docs[1]
+            kinds = {p["kind"] for p in docs[0]["problems"]}  # type: ignore[attr-defined]
+            if damaged:
+                assert {"missing", "truncated", "unrestorable", "unindexed", "stray"} <= kinds
+                assert ("damaged" in kinds) == read_data
+            else:
+                assert kinds == set()
+                assert docs[0]["counts"]["digests_verified" if read_data else "points"] == 20  # type: ignore[index]
+    assert [p for p in tmp_path.iterdir() if p.name.startswith("siterecovery-")] == []
