@@ -11,6 +11,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 from siterecovery.errors import EXIT_CORRUPT, EXIT_KEY, EXIT_OK, UsageError
+from siterecovery.memoryopts import add_memory_args
 from siterecovery.output import add_json_arg, notes
 from siterecovery.progress import Progress
 from siterecovery.vaultopts import add_vault_args, key_material, open_vault, vault_url
@@ -68,7 +69,8 @@ async def cmd_check(args: argparse.Namespace) -> int:
     try:
         with ThreadPoolExecutor(2) as ex:
             report = await check_vault(store, km, read_data=args.read_data, subset=subset,
-                                       executor=ex, progress=progress, wait=args.wait)
+                                       executor=ex, progress=progress, wait=args.wait,
+                                       memory=args.memory_mib << 20, temp_dir=args.temp_dir)
     finally:
         await store.close()
     code = EXIT_KEY if report.wrong_key else EXIT_CORRUPT if report.errors else EXIT_OK
@@ -86,7 +88,8 @@ async def cmd_rebuild_index(args: argparse.Namespace) -> int:
     v = await open_vault(args)
     try:
         async with locked(v, "exclusive", "rebuild-index", wait=args.wait):
-            report = await rebuild_index(v, progress=notes("rebuild-index", quiet=args.json))
+            report = await rebuild_index(v, progress=notes("rebuild-index", quiet=args.json),
+                                         memory=args.memory_mib << 20)
     finally:
         await v.close()
     code = EXIT_CORRUPT if report.skipped else EXIT_OK
@@ -139,6 +142,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="with --read-data: read only P%% of the packs, chosen "
                         "deterministically from their ids (every point's structure is "
                         "still checked)")
+    add_memory_args(c, temp=True)
     add_json_arg(c)
     c.set_defaults(func=cmd_check)
 
@@ -153,5 +157,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_vault_args(r)
     r.add_argument("--wait", type=float, default=0.0,
                    help="seconds to wait for writers to release the vault (default: 0)")
+    add_memory_args(r)
     add_json_arg(r)
     r.set_defaults(func=cmd_rebuild_index)

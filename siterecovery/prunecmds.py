@@ -7,6 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from siterecovery.errors import UsageError
+from siterecovery.memoryopts import add_memory_args
 from siterecovery.output import add_json_arg, notes, show
 from siterecovery.vaultopts import add_vault_args, open_vault
 from vault.locks import list_locks, locked, remove_locks
@@ -26,7 +27,9 @@ async def cmd_prune(args: argparse.Namespace) -> int:
         async with locked(v, "exclusive", "prune", wait=args.wait):
             with ThreadPoolExecutor(2) as ex:
                 report = await prune(v, policy, ex, dry_run=args.dry_run,
-                                     progress=notes("prune", quiet=args.json))
+                                     progress=notes("prune", quiet=args.json),
+                                     memory=args.memory_mib << 20, index_dir=args.index_dir,
+                                     temp_dir=args.temp_dir)
     finally:
         await v.close()
     verb = "would forget" if args.dry_run else "forgot"
@@ -72,6 +75,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--dry-run", action="store_true", help="show what would be forgotten")
     p.add_argument("--wait", type=float, default=0.0,
                    help="seconds to wait for writers to release the vault (default: 0)")
+    add_memory_args(p, temp=True)
+    p.add_argument("--index-dir", help="past --memory-mib, keep the block index in a table "
+                                       "in this directory (the one 'restore --index-dir' "
+                                       "reads), updated in place, not rebuilt by the next "
+                                       "run (default: a temporary one)")
     add_json_arg(p)
     p.set_defaults(func=cmd_prune)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import random
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,7 @@ import pytest
 
 from common.digest import DiskDigest, fingerprint
 from common.labels import CRASH
+from siterecovery.cli import main
 from tests.helpers import restore_all
 from vault import names
 from vault.check import check_vault
@@ -260,3 +262,29 @@ async def test_check_streaming_finds_what_the_in_memory_check_finds(
                 assert kinds == set()
                 assert docs[0]["counts"]["digests_verified" if read_data else "points"] == 20  # type: ignore[index]
     assert [p for p in tmp_path.iterdir() if p.name.startswith("siterecovery-")] == []
+
+
+# -- the verbs ------------------------------------------------------------------------------
+
+def test_verbs_take_a_memory_budget(built: tuple[Path, dict[str, str]], tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    root, _ = built
+    r = _copy(root, tmp_path / "v")
+    vault = ["--vault", f"file://{r / 'vault'}", "--key-file", str(r / "vault.key")]
+    tmp, idx = tmp_path / "tmp", tmp_path / "idx"
+    tmp.mkdir()
+
+    def run(*args: str) -> dict[str, object]:
+        assert main([*args, *vault, "--memory-mib", "0", "--json"]) == 0
+        doc: dict[str, object] = json.loads(capsys.readouterr().out)
+        return doc
+
+    assert run("prune", "--index-dir", str(idx), "--temp-dir", str(tmp))["forgotten"]
+    assert [p.name for p in idx.iterdir() if p.name.endswith(".index.sqlite")]
+    written = run("rebuild-index")["index_written"]
+    assert isinstance(written, list) and len(written) > 1  # no budget: a few packs each
+    assert run("check", "--temp-dir", str(tmp))["ok"]
+    assert list(tmp.iterdir()) == []
+    with pytest.raises(SystemExit) as exc:
+        main(["check", *vault, "--memory-mib", "-1"])
+    assert exc.value.code == 2 and "not a budget in MiB" in capsys.readouterr().err
