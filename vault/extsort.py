@@ -2,11 +2,12 @@
 
 Records are gathered in memory; past the budget the gathered ones are sorted and written
 to a run file in a temporary directory of their own, and iterating merges the runs
-(``heapq.merge``, at most ``FAN_IN`` files open at once: more runs are merged in passes
-first). Iteration yields every record once, in byte order, and may be repeated. The
-directory (``siterecovery-sort-*`` in ``temp_dir``, or the system's temporary
-directory) is removed by ``close``; one that a kill left behind is garbage that no
-later run reads.
+(``heapq.merge``). At most ``FAN_IN`` files are open at once: ``FAN_IN`` runs of one
+level are merged into one run of the next as soon as they are written, so a record is
+rewritten once per level (a logarithm of the runs, base ``FAN_IN``). Iteration yields
+every record once, in byte order, and may be repeated. The directory
+(``siterecovery-sort-*`` in ``temp_dir``, or the system's temporary directory) is
+removed by ``close``; one that a kill left behind is garbage that no later run reads.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class SortedSet:
         self.limit = max(16, memory // RECORD_COST)  # records held before a spill
         self._temp_dir = temp_dir
         self._dir: Path | None = None
-        self._runs: list[Path] = []
+        self._runs: list[tuple[int, Path]] = []  # (level, file), levels never increasing
         self._mem: set[bytes] = set()
         self.spilled = 0  # runs written (for tests and reports)
 
@@ -57,25 +58,30 @@ class SortedSet:
         with open(path, "wb") as f:
             f.write(b"".join(sorted(self._mem)))
         self._mem.clear()
-        self._runs.append(path)
+        self._runs.append((0, path))
         self.spilled += 1
-        if len(self._runs) > FAN_IN:  # keep the fan-in of the final merge bounded
-            self._merge_runs()
+        # FAN_IN runs of one level (the last ones: levels never increase along the list)
+        # become one of the next level, which may complete a group of that level in turn.
+        while len(self._runs) >= FAN_IN and self._runs[-FAN_IN][0] == self._runs[-1][0]:
+            self._merge_last(FAN_IN, self._runs[-1][0] + 1)
 
-    def _merge_runs(self) -> None:
+    def _merge_last(self, count: int, level: int) -> None:
+        """Merge the last ``count`` runs into one of ``level``."""
         assert self._dir is not None
-        merged = self._dir / f"run-{self.spilled:06d}-merged"
+        group = self._runs[-count:]
+        merged = self._dir / f"run-{self.spilled:06d}-{level}"
+        self.spilled += 1
         with open(merged, "wb") as f:
             buf: list[bytes] = []
-            for rec in _unique(heapq.merge(*(self._read(p) for p in self._runs))):
+            for rec in _unique(heapq.merge(*(self._read(p) for _, p in group))):
                 buf.append(rec)
                 if len(buf) >= 4096:
                     f.write(b"".join(buf))
                     buf.clear()
             f.write(b"".join(buf))
-        for p in self._runs:
+        for _, p in group:
             p.unlink()
-        self._runs = [merged]
+        self._runs[-count:] = [(level, merged)]
 
     def _read(self, path: Path) -> Iterator[bytes]:
         size = self.record
@@ -90,7 +96,10 @@ class SortedSet:
             yield from sorted(self._mem)
             return
         self._spill()
-        yield from _unique(heapq.merge(*(self._read(p) for p in self._runs)))
+        if len(self._runs) > FAN_IN:
+            n = len(self._runs) - FAN_IN + 1
+            self._merge_last(n, self._runs[-n][0])  # levels stay non-increasing
+        yield from _unique(heapq.merge(*(self._read(p) for _, p in self._runs)))
 
     def close(self) -> None:
         self._mem.clear()
