@@ -8,6 +8,7 @@ from configserver import (
     api_certs,
     api_core,
     api_events,
+    api_failback,
     api_failover,
     api_install,
     api_items,
@@ -26,7 +27,7 @@ from configserver.rest import Route
 
 MODULES = (api_core, api_registration, api_certs, api_procservers, api_policies, api_machines,
            api_accounts, api_items, api_failover, api_jobs, api_points, api_agent, api_events,
-           api_notify, api_verify, api_prune, api_install, api_plans)
+           api_notify, api_verify, api_prune, api_install, api_plans, api_failback)
 
 
 def all_routes() -> list[Route]:

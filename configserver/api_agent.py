@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.names import DISK_PATTERN
 from configserver import certs, db, sendlimit
+from configserver.failback import failback_request
 from configserver.items import (
     ITEM,
     PERCENT,
@@ -58,6 +59,11 @@ SETTINGS = obj({
     "shutdown_request": nullable({"type": "string", "description": (
         "a failover asks the agent to take a last delta cycle, report it with POST "
         "/api/v1/agent/shutdown carrying this id, and shut the machine down")}),
+    "failback_request": nullable({**obj({"request": {"type": "string"},
+                                         "point": {"type": "string"}}, ["request", "point"]),
+                                  "description": (
+        "a failback asks the agent to write this point onto its disks (only the blocks "
+        "that differ) and answer with POST /api/v1/agent/failback carrying this id")}),
 }, ["machine", "replicate", "item_state", "resync_required", "disks", "process_server",
     "policy", "bandwidth", "revoked_server_certificates", "server_revocation_list",
     "heartbeat_interval_seconds"])
@@ -135,6 +141,7 @@ async def settings(call: Call) -> web.Response:
             revoked, call.services.clock()).decode() if revoked else None,
         "heartbeat_interval_seconds": HEARTBEAT_INTERVAL_SECONDS,
         "shutdown_request": shutdown_request(item),
+        "failback_request": failback_request(item),
     })
 
 

@@ -96,6 +96,15 @@ ROUTES = [
     _verb("change-recovery-point", "Change the recovery point of a failed-over item",
           RECOVER_BODY, "Queues Change recovery point (before commit): the machine made "
           "from the previous point is removed and the new point's is created and booted."),
+    _verb("failback", "Fail a failed-over item back onto its original machine",
+          obj({"timeout_seconds": {"type": "integer", "minimum": 1, "maximum": 86400 * 7,
+                                   "description": "how long to wait for the original "
+                                                  "machine's agent (default 6 hours)"}}),
+          "Queues Failback (not cancellable; from failed_over or committed): the recovered "
+          "machine's disks are taken into the vault as a point, the original machine's "
+          "agent writes onto its disks only the blocks that differ and verifies them, the "
+          "recovered machine is removed; the item ends protected, replicating again as a "
+          "delta on that point."),
     _verb("commit", "Commit a failover", obj({}),
           "Queues Commit: the item's remaining recovery points are deleted from the vault "
           "and the catalog; the item ends committed."),

@@ -38,6 +38,7 @@ ALLOWED: dict[str, tuple[str, tuple[ItemState, ...], ItemState | None]] = {
     "change-recovery-point": ("change_recovery_point", (S.FAILED_OVER, S.FAILOVER_IN_PROGRESS),
                               S.FAILOVER_IN_PROGRESS),
     "commit": ("commit_failover", (S.FAILED_OVER,), None),
+    "failback": ("failback", (S.FAILED_OVER, S.COMMITTED), S.FAILBACK_IN_PROGRESS),
 }
 HINTS = {
     S.TEST_FAILOVER_IN_PROGRESS: "wait for the test failover to end",
@@ -46,7 +47,9 @@ HINTS = {
     S.FAILOVER_IN_PROGRESS: "wait for the failover to end",
     S.FAILED_OVER: "the machine is failed over: change its point or commit: siterecovery "
                    "failover change-point|commit {m}",
-    S.COMMITTED: "the failover is committed; nothing is left to fail over",
+    S.COMMITTED: "the failover is committed; nothing is left to fail over (fail back: "
+                 "siterecovery failover failback {m})",
+    S.FAILBACK_IN_PROGRESS: "wait for the failback to end",
 }
 LOCKED_SETTINGS = (S.TEST_FAILOVER_IN_PROGRESS, S.FAILOVER_IN_PROGRESS)
 
@@ -87,7 +90,8 @@ async def request(core: Core, kinds: Mapping[str, JobKind], verb: str, name: str
                              "the drill showed", "pass --notes TEXT")
     params: dict[str, Any] = {k: body[k] for k in (
         "point", "network", "notes", "shutdown_source", "shutdown_timeout_seconds",
-        "drain_timeout_seconds", "instant", "hydrate_rate_mbps") if body.get(k)}
+        "drain_timeout_seconds", "instant", "hydrate_rate_mbps", "timeout_seconds")
+        if body.get(k)}
     if body.get("at"):
         params["at"] = _at(body["at"])
     now = core.clock()

@@ -40,6 +40,7 @@ class ItemState(StrEnum):
     FAILOVER_IN_PROGRESS = "failover_in_progress"  # Failover (or Change recovery point) runs
     FAILED_OVER = "failed_over"                  # the machine runs on the target; commit next
     COMMITTED = "committed"                      # failover committed; the points are gone
+    FAILBACK_IN_PROGRESS = "failback_in_progress"  # Failback: back onto the original machine
 
 
 STATE_TITLES = {
@@ -55,6 +56,7 @@ STATE_TITLES = {
     ItemState.FAILOVER_IN_PROGRESS: "Failover in progress",
     ItemState.FAILED_OVER: "Failed over",
     ItemState.COMMITTED: "Failover committed",
+    ItemState.FAILBACK_IN_PROGRESS: "Failback in progress",
 }
 # States in which Enable protection/Finalize protection still own the item.
 ENABLING_STATES = (ItemState.ENABLING, ItemState.INITIAL_REPLICATION)
@@ -63,7 +65,8 @@ REPLICATING_STATES = (ItemState.ENABLING, ItemState.INITIAL_REPLICATION, ItemSta
                       ItemState.RESYNC_REQUIRED, ItemState.RESYNCING,
                       ItemState.TEST_FAILOVER_IN_PROGRESS, ItemState.TEST_FAILOVER_DONE)
 # States a failover owns: the agent no longer replicates, progress reports change nothing.
-FAILOVER_STATES = (ItemState.FAILOVER_IN_PROGRESS, ItemState.FAILED_OVER, ItemState.COMMITTED)
+FAILOVER_STATES = (ItemState.FAILOVER_IN_PROGRESS, ItemState.FAILED_OVER, ItemState.COMMITTED,
+                   ItemState.FAILBACK_IN_PROGRESS)
 # A drill: replication goes on, but a progress report does not move the state (the drill's
 # jobs own it until Cleanup test failover).
 DRILL_STATES = (ItemState.TEST_FAILOVER_IN_PROGRESS, ItemState.TEST_FAILOVER_DONE)

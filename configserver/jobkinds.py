@@ -15,7 +15,16 @@ from pathlib import Path
 
 import structlog
 
-from configserver import failover, gcjob, installjob, planjobs, pshealth, replication, verifyjob
+from configserver import (
+    failback,
+    failover,
+    gcjob,
+    installjob,
+    planjobs,
+    pshealth,
+    replication,
+    verifyjob,
+)
 from configserver.config import ConfigServerConfig
 from configserver.failover import FailoverDeps
 from configserver.jobdefs import JobKind, by_name
@@ -29,7 +38,8 @@ log = structlog.get_logger("configserver")
 
 
 def kinds(deps: FailoverDeps) -> Mapping[str, JobKind]:
-    return by_name((*replication.KINDS, *failover.kinds(deps), *verifyjob.KINDS,
+    return by_name((*replication.KINDS, *failover.kinds(deps), *failback.kinds(deps),
+                    *verifyjob.KINDS,
                     *gcjob.KINDS, *installjob.KINDS, *planjobs.KINDS, *pshealth.KINDS))
 
 

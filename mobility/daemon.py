@@ -27,6 +27,7 @@ from common.backoff import Backoff
 from common.fs import atomic_write
 from mobility.agent import Agent, CycleResult
 from mobility.config import MobilityConfig
+from mobility.inplace import answer_failback, asked_to_fail_back
 from mobility.renewal import cert_not_after, renew
 from mobility.reporter import ProgressReporter
 from mobility.shutdown import answered, shut_down
@@ -191,6 +192,9 @@ class ManagedAgent:
         await self.renew_if_due()
         s = await self.refresh()
         await self.heartbeat()
+        if s is not None and asked_to_fail_back(s, self.cfg.state_dir):
+            await answer_failback(self.agent, self.site, s)
+            return False
         if s is not None and self._asked_to_shut_down():
             assert s.shutdown_request is not None
             self.agent.provider = self.crash
@@ -236,7 +240,9 @@ class ManagedAgent:
             await asyncio.sleep(min(left, max(1.0, every)))
             if self.clock() < end:
                 await self.refresh()
-                if self._asked_to_shut_down():
+                if self._asked_to_shut_down() or (self.settings is not None and
+                                                  asked_to_fail_back(self.settings,
+                                                                     self.cfg.state_dir)):
                     return
 
     async def run_forever(self) -> None:

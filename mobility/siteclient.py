@@ -127,6 +127,8 @@ class Settings:
     block_size: int | None
     heartbeat_interval_seconds: float
     shutdown_request: str | None = None  # a failover wants a last cycle and a shutdown
+    # A failback wants this point written onto the disks: {"request", "point"}.
+    failback_request: dict[str, str] | None = None
     # The policy's send limit (None: the policy has none, mobility.toml's applies).
     send_limit: Schedule | None = None
     # Serials (lowercase hex) of revoked server certificates, and the CA's CRL of them.
@@ -151,6 +153,9 @@ class Settings:
             block_size=policy.get("block_size"),
             heartbeat_interval_seconds=float(doc.get("heartbeat_interval_seconds", 60)),
             shutdown_request=doc.get("shutdown_request") or None, send_limit=limit,
+            failback_request={"request": str(doc["failback_request"]["request"]),
+                              "point": str(doc["failback_request"]["point"])}
+            if doc.get("failback_request") else None,
             revoked_servers=frozenset(str(x).lower().lstrip("0")
                                       for x in doc.get("revoked_server_certificates") or ()),
             revocation_list=str(doc["server_revocation_list"])
@@ -257,6 +262,14 @@ class SiteClient:
 
     async def progress(self, disks: dict[str, float], resync: bool = False) -> None:
         await self._call("POST", "/api/v1/agent/progress", {"disks": disks, "resync": resync})
+
+    async def report_failback(self, request: str, point: str, error: str | None,
+                              counts: dict[str, int]) -> None:
+        """Answer a failback's request: the point written (``counts``: blocks_compared,
+        blocks_written, bytes_written) or the error that stopped it."""
+        await self._call("POST", "/api/v1/agent/failback", {
+            "request": request, "point": point,
+            "error": None if error is None else error[:2000], **counts})
 
     async def report_shutdown(self, request: str, stage: str, cycle: str | None,
                               error: str | None) -> None:

@@ -53,6 +53,10 @@ async def cmd_commit(args: argparse.Namespace) -> int:
     return await _start(args, "commit", {})
 
 
+async def cmd_failback(args: argparse.Namespace) -> int:
+    return await _start(args, "failback", {"timeout_seconds": args.agent_timeout})
+
+
 
 
 
@@ -120,7 +124,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             ("change-point", cmd_change_point, "recover another point of a failed-over "
                                                "item (before commit)", _point_args),
             ("commit", cmd_commit, "commit a failover: its recovery points are deleted",
-             None)):
+             None),
+            ("failback", cmd_failback, "fail back onto the original machine: its agent "
+                                       "writes only the blocks that differ", None)):
         v = fsub.add_parser(name, help=help_)
         v.add_argument("machine")
         if extra is not None:
@@ -131,6 +137,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         v.set_defaults(func=func)
         verbs.append(v)
     verbs[2].add_argument("--notes", required=True, help="what the drill showed")
+    verbs[6].add_argument("--agent-timeout", type=int, metavar="SECONDS",
+                          help="how long the job waits for the original machine's agent "
+                               "(default: 6 hours)")
     _instant_args(verbs[1])
     _instant_args(verbs[3])
     verbs[3].add_argument("--shutdown-source", action="store_true",

@@ -1,0 +1,202 @@
+"""Failback: a planned failover back to the original machine, writing onto its disks only
+the blocks that differ from the recovered machine's.
+
+``POST /api/v1/items/{machine}/failback`` (from ``failed_over`` or ``committed``) moves
+the item to ``failback_in_progress`` and queues the Failback job:
+
+1. *Prerequisites check*: the recovered machine is on a target failback reads (the
+   folder target: its raw images), shut down (a folder's images are not running).
+2. *Take the recovered machine's disks*: its images are written into the vault as a
+   point of the machine (``vault/imagepoint.py``), a delta on the failover point when
+   the vault still holds it (the recovered machine started from it), else whole.
+3. *Write the differences onto the original machine*: the machine's agent is asked,
+   through the settings it pulls (``failback_request``), to write that point onto its
+   disks (``mobility/inplace.py``): it compares every block with the point's
+   fingerprints, fetches and writes only those that differ, verifies each one and every
+   disk's digest, and answers on ``POST /api/v1/agent/failback``.
+4. *Remove the recovered machine* from the target.
+5. *Record the failback*: the item is ``protected`` again; the agent's base is the
+   failback point, so its next cycle is a delta on it (no initial copy).
+
+Nothing the recovered machine wrote is lost: its disks as they stand are the point the
+original machine gets. A failback that fails gives the item back to the state it came
+from (the original disks may be half written: the agent does not replicate then; run
+the failback again, it writes what still differs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from configserver import db
+from configserver.itemrecord import FAILOVER, read, record
+from configserver.items import ItemState
+from configserver.jobdefs import JobKind, JobRun, Step, StepFailed
+from configserver.jobs import StepContext
+from configserver.recoverysteps import (
+    LOCK_WAIT_SECONDS,
+    FailoverDeps,
+    cleanup_recovered,
+    open_vault,
+)
+from vault.errors import MissingObjectError, VaultError
+from vault.imagepoint import ImageDisk, point_from_images
+from vault.locks import LockedError, locked
+
+FAILBACK = "failback"  # the failback's record, inside the item's failover record
+TIMEOUT_SECONDS = 6 * 3600.0  # how long the agent may take to answer
+READABLE = {"folder"}  # targets whose recovered disks failback reads
+
+
+def failback_request(item: db.ReplicatedItem | None) -> dict[str, str] | None:
+    """What a running failback asks of the machine's agent (its settings), if anything."""
+    if item is None or item.state != ItemState.FAILBACK_IN_PROGRESS:
+        return None
+    fb = (item.failover or {}).get(FAILBACK) or {}
+    if fb.get("request") and fb.get("point") and not fb.get("reported"):
+        return {"request": str(fb["request"]), "point": str(fb["point"])}
+    return None
+
+
+def _images(recovered: dict[str, Any]) -> list[ImageDisk]:
+    """The recovered machine's raw images, from the folder target's ``vm.json``."""
+    folders = [r.split(":", 1)[1] for r in recovered.get("resources", [])
+               if r.startswith("folder:")]
+    if not folders:
+        raise StepFailed("the recovered machine has no folder on the folder target")
+    folder = Path(folders[0])
+    try:
+        vm = json.loads((folder / "vm.json").read_text())
+    except (OSError, ValueError) as e:
+        raise StepFailed(f"cannot read {folder / 'vm.json'}: {e}") from None
+    disks = vm.get("disks") or []
+    odd = [d.get("name") for d in disks if d.get("format") != "raw"]
+    if odd:
+        raise StepFailed(f"disks {', '.join(map(str, odd))} of the recovered machine are not "
+                         "raw images: failback reads raw images only (folder_format = raw)")
+    return [ImageDisk(str(d["name"]), str(folder / d["file"])) for d in disks]
+
+
+def kinds(deps: FailoverDeps) -> tuple[JobKind, ...]:
+    """The Failback job kind bound to ``deps``."""
+
+    async def prerequisites(ctx: StepContext) -> str:
+        rec, _ = await read(ctx, FAILOVER)
+        recovered = rec.get("recovered") or {}
+        target = recovered.get("target")
+        if target not in READABLE:
+            raise StepFailed(f"failback reads the recovered machine's disks from the folder "
+                             f"target; this one is on {target or 'no target'!r}, which "
+                             "failback does not read yet")
+        images = _images(recovered)
+        if (rec.get(FAILBACK) or {}).get("job") != ctx.job.id:  # a fresh run
+            await record(ctx, FAILOVER, failback={"job": ctx.job.id,
+                                                  "started": ctx.core.clock()})
+        return ("the recovered machine's disks: "
+                + ", ".join(f"{d.name} ({d.path})" for d in images))
+
+    async def take_disks(ctx: StepContext) -> str:
+        rec, _ = await read(ctx, FAILOVER)
+        fb = dict(rec.get(FAILBACK) or {})
+        if fb.get("point"):
+            return f"taken before: point {fb['point']}"
+        images = _images(rec.get("recovered") or {})
+        cycle = hashlib.sha256(f"failback:{ctx.job.id}".encode()).hexdigest()[:32]
+        vault = await open_vault(ctx)
+        try:
+            async with locked(vault, "shared", f"failback of {ctx.target}",
+                              wait=LOCK_WAIT_SECONDS):
+                try:
+                    base = await vault.read_point(str(rec["point"])) if rec.get("point") \
+                        else None
+                except MissingObjectError:
+                    base = None  # committed: the failover's points are gone
+                bs = base.disks[0].block_size if base is not None else \
+                    vault.config.block_size
+                with ThreadPoolExecutor(2) as ex:
+                    made = await point_from_images(
+                        vault, ex, machine=ctx.target, cycle=cycle, disks=images,
+                        block_size=bs, base=base,
+                        progress=lambda done, total: None)
+        except (LockedError, VaultError, OSError) as e:
+            raise StepFailed(f"cannot write the recovered machine's disks into the vault: "
+                             f"{e}") from None
+        finally:
+            await vault.close()
+        fb.update(point=made.point.id, cycle=made.point.cycle, blocks_stored=made.blocks_stored,
+                  full=made.full)
+        await record(ctx, FAILOVER, failback=fb)
+        how = "whole (the failover point is gone)" if made.full else \
+            f"as a delta on the failover point {base.id if base else ''}"
+        return (f"point {made.point.id}: the recovered machine's disks, {made.blocks_stored} "
+                f"block(s) stored {how}")
+
+    async def write_back(ctx: StepContext) -> str:
+        rec, _ = await read(ctx, FAILOVER)
+        fb = dict(rec.get(FAILBACK) or {})
+        if fb.get("request") != ctx.job.id:
+            fb.update(request=ctx.job.id, asked=ctx.core.clock())
+            await record(ctx, FAILOVER, failback=fb)
+        timeout = float(ctx.params.get("timeout_seconds") or TIMEOUT_SECONDS)
+        await ctx.progress(0.0, f"asking {ctx.target}'s agent to write point "
+                                f"{str(fb['point'])[:16]} onto its disks (only the blocks "
+                                "that differ)")
+
+        async def answered() -> dict[str, Any] | None:
+            rec, _ = await read(ctx, FAILOVER)
+            got: dict[str, Any] = rec.get(FAILBACK) or {}
+            return got if got.get("reported") else None
+
+        got = await ctx.wait_for(answered, what=f"{ctx.target}'s agent", timeout=timeout)
+        if got.get("error"):
+            raise StepFailed(f"the agent could not write the point onto its disks: "
+                             f"{got['error']}")
+        return (f"{got.get('blocks_written')} of {got.get('blocks_compared')} block(s) "
+                f"differed and were written ({got.get('bytes_written')} bytes); every "
+                "disk's digest verified by the agent")
+
+    async def remove_recovered(ctx: StepContext) -> str:
+        rec, _ = await read(ctx, FAILOVER)
+        if rec.get("recovered"):
+            await cleanup_recovered(deps, rec["recovered"])
+        made = ", ".join((rec.get("recovered") or {}).get("resources", [])) or "nothing"
+        await record(ctx, FAILOVER, recovered=None)
+        return f"removed {made}"
+
+    async def done(ctx: StepContext) -> str:
+        rec, _ = await read(ctx, FAILOVER)
+        fb = {**(rec.get(FAILBACK) or {}), "ended": ctx.core.clock(), "result": "succeeded"}
+        await record(ctx, FAILOVER, state=ItemState.PROTECTED, failback=fb)
+        return (f"failed back onto {ctx.target}; replication resumes from point "
+                f"{str(fb.get('point'))[:16]} (a delta, no initial copy)")
+
+    return (JobKind("failback", "Failback", (
+        Step("prerequisites", "Prerequisites check", prerequisites),
+        Step("take_disks", "Take the recovered machine's disks", take_disks),
+        Step("write_back", "Write the differences onto the original machine", write_back),
+        Step("remove_recovered", "Remove the recovered machine", remove_recovered),
+        Step("record", "Record the failback", done)),
+        cancellable=False, on_end=_on_end),)
+
+
+async def _on_end(s: AsyncSession, job: JobRun, state: str) -> None:
+    """A failback that did not succeed gives the item back to the state it came from."""
+    if state == "succeeded":
+        return
+    item = await s.get(db.ReplicatedItem, job.target)
+    if item is None:
+        return
+    rec = dict(item.failover or {})
+    fb = dict(rec.get(FAILBACK) or {})
+    if fb.get("job") == job.id:
+        rec[FAILBACK] = {**fb, "result": state, "error": job.error, "ended": job.updated}
+        item.failover = rec
+    before = str(job.params.get("from_state"))
+    item.state = ItemState(before) if before in set(ItemState) else ItemState.FAILED_OVER
+    item.updated = job.updated

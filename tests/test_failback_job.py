@@ -1,0 +1,127 @@
+"""The Failback job, every part real: a configuration server, a process server, the
+original machine's managed agent replicating an ext4 image, the folder target. After a
+failover, files are written on the recovered machine; the failback takes its disks into
+the vault, the original machine's agent writes only the blocks that differ, the
+recovered machine is removed, and replication resumes as a delta (no initial copy)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from configserver.server import ConfigServer
+from siterecovery.apiclient import ApiCallError, ApiClient
+from tests.backends import missing_backend
+from tests.helpers import open_vault
+from tests.managedsite import managed_site
+from tests.sitehelpers import next_job, step, step_running, wait_job
+from vault.regkey import make_key
+
+pytestmark = pytest.mark.root
+DISK = 16 << 20
+
+
+@pytest.fixture
+async def catalog_url(tmp_path: Path) -> str:
+    """SQLite only: the catalog's dialects are covered by the failover tests."""
+    return f"sqlite+aiosqlite:///{tmp_path / 'catalog.db'}"
+
+
+def _ext4(path: Path) -> None:
+    with open(path, "wb") as f:
+        f.truncate(DISK)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", str(path)], check=True)
+
+
+def _write(disk: Path, name: str, data: bytes) -> None:
+    src = disk.with_name(name)
+    src.write_bytes(data)
+    subprocess.run(["debugfs", "-w", "-R", f"write {src} {name}", str(disk)], check=True,
+                   capture_output=True)
+
+
+def _cat(disk: Path, name: str) -> bytes:
+    return subprocess.run(["debugfs", "-R", f"cat {name}", str(disk)], check=True,
+                          capture_output=True).stdout
+
+
+def _fsck_clean(disk: Path) -> bool:
+    return subprocess.run(["e2fsck", "-fn", str(disk)], capture_output=True).returncode == 0
+
+
+def _differing(a: bytes, b: bytes, bs: int) -> int:
+    return sum(a[o:o + bs] != b[o:o + bs] for o in range(0, len(a), bs))
+
+
+async def test_failback_writes_only_the_differences_and_replication_resumes(
+        cs: ConfigServer, api: ApiClient, tmp_path: Path) -> None:
+    for tool in ("mkfs.ext4", "debugfs", "e2fsck"):
+        if shutil.which(tool) is None:
+            missing_backend(tool, "tests/run.sh installs e2fsprogs")
+    async with managed_site(cs, api, tmp_path, make_disk_with=_ext4,
+                            procserver={"heartbeat_interval_seconds": 1.0}) as site:
+        vault = await open_vault(tmp_path / "vault", Path(site.pcfg.vault_key_file))
+        try:
+            await api.post("/api/v1/registration", {
+                "key": json.dumps(make_key(vault, site.pcfg.vault_url, time.time())),
+                "vault_key_file": site.pcfg.vault_key_file})
+        finally:
+            await vault.close()
+        job = await next_job(api, "web01", "enable_protection")
+        assert await site.managed.round()  # the initial copy
+        assert (await wait_job(api, job["id"]))["state"] == "succeeded"
+        fin = await next_job(api, "web01", "finalize_protection")
+        assert (await wait_job(api, fin["id"]))["state"] == "succeeded"
+        assert site.managed.last is not None
+        await site.ps.wait_point(site.managed.last.cycle)
+        with pytest.raises(ApiCallError) as refused:  # not failed over
+            await api.post("/api/v1/items/web01/failback", {})
+        assert refused.value.status == 409
+
+        done = await wait_job(api, (await api.post("/api/v1/items/web01/failover", {
+            "point": "latest"}))["job"]["id"], timeout=120)
+        assert done["state"] == "succeeded", done
+        recovered = Path(cs.cfg.data_dir) / "recovered" / "web01" / "sda.img"
+        # Business goes on on the recovered machine; the original lies stale.
+        orders = os.urandom(700_000)
+        _write(recovered, "orders.db", orders)
+        _write(site.disk, "stale.tmp", os.urandom(50_000))
+        want = recovered.read_bytes()
+        bs = (await api.get("/api/v1/policies/default"))["block_size"]
+        expected = _differing(site.disk.read_bytes(), want, bs)
+        assert expected > 0
+
+        job = (await api.post("/api/v1/items/web01/failback", {}))["job"]
+        assert (await api.get("/api/v1/items/web01"))["state"] == "failback_in_progress"
+        await wait_job(api, job["id"], step_running("write_back"), timeout=120)
+        s = await site.managed.site.settings()
+        assert s.replicate is False and s.failback_request is not None
+        assert not await site.managed.round()  # the agent writes the point and answers
+        done = await wait_job(api, job["id"], timeout=120)
+        assert done["state"] == "succeeded", done
+        assert [st["name"] for st in done["steps"]] == [
+            "prerequisites", "take_disks", "write_back", "remove_recovered", "record"]
+        assert "as a delta on the failover point" in step(done, "take_disks")["message"]
+        assert (f"{expected} of {DISK // bs} block(s) differed and were written"
+                in step(done, "write_back")["message"])
+        assert site.disk.read_bytes() == want
+        assert _cat(site.disk, "orders.db") == orders  # written while failed over
+        assert _fsck_clean(site.disk)
+        assert not recovered.parent.exists()
+        item = await api.get("/api/v1/items/web01")
+        assert item["state"] == "protected"
+        fb = item["failover"]["failback"]
+        assert (fb["job"], fb["result"], fb["blocks_written"]) == (job["id"], "succeeded",
+                                                                   expected)
+
+        # Re-protected in the original direction: the next cycle is a delta on the
+        # failback point, with nothing to send.
+        assert await site.managed.round()
+        last = site.managed.last
+        assert last is not None and (last.kind, last.blocks_sent) == ("delta", 0)
