@@ -59,8 +59,12 @@ def _differing(a: bytes, b: bytes, bs: int) -> int:
     return sum(a[o:o + bs] != b[o:o + bs] for o in range(0, len(a), bs))
 
 
+@pytest.mark.parametrize("commit", [False, True], ids=["failed_over", "committed"])
 async def test_failback_writes_only_the_differences_and_replication_resumes(
-        cs: ConfigServer, api: ApiClient, tmp_path: Path) -> None:
+        cs: ConfigServer, api: ApiClient, tmp_path: Path, commit: bool) -> None:
+    """From failed_over the recovered disks go into the vault as a delta on the failover
+    point; once committed (the points are gone) whole: the agent writes the same
+    differences either way."""
     for tool in ("mkfs.ext4", "debugfs", "e2fsck"):
         if shutil.which(tool) is None:
             missing_backend(tool, "tests/run.sh installs e2fsprogs")
@@ -88,6 +92,10 @@ async def test_failback_writes_only_the_differences_and_replication_resumes(
             "point": "latest"}))["job"]["id"], timeout=120)
         assert done["state"] == "succeeded", done
         recovered = Path(cs.cfg.data_dir) / "recovered" / "web01" / "sda.img"
+        if commit:
+            done = await wait_job(api, (await api.post("/api/v1/items/web01/commit", {}))[
+                "job"]["id"], timeout=120)
+            assert done["state"] == "succeeded", done
         # Business goes on on the recovered machine; the original lies stale.
         orders = os.urandom(700_000)
         _write(recovered, "orders.db", orders)
@@ -107,7 +115,8 @@ async def test_failback_writes_only_the_differences_and_replication_resumes(
         assert done["state"] == "succeeded", done
         assert [st["name"] for st in done["steps"]] == [
             "prerequisites", "take_disks", "write_back", "remove_recovered", "record"]
-        assert "as a delta on the failover point" in step(done, "take_disks")["message"]
+        assert ("whole (the failover point is gone)" if commit else
+                "as a delta on the failover point") in step(done, "take_disks")["message"]
         assert (f"{expected} of {DISK // bs} block(s) differed and were written"
                 in step(done, "write_back")["message"])
         assert site.disk.read_bytes() == want
