@@ -156,7 +156,9 @@ def _steps(field: str, deps: FailoverDeps) -> dict[str, StepFn]:
                      hydrated_at=ctx.core.clock())
         images = ", ".join(r.removeprefix("file:") for r in made.resources
                            if r.endswith(".raw"))
+        copy = made.details.get("block_copy")
         moved = (f"{made.vm_name} moved onto {images} without a reboot"
+                 + (f" (block copy: {copy})" if copy else "")
                  if made.details.get("pivot") == "block copy" else
                  f"{made.vm_name} had stopped: defined on {images}, the hydrated images")
         return (f"{total / 2**20:.1f} MiB hydrated in {time.monotonic() - began:.1f} s "

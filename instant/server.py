@@ -68,6 +68,8 @@ class NbdServer:
         self._servers: list[asyncio.Server] = []
         self._conns: dict[int, tuple[asyncio.Task[None], asyncio.StreamWriter]] = {}
         self._ids = itertools.count(1)
+        self._sessions = 0  # connections past their handshake
+        self._sessions_changed = asyncio.Condition()
 
     @property
     def uri(self) -> str:
@@ -82,6 +84,22 @@ class NbdServer:
                 if isinstance(addr, tuple):
                     return addr[0], addr[1]
         return None
+
+    @property
+    def sessions(self) -> int:
+        """Connections past their handshake, now."""
+        return self._sessions
+
+    async def wait_session(self) -> None:
+        """Return once a client has a session (at once if one has): an emulator that
+        lost its server reconnects when it sees the socket again."""
+        async with self._sessions_changed:
+            await self._sessions_changed.wait_for(lambda: self._sessions > 0)
+
+    async def _count_session(self, n: int) -> None:
+        async with self._sessions_changed:
+            self._sessions += n
+            self._sessions_changed.notify_all()
 
     async def start(self) -> None:
         """Listen. Raises ``SocketInUse`` if ``socket_path`` is something else than a
@@ -125,6 +143,7 @@ class NbdServer:
         assert task is not None
         self._conns[cid] = (task, writer)
         clog = log.bind(connection=cid)
+        counted = False
         try:
             session = await negotiate(reader, writer, self.exports,
                                       timeout=self.handshake_timeout)
@@ -132,6 +151,8 @@ class NbdServer:
                 clog.info("nbd_client_connected", export=session.name,
                           structured=session.structured,
                           block_status=session.meta_context is not None)
+                await self._count_session(1)
+                counted = True
                 await serve_session(reader, writer, session)
             clog.info("nbd_client_disconnected")
         except p.ProtocolViolation as e:
@@ -144,6 +165,8 @@ class NbdServer:
             clog.warning("nbd_client_cancelled")
         finally:
             self._conns.pop(cid, None)
+            if counted:
+                self._sessions -= 1  # no await here: a cancelled handler must get here
             writer.close()
             with contextlib.suppress(ConnectionError, asyncio.CancelledError):
                 await writer.wait_closed()

@@ -1,6 +1,7 @@
 """Instant recovery on libvirt (``targets.instant``): the domain's disks are NBD disks on
 UNIX sockets in the machine's folder, served by this process (``InstantServers``) from
-the vault; once hydrated, ``virsh blockcopy --pivot`` moves the running domain onto
+the vault; once hydrated, a block copy and its pivot (``targets.instantcopy``, which
+also finishes a copy a dead process left running in QEMU) move the running domain onto
 local raw images, its stored definition follows, and the servers stop.
 
 In the machine's folder, per disk ``NN-NAME``: ``NN-NAME.overlay/`` (the served disk's
@@ -13,6 +14,7 @@ pivot copies to). ``Recovered.details["instant"]`` lists them (JSON) and the res
 from __future__ import annotations
 
 import asyncio
+import functools
 import grp
 import json
 import os
@@ -27,6 +29,7 @@ from instant.overlay import IMAGE as OVERLAY_IMAGE
 from targets.base import Recovered, TargetError
 from targets.domainxml import NbdSource, disk_target, with_local_disks
 from targets.instant import InstantSource
+from targets.instantcopy import copy_onto
 from targets.instantserve import InstantServers, InstantServersError, ServedDisk
 from targets.virsh import Virsh
 
@@ -117,23 +120,19 @@ def progress(servers: InstantServers, recovered: Recovered) -> tuple[int, int]:
 
 async def pivot(virsh: Virsh, servers: InstantServers, recovered: Recovered) -> Recovered:
     """Move the running domain onto local images (block copy from its NBD disks, then
-    pivot: the guest keeps running and keeps what it wrote), make its stored definition
-    use them too, stop the servers and remove the overlays. A domain no longer running
-    (its guest powered off) gets its hydrated overlays' images moved into place instead.
-    The disks must be hydrated."""
+    pivot: the guest keeps running and keeps what it wrote; a copy job left running by
+    a process that died is found and finished, ``targets.instantcopy``), make its stored
+    definition use them too, stop the servers and remove the overlays. A domain no
+    longer running (its guest powered off) gets its hydrated overlays' images moved into
+    place instead. The disks must be hydrated."""
     disks = of(recovered)
     name = recovered.vm_name
     if pivoted(recovered):
         return recovered
     running = (await virsh("domstate", name)).strip() in ("running", "paused")
-    blk = await virsh("domblklist", name, "--details")
-    for d in disks if running else ():
-        if _source_of(blk, d.dev) != str(d.image):
-            d.image.unlink(missing_ok=True)  # an interrupted copy's: blockcopy makes it
-            # --transient-job: the copy need not outlive the domain (libvirt refuses a
-            # persistent domain's copy otherwise); what a restart must see is redefined below
-            await virsh("blockcopy", name, d.dev, "--dest", str(d.image), "--format", "raw",
-                        "--wait", "--pivot", "--transient-job")
+    connected = functools.partial(servers.connected, name)
+    copies = {d.dev: await copy_onto(virsh, name, d.dev, d.image, connected)
+              for d in (disks if running else ())}
     await servers.stop(name)
     for d in disks if not running else ():
         # The guest stopped (powered off): no one writes any more, and a hydrated overlay's
@@ -148,18 +147,11 @@ async def pivot(virsh: Virsh, servers: InstantServers, recovered: Recovered) -> 
         d.socket.unlink(missing_ok=True)
     details = {**recovered.details, "pivoted": "yes",
                "pivot": "block copy" if running else "stopped machine: hydrated image moved"}
+    if copies:
+        details["block_copy"] = "; ".join(f"{dev}: {how}" for dev, how in copies.items())
     resources = [r for r in recovered.resources if r != f"instant:{name}"]
     resources += [f"file:{d.image}" for d in disks]
     return replace(recovered, resources=resources, details=details)
-
-
-def _source_of(domblklist: str, dev: str) -> str | None:
-    """The source ``virsh domblklist --details`` shows for target ``dev``."""
-    for line in domblklist.splitlines():
-        cols = line.split(None, 3)
-        if len(cols) == 4 and cols[2] == dev:
-            return cols[3].strip()
-    return None
 
 
 def emulator_owner(uri: str) -> tuple[int, int] | None:

@@ -46,6 +46,7 @@ class _Machine:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     disks: dict[str, PointDisk] = field(default_factory=dict)
+    servers: dict[str, NbdServer] = field(default_factory=dict)
     error: BaseException | None = None
 
 
@@ -105,6 +106,7 @@ class InstantServers:
                     await server.start()
                     stack.push_async_callback(server.stop)  # runs first
                     m.disks[d.name] = disk
+                    m.servers[d.name] = server
                 log.info("instant_serving", machine=key, point=point.id,
                          disks=[str(d.socket) for d in disks])
                 m.ready.set()
@@ -116,6 +118,7 @@ class InstantServers:
         finally:
             m.ready.set()
             m.disks.clear()
+            m.servers.clear()
             await vault.close()
             log.info("instant_stopped", machine=key)
 
@@ -131,6 +134,19 @@ class InstantServers:
         done = sum(d.stored_present * d.block_size for d in m.disks.values())
         total = sum(d.stored_blocks * d.block_size for d in m.disks.values())
         return done, total
+
+    async def connected(self, key: str, timeout: float) -> bool:
+        """Whether every disk of ``key`` has a client (its emulator) within ``timeout``
+        seconds: after this process restarted, QEMU reconnects on its own schedule (its
+        retries back off up to 16 s apart)."""
+        m = self._served(key)
+        try:
+            async with asyncio.timeout(timeout):
+                for server in list(m.servers.values()):
+                    await server.wait_session()
+        except TimeoutError:
+            return False
+        return True
 
     async def hydrate(self, key: str, rate_mbps: float) -> None:
         """Copy every block of every disk of ``key`` not local yet, disk after disk, at

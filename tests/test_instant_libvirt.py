@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -40,7 +41,13 @@ from configserver.failover import FailoverDeps
 from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiCallError, ApiClient
 from targets.base import RecoverySpec
-from targets.domainxml import DomainLayout, NbdSource, domain_xml, with_local_disks
+from targets.domainxml import (
+    DomainLayout,
+    NbdSource,
+    domain_xml,
+    isolated_network_xml,
+    with_local_disks,
+)
 from tests.backends import missing_backend
 from tests.bootdisk import (
     HOSTNAME,
@@ -64,7 +71,10 @@ from tests.sitehelpers import (
 from vault.regkey import make_key
 
 VM = "sr-instant-web01"
+FAILOVER_VM = "sr-instant-fo01"
 DRILL_SUBNET = "10.216.0.0/24"  # not another libvirt test's
+FAILOVER_NET, FAILOVER_BRIDGE = "sr-instant-prod", "virbr-srinprod"  # the failover's network
+FAILOVER_SUBNET = "10.218.0.0/24"
 DRILL_BOUND = 900.0  # seconds for the whole drill under emulation: a bound, not a measure
 RATE_MBPS = 40.0  # hydration's rate: ~25 s for the point's data, killed part way
 FILLER_MIB = 96  # data after the boot disk that the guest never reads
@@ -170,6 +180,20 @@ def images(tmp_path: Path) -> Path:
     return d
 
 
+@pytest.fixture(scope="module")
+def failover_net(uri: str) -> Iterator[str]:
+    """A stand-in for the production network a failover joins (isolated: the guest sends
+    nothing), made and removed by the test."""
+    xml = isolated_network_xml(FAILOVER_NET, FAILOVER_BRIDGE,
+                               ipaddress.IPv4Network(FAILOVER_SUBNET))
+    subprocess.run(["virsh", "-q", "-c", uri, "net-create", "/dev/stdin"], input=xml,
+                   text=True, check=True, capture_output=True)
+    try:
+        yield FAILOVER_NET
+    finally:
+        _virsh(uri, "net-destroy", FAILOVER_NET)
+
+
 @pytest.fixture
 async def cs(tmp_path: Path) -> AsyncIterator[ConfigServer]:
     """A configuration server without libvirt: its items' target is the folder one."""
@@ -246,15 +270,55 @@ async def _console_shows(console: Path, text: str, bound: float = 120.0) -> None
         await asyncio.sleep(0.5)
 
 
+def _assert_point_plus_guest_writes(image: Path, disk: bytes) -> None:
+    want = bytearray(disk)
+    for sector in (HOLE_SECTOR, DATA_SECTOR):
+        want[sector * SECTOR:(sector + 1) * SECTOR] = GUEST_BLOCK
+    got = image.read_bytes()
+    assert len(got) == len(want)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(want).digest(), \
+        f"first difference at {next(i for i in range(len(got)) if got[i] != want[i])}"
+
+
+def _qmp(uri: str, vm: str, command: str, **arguments: Any) -> Any:
+    """A QMP command to ``vm``'s QEMU through libvirt; its return value."""
+    cmd = {"execute": command, **({"arguments": arguments} if arguments else {})}
+    res = _virsh(uri, "qemu-monitor-command", vm, json.dumps(cmd))
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)["return"]
+
+
+def _copy_job(uri: str, vm: str) -> dict[str, Any] | None:
+    """QEMU's block copy (mirror) job of ``vm``, if it runs one."""
+    return next((j for j in _qmp(uri, vm, "query-block-jobs") if j["type"] == "mirror"),
+                None)
+
+
+async def _copy_job_paused(uri: str, vm: str, bound: float = 60.0) -> dict[str, Any]:
+    """Poll QEMU until its copy job has paused (nothing in flight: a paused mirror job
+    waits for its reads and writes first); the job then."""
+    deadline = time.monotonic() + bound
+    while True:
+        job = _copy_job(uri, vm)
+        assert job is not None, "the copy job ended"
+        if job["status"] in ("paused", "standby"):  # standby: paused once ready
+            return job
+        assert time.monotonic() < deadline, f"the copy job did not pause: {job}"
+        await asyncio.sleep(0.1)
+
+
+def _daemon_args(tmp_path: Path, uri: str, images: Path, **settings: Any) -> list[str]:
+    config = write_toml(tmp_path / "configserver.toml", {
+        "data_dir": str(tmp_path / "cs"), "listen_port": 0, "site_port": 0,
+        "database_url": f"sqlite+aiosqlite:///{tmp_path / 'catalog.db'}",
+        "libvirt_uri": uri, "libvirt_image_dir": str(images), **settings})
+    return ["configserver", "run", "--config", str(config)]
+
+
 async def test_instant_drill_boots_from_the_vault_survives_a_kill9_and_pivots(
         uri: str, images: Path, disk: bytes, tmp_path: Path) -> None:
     data_dir = tmp_path / "cs"
-    config = write_toml(tmp_path / "configserver.toml", {
-        "data_dir": str(data_dir), "listen_port": 0, "site_port": 0,
-        "database_url": f"sqlite+aiosqlite:///{tmp_path / 'catalog.db'}",
-        "libvirt_uri": uri, "libvirt_image_dir": str(images),
-        "libvirt_drill_subnet": DRILL_SUBNET})
-    args = ["configserver", "run", "--config", str(config)]
+    args = _daemon_args(tmp_path, uri, images, libvirt_drill_subnet=DRILL_SUBNET)
     first, second = Daemon(args, "configserver_started"), None
     folder = images / VM
     console = folder / "console.log"
@@ -318,13 +382,7 @@ async def test_instant_drill_boots_from_the_vault_survives_a_kill9_and_pivots(
             assert text.count(MARKER) == 1, text
 
             # the image: the point plus the guest's two writes, byte for byte
-            want = bytearray(disk)
-            for sector in (HOLE_SECTOR, DATA_SECTOR):
-                want[sector * SECTOR:(sector + 1) * SECTOR] = GUEST_BLOCK
-            got = raw.read_bytes()
-            assert len(got) == len(want)
-            assert hashlib.sha256(got).digest() == hashlib.sha256(want).digest(), \
-                f"first difference at {next(i for i in range(len(got)) if got[i] != want[i])}"
+            _assert_point_plus_guest_writes(raw, disk)
 
             done = await wait_job(api, (await api.post(
                 "/api/v1/items/web01/cleanup-test-failover",
@@ -341,6 +399,105 @@ async def test_instant_drill_boots_from_the_vault_survives_a_kill9_and_pivots(
         if _virsh(uri, "domuuid", VM).returncode == 0:  # a failure above: nothing left
             _virsh(uri, "destroy", VM)
             _virsh(uri, "undefine", VM)
+
+
+async def test_instant_failover_finishes_a_block_copy_left_running_by_a_kill9_and_commits(
+        uri: str, failover_net: str, images: Path, disk: bytes, tmp_path: Path) -> None:
+    """``failover start --instant``: booted on the NBD disk, hydrated at full speed; the
+    configuration server is killed (kill -9) while QEMU runs the block copy onto the
+    local image. The copy job outlives it in QEMU (held paused over the kill, so that
+    none of its reads meets the dead server); the restarted server finds that job,
+    waits for it to be ready and pivots: no second copy, no reboot, the image is the
+    point plus the guest's writes. Then the failover is committed."""
+    data_dir = tmp_path / "cs"
+    args = _daemon_args(tmp_path, uri, images, libvirt_network=failover_net)
+    first, second = Daemon(args, "configserver_started"), None
+    folder = images / FAILOVER_VM
+    console = folder / "console.log"
+    try:
+        ready = await first.start()
+        token = (data_dir / "api-token").read_text().strip()
+        async with ApiClient(f"http://127.0.0.1:{ready['port']}", token) as api:
+            point = await _protect(api, data_dir, ready, tmp_path, disk)
+            await api.call("PATCH", "/api/v1/items/web01/recovery", {
+                "target": "libvirt", "vm_name": FAILOVER_VM, "memory_mib": 256,
+                "boot_marker": MARKER}, {})
+            jid = (await api.post("/api/v1/items/web01/failover",
+                                  {"instant": True}))["job"]["id"]
+            await first.wait_events("instant_block_copy_started", 1, timeout=DRILL_BOUND)
+            job = _copy_job(uri, FAILOVER_VM)
+            assert job is not None, "no copy job in QEMU after the copy started"
+            _qmp(uri, FAILOVER_VM, "block-job-pause", device=job["device"])
+            held = await _copy_job_paused(uri, FAILOVER_VM)
+            if held["ready"]:  # caught up already: a ready copy reads nothing more
+                _qmp(uri, FAILOVER_VM, "block-job-resume", device=job["device"])
+            before = await api.get(f"/api/v1/jobs/{jid}")
+        await first.kill9()
+        assert _copy_job(uri, FAILOVER_VM) is not None, "the copy job ended with its server"
+        assert step(before, "hydrate")["state"] == "running", before
+
+        second = Daemon(args, "configserver_started")
+        ready = await second.start()
+        (found,) = await second.wait_events("instant_block_copy_found", 1,
+                                            timeout=DRILL_BOUND)
+        assert (found["disk"], found["ready"]) == ("vda", "yes" if held["ready"] else "no")
+        if not held["ready"]:  # the restarted server waits for it: let it go on
+            _qmp(uri, FAILOVER_VM, "block-job-resume", device=job["device"])
+        async with ApiClient(f"http://127.0.0.1:{ready['port']}", token) as api:
+            done = await wait_job(api, jid, timeout=DRILL_BOUND)
+            assert done["state"] == "succeeded" and done["attempts"] == 2, (
+                done["error"], [ln for ln in second.lines if "instant_" in ln])
+            assert [s["name"] for s in done["steps"]] == [
+                "prerequisites", "shutdown_source", "stop_replication", "select_point",
+                "create", "verify", "boot", "hydrate", "record"]
+            assert step(done, "hydrate")["attempts"] == 2
+            moved = step(done, "hydrate")["message"]
+            assert "without a reboot (block copy: vda: a copy found running in QEMU, " \
+                   "waited for)" in moved, moved
+            assert not second.events("instant_block_copy_started")  # no second copy
+            item = await api.get("/api/v1/items/web01")
+            rec = item["failover"]
+            assert (item["state"], rec["point"], rec["instant"]) == (
+                "failed_over", point, True)
+            assert "sda: ext4 clean" in step(done, "verify")["message"]
+            assert rec["boot"]["booted"] is True
+            assert rec["boot"]["matched"] == f"{MARKER} hostname={HOSTNAME} drill=bootdisk-v1"
+            assert rec["local_at_boot_percent"] < 20, rec
+
+            # running on the local image, on the failover's network, its definition too
+            raw = folder / "00-sda.raw"
+            assert _virsh(uri, "domstate", FAILOVER_VM).stdout.strip() == "running"
+            assert str(raw) in _virsh(uri, "domblklist", FAILOVER_VM).stdout
+            assert failover_net in _virsh(uri, "domiflist", FAILOVER_VM).stdout
+            inactive = _virsh(uri, "dumpxml", "--inactive", FAILOVER_VM).stdout
+            assert "protocol='nbd'" not in inactive and f"file='{raw}'" in inactive
+            assert _copy_job(uri, FAILOVER_VM) is None
+            assert not list(folder.glob("*.sock")) and not list(folder.glob("*.overlay"))
+
+            # one boot; the guest goes on reading its disk, now the local image
+            _n, digest = await _alive_after(console, _alive(console)[-1][0] + 1)
+            assert digest == GOOD
+            assert {d for _n, d in _alive(console)} <= {GOOD, FAILED}, _console(console)
+            text = _console(console)
+            assert text.count("siterecovery-init: waiting") == 1, text
+            assert text.count(MARKER) == 1, text
+            _assert_point_plus_guest_writes(raw, disk)
+
+            committed = await wait_job(api, (await api.post(
+                "/api/v1/items/web01/commit", {}))["job"]["id"], timeout=300)
+            assert committed["state"] == "succeeded", committed
+            assert step(committed, "delete_vault_points")["message"].startswith(
+                "1 point(s) deleted from the vault")
+            assert (await api.get("/api/v1/items/web01"))["state"] == "committed"
+            # the committed machine is the operator's now: it runs on
+            assert _virsh(uri, "domstate", FAILOVER_VM).stdout.strip() == "running"
+    finally:
+        for d in (first, second):
+            if d is not None and d.proc is not None and d.proc.returncode is None:
+                await d.stop()
+        if _virsh(uri, "domuuid", FAILOVER_VM).returncode == 0:
+            _virsh(uri, "destroy", FAILOVER_VM)
+            _virsh(uri, "undefine", FAILOVER_VM)
 
 
 async def test_instant_is_refused_by_a_target_that_cannot(cs: ConfigServer, api: ApiClient,
