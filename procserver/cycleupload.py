@@ -12,12 +12,14 @@ journal appends, still complete in segment order.
 
 The vault's shared lock (procserver/vaultlock.py) is held only while the attempt writes:
 it is let go, once the last checkpoint is durable, whenever the cycle waits for a
-segment still being received, so a prune can run between two segments. What the cycle
-wrote until then is no point's yet; its lease keeps it (the blocks, and the base point)
-from that prune. When the lock is taken again after the vault's index was rewritten (a
-prune or rebuild-index ran), the writer gets the new index and base point, and every
-block the cycle references is checked to be still indexed (``MissingBlocksError``
-otherwise: never a point that cannot be restored).
+segment still being received, so a prune can run between two segments, and after a
+checkpoint when the lock yields to a waiting prune (writer preference), so a prune also
+gets in while segments keep coming. What the cycle wrote until then is no point's yet;
+its lease keeps it (the blocks, and the base point) from that prune. When the lock is
+taken again after the vault's index was rewritten (a prune or rebuild-index ran), the
+writer gets the new index and base point, and every block the cycle references is
+checked to be still indexed (``MissingBlocksError`` otherwise: never a point that cannot
+be restored).
 """
 
 from __future__ import annotations
@@ -276,6 +278,12 @@ class CycleUpload:
                         await commit  # journal appends stay in segment order
                     commit = asyncio.create_task(self._commit(ck, run, mapped, taken),
                                                  name=f"checkpoint-{cyc.machine}")
+                    if ctx.lock.yielding:
+                        # An exclusive contender waits (a prune): once this checkpoint is
+                        # durable and leased, let it in; taken again for the next run.
+                        await commit
+                        commit = None
+                        await self._let_go()
                 finally:
                     ctx.wakeups.forget(ev)
             writer = await self._take()

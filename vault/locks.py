@@ -6,8 +6,15 @@ A lock is a sealed JSON object ``locks/<random id>``: ``{"kind": "shared" |
 Unix seconds). Process servers hold a shared lock while they upload a cycle;
 prune holds an exclusive one. Acquiring writes the lock, then lists the others:
 
-- shared: if a live exclusive lock exists, withdraw and wait;
-- exclusive: if any other live lock exists, withdraw and wait.
+- shared: if a live exclusive lock or intent exists, withdraw and wait;
+- exclusive: if any other live lock exists (intents aside), withdraw and wait.
+
+Writers are preferred: an exclusive contender that has to wait writes an *intent*
+(``"kind": "intent"``, refreshed every ``INTENT_REFRESH`` seconds, expiring after
+``INTENT_TTL``) for as long as it waits, so no new shared lock is granted meanwhile;
+holders of shared locks that renew their holds poll ``exclusive_waiting`` and let
+theirs go at their next pause (procserver/vaultlock.py), so the exclusive one gets in
+within a bounded time even while uploads never stop.
 
 Two contenders that both see each other both withdraw and retry after a random
 delay. A holder refreshes its lock before it expires; a lock past its expiry, or
@@ -38,6 +45,9 @@ from vault.repo import Vault
 log = structlog.get_logger("vault.locks")
 TTL = 30 * 60.0
 REFRESH = 5 * 60.0
+INTENT = "intent"  # an exclusive contender waiting: no new shared lock meanwhile
+INTENT_TTL = 120.0  # short: a contender that died holds up no writer for long
+INTENT_REFRESH = 30.0
 
 
 class LockedError(VaultError):
@@ -69,8 +79,9 @@ class LockInfo:
 
 
 def _encode(vault: Vault, lock_id: str, kind: str, purpose: str, now: float) -> bytes:
+    ttl = INTENT_TTL if kind == INTENT else TTL
     body = json.dumps({"kind": kind, "holder": f"{socket.gethostname()}:{os.getpid()}",
-                       "purpose": purpose, "created": now, "expires": now + TTL}).encode()
+                       "purpose": purpose, "created": now, "expires": now + ttl}).encode()
     return seal(vault.keyring.aead(ObjectType.LOCK, lock_id), ObjectType.LOCK, lock_id, body)
 
 
@@ -114,7 +125,7 @@ class Lock:
 
     async def _refresh(self) -> None:
         while True:
-            await asyncio.sleep(REFRESH)
+            await asyncio.sleep(INTENT_REFRESH if self.kind == INTENT else REFRESH)
             await self.vault.store.put(names.LOCKS + self.id,
                                        _encode(self.vault, self.id, self.kind, self.purpose,
                                                time.time()))
@@ -139,7 +150,9 @@ async def try_acquire(vault: Vault, kind: str, purpose: str) -> Lock | LockInfo:
     for other in locks:
         if other.id == lock_id or other.stale(now):
             continue
-        if kind == "exclusive" or other.kind == "exclusive":
+        if kind == "exclusive" and other.kind == INTENT:
+            continue  # intents hold up shared locks only
+        if kind == "exclusive" or other.kind in ("exclusive", INTENT):
             await vault.store.delete(names.LOCKS + lock_id)
             return other
     if kind == "exclusive":  # sole holder now: clear what dead holders left behind
@@ -156,17 +169,51 @@ async def acquire(vault: Vault, kind: str, purpose: str, *, wait: float = 0.0) -
     (``LockedError`` then); the caller releases it."""
     deadline = time.monotonic() + wait
     backoff = Backoff(base=0.05, cap=5.0)
-    while True:
-        got = await try_acquire(vault, kind, purpose)
-        if isinstance(got, Lock):
-            return got
-        if time.monotonic() >= deadline:
-            raise LockedError(
-                f"the vault is locked ({got.kind}) by {got.holder} for {got.purpose!r} until "
-                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(got.expires))} UTC; if that "
-                "holder is gone, run 'siterecovery unlock'")
-        log.info("vault_locked_waiting", holder=got.holder, kind=got.kind)
-        await asyncio.sleep(min(backoff.next(), max(0.0, deadline - time.monotonic())))
+    intent: Lock | None = None  # an exclusive contender's, while it waits
+    try:
+        while True:
+            got = await try_acquire(vault, kind, purpose)
+            if isinstance(got, Lock):
+                return got
+            if time.monotonic() >= deadline:
+                raise LockedError(
+                    f"the vault is locked ({got.kind}) by {got.holder} for {got.purpose!r} "
+                    f"until {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(got.expires))} "
+                    "UTC; if that holder is gone, run 'siterecovery unlock'")
+            if kind == "exclusive" and intent is None:
+                intent = await _announce(vault, purpose)
+            log.info("vault_locked_waiting", holder=got.holder, kind=got.kind)
+            await asyncio.sleep(min(backoff.next(), max(0.0, deadline - time.monotonic())))
+    finally:
+        if intent is not None:
+            await asyncio.shield(_withdraw(intent))
+
+
+async def _announce(vault: Vault, purpose: str) -> Lock:
+    """Write and keep refreshing an intent: an exclusive contender waits."""
+    lock_id = names.random_id()
+    await vault.store.put(names.LOCKS + lock_id,
+                          _encode(vault, lock_id, INTENT, purpose, time.time()))
+    intent = Lock(vault, lock_id, INTENT, purpose)
+    intent.start_refresh()
+    return intent
+
+
+async def _withdraw(intent: Lock) -> None:
+    try:
+        await intent.release()
+    except Exception as e:  # it expires within INTENT_TTL
+        log.warning("vault_lock_intent_left", error=str(e), error_type=type(e).__name__,
+                    hint=f"it expires within {INTENT_TTL:.0f} s")
+
+
+async def exclusive_waiting(vault: Vault) -> LockInfo | None:
+    """A live exclusive lock or intent (an exclusive contender waits), if any: holders of
+    shared locks let theirs go at their next pause."""
+    locks, _bad = await list_locks(vault)
+    now = time.time()
+    return next((lk for lk in locks if lk.kind in ("exclusive", INTENT)
+                 and not lk.stale(now)), None)
 
 
 @contextlib.asynccontextmanager
