@@ -26,10 +26,6 @@ the failback again, it writes what still differs).
 
 from __future__ import annotations
 
-import hashlib
-import json
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -39,19 +35,11 @@ from configserver.itemrecord import FAILOVER, read, record
 from configserver.items import ItemState
 from configserver.jobdefs import JobKind, JobRun, Step, StepFailed
 from configserver.jobs import StepContext
-from configserver.recoverysteps import (
-    LOCK_WAIT_SECONDS,
-    FailoverDeps,
-    cleanup_recovered,
-    open_vault,
-)
-from vault.errors import MissingObjectError, VaultError
-from vault.imagepoint import ImageDisk, point_from_images
-from vault.locks import LockedError, locked
+from configserver.recoveredpoint import recovered_images, take_point
+from configserver.recoverysteps import FailoverDeps, cleanup_recovered
 
 FAILBACK = "failback"  # the failback's record, inside the item's failover record
 TIMEOUT_SECONDS = 6 * 3600.0  # how long the agent may take to answer
-READABLE = {"folder"}  # targets whose recovered disks failback reads
 
 
 def failback_request(item: db.ReplicatedItem | None) -> dict[str, str] | None:
@@ -64,37 +52,12 @@ def failback_request(item: db.ReplicatedItem | None) -> dict[str, str] | None:
     return None
 
 
-def _images(recovered: dict[str, Any]) -> list[ImageDisk]:
-    """The recovered machine's raw images, from the folder target's ``vm.json``."""
-    folders = [r.split(":", 1)[1] for r in recovered.get("resources", [])
-               if r.startswith("folder:")]
-    if not folders:
-        raise StepFailed("the recovered machine has no folder on the folder target")
-    folder = Path(folders[0])
-    try:
-        vm = json.loads((folder / "vm.json").read_text())
-    except (OSError, ValueError) as e:
-        raise StepFailed(f"cannot read {folder / 'vm.json'}: {e}") from None
-    disks = vm.get("disks") or []
-    odd = [d.get("name") for d in disks if d.get("format") != "raw"]
-    if odd:
-        raise StepFailed(f"disks {', '.join(map(str, odd))} of the recovered machine are not "
-                         "raw images: failback reads raw images only (folder_format = raw)")
-    return [ImageDisk(str(d["name"]), str(folder / d["file"])) for d in disks]
-
-
 def kinds(deps: FailoverDeps) -> tuple[JobKind, ...]:
     """The Failback job kind bound to ``deps``."""
 
     async def prerequisites(ctx: StepContext) -> str:
         rec, _ = await read(ctx, FAILOVER)
-        recovered = rec.get("recovered") or {}
-        target = recovered.get("target")
-        if target not in READABLE:
-            raise StepFailed(f"failback reads the recovered machine's disks from the folder "
-                             f"target; this one is on {target or 'no target'!r}, which "
-                             "failback does not read yet")
-        images = _images(recovered)
+        images = recovered_images(rec)
         if (rec.get(FAILBACK) or {}).get("job") != ctx.job.id:  # a fresh run
             await record(ctx, FAILOVER, failback={"job": ctx.job.id,
                                                   "started": ctx.core.clock()})
@@ -106,34 +69,12 @@ def kinds(deps: FailoverDeps) -> tuple[JobKind, ...]:
         fb = dict(rec.get(FAILBACK) or {})
         if fb.get("point"):
             return f"taken before: point {fb['point']}"
-        images = _images(rec.get("recovered") or {})
-        cycle = hashlib.sha256(f"failback:{ctx.job.id}".encode()).hexdigest()[:32]
-        vault = await open_vault(ctx)
-        try:
-            async with locked(vault, "shared", f"failback of {ctx.target}",
-                              wait=LOCK_WAIT_SECONDS):
-                try:
-                    base = await vault.read_point(str(rec["point"])) if rec.get("point") \
-                        else None
-                except MissingObjectError:
-                    base = None  # committed: the failover's points are gone
-                bs = base.disks[0].block_size if base is not None else \
-                    vault.config.block_size
-                with ThreadPoolExecutor(2) as ex:
-                    made = await point_from_images(
-                        vault, ex, machine=ctx.target, cycle=cycle, disks=images,
-                        block_size=bs, base=base,
-                        progress=lambda done, total: None)
-        except (LockedError, VaultError, OSError) as e:
-            raise StepFailed(f"cannot write the recovered machine's disks into the vault: "
-                             f"{e}") from None
-        finally:
-            await vault.close()
+        made, base = await take_point(ctx, rec, "failback")
         fb.update(point=made.point.id, cycle=made.point.cycle, blocks_stored=made.blocks_stored,
                   full=made.full)
         await record(ctx, FAILOVER, failback=fb)
-        how = "whole (the failover point is gone)" if made.full else \
-            f"as a delta on the failover point {base.id if base else ''}"
+        how = "whole (the failover point is gone)" if base is None else \
+            f"as a delta on point {base.id}"
         return (f"point {made.point.id}: the recovered machine's disks, {made.blocks_stored} "
                 f"block(s) stored {how}")
 

@@ -116,7 +116,7 @@ async def test_failback_writes_only_the_differences_and_replication_resumes(
         assert [st["name"] for st in done["steps"]] == [
             "prerequisites", "take_disks", "write_back", "remove_recovered", "record"]
         assert ("whole (the failover point is gone)" if commit else
-                "as a delta on the failover point") in step(done, "take_disks")["message"]
+                "as a delta on point") in step(done, "take_disks")["message"]
         assert (f"{expected} of {DISK // bs} block(s) differed and were written"
                 in step(done, "write_back")["message"])
         assert site.disk.read_bytes() == want

@@ -1,0 +1,80 @@
+"""A point of the recovered machine, taken from its disks on the target (the folder
+target's raw images): what Re-protect and Failback write into the vault, without an
+agent inside the recovered machine.
+
+The base is the machine's newest point the vault holds of this recovery: the last one
+Re-protect took, else the failover point (the recovered machine started from it), so
+only the blocks written since are stored (``vault/imagepoint.py``). Once a commit
+deleted the failover's points there is no base and the disks are stored whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from configserver.jobdefs import StepFailed
+from configserver.jobs import StepContext
+from configserver.recoverysteps import LOCK_WAIT_SECONDS, open_vault
+from vault.errors import MissingObjectError, VaultError
+from vault.imagepoint import ImageDisk, ImagePoint, point_from_images
+from vault.locks import LockedError, locked
+from vault.point import Point
+
+READABLE = {"folder"}  # targets whose recovered disks are read from the host
+
+
+def recovered_images(rec: dict[str, Any]) -> list[ImageDisk]:
+    """The recovered machine's raw images (from the folder target's ``vm.json``) of the
+    item's failover record ``rec``; StepFailed naming what is missing."""
+    recovered = rec.get("recovered") or {}
+    target = recovered.get("target")
+    if target not in READABLE:
+        raise StepFailed(f"the recovered machine's disks are read from the folder target; "
+                         f"this one is on {target or 'no target'!r}, which is not read yet")
+    folders = [r.split(":", 1)[1] for r in recovered.get("resources", [])
+               if r.startswith("folder:")]
+    if not folders:
+        raise StepFailed("the recovered machine has no folder on the folder target")
+    folder = Path(folders[0])
+    try:
+        vm = json.loads((folder / "vm.json").read_text())
+    except (OSError, ValueError) as e:
+        raise StepFailed(f"cannot read {folder / 'vm.json'}: {e}") from None
+    disks = vm.get("disks") or []
+    odd = [d.get("name") for d in disks if d.get("format") != "raw"]
+    if odd:
+        raise StepFailed(f"disks {', '.join(map(str, odd))} of the recovered machine are not "
+                         "raw images: only raw images are read (folder_format = raw)")
+    return [ImageDisk(str(d["name"]), str(folder / d["file"])) for d in disks]
+
+
+async def take_point(ctx: StepContext, rec: dict[str, Any], purpose: str
+                     ) -> tuple[ImagePoint, Point | None]:
+    """Write the recovered machine's disks into the vault as a point of the item's
+    machine (its cycle derived from the job and ``purpose``, so a step run again finds
+    the same point); the point and the base it is a delta on (None: whole)."""
+    images = recovered_images(rec)
+    base_id = (rec.get("reprotect") or {}).get("last_point") or rec.get("point")
+    cycle = hashlib.sha256(f"{purpose}:{ctx.job.id}".encode()).hexdigest()[:32]
+    vault = await open_vault(ctx)
+    try:
+        async with locked(vault, "shared", f"{purpose} of {ctx.target}",
+                          wait=LOCK_WAIT_SECONDS):
+            try:
+                base = await vault.read_point(str(base_id)) if base_id else None
+            except MissingObjectError:
+                base = None  # committed: the failover's points are gone
+            bs = base.disks[0].block_size if base is not None else vault.config.block_size
+            with ThreadPoolExecutor(2) as ex:
+                made = await point_from_images(vault, ex, machine=ctx.target, cycle=cycle,
+                                               disks=images, block_size=bs, base=base)
+    except (LockedError, VaultError, OSError) as e:
+        raise StepFailed(f"cannot write the recovered machine's disks into the vault: "
+                         f"{e}") from None
+    finally:
+        await vault.close()
+    return made, None if made.full else base
