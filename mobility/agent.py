@@ -43,6 +43,7 @@ from common.timefmt import now_iso
 from mobility import AGENT_VERSION
 from mobility.agenttls import client_ssl_context, revoked_refusal
 from mobility.config import MobilityConfig
+from mobility.libvirtbackup import LibvirtBackup
 from mobility.link import FOREVER, Link, broken
 from mobility.metricsfile import AgentMetrics, CycleFacts
 from mobility.resume import Conn, check_progress, progress_of, resume
@@ -113,6 +114,8 @@ class _Retry(Exception):
 
 
 def provider_for(cfg: MobilityConfig) -> SnapshotProvider:
+    if cfg.snapshot == "libvirt":
+        return LibvirtBackup(cfg.libvirt_uri, cfg.libvirt_domain, cfg.disks, cfg.state_dir)
     inner = crash_provider(cfg.snapshot, [d["path"] for d in cfg.disks], cfg.freeze_mounts,
                            cfg.lvm_snapshot_size)
     if cfg.snapshot == "script" or (cfg.snapshot in ("lvm", "reflink") and cfg.pre_script
@@ -129,7 +132,7 @@ class Agent:
         self.provider = provider or provider_for(cfg)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="scan")
         self.send_limit = TokenBucket(cfg.send_schedule())
-        self.trackers = trackers_for(cfg)  # disk name -> its change tracker
+        self.trackers = trackers_for(cfg, self.provider)  # disk name -> its change tracker
         self.metrics = (AgentMetrics(cfg.machine, Path(cfg.metrics_file))
                         if cfg.metrics_file else None)
         self._held = 0.0  # seconds the current cycle held its snapshot
@@ -315,7 +318,9 @@ class Agent:
         cfg = self.cfg
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         state = load_state(self.state_dir)
-        sizes = {d["name"]: disk_size(d["path"]) for d in cfg.disks}
+        sizer = getattr(self.provider, "disk_sizes", None)  # libvirt: the guest's sizes
+        sizes = await sizer() if sizer is not None else {
+            d["name"]: disk_size(d["path"]) for d in cfg.disks}
         plan = self._plan(state, sizes, resync)
         due = verify_due(cfg.tracker_verify_hours, state)
         conn = Conn(await self._connect_retrying())

@@ -8,8 +8,8 @@ from typing import Any
 
 from common.pacing import Schedule
 
-SNAPSHOTS = ("none", "quiesced", "fsfreeze", "lvm", "reflink", "script")
-TRACKERS = ("auto", "scan", "reflink", "blocktrace")
+SNAPSHOTS = ("none", "quiesced", "fsfreeze", "lvm", "reflink", "script", "libvirt")
+TRACKERS = ("auto", "scan", "reflink", "blocktrace", "libvirt")
 # Snapshots under which no write lands between the snapshot and the tracker's cut.
 BLOCKTRACE_SNAPSHOTS = ("none", "quiesced", "fsfreeze", "script")
 _LVM_SIZE = re.compile(r"(\d{1,3}%ORIGIN|\d+(\.\d+)?[KMGT]?)", re.IGNORECASE)
@@ -39,6 +39,11 @@ class MobilityConfig:
     # snapshot = "lvm": copy-on-write space of each disk's LVM snapshot, N%ORIGIN or
     # a size such as 2G.
     lvm_snapshot_size: str = "10%ORIGIN"
+    # snapshot = "libvirt": the agent runs on the KVM/QEMU host and protects the disks
+    # of this running domain (each disk's name its target, e.g. vda) through pull-mode
+    # backups and checkpoints (QEMU dirty bitmaps; qcow2 images).
+    libvirt_uri: str = "qemu:///system"
+    libvirt_domain: str = ""
     # How a cycle finds the changed blocks: "scan" reads every block; "reflink" compares
     # the extent maps of this cycle's and the last one's clone (snapshot = "reflink"
     # only); "blocktrace" records the block devices' completed writes from tracefs;
@@ -97,6 +102,13 @@ class MobilityConfig:
         if self.tracker == "reflink" and self.snapshot != "reflink":
             raise ValueError("tracker = 'reflink' needs snapshot = 'reflink' (it compares "
                              "the clones that snapshot makes); use tracker = 'auto'")
+        if (self.snapshot == "libvirt") != (self.tracker == "libvirt") and \
+                self.tracker != "auto":
+            raise ValueError("snapshot = 'libvirt' and tracker = 'libvirt' go together (the "
+                             "tracker reads the backup the snapshot begins); use tracker = "
+                             "'auto'")
+        if self.snapshot == "libvirt" and not self.libvirt_domain:
+            raise ValueError("snapshot = 'libvirt' needs libvirt_domain")
         if self.tracker == "blocktrace" and self.snapshot not in BLOCKTRACE_SNAPSHOTS:
             raise ValueError("tracker = 'blocktrace' needs snapshot = 'none', 'quiesced', "
                              "'fsfreeze' or 'script' (writes between an lvm or reflink "

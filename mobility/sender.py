@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from common.digest import digest_of_fingerprint_map
-from mobility.changes import Changed, Rescan
+from mobility.changes import Changed, Rescan, Tracker
 from mobility.link import Link
 from mobility.tracker import Piece, data_extents, scan_chunk, work
 from wire.protocol import FrameType, block_frame_parts
@@ -129,32 +129,43 @@ class Sender:
         self._pending: collections.deque[asyncio.Future[Any]] = collections.deque()
 
     async def open(self) -> None:
-        """Open the disks and ask each one's tracker what to read."""
+        """Open the disks and ask each one's tracker what to read.
+
+        A tracker with a ``stage`` method (libvirt) makes the snapshot file itself: it
+        is given what this cycle reads (``ranges``; None: every block) before it is
+        opened."""
         for d in self.disks:
-            d.fd = await asyncio.to_thread(_open_ro, d.path)
-            d.fps = bytearray(16 * ((d.size + self.bs - 1) // self.bs))
             tracker = self.agent.trackers.get(d.name)
-            if tracker is None:
-                continue
-            answer = await asyncio.to_thread(tracker.changes, self.base, self.cycle, d.path,
-                                             d.size, self.bs)
-            if isinstance(answer, Changed) and d.old is not None and len(d.old) == len(d.fps):
-                self.tracking[d.name] = tracker.kind
-                if d.name in self.verify:  # read every block, compare with what it named
-                    d.claimed = answer.ranges
-                    self.missed[d.name] = set()
-                    log.info("tracker_verification_scan", disk=d.name, tracker=tracker.kind,
-                             named_blocks=answer.blocks)
-                else:
-                    d.ranges, d.fps[:] = answer.ranges, d.old
-                continue
-            self.tracking[d.name] = "scan"
-            if tracker.kind != "scan" and self.base is not None:
-                reason = (answer.reason if isinstance(answer, Rescan)
-                          else "no fingerprint map of the base cycle")
-                self.fallbacks[d.name] = reason
-                log.warning("tracker_fell_back_to_scan", disk=d.name, tracker=tracker.kind,
-                            reason=reason)
+            stage = getattr(tracker, "stage", None)
+            if stage is None:
+                d.fd = await asyncio.to_thread(_open_ro, d.path)
+            d.fps = bytearray(16 * ((d.size + self.bs - 1) // self.bs))
+            if tracker is not None:
+                await self._ask(d, tracker)
+            if stage is not None:
+                await asyncio.to_thread(stage, d.path, d.size, self.bs, d.ranges)
+                d.fd = await asyncio.to_thread(_open_ro, d.path)
+
+    async def _ask(self, d: CycleDisk, tracker: Tracker) -> None:
+        answer = await asyncio.to_thread(tracker.changes, self.base, self.cycle, d.path,
+                                         d.size, self.bs)
+        if isinstance(answer, Changed) and d.old is not None and len(d.old) == len(d.fps):
+            self.tracking[d.name] = tracker.kind
+            if d.name in self.verify:  # read every block, compare with what it named
+                d.claimed = answer.ranges
+                self.missed[d.name] = set()
+                log.info("tracker_verification_scan", disk=d.name, tracker=tracker.kind,
+                         named_blocks=answer.blocks)
+            else:
+                d.ranges, d.fps[:] = answer.ranges, d.old
+            return
+        self.tracking[d.name] = "scan"
+        if tracker.kind != "scan" and self.base is not None:
+            reason = (answer.reason if isinstance(answer, Rescan)
+                      else "no fingerprint map of the base cycle")
+            self.fallbacks[d.name] = reason
+            log.warning("tracker_fell_back_to_scan", disk=d.name, tracker=tracker.kind,
+                        reason=reason)
 
     async def close(self) -> None:
         await self._settle()
