@@ -13,16 +13,21 @@ own peak RSS (``VmHWM``):
   new 256 MiB disk of distinct 64 KiB blocks deduplicated against the index and written
   as a point (``CycleWriter``), as an uploader cycle does;
 - ``restore``: ``restore_point`` of that point (256 MiB);
-- ``check``: ``check_vault`` (no data read);
+- ``check``: ``check_vault`` (no data read); ``checkdata``: with ``--read-data --subset
+  1%`` (not run unless named in ``--steps``);
 - ``prune``: ``prune`` with a retention that keeps every point: the mark over every map,
   the index loaded, one consolidated index written (a dry run stops before the index);
-- ``rebuild``: ``rebuild_index`` (rewrites the index objects from pack trailers).
+- ``rebuild``: ``rebuild_index`` (rewrites the index objects from pack trailers);
+- ``check-stream``, ``checkdata-stream``, ``prune-stream``, ``rebuild-stream``: the
+  same within a budget of ``--memory-mib`` (default 256): the streaming paths (the
+  prune's index a ``DiskIndex`` built in a temporary directory, as with no
+  ``--index-dir``), in the same run as the in-memory ones.
 
 ``--index-dir DIR`` (and ``--index-memory-mib``) runs the ingest and restore with the
 on-disk index (vault/indexdb.py) instead of the in-memory one.
 
 Run: ``.venv/bin/python benchmarks/bench_memory.py [--blocks N] [--vault-dir DIR]
-[--steps ingest,restore,check,prune,rebuild] [--json]``. Not a test.
+[--steps ingest,restore,check,...] [--memory-mib M] [--json]``. Not a test.
 """
 
 from __future__ import annotations
@@ -50,7 +55,9 @@ from vault.repo import Vault
 from vault.store.local import LocalStore
 from vault.writer import CycleWriter, DiskSpec
 
-STEPS = ("ingest", "restore", "check", "prune", "rebuild")
+STEPS = ("ingest", "restore", "check", "check-stream", "checkdata", "checkdata-stream",
+         "prune", "prune-stream", "rebuild", "rebuild-stream")
+DEFAULT_STEPS = tuple(s for s in STEPS if not s.startswith("checkdata"))
 POINT_BLOCKS = 100_000
 SMALL = 4096
 BS = 64 * 1024
@@ -156,10 +163,19 @@ async def step_restore(vdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     return {}
 
 
+def budget(args: argparse.Namespace) -> int | None:
+    """The memory budget of a ``-stream`` step; None (in memory) for the others."""
+    return args.memory_mib << 20 if args.child.endswith("-stream") else None
+
+
 async def step_check(vdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     from vault.check import check_vault
 
-    report = await check_vault(LocalStore(vdir / "vault"), km_of(vdir))
+    data = args.child.startswith("checkdata")
+    with ThreadPoolExecutor(2) as ex:
+        report = await check_vault(LocalStore(vdir / "vault"), km_of(vdir), read_data=data,
+                                   subset=1.0 if data else None, executor=ex,
+                                   memory=budget(args), temp_dir=vdir)
     return {"problems": len(report.problems)}
 
 
@@ -170,7 +186,7 @@ async def step_prune(vdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     vault = await Vault.open(LocalStore(vdir / "vault"), km_of(vdir))
     keep = Retention(1e6, 1e6, 1e6, 1e6)
     with ThreadPoolExecutor(2) as ex:
-        await prune(vault, keep, ex)
+        await prune(vault, keep, ex, memory=budget(args), temp_dir=vdir)
     await vault.close()
     return {}
 
@@ -179,13 +195,15 @@ async def step_rebuild(vdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     from vault.rebuild import rebuild_index
 
     vault = await Vault.open(LocalStore(vdir / "vault"), km_of(vdir))
-    report = await rebuild_index(vault)
+    report = await rebuild_index(vault, memory=budget(args))
     await vault.close()
     return {"packs": report.packs_indexed}
 
 
 STEP_FNS = {"ingest": step_ingest, "restore": step_restore, "check": step_check,
-            "prune": step_prune, "rebuild": step_rebuild}
+            "check-stream": step_check, "checkdata": step_check,
+            "checkdata-stream": step_check, "prune": step_prune, "prune-stream": step_prune,
+            "rebuild": step_rebuild, "rebuild-stream": step_rebuild}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -198,7 +216,8 @@ def child(args: argparse.Namespace) -> None:
 
 
 def run_step(step: str, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--child", step, "--vault-dir", args.vault_dir]
+    cmd = [sys.executable, __file__, "--child", step, "--vault-dir", args.vault_dir,
+           "--memory-mib", str(args.memory_mib)]
     if args.index_dir:
         cmd += ["--index-dir", args.index_dir, "--index-memory-mib", str(args.index_memory_mib)]
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
@@ -212,8 +231,11 @@ def main() -> None:
                     help="distinct blocks in the synthetic vault (default 1000000)")
     ap.add_argument("--vault-dir", help="where the vault is built and kept (default "
                     "benchmarks/work/memory-<blocks>)")
-    ap.add_argument("--steps", default=",".join(STEPS),
-                    help=f"comma-separated steps, from {', '.join(STEPS)} (default: all)")
+    ap.add_argument("--steps", default=",".join(DEFAULT_STEPS),
+                    help=f"comma-separated steps, from {', '.join(STEPS)} (default: all but "
+                         "checkdata and checkdata-stream)")
+    ap.add_argument("--memory-mib", type=int, default=256,
+                    help="the budget of the -stream steps (default 256)")
     ap.add_argument("--index-dir", help="use the on-disk index kept in this directory")
     ap.add_argument("--index-memory-mib", type=int, default=0,
                     help="with --index-dir: the in-memory index is used below this estimate")
@@ -240,15 +262,16 @@ def main() -> None:
     for s in steps:
         say(f"step {s}")
         results.append(run_step(s, args))
-    doc = {"vault": info, "index_dir": args.index_dir, "steps": results}
+    doc = {"vault": info, "index_dir": args.index_dir, "memory_mib": args.memory_mib,
+           "steps": results}
     if args.json:
         print(json.dumps(doc, indent=2))
         return
     print(f"vault: {info['blocks']} blocks, {info['points']} points, "
           f"{info['vault_bytes'] / 1e6:.0f} MB, built in {info['build_seconds']} s")
-    print(f"{'step':<10}{'seconds':>10}{'peak RSS MiB':>14}")
+    print(f"{'step':<18}{'seconds':>10}{'peak RSS MiB':>14}")
     for r in results:
-        print(f"{r['step']:<10}{r['seconds']:>10.2f}{r['peak_rss'] / 2**20:>14.0f}")
+        print(f"{r['step']:<18}{r['seconds']:>10.2f}{r['peak_rss'] / 2**20:>14.0f}")
 
 
 if __name__ == "__main__":

@@ -94,25 +94,48 @@ class MemoryListing:
 
 
 class DiskListing:
+    """Rows are appended to unkeyed tables as they come (in load order, cheap) and moved
+    into the keyed ones in one sorted pass (SQLite's external sort) before the first
+    question: inserting random ids into a B-tree one by one rewrites most of its pages
+    again and again once it outgrows the cache."""
+
     def __init__(self, path: Path, cache_bytes: int) -> None:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=OFF")  # a scratch file: never reopened
         self._db.execute("PRAGMA synchronous=OFF")
         self._db.execute(f"PRAGMA cache_size=-{max(cache_bytes >> 10, 1024)}")
         self._db.executescript("""
-            CREATE TABLE listed (pack TEXT NOT NULL, id BLOB NOT NULL, off INTEGER NOT NULL,
-                                 len INTEGER NOT NULL, PRIMARY KEY (pack, id, off, len))
-                WITHOUT ROWID;
+            CREATE TABLE listed_in (pack INTEGER, id BLOB, off INTEGER, len INTEGER);
+            CREATE TABLE listed (pack INTEGER NOT NULL, id BLOB NOT NULL,
+                                 off INTEGER NOT NULL, len INTEGER NOT NULL,
+                                 PRIMARY KEY (pack, id, off, len)) WITHOUT ROWID;
+            CREATE TABLE fps_in (id BLOB, fp BLOB);
             CREATE TABLE fps (id BLOB PRIMARY KEY, fp BLOB NOT NULL) WITHOUT ROWID;
         """)
+        self._pack_n: dict[str, int] = {}
         self._summary: dict[str, tuple[int, int]] = {}
+        self._fps_pending = False
 
     def add(self, pack_id: str, entries: list[PackEntry]) -> None:
-        self._db.executemany("INSERT OR IGNORE INTO listed VALUES (?, ?, ?, ?)",
-                             [(pack_id, e.block_id, e.offset, e.length) for e in entries])
+        n = self._pack_n.setdefault(pack_id, len(self._pack_n))
+        self._append("INSERT INTO listed_in VALUES (?, ?, ?, ?)",
+                     [(n, e.block_id, e.offset, e.length) for e in entries])
+
+    def _append(self, sql: str, rows: list[tuple[object, ...]]) -> None:
+        # One transaction: outside of one, every row would be a transaction of its own.
+        self._db.execute("BEGIN")
+        self._db.executemany(sql, rows)
+        self._db.execute("COMMIT")
 
     def finish(self) -> None:
-        self._summary = {p: (n, end) for p, n, end in self._db.execute(
+        db = self._db
+        db.execute("BEGIN")
+        db.execute("INSERT OR IGNORE INTO listed SELECT * FROM listed_in "
+                   "ORDER BY pack, id, off, len")
+        db.execute("DELETE FROM listed_in")
+        db.execute("COMMIT")
+        names = {n: p for p, n in self._pack_n.items()}
+        self._summary = {names[n]: (count, end) for n, count, end in db.execute(
             "SELECT pack, count(*), max(off + len) FROM listed GROUP BY pack")}
 
     def packs(self) -> list[str]:
@@ -125,18 +148,29 @@ class DiskListing:
         return self._summary.get(pack_id, (0, 0))
 
     def entries(self, pack_id: str) -> set[PackEntry]:
+        n = self._pack_n.get(pack_id)
+        if n is None:
+            return set()
         return {PackEntry(b, off, ln) for b, off, ln in self._db.execute(
-            "SELECT id, off, len FROM listed WHERE pack = ?", (pack_id,))}
+            "SELECT id, off, len FROM listed WHERE pack = ?", (n,))}
 
     def put_fps(self, fps: list[tuple[bytes, bytes]]) -> None:
-        self._db.executemany("INSERT OR REPLACE INTO fps VALUES (?, ?)", fps)
+        self._append("INSERT INTO fps_in VALUES (?, ?)", list(fps))
+        self._fps_pending = True
 
     def get_fps(self, block_ids: Iterable[bytes]) -> dict[bytes, bytes]:
+        db = self._db
+        if self._fps_pending:  # a later fingerprint of a block replaces an earlier one
+            db.execute("BEGIN")
+            db.execute("INSERT OR REPLACE INTO fps SELECT id, fp FROM fps_in ORDER BY id, rowid")
+            db.execute("DELETE FROM fps_in")
+            db.execute("COMMIT")
+            self._fps_pending = False
         ids = sorted(set(block_ids))
         out: dict[bytes, bytes] = {}
         for i in range(0, len(ids), _CHUNK):
             chunk = ids[i:i + _CHUNK]
-            out.update(self._db.execute(
+            out.update(db.execute(
                 "SELECT id, fp FROM fps WHERE id IN (" + ",".join("?" * len(chunk)) + ")",
                 chunk))
         return out
