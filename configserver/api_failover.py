@@ -105,6 +105,11 @@ ROUTES = [
           "agent writes onto its disks only the blocks that differ and verifies them, the "
           "recovered machine is removed; the item ends protected, replicating again as a "
           "delta on that point."),
+    _verb("reprotect", "Re-protect a failed-over item (the recovered machine into the vault)",
+          obj({}), "Queues Re-protect (from failed_over, committed or reprotected): the "
+          "recovered machine's disks, read on the host from the target, go into the vault "
+          "as a point of the item, a delta on the failover point (or the last re-protect's); "
+          "the item ends reprotected, direction reverse."),
     _verb("commit", "Commit a failover", obj({}),
           "Queues Commit: the item's remaining recovery points are deleted from the vault "
           "and the catalog; the item ends committed."),

@@ -113,7 +113,9 @@ def kinds(deps: FailoverDeps) -> tuple[JobKind, ...]:
     async def done(ctx: StepContext) -> str:
         rec, _ = await read(ctx, FAILOVER)
         fb = {**(rec.get(FAILBACK) or {}), "ended": ctx.core.clock(), "result": "succeeded"}
-        await record(ctx, FAILOVER, state=ItemState.PROTECTED, failback=fb)
+        more = {"reprotect": {**rec["reprotect"], "ended": fb["ended"]}} \
+            if rec.get("reprotect") else {}
+        await record(ctx, FAILOVER, state=ItemState.PROTECTED, failback=fb, **more)
         return (f"failed back onto {ctx.target}; replication resumes from point "
                 f"{str(fb.get('point'))[:16]} (a delta, no initial copy)")
 

@@ -38,7 +38,9 @@ ALLOWED: dict[str, tuple[str, tuple[ItemState, ...], ItemState | None]] = {
     "change-recovery-point": ("change_recovery_point", (S.FAILED_OVER, S.FAILOVER_IN_PROGRESS),
                               S.FAILOVER_IN_PROGRESS),
     "commit": ("commit_failover", (S.FAILED_OVER,), None),
-    "failback": ("failback", (S.FAILED_OVER, S.COMMITTED), S.FAILBACK_IN_PROGRESS),
+    "failback": ("failback", (S.FAILED_OVER, S.COMMITTED, S.REPROTECTED),
+                 S.FAILBACK_IN_PROGRESS),
+    "reprotect": ("reprotect", (S.FAILED_OVER, S.COMMITTED, S.REPROTECTED), None),
 }
 HINTS = {
     S.TEST_FAILOVER_IN_PROGRESS: "wait for the test failover to end",

@@ -41,6 +41,7 @@ class ItemState(StrEnum):
     FAILED_OVER = "failed_over"                  # the machine runs on the target; commit next
     COMMITTED = "committed"                      # failover committed; the points are gone
     FAILBACK_IN_PROGRESS = "failback_in_progress"  # Failback: back onto the original machine
+    REPROTECTED = "reprotected"                  # the recovered machine is in the vault
 
 
 STATE_TITLES = {
@@ -57,6 +58,7 @@ STATE_TITLES = {
     ItemState.FAILED_OVER: "Failed over",
     ItemState.COMMITTED: "Failover committed",
     ItemState.FAILBACK_IN_PROGRESS: "Failback in progress",
+    ItemState.REPROTECTED: "Re-protected: the recovered machine replicates to the vault",
 }
 # States in which Enable protection/Finalize protection still own the item.
 ENABLING_STATES = (ItemState.ENABLING, ItemState.INITIAL_REPLICATION)
@@ -66,7 +68,7 @@ REPLICATING_STATES = (ItemState.ENABLING, ItemState.INITIAL_REPLICATION, ItemSta
                       ItemState.TEST_FAILOVER_IN_PROGRESS, ItemState.TEST_FAILOVER_DONE)
 # States a failover owns: the agent no longer replicates, progress reports change nothing.
 FAILOVER_STATES = (ItemState.FAILOVER_IN_PROGRESS, ItemState.FAILED_OVER, ItemState.COMMITTED,
-                   ItemState.FAILBACK_IN_PROGRESS)
+                   ItemState.FAILBACK_IN_PROGRESS, ItemState.REPROTECTED)
 # A drill: replication goes on, but a progress report does not move the state (the drill's
 # jobs own it until Cleanup test failover).
 DRILL_STATES = (ItemState.TEST_FAILOVER_IN_PROGRESS, ItemState.TEST_FAILOVER_DONE)
@@ -105,6 +107,10 @@ ITEM = obj({
         "age_days": {"type": "number", "minimum": 0},
     }, ["time", "job", "point", "rto_seconds", "age_days"])),
     "agent": AGENT,  # items list/show only (configserver/agentversion.py)
+    "direction": nullable({"enum": ["forward", "reverse"], "description": (
+        "what replicates into the vault: forward, the protected machine; reverse, the "
+        "recovered machine after a re-protect; null: nothing (failed over, committed, a "
+        "failback under way)")}),
 }, ["machine", "policy", "state", "state_description", "health", "health_errors",
     "initial_progress", "resync_progress", "disks", "rpo_seconds", "rpo_threshold_seconds",
     "latest_point", "latest_point_time", "latest_app_point", "latest_app_point_time",
@@ -167,6 +173,8 @@ def item_doc(item: db.ReplicatedItem, policy: db.Policy | None, now: float) -> d
         "created": iso(item.created), "updated": iso(item.updated),
         "recovery": RecoverySettings.stored(item.recovery).doc(item.machine),
         "last_drill": item.last_drill, "failover": item.failover,
+        "direction": "reverse" if state is ItemState.REPROTECTED
+        else "forward" if state in REPLICATING_STATES else None,
         "last_successful_drill": None if good is None else {
             "time": iso(good["ended"]), "job": good["job"], "point": good["point"],
             "rto_seconds": good["rto_seconds"],

@@ -23,6 +23,7 @@ from configserver import (
     planjobs,
     pshealth,
     replication,
+    reprotect,
     verifyjob,
 )
 from configserver.config import ConfigServerConfig
@@ -39,7 +40,7 @@ log = structlog.get_logger("configserver")
 
 def kinds(deps: FailoverDeps) -> Mapping[str, JobKind]:
     return by_name((*replication.KINDS, *failover.kinds(deps), *failback.kinds(deps),
-                    *verifyjob.KINDS,
+                    *reprotect.kinds(deps), *verifyjob.KINDS,
                     *gcjob.KINDS, *installjob.KINDS, *planjobs.KINDS, *pshealth.KINDS))
 
 

@@ -53,6 +53,10 @@ async def cmd_commit(args: argparse.Namespace) -> int:
     return await _start(args, "commit", {})
 
 
+async def cmd_reprotect(args: argparse.Namespace) -> int:
+    return await _start(args, "reprotect", {})
+
+
 async def cmd_failback(args: argparse.Namespace) -> int:
     return await _start(args, "failback", {"timeout_seconds": args.agent_timeout})
 
@@ -126,7 +130,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             ("commit", cmd_commit, "commit a failover: its recovery points are deleted",
              None),
             ("failback", cmd_failback, "fail back onto the original machine: its agent "
-                                       "writes only the blocks that differ", None)):
+                                       "writes only the blocks that differ", None),
+            ("reprotect", cmd_reprotect, "replicate the recovered machine into the vault "
+                                         "(a delta on the failover point)", None)):
         v = fsub.add_parser(name, help=help_)
         v.add_argument("machine")
         if extra is not None:

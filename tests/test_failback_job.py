@@ -11,7 +11,10 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,7 +22,7 @@ from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiCallError, ApiClient
 from tests.backends import missing_backend
 from tests.helpers import open_vault
-from tests.managedsite import managed_site
+from tests.managedsite import Site, managed_site
 from tests.sitehelpers import next_job, step, step_running, wait_job
 from vault.regkey import make_key
 
@@ -59,12 +62,11 @@ def _differing(a: bytes, b: bytes, bs: int) -> int:
     return sum(a[o:o + bs] != b[o:o + bs] for o in range(0, len(a), bs))
 
 
-@pytest.mark.parametrize("commit", [False, True], ids=["failed_over", "committed"])
-async def test_failback_writes_only_the_differences_and_replication_resumes(
-        cs: ConfigServer, api: ApiClient, tmp_path: Path, commit: bool) -> None:
-    """From failed_over the recovered disks go into the vault as a delta on the failover
-    point; once committed (the points are gone) whole: the agent writes the same
-    differences either way."""
+@asynccontextmanager
+async def failed_over(cs: ConfigServer, api: ApiClient, tmp_path: Path
+                      ) -> AsyncIterator[tuple[Site, Path]]:
+    """web01 protected by its managed agent (one initial copy), then failed over onto the
+    folder target; the site and the recovered machine's image."""
     for tool in ("mkfs.ext4", "debugfs", "e2fsck"):
         if shutil.which(tool) is None:
             missing_backend(tool, "tests/run.sh installs e2fsprogs")
@@ -84,18 +86,32 @@ async def test_failback_writes_only_the_differences_and_replication_resumes(
         assert (await wait_job(api, fin["id"]))["state"] == "succeeded"
         assert site.managed.last is not None
         await site.ps.wait_point(site.managed.last.cycle)
-        with pytest.raises(ApiCallError) as refused:  # not failed over
-            await api.post("/api/v1/items/web01/failback", {})
-        assert refused.value.status == 409
-
+        for verb in ("failback", "reprotect"):  # not failed over
+            with pytest.raises(ApiCallError) as refused:
+                await api.post(f"/api/v1/items/web01/{verb}", {})
+            assert refused.value.status == 409
         done = await wait_job(api, (await api.post("/api/v1/items/web01/failover", {
             "point": "latest"}))["job"]["id"], timeout=120)
         assert done["state"] == "succeeded", done
-        recovered = Path(cs.cfg.data_dir) / "recovered" / "web01" / "sda.img"
+        yield site, Path(cs.cfg.data_dir) / "recovered" / "web01" / "sda.img"
+
+
+async def _run(api: ApiClient, verb: str) -> dict[str, Any]:
+    done = await wait_job(api, (await api.post(f"/api/v1/items/web01/{verb}", {}))[
+        "job"]["id"], timeout=120)
+    assert done["state"] == "succeeded", done
+    return done
+
+
+@pytest.mark.parametrize("commit", [False, True], ids=["failed_over", "committed"])
+async def test_failback_writes_only_the_differences_and_replication_resumes(
+        cs: ConfigServer, api: ApiClient, tmp_path: Path, commit: bool) -> None:
+    """From failed_over the recovered disks go into the vault as a delta on the failover
+    point; once committed (the points are gone) whole: the agent writes the same
+    differences either way."""
+    async with failed_over(cs, api, tmp_path) as (site, recovered):
         if commit:
-            done = await wait_job(api, (await api.post("/api/v1/items/web01/commit", {}))[
-                "job"]["id"], timeout=120)
-            assert done["state"] == "succeeded", done
+            await _run(api, "commit")
         # Business goes on on the recovered machine; the original lies stale.
         orders = os.urandom(700_000)
         _write(recovered, "orders.db", orders)
@@ -134,3 +150,47 @@ async def test_failback_writes_only_the_differences_and_replication_resumes(
         assert await site.managed.round()
         last = site.managed.last
         assert last is not None and (last.kind, last.blocks_sent) == ("delta", 0)
+
+
+async def test_reprotect_takes_deltas_and_failback_starts_from_the_newest(
+        cs: ConfigServer, api: ApiClient, tmp_path: Path) -> None:
+    """Re-protect stores the recovered machine's writes since the failover point (not a
+    full copy), then since its own last point; failback then writes only the blocks the
+    original machine lacks."""
+    async with failed_over(cs, api, tmp_path) as (site, recovered):
+        bs = (await api.get("/api/v1/policies/default"))["block_size"]
+        assert (await api.get("/api/v1/items/web01"))["direction"] is None
+        at_failover = recovered.read_bytes()
+        _write(recovered, "orders.db", os.urandom(400_000))
+        first = _differing(at_failover, recovered.read_bytes(), bs)
+        done = await _run(api, "reprotect")
+        item = await api.get("/api/v1/items/web01")
+        fo = item["failover"]
+        assert (item["state"], item["direction"]) == ("reprotected", "reverse")
+        assert f"{first} block(s) stored as a delta on point {fo['point']}" in step(
+            done, "take")["message"]
+        rp = fo["reprotect"]
+        assert (rp["points"], rp["last_blocks_stored"], rp["last_full"]) == (1, first, False)
+
+        before = recovered.read_bytes()
+        _write(recovered, "more.db", os.urandom(200_000))
+        second = _differing(before, recovered.read_bytes(), bs)
+        done = await _run(api, "reprotect")
+        assert (f"{second} block(s) stored as a delta on point {rp['last_point']}"
+                in step(done, "take")["message"])
+        last = (await api.get("/api/v1/items/web01"))["failover"]["reprotect"]["last_point"]
+
+        want = recovered.read_bytes()
+        expected = _differing(site.disk.read_bytes(), want, bs)
+        job = (await api.post("/api/v1/items/web01/failback", {}))["job"]
+        await wait_job(api, job["id"], step_running("write_back"), timeout=120)
+        assert not await site.managed.round()
+        done = await wait_job(api, job["id"], timeout=120)
+        assert done["state"] == "succeeded", done
+        assert f"0 block(s) stored as a delta on point {last}" in step(
+            done, "take_disks")["message"]  # nothing written since the last re-protect
+        assert f"{expected} of " in step(done, "write_back")["message"]
+        assert site.disk.read_bytes() == want
+        item = await api.get("/api/v1/items/web01")
+        assert (item["state"], item["direction"]) == ("protected", "forward")
+        assert item["failover"]["reprotect"]["ended"] is not None

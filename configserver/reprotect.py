@@ -1,0 +1,75 @@
+"""Re-protect: the recovered machine replicated into the same vault, as a new direction
+of the same item, without a full copy.
+
+``POST /api/v1/items/{machine}/reprotect`` (from ``failed_over``, ``committed`` or
+``reprotected``) queues the Re-protect job: the recovered machine's disks, read on the
+host from the target (the folder target's raw images, ``configserver/recoveredpoint.py``),
+are written into the vault as a point of the machine — a delta on the failover point
+the recovered machine started from (or on the last point a re-protect took), so the
+first cycle costs the blocks written since, not a full copy; whole only after a commit
+deleted the failover's points. The item ends ``reprotected``, its ``direction``
+``reverse``; each further Re-protect takes the next delta, and Failback starts from the
+newest, so what it still has to take is small.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from configserver import db
+from configserver.itemrecord import FAILOVER, read, record
+from configserver.items import ItemState
+from configserver.jobdefs import JobKind, JobRun, Step
+from configserver.jobs import StepContext
+from configserver.recoveredpoint import recovered_images, take_point
+from configserver.recoverysteps import FailoverDeps
+
+REPROTECT = "reprotect"  # the reverse direction's record, inside the item's failover record
+
+
+def kinds(deps: FailoverDeps) -> tuple[JobKind, ...]:
+    """The Re-protect job kind (``deps`` for symmetry with the other recoveries)."""
+
+    async def prerequisites(ctx: StepContext) -> str:
+        rec, _ = await read(ctx, FAILOVER)
+        images = recovered_images(rec)
+        return ("the recovered machine's disks, read on the host: "
+                + ", ".join(f"{d.name} ({d.path})" for d in images))
+
+    async def take(ctx: StepContext) -> str:
+        rec, _ = await read(ctx, FAILOVER)
+        rp = dict(rec.get(REPROTECT) or {})
+        if rp.get("last_job") == ctx.job.id:
+            return f"taken before: point {rp.get('last_point')}"
+        made, base = await take_point(ctx, rec, "reprotect")
+        now = ctx.core.clock()
+        rp.update(direction="reverse", started=rp.get("started") or now, last_job=ctx.job.id,
+                  last_point=made.point.id, last_blocks_stored=made.blocks_stored,
+                  last_full=made.full, points=int(rp.get("points") or 0) + 1, updated=now,
+                  ended=None)
+        await record(ctx, FAILOVER, reprotect=rp)
+        how = "whole (the failover point is gone: the first re-protect after a commit)" \
+            if base is None else f"as a delta on point {base.id}"
+        return (f"point {made.point.id}: {made.blocks_stored} block(s) stored {how}")
+
+    async def done(ctx: StepContext) -> str:
+        await record(ctx, FAILOVER, state=ItemState.REPROTECTED)
+        return "re-protected: the recovered machine's disks are in the vault (direction reverse)"
+
+    return (JobKind("reprotect", "Re-protect", (
+        Step("prerequisites", "Prerequisites check", prerequisites),
+        Step("take", "Replicate the recovered machine's disks", take),
+        Step("record", "Record the re-protect", done)), on_end=_on_end),)
+
+
+async def _on_end(s: AsyncSession, job: JobRun, state: str) -> None:
+    """A Re-protect that did not succeed leaves the item as it found it."""
+    if state == "succeeded":
+        return
+    item = await s.get(db.ReplicatedItem, job.target)
+    if item is None:
+        return
+    before = str(job.params.get("from_state"))
+    if before in set(ItemState):
+        item.state = ItemState(before)
+        item.updated = job.updated
