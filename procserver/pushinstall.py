@@ -31,6 +31,7 @@ from pathlib import Path
 import asyncssh
 
 DEFAULT_PREFIX = "/opt/siterecovery-agent"
+UPLOADS = "/var/tmp/siterecovery-agent.????????"  # mktemp's uploads
 
 
 class InstallFailed(Exception):
@@ -55,6 +56,9 @@ async def install(conn: asyncssh.SSHClientConnection, bundle: Path, *, sudo: str
     changing anything when the interpreter or a checksum does not fit)."""
     stdin = password + "\n" if sudo.startswith("sudo -S") else None
     before = await listed(conn, DEFAULT_PREFIX)
+    # An upload a process server killed mid-install left behind (one install per machine
+    # at a time: no other is using it).
+    await conn.run(_as_root(sudo, f"rm -rf {UPLOADS}"), input=stdin, check=False)
     made = await conn.run("mktemp -d /var/tmp/siterecovery-agent.XXXXXXXX", check=False)
     upload = str(made.stdout).strip()
     if made.exit_status != 0 or not upload.startswith("/var/tmp/"):
@@ -227,6 +231,13 @@ async def enroll(conn: asyncssh.SSHClientConnection, *, machine: str, sign: Sign
 
     fresh = (await conn.run(_as_root(sudo, f"test -d {d}"), input=pw or None,
                             check=False)).exit_status != 0
+    # Listed before they are made, so an enrollment cut short (a process server killed)
+    # leaves nothing uninstall would miss; a run again adds no line twice.
+    paths = [f"{conf_dir}/{f}" for f in ("agent.key", "agent.pem", "ca.pem", "mobility.toml")]
+    paths += [state_dir] + ([conf_dir] if fresh else [])
+    have = await listed(conn, prefix)
+    if new := [p for p in paths if p not in have]:
+        await root(f"cat >> {q(prefix)}/INSTALLED", "".join(f"{p}\n" for p in new))
     csr = await root(f"{agent} csr --dir {d} --machine {q(machine)}")
     cert, ca = await sign(csr.encode())
     for name, pem in (("agent.pem", cert), ("ca.pem", ca)):
@@ -236,7 +247,4 @@ async def enroll(conn: asyncssh.SSHClientConnection, *, machine: str, sign: Sign
     config = (await root(f"{agent} configure --dir {d} --machine {q(machine)} "
                          f"--server {q(server)} --site {q(site_url)} "
                          f"--state-dir {q(state_dir)} {disk_args}")).strip()
-    listed = [f"{conf_dir}/{f}" for f in ("agent.key", "agent.pem", "ca.pem", "mobility.toml")]
-    listed += [state_dir] + ([conf_dir] if fresh else [])
-    await root(f"cat >> {q(prefix)}/INSTALLED", "".join(f"{p}\n" for p in listed))
     return config

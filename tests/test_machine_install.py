@@ -15,9 +15,14 @@ byte-exact too); uninstall removes every file it installed (the machine's own di
 stays) and revokes the agent's certificate; a changed host key (or one the operator's
 known_hosts pins) refuses the install with both fingerprints, before anything is written;
 so do a refused account and a process server without a bundle, each with its own message.
-Then Enable protection of the machine, which has an account and no agent, pushes the
-agent itself (a failed push fails the job with the install's message) and the item
-becomes protected; enabled again, the agent it finds up to date is not reinstalled.
+An OS other than the inventory's is refused the same way. Then web01's account becomes
+alice's, who is not root: without sudo the push stops at the privileges check before
+anything is copied; with sudo (her password), Enable protection of the machine, which
+has an account and no agent, pushes the agent itself (a failed push fails the job with
+the install's message) and the item becomes protected; enabled again, the agent it finds
+up to date is not reinstalled; an agent older than its process server is upgraded by
+Enable protection and keeps its maps (the next cycle a delta, restored byte-exact). The
+unit the install wrote passes systemd-analyze verify (this target has no systemd).
 """
 
 from __future__ import annotations
@@ -51,10 +56,11 @@ from tests.backends import missing_backend
 from tests.helpers import REPO, make_vault, open_vault, restore_all, sha256
 from tests.sitehelpers import AgentSite, step, wait_job
 from tests.sshd import HOST_ADDR, Sshd, agent_bundle, missing
+from tests.test_deploy import systemd_analyze, verify_problems
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-ROOT_PW = "root-secret-3"
+ROOT_PW, ALICE_PW = "root-secret-3", "alice-secret-4"
 AGENT = "/opt/siterecovery-agent/bin/siterecovery-agent"
 
 
@@ -75,7 +81,7 @@ async def site(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Site]:
         missing_backend("a real sshd", why)
     tmp = tmp_path_factory.mktemp("install")
     bundle = agent_bundle(tmp_path_factory)
-    async with Sshd(tmp / "sshd", passwords={"root": ROOT_PW}) as sshd:
+    async with Sshd(tmp / "sshd", passwords={"root": ROOT_PW, "alice": ALICE_PW}) as sshd:
         # The agent on the target reaches both servers at the host's end of its link; the
         # site port is a fixed one, so the site URL Enable protection gives a pushed agent
         # (site_names and site_port) is the listener's.
@@ -224,13 +230,14 @@ def _received(s: Site) -> float:
         "siterecovery_procserver_received_bytes_total") or 0.0
 
 
-async def _new_point(s: Site, old: str | None) -> str:
+async def _new_point(s: Site, old: str | None, protected: bool = True) -> str:
     """The item's latest point once it is not ``old`` (and the item protected)."""
     try:
         async with asyncio.timeout(90), s.cs.changed:
             while True:
                 item = await s.api.get("/api/v1/items/web01")
-                if item["state"] == "protected" and item["latest_point"] not in (None, old):
+                if (item["state"] == "protected" or not protected) and \
+                        item["latest_point"] not in (None, old):
                     return str(item["latest_point"])
                 await s.cs.changed.wait()
     except TimeoutError:
@@ -422,6 +429,43 @@ async def test_a_refused_account_or_no_bundle_fails_the_prerequisites_and_change
     assert f"siterecovery agent bundle --output {bundle}" in job["error"]
 
 
+async def test_an_os_other_than_the_inventory_says_is_refused_before_anything_is_copied(
+        site: Site) -> None:
+    await site.api.patch("/api/v1/machines/web01", {"os_version": "11"})
+    try:
+        job = (await site.api.post("/api/v1/machines/web01/install", {}))["job"]
+        job = await wait_job(site.api, job["id"], timeout=60)
+    finally:
+        await site.api.patch("/api/v1/machines/web01", {"os_version": "12"})
+    assert job["state"] == "failed" and job["error"].startswith(
+        f"Prerequisites on the machine: os: {site.sshd.host} runs Debian GNU/Linux 12"), job
+    assert "the inventory says debian 11, the machine runs 12" in job["error"]
+    assert "hint: protect machines of the support matrix only" in job["error"]
+    assert site.sshd.files() == [DISK.lstrip("/")]
+
+
+async def test_an_account_without_sudo_is_refused_before_anything_is_copied(
+        site: Site) -> None:
+    """From here on web01's account is alice's, who is not root: without sudo the push
+    stops at the privileges check, with nothing written on the machine."""
+    if shutil.which("sudo") is None:
+        missing_backend("sudo", "sudo is not installed (apt-get install sudo)")
+    await site.api.post("/api/v1/accounts", {"name": "alicepw", "username": "alice",
+                                             "kind": "password", "secret": ALICE_PW})
+    await site.api.patch("/api/v1/machines/web01", {"account": "alicepw"})
+    before = site.sshd.files()
+    job = (await site.api.post("/api/v1/machines/web01/install", {}))["job"]
+    job = await wait_job(site.api, job["id"], timeout=60)
+    assert job["state"] == "failed" and job["error"].startswith(
+        "Prerequisites on the machine: privileges: the account 'alice' is not root and may "
+        "not use sudo"), job
+    assert "hint: use root, or give the account sudo rights" in job["error"]
+    assert [s["state"] for s in job["steps"]][1:] == ["failed"] + ["skipped"] * 4
+    assert site.sshd.files() == before
+    assert "siterecovery-agent." not in await _ssh(site, "ls -A /var/tmp")  # no upload
+    site.sshd.sudoers("alice ALL=(ALL) ALL")  # sudo with her password, for what follows
+
+
 async def _enable(s: Site) -> dict[str, Any]:
     """Replication of web01 enabled anew (disabled first); the Enable protection job."""
     if (await s.api.get("/api/v1/machines/web01"))["replication"] is not None:
@@ -462,6 +506,7 @@ async def test_enable_protection_pushes_the_agent_and_the_item_becomes_protected
     assert job["state"] == "succeeded", job
     lines = step(job, "prepare_agent")["message"].split("\n")
     assert lines[0] == "push install of the agent by its process server"
+    assert "authentication: alice; sftp: enabled; privileges: sudo" in lines[1]  # not root
     assert [line.split(": ")[0] for line in lines[1:5]] == [
         "Prerequisites on the machine", "Copy and install the agent bundle",
         "Enroll the agent (its key made on the machine)", "Start the agent"]
@@ -490,3 +535,75 @@ async def test_enable_protection_again_does_not_reinstall_a_current_agent(
     assert after == before
     certs = (await site.api.get("/api/v1/certificates", subject="web01"))["certificates"]
     assert sorted(c["state"] for c in certs) == ["revoked", "valid"]  # no new enrollment
+
+
+async def _wait_machine(s: Site, until: Any, what: str) -> None:
+    try:
+        async with asyncio.timeout(90), s.cs.changed:
+            while not until(await s.api.get("/api/v1/machines/web01")):
+                await s.cs.changed.wait()
+    except TimeoutError:
+        raise AssertionError(f"no {what} within 90 s") from None
+
+
+async def test_enable_protection_upgrades_an_older_agent_and_keeps_its_maps(
+        site: Site, tmp_path: Path) -> None:
+    """web01's agent reports 0.0.9 (the previous version: its installed manifest and
+    version say so), older than its process server: Enable protection pushes an upgrade
+    (through sudo: the account is alice's) that replaces the program and keeps the
+    agent's key, config and state, so the next cycle is a delta; restored byte-exact."""
+    old = "0.0.9"
+    await _ssh(site, f"cd /opt/siterecovery-agent && sed -i 's/\"agent_version\": \"[^\"]*\"/"
+                     f"\"agent_version\": \"{old}\"/' MANIFEST.json && sed -i 's/^AGENT_VERSION = "
+                     f"\"[^\"]*\"/AGENT_VERSION = \"{old}\"/' lib/mobility/__init__.py")
+    latest = (await site.api.get("/api/v1/items/web01"))["latest_point"]
+    await _restart_agent(site)
+    await _wait_machine(site, lambda m: m["agent_version"] == old, "the old agent's heartbeat")
+    item = await site.api.get("/api/v1/items/web01")
+    assert item["agent"]["outdated"] is True, item["agent"]
+    # the old agent's own cycle at its start, so the next point is the upgraded one's
+    before, received = await _new_point(site, latest, protected=False), _received(site)
+    await _ssh(site, f"dd if=/dev/urandom of={DISK} bs=64K count=1 seek=9 conv=notrunc")
+    key = (site.sshd.root / "etc/siterecovery/agent.key").read_bytes()
+    job = await _enable(site)
+    job = await wait_job(site.api, job["id"], lambda j: "waiting for the Mobility agent to "
+                         "check in" in step(j, "prepare_agent")["message"]
+                         or j["state"] not in ("queued", "running"), timeout=120)
+    assert job["state"] == "running", job
+    await _restart_agent(site)  # as the step says (no systemd here)
+    job = await wait_job(site.api, job["id"], lambda j: step(j, "prepare_agent")["state"]
+                         != "running", timeout=120)
+    assert step(job, "prepare_agent")["state"] == "succeeded", job
+    lines = step(job, "prepare_agent")["message"].split("\n")
+    assert lines[0] == "push upgrade of the agent by its process server", lines
+    assert "privileges: sudo" in lines[1]
+    assert f"{old} -> installed siterecovery agent " in lines[2]
+    assert "already enrolled: its key, certificate and config are kept" in lines[3]
+    assert "restart it: its files changed" in lines[4]
+    # (the check-in counted may be the old process's, if it heartbeated before it was
+    # restarted: no systemd here to restart it)
+    await _wait_machine(site, lambda m: m["agent_version"] != old, "the new agent's heartbeat")
+    assert not (await site.api.get("/api/v1/items/web01"))["agent"]["outdated"]
+    assert (site.sshd.root / "etc/siterecovery/agent.key").read_bytes() == key
+    point = await _new_point(site, before, protected=False)
+    assert _received(site) - received < DISK_BYTES / 2  # a delta: the maps were kept
+    await _restores_to_the_disk(site, point, tmp_path)
+    # Its Enable protection job stays in Initial replication: a delta reports no copy
+    # progress. Disabling replication ends it.
+    off = (await site.api.post("/api/v1/replication/disable", {"machine": "web01"}))["job"]
+    assert (await wait_job(site.api, off["id"]))["state"] == "succeeded"
+
+
+async def test_the_installed_unit_passes_systemd_analyze_verify(site: Site,
+                                                                tmp_path: Path) -> None:
+    """The systemd branch cannot run on this target (no systemd in its namespace): the
+    unit the install wrote is checked with systemd-analyze verify, ExecStart pointing at
+    the launcher the install wrote (verify needs the binary where it runs)."""
+    exe = systemd_analyze()
+    installed = site.sshd.root / "etc/systemd/system/siterecovery-agent.service"
+    text = installed.read_text()
+    start = f"ExecStart={AGENT} run --config /etc/siterecovery/mobility.toml"
+    assert start in text and "WantedBy=multi-user.target" in text
+    unit = tmp_path / installed.name
+    unit.write_text(text.replace(f"ExecStart={AGENT}", f"ExecStart={site.sshd.root}{AGENT}"))
+    assert verify_problems(exe, unit) == []
