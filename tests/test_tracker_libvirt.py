@@ -8,11 +8,13 @@ the same writes to a reference image. The agent on the host protects the domain 
 NBD. Every point is restored from the vault and compared byte for byte with the
 reference; a cycle reads only the blocks written since the last one (nothing for an
 unchanged disk); a checkpoint deleted behind the agent's back costs one counted full
-read, never a wrong point.
+read, never a wrong point; a restarted agent goes on from the checkpoints, and a
+verification scan reads the disk whole.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 import subprocess
@@ -153,5 +155,19 @@ async def test_only_blocks_written_inside_qemu_are_read_and_every_point_is_exact
         assert (r.tracking, r.fallbacks, r.bytes_read) == ({"vda": "libvirt"}, {}, BS)
         # The base's checkpoint and this cycle's: older ones went at this hold.
         assert len(virsh(guest.uri, "checkpoint-list", guest.name, "--name").split()) == 2
+    finally:
+        agent.close()
+
+    # A new agent on the same state goes on from the checkpoints (they live in the
+    # images, the mapping in the state directory); due for a verification scan, it
+    # reads the disk whole and finds nothing the bitmap missed.
+    cfg = dataclasses.replace(cfg, tracker_verify_hours=1e-9)
+    agent = Agent(cfg)
+    try:
+        guest.write(0x55, 40 << 20, 3 * BS)
+        r = await cycle(agent, procserver, tmp_path, key, guest)
+        assert (r.kind, r.tracking, r.fallbacks, r.missed) == (
+            "delta", {"vda": "libvirt"}, {}, {"vda": 0})
+        assert r.bytes_read >= 4 << 20 and r.blocks_sent == 3
     finally:
         agent.close()
