@@ -27,6 +27,7 @@ from tests.helpers import (
     sha256,
     write_toml,
 )
+from wire.protocol import MAX_FETCH, FrameType, encode_json
 
 SIZE = 16 << 20
 SHORT = (1 << 20) + 4321  # a short last block
@@ -112,3 +113,44 @@ async def test_failback_by_the_cli_and_what_it_refuses(
     assert out["blocks_written"] == _differing(original, damaged) > 0
     assert disk.read_bytes() == original
 
+
+
+async def test_fetch_serves_the_point_and_refuses_what_it_cannot(
+        tmp_path: Path, pki: Pki, procserver: ProcServer) -> None:
+    disk = tmp_path / "d.img"
+    make_disk(disk, 1 << 20, seed=31)
+    agent = make_agent(agent_config(tmp_path, pki, "app01", procserver.port, {"sda": disk}))
+    try:
+        r1 = await agent.replicate_once()
+        p1 = await procserver.wait_point(r1.cycle, timeout=60)
+        link = await agent._connect_retrying()
+        try:
+            # Another machine's point, or none: refused, and the session goes on.
+            link.send(encode_json(FrameType.FETCH, {"point": "0" * 64, "disk": "sda",
+                                                    "blocks": [0]}))
+            err = await link.recv(30)
+            assert err.type == FrameType.ERROR and err.json()["code"] == "no_point"
+            link.send(encode_json(FrameType.FETCH, {"point": p1, "disk": "sda",
+                                                    "blocks": [3, 0]}))
+            got = [(await link.recv(30)).block() for _ in range(2)]
+            assert [(n, bytes(d)) for _, n, d in got] == [
+                (n, disk.read_bytes()[n * BLOCK:(n + 1) * BLOCK]) for n in (3, 0)]
+            end = await link.recv(30)
+            assert end.type == FrameType.FETCH and end.json()["blocks"] == 2
+        finally:
+            await link.close()
+        for bad in ({"point": p1, "disk": "sda", "blocks": []},
+                    {"point": p1, "disk": "sda", "blocks": [-1]},
+                    {"point": p1, "disk": "sda", "blocks": [True]},
+                    {"point": p1, "disk": "sda", "blocks": list(range(MAX_FETCH + 1))},
+                    {"point": p1, "disk": "sda", "blocks": [16]},  # past the disk
+                    {"point": p1, "blocks": [0]}):
+            link = await agent._connect_retrying()
+            try:
+                link.send(encode_json(FrameType.FETCH, bad))
+                err = await link.recv(30)
+                assert err.type == FrameType.ERROR and err.json()["code"] == "bad_fetch", bad
+            finally:
+                await link.close()
+    finally:
+        agent.close()
