@@ -24,6 +24,7 @@ from vault.check import check_vault
 from vault.extsort import SortedSet
 from vault.index import Index
 from vault.indexdb import DiskIndex
+from vault.indexopen import open_block_index
 from vault.keyslots import KeyMaterial, new_keyfile, read_keyfile
 from vault.point import Point
 from vault.prune import PruneReport, prune
@@ -31,7 +32,7 @@ from vault.rebuild import rebuild_index
 from vault.repo import Vault
 from vault.retention import Retention
 from vault.store.local import LocalStore
-from vault.writer import CycleWriter, DiskSpec
+from vault.writer import CycleWriter, DiskSpec, MissingBlocksError
 
 BS = 64 * 1024
 NBLOCKS = 160
@@ -288,3 +289,47 @@ def test_verbs_take_a_memory_budget(built: tuple[Path, dict[str, str]], tmp_path
     with pytest.raises(SystemExit) as exc:
         main(["check", *vault, "--memory-mib", "-1"])
     assert exc.value.code == 2 and "not a budget in MiB" in capsys.readouterr().err
+
+
+# -- the writer's dedup lookups -------------------------------------------------------------
+
+async def test_writer_dedups_and_checks_its_maps_in_batches(
+        built: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    root, _ = built
+    r = _copy(root, tmp_path / "v")
+    vault = await _open(r)
+    index = await open_block_index(vault, index_dir=tmp_path / "idx", memory=0)
+    try:
+        assert isinstance(index, DiskIndex)
+        old = (await vault.list_points())[-1]
+        known = (await vault.resolve_map(old, "d0")).blocks  # block number -> id
+        olddata = {}
+        for n, bid in known.items():
+            olddata[n] = await vault.read_block(bid, index)
+        rng = random.Random(7)
+        new = {n: _block(rng) for n in range(NBLOCKS) if n not in known}
+        disk = {**olddata, **new, 0: olddata[min(olddata)]}  # block 0 repeats a known one
+        with ThreadPoolExecutor(2) as ex:
+            w = CycleWriter(vault, index, ex, machine="m3", cycle="c0",
+                            disks=[DiskSpec("d0", NBLOCKS * BS, BS)], full=True, base=None)
+            items = sorted(disk.items())
+            for i in range(0, len(items), 7):
+                await w.add([(0, n, b) for n, b in items[i:i + 7]])
+            digest = DiskDigest()
+            for n in range(NBLOCKS):
+                digest.update(fingerprint(disk.get(n, bytes(BS))))
+            point = await w.finish({"d0": digest.hexdigest()}, CRASH)
+            assert w.logical_bytes == len(new) * BS  # the known blocks were not stored again
+            image = hashlib.sha256(b"".join(disk.get(n, bytes(BS)) for n in range(NBLOCKS)))
+            assert await restore_all(vault, point, tmp_path / "out") == {
+                "d0": image.hexdigest()}
+            # A map whose blocks are in no index is never written: counted in batches.
+            w = CycleWriter(vault, index, ex, machine="m3", cycle="c1",
+                            disks=[DiskSpec("d0", NBLOCKS * BS, BS)], full=True, base=None)
+            fake = [(0, n, bytes([n + 1]) * 32) for n in range(5)]
+            w.replay([*fake, (0, 9, next(iter(known.values())))])
+            with pytest.raises(MissingBlocksError, match="5 block"):
+                await w.finish({"d0": digest.hexdigest()}, CRASH)
+    finally:
+        index.close()
+        await vault.close()

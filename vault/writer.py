@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from itertools import islice
 
 import zstandard
 
 from common.timefmt import now_iso
 from vault import names
 from vault.crypto import Keyring
-from vault.index import BlockIndex
+from vault.index import BlockIndex, Index
 from vault.maps import DELTA, FULL, ZERO_ID, BlockMap
 from vault.pack import PackEntry, build_pack
 from vault.point import DiskEntry, Point
@@ -123,9 +124,16 @@ class CycleWriter:
         for d, n, bid in entries:
             self.changes[d][n] = bid
 
-    def _known(self, bid: bytes) -> bool:
-        return (bid in self.index or bid in self._batch.ids
-                or any(bid in b.ids for b in self._sealing))
+    def _unknown(self, ids: Sequence[bytes | None]) -> set[bytes]:
+        """Those of ``ids`` stored by no pack yet: in no index, nor in a pack of this
+        cycle that is being written. The index is asked once, for all of them, in id order
+        (``BlockIndex.lookup``: one read of the on-disk index per few hundred, not one
+        each); no await between the question and the caller's use of the answer."""
+        fresh = {b for b in ids if b is not None and b not in self._batch.ids
+                 and not any(b in batch.ids for batch in self._sealing)}
+        if fresh:
+            fresh.difference_update(self.index.lookup(fresh))
+        return fresh
 
     async def add(self, items: Sequence[tuple[int, int, bytes | memoryview | None]]) -> None:
         """Record ``(disk_index, block_number, data or None for a zero block)``.
@@ -141,14 +149,19 @@ class CycleWriter:
             if b is None:
                 self.changes[d][n] = ZERO_ID
                 self._journal.append((d, n, ZERO_ID))
+        unknown = self._unknown(ids)
+        new: list[tuple[bytes, bytes | memoryview]] = []
         for (d, n, b), bid in zip(data_items, ids, strict=True):
             self.changes[d][n] = bid or ZERO_ID
             self._journal.append((d, n, bid or ZERO_ID))
-            if bid is None or self._known(bid):
+            if bid is None or bid not in unknown:
                 continue
             assert b is not None
-            self._pending.append((bid, b))
+            unknown.discard(bid)  # stored once, however often it appears here
             self._batch.ids.add(bid)
+            new.append((bid, b))
+        for bid, b in new:
+            self._pending.append((bid, b))
             self._pending_bytes += len(b)
             if self._pending_bytes >= PACK_TARGET:
                 await self._flush()
@@ -246,8 +259,7 @@ class CycleWriter:
                 m = BlockMap(FULL, spec.size, spec.block_size, blocks)
             else:
                 m = BlockMap(DELTA, spec.size, spec.block_size, self.changes[i])
-            missing = sum(1 for b in m.blocks.values()
-                          if b != ZERO_ID and b not in self.index)
+            missing = _count_unindexed(self.index, m.blocks.values())
             if missing:
                 # Never write a point that cannot be restored.
                 raise MissingBlocksError(
@@ -278,6 +290,23 @@ class CycleWriter:
 
 
 _ZERO = bytes(1 << 20)
+
+
+LOOKUP_BATCH = 65_536  # ids asked of the index at once when a map is checked
+
+
+def _count_unindexed(index: BlockIndex, ids: Iterable[bytes]) -> int:
+    """How many of ``ids`` (zero ids aside) are in no index: looked up ``LOOKUP_BATCH``
+    at a time (``BlockIndex.lookup``, in id order), not one by one."""
+    if isinstance(index, Index):  # a dict: asking it one id at a time is the fastest
+        return sum(1 for b in ids if b != ZERO_ID and b not in index.entries)
+    missing = 0
+    it = (b for b in ids if b != ZERO_ID)
+    while chunk := list(islice(it, LOOKUP_BATCH)):
+        found = index.lookup(chunk)
+        if len(found) < len(chunk):
+            missing += sum(1 for b in chunk if b not in found)
+    return missing
 
 
 def _build_pack(keyring: Keyring, pack_id: str, blocks: list[tuple[bytes, bytes | memoryview]]
