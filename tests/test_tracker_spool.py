@@ -160,3 +160,46 @@ def test_the_spool_setting_is_checked() -> None:
     with pytest.raises(ValueError, match="freeze_spool_mb"):
         cfg.validate()
 
+
+
+@pytest.mark.usefixtures("tracefs")
+async def test_with_scripts_the_post_script_runs_at_the_thaw_before_the_send(
+        tmp_path: Path, pki: Pki, procserver: ProcServer, vault_at: tuple[str, Path],
+        ext4_mounted: tuple[str, Path]) -> None:
+    """``script`` around the freeze: the application is let go (post-script) with the
+    filesystem, before the first block is sent; the points are ``app``-consistent."""
+    (dev, mnt), log = ext4_mounted, tmp_path / "scripts.log"
+    scripts: dict[str, object] = {}
+    for phase in ("pre", "post"):
+        script = tmp_path / f"{phase}.sh"
+        script.write_text(f"#!/bin/sh\necho {phase} >> {log}\n")
+        script.chmod(0o755)
+        scripts[f"{phase}_script"] = str(script)
+    cfg = agent_config(tmp_path, pki, "vm01", procserver.port, {"sda": Path(dev)},
+                       snapshot="script", freeze_mounts=[str(mnt)], tracker="blocktrace",
+                       **scripts)
+    cfg.validate()
+    agent = Agent(cfg)
+    try:
+        for seed in (1, 2):  # the full copy (64 MiB: within the default spool), a delta
+            write_mb(mnt, f"s{seed}", 2, seed)
+            log.write_text("")
+            at_first_send: list[list[str]] = []
+
+            def sent(disk: str, done: int, size: int,
+                     at_first_send: list[list[str]] = at_first_send) -> None:
+                if not at_first_send:
+                    at_first_send.append(log.read_text().split())
+
+            frozen: list[str] = []
+
+            def inside(kind: str, frozen: list[str] = frozen) -> None:
+                frozen.append(device_sha(dev))  # while the hold lasts: the point's content
+
+            r = await agent.replicate_once(sent, on_kind=inside)
+            assert r.consistency == "app" and r.spooled_bytes == r.bytes_read > 0
+            assert at_first_send == [["pre", "post"]]
+            await point_is(procserver, tmp_path, vault_at[1], r.cycle, frozen[0])
+        assert r.tracking == {"sda": "blocktrace"}
+    finally:
+        agent.close()
