@@ -27,7 +27,7 @@ from common.backoff import Backoff
 from common.fs import atomic_write
 from mobility.agent import Agent, CycleResult
 from mobility.config import MobilityConfig
-from mobility.inplace import answer_failback, asked_to_fail_back
+from mobility.inplace import answer_failback, asked_to_fail_back, failback_pending
 from mobility.renewal import cert_not_after, renew
 from mobility.reporter import ProgressReporter
 from mobility.shutdown import answered, shut_down
@@ -192,6 +192,12 @@ class ManagedAgent:
         await self.renew_if_due()
         s = await self.refresh()
         await self.heartbeat()
+        if s is None and failback_pending(self.cfg.state_dir):
+            log.warning("replication_held", reason="a failback was interrupted while "
+                        "writing the disks", point=failback_pending(self.cfg.state_dir),
+                        hint="the configuration server's failback asks again once it is "
+                             "reachable; 'mobility failback --point ID' finishes it by hand")
+            return False
         if s is not None and asked_to_fail_back(s, self.cfg.state_dir):
             await answer_failback(self.agent, self.site, s)
             return False

@@ -53,6 +53,7 @@ from wire.protocol import (
 )
 
 log = structlog.get_logger("mobility.inplace")
+PENDING = "failback-pending"  # in the state directory while a failback writes the disks
 FP = FINGERPRINT
 READ_CHUNK = 8 << 20
 # progress(disk, phase, done, total): phase "compare" counts bytes read, "write" bytes written
@@ -110,6 +111,11 @@ async def write_point(link: Link, cfg: MobilityConfig, point: str, *,
         check_not_in_use(d["path"])
     basis = await _basis(link, cfg, point)
     wait = FOREVER if link.heartbeat else cfg.ack_timeout_seconds
+    state_dir = Path(cfg.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # From the first write until the state is the point's, the disks are neither the
+    # old state nor the point: nothing may replicate them (failback_pending).
+    atomic_write(state_dir / PENDING, basis.point)
     done: list[DiskWritten] = []
     loop = asyncio.get_running_loop()
     for d, pd in zip(cfg.disks, basis.disks, strict=True):
@@ -121,8 +127,6 @@ async def write_point(link: Link, cfg: MobilityConfig, point: str, *,
         finally:
             os.close(fd)
     # Written and verified: the agent's maps are the point's, its last cycle the point's.
-    state_dir = Path(cfg.state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     disks: dict[str, DiskState] = {}
     now = time.time()
     for d, pd in zip(cfg.disks, basis.disks, strict=True):
@@ -130,6 +134,7 @@ async def write_point(link: Link, cfg: MobilityConfig, point: str, *,
         write_map(state_dir, name, basis.fps[d["name"]])
         disks[d["name"]] = DiskState(pd["size"], pd["block_size"], name, verified_at=now)
     commit_state(state_dir, AgentState(basis.cycle, disks))
+    (state_dir / PENDING).unlink(missing_ok=True)
     result = FailbackResult(basis.point, basis.cycle, done)
     log.info("point_written_in_place", point=basis.point, cycle=basis.cycle,
              blocks_written=result.blocks_written, bytes_written=result.bytes_written,
@@ -310,6 +315,15 @@ async def failback(agent: Agent, point: str, progress: Progress | None = None
 
 
 ANSWERED = "failback-request"  # in the state directory: the id of the answered request
+
+
+def failback_pending(state_dir: str | Path) -> str | None:
+    """The point an interrupted failback was writing onto the disks, if any: until it
+    is written whole, the disks must not be replicated."""
+    try:
+        return (Path(state_dir) / PENDING).read_text().strip() or None
+    except FileNotFoundError:
+        return None
 
 
 def asked_to_fail_back(settings: Settings, state_dir: str | Path) -> bool:

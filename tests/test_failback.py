@@ -9,12 +9,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from mobility.inplace import FailbackError, failback
+from mobility.inplace import FailbackError, failback, failback_pending
 from procserver.server import ProcServer
+from tests.backends import missing_backend
 from tests.helpers import (
     BLOCK,
     Pki,
@@ -31,6 +35,10 @@ from wire.protocol import MAX_FETCH, FrameType, encode_json
 
 SIZE = 16 << 20
 SHORT = (1 << 20) + 4321  # a short last block
+
+
+def _chattr(flag: str, path: Path) -> None:
+    subprocess.run(["chattr", flag, str(path)], check=True)
 
 
 def _differing(a: bytes, b: bytes, bs: int = BLOCK) -> int:
@@ -152,5 +160,44 @@ async def test_fetch_serves_the_point_and_refuses_what_it_cannot(
                 assert err.type == FrameType.ERROR and err.json()["code"] == "bad_fetch", bad
             finally:
                 await link.close()
+    finally:
+        agent.close()
+
+
+async def test_an_interrupted_failback_holds_replication_and_finishes_when_run_again(
+        tmp_path: Path, pki: Pki, procserver: ProcServer) -> None:
+    """The second disk cannot be opened for writing (immutable) after the first was
+    written: the agent's state stays the old one, the disks are marked as being written
+    (the managed agent does not replicate them), and the failback run again writes only
+    what still differs."""
+    if shutil.which("chattr") is None or os.geteuid() != 0:
+        missing_backend("chattr as root", "tests/run.sh installs e2fsprogs; run as root")
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    make_disk(a, 2 << 20, seed=41)
+    make_disk(b, 2 << 20, seed=42)
+    cfg = agent_config(tmp_path, pki, "file01", procserver.port, {"sda": a, "sdb": b})
+    agent = make_agent(cfg)
+    try:
+        r1 = await agent.replicate_once()
+        p1 = await procserver.wait_point(r1.cycle, timeout=60)
+        at_p1 = {"sda": a.read_bytes(), "sdb": b.read_bytes()}
+        mutate(a, 0.2, seed=43)
+        mutate(b, 0.2, seed=44)
+        left_b = _differing(at_p1["sdb"], b.read_bytes())
+        state_before = (Path(cfg.state_dir) / "state.json").read_text()
+        _chattr("+i", b)
+        try:
+            with pytest.raises(PermissionError):
+                await failback(agent, p1)
+        finally:
+            _chattr("-i", b)
+        assert a.read_bytes() == at_p1["sda"]  # written before the failure
+        assert failback_pending(cfg.state_dir) == p1
+        assert (Path(cfg.state_dir) / "state.json").read_text() == state_before
+
+        r = await failback(agent, p1)
+        assert {d.disk: d.blocks_written for d in r.disks} == {"sda": 0, "sdb": left_b}
+        assert {"sda": a.read_bytes(), "sdb": b.read_bytes()} == at_p1
+        assert failback_pending(cfg.state_dir) is None
     finally:
         agent.close()
