@@ -9,6 +9,8 @@ import hashlib
 import json
 import random
 import shutil
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,7 +20,7 @@ import pytest
 from common.digest import DiskDigest, fingerprint
 from common.labels import CRASH
 from siterecovery.cli import main
-from tests.helpers import restore_all
+from tests.helpers import REPO, restore_all
 from vault import names
 from vault.check import check_vault
 from vault.extsort import SortedSet
@@ -31,6 +33,7 @@ from vault.prune import PruneReport, prune
 from vault.rebuild import rebuild_index
 from vault.repo import Vault
 from vault.retention import Retention
+from vault.store.faults import FaultStore
 from vault.store.local import LocalStore
 from vault.writer import CycleWriter, DiskSpec, MissingBlocksError
 
@@ -332,4 +335,85 @@ async def test_writer_dedups_and_checks_its_maps_in_batches(
                 await w.finish({"d0": digest.hexdigest()}, CRASH)
     finally:
         index.close()
+        await vault.close()
+
+
+# -- kill -9 ------------------------------------------------------------------------------
+
+class _Recording(FaultStore):
+    """Records the name of every put and delete, in order."""
+
+    def __init__(self, inner: LocalStore) -> None:
+        super().__init__(inner)
+        self.log: list[str] = []
+
+    async def put(self, name: str, data: bytes) -> None:
+        self.log.append("put " + name)
+        await super().put(name, data)
+
+    async def delete(self, name: str) -> None:
+        self.log.append("delete " + name)
+        await super().delete(name)
+
+
+_CHILD = """
+import asyncio, sys
+from concurrent.futures import ThreadPoolExecutor
+from vault.keyslots import KeyMaterial, read_keyfile
+from vault.prune import prune
+from vault.repo import Vault
+from vault.retention import Retention
+from vault.store.open import open_store
+
+async def main(url, key, index_dir, temp_dir):
+    v = await Vault.open(open_store(url), KeyMaterial(keyfile=read_keyfile(key)))
+    with ThreadPoolExecutor(2) as ex:
+        await prune(v, Retention(), ex, memory=0, index_dir=index_dir, temp_dir=temp_dir)
+    await v.close()
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def _prune_child(url: str, root: Path, tmp: Path) -> subprocess.CompletedProcess[str]:
+    """A streaming prune (budget 0) in a process of its own (a light one: the vault
+    alone, not the whole command line)."""
+    return await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", _CHILD, url, str(root / "vault.key"),
+                         str(tmp / "idx"), str(tmp)],
+        capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+async def test_streaming_prune_killed_mid_index_swap_then_run_again(
+        built: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    root, expected = built
+    probe = _copy(root, tmp_path / "probe")
+    store = _Recording(LocalStore(probe / "vault"))
+    v = await Vault.open(store, KeyMaterial(keyfile=read_keyfile(probe / "vault.key")))
+    with ThreadPoolExecutor(2) as ex:
+        await prune(v, Retention(), ex, now=datetime.now(UTC), memory=TINY, temp_dir=tmp_path)
+    await v.close()
+    old_index = [i for i, m in enumerate(store.log, 1) if m.startswith("delete index/")]
+    assert len(old_index) > 4
+    # The process dies after half the old index objects are deleted: the vault has the
+    # new index and some old objects, the index directory's table still the old ones.
+    r = _copy(root, tmp_path / "v")
+    crash = old_index[len(old_index) // 2]
+    killed = await _prune_child(f"fault+file://{r / 'vault'}?crash_after={crash}", r,
+                                tmp_path)
+    assert killed.returncode == 137, killed.stderr
+    again = await _prune_child(f"file://{r / 'vault'}", r, tmp_path)
+    assert again.returncode == 0, again.stderr
+    vault = await _open(r)
+    try:
+        mem = await vault.load_index()
+        disk_index = DiskIndex.open(tmp_path / "idx", vault.config.vault_id)
+        try:
+            assert await vault.refresh_index(disk_index) is disk_index  # updated, not stale
+            assert dict(disk_index.entries.items()) == mem.entries
+        finally:
+            disk_index.close()
+        for p in await vault.list_points():
+            assert await restore_all(vault, p, tmp_path / "out") == {"d0": expected[p.id]}
+    finally:
         await vault.close()
