@@ -47,7 +47,6 @@ from wire.protocol import (
     Frame,
     FrameType,
     ProtocolError,
-    RemoteError,
     encode_json,
     raise_if_error,
 )
@@ -351,7 +350,7 @@ async def answer_failback(agent: Agent, site: SiteClient, settings: Settings) ->
         r = await failback(agent, req["point"])
         counts = {"blocks_compared": sum(d.blocks_compared for d in r.disks),
                   "blocks_written": r.blocks_written, "bytes_written": r.bytes_written}
-    except (FailbackError, DeviceInUseError, ProtocolError, RemoteError, OSError) as e:
+    except Exception as e:  # every failure is answered: the job must not wait for nothing
         error = str(e) or type(e).__name__
         log.error("failback_failed", request=req["request"], point=req["point"], error=error)
     try:

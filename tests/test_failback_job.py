@@ -54,6 +54,10 @@ def _cat(disk: Path, name: str) -> bytes:
                           capture_output=True).stdout
 
 
+def _chattr(flag: str, path: Path) -> None:
+    subprocess.run(["chattr", flag, str(path)], check=True)
+
+
 def _fsck_clean(disk: Path) -> bool:
     return subprocess.run(["e2fsck", "-fn", str(disk)], capture_output=True).returncode == 0
 
@@ -182,6 +186,20 @@ async def test_reprotect_takes_deltas_and_failback_starts_from_the_newest(
 
         want = recovered.read_bytes()
         expected = _differing(site.disk.read_bytes(), want, bs)
+        # The original disk cannot be written: the agent answers with its error, the
+        # failback fails and gives the item back, re-protected.
+        _chattr("+i", site.disk)
+        try:
+            job = (await api.post("/api/v1/items/web01/failback", {}))["job"]
+            await wait_job(api, job["id"], step_running("write_back"), timeout=120)
+            assert not await site.managed.round()
+            failed = await wait_job(api, job["id"], timeout=120)
+        finally:
+            _chattr("-i", site.disk)
+        assert failed["state"] == "failed"
+        assert "the agent could not write the point onto its disks" in failed["error"]
+        assert (await api.get("/api/v1/items/web01"))["state"] == "reprotected"
+
         job = (await api.post("/api/v1/items/web01/failback", {}))["job"]
         await wait_job(api, job["id"], step_running("write_back"), timeout=120)
         assert not await site.managed.round()
