@@ -59,6 +59,8 @@ REPORT = obj({
     "facts": obj({"os_name": {"type": "string", "maxLength": 64},
                   "os_version": {"type": "string", "maxLength": 32},
                   "kernel": {"type": "string", "maxLength": 64}}),
+    "version": {"type": "string", "maxLength": 64,
+                "description": "install: the agent version installed now"},
     "how": {"type": "string", "maxLength": 2000,
             "description": "start: how the agent runs (or how to start it)"},
     "running_before": {"type": "boolean",

@@ -309,7 +309,7 @@ async def report(core: Core, job_id: str, procserver: str, body: dict[str, Any]
             elif body.get("host_key"):
                 message = await _record_key(s, r, str(body["host_key"]), message, now)
         entry: dict[str, Any] = {"state": state, "message": message, "at": now}
-        entry.update({k: body[k] for k in ("how", "running_before") if k in body})
+        entry.update({k: body[k] for k in ("how", "running_before", "version") if k in body})
         r.steps = {**dict(r.steps or {}), step: entry}
         if state == "failed":
             r.state, r.error = "failed", message

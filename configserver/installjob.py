@@ -147,24 +147,35 @@ async def uninstall(ctx: StepContext) -> str:
 
 async def first_heartbeat(ctx: StepContext) -> str:
     """The agent's first heartbeat after it was started (or a recent one, if it was
-    running already and nothing changed)."""
+    running already and nothing changed), from the version installed: where no systemd
+    restarts it, the old program may heartbeat until the operator restarts it."""
     async with ctx.core.sessionmaker() as s:
         req = await s.get(InstallRequest, ctx.job.id)
-    started = dict((req.steps or {}) if req else {}).get("start") or {}
+    steps = dict((req.steps or {}) if req else {})
+    started = steps.get("start") or {}
+    want = str((steps.get("install") or {}).get("version") or "")
     since = float(started.get("at") or ctx.job.created)
     if started.get("running_before"):
         since = min(since, ctx.job.created - RECENT_CONTACT_SECONDS)
     how = str(started.get("how") or "")
+    shown = [""]
 
     async def contacted() -> str | None:
         async with ctx.core.sessionmaker() as s:
             m = await s.get(db.Machine, ctx.target)
         if m is None:
             raise StepFailed(f"machine {ctx.target!r} was removed from the inventory")
-        if m.last_contact is not None and m.last_contact >= since:
-            return (f"agent {m.agent_version or '(version unknown)'} checked in at "
-                    f"{iso(m.last_contact)}")
-        return None
+        if m.last_contact is None or m.last_contact < since:
+            return None
+        if want and m.agent_version != want:
+            note = (f"agent {m.agent_version} checked in at {iso(m.last_contact)}, not the "
+                    f"{want} installed: restart it" + (f" ({how})" if how else ""))
+            if note != shown[0]:
+                shown[0] = note
+                await ctx.progress(0.0, note)
+            return None
+        return (f"agent {m.agent_version or '(version unknown)'} checked in at "
+                f"{iso(m.last_contact)}")
 
     await ctx.progress(0.0, "waiting for the agent's first heartbeat"
                        + (f" ({how})" if how else ""))

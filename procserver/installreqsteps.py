@@ -147,7 +147,7 @@ async def _install(conn: asyncssh.SSHClientConnection, req: dict[str, Any], p: P
         return
     changed = "already installed" not in done.output
     await step("install", "succeeded", (f"{have} -> " if have and have != version else "")
-               + done.output.replace("\n", "; "))
+               + done.output.replace("\n", "; "), version=done.version or version)
     if await pushinstall.enrolled(conn, sudo=p.sudo, password=t.password):
         await step("enroll", "succeeded", "already enrolled: its key, certificate and "
                    "config are kept")

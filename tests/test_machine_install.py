@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -266,19 +268,28 @@ async def test_the_pushed_agent_replicates_and_its_point_restores_byte_exact(
 
 
 def _next_version(path: Path, out: Path) -> str:
-    """The bundle at ``path`` as the next version would ship it (its manifest's version
-    only: every file and checksum the same); that version."""
-    with tarfile.open(path, "r:gz") as src, tarfile.open(out, "w:gz", compresslevel=1) as dst:
-        for member in src:
-            f = src.extractfile(member)
-            data = f.read() if f is not None else None
-            if member.name.endswith("/MANIFEST.json") and data is not None:
-                doc = json.loads(data)
+    """The bundle at ``path`` as the next version would ship it: its manifest's version
+    and the agent's own (mobility/__init__.py, its checksum in the manifest) say
+    ``+next``, every other file the same; that version."""
+    with tarfile.open(path, "r:gz") as src:
+        members = [(m, f.read() if (f := src.extractfile(m)) is not None else None)
+                   for m in src]
+    init = next(m for m, _ in members if m.name.endswith("/lib/mobility/__init__.py"))
+    new_init = re.sub(rb'(?m)^AGENT_VERSION = "([^"]*)"', rb'AGENT_VERSION = "\1+next"',
+                      next(b for m, b in members if m is init) or b"", count=1)
+    with tarfile.open(out, "w:gz", compresslevel=1) as dst:
+        for member, body in members:
+            if member is init:
+                body = new_init
+            elif member.name.endswith("/MANIFEST.json") and body is not None:
+                doc = json.loads(body)
                 version = str(doc["agent_version"]) + "+next"
                 doc["agent_version"] = version
-                data = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
-                member.size = len(data)
-            dst.addfile(member, io.BytesIO(data) if data is not None else None)
+                doc["files"][init.name.split("/", 1)[1]] = hashlib.sha256(new_init).hexdigest()
+                body = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
+            if body is not None:
+                member.size = len(body)
+            dst.addfile(member, io.BytesIO(body) if body is not None else None)
     return version
 
 
