@@ -79,7 +79,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--index-dir", help="past --memory-mib, keep the block index in a table "
                                        "in this directory (the one 'restore --index-dir' "
                                        "reads), updated in place, not rebuilt by the next "
-                                       "run (default: a temporary one)")
+                                       "run; not the one of a process server that is "
+                                       "running (default: a temporary one)")
     add_json_arg(p)
     p.set_defaults(func=cmd_prune)
 
