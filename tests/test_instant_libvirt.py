@@ -1,13 +1,16 @@
-"""Instant recovery on libvirt end to end (one VM boot): the bootable test disk, as a
-point in a real vault, drilled with ``--instant`` through a real ``configserver run``
-on a real libvirtd. The machine boots on NBD disks served from the vault with less than
+"""Instant recovery on libvirt end to end (one VM boot per test): the bootable test disk,
+as a point in a real vault, drilled with ``--instant`` through a real ``configserver
+run`` on a real libvirtd. The machine boots on NBD disks served from the vault with less than
 a fifth of the point's data local; the guest writes (a block that was a hole, a block
 not fetched yet); part way through the hydration the configuration server (the NBD
 servers' process) is killed with kill -9: the guest's reads fail, and never return
 other data; restarted, the server resumes the job, serves the disk again from its
 overlay and hydration goes on; the running machine moves onto the local image without
 a reboot, and that image holds the point plus the guest's writes, byte for byte; the
-cleanup leaves nothing.
+cleanup leaves nothing. Then a failover (``failover start --instant``) of the same disk
+whose configuration server is killed during the block copy onto the local image: the
+restarted server finds QEMU's copy job, waits for it and pivots; the failover is
+committed.
 
 The guest is the test boot disk with an init of its own (an extra initramfs archive
 appended to its initrd replaces ``/init``): after the boot line it writes two sectors,
@@ -76,7 +79,7 @@ DRILL_SUBNET = "10.216.0.0/24"  # not another libvirt test's
 FAILOVER_NET, FAILOVER_BRIDGE = "sr-instant-prod", "virbr-srinprod"  # the failover's network
 FAILOVER_SUBNET = "10.218.0.0/24"
 DRILL_BOUND = 900.0  # seconds for the whole drill under emulation: a bound, not a measure
-RATE_MBPS = 40.0  # hydration's rate: ~25 s for the point's data, killed part way
+RATE_MBPS = 80.0  # hydration's rate: ~12 s for the point's data, killed part way
 FILLER_MIB = 96  # data after the boot disk that the guest never reads
 SECTOR = 512
 HOLE_SECTOR = 1024  # before the partition: zeros in the point (a hole)
