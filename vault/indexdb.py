@@ -299,11 +299,13 @@ class DiskIndex:
             self._settle()
             db.execute("BEGIN")
             try:
-                db.execute("CREATE TEMP TABLE IF NOT EXISTS dropped (n INTEGER PRIMARY KEY)")
-                db.execute("DELETE FROM dropped")
-                db.executemany("INSERT OR IGNORE INTO dropped VALUES (?)", gone)
-                db.execute("DELETE FROM blocks WHERE pack IN (SELECT n FROM dropped)")
-                db.execute("DELETE FROM packs WHERE n IN (SELECT n FROM dropped)")
+                if gone:  # one pass over the table (it is keyed by block id, not pack)
+                    db.execute("CREATE TEMP TABLE IF NOT EXISTS dropped "
+                               "(n INTEGER PRIMARY KEY)")
+                    db.execute("DELETE FROM dropped")
+                    db.executemany("INSERT OR IGNORE INTO dropped VALUES (?)", gone)
+                    db.execute("DELETE FROM blocks WHERE pack IN (SELECT n FROM dropped)")
+                    db.execute("DELETE FROM packs WHERE n IN (SELECT n FROM dropped)")
                 db.executemany("INSERT INTO packs VALUES (?, ?)",
                                [(n, bytes.fromhex(p)) for p, n in new_packs.items()])
                 db.executemany("INSERT OR REPLACE INTO blocks VALUES (?, ?, ?, ?)", rows)
