@@ -115,7 +115,8 @@ class _Retry(Exception):
 
 def provider_for(cfg: MobilityConfig) -> SnapshotProvider:
     if cfg.snapshot == "libvirt":
-        return LibvirtBackup(cfg.libvirt_uri, cfg.libvirt_domain, cfg.disks, cfg.state_dir)
+        return LibvirtBackup(cfg.libvirt_uri, cfg.libvirt_domain, cfg.disks, cfg.state_dir,
+                             cfg.libvirt_socket_dir)
     inner = crash_provider(cfg.snapshot, [d["path"] for d in cfg.disks], cfg.freeze_mounts,
                            cfg.lvm_snapshot_size)
     if cfg.snapshot == "script" or (cfg.snapshot in ("lvm", "reflink") and cfg.pre_script

@@ -44,6 +44,9 @@ class MobilityConfig:
     # backups and checkpoints (QEMU dirty bitmaps; qcow2 images).
     libvirt_uri: str = "qemu:///system"
     libvirt_domain: str = ""
+    # Where each cycle's NBD socket folder is made (QEMU creates the socket: a place
+    # both it and the agent see, outside a private /tmp; the unit's RuntimeDirectory).
+    libvirt_socket_dir: str = "/run/siterecovery-mobility"
     # How a cycle finds the changed blocks: "scan" reads every block; "reflink" compares
     # the extent maps of this cycle's and the last one's clone (snapshot = "reflink"
     # only); "blocktrace" records the block devices' completed writes from tracefs;

@@ -8,8 +8,9 @@ Each cycle's hold (``LibvirtBackup.hold``) begins a pull-mode backup (``virsh
 backup-begin``) that creates a new checkpoint (``siterecovery-<id>``: a persistent
 dirty bitmap in each qcow2 image) and exports every protected disk, as it was at that
 moment — one moment for all the disks: ``crash`` — over NBD on a unix socket in a
-private folder (``mobility/nbdclient.py``). The backup is *incremental* from the
-checkpoint of the agent's last acknowledged cycle when libvirt still has it: the
+private folder of ``libvirt_socket_dir`` (``mobility/nbdclient.py``). The backup is
+*incremental* from the checkpoint of the agent's last acknowledged cycle when libvirt
+still has it: the
 export's ``qemu:dirty-bitmap:backup-<disk>`` context then names every block written
 since. The guest runs on meanwhile (QEMU keeps the old data of what it overwrites in
 a scratch image), so the hold lets writes go at once (``Held.released``).
@@ -72,9 +73,11 @@ class LibvirtBackup:
     the disks of one libvirt domain (see the module docstring)."""
 
     def __init__(self, uri: str, domain: str, disks: list[dict[str, str]], state_dir: str,
-                 timeout: float = 120.0) -> None:
+                 socket_dir: str, timeout: float = 120.0) -> None:
+        """``socket_dir``: where each hold makes the private folder of its NBD socket (a
+        place QEMU sees too: not a private /tmp)."""
         self.uri, self.domain, self.disks = uri, domain, disks
-        self.state_dir = Path(state_dir)
+        self.state_dir, self.socket_dir = Path(state_dir), socket_dir
         self.timeout = timeout
         self.current: Backup | None = None
         self.rescans = 0  # tracker answers that were Rescan with a base to compare with
@@ -166,7 +169,8 @@ class LibvirtBackup:
                 await self.virsh("checkpoint-delete", self.domain, cp)
         await asyncio.to_thread(self._forget_except, {base} if base else set())
         checkpoint = f"{PREFIX}{uuid.uuid4().hex[:16]}"
-        folder = tempfile.mkdtemp(prefix="siterecovery-nbd-")
+        os.makedirs(self.socket_dir, mode=0o755, exist_ok=True)
+        folder = tempfile.mkdtemp(prefix="nbd-", dir=self.socket_dir)
         stage = self.state_dir / STAGE
         shutil.rmtree(stage, ignore_errors=True)
         stage.mkdir(mode=0o700)

@@ -119,6 +119,7 @@ async def test_only_blocks_written_inside_qemu_are_read_and_every_point_is_exact
     key = vault_at[1]
     cfg = agent_config(tmp_path, pki, "vm01", procserver.port, {"vda": guest.image},
                        snapshot="libvirt", libvirt_uri=guest.uri, libvirt_domain=guest.name,
+                       libvirt_socket_dir=str(guest.image.parent / "run"),
                        metrics_file=str(tmp_path / "agent.prom"))
     cfg.validate()
     agent = Agent(cfg)
