@@ -128,7 +128,8 @@ class CycleWriter:
         """Those of ``ids`` stored by no pack yet: in no index, nor in a pack of this
         cycle that is being written. The index is asked once, for all of them, in id order
         (``BlockIndex.lookup``: one read of the on-disk index per few hundred, not one
-        each); no await between the question and the caller's use of the answer."""
+        each). A block in neither may still be stored by another writer meanwhile: then
+        it is stored twice, as it would be had both asked one block at a time."""
         fresh = {b for b in ids if b is not None and b not in self._batch.ids
                  and not any(b in batch.ids for batch in self._sealing)}
         if fresh:
@@ -150,7 +151,6 @@ class CycleWriter:
                 self.changes[d][n] = ZERO_ID
                 self._journal.append((d, n, ZERO_ID))
         unknown = self._unknown(ids)
-        new: list[tuple[bytes, bytes | memoryview]] = []
         for (d, n, b), bid in zip(data_items, ids, strict=True):
             self.changes[d][n] = bid or ZERO_ID
             self._journal.append((d, n, bid or ZERO_ID))
@@ -158,10 +158,8 @@ class CycleWriter:
                 continue
             assert b is not None
             unknown.discard(bid)  # stored once, however often it appears here
-            self._batch.ids.add(bid)
-            new.append((bid, b))
-        for bid, b in new:
             self._pending.append((bid, b))
+            self._batch.ids.add(bid)
             self._pending_bytes += len(b)
             if self._pending_bytes >= PACK_TARGET:
                 await self._flush()
