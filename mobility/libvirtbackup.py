@@ -22,7 +22,8 @@ the sender copies (``stage``) exactly the blocks it will read from the export in
 sparse file in the state directory, which it reads as any snapshot. The mapping of
 cycles to checkpoints is kept in ``libvirt-checkpoints.json``; checkpoints of other
 cycles are deleted at the next hold (their bitmaps merge into their parent, so the
-base's still covers every write since it).
+base's still covers every write since it). A backup left running by an agent killed
+in a cycle (its socket in ``libvirt_socket_dir``) is ended by the next hold.
 """
 
 from __future__ import annotations
@@ -160,8 +161,26 @@ class LibvirtBackup:
         out = await self.virsh("checkpoint-list", self.domain, "--name")
         return {line.strip() for line in out.splitlines() if line.strip()}
 
+    async def _end_stale_backup(self) -> None:
+        """End a backup this agent began and never ended (it was killed in a cycle): its
+        socket lies in ``socket_dir``. Another's backup is left alone (``backup-begin``
+        then fails and says why)."""
+        try:
+            xml = await self.virsh("backup-dumpxml", self.domain)
+        except RuntimeError:
+            return  # no backup job
+        server = ET.fromstring(xml).find("server")
+        sock = server.get("socket", "") if server is not None else ""
+        folder = os.path.dirname(sock)
+        if os.path.dirname(folder) != os.path.abspath(self.socket_dir):
+            return
+        log.warning("libvirt_stale_backup_ended", domain=self.domain, socket=sock)
+        await self.virsh("domjobabort", self.domain)
+        shutil.rmtree(folder, ignore_errors=True)
+
     @contextlib.asynccontextmanager
     async def hold(self) -> AsyncIterator[Held]:
+        await self._end_stale_backup()
         existing = await self._checkpoints()
         base = await self._base_checkpoint(existing)
         for cp in sorted(existing):  # never acknowledged, or superseded by the base

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import shutil
 import subprocess
 import uuid
@@ -63,6 +64,12 @@ class Guest:
         with open(self.reference, "r+b") as f:
             f.seek(offset)
             f.write(bytes([byte]) * length)
+
+    def owner(self) -> tuple[int, int]:
+        """The uid and gid QEMU runs as (the domain's DAC label)."""
+        label = re.search(r"<label>\+(\d+):\+(\d+)</label>", virsh(self.uri, "dumpxml", self.name))
+        assert label is not None
+        return int(label.group(1)), int(label.group(2))
 
     def sha(self) -> str:
         return hashlib.sha256(self.reference.read_bytes()).hexdigest()
@@ -159,9 +166,18 @@ async def test_only_blocks_written_inside_qemu_are_read_and_every_point_is_exact
     finally:
         agent.close()
 
-    # A new agent on the same state goes on from the checkpoints (they live in the
-    # images, the mapping in the state directory); due for a verification scan, it
-    # reads the disk whole and finds nothing the bitmap missed.
+    # The agent killed in a cycle leaves its backup running (begun here by hand, as
+    # the agent does); a new agent on the same state ends it and goes on from the
+    # checkpoints (they live in the images, the mapping in the state directory); due
+    # for a verification scan, it reads the disk whole and finds nothing missed.
+    stale = Path(cfg.libvirt_socket_dir) / "nbd-killed"
+    stale.mkdir()
+    shutil.chown(stale, *guest.owner())
+    (stale / "b.xml").write_text(
+        f"<domainbackup mode='pull'><server transport='unix' socket='{stale}/nbd.sock'/>"
+        f"<disks><disk name='vda' backup='yes' type='file'><scratch "
+        f"file='{stale}/vda.scratch'/></disk></disks></domainbackup>")
+    virsh(guest.uri, "backup-begin", guest.name, "--backupxml", str(stale / "b.xml"))
     cfg = dataclasses.replace(cfg, tracker_verify_hours=1e-9)
     agent = Agent(cfg)
     try:
@@ -170,5 +186,6 @@ async def test_only_blocks_written_inside_qemu_are_read_and_every_point_is_exact
         assert (r.kind, r.tracking, r.fallbacks, r.missed) == (
             "delta", {"vda": "libvirt"}, {}, {"vda": 0})
         assert r.bytes_read >= 4 << 20 and r.blocks_sent == 3
+        assert not stale.exists()
     finally:
         agent.close()
