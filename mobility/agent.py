@@ -450,9 +450,12 @@ class Agent:
         got = await asyncio.to_thread(fill, sender.disks, self.cfg.block_size, limit)
         if not got.fits:
             self._overflow = True
-            log.warning("freeze_spool_overflow", cycle=sender.cycle, read_bytes=got.nbytes,
-                        spool_bytes=limit, hint="the filesystems stay frozen while this "
-                        "cycle is sent: raise freeze_spool_mb or shorten interval_seconds")
+            # Expected for a full copy or a scan (info); a warning when a tracker's
+            # changes alone outgrew the spool.
+            emit = log.warning if any(d.ranges is not None for d in sender.disks) else log.info
+            emit("freeze_spool_overflow", cycle=sender.cycle, read_bytes=got.nbytes,
+                 spool_bytes=limit, hint="the filesystems stay frozen while this cycle is "
+                 "sent: raise freeze_spool_mb or shorten interval_seconds")
             return
         await snap.thaw()
         self._thawed, self._spooled = time.monotonic(), got.nbytes

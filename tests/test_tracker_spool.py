@@ -54,9 +54,10 @@ async def cycle(agent: Agent, dev: str) -> tuple[CycleResult, str, list[str]]:
 
     with structlog.testing.capture_logs() as logs:
         r = await agent.replicate_once(on_kind=inside)
-    events = [e["event"] for e in logs if e["event"] in (
-        "filesystems_thawed", "cycle_send_started", "cycle_spooled",
-        "freeze_spool_overflow")]
+    events = [e["event"] if e["event"] != "freeze_spool_overflow" else
+              f"freeze_spool_overflow ({e['log_level']})" for e in logs if e["event"] in (
+                  "filesystems_thawed", "cycle_send_started", "cycle_spooled",
+                  "freeze_spool_overflow")]
     return r, frozen[0], events
 
 
@@ -118,10 +119,10 @@ async def test_a_small_cycle_is_spooled_and_thawed_before_it_is_sent(
     agent = Agent(cfg)
     assert isinstance(agent.provider, FsFreeze)
     try:
-        # The full copy reads the whole 64 MiB device: more than the spool.
+        # The full copy reads the whole 64 MiB device: more than the spool (expected).
         r, want, events = await cycle(agent, dev)
         assert (r.kind, r.spool_overflow, r.spooled_bytes) == ("full", True, 0)
-        assert events == ["freeze_spool_overflow", "cycle_send_started",
+        assert events == ["freeze_spool_overflow (info)", "cycle_send_started",
                           "filesystems_thawed"]
         await point_is(procserver, tmp_path, key, r.cycle, want)
 
@@ -143,7 +144,7 @@ async def test_a_small_cycle_is_spooled_and_thawed_before_it_is_sent(
         assert (r.tracking, r.spool_overflow, r.spooled_bytes) == (
             {"sda": "blocktrace"}, True, 0)
         assert r.bytes_read >= 20_000_000
-        assert events == ["freeze_spool_overflow", "cycle_send_started",
+        assert events == ["freeze_spool_overflow (warning)", "cycle_send_started",
                           "filesystems_thawed"]
         await point_is(procserver, tmp_path, key, r.cycle, want)
         prom = Path(cfg.metrics_file).read_text()
