@@ -68,8 +68,14 @@ async def mirror_of(virsh: Virsh, name: str, dev: str) -> Mirror | None:
 
 
 async def position(virsh: Virsh, name: str, dev: str) -> tuple[int, int] | None:
-    """(bytes copied, of bytes) of ``dev``'s block job; None without one."""
-    out = await virsh("blockjob", name, dev, "--info", "--raw")
+    """(bytes copied, of bytes) of ``dev``'s block job; None without one (or when
+    libvirt cannot tell: the job just ended)."""
+    try:
+        out = await virsh("blockjob", name, dev, "--info", "--raw")
+    except VirshError as e:
+        log.info("instant_block_copy_position_unknown", machine=name, disk=dev,
+                 error=e.message)
+        return None
     cur, end = re.search(r"cur=(\d+)", out), re.search(r"end=(\d+)", out)
     return (int(cur[1]), int(end[1])) if cur and end else None
 
