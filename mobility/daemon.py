@@ -25,7 +25,7 @@ import structlog
 
 from common.backoff import Backoff
 from common.fs import atomic_write
-from mobility.agent import Agent, CycleResult
+from mobility.agent import Agent, CycleResult, provider_for
 from mobility.config import MobilityConfig
 from mobility.inplace import answer_failback, asked_to_fail_back, failback_pending
 from mobility.renewal import cert_not_after, renew
@@ -42,8 +42,8 @@ ENABLING = ("enabling", "initial_replication")
 
 def providers(cfg: MobilityConfig) -> tuple[SnapshotProvider, SnapshotProvider | None]:
     """The crash-consistent provider, and the app-consistent one if scripts are set."""
-    crash = crash_provider(cfg.snapshot, [d["path"] for d in cfg.disks], cfg.freeze_mounts,
-                           cfg.lvm_snapshot_size)
+    crash = provider_for(cfg) if cfg.snapshot == "libvirt" else crash_provider(
+        cfg.snapshot, [d["path"] for d in cfg.disks], cfg.freeze_mounts, cfg.lvm_snapshot_size)
     app = (Scripts(cfg.pre_script, cfg.post_script, cfg.script_timeout_seconds, crash)
            if cfg.pre_script and cfg.post_script else None)
     return crash, app

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from mobility.agent import Agent, CycleResult
+from mobility.daemon import providers
 from mobility.libvirtbackup import LibvirtBackup
 from procserver.server import ProcServer
 from tests.backends import missing_backend
@@ -132,6 +133,7 @@ async def test_only_blocks_written_inside_qemu_are_read_and_every_point_is_exact
     agent = Agent(cfg)
     backup = agent.provider
     assert isinstance(backup, LibvirtBackup)
+    assert isinstance(providers(cfg)[0], LibvirtBackup)  # `mobility run` steered by a site
     try:
         guest.write(0xAB, 0, 1 << 20)
         r = await cycle(agent, procserver, tmp_path, key, guest)
