@@ -15,7 +15,8 @@ byte-exact too); uninstall removes every file it installed (the machine's own di
 stays) and revokes the agent's certificate; a changed host key (or one the operator's
 known_hosts pins) refuses the install with both fingerprints, before anything is written;
 so do a refused account and a process server without a bundle, each with its own message.
-An OS other than the inventory's is refused the same way. Then web01's account becomes
+So do an ssh-key account with a key root does not accept and, with root's key, an OS
+other than the inventory's. Then web01's account becomes
 alice's, who is not root: without sudo the push stops at the privileges check before
 anything is copied; with sudo (her password), Enable protection of the machine, which
 has an account and no agent, pushes the agent itself (a failed push fails the job with
@@ -75,6 +76,7 @@ class Site:
     token_file: Path
     push: list[str]  # the CLI options every push verb of the tests takes
     agent_pid: list[int]
+    root_key: str  # a private key root's authorized_keys on the target lists
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -83,7 +85,10 @@ async def site(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Site]:
         missing_backend("a real sshd", why)
     tmp = tmp_path_factory.mktemp("install")
     bundle = agent_bundle(tmp_path_factory)
-    async with Sshd(tmp / "sshd", passwords={"root": ROOT_PW, "alice": ALICE_PW}) as sshd:
+    root_key = asyncssh.generate_private_key("ssh-ed25519")
+    async with Sshd(tmp / "sshd", passwords={"root": ROOT_PW, "alice": ALICE_PW},
+                    authorized={"root": root_key.export_public_key("openssh").decode().strip()}
+                    ) as sshd:
         # The agent on the target reaches both servers at the host's end of its link; the
         # site port is a fixed one, so the site URL Enable protection gives a pushed agent
         # (site_names and site_port) is the listener's.
@@ -127,7 +132,8 @@ async def site(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Site]:
             push = ["--api", cs.url, "--token-file", str(cs.cfg.token_path), "--json",
                     "--site-url", f"https://{HOST_ADDR}:{cs.site_port}",
                     "--heartbeat-timeout", "120"]
-            yield Site(cs, ps, api, sshd, cs.cfg.token_path, push, pids)
+            yield Site(cs, ps, api, sshd, cs.cfg.token_path, push, pids,
+                       root_key.export_private_key("openssh").decode())
         finally:
             for pid in pids:  # an agent the uninstall did not stop (a failed test)
                 with contextlib.suppress(ProcessLookupError):
@@ -440,19 +446,38 @@ async def test_a_refused_account_or_no_bundle_fails_the_prerequisites_and_change
     assert f"siterecovery agent bundle --output {bundle}" in job["error"]
 
 
-async def test_an_os_other_than_the_inventory_says_is_refused_before_anything_is_copied(
+async def _install_fails(s: Site) -> dict[str, Any]:
+    job = (await s.api.post("/api/v1/machines/web01/install", {}))["job"]
+    job = await wait_job(s.api, job["id"], timeout=60)
+    assert job["state"] == "failed", job
+    assert s.sshd.files() == [DISK.lstrip("/")]  # nothing written
+    return job
+
+
+async def test_a_key_account_wrong_key_or_os_other_than_the_inventory_is_refused(
         site: Site) -> None:
-    await site.api.patch("/api/v1/machines/web01", {"os_version": "11"})
+    """Through the request channel with an ssh-key account: a key root does not accept
+    fails the authentication check; root's key passes it, and an OS other than the
+    inventory's (checked after it) is refused; neither writes anything."""
+    other = asyncssh.generate_private_key("ssh-ed25519").export_private_key("openssh")
+    for name, secret in (("rootkey", site.root_key), ("otherkey", other.decode())):
+        await site.api.post("/api/v1/accounts", {"name": name, "username": "root",
+                                                 "kind": "ssh-key", "secret": secret})
     try:
-        job = (await site.api.post("/api/v1/machines/web01/install", {}))["job"]
-        job = await wait_job(site.api, job["id"], timeout=60)
+        await site.api.patch("/api/v1/machines/web01", {"account": "otherkey"})
+        error = (await _install_fails(site))["error"]
+        assert error.startswith("Prerequisites on the machine: authentication: "
+                                f"{site.sshd.host} refuses the account 'root' with its key")
+        await site.api.patch("/api/v1/machines/web01", {"account": "rootkey",
+                                                        "os_version": "11"})
+        error = (await _install_fails(site))["error"]
+        assert error.startswith(f"Prerequisites on the machine: os: {site.sshd.host} runs "
+                                "Debian GNU/Linux 12"), error
+        assert "the inventory says debian 11, the machine runs 12" in error
+        assert "hint: protect machines of the support matrix only" in error
     finally:
-        await site.api.patch("/api/v1/machines/web01", {"os_version": "12"})
-    assert job["state"] == "failed" and job["error"].startswith(
-        f"Prerequisites on the machine: os: {site.sshd.host} runs Debian GNU/Linux 12"), job
-    assert "the inventory says debian 11, the machine runs 12" in job["error"]
-    assert "hint: protect machines of the support matrix only" in job["error"]
-    assert site.sshd.files() == [DISK.lstrip("/")]
+        await site.api.patch("/api/v1/machines/web01", {"account": "rootpw",
+                                                        "os_version": "12"})
 
 
 async def test_an_account_without_sudo_is_refused_before_anything_is_copied(
