@@ -406,8 +406,9 @@ async def test_instant_drill_boots_from_the_vault_survives_a_kill9_and_pivots(
 
 async def test_instant_failover_finishes_a_block_copy_left_running_by_a_kill9_and_commits(
         uri: str, failover_net: str, images: Path, disk: bytes, tmp_path: Path) -> None:
-    """``failover start --instant``: booted on the NBD disk, hydrated at full speed; the
-    configuration server is killed (kill -9) while QEMU runs the block copy onto the
+    """``failover start --instant``: booted on the NBD disk, hydrated at full speed; a
+    block copy that ends before it is ready (aborted) is started again; the
+    configuration server is killed (kill -9) while QEMU runs that copy onto the
     local image. The copy job outlives it in QEMU (held paused over the kill, so that
     none of its reads meets the dead server); the restarted server finds that job,
     waits for it to be ready and pivots: no second copy, no reboot, the image is the
@@ -428,6 +429,12 @@ async def test_instant_failover_finishes_a_block_copy_left_running_by_a_kill9_an
             jid = (await api.post("/api/v1/items/web01/failover",
                                   {"instant": True}))["job"]["id"]
             await first.wait_events("instant_block_copy_started", 1, timeout=DRILL_BOUND)
+            # a copy that ends before it is ready (aborted here) is started again
+            aborted = _virsh(uri, "blockjob", FAILOVER_VM, "vda", "--abort")
+            assert aborted.returncode == 0, aborted.stderr
+            again = await first.wait_events("instant_block_copy_started", 2)
+            (ended,) = first.events("instant_block_copy_ended")
+            assert (ended["attempt"], again[1]["attempt"]) == (1, 2)
             job = _copy_job(uri, FAILOVER_VM)
             assert job is not None, "no copy job in QEMU after the copy started"
             _qmp(uri, FAILOVER_VM, "block-job-pause", device=job["device"])
