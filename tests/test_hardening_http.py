@@ -229,6 +229,8 @@ def _non_aead(found: list[dict[str, Any]]) -> list[str]:
             if not any(a in f["finding"] for a in ("GCM", "CHACHA20", "POLY1305"))]
 
 
+# The listeners' TLS does not depend on the catalog: one scan (about a minute) is enough.
+@pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True)
 async def test_testssl_finds_only_aead_suites_on_both_listeners(
         cs: ConfigServer, procserver: ProcServer, tmp_path: Path) -> None:
     for port in (cs.site_port, procserver.port):
