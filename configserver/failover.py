@@ -111,14 +111,17 @@ def kinds(deps: FailoverDeps) -> tuple[JobKind, ...]:
 
     async def cleanup_target(ctx: StepContext) -> str:
         rec, _ = await read(ctx, DRILL)
-        if rec.get("recovered"):
-            await cleanup_recovered(deps, rec["recovered"])
+        made: list[str] = []
+        # what create made, and what it planned when it was interrupted before saying
+        for what in (rec.get("recovered"), rec.get("planned")):
+            if what:
+                await cleanup_recovered(deps, what)
+                made += [r for r in what.get("resources", []) if r not in made]
         for work in {str(rec.get("work") or ""), str(deps.work_root / str(rec.get("job")))}:
             if work and rec.get("job"):
                 await asyncio.to_thread(shutil.rmtree, work, ignore_errors=True)
-        made = ", ".join((rec.get("recovered") or {}).get("resources", [])) or "nothing"
-        await record(ctx, DRILL, recovered=None, work=None)
-        return f"removed {made}"
+        await record(ctx, DRILL, recovered=None, planned=None, work=None)
+        return f"removed {', '.join(made) or 'nothing'}"
 
     async def cleanup_done(ctx: StepContext) -> str:
         await record(ctx, DRILL, state=ItemState.PROTECTED, cleaned=ctx.core.clock(),

@@ -8,7 +8,9 @@ record of the item: ``last_drill`` (drills) or ``failover``.
 
 What a step learns is written to that record at once, and every step first reads it
 back: a step re-run after a restart (kill -9 included) reuses the point chosen before
-and replaces what it had made, so it ends as if it had run once. The measured RTO is
+and replaces what it had made, so it ends as if it had run once. What the target's
+``create`` may make is recorded (``planned``) before it runs, so a create killed or
+cancelled part way leaves nothing that cleanup does not know of. The measured RTO is
 from the job's start (kept across restarts) to booted, or to created when the target
 cannot boot.
 """
@@ -98,7 +100,8 @@ def steps(field: str, deps: FailoverDeps) -> dict[str, StepFn]:
         if rec.get("job") != ctx.job.id:  # not a resumed run: a fresh record
             keep: dict[str, Any] = {}
             if field == FAILOVER:  # what runs now is replaced by the new point's machine
-                keep = {"recovered": rec.get("recovered"), "history": list(
+                keep = {"recovered": rec.get("recovered"), "planned": rec.get("planned"),
+                        "history": list(
                     rec.get("history") or []) + ([{"point": rec["point"], "job": rec["job"]}]
                                                  if rec.get("point") else [])}
             else:  # a drill that fails must not erase the last good one (drill freshness)
@@ -210,21 +213,30 @@ def steps(field: str, deps: FailoverDeps) -> dict[str, StepFn]:
         if rec.get("recovered"):  # an earlier attempt, or the point a change replaces
             await cleanup_recovered(deps, rec["recovered"])
             await record(ctx, field, recovered=None)
+        if rec.get("planned") and rec.get("made_by") != ctx.job.id:
+            # what another job's create began and never finished (a failed failover): this
+            # job's own interrupted create is the target's to continue (create again)
+            await cleanup_recovered(deps, rec["planned"])
+            await record(ctx, field, planned=None)
         spec = settings.spec(ctx.target, str(rec["point"]), drill=field == DRILL,
                              network=ctx.params.get("network"))
         disks = [RecoveryDisk(d["name"], Path(d["path"]), int(d["size"]))
                  for d in rec["disks"]]
         _accept(await target.check(spec, disks))
+        # named before it runs: a create killed or cancelled part way is cleaned up too
+        await record(ctx, field, planned=dataclasses.asdict(target.planned(spec, disks)),
+                     made_by=ctx.job.id)
         try:
             made = await target.create(spec, disks)
         except TargetError as e:
-            if e.recovered is not None:
-                await record(ctx, field, recovered=dataclasses.asdict(e.recovered),
-                             made_by=ctx.job.id)
+            # what it had made is on the error; none named: it made nothing (a refusal,
+            # another recovery's machine in the way), which cleanup must then not touch
+            await record(ctx, field, planned=None, recovered=dataclasses.asdict(e.recovered)
+                         if e.recovered is not None else None)
             raise StepFailed(f"{e.message} ({e.code}); {e.hint}") from None
         now = ctx.core.clock()
-        await record(ctx, field, recovered=dataclasses.asdict(made), made_by=ctx.job.id,
-                     created_at=now,
+        await record(ctx, field, recovered=dataclasses.asdict(made), planned=None,
+                     made_by=ctx.job.id, created_at=now,
                      rto_seconds=round(now - (ctx.job.started or now), 3))
         return f"created {made.vm_name} on {made.target}: {', '.join(made.resources)}"
 

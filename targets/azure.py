@@ -202,6 +202,14 @@ class AzureTarget:
     def blob_name(self, vm_name: str, leaf: str) -> str:
         return f"{self._prefix}{vm_name}/{leaf}"
 
+    def planned(self, spec: RecoverySpec, disks: list[RecoveryDisk]) -> Recovered:
+        """The page blobs and the template ``create`` writes (what a deployment makes is
+        named on the recovery before it starts: ``submit``)."""
+        c = self._c.container_name
+        return Recovered(self.name, spec.vm_name, [
+            *(f"blob:{c}/{self.blob_name(spec.vm_name, f'{d.name}.vhd')}" for d in disks),
+            f"blob:{c}/{self.blob_name(spec.vm_name, 'template.json')}"])
+
     async def create(self, spec: RecoverySpec, disks: list[RecoveryDisk]) -> Recovered:
         """Upload the disks, write the template and, with credentials, deploy it.
 

@@ -10,7 +10,11 @@ A recovery runs in this order (the caller — a failover job or a CLI verb — d
 3. ``create(spec, disks)``: the target takes the images (copy, import or upload)
    and defines the machine. Returns a ``Recovered`` naming every resource it made.
    If it fails part way, what it had made is still named on the error
-   (``TargetError.recovered``) so cleanup can remove it;
+   (``TargetError.recovered``) so cleanup can remove it. Before it runs, the caller
+   records ``planned(spec, disks)``: everything it may make, so that what a create
+   interrupted without a word (the process killed, the job cancelled) made can be
+   cleaned up too. A create run again for the same recovery after such an
+   interruption continues or replaces what the first one began;
 4. ``boot(recovered, timeout)``: starts the machine and waits for proof that it
    booted; raises ``BootFailedError`` with the console's last lines. A target that
    cannot boot machines (folder, azure without credentials) returns ``None``;
@@ -99,6 +103,12 @@ class Target(Protocol):
     name: str
 
     async def check(self, spec: RecoverySpec, disks: list[RecoveryDisk]) -> list[Refusal]: ...
+
+    def planned(self, spec: RecoverySpec, disks: list[RecoveryDisk]) -> Recovered:
+        """Everything ``create(spec, disks)`` may make, named before it runs; makes
+        nothing. ``cleanup`` of it removes what an interrupted ``create`` left (what is
+        not there is skipped)."""
+        ...
 
     async def create(self, spec: RecoverySpec, disks: list[RecoveryDisk]) -> Recovered: ...
 

@@ -62,12 +62,17 @@ class FolderTarget:
                                          "allowed here: raw | vhd"))
         return out
 
+    def planned(self, spec: RecoverySpec, disks: list[RecoveryDisk]) -> Recovered:
+        """The machine's folder (``cleanup`` removes its ``.partial`` one too)."""
+        final = self.folder(spec.vm_name)
+        return Recovered(self.name, spec.vm_name, [f"folder:{final}"],
+                         {"folder": str(final), "format": self.fmt})
+
     async def create(self, spec: RecoverySpec, disks: list[RecoveryDisk]) -> Recovered:
         """Write the images and ``vm.json``; raises ``TargetError`` (``folder_exists`` if a
         whole machine of that name is already there; ``folder_write_failed``)."""
         final = self.folder(spec.vm_name)
-        recovered = Recovered(self.name, spec.vm_name, [f"folder:{final}"],
-                              {"folder": str(final), "format": self.fmt})
+        recovered = self.planned(spec, disks)
         if (final / DESCRIPTION).exists():
             raise TargetError("folder_exists", f"{final} already holds a recovered machine",
                               "clean up the recovery that made it first, or choose another "

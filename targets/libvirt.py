@@ -161,7 +161,7 @@ class LibvirtTarget:
                               "change the item's recovery settings")
         folder = self.pool_dir / spec.vm_name
         if await asyncio.to_thread(_began_by, folder, spec):
-            await self.cleanup(self._leftovers(spec, folder))
+            await self.cleanup(self.planned(spec, []))
         rec = Recovered(self.name, spec.vm_name)
         try:
             await self._create(spec, disks, rec, source)
@@ -255,9 +255,10 @@ class LibvirtTarget:
                 raise TargetError("cleanup", f"unknown resource {res!r} on {recovered.vm_name}",
                                   "remove it by hand")
 
-    def _leftovers(self, spec: RecoverySpec, folder: Path) -> Recovered:
-        """Everything an interrupted ``create`` of ``spec`` may have made (``cleanup``
-        skips what is not there), in the order ``_create`` makes it."""
+    def planned(self, spec: RecoverySpec, disks: Sequence[object] = ()) -> Recovered:
+        """Everything a ``create`` (or ``create_instant``) of ``spec`` may make, in the
+        order it makes it (``cleanup`` skips what is not there)."""
+        folder = self.pool_dir / spec.vm_name
         rec = Recovered(self.name, spec.vm_name, [f"dir:{folder}",
                                                   f"instant:{spec.vm_name}"])
         network = self.nets.network_for(spec, self.network)

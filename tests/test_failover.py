@@ -1,7 +1,8 @@
 """Failover through the real configuration server (SQLite and PostgreSQL), a real vault
 with real points and the folder target: a drill and its cleanup, failover, change of
 recovery point, commit, verbs refused in the wrong state, and a ``configserver run``
-killed with kill -9 in the middle of a failover that resumes it."""
+killed with kill -9 in the middle of a failover that resumes it — once while its restore
+waits, once inside the target's create (a ``cp`` stopped part way)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -258,7 +261,8 @@ async def test_a_drill_of_a_damaged_point_fails_with_the_fsck_findings(
     assert (await api.get("/api/v1/items/web01"))["state"] == "protected"
 
 
-async def test_a_cancelled_drill_leaves_its_work_for_cleanup(site: Site) -> None:
+async def test_a_cancelled_drill_leaves_its_work_for_cleanup(
+        site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     api = site.api
     got = await try_acquire(site.vault, "exclusive", "test: a prune")  # the restore waits
     assert isinstance(got, Lock)
@@ -274,6 +278,29 @@ async def test_a_cancelled_drill_leaves_its_work_for_cleanup(site: Site) -> None
     assert done["state"] == "succeeded", done
     assert not Path(item["last_drill"]["work"]).exists()
     assert (await api.get("/api/v1/items/web01"))["state"] == "protected"
+
+    # cancelled inside the target's create (its cp stopped part way), before it could
+    # say what it made: what it planned is cleaned up
+    for name, value in _cp_shim(tmp_path / "cp-shim").items():
+        monkeypatch.setenv(name, value)
+    folder = site.recovered / "web01"
+    pid = None
+    try:
+        async with _cp_stops(tmp_path / "cp-shim") as told:
+            jid = (await api.post("/api/v1/items/web01/test-failover", {}))["job"]["id"]
+            pid = await asyncio.wait_for(told, 120)
+        assert (folder.with_name("web01.partial") / "sda.img").stat().st_size == 65536
+        assert (await api.post(f"/api/v1/jobs/{jid}/cancel", {}))["state"] == "cancelled"
+    finally:
+        if pid is not None:
+            _kill(pid)
+    item = await api.get("/api/v1/items/web01")
+    assert item["state"] == "test_failover_done"
+    assert item["last_drill"]["planned"]["resources"] == [f"folder:{folder}"]
+    done = await _run(api, "cleanup-test-failover", {"notes": "cancelled in create"})
+    assert done["state"] == "succeeded", done
+    assert f"folder:{folder}" in step(done, "cleanup")["message"]
+    assert list(site.recovered.iterdir()) == []
 
 
 async def test_failover_change_point_and_commit(site: Site) -> None:
@@ -376,6 +403,8 @@ async def test_kill9_during_a_failover_resumes_it(tmp_path: Path, catalog_url: s
         "database_url": catalog_url})
     args = ["configserver", "run", "--config", str(config)]
     first, second = Daemon(args, "configserver_started"), None
+    started: list[Daemon] = []  # the servers of the kill inside create
+    stopped: list[int] = []  # its stopped cp
     ready = await first.start()
     url, site_url = f"http://127.0.0.1:{ready['port']}", f"https://127.0.0.1:{ready['site_port']}"
     token = (data_dir / "api-token").read_text().strip()
@@ -399,7 +428,8 @@ async def test_kill9_during_a_failover_resumes_it(tmp_path: Path, catalog_url: s
         assert first.events("job_succeeded") == [] or all(
             e["job"] != jid for e in first.events("job_succeeded"))
 
-        second = Daemon(args, "configserver_started")
+        # the restarted server runs cp through a shim that can stop it part way (below)
+        second = Daemon(args, "configserver_started", _cp_shim(tmp_path / "cp-shim"))
         ready = await second.start()
         url = f"http://127.0.0.1:{ready['port']}"
         (resumed,) = await second.wait_events("job_resumed", 1)
@@ -419,11 +449,109 @@ async def test_kill9_during_a_failover_resumes_it(tmp_path: Path, catalog_url: s
             assert item["state"] == "failed_over" and item["failover"]["point"] == points[1].id
         image = data_dir / "recovered" / "web01" / "sda.img"
         assert sha256(image) == sha256_of(data[points[1].id])
+
+        # killed again, inside the target's create: a change of point copying its image
+        await _kill9_inside_create(second, args, token, tmp_path, started, stopped)
+        assert sha256(image) == sha256_of(data[points[0].id])
+        assert not (data_dir / "recovered" / "web01.partial").exists()
+        assert sorted(p.name for p in (data_dir / "recovered").iterdir()) == ["web01"]
     finally:
         if held is not None:
             await held.release()
         if vault is not None:
             await vault.close()
-        for d in (first, second):
+        for d in (first, second, *started):
             if d is not None and d.proc is not None and d.proc.returncode is None:
                 await d.stop()
+        for pid in stopped:
+            _kill(pid)
+
+
+CP_SHIM = """#!{python}
+# cp as the folder target runs it (cp OPTIONS SRC DST); when the test asks, it writes
+# part of the image, tells the test its pid and stops there
+import os, signal, socket, sys
+ask = os.path.join(os.environ["SR_TEST_CP"], "stop")
+if os.path.exists(ask):
+    os.unlink(ask)
+    with open(sys.argv[-2], "rb") as src, open(sys.argv[-1], "wb") as dst:
+        dst.write(src.read(65536))
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(os.path.join(os.environ["SR_TEST_CP"], "notify"))
+        s.sendall(str(os.getpid()).encode())
+    os.kill(os.getpid(), signal.SIGSTOP)
+os.execv({cp!r}, ["cp", *sys.argv[1:]])
+"""
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, 9)
+    except ProcessLookupError:
+        pass
+
+
+def _cp_shim(shim: Path) -> dict[str, str]:
+    """The environment of a server whose ``cp`` is ``CP_SHIM`` in ``shim``."""
+    shim.mkdir()
+    (shim / "cp").write_text(CP_SHIM.format(python=sys.executable, cp=shutil.which("cp")))
+    (shim / "cp").chmod(0o755)
+    return {"PATH": f"{shim}:{os.environ['PATH']}", "SR_TEST_CP": str(shim)}
+
+
+@asynccontextmanager
+async def _cp_stops(shim: Path) -> AsyncIterator[asyncio.Future[int]]:
+    """Ask the next ``cp`` run through the shim in ``shim`` to stop part way; the future
+    gets its pid once it stopped."""
+    told: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def tell(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        told.set_result(int(await reader.read()))
+        writer.close()
+        await writer.wait_closed()
+
+    async with await asyncio.start_unix_server(tell, path=str(shim / "notify")):
+        (shim / "stop").touch()
+        yield told
+
+
+async def _kill9_inside_create(stopping: Daemon, args: list[str], token: str,
+                               tmp_path: Path, started: list[Daemon], stopped: list[int]
+                               ) -> None:
+    """Change web01's point back to the first one with ``cp`` stopped in the middle of
+    the folder target's copy, kill -9 the server (``stopping``, running with the shim)
+    there, start it again: the job resumes at its create step, which makes the machine
+    whole. The server it starts goes on ``started``, the stopped cp's pid on
+    ``stopped``: the caller ends them."""
+    shim = tmp_path / "cp-shim"
+    ready = stopping.ready
+    async with _cp_stops(shim) as told, \
+            ApiClient(f"http://127.0.0.1:{ready['port']}", token) as api:
+        points = (await api.get("/api/v1/points", machine="web01"))["points"]
+        first = min(points, key=lambda p: str(p["created"]))["id"]
+        jid = (await api.post("/api/v1/items/web01/change-recovery-point",
+                              {"point": first}))["job"]["id"]
+        stopped.append(await asyncio.wait_for(told, 120))
+        before = await api.get(f"/api/v1/jobs/{jid}")
+        assert step(before, "create")["state"] == "running", before
+        item = await api.get("/api/v1/items/web01")  # named before create began
+        folder = tmp_path / "cs" / "recovered" / "web01"
+        assert item["failover"]["planned"]["resources"] == [f"folder:{folder}"]
+        assert item["failover"]["recovered"] is None  # the other point's machine went
+        half = folder.with_name("web01.partial") / "sda.img"
+        assert half.stat().st_size == 65536  # the copy stopped part way
+    await stopping.kill9()
+    again = Daemon(args, "configserver_started")
+    started.append(again)
+    ready = await again.start()
+    (resumed,) = await again.wait_events("job_resumed", 1)
+    assert (resumed["job"], resumed["attempts"]) == (jid, 2)
+    async with ApiClient(f"http://127.0.0.1:{ready['port']}", token) as api:
+        done = await wait_job(api, jid, timeout=120)
+        assert done["state"] == "succeeded" and done["attempts"] == 2, done
+        for name in ("prerequisites", "select_point", "restore", "verify"):
+            assert step(done, name)["attempts"] == 1, name  # done before the kill
+        assert step(done, "create")["attempts"] == 2
+        item = await api.get("/api/v1/items/web01")
+        assert item["state"] == "failed_over" and item["failover"]["point"] == first
+        assert item["failover"]["planned"] is None
