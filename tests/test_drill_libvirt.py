@@ -1,7 +1,8 @@
 """A drill on libvirt end to end: a real bootable Linux disk protected through the real
 path (Mobility agent → process server → vault, points reported to the configuration
 server's catalog), changed between cycles through its filesystem, test-failed-over on a
-real libvirtd through the configuration server's API, then cleaned up. One VM boot.
+real libvirtd through the configuration server's API, then cleaned up (after a drill
+the host refuses by setting before it restores anything). One VM boot.
 Then the source loses its boot loader's sector (carried by the agent's next cycle): a
 drill of that point checks clean but fails at the boot step with the console's last
 lines, and its cleanup too leaves nothing.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -219,9 +221,21 @@ async def _protected_and_drilled(cs: ConfigServer, api: ApiClient, enable: dict[
     assert fin["state"] == "succeeded", fin
     assert (await api.get("/api/v1/items/web01"))["state"] == "protected"
 
+    # settings this host cannot take are refused before anything is restored, each
+    # naming the setting and what is allowed here; the item is protected again
+    await api.call("PATCH", "/api/v1/items/web01/recovery", {
+        "target": "libvirt", "vm_name": VM, "memory_mib": 4194304}, {})  # 4 TiB
+    refused = await wait_job(api, (await api.post("/api/v1/items/web01/test-failover",
+                                                  {}))["job"]["id"])
+    assert refused["state"] == "failed" and step(refused, "select_point")["state"] == "failed"
+    assert re.search(r"the target refuses the recovery: memory_mib: 4194304: 64 to \d+ MiB "
+                     "on this host$", refused["error"]), refused["error"]
+    assert step(refused, "restore")["state"] == "skipped"  # nothing restored
+    assert (await api.get("/api/v1/items/web01"))["state"] == "protected"
+
     # the drill: libvirt, a small machine, proof of boot is the disk's console line
     await api.call("PATCH", "/api/v1/items/web01/recovery", {
-        "target": "libvirt", "vm_name": VM, "memory_mib": 256, "boot_marker": MARKER}, {})
+        "memory_mib": 256, "boot_marker": MARKER}, {})
     jid = (await api.post("/api/v1/items/web01/test-failover", {}))["job"]["id"]
     job = await wait_job(api, jid, timeout=DRILL_BOUND)
     try:
