@@ -96,12 +96,17 @@ async def wait_remote(ctx: StepContext, name: str,
                       show: Callable[[str], str] = lambda note: note) -> str:
     """The message of step ``name`` of the job's install request once the process server
     reported it succeeded; ``StepFailed`` with its message when it failed. Meanwhile the
-    job's step shows ``show(what the process server is doing)``."""
+    job's step shows ``show(what the process server is doing)``. A process server that
+    stops heartbeating with the request claimed fails it (after a restart of this server,
+    counted from the restart), so no request stays claimed by a process server that
+    never comes back."""
     shown = [""]
+    began = ctx.core.clock()
 
     async def reported() -> str | None:
         async with ctx.core.sessionmaker() as s:
             req = await s.get(InstallRequest, ctx.job.id)
+            ps = await s.get(db.ProcessServer, req.procserver) if req is not None else None
         if req is None:
             raise StepFailed("the install request is gone (was the machine removed?)")
         st = dict(req.steps or {}).get(name) or {}
@@ -115,6 +120,13 @@ async def wait_remote(ctx: StepContext, name: str,
                 f"process server {req.procserver} did not take the request within "
                 f"{CLAIM_TIMEOUT_SECONDS:.0f} s: is it running, with configserver_url "
                 "set? (siterecovery procserver list)")
+        silent = now - max(ps.last_contact if ps is not None else 0.0, began)
+        if req.state == "claimed" and silent > STALE_PROCSERVER_SECONDS:
+            raise StepFailed(
+                f"process server {req.procserver} stopped while running the request (no "
+                f"heartbeat for {silent:.0f} s): run this again once it is back (an install "
+                "is idempotent), or assign another process server (siterecovery machine "
+                f"update {req.machine} --process-server NAME)")
         note = show(str(st.get("message") or (
             f"waiting for process server {req.procserver}" if req.state == "pending"
             else f"process server {req.procserver} at work")))

@@ -10,6 +10,10 @@ reported: the process server's next call (the certificate request of the enrollm
 retried until the restarted server answers, which resumed the job where it was. The agent
 checks in, the job succeeds with every step once, one certificate is issued, nothing of
 the killed runs is left on the machine, and a re-run verifies and changes nothing.
+
+A process server that stops for good with a request claimed fails the job's step once it
+has not heartbeated for 15 minutes (the configuration server's clock moved), saying so;
+the request ends with it: coming back, that process server is told to stop.
 """
 
 from __future__ import annotations
@@ -20,17 +24,20 @@ import os
 import shutil
 import signal
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import asyncssh
 import pytest
 
+from configserver.installjob import STALE_PROCSERVER_SECONDS
 from procserver.installreq import BUNDLE_NAME
-from siterecovery.apiclient import ApiClient
+from siterecovery.apiclient import ApiCallError, ApiClient
 from tests.backends import missing_backend
+from tests.csclock import Clock, clocked_configserver
 from tests.helpers import Daemon, make_vault, write_toml
-from tests.sitehelpers import step, wait_job
+from tests.sitehelpers import add_machine, add_procserver, step, wait_job
 from tests.sshd import HOST_ADDR, Sshd, agent_bundle, missing
 
 ROOT_PW = "root-secret-5"
@@ -178,3 +185,40 @@ async def test_install_survives_kill9_of_the_process_server_and_the_configuratio
             for d in daemons:
                 if d.proc is not None and d.proc.returncode is None:
                     await d.stop()
+
+
+async def test_a_process_server_gone_for_good_fails_the_claimed_request_with_the_reason(
+        tmp_path: Path) -> None:
+    clock = Clock()
+    async with clocked_configserver(tmp_path / "cs", f"sqlite+aiosqlite:///{tmp_path}/c.db",
+                                    clock) as cs, \
+            ApiClient(cs.url, cs.admin_token) as api, \
+            ApiClient(cs.url, cs.internal_token) as internal:
+        await add_procserver(cs.url, cs.internal_token)
+        await add_machine(api, "web01")
+        await api.post("/api/v1/accounts", {"name": "rootpw", "username": "root",
+                                            "kind": "password", "secret": ROOT_PW})
+        await api.patch("/api/v1/machines/web01", {"account": "rootpw",
+                                                   "process_server": "ps1"})
+        jid = (await api.post("/api/v1/machines/web01/install",
+                              {"site_url": "https://192.0.2.1:9441"}))["job"]["id"]
+        await wait_job(api, jid, lambda j: step(j, "prerequisites")["state"] == "running")
+        base = f"/api/v1/internal/install-requests/{jid}"
+        claimed = await internal.post(f"{base}/claim", {"procserver": "ps1"})
+        assert claimed["account"]["secret"] == ROOT_PW  # ps1 runs it ... and stops for good
+        clock.now = time.time() + STALE_PROCSERVER_SECONDS + 60
+        await add_procserver(cs.url, cs.internal_token, name="ps2")  # any change wakes jobs
+        job = await wait_job(api, jid)
+        assert job["state"] == "failed", job
+        assert job["error"].startswith("Prerequisites on the machine: process server ps1 "
+                                       "stopped while running the request (no heartbeat for "), job
+        assert "run this again once it is back" in job["error"]
+        # back after all: its report is answered 'stop', its claim refused, nothing listed
+        answer = await internal.post(f"{base}/report", {
+            "procserver": "ps1", "step": "prerequisites", "state": "succeeded"})
+        assert answer["state"] == "failed"
+        with pytest.raises(ApiCallError) as refused:
+            await internal.post(f"{base}/claim", {"procserver": "ps1"})
+        assert refused.value.status == 409 and "already ended" in refused.value.message
+        listed = await internal.get("/api/v1/internal/procservers/ps1/install-requests")
+        assert listed["requests"] == []
