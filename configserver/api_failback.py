@@ -18,7 +18,10 @@ FAILBACK_ANSWER = obj({
     "error": nullable({"type": "string", "maxLength": 2000, "description": (
         "why the point could not be written (null: written and verified)")}),
     "blocks_compared": _COUNT, "blocks_written": _COUNT, "bytes_written": _COUNT,
-}, ["request", "point", "error", "blocks_compared", "blocks_written", "bytes_written"])
+    "stage": {"enum": ["writing", "done"], "description": (
+        "writing: a progress report (percent); done (the default): the result")},
+    "percent": {"type": "number", "minimum": 0, "maximum": 100},
+}, ["request", "point"])
 
 
 async def answer(call: Call) -> web.Response:
@@ -37,12 +40,22 @@ async def answer(call: Call) -> web.Response:
                            f"point {b['point']!r} with id {b['request']!r}",
                            "only a running failback asks for it (its settings' "
                            "failback_request)")
-        fb.update(reported=now, error=b["error"], blocks_compared=b["blocks_compared"],
-                  blocks_written=b["blocks_written"], bytes_written=b["bytes_written"])
+        if b.get("stage") == "writing":
+            if fb.get("reported"):  # late: the result is in
+                return reply({"request": b["request"], "recorded": False})
+            item.failover = {**rec, FAILBACK: {**fb, "percent": b.get("percent") or 0.0}}
+            await s.commit()
+            log.info("agent_failback_progress", machine=name, request=b["request"],
+                     percent=b.get("percent"))
+            await call.services.notify()
+            return reply({"request": b["request"], "recorded": True})
+        fb.update(reported=now, error=b.get("error"), percent=100.0,
+                  **{k: int(b.get(k) or 0) for k in (
+                      "blocks_compared", "blocks_written", "bytes_written")})
         item.failover = {**rec, FAILBACK: fb}
         await s.commit()
     log.info("agent_failback_reported", machine=name, request=b["request"], point=b["point"],
-             blocks_written=b["blocks_written"], error=b["error"])
+             blocks_written=b.get("blocks_written"), error=b.get("error"))
     await call.services.notify()
     return reply({"request": b["request"], "recorded": True})
 

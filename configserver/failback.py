@@ -92,6 +92,9 @@ def kinds(deps: FailoverDeps) -> tuple[JobKind, ...]:
         async def answered() -> dict[str, Any] | None:
             rec, _ = await read(ctx, FAILOVER)
             got: dict[str, Any] = rec.get(FAILBACK) or {}
+            if not got.get("reported") and got.get("percent") is not None:
+                await ctx.progress(float(got["percent"]), f"{ctx.target}'s agent: "
+                                   f"{float(got['percent']):.0f} % compared and written")
             return got if got.get("reported") else None
 
         got = await ctx.wait_for(answered, what=f"{ctx.target}'s agent", timeout=timeout)

@@ -27,7 +27,8 @@ from common.backoff import Backoff
 from common.fs import atomic_write
 from mobility.agent import Agent, CycleResult, provider_for
 from mobility.config import MobilityConfig
-from mobility.inplace import answer_failback, asked_to_fail_back, failback_pending
+from mobility.failbackrequest import answer_failback, asked_to_fail_back
+from mobility.inplace import failback_pending
 from mobility.renewal import cert_not_after, renew
 from mobility.reporter import ProgressReporter
 from mobility.shutdown import answered, shut_down

@@ -39,7 +39,6 @@ from common.fs import atomic_write
 from mobility.agent import Agent
 from mobility.config import MobilityConfig
 from mobility.link import FOREVER, Link
-from mobility.siteclient import Settings, SiteClient, SiteError
 from mobility.tracker import AgentState, DiskState, commit_state, write_map
 from wire.protocol import (
     FINGERPRINT,
@@ -313,9 +312,6 @@ async def failback(agent: Agent, point: str, progress: Progress | None = None
         await link.close()
 
 
-ANSWERED = "failback-request"  # in the state directory: the id of the answered request
-
-
 def failback_pending(state_dir: str | Path) -> str | None:
     """The point an interrupted failback was writing onto the disks, if any: until it
     is written whole, the disks must not be replicated."""
@@ -323,39 +319,3 @@ def failback_pending(state_dir: str | Path) -> str | None:
         return (Path(state_dir) / PENDING).read_text().strip() or None
     except FileNotFoundError:
         return None
-
-
-def asked_to_fail_back(settings: Settings, state_dir: str | Path) -> bool:
-    """A failback asks for a point this agent has not answered yet."""
-    req = settings.failback_request
-    if req is None:
-        return False
-    try:
-        done = (Path(state_dir) / ANSWERED).read_text().strip()
-    except FileNotFoundError:
-        done = ""
-    return done != req["request"]
-
-
-async def answer_failback(agent: Agent, site: SiteClient, settings: Settings) -> None:
-    """Write the point a failback asks for and answer. The answer is noted in the state
-    directory once the configuration server has it, so it is given once; a failback
-    that failed is answered with its error (the job fails; a new failback asks again)."""
-    req = settings.failback_request
-    assert req is not None
-    log.info("failback_requested", request=req["request"], point=req["point"])
-    error: str | None = None
-    counts = {"blocks_compared": 0, "blocks_written": 0, "bytes_written": 0}
-    try:
-        r = await failback(agent, req["point"])
-        counts = {"blocks_compared": sum(d.blocks_compared for d in r.disks),
-                  "blocks_written": r.blocks_written, "bytes_written": r.bytes_written}
-    except Exception as e:  # every failure is answered: the job must not wait for nothing
-        error = str(e) or type(e).__name__
-        log.error("failback_failed", request=req["request"], point=req["point"], error=error)
-    try:
-        await site.report_failback(req["request"], req["point"], error, counts)
-    except SiteError as e:
-        log.warning("failback_report_failed", error=str(e))
-        return  # asked again with the next settings: the compare finds nothing to write
-    atomic_write(Path(agent.cfg.state_dir) / ANSWERED, req["request"])

@@ -271,6 +271,12 @@ class SiteClient:
             "request": request, "point": point,
             "error": None if error is None else error[:2000], **counts})
 
+    async def report_failback_progress(self, request: str, point: str,
+                                       percent: float) -> None:
+        """How far a failback's compare and writes are (0-100)."""
+        await self._call("POST", "/api/v1/agent/failback", {
+            "request": request, "point": point, "stage": "writing", "percent": percent})
+
     async def report_shutdown(self, request: str, stage: str, cycle: str | None,
                               error: str | None) -> None:
         """Answer a failover's shutdown request: ``shutting_down`` after the last cycle
