@@ -47,11 +47,13 @@ HINTS = {
     S.TEST_FAILOVER_DONE: "clean the drill up first: siterecovery failover cleanup {m} "
                           "--notes TEXT",
     S.FAILOVER_IN_PROGRESS: "wait for the failover to end",
-    S.FAILED_OVER: "the machine is failed over: change its point or commit: siterecovery "
-                   "failover change-point|commit {m}",
+    S.FAILED_OVER: "the machine is failed over: change its point, commit, re-protect or fail "
+                   "back: siterecovery failover change-point|commit|reprotect|failback {m}",
     S.COMMITTED: "the failover is committed; nothing is left to fail over (fail back: "
                  "siterecovery failover failback {m})",
     S.FAILBACK_IN_PROGRESS: "wait for the failback to end",
+    S.REPROTECTED: "the recovered machine is re-protected: fail back (siterecovery failover "
+                   "failback {m}) or re-protect again (siterecovery failover reprotect {m})",
 }
 LOCKED_SETTINGS = (S.TEST_FAILOVER_IN_PROGRESS, S.FAILOVER_IN_PROGRESS)
 
