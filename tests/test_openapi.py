@@ -24,7 +24,7 @@ ACCEPTED = ["2xx", "3xx", "401", "403", "404", "409", "429", "5xx"]
 RESPONSE_SECONDS = 10
 # Examples per operation: every check on SQLite; on PostgreSQL fewer (what differs there
 # is the database's own refusals: lengths, integer ranges, encodings), for the suite's time.
-EXAMPLES = {"sqlite": 25, "postgresql": 10}
+EXAMPLES = {"sqlite": 15, "postgresql": 8}
 
 
 def schemathesis_config(doc: dict[str, Any]) -> str:
