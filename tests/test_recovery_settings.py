@@ -126,6 +126,12 @@ async def test_cli_items_update_changes_the_recovery_settings(
                                 "--cpus", "4", "--json", *api_args)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["recovery"] == {**DEFAULTS, "vm_name": "web01-dr", "cpus": 4}
+    r = await asyncio.to_thread(run_cli, "items", "show", "web01", *api_args)
+    assert r.returncode == 0, r.stderr
+    shown = r.stdout.splitlines()
+    assert "recovery settings:" in shown, r.stdout
+    assert {"  VM name:          web01-dr", "  CPUs:             4",
+            "  memory:           1024 MiB", "  IP:               DHCP"} <= set(shown), r.stdout
     r = await asyncio.to_thread(run_cli, "items", "update", "web01", "--reset", "cpus",
                                 *api_args)
     assert r.returncode == 0, r.stderr
