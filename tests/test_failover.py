@@ -333,8 +333,9 @@ async def test_failover_change_point_and_commit(site: Site) -> None:
     await _refused(api, "test-failover")
     await _refused(api, "failover")
 
-    job = await _run(api, "change-recovery-point", {"point": p1.id})
+    job = await _run(api, "change-recovery-point", {"at": p1.created})  # the newest then
     assert job["state"] == "succeeded", job
+    assert p1.id in step(job, "select_point")["message"]
     _recovered_is(site, p1, drill=False)
     item = await api.get("/api/v1/items/web01")
     assert item["state"] == "failed_over" and item["failover"]["point"] == p1.id
