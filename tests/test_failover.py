@@ -369,6 +369,18 @@ async def test_cli_drill_with_wait(site: Site, cs: ConfigServer) -> None:
     assert r.returncode == 0, r.stderr
     assert "Cleanup test failover web01: succeeded" in r.stdout
 
+    # failed over, then back to the older point on another network for this run only
+    assert (await _run(site.api, "failover"))["state"] == "succeeded"
+    p1 = site.points[0]
+    r = await asyncio.to_thread(run_cli, "failover", "change-point", "web01", "--at",
+                                p1.created, "--network", "dr-net-2", "--wait", "--json",
+                                *args)
+    assert r.returncode == 0, r.stderr
+    job = json.loads(r.stdout)
+    assert (job["kind"], job["state"]) == ("change_recovery_point", "succeeded")
+    vm = json.loads((site.recovered / "web01" / "vm.json").read_text())
+    assert (vm["point"], vm["network"]) == (p1.id, "dr-net-2")
+
 
 async def test_folder_target_formats_and_idempotent_cleanup(tmp_path: Path) -> None:
     raw = tmp_path / "sda.raw"
