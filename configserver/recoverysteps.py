@@ -213,7 +213,8 @@ def steps(field: str, deps: FailoverDeps) -> dict[str, StepFn]:
         if rec.get("recovered"):  # an earlier attempt, or the point a change replaces
             await cleanup_recovered(deps, rec["recovered"])
             await record(ctx, field, recovered=None)
-        if rec.get("planned") and rec.get("made_by") != ctx.job.id:
+        ours = rec.get("planned") if rec.get("made_by") == ctx.job.id else None
+        if rec.get("planned") and not ours:
             # what another job's create began and never finished (a failed failover): this
             # job's own interrupted create is the target's to continue (create again)
             await cleanup_recovered(deps, rec["planned"])
@@ -230,8 +231,9 @@ def steps(field: str, deps: FailoverDeps) -> dict[str, StepFn]:
             made = await target.create(spec, disks)
         except TargetError as e:
             # what it had made is on the error; none named: it made nothing (a refusal,
-            # another recovery's machine in the way), which cleanup must then not touch
-            await record(ctx, field, planned=None, recovered=dataclasses.asdict(e.recovered)
+            # another recovery's machine in the way), which cleanup must then not touch —
+            # unless this job's create ran before (killed): what is in the way is its own
+            await record(ctx, field, planned=ours, recovered=dataclasses.asdict(e.recovered)
                          if e.recovered is not None else None)
             raise StepFailed(f"{e.message} ({e.code}); {e.hint}") from None
         now = ctx.core.clock()
