@@ -99,7 +99,8 @@ async def _least_loaded(s: AsyncSession, now: float
 
 async def prepare_agent(ctx: StepContext) -> str:
     """Push the Mobility agent if it needs it, then wait for it to check in (heartbeat or
-    settings call) after the job was created.
+    settings call) after the job was created (after the pushed agent was started), at the
+    version the push installed.
 
     A machine with a push-install account whose agent never checked in with a certificate
     it still holds gets an install request, one whose agent is older than its process
@@ -108,13 +109,19 @@ async def prepare_agent(ctx: StepContext) -> str:
     not reinstalled; a machine without an account waits for an agent installed by hand.
     """
     lines, push = await _push(ctx)
-    since = ctx.job.created
+    since, want, how = ctx.job.created, "", ""
     if push is not None:
         async with ctx.core.sessionmaker() as s:
             req = await s.get(InstallRequest, ctx.job.id)
-        started = dict((req.steps or {}) if req else {}).get("start") or {}
+        steps = dict((req.steps or {}) if req else {})
+        started = steps.get("start") or {}
         if not started.get("running_before"):  # its check-in comes after the new start
             since = max(since, float(started.get("at") or since))
+        # Where no systemd restarts it, the old program may go on checking in: only the
+        # version the install step reported counts.
+        want = str((steps.get("install") or {}).get("version") or "")
+        how = str(started.get("how") or "")
+    shown = [""]
 
     async def checked_in() -> str | None:
         async with ctx.core.sessionmaker() as s:
@@ -122,10 +129,18 @@ async def prepare_agent(ctx: StepContext) -> str:
             if machine is None:
                 raise StepFailed(f"machine {ctx.target!r} was removed from the inventory")
             await _item(s, ctx.target)
-            if machine.last_contact is not None and machine.last_contact >= since:
-                return f"agent {machine.agent_version or '(version unknown)'} checked in at " \
-                       f"{iso(machine.last_contact)}"
-        return None
+        if machine.last_contact is None or machine.last_contact < since:
+            return None
+        if want and machine.agent_version != want:
+            note = (f"agent {machine.agent_version or '(version unknown)'} checked in at "
+                    f"{iso(machine.last_contact)}, not the {want} installed: restart it"
+                    + (f" ({how})" if how else ""))
+            if note != shown[0]:
+                shown[0] = note
+                await ctx.progress(0.0, "\n".join([*lines, note]))
+            return None
+        return f"agent {machine.agent_version or '(version unknown)'} checked in at " \
+               f"{iso(machine.last_contact)}"
 
     await ctx.progress(0.0, "\n".join([*lines, "waiting for the Mobility agent to check in"]))
     found = await ctx.wait_for(checked_in, what="the Mobility agent to check in (is it "
@@ -178,8 +193,10 @@ async def _push(ctx: StepContext) -> tuple[list[str], str | None]:
 
 
 async def initial_replication(ctx: StepContext) -> str:
-    """Wait until every disk is copied (agent progress 100 %) and the first recovery point
-    is in the catalog."""
+    """Wait until the agent reported every disk at 100 % and the first recovery point since
+    Enable protection is in the catalog. The agent reports any cycle while the item is
+    being enabled: a full copy, or a delta (or resync) where it already holds a basis
+    (protection enabled again on an agent that kept its maps), whose point ends this."""
     await _set_state(ctx, ItemState.INITIAL_REPLICATION, only_from=(ItemState.ENABLING,))
 
     async def done() -> str | None:

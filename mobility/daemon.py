@@ -3,7 +3,9 @@
 Each round the agent asks the site listener for its settings (the assigned process
 server, the policy's crash-consistent interval and app-consistent frequency, the
 block size, whether to replicate at all), heartbeats, runs a cycle and reports
-the progress of full copies (initial replication, resynchronization). When the
+the progress of initial replication (any cycle while the item is being enabled: a full
+copy, or a delta or resync where the agent already holds a basis) and of
+resynchronizations. When the
 configuration server cannot be reached it keeps replicating on what it last knew:
 the control plane steers the data path, it never stops it.
 
@@ -220,9 +222,11 @@ class ManagedAgent:
         async with ProgressReporter(self.site, names, active=False) as report:
 
             def on_kind(kind: str) -> None:
-                # Whole disks copied or compared: initial replication while enabling,
-                # a resynchronization once protected. Deltas are not reported.
-                if kind != "delta":
+                # While enabling, every cycle is initial replication, whatever its kind:
+                # an agent that kept its maps (protection enabled again) sends a delta, and
+                # Enable protection waits for its 100 %. Once protected, whole disks copied
+                # or compared are a resynchronization; deltas are not reported.
+                if enabling or kind != "delta":
                     report.start(resync=not enabling)
 
             r = await self.agent.replicate_once(report, on_kind=on_kind,
