@@ -5,7 +5,8 @@ A process server is *dead* once it has not heartbeated for ``procserver_failover
 (by default the 15 minutes of the ``procserver_heartbeat_missing`` alert, counted like it
 from this server's start at the earliest). Every machine with a replicated item assigned
 to it then gets a *Move to another process server* job (one per machine and outage: a
-job created after the dead server's last heartbeat is not made again), whose steps
+machine whose move away from the dead server is under way or was made after its last
+heartbeat gets none), whose steps
 
 1. **choose** the least-loaded healthy process server with room
    (``configserver/assignment.py``), assign the machine to it, ask it for a refresh (it
@@ -102,6 +103,12 @@ async def _resync(ctx: StepContext) -> str:
             if machine is None or item is None:
                 raise StepFailed(f"{ctx.target} was removed or its replication disabled")
             if item.latest_point is None or (item.latest_point_time or 0.0) <= moved:
+                if await s.scalar(select(func.count()).select_from(db.Job).where(
+                        db.Job.kind == MOVE.name, db.Job.target == ctx.target,
+                        db.Job.state == "queued", db.Job.id != ctx.job.id)):
+                    raise StepFailed(f"{machine.process_server} went silent before "
+                                     f"{ctx.target}'s first point there; the next move job "
+                                     "takes the machine on")
                 await ctx.progress(0.0, f"waiting for {ctx.target}'s agent to replicate to "
                                         f"{machine.process_server}")
                 return None
@@ -112,6 +119,8 @@ async def _resync(ctx: StepContext) -> str:
         server, row = await ctx.wait_for(first_point, what=f"{ctx.target}'s first point after "
                                          "the move", timeout=timeout)
     except StepFailed as e:
+        if not str(e).startswith("timed out"):
+            raise
         raise StepFailed(f"{e}: is the machine's agent running, and can it reach its new "
                          "process server?") from None
     doc: dict[str, Any] = json.loads(row.doc)
@@ -146,10 +155,12 @@ async def fail_over_once(core: Core, up_since: float,
             ).scalars().all()
             if not machines:
                 continue
-            done = set((await s.execute(select(db.Job.target).where(
-                db.Job.kind == MOVE.name, db.Job.target.in_(machines),
-                (db.Job.created >= ps.last_contact) | db.Job.state.in_(ACTIVE)))
-            ).scalars().all())
+            # Moved, or being moved, away from this server during this outage.
+            done = {target for target, params, created, state in (await s.execute(
+                select(db.Job.target, db.Job.params, db.Job.created, db.Job.state).where(
+                    db.Job.kind == MOVE.name, db.Job.target.in_(machines)))).all()
+                if (params or {}).get("from") == name
+                and (state in ACTIVE or created >= ps.last_contact)}
             silent = f"no heartbeat since {iso(ps.last_contact)}"
             for m in machines:
                 if m not in done:
@@ -167,15 +178,34 @@ async def fail_over_once(core: Core, up_since: float,
 
 
 async def run(core: Core, up_since: float, interval: float, silent_after: float) -> None:
-    """Look for dead process servers every ``interval`` seconds and soon after a change."""
-    while True:
-        try:
-            await fail_over_once(core, up_since, silent_after)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # a catalog hiccup must not end failover
-            log.error("procserver_failover_check_failed", error=str(e),
-                      error_type=type(e).__name__, retry_in_seconds=interval)
-        await asyncio.sleep(min(_MIN_GAP_S, interval))
-        with contextlib.suppress(TimeoutError):
-            await core.notifier.wait(max(0.0, interval - _MIN_GAP_S))
+    """Look for dead process servers every ``interval`` seconds and soon after a change
+    (at most once a second)."""
+    dirty = asyncio.Event()
+
+    async def watch() -> None:
+        changed = core.notifier.changed
+        async with changed:
+            while True:
+                await changed.wait()
+                dirty.set()
+
+    watcher = asyncio.create_task(watch(), name="procserver-failover-watch")
+    try:
+        while True:
+            dirty.clear()
+            try:
+                await fail_over_once(core, up_since, silent_after)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a catalog hiccup must not end failover
+                log.error("procserver_failover_check_failed", error=str(e),
+                          error_type=type(e).__name__, retry_in_seconds=interval)
+            gap = min(_MIN_GAP_S, interval)
+            await asyncio.sleep(gap)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval - gap):
+                    await dirty.wait()
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher

@@ -30,6 +30,7 @@ from mobility.enroll import enroll_with_passphrase
 from mobility.siteclient import SiteClient
 from siterecovery.apiclient import ApiCallError, ApiClient
 from siterecovery.tomlconfig import load
+from tests.csclock import Clock, clocked_configserver
 from tests.helpers import (
     Daemon,
     make_disk,
@@ -307,3 +308,93 @@ async def test_enable_protection_assigns_the_least_loaded(cs: ConfigServer) -> N
                                   "busy (backlog 900 s"), message
         assert message.endswith("not candidates: full: cache only 10% free")
         assert (await api.get("/api/v1/machines/db01"))["process_server"] == "idle"
+
+
+async def test_failover_jobs_on_the_catalog(tmp_path: Path, catalog_url: str) -> None:
+    """On SQLite and PostgreSQL, on the configuration server's clock: one move job per
+    machine and outage, the event, the first point after the move; no candidate: the
+    step fails with the figures and the machine stays."""
+    clock = Clock()
+    clock.now = t0 = 1_800_000_000.0
+    async with clocked_configserver(tmp_path / "cs", catalog_url, clock) as server, \
+            ApiClient(server.url, server.admin_token) as api, \
+            ApiClient(server.url, server.services.internal_token) as internal:
+        async def beat(name: str) -> None:
+            await internal.post("/api/v1/internal/procservers/heartbeat", {
+                "name": name, "address": f"{name}.example:9443", "version": "test",
+                "cache_bytes": 0, "cache_free_ratio": 1.0, "backlog_bytes": 0,
+                "backlog_seconds": 0, "throughput_bps": 0, "sessions": 0})
+
+        for name in ("ps1", "ps2"):
+            await beat(name)
+        for m in ("web01", "web02"):
+            await api.post("/api/v1/machines", {
+                "name": m, "ip": "192.0.2.7", "os_type": "linux", "os_name": "debian",
+                "os_version": "12", "disks": [{"name": "sda", "path": "/dev/sda"}],
+                "process_server": "ps1"})
+        async with server.services.sessionmaker() as s:  # protected items, as if enabled
+            for m in ("web01", "web02"):
+                s.add(db.ReplicatedItem(machine=m, policy="default", state="protected",
+                                        health="normal", health_errors=[],
+                                        disk_progress={}, created=t0, updated=t0))
+            await s.commit()
+        async def moves(n: int) -> list[dict[str, Any]] | None:
+            jobs: list[dict[str, Any]] = (await api.get("/api/v1/jobs",
+                                                        kind="move_machine"))["jobs"]
+            return jobs if len(jobs) >= n else None
+
+        await api.post("/api/v1/alerts/evaluate")  # a change: the failover check looks
+        assert await moves(1) is None  # ps1 is alive
+        clock.now = t0 + 901
+        await beat("ps2")  # a change too
+        queued = await _until(server, lambda: moves(2))
+        assert sorted(j["target"] for j in queued) == ["web01", "web02"]
+        await beat("ps2")
+        await api.post("/api/v1/alerts/evaluate")
+        for job in queued:
+            doc = await wait_job(api, job["id"], lambda j: step(j, "choose")["state"]
+                                 == "succeeded")
+            assert step(doc, "choose")["message"].startswith(
+                f"{job['target']} moved from ps1 (no heartbeat since ")
+        assert {m["name"]: m["process_server"] for m in
+                (await api.get("/api/v1/machines"))["machines"]} == {
+            "web01": "ps2", "web02": "ps2"}
+        events = (await api.get("/api/v1/events", code=MOVED))["events"]
+        assert sorted(e["target"] for e in events) == ["web01", "web02"]
+        # The first point after the move ends the job (a point from before does not).
+        await internal.post("/api/v1/internal/points", {
+            "id": "a" * 64, "machine": "web01", "created": "2027-01-15T08:30:00.000000Z",
+            "consistency": "crash", "base": "b" * 64})
+        done = await wait_job(api, next(j["id"] for j in queued if j["target"] == "web01"))
+        assert done["state"] == "succeeded"
+        assert step(done, "resync")["message"] == (
+            f"first point on ps2: {'a' * 16} of 2027-01-15T08:30:00.000000Z, a delta on "
+            f"point {'b' * 16} (resync against the vault)")
+
+        # ps2 goes silent too, and ps1 again: its machines have nowhere to go.
+        clock.now = t0 + 2000
+        await beat("ps1")  # ps1 is back, but web01 and web02 stay on ps2 until it fails
+        clock.now = t0 + 2000 + 901
+        async with server.services.sessionmaker() as s:
+            s.add(db.Machine(name="db01", ip="192.0.2.8", os_type="linux", disks=[],
+                             process_server="ps2", created=t0, enabled=True))
+            s.add(db.ReplicatedItem(machine="db01", policy="default", state="protected",
+                                    health="normal", health_errors=[], disk_progress={},
+                                    created=t0, updated=t0))
+            await s.commit()
+        await api.post("/api/v1/alerts/evaluate")
+        # Every machine on ps2 gets a job for this outage (web02's waits behind its first).
+        late = [j for j in await _until(server, lambda: moves(5)) if j["target"] == "db01"]
+        assert len(late) == 1
+        doc = await wait_job(api, late[0]["id"])
+        assert doc["state"] == "failed"
+        assert step(doc, "choose")["message"].startswith(
+            "no healthy process server with room (ps1: no heartbeat for 15.0 min); db01 "
+            "stays on ps2")
+        assert (await api.get("/api/v1/machines/db01"))["process_server"] == "ps2"
+        jobs = await moves(5) or []
+        assert len(jobs) == 5  # one per machine and outage
+        first02 = await wait_job(api, next(j["id"] for j in queued if j["target"] == "web02"))
+        assert first02["state"] == "failed" and step(first02, "resync")["message"] == (
+            "ps2 went silent before web02's first point there; the next move job takes the "
+            "machine on")
