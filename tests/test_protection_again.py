@@ -21,7 +21,7 @@ from siterecovery.apiclient import ApiClient
 from siterecovery.tomlconfig import load
 from tests.helpers import make_disk, make_vault, mutate, open_vault, restore_all, sha256
 from tests.helpers import running_procserver as running
-from tests.sitehelpers import AgentSite, add_procserver, next_job, step, wait_job
+from tests.sitehelpers import AgentSite, next_job, step, wait_job
 
 FACTS = {"os_name": "debian", "os_version": "12", "kernel": "6.1.0-18-amd64"}
 
@@ -100,56 +100,63 @@ async def test_enable_protection_again_ends_with_the_delta_of_an_agent_that_kept
         await vault.close()
 
 
-async def test_a_pushed_agent_counts_only_at_the_version_its_install_reported(
+async def test_a_pushed_upgrade_counts_only_a_check_in_of_the_version_it_installed(
         cs: ConfigServer, api: ApiClient, tmp_path: Path) -> None:
-    await add_procserver(cs.url, cs.internal_token)
-    await api.post("/api/v1/accounts", {"name": "rootpw", "username": "root",
-                                        "kind": "password", "secret": "pw-5"})
-    await api.post("/api/v1/machines", {
-        "name": "web01", "ip": "192.0.2.7", "os_type": "linux", "os_name": "debian",
-        "os_version": "12", "account": "rootpw", "process_server": "ps1",
-        "disks": [{"name": "sda", "path": "/dev/sda"}]})
-    jid = (await api.post("/api/v1/replication/enable", {"machine": "web01"}))["job"]["id"]
     async with ApiClient(cs.url, cs.internal_token) as internal:
-        # The process server's side of the push, through its internal calls.
-        listed = await internal.get("/api/v1/internal/procservers/ps1/install-requests")
-        while not listed["requests"]:
-            listed = await internal.get("/api/v1/internal/procservers/ps1/install-requests",
-                                        version=listed["version"], wait=20)
-        (req,) = listed["requests"]
-        assert (req["id"], req["action"]) == (jid, "install")
-        base = f"/api/v1/internal/install-requests/{jid}"
-        await internal.post(f"{base}/claim", {"procserver": "ps1"})
-        for name, extra in (("prerequisites", {"facts": FACTS}),
-                            ("install", {"version": "9.9.9"}), ("enroll", {}),
-                            ("start", {"how": "started by hand: no systemd",
-                                       "running_before": False})):
-            answer = await internal.post(f"{base}/report", {
-                "procserver": "ps1", "step": name, "state": "succeeded", **extra})
-            assert answer["state"] in ("claimed", "done"), answer
-    agent = await AgentSite.enroll(cs.site_url, cs.ca.cert_path, "web01", cs.passphrase,
-                                   tmp_path / "agent")
-    async with agent:
-        assert (await agent.heartbeat("0.1.0"))[0] == 200  # the old program, still running
+        await internal.post("/api/v1/internal/procservers/heartbeat", {
+            "name": "ps1", "address": "127.0.0.1:9443", "version": "0.2.0",
+            "cache_bytes": 0, "cache_free_ratio": 1.0, "backlog_bytes": 0,
+            "backlog_seconds": 0, "throughput_bps": 0, "sessions": 0})
+        await api.post("/api/v1/accounts", {"name": "rootpw", "username": "root",
+                                            "kind": "password", "secret": "pw-5"})
+        await api.post("/api/v1/machines", {
+            "name": "web01", "ip": "192.0.2.7", "os_type": "linux", "os_name": "debian",
+            "os_version": "12", "account": "rootpw", "process_server": "ps1",
+            "disks": [{"name": "sda", "path": "/dev/sda"}]})
+        agent = await AgentSite.enroll(cs.site_url, cs.ca.cert_path, "web01", cs.passphrase,
+                                       tmp_path / "agent")
+        async with agent:
+            assert (await agent.heartbeat("0.1.0"))[0] == 200  # older than its server
+            jid = (await api.post("/api/v1/replication/enable",
+                                  {"machine": "web01"}))["job"]["id"]
+            # The process server's side of the push, through its internal calls.
+            path = "/api/v1/internal/procservers/ps1/install-requests"
+            listed = await internal.get(path)
+            while not listed["requests"]:
+                listed = await internal.get(path, version=listed["version"], wait=20)
+            (req,) = listed["requests"]
+            assert (req["id"], req["action"]) == (jid, "upgrade")
+            base = f"/api/v1/internal/install-requests/{jid}"
+            await internal.post(f"{base}/claim", {"procserver": "ps1"})
+            for name, extra in (("prerequisites", {"facts": FACTS}),
+                                ("install", {"version": "0.2.0"}), ("enroll", {}),
+                                ("start", {"how": "started by hand: no systemd",
+                                           "running_before": False})):
+                answer = await internal.post(f"{base}/report", {
+                    "procserver": "ps1", "step": name, "state": "succeeded", **extra})
+                assert answer["state"] in ("claimed", "done"), answer
+            # No systemd restarted it: the old program checks in after the start.
+            assert (await agent.heartbeat("0.1.0"))[0] == 200
 
-        def waiting(j: dict[str, Any]) -> bool:
-            s = step(j, "prepare_agent")
-            return s["state"] != "running" or "not the 9.9.9 installed" in s["message"]
+            def waiting(j: dict[str, Any]) -> bool:
+                s = step(j, "prepare_agent")
+                return s["state"] != "running" or "not the 0.2.0 installed" in s["message"]
 
-        job = await wait_job(api, jid, waiting)
-        prep = step(job, "prepare_agent")
-        assert prep["state"] == "running", job
-        assert prep["message"].endswith(
-            "not the 9.9.9 installed: restart it (started by hand: no systemd)")
-        assert "agent 0.1.0 checked in at " in prep["message"]
+            job = await wait_job(api, jid, waiting)
+            prep = step(job, "prepare_agent")
+            assert prep["state"] == "running", job
+            assert prep["message"].endswith(
+                "not the 0.2.0 installed: restart it (started by hand: no systemd)")
+            assert "\nagent 0.1.0 checked in at " in prep["message"]
 
-        assert (await agent.heartbeat("9.9.9"))[0] == 200  # restarted: the new one
-        job = await wait_job(api, jid, lambda j: step(j, "prepare_agent")["state"] !=
-                             "running" and step(j, "initial_replication")["state"] != "pending")
-        prep = step(job, "prepare_agent")
-        assert prep["state"] == "succeeded", job
-        assert prep["message"].splitlines()[-1].startswith("agent 9.9.9 checked in at ")
-        assert step(job, "initial_replication")["state"] == "running"
+            assert (await agent.heartbeat("0.2.0"))[0] == 200  # restarted: the new program
+            job = await wait_job(api, jid, lambda j: step(j, "prepare_agent")["state"] !=
+                                 "running" and step(j, "initial_replication")["state"] !=
+                                 "pending")
+            prep = step(job, "prepare_agent")
+            assert prep["state"] == "succeeded", job
+            assert prep["message"].splitlines()[-1].startswith("agent 0.2.0 checked in at ")
+            assert step(job, "initial_replication")["state"] == "running"
     off = await api.post("/api/v1/replication/disable", {"machine": "web01"})
     assert (await wait_job(api, off["job"]["id"]))["state"] == "succeeded"
     assert (await api.get(f"/api/v1/jobs/{jid}"))["state"] == "cancelled"
