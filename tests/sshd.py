@@ -3,18 +3,22 @@
 ``Sshd`` starts Debian's /usr/sbin/sshd inside its own network namespace (a veth pair,
 the host side 10.219.0.1/30, the target 10.219.0.2/30: outside 192.0.2.0/24 and the
 10.213-10.217 subnets of the drill and benchmark networks) and its own mount namespace
-(``ip netns exec`` gives one; mounts there never reach the host), in which /etc, /opt
-and /var/lib are overlays: the host's files read through, every write landing in the
-test's target root (``root``), so what an install writes is there and nothing of the
-host changes; /etc/passwd, /etc/shadow and /etc/group are the test's (users root and
-alice, passwords of the test's choosing, alice without sudo until ``sudoers`` says
-otherwise: /etc/sudoers is the test's too), and so is /etc/hosts
-(``hosts``: the host's, plus the target's address for the host name, which the network
-namespace shares with the host). /usr, /bin, /lib (the programs, python3.11) are the
-host's, read-only in effect: the shortcut instead of a full Debian tree, which would
-take minutes to build.
+(``ip netns exec`` gives one; mounts there never reach the host). Every session it opens
+runs chrooted (sshd's ``ChrootDirectory``) in the machine's own root: a minimal Debian 12
+tree built from Debian packages (tests/targetroot.py: its python3.11, coreutils, sudo
+...), cached and shared, mounted as the lower layer of an overlay whose upper layer is
+the test's ``root``, so what an install writes on the machine lands there and nothing of
+the host or of the cached tree changes. /proc, /sys and /dev (the host's devices: a disk
+``attach_disk`` gives the machine is one of them) are mounted in that root; /run, /tmp
+and /var/tmp are its own tmpfs (no systemd runs there). /etc/passwd, /etc/shadow and
+/etc/group are the test's (users root and alice, passwords of the test's choosing, alice
+without sudo until ``sudoers`` says otherwise: /etc/sudoers is the test's too), both for
+sshd's authentication and inside the root, and so is the root's /etc/hosts (``hosts``:
+localhost and the target's address for the host name, which the network namespace shares
+with the host).
 
-Needs root (network and mount namespaces) and openssh-server (tests/run.sh installs it).
+Needs root (network and mount namespaces), openssh-server (tests/run.sh installs it) and
+what tests/targetroot.py needs to build the tree (once: about 15 s).
 """
 
 from __future__ import annotations
@@ -30,10 +34,14 @@ from pathlib import Path
 import pytest
 
 from siterecovery.agentbundle import Bundle, build
+from tests import targetroot
 
 SSHD = "/usr/sbin/sshd"
 HOST_ADDR, TARGET_ADDR = "10.219.0.1", "10.219.0.2"
-TARGET_DIRS = ("etc", "opt", "var/lib")
+# Where the machine's root is mounted inside sshd's mount namespace (a tmpfs of mode 755
+# over /mnt there: every component of a ChrootDirectory is root's and not writable by
+# others, which the test's directories under /tmp are not).
+CHROOT = "/mnt/target"
 
 
 def missing() -> str | None:
@@ -44,6 +52,8 @@ def missing() -> str | None:
         return "openssh-server is not installed (apt-get install openssh-server)"
     if shutil.which("openssl") is None or shutil.which("ip") is None:
         return "openssl (password hashes) and iproute2 (ip netns) are needed"
+    if tools := targetroot.missing_tools() + [t for t in ("losetup",) if not shutil.which(t)]:
+        return f"the machine's root tree needs {', '.join(tools)}"
     return None
 
 
@@ -66,9 +76,10 @@ def _hash(password: str) -> str:
 
 
 class Sshd:
-    """``async with Sshd(dir, passwords={...}) as s``: s.host, s.port, s.root (the target
-    root), s.host_key (OpenSSH public key line). ``sftp=False`` serves no SFTP subsystem;
-    ``listen=False`` starts the namespace without sshd (port closed)."""
+    """``async with Sshd(dir, passwords={...}) as s``: s.host, s.port, s.root (what was
+    written on the machine: the upper layer of its root), s.tree (the cached Debian tree
+    under it), s.host_key (OpenSSH public key line). ``sftp=False`` serves no SFTP
+    subsystem; ``listen=False`` starts the namespace without sshd (port closed)."""
 
     def __init__(self, work: Path, *, passwords: dict[str, str],
                  authorized: dict[str, str] | None = None, sftp: bool = True,
@@ -78,6 +89,8 @@ class Sshd:
         self.ns = f"srhj{secrets.token_hex(3)}"
         self.host, self.port = TARGET_ADDR, 22
         self.root = work / "target"
+        self.tree = Path()
+        self.loops: list[str] = []
         self.hosts = work / "etc" / "hosts"  # the target's /etc/hosts (bind-mounted)
         self.sudoers_file = work / "etc" / "sudoers"  # its /etc/sudoers (where sudo is)
         self.proc: asyncio.subprocess.Process | None = None
@@ -86,8 +99,7 @@ class Sshd:
     def _files(self) -> Path:
         etc = self.work / "etc"
         etc.mkdir(parents=True, exist_ok=True)
-        for d in TARGET_DIRS:
-            (self.root / d).mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
         users = {"root": (0, "/root"), "alice": (1500, "/home/alice")}
         passwd = [f"{u}:x:{uid}:{uid}::{home}:/bin/sh" for u, (uid, home) in users.items()]
         passwd.append("sshd:x:100:65534::/run/sshd:/usr/sbin/nologin")
@@ -100,8 +112,8 @@ class Sshd:
         if not self.sudoers_file.exists():
             self.sudoers()
         if not self.hosts.exists():
-            self.hosts.write_text(Path("/etc/hosts").read_text() +
-                                  f"{TARGET_ADDR}\t{socket.gethostname()}\n")
+            self.hosts.write_text(f"127.0.0.1\tlocalhost\n{TARGET_ADDR}\t"
+                                  f"{socket.gethostname()}\n")
         keys = self.work / "keys"
         keys.mkdir(exist_ok=True)
         for u, line in self.authorized.items():
@@ -117,27 +129,33 @@ class Sshd:
             f"PidFile {self.work / 'sshd.pid'}", "PermitRootLogin yes",
             "PasswordAuthentication yes", "KbdInteractiveAuthentication no", "UsePAM no",
             "StrictModes no", f"AuthorizedKeysFile {keys}/%u", "LogLevel VERBOSE",
+            f"ChrootDirectory {CHROOT}",
             *(["Subsystem sftp internal-sftp"] if self.sftp else [])]) + "\n")
         return cfg
 
     def _script(self, cfg: Path) -> str:
-        binds = []
-        for d in TARGET_DIRS:
-            upper, scratch = self.root / d, self.work / "overlay-work" / d
-            scratch.mkdir(parents=True, exist_ok=True)
-            binds.append(f"mount -t overlay overlay -o lowerdir=/{d},upperdir={upper},"
-                         f"workdir={scratch} /{d}")
-        binds += [f"mount --bind {self.work / 'etc' / f} /etc/{f}"
-                  for f in ("passwd", "shadow", "group", "hosts")]
-        binds.append(f"{{ [ ! -f /etc/sudoers ] || mount --bind {self.sudoers_file} "
-                     "/etc/sudoers; }")
-        # Its own /var/tmp (uploads), and no view of the host's systemd: an install on the
-        # target must never enable a unit on the host.
-        binds += ["mount -t tmpfs tmpfs /var/tmp",
-                  "{ [ ! -d /run/systemd ] || mount -t tmpfs tmpfs /run/systemd; }"]
-        return " && ".join(["mkdir -p /run/sshd", *binds, f"exec {SSHD} -D -e -f {cfg}"])
+        scratch = self.work / "overlay-work"
+        shutil.rmtree(scratch, ignore_errors=True)  # an earlier start's: to be empty
+        scratch.mkdir(parents=True)
+        t, etc = CHROOT, self.work / "etc"
+        # sshd authenticates with the test's users (on the host side of the chroot) ...
+        mounts = [f"mount --bind {etc / f} /etc/{f}" for f in ("passwd", "shadow", "group")]
+        mounts += ["mount -t tmpfs -o mode=755 tmpfs /mnt", f"mkdir {t}",
+                   f"mount -t overlay overlay -o lowerdir={self.tree},upperdir={self.root},"
+                   f"workdir={scratch} {t}"]
+        # ... and the machine's root has them too, with its hosts and sudoers
+        mounts += [f"mount --bind {etc / f} {t}/etc/{f}"
+                   for f in ("passwd", "shadow", "group", "hosts")]
+        mounts += [f"mount --bind {self.sudoers_file} {t}/etc/sudoers",
+                   f"mount -t proc proc {t}/proc", f"mount -t sysfs sysfs {t}/sys",
+                   f"mount --rbind /dev {t}/dev",
+                   f"mount -t tmpfs -o mode=755 tmpfs {t}/run",
+                   f"mount -t tmpfs -o mode=1777 tmpfs {t}/tmp",
+                   f"mount -t tmpfs -o mode=1777 tmpfs {t}/var/tmp"]
+        return " && ".join(["mkdir -p /run/sshd", *mounts, f"exec {SSHD} -D -e -f {cfg}"])
 
     async def __aenter__(self) -> Sshd:
+        self.tree = await asyncio.to_thread(targetroot.target_root)
         cfg = self._files()
         a, b = f"{self.ns}a", f"{self.ns}b"
         try:
@@ -217,7 +235,21 @@ class Sshd:
         subprocess.run(["ip", "netns", "exec", self.ns, "ip", "link", "set", f"{self.ns}b",
                         "down"], check=True, capture_output=True)
 
+    def attach_disk(self, image: Path, size: int) -> str:
+        """A disk of ``size`` zero bytes for the machine: a loop device over ``image``
+        (outside its root, as a hypervisor keeps a VM's disk), seen in the machine's /dev;
+        its path there. Detached when the namespace goes."""
+        with open(image, "wb") as f:
+            f.truncate(size)
+        dev = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
+                             capture_output=True, text=True).stdout.strip()
+        self.loops.append(dev)
+        return dev
+
     def _teardown(self) -> None:
+        for dev in self.loops:
+            subprocess.run(["losetup", "-d", dev], capture_output=True)
+        self.loops.clear()
         subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
         subprocess.run(["ip", "link", "del", f"{self.ns}a"], capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)

@@ -1,6 +1,7 @@
 """Push-install prerequisites (issue #14) against a real sshd on "another machine"
-(tests/sshd.py: its own network and mount namespaces): every check passes on a good
-target, and each failure is its own clear error that changes nothing on the target."""
+(tests/sshd.py: its own network and mount namespaces, its sessions chrooted in a
+minimal Debian 12 tree of its own): every check passes on a good target, and each
+failure is its own clear error that changes nothing on the target."""
 
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ from procserver.sshprereq import (
 )
 from siterecovery.agentbundle import Bundle
 from tests.backends import missing_backend
+from tests.helpers import REPO
 from tests.sshd import HOST_ADDR, TARGET_ADDR, Sshd, agent_bundle, missing
+from tests.targetroot import MARKER
 
 ROOT_PW, ALICE_PW = "root-secret-1", "alice-secret-2"
 BUNDLE_TARGET = {"implementation": "cpython", "python": "3.11", "python_exact": True,
@@ -197,8 +200,12 @@ async def test_unreachable_address(sshd: Sshd) -> None:
 async def test_install_then_uninstall_removes_everything(sshd: Sshd, bundle: Bundle) -> None:
     """Prerequisites, then the bundle over SFTP and install.sh as root: the agent lands in
     the target's /opt and its unit in /etc/systemd/system (this target has no systemd:
-    said so); a second install changes nothing; uninstall leaves no file behind, and
-    the upload directory is gone."""
+    said so), in the machine's own root (the Debian tree: its python3.11 runs the agent)
+    and nowhere on the host; a second install changes nothing; uninstall leaves no file
+    behind, and the upload directory is gone."""
+    host = [Path(p) for p in ("/opt/siterecovery-agent", "/etc/siterecovery",
+                              "/etc/systemd/system/siterecovery-agent.service")]
+    assert not any(p.exists() for p in host)
     t = SshTarget(sshd.host, username="root", password=ROOT_PW, timeout=5)
     p = await check_target(t, bundle_target=bundle.manifest["target"], need_bytes=NEED,
                            os_check=matrix)
@@ -212,6 +219,12 @@ async def test_install_then_uninstall_removes_everything(sshd: Sshd, bundle: Bun
         assert "etc/systemd/system/siterecovery-agent.service" in files
         assert "opt/siterecovery-agent/lib/mobility/standalone.py" in files
         assert {f.split("/")[0] for f in files} == {"etc", "opt"}
+        assert not any(p.exists() for p in host)  # none of it on the host
+        # the session ran in the machine's root: its marker there, the host's tree not
+        seen = await conn.run(f"cat /{MARKER}; test -e {REPO} || echo no-host-tree; cat "
+                              "/opt/siterecovery-agent/python", check=True)
+        assert str(seen.stdout).split("\n")[:3] == [
+            (sshd.tree / MARKER).read_text().strip(), "no-host-tree", "/usr/bin/python3.11"]
         version = await conn.run("/opt/siterecovery-agent/bin/siterecovery-agent version",
                                  check=True)
         assert str(version.stdout).strip() == bundle.manifest["agent_version"]
