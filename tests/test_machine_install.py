@@ -8,8 +8,8 @@ starts it over SSH as the operator would.
 
 One configuration server, process server and sshd for the module (each test builds on
 the previous one's state, in file order): the install records the host key on first
-use; a re-run verifies and changes nothing; the pushed agent replicates a disk image on
-the target to the process server (its point restores byte-exact); an upgrade to the
+use; a re-run verifies and changes nothing; the pushed agent replicates the machine's
+disk, a loop device, to the process server (its point restores byte-exact); an upgrade to the
 next bundle version keeps the agent's state, so its next cycle is a delta (restored
 byte-exact too); uninstall removes every file it installed (the machine's own disk
 stays) and revokes the agent's certificate; a changed host key (or one the operator's
@@ -58,12 +58,13 @@ from siterecovery.apiclient import ApiClient
 from tests.backends import missing_backend
 from tests.helpers import REPO, make_vault, open_vault, restore_all, sha256
 from tests.sitehelpers import AgentSite, step, wait_job
-from tests.sshd import HOST_ADDR, Sshd, agent_bundle, missing
+from tests.sshd import CHROOT, HOST_ADDR, Sshd, agent_bundle, missing
 from tests.test_deploy import systemd_analyze, verify_problems
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 ROOT_PW, ALICE_PW = "root-secret-3", "alice-secret-4"
+DISK_BYTES = 8 << 20
 AGENT = "/opt/siterecovery-agent/bin/siterecovery-agent"
 
 
@@ -77,6 +78,7 @@ class Site:
     push: list[str]  # the CLI options every push verb of the tests takes
     agent_pid: list[int]
     root_key: str  # a private key root's authorized_keys on the target lists
+    disk: str  # the machine's disk: a loop device (/dev/loopN) in its /dev
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -89,6 +91,7 @@ async def site(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Site]:
     async with Sshd(tmp / "sshd", passwords={"root": ROOT_PW, "alice": ALICE_PW},
                     authorized={"root": root_key.export_public_key("openssh").decode().strip()}
                     ) as sshd:
+        disk = sshd.attach_disk(tmp / "sda.img", DISK_BYTES)
         # The agent on the target reaches both servers at the host's end of its link; the
         # site port is a fixed one, so the site URL Enable protection gives a pushed agent
         # (site_names and site_port) is the listener's.
@@ -128,12 +131,12 @@ async def site(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Site]:
             await api.post("/api/v1/machines", {
                 "name": "web01", "ip": sshd.host, "os_type": "linux", "os_name": "debian",
                 "os_version": "12", "account": "rootpw", "process_server": "ps1",
-                "disks": [{"name": "sda", "path": "/var/lib/disk.img"}]})
+                "disks": [{"name": "sda", "path": disk}]})
             push = ["--api", cs.url, "--token-file", str(cs.cfg.token_path), "--json",
                     "--site-url", f"https://{HOST_ADDR}:{cs.site_port}",
                     "--heartbeat-timeout", "120"]
             yield Site(cs, ps, api, sshd, cs.cfg.token_path, push, pids,
-                       root_key.export_private_key("openssh").decode())
+                       root_key.export_private_key("openssh").decode(), disk)
         finally:
             for pid in pids:  # an agent the uninstall did not stop (a failed test)
                 with contextlib.suppress(ProcessLookupError):
@@ -191,6 +194,7 @@ async def test_install_records_the_host_key_and_the_agent_checks_in(site: Site) 
     pid = await _ssh(site, f"setsid {AGENT} run --config /etc/siterecovery/mobility.toml "
                            "</dev/null >/var/tmp/agent.log 2>&1 & echo $!")
     site.agent_pid.append(int(pid))
+    assert os.readlink(f"/proc/{pid.strip()}/root") == CHROOT  # it runs in the machine's root
     code, doc, err = await asyncio.wait_for(cli, 120)
     assert code == 0, (doc, err)
     assert doc["state"] == "succeeded" and doc["kind"] == "agent_install"
@@ -208,6 +212,9 @@ async def test_install_records_the_host_key_and_the_agent_checks_in(site: Site) 
     assert {"etc/siterecovery/agent.key", "etc/siterecovery/agent.pem",
             "etc/siterecovery/mobility.toml",
             "opt/siterecovery-agent/bin/siterecovery-agent"} <= set(files)
+    # all of it in the machine's root, none of it on the host
+    assert not any(Path(p).exists() for p in ("/opt/siterecovery-agent", "/etc/siterecovery",
+                                              "/etc/systemd/system/siterecovery-agent.service"))
     # the certificate is the CA's, for web01, recorded; the key never left the machine
     certs = (await site.api.get("/api/v1/certificates", subject="web01"))["certificates"]
     assert [c["state"] for c in certs] == ["valid"]
@@ -229,8 +236,6 @@ async def test_a_rerun_verifies_and_changes_nothing(site: Site) -> None:
     assert len(certs) == 1  # no second enrollment
 
 
-DISK = "/var/lib/disk.img"
-DISK_BYTES = 8 << 20
 
 
 def _received(s: Site) -> float:
@@ -260,12 +265,12 @@ async def _restores_to_the_disk(s: Site, point_id: str, out: Path) -> None:
         got = await restore_all(vault, await vault.read_point(point_id), out)
     finally:
         await vault.close()
-    assert got == {"sda": sha256(s.sshd.root / DISK.lstrip("/"))}
+    assert got == {"sda": sha256(Path(s.disk))}  # the device's bytes
 
 
 async def test_the_pushed_agent_replicates_and_its_point_restores_byte_exact(
         site: Site, tmp_path: Path) -> None:
-    await _ssh(site, f"head -c {DISK_BYTES} /dev/urandom > {DISK}")
+    await _ssh(site, f"head -c {DISK_BYTES} /dev/urandom > {site.disk}")
     await site.api.post("/api/v1/replication/enable", {"machine": "web01"})
     await _restart_agent(site)  # its first round: settings, then the initial copy
     point = await _new_point(site, None)
@@ -312,7 +317,7 @@ async def test_upgrade_replaces_the_program_and_keeps_the_state(site: Site,
                                                                 tmp_path: Path) -> None:
     state = site.sshd.root / "var/lib/siterecovery-mobility"
     before = (await site.api.get("/api/v1/items/web01"))["latest_point"]
-    await _ssh(site, f"dd if=/dev/urandom of={DISK} bs=64K count=1 seek=5 conv=notrunc")
+    await _ssh(site, f"dd if=/dev/urandom of={site.disk} bs=64K count=1 seek=5 conv=notrunc")
     marker = await _ssh(site, "mkdir -p /var/lib/siterecovery-mobility && echo maps > "
                               "/var/lib/siterecovery-mobility/marker && echo ok")
     assert marker.strip() == "ok"
@@ -379,7 +384,7 @@ async def test_uninstall_removes_everything_it_installed_and_revokes_the_certifi
         status, refused = await agent.settings()
     assert status == 401, refused
     assert "/var/lib/siterecovery-mobility" in message
-    assert site.sshd.files() == [DISK.lstrip("/")]  # the machine's own data stays
+    assert site.sshd.files() == []  # nothing of the agent's left (the disk is a device)
     for pid in site.agent_pid:  # the agent was stopped
         assert not Path(f"/proc/{pid}").exists() or \
             b"agent.py" not in Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -403,7 +408,7 @@ async def test_a_changed_host_key_refuses_the_install_with_both_fingerprints(
     error = doc["error"]
     assert error.startswith("Prerequisites on the machine: host_key:"), error
     assert recorded in error and presented in error and "no credential was sent" in error
-    assert site.sshd.files() == [DISK.lstrip("/")]
+    assert site.sshd.files() == []
     assert (await site.api.get("/api/v1/machines/web01/host-key"))["fingerprint"] == recorded
 
     # an operator's known_hosts pins its key the same way: another key is refused
@@ -416,7 +421,7 @@ async def test_a_changed_host_key_refuses_the_install_with_both_fingerprints(
     pinned = (await site.api.get("/api/v1/machines/web01/host-key"))
     assert pinned["source"] == "operator" and pinned["fingerprint"] != recorded
     assert job["state"] == "failed" and pinned["fingerprint"] in job["error"]
-    assert presented in job["error"] and site.sshd.files() == [DISK.lstrip("/")]
+    assert presented in job["error"] and site.sshd.files() == []
 
 
 async def test_a_refused_account_or_no_bundle_fails_the_prerequisites_and_changes_nothing(
@@ -431,7 +436,7 @@ async def test_a_refused_account_or_no_bundle_fails_the_prerequisites_and_change
     assert job["state"] == "failed"
     assert job["error"].startswith("Prerequisites on the machine: authentication: ")
     assert "refuses the account 'root' with its password" in job["error"]
-    assert "hint: " in job["error"] and site.sshd.files() == [DISK.lstrip("/")]
+    assert "hint: " in job["error"] and site.sshd.files() == []
     # forgotten, and not recorded again: no install got that far
     assert (await site.api.get("/api/v1/machines/web01/host-key"))["host_key"] is None
 
@@ -450,7 +455,7 @@ async def _install_fails(s: Site) -> dict[str, Any]:
     job = (await s.api.post("/api/v1/machines/web01/install", {}))["job"]
     job = await wait_job(s.api, job["id"], timeout=60)
     assert job["state"] == "failed", job
-    assert s.sshd.files() == [DISK.lstrip("/")]  # nothing written
+    assert s.sshd.files() == []  # nothing written
     return job
 
 
@@ -599,7 +604,7 @@ async def test_enable_protection_upgrades_an_older_agent_and_keeps_its_maps(
     assert item["agent"]["outdated"] is True, item["agent"]
     # the old agent's own cycle at its start, so the next point is the upgraded one's
     before, received = await _new_point(site, latest, protected=False), _received(site)
-    await _ssh(site, f"dd if=/dev/urandom of={DISK} bs=64K count=1 seek=9 conv=notrunc")
+    await _ssh(site, f"dd if=/dev/urandom of={site.disk} bs=64K count=1 seek=9 conv=notrunc")
     key = (site.sshd.root / "etc/siterecovery/agent.key").read_bytes()
     job = await _enable(site)
     job = await wait_job(site.api, job["id"], lambda j: "waiting for the Mobility agent to "
