@@ -1,7 +1,15 @@
 """The part of a cycle that holds the snapshot: BEGIN on the process server, each disk's
 tracker asked what changed, the blocks read and sent; with ``fsfreeze`` and a cycle
 that fits in ``freeze_spool_mb``, what it reads is copied into the spool and the
-filesystems thawed before the first block is sent (``spool.py``)."""
+filesystems thawed before the first block is sent (``spool.py``).
+
+A provider that offers ``prepare`` (``fsfreeze``, and ``script`` around it) decides its
+label first and stops writes only when asked (``Held.freeze``): the cycle is opened
+on the process server (BEGIN, READY) before that, so the freeze holds nothing that
+waits on the network — only freeze, the trackers' cut, the copy into the spool and the
+thaw (``cycle_frozen``, ``cycle_spooled``). Every write after the cut is one the
+tracker names for the next cycle.
+"""
 
 from __future__ import annotations
 
@@ -75,6 +83,8 @@ async def begin(link: Link, cfg: MobilityConfig, plan: Plan, doc: dict[str, Any]
     raise_if_error(ready)
     if ready.type != FrameType.READY:
         raise ProtocolError("expected_ready", f"got {ready.type.name}")
+    log.info("cycle_opened", cycle=doc["cycle"], kind=plan.kind,
+             consistency=doc["consistency"])
     return plan
 
 
@@ -84,26 +94,35 @@ async def hold_and_send(agent: Agent, conn: Conn, plan: Plan, sizes: dict[str, i
     """Hold the snapshot, BEGIN the cycle and send its blocks; a base the process
     server does not know leaves the hold for a basis and starts again."""
     cfg = agent.cfg
+    prepare = getattr(agent.provider, "prepare", None)
     while True:
         held_from = facts.start = time.monotonic()
-        facts.thawed = None
+        facts.thawed, holding = None, False
         try:
-            async with agent.provider.hold() as h:
+            async with (prepare or agent.provider.hold)() as h:
                 snap = held(h)
-                created = now_iso()
+                holding = snap.freeze is None
                 doc: dict[str, Any] = {
                     "cycle": uuid.uuid4().hex, "consistency": snap.label,
                     "disks": [{"name": d["name"], "size": sizes[d["name"]],
                                "block_size": cfg.block_size} for d in cfg.disks]}
                 plan = await begin(conn.link, cfg, plan, doc)
+                if snap.freeze is not None:  # opened: only now are writes stopped
+                    held_from = facts.start = time.monotonic()
+                    holding = True
+                    await snap.freeze()
+                    log.info("cycle_frozen", cycle=doc["cycle"],
+                             seconds=round(time.monotonic() - held_from, 4))
+                created = now_iso()
                 if on_kind is not None:
                     on_kind(plan.kind)
                 sender, resumes = await _send(agent, conn, plan, doc, progress, snap, verify,
                                               facts)
             facts.held += (facts.thawed or time.monotonic()) - held_from
             return HeldCycle(plan, doc["cycle"], snap.label, created, sender, resumes)
-        except Retry:
-            facts.held += time.monotonic() - held_from
+        except Retry:  # BEGIN refused: with ``prepare``, before the freeze
+            if holding:
+                facts.held += time.monotonic() - held_from
             plan = await fetch_basis(conn.link, cfg, sizes) or full_plan(sizes)
 
 
@@ -130,7 +149,9 @@ async def spool(cfg: MobilityConfig, sender: Sender, snap: Held, facts: HoldFact
     limit = cfg.freeze_spool_mb << 20
     if snap.thaw is None or limit == 0:
         return
+    copy_from = time.monotonic()
     got = await asyncio.to_thread(fill, sender.disks, cfg.block_size, limit)
+    copied = time.monotonic() - copy_from
     if not got.fits:
         facts.overflow = True
         # Expected for a full copy or a scan (info); a warning when a tracker's
@@ -143,4 +164,5 @@ async def spool(cfg: MobilityConfig, sender: Sender, snap: Held, facts: HoldFact
     await snap.thaw()
     facts.thawed, facts.spooled = time.monotonic(), got.nbytes
     log.info("cycle_spooled", cycle=sender.cycle, bytes=got.nbytes,
-             freeze_seconds=round(facts.thawed - facts.start, 4))
+             freeze_seconds=round(facts.thawed - facts.start, 4),
+             copy_seconds=round(copied, 4))

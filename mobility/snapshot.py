@@ -26,7 +26,9 @@ A provider yields a label, or a ``Held`` naming the paths to read instead of the
 disks' own (a block snapshot) and whether writes are already let go. A hold that can
 let writes go before it ends (``fsfreeze``, and ``script`` around it) offers ``thaw``:
 the cycle calls it once it has copied what it still has to read (``spool.py``), and
-the hold then ends without thawing again.
+the hold then ends without thawing again. Those two also offer ``prepare``: the hold
+with its label decided (the pre-script run) but writes not yet stopped, until the
+cycle calls ``Held.freeze`` — so that what waits on the network comes before it.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class Held:
     released: bool = False  # writes go on already: the reads come from the snapshot
     # Let writes go on now, before the hold ends (None: only when it ends).
     thaw: Callable[[], Awaitable[None]] | None = None
+    # Stop writes now (``prepare``); None: they stopped when the hold began.
+    freeze: Callable[[], Awaitable[None]] | None = None
 
     def path(self, disk_path: str) -> str:
         return self.paths.get(disk_path, disk_path)
@@ -129,7 +133,19 @@ class FsFreeze:
 
     @contextlib.asynccontextmanager
     async def hold(self) -> AsyncIterator[str | Held]:
+        async with self.prepare() as h:
+            assert h.freeze is not None
+            await h.freeze()
+            yield Held(h.label, thaw=h.thaw)
+
+    @contextlib.asynccontextmanager
+    async def prepare(self) -> AsyncIterator[Held]:
         frozen: list[str] = []
+
+        async def freeze() -> None:
+            for m in self.mounts:
+                await _fs_call(m, FIFREEZE, self.timeout)
+                frozen.append(m)
 
         async def thaw() -> None:
             thawed: list[str] = []
@@ -142,10 +158,7 @@ class FsFreeze:
                     log.info("filesystems_thawed", mounts=thawed)
 
         try:
-            for m in self.mounts:
-                await _fs_call(m, FIFREEZE, self.timeout)
-                frozen.append(m)
-            yield Held("crash", thaw=thaw)
+            yield Held("crash", thaw=thaw, freeze=freeze)
         finally:
             await thaw()
 
@@ -154,13 +167,20 @@ class Scripts:
     def __init__(self, pre: str, post: str, timeout: float, inner: SnapshotProvider) -> None:
         self.pre, self.post, self.timeout, self.inner = pre, post, timeout, inner
 
+    def hold(self) -> contextlib.AbstractAsyncContextManager[str | Held]:
+        return self._hold(self.inner.hold)
+
+    def prepare(self) -> contextlib.AbstractAsyncContextManager[str | Held]:
+        return self._hold(getattr(self.inner, "prepare", self.inner.hold))
+
     @contextlib.asynccontextmanager
-    async def hold(self) -> AsyncIterator[str | Held]:
+    async def _hold(self, enter: Callable[[], contextlib.AbstractAsyncContextManager[str | Held]]
+                    ) -> AsyncIterator[str | Held]:
         try:
             await _run([self.pre], self.timeout)
         except (RuntimeError, OSError) as e:
             log.warning("pre_script_failed", error=str(e))
-            async with self.inner.hold() as label:
+            async with enter() as label:
                 yield label
             return
         posted = False
@@ -172,7 +192,7 @@ class Scripts:
                 await _run([self.post], self.timeout)
 
         try:
-            async with self.inner.hold() as inner:
+            async with enter() as inner:
                 h = held(inner)
                 if h.released:  # the snapshot exists: the application may go on now
                     await post()
@@ -185,7 +205,7 @@ class Scripts:
                         await post()
 
                 yield Held("app" if h.label != "inconsistent" else h.label, h.paths,
-                           h.released, thaw)
+                           h.released, thaw, h.freeze)
         finally:
             await post()
 

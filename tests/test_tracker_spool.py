@@ -1,24 +1,31 @@
 """Short freezes: with fsfreeze and a tracker, a cycle's blocks are spooled while frozen.
 
 ext4 on a loop device, mounted and written through, protected with ``snapshot =
-"fsfreeze"`` and the block-layer tracker. A cycle of 10 MB of changes copies what it
-reads into the spool and thaws the filesystem *before* the first block goes to the
-process server (the order of the agent's own events: ``filesystems_thawed`` before
-``cycle_send_started``); a cycle that reads more than the spool holds (the full copy,
-20 MB of changes) is sent frozen as without a spool, logged and counted. Every point
-is compared byte for byte with the device as it was while frozen (read by the test
-from inside the hold) and passes ``e2fsck -fn``.
+"fsfreeze"`` and the block-layer tracker. The cycle is opened on the process server
+(``cycle_opened``: its READY arrived) before the filesystem is frozen
+(``cycle_frozen``), so the freeze holds no round trip. A cycle of 10 MB of changes
+copies what it reads into the spool and thaws the filesystem *before* the first block
+goes to the process server (the order of the agent's own events:
+``filesystems_thawed`` before ``cycle_send_started``); a file written while that cycle
+is sent is not in its point but in the next one (the tracker's cut came before it). A
+cycle that reads more than the spool holds (the full copy, 20 MB of changes) is sent
+frozen as without a spool, logged and counted. Every point is compared byte for byte
+with the device as it was while frozen (read by the test from inside the hold) and
+passes ``e2fsck -fn``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import random
 import shutil
 import subprocess
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -45,20 +52,36 @@ def write_mb(mnt: Path, name: str, mb: int, seed: int) -> None:
         (mnt / f"{name}-{i}").write_bytes(rng.randbytes(1_000_000))
 
 
-async def cycle(agent: Agent, dev: str) -> tuple[CycleResult, str, list[str]]:
-    """One cycle; the device's sha256 read inside the hold, and the agent's events."""
+EVENTS = ("resync_required", "cycle_opened", "cycle_frozen", "filesystems_thawed",
+          "cycle_send_started", "cycle_spooled", "freeze_spool_overflow")
+SPOOLED = ["cycle_opened", "cycle_frozen", "filesystems_thawed", "cycle_spooled",
+           "cycle_send_started"]
+
+
+def events_of(logs: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The agent's events that tell the order of BEGIN, freeze, thaw and send."""
+    return [e["event"] if e["event"] != "freeze_spool_overflow" else
+            f"freeze_spool_overflow ({e['log_level']})" for e in logs if e["event"] in EVENTS]
+
+
+async def cycle(agent: Agent, dev: str, while_sent: Callable[[], None] | None = None
+                ) -> tuple[CycleResult, str, list[str]]:
+    """One cycle; the device's sha256 read inside the hold, and the agent's events.
+    ``while_sent`` runs once the first blocks have gone to the process server."""
     frozen: list[str] = []
 
     def inside(kind: str) -> None:  # called while the hold lasts, before any block is read
         frozen.append(device_sha(dev))
 
+    def sent(disk: str, done: int, size: int) -> None:
+        nonlocal while_sent
+        if while_sent is not None:
+            while_sent()
+            while_sent = None
+
     with structlog.testing.capture_logs() as logs:
-        r = await agent.replicate_once(on_kind=inside)
-    events = [e["event"] if e["event"] != "freeze_spool_overflow" else
-              f"freeze_spool_overflow ({e['log_level']})" for e in logs if e["event"] in (
-                  "filesystems_thawed", "cycle_send_started", "cycle_spooled",
-                  "freeze_spool_overflow")]
-    return r, frozen[0], events
+        r = await agent.replicate_once(sent, on_kind=inside)
+    return r, frozen[0], events_of(logs)
 
 
 async def point_is(ps: ProcServer, tmp: Path, key: Path, cycle: str, want: str) -> None:
@@ -122,19 +145,21 @@ async def test_a_small_cycle_is_spooled_and_thawed_before_it_is_sent(
         # The full copy reads the whole 64 MiB device: more than the spool (expected).
         r, want, events = await cycle(agent, dev)
         assert (r.kind, r.spool_overflow, r.spooled_bytes) == ("full", True, 0)
-        assert events == ["freeze_spool_overflow (info)", "cycle_send_started",
-                          "filesystems_thawed"]
+        assert events == ["cycle_opened", "cycle_frozen", "freeze_spool_overflow (info)",
+                          "cycle_send_started", "filesystems_thawed"]
         await point_is(procserver, tmp_path, key, r.cycle, want)
 
         write_mb(mnt, "ten", 10, seed=1)
-        r, want, events = await cycle(agent, dev)
+        # Written after the thaw, while the cycle is sent (from the spool): after the cut.
+        r, want, events = await cycle(agent, dev, lambda: write_mb(mnt, "late", 1, seed=3))
         assert (r.kind, r.tracking, r.spool_overflow) == (
             "delta", {"sda": "blocktrace"}, False)
         assert 10_000_000 <= r.spooled_bytes == r.bytes_read <= SPOOL_MB << 20
-        # Thawed before the first block was sent: the freeze lasted for the copy.
-        assert events == ["filesystems_thawed", "cycle_spooled",
-                          "cycle_send_started"]
+        # Opened before the freeze; thawed before the first block was sent: the freeze
+        # lasted for the trackers' cut and the copy.
+        assert events == SPOOLED
         await point_is(procserver, tmp_path, key, r.cycle, want)
+        assert device_sha(dev) != want  # the late file is on the disk, not in the point
         prom = Path(cfg.metrics_file).read_text()
         assert metric(prom, "last_cycle_spooled_bytes") == r.spooled_bytes
         assert metric(prom, "freeze_spool_overflows_total") == 1
@@ -144,8 +169,9 @@ async def test_a_small_cycle_is_spooled_and_thawed_before_it_is_sent(
         assert (r.tracking, r.spool_overflow, r.spooled_bytes) == (
             {"sda": "blocktrace"}, True, 0)
         assert r.bytes_read >= 20_000_000
-        assert events == ["freeze_spool_overflow (warning)", "cycle_send_started",
-                          "filesystems_thawed"]
+        assert events == ["cycle_opened", "cycle_frozen", "freeze_spool_overflow (warning)",
+                          "cycle_send_started", "filesystems_thawed"]
+        # The late file too: the tracker named it for this cycle.
         await point_is(procserver, tmp_path, key, r.cycle, want)
         prom = Path(cfg.metrics_file).read_text()
         assert metric(prom, "freeze_spool_overflows_total") == 2
@@ -168,7 +194,9 @@ async def test_with_scripts_the_post_script_runs_at_the_thaw_before_the_send(
         tmp_path: Path, pki: Pki, procserver: ProcServer, vault_at: tuple[str, Path],
         ext4_mounted: tuple[str, Path]) -> None:
     """``script`` around the freeze: the application is let go (post-script) with the
-    filesystem, before the first block is sent; the points are ``app``-consistent."""
+    filesystem, before the first block is sent; the points are ``app``-consistent. A
+    BEGIN the process server refuses (a base it does not know) leaves the hold before
+    anything is frozen, and the resync that follows is opened before its freeze."""
     (dev, mnt), log = ext4_mounted, tmp_path / "scripts.log"
     scripts: dict[str, object] = {}
     for phase in ("pre", "post"):
@@ -182,25 +210,30 @@ async def test_with_scripts_the_post_script_runs_at_the_thaw_before_the_send(
     cfg.validate()
     agent = Agent(cfg)
     try:
-        for seed in (1, 2):  # the full copy (64 MiB: within the default spool), a delta
+        # The full copy (64 MiB: within the default spool), a delta, a resync.
+        for seed, kind in ((1, "full"), (2, "delta"), (3, "resync")):
             write_mb(mnt, f"s{seed}", 2, seed)
             log.write_text("")
+            if kind == "resync":  # the agent's base, unknown to the process server
+                state = Path(cfg.state_dir) / "state.json"
+                doc = json.loads(state.read_text())
+                state.write_text(json.dumps({**doc, "last_cycle": uuid.uuid4().hex}))
             at_first_send: list[list[str]] = []
 
-            def sent(disk: str, done: int, size: int,
-                     at_first_send: list[list[str]] = at_first_send) -> None:
-                if not at_first_send:
-                    at_first_send.append(log.read_text().split())
+            def scripts_run(at: list[list[str]] = at_first_send) -> None:
+                at.append(log.read_text().split())
 
-            frozen: list[str] = []
-
-            def inside(kind: str, frozen: list[str] = frozen) -> None:
-                frozen.append(device_sha(dev))  # while the hold lasts: the point's content
-
-            r = await agent.replicate_once(sent, on_kind=inside)
-            assert r.consistency == "app" and r.spooled_bytes == r.bytes_read > 0
-            assert at_first_send == [["pre", "post"]]
-            await point_is(procserver, tmp_path, vault_at[1], r.cycle, frozen[0])
-        assert r.tracking == {"sda": "blocktrace"}
+            r, want, events = await cycle(agent, dev, scripts_run)
+            assert (r.kind, r.consistency) == (kind, "app")
+            assert r.spooled_bytes == r.bytes_read > 0
+            if kind == "resync":  # refused: out of the hold (pre, post), nothing frozen
+                assert events == ["resync_required", *SPOOLED]
+                assert at_first_send == [["pre", "post", "pre", "post"]]
+            else:
+                assert events == SPOOLED
+                assert at_first_send == [["pre", "post"]]
+            if kind == "delta":
+                assert r.tracking == {"sda": "blocktrace"}
+            await point_is(procserver, tmp_path, vault_at[1], r.cycle, want)
     finally:
         agent.close()
