@@ -392,6 +392,7 @@ async def test_folder_target_formats_and_idempotent_cleanup(tmp_path: Path) -> N
         target = FolderTarget(tmp_path / fmt, fmt)
         assert await target.check(spec, disks) == []
         made = await target.create(spec, disks)
+        assert made == target.planned(spec, disks)  # named before it ran
         image = tmp_path / fmt / "m-dr" / f"sda.{fmt}"
         out = tmp_path / f"back-{fmt}.raw"
         proc = await asyncio.create_subprocess_exec(

@@ -397,6 +397,7 @@ async def test_create_writes_vhds_and_a_template_the_sdk_models_read_back(
     assert sorted(rec.resources) == [f"blob:{name}/dr/web1-test/sda.vhd",
                                      f"blob:{name}/dr/web1-test/sdb.vhd",
                                      f"blob:{name}/dr/web1-test/template.json"]
+    assert sorted(target.planned(spec, disks).resources) == sorted(rec.resources)
     assert "not configured" in rec.details["deployment"]
     assert rec.details["firmware"].startswith("bios: the item's firmware setting, and the "
                                               "disk boots with it (boot code in the MBR")

@@ -96,6 +96,10 @@ async def test_drill_boots_and_cleanup_leaves_nothing(
     rec = await target.create(spec, [disk])
     folder = target.pool_dir / spec.vm_name
     try:
+        # what it planned (the job records it first) names all it made, files in the folder
+        planned = target.planned(spec, [disk]).resources
+        assert [r for r in rec.resources if not r.startswith("file:")] == [
+            r for r in planned if not r.startswith("instant:")]
         assert rec.resources == [
             f"dir:{folder}", f"file:{folder}/00-sda.raw", f"file:{folder}/console.log",
             f"network:{DRILL_NET}", f"dhcp-host:{DRILL_NET}|52:54:00:aa:bb:01|10.213.0.50",
