@@ -3,7 +3,8 @@
 ``Sshd`` starts Debian's /usr/sbin/sshd inside its own network namespace (a veth pair,
 the host side 10.219.0.1/30, the target 10.219.0.2/30: outside 192.0.2.0/24 and the
 10.213-10.217 subnets of the drill and benchmark networks) and its own mount namespace
-(``ip netns exec`` gives one; mounts there never reach the host). Every session it opens
+(``ip netns exec`` gives one; mounts there never reach the host) with its own host name
+(``hostname``: a UTS namespace of its own). Every session it opens
 runs chrooted (sshd's ``ChrootDirectory``) in the machine's own root: a minimal Debian 12
 tree built from Debian packages (tests/targetroot.py: its python3.11, coreutils, sudo
 ...), cached and shared, mounted as the lower layer of an overlay whose upper layer is
@@ -14,8 +15,7 @@ and /var/tmp are its own tmpfs (no systemd runs there). /etc/passwd, /etc/shadow
 /etc/group are the test's (users root and alice, passwords of the test's choosing, alice
 without sudo until ``sudoers`` says otherwise: /etc/sudoers is the test's too), both for
 sshd's authentication and inside the root, and so is the root's /etc/hosts (``hosts``:
-localhost and the target's address for the host name, which the network namespace shares
-with the host).
+localhost and the target's address for its host name).
 
 Needs root (network and mount namespaces), openssh-server (tests/run.sh installs it) and
 what tests/targetroot.py needs to build the tree (once: about 15 s).
@@ -27,7 +27,6 @@ import asyncio
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -52,8 +51,9 @@ def missing() -> str | None:
         return "openssh-server is not installed (apt-get install openssh-server)"
     if shutil.which("openssl") is None or shutil.which("ip") is None:
         return "openssl (password hashes) and iproute2 (ip netns) are needed"
-    if tools := targetroot.missing_tools() + [t for t in ("losetup",) if not shutil.which(t)]:
-        return f"the machine's root tree needs {', '.join(tools)}"
+    tools = [t for t in ("losetup", "unshare") if shutil.which(t) is None]
+    if tools := targetroot.missing_tools() + tools:
+        return f"the machine's root, host name and disk need {', '.join(tools)}"
     return None
 
 
@@ -87,6 +87,7 @@ class Sshd:
         self.work, self.passwords, self.authorized = work, passwords, authorized or {}
         self.sftp, self.listen = sftp, listen
         self.ns = f"srhj{secrets.token_hex(3)}"
+        self.hostname = f"target-{self.ns}"  # its own (a UTS namespace of its own)
         self.host, self.port = TARGET_ADDR, 22
         self.root = work / "target"
         self.tree = Path()
@@ -113,7 +114,7 @@ class Sshd:
             self.sudoers()
         if not self.hosts.exists():
             self.hosts.write_text(f"127.0.0.1\tlocalhost\n{TARGET_ADDR}\t"
-                                  f"{socket.gethostname()}\n")
+                                  f"{self.hostname}\n")
         keys = self.work / "keys"
         keys.mkdir(exist_ok=True)
         for u, line in self.authorized.items():
@@ -152,7 +153,8 @@ class Sshd:
                    f"mount -t tmpfs -o mode=755 tmpfs {t}/run",
                    f"mount -t tmpfs -o mode=1777 tmpfs {t}/tmp",
                    f"mount -t tmpfs -o mode=1777 tmpfs {t}/var/tmp"]
-        return " && ".join(["mkdir -p /run/sshd", *mounts, f"exec {SSHD} -D -e -f {cfg}"])
+        return " && ".join(["mkdir -p /run/sshd", f"echo {self.hostname} > "
+                            "/proc/sys/kernel/hostname", *mounts, f"exec {SSHD} -D -e -f {cfg}"])
 
     async def __aenter__(self) -> Sshd:
         self.tree = await asyncio.to_thread(targetroot.target_root)
@@ -183,7 +185,7 @@ class Sshd:
         """Start sshd; returns once it listens (its own log line, not a sleep)."""
         cfg = cfg or self._files()
         self.proc = await asyncio.create_subprocess_exec(
-            "ip", "netns", "exec", self.ns, "sh", "-c", self._script(cfg),
+            "ip", "netns", "exec", self.ns, "unshare", "--uts", "sh", "-c", self._script(cfg),
             stderr=asyncio.subprocess.PIPE)
         assert self.proc.stderr is not None
         log = []

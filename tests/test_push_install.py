@@ -6,7 +6,6 @@ failure is its own clear error that changes nothing on the target."""
 from __future__ import annotations
 
 import shutil
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -118,7 +117,7 @@ async def test_not_root_and_no_sudo(sshd: Sshd) -> None:
 
 
 async def test_etc_hosts_without_the_machine_address(sshd: Sshd) -> None:
-    name = socket.gethostname()
+    name = sshd.hostname  # its own, not the host's
     mapped = sshd.hosts.read_text()
     sshd.hosts.write_text("".join(line for line in mapped.splitlines(keepends=True)
                                   if not line.startswith(TARGET_ADDR)))
