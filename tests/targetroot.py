@@ -51,8 +51,9 @@ def missing_tools() -> list[str]:
     return [t for t in TOOLS if shutil.which(t) is None]
 
 
-def key() -> str:
-    return hashlib.sha256("\n".join((VERSION, *sorted(PACKAGES))).encode()).hexdigest()[:16]
+def key(packages: tuple[str, ...] = PACKAGES) -> str:
+    """The cache's name for the tree of ``packages`` (and this ``VERSION``)."""
+    return hashlib.sha256("\n".join((VERSION, *sorted(packages))).encode()).hexdigest()[:16]
 
 
 def target_root() -> Path:
@@ -80,7 +81,7 @@ def _run(*argv: str | Path, cwd: Path | None = None) -> str:
     return res.stdout
 
 
-def _choices(text: str, prefer: set[str]) -> set[str]:
+def choices(text: str, prefer: set[str]) -> set[str]:
     """The packages ``apt-cache depends`` output asks for: of each group of alternatives
     (a virtual package standing for its providers) one in ``prefer`` if any, else the
     first."""
@@ -116,7 +117,7 @@ def closure(packages: tuple[str, ...] = PACKAGES) -> list[str]:
         out = _run("apt-cache", "depends", "--no-recommends", "--no-suggests",
                    "--no-conflicts", "--no-breaks", "--no-replaces", "--no-enhances",
                    *sorted(todo))
-        todo = _choices(out, set(packages)) - seen
+        todo = choices(out, set(packages)) - seen
     return sorted(seen)
 
 

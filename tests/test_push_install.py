@@ -33,7 +33,7 @@ from siterecovery.agentbundle import Bundle
 from tests.backends import missing_backend
 from tests.helpers import REPO
 from tests.sshd import HOST_ADDR, TARGET_ADDR, Sshd, agent_bundle, missing
-from tests.targetroot import MARKER
+from tests.targetroot import MARKER, PACKAGES, choices, key
 
 ROOT_PW, ALICE_PW = "root-secret-1", "alice-secret-2"
 BUNDLE_TARGET = {"implementation": "cpython", "python": "3.11", "python_exact": True,
@@ -304,3 +304,19 @@ def test_the_ca_signs_only_a_request_for_the_machine(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a PEM CSR"):
         ca.sign_client_csr("web01", b"junk")
     assert ca.sign_client_csr("web01", csr).subject == "web01"
+
+
+def test_the_target_tree_resolves_alternatives_and_is_rebuilt_for_another_package_list(
+        ) -> None:
+    """tests/targetroot.py: of each group of alternatives (a virtual package: its
+    providers) the one the tree lists, else the first; another package list is another
+    cached tree."""
+    out = ("base-files\n  PreDepends: <awk>\n    gawk\n    original-awk\n    mawk\n"
+           "init-system-helpers\n |Depends: usrmerge\n  Depends: usr-is-merged\n"
+           "    usrmerge\nlibpam-modules\n  PreDepends: libc6\n |PreDepends: debconf\n"
+           "  PreDepends: <debconf-2.0>\n    cdebconf\n    debconf\n"
+           "  Conflicts: libpam-mkhomedir\n")
+    assert choices(out, {"mawk", "usr-is-merged"}) == {"mawk", "usr-is-merged", "libc6",
+                                                        "debconf"}
+    assert choices(out, set()) == {"gawk", "usrmerge", "libc6", "debconf"}
+    assert key() == key(tuple(reversed(PACKAGES))) != key((*PACKAGES, "strace"))
