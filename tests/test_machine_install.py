@@ -1,7 +1,8 @@
 """Push install through the real control plane (issue #14): ``siterecovery machine
 install|uninstall`` asks the configuration server, whose job hands the request to the
 machine's process server, which logs in over SSH to a real sshd on "another machine"
-(tests/sshd.py: its own network and mount namespaces), installs the agent bundle, has
+(tests/sshd.py: its own network, mount and UTS namespaces, every session chrooted in a
+minimal Debian 12 tree of its own, a loop device its disk), installs the agent bundle, has
 the key made on the machine signed by the CA, and the agent's first heartbeat is
 awaited. The target has no systemd: the job says how to start the agent, and the test
 starts it over SSH as the operator would.
