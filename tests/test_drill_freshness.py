@@ -24,9 +24,10 @@ from configserver.schema import iso
 from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiClient
 from tests.csclock import Clock, clocked_configserver
+from tests.failoversite import protect, register
 from tests.helpers import run_cli
 from tests.sitehelpers import next_job
-from tests.test_failover import _protect, _register, _run, _settings
+from tests.test_failover import _run, _settings
 from vault.point import Point
 
 DAY = 86400.0
@@ -71,9 +72,9 @@ async def drilled(tmp_path: Path, catalog_url: str) -> AsyncIterator[Drilled]:
     clock = Clock()
     async with clocked_configserver(tmp_path / "cs", catalog_url, clock) as cs, \
             ApiClient(cs.url, cs.admin_token) as api:
-        vault = await _register(api, tmp_path)
+        vault = await register(api, tmp_path)
         try:
-            points, _ = await _protect(api, cs.url, cs.site_url, cs.internal_token,
+            points, _ = await protect(api, cs.url, cs.site_url, cs.internal_token,
                                        cs.ca.cert_path, cs.passphrase, tmp_path, vault)
             await _settings(api)
             yield Drilled(cs, api, clock, points)
