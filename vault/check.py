@@ -127,8 +127,10 @@ class _Checker:
         self.sizes: dict[str, int] = {}  # pack id -> size, for packs in the store
         self.bad_packs: dict[str, str] = {}  # pack id -> "missing" or "truncated"
         self.bad_blocks: dict[bytes, str] = {}  # block id -> pack whose indexed copy failed
-        # pack id -> (trailer entries, end of the blocks), or why the trailer failed
-        self.trailers: dict[str, tuple[list[PackEntry], int] | IntegrityError] = {}
+        # pack id -> (trailer entries, end of the blocks), or why the trailer failed; within
+        # a budget only the end (the entries, a block's worth each, are read again)
+        self.trailers: dict[str, tuple[list[PackEntry], int] | int | IntegrityError] = {}
+        self.keep_trailers = isinstance(listing, MemoryListing)
 
     def add(self, obj: str, kind: str, reason: str) -> None:
         self.report.add(obj, kind, reason)
@@ -230,7 +232,7 @@ class _Checker:
                          "content: a trailer authenticates only under its own pack's name; "
                          "'check --read-data' tells which points it breaks)")
                 return
-            self.trailers[pack_id] = (entries, end)
+            self.trailers[pack_id] = (entries, end) if self.keep_trailers else end
             self._compare_trailer(pack_id, entries)
 
         await for_each(todo, one, concurrency=8)
@@ -272,6 +274,13 @@ class _Checker:
         known = self.trailers.get(pack_id)  # read (and reported) by the structural pass
         if isinstance(known, tuple):
             trailer, end = known
+        elif isinstance(known, int):  # read, compared and reported; its entries let go
+            try:
+                trailer, end = await read_trailer(self.vault, pack_id, size)
+            except NotFoundError:
+                return
+            except IntegrityError as err:  # changed since the structural pass read it
+                self.add(name, "damaged", err.reason)
         elif known is None:
             try:
                 trailer, end = await read_trailer(self.vault, pack_id, size)
