@@ -258,7 +258,8 @@ def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]
 
 
 async def write_full_point(vault: Vault, data: bytes, *, machine: str = "m1",
-                           cycle: str = "c1", block_size: int = BLOCK) -> Point:
+                           cycle: str = "c1", block_size: int = BLOCK,
+                           consistency: str = "crash") -> Point:
     """Write ``data`` as one disk ("sda") of a full recovery point, as the process server
     would, with the digest the agent would send (a short last block included)."""
     blocks = [data[n * block_size:(n + 1) * block_size]
@@ -268,4 +269,4 @@ async def write_full_point(vault: Vault, data: bytes, *, machine: str = "m1",
                         disks=[DiskSpec("sda", len(data), block_size)], full=True, base=None)
         await w.add([(0, n, b) for n, b in enumerate(blocks)])
         digest = digest_of_fingerprint_map(b"".join(fingerprint(b) for b in blocks))
-        return await w.finish({"sda": digest}, "crash")
+        return await w.finish({"sda": digest}, consistency)

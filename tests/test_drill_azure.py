@@ -1,7 +1,8 @@
 """A drill on the Azure target through the real configuration server (SQLite and
 PostgreSQL), a real vault and Azurite: the target comes from the server's configuration,
 the item's azure_size and drill network reach the template, the restored disk's EFI
-system partition makes a Generation 2 machine, and cleanup removes every blob."""
+system partition makes a Generation 2 machine, cleanup removes every blob, and settings
+Azure refuses fail the drill at the target's check with nothing uploaded."""
 
 from __future__ import annotations
 
@@ -130,3 +131,21 @@ async def test_a_drill_on_azure_then_cleanup(
         assert done["state"] == "succeeded", done
         assert await _blobs(container) == []
         assert (await api.get("/api/v1/items/web01"))["state"] == "protected"
+
+        # settings Azure refuses (no offered size has 32 CPUs; an IPv6 address): the drill
+        # fails at the target's check, before a disk is restored or a blob written, each
+        # refusal naming the setting and what is allowed, and the item is protected again
+        await api.call("PATCH", "/api/v1/items/web01/recovery", {
+            "azure_size": None, "cpus": 32, "ip": "2001:db8::9"}, {})
+        job = await _run(api, "test-failover")
+        assert job["state"] == "failed" and step(job, "select_point")["state"] == "failed", job
+        assert step(job, "restore")["state"] != "succeeded"
+        assert "the target refuses the recovery: " in job["error"]
+        assert "azure_size: no offered size has 32 CPUs" in job["error"]
+        assert "set azure_size to one of Standard_B1s, " in job["error"]
+        assert "ip: ip '2001:db8::9' is not allowed: a private IPv4 address" in job["error"]
+        assert await _blobs(container) == []
+        item = await api.get("/api/v1/items/web01")
+        assert (item["state"], item["last_drill"]["result"]) == ("protected", "failed")
+        assert item["last_drill"].get("work") is None
+        assert not (Path(cs.cfg.data_dir) / "failover-work" / job["id"]).exists()

@@ -1,6 +1,7 @@
 """Failover through the real configuration server (SQLite and PostgreSQL), a real vault
-with real points and the folder target: a drill and its cleanup, failover, change of
-recovery point, commit, verbs refused in the wrong state, a drill cancelled while its
+with real points and the folder target: a drill and its cleanup (of the newest point,
+a named one, the newest app-consistent one), failover, change of recovery point, commit
+(REST and CLI), verbs refused in the wrong state, a drill cancelled while its
 restore waits or inside the target's create. (kill -9 of the server during a failover:
 ``test_failover_kill9.py``.)"""
 
@@ -152,6 +153,23 @@ async def test_drill_on_the_folder_target_then_cleanup(site: Site, cs: ConfigSer
     item = await api.get("/api/v1/items/web01")
     assert item["state"] == "protected" and item["last_drill"]["result"] == "failed"
 
+    # latest-app-consistent: the newest app-consistent point, though a crash-consistent
+    # one came after it; the job and the item record the point it used
+    app = await write_full_point(site.vault, site.data[p1.id], machine="web01", cycle="c2",
+                                 consistency="app")
+    crash = await write_full_point(site.vault, site.data[p2.id], machine="web01", cycle="c3")
+    for p in (app, crash):
+        await report_point(site.url, site.internal, "web01", p.id, p.created, p.consistency)
+    assert crash.created > app.created and crash.consistency == "crash"
+    site.data[app.id] = site.data[p1.id]
+    job = await _run(api, "test-failover", {"point": "latest-app-consistent"})
+    assert job["state"] == "succeeded", job
+    assert job["params"]["point"] == "latest-app-consistent"
+    assert f"point {app.id} (app-consistent" in step(job, "select_point")["message"]
+    _recovered_is(site, app, drill=True)
+    drill = (await api.get("/api/v1/items/web01"))["last_drill"]
+    assert (drill["job"], drill["point"], drill["consistency"]) == (job["id"], app.id, "app")
+
 
 async def test_a_drill_of_a_damaged_point_fails_with_the_fsck_findings(
         site: Site, cs: ConfigServer, tmp_path: Path) -> None:
@@ -297,6 +315,16 @@ async def test_cli_drill_with_wait(site: Site, cs: ConfigServer) -> None:
     assert (job["kind"], job["state"]) == ("change_recovery_point", "succeeded")
     vm = json.loads((site.recovered / "web01" / "vm.json").read_text())
     assert (vm["point"], vm["network"]) == (p1.id, "dr-net-2")
+
+    r = await asyncio.to_thread(run_cli, "failover", "commit", "web01", "--wait", "--json",
+                                *args)
+    assert r.returncode == 0, r.stderr
+    job = json.loads(r.stdout)
+    assert (job["kind"], job["state"]) == ("commit_failover", "succeeded")
+    assert "Delete the recovery points from the vault: succeeded" in r.stderr
+    item = await site.api.get("/api/v1/items/web01")
+    assert (item["state"], item["failover"]["point"]) == ("committed", p1.id)
+    assert await site.vault.list_points("web01") == []
 
 
 async def test_folder_target_formats_and_idempotent_cleanup(tmp_path: Path) -> None:
