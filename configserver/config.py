@@ -50,10 +50,12 @@ class ConfigServerConfig:
     # A Prune the vault job (configserver/gcjob.py) every prune_interval_hours (0, the
     # default: only by hand); it never forgets a point any policy's retention keeps.
     prune_interval_hours: float = 0.0
-    # Failover: how long the point 'latest' waits for the process server's upload, and
-    # how long a failover waits for the source's agent to take a last cycle and shut down.
+    # Failover: how long the point 'latest' waits for the process server's upload, how
+    # long a failover waits for the source's agent to take a last cycle and shut down,
+    # and how long a target that boots machines (libvirt) waits for the boot proof.
     failover_drain_timeout_seconds: float = 1800.0
     failover_shutdown_timeout_seconds: float = 600.0
+    failover_boot_timeout_seconds: float = 600.0
     # A process server silent this long loses its machines to a healthy one
     # (configserver/pshealth.py); the procserver_heartbeat_missing alert's 15 minutes.
     procserver_failover_seconds: float = 900.0
@@ -91,7 +93,8 @@ class ConfigServerConfig:
             raise ValueError("prune_interval_hours must be 0 (off) to 8784 (a year)")
         if not 0 < self.verify_daily_share_percent <= 100:
             raise ValueError("verify_daily_share_percent must be more than 0 and at most 100")
-        for name in ("failover_drain_timeout_seconds", "failover_shutdown_timeout_seconds"):
+        for name in ("failover_drain_timeout_seconds", "failover_shutdown_timeout_seconds",
+                     "failover_boot_timeout_seconds"):
             if not 0 < getattr(self, name) <= 86400:
                 raise ValueError(f"{name} must be more than 0 and at most 86400 (a day)")
         if not 0 < self.procserver_failover_seconds <= 86400:

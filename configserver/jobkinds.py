@@ -79,6 +79,7 @@ def for_config(cfg: ConfigServerConfig, targets: dict[str, Target]
     free_stale_loops(work_root)
     return kinds(FailoverDeps(targets=targets, work_root=work_root,
                               check_disk=verify_image,
+                              boot_timeout=cfg.failover_boot_timeout_seconds,
                               drain_timeout=cfg.failover_drain_timeout_seconds,
                               shutdown_timeout=cfg.failover_shutdown_timeout_seconds))
 

@@ -1,8 +1,9 @@
 """A drill on the Azure target through the real configuration server (SQLite and
 PostgreSQL), a real vault and Azurite: the target comes from the server's configuration,
 the item's azure_size and drill network reach the template, the restored disk's EFI
-system partition makes a Generation 2 machine, cleanup removes every blob, and settings
-Azure refuses fail the drill at the target's check with nothing uploaded."""
+system partition makes a Generation 2 machine, cleanup removes every blob, settings Azure
+refuses fail the drill at the target's check with nothing uploaded, and the boot step
+gets the server's failover_boot_timeout_seconds."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiClient
 from targets.armtemplate import DISK, NIC, VM
 from targets.armtemplate import unknown_properties as template_problems
+from targets.base import BootProof, Recovered
 from tests import bootimages
 from tests.helpers import make_vault, open_vault, write_full_point
 from tests.sitehelpers import (
@@ -35,6 +37,8 @@ from tests.sitehelpers import (
 from tests.test_target_azure import ACCOUNT_ID
 from vault.regkey import make_key
 
+BOOT_TIMEOUT = 45.0  # the server's failover_boot_timeout_seconds, which boot() is given
+
 
 @pytest.fixture
 async def azure_cs(tmp_path: Path, catalog_url: str, azurite_conn: str
@@ -45,6 +49,7 @@ async def azure_cs(tmp_path: Path, catalog_url: str, azurite_conn: str
     name = "dr" + uuid.uuid4().hex[:16]
     server = ConfigServer(ConfigServerConfig(
         data_dir=str(tmp_path / "cs"), listen_port=0, site_port=0, database_url=catalog_url,
+        failover_boot_timeout_seconds=BOOT_TIMEOUT,
         azure_target_url=f"azure://{name}/recovered?connection_string_file={conn}",
         azure_target={"location": "westeurope", "resource_group": "dr",
                       "storage_account_id": ACCOUNT_ID, "network": "prod-vnet/apps",
@@ -96,8 +101,18 @@ async def _run(api: ApiClient, verb: str, body: dict[str, Any] | None = None
 
 
 async def test_a_drill_on_azure_then_cleanup(
-        azure_cs: tuple[ConfigServer, ContainerClient], tmp_path: Path) -> None:
+        azure_cs: tuple[ConfigServer, ContainerClient], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     cs, container = azure_cs
+    target = cs._targets["azure"]  # the server's own target, watched: the real boot runs
+    timeouts: list[float] = []
+    real_boot = target.boot
+
+    async def boot(recovered: Recovered, timeout: float) -> BootProof | None:
+        timeouts.append(timeout)
+        return await real_boot(recovered, timeout)
+
+    monkeypatch.setattr(target, "boot", boot)
     image = bootimages.gpt(tmp_path / "uefi.img", bios_boot=False, esp=True)
     async with ApiClient(cs.url, cs.admin_token) as api:
         pid = await _protected(cs, api, tmp_path, image.read_bytes())
@@ -108,6 +123,7 @@ async def test_a_drill_on_azure_then_cleanup(
         assert job["state"] == "succeeded", job
         assert pid in step(job, "select_point")["message"]
         assert "cannot boot machines" in step(job, "boot")["message"]
+        assert timeouts == [BOOT_TIMEOUT]  # from the configuration, not the default
         item = await api.get("/api/v1/items/web01")
         rec = item["last_drill"]["recovered"]
         assert rec["details"]["vm_size"] == "Standard_D2s_v5"

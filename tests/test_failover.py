@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from configserver.config import ConfigServerConfig
 from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiCallError, ApiClient
 from targets.base import RecoveryDisk, RecoverySpec
@@ -325,6 +326,15 @@ async def test_cli_drill_with_wait(site: Site, cs: ConfigServer) -> None:
     item = await site.api.get("/api/v1/items/web01")
     assert (item["state"], item["failover"]["point"]) == ("committed", p1.id)
     assert await site.vault.list_points("web01") == []
+
+
+def test_the_boot_proof_timeout_is_a_setting() -> None:
+    assert ConfigServerConfig(data_dir="/d").failover_boot_timeout_seconds == 600.0
+    ConfigServerConfig(data_dir="/d", failover_boot_timeout_seconds=30.0).validate()
+    for bad in (0.0, -5.0, 86401.0):
+        with pytest.raises(ValueError, match=r"failover_boot_timeout_seconds must be more "
+                                             r"than 0 and at most 86400"):
+            ConfigServerConfig(data_dir="/d", failover_boot_timeout_seconds=bad).validate()
 
 
 async def test_folder_target_formats_and_idempotent_cleanup(tmp_path: Path) -> None:
