@@ -131,15 +131,15 @@ async def test_prune_completes_while_agents_upload_continuously(
     before the whole cycle is in the vault; web02 replicates all along. The prune runs
     while web01's cycle is still being uploaded."""
     cfg = proc_config(tmp_path, pki, *vault_at, segment_bytes=1 << 20,
-                      upload_limit_work_mbps=16.0, upload_limit_off_mbps=16.0)
+                      upload_limit_work_mbps=8.0, upload_limit_off_mbps=8.0)
     expected: dict[str, str] = {}
     stop = asyncio.Event()
     async with running_procserver(cfg) as ps:
         ps.uploader.vault_lock.poll = 0.2
         disks, agents = {}, {}
-        # web01 sends three times faster than the uploads go; web02 a trickle.
+        # web01 sends six times faster than the uploads go; web02 a trickle.
         for i, (name, size, mbps) in enumerate((("web01", 6 << 20, 48.0),
-                                                ("web02", 2 << 20, 8.0))):
+                                                ("web02", 2 << 20, 4.0))):
             disks[name] = tmp_path / f"{name}.img"
             make_disk(disks[name], size, seed=40 + i)
             agents[name] = make_agent(agent_config(
