@@ -351,6 +351,8 @@ async def freeze_rounds(args: argparse.Namespace, work: Path, dev: Path, mnt: Pa
             res[f"{key}_freeze_median_s"] = round(statistics.median(holds), 4)
             res[f"{key}_freeze_max_s"] = round(max(holds), 4)
             res[f"{key}_spooled_median_bytes"] = int(statistics.median(spooled))
+            res[f"{key}_freeze_each_s"] = [round(h, 4) for h in holds]
+            res[f"{key}_kernel_freeze_each_s"] = [round(k, 4) for k in kernel]
             # The parts (agents before the events existed have none).
             res[f"{key}_kernel_freeze_median_s"] = (round(statistics.median(kernel), 4)
                                                     if kernel else None)
