@@ -24,7 +24,7 @@ from tests.helpers import REPO, restore_all
 from vault import names
 from vault.check import check_vault
 from vault.extsort import SortedSet
-from vault.index import Index
+from vault.index import Index, open_index
 from vault.indexdb import DiskIndex
 from vault.indexopen import open_block_index
 from vault.keyslots import KeyMaterial, new_keyfile, read_keyfile
@@ -226,17 +226,26 @@ async def test_rebuild_streaming_gives_the_in_memory_result(
 
 # -- check --------------------------------------------------------------------------------
 
-def _damage(root: Path) -> None:
-    """A pack deleted, one cut short, a block of another flipped, an index object and
-    a map gone, a stray object: every kind of finding."""
+async def _damage(root: Path) -> None:
+    """A pack deleted, one cut short, a block of another flipped, an index object (of
+    other packs) and a map gone, a stray object: every kind of finding."""
     v = root / "vault"
     packs = sorted(p for p in (v / "packs").rglob("*") if p.is_file())
+    hit = {packs[0].name, packs[3].name, packs[6].name}
+    vault = await _open(root)
+    for obj in sorted((v / "index").iterdir()):  # one listing none of those packs
+        listed = open_index(vault.keyring, obj.name, obj.read_bytes())
+        if not hit & set(listed):
+            obj.unlink()
+            break
+    else:
+        raise AssertionError("every index object lists a damaged pack")
+    await vault.close()
     packs[0].unlink()
     packs[3].write_bytes(packs[3].read_bytes()[:100])
     data = bytearray(packs[6].read_bytes())
     data[40] ^= 0x10
     packs[6].write_bytes(bytes(data))
-    sorted((v / "index").iterdir())[2].unlink()
     sorted((v / "maps").iterdir())[5].unlink()
     (v / "packs" / "zz").mkdir()
     (v / "packs" / "zz" / "stray").write_bytes(b"x")
@@ -248,7 +257,7 @@ async def test_check_streaming_finds_what_the_in_memory_check_finds(
     for damaged in (False, True):
         r = _copy(root, tmp_path / f"damaged-{damaged}")
         if damaged:
-            _damage(r)
+            await _damage(r)
         km = KeyMaterial(keyfile=read_keyfile(r / "vault.key"))
         for read_data in (False, True):
             docs = []
