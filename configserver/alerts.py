@@ -59,12 +59,16 @@ from configserver.items import DAY, ItemState, last_good_drill
 from configserver.notifyoutbox import CLEARED, RAISED, Change, enqueue
 from configserver.replication import FINALIZE
 from configserver.schema import iso
+from configserver.thresholds import (
+    BACKLOG_CRITICAL_S,
+    BACKLOG_WARNING_S,
+    CACHE_FREE_CRITICAL,
+    CACHE_FREE_WARNING,
+    HEARTBEAT_CRITICAL_S,
+)
 
 log = structlog.get_logger("configserver.alerts")
 
-CACHE_FREE_WARNING, CACHE_FREE_CRITICAL = 0.30, 0.25
-BACKLOG_WARNING_S, BACKLOG_CRITICAL_S = 30 * 60, 45 * 60
-HEARTBEAT_CRITICAL_S = 15 * 60
 STORAGE_CRITICAL_FACTOR = 3  # storage failing this many times storage_alert_seconds
 
 CACHE_LOW = "procserver_cache_free_low"

@@ -3,10 +3,10 @@ measured and reported with its last heartbeat.
 
 A process server is a *candidate* when it is healthy and has room:
 
-- it heartbeated within ``alerts.HEARTBEAT_CRITICAL_S`` (the clock of the
+- it heartbeated within ``thresholds.HEARTBEAT_CRITICAL_S`` (the clock of the
   ``procserver_heartbeat_missing`` alert; a failover uses ``procserver_failover_seconds``);
-- its cache is at least ``alerts.CACHE_FREE_WARNING`` free and its upload backlog is at
-  most ``alerts.BACKLOG_WARNING_S`` old (no cache or backlog alert);
+- its cache is at least ``thresholds.CACHE_FREE_WARNING`` free and its upload backlog is at
+  most ``thresholds.BACKLOG_WARNING_S`` old (no cache or backlog alert);
 - its uploads to the vault are not failing.
 
 Among the candidates the least loaded wins, compared in this order: upload backlog (whole
@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from configserver import db
+from configserver import db, thresholds
 
 
 @dataclass(frozen=True)
@@ -53,17 +53,14 @@ def unfit(ps: db.ProcessServer, now: float, up_since: float,
           silent_after: float | None = None) -> str | None:
     """Why ``ps`` cannot take a machine now, or None when it can (``silent_after``: how
     long a silence makes it dead; the heartbeat alert's by default)."""
-    # Imported here: alerts imports replication, which imports this module.
-    from configserver import alerts
-
-    silent = alerts.HEARTBEAT_CRITICAL_S if silent_after is None else silent_after
+    silent = thresholds.HEARTBEAT_CRITICAL_S if silent_after is None else silent_after
     if now - max(ps.last_contact, up_since) >= silent:
         return f"no heartbeat for {(now - ps.last_contact) / 60:.1f} min"
     if ps.storage_failing_since is not None:
         return "its uploads to the vault are failing"
-    if ps.cache_free_ratio < alerts.CACHE_FREE_WARNING:
+    if ps.cache_free_ratio < thresholds.CACHE_FREE_WARNING:
         return f"cache only {ps.cache_free_ratio:.0%} free"
-    if ps.backlog_seconds > alerts.BACKLOG_WARNING_S:
+    if ps.backlog_seconds > thresholds.BACKLOG_WARNING_S:
         return f"upload backlog {ps.backlog_seconds / 60:.0f} min"
     return None
 

@@ -46,7 +46,7 @@ from typing import Any
 import structlog
 from sqlalchemy import func, select
 
-from configserver import alerts, assignment, db
+from configserver import assignment, db, thresholds
 from configserver.core import Core
 from configserver.jobdefs import ACTIVE, JobKind, Step, StepFailed, new_job
 from configserver.jobs import StepContext
@@ -137,7 +137,7 @@ KINDS = (MOVE,)
 
 
 async def fail_over_once(core: Core, up_since: float,
-                         silent_after: float = alerts.HEARTBEAT_CRITICAL_S) -> list[db.Job]:
+                         silent_after: float = thresholds.HEARTBEAT_CRITICAL_S) -> list[db.Job]:
     """Queue a move job for every machine of every process server silent for
     ``silent_after`` seconds that has none for this outage yet; the jobs queued."""
     now = core.clock()
