@@ -1,5 +1,7 @@
-"""Progress of full copies (initial replication, resynchronization) reported to the
-configuration server's site listener while a cycle runs."""
+"""Progress of a cycle reported to the configuration server's site listener while it
+runs: full copies and resynchronizations always, and any cycle (a delta included) while
+the item is being enabled, so an agent that kept its maps ends initial replication with
+its first delta (mobility/daemon.py decides)."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ class ProgressReporter:
 
     Created with ``active=False`` it reports nothing until ``start()``: the agent learns
     only at BEGIN whether a cycle copies or compares whole disks (worth reporting) or
-    sends a delta (not)."""
+    sends a delta (reported only while the item is being enabled)."""
 
     def __init__(self, site: SiteClient, disks: list[str], resync: bool = False,
                  every: float = 2.0, active: bool = True) -> None:
