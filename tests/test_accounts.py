@@ -308,6 +308,8 @@ async def test_lost_key_with_no_accounts_left_is_replaced(cs: ConfigServer,
     assert await open_secret(cs, "installer") == PASSWORD.encode()
 
 
+# The CLI is the same over either catalog (the API tests run on both): SQLite only.
+@pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True)
 async def test_account_cli(cs: ConfigServer, tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text(cs.admin_token)

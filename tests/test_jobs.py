@@ -215,6 +215,8 @@ def _cli(cs: ConfigServer, *args: str) -> list[str]:
     return [*args, "--api", cs.url, "--token-file", str(cs.cfg.token_path)]
 
 
+# The CLI is the same over either catalog (the API tests run on both): SQLite only.
+@pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True)
 async def test_cli_enable_wait_items_and_jobs(cs: ConfigServer, api: ApiClient, tmp_path: Path
                                               ) -> None:
     agents = await _ready(cs, api, tmp_path, "web01")

@@ -236,6 +236,8 @@ async def test_protected_machine_cannot_be_removed(cs: ConfigServer, api: ApiCli
     assert await api.delete("/api/v1/machines/web01") == {"deleted": "web01"}
 
 
+# The CLI is the same over either catalog (the API tests run on both): SQLite only.
+@pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True)
 async def test_machine_cli(cs: ConfigServer, tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text(cs.admin_token)

@@ -337,6 +337,8 @@ async def test_channel_refusals(cs: ConfigServer, api: ApiClient) -> None:
     assert "http://127.0.0.1:9 " in tested["error"] and "T0KEN" not in tested["error"]
 
 
+# The CLI is the same over either catalog (the API tests run on both): SQLite only.
+@pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True)
 async def test_cli_add_list_test_remove(cs: ConfigServer, receiver: tuple[Receiver, str],
                                         tmp_path: Path) -> None:
     hook, url = receiver

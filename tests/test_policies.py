@@ -179,6 +179,8 @@ async def test_policy_in_use_cannot_be_deleted_nor_change_block_size(
     assert await api.delete("/api/v1/policies/gold") == {"deleted": "gold"}
 
 
+# The CLI is the same over either catalog (the API tests run on both): SQLite only.
+@pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True)
 async def test_policy_cli(cs: ConfigServer, tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text(cs.admin_token)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
+import pytest
 import structlog.testing
 
 from configserver.server import ConfigServer
@@ -317,6 +318,8 @@ async def cli(cs: ConfigServer, *args: str) -> Any:
     return r
 
 
+# The CLI is the same over either catalog (the API tests run on both): SQLite only.
+@pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True)
 async def test_cli_list_show_refresh_remove(cs: ConfigServer, api: ApiClient) -> None:
     r = await cli(cs, "procserver", "list")
     assert r.returncode == 0 and r.stdout.strip() == "(none)"
