@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -46,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_ingest import toml
-from diskgen import generate
+from diskgen import generate, sha256_file
 
 from configserver.ca import CertificateAuthority, write_bundle
 from vault.keyslots import KeyMaterial, new_keyfile
@@ -60,14 +59,6 @@ BLOCK = 64 << 10
 
 def say(msg: str) -> None:
     print(f"chaos: {msg}", file=sys.stderr, flush=True)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def mutate(path: Path, rng: random.Random) -> None:
@@ -248,7 +239,7 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
             fault = "none" if last else rng.choice(FAULTS)
             if run:
                 mutate(disk, rng)
-            state = sha256(disk)
+            state = sha256_file(disk)
             attempted.add(state)
             cycle = await agent_cycle(agent_cfg, fault, rng.uniform(0.05, 2.0), ps, proxy,
                                       vault_dir, rng)
@@ -284,7 +275,7 @@ async def prove(root: Path, key: Path, acked: dict[str, str], attempted: set[str
         out = root / "restored.img"
         for p in points:
             await materialize(vault, p, "sda", str(out), index=index)
-            got = sha256(out)
+            got = sha256_file(out)
             out.unlink()
             ok = got == acked[p.cycle] if p.cycle in acked else got in attempted
             verified += ok

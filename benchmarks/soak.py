@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
 import random
 import shutil
@@ -40,7 +39,7 @@ from typing import Any
 from bench_e2e import quiet_logs
 from bench_ingest import toml
 from chaos import ProcServer
-from diskgen import generate
+from diskgen import generate, sha256_file
 
 from configserver.ca import CertificateAuthority, write_bundle
 from mobility.agent import Agent
@@ -59,14 +58,6 @@ BLOCK = 64 << 10
 
 def say(msg: str) -> None:
     print(f"soak: {msg}", file=sys.stderr, flush=True)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def churn(path: Path, nbytes: int, rng: random.Random) -> None:
@@ -136,7 +127,7 @@ async def _run(args: argparse.Namespace, root: Path, key: Path, ca: CertificateA
         while not stop.is_set():
             started = time.monotonic()
             churn(disk, int(args.churn_mb_s * 1e6 * args.interval), rng)
-            read_at, digest = time.time(), sha256(disk)
+            read_at, digest = time.time(), sha256_file(disk)
             r = await agent.replicate_once()
             captured[r.cycle] = (read_at, digest, agent.cfg.machine)
             with contextlib.suppress(TimeoutError):
@@ -171,7 +162,7 @@ async def _run(args: argparse.Namespace, root: Path, key: Path, ca: CertificateA
                 continue
             out = root / "verify.img"
             await materialize(vault, p, "sda", str(out), index=index)
-            ok = sha256(out) == captured[p.cycle][1]
+            ok = sha256_file(out) == captured[p.cycle][1]
             out.unlink()
             checked.add(p.id)
             verified += ok
