@@ -54,7 +54,7 @@ import structlog
 from sqlalchemy import func, select, text
 
 from configserver import db
-from configserver.core import Core
+from configserver.core import Core, next_pass
 from configserver.items import DAY, ItemState, last_good_drill
 from configserver.notifyoutbox import CLEARED, RAISED, Change, enqueue
 from configserver.replication import FINALIZE
@@ -364,17 +364,7 @@ def _update_metrics(core: Core, st: AlertBook, alerts: Sequence[Alert],
 
 async def run(core: Core, st: AlertBook, interval: float) -> None:
     """The background evaluator: every ``interval`` seconds, and soon after a change."""
-    dirty = asyncio.Event()
-
-    async def watch() -> None:
-        changed = core.notifier.changed
-        async with changed:
-            while True:
-                await changed.wait()
-                dirty.set()
-
-    watcher = asyncio.create_task(watch(), name="alerts-watch")
-    try:
+    async with core.notifier.watching("alerts-watch") as dirty:
         while True:
             dirty.clear()
             try:
@@ -384,14 +374,4 @@ async def run(core: Core, st: AlertBook, interval: float) -> None:
             except Exception as e:  # a catalog hiccup must not end alerting
                 log.error("alert_evaluation_failed", error=str(e), error_type=type(e).__name__,
                           retry_in_seconds=interval)
-            # Rate limit: a burst of changes (many agents) costs one evaluation per gap;
-            # what changed meanwhile stays marked in ``dirty``.
-            gap = min(_MIN_GAP_S, interval)
-            await asyncio.sleep(gap)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval - gap):
-                    await dirty.wait()
-    finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+            await next_pass(dirty, min(_MIN_GAP_S, interval), interval)

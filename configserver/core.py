@@ -4,7 +4,8 @@ change notifier and the metrics — passed in, never reached through a server ob
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -41,6 +42,37 @@ class Notifier:
                 await self.changed.wait()
         except TimeoutError:
             pass
+
+    @contextlib.asynccontextmanager
+    async def watching(self, name: str) -> AsyncIterator[asyncio.Event]:
+        """An event set by every change while the block runs, for a background loop that
+        clears it before a pass (a change during the pass means one more)."""
+        dirty = asyncio.Event()
+
+        async def watch() -> None:
+            async with self.changed:
+                while True:
+                    await self.changed.wait()
+                    dirty.set()
+
+        watcher = asyncio.create_task(watch(), name=name)
+        try:
+            yield dirty
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+
+async def next_pass(dirty: asyncio.Event, gap: float, wait: float) -> None:
+    """Between two passes of a background loop: ``gap`` seconds whatever happens (a burst
+    of changes costs one pass per gap; what changed meanwhile stays marked in ``dirty``),
+    then until a change or ``wait`` seconds in all."""
+    await asyncio.sleep(gap)
+    if wait > gap:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait - gap):
+                await dirty.wait()
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ it after a commit that raised or cleared something) and when the next retry is d
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from sqlalchemy import delete, func, select, update
 
 from common.backoff import Backoff
 from configserver import sealed
-from configserver.core import Core
+from configserver.core import Core, next_pass
 from configserver.models import NotifyChannel, NotifyOutbox
 from configserver.notifyoutbox import DELIVERED, FAILED, KEEP_SECONDS, PENDING
 from configserver.notifysend import TIMEOUT_SECONDS, SendError, send_email, send_webhook
@@ -129,18 +128,8 @@ async def deliver_due(core: Core, key_path: Path) -> float | None:
 
 async def run(core: Core, key_path: Path) -> None:
     """The delivery worker, for as long as the daemon runs."""
-    dirty = asyncio.Event()
-
-    async def watch() -> None:
-        changed = core.notifier.changed
-        async with changed:
-            while True:
-                await changed.wait()
-                dirty.set()
-
-    watcher = asyncio.create_task(watch(), name="notify-watch")
     backoff = Backoff(base=1.0, cap=IDLE_SECONDS)
-    try:
+    async with core.notifier.watching("notify-watch") as dirty:
         while True:
             dirty.clear()  # before the pass: a change during it means one more pass
             try:
@@ -154,11 +143,4 @@ async def run(core: Core, key_path: Path) -> None:
                           error_type=type(e).__name__)
             await asyncio.sleep(_MIN_GAP_S)
             wait = IDLE_SECONDS if nxt is None else min(IDLE_SECONDS, nxt - core.clock())
-            if wait > 0:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait):
-                        await dirty.wait()
-    finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+            await next_pass(dirty, 0.0, wait)

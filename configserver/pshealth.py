@@ -39,7 +39,6 @@ catalog by the dead server's row lock.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from typing import Any
 
@@ -47,7 +46,7 @@ import structlog
 from sqlalchemy import func, select
 
 from configserver import assignment, db, thresholds
-from configserver.core import Core
+from configserver.core import Core, next_pass
 from configserver.jobdefs import ACTIVE, JobKind, Step, StepFailed, new_job
 from configserver.jobs import StepContext
 from configserver.schema import iso
@@ -180,17 +179,7 @@ async def fail_over_once(core: Core, up_since: float,
 async def run(core: Core, up_since: float, interval: float, silent_after: float) -> None:
     """Look for dead process servers every ``interval`` seconds and soon after a change
     (at most once a second)."""
-    dirty = asyncio.Event()
-
-    async def watch() -> None:
-        changed = core.notifier.changed
-        async with changed:
-            while True:
-                await changed.wait()
-                dirty.set()
-
-    watcher = asyncio.create_task(watch(), name="procserver-failover-watch")
-    try:
+    async with core.notifier.watching("procserver-failover-watch") as dirty:
         while True:
             dirty.clear()
             try:
@@ -200,12 +189,4 @@ async def run(core: Core, up_since: float, interval: float, silent_after: float)
             except Exception as e:  # a catalog hiccup must not end failover
                 log.error("procserver_failover_check_failed", error=str(e),
                           error_type=type(e).__name__, retry_in_seconds=interval)
-            gap = min(_MIN_GAP_S, interval)
-            await asyncio.sleep(gap)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval - gap):
-                    await dirty.wait()
-    finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+            await next_pass(dirty, min(_MIN_GAP_S, interval), interval)
