@@ -31,14 +31,14 @@ from concurrent.futures import Executor
 from pathlib import Path
 
 from vault import names
-from vault.checkdata import chunks, digest_from, open_blocks, subset_of
+from vault.checkdata import chunks, open_blocks, subset_of
 from vault.checkopen import open_for_check
+from vault.checkpoints import PointChecks
 from vault.checkreport import CheckReport
 from vault.checkstore import DiskListing, Listing, MemoryListing
 from vault.crypto import OVERHEAD
 from vault.errors import (
     IntegrityError,
-    MissingObjectError,
     NotFoundError,
     PermanentStoreError,
 )
@@ -47,11 +47,9 @@ from vault.indexdb import DiskIndex
 from vault.indexopen import estimate_blocks
 from vault.keyslots import KeyMaterial
 from vault.locks import locked
-from vault.maps import DELTA, FULL, ZERO_ID
 from vault.pack import MAX_BLOCK, PackEntry
-from vault.point import Point
 from vault.rebuild import for_each, pack_id_if_valid, read_trailer
-from vault.repo import MAX_CHAIN, Vault
+from vault.repo import Vault
 from vault.store.protocol import BlobStore
 
 CHUNK = 8 << 20  # bytes of a pack read at once
@@ -112,7 +110,8 @@ async def check_vault(store: BlobStore, km: KeyMaterial, *, read_data: bool = Fa
         await c.check_packs()
         if read_data:
             await c.read_packs(subset, progress)
-        await c.check_points(point_objects)
+        await PointChecks(vault, report, index, listing, c.sizes, c.bad_packs,
+                          c.bad_blocks).check_points(point_objects)
     return report
 
 
@@ -322,127 +321,3 @@ class _Checker:
     def _block_failed(self, pack_id: str, e: PackEntry) -> None:
         if self.index.get(e.block_id) == Location(pack_id, e.offset, e.length):
             self.bad_blocks[e.block_id] = names.pack_name(pack_id)
-
-    # -- points and maps ---------------------------------------------------------------
-    async def check_points(self, point_objects: list[str]) -> None:
-        """Check the manifests ``point_objects`` (listed before the index was loaded)."""
-        points: dict[str, Point] = {}
-        bad: set[str] = set()
-        for name in point_objects:
-            point_id = name[len(names.POINTS):]
-            try:
-                points[point_id] = await self.vault.read_point(point_id)
-            except (NotFoundError, MissingObjectError):
-                continue  # deleted while we listed
-            except IntegrityError as e:
-                self.add(name, "damaged", e.reason)
-                bad.add(point_id)
-        self.report.counts["points"] = len(points) + len(bad)
-        maps: dict[str, str | None] = {}  # map id -> None if good, else why not
-        for p in points.values():
-            for d in p.disks:
-                if d.map not in maps:
-                    maps[d.map] = await self._check_map(p, d.disk, d.map)
-        self.report.counts["maps"] = len(maps)
-        for p in sorted(points.values(), key=lambda p: (p.created, p.id)):
-            cause = self._chain_cause(p, points, bad, maps)
-            if cause is not None:
-                self.add(names.POINTS + p.id, "unrestorable", cause)
-                continue
-            for d in p.disks:
-                await self._check_disk(p, d.disk)
-
-    async def _check_map(self, p: Point, disk: str, map_id: str) -> str | None:
-        name = names.MAPS + map_id
-        try:
-            m = await self.vault.read_map(map_id)
-        except (NotFoundError, MissingObjectError):
-            self.add(name, "missing", f"points/{p.id} references it (disk {disk!r}), but it "
-                                      "is not in the store")
-            return f"{name} is missing"
-        except IntegrityError as e:
-            self.add(name, "damaged", e.reason)
-            return f"{name} is damaged"
-        entry = p.disk(disk)
-        kind = {FULL: "full", DELTA: "delta"}[m.kind]
-        if (kind, m.size, m.block_size) != (entry.map_kind, entry.size, entry.block_size):
-            self.add(name, "mismatch", f"a {kind} map of {m.size} bytes in blocks of "
-                                       f"{m.block_size}, but points/{p.id} says a "
-                                       f"{entry.map_kind} map of {entry.size} bytes in blocks "
-                                       f"of {entry.block_size}")
-            return f"{name} does not match its manifest"
-        return None
-
-    def _chain_cause(self, p: Point, points: dict[str, Point], bad: set[str],
-                     maps: dict[str, str | None]) -> str | None:
-        """Why ``p``'s chain of manifests and maps is unusable, or None."""
-        q: Point | None = p
-        depth = 0
-        while q is not None:
-            for d in p.disks:
-                try:
-                    entry = q.disk(d.disk)
-                except KeyError:
-                    return f"its base points/{q.id} has no disk {d.disk!r}"
-                why = maps.get(entry.map)
-                if why is not None:
-                    return why if q is p else f"{why} (in its delta chain, via points/{q.id})"
-            if q.base is None:
-                return None
-            depth += 1
-            if depth > MAX_CHAIN + 1:
-                return f"its delta chain is longer than {MAX_CHAIN + 1} (a loop?)"
-            if q.base in bad:
-                return f"its base points/{q.base} is damaged"
-            if q.base not in points:
-                self.add(names.POINTS + q.base, "missing",
-                         f"points/{q.id} is a delta on it, but it is not in the store")
-                return f"its base points/{q.base} is missing"
-            q = points[q.base]
-        return None
-
-    async def _check_disk(self, p: Point, disk: str) -> None:
-        pname = names.POINTS + p.id
-        entry = p.disk(disk)
-        try:
-            bmap = await self.vault.resolve_map(p, disk)
-        except (IntegrityError, NotFoundError) as e:
-            self.add(pname, "unrestorable", f"disk {disk!r}: the delta chain does not "
-                                            f"resolve: {e}")
-            return
-        blocks = {n: b for n, b in bmap.blocks.items() if b != ZERO_ID}
-        cause = self._block_cause(disk, blocks)
-        if cause is not None:
-            self.add(pname, "unrestorable", cause)
-            return
-        if not self.report.read_data:
-            return
-        got = digest_from(entry.size, entry.block_size, blocks,
-                          self.listing.get_fps(blocks.values()))
-        if got is None:
-            self.report.counts["digests_skipped"] += 1
-        elif got != entry.digest:
-            self.add(pname, "mismatch", f"disk {disk!r}: its blocks give digest {got[:16]}, "
-                                        f"the manifest records {entry.digest[:16]}")
-        else:
-            self.report.counts["digests_verified"] += 1
-
-    def _block_cause(self, disk: str, blocks: dict[int, bytes]) -> str | None:
-        found = self.index.lookup(set(blocks.values()))  # one batch, in id order
-        unindexed = [n for n, b in sorted(blocks.items()) if b not in found]
-        if unindexed:
-            hint = ""
-            if any(p not in self.listing for p in self.sizes):
-                hint = "; some packs are unindexed: 'siterecovery rebuild-index' may recover them"
-            return (f"disk {disk!r}: {len(unindexed)} block(s) it needs are in no index "
-                    f"(first: block {unindexed[0]}){hint}")
-        for n, b in sorted(blocks.items()):
-            loc = found[b]
-            pack_id = loc.pack_id
-            if pack_id in self.bad_packs and (pack_id not in self.sizes or loc.offset
-                                              + loc.length > self.sizes[pack_id]):
-                return (f"disk {disk!r}: block {n} is in {names.pack_name(pack_id)}, which "
-                        f"is {self.bad_packs[pack_id]}")
-            if b in self.bad_blocks:
-                return f"disk {disk!r}: block {n} is damaged in {self.bad_blocks[b]}"
-        return None
