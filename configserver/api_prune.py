@@ -16,7 +16,8 @@ RUN_BODY = obj({"dry_run": {"type": "boolean", "description": (
 
 async def run_prune(call: Call) -> web.Response:
     body: dict[str, Any] = call.body or {}
-    job = await gcjob.request(call.services, {"dry_run": bool(body.get("dry_run", False))})
+    job = await gcjob.request(call.services, {"dry_run": bool(body.get("dry_run", False)),
+                                              **gcjob.budget(call.services.cfg.gc_memory_mib)})
     return reply({"job": job_doc(job, call.services.jobs.kinds)}, status=202)
 
 
@@ -27,6 +28,7 @@ ROUTES = [
                       "lock, points no policy keeps are forgotten (every point younger than "
                       "the longest policy retention_hours stays, and each machine's newest "
                       "and newest app-consistent point), then unreferenced maps and packs "
-                      "are deleted and mostly-dead packs repacked. Fails when no policy "
+                      "are deleted and mostly-dead packs repacked, within the server's "
+                      "gc_memory_mib (the job's memory_mib). Fails when no policy "
                       "exists or the vault stays locked."),
 ]

@@ -19,7 +19,8 @@ def background_tasks(services: Services) -> list[Coroutine[Any, Any, None]]:
             verifyjob.schedule(services, services.cfg.verify_interval_hours, {
                 "reverify_days": services.cfg.verify_reverify_days,
                 "daily_share": services.cfg.verify_daily_share_percent}),
-            gcjob.schedule(services, services.cfg.prune_interval_hours),
+            gcjob.schedule(services, services.cfg.prune_interval_hours,
+                           gcjob.budget(services.cfg.gc_memory_mib)),
             pshealth.run(services, services.alert_book.up_since,
                          services.cfg.alert_interval_seconds,
                          services.cfg.procserver_failover_seconds)]

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vault.memory import DEFAULT_MEMORY_MIB, check_memory_mib
+
 
 def _is_loopback(host: str) -> bool:
     try:
@@ -50,6 +52,9 @@ class ConfigServerConfig:
     # A Prune the vault job (configserver/gcjob.py) every prune_interval_hours (0, the
     # default: only by hand); it never forgets a point any policy's retention keeps.
     prune_interval_hours: float = 0.0
+    # Its memory budget in MiB (vault/memory.py): past it the garbage collection keeps the
+    # live block ids and the index in temporary files (0: always).
+    gc_memory_mib: int = DEFAULT_MEMORY_MIB
     # Failover: how long the point 'latest' waits for the process server's upload, how
     # long a failover waits for the source's agent to take a last cycle and shut down,
     # and how long a target that boots machines (libvirt) waits for the boot proof.
@@ -91,6 +96,7 @@ class ConfigServerConfig:
             raise ValueError("verify_reverify_days must be more than 0 and at most 3650")
         if not 0 <= self.prune_interval_hours <= 24 * 366:
             raise ValueError("prune_interval_hours must be 0 (off) to 8784 (a year)")
+        check_memory_mib(self.gc_memory_mib, "gc_memory_mib")
         if not 0 < self.verify_daily_share_percent <= 100:
             raise ValueError("verify_daily_share_percent must be more than 0 and at most 100")
         for name in ("failover_drain_timeout_seconds", "failover_shutdown_timeout_seconds",

@@ -9,6 +9,11 @@ points past its own policy, ``procserver/retention.py``), so the prune keeps eve
 younger than the longest ``retention_hours`` of all policies (``windows``), and, as
 always, each machine's newest point and newest app-consistent point. Started by hand
 (``POST /api/v1/prune``) and every ``prune_interval_hours`` (0: off).
+
+Its memory budget is the server's ``gc_memory_mib`` (vault/memory.py), recorded in the
+job's ``memory_mib`` parameter when it is queued: past it the collection streams
+(vault/prunestream.py), its temporary files in the system's temporary directory
+($TMPDIR of the daemon). Same result either way.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from configserver.recoverysteps import open_vault
 from vault.chain import BrokenChainError
 from vault.errors import VaultError
 from vault.locks import LockedError, locked
+from vault.memory import DEFAULT_MEMORY_MIB, budget_bytes
 from vault.prune import prune
 from vault.retention import Retention
 
@@ -51,6 +57,11 @@ async def windows(core: Core) -> Retention:
 async def _prune(ctx: StepContext) -> str:
     policy = await windows(ctx.core)
     dry_run = bool(ctx.params.get("dry_run", False))
+    try:  # queued before the setting existed: the default
+        memory = budget_bytes(ctx.params.get("memory_mib", DEFAULT_MEMORY_MIB))
+    except ValueError as e:
+        raise StepFailed(f"{e} (the job's memory_mib; set gc_memory_mib in "
+                         "configserver.toml)") from None
     vault = await open_vault(ctx)
 
     def say(msg: str) -> None:
@@ -63,7 +74,8 @@ async def _prune(ctx: StepContext) -> str:
                                   "hours (the longest policy retention)")
             with ThreadPoolExecutor(2) as ex:
                 report = await prune(vault, policy, ex, dry_run=dry_run, progress=say,
-                                     now=datetime.fromtimestamp(ctx.core.clock(), UTC))
+                                     now=datetime.fromtimestamp(ctx.core.clock(), UTC),
+                                     memory=memory)
     except LockedError as e:
         raise StepFailed(f"the vault stayed locked: {e}") from None
     except BrokenChainError as e:
@@ -80,19 +92,31 @@ async def _prune(ctx: StepContext) -> str:
             f"{report.packs_repacked} into {report.packs_written}")
 
 
+def budget(memory_mib: int) -> dict[str, Any]:
+    """The job parameters of a memory budget in MiB (``gc_memory_mib``)."""
+    return {"memory_mib": memory_mib}
+
+
 async def request(core: Core, params: dict[str, Any]) -> db.Job:
-    """Queue Prune vault with ``params`` (``dry_run``, ``scheduled``); the job."""
+    """Queue Prune vault with ``params`` (``dry_run``, ``scheduled``, ``budget``'s); the
+    job."""
     return await vaultjobs.request(core, PRUNE, params, "prune_requested")
 
 
-async def schedule_once(core: Core, interval_hours: float) -> db.Job | None:
-    """A scheduled prune, when one is due (``vaultjobs.schedule_once``)."""
-    return await vaultjobs.schedule_once(core, PRUNE, interval_hours, {}, "prune_requested")
+async def schedule_once(core: Core, interval_hours: float,
+                        params: dict[str, Any] | None = None) -> db.Job | None:
+    """A scheduled prune, when one is due (``vaultjobs.schedule_once``); ``params``:
+    ``budget``'s (default: the vault's default budget)."""
+    return await vaultjobs.schedule_once(core, PRUNE, interval_hours,
+                                         params or budget(DEFAULT_MEMORY_MIB),
+                                         "prune_requested")
 
 
-async def schedule(core: Core, interval_hours: float, check_seconds: float = 60.0) -> None:
+async def schedule(core: Core, interval_hours: float, params: dict[str, Any] | None = None,
+                   check_seconds: float = 60.0) -> None:
     """The in-daemon schedule of prunes (0 hours: off)."""
-    await vaultjobs.schedule(core, PRUNE, interval_hours, {}, "prune_requested",
+    await vaultjobs.schedule(core, PRUNE, interval_hours,
+                             params or budget(DEFAULT_MEMORY_MIB), "prune_requested",
                              check_seconds)
 
 

@@ -1,24 +1,23 @@
 """``--memory-mib`` and ``--temp-dir``: the memory budget of the verbs that read a whole
-vault's index (``check``, ``prune``, ``rebuild-index``)."""
+vault's index (``check``, ``prune``, ``rebuild-index``); the default and its bounds are
+the vault's (vault/memory.py)."""
 
 from __future__ import annotations
 
 import argparse
 
-#: fits a machine of 1 GiB with the rest of the process (about 100 MiB) beside it
-DEFAULT_MEMORY_MIB = 512
+from vault.memory import DEFAULT_MEMORY_MIB, check_memory_mib
+
+__all__ = ["DEFAULT_MEMORY_MIB", "add_memory_args", "memory_mib"]
 
 
 def memory_mib(text: str) -> int:
     """A budget in MiB: a whole number, 0 or more."""
     try:
-        value = int(text)
+        return check_memory_mib(int(text))
     except ValueError:
-        value = -1
-    if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a budget in MiB (a whole number, "
-                                         "0 or more, e.g. 512)")
-    return value
+                                         "0 or more, e.g. 512)") from None
 
 
 def add_memory_args(p: argparse.ArgumentParser, *, temp: bool = False) -> None:
