@@ -247,6 +247,4 @@ class NotifyOutbox(Base):
 
 
 from configserver import planmodels  # noqa: E402,F401  (recovery plans' tables, on Base)
-
-
 from configserver import groupmodels  # noqa: E402,F401  (consistency groups' tables, on Base)
