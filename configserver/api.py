@@ -10,6 +10,7 @@ from configserver import (
     api_events,
     api_failback,
     api_failover,
+    api_groups,
     api_install,
     api_items,
     api_jobs,
@@ -27,7 +28,8 @@ from configserver.rest import Route
 
 MODULES = (api_core, api_registration, api_certs, api_procservers, api_policies, api_machines,
            api_accounts, api_items, api_failover, api_jobs, api_points, api_agent, api_events,
-           api_notify, api_verify, api_prune, api_install, api_plans, api_failback)
+           api_notify, api_verify, api_prune, api_install, api_plans, api_failback,
+           api_groups)
 
 
 def all_routes() -> list[Route]:

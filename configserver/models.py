@@ -246,5 +246,5 @@ class NotifyOutbox(Base):
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
-from configserver import planmodels  # noqa: E402,F401  (recovery plans' tables, on Base)
-from configserver import groupmodels  # noqa: E402,F401  (consistency groups' tables, on Base)
+# the tables of recovery plans and of consistency groups, on Base
+from configserver import groupmodels, planmodels  # noqa: E402,F401

@@ -1,0 +1,110 @@
+"""Routes: multi-VM consistency groups (create, list, show, change, add and remove members,
+delete), their group points, and the process servers' reports of group points. The
+rules are in ``configserver/groups.py`` and ``configserver/grouppoints.py``."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from configserver import grouppoints, groups
+from configserver.rest import NAME, Call, Route, array, obj, reply
+
+_NAME = {"name": NAME}
+_GROUP_POINT_ID = {"type": "string", "pattern": "^[0-9a-f]{32}$"}
+DELETED = obj({"deleted": {"type": "string"}}, ["deleted"])
+
+
+async def create_group(call: Call) -> web.Response:
+    doc = await groups.create(call.services, call.body)
+    await call.services.notify()
+    return reply(doc, status=201)
+
+
+async def list_groups(call: Call) -> web.Response:
+    return reply({"groups": await groups.list_all(call.services)})
+
+
+async def show_group(call: Call) -> web.Response:
+    return reply(await groups.get(call.services, call.params["name"]))
+
+
+async def update_group(call: Call) -> web.Response:
+    doc = await groups.update(call.services, call.params["name"], call.body)
+    await call.services.notify()
+    return reply(doc)
+
+
+async def add_members(call: Call) -> web.Response:
+    doc = await groups.add(call.services, call.params["name"],
+                           [str(m) for m in call.body["machines"]])
+    await call.services.notify()
+    return reply(doc)
+
+
+async def remove_member(call: Call) -> web.Response:
+    doc = await groups.remove(call.services, call.params["name"], call.params["machine"])
+    await call.services.notify()
+    return reply(doc)
+
+
+async def delete_group(call: Call) -> web.Response:
+    await groups.remove_group(call.services, call.params["name"])
+    await call.services.notify()
+    return reply({"deleted": call.params["name"]})
+
+
+async def list_group_points(call: Call) -> web.Response:
+    return reply({"points": await grouppoints.list_points(call.services, call.params["name"])})
+
+
+async def show_group_point(call: Call) -> web.Response:
+    return reply(await grouppoints.get(call.services, call.params["name"], call.params["id"]))
+
+
+async def report_group_point(call: Call) -> web.Response:
+    await grouppoints.record(call.services, call.body)
+    await call.services.notify()
+    return reply({"id": call.body["id"]}, status=201)
+
+
+ROUTES = [
+    Route("POST", "/api/v1/groups", create_group, "Create a consistency group", "groups",
+          body=groups.CREATE, responses={201: groups.GROUP}, refusals=groups.REFUSALS,
+          description="Machines whose points are taken at one coordinated moment (the "
+                      "process server's barrier). Every member must be assigned to the same "
+                      "process server. 409 group_exists for a name taken."),
+    Route("GET", "/api/v1/groups", list_groups, "List consistency groups", "groups",
+          responses={200: obj({"groups": array(groups.GROUP)}, ["groups"])}),
+    Route("GET", "/api/v1/groups/{name}", show_group, "Show a consistency group", "groups",
+          params=_NAME, responses={200: groups.GROUP}),
+    Route("PATCH", "/api/v1/groups/{name}", update_group,
+          "Change a consistency group's interval or barrier timeout", "groups",
+          params=_NAME, body=groups.UPDATE, responses={200: groups.GROUP}),
+    Route("POST", "/api/v1/groups/{name}/members", add_members,
+          "Add machines to a consistency group", "groups", params=_NAME,
+          body=groups.MEMBERS_BODY, responses={200: groups.GROUP}, refusals=groups.REFUSALS,
+          description="Machines already in the group are left as they are."),
+    Route("DELETE", "/api/v1/groups/{name}/members/{machine}", remove_member,
+          "Remove a machine from a consistency group", "groups",
+          params={"name": NAME, "machine": NAME}, responses={200: groups.GROUP},
+          description="404 group_member_not_found for a machine not in the group."),
+    Route("DELETE", "/api/v1/groups/{name}", delete_group, "Delete a consistency group",
+          "groups", params=_NAME, responses={200: DELETED},
+          description="Its group points go from the catalog; the members' own recovery "
+                      "points stay."),
+    Route("GET", "/api/v1/groups/{name}/points", list_group_points,
+          "List a consistency group's group points", "groups", params=_NAME,
+          responses={200: obj({"points": array(grouppoints.GROUP_POINT)}, ["points"])},
+          description="Oldest first; each with its members' cycles and points (complete: "
+                      "every member's point is in the catalog)."),
+    Route("GET", "/api/v1/groups/{name}/points/{id}", show_group_point,
+          "Show one group point", "groups", params={"name": NAME, "id": _GROUP_POINT_ID},
+          responses={200: grouppoints.GROUP_POINT}),
+    Route("POST", "/api/v1/internal/group-points", report_group_point,
+          "Record a group point (process servers)", "groups", auth="internal",
+          listeners=("admin", "site"), body=grouppoints.REPORT,
+          responses={201: obj({"id": {"type": "string"}}, ["id"])},
+          description="A released or failed barrier of a consistency group; a failed one "
+                      "raises the event group_point_failed. A repeated report changes "
+                      "nothing."),
+]
