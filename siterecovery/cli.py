@@ -29,6 +29,7 @@ from siterecovery import (
     certcmds,
     checkcmds,
     failovercmds,
+    groupcmds,
     instantcmds,
     keycmds,
     machinecmds,
@@ -139,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     for m in (registercmds, certcmds, policycmds, machinecmds, accountcmds, procservercmds):
         m.register(sub)
     plancmds.register_under(replicationcmds.register(sub))  # jobs resume
-    for m in (failovercmds, notifycmds, verifycmds, instantcmds, plancmds):
+    for m in (failovercmds, notifycmds, verifycmds, instantcmds, plancmds, groupcmds):
         m.register(sub)
 
     d = sub.add_parser("demo", help="protect a sample disk end to end and prove the restore",
