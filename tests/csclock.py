@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from configserver.config import ConfigServerConfig
 from configserver.server import ConfigServer
@@ -22,11 +23,12 @@ class Clock:
 
 
 @asynccontextmanager
-async def clocked_configserver(data_dir: Path, catalog_url: str, clock: Clock
-                               ) -> AsyncIterator[ConfigServer]:
-    """A running configuration server (admin and site listeners on free ports) on ``clock``."""
+async def clocked_configserver(data_dir: Path, catalog_url: str, clock: Clock,
+                               **settings: Any) -> AsyncIterator[ConfigServer]:
+    """A running configuration server (admin and site listeners on free ports) on ``clock``,
+    with ``settings`` of its configuration besides."""
     server = ConfigServer(ConfigServerConfig(data_dir=str(data_dir), listen_port=0, site_port=0,
-                                             database_url=catalog_url), clock=clock)
+                                             database_url=catalog_url, **settings), clock=clock)
     await server.start()
     try:
         yield server

@@ -202,6 +202,7 @@ async def _prune_streaming(
     temp_dir: str | os.PathLike[str] | None, say: Callable[[str], None],
 ) -> None:
     """Steps 4-7 within ``memory`` bytes (vault/prunestream.py)."""
+    say(f"the index does not fit {memory / 2**20:g} MiB: collecting through temporary files")
     live.update(leased)
     await _mark(vault, report, kept, cache, live)
     say(f"{report.maps_deleted} unreferenced maps deleted")
