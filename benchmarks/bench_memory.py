@@ -10,9 +10,9 @@ Each step then runs in a child process of its own, which reports its wall time a
 own peak RSS (``VmHWM``):
 
 - ``ingest``: the process server's path: ``VaultAccess.open`` (vault and index), then a
-  new 256 MiB disk of distinct 64 KiB blocks deduplicated against the index and written
-  as a point (``CycleWriter``), as an uploader cycle does;
-- ``restore``: ``restore_point`` of that point (256 MiB);
+  new disk of ``--ingest-mib`` (default 256; the README's figures use 2048) of distinct
+  64 KiB blocks deduplicated against the index and written as a point (``CycleWriter``), as an uploader cycle does;
+- ``restore``: ``restore_point`` of that point;
 - ``check``: ``check_vault`` (no data read); ``checkdata``: with ``--read-data --subset
   1%`` (not run unless named in ``--steps``);
 - ``prune``: ``prune`` with a retention that keeps every point: the mark over every map,
@@ -61,7 +61,7 @@ DEFAULT_STEPS = tuple(s for s in STEPS if not s.startswith("checkdata"))
 POINT_BLOCKS = 100_000
 SMALL = 4096
 BS = 64 * 1024
-INGEST_BYTES = 256 << 20
+INGEST_MIB = 256
 BATCH = 64  # blocks handed to the writer at once (4 MiB), as the uploader's runs
 
 
@@ -131,11 +131,12 @@ async def step_ingest(vdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     seed = int(time.time_ns())
     cycle = f"i{seed}"
     digest = DiskDigest()
+    size = args.ingest_mib << 20
     with ThreadPoolExecutor(2) as ex:
         w = CycleWriter(vault, await va.refresh_index(), ex, machine="bench-ingest",
-                        cycle=cycle, disks=[DiskSpec("d0", INGEST_BYTES, BS)], full=True,
+                        cycle=cycle, disks=[DiskSpec("d0", size, BS)], full=True,
                         base=None)
-        nblocks = INGEST_BYTES // BS
+        nblocks = size // BS
         for lo in range(0, nblocks, BATCH):
             items: list[tuple[int, int, bytes | memoryview | None]] = []
             for n in range(lo, lo + BATCH):
@@ -217,7 +218,7 @@ def child(args: argparse.Namespace) -> None:
 
 def run_step(step: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", step, "--vault-dir", args.vault_dir,
-           "--memory-mib", str(args.memory_mib)]
+           "--memory-mib", str(args.memory_mib), "--ingest-mib", str(args.ingest_mib)]
     if args.index_dir:
         cmd += ["--index-dir", args.index_dir, "--index-memory-mib", str(args.index_memory_mib)]
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
@@ -236,6 +237,8 @@ def main() -> None:
                          "checkdata and checkdata-stream)")
     ap.add_argument("--memory-mib", type=int, default=256,
                     help="the budget of the -stream steps (default 256)")
+    ap.add_argument("--ingest-mib", type=int, default=INGEST_MIB,
+                    help=f"size of the new disk the ingest step writes (default {INGEST_MIB})")
     ap.add_argument("--index-dir", help="use the on-disk index kept in this directory")
     ap.add_argument("--index-memory-mib", type=int, default=0,
                     help="with --index-dir: the in-memory index is used below this estimate")
