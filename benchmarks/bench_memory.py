@@ -11,7 +11,8 @@ own peak RSS (``VmHWM``):
 
 - ``ingest``: the process server's path: ``VaultAccess.open`` (vault and index), then a
   new disk of ``--ingest-mib`` (default 256; the README's figures use 2048) of distinct
-  64 KiB blocks deduplicated against the index and written as a point (``CycleWriter``), as an uploader cycle does;
+  64 KiB blocks deduplicated against the index and written as a point (``CycleWriter``),
+  as an uploader cycle does;
 - ``restore``: ``restore_point`` of that point;
 - ``check``: ``check_vault`` (no data read); ``checkdata``: with ``--read-data --subset
   1%`` (not run unless named in ``--steps``);
