@@ -1,13 +1,22 @@
-"""Randomized fault runs against a real process server and agent, then the proof.
+"""Randomized fault runs against a real configuration server, process server and agent,
+then the proof.
 
-Each run changes a seeded share of the disk, starts one agent cycle (``siterecovery
-mobility replicate``, its own process) through a TCP proxy to the process server (``siterecovery
-procserver run``, its own process), and at a random moment injects one fault:
+The site is real and managed: a configuration server (``siterecovery configserver run``,
+its own process, a SQLite catalog in its data directory), a process server registered
+with it (``siterecovery procserver run``: heartbeats, point reports through its outbox,
+the policies' retention) with a certificate from its CA, and a machine enrolled with the
+passphrase and its replication enabled. Each run changes a seeded share of the disk and
+starts one round of the managed agent (``benchmarks/chaosagent.py``, its own process:
+settings, heartbeat, one cycle and its progress reports) through a TCP proxy to the
+process server, and at a random moment injects one fault:
 
 - ``kill_procserver``: ``kill -9`` of the process server, restarted on the same data
   directory (it resumes its uploads from its cache);
+- ``kill_configserver``: ``kill -9`` of the configuration server, started again 0-1 s
+  later on the same catalog and ports (the agent replicates on mobility.toml meanwhile;
+  the process server's reports wait in its outbox);
 - ``kill_agent``: ``kill -9`` of the agent in the middle of its cycle;
-- ``reset``: the proxy resets every connection between them;
+- ``reset``: the proxy resets every connection between agent and process server;
 - ``storage_outage``: the vault's folder is replaced by a file for 0.2-2 s (every
   store call fails; uploads retry);
 - ``none``: the cycle runs undisturbed.
@@ -15,13 +24,10 @@ procserver run``, its own process), and at a random moment injects one fault:
 A cycle is *acknowledged* when the agent printed its result (it got the ACK). After the
 last run a clean cycle is taken and every acknowledged cycle is waited for in the vault.
 The proof: every acknowledged cycle is a point that restores byte-exact to the disk as it
-was when that cycle ran; every other point restores to some state the disk had. Prints
-runs, faults of each kind, points verified and bytes lost (the disk size for each
-acknowledged cycle without a byte-exact point: must be 0). Exit status 1 otherwise.
-
-Not covered here: ``kill -9`` of the configuration server (the data path does not go
-through it; tests/test_procserver_failover.py and the job tests kill and restart it
-elsewhere).
+was when that cycle ran; every other point restores to some state the disk had; every
+point in the vault is in the configuration server's catalog. Prints runs, faults of each
+kind, points verified, points missing from the catalog and bytes lost (the disk size for
+each acknowledged cycle without a byte-exact point: must be 0). Exit status 1 otherwise.
 
 Run: ``.venv/bin/python benchmarks/chaos.py [--runs 1000] [--seed 1] [--size-mib 8]
 [--work DIR] [--json]``. Not a test: nothing here runs under pytest.
@@ -44,16 +50,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench_ingest import toml
+from chaossite import ChaosSite
 from diskgen import generate, sha256_file
 
-from configserver.ca import CertificateAuthority, write_bundle
-from vault.keyslots import KeyMaterial, new_keyfile
+from vault.keyslots import KeyMaterial
 from vault.materialize import materialize
 from vault.repo import Vault
 from vault.store.local import LocalStore
 
-FAULTS = ("kill_procserver", "kill_agent", "reset", "storage_outage", "none")
+FAULTS = ("kill_procserver", "kill_configserver", "kill_agent", "reset", "storage_outage",
+          "none")
 BLOCK = 64 << 10
 
 
@@ -70,124 +76,34 @@ def mutate(path: Path, rng: random.Random) -> None:
             f.write(bytes(BLOCK) if rng.random() < 0.1 else rng.randbytes(BLOCK))
 
 
-class Proxy:
-    """127.0.0.1:port → the process server's current port; ``reset()`` aborts every
-    connection in both directions."""
-
-    def __init__(self) -> None:
-        self.target = 0
-        self.port = 0
-        self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            ur, uw = await asyncio.open_connection("127.0.0.1", self.target)
-        except OSError:
-            w.transport.abort()
-            return
-        pair = (w, uw)
-        self._pairs.add(pair)
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-                while data := await src.read(1 << 16):
-                    dst.write(data)
-                    await dst.drain()
-            dst.transport.abort()
-
-        try:
-            await asyncio.gather(pipe(r, uw), pipe(ur, w))
-        finally:
-            self._pairs.discard(pair)
-
-    def reset(self) -> None:
-        for a, b in list(self._pairs):
-            a.transport.abort()
-            b.transport.abort()
-
-    async def close(self) -> None:
-        self.reset()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-
-class ProcServer:
-    def __init__(self, config: Path) -> None:
-        self.config = config
-        self.proc: asyncio.subprocess.Process | None = None
-        self.points: dict[str, str] = {}  # cycle -> point, as it logged them
-        self.uploaded = asyncio.Event()  # set at each point it logs
-        self._reader: asyncio.Task[None] | None = None
-
-    async def start(self) -> int:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "siterecovery", "--log-level", "info", "procserver", "run",
-            "--config", str(self.config), stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT)
-        assert self.proc.stdout is not None
-        while True:
-            line = await self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError("the process server did not start")
-            ev = json.loads(line) if line.startswith(b"{") else {}
-            if ev.get("event") == "procserver_started":
-                self._reader = asyncio.create_task(self._read())
-                return int(ev["port"])
-
-    async def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        while line := await self.proc.stdout.readline():
-            if b'"point_uploaded"' in line:
-                ev = json.loads(line)
-                self.points[str(ev["cycle"])] = str(ev["point"])
-                self.uploaded.set()
-
-    async def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        await self.proc.wait()
-        if self._reader is not None:
-            await self._reader
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.terminate()
-            await self.proc.wait()
-        if self._reader is not None:
-            await self._reader
-
-
-async def agent_cycle(config: Path, fault: str, delay: float, ps: ProcServer, proxy: Proxy,
-                      vault_dir: Path, rng: random.Random) -> str | None:
-    """One agent cycle with ``fault`` after ``delay`` seconds; its cycle id if it was
+async def agent_cycle(config: Path, fault: str, delay: float, site: ChaosSite,
+                      rng: random.Random) -> str | None:
+    """One agent round with ``fault`` after ``delay`` seconds; its cycle id if it was
     acknowledged."""
     agent = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "siterecovery", "--log-level", "warning", "mobility",
-        "replicate", "--config", str(config), "--json", stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL)
+        sys.executable, str(Path(__file__).with_name("chaosagent.py")), str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     done = asyncio.create_task(agent.communicate())
     finished, _ = await asyncio.wait([done], timeout=delay)
     if not finished and fault == "kill_agent":
         agent.send_signal(signal.SIGKILL)
     elif not finished and fault == "kill_procserver":
-        await ps.kill9()
-        proxy.target = await ps.start()
+        await site.ps.kill9()
+        site.proxy.target = int((await site.ps.start())["port"])
     elif not finished and fault == "reset":
-        proxy.reset()
+        site.proxy.reset()
+    if fault == "kill_configserver":  # at any moment, the agent's cycle over or not
+        await site.cs.kill9()
+        await asyncio.sleep(rng.uniform(0.0, 1.0))
+        await site.cs.start()
     if fault == "storage_outage":
         # A file in the folder's place: every read and write of the store fails.
-        away = vault_dir.with_name(vault_dir.name + ".away")
-        vault_dir.rename(away)
-        vault_dir.write_bytes(b"")
+        away = site.vault_dir.with_name(site.vault_dir.name + ".away")
+        site.vault_dir.rename(away)
+        site.vault_dir.write_bytes(b"")
         await asyncio.sleep(rng.uniform(0.2, 2.0))
-        vault_dir.unlink()
-        away.rename(vault_dir)
+        site.vault_dir.unlink()
+        away.rename(site.vault_dir)
     out, _err = await done
     if agent.returncode != 0:
         return None
@@ -205,30 +121,7 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
     root.mkdir(parents=True)
     disk = root / "disk.img"
     generate(disk, args.size_mib << 20, args.seed)
-    ca = CertificateAuthority.load_or_create(root / "ca")
-    tls = write_bundle(root / "tls", "server", ca.issue_server("procserver", ["127.0.0.1"]),
-                       ca.cert_pem)
-    key = root / "vault.key"
-    vault_dir = root / "vault"
-    v = await Vault.create(LocalStore(vault_dir), KeyMaterial(keyfile=new_keyfile(key)))
-    await v.close()
-    (root / "procserver.toml").write_text(toml({
-        "data_dir": str(root / "procserver"), "vault_url": f"file://{vault_dir}",
-        "vault_key_file": str(key), "tls_cert": str(tls[0]), "tls_key": str(tls[1]),
-        "tls_ca": str(ca.cert_path), "listen_port": 0, "metrics_port": 0,
-        "resume_window_seconds": 60.0}))
-    ps = ProcServer(root / "procserver.toml")
-    proxy = Proxy()
-    await proxy.start()
-    proxy.target = await ps.start()
-    b = write_bundle(root / "agent", "agent", ca.issue_client("chaos01"), ca.cert_pem)
-    agent_cfg = root / "agent" / "mobility.toml"
-    agent_cfg.write_text(toml({
-        "machine": "chaos01", "server_host": "127.0.0.1", "server_port": proxy.port,
-        "tls_ca": str(b[2]), "tls_cert": str(b[0]), "tls_key": str(b[1]),
-        "state_dir": str(root / "agent" / "state"), "snapshot": "quiesced",
-        "connect_timeout_seconds": 10.0,
-        "disks": [{"name": "sda", "path": str(disk)}]}))
+    site = await ChaosSite.build(root, disk)
     faults: Counter[str] = Counter()
     attempted: set[str] = set()
     acked: dict[str, str] = {}
@@ -241,24 +134,32 @@ async def chaos(args: argparse.Namespace) -> dict[str, Any]:
                 mutate(disk, rng)
             state = sha256_file(disk)
             attempted.add(state)
-            cycle = await agent_cycle(agent_cfg, fault, rng.uniform(0.05, 2.0), ps, proxy,
-                                      vault_dir, rng)
+            cycle = await agent_cycle(site.agent_config, fault, rng.uniform(0.05, 2.0), site,
+                                      rng)
             if not last:
                 faults[fault] += 1
             if cycle is not None:
                 acked[cycle] = state
             if (run + 1) % 25 == 0:
                 say(f"{run + 1} runs, {len(acked)} acknowledged, {dict(faults)}")
-        say("waiting for every acknowledged cycle to be a point")
+        say("waiting for every acknowledged cycle to be a point, and in the catalog")
+        ps = site.ps
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(args.drain_seconds):
-                while set(acked) - set(ps.points):
-                    ps.uploaded.clear()
-                    await ps.uploaded.wait()
+                while True:
+                    ps.changed.clear()  # before the look: an upload during it wakes
+                    if not set(acked) - set(ps.points):
+                        break
+                    await ps.changed.wait()
+                await site.catalog_has(await site.vault_points())
+        cataloged, item_state = await site.catalog(), await site.item_state()
     finally:
-        await ps.stop()
-        await proxy.close()
-    return await prove(root, key, acked, attempted, faults, args, time.monotonic() - started)
+        await site.close()
+    res = await prove(root, site.key, acked, attempted, faults, args,
+                      time.monotonic() - started)
+    ids = set(res.pop("ids"))
+    return {**res, "points_not_in_catalog": len(ids - cataloged),
+            "item_state": item_state}
 
 
 async def prove(root: Path, key: Path, acked: dict[str, str], attempted: set[str],
@@ -288,7 +189,8 @@ async def prove(root: Path, key: Path, acked: dict[str, str], attempted: set[str
     return {"runs": args.runs, "faults": dict(sorted(faults.items())),
             "acknowledged_cycles": len(acked), "points": len(points),
             "points_verified": verified, "points_wrong": wrong, "bytes_lost": lost,
-            "seconds": round(seconds, 1), "seed": args.seed, "size_mib": args.size_mib}
+            "seconds": round(seconds, 1), "seed": args.seed, "size_mib": args.size_mib,
+            "ids": [p.id for p in points]}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -311,7 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         for k, v in res.items():
             print(f"{k:20} {v}")
-    return 0 if res["bytes_lost"] == 0 and res["points_wrong"] == 0 else 1
+    ok = res["bytes_lost"] == 0 and res["points_wrong"] == 0
+    return 0 if ok and res["points_not_in_catalog"] == 0 else 1
 
 
 if __name__ == "__main__":

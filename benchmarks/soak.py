@@ -38,7 +38,7 @@ from typing import Any
 
 from bench_e2e import quiet_logs
 from bench_ingest import toml
-from chaos import ProcServer
+from chaosdaemons import Daemon
 from diskgen import generate, sha256_file
 
 from configserver.ca import CertificateAuthority, write_bundle
@@ -97,8 +97,8 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         "data_dir": str(root / "procserver"), "vault_url": f"file://{root / 'vault'}",
         "vault_key_file": str(key), "tls_cert": str(tls[0]), "tls_key": str(tls[1]),
         "tls_ca": str(ca.cert_path), "listen_port": 0, "metrics_port": 0}))
-    ps = ProcServer(root / "procserver.toml")
-    port = await ps.start()
+    ps = Daemon("procserver", root / "procserver.toml", "procserver_started")
+    port = int((await ps.start())["port"])
     try:
         return await _run(args, root, key, ca, ps, port)
     finally:
@@ -106,7 +106,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _run(args: argparse.Namespace, root: Path, key: Path, ca: CertificateAuthority,
-               ps: ProcServer, port: int) -> dict[str, Any]:
+               ps: Daemon, port: int) -> dict[str, Any]:
     assert ps.proc is not None
     captured: dict[str, tuple[float, str, str]] = {}  # cycle -> (read at, digest, machine)
     uploaded_at: dict[str, float] = {}
@@ -143,8 +143,8 @@ async def _run(args: argparse.Namespace, root: Path, key: Path, ca: CertificateA
 
     async def watch_points() -> None:
         while True:
-            await ps.uploaded.wait()
-            ps.uploaded.clear()
+            await ps.changed.wait()
+            ps.changed.clear()
             now = time.time()
             for cycle in ps.points:
                 uploaded_at.setdefault(cycle, now)
