@@ -35,6 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from common.pacing import Schedule, TokenBucket
 from procserver import db
+from procserver.barrier import Barriers, GroupPointReports
 from procserver.cachespace import CacheSpace
 from procserver.config import ProcServerConfig
 from procserver.csclient import ConfigServerClient
@@ -92,6 +93,8 @@ class ProcServer:
     installs: InstallRequests
     listener: Listener
     scrape: ScrapeGauges
+    barriers: Barriers  # the consistency groups' barriers (procserver/barrier.py)
+    group_reports: GroupPointReports
     vault_ready: asyncio.Event  # set once the vault is open (``vaults.ready``)
 
     def __init__(self, cfg: ProcServerConfig) -> None:
@@ -143,6 +146,8 @@ class ProcServer:
                                    self.space)
         metrics.suspended_cycles.set_function(self.cycles.suspended)
         metrics.receive_buffer_bytes.set_function(lambda: self.buffers.buffered)
+        self.group_reports = GroupPointReports(self._post_group_point)
+        self.barriers = Barriers(self.group_reports.put if self.client.enabled else None)
         rate_limit = TokenBucket(Schedule.constant(cfg.receive_bytes_per_second)) \
             if cfg.receive_bytes_per_second > 0 else None
         deps = SessionDeps(
@@ -151,7 +156,7 @@ class ProcServer:
                             segment_bytes=cfg.segment_bytes, max_frame=MAX_FRAME,
                             heartbeat_seconds=max(0.05, cfg.idle_timeout_seconds / 4)),
             sessionmaker, self.cache_dir, metrics, self.trust, self.cycles, self.space,
-            self.buffers, rate_limit, vaults, self.uploader, self.executor)
+            self.buffers, rate_limit, vaults, self.uploader, self.executor, self.barriers)
 
         def make_session(stream: FrameStream, machine: str, peer: str) -> Session:
             return Session(deps, stream, machine, peer)
@@ -224,6 +229,7 @@ class ProcServer:
         sup.start("trust", self.trust.run())
         sup.start("policies", self.policies.run())
         sup.start("install-requests", self.installs.run())
+        sup.start("group-point-reports", self.group_reports.run())
         if not vaults.is_open:
             sup.start("open-vault", vaults.open_later())
         log.info("procserver_started", port=self.port, metrics_port=self.metrics_port,
@@ -281,6 +287,9 @@ class ProcServer:
         """Wait until the acknowledged ``cycle`` is a whole point in the vault; return its
         id (``Uploader.wait_point``)."""
         return await self.uploader.wait_point(cycle, timeout)
+
+    async def _post_group_point(self, doc: dict[str, Any]) -> int:
+        return (await self.client.post("/api/v1/internal/group-points", doc)).status
 
     # -- HTTP: metrics and health ----------------------------------------------------
     async def _metrics(self, _req: web.Request) -> web.Response:

@@ -28,6 +28,7 @@ from sqlalchemy import select
 
 from common.names import is_id
 from procserver import db
+from procserver.barrier import serve_barrier
 from procserver.basis import serve_basis
 from procserver.cache import SEGMENT_MAGIC, SegmentSink, SinkError
 from procserver.cycles import COMPLETE, OPEN, OpenCycle
@@ -130,6 +131,8 @@ class Session:
                     await serve_basis(self, frame.frame().json())
                 elif frame.type == FrameType.FETCH and "restore" in self.features:
                     await serve_fetch(self, frame.frame().json())
+                elif frame.type == FrameType.BARRIER and "group" in self.features:
+                    await serve_barrier(self, frame.frame().json())
                 else:
                     raise ProtocolError("expected_begin",
                                         f"expected BEGIN, got {frame.type.name}")

@@ -8,12 +8,13 @@ sees the daemon itself.
 from __future__ import annotations
 
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from common.pacing import TokenBucket
+from procserver.barrier import Barriers
 from procserver.cachespace import CacheSpace
 from procserver.cycles import CycleBook
 from procserver.metrics import ProcMetrics
@@ -46,3 +47,4 @@ class SessionDeps:
     vaults: VaultAccess  # base checks and resync bases read the vault
     uploader: Uploader  # woken for new cycles; its points_changed for resync
     executor: Executor  # CPU work of resync (unsealing, hashing)
+    barriers: Barriers = field(default_factory=Barriers)  # consistency groups' barriers

@@ -67,6 +67,8 @@ CONTROL_DOCS: dict[FrameType, dict[str, object]] = {
     FrameType.BASIS: {"cycle": "c0", "point": "ab" * 32, "disks": [{"name": "sda",
                                                                     "blocks": 16}]},
     FrameType.FETCH: {"point": "ab" * 32, "disk": "sda", "blocks": [3, 9]},
+    FrameType.BARRIER: {"point": "ab" * 16, "group": "erp", "members": ["web01", "db01"],
+                        "timeout_seconds": 30, "phase": "ready"},
 }
 
 

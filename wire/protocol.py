@@ -44,8 +44,19 @@ disks hold differently::
 
 The BASIS answer's ``disks`` then carry the point's own ``size`` and ``block_size``.
 
-Frame types 10-16 are optional features of version 1: an agent lists the ones it
-speaks in HELLO ``features`` (``heartbeat``, ``resume``, ``resync``, ``restore``), the server
+A member of a consistency group that speaks ``group`` joins a group point's barrier on a
+connection of its own (``procserver/barrier.py``), twice: before it freezes, and once
+frozen inside its cycle::
+
+    agent: BARRIER {point, group, members, timeout_seconds, phase: "ready"}
+                                  server: BARRIER {point, phase, released: true}
+    agent: BARRIER {..., phase: "frozen", cycle, held}
+                                  server: BARRIER {point, phase, released: true}
+                                  (or ERROR code=group_point_failed, either time)
+
+Frame types 10-17 are optional features of version 1: an agent lists the ones it
+speaks in HELLO ``features`` (``heartbeat``, ``resume``, ``resync``, ``restore``,
+``group``), the server
 answers with the ones both speak in WELCOME ``features``, and neither side sends a
 frame of a feature the other did not list. Peers that list nothing speak the original nine types.
 
@@ -88,14 +99,15 @@ class FrameType(enum.IntEnum):
     BASIS = 14  # feature "resync": agent -> server {"disks"}; server -> agent its answer
     MAP = 15  # feature "resync": server -> agent, u16 disk | u64 first block | fingerprints
     FETCH = 16  # feature "restore": agent -> server {"point", "disk", "blocks"}; the end
+    BARRIER = 17  # feature "group": agent -> server {"point", "phase", ...}; the release
 
 
 CONTROL = {FrameType.HELLO, FrameType.WELCOME, FrameType.BEGIN, FrameType.READY,
            FrameType.END, FrameType.ACK, FrameType.ERROR, FrameType.HEARTBEAT,
            FrameType.RESUME, FrameType.SYNC, FrameType.PROGRESS, FrameType.BASIS,
-           FrameType.FETCH}
+           FrameType.FETCH, FrameType.BARRIER}
 DATA = (FrameType.BLOCK, FrameType.ZERO)
-FEATURES = ("heartbeat", "resume", "resync", "restore")
+FEATURES = ("heartbeat", "resume", "resync", "restore", "group")
 MAX_FETCH = 2048  # block numbers in one FETCH
 FINGERPRINT = 16  # bytes of one block fingerprint in a MAP frame
 MAP_BLOCKS = (MAX_FRAME - BLOCK_HEAD.size) // FINGERPRINT  # fingerprints per MAP frame
