@@ -41,6 +41,7 @@ from mobility.connect import connect, connect_retrying
 from mobility.cyclehold import HeldCycle, HoldFacts, hold_and_send
 from mobility.cycleplan import fetch_basis, plan_cycle
 from mobility.cyclesend import end_cycle
+from mobility.groupcycle import GroupCall, GroupOutcome
 from mobility.libvirtbackup import LibvirtBackup
 from mobility.link import Link
 from mobility.metricsfile import AgentMetrics, CycleFacts
@@ -107,6 +108,10 @@ class Agent:
         # agent's settings): the handshake refuses a process server whose certificate is on
         # it.
         self.revocation_list: str | None = None
+        # A consistency group's point due at the next cycle (``groupcycle.py``; taken by
+        # that cycle), and the outcome of the last one this agent took part in.
+        self.group_call: GroupCall | None = None
+        self.last_group: GroupOutcome | None = None
         # The scan thread holds the GIL between reads: a 1 ms switch interval (instead
         # of 5) keeps the event loop sending meanwhile. Process-wide, only ever lowered.
         if sys.getswitchinterval() > 0.001:

@@ -26,6 +26,7 @@ from common.timefmt import now_iso
 from mobility.config import MobilityConfig
 from mobility.cycleplan import Plan, fetch_basis, full_plan
 from mobility.cyclesend import send_blocks
+from mobility.groupcycle import GroupGate, open_gate
 from mobility.link import Link
 from mobility.resume import Conn
 from mobility.sender import CycleDisk, Progress, Sender
@@ -92,7 +93,23 @@ async def hold_and_send(agent: Agent, conn: Conn, plan: Plan, sizes: dict[str, i
                         progress: Progress | None, on_kind: Callable[[str], None] | None,
                         verify: frozenset[str], facts: HoldFacts) -> HeldCycle:
     """Hold the snapshot, BEGIN the cycle and send its blocks; a base the process
-    server does not know leaves the hold for a basis and starts again."""
+    server does not know leaves the hold for a basis and starts again. With a group
+    point due (``agent.group_call``), through its barrier (``groupcycle.py``)."""
+    call, agent.group_call = agent.group_call, None
+    gate = await open_gate(call, agent._connect)  # a group point: every member ready
+    try:
+        return await _hold_and_send(agent, conn, plan, sizes, progress, on_kind, verify,
+                                    facts, gate)
+    finally:
+        if gate is not None:
+            await gate.close()
+            agent.last_group = gate.outcome
+
+
+async def _hold_and_send(agent: Agent, conn: Conn, plan: Plan, sizes: dict[str, int],
+                         progress: Progress | None, on_kind: Callable[[str], None] | None,
+                         verify: frozenset[str], facts: HoldFacts,
+                         gate: GroupGate | None) -> HeldCycle:
     cfg = agent.cfg
     prepare = getattr(agent.provider, "prepare", None)
     while True:
@@ -113,6 +130,8 @@ async def hold_and_send(agent: Agent, conn: Conn, plan: Plan, sizes: dict[str, i
                     await snap.freeze()
                     log.info("cycle_frozen", cycle=doc["cycle"],
                              seconds=round(time.monotonic() - held_from, 4))
+                if gate is not None:  # every member frozen: one moment for the group
+                    await gate.frozen(doc["cycle"], snap)
                 created = now_iso()
                 if on_kind is not None:
                     on_kind(plan.kind)
