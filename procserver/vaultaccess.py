@@ -34,7 +34,7 @@ from procserver.packlog import PackLog
 from vault.errors import TransientStoreError, WrongKeyError
 from vault.index import BlockIndex, Index
 from vault.indexdb import DiskIndex
-from vault.indexopen import open_block_index
+from vault.indexopen import open_block_index, open_disk_index, outgrown
 from vault.keyslots import KeyMaterial, read_keyfile
 from vault.locks import locked
 from vault.repo import Vault
@@ -124,9 +124,19 @@ class VaultAccess:
 
         One refresh at a time: an on-disk index that a prune made stale is closed and
         replaced (``BlockIndex.fresh``), which must not happen under another refresh
-        still filling it."""
+        still filling it. An in-memory index that outgrew ``index_memory`` (chosen when
+        the vault was smaller, or empty) moves to ``index_dir``: a cycle writing with it
+        meanwhile keeps it until its next refresh, and is told as after a prune."""
         async with self._refresh_lock:
-            self.index = await self.vault.refresh_index(self.index)
+            index = await self.vault.refresh_index(self.index)
+            if self.index_dir is not None and outgrown(index, self.index_memory):
+                self.index = await open_disk_index(self.vault, self.index_dir,
+                                                   self.index_memory, len(index))
+                log.info("block_index_on_disk", path=str(self.index.path),
+                         memory_budget_bytes=self.index_memory, blocks=len(index),
+                         reason="the vault's index outgrew the memory budget")
+            else:
+                self.index = index
             return self.index
 
     async def open(self) -> None:

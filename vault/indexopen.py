@@ -14,7 +14,7 @@ import asyncio
 import os
 
 from vault import names
-from vault.index import BlockIndex
+from vault.index import BlockIndex, Index
 from vault.indexdb import DEFAULT_CACHE, DiskIndex
 from vault.pack import ENTRY
 from vault.repo import Vault
@@ -38,6 +38,21 @@ async def open_block_index(vault: Vault, *, index_dir: str | os.PathLike[str] | 
     blocks = await estimate_blocks(vault)
     if memory is not None and blocks * MEMORY_PER_BLOCK <= memory:
         return await vault.load_index()
+    return await open_disk_index(vault, index_dir, memory, blocks)
+
+
+def outgrown(index: BlockIndex, memory: int | None) -> bool:
+    """Whether ``index``, an in-memory ``Index`` that ``open_block_index`` chose while the
+    vault was smaller (or empty), now holds more than ``memory`` bytes' worth of blocks:
+    a long-running process moves it to disk (``open_disk_index``)."""
+    return (isinstance(index, Index) and memory is not None
+            and len(index) * MEMORY_PER_BLOCK > memory)
+
+
+async def open_disk_index(vault: Vault, index_dir: str | os.PathLike[str],
+                          memory: int | None, blocks: int) -> DiskIndex:
+    """The ``DiskIndex`` of this vault in ``index_dir`` (about ``blocks`` blocks, a cache
+    within ``memory``), refreshed (rebuilt where it is stale). The caller closes it."""
     cache = DEFAULT_CACHE if memory is None else max(1 << 20, min(DEFAULT_CACHE, memory // 4))
     # Off the event loop: opening may finish a build a kill interrupted or scan the ids.
     index = await asyncio.to_thread(DiskIndex.open, index_dir, vault.config.vault_id,
