@@ -7,13 +7,17 @@ agent reports its progress on ``POST /api/v1/agent/failback`` (stage ``writing``
 10 %: the compare is the first half of each disk, the writes the second), then the
 result (stage ``done``: the counts, or the error). The answered request's id is kept in
 the state directory once the configuration server has the result, so it is answered
-once; a result that could not be delivered is worked out again at the next round (the
-compare then finds nothing left to write).
+once. A result that could not be delivered (the configuration server down, or killed
+and restarted meanwhile: its job resumes and waits for the answer) is kept in the state
+directory (``failback-result``) and delivered again at the next rounds as it is, counts
+included, without writing anything again; an error is not kept: the next round runs the
+failback again, which writes only what still differs (``mobility/inplace.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import structlog
@@ -25,6 +29,7 @@ from mobility.siteclient import Settings, SiteClient, SiteError
 
 log = structlog.get_logger("mobility.failback")
 ANSWERED = "failback-request"  # in the state directory: the id of the answered request
+RESULT = "failback-result"  # in the state directory: a result not delivered yet
 STEP = 10  # percent between progress reports
 
 
@@ -80,10 +85,29 @@ class _Reporter:
                 log.warning("failback_progress_report_failed", error=str(e))
 
 
+def _kept(state_dir: Path, req: dict[str, str]) -> dict[str, int] | None:
+    """The counts of this request's result, written but not delivered yet."""
+    try:
+        doc = json.loads((state_dir / RESULT).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    if not isinstance(doc, dict) or (doc.get("request"), doc.get("point")) != (
+            req["request"], req["point"]) or not isinstance(doc.get("counts"), dict):
+        return None
+    return {str(k): int(v) for k, v in doc["counts"].items()}
+
+
 async def answer_failback(agent: Agent, site: SiteClient, settings: Settings) -> None:
     """Write the point a failback asks for, reporting the progress, and answer."""
     req = settings.failback_request
     assert req is not None
+    state_dir = Path(agent.cfg.state_dir)
+    kept = _kept(state_dir, req)
+    if kept is not None:
+        log.info("failback_result_delivered_again", request=req["request"],
+                 point=req["point"], **kept)
+        await _deliver(site, state_dir, req, None, kept)
+        return
     log.info("failback_requested", request=req["request"], point=req["point"])
     error: str | None = None
     counts = {"blocks_compared": 0, "blocks_written": 0, "bytes_written": 0}
@@ -100,9 +124,20 @@ async def answer_failback(agent: Agent, site: SiteClient, settings: Settings) ->
     finally:
         reporter.close()  # a report under way ends, never cut off: then the result
         await reporting
+    if error is None:  # the disks hold the point: kept until the answer is delivered
+        atomic_write(state_dir / RESULT, json.dumps({
+            "request": req["request"], "point": req["point"], "counts": counts}))
+    await _deliver(site, state_dir, req, error, counts)
+
+
+async def _deliver(site: SiteClient, state_dir: Path, req: dict[str, str],
+                   error: str | None, counts: dict[str, int]) -> None:
     try:
         await site.report_failback(req["request"], req["point"], error, counts)
     except SiteError as e:
-        log.warning("failback_report_failed", error=str(e))
-        return  # asked again with the next settings: the compare finds nothing to write
-    atomic_write(Path(agent.cfg.state_dir) / ANSWERED, req["request"])
+        log.warning("failback_report_failed", error=str(e),
+                    hint="delivered again at the next round" if error is None else
+                    "the failback runs again at the next round (what still differs)")
+        return
+    atomic_write(state_dir / ANSWERED, req["request"])
+    (state_dir / RESULT).unlink(missing_ok=True)

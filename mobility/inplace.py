@@ -16,6 +16,16 @@ agent's own state becomes the point (its fingerprint maps and the point's cycle 
 last cycle): the next cycle is a delta on the point, no initial copy. A failure leaves
 the state as it was; the same failback run again compares again and writes what still
 differs.
+
+Resuming is idempotent: from the first write until the state is the point the disks are
+marked as being written (``failback-pending``: nothing replicates them), and a run after
+an interruption — a kill -9 of the agent included — reads and compares every block
+again and writes only those that still differ, never one twice. What each disk differed
+in when the failback first compared it is kept (``mobility/failbackplan.py``), so the
+counts are the whole failback's (``blocks_written_before``: by an interrupted run).
+
+The blocks fetched are paced by the agent's bandwidth limit (``send_limit``: the
+policy's, else mobility.toml's), as its replication is: the link is the same one.
 """
 
 from __future__ import annotations
@@ -36,6 +46,8 @@ import structlog
 from common.devicebusy import DeviceInUseError, check_not_in_use
 from common.digest import block_count, digest_of_fingerprint_map, fingerprint
 from common.fs import atomic_write
+from common.pacing import TokenBucket
+from mobility import failbackplan
 from mobility.agent import Agent
 from mobility.config import MobilityConfig
 from mobility.link import FOREVER, Link
@@ -72,6 +84,7 @@ class DiskWritten:
     bytes_written: int
     digest: str
     unreadable_blocks: int = 0  # could not be compared: written whole
+    blocks_written_before: int = 0  # of blocks_written, by an interrupted earlier run
 
 
 @dataclass(frozen=True)
@@ -99,9 +112,10 @@ class _Basis:
 
 async def write_point(link: Link, cfg: MobilityConfig, point: str, *,
                       executor: Executor | None = None,
-                      progress: Progress | None = None) -> FailbackResult:
-    """Make this machine's disks hold ``point``, writing only what differs; then the
-    agent's state is the point's."""
+                      progress: Progress | None = None,
+                      limit: TokenBucket | None = None) -> FailbackResult:
+    """Make this machine's disks hold ``point``, writing only what differs (the blocks
+    fetched paced by ``limit``); then the agent's state is the point's."""
     if "restore" not in link.features:
         raise FailbackError("the process server does not speak the restore feature: "
                             "upgrade it to this agent's version")
@@ -113,6 +127,12 @@ async def write_point(link: Link, cfg: MobilityConfig, point: str, *,
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     # From the first write until the state is the point's, the disks are neither the
     # old state nor the point: nothing may replicate them (failback_pending).
+    resumed = failback_pending(state_dir)
+    if resumed is not None:
+        log.info("failback_resumed" if resumed == basis.point else "failback_replaced",
+                 point=basis.point, pending=resumed,
+                 hint="every block is compared again: only those that still differ are "
+                      "written")
     atomic_write(state_dir / PENDING, basis.point)
     done: list[DiskWritten] = []
     loop = asyncio.get_running_loop()
@@ -120,7 +140,7 @@ async def write_point(link: Link, cfg: MobilityConfig, point: str, *,
         fd = _open(d["path"], pd["size"])
         try:
             done.append(await _write_disk(link, basis, d["name"], d["path"], fd, pd, wait,
-                                          executor, progress))
+                                          executor, progress, limit, state_dir))
             await loop.run_in_executor(executor, os.fsync, fd)
         finally:
             os.close(fd)
@@ -132,11 +152,13 @@ async def write_point(link: Link, cfg: MobilityConfig, point: str, *,
         write_map(state_dir, name, basis.fps[d["name"]])
         disks[d["name"]] = DiskState(pd["size"], pd["block_size"], name, verified_at=now)
     commit_state(state_dir, AgentState(basis.cycle, disks))
+    failbackplan.clear(state_dir)
     (state_dir / PENDING).unlink(missing_ok=True)
     result = FailbackResult(basis.point, basis.cycle, done)
     log.info("point_written_in_place", point=basis.point, cycle=basis.cycle,
              blocks_written=result.blocks_written, bytes_written=result.bytes_written,
-             disks={w.disk: w.blocks_written for w in done})
+             disks={w.disk: w.blocks_written for w in done},
+             blocks_written_before=sum(w.blocks_written_before for w in done))
     return result
 
 
@@ -244,7 +266,8 @@ def _compare(fd: int, first: int, last: int, size: int, bs: int, want: bytes,
 
 async def _write_disk(link: Link, basis: _Basis, name: str, path: str, fd: int,
                       pd: dict[str, Any], wait: float, executor: Executor | None,
-                      progress: Progress | None) -> DiskWritten:
+                      progress: Progress | None, limit: TokenBucket | None,
+                      state_dir: Path) -> DiskWritten:
     loop = asyncio.get_running_loop()
     size, bs, n = pd["size"], pd["block_size"], pd["blocks"]
     want = basis.fps[name]
@@ -260,6 +283,8 @@ async def _write_disk(link: Link, basis: _Basis, name: str, path: str, fd: int,
         unreadable += bad
         if progress is not None:
             progress(name, "compare", min(size, last * bs), size)
+    before = await loop.run_in_executor(executor, failbackplan.written_before, state_dir,
+                                        name, basis.point, n, differ)
     total = sum(min(bs, size - b * bs) for b in differ)
     written = 0
     for i in range(0, len(differ), MAX_FETCH):
@@ -276,6 +301,8 @@ async def _write_disk(link: Link, basis: _Basis, name: str, path: str, fd: int,
             if num != b or (f.type == FrameType.BLOCK and len(data) != ln):
                 raise ProtocolError("bad_fetch", f"block {num} ({len(data)} bytes) instead "
                                                  f"of block {b} ({ln} bytes)")
+            if limit is not None and f.type == FrameType.BLOCK:
+                await limit.take(ln)
             block = bytes(data) if f.type == FrameType.BLOCK else bytes(ln)
             fp = fingerprint(block)
             if fp != want[b * FP:(b + 1) * FP]:
@@ -284,12 +311,12 @@ async def _write_disk(link: Link, basis: _Basis, name: str, path: str, fd: int,
             await loop.run_in_executor(executor, os.pwrite, fd, block, b * bs)
             seen[b * FP:(b + 1) * FP] = fp
             written += ln
+            if progress is not None:
+                progress(name, "write", written, total)
         end = await link.recv(wait)
         raise_if_error(end)
         if end.type != FrameType.FETCH or end.json().get("blocks") != len(batch):
             raise ProtocolError("bad_fetch", f"expected the end of FETCH, got {end.type.name}")
-        if progress is not None:
-            progress(name, "write", written, total)
     digest = digest_of_fingerprint_map(seen)
     if seen != want or (pd.get("digest") and digest != pd["digest"]):
         raise FailbackError(f"disk {name!r} at {path} does not hold point "
@@ -298,7 +325,12 @@ async def _write_disk(link: Link, basis: _Basis, name: str, path: str, fd: int,
     if unreadable:
         log.warning("failback_written_whole", disk=name, blocks=unreadable,
                     hint="blocks that could not be read were written from the point")
-    return DiskWritten(name, path, size, n, len(differ), written, digest, unreadable)
+    if before:
+        log.info("failback_disk_resumed", disk=name, blocks_written_now=len(differ),
+                 blocks_written_before=len(before))
+    return DiskWritten(name, path, size, n, len(differ) + len(before),
+                       written + sum(min(bs, size - b * bs) for b in before), digest,
+                       unreadable, len(before))
 
 
 async def failback(agent: Agent, point: str, progress: Progress | None = None
@@ -307,7 +339,7 @@ async def failback(agent: Agent, point: str, progress: Progress | None = None
     link = await agent._connect_retrying()  # the cycle's own connection, retries included
     try:
         return await write_point(link, agent.cfg, point, executor=agent.executor,
-                                 progress=progress)
+                                 progress=progress, limit=agent.send_limit)
     finally:
         await link.close()
 

@@ -169,7 +169,7 @@ async def test_an_interrupted_failback_holds_replication_and_finishes_when_run_a
     """The second disk cannot be opened for writing (immutable) after the first was
     written: the agent's state stays the old one, the disks are marked as being written
     (the managed agent does not replicate them), and the failback run again writes only
-    what still differs."""
+    what still differs, its counts the whole failback's."""
     if shutil.which("chattr") is None or os.geteuid() != 0:
         missing_backend("chattr as root", "tests/run.sh installs e2fsprogs; run as root")
     a, b = tmp_path / "a.img", tmp_path / "b.img"
@@ -183,6 +183,7 @@ async def test_an_interrupted_failback_holds_replication_and_finishes_when_run_a
         at_p1 = {"sda": a.read_bytes(), "sdb": b.read_bytes()}
         mutate(a, 0.2, seed=43)
         mutate(b, 0.2, seed=44)
+        left_a = _differing(at_p1["sda"], a.read_bytes())
         left_b = _differing(at_p1["sdb"], b.read_bytes())
         state_before = (Path(cfg.state_dir) / "state.json").read_text()
         _chattr("+i", b)
@@ -196,8 +197,11 @@ async def test_an_interrupted_failback_holds_replication_and_finishes_when_run_a
         assert (Path(cfg.state_dir) / "state.json").read_text() == state_before
 
         r = await failback(agent, p1)
-        assert {d.disk: d.blocks_written for d in r.disks} == {"sda": 0, "sdb": left_b}
+        # sda's blocks were written by the first run (counted, not written again)
+        assert {d.disk: (d.blocks_written, d.blocks_written_before) for d in r.disks} == {
+            "sda": (left_a, left_a), "sdb": (left_b, 0)}
         assert {"sda": a.read_bytes(), "sdb": b.read_bytes()} == at_p1
         assert failback_pending(cfg.state_dir) is None
+        assert not list(Path(cfg.state_dir).glob("failback-plan.*"))
     finally:
         agent.close()
