@@ -1,0 +1,154 @@
+"""A failed-over machine for the kill -9 tests of failback and re-protect, every part
+real and the parts that are killed in processes of their own: ``configserver run`` on
+fixed ports (a restarted server is found where the agent and the process server left
+it), a process server registered with it, web01 (an ext4 image) protected by its managed
+agent (one initial copy, run in the test), then failed over onto the folder target.
+The agent's ``mobility.toml`` is written for ``mobility run`` to take over."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mobility.config import MobilityConfig
+from mobility.daemon import ManagedAgent
+from mobility.enroll import enroll_with_passphrase
+from mobility.siteclient import SiteClient
+from procserver.config import ProcServerConfig
+from procserver.server import ProcServer
+from siterecovery.apiclient import ApiClient
+from siterecovery.tomlconfig import load
+from tests.backends import _free_port, missing_backend
+from tests.helpers import Daemon, make_vault, open_vault, write_toml
+from tests.managedsite import issue_procserver_cert
+from tests.sitehelpers import next_job, wait_job
+from tests.test_failback_job import _ext4
+from vault.regkey import make_key
+
+
+@dataclass
+class KillSite:
+    tmp: Path
+    cs_args: list[str]  # configserver run
+    cs: Daemon  # the running configuration server (the newest)
+    url: str
+    site_url: str
+    token: str
+    ps: ProcServer
+    cfg: MobilityConfig
+    toml: Path  # the agent's mobility.toml, for mobility run
+    managed: ManagedAgent  # the agent, run in the test
+    disk: Path  # the original machine's disk
+    recovered: Path  # the recovered machine's image on the folder target
+    key: Path  # the vault's key file (the vault is tmp/vault)
+    started: list[Daemon] = field(default_factory=list)  # every daemon: stopped at the end
+
+    def api(self) -> ApiClient:
+        return ApiClient(self.url, self.token)
+
+    async def start_cs(self) -> None:
+        """Start the configuration server again (the same data, database and ports)."""
+        self.cs = Daemon(self.cs_args, "configserver_started")
+        self.started.append(self.cs)
+        await self.cs.start()
+
+    def agent(self, ready_event: str) -> Daemon:
+        """``mobility run`` on the agent's config, ready once it logs ``ready_event``."""
+        d = Daemon(["mobility", "run", "--config", str(self.toml)], ready_event)
+        self.started.append(d)
+        return d
+
+
+def _mobility_toml(path: Path, cfg: MobilityConfig) -> Path:
+    return write_toml(path, {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                             if getattr(cfg, f.name) is not None})
+
+
+@asynccontextmanager
+async def failed_over_site(tmp: Path, catalog_url: str) -> AsyncIterator[KillSite]:
+    """web01 protected through a ``configserver run`` and failed over (point latest)."""
+    for tool in ("mkfs.ext4", "debugfs", "e2fsck"):
+        if shutil.which(tool) is None:
+            missing_backend(tool, "tests/run.sh installs e2fsprogs")
+    data = tmp / "cs"
+    config = write_toml(tmp / "configserver.toml", {
+        "data_dir": str(data), "listen_port": _free_port(), "site_port": _free_port(),
+        "database_url": catalog_url})
+    args = ["configserver", "run", "--config", str(config)]
+    first = Daemon(args, "configserver_started")
+    started = [first]
+    try:
+        ready = await first.start()
+        url = f"http://127.0.0.1:{ready['port']}"
+        site_url = f"https://127.0.0.1:{ready['site_port']}"
+        token = (data / "api-token").read_text().strip()
+        ca = data / "ca" / "ca.pem"
+        vault_url, key = await make_vault(tmp)
+        async with ApiClient(url, token) as api:
+            vault = await open_vault(tmp / "vault", key)
+            try:
+                await api.post("/api/v1/registration", {
+                    "key": json.dumps(make_key(vault, vault_url, time.time())),
+                    "vault_key_file": str(key)})
+            finally:
+                await vault.close()
+            tls = tmp / "ps-tls"
+            await issue_procserver_cert(api, tls)
+            ps = ProcServer(ProcServerConfig(
+                data_dir=str(tmp / "ps"), vault_url=vault_url, vault_key_file=str(key),
+                tls_cert=str(tls / "server.pem"), tls_key=str(tls / "server.key"),
+                tls_ca=str(ca), listen_port=0, metrics_port=0, name="ps1",
+                configserver_url=site_url,
+                configserver_token_file=str(data / "internal-token"),
+                heartbeat_interval_seconds=1.0))
+            await ps.start()
+            try:
+                await first.wait_events("procserver_registered", 1)
+                disk = tmp / "disk.img"
+                _ext4(disk)
+                await api.post("/api/v1/machines", {
+                    "name": "web01", "ip": "192.0.2.7", "os_type": "linux",
+                    "os_name": "debian", "os_version": "12",
+                    "disks": [{"name": "sda", "path": str(disk)}], "process_server": "ps1"})
+                async with SiteClient(site_url, str(ca)) as enrolling:
+                    cfg_path = await enroll_with_passphrase(
+                        enrolling, (data / "enrollment-passphrase").read_text().strip(),
+                        tmp / "agent", machine="web01", server_host="127.0.0.1",
+                        server_port=1, disks=[("sda", str(disk))])
+                cfg = dataclasses.replace(load(MobilityConfig, cfg_path), snapshot="quiesced")
+                toml = _mobility_toml(tmp / "mobility.toml", cfg)
+                await api.post("/api/v1/replication/enable", {"machine": "web01"})
+                async with SiteClient(cfg.site_url, cfg.tls_ca, cfg.tls_cert,
+                                      cfg.tls_key) as sc:
+                    managed = ManagedAgent(cfg, sc)
+                    try:
+                        job = await next_job(api, "web01", "enable_protection")
+                        assert await managed.round()  # the initial copy
+                        assert (await wait_job(api, job["id"]))["state"] == "succeeded"
+                        fin = await next_job(api, "web01", "finalize_protection")
+                        assert (await wait_job(api, fin["id"]))["state"] == "succeeded"
+                        assert managed.last is not None
+                        await ps.wait_point(managed.last.cycle)
+                        done = await wait_job(api, (await api.post(
+                            "/api/v1/items/web01/failover", {"point": "latest"}))["job"]["id"],
+                            timeout=120)
+                        assert done["state"] == "succeeded", done
+                        site = KillSite(tmp, args, first, url, site_url, token, ps, cfg, toml,
+                                        managed, disk,
+                                        data / "recovered" / "web01" / "sda.img", key,
+                                        started)
+                        yield site
+                    finally:
+                        managed.close()
+            finally:
+                await ps.stop()
+    finally:
+        for d in started:
+            if d.proc is not None and d.proc.returncode is None:
+                await d.stop()
