@@ -13,7 +13,7 @@ from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.names import DISK_PATTERN
-from configserver import certs, db, sendlimit
+from configserver import certs, db, groups, sendlimit
 from configserver.failback import failback_request
 from configserver.items import (
     ITEM,
@@ -64,6 +64,13 @@ SETTINGS = obj({
                                   "description": (
         "a failback asks the agent to write this point onto its disks (only the blocks "
         "that differ) and answer with POST /api/v1/agent/failback carrying this id")}),
+    "group": nullable({**obj({"name": {"type": "string"}, "members": array({"type": "string"}),
+                              "interval_seconds": {"type": "integer"},
+                              "barrier_timeout_seconds": {"type": "integer"}},
+                             ["name", "members", "interval_seconds",
+                              "barrier_timeout_seconds"]), "description": (
+        "the machine's consistency group: every interval_seconds (counted from the UNIX "
+        "epoch) its members meet at their process server's barrier for a group point")}),
 }, ["machine", "replicate", "item_state", "resync_required", "disks", "process_server",
     "policy", "bandwidth", "revoked_server_certificates", "server_revocation_list",
     "heartbeat_interval_seconds"])
@@ -121,6 +128,7 @@ async def settings(call: Call) -> web.Response:
         disks = [{"name": str(d["name"]), "path": str(d.get("path", "")),
                   "size_bytes": d.get("size_bytes")} for d in machine.disks or []]
         revoked = await certs.revoked_servers(s, call.services.clock())
+        group = await groups.group_of(s, name)
         await s.commit()
     await call.services.notify()
     return reply({
@@ -142,6 +150,7 @@ async def settings(call: Call) -> web.Response:
         "heartbeat_interval_seconds": HEARTBEAT_INTERVAL_SECONDS,
         "shutdown_request": shutdown_request(item),
         "failback_request": failback_request(item),
+        "group": group,
     })
 
 
