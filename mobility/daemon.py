@@ -13,6 +13,10 @@ The settings also carry the policy's send limit (work and off hours), which repl
 mobility.toml's while the policy has one (and gives it back when it has none), and the
 CA's list of revoked server certificates (a CRL), which the agent's TLS contexts then
 check at every handshake, with the process server and with the site listener.
+
+A member of a consistency group (the settings' ``group``) also wakes when each of the
+group's intervals begins (counted from the UNIX epoch, so every member wakes alike) and
+takes that cycle through the group's barrier on the process server (``groupcycle.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from common.fs import atomic_write
 from mobility.agent import Agent, CycleResult, provider_for
 from mobility.config import MobilityConfig
 from mobility.failbackrequest import answer_failback, asked_to_fail_back
+from mobility.groupcycle import due_call
 from mobility.inplace import failback_pending
 from mobility.renewal import cert_not_after, renew
 from mobility.reporter import ProgressReporter
@@ -70,6 +75,7 @@ class ManagedAgent:
         self.settings: Settings | None = None
         self._last_app: float | None = None
         self._last_heartbeat: float | None = None
+        self._group_slot: int | None = None  # the group's interval of the last group point
         self.last: CycleResult | None = None  # the last acknowledged cycle
         self._revoked: frozenset[str] | None = None  # the revoked servers the CRL lists
         if self._crl_path().exists():  # revocations known before a restart still hold
@@ -214,6 +220,8 @@ class ManagedAgent:
             log.info("replication_not_enabled", item_state=s.item_state)
             return False
         self.agent.provider = self._provider()
+        if s is not None:
+            self._group_due(s)
         if s is None:
             self.last = await self.agent.replicate_once()
             return True
@@ -236,6 +244,27 @@ class ManagedAgent:
         self.last = r
         return True
 
+    def _group_due(self, s: Settings) -> None:
+        """A group point for this cycle when a new interval of the group began since the
+        last one (the interval a daemon starts in is skipped: its members met already)."""
+        g = s.group
+        if not g:
+            self._group_slot = None
+            return
+        slot, call = due_call(g["name"], tuple(g["members"]), g["interval_seconds"],
+                              g["barrier_timeout_seconds"], self.wall())
+        if self._group_slot is not None and slot != self._group_slot:
+            self.agent.group_call = call
+        self._group_slot = slot
+
+    def _until_group_point(self) -> float | None:
+        """Seconds (wall clock) until the group's next interval begins (None: no group)."""
+        g = self.settings.group if self.settings is not None else None
+        if not g:
+            return None
+        every = float(g["interval_seconds"])
+        return every - self.wall() % every
+
     def _asked_to_shut_down(self) -> bool:
         s = self.settings
         return s is not None and s.shutdown_request is not None and \
@@ -246,6 +275,9 @@ class ManagedAgent:
         interval meanwhile: a failover's shutdown request ends the wait at once instead
         of after a whole crash-consistent interval."""
         end = self.clock() + seconds
+        group = self._until_group_point()
+        if group is not None:  # every member wakes when the group's interval begins
+            end = min(end, self.clock() + group + 0.05)
         while (left := end - self.clock()) > 0:
             every = self.settings.heartbeat_interval_seconds if self.settings else 60.0
             await asyncio.sleep(min(left, max(1.0, every)))

@@ -134,6 +134,9 @@ class Settings:
     # Serials (lowercase hex) of revoked server certificates, and the CA's CRL of them.
     revoked_servers: frozenset[str] = frozenset()
     revocation_list: str | None = None
+    # The machine's consistency group: name, members, interval_seconds,
+    # barrier_timeout_seconds (None: in no group).
+    group: dict[str, Any] | None = None
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> Settings:
@@ -159,7 +162,11 @@ class Settings:
             revoked_servers=frozenset(str(x).lower().lstrip("0")
                                       for x in doc.get("revoked_server_certificates") or ()),
             revocation_list=str(doc["server_revocation_list"])
-            if doc.get("server_revocation_list") else None)
+            if doc.get("server_revocation_list") else None,
+            group={"name": str(g["name"]), "members": [str(m) for m in g["members"]],
+                   "interval_seconds": float(g["interval_seconds"]),
+                   "barrier_timeout_seconds": float(g["barrier_timeout_seconds"])}
+            if (g := doc.get("group")) else None)
 
 
 class SiteClient:
