@@ -4,14 +4,21 @@ rules are in ``configserver/groups.py`` and ``configserver/grouppoints.py``."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
-from configserver import grouppoints, groups
-from configserver.rest import NAME, Call, Route, array, obj, reply
+from configserver import groupops, grouppoints, groups
+from configserver.jobs import JOB, job_doc
+from configserver.rest import NAME, Call, Handler, Route, array, nullable, obj, reply
 
 _NAME = {"name": NAME}
 _GROUP_POINT_ID = {"type": "string", "pattern": "^[0-9a-f]{32}$"}
 DELETED = obj({"deleted": {"type": "string"}}, ["deleted"])
+_GP = {**_GROUP_POINT_ID, "description": "the group point (default: the newest complete one)"}
+_NETWORK = {**NAME, "description": "the target network (default: the item's settings)"}
+JOB_REPLY = obj({"job": JOB, "group_point": nullable({"type": "string"})},
+                ["job", "group_point"])
 
 
 async def create_group(call: Call) -> web.Response:
@@ -67,6 +74,28 @@ async def report_group_point(call: Call) -> web.Response:
     return reply({"id": call.body["id"]}, status=201)
 
 
+def _starter(verb: str) -> Handler:
+    async def start(call: Call) -> web.Response:
+        job, gp = await groupops.request(call.services, call.services.jobs.kinds, verb,
+                                         call.params["name"], call.body or {})
+        await call.services.notify()
+        return reply({"job": job_doc(job, call.services.jobs.kinds), "group_point": gp},
+                     status=202)
+    start.__name__ = "group_" + verb.replace("-", "_")  # the OpenAPI operationId
+    return start
+
+
+def _verb(verb: str, summary: str, body: dict[str, Any], description: str) -> Route:
+    return Route("POST", f"/api/v1/groups/{{name}}/{verb}", _starter(verb), summary, "groups",
+                 params=_NAME, body=body, responses={202: JOB_REPLY},
+                 description=description + " One job (a plan job of one group) with a step "
+                 "per member, the members in parallel, each as its own item job. 404 for a "
+                 "group that does not exist; 409 (plan_not_allowed) naming each member whose "
+                 "state does not allow it or whose job runs, (plan_job_running) while a job "
+                 "of the group runs, or (no_group_point, group_point_not_complete) without a "
+                 "complete group point.")
+
+
 ROUTES = [
     Route("POST", "/api/v1/groups", create_group, "Create a consistency group", "groups",
           body=groups.CREATE, responses={201: groups.GROUP}, refusals=groups.REFUSALS,
@@ -100,6 +129,20 @@ ROUTES = [
     Route("GET", "/api/v1/groups/{name}/points/{id}", show_group_point,
           "Show one group point", "groups", params={"name": NAME, "id": _GROUP_POINT_ID},
           responses={200: grouppoints.GROUP_POINT}),
+    _verb("test-failover", "Test failover (a drill) of a group to a group point",
+          obj({"group_point": _GP, "network": _NETWORK}),
+          "Queues Plan test failover: each member's Test failover to its own point of the "
+          "group point."),
+    _verb("cleanup-test-failover", "Clean up the test failover of a group",
+          obj({"notes": {"type": "string", "maxLength": 4000, "pattern": "\\S"}},
+              ["notes"]),
+          "Queues Plan cleanup test failover: each member's Cleanup test failover."),
+    _verb("failover", "Fail a group over to a group point",
+          obj({"group_point": _GP, "network": _NETWORK}),
+          "Queues Plan failover (not cancellable): each member's Failover to its own point "
+          "of the group point."),
+    _verb("commit", "Commit the failover of a group", obj({}),
+          "Queues Plan commit (not cancellable): each member's Commit."),
     Route("POST", "/api/v1/internal/group-points", report_group_point,
           "Record a group point (process servers)", "groups", auth="internal",
           listeners=("admin", "site"), body=grouppoints.REPORT,

@@ -125,9 +125,11 @@ def _start(g: int) -> StepFn:
                 continue
             if await _skipped(ctx, verb, item):
                 continue
+            body = dict(ctx.params.get("body") or {})
+            if (own := (ctx.params.get("points") or {}).get(item)) is not None:
+                body["point"] = own  # a consistency group's: each member its own point
             try:
-                job = await failoverops.request(ctx.core, ctx.engine.kinds, verb, item,
-                                                dict(ctx.params.get("body") or {}))
+                job = await failoverops.request(ctx.core, ctx.engine.kinds, verb, item, body)
             except DomainError as e:
                 raise StepFailed(f"item {item}: {e.message}"
                                  + (f" ({e.hint})" if e.hint else "")) from None

@@ -12,6 +12,7 @@ running; else ``ItemStateError`` naming each item refused and why.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -32,13 +33,40 @@ async def request(core: Core, kinds: Mapping[str, JobKind], verb: str, name: str
                   body: dict[str, Any]) -> db.Job:
     """Queue the plan job of ``verb`` for plan ``name``; the job. ``body``: what the item
     verb takes (point, at, network, notes, shutdown_source ...), given to every item."""
+    _need_notes(verb, body)
+    plan = await plans.stored(core, name)
+    return await queue(core, kinds, verb, Whole(
+        f"plan {name!r}", plans.job_target(name), name, plan.groups,
+        f"wait for it: siterecovery plan show {name}",
+        f"take them out of the plan: siterecovery plan update {name}"), body)
+
+
+def _need_notes(verb: str, body: dict[str, Any]) -> None:
     if verb == "cleanup-test-failover" and not str(body.get("notes") or "").strip():
         raise InvalidRequest("notes_required", "cleaning up a test failover needs notes: what "
                              "the drill showed", "pass --notes TEXT")
-    plan = await plans.stored(core, name)
-    items = [i for g in plan.groups for i in g["items"]]
+
+
+@dataclass(frozen=True)
+class Whole:
+    """What a plan job recovers: a plan, or a consistency group (``groupops.py``)."""
+
+    what: str  # for messages: "plan 'dr'"
+    target: str  # the job's target
+    name: str  # the job's "plan" parameter
+    groups: list[dict[str, Any]]  # as a plan stores them
+    wait_hint: str  # how to follow the job running
+    out_hint: str  # how to leave a refused item out
+    points: dict[str, str] | None = None  # item -> its own point (a group point's)
+
+
+async def queue(core: Core, kinds: Mapping[str, JobKind], verb: str, whole: Whole,
+                body: dict[str, Any]) -> db.Job:
+    """Queue the plan job of ``verb`` for ``whole``, when every item may take it now."""
+    _need_notes(verb, body)
+    items = [i for g in whole.groups for i in g["items"]]
     allowed = failoverops.ALLOWED[verb][1] + SKIP.get(verb, ())
-    target = plans.job_target(name)
+    target = whole.target
     now = core.clock()
     async with core.sessionmaker() as s:
         rows = {r.machine: r for r in (await s.execute(select(db.ReplicatedItem).where(
@@ -46,8 +74,8 @@ async def request(core: Core, kinds: Mapping[str, JobKind], verb: str, name: str
         busy = set((await s.execute(select(db.Job.target).where(
             db.Job.target.in_([*items, target]), db.Job.state.in_(ACTIVE)))).scalars())
         if target in busy:
-            raise ItemStateError("plan_job_running", f"a job of plan {name!r} is running or "
-                                 "queued", f"wait for it: siterecovery plan show {name}")
+            raise ItemStateError("plan_job_running", f"a job of {whole.what} is running or "
+                                 "queued", whole.wait_hint)
         refused = []
         for item in items:
             row = rows.get(item)
@@ -59,16 +87,19 @@ async def request(core: Core, kinds: Mapping[str, JobKind], verb: str, name: str
                 refused.append(f"{item}: a job of it is running or queued")
         if refused:
             raise ItemStateError(
-                "plan_not_allowed", f"cannot {verb.replace('-', ' ')} plan {name!r}: "
+                "plan_not_allowed", f"cannot {verb.replace('-', ' ')} {whole.what}: "
                 + "; ".join(refused) + f" (allowed in: {', '.join(allowed)})",
-                "fix or wait for those items (siterecovery items show MACHINE), or take them "
-                f"out of the plan: siterecovery plan update {name}")
-        params = {"plan": name, "verb": verb, "groups": plan.groups,
-                  "body": {k: v for k, v in body.items() if v not in (None, "", False)}}
+                "fix or wait for those items (siterecovery items show MACHINE), or "
+                + whole.out_hint)
+        params: dict[str, Any] = {
+            "plan": whole.name, "verb": verb, "groups": whole.groups,
+            "body": {k: v for k, v in body.items() if v not in (None, "", False)}}
+        if whole.points:
+            params["points"] = whole.points
         job = new_job(kinds[VERBS[verb][0]], target, params, now)
         s.add(job)
         await s.commit()
-    log.info("plan_requested", verb=verb, plan=name, job=job.id, items=len(items))
+    log.info("plan_requested", verb=verb, plan=whole.name, job=job.id, items=len(items))
     return job
 
 

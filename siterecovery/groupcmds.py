@@ -1,6 +1,7 @@
-"""CLI verbs: ``group create|add|remove|show|list|delete|update|points`` (REST
-``/api/v1/groups``): multi-VM consistency groups, whose members' points are taken at one
-coordinated moment, and the group points that moment made."""
+"""CLI verbs: ``group create|add|remove|show|list|delete|update|points`` and ``group
+test-failover|cleanup|failover|commit`` (REST ``/api/v1/groups``): multi-VM consistency
+groups, whose members' points are taken at one coordinated moment, the group points that
+moment made, and the recovery of every member to one group point in one job."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 from siterecovery.apiopts import add_api_args, call, call_and_show
 from siterecovery.errors import UsageError
+from siterecovery.jobfollow import start_and_follow
 from siterecovery.output import show, table
 
 GROUP_COLUMNS = [("name", "NAME"), ("members_s", "MEMBERS"), ("process_server", "PROCESS SERVER"),
@@ -97,6 +99,29 @@ async def cmd_points(args: argparse.Namespace) -> int:
     return show(doc, args, table(rows, POINT_COLUMNS))
 
 
+async def _start(args: argparse.Namespace, verb: str, body: dict[str, Any]) -> int:
+    return await start_and_follow(args, f"/api/v1/groups/{args.name}/{verb}",
+                                  f"group {args.name}", body)
+
+
+async def cmd_test(args: argparse.Namespace) -> int:
+    return await _start(args, "test-failover", {"group_point": args.group_point,
+                                                "network": args.network})
+
+
+async def cmd_cleanup(args: argparse.Namespace) -> int:
+    return await _start(args, "cleanup-test-failover", {"notes": args.notes})
+
+
+async def cmd_failover(args: argparse.Namespace) -> int:
+    return await _start(args, "failover", {"group_point": args.group_point,
+                                           "network": args.network})
+
+
+async def cmd_commit(args: argparse.Namespace) -> int:
+    return await _start(args, "commit", {})
+
+
 def _positive(v: str) -> int:
     try:
         n = int(v)
@@ -154,6 +179,27 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             ("points", cmd_points, "list a group's group points, oldest first")):
         v = gsub.add_parser(name, help=help_)
         v.add_argument("name")
+        v.set_defaults(func=func)
+        verbs.append(v)
+    for name, func, help_ in (
+            ("test-failover", cmd_test, "drill every member at one group point"),
+            ("cleanup", cmd_cleanup, "clean up the group's drill (notes required)"),
+            ("failover", cmd_failover, "fail every member over to one group point (not "
+                                       "cancellable)"),
+            ("commit", cmd_commit, "commit the group's failover")):
+        v = gsub.add_parser(name, help=help_)
+        v.add_argument("name")
+        if name in ("test-failover", "failover"):
+            v.add_argument("--group-point", metavar="ID",
+                           help="the group point (default: the newest complete one; see "
+                                "'siterecovery group points NAME')")
+            v.add_argument("--network", help="the target network (default: each member's "
+                                             "recovery settings)")
+        if name == "cleanup":
+            v.add_argument("--notes", required=True, help="what the drill showed")
+        v.add_argument("--wait", action="store_true", help="follow the job to its end")
+        v.add_argument("--timeout", type=float, metavar="SECONDS",
+                       help="stop waiting after this long (the job goes on)")
         v.set_defaults(func=func)
         verbs.append(v)
     for v in verbs:
