@@ -167,3 +167,75 @@ async def test_kill9_of_the_configuration_server_during_reprotect_and_failback(
         assert await site.managed.round()
         last = site.managed.last
         assert last is not None and (last.kind, last.blocks_sent) == ("delta", 0)
+
+
+async def test_kill9_of_the_agent_during_failback_and_during_reprotect(
+        tmp_path: Path, catalog_url: str) -> None:
+    async with failed_over_site(tmp_path, catalog_url) as site:
+        async with site.api() as api:
+            bs = (await api.get("/api/v1/policies/default"))["block_size"]
+        want, expected = await _business_on_the_recovered_machine(site, bs)
+        state = Path(site.cfg.state_dir)
+        state_before = (state / "state.json").read_text()
+
+        # Failback, the agent (mobility run) killed in the middle of its writes.
+        async with site.api() as api:
+            await api.call("PATCH", "/api/v1/policies/default", LIMIT)
+            jid = (await api.post("/api/v1/items/web01/failback", {}))["job"]["id"]
+            await wait_job(api, jid, _asking, timeout=120)
+            first = site.agent("failback_requested")
+            await first.start()
+            await wait_job(api, jid, _writing, timeout=120)
+            await first.kill9()
+            point = (await api.get("/api/v1/items/web01"))["failover"]["failback"]["point"]
+        left = _differing(site.disk.read_bytes(), want, bs)
+        assert 0 < left < expected, "killed before or after the writes"
+        assert failback_pending(state) == point  # nothing may replicate the disks
+        assert (state / "state.json").read_text() == state_before
+        assert not (state / RESULT).exists()
+
+        again = site.agent("failback_requested")
+        await again.start()
+        async with site.api() as api:
+            done = await wait_job(api, jid, timeout=120)
+            assert done["state"] == "succeeded" and done["attempts"] == 1, done
+            assert (f"{expected} of {DISK // bs} block(s) differed and were written"
+                    in step(done, "write_back")["message"])
+            item = await api.get("/api/v1/items/web01")
+            assert (item["state"], item["failover"]["failback"]["blocks_written"]) == (
+                "protected", expected)
+        (resumed,) = await again.wait_events("failback_resumed", 1)
+        assert resumed["point"] == point
+        # Compared again: only the blocks still differing were written, none twice.
+        (disk,) = await again.wait_events("failback_disk_resumed", 1)
+        assert (disk["blocks_written_now"], disk["blocks_written_before"]) == (
+            left, expected - left)
+        assert await again.stop() == 0
+        assert site.disk.read_bytes() == want and _fsck_clean(site.disk)
+        await _restores_to(site, point, sha256(site.disk), "out-failback")
+        assert failback_pending(state) is None
+        assert not list(state.glob("failback-plan.*"))
+
+        # Re-protect in the original direction: the business writes on the original
+        # machine; the agent is killed in its first cycle, before it is acknowledged.
+        _write(site.disk, "after.db", os.urandom(600_000))
+        changed = _differing(want, site.disk.read_bytes(), bs)
+        third = site.agent("cycle_send_started")
+        await third.start()
+        (opened,) = third.events("cycle_opened")
+        assert opened["kind"] == "delta"
+        await third.kill9()
+        assert third.events("cycle_committed") == []
+        vault = await open_vault(tmp_path / "vault", site.key)
+        try:
+            assert opened["cycle"] not in {p.cycle for p in await vault.list_points("web01")}
+        finally:
+            await vault.close()
+
+        fourth = site.agent("cycle_committed")
+        committed = await fourth.start(timeout=120)
+        assert committed["kind"] == "delta", committed  # no full copy, no resync
+        assert committed["blocks"] == changed  # the changes since the failback, no more
+        assert await fourth.stop() == 0
+        pid = await site.ps.wait_point(str(committed["cycle"]))
+        await _restores_to(site, pid, sha256(site.disk), "out-reprotect")
