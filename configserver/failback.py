@@ -21,7 +21,10 @@ the item to ``failback_in_progress`` and queues the Failback job:
 Nothing the recovered machine wrote is lost: its disks as they stand are the point the
 original machine gets. A failback that fails gives the item back to the state it came
 from (the original disks may be half written: the agent does not replicate then; run
-the failback again, it writes what still differs).
+the failback again, it writes what still differs). A configuration server killed during
+it resumes the job at its step: the point taken again is the same one (its cycle is
+derived from the job) and the agent is asked with the same request id, so its progress
+and its answer (kept by the agent until delivered) reach the restarted server.
 """
 
 from __future__ import annotations

@@ -40,6 +40,8 @@ async def cmd_failback(args: argparse.Namespace) -> int:
         for d in r.disks:
             print(f"{d.disk} ({d.path}): {d.blocks_written} of {d.blocks_compared} blocks "
                   f"differed and were written ({d.bytes_written} bytes); digest verified"
+                  + (f"; {d.blocks_written_before} of them by an interrupted earlier run"
+                     if d.blocks_written_before else "")
                   + (f"; {d.unreadable_blocks} unreadable blocks written whole"
                      if d.unreadable_blocks else ""))
         print(f"the disks hold point {r.point[:16]}; the next cycle is a delta on it")
@@ -55,7 +57,8 @@ def register(msub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     "only the blocks that differ, verify each block and the disk digest, "
                     "then make the point the agent's base (the next cycle is a delta, no "
                     "initial copy). A mounted or held disk is refused before anything is "
-                    "written. Stop the replication daemon first.")
+                    "written. Stop the replication daemon first. Run again after an "
+                    "interruption, it writes only what still differs.")
     fb.add_argument("--config", required=True, help="mobility.toml")
     fb.add_argument("--point", required=True, help="the recovery point's id")
     fb.add_argument("--json", action="store_true", help="machine-readable output")
