@@ -21,16 +21,11 @@ from configserver.core import Core
 from configserver.errors import Conflict, NotFound
 from configserver.groupmodels import ConsistencyGroup, GroupPoint
 from configserver.grouppoints import point_doc
-from configserver.groups import members_of, no_group
+from configserver.groups import job_target, members_of, no_group
 from configserver.jobdefs import JobKind
 from configserver.planops import Whole, queue
 
-JOB_TARGET = "group:{name}"  # a group job's target: never a machine's name
 AT_POINT = ("test-failover", "failover")  # the verbs that recover to a group point
-
-
-def job_target(name: str) -> str:
-    return JOB_TARGET.format(name=name)
 
 
 async def _group_point(core: Core, name: str, wanted: str | None) -> dict[str, Any]:
@@ -85,7 +80,7 @@ async def request(core: Core, kinds: Mapping[str, JobKind], verb: str, name: str
         f"group {name!r}", job_target(name), name,
         [{"name": name, "items": members, "pre_script": None, "post_script": None,
           "pre_action": None, "post_action": None}],
-        f"wait for it: siterecovery jobs list --target {job_target(name)}",
+        f"wait for it: siterecovery group show {name}",
         f"take them out of the group: siterecovery group remove {name} MACHINE", points),
         item_body)
     return job, gp

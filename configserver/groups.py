@@ -49,9 +49,13 @@ GROUP = obj({"name": {"type": "string"}, "members": array({"type": "string"}),
                                          "state": {"type": "string"},
                                          "created": {"type": "string"}},
                                         ["id", "state", "created"])),
+             "job_target": {"type": "string", "description": "the target of its jobs"},
+             "last_job": nullable(obj({"id": {"type": "string"}, "kind": {"type": "string"},
+                                       "state": {"type": "string"}}, ["id", "kind", "state"])),
              "created": {"type": "string"}, "updated": {"type": "string"}},
             ["name", "members", "process_server", "barrier_timeout_seconds",
-             "interval_seconds", "last_point", "created", "updated"])
+             "interval_seconds", "last_point", "job_target", "last_job", "created",
+             "updated"])
 REFUSALS = (
     "a machine that does not exist: 422 group_machine_unknown",
     "a machine already in another group: 409 group_machine_taken",
@@ -59,6 +63,13 @@ REFUSALS = (
     "members assigned to different process servers: 422 group_process_servers_differ",
     f"more than {MAX_MEMBERS} members: 422 group_too_large",
 )
+
+
+JOB_TARGET = "group:{name}"  # the target of a group's jobs: never a machine's name
+
+
+def job_target(name: str) -> str:
+    return JOB_TARGET.format(name=name)
 
 
 def no_group(name: str) -> NotFound:
@@ -121,11 +132,16 @@ async def _doc(s: AsyncSession, row: ConsistencyGroup) -> dict[str, Any]:
         db.Machine.name.in_(members)).limit(1))).scalar() if members else None
     last = (await s.execute(select(GroupPoint).where(GroupPoint.group_name == row.name)
                             .order_by(GroupPoint.created.desc()).limit(1))).scalars().first()
+    job = (await s.execute(select(db.Job).where(db.Job.target == job_target(row.name))
+                           .order_by(db.Job.id.desc()).limit(1))).scalars().first()
     return {"name": row.name, "members": members, "process_server": ps,
             "barrier_timeout_seconds": row.barrier_timeout_s,
             "interval_seconds": row.interval_s,
             "last_point": None if last is None else {
                 "id": last.id, "state": last.state, "created": iso(last.created)},
+            "job_target": job_target(row.name),
+            "last_job": None if job is None else {"id": job.id, "kind": job.kind,
+                                                  "state": job.state},
             "created": iso(row.created), "updated": iso(row.updated)}
 
 

@@ -21,7 +21,7 @@ POINT_COLUMNS = [("id", "GROUP POINT"), ("created", "CREATED"), ("state", "STATE
 
 
 def describe_group(g: dict[str, Any]) -> str:
-    last = g["last_point"]
+    last, job = g["last_point"], g["last_job"]
     return "\n".join([
         f"group:            {g['name']}",
         f"members:          {', '.join(g['members']) or '-'}",
@@ -29,7 +29,9 @@ def describe_group(g: dict[str, Any]) -> str:
         f"interval:         {g['interval_seconds']} s",
         f"barrier timeout:  {g['barrier_timeout_seconds']} s",
         f"last group point: {last['id']} {last['state']} at {last['created']}" if last
-        else "last group point: -"])
+        else "last group point: -",
+        f"last job:         {job['kind']} {job['state']} ({job['id']})" if job
+        else "last job:         -"])
 
 
 def describe_point(p: dict[str, Any]) -> str:

@@ -1,0 +1,119 @@
+"""A consistency group drilled and failed over to one group point, through the real
+configuration server (SQLite and PostgreSQL), a real vault with real points and the folder
+target: each member recovers its own point of the group point (not its newest), byte for
+byte, in one job with a step per member; cleanup and commit likewise; refusals without a
+complete group point."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from configserver.server import ConfigServer
+from siterecovery.apiclient import ApiCallError, ApiClient
+from tests.helpers import open_vault, sha256, write_full_point
+from tests.sitehelpers import step, wait_job
+from tests.test_recovery_plans import DISK, _cli, _protect
+
+MEMBERS = ["app01", "db01"]
+
+
+def _disk() -> bytes:
+    d = bytearray(os.urandom(DISK))
+    d[446:512] = bytes(64) + b"\x55\xaa"
+    return bytes(d)
+
+
+async def _points(cs: ConfigServer, tmp: Path) -> dict[str, tuple[str, str, str]]:
+    """A full point of each member, reported as a process server reports it (its cycle in
+    the manifest); machine -> (point id, cycle, the disk's sha256)."""
+    out = {}
+    vault = await open_vault(tmp / "vault", tmp / "vault.key")
+    try:
+        for m in MEMBERS:
+            data, cycle = _disk(), uuid.uuid4().hex
+            p = await write_full_point(vault, data, machine=m, cycle=cycle)
+            async with ApiClient(cs.url, cs.internal_token) as internal:
+                await internal.post("/api/v1/internal/points", p.to_json())
+            out[m] = (p.id, cycle, hashlib.sha256(data).hexdigest())
+    finally:
+        await vault.close()
+    return out
+
+
+async def test_a_group_drills_and_fails_over_to_one_group_point(
+        cs: ConfigServer, api: ApiClient, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    await _protect(cs, api, tmp_path, MEMBERS)
+    assert (tmp_path / "vault.key").exists()
+    await api.post("/api/v1/groups", {"name": "erp", "members": MEMBERS})
+    with pytest.raises(ApiCallError) as e:
+        await api.post("/api/v1/groups/erp/test-failover", {})
+    assert (e.value.status, e.value.api_code) == (409, "no_group_point")
+    at_group = await _points(cs, tmp_path)
+    gp = uuid.uuid4().hex
+    async with ApiClient(cs.url, cs.internal_token) as internal:
+        await internal.post("/api/v1/internal/group-points", {
+            "id": gp, "group": "erp", "created": 1.8e9, "state": "released",
+            "members": {m: c for m, (_, c, _) in at_group.items()}})
+    newer = await _points(cs, tmp_path)  # each member's own points go on after it
+    assert (await api.get(f"/api/v1/groups/erp/points/{gp}"))["state"] == "complete"
+
+    rc, err = await _cli(cs, capsys, "group", "test-failover", "erp", "--wait")
+    assert rc == 0, err
+    shown = await api.get("/api/v1/groups/erp")
+    assert shown["job_target"] == "group:erp"
+    drill = await api.get("/api/v1/jobs/" + shown["last_job"]["id"])
+    assert drill["kind"] == "plan_test_failover" and drill["state"] == "succeeded", drill
+    assert [s["name"] for s in drill["steps"]] == ["g1_start", "item_app01", "item_db01"]
+    for m, (pid, _, digest) in at_group.items():
+        assert f"point {pid}" in step(drill, f"item_{m}")["message"]
+        assert newer[m][0] != pid
+        folder = Path(cs.cfg.data_dir) / "recovered" / m
+        assert sha256(folder / "sda.img") == digest, m
+        assert json.loads((folder / "vm.json").read_text())["point"] == pid
+        assert (await api.get("/api/v1/items/" + m))["last_drill"]["point"] == pid
+
+    cleanup = (await api.post("/api/v1/groups/erp/cleanup-test-failover",
+                              {"notes": "both came up, the links hold"}))["job"]
+    assert (await wait_job(api, cleanup["id"]))["state"] == "succeeded"
+    started = await api.post("/api/v1/groups/erp/failover", {"group_point": gp})
+    assert started["group_point"] == gp
+    job = await wait_job(api, started["job"]["id"])
+    assert job["state"] == "succeeded", job
+    for m, (pid, _, digest) in at_group.items():
+        item = await api.get("/api/v1/items/" + m)
+        assert item["state"] == "failed_over" and item["failover"]["point"] == pid
+        assert sha256(Path(cs.cfg.data_dir) / "recovered" / m / "sda.img") == digest
+    commit = (await api.post("/api/v1/groups/erp/commit", {}))["job"]
+    assert (await wait_job(api, commit["id"]))["state"] == "succeeded"
+    for m in MEMBERS:
+        assert (await api.get("/api/v1/items/" + m))["state"] == "committed"
+
+
+async def test_a_group_point_that_failed_cannot_be_recovered_to(
+        cs: ConfigServer, api: ApiClient, tmp_path: Path) -> None:
+    await _protect(cs, api, tmp_path, MEMBERS)
+    await api.post("/api/v1/groups", {"name": "erp", "members": MEMBERS})
+    bad = uuid.uuid4().hex
+    async with ApiClient(cs.url, cs.internal_token) as internal:
+        await internal.post("/api/v1/internal/group-points", {
+            "id": bad, "group": "erp", "created": 1.8e9, "state": "failed",
+            "members": {"app01": uuid.uuid4().hex, "db01": None},
+            "error": "db01 did not reach the barrier (ready) within 60 s"})
+    for body, status, code in (({"group_point": bad}, 409, "group_point_not_complete"),
+                               ({"group_point": uuid.uuid4().hex}, 404,
+                                "group_point_not_found"),
+                               ({}, 409, "no_group_point")):
+        with pytest.raises(ApiCallError) as e:
+            await api.post("/api/v1/groups/erp/failover", body)
+        assert (e.value.status, e.value.api_code) == (status, code), e.value
+        assert e.value.hint
+    assert (await api.get("/api/v1/groups/erp"))["last_job"] is None
+    for m in MEMBERS:
+        assert (await api.get("/api/v1/items/" + m))["state"] == "protected"
