@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 
 from common.names import DISK_PATTERN
 from configserver import db, support
+from configserver.groupmodels import GroupMember
 from configserver.rest import (
     NAME,
     ApiError,
@@ -261,6 +262,12 @@ async def remove_machine(call: Call) -> web.Response:
                            f"(replication {state}); its replicated item would be orphaned",
                            f"disable replication first: siterecovery replication disable "
                            f"{name}")
+        member = await s.get(GroupMember, name)
+        if member is not None:
+            raise ApiError(409, "machine_in_group", f"machine {name!r} is in consistency "
+                           f"group {member.group_name!r}; its members would wait for it",
+                           f"remove it there first: siterecovery group remove "
+                           f"{member.group_name} {name}")
         await s.delete(m)
         revoked = (await s.execute(
             update(db.Certificate)
@@ -306,7 +313,8 @@ ROUTES = [
           "machines", params=_NAME_PARAM,
           responses={200: obj({"deleted": {"type": "string"}}, ["deleted"])},
           description="Refused (409 machine_protected) while the machine has a replicated "
-                      "item. Its agent certificates are revoked."),
+                      "item, and (409 machine_in_group) while it is in a consistency group. "
+                      "Its agent certificates are revoked."),
     Route("GET", "/api/v1/support-matrix", support_matrix,
           "The operating systems machines may run", "machines", responses={200: MATRIX}),
 ]

@@ -81,6 +81,8 @@ async def test_groups_catalog_and_refusals(cs: ConfigServer, api: ApiClient) -> 
     assert g["members"] == ["app01", "db01"]
     g = await api.call("PATCH", "/api/v1/groups/erp", {"interval_seconds": 900}, {})
     assert g["interval_seconds"] == 900
+    await _refused(api, "DELETE", "/api/v1/machines/db01", None, 409, "machine_in_group")
+    assert (await api.get("/api/v1/machines/db01"))["name"] == "db01"
     # web01 is free again: a group of its own
     await api.post("/api/v1/groups", {"name": "web", "members": ["web01"]})
     assert [x["name"] for x in (await api.get("/api/v1/groups"))["groups"]] == ["erp", "web"]
