@@ -21,7 +21,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from common.names import DISK_PATTERN
-from configserver import db, support
+from configserver import db, groups, support
 from configserver.groupmodels import GroupMember
 from configserver.rest import (
     NAME,
@@ -237,6 +237,8 @@ async def update_machine(call: Call) -> web.Response:
             m.disks = _disks(b["disks"])
         refs = {k: b[k] for k in ("process_server", "account") if k in b}
         await _check_refs(s, refs.get("process_server"), refs.get("account"))
+        if "process_server" in refs and refs["process_server"] != m.process_server:
+            await groups.check_move(s, name, refs["process_server"])
         for k, v in refs.items():
             setattr(m, k, v)
         if "enabled" in b:
@@ -304,7 +306,9 @@ ROUTES = [
           "Enable/disable a machine or change its IP, OS, disks, process server or account",
           "machines", params=_NAME_PARAM, body=UPDATE, responses={200: MACHINE},
           description="enabled=false makes the configuration server and process servers "
-                      "refuse the machine's certificate. disks replaces the whole list.",
+                      "refuse the machine's certificate. disks replaces the whole list. A "
+                      "member of a consistency group cannot move away from the other "
+                      "members' process server (409 group_process_servers_differ).",
           refusals=("the machine's OS fields, with those not given taken from the stored "
                     "machine, are outside the support matrix (unsupported_os, "
                     "invalid_kernel; see POST /api/v1/machines)",

@@ -243,6 +243,25 @@ async def list_all(core: Core) -> list[dict[str, Any]]:
         return [await _doc(s, r) for r in rows]
 
 
+async def check_move(s: AsyncSession, machine: str, process_server: str | None) -> None:
+    """``Conflict`` if ``machine`` is in a group whose other members are assigned to
+    another process server than ``process_server`` (a group's barrier is on one)."""
+    m = await s.get(GroupMember, machine)
+    if m is None:
+        return
+    others = (await s.execute(select(db.Machine.name, db.Machine.process_server).where(
+        db.Machine.name.in_(await members_of(s, m.group_name)),
+        db.Machine.name != machine))).all()
+    apart = sorted(f"{n} ({ps or 'none'})" for n, ps in others if ps != process_server)
+    if apart:
+        raise Conflict("group_process_servers_differ", f"machine {machine!r} is in "
+                       f"consistency group {m.group_name!r}, whose members {', '.join(apart)} "
+                       f"are not on {process_server or 'no process server'}; all members of "
+                       "a group must use one process server, which holds the group's barrier",
+                       f"move every member together, or take it out of the group first: "
+                       f"siterecovery group remove {m.group_name} {machine}")
+
+
 async def group_of(s: AsyncSession, machine: str) -> dict[str, Any] | None:
     """What an agent's settings say of its group (None: in none): the name, the members,
     the interval and the barrier's timeout."""

@@ -82,6 +82,10 @@ async def test_groups_catalog_and_refusals(cs: ConfigServer, api: ApiClient) -> 
     g = await api.call("PATCH", "/api/v1/groups/erp", {"interval_seconds": 900}, {})
     assert g["interval_seconds"] == 900
     await _refused(api, "DELETE", "/api/v1/machines/db01", None, 409, "machine_in_group")
+    msg = await _refused(api, "PATCH", "/api/v1/machines/db01", {"process_server": "ps2"},
+                         409, "group_process_servers_differ")
+    assert "app01 (ps1)" in msg
+    assert (await api.get("/api/v1/machines/db01"))["process_server"] == "ps1"
     assert (await api.get("/api/v1/machines/db01"))["name"] == "db01"
     # web01 is free again: a group of its own
     await api.post("/api/v1/groups", {"name": "web", "members": ["web01"]})
