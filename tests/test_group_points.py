@@ -94,6 +94,7 @@ def _records(image: Path, kind: bytes) -> list[bytes]:
     return recs
 
 
+@pytest.mark.root
 async def test_every_group_point_restores_with_no_dangling_link(
         tmp_path: Path, pki: Pki, procserver: ProcServer,
         vault_at: tuple[str, Path]) -> None:
