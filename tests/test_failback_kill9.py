@@ -4,7 +4,8 @@ Every part real (``tests/failbacksite.py``): a ``configserver run`` and the agen
 ``mobility run`` are killed with SIGKILL at moments chosen by real conditions — the
 failback's write step showing the agent's progress past 60 % (its writes paced by the
 policy's bandwidth limit, so that they take seconds), a re-protect's step waiting for the
-vault (held by the test), the process server having received part of a cycle — then
+vault (held by the test), the agent's first cycle after the failback sending (paced by
+the same limit) — then
 started again:
 
 - the configuration server killed while a re-protect takes the recovered machine's
