@@ -5,8 +5,7 @@ Every part real (``tests/failbacksite.py``): a ``configserver run`` and the agen
 failback's write step showing the agent's progress past 60 % (its writes paced by the
 policy's bandwidth limit, so that they take seconds), a re-protect's step waiting for the
 vault (held by the test), the agent's first cycle after the failback sending (paced by
-the same limit) — then
-started again:
+the same limit) — then started again:
 
 - the configuration server killed while a re-protect takes the recovered machine's
   disks: the job resumes at its step, the point is a delta on the failover point (no full
