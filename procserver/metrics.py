@@ -98,3 +98,6 @@ class ProcMetrics:
                                            "HEARTBEAT frames received from agents", registry=r)
         self.resync_bases = Counter(p + "resync_bases", "Fingerprint maps of vault points "
                                     "sent to agents to resync against", registry=r)
+        self.group_points = Counter(p + "group_points", "Group points of consistency groups "
+                                    "whose barrier this server held, by outcome "
+                                    "(released, failed)", ["state"], registry=r)

@@ -147,14 +147,15 @@ class ProcServer:
         metrics.suspended_cycles.set_function(self.cycles.suspended)
         metrics.receive_buffer_bytes.set_function(lambda: self.buffers.buffered)
         self.group_reports = GroupPointReports(self._post_group_point)
-        self.barriers = Barriers(self.group_reports.put if self.client.enabled else None)
+        self.barriers = Barriers(self._group_point_outcome)
         rate_limit = TokenBucket(Schedule.constant(cfg.receive_bytes_per_second)) \
             if cfg.receive_bytes_per_second > 0 else None
         deps = SessionDeps(
             SessionSettings(idle_timeout=cfg.idle_timeout_seconds,
                             resume_window=cfg.resume_window_seconds,
                             segment_bytes=cfg.segment_bytes, max_frame=MAX_FRAME,
-                            heartbeat_seconds=max(0.05, cfg.idle_timeout_seconds / 4)),
+                            heartbeat_seconds=max(0.05, cfg.idle_timeout_seconds / 4),
+                            resync_range_blocks=cfg.resync_range_blocks),
             sessionmaker, self.cache_dir, metrics, self.trust, self.cycles, self.space,
             self.buffers, rate_limit, vaults, self.uploader, self.executor, self.barriers)
 
@@ -287,6 +288,11 @@ class ProcServer:
         """Wait until the acknowledged ``cycle`` is a whole point in the vault; return its
         id (``Uploader.wait_point``)."""
         return await self.uploader.wait_point(cycle, timeout)
+
+    def _group_point_outcome(self, doc: dict[str, Any]) -> None:
+        self.metrics.group_points.labels(state=doc["state"]).inc()
+        if self.client.enabled:
+            self.group_reports.put(doc)
 
     async def _post_group_point(self, doc: dict[str, Any]) -> int:
         return (await self.client.post("/api/v1/internal/group-points", doc)).status

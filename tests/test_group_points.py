@@ -17,6 +17,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from mobility.agent import Agent
 from mobility.groupcycle import GroupCall, group_point_id
@@ -82,6 +84,13 @@ class LinkedWriter:
             raise self.error
 
 
+def _group_points(ps: ProcServer) -> dict[str, float]:
+    """The process server's group point counter, by outcome, as Prometheus reads it."""
+    text = generate_latest(ps.metrics.registry).decode()
+    return {s.labels["state"]: s.value for fam in text_string_to_metric_families(text)
+            for s in fam.samples if s.name == "siterecovery_procserver_group_points_total"}
+
+
 def _records(image: Path, kind: bytes) -> list[bytes]:
     """The records file of a restored ext4 image, read by debugfs (nothing mounted),
     split into whole records."""
@@ -125,6 +134,7 @@ async def test_every_group_point_restores_with_no_dangling_link(
                 outcome = procserver.barriers.outcomes[call.point]
                 assert (outcome["state"], outcome["members"]) == ("released", cycles)
                 taken.append((call.point, cycles))
+                assert _group_points(procserver) == {"released": float(slot + 1)}
                 assert all(r.consistency == "crash" for r in results)
         finally:
             writer.stop()
@@ -174,6 +184,7 @@ async def test_a_member_that_never_arrives_fails_the_group_point(
     assert outcome["state"] == "failed" and "db02" in outcome["error"]
     assert outcome["members"] == {"db02": None, "web01": None}
     await procserver.wait_point(r.cycle)  # the member's own point is made all the same
+    assert _group_points(procserver) == {"failed": 1.0}
 
 
 async def test_a_member_whose_snapshot_cannot_hold_its_writes_fails_the_group_point(
