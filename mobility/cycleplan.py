@@ -1,9 +1,21 @@
 """What a cycle compares the disks against: nothing (a full copy), the agent's own
 fingerprint maps (a delta), or the fingerprints of the vault's newest point of the
-machine, asked of the process server (a resync, ``BASIS``)."""
+machine, asked of the process server (a resync, ``BASIS``).
+
+A basis arrives as MAP frames, range by range; each is written to ``<disk>.basis.fp``
+in the state directory as it comes (one frame held at a time) and the cycle reads the
+file through a read-only memory map: page cache the kernel can drop, not the agent's
+own memory, however large the disk. The file goes with the next committed state
+(``tracker.commit_state`` keeps only the maps it names), or at the next basis. A basis
+cut short (an ERROR after some MAP frames: the server found the point damaged) is
+dropped whole.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import mmap
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +24,7 @@ import structlog
 from common.digest import block_count
 from mobility.config import MobilityConfig
 from mobility.link import FOREVER, Link
-from mobility.tracker import AgentState, load_map
+from mobility.tracker import AgentState, OldMap, load_map
 from wire.protocol import (
     FINGERPRINT,
     Frame,
@@ -23,6 +35,7 @@ from wire.protocol import (
 )
 
 log = structlog.get_logger("mobility")
+BASIS_SUFFIX = ".basis.fp"
 
 
 @dataclass(frozen=True)
@@ -32,7 +45,7 @@ class Plan:
 
     kind: str
     base: str | None
-    olds: dict[str, bytes | None]
+    olds: dict[str, OldMap | None]
 
     @property
     def full(self) -> bool:
@@ -49,7 +62,7 @@ def plan_cycle(cfg: MobilityConfig, state_dir: Path, state: AgentState | None,
     full = full_plan(sizes)
     if state is None or resync:
         return full
-    olds: dict[str, bytes | None] = {}
+    olds: dict[str, OldMap | None] = {}
     for d in cfg.disks:
         ds = state.disks.get(d["name"])
         if ds is None or ds.size != sizes[d["name"]] or ds.block_size != cfg.block_size:
@@ -91,21 +104,45 @@ async def fetch_basis(link: Link, cfg: MobilityConfig, sizes: dict[str, int]) ->
             {"name": d["name"], "blocks": n} for d, n in zip(cfg.disks, counts, strict=True)]:
         raise ProtocolError("bad_basis", "the BASIS answer does not describe this "
                                          "machine's disks")
-    olds: dict[str, bytes | None] = {}
-    for idx, (d, n) in enumerate(zip(cfg.disks, counts, strict=True)):
-        fps = bytearray(FINGERPRINT * n)
-        got = 0
-        while got < n:
-            f = await answer(FrameType.MAP)
-            if f is None:
-                return None
-            disk, first, part = f.map()
-            more = len(part) // FINGERPRINT
-            if disk != idx or first != got or not 0 < more <= n - got:
-                raise ProtocolError("bad_map", f"MAP {disk}:{first}+{more} out of order "
-                                               f"(expected disk {idx} from block {got})")
-            fps[FINGERPRINT * got:FINGERPRINT * (got + more)] = part
-            got += more
-        olds[d["name"]] = bytes(fps)
+    state_dir = Path(cfg.state_dir)
+    olds: dict[str, OldMap | None] = {}
+    done = False
+    try:
+        for idx, (d, n) in enumerate(zip(cfg.disks, counts, strict=True)):
+            path = state_dir / f"{d['name']}{BASIS_SUFFIX}"
+            # A new file, not the old one truncated: an earlier basis may still be mapped.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            with open(path, "w+b") as out:
+                got = 0
+                while got < n:
+                    f = await answer(FrameType.MAP)
+                    if f is None:
+                        return None
+                    disk, first, part = f.map()
+                    more = len(part) // FINGERPRINT
+                    if disk != idx or first != got or not 0 < more <= n - got:
+                        raise ProtocolError("bad_map", f"MAP {disk}:{first}+{more} out of "
+                                            f"order (expected disk {idx} from block {got})")
+                    out.write(part)
+                    got += more
+                out.flush()
+                olds[d["name"]] = (mmap.mmap(out.fileno(), 0, access=mmap.ACCESS_READ)
+                                   if n else b"")
+        done = True
+    finally:
+        if not done:
+            drop_basis(state_dir, olds)
     log.info("resync_basis_received", point=doc.get("point"), cycle=doc["cycle"])
     return Plan("resync", doc["cycle"], olds)
+
+
+def drop_basis(state_dir: Path, olds: dict[str, OldMap | None]) -> None:
+    """Close the memory maps of a basis that will not be used, and remove its files."""
+    for m in olds.values():
+        if isinstance(m, mmap.mmap):
+            m.close()
+    olds.clear()
+    for p in state_dir.glob(f"*{BASIS_SUFFIX}"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)

@@ -29,7 +29,7 @@ import structlog
 from common.digest import digest_of_fingerprint_map
 from mobility.changes import Changed, Rescan, Tracker
 from mobility.link import Link
-from mobility.tracker import Piece, data_extents, scan_chunk, work
+from mobility.tracker import OldMap, Piece, data_extents, scan_chunk, work
 from wire.protocol import FrameType, block_frame_parts
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ class CycleDisk:
     name: str
     path: str
     size: int
-    old: bytes | None
+    old: OldMap | None
     fps: bytearray = field(default_factory=bytearray)
     fd: int = -1
     extents: list[tuple[int, int]] | None = None
@@ -71,7 +71,7 @@ def missed(claimed: tuple[tuple[int, int], ...], starts: list[int], blocks: list
     return out
 
 
-def _scan_frames(fd: int, size: int, bs: int, pieces: list[Piece], old: bytes | None,
+def _scan_frames(fd: int, size: int, bs: int, pieces: list[Piece], old: OldMap | None,
                  extents: list[tuple[int, int]], fps: bytearray, full: bool, idx: int,
                  claimed: tuple[tuple[int, int], ...] | None = None
                  ) -> tuple[bytes, int, int, int, int, list[int]]:

@@ -12,6 +12,7 @@ either the old state or the new one.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import stat
 from collections.abc import Sequence
@@ -22,6 +23,9 @@ from common.digest import block_count, fingerprint
 from common.fs import atomic_write
 
 CHUNK = 4 << 20
+#: a disk's previous fingerprints: the agent's own map, or a resync basis's, memory-mapped
+#: (mobility/cycleplan.py)
+OldMap = bytes | mmap.mmap
 _ZERO = bytes(1 << 20)
 
 
@@ -117,7 +121,7 @@ Change = tuple[int, bytes | None]
 
 
 def scan_chunk(
-    fd: int, size: int, bs: int, first: int, count: int, old: bytes | None,
+    fd: int, size: int, bs: int, first: int, count: int, old: OldMap | None,
     extents: list[tuple[int, int]], new_fps: bytearray, full: bool,
 ) -> tuple[list[Change], int]:
     """Fingerprint blocks ``first .. first+count-1``; return the changed ones and how

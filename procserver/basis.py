@@ -4,9 +4,15 @@ An agent that lost its fingerprint map (a reinstalled agent, a wiped state
 directory), or whose base cycle this process server no longer knows (its cache was
 lost or replaced), would otherwise resend every block of every disk. Instead it asks
 for a *basis*: the machine's newest recovery point in the vault, read back block by
-block into the fingerprints the agent computes itself (``vault.fpmap``, checked
-against the digest recorded with the point). The agent then sends a delta cycle on
-that point: only the blocks that differ.
+block into the fingerprints the agent computes itself, checked against the digest
+recorded with the point. The agent then sends a delta cycle on that point: only the
+blocks that differ.
+
+Each disk is read back and sent ``resync_range_blocks`` at a time
+(``vault/fpstream.py``): what is held grows with that range, not with the disk. The
+last range of a disk is sent only once the whole map matched the point's digest; a
+mismatch found then is an ``ERROR code=no_basis`` after some MAP frames, and the agent
+drops what it received.
 
 The point must still exist and have the agent's disk layout; the answer names the
 point's cycle, which is recorded here (for a process server that never saw it) so
@@ -27,7 +33,7 @@ from sqlalchemy import select
 
 from procserver import db
 from vault.errors import MissingObjectError, VaultError
-from vault.fpmap import point_fingerprints
+from vault.fpstream import fingerprint_ranges
 from vault.locks import locked
 from vault.point import Point
 from wire.checks import validate_disks
@@ -168,11 +174,13 @@ async def serve_basis(session: Session, doc: dict[str, Any]) -> None:
                           for n in order]}))
             index = await vaults.refresh_index()
             started = time.monotonic()
+            span = deps.settings.resync_range_blocks
             for idx, name in enumerate(order):
-                fps = await point_fingerprints(vaults.vault, point, name, index=index,
-                                               executor=deps.executor)
-                for frame in map_frames(idx, fps):
-                    await session.send(frame)
+                async for first, fps in fingerprint_ranges(
+                        vaults.vault, point, name, index=index, executor=deps.executor,
+                        span=span):
+                    for frame in map_frames(idx, fps, first):
+                        await session.send(frame)
     except NoBasisError as e:
         session.log.info("resync_basis_unavailable", reason=str(e))
         await session.send(error_frame("no_basis", str(e), "send a full cycle"))

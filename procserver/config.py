@@ -70,6 +70,10 @@ class ProcServerConfig:
     # (about 220 a block), past that in a table on local disk, <data_dir>/index/, kept
     # between starts (vault/indexdb.py). 0: always on disk.
     index_memory_bytes: int = 256 << 20
+    # A resync basis reads a point back and sends its fingerprints this many blocks at a
+    # time (vault/fpstream.py): about 400 bytes a block of the range are held, whatever
+    # the disk's size (65536: one MAP frame, some 25 MiB).
+    resync_range_blocks: int = 1 << 16
 
     def validate(self) -> None:
         if not (self.vault_key_file or self.vault_passphrase_file
@@ -104,6 +108,9 @@ class ProcServerConfig:
             raise ValueError("receive_bytes_per_second must not be negative")
         if self.index_memory_bytes < 0:
             raise ValueError("index_memory_bytes must not be negative")
+        if not 1 <= self.resync_range_blocks <= 1 << 24:
+            raise ValueError("resync_range_blocks must be 1 to 16777216 (65536: one MAP "
+                             "frame of fingerprints)")
         self.upload_schedule()  # raises ValueError naming the bad setting
         if self.heartbeat_interval_seconds <= 0:
             raise ValueError("heartbeat_interval_seconds must be positive")

@@ -31,6 +31,7 @@ class SessionSettings:
     segment_bytes: int  # an HRL segment is closed at this size
     max_frame: int  # the largest frame accepted (announced in WELCOME)
     heartbeat_seconds: float  # HEARTBEAT interval offered to agents that speak it
+    resync_range_blocks: int = 1 << 16  # fingerprints a resync basis computes at a time
 
 
 @dataclass(frozen=True)

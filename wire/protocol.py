@@ -30,7 +30,9 @@ longer knows) may ask what the vault holds instead of resending every block::
                             (or ERROR code=no_basis: send a full cycle)
 
 and then BEGIN a delta cycle on the named ``cycle``. MAP frames are binary
-(``u16 disk index | u64 first block | 16-byte fingerprints``), in block order.
+(``u16 disk index | u64 first block | 16-byte fingerprints``), in block order; the
+server reads the point back and sends it range by range, so an ERROR may come after
+some MAP frames of a disk (the map is then not to be used).
 
 To write a recovery point back onto its disks (failback, a repair in place), an agent
 that speaks ``restore`` names the point in BASIS and then fetches only the blocks its
@@ -222,11 +224,12 @@ async def read_frame(
     return Frame(t, payload)
 
 
-def map_frames(disk: int, fps: bytes | memoryview) -> list[bytes]:
-    """The MAP frames of one disk's fingerprint map."""
+def map_frames(disk: int, fps: bytes | memoryview, first: int = 0) -> list[bytes]:
+    """The MAP frames of one disk's fingerprint map, or of the range of it that starts
+    at block ``first`` (a map sent range by range)."""
     view = memoryview(fps)
     step = MAP_BLOCKS * FINGERPRINT
-    return [encode(FrameType.MAP, BLOCK_HEAD.pack(disk, off // FINGERPRINT)
+    return [encode(FrameType.MAP, BLOCK_HEAD.pack(disk, first + off // FINGERPRINT)
                    + view[off:off + step]) for off in range(0, len(view), step)]
 
 

@@ -1,0 +1,197 @@
+"""A point's fingerprints streamed per range of blocks: what a resync basis sends.
+
+``vault/fpmap.py`` computes a disk's whole fingerprint map at once (16 bytes a block,
+plus the resolved map as a dict: a few hundred bytes a mapped block). Here the delta
+chain's maps are read as their plaintexts (``MapEntries``, 40 bytes an entry, no dict)
+and merged as sorted streams, newest first (they are sorted by block number); the disk
+is then read back ``span`` blocks at a time: the range's block ids looked up in one
+batch, its packs read in runs of nearby blocks, its fingerprints computed and handed
+on. What is held grows with ``span``, not with the disk (besides the maps' plaintexts).
+
+The fingerprints are checked against the digest recorded with the point, as a whole
+map is: each range is held back until the next is computed, and the last one is handed
+on only once the digest matched, so a reader that got every range got a verified map
+(``IntegrityError`` instead of the last range otherwise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import Executor
+
+from common.digest import DiskDigest, block_count, fingerprint
+from vault import names
+from vault.errors import (
+    IntegrityError,
+    MissingObjectError,
+    NotFoundError,
+    PermanentStoreError,
+    UnindexedBlocksError,
+)
+from vault.index import BlockIndex, Location
+from vault.maps import DELTA, FULL, ZERO_ID, MapEntries, open_map_entries
+from vault.pack import open_block
+from vault.point import Point
+from vault.repo import MAX_CHAIN, Vault
+
+FP = 16  # bytes a fingerprint
+DEFAULT_SPAN = 1 << 16  # blocks a range: 1 MiB of fingerprints, one MAP frame
+GAP = 1 << 20  # bytes of a pack read through between two wanted blocks, not read apart
+PACK_READS = 4  # pack reads at once
+
+
+async def chain_entries(vault: Vault, point: Point, disk: str) -> list[MapEntries]:
+    """The maps of ``disk`` along ``point``'s delta chain, newest first, the full map
+    last; ``IntegrityError`` if the chain is broken or the kinds do not match."""
+    chain: list[MapEntries] = []
+    p: Point | None = point
+    while p is not None:
+        entry = p.disk(disk)
+        try:
+            raw = await vault.store.get(names.MAPS + entry.map)
+        except NotFoundError:
+            raise MissingObjectError(names.MAPS + entry.map, "the map is missing") from None
+        chain.append(open_map_entries(vault.keyring, entry.map, raw))
+        if entry.map_kind == "full":
+            break
+        if p.base is None or len(chain) > MAX_CHAIN:
+            raise IntegrityError(f"points/{point.id}", "delta chain is broken")
+        p = await vault.read_point(p.base)
+    if chain[-1].kind != FULL or any(m.kind != DELTA for m in chain[:-1]):
+        raise IntegrityError(f"points/{point.id}", "map kinds do not match the manifest")
+    return chain
+
+
+def merged(chain: list[MapEntries]) -> Iterator[tuple[int, bytes]]:
+    """The resolved map of ``chain`` (newest first) in block order: ``(block, id)`` of
+    every non-zero block, the newest map's entry winning (``Vault.resolve_map``'s map)."""
+    streams = [_aged(m, age) for age, m in enumerate(chain)]
+    last = -1
+    for n, _age, bid in heapq.merge(*streams):
+        if n == last:
+            continue  # an older map's entry of a block a newer one names
+        last = n
+        if bid != ZERO_ID:
+            yield n, bid
+
+
+def _aged(m: MapEntries, age: int) -> Iterator[tuple[int, int, bytes]]:
+    for n, bid in m.iter():
+        yield n, age, bid
+
+
+class _Ranges:
+    """Cuts a merged map into the entries of consecutive block ranges (one lookahead)."""
+
+    def __init__(self, entries: Iterator[tuple[int, bytes]]) -> None:
+        self._it, self._next = entries, next(entries, None)
+
+    def upto(self, end: int) -> list[tuple[int, bytes]]:
+        out: list[tuple[int, bytes]] = []
+        nxt, it = self._next, self._it
+        while nxt is not None and nxt[0] < end:
+            out.append(nxt)
+            nxt = next(it, None)
+        self._next = nxt
+        return out
+
+
+def _runs(items: list[tuple[int, bytes, Location]]
+          ) -> Iterator[list[tuple[int, bytes, Location]]]:
+    """``items`` of one pack in offset order, cut where more than ``GAP`` bytes lie
+    between two: each run is one read."""
+    items = sorted(items, key=lambda i: i[2].offset)
+    run: list[tuple[int, bytes, Location]] = []
+    hi = 0
+    for item in items:
+        loc = item[2]
+        if run and loc.offset - hi > GAP:
+            yield run
+            run = []
+        hi = max(hi, loc.offset + loc.length) if run else loc.offset + loc.length
+        run.append(item)
+    if run:
+        yield run
+
+
+def _fingerprints(vault: Vault, pack_id: str, items: list[tuple[int, bytes, Location]],
+                  raw: bytes, base: int) -> list[tuple[int, bytes]]:
+    view = memoryview(raw)
+    return [(n, fingerprint(open_block(vault.keyring, pack_id, bid,
+                                       view[loc.offset - base:loc.offset - base + loc.length])))
+            for n, bid, loc in items]
+
+
+async def fingerprint_ranges(vault: Vault, point: Point, disk: str, *, index: BlockIndex,
+                             executor: Executor | None = None, span: int = DEFAULT_SPAN
+                             ) -> AsyncIterator[tuple[int, bytes]]:
+    """``(first block, fingerprints)`` of each range of ``span`` blocks of ``disk`` in
+    ``point``, in block order, covering the disk; the last one only once the whole map
+    matched the point's digest (see the module's docstring). ``UnindexedBlocksError``
+    if a block is in no index, ``IntegrityError`` for anything damaged or missing."""
+    if span < 1:
+        raise ValueError(f"a range is at least one block, not {span}")
+    entry = point.disk(disk)
+    size, bs = entry.size, entry.block_size
+    nblocks = block_count(size, bs)
+    ranges = _Ranges(merged(await chain_entries(vault, point, disk)))
+    loop = asyncio.get_running_loop()
+    zero, short = fingerprint(bytes(bs)), fingerprint(bytes(size - (nblocks - 1) * bs))
+    digest = DiskDigest()
+    held: tuple[int, bytes] | None = None
+    sem = asyncio.Semaphore(PACK_READS)
+
+    def locate(end: int) -> tuple[dict[str, list[tuple[int, bytes, Location]]], list[int]]:
+        items = ranges.upto(end)
+        found = index.lookup({bid for _n, bid in items})
+        by_pack: dict[str, list[tuple[int, bytes, Location]]] = {}
+        missing: list[int] = []
+        for n, bid in items:
+            loc = found.get(bid)
+            if loc is None:
+                missing.append(n)
+            else:
+                by_pack.setdefault(loc.pack_id, []).append((n, bid, loc))
+        return by_pack, missing
+
+    for first in range(0, nblocks, span):
+        end = min(nblocks, first + span)
+        out = bytearray(zero * (end - first))
+        if end == nblocks and short != zero:
+            out[FP * (end - 1 - first):] = short  # the last block is short
+        by_pack, missing = await loop.run_in_executor(executor, locate, end)
+        if missing:
+            raise UnindexedBlocksError(names.POINTS + point.id, disk, len(missing),
+                                       min(missing))
+
+        async def read(pack_id: str, run: list[tuple[int, bytes, Location]],
+                       out: bytearray = out, first: int = first) -> None:
+            async with sem:
+                lo = min(loc.offset for _, _, loc in run)
+                hi = max(loc.offset + loc.length for _, _, loc in run)
+                pname = names.pack_name(pack_id)
+                try:
+                    raw = await vault.store.get(pname, lo, hi - lo)
+                except NotFoundError:
+                    raise IntegrityError(pname, "the pack is missing") from None
+                except PermanentStoreError:
+                    raise IntegrityError(pname, "the pack is shorter than its index "
+                                         "says") from None
+                got = await loop.run_in_executor(executor, _fingerprints, vault, pack_id,
+                                                 run, raw, lo)
+                for n, fp in got:
+                    out[FP * (n - first):FP * (n - first + 1)] = fp
+
+        await asyncio.gather(*(read(pack_id, run) for pack_id, items in by_pack.items()
+                               for run in _runs(items)))
+        digest.update(bytes(out))
+        if held is not None:
+            yield held
+        held = (first, bytes(out))
+    if entry.digest and digest.hexdigest() != entry.digest:
+        raise IntegrityError(f"points/{point.id}", f"disk {disk!r} read back from the vault "
+                             "does not match the digest recorded with the point")
+    if held is not None:
+        yield held
