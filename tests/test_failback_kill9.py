@@ -17,7 +17,9 @@ the same limit) — then started again:
   again and writes only the blocks that still differ (never one twice), and the job ends
   with the whole failback's counts;
 - the agent killed in its first cycle after the failback (re-protect in the original
-  direction): the next cycle is a delta, and its point restores byte for byte.
+  direction): the next cycle is a delta, and its point restores byte for byte; the
+  configuration server killed meanwhile: the agent replicates a delta on its last known
+  settings, and the point reaches the restarted server.
 
 In each the original disk ends equal to the failback point byte for byte, and the point
 in the vault restores to it. (Re-protect in the reverse direction has no agent here: the
@@ -167,6 +169,24 @@ async def test_kill9_of_the_configuration_server_during_reprotect_and_failback(
         assert await site.managed.round()
         last = site.managed.last
         assert last is not None and (last.kind, last.blocks_sent) == ("delta", 0)
+
+        # The configuration server killed again while the original machine replicates
+        # (its last known settings): a delta of the changes, whose point reaches the
+        # restarted server and restores byte for byte.
+        _write(site.disk, "after.db", os.urandom(300_000))
+        changed = _differing(want, site.disk.read_bytes(), bs)
+        await site.cs.kill9()
+        assert await site.managed.round()
+        last = site.managed.last
+        assert last is not None and (last.kind, last.blocks_sent) == ("delta", changed)
+        pid = await site.ps.wait_point(last.cycle, timeout=120)
+        await site.start_cs()
+        n = 1  # (a point reported before the kill may come first)
+        while pid not in {e["point"] for e in await site.cs.wait_events("point_recorded", n)}:
+            n += 1
+        async with site.api() as api:
+            assert (await api.get("/api/v1/items/web01"))["latest_point"] == pid
+        await _restores_to(site, pid, sha256(site.disk), "out-after")
 
 
 async def test_kill9_of_the_agent_during_failback_and_during_reprotect(
