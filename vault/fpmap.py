@@ -8,6 +8,10 @@ fingerprint differs, as a delta on that point.
 
 The result is checked against the digest the point recorded when it was written, so
 a map built from damaged or substituted data is refused rather than trusted.
+
+This is the whole map at once (16 bytes a block, and the resolved map as a dict): the
+process server sends a basis per range instead (vault/fpstream.py, the same bytes,
+compared in tests/test_resync_stream.py).
 """
 
 from __future__ import annotations
