@@ -99,15 +99,22 @@ ROUTES = [
     _verb("failback", "Fail a failed-over item back onto its original machine",
           obj({"timeout_seconds": {"type": "integer", "minimum": 1, "maximum": 86400 * 7,
                                    "description": "how long to wait for the original "
-                                                  "machine's agent (default 6 hours)"}}),
+                                                  "machine's agent (default 6 hours)"},
+              "shutdown_timeout_seconds": {
+                  "type": "integer", "minimum": 1, "maximum": 86400, "description": (
+                      "a recovered libvirt domain still running is asked to shut down "
+                      "(virsh shutdown); how long to wait for it to be shut off (default: "
+                      "the server's failover_shutdown_timeout_seconds)")}}),
           "Queues Failback (not cancellable; from failed_over or committed): the recovered "
-          "machine's disks are taken into the vault as a point, the original machine's "
+          "machine is shut down (a libvirt domain; the folder target's is not running), its "
+          "disks are taken into the vault as a point, the original machine's "
           "agent writes onto its disks only the blocks that differ and verifies them, the "
           "recovered machine is removed; the item ends protected, replicating again as a "
           "delta on that point."),
     _verb("reprotect", "Re-protect a failed-over item (the recovered machine into the vault)",
           obj({}), "Queues Re-protect (from failed_over, committed or reprotected): the "
-          "recovered machine's disks, read on the host from the target, go into the vault "
+          "recovered machine's disks, read on the host from the target (a libvirt domain "
+          "only while shut off: a running one fails the job), go into the vault "
           "as a point of the item, a delta on the failover point (or the last re-protect's); "
           "the item ends reprotected, direction reverse."),
     _verb("commit", "Commit a failover", obj({}),

@@ -5,7 +5,10 @@ the blocks that differ from the recovered machine's.
 the item to ``failback_in_progress`` and queues the Failback job:
 
 1. *Prerequisites check*: the recovered machine is on a target failback reads (the
-   folder target: its raw images), shut down (a folder's images are not running).
+   folder target: its raw images, not running; libvirt: the domain's raw images), shut
+   down: a running libvirt domain is asked to shut down (``virsh shutdown``) and waited
+   for (``shutdown_timeout_seconds``, else the server's shutdown timeout); one that
+   does not stop fails the failback, with nothing written.
 2. *Take the recovered machine's disks*: its images are written into the vault as a
    point of the machine (``vault/imagepoint.py``), a delta on the failover point when
    the vault still holds it (the recovered machine started from it), else whole.
@@ -38,7 +41,7 @@ from configserver.itemrecord import FAILOVER, read, record
 from configserver.items import ItemState
 from configserver.jobdefs import JobKind, JobRun, Step, StepFailed
 from configserver.jobs import StepContext
-from configserver.recoveredpoint import recovered_images, take_point
+from configserver.recoveredpoint import recovered_disks, take_point
 from configserver.recoverysteps import FailoverDeps, cleanup_recovered
 
 FAILBACK = "failback"  # the failback's record, inside the item's failover record
@@ -60,10 +63,11 @@ def kinds(deps: FailoverDeps) -> tuple[JobKind, ...]:
 
     async def prerequisites(ctx: StepContext) -> str:
         rec, _ = await read(ctx, FAILOVER)
-        images = recovered_images(rec)
         if (rec.get(FAILBACK) or {}).get("job") != ctx.job.id:  # a fresh run
             await record(ctx, FAILOVER, failback={"job": ctx.job.id,
                                                   "started": ctx.core.clock()})
+        images = await recovered_disks(deps, rec, float(
+            ctx.params.get("shutdown_timeout_seconds") or deps.shutdown_timeout))
         return ("the recovered machine's disks: "
                 + ", ".join(f"{d.name} ({d.path})" for d in images))
 
@@ -72,7 +76,7 @@ def kinds(deps: FailoverDeps) -> tuple[JobKind, ...]:
         fb = dict(rec.get(FAILBACK) or {})
         if fb.get("point"):
             return f"taken before: point {fb['point']}"
-        made, base = await take_point(ctx, rec, "failback")
+        made, base = await take_point(ctx, rec, "failback", await recovered_disks(deps, rec))
         fb.update(point=made.point.id, cycle=made.point.cycle, blocks_stored=made.blocks_stored,
                   full=made.full)
         await record(ctx, FAILOVER, failback=fb)

@@ -1,5 +1,6 @@
 """A point of the recovered machine, taken from its disks on the target (the folder
-target's raw images): what Re-protect and Failback write into the vault, without an
+target's raw images; a libvirt domain's raw images while it is shut off,
+``targets.libvirtrest``): what Re-protect and Failback write into the vault, without an
 agent inside the recovered machine.
 
 The base is the machine's newest point the vault holds of this recovery: the last one
@@ -18,13 +19,35 @@ from typing import Any
 
 from configserver.jobdefs import StepFailed
 from configserver.jobs import StepContext
-from configserver.recoverysteps import LOCK_WAIT_SECONDS, open_vault
+from configserver.recoverysteps import LOCK_WAIT_SECONDS, FailoverDeps, open_vault
+from targets.base import Recovered, TargetError
+from targets.libvirt import LibvirtTarget
 from vault.errors import MissingObjectError, VaultError
 from vault.imagepoint import ImageDisk, ImagePoint, point_from_images
 from vault.locks import LockedError, locked
 from vault.point import Point
 
-READABLE = {"folder"}  # targets whose recovered disks are read from the host
+READABLE = {"folder", "libvirt"}  # targets whose recovered disks are read from the host
+
+
+async def recovered_disks(deps: FailoverDeps, rec: dict[str, Any],
+                          shutdown_timeout: float | None = None) -> list[ImageDisk]:
+    """The recovered machine's raw images of the item's failover record ``rec``, on any
+    target read from the host: a libvirt domain's only once it is shut off (asked to
+    shut down first when ``shutdown_timeout`` is given, else a running one is refused);
+    StepFailed naming what is missing and what to do."""
+    recovered = rec.get("recovered") or {}
+    if recovered.get("target") != "libvirt":
+        return recovered_images(rec)
+    target = deps.targets.get("libvirt")
+    if not isinstance(target, LibvirtTarget):
+        raise StepFailed("the recovered machine is on the libvirt target, which this "
+                         "configuration server does not have (set libvirt_uri)")
+    try:
+        got = await target.disks_at_rest(Recovered(**recovered), shutdown_timeout)
+    except TargetError as e:
+        raise StepFailed(f"{e.message}: {e.hint}" if e.hint else e.message) from None
+    return [ImageDisk(name, str(path)) for name, path in got]
 
 
 def recovered_images(rec: dict[str, Any]) -> list[ImageDisk]:
@@ -32,9 +55,10 @@ def recovered_images(rec: dict[str, Any]) -> list[ImageDisk]:
     item's failover record ``rec``; StepFailed naming what is missing."""
     recovered = rec.get("recovered") or {}
     target = recovered.get("target")
-    if target not in READABLE:
-        raise StepFailed(f"the recovered machine's disks are read from the folder target; "
-                         f"this one is on {target or 'no target'!r}, which is not read yet")
+    if target != "folder":
+        raise StepFailed(f"the recovered machine's disks are read from the folder or the "
+                         f"libvirt target; this one is on {target or 'no target'!r}, "
+                         "which is not read yet")
     folders = [r.split(":", 1)[1] for r in recovered.get("resources", [])
                if r.startswith("folder:")]
     if not folders:
@@ -52,12 +76,11 @@ def recovered_images(rec: dict[str, Any]) -> list[ImageDisk]:
     return [ImageDisk(str(d["name"]), str(folder / d["file"])) for d in disks]
 
 
-async def take_point(ctx: StepContext, rec: dict[str, Any], purpose: str
-                     ) -> tuple[ImagePoint, Point | None]:
-    """Write the recovered machine's disks into the vault as a point of the item's
-    machine (its cycle derived from the job and ``purpose``, so a step run again finds
-    the same point); the point and the base it is a delta on (None: whole)."""
-    images = recovered_images(rec)
+async def take_point(ctx: StepContext, rec: dict[str, Any], purpose: str,
+                     images: list[ImageDisk]) -> tuple[ImagePoint, Point | None]:
+    """Write the recovered machine's disks ``images`` into the vault as a point of the
+    item's machine (its cycle derived from the job and ``purpose``, so a step run again
+    finds the same point); the point and the base it is a delta on (None: whole)."""
     base_id = (rec.get("reprotect") or {}).get("last_point") or rec.get("point")
     cycle = hashlib.sha256(f"{purpose}:{ctx.job.id}".encode()).hexdigest()[:32]
     vault = await open_vault(ctx)

@@ -3,11 +3,12 @@ of the same item, without a full copy.
 
 ``POST /api/v1/items/{machine}/reprotect`` (from ``failed_over``, ``committed`` or
 ``reprotected``) queues the Re-protect job: the recovered machine's disks, read on the
-host from the target (the folder target's raw images, ``configserver/recoveredpoint.py``),
-are written into the vault as a point of the machine — a delta on the failover point
-the recovered machine started from (or on the last point a re-protect took), so the
-first cycle costs the blocks written since, not a full copy; whole only after a commit
-deleted the failover's points. The item ends ``reprotected``, its ``direction``
+host from the target (the folder target's raw images; a libvirt domain's raw images
+while it is shut off, a running one refused: ``configserver/recoveredpoint.py``), are
+written into the vault as a point of the machine — a delta on the failover point the
+recovered machine started from (or on the last point a re-protect took), so the first
+cycle costs the blocks written since, not a full copy; whole only after a commit deleted
+the failover's points. The item ends ``reprotected``, its ``direction``
 ``reverse``; each further Re-protect takes the next delta, and Failback starts from the
 newest, so what it still has to take is small.
 """
@@ -21,18 +22,18 @@ from configserver.itemrecord import FAILOVER, read, record
 from configserver.items import ItemState
 from configserver.jobdefs import JobKind, JobRun, Step
 from configserver.jobs import StepContext
-from configserver.recoveredpoint import recovered_images, take_point
+from configserver.recoveredpoint import recovered_disks, take_point
 from configserver.recoverysteps import FailoverDeps
 
 REPROTECT = "reprotect"  # the reverse direction's record, inside the item's failover record
 
 
 def kinds(deps: FailoverDeps) -> tuple[JobKind, ...]:
-    """The Re-protect job kind (``deps`` for symmetry with the other recoveries)."""
+    """The Re-protect job kind bound to ``deps`` (the targets its disks are read from)."""
 
     async def prerequisites(ctx: StepContext) -> str:
         rec, _ = await read(ctx, FAILOVER)
-        images = recovered_images(rec)
+        images = await recovered_disks(deps, rec)
         return ("the recovered machine's disks, read on the host: "
                 + ", ".join(f"{d.name} ({d.path})" for d in images))
 
@@ -41,7 +42,7 @@ def kinds(deps: FailoverDeps) -> tuple[JobKind, ...]:
         rp = dict(rec.get(REPROTECT) or {})
         if rp.get("last_job") == ctx.job.id:
             return f"taken before: point {rp.get('last_point')}"
-        made, base = await take_point(ctx, rec, "reprotect")
+        made, base = await take_point(ctx, rec, "reprotect", await recovered_disks(deps, rec))
         now = ctx.core.clock()
         rp.update(direction="reverse", started=rp.get("started") or now, last_job=ctx.job.id,
                   last_point=made.point.id, last_blocks_stored=made.blocks_stored,

@@ -58,7 +58,8 @@ async def cmd_reprotect(args: argparse.Namespace) -> int:
 
 
 async def cmd_failback(args: argparse.Namespace) -> int:
-    return await _start(args, "failback", {"timeout_seconds": args.agent_timeout})
+    return await _start(args, "failback", {"timeout_seconds": args.agent_timeout,
+                                           "shutdown_timeout_seconds": args.shutdown_timeout})
 
 
 
@@ -146,6 +147,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     verbs[6].add_argument("--agent-timeout", type=int, metavar="SECONDS",
                           help="how long the job waits for the original machine's agent "
                                "(default: 6 hours)")
+    verbs[6].add_argument("--shutdown-timeout", type=int, metavar="SECONDS",
+                          help="a recovered libvirt domain still running is asked to shut "
+                               "down; how long to wait for it (default: the server's "
+                               "failover_shutdown_timeout_seconds, 600)")
     _instant_args(verbs[1])
     _instant_args(verbs[3])
     verbs[3].add_argument("--shutdown-source", action="store_true",

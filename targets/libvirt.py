@@ -24,7 +24,8 @@ configuration server killed part way): what that attempt may have made is remove
 the machine made anew.
 
 The requirements that need no host are in ``targets.libvirtcheck``, the networks in
-``targets.libvirtnet``, the boot proof in ``targets.libvirtboot``.
+``targets.libvirtnet``, the boot proof in ``targets.libvirtboot``, the disks Re-protect
+and Failback read in ``targets.libvirtrest``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common.fs import atomic_write
-from targets import instantlibvirt, libvirtboot
+from targets import instantlibvirt, libvirtboot, libvirtrest
 from targets.base import (
     BootProof,
     Recovered,
@@ -225,6 +226,13 @@ class LibvirtTarget:
         return await libvirtboot.boot(self.virsh, recovered.vm_name,
                                       Path(recovered.details["console_log"]),
                                       recovered.details.get("boot_marker") or None, timeout)
+
+    async def disks_at_rest(self, recovered: Recovered, shutdown_timeout: float | None
+                            ) -> list[tuple[str, Path]]:
+        """The recovered domain's images, read on the host while it is shut off
+        (``targets.libvirtrest``: a running one is asked to shut down first when
+        ``shutdown_timeout`` is given, else refused)."""
+        return await libvirtrest.disks_at_rest(self.virsh, recovered, shutdown_timeout)
 
     # ---- cleanup --------------------------------------------------------------------
 
