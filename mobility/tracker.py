@@ -56,22 +56,24 @@ def load_state(state_dir: Path) -> AgentState | None:
         return None
 
 
-def load_map(state_dir: Path, ds: DiskState) -> bytes | None:
+def load_map(state_dir: Path, ds: DiskState) -> OldMap | None:
+    """The disk's map, memory-mapped read-only (page cache, not the agent's memory);
+    None if it is missing or not of the disk's size. A map file never changes once
+    written (``write_map`` replaces a file whole), so the mapping stays valid."""
+    want = 16 * block_count(ds.size, ds.block_size)
     try:
-        data = (state_dir / ds.map_file).read_bytes()
+        with open(state_dir / ds.map_file, "rb") as f:
+            if os.fstat(f.fileno()).st_size != want:
+                return None
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if want else b""
     except FileNotFoundError:
         return None
-    if len(data) != 16 * block_count(ds.size, ds.block_size):
-        return None
-    return data
 
 
 def write_map(state_dir: Path, name: str, fps: bytes) -> None:
-    path = state_dir / name
-    with open(path, "wb") as f:
-        f.write(fps)
-        f.flush()
-        os.fsync(f.fileno())
+    """Write a map file whole: a new file renamed over any of that name (one that is
+    memory-mapped keeps its old content)."""
+    atomic_write(state_dir / name, fps)
 
 
 def commit_state(state_dir: Path, state: AgentState) -> None:

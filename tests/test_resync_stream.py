@@ -9,6 +9,7 @@ stream, after some MAP frames, and the agent falls back to a full cycle."""
 
 from __future__ import annotations
 
+import mmap
 import shutil
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ import pytest
 from common.digest import DiskDigest, block_count, fingerprint
 from common.labels import CRASH
 from mobility.cycleplan import BASIS_SUFFIX
+from mobility.tracker import DiskState, load_map, write_map
 from tests.helpers import (
     BLOCK,
     Pki,
@@ -210,3 +212,26 @@ async def test_a_basis_refused_after_its_map_frames_is_dropped(
             assert not list(Path(acfg.state_dir).glob(f"*{BASIS_SUFFIX}"))
         finally:
             agent.close()
+
+
+def test_the_agents_own_map_is_mapped_and_replaced_whole(tmp_path: Path) -> None:
+    """A delta's old map is a read-only memory map of the file, not a copy in the
+    agent's memory; writing a map of the same name replaces the file, so a mapping
+    still in use keeps what it read."""
+    ds = DiskState(size=10 * BLOCK + 1, block_size=BLOCK, map_file="sda.c1.fp")
+    first = bytes(range(16)) * 11
+    write_map(tmp_path, ds.map_file, first)
+    old = load_map(tmp_path, ds)
+    assert isinstance(old, mmap.mmap) and old[:] == first
+    write_map(tmp_path, ds.map_file, bytes(16 * 11))
+    assert old[:] == first  # the old file's content, still mapped
+    again = load_map(tmp_path, ds)
+    assert isinstance(again, mmap.mmap) and again[:] == bytes(16 * 11)
+    write_map(tmp_path, ds.map_file, first[:-16])  # not this disk's size: not trusted
+    assert load_map(tmp_path, ds) is None
+    assert load_map(tmp_path, DiskState(0, BLOCK, "gone.fp")) is None
+    empty = DiskState(0, BLOCK, "empty.fp")
+    write_map(tmp_path, empty.map_file, b"")
+    assert load_map(tmp_path, empty) == b""
+    old.close()
+    again.close()
