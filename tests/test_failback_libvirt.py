@@ -1,0 +1,371 @@
+"""The whole cycle on libvirt with a real bootable disk, every part real: a configuration
+server with the libvirt target, a process server, the original machine's managed agent
+replicating the boot disk (an image file), a real libvirtd running the machines emulated.
+
+protect → failover onto libvirt (the recovered machine boots) → the recovered machine
+writes files *itself*, from inside the guest, while it runs → re-protect (read from the
+host while the domain is shut off: only the blocks it changed) → failback (the original
+disk gets only the blocks that differ; it then equals the failback point, byte for byte)
+→ replication in the original direction (a delta, no initial copy) → the original disk
+boots on libvirt and holds the files the recovered machine wrote → its next point is a
+delta that restores byte-exact.
+
+The guest's init (a second initramfs archive over the boot disk's, as in
+test_instant_libvirt) mounts the root read-write, prints every file under ``/srv`` with
+its MD5, writes one more file of random data and prints its MD5, unmounts, prints the
+boot line and powers off: the files of one boot are proven on the console of the next,
+on another machine. The tests send nothing to the machines' addresses. Two boots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import ipaddress
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from configserver.config import ConfigServerConfig
+from configserver.server import ConfigServer
+from siterecovery.apiclient import ApiClient
+from targets import libvirtboot
+from targets.base import RecoverySpec
+from targets.domainxml import DomainLayout, domain_xml, isolated_network_xml
+from targets.virsh import Virsh
+from tests.backends import missing_backend
+from tests.bootdisk import PART_START, _Cpio, bootdisk, missing_tools
+from tests.helpers import open_vault
+from tests.libvirtd import libvirtd_running
+from tests.managedsite import Site, managed_site
+from tests.sitehelpers import next_job, step, wait_job
+from vault.regkey import make_key
+from vault.restore import restore_point
+
+pytestmark = pytest.mark.root
+VM = "srfb-web01"  # the recovered machine
+ORIGINAL = "srfb-original"  # the original machine's disk booted after the failback
+NET, BRIDGE, SUBNET = "srfb-net", "virbr-srfb", "10.219.0.0/24"  # not another test's
+DRILL_SUBNET = "10.220.0.0/24"
+MARKER = "srfb-boot-ok"
+DISK = 64 << 20  # the boot disk
+BOUND = 900.0  # seconds for a job that boots a machine under emulation: a bound
+
+INIT = f"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in $(cat /modules.load); do insmod "/modules/$m.ko"; done
+i=0
+while [ ! -b /dev/vda1 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+if mount -t ext4 -o rw /dev/vda1 /root; then
+  mkdir -p /root/srv
+  n=1
+  for f in /root/srv/*.db; do
+    [ -f "$f" ] || continue
+    echo "srfb-file $(basename $f) $(md5sum < $f | cut -c1-32)"
+    n=$((n + 1))
+  done
+  dd if=/dev/urandom of=/root/srv/orders-$n.db bs=65536 count=5 2>/dev/null
+  echo "srfb-wrote orders-$n.db $(md5sum < /root/srv/orders-$n.db | cut -c1-32)"
+  h=$(cat /root/etc/hostname 2>/dev/null)
+  sync
+  umount /root
+  echo "{MARKER} hostname=$h"
+else
+  echo "siterecovery-boot-failed: cannot mount /dev/vda1 read-write"
+fi
+sync
+poweroff -f
+"""
+FILE = re.compile(r"srfb-(file|wrote) (\S+) ([0-9a-f]{32})")
+
+
+def _need_root_tools() -> None:
+    if os.geteuid() != 0:
+        missing_backend("root (loop devices, libvirtd)", "run the suite as root")
+    for tool in ("losetup", "mount", "umount", "e2fsck", "virsh"):
+        if shutil.which(tool) is None:
+            missing_backend(tool, "tests/run.sh installs util-linux, e2fsprogs and libvirt")
+    if missing := missing_tools():
+        missing_backend(", ".join(missing), "tests/run.sh installs fdisk and e2fsprogs")
+
+
+def _run(*argv: str | Path) -> str:
+    res = subprocess.run([str(a) for a in argv], capture_output=True, text=True)
+    assert res.returncode == 0, f"{argv}: {res.stdout}{res.stderr}"
+    return res.stdout
+
+
+def _virsh(uri: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["virsh", "-q", "-c", uri, *argv], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def uri() -> Iterator[str]:
+    _need_root_tools()
+    with libvirtd_running() as u:
+        yield u
+
+
+@pytest.fixture(scope="module")
+def net(uri: str) -> Iterator[str]:
+    """The network failovers join (isolated: the guests send nothing), made and removed
+    by the test."""
+    xml = isolated_network_xml(NET, BRIDGE, ipaddress.IPv4Network(SUBNET))
+    _virsh(uri, "net-destroy", NET)  # left by a killed run
+    subprocess.run(["virsh", "-q", "-c", uri, "net-create", "/dev/stdin"], input=xml,
+                   text=True, check=True, capture_output=True)
+    try:
+        yield NET
+    finally:
+        _virsh(uri, "net-destroy", NET)
+
+
+@pytest.fixture
+async def catalog_url(tmp_path: Path) -> str:
+    """SQLite only: the catalog's dialects are covered by the failback tests."""
+    return f"sqlite+aiosqlite:///{tmp_path / 'catalog.db'}"
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    """The libvirt target's image folder; the emulator (libvirt-qemu) must traverse to it
+    (and to the original disk, in tmp_path)."""
+    d = tmp_path / "libvirt-images"
+    d.mkdir()
+    for p in [d, *d.parents]:
+        if p == Path("/tmp") or p == p.parent:
+            break
+        p.chmod(p.stat().st_mode | 0o011)
+    return d
+
+
+@pytest.fixture
+async def cs(tmp_path: Path, catalog_url: str, uri: str, net: str, images: Path
+             ) -> AsyncIterator[ConfigServer]:
+    for vm in (VM, ORIGINAL):  # left by a killed run
+        _virsh(uri, "destroy", vm)
+        _virsh(uri, "undefine", vm)
+    server = ConfigServer(ConfigServerConfig(
+        data_dir=str(tmp_path / "cs"), listen_port=0, site_port=0, database_url=catalog_url,
+        libvirt_uri=uri, libvirt_image_dir=str(images), libvirt_network=net,
+        libvirt_drill_subnet=DRILL_SUBNET))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+        for vm in (VM, ORIGINAL):
+            _virsh(uri, "destroy", vm)
+            _virsh(uri, "undefine", vm)
+
+
+def _guest_disk(path: Path) -> None:
+    """The boot disk with this module's init (see the module docstring)."""
+    shutil.copyfile(bootdisk(), path)
+    mnt = path.with_name("mnt")
+    mnt.mkdir()
+    _run("mount", "-o", f"loop,offset={PART_START * 512}", path, mnt)
+    try:
+        extra = _Cpio()  # a second archive: the kernel unpacks it over the first
+        extra.add("init", 0o100755, INIT.encode())
+        with open(mnt / "boot" / "initrd.gz", "ab") as f:
+            f.write(gzip.compress(extra.finish(), mtime=0))
+        (mnt / "etc" / "hostname").write_text("web01\n")
+    finally:
+        _run("umount", mnt)
+
+
+def _files(console: str) -> dict[str, dict[str, str]]:
+    """What a boot's console says: {"file": {name: md5} (found), "wrote": {…}}."""
+    out: dict[str, dict[str, str]] = {"file": {}, "wrote": {}}
+    for kind, name, md5 in FILE.findall(console):
+        out[kind][name] = md5
+    return out
+
+
+def _differing(a: bytes, b: bytes, bs: int) -> int:
+    return sum(a[o:o + bs] != b[o:o + bs] for o in range(0, len(a), bs))
+
+
+async def _until(what: str, cond: Callable[[], Awaitable[bool]], bound: float = 120.0
+                 ) -> None:
+    """Wait for a real condition (polled), failing with ``what`` after ``bound`` s."""
+    deadline = time.monotonic() + bound
+    while not await cond():
+        assert time.monotonic() < deadline, f"{what} within {bound} s"
+        await asyncio.sleep(0.5)
+
+
+def _shut_off(uri: str, name: str) -> Callable[[], Awaitable[bool]]:
+    async def cond() -> bool:
+        return _virsh(uri, "domstate", name).stdout.strip() == "shut off"
+    return cond
+
+
+async def _run_job(api: ApiClient, verb: str, body: dict[str, Any]) -> dict[str, Any]:
+    return await wait_job(api, (await api.post(f"/api/v1/items/web01/{verb}", body))[
+        "job"]["id"], timeout=BOUND)
+
+
+def _asking(job: dict[str, Any]) -> bool:
+    return "asking" in (step(job, "write_back").get("message") or "")
+
+
+async def _restored(site: Site, tmp_path: Path, point_id: str) -> tuple[bytes, str, str]:
+    """The point restored from the vault: its bytes, the restore's verified digest and
+    the point's recorded one."""
+    vault = await open_vault(tmp_path / "vault", Path(site.pcfg.vault_key_file))
+    try:
+        point = await vault.read_point(point_id)
+        out = tmp_path / f"restored-{point_id[:12]}"
+        (got,) = await restore_point(vault, point, out)
+        return Path(got.path).read_bytes(), got.digest, point.disk("sda").digest
+    finally:
+        await vault.close()
+
+
+async def test_failover_reprotect_failback_and_back_on_libvirt(
+        cs: ConfigServer, api: ApiClient, uri: str, images: Path, tmp_path: Path) -> None:
+    async with managed_site(cs, api, tmp_path, make_disk_with=_guest_disk,
+                            procserver={"heartbeat_interval_seconds": 1.0}) as site:
+        vault = await open_vault(tmp_path / "vault", Path(site.pcfg.vault_key_file))
+        try:
+            await api.post("/api/v1/registration", {
+                "key": json.dumps(make_key(vault, site.pcfg.vault_url, time.time())),
+                "vault_key_file": site.pcfg.vault_key_file})
+        finally:
+            await vault.close()
+        bs = (await api.get("/api/v1/policies/default"))["block_size"]
+        blocks = DISK // bs
+
+        # protected: one initial copy of the original disk (it has never booted)
+        job = await next_job(api, "web01", "enable_protection")
+        assert await site.managed.round()
+        assert (await wait_job(api, job["id"]))["state"] == "succeeded"
+        fin = await next_job(api, "web01", "finalize_protection")
+        assert (await wait_job(api, fin["id"]))["state"] == "succeeded"
+        assert site.managed.last is not None
+        await site.ps.wait_point(site.managed.last.cycle)
+        original = site.disk.read_bytes()
+
+        # failover onto libvirt: the recovered machine boots and, running, writes a file
+        await api.call("PATCH", "/api/v1/items/web01/recovery", {
+            "target": "libvirt", "vm_name": VM, "memory_mib": 256, "boot_marker": MARKER}, {})
+        done = await _run_job(api, "failover", {"point": "latest"})
+        assert done["state"] == "succeeded", done
+        assert f"{MARKER} hostname=web01" in step(done, "boot")["message"]
+        recovered = images / VM / "00-sda.raw"
+        await _until(f"{VM} powers itself off after its boot", _shut_off(uri, VM))
+        at_recovered = _files((images / VM / "console.log").read_text(errors="replace"))
+        assert at_recovered["file"] == {} and list(at_recovered["wrote"]) == ["orders-1.db"]
+        after = recovered.read_bytes()
+        changed = _differing(original, after, bs)  # what the guest wrote, in blocks
+        assert 0 < changed * 10 < blocks
+
+        # a running (here: paused) domain is not read: re-protect fails and changes
+        # nothing; failback asks it to shut down and, as it does not, fails with nothing
+        # written
+        paused = _virsh(uri, "start", "--paused", VM)
+        assert paused.returncode == 0, paused.stderr
+        try:
+            refused = await _run_job(api, "reprotect", {})
+            assert refused["state"] == "failed"
+            assert f"{VM} is paused: its disks are read from the host only while it is " \
+                   "shut off" in refused["error"], refused["error"]
+            assert (await api.get("/api/v1/items/web01"))["state"] == "failed_over"
+            refused = await _run_job(api, "failback", {"shutdown_timeout_seconds": 1})
+            assert refused["state"] == "failed"
+            assert f"{VM} is paused, not shut off, 1 s after it was asked to shut down" \
+                in refused["error"], refused["error"]
+            assert step(refused, "take_disks")["state"] == "skipped"
+            assert (await api.get("/api/v1/items/web01"))["state"] == "failed_over"
+        finally:
+            _virsh(uri, "destroy", VM)
+        assert site.disk.read_bytes() == original and recovered.read_bytes() == after
+
+        # re-protect: read on the host, only the blocks the recovered machine wrote
+        done = await _run_job(api, "reprotect", {})
+        assert done["state"] == "succeeded", done
+        item = await api.get("/api/v1/items/web01")
+        fo = item["failover"]
+        assert (item["state"], item["direction"]) == ("reprotected", "reverse")
+        assert f"{changed} block(s) stored as a delta on point {fo['point']}" in step(
+            done, "take")["message"]
+        rp = fo["reprotect"]
+        assert (rp["last_blocks_stored"], rp["last_full"]) == (changed, False)
+        # (bytes sent: changed * bs, a tenth of the disk at most, asserted above)
+
+        # failback: the original disk gets only the blocks that differ
+        job = (await api.post("/api/v1/items/web01/failback", {}))["job"]
+        await wait_job(api, job["id"], _asking, timeout=BOUND)
+        assert not await site.managed.round()  # the agent writes the point and answers
+        done = await wait_job(api, job["id"], timeout=BOUND)
+        assert done["state"] == "succeeded", done
+        assert f"0 block(s) stored as a delta on point {rp['last_point']}" in step(
+            done, "take_disks")["message"]  # nothing written since the re-protect
+        assert (f"{changed} of {blocks} block(s) differed and were written "
+                f"({changed * bs} bytes)") in step(done, "write_back")["message"]
+        assert site.disk.read_bytes() == after
+        fb = (await api.get("/api/v1/items/web01"))["failover"]["failback"]
+        data, digest, recorded = await _restored(site, tmp_path, fb["point"])
+        assert data == after and digest == recorded  # the disk is the failback point
+        assert _virsh(uri, "domuuid", VM).returncode != 0  # the recovered machine went
+        assert not (images / VM).exists()
+        item = await api.get("/api/v1/items/web01")
+        assert (item["state"], item["direction"]) == ("protected", "forward")
+
+        # the original direction again: a delta on the failback point, nothing to send
+        assert await site.managed.round()
+        last = site.managed.last
+        assert last is not None and (last.kind, last.blocks_sent) == ("delta", 0)
+
+        # the original machine boots from its disk and holds what the recovered one wrote
+        console = await _boot_original(uri, site.disk, tmp_path)
+        at_original = _files(console)
+        assert at_original["file"] == at_recovered["wrote"], console
+        assert list(at_original["wrote"]) == ["orders-2.db"]
+        booted = site.disk.read_bytes()
+        moved = _differing(after, booted, bs)
+        assert 0 < moved * 10 < blocks
+
+        # its next point: a delta of what its boot wrote, restoring byte-exact
+        assert await site.managed.round()
+        last = site.managed.last
+        assert last is not None and (last.kind, last.blocks_sent) == ("delta", moved)
+        data, digest, recorded = await _restored(
+            site, tmp_path, await site.ps.wait_point(last.cycle, timeout=120))
+        assert data == booted and digest == recorded
+
+
+async def _boot_original(uri: str, disk: Path, tmp_path: Path) -> str:
+    """Boot ``disk`` as a libvirt domain (the original machine, on the failover network)
+    until its boot line, let it power off; its console."""
+    console = tmp_path / "original-console.log"
+    spec = RecoverySpec(machine="web01", vm_name=ORIGINAL, memory_mib=256,
+                        boot_marker=MARKER)
+    mac = "52:54:00:5f:b0:" + uuid.uuid4().hex[:2]
+    virt = "qemu"  # KVM fails on these machines (DESIGN §6)
+    virsh = Virsh(uri)
+    await virsh.define("define", domain_xml(spec, DomainLayout(virt, [disk], mac, NET,
+                                                              console)))
+    try:
+        proof = await libvirtboot.boot(virsh, ORIGINAL, console, MARKER, BOUND)
+        assert f"{MARKER} hostname=web01" in proof.matched
+        await _until(f"{ORIGINAL} powers itself off after its boot",
+                     _shut_off(uri, ORIGINAL))
+        return console.read_text(errors="replace")
+    finally:
+        await virsh.gone("destroy", ORIGINAL)
+        await virsh.gone("undefine", ORIGINAL)
