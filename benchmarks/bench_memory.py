@@ -14,6 +14,9 @@ own peak RSS (``VmHWM``):
   64 KiB blocks deduplicated against the index and written as a point (``CycleWriter``),
   as an uploader cycle does;
 - ``restore``: ``restore_point`` of that point;
+- ``basis``: the resync basis of that point as the process server serves it
+  (``VaultAccess.open``, then ``vault.fpstream.fingerprint_ranges``: the disk's
+  fingerprints a range at a time, checked against the point's digest);
 - ``check``: ``check_vault`` (no data read); ``checkdata``: with ``--read-data --subset
   1%`` (not run unless named in ``--steps``);
 - ``prune``: ``prune`` with a retention that keeps every point: the mark over every map,
@@ -56,8 +59,8 @@ from vault.repo import Vault
 from vault.store.local import LocalStore
 from vault.writer import CycleWriter, DiskSpec
 
-STEPS = ("ingest", "restore", "check", "check-stream", "checkdata", "checkdata-stream",
-         "prune", "prune-stream", "rebuild", "rebuild-stream")
+STEPS = ("ingest", "restore", "basis", "check", "check-stream", "checkdata",
+         "checkdata-stream", "prune", "prune-stream", "rebuild", "rebuild-stream")
 DEFAULT_STEPS = tuple(s for s in STEPS if not s.startswith("checkdata"))
 POINT_BLOCKS = 100_000
 SMALL = 4096
@@ -165,6 +168,26 @@ async def step_restore(vdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     return {}
 
 
+async def step_basis(vdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from procserver.vaultaccess import VaultAccess
+    from vault.fpstream import fingerprint_ranges
+
+    kw: dict[str, Any] = {}
+    if args.index_dir:
+        kw = {"index_dir": args.index_dir, "index_memory": args.index_memory_mib << 20}
+    va = VaultAccess(LocalStore(vdir / "vault"), km_of(vdir), **kw)
+    await va.open()
+    point = await va.vault.read_point((vdir / "last_ingest").read_text())
+    sent = 0
+    with ThreadPoolExecutor(2) as ex:
+        index = await va.refresh_index()
+        async for _first, fps in fingerprint_ranges(va.vault, point, "d0", index=index,
+                                                    executor=ex):
+            sent += len(fps)
+    await va.close()
+    return {"fingerprint_bytes": sent}
+
+
 def budget(args: argparse.Namespace) -> int | None:
     """The memory budget of a ``-stream`` step; None (in memory) for the others."""
     return args.memory_mib << 20 if args.child.endswith("-stream") else None
@@ -202,7 +225,8 @@ async def step_rebuild(vdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     return {"packs": report.packs_indexed}
 
 
-STEP_FNS = {"ingest": step_ingest, "restore": step_restore, "check": step_check,
+STEP_FNS = {"ingest": step_ingest, "restore": step_restore, "basis": step_basis,
+            "check": step_check,
             "check-stream": step_check, "checkdata": step_check,
             "checkdata-stream": step_check, "prune": step_prune, "prune-stream": step_prune,
             "rebuild": step_rebuild, "rebuild-stream": step_rebuild}
@@ -260,7 +284,8 @@ def main() -> None:
         say(f"building a vault of {args.blocks} blocks in {vdir}")
         info = asyncio.run(build(vdir, args.blocks))
     steps = [s for s in STEPS if s in args.steps.split(",")]
-    if "restore" in steps and "ingest" not in steps and not (vdir / "last_ingest").exists():
+    if ({"restore", "basis"} & set(steps) and "ingest" not in steps
+            and not (vdir / "last_ingest").exists()):
         steps.insert(0, "ingest")
     results = []
     for s in steps:
