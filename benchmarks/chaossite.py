@@ -105,12 +105,12 @@ class ChaosSite:
         async with self.api() as api:
             return str((await api.get(f"/api/v1/items/{MACHINE}"))["state"])
 
-    async def vault_points(self) -> set[str]:
-        """The ids of chaos01's points in the vault."""
+    async def vault_points(self) -> dict[str, str]:
+        """chaos01's points in the vault: id → the agent's cycle."""
         v = await Vault.open(LocalStore(self.vault_dir),
                              KeyMaterial(keyfile=read_keyfile(self.key)))
         try:
-            return {p.id for p in await v.list_points(MACHINE)}
+            return {p.id: p.cycle for p in await v.list_points(MACHINE)}
         finally:
             await v.close()
 
