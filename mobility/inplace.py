@@ -5,9 +5,17 @@ Over the agent's own session (feature ``restore``, wire/protocol.py) the agent a
 the fingerprints of a named point (BASIS with ``point``), reads each of its disks and
 compares every block's fingerprint with the point's, then fetches only the blocks that
 differ (FETCH, in batches) and writes them. Each written block is checked against the
-point's fingerprint, and the disk's digest, from the fingerprints of the blocks as they
-now stand, against the digest recorded with the point. A stretch of the disk that cannot
-be read cannot be compared: it is fetched and written whole, with a warning.
+point's fingerprint: every block then holds the point's (compared equal or written and
+checked), so the disk's digest is the point's map's, checked as it arrived against the
+digest recorded with the point. A stretch of the disk that cannot be read cannot be
+compared: it is fetched and written whole, with a warning.
+
+Nothing held grows with a disk's size: the point's fingerprints (MAP frames) are written
+to ``<disk>.failback.fp`` in the state directory as they arrive and read through a
+read-only memory map (page cache, not the agent's memory); the disk is compared a range
+of blocks at a time (``range_blocks``: 8 MiB of the disk by default), the blocks that
+differ noted in a bitmap file (``mobility/failbackplan.py``) and read back from it in
+batches to be fetched. The received map becomes the agent's own map by a rename.
 
 Nothing is written to a disk that is mounted, swapped on or held (common/devicebusy.py);
 a block device is opened with ``O_EXCL``. An image file takes the point's size; a device
@@ -31,7 +39,10 @@ policy's, else mobility.toml's), as its replication is: the link is the same one
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import itertools
+import mmap
 import os
 import stat
 import time
@@ -44,14 +55,14 @@ from typing import Any
 import structlog
 
 from common.devicebusy import DeviceInUseError, check_not_in_use
-from common.digest import block_count, digest_of_fingerprint_map, fingerprint
-from common.fs import atomic_write
+from common.digest import DiskDigest, block_count, fingerprint
+from common.fs import atomic_write, fsync_dir
 from common.pacing import TokenBucket
 from mobility import failbackplan
 from mobility.agent import Agent
 from mobility.config import MobilityConfig
 from mobility.link import FOREVER, Link
-from mobility.tracker import AgentState, DiskState, commit_state, write_map
+from mobility.tracker import AgentState, DiskState, OldMap, commit_state
 from wire.protocol import (
     FINGERPRINT,
     MAX_FETCH,
@@ -64,6 +75,7 @@ from wire.protocol import (
 
 log = structlog.get_logger("mobility.inplace")
 PENDING = "failback-pending"  # in the state directory while a failback writes the disks
+MAP_SUFFIX = ".failback.fp"  # + in the state directory: the point's map of a disk, received
 FP = FINGERPRINT
 READ_CHUNK = 8 << 20
 # progress(disk, phase, done, total): phase "compare" counts bytes read, "write" bytes written
@@ -107,24 +119,54 @@ class _Basis:
     cycle: str
     point: str
     disks: list[dict[str, Any]]  # name, size, block_size, blocks, digest
-    fps: dict[str, bytes]
+    maps: dict[str, OldMap]  # the point's fingerprints of each disk, memory-mapped
+    digests: dict[str, str]  # the digest of each disk's map, as received
+
+
+def _map_path(state_dir: Path, disk: str) -> Path:
+    return state_dir / f"{disk}{MAP_SUFFIX}"
+
+
+def _drop_maps(state_dir: Path, maps: dict[str, OldMap]) -> None:
+    """Close the received maps and remove their files (those not renamed)."""
+    for m in maps.values():
+        if isinstance(m, mmap.mmap):
+            m.close()
+    maps.clear()
+    for p in state_dir.glob(f"*{MAP_SUFFIX}"):
+        p.unlink(missing_ok=True)
 
 
 async def write_point(link: Link, cfg: MobilityConfig, point: str, *,
                       executor: Executor | None = None,
                       progress: Progress | None = None,
-                      limit: TokenBucket | None = None) -> FailbackResult:
+                      limit: TokenBucket | None = None,
+                      range_blocks: int | None = None) -> FailbackResult:
     """Make this machine's disks hold ``point``, writing only what differs (the blocks
-    fetched paced by ``limit``); then the agent's state is the point's."""
+    fetched paced by ``limit``; each disk compared ``range_blocks`` blocks at a time);
+    then the agent's state is the point's."""
     if "restore" not in link.features:
         raise FailbackError("the process server does not speak the restore feature: "
                             "upgrade it to this agent's version")
+    if range_blocks is not None and range_blocks < 1:
+        raise ValueError(f"a range is at least one block, not {range_blocks}")
     for d in cfg.disks:  # every disk first: nothing is written if one is in use
         check_not_in_use(d["path"])
-    basis = await _basis(link, cfg, point)
-    wait = FOREVER if link.heartbeat else cfg.ack_timeout_seconds
     state_dir = Path(cfg.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    basis = await _basis(link, cfg, point, state_dir)
+    try:
+        return await _write_point(link, cfg, basis, state_dir, executor, progress, limit,
+                                  range_blocks)
+    finally:
+        _drop_maps(state_dir, basis.maps)
+
+
+async def _write_point(link: Link, cfg: MobilityConfig, basis: _Basis, state_dir: Path,
+                       executor: Executor | None, progress: Progress | None,
+                       limit: TokenBucket | None, range_blocks: int | None
+                       ) -> FailbackResult:
+    wait = FOREVER if link.heartbeat else cfg.ack_timeout_seconds
     # From the first write until the state is the point's, the disks are neither the
     # old state nor the point: nothing may replicate them (failback_pending).
     resumed = failback_pending(state_dir)
@@ -140,7 +182,8 @@ async def write_point(link: Link, cfg: MobilityConfig, point: str, *,
         fd = _open(d["path"], pd["size"])
         try:
             done.append(await _write_disk(link, basis, d["name"], d["path"], fd, pd, wait,
-                                          executor, progress, limit, state_dir))
+                                          executor, progress, limit, state_dir,
+                                          range_blocks))
             await loop.run_in_executor(executor, os.fsync, fd)
         finally:
             os.close(fd)
@@ -149,8 +192,12 @@ async def write_point(link: Link, cfg: MobilityConfig, point: str, *,
     now = time.time()
     for d, pd in zip(cfg.disks, basis.disks, strict=True):
         name = f"{d['name']}.{basis.cycle}.fp"
-        write_map(state_dir, name, basis.fps[d["name"]])
+        m = basis.maps.pop(d["name"])
+        if isinstance(m, mmap.mmap):
+            m.close()
+        os.replace(_map_path(state_dir, d["name"]), state_dir / name)  # fsynced as received
         disks[d["name"]] = DiskState(pd["size"], pd["block_size"], name, verified_at=now)
+    fsync_dir(state_dir)
     commit_state(state_dir, AgentState(basis.cycle, disks))
     failbackplan.clear(state_dir)
     (state_dir / PENDING).unlink(missing_ok=True)
@@ -162,7 +209,9 @@ async def write_point(link: Link, cfg: MobilityConfig, point: str, *,
     return result
 
 
-async def _basis(link: Link, cfg: MobilityConfig, point: str) -> _Basis:
+async def _basis(link: Link, cfg: MobilityConfig, point: str, state_dir: Path) -> _Basis:
+    """Ask for the point's fingerprints; each disk's MAP frames are written to its
+    ``MAP_SUFFIX`` file as they come (one frame held at a time) and memory-mapped."""
     disks = [{"name": d["name"], "size": _size(d["path"]), "block_size": cfg.block_size}
              for d in cfg.disks]
     link.send(encode_json(FrameType.BASIS, {"disks": disks, "point": point}))
@@ -188,26 +237,42 @@ async def _basis(link: Link, cfg: MobilityConfig, point: str) -> _Basis:
             or any(g["blocks"] != block_count(g["size"], g["block_size"]) for g in got)):
         raise ProtocolError("bad_basis", "the BASIS answer does not describe this "
                                          "machine's disks")
-    fps: dict[str, bytes] = {}
-    for idx, g in enumerate(got):
-        n = g["blocks"]
-        buf = bytearray(FP * n)
-        have = 0
-        while have < n:
-            disk, first, part = (await answer(FrameType.MAP)).map()
-            more = len(part) // FP
-            if disk != idx or first != have or not 0 < more <= n - have:
-                raise ProtocolError("bad_map", f"MAP {disk}:{first}+{more} out of order "
-                                               f"(expected disk {idx} from block {have})")
-            buf[FP * have:FP * (have + more)] = part
-            have += more
-        fps[g["name"]] = bytes(buf)
-        digest = g.get("digest")
-        if isinstance(digest, str) and digest and digest_of_fingerprint_map(buf) != digest:
-            raise ProtocolError("bad_basis", f"the fingerprints of disk {g['name']!r} do not "
-                                             "match the point's digest")
+    maps: dict[str, OldMap] = {}
+    digests: dict[str, str] = {}
+    ok = False
+    try:
+        for idx, g in enumerate(got):
+            n = g["blocks"]
+            path = _map_path(state_dir, g["name"])
+            # A new file, not the old one truncated: an earlier one may still be mapped.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            dd = DiskDigest()
+            with open(path, "w+b") as out:
+                have = 0
+                while have < n:
+                    disk, first, part = (await answer(FrameType.MAP)).map()
+                    more = len(part) // FP
+                    if disk != idx or first != have or not 0 < more <= n - have:
+                        raise ProtocolError("bad_map", f"MAP {disk}:{first}+{more} out of "
+                                            f"order (expected disk {idx} from block {have})")
+                    out.write(part)
+                    dd.update(bytes(part))
+                    have += more
+                out.flush()
+                os.fsync(out.fileno())
+                maps[g["name"]] = mmap.mmap(out.fileno(), 0, access=mmap.ACCESS_READ)
+            digests[g["name"]] = dd.hexdigest()
+            digest = g.get("digest")
+            if isinstance(digest, str) and digest and digests[g["name"]] != digest:
+                raise ProtocolError("bad_basis", f"the fingerprints of disk {g['name']!r} "
+                                                 "do not match the point's digest")
+        ok = True
+    finally:
+        if not ok:
+            _drop_maps(state_dir, maps)
     log.info("failback_basis_received", point=doc.get("point"), cycle=doc["cycle"])
-    return _Basis(doc["cycle"], str(doc.get("point") or point), got, fps)
+    return _Basis(doc["cycle"], str(doc.get("point") or point), got, maps, digests)
 
 
 def _size(path: str) -> int:
@@ -240,10 +305,11 @@ def _open(path: str, size: int) -> int:
     return fd
 
 
-def _compare(fd: int, first: int, last: int, size: int, bs: int, want: bytes,
-             seen: bytearray) -> tuple[list[int], int]:
-    """Blocks first..last-1 whose fingerprint differs from ``want``'s (``seen`` notes the
-    others'), and how many of them could not be read at all (they differ by assumption)."""
+def _compare(fd: int, first: int, last: int, size: int, bs: int, want: bytes
+             ) -> tuple[list[int], int]:
+    """Blocks first..last-1 whose fingerprint differs from ``want``'s (the point's
+    fingerprints of those blocks), and how many of them could not be read at all (they
+    differ by assumption)."""
     lo, hi = first * bs, min(size, last * bs)
     try:
         data = os.pread(fd, hi - lo, lo)
@@ -257,9 +323,7 @@ def _compare(fd: int, first: int, last: int, size: int, bs: int, want: bytes,
     out = []
     for n in range(first, last):
         fp = fingerprint(view[(n - first) * bs:min(hi, (n + 1) * bs) - lo])
-        if fp == want[n * FP:(n + 1) * FP]:
-            seen[n * FP:(n + 1) * FP] = fp
-        else:
+        if fp != want[(n - first) * FP:(n - first + 1) * FP]:
             out.append(n)
     return out, 0
 
@@ -267,28 +331,39 @@ def _compare(fd: int, first: int, last: int, size: int, bs: int, want: bytes,
 async def _write_disk(link: Link, basis: _Basis, name: str, path: str, fd: int,
                       pd: dict[str, Any], wait: float, executor: Executor | None,
                       progress: Progress | None, limit: TokenBucket | None,
-                      state_dir: Path) -> DiskWritten:
+                      state_dir: Path, range_blocks: int | None) -> DiskWritten:
     loop = asyncio.get_running_loop()
-    size, bs, n = pd["size"], pd["block_size"], pd["blocks"]
-    want = basis.fps[name]
-    seen = bytearray(FP * n)
-    differ: list[int] = []
+    size: int = pd["size"]
+    bs: int = pd["block_size"]
+    n: int = pd["blocks"]
+    want = basis.maps[name]
+    tail = size - (n - 1) * bs  # the last block's length
+
+    def nbytes(count: int, last: bool) -> int:
+        return count * bs - (bs - tail if last else 0)
+
+    bits = failbackplan.todo(state_dir, name, basis.point, n)
     unreadable = 0
-    chunk = max(1, READ_CHUNK // bs)
-    for first in range(0, n, chunk):
-        last = min(n, first + chunk)
-        got, bad = await loop.run_in_executor(executor, _compare, fd, first, last, size, bs,
-                                              want, seen)
-        differ += got
-        unreadable += bad
-        if progress is not None:
-            progress(name, "compare", min(size, last * bs), size)
-    before = await loop.run_in_executor(executor, failbackplan.written_before, state_dir,
-                                        name, basis.point, n, differ)
-    total = sum(min(bs, size - b * bs) for b in differ)
-    written = 0
-    for i in range(0, len(differ), MAX_FETCH):
-        batch = differ[i:i + MAX_FETCH]
+    span = range_blocks or max(1, READ_CHUNK // bs)
+    try:
+        for first in range(0, n, span):
+            last = min(n, first + span)
+            got, bad = await loop.run_in_executor(executor, _compare, fd, first, last, size,
+                                                  bs, want[first * FP:last * FP])
+            bits.add(got, last)
+            unreadable += bad
+            if progress is not None:
+                progress(name, "compare", min(size, last * bs), size)
+        await loop.run_in_executor(executor, bits.close)
+    except BaseException:
+        bits.abandon()
+        raise
+    before, before_last = await loop.run_in_executor(
+        executor, failbackplan.written_before, state_dir, name, basis.point, bits)
+    total = nbytes(bits.count, bits.last)
+    written = count = 0
+    todo = failbackplan.blocks(bits)
+    while batch := list(itertools.islice(todo, MAX_FETCH)):
         link.send(encode_json(FrameType.FETCH, {"point": basis.point, "disk": name,
                                                 "blocks": batch}))
         for b in batch:
@@ -304,33 +379,34 @@ async def _write_disk(link: Link, basis: _Basis, name: str, path: str, fd: int,
             if limit is not None and f.type == FrameType.BLOCK:
                 await limit.take(ln)
             block = bytes(data) if f.type == FrameType.BLOCK else bytes(ln)
-            fp = fingerprint(block)
-            if fp != want[b * FP:(b + 1) * FP]:
+            if fingerprint(block) != want[b * FP:(b + 1) * FP]:
                 raise ProtocolError("bad_fetch", f"block {b} of disk {name!r} does not "
                                                  "match the point's fingerprint")
             await loop.run_in_executor(executor, os.pwrite, fd, block, b * bs)
-            seen[b * FP:(b + 1) * FP] = fp
             written += ln
+            count += 1
             if progress is not None:
                 progress(name, "write", written, total)
         end = await link.recv(wait)
         raise_if_error(end)
         if end.type != FrameType.FETCH or end.json().get("blocks") != len(batch):
             raise ProtocolError("bad_fetch", f"expected the end of FETCH, got {end.type.name}")
-    digest = digest_of_fingerprint_map(seen)
-    if seen != want or (pd.get("digest") and digest != pd["digest"]):
+    # Every block compared equal to the point's fingerprint or was written and checked
+    # against it: the disk's map is the point's, whose digest was checked as it arrived.
+    digest = basis.digests[name]
+    if count != bits.count or (pd.get("digest") and digest != pd["digest"]):
         raise FailbackError(f"disk {name!r} at {path} does not hold point "
-                            f"{basis.point[:16]} after the writes (digest {digest[:16]}); "
-                            "do not use it: run the failback again")
+                            f"{basis.point[:16]} after the writes ({count} of {bits.count} "
+                            "differing blocks written); do not use it: run the failback "
+                            "again")
     if unreadable:
         log.warning("failback_written_whole", disk=name, blocks=unreadable,
                     hint="blocks that could not be read were written from the point")
     if before:
-        log.info("failback_disk_resumed", disk=name, blocks_written_now=len(differ),
-                 blocks_written_before=len(before))
-    return DiskWritten(name, path, size, n, len(differ) + len(before),
-                       written + sum(min(bs, size - b * bs) for b in before), digest,
-                       unreadable, len(before))
+        log.info("failback_disk_resumed", disk=name, blocks_written_now=count,
+                 blocks_written_before=before)
+    return DiskWritten(name, path, size, n, count + before,
+                       written + nbytes(before, before_last), digest, unreadable, before)
 
 
 async def failback(agent: Agent, point: str, progress: Progress | None = None
