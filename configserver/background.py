@@ -6,7 +6,15 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from configserver import alerts, certs, gcjob, notifydeliver, pshealth, verifyjob
+from configserver import (
+    alerts,
+    certs,
+    gcjob,
+    groupsettle,
+    notifydeliver,
+    pshealth,
+    verifyjob,
+)
 from configserver.services import Services
 
 
@@ -23,4 +31,5 @@ def background_tasks(services: Services) -> list[Coroutine[Any, Any, None]]:
                            gcjob.budget(services.cfg.gc_memory_mib)),
             pshealth.run(services, services.alert_book.up_since,
                          services.cfg.alert_interval_seconds,
-                         services.cfg.procserver_failover_seconds)]
+                         services.cfg.procserver_failover_seconds),
+            groupsettle.run(services, services.cfg.alert_interval_seconds)]

@@ -4,8 +4,10 @@ that holds the group's barrier reports them (``procserver/barrier.py``).
 A report names the group point, its group, when the barrier released (or failed), each
 member's cycle and, for a failure, why. A released group point is ``complete`` once every
 member's point of that cycle is in the catalog (whole in the vault), ``pending`` until
-then; a failed one raises the event ``group_point_failed`` (each member's own points go
-on). A repeated report changes nothing.
+then, ``failed`` when a member's cycle fails after the release (a later report of the
+process server, or ``configserver/groupsettle.py``); a failed one raises the event
+``group_point_failed`` (each member's own points go on). Any other repeated report
+changes nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from configserver import db
+from configserver import db, groupsettle
 from configserver.core import Core
 from configserver.errors import NotFound
 from configserver.groupmodels import ConsistencyGroup, GroupPoint
@@ -26,7 +28,7 @@ from configserver.schema import NAME, iso, nullable, obj
 
 log = structlog.get_logger("configserver.grouppoints")
 
-FAILED_EVENT = "group_point_failed"
+FAILED_EVENT = groupsettle.FAILED_EVENT
 STATES = ("released", "failed")
 _CYCLE = {"type": "string", "pattern": "^[0-9a-f]{32}$"}
 REPORT = obj({
@@ -52,11 +54,19 @@ GROUP_POINT = obj({
 
 
 async def record(core: Core, doc: dict[str, Any]) -> bool:
-    """Store a process server's report; whether it was new."""
+    """Store a process server's report; whether it changed anything. A ``failed`` report
+    of a group point recorded ``released`` (a member's cycle failed after the barrier
+    released it) marks it failed; any other repeat changes nothing."""
     now = core.clock()
     async with core.sessionmaker() as s:
-        if await s.get(GroupPoint, doc["id"]) is not None:
-            return False
+        row = await s.get(GroupPoint, doc["id"], with_for_update=True)
+        if row is not None:
+            if row.state != "released" or doc["state"] != "failed":
+                return False
+            await groupsettle.fail(s, row, doc.get("error") or "a member's cycle failed "
+                                   "after the barrier released it", now)
+            await s.commit()
+            return True
         s.add(GroupPoint(id=doc["id"], group_name=doc["group"], created=float(doc["created"]),
                          state=doc["state"], members=dict(doc["members"]),
                          error=doc.get("error"), finished=now))

@@ -8,9 +8,13 @@ as complete once both members' points are in it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from configserver.server import ConfigServer
 from mobility.config import MobilityConfig
@@ -43,8 +47,11 @@ async def _agent(cs: ConfigServer, api: ApiClient, tmp: Path, m: str) -> Mobilit
     return dataclasses.replace(load(MobilityConfig, cfg_path), snapshot="quiesced")
 
 
-async def test_managed_members_meet_at_the_barrier_when_the_interval_begins(
-        cs: ConfigServer, api: ApiClient, tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def _site(cs: ConfigServer, api: ApiClient, tmp_path: Path,
+                wall: list[float]) -> AsyncIterator[tuple[ProcServer, list[ManagedAgent]]]:
+    """A process server ps1 registered with ``cs``, both members enrolled and replicating
+    through it in group ``erp``, their managed agents on the wall clock ``wall``."""
     url, key = await make_vault(tmp_path)
     tls = tmp_path / "ps-tls"
     await issue_procserver_cert(api, tls)
@@ -55,7 +62,6 @@ async def test_managed_members_meet_at_the_barrier_when_the_interval_begins(
         configserver_url=cs.site_url,
         configserver_token_file=str(cs.cfg.internal_token_path)))
     await ps.start()
-    wall = [INTERVAL * 3_000_000 + 17.0]  # the agents' wall clock, moved by the test
     managed: list[ManagedAgent] = []
     clients: list[SiteClient] = []
     try:
@@ -69,6 +75,29 @@ async def test_managed_members_meet_at_the_barrier_when_the_interval_begins(
             await client.__aenter__()
             clients.append(client)
             managed.append(ManagedAgent(cfg, client, wall=lambda: wall[0]))
+        yield ps, managed
+    finally:
+        for a in managed:
+            a.close()
+        for c in clients:
+            await c.__aexit__(None, None, None)
+        await ps.stop()
+
+
+async def _group_points(cs: ConfigServer, api: ApiClient, state: str) -> list[dict[str, Any]]:
+    """The group's points once the first is ``state`` (woken by the catalog's changes)."""
+    async with asyncio.timeout(120), cs.changed:
+        while True:
+            pts = (await api.get("/api/v1/groups/erp/points"))["points"]
+            if pts and pts[0]["state"] == state:
+                return list(pts)
+            await cs.changed.wait()
+
+
+async def test_managed_members_meet_at_the_barrier_when_the_interval_begins(
+        cs: ConfigServer, api: ApiClient, tmp_path: Path) -> None:
+    wall = [INTERVAL * 3_000_000 + 17.0]  # the agents' wall clock, moved by the test
+    async with _site(cs, api, tmp_path, wall) as (ps, managed):
         # the interval the daemons start in: ordinary cycles (the initial copies)
         assert all(await asyncio.gather(*(a.round() for a in managed)))
         for a in managed:
@@ -90,21 +119,53 @@ async def test_managed_members_meet_at_the_barrier_when_the_interval_begins(
                    for a in managed)
         assert list(ps.barriers.outcomes) == [point]
 
-        async def complete() -> list[dict[str, Any]]:
-            async with asyncio.timeout(120), cs.changed:
-                while True:
-                    pts = (await api.get("/api/v1/groups/erp/points"))["points"]
-                    if pts and pts[0]["state"] == "complete":
-                        return list(pts)
-                    await cs.changed.wait()
-
-        [gp] = await complete()
+        [gp] = await _group_points(cs, api, "complete")
         assert gp["id"] == point
         assert {m["machine"]: m["cycle"] for m in gp["members"]} == cycles
         assert all(m["point"] for m in gp["members"])
-    finally:
-        for a in managed:
-            a.close()
-        for c in clients:
-            await c.__aexit__(None, None, None)
-        await ps.stop()
+
+
+async def test_a_member_whose_cycle_is_abandoned_after_the_release_fails_the_group_point(
+        cs: ConfigServer, api: ApiClient, tmp_path: Path) -> None:
+    """db01's agent dies the moment the barrier releases both members (its cycle is open
+    on the process server, none of its blocks sent); app01's point of the group point
+    comes in. When db01's agent runs again its next cycle supersedes the abandoned one:
+    the group point ends failed, with an event naming db01 and its cycle."""
+    wall = [INTERVAL * 3_000_000 + 17.0]
+    async with _site(cs, api, tmp_path, wall) as (ps, managed):
+        assert all(await asyncio.gather(*(a.round() for a in managed)))
+        wall[0] += INTERVAL
+        rounds = {m: asyncio.create_task(a.round()) for m, a in zip(MEMBERS, managed,
+                                                                    strict=True)}
+        report = ps.barriers.report
+        assert report is not None
+
+        def cut(doc: dict[str, Any]) -> None:  # at the release, in the server's own loop
+            if doc["state"] == "released":
+                rounds["db01"].cancel()
+            report(doc)
+
+        ps.barriers.report = cut
+        assert await rounds["app01"]
+        with pytest.raises(asyncio.CancelledError):
+            await rounds["db01"]
+        ps.barriers.report = report
+        [outcome] = ps.barriers.outcomes.values()
+        assert outcome["state"] == "released"
+        cycles = outcome["members"]
+        [gp] = await _group_points(cs, api, "pending")  # app01's point alone cannot end it
+        assert await managed[1].round()  # db01 back: an ordinary cycle, its own point
+        assert managed[1].last is not None and managed[1].last.cycle != cycles["db01"]
+        [gp] = await _group_points(cs, api, "failed")
+        assert gp["id"] == outcome["id"]
+        assert f"db01's cycle {cycles['db01']}" in gp["error"], gp
+        assert "failed or was abandoned after the barrier released it" in gp["error"]
+        got = {m["machine"]: m for m in gp["members"]}
+        assert got["app01"]["point"] is not None and got["db01"]["point"] is None
+        events = (await api.get("/api/v1/events"))["events"]
+        [event] = [e for e in events if e["code"] == "group_point_failed"]
+        assert event["target"] == "group:erp" and "db01" in event["message"]
+        # the next group point of the same members goes through again
+        wall[0] += INTERVAL
+        assert all(await asyncio.gather(*(a.round() for a in managed)))
+        assert len(ps.barriers.outcomes) == 2

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from typing import Any
 
 import pytest
 import structlog
 
+from configserver import groupsettle
+from configserver.core import Core
 from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiCallError, ApiClient
 from siterecovery.cli import main
@@ -124,6 +127,50 @@ async def test_group_points_reported_by_a_process_server(cs: ConfigServer,
     assert [e["target"] for e in events] == ["group:erp"]
     assert bad in events[0]["message"] and "db01" in events[0]["message"]
     assert (await api.get("/api/v1/groups/erp"))["last_point"]["id"] == bad
+
+
+async def test_a_released_group_point_a_member_never_completes_ends_failed(
+        cs: ConfigServer, api: ApiClient) -> None:
+    """db01's point of a released group point never comes while app01's is in: after
+    the group's interval (at least SETTLE_MIN_SECONDS) the group point ends failed
+    naming db01 (the settling's clock moved by the test, its catalog the real one);
+    a process server's later ``failed`` report of a released group point ends it too."""
+    await _site(cs, api)
+    await api.post("/api/v1/groups", {"name": "erp", "members": ["app01", "db01"],
+                                      "interval_seconds": 600})
+    gp, late = uuid.uuid4().hex, uuid.uuid4().hex
+    cycles = {"app01": uuid.uuid4().hex, "db01": uuid.uuid4().hex}
+    async with ApiClient(cs.url, cs.internal_token) as internal:
+        for g in (gp, late):
+            await internal.post("/api/v1/internal/group-points", {
+                "id": g, "group": "erp", "created": 1.8e9, "state": "released",
+                "members": cycles if g == gp else {m: uuid.uuid4().hex for m in cycles}})
+    # (its point's moment is the group point's: no later cycle of app01's)
+    await _report_cycle_point(cs, "app01", uuid.uuid4().hex * 2, cycles["app01"])
+    now = [time.time()]
+    core = Core(cs.engine, cs.sessionmaker, lambda: now[0], cs.notifier, cs.metrics)
+    assert await groupsettle.settle_once(core) == {}
+    now[0] += groupsettle.SETTLE_MIN_SECONDS - 60
+    assert await groupsettle.settle_once(core) == {}
+    assert (await api.get(f"/api/v1/groups/erp/points/{gp}"))["state"] == "pending"
+    now[0] += 120
+    assert await groupsettle.settle_once(core) == {gp: "failed"}
+    p = await api.get(f"/api/v1/groups/erp/points/{gp}")
+    assert p["state"] == "failed" and p["error"].startswith("db01: no point of its cycle")
+    assert await groupsettle.settle_once(core) == {}  # decided once
+    # the process server learns that a member's cycle failed after the release
+    why = f"db01's cycle of group point {late} was aborted: resume window passed"
+    async with ApiClient(cs.url, cs.internal_token) as internal:
+        for _ in range(2):  # a repeat changes nothing
+            await internal.post("/api/v1/internal/group-points", {
+                "id": late, "group": "erp", "created": time.time() - 5, "state": "failed",
+                "members": {m: None for m in cycles}, "error": why})
+    p = await api.get(f"/api/v1/groups/erp/points/{late}")
+    assert (p["state"], p["error"]) == ("failed", why)
+    events = (await api.get("/api/v1/events", code="group_point_failed"))["events"]
+    assert sorted(gp in e["message"] or late in e["message"] for e in events) == [True, True]
+    assert any("db01: no point of its cycle" in e["message"] for e in events)
+    assert any(why in e["message"] for e in events)
 
 
 async def _report_cycle_point(cs: ConfigServer, machine: str, pid: str, cycle: str) -> None:
