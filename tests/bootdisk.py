@@ -3,7 +3,9 @@
 ``bootdisk()`` returns the path of a raw 64 MiB MBR disk: SYSLINUX's MBR boot code, one
 bootable ext4 partition holding EXTLINUX, Debian's kernel and an initramfs of
 busybox-static plus the modules that reach a virtio disk (virtio_pci, virtio_blk, ext4 and
-their dependencies, read from each module's ``depends=``). The initramfs's init mounts
+their dependencies, read from each module's ``depends=``) and those that let a guest hear
+the ACPI power button (evdev, button: an init of a test's own can answer ``virsh
+shutdown`` with busybox's ``acpid``; this one does not need them). The initramfs's init mounts
 ``/dev/vda1`` read-only and prints on the serial console (``console=ttyS0``) one line::
 
     siterecovery-boot-ok hostname=<the root's /etc/hostname> drill=<its /etc/siterecovery-drill>
@@ -26,14 +28,14 @@ from pathlib import Path
 
 from tests.helpers import REPO
 
-VERSION = "1"
+VERSION = "2"
 CACHE = REPO / ".cache" / "bootdisk"
 MARKER = "siterecovery-boot-ok"
 HOSTNAME = "drill-source"
-DRILL_TEXT = f"bootdisk-v{VERSION}"
+DRILL_TEXT = "bootdisk-v1"  # /etc/siterecovery-drill (tests compare it: not the VERSION)
 DISK_MIB = 64
 PART_START = 2048  # sectors: the partition starts at 1 MiB
-WANTED_MODULES = ["virtio_pci", "virtio_blk", "crc32c_generic", "ext4"]
+WANTED_MODULES = ["virtio_pci", "virtio_blk", "crc32c_generic", "ext4", "evdev", "button"]
 TOOLS = ("apt-get", "apt-cache", "dpkg-deb", "sfdisk", "mkfs.ext4", "losetup", "mount")
 
 INIT = """#!/bin/busybox sh
