@@ -2,20 +2,22 @@
 server with the libvirt target, a process server, the original machine's managed agent
 replicating the boot disk (an image file), a real libvirtd running the machines emulated.
 
-protect → failover onto libvirt (the recovered machine boots) → the recovered machine
-writes files *itself*, from inside the guest, while it runs → re-protect (read from the
-host while the domain is shut off: only the blocks it changed) → failback (the original
-disk gets only the blocks that differ; it then equals the failback point, byte for byte)
-→ replication in the original direction (a delta, no initial copy) → the original disk
-boots on libvirt and holds the files the recovered machine wrote → its next point is a
-delta that restores byte-exact.
+protect → failover onto libvirt (the recovered machine boots and, running, writes a file
+*itself*, from inside the guest) → re-protect refused while it runs → the operator shuts
+it down → re-protect (read on the host: only the blocks it changed) → it runs again and
+writes another file → failback (shuts it down itself, takes the last delta, writes onto
+the original disk only the blocks that differ; the disk then equals the failback point,
+byte for byte) → replication in the original direction (a delta, no initial copy) → the
+original disk boots on libvirt and holds both files → its next point is a delta that
+restores byte-exact.
 
 The guest's init (a second initramfs archive over the boot disk's, as in
 test_instant_libvirt) mounts the root read-write, prints every file under ``/srv`` with
-its MD5, writes one more file of random data and prints its MD5, unmounts, prints the
-boot line and powers off: the files of one boot are proven on the console of the next,
-on another machine. The tests send nothing to the machines' addresses. Two boots.
-"""
+its MD5, writes one more file of random data and prints its MD5, prints the boot line
+and runs on; busybox's acpid answers the ACPI power button (``virsh shutdown``) with a
+sync, an unmount and a power-off. The files of one boot are proven on the console of
+the next, on another machine. The tests send nothing to the machines' addresses. Three
+boots."""
 
 from __future__ import annotations
 
@@ -78,14 +80,23 @@ if mount -t ext4 -o rw /dev/vda1 /root; then
   done
   dd if=/dev/urandom of=/root/srv/orders-$n.db bs=65536 count=5 2>/dev/null
   echo "srfb-wrote orders-$n.db $(md5sum < /root/srv/orders-$n.db | cut -c1-32)"
-  h=$(cat /root/etc/hostname 2>/dev/null)
   sync
-  umount /root
-  echo "{MARKER} hostname=$h"
+  acpid -f -c /etc/acpi -l /dev/console &
+  i=0  # the power button is heard once acpid has the input devices open
+  while ! ls -l /proc/$!/fd | grep -q input/event && [ $i -lt 100 ]; do
+    sleep 0.1; i=$((i + 1))
+  done
+  echo "{MARKER} hostname=$(cat /root/etc/hostname)"
 else
   echo "siterecovery-boot-failed: cannot mount /dev/vda1 read-write"
+  poweroff -f
 fi
+while true; do sleep 1; done
+"""
+POWER_BUTTON = """#!/bin/sh
+echo "srfb-power-button"
 sync
+umount /root
 poweroff -f
 """
 FILE = re.compile(r"srfb-(file|wrote) (\S+) ([0-9a-f]{32})")
@@ -180,6 +191,10 @@ def _guest_disk(path: Path) -> None:
     try:
         extra = _Cpio()  # a second archive: the kernel unpacks it over the first
         extra.add("init", 0o100755, INIT.encode())
+        for d in ("etc", "etc/acpi", "etc/acpi/PWRF"):
+            extra.add(d, 0o040755)
+        # busybox acpid runs /etc/acpi/PWRF/00000080 when the power button is pressed
+        extra.add("etc/acpi/PWRF/00000080", 0o100755, POWER_BUTTON.encode())
         with open(mnt / "boot" / "initrd.gz", "ab") as f:
             f.write(gzip.compress(extra.finish(), mtime=0))
         (mnt / "etc" / "hostname").write_text("web01\n")
@@ -249,6 +264,7 @@ async def test_failover_reprotect_failback_and_back_on_libvirt(
             await vault.close()
         bs = (await api.get("/api/v1/policies/default"))["block_size"]
         blocks = DISK // bs
+        virsh = Virsh(uri)
 
         # protected: one initial copy of the original disk (it has never booted)
         job = await next_job(api, "web01", "enable_protection")
@@ -266,34 +282,38 @@ async def test_failover_reprotect_failback_and_back_on_libvirt(
         done = await _run_job(api, "failover", {"point": "latest"})
         assert done["state"] == "succeeded", done
         assert f"{MARKER} hostname=web01" in step(done, "boot")["message"]
-        recovered = images / VM / "00-sda.raw"
-        await _until(f"{VM} powers itself off after its boot", _shut_off(uri, VM))
-        at_recovered = _files((images / VM / "console.log").read_text(errors="replace"))
-        assert at_recovered["file"] == {} and list(at_recovered["wrote"]) == ["orders-1.db"]
-        after = recovered.read_bytes()
-        changed = _differing(original, after, bs)  # what the guest wrote, in blocks
-        assert 0 < changed * 10 < blocks
+        recovered, console = images / VM / "00-sda.raw", images / VM / "console.log"
+        first = _files(console.read_text(errors="replace"))
+        assert first["file"] == {} and list(first["wrote"]) == ["orders-1.db"]
 
-        # a running (here: paused) domain is not read: re-protect fails and changes
-        # nothing; failback asks it to shut down and, as it does not, fails with nothing
-        # written
+        # while it runs its disks are not read: re-protect fails and changes nothing
+        refused = await _run_job(api, "reprotect", {})
+        assert refused["state"] == "failed"
+        assert f"{VM} is running: its disks are read from the host only while it is " \
+               "shut off" in refused["error"], refused["error"]
+        assert (await api.get("/api/v1/items/web01"))["state"] == "failed_over"
+
+        # the operator shuts it down (the guest answers the power button); a paused
+        # domain does not answer: a failback then fails after its shutdown timeout, with
+        # nothing written
+        _virsh(uri, "shutdown", VM)
+        await _until(f"{VM} shut down", _shut_off(uri, VM))
+        assert "srfb-power-button" in console.read_text(errors="replace")
+        at_reprotect = recovered.read_bytes()
+        changed = _differing(original, at_reprotect, bs)  # what the guest wrote, in blocks
+        assert 0 < changed * 10 < blocks
         paused = _virsh(uri, "start", "--paused", VM)
         assert paused.returncode == 0, paused.stderr
         try:
-            refused = await _run_job(api, "reprotect", {})
-            assert refused["state"] == "failed"
-            assert f"{VM} is paused: its disks are read from the host only while it is " \
-                   "shut off" in refused["error"], refused["error"]
-            assert (await api.get("/api/v1/items/web01"))["state"] == "failed_over"
             refused = await _run_job(api, "failback", {"shutdown_timeout_seconds": 1})
-            assert refused["state"] == "failed"
-            assert f"{VM} is paused, not shut off, 1 s after it was asked to shut down" \
-                in refused["error"], refused["error"]
-            assert step(refused, "take_disks")["state"] == "skipped"
-            assert (await api.get("/api/v1/items/web01"))["state"] == "failed_over"
         finally:
             _virsh(uri, "destroy", VM)
-        assert site.disk.read_bytes() == original and recovered.read_bytes() == after
+        assert refused["state"] == "failed"
+        assert f"{VM} is paused, not shut off, 1 s after it was asked to shut down" \
+            in refused["error"], refused["error"]
+        assert step(refused, "take_disks")["state"] == "skipped"
+        assert (await api.get("/api/v1/items/web01"))["state"] == "failed_over"
+        assert site.disk.read_bytes() == original and recovered.read_bytes() == at_reprotect
 
         # re-protect: read on the host, only the blocks the recovered machine wrote
         done = await _run_job(api, "reprotect", {})
@@ -307,20 +327,33 @@ async def test_failover_reprotect_failback_and_back_on_libvirt(
         assert (rp["last_blocks_stored"], rp["last_full"]) == (changed, False)
         # (bytes sent: changed * bs, a tenth of the disk at most, asserted above)
 
-        # failback: the original disk gets only the blocks that differ
+        # business goes on: the recovered machine runs again and writes another file
+        proof = await libvirtboot.boot(virsh, VM, console, MARKER, BOUND)
+        assert f"{MARKER} hostname=web01" in proof.matched
+        second = _files(console.read_text(errors="replace"))
+        assert second["file"] == first["wrote"] and list(second["wrote"]) == ["orders-2.db"]
+
+        # failback: the running machine is shut down, its last delta taken, and the
+        # original disk gets only the blocks that differ
         job = (await api.post("/api/v1/items/web01/failback", {}))["job"]
         await wait_job(api, job["id"], _asking, timeout=BOUND)
+        assert "srfb-power-button" in console.read_text(errors="replace")
+        at_failback = recovered.read_bytes()  # shut off: what the failback took
         assert not await site.managed.round()  # the agent writes the point and answers
         done = await wait_job(api, job["id"], timeout=BOUND)
         assert done["state"] == "succeeded", done
-        assert f"0 block(s) stored as a delta on point {rp['last_point']}" in step(
-            done, "take_disks")["message"]  # nothing written since the re-protect
-        assert (f"{changed} of {blocks} block(s) differed and were written "
-                f"({changed * bs} bytes)") in step(done, "write_back")["message"]
-        assert site.disk.read_bytes() == after
+        last_delta = _differing(at_reprotect, at_failback, bs)
+        assert 0 < last_delta * 10 < blocks
+        assert (f"{last_delta} block(s) stored as a delta on point {rp['last_point']}"
+                in step(done, "take_disks")["message"])
+        written = _differing(original, at_failback, bs)
+        assert 0 < written * 10 < blocks
+        assert (f"{written} of {blocks} block(s) differed and were written "
+                f"({written * bs} bytes)") in step(done, "write_back")["message"]
+        assert site.disk.read_bytes() == at_failback
         fb = (await api.get("/api/v1/items/web01"))["failover"]["failback"]
         data, digest, recorded = await _restored(site, tmp_path, fb["point"])
-        assert data == after and digest == recorded  # the disk is the failback point
+        assert data == at_failback and digest == recorded  # the disk is the failback point
         assert _virsh(uri, "domuuid", VM).returncode != 0  # the recovered machine went
         assert not (images / VM).exists()
         item = await api.get("/api/v1/items/web01")
@@ -332,12 +365,12 @@ async def test_failover_reprotect_failback_and_back_on_libvirt(
         assert last is not None and (last.kind, last.blocks_sent) == ("delta", 0)
 
         # the original machine boots from its disk and holds what the recovered one wrote
-        console = await _boot_original(uri, site.disk, tmp_path)
-        at_original = _files(console)
-        assert at_original["file"] == at_recovered["wrote"], console
-        assert list(at_original["wrote"]) == ["orders-2.db"]
+        text = await _boot_original(uri, site.disk, tmp_path)
+        at_original = _files(text)
+        assert at_original["file"] == {**first["wrote"], **second["wrote"]}, text
+        assert list(at_original["wrote"]) == ["orders-3.db"]
         booted = site.disk.read_bytes()
-        moved = _differing(after, booted, bs)
+        moved = _differing(at_failback, booted, bs)
         assert 0 < moved * 10 < blocks
 
         # its next point: a delta of what its boot wrote, restoring byte-exact
@@ -351,7 +384,7 @@ async def test_failover_reprotect_failback_and_back_on_libvirt(
 
 async def _boot_original(uri: str, disk: Path, tmp_path: Path) -> str:
     """Boot ``disk`` as a libvirt domain (the original machine, on the failover network)
-    until its boot line, let it power off; its console."""
+    until its boot line, then shut it down; its console."""
     console = tmp_path / "original-console.log"
     spec = RecoverySpec(machine="web01", vm_name=ORIGINAL, memory_mib=256,
                         boot_marker=MARKER)
@@ -363,8 +396,8 @@ async def _boot_original(uri: str, disk: Path, tmp_path: Path) -> str:
     try:
         proof = await libvirtboot.boot(virsh, ORIGINAL, console, MARKER, BOUND)
         assert f"{MARKER} hostname=web01" in proof.matched
-        await _until(f"{ORIGINAL} powers itself off after its boot",
-                     _shut_off(uri, ORIGINAL))
+        _virsh(uri, "shutdown", ORIGINAL)
+        await _until(f"{ORIGINAL} shut down", _shut_off(uri, ORIGINAL))
         return console.read_text(errors="replace")
     finally:
         await virsh.gone("destroy", ORIGINAL)
