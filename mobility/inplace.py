@@ -409,13 +409,14 @@ async def _write_disk(link: Link, basis: _Basis, name: str, path: str, fd: int,
                        written + nbytes(before, before_last), digest, unreadable, before)
 
 
-async def failback(agent: Agent, point: str, progress: Progress | None = None
-                   ) -> FailbackResult:
+async def failback(agent: Agent, point: str, progress: Progress | None = None,
+                   range_blocks: int | None = None) -> FailbackResult:
     """Connect as the agent does for a cycle and write ``point`` onto its disks."""
     link = await agent._connect_retrying()  # the cycle's own connection, retries included
     try:
         return await write_point(link, agent.cfg, point, executor=agent.executor,
-                                 progress=progress, limit=agent.send_limit)
+                                 progress=progress, limit=agent.send_limit,
+                                 range_blocks=range_blocks)
     finally:
         await link.close()
 
