@@ -9,8 +9,13 @@ trust lists, policies, key files and slots, agent configs, sealed secrets).
 
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
+
+#: what a file is written from: text (as UTF-8) or any buffer of bytes, written from the
+#: buffer itself (a large one, a memory map included, is never copied)
+Data = str | bytes | bytearray | memoryview | mmap.mmap
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -22,7 +27,8 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def _write_file(path: Path, raw: bytes, flags: int, mode: int) -> None:
+def _write_file(path: Path, raw: bytes | bytearray | memoryview | mmap.mmap, flags: int,
+                mode: int) -> None:
     """Open ``path`` with ``flags``, write ``raw``, fsync, close; remove it on failure."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, mode)
     try:
@@ -38,12 +44,13 @@ def _write_file(path: Path, raw: bytes, flags: int, mode: int) -> None:
         raise
 
 
-def _raw(data: bytes | str) -> bytes:
+def _raw(data: Data) -> bytes | bytearray | memoryview | mmap.mmap:
     return data.encode() if isinstance(data, str) else data
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes | str, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` (text is written as UTF-8); the file gets ``mode``."""
+def atomic_write(path: str | os.PathLike[str], data: Data, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` (text is written as UTF-8, a buffer from itself);
+    the file gets ``mode``."""
     p = Path(path)
     tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
     _write_file(tmp, _raw(data), os.O_TRUNC, mode)
@@ -55,7 +62,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str, mode: int = 0o
     fsync_dir(p.parent)
 
 
-def create_exclusive(path: str | os.PathLike[str], data: bytes | str, mode: int = 0o600) -> None:
+def create_exclusive(path: str | os.PathLike[str], data: Data, mode: int = 0o600) -> None:
     """Create ``path`` holding ``data``; ``FileExistsError`` if it exists (nothing changed).
 
     The file and its directory are fsynced before returning, so a crash right after

@@ -190,7 +190,7 @@ class Agent:
         whole, wall = sender.read_whole(), time.time()
         for d in sender.disks:
             name = f"{d.name}.{c.cycle}.fp"
-            write_map(self.state_dir, name, bytes(d.fps))
+            write_map(self.state_dir, name, d.fps)
             before = state.disks.get(d.name) if state is not None else None
             disks[d.name] = DiskState(
                 sizes[d.name], cfg.block_size, name,

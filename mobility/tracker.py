@@ -70,9 +70,9 @@ def load_map(state_dir: Path, ds: DiskState) -> OldMap | None:
         return None
 
 
-def write_map(state_dir: Path, name: str, fps: bytes) -> None:
-    """Write a map file whole: a new file renamed over any of that name (one that is
-    memory-mapped keeps its old content)."""
+def write_map(state_dir: Path, name: str, fps: bytes | bytearray | memoryview) -> None:
+    """Write a map file whole from ``fps`` itself (not a copy): a new file renamed over
+    any of that name (one that is memory-mapped keeps its old content)."""
     atomic_write(state_dir / name, fps)
 
 
