@@ -262,6 +262,14 @@ async def check_move(s: AsyncSession, machine: str, process_server: str | None) 
                        f"siterecovery group remove {m.group_name} {machine}")
 
 
+async def fellows(s: AsyncSession, machine: str) -> tuple[str, list[str]] | None:
+    """``machine``'s group and its other members (None: in no group)."""
+    m = await s.get(GroupMember, machine)
+    if m is None:
+        return None
+    return m.group_name, [x for x in await members_of(s, m.group_name) if x != machine]
+
+
 async def group_of(s: AsyncSession, machine: str) -> dict[str, Any] | None:
     """What an agent's settings say of its group (None: in none): the name, the members,
     the interval and the barrier's timeout."""

@@ -11,9 +11,12 @@ heartbeat gets none), whose steps
 1. **choose** the least-loaded healthy process server with room
    (``configserver/assignment.py``), assign the machine to it, ask it for a refresh (it
    pulls the machine's policy at once) and record an ``info`` event
-   ``machine_moved``; the step's message explains the choice. No candidate: the step fails
-   with the figures, the machine stays where it was (move it by hand: ``siterecovery
-   machine update NAME --process-server PS``);
+   ``machine_moved``; the step's message explains the choice. The other members of the
+   machine's consistency group still on the dead server go with it in the same
+   transaction (each with its event): a group's barrier is on one process server, so a
+   group is never split by a failover (their own move jobs find them moved already).
+   No candidate: the step fails with the figures, the machine stays where it was (move
+   it by hand: ``siterecovery machine update NAME --process-server PS``);
 2. **resync**: wait for the machine's first point made after the move. The agent follows
    through the settings it pulls (their ``process_server``); the new process server does
    not know the agent's base cycle, so the agent's first cycle there is a resync by basis
@@ -40,12 +43,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import weakref
 from typing import Any
 
 import structlog
 from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from configserver import assignment, db, thresholds
+from configserver import assignment, db, groups, thresholds
 from configserver.core import Core, next_pass
 from configserver.jobdefs import ACTIVE, JobKind, Step, StepFailed, new_job
 from configserver.jobs import StepContext
@@ -55,11 +60,29 @@ log = structlog.get_logger("configserver.pshealth")
 MOVED = "machine_moved"  # the event code
 RESYNC_TIMEOUT = 3600.0  # for the first point after the move (server clock)
 _MIN_GAP_S = 1.0
+_MOVES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = \
+    weakref.WeakKeyDictionary()
+
+
+def _moves_lock() -> asyncio.Lock:
+    """One choice at a time on this server (a SQLite catalog has no row locks; across
+    servers on PostgreSQL the rows' locks, taken in one order, do it)."""
+    return _MOVES.setdefault(asyncio.get_running_loop(), asyncio.Lock())
 
 
 async def _choose(ctx: StepContext) -> str:
+    async with _moves_lock():
+        return await _choose_now(ctx)
+
+
+async def _choose_now(ctx: StepContext) -> str:
     source = str(ctx.params["from"])
     async with ctx.core.sessionmaker() as s:
+        group = await groups.fellows(s, ctx.target)
+        if group is not None:  # every member's row, in one order: the members' jobs
+            await s.execute(select(db.Machine.name).where(  # run at once
+                db.Machine.name.in_([ctx.target, *group[1]])).order_by(db.Machine.name)
+                .with_for_update())
         machine = await s.get(db.Machine, ctx.target, with_for_update=True)
         if machine is None:
             raise StepFailed(f"machine {ctx.target!r} is no longer in the inventory")
@@ -83,12 +106,40 @@ async def _choose(ctx: StepContext) -> str:
         target.refresh_requested = True  # it pulls the machine's policy at once
         message = (f"{ctx.target} moved from {source} ({ctx.params.get('reason', 'silent')}) "
                    f"to {target.name}; {choice.explanation}")
+        message += await _move_fellows(s, ctx.target, source, target.name, now)
         s.add(db.Event(time=now, severity="info", code=MOVED, target=ctx.target,
                        message=message, active=False))
         await s.commit()
     log.info(MOVED, machine=ctx.target, procserver=target.name, was=source, job=ctx.job.id)
     await ctx.core.notify()
     return message
+
+
+async def _move_fellows(s: AsyncSession, machine: str, source: str, target: str,
+                        now: float) -> str:
+    """The other members of ``machine``'s consistency group still on ``source`` go to
+    ``target`` with it, in the same transaction (a group's barrier is on one process
+    server); what the step's message adds of them."""
+    group = await groups.fellows(s, machine)
+    if group is None:
+        return ""
+    name, others = group
+    moved = []
+    for other in others:
+        row = await s.get(db.Machine, other, with_for_update=True)
+        if row is None or row.process_server != source:
+            continue
+        row.process_server = target
+        moved.append(other)
+        s.add(db.Event(time=now, severity="info", code=MOVED, target=other, active=False,
+                       message=f"{other} moved from {source} to {target} with {machine}, "
+                               f"together with its consistency group {name!r} (one process "
+                               "server holds a group's barrier)"))
+    if not moved:
+        return ""
+    log.info(MOVED, machine=",".join(moved), procserver=target, was=source, group=name)
+    return (f"; with it, the other members of its consistency group {name!r}: "
+            f"{', '.join(moved)}")
 
 
 async def _resync(ctx: StepContext) -> str:
