@@ -16,7 +16,7 @@ from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # The newest Alembic revision: the schema these models describe.
-SCHEMA_VERSION = "0001"
+SCHEMA_VERSION = "0002"
 
 RECEIVING, COMPLETE, UPLOADED, ABORTED = "receiving", "complete", "uploaded", "aborted"
 
@@ -81,3 +81,24 @@ class ForgottenPoint(Base):
     __tablename__ = "forgotten_points"
     point_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     machine: Mapped[str] = mapped_column(String(255))
+
+
+class OpenGroupPoint(Base):
+    """A consistency group's barrier open here (``procserver/barrier.py``): a row from its
+    first arrival until its outcome is in the outbox; one left at a start was open when
+    the process server stopped, and fails."""
+
+    __tablename__ = "open_group_points"
+    point_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    group_name: Mapped[str] = mapped_column(String(255))
+    members: Mapped[str] = mapped_column(Text)  # JSON list of machine names
+    opened: Mapped[float] = mapped_column(Float)
+
+
+class GroupPointReport(Base):
+    """Outbox: group point outcomes not yet accepted by the catalog (the row goes then)."""
+
+    __tablename__ = "group_point_reports"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    point_id: Mapped[str] = mapped_column(String(64), index=True)
+    doc: Mapped[str] = mapped_column(Text)
