@@ -8,6 +8,8 @@ digest costs it nothing extra; materialize recomputes it from what it wrote.
 
 from __future__ import annotations
 
+import mmap
+
 import blake3
 import xxhash
 
@@ -27,7 +29,7 @@ class DiskDigest:
         return self._h.hexdigest()
 
 
-def digest_of_fingerprint_map(fps: bytes | bytearray) -> str:
+def digest_of_fingerprint_map(fps: bytes | bytearray | memoryview | mmap.mmap) -> str:
     """The digest of a disk given the concatenation of its blocks' fingerprints."""
     return blake3.blake3(fps).hexdigest()
 

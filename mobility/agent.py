@@ -36,6 +36,7 @@ import structlog
 
 from common.backoff import Backoff
 from common.pacing import TokenBucket
+from mobility import newmap
 from mobility.config import MobilityConfig
 from mobility.connect import connect, connect_retrying
 from mobility.cyclehold import HeldCycle, HoldFacts, hold_and_send
@@ -54,7 +55,6 @@ from mobility.tracker import (
     commit_state,
     disk_size,
     load_state,
-    write_map,
 )
 from mobility.trackers import trackers_for
 from mobility.verification import report_verification, verify_due
@@ -189,8 +189,7 @@ class Agent:
         cfg, sender, disks = self.cfg, c.sender, {}
         whole, wall = sender.read_whole(), time.time()
         for d in sender.disks:
-            name = f"{d.name}.{c.cycle}.fp"
-            write_map(self.state_dir, name, d.fps)
+            name = newmap.finish(self.state_dir, d.name, c.cycle, d.fps)
             before = state.disks.get(d.name) if state is not None else None
             disks[d.name] = DiskState(
                 sizes[d.name], cfg.block_size, name,

@@ -26,9 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from common.digest import digest_of_fingerprint_map
+from common.digest import block_count, digest_of_fingerprint_map
+from mobility import newmap
 from mobility.changes import Changed, Rescan, Tracker
 from mobility.link import Link
+from mobility.newmap import NewMap
 from mobility.tracker import OldMap, Piece, data_extents, scan_chunk, work
 from wire.protocol import FrameType, block_frame_parts
 
@@ -43,15 +45,16 @@ log = structlog.get_logger("mobility")
 @dataclass
 class CycleDisk:
     """One disk of the cycle being sent: where to read it, its previous fingerprints
-    (``old``; None for a full copy), the new ones (``fps``) and the block ranges its
-    tracker named (``ranges``; None: every block)."""
+    (``old``; None for a full copy), the new ones (``fps``: a memory-mapped file,
+    ``newmap.py``) and the block ranges its tracker named (``ranges``; None: every
+    block)."""
 
     idx: int
     name: str
     path: str
     size: int
     old: OldMap | None
-    fps: bytearray = field(default_factory=bytearray)
+    fps: NewMap = field(default_factory=bytearray)
     fd: int = -1
     extents: list[tuple[int, int]] | None = None
     ranges: tuple[tuple[int, int], ...] | None = None
@@ -72,7 +75,7 @@ def missed(claimed: tuple[tuple[int, int], ...], starts: list[int], blocks: list
 
 
 def _scan_frames(fd: int, size: int, bs: int, pieces: list[Piece], old: OldMap | None,
-                 extents: list[tuple[int, int]], fps: bytearray, full: bool, idx: int,
+                 extents: list[tuple[int, int]], fps: NewMap, full: bool, idx: int,
                  claimed: tuple[tuple[int, int], ...] | None = None
                  ) -> tuple[bytes, int, int, int, int, list[int]]:
     """Scan the pieces of a chunk (worker thread) and encode their changed blocks as one
@@ -139,7 +142,8 @@ class Sender:
             stage = getattr(tracker, "stage", None)
             if stage is None:
                 d.fd = await asyncio.to_thread(_open_ro, d.path)
-            d.fps = bytearray(16 * ((d.size + self.bs - 1) // self.bs))
+            d.fps = await asyncio.to_thread(newmap.create, self.agent.state_dir, d.name,
+                                            self.cycle, 16 * block_count(d.size, self.bs))
             if tracker is not None:
                 await self._ask(d, tracker)
             if stage is not None:

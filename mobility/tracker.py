@@ -124,7 +124,7 @@ Change = tuple[int, bytes | None]
 
 def scan_chunk(
     fd: int, size: int, bs: int, first: int, count: int, old: OldMap | None,
-    extents: list[tuple[int, int]], new_fps: bytearray, full: bool,
+    extents: list[tuple[int, int]], new_fps: bytearray | mmap.mmap, full: bool,
 ) -> tuple[list[Change], int]:
     """Fingerprint blocks ``first .. first+count-1``; return the changed ones and how
     many bytes were read.
