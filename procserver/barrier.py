@@ -18,9 +18,12 @@ fails the group point: every member waiting gets ``ERROR group_point_failed`` na
 who did not arrive, and goes on with its own cycle (its own point is made as always; it
 is simply not part of a group point). A member that arrives later, or whose snapshot
 cannot hold its writes for the common moment (``held: false``), fails it too. Every
-outcome — released with each member's cycle, or failed and why — is reported to the
-configuration server (``POST /api/v1/internal/group-points``), which lists the group
-point and raises the event ``group_point_failed``.
+outcome — released with each member's cycle, or failed and why — is recorded in the
+process server's database before any member is released, and reported from there to the
+configuration server (``POST /api/v1/internal/group-points``; ``procserver/groupoutbox.py``
+keeps it across a restart), which lists the group point and raises the event
+``group_point_failed``. A barrier open when the process server stopped fails at its next
+start.
 """
 
 from __future__ import annotations
@@ -29,17 +32,17 @@ import asyncio
 import collections
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from common.backoff import Backoff
 from common.names import NAME as _NAME
 from wire.protocol import FrameType, ProtocolError, encode_json, error_frame
 
 if TYPE_CHECKING:
+    from procserver.groupoutbox import GroupPointOutbox
     from procserver.session import Session
 
 log = structlog.get_logger("procserver.barrier")
@@ -67,6 +70,8 @@ class _Barrier:
         default_factory=lambda: {p: asyncio.Event() for p in PHASES})
     cycles: dict[str, str] = field(default_factory=dict)
     failed: str | None = None
+    over: bool = False  # its outcome is being recorded: nothing changes it any more
+    settled: asyncio.Event = field(default_factory=asyncio.Event)  # ...and is recorded
 
 
 def _check(doc: dict[str, Any], machine: str) -> tuple[str, str, str, frozenset[str], float]:
@@ -98,14 +103,17 @@ def _check(doc: dict[str, Any], machine: str) -> tuple[str, str, str, frozenset[
 
 
 class Barriers:
-    """Every group point's barrier on this process server. ``report`` gets each outcome
-    (the document ``POST /api/v1/internal/group-points`` takes); ``outcomes`` keeps the
-    recent ones."""
+    """Every group point's barrier on this process server. ``book`` (the process
+    server's ``GroupPointOutbox``) records each barrier open and each outcome durably,
+    the outcome before any member is released; ``report`` learns each outcome (the
+    document ``POST /api/v1/internal/group-points`` takes); ``outcomes`` keeps the recent
+    ones."""
 
     def __init__(self, report: Callable[[dict[str, Any]], None] | None = None, *,
+                 book: GroupPointOutbox | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time) -> None:
-        self.report, self.clock, self.wall = report, clock, wall
+        self.report, self.book, self.clock, self.wall = report, book, clock, wall
         self._open: dict[str, _Barrier] = {}
         self.outcomes: collections.OrderedDict[str, dict[str, Any]] = \
             collections.OrderedDict()
@@ -128,52 +136,67 @@ class Barriers:
                 raise BarrierFailed(f"{MAX_OPEN} group points are open on this process "
                                     "server; try again at the next group point")
             b = self._open[point] = _Barrier(point, group, members, timeout)
-        if (b.group, b.members) != (group, members):
-            self._fail(b, f"the members of group {group!r} disagree on the group point: "
-                          f"{machine} names {sorted(members)}, the first named "
-                          f"{sorted(b.members)} (a membership change in between)")
-        elif phase == "frozen":
-            if machine not in b.arrived["ready"] or not b.done["ready"].is_set():
-                self._fail(b, f"{machine} froze before every member was ready")
-            elif not doc.get("held", False):
-                self._fail(b, f"{machine}'s snapshot cannot hold its writes for the "
-                              "group's moment (a snapshot that lets writes go at once, or "
-                              "none): use fsfreeze or an application pre-script")
-            else:
-                b.cycles[machine] = str(doc["cycle"])
-        if b.failed is None:
-            arrived = b.arrived[phase]
-            arrived.add(machine)
-            b.deadline.setdefault(phase, self.clock() + b.timeout)
-            log.info("barrier_arrived", group=group, group_point=point, phase=phase,
-                     machine=machine, waiting_for=sorted(b.members - arrived))
-            if arrived == b.members:
-                b.done[phase].set()
-                if phase == "frozen":
-                    self._finish(b, None)
+            if self.book is not None:
+                try:
+                    await self.book.opened(point, group, sorted(members))
+                except Exception as e:  # the database: the group point cannot be kept
+                    await self._fail(b, f"the process server cannot record the group "
+                                        f"point: {e}")
+        if b.failed is None and not b.over:
+            await self._join(b, machine, doc, phase, group, members)
         if b.failed is None and not b.done[phase].is_set():
             try:
                 async with asyncio.timeout(max(0.0, b.deadline[phase] - self.clock())):
                     await b.done[phase].wait()
             except TimeoutError:
-                missing = sorted(b.members - b.arrived[phase])
-                self._fail(b, f"{', '.join(missing)} did not reach the barrier "
-                              f"({phase}) within {b.timeout:g} s")
+                if not b.over:
+                    missing = sorted(b.members - b.arrived[phase])
+                    await self._fail(b, f"{', '.join(missing)} did not reach the barrier "
+                                        f"({phase}) within {b.timeout:g} s")
+                await b.settled.wait()
         if b.failed is not None:
             raise BarrierFailed(b.failed)
         return {"point": point, "phase": phase, "released": True}
 
-    def _fail(self, b: _Barrier, why: str) -> None:
-        if b.failed is None:
+    async def _join(self, b: _Barrier, machine: str, doc: dict[str, Any], phase: str,
+                    group: str, members: frozenset[str]) -> None:
+        if (b.group, b.members) != (group, members):
+            await self._fail(b, f"the members of group {group!r} disagree on the group "
+                                f"point: {machine} names {sorted(members)}, the first named "
+                                f"{sorted(b.members)} (a membership change in between)")
+            return
+        if phase == "frozen":
+            if machine not in b.arrived["ready"] or not b.done["ready"].is_set():
+                await self._fail(b, f"{machine} froze before every member was ready")
+                return
+            if not doc.get("held", False):
+                await self._fail(b, f"{machine}'s snapshot cannot hold its writes for the "
+                                    "group's moment (a snapshot that lets writes go at once, "
+                                    "or none): use fsfreeze or an application pre-script")
+                return
+            b.cycles[machine] = str(doc["cycle"])
+        arrived = b.arrived[phase]
+        arrived.add(machine)
+        b.deadline.setdefault(phase, self.clock() + b.timeout)
+        log.info("barrier_arrived", group=group, group_point=b.point, phase=phase,
+                 machine=machine, waiting_for=sorted(b.members - arrived))
+        if arrived == b.members:
+            if phase == "frozen":  # the outcome durable before anyone is released
+                await self._finish(b, None)
+            b.done[phase].set()  # (a failure to record it: ``b.failed`` says so)
+
+    async def _fail(self, b: _Barrier, why: str) -> None:
+        if b.failed is None and not b.over:
             b.failed = why
             log.warning("group_point_failed", group=b.group, group_point=b.point, error=why,
                         hint="each member's own points go on; the next group point is "
                              "tried at the next interval")
-            self._finish(b, why)
+            await self._finish(b, why)
         for e in b.done.values():
             e.set()
 
-    def _finish(self, b: _Barrier, error: str | None) -> None:
+    async def _finish(self, b: _Barrier, error: str | None) -> None:
+        b.over = True
         self._open.pop(b.point, None)
         doc: dict[str, Any] = {
             "id": b.point, "group": b.group, "created": self.wall(),
@@ -182,45 +205,23 @@ class Barriers:
         self.outcomes[b.point] = doc
         while len(self.outcomes) > KEEP_OUTCOMES:
             self.outcomes.popitem(last=False)
-        if error is None:
+        try:
+            if self.book is not None:
+                await self.book.finished(doc)
+        except Exception as e:  # not durable: no member may be told it was released
+            log.error("group_point_not_recorded", group=b.group, group_point=b.point,
+                      error=str(e) or type(e).__name__)
+            if error is None:
+                b.failed = doc["error"] = f"the process server cannot record the group " \
+                                          f"point: {e}"
+                doc["state"] = "failed"
+        finally:
+            b.settled.set()
+        if doc["error"] is None:
             log.info("group_point_released", group=b.group, group_point=b.point,
                      cycles=doc["members"])
         if self.report is not None:
             self.report(doc)
-
-
-class GroupPointReports:
-    """The outcomes on their way to the configuration server: a bounded queue, each
-    retried with back-off until the catalog took it (or refused it, which is logged)."""
-
-    def __init__(self, post: Callable[[dict[str, Any]], Awaitable[int]],
-                 limit: int = KEEP_OUTCOMES) -> None:
-        self.post = post
-        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(limit)
-
-    def put(self, doc: dict[str, Any]) -> None:
-        try:
-            self.queue.put_nowait(doc)
-        except asyncio.QueueFull:
-            log.error("group_point_report_dropped", group_point=doc["id"],
-                      hint="the configuration server has been away for long")
-
-    async def run(self) -> None:
-        while True:
-            doc = await self.queue.get()
-            backoff = Backoff(1.0, 60.0)
-            while True:
-                try:
-                    status = await self.post(doc)
-                except Exception as e:  # the configuration server is away: retried
-                    log.warning("group_point_report_failed", group_point=doc["id"],
-                                error=str(e) or type(e).__name__)
-                    await asyncio.sleep(backoff.next())
-                    continue
-                if status >= 400:
-                    log.error("group_point_report_refused", group_point=doc["id"],
-                              status=status)
-                break
 
 
 async def serve_barrier(session: Session, doc: dict[str, Any]) -> None:

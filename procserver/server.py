@@ -35,13 +35,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from common.pacing import Schedule, TokenBucket
 from procserver import db
-from procserver.barrier import Barriers, GroupPointReports
+from procserver.barrier import Barriers
 from procserver.cachespace import CacheSpace
 from procserver.config import ProcServerConfig
 from procserver.csclient import ConfigServerClient
 from procserver.cycles import CycleBook
 from procserver.datadirlock import DataDirLock
 from procserver.framestream import FrameStream
+from procserver.groupoutbox import GroupPointOutbox
 from procserver.installreq import BUNDLE_NAME, InstallRequests
 from procserver.listener import Listener, ListenerLimits, listen, server_ssl_context
 from procserver.metrics import ProcMetrics
@@ -94,7 +95,7 @@ class ProcServer:
     listener: Listener
     scrape: ScrapeGauges
     barriers: Barriers  # the consistency groups' barriers (procserver/barrier.py)
-    group_reports: GroupPointReports
+    group_reports: GroupPointOutbox
     vault_ready: asyncio.Event  # set once the vault is open (``vaults.ready``)
 
     def __init__(self, cfg: ProcServerConfig) -> None:
@@ -146,8 +147,9 @@ class ProcServer:
                                    self.space)
         metrics.suspended_cycles.set_function(self.cycles.suspended)
         metrics.receive_buffer_bytes.set_function(lambda: self.buffers.buffered)
-        self.group_reports = GroupPointReports(self._post_group_point)
-        self.barriers = Barriers(self._group_point_outcome)
+        self.group_reports = GroupPointOutbox(sessionmaker, self._post_group_point,
+                                              enabled=self.client.enabled)
+        self.barriers = Barriers(self._group_point_outcome, book=self.group_reports)
         rate_limit = TokenBucket(Schedule.constant(cfg.receive_bytes_per_second)) \
             if cfg.receive_bytes_per_second > 0 else None
         deps = SessionDeps(
@@ -208,6 +210,8 @@ class ProcServer:
             raise
         self._wire(vaults, engine, sessionmaker)
         await self.cycles.recover()
+        for doc in await self.group_reports.recover():  # barriers open when we stopped
+            self.metrics.group_points.labels(state=doc["state"]).inc()
         if vaults.is_open:  # before the uploader goes on with the cycles it was writing
             await self._settle_orphans()
         self._listeners = await asyncio.to_thread(
@@ -291,8 +295,6 @@ class ProcServer:
 
     def _group_point_outcome(self, doc: dict[str, Any]) -> None:
         self.metrics.group_points.labels(state=doc["state"]).inc()
-        if self.client.enabled:
-            self.group_reports.put(doc)
 
     async def _post_group_point(self, doc: dict[str, Any]) -> int:
         return (await self.client.post("/api/v1/internal/group-points", doc)).status
