@@ -112,9 +112,13 @@ ROUTES = [
           "recovered machine is removed; the item ends protected, replicating again as a "
           "delta on that point."),
     _verb("reprotect", "Re-protect a failed-over item (the recovered machine into the vault)",
-          obj({}), "Queues Re-protect (from failed_over, committed or reprotected): the "
+          obj({"pause": {"type": "boolean", "description": (
+              "a recovered libvirt domain that runs is read paused (its guest stands "
+              "still for the read: a crash-consistent point) instead of refused")}}),
+          "Queues Re-protect (from failed_over, committed or reprotected): the "
           "recovered machine's disks, read on the host from the target (a libvirt domain "
-          "only while shut off: a running one fails the job), go into the vault "
+          "while shut off, or paused with pause: else a running one fails the job), go "
+          "into the vault "
           "as a point of the item, a delta on the failover point (or the last re-protect's); "
           "the item ends reprotected, direction reverse."),
     _verb("commit", "Commit a failover", obj({}),

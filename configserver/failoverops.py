@@ -94,7 +94,7 @@ async def request(core: Core, kinds: Mapping[str, JobKind], verb: str, name: str
                              "the drill showed", "pass --notes TEXT")
     params: dict[str, Any] = {k: body[k] for k in (
         "point", "network", "notes", "shutdown_source", "shutdown_timeout_seconds",
-        "drain_timeout_seconds", "instant", "hydrate_rate_mbps", "timeout_seconds")
+        "drain_timeout_seconds", "instant", "hydrate_rate_mbps", "timeout_seconds", "pause")
         if body.get(k)}
     if body.get("at"):
         params["at"] = _at(body["at"])

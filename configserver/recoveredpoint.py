@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,23 +33,52 @@ READABLE = {"folder", "libvirt"}  # targets whose recovered disks are read from 
 
 
 async def recovered_disks(deps: FailoverDeps, rec: dict[str, Any],
-                          shutdown_timeout: float | None = None) -> list[ImageDisk]:
+                          shutdown_timeout: float | None = None, paused_ok: bool = False
+                          ) -> list[ImageDisk]:
     """The recovered machine's raw images of the item's failover record ``rec``, on any
     target read from the host: a libvirt domain's only once it is shut off (asked to
-    shut down first when ``shutdown_timeout`` is given, else a running one is refused);
-    StepFailed naming what is missing and what to do."""
-    recovered = rec.get("recovered") or {}
-    if recovered.get("target") != "libvirt":
+    shut down first when ``shutdown_timeout`` is given; a running one is refused unless
+    ``paused_ok``: it is read paused, ``paused_for_read``); StepFailed naming what is
+    missing and what to do."""
+    if (rec.get("recovered") or {}).get("target") != "libvirt":
         return recovered_images(rec)
+    target, recovered = _libvirt(deps, rec)
+    try:
+        got = await target.disks_at_rest(recovered, shutdown_timeout, paused_ok)
+    except TargetError as e:
+        raise StepFailed(f"{e.message}: {e.hint}" if e.hint else e.message) from None
+    return [ImageDisk(name, str(path)) for name, path in got]
+
+
+def _libvirt(deps: FailoverDeps, rec: dict[str, Any]) -> tuple[LibvirtTarget, Recovered]:
     target = deps.targets.get("libvirt")
     if not isinstance(target, LibvirtTarget):
         raise StepFailed("the recovered machine is on the libvirt target, which this "
                          "configuration server does not have (set libvirt_uri)")
+    return target, Recovered(**rec["recovered"])
+
+
+@asynccontextmanager
+async def paused_for_read(deps: FailoverDeps, rec: dict[str, Any], ours: bool
+                          ) -> AsyncIterator[bool]:
+    """Hold a running libvirt domain paused while the body reads its images
+    (``targets.libvirtrest``: a crash-consistent state); yields whether it is held
+    paused. ``ours``: an earlier run of the same step paused it (its server was killed
+    meanwhile): it is resumed after the read too. Other targets: nothing to hold."""
+    if (rec.get("recovered") or {}).get("target") != "libvirt":
+        yield False
+        return
+    target, recovered = _libvirt(deps, rec)
     try:
-        got = await target.disks_at_rest(Recovered(**recovered), shutdown_timeout)
+        paused = await target.pause_for_read(recovered) or ours
     except TargetError as e:
-        raise StepFailed(f"{e.message}: {e.hint}" if e.hint else e.message) from None
-    return [ImageDisk(name, str(path)) for name, path in got]
+        raise StepFailed(f"cannot pause {recovered.vm_name} for the read: {e.message}") \
+            from None
+    try:
+        yield paused
+    finally:
+        if paused:
+            await target.resume(recovered)
 
 
 def recovered_images(rec: dict[str, Any]) -> list[ImageDisk]:

@@ -15,6 +15,10 @@ newest, so what it still has to take is small.
 
 from __future__ import annotations
 
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from configserver import db
@@ -22,7 +26,7 @@ from configserver.itemrecord import FAILOVER, read, record
 from configserver.items import ItemState
 from configserver.jobdefs import JobKind, JobRun, Step
 from configserver.jobs import StepContext
-from configserver.recoveredpoint import recovered_disks, take_point
+from configserver.recoveredpoint import paused_for_read, recovered_disks, take_point
 from configserver.recoverysteps import FailoverDeps
 
 REPROTECT = "reprotect"  # the reverse direction's record, inside the item's failover record
@@ -33,7 +37,7 @@ def kinds(deps: FailoverDeps) -> tuple[JobKind, ...]:
 
     async def prerequisites(ctx: StepContext) -> str:
         rec, _ = await read(ctx, FAILOVER)
-        images = await recovered_disks(deps, rec)
+        images = await recovered_disks(deps, rec, paused_ok=bool(ctx.params.get("pause")))
         return ("the recovered machine's disks, read on the host: "
                 + ", ".join(f"{d.name} ({d.path})" for d in images))
 
@@ -42,16 +46,26 @@ def kinds(deps: FailoverDeps) -> tuple[JobKind, ...]:
         rp = dict(rec.get(REPROTECT) or {})
         if rp.get("last_job") == ctx.job.id:
             return f"taken before: point {rp.get('last_point')}"
-        made, base = await take_point(ctx, rec, "reprotect", await recovered_disks(deps, rec))
+        pause = bool(ctx.params.get("pause"))
+        if pause:  # recorded first: a run resumed after a kill -9 resumes the domain too
+            await record(ctx, FAILOVER, reprotect={**rp, "pausing": ctx.job.id})
+        started = time.monotonic()
+        async with paused_for_read(deps, rec, rp.get("pausing") == ctx.job.id) \
+                if pause else _nothing() as paused:
+            made, base = await take_point(ctx, rec, "reprotect",
+                                          await recovered_disks(deps, rec, paused_ok=pause))
+        held = time.monotonic() - started
         now = ctx.core.clock()
         rp.update(direction="reverse", started=rp.get("started") or now, last_job=ctx.job.id,
                   last_point=made.point.id, last_blocks_stored=made.blocks_stored,
                   last_full=made.full, points=int(rp.get("points") or 0) + 1, updated=now,
-                  ended=None)
+                  ended=None, pausing=None,
+                  last_paused_seconds=round(held, 3) if paused else None)
         await record(ctx, FAILOVER, reprotect=rp)
         how = "whole (the failover point is gone: the first re-protect after a commit)" \
             if base is None else f"as a delta on point {base.id}"
-        return (f"point {made.point.id}: {made.blocks_stored} block(s) stored {how}")
+        note = f"; read paused ({held:.1f} s: crash-consistent)" if paused else ""
+        return (f"point {made.point.id}: {made.blocks_stored} block(s) stored {how}{note}")
 
     async def done(ctx: StepContext) -> str:
         await record(ctx, FAILOVER, state=ItemState.REPROTECTED)
@@ -61,6 +75,11 @@ def kinds(deps: FailoverDeps) -> tuple[JobKind, ...]:
         Step("prerequisites", "Prerequisites check", prerequisites),
         Step("take", "Replicate the recovered machine's disks", take),
         Step("record", "Record the re-protect", done)), on_end=_on_end),)
+
+
+@asynccontextmanager
+async def _nothing() -> AsyncIterator[bool]:
+    yield False
 
 
 async def _on_end(s: AsyncSession, job: JobRun, state: str) -> None:

@@ -54,7 +54,7 @@ async def cmd_commit(args: argparse.Namespace) -> int:
 
 
 async def cmd_reprotect(args: argparse.Namespace) -> int:
-    return await _start(args, "reprotect", {})
+    return await _start(args, "reprotect", {"pause": args.pause})
 
 
 async def cmd_failback(args: argparse.Namespace) -> int:
@@ -147,6 +147,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     verbs[6].add_argument("--agent-timeout", type=int, metavar="SECONDS",
                           help="how long the job waits for the original machine's agent "
                                "(default: 6 hours)")
+    verbs[7].add_argument("--pause", action="store_true",
+                          help="a recovered libvirt domain that runs is read paused (the "
+                               "guest stands still for the read; a crash-consistent point) "
+                               "instead of refused")
     verbs[6].add_argument("--shutdown-timeout", type=int, metavar="SECONDS",
                           help="a recovered libvirt domain still running is asked to shut "
                                "down; how long to wait for it (default: the server's "

@@ -227,12 +227,19 @@ class LibvirtTarget:
                                       Path(recovered.details["console_log"]),
                                       recovered.details.get("boot_marker") or None, timeout)
 
-    async def disks_at_rest(self, recovered: Recovered, shutdown_timeout: float | None
-                            ) -> list[tuple[str, Path]]:
+    async def disks_at_rest(self, recovered: Recovered, shutdown_timeout: float | None,
+                            paused_ok: bool = False) -> list[tuple[str, Path]]:
         """The recovered domain's images, read on the host while it is shut off
         (``targets.libvirtrest``: a running one is asked to shut down first when
-        ``shutdown_timeout`` is given, else refused)."""
-        return await libvirtrest.disks_at_rest(self.virsh, recovered, shutdown_timeout)
+        ``shutdown_timeout`` is given, else refused unless it is to be read paused)."""
+        return await libvirtrest.disks_at_rest(self.virsh, recovered, shutdown_timeout,
+                                               paused_ok)
+
+    async def pause_for_read(self, recovered: Recovered) -> bool:
+        return await libvirtrest.pause_for_read(self.virsh, recovered)
+
+    async def resume(self, recovered: Recovered) -> None:
+        await libvirtrest.resume(self.virsh, recovered)
 
     # ---- cleanup --------------------------------------------------------------------
 

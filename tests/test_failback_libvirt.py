@@ -3,13 +3,13 @@ server with the libvirt target, a process server, the original machine's managed
 replicating the boot disk (an image file), a real libvirtd running the machines emulated.
 
 protect → failover onto libvirt (the recovered machine boots and, running, writes a file
-*itself*, from inside the guest) → re-protect refused while it runs → the operator shuts
-it down → re-protect (read on the host: only the blocks it changed) → it runs again and
-writes another file → failback (shuts it down itself, takes the last delta, writes onto
-the original disk only the blocks that differ; the disk then equals the failback point,
-byte for byte) → replication in the original direction (a delta, no initial copy) → the
-original disk boots on libvirt and holds both files → its next point is a delta that
-restores byte-exact.
+*itself*, from inside the guest) → re-protect refused while it runs, unless read paused
+(read on the host: only the blocks it changed; it runs on) → the operator shuts it down
+→ re-protect (the next delta) → it runs again and writes another file → failback (shuts
+it down itself, takes the last delta, writes onto the original disk only the blocks that
+differ; the disk then equals the failback point, byte for byte) → replication in the
+original direction (a delta, no initial copy) → the original disk boots on libvirt and
+holds both files → its next point is a delta that restores byte-exact.
 
 The guest's init (a second initramfs archive over the boot disk's, as in
 test_instant_libvirt) mounts the root read-write, prints every file under ``/srv`` with
@@ -293,6 +293,25 @@ async def test_failover_reprotect_failback_and_back_on_libvirt(
                "shut off" in refused["error"], refused["error"]
         assert (await api.get("/api/v1/items/web01"))["state"] == "failed_over"
 
+        # unless read paused: only the blocks the recovered machine wrote, and it runs on
+        # (its guest idles after its boot line: the image read after is the one read)
+        done = await _run_job(api, "reprotect", {"pause": True})
+        assert done["state"] == "succeeded", done
+        assert _virsh(uri, "domstate", VM).stdout.strip() == "running"
+        paused_read = recovered.read_bytes()
+        changed = _differing(original, paused_read, bs)  # what the guest wrote, in blocks
+        assert 0 < changed * 10 < blocks  # bytes sent: changed * bs, a tenth of the disk
+        item = await api.get("/api/v1/items/web01")
+        fo = item["failover"]
+        assert (item["state"], item["direction"]) == ("reprotected", "reverse")
+        take = step(done, "take")["message"]
+        assert f"{changed} block(s) stored as a delta on point {fo['point']}" in take
+        assert "read paused (" in take, take
+        rp = fo["reprotect"]
+        assert (rp["last_blocks_stored"], rp["last_full"], rp["pausing"]) == (
+            changed, False, None)
+        assert rp["last_paused_seconds"] is not None
+
         # the operator shuts it down (the guest answers the power button); a paused
         # domain does not answer: a failback then fails after its shutdown timeout, with
         # nothing written
@@ -300,8 +319,6 @@ async def test_failover_reprotect_failback_and_back_on_libvirt(
         await _until(f"{VM} shut down", _shut_off(uri, VM))
         assert "srfb-power-button" in console.read_text(errors="replace")
         at_reprotect = recovered.read_bytes()
-        changed = _differing(original, at_reprotect, bs)  # what the guest wrote, in blocks
-        assert 0 < changed * 10 < blocks
         paused = _virsh(uri, "start", "--paused", VM)
         assert paused.returncode == 0, paused.stderr
         try:
@@ -312,20 +329,19 @@ async def test_failover_reprotect_failback_and_back_on_libvirt(
         assert f"{VM} is paused, not shut off, 1 s after it was asked to shut down" \
             in refused["error"], refused["error"]
         assert step(refused, "take_disks")["state"] == "skipped"
-        assert (await api.get("/api/v1/items/web01"))["state"] == "failed_over"
+        assert (await api.get("/api/v1/items/web01"))["state"] == "reprotected"
         assert site.disk.read_bytes() == original and recovered.read_bytes() == at_reprotect
 
-        # re-protect: read on the host, only the blocks the recovered machine wrote
+        # re-protect of the shut-off machine: the next delta, what its shutdown wrote
         done = await _run_job(api, "reprotect", {})
         assert done["state"] == "succeeded", done
-        item = await api.get("/api/v1/items/web01")
-        fo = item["failover"]
-        assert (item["state"], item["direction"]) == ("reprotected", "reverse")
-        assert f"{changed} block(s) stored as a delta on point {fo['point']}" in step(
-            done, "take")["message"]
-        rp = fo["reprotect"]
-        assert (rp["last_blocks_stored"], rp["last_full"]) == (changed, False)
-        # (bytes sent: changed * bs, a tenth of the disk at most, asserted above)
+        shutdown = _differing(paused_read, at_reprotect, bs)
+        assert (f"{shutdown} block(s) stored as a delta on point {rp['last_point']}"
+                in step(done, "take")["message"])
+        assert "read paused" not in step(done, "take")["message"]
+        rp = (await api.get("/api/v1/items/web01"))["failover"]["reprotect"]
+        assert (rp["points"], rp["last_blocks_stored"], rp["last_paused_seconds"]) == (
+            2, shutdown, None)
 
         # business goes on: the recovered machine runs again and writes another file
         proof = await libvirtboot.boot(virsh, VM, console, MARKER, BOUND)
