@@ -212,6 +212,7 @@ class ProcServer:
         await self.cycles.recover()
         for doc in await self.group_reports.recover():  # barriers open when we stopped
             self.metrics.group_points.labels(state=doc["state"]).inc()
+            self.barriers.outcomes[doc["id"]] = doc  # a member coming late learns why
         if vaults.is_open:  # before the uploader goes on with the cycles it was writing
             await self._settle_orphans()
         self._listeners = await asyncio.to_thread(
