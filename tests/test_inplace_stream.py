@@ -5,9 +5,11 @@ keeps the blocks that differ in a bitmap file, so nothing it holds grows with th
 With ranges of one to a few blocks the result is today's: the same blocks written, the
 disk byte-exact, the agent's own map the point's fingerprints byte for byte; a failback
 interrupted in its writes and run again at another range counts what the first run
-wrote. On big sparse devices the memory held (tracemalloc's peak, a count of bytes,
-the process server in the same process included) does not grow with the disk (where a
-whole map would) and grows with the range."""
+wrote. The repair in place from the vault (``restore --in-place``) compares and writes
+a range at a time as well: at ranges of one to a few blocks, the same blocks written and
+the same digest as at its default. On big sparse devices the memory held (tracemalloc's
+peak, a count of bytes, the process server in the same process included) does not grow
+with the disk (where a whole map would) and grows with the range."""
 
 from __future__ import annotations
 
@@ -28,9 +30,11 @@ from tests.helpers import (
     make_agent,
     make_disk,
     mutate,
+    open_vault,
     proc_config,
     running_procserver,
 )
+from vault.inplace import repair_in_place
 
 SIZE = (3 << 20) + 4321  # a short last block
 
@@ -122,6 +126,49 @@ async def test_tiny_ranges_write_the_same_blocks_and_leave_the_same_map(
             assert r3.kind == "delta" and r3.blocks_sent == _differing(at_p1, a.read_bytes())
         finally:
             agent.close()
+
+
+async def test_the_repair_in_place_from_the_vault_at_tiny_ranges(
+        tmp_path: Path, pki: Pki, vault_at: tuple[str, Path]) -> None:
+    """A point at the end of a delta chain, a copy of its disk damaged (data changed,
+    zeroed, a zero block written, the short last block changed)."""
+    url, key = vault_at
+    a = tmp_path / "a.img"
+    make_disk(a, SIZE, seed=65)
+    async with running_procserver(proc_config(tmp_path, pki, url, key)) as ps:
+        agent = make_agent(agent_config(tmp_path, pki, "db01", ps.port, {"sda": a}))
+        try:
+            await ps.wait_point((await agent.replicate_once()).cycle, timeout=60)
+            mutate(a, 0.2, seed=66, zero_share=0.3)
+            r2 = await agent.replicate_once()
+            assert r2.kind == "delta"
+            p2 = await ps.wait_point(r2.cycle, timeout=60)
+        finally:
+            agent.close()
+    at_p2 = a.read_bytes()
+    mutate(a, 0.3, seed=67, zero_share=0.3)
+    with open(a, "r+b") as f:
+        f.seek(SIZE - 5)
+        f.write(b"tail!")
+    damaged = a.read_bytes()
+    expected = _differing(at_p2, damaged)
+    vault = await open_vault(tmp_path / "vault", key)
+    try:
+        point = await vault.read_point(p2)
+        assert point.base is not None
+        index = await vault.load_index()
+        results = []
+        for span in (1, 2, 7, None):
+            a.write_bytes(damaged)
+            r = await repair_in_place(vault, point, "sda", str(a), index=index,
+                                      range_blocks=span)
+            assert a.read_bytes() == at_p2, span
+            results.append((r.blocks_compared, r.blocks_written, r.bytes_written, r.digest))
+        assert results == [(-(-SIZE // BLOCK), expected, sum(
+            len(at_p2[o:o + BLOCK]) for o in range(0, SIZE, BLOCK)
+            if at_p2[o:o + BLOCK] != damaged[o:o + BLOCK]), point.disk("sda").digest)] * 4
+    finally:
+        await vault.close()
 
 
 def _sparse(path: Path, nblocks: int, every: int, seed: int) -> list[int]:

@@ -1,11 +1,17 @@
 """Repair a disk in place from a recovery point, writing only the blocks that differ.
 
-The disk (a block device or an image file) is read block by block; each block is
-compared with the point's block map by its keyed block id (the map's own name for the
-block, so nothing but the differing blocks is read from the vault); a block the map
-lacks must be zero. Only the blocks that differ are fetched, authenticated and written.
-The end-to-end disk digest is then computed from the blocks as they now stand (those
-compared equal and those written) and checked against the one the point recorded.
+The disk (a block device or an image file) is read a range of blocks at a time
+(``range_blocks``: 8 MiB of the disk by default); each block is compared with the
+point's block map by its keyed block id (the map's own name for the block, so nothing
+but the differing blocks is read from the vault); a block the map lacks must be zero.
+The blocks of the range that differ are then looked up in one batch, fetched,
+authenticated and written, before the next range is read. The end-to-end disk digest is
+computed from the blocks as they now stand (those compared equal and those written),
+range by range, and checked against the one the point recorded.
+
+Nothing held grows with the disk but the delta chain's maps as plaintexts (40 bytes a
+mapped block, ``vault/fpstream.py``), merged as sorted streams and cut per range: no
+resolved map, no whole fingerprint map, no list of every differing block.
 
 Nothing is written to a disk that is mounted, swapped on or held (common/devicebusy.py);
 a device is opened with ``O_EXCL`` so that it cannot be mounted while it is written. An
@@ -21,14 +27,15 @@ import asyncio
 import errno
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from common.devicebusy import DeviceInUseError, check_not_in_use
-from common.digest import block_count, digest_of_fingerprint_map, fingerprint
+from common.digest import DiskDigest, block_count, fingerprint
 from vault import names
 from vault.errors import IntegrityError, NotFoundError, PermanentStoreError, VaultError
+from vault.fpstream import chain_entries, merged
 from vault.index import BlockIndex, Location, locate_blocks
 from vault.pack import open_block
 from vault.point import Point
@@ -60,10 +67,14 @@ class InPlaceResult:
 async def repair_in_place(
     vault: Vault, point: Point, disk: str, path: str, *, index: BlockIndex,
     executor: Executor | None = None, progress: PhaseProgress | None = None,
+    range_blocks: int | None = None,
 ) -> InPlaceResult:
-    """Make ``path`` hold ``disk`` of ``point``, writing only the blocks that differ."""
+    """Make ``path`` hold ``disk`` of ``point``, writing only the blocks that differ
+    (compared and written ``range_blocks`` blocks at a time)."""
+    if range_blocks is not None and range_blocks < 1:
+        raise ValueError(f"a range is at least one block, not {range_blocks}")
     entry = point.disk(disk)
-    bmap = await vault.resolve_map(point, disk)
+    entries = merged(await chain_entries(vault, point, disk))
     size, bs = entry.size, entry.block_size
     nblocks = block_count(size, bs)
     check_not_in_use(path)
@@ -78,26 +89,49 @@ async def repair_in_place(
                                "large, or restore to an image file (--out)")
         if not is_device and have != size:
             os.ftruncate(fd, size)
-        fps = bytearray(FP * nblocks)
-        differ: list[int] = []
-        chunk = max(1, READ_CHUNK // bs)
-        for first in range(0, nblocks, chunk):
-            last = min(nblocks, first + chunk)
-            differ += await loop.run_in_executor(
-                executor, _compare, vault, fd, bmap.blocks, first, last, size, bs, fps)
+        digest = DiskDigest()
+        ranges = _Cut(entries)
+        span = range_blocks or max(1, READ_CHUNK // bs)
+        count = written = 0
+        for first in range(0, nblocks, span):
+            last = min(nblocks, first + span)
+            blocks = dict(ranges.upto(last))  # the range's mapped blocks: number -> id
+            fps = bytearray(FP * (last - first))  # the range's, as its blocks now stand
+            differ = await loop.run_in_executor(
+                executor, _compare, vault, fd, blocks, first, last, size, bs, fps)
             if progress is not None:
                 progress("compare", min(size, last * bs), size)
-        written = await _write_differing(vault, point, disk, fd, bmap.blocks, differ, size, bs,
-                                         fps, index, executor, progress)
+            if differ:
+                count += len(differ)
+                written = await _write_differing(vault, point, disk, fd, blocks, differ,
+                                                 first, size, bs, fps, index, executor,
+                                                 progress, written)
+            digest.update(bytes(fps))
         await loop.run_in_executor(executor, os.fsync, fd)
     finally:
         os.close(fd)
-    got = digest_of_fingerprint_map(fps)
+    if progress is not None:
+        progress("write", written, written)
+    got = digest.hexdigest()
     if entry.digest and got != entry.digest:
         raise IntegrityError(f"points/{point.id}", f"disk {disk!r} repaired in place at {path} "
                              f"has digest {got[:16]}, recorded {entry.digest[:16]}; do not "
                              "use it: run the repair again")
-    return InPlaceResult(disk, path, size, bs, nblocks, len(differ), written, got)
+    return InPlaceResult(disk, path, size, bs, nblocks, count, written, got)
+
+
+class _Cut:
+    """The entries of a map in block order, cut at the end of each range."""
+
+    def __init__(self, entries: Iterator[tuple[int, bytes]]) -> None:
+        self._it, self._next = entries, next(entries, None)
+
+    def upto(self, end: int) -> list[tuple[int, bytes]]:
+        out: list[tuple[int, bytes]] = []
+        while self._next is not None and self._next[0] < end:
+            out.append(self._next)
+            self._next = next(self._it, None)
+        return out
 
 
 def _open(path: str) -> int:
@@ -121,8 +155,8 @@ def _open(path: str) -> int:
 
 def _compare(vault: Vault, fd: int, blocks: dict[int, bytes], first: int, last: int,
              size: int, bs: int, fps: bytearray) -> list[int]:
-    """Read blocks first..last-1; note the fingerprint of each that matches the map and
-    return the numbers of those that do not."""
+    """Read blocks first..last-1; note the fingerprint of each that matches the map (in
+    ``fps``, the range's) and return the numbers of those that do not."""
     block_id = vault.keyring.block_id
     lo, hi = first * bs, min(size, last * bs)
     data = os.pread(fd, hi - lo, lo)
@@ -136,7 +170,7 @@ def _compare(vault: Vault, fd: int, blocks: dict[int, bytes], first: int, last: 
         want = blocks.get(n)
         same = bytes(b) == zero[:len(b)] if want is None else block_id(b) == want
         if same:
-            fps[n * FP:(n + 1) * FP] = fingerprint(b)
+            fps[(n - first) * FP:(n - first + 1) * FP] = fingerprint(b)
         else:
             out.append(n)
     return out
@@ -144,16 +178,18 @@ def _compare(vault: Vault, fd: int, blocks: dict[int, bytes], first: int, last: 
 
 async def _write_differing(
     vault: Vault, point: Point, disk: str, fd: int, blocks: dict[int, bytes],
-    differ: list[int], size: int, bs: int, fps: bytearray, index: BlockIndex,
-    executor: Executor | None, progress: PhaseProgress | None,
+    differ: list[int], first: int, size: int, bs: int, fps: bytearray, index: BlockIndex,
+    executor: Executor | None, progress: PhaseProgress | None, done: int,
 ) -> int:
-    """Write the point's content of each block in ``differ``; return the bytes written."""
+    """Write the point's content of each block in ``differ`` (of the range from block
+    ``first``, whose fingerprints ``fps`` holds); return the bytes written so far, from
+    ``done`` before (the write phase's total grows range by range)."""
     loop = asyncio.get_running_loop()
-    total = sum(min(bs, size - n * bs) for n in differ)
-    done = 0
+    total = done + sum(min(bs, size - n * bs) for n in differ)
     zeros = [n for n in differ if n not in blocks]
     if zeros:
-        done += await loop.run_in_executor(executor, _write_zeros, fd, zeros, size, bs, fps)
+        done += await loop.run_in_executor(executor, _write_zeros, fd, zeros, first, size, bs,
+                                           fps)
         if progress is not None:
             progress("write", done, total)
     wanted = {n: blocks[n] for n in differ if n in blocks}
@@ -173,8 +209,11 @@ async def _write_differing(
             except PermanentStoreError:
                 raise IntegrityError(pname, "the pack is shorter than its index says "
                                             "(truncated)") from None
-            done += await loop.run_in_executor(executor, _write_blocks, vault, pack_id, items,
-                                               raw, lo, fd, bs, fps)
+            # (not ``done += await``: that would read ``done`` before the wait, and
+            # another pack's task may add to it meanwhile)
+            got = await loop.run_in_executor(executor, _write_blocks, vault, pack_id, items,
+                                             raw, lo, fd, first, bs, fps)
+            done += got
             if progress is not None:
                 progress("write", done, total)
 
@@ -185,30 +224,30 @@ async def _write_differing(
     errors = [r for r in results if isinstance(r, BaseException)]
     if errors:
         raise errors[0]
-    if progress is not None:
-        progress("write", total, total)
     return done
 
 
-def _write_zeros(fd: int, numbers: list[int], size: int, bs: int, fps: bytearray) -> int:
+def _write_zeros(fd: int, numbers: list[int], first: int, size: int, bs: int,
+                 fps: bytearray) -> int:
     done = 0
     for n in numbers:
         ln = min(bs, size - n * bs)
         zero = bytes(ln)
         os.pwrite(fd, zero, n * bs)
-        fps[n * FP:(n + 1) * FP] = fingerprint(zero)
+        fps[(n - first) * FP:(n - first + 1) * FP] = fingerprint(zero)
         done += ln
     return done
 
 
 def _write_blocks(vault: Vault, pack_id: str, items: list[tuple[int, bytes, Location]],
-                  raw: bytes, base: int, fd: int, bs: int, fps: bytearray) -> int:
+                  raw: bytes, base: int, fd: int, first: int, bs: int, fps: bytearray
+                  ) -> int:
     view = memoryview(raw)
     done = 0
     for n, bid, loc in items:
         data = open_block(vault.keyring, pack_id, bid,
                           view[loc.offset - base:loc.offset - base + loc.length])
         os.pwrite(fd, data, n * bs)
-        fps[n * FP:(n + 1) * FP] = fingerprint(data)
+        fps[(n - first) * FP:(n - first + 1) * FP] = fingerprint(data)
         done += len(data)
     return done
