@@ -45,6 +45,8 @@ FP = 16  # bytes per fingerprint
 READ_CHUNK = 8 << 20
 MAX_INFLIGHT = 4
 # progress(phase, done, total): phase "compare" counts bytes read, "write" bytes written
+# (compared and written range by range: the write phase's total is the disk's size, an
+# upper bound, until its last report, ``(written, written)``)
 PhaseProgress = Callable[[str, int, int], None]
 
 
@@ -183,9 +185,9 @@ async def _write_differing(
 ) -> int:
     """Write the point's content of each block in ``differ`` (of the range from block
     ``first``, whose fingerprints ``fps`` holds); return the bytes written so far, from
-    ``done`` before (the write phase's total grows range by range)."""
+    ``done`` before."""
     loop = asyncio.get_running_loop()
-    total = done + sum(min(bs, size - n * bs) for n in differ)
+    total = size  # an upper bound: the later ranges are not compared yet
     zeros = [n for n in differ if n not in blocks]
     if zeros:
         done += await loop.run_in_executor(executor, _write_zeros, fd, zeros, first, size, bs,
