@@ -22,7 +22,10 @@ outcome — released with each member's cycle, or failed and why — is recorded
 process server's database before any member is released, and reported from there to the
 configuration server (``POST /api/v1/internal/group-points``; ``procserver/groupoutbox.py``
 keeps it across a restart), which lists the group point and raises the event
-``group_point_failed``. A barrier open when the process server stopped fails at its next
+``group_point_failed``. A member's cycle of a released group point that this process
+server aborts later (its session ended and the cycle was not resumed, a newer cycle
+superseded it) fails the group point: it is reported again, ``failed``, naming the member
+and why. A barrier open when the process server stopped fails at its next
 start.
 """
 
@@ -157,6 +160,28 @@ class Barriers:
         if b.failed is not None:
             raise BarrierFailed(b.failed)
         return {"point": point, "phase": phase, "released": True}
+
+    async def cycle_dropped(self, machine: str, cycle: str, reason: str) -> None:
+        """``machine``'s ``cycle`` was aborted here: a released group point that holds it
+        fails (reported again, ``failed``: the catalog marks it so)."""
+        for point, doc in list(self.outcomes.items()):
+            if doc["state"] != "released" or doc["members"].get(machine) != cycle:
+                continue
+            failed = {**doc, "state": "failed",
+                      "error": f"{machine}'s cycle {cycle} of this group point was dropped by "
+                               f"the process server ({reason}) after the barrier released "
+                               "it"}
+            self.outcomes[point] = failed
+            log.warning("group_point_failed", group=doc["group"], group_point=point,
+                        error=failed["error"])
+            if self.book is not None:
+                try:
+                    await self.book.finished(failed)
+                except Exception as e:  # the catalog's own settling decides it then
+                    log.error("group_point_not_recorded", group_point=point,
+                              error=str(e) or type(e).__name__)
+            if self.report is not None:
+                self.report(failed)
 
     async def _join(self, b: _Barrier, machine: str, doc: dict[str, Any], phase: str,
                     group: str, members: frozenset[str]) -> None:

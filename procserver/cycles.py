@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +94,9 @@ class CycleBook:
         # Cycles being received (and resumable ones while suspended), by cycle id.
         self.open: dict[str, OpenCycle] = {}
         self.changed = asyncio.Condition()  # notified when a cycle is suspended or aborted
+        # Awaited with (machine, cycle id, reason) once a cycle is aborted (a consistency
+        # group's point that holds it fails: ``Barriers.cycle_dropped``).
+        self.on_abort: list[Callable[[str, str, str], Awaitable[None]]] = []
 
     async def recover(self) -> None:
         """Drop cycles that were never acknowledged; account for the ones still cached.
@@ -242,6 +245,8 @@ class CycleBook:
             self.changed.notify_all()
         log.warning("cycle_aborted", machine=oc.machine, cycle=oc.id, cycle_seq=oc.seq,
                     **({"reason": reason} if reason else {}))
+        for hook in self.on_abort:
+            await hook(oc.machine, oc.id, reason or "its session ended")
 
     async def _mark_aborted(self, seq: int) -> None:
         async with self.sessionmaker() as s:

@@ -167,8 +167,21 @@ async def test_a_released_group_point_a_member_never_completes_ends_failed(
                 "members": {m: None for m in cycles}, "error": why})
     p = await api.get(f"/api/v1/groups/erp/points/{late}")
     assert (p["state"], p["error"]) == ("failed", why)
+    # db01 went on without its cycle of a third group point: a point of a later cycle
+    third = uuid.uuid4().hex
+    async with ApiClient(cs.url, cs.internal_token) as internal:
+        await internal.post("/api/v1/internal/group-points", {
+            "id": third, "group": "erp", "created": 1.8e9 - 60, "state": "released",
+            "members": {"app01": uuid.uuid4().hex, "db01": cycles["db01"]}})
+    newer = uuid.uuid4().hex * 2
+    await _report_cycle_point(cs, "db01", newer, uuid.uuid4().hex)
+    assert await groupsettle.settle_once(core) == {third: "failed"}
+    p = await api.get(f"/api/v1/groups/erp/points/{third}")
+    assert p["error"].startswith(f"db01's cycle {cycles['db01']} of this group point made "
+                                 "no point: it failed or was abandoned after the barrier "
+                                 f"released it (db01's point {newer} of a later cycle"), p
     events = (await api.get("/api/v1/events", code="group_point_failed"))["events"]
-    assert sorted(gp in e["message"] or late in e["message"] for e in events) == [True, True]
+    assert sorted(e["message"].split()[2] for e in events) == sorted([gp, late, third])
     assert any("db01: no point of its cycle" in e["message"] for e in events)
     assert any(why in e["message"] for e in events)
 
