@@ -12,10 +12,11 @@ compared: it is fetched and written whole, with a warning.
 
 Nothing held grows with a disk's size: the point's fingerprints (MAP frames) are written
 to ``<disk>.failback.fp`` in the state directory as they arrive and read through a
-read-only memory map (page cache, not the agent's memory); the disk is compared a range
-of blocks at a time (``range_blocks``: 8 MiB of the disk by default), the blocks that
-differ noted in a bitmap file (``mobility/failbackplan.py``) and read back from it in
-batches to be fetched. The received map becomes the agent's own map by a rename.
+read-only memory map (page cache, not the agent's memory; ``mobility/failbackbasis.py``);
+the disk is compared a range of blocks at a time (``range_blocks``: 8 MiB of the disk by
+default), the blocks that differ noted in a bitmap file (``mobility/failbackplan.py``)
+and read back from it in batches to be fetched. The received map becomes the agent's
+own map by a rename.
 
 Nothing is written to a disk that is mounted, swapped on or held (common/devicebusy.py);
 a block device is opened with ``O_EXCL``. An image file takes the point's size; a device
@@ -39,7 +40,6 @@ policy's, else mobility.toml's), as its replication is: the link is the same one
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import itertools
 import mmap
@@ -55,18 +55,19 @@ from typing import Any
 import structlog
 
 from common.devicebusy import DeviceInUseError, check_not_in_use
-from common.digest import DiskDigest, block_count, fingerprint
+from common.digest import fingerprint
 from common.fs import atomic_write, fsync_dir
 from common.pacing import TokenBucket
-from mobility import failbackplan
+from mobility import failbackbasis, failbackplan
 from mobility.agent import Agent
 from mobility.config import MobilityConfig
+from mobility.failbackbasis import Basis
+from mobility.failbackbasis import FailbackError as FailbackError  # (its callers' name)
 from mobility.link import FOREVER, Link
-from mobility.tracker import AgentState, DiskState, OldMap, commit_state
+from mobility.tracker import AgentState, DiskState, commit_state
 from wire.protocol import (
     FINGERPRINT,
     MAX_FETCH,
-    Frame,
     FrameType,
     ProtocolError,
     encode_json,
@@ -75,15 +76,10 @@ from wire.protocol import (
 
 log = structlog.get_logger("mobility.inplace")
 PENDING = "failback-pending"  # in the state directory while a failback writes the disks
-MAP_SUFFIX = ".failback.fp"  # + in the state directory: the point's map of a disk, received
 FP = FINGERPRINT
 READ_CHUNK = 8 << 20
 # progress(disk, phase, done, total): phase "compare" counts bytes read, "write" bytes written
 Progress = Callable[[str, str, int, int], None]
-
-
-class FailbackError(Exception):
-    """The point cannot be written onto this machine's disks (nothing was written)."""
 
 
 @dataclass(frozen=True)
@@ -114,29 +110,6 @@ class FailbackResult:
         return sum(d.bytes_written for d in self.disks)
 
 
-@dataclass
-class _Basis:
-    cycle: str
-    point: str
-    disks: list[dict[str, Any]]  # name, size, block_size, blocks, digest
-    maps: dict[str, OldMap]  # the point's fingerprints of each disk, memory-mapped
-    digests: dict[str, str]  # the digest of each disk's map, as received
-
-
-def _map_path(state_dir: Path, disk: str) -> Path:
-    return state_dir / f"{disk}{MAP_SUFFIX}"
-
-
-def _drop_maps(state_dir: Path, maps: dict[str, OldMap]) -> None:
-    """Close the received maps and remove their files (those not renamed)."""
-    for m in maps.values():
-        if isinstance(m, mmap.mmap):
-            m.close()
-    maps.clear()
-    for p in state_dir.glob(f"*{MAP_SUFFIX}"):
-        p.unlink(missing_ok=True)
-
-
 async def write_point(link: Link, cfg: MobilityConfig, point: str, *,
                       executor: Executor | None = None,
                       progress: Progress | None = None,
@@ -154,15 +127,15 @@ async def write_point(link: Link, cfg: MobilityConfig, point: str, *,
         check_not_in_use(d["path"])
     state_dir = Path(cfg.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    basis = await _basis(link, cfg, point, state_dir)
+    basis = await failbackbasis.receive(link, cfg, point, state_dir)
     try:
         return await _write_point(link, cfg, basis, state_dir, executor, progress, limit,
                                   range_blocks)
     finally:
-        _drop_maps(state_dir, basis.maps)
+        failbackbasis.drop_maps(state_dir, basis.maps)
 
 
-async def _write_point(link: Link, cfg: MobilityConfig, basis: _Basis, state_dir: Path,
+async def _write_point(link: Link, cfg: MobilityConfig, basis: Basis, state_dir: Path,
                        executor: Executor | None, progress: Progress | None,
                        limit: TokenBucket | None, range_blocks: int | None
                        ) -> FailbackResult:
@@ -195,7 +168,8 @@ async def _write_point(link: Link, cfg: MobilityConfig, basis: _Basis, state_dir
         m = basis.maps.pop(d["name"])
         if isinstance(m, mmap.mmap):
             m.close()
-        os.replace(_map_path(state_dir, d["name"]), state_dir / name)  # fsynced as received
+        # (fsynced as it was received)
+        os.replace(failbackbasis.map_path(state_dir, d["name"]), state_dir / name)
         disks[d["name"]] = DiskState(pd["size"], pd["block_size"], name, verified_at=now)
     fsync_dir(state_dir)
     commit_state(state_dir, AgentState(basis.cycle, disks))
@@ -207,80 +181,6 @@ async def _write_point(link: Link, cfg: MobilityConfig, basis: _Basis, state_dir
              disks={w.disk: w.blocks_written for w in done},
              blocks_written_before=sum(w.blocks_written_before for w in done))
     return result
-
-
-async def _basis(link: Link, cfg: MobilityConfig, point: str, state_dir: Path) -> _Basis:
-    """Ask for the point's fingerprints; each disk's MAP frames are written to its
-    ``MAP_SUFFIX`` file as they come (one frame held at a time) and memory-mapped."""
-    disks = [{"name": d["name"], "size": _size(d["path"]), "block_size": cfg.block_size}
-             for d in cfg.disks]
-    link.send(encode_json(FrameType.BASIS, {"disks": disks, "point": point}))
-    wait = FOREVER if link.heartbeat else cfg.ack_timeout_seconds
-
-    async def answer(want: FrameType) -> Frame:
-        f = await link.recv(wait)
-        if f.type == FrameType.ERROR and f.json().get("code") == "no_basis":
-            raise FailbackError(f"the process server cannot offer point {point[:16]}: "
-                                f"{f.json().get('message')}")
-        raise_if_error(f)
-        if f.type != want:
-            raise ProtocolError("bad_basis", f"expected {want.name}, got {f.type.name}")
-        return f
-
-    doc = (await answer(FrameType.BASIS)).json()
-    got = doc.get("disks")
-    if (not isinstance(doc.get("cycle"), str) or not isinstance(got, list)
-            or [g.get("name") if isinstance(g, dict) else None for g in got]
-            != [d["name"] for d in cfg.disks]
-            or not all(isinstance(g.get(k), int) and g[k] > 0 for g in got
-                       for k in ("size", "block_size", "blocks"))
-            or any(g["blocks"] != block_count(g["size"], g["block_size"]) for g in got)):
-        raise ProtocolError("bad_basis", "the BASIS answer does not describe this "
-                                         "machine's disks")
-    maps: dict[str, OldMap] = {}
-    digests: dict[str, str] = {}
-    ok = False
-    try:
-        for idx, g in enumerate(got):
-            n = g["blocks"]
-            path = _map_path(state_dir, g["name"])
-            # A new file, not the old one truncated: an earlier one may still be mapped.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            dd = DiskDigest()
-            with open(path, "w+b") as out:
-                have = 0
-                while have < n:
-                    disk, first, part = (await answer(FrameType.MAP)).map()
-                    more = len(part) // FP
-                    if disk != idx or first != have or not 0 < more <= n - have:
-                        raise ProtocolError("bad_map", f"MAP {disk}:{first}+{more} out of "
-                                            f"order (expected disk {idx} from block {have})")
-                    out.write(part)
-                    dd.update(bytes(part))
-                    have += more
-                out.flush()
-                os.fsync(out.fileno())
-                maps[g["name"]] = mmap.mmap(out.fileno(), 0, access=mmap.ACCESS_READ)
-            digests[g["name"]] = dd.hexdigest()
-            digest = g.get("digest")
-            if isinstance(digest, str) and digest and digests[g["name"]] != digest:
-                raise ProtocolError("bad_basis", f"the fingerprints of disk {g['name']!r} "
-                                                 "do not match the point's digest")
-        ok = True
-    finally:
-        if not ok:
-            _drop_maps(state_dir, maps)
-    log.info("failback_basis_received", point=doc.get("point"), cycle=doc["cycle"])
-    return _Basis(doc["cycle"], str(doc.get("point") or point), got, maps, digests)
-
-
-def _size(path: str) -> int:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
 
 
 def _open(path: str, size: int) -> int:
@@ -328,7 +228,7 @@ def _compare(fd: int, first: int, last: int, size: int, bs: int, want: bytes
     return out, 0
 
 
-async def _write_disk(link: Link, basis: _Basis, name: str, path: str, fd: int,
+async def _write_disk(link: Link, basis: Basis, name: str, path: str, fd: int,
                       pd: dict[str, Any], wait: float, executor: Executor | None,
                       progress: Progress | None, limit: TokenBucket | None,
                       state_dir: Path, range_blocks: int | None) -> DiskWritten:

@@ -21,7 +21,8 @@ import pytest
 
 from common.digest import digest_of_fingerprint_map, fingerprint
 from mobility.agent import Agent
-from mobility.inplace import MAP_SUFFIX, failback, failback_pending
+from mobility.failbackbasis import MAP_SUFFIX
+from mobility.inplace import failback, failback_pending
 from mobility.tracker import load_state
 from tests.helpers import (
     BLOCK,
