@@ -31,7 +31,7 @@ from tests.backends import missing_backend
 from tests.helpers import open_vault, sha256
 from tests.managedsite import managed_site
 from tests.sitehelpers import next_job, step, step_running, wait_job
-from vault.locks import Lock, try_acquire
+from vault.locks import acquire
 from vault.regkey import make_key
 
 DISK = 16 << 20
@@ -161,8 +161,8 @@ async def test_latest_waits_for_what_the_process_server_still_holds(
     upload yet (a prune holds the vault) waits for it, and recovers that cycle's point."""
     p, api = protected, protected.api
     vault = await open_vault(tmp_path / "vault", tmp_path / "vault.key")
-    held = await try_acquire(vault, "exclusive", "test: a prune")  # the upload waits
-    assert isinstance(held, Lock)
+    # the upload waits (taken once the process server's own retention, if it runs, let go)
+    held = await acquire(vault, "exclusive", "test: a prune", wait=120)
     try:
         _write(p.disk, "late.txt", os.urandom(300_000))
         assert await p.managed.round()  # acknowledged: in the process server's cache only

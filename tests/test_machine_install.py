@@ -625,9 +625,12 @@ async def test_enable_protection_upgrades_an_older_agent_and_keeps_its_maps(
     # (the check-in counted may be the old process's, if it heartbeated before it was
     # restarted: no systemd here to restart it)
     await _wait_machine(site, lambda m: m["agent_version"] != old, "the new agent's heartbeat")
-    assert not (await site.api.get("/api/v1/items/web01"))["agent"]["outdated"]
+    item = await site.api.get("/api/v1/items/web01")
+    assert not item["agent"]["outdated"]
     assert (site.sshd.root / "etc/siterecovery/agent.key").read_bytes() == key
-    point = await _new_point(site, before, protected=False)
+    # a point the upgraded agent made: one recorded after its first heartbeat (the old
+    # agent's last cycle, begun before the write above, may be recorded late)
+    point = await _new_point(site, item["latest_point"] or before, protected=False)
     assert _received(site) - received < DISK_BYTES / 2  # a delta: the maps were kept
     await _restores_to_the_disk(site, point, tmp_path)
     # Its Enable protection job stays in Initial replication: a delta reports no copy
