@@ -46,7 +46,7 @@ from targets.domainxml import DomainLayout, domain_xml, isolated_network_xml
 from targets.virsh import Virsh
 from tests.backends import missing_backend
 from tests.bootdisk import PART_START, _Cpio, bootdisk, missing_tools
-from tests.helpers import open_vault
+from tests.helpers import open_vault, run_cli
 from tests.libvirtd import libvirtd_running
 from tests.managedsite import Site, managed_site
 from tests.sitehelpers import next_job, step, wait_job
@@ -234,6 +234,16 @@ async def _run_job(api: ApiClient, verb: str, body: dict[str, Any]) -> dict[str,
         "job"]["id"], timeout=BOUND)
 
 
+async def _cli(cs: ConfigServer, *argv: str) -> dict[str, Any]:
+    """``siterecovery … --json`` against ``cs``: the job it followed (exit 0 when it
+    succeeded, 1 when it failed)."""
+    res = await asyncio.to_thread(run_cli, *argv, "--json", "--api", cs.url,
+                                  "--token-file", str(cs.cfg.token_path))
+    job: dict[str, Any] = json.loads(res.stdout)
+    assert res.returncode == (0 if job["state"] == "succeeded" else 1), res.stderr
+    return job
+
+
 def _asking(job: dict[str, Any]) -> bool:
     return "asking" in (step(job, "write_back").get("message") or "")
 
@@ -295,7 +305,7 @@ async def test_failover_reprotect_failback_and_back_on_libvirt(
 
         # unless read paused: only the blocks the recovered machine wrote, and it runs on
         # (its guest idles after its boot line: the image read after is the one read)
-        done = await _run_job(api, "reprotect", {"pause": True})
+        done = await _cli(cs, "failover", "reprotect", "web01", "--pause", "--wait")
         assert done["state"] == "succeeded", done
         assert _virsh(uri, "domstate", VM).stdout.strip() == "running"
         paused_read = recovered.read_bytes()
@@ -322,7 +332,8 @@ async def test_failover_reprotect_failback_and_back_on_libvirt(
         paused = _virsh(uri, "start", "--paused", VM)
         assert paused.returncode == 0, paused.stderr
         try:
-            refused = await _run_job(api, "failback", {"shutdown_timeout_seconds": 1})
+            refused = await _cli(cs, "failover", "failback", "web01", "--shutdown-timeout",
+                                 "1", "--wait")
         finally:
             _virsh(uri, "destroy", VM)
         assert refused["state"] == "failed"
