@@ -18,9 +18,7 @@ from typing import Any
 import uvloop
 
 from configserver.config import ConfigServerConfig
-from configserver.server import ConfigServer
 from procserver.config import ProcServerConfig
-from procserver.server import ProcServer
 from siterecovery import (
     __version__,
     accountcmds,
@@ -66,12 +64,16 @@ async def cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def cmd_configserver_run(args: argparse.Namespace) -> int:
+    from configserver.server import ConfigServer  # only the daemons import the servers
+
     return await run_until_signal(ConfigServer(load(ConfigServerConfig, args.config)))
 
 
 async def cmd_procserver_run(args: argparse.Namespace) -> int:
     cfg = load(ProcServerConfig, args.config)
     require_files(cfg, args.config, PROCSERVER_FILES)  # missing: exit 2, not 4 or 1
+    from procserver.server import ProcServer  # only the daemons import the servers
+
     ps = ProcServer(cfg)
     signals = StopSignals()  # before the start: a stop during it is graceful too
     await ps.start()

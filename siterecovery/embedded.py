@@ -29,6 +29,7 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 from cryptography import x509
@@ -37,11 +38,8 @@ from cryptography.hazmat.primitives import serialization
 
 from common.fs import atomic_write
 from configserver.ca import CertificateAuthority, write_bundle
-from configserver.certs import record_pem
 from configserver.config import ConfigServerConfig
-from configserver.server import ConfigServer
 from procserver.config import ProcServerConfig
-from procserver.server import ProcServer
 from siterecovery.daemon import StopSignals
 from siterecovery.errors import UsageError
 from siterecovery.vaultopts import add_passphrase_args, passphrase
@@ -49,6 +47,10 @@ from vault.errors import NotFoundError
 from vault.keyslots import KeyMaterial, new_keyfile, read_keyfile
 from vault.repo import Vault
 from vault.store.open import open_store
+
+if TYPE_CHECKING:  # the servers are imported when they are started: the CLI's other verbs
+    from configserver.server import ConfigServer  # do not pay for them
+    from procserver.server import ProcServer
 
 log = structlog.get_logger("siterecovery")
 
@@ -210,6 +212,10 @@ async def start_embedded(
     listen_port: int = 9443, metrics_port: int = 9444, cache_quota_bytes: int = 8 << 30,
     vault: VaultChoice = VaultChoice(),
 ) -> Embedded:
+    from configserver.certs import record_pem
+    from configserver.server import ConfigServer
+    from procserver.server import ProcServer
+
     d = Path(data_dir).resolve()
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     url, key = await ensure_vault(d, vault)
