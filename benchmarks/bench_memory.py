@@ -176,7 +176,9 @@ async def step_basis(vdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     if args.index_dir:
         kw = {"index_dir": args.index_dir, "index_memory": args.index_memory_mib << 20}
     va = VaultAccess(LocalStore(vdir / "vault"), km_of(vdir), **kw)
+    t0 = time.monotonic()
     await va.open()
+    opened = time.monotonic() - t0
     point = await va.vault.read_point((vdir / "last_ingest").read_text())
     sent = 0
     with ThreadPoolExecutor(2) as ex:
@@ -185,7 +187,7 @@ async def step_basis(vdir: Path, args: argparse.Namespace) -> dict[str, Any]:
                                                     executor=ex):
             sent += len(fps)
     await va.close()
-    return {"fingerprint_bytes": sent}
+    return {"open_seconds": round(opened, 2), "fingerprint_bytes": sent}
 
 
 def budget(args: argparse.Namespace) -> int | None:
@@ -201,7 +203,10 @@ async def step_check(vdir: Path, args: argparse.Namespace) -> dict[str, Any]:
         report = await check_vault(LocalStore(vdir / "vault"), km_of(vdir), read_data=data,
                                    subset=1.0 if data else None, executor=ex,
                                    memory=budget(args), temp_dir=vdir)
-    return {"problems": len(report.problems)}
+    kinds: dict[str, int] = {}
+    for pr in report.problems:
+        kinds[pr.kind] = kinds.get(pr.kind, 0) + 1
+    return {"errors": len(report.errors), "warnings": len(report.warnings), "kinds": kinds}
 
 
 async def step_prune(vdir: Path, args: argparse.Namespace) -> dict[str, Any]:
