@@ -104,6 +104,7 @@ async def wait_remote(ctx: StepContext, name: str,
     began = ctx.core.clock()
 
     async def reported() -> str | None:
+        now = ctx.core.clock()  # before the read: the state seen is never older than now
         async with ctx.core.sessionmaker() as s:
             req = await s.get(InstallRequest, ctx.job.id)
             ps = await s.get(db.ProcessServer, req.procserver) if req is not None else None
@@ -114,7 +115,6 @@ async def wait_remote(ctx: StepContext, name: str,
             return str(st.get("message") or "done")
         if st.get("state") == "failed" or req.state == "failed":
             raise StepFailed(str(st.get("message") or req.error or "failed"))
-        now = ctx.core.clock()
         if req.state == "pending" and now >= req.created + CLAIM_TIMEOUT_SECONDS:
             raise StepFailed(
                 f"process server {req.procserver} did not take the request within "
