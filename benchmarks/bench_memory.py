@@ -121,12 +121,17 @@ async def build(vdir: Path, nblocks: int) -> dict[str, Any]:
 
 
 # -- the steps, each in a child process ---------------------------------------------------
+def index_args(args: argparse.Namespace) -> dict[str, Any]:
+    """With ``--index-dir``: the on-disk index's arguments (else the in-memory index)."""
+    if not args.index_dir:
+        return {}
+    return {"index_dir": args.index_dir, "index_memory": args.index_memory_mib << 20}
+
+
 async def step_ingest(vdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     from procserver.vaultaccess import VaultAccess
 
-    kw: dict[str, Any] = {}
-    if args.index_dir:
-        kw = {"index_dir": args.index_dir, "index_memory": args.index_memory_mib << 20}
+    kw = index_args(args)
     va = VaultAccess(LocalStore(vdir / "vault"), km_of(vdir), **kw)
     t0 = time.monotonic()
     await va.open()
@@ -159,9 +164,7 @@ async def step_restore(vdir: Path, args: argparse.Namespace) -> dict[str, Any]:
 
     vault = await Vault.open(LocalStore(vdir / "vault"), km_of(vdir))
     point = await vault.read_point((vdir / "last_ingest").read_text())
-    kw: dict[str, Any] = {}
-    if args.index_dir:
-        kw = {"index_dir": args.index_dir, "index_memory": args.index_memory_mib << 20}
+    kw = index_args(args)
     with tempfile.TemporaryDirectory(dir=vdir) as out:
         await restore_point(vault, point, out, **kw)
     await vault.close()
@@ -172,9 +175,7 @@ async def step_basis(vdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     from procserver.vaultaccess import VaultAccess
     from vault.fpstream import fingerprint_ranges
 
-    kw: dict[str, Any] = {}
-    if args.index_dir:
-        kw = {"index_dir": args.index_dir, "index_memory": args.index_memory_mib << 20}
+    kw = index_args(args)
     va = VaultAccess(LocalStore(vdir / "vault"), km_of(vdir), **kw)
     t0 = time.monotonic()
     await va.open()
