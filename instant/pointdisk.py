@@ -26,9 +26,9 @@ from instant import protocol as p
 from instant.blocktable import BlockTable, Entry
 from instant.overlay import Overlay, OverlayHeader
 from vault import names
-from vault.errors import IntegrityError, NotFoundError, PermanentStoreError
 from vault.index import Index, locate_blocks
 from vault.pack import open_block
+from vault.packrange import read_range
 from vault.point import Point
 from vault.repo import Vault
 
@@ -262,15 +262,8 @@ class PointDisk:
         pack_id = chosen[0].loc.pack_id
         lo = chosen[0].loc.offset
         hi = max(e.loc.offset + e.loc.length for e in chosen)
-        pname = names.pack_name(pack_id)
         async with self._fetch_slots:
-            try:
-                raw = await self.vault.store.get(pname, lo, hi - lo)
-            except NotFoundError:
-                raise IntegrityError(pname, "the pack is missing") from None
-            except PermanentStoreError:
-                raise IntegrityError(pname, "the pack is shorter than its index says "
-                                            "(truncated)") from None
+            raw = await read_range(self.vault.store, pack_id, lo, hi - lo)
             self.fetched_bytes += len(raw)
             loop = asyncio.get_running_loop()
             blocks = await loop.run_in_executor(self._executor, self._open, pack_id, chosen,

@@ -22,10 +22,11 @@ import structlog
 
 from procserver.basis import NoBasisError, named_point
 from vault import names
-from vault.errors import IntegrityError, NotFoundError, PermanentStoreError, VaultError
+from vault.errors import VaultError
 from vault.index import Location, locate_blocks
 from vault.locks import locked
 from vault.pack import open_block
+from vault.packrange import read_range
 from wire.protocol import (
     MAX_FETCH,
     FrameType,
@@ -114,12 +115,6 @@ async def _map(session: Session, point_id: str, disk: str) -> tuple[int, dict[in
 
 async def _read(session: Session, pack_id: str, bid: bytes, loc: Location) -> bytes:
     vault = session.deps.vaults.vault
-    pname = names.pack_name(pack_id)
-    try:
-        sealed = await vault.store.get(pname, loc.offset, loc.length)
-    except NotFoundError:
-        raise IntegrityError(pname, "the pack is missing") from None
-    except PermanentStoreError:
-        raise IntegrityError(pname, "the pack is shorter than its index says") from None
+    sealed = await read_range(vault.store, pack_id, loc.offset, loc.length)
     return await asyncio.get_running_loop().run_in_executor(
         session.deps.executor, open_block, vault.keyring, pack_id, bid, sealed)

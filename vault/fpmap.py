@@ -21,9 +21,10 @@ from concurrent.futures import Executor
 
 from common.digest import block_count, digest_of_fingerprint_map, fingerprint
 from vault import names
-from vault.errors import IntegrityError, NotFoundError, PermanentStoreError
+from vault.errors import IntegrityError
 from vault.index import BlockIndex, Location, locate_blocks
 from vault.pack import open_block
+from vault.packrange import read_span
 from vault.point import Point
 from vault.repo import Vault
 
@@ -58,15 +59,7 @@ async def point_fingerprints(vault: Vault, point: Point, disk: str, *, index: Bl
 
     async def one(pack_id: str, items: list[tuple[int, bytes, Location]]) -> None:
         async with sem:
-            lo = min(loc.offset for _, _, loc in items)
-            hi = max(loc.offset + loc.length for _, _, loc in items)
-            pname = names.pack_name(pack_id)
-            try:
-                raw = await vault.store.get(pname, lo, hi - lo)
-            except NotFoundError:
-                raise IntegrityError(pname, "the pack is missing") from None
-            except PermanentStoreError:
-                raise IntegrityError(pname, "the pack is shorter than its index says") from None
+            raw, lo = await read_span(vault.store, pack_id, items)
             got = await loop.run_in_executor(executor, _fingerprints, vault, pack_id, items,
                                              raw, lo)
             for n, fp in got:

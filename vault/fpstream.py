@@ -27,12 +27,12 @@ from vault.errors import (
     IntegrityError,
     MissingObjectError,
     NotFoundError,
-    PermanentStoreError,
     UnindexedBlocksError,
 )
 from vault.index import BlockIndex, Location
 from vault.maps import DELTA, FULL, ZERO_ID, MapEntries, open_map_entries
 from vault.pack import open_block
+from vault.packrange import read_span
 from vault.point import Point
 from vault.repo import MAX_CHAIN, Vault
 
@@ -169,16 +169,7 @@ async def fingerprint_ranges(vault: Vault, point: Point, disk: str, *, index: Bl
         async def read(pack_id: str, run: list[tuple[int, bytes, Location]],
                        out: bytearray = out, first: int = first) -> None:
             async with sem:
-                lo = min(loc.offset for _, _, loc in run)
-                hi = max(loc.offset + loc.length for _, _, loc in run)
-                pname = names.pack_name(pack_id)
-                try:
-                    raw = await vault.store.get(pname, lo, hi - lo)
-                except NotFoundError:
-                    raise IntegrityError(pname, "the pack is missing") from None
-                except PermanentStoreError:
-                    raise IntegrityError(pname, "the pack is shorter than its index "
-                                         "says") from None
+                raw, lo = await read_span(vault.store, pack_id, run)
                 got = await loop.run_in_executor(executor, _fingerprints, vault, pack_id,
                                                  run, raw, lo)
                 for n, fp in got:

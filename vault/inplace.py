@@ -34,10 +34,11 @@ from dataclasses import dataclass
 from common.devicebusy import DeviceInUseError, check_not_in_use
 from common.digest import DiskDigest, block_count, fingerprint
 from vault import names
-from vault.errors import IntegrityError, NotFoundError, PermanentStoreError, VaultError
+from vault.errors import IntegrityError, VaultError
 from vault.fpstream import chain_entries, merged
 from vault.index import BlockIndex, Location, locate_blocks
 from vault.pack import open_block
+from vault.packrange import read_span
 from vault.point import Point
 from vault.repo import Vault
 
@@ -201,16 +202,7 @@ async def _write_differing(
     async def one(pack_id: str, items: list[tuple[int, bytes, Location]]) -> None:
         nonlocal done
         async with sem:
-            lo = min(loc.offset for _, _, loc in items)
-            hi = max(loc.offset + loc.length for _, _, loc in items)
-            pname = names.pack_name(pack_id)
-            try:
-                raw = await vault.store.get(pname, lo, hi - lo)
-            except NotFoundError:
-                raise IntegrityError(pname, "the pack is missing") from None
-            except PermanentStoreError:
-                raise IntegrityError(pname, "the pack is shorter than its index says "
-                                            "(truncated)") from None
+            raw, lo = await read_span(vault.store, pack_id, items)
             # (not ``done += await``: that would read ``done`` before the wait, and
             # another pack's task may add to it meanwhile)
             got = await loop.run_in_executor(executor, _write_blocks, vault, pack_id, items,

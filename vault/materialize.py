@@ -25,9 +25,10 @@ from typing import Any, TypeVar
 
 from common.digest import DiskDigest, block_count, fingerprint
 from vault import names
-from vault.errors import IntegrityError, NotFoundError, PermanentStoreError
+from vault.errors import IntegrityError
 from vault.index import BlockIndex, Location, locate_blocks
 from vault.pack import open_block
+from vault.packrange import read_span
 from vault.point import Point
 from vault.repo import Vault
 
@@ -104,16 +105,7 @@ async def materialize(
 
         async def pack_work(pack_id: str, items: list[tuple[int, bytes, Location]]) -> None:
             nonlocal done_bytes
-            lo = min(loc.offset for _, _, loc in items)
-            hi = max(loc.offset + loc.length for _, _, loc in items)
-            pname = names.pack_name(pack_id)
-            try:
-                raw = await vault.store.get(pname, lo, hi - lo)
-            except NotFoundError:
-                raise IntegrityError(pname, "the pack is missing") from None
-            except PermanentStoreError:
-                raise IntegrityError(pname, "the pack is shorter than its index says "
-                                            "(truncated)") from None
+            raw, lo = await read_span(vault.store, pack_id, items)
             got = await in_thread(_write_blocks, vault, pack_id, items, raw, lo, fd, bs)
             fps.update(got)
             if jf is not None:
