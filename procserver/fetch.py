@@ -6,7 +6,10 @@ fingerprints (BASIS with ``point``, basis.py), compares them with its disks, and
 fetches only the blocks that differ, in batches of at most ``MAX_FETCH``. Each block is
 read from the vault, authenticated and checked against its id (``open_block``), and
 sent as a BLOCK frame (a block the point holds as zeros as a ZERO frame), in the order
-asked; a FETCH frame with the count ends the answer. The agent never holds the vault
+asked; a FETCH frame with the count ends the answer. The blocks are found in the
+point's delta chain of maps (``vault/mapchain.py``: their plaintexts, 40 bytes an entry,
+searched newest first), never in a dict of the whole disk; the session keeps the chain
+of the last point and disk asked for its next FETCH. The agent never holds the vault
 key: the blocks reach it in plaintext over its mutual-TLS session, as its own blocks
 left it. The point must be the machine's own; a damaged point is refused with
 ``ERROR code=bad_fetch`` and nothing of it is sent.
@@ -25,6 +28,7 @@ from vault import names
 from vault.errors import VaultError
 from vault.index import Location, locate_blocks
 from vault.locks import locked
+from vault.mapchain import MapChain, chain_entries
 from vault.pack import open_block
 from vault.packrange import read_range
 from wire.protocol import (
@@ -41,8 +45,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("procserver.fetch")
 LOCK_WAIT = 600.0
-# Per session: (point, disk) -> (block count, the point's resolved map), the last one asked
-_MAPS: weakref.WeakKeyDictionary[Session, tuple[tuple[str, str], int, dict[int, bytes]]] = \
+# Per session, the last (point, disk) asked: its block count and its map chain (the
+# chain's maps as their plaintexts, 40 bytes an entry: no dict of the disk is built)
+_CHAINS: weakref.WeakKeyDictionary[Session, tuple[tuple[str, str], int, MapChain]] = \
     weakref.WeakKeyDictionary()
 
 
@@ -68,12 +73,13 @@ async def serve_fetch(session: Session, doc: dict[str, Any]) -> None:
     try:
         async with locked(vaults.vault, "shared", f"restore {session.machine}",
                           wait=LOCK_WAIT):
-            count, bmap = await _map(session, point_id, disk)
+            count, chain = await _chain(session, point_id, disk)
             if max(blocks) >= count:
                 raise ProtocolError("bad_fetch", f"block {max(blocks)} is past the "
                                                  f"{count} blocks of disk {disk!r}")
             index = await vaults.refresh_index()
-            wanted = {n: bmap[n] for n in blocks if n in bmap}
+            wanted = await asyncio.get_running_loop().run_in_executor(
+                deps.executor, chain.lookup, blocks)
             by_pack = locate_blocks(index, names.POINTS + point_id, disk, wanted)
             where = {n: (pack_id, loc) for pack_id, items in by_pack.items()
                      for n, _bid, loc in items}
@@ -82,7 +88,7 @@ async def serve_fetch(session: Session, doc: dict[str, Any]) -> None:
                     await session.send(b"".join(block_frame_parts(FrameType.ZERO, 0, n)))
                     continue
                 pack_id, loc = where[n]
-                data = await _read(session, pack_id, bmap[n], loc)
+                data = await _read(session, pack_id, wanted[n], loc)
                 head, body = block_frame_parts(FrameType.BLOCK, 0, n, data)
                 await session.send(head + body)
     except NoBasisError as e:
@@ -98,19 +104,22 @@ async def serve_fetch(session: Session, doc: dict[str, Any]) -> None:
                                                      "blocks": len(blocks)}))
 
 
-async def _map(session: Session, point_id: str, disk: str) -> tuple[int, dict[int, bytes]]:
-    cached = _MAPS.get(session)
+async def _chain(session: Session, point_id: str, disk: str) -> tuple[int, MapChain]:
+    cached = _CHAINS.get(session)
     if cached is not None and cached[0] == (point_id, disk):
         return cached[1], cached[2]
+    _CHAINS.pop(session, None)  # the last one's maps are not held while these are read
     point = await named_point(session, point_id)
     try:
         entry = point.disk(disk)
     except (KeyError, ValueError, VaultError):
         raise NoBasisError(f"point {point_id[:16]} has no disk {disk!r}") from None
-    bmap = (await session.deps.vaults.vault.resolve_map(point, disk)).blocks
+    entries = await chain_entries(session.deps.vaults.vault, point, disk)
+    chain = await asyncio.get_running_loop().run_in_executor(
+        session.deps.executor, MapChain, entries)
     count = -(-entry.size // entry.block_size)
-    _MAPS[session] = ((point_id, disk), count, bmap)
-    return count, bmap
+    _CHAINS[session] = ((point_id, disk), count, chain)
+    return count, chain
 
 
 async def _read(session: Session, pack_id: str, bid: bytes, loc: Location) -> bytes:

@@ -2,11 +2,12 @@
 
 ``vault/fpmap.py`` computes a disk's whole fingerprint map at once (16 bytes a block,
 plus the resolved map as a dict: a few hundred bytes a mapped block). Here the delta
-chain's maps are read as their plaintexts (``MapEntries``, 40 bytes an entry, no dict)
-and merged as sorted streams, newest first (they are sorted by block number); the disk
-is then read back ``span`` blocks at a time: the range's block ids looked up in one
-batch, its packs read in runs of nearby blocks, its fingerprints computed and handed
-on. What is held grows with ``span``, not with the disk (besides the maps' plaintexts).
+chain's maps are read as their plaintexts (``MapEntries``, 40 bytes an entry, no dict;
+``vault/mapchain.py``) and merged as sorted streams, newest first (they are sorted by
+block number); the disk is then read back ``span`` blocks at a time: the range's block
+ids looked up in one batch, its packs read in runs of nearby blocks, its fingerprints
+computed and handed on. What is held grows with ``span``, not with the disk (besides
+the maps' plaintexts).
 
 The fingerprints are checked against the digest recorded with the point, as a whole
 map is: each range is held back until the next is computed, and the last one is handed
@@ -23,45 +24,19 @@ from concurrent.futures import Executor
 
 from common.digest import DiskDigest, block_count, fingerprint
 from vault import names
-from vault.errors import (
-    IntegrityError,
-    MissingObjectError,
-    NotFoundError,
-    UnindexedBlocksError,
-)
+from vault.errors import IntegrityError, UnindexedBlocksError
 from vault.index import BlockIndex, Location
-from vault.maps import DELTA, FULL, ZERO_ID, MapEntries, open_map_entries
+from vault.mapchain import chain_entries
+from vault.maps import ZERO_ID, MapEntries
 from vault.pack import open_block
 from vault.packrange import read_span
 from vault.point import Point
-from vault.repo import MAX_CHAIN, Vault
+from vault.repo import Vault
 
 FP = 16  # bytes a fingerprint
 DEFAULT_SPAN = 1 << 16  # blocks a range: 1 MiB of fingerprints, one MAP frame
 GAP = 1 << 20  # bytes of a pack read through between two wanted blocks, not read apart
 PACK_READS = 4  # pack reads at once
-
-
-async def chain_entries(vault: Vault, point: Point, disk: str) -> list[MapEntries]:
-    """The maps of ``disk`` along ``point``'s delta chain, newest first, the full map
-    last; ``IntegrityError`` if the chain is broken or the kinds do not match."""
-    chain: list[MapEntries] = []
-    p: Point | None = point
-    while p is not None:
-        entry = p.disk(disk)
-        try:
-            raw = await vault.store.get(names.MAPS + entry.map)
-        except NotFoundError:
-            raise MissingObjectError(names.MAPS + entry.map, "the map is missing") from None
-        chain.append(open_map_entries(vault.keyring, entry.map, raw))
-        if entry.map_kind == "full":
-            break
-        if p.base is None or len(chain) > MAX_CHAIN:
-            raise IntegrityError(f"points/{point.id}", "delta chain is broken")
-        p = await vault.read_point(p.base)
-    if chain[-1].kind != FULL or any(m.kind != DELTA for m in chain[:-1]):
-        raise IntegrityError(f"points/{point.id}", "map kinds do not match the manifest")
-    return chain
 
 
 def merged(chain: list[MapEntries]) -> Iterator[tuple[int, bytes]]:

@@ -35,8 +35,9 @@ from common.devicebusy import DeviceInUseError, check_not_in_use
 from common.digest import DiskDigest, block_count, fingerprint
 from vault import names
 from vault.errors import IntegrityError, VaultError
-from vault.fpstream import chain_entries, merged
+from vault.fpstream import merged
 from vault.index import BlockIndex, Location, locate_blocks
+from vault.mapchain import chain_entries
 from vault.pack import open_block
 from vault.packrange import read_span
 from vault.point import Point

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vault.indexopen import open_block_index
-from vault.materialize import Progress, materialize
+from vault.materialize import RANGE_BLOCKS, Progress, materialize
 from vault.point import Point
 from vault.repo import Vault
 from vault.vhd import materialize_vhd
@@ -36,6 +36,7 @@ async def restore_point(
     disks: Collection[str] | None = None,
     progress: Callable[[str], Progress | None] | None = None,
     index_dir: str | os.PathLike[str] | None = None, index_memory: int | None = None,
+    range_blocks: int = RANGE_BLOCKS,
 ) -> list[RestoredDisk]:
     """Write the disks of ``point`` (only those named in ``disks``, when given and not
     empty; names the point lacks are skipped) into ``folder``, created if need be, in
@@ -43,7 +44,8 @@ async def restore_point(
     disk that fails verification raises (IntegrityError) and leaves no file under its
     name; the disks restored before it stay. With ``index_dir``, a vault whose index
     outgrows ``index_memory`` bytes is read through the on-disk index kept there
-    (vault/indexopen.py), not loaded into memory."""
+    (vault/indexopen.py), not loaded into memory. Each disk is restored
+    ``range_blocks`` blocks at a time (vault/materialize.py)."""
     ext, write = FORMATS[fmt]
     index = await open_block_index(vault, index_dir=index_dir, memory=index_memory)
     out = Path(folder)
@@ -55,6 +57,7 @@ async def restore_point(
                 continue
             target = str(out / f"{d.disk}.{ext}")
             digest = await write(vault, point, d.disk, target, index=index, executor=ex,
-                                 progress=progress(d.disk) if progress else None)
+                                 progress=progress(d.disk) if progress else None,
+                                 range_blocks=range_blocks)
             done.append(RestoredDisk(d.disk, target, d.size, digest))
     return done

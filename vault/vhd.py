@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 from vault.errors import FormatError
 from vault.index import BlockIndex
-from vault.materialize import Progress, materialize
+from vault.materialize import RANGE_BLOCKS, Progress, materialize
 from vault.point import Point
 from vault.repo import Vault
 
@@ -164,15 +164,17 @@ async def materialize_vhd(
     index: BlockIndex,
     executor: Executor | None = None,
     progress: Progress | None = None,
+    range_blocks: int = RANGE_BLOCKS,
 ) -> str:
-    """Write ``disk`` of ``point`` to ``out`` as a fixed VHD; return the verified digest."""
+    """Write ``disk`` of ``point`` to ``out`` as a fixed VHD; return the verified digest
+    (the disk restored range by range as ``materialize`` does)."""
     if os.path.exists(out) and stat.S_ISBLK(os.stat(out).st_mode):
         raise ValueError(f"{out} is a block device: write a raw image to it, not a VHD")
     size = vhd_size(point.disk(disk).size)
     tmp = out + ".partial"
     # materialize verifies into tmp + ".partial" and renames it to tmp only when whole.
     digest = await materialize(vault, point, disk, tmp, index=index, executor=executor,
-                               progress=progress)
+                               progress=progress, range_blocks=range_blocks)
     try:
         fd = os.open(tmp, os.O_RDWR)
         try:
