@@ -32,6 +32,9 @@ class ProcServerConfig:
     vault_passphrase_env: str = ""
     listen_host: str = "127.0.0.1"
     listen_port: int = DEFAULT_PORT
+    # HOST:PORT machines reach this process server at, when it is not listen_host and the
+    # port (NAT, a forwarded port, a name for a listener on all addresses); "" = those
+    advertise_address: str = ""
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9444
     configserver_url: str = ""
@@ -88,6 +91,9 @@ class ProcServerConfig:
                              f"{self.vault_passphrase_env} is not set or empty")
         if not 0 <= self.listen_port < 65536:
             raise ValueError("listen_port must be 0-65535")
+        if self.advertise_address and not _host_port(self.advertise_address):
+            raise ValueError(f"advertise_address {self.advertise_address!r} is not HOST:PORT "
+                             "(e.g. ps1.example.net:9443 or [fd00::7]:9443)")
         if self.segment_bytes < (1 << 20):
             raise ValueError("segment_bytes must be at least 1 MiB")
         if self.cache_quota_bytes < 2 * self.segment_bytes:
@@ -123,3 +129,14 @@ class ProcServerConfig:
     def upload_schedule(self) -> Schedule:
         return Schedule.from_mbps(self.upload_limit_work_mbps, self.upload_limit_off_mbps,
                                   self.work_days, self.work_hours)
+
+
+def _host_port(text: str) -> bool:
+    """Whether ``text`` is HOST:PORT (an IPv6 host in brackets) with a port 1-65535."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("["):
+        host = host.removeprefix("[").removesuffix("]") if host.endswith("]") else ""
+    elif ":" in host:
+        return False
+    return bool(sep and host and port.isdigit() and 1 <= int(port) <= 65535
+                and not any(c.isspace() for c in host))

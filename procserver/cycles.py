@@ -5,8 +5,10 @@ A cycle is open from BEGIN until its END is acknowledged (the uploader takes it 
 there) or it is aborted. A resumable one whose session ended without END is
 *suspended*: what arrived is recorded and kept for ``resume_window_seconds``; it is
 aborted when that window passes or when its machine begins a newer cycle
-(superseded). At start, ``recover`` keeps each machine's newest resumable cycle,
-drops every other unacknowledged one, and accounts the cache space of what stays.
+(superseded: at that BEGIN, or as soon as the session that still held it lets it go —
+never kept for the window, which would keep the newer cycle's point waiting behind it).
+At start, ``recover`` keeps each machine's newest resumable cycle, drops every other
+unacknowledged one, and accounts the cache space of what stays.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class OpenCycle:
     suspended_at: float | None = None  # time.monotonic() when it was last suspended
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     expiry: asyncio.TimerHandle | None = None
+    superseded: bool = False  # a newer cycle of its machine began while a session held it
     limits: list[tuple[int, int, int]] = field(init=False)
     # One bit per block and disk: a block may arrive once per cycle (bounded memory:
     # 1 bit per 64 KiB is 4 MiB for a 2 TiB disk).
@@ -90,7 +93,9 @@ class CycleBook:
         # ``Uploader.withhold``: a cycle being aborted is let go of by the uploader
         # (none of its segments mapped or open there) before its files are deleted.
         self.withhold_upload = withhold_upload
-        self.spawn = spawn  # runs an abort when a resume window ends (shutdown waits)
+        # runs an abort when a resume window ends, or when a superseded cycle is let go
+        # (shutdown waits)
+        self.spawn = spawn
         # Cycles being received (and resumable ones while suspended), by cycle id.
         self.open: dict[str, OpenCycle] = {}
         self.changed = asyncio.Condition()  # notified when a cycle is suspended or aborted
@@ -209,10 +214,24 @@ class CycleBook:
                 oc.expiry = None
 
     async def supersede(self, machine: str, new_seq: int) -> None:
-        """``machine`` began cycle ``new_seq``: its suspended cycles will not be resumed."""
+        """``machine`` began cycle ``new_seq``: none of its older cycles will be resumed
+        (an agent resumes only the cycle it is sending). A suspended one is aborted now;
+        one a session still holds (it may be letting go of it this moment, past its own
+        check for a newer cycle) is aborted once that session lets go, unless it ended
+        complete. A session still attached to one is left alone: it ends with END, or
+        its suspend finds this newer cycle."""
         for oc in list(self.open.values()):
-            if oc.machine == machine and oc.seq < new_seq and oc.state == OPEN and \
-                    oc.owner is None and not oc.lock.locked():
+            if oc.machine != machine or oc.seq >= new_seq or oc.state != OPEN:
+                continue
+            if oc.owner is None and not oc.lock.locked():
+                await self.abort(oc, "superseded")
+            elif not oc.superseded:
+                oc.superseded = True
+                self.spawn(self._abort_when_let_go(oc))
+
+    async def _abort_when_let_go(self, oc: OpenCycle) -> None:
+        async with oc.lock:  # held by the session that has it (begin, resume)
+            if oc.state == OPEN and oc.owner is None:
                 await self.abort(oc, "superseded")
 
     async def abort(self, oc: OpenCycle, reason: str = "") -> None:

@@ -98,6 +98,12 @@ class ProcMetrics:
                                            "HEARTBEAT frames received from agents", registry=r)
         self.resync_bases = Counter(p + "resync_bases", "Fingerprint maps of vault points "
                                     "sent to agents to resync against", registry=r)
+        # procserver/heap.py: the heap's free pages given back after points are written.
+        self.heap_trims = Counter(p + "heap_trims", "Times the heap's free pages were "
+                                  "given back to the system (after points written)",
+                                  registry=r)
+        self.heap_released_bytes = Counter(p + "heap_released_bytes", "Resident bytes the "
+                                           "heap trims gave back to the system", registry=r)
         self.group_points = Counter(p + "group_points", "Group points of consistency groups "
                                     "whose barrier this server held, by outcome "
                                     "(released, failed)", ["state"], registry=r)

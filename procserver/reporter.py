@@ -69,8 +69,11 @@ class Identity:
     name: str
     listen_host: str
     port: Callable[[], int]
+    advertise: str = ""  # HOST:PORT given by the operator: said as it is
 
     def address(self) -> str:
+        if self.advertise:
+            return self.advertise
         host = self.listen_host
         if host in ("0.0.0.0", "::", ""):
             host = socket.getfqdn()

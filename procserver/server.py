@@ -43,6 +43,7 @@ from procserver.cycles import CycleBook
 from procserver.datadirlock import DataDirLock
 from procserver.framestream import FrameStream
 from procserver.groupoutbox import GroupPointOutbox
+from procserver.heap import HeapTrim, return_large_buffers
 from procserver.installreq import BUNDLE_NAME, InstallRequests
 from procserver.listener import Listener, ListenerLimits, listen, server_ssl_context
 from procserver.metrics import ProcMetrics
@@ -96,6 +97,7 @@ class ProcServer:
     scrape: ScrapeGauges
     barriers: Barriers  # the consistency groups' barriers (procserver/barrier.py)
     group_reports: GroupPointOutbox
+    heap: HeapTrim  # gives the heap's free pages back after points (procserver/heap.py)
     vault_ready: asyncio.Event  # set once the vault is open (``vaults.ready``)
 
     def __init__(self, cfg: ProcServerConfig) -> None:
@@ -125,12 +127,19 @@ class ProcServer:
         self.buffers = ReceiveBuffers(cfg.receive_buffer_bytes)
         self.space = CacheSpace(cfg.cache_quota_bytes, metrics.cache_bytes, spawn)
         self.reporter = Reporter(
-            self.client, Identity(server_name(cfg.name), cfg.listen_host, lambda: self.port),
+            self.client, Identity(server_name(cfg.name), cfg.listen_host, lambda: self.port,
+                                  cfg.advertise_address),
             sessionmaker, self.cache_dir, self.space, metrics.registry,
             cfg.heartbeat_interval_seconds)
+        self.heap = HeapTrim(spawn, metrics.heap_trims, metrics.heap_released_bytes)
+
+        def on_point() -> None:
+            self.reporter.wake()
+            self.heap.request()  # a cycle's transient buffers are free now
+
         self.uploader = Uploader(sessionmaker, vaults, self.cache_dir, self.space,
                                  self.executor, metrics, cfg.upload_threads,
-                                 on_point=self.reporter.wake, storage=self.reporter.storage)
+                                 on_point=on_point, storage=self.reporter.storage)
         vaults.on_open = self.uploader.wake
         vaults.before_ready = self._settle_orphans  # when it opens in the background
         self.cycles = CycleBook(sessionmaker, self.cache_dir, self.space,
@@ -184,6 +193,7 @@ class ProcServer:
 
     async def _start(self) -> None:
         responsive_gil()
+        return_large_buffers()  # freed large buffers unmapped at once (procserver/heap.py)
         # The vault and its key first: a wrong key or URL must leave nothing behind.
         # Storage that does not answer is not a reason to refuse agents: the cache takes
         # their cycles and the vault is opened in the background (invariant 9).

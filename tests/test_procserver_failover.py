@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select
+from structlog.testing import capture_logs
 
-from configserver import assignment, db
+from configserver import assignment, db, pshealth
 from configserver.config import ConfigServerConfig
 from configserver.pshealth import MOVED
 from configserver.server import ConfigServer
@@ -31,6 +32,7 @@ from mobility.enroll import enroll_with_passphrase
 from mobility.siteclient import SiteClient
 from siterecovery.apiclient import ApiCallError, ApiClient
 from siterecovery.tomlconfig import load
+from tests.backends import fresh_database
 from tests.csclock import Clock, clocked_configserver
 from tests.helpers import (
     Daemon,
@@ -43,7 +45,7 @@ from tests.helpers import (
     write_toml,
 )
 from tests.managedsite import issue_procserver_cert
-from tests.sitehelpers import step, wait_job
+from tests.sitehelpers import heartbeat, step, wait_job
 from vault.locks import acquire
 
 SILENT_AFTER = 6.0  # procserver_failover_seconds: heartbeats come every 0.5 s
@@ -135,7 +137,11 @@ async def test_dead_procserver_machines_move_and_resync(cs: ConfigServer,
                 managed = ManagedAgent(cfg, site)
                 try:
                     moved = await _scenario(cs, api, managed, disk, ps1, ps2, tmp_path, key)
-                    # ps1 comes back: it drains what it acknowledged, then holds nothing.
+                    # ps1 does not come back: the operator removes it, web01 goes on.
+                    moved = await _never_back(cs, api, managed, disk, ps2, tmp_path, key,
+                                              moved)
+                    # ps1 comes back all the same: it registers again, drains what it
+                    # acknowledged, then holds nothing.
                     ps1b = Daemon(["procserver", "run", "--config", str(toml1)],
                                   "procserver_started")
                     await ps1b.start()
@@ -155,6 +161,7 @@ class _Moved:
     c2: str  # the cycle ps1 acknowledged and could not upload
     d2: str  # the disk's digest then
     p3: str  # the first point on ps2
+    latest: str  # web01's newest point
 
 
 async def _scenario(cs: ConfigServer, api: ApiClient, managed: ManagedAgent, disk: Path,
@@ -220,7 +227,43 @@ async def _scenario(cs: ConfigServer, api: ApiClient, managed: ManagedAgent, dis
         assert (await restore_all(vault, first, tmp / "out1"))["sda"] == d1
     finally:
         await vault.close()
-    return _Moved(c2, d2, p3)
+    return _Moved(c2, d2, p3, p3)
+
+
+async def _never_back(cs: ConfigServer, api: ApiClient, managed: ManagedAgent, disk: Path,
+                      ps2: Daemon, tmp: Path, key: Path, moved: _Moved) -> _Moved:
+    """The dead process server never returns: nothing waits for it. The operator removes
+    it (refused while machines are assigned to it, as ps2 shows); web01's next cycles are
+    deltas on ps2's points; the cycle ps1 acknowledged never becomes a point, its data
+    being in the resync's point already (``_scenario``); every point restores exact."""
+    with pytest.raises(ApiCallError) as refused:
+        await api.delete("/api/v1/procservers/ps2")
+    assert refused.value.status == 409 and "web01" in refused.value.message
+    await api.delete("/api/v1/procservers/ps1")
+    with pytest.raises(ApiCallError) as gone:
+        await api.get("/api/v1/procservers/ps1")
+    assert gone.value.status == 404
+    mutate(disk, 0.05, seed=20)
+    d4 = sha256(disk)
+    assert await managed.round()
+    assert managed.last is not None and managed.last.kind == "delta"
+    p4 = await _point_of(ps2, managed.last.cycle)
+
+    async def recorded() -> list[str] | None:
+        got = [p["id"] for p in (await api.get("/api/v1/points", machine="web01"))["points"]]
+        return got if p4 in got else None
+    points = await _until(cs, recorded)
+    vault = await open_vault(tmp / "vault", key)
+    try:
+        point = await vault.read_point(p4)
+        assert point.base == moved.p3
+        assert (await restore_all(vault, point, tmp / "out4"))["sda"] == d4
+        cycles = {(await vault.read_point(p)).cycle for p in points}
+    finally:
+        await vault.close()
+    assert len(points) == 3 and moved.c2 not in cycles  # p1, p3, p4
+    assert (await api.get("/api/v1/items/web01"))["latest_point"] == p4
+    return dataclasses.replace(moved, latest=p4)
 
 
 async def _returned(cs: ConfigServer, api: ApiClient, ps1b: Daemon, tmp: Path,
@@ -240,7 +283,7 @@ async def _returned(cs: ConfigServer, api: ApiClient, ps1b: Daemon, tmp: Path,
                 and await s.get(db.RecoveryPoint, p2) is not None
     await _until(cs, drained)
     item = await api.get("/api/v1/items/web01")
-    assert item["latest_point"] == moved.p3  # never moved back to the older point
+    assert item["latest_point"] == moved.latest  # never moved back to an older point
     assert (await api.get("/api/v1/machines/web01"))["process_server"] == "ps2"
     assert (await api.get("/api/v1/procservers/ps1"))["machines"] == 0
     async with cs.services.sessionmaker() as s:
@@ -287,17 +330,13 @@ def test_assignment_prefers_measured_load_over_machine_count() -> None:
 async def test_enable_protection_assigns_the_least_loaded(cs: ConfigServer) -> None:
     """Enable protection of a machine without a process server: the least-loaded healthy
     one, by what the heartbeats measured, and the step says why."""
-    async def beat(name: str, **kw: Any) -> None:
-        await internal.post("/api/v1/internal/procservers/heartbeat", {
-            "name": name, "address": f"{name}.example:9443", "version": "test",
-            "cache_bytes": 0, "cache_free_ratio": 1.0, "backlog_bytes": 0,
-            "backlog_seconds": 0, "throughput_bps": 0, "sessions": 0, **kw})
-
     async with ApiClient(cs.url, cs.admin_token) as api, \
             ApiClient(cs.url, cs.services.internal_token) as internal:
-        await beat("busy", backlog_seconds=900, backlog_bytes=1 << 30, sessions=1)
-        await beat("full", cache_free_ratio=0.1)
-        await beat("idle", cache_free_ratio=0.9, sessions=4, throughput_bps=1e6)
+        await heartbeat(internal, "busy", backlog_seconds=900, backlog_bytes=1 << 30,
+                        sessions=1)
+        await heartbeat(internal, "full", cache_free_ratio=0.1)
+        await heartbeat(internal, "idle", cache_free_ratio=0.9, sessions=4,
+                        throughput_bps=1e6)
         await api.post("/api/v1/machines", {
             "name": "db01", "ip": "192.0.2.11", "os_type": "linux", "os_name": "debian",
             "os_version": "12", "disks": [{"name": "sda", "path": "/dev/sda"}]})
@@ -320,17 +359,12 @@ async def test_failover_jobs_on_the_catalog(tmp_path: Path, catalog_url: str) ->
     step fails with the figures and the machine stays."""
     clock = Clock()
     clock.now = t0 = 1_800_000_000.0
-    async with clocked_configserver(tmp_path / "cs", catalog_url, clock) as server, \
+    async with clocked_configserver(tmp_path / "cs", catalog_url, clock,
+                                    procserver_failover_seconds=900.0) as server, \
             ApiClient(server.url, server.admin_token) as api, \
             ApiClient(server.url, server.services.internal_token) as internal:
-        async def beat(name: str) -> None:
-            await internal.post("/api/v1/internal/procservers/heartbeat", {
-                "name": name, "address": f"{name}.example:9443", "version": "test",
-                "cache_bytes": 0, "cache_free_ratio": 1.0, "backlog_bytes": 0,
-                "backlog_seconds": 0, "throughput_bps": 0, "sessions": 0})
-
         for name in ("ps1", "ps2"):
-            await beat(name)
+            await heartbeat(internal, name)
         for m in ("web01", "web02"):
             await api.post("/api/v1/machines", {
                 "name": m, "ip": "192.0.2.7", "os_type": "linux", "os_name": "debian",
@@ -350,10 +384,10 @@ async def test_failover_jobs_on_the_catalog(tmp_path: Path, catalog_url: str) ->
         await api.post("/api/v1/alerts/evaluate")  # a change: the failover check looks
         assert await moves(1) is None  # ps1 is alive
         clock.now = t0 + 901
-        await beat("ps2")  # a change too
+        await heartbeat(internal, "ps2")  # a change too
         queued = await _until(server, lambda: moves(2))
         assert sorted(j["target"] for j in queued) == ["web01", "web02"]
-        await beat("ps2")
+        await heartbeat(internal, "ps2")
         await api.post("/api/v1/alerts/evaluate")
         for job in queued:
             doc = await wait_job(api, job["id"], lambda j: step(j, "choose")["state"]
@@ -377,7 +411,7 @@ async def test_failover_jobs_on_the_catalog(tmp_path: Path, catalog_url: str) ->
 
         # ps2 goes silent too, and ps1 again: its machines have nowhere to go.
         clock.now = t0 + 2000
-        await beat("ps1")  # ps1 is back, but web01 and web02 stay on ps2 until it fails
+        await heartbeat(internal, "ps1")  # back, but web01 and web02 stay on ps2 until it fails
         clock.now = t0 + 2000 + 901
         async with server.services.sessionmaker() as s:
             s.add(db.Machine(name="db01", ip="192.0.2.8", os_type="linux", disks=[],
@@ -402,3 +436,82 @@ async def test_failover_jobs_on_the_catalog(tmp_path: Path, catalog_url: str) ->
         assert first02["state"] == "failed" and step(first02, "resync")["message"] == (
             "ps2 went silent before web02's first point there; the next move job takes the "
             "machine on")
+
+
+async def test_automatic_moves_can_be_turned_off(tmp_path: Path) -> None:
+    """``procserver_failover_seconds = 0``: the failover loop never starts, so no machine
+    moves however long its process server is silent, while the heartbeat alert still
+    fires; the setting's range is checked."""
+    cfg = ConfigServerConfig(data_dir=str(tmp_path / "x"))
+    dataclasses.replace(cfg, procserver_failover_seconds=0.0).validate()
+    for bad in (-1.0, 86401.0):
+        with pytest.raises(ValueError, match="procserver_failover_seconds must be 0"):
+            dataclasses.replace(cfg, procserver_failover_seconds=bad).validate()
+
+    clock = Clock()
+    clock.now = t0 = 1_800_000_000.0
+    with capture_logs() as logs:
+        async with clocked_configserver(tmp_path / "cs", f"sqlite+aiosqlite:///{tmp_path}/c.db",
+                                        clock, procserver_failover_seconds=0.0) as server, \
+                ApiClient(server.url, server.admin_token) as api, \
+                ApiClient(server.url, server.services.internal_token) as internal:
+            await heartbeat(internal, "ps1")
+            clock.now = t0 + 86400
+            await api.post("/api/v1/alerts/evaluate")
+            active = (await api.get("/api/v1/events", active=True))["events"]
+            assert [e["code"] for e in active] == ["procserver_heartbeat_missing"]
+            # the loop that would move machines returned at once: it is not waiting
+            await asyncio.wait_for(pshealth.run(server.services, t0, 30.0, 0.0), 5)
+    assert [e["setting"] for e in logs if e.get("event") == "procserver_failover_off"] == [
+        "procserver_failover_seconds"] * 2
+
+
+async def test_two_configuration_servers_on_one_catalog_move_each_machine_once(
+        tmp_path: Path, postgres_url: str) -> None:
+    """Two configuration servers on one PostgreSQL catalog, one clock: a process server
+    goes silent and both look for dead servers at once (their background loops and a
+    pass each started together): one move job per machine, created by either, run by
+    the job-engine leader; the standby's API shows the same."""
+    url = await fresh_database(postgres_url)
+    clock = Clock()
+    clock.now = t0 = 1_800_000_000.0
+    async with clocked_configserver(tmp_path / "a", url, clock,
+                                    procserver_failover_seconds=900.0) as a, \
+            clocked_configserver(tmp_path / "b", url, clock,
+                                 procserver_failover_seconds=900.0) as b, \
+            ApiClient(a.url, a.admin_token) as api_a, \
+            ApiClient(b.url, b.admin_token) as api_b, \
+            ApiClient(a.url, a.services.internal_token) as internal:
+        for name in ("ps1", "ps2"):
+            await heartbeat(internal, name)
+        machines = [f"web{i:02d}" for i in range(1, 7)]
+        for m in machines:
+            await api_b.post("/api/v1/machines", {
+                "name": m, "ip": "192.0.2.7", "os_type": "linux", "os_name": "debian",
+                "os_version": "12", "disks": [{"name": "sda", "path": "/dev/sda"}],
+                "process_server": "ps1"})
+        async with a.services.sessionmaker() as s:  # protected items, as if enabled
+            for m in machines:
+                s.add(db.ReplicatedItem(machine=m, policy="default", state="protected",
+                                        health="normal", health_errors=[],
+                                        disk_progress={}, created=t0, updated=t0))
+            await s.commit()
+
+        clock.now = t0 + 901
+        await heartbeat(internal, "ps2")  # a change: both loops look (b woken by NOTIFY)
+        queued = await asyncio.gather(*(pshealth.fail_over_once(x.services, t0, 900.0)
+                                        for x in (a, b, a, b)))
+        async with a.services.sessionmaker() as s:
+            jobs = (await s.execute(select(db.Job).where(db.Job.kind == "move_machine"))
+                    ).scalars().all()
+        assert sorted(j.target for j in jobs) == machines  # one each, whoever made it
+        assert sum(len(q) for q in queued) <= len(machines)
+        for job in jobs:
+            done = await wait_job(api_b, job.id, lambda j: step(j, "choose")["state"]
+                                  == "succeeded")
+            assert "moved from ps1" in step(done, "choose")["message"]
+        shown = {m["name"]: m["process_server"]
+                 for m in (await api_a.get("/api/v1/machines"))["machines"]}
+        assert shown == dict.fromkeys(machines, "ps2")
+        events = (await api_b.get("/api/v1/events", code=MOVED))["events"]
+        assert sorted(e["target"] for e in events) == machines
