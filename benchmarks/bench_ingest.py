@@ -58,6 +58,13 @@ def peak_rss(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (less sensitive than wall time
+    to other work on the machine)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(args.work).resolve() / "ingest"
     if root.exists():
@@ -138,7 +145,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             raise RuntimeError(f"an agent failed: {err.decode()[-2000:]}")
     await asyncio.wait_for(all_uploaded.wait(), 3600)
     whole = time.perf_counter() - t0
-    rss = peak_rss(ps.pid)
+    rss, cpu = peak_rss(ps.pid), cpu_seconds(ps.pid)
     ps.terminate()
     await ps.wait()
     follower.cancel()
@@ -146,7 +153,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     res = {"agents": args.agents, "total_bytes": total, "acked_s": round(acked, 2),
            "whole_s": round(whole, 2), "ingest_mb_s": round(total / acked / 1e6, 1),
            "end_to_end_mb_s": round(total / whole / 1e6, 1),
-           "procserver_peak_rss_mib": round(rss / 2**20, 1), "cpus": os.cpu_count(),
+           "procserver_peak_rss_mib": round(rss / 2**20, 1),
+           "procserver_cpu_s": round(cpu, 2), "cpus": os.cpu_count(),
            "target_mb_s": TARGET_MB_S, "target_rss_mib": TARGET_RSS >> 20}
     if not args.keep:
         import shutil

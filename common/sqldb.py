@@ -3,8 +3,10 @@
 Both servers keep their state this way (the configuration server's catalog, the
 process server's HRL bookkeeping); each passes its own migrations folder and the
 table that tells a database made before its migrations existed. SQLite runs in WAL
-mode with ``synchronous=FULL`` (a commit is on disk when it returns); PostgreSQL
-through asyncpg with a small pool. Only the servers import this module.
+mode with ``synchronous=FULL`` (a commit is on disk when it returns), a busy timeout of
+``WRITE_WAIT`` seconds, and the process's write transactions queued one at a time
+(``common.sqlwrite``); PostgreSQL through asyncpg with a small pool. Only the servers
+import this module.
 """
 
 from __future__ import annotations
@@ -21,6 +23,13 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+
+from common.sqlwrite import serialize_writes
+
+# Seconds a write waits for its turn (the gate) and for SQLite's lock (the busy timeout)
+# before it fails with "database is locked". The driver's default of 5 s was passed by
+# writers queued behind commits slowed by a busy disk.
+WRITE_WAIT = 60.0
 
 
 def run_env(metadata: MetaData, owner: str) -> None:
@@ -69,8 +78,9 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 def make_engine(url: str) -> AsyncEngine:
     if url.startswith("sqlite"):
-        engine = create_async_engine(url)
+        engine = create_async_engine(url, connect_args={"timeout": WRITE_WAIT})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        serialize_writes(engine, WRITE_WAIT)
         return engine
     return create_async_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
 

@@ -45,18 +45,27 @@ class PgNotifyLink:
         self._failed_publish = False
 
     async def publish(self) -> None:
-        """Tell the other servers something changed (best effort: never raises)."""
+        """Tell the other servers something changed (best effort: never raises but
+        ``CancelledError``). The NOTIFY itself is shielded: a caller cancelled while it is
+        on the wire (a job engine stopping) must not leave the connection in the middle
+        of a query, which asyncpg cannot recover from."""
         conn = self._conn
         if conn is None or conn.is_closed():
             return
+        await asyncio.shield(self._notify(conn))
+
+    async def _notify(self, conn: Any) -> None:
         try:
             async with self._lock:
                 await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, self.origin)
             self._failed_publish = False
-        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as e:
+        except Exception as e:  # best effort; a connection in an unknown state is dropped
             if not self._failed_publish:  # once per outage, not per change
-                log.warning("change_notify_failed", error=str(e) or type(e).__name__)
+                log.warning("change_notify_failed", error=str(e) or type(e).__name__,
+                            error_type=type(e).__name__)
             self._failed_publish = True
+            if isinstance(e, asyncpg.InternalClientError):
+                conn.terminate()  # run() reconnects
 
     def _received(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         if payload != self.origin:

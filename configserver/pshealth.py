@@ -229,7 +229,10 @@ async def fail_over_once(core: Core, up_since: float,
 
 async def run(core: Core, up_since: float, interval: float, silent_after: float) -> None:
     """Look for dead process servers every ``interval`` seconds and soon after a change
-    (at most once a second)."""
+    (at most once a second); ``silent_after`` 0: never (no automatic moves)."""
+    if silent_after <= 0:
+        log.info("procserver_failover_off", setting="procserver_failover_seconds")
+        return
     async with core.notifier.watching("procserver-failover-watch") as dirty:
         while True:
             dirty.clear()

@@ -1,0 +1,146 @@
+"""One write transaction at a time per SQLite database in a process, in arrival order.
+
+SQLite lets one connection write at a time; the others wait in SQLite's busy handler,
+which polls (sleeps of up to 100 ms) and gives up with ``database is locked`` once the
+busy timeout has passed. Under a burst of writers (every agent's session recording its
+segments, the uploader, the reporter) whose commits wait on slow ``fsync`` calls (the
+cache being filled by initial copies), that polling is neither fair nor bounded: a
+writer that loses the race a few dozen times fails although the database is fine.
+
+So the server's own writers queue here instead, on the event loop: a transaction takes
+the gate before its first ``INSERT``/``UPDATE``/``DELETE``/``REPLACE`` (the statement
+before which the driver opens the transaction) and lets go when it commits or rolls
+back. At most one writer of the process is then inside SQLite's lock at a time (the
+next one may start while the previous commit finishes), and the busy timeout only
+covers that overlap and other processes. Reads never take the gate (WAL: they do not
+wait for writers).
+
+A task that asks for the gate while it already holds it on another connection would
+wait for itself: that is refused at once (``SelfDeadlockError``). A wait longer than the
+gate's ``wait`` seconds fails with ``database is locked`` as SQLite would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import weakref
+from typing import Any
+
+from sqlalchemy import Connection, event
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.util import await_only
+
+_HOLDS = "sqlwrite_holds_gate"  # key in a pooled connection's ``info``
+_WRITES = ("insert", "update", "delete", "replace")
+
+
+class SelfDeadlockError(RuntimeError):
+    """A task began a second write transaction while its first one is still open."""
+
+
+class WriteGate:
+    """The queue of one database's write transactions in this process."""
+
+    def __init__(self, wait: float) -> None:
+        self.wait = wait  # seconds a writer waits for its turn before it fails
+        self._lock = asyncio.Lock()
+        self.holder: asyncio.Task[Any] | None = None
+        self.waiting = 0  # writers waiting for their turn now
+        self._loop: asyncio.AbstractEventLoop | None = None  # the holder's
+
+    def acquire(self) -> None:
+        """Take the gate (called in the driver's greenlet: waits on the event loop)."""
+        task = asyncio.current_task()
+        if task is not None and task is self.holder:
+            raise SelfDeadlockError(
+                "this task began a write transaction while its own earlier one is still "
+                "open on another connection: it would wait for itself; commit or roll "
+                "back the first one before writing through another session")
+        await_only(self._take())
+        self.holder = task
+        self._loop = asyncio.get_running_loop()
+
+    async def _take(self) -> None:
+        self.waiting += 1
+        try:
+            async with asyncio.timeout(self.wait):
+                await self._lock.acquire()
+        except TimeoutError:
+            raise sqlite3.OperationalError(
+                f"database is locked: no write transaction could start within "
+                f"{self.wait:g} s (another one of this process held it all that time)"
+            ) from None
+        finally:
+            self.waiting -= 1
+
+    def release(self) -> None:
+        """Give the gate back; from another thread (a leaked connection collected there)
+        through the holder's event loop."""
+        loop = self._loop
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if loop is not None and here is not loop:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(self._release)
+            return
+        self._release()
+
+    def _release(self) -> None:
+        self.holder = None
+        if self._lock.locked():
+            self._lock.release()
+
+
+_gates: weakref.WeakKeyDictionary[Engine, WriteGate] = weakref.WeakKeyDictionary()
+
+
+def write_gate(engine: AsyncEngine) -> WriteGate | None:
+    """The gate of ``engine`` (None where writes are not serialized: not SQLite)."""
+    return _gates.get(engine.sync_engine)
+
+
+def _is_write(statement: str) -> bool:
+    return statement.lstrip().lower().startswith(_WRITES)
+
+
+def serialize_writes(engine: AsyncEngine, wait: float) -> WriteGate:
+    """Queue the write transactions of ``engine`` (an aiosqlite engine) on one gate."""
+    gate = _gates[engine.sync_engine] = WriteGate(wait)
+
+    def before(conn: Connection, _cursor: Any, statement: str, *_args: Any) -> None:
+        if not conn.info.get(_HOLDS) and _is_write(statement):
+            gate.acquire()
+            conn.info[_HOLDS] = True
+
+    def ended(conn: Connection) -> None:
+        # An invalidated connection (a query cancelled mid-way) cannot show its ``info``
+        # (it raises): the pool's invalidate event below gives the gate back instead.
+        if not conn.invalidated and not conn.closed and conn.info.pop(_HOLDS, False):
+            gate.release()
+
+    def given_back(record: Any) -> None:
+        # A connection returned or dropped without a commit or rollback event.
+        if record is not None and record.info.pop(_HOLDS, False):
+            gate.release()
+
+    def reset(dbapi_connection: Any, connection_record: Any, reset_state: Any) -> None:
+        given_back(connection_record)
+
+    def checkin(dbapi_connection: Any, connection_record: Any) -> None:
+        given_back(connection_record)
+
+    def invalidate(dbapi_connection: Any, connection_record: Any, exception: Any) -> None:
+        given_back(connection_record)
+
+    sync = engine.sync_engine
+    event.listen(sync, "before_cursor_execute", before)
+    event.listen(sync, "commit", ended)
+    event.listen(sync, "rollback", ended)
+    event.listen(sync.pool, "reset", reset)
+    event.listen(sync.pool, "checkin", checkin)
+    event.listen(sync.pool, "invalidate", invalidate)
+    return gate
