@@ -17,7 +17,10 @@ a scratch image), so the hold lets writes go at once (``Held.released``).
 
 Each disk's tracker (``LibvirtTracker``) answers ``Changed`` with the dirty extents,
 or ``Rescan`` when the base cycle has no checkpoint (the first cycle, a checkpoint
-deleted behind the agent's back, a domain redefined without its checkpoints); then
+deleted behind the agent's back, a domain redefined without its checkpoints) or none
+can be made (a protected disk that is not qcow2, raw most often: libvirt keeps dirty
+bitmaps in qcow2 images only; the backup is then a full one without a checkpoint, every
+cycle, and the reason is the tracker's fallback, in the cycle's report); then
 the sender copies (``stage``) exactly the blocks it will read from the export into a
 sparse file in the state directory, which it reads as any snapshot. The mapping of
 cycles to checkpoints is kept in ``libvirt-checkpoints.json``; checkpoints of other
@@ -65,8 +68,9 @@ class Backup:
     it created and the one it is incremental from (None: a full backup)."""
 
     socket: str
-    checkpoint: str
+    checkpoint: str | None  # None: no checkpoint could be made (``untracked`` says why)
     incremental: str | None
+    untracked: str = ""  # why the disks are read whole every cycle ("": tracked)
 
 
 class LibvirtBackup:
@@ -157,6 +161,24 @@ class LibvirtBackup:
         cp = self.mapping().get(state.last_cycle)
         return cp if cp in existing else None
 
+    async def _untracked(self) -> str:
+        """Why libvirt can keep no dirty bitmap for the protected disks ("" when it can):
+        checkpoints need every disk in qcow2."""
+        root = ET.fromstring(await self.virsh("dumpxml", self.domain))
+        formats: dict[str, str] = {}
+        for disk in root.iter("disk"):
+            target, driver = disk.find("target"), disk.find("driver")
+            if target is not None and target.get("dev"):
+                formats[str(target.get("dev"))] = (driver.get("type", "raw")
+                                                   if driver is not None else "raw")
+        other = sorted(f"{d['name']} ({formats.get(d['name'], '?')})" for d in self.disks
+                       if formats.get(d["name"]) != "qcow2")
+        if not other:
+            return ""
+        return (f"libvirt keeps dirty bitmaps only in qcow2 images, and {', '.join(other)} "
+                "is not: the disks are read whole every cycle (convert the image to qcow2 "
+                "to have only the changed blocks read)")
+
     async def _checkpoints(self) -> set[str]:
         out = await self.virsh("checkpoint-list", self.domain, "--name")
         return {line.strip() for line in out.splitlines() if line.strip()}
@@ -187,7 +209,10 @@ class LibvirtBackup:
             if cp.startswith(PREFIX) and cp != base:
                 await self.virsh("checkpoint-delete", self.domain, cp)
         await asyncio.to_thread(self._forget_except, {base} if base else set())
-        checkpoint = f"{PREFIX}{uuid.uuid4().hex[:16]}"
+        untracked = await self._untracked()
+        if untracked:
+            base = None
+        checkpoint = None if untracked else f"{PREFIX}{uuid.uuid4().hex[:16]}"
         os.makedirs(self.socket_dir, mode=0o755, exist_ok=True)
         folder = tempfile.mkdtemp(prefix="nbd-", dir=self.socket_dir)
         stage = self.state_dir / STAGE
@@ -214,11 +239,11 @@ class LibvirtBackup:
             Path(bfile).write_text(backup)
             Path(cfile).write_text(cpxml)
             await self.virsh("backup-begin", self.domain, "--backupxml", bfile,
-                             "--checkpointxml", cfile)
+                             *(("--checkpointxml", cfile) if checkpoint else ()))
             began = True
-            self.current = Backup(sock, checkpoint, base)
+            self.current = Backup(sock, checkpoint, base, untracked)
             log.info("libvirt_backup_begun", domain=self.domain, checkpoint=checkpoint,
-                     incremental=base)
+                     incremental=base, **({"untracked": untracked} if untracked else {}))
             yield Held("crash", {d["path"]: str(stage / d["name"]) for d in self.disks},
                        released=True)
         finally:
@@ -259,6 +284,8 @@ class LibvirtTracker:
         b = self.backup.current
         if b is None:
             return Rescan("no libvirt backup is running (snapshot is not 'libvirt')")
+        if b.checkpoint is None:
+            return Rescan(b.untracked)
         self.backup.remember(cycle, b.checkpoint)
         if base is None:
             return Rescan("no acknowledged cycle to compare with")

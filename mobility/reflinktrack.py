@@ -6,13 +6,17 @@ the image; it shares every extent, so it costs only the space of what is written
 afterwards) and compares the extent maps (FIEMAP) of the last acknowledged cycle's
 clone and the new snapshot: where both map a byte to the same physical location
 with the same flags it is unchanged — the kept clone pins those extents, so the
-image's writes can only go elsewhere (copy on write). Everything else is read.
+image's writes can only go elsewhere (copy on write). Everything else is read:
+extents FIEMAP cannot vouch for (inline, not yet placed, unknown flags) are read, and
+Btrfs's compressed extents count as unchanged only where both clones map the very same
+extent (``mobility.fiemap`` says why). Works on XFS (``reflink=1``) and Btrfs, with or
+without compression; on other filesystems the clone fails and every cycle scans.
 
 Crash safety comes from the names: the base of a cycle is the clone named after the
 agent's last acknowledged cycle (``state.json``), so a crash at any moment leaves
 either that clone (still exact) or none (then a full scan). Clones of cycles that
 were never acknowledged are deleted by the next cycle. Anything unexpected — no
-clone, another size, extents FIEMAP cannot vouch for, the image read live — is a
+clone, another size, a filesystem without FIEMAP, the image read live — is a
 ``Rescan``.
 """
 

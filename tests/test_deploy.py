@@ -39,6 +39,7 @@ UNITS: dict[str, tuple[str | None, str]] = {
     "siterecovery-configserver.service": ("configserver", "siterecovery"),
     "siterecovery-procserver.service": ("procserver", "siterecovery"),
     "siterecovery-mobility.service": ("mobility", "root"),
+    "siterecovery-mobility@.service": ("mobility", "root"),  # one per machine: %i
     "siterecovery.service": (None, "siterecovery"),
 }
 # The directory each daemon must be able to write, by config key.
@@ -180,11 +181,20 @@ def test_unit_command_line_and_paths_match_the_cli_and_sample(name: str) -> None
         assert is_under(Path(args.data_dir), writable)
         return
     assert argv[1:4] == [daemon, "run", "--config"]
-    assert args.config == f"/etc/siterecovery/{daemon}.toml"
     want = "cmd_run" if daemon == "mobility" else f"cmd_{daemon}_run"
     assert args.func.__name__ == want
     cfg = load(CONFIG_CLASSES[daemon], DEPLOY / f"{daemon}.toml")
     state = Path(getattr(cfg, STATE_KEY[daemon]))
+    if name.endswith("@.service"):  # an instance per machine: its config and state
+        assert args.config == f"/etc/siterecovery/{daemon}/%i.toml"
+        for d in (state / "%i", Path("/run/siterecovery-mobility/%i")):
+            assert is_under(d, writable + [Path("/run") / r for v in unit["Service"].get(
+                "RuntimeDirectory", []) for r in v.split()]), d
+            header = (SYSTEMD / name).read_text().split("[Unit]")[0]
+            assert str(d).replace("%i", "NAME") in header, \
+                f"the header must tell to set {d} in each instance's config"
+        return
+    assert args.config == f"/etc/siterecovery/{daemon}.toml"
     assert is_under(state, writable), f"{state} is read-only under ProtectSystem=strict"
     if daemon == "procserver":
         assert cfg.vault_url.startswith("file://")
@@ -215,6 +225,8 @@ def units_for_verify(dest: Path) -> Path:
         text = (SYSTEMD / name).read_text()
         assert f"ExecStart={INSTALLED} " in text
         (dest / name).write_text(text.replace(f"ExecStart={INSTALLED} ", f"ExecStart={script} "))
+        if name.endswith("@.service"):  # verified as an instance of it
+            (dest / name.replace("@.", "@vm01.")).write_text((dest / name).read_text())
     return dest
 
 
@@ -238,7 +250,7 @@ def verify_problems(exe: str, unit: Path) -> list[str]:
 def test_systemd_analyze_verify(name: str, tmp_path: Path) -> None:
     exe = systemd_analyze()
     units = units_for_verify(tmp_path / "units")
-    assert verify_problems(exe, units / name) == []
+    assert verify_problems(exe, units / name.replace("@.", "@vm01.")) == []
 
 
 @pytest.mark.parametrize(("change", "expect"), [

@@ -1,4 +1,5 @@
-"""Reflink snapshots of disk images: a real XFS (reflink=1) on a loop device.
+"""Reflink snapshots of disk images: a real XFS (reflink=1) on a loop device, and a
+real Btrfs for the first test.
 
 The images are cloned with FICLONE (no data copied), the cycle reads the clones while
 the images go on changing, and the clones are deleted afterwards. With pre/post
@@ -20,8 +21,10 @@ from procserver.server import ProcServer
 from tests.backends import missing_backend
 from tests.helpers import Pki, agent_config, make_disk, mutate, point_restores_to, sha256
 from tests.test_ext4 import loop_device, mounted
+from tests.test_tracker_btrfs import btrfs_device
 
 XFS_IMAGE = 320 << 20  # mkfs.xfs wants at least 300 MB
+BTRFS_IMAGE = 256 << 20  # mkfs.btrfs wants at least 114 MB
 DISK = 12 << 20
 
 
@@ -41,6 +44,17 @@ def xfs(tmp_path: Path) -> Iterator[Path]:
             yield mnt
 
 
+@pytest.fixture(params=["xfs", "btrfs"])
+def reflink_fs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    """A mounted XFS with reflinks or a mounted Btrfs, on a loop device."""
+    if request.param == "xfs":
+        yield request.getfixturevalue("xfs")
+        return
+    with btrfs_device(tmp_path / "btrfs.img", BTRFS_IMAGE) as dev, \
+            mounted(dev, tmp_path / "mnt") as mnt:
+        yield mnt
+
+
 def clones(where: Path) -> list[str]:
     return sorted(p.name for p in where.iterdir() if ".sr-" in p.name)
 
@@ -48,8 +62,8 @@ def clones(where: Path) -> list[str]:
 @pytest.mark.root
 async def test_cycles_read_clones_while_the_images_change(
         tmp_path: Path, pki: Pki, procserver: ProcServer, vault_at: tuple[str, Path],
-        xfs: Path) -> None:
-    disk = xfs / "vm.img"
+        reflink_fs: Path) -> None:
+    disk = reflink_fs / "vm.img"
     make_disk(disk, DISK, seed=1)
     log = tmp_path / "hooks.log"
     pre, post = tmp_path / "pre.sh", tmp_path / "post.sh"
@@ -75,7 +89,7 @@ async def test_cycles_read_clones_while_the_images_change(
             assert sha256(disk) != at_clone  # the post-script wrote during the cycle
             await point_restores_to(procserver, tmp_path, vault_at[1], r.cycle,
                               {"sda": at_clone})
-            assert clones(xfs) == []
+            assert clones(reflink_fs) == []
     finally:
         agent.close()
     assert log.read_text().split() == ["pre", "post"] * 2

@@ -1,4 +1,5 @@
-"""The block-layer write tracker on the real thing: ext4 on a loop device, tracefs.
+"""The block-layer write tracker on the real thing: ext4 (and Btrfs) on a loop device,
+tracefs.
 
 The filesystem is mounted, written through (files created, rewritten, deleted) and
 unmounted between cycles, so each cycle reads a still device (``quiesced``) whose
@@ -7,7 +8,9 @@ byte. The tracker reads only what the block layer wrote, nothing for an unchange
 disk, and scans — counted, never a wrong point — when the trace ring buffer
 overran (provoked with a one-page buffer), when the event was disabled behind its
 back, and when the agent restarted (the marks were in memory). A verification scan
-finds, sends and counts writes the tracker could not see.
+finds, sends and counts writes the tracker could not see. Btrfs writes differently
+(copy on write, its trees duplicated, superblock copies, discards of freed space on
+the loop device): the same first test runs on it too.
 """
 
 from __future__ import annotations
@@ -36,9 +39,11 @@ from procserver.server import ProcServer
 from tests.backends import missing_backend
 from tests.helpers import Pki, agent_config, open_vault, point_restores_to
 from tests.test_ext4 import Workload, loop_device, mounted
+from tests.test_tracker_btrfs import btrfs_device
 from vault.materialize import materialize
 
 DEVICE = 64 << 20
+BTRFS_DEVICE = 128 << 20  # mkfs.btrfs wants at least 114 MB
 
 
 @pytest.fixture
@@ -71,6 +76,24 @@ def ext4_loop(tmp_path: Path, tracefs: str) -> Iterator[str]:
         subprocess.run(["mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0",
                         dev], check=True)
         yield dev
+
+
+@pytest.fixture(params=["ext4", "btrfs"])
+def fs_loop(request: pytest.FixtureRequest, tmp_path: Path, tracefs: str) -> Iterator[str]:
+    """An ext4 or a Btrfs on a loop device, unmounted; the device's path."""
+    if request.param == "ext4":
+        yield request.getfixturevalue("ext4_loop")
+        return
+    with btrfs_device(tmp_path / "btrfs.img", BTRFS_DEVICE) as dev:
+        yield dev
+
+
+def device_size(dev: str) -> int:
+    fd = os.open(dev, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
 
 
 def device_sha(dev: str, drop: bool = True) -> str:
@@ -125,32 +148,33 @@ def instance(tracefs: str, agent: Agent) -> Path:
 @pytest.mark.root
 async def test_only_written_blocks_are_read_and_every_point_is_exact(
         tmp_path: Path, pki: Pki, procserver: ProcServer, vault_at: tuple[str, Path],
-        tracefs: str, ext4_loop: str) -> None:
-    key, mnt = vault_at[1], tmp_path / "mnt"
-    agent = make(tmp_path, pki, procserver.port, ext4_loop)
+        tracefs: str, fs_loop: str) -> None:
+    key, mnt, size = vault_at[1], tmp_path / "mnt", device_size(fs_loop)
+    agent = make(tmp_path, pki, procserver.port, fs_loop)
     try:
-        r = await cycle(agent, procserver, tmp_path, key, ext4_loop)
+        r = await cycle(agent, procserver, tmp_path, key, fs_loop)
         assert (r.kind, r.tracking) == ("full", {"sda": "scan"})
         assert instance(tracefs, agent).is_dir()  # tracing from this cycle on
 
         for seed in (1, 2, 3):
-            written = write_files(ext4_loop, mnt, seed)
-            r = await cycle(agent, procserver, tmp_path, key, ext4_loop)
+            written = write_files(fs_loop, mnt, seed)
+            r = await cycle(agent, procserver, tmp_path, key, fs_loop)
             assert (r.kind, r.tracking, r.fallbacks) == ("delta", {"sda": "blocktrace"}, {})
-            # The files' data plus the metadata ext4 wrote: far from the whole device.
+            # The files' data plus the metadata the filesystem wrote: far from the whole
+            # device.
             assert written <= r.bytes_read <= written + (4 << 20)
 
-        r = await cycle(agent, procserver, tmp_path, key, ext4_loop)  # nothing written
+        r = await cycle(agent, procserver, tmp_path, key, fs_loop)  # nothing written
         assert (r.tracking, r.bytes_read, r.blocks_sent) == ({"sda": "blocktrace"}, 0, 0)
 
         # Written to the device itself and left in its page cache (no fsync, the device
         # kept open so that no last close writes it back): a read of the device sees
         # it, so the cycle must too.
-        with open(ext4_loop, "r+b") as f:
-            f.seek(DEVICE - (1 << 20))
+        with open(fs_loop, "r+b") as f:
+            f.seek(size - (1 << 20))
             f.write(os.urandom(100_000))
             f.flush()
-            r = await cycle(agent, procserver, tmp_path, key, ext4_loop, drop=False)
+            r = await cycle(agent, procserver, tmp_path, key, fs_loop, drop=False)
         assert r.tracking == {"sda": "blocktrace"} and r.blocks_sent == 2
     finally:
         agent.close()

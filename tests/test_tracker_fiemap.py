@@ -13,7 +13,12 @@ import pytest
 from mobility.changes import Changed, FullScan, Rescan
 from mobility.config import MobilityConfig
 from mobility.fiemap import (
+    CUT,
+    FIEMAP_EXTENT_DATA_INLINE,
+    FIEMAP_EXTENT_DELALLOC,
+    FIEMAP_EXTENT_ENCODED,
     FIEMAP_EXTENT_LAST,
+    FIEMAP_EXTENT_NOT_ALIGNED,
     FIEMAP_EXTENT_SHARED,
     FIEMAP_EXTENT_UNWRITTEN,
     Extent,
@@ -51,6 +56,40 @@ def test_shared_extents_are_unchanged_and_everything_else_differs() -> None:
     # The same bytes at another physical place are reported too: a superset is fine.
     moved = [dataclasses.replace(e, physical=e.physical + K) for e in a]
     assert differing(a, moved, size) == [(0, 32 * K), (40 * K, 64 * K)]
+
+
+def test_compressed_extents_are_unchanged_only_where_both_maps_hold_the_same_extent(
+) -> None:
+    # Btrfs reports the start of the whole compressed extent as the location of every
+    # piece of it: after a 4 KiB write at 68 KiB into a 128 KiB compressed extent the
+    # piece behind the write has the same location at another offset. Only the very
+    # same extent is unchanged; the pieces around a write are read whole.
+    enc, size = FIEMAP_EXTENT_ENCODED | FIEMAP_EXTENT_SHARED, 384 * K
+    x, y = 1000 * K, 1030 * K
+    a = [Extent(0, x, 128 * K, enc), Extent(128 * K, y, 128 * K, enc),
+         Extent(256 * K, 2000 * K, 128 * K, FIEMAP_EXTENT_LAST)]
+    b = [Extent(0, x, 128 * K, enc),
+         Extent(128 * K, y, 64 * K, enc), Extent(192 * K, 5000 * K, 4 * K, 0),
+         Extent(196 * K, y, 60 * K, enc),
+         Extent(256 * K, 2000 * K, 128 * K, FIEMAP_EXTENT_LAST)]
+    assert differing(a, b, size) == [(128 * K, 256 * K)]
+    assert differing(a, a, size) == []
+    # The location arithmetic of plain extents would call this unchanged: never here.
+    shifted = [Extent(0, x, 64 * K, enc), Extent(64 * K, x + 64 * K, 64 * K, enc)]
+    assert differing(a[:1], shifted, 128 * K) == [(0, 128 * K)]
+    # Encoded against plain at the same location: different flags, read.
+    assert differing(a[:1], [Extent(0, x, 128 * K, 0)], 128 * K) == [(0, 128 * K)]
+    # An encoded extent cut at a batch boundary is not the extent the kernel reported.
+    cut = [dataclasses.replace(a[0], flags=enc | CUT)]
+    assert differing(cut, cut, 128 * K) == [(0, 128 * K)]
+
+
+def test_extents_the_map_cannot_vouch_for_are_read_never_skipped() -> None:
+    size = 16 * K
+    for flags in (FIEMAP_EXTENT_DATA_INLINE | FIEMAP_EXTENT_NOT_ALIGNED,
+                  FIEMAP_EXTENT_DELALLOC, 0x10, 1 << 20):  # the last two: unknown
+        e = [Extent(0, 1000 * K, 8 * K, flags), Extent(8 * K, 2000 * K, 8 * K, 0)]
+        assert differing(e, e, size) == [(0, 8 * K)], hex(flags)
 
 
 def test_byte_ranges_become_every_block_they_touch() -> None:

@@ -14,6 +14,8 @@ verification scan reads the disk whole.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import re
@@ -76,22 +78,24 @@ class Guest:
         return hashlib.sha256(self.reference.read_bytes()).hexdigest()
 
 
-@pytest.fixture
-def guest(uri: str, tmp_path: Path) -> Iterator[Guest]:
-    folder = tmp_path / "lv"
-    folder.mkdir()
+@contextlib.contextmanager
+def running_guest(uri: str, tmp: Path, fmt: str = "qcow2") -> Iterator[Guest]:
+    """A transient domain with one empty disk (a ``fmt`` image), its files under
+    ``tmp``."""
+    folder = tmp / "lv"
+    folder.mkdir(parents=True)
     for p in [folder, *folder.parents]:  # the emulator (libvirt-qemu) must reach the image
         if p == Path("/tmp") or p == p.parent:
             break
         p.chmod(p.stat().st_mode | 0o011)
-    image = folder / "vda.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(DISK)],
+    image = folder / f"vda.{fmt}"
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(image), str(DISK)],
                    check=True)
-    reference = tmp_path / "reference.img"
+    reference = tmp / "reference.img"
     with open(reference, "wb") as f:
         f.truncate(DISK)
     name = f"srtrk-{uuid.uuid4().hex[:8]}"
-    xml = tmp_path / "domain.xml"
+    xml = tmp / "domain.xml"
     xml.write_text(f"""<domain type='qemu'>
   <name>{name}</name>
   <memory unit='MiB'>64</memory>
@@ -99,7 +103,7 @@ def guest(uri: str, tmp_path: Path) -> Iterator[Guest]:
   <os><type arch='x86_64' machine='pc'>hvm</type></os>
   <devices>
     <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
+      <driver name='qemu' type='{fmt}'/>
       <source file='{image}'/>
       <target dev='vda' bus='virtio'/>
     </disk>
@@ -111,6 +115,12 @@ def guest(uri: str, tmp_path: Path) -> Iterator[Guest]:
     finally:
         subprocess.run(["virsh", "-q", "-c", uri, "destroy", name], capture_output=True,
                        check=False)
+
+
+@pytest.fixture
+def guest(uri: str, tmp_path: Path) -> Iterator[Guest]:
+    with running_guest(uri, tmp_path) as g:
+        yield g
 
 
 async def cycle(agent: Agent, ps: ProcServer, tmp: Path, key: Path, g: Guest
@@ -191,3 +201,60 @@ async def test_only_blocks_written_inside_qemu_are_read_and_every_point_is_exact
         assert not stale.exists()
     finally:
         agent.close()
+
+
+async def test_two_domains_of_one_host_each_by_its_own_agent_at_once(
+        tmp_path: Path, pki: Pki, procserver: ProcServer, vault_at: tuple[str, Path],
+        uri: str) -> None:
+    """Several VMs of one host (systemd/siterecovery-mobility@.service: an instance per
+    domain): two agents, each its machine, state and socket folder, cycle at the same
+    time; each reads only its own domain's writes and every point is exact."""
+    with running_guest(uri, tmp_path / "g1") as g1, running_guest(uri, tmp_path / "g2") as g2:
+        guests = {"vm01": g1, "vm02": g2}
+        agents = {n: Agent(agent_config(
+            tmp_path, pki, n, procserver.port, {"vda": g.image}, snapshot="libvirt",
+            libvirt_uri=uri, libvirt_domain=g.name,
+            libvirt_socket_dir=str(tmp_path / "run" / n))) for n, g in guests.items()}
+        try:
+            for rnd, (n1, n2) in enumerate(((1, 3), (2, 0))):
+                g1.write(0x10 + rnd, (rnd * 8) << 20, n1 * BS)
+                if n2:
+                    g2.write(0x20 + rnd, (rnd * 16) << 20, n2 * BS)
+                want = {n: g.sha() for n, g in guests.items()}
+                rs = dict(zip(agents, await asyncio.gather(
+                    *(a.replicate_once() for a in agents.values())), strict=True))
+                for n, r in rs.items():
+                    await point_restores_to(procserver, tmp_path, vault_at[1], r.cycle,
+                                            {"vda": want[n]})
+                if rnd:  # deltas: each read what its own guest wrote, nothing else
+                    assert (rs["vm01"].tracking, rs["vm01"].bytes_read) == (
+                        {"vda": "libvirt"}, n1 * BS)
+                    assert (rs["vm02"].tracking, rs["vm02"].bytes_read) == (
+                        {"vda": "libvirt"}, 0)
+        finally:
+            for a in agents.values():
+                a.close()
+
+
+async def test_a_raw_image_is_read_whole_every_cycle_and_says_why(
+        tmp_path: Path, pki: Pki, procserver: ProcServer, vault_at: tuple[str, Path],
+        uri: str) -> None:
+    """libvirt keeps dirty bitmaps in qcow2 images only: a domain with a raw disk is
+    backed up whole, without a checkpoint, every cycle, the reason in the cycle's
+    fallbacks; every point exact all the same."""
+    with running_guest(uri, tmp_path, "raw") as g:
+        agent = Agent(agent_config(tmp_path, pki, "vm03", procserver.port, {"vda": g.image},
+                                   snapshot="libvirt", libvirt_uri=uri, libvirt_domain=g.name,
+                                   libvirt_socket_dir=str(tmp_path / "run")))
+        try:
+            g.write(0x61, 0, 1 << 20)
+            r = await cycle(agent, procserver, tmp_path, vault_at[1], g)
+            assert r.kind == "full"
+            g.write(0x62, 20 << 20, BS)
+            r = await cycle(agent, procserver, tmp_path, vault_at[1], g)
+            assert (r.kind, r.tracking, r.blocks_sent) == ("delta", {"vda": "scan"}, 1)
+            assert "vda (raw) is not" in r.fallbacks["vda"]
+            assert "convert the image to qcow2" in r.fallbacks["vda"]
+            assert virsh(uri, "checkpoint-list", g.name, "--name").split() == []
+        finally:
+            agent.close()
