@@ -1,6 +1,8 @@
 """Routes: multi-VM consistency groups (create, list, show, change, add and remove members,
-delete), their group points, and the process servers' reports of group points. The
-rules are in ``configserver/groups.py`` and ``configserver/grouppoints.py``."""
+delete), their recovery as one job (test failover, cleanup, failover, commit to a group
+point; re-protect and failback of every member), their group points, and the process
+servers' reports of group points. The rules are in ``configserver/groups.py``,
+``configserver/grouppoints.py`` and ``configserver/groupops.py``."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from configserver import groupops, grouppoints, groups
+from configserver.api_plans import item_body
 from configserver.jobs import JOB, job_doc
 from configserver.rest import NAME, Call, Handler, Route, array, nullable, obj, reply
 
@@ -93,7 +96,7 @@ def _verb(verb: str, summary: str, body: dict[str, Any], description: str) -> Ro
                  "group that does not exist; 409 (plan_not_allowed) naming each member whose "
                  "state does not allow it or whose job runs, (plan_job_running) while a job "
                  "of the group runs, or (no_group_point, group_point_not_complete) without a "
-                 "complete group point.")
+                 "complete group point (test failover and failover).")
 
 
 ROUTES = [
@@ -143,6 +146,16 @@ ROUTES = [
           "of the group point."),
     _verb("commit", "Commit the failover of a group", obj({}),
           "Queues Plan commit (not cancellable): each member's Commit."),
+    _verb("reprotect", "Re-protect every member of a group", item_body("reprotect"),
+          "Queues Plan re-protect: each member's Re-protect with these options (its "
+          "recovered machine's disks into the vault, a delta); a member re-protected "
+          "already takes its next delta."),
+    _verb("failback", "Fail every member of a group back onto its original machine",
+          item_body("failback"),
+          "Queues Plan failback (not cancellable): each member's Failback with these "
+          "options, all members together; each ends protected, direction forward. Run "
+          "again after one failed, it passes by the members failed back already; a "
+          "member protected that was never failed over is refused."),
     Route("POST", "/api/v1/internal/group-points", report_group_point,
           "Record a group point (process servers)", "groups", auth="internal",
           listeners=("admin", "site"), body=grouppoints.REPORT,

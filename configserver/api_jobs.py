@@ -13,6 +13,8 @@ from configserver.jobs import ACTIVE, JOB, JOB_ID, JOB_STATES, job_doc, wait_tic
 from configserver.rest import NAME, ApiError, Call, Route, array, obj, reply
 
 _ID = {"id": JOB_ID}
+# a machine's name, or a plan's or group's jobs ("plan:NAME", "group:NAME")
+TARGET = {"type": "string", "pattern": "^(plan:|group:)?" + NAME["pattern"].lstrip("^")}
 
 
 async def list_jobs(call: Call) -> web.Response:
@@ -64,11 +66,13 @@ async def cancel_job(call: Call) -> web.Response:
 
 ROUTES = [
     Route("GET", "/api/v1/jobs", list_jobs, "List jobs, newest first", "jobs",
-          query={"target": NAME, "kind": {"enum": sorted(KINDS)},
+          query={"target": TARGET, "kind": {"enum": sorted(KINDS)},
                  "state": {"enum": list(JOB_STATES)}, "active": {"type": "boolean"},
                  "limit": {"type": "integer", "minimum": 1, "maximum": 1000}},
           responses={200: obj({"jobs": array(JOB)}, ["jobs"])},
-          description="active=true: queued or running jobs only; limit defaults to 100."),
+          description="target: a machine's name, or plan:NAME / group:NAME for a recovery "
+                      "plan's or consistency group's jobs; active=true: queued or running "
+                      "jobs only; limit defaults to 100."),
     Route("GET", "/api/v1/jobs/{id}", show_job, "Show a job with its steps", "jobs",
           params=_ID, responses={200: JOB},
           query={"version": {"type": "string", "maxLength": 64},

@@ -48,6 +48,8 @@ DISK = obj({"name": DISK_NAME,
 DISKS = {**array(DISK), "maxItems": 64}
 IP = {"type": "string", "minLength": 2, "maxLength": 64,
       "description": "IPv4 or IPv6 address"}
+SSH_PORT = {"type": "integer", "minimum": 1, "maximum": 65535,
+            "description": "the port of the machine's sshd, for push installs (22)"}
 REF = nullable({**NAME})
 OS_FIELDS: dict[str, dict[str, Any]] = {
     "os_name": {"type": "string", "minLength": 1, "maxLength": 64,
@@ -58,16 +60,18 @@ OS_FIELDS: dict[str, dict[str, Any]] = {
     "kernel": nullable({"type": "string", "maxLength": 64,
                         "description": "uname -r (optional)"}),
 }
-CREATE = obj({"name": NAME, "ip": IP, "os_type": {"enum": ["linux", "windows"]},
+CREATE = obj({"name": NAME, "ip": IP, "ssh_port": SSH_PORT,
+              "os_type": {"enum": ["linux", "windows"]},
               **OS_FIELDS, "disks": DISKS, "process_server": REF, "account": REF},
              ["name", "ip", "os_type"])
-UPDATE = {**obj({"enabled": {"type": "boolean"}, "ip": IP, **OS_FIELDS, "disks": DISKS,
+UPDATE = {**obj({"enabled": {"type": "boolean"}, "ip": IP, "ssh_port": SSH_PORT,
+                 **OS_FIELDS, "disks": DISKS,
                  "process_server": REF, "account": REF}), "minProperties": 1}
 DISK_OUT = obj({"name": {"type": "string"}, "path": {"type": "string"},
                 "size_bytes": nullable({"type": "integer"})}, ["name", "path", "size_bytes"])
 MACHINE = obj({
-    "name": {"type": "string"}, "ip": {"type": "string"}, "os_type": {"type": "string"},
-    "os_name": {"type": "string"}, "os_version": {"type": "string"},
+    "name": {"type": "string"}, "ip": {"type": "string"}, "ssh_port": {"type": "integer"},
+    "os_type": {"type": "string"}, "os_name": {"type": "string"}, "os_version": {"type": "string"},
     "kernel": nullable({"type": "string"}), "disks": array(DISK_OUT),
     "process_server": nullable({"type": "string"}), "account": nullable({"type": "string"}),
     "enabled": {"type": "boolean"}, "created": {"type": "string"},
@@ -75,7 +79,8 @@ MACHINE = obj({
     "agent_version": nullable({"type": "string"}),
     "replication": nullable({"type": "string",
                              "description": "the replicated item's state, if protected"}),
-}, ["name", "ip", "os_type", "os_name", "os_version", "kernel", "disks", "process_server",
+}, ["name", "ip", "ssh_port", "os_type", "os_name", "os_version", "kernel", "disks",
+    "process_server",
     "account", "enabled", "created", "last_contact", "agent_version", "replication"])
 MATRIX = obj({
     "os_types": array(obj({"os_type": {"type": "string"}, "supported": {"type": "boolean"},
@@ -160,7 +165,8 @@ async def _check_refs(s: Any, process_server: str | None, account: str | None) -
 
 
 def _doc(m: db.Machine, replication: str | None) -> dict[str, Any]:
-    return {"name": m.name, "ip": m.ip, "os_type": m.os_type, "os_name": m.os_name,
+    return {"name": m.name, "ip": m.ip, "ssh_port": m.ssh_port or 22, "os_type": m.os_type,
+            "os_name": m.os_name,
             "os_version": m.os_version, "kernel": m.kernel or None,
             "disks": [{"name": d["name"], "path": d["path"],
                        "size_bytes": d.get("size_bytes")} for d in m.disks],
@@ -187,7 +193,8 @@ async def add_machine(call: Call) -> web.Response:
         if await s.get(db.Machine, name) is not None:
             raise exists
         await _check_refs(s, b.get("process_server"), b.get("account"))
-        m = db.Machine(name=name, ip=ip, os_type=b["os_type"], os_name=os_name,
+        m = db.Machine(name=name, ip=ip, ssh_port=b.get("ssh_port", 22),
+                       os_type=b["os_type"], os_name=os_name,
                        os_version=os_version, kernel=b.get("kernel") or "", disks=disks,
                        process_server=b.get("process_server"), account=b.get("account"),
                        enabled=True, created=call.services.clock(), last_contact=None,
@@ -233,6 +240,8 @@ async def update_machine(call: Call) -> web.Response:
             m.kernel = kernel or ""
         if "ip" in b:
             m.ip = _ip(b["ip"])
+        if "ssh_port" in b:
+            m.ssh_port = b["ssh_port"]
         if "disks" in b:
             m.disks = _disks(b["disks"])
         refs = {k: b[k] for k in ("process_server", "account") if k in b}

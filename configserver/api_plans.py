@@ -1,6 +1,6 @@
 """Routes: recovery plans (create, list, show, update, delete; test failover, cleanup,
-failover and commit of a whole plan, each one job) and the confirmation of a manual
-action a job waits at (``POST /api/v1/jobs/{id}/resume``). The rules are in
+failover, commit, re-protect and failback of a whole plan, each one job) and the
+confirmation of a manual action a job waits at (``POST /api/v1/jobs/{id}/resume``). The rules are in
 ``configserver/plans.py`` and ``configserver/planops.py``, the job in
 ``configserver/planjobs.py``."""
 
@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from configserver import db, planops, plans
+from configserver import api_failover, db, planops, plans
 from configserver.api_failover import CLEANUP_BODY, FAILOVER_BODY, JOB_REPLY, RECOVER_BODY
 from configserver.jobs import JOB, JOB_ID, job_doc
 from configserver.rest import NAME, ApiError, Call, Handler, Route, array, obj, reply
@@ -56,6 +56,20 @@ async def resume_job(call: Call) -> web.Response:
     if job is None:  # deleted meanwhile
         raise ApiError(404, "job_not_found", f"no job with id {jid!r}")
     return reply(job_doc(job, call.services.jobs.kinds))
+
+
+def item_body(verb: str) -> dict[str, Any]:
+    """The body the item route of ``verb`` takes (``POST /api/v1/items/{machine}/<verb>``):
+    a plan or group verb passes the same options through to every item."""
+    body = next(r.body for r in api_failover.ROUTES
+                if r.method == "POST" and r.path.endswith(f"/{verb}"))
+    assert body is not None, verb
+    return body
+
+
+BACK_ORDER = (" Groups run in the plan's order, as for failover (the application's start "
+              "order; the scripts and manual actions too, with "
+              "SITERECOVERY_PLAN_OPERATION set to the verb).")
 
 
 def _starter(verb: str) -> Handler:
@@ -108,6 +122,18 @@ ROUTES = [
           "Queues Plan failover (not cancellable): each item's Failover."),
     _verb("commit", "Commit the failover of a plan", obj({}),
           "Queues Plan commit (not cancellable): each item's Commit."),
+    _verb("reprotect", "Re-protect every item of a plan", item_body("reprotect"),
+          "Queues Plan re-protect: each item's Re-protect (its recovered machine's disks "
+          "into the vault, a delta on its failover point or its last re-protect) with "
+          "these options; an item re-protected already takes its next delta, so nothing "
+          "is passed by." + BACK_ORDER),
+    _verb("failback", "Fail every item of a plan back onto its original machine",
+          item_body("failback"),
+          "Queues Plan failback (not cancellable): each item's Failback with these "
+          "options; each original machine's agent writes only the blocks that differ; the "
+          "items end protected, direction forward. Run again after one failed, it passes "
+          "by the items failed back already (protected, their failback recorded); an item "
+          "protected that was never failed over is refused." + BACK_ORDER),
     Route("POST", "/api/v1/jobs/{id}/resume", resume_job,
           "Confirm the manual action a job waits at", "jobs", params={"id": JOB_ID},
           body=RESUME_BODY, responses={200: JOB},

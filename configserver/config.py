@@ -63,6 +63,7 @@ class ConfigServerConfig:
     failover_boot_timeout_seconds: float = 600.0
     # A process server silent this long loses its machines to a healthy one
     # (configserver/pshealth.py); the procserver_heartbeat_missing alert's 15 minutes.
+    # 0: no automatic moves (the alert still fires; move machines by hand).
     procserver_failover_seconds: float = 900.0
     # Failover targets (docs/REFERENCE.md §13). The folder target is always there.
     recovered_dir: str = ""  # the folder target's root (default DATA_DIR/recovered)
@@ -103,8 +104,9 @@ class ConfigServerConfig:
                      "failover_boot_timeout_seconds"):
             if not 0 < getattr(self, name) <= 86400:
                 raise ValueError(f"{name} must be more than 0 and at most 86400 (a day)")
-        if not 0 < self.procserver_failover_seconds <= 86400:
-            raise ValueError("procserver_failover_seconds must be more than 0 and at most 86400")
+        if not 0 <= self.procserver_failover_seconds <= 86400:
+            raise ValueError("procserver_failover_seconds must be 0 (no automatic moves) to "
+                             "86400 (a day)")
         if self.folder_format not in ("raw", "vhd", "qcow2"):
             raise ValueError("folder_format must be raw, vhd or qcow2")
         if self.libvirt_accel not in ("auto", "kvm", "qemu"):

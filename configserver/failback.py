@@ -17,7 +17,11 @@ the item to ``failback_in_progress`` and queues the Failback job:
    disks (``mobility/inplace.py``): it compares every block with the point's
    fingerprints, fetches and writes only those that differ, verifies each one and every
    disk's digest, and answers on ``POST /api/v1/agent/failback``.
-4. *Remove the recovered machine* from the target.
+4. *Remove the recovered machine* from the target — only if its disks are as they were
+   taken (each image's size and modification time, recorded at step 2) and, on libvirt,
+   its domain is still shut off: a recovered machine started again meanwhile would have
+   its new writes removed with it, so the step fails instead, the recovered machine
+   stays, and a failback run again takes its disks as they stand.
 5. *Record the failback*: the item is ``protected`` again; the agent's base is the
    failback point, so its next cycle is a delta on it (no initial copy).
 
@@ -32,6 +36,7 @@ and its answer (kept by the agent until delivered) reach the restarted server.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -43,6 +48,7 @@ from configserver.jobdefs import JobKind, JobRun, Step, StepFailed
 from configserver.jobs import StepContext
 from configserver.recoveredpoint import recovered_disks, take_point
 from configserver.recoverysteps import FailoverDeps, cleanup_recovered
+from vault.imagepoint import ImageDisk
 
 FAILBACK = "failback"  # the failback's record, inside the item's failover record
 TIMEOUT_SECONDS = 6 * 3600.0  # how long the agent may take to answer
@@ -76,9 +82,10 @@ def kinds(deps: FailoverDeps) -> tuple[JobKind, ...]:
         fb = dict(rec.get(FAILBACK) or {})
         if fb.get("point"):
             return f"taken before: point {fb['point']}"
-        made, base = await take_point(ctx, rec, "failback", await recovered_disks(deps, rec))
+        images = await recovered_disks(deps, rec)
+        made, base = await take_point(ctx, rec, "failback", images)
         fb.update(point=made.point.id, cycle=made.point.cycle, blocks_stored=made.blocks_stored,
-                  full=made.full)
+                  full=made.full, images=_at_rest(images))
         await record(ctx, FAILOVER, failback=fb)
         how = "whole (the failover point is gone)" if base is None else \
             f"as a delta on point {base.id}"
@@ -114,7 +121,21 @@ def kinds(deps: FailoverDeps) -> tuple[JobKind, ...]:
 
     async def remove_recovered(ctx: StepContext) -> str:
         rec, _ = await read(ctx, FAILOVER)
+        fb = dict(rec.get(FAILBACK) or {})
         if rec.get("recovered"):
+            # still shut off (else refused) and unchanged since taken; not asked again of
+            # a removal under way (a restarted server finds part of it gone)
+            taken = None if fb.get("removing") else fb.get("images")
+            changed = [] if taken is None else _changed(
+                taken, _at_rest(await recovered_disks(deps, rec)))
+            if changed:
+                raise StepFailed(
+                    f"the recovered machine's disks changed after failback took them "
+                    f"({', '.join(changed)}): was it started again? Removing it would lose "
+                    f"what it wrote since; it is left as it is\nhint: shut it down and run "
+                    f"the failback again: it takes the disks as they stand and writes what "
+                    f"still differs")
+            await record(ctx, FAILOVER, failback={**fb, "removing": True})
             await cleanup_recovered(deps, rec["recovered"])
         made = ", ".join((rec.get("recovered") or {}).get("resources", [])) or "nothing"
         await record(ctx, FAILOVER, recovered=None)
@@ -136,6 +157,22 @@ def kinds(deps: FailoverDeps) -> tuple[JobKind, ...]:
         Step("remove_recovered", "Remove the recovered machine", remove_recovered),
         Step("record", "Record the failback", done)),
         cancellable=False, on_end=_on_end),)
+
+
+def _at_rest(images: list[ImageDisk]) -> dict[str, list[int]]:
+    """Each image's size and modification time (ns): what says it was not written."""
+    out: dict[str, list[int]] = {}
+    for d in images:
+        try:
+            st = os.stat(d.path)
+            out[d.path] = [st.st_size, st.st_mtime_ns]
+        except FileNotFoundError:
+            out[d.path] = [-1, -1]
+    return out
+
+
+def _changed(taken: dict[str, list[int]], now: dict[str, list[int]]) -> list[str]:
+    return sorted(set(taken) ^ set(now) | {p for p in taken if now.get(p) != taken[p]})
 
 
 async def _on_end(s: AsyncSession, job: JobRun, state: str) -> None:

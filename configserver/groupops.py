@@ -1,5 +1,7 @@
 """A consistency group recovered to one of its group points: test failover, its cleanup,
-failover and commit of every member in one job.
+failover and commit of every member in one job; and brought back the same way:
+re-protect and failback of every member in one job (no group point: each member's own
+recovered machine is what it takes; failback all members together).
 
 The job is a plan job (``configserver/planjobs.py``) of one group holding every member,
 with each member's own point of the group point (``grouppoints.point_doc``) given to its

@@ -141,8 +141,7 @@ async def queue(core: Core, kinds: Mapping[str, JobKind], action: str, name: str
 def new_request(job_id: str, action: str, m: db.Machine, ps: db.ProcessServer,
                 params: dict[str, Any], now: float) -> InstallRequest:
     """The request for job ``job_id`` (no secret in it: the claim answer carries that)."""
-    host, _, port = m.ip.rpartition(":") if m.ip.count(":") == 1 else (m.ip, "", "")
-    doc = {"host": host or m.ip, "port": int(port or 22), "account": m.account,
+    doc = {"host": m.ip, "port": m.ssh_port or 22, "account": m.account,
            "host_key": m.host_key or "", "server": params.get("server") or ps.address,
            "site_url": params["site_url"], "os_name": m.os_name, "os_version": m.os_version,
            "disks": [[str(d["name"]), str(d["path"])] for d in m.disks or []]}

@@ -94,6 +94,8 @@ class Machine(Base):
     __tablename__ = "machines"
     name: Mapped[str] = mapped_column(String(63), primary_key=True)
     ip: Mapped[str] = mapped_column(String(64))
+    # where push installs reach its sshd (configserver/install.py)
+    ssh_port: Mapped[int] = mapped_column(Integer, default=22, server_default="22")
     os_type: Mapped[str] = mapped_column(String(16))
     os_name: Mapped[str] = mapped_column(String(64), default="")
     os_version: Mapped[str] = mapped_column(String(32), default="")

@@ -1,5 +1,6 @@
 """The recovery-plan jobs: Plan test failover, Plan cleanup test failover, Plan failover,
-Plan commit — one job for a whole plan (``configserver/plans.py``), queued by
+Plan commit, Plan re-protect, Plan failback — one job for a whole plan
+(``configserver/plans.py``) or consistency group (``configserver/groupops.py``), queued by
 ``configserver/planops.py`` with the plan's groups copied into its parameters.
 
 Its steps follow the groups in order. For each group: its pre script, its pre manual
@@ -11,8 +12,17 @@ post script and the post manual action. Any failure — a script, a refusal, an 
 job — fails the step (its title names the group and the item or script; the job's
 error is that title and why) and so stops the plan:
 the later groups do not start (item jobs already queued run to their end). Run again,
-the plan passes by the items already done (``SKIP``: failed over, committed, or nothing
-to clean up) and recovers the others.
+the plan passes by the items already done (``passed_by``: failed over, committed, nothing
+to clean up, or failed back — ``protected`` again with the failback of its newest
+failover recorded as succeeded, never merely protected) and recovers the others.
+Re-protect passes nothing by: an item re-protected already takes its next delta (only
+the blocks written since), so a re-run, or a later one before the failback, brings every
+item's reverse-direction point up to date.
+
+Failback runs the groups in the plan's order, as failover does: the order is the
+application's start order (its database before its application servers), and each
+original machine comes back in it, with the same scripts and manual actions
+(``SITERECOVERY_PLAN_OPERATION=failback``).
 
 An item's job is found again after a restart as the first job of its kind on that item
 queued after the plan job (and is tagged with ``plan`` and ``plan_job``).
@@ -43,14 +53,37 @@ VERBS: dict[str, tuple[str, str, str, bool]] = {
                               DRILL, True),
     "failover": ("plan_failover", "Plan failover", FAILOVER, False),
     "commit": ("plan_commit", "Plan commit", FAILOVER, False),
+    "reprotect": ("plan_reprotect", "Plan re-protect", FAILOVER, True),
+    "failback": ("plan_failback", "Plan failback", FAILOVER, False),
 }
 # verb -> the item states in which a plan passes an item by: already done (a plan run
-# again after one of its items failed), or nothing to clean up
+# again after one of its items failed), or nothing to clean up; failback's only with
+# its failback recorded (``passed_by``)
 SKIP: dict[str, tuple[ItemState, ...]] = {
     "cleanup-test-failover": (ItemState.PROTECTED,), "failover": (ItemState.FAILED_OVER,),
-    "commit": (ItemState.COMMITTED,)}
+    "commit": (ItemState.COMMITTED,), "failback": (ItemState.PROTECTED,)}
 ITEM_TITLES = {"test-failover": "Test failover", "cleanup-test-failover":
-               "Cleanup test failover", "failover": "Failover", "commit": "Commit"}
+               "Cleanup test failover", "failover": "Failover", "commit": "Commit",
+               "reprotect": "Re-protect", "failback": "Failback"}
+
+
+def failed_back(row: db.ReplicatedItem) -> str | None:
+    """The job that failed ``row`` back from its newest failover, if one succeeded (a
+    new failover starts a fresh record: an older failback does not count)."""
+    fb = (row.failover or {}).get("failback") or {}
+    return str(fb.get("job")) if fb.get("result") == "succeeded" else None
+
+
+def passed_by(verb: str, row: db.ReplicatedItem) -> str | None:
+    """Why a plan job of ``verb`` passes item ``row`` by (it is done already), else None.
+    A failback counts as done only for an item protected again by a failback: one merely
+    protected (never failed over) is refused up front (``planops.queue``)."""
+    if row.state not in SKIP.get(verb, ()):
+        return None
+    if verb == "failback":
+        job = failed_back(row)
+        return f"{row.state} (failed back by job {job})" if job else None
+    return str(row.state)
 
 
 def _group(ctx: StepContext, g: int) -> dict[str, Any]:
@@ -68,10 +101,10 @@ async def _child(ctx: StepContext, verb: str, item: str) -> db.Job | None:
 
 
 async def _skipped(ctx: StepContext, verb: str, item: str) -> str | None:
-    """The item's state if the plan passes it by (``SKIP``), else None."""
+    """Why the plan passes the item by (``passed_by``), else None."""
     async with ctx.core.sessionmaker() as s:
         row = await s.get(db.ReplicatedItem, item)
-    return row.state if row is not None and row.state in SKIP.get(verb, ()) else None
+    return passed_by(verb, row) if row is not None else None
 
 
 def _script(g: int, phase: str) -> StepFn:
@@ -169,10 +202,24 @@ def _item(item: str) -> StepFn:
         async with ctx.core.sessionmaker() as s:
             row = await s.get(db.ReplicatedItem, item)
             rec = dict(getattr(row, VERBS[verb][2]) or {}) if row is not None else {}
-        rto = f", RTO {rec['rto_seconds']} s" if rec.get("rto_seconds") is not None and \
-            verb in ("test-failover", "failover") else ""
-        return f"{title} of {item} succeeded (job {job.id}); point {rec.get('point')}{rto}"
+        return f"{title} of {item} succeeded (job {job.id}); {_outcome(verb, rec)}"
     return run
+
+
+def _outcome(verb: str, rec: dict[str, Any]) -> str:
+    """What an item's job recorded, for its plan step: the point it used, and more."""
+    if verb == "reprotect":
+        rp = rec.get("reprotect") or {}
+        how = "whole" if rp.get("last_full") else "a delta"
+        return (f"point {rp.get('last_point')} ({rp.get('last_blocks_stored')} block(s) "
+                f"stored, {how})")
+    if verb == "failback":
+        fb = rec.get("failback") or {}
+        return (f"point {fb.get('point')}; {fb.get('blocks_written')} of "
+                f"{fb.get('blocks_compared')} block(s) written onto the original machine")
+    rto = f", RTO {rec['rto_seconds']} s" if rec.get("rto_seconds") is not None and \
+        verb in ("test-failover", "failover") else ""
+    return f"point {rec.get('point')}{rto}"
 
 
 def steps_for(verb: str) -> Callable[[dict[str, Any]], tuple[Step, ...]]:

@@ -15,3 +15,14 @@ def mbps(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a rate in Mbit/s (0: unlimited, "
                                          "e.g. 10 or 2.5)")
     return value
+
+
+def seconds(text: str) -> int:
+    """A whole number of seconds, at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds from 1")
+    return n

@@ -11,6 +11,7 @@ import argparse
 from typing import Any
 
 from siterecovery.apiopts import add_api_args, call_and_show
+from siterecovery.argtypes import mbps, seconds
 from siterecovery.jobfollow import start_and_follow
 from siterecovery.recoveryopts import (
     add_settings_args,
@@ -82,7 +83,7 @@ def _point_args(p: argparse.ArgumentParser) -> None:
                    help="the newest point created at or before TIME (ISO 8601)")
     p.add_argument("--network", help="the target's network for this run (default: the "
                                      "item's setting)")
-    p.add_argument("--drain-timeout", type=int, metavar="SECONDS",
+    p.add_argument("--drain-timeout", type=seconds, metavar="SECONDS",
                    help="with --point latest: how long to wait for the process server to "
                         "upload what it acknowledged (default: the server's "
                         "failover_drain_timeout_seconds, 1800)")
@@ -100,9 +101,9 @@ def _instant_args(p: argparse.ArgumentParser) -> None:
                    help="instant recovery (libvirt target): boot on the disks served over NBD "
                         "straight from the vault, copy them in the background, then move the "
                         "machine onto the copies without a reboot")
-    p.add_argument("--hydrate-rate", type=float, metavar="MBPS",
+    p.add_argument("--hydrate-rate", type=mbps, metavar="MBPS",
                    help="with --instant: the background copy's rate from the vault in Mbit/s "
-                        "(default: unlimited)")
+                        "(0 or absent: unlimited)")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -144,14 +145,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         v.set_defaults(func=func)
         verbs.append(v)
     verbs[2].add_argument("--notes", required=True, help="what the drill showed")
-    verbs[6].add_argument("--agent-timeout", type=int, metavar="SECONDS",
+    verbs[6].add_argument("--agent-timeout", type=seconds, metavar="SECONDS",
                           help="how long the job waits for the original machine's agent "
                                "(default: 6 hours)")
     verbs[7].add_argument("--pause", action="store_true",
                           help="a recovered libvirt domain that runs is read paused (the "
                                "guest stands still for the read; a crash-consistent point) "
                                "instead of refused")
-    verbs[6].add_argument("--shutdown-timeout", type=int, metavar="SECONDS",
+    verbs[6].add_argument("--shutdown-timeout", type=seconds, metavar="SECONDS",
                           help="a recovered libvirt domain still running is asked to shut "
                                "down; how long to wait for it (default: the server's "
                                "failover_shutdown_timeout_seconds, 600)")
@@ -161,7 +162,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                           help="first ask the source's agent for a last delta cycle and a "
                                "shutdown (with --point latest nothing it wrote is lost); "
                                "the failover goes on if the agent does not answer")
-    verbs[3].add_argument("--shutdown-timeout", type=int, metavar="SECONDS",
+    verbs[3].add_argument("--shutdown-timeout", type=seconds, metavar="SECONDS",
                           help="how long to wait for the agent's answer (default: the "
                                "server's failover_shutdown_timeout_seconds, 600)")
     for v in verbs:

@@ -1,7 +1,8 @@
 """CLI verbs: ``group create|add|remove|show|list|delete|update|points`` and ``group
-test-failover|cleanup|failover|commit`` (REST ``/api/v1/groups``): multi-VM consistency
-groups, whose members' points are taken at one coordinated moment, the group points that
-moment made, and the recovery of every member to one group point in one job."""
+test-failover|cleanup|failover|commit|reprotect|failback`` (REST ``/api/v1/groups``):
+multi-VM consistency groups, whose members' points are taken at one coordinated moment,
+the group points that moment made, the recovery of every member to one group point in
+one job, and the way back (re-protect, failback) of every member in one job."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import argparse
 from typing import Any
 
 from siterecovery.apiopts import add_api_args, call, call_and_show
+from siterecovery.argtypes import seconds
 from siterecovery.errors import UsageError
 from siterecovery.jobfollow import start_and_follow
 from siterecovery.output import show, table
+from siterecovery.recoveryopts import back_args, back_body
 
 GROUP_COLUMNS = [("name", "NAME"), ("members_s", "MEMBERS"), ("process_server", "PROCESS SERVER"),
                  ("interval_seconds", "INTERVAL S"), ("barrier_timeout_seconds", "TIMEOUT S"),
@@ -124,20 +127,18 @@ async def cmd_commit(args: argparse.Namespace) -> int:
     return await _start(args, "commit", {})
 
 
-def _positive(v: str) -> int:
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{v!r} is not a whole number of seconds") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{v!r}: give a number of seconds from 1")
-    return n
+async def cmd_reprotect(args: argparse.Namespace) -> int:
+    return await _start(args, "reprotect", back_body("reprotect", args))
+
+
+async def cmd_failback(args: argparse.Namespace) -> int:
+    return await _start(args, "failback", back_body("failback", args))
 
 
 def _timing(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--interval", type=_positive, metavar="SECONDS",
+    p.add_argument("--interval", type=seconds, metavar="SECONDS",
                    help="seconds between group points (default on create: 3600)")
-    p.add_argument("--barrier-timeout", type=_positive, metavar="SECONDS",
+    p.add_argument("--barrier-timeout", type=seconds, metavar="SECONDS",
                    help="how long the process server waits for every member at a group "
                         "point; a member that does not arrive fails it (default on create: "
                         "60)")
@@ -150,7 +151,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                       "coordinated moment",
         description="The machines of a consistency group freeze together at each group "
                     "point: their process server holds a barrier until every member is "
-                    "frozen, then lets them all go, so their points restore to one moment. "
+                    "frozen, then lets them all go, so their points restore to one moment; "
+                    "the group drills, fails over and commits to one group point, and "
+                    "re-protects and fails back, each as one job. "
                     "All members must be assigned to the same process server; a machine is "
                     "in one group at most.")
     gsub = g.add_subparsers(dest="group_cmd", required=True, metavar="VERB")
@@ -188,7 +191,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             ("cleanup", cmd_cleanup, "clean up the group's drill (notes required)"),
             ("failover", cmd_failover, "fail every member over to one group point (not "
                                        "cancellable)"),
-            ("commit", cmd_commit, "commit the group's failover")):
+            ("commit", cmd_commit, "commit the group's failover"),
+            ("reprotect", cmd_reprotect, "replicate every member's recovered machine into "
+                                         "the vault (each a delta), in one job"),
+            ("failback", cmd_failback, "fail every member back onto its original machine, "
+                                       "all together in one job (not cancellable): each "
+                                       "agent writes only the blocks that differ")):
         v = gsub.add_parser(name, help=help_)
         v.add_argument("name")
         if name in ("test-failover", "failover"):
@@ -199,6 +207,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                                              "recovery settings)")
         if name == "cleanup":
             v.add_argument("--notes", required=True, help="what the drill showed")
+        if name in ("reprotect", "failback"):
+            back_args(v, name)
         v.add_argument("--wait", action="store_true", help="follow the job to its end")
         v.add_argument("--timeout", type=float, metavar="SECONDS",
                        help="stop waiting after this long (the job goes on)")

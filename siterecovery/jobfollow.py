@@ -49,8 +49,10 @@ async def follow(api: ApiClient, job: dict[str, Any], timeout: float | None
 async def start_and_follow(args: argparse.Namespace, path: str, what: str,
                            body: dict[str, Any]) -> int:
     """POST ``body`` (None and False values left out) to ``path``, which queues a job for
-    ``what``; with ``--wait`` follow it to its end. Exit 0 only if it succeeded."""
-    body = {k: v for k, v in body.items() if v not in (None, False)}
+    ``what``; with ``--wait`` follow it to its end. Exit 0 only if it succeeded. A 0 is
+    sent as given (``0 in (None, False)`` is true in Python: the server says what it
+    means, or refuses it)."""
+    body = {k: v for k, v in body.items() if v is not None and v is not False}
     async with client(args) as api:
         job = (await api.post(path, body))["job"]
         if not args.wait:

@@ -27,6 +27,16 @@ def disk_arg(text: str) -> dict[str, str]:
     return {"name": name, "path": path}
 
 
+def port_arg(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
+    return port
+
+
 def _row(m: dict[str, Any]) -> dict[str, Any]:
     return {**m, "os": f"{m['os_name']} {m['os_version']}",
             "disks": ",".join(d["name"] for d in m["disks"]) or None,
@@ -37,6 +47,7 @@ def describe(m: dict[str, Any]) -> str:
     lines = [
         f"machine:         {m['name']}",
         f"IP:              {m['ip']}",
+        f"SSH port:        {m['ssh_port']}",
         f"OS:              {m['os_type']} {m['os_name']} {m['os_version']}",
         f"kernel:          {m['kernel'] or '-'}",
         f"enabled:         {'yes' if m['enabled'] else 'no (its certificate is refused)'}",
@@ -67,7 +78,7 @@ def describe_matrix(doc: dict[str, Any]) -> str:
 async def cmd_add(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"name": args.name, "ip": args.ip, "os_type": args.os_type,
                             "disks": args.disk or []}
-    for k in ("os_name", "os_version", "kernel", "process_server", "account"):
+    for k in ("ssh_port", "os_name", "os_version", "kernel", "process_server", "account"):
         if getattr(args, k) is not None:
             body[k] = getattr(args, k)
     return await call_and_show(args, "POST", "/api/v1/machines", describe, body)
@@ -86,7 +97,7 @@ async def cmd_update(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {}
     if args.enabled is not None:
         body["enabled"] = args.enabled
-    for k in ("ip", "os_name", "os_version", "kernel"):
+    for k in ("ip", "ssh_port", "os_name", "os_version", "kernel"):
         if getattr(args, k) is not None:
             body[k] = getattr(args, k)
     if args.disk is not None or args.no_disks:
@@ -214,6 +225,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                                     "supported yet.")
     a.add_argument("name", help="machine name, also its certificate's CN")
     a.add_argument("--ip", required=True, help="the machine's IPv4 or IPv6 address")
+    a.add_argument("--ssh-port", type=port_arg, metavar="PORT",
+                   help="the port of its sshd, for push installs (default: 22)")
     a.add_argument("--os-type", choices=["linux", "windows"], default="linux",
                    help="default: %(default)s")
     _os_options(a)
@@ -239,6 +252,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     help="refuse the machine's certificate (enrollment, settings, "
                          "replication) until --enable")
     u.add_argument("--ip", help="new IP address")
+    u.add_argument("--ssh-port", type=port_arg, metavar="PORT",
+                   help="the port of its sshd, for push installs")
     _os_options(u)
     dk = u.add_mutually_exclusive_group()
     dk.add_argument("--disk", action="append", type=disk_arg, metavar="NAME=PATH",

@@ -1,6 +1,6 @@
-"""CLI verbs: ``plan create|list|show|update|delete|test-failover|cleanup|failover|commit``
-(REST ``/api/v1/plans``) and ``jobs resume JOB`` (confirm the manual action a job waits
-at).
+"""CLI verbs: ``plan create|list|show|update|delete|test-failover|cleanup|failover|commit|
+reprotect|failback`` (REST ``/api/v1/plans``) and ``jobs resume JOB`` (confirm the manual
+action a job waits at).
 
 A plan's groups come from ``--group ITEM,ITEM`` (repeated, in order) with per-group
 ``--pre-script N=PATH`` ``--post-script N=PATH`` ``--pre-action N=TEXT``
@@ -22,6 +22,7 @@ from siterecovery.apiopts import add_api_args, call, call_and_show
 from siterecovery.errors import UsageError
 from siterecovery.jobfollow import describe_job, start_and_follow
 from siterecovery.output import show, table
+from siterecovery.recoveryopts import back_args, back_body
 
 PLAN_COLUMNS = [("name", "NAME"), ("groups_n", "GROUPS"), ("items", "ITEMS"),
                 ("last", "LAST JOB"), ("description", "DESCRIPTION")]
@@ -151,6 +152,20 @@ async def cmd_commit(args: argparse.Namespace) -> int:
     return await _start(args, "commit", {})
 
 
+async def cmd_reprotect(args: argparse.Namespace) -> int:
+    return await _start(args, "reprotect", back_body("reprotect", args))
+
+
+async def cmd_failback(args: argparse.Namespace) -> int:
+    return await _start(args, "failback", back_body("failback", args))
+
+
+REPROTECT_HELP = ("replicate every recovered machine into the vault (a delta on its "
+                  "failover point or its last re-protect)")
+FAILBACK_HELP = ("fail every item back onto its original machine (not cancellable): each "
+                 "agent writes only the blocks that differ")
+
+
 async def cmd_resume(args: argparse.Namespace) -> int:
     body = {"notes": args.notes} if args.notes else {}
     return await call_and_show(args, "POST", f"/api/v1/jobs/{args.id}/resume", describe_job,
@@ -197,9 +212,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``plan`` to the top-level subparsers."""
     p = sub.add_parser("plan", help="recovery plans: ordered groups of items recovered "
                                     "together, with scripts and manual actions",
-                       description="A recovery plan drills, fails over, cleans up and "
-                                   "commits its items as one job: groups in order, the "
-                                   "items of a group in parallel.")
+                       description="A recovery plan drills, fails over, cleans up, "
+                                   "commits, re-protects and fails back its items as one "
+                                   "job: groups in order (failback too: the application's "
+                                   "start order), the items of a group in parallel, each "
+                                   "as its own item job; the job stops at the first item "
+                                   "that fails, and run again passes by the items done.")
     psub = p.add_subparsers(dest="plan_cmd", required=True, metavar="VERB")
     verbs: list[argparse.ArgumentParser] = []
     c = psub.add_parser("create", help="create a plan")
@@ -224,7 +242,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             ("cleanup", cmd_cleanup, "clean up the plan's drill (notes required)", None),
             ("failover", cmd_failover, "fail every item of the plan over (not "
                                        "cancellable)", _point_args),
-            ("commit", cmd_commit, "commit the plan's failover", None)):
+            ("commit", cmd_commit, "commit the plan's failover", None),
+            ("reprotect", cmd_reprotect, REPROTECT_HELP,
+             lambda v: back_args(v, "reprotect")),
+            ("failback", cmd_failback, FAILBACK_HELP, lambda v: back_args(v, "failback"))):
         v = psub.add_parser(name, help=help_)
         v.add_argument("name")
         if extra is not None:
@@ -234,8 +255,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        help="stop waiting after this long (the job goes on)")
         v.set_defaults(func=func)
         verbs.append(v)
-    verbs[-3].add_argument("--notes", required=True, help="what the drill showed")
-    verbs[-2].add_argument("--shutdown-source", action="store_true",
+    verbs[-5].add_argument("--notes", required=True, help="what the drill showed")
+    verbs[-4].add_argument("--shutdown-source", action="store_true",
                            help="ask each source's agent for a last cycle and a shutdown "
                                 "first")
     for v in verbs:

@@ -1,10 +1,13 @@
 """The options and the display of an item's recovery settings, shared by
-``failover settings`` and ``items update`` (verb modules meet only in cli.py)."""
+``failover settings`` and ``items update``, and the options of re-protect and failback
+shared by ``plan`` and ``group`` (verb modules meet only in cli.py)."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
+
+from siterecovery.argtypes import seconds
 
 SETTINGS = ("target", "vm_name", "cpus", "memory_mib", "azure_size", "network",
             "drill_network", "ip", "mac", "boot_marker", "firmware", "disks")
@@ -57,3 +60,28 @@ def describe_settings(item: dict[str, Any]) -> str:
             lines.append(f"{title}: {rec.get('result')} (job {rec.get('job')}), point "
                          f"{rec.get('point')}, RTO {rec.get('rto_seconds')} s")
     return "\n".join(lines)
+
+
+def back_body(verb: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The item options of re-protect or failback (``back_args``), for the request."""
+    if verb == "reprotect":
+        return {"pause": args.pause}
+    return {"timeout_seconds": args.agent_timeout,
+            "shutdown_timeout_seconds": args.shutdown_timeout}
+
+
+def back_args(p: argparse.ArgumentParser, verb: str) -> None:
+    """The options of ``siterecovery failover reprotect|failback``, for every item."""
+    if verb == "reprotect":
+        p.add_argument("--pause", action="store_true",
+                       help="a recovered libvirt domain that runs is read paused (its guest "
+                            "stands still for the read; a crash-consistent point) instead "
+                            "of refused")
+        return
+    p.add_argument("--agent-timeout", type=seconds, metavar="SECONDS",
+                   help="how long each item's job waits for its original machine's agent "
+                        "(default: 6 hours)")
+    p.add_argument("--shutdown-timeout", type=seconds, metavar="SECONDS",
+                   help="a recovered libvirt domain still running is asked to shut down; "
+                        "how long to wait for it (default: the server's "
+                        "failover_shutdown_timeout_seconds, 600)")

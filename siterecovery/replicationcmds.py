@@ -360,7 +360,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]
                                    "server and survive its restarts.")
     jsub = j.add_subparsers(dest="jobs_cmd", required=True, metavar="VERB")
     jl = jsub.add_parser("list", help="list jobs, newest first")
-    jl.add_argument("--target", help="only jobs of this machine")
+    jl.add_argument("--target", help="only jobs of this machine (plan:NAME, group:NAME: of "
+                                     "a recovery plan, a consistency group)")
     jl.add_argument("--kind", help="only jobs of this kind (e.g. enable_protection)")
     jl.add_argument("--state", choices=["queued", "running", "waiting", "succeeded",
                                         "failed", "cancelled"], help="only jobs in this state")

@@ -48,7 +48,11 @@ async def boot(virsh: Virsh, name: str, console_log: Path, marker: str | None,
         if line is not None:
             return BootProof(time.monotonic() - started, line, log.tail())
         if not await running(virsh, name):
-            log.find(lambda ln: False)  # what it printed last, before it stopped
+            # It may have shown the proof between the look above and stopping (a guest
+            # that powers off once booted): its console is whole now, look once more.
+            line = log.find(lambda ln: proves_boot(ln, marker) or bool(FATAL.search(ln)))
+            if line is not None and not FATAL.search(line):
+                return BootProof(time.monotonic() - started, line, log.tail())
             raise BootFailedError(f"{name} stopped before it showed "
                                   f"{marker or 'a login prompt'} on its console",
                                   log.tail())

@@ -60,7 +60,7 @@ WAIT = 60.0  # seconds for anything the browser should come to show
 POLL = 0.2  # seconds between two looks at the page while waiting for it to change
 AXE_DEFAULT = REPO / ".cache" / "axe" / "node_modules" / "axe-core" / "axe.min.js"
 PAGES = ["/console/", "/console/items/web01", "/console/alerts", "/console/jobs",
-         "/console/procservers"]
+         "/console/procservers", "/console/plans", "/console/groups"]
 
 
 class WebDriverError(Exception):
@@ -370,7 +370,7 @@ async def test_sign_in_enable_drill_clean_up_fail_over_and_commit(site: Site,
 
 async def test_every_page_passes_axe_core(site: Site, browser: Browser) -> None:
     """Every page, with something on it: an alert (the process server's cache is nearly
-    full), jobs, an item with points."""
+    full), jobs, an item with points, a plan and a group."""
     b, cs = browser, site.cs
     async with ApiClient(cs.url, cs.internal_token) as internal:
         await internal.post("/api/v1/internal/procservers/heartbeat", {
@@ -378,7 +378,12 @@ async def test_every_page_passes_axe_core(site: Site, browser: Browser) -> None:
             "cache_bytes": 41 << 30, "cache_free_ratio": 0.2, "backlog_bytes": 3 << 30,
             "backlog_seconds": 600, "throughput_bps": 48 << 20, "sessions": 1})
     assert (await site.api.get("/api/v1/events", active=True))["events"]
-    for page in ["/console/signin", *PAGES, *(
+    # a recovery plan and a consistency group of web01 (committed by now: their pages
+    # offer the forms of re-protect and failback)
+    await site.api.post("/api/v1/plans", {"name": "dr", "groups": [
+        {"items": ["web01"], "pre_action": "open the firewall"}]})
+    await site.api.post("/api/v1/groups", {"name": "erp", "members": ["web01"]})
+    for page in ["/console/signin", *PAGES, "/console/plans/dr", "/console/groups/erp", *(
             [f"/console/jobs/{j['id']}" for j in (await site.api.get(
                 "/api/v1/jobs", limit=1))["jobs"]])]:
         await b.go(cs.url + page)

@@ -205,15 +205,36 @@ async def test_reprotect_takes_deltas_and_failback_starts_from_the_newest(
         assert "the agent could not write the point onto its disks" in failed["error"]
         assert (await api.get("/api/v1/items/web01"))["state"] == "reprotected"
 
+        # The recovered machine written again between failback's take and its removal
+        # (started again meanwhile): the removal refuses and leaves it, the failback
+        # fails; run again, it takes the disks as they stand, the late writes included.
+        job = (await api.post("/api/v1/items/web01/failback", {}))["job"]
+        await wait_job(api, job["id"], _asking, timeout=120)
+        taken = await wait_job(api, job["id"], _asking, timeout=1)
+        assert f"0 block(s) stored as a delta on point {last}" in step(
+            taken, "take_disks")["message"]  # nothing written since the last re-protect
+        late = os.urandom(100_000)
+        _write(recovered, "late.db", late)
+        assert not await site.managed.round()  # the point taken before is written
+        failed = await wait_job(api, job["id"], timeout=120)
+        assert failed["state"] == "failed", failed
+        assert f"{expected} of " in step(failed, "write_back")["message"]
+        assert site.disk.read_bytes() == want  # as taken: without the late writes
+        assert step(failed, "remove_recovered")["state"] == "failed"
+        assert "changed after failback took them" in failed["error"]
+        assert "run the failback again" in failed["error"]
+        assert recovered.exists() and _cat(recovered, "late.db") == late
+        assert (await api.get("/api/v1/items/web01"))["state"] == "reprotected"
+
+        want = recovered.read_bytes()
         job = (await api.post("/api/v1/items/web01/failback", {}))["job"]
         await wait_job(api, job["id"], _asking, timeout=120)
         assert not await site.managed.round()
         done = await wait_job(api, job["id"], timeout=120)
         assert done["state"] == "succeeded", done
-        assert f"0 block(s) stored as a delta on point {last}" in step(
-            done, "take_disks")["message"]  # nothing written since the last re-protect
-        assert f"{expected} of " in step(done, "write_back")["message"]
-        assert site.disk.read_bytes() == want
+        assert site.disk.read_bytes() == want and _cat(site.disk, "late.db") == late
+        assert not recovered.parent.exists()
         item = await api.get("/api/v1/items/web01")
         assert (item["state"], item["direction"]) == ("protected", "forward")
         assert item["failover"]["reprotect"]["ended"] is not None
+

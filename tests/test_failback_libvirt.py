@@ -45,7 +45,7 @@ from targets.base import RecoverySpec
 from targets.domainxml import DomainLayout, domain_xml, isolated_network_xml
 from targets.virsh import Virsh
 from tests.backends import missing_backend
-from tests.bootdisk import PART_START, _Cpio, bootdisk, missing_tools
+from tests.bootdisk import PART_START, Cpio, bootdisk, missing_tools
 from tests.helpers import open_vault, run_cli
 from tests.libvirtd import libvirtd_running
 from tests.managedsite import Site, managed_site
@@ -189,7 +189,7 @@ def _guest_disk(path: Path) -> None:
     mnt.mkdir()
     _run("mount", "-o", f"loop,offset={PART_START * 512}", path, mnt)
     try:
-        extra = _Cpio()  # a second archive: the kernel unpacks it over the first
+        extra = Cpio()  # a second archive: the kernel unpacks it over the first
         extra.add("init", 0o100755, INIT.encode())
         for d in ("etc", "etc/acpi", "etc/acpi/PWRF"):
             extra.add(d, 0o040755)

@@ -30,7 +30,7 @@ from siterecovery.apiclient import ApiClient
 from tests.backends import missing_backend
 from tests.helpers import open_vault, sha256
 from tests.managedsite import managed_site
-from tests.sitehelpers import next_job, step, step_running, wait_job
+from tests.sitehelpers import next_job, step, wait_job
 from vault.locks import acquire
 from vault.regkey import make_key
 
@@ -106,7 +106,10 @@ async def test_failover_with_source_shutdown_loses_nothing_acknowledged(
     written = sha256(p.disk)
     job = (await api.post("/api/v1/items/web01/failover", {
         "point": "latest", "shutdown_source": True, "shutdown_timeout_seconds": 300}))["job"]
-    await wait_job(api, job["id"], step_running("shutdown_source"))
+    # the step's asking message comes after its request is recorded; "running" alone
+    # may be seen before (a pull then would not carry the request yet)
+    await wait_job(api, job["id"], lambda j: "asking the source's agent" in (
+        step(j, "shutdown_source").get("message") or ""))
     s = await p.managed.site.settings()  # what the agent pulls now
     assert (s.replicate, s.shutdown_request) == (False, job["id"])
     assert await p.managed.round()  # the last cycle, the answer, the shutdown command

@@ -13,23 +13,18 @@ from configserver import db
 from configserver.pshealth import MOVED
 from siterecovery.apiclient import ApiClient
 from tests.csclock import Clock, clocked_configserver
-from tests.sitehelpers import step, wait_job
+from tests.sitehelpers import heartbeat, step, wait_job
 
 
 async def test_a_failover_moves_a_group_whole(tmp_path: Path, catalog_url: str) -> None:
     clock = Clock()
     clock.now = t0 = 1_800_000_000.0
-    async with clocked_configserver(tmp_path / "cs", catalog_url, clock) as server, \
+    async with clocked_configserver(tmp_path / "cs", catalog_url, clock,
+                                    procserver_failover_seconds=900.0) as server, \
             ApiClient(server.url, server.admin_token) as api, \
             ApiClient(server.url, server.services.internal_token) as internal:
-        async def beat(name: str) -> None:
-            await internal.post("/api/v1/internal/procservers/heartbeat", {
-                "name": name, "address": f"{name}.example:9443", "version": "test",
-                "cache_bytes": 0, "cache_free_ratio": 1.0, "backlog_bytes": 0,
-                "backlog_seconds": 0, "throughput_bps": 0, "sessions": 0})
-
         for name in ("ps1", "ps2", "ps3"):
-            await beat(name)
+            await heartbeat(internal, name)
         machines = ("app01", "db01", "web01")
         for m in machines:
             await api.post("/api/v1/machines", {
@@ -46,7 +41,7 @@ async def test_a_failover_moves_a_group_whole(tmp_path: Path, catalog_url: str) 
 
         clock.now = t0 + 901  # ps1 silent past procserver_failover_seconds
         for name in ("ps2", "ps3"):
-            await beat(name)
+            await heartbeat(internal, name)
         await api.post("/api/v1/alerts/evaluate")  # a change: the failover check looks
 
         async def moves() -> list[dict[str, Any]]:

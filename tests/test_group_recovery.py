@@ -69,6 +69,8 @@ async def test_a_group_drills_and_fails_over_to_one_group_point(
     shown = await api.get("/api/v1/groups/erp")
     assert shown["job_target"] == "group:erp"
     drill = await api.get("/api/v1/jobs/" + shown["last_job"]["id"])
+    listed = (await api.get("/api/v1/jobs", target="group:erp"))["jobs"]
+    assert [j["id"] for j in listed] == [drill["id"]]  # the group's jobs, by its target
     assert drill["kind"] == "plan_test_failover" and drill["state"] == "succeeded", drill
     assert [s["name"] for s in drill["steps"]] == ["g1_start", "item_app01", "item_db01"]
     for m, (pid, _, digest) in at_group.items():

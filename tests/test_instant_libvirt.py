@@ -56,7 +56,7 @@ from tests.bootdisk import (
     HOSTNAME,
     MARKER,
     PART_START,
-    _Cpio,  # the initramfs format the boot disk is built with
+    Cpio,  # the initramfs format the boot disk is built with
     bootdisk,
     missing_tools,
 )
@@ -159,7 +159,7 @@ def disk(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     mnt.mkdir()
     _run("mount", "-o", f"loop,offset={PART_START * SECTOR}", img, mnt)
     try:
-        extra = _Cpio()  # a second archive: the kernel unpacks it over the first
+        extra = Cpio()  # a second archive: the kernel unpacks it over the first
         extra.add("init", 0o100755, INIT.encode())
         extra.add("guest-write.bin", 0o100644, GUEST_BLOCK)
         with open(mnt / "boot" / "initrd.gz", "ab") as f:

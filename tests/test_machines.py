@@ -40,9 +40,10 @@ async def test_add_list_show_update_remove(cs: ConfigServer, api: ApiClient) -> 
     await _account(api)
     m = await api.post("/api/v1/machines", {**WEB01, "process_server": "ps1",
                                             "account": "installer"})
-    assert m == {**WEB01, "disks": [{"name": "sda", "path": "/dev/sda", "size_bytes": 1 << 30},
-                                    {"name": "data", "path": "/var/lib/images/data.img",
-                                     "size_bytes": None}],
+    assert m == {**WEB01, "ssh_port": 22,
+                 "disks": [{"name": "sda", "path": "/dev/sda", "size_bytes": 1 << 30},
+                           {"name": "data", "path": "/var/lib/images/data.img",
+                            "size_bytes": None}],
                  "process_server": "ps1", "account": "installer", "enabled": True,
                  "created": m["created"], "last_contact": None, "agent_version": None,
                  "replication": None}
@@ -59,10 +60,10 @@ async def test_add_list_show_update_remove(cs: ConfigServer, api: ApiClient) -> 
     assert (await api.get("/api/v1/accounts/installer"))["machines"] == ["web01"]
 
     u = await api.patch("/api/v1/machines/web01", {
-        "ip": "10.0.0.6", "disks": [{"name": "sdb", "path": "/dev/sdb"}],
+        "ip": "10.0.0.6", "disks": [{"name": "sdb", "path": "/dev/sdb"}], "ssh_port": 2222,
         "process_server": None, "account": None, "os_version": "24.04", "kernel": "6.8.0-31"})
-    assert (u["ip"], u["process_server"], u["account"], u["os_version"], u["kernel"]) == (
-        "10.0.0.6", None, None, "24.04", "6.8.0-31")
+    assert (u["ip"], u["ssh_port"], u["process_server"], u["account"], u["os_version"],
+            u["kernel"]) == ("10.0.0.6", 2222, None, None, "24.04", "6.8.0-31")
     assert u["disks"] == [{"name": "sdb", "path": "/dev/sdb", "size_bytes": None}]
     assert await api.get("/api/v1/machines/web01") == u
     assert (await api.get("/api/v1/accounts/installer"))["machines"] == []
@@ -146,6 +147,9 @@ async def test_inside_the_matrix_is_accepted(api: ApiClient, os_name: str, os_ve
     ({"ip": "10.0.0.300"}, 422, "invalid_ip", "not an IPv4 or IPv6 address"),
     ({"ip": "224.0.0.1"}, 422, "invalid_ip", "multicast"),
     ({"ip": "0.0.0.0"}, 422, "invalid_ip", "unspecified"),
+    ({"ssh_port": 0}, 422, "invalid_request", "ssh_port"),
+    ({"ssh_port": 65536}, 422, "invalid_request", "ssh_port"),
+    ({"ssh_port": "22"}, 422, "invalid_request", "ssh_port"),
     ({"disks": [{"name": "sda", "path": "/dev/sda"}, {"name": "sda", "path": "/dev/sdb"}]},
      422, "invalid_disks", "disk name 'sda' is given twice"),
     ({"disks": [{"name": "a", "path": "/dev/sda"}, {"name": "b", "path": "/dev/sda"}]},
@@ -248,9 +252,10 @@ async def test_machine_cli(cs: ConfigServer, tmp_path: Path) -> None:
 
     r = await cli("machine", "add", "web01", "--ip", "10.0.0.5", "--os-name", "debian",
                   "--os-version", "12", "--kernel", "6.1.0-18-amd64", "--disk", "sda=/dev/sda",
-                  "--disk", "data=/srv/data.img", *api)
+                  "--disk", "data=/srv/data.img", "--ssh-port", "2222", *api)
     assert r.returncode == 0, r.stderr
     assert "OS:              linux debian 12" in r.stdout and "  data: /srv/data.img" in r.stdout
+    assert "SSH port:        2222" in r.stdout
     r = await cli("machine", "show", "web01", "--json", *api)
     doc = json.loads(r.stdout)
     assert [d["name"] for d in doc["disks"]] == ["sda", "data"] and doc["enabled"] is True
@@ -272,6 +277,10 @@ async def test_machine_cli(cs: ConfigServer, tmp_path: Path) -> None:
     assert r.returncode == 2 and "NAME=PATH" in r.stderr
     r = await cli("machine", "update", "web01", *api)
     assert r.returncode == 2 and "nothing to change" in r.stderr
+    r = await cli("machine", "update", "web01", "--ssh-port", "0", *api)
+    assert r.returncode == 2 and "'0' is not a TCP port (1-65535)" in r.stderr
+    r = await cli("machine", "update", "web01", "--ssh-port", "22", "--json", *api)
+    assert r.returncode == 0 and json.loads(r.stdout)["ssh_port"] == 22
     r = await cli("machine", "update", "web01", "--account", "ghost", *api)
     assert r.returncode == 2 and "no account named 'ghost'" in r.stderr
     r = await cli("machine", "list", "--json", *api)

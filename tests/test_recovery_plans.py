@@ -187,6 +187,8 @@ async def test_a_plan_drills_and_fails_over_three_items_in_two_groups(
     shown = await api.get("/api/v1/plans/dr")
     assert shown["last_job"] == {"id": drill["id"], "kind": "plan_test_failover",
                                  "state": "succeeded"}
+    listed = (await api.get("/api/v1/jobs", target="plan:dr"))["jobs"]
+    assert [j["id"] for j in listed] == [drill["id"]]  # the plan's jobs, by its target
 
     # a second drill is refused while the first is not cleaned up, naming each item
     with pytest.raises(ApiCallError) as e:

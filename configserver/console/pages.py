@@ -15,6 +15,7 @@ from aiohttp import web
 from configserver.console.app import console_of
 from configserver.console.chart import rpo_chart
 from configserver.console.data import Reader
+from configserver.console.recoverydata import waiting
 from configserver.errors import NotFound
 from configserver.items import HEALTHS, ItemState
 from configserver.jobs import ACTIVE
@@ -114,7 +115,10 @@ async def job_page(request: web.Request) -> web.Response:
             raise
         return console.page(request, "missing.html", 404, title="Not found", nav="jobs",
                             message=e.message, hint="see the list of jobs")
+    # a plan job waiting at a manual action is confirmed from here too (planactions.py)
+    plan = job["target"][5:] if job["target"].startswith("plan:") else None
     return console.page(request, "job.html", title=job["title"], nav="jobs", job=job,
+                        plan=plan, waiting=waiting([job]) if plan else None,
                         refresh=REFRESH_MOVING if job["state"] in ACTIVE else 0)
 
 

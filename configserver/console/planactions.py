@@ -1,0 +1,142 @@
+"""The console's actions on recovery plans and consistency groups (POST forms, each with
+the session's CSRF token; ``app.guard`` checks it and the form's origin).
+
+They call what the REST routes call: ``planops.request`` (``POST /api/v1/plans/{name}/
+<verb>``), ``groupops.request`` (``POST /api/v1/groups/{name}/<verb>``) and
+``planops.resume`` (``POST /api/v1/jobs/{id}/resume``). A refusal (``DomainError``) is
+shown on the plan's or group's page with its message and hint, with the status the API
+would answer. Failover, commit and failback go ahead only when the form's ``confirm``
+field is the plan's or group's name, typed by the operator.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+from multidict import MultiDictProxy
+
+from configserver import db, groupops, planops, plans
+from configserver.console.app import PREFIX, console_of, see_other
+from configserver.console.planpages import group_page, plan_page
+from configserver.console.recoverydata import DESTRUCTIVE, VERBS
+from configserver.errors import DomainError, InvalidRequest, NotFound
+from configserver.rest import status_of
+
+log = structlog.get_logger("configserver.console")
+
+Form = MultiDictProxy[Any]
+Page = Callable[..., Awaitable[web.Response]]
+# The points a plan's drill or failover may name (each item's own: a point id is one
+# item's, so a plan names none); a group names one of its group points instead.
+PLAN_POINTS = {"test-failover": ("latest-processed", "latest-app-consistent"),
+               "failover": ("latest-processed", "latest", "latest-app-consistent")}
+GROUP_POINT = re.compile(r"[0-9a-f]{32}")
+MAX_NOTES = 4000
+
+
+def _text(form: Form, name: str) -> str:
+    value = form.get(name)
+    return value.strip() if isinstance(value, str) else ""
+
+
+def _plan_body(verb: str, form: Form) -> dict[str, Any]:
+    """The REST body of a plan verb from its form's fields."""
+    body: dict[str, Any] = {}
+    if verb in PLAN_POINTS:
+        point = _text(form, "point") or PLAN_POINTS[verb][0]
+        if point not in PLAN_POINTS[verb]:
+            raise InvalidRequest("point_invalid", f"a plan's {verb} takes one of "
+                                 f"{', '.join(PLAN_POINTS[verb])}, not {point[:80]!r}",
+                                 "choose the point from the list")
+        body["point"] = point
+    if verb == "failover" and _text(form, "shutdown_source") == "yes":
+        body["shutdown_source"] = True
+    if verb == "cleanup-test-failover":
+        body["notes"] = _text(form, "notes")[:MAX_NOTES]
+    return body
+
+
+def _group_body(verb: str, form: Form) -> dict[str, Any]:
+    """The REST body of a group verb from its form's fields."""
+    body: dict[str, Any] = {}
+    if verb in groupops.AT_POINT and (gp := _text(form, "group_point")):
+        if not GROUP_POINT.fullmatch(gp):
+            raise InvalidRequest("group_point_invalid", f"{gp[:80]!r} is not a group "
+                                 "point's id", "choose a complete group point from the list")
+        body["group_point"] = gp
+    if verb == "cleanup-test-failover":
+        body["notes"] = _text(form, "notes")[:MAX_NOTES]
+    return body
+
+
+def _refused(page: Page, request: web.Request, e: DomainError, **what: str
+             ) -> Awaitable[web.Response]:
+    log.info("console_action_refused", code=e.code, **what)
+    return page(request, status=status_of(e),
+                error=f"{e.message}. {e.hint}" if e.hint else e.message)
+
+
+async def _verb(request: web.Request, kind: str, page: Page) -> web.Response:
+    console = console_of(request)
+    svc = console.services
+    name, verb = request.match_info["name"], request.match_info["verb"]
+    if verb not in VERBS:
+        return console.page(request, "missing.html", 404, title="Not found", nav=kind,
+                            message=f"no action {verb!r}", hint="use the page's forms")
+    form = await request.post()  # the guard checked its CSRF token
+    if verb in DESTRUCTIVE and _text(form, "confirm") != name:
+        return await page(request, status=422, error=(
+            f"{verb}: type the name, {name}, in the confirmation box to go on"))
+    try:
+        if kind == "plans":
+            job = await planops.request(svc, svc.jobs.kinds, verb, name,
+                                        _plan_body(verb, form))
+        else:
+            job, _ = await groupops.request(svc, svc.jobs.kinds, verb, name,
+                                            _group_body(verb, form))
+    except DomainError as e:
+        return await _refused(page, request, e, verb=verb, target=f"{kind}/{name}")
+    await svc.notify()
+    log.info("console_action", verb=verb, target=f"{kind}/{name}", job=job.id)
+    return see_other(f"{PREFIX}/{kind}/{name}")
+
+
+async def plan_verb(request: web.Request) -> web.Response:
+    return await _verb(request, "plans", plan_page)
+
+
+async def group_verb(request: web.Request) -> web.Response:
+    return await _verb(request, "groups", group_page)
+
+
+async def plan_resume(request: web.Request) -> web.Response:
+    """Confirm the manual action a job of the plan waits at."""
+    console = console_of(request)
+    svc = console.services
+    name = request.match_info["name"]
+    form = await request.post()  # the guard checked its CSRF token
+    jid = _text(form, "job")
+    try:
+        async with svc.sessionmaker() as s:  # a job of this plan only
+            job = await s.get(db.Job, jid) if jid else None
+        if job is None or job.target != plans.job_target(name):
+            raise NotFound("job_not_found", f"plan {name!r} has no job {jid[:80]!r}",
+                           "confirm from the plan's page")
+        await planops.resume(svc, jid, _text(form, "notes")[:MAX_NOTES])
+    except DomainError as e:
+        return await _refused(page=plan_page, request=request, e=e, verb="resume",
+                              target=f"plans/{name}")
+    await svc.notify()
+    log.info("console_action", verb="resume", target=f"plans/{name}", job=jid)
+    return see_other(f"{PREFIX}/plans/{name}")
+
+
+ROUTES = [
+    web.post("/plans/{name}/resume", plan_resume),
+    web.post("/plans/{name}/{verb}", plan_verb),
+    web.post("/groups/{name}/{verb}", group_verb),
+]
