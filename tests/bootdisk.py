@@ -101,7 +101,7 @@ def _run(*argv: str | Path, cwd: Path | None = None) -> str:
     return res.stdout
 
 
-def _kernel_package() -> str:
+def kernel_package() -> str:
     out = _run("apt-cache", "depends", "linux-image-amd64")
     for line in out.splitlines():
         name = line.strip().removeprefix("Depends: ")
@@ -114,11 +114,11 @@ def _build(work: Path) -> Path:
     debs, tree = work / "debs", work / "tree"
     debs.mkdir()
     try:
-        _run("apt-get", "download", "-q", _kernel_package(), "busybox-static", "extlinux",
+        _run("apt-get", "download", "-q", kernel_package(), "busybox-static", "extlinux",
              "syslinux-common", cwd=debs)
     except RuntimeError:  # package lists missing or stale (a new machine): refresh, once
         _run("apt-get", "update", "-qq")
-        _run("apt-get", "download", "-q", _kernel_package(), "busybox-static", "extlinux",
+        _run("apt-get", "download", "-q", kernel_package(), "busybox-static", "extlinux",
              "syslinux-common", cwd=debs)
     for deb in sorted(debs.glob("*.deb")):
         _run("dpkg-deb", "-x", deb, tree)
@@ -181,7 +181,7 @@ def _depends(ko: Path) -> list[str]:
     return []
 
 
-def _load_order(moddir: Path, wanted: list[str]) -> list[tuple[str, Path]]:
+def load_order(moddir: Path, wanted: list[str]) -> list[tuple[str, Path]]:
     """``wanted`` and everything they depend on, dependencies first."""
     paths, order, seen = _module_paths(moddir), [], set[str]()
 
@@ -199,20 +199,20 @@ def _load_order(moddir: Path, wanted: list[str]) -> list[tuple[str, Path]]:
 
 
 def _initramfs(busybox: Path, moddir: Path) -> bytes:
-    cpio = _Cpio()
+    cpio = Cpio()
     for d in ("bin", "dev", "proc", "sys", "root", "modules"):
         cpio.add(d, 0o040755)
     cpio.add("dev/console", 0o020600, rdev=(5, 1))
     cpio.add("bin/busybox", 0o100755, busybox.read_bytes())
     cpio.add("init", 0o100755, INIT.encode())
-    order = _load_order(moddir, WANTED_MODULES)
+    order = load_order(moddir, WANTED_MODULES)
     for name, ko in order:
         cpio.add(f"modules/{name}.ko", 0o100644, ko.read_bytes())
     cpio.add("modules.load", 0o100644, "".join(f"{n}\n" for n, _ in order).encode())
     return gzip.compress(cpio.finish(), compresslevel=6, mtime=0)
 
 
-class _Cpio:
+class Cpio:
     """The kernel's initramfs format: a ``newc`` cpio archive (no root needed for nodes)."""
 
     def __init__(self) -> None:

@@ -8,18 +8,20 @@ ROOT=$PWD
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # System packages: qemu-img (VHD checks), e2fsprogs (ext4 on loop devices), openssh-server
-# and sudo (push install), postgresql (scale-out catalog), systemd (systemd-analyze verify), restic,
-# faketime (libfaketime: registration's clock-skew check with a real offset), xfsprogs
-# (reflink snapshots of disk images on a real XFS), libvirt + QEMU + dnsmasq (the libvirt
-# failover target: emulated VMs boot the test disk that tests/bootdisk.py builds from
-# Debian packages fetched with apt-get download), fdisk (sfdisk: partitioned test disks),
-# testssl.sh (the suites the TLS listeners offer), dosfstools (mkfs.vfat: EFI system
-# partitions of the images whose boot mode the Azure target reads), prometheus (promtool:
-# deploy/prometheus/ rules checked and unit tested; no daemon is started or needed).
+# and sudo (push install), postgresql (scale-out catalog), systemd (systemd-analyze
+# verify), restic, faketime (libfaketime: registration's clock-skew check with a real
+# offset), xfsprogs (reflink snapshots of disk images on a real XFS), btrfs-progs
+# (mkfs.btrfs: the reflink and block-layer trackers on a real Btrfs, with and without
+# compression), libvirt + QEMU + dnsmasq (the libvirt failover target: emulated VMs boot
+# the test disk that tests/bootdisk.py builds from Debian packages fetched with apt-get
+# download), fdisk (sfdisk: partitioned test disks), testssl.sh (the suites the TLS
+# listeners offer), dosfstools (mkfs.vfat: EFI system partitions of the images whose boot
+# mode the Azure target reads), prometheus (promtool: deploy/prometheus/ rules checked and
+# unit tested; no daemon is started or needed).
 need=()
 for pair in qemu-img:qemu-utils mkfs.ext4:e2fsprogs sshd:openssh-server sudo:sudo \
             pg_ctlcluster:postgresql-common systemd-analyze:systemd faketime:faketime \
-            mkfs.xfs:xfsprogs virsh:libvirt-clients libvirtd:libvirt-daemon-system \
+            mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs virsh:libvirt-clients libvirtd:libvirt-daemon-system \
             qemu-system-x86_64:qemu-system-x86 dnsmasq:dnsmasq-base sfdisk:fdisk \
             testssl:testssl.sh mkfs.vfat:dosfstools promtool:prometheus \
             chromium:chromium chromedriver:chromium-driver nbdinfo:libnbd-bin; do

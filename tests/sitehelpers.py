@@ -13,6 +13,8 @@ from typing import Any
 
 import aiohttp
 
+from configserver import db
+from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiClient
 
 DONE = ("succeeded", "failed", "cancelled")
@@ -35,6 +37,15 @@ async def add_procserver(url: str, internal_token: str, name: str = "ps1",
             "name": name, "address": address, "version": "test", "cache_bytes": 0,
             "cache_free_ratio": 1.0, "backlog_bytes": 0, "backlog_seconds": 0,
             "throughput_bps": 0, "sessions": 0})
+
+
+async def heartbeat(internal: ApiClient, name: str, **figures: Any) -> None:
+    """A heartbeat of process server ``name`` (registering it the first time), idle unless
+    ``figures`` say otherwise (backlog_seconds, cache_free_ratio, sessions ...)."""
+    await internal.post("/api/v1/internal/procservers/heartbeat", {
+        "name": name, "address": f"{name}.example:9443", "version": "test",
+        "cache_bytes": 0, "cache_free_ratio": 1.0, "backlog_bytes": 0,
+        "backlog_seconds": 0, "throughput_bps": 0, "sessions": 0, **figures})
 
 
 async def report_point(url: str, internal_token: str, machine: str, pid: str,
@@ -128,3 +139,21 @@ async def next_job(api: ApiClient, target: str, kind: str) -> dict[str, Any]:
                                                 kind=kind))["jobs"]
     assert jobs, f"no {kind} job for {target}"
     return jobs[0]
+
+
+async def seed_items(server: ConfigServer, api: ApiClient, states: dict[str, str],
+                     ip: str) -> None:
+    """Machines named as ``states``' keys (Debian 12, one disk, on ps1) with replicated
+    items in those states, written straight into the catalog: for tests of what the
+    API and console offer in each state, not of how an item gets there."""
+    for m in states:
+        await api.post("/api/v1/machines", {
+            "name": m, "ip": ip, "os_type": "linux", "os_name": "debian",
+            "os_version": "12", "disks": [{"name": "sda", "path": "/dev/sda"}],
+            "process_server": "ps1"})
+    async with server.services.sessionmaker() as s:
+        for m, state in states.items():
+            s.add(db.ReplicatedItem(machine=m, policy="default", state=state,
+                                    health="normal", health_errors=[],
+                                    disk_progress={}, created=1.8e9, updated=1.8e9))
+        await s.commit()

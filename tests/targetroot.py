@@ -56,14 +56,15 @@ def key(packages: tuple[str, ...] = PACKAGES) -> str:
     return hashlib.sha256("\n".join((VERSION, *sorted(packages))).encode()).hexdigest()[:16]
 
 
-def target_root() -> Path:
-    """The cached tree's path, building it first if this package list has none."""
-    done = CACHE / key() / "tree"
+def target_root(packages: tuple[str, ...] = PACKAGES) -> Path:
+    """The cached tree of ``packages``, building it first if this package list has
+    none."""
+    done = CACHE / key(packages) / "tree"
     if (done / MARKER).exists():
         return done
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE, prefix=".build-") as tmp:
-        tree = _build(Path(tmp))
+        tree = _build(Path(tmp), packages)
         done.parent.mkdir(exist_ok=True)
         try:
             os.rename(tree, done)  # atomic: a concurrent builder's tree is as good as ours
@@ -73,7 +74,7 @@ def target_root() -> Path:
     return done
 
 
-def _run(*argv: str | Path, cwd: Path | None = None) -> str:
+def run(*argv: str | Path, cwd: Path | None = None) -> str:
     res = subprocess.run([str(a) for a in argv], cwd=cwd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, argv))}: exit {res.returncode}\n"
@@ -114,23 +115,23 @@ def closure(packages: tuple[str, ...] = PACKAGES) -> list[str]:
     todo = set(packages)
     while todo:
         seen |= todo
-        out = _run("apt-cache", "depends", "--no-recommends", "--no-suggests",
+        out = run("apt-cache", "depends", "--no-recommends", "--no-suggests",
                    "--no-conflicts", "--no-breaks", "--no-replaces", "--no-enhances",
                    *sorted(todo))
         todo = choices(out, set(packages)) - seen
     return sorted(seen)
 
 
-def _build(work: Path) -> Path:
+def _build(work: Path, packages: tuple[str, ...]) -> Path:
     debs, tree = work / "debs", work / "tree"
     debs.mkdir()
     tree.mkdir(mode=0o755)
-    names = closure()
+    names = closure(packages)
     try:
-        _run("apt-get", "download", "-q", *names, cwd=debs)
+        run("apt-get", "download", "-q", *names, cwd=debs)
     except RuntimeError:  # package lists missing or stale (a new machine): refresh, once
-        _run("apt-get", "update", "-qq")
-        _run("apt-get", "download", "-q", *names, cwd=debs)
+        run("apt-get", "update", "-qq")
+        run("apt-get", "download", "-q", *names, cwd=debs)
     for d in MERGED:
         (tree / "usr" / d).mkdir(parents=True, exist_ok=True)
         (tree / d).symlink_to(f"usr/{d}")
@@ -139,11 +140,11 @@ def _build(work: Path) -> Path:
                               capture_output=True).stdout
         subprocess.run(["tar", "-x", "-p", "--same-owner", "--keep-directory-symlink",
                         "-C", str(tree)], input=data, check=True, capture_output=True)
-    _finish(tree)
+    _finish(tree, packages)
     return tree
 
 
-def _finish(tree: Path) -> None:
+def _finish(tree: Path, packages: tuple[str, ...]) -> None:
     """What the packages' maintainer scripts would have made that the target uses."""
     for d in ("proc", "sys", "dev", "run", "tmp", "var/tmp", "root", "home/alice",
               "var/lib"):
@@ -166,8 +167,8 @@ def _finish(tree: Path) -> None:
     for f in ("passwd", "group", "shadow", "hosts", "sudoers", "hostname"):
         (tree / "etc" / f).touch()  # bind-mount points: each test's own
     (tree / "etc/shadow").chmod(0o600)
-    _run("ldconfig", "-r", tree)
+    run("ldconfig", "-r", tree)
     # the byte code of the standard library, as python3.11's postinst (py3compile) makes it
-    _run("chroot", tree, "/usr/bin/python3.11", "-m", "compileall", "-q",
+    run("chroot", tree, "/usr/bin/python3.11", "-m", "compileall", "-q",
          "/usr/lib/python3.11")
-    (tree / MARKER).write_text(f"siterecovery test target root {key()}\n")
+    (tree / MARKER).write_text(f"siterecovery test target root {key(packages)}\n")
