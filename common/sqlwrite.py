@@ -9,11 +9,14 @@ writer that loses the race a few dozen times fails although the database is fine
 
 So the server's own writers queue here instead, on the event loop: a transaction takes
 the gate before its first ``INSERT``/``UPDATE``/``DELETE``/``REPLACE`` (the statement
-before which the driver opens the transaction) and lets go when it commits or rolls
+before which the driver opens the transaction), or before a ``SELECT … FOR UPDATE``
+(``with_for_update``: SQLite has no row locks and SQLAlchemy leaves the clause out, so
+without the gate two read-modify-writes of one row would both read the old value and the
+later commit would silently undo the earlier one), and lets go when it commits or rolls
 back. At most one writer of the process is then inside SQLite's lock at a time (the
-next one may start while the previous commit finishes), and the busy timeout only
-covers that overlap and other processes. Reads never take the gate (WAL: they do not
-wait for writers).
+next one starts once the previous commit has returned), and the busy timeout only
+covers other processes. Plain reads never take the gate (WAL: they do not wait for
+writers).
 
 A task that asks for the gate while it already holds it on another connection would
 wait for itself: that is refused at once (``SelfDeadlockError``). A wait longer than the
@@ -33,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util import await_only
 
 _HOLDS = "sqlwrite_holds_gate"  # key in a pooled connection's ``info``
+_COMMITTED = "sqlwrite_committed"  # its commit is under way: the gate goes back after it
 _WRITES = ("insert", "update", "delete", "replace")
 
 
@@ -103,28 +107,48 @@ def write_gate(engine: AsyncEngine) -> WriteGate | None:
     return _gates.get(engine.sync_engine)
 
 
-def _is_write(statement: str) -> bool:
-    return statement.lstrip().lower().startswith(_WRITES)
+def _is_write(statement: str, context: Any) -> bool:
+    if statement.lstrip().lower().startswith(_WRITES):
+        return True
+    # A select asked for with ``with_for_update`` (the clause itself is not rendered for
+    # SQLite): the read of a read-modify-write, which must see the previous one's commit.
+    compiled = getattr(context, "compiled", None)
+    return getattr(getattr(compiled, "statement", None), "_for_update_arg", None) is not None
 
 
 def serialize_writes(engine: AsyncEngine, wait: float) -> WriteGate:
     """Queue the write transactions of ``engine`` (an aiosqlite engine) on one gate."""
     gate = _gates[engine.sync_engine] = WriteGate(wait)
 
-    def before(conn: Connection, _cursor: Any, statement: str, *_args: Any) -> None:
-        if not conn.info.get(_HOLDS) and _is_write(statement):
+    def before(conn: Connection, _cursor: Any, statement: str, _params: Any,
+               context: Any, _many: bool) -> None:
+        if not conn.info.get(_HOLDS) and _is_write(statement, context):
             gate.acquire()
             conn.info[_HOLDS] = True
 
-    def ended(conn: Connection) -> None:
-        # An invalidated connection (a query cancelled mid-way) cannot show its ``info``
-        # (it raises): the pool's invalidate event below gives the gate back instead.
+    def committing(conn: Connection) -> None:
+        # The event comes *before* the driver's commit: a read for update let in now
+        # would still see the old row. The gate goes back once the commit has returned:
+        # when the connection goes back to the pool (a session's commit does that) or
+        # begins its next transaction, whichever comes first.
+        if not conn.invalidated and not conn.closed and conn.info.pop(_HOLDS, False):
+            conn.info[_COMMITTED] = True
+
+    def begun(conn: Connection) -> None:
+        if conn.info.pop(_COMMITTED, False):
+            gate.release()
+
+    def rolled_back(conn: Connection) -> None:
+        # Nothing of it will be seen: the gate may go back at once. An invalidated
+        # connection (a query cancelled mid-way) cannot show its ``info`` (it raises):
+        # the pool's invalidate event below gives the gate back instead.
         if not conn.invalidated and not conn.closed and conn.info.pop(_HOLDS, False):
             gate.release()
 
     def given_back(record: Any) -> None:
-        # A connection returned or dropped without a commit or rollback event.
-        if record is not None and record.info.pop(_HOLDS, False):
+        # A connection returned or dropped (after a commit, or without one).
+        if record is not None and (record.info.pop(_HOLDS, False)
+                                   | record.info.pop(_COMMITTED, False)):
             gate.release()
 
     def reset(dbapi_connection: Any, connection_record: Any, reset_state: Any) -> None:
@@ -138,8 +162,9 @@ def serialize_writes(engine: AsyncEngine, wait: float) -> WriteGate:
 
     sync = engine.sync_engine
     event.listen(sync, "before_cursor_execute", before)
-    event.listen(sync, "commit", ended)
-    event.listen(sync, "rollback", ended)
+    event.listen(sync, "commit", committing)
+    event.listen(sync, "begin", begun)
+    event.listen(sync, "rollback", rolled_back)
     event.listen(sync.pool, "reset", reset)
     event.listen(sync.pool, "checkin", checkin)
     event.listen(sync.pool, "invalidate", invalidate)

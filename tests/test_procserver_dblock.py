@@ -316,3 +316,50 @@ async def test_the_configuration_catalog_queues_its_writers_too(tmp_path: Path) 
         assert ids == ["p1", "p2"]
     finally:
         await engine.dispose()
+
+
+async def test_a_read_for_update_waits_for_the_read_modify_write_before_it(
+        tmp_path: Path) -> None:
+    """SQLite has no row locks and SQLAlchemy leaves ``FOR UPDATE`` out for it: two
+    read-modify-writes of one catalog row (``with_for_update``) used to both read the old
+    value, and the later commit undid the earlier one. The read for update now queues on
+    the gate behind the transaction that read first, and sees its commit; plain reads
+    still never wait."""
+    engine, sm = await cs_db.open_db(f"sqlite+aiosqlite:///{tmp_path / 'catalog.db'}")
+    gate = write_gate(engine)
+    assert gate is not None
+    seen: list[int] = []
+
+    async def increment() -> None:
+        async with sm() as s:
+            row = await s.get(cs_db.Policy, "p", with_for_update=True)
+            assert row is not None
+            seen.append(row.rpo_threshold_s)
+            row.rpo_threshold_s += 1
+            await s.commit()
+
+    try:
+        async with sm() as s:
+            s.add(cs_db.Policy(name="p", rpo_threshold_s=0, retention_hours=1,
+                               app_consistent_frequency_s=0, crash_consistent_interval_s=60,
+                               block_size=65536, created=0.0, updated=0.0))
+            await s.commit()
+        async with sm() as s:
+            row = await s.get(cs_db.Policy, "p", with_for_update=True)
+            assert row is not None and gate.holder is asyncio.current_task()
+            task = asyncio.ensure_future(increment())
+            await _until(lambda: task.done() or gate.waiting > 0, "the second never queued")
+            assert not task.done(), "the second read-modify-write did not wait for the first"
+            async with sm() as reader:  # a plain read goes on meanwhile
+                plain = await reader.get(cs_db.Policy, "p")
+                assert plain is not None and plain.rpo_threshold_s == 0
+            row.rpo_threshold_s += 1
+            await s.commit()
+        async with asyncio.timeout(DEADLINE):
+            await task
+        assert seen == [1]
+        async with sm() as s:
+            final = await s.get(cs_db.Policy, "p")
+            assert final is not None and final.rpo_threshold_s == 2
+    finally:
+        await engine.dispose()
