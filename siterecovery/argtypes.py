@@ -26,3 +26,15 @@ def seconds(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds from 1")
     return n
+
+
+def wait_seconds(text: str) -> float:
+    """How long to follow a job (``--timeout``): a number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0 "
+                                         "(leave --timeout out to wait for the end)")
+    return value

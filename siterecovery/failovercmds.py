@@ -11,7 +11,7 @@ import argparse
 from typing import Any
 
 from siterecovery.apiopts import add_api_args, call_and_show
-from siterecovery.argtypes import mbps, seconds
+from siterecovery.argtypes import mbps, seconds, wait_seconds
 from siterecovery.jobfollow import start_and_follow
 from siterecovery.recoveryopts import (
     add_settings_args,
@@ -140,7 +140,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         if extra is not None:
             extra(v)
         v.add_argument("--wait", action="store_true", help="follow the job to its end")
-        v.add_argument("--timeout", type=float, metavar="SECONDS",
+        v.add_argument("--timeout", type=wait_seconds, metavar="SECONDS",
                        help="stop waiting after this long (the job goes on)")
         v.set_defaults(func=func)
         verbs.append(v)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from siterecovery.apiopts import add_api_args, call_and_show, client
+from siterecovery.argtypes import seconds, wait_seconds
 from siterecovery.errors import EXIT_FAIL, UsageError
 from siterecovery.jobfollow import describe_job, follow
 from siterecovery.output import show, table
@@ -190,12 +191,12 @@ def _push_verbs(msub: argparse._SubParsersAction[argparse.ArgumentParser]
             v.add_argument("--site-url", metavar="URL",
                            help="the configuration server's site listener as the machine "
                                 "reaches it (default: from site_names/site_host)")
-            v.add_argument("--heartbeat-timeout", type=int, metavar="SECONDS",
+            v.add_argument("--heartbeat-timeout", type=seconds, metavar="SECONDS",
                            help="how long to wait for the agent's first heartbeat "
                                 "(default 600)")
         v.add_argument("--no-wait", action="store_true",
                        help="queue the job and return (follow it: siterecovery jobs wait)")
-        v.add_argument("--timeout", type=float, metavar="SECONDS",
+        v.add_argument("--timeout", type=wait_seconds, metavar="SECONDS",
                        help="stop following after this long (the job goes on)")
         out.append(v)
     hk = msub.add_parser("host-key", help="the machine's recorded SSH host key")

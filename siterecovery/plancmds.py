@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from siterecovery.apiopts import add_api_args, call, call_and_show
+from siterecovery.argtypes import wait_seconds
 from siterecovery.errors import UsageError
 from siterecovery.jobfollow import describe_job, start_and_follow
 from siterecovery.output import show, table
@@ -251,7 +252,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         if extra is not None:
             extra(v)
         v.add_argument("--wait", action="store_true", help="follow the job to its end")
-        v.add_argument("--timeout", type=float, metavar="SECONDS",
+        v.add_argument("--timeout", type=wait_seconds, metavar="SECONDS",
                        help="stop waiting after this long (the job goes on)")
         v.set_defaults(func=func)
         verbs.append(v)

@@ -11,6 +11,7 @@ from typing import Any
 
 from siterecovery.apiclient import ApiClient
 from siterecovery.apiopts import add_api_args, call_and_show, client
+from siterecovery.argtypes import wait_seconds
 from siterecovery.errors import EXIT_FAIL, CliError, UsageError
 from siterecovery.output import show, table
 from siterecovery.recoveryopts import add_settings_args, describe_settings, settings_change
@@ -288,7 +289,7 @@ async def cmd_jobs_cancel(args: argparse.Namespace) -> int:
 
 
 def _timeout(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--timeout", type=float, metavar="SECONDS",
+    p.add_argument("--timeout", type=wait_seconds, metavar="SECONDS",
                    help="give up waiting after this long (the job goes on); default: no limit")
 
 

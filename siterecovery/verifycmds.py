@@ -15,6 +15,7 @@ import datetime as dt
 from typing import Any
 
 from siterecovery.apiopts import add_api_args, call_and_show, client
+from siterecovery.argtypes import wait_seconds
 from siterecovery.errors import EXIT_FAIL
 from siterecovery.jobfollow import describe_job, follow
 from siterecovery.output import show
@@ -73,7 +74,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     r.add_argument("--all", action="store_true", help="every retained point, due or not")
     r.add_argument("--wait", action="store_true",
                    help="follow the job to its end (exit 1 if a point failed)")
-    r.add_argument("--timeout", type=float, metavar="SECONDS",
+    r.add_argument("--timeout", type=wait_seconds, metavar="SECONDS",
                    help="stop waiting after this long (the job goes on)")
     r.set_defaults(func=cmd_run)
     s = vsub.add_parser("status", help="each retained point's last verification")

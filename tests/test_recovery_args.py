@@ -146,6 +146,25 @@ def test_the_cli_refuses_a_hydrate_rate_that_is_no_rate(
             assert f"--hydrate-rate: {value!r} is not a rate in Mbit/s" in err, err
 
 
+# the verbs that follow a job with ``--wait``/``--timeout`` (machine install waits itself)
+FOLLOWING = [("failover", "start", "pr1", "--wait"), ("failover", "failback", "fo1", "--wait"),
+             ("plan", "failover", "fwd", "--wait"), ("group", "failback", "back", "--wait"),
+             ("replication", "enable", "pr1", "--wait"), ("jobs", "wait", "j1"),
+             ("verify", "run", "--wait"), ("machine", "install", "pr1")]
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "never", "inf"])
+def test_the_cli_refuses_a_wait_timeout_that_is_not_above_zero(
+        value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--timeout 0`` used to stop following at once and a negative one the same: the
+    job went on unseen."""
+    for words in FOLLOWING:
+        err = _refused(capsys, *words, "--timeout", value)
+        assert f"--timeout: {value!r}: give a number of seconds above 0" in err, (words, err)
+    err = _refused(capsys, "machine", "install", "pr1", "--heartbeat-timeout", "0")
+    assert "--heartbeat-timeout: '0': give a number of seconds from 1" in err, err
+
+
 def test_the_command_exits_2_on_an_agent_timeout_of_zero() -> None:
     r = run_cli("failover", "failback", "fo1", "--agent-timeout", "0", *NOWHERE)
     assert r.returncode == 2, r
