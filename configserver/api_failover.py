@@ -114,10 +114,16 @@ ROUTES = [
     _verb("reprotect", "Re-protect a failed-over item (the recovered machine into the vault)",
           obj({"pause": {"type": "boolean", "description": (
               "a recovered libvirt domain that runs is read paused (its guest stands "
-              "still for the read: a crash-consistent point) instead of refused")}}),
+              "still for the read: a crash-consistent point) instead of refused")},
+               "live": {"type": "boolean", "description": (
+              "a recovered libvirt domain that runs is copied at one moment while it "
+              "runs on (a libvirt push backup into its pool folder, then read and "
+              "removed: a crash-consistent point, the guest never paused) instead of "
+              "refused; not with pause")}}),
           "Queues Re-protect (from failed_over, committed or reprotected): the "
           "recovered machine's disks, read on the host from the target (a libvirt domain "
-          "while shut off, or paused with pause: else a running one fails the job), go "
+          "while shut off, paused with pause, or copied while it runs with live: else a "
+          "running one fails the job), go "
           "into the vault "
           "as a point of the item, a delta on the failover point (or the last re-protect's); "
           "the item ends reprotected, direction reverse."),

@@ -82,6 +82,14 @@ def _at(value: str | None) -> str | None:
     return (t if t.tzinfo else t.replace(tzinfo=dt.UTC)).isoformat()
 
 
+def one_way_to_read(body: dict[str, Any]) -> None:
+    """A running recovered domain is read paused or copied live, not both."""
+    if body.get("pause") and body.get("live"):
+        raise InvalidRequest("conflicting_options", "pause and live are two ways of reading "
+                             "a running recovered machine: choose one",
+                             "live keeps the guest running; pause needs no scratch space")
+
+
 async def request(core: Core, kinds: Mapping[str, JobKind], verb: str, name: str,
                   body: dict[str, Any]) -> db.Job:
     """Check that ``verb`` may run on item ``name`` now, move the item and queue the job;
@@ -89,12 +97,14 @@ async def request(core: Core, kinds: Mapping[str, JobKind], verb: str, name: str
     drain_timeout_seconds, instant, hydrate_rate_mbps (what the verb takes); ``instant``
     on a target that cannot do it is refused (``InvalidRequest``)."""
     kind_name, allowed, moves_to = ALLOWED[verb]
+    one_way_to_read(body)
     if verb == "cleanup-test-failover" and not str(body.get("notes") or "").strip():
         raise InvalidRequest("notes_required", "cleaning up a test failover needs notes: what "
                              "the drill showed", "pass --notes TEXT")
     params: dict[str, Any] = {k: body[k] for k in (
         "point", "network", "notes", "shutdown_source", "shutdown_timeout_seconds",
-        "drain_timeout_seconds", "instant", "hydrate_rate_mbps", "timeout_seconds", "pause")
+        "drain_timeout_seconds", "instant", "hydrate_rate_mbps", "timeout_seconds", "pause",
+        "live")
         if body.get(k)}
     if body.get("at"):
         params["at"] = _at(body["at"])

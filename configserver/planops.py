@@ -46,6 +46,7 @@ async def request(core: Core, kinds: Mapping[str, JobKind], verb: str, name: str
 
 
 def _need_notes(verb: str, body: dict[str, Any]) -> None:
+    failoverops.one_way_to_read(body)
     if verb == "cleanup-test-failover" and not str(body.get("notes") or "").strip():
         raise InvalidRequest("notes_required", "cleaning up a test failover needs notes: what "
                              "the drill showed", "pass --notes TEXT")

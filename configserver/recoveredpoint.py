@@ -30,6 +30,7 @@ from vault.locks import LockedError, locked
 from vault.point import Point
 
 READABLE = {"folder", "libvirt"}  # targets whose recovered disks are read from the host
+LIVE_COPY_SECONDS = 6 * 3600.0  # the longest a live copy of a running domain's disks may take
 
 
 async def recovered_disks(deps: FailoverDeps, rec: dict[str, Any],
@@ -79,6 +80,35 @@ async def paused_for_read(deps: FailoverDeps, rec: dict[str, Any], ours: bool
     finally:
         if paused:
             await target.resume(recovered)
+
+
+@asynccontextmanager
+async def live_copies(deps: FailoverDeps, rec: dict[str, Any], ctx: StepContext
+                      ) -> AsyncIterator[list[ImageDisk] | None]:
+    """Copies of a running libvirt domain's disks made at one moment while it runs on
+    (``targets.libvirtcopy``), for the body to read; removed after it. None where there
+    is nothing to copy (not on libvirt, or the domain does not run: read it at rest)."""
+    if (rec.get("recovered") or {}).get("target") != "libvirt":
+        yield None
+        return
+    target, recovered = _libvirt(deps, rec)
+
+    async def progress(share: float) -> None:  # the copy is the first half of the step
+        await ctx.progress(round(share / 2, 1), "copying the running machine's disks")
+
+    try:
+        got = (await target.copy_running(recovered, LIVE_COPY_SECONDS, progress)
+               if await target.running(recovered) else None)
+    except TargetError as e:
+        raise StepFailed(f"cannot copy {recovered.vm_name}'s disks while it runs: "
+                         f"{e.message}" + (f" ({e.hint})" if e.hint else "")) from None
+    if got is None:
+        yield None
+        return
+    try:
+        yield [ImageDisk(name, str(path)) for name, path in got]
+    finally:
+        await target.drop_copies(recovered)
 
 
 def recovered_images(rec: dict[str, Any]) -> list[ImageDisk]:

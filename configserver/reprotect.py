@@ -4,7 +4,8 @@ of the same item, without a full copy.
 ``POST /api/v1/items/{machine}/reprotect`` (from ``failed_over``, ``committed`` or
 ``reprotected``) queues the Re-protect job: the recovered machine's disks, read on the
 host from the target (the folder target's raw images; a libvirt domain's raw images
-while it is shut off, a running one refused: ``configserver/recoveredpoint.py``), are
+while it is shut off, a running one refused unless it is read paused (``pause``) or
+copied at one moment while it runs on (``live``): ``configserver/recoveredpoint.py``), are
 written into the vault as a point of the machine — a delta on the failover point the
 recovered machine started from (or on the last point a re-protect took), so the first
 cycle costs the blocks written since, not a full copy; whole only after a commit deleted
@@ -26,7 +27,12 @@ from configserver.itemrecord import FAILOVER, read, record
 from configserver.items import ItemState
 from configserver.jobdefs import JobKind, JobRun, Step
 from configserver.jobs import StepContext
-from configserver.recoveredpoint import paused_for_read, recovered_disks, take_point
+from configserver.recoveredpoint import (
+    live_copies,
+    paused_for_read,
+    recovered_disks,
+    take_point,
+)
 from configserver.recoverysteps import FailoverDeps
 
 REPROTECT = "reprotect"  # the reverse direction's record, inside the item's failover record
@@ -37,7 +43,8 @@ def kinds(deps: FailoverDeps) -> tuple[JobKind, ...]:
 
     async def prerequisites(ctx: StepContext) -> str:
         rec, _ = await read(ctx, FAILOVER)
-        images = await recovered_disks(deps, rec, paused_ok=bool(ctx.params.get("pause")))
+        images = await recovered_disks(deps, rec, paused_ok=bool(
+            ctx.params.get("pause") or ctx.params.get("live")))
         return ("the recovered machine's disks, read on the host: "
                 + ", ".join(f"{d.name} ({d.path})" for d in images))
 
@@ -46,25 +53,37 @@ def kinds(deps: FailoverDeps) -> tuple[JobKind, ...]:
         rp = dict(rec.get(REPROTECT) or {})
         if rp.get("last_job") == ctx.job.id:
             return f"taken before: point {rp.get('last_point')}"
-        pause = bool(ctx.params.get("pause"))
+        pause, live = bool(ctx.params.get("pause")), bool(ctx.params.get("live"))
         if pause:  # recorded first: a run resumed after a kill -9 resumes the domain too
             await record(ctx, FAILOVER, reprotect={**rp, "pausing": ctx.job.id})
         started = time.monotonic()
-        async with paused_for_read(deps, rec, rp.get("pausing") == ctx.job.id) \
-                if pause else _nothing() as paused:
-            made, base = await take_point(ctx, rec, "reprotect",
-                                          await recovered_disks(deps, rec, paused_ok=pause))
+        copied = False
+        if live:  # a copy left by a killed run of this step is ended and made again
+            async with live_copies(deps, rec, ctx) as copies:
+                copied = copies is not None
+                made, base = await take_point(
+                    ctx, rec, "reprotect",
+                    copies if copies is not None else await recovered_disks(deps, rec))
+            paused = False
+        else:
+            async with paused_for_read(deps, rec, rp.get("pausing") == ctx.job.id) \
+                    if pause else _nothing() as paused:
+                made, base = await take_point(ctx, rec, "reprotect",
+                                              await recovered_disks(deps, rec, paused_ok=pause))
         held = time.monotonic() - started
         now = ctx.core.clock()
         rp.update(direction="reverse", started=rp.get("started") or now, last_job=ctx.job.id,
                   last_point=made.point.id, last_blocks_stored=made.blocks_stored,
                   last_full=made.full, points=int(rp.get("points") or 0) + 1, updated=now,
                   ended=None, pausing=None,
-                  last_paused_seconds=round(held, 3) if paused else None)
+                  last_paused_seconds=round(held, 3) if paused else None,
+                  last_live=copied)
         await record(ctx, FAILOVER, reprotect=rp)
         how = "whole (the failover point is gone: the first re-protect after a commit)" \
             if base is None else f"as a delta on point {base.id}"
-        note = f"; read paused ({held:.1f} s: crash-consistent)" if paused else ""
+        note = (f"; read paused ({held:.1f} s: crash-consistent)" if paused else
+                f"; copied while it ran ({held:.1f} s, the guest never paused: "
+                "crash-consistent)" if copied else "")
         return (f"point {made.point.id}: {made.blocks_stored} block(s) stored {how}{note}")
 
     async def done(ctx: StepContext) -> str:

@@ -16,6 +16,7 @@ from siterecovery.jobfollow import start_and_follow
 from siterecovery.recoveryopts import (
     add_settings_args,
     describe_settings,
+    reprotect_args,
     settings_change,
 )
 
@@ -55,7 +56,7 @@ async def cmd_commit(args: argparse.Namespace) -> int:
 
 
 async def cmd_reprotect(args: argparse.Namespace) -> int:
-    return await _start(args, "reprotect", {"pause": args.pause})
+    return await _start(args, "reprotect", {"pause": args.pause, "live": args.live})
 
 
 async def cmd_failback(args: argparse.Namespace) -> int:
@@ -148,10 +149,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     verbs[6].add_argument("--agent-timeout", type=seconds, metavar="SECONDS",
                           help="how long the job waits for the original machine's agent "
                                "(default: 6 hours)")
-    verbs[7].add_argument("--pause", action="store_true",
-                          help="a recovered libvirt domain that runs is read paused (the "
-                               "guest stands still for the read; a crash-consistent point) "
-                               "instead of refused")
+    reprotect_args(verbs[7])
     verbs[6].add_argument("--shutdown-timeout", type=seconds, metavar="SECONDS",
                           help="a recovered libvirt domain still running is asked to shut "
                                "down; how long to wait for it (default: the server's "

@@ -65,18 +65,27 @@ def describe_settings(item: dict[str, Any]) -> str:
 def back_body(verb: str, args: argparse.Namespace) -> dict[str, Any]:
     """The item options of re-protect or failback (``back_args``), for the request."""
     if verb == "reprotect":
-        return {"pause": args.pause}
+        return {"pause": args.pause, "live": args.live}
     return {"timeout_seconds": args.agent_timeout,
             "shutdown_timeout_seconds": args.shutdown_timeout}
+
+
+def reprotect_args(p: argparse.ArgumentParser) -> None:
+    """How Re-protect reads a recovered libvirt domain that runs (else it is refused)."""
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--live", action="store_true",
+                     help="copy its disks at one moment while it runs on (a libvirt push "
+                          "backup into its pool folder: scratch space as large as its "
+                          "disks; a crash-consistent point; the guest never pauses)")
+    how.add_argument("--pause", action="store_true",
+                     help="read it paused (the guest stands still for the read; a "
+                          "crash-consistent point; no scratch space)")
 
 
 def back_args(p: argparse.ArgumentParser, verb: str) -> None:
     """The options of ``siterecovery failover reprotect|failback``, for every item."""
     if verb == "reprotect":
-        p.add_argument("--pause", action="store_true",
-                       help="a recovered libvirt domain that runs is read paused (its guest "
-                            "stands still for the read; a crash-consistent point) instead "
-                            "of refused")
+        reprotect_args(p)
         return
     p.add_argument("--agent-timeout", type=seconds, metavar="SECONDS",
                    help="how long each item's job waits for its original machine's agent "

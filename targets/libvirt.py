@@ -35,11 +35,11 @@ import ipaddress
 import json
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from common.fs import atomic_write
-from targets import instantlibvirt, libvirtboot, libvirtrest
+from targets import instantlibvirt, libvirtboot, libvirtcopy, libvirtrest
 from targets.base import (
     BootProof,
     Recovered,
@@ -240,6 +240,20 @@ class LibvirtTarget:
 
     async def resume(self, recovered: Recovered) -> None:
         await libvirtrest.resume(self.virsh, recovered)
+
+    async def running(self, recovered: Recovered) -> bool:
+        return await libvirtrest.state(self.virsh, recovered.vm_name) == "running"
+
+    async def copy_running(self, recovered: Recovered, timeout: float,
+                           progress: Callable[[float], Awaitable[None]] | None = None
+                           ) -> list[tuple[str, Path]]:
+        """The running domain's disks copied at one moment while it runs on
+        (``targets.libvirtcopy``); ``drop_copies`` removes them."""
+        return await libvirtcopy.copy_running(self.virsh, recovered, timeout, progress)
+
+    async def drop_copies(self, recovered: Recovered) -> None:
+        await libvirtcopy.end_stale(self.virsh, recovered)
+        await libvirtcopy.drop(recovered)
 
     # ---- cleanup --------------------------------------------------------------------
 

@@ -53,14 +53,18 @@ class Virsh:
         return out.decode(errors="replace")
 
     async def define(self, command: str, xml: str) -> str:
-        """``virsh define`` / ``net-define`` of ``xml``, through a private file: not
+        """``virsh define`` / ``net-define`` of ``xml``."""
+        return await self.with_xml(xml, command)
+
+    async def with_xml(self, xml: str, *argv: str) -> str:
+        """``virsh ARGV FILE``, ``FILE`` holding ``xml``: a private file, not
         ``/dev/stdin``, which virsh cannot open when the event loop's pipes are socket
         pairs (uvloop's, which the daemons run on)."""
         with tempfile.TemporaryDirectory(prefix="siterecovery-virsh-") as tmp:
             path = os.path.join(tmp, "definition.xml")
             with open(path, "w", encoding="utf-8") as f:
                 f.write(xml)
-            return await self(command, path)
+            return await self(*argv, path)
 
     async def exists(self, kind: str, name: str) -> bool:
         """Whether the ``kind`` ("domain" or "network") called ``name`` is defined."""

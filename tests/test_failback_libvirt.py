@@ -5,7 +5,8 @@ replicating the boot disk (an image file), a real libvirtd running the machines 
 protect → failover onto libvirt (the recovered machine boots and, running, writes a file
 *itself*, from inside the guest) → re-protect refused while it runs, unless read paused
 (read on the host: only the blocks it changed; it runs on) → the operator shuts it down
-→ re-protect (the next delta) → it runs again and writes another file → failback (shuts
+→ re-protect (the next delta) → it runs again and writes another file → re-protect
+while it runs, its disks copied at one moment by a libvirt backup, never paused → failback (shuts
 it down itself, takes the last delta, writes onto the original disk only the blocks that
 differ; the disk then equals the failback point, byte for byte) → replication in the
 original direction (a delta, no initial copy) → the original disk boots on libvirt and
@@ -360,6 +361,34 @@ async def test_failover_reprotect_failback_and_back_on_libvirt(
         second = _files(console.read_text(errors="replace"))
         assert second["file"] == first["wrote"] and list(second["wrote"]) == ["orders-2.db"]
 
+        # re-protect while it runs, never paused: its disks copied at one moment by a
+        # libvirt backup (libvirt's lifecycle events watched meanwhile), only the blocks
+        # it wrote since stored, the copy gone after (the guest idles after its boot line:
+        # the image read after is the one copied)
+        events = await asyncio.create_subprocess_exec(
+            "virsh", "-c", uri, "event", "--domain", VM, "--event", "lifecycle", "--loop",
+            stdout=asyncio.subprocess.PIPE)
+        try:
+            done = await _cli(cs, "failover", "reprotect", "web01", "--live", "--wait")
+        finally:
+            events.terminate()
+            out, _ = await asyncio.wait_for(events.communicate(), 30)
+        seen = out.decode(errors="replace")
+        assert done["state"] == "succeeded", done
+        assert "Suspended" not in seen and "Resumed" not in seen, seen
+        assert _virsh(uri, "domstate", VM).stdout.strip() == "running"
+        at_live = recovered.read_bytes()
+        live = _differing(at_reprotect, at_live, bs)
+        assert 0 < live * 10 < blocks
+        take = step(done, "take")["message"]
+        assert (f"{live} block(s) stored as a delta on point {rp['last_point']}; copied "
+                "while it ran (") in take, take
+        assert not (images / VM / "live-copy").exists()
+        rp = (await api.get("/api/v1/items/web01"))["failover"]["reprotect"]
+        assert (rp["points"], rp["last_live"], rp["last_paused_seconds"]) == (3, True, None)
+        data, digest, recorded = await _restored(site, tmp_path, rp["last_point"])
+        assert data == at_live and digest == recorded
+
         # failback: the running machine is shut down, its last delta taken, and the
         # original disk gets only the blocks that differ
         job = (await api.post("/api/v1/items/web01/failback", {}))["job"]
@@ -369,7 +398,7 @@ async def test_failover_reprotect_failback_and_back_on_libvirt(
         assert not await site.managed.round()  # the agent writes the point and answers
         done = await wait_job(api, job["id"], timeout=BOUND)
         assert done["state"] == "succeeded", done
-        last_delta = _differing(at_reprotect, at_failback, bs)
+        last_delta = _differing(at_live, at_failback, bs)
         assert 0 < last_delta * 10 < blocks
         assert (f"{last_delta} block(s) stored as a delta on point {rp['last_point']}"
                 in step(done, "take_disks")["message"])

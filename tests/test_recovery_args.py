@@ -165,6 +165,14 @@ def test_the_cli_refuses_a_wait_timeout_that_is_not_above_zero(
     assert "--heartbeat-timeout: '0': give a number of seconds from 1" in err, err
 
 
+def test_a_reprotect_reads_a_running_machine_one_way(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    for words in (("failover", "reprotect", "fo1"), ("plan", "reprotect", "back"),
+                  ("group", "reprotect", "back")):
+        err = _refused(capsys, *words, "--live", "--pause")
+        assert "not allowed with argument" in err, (words, err)
+
+
 def test_the_command_exits_2_on_an_agent_timeout_of_zero() -> None:
     r = run_cli("failover", "failback", "fo1", "--agent-timeout", "0", *NOWHERE)
     assert r.returncode == 2, r
@@ -181,6 +189,12 @@ async def test_the_api_refuses_zero_or_negative_and_changes_nothing(cs: ConfigSe
             assert e.value.status == 422, (path, body, e.value)
             assert e.value.api_code == "invalid_request", (path, body)
             assert field in e.value.message, (path, body, e.value.message)
+        for path in ("/api/v1/items/fo1/reprotect", "/api/v1/plans/back/reprotect",
+                     "/api/v1/groups/back/reprotect"):
+            with pytest.raises(ApiCallError) as e:
+                await api.post(path, {"live": True, "pause": True})
+            assert (e.value.status, e.value.api_code) == (422, "conflicting_options"), path
+            assert "choose one" in e.value.message, e.value.message
     assert await _jobs(cs) == []
     assert await _states(cs) == before
 
