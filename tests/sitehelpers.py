@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -14,10 +15,25 @@ from typing import Any
 import aiohttp
 
 from configserver import db
+from configserver.config import ConfigServerConfig
 from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiClient
 
 DONE = ("succeeded", "failed", "cancelled")
+
+
+@asynccontextmanager
+async def sqlite_configserver(d: Path) -> AsyncIterator[ConfigServer]:
+    """A running configuration server on a SQLite catalog in ``d`` (no site listener),
+    stopped on leaving."""
+    server = ConfigServer(ConfigServerConfig(
+        data_dir=str(d / "cs"), listen_port=0, site_port=-1,
+        database_url=f"sqlite+aiosqlite:///{d / 'catalog.db'}"))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
 
 
 async def add_machine(api: ApiClient, name: str, disks: tuple[str, ...] = ("sda", "sdb")

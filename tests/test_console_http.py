@@ -24,7 +24,7 @@ from configserver.console.pages import POINTS_SHOWN
 from configserver.console.sessions import SessionStore
 from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiClient
-from tests.sitehelpers import add_machine
+from tests.sitehelpers import add_machine, sqlite_configserver
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -40,16 +40,10 @@ CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def cs(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ConfigServer]:
     d: Path = tmp_path_factory.mktemp("console-http")
-    server = ConfigServer(ConfigServerConfig(
-        data_dir=str(d / "cs"), listen_port=0, site_port=-1,
-        database_url=f"sqlite+aiosqlite:///{d / 'catalog.db'}"))
-    await server.start()
-    try:
+    async with sqlite_configserver(d) as server:
         async with ApiClient(server.url, server.admin_token) as api:
             await add_machine(api, "web01", disks=("sda",))
         yield server
-    finally:
-        await server.stop()
 
 
 def _browser() -> aiohttp.ClientSession:

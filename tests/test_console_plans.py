@@ -23,10 +23,9 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from configserver.config import ConfigServerConfig
 from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiClient
-from tests.sitehelpers import add_procserver, seed_items, step, wait_job
+from tests.sitehelpers import add_procserver, seed_items, sqlite_configserver, step, wait_job
 from tests.test_console_http import _browser, _sign_in
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -47,11 +46,7 @@ async def cs(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ConfigSe
     over) and half (half1 failed over | half2: a failover that stopped after its first
     group); group erp (app01, db02) with a complete, a pending and a failed group point."""
     d: Path = tmp_path_factory.mktemp("console-plans")
-    server = ConfigServer(ConfigServerConfig(
-        data_dir=str(d / "cs"), listen_port=0, site_port=-1,
-        database_url=f"sqlite+aiosqlite:///{d / 'catalog.db'}"))
-    await server.start()
-    try:
+    async with sqlite_configserver(d) as server:
         await add_procserver(server.url, server.internal_token)
         async with ApiClient(server.url, server.admin_token) as api:
             await seed_items(server, api, STATES, "192.0.2.7")
@@ -64,8 +59,6 @@ async def cs(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ConfigSe
                 {"name": "data", "items": ["half1"]}, {"name": "front", "items": ["half2"]}]})
             await api.post("/api/v1/groups", {"name": "erp", "members": ["app01", "db02"]})
         yield server
-    finally:
-        await server.stop()
 
 
 async def _group_point(cs: ConfigServer, created: float, state: str = "released",

@@ -25,12 +25,11 @@ import pytest
 import pytest_asyncio
 
 from configserver import db
-from configserver.config import ConfigServerConfig
 from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiCallError, ApiClient
 from siterecovery.cli import main
 from tests.helpers import REPO, run_cli
-from tests.sitehelpers import add_procserver, seed_items
+from tests.sitehelpers import add_procserver, seed_items, sqlite_configserver
 
 ON_SERVER = pytest.mark.asyncio(loop_scope="module")
 
@@ -79,11 +78,7 @@ async def cs(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ConfigSe
     """Items fo1, fo2 failed over, pr1, pr2 protected; plans back (fo1) and fwd (pr1);
     group back (fo1)."""
     d: Path = tmp_path_factory.mktemp("recovery-args")
-    server = ConfigServer(ConfigServerConfig(
-        data_dir=str(d / "cs"), listen_port=0, site_port=-1,
-        database_url=f"sqlite+aiosqlite:///{d / 'catalog.db'}"))
-    await server.start()
-    try:
+    async with sqlite_configserver(d) as server:
         await add_procserver(server.url, server.internal_token)
         async with ApiClient(server.url, server.admin_token) as api:
             await seed_items(server, api, STATES, "192.0.2.8")
@@ -91,8 +86,6 @@ async def cs(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ConfigSe
             await api.post("/api/v1/plans", {"name": "fwd", "groups": [{"items": ["pr1"]}]})
             await api.post("/api/v1/groups", {"name": "back", "members": ["fo1"]})
         yield server
-    finally:
-        await server.stop()
 
 
 async def _jobs(cs: ConfigServer) -> list[dict[str, Any]]:
