@@ -22,7 +22,7 @@ from pathlib import Path
 
 from common.labels import CRASH
 from mobility.link import Link
-from tests.chainplan import chain_plan
+from tests.chainplan import chain_plan, write_cycle
 from tests.helpers import (
     BLOCK,
     Pki,
@@ -59,14 +59,9 @@ async def _write(vault: Vault, cycles: list[dict[int, bool]], distinct: set[int]
     base: Point | None = None
     with ThreadPoolExecutor(2) as ex:
         for c, changes in enumerate(cycles):
-            w = CycleWriter(vault, await vault.load_index(), ex, machine="big01",
-                            cycle=f"c{c}", disks=[DiskSpec("sda", NBLOCKS * BLOCK, BLOCK)],
-                            full=base is None, base=base)
-            order = sorted(changes)
-            for i in range(0, len(order), 4096):
-                await w.add([(0, n, _content(n, c, distinct) if changes[n] else None)
-                             for n in order[i:i + 4096]])
-            base = await w.finish({"sda": ""}, CRASH)
+            base = await write_cycle(vault, ex, c, changes,
+                                     lambda n, cycle: _content(n, cycle, distinct),
+                                     NBLOCKS, BLOCK, base, "")
     assert base is not None
     return base
 

@@ -33,9 +33,8 @@ from pathlib import Path
 import pytest
 
 from common.digest import digest_of_fingerprint_map, fingerprint
-from common.labels import CRASH
 from tests.backends import missing_backend
-from tests.chainplan import chain_plan
+from tests.chainplan import chain_plan, write_cycle
 from tests.helpers import make_vault, open_vault, write_full_point
 from vault import names
 from vault.errors import IntegrityError, TransientStoreError
@@ -47,7 +46,6 @@ from vault.repo import Vault
 from vault.store.local import LocalStore
 from vault.store.protocol import BlobStore
 from vault.store.wrapper import StoreWrapper
-from vault.writer import CycleWriter, DiskSpec
 
 BS = 4096
 NBLOCKS = 1 << 20  # 4 GiB of 4 KiB blocks
@@ -88,21 +86,15 @@ async def _write_chain(vault: Vault, cycles: list[dict[int, bool]]) -> tuple[Poi
     base: Point | None = None
     with ThreadPoolExecutor(2) as ex:
         for c, changes in enumerate(cycles):
-            w = CycleWriter(vault, await vault.load_index(), ex, machine="big01",
-                            cycle=f"c{c}", disks=[DiskSpec("sda", NBLOCKS * BS, BS)],
-                            full=base is None, base=base)
-            order = sorted(changes)
-            for i in range(0, len(order), 4096):
-                await w.add([(0, n, _content(n, c) if changes[n] else None)
-                             for n in order[i:i + 4096]])
-            for n in order:
+            for n in sorted(changes):
                 if changes[n]:
                     last[n] = c
                     fps[16 * n:16 * n + 16] = fingerprint(_content(n, c))
                 else:
                     last.pop(n, None)
                     fps[16 * n:16 * n + 16] = zero_fp
-            base = await w.finish({"sda": digest_of_fingerprint_map(fps)}, CRASH)
+            base = await write_cycle(vault, ex, c, changes, _content, NBLOCKS, BS, base,
+                                     digest_of_fingerprint_map(fps))
     assert base is not None and base.chain == 2
     return base, last
 
