@@ -38,13 +38,16 @@ PART_START = 2048  # sectors: the partition starts at 1 MiB
 WANTED_MODULES = ["virtio_pci", "virtio_blk", "crc32c_generic", "ext4", "evdev", "button"]
 TOOLS = ("apt-get", "apt-cache", "dpkg-deb", "sfdisk", "mkfs.ext4", "losetup", "mount")
 
-INIT = """#!/bin/busybox sh
+# an initramfs init's first lines: busybox's applets, /proc, /sys, /dev, the modules
+INIT_HEAD = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 for m in $(cat /modules.load); do insmod "/modules/$m.ko"; done
-root=/dev/vda1
+"""
+
+INIT = INIT_HEAD + """root=/dev/vda1
 for arg in $(cat /proc/cmdline); do
   case "$arg" in root=*) root="${arg#root=}";; esac
 done

@@ -46,7 +46,7 @@ from targets.base import RecoverySpec
 from targets.domainxml import DomainLayout, domain_xml, isolated_network_xml
 from targets.virsh import Virsh
 from tests.backends import missing_backend
-from tests.bootdisk import PART_START, Cpio, bootdisk, missing_tools
+from tests.bootdisk import INIT_HEAD, PART_START, Cpio, bootdisk, missing_tools
 from tests.helpers import open_vault, run_cli
 from tests.libvirtd import libvirtd_running
 from tests.managedsite import Site, managed_site
@@ -63,13 +63,7 @@ MARKER = "srfb-boot-ok"
 DISK = 64 << 20  # the boot disk
 BOUND = 900.0  # seconds for a job that boots a machine under emulation: a bound
 
-INIT = f"""#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-for m in $(cat /modules.load); do insmod "/modules/$m.ko"; done
-i=0
+INIT = INIT_HEAD + f"""i=0
 while [ ! -b /dev/vda1 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
 if mount -t ext4 -o rw /dev/vda1 /root; then
   mkdir -p /root/srv

@@ -55,13 +55,7 @@ HOSTNAME = "vmtarget"
 READY = "Server listening on 0.0.0.0 port 22"  # sshd's, through the journal
 BOOT_BOUND = 300.0  # seconds: a guest that has not started sshd by then failed to boot
 
-INIT = """#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-for m in $(cat /modules.load); do insmod "/modules/$m.ko"; done
-i=0
+INIT = bootdisk.INIT_HEAD + """i=0
 while [ ! -b /dev/vda ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
 mkdir -p /lower /rw /newroot
 mount -t ext4 -o ro /dev/vda /lower || { echo "siterecovery-vm: no root"; poweroff -f; }
