@@ -18,15 +18,12 @@ from pathlib import Path
 
 from mobility.config import MobilityConfig
 from mobility.daemon import ManagedAgent
-from mobility.enroll import enroll_with_passphrase
 from mobility.siteclient import SiteClient
-from procserver.config import ProcServerConfig
 from procserver.server import ProcServer
 from siterecovery.apiclient import ApiClient
-from siterecovery.tomlconfig import load
 from tests.backends import _free_port, missing_backend
 from tests.helpers import Daemon, make_vault, open_vault, write_toml
-from tests.managedsite import issue_procserver_cert
+from tests.managedsite import enroll_machine, issue_procserver_cert, procserver_config
 from tests.sitehelpers import next_job, wait_job
 from tests.test_failback_job import _ext4
 from vault.regkey import make_key
@@ -98,30 +95,18 @@ async def failed_over_site(tmp: Path, catalog_url: str) -> AsyncIterator[KillSit
                     "vault_key_file": str(key)})
             finally:
                 await vault.close()
-            tls = tmp / "ps-tls"
-            await issue_procserver_cert(api, tls)
-            ps = ProcServer(ProcServerConfig(
-                data_dir=str(tmp / "ps"), vault_url=vault_url, vault_key_file=str(key),
-                tls_cert=str(tls / "server.pem"), tls_key=str(tls / "server.key"),
-                tls_ca=str(ca), listen_port=0, metrics_port=0, name="ps1",
-                configserver_url=site_url,
-                configserver_token_file=str(data / "internal-token"),
-                heartbeat_interval_seconds=1.0))
+            await issue_procserver_cert(api, tmp / "ps-tls")
+            ps = ProcServer(procserver_config(tmp, vault_url, key, ca, site_url,
+                                              data / "internal-token",
+                                              heartbeat_interval_seconds=1.0))
             await ps.start()
             try:
                 await first.wait_events("procserver_registered", 1)
                 disk = tmp / "disk.img"
                 _ext4(disk)
-                await api.post("/api/v1/machines", {
-                    "name": "web01", "ip": "192.0.2.7", "os_type": "linux",
-                    "os_name": "debian", "os_version": "12",
-                    "disks": [{"name": "sda", "path": str(disk)}], "process_server": "ps1"})
-                async with SiteClient(site_url, str(ca)) as enrolling:
-                    cfg_path = await enroll_with_passphrase(
-                        enrolling, (data / "enrollment-passphrase").read_text().strip(),
-                        tmp / "agent", machine="web01", server_host="127.0.0.1",
-                        server_port=1, disks=[("sda", str(disk))])
-                cfg = dataclasses.replace(load(MobilityConfig, cfg_path), snapshot="quiesced")
+                cfg = await enroll_machine(
+                    api, site_url, str(ca), (data / "enrollment-passphrase").read_text().strip(),
+                    "web01", disk, tmp / "agent")
                 toml = _mobility_toml(tmp / "mobility.toml", cfg)
                 await api.post("/api/v1/replication/enable", {"machine": "web01"})
                 async with SiteClient(cfg.site_url, cfg.tls_ca, cfg.tls_cert,

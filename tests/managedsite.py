@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from configserver.ca import Issued, write_bundle
 from configserver.server import ConfigServer
@@ -43,6 +44,35 @@ async def issue_procserver_cert(api: ApiClient, out: Path, name: str = "ps1") ->
     issued = Issued(doc["cert"].encode(), doc["key"].encode(), doc["serial"], name)
     write_bundle(out, "server", issued, doc["ca"].encode())
     return issued
+
+
+def procserver_config(tmp: Path, vault_url: str, key: Path, ca: Path | str, site_url: str,
+                      token_file: Path | str, **kw: Any) -> ProcServerConfig:
+    """ps1's configuration: its data in ``tmp/ps``, the certificate
+    ``issue_procserver_cert`` wrote into ``tmp/ps-tls``, any free port, registering with
+    the configuration server's site listener at ``site_url``; ``kw`` other values."""
+    tls = tmp / "ps-tls"
+    return ProcServerConfig(
+        data_dir=str(tmp / "ps"), vault_url=vault_url, vault_key_file=str(key),
+        tls_cert=str(tls / "server.pem"), tls_key=str(tls / "server.key"),
+        tls_ca=str(ca), listen_port=0, metrics_port=0, name="ps1",
+        configserver_url=site_url, configserver_token_file=str(token_file), **kw)
+
+
+async def enroll_machine(api: ApiClient, site_url: str, ca: str, passphrase: str, name: str,
+                         disk: Path, where: Path) -> MobilityConfig:
+    """Machine ``name`` in the inventory (Debian 12, ``disk`` its sda, on ps1), enrolled
+    with the passphrase: its agent's configuration (written into ``where``), taking
+    quiesced snapshots."""
+    await api.post("/api/v1/machines", {
+        "name": name, "ip": "192.0.2.7", "os_type": "linux", "os_name": "debian",
+        "os_version": "12", "disks": [{"name": "sda", "path": str(disk)}],
+        "process_server": "ps1"})
+    async with SiteClient(site_url, ca) as enrolling:
+        cfg_path = await enroll_with_passphrase(
+            enrolling, passphrase, where, machine=name, server_host="127.0.0.1",
+            server_port=1, disks=[("sda", str(disk))])
+    return dataclasses.replace(load(MobilityConfig, cfg_path), snapshot="quiesced")
 
 
 async def _registered(cs: ConfigServer, api: ApiClient) -> None:

@@ -13,7 +13,6 @@ A failback of items never failed over is refused (409 naming them) and changes n
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import time
@@ -27,16 +26,17 @@ from typing import Any
 import pytest
 
 from configserver.server import ConfigServer
-from mobility.config import MobilityConfig
 from mobility.daemon import ManagedAgent
-from mobility.enroll import enroll_with_passphrase
 from mobility.siteclient import SiteClient
-from procserver.config import ProcServerConfig
 from procserver.server import ProcServer
 from siterecovery.apiclient import ApiCallError, ApiClient
-from siterecovery.tomlconfig import load
 from tests.helpers import make_vault, open_vault, run_cli
-from tests.managedsite import _registered, issue_procserver_cert
+from tests.managedsite import (
+    _registered,
+    enroll_machine,
+    issue_procserver_cert,
+    procserver_config,
+)
 from tests.sitehelpers import next_job, step, wait_job
 from tests.test_failback_job import _asking, _cat, _chattr, _ext4, _fsck_clean, _write
 from vault.regkey import make_key
@@ -100,14 +100,10 @@ async def two_machines(cs: ConfigServer, api: ApiClient, tmp: Path) -> AsyncIter
             "key": json.dumps(make_key(vault, url, time.time())), "vault_key_file": str(key)})
     finally:
         await vault.close()
-    tls = tmp / "ps-tls"
-    await issue_procserver_cert(api, tls)
-    ps = ProcServer(ProcServerConfig(
-        data_dir=str(tmp / "ps"), vault_url=url, vault_key_file=str(key),
-        tls_cert=str(tls / "server.pem"), tls_key=str(tls / "server.key"),
-        tls_ca=str(cs.ca.cert_path), listen_port=0, metrics_port=0, name="ps1",
-        configserver_url=cs.site_url, configserver_token_file=str(cs.cfg.internal_token_path),
-        heartbeat_interval_seconds=1.0))
+    await issue_procserver_cert(api, tmp / "ps-tls")
+    ps = ProcServer(procserver_config(tmp, url, key, cs.ca.cert_path, cs.site_url,
+                                      cs.cfg.internal_token_path,
+                                      heartbeat_interval_seconds=1.0))
     await ps.start()
     try:
         await _registered(cs, api)
@@ -116,15 +112,8 @@ async def two_machines(cs: ConfigServer, api: ApiClient, tmp: Path) -> AsyncIter
             for m in MEMBERS:
                 disk = tmp / f"{m}.img"
                 _ext4(disk)
-                await api.post("/api/v1/machines", {
-                    "name": m, "ip": "192.0.2.7", "os_type": "linux", "os_name": "debian",
-                    "os_version": "12", "disks": [{"name": "sda", "path": str(disk)}],
-                    "process_server": "ps1"})
-                async with SiteClient(cs.site_url, str(cs.ca.cert_path)) as enrolling:
-                    cfg_path = await enroll_with_passphrase(
-                        enrolling, cs.passphrase, tmp / f"agent-{m}", machine=m,
-                        server_host="127.0.0.1", server_port=1, disks=[("sda", str(disk))])
-                cfg = dataclasses.replace(load(MobilityConfig, cfg_path), snapshot="quiesced")
+                cfg = await enroll_machine(api, cs.site_url, str(cs.ca.cert_path),
+                                           cs.passphrase, m, disk, tmp / f"agent-{m}")
                 sc = await stack.enter_async_context(
                     SiteClient(cfg.site_url, cfg.tls_ca, cfg.tls_cert, cfg.tls_key))
                 managed = ManagedAgent(cfg, sc)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,14 +18,16 @@ import pytest
 from configserver.server import ConfigServer
 from mobility.config import MobilityConfig
 from mobility.daemon import ManagedAgent
-from mobility.enroll import enroll_with_passphrase
 from mobility.siteclient import SiteClient
-from procserver.config import ProcServerConfig
 from procserver.server import ProcServer
 from siterecovery.apiclient import ApiClient
-from siterecovery.tomlconfig import load
 from tests.helpers import make_disk, make_vault
-from tests.managedsite import _registered, issue_procserver_cert
+from tests.managedsite import (
+    _registered,
+    enroll_machine,
+    issue_procserver_cert,
+    procserver_config,
+)
 
 MEMBERS = ("app01", "db01")
 INTERVAL = 600
@@ -35,16 +36,10 @@ INTERVAL = 600
 async def _agent(cs: ConfigServer, api: ApiClient, tmp: Path, m: str) -> MobilityConfig:
     disk = tmp / f"{m}.img"
     make_disk(disk, 4 << 20, seed=len(m))
-    await api.post("/api/v1/machines", {
-        "name": m, "ip": "192.0.2.7", "os_type": "linux", "os_name": "debian",
-        "os_version": "12", "disks": [{"name": "sda", "path": str(disk)}],
-        "process_server": "ps1"})
-    async with SiteClient(cs.site_url, str(cs.ca.cert_path)) as enrolling:
-        cfg_path = await enroll_with_passphrase(
-            enrolling, cs.passphrase, tmp / f"agent-{m}", machine=m,
-            server_host="127.0.0.1", server_port=1, disks=[("sda", str(disk))])
+    cfg = await enroll_machine(api, cs.site_url, str(cs.ca.cert_path), cs.passphrase, m,
+                               disk, tmp / f"agent-{m}")
     await api.post("/api/v1/replication/enable", {"machine": m})
-    return dataclasses.replace(load(MobilityConfig, cfg_path), snapshot="quiesced")
+    return cfg
 
 
 @contextlib.asynccontextmanager
@@ -53,14 +48,9 @@ async def _site(cs: ConfigServer, api: ApiClient, tmp_path: Path,
     """A process server ps1 registered with ``cs``, both members enrolled and replicating
     through it in group ``erp``, their managed agents on the wall clock ``wall``."""
     url, key = await make_vault(tmp_path)
-    tls = tmp_path / "ps-tls"
-    await issue_procserver_cert(api, tls)
-    ps = ProcServer(ProcServerConfig(
-        data_dir=str(tmp_path / "ps"), vault_url=url, vault_key_file=str(key),
-        tls_cert=str(tls / "server.pem"), tls_key=str(tls / "server.key"),
-        tls_ca=str(cs.ca.cert_path), listen_port=0, metrics_port=0, name="ps1",
-        configserver_url=cs.site_url,
-        configserver_token_file=str(cs.cfg.internal_token_path)))
+    await issue_procserver_cert(api, tmp_path / "ps-tls")
+    ps = ProcServer(procserver_config(tmp_path, url, key, cs.ca.cert_path, cs.site_url,
+                                      cs.cfg.internal_token_path))
     await ps.start()
     managed: list[ManagedAgent] = []
     clients: list[SiteClient] = []
