@@ -160,6 +160,7 @@ class ProcServer:
                                               enabled=self.client.enabled)
         self.barriers = Barriers(self._group_point_outcome, book=self.group_reports)
         self.cycles.on_abort.append(self.barriers.cycle_dropped)
+        self.uploader.on_drop.append(self.barriers.cycle_dropped)
         rate_limit = TokenBucket(Schedule.constant(cfg.receive_bytes_per_second)) \
             if cfg.receive_bytes_per_second > 0 else None
         deps = SessionDeps(

@@ -345,7 +345,15 @@ class Session:
                         close_segment()
                     await sink.sync()
                     async with deps.sessionmaker() as s:
-                        row = await s.get_one(db.Cycle, oc.seq)
+                        row = await s.get_one(db.Cycle, oc.seq, with_for_update=True)
+                        if row.state != db.RECEIVING:
+                            # The uploader dropped it meanwhile (its base point or blocks
+                            # it names left the vault): an ACK would promise a point that
+                            # can never be.
+                            raise ProtocolError(
+                                "cycle_dropped", f"cycle {oc.id} was dropped while it was "
+                                "received: what it builds on is gone from the vault; the "
+                                "agent's next cycle is refused and resyncs")
                         row.state, row.end_doc = db.COMPLETE, json.dumps(end)
                         progress = await s.get(ReceiveProgress, oc.seq)
                         if progress is not None:

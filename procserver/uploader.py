@@ -14,7 +14,7 @@ or open file keeps its space after it is deleted, and the next cycle needs it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -61,6 +61,10 @@ class Uploader:
         self.sessionmaker, self.vaults, self.cache_dir = sessionmaker, vaults, cache_dir
         self.space, self.executor, self.metrics = space, executor, metrics
         self.on_point = on_point
+        # Awaited with (machine, cycle id, reason) once an acknowledged cycle was dropped
+        # as unrecoverable (one still being received is aborted by its session, which
+        # runs ``CycleBook.on_abort``).
+        self.on_drop: list[Callable[[str, str, str], Awaitable[None]]] = []
         self.storage = storage if storage is not None else StorageHealth()
         self.points_changed = asyncio.Condition()  # notified after each point uploaded
         self._wakeups = Wakeups()
@@ -170,8 +174,11 @@ class Uploader:
                 log.error("cycle_unrecoverable", machine=machine, cycle=cyc.id, error=str(e),
                           hint="the machine will resync")
                 self.storage.forget(machine)
-                await self._drop(cyc)
+                acknowledged = await self._drop(cyc)
                 await drop_lease(self.vaults, cyc)
+                if acknowledged:
+                    for hook in self.on_drop:
+                        await hook(cyc.machine, cyc.id, f"unrecoverable: {e}")
             except Exception as e:
                 delay = backoff.next()
                 self.storage.failed(machine, e)  # past storage_alert_seconds: an alert
@@ -198,14 +205,18 @@ class Uploader:
         async with self.points_changed:
             self.points_changed.notify_all()
 
-    async def _drop(self, cyc: db.Cycle) -> None:
+    async def _drop(self, cyc: db.Cycle) -> bool:
+        """Mark ``cyc`` aborted and delete its cache; whether it had been acknowledged
+        (a cycle still being received is refused at its END: ``session.py``)."""
         async with self.sessionmaker() as s:
-            row = await s.get_one(db.Cycle, cyc.seq)
+            row = await s.get_one(db.Cycle, cyc.seq, with_for_update=True)
+            acknowledged = row.state == db.COMPLETE
             row.state = db.ABORTED
             await s.execute(delete(db.Segment).where(db.Segment.cycle_seq == cyc.seq))
             await s.commit()
         await asyncio.to_thread(remove_cycle_dir, self.cache_dir / cyc.machine / cyc.id)
         self.space.release(cyc.seq)
+        return acknowledged
 
 
 def _worker_done(task: asyncio.Task[None]) -> None:
