@@ -38,7 +38,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sys
 import tarfile
 from collections.abc import AsyncIterator
@@ -50,14 +49,13 @@ import asyncssh
 import pytest
 import pytest_asyncio
 
-from configserver.config import ConfigServerConfig
 from configserver.server import ConfigServer
-from procserver.config import ProcServerConfig
 from procserver.installreq import BUNDLE_NAME
 from procserver.server import ProcServer
 from siterecovery.apiclient import ApiClient
 from tests.backends import missing_backend
-from tests.helpers import REPO, make_vault, open_vault, restore_all, sha256
+from tests.helpers import REPO, sha256
+from tests.installsite import install_servers, new_point, restored
 from tests.sitehelpers import AgentSite, step, wait_job
 from tests.sshd import CHROOT, HOST_ADDR, Sshd, agent_bundle, missing
 from tests.test_deploy import systemd_analyze, verify_problems
@@ -96,62 +94,23 @@ async def site(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Site]:
         # The agent on the target reaches both servers at the host's end of its link; the
         # site port is a fixed one, so the site URL Enable protection gives a pushed agent
         # (site_names and site_port) is the listener's.
-        cs = ConfigServer(ConfigServerConfig(
-            data_dir=str(tmp / "cs"), listen_port=0, site_port=_free_port(),
-            site_host="0.0.0.0",
-            site_names=[HOST_ADDR],
-            database_url=f"sqlite+aiosqlite:///{tmp / 'catalog.db'}"))
-        await cs.start()
-        stack = contextlib.AsyncExitStack()
-        api = await stack.enter_async_context(ApiClient(cs.url, cs.admin_token))
-        ps: ProcServer | None = None
-        pids: list[int] = []
-        try:
-            tls = tmp / "ps-tls"
-            doc = await api.post("/api/v1/certificates/procserver",
-                                 {"name": "ps1", "hosts": ["127.0.0.1", HOST_ADDR]})
-            (tls).mkdir()
-            for name, key in (("server.pem", "cert"), ("server.key", "key"), ("ca.pem", "ca")):
-                (tls / name).write_text(doc[key])
-            url, key_file = await make_vault(tmp)
-            pdir = tmp / "ps"
-            pdir.mkdir()
-            shutil.copy(bundle.path, pdir / BUNDLE_NAME)
-            ps = ProcServer(ProcServerConfig(
-                data_dir=str(pdir), vault_url=url, vault_key_file=str(key_file),
-                tls_cert=str(tls / "server.pem"), tls_key=str(tls / "server.key"),
-                tls_ca=str(cs.ca.cert_path), listen_host=HOST_ADDR, listen_port=0,
-                metrics_port=0, name="ps1", configserver_url=f"https://127.0.0.1:"
-                f"{cs.site_port}", configserver_token_file=str(cs.cfg.internal_token_path)))
-            await ps.start()
-            async with asyncio.timeout(60), cs.changed:
-                while not (await api.get("/api/v1/procservers"))["procservers"]:
-                    await cs.changed.wait()
-            await api.post("/api/v1/accounts", {"name": "rootpw", "username": "root",
-                                                "kind": "password", "secret": ROOT_PW})
-            await api.post("/api/v1/machines", {
-                "name": "web01", "ip": sshd.host, "os_type": "linux", "os_name": "debian",
-                "os_version": "12", "account": "rootpw", "process_server": "ps1",
-                "disks": [{"name": "sda", "path": disk}]})
-            push = ["--api", cs.url, "--token-file", str(cs.cfg.token_path), "--json",
-                    "--site-url", f"https://{HOST_ADDR}:{cs.site_port}",
-                    "--heartbeat-timeout", "120"]
-            yield Site(cs, ps, api, sshd, cs.cfg.token_path, push, pids,
-                       root_key.export_private_key("openssh").decode(), disk)
-        finally:
-            for pid in pids:  # an agent the uninstall did not stop (a failed test)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            if ps is not None:
-                await ps.stop()
-            await stack.aclose()
-            await cs.stop()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("0.0.0.0", 0))
-        return int(sock.getsockname()[1])
+        async with install_servers(tmp, bundle.path, ROOT_PW, site_host="0.0.0.0",
+                                   agent_host=HOST_ADDR, ps_host=HOST_ADDR) as (cs, ps, api):
+            pids: list[int] = []
+            try:
+                await api.post("/api/v1/machines", {
+                    "name": "web01", "ip": sshd.host, "os_type": "linux",
+                    "os_name": "debian", "os_version": "12", "account": "rootpw",
+                    "process_server": "ps1", "disks": [{"name": "sda", "path": disk}]})
+                push = ["--api", cs.url, "--token-file", str(cs.cfg.token_path), "--json",
+                        "--site-url", f"https://{HOST_ADDR}:{cs.site_port}",
+                        "--heartbeat-timeout", "120"]
+                yield Site(cs, ps, api, sshd, cs.cfg.token_path, push, pids,
+                           root_key.export_private_key("openssh").decode(), disk)
+            finally:
+                for pid in pids:  # an agent the uninstall did not stop (a failed test)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
 
 
 async def _cli(*args: str) -> tuple[int, dict[str, Any], str]:
@@ -246,27 +205,13 @@ def _received(s: Site) -> float:
 
 async def _new_point(s: Site, old: str | None, protected: bool = True) -> str:
     """The item's latest point once it is not ``old`` (and the item protected)."""
-    try:
-        async with asyncio.timeout(90), s.cs.changed:
-            while True:
-                item = await s.api.get("/api/v1/items/web01")
-                if (item["state"] == "protected" or not protected) and \
-                        item["latest_point"] not in (None, old):
-                    return str(item["latest_point"])
-                await s.cs.changed.wait()
-    except TimeoutError:
-        log = await _ssh(s, "tail -n 30 /var/tmp/agent.log")
-        raise AssertionError(f"no new point; the agent's log:\n{log}") from None
+    return await new_point(s.cs, s.api, "web01", old, 90,
+                           lambda: _ssh(s, "tail -n 30 /var/tmp/agent.log"), protected)
 
 
 async def _restores_to_the_disk(s: Site, point_id: str, out: Path) -> None:
-    vault = await open_vault(Path(s.ps.cfg.vault_url.removeprefix("file://")),
-                             Path(s.ps.cfg.vault_key_file))
-    try:
-        got = await restore_all(vault, await vault.read_point(point_id), out)
-    finally:
-        await vault.close()
-    assert got == {"sda": sha256(Path(s.disk))}  # the device's bytes
+    # the device's bytes
+    assert await restored(s.ps, point_id, out) == {"sda": sha256(Path(s.disk))}
 
 
 async def test_the_pushed_agent_replicates_and_its_point_restores_byte_exact(

@@ -15,10 +15,6 @@ certificates).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import shutil
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,14 +23,12 @@ import asyncssh
 import pytest
 import pytest_asyncio
 
-from configserver.config import ConfigServerConfig
 from configserver.server import ConfigServer
-from procserver.config import ProcServerConfig
-from procserver.installreq import BUNDLE_NAME
 from procserver.server import ProcServer
 from siterecovery.apiclient import ApiClient
 from tests.backends import missing_backend
-from tests.helpers import make_vault, open_vault, restore_all, sha256
+from tests.helpers import sha256
+from tests.installsite import install_servers, new_point, restored
 from tests.sitehelpers import step, wait_job
 from tests.sshd import agent_bundle
 from tests.vmtarget import HOST_ALIAS, VmTarget, missing
@@ -55,12 +49,6 @@ class Site:
     disk: Path  # the VM's /dev/vdb, as an image file on the host
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def site(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Site]:
     if why := missing():
@@ -69,49 +57,15 @@ async def site(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Site]:
     bundle = agent_bundle(tmp_path_factory)
     disk = tmp / "vdb.img"
     disk.write_bytes(os_random(DISK_BYTES))
-    async with VmTarget(tmp / "vm", disk, passwords={"root": ROOT_PW}) as vm:
-        cs = ConfigServer(ConfigServerConfig(
-            data_dir=str(tmp / "cs"), listen_port=0, site_port=_free_port(),
-            site_host="127.0.0.1", site_names=[HOST_ALIAS],
-            database_url=f"sqlite+aiosqlite:///{tmp / 'catalog.db'}"))
-        await cs.start()
-        stack = contextlib.AsyncExitStack()
-        api = await stack.enter_async_context(ApiClient(cs.url, cs.admin_token))
-        ps: ProcServer | None = None
-        try:
-            tls = tmp / "ps-tls"
-            doc = await api.post("/api/v1/certificates/procserver",
-                                 {"name": "ps1", "hosts": ["127.0.0.1", HOST_ALIAS]})
-            tls.mkdir()
-            for name, key in (("server.pem", "cert"), ("server.key", "key"), ("ca.pem", "ca")):
-                (tls / name).write_text(doc[key])
-            url, key_file = await make_vault(tmp)
-            pdir = tmp / "ps"
-            pdir.mkdir()
-            shutil.copy(bundle.path, pdir / BUNDLE_NAME)
-            port = _free_port()
-            ps = ProcServer(ProcServerConfig(
-                data_dir=str(pdir), vault_url=url, vault_key_file=str(key_file),
-                tls_cert=str(tls / "server.pem"), tls_key=str(tls / "server.key"),
-                tls_ca=str(cs.ca.cert_path), listen_host="127.0.0.1", listen_port=port,
-                advertise_address=f"{HOST_ALIAS}:{port}", metrics_port=0, name="ps1", configserver_url=f"https://127.0.0.1:"
-                f"{cs.site_port}", configserver_token_file=str(cs.cfg.internal_token_path)))
-            await ps.start()
-            async with asyncio.timeout(60), cs.changed:
-                while not (await api.get("/api/v1/procservers"))["procservers"]:
-                    await cs.changed.wait()
-            await api.post("/api/v1/accounts", {"name": "rootpw", "username": "root",
-                                                "kind": "password", "secret": ROOT_PW})
-            await api.post("/api/v1/machines", {
-                "name": "vm01", "ip": "127.0.0.1", "ssh_port": vm.ssh_port, "os_type": "linux",
-                "os_name": "debian", "os_version": "12", "account": "rootpw",
-                "process_server": "ps1", "disks": [{"name": "vdb", "path": "/dev/vdb"}]})
-            yield Site(cs, ps, api, vm, disk)
-        finally:
-            if ps is not None:
-                await ps.stop()
-            await stack.aclose()
-            await cs.stop()
+    async with (VmTarget(tmp / "vm", disk, passwords={"root": ROOT_PW}) as vm,
+                install_servers(tmp, bundle.path, ROOT_PW, site_host="127.0.0.1",
+                                agent_host=HOST_ALIAS, ps_host="127.0.0.1",
+                                advertise=True) as (cs, ps, api)):
+        await api.post("/api/v1/machines", {
+            "name": "vm01", "ip": "127.0.0.1", "ssh_port": vm.ssh_port, "os_type": "linux",
+            "os_name": "debian", "os_version": "12", "account": "rootpw",
+            "process_server": "ps1", "disks": [{"name": "vdb", "path": "/dev/vdb"}]})
+        yield Site(cs, ps, api, vm, disk)
 
 
 def os_random(n: int) -> bytes:
@@ -128,26 +82,13 @@ async def _ssh(s: Site, command: str) -> str:
 
 async def _new_point(s: Site, old: str | None) -> str:
     """vm01's latest point once it is protected and its point is not ``old``."""
-    try:
-        async with asyncio.timeout(240), s.cs.changed:
-            while True:
-                item = await s.api.get("/api/v1/items/vm01")
-                if item["state"] == "protected" and item["latest_point"] not in (None, old):
-                    return str(item["latest_point"])
-                await s.cs.changed.wait()
-    except TimeoutError:
-        log = await _ssh(s, f"journalctl -u {UNIT} -n 30 --no-pager")
-        raise AssertionError(f"no new point; the agent's log:\n{log}") from None
+    return await new_point(s.cs, s.api, "vm01", old, 240,
+                           lambda: _ssh(s, f"journalctl -u {UNIT} -n 30 --no-pager"))
 
 
 async def _restores_to_the_disk(s: Site, point_id: str, out: Path) -> None:
-    vault = await open_vault(Path(s.ps.cfg.vault_url.removeprefix("file://")),
-                             Path(s.ps.cfg.vault_key_file))
-    try:
-        got = await restore_all(vault, await vault.read_point(point_id), out)
-    finally:
-        await vault.close()
-    assert got == {"vdb": sha256(s.disk)}  # the VM's disk, as its image file holds it
+    # the VM's disk, as its image file holds it
+    assert await restored(s.ps, point_id, out) == {"vdb": sha256(s.disk)}
 
 
 async def test_push_install_into_a_vm_replicates_its_own_disk(site: Site,
