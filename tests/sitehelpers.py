@@ -23,11 +23,11 @@ DONE = ("succeeded", "failed", "cancelled")
 
 
 @asynccontextmanager
-async def sqlite_configserver(d: Path) -> AsyncIterator[ConfigServer]:
-    """A running configuration server on a SQLite catalog in ``d`` (no site listener),
-    stopped on leaving."""
+async def sqlite_configserver(d: Path, site_port: int = -1) -> AsyncIterator[ConfigServer]:
+    """A running configuration server on a SQLite catalog in ``d``, its site listener on
+    ``site_port`` (0: any port; -1, the default: none), stopped on leaving."""
     server = ConfigServer(ConfigServerConfig(
-        data_dir=str(d / "cs"), listen_port=0, site_port=-1,
+        data_dir=str(d / "cs"), listen_port=0, site_port=site_port,
         database_url=f"sqlite+aiosqlite:///{d / 'catalog.db'}"))
     await server.start()
     try:

@@ -27,13 +27,13 @@ import structlog
 import structlog.testing
 
 from configserver.api import all_routes
-from configserver.config import ConfigServerConfig
 from configserver.server import ConfigServer
 from procserver.csclient import ConfigServerClient
 from procserver.trust import TrustList
 from siterecovery.apiclient import ApiClient
 from siterecovery.cli import main
 from tests.managedsite import issue_procserver_cert
+from tests.sitehelpers import sqlite_configserver
 from tests.test_procservers import beat, post_beat
 from wire.protocol import ProtocolError
 
@@ -48,14 +48,8 @@ ENOSPC = "OSError: [Errno 28] No space left on device: 'packs/3f/3f00'"
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def cs(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ConfigServer]:
     d: Path = tmp_path_factory.mktemp("hardening-gaps")
-    server = ConfigServer(ConfigServerConfig(
-        data_dir=str(d / "cs"), listen_port=0, site_port=0,
-        database_url=f"sqlite+aiosqlite:///{d / 'catalog.db'}"))
-    await server.start()
-    try:
+    async with sqlite_configserver(d, site_port=0) as server:
         yield server
-    finally:
-        await server.stop()
 
 
 def _allow(r: aiohttp.ClientResponse) -> set[str]:
