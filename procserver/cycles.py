@@ -249,15 +249,25 @@ class CycleBook:
             oc.expiry = None
         async with self.withhold_upload(oc.seq):
             try:
-                await self._mark_aborted(oc.seq)
+                done = await self._mark_aborted(oc.seq)
             except Exception:
                 # The database may sit on the cache's full disk: free the cycle's space
                 # and try once more. (A cycle left `receiving` without its folder is
                 # dropped at the next start; until then the uploader leaves it alone.)
                 await asyncio.to_thread(remove_cycle_dir, oc.cycle_dir)
                 self.space.release(oc.seq)
-                await self._mark_aborted(oc.seq)
-            await asyncio.to_thread(remove_cycle_dir, oc.cycle_dir)
+                done = await self._mark_aborted(oc.seq)
+            if done is not None:
+                # Its END was made durable (its session was cancelled right after, before
+                # it could say so): the cycle will become a point; it is never aborted.
+                oc.state = COMPLETE
+                log.warning("cycle_abort_refused", machine=oc.machine, cycle=oc.id,
+                            state=done, reason=reason or "its session ended")
+            else:
+                await asyncio.to_thread(remove_cycle_dir, oc.cycle_dir)
+        if done is not None:
+            self.wake_uploader()
+            return
         self.space.release(oc.seq)
         self.wake_uploader()
         async with self.changed:
@@ -267,13 +277,18 @@ class CycleBook:
         for hook in self.on_abort:
             await hook(oc.machine, oc.id, reason or "its session ended")
 
-    async def _mark_aborted(self, seq: int) -> None:
+    async def _mark_aborted(self, seq: int) -> str | None:
+        """Mark the cycle aborted and forget its segments; None, or the state that
+        forbids it (``complete``, ``uploaded``: it was acknowledged, or is being)."""
         async with self.sessionmaker() as s:
-            row = await s.get_one(db.Cycle, seq)
+            row = await s.get_one(db.Cycle, seq, with_for_update=True)
+            if row.state in (db.COMPLETE, db.UPLOADED):
+                return row.state
             row.state = db.ABORTED
             await s.execute(delete(ReceiveProgress).where(ReceiveProgress.cycle_seq == seq))
             await s.execute(delete(db.Segment).where(db.Segment.cycle_seq == seq))
             await s.commit()
+        return None
 
 
 def _subdirs(p: Path) -> list[Path]:

@@ -27,7 +27,7 @@ from procserver import db
 from procserver.cache import SEGMENT_MAGIC, segment_path
 from procserver.cachespace import CacheSpace
 from procserver.csclient import ConfigServerClient
-from procserver.cycles import OPEN, CycleBook
+from procserver.cycles import COMPLETE, OPEN, CycleBook
 from procserver.metrics import ProcMetrics
 from procserver.policies import POLICY_FILE, ItemPolicy, Policies, PolicyAnswerError, parse_answer
 from procserver.reporter import Identity, Reporter
@@ -166,6 +166,37 @@ async def test_a_resume_window_that_passes_aborts_the_cycle(book: Book) -> None:
         assert cycles.suspended() == 1
         await asyncio.wait_for(cycles.changed.wait_for(lambda: not cycles.open), 10)
     assert await _states(book) == {"c1": db.ABORTED}
+
+
+async def test_a_cycle_whose_end_is_durable_is_never_aborted(book: Book) -> None:
+    """A session cancelled right after its END's commit (a RESUME taking over, a
+    shutdown), before it could mark the cycle complete, settles by aborting it: the book
+    finds the row complete and refuses — the cache stays, no abort hook runs, the
+    uploader is woken — so the cycle becomes the point its END promised."""
+    seq = await _cycle(book, "c1", "m1", db.RECEIVING, frames=1, next_segment=1)
+    d = book.cache_dir / "m1" / "c1"
+    d.mkdir(parents=True)
+    segment_path(d, 0).write_bytes(SEGMENT_MAGIC + bytes(100))
+    space = _space(book, 1 << 20)
+    woken: list[str] = []
+    cycles = CycleBook(book.sm, book.cache_dir, space, 600.0,
+                       wake_uploader=lambda: woken.append("wake"), spawn=book.sup.spawn)
+    aborted: list[tuple[str, str, str]] = []
+
+    async def hook(machine: str, cycle: str, reason: str) -> None:
+        aborted.append((machine, cycle, reason))
+
+    cycles.on_abort.append(hook)
+    await cycles.recover()
+    oc = cycles.open["c1"]
+    async with book.sm() as s:  # the END's commit, its session cancelled after it
+        row = await s.get_one(db.Cycle, seq)
+        row.state = db.COMPLETE
+        await s.commit()
+    await cycles.abort(oc, "its session ended")
+    assert await _states(book) == {"c1": db.COMPLETE}
+    assert segment_path(d, 0).exists() and space.used == len(SEGMENT_MAGIC) + 100
+    assert (oc.state, woken, aborted, cycles.open) == (COMPLETE, ["wake"], [], {})
 
 
 # -- the uploader --------------------------------------------------------------------------
