@@ -551,7 +551,10 @@ async def test_fast_agent_is_held_back_by_a_slow_cache_writer(
     size = 40 << 20
     disk = tmp_path / "disk.img"
     random_disk(disk, size, seed=10)
-    cfg = proc_config(tmp_path, pki, url, key, idle_timeout_seconds=1.0,
+    # The cycle takes 5 s (40 MiB at 8 MiB/s), the agent gives a silent server up after
+    # 2 s: only the busy server's heartbeats keep it. (1 s was too short a margin for an
+    # event loop stalled by a loaded machine.)
+    cfg = proc_config(tmp_path, pki, url, key, idle_timeout_seconds=2.0,
                       receive_buffer_bytes=1 << 20, receive_bytes_per_second=8 << 20)
     memory_bound = cfg.receive_buffer_bytes + RUN_BYTES + BLOCK_FRAME + RECV_HIGH_WATER + \
         2 * RECV_CHUNK
