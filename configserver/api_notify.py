@@ -6,7 +6,9 @@ webhook only, say). Its secret (the webhook's HMAC key, the SMTP password) is se
 once under the secrets key, like accounts' (configserver/sealed.py), never returned and
 never logged. Notices wait in a durable outbox (configserver/notifyoutbox.py) until
 delivered; each channel document counts them. ``POST .../test`` sends a test notice now,
-bypassing the outbox, and says whether it was accepted.
+bypassing the outbox, and says whether it was accepted. ``PATCH .../{name}`` changes a
+channel's settings, severities or secret in place (its kind stays); its pending notices
+stay in the outbox and go out with the new settings.
 """
 
 from __future__ import annotations
@@ -71,6 +73,13 @@ EMAIL = obj({"name": NAME, "kind": {"const": "email"}, "severities": _SEVS,
                                         "the SMTP server with, instead of the system's"},
              "secret": SECRET}, ["name", "kind", "to", "from", "host"])
 CREATE = {"oneOf": [WEBHOOK, EMAIL]}
+# The fields each kind of channel has, besides name and kind (which never change).
+FIELDS = {kind: sorted(set(s["properties"]) - {"name", "kind"})
+          for kind, s in (("webhook", WEBHOOK), ("email", EMAIL))}
+# Every field of CREATE but name and kind, each optional; the handler refuses those that
+# are not the channel's kind's (invalid_channel).
+UPDATE = {**obj({k: v for s in (WEBHOOK, EMAIL) for k, v in s["properties"].items()
+                 if k not in ("name", "kind")}), "minProperties": 1}
 CHANNEL = obj({
     "name": {"type": "string"}, "kind": {"enum": KINDS},
     "severities": array({"enum": SEVERITIES}),
@@ -91,6 +100,14 @@ REFUSALS = ("secret is not a string of 1 to 4096 characters without NUL (invalid
             "STARTTLS (invalid_channel)",
             "ca_file is not a readable file on the configuration server (invalid_channel)",
             "url is not a valid http(s) URL (invalid_channel)")
+UPDATE_REFUSALS = ("a field that is not a setting of the channel's kind: url on an email "
+                   "channel, to/from/host/port/starttls/username/ca_file on a webhook "
+                   "(invalid_channel)",
+                   *REFUSALS[:1],
+                   "the changed settings break a rule of POST /api/v1/notify/channels: an "
+                   "SMTP username without a secret (the one stored counts) or a login "
+                   "without STARTTLS, a ca_file that is not a readable file, a url that is "
+                   "not a valid http(s) URL (invalid_channel)")
 
 
 def _invalid(message: str, hint: str) -> ApiError:
@@ -113,7 +130,9 @@ def _secret(b: dict[str, Any]) -> bytes | None:
                        "give it with --secret-file FILE or --password-file FILE") from None
 
 
-def _settings(b: dict[str, Any], secret: bytes | None) -> dict[str, Any]:
+def _settings(b: dict[str, Any], has_secret: bool) -> dict[str, Any]:
+    """A channel's settings from a body with ``kind`` and its fields (no secret in them);
+    ``has_secret``: the channel will have a secret (the SMTP password)."""
     if b["kind"] == "webhook":
         try:
             u = URL(b["url"])
@@ -126,7 +145,7 @@ def _settings(b: dict[str, Any], secret: bytes | None) -> dict[str, Any]:
     st = {"to": b["to"], "from": b["from"], "host": b["host"], "port": b.get("port", 587),
           "starttls": b.get("starttls", True)}
     if "username" in b:
-        if secret is None:
+        if not has_secret:
             raise _invalid("an SMTP username needs the password", "give it with "
                            "--password-file FILE")
         if not st["starttls"]:
@@ -174,7 +193,7 @@ async def add_channel(call: Call) -> web.Response:
     b: dict[str, Any] = call.body
     name, kind = b["name"], b["kind"]
     plain = _secret(b)
-    settings = _settings(b, plain)
+    settings = _settings(b, plain is not None)
     exists = ApiError(409, "channel_exists", f"a notification channel named {name!r} "
                       "already exists", f"remove it first (siterecovery notify remove {name}) "
                       "or pick another name")
@@ -212,8 +231,8 @@ async def list_channels(call: Call) -> web.Response:
     return reply({"channels": [_doc(c, stats[c.name]) for c in rows]})
 
 
-async def _get(s: Any, name: str) -> NotifyChannel:
-    c: NotifyChannel | None = await s.get(NotifyChannel, name)
+async def _get(s: Any, name: str, *, for_update: bool = False) -> NotifyChannel:
+    c: NotifyChannel | None = await s.get(NotifyChannel, name, with_for_update=for_update)
     if c is None:
         raise not_found("notification channel", name, "list them: siterecovery notify list")
     return c
@@ -224,6 +243,41 @@ async def show_channel(call: Call) -> web.Response:
     async with call.services.sessionmaker() as s:
         c = await _get(s, name)
         return reply(_doc(c, (await _stats(s, [name]))[name]))
+
+
+async def update_channel(call: Call) -> web.Response:
+    name = call.params["name"]
+    b: dict[str, Any] = call.body
+    services = call.services
+    plain = _secret(b)
+    async with services.sessionmaker() as s, s.begin():
+        c = await _get(s, name, for_update=True)
+        foreign = [k for k in sorted(b) if k not in FIELDS[c.kind]]
+        if foreign:
+            raise _invalid(f"{', '.join(foreign)}: not a setting of {c.kind} channel "
+                           f"{name!r}", f"a {c.kind} channel has {', '.join(FIELDS[c.kind])}; "
+                           "to change its kind, remove it and add it again")
+        given = {k: v for k, v in b.items() if k not in ("severities", "secret")}
+        settings = _settings({"kind": c.kind, **c.settings, **given},
+                             plain is not None or c.secret is not None) if given else None
+        blob = None
+        if plain is not None:
+            try:
+                key = await sealed.key_for_sealing(services, services.cfg.secrets_key_path)
+            except sealed.SecretError as e:
+                raise ApiError(503, e.code, e.message, e.hint) from None
+            blob = sealed.seal(key, seal_name(name), SECRET_KINDS[c.kind], plain)
+        if settings is not None:
+            c.settings = settings
+        if "severities" in b:
+            c.severities = b["severities"]
+        if blob is not None:
+            c.secret = blob
+        c.updated = services.clock()
+        doc = _doc(c, (await _stats(s, [name]))[name])
+    log.info("notify_channel_updated", channel=name, changed=sorted(b),
+             secret_rotated=plain is not None, key_id=doc["key_id"])
+    return reply(doc)
 
 
 async def remove_channel(call: Call) -> web.Response:
@@ -268,6 +322,14 @@ ROUTES = [
           "notify", responses={200: obj({"channels": array(CHANNEL)}, ["channels"])}),
     Route("GET", _BASE + "/{name}", show_channel, "Show a notification channel", "notify",
           params=_NAME_PARAM, responses={200: CHANNEL}),
+    Route("PATCH", _BASE + "/{name}", update_channel,
+          "Change a notification channel's settings, severities or secret", "notify",
+          params=_NAME_PARAM, body=UPDATE, responses={200: CHANNEL},
+          refusals=UPDATE_REFUSALS,
+          description="Only the fields given change (severities and to are replaced "
+                      "whole); the kind stays. A new secret is sealed like the first and "
+                      "never returned. Notices waiting in the outbox stay there and are "
+                      "sent with the new settings."),
     Route("DELETE", _BASE + "/{name}", remove_channel,
           "Remove a notification channel (its undelivered notices with it)", "notify",
           params=_NAME_PARAM,

@@ -1,4 +1,5 @@
-"""CLI verbs: alert notification channels (``siterecovery notify add|list|show|remove|test``).
+"""CLI verbs: alert notification channels (``siterecovery notify
+add|list|show|update|remove|test``).
 
 Secrets (the webhook's signing key, the SMTP password) are read from files (or standard
 input with ``-``), never from the command line, where other users could read them in
@@ -85,6 +86,44 @@ def body_of(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
+def update_body_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The PATCH body: only what the options given change."""
+    if args.secret_file and args.password_file:
+        raise UsageError("give --secret-file (webhook) or --password-file (email), not both")
+    body: dict[str, Any] = {}
+    if args.severity:
+        body["severities"] = sorted(set(args.severity.split(",")))
+    if args.webhook:
+        body["url"] = args.webhook
+    if args.email:
+        body["to"] = args.email.split(",")
+    if args.smtp_host:
+        body["host"] = args.smtp_host
+    if args.smtp_port is not None:
+        body["port"] = args.smtp_port
+    if args.sender:
+        body["from"] = args.sender
+    if args.username:
+        body["username"] = args.username
+    if args.starttls is not None:
+        body["starttls"] = args.starttls
+    if args.ca_file:
+        body["ca_file"] = str(Path(args.ca_file).resolve())
+    if args.secret_file:
+        body["secret"] = read_secret(args.secret_file, "webhook secret")
+    if args.password_file:
+        body["secret"] = read_secret(args.password_file, "SMTP password")
+    if not body:
+        raise UsageError("nothing to change: give at least one option (see 'siterecovery "
+                         "notify update --help')")
+    return body
+
+
+async def cmd_update(args: argparse.Namespace) -> int:
+    body = update_body_of(args)
+    return await call_and_show(args, "PATCH", f"{BASE}/{args.name}", describe, body)
+
+
 async def cmd_add(args: argparse.Namespace) -> int:
     return await call_and_show(args, "POST", BASE, describe, body_of(args))
 
@@ -156,11 +195,48 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = nsub.add_parser("show", help="show one channel (never its secret)")
     s.add_argument("name")
     s.set_defaults(func=cmd_show)
+    u = nsub.add_parser(
+        "update", help="change a channel in place (its undelivered notices kept)",
+        description="Change what the options given say, nothing else; the channel keeps its "
+                    "kind (webhook or email) and the notices waiting in its outbox, which "
+                    "go out with the new settings. e.g. 'notify update ops --webhook "
+                    "https://hooks.example/sr2 --secret-file new.key' or 'notify update "
+                    "oncall --smtp-host smtp2.example.net --smtp-port 2525'. Options of "
+                    "the other kind are refused by the server.")
+    u.add_argument("name", help="channel name")
+    u.add_argument("--severity", metavar="LIST",
+                   help="the severities it gets from now on: critical, warning or "
+                        "critical,warning (replaces the list)")
+    u.add_argument("--webhook", metavar="URL",
+                   help="webhook: the new URL the notices are POSTed to")
+    u.add_argument("--secret-file", metavar="FILE",
+                   help="webhook: rotate the signing key to the first line of FILE "
+                        "('-': stdin)")
+    u.add_argument("--email", metavar="ADDR[,ADDR]",
+                   help="email: the new recipients (replaces the list)")
+    u.add_argument("--smtp-host", metavar="HOST", help="email: the new SMTP server")
+    u.add_argument("--smtp-port", type=int, metavar="PORT",
+                   help="email: the new submission port")
+    u.add_argument("--from", dest="sender", metavar="ADDR",
+                   help="email: the new sender address")
+    u.add_argument("--username",
+                   help="email: the SMTP login (needs a password: the stored one or "
+                        "--password-file)")
+    u.add_argument("--password-file", metavar="FILE",
+                   help="email: rotate the SMTP password to the first line of FILE "
+                        "('-': stdin)")
+    u.add_argument("--starttls", action=argparse.BooleanOptionalAction, default=None,
+                   help="email: use STARTTLS (--no-starttls: plain SMTP, refused while "
+                        "the channel has a login)")
+    u.add_argument("--ca-file", metavar="FILE",
+                   help="email: CA bundle to verify the SMTP server with (on the "
+                        "configuration server's host)")
+    u.set_defaults(func=cmd_update)
     r = nsub.add_parser("remove", help="remove a channel and its undelivered notices")
     r.add_argument("name")
     r.set_defaults(func=cmd_remove)
     t = nsub.add_parser("test", help="send a test notice now; exit 1 if it was not accepted")
     t.add_argument("name")
     t.set_defaults(func=cmd_test)
-    for verb in (a, ls, s, r, t):
+    for verb in (a, ls, s, u, r, t):
         add_api_args(verb)
