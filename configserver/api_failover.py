@@ -65,11 +65,16 @@ def _starter(verb: str) -> Handler:
     return start
 
 
+# what a re-protect refuses beyond its body's schema (item, plan and group routes)
+REPROTECT_REFUSALS = ("pause and live together: two ways of reading a running recovered "
+                      "machine (conflicting_options)",)
+
+
 def _verb(verb: str, summary: str, body: dict[str, Any], description: str,
-          rules: dict[str, Any] | None = None) -> Route:
+          rules: dict[str, Any] | None = None, refusals: tuple[str, ...] = ()) -> Route:
     return Route("POST", f"/api/v1/items/{{machine}}/{verb}", _starter(verb), summary,
                  "failover", params=_MACHINE, body=body, responses={202: JOB_REPLY},
-                 rules=rules,
+                 rules=rules, refusals=refusals,
                  description=description + " 404 for an item that does not exist; 409 when "
                  "its state does not allow it or a job of it is running.")
 
@@ -126,7 +131,7 @@ ROUTES = [
           "running one fails the job), go "
           "into the vault "
           "as a point of the item, a delta on the failover point (or the last re-protect's); "
-          "the item ends reprotected, direction reverse."),
+          "the item ends reprotected, direction reverse.", refusals=REPROTECT_REFUSALS),
     _verb("commit", "Commit a failover", obj({}),
           "Queues Commit: the item's remaining recovery points are deleted from the vault "
           "and the catalog; the item ends committed."),

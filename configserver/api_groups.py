@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from configserver import groupops, grouppoints, groups
+from configserver.api_failover import REPROTECT_REFUSALS
 from configserver.api_plans import item_body
 from configserver.jobs import JOB, job_doc
 from configserver.rest import NAME, Call, Handler, Route, array, nullable, obj, reply
@@ -91,6 +92,7 @@ def _starter(verb: str) -> Handler:
 def _verb(verb: str, summary: str, body: dict[str, Any], description: str) -> Route:
     return Route("POST", f"/api/v1/groups/{{name}}/{verb}", _starter(verb), summary, "groups",
                  params=_NAME, body=body, responses={202: JOB_REPLY},
+                 refusals=REPROTECT_REFUSALS if verb == "reprotect" else (),
                  description=description + " One job (a plan job of one group) with a step "
                  "per member, the members in parallel, each as its own item job. 404 for a "
                  "group that does not exist; 409 (plan_not_allowed) naming each member whose "

@@ -86,6 +86,7 @@ def _verb(verb: str, summary: str, body: dict[str, Any], description: str,
           rules: dict[str, Any] | None = None) -> Route:
     return Route("POST", f"/api/v1/plans/{{name}}/{verb}", _starter(verb), summary, "plans",
                  params=_NAME, body=body, responses={202: JOB_REPLY}, rules=rules,
+                 refusals=api_failover.REPROTECT_REFUSALS if verb == "reprotect" else (),
                  description=description + " Groups run in order, the items of a group in "
                  "parallel, each as its own item job; the plan job has a step per item "
                  "(recording the point it used), per script and per manual action, and "
