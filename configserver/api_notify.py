@@ -189,6 +189,16 @@ def _doc(c: NotifyChannel, stats: dict[str, Any]) -> dict[str, Any]:
             **stats, "created": iso(c.created), "updated": iso(c.updated)}
 
 
+async def _seal(services: Any, name: str, kind: str, plain: bytes) -> bytes:
+    """Channel ``name``'s secret sealed under the server's secrets key (503 when the key
+    cannot be had)."""
+    try:
+        key = await sealed.key_for_sealing(services, services.cfg.secrets_key_path)
+    except sealed.SecretError as e:
+        raise ApiError(503, e.code, e.message, e.hint) from None
+    return sealed.seal(key, seal_name(name), SECRET_KINDS[kind], plain)
+
+
 async def add_channel(call: Call) -> web.Response:
     b: dict[str, Any] = call.body
     name, kind = b["name"], b["kind"]
@@ -201,13 +211,7 @@ async def add_channel(call: Call) -> web.Response:
     async with services.sessionmaker() as s:
         if await s.get(NotifyChannel, name) is not None:
             raise exists
-    blob = None
-    if plain is not None:
-        try:
-            key = await sealed.key_for_sealing(services, services.cfg.secrets_key_path)
-        except sealed.SecretError as e:
-            raise ApiError(503, e.code, e.message, e.hint) from None
-        blob = sealed.seal(key, seal_name(name), SECRET_KINDS[kind], plain)
+    blob = None if plain is None else await _seal(services, name, kind, plain)
     now = services.clock()
     c = NotifyChannel(name=name, kind=kind, severities=b.get("severities", SEVERITIES),
                       settings=settings, secret=blob, created=now, updated=now)
@@ -260,13 +264,7 @@ async def update_channel(call: Call) -> web.Response:
         given = {k: v for k, v in b.items() if k not in ("severities", "secret")}
         settings = _settings({"kind": c.kind, **c.settings, **given},
                              plain is not None or c.secret is not None) if given else None
-        blob = None
-        if plain is not None:
-            try:
-                key = await sealed.key_for_sealing(services, services.cfg.secrets_key_path)
-            except sealed.SecretError as e:
-                raise ApiError(503, e.code, e.message, e.hint) from None
-            blob = sealed.seal(key, seal_name(name), SECRET_KINDS[c.kind], plain)
+        blob = None if plain is None else await _seal(services, name, c.kind, plain)
         if settings is not None:
             c.settings = settings
         if "severities" in b:
