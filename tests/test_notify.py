@@ -15,6 +15,7 @@ import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from pathlib import Path
@@ -163,6 +164,15 @@ def smtp(tmp_path: Path) -> Iterator[tuple[Mailbox, int, Path]]:
 
 @pytest.fixture
 async def aged(tmp_path: Path, catalog_url: str) -> AsyncIterator[tuple[ConfigServer, Clock]]:
+    async with clocked_server(tmp_path, catalog_url) as pair:
+        yield pair
+
+
+@asynccontextmanager
+async def clocked_server(tmp_path: Path, catalog_url: str
+                         ) -> AsyncIterator[tuple[ConfigServer, Clock]]:
+    """A configuration server on a clock the test moves (its alerts evaluated hourly
+    unless a heartbeat or the test asks)."""
     clock = Clock()
     cs = ConfigServer(ConfigServerConfig(data_dir=str(tmp_path / "cs"), listen_port=0,
                                          site_port=0, database_url=catalog_url,

@@ -19,7 +19,6 @@ import pytest
 from aiohttp import web
 from aiosmtpd.controller import Controller
 
-from configserver.config import ConfigServerConfig
 from configserver.rest import iso
 from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiCallError, ApiClient
@@ -30,6 +29,7 @@ from tests.test_notify import (
     Clock,
     Mailbox,
     Receiver,
+    clocked_server,
     free_port,
     heartbeat,
     self_signed,
@@ -43,15 +43,8 @@ CHANNELS = "/api/v1/notify/channels"
 @pytest.fixture
 async def clocked(tmp_path: Path, catalog_url: str) -> AsyncIterator[tuple[ConfigServer, Clock]]:
     """A configuration server on a clock the test moves (retries wait for it)."""
-    clock = Clock()
-    cs = ConfigServer(ConfigServerConfig(data_dir=str(tmp_path / "cs"), listen_port=0,
-                                         site_port=0, database_url=catalog_url,
-                                         alert_interval_seconds=3600), clock=clock)
-    await cs.start()
-    try:
-        yield cs, clock
-    finally:
-        await cs.stop()
+    async with clocked_server(tmp_path, catalog_url) as pair:
+        yield pair
 
 
 @pytest.fixture
