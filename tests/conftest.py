@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import structlog
@@ -114,3 +117,45 @@ async def api(cs: ConfigServer) -> AsyncIterator[ApiClient]:
     """The admin API client the CLI uses, against ``cs`` over real HTTP."""
     async with ApiClient(cs.url, cs.admin_token) as client:
         yield client
+
+
+# Tests run on two workers (pytest-xdist, ``--dist loadgroup``; tests/run.sh). A test that
+# uses what the machine has only one of runs on one worker, one test at a time: the
+# libvirt daemon with its networks and domains, the emulated VMs, and the namespaced sshd
+# (its veth holds the fixed 10.219.0.0/30 on the host). Found from what the test module
+# uses, directly or through the tests' own helper modules.
+HOST_HELPERS = frozenset({"tests.libvirtd", "tests.sshd", "tests.vmtarget", "tests.bootdisk"})
+
+
+def _helpers_of(module: ModuleType) -> set[str]:
+    names = set()
+    for value in vars(module).values():
+        name = (value.__name__ if isinstance(value, ModuleType)
+                else getattr(value, "__module__", None))
+        if isinstance(name, str) and name.startswith("tests.") and name != module.__name__:
+            names.add(name)
+    return names
+
+
+@functools.cache
+def _uses_host(module_name: str) -> bool:
+    if module_name in HOST_HELPERS:
+        return True
+    todo, seen = [module_name], {module_name}
+    while todo:
+        module = sys.modules.get(todo.pop())
+        if module is None:
+            continue
+        for name in _helpers_of(module) - seen:
+            if name in HOST_HELPERS:
+                return True
+            seen.add(name)
+            todo.append(name)
+    return False
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and _uses_host(module.__name__):
+            item.add_marker(pytest.mark.xdist_group("host"))

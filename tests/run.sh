@@ -69,7 +69,11 @@ echo "tests/run.sh: mypy"
 .venv/bin/mypy common wire vault targets instant configserver procserver mobility siterecovery tests benchmarks
 echo "tests/run.sh: pytest"
 set +e
-.venv/bin/python -m pytest -p no:cacheprovider "$@"
+# Two workers (SITERECOVERY_TEST_WORKERS=0 for one process): most tests wait on servers
+# and disks more than they compute; tests/conftest.py groups the ones that share the
+# machine's libvirtd, VMs and sshd address onto one worker.
+.venv/bin/python -m pytest -p no:cacheprovider -n "${SITERECOVERY_TEST_WORKERS:-2}" \
+  --dist loadgroup "$@"
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then
