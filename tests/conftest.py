@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import gc
+import importlib
 import os
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import structlog
@@ -119,11 +121,14 @@ async def api(cs: ConfigServer) -> AsyncIterator[ApiClient]:
         yield client
 
 
-# Tests run on two workers (pytest-xdist, ``--dist loadgroup``; tests/run.sh). A test that
-# uses what the machine has only one of runs on one worker, one test at a time: the
-# libvirt daemon with its networks and domains, the emulated VMs, and the namespaced sshd
-# (its veth holds the fixed 10.219.0.0/30 on the host). Found from what the test module
-# uses, directly or through the tests' own helper modules.
+# Tests run on two workers (pytest-xdist; tests/run.sh), a module at a time: a module's
+# tests share its module-scoped fixtures (a site, a booted VM) and some build on the one
+# before. The modules that use what the machine has only one of run as one unit, on one
+# worker, one test at a time: the libvirt daemon with its networks and domains, the
+# emulated VMs, and the namespaced sshd (its veth holds the fixed 10.219.0.0/30 on the
+# host). Found from what the test module uses, directly or through the tests' own helper
+# modules. (A scheduler of our own: pytest 9 ignores the node ids xdist's loadgroup
+# rewrites.)
 HOST_HELPERS = frozenset({"tests.libvirtd", "tests.sshd", "tests.vmtarget", "tests.bootdisk"})
 
 
@@ -138,24 +143,32 @@ def _helpers_of(module: ModuleType) -> set[str]:
 
 
 @functools.cache
-def _uses_host(module_name: str) -> bool:
+def uses_host(module_name: str) -> bool:
+    """Whether test module ``module_name`` (imported here if it is not yet) uses one of
+    ``HOST_HELPERS``."""
     if module_name in HOST_HELPERS:
         return True
     todo, seen = [module_name], {module_name}
     while todo:
-        module = sys.modules.get(todo.pop())
-        if module is None:
-            continue
-        for name in _helpers_of(module) - seen:
-            if name in HOST_HELPERS:
+        name = todo.pop()
+        module = sys.modules.get(name) or importlib.import_module(name)
+        for helper in _helpers_of(module) - seen:
+            if helper in HOST_HELPERS:
                 return True
-            seen.add(name)
-            todo.append(name)
+            seen.add(helper)
+            todo.append(helper)
     return False
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        module = getattr(item, "module", None)
-        if module is not None and _uses_host(module.__name__):
-            item.add_marker(pytest.mark.xdist_group("host"))
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    from xdist.scheduler import LoadScopeScheduling  # type: ignore[import-untyped]
+
+    class ModuleScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        """A module per work unit; every module on the machine's single resources in one."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            module = path.removesuffix(".py").replace("/", ".")
+            return "host resources" if uses_host(module) else path
+
+    return ModuleScheduling(config, log)

@@ -70,10 +70,10 @@ echo "tests/run.sh: mypy"
 echo "tests/run.sh: pytest"
 set +e
 # Two workers (SITERECOVERY_TEST_WORKERS=0 for one process): most tests wait on servers
-# and disks more than they compute; tests/conftest.py groups the ones that share the
-# machine's libvirtd, VMs and sshd address onto one worker.
+# and disks more than they compute. A module at a time; tests/conftest.py keeps the
+# modules that share the machine's libvirtd, VMs and sshd address on one worker.
 .venv/bin/python -m pytest -p no:cacheprovider -n "${SITERECOVERY_TEST_WORKERS:-2}" \
-  --dist loadgroup "$@"
+  --dist loadscope "$@"
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then
