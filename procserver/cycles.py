@@ -152,13 +152,34 @@ class CycleBook:
             self._start_resume_window(oc)
             log.info("cycle_resumable", machine=row.machine, cycle=row.id, blocks=p.frames,
                      position=oc.position())
+        left: list[Path] = []
         for machine_dir in await asyncio.to_thread(_subdirs, self.cache_dir):
             for cycle_dir in await asyncio.to_thread(_subdirs, machine_dir):
                 if cycle_dir in keep:
                     size = await asyncio.to_thread(cache_usage, cycle_dir)
                     self.space.hold(keep[cycle_dir], size)
                 else:
-                    await asyncio.to_thread(remove_cycle_dir, cycle_dir)
+                    left.append(cycle_dir)
+        await self._uploaded_unlogged(left)
+        for cycle_dir in left:
+            await asyncio.to_thread(remove_cycle_dir, cycle_dir)
+
+    async def _uploaded_unlogged(self, left: list[Path]) -> None:
+        """The uploader logs ``point_uploaded`` before it removes the cycle's folder: the
+        folder of an uploaded cycle found at start means the process was killed between
+        the record and the line, so the line is logged now (``recovered``: a kill between
+        the line and the removal logs it twice; watchers key on the point)."""
+        if not left:
+            return
+        by_id = {(d.parent.name, d.name): d for d in left}
+        async with self.sessionmaker() as s:
+            rows = (await s.execute(select(db.Cycle).where(
+                db.Cycle.state == db.UPLOADED,
+                db.Cycle.id.in_([cid for _m, cid in by_id])))).scalars().all()
+        for row in rows:
+            if (row.machine, row.id) in by_id:
+                log.info("point_uploaded", machine=row.machine, cycle=row.id,
+                         point=row.point_id, recovered=True)
 
     async def record_segments(self, oc: OpenCycle, segs: list[SealedSegment]) -> None:
         """Segments of ``oc`` are fsynced: their rows and the cycle's progress, atomically."""

@@ -328,12 +328,14 @@ class CycleUpload:
         await ctx.vaults.settle_cycle(cyc.seq)  # packs of failed attempts go
         await drop_lease(ctx.vaults, cyc)  # the point keeps its blocks now
         await self._let_go()
-        await asyncio.to_thread(remove_cycle_dir, self.cycle_dir)
-        ctx.space.release(cyc.seq)
         ctx.metrics.points.inc()
+        # Logged before the cycle's folder goes: a folder left beside an uploaded cycle
+        # (a kill -9 in between) makes the next start log it (``CycleBook.recover``).
         log.info("point_uploaded", machine=cyc.machine, cycle=cyc.id, point=point.id,
                  consistency=point.consistency, stored_bytes=writer.stored_bytes,
                  logical_bytes=writer.logical_bytes)
+        await asyncio.to_thread(remove_cycle_dir, self.cycle_dir)
+        ctx.space.release(cyc.seq)
 
     async def _add_segment(self, writer: CycleWriter, path: str, mapped: list[Run]) -> None:
         segment = await asyncio.to_thread(SealedSegment, path, BATCH_BYTES, BATCH_FRAMES)

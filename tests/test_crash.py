@@ -76,3 +76,45 @@ def _read(path: Path) -> dict[str, object]:
     import tomllib
 
     return dict(tomllib.loads(path.read_text()))
+
+
+async def test_a_point_recorded_uploaded_but_not_logged_is_logged_at_the_next_start(
+        tmp_path: Path, pki: Pki, vault_at: tuple[str, Path]) -> None:
+    """The process dies right after it recorded a point uploaded, before its
+    ``point_uploaded`` line (the store's fault: exit 137 at the cycle's lease deletion, the
+    first thing after the record). The next start logs the line (``recovered``), so log
+    watchers miss no point, and the point restores byte-exact."""
+    url, key = vault_at
+    cfg = _proc_toml(tmp_path, pki, f"fault+{url}?crash_delete=leases/", key)
+    ps = Daemon(["procserver", "run", "--config", str(cfg)], "procserver_started")
+    ready = await ps.start()
+    disk = tmp_path / "disk.img"
+    make_disk(disk, 16 << 20, seed=12)
+    agent = make_agent(agent_config(tmp_path, pki, "web01", int(str(ready["port"])),
+                                    {"sda": disk}))
+    try:
+        r = await agent.replicate_once()
+    finally:
+        agent.close()
+    assert ps.proc is not None
+    assert await ps.proc.wait() == 137  # died at the lease deletion
+    await ps._drain
+    assert ps.events("cycle_acknowledged") and not ps.events("point_uploaded")
+    vault = await open_vault(tmp_path / "vault", key)
+    try:
+        (point,) = await vault.list_points("web01")  # recorded: it is in the vault
+        assert point.cycle == r.cycle
+
+        write_toml(cfg, {**_read(cfg), "vault_url": url})
+        ps2 = Daemon(["procserver", "run", "--config", str(cfg)], "procserver_started")
+        await ps2.start()
+        try:
+            (logged,) = await ps2.wait_events("point_uploaded", 1)
+        finally:
+            assert await ps2.stop() == 0
+        assert logged["cycle"] == r.cycle and logged["point"] == point.id
+        assert logged["recovered"] is True
+        assert await restore_all(vault, point, tmp_path / "out") == {"sda": sha256(disk)}
+        assert not any(f.is_file() for f in (tmp_path / "procserver" / "cache").rglob("*"))
+    finally:
+        await vault.close()

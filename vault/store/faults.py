@@ -8,7 +8,9 @@ the inner store and
   (``fail_times`` times, then succeeds; forever when 0 or absent);
 - ``corrupt_get=PREFIX``: ``get`` of such a name returns the data with one bit flipped;
 - ``crash_after=N``: the process dies (``os._exit(137)``, as under ``kill -9``) just
-  before its N-th mutating operation (put or delete) — a deterministic kill point.
+  before its N-th mutating operation (put or delete) — a deterministic kill point;
+- ``crash_delete=PREFIX``: the process dies the same way just before it deletes a name
+  with that prefix (``leases/``: right after a process server recorded a point uploaded).
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ from vault.store.wrapper import StoreWrapper
 
 class FaultStore(StoreWrapper):
     def __init__(self, inner: BlobStore, *, hang: str = "", fail: str = "",
-                 fail_times: int = 0, corrupt_get: str = "", crash_after: int = 0) -> None:
+                 fail_times: int = 0, corrupt_get: str = "", crash_after: int = 0,
+                 crash_delete: str = "") -> None:
         super().__init__(inner)
         self.url = "fault+" + inner.url
         self.hang, self.fail, self.corrupt_get = hang, fail, corrupt_get
         self.fail_times = fail_times
         self.failures = 0
-        self.crash_after = crash_after
+        self.crash_after, self.crash_delete = crash_after, crash_delete
         self.mutations = 0
 
     def _maybe_crash(self) -> None:
@@ -57,4 +60,6 @@ class FaultStore(StoreWrapper):
 
     async def delete(self, name: str) -> None:
         self._maybe_crash()
+        if self.crash_delete and name.startswith(self.crash_delete):
+            os._exit(137)
         await self.inner.delete(name)

@@ -36,7 +36,8 @@ def open_backend(url: str) -> BlobStore:
         return FaultStore(open_backend(inner_url), hang=q.get("hang", ""),
                           fail=q.get("fail", ""), fail_times=int(q.get("fail_times", "0")),
                           corrupt_get=q.get("corrupt_get", ""),
-                          crash_after=int(q.get("crash_after", "0")))
+                          crash_after=int(q.get("crash_after", "0")),
+                          crash_delete=q.get("crash_delete", ""))
     if parsed.scheme in ("", "file"):
         path = parsed.path if parsed.scheme == "file" else url
         if not path:
