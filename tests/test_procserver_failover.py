@@ -24,6 +24,7 @@ from structlog.testing import capture_logs
 
 from configserver import assignment, db, pshealth
 from configserver.config import ConfigServerConfig
+from configserver.jobs import JobEngine
 from configserver.pshealth import MOVED
 from configserver.server import ConfigServer
 from mobility.config import MobilityConfig
@@ -45,7 +46,7 @@ from tests.helpers import (
     write_toml,
 )
 from tests.managedsite import issue_procserver_cert
-from tests.sitehelpers import heartbeat, step, wait_job
+from tests.sitehelpers import heartbeat, step, step_running, wait_job
 from vault.locks import acquire
 
 SILENT_AFTER = 6.0  # procserver_failover_seconds: heartbeats come every 0.5 s
@@ -515,3 +516,83 @@ async def test_two_configuration_servers_on_one_catalog_move_each_machine_once(
         assert shown == dict.fromkeys(machines, "ps2")
         events = (await api_b.get("/api/v1/events", code=MOVED))["events"]
         assert sorted(e["target"] for e in events) == machines
+
+
+async def test_two_configuration_servers_move_each_machine_once(
+        tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two configuration servers on one PostgreSQL catalog, both watching for dead process
+    servers on one clock: when ps1 goes silent, each of its machines gets one move job and
+    one event however often and however concurrently both look (their checks race here);
+    the leader stops in the middle of the moves and the standby finishes them."""
+    monkeypatch.setattr(JobEngine, "recheck_seconds", 0.2)  # the standby's polls
+    url = await fresh_database(postgres_url)
+    clock = Clock()
+    clock.now = t0 = 1_800_000_000.0
+    machines = [f"web{i:02d}" for i in range(1, 5)]
+    leader = clocked_configserver(tmp_path / "a", url, clock, procserver_failover_seconds=900.0)
+    a = await leader.__aenter__()  # started first: it leads
+    a_running = True
+    try:
+        async with clocked_configserver(tmp_path / "b", url, clock,
+                                        procserver_failover_seconds=900.0) as b, \
+                ApiClient(b.url, b.admin_token) as api_b, \
+                ApiClient(b.url, b.services.internal_token) as internal_b:
+            await _machines_on_ps1(b, api_b, internal_b, machines, t0)
+            clock.now = t0 + 901
+            await heartbeat(internal_b, "ps2")  # a change: both servers' loops look now
+            up = min(a.services.alert_book.up_since, b.services.alert_book.up_since)
+            for _ in range(3):  # and both at once, again and again
+                await asyncio.gather(*(pshealth.fail_over_once(x.services, up, 900.0)
+                                       for x in (a, b, a, b)))
+
+            async def moves() -> list[dict[str, Any]]:
+                got: list[dict[str, Any]] = (await api_b.get(
+                    "/api/v1/jobs", kind="move_machine"))["jobs"]
+                return got
+            jobs = await moves()
+            assert sorted(j["target"] for j in jobs) == machines  # one each
+
+            # The leader runs them; it stops while they wait for the machines' first
+            # points on ps2, and b takes them over.
+            async with ApiClient(a.url, a.admin_token) as api_a:
+                for job in jobs:
+                    await wait_job(api_a, job["id"], step_running("resync"))
+            a_running = False
+            await leader.__aexit__(None, None, None)
+            for m in machines:
+                await internal_b.post("/api/v1/internal/points", {
+                    "id": m.encode().hex().ljust(64, "0"), "machine": m,
+                    "created": "2027-01-15T08:30:00.000000Z", "consistency": "crash"})
+            for job in jobs:
+                doc = await wait_job(api_b, job["id"], timeout=120)
+                assert doc["state"] == "succeeded", doc
+                assert doc["attempts"] == 2  # begun on a, finished on b
+            await heartbeat(internal_b, "ps2")
+            await pshealth.fail_over_once(b.services, up, 900.0)
+            assert len(await moves()) == len(machines)  # still one each
+            events = (await api_b.get("/api/v1/events", code=MOVED))["events"]
+            assert sorted(e["target"] for e in events) == machines
+            assert {m["name"]: m["process_server"] for m in
+                    (await api_b.get("/api/v1/machines"))["machines"]} == dict.fromkeys(
+                        machines, "ps2")
+    finally:
+        if a_running:
+            await leader.__aexit__(None, None, None)
+
+
+async def _machines_on_ps1(cs: ConfigServer, api: ApiClient, internal: ApiClient,
+                           machines: list[str], t0: float) -> None:
+    """ps1 and ps2 alive; ``machines`` on ps1, protected (as if enabled)."""
+    for name in ("ps1", "ps2"):
+        await heartbeat(internal, name)
+    for m in machines:
+        await api.post("/api/v1/machines", {
+            "name": m, "ip": "192.0.2.7", "os_type": "linux", "os_name": "debian",
+            "os_version": "12", "disks": [{"name": "sda", "path": "/dev/sda"}],
+            "process_server": "ps1"})
+    async with cs.services.sessionmaker() as s:
+        for m in machines:
+            s.add(db.ReplicatedItem(machine=m, policy="default", state="protected",
+                                    health="normal", health_errors=[], disk_progress={},
+                                    created=t0, updated=t0))
+        await s.commit()
