@@ -8,13 +8,16 @@ reads and writes its own machine. Every call counts as a check-in
 
 from __future__ import annotations
 
+from typing import Any
+
 import structlog
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.names import DISK_PATTERN
-from configserver import certs, db, groups, sendlimit
+from configserver import certs, db, groups, hostroles, sendlimit
 from configserver.failback import failback_request
+from configserver.hostroles import note_recovered
 from configserver.items import (
     ITEM,
     PERCENT,
@@ -71,9 +74,16 @@ SETTINGS = obj({
                               "barrier_timeout_seconds"]), "description": (
         "the machine's consistency group: every interval_seconds (counted from the UNIX "
         "epoch) its members meet at their process server's barrier for a group point")}),
+    "role": {"enum": ["original", "recovered"], "description": (
+        "recovered: the agent runs in the machine a failover recovered (it reported another "
+        "host_id than the machine's); it replicates only when re-protected through its "
+        "agent, and gets no shutdown, failback or group requests")},
+    "basis_point": nullable({"type": "string", "description": (
+        "the recovered machine re-protected through its agent: the point a cycle without "
+        "the agent's own maps compares the disks with (a resync by basis)")}),
 }, ["machine", "replicate", "item_state", "resync_required", "disks", "process_server",
     "policy", "bandwidth", "revoked_server_certificates", "server_revocation_list",
-    "heartbeat_interval_seconds"])
+    "heartbeat_interval_seconds", "role", "basis_point"])
 TRACKER = obj({
     "tracker": {"type": "string", "pattern": "^[a-z]{1,16}$"},
     "verified_at": nullable({"type": "number", "minimum": 0, "maximum": 1e11}),
@@ -85,7 +95,8 @@ HEARTBEAT = obj({
                  "additionalProperties": TRACKER, "description": (
                      "per disk: its change tracker, when a cycle last read it whole "
                      "(UNIX seconds) and how many changed blocks the tracker had missed "
-                     "at its last verification scan (the tracker_missed_writes alert)")}},
+                     "at its last verification scan (the tracker_missed_writes alert)")},
+    "host_id": hostroles.HOST_ID},
     ["agent_version"])
 HEARTBEAT_REPLY = obj({"machine": {"type": "string"}, "last_contact": {"type": "string"},
                        "replicate": {"type": "boolean"}, "item_state": nullable(
@@ -106,6 +117,7 @@ PROGRESS = obj({
               "propertyNames": DISK_NAME, "additionalProperties": PERCENT},
     "resync": {"type": "boolean", "description": "true while a resynchronization (a full "
                                                   "cycle after initial replication) runs"},
+    "host_id": hostroles.HOST_ID,
 }, ["disks"])
 
 
@@ -117,11 +129,19 @@ async def _machine(s: AsyncSession, name: str) -> db.Machine:
 
 
 async def settings(call: Call) -> web.Response:
-    name = str(call.peer)
+    name, now = str(call.peer), call.services.clock()
+    host_id: str | None = call.query.get("host_id")
     async with call.services.sessionmaker() as s:
         machine = await _machine(s, name)
-        machine.last_contact = call.services.clock()
-        item = await s.get(db.ReplicatedItem, name)
+        item = await s.get(db.ReplicatedItem, name, with_for_update=True)
+        who = hostroles.role(machine, item, host_id)
+        if who == hostroles.RECOVERED:
+            assert item is not None and host_id is not None
+            note_recovered(item, host_id, now)
+            reverse = hostroles.reverse(item)
+        else:
+            machine.last_contact = now
+            hostroles.note_original(s, machine, host_id, now)
         policy = await s.get(db.Policy, item.policy) if item is not None else None
         ps = await s.get(db.ProcessServer, machine.process_server) \
             if machine.process_server else None
@@ -131,7 +151,25 @@ async def settings(call: Call) -> web.Response:
         group = await groups.group_of(s, name)
         await s.commit()
     await call.services.notify()
-    return reply({
+    if who == hostroles.RECOVERED:
+        assert item is not None
+        log.info("recovered_agent_settings", machine=name, host_id=host_id,
+                 replicate=reverse is not None)
+        # The recovered copy: replicates only when re-protected through its agent, and is
+        # never asked for the original's shutdown, failback or group points.
+        return reply({**_settings_doc(name, item, policy, ps, disks, revoked, call),
+                      "replicate": reverse is not None, "resync_required": False,
+                      "role": hostroles.RECOVERED, "basis_point": hostroles.basis_point(item)
+                      if reverse is not None else None})
+    return reply({**_settings_doc(name, item, policy, ps, disks, revoked, call),
+                  "shutdown_request": shutdown_request(item),
+                  "failback_request": failback_request(item), "group": group})
+
+
+def _settings_doc(name: str, item: db.ReplicatedItem | None, policy: db.Policy | None,
+                  ps: db.ProcessServer | None, disks: list[dict[str, Any]],
+                  revoked: list[tuple[str, Any]], call: Call) -> dict[str, Any]:
+    return {
         "machine": name,
         "replicate": item is not None and item.state in REPLICATING_STATES,
         "item_state": item.state if item is not None else None,
@@ -148,10 +186,9 @@ async def settings(call: Call) -> web.Response:
         "server_revocation_list": call.services.ca.revocation_list(
             revoked, call.services.clock()).decode() if revoked else None,
         "heartbeat_interval_seconds": HEARTBEAT_INTERVAL_SECONDS,
-        "shutdown_request": shutdown_request(item),
-        "failback_request": failback_request(item),
-        "group": group,
-    })
+        "shutdown_request": None, "failback_request": None, "group": None,
+        "role": hostroles.ORIGINAL, "basis_point": None,
+    }
 
 
 def shutdown_request(item: db.ReplicatedItem | None) -> str | None:
@@ -195,19 +232,28 @@ async def shutdown(call: Call) -> web.Response:
 async def heartbeat(call: Call) -> web.Response:
     name = str(call.peer)
     now = call.services.clock()
+    host_id: str | None = call.body.get("host_id")
     async with call.services.sessionmaker() as s:
         machine = await _machine(s, name)
-        machine.last_contact, machine.agent_version = now, call.body["agent_version"]
-        if "trackers" in call.body:
-            machine.tracker_report = call.body["trackers"]
-        item = await s.get(db.ReplicatedItem, name)
+        item = await s.get(db.ReplicatedItem, name, with_for_update=True)
         state = item.state if item is not None else None
+        if hostroles.role(machine, item, host_id) == hostroles.RECOVERED:
+            assert item is not None and host_id is not None
+            note_recovered(item, host_id, now, call.body["agent_version"])
+            replicate = hostroles.reverse(item) is not None
+        else:
+            machine.last_contact, machine.agent_version = now, call.body["agent_version"]
+            if "trackers" in call.body:
+                machine.tracker_report = call.body["trackers"]
+            hostroles.note_original(s, machine, host_id, now)
+            replicate = state in REPLICATING_STATES
         await s.commit()
     call.services.metrics.agent_heartbeats.inc()
-    log.info("agent_heartbeat", machine=name, agent_version=call.body["agent_version"])
+    log.info("agent_heartbeat", machine=name, agent_version=call.body["agent_version"],
+             host_id=host_id)
     await call.services.notify()
-    return reply({"machine": name, "last_contact": iso(now),
-                  "replicate": state in REPLICATING_STATES, "item_state": state})
+    return reply({"machine": name, "last_contact": iso(now), "replicate": replicate,
+                  "item_state": state})
 
 
 def _resync_event(before: str, after: str) -> tuple[str, str] | None:
@@ -222,9 +268,18 @@ async def progress(call: Call) -> web.Response:
     name = str(call.peer)
     disks: dict[str, float] = call.body["disks"]
     now = call.services.clock()
+    host_id: str | None = call.body.get("host_id")
     async with call.services.sessionmaker() as s:
         machine = await _machine(s, name)
         item = await s.get(db.ReplicatedItem, name, with_for_update=True)
+        if item is not None and hostroles.role(machine, item, host_id) == hostroles.RECOVERED:
+            # The recovered machine's resync: its item is failed over, not resyncing.
+            assert host_id is not None
+            note_recovered(item, host_id, now)
+            item.failover = {**(item.failover or {}), "recovered_agent": {
+                **(item.failover or {}).get("recovered_agent", {}), "progress": disks}}
+            await s.commit()
+            return reply(item_doc(item, await s.get(db.Policy, item.policy), now))
         if item is None:
             raise ApiError(409, "not_replicated", f"replication of {name!r} is not enabled",
                            f"enable it on the configuration server: siterecovery replication "
@@ -254,9 +309,11 @@ async def progress(call: Call) -> web.Response:
 ROUTES = [
     Route("GET", "/api/v1/agent/settings", settings, "The calling agent's settings", "agent",
           auth="agent", listeners=("site",), responses={200: SETTINGS},
+          query={"host_id": hostroles.HOST_ID},
           description="Disks, process server, policy intervals and block size, the "
                       "policy's send limit, revoked server certificates; whether to "
-                      "replicate. Counts as a check-in."),
+                      "replicate. Counts as a check-in (of the original machine; the "
+                      "recovered copy's is kept in the item's failover record)."),
     Route("POST", "/api/v1/agent/heartbeat", heartbeat, "An agent's heartbeat", "agent",
           auth="agent", listeners=("site",), body=HEARTBEAT, responses={200: HEARTBEAT_REPLY},
           description="Records last contact and the agent's version."),

@@ -10,7 +10,7 @@ import structlog
 from aiohttp import web
 from sqlalchemy import select
 
-from configserver import certs, db, enrollment, sitecert
+from configserver import certs, db, enrollment, hostroles, sitecert
 from configserver.ca import Issued
 from configserver.peer import peer_certificate
 from configserver.rest import NAME, ApiError, Call, Route, array, iso, nullable, obj, reply
@@ -138,6 +138,9 @@ async def renew(call: Call) -> web.Response:
     peer = peer_certificate(call.request)
     assert peer is not None  # the agent auth verified it
     svc = call.services
+    async with svc.sessionmaker() as s:
+        await hostroles.refuse_recovered(s, call.peer, call.query.get("host_id"),
+                                         "renewing its certificate")
     issued = await certs.issue_agent(svc, svc.ca, call.peer, svc.cfg.agent_cert_days)
     async with call.services.sessionmaker() as s:
         old = await s.get_one(db.Certificate, peer[1])
@@ -217,7 +220,10 @@ ROUTES = [
     Route("POST", "/api/v1/agent/renew", renew,
           "Renew the calling machine's certificate", "agent", auth="agent",
           description="The certificate the call was made with stays valid for one more hour, "
-                      "then is refused. No request body.",
+                      "then is refused. No request body. 409 recovered_machine from the "
+                      "recovered copy of the machine (host_id: another host than the "
+                      "machine's while it is failed over): it shares the certificate.",
+          query={"host_id": hostroles.HOST_ID},
           responses={201: ISSUED}, listeners=("site",)),
     Route("GET", "/api/v1/internal/trust", trust,
           "The certificates process servers must refuse (process servers)", "certificates",

@@ -124,13 +124,22 @@ ROUTES = [
               "a recovered libvirt domain that runs is copied at one moment while it "
               "runs on (a libvirt push backup into its pool folder, then read and "
               "removed: a crash-consistent point, the guest never paused) instead of "
-              "refused; not with pause")}}),
+              "refused; not with pause")},
+               "agent": {"type": "boolean", "description": (
+              "the Mobility agent inside the recovered machine replicates it (on any "
+              "target, continuously until a failback): its first cycle a resync on the "
+              "point the machine started from; the job ends at its first point; not with "
+              "pause or live")},
+               "wait_seconds": {"type": "integer", "minimum": 1, "maximum": 86400 * 7,
+                                "description": "with agent: how long to wait for the "
+                                               "agent's first point (default 24 hours)"}}),
           "Queues Re-protect (from failed_over, committed or reprotected): the "
           "recovered machine's disks, read on the host from the target (a libvirt domain "
           "while shut off, paused with pause, or copied while it runs with live: else a "
           "running one fails the job), go "
           "into the vault "
           "as a point of the item, a delta on the failover point (or the last re-protect's); "
+          "with agent the agent in the recovered machine replicates it instead; "
           "the item ends reprotected, direction reverse.", refusals=REPROTECT_REFUSALS),
     _verb("commit", "Commit a failover", obj({}),
           "Queues Commit: the item's remaining recovery points are deleted from the vault "

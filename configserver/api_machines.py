@@ -77,11 +77,15 @@ MACHINE = obj({
     "enabled": {"type": "boolean"}, "created": {"type": "string"},
     "last_contact": nullable({"type": "string"}),
     "agent_version": nullable({"type": "string"}),
+    "host_id": nullable({"type": "string", "description": (
+        "the SMBIOS UUID its agent reports (the original machine's: a failover's "
+        "recovered copy reports another and is told apart)")}),
     "replication": nullable({"type": "string",
                              "description": "the replicated item's state, if protected"}),
 }, ["name", "ip", "ssh_port", "os_type", "os_name", "os_version", "kernel", "disks",
     "process_server",
-    "account", "enabled", "created", "last_contact", "agent_version", "replication"])
+    "account", "enabled", "created", "last_contact", "agent_version", "host_id",
+    "replication"])
 MATRIX = obj({
     "os_types": array(obj({"os_type": {"type": "string"}, "supported": {"type": "boolean"},
                            "note": {"type": "string"}}, ["os_type", "supported", "note"])),
@@ -173,7 +177,7 @@ def _doc(m: db.Machine, replication: str | None) -> dict[str, Any]:
             "process_server": m.process_server, "account": m.account,
             "enabled": bool(m.enabled), "created": iso(m.created),
             "last_contact": iso(m.last_contact), "agent_version": m.agent_version or None,
-            "replication": replication}
+            "host_id": m.host_id, "replication": replication}
 
 
 async def _state(s: Any, name: str) -> str | None:

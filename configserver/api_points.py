@@ -11,7 +11,7 @@ from aiohttp import web
 from sqlalchemy import delete, select
 
 from common.labels import CONSISTENCY
-from configserver import db
+from configserver import db, hostroles
 from configserver.items import point_recorded
 from configserver.rest import NAME, Call, Route, array, obj, reply
 
@@ -50,6 +50,7 @@ async def report_point(call: Call) -> web.Response:
             await s.commit()
             call.services.metrics.points.inc()
             await point_recorded(call.services, doc)
+            await hostroles.point_reported(call.services, doc)
             await call.services.notify()
     log.info("point_recorded", point=pid, machine=machine, consistency=doc["consistency"])
     return reply({"id": pid}, status=201)

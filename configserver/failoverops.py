@@ -83,11 +83,16 @@ def _at(value: str | None) -> str | None:
 
 
 def one_way_to_read(body: dict[str, Any]) -> None:
-    """A running recovered domain is read paused or copied live, not both."""
+    """A running recovered domain is read paused or copied live, not both; its own agent
+    reads it without either."""
     if body.get("pause") and body.get("live"):
         raise InvalidRequest("conflicting_options", "pause and live are two ways of reading "
                              "a running recovered machine: choose one",
                              "live keeps the guest running; pause needs no scratch space")
+    if body.get("agent") and (body.get("pause") or body.get("live")):
+        raise InvalidRequest("conflicting_options", "agent replicates the recovered machine "
+                             "through its own agent: nothing is read on the host, so pause "
+                             "and live do not apply", "give agent alone")
 
 
 async def request(core: Core, kinds: Mapping[str, JobKind], verb: str, name: str,
@@ -104,7 +109,7 @@ async def request(core: Core, kinds: Mapping[str, JobKind], verb: str, name: str
     params: dict[str, Any] = {k: body[k] for k in (
         "point", "network", "notes", "shutdown_source", "shutdown_timeout_seconds",
         "drain_timeout_seconds", "instant", "hydrate_rate_mbps", "timeout_seconds", "pause",
-        "live")
+        "live", "agent", "wait_seconds")
         if body.get(k)}
     if body.get("at"):
         params["at"] = _at(body["at"])

@@ -21,8 +21,8 @@ from configserver.recovery import RecoverySettings
 DRILL, FAILOVER = "last_drill", "failover"  # the item's record each kind writes
 
 
-async def _item(s: AsyncSession, machine: str) -> db.ReplicatedItem:
-    item = await s.get(db.ReplicatedItem, machine)
+async def _item(s: AsyncSession, machine: str, lock: bool = False) -> db.ReplicatedItem:
+    item = await s.get(db.ReplicatedItem, machine, with_for_update=lock)
     if item is None:
         raise StepFailed(f"machine {machine!r} has no replicated item any more")
     return item
@@ -38,7 +38,8 @@ async def record(ctx: StepContext, field: str, *, state: ItemState | None = None
                  **values: Any) -> dict[str, Any]:
     """Merge ``values`` into the item's ``field`` (and set its state) in one commit."""
     async with ctx.core.sessionmaker() as s:
-        item = await _item(s, ctx.target)
+        # Locked: agents' check-ins and point reports merge into the same record.
+        item = await _item(s, ctx.target, lock=True)
         doc = {**(getattr(item, field) or {}), **values}
         setattr(item, field, doc)
         if state is not None:

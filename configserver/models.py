@@ -116,6 +116,9 @@ class Machine(Base):
     # Its agent's change trackers as its last heartbeat reported them: disk ->
     # {"tracker", "verified_at", "missed_blocks"} (the tracker_missed_writes alert).
     tracker_report: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # The SMBIOS UUID its agent reports (mobility/hostid.py): the original machine's,
+    # which a failover's recovered copy does not share (configserver/hostroles.py).
+    host_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
 
 
 class Certificate(Base):

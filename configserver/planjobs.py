@@ -211,6 +211,8 @@ def _outcome(verb: str, rec: dict[str, Any]) -> str:
     if verb == "reprotect":
         rp = rec.get("reprotect") or {}
         how = "whole" if rp.get("last_full") else "a delta"
+        if rp.get("via") == "agent":
+            return f"point {rp.get('last_point')} from the recovered machine's agent ({how})"
         return (f"point {rp.get('last_point')} ({rp.get('last_blocks_stored')} block(s) "
                 f"stored, {how})")
     if verb == "failback":

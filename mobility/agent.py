@@ -36,7 +36,7 @@ import structlog
 
 from common.backoff import Backoff
 from common.pacing import TokenBucket
-from mobility import newmap
+from mobility import hostid, newmap
 from mobility.config import MobilityConfig
 from mobility.connect import connect, connect_retrying
 from mobility.cyclehold import HeldCycle, HoldFacts, hold_and_send
@@ -97,6 +97,7 @@ class Agent:
     def __init__(self, cfg: MobilityConfig, provider: SnapshotProvider | None = None) -> None:
         self.cfg = cfg
         self.state_dir = Path(cfg.state_dir)
+        self.host_id = hostid.read_host_id(cfg.host_id_file)  # the machine it runs on
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.provider = provider or provider_for(cfg)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="scan")
@@ -130,14 +131,17 @@ class Agent:
 
     async def replicate_once(self, progress: Progress | None = None, *,
                              on_kind: Callable[[str], None] | None = None,
-                             resync: bool = False) -> CycleResult:
+                             resync: bool = False,
+                             basis_point: str | None = None) -> CycleResult:
         """One cycle: a full copy, a delta on the agent's own maps, or (``resync``, or
-        when the maps or the server's base are lost) a delta on the vault's newest point.
+        when the maps or the server's base are lost, or the state directory was made on
+        another machine) a delta on the vault's newest point, or on ``basis_point``
+        when one is given.
 
         ``on_kind`` learns which, before the first block is read."""
         start, facts = time.monotonic(), HoldFacts()
         try:
-            r = await self._replicate_once(progress, on_kind, resync, facts)
+            r = await self._replicate_once(progress, on_kind, resync, facts, basis_point)
         except Exception as e:
             if self.metrics is not None:
                 self.metrics.cycle_failed(type(e).__name__)
@@ -155,10 +159,16 @@ class Agent:
 
     async def _replicate_once(self, progress: Progress | None,
                               on_kind: Callable[[str], None] | None,
-                              resync: bool, facts: HoldFacts) -> CycleResult:
+                              resync: bool, facts: HoldFacts,
+                              basis_point: str | None = None) -> CycleResult:
         cfg = self.cfg
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         state = load_state(self.state_dir)
+        if (made_on := hostid.moved(self.state_dir, self.host_id)) is not None:
+            log.warning("agent_state_from_another_machine", made_on=made_on,
+                        host_id=self.host_id, hint="its fingerprint maps are that machine's: "
+                        "this cycle compares the disks with a point in the vault instead")
+            resync = True
         sizer = getattr(self.provider, "disk_sizes", None)  # libvirt: the guest's sizes
         sizes = await sizer() if sizer is not None else {
             d["name"]: disk_size(d["path"]) for d in cfg.disks}
@@ -167,7 +177,7 @@ class Agent:
         conn = Conn(await self._connect_retrying())
         try:
             if plan.full:
-                plan = await fetch_basis(conn.link, cfg, sizes) or plan
+                plan = await fetch_basis(conn.link, cfg, sizes, basis_point) or plan
             c = await hold_and_send(self, conn, plan, sizes, progress, on_kind, due, facts)
             resumes = c.resumes + await end_cycle(self._connect, cfg, conn, c.sender,
                                                   c.created)
@@ -198,6 +208,7 @@ class Agent:
                 missed_blocks=len(sender.missed[d.name]) if d.name in sender.missed else (
                     before.missed_blocks if before else 0))
         commit_state(self.state_dir, AgentState(c.cycle, disks))
+        hostid.record(self.state_dir, self.host_id)
         report_verification(sender, c.cycle)
 
     async def run_forever(self) -> None:

@@ -81,6 +81,9 @@ class MobilityConfig:
     # What a failover's shutdown request runs, after the last cycle was acknowledged
     # (argv, no shell). The agent goes on running until the machine goes down.
     shutdown_command: list[str] = field(default_factory=lambda: ["systemctl", "poweroff"])
+    # The machine's SMBIOS UUID (mobility/hostid.py): what tells the original machine
+    # from its recovered copy, whose disks carry this agent. "" = none reported.
+    host_id_file: str = "/sys/class/dmi/id/product_uuid"
 
     def send_schedule(self) -> Schedule:
         return Schedule.from_mbps(self.send_limit_work_mbps, self.send_limit_off_mbps,

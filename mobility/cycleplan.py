@@ -73,15 +73,19 @@ def plan_cycle(cfg: MobilityConfig, state_dir: Path, state: AgentState | None,
     return Plan("delta", state.last_cycle, olds)
 
 
-async def fetch_basis(link: Link, cfg: MobilityConfig, sizes: dict[str, int]) -> Plan | None:
-    """Ask for the fingerprints of the vault's newest point of this machine; None if
+async def fetch_basis(link: Link, cfg: MobilityConfig, sizes: dict[str, int],
+                      point: str | None = None) -> Plan | None:
+    """Ask for the fingerprints of the vault's newest point of this machine, or of
+    ``point`` (a recovered machine's first cycle: the point it started from); None if
     the process server has none to offer (the cycle is then a full one)."""
     if "resync" not in link.features:
         return None
     bs = cfg.block_size
     disks = [{"name": d["name"], "size": sizes[d["name"]], "block_size": bs}
              for d in cfg.disks]
-    link.send(encode_json(FrameType.BASIS, {"disks": disks}))
+    named = point is not None and "restore" in link.features
+    link.send(encode_json(FrameType.BASIS, {"disks": disks, **({"point": point}
+                                                               if named else {})}))
     # Reading a point back takes a while; heartbeats tell a slow server from a dead one.
     wait = FOREVER if link.heartbeat else cfg.ack_timeout_seconds
 
@@ -100,8 +104,11 @@ async def fetch_basis(link: Link, cfg: MobilityConfig, sizes: dict[str, int]) ->
         return None
     doc = head.json()
     counts = [block_count(sizes[d["name"]], bs) for d in cfg.disks]
-    if not isinstance(doc.get("cycle"), str) or doc.get("disks") != [
-            {"name": d["name"], "blocks": n} for d, n in zip(cfg.disks, counts, strict=True)]:
+    described = doc.get("disks")
+    if not isinstance(doc.get("cycle"), str) or not isinstance(described, list) or [
+            {"name": x.get("name"), "blocks": x.get("blocks")} if isinstance(x, dict) else x
+            for x in described] != [{"name": d["name"], "blocks": n}
+                                    for d, n in zip(cfg.disks, counts, strict=True)]:
         raise ProtocolError("bad_basis", "the BASIS answer does not describe this "
                                          "machine's disks")
     state_dir = Path(cfg.state_dir)

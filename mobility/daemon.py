@@ -31,6 +31,7 @@ import structlog
 
 from common.backoff import Backoff
 from common.fs import atomic_write
+from mobility import hostid
 from mobility.agent import Agent, CycleResult, provider_for
 from mobility.config import MobilityConfig
 from mobility.failbackrequest import answer_failback, asked_to_fail_back
@@ -72,6 +73,7 @@ class ManagedAgent:
         self.config, self.renew_before, self.wall = config, renew_before_days * 86400, wall
         self.crash, self.app = providers(cfg)
         self.agent = Agent(cfg, provider=self.crash)
+        site.host_id = self.agent.host_id
         self.settings: Settings | None = None
         self._last_app: float | None = None
         self._last_heartbeat: float | None = None
@@ -207,6 +209,18 @@ class ManagedAgent:
                         hint="the configuration server's failback asks again once it is "
                              "reachable; 'mobility failback --point ID' finishes it by hand")
             return False
+        if s is None and (made_on := hostid.moved(self.agent.state_dir, self.agent.host_id)):
+            # A copy of the machine (its disks recovered elsewhere) must not replicate as
+            # the machine before the configuration server said which one it is.
+            log.warning("replication_held", reason="this agent's state was made on another "
+                        "machine", made_on=made_on, host_id=self.agent.host_id,
+                        hint="it waits for the configuration server's settings")
+            return False
+        if s is not None and s.role == "recovered":
+            # The recovered copy of the machine: never the original's failback or
+            # shutdown (the server sends it neither); it replicates only when re-protected
+            # through its agent.
+            s = dataclasses.replace(s, failback_request=None, shutdown_request=None)
         if s is not None and asked_to_fail_back(s, self.cfg.state_dir):
             await answer_failback(self.agent, self.site, s)
             return False
@@ -238,7 +252,8 @@ class ManagedAgent:
                     report.start(resync=not enabling)
 
             r = await self.agent.replicate_once(report, on_kind=on_kind,
-                                                resync=s.resync_required)
+                                                resync=s.resync_required,
+                                                basis_point=s.basis_point)
         if r.kind == "resync":
             log.info("resynchronized", cycle=r.cycle, blocks=r.blocks_sent)
         self.last = r

@@ -137,6 +137,12 @@ class Settings:
     # The machine's consistency group: name, members, interval_seconds,
     # barrier_timeout_seconds (None: in no group).
     group: dict[str, Any] | None = None
+    # "recovered": this agent runs in the machine a failover recovered (its host id is
+    # not the original's); "original" otherwise (configserver/hostroles.py).
+    role: str = "original"
+    # The recovered machine re-protected through its agent: the point its first cycle
+    # compares the disks with (a resync by basis; afterwards deltas on its own maps).
+    basis_point: str | None = None
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> Settings:
@@ -166,7 +172,9 @@ class Settings:
             group={"name": str(g["name"]), "members": [str(m) for m in g["members"]],
                    "interval_seconds": float(g["interval_seconds"]),
                    "barrier_timeout_seconds": float(g["barrier_timeout_seconds"])}
-            if (g := doc.get("group")) else None)
+            if (g := doc.get("group")) else None,
+            role=str(doc.get("role") or "original"),
+            basis_point=str(doc["basis_point"]) if doc.get("basis_point") else None)
 
 
 class SiteClient:
@@ -181,6 +189,9 @@ class SiteClient:
         self.site_url, self.tls_ca = site_url.rstrip("/"), tls_ca
         self._cert, self._key = tls_cert, tls_key
         self.revocation_list: str | None = None  # the path of the CA's CRL, if any
+        # The machine's SMBIOS UUID (mobility/hostid.py), sent with settings requests,
+        # heartbeats and progress: it tells the original machine from its recovered copy.
+        self.host_id: str | None = None
         self._ctx = tls_context(tls_ca, tls_cert, tls_key)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._http: aiohttp.ClientSession | None = None
@@ -248,11 +259,14 @@ class SiteClient:
     async def renew(self) -> dict[str, Any]:
         """A new certificate for the one this client authenticates with:
         ``{"machine", "cert", "key", "serial", "not_after", ...}``."""
-        return await self._doc("POST", "/api/v1/agent/renew", {}, expect=201)
+        path = "/api/v1/agent/renew"
+        return await self._doc("POST", f"{path}?host_id={self.host_id}" if self.host_id
+                               else path, {}, expect=201)
 
     async def settings(self) -> Settings:
         path = "/api/v1/agent/settings"
-        doc = await self._doc("GET", path)
+        host_id = self.host_id
+        doc = await self._doc("GET", f"{path}?host_id={host_id}" if host_id else path)
         try:
             settings = Settings.from_doc(doc)
         except (KeyError, TypeError, ValueError) as e:
@@ -265,10 +279,14 @@ class SiteClient:
         body: dict[str, Any] = {"agent_version": AGENT_VERSION}
         if trackers is not None:
             body["trackers"] = trackers
+        if self.host_id:
+            body["host_id"] = self.host_id
         return await self._doc("POST", "/api/v1/agent/heartbeat", body)
 
     async def progress(self, disks: dict[str, float], resync: bool = False) -> None:
-        await self._call("POST", "/api/v1/agent/progress", {"disks": disks, "resync": resync})
+        await self._call("POST", "/api/v1/agent/progress", {
+            "disks": disks, "resync": resync,
+            **({"host_id": self.host_id} if self.host_id else {})})
 
     async def report_failback(self, request: str, point: str, error: str | None,
                               counts: dict[str, int]) -> None:

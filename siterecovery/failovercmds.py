@@ -15,6 +15,7 @@ from siterecovery.argtypes import mbps, seconds, wait_seconds
 from siterecovery.jobfollow import start_and_follow
 from siterecovery.recoveryopts import (
     add_settings_args,
+    back_body,
     describe_settings,
     reprotect_args,
     settings_change,
@@ -56,7 +57,7 @@ async def cmd_commit(args: argparse.Namespace) -> int:
 
 
 async def cmd_reprotect(args: argparse.Namespace) -> int:
-    return await _start(args, "reprotect", {"pause": args.pause, "live": args.live})
+    return await _start(args, "reprotect", back_body("reprotect", args))
 
 
 async def cmd_failback(args: argparse.Namespace) -> int:

@@ -56,6 +56,7 @@ def describe(m: dict[str, Any]) -> str:
         f"account:         {m['account'] or '-'}",
         f"replication:     {m['replication'] or 'not protected'}",
         f"agent version:   {m['agent_version'] or '-'}",
+        f"host id:         {m.get('host_id') or '-'}",
         f"last contact:    {m['last_contact'] or 'never'}",
         f"created:         {m['created']}",
         f"disks:           {len(m['disks']) or 'none given'}",

@@ -65,7 +65,7 @@ def describe_settings(item: dict[str, Any]) -> str:
 def back_body(verb: str, args: argparse.Namespace) -> dict[str, Any]:
     """The item options of re-protect or failback (``back_args``), for the request."""
     if verb == "reprotect":
-        return {"pause": args.pause, "live": args.live}
+        return {"pause": args.pause, "live": args.live, "agent": args.agent}
     return {"timeout_seconds": args.agent_timeout,
             "shutdown_timeout_seconds": args.shutdown_timeout}
 
@@ -80,6 +80,11 @@ def reprotect_args(p: argparse.ArgumentParser) -> None:
     how.add_argument("--pause", action="store_true",
                      help="read it paused (the guest stands still for the read; a "
                           "crash-consistent point; no scratch space)")
+    how.add_argument("--agent", action="store_true",
+                     help="let the Mobility agent inside the recovered machine replicate it "
+                          "instead (any target; continuous until a failback; its first "
+                          "cycle sends only the blocks written since the failover point); "
+                          "the job ends at its first point")
 
 
 def back_args(p: argparse.ArgumentParser, verb: str) -> None:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -18,6 +18,8 @@ from configserver import db
 from configserver.config import ConfigServerConfig
 from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiClient
+
+T = TypeVar("T")
 
 DONE = ("succeeded", "failed", "cancelled")
 
@@ -173,3 +175,13 @@ async def seed_items(server: ConfigServer, api: ApiClient, states: dict[str, str
                                     health="normal", health_errors=[],
                                     disk_progress={}, created=1.8e9, updated=1.8e9))
         await s.commit()
+
+
+async def until_changed(cs: ConfigServer, check: Callable[[], Awaitable[T | None]],
+                        timeout: float = 120) -> T:
+    """``await check()`` once it returns something other than None, re-checked on every
+    change the configuration server ``cs`` (in this process) notifies (no sleeps)."""
+    async with asyncio.timeout(timeout), cs.services.notifier.changed:
+        while (got := await check()) is None:
+            await cs.services.notifier.changed.wait()
+    return got

@@ -55,7 +55,8 @@ async def test_settings_and_heartbeat(cs: ConfigServer, api: ApiClient, tmp_path
             "bandwidth": None, "revoked_server_certificates": [],
             "server_revocation_list": None,
             "heartbeat_interval_seconds": 60, "shutdown_request": None,
-            "failback_request": None, "group": None}
+            "failback_request": None, "group": None, "role": "original",
+            "basis_point": None}
         machine = await api.get("/api/v1/machines/web01")
         assert machine["last_contact"] is not None  # the settings call is a check-in
 

@@ -72,15 +72,16 @@ def _differing(a: bytes, b: bytes, bs: int) -> int:
 
 
 @asynccontextmanager
-async def failed_over(cs: ConfigServer, api: ApiClient, tmp_path: Path
+async def failed_over(cs: ConfigServer, api: ApiClient, tmp_path: Path, **agent: Any
                       ) -> AsyncIterator[tuple[Site, Path]]:
-    """web01 protected by its managed agent (one initial copy), then failed over onto the
-    folder target; the site and the recovered machine's image."""
+    """web01 protected by its managed agent (one initial copy; ``agent``: mobility.toml
+    values), then failed over onto the folder target; the site and the recovered
+    machine's image."""
     for tool in ("mkfs.ext4", "debugfs", "e2fsck"):
         if shutil.which(tool) is None:
             missing_backend(tool, "tests/run.sh installs e2fsprogs")
     async with managed_site(cs, api, tmp_path, make_disk_with=_ext4,
-                            procserver={"heartbeat_interval_seconds": 1.0}) as site:
+                            procserver={"heartbeat_interval_seconds": 1.0}, **agent) as site:
         vault = await open_vault(tmp_path / "vault", Path(site.pcfg.vault_key_file))
         try:
             await api.post("/api/v1/registration", {

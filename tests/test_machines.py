@@ -45,7 +45,7 @@ async def test_add_list_show_update_remove(cs: ConfigServer, api: ApiClient) -> 
                            {"name": "data", "path": "/var/lib/images/data.img",
                             "size_bytes": None}],
                  "process_server": "ps1", "account": "installer", "enabled": True,
-                 "created": m["created"], "last_contact": None, "agent_version": None,
+                 "created": m["created"], "last_contact": None, "agent_version": None, "host_id": None,
                  "replication": None}
     assert m["created"].endswith("Z")
     # Other spellings of a distribution are stored as its os-release ID; IPs normalized.

@@ -1,0 +1,173 @@
+"""Re-protect through the Mobility agent inside the recovered machine, every part real:
+a configuration server, a process server, the original machine's managed agent, the
+folder target. The recovered machine boots from the original's disks, so its agent has
+the original's certificate, configuration and state; only the machine it runs on
+differs (its SMBIOS UUID, here each agent's own ``host_id_file``). The configuration
+server tells the two apart: the copy gets none of the original's requests, replicates
+only once re-protected through it, its first cycle sends only the blocks written since
+the failover point (a resync by basis on that point), the next ones are deltas, and
+failback starts from its newest point."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from configserver.server import ConfigServer
+from mobility.daemon import ManagedAgent
+from mobility.hostid import read_host_id
+from mobility.siteclient import SiteClient, SiteRefused
+from siterecovery.apiclient import ApiCallError, ApiClient
+from tests.helpers import open_vault, restore_all, sha256
+from tests.managedsite import Site
+from tests.sitehelpers import step, step_running, until_changed, wait_job
+from tests.test_failback_job import _asking, _cat, _differing, _write, failed_over
+
+pytestmark = pytest.mark.root
+ORIGINAL = "0c1e5a4b-7d3e-4f6a-9b2c-1d2e3f4a5b6c"
+RECOVERED = "5f0e9d8c-7b6a-4c3d-8e2f-0a1b2c3d4e5f"
+
+
+@pytest.fixture
+async def catalog_url(tmp_path: Path) -> str:
+    """SQLite only: the catalog's dialects are covered by the failover tests."""
+    return f"sqlite+aiosqlite:///{tmp_path / 'catalog.db'}"
+
+
+def _uuid_file(path: Path, value: str) -> str:
+    path.write_text(value.upper() + "\n")  # as the kernel shows it
+    return str(path)
+
+
+def test_host_ids_read_as_the_kernel_shows_them(tmp_path: Path) -> None:
+    assert read_host_id(_uuid_file(tmp_path / "a", ORIGINAL)) == ORIGINAL
+    for placeholder in ("00000000-0000-0000-0000-000000000000",
+                        "FFFFFFFF-FFFF-FFFF-FFFF-FFFFFFFFFFFF", "Not Settable", ""):
+        (tmp_path / "p").write_text(placeholder + "\n")
+        assert read_host_id(str(tmp_path / "p")) is None
+    assert read_host_id(str(tmp_path / "missing")) is None
+    assert read_host_id("") is None
+
+
+async def test_reprotect_through_the_agent_in_the_recovered_machine(
+        cs: ConfigServer, api: ApiClient, tmp_path: Path) -> None:
+    original_id = _uuid_file(tmp_path / "original-uuid", ORIGINAL)
+    async with failed_over(cs, api, tmp_path, host_id_file=original_id) as (site, recovered):
+        assert (await api.get("/api/v1/machines/web01"))["host_id"] == ORIGINAL
+        bs = (await api.get("/api/v1/policies/default"))["block_size"]
+        at_failover = recovered.read_bytes()
+        failover_point = (await api.get("/api/v1/items/web01"))["failover"]["point"]
+
+        # The recovered machine's agent: the original's files, as its disk holds them.
+        state = Path(site.cfg.state_dir)
+        shutil.copytree(state, tmp_path / "recovered-state")
+        cfg = dataclasses.replace(
+            site.cfg, state_dir=str(tmp_path / "recovered-state"),
+            disks=[{"name": "sda", "path": str(recovered)}],
+            host_id_file=_uuid_file(tmp_path / "recovered-uuid", RECOVERED))
+        async with SiteClient(cfg.site_url, cfg.tls_ca, cfg.tls_cert, cfg.tls_key) as cp:
+            copy = ManagedAgent(cfg, cp)
+            try:
+                await _scenario(cs, api, site, copy, recovered, at_failover,
+                                failover_point, bs, tmp_path)
+            finally:
+                copy.close()
+
+
+async def _scenario(cs: ConfigServer, api: ApiClient, site: Site, copy: ManagedAgent,
+                    recovered: Path, at_failover: bytes, failover_point: str,
+                    bs: int, tmp: Path) -> None:
+    original, disk = site.managed, site.disk
+    # Checked in, it is told apart and left idle; the machine stays the original's.
+    assert not await copy.round()
+    s = await copy.site.settings()
+    assert (s.role, s.replicate, s.basis_point) == ("recovered", False, None)
+    item = await api.get("/api/v1/items/web01")
+    assert item["failover"]["recovered_agent"]["host_id"] == RECOVERED
+    assert (await api.get("/api/v1/machines/web01"))["host_id"] == ORIGINAL
+    assert (await original.site.settings()).role == "original"
+    with pytest.raises(SiteRefused) as renewal:  # it would revoke the shared certificate
+        await copy.site.renew()
+    assert (renewal.value.status, renewal.value.code) == (409, "recovered_machine")
+    copy.site.host_id = "not-a-uuid"  # a malformed one is refused, not taken for another
+    try:
+        with pytest.raises(SiteRefused) as bad:
+            await copy.site.settings()
+        assert (bad.value.status, bad.value.code) == (400, "bad_query")
+    finally:
+        copy.site.host_id = RECOVERED
+
+    with pytest.raises(ApiCallError) as refused:
+        await api.post("/api/v1/items/web01/reprotect", {"agent": True, "live": True})
+    assert (refused.value.status, refused.value.api_code) == (422, "conflicting_options")
+
+    # Business goes on in the recovered machine; then re-protect through its agent.
+    orders = os.urandom(400_000)
+    _write(recovered, "orders.db", orders)
+    first = _differing(at_failover, recovered.read_bytes(), bs)
+    job = (await api.post("/api/v1/items/web01/reprotect", {"agent": True}))["job"]
+    await wait_job(api, job["id"], step_running("take"))
+    assert not await original.round()  # the original stays idle
+    assert await copy.round()
+    assert copy.last is not None and copy.last.kind == "resync"
+    assert copy.last.blocks_sent == first  # only what was written since the failover
+    done = await wait_job(api, job["id"], timeout=120)
+    assert done["state"] == "succeeded", done
+    item = await api.get("/api/v1/items/web01")
+    rp = item["failover"]["reprotect"]
+    assert (item["state"], item["direction"], rp["via"]) == ("reprotected", "reverse", "agent")
+    assert f"point {rp['last_point']} from the agent in the recovered machine, a delta" in \
+        step(done, "take")["message"]
+    want1 = sha256(recovered)
+    vault = await open_vault(tmp / "vault", tmp / "vault.key")
+    try:
+        p1 = await vault.read_point(rp["last_point"])
+        assert p1.base == failover_point and p1.cycle == copy.last.cycle
+        assert (await restore_all(vault, p1, tmp / "out1"))["sda"] == want1
+    finally:
+        await vault.close()
+
+    # It goes on replicating: deltas on its own maps, each the re-protect's newest point.
+    before = recovered.read_bytes()
+    _write(recovered, "more.db", os.urandom(150_000))
+    second = _differing(before, recovered.read_bytes(), bs)
+    assert await copy.round()
+    assert copy.last is not None and (copy.last.kind, copy.last.blocks_sent) == ("delta",
+                                                                                second)
+    newest = await site.ps.wait_point(copy.last.cycle)
+
+    async def recorded() -> dict[str, Any] | None:
+        rp = (await api.get("/api/v1/items/web01"))["failover"]["reprotect"]
+        return rp if rp["last_point"] == newest else None
+    rp = await until_changed(cs, recorded)
+    assert rp["points"] == 2
+
+    # Failback starts from that point: nothing left to take; the original is written.
+    want = recovered.read_bytes()
+    expected = _differing(disk.read_bytes(), want, bs)
+    job = (await api.post("/api/v1/items/web01/failback", {}))["job"]
+    await wait_job(api, job["id"], _asking, timeout=120)
+    assert not await copy.round()  # never the failback's request, no cycle either
+    assert (await copy.site.settings()).failback_request is None
+    assert not await original.round()  # the original writes the point and answers
+    done = await wait_job(api, job["id"], timeout=120)
+    assert done["state"] == "succeeded", done
+    assert f"0 block(s) stored as a delta on point {newest}" in step(done, "take_disks")[
+        "message"]
+    assert f"{expected} of " in step(done, "write_back")["message"]
+    assert disk.read_bytes() == want and _cat(disk, "orders.db") == orders
+
+    # Failed back: the recovered host stays told apart, the original resumes its deltas.
+    item = await api.get("/api/v1/items/web01")
+    assert (item["state"], item["direction"]) == ("protected", "forward")
+    assert not await copy.round()
+    assert (await copy.site.settings()).role == "recovered"
+    assert (await api.get("/api/v1/machines/web01"))["host_id"] == ORIGINAL
+    assert await original.round()
+    assert original.last is not None and (original.last.kind,
+                                          original.last.blocks_sent) == ("delta", 0)
