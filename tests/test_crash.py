@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mobility.agent import Agent
 from tests.helpers import (
     Daemon,
     Pki,
@@ -33,13 +34,8 @@ async def test_kill9_after_ack_before_upload_then_resume(
     vault_dir = tmp_path / "vault"
     # Every pack upload hangs: the process server acknowledges (cache fsynced) but
     # cannot upload, so the kill lands exactly between ack and upload.
-    cfg = _proc_toml(tmp_path, pki, f"fault+{url}?hang=packs/", key)
-    ps = Daemon(["procserver", "run", "--config", str(cfg)], "procserver_started")
-    ready = await ps.start()
-    disk = tmp_path / "disk.img"
-    make_disk(disk, 64 << 20, seed=11)
-    agent = make_agent(agent_config(tmp_path, pki, "web01", int(str(ready["port"])),
-                                    {"sda": disk}))
+    ps, cfg, disk, agent = await _on_faulty_store(tmp_path, pki, vault_at, "hang=packs/",
+                                                  64 << 20, seed=11)
     expected = {}
     try:
         for i in range(3):
@@ -56,9 +52,7 @@ async def test_kill9_after_ack_before_upload_then_resume(
     assert not ps.events("point_uploaded")
 
     # Restart on the healthy store: the cache still holds every acknowledged cycle.
-    write_toml(cfg, {**_read(cfg), "vault_url": url})
-    ps2 = Daemon(["procserver", "run", "--config", str(cfg)], "procserver_started")
-    await ps2.start()
+    ps2 = await _restarted(cfg, url)
     try:
         await ps2.wait_events("point_uploaded", 3)
     finally:
@@ -70,6 +64,29 @@ async def test_kill9_after_ack_before_upload_then_resume(
     # The cache was drained once the points were whole.
     assert not any(f.is_file() for f in (tmp_path / "procserver" / "cache").rglob("*"))
     await vault.close()
+
+
+async def _on_faulty_store(tmp: Path, pki: Pki, vault_at: tuple[str, Path], fault: str,
+                           size: int, seed: int) -> tuple[Daemon, Path, Path, Agent]:
+    """A process-server daemon on the vault behind the store fault ``fault`` (a query of
+    vault/store/faults.py), and web01's agent on a disk of ``size`` bytes."""
+    url, key = vault_at
+    cfg = _proc_toml(tmp, pki, f"fault+{url}?{fault}", key)
+    ps = Daemon(["procserver", "run", "--config", str(cfg)], "procserver_started")
+    ready = await ps.start()
+    disk = tmp / "disk.img"
+    make_disk(disk, size, seed=seed)
+    agent = make_agent(agent_config(tmp, pki, "web01", int(str(ready["port"])),
+                                    {"sda": disk}))
+    return ps, cfg, disk, agent
+
+
+async def _restarted(cfg: Path, url: str) -> Daemon:
+    """The process server started again on the same data, its vault without faults."""
+    write_toml(cfg, {**_read(cfg), "vault_url": url})
+    ps = Daemon(["procserver", "run", "--config", str(cfg)], "procserver_started")
+    await ps.start()
+    return ps
 
 
 def _read(path: Path) -> dict[str, object]:
@@ -85,13 +102,8 @@ async def test_a_point_recorded_uploaded_but_not_logged_is_logged_at_the_next_st
     first thing after the record). The next start logs the line (``recovered``), so log
     watchers miss no point, and the point restores byte-exact."""
     url, key = vault_at
-    cfg = _proc_toml(tmp_path, pki, f"fault+{url}?crash_delete=leases/", key)
-    ps = Daemon(["procserver", "run", "--config", str(cfg)], "procserver_started")
-    ready = await ps.start()
-    disk = tmp_path / "disk.img"
-    make_disk(disk, 16 << 20, seed=12)
-    agent = make_agent(agent_config(tmp_path, pki, "web01", int(str(ready["port"])),
-                                    {"sda": disk}))
+    ps, cfg, disk, agent = await _on_faulty_store(tmp_path, pki, vault_at,
+                                                  "crash_delete=leases/", 16 << 20, seed=12)
     try:
         r = await agent.replicate_once()
     finally:
@@ -105,9 +117,7 @@ async def test_a_point_recorded_uploaded_but_not_logged_is_logged_at_the_next_st
         (point,) = await vault.list_points("web01")  # recorded: it is in the vault
         assert point.cycle == r.cycle
 
-        write_toml(cfg, {**_read(cfg), "vault_url": url})
-        ps2 = Daemon(["procserver", "run", "--config", str(cfg)], "procserver_started")
-        await ps2.start()
+        ps2 = await _restarted(cfg, url)
         try:
             (logged,) = await ps2.wait_events("point_uploaded", 1)
         finally:
