@@ -45,8 +45,8 @@ async def test_add_list_show_update_remove(cs: ConfigServer, api: ApiClient) -> 
                            {"name": "data", "path": "/var/lib/images/data.img",
                             "size_bytes": None}],
                  "process_server": "ps1", "account": "installer", "enabled": True,
-                 "created": m["created"], "last_contact": None, "agent_version": None, "host_id": None,
-                 "replication": None}
+                 "created": m["created"], "last_contact": None, "agent_version": None,
+                 "host_id": None, "replication": None}
     assert m["created"].endswith("Z")
     # Other spellings of a distribution are stored as its os-release ID; IPs normalized.
     other = await api.post("/api/v1/machines", {"name": "db01", "ip": "fd00:0::0005",
