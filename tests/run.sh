@@ -69,10 +69,12 @@ echo "tests/run.sh: mypy"
 .venv/bin/mypy common wire vault targets instant configserver procserver mobility siterecovery tests benchmarks
 echo "tests/run.sh: pytest"
 set +e
-# Two workers (SITERECOVERY_TEST_WORKERS=0 for one process): most tests wait on servers
-# and disks more than they compute. A module at a time; tests/conftest.py keeps the
-# modules that share the machine's libvirtd, VMs and sshd address on one worker.
-.venv/bin/python -m pytest -p no:cacheprovider -n "${SITERECOVERY_TEST_WORKERS:-2}" \
+# One process by default. SITERECOVERY_TEST_WORKERS=2 runs two workers, a module at a
+# time (tests/conftest.py keeps the modules on the machine's libvirtd, VMs and sshd
+# address on one worker): 20 instead of 35 minutes on two cores, but in two such runs
+# tests/test_target_libvirt.py failed (a network libvirt would not create, a boot that
+# ended otherwise than alone) — the default until that is understood.
+.venv/bin/python -m pytest -p no:cacheprovider -n "${SITERECOVERY_TEST_WORKERS:-0}" \
   --dist loadscope "$@"
 rc=$?
 set -e
