@@ -71,9 +71,9 @@ echo "tests/run.sh: pytest"
 set +e
 # One process by default. SITERECOVERY_TEST_WORKERS=2 runs two workers, a module at a
 # time (tests/conftest.py keeps the modules on the machine's libvirtd, VMs and sshd
-# address on one worker): 20 instead of 35 minutes on two cores, but in two such runs
-# tests/test_target_libvirt.py failed (a network libvirt would not create, a boot that
-# ended otherwise than alone) — the default until that is understood.
+# address on one worker): 20 instead of 35 minutes on two cores, but one test of
+# tests/test_target_libvirt.py (a boot that ended otherwise than alone) failed in such a
+# run — one process stays the default until that is understood.
 .venv/bin/python -m pytest -p no:cacheprovider -n "${SITERECOVERY_TEST_WORKERS:-0}" \
   --dist loadscope "$@"
 rc=$?
