@@ -275,9 +275,7 @@ async def progress(call: Call) -> web.Response:
         if item is not None and hostroles.role(machine, item, host_id) == hostroles.RECOVERED:
             # The recovered machine's resync: its item is failed over, not resyncing.
             assert host_id is not None
-            note_recovered(item, host_id, now)
-            item.failover = {**(item.failover or {}), "recovered_agent": {
-                **(item.failover or {}).get("recovered_agent", {}), "progress": disks}}
+            note_recovered(item, host_id, now, progress=disks)
             await s.commit()
             return reply(item_doc(item, await s.get(db.Policy, item.policy), now))
         if item is None:

@@ -93,13 +93,17 @@ def note_original(s: AsyncSession, machine: db.Machine, host_id: str | None,
 
 
 def note_recovered(item: db.ReplicatedItem, host_id: str, now: float,
-                   agent_version: str | None = None) -> None:
-    """The recovered machine's agent checked in: kept in the failover record."""
+                   agent_version: str | None = None,
+                   progress: dict[str, float] | None = None) -> None:
+    """The recovered machine's agent checked in (with its version, or its progress):
+    kept in the failover record."""
     rec = _failover(item)
     agent = dict(rec.get("recovered_agent") or {})
     agent.update(host_id=host_id, last_contact=now)
     if agent_version is not None:
         agent["agent_version"] = agent_version
+    if progress is not None:
+        agent["progress"] = progress
     hosts = [h for h in rec.get("recovered_hosts") or [] if h != host_id]
     item.failover = {**rec, "recovered_agent": agent,
                      "recovered_hosts": [*hosts, host_id][-KEPT_HOSTS:]}
