@@ -171,13 +171,13 @@ class CycleBook:
         the line and the removal logs it twice; watchers key on the point)."""
         if not left:
             return
-        by_id = {(d.parent.name, d.name): d for d in left}
+        found = {(d.parent.name, d.name) for d in left}  # (machine, cycle id)
         async with self.sessionmaker() as s:
             rows = (await s.execute(select(db.Cycle).where(
                 db.Cycle.state == db.UPLOADED,
-                db.Cycle.id.in_([cid for _m, cid in by_id])))).scalars().all()
+                db.Cycle.id.in_([cid for _m, cid in found])))).scalars().all()
         for row in rows:
-            if (row.machine, row.id) in by_id:
+            if (row.machine, row.id) in found:
                 log.info("point_uploaded", machine=row.machine, cycle=row.id,
                          point=row.point_id, recovered=True)
 
