@@ -9,6 +9,7 @@ wrote — are stopped on exit.
 from __future__ import annotations
 
 import grp
+import ipaddress
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
+from targets.domainxml import isolated_network_xml
 from tests.backends import missing_backend
 
 URI = "qemu:///system"
@@ -110,3 +112,46 @@ def _gone(pid: int) -> bool:
     except ProcessLookupError:
         return True
     return False
+
+
+@contextmanager
+def isolated_network(uri: str, name: str, bridge: str, subnet: str) -> Iterator[str]:
+    """A transient isolated network (no ``<forward>``: guests send nothing outside), made
+    for a test module and destroyed after it.
+
+    A run killed before its teardown, or a libvirtd stopped under an active network,
+    leaves the network's dnsmasq holding the host address and its bridge: both are
+    removed first, so the next run starts clean. A refused ``net-create`` fails with
+    what virsh said."""
+    _clear_network(uri, name, bridge)
+    xml = isolated_network_xml(name, bridge, ipaddress.IPv4Network(subnet))
+    res = subprocess.run(["virsh", "-q", "-c", uri, "net-create", "/dev/stdin"], input=xml,
+                         text=True, capture_output=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"virsh net-create {name} ({subnet} on {bridge}) failed: "
+                           f"{res.stderr.strip() or res.stdout.strip()}")
+    try:
+        yield name
+    finally:
+        subprocess.run(["virsh", "-q", "-c", uri, "net-destroy", name], capture_output=True)
+
+
+def _clear_network(uri: str, name: str, bridge: str) -> None:
+    subprocess.run(["virsh", "-q", "-c", uri, "net-destroy", name], capture_output=True)
+    conf = f"/var/lib/libvirt/dnsmasq/{name}.conf".encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile
+        if argv and argv[0].endswith(b"dnsmasq") and any(conf in a for a in argv):
+            try:
+                os.kill(int(proc.name), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            _wait(f"the leftover dnsmasq {proc.name} of {name} exited",
+                  partial(_gone, int(proc.name)), 10.0)
+    if Path("/sys/class/net", bridge).exists():
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import ipaddress
 import json
 import os
 import re
@@ -43,12 +42,12 @@ from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiClient
 from targets import libvirtboot
 from targets.base import RecoverySpec
-from targets.domainxml import DomainLayout, domain_xml, isolated_network_xml
+from targets.domainxml import DomainLayout, domain_xml
 from targets.virsh import Virsh
 from tests.backends import missing_backend
 from tests.bootdisk import INIT_HEAD, PART_START, Cpio, bootdisk, missing_tools
 from tests.helpers import open_vault, run_cli
-from tests.libvirtd import libvirtd_running
+from tests.libvirtd import isolated_network, libvirtd_running
 from tests.managedsite import Site, managed_site
 from tests.sitehelpers import next_job, step, wait_job
 from vault.regkey import make_key
@@ -128,14 +127,8 @@ def uri() -> Iterator[str]:
 def net(uri: str) -> Iterator[str]:
     """The network failovers join (isolated: the guests send nothing), made and removed
     by the test."""
-    xml = isolated_network_xml(NET, BRIDGE, ipaddress.IPv4Network(SUBNET))
-    _virsh(uri, "net-destroy", NET)  # left by a killed run
-    subprocess.run(["virsh", "-q", "-c", uri, "net-create", "/dev/stdin"], input=xml,
-                   text=True, check=True, capture_output=True)
-    try:
-        yield NET
-    finally:
-        _virsh(uri, "net-destroy", NET)
+    with isolated_network(uri, NET, BRIDGE, SUBNET) as name:
+        yield name
 
 
 @pytest.fixture

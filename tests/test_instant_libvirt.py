@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
-import ipaddress
 import json
 import os
 import re
@@ -48,7 +47,6 @@ from targets.domainxml import (
     DomainLayout,
     NbdSource,
     domain_xml,
-    isolated_network_xml,
     with_local_disks,
 )
 from tests.backends import missing_backend
@@ -61,7 +59,7 @@ from tests.bootdisk import (
     missing_tools,
 )
 from tests.helpers import Daemon, make_vault, open_vault, write_full_point, write_toml
-from tests.libvirtd import libvirtd_running
+from tests.libvirtd import isolated_network, libvirtd_running
 from tests.sitehelpers import (
     AgentSite,
     add_machine,
@@ -187,14 +185,8 @@ def images(tmp_path: Path) -> Path:
 def failover_net(uri: str) -> Iterator[str]:
     """A stand-in for the production network a failover joins (isolated: the guest sends
     nothing), made and removed by the test."""
-    xml = isolated_network_xml(FAILOVER_NET, FAILOVER_BRIDGE,
-                               ipaddress.IPv4Network(FAILOVER_SUBNET))
-    subprocess.run(["virsh", "-q", "-c", uri, "net-create", "/dev/stdin"], input=xml,
-                   text=True, check=True, capture_output=True)
-    try:
-        yield FAILOVER_NET
-    finally:
-        _virsh(uri, "net-destroy", FAILOVER_NET)
+    with isolated_network(uri, FAILOVER_NET, FAILOVER_BRIDGE, FAILOVER_SUBNET) as name:
+        yield name
 
 
 @pytest.fixture
