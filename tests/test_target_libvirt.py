@@ -26,7 +26,7 @@ from targets.libvirt import LibvirtTarget
 from targets.virsh import Virsh
 from tests.backends import missing_backend
 from tests.bootdisk import DRILL_TEXT, HOSTNAME, MARKER, bootdisk, missing_tools
-from tests.libvirtd import libvirtd_running
+from tests.libvirtd import isolated_network, libvirtd_running
 
 DRILL_NET = "sr-test-drill"
 BOOT_BOUND = 240.0  # seconds: a bound for an emulated boot, not a measurement
@@ -137,20 +137,27 @@ async def test_drill_boots_and_cleanup_leaves_nothing(
     await target.cleanup(rec)  # again: everything is already gone, which is not an error
 
 
-@pytest.mark.parametrize("zeroed, why, started_before", [
-    # the boot code only: it hangs. Started by an earlier run of the job (resumed after a
-    # restart): boot follows the running machine instead of failing to start it again.
-    (440, "showed no siterecovery-boot-ok on its console within", True),
-    # and the signature: the firmware gives up at once
-    (512, "cannot boot: its console shows 'No bootable device.'", False),
-])
+# The MBR's boot code replaced by `jmp $` (EB FE), the partition table kept: the machine
+# hangs in its boot sector. (Zeroed boot code is no hang: the CPU runs on through the
+# table into memory whose contents depend on timing, and once it reached SeaBIOS's
+# "No bootable device.") Or the whole sector zeroed, signature included.
+HANG = b"\xeb\xfe" + bytes(438)
+
+
+@pytest.mark.parametrize("sector, why, started_before", [
+    # the hang. Started by an earlier run of the job (resumed after a restart): boot
+    # follows the running machine instead of failing to start it again.
+    (HANG, "showed no siterecovery-boot-ok on its console within", True),
+    # no signature: the firmware gives up at once
+    (bytes(512), "cannot boot: its console shows 'No bootable device.'", False),
+], ids=["hangs", "no-signature"])
 async def test_unbootable_disk_fails_at_boot_and_cleanup_removes_it(
         target: LibvirtTarget, uri: str, disk_image: Path, tmp_path: Path,
-        zeroed: int, why: str, started_before: bool) -> None:
+        sector: bytes, why: str, started_before: bool) -> None:
     disk = _copy_disk(disk_image, tmp_path / "restored.raw")
     with open(disk.path, "r+b") as f:
-        f.write(bytes(zeroed))  # the MBR's boot code (440), the table stays; or all of it
-    spec = RecoverySpec(machine="web2", vm_name=f"sr-test-bad-{zeroed}", memory_mib=256,
+        f.write(sector)
+    spec = RecoverySpec(machine="web2", vm_name=f"sr-test-bad-{len(sector)}", memory_mib=256,
                         drill=True, boot_marker=MARKER)
     rec = await target.create(spec, [disk])
     folder = target.pool_dir / spec.vm_name
@@ -176,14 +183,8 @@ async def test_unbootable_disk_fails_at_boot_and_cleanup_removes_it(
 def production_net(uri: str) -> Iterator[str]:
     """A stand-in for the operator's production network (isolated too: tests send no
     traffic), made and removed by the test, never by the target."""
-    name = "sr-test-prod"
-    xml = isolated_network_xml(name, "virbr-srtprod", ipaddress.IPv4Network("10.214.0.0/24"))
-    subprocess.run(["virsh", "-q", "-c", uri, "net-create", "/dev/stdin"], input=xml,
-                   text=True, check=True, capture_output=True)
-    try:
+    with isolated_network(uri, "sr-test-prod", "virbr-srtprod", "10.214.0.0/24") as name:
         yield name
-    finally:
-        virsh(uri, "net-destroy", name)
 
 
 async def test_failover_goes_on_its_network_with_a_dhcp_reservation(
