@@ -40,6 +40,9 @@ async def test_settings_heartbeat_and_progress(cs: ConfigServer, api: ApiClient,
         assert s.block_size == policy["block_size"]
         hb = await control.heartbeat()
         assert hb["machine"] == "web01"
+        # the check-in ends the job's wait for the agent; the item is then in initial
+        # replication (a report before that counts as the same progress, still "enabling")
+        await wait_job(api, job["id"], step_running("initial_replication"))
         async with ProgressReporter(control, ["sda", "sdb"], resync=False, every=3600) as rep:
             rep("sda", 1, 4)
         item = await api.get("/api/v1/items/web01")
