@@ -69,12 +69,10 @@ echo "tests/run.sh: mypy"
 .venv/bin/mypy common wire vault targets instant configserver procserver mobility siterecovery tests benchmarks
 echo "tests/run.sh: pytest"
 set +e
-# One process by default. SITERECOVERY_TEST_WORKERS=2 runs two workers, a module at a
-# time (tests/conftest.py keeps the modules on the machine's libvirtd, VMs and sshd
-# address on one worker): 20 instead of 35 minutes on two cores, but one test of
-# tests/test_target_libvirt.py (a boot that ended otherwise than alone) failed in such a
-# run — one process stays the default until that is understood.
-.venv/bin/python -m pytest -p no:cacheprovider -n "${SITERECOVERY_TEST_WORKERS:-0}" \
+# Two workers by default, a module at a time (tests/conftest.py keeps the modules on the
+# machine's libvirtd, VMs and sshd address on one worker): about 20 instead of 35 minutes
+# on two cores. SITERECOVERY_TEST_WORKERS=0 runs everything in this one process.
+.venv/bin/python -m pytest -p no:cacheprovider -n "${SITERECOVERY_TEST_WORKERS:-2}" \
   --dist loadscope "$@"
 rc=$?
 set -e
