@@ -17,14 +17,20 @@ Steps, each timed in the same run on the same warm image file:
               sha256 against the source outside the timed part.
 4. repository size after each backup step, and its growth from the incremental.
 
+With ``--tracker reflink`` (root) the image lies on an XFS with reflinks on a loop device
+and the agent clones it each cycle (``snapshot = "reflink"``): the incremental reads
+the extents the change rewrote, not the whole image; every tool reads the same file.
+
 Run: ``.venv/bin/python benchmarks/bench_e2e.py [--size-mib N] [--work DIR] [--seed S]
-[--steps initial,...] [--json]``. Not a test: nothing here runs under pytest.
+[--steps initial,...] [--tracker scan|reflink] [--json]``. Not a test: nothing here runs
+under pytest.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -43,6 +49,7 @@ from typing import Any
 import structlog
 import uvloop
 from diskgen import generate, mutate, sha256_file
+from loopfs import xfs_folder
 
 from mobility.agent import Agent
 from mobility.config import MobilityConfig
@@ -201,8 +208,10 @@ class Borg:
 
 
 class SiteRecovery:
-    def __init__(self, work: Path, image: Path) -> None:
-        self.work, self.image = work, image
+    def __init__(self, work: Path, image: Path, snapshot: str = "none") -> None:
+        """``snapshot``: the agent's (``reflink``: it clones the image each cycle and its
+        tracker compares the clones' extents; else it reads the image whole)."""
+        self.work, self.image, self.snapshot = work, image, snapshot
         self.e: Embedded | None = None
         self.agent: Agent | None = None
         self.cycles: list[dict[str, Any]] = []
@@ -213,7 +222,9 @@ class SiteRecovery:
         cfg = await enroll(self.e.config.url, self.e.config.admin_token, MACHINE,
                            f"127.0.0.1:{self.e.proc.port}", [f"sda={self.image}"],
                            self.work / "agent")
-        self.agent = Agent(load(MobilityConfig, cfg), provider=Quiesced())
+        conf = dataclasses.replace(load(MobilityConfig, cfg), snapshot=self.snapshot)
+        self.agent = Agent(conf,
+                           provider=None if self.snapshot == "reflink" else Quiesced())
 
     @property
     def vault_dir(self) -> Path:
@@ -278,8 +289,14 @@ async def bench(args: argparse.Namespace) -> Results:
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     clean(work)
+    if args.tracker == "reflink":  # the image, its changes and the agent's clone
+        with xfs_folder(work, 2 * (args.size_mib << 20) + (512 << 20)) as folder:
+            return await _bench(args, work, folder / "disk.img")
+    return await _bench(args, work, work / "disk.img")
+
+
+async def _bench(args: argparse.Namespace, work: Path, image: Path) -> Results:
     size = args.size_mib << 20
-    image = work / "disk.img"
     use_borg = not args.no_borg and shutil.which("borg") is not None
     use_rsync = not args.no_rsync and shutil.which("rsync") is not None
     ensure_restic()
@@ -291,6 +308,7 @@ async def bench(args: argparse.Namespace) -> Results:
         "borg": tool_version(["borg", "--version"]) if use_borg else None,
         "rsync": tool_version(["rsync", "--version"]) if use_rsync else None,
         "change_fraction": CHANGE_FRACTION, "change_block": CHANGE_BLOCK,
+        "tracker": args.tracker,
     }
 
     steps = args.steps
@@ -305,7 +323,7 @@ async def bench(args: argparse.Namespace) -> Results:
 
     restic = Restic(work)
     borg = Borg(work) if use_borg else None
-    sr = SiteRecovery(work, image)
+    sr = SiteRecovery(work, image, "reflink" if args.tracker == "reflink" else "none")
     await restic.init()
     res.meta["restic_repo_version"] = restic.repo_version()
     res.meta["restic_no_scan"] = restic.no_scan
@@ -478,6 +496,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="keep the image and repositories in --work after the run")
     ap.add_argument("--no-borg", action="store_true", help="skip the borg columns")
     ap.add_argument("--no-rsync", action="store_true", help="skip the rsync column")
+    ap.add_argument("--tracker", choices=("scan", "reflink"), default="scan",
+                    help="how siterecovery's agent finds the changed blocks: scan reads "
+                         "the whole image every cycle; reflink (root) puts the image on "
+                         "an XFS loop device, clones it each cycle and compares extents "
+                         "(every tool then reads the image from there; default scan)")
     ap.add_argument("--steps", default=",".join(STEPS),
                     help="comma-separated steps to run, in their fixed order, from "
                          f"{', '.join(STEPS)} (default: all); 'initial' always runs, and "

@@ -61,6 +61,7 @@ import structlog
 import uvloop
 from bench_e2e import SiteRecovery, clean, quiet_logs, say
 from diskgen import generate
+from loopfs import xfs_folder
 
 from mobility.agent import Agent, provider_for
 from mobility.blocktrace import tracefs_root
@@ -88,30 +89,6 @@ def churn(image: Path, rate: float, seconds: float, seed: int, done: threading.E
             time.sleep(0.005)  # pacing the workload, not synchronising anything
     done.set()
     return n
-
-
-@contextlib.contextmanager
-def xfs_folder(work: Path, size: int) -> Iterator[Path]:
-    """A mounted XFS with reflinks of ``size`` bytes on a loop device over a sparse file in
-    ``work`` (root); unmounted and removed afterwards."""
-    if os.geteuid() != 0:
-        raise SystemExit("--tracker reflink needs root (a loop device and mount)")
-    backing, mnt = work / "xfs.img", work / "xfs"
-    with open(backing, "wb") as f:
-        f.truncate(size)
-    dev = subprocess.run(["losetup", "--find", "--show", str(backing)], check=True,
-                         capture_output=True, text=True).stdout.strip()
-    try:
-        subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", dev], check=True)
-        mnt.mkdir(exist_ok=True)
-        subprocess.run(["mount", dev, str(mnt)], check=True)
-        try:
-            yield mnt
-        finally:
-            subprocess.run(["umount", str(mnt)], check=False)
-    finally:
-        subprocess.run(["losetup", "--detach", dev], check=False)
-        backing.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -50,9 +50,9 @@ from typing import Any
 
 from bench_e2e import quiet_logs
 from bench_ingest import toml
-from bench_rpo import xfs_folder
 from chaosdaemons import Daemon
 from diskgen import generate, sha256_file
+from loopfs import xfs_folder
 
 from configserver.ca import CertificateAuthority, write_bundle
 from mobility.agent import Agent
