@@ -76,9 +76,12 @@ CREATE = {"oneOf": [WEBHOOK, EMAIL]}
 # The fields each kind of channel has, besides name and kind (which never change).
 FIELDS = {kind: sorted(set(s["properties"]) - {"name", "kind"})
           for kind, s in (("webhook", WEBHOOK), ("email", EMAIL))}
-# Every field of CREATE but name and kind, each optional; the handler refuses those that
-# are not the channel's kind's (invalid_channel).
-UPDATE = {**obj({k: v for s in (WEBHOOK, EMAIL) for k, v in s["properties"].items()
+# What an update may remove with null: the optional settings and the secret.
+REMOVABLE = ("username", "ca_file", "secret")
+# Every field of CREATE but name and kind, each optional (the removable ones may be
+# null); the handler refuses those that are not the channel's kind's (invalid_channel).
+UPDATE = {**obj({k: (nullable(v) if k in REMOVABLE and k != "secret" else v)
+                 for s in (WEBHOOK, EMAIL) for k, v in s["properties"].items()
                  if k not in ("name", "kind")}), "minProperties": 1}
 CHANNEL = obj({
     "name": {"type": "string"}, "kind": {"enum": KINDS},
@@ -107,7 +110,8 @@ UPDATE_REFUSALS = ("a field that is not a setting of the channel's kind: url on 
                    "the changed settings break a rule of POST /api/v1/notify/channels: an "
                    "SMTP username without a secret (the one stored counts) or a login "
                    "without STARTTLS, a ca_file that is not a readable file, a url that is "
-                   "not a valid http(s) URL (invalid_channel)")
+                   "not a valid http(s) URL (invalid_channel); the secret removed (null) "
+                   "while an SMTP username stays (invalid_channel)")
 
 
 def _invalid(message: str, hint: str) -> ApiError:
@@ -147,7 +151,8 @@ def _settings(b: dict[str, Any], has_secret: bool) -> dict[str, Any]:
     if "username" in b:
         if not has_secret:
             raise _invalid("an SMTP username needs the password", "give it with "
-                           "--password-file FILE")
+                           "--password-file FILE (or remove the login with it: "
+                           "--no-username --no-password)")
         if not st["starttls"]:
             raise _invalid("an SMTP login without STARTTLS would send the password in "
                            "clear", "drop --no-starttls (or the login)")
@@ -253,7 +258,8 @@ async def update_channel(call: Call) -> web.Response:
     name = call.params["name"]
     b: dict[str, Any] = call.body
     services = call.services
-    plain = _secret(b)
+    removed = sorted(k for k in REMOVABLE if k in b and b[k] is None)
+    plain = _secret({k: v for k, v in b.items() if k not in removed})
     async with services.sessionmaker() as s, s.begin():
         c = await _get(s, name, for_update=True)
         foreign = [k for k in sorted(b) if k not in FIELDS[c.kind]]
@@ -261,9 +267,12 @@ async def update_channel(call: Call) -> web.Response:
             raise _invalid(f"{', '.join(foreign)}: not a setting of {c.kind} channel "
                            f"{name!r}", f"a {c.kind} channel has {', '.join(FIELDS[c.kind])}; "
                            "to change its kind, remove it and add it again")
-        given = {k: v for k, v in b.items() if k not in ("severities", "secret")}
-        settings = _settings({"kind": c.kind, **c.settings, **given},
-                             plain is not None or c.secret is not None) if given else None
+        given = {k: v for k, v in b.items()
+                 if k not in ("severities", "secret") and k not in removed}
+        has_secret = plain is not None or (c.secret is not None and "secret" not in removed)
+        kept = {k: v for k, v in c.settings.items() if k not in removed}
+        settings = _settings({"kind": c.kind, **kept, **given}, has_secret) \
+            if given or removed else None
         blob = None if plain is None else await _seal(services, name, c.kind, plain)
         if settings is not None:
             c.settings = settings
@@ -271,9 +280,11 @@ async def update_channel(call: Call) -> web.Response:
             c.severities = b["severities"]
         if blob is not None:
             c.secret = blob
+        elif "secret" in removed:
+            c.secret = None
         c.updated = services.clock()
         doc = _doc(c, (await _stats(s, [name]))[name])
-    log.info("notify_channel_updated", channel=name, changed=sorted(b),
+    log.info("notify_channel_updated", channel=name, changed=sorted(b), removed=removed,
              secret_rotated=plain is not None, key_id=doc["key_id"])
     return reply(doc)
 
@@ -325,9 +336,11 @@ ROUTES = [
           params=_NAME_PARAM, body=UPDATE, responses={200: CHANNEL},
           refusals=UPDATE_REFUSALS,
           description="Only the fields given change (severities and to are replaced "
-                      "whole); the kind stays. A new secret is sealed like the first and "
-                      "never returned. Notices waiting in the outbox stay there and are "
-                      "sent with the new settings."),
+                      "whole); the kind stays. username, ca_file and secret given as null "
+                      "are removed (an SMTP login is removed with its password: both "
+                      "null). A new secret is sealed like the first and never returned. "
+                      "Notices waiting in the outbox stay there and are sent with the new "
+                      "settings."),
     Route("DELETE", _BASE + "/{name}", remove_channel,
           "Remove a notification channel (its undelivered notices with it)", "notify",
           params=_NAME_PARAM,

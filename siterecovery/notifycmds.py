@@ -90,6 +90,12 @@ def update_body_of(args: argparse.Namespace) -> dict[str, Any]:
     """The PATCH body: only what the options given change."""
     if args.secret_file and args.password_file:
         raise UsageError("give --secret-file (webhook) or --password-file (email), not both")
+    for given, removed in (("username", "no_username"), ("ca_file", "no_ca_file"),
+                           ("secret_file", "no_secret"), ("password_file", "no_password"),
+                           ("secret_file", "no_password"), ("password_file", "no_secret")):
+        if getattr(args, given) and getattr(args, removed):
+            raise UsageError(f"--{given.replace('_', '-')} and --{removed.replace('_', '-')} "
+                             "contradict each other: give one")
     body: dict[str, Any] = {}
     if args.severity:
         body["severities"] = sorted(set(args.severity.split(",")))
@@ -113,6 +119,10 @@ def update_body_of(args: argparse.Namespace) -> dict[str, Any]:
         body["secret"] = read_secret(args.secret_file, "webhook secret")
     if args.password_file:
         body["secret"] = read_secret(args.password_file, "SMTP password")
+    for removed, field in (("no_username", "username"), ("no_ca_file", "ca_file"),
+                           ("no_secret", "secret"), ("no_password", "secret")):
+        if getattr(args, removed):
+            body[field] = None  # removed
     if not body:
         raise UsageError("nothing to change: give at least one option (see 'siterecovery "
                          "notify update --help')")
@@ -231,6 +241,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     u.add_argument("--ca-file", metavar="FILE",
                    help="email: CA bundle to verify the SMTP server with (on the "
                         "configuration server's host)")
+    u.add_argument("--no-secret", action="store_true",
+                   help="webhook: remove the signing key (notices go unsigned)")
+    u.add_argument("--no-username", action="store_true",
+                   help="email: remove the SMTP login (with --no-password: no login)")
+    u.add_argument("--no-password", action="store_true",
+                   help="email: remove the SMTP password (only with --no-username)")
+    u.add_argument("--no-ca-file", action="store_true",
+                   help="email: verify the SMTP server with the system's CA bundle again")
     u.set_defaults(func=cmd_update)
     r = nsub.add_parser("remove", help="remove a channel and its undelivered notices")
     r.add_argument("name")

@@ -194,6 +194,20 @@ async def test_email_gets_a_login_and_a_new_server(
     assert (tls, login, rcpt) == (True, SMTP_USER, ["oncall@example.net"])
     assert mail["Subject"] == "[siterecovery critical] test: notify_test oncall"
 
+    # null removes: the password alone is refused (the login stays), the login with it
+    # is removed, and the next mail goes without one
+    e = await refused(api, "oncall", {"secret": None})
+    assert "needs the password" in e.message and "--no-username" in e.hint
+    doc = await api.patch(f"{CHANNELS}/oncall", {"username": None, "secret": None})
+    assert not doc["has_secret"] and doc["key_id"] is None
+    assert "username" not in doc["settings"] and doc["settings"]["ca_file"] == str(ca)
+    assert (await api.post(f"{CHANNELS}/oncall/test"))["delivered"] is True
+    tls, login, rcpt, mail = await box.next()
+    assert (tls, login, rcpt) == (True, "", ["oncall@example.net"])  # no login
+    doc = await api.patch(f"{CHANNELS}/oncall", {"ca_file": None})
+    assert doc["settings"] == {"to": ["oncall@example.net"], "from": "sr@example.net",
+                               "host": "127.0.0.1", "port": port, "starttls": True}
+
 
 @pytest.mark.parametrize("catalog_url", ["sqlite"], indirect=True)
 async def test_cli_update(cs: ConfigServer, api: ApiClient, tmp_path: Path) -> None:
@@ -215,3 +229,13 @@ async def test_cli_update(cs: ConfigServer, api: ApiClient, tmp_path: Path) -> N
     doc = await api.get(f"{CHANNELS}/ops")
     assert (doc["settings"], doc["severities"], doc["has_secret"]) == (
         {"url": "http://127.0.0.1:9/new"}, ["warning"], True)
+    # removed: unsigned from now on; removing and giving it at once is refused by the CLI
+    r = await asyncio.to_thread(run_cli, "notify", "update", "ops", "--no-secret",
+                                "--secret-file", str(key), "--api", cs.url,
+                                "--token-file", str(tmp_path / "absent"))
+    assert r.returncode == 2 and "contradict" in r.stderr, (r.stdout, r.stderr)
+    r = await asyncio.to_thread(run_cli, "notify", "update", "ops", "--no-secret",
+                                "--api", cs.url, "--token-file", str(cs.cfg.token_path))
+    assert r.returncode == 0, r.stderr
+    assert "signed:     no" in r.stdout
+    assert (await api.get(f"{CHANNELS}/ops"))["has_secret"] is False
