@@ -110,10 +110,7 @@ def postgres(workdir: Path) -> Iterator[str]:
         pw = pwd.getpwnam("postgres")
         os.chown(workdir, pw.pw_uid, pw.pw_gid)
         os.chown(sock, pw.pw_uid, pw.pw_gid)
-        for parent in workdir.parents:  # pytest's tmp dirs are 0700
-            if parent == Path("/tmp") or parent == parent.parent:
-                break
-            os.chmod(parent, os.stat(parent).st_mode | 0o011)
+        traversable(workdir.parent)
         prefix = ["runuser", "-u", "postgres", "--"]
     subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "-U", "postgres",
                     "-A", "trust", "-E", "UTF8", "--no-sync"],
@@ -163,3 +160,13 @@ async def fresh_database(base_url: str) -> str:
     finally:
         await conn.close()
     return f"{base_url}/{name}"
+
+
+def traversable(folder: Path) -> Path:
+    """``folder``, made traversable by other users (the emulator's libvirt-qemu, postgres)
+    down from below /tmp: pytest's temp folders are 0700."""
+    for p in [folder, *folder.parents]:
+        if p == Path("/tmp") or p == p.parent:
+            break
+        p.chmod(p.stat().st_mode | 0o011)
+    return folder

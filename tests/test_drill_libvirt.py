@@ -30,7 +30,7 @@ from configserver.config import ConfigServerConfig
 from configserver.server import ConfigServer
 from procserver.server import ProcServer
 from siterecovery.apiclient import ApiClient
-from tests.backends import missing_backend
+from tests.backends import missing_backend, traversable
 from tests.bootdisk import HOSTNAME, MARKER, PART_START, bootdisk, missing_tools
 from tests.helpers import (
     Pki,
@@ -81,11 +81,7 @@ def images(tmp_path: Path) -> Path:
     """The libvirt target's image folder; the emulator (libvirt-qemu) must traverse to it."""
     d = tmp_path / "libvirt-images"
     d.mkdir()
-    for p in [d, *d.parents]:
-        if p == Path("/tmp") or p == p.parent:
-            break
-        p.chmod(p.stat().st_mode | 0o011)
-    return d
+    return traversable(d)
 
 
 @pytest.fixture

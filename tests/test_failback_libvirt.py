@@ -44,7 +44,7 @@ from targets import libvirtboot
 from targets.base import RecoverySpec
 from targets.domainxml import DomainLayout, domain_xml
 from targets.virsh import Virsh
-from tests.backends import missing_backend
+from tests.backends import missing_backend, traversable
 from tests.bootdisk import INIT_HEAD, PART_START, Cpio, bootdisk, missing_tools
 from tests.helpers import open_vault, run_cli
 from tests.libvirtd import isolated_network, libvirtd_running
@@ -143,11 +143,7 @@ def images(tmp_path: Path) -> Path:
     (and to the original disk, in tmp_path)."""
     d = tmp_path / "libvirt-images"
     d.mkdir()
-    for p in [d, *d.parents]:
-        if p == Path("/tmp") or p == p.parent:
-            break
-        p.chmod(p.stat().st_mode | 0o011)
-    return d
+    return traversable(d)
 
 
 @pytest.fixture

@@ -49,7 +49,7 @@ from targets.domainxml import (
     domain_xml,
     with_local_disks,
 )
-from tests.backends import missing_backend
+from tests.backends import missing_backend, traversable
 from tests.bootdisk import (
     HOSTNAME,
     MARKER,
@@ -174,11 +174,7 @@ def images(tmp_path: Path) -> Path:
     """The libvirt target's image folder; the emulator (libvirt-qemu) must traverse to it."""
     d = tmp_path / "lv"
     d.mkdir()
-    for p in [d, *d.parents]:
-        if p == Path("/tmp") or p == p.parent:
-            break
-        p.chmod(p.stat().st_mode | 0o011)
-    return d
+    return traversable(d)
 
 
 @pytest.fixture(scope="module")

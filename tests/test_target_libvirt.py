@@ -24,7 +24,7 @@ from targets.domainxml import isolated_network_xml
 from targets.kvm import probe_kvm
 from targets.libvirt import LibvirtTarget
 from targets.virsh import Virsh
-from tests.backends import missing_backend
+from tests.backends import missing_backend, traversable
 from tests.bootdisk import DRILL_TEXT, HOSTNAME, MARKER, bootdisk, missing_tools
 from tests.libvirtd import isolated_network, libvirtd_running
 
@@ -41,13 +41,8 @@ def uri() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pool = tmp_path_factory.mktemp("libvirt-pool")
     # the emulator runs as libvirt-qemu: it must traverse down to the images
-    for d in [pool, *pool.parents]:
-        if d == Path("/tmp") or d == d.parent:
-            break
-        d.chmod(d.stat().st_mode | 0o011)
-    return pool
+    return traversable(tmp_path_factory.mktemp("libvirt-pool"))
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from mobility.agent import Agent, CycleResult
 from mobility.daemon import providers
 from mobility.libvirtbackup import LibvirtBackup
 from procserver.server import ProcServer
-from tests.backends import missing_backend
+from tests.backends import missing_backend, traversable
 from tests.helpers import Pki, agent_config, point_restores_to
 from tests.libvirtd import libvirtd_running
 
@@ -84,10 +84,7 @@ def running_guest(uri: str, tmp: Path, fmt: str = "qcow2") -> Iterator[Guest]:
     ``tmp``."""
     folder = tmp / "lv"
     folder.mkdir(parents=True)
-    for p in [folder, *folder.parents]:  # the emulator (libvirt-qemu) must reach the image
-        if p == Path("/tmp") or p == p.parent:
-            break
-        p.chmod(p.stat().st_mode | 0o011)
+    traversable(folder)  # the emulator (libvirt-qemu) must reach the image
     image = folder / f"vda.{fmt}"
     subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(image), str(DISK)],
                    check=True)
