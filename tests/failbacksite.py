@@ -2,8 +2,9 @@
 real and the parts that are killed in processes of their own: ``configserver run`` on
 fixed ports (a restarted server is found where the agent and the process server left
 it), a process server registered with it, web01 (an ext4 image) protected by its managed
-agent (one initial copy, run in the test), then failed over onto the folder target.
-The agent's ``mobility.toml`` is written for ``mobility run`` to take over."""
+agent (one initial copy, run in the test), then failed over onto the folder target —
+or onto another target the caller configures (``configserver``, ``recovery``). The
+agent's ``mobility.toml`` is written for ``mobility run`` to take over."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import dataclasses
 import json
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mobility.config import MobilityConfig
 from mobility.daemon import ManagedAgent
@@ -42,7 +44,7 @@ class KillSite:
     toml: Path  # the agent's mobility.toml, for mobility run
     managed: ManagedAgent  # the agent, run in the test
     disk: Path  # the original machine's disk
-    recovered: Path  # the recovered machine's image on the folder target
+    recovered: Path  # the recovered machine's image on its target
     key: Path  # the vault's key file (the vault is tmp/vault)
     started: list[Daemon] = field(default_factory=list)  # every daemon: stopped at the end
 
@@ -68,15 +70,24 @@ def _mobility_toml(path: Path, cfg: MobilityConfig) -> Path:
 
 
 @asynccontextmanager
-async def failed_over_site(tmp: Path, catalog_url: str) -> AsyncIterator[KillSite]:
-    """web01 protected through a ``configserver run`` and failed over (point latest)."""
+async def failed_over_site(tmp: Path, catalog_url: str, *,
+                           make_disk: Callable[[Path], None] = _ext4,
+                           configserver: dict[str, Any] | None = None,
+                           recovery: dict[str, Any] | None = None,
+                           recovered: Callable[[Path], Path] | None = None,
+                           failover_timeout: float = 120.0) -> AsyncIterator[KillSite]:
+    """web01 protected through a ``configserver run`` and failed over (point latest):
+    its disk made by ``make_disk`` (an ext4 image), onto the folder target unless
+    ``configserver`` (more of its settings) and ``recovery`` (web01's recovery settings)
+    say otherwise; ``recovered`` gives the recovered image from the server's data
+    directory."""
     for tool in ("mkfs.ext4", "debugfs", "e2fsck"):
         if shutil.which(tool) is None:
             missing_backend(tool, "tests/run.sh installs e2fsprogs")
     data = tmp / "cs"
     config = write_toml(tmp / "configserver.toml", {
         "data_dir": str(data), "listen_port": _free_port(), "site_port": _free_port(),
-        "database_url": catalog_url})
+        "database_url": catalog_url, **(configserver or {})})
     args = ["configserver", "run", "--config", str(config)]
     first = Daemon(args, "configserver_started")
     started = [first]
@@ -103,7 +114,7 @@ async def failed_over_site(tmp: Path, catalog_url: str) -> AsyncIterator[KillSit
             try:
                 await first.wait_events("procserver_registered", 1)
                 disk = tmp / "disk.img"
-                _ext4(disk)
+                make_disk(disk)
                 cfg = await enroll_machine(
                     api, site_url, str(ca), (data / "enrollment-passphrase").read_text().strip(),
                     "web01", disk, tmp / "agent")
@@ -120,14 +131,17 @@ async def failed_over_site(tmp: Path, catalog_url: str) -> AsyncIterator[KillSit
                         assert (await wait_job(api, fin["id"]))["state"] == "succeeded"
                         assert managed.last is not None
                         await ps.wait_point(managed.last.cycle)
+                        if recovery is not None:
+                            await api.call("PATCH", "/api/v1/items/web01/recovery", recovery,
+                                           {})
                         done = await wait_job(api, (await api.post(
                             "/api/v1/items/web01/failover", {"point": "latest"}))["job"]["id"],
-                            timeout=120)
+                            timeout=failover_timeout)
                         assert done["state"] == "succeeded", done
+                        image = recovered(data) if recovered is not None \
+                            else data / "recovered" / "web01" / "sda.img"
                         site = KillSite(tmp, args, first, url, site_url, token, ps, cfg, toml,
-                                        managed, disk,
-                                        data / "recovered" / "web01" / "sda.img", key,
-                                        started)
+                                        managed, disk, image, key, started)
                         yield site
                     finally:
                         managed.close()
