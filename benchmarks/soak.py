@@ -117,8 +117,9 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     port = int((await ps.start())["port"])
     try:
         if args.tracker == "reflink":
-            # the images, their churn and each cycle's clone (twice the disks at most)
-            with xfs_folder(root, 2 * args.agents * (args.size_mib << 20) + (1 << 30)) as d:
+            # the images, and the extents the churn moved them away from the last
+            # cycle's clone and the current one (twice the disks filled a third more)
+            with xfs_folder(root, 3 * args.agents * (args.size_mib << 20) + (1 << 30)) as d:
                 return await _run(args, root, d, key, ca, ps, port)
         return await _run(args, root, root, key, ca, ps, port)
     finally:
