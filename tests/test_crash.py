@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
 from mobility.agent import Agent
@@ -53,17 +55,35 @@ async def test_kill9_after_ack_before_upload_then_resume(
 
     # Restart on the healthy store: the cache still holds every acknowledged cycle.
     ps2 = await _restarted(cfg, url)
+    cache = tmp_path / "procserver" / "cache"
     try:
         await ps2.wait_events("point_uploaded", 3)
+        # The cache drains once the points are whole: each cycle's folder goes right
+        # after its point_uploaded line (a folder a stop or a kill leaves behind is taken
+        # up by the next start), so it is looked at while the server runs.
+        assert await _drained(cache, 30.0), _files(cache)
     finally:
         assert await ps2.stop() == 0
     points = await vault.list_points("web01")
     assert [p.cycle for p in points] == list(expected)
     for p in points:
         assert await restore_all(vault, p, tmp_path / "out") == {"sda": expected[p.cycle]}
-    # The cache was drained once the points were whole.
-    assert not any(f.is_file() for f in (tmp_path / "procserver" / "cache").rglob("*"))
     await vault.close()
+
+
+def _files(folder: Path) -> list[str]:
+    return [str(f) for f in folder.rglob("*") if f.is_file()]
+
+
+async def _drained(folder: Path, bound: float) -> bool:
+    """Whether ``folder`` holds no file within ``bound`` seconds (no event tells when a
+    folder's removal, in a thread of the server, has ended: looked at every 50 ms)."""
+    deadline = time.monotonic() + bound
+    for _ in range(int(bound / 0.05) + 1):
+        if not _files(folder) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    return not _files(folder)
 
 
 async def _on_faulty_store(tmp: Path, pki: Pki, vault_at: tuple[str, Path], fault: str,
