@@ -63,7 +63,7 @@ from bench_e2e import SiteRecovery, clean, quiet_logs, say
 from diskgen import generate
 from loopfs import xfs_folder
 
-from mobility.agent import Agent, provider_for
+from mobility.agent import Agent
 from mobility.blocktrace import tracefs_root
 from mobility.snapshot import NoSnapshot
 
@@ -139,14 +139,11 @@ async def bench_on(args: argparse.Namespace, work: Path, image: Path) -> dict[st
 
 
 async def bench_disk(args: argparse.Namespace, work: Path, image: Path) -> dict[str, Any]:
-    sr = SiteRecovery(work, image)
+    sr = SiteRecovery(work, image, "reflink" if args.tracker == "reflink" else "none")
     await sr.start()
     assert sr.agent is not None and sr.e is not None
     if args.tracker == "reflink":
-        cfg = dataclasses.replace(sr.agent.cfg, snapshot="reflink", tracker="reflink")
-        cfg.validate()
-        sr.agent.close()
-        sr.agent = Agent(cfg, provider=provider_for(cfg))
+        assert sr.agent.trackers["sda"].kind == "reflink"
     elif args.tracker == "blocktrace":
         cfg = dataclasses.replace(sr.agent.cfg, snapshot="none", tracker="blocktrace")
         cfg.validate()

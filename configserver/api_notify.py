@@ -80,7 +80,8 @@ FIELDS = {kind: sorted(set(s["properties"]) - {"name", "kind"})
 REMOVABLE = ("username", "ca_file", "secret")
 # Every field of CREATE but name and kind, each optional (the removable ones may be
 # null); the handler refuses those that are not the channel's kind's (invalid_channel).
-UPDATE = {**obj({k: (nullable(v) if k in REMOVABLE and k != "secret" else v)
+# (SECRET has no type on purpose, so null passes it as it is.)
+UPDATE = {**obj({k: (nullable(v) if k in ("username", "ca_file") else v)
                  for s in (WEBHOOK, EMAIL) for k, v in s["properties"].items()
                  if k not in ("name", "kind")}), "minProperties": 1}
 CHANNEL = obj({
