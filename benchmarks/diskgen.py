@@ -3,7 +3,8 @@
 The image is made of 1 MiB chunks laid out in extents of 1-32 MiB, in exact
 proportions:
 
-- ``zero``: about 30 %, left as holes (or written as zeros with ``holes=False``);
+- ``zero``: about 30 %, left as holes (or written as zeros with ``holes=False``; none
+  with ``zeros=False``, their share then text: a fully allocated disk);
 - ``random``: about 30 %, incompressible bytes (already-compressed media, encrypted files);
 - ``text``: about 40 %, compressible file-like content: log lines, source-like
   lines, CSV rows and prose, drawn from a seeded vocabulary with a skewed word
@@ -111,9 +112,10 @@ class DiskLayout:
                 f"{self.text_chunks * 100 / n:.0f}% text")
 
 
-def _layout(rng: random.Random, nchunks: int) -> list[str]:
-    """Chunk kinds in exact proportions, grouped in extents of 1-32 MiB, shuffled."""
-    nzero = round(nchunks * ZERO_SHARE)
+def _layout(rng: random.Random, nchunks: int, zeros: bool = True) -> list[str]:
+    """Chunk kinds in exact proportions, grouped in extents of 1-32 MiB, shuffled (no
+    zero chunks with ``zeros=False``: their share goes to text)."""
+    nzero = round(nchunks * ZERO_SHARE) if zeros else 0
     nrand = round(nchunks * RANDOM_SHARE)
     counts = {"zero": nzero, "random": nrand, "text": nchunks - nzero - nrand}
     runs: list[tuple[str, int]] = []
@@ -127,14 +129,16 @@ def _layout(rng: random.Random, nchunks: int) -> list[str]:
 
 
 def generate(path: str | os.PathLike[str], size: int, seed: int, *,
-             holes: bool = True) -> DiskLayout:
-    """Write the image (replacing any file at ``path``) and fsync it."""
+             holes: bool = True, zeros: bool = True) -> DiskLayout:
+    """Write the image (replacing any file at ``path``) and fsync it. ``holes=False``
+    writes the zero chunks instead of leaving holes; ``zeros=False`` makes none: every
+    block of the image holds data (a fully allocated disk)."""
     if size <= 0:
         raise ValueError("size must be positive")
     rng = random.Random(f"diskgen-layout-{seed}")
     text = TextSource(seed)
     nchunks = (size + CHUNK - 1) // CHUNK
-    kinds = _layout(rng, nchunks)
+    kinds = _layout(rng, nchunks, zeros)
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.unlink(missing_ok=True)
@@ -195,9 +199,12 @@ def main() -> int:
     ap.add_argument("--size-mib", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-holes", action="store_true", help="write zero chunks as zeros")
+    ap.add_argument("--no-zeros", action="store_true",
+                    help="no zero chunks: every block holds data (a fully allocated disk)")
     args = ap.parse_args()
     t = time.perf_counter()
-    lay = generate(args.out, args.size_mib << 20, args.seed, holes=not args.no_holes)
+    lay = generate(args.out, args.size_mib << 20, args.seed, holes=not args.no_holes,
+                   zeros=not args.no_zeros)
     print(f"{args.out}: {lay.describe()} in {time.perf_counter() - t:.1f} s")
     return 0
 
