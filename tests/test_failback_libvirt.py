@@ -56,7 +56,7 @@ from vault.restore import restore_point
 pytestmark = pytest.mark.root
 VM = "srfb-web01"  # the recovered machine
 ORIGINAL = "srfb-original"  # the original machine's disk booted after the failback
-NET, BRIDGE, SUBNET = "srfb-net", "virbr-srfb", "10.219.0.0/24"  # not another test's
+NET, BRIDGE, SUBNET = "srfb-net", "virbr-srfb", "10.224.0.0/24"  # not another test's
 DRILL_SUBNET = "10.220.0.0/24"
 MARKER = "srfb-boot-ok"
 DISK = 64 << 20  # the boot disk
