@@ -155,11 +155,14 @@ def _free_port() -> int:
 class VmTarget:
     """``async with VmTarget(dir, data, passwords={...}) as vm``: vm.ssh_port (on
     127.0.0.1), vm.host_key (OpenSSH public key line), vm.console() (the serial console
-    so far). ``data`` is the image file the guest sees as /dev/vdb."""
+    so far). ``data`` is the image file the guest sees as /dev/vdb; ``uuid``, the
+    machine's SMBIOS UUID (/sys/class/dmi/id/product_uuid in the guest)."""
 
     def __init__(self, work: Path, data: Path, *, passwords: dict[str, str],
-                 authorized: dict[str, str] | None = None, memory_mib: int = 1024) -> None:
+                 authorized: dict[str, str] | None = None, memory_mib: int = 1024,
+                 uuid: str | None = None) -> None:
         self.work, self.data, self.passwords = work, data, passwords
+        self.uuid = uuid  # its SMBIOS UUID (QEMU's -uuid): the agent's host id
         self.authorized = authorized or {}
         self.memory_mib = memory_mib
         self.ssh_port = 0
@@ -230,7 +233,8 @@ class VmTarget:
                 "-drive", f"file={base / 'root.img'},if=virtio,format=raw,readonly=on",
                 "-drive", f"file={self.data},if=virtio,format=raw,cache=none",
                 "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
-                "-device", "virtio-net-pci,netdev=n0"]
+                "-device", "virtio-net-pci,netdev=n0",
+                *(["-uuid", self.uuid] if self.uuid else [])]
         self.proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT)
