@@ -33,7 +33,7 @@ from pathlib import Path
 from vault import names
 from vault.checkdata import chunks, open_blocks, subset_of
 from vault.checkopen import open_for_check
-from vault.checkpoints import PointChecks
+from vault.checkpoints import RANGE_BLOCKS, PointChecks
 from vault.checkreport import CheckReport
 from vault.checkstore import DiskListing, Listing, MemoryListing
 from vault.crypto import OVERHEAD
@@ -62,14 +62,16 @@ async def check_vault(store: BlobStore, km: KeyMaterial, *, read_data: bool = Fa
                       subset: float | None = None, executor: Executor | None = None,
                       progress: Progress | None = None, wait: float = 0.0,
                       memory: int | None = None,
-                      temp_dir: str | os.PathLike[str] | None = None) -> CheckReport:
+                      temp_dir: str | os.PathLike[str] | None = None,
+                      range_blocks: int = RANGE_BLOCKS) -> CheckReport:
     """Check the vault in ``store``. ``subset`` (percent, with ``read_data``) reads only
     that share of the packs, picked deterministically from their ids.
 
     ``memory``: a budget in bytes; when what the check holds per block does not fit it,
     the index, the entries listed per pack and the fingerprints go to SQLite files in a
     temporary directory (in ``temp_dir``) instead (vault/checkstore.py), and every block
-    lookup is batched, its ids sorted. None: in memory, whatever the size.
+    lookup is batched, its ids sorted. None: in memory, whatever the size. Each disk of
+    a point is checked ``range_blocks`` blocks at a time (vault/checkpoints.py).
 
     Holds a shared vault lock (vault/locks.py) while it reads, waiting up to ``wait``
     seconds for an exclusive holder (prune, rebuild-index): what they delete is rightly
@@ -111,7 +113,7 @@ async def check_vault(store: BlobStore, km: KeyMaterial, *, read_data: bool = Fa
         if read_data:
             await c.read_packs(subset, progress)
         await PointChecks(vault, report, index, listing, c.sizes, c.bad_packs,
-                          c.bad_blocks).check_points(point_objects)
+                          c.bad_blocks, range_blocks=range_blocks).check_points(point_objects)
     return report
 
 

@@ -1,0 +1,188 @@
+"""How big is the vault's data at each compression choice, and what does each cost?
+
+The vault compresses every 64 KiB block on its own (one zstd frame per sealed block, level
+1: `vault/writer.py: BLOCK_ZSTD_LEVEL`), so any one block can be read, fetched or served
+to an instant-recovery disk by decompressing 64 KiB. restic compresses its larger chunks
+(512 KiB-8 MiB, content-defined) and stores less. This benchmark measures, on the same
+seeded image as ``bench_e2e.py`` (every non-zero 64 KiB block, read in order), what each
+choice stores and costs:
+
+- ``block``: one frame per block, at zstd levels 1 (today's), 3 and 6;
+- ``block+dict``: one frame per block with a dictionary trained on a sample of the image's
+  blocks (a per-vault dictionary; levels 1 and 3);
+- ``frame``: frames of several consecutive blocks (256 KiB, 1 MiB, 4 MiB) at levels 1
+  and 3, and 4 MiB frames with long-distance matching (zstd ``--long``, window 2^27);
+  reading one block then costs decompressing its whole frame.
+
+Each row: the stored bytes (compressed, or the block itself where compression does not
+make it smaller, plus the vault's 32 bytes of sealed-unit overhead per frame), against
+restic's repository after ``restic backup`` of the same image in the same run; and the
+compression speed on one core (MB of input per second). A frame's size is also what must
+be decompressed to read one block of it. Only a frame per block (with or without a
+higher level) is a choice without a format change.
+
+Run: ``.venv/bin/python benchmarks/bench_compress.py [--size-mib N] [--seed S] [--json]``.
+Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import zstandard
+from bench_e2e import Restic, ensure_restic, say, tree_bytes
+from diskgen import generate
+
+BS = 64 * 1024
+SEALED_OVERHEAD = 32  # vault/crypto.py: the 16-byte header and the 16-byte GCM tag
+DICT_BYTES = 112 * 1024
+DICT_SAMPLE_EVERY = 50
+
+
+@dataclass
+class Row:
+    variant: str
+    level: int
+    unit_kib: int
+    stored_bytes: int
+    vs_restic: float | None
+    compress_mb_s: float
+    format_change: bool
+
+
+def blocks(image: Path) -> Iterator[bytes]:
+    """The image's non-zero 64 KiB blocks, in order."""
+    zero = bytes(BS)
+    with open(image, "rb") as f:
+        while b := f.read(BS):
+            if b != zero[: len(b)]:
+                yield b
+
+
+def measure(image: Path, variant: str, level: int, unit: int, *,
+            dict_data: zstandard.ZstdCompressionDict | None = None,
+            ldm: bool = False) -> tuple[int, float]:
+    """(stored bytes, seconds spent compressing) with frames of ``unit`` blocks."""
+    if ldm:
+        params = zstandard.ZstdCompressionParameters.from_level(
+            level, enable_ldm=True, window_log=27)
+        c = zstandard.ZstdCompressor(compression_params=params)
+    else:
+        c = zstandard.ZstdCompressor(level=level, dict_data=dict_data)
+    stored = 0
+    spent = 0.0
+    pending: list[bytes] = []
+
+    def flush() -> None:
+        nonlocal stored, spent
+        raw = b"".join(pending)
+        t = time.perf_counter()
+        z = c.compress(raw)
+        spent += time.perf_counter() - t
+        stored += min(len(z), len(raw)) + SEALED_OVERHEAD
+        pending.clear()
+
+    for b in blocks(image):
+        pending.append(b)
+        if len(pending) == unit:
+            flush()
+    if pending:
+        flush()
+    return stored, spent
+
+
+def train(image: Path) -> zstandard.ZstdCompressionDict:
+    sample: list[bytes | bytearray | memoryview] = [
+        b for i, b in enumerate(blocks(image)) if i % DICT_SAMPLE_EVERY == 0]
+    return zstandard.train_dictionary(DICT_BYTES, sample)
+
+
+async def restic_size(image: Path, work: Path) -> int:
+    ensure_restic()
+    r = Restic(work)
+    await r.init()
+    await r.backup(image)
+    return tree_bytes(r.repo)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="bench-compress-", dir=args.work))
+    try:
+        image = work / "disk.img"
+        say(f"generating the {args.size_mib} MiB image (seed {args.seed})")
+        generate(image, args.size_mib << 20, args.seed)
+        raw = sum(len(b) for b in blocks(image))
+        say("restic backup of the image")
+        restic = asyncio.run(restic_size(image, work))
+        say("training a dictionary")
+        t = time.perf_counter()
+        dictionary = train(image)
+        train_s = time.perf_counter() - t
+        plan: list[tuple[str, int, int, bool, bool]] = [
+            # variant, level, blocks per frame, dictionary, long-distance matching
+            ("block", 1, 1, False, False), ("block", 3, 1, False, False),
+            ("block", 6, 1, False, False),
+            ("block+dict", 1, 1, True, False), ("block+dict", 3, 1, True, False),
+            ("frame", 1, 4, False, False), ("frame", 3, 4, False, False),
+            ("frame", 1, 16, False, False), ("frame", 3, 16, False, False),
+            ("frame", 1, 64, False, False), ("frame", 3, 64, False, False),
+            ("frame+long", 3, 64, False, True),
+        ]
+        rows = []
+        for variant, level, unit, use_dict, ldm in plan:
+            say(f"{variant} level {level}, {unit * BS >> 10} KiB frames")
+            stored, spent = measure(image, variant, level, unit,
+                                    dict_data=dictionary if use_dict else None, ldm=ldm)
+            rows.append(Row(variant, level, unit * BS >> 10, stored,
+                            round(stored / restic, 3) if restic else None,
+                            round(raw / spent / 1e6, 1),
+                            format_change=variant != "block"))
+        return {"image_mib": args.size_mib, "seed": args.seed, "raw_nonzero_bytes": raw,
+                "restic_repo_bytes": restic, "dictionary_train_s": round(train_s, 2),
+                "zstd": zstandard.ZSTD_VERSION, "cpus": os.cpu_count(),
+                "rows": [asdict(r) for r in rows]}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def render(res: dict[str, Any]) -> str:
+    out = [f"{res['image_mib']} MiB image: {res['raw_nonzero_bytes'] / 1e6:.0f} MB of "
+           f"non-zero blocks; restic's repository {res['restic_repo_bytes'] / 1e6:.0f} MB",
+           "| variant | level | frame (decompressed to read one block) | stored | vs restic "
+           "| compress (one core) | format change |",
+           "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        out.append(f"| {r['variant']} | {r['level']} | {r['unit_kib']} KiB | "
+                   f"{r['stored_bytes'] / 1e6:.0f} MB | {r['vs_restic']:.2f}x | "
+                   f"{r['compress_mb_s']:.0f} MB/s | "
+                   f"{'yes' if r['format_change'] else 'no'} |")
+    return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--size-mib", type=int, default=2048, help="image size (default 2048)")
+    ap.add_argument("--seed", type=int, default=1, help="the image's seed (default 1)")
+    ap.add_argument("--work", default=str(Path(__file__).resolve().parent / "work"),
+                    help="where the image and restic's repository go (default "
+                         "benchmarks/work/, git-ignored)")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = ap.parse_args()
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    res = run(args)
+    print(json.dumps(res, indent=2) if args.json else render(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
