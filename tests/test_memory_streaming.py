@@ -23,12 +23,12 @@ from siterecovery.cli import main
 from tests.helpers import REPO, restore_all
 from vault import names
 from vault.check import check_vault
-from vault.checkpoints import RANGE_BLOCKS
 from vault.extsort import SortedSet
 from vault.index import Index, open_index
 from vault.indexdb import DiskIndex
 from vault.indexopen import open_block_index
 from vault.keyslots import KeyMaterial, new_keyfile, read_keyfile
+from vault.mapranges import RANGE_BLOCKS
 from vault.point import Point
 from vault.prune import PruneReport, prune
 from vault.rebuild import rebuild_index
@@ -143,8 +143,9 @@ async def test_prune_streaming_gives_the_in_memory_result(
     disk_root = _copy(root, tmp_path / "disk")
     reports: list[PruneReport] = []
     idx = tmp_path / "idx"
+    # in memory, each disk marked at once; streamed, in ranges of 7 of its 160 blocks
     for r, kw in ((mem_root, {}), (disk_root, {"memory": TINY, "index_dir": idx,
-                                               "temp_dir": tmp_path})):
+                                               "temp_dir": tmp_path, "range_blocks": 7})):
         vault = await _open(r)
         with ThreadPoolExecutor(2) as ex:
             reports.append(await prune(vault, Retention(), ex, now=NOW, **kw))  # type: ignore[arg-type]

@@ -33,7 +33,7 @@ from pathlib import Path
 from vault import names
 from vault.checkdata import chunks, open_blocks, subset_of
 from vault.checkopen import open_for_check
-from vault.checkpoints import RANGE_BLOCKS, PointChecks
+from vault.checkpoints import PointChecks
 from vault.checkreport import CheckReport
 from vault.checkstore import DiskListing, Listing, MemoryListing
 from vault.crypto import OVERHEAD
@@ -47,6 +47,7 @@ from vault.indexdb import DiskIndex
 from vault.indexopen import estimate_blocks
 from vault.keyslots import KeyMaterial
 from vault.locks import locked
+from vault.mapranges import RANGE_BLOCKS
 from vault.pack import MAX_BLOCK, PackEntry
 from vault.rebuild import for_each, pack_id_if_valid, read_trailer
 from vault.repo import Vault

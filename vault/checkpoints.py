@@ -20,13 +20,11 @@ from vault.checkstore import Listing
 from vault.errors import IntegrityError, MissingObjectError, NotFoundError
 from vault.index import BlockIndex
 from vault.mapchain import chain_entries
-from vault.mapranges import ChainRanges
+from vault.mapranges import RANGE_BLOCKS, ChainRanges
 from vault.maps import DELTA, FULL, open_map_entries
 from vault.point import Point
 from vault.repo import MAX_CHAIN, Vault
 from vault.restorejournal import ZeroFingerprints, place
-
-RANGE_BLOCKS = 1 << 16  # blocks a range: 4 GiB of 64 KiB blocks, 2.6 MB of map entries
 
 
 @dataclass
@@ -155,10 +153,12 @@ class PointChecks:
         digest: DiskDigest | None = DiskDigest() if self.report.read_data else None
         causes = _Causes()
         skipped = False
-        for first in range(0, nblocks, self.range_blocks):
-            end = min(first + self.range_blocks, nblocks)
+        walk = ranges.walk(self.range_blocks)
+        while True:
             try:
-                blocks = ranges.blocks(first, end)
+                first, end, blocks = next(walk)
+            except StopIteration:
+                break
             except IntegrityError as e:
                 self.add(pname, "unrestorable", f"disk {disk!r}: the delta chain does not "
                                                 f"resolve: {e}")

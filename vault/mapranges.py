@@ -13,10 +13,13 @@ hidden a map out of order; an entry past the disk is refused at the last range).
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterator
 
 from vault.errors import IntegrityError
 from vault.mapchain import Numbers
 from vault.maps import ENTRY, ZERO_ID, MapEntries
+
+RANGE_BLOCKS = 1 << 16  # blocks a range: 4 GiB of 64 KiB blocks, 2.6 MB of map entries
 
 
 class ChainRanges:
@@ -67,3 +70,12 @@ class ChainRanges:
             self._pos[i] = hi
         self._next = end
         return out
+
+    def walk(self, span: int = RANGE_BLOCKS) -> Iterator[tuple[int, int, dict[int, bytes]]]:
+        """``(first, end, blocks(first, end))`` for each range of ``span`` blocks from
+        where the last range ended to the end of the disk."""
+        if span < 1:
+            raise ValueError(f"a range is at least one block, not {span}")
+        for first in range(self._next, self._nblocks, span):
+            end = min(first + span, self._nblocks)
+            yield first, end, self.blocks(first, end)

@@ -36,7 +36,7 @@ from vault.crypto import Keyring
 from vault.errors import IntegrityError, UnindexedBlocksError
 from vault.index import BlockIndex, Location
 from vault.mapchain import chain_entries
-from vault.mapranges import ChainRanges
+from vault.mapranges import RANGE_BLOCKS, ChainRanges
 from vault.pack import open_block
 from vault.packrange import read_span
 from vault.point import Point
@@ -44,7 +44,6 @@ from vault.repo import Vault
 from vault.restorejournal import Journal, Resumed, ZeroFingerprints, place
 
 MAX_INFLIGHT = 4  # pack reads at once
-RANGE_BLOCKS = 1 << 16  # blocks a range: 4 GiB of 64 KiB blocks, 1 MiB of fingerprints
 WINDOW = 2  # ranges in flight
 T = TypeVar("T")
 Progress = Callable[[int, int], None]

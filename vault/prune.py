@@ -32,11 +32,14 @@ from datetime import UTC, datetime
 
 import structlog
 
+from common.digest import block_count
 from vault import names, prunestream
 from vault.chain import chain_of, crosses, rebase
 from vault.extsort import SortedSet
 from vault.index import Location
 from vault.locks import Leases, read_leases
+from vault.mapchain import chain_entries
+from vault.mapranges import RANGE_BLOCKS, ChainRanges
 from vault.pack import PackEntry, build_pack, open_block
 from vault.point import Point
 from vault.prunestream import fits_in_memory, live_set
@@ -68,7 +71,7 @@ async def prune(
     dry_run: bool = False, repack_below: float = 0.5,
     progress: Callable[[str], None] | None = None, memory: int | None = None,
     index_dir: str | os.PathLike[str] | None = None,
-    temp_dir: str | os.PathLike[str] | None = None,
+    temp_dir: str | os.PathLike[str] | None = None, range_blocks: int = RANGE_BLOCKS,
 ) -> PruneReport:
     """Prune ``vault`` by ``policy`` (see the module's docstring for the order).
 
@@ -76,11 +79,15 @@ async def prune(
     does not fit it, the collection streams (vault/prunestream.py: the live ids sorted
     in ``temp_dir`` past the budget, the index a ``DiskIndex`` in ``index_dir``, or a
     temporary one, updated in place at the end). None: in memory, whatever the size.
+    Either way each kept disk is marked ``range_blocks`` blocks at a time along its
+    chain of maps (vault/mapranges.py), never resolved into a dict of the whole disk.
 
     Raises ``BrokenChainError`` (vault/chain.py), before it writes or deletes anything,
     if the delta chain of a point it would keep is broken: collecting garbage around a
     damaged point could delete what is left of it, so the damage is for an operator
     to see first ('siterecovery check')."""
+    if range_blocks < 1:
+        raise ValueError(f"a range is at least one block, not {range_blocks}")
     say = progress or (lambda _m: None)
     now = now or datetime.now(UTC)
     report = PruneReport()
@@ -122,11 +129,12 @@ async def prune(
         assert memory is not None
         with live_set(memory, temp_dir) as marked:
             await _prune_streaming(vault, report, kept, cache, leases.blocks, marked, executor,
-                                   repack_below, memory, index_dir, temp_dir, say)
+                                   repack_below, memory, index_dir, temp_dir, say,
+                                   range_blocks)
         await _finish(vault, report, leases)
         return report
     live_blocks: set[bytes] = set(leases.blocks)
-    await _mark(vault, report, kept, cache, live_blocks)
+    await _mark(vault, report, kept, cache, live_blocks, range_blocks)
     say(f"{report.maps_deleted} unreferenced maps deleted")
 
     # 5. repack mostly-dead packs
@@ -179,15 +187,19 @@ async def prune(
 
 
 async def _mark(vault: Vault, report: PruneReport, kept: list[Point],
-                cache: dict[str, Point], live_blocks: set[bytes] | SortedSet) -> None:
+                cache: dict[str, Point], live_blocks: set[bytes] | SortedSet,
+                range_blocks: int) -> None:
     """Step 4: add every block a kept point needs to ``live_blocks``; delete the maps
     that no kept point's chain references."""
     live_maps: set[str] = set()
     for p in kept:
         for q in await chain_of(vault, cache[p.id], cache):
             live_maps.update(d.map for d in q.disks)
-        for d in p.disks:
-            live_blocks.update((await vault.resolve_map(cache[p.id], d.disk)).blocks.values())
+        for d in p.disks:  # a range at a time along the chain's maps, not a dict
+            ranges = ChainRanges(await chain_entries(vault, cache[p.id], d.disk),
+                                 block_count(d.size, d.block_size))
+            for _first, _end, blocks in ranges.walk(range_blocks):
+                live_blocks.update(blocks.values())
     async for info in vault.store.list(names.MAPS):
         if info.name[len(names.MAPS):] not in live_maps:
             await vault.store.delete(info.name)
@@ -199,12 +211,12 @@ async def _prune_streaming(
     vault: Vault, report: PruneReport, kept: list[Point], cache: dict[str, Point],
     leased: set[bytes], live: SortedSet, executor: Executor, repack_below: float,
     memory: int, index_dir: str | os.PathLike[str] | None,
-    temp_dir: str | os.PathLike[str] | None, say: Callable[[str], None],
+    temp_dir: str | os.PathLike[str] | None, say: Callable[[str], None], range_blocks: int,
 ) -> None:
     """Steps 4-7 within ``memory`` bytes (vault/prunestream.py)."""
     say(f"the index does not fit {memory / 2**20:g} MiB: collecting through temporary files")
     live.update(leased)
-    await _mark(vault, report, kept, cache, live)
+    await _mark(vault, report, kept, cache, live, range_blocks)
     say(f"{report.maps_deleted} unreferenced maps deleted")
     old_index_names = [b.name async for b in vault.store.list(names.INDEX)]
     with contextlib.ExitStack() as stack:

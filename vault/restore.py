@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vault.indexopen import open_block_index
-from vault.materialize import RANGE_BLOCKS, Progress, materialize
+from vault.mapranges import RANGE_BLOCKS
+from vault.materialize import Progress, materialize
 from vault.point import Point
 from vault.repo import Vault
 from vault.vhd import materialize_vhd

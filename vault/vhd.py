@@ -39,7 +39,8 @@ from dataclasses import dataclass
 
 from vault.errors import FormatError
 from vault.index import BlockIndex
-from vault.materialize import RANGE_BLOCKS, Progress, materialize
+from vault.mapranges import RANGE_BLOCKS
+from vault.materialize import Progress, materialize
 from vault.point import Point
 from vault.repo import Vault
 
