@@ -16,6 +16,7 @@ from tests.helpers import restore_all
 from vault import names
 from vault.chain import BrokenChainError, chain_of, crosses, rebase
 from vault.keyslots import KeyMaterial
+from vault.maps import FULL, BlockMap, MapBuilder, encode_map
 from vault.point import Point
 from vault.prune import prune
 from vault.repo import MAX_CHAIN, Vault
@@ -98,6 +99,7 @@ async def test_rebase_keeps_every_retained_point_exact(tmp_path: Path) -> None:
     forget = {pts[1].id, pts[2].id}
     kept = [p for p in pts if p.id not in forget]
     known = {p.id: p for p in pts}
+    resolved = await v.resolve_map(pts[3], "sda")
     rebased = []
     for p in kept:  # oldest first, as prune and retention go
         if crosses(await chain_of(v, p, known), forget):
@@ -106,6 +108,9 @@ async def test_rebase_keeps_every_retained_point_exact(tmp_path: Path) -> None:
     assert rebased == [pts[3].id]  # the later points now build on the rebased one
     new = await v.read_point(pts[3].id)
     assert (new.base, new.chain, new.disks[0].map_kind) == (None, 0, "full")
+    full = await v.read_map(new.disks[0].map)  # merged from its chain a range at a time
+    assert (full.kind, full.size, full.block_size, full.blocks) == (
+        FULL, resolved.size, resolved.block_size, resolved.blocks)
     assert new.disks[0].digest == pts[3].disks[0].digest
     for pid in forget:
         await v.store.delete(names.POINTS + pid)
@@ -122,3 +127,15 @@ async def test_prune_stops_before_changing_a_vault_with_a_broken_chain() -> None
         await prune(v, Retention(keep_all_hours=0, hourly_hours=0, two_hourly_hours=0,
                                  retention_hours=0), ex)
     assert await _objects(v) == before
+
+
+def test_a_map_built_entry_by_entry_is_the_encoded_map() -> None:
+    rng = random.Random(7)
+    blocks = {n: rng.randbytes(32) for n in sorted(rng.sample(range(10_000), 500))}
+    b = MapBuilder(FULL, 10_000 * 4096, 4096)
+    items = sorted(blocks.items())
+    b.extend(items[:200])
+    b.extend(items[200:])
+    assert b.plaintext() == encode_map(BlockMap(FULL, 10_000 * 4096, 4096, blocks))
+    with pytest.raises(ValueError, match="increasing block order"):
+        b.extend([items[0]])

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 
+from common.digest import block_count
 from vault import names
 from vault.errors import MissingObjectError
-from vault.maps import FULL, BlockMap
+from vault.mapchain import chain_entries
+from vault.mapranges import ChainRanges
+from vault.maps import FULL, MapBuilder
 from vault.point import DiskEntry, Point
 from vault.repo import MAX_CHAIN, Vault
 
@@ -80,9 +83,13 @@ async def rebase(vault: Vault, point: Point, known: dict[str, Point] | None = No
     """
     await chain_of(vault, point, known)
     disks = []
-    for d in point.disks:
-        full = await vault.resolve_map(point, d.disk)
-        map_id = await vault.put_map(BlockMap(FULL, d.size, d.block_size, full.blocks))
+    for d in point.disks:  # its chain's maps merged a range at a time, not in a dict
+        ranges = ChainRanges(await chain_entries(vault, point, d.disk),
+                             block_count(d.size, d.block_size))
+        full = MapBuilder(FULL, d.size, d.block_size)
+        for _first, _end, blocks in ranges.walk():
+            full.extend(sorted(blocks.items()))
+        map_id = await vault.put_map(full)
         disks.append(DiskEntry(d.disk, d.size, d.block_size, map_id, "full", d.digest))
     rebased = dataclasses.replace(point, base=None, chain=0, disks=disks)
     await vault.put_point(rebased)

@@ -27,7 +27,16 @@ from vault.errors import (
 from vault.index import BlockIndex, Index, open_index, seal_index
 from vault.keyopen import scan_key_slots
 from vault.keyslots import KeyMaterial, wrap
-from vault.maps import DELTA, FULL, ZERO_ID, BlockMap, open_map, seal_map
+from vault.maps import (
+    DELTA,
+    FULL,
+    ZERO_ID,
+    BlockMap,
+    MapBuilder,
+    open_map,
+    seal_map,
+    seal_map_plaintext,
+)
 from vault.pack import PackEntry, open_block
 from vault.point import Point, open_point, seal_point
 from vault.store.protocol import BlobStore
@@ -155,9 +164,11 @@ class Vault:
             index.add_object(names.INDEX + name_id, packs)
         return name_id
 
-    async def put_map(self, m: BlockMap) -> str:
+    async def put_map(self, m: BlockMap | MapBuilder) -> str:
         name_id = names.random_id()
-        await self.store.put(names.MAPS + name_id, seal_map(self.keyring, name_id, m))
+        sealed = (seal_map_plaintext(self.keyring, name_id, m.plaintext())
+                  if isinstance(m, MapBuilder) else seal_map(self.keyring, name_id, m))
+        await self.store.put(names.MAPS + name_id, sealed)
         return name_id
 
     async def put_point(self, p: Point) -> None:
