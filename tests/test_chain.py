@@ -28,9 +28,12 @@ BS = 64 * 1024
 NBLOCKS = 24
 
 
-async def _chain(n: int) -> tuple[Vault, list[Point], dict[str, str]]:
+async def _chain(n: int, range_blocks: int = 1 << 16
+                 ) -> tuple[Vault, list[Point], dict[str, str]]:
     """A vault with one full point and ``n - 1`` deltas on it, each changing (and zeroing)
-    a few blocks; returns the points oldest first and each point's disk sha256."""
+    a few blocks (a full map again after ``MAX_CHAIN`` deltas, merged from the base's in
+    ranges of ``range_blocks``); returns the points oldest first and each point's disk
+    sha256."""
     v = await Vault.create(MemoryStore(), KeyMaterial(keyfile=bytes(32)))
     rng = random.Random(11)
     disk = bytearray(rng.randbytes(NBLOCKS * BS))
@@ -45,7 +48,7 @@ async def _chain(n: int) -> tuple[Vault, list[Point], dict[str, str]]:
                 disk[b * BS:(b + 1) * BS] = bytes(BS) if b in zeroed else rng.randbytes(BS)
             w = CycleWriter(v, index, ex, machine="m1", cycle=f"c{i}",
                             disks=[DiskSpec("sda", len(disk), BS)], full=i == 0,
-                            base=points[-1] if points else None)
+                            base=points[-1] if points else None, range_blocks=range_blocks)
             await w.add([(0, b, bytes(disk[b * BS:(b + 1) * BS])) for b in changed])
             fps = b"".join(fingerprint(bytes(disk[b * BS:(b + 1) * BS]))
                            for b in range(NBLOCKS))
@@ -139,3 +142,18 @@ def test_a_map_built_entry_by_entry_is_the_encoded_map() -> None:
     assert b.plaintext() == encode_map(BlockMap(FULL, 10_000 * 4096, 4096, blocks))
     with pytest.raises(ValueError, match="increasing block order"):
         b.extend([items[0]])
+
+
+@pytest.mark.parametrize("span", [1 << 16, 5, 1], ids=["one-range", "ranges-of-5", "per-block"])
+async def test_a_chain_starts_again_with_a_full_map_merged_from_its_base(
+        tmp_path: Path, span: int) -> None:
+    v, pts, expected = await _chain(MAX_CHAIN + 3, range_blocks=span)
+    assert [p.chain for p in pts] == [*range(MAX_CHAIN + 1), 0, 1]
+    full = pts[MAX_CHAIN + 1]
+    assert (full.base, full.disks[0].map_kind) == (None, "full")
+    before = await v.resolve_map(pts[MAX_CHAIN], "sda")
+    changed = await v.read_map(full.disks[0].map)
+    # the base's blocks with this cycle's 5 changes (one of them zeroed) applied
+    assert len(set(before.blocks.items()) ^ set(changed.blocks.items())) <= 10
+    for p in pts[MAX_CHAIN:]:
+        assert await restore_all(v, p, tmp_path / "out") == {"sda": expected[p.id]}

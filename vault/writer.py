@@ -21,11 +21,14 @@ from itertools import islice
 
 import zstandard
 
+from common.digest import block_count
 from common.timefmt import now_iso
 from vault import names
 from vault.crypto import Keyring
 from vault.index import BlockIndex, Index
-from vault.maps import DELTA, FULL, ZERO_ID, BlockMap
+from vault.mapchain import chain_entries
+from vault.mapranges import RANGE_BLOCKS, ChainRanges
+from vault.maps import DELTA, FULL, ZERO_ID, BlockMap, MapBuilder
 from vault.pack import PackEntry, build_pack
 from vault.point import DiskEntry, Point
 from vault.repo import MAX_CHAIN, Vault
@@ -94,9 +97,13 @@ class CycleWriter:
         base: Point | None,
         on_pack: Callable[[int, int], None] | None = None,
         before_pack: Callable[[str], Awaitable[None]] | None = None,
+        range_blocks: int = RANGE_BLOCKS,
     ) -> None:
         if not full and base is None:
             raise ValueError("a delta cycle needs a base point")
+        if range_blocks < 1:
+            raise ValueError(f"a range is at least one block, not {range_blocks}")
+        self.range_blocks = range_blocks  # a full map merged from the base's, per range
         self.vault, self.index, self.executor = vault, index, executor
         self.machine, self.cycle, self.disks = machine, cycle, list(disks)
         self.full, self.base = full, base
@@ -242,22 +249,15 @@ class CycleWriter:
         write_full = self.full or chain > MAX_CHAIN
         disk_entries = []
         for i, spec in enumerate(self.disks):
-            if write_full:
-                if self.full:
-                    blocks = {n: b for n, b in self.changes[i].items() if b != ZERO_ID}
-                else:
-                    assert self.base is not None
-                    resolved = await self.vault.resolve_map(self.base, spec.name)
-                    blocks = resolved.blocks
-                    for n, b in self.changes[i].items():
-                        if b == ZERO_ID:
-                            blocks.pop(n, None)
-                        else:
-                            blocks[n] = b
-                m = BlockMap(FULL, spec.size, spec.block_size, blocks)
+            m: BlockMap | MapBuilder
+            if write_full and not self.full:  # the chain's 17th: the base's map merged
+                m, missing = await self._merged_full(spec, self.changes[i])
             else:
-                m = BlockMap(DELTA, spec.size, spec.block_size, self.changes[i])
-            missing = _count_unindexed(self.index, m.blocks.values())
+                changes = self.changes[i]
+                if write_full:  # a full cycle: every block of the disk is in its changes
+                    changes = {n: b for n, b in changes.items() if b != ZERO_ID}
+                m = BlockMap(FULL if write_full else DELTA, spec.size, spec.block_size, changes)
+                missing = _count_unindexed(self.index, m.blocks.values())
             if missing:
                 # Never write a point that cannot be restored.
                 raise MissingBlocksError(
@@ -276,6 +276,33 @@ class CycleWriter:
         )
         await self.vault.put_point(point)
         return point
+
+    async def _merged_full(self, spec: DiskSpec, changes: dict[int, bytes]
+                           ) -> tuple[MapBuilder, int]:
+        """A full map of ``spec``: the base's map with this cycle's ``changes``, merged a
+        range at a time along the base's chain of maps (vault/mapranges.py), not in a
+        dict of the disk; and how many of its ids are in no index."""
+        assert self.base is not None
+        ranges = ChainRanges(await chain_entries(self.vault, self.base, spec.name),
+                             block_count(spec.size, spec.block_size))
+        todo = sorted(changes.items())
+        k = missing = 0
+        out = MapBuilder(FULL, spec.size, spec.block_size)
+        for _first, end, blocks in ranges.walk(self.range_blocks):
+            while k < len(todo) and todo[k][0] < end:
+                n, bid = todo[k]
+                k += 1
+                if bid == ZERO_ID:
+                    blocks.pop(n, None)
+                else:
+                    blocks[n] = bid
+            merged = sorted(blocks.items())
+            missing += _count_unindexed(self.index, (b for _, b in merged))
+            out.extend(merged)
+        if k < len(todo):
+            raise ValueError(f"cycle {self.cycle}: block {todo[k][0]} lies beyond disk "
+                             f"{spec.name!r}")
+        return out, missing
 
     async def abort(self) -> None:
         """Cancel the pack writes and checkpoints still running (nothing partial becomes
