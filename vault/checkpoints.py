@@ -174,7 +174,7 @@ class PointChecks:
                 digest.update(bytes(buf))
         if causes.unindexed:
             hint = ""
-            if any(p not in self.listing for p in self.sizes):
+            if any(pack not in self.listing for pack in self.sizes):
                 hint = "; some packs are unindexed: 'siterecovery rebuild-index' may recover them"
             self.add(pname, "unrestorable", f"disk {disk!r}: {causes.unindexed} block(s) it "
                                             f"needs are in no index (first: block "
