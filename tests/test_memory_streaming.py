@@ -273,9 +273,9 @@ async def test_check_streaming_finds_what_the_in_memory_check_finds(
                                                temp_dir=tmp_path, range_blocks=span)
                 docs.append(report.to_json())
             assert all(d == docs[0] for d in docs[1:])
-            if subset is not None:  # some disks' blocks not all read: no digest for those
-                counts = docs[0]["counts"]
-                assert damaged or counts["digests_skipped"] > 0 < counts["digests_verified"]  # type: ignore[index]
+            if subset is not None:  # a disk whose blocks were not all read has no digest
+                counts = docs[0]["counts"]  # (which packs a subset reads varies by vault)
+                assert damaged or counts["digests_skipped"] + counts["digests_verified"] == 20  # type: ignore[index]
                 continue
             kinds = {p["kind"] for p in docs[0]["problems"]}  # type: ignore[attr-defined]
             if damaged:
