@@ -10,6 +10,7 @@ once and used at several places of the disk, in a small dict).
 from __future__ import annotations
 
 from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from vault.index import Location
@@ -38,36 +39,56 @@ class _Pack:
 
 
 class BlockTable:
-    def __init__(self, nblocks: int,
-                 by_pack: dict[str, list[tuple[int, bytes, Location]]]) -> None:
-        """``by_pack``: what ``vault.index.locate_blocks`` returns for the disk's map."""
+    """Built a range of the disk at a time: ``add`` each range's located blocks, then
+    ``finish``; nothing per block is held beside the table's arrays meanwhile."""
+
+    def __init__(self, nblocks: int) -> None:
         self.nblocks = nblocks
+        self.stored = 0  # the disk's blocks in the point's map
         self.pack_ids: list[str] = []
+        self._number: dict[str, int] = {}  # pack id -> its number, while building
         self._packs: list[_Pack] = []
         self._more: dict[tuple[int, int], tuple[int, ...]] = {}
         self._pack_of = array("i", [-1]) * nblocks
         self._pos = array("I", [0]) * nblocks
-        for pack_id, items in by_pack.items():
-            pi = len(self.pack_ids)
-            self.pack_ids.append(pack_id)
-            pk = _Pack()
-            self._packs.append(pk)
-            holders: dict[int, list[int]] = {}
-            for n, bid, loc in sorted(items, key=lambda it: (it[2].offset, it[0])):
-                same = holders.get(loc.offset)
-                if same is not None:
-                    same.append(n)
-                    self._pack_of[n], self._pos[n] = pi, len(pk.offs) - 1
-                    continue
-                holders[loc.offset] = [n]
-                self._pack_of[n], self._pos[n] = pi, len(pk.offs)
-                pk.offs.append(loc.offset)
-                pk.lens.append(loc.length)
-                pk.ids += bid
-                pk.first.append(n)
-            for ns in holders.values():
-                if len(ns) > 1:
-                    self._more[(pi, self._pos[ns[0]])] = tuple(ns)
+
+    def add(self, items: Iterable[tuple[int, bytes, Location]]) -> None:
+        """Blocks of the disk (block number, id, where it is; each block once, in any
+        order), as ``vault.index`` lookups give them."""
+        for n, bid, loc in items:
+            pi = self._number.get(loc.pack_id)
+            if pi is None:
+                pi = self._number[loc.pack_id] = len(self.pack_ids)
+                self.pack_ids.append(loc.pack_id)
+                self._packs.append(_Pack())
+            pk = self._packs[pi]
+            self._pack_of[n] = pi
+            pk.offs.append(loc.offset)
+            pk.lens.append(loc.length)
+            pk.ids += bid
+            pk.first.append(n)
+            self.stored += 1
+
+    def finish(self) -> None:
+        """Put each pack's entries in offset order (what a fetch reads runs of), one entry
+        for a block stored once and held at several places of the disk."""
+        for pi, pk in enumerate(self._packs):
+            order = sorted(range(len(pk.offs)), key=lambda i: (pk.offs[i], pk.first[i]))
+            out = _Pack()
+            for i in order:
+                n = pk.first[i]
+                if out.offs and out.offs[-1] == pk.offs[i]:  # the same stored block again
+                    pos = len(out.offs) - 1
+                    self._more[(pi, pos)] = (*self._more.get((pi, pos), (out.first[pos],)), n)
+                else:
+                    pos = len(out.offs)
+                    out.offs.append(pk.offs[i])
+                    out.lens.append(pk.lens[i])
+                    out.ids += pk.ids[i * ID:(i + 1) * ID]
+                    out.first.append(n)
+                self._pos[n] = pos
+            self._packs[pi] = out
+        self._number.clear()
 
     def in_map(self, n: int) -> bool:
         """Whether block ``n`` is stored (absent: it is zero at the point)."""

@@ -22,11 +22,16 @@ from concurrent.futures import Executor
 
 import structlog
 
+from common.digest import block_count
 from instant import protocol as p
 from instant.blocktable import BlockTable, Entry
 from instant.overlay import Overlay, OverlayHeader
 from vault import names
-from vault.index import Index, locate_blocks
+from vault.errors import UnindexedBlocksError
+from vault.index import BlockIndex, Location
+from vault.mapchain import chain_entries
+from vault.mapranges import RANGE_BLOCKS, ChainRanges
+from vault.maps import MapEntries
 from vault.pack import open_block
 from vault.packrange import read_range
 from vault.point import Point
@@ -54,7 +59,7 @@ class PointDisk:
         self._tasks: set[asyncio.Task[None]] = set()
         self.fetched_bytes = 0
         # blocks in the point's map (the rest are zeros, present from the overlay's creation)
-        self.stored_blocks = sum(1 for n in range(overlay.nblocks) if table.in_map(n))
+        self.stored_blocks = table.stored
 
     @property
     def stored_present(self) -> int:
@@ -63,17 +68,25 @@ class PointDisk:
 
     @classmethod
     async def open(cls, vault: Vault, point: Point, disk: str, overlay_dir: str, *,
-                   executor: Executor, index: Index | None = None) -> PointDisk:
-        """Resolve ``disk`` of ``point`` (its map and where its blocks are) and open its
-        overlay in ``overlay_dir``. Raises KeyError for a disk the point lacks,
-        UnindexedBlocksError / IntegrityError for a damaged vault, OverlayMismatch."""
+                   executor: Executor, index: BlockIndex | None = None,
+                   range_blocks: int = RANGE_BLOCKS) -> PointDisk:
+        """Locate every block of ``disk`` of ``point`` (``index``, or the vault's loaded for
+        the purpose and let go after) and open its overlay in ``overlay_dir``. Raises
+        KeyError for a disk the point lacks, UnindexedBlocksError / IntegrityError for a
+        damaged vault, OverlayMismatch. The disk's maps are gone through ``range_blocks``
+        blocks at a time."""
         entry = point.disk(disk)
-        bmap = await vault.resolve_map(point, disk)
-        index = index if index is not None else await vault.load_index()
-        by_pack = locate_blocks(index, names.POINTS + point.id, disk, bmap.blocks)
-        nblocks = (entry.size + entry.block_size - 1) // entry.block_size
-        table = BlockTable(nblocks, by_pack)
-        del by_pack, bmap  # the table is all that is kept
+        nblocks = block_count(entry.size, entry.block_size)
+        chain = await chain_entries(vault, point, disk)
+        own = index is None
+        index = await vault.load_index() if index is None else index
+        try:
+            table = await asyncio.to_thread(_table, chain, nblocks, index, point, disk,
+                                            range_blocks)
+        finally:
+            if own:
+                index.close()
+        del chain, index  # the table is all that is kept
         header = OverlayHeader(point.id, disk, entry.size, entry.block_size)
         zero = (n for n in range(nblocks) if not table.in_map(n))
         loop = asyncio.get_running_loop()
@@ -291,3 +304,28 @@ class PointDisk:
             await asyncio.wait(tasks)
         self.overlay.close()
 
+
+
+def _table(chain: list[MapEntries], nblocks: int, index: BlockIndex, point: Point,
+           disk: str, span: int) -> BlockTable:
+    """Where every block of the disk is: its chain of maps gone through a range at a time
+    (vault/mapranges.py), each range's ids looked up in one batch (no dict of the whole
+    disk). ``UnindexedBlocksError`` if a block is in no index (how many, the first)."""
+    table = BlockTable(nblocks)
+    missing, first_missing = 0, -1
+    for _first, _end, blocks in ChainRanges(chain, nblocks).walk(span):
+        found = index.lookup(set(blocks.values()))
+        located: list[tuple[int, bytes, Location]] = []
+        for n, bid in blocks.items():
+            loc = found.get(bid)
+            if loc is not None:
+                located.append((n, bid, loc))
+            elif not missing:
+                missing, first_missing = 1, n
+            else:
+                missing += 1
+        table.add(located)
+    if missing:
+        raise UnindexedBlocksError(names.POINTS + point.id, disk, missing, first_missing)
+    table.finish()
+    return table

@@ -93,20 +93,24 @@ class InstantServers:
             async with locked(vault, "shared", f"instant recovery of {key}", wait=LOCK_WAIT), \
                     contextlib.AsyncExitStack() as stack:
                 point = await vault.read_point(source.point)
-                index = await vault.load_index()
-                for d in disks:
-                    await asyncio.to_thread(d.overlay.mkdir, mode=0o700, parents=True,
-                                            exist_ok=True)
-                    disk = await PointDisk.open(vault, point, d.name, str(d.overlay),
-                                                executor=self._executor, index=index)
-                    stack.push_async_callback(disk.close)
-                    stack.push_async_callback(disk.flush)  # runs before close
-                    server = NbdServer({"": disk, d.name: disk}, socket_path=str(d.socket),
-                                       socket_owner=self.socket_owner)
-                    await server.start()
-                    stack.push_async_callback(server.stop)  # runs first
-                    m.disks[d.name] = disk
-                    m.servers[d.name] = server
+                index = await vault.load_index()  # let go once the disks are located
+                try:
+                    for d in disks:
+                        await asyncio.to_thread(d.overlay.mkdir, mode=0o700, parents=True,
+                                                exist_ok=True)
+                        disk = await PointDisk.open(vault, point, d.name, str(d.overlay),
+                                                    executor=self._executor, index=index)
+                        stack.push_async_callback(disk.close)
+                        stack.push_async_callback(disk.flush)  # runs before close
+                        server = NbdServer({"": disk, d.name: disk}, socket_path=str(d.socket),
+                                           socket_owner=self.socket_owner)
+                        await server.start()
+                        stack.push_async_callback(server.stop)  # runs first
+                        m.disks[d.name] = disk
+                        m.servers[d.name] = server
+                finally:
+                    index.close()
+                    del index
                 log.info("instant_serving", machine=key, point=point.id,
                          disks=[str(d.socket) for d in disks])
                 m.ready.set()

@@ -1,5 +1,6 @@
 """instant/ against the vault: a damaged pack is an I/O error and never data, one fetch
-serves concurrent reads of a block, and hydration keeps to its rate."""
+serves concurrent reads of a block, hydration keeps to its rate, and the table of where
+a disk's blocks are is the same however many ranges it was built in."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tests.helpers import BLOCK, open_vault
 from tests.test_instant_nbd import NBLOCKS, Client, Site, _build, run, served
 from vault import names
 from vault.errors import IntegrityError
+from vault.mapranges import RANGE_BLOCKS
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +56,38 @@ async def test_a_damaged_block_is_an_io_error_never_data(site: Site, tmp_path: P
         with pytest.raises(IntegrityError, match="failed verification"):
             await hydrate(disk)
         assert not disk.overlay.complete and not disk.overlay.present(1)
+
+
+async def test_the_block_table_built_in_ranges_is_the_whole_ones(site: Site, tmp_path: Path
+                                                                  ) -> None:
+    """Built from the point's chain of maps a range at a time (the whole disk, 7 blocks, one
+    block), the table places every block alike — block 7, stored once and also held at
+    block 3, one entry of its pack for both — and the disk reads back byte for byte."""
+    v = await open_vault(site.vault_dir, site.key)
+    try:
+        with ThreadPoolExecutor(2) as ex:
+            disks = [await PointDisk.open(v, site.point, "sda", str(tmp_path / f"o{span}"),
+                                          executor=ex, range_blocks=span)
+                     for span in (RANGE_BLOCKS, 7, 1)]
+            try:
+                views = []
+                for disk in disks:
+                    t = disk._table
+                    views.append([t.entry(*t.locate(n)) if t.in_map(n) else None
+                                  for n in range(NBLOCKS + 1)])
+                    assert all(t.start(pk, i) < t.start(pk, i + 1)  # each pack in offset order
+                               for pk in range(len(t.pack_ids)) for i in range(t.count(pk) - 1))
+                assert views[1] == views[0] and views[2] == views[0]
+                shared = views[0][3]
+                assert shared is not None and shared.blocks == (3, 7) and views[0][7] == shared
+                assert {disk.stored_blocks for disk in disks} == {
+                    sum(1 for e in views[0] if e is not None)}
+                assert await disks[2].read(0, len(site.data)) == site.data
+            finally:
+                for disk in disks:
+                    await disk.close()
+    finally:
+        await v.close()
 
 
 async def test_concurrent_reads_of_a_block_share_one_fetch(site: Site, tmp_path: Path
