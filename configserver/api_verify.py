@@ -37,7 +37,8 @@ async def run_verify(call: Call) -> web.Response:
     body: dict[str, Any] = call.body or {}
     params: dict[str, Any] = {"all": bool(body.get("all", False)),
                               "reverify_days": cfg.verify_reverify_days,
-                              "daily_share": cfg.verify_daily_share_percent}
+                              "daily_share": cfg.verify_daily_share_percent,
+                              **verifyjob.budget(cfg.gc_memory_mib, cfg.data_dir)}
     if body.get("machine"):
         params["machine"] = body["machine"]
     job = await verifyjob.request(call.services, params)

@@ -26,7 +26,8 @@ def background_tasks(services: Services) -> list[Coroutine[Any, Any, None]]:
             notifydeliver.run(services, services.cfg.secrets_key_path),
             verifyjob.schedule(services, services.cfg.verify_interval_hours, {
                 "reverify_days": services.cfg.verify_reverify_days,
-                "daily_share": services.cfg.verify_daily_share_percent}),
+                "daily_share": services.cfg.verify_daily_share_percent,
+                **verifyjob.budget(services.cfg.gc_memory_mib, services.cfg.data_dir)}),
             gcjob.schedule(services, services.cfg.prune_interval_hours,
                            gcjob.budget(services.cfg.gc_memory_mib)),
             pshealth.run(services, services.alert_book.up_since,

@@ -8,6 +8,17 @@ re-verification of a large vault is spread over days, as Proxmox Backup Server's
 jobs do. ``verify_points`` holds the vault's *shared* lock while it reads: uploads share
 it and go on; a prune waits, so nothing a point needs is deleted under the verification.
 
+What it holds does not grow with the disks or the vault: a disk is verified a range of
+``range_blocks`` blocks at a time along its chain of maps held as their plaintexts
+(vault/mapranges.py, 40 bytes a map entry), and the points of one machine's disk that
+rest on the same full map go through their ranges together, so a block they share is
+read once. A range's block ids are looked up in one batch, in the vault's index — in
+memory, or past ``memory`` bytes in a table on local disk in a temporary directory
+(vault/indexdb.py). The fingerprints of the blocks read are kept for later ranges and
+points (a block several machines share is read once too) within what the index leaves
+of ``memory`` (a quarter of it when the index is on disk); past it the oldest are let
+go, and a block needed again is read again.
+
 A point fails when one of its disks cannot be shown to restore to its manifest's digest;
 its result names the store objects at fault (the map, the index, the pack whose block
 failed to authenticate, or the manifest whose digest its blocks do not give).
@@ -16,21 +27,31 @@ failed to authenticate, or the manifest whose digest its blocks do not give).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
+from common.digest import DiskDigest, block_count
 from vault import names
-from vault.checkdata import chunks, digest_from, open_blocks
-from vault.errors import IntegrityError, NotFoundError
+from vault.checkdata import chunks, open_blocks
+from vault.errors import IntegrityError, NotFoundError, PermanentStoreError
+from vault.index import BlockIndex, Index
+from vault.indexopen import MEMORY_PER_BLOCK, open_block_index
 from vault.locks import locked
-from vault.maps import ZERO_ID
+from vault.mapchain import chain_entries
+from vault.mapranges import RANGE_BLOCKS, ChainRanges
+from vault.maps import MapEntries
 from vault.pack import PackEntry
-from vault.point import Point
-from vault.repo import Vault
+from vault.point import DiskEntry, Point
+from vault.repo import MAX_CHAIN, Vault
+from vault.restorejournal import ZeroFingerprints, place
 
 CHUNK = 8 << 20  # bytes of a pack read at once, as check does
+FP_ENTRY = 150  # bytes a kept fingerprint costs (a dict entry, the id, the fingerprint)
 LOCK_WAIT = 600.0
 DAY = 86400.0
 Progress = Callable[[int, int], None]
@@ -89,113 +110,278 @@ def due(points: Sequence[Point], last_verified: Mapping[str, float], now: float,
 
 async def verify_points(vault: Vault, points: Sequence[Point], executor: Executor | None,
                         *, clock: Callable[[], float], progress: Progress | None = None,
-                        wait: float = LOCK_WAIT) -> list[PointResult]:
+                        wait: float = LOCK_WAIT, memory: int | None = None,
+                        index_dir: str | os.PathLike[str] | None = None,
+                        temp_dir: str | os.PathLike[str] | None = None,
+                        range_blocks: int = RANGE_BLOCKS) -> list[PointResult]:
     """Verify ``points`` of ``vault`` (in that order) under a shared lock, waiting up to
-    ``wait`` seconds for an exclusive holder (``LockedError`` after). Each block is read
-    once however many points share it; ``progress(done, total)`` counts bytes read.
-    Store errors other than a missing object raise: the vault could not be read, which
-    proves nothing about the points."""
+    ``wait`` seconds for an exclusive holder (``LockedError`` after).
+    ``progress(done, total)`` counts bytes of the disks gone through. ``memory``: a
+    budget in bytes (None: in memory whatever the size; see the module's docstring).
+    Past it the index is a table in ``index_dir``, kept for the next run and brought up to
+    date then (vault/indexopen.py), or without one in a temporary directory in
+    ``temp_dir``, built for this run. Store errors other than a missing object raise: the
+    vault could not be read, which proves nothing about the points."""
+    if range_blocks < 1:
+        raise ValueError(f"a range is at least one block, not {range_blocks}")
     async with locked(vault, "shared", "verify", wait=wait):
-        return await _Verifier(vault, executor, progress).run(points, clock)
+        with tempfile.TemporaryDirectory(prefix="siterecovery-verify-", dir=temp_dir) as tmp:
+            where = None if memory is None else index_dir if index_dir is not None else tmp
+            index = await open_block_index(vault, index_dir=where, memory=memory)
+            try:
+                return await _Verifier(vault, executor, index, progress, range_blocks,
+                                       _keep(index, memory)).run(points, clock)
+            finally:
+                index.close()
+
+
+def _keep(index: BlockIndex, memory: int | None) -> int | None:
+    """How many fingerprints to keep between ranges within ``memory`` (None: all): what
+    the index leaves of the budget when it is in memory, else a quarter of it (the
+    on-disk index's cache takes another)."""
+    if memory is None:
+        return None
+    if isinstance(index, Index):
+        return max(0, memory - len(index) * MEMORY_PER_BLOCK) // FP_ENTRY
+    return memory // 4 // FP_ENTRY
+
+
+@dataclass
+class _Disk:
+    """One point's disk, verified range by range."""
+
+    result: PointResult
+    point: Point
+    entry: DiskEntry
+    ranges: ChainRanges
+    nblocks: int
+    zeros: ZeroFingerprints
+    digest: DiskDigest = field(default_factory=DiskDigest)
+    unindexed: int = 0
+    first_unindexed: int = -1
+    bad: dict[str, Damage] = field(default_factory=dict)  # pack -> the first block in it
+    failed: bool = False  # its chain of maps broke: the damage is recorded
+
+
+@dataclass
+class _Range:
+    """What the points of a range found: block id -> fingerprint, and ids in no index."""
+
+    fps: dict[bytes, bytes] = field(default_factory=dict)
+    absent: set[bytes] = field(default_factory=set)
 
 
 class _Verifier:
-    def __init__(self, vault: Vault, executor: Executor | None,
-                 progress: Progress | None) -> None:
-        self.vault, self.executor, self.progress = vault, executor, progress
-        self.fps: dict[bytes, bytes] = {}  # block id -> fingerprint, blocks that verified
+    def __init__(self, vault: Vault, executor: Executor | None, index: BlockIndex,
+                 progress: Progress | None, range_blocks: int, keep: int | None) -> None:
+        self.vault, self.executor, self.index = vault, executor, index
+        self.progress, self.range_blocks, self.keep = progress, range_blocks, keep
+        self.known: dict[bytes, bytes] = {}  # block id -> fingerprint, the oldest first
         self.bad: dict[bytes, Damage] = {}  # block id -> the pack at fault
+        self.done = self.total = 0
 
     async def run(self, points: Sequence[Point], clock: Callable[[], float]
                   ) -> list[PointResult]:
-        index = await self.vault.load_index()
-        maps: dict[tuple[str, str], dict[int, bytes] | Damage] = {}
+        results = {p.id: PointResult(p.id, p.machine, p.created, 0.0) for p in points}
+        groups = await self._groups(points)
+        self.total = sum(max(p.disk(disk).size for p in pts) for disk, pts in groups)
+        for disk, pts in groups:
+            await self._group(disk, pts, results)
+        if self.progress is not None:
+            self.progress(self.total, self.total)
+        now = clock()
+        for r in results.values():
+            r.verified = now
+        return list(results.values())
+
+    async def _groups(self, points: Sequence[Point]) -> list[tuple[str, list[Point]]]:
+        """``(disk, points)`` per machine's disk and the full map its points rest on, in
+        the order first met."""
+        groups: dict[tuple[str, str, str], tuple[str, list[Point]]] = {}
+        known = {p.id: p for p in points}
         for p in points:
             for d in p.disks:
-                maps[(p.id, d.disk)] = await self._blocks_of(p, d.disk)
-        wanted: dict[str, set[PackEntry]] = {}
-        for blocks in maps.values():
-            if isinstance(blocks, Damage):
-                continue
-            for bid in blocks.values():
-                loc = index.entries.get(bid)
-                if loc is None:
-                    continue  # reported per disk below
-                wanted.setdefault(loc.pack_id, set()).add(
-                    PackEntry(bid, loc.offset, loc.length))
-        await self._read(wanted)
-        out = []
-        for p in points:
-            r = PointResult(p.id, p.machine, p.created, 0.0)
-            for d in p.disks:
-                blocks = maps[(p.id, d.disk)]
-                if isinstance(blocks, Damage):
-                    r.damaged.append(blocks)
-                    continue
-                found = self._damage(p, d.disk, blocks, index.entries)
-                if found:
-                    r.damaged.extend(found)
-                    continue
-                got = digest_from(d.size, d.block_size, blocks, self.fps)
-                if got != d.digest:
-                    r.damaged.append(Damage(names.POINTS + p.id, (
-                        f"disk {d.disk!r}: its blocks give digest {str(got)[:16]}, the "
-                        f"manifest records {d.digest[:16]}")))
-                else:
-                    r.disks += 1
-            r.verified = clock()
-            out.append(r)
-        return out
+                root = await self._root(p, d.disk, known)
+                groups.setdefault((p.machine, d.disk, root), (d.disk, []))[1].append(p)
+        return list(groups.values())
 
-    async def _blocks_of(self, p: Point, disk: str) -> dict[int, bytes] | Damage:
-        try:
-            m = await self.vault.resolve_map(p, disk)
-        except IntegrityError as e:  # a missing or damaged map or base manifest
-            return Damage(e.object_name, f"disk {disk!r} of points/{p.id}: {e.reason}")
-        return {n: b for n, b in m.blocks.items() if b != ZERO_ID}
-
-    def _damage(self, p: Point, disk: str, blocks: dict[int, bytes],
-                entries: Mapping[bytes, object]) -> list[Damage]:
-        unindexed = [n for n, b in sorted(blocks.items()) if b not in entries]
-        if unindexed:
-            return [Damage(names.INDEX.rstrip("/"), (
-                f"disk {disk!r} of points/{p.id}: {len(unindexed)} block(s) are in no index "
-                f"(first: block {unindexed[0]})"))]
-        found: dict[str, Damage] = {}
-        for n, b in sorted(blocks.items()):
-            bad = self.bad.get(b)
-            if bad is not None and bad.object not in found:
-                found[bad.object] = Damage(bad.object, f"disk {disk!r} of points/{p.id}, "
-                                                       f"block {n}: {bad.reason}")
-        return list(found.values())
-
-    async def _read(self, wanted: dict[str, set[PackEntry]]) -> None:
-        total = sum(e.length for es in wanted.values() for e in es)
-        done = 0
-        loop = asyncio.get_running_loop()
-        for pack_id in sorted(wanted):
-            name = names.pack_name(pack_id)
-            work = sorted(wanted[pack_id], key=lambda e: (e.offset, e.length))
-            for lo, hi, group in chunks(work, CHUNK):
+    async def _root(self, p: Point, disk: str, known: dict[str, Point]) -> str:
+        """The full map ``p``'s ``disk`` rests on (its manifests followed, no map read), or
+        ``p``'s own id where they cannot be (``chain_entries`` then says why)."""
+        q = p
+        for _ in range(MAX_CHAIN + 2):
+            try:
+                entry = q.disk(disk)
+            except KeyError:
+                break
+            if entry.map_kind == "full" or q.base is None:
+                return entry.map
+            base = known.get(q.base)
+            if base is None:
                 try:
-                    raw = await self.vault.store.get(name, lo, hi - lo)
-                except NotFoundError:
+                    base = known[q.base] = await self.vault.read_point(q.base)
+                except (NotFoundError, IntegrityError):
+                    break
+            q = base
+        return "point " + p.id
+
+    async def _group(self, disk: str, pts: list[Point], results: dict[str, PointResult]
+                     ) -> None:
+        maps: dict[str, MapEntries] = {}  # the group's maps, each held once
+        disks: list[_Disk] = []
+        for p in pts:
+            entry = p.disk(disk)
+            try:
+                ranges = ChainRanges(await chain_entries(self.vault, p, disk, maps),
+                                     block_count(entry.size, entry.block_size))
+            except IntegrityError as e:  # a missing or damaged map or base manifest
+                results[p.id].damaged.append(Damage(e.object_name, f"disk {disk!r} of "
+                                                    f"points/{p.id}: {e.reason}"))
+                continue
+            nblocks = block_count(entry.size, entry.block_size)
+            disks.append(_Disk(results[p.id], p, entry, ranges, nblocks,
+                               ZeroFingerprints(entry.size, entry.block_size)))
+        size = max(p.disk(disk).size for p in pts)
+        first = 0
+        while live := [d for d in disks if not d.failed and first < d.nblocks]:
+            end = first + self.range_blocks
+            rng = _Range()
+            for d in live:
+                last = min(end, d.nblocks)
+                try:
+                    blocks = d.ranges.blocks(first, last)
+                except IntegrityError as e:  # a map out of order or past the disk
+                    d.failed = True
+                    d.result.damaged.append(Damage(e.object_name, f"disk {disk!r} of "
+                                                   f"points/{d.point.id}: {e.reason}"))
+                    continue
+                await self._fingerprints(blocks.values(), rng)
+                self._apply(d, first, last, blocks, rng)
+            self._keep(rng.fps)
+            first = end
+            if self.progress is not None:
+                block_size = max(d.entry.block_size for d in live)
+                self.progress(self.done + min(size, end * block_size), self.total)
+        self.done += size
+        for d in disks:
+            self._finish(disk, d)
+
+    async def _fingerprints(self, ids: Iterable[bytes], rng: _Range) -> None:
+        """Put in ``rng`` the fingerprints of ``ids``, reading the blocks not known yet
+        (one index lookup for all of them), and the ids that no index lists."""
+        todo: set[bytes] = set()
+        for b in ids:
+            if b in rng.fps or b in rng.absent or b in self.bad:
+                continue
+            fp = self.known.get(b)
+            if fp is None:
+                todo.add(b)
+            else:
+                rng.fps[b] = fp
+        if not todo:
+            return
+        found = (self.index.lookup(todo) if isinstance(self.index, Index)  # a dict: at once
+                 else await asyncio.to_thread(self.index.lookup, todo))
+        rng.absent.update(todo - found.keys())
+        wanted: dict[str, list[PackEntry]] = {}
+        for b, loc in found.items():
+            wanted.setdefault(loc.pack_id, []).append(PackEntry(b, loc.offset, loc.length))
+        await self._read(wanted, rng)
+
+    def _apply(self, d: _Disk, first: int, end: int, blocks: dict[int, bytes],
+               rng: _Range) -> None:
+        """Feed a range's ``blocks`` to ``d``'s digest, or note what is wrong with them."""
+        if d.unindexed or d.bad or any(b not in rng.fps for b in blocks.values()):
+            for n, b in sorted(blocks.items()):
+                if b in rng.absent:
+                    if not d.unindexed:
+                        d.first_unindexed = n
+                    d.unindexed += 1
+                    continue
+                bad = self.bad.get(b)
+                if bad is not None and bad.object not in d.bad:
+                    d.bad[bad.object] = Damage(bad.object, f"disk {d.entry.disk!r} of "
+                                               f"points/{d.point.id}, block {n}: {bad.reason}")
+            return
+        buf = d.zeros.range(first, end)
+        place(buf, first, {n: rng.fps[b] for n, b in blocks.items()})
+        d.digest.update(bytes(buf))
+
+    def _finish(self, disk: str, d: _Disk) -> None:
+        r, p = d.result, d.point
+        if d.failed:
+            return
+        if d.unindexed:
+            r.damaged.append(Damage(names.INDEX.rstrip("/"), (
+                f"disk {disk!r} of points/{p.id}: {d.unindexed} block(s) are in no index "
+                f"(first: block {d.first_unindexed})")))
+        elif d.bad:
+            r.damaged.extend(d.bad.values())
+        elif (got := d.digest.hexdigest()) != d.entry.digest:
+            r.damaged.append(Damage(names.POINTS + p.id, (
+                f"disk {disk!r}: its blocks give digest {got[:16]}, the manifest records "
+                f"{d.entry.digest[:16]}")))
+        else:
+            r.disks += 1
+
+    def _keep(self, fps: dict[bytes, bytes]) -> None:
+        """Keep a range's fingerprints for later ranges, the oldest let go past ``keep``."""
+        self.known.update(fps)
+        if self.keep is not None:
+            over = len(self.known) - self.keep
+            if over > 0:  # in one pass: the oldest are at the front
+                for b in list(itertools.islice(self.known, over)):
+                    del self.known[b]
+
+    async def _read(self, wanted: dict[str, list[PackEntry]], rng: _Range) -> None:
+        """Read and open the ``wanted`` blocks (pack id -> entries), a bounded span of a
+        pack at a time, the next span's read under way while one's blocks are opened."""
+        reads = [(pack_id, lo, hi, group) for pack_id in sorted(wanted)
+                 for lo, hi, group in chunks(sorted(wanted[pack_id], key=lambda e: (
+                     e.offset, e.length)), CHUNK)]
+        loop = asyncio.get_running_loop()
+        ahead: asyncio.Future[bytes | None] | None = None
+        try:
+            for i, (pack_id, lo, hi, group) in enumerate(reads):
+                raw = await (ahead if ahead is not None else self._get(pack_id, lo, hi))
+                ahead = (asyncio.ensure_future(self._get(*reads[i + 1][:3]))
+                         if i + 1 < len(reads) else None)
+                name = names.pack_name(pack_id)
+                if raw is None:
                     for e in group:
                         self.bad[e.block_id] = Damage(name, "the pack is missing")
                     continue
-                if len(raw) < hi - lo:
+                if len(raw) < hi - lo:  # the blocks past its end are lost, not those before
                     for e in group:
-                        self.bad[e.block_id] = Damage(name, "the pack is truncated")
-                    continue
+                        if e.offset + e.length > lo + len(raw):
+                            self.bad[e.block_id] = Damage(name, "the pack is truncated")
+                    group = [e for e in group if e.offset + e.length <= lo + len(raw)]
                 results = await loop.run_in_executor(
                     self.executor, open_blocks, self.vault.keyring, pack_id, group, raw, lo)
                 for e, fp_or_error in zip(group, results, strict=True):
                     if isinstance(fp_or_error, bytes):
-                        self.fps[e.block_id] = fp_or_error
+                        rng.fps[e.block_id] = fp_or_error
                     else:
                         self.bad[e.block_id] = Damage(
                             name, f"block {e.block_id.hex()[:16]} at {e.offset} failed "
                                   f"verification: {fp_or_error}")
-                done += sum(e.length for e in group)
-                if self.progress is not None:
-                    self.progress(done, total)
+        finally:
+            if ahead is not None and not ahead.done():
+                ahead.cancel()
+                await asyncio.gather(ahead, return_exceptions=True)
+
+    async def _get(self, pack_id: str, lo: int, hi: int) -> bytes | None:
+        """Bytes ``[lo, hi)`` of the pack, or those of them it still has if it was cut
+        short (a store refuses a range past an object's end: its size then tells); None
+        if it is missing."""
+        name = names.pack_name(pack_id)
+        try:
+            try:
+                return await self.vault.store.get(name, lo, hi - lo)
+            except PermanentStoreError:
+                size = (await self.vault.store.stat(name)).size
+                if size >= hi:
+                    raise  # not a short pack: the store failed
+                return await self.vault.store.get(name, lo, size - lo) if size > lo else b""
+        except NotFoundError:
+            return None

@@ -7,7 +7,9 @@ verify again or are gone), the item's health, and metrics.
 Jobs run on the target ``vault`` (one verification at a time; a scheduled prune shares
 the target, so the two never race). Parameters: ``machine`` (only its points; default
 every machine), ``all`` (every point, not only those due), ``reverify_days`` and
-``daily_share`` (percent) for what is due (``verification.due``). A scheduled run
+``daily_share`` (percent) for what is due (``verification.due``), ``memory_mib`` (the
+server's ``gc_memory_mib`` when queued) and ``index_dir`` (``<data_dir>/verify-index``:
+the vault's index past that budget, kept between runs). A scheduled run
 (``schedule``) is queued every ``verify_interval_hours`` when none is active.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -31,6 +34,7 @@ from configserver.verification import DAY, Damage, PointResult, due, verify_poin
 from vault import names
 from vault.errors import VaultError
 from vault.locks import LockedError
+from vault.memory import budget_bytes
 
 log = structlog.get_logger("configserver.verify")
 TARGET = vaultjobs.TARGET
@@ -40,6 +44,12 @@ HEALTH_PREFIX = "recovery point verification failed"
 
 async def _verify(ctx: StepContext) -> str:
     machine = ctx.params.get("machine") or None
+    try:  # queued before the setting existed: in memory, as then
+        memory = (None if ctx.params.get("memory_mib") is None
+                  else budget_bytes(ctx.params["memory_mib"]))
+    except ValueError as e:
+        raise StepFailed(f"{e} (the job's memory_mib; set gc_memory_mib in "
+                         "configserver.toml)") from None
     vault = await open_vault(ctx)
     try:
         scan = await vault.scan_points(machine)
@@ -52,7 +62,8 @@ async def _verify(ctx: StepContext) -> str:
             daily_share=float(ctx.params.get("daily_share", 100)))
         await ctx.progress(0.0, f"verifying {len(chosen)} of {len(scan.points)} point(s)")
         results = await verify_points(vault, chosen, None, clock=ctx.core.clock,
-                                      progress=_progress(ctx, len(chosen)))
+                                      progress=_progress(ctx, len(chosen)), memory=memory,
+                                      index_dir=ctx.params.get("index_dir") or None)
     except LockedError as e:
         raise StepFailed(f"the vault is locked: {e}") from None
     except VaultError as e:
@@ -89,7 +100,7 @@ def _progress(ctx: StepContext, count: int) -> Any:
         if pct != shown[0] and not pending:  # at most one write in flight
             shown[0] = pct
             t = asyncio.ensure_future(ctx.progress(pct, f"verifying {count} point(s): "
-                                                        f"{done} of {total} bytes read"))
+                                                        f"{done} of {total} bytes of disks"))
             pending.add(t)
             t.add_done_callback(pending.discard)
     return cb
@@ -213,6 +224,12 @@ async def status(core: Core, machine: str | None = None) -> dict[str, Any]:
             "last_job": None if last is None else {"id": last.id, "state": last.state,
                                                    "created": last.created,
                                                    "ended": last.ended, "error": last.error}}
+
+
+def budget(memory_mib: int, data_dir: str) -> dict[str, Any]:
+    """The job parameters of the server's memory budget (``gc_memory_mib``) and where the
+    index goes past it (``<data_dir>/verify-index``)."""
+    return {"memory_mib": memory_mib, "index_dir": str(Path(data_dir) / "verify-index")}
 
 
 async def request(core: Core, params: dict[str, Any]) -> db.Job:

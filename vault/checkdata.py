@@ -1,13 +1,13 @@
 """What ``check --read-data`` computes off the event loop and without the store: which
-packs a subset reads, how a pack is cut into bounded reads, each block's fingerprint,
-and a disk digest from the fingerprints of its blocks."""
+packs a subset reads, how a pack is cut into bounded reads, each block's
+fingerprint."""
 
 from __future__ import annotations
 
 import hashlib
 import math
 
-from common.digest import DiskDigest, block_count, fingerprint
+from common.digest import fingerprint
 from vault.crypto import Keyring
 from vault.errors import IntegrityError
 from vault.pack import PackEntry, open_block
@@ -49,22 +49,3 @@ def open_blocks(keyring: Keyring, pack_id: str, group: list[PackEntry], raw: byt
         else:
             out.append(fingerprint(data))
     return out
-
-
-def digest_from(size: int, bs: int, blocks: dict[int, bytes], fps: dict[bytes, bytes]
-                ) -> str | None:
-    """The disk digest from the blocks' fingerprints; None if one was not read."""
-    d = DiskDigest()
-    zero_fp = fingerprint(bytes(bs))
-    for n in range(block_count(size, bs)):
-        bid = blocks.get(n)
-        if bid is None:
-            ln = min(bs, size - n * bs)
-            d.update(zero_fp if ln == bs else fingerprint(bytes(ln)))
-            continue
-        fp = fps.get(bid)
-        if fp is None:
-            return None
-        d.update(fp)
-    return d.hexdigest()
-

@@ -25,10 +25,13 @@ from vault.repo import MAX_CHAIN, Vault
 _NUMBER = struct.Struct("<Q")
 
 
-async def chain_entries(vault: Vault, point: Point, disk: str) -> list[MapEntries]:
+async def chain_entries(vault: Vault, point: Point, disk: str,
+                        cache: dict[str, MapEntries] | None = None) -> list[MapEntries]:
     """The maps of ``disk`` along ``point``'s delta chain, newest first, the full map
     last; ``KeyError`` if ``point`` has no such disk, ``IntegrityError`` if the chain
-    is broken (a base without the disk included) or the kinds do not match."""
+    is broken (a base without the disk included) or the kinds do not match. ``cache``
+    (map id -> entries) lets the points of one chain share the maps they have in
+    common: a map in it is not read again, a map read is put in it."""
     chain: list[MapEntries] = []
     p: Point | None = point
     while p is not None:
@@ -39,11 +42,17 @@ async def chain_entries(vault: Vault, point: Point, disk: str) -> list[MapEntrie
                 raise
             raise IntegrityError(f"points/{point.id}", f"delta chain is broken: base point "
                                  f"{p.id[:16]} has no disk {disk!r}") from None
-        try:
-            raw = await vault.store.get(names.MAPS + entry.map)
-        except NotFoundError:
-            raise MissingObjectError(names.MAPS + entry.map, "the map is missing") from None
-        chain.append(open_map_entries(vault.keyring, entry.map, raw))
+        m = None if cache is None else cache.get(entry.map)
+        if m is None:
+            try:
+                raw = await vault.store.get(names.MAPS + entry.map)
+            except NotFoundError:
+                raise MissingObjectError(names.MAPS + entry.map,
+                                         "the map is missing") from None
+            m = open_map_entries(vault.keyring, entry.map, raw)
+            if cache is not None:
+                cache[entry.map] = m
+        chain.append(m)
         if entry.map_kind == "full":
             break
         if p.base is None or len(chain) > MAX_CHAIN:
