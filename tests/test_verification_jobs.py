@@ -224,3 +224,26 @@ async def test_schedule_queues_once_per_interval_and_only_when_registered(
             second = await schedule_once(cs.services, 24, params)
             assert second is not None
             assert (await wait_job(api, second.id))["state"] == "succeeded"
+
+
+async def test_the_job_within_its_budget_keeps_the_index_on_disk(
+        tmp_path: Path, catalog_url: str) -> None:
+    """With ``gc_memory_mib = 0`` the job's index is a table in ``<data_dir>/verify-index``,
+    built at the first run and used again at the next; the findings are the same."""
+    async with clocked_configserver(tmp_path / "cs", catalog_url, Clock(),
+                                    gc_memory_mib=0) as cs, \
+            ApiClient(cs.url, cs.admin_token) as api:
+        g = await copy_golden(tmp_path)
+        await _register_golden(api, g)
+        done = await _run(api)
+        assert done["state"] == "succeeded", done
+        assert done["params"]["memory_mib"] == 0
+        tables = list((tmp_path / "cs" / "verify-index").glob("*.index.sqlite"))
+        assert len(tables) == 1
+        built = tables[0].stat().st_ino
+        off, ln = g.p1_only_block
+        _flip(g.path(g.full_pack), off + ln // 2)
+        failed = await _run(api, all=True)
+        assert failed["state"] == "failed" and g.full_pack in failed["error"], failed
+        assert P1 in failed["error"] and P2 not in failed["error"]
+        assert tables[0].stat().st_ino == built  # the same table, not built again
