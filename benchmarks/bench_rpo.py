@@ -20,7 +20,11 @@ device in the working directory; each cycle reads a reflink clone (``snapshot =
 "reflink"``) and only the extents no longer shared with the last cycle's clone.
 ``--tracker blocktrace`` (root, tracefs; mounted for the run if it is not): the image
 is attached to a loop device, which is protected and written to; each cycle reads
-only the blocks the kernel's block trace events say were written.
+only the blocks the kernel's block trace events say were written. ``--tracker libvirt``
+(root, libvirtd): the image, converted to qcow2, is the disk of a running domain
+without an OS (``lvguest.py``); the writes are made inside QEMU (``qemu-io`` through the
+monitor, one byte value per write) and each cycle reads, from a pull-mode backup over
+NBD, only the blocks QEMU's dirty bitmap names.
 
 ``--freeze`` (root, tracefs) measures something else: how long ``snapshot =
 "fsfreeze"`` keeps the filesystem frozen per cycle. An ext4 made on the image (a loop
@@ -48,33 +52,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import json
-import logging
 import os
 import random
 import resource
 import statistics
-import subprocess
 import threading
 import time
-from collections.abc import Iterator, MutableMapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import structlog
+import lvguest
 import uvloop
 from bench_e2e import SiteRecovery, clean, quiet_logs, say
 from diskgen import generate
-from loopfs import xfs_folder
+from loopfs import cancelled_by_sigterm, loop_disk, xfs_folder
+from rpofreeze import main_freeze
 
 from mobility.agent import Agent
-from mobility.blocktrace import tracefs_root
 from mobility.snapshot import NoSnapshot
 
 TARGET_P99_S = 10.0
-TARGET_FREEZE_S = 0.1
 WRITE = 64 * 1024
 
 
@@ -97,34 +97,13 @@ def churn(image: Path, rate: float, seconds: float, seed: int, done: threading.E
     return n
 
 
-@contextlib.contextmanager
-def loop_disk(work: Path, image: Path) -> Iterator[Path]:
-    """``image`` attached to a loop device (root), tracefs mounted if it is not."""
-    if os.geteuid() != 0:
-        raise SystemExit("--tracker blocktrace needs root (a loop device and tracefs)")
-    mounted = None
-    if tracefs_root() is None:
-        mounted = work / "tracefs"
-        mounted.mkdir(exist_ok=True)
-        subprocess.run(["mount", "-t", "tracefs", "nodev", str(mounted)], check=True)
-    try:
-        dev = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
-                             capture_output=True, text=True).stdout.strip()
-        try:
-            yield Path(dev)
-        finally:
-            subprocess.run(["losetup", "--detach", dev], check=False)
-    finally:
-        if mounted is not None:
-            subprocess.run(["umount", str(mounted)], check=False)
-
-
 def percentile(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    cancelled_by_sigterm()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     clean(work)
@@ -142,10 +121,14 @@ async def bench_on(args: argparse.Namespace, work: Path, image: Path) -> dict[st
     if args.tracker == "blocktrace":
         with loop_disk(work, image) as dev:
             return await bench_disk(args, work, dev)
+    if args.tracker == "libvirt":
+        with lvguest.guest(work, image) as g:
+            return await bench_disk(args, work, g.image, g)
     return await bench_disk(args, work, image)
 
 
-async def bench_disk(args: argparse.Namespace, work: Path, image: Path) -> dict[str, Any]:
+async def bench_disk(args: argparse.Namespace, work: Path, image: Path,
+                     guest: lvguest.Guest | None = None) -> dict[str, Any]:
     sr = SiteRecovery(work, image, "reflink" if args.tracker == "reflink" else "none")
     await sr.start()
     assert sr.agent is not None and sr.e is not None
@@ -156,6 +139,14 @@ async def bench_disk(args: argparse.Namespace, work: Path, image: Path) -> dict[
         cfg.validate()
         sr.agent.close()
         sr.agent = Agent(cfg, provider=NoSnapshot())
+    elif guest is not None:  # the domain's disk vda, read through pull-mode backups
+        cfg = dataclasses.replace(
+            sr.agent.cfg, snapshot="libvirt", tracker="libvirt", libvirt_uri=guest.uri,
+            libvirt_domain=guest.name, libvirt_socket_dir=str(guest.socket_dir),
+            disks=[{"name": "vda", "path": str(image)}])
+        cfg.validate()
+        sr.agent.close()
+        sr.agent = Agent(cfg)
     else:
         sr.agent.provider = NoSnapshot()  # the writer never pauses: labelled honestly
     try:
@@ -168,7 +159,8 @@ async def bench_disk(args: argparse.Namespace, work: Path, image: Path) -> dict[
         say(f"churn: random 64 KiB writes at {args.rate_mb:g} MB/s for {args.seconds:g} s, "
             "cycles back to back")
         writer = asyncio.create_task(asyncio.to_thread(
-            churn, image, rate, args.seconds, args.seed + 1, done))
+            churn, image, rate, args.seconds, args.seed + 1, done) if guest is None else
+            asyncio.to_thread(lvguest.churn, guest, rate, args.seconds, args.seed + 1, done))
         t_start = time.time()
         cpu_start = _cpu_seconds()
         cycles = 0
@@ -222,131 +214,6 @@ async def bench_disk(args: argparse.Namespace, work: Path, image: Path) -> dict[
     return res
 
 
-@contextlib.contextmanager
-def ext4_mounted(work: Path, image: Path) -> Iterator[tuple[Path, Path]]:
-    """An ext4 made on ``image`` attached to a loop device (root), mounted: (device,
-    mount point); unmounted afterwards."""
-    mnt = work / "freeze-mnt"
-    with loop_disk(work, image) as dev:
-        subprocess.run(["mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0",
-                        str(dev)], check=True)
-        mnt.mkdir(exist_ok=True)
-        subprocess.run(["mount", str(dev), str(mnt)], check=True)
-        try:
-            yield dev, mnt
-        finally:
-            subprocess.run(["umount", str(mnt)], check=False)
-            with contextlib.suppress(OSError):
-                mnt.rmdir()
-
-
-async def bench_freeze(args: argparse.Namespace) -> dict[str, Any]:
-    if os.geteuid() != 0:
-        raise SystemExit("--freeze needs root (a loop device, mount, fsfreeze, tracefs)")
-    work = Path(args.work).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    clean(work)
-    image = work / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(args.size_mib << 20)
-    with ext4_mounted(work, image) as (dev, mnt):
-        return await freeze_rounds(args, work, dev, mnt)
-
-
-def write_changes(mnt: Path, mb: int, seed: int) -> None:
-    rng = random.Random(seed)
-    for i in range(mb):
-        fd = os.open(mnt / f"c{seed}-{i}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, rng.randbytes(1_000_000))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-class Marks:
-    """The agent's events that time the parts of a freeze, kept while logs stay quiet
-    (warnings only, as ``quiet_logs``)."""
-
-    WANT = ("cycle_frozen", "cycle_spooled")
-
-    def __init__(self) -> None:
-        self.seen: list[dict[str, Any]] = []
-        structlog.configure(
-            processors=[structlog.processors.add_log_level, self.keep,
-                        structlog.dev.ConsoleRenderer()],
-            wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
-
-    def keep(self, _logger: Any, _method: str, ev: MutableMapping[str, Any]
-             ) -> MutableMapping[str, Any]:
-        if ev.get("event") in self.WANT:
-            self.seen.append(dict(ev))
-        if ev.get("level") in ("debug", "info"):
-            raise structlog.DropEvent
-        return ev
-
-    def take(self, event: str, key: str) -> float | None:
-        """``key`` of the last ``event`` seen since ``clear`` (None: none)."""
-        got = [e[key] for e in self.seen if e["event"] == event]
-        return got[-1] if got else None
-
-    def clear(self) -> None:
-        self.seen.clear()
-
-
-async def freeze_rounds(args: argparse.Namespace, work: Path, dev: Path, mnt: Path
-                        ) -> dict[str, Any]:
-    marks = Marks()
-    sr = SiteRecovery(work, dev)
-    await sr.start()
-    assert sr.agent is not None
-    res: dict[str, Any] = {"image_bytes": args.size_mib << 20, "changes_mb": args.changes_mb,
-                           "rounds": args.rounds, "target_freeze_s": TARGET_FREEZE_S,
-                           "cpus": os.cpu_count()}
-    try:
-        seed = args.seed
-        for spool_mb in (128, 0):
-            cfg = dataclasses.replace(sr.agent.cfg, snapshot="fsfreeze",
-                                      freeze_mounts=[str(mnt)], tracker="blocktrace",
-                                      freeze_spool_mb=spool_mb)
-            cfg.validate()
-            sr.agent.close()
-            sr.agent = Agent(cfg)
-            say(f"freeze_spool_mb = {spool_mb}: a first cycle (tracing starts), then "
-                f"{args.rounds} rounds of {args.changes_mb} MB of changes")
-            await sr.agent.replicate_once()
-            holds, spooled, kernel, copies = [], [], [], []
-            for _ in range(args.rounds):
-                seed += 1
-                await asyncio.to_thread(write_changes, mnt, args.changes_mb, seed)
-                marks.clear()
-                r = await sr.agent.replicate_once()
-                if r.tracking != {"sda": "blocktrace"}:
-                    raise SystemExit(f"the cycle was not tracked: {r.tracking} {r.fallbacks}")
-                holds.append(r.held_seconds)
-                spooled.append(r.spooled_bytes)
-                if (k := marks.take("cycle_frozen", "seconds")) is not None:
-                    kernel.append(k)
-                if (c := marks.take("cycle_spooled", "copy_seconds")) is not None:
-                    copies.append(c)
-            key = "spool" if spool_mb else "no_spool"
-            res[f"{key}_freeze_median_s"] = round(statistics.median(holds), 4)
-            res[f"{key}_freeze_max_s"] = round(max(holds), 4)
-            res[f"{key}_spooled_median_bytes"] = int(statistics.median(spooled))
-            res[f"{key}_freeze_each_s"] = [round(h, 4) for h in holds]
-            res[f"{key}_kernel_freeze_each_s"] = [round(k, 4) for k in kernel]
-            # The parts (agents before the events existed have none).
-            res[f"{key}_kernel_freeze_median_s"] = (round(statistics.median(kernel), 4)
-                                                    if kernel else None)
-            if spool_mb:
-                res["spool_copy_median_s"] = (round(statistics.median(copies), 4)
-                                              if copies else None)
-    finally:
-        await sr.stop()
-    res["max_vs_target"] = round(res["spool_freeze_max_s"] / TARGET_FREEZE_S, 2)
-    return res
-
-
 def _cpu_seconds() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
@@ -367,9 +234,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--tracker", type=_trackers, default=["scan"],
                     help="how cycles find changes: scan (read everything, default), "
-                         "reflink (image on an XFS loop device, root) or blocktrace "
-                         "(image on a loop device, tracefs, root); several separated by "
-                         "commas run one after another in one run")
+                         "reflink (image on an XFS loop device, root), blocktrace "
+                         "(image on a loop device, tracefs, root) or libvirt (a qcow2 "
+                         "image of a running domain, QEMU's dirty bitmaps; root, "
+                         "libvirtd); several separated by commas run one after another in "
+                         "one run")
     ap.add_argument("--min-cycle-seconds", type=float, default=0.0,
                     help="start a cycle at most this often (default 0: back to back); "
                          "with a tracker, cycles of a few milliseconds make more points "
@@ -387,7 +256,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-TRACKERS = ("scan", "reflink", "blocktrace")
+TRACKERS = ("scan", "reflink", "blocktrace", "libvirt")
 
 
 def _ints(text: str) -> list[int]:
@@ -475,28 +344,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{tracker}: p99 largest / smallest image {c['p99_largest_over_smallest']:.2f}x"
                   f", read / written per cycle at most {c['read_over_written_max']:.2f}x")
     return 0 if ok else 1
-
-
-def main_freeze(args: argparse.Namespace) -> int:
-    try:
-        res = uvloop.run(bench_freeze(args))
-    finally:
-        clean(Path(args.work).resolve())
-    if args.json:
-        print(json.dumps(res, indent=2))
-    else:
-        print(f"fsfreeze hold per cycle ({res['changes_mb']} MB of changes, {res['rounds']} "
-              f"cycles, ext4 on a {res['image_bytes'] >> 20} MiB loop device, blocktrace):")
-        for key, what in (("spool", "with the spool"), ("no_spool", "without (sent frozen)")):
-            print(f"  {what}: median {res[f'{key}_freeze_median_s'] * 1000:.0f} ms   max "
-                  f"{res[f'{key}_freeze_max_s'] * 1000:.0f} ms   spooled "
-                  f"{res[f'{key}_spooled_median_bytes'] / 1e6:.1f} MB")
-        if res["spool_kernel_freeze_median_s"] is not None:
-            print(f"  with the spool, medians of its parts: the kernel's freeze "
-                  f"{res['spool_kernel_freeze_median_s'] * 1000:.0f} ms, the copy "
-                  f"{(res['spool_copy_median_s'] or 0) * 1000:.0f} ms")
-        print(f"  max / target ({TARGET_FREEZE_S * 1000:g} ms): {res['max_vs_target']:.2f}x")
-    return 0 if res["spool_freeze_max_s"] <= TARGET_FREEZE_S else 1
 
 
 if __name__ == "__main__":
