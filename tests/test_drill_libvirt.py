@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +29,8 @@ from configserver.config import ConfigServerConfig
 from configserver.server import ConfigServer
 from procserver.server import ProcServer
 from siterecovery.apiclient import ApiClient
-from tests.backends import missing_backend, traversable
-from tests.bootdisk import HOSTNAME, MARKER, PART_START, bootdisk, missing_tools
+from tests import libvirtfixtures
+from tests.bootdisk import HOSTNAME, MARKER, PART_START, bootdisk
 from tests.helpers import (
     Pki,
     agent_config,
@@ -42,46 +41,22 @@ from tests.helpers import (
     proc_config,
     running_procserver,
 )
-from tests.libvirtd import libvirtd_running
+from tests.libvirtfixtures import need_root_tools
 from tests.sitehelpers import AgentSite, add_machine, next_job, step, wait_job
 from vault.regkey import make_key
 
 pytestmark = pytest.mark.root
+uri, images = libvirtfixtures.uri, libvirtfixtures.images  # the shared fixtures
 VM = "sr-drill-web01"
 DRILL_NET = "siterecovery-drill"  # the libvirt target's isolated drill network
 DRILL_SUBNET = "10.215.0.0/24"  # not test_target_libvirt's, should both ever exist
 DRILL_BOUND = 900.0  # seconds for the whole drill job under emulation: a bound, not a measure
 
 
-def _need_root_tools() -> None:
-    if os.geteuid() != 0:
-        missing_backend("root (loop devices, libvirtd)", "run the suite as root")
-    for tool in ("losetup", "mount", "umount", "e2fsck", "virsh"):
-        if shutil.which(tool) is None:
-            missing_backend(tool, "tests/run.sh installs util-linux, e2fsprogs and libvirt")
-    if missing := missing_tools():
-        missing_backend(", ".join(missing), "tests/run.sh installs fdisk and e2fsprogs")
-
-
-@pytest.fixture(scope="module")
-def uri() -> Iterator[str]:
-    _need_root_tools()
-    with libvirtd_running() as u:
-        yield u
-
-
 @pytest.fixture
 async def catalog_url(tmp_path: Path) -> str:
     """SQLite only: one VM boot for the module (the catalog is tested on both elsewhere)."""
     return f"sqlite+aiosqlite:///{tmp_path / 'catalog.db'}"
-
-
-@pytest.fixture
-def images(tmp_path: Path) -> Path:
-    """The libvirt target's image folder; the emulator (libvirt-qemu) must traverse to it."""
-    d = tmp_path / "libvirt-images"
-    d.mkdir()
-    return traversable(d)
 
 
 @pytest.fixture
@@ -323,7 +298,7 @@ async def test_a_starting_server_frees_loop_devices_left_over_its_work_folder(
         tmp_path: Path, catalog_url: str) -> None:
     """A check killed with its loop device attached (kill -9 of the server) leaves it;
     the next start detaches it — and only what lies under its work folder."""
-    _need_root_tools()
+    need_root_tools()
     data = tmp_path / "cs"
     stale, other = data / "failover-work" / "job1" / "sda.img", tmp_path / "other.img"
     stale.parent.mkdir(parents=True)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -44,16 +43,17 @@ from targets import libvirtboot
 from targets.base import RecoverySpec
 from targets.domainxml import DomainLayout, domain_xml
 from targets.virsh import Virsh
-from tests.backends import missing_backend, traversable
-from tests.bootdisk import INIT_HEAD, PART_START, Cpio, bootdisk, missing_tools
+from tests import libvirtfixtures
+from tests.bootdisk import INIT_HEAD, PART_START, Cpio, bootdisk
 from tests.helpers import open_vault, run_cli
-from tests.libvirtd import isolated_network, libvirtd_running
+from tests.libvirtd import isolated_network
 from tests.managedsite import Site, managed_site
 from tests.sitehelpers import next_job, step, wait_job
 from vault.regkey import make_key
 from vault.restore import restore_point
 
 pytestmark = pytest.mark.root
+uri, images = libvirtfixtures.uri, libvirtfixtures.images  # the shared fixtures
 VM = "srfb-web01"  # the recovered machine
 ORIGINAL = "srfb-original"  # the original machine's disk booted after the failback
 NET, BRIDGE, SUBNET = "srfb-net", "virbr-srfb", "10.224.0.0/24"  # not another test's
@@ -96,16 +96,6 @@ poweroff -f
 FILE = re.compile(r"srfb-(file|wrote) (\S+) ([0-9a-f]{32})")
 
 
-def _need_root_tools() -> None:
-    if os.geteuid() != 0:
-        missing_backend("root (loop devices, libvirtd)", "run the suite as root")
-    for tool in ("losetup", "mount", "umount", "e2fsck", "virsh"):
-        if shutil.which(tool) is None:
-            missing_backend(tool, "tests/run.sh installs util-linux, e2fsprogs and libvirt")
-    if missing := missing_tools():
-        missing_backend(", ".join(missing), "tests/run.sh installs fdisk and e2fsprogs")
-
-
 def _run(*argv: str | Path) -> str:
     res = subprocess.run([str(a) for a in argv], capture_output=True, text=True)
     assert res.returncode == 0, f"{argv}: {res.stdout}{res.stderr}"
@@ -114,13 +104,6 @@ def _run(*argv: str | Path) -> str:
 
 def _virsh(uri: str, *argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["virsh", "-q", "-c", uri, *argv], capture_output=True, text=True)
-
-
-@pytest.fixture(scope="module")
-def uri() -> Iterator[str]:
-    _need_root_tools()
-    with libvirtd_running() as u:
-        yield u
 
 
 @pytest.fixture(scope="module")
@@ -135,15 +118,6 @@ def net(uri: str) -> Iterator[str]:
 async def catalog_url(tmp_path: Path) -> str:
     """SQLite only: the catalog's dialects are covered by the failback tests."""
     return f"sqlite+aiosqlite:///{tmp_path / 'catalog.db'}"
-
-
-@pytest.fixture
-def images(tmp_path: Path) -> Path:
-    """The libvirt target's image folder; the emulator (libvirt-qemu) must traverse to it
-    (and to the original disk, in tmp_path)."""
-    d = tmp_path / "libvirt-images"
-    d.mkdir()
-    return traversable(d)
 
 
 @pytest.fixture

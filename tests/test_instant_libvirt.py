@@ -49,17 +49,18 @@ from targets.domainxml import (
     domain_xml,
     with_local_disks,
 )
-from tests.backends import missing_backend, traversable
+from tests import libvirtfixtures
+from tests.backends import missing_backend
 from tests.bootdisk import (
     HOSTNAME,
     MARKER,
     PART_START,
     Cpio,  # the initramfs format the boot disk is built with
     bootdisk,
-    missing_tools,
 )
 from tests.helpers import Daemon, make_vault, open_vault, write_full_point, write_toml
-from tests.libvirtd import isolated_network, libvirtd_running
+from tests.libvirtd import isolated_network
+from tests.libvirtfixtures import need_root_tools
 from tests.sitehelpers import (
     AgentSite,
     add_machine,
@@ -71,6 +72,7 @@ from tests.sitehelpers import (
 )
 from vault.regkey import make_key
 
+uri, images = libvirtfixtures.uri, libvirtfixtures.images  # the shared fixtures
 VM = "sr-instant-web01"
 FAILOVER_VM = "sr-instant-fo01"
 DRILL_SUBNET = "10.216.0.0/24"  # not another libvirt test's
@@ -118,16 +120,11 @@ FAILED = hashlib.md5(b"").hexdigest()[:12]  # a read that failed: nothing to dig
 
 
 def _need_root_tools() -> None:
-    if os.geteuid() != 0:
-        missing_backend("root (loop devices, libvirtd)", "run the suite as root")
-    for tool in ("losetup", "mount", "umount", "e2fsck", "virsh", "nbdfuse"):
-        if shutil.which(tool) is None:
-            missing_backend(tool, "tests/run.sh installs util-linux, e2fsprogs, libvirt "
-                                  "and libnbd-bin")
+    need_root_tools()
+    if shutil.which("nbdfuse") is None:
+        missing_backend("nbdfuse", "tests/run.sh installs libnbd-bin")
     if not Path("/dev/fuse").exists():
         missing_backend("/dev/fuse", "the disk checks read an NBD disk through FUSE")
-    if missing := missing_tools():
-        missing_backend(", ".join(missing), "tests/run.sh installs fdisk and e2fsprogs")
 
 
 def _run(*argv: str | Path) -> str:
@@ -138,13 +135,6 @@ def _run(*argv: str | Path) -> str:
 
 def _virsh(uri: str, *argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["virsh", "-q", "-c", uri, *argv], capture_output=True, text=True)
-
-
-@pytest.fixture(scope="module")
-def uri() -> Iterator[str]:
-    _need_root_tools()
-    with libvirtd_running() as u:
-        yield u
 
 
 @pytest.fixture(scope="module")
@@ -167,14 +157,6 @@ def disk(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     data = img.read_bytes() + os.urandom(FILLER_MIB << 20)
     img.unlink()
     return data
-
-
-@pytest.fixture
-def images(tmp_path: Path) -> Path:
-    """The libvirt target's image folder; the emulator (libvirt-qemu) must traverse to it."""
-    d = tmp_path / "lv"
-    d.mkdir()
-    return traversable(d)
 
 
 @pytest.fixture(scope="module")

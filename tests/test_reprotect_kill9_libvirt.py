@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.backends import traversable
+from tests import libvirtfixtures
 from tests.failbacksite import KillSite, failed_over_site
 from tests.helpers import open_vault
-from tests.libvirtd import isolated_network, libvirtd_running
+from tests.libvirtd import isolated_network
 from tests.sitehelpers import step, wait_job
 from tests.test_failback_kill9 import _restores_to
 from tests.test_failback_libvirt import (
@@ -34,22 +34,15 @@ from tests.test_failback_libvirt import (
     _differing,
     _files,
     _guest_disk,
-    _need_root_tools,
     _virsh,
 )
 from vault.locks import Lock, try_acquire
 
 pytestmark = pytest.mark.root
+uri, images = libvirtfixtures.uri, libvirtfixtures.images  # the shared fixtures
 VM = "srk9-web01"
 NET, BRIDGE, SUBNET = "srk9-net", "virbr-srk9", "10.222.0.0/24"  # not another test's
 DRILL_SUBNET = "10.223.0.0/24"
-
-
-@pytest.fixture(scope="module")
-def uri() -> Iterator[str]:
-    _need_root_tools()
-    with libvirtd_running() as u:
-        yield u
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +55,6 @@ def net(uri: str) -> Iterator[str]:
 def catalog_url(tmp_path: Path) -> str:
     """SQLite: the catalogs' resumed jobs are covered by tests/test_failback_kill9.py."""
     return f"sqlite+aiosqlite:///{tmp_path / 'catalog.db'}"
-
-
-@pytest.fixture
-def images(tmp_path: Path) -> Path:
-    """The libvirt target's image folder; the emulator (libvirt-qemu) must traverse to it."""
-    d = tmp_path / "libvirt-images"
-    d.mkdir()
-    return traversable(d)
 
 
 def _state(uri: str) -> str:
