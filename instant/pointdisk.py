@@ -305,7 +305,6 @@ class PointDisk:
         self.overlay.close()
 
 
-
 def _table(chain: list[MapEntries], nblocks: int, index: BlockIndex, point: Point,
            disk: str, span: int) -> BlockTable:
     """Where every block of the disk is: its chain of maps gone through a range at a time
@@ -320,10 +319,10 @@ def _table(chain: list[MapEntries], nblocks: int, index: BlockIndex, point: Poin
             loc = found.get(bid)
             if loc is not None:
                 located.append((n, bid, loc))
-            elif not missing:
-                missing, first_missing = 1, n
-            else:
-                missing += 1
+                continue
+            if not missing or n < first_missing:  # a range's blocks come in no set order
+                first_missing = n
+            missing += 1
         table.add(located)
     if missing:
         raise UnindexedBlocksError(names.POINTS + point.id, disk, missing, first_missing)

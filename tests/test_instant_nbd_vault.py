@@ -18,7 +18,7 @@ from instant.pointdisk import PointDisk
 from tests.helpers import BLOCK, open_vault
 from tests.test_instant_nbd import NBLOCKS, Client, Site, _build, run, served
 from vault import names
-from vault.errors import IntegrityError
+from vault.errors import IntegrityError, UnindexedBlocksError
 from vault.mapranges import RANGE_BLOCKS
 
 
@@ -86,6 +86,27 @@ async def test_the_block_table_built_in_ranges_is_the_whole_ones(site: Site, tmp
             finally:
                 for disk in disks:
                     await disk.close()
+    finally:
+        await v.close()
+
+
+async def test_blocks_in_no_index_are_counted_and_the_first_named(site: Site, tmp_path: Path
+                                                                    ) -> None:
+    """With the vault's index objects gone, opening the disk fails naming how many of its
+    blocks are in no index and the lowest one, whatever the range size."""
+    copy = tmp_path / "vault"
+    shutil.copytree(site.vault_dir, copy)
+    for obj in (copy / "index").iterdir():
+        obj.unlink()
+    stored = [n for n in range(NBLOCKS + 1) if site.data[n * BLOCK:(n + 1) * BLOCK].strip(b"\0")]
+    v = await open_vault(copy, site.key)
+    try:
+        with ThreadPoolExecutor(2) as ex:
+            for span in (RANGE_BLOCKS, 7, 1):
+                with pytest.raises(UnindexedBlocksError) as err:
+                    await PointDisk.open(v, site.point, "sda", str(tmp_path / f"o{span}"),
+                                         executor=ex, range_blocks=span)
+                assert (err.value.missing, err.value.first) == (len(stored), stored[0])
     finally:
         await v.close()
 
