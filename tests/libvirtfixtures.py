@@ -39,7 +39,9 @@ def uri() -> Iterator[str]:
 @pytest.fixture
 def images(tmp_path: Path) -> Path:
     """The libvirt target's image folder; the emulator (libvirt-qemu) must traverse to it
-    (and to what else the test keeps in ``tmp_path``)."""
-    d = tmp_path / "libvirt-images"
+    (and to what else the test keeps in ``tmp_path``). Its name is short: instant
+    recovery's NBD sockets go in it, and a UNIX socket's path holds 107 bytes at most
+    (pytest's temp folders under xdist are long already)."""
+    d = tmp_path / "lv"
     d.mkdir()
     return traversable(d)
