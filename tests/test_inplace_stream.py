@@ -235,7 +235,9 @@ async def test_memory_scales_with_the_range_not_the_disk(
     print(f"peak bytes: {peaks}")
     small, big, wide = peaks["small01", 4], peaks["big01", 4], peaks["big01", 32]
     grown = 16 * (sizes["big01"] - sizes["small01"])  # what a whole map would add: 768 KiB
-    assert big - small < grown / 4, peaks
+    # Half of it: the peaks include the process server's buffers of the moment, which
+    # have differed by 200 KiB between runs of the same code; a whole map still fails it.
+    assert big - small < grown / 2, peaks
     # A range of 32 blocks is read at once (2 MiB): more than all a failback comparing
     # 4 blocks at a time holds, and at least 16 of its 28 more blocks on top of that.
     assert wide > 32 * BLOCK > big and wide - big > 16 * BLOCK, peaks
