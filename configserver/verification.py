@@ -44,7 +44,7 @@ from vault.indexopen import MEMORY_PER_BLOCK, open_block_index
 from vault.locks import locked
 from vault.mapchain import chain_entries
 from vault.mapranges import RANGE_BLOCKS, ChainRanges
-from vault.maps import MapEntries
+from vault.maps import MapView
 from vault.pack import PackEntry
 from vault.point import DiskEntry, Point
 from vault.repo import MAX_CHAIN, Vault
@@ -227,7 +227,7 @@ class _Verifier:
 
     async def _group(self, disk: str, pts: list[Point], results: dict[str, PointResult]
                      ) -> None:
-        maps: dict[str, MapEntries] = {}  # the group's maps, each held once
+        maps: dict[str, MapView] = {}  # the group's maps, each held once
         disks: list[_Disk] = []
         for p in pts:
             entry = p.disk(disk)
@@ -249,6 +249,7 @@ class _Verifier:
             for d in live:
                 last = min(end, d.nblocks)
                 try:
+                    await d.ranges.load(last)
                     blocks = d.ranges.blocks(first, last)
                 except IntegrityError as e:  # a map out of order or past the disk
                     d.failed = True

@@ -31,7 +31,7 @@ from vault.errors import UnindexedBlocksError
 from vault.index import BlockIndex, Location
 from vault.mapchain import chain_entries
 from vault.mapranges import RANGE_BLOCKS, ChainRanges
-from vault.maps import MapEntries
+from vault.maps import MapView
 from vault.pack import open_block
 from vault.packrange import read_range
 from vault.point import Point
@@ -81,8 +81,7 @@ class PointDisk:
         own = index is None
         index = await vault.load_index() if index is None else index
         try:
-            table = await asyncio.to_thread(_table, chain, nblocks, index, point, disk,
-                                            range_blocks)
+            table = await _table(chain, nblocks, index, point, disk, range_blocks)
         finally:
             if own:
                 index.close()
@@ -305,26 +304,36 @@ class PointDisk:
         self.overlay.close()
 
 
-def _table(chain: list[MapEntries], nblocks: int, index: BlockIndex, point: Point,
-           disk: str, span: int) -> BlockTable:
+async def _table(chain: list[MapView], nblocks: int, index: BlockIndex, point: Point,
+                 disk: str, span: int) -> BlockTable:
     """Where every block of the disk is: its chain of maps gone through a range at a time
     (vault/mapranges.py), each range's ids looked up in one batch (no dict of the whole
-    disk). ``UnindexedBlocksError`` if a block is in no index (how many, the first)."""
+    disk), in a thread. ``UnindexedBlocksError`` if a block is in no index (how many,
+    the first)."""
     table = BlockTable(nblocks)
     missing, first_missing = 0, -1
-    for _first, _end, blocks in ChainRanges(chain, nblocks).walk(span):
+
+    def add(blocks: dict[int, bytes]) -> tuple[int, int]:
         found = index.lookup(set(blocks.values()))
         located: list[tuple[int, bytes, Location]] = []
+        lost, first_lost = 0, -1
         for n, bid in blocks.items():
             loc = found.get(bid)
             if loc is not None:
                 located.append((n, bid, loc))
                 continue
-            if not missing or n < first_missing:  # a range's blocks come in no set order
-                first_missing = n
-            missing += 1
+            if not lost or n < first_lost:  # a range's blocks come in no set order
+                first_lost = n
+            lost += 1
         table.add(located)
+        return lost, first_lost
+
+    async for _first, _end, blocks in ChainRanges(chain, nblocks).walk(span):
+        lost, first_lost = await asyncio.to_thread(add, blocks)
+        if lost and not missing:
+            first_missing = first_lost
+        missing += lost
     if missing:
         raise UnindexedBlocksError(names.POINTS + point.id, disk, missing, first_missing)
-    table.finish()
+    await asyncio.to_thread(table.finish)
     return table

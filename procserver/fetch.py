@@ -78,8 +78,7 @@ async def serve_fetch(session: Session, doc: dict[str, Any]) -> None:
                 raise ProtocolError("bad_fetch", f"block {max(blocks)} is past the "
                                                  f"{count} blocks of disk {disk!r}")
             index = await vaults.refresh_index()
-            wanted = await asyncio.get_running_loop().run_in_executor(
-                deps.executor, chain.lookup, blocks)
+            wanted = await chain.lookup(blocks)
             by_pack = locate_blocks(index, names.POINTS + point_id, disk, wanted)
             where = {n: (pack_id, loc) for pack_id, items in by_pack.items()
                      for n, _bid, loc in items}

@@ -31,6 +31,7 @@ from siterecovery import (
     instantcmds,
     keycmds,
     machinecmds,
+    migratecmds,
     notifycmds,
     plancmds,
     policycmds,
@@ -137,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     vsub = vaultcmds.register(sub)
     registercmds.register_under(vsub)  # vault registration-key
     keycmds.register_under(vsub)  # vault key ...
+    migratecmds.register_under(vsub)  # vault migrate
     checkcmds.register(sub)
     prunecmds.register(sub)
     for m in (registercmds, certcmds, policycmds, machinecmds, accountcmds, procservercmds):

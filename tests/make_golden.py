@@ -1,6 +1,8 @@
-"""Generate the golden vault under tests/fixtures/golden/ (run only when the format changes).
+"""Generate a golden vault: tests/fixtures/golden/ (format 1) or golden2/ (format 2).
+Run only when a format changes; the format 1 vault is kept as it was written by the
+format 1 writer, so the reader of the old format stays tested.
 
-    .venv/bin/python -m tests.make_golden --force
+    .venv/bin/python -m tests.make_golden --format 2 --force
 
 The disk contents are deterministic (seeded), but object names, keys and nonces are
 random, so the vault differs on every run: it is generated once and committed, and
@@ -16,7 +18,9 @@ tests/test_golden.py reads the committed copy. What it holds:
      block 0 (deduplicated: no new block stored), block 3 becomes zero, the short
      block 5 gets new data; blocks 0 and 4 are unchanged.
 
-  One pack and one index object per point, one map per point, one key slot.
+  One pack and one index object per point, one map per point, one key slot. In
+  format 2 the maps are written in chunks of ``CHUNK2`` (2) entries, so the full map
+  has three chunks and the delta map two (a real writer's chunks hold 65 536).
 - ``vault.key``: the key file that opens it.
 - ``expected.json``: per point (oldest first) its id, kind and, per disk, the size and
   the SHA-256 of the restored raw image and the disk digest.
@@ -40,6 +44,8 @@ from vault.store.local import LocalStore
 from vault.writer import CycleWriter, DiskSpec
 
 GOLDEN = Path(__file__).resolve().parent / "fixtures" / "golden"
+GOLDEN2 = GOLDEN.with_name("golden2")
+CHUNK2 = 2  # entries a map chunk in golden2
 BS = 64 * 1024
 SIZE = 5 * BS + 1000
 MACHINE, DISK = "golden-vm", "sda"
@@ -72,11 +78,13 @@ def _items(image: bytes, only: set[int] | None = None) -> list[tuple[int, int, b
             if only is None or n in only]
 
 
-async def generate(out: Path) -> None:
+async def generate(out: Path, fmt: int) -> None:
     v1, v2 = disk_versions()
     out.mkdir(parents=True)
     key = out / "vault.key"
-    vault = await Vault.create(LocalStore(out / "vault"), KeyMaterial(keyfile=new_keyfile(key)))
+    vault = await Vault.create(LocalStore(out / "vault"), KeyMaterial(keyfile=new_keyfile(key)),
+                               fmt=fmt)
+    vault.map_chunk_entries = CHUNK2
     spec = [DiskSpec(DISK, SIZE, BS)]
     with ThreadPoolExecutor(2) as ex:
         w = CycleWriter(vault, await vault.load_index(), ex, machine=MACHINE, cycle="1" * 32,
@@ -106,15 +114,19 @@ async def generate(out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=GOLDEN, help="default: %(default)s")
+    ap.add_argument("--format", type=int, choices=(1, 2), default=2,
+                    help="vault format (default: %(default)s)")
+    ap.add_argument("--out", type=Path, help="default: tests/fixtures/golden (format 1) "
+                                             "or golden2 (format 2)")
     ap.add_argument("--force", action="store_true", help="replace an existing golden vault")
     args = ap.parse_args()
+    args.out = args.out or (GOLDEN if args.format == 1 else GOLDEN2)
     if args.out.exists():
         if not args.force:
             raise SystemExit(f"{args.out} exists; give --force to replace it (and commit "
                              "the new vault)")
         shutil.rmtree(args.out)
-    asyncio.run(generate(args.out))
+    asyncio.run(generate(args.out, args.format))
     print(f"wrote {args.out}")
 
 

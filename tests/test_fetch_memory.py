@@ -123,7 +123,7 @@ async def test_fetch_answers_exactly_from_the_chain_without_a_dict_of_the_disk(
             tracemalloc.stop()
         assert resolved.blocks.keys() == last.keys()  # the test's own account is right
         # The chain's answers are the resolved dict's, for every block asked.
-        assert MapChain(await chain_entries(vault, point, "sda")).lookup(asked) == {
+        assert await MapChain(await chain_entries(vault, point, "sda")).lookup(asked) == {
             n: resolved.blocks[n] for n in asked if n in resolved.blocks}
         del resolved
     finally:

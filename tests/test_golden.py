@@ -1,6 +1,7 @@
-"""Golden vectors: a committed vault (tests/fixtures/golden, made by tests/make_golden.py)
-that this code must keep reading byte for byte, and corruptions of it, made here on a
-copy, that both ``restore`` and ``check --read-data`` must catch, through the real CLI."""
+"""Golden vectors: committed vaults (tests/fixtures/golden of format 1 and golden2 of
+format 2, made by tests/make_golden.py) that this code must keep reading byte for byte,
+and corruptions of them, made here on a copy, that both ``restore`` and ``check
+--read-data`` must catch, through the real CLI."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import open_vault, run_cli, sha256
-from tests.make_golden import BS, DISK, GOLDEN, MACHINE, SIZE, disk_versions
+from tests.make_golden import BS, DISK, GOLDEN, GOLDEN2, MACHINE, SIZE, disk_versions
 from vault import names
 from vault.index import open_index
 from vault.keyslots import new_keyfile
@@ -26,6 +27,9 @@ from vault.pack import MAGIC, TAIL, parse_trailer
 
 EXPECTED = json.loads((GOLDEN / "expected.json").read_text())
 P1, P2 = (str(p["id"]) for p in EXPECTED["points"])  # the full point, the delta point on it
+EXPECTED2 = json.loads((GOLDEN2 / "expected.json").read_text())
+#: both golden vaults, for the tests each must pass
+VAULTS = [pytest.param(GOLDEN, id="format1"), pytest.param(GOLDEN2, id="format2")]
 
 
 @dataclass
@@ -33,6 +37,9 @@ class Golden:
     """A private copy of the golden vault, and where its objects are."""
 
     root: Path
+    fmt: int  # 1: golden, 2: golden2
+    p1: str  # the full point
+    p2: str  # the delta point on it
     vault: Path
     key: Path
     slot: str  # keys/<slot>
@@ -52,14 +59,15 @@ class Golden:
         return self.vault / name
 
 
-async def copy_golden(tmp: Path) -> Golden:
+async def copy_golden(tmp: Path, src: Path = GOLDEN) -> Golden:
     root = tmp / "golden"
-    shutil.copytree(GOLDEN, root)
+    shutil.copytree(src, root)
     vault, key = root / "vault", root / "vault.key"
+    ids = [str(p["id"]) for p in json.loads((src / "expected.json").read_text())["points"]]
     v = await open_vault(vault, key)
     try:
         index = await v.load_index()
-        p1, p2 = await v.read_point(P1), await v.read_point(P2)
+        p1, p2 = await v.read_point(ids[0]), await v.read_point(ids[1])
         m1, m2 = await v.resolve_map(p1, DISK), await v.resolve_map(p2, DISK)
         by_pack: dict[str, str] = {}
         for name in sorted(index.objects):
@@ -75,7 +83,8 @@ async def copy_golden(tmp: Path) -> Golden:
     finally:
         await v.close()
     assert len(slots) == 1
-    return Golden(root, vault, key, slots[0], full_pack, delta_pack, by_pack,
+    return Golden(root, 1 if src == GOLDEN else 2, p1.id, p2.id, vault, key, slots[0],
+                  full_pack, delta_pack, by_pack,
                   names.MAPS + p1.disks[0].map, names.MAPS + p2.disks[0].map,
                   (loc0.offset, loc0.length), (loc3.offset, loc3.length))
 
@@ -105,7 +114,7 @@ def check(g: Golden, *extra: str, key: Path | None = None) -> tuple[int, str]:
 
 
 def _want(point_id: str) -> str:
-    p = next(p for p in EXPECTED["points"] if p["id"] == point_id)
+    p = next(p for p in EXPECTED["points"] + EXPECTED2["points"] if p["id"] == point_id)
     return str(p["disks"][DISK]["sha256"])
 
 
@@ -149,8 +158,8 @@ async def test_golden_vault_layout_is_format_v1(tmp_path: Path) -> None:
         assert (p1.machine, p1.base, p1.chain, p1.consistency) == (MACHINE, None, 0, "crash")
         assert (p2.base, p2.chain, p2.consistency) == (P1, 1, "app")
         assert [d.map_kind for d in (p1.disks[0], p2.disks[0])] == ["full", "delta"]
-        full = await v.read_map(p1.disks[0].map)
-        delta = await v.read_map(p2.disks[0].map)
+        full = await v.read_map(p1.disks[0].map, p1.format)
+        delta = await v.read_map(p2.disks[0].map, p2.format)
         assert full.kind == FULL and sorted(full.blocks) == [0, 1, 3, 4, 5]
         assert sorted(delta.blocks) == [1, 2, 3, 5] and delta.blocks[3] == bytes(32)
         assert delta.blocks[2] == full.blocks[0]  # deduplicated
@@ -164,9 +173,46 @@ async def test_golden_vault_layout_is_format_v1(tmp_path: Path) -> None:
         await v.close()
 
 
-async def test_golden_vault_restores_exactly_and_checks_clean(tmp_path: Path) -> None:
-    g = await copy_golden(tmp_path)
-    for pid in (P1, P2):
+async def test_golden_vault_layout_is_format_v2(tmp_path: Path) -> None:
+    """Pins format 2: chunked maps (vault/mapchunks.py), manifests and config of format 2;
+    everything else as format 1 (regenerate golden2 only on a deliberate change)."""
+    g = await copy_golden(tmp_path, GOLDEN2)
+    objs = sorted(p.relative_to(g.vault).as_posix() for p in g.vault.rglob("*") if p.is_file())
+    kinds = [o.split("/")[0] for o in objs]
+    assert {k: kinds.count(k) for k in set(kinds)} == {
+        "config": 1, "keys": 1, "index": 2, "maps": 2, "packs": 2, "points": 2}
+    for name, otype in ((names.CONFIG, 1), (names.POINTS + g.p1, 5),
+                        *((n, 4) for n in g.index_of.values())):
+        assert g.path(name).read_bytes()[:4] == bytes([1, otype, 0, 0]), name
+    for attr, entries in (("full_map", 5), ("delta_map", 4)):
+        path, start, t = _chunks(g, attr)
+        raw = path.read_bytes()
+        nchunks = -(-entries // 2)  # golden2's chunks hold two entries
+        chunk = 32 + 2 * 40  # a sealed chunk of two entries
+        assert raw[:4] == bytes([1, 9, 0, 0])  # chunk 0: type 9, never compressed
+        assert raw[start:start + 4] == bytes([1, 6, 0, 0])  # the table: type 6
+        assert t == 32 + 25 + 32 * nchunks  # header of 25 bytes, 32 a chunk
+        assert start == (nchunks - 1) * chunk + 32 + 40 * (entries - 2 * (nchunks - 1))
+    v = await open_vault(g.vault, g.key)
+    try:
+        assert v.config.format == 2 and v.config.block_size == BS
+        p1, p2 = await v.list_points()
+        assert (p1.id, p2.id, p1.format, p2.format) == (g.p1, g.p2, 2, 2)
+        assert (p2.base, p2.chain) == (g.p1, 1)
+        full = await v.read_map(p1.disks[0].map, 2)
+        delta = await v.read_map(p2.disks[0].map, 2)
+        assert full.kind == FULL and sorted(full.blocks) == [0, 1, 3, 4, 5]
+        assert sorted(delta.blocks) == [1, 2, 3, 5] and delta.blocks[3] == bytes(32)
+        assert delta.blocks[2] == full.blocks[0]  # deduplicated
+    finally:
+        await v.close()
+
+
+@pytest.mark.parametrize("src", VAULTS)
+async def test_golden_vault_restores_exactly_and_checks_clean(tmp_path: Path, src: Path
+                                                              ) -> None:
+    g = await copy_golden(tmp_path, src)
+    for pid in (g.p1, g.p2):
         out = tmp_path / f"out-{pid[:8]}"
         code, text = restore(g, pid[:12], out)
         assert code == 0, text
@@ -196,6 +242,7 @@ class Case:
     restore: tuple[int, int]  # exit codes of restoring point 1 and point 2 (0: invisible)
     check: int
     named: Callable[[Golden], str]  # the object check must name
+    formats: tuple[int, ...] = (1, 2)  # the golden vaults it applies to
 
 
 def _flip_block(which: str) -> Callable[[Golden, Path], None]:
@@ -226,7 +273,7 @@ def _object(attr: str) -> Callable[[Golden], str]:
         if attr == "full_index":
             return g.index_of[g.full_pack]
         if attr in ("p1", "p2"):
-            return names.POINTS + (P1 if attr == "p1" else P2)
+            return names.POINTS + (g.p1 if attr == "p1" else g.p2)
         if attr == "config":
             return names.CONFIG
         return str(getattr(g, attr))
@@ -257,7 +304,42 @@ def _swap_packs(g: Golden, _tmp: Path) -> None:
 
 
 def _copy_manifest(g: Golden, _tmp: Path) -> None:
-    shutil.copy(g.path(names.POINTS + P1), g.path(names.POINTS + P2))
+    shutil.copy(g.path(names.POINTS + g.p1), g.path(names.POINTS + g.p2))
+
+
+def _chunks(g: Golden, attr: str) -> tuple[Path, int, int]:
+    """A format 2 map of the golden vault: its file, where its table starts, its length."""
+    path = g.path(_object(attr)(g))
+    raw = path.read_bytes()
+    t, magic = TAIL.unpack(raw[-TAIL.size:])
+    assert magic == b"SRMC"
+    return path, len(raw) - TAIL.size - t, t
+
+
+def _flip_map_table(g: Golden, _tmp: Path) -> None:
+    path, start, t = _chunks(g, "full_map")
+    _flip(path, start + t // 2)
+
+
+def _flip_map_tail(g: Golden, _tmp: Path) -> None:
+    path, _start, _t = _chunks(g, "delta_map")
+    _flip(path, os.path.getsize(path) - 1, 0x01)  # the magic
+
+
+def _swap_map_chunks(g: Golden, _tmp: Path) -> None:
+    # Chunks 0 and 1 of the full map hold two entries each: the same length, so the
+    # table's offsets still fit; each is sealed at its own place (its index in the AD).
+    path, _start, _t = _chunks(g, "full_map")
+    raw = bytearray(path.read_bytes())
+    n = 2 * 40 + 32
+    raw[0:n], raw[n:2 * n] = raw[n:2 * n], raw[0:n]
+    path.write_bytes(bytes(raw))
+
+
+def _truncate_map(g: Golden, _tmp: Path) -> None:
+    path, _start, _t = _chunks(g, "delta_map")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
 
 
 def _wrong_key(_g: Golden, tmp: Path) -> Path:
@@ -300,26 +382,33 @@ CASES: dict[str, Case] = {
     "wrong-key-file": Case(_wrong_key, (4, 4), 4, _object("slot")),
     "pack-missing": Case(_delete("full_pack"), (3, 3), 3, _object("full_pack")),
     "map-missing": Case(_delete("delta_map"), (0, 3), 3, _object("delta_map")),
+    # Format 2 maps: the chunk table, the tail that finds it, chunks moved, a map cut.
+    "map-table": Case(_flip_map_table, (3, 3), 3, _object("full_map"), (2,)),
+    "map-tail": Case(_flip_map_tail, (0, 3), 3, _object("delta_map"), (2,)),
+    "map-chunks-swapped": Case(_swap_map_chunks, (3, 3), 3, _object("full_map"), (2,)),
+    "map-truncated": Case(_truncate_map, (0, 3), 3, _object("delta_map"), (2,)),
 }
 
 
 _KNOWN: dict[str, pytest.MarkDecorator] = {}
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=_KNOWN[c]) if c in _KNOWN else c
-                                  for c in CASES])
-async def test_corruption_is_caught_by_restore_and_check(tmp_path: Path, case: str) -> None:
+@pytest.mark.parametrize(("src", "case"), [
+    pytest.param(src, c, id=f"format{fmt}-{c}", marks=[_KNOWN[c]] if c in _KNOWN else [])
+    for fmt, src in ((1, GOLDEN), (2, GOLDEN2)) for c in CASES if fmt in CASES[c].formats])
+async def test_corruption_is_caught_by_restore_and_check(tmp_path: Path, case: str, src: Path
+                                                         ) -> None:
     c = CASES[case]
-    g = await copy_golden(tmp_path)
+    g = await copy_golden(tmp_path, src)
     key = c.damage(g, tmp_path)
     outs = [tmp_path / "out1", tmp_path / "out2"]
     with ThreadPoolExecutor(3) as ex:
-        restores = [ex.submit(restore, g, pid, out, key) for pid, out in zip((P1, P2), outs,
+        restores = [ex.submit(restore, g, pid, out, key) for pid, out in zip((g.p1, g.p2), outs,
                                                                               strict=True)]
         checked = ex.submit(check, g, "--read-data", key=key)
         results = [f.result() for f in restores]
         code, text = checked.result()
-    for (got, out_text), want, out, pid in zip(results, c.restore, outs, (P1, P2), strict=True):
+    for (got, out_text), want, out, pid in zip(results, c.restore, outs, (g.p1, g.p2), strict=True):
         assert got == want, f"restore {pid[:8]}: {out_text}"
         if want:
             assert _leftovers(out) == [], f"restore {pid[:8]} left {_leftovers(out)}"
@@ -334,13 +423,14 @@ async def test_corruption_is_caught_by_restore_and_check(tmp_path: Path, case: s
 
 # -- rebuild-index -----------------------------------------------------------------------
 
-async def test_rebuild_index_from_packs_alone(tmp_path: Path) -> None:
-    g = await copy_golden(tmp_path)
+@pytest.mark.parametrize("src", VAULTS)
+async def test_rebuild_index_from_packs_alone(tmp_path: Path, src: Path) -> None:
+    g = await copy_golden(tmp_path, src)
     shutil.rmtree(g.vault / "index")
     code, text = check(g)
     assert code == 3, text  # points need blocks in no index; the packs are unindexed
     assert f"WARNING: {g.full_pack}: unindexed" in text and "rebuild-index" in text
-    code, text = restore(g, P2, tmp_path / "before")
+    code, text = restore(g, g.p2, tmp_path / "before")
     assert code == 3, text
     r = run_cli("rebuild-index", "--vault", g.url, "--key-file", str(g.key))
     assert r.returncode == 0, r.stdout + r.stderr
@@ -348,7 +438,7 @@ async def test_rebuild_index_from_packs_alone(tmp_path: Path) -> None:
         in r.stdout
     assert len(list((g.vault / "index").iterdir())) == 1
     assert not any(p.is_file() for p in (g.vault / "locks").rglob("*"))  # lock released
-    for pid in (P1, P2):
+    for pid in (g.p1, g.p2):
         out = tmp_path / f"out-{pid[:8]}"
         code, text = restore(g, pid, out)
         assert code == 0, text

@@ -87,10 +87,11 @@ async def rebase(vault: Vault, point: Point, known: dict[str, Point] | None = No
         ranges = ChainRanges(await chain_entries(vault, point, d.disk),
                              block_count(d.size, d.block_size))
         full = MapBuilder(FULL, d.size, d.block_size)
-        for _first, _end, blocks in ranges.walk():
+        async for _first, _end, blocks in ranges.walk():
             full.extend(sorted(blocks.items()))
         map_id = await vault.put_map(full)
         disks.append(DiskEntry(d.disk, d.size, d.block_size, map_id, "full", d.digest))
-    rebased = dataclasses.replace(point, base=None, chain=0, disks=disks)
+    rebased = dataclasses.replace(point, base=None, chain=0, disks=disks,
+                                  format=vault.config.format)
     await vault.put_point(rebased)
     return rebased

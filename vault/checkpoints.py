@@ -19,9 +19,9 @@ from vault.checkreport import CheckReport
 from vault.checkstore import Listing
 from vault.errors import IntegrityError, MissingObjectError, NotFoundError
 from vault.index import BlockIndex
-from vault.mapchain import chain_entries
+from vault.mapchain import chain_entries, open_disk_map
 from vault.mapranges import RANGE_BLOCKS, ChainRanges
-from vault.maps import DELTA, FULL, open_map_entries
+from vault.maps import DELTA, FULL, MapEntries
 from vault.point import Point
 from vault.repo import MAX_CHAIN, Vault
 from vault.restorejournal import ZeroFingerprints, place
@@ -88,12 +88,12 @@ class PointChecks:
     async def _check_map(self, p: Point, disk: str, map_id: str) -> str | None:
         name = names.MAPS + map_id
         try:
-            try:
-                raw = await self.vault.store.get(name)
-            except NotFoundError:
-                raise MissingObjectError(name, "the map is missing") from None
-            m = open_map_entries(self.vault.keyring, map_id, raw)
-            deque(m.iter(), maxlen=0)  # every entry in order and within the disk
+            m = await open_disk_map(self.vault, p, map_id)
+            if isinstance(m, MapEntries):
+                deque(m.iter(), maxlen=0)  # every entry in order and within the disk
+            else:
+                for i in range(len(m.firsts)):
+                    await m.chunk(i)  # each chunk checked as it is read
         except (NotFoundError, MissingObjectError):
             self.add(name, "missing", f"points/{p.id} references it (disk {disk!r}), but it "
                                       "is not in the store")
@@ -156,8 +156,8 @@ class PointChecks:
         walk = ranges.walk(self.range_blocks)
         while True:
             try:
-                first, end, blocks = next(walk)
-            except StopIteration:
+                first, end, blocks = await anext(walk)
+            except StopAsyncIteration:
                 break
             except IntegrityError as e:
                 self.add(pname, "unrestorable", f"disk {disk!r}: the delta chain does not "

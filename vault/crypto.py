@@ -50,6 +50,7 @@ class ObjectType(enum.IntEnum):
     MAP = 6
     LOCK = 7
     LEASE = 8
+    MAP_CHUNK = 9
 
 
 def _hkdf(master: bytes, info: bytes) -> bytes:

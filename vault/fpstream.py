@@ -2,12 +2,12 @@
 
 ``vault/fpmap.py`` computes a disk's whole fingerprint map at once (16 bytes a block,
 plus the resolved map as a dict: a few hundred bytes a mapped block). Here the delta
-chain's maps are read as their plaintexts (``MapEntries``, 40 bytes an entry, no dict;
-``vault/mapchain.py``) and merged as sorted streams, newest first (they are sorted by
-block number); the disk is then read back ``span`` blocks at a time: the range's block
-ids looked up in one batch, its packs read in runs of nearby blocks, its fingerprints
+chain's maps are gone through a range at a time (``vault/mapranges.py``: a format 1 map
+held as its plaintext, 40 bytes an entry, a format 2 map a chunk or two of it at a
+time; no dict of the disk); the disk is read back ``span`` blocks at a time: the range's
+block ids looked up in one batch, its packs read in runs of nearby blocks, its fingerprints
 computed and handed on. What is held grows with ``span``, not with the disk (besides
-the maps' plaintexts).
+a format 1 map's plaintext).
 
 The fingerprints are checked against the digest recorded with the point, as a whole
 map is: each range is held back until the next is computed, and the last one is handed
@@ -18,7 +18,6 @@ on only once the digest matched, so a reader that got every range got a verified
 from __future__ import annotations
 
 import asyncio
-import heapq
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Executor
 
@@ -27,7 +26,7 @@ from vault import names
 from vault.errors import IntegrityError, UnindexedBlocksError
 from vault.index import BlockIndex, Location
 from vault.mapchain import chain_entries
-from vault.maps import ZERO_ID, MapEntries
+from vault.mapranges import ChainRanges
 from vault.pack import open_block
 from vault.packrange import read_span
 from vault.point import Point
@@ -37,40 +36,6 @@ FP = 16  # bytes a fingerprint
 DEFAULT_SPAN = 1 << 16  # blocks a range: 1 MiB of fingerprints, one MAP frame
 GAP = 1 << 20  # bytes of a pack read through between two wanted blocks, not read apart
 PACK_READS = 4  # pack reads at once
-
-
-def merged(chain: list[MapEntries]) -> Iterator[tuple[int, bytes]]:
-    """The resolved map of ``chain`` (newest first) in block order: ``(block, id)`` of
-    every non-zero block, the newest map's entry winning (``Vault.resolve_map``'s map)."""
-    streams = [_aged(m, age) for age, m in enumerate(chain)]
-    last = -1
-    for n, _age, bid in heapq.merge(*streams):
-        if n == last:
-            continue  # an older map's entry of a block a newer one names
-        last = n
-        if bid != ZERO_ID:
-            yield n, bid
-
-
-def _aged(m: MapEntries, age: int) -> Iterator[tuple[int, int, bytes]]:
-    for n, bid in m.iter():
-        yield n, age, bid
-
-
-class _Ranges:
-    """Cuts a merged map into the entries of consecutive block ranges (one lookahead)."""
-
-    def __init__(self, entries: Iterator[tuple[int, bytes]]) -> None:
-        self._it, self._next = entries, next(entries, None)
-
-    def upto(self, end: int) -> list[tuple[int, bytes]]:
-        out: list[tuple[int, bytes]] = []
-        nxt, it = self._next, self._it
-        while nxt is not None and nxt[0] < end:
-            out.append(nxt)
-            nxt = next(it, None)
-        self._next = nxt
-        return out
 
 
 def _runs(items: list[tuple[int, bytes, Location]]
@@ -111,15 +76,16 @@ async def fingerprint_ranges(vault: Vault, point: Point, disk: str, *, index: Bl
     entry = point.disk(disk)
     size, bs = entry.size, entry.block_size
     nblocks = block_count(size, bs)
-    ranges = _Ranges(merged(await chain_entries(vault, point, disk)))
+    ranges = ChainRanges(await chain_entries(vault, point, disk), nblocks)
     loop = asyncio.get_running_loop()
     zero, short = fingerprint(bytes(bs)), fingerprint(bytes(size - (nblocks - 1) * bs))
     digest = DiskDigest()
     held: tuple[int, bytes] | None = None
     sem = asyncio.Semaphore(PACK_READS)
 
-    def locate(end: int) -> tuple[dict[str, list[tuple[int, bytes, Location]]], list[int]]:
-        items = ranges.upto(end)
+    def locate(first: int, end: int
+               ) -> tuple[dict[str, list[tuple[int, bytes, Location]]], list[int]]:
+        items = ranges.blocks(first, end).items()
         found = index.lookup({bid for _n, bid in items})
         by_pack: dict[str, list[tuple[int, bytes, Location]]] = {}
         missing: list[int] = []
@@ -136,7 +102,8 @@ async def fingerprint_ranges(vault: Vault, point: Point, disk: str, *, index: Bl
         out = bytearray(zero * (end - first))
         if end == nblocks and short != zero:
             out[FP * (end - 1 - first):] = short  # the last block is short
-        by_pack, missing = await loop.run_in_executor(executor, locate, end)
+        await ranges.load(end)
+        by_pack, missing = await loop.run_in_executor(executor, locate, first, end)
         if missing:
             raise UnindexedBlocksError(names.POINTS + point.id, disk, len(missing),
                                        min(missing))

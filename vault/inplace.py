@@ -27,7 +27,7 @@ import asyncio
 import errno
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -35,9 +35,9 @@ from common.devicebusy import DeviceInUseError, check_not_in_use
 from common.digest import DiskDigest, block_count, fingerprint
 from vault import names
 from vault.errors import IntegrityError, VaultError
-from vault.fpstream import merged
 from vault.index import BlockIndex, Location, locate_blocks
 from vault.mapchain import chain_entries
+from vault.mapranges import ChainRanges
 from vault.pack import open_block
 from vault.packrange import read_span
 from vault.point import Point
@@ -78,9 +78,9 @@ async def repair_in_place(
     if range_blocks is not None and range_blocks < 1:
         raise ValueError(f"a range is at least one block, not {range_blocks}")
     entry = point.disk(disk)
-    entries = merged(await chain_entries(vault, point, disk))
     size, bs = entry.size, entry.block_size
     nblocks = block_count(size, bs)
+    ranges = ChainRanges(await chain_entries(vault, point, disk), nblocks)
     check_not_in_use(path)
     fd = _open(path)
     loop = asyncio.get_running_loop()
@@ -94,12 +94,12 @@ async def repair_in_place(
         if not is_device and have != size:
             os.ftruncate(fd, size)
         digest = DiskDigest()
-        ranges = _Cut(entries)
         span = range_blocks or max(1, READ_CHUNK // bs)
         count = written = 0
         for first in range(0, nblocks, span):
             last = min(nblocks, first + span)
-            blocks = dict(ranges.upto(last))  # the range's mapped blocks: number -> id
+            await ranges.load(last)
+            blocks = ranges.blocks(first, last)  # the range's mapped blocks: number -> id
             fps = bytearray(FP * (last - first))  # the range's, as its blocks now stand
             differ = await loop.run_in_executor(
                 executor, _compare, vault, fd, blocks, first, last, size, bs, fps)
@@ -122,20 +122,6 @@ async def repair_in_place(
                              f"has digest {got[:16]}, recorded {entry.digest[:16]}; do not "
                              "use it: run the repair again")
     return InPlaceResult(disk, path, size, bs, nblocks, count, written, got)
-
-
-class _Cut:
-    """The entries of a map in block order, cut at the end of each range."""
-
-    def __init__(self, entries: Iterator[tuple[int, bytes]]) -> None:
-        self._it, self._next = entries, next(entries, None)
-
-    def upto(self, end: int) -> list[tuple[int, bytes]]:
-        out: list[tuple[int, bytes]] = []
-        while self._next is not None and self._next[0] < end:
-            out.append(self._next)
-            self._next = next(self._it, None)
-        return out
 
 
 def _open(path: str) -> int:

@@ -18,21 +18,35 @@ from collections.abc import Iterable
 
 from vault import names
 from vault.errors import IntegrityError, MissingObjectError, NotFoundError
-from vault.maps import DELTA, ENTRY, FULL, ZERO_ID, MapEntries, open_map_entries
-from vault.point import Point
+from vault.mapchunks import open_chunked
+from vault.maps import DELTA, ENTRY, FULL, ZERO_ID, MapEntries, MapView, open_map_entries
+from vault.point import CHUNKED_FORMAT, Point
 from vault.repo import MAX_CHAIN, Vault
 
 _NUMBER = struct.Struct("<Q")
 
 
+async def open_disk_map(vault: Vault, point: Point, map_id: str) -> MapView:
+    """Map ``map_id`` of ``point`` as its format says: a format 1 map read whole, a
+    format 2 map by its table (its chunks read later); ``MissingObjectError`` if it is
+    not in the store, ``IntegrityError`` if damaged."""
+    if point.format >= CHUNKED_FORMAT:
+        return await open_chunked(vault.store, vault.keyring, map_id)
+    try:
+        raw = await vault.store.get(names.MAPS + map_id)
+    except NotFoundError:
+        raise MissingObjectError(names.MAPS + map_id, "the map is missing") from None
+    return open_map_entries(vault.keyring, map_id, raw)
+
+
 async def chain_entries(vault: Vault, point: Point, disk: str,
-                        cache: dict[str, MapEntries] | None = None) -> list[MapEntries]:
+                        cache: dict[str, MapView] | None = None) -> list[MapView]:
     """The maps of ``disk`` along ``point``'s delta chain, newest first, the full map
     last; ``KeyError`` if ``point`` has no such disk, ``IntegrityError`` if the chain
     is broken (a base without the disk included) or the kinds do not match. ``cache``
     (map id -> entries) lets the points of one chain share the maps they have in
     common: a map in it is not read again, a map read is put in it."""
-    chain: list[MapEntries] = []
+    chain: list[MapView] = []
     p: Point | None = point
     while p is not None:
         try:
@@ -44,12 +58,7 @@ async def chain_entries(vault: Vault, point: Point, disk: str,
                                  f"{p.id[:16]} has no disk {disk!r}") from None
         m = None if cache is None else cache.get(entry.map)
         if m is None:
-            try:
-                raw = await vault.store.get(names.MAPS + entry.map)
-            except NotFoundError:
-                raise MissingObjectError(names.MAPS + entry.map,
-                                         "the map is missing") from None
-            m = open_map_entries(vault.keyring, entry.map, raw)
+            m = await open_disk_map(vault, p, entry.map)
             if cache is not None:
                 cache[entry.map] = m
         chain.append(m)
@@ -64,10 +73,10 @@ async def chain_entries(vault: Vault, point: Point, disk: str,
 
 
 class Numbers:
-    """The block numbers of a map's entries as a sequence, for ``bisect``."""
+    """The block numbers of a run of map entries as a sequence, for ``bisect``."""
 
-    def __init__(self, m: MapEntries) -> None:
-        self._body, self._count = m.body, m.count
+    def __init__(self, body: memoryview) -> None:
+        self._body, self._count = body, len(body) // ENTRY.size
 
     def __len__(self) -> int:
         return self._count
@@ -78,28 +87,40 @@ class Numbers:
 
 class MapChain:
     """The maps of one disk along a point's delta chain (``chain_entries``, newest
-    first), each checked once to be sorted and within the disk; nothing else is held."""
+    first), format 1 maps each checked once to be sorted and within the disk (a format 2
+    map's chunks are checked as they are read); nothing else is held."""
 
-    def __init__(self, chain: list[MapEntries]) -> None:
+    def __init__(self, chain: list[MapView]) -> None:
         if not chain:
             raise ValueError("a map chain holds at least its full map")
         for m in chain:
-            deque(m.iter(), maxlen=0)  # IntegrityError if out of order or past the disk
+            if isinstance(m, MapEntries):
+                deque(m.iter(), maxlen=0)  # IntegrityError if out of order or past the disk
         self.maps = chain
         self.entries = sum(m.count for m in chain)
 
-    def lookup(self, blocks: Iterable[int]) -> dict[int, bytes]:
+    async def lookup(self, blocks: Iterable[int]) -> dict[int, bytes]:
         """Block number -> id of the non-zero ones of ``blocks`` at the chain's point
-        (what ``Vault.resolve_map``'s dict would give them); the others are zero."""
+        (what ``Vault.resolve_map``'s dict would give them); the others are zero. Reads
+        the chunks of a format 2 map that hold the blocks asked for."""
         todo = sorted(set(blocks))
         found: dict[int, bytes] = {}
         for m in self.maps:
             if not todo:
                 break
-            numbers, body, lo, rest = Numbers(m), m.body, 0, []
+            rest: list[int] = []
+            firsts = m.firsts
+            ci, body, numbers, lo = -1, memoryview(b""), Numbers(memoryview(b"")), 0
             for n in todo:  # in order: each search starts where the last one ended
+                want = bisect.bisect_right(firsts, n) - 1
+                if want < 0:
+                    rest.append(n)
+                    continue
+                if want != ci:
+                    ci, body, lo = want, await m.chunk(want), 0
+                    numbers = Numbers(body)
                 lo = bisect.bisect_left(numbers, n, lo)
-                if lo < m.count and numbers[lo] == n:
+                if lo < len(numbers) and numbers[lo] == n:
                     bid = bytes(body[lo * ENTRY.size + 8:(lo + 1) * ENTRY.size])
                     if bid != ZERO_ID:
                         found[n] = bid

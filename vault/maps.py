@@ -16,8 +16,9 @@ since its base point; an all-zero id there means "this block is now zero".
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from vault.crypto import Keyring, ObjectType, seal, unseal
 from vault.errors import IntegrityError
@@ -65,6 +66,10 @@ class MapBuilder:
             self._last = n
             self._count += 1
 
+    def body(self) -> memoryview:
+        """The entries written so far (the plaintext without its header)."""
+        return memoryview(self._body)
+
     def plaintext(self) -> bytes:
         return HEAD.pack(self.kind, self.size, self.block_size, self._count) + self._body
 
@@ -81,6 +86,15 @@ class MapEntries:
     body: memoryview
     what: str
 
+    @property
+    def firsts(self) -> Sequence[int]:
+        """One chunk, the whole body (a format 1 map is sealed whole)."""
+        return (0,)
+
+    async def chunk(self, i: int) -> memoryview:
+        """The whole body (``i`` is 0): its order is checked by whoever walks it."""
+        return self.body
+
     def iter(self) -> Iterator[tuple[int, bytes]]:
         """``(block number, id)`` in increasing block order; ``IntegrityError`` at an entry
         beyond the disk or out of order (a dict would have hidden that)."""
@@ -92,6 +106,28 @@ class MapEntries:
                                      "blocks or out of order")
             last = n
             yield n, bid
+
+
+class MapView(Protocol):
+    """A map as its readers go through it: a sequence of chunks of sorted 40-byte entries
+    (``firsts``: each chunk's first block number), read when asked for. A format 1 map
+    (``MapEntries``) is one chunk, held; a format 2 map (``vault/mapchunks.py``) reads
+    its chunks from the store, each checked as it comes."""
+
+    @property
+    def kind(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def count(self) -> int: ...
+    @property
+    def what(self) -> str: ...
+    @property
+    def firsts(self) -> Sequence[int]: ...
+
+    async def chunk(self, i: int) -> memoryview: ...
 
 
 def map_entries(plain: bytes | memoryview, what: str) -> MapEntries:

@@ -163,10 +163,11 @@ class _Run:
         bs = self.zeros.block_size
         self.done_bytes = start * bs + bs * sum(
             len(fps) for packs in resumed.packs.values() for fps in packs.values())
-        chain.skip(start)
+        await chain.skip(start)
         inflight: deque[_Range] = deque()
         try:
             for first in range(start, nblocks, span):
+                await chain.load(min(nblocks, first + span))
                 rng = await self.in_thread(self._prepare, chain, first,
                                            min(nblocks, first + span),
                                            resumed.packs.pop(first, {}))

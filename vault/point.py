@@ -15,6 +15,9 @@ from vault.crypto import Keyring, ObjectType, seal, unseal
 from vault.errors import IntegrityError
 
 MAX_POINT = 16 << 20
+FORMATS = (1, 2)  # manifests this code reads
+CHUNKED_FORMAT = 2  # from this format on, a point's maps are chunked (vault/mapchunks.py)
+WRITTEN_FORMAT = 2  # what this code writes
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ def decode_point(plain: bytes, what: str) -> Point:
         p = Point(disks=disks, **doc)
     except (ValueError, TypeError, KeyError) as e:
         raise IntegrityError(what, f"manifest is malformed: {e}") from None
-    if p.format != 1 or p.consistency not in CONSISTENCY:
+    if p.format not in FORMATS or p.consistency not in CONSISTENCY:
         raise IntegrityError(what, "manifest has an unknown format or consistency label")
     return p
 

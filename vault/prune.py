@@ -198,7 +198,7 @@ async def _mark(vault: Vault, report: PruneReport, kept: list[Point],
         for d in p.disks:  # a range at a time along the chain's maps, not a dict
             ranges = ChainRanges(await chain_entries(vault, cache[p.id], d.disk),
                                  block_count(d.size, d.block_size))
-            for _first, _end, blocks in ranges.walk(range_blocks):
+            async for _first, _end, blocks in ranges.walk(range_blocks):
                 live_blocks.update(blocks.values())
     async for info in vault.store.list(names.MAPS):
         if info.name[len(names.MAPS):] not in live_maps:

@@ -7,6 +7,7 @@ index object describing them, then maps, then the point manifest last.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import secrets
 from collections.abc import Sequence
@@ -27,18 +28,22 @@ from vault.errors import (
 from vault.index import BlockIndex, Index, open_index, seal_index
 from vault.keyopen import scan_key_slots
 from vault.keyslots import KeyMaterial, wrap
+from vault.mapchunks import CHUNK_ENTRIES, open_chunked, seal_chunked
 from vault.maps import (
     DELTA,
+    ENTRY,
     FULL,
+    HEAD,
     ZERO_ID,
     BlockMap,
     MapBuilder,
+    encode_map,
     open_map,
     seal_map,
     seal_map_plaintext,
 )
 from vault.pack import PackEntry, open_block
-from vault.point import Point, open_point, seal_point
+from vault.point import CHUNKED_FORMAT, FORMATS, WRITTEN_FORMAT, Point, open_point, seal_point
 from vault.store.protocol import BlobStore
 
 IndexT = TypeVar("IndexT", bound=BlockIndex)
@@ -62,9 +67,15 @@ class VaultConfig:
             config = cls(**json.loads(plain))
         except (ValueError, TypeError) as e:
             raise IntegrityError(names.CONFIG, f"config is malformed: {e}") from None
-        if config.format != 1:
+        if config.format not in FORMATS:
             raise FormatError(f"vault format {config.format} is newer than this program knows")
         return config
+
+
+async def _put_config(store: BlobStore, keyring: Keyring, config: VaultConfig) -> None:
+    body = json.dumps(config.__dict__, sort_keys=True).encode()
+    await store.put(names.CONFIG, seal(keyring.aead(ObjectType.CONFIG, names.CONFIG),
+                                       ObjectType.CONFIG, names.CONFIG, body))
 
 
 @dataclass
@@ -79,6 +90,8 @@ class PointScan:
 class Vault:
     #: the id of the key slot that opened this vault (``Vault.open``); None if created
     slot: str | None = None
+    #: entries a chunk of the maps this vault object writes (format 2)
+    map_chunk_entries: int = CHUNK_ENTRIES
 
     def __init__(self, store: BlobStore, keyring: Keyring, config: VaultConfig) -> None:
         self.store = store
@@ -89,7 +102,7 @@ class Vault:
     @classmethod
     async def create(
         cls, store: BlobStore, km: KeyMaterial | Sequence[KeyMaterial],
-        block_size: int = DEFAULT_BLOCK_SIZE,
+        block_size: int = DEFAULT_BLOCK_SIZE, *, fmt: int = WRITTEN_FORMAT,
     ) -> Vault:
         """Create a vault with one key slot per ``KeyMaterial`` (each a key file or a
         passphrase). Slots are written before the config: the config makes it a vault."""
@@ -108,13 +121,11 @@ class Vault:
         master = secrets.token_bytes(MASTER_KEY_BYTES)
         keyring = Keyring(master)
         config = VaultConfig(vault_id=secrets.token_hex(16), created=now_iso(),
-                             block_size=block_size)
+                             block_size=block_size, format=fmt)
         slots = [wrap(master, k) for k in kms]  # every KDF runs before anything is written
         for slot, doc in slots:
             await store.put(names.KEYS + slot, doc)
-        body = json.dumps(config.__dict__, sort_keys=True).encode()
-        await store.put(names.CONFIG, seal(keyring.aead(ObjectType.CONFIG, names.CONFIG),
-                                           ObjectType.CONFIG, names.CONFIG, body))
+        await _put_config(store, keyring, config)
         return cls(store, keyring, config)
 
     @classmethod
@@ -151,6 +162,16 @@ class Vault:
     async def close(self) -> None:
         await self.store.close()
 
+    async def set_format(self, fmt: int) -> None:
+        """Write the config again with format ``fmt`` (``vault migrate``, under the
+        exclusive lock): maps and points are written so from then on, and a program
+        that does not know the format refuses the vault."""
+        if fmt not in FORMATS:
+            raise FormatError(f"vault format {fmt} is not one this program writes")
+        config = dataclasses.replace(self.config, format=fmt)
+        await _put_config(self.store, self.keyring, config)
+        self.config = config
+
     # -- writes, in order ----------------------------------------------------
     async def put_pack(self, pack_id: str, data: bytes) -> None:
         await self.store.put(names.pack_name(pack_id), data)
@@ -164,11 +185,25 @@ class Vault:
             index.add_object(names.INDEX + name_id, packs)
         return name_id
 
-    async def put_map(self, m: BlockMap | MapBuilder) -> str:
+    async def put_map(self, m: BlockMap | MapBuilder, fmt: int | None = None) -> str:
+        """Write a map as the vault's format (or ``fmt``) lays it out: sealed whole
+        (format 1) or in chunks (format 2, ``vault/mapchunks.py``); the point naming it
+        must have that format."""
         name_id = names.random_id()
-        sealed = (seal_map_plaintext(self.keyring, name_id, m.plaintext())
-                  if isinstance(m, MapBuilder) else seal_map(self.keyring, name_id, m))
-        await self.store.put(names.MAPS + name_id, sealed)
+        fmt = self.config.format if fmt is None else fmt
+        if fmt < CHUNKED_FORMAT:
+            sealed = (seal_map_plaintext(self.keyring, name_id, m.plaintext())
+                      if isinstance(m, MapBuilder) else seal_map(self.keyring, name_id, m))
+            await self.store.put(names.MAPS + name_id, sealed)
+            return name_id
+        if isinstance(m, MapBuilder):
+            kind, size, bs, body = m.kind, m.size, m.block_size, m.body()
+        else:
+            kind, size, bs = m.kind, m.size, m.block_size
+            body = memoryview(encode_map(m))[HEAD.size:]
+        await self.store.put(names.MAPS + name_id,
+                             seal_chunked(self.keyring, name_id, kind, size, bs, body,
+                                          self.map_chunk_entries))
         return name_id
 
     async def put_point(self, p: Point) -> None:
@@ -254,7 +289,14 @@ class Vault:
         scan.damaged.sort(key=lambda d: d[0])
         return scan
 
-    async def read_map(self, map_id: str) -> BlockMap:
+    async def read_map(self, map_id: str, fmt: int = WRITTEN_FORMAT) -> BlockMap:
+        """Map ``map_id`` as a dict, read as a point of format ``fmt`` names it."""
+        if fmt >= CHUNKED_FORMAT:
+            m = await open_chunked(self.store, self.keyring, map_id)
+            blocks: dict[int, bytes] = {}
+            for i in range(len(m.chunks)):
+                blocks.update(ENTRY.iter_unpack(await m.chunk(i)))
+            return BlockMap(m.kind, m.size, m.block_size, blocks)
         try:
             raw = await self.store.get(names.MAPS + map_id)
         except NotFoundError:
@@ -267,7 +309,7 @@ class Vault:
         p: Point | None = point
         while p is not None:
             entry = p.disk(disk)
-            m = await self.read_map(entry.map)
+            m = await self.read_map(entry.map, p.format)
             chain.append(m)
             if entry.map_kind == "full":
                 break

@@ -273,6 +273,7 @@ class CycleWriter:
             consistency=consistency, cycle=self.cycle,
             base=None if write_full or self.base is None else self.base.id,
             chain=0 if write_full else chain, disks=disk_entries,
+            format=self.vault.config.format,
         )
         await self.vault.put_point(point)
         return point
@@ -288,7 +289,7 @@ class CycleWriter:
         todo = sorted(changes.items())
         k = missing = 0
         out = MapBuilder(FULL, spec.size, spec.block_size)
-        for _first, end, blocks in ranges.walk(self.range_blocks):
+        async for _first, end, blocks in ranges.walk(self.range_blocks):
             while k < len(todo) and todo[k][0] < end:
                 n, bid = todo[k]
                 k += 1
