@@ -45,7 +45,7 @@ CHUNK = struct.Struct("<QQIQI")
 INDEX = struct.Struct("<I")
 MAX_TABLE = 64 << 20
 MAX_CHUNK = MAX_CHUNK_ENTRIES * ENTRY.size
-CACHED = 4  # chunks a map keeps after they were asked for (its readers hold their own)
+CACHED = 2  # chunks a map keeps after they were asked for (its readers hold their own)
 
 
 @dataclass(frozen=True, slots=True)
