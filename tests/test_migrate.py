@@ -1,0 +1,142 @@
+"""``siterecovery vault migrate``: the format 1 golden vault brought to format 2 through
+the real CLI restores byte for byte and checks clean; a run cut short leaves a vault
+that restores and a second run finishes; a damaged map is named and its point left;
+a format 1 vault goes on being written as format 1 until it is migrated."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.helpers import open_vault, run_cli, sha256, write_full_point
+from tests.make_golden import DISK
+from tests.test_golden import _flip, _want, check, copy_golden, restore
+from vault import names
+from vault.keyslots import KeyMaterial, new_keyfile
+from vault.locks import locked
+from vault.mapchunks import MAGIC
+from vault.migrate import migrate
+from vault.repo import Vault
+from vault.store.local import LocalStore
+
+
+def _migrate(url: str, key: Path, *extra: str) -> tuple[int, str]:
+    r = run_cli("vault", "migrate", "--vault", url, "--key-file", str(key), *extra)
+    return r.returncode, r.stdout + r.stderr
+
+
+def _maps(vault: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in (vault / "maps").iterdir()}
+
+
+async def test_the_format1_golden_vault_migrates_and_restores_exactly(tmp_path: Path) -> None:
+    g = await copy_golden(tmp_path)
+    old_maps = _maps(g.vault)
+    packs = {p: p.read_bytes() for p in (g.vault / "packs").rglob("*") if p.is_file()}
+    code, text = _migrate(g.url, g.key, "--json")
+    assert code == 0, text
+    doc = json.loads(text.splitlines()[-1])
+    assert doc == {"from_format": 1, "to_format": 2, "points": 2, "migrated": 2,
+                   "maps_written": 2, "maps_deleted": 2, "damaged": [], "exit_code": 0}
+    new_maps = _maps(g.vault)
+    assert not set(new_maps) & set(old_maps)  # new ids; the old ones deleted
+    assert all(raw[-4:] == MAGIC for raw in new_maps.values())
+    assert {p: p.read_bytes() for p in packs} == packs  # the data is not touched
+    v = await open_vault(g.vault, g.key)
+    try:
+        assert v.config.format == 2
+        assert [(p.id, p.format) for p in await v.list_points()] == [(g.p1, 2), (g.p2, 2)]
+    finally:
+        await v.close()
+    for pid in (g.p1, g.p2):
+        out = tmp_path / f"out-{pid[:8]}"
+        code, text = restore(g, pid, out)
+        assert code == 0, text
+        assert sha256(out / f"{DISK}.img") == _want(pid)
+    code, text = check(g, "--read-data")
+    assert code == 0 and "no problems" in text, text
+    code, text = _migrate(g.url, g.key)
+    assert code == 0 and "already at format 2; nothing to do" in text, text
+    assert _maps(g.vault) == new_maps
+
+
+async def test_a_migration_cut_short_restores_and_a_second_run_finishes(tmp_path: Path
+                                                                        ) -> None:
+    g = await copy_golden(tmp_path)
+    v = await open_vault(g.vault, g.key)
+    try:
+        async with locked(v, "exclusive", "migrate"):
+            report = await migrate(v, limit=1)  # as if killed after the first point
+    finally:
+        await v.close()
+    assert (report.migrated, report.points) == (1, 2)
+    v = await open_vault(g.vault, g.key)
+    try:
+        assert v.config.format == 2  # written first: an old program refuses the vault
+        assert [p.format for p in await v.list_points()] == [2, 1]
+    finally:
+        await v.close()
+    # The delta point (format 1) rests on the migrated full point (format 2).
+    for pid in (g.p1, g.p2):
+        out = tmp_path / f"half-{pid[:8]}"
+        code, text = restore(g, pid, out)
+        assert code == 0, text
+        assert sha256(out / f"{DISK}.img") == _want(pid)
+    code, text = check(g, "--read-data")
+    assert code == 0 and "no problems" in text, text
+    code, text = _migrate(g.url, g.key)
+    assert code == 0, text
+    assert "vault at format 2 (was 2): 1 of 2 points written again" in text
+    code, text = check(g, "--read-data")
+    assert code == 0 and "no problems" in text, text
+
+
+async def test_a_damaged_map_is_named_and_its_point_left_as_it_was(tmp_path: Path) -> None:
+    g = await copy_golden(tmp_path)
+    path = g.path(g.delta_map)
+    _flip(path, path.stat().st_size // 2)
+    damaged = path.read_bytes()
+    code, text = _migrate(g.url, g.key)
+    assert code == 3, text
+    assert f"ERROR: {g.delta_map}: damaged: points/{g.p2} (left at format 1)" in text
+    assert path.read_bytes() == damaged  # not deleted, not rewritten
+    v = await open_vault(g.vault, g.key)
+    try:
+        assert [p.format for p in await v.list_points()] == [2, 1]
+    finally:
+        await v.close()
+    out = tmp_path / "full"
+    code, text = restore(g, g.p1, out)
+    assert code == 0, text
+    assert sha256(out / f"{DISK}.img") == _want(g.p1)
+    code, text = check(g)
+    assert code == 3 and f"ERROR: {g.delta_map}: " in text, text
+
+
+async def test_a_format1_vault_is_written_as_format1_until_migrated(tmp_path: Path) -> None:
+    key = tmp_path / "vault.key"
+    v = await Vault.create(LocalStore(tmp_path / "vault"), KeyMaterial(keyfile=new_keyfile(key)),
+                           fmt=1)
+    data = bytes(range(256)) * 1024 + b"tail"
+    try:
+        p = await write_full_point(v, data)
+        assert p.format == 1
+        raw = (tmp_path / "vault" / names.MAPS / p.disks[0].map).read_bytes()
+        assert raw[:2] == bytes([1, 6]) and raw[-4:] != MAGIC  # one sealed unit
+    finally:
+        await v.close()
+    url = f"file://{tmp_path / 'vault'}"
+    code, text = _migrate(url, key)
+    assert code == 0, text
+    v = await open_vault(tmp_path / "vault", key)
+    try:
+        q = await write_full_point(v, data[::-1], cycle="c2")
+        assert q.format == 2
+    finally:
+        await v.close()
+    for point, want in ((p, data), (q, data[::-1])):
+        out = tmp_path / f"out-{point.id[:8]}"
+        r = run_cli("restore", "--vault", url, "--key-file", str(key), "--point", point.id,
+                    "--out", str(out))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert (out / "sda.img").read_bytes() == want
