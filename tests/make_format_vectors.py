@@ -30,7 +30,10 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from vault import keyslots, locks
 from vault.crypto import HEADER, Keyring, ObjectType, compress_payload, seal, unseal
 from vault.index import decode_index, encode_index, open_index
+from vault.mapchunks import TAIL as MAP_TAIL
+from vault.mapchunks import parse_table, seal_chunked
 from vault.maps import DELTA, FULL, ZERO_ID, BlockMap, encode_map, open_map
+from vault.maps import HEAD as MAP_HEAD
 from vault.pack import ENTRY, MAGIC, TAIL, build_pack, open_block, parse_trailer
 from vault.point import DiskEntry, Point, encode_point, open_point
 from vault.writer import BLOCK_ZSTD_LEVEL, thread_compressor
@@ -325,6 +328,36 @@ parameters from the slot).""")
         s.add(f"slot.{kind}.wrapped", wrapped)
         s.add(f"slot.{kind}.object_name", f"keys/{slot_id}")
         s.add(f"slot.{kind}.json", slot_json.decode())
+    out.append(s)
+
+    # -- a chunked map (format 2) ------------------------------------------------
+    chunk_id = bytes(range(0x70, 0x90)).hex()
+    plain = encode_map(full)
+    obj = seal_chunked(keyring, chunk_id, FULL, disk_size, BLOCK_SIZE, plain[MAP_HEAD.size:],
+                       1, table_nonce=nonce(0xAA))
+    s = Section("18.9 A chunked block map (format 2)", """
+The full map of §18.5 as a format 2 writer lays it out (§7.1), in chunks of one entry
+(a real writer puts 65 536 in a chunk): chunk *i* is type 9 under the map id's key,
+nonce = counter *i*, extra = u32 LE *i*, never compressed; then the table (type 6,
+random nonce, here fixed), its length and the magic `SRMC`.""")
+    s.add("chunked.id", chunk_id)
+    t, _magic = MAP_TAIL.unpack(obj[-MAP_TAIL.size:])
+    table = obj[-MAP_TAIL.size - t:-MAP_TAIL.size]
+    mkind, size, bs, count, chunks = parse_table(keyring, chunk_id, table,
+                                                len(obj) - MAP_TAIL.size - t)
+    if (mkind, size, bs, count, len(chunks)) != (FULL, disk_size, BLOCK_SIZE, 2, 2):
+        raise AssertionError("the chunked map vector's table does not parse")
+    for i, c in enumerate(chunks):
+        sealed = obj[c.offset:c.offset + c.length]
+        sealed_rows(s, f"chunked.chunk_{i}", keyring, data_root, ObjectType.MAP_CHUNK,
+                    chunk_id, plain[MAP_HEAD.size + 40 * i:MAP_HEAD.size + 40 * (i + 1)],
+                    sealed, extra=struct.pack("<I", i))
+    table_plain = unseal(keyring.aead(ObjectType.MAP, chunk_id), ObjectType.MAP, chunk_id,
+                         table, max_size=1 << 20)
+    sealed_rows(s, "chunked.table", keyring, data_root, ObjectType.MAP, chunk_id,
+                table_plain, table)
+    s.add("chunked.tail", obj[-MAP_TAIL.size:])
+    s.add("chunked.object", obj)
     out.append(s)
 
     # -- a lock -----------------------------------------------------------------

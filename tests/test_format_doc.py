@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from tests.make_format_vectors import BEGIN, END, render
 
 FORMAT_MD = Path(__file__).resolve().parent.parent / "docs" / "FORMAT.md"
-CONFIG, BLOCK, TRAILER, INDEX, POINT, MAP, LOCK = 1, 2, 3, 4, 5, 6, 7
+CONFIG, BLOCK, TRAILER, INDEX, POINT, MAP, LOCK, MAP_CHUNK = 1, 2, 3, 4, 5, 6, 7, 9
 
 
 def doc_block() -> str:
@@ -198,6 +198,33 @@ def test_full_and_delta_maps_resolve() -> None:
     b0, b1 = h("pack.block_0.id"), h("pack.block_1.id")
     assert resolved == {1: b0, 2: b1}
     assert max(resolved) < -(-size // bs)
+
+
+def test_a_chunked_map_reads_as_the_full_map() -> None:
+    """§7.1: tail, table, chunks at their offsets, each at its index; the entries are
+    those of §18.5's full map."""
+    map_id, obj = s("chunked.id"), h("chunked.object")
+    t, magic = struct.unpack("<I4s", obj[-8:])
+    assert magic == b"SRMC" and h("chunked.tail") == obj[-8:]
+    start = len(obj) - 8 - t
+    assert obj[start:-8] == h("chunked.table.sealed")
+    table = check_unit_rows("chunked.table", MAP, map_id)
+    kind, size, bs, count, nchunks = struct.unpack_from("<BQIQI", table, 0)
+    assert len(table) == 25 + 32 * nchunks and (kind, count, nchunks) == (0, 2, 2)
+    entries = b""
+    end = 0
+    for i in range(nchunks):
+        first, last, n, off, ln = struct.unpack_from("<QQIQI", table, 25 + 32 * i)
+        assert off == end and obj[off:off + ln] == h(f"chunked.chunk_{i}.sealed")
+        plain = check_unit_rows(f"chunked.chunk_{i}", MAP_CHUNK, map_id, struct.pack("<I", i))
+        numbers = [struct.unpack_from("<Q", plain, 40 * k)[0] for k in range(n)]
+        assert len(plain) == 40 * n and numbers[0] == first and numbers[-1] == last
+        entries += plain
+        end = off + ln
+    assert end == start
+    full = decode_map(check_unit_rows("map.full", MAP, s("map.full.id")))
+    assert (kind, size, bs) == full[:3]
+    assert dict(struct.unpack_from("<Q32s", entries, 40 * k) for k in range(count)) == full[3]
 
 
 def test_point_manifest_and_its_derived_id() -> None:

@@ -58,9 +58,11 @@ class Chunk:
 
 
 def seal_chunked(keyring: Keyring, map_id: str, kind: int, size: int, block_size: int,
-                 body: bytes | memoryview, chunk_entries: int = CHUNK_ENTRIES) -> bytes:
+                 body: bytes | memoryview, chunk_entries: int = CHUNK_ENTRIES, *,
+                 table_nonce: bytes | None = None) -> bytes:
     """The object of a map whose sorted entries (40 bytes each, a format 1 map's body)
-    are ``body``: its chunks of ``chunk_entries`` entries, its table and its tail."""
+    are ``body``: its chunks of ``chunk_entries`` entries, its table and its tail
+    (``table_nonce``: for test vectors only; a random one otherwise)."""
     if not 0 < chunk_entries <= MAX_CHUNK_ENTRIES:
         raise ValueError(f"a chunk holds 1 to {MAX_CHUNK_ENTRIES} entries, not {chunk_entries}")
     view = memoryview(body)
@@ -80,7 +82,8 @@ def seal_chunked(keyring: Keyring, map_id: str, kind: int, size: int, block_size
         rows.append(CHUNK.pack(first, last, hi - lo, off, len(sealed)))
         off += len(sealed)
     plain = HEAD.pack(kind, size, block_size, count, len(rows)) + b"".join(rows)
-    table = seal(keyring.aead(ObjectType.MAP, map_id), ObjectType.MAP, map_id, plain)
+    table = seal(keyring.aead(ObjectType.MAP, map_id), ObjectType.MAP, map_id, plain,
+                 nonce=table_nonce)
     return b"".join(parts) + table + TAIL.pack(len(table), MAGIC)
 
 
