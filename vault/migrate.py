@@ -12,7 +12,8 @@ The order makes every interruption harmless, and a second run finishes the work:
    its old maps deleted. A point is always whole at one format or the other: the reader
    reads each point's maps by the format its manifest names, so a vault half migrated
    restores and checks like a whole one. An interruption between a manifest and the
-   deletes leaves maps no point names: a prune deletes them.
+   deletes leaves maps no point names: the run that finds every point at format 2
+   (and none damaged) deletes them, as a prune would.
 
 A point whose manifest or map is damaged is left as it is and reported (nothing of it
 is read into the new maps), as ``check`` would report it.
@@ -79,7 +80,27 @@ async def migrate(vault: Vault, *, progress: Callable[[str], None] | None = None
             except NotFoundError:
                 pass
         say(f"point {p.id[:16]} of {p.machine} ({p.created}): {len(disks)} map(s) chunked")
+    if not report.damaged and report.migrated == len(todo):
+        await _sweep(vault, report, say)
     return report
+
+
+async def _sweep(vault: Vault, report: MigrateReport, say: Callable[[str], None]) -> None:
+    """Every point whole at format 2 and none damaged: delete the maps no point names
+    (those of a run killed between a manifest and its old maps' delete), as a prune
+    would."""
+    named = {d.map for p in (await vault.scan_points()).points for d in p.disks}
+    left = 0
+    async for info in vault.store.list(names.MAPS):
+        if info.name[len(names.MAPS):] not in named:
+            try:
+                await vault.store.delete(info.name)
+            except NotFoundError:
+                continue
+            left += 1
+    if left:
+        report.maps_deleted += left
+        say(f"{left} map(s) no point names deleted (left by an interrupted run)")
 
 
 async def _rewrite_maps(vault: Vault, p: Point, report: MigrateReport
