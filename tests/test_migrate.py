@@ -14,7 +14,14 @@ from pathlib import Path
 
 from tests.helpers import REPO, open_vault, restore_all, run_cli, sha256, write_full_point
 from tests.make_golden import DISK
-from tests.test_golden import _flip, _want, check, copy_golden, restore
+from tests.test_golden import (
+    _flip,
+    _want,
+    check,
+    copy_golden,
+    restore,
+    restores_and_checks_clean,
+)
 from vault import names
 from vault.keyslots import KeyMaterial, new_keyfile
 from vault.locks import locked
@@ -52,13 +59,7 @@ async def test_the_format1_golden_vault_migrates_and_restores_exactly(tmp_path: 
         assert [(p.id, p.format) for p in await v.list_points()] == [(g.p1, 2), (g.p2, 2)]
     finally:
         await v.close()
-    for pid in (g.p1, g.p2):
-        out = tmp_path / f"out-{pid[:8]}"
-        code, text = restore(g, pid, out)
-        assert code == 0, text
-        assert sha256(out / f"{DISK}.img") == _want(pid)
-    code, text = check(g, "--read-data")
-    assert code == 0 and "no problems" in text, text
+    restores_and_checks_clean(g, tmp_path / "out")
     code, text = _migrate(g.url, g.key)
     assert code == 0 and "already at format 2; nothing to do" in text, text
     assert _maps(g.vault) == new_maps
@@ -81,18 +82,11 @@ async def test_a_migration_cut_short_restores_and_a_second_run_finishes(tmp_path
     finally:
         await v.close()
     # The delta point (format 1) rests on the migrated full point (format 2).
-    for pid in (g.p1, g.p2):
-        out = tmp_path / f"half-{pid[:8]}"
-        code, text = restore(g, pid, out)
-        assert code == 0, text
-        assert sha256(out / f"{DISK}.img") == _want(pid)
-    code, text = check(g, "--read-data")
-    assert code == 0 and "no problems" in text, text
+    restores_and_checks_clean(g, tmp_path / "half")
     code, text = _migrate(g.url, g.key)
     assert code == 0, text
     assert "vault at format 2 (was 2): 1 of 2 points written again" in text
-    code, text = check(g, "--read-data")
-    assert code == 0 and "no problems" in text, text
+    restores_and_checks_clean(g, tmp_path / "whole")
 
 
 async def test_a_damaged_map_is_named_and_its_point_left_as_it_was(tmp_path: Path) -> None:

@@ -1,12 +1,14 @@
-"""A point's disk map as the maps of its delta chain, read as their plaintexts, not
-resolved into a dict: what a resync basis streams from (vault/fpstream.py) and what a
-FETCH looks blocks up in (procserver/fetch.py).
+"""A point's disk map as the maps of its delta chain, not resolved into a dict: what
+every range reader goes through (vault/mapranges.py) and what a FETCH looks blocks up in
+(procserver/fetch.py).
 
 A resolved map (``Vault.resolve_map``) is a dict of every non-zero block of the disk, a
-few hundred bytes an entry; the chain's ``MapEntries`` are 40 bytes an entry, sorted by
-block number. ``MapChain.lookup`` finds the blocks asked for by binary search in each
-map, newest first: the first map naming a block gives its id, an all-zero id in a delta
-saying it is zero now; a block no map names is zero (the chain ends at a full map).
+few hundred bytes an entry; a chain's maps (``MapView``) are read as chunks of sorted
+40-byte entries: a format 1 map is one chunk, its whole plaintext; a format 2 map's
+chunks are read when asked for (vault/mapchunks.py). ``MapChain.lookup`` finds the
+blocks asked for by binary search in each map, newest first: the first map naming a
+block gives its id, an all-zero id in a delta saying it is zero now; a block no map
+names is zero (the chain ends at a full map).
 """
 
 from __future__ import annotations

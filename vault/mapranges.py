@@ -45,7 +45,6 @@ class ChainRanges:
     def __init__(self, chain: Sequence[MapView], nblocks: int) -> None:
         if not chain:
             raise ValueError("a map chain holds at least its full map")
-        self._maps = list(chain)
         self._cursors = [_Cursor(m) for m in chain]
         self._nblocks = nblocks
         self._next = 0  # the first block of the next range
