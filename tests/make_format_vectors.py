@@ -34,7 +34,16 @@ from vault.mapchunks import TAIL as MAP_TAIL
 from vault.mapchunks import parse_table, seal_chunked
 from vault.maps import DELTA, FULL, ZERO_ID, BlockMap, encode_map, open_map
 from vault.maps import HEAD as MAP_HEAD
-from vault.pack import ENTRY, MAGIC, TAIL, build_pack, open_block, parse_trailer
+from vault.pack import (
+    ENTRY,
+    FRAME_BYTES,
+    MAGIC,
+    TAIL,
+    build_pack,
+    frame_plaintext,
+    open_block,
+    parse_trailer,
+)
 from vault.point import DiskEntry, Point, encode_point, open_point
 from vault.writer import BLOCK_ZSTD_LEVEL, thread_compressor
 
@@ -330,6 +339,22 @@ parameters from the slot).""")
         s.add(f"slot.{kind}.json", slot_json.decode())
     out.append(s)
 
+    # -- a lock -----------------------------------------------------------------
+    created = 1795608000.0  # 2026-11-25T12:00:00Z
+    body = json.dumps({"kind": "exclusive", "holder": "backup-host:4242", "purpose": "prune",
+                       "created": created, "expires": created + locks.TTL}).encode()
+    sealed = seal(keyring.aead(ObjectType.LOCK, LOCK_ID), ObjectType.LOCK, LOCK_ID, body,
+                  nonce=nonce(0x99))
+    if unseal(keyring.aead(ObjectType.LOCK, LOCK_ID), ObjectType.LOCK, LOCK_ID, sealed,
+              max_size=1 << 16) != body:
+        raise AssertionError("the lock vector does not open")
+    s = Section("18.8 A lock object", f"""
+`locks/<id>`, type 7, JSON in the key order `vault/locks.py` writes, times in
+Unix seconds, `expires` = `created` + {int(locks.TTL)}. Not compressed.""")
+    s.add("lock.id", LOCK_ID)
+    sealed_rows(s, "lock", keyring, data_root, ObjectType.LOCK, LOCK_ID, body, sealed,
+                text=True)
+    out.append(s)
     # -- a chunked map (format 2) ------------------------------------------------
     chunk_id = bytes(range(0x70, 0x90)).hex()
     plain = encode_map(full)
@@ -360,21 +385,30 @@ random nonce, here fixed), its length and the magic `SRMC`.""")
     s.add("chunked.object", obj)
     out.append(s)
 
-    # -- a lock -----------------------------------------------------------------
-    created = 1795608000.0  # 2026-11-25T12:00:00Z
-    body = json.dumps({"kind": "exclusive", "holder": "backup-host:4242", "purpose": "prune",
-                       "created": created, "expires": created + locks.TTL}).encode()
-    sealed = seal(keyring.aead(ObjectType.LOCK, LOCK_ID), ObjectType.LOCK, LOCK_ID, body,
-                  nonce=nonce(0x99))
-    if unseal(keyring.aead(ObjectType.LOCK, LOCK_ID), ObjectType.LOCK, LOCK_ID, sealed,
-              max_size=1 << 16) != body:
-        raise AssertionError("the lock vector does not open")
-    s = Section("18.8 A lock object", f"""
-`locks/<id>`, type 7, JSON in the key order `vault/locks.py` writes, times in
-Unix seconds, `expires` = `created` + {int(locks.TTL)}. Not compressed.""")
-    s.add("lock.id", LOCK_ID)
-    sealed_rows(s, "lock", keyring, data_root, ObjectType.LOCK, LOCK_ID, body, sealed,
-                text=True)
+    # -- a pack of frames (format 2) --------------------------------------------
+    fpack, fentries = build_pack(keyring, PACK_ID, list(blocks), thread_compressor(),
+                                 FRAME_BYTES)
+    frame_end = fentries[0].offset + fentries[0].length
+    if {(e.offset, e.length) for e in fentries} != {(0, frame_end)}:
+        raise AssertionError("the two blocks are not one frame")
+    ftrailer_plain = struct.pack("<I", len(fentries)) + b"".join(
+        ENTRY.pack(e.block_id, e.offset, e.length) for e in fentries)
+    ftrailer = seal(keyring.aead(ObjectType.PACK_TRAILER, PACK_ID), ObjectType.PACK_TRAILER,
+                    PACK_ID, ftrailer_plain, nonce=nonce(0xBB), compressor=thread_compressor())
+    fpacked = fpack[:frame_end] + ftrailer + TAIL.pack(len(ftrailer), MAGIC)
+    for bid, data in blocks:
+        if open_block(keyring, PACK_ID, bid, fpacked[:frame_end]) != data:
+            raise AssertionError("a block of the frame vector does not open")
+    s = Section("18.10 A pack of one frame (format 2)", """
+The two blocks of §18.3 as a format 2 writer packs them (§5.1): one frame, type 10
+under the pack's frame key, nonce = counter 0, no extra; its plaintext is the
+count, each block's id and length, then the blocks, compressed as one zstd frame.
+Both trailer entries give the frame's offset and length.""")
+    sealed_rows(s, "frame", keyring, data_root, ObjectType.FRAME, PACK_ID,
+                frame_plaintext(list(blocks)), fpacked[:frame_end])
+    sealed_rows(s, "frame.trailer", keyring, data_root, ObjectType.PACK_TRAILER, PACK_ID,
+                ftrailer_plain, ftrailer)
+    s.add("frame.pack", fpacked)
     out.append(s)
     return out
 

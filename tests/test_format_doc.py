@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from tests.make_format_vectors import BEGIN, END, render
 
 FORMAT_MD = Path(__file__).resolve().parent.parent / "docs" / "FORMAT.md"
-CONFIG, BLOCK, TRAILER, INDEX, POINT, MAP, LOCK, MAP_CHUNK = 1, 2, 3, 4, 5, 6, 7, 9
+CONFIG, BLOCK, TRAILER, INDEX, POINT, MAP, LOCK, MAP_CHUNK, FRAME = 1, 2, 3, 4, 5, 6, 7, 9, 10
 
 
 def doc_block() -> str:
@@ -225,6 +225,32 @@ def test_a_chunked_map_reads_as_the_full_map() -> None:
     full = decode_map(check_unit_rows("map.full", MAP, s("map.full.id")))
     assert (kind, size, bs) == full[:3]
     assert dict(struct.unpack_from("<Q32s", entries, 40 * k) for k in range(count)) == full[3]
+
+
+def test_a_pack_of_one_frame_holds_both_blocks() -> None:
+    """§5.1: the trailer gives both blocks the frame's place; the frame's table and
+    blocks; each block hashes to its id."""
+    pack_id, pack = s("keys.pack_id"), h("frame.pack")
+    t, magic = struct.unpack("<I4s", pack[-8:])
+    assert magic == b"SRPK"
+    trailer = check_unit_rows("frame.trailer", TRAILER, pack_id)
+    (count,) = struct.unpack_from("<I", trailer, 0)
+    entries = [struct.unpack_from("<32sQI", trailer, 4 + 44 * i) for i in range(count)]
+    assert count == 2 and {(off, ln) for _b, off, ln in entries} == {(0, len(pack) - 8 - t)}
+    frame = pack[:len(pack) - 8 - t]
+    assert frame == h("frame.sealed") and frame[1] == FRAME
+    plain = check_unit_rows("frame", FRAME, pack_id)
+    (k,) = struct.unpack_from("<I", plain, 0)
+    pos = 4 + 36 * k
+    blocks = {}
+    for j in range(k):
+        bid, length = struct.unpack_from("<32sI", plain, 4 + 36 * j)
+        blocks[bid] = plain[pos:pos + length]
+        pos += length
+    assert pos == len(plain) and list(blocks) == [b for b, _o, _l in entries]
+    for bid, data in blocks.items():
+        assert blake3.blake3(data, key=id_key()).digest() == bid
+    assert list(blocks) == [h("pack.block_0.id"), h("pack.block_1.id")]
 
 
 def test_point_manifest_and_its_derived_id() -> None:

@@ -36,7 +36,6 @@ from vault.checkopen import open_for_check
 from vault.checkpoints import PointChecks
 from vault.checkreport import CheckReport
 from vault.checkstore import DiskListing, Listing, MemoryListing
-from vault.crypto import OVERHEAD
 from vault.errors import (
     IntegrityError,
     NotFoundError,
@@ -48,7 +47,7 @@ from vault.indexopen import estimate_blocks
 from vault.keyslots import KeyMaterial
 from vault.locks import locked
 from vault.mapranges import RANGE_BLOCKS
-from vault.pack import MAX_BLOCK, PackEntry
+from vault.pack import MAX_SEALED, PackEntry
 from vault.rebuild import for_each, pack_id_if_valid, read_trailer
 from vault.repo import Vault
 from vault.store.protocol import BlobStore
@@ -294,7 +293,7 @@ class _Checker:
                 self._compare_trailer(pack_id, trailer)
         work: list[PackEntry] = []
         for e in sorted(set(trailer) | indexed, key=lambda e: (e.offset, e.length)):
-            if e.offset + e.length > end or e.length > MAX_BLOCK + OVERHEAD:
+            if e.offset + e.length > end or e.length > MAX_SEALED:
                 self._block_failed(pack_id, e)  # truncation was reported by check_packs
             else:
                 work.append(e)

@@ -51,6 +51,7 @@ class ObjectType(enum.IntEnum):
     LOCK = 7
     LEASE = 8
     MAP_CHUNK = 9
+    FRAME = 10
 
 
 def _hkdf(master: bytes, info: bytes) -> bytes:

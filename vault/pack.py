@@ -13,11 +13,26 @@ Trailer plaintext: ``u32 count`` then ``count`` entries of
 ``id[32] | u64 offset | u32 length``. The trailer lets the index be rebuilt from
 packs alone. Each pack has its own key (HKDF of the master key and the pack's
 random name), so counter nonces never repeat under a key.
+
+A vault of format 2 seals several blocks together in a **frame** (ObjectType.FRAME,
+nonce = counter of the frame in the pack, compressed as one zstd frame: zstd finds the
+matches across the blocks a single block is too small for). Frame plaintext::
+
+    u32 count | count * (id[32] | u32 length) | the blocks' bytes, in that order
+
+Every block of a frame has the frame's ``offset`` and ``length`` in the trailer and
+the index: a reader reads the frame, opens it (``open_block`` tells a frame from a
+single block by its type byte, which is authenticated) and takes the block its id
+names, whose keyed hash it then checks, as for a single block. The frames a thread
+opened last are kept (``CACHED_FRAMES``), so the blocks of one frame opened one after
+the other cost one decryption and one decompression.
 """
 
 from __future__ import annotations
 
 import struct
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import zstandard
@@ -39,6 +54,12 @@ TAIL = struct.Struct("<I4s")
 ENTRY = struct.Struct("<32sQI")
 MAX_BLOCK = 1 << 20
 MAX_TRAILER = 64 << 20
+FRAME_BYTES = 1 << 20  # a frame's blocks: at most this much plaintext, or one block
+FRAME_ENTRY = struct.Struct("<32sI")
+MAX_FRAME = 8 << 20  # a reader's cap on a frame's plaintext
+MAX_SEALED = MAX_FRAME + OVERHEAD  # the longest a block's (or frame's) bytes in a pack
+CACHED_FRAMES = 4  # frames a thread keeps opened
+_local = threading.local()
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +74,13 @@ def build_pack(
     pack_id: str,
     blocks: list[tuple[bytes, bytes | memoryview]],
     compressor: zstandard.ZstdCompressor,
+    frame_bytes: int = 0,
 ) -> tuple[bytes, list[PackEntry]]:
-    """Seal ``(block_id, data)`` pairs into one pack; CPU-bound, run on a worker thread."""
+    """Seal ``(block_id, data)`` pairs into one pack: each block alone (``frame_bytes``
+    0, format 1), or in frames of up to ``frame_bytes`` of plaintext (format 2);
+    CPU-bound, run on a worker thread."""
+    if frame_bytes:
+        return _build_framed(keyring, pack_id, blocks, compressor, frame_bytes)
     aead = keyring.aead(ObjectType.BLOCK, pack_id)
     parts: list[bytes | bytearray] = []
     entries: list[PackEntry] = []
@@ -68,6 +94,47 @@ def build_pack(
         parts.append(sealed)
         entries.append(PackEntry(bid, off, len(sealed)))
         off += len(sealed)
+    return _finish(keyring, pack_id, parts, entries, compressor)
+
+
+def _build_framed(keyring: Keyring, pack_id: str, blocks: list[tuple[bytes, bytes | memoryview]],
+                  compressor: zstandard.ZstdCompressor, frame_bytes: int
+                  ) -> tuple[bytes, list[PackEntry]]:
+    groups: list[list[tuple[bytes, bytes | memoryview]]] = []
+    size = 0
+    for item in blocks:
+        if not groups or size + len(item[1]) > frame_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += len(item[1])
+    plains = [frame_plaintext(g) for g in groups]
+    payloads = compress_payloads(plains, compressor)
+    aead = keyring.aead(ObjectType.FRAME, pack_id)
+    parts: list[bytes | bytearray] = []
+    entries: list[PackEntry] = []
+    off = 0
+    for i, (group, (payload, flags)) in enumerate(zip(groups, payloads, strict=True)):
+        sealed = bytearray(OVERHEAD + len(payload))
+        seal_into(aead, ObjectType.FRAME, pack_id, payload, flags, sealed,
+                  nonce=counter_nonce(i))
+        parts.append(sealed)
+        entries.extend(PackEntry(bid, off, len(sealed)) for bid, _data in group)
+        off += len(sealed)
+    return _finish(keyring, pack_id, parts, entries, compressor)
+
+
+def frame_plaintext(group: list[tuple[bytes, bytes | memoryview]]) -> bytes:
+    """A frame's plaintext: its table of ids and lengths, then the blocks."""
+    head = struct.pack("<I", len(group)) + b"".join(
+        FRAME_ENTRY.pack(bid, len(data)) for bid, data in group)
+    return b"".join([head, *(data for _bid, data in group)])
+
+
+def _finish(keyring: Keyring, pack_id: str, parts: list[bytes | bytearray],
+            entries: list[PackEntry], compressor: zstandard.ZstdCompressor
+            ) -> tuple[bytes, list[PackEntry]]:
+    """The trailer and the tail after the sealed blocks or frames; the pack's bytes."""
     trailer_plain = struct.pack("<I", len(entries)) + b"".join(
         ENTRY.pack(e.block_id, e.offset, e.length) for e in entries
     )
@@ -83,15 +150,65 @@ def build_pack(
 def open_block(
     keyring: Keyring, pack_id: str, block_id: bytes, sealed: bytes | memoryview
 ) -> bytes:
-    """Decrypt one block and check that its content hashes to ``block_id``."""
+    """Decrypt one block (or the frame that holds it, and take the block from it) and
+    check that its content hashes to ``block_id``."""
     what = f"packs/{pack_id[:2]}/{pack_id} block {block_id.hex()[:16]}"
-    data = unseal(
-        keyring.aead(ObjectType.BLOCK, pack_id), ObjectType.BLOCK, pack_id, sealed,
-        extra=block_id, max_size=MAX_BLOCK, what=what,
-    )
+    if len(sealed) > 1 and sealed[1] == ObjectType.FRAME:
+        data = _frame(keyring, pack_id, sealed, what).get(block_id)
+        if data is None:
+            raise IntegrityError(what, "the frame at the block's place does not hold it")
+    else:
+        data = unseal(
+            keyring.aead(ObjectType.BLOCK, pack_id), ObjectType.BLOCK, pack_id, sealed,
+            extra=block_id, max_size=MAX_BLOCK, what=what,
+        )
     if keyring.block_id(data) != block_id:
         raise IntegrityError(what, "content does not match its block id")
     return data
+
+
+def _frame(keyring: Keyring, pack_id: str, sealed: bytes | memoryview, what: str
+           ) -> dict[bytes, bytes]:
+    """The blocks of a sealed frame by id: opened (authenticated, decompressed, its
+    table checked) or, if this thread opened these very bytes lately, as it found them."""
+    cache: OrderedDict[tuple[str, bytes], tuple[bytes, dict[bytes, bytes]]] | None = \
+        getattr(_local, "frames", None)
+    if cache is None:
+        cache = _local.frames = OrderedDict()
+    key = (pack_id, bytes(sealed[4:16]))  # the nonce: the frame's place in the pack
+    hit = cache.get(key)
+    if hit is not None and hit[0] == sealed:
+        cache.move_to_end(key)
+        return hit[1]
+    plain = unseal(keyring.aead(ObjectType.FRAME, pack_id), ObjectType.FRAME, pack_id,
+                   sealed, max_size=MAX_FRAME, what=what)
+    blocks = parse_frame(plain, what)
+    cache[key] = (bytes(sealed), blocks)
+    while len(cache) > CACHED_FRAMES:
+        cache.popitem(last=False)
+    return blocks
+
+
+def parse_frame(plain: bytes, what: str) -> dict[bytes, bytes]:
+    """A frame's plaintext as its blocks by id; ``IntegrityError`` if its table does not
+    add up to its length."""
+    if len(plain) < 4:
+        raise IntegrityError(what, "the frame is truncated")
+    (count,) = struct.unpack_from("<I", plain, 0)
+    pos = 4 + count * FRAME_ENTRY.size
+    if count == 0 or pos > len(plain):
+        raise IntegrityError(what, "the frame's table does not match its length")
+    view = memoryview(plain)
+    blocks: dict[bytes, bytes] = {}
+    for i in range(count):
+        bid, length = FRAME_ENTRY.unpack_from(plain, 4 + i * FRAME_ENTRY.size)
+        if length > MAX_BLOCK or pos + length > len(plain):
+            raise IntegrityError(what, "the frame's table does not match its length")
+        blocks[bid] = bytes(view[pos:pos + length])
+        pos += length
+    if pos != len(plain):
+        raise IntegrityError(what, "the frame's table does not match its length")
+    return blocks
 
 
 def parse_trailer(keyring: Keyring, pack_id: str, sealed: bytes) -> list[PackEntry]:

@@ -272,13 +272,18 @@ async def _repack(vault: Vault, work: list[tuple[str, list[tuple[bytes, Location
         pack_id = names.random_id()
         data, entries = await loop.run_in_executor(
             executor,
-            lambda: build_pack(vault.keyring, pack_id, list(blocks), thread_compressor()))
+            lambda: build_pack(vault.keyring, pack_id, list(blocks), thread_compressor(),
+                               vault.frame_bytes))
         await vault.put_pack(pack_id, data)
         out[pack_id] = entries
 
     for pack_id, entries in work:
-        for bid, loc in entries:
-            sealed = await vault.store.get(names.pack_name(pack_id), loc.offset, loc.length)
+        at, sealed = (-1, -1), b""
+        for bid, loc in sorted(entries, key=lambda e: e[1].offset):
+            if (loc.offset, loc.length) != at:  # the blocks of one frame: read it once
+                at = (loc.offset, loc.length)
+                sealed = await vault.store.get(names.pack_name(pack_id), loc.offset,
+                                               loc.length)
             data = open_block(vault.keyring, pack_id, bid, sealed)  # never copy unverified data
             pending.append((bid, data))
             size += len(data)

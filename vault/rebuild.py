@@ -26,7 +26,15 @@ from vault import names
 from vault.crypto import OVERHEAD
 from vault.errors import IntegrityError, NotFoundError, VaultError
 from vault.index import open_index
-from vault.pack import ENTRY, MAGIC, MAX_BLOCK, MAX_TRAILER, TAIL, PackEntry, parse_trailer
+from vault.pack import (
+    ENTRY,
+    MAGIC,
+    MAX_SEALED,
+    MAX_TRAILER,
+    TAIL,
+    PackEntry,
+    parse_trailer,
+)
 from vault.repo import Vault
 from vault.store.protocol import BlobInfo
 
@@ -111,13 +119,17 @@ async def read_trailer(vault: Vault, pack_id: str, size: int, *, expect: int | N
 
 
 def layout_problem(entries: list[PackEntry], data_end: int) -> str | None:
-    """Why trailer ``entries`` do not tile ``[0, data_end)`` back to back, or None."""
-    pos = 0
+    """Why trailer ``entries`` do not tile ``[0, data_end)`` back to back, or None. The
+    blocks of one frame (vault/pack.py) share its place: an entry at the place of the
+    one before it is the next block of the same frame."""
+    pos, last = 0, (-1, -1)
     for i, e in enumerate(entries):
-        if e.offset != pos or not OVERHEAD <= e.length <= MAX_BLOCK + OVERHEAD:
+        if (e.offset, e.length) == last:
+            continue
+        if e.offset != pos or not OVERHEAD <= e.length <= MAX_SEALED:
             return (f"entry {i} (block {e.block_id.hex()[:16]}) at {e.offset}+{e.length} "
                     f"does not follow the previous block at {pos}")
-        pos += e.length
+        pos, last = pos + e.length, (e.offset, e.length)
     if pos != data_end:
         return f"the blocks end at {pos} but the trailer starts at {data_end}"
     return None

@@ -42,8 +42,16 @@ from vault.maps import (
     seal_map,
     seal_map_plaintext,
 )
-from vault.pack import PackEntry, open_block
-from vault.point import CHUNKED_FORMAT, FORMATS, WRITTEN_FORMAT, Point, open_point, seal_point
+from vault.pack import FRAME_BYTES, PackEntry, open_block
+from vault.point import (
+    CHUNKED_FORMAT,
+    FORMATS,
+    FRAMED_FORMAT,
+    WRITTEN_FORMAT,
+    Point,
+    open_point,
+    seal_point,
+)
 from vault.store.protocol import BlobStore
 
 IndexT = TypeVar("IndexT", bound=BlockIndex)
@@ -92,6 +100,12 @@ class Vault:
     slot: str | None = None
     #: entries a chunk of the maps this vault object writes (format 2)
     map_chunk_entries: int = CHUNK_ENTRIES
+
+    @property
+    def frame_bytes(self) -> int:
+        """The plaintext of a frame in the packs this vault is written with (0: one
+        block a sealed unit, format 1; ``vault/pack.py``)."""
+        return FRAME_BYTES if self.config.format >= FRAMED_FORMAT else 0
 
     def __init__(self, store: BlobStore, keyring: Keyring, config: VaultConfig) -> None:
         self.store = store

@@ -198,7 +198,8 @@ class CycleWriter:
         logical = sum(len(b) for _, b in blocks)
         loop = asyncio.get_running_loop()
         data, entries = await loop.run_in_executor(
-            self.executor, _build_pack, self.vault.keyring, pack_id, blocks)
+            self.executor, _build_pack, self.vault.keyring, pack_id, blocks,
+            self.vault.frame_bytes)
         del blocks  # the caller's buffers are free once the pack is sealed
         if self._before_pack is not None:
             await self._before_pack(pack_id)
@@ -335,9 +336,9 @@ def _count_unindexed(index: BlockIndex, ids: Iterable[bytes]) -> int:
     return missing
 
 
-def _build_pack(keyring: Keyring, pack_id: str, blocks: list[tuple[bytes, bytes | memoryview]]
-                ) -> tuple[bytes, list[PackEntry]]:
-    return build_pack(keyring, pack_id, blocks, thread_compressor())
+def _build_pack(keyring: Keyring, pack_id: str, blocks: list[tuple[bytes, bytes | memoryview]],
+                frame_bytes: int) -> tuple[bytes, list[PackEntry]]:
+    return build_pack(keyring, pack_id, blocks, thread_compressor(), frame_bytes)
 
 
 def _is_zero(b: bytes | memoryview) -> bool:

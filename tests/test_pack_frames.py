@@ -1,0 +1,151 @@
+"""Packs of frames (format 2, vault/pack.py): blocks sealed together read back one by
+one whatever the frame size; a frame damaged, moved within its pack or lying about its
+blocks is refused for every block it holds; a frame's bytes changed after they were
+read once are not taken for the ones read before; the trailer of a framed pack
+rebuilds the index."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+import zstandard
+
+from vault.crypto import Keyring, ObjectType, counter_nonce, seal
+from vault.errors import IntegrityError
+from vault.pack import (
+    FRAME_ENTRY,
+    MAGIC,
+    TAIL,
+    PackEntry,
+    build_pack,
+    frame_plaintext,
+    open_block,
+    parse_trailer,
+)
+from vault.rebuild import layout_problem
+
+KEYRING = Keyring(bytes(range(64)))
+PACK = "ab" * 32
+
+
+def _blocks(n: int, seed: int, sizes: tuple[int, ...] = (65536,)) -> list[tuple[bytes, bytes]]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        size = sizes[i % len(sizes)]
+        data = rng.randbytes(size // 2) + bytes(size - size // 2)  # half compresses
+        out.append((KEYRING.block_id(data), data))
+    return out
+
+
+def _pack(blocks: list[tuple[bytes, bytes]], frame_bytes: int
+          ) -> tuple[bytes, list[PackEntry]]:
+    return build_pack(KEYRING, PACK, list(blocks), zstandard.ZstdCompressor(level=1),
+                      frame_bytes)
+
+
+def _trailer(data: bytes) -> list[PackEntry]:
+    t, magic = TAIL.unpack(data[-TAIL.size:])
+    assert magic == MAGIC
+    return parse_trailer(KEYRING, PACK, data[-TAIL.size - t:-TAIL.size])
+
+
+@pytest.mark.parametrize("frame_bytes", [0, 65536, 200_000, 1 << 20, 8 << 20])
+def test_every_block_reads_back_whatever_the_frame_size(frame_bytes: int) -> None:
+    blocks = _blocks(40, 1, sizes=(65536, 4096, 131072, 1000))
+    data, entries = _pack(blocks, frame_bytes)
+    assert _trailer(data) == entries
+    places = {(e.offset, e.length) for e in entries}
+    if frame_bytes == 0:
+        assert len(places) == len(blocks) and data[1] == ObjectType.BLOCK
+    else:
+        assert data[1] == ObjectType.FRAME
+        total = sum(len(d) for _b, d in blocks)
+        assert len(places) >= -(-total // frame_bytes)  # no frame over the size...
+        if frame_bytes > 131072 + 4096:
+            assert len(places) < len(blocks)  # ...and blocks share frames
+    end = min(e.offset for e in entries) + sum(ln for _o, ln in places)
+    assert layout_problem(entries, end) is None
+    for (bid, want), e in zip(blocks, entries, strict=True):
+        assert e.block_id == bid
+        assert open_block(KEYRING, PACK, bid, data[e.offset:e.offset + e.length]) == want
+
+
+def test_a_block_larger_than_the_frame_size_is_a_frame_of_its_own() -> None:
+    blocks = _blocks(3, 2, sizes=(1 << 20,))
+    _data, entries = _pack(blocks, 65536)
+    assert len({e.offset for e in entries}) == 3
+
+
+def test_a_damaged_frame_fails_every_block_it_holds_and_none_other() -> None:
+    blocks = _blocks(8, 3)
+    data, entries = _pack(blocks, 4 * 65536)
+    first = entries[0]
+    bad = bytearray(data)
+    bad[first.offset + first.length // 2] ^= 1
+    for (bid, want), e in zip(blocks, entries, strict=True):
+        sealed = bytes(bad[e.offset:e.offset + e.length])
+        if e.offset == first.offset:
+            with pytest.raises(IntegrityError, match="authentication failed"):
+                open_block(KEYRING, PACK, bid, sealed)
+        else:
+            assert open_block(KEYRING, PACK, bid, sealed) == want
+
+
+def test_a_frame_read_at_another_blocks_place_does_not_give_it() -> None:
+    """Frames of equal length swapped within the pack (each authenticates under the
+    pack's key): a block is looked for in the frame at its place and is not there."""
+    rng = random.Random(4)
+    blocks = [(KEYRING.block_id(d), d) for d in (rng.randbytes(65536) for _ in range(4))]
+    data, entries = _pack(blocks, 2 * 65536)
+    a, b = sorted({(e.offset, e.length) for e in entries})
+    assert a[1] == b[1]  # incompressible: the same length
+    swapped = data[b[0]:b[0] + b[1]] + data[a[0]:a[0] + a[1]]
+    bid = blocks[0][0]
+    with pytest.raises(IntegrityError, match="does not hold it"):
+        open_block(KEYRING, PACK, bid, swapped[:a[1]])
+
+
+def test_a_frame_whose_table_lies_is_refused() -> None:
+    """What a writer holding the key could get wrong: lengths past the frame, bytes
+    left over, no blocks at all."""
+    bid, data = _blocks(1, 5)[0]
+    aead = KEYRING.aead(ObjectType.FRAME, PACK)
+
+    def sealed(plain: bytes, i: int) -> bytes:
+        return seal(aead, ObjectType.FRAME, PACK, plain, nonce=counter_nonce(i))
+
+    good = frame_plaintext([(bid, data)])
+    assert open_block(KEYRING, PACK, bid, sealed(good, 0)) == data
+    long = struct.pack("<I", 1) + FRAME_ENTRY.pack(bid, len(data) + 1) + data
+    extra = good + b"x"
+    empty = struct.pack("<I", 0)
+    for i, plain in enumerate((long, extra, empty), start=1):
+        with pytest.raises(IntegrityError, match="frame"):
+            open_block(KEYRING, PACK, bid, sealed(plain, i))
+
+
+def test_bytes_changed_after_a_frame_was_read_are_read_again() -> None:
+    """The frames a thread opened are kept for the next blocks of the same frame, but
+    only for the very same bytes: a frame altered since is authenticated afresh."""
+    blocks = _blocks(4, 6)
+    data, entries = _pack(blocks, 1 << 20)
+    e = entries[0]
+    frame = data[e.offset:e.offset + e.length]
+    assert open_block(KEYRING, PACK, blocks[0][0], frame) == blocks[0][1]
+    bad = bytearray(frame)
+    bad[len(bad) // 2] ^= 1  # the same nonce, other bytes
+    with pytest.raises(IntegrityError, match="authentication failed"):
+        open_block(KEYRING, PACK, blocks[1][0], bytes(bad))
+    assert open_block(KEYRING, PACK, blocks[1][0], frame) == blocks[1][1]
+
+
+def test_a_frame_of_blocks_from_another_pack_does_not_authenticate() -> None:
+    blocks = _blocks(2, 7)
+    data, entries = _pack(blocks, 1 << 20)
+    e = entries[0]
+    other = "cd" * 32
+    with pytest.raises(IntegrityError, match="authentication failed"):
+        open_block(KEYRING, other, blocks[0][0], data[e.offset:e.offset + e.length])
