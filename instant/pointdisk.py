@@ -32,7 +32,7 @@ from vault.index import BlockIndex, Location
 from vault.mapchain import chain_entries
 from vault.mapranges import RANGE_BLOCKS, ChainRanges
 from vault.maps import MapView
-from vault.pack import open_block
+from vault.pack import Frames, open_block
 from vault.packrange import read_range
 from vault.point import Point
 from vault.repo import Vault
@@ -285,10 +285,12 @@ class PointDisk:
     def _open(self, pack_id: str, chosen: list[Entry], raw: bytes, base: int
               ) -> list[tuple[int, bytes]]:
         view = memoryview(raw)
+        frames: Frames = {}
         out: list[tuple[int, bytes]] = []
         for e in chosen:
             data = open_block(self.vault.keyring, pack_id, e.block_id,
-                              view[e.loc.offset - base:e.loc.offset - base + e.loc.length])
+                              view[e.loc.offset - base:e.loc.offset - base + e.loc.length],
+                              frames, e.loc.offset)
             last = self.size - (self.overlay.nblocks - 1) * self.block_size
             for n in e.blocks:
                 out.append((n, data[:last] if n == self.overlay.nblocks - 1 else data))

@@ -29,7 +29,7 @@ from vault.errors import VaultError
 from vault.index import Location, locate_blocks
 from vault.locks import locked
 from vault.mapchain import MapChain, chain_entries
-from vault.pack import open_block
+from vault.pack import Frames, open_block
 from vault.packrange import read_range
 from wire.protocol import (
     MAX_FETCH,
@@ -82,12 +82,13 @@ async def serve_fetch(session: Session, doc: dict[str, Any]) -> None:
             by_pack = locate_blocks(index, names.POINTS + point_id, disk, wanted)
             where = {n: (pack_id, loc) for pack_id, items in by_pack.items()
                      for n, _bid, loc in items}
+            last = _LastRead()
             for n in blocks:
                 if n not in where:
                     await session.send(b"".join(block_frame_parts(FrameType.ZERO, 0, n)))
                     continue
                 pack_id, loc = where[n]
-                data = await _read(session, pack_id, wanted[n], loc)
+                data = await _read(session, pack_id, wanted[n], loc, last)
                 head, body = block_frame_parts(FrameType.BLOCK, 0, n, data)
                 await session.send(head + body)
     except NoBasisError as e:
@@ -121,8 +122,22 @@ async def _chain(session: Session, point_id: str, disk: str) -> tuple[int, MapCh
     return count, chain
 
 
-async def _read(session: Session, pack_id: str, bid: bytes, loc: Location) -> bytes:
+class _LastRead:
+    """The last place of a pack a FETCH read and the frames opened from it: the next
+    block asked often lies in the same frame (vault/pack.py)."""
+
+    def __init__(self) -> None:
+        self.at: tuple[str, int, int] | None = None
+        self.sealed = b""
+        self.frames: Frames = {}
+
+
+async def _read(session: Session, pack_id: str, bid: bytes, loc: Location,
+                last: _LastRead) -> bytes:
     vault = session.deps.vaults.vault
-    sealed = await read_range(vault.store, pack_id, loc.offset, loc.length)
+    if last.at != (pack_id, loc.offset, loc.length):
+        last.sealed = await read_range(vault.store, pack_id, loc.offset, loc.length)
+        last.at, last.frames = (pack_id, loc.offset, loc.length), {}
     return await asyncio.get_running_loop().run_in_executor(
-        session.deps.executor, open_block, vault.keyring, pack_id, bid, sealed)
+        session.deps.executor, open_block, vault.keyring, pack_id, bid, last.sealed,
+        last.frames, loc.offset)

@@ -1,8 +1,7 @@
 """Packs of frames (format 2, vault/pack.py): blocks sealed together read back one by
 one whatever the frame size; a frame damaged, moved within its pack or lying about its
-blocks is refused for every block it holds; a frame's bytes changed after they were
-read once are not taken for the ones read before; the trailer of a framed pack
-rebuilds the index."""
+blocks is refused for every block it holds; the trailer of a framed pack tiles it; a
+reader opens a frame once for the blocks of one read."""
 
 from __future__ import annotations
 
@@ -18,6 +17,7 @@ from vault.pack import (
     FRAME_ENTRY,
     MAGIC,
     TAIL,
+    Frames,
     PackEntry,
     build_pack,
     frame_plaintext,
@@ -127,19 +127,23 @@ def test_a_frame_whose_table_lies_is_refused() -> None:
             open_block(KEYRING, PACK, bid, sealed(plain, i))
 
 
-def test_bytes_changed_after_a_frame_was_read_are_read_again() -> None:
-    """The frames a thread opened are kept for the next blocks of the same frame, but
-    only for the very same bytes: a frame altered since is authenticated afresh."""
-    blocks = _blocks(4, 6)
-    data, entries = _pack(blocks, 1 << 20)
+def test_the_blocks_of_one_read_open_each_frame_once() -> None:
+    """A reader opening the blocks of one read of a pack keeps what it opened by offset
+    (one frame: one decryption); a later read, of bytes altered since, is opened
+    afresh and refused."""
+    blocks = _blocks(12, 6)
+    data, entries = _pack(blocks, 4 * 65536)
+    frames: Frames = {}
+    for (bid, want), e in zip(blocks, entries, strict=True):
+        got = open_block(KEYRING, PACK, bid, data[e.offset:e.offset + e.length], frames,
+                         e.offset)
+        assert got == want
+    assert sorted(frames) == sorted({e.offset for e in entries}) and len(frames) == 3
     e = entries[0]
-    frame = data[e.offset:e.offset + e.length]
-    assert open_block(KEYRING, PACK, blocks[0][0], frame) == blocks[0][1]
-    bad = bytearray(frame)
-    bad[len(bad) // 2] ^= 1  # the same nonce, other bytes
+    bad = bytearray(data[e.offset:e.offset + e.length])
+    bad[len(bad) // 2] ^= 1
     with pytest.raises(IntegrityError, match="authentication failed"):
-        open_block(KEYRING, PACK, blocks[1][0], bytes(bad))
-    assert open_block(KEYRING, PACK, blocks[1][0], frame) == blocks[1][1]
+        open_block(KEYRING, PACK, blocks[0][0], bytes(bad), {}, e.offset)
 
 
 def test_a_frame_of_blocks_from_another_pack_does_not_authenticate() -> None:

@@ -10,7 +10,7 @@ import math
 from common.digest import fingerprint
 from vault.crypto import Keyring
 from vault.errors import IntegrityError
-from vault.pack import PackEntry, open_block
+from vault.pack import Frames, PackEntry, open_block
 
 
 def subset_of(pack_ids: list[str], percent: float) -> set[str]:
@@ -39,11 +39,13 @@ def open_blocks(keyring: Keyring, pack_id: str, group: list[PackEntry], raw: byt
                 base: int) -> list[bytes | str]:
     """Per entry: the block's fingerprint, or why it failed (runs on a worker thread)."""
     view = memoryview(raw)
+    frames: Frames = {}
     out: list[bytes | str] = []
     for e in group:
         try:
             data = open_block(keyring, pack_id, e.block_id,
-                              view[e.offset - base: e.offset - base + e.length])
+                              view[e.offset - base: e.offset - base + e.length],
+                              frames, e.offset)
         except IntegrityError as err:
             out.append(err.reason)
         else:

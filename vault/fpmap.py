@@ -23,7 +23,7 @@ from common.digest import block_count, digest_of_fingerprint_map, fingerprint
 from vault import names
 from vault.errors import IntegrityError
 from vault.index import BlockIndex, Location, locate_blocks
-from vault.pack import open_block
+from vault.pack import Frames, open_block
 from vault.packrange import read_span
 from vault.point import Point
 from vault.repo import Vault
@@ -34,8 +34,10 @@ FP = 16  # bytes per fingerprint
 def _fingerprints(vault: Vault, pack_id: str, items: list[tuple[int, bytes, Location]],
                   raw: bytes, base: int) -> list[tuple[int, bytes]]:
     view = memoryview(raw)
+    frames: Frames = {}
     return [(n, fingerprint(open_block(vault.keyring, pack_id, bid,
-                                       view[loc.offset - base:loc.offset - base + loc.length])))
+                                       view[loc.offset - base:loc.offset - base + loc.length],
+                                       frames, loc.offset)))
             for n, bid, loc in items]
 
 

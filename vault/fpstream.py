@@ -27,7 +27,7 @@ from vault.errors import IntegrityError, UnindexedBlocksError
 from vault.index import BlockIndex, Location
 from vault.mapchain import chain_entries
 from vault.mapranges import ChainRanges
-from vault.pack import open_block
+from vault.pack import Frames, open_block
 from vault.packrange import read_span
 from vault.point import Point
 from vault.repo import Vault
@@ -59,8 +59,10 @@ def _runs(items: list[tuple[int, bytes, Location]]
 def _fingerprints(vault: Vault, pack_id: str, items: list[tuple[int, bytes, Location]],
                   raw: bytes, base: int) -> list[tuple[int, bytes]]:
     view = memoryview(raw)
+    frames: Frames = {}
     return [(n, fingerprint(open_block(vault.keyring, pack_id, bid,
-                                       view[loc.offset - base:loc.offset - base + loc.length])))
+                                       view[loc.offset - base:loc.offset - base + loc.length],
+                                       frames, loc.offset)))
             for n, bid, loc in items]
 
 

@@ -23,16 +23,16 @@ matches across the blocks a single block is too small for). Frame plaintext::
 Every block of a frame has the frame's ``offset`` and ``length`` in the trailer and
 the index: a reader reads the frame, opens it (``open_block`` tells a frame from a
 single block by its type byte, which is authenticated) and takes the block its id
-names, whose keyed hash it then checks, as for a single block. The frames a thread
-opened last are kept (``CACHED_FRAMES``), so the blocks of one frame opened one after
-the other cost one decryption and one decompression.
+names, whose keyed hash it then checks, as for a single block. A caller that opens
+several blocks from one read of a pack passes a ``frames`` dict (offset -> the frame's
+blocks) that lives as long as that read: the blocks of one frame then cost one
+decryption and one decompression, and nothing opened is kept past the bytes it came
+from.
 """
 
 from __future__ import annotations
 
 import struct
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import zstandard
@@ -58,8 +58,7 @@ FRAME_BYTES = 1 << 20  # a frame's blocks: at most this much plaintext, or one b
 FRAME_ENTRY = struct.Struct("<32sI")
 MAX_FRAME = 8 << 20  # a reader's cap on a frame's plaintext
 MAX_SEALED = MAX_FRAME + OVERHEAD  # the longest a block's (or frame's) bytes in a pack
-CACHED_FRAMES = 4  # frames a thread keeps opened
-_local = threading.local()
+Frames = dict[int, dict[bytes, bytes]]  # the frames opened from one read: offset -> blocks
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,13 +147,23 @@ def _finish(keyring: Keyring, pack_id: str, parts: list[bytes | bytearray],
 
 
 def open_block(
-    keyring: Keyring, pack_id: str, block_id: bytes, sealed: bytes | memoryview
+    keyring: Keyring, pack_id: str, block_id: bytes, sealed: bytes | memoryview,
+    frames: Frames | None = None, at: int = 0,
 ) -> bytes:
     """Decrypt one block (or the frame that holds it, and take the block from it) and
-    check that its content hashes to ``block_id``."""
+    check that its content hashes to ``block_id``. ``frames`` and ``at``: the frames
+    already opened from the read ``sealed`` comes from, and ``sealed``'s offset in the
+    pack (a frame opened is put there; one found there is not opened again)."""
     what = f"packs/{pack_id[:2]}/{pack_id} block {block_id.hex()[:16]}"
     if len(sealed) > 1 and sealed[1] == ObjectType.FRAME:
-        data = _frame(keyring, pack_id, sealed, what).get(block_id)
+        blocks = None if frames is None else frames.get(at)
+        if blocks is None:
+            plain = unseal(keyring.aead(ObjectType.FRAME, pack_id), ObjectType.FRAME,
+                           pack_id, sealed, max_size=MAX_FRAME, what=what)
+            blocks = parse_frame(plain, what)
+            if frames is not None:
+                frames[at] = blocks
+        data = blocks.get(block_id)
         if data is None:
             raise IntegrityError(what, "the frame at the block's place does not hold it")
     else:
@@ -165,28 +174,6 @@ def open_block(
     if keyring.block_id(data) != block_id:
         raise IntegrityError(what, "content does not match its block id")
     return data
-
-
-def _frame(keyring: Keyring, pack_id: str, sealed: bytes | memoryview, what: str
-           ) -> dict[bytes, bytes]:
-    """The blocks of a sealed frame by id: opened (authenticated, decompressed, its
-    table checked) or, if this thread opened these very bytes lately, as it found them."""
-    cache: OrderedDict[tuple[str, bytes], tuple[bytes, dict[bytes, bytes]]] | None = \
-        getattr(_local, "frames", None)
-    if cache is None:
-        cache = _local.frames = OrderedDict()
-    key = (pack_id, bytes(sealed[4:16]))  # the nonce: the frame's place in the pack
-    hit = cache.get(key)
-    if hit is not None and hit[0] == sealed:
-        cache.move_to_end(key)
-        return hit[1]
-    plain = unseal(keyring.aead(ObjectType.FRAME, pack_id), ObjectType.FRAME, pack_id,
-                   sealed, max_size=MAX_FRAME, what=what)
-    blocks = parse_frame(plain, what)
-    cache[key] = (bytes(sealed), blocks)
-    while len(cache) > CACHED_FRAMES:
-        cache.popitem(last=False)
-    return blocks
 
 
 def parse_frame(plain: bytes, what: str) -> dict[bytes, bytes]:

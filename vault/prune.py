@@ -40,7 +40,7 @@ from vault.index import Location
 from vault.locks import Leases, read_leases
 from vault.mapchain import chain_entries
 from vault.mapranges import RANGE_BLOCKS, ChainRanges
-from vault.pack import PackEntry, build_pack, open_block
+from vault.pack import Frames, PackEntry, build_pack, open_block
 from vault.point import Point
 from vault.prunestream import fits_in_memory, live_set
 from vault.repo import Vault
@@ -278,13 +278,16 @@ async def _repack(vault: Vault, work: list[tuple[str, list[tuple[bytes, Location
         out[pack_id] = entries
 
     for pack_id, entries in work:
-        at, sealed = (-1, -1), b""
+        at: tuple[int, int] = (-1, -1)
+        sealed = b""
+        frames: Frames = {}
         for bid, loc in sorted(entries, key=lambda e: e[1].offset):
             if (loc.offset, loc.length) != at:  # the blocks of one frame: read it once
                 at = (loc.offset, loc.length)
                 sealed = await vault.store.get(names.pack_name(pack_id), loc.offset,
                                                loc.length)
-            data = open_block(vault.keyring, pack_id, bid, sealed)  # never copy unverified data
+            # never copy unverified data
+            data = open_block(vault.keyring, pack_id, bid, sealed, frames, loc.offset)
             pending.append((bid, data))
             size += len(data)
             if size >= PACK_TARGET:
