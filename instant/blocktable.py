@@ -71,13 +71,18 @@ class BlockTable:
 
     def finish(self) -> None:
         """Put each pack's entries in offset order (what a fetch reads runs of), one entry
-        for a block stored once and held at several places of the disk."""
+        for a block stored once and held at several places of the disk (the blocks of
+        one frame: one entry each, at the frame's offset)."""
         for pi, pk in enumerate(self._packs):
-            order = sorted(range(len(pk.offs)), key=lambda i: (pk.offs[i], pk.first[i]))
+            # The blocks of one frame (vault/pack.py) share its offset: a stored block is
+            # its offset and its id.
+            order = sorted(range(len(pk.offs)), key=lambda i: (
+                pk.offs[i], pk.ids[i * ID:(i + 1) * ID], pk.first[i]))
             out = _Pack()
             for i in order:
                 n = pk.first[i]
-                if out.offs and out.offs[-1] == pk.offs[i]:  # the same stored block again
+                if (out.offs and out.offs[-1] == pk.offs[i]
+                        and out.ids[-ID:] == pk.ids[i * ID:(i + 1) * ID]):  # the same again
                     pos = len(out.offs) - 1
                     self._more[(pi, pos)] = (*self._more.get((pi, pos), (out.first[pos],)), n)
                 else:

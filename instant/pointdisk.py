@@ -208,9 +208,11 @@ class PointDisk:
         t = self._table
         pack, i = t.locate(n)
         lo = t.start(pack, i)
+        while i > 0 and t.start(pack, i - 1) == lo:
+            i -= 1  # the blocks of one frame (vault/pack.py) come with the bytes read
         chosen = [t.entry(pack, i)]
         for j in range(i + 1, t.count(pack)):
-            if t.end(pack, j) - lo > span:
+            if t.end(pack, j) - lo > span and t.start(pack, j) != lo:
                 break
             e = t.entry(pack, j)
             if self._wanted(e):
@@ -225,7 +227,8 @@ class PointDisk:
         lo = t.start(pack, start)
         chosen: list[Entry] = []
         i = start
-        while i < t.count(pack) and (i == start or t.end(pack, i) - lo <= span):
+        while i < t.count(pack) and (i == start or t.end(pack, i) - lo <= span
+                                     or t.start(pack, i) == t.start(pack, i - 1)):
             e = t.entry(pack, i)
             if self._wanted(e):
                 chosen.append(e)

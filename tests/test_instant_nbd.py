@@ -72,6 +72,9 @@ def _build(root: Path) -> Site:
     async def go() -> Site:
         _url, key = await make_vault(root)
         v = await open_vault(root / "vault", key)
+        # Frames of two blocks (a writer's hold 16): fetches, read-ahead and hydration
+        # still see many frames on this small disk, and take a frame's blocks together.
+        v.frame_target = 2 * BLOCK
         try:
             data = make_data()
             old = _blocks(data)
@@ -299,7 +302,11 @@ async def test_writes_land_in_the_overlay_never_the_vault(site: Site, tmp_path: 
         assert err == 0 and words == [2 * BLOCK, p.STATE_HOLE | p.STATE_ZERO]
         err, words = await c.cmd(p.CMD_BLOCK_STATUS, 4 * BLOCK, BLOCK, flags=p.CMD_FLAG_REQ_ONE)
         assert err == 0 and words == [BLOCK, 0]
-        assert disk.fetched_bytes < len(site.data)  # block 4, 8 and 9 were never needed
+        # No part of a pack was read twice (a fetch takes every block of the bytes it
+        # read: in format 2 the blocks of a frame come together, written ones skipped).
+        packs = sum(f.stat().st_size for f in (site.vault_dir / "packs").rglob("*")
+                    if f.is_file())
+        assert 0 < disk.fetched_bytes <= packs, (disk.fetched_bytes, packs)
         await c.close()
     # After a restart, the writes are there, hydration fills the rest around them.
     async with served(site, ov, sock) as (disk, _server):

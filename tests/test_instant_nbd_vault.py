@@ -75,7 +75,7 @@ async def test_the_block_table_built_in_ranges_is_the_whole_ones(site: Site, tmp
                     t = disk._table
                     views.append([t.entry(*t.locate(n)) if t.in_map(n) else None
                                   for n in range(NBLOCKS + 1)])
-                    assert all(t.start(pk, i) < t.start(pk, i + 1)  # each pack in offset order
+                    assert all(t.start(pk, i) <= t.start(pk, i + 1)  # each pack in offset order
                                for pk in range(len(t.pack_ids)) for i in range(t.count(pk) - 1))
                 assert views[1] == views[0] and views[2] == views[0]
                 shared = views[0][3]

@@ -101,11 +101,15 @@ class Vault:
     #: entries a chunk of the maps this vault object writes (format 2)
     map_chunk_entries: int = CHUNK_ENTRIES
 
+    #: the most plaintext of blocks a frame of the packs this vault object writes holds
+    #: (format 2; ``vault/pack.py``)
+    frame_target: int = FRAME_BYTES
+
     @property
     def frame_bytes(self) -> int:
         """The plaintext of a frame in the packs this vault is written with (0: one
-        block a sealed unit, format 1; ``vault/pack.py``)."""
-        return FRAME_BYTES if self.config.format >= FRAMED_FORMAT else 0
+        block a sealed unit, format 1)."""
+        return self.frame_target if self.config.format >= FRAMED_FORMAT else 0
 
     def __init__(self, store: BlobStore, keyring: Keyring, config: VaultConfig) -> None:
         self.store = store
