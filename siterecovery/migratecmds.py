@@ -15,15 +15,17 @@ from siterecovery.vaultopts import add_vault_args, open_vault
 from vault.locks import locked
 from vault.migrate import migrate
 
-HELP = ("Bring a vault written by an older siterecovery to format 2, in place: the "
-        "config says format 2 first (a program that knows only format 1 then refuses the "
-        "vault rather than misread it), then each point's block maps are written again "
-        "in chunks, read a range at a time by restores, checks, prunes and resyncs, and "
-        "its manifest again under the same id; its old maps are deleted after. Packs and "
-        "index objects are not touched. Interrupted, every point is whole at one format "
-        "or the other and everything restores; run it again to finish. Holds the vault's "
-        "exclusive lock (process servers wait; restart them after, so they write format "
-        "2 too). Exit code 3 if a damaged manifest or map was left as it was.")
+HELP = ("Bring a vault written by an older siterecovery to format 3, in place: the "
+        "config says format 3 first (a program that knows only older formats then refuses "
+        "the vault rather than misread it), then each format 1 point's block maps are "
+        "written again in chunks, read a range at a time by restores, checks, prunes and "
+        "resyncs, and its manifest again under the same id; its old maps are deleted "
+        "after. New packs are written in frames of several blocks (a smaller vault); "
+        "packs already written and index objects are not touched. Interrupted, every "
+        "point is whole at one format or the other and everything restores; run it again "
+        "to finish. Holds the vault's exclusive lock (process servers wait; restart them "
+        "after, so they write format 3 too). Exit code 3 if a damaged manifest or map was "
+        "left as it was.")
 
 
 async def cmd_vault_migrate(args: argparse.Namespace) -> int:
@@ -55,8 +57,8 @@ async def cmd_vault_migrate(args: argparse.Namespace) -> int:
 
 def register_under(vsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``migrate`` under the ``vault`` command's subcommands."""
-    m = vsub.add_parser("migrate", help="bring a vault to the newest format (2: chunked "
-                                        "maps), in place", description=HELP)
+    m = vsub.add_parser("migrate", help="bring a vault to the newest format (3: chunked "
+                                        "maps, packs of frames), in place", description=HELP)
     add_vault_args(m)
     m.add_argument("--wait", type=float, default=0.0,
                    help="seconds to wait for writers to release the vault (default: 0)")

@@ -385,7 +385,7 @@ random nonce, here fixed), its length and the magic `SRMC`.""")
     s.add("chunked.object", obj)
     out.append(s)
 
-    # -- a pack of frames (format 2) --------------------------------------------
+    # -- a pack of frames (format 3) --------------------------------------------
     fpack, fentries = build_pack(keyring, PACK_ID, list(blocks), thread_compressor(),
                                  FRAME_BYTES)
     frame_end = fentries[0].offset + fentries[0].length
@@ -399,8 +399,8 @@ random nonce, here fixed), its length and the magic `SRMC`.""")
     for bid, data in blocks:
         if open_block(keyring, PACK_ID, bid, fpacked[:frame_end]) != data:
             raise AssertionError("a block of the frame vector does not open")
-    s = Section("18.10 A pack of one frame (format 2)", """
-The two blocks of §18.3 as a format 2 writer packs them (§5.1): one frame, type 10
+    s = Section("18.10 A pack of one frame (format 3)", """
+The two blocks of §18.3 as a format 3 writer packs them (§5.1): one frame, type 10
 under the pack's frame key, nonce = counter 0, no extra; its plaintext is the
 count, each block's id and length, then the blocks, compressed as one zstd frame.
 Both trailer entries give the frame's offset and length.""")

@@ -1,8 +1,9 @@
-"""Generate a golden vault: tests/fixtures/golden/ (format 1) or golden2/ (format 2).
+"""Generate a golden vault: tests/fixtures/golden/ (format 1), golden2/ (format 2) or
+golden3/ (format 3).
 Run only when a format changes; the format 1 vault is kept as it was written by the
 format 1 writer, so the reader of the old format stays tested.
 
-    .venv/bin/python -m tests.make_golden --format 2 --force
+    .venv/bin/python -m tests.make_golden --format 3 --force
 
 The disk contents are deterministic (seeded), but object names, keys and nonces are
 random, so the vault differs on every run: it is generated once and committed, and
@@ -18,9 +19,11 @@ tests/test_golden.py reads the committed copy. What it holds:
      block 0 (deduplicated: no new block stored), block 3 becomes zero, the short
      block 5 gets new data; blocks 0 and 4 are unchanged.
 
-  One pack and one index object per point, one map per point, one key slot. In
-  format 2 the maps are written in chunks of ``CHUNK2`` (2) entries, so the full map
-  has three chunks and the delta map two (a real writer's chunks hold 65 536).
+  One pack and one index object per point, one map per point, one key slot. From
+  format 2 on the maps are written in chunks of ``CHUNK2`` (2) entries, so the full map
+  has three chunks and the delta map two (a real writer's chunks hold 65 536). In
+  format 3 each pack's blocks are one frame (five blocks in the full point's pack, two
+  in the delta's).
 - ``vault.key``: the key file that opens it.
 - ``expected.json``: per point (oldest first) its id, kind and, per disk, the size and
   the SHA-256 of the restored raw image and the disk digest.
@@ -45,7 +48,8 @@ from vault.writer import CycleWriter, DiskSpec
 
 GOLDEN = Path(__file__).resolve().parent / "fixtures" / "golden"
 GOLDEN2 = GOLDEN.with_name("golden2")
-CHUNK2 = 2  # entries a map chunk in golden2
+GOLDEN3 = GOLDEN.with_name("golden3")
+CHUNK2 = 2  # entries a map chunk in golden2 and golden3
 BS = 64 * 1024
 SIZE = 5 * BS + 1000
 MACHINE, DISK = "golden-vm", "sda"
@@ -114,13 +118,13 @@ async def generate(out: Path, fmt: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--format", type=int, choices=(1, 2), default=2,
+    ap.add_argument("--format", type=int, choices=(1, 2, 3), default=3,
                     help="vault format (default: %(default)s)")
-    ap.add_argument("--out", type=Path, help="default: tests/fixtures/golden (format 1) "
-                                             "or golden2 (format 2)")
+    ap.add_argument("--out", type=Path, help="default: tests/fixtures/golden (format 1), "
+                                             "golden2 (format 2) or golden3 (format 3)")
     ap.add_argument("--force", action="store_true", help="replace an existing golden vault")
     args = ap.parse_args()
-    args.out = args.out or (GOLDEN if args.format == 1 else GOLDEN2)
+    args.out = args.out or {1: GOLDEN, 2: GOLDEN2, 3: GOLDEN3}[args.format]
     if args.out.exists():
         if not args.force:
             raise SystemExit(f"{args.out} exists; give --force to replace it (and commit "

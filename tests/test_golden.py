@@ -1,5 +1,5 @@
-"""Golden vectors: committed vaults (tests/fixtures/golden of format 1 and golden2 of
-format 2, made by tests/make_golden.py) that this code must keep reading byte for byte,
+"""Golden vectors: committed vaults (tests/fixtures/golden of format 1, golden2 of format 2
+and golden3 of format 3, made by tests/make_golden.py) that this code must keep reading byte for byte,
 and corruptions of them, made here on a copy, that both ``restore`` and ``check
 --read-data`` must catch, through the real CLI."""
 
@@ -18,18 +18,21 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import open_vault, run_cli, sha256
-from tests.make_golden import BS, DISK, GOLDEN, GOLDEN2, MACHINE, SIZE, disk_versions
+from tests.make_golden import BS, DISK, GOLDEN, GOLDEN2, GOLDEN3, MACHINE, SIZE, disk_versions
 from vault import names
 from vault.index import open_index
 from vault.keyslots import new_keyfile
 from vault.maps import FULL
-from vault.pack import MAGIC, TAIL, parse_trailer
+from vault.pack import MAGIC, TAIL, PackEntry, parse_trailer
 
 EXPECTED = json.loads((GOLDEN / "expected.json").read_text())
 P1, P2 = (str(p["id"]) for p in EXPECTED["points"])  # the full point, the delta point on it
-EXPECTED2 = json.loads((GOLDEN2 / "expected.json").read_text())
-#: both golden vaults, for the tests each must pass
-VAULTS = [pytest.param(GOLDEN, id="format1"), pytest.param(GOLDEN2, id="format2")]
+#: the golden vault of each format
+FORMAT_OF = {GOLDEN: 1, GOLDEN2: 2, GOLDEN3: 3}
+EXPECTED_ALL = [p for src in FORMAT_OF
+                for p in json.loads((src / "expected.json").read_text())["points"]]
+#: every golden vault, for the tests each must pass
+VAULTS = [pytest.param(src, id=f"format{fmt}") for src, fmt in FORMAT_OF.items()]
 
 
 @dataclass
@@ -37,7 +40,7 @@ class Golden:
     """A private copy of the golden vault, and where its objects are."""
 
     root: Path
-    fmt: int  # 1: golden, 2: golden2
+    fmt: int  # 1: golden, 2: golden2, 3: golden3
     p1: str  # the full point
     p2: str  # the delta point on it
     vault: Path
@@ -83,7 +86,7 @@ async def copy_golden(tmp: Path, src: Path = GOLDEN) -> Golden:
     finally:
         await v.close()
     assert len(slots) == 1
-    return Golden(root, 1 if src == GOLDEN else 2, p1.id, p2.id, vault, key, slots[0],
+    return Golden(root, FORMAT_OF[src], p1.id, p2.id, vault, key, slots[0],
                   full_pack, delta_pack, by_pack,
                   names.MAPS + p1.disks[0].map, names.MAPS + p2.disks[0].map,
                   (loc0.offset, loc0.length), (loc3.offset, loc3.length))
@@ -114,7 +117,7 @@ def check(g: Golden, *extra: str, key: Path | None = None) -> tuple[int, str]:
 
 
 def _want(point_id: str) -> str:
-    p = next(p for p in EXPECTED["points"] + EXPECTED2["points"] if p["id"] == point_id)
+    p = next(p for p in EXPECTED_ALL if p["id"] == point_id)
     return str(p["disks"][DISK]["sha256"])
 
 
@@ -185,10 +188,45 @@ async def test_golden_vault_layout_is_format_v1(tmp_path: Path) -> None:
 
 
 async def test_golden_vault_layout_is_format_v2(tmp_path: Path) -> None:
-    """Pins format 2: chunked maps (vault/mapchunks.py), packs of frames (vault/pack.py),
-    manifests and config of format 2; everything else as format 1 (regenerate golden2
-    only on a deliberate change)."""
+    """Pins format 2: chunked maps (vault/mapchunks.py), manifests and config of format 2;
+    everything else as format 1 (regenerate golden2 only on a deliberate change)."""
     g = await copy_golden(tmp_path, GOLDEN2)
+    await _pins_chunked_maps(g)
+    for pack, count in ((g.full_pack, 5), (g.delta_pack, 2)):  # a block a sealed unit
+        raw = g.path(pack).read_bytes()
+        assert raw[:2] == bytes([1, 2])
+        assert len(await _listed(g, pack)) == count
+
+
+async def test_golden_vault_layout_is_format_v3(tmp_path: Path) -> None:
+    """Pins format 3: format 2's chunked maps, and packs of frames (vault/pack.py);
+    manifests and config of format 3 (regenerate golden3 only on a deliberate change)."""
+    g = await copy_golden(tmp_path, GOLDEN3)
+    await _pins_chunked_maps(g)
+    # Packs of frames: a pack's blocks sealed together (type 10), each block's entry the
+    # frame's place (the full pack: one frame of five blocks; the delta's: two blocks).
+    for pack, count in ((g.full_pack, 5), (g.delta_pack, 2)):
+        raw = g.path(pack).read_bytes()
+        assert raw[:2] == bytes([1, 10])
+        off, _t = _trailer_range(g.path(pack))
+        listed = await _listed(g, pack)
+        assert len(listed) == count and {(e.offset, e.length) for e in listed} == {(0, off)}
+
+
+async def _listed(g: Golden, pack: str) -> list[PackEntry]:
+    """The entries of ``pack``'s trailer."""
+    raw = g.path(pack).read_bytes()
+    off, t = _trailer_range(g.path(pack))
+    v = await open_vault(g.vault, g.key)
+    try:
+        return parse_trailer(v.keyring, names.pack_id_of(pack), raw[off:off + t])
+    finally:
+        await v.close()
+
+
+async def _pins_chunked_maps(g: Golden) -> None:
+    """The objects of a golden vault of format 2 or 3, its maps in chunks of two entries,
+    its config and manifests of its format."""
     objs = sorted(p.relative_to(g.vault).as_posix() for p in g.vault.rglob("*") if p.is_file())
     kinds = [o.split("/")[0] for o in objs]
     assert {k: kinds.count(k) for k in set(kinds)} == {
@@ -199,32 +237,20 @@ async def test_golden_vault_layout_is_format_v2(tmp_path: Path) -> None:
     for attr, entries in (("full_map", 5), ("delta_map", 4)):
         path, start, t = _chunks(g, attr)
         raw = path.read_bytes()
-        nchunks = -(-entries // 2)  # golden2's chunks hold two entries
+        nchunks = -(-entries // 2)  # the golden vaults' chunks hold two entries
         chunk = 32 + 2 * 40  # a sealed chunk of two entries
         assert raw[:4] == bytes([1, 9, 0, 0])  # chunk 0: type 9, never compressed
         assert raw[start:start + 4] == bytes([1, 6, 0, 0])  # the table: type 6
         assert t == 32 + 25 + 32 * nchunks  # header of 25 bytes, 32 a chunk
         assert start == (nchunks - 1) * chunk + 32 + 40 * (entries - 2 * (nchunks - 1))
-    # Packs of frames: a pack's blocks sealed together (type 10), each block's entry the
-    # frame's place (the full pack: one frame of five blocks; the delta's: two blocks).
-    for pack, count in ((g.full_pack, 5), (g.delta_pack, 2)):
-        raw = g.path(pack).read_bytes()
-        assert raw[:2] == bytes([1, 10])
-        off, t = _trailer_range(g.path(pack))
-        v = await open_vault(g.vault, g.key)
-        try:
-            listed = parse_trailer(v.keyring, names.pack_id_of(pack), raw[off:off + t])
-        finally:
-            await v.close()
-        assert len(listed) == count and {(e.offset, e.length) for e in listed} == {(0, off)}
     v = await open_vault(g.vault, g.key)
     try:
-        assert v.config.format == 2 and v.config.block_size == BS
+        assert v.config.format == g.fmt and v.config.block_size == BS
         p1, p2 = await v.list_points()
-        assert (p1.id, p2.id, p1.format, p2.format) == (g.p1, g.p2, 2, 2)
+        assert (p1.id, p2.id, p1.format, p2.format) == (g.p1, g.p2, g.fmt, g.fmt)
         assert (p2.base, p2.chain) == (g.p1, 1)
-        full = await v.read_map(p1.disks[0].map, 2)
-        delta = await v.read_map(p2.disks[0].map, 2)
+        full = await v.read_map(p1.disks[0].map, g.fmt)
+        delta = await v.read_map(p2.disks[0].map, g.fmt)
         assert full.kind == FULL and sorted(full.blocks) == [0, 1, 3, 4, 5]
         assert sorted(delta.blocks) == [1, 2, 3, 5] and delta.blocks[3] == bytes(32)
         assert delta.blocks[2] == full.blocks[0]  # deduplicated
@@ -266,8 +292,10 @@ class Case:
     restore: tuple[int, int]  # exit codes of restoring point 1 and point 2 (0: invisible)
     check: int
     named: Callable[[Golden], str]  # the object check must name
-    formats: tuple[int, ...] = (1, 2)  # the golden vaults it applies to
-    restore2: tuple[int, int] | None = None  # format 2's exit codes, where they differ
+    #: the golden vaults it applies to: format 2's packs are format 1's and its maps
+    #: format 3's, so 1 and 3 cover every object a pack or map case damages
+    formats: tuple[int, ...] = (1, 3)
+    restore3: tuple[int, int] | None = None  # format 3's exit codes, where they differ
 
 
 def _flip_block(which: str) -> Callable[[Golden, Path], None]:
@@ -385,8 +413,8 @@ CASES: dict[str, Case] = {
     # Block 3 of point 1 is zero at point 2: restoring point 2 never reads it, so only
     # point 1's restore (and check) can see the damage.
     "pack-block-p1-only": Case(_flip_block("p1_only_block"), (3, 0), 3, _object("full_pack"),
-                               # In format 2 it shares its frame with blocks point 2 needs.
-                               restore2=(3, 3)),
+                               # In format 3 it shares its frame with blocks point 2 needs.
+                               restore3=(3, 3)),
     # A restore reads blocks at the offsets the index gives and never reads pack
     # trailers or tails (they exist to rebuild the index): invisible to restore.
     "pack-trailer": Case(_flip_trailer, (0, 0), 3, _object("full_pack")),
@@ -409,11 +437,12 @@ CASES: dict[str, Case] = {
     "wrong-key-file": Case(_wrong_key, (4, 4), 4, _object("slot")),
     "pack-missing": Case(_delete("full_pack"), (3, 3), 3, _object("full_pack")),
     "map-missing": Case(_delete("delta_map"), (0, 3), 3, _object("delta_map")),
-    # Format 2 maps: the chunk table, the tail that finds it, chunks moved, a map cut.
-    "map-table": Case(_flip_map_table, (3, 3), 3, _object("full_map"), (2,)),
-    "map-tail": Case(_flip_map_tail, (0, 3), 3, _object("delta_map"), (2,)),
-    "map-chunks-swapped": Case(_swap_map_chunks, (3, 3), 3, _object("full_map"), (2,)),
-    "map-truncated": Case(_truncate_map, (0, 3), 3, _object("delta_map"), (2,)),
+    # Chunked maps (formats 2 and 3): the chunk table, the tail that finds it, chunks
+    # moved, a map cut.
+    "map-table": Case(_flip_map_table, (3, 3), 3, _object("full_map"), (2, 3)),
+    "map-tail": Case(_flip_map_tail, (0, 3), 3, _object("delta_map"), (2, 3)),
+    "map-chunks-swapped": Case(_swap_map_chunks, (3, 3), 3, _object("full_map"), (2, 3)),
+    "map-truncated": Case(_truncate_map, (0, 3), 3, _object("delta_map"), (2, 3)),
 }
 
 
@@ -422,7 +451,7 @@ _KNOWN: dict[str, pytest.MarkDecorator] = {}
 
 @pytest.mark.parametrize(("src", "case"), [
     pytest.param(src, c, id=f"format{fmt}-{c}", marks=[_KNOWN[c]] if c in _KNOWN else [])
-    for fmt, src in ((1, GOLDEN), (2, GOLDEN2)) for c in CASES if fmt in CASES[c].formats])
+    for src, fmt in FORMAT_OF.items() for c in CASES if fmt in CASES[c].formats])
 async def test_corruption_is_caught_by_restore_and_check(tmp_path: Path, case: str, src: Path
                                                          ) -> None:
     c = CASES[case]
@@ -435,7 +464,7 @@ async def test_corruption_is_caught_by_restore_and_check(tmp_path: Path, case: s
         checked = ex.submit(check, g, "--read-data", key=key)
         results = [f.result() for f in restores]
         code, text = checked.result()
-    wanted = c.restore2 if g.fmt == 2 and c.restore2 is not None else c.restore
+    wanted = c.restore3 if g.fmt == 3 and c.restore3 is not None else c.restore
     for (got, out_text), want, out, pid in zip(results, wanted, outs, (g.p1, g.p2), strict=True):
         assert got == want, f"restore {pid[:8]}: {out_text}"
         if want:

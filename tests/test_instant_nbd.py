@@ -303,7 +303,7 @@ async def test_writes_land_in_the_overlay_never_the_vault(site: Site, tmp_path: 
         err, words = await c.cmd(p.CMD_BLOCK_STATUS, 4 * BLOCK, BLOCK, flags=p.CMD_FLAG_REQ_ONE)
         assert err == 0 and words == [BLOCK, 0]
         # No part of a pack was read twice (a fetch takes every block of the bytes it
-        # read: in format 2 the blocks of a frame come together, written ones skipped).
+        # read: in format 3 the blocks of a frame come together, written ones skipped).
         packs = sum(f.stat().st_size for f in (site.vault_dir / "packs").rglob("*")
                     if f.is_file())
         assert 0 < disk.fetched_bytes <= packs, (disk.fetched_bytes, packs)

@@ -1,7 +1,9 @@
-"""``siterecovery vault migrate``: the format 1 golden vault brought to format 2 through
-the real CLI restores byte for byte and checks clean; a run cut short leaves a vault
-that restores and a second run finishes; a damaged map is named and its point left;
-a format 1 vault goes on being written as format 1 until it is migrated."""
+"""``siterecovery vault migrate``: the format 1 golden vault brought to format 3 through
+the real CLI restores byte for byte and checks clean; the format 2 one too, its config
+alone written again; a run cut short leaves a vault that restores and a second run
+finishes; a damaged map is named and its point left; a format 1 vault goes on being
+written as format 1 until it is migrated, and then packs of frames beside its old
+packs."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import sys
 from pathlib import Path
 
 from tests.helpers import REPO, open_vault, restore_all, run_cli, sha256, write_full_point
-from tests.make_golden import DISK
+from tests.make_golden import DISK, GOLDEN2
 from tests.test_golden import (
     _flip,
     _want,
@@ -47,7 +49,7 @@ async def test_the_format1_golden_vault_migrates_and_restores_exactly(tmp_path: 
     code, text = _migrate(g.url, g.key, "--json")
     assert code == 0, text
     doc = json.loads(text.splitlines()[-1])
-    assert doc == {"from_format": 1, "to_format": 2, "points": 2, "migrated": 2,
+    assert doc == {"from_format": 1, "to_format": 3, "points": 2, "migrated": 2,
                    "maps_written": 2, "maps_deleted": 2, "damaged": [], "exit_code": 0}
     new_maps = _maps(g.vault)
     assert not set(new_maps) & set(old_maps)  # new ids; the old ones deleted
@@ -55,14 +57,44 @@ async def test_the_format1_golden_vault_migrates_and_restores_exactly(tmp_path: 
     assert {p: p.read_bytes() for p in packs} == packs  # the data is not touched
     v = await open_vault(g.vault, g.key)
     try:
-        assert v.config.format == 2
-        assert [(p.id, p.format) for p in await v.list_points()] == [(g.p1, 2), (g.p2, 2)]
+        assert v.config.format == 3
+        assert [(p.id, p.format) for p in await v.list_points()] == [(g.p1, 3), (g.p2, 3)]
     finally:
         await v.close()
     restores_and_checks_clean(g, tmp_path / "out")
     code, text = _migrate(g.url, g.key)
-    assert code == 0 and "already at format 2; nothing to do" in text, text
+    assert code == 0 and "already at format 3; nothing to do" in text, text
     assert _maps(g.vault) == new_maps
+
+
+async def test_the_format2_golden_vault_migrates_by_its_config_alone(tmp_path: Path) -> None:
+    """Format 2 to 3 writes the config only (its maps are chunked already, its packs
+    stay as they are); a point written after is in frames, beside the old packs."""
+    g = await copy_golden(tmp_path, GOLDEN2)
+    before = {p: p.read_bytes() for p in g.vault.rglob("*") if p.is_file()}
+    code, text = _migrate(g.url, g.key, "--json")
+    assert code == 0, text
+    doc = json.loads(text.splitlines()[-1])
+    assert doc == {"from_format": 2, "to_format": 3, "points": 2, "migrated": 0,
+                   "maps_written": 0, "maps_deleted": 0, "damaged": [], "exit_code": 0}
+    after = {p: p.read_bytes() for p in g.vault.rglob("*") if p.is_file()}
+    assert [p for p in before if before[p] != after.get(p)] == [g.path(names.CONFIG)]
+    restores_and_checks_clean(g, tmp_path / "out")
+    v = await open_vault(g.vault, g.key)
+    try:
+        assert v.config.format == 3
+        assert [p.format for p in await v.list_points()] == [2, 2]
+        data = bytes(range(256)) * 1024 * 4
+        q = await write_full_point(v, data, cycle="c3")
+        assert q.format == 3
+        new = [p for p in (g.vault / "packs").rglob("*") if p.is_file() and p not in before]
+        assert len(new) == 1 and new[0].read_bytes()[:2] == bytes([1, 10])  # a frame
+        assert await restore_all(v, q, tmp_path / "q") == {
+            "sda": hashlib.sha256(data).hexdigest()}
+    finally:
+        await v.close()
+    code, text = check(g, "--read-data")
+    assert code == 0 and "no problems" in text, text
 
 
 async def test_a_migration_cut_short_restores_and_a_second_run_finishes(tmp_path: Path
@@ -77,15 +109,15 @@ async def test_a_migration_cut_short_restores_and_a_second_run_finishes(tmp_path
     assert (report.migrated, report.points) == (1, 2)
     v = await open_vault(g.vault, g.key)
     try:
-        assert v.config.format == 2  # written first: an old program refuses the vault
-        assert [p.format for p in await v.list_points()] == [2, 1]
+        assert v.config.format == 3  # written first: an old program refuses the vault
+        assert [p.format for p in await v.list_points()] == [3, 1]
     finally:
         await v.close()
-    # The delta point (format 1) rests on the migrated full point (format 2).
+    # The delta point (format 1) rests on the migrated full point (format 3).
     restores_and_checks_clean(g, tmp_path / "half")
     code, text = _migrate(g.url, g.key)
     assert code == 0, text
-    assert "vault at format 2 (was 2): 1 of 2 points written again" in text
+    assert "vault at format 3 (was 3): 1 of 2 points written again" in text
     restores_and_checks_clean(g, tmp_path / "whole")
 
 
@@ -100,7 +132,7 @@ async def test_a_damaged_map_is_named_and_its_point_left_as_it_was(tmp_path: Pat
     assert path.read_bytes() == damaged  # not deleted, not rewritten
     v = await open_vault(g.vault, g.key)
     try:
-        assert [p.format for p in await v.list_points()] == [2, 1]
+        assert [p.format for p in await v.list_points()] == [3, 1]
     finally:
         await v.close()
     out = tmp_path / "full"
@@ -129,7 +161,9 @@ async def test_a_format1_vault_is_written_as_format1_until_migrated(tmp_path: Pa
     v = await open_vault(tmp_path / "vault", key)
     try:
         q = await write_full_point(v, data[::-1], cycle="c2")
-        assert q.format == 2
+        assert q.format == 3
+        packs = [p for p in (tmp_path / "vault" / "packs").rglob("*") if p.is_file()]
+        assert sorted(p.read_bytes()[1] for p in packs) == [2, 10]  # a block; a frame
     finally:
         await v.close()
     for point, want in ((p, data), (q, data[::-1])):
@@ -170,7 +204,7 @@ async def test_kill9_during_a_migration_leaves_every_point_restorable(tmp_path: 
     try:
         points = await v.list_points()
         formats = [p.format for p in points]
-        assert formats.count(2) >= 1 and formats.count(1) >= 1, formats  # cut mid-way
+        assert formats.count(3) >= 1 and formats.count(1) >= 1, formats  # cut mid-way
         for p in points:
             assert await restore_all(v, p, tmp_path / "out") == {
                 "sda": hashlib.sha256(images[p.id]).hexdigest()}

@@ -1,4 +1,4 @@
-"""Packs of frames (format 2, vault/pack.py): blocks sealed together read back one by
+"""Packs of frames (format 3, vault/pack.py): blocks sealed together read back one by
 one whatever the frame size; a frame damaged, moved within its pack or lying about its
 blocks is refused for every block it holds; the trailer of a framed pack tiles it; a
 reader opens a frame once for the blocks of one read."""

@@ -1,19 +1,23 @@
-"""``siterecovery vault migrate``: bring a vault of format 1 to format 2 (chunked maps,
-``vault/mapchunks.py``), in place, under the vault's exclusive lock.
+"""``siterecovery vault migrate``: bring a vault of format 1 or 2 to format 3, in place,
+under the vault's exclusive lock. Format 2 chunked the maps (``vault/mapchunks.py``);
+format 3 writes new packs in frames of several blocks (``vault/pack.py``). Packs are not
+written again: a pack holds single blocks or frames, and a reader tells each by its
+authenticated type byte, so a vault at format 3 reads its older packs as they are.
 
 The order makes every interruption harmless, and a second run finishes the work:
 
-1. the config is written again with format 2: from then on maps and points are written
-   chunked, and a program that knows only format 1 refuses the vault (it could not read
-   the points of format 2);
+1. the config is written again with format 3: from then on maps are written chunked and
+   packs in frames, and a program that knows only older formats refuses the vault (it
+   could not read what is written now);
 2. each point of format 1, one at a time: its maps are read (authenticated, every entry
    in order and within the disk), written again in chunks under new ids, the manifest is
-   written again under the same id with format 2 and the new map ids, and only then are
+   written again under the same id with format 3 and the new map ids, and only then are
    its old maps deleted. A point is always whole at one format or the other: the reader
    reads each point's maps by the format its manifest names, so a vault half migrated
    restores and checks like a whole one. An interruption between a manifest and the
-   deletes leaves maps no point names: the run that finds every point at format 2
-   (and none damaged) deletes them, as a prune would.
+   deletes leaves maps no point names: the run that finds every point's maps chunked
+   (and none damaged) deletes them, as a prune would. Points of format 2 are left as
+   they are: their maps are already chunked.
 
 A point whose manifest or map is damaged is left as it is and reported (nothing of it
 is read into the new maps), as ``check`` would report it.
@@ -31,7 +35,7 @@ from vault.errors import IntegrityError, MissingObjectError, NotFoundError
 from vault.mapchain import open_disk_map
 from vault.mapchunks import seal_chunked
 from vault.maps import MapEntries
-from vault.point import CHUNKED_FORMAT, DiskEntry, Point
+from vault.point import CHUNKED_FORMAT, WRITTEN_FORMAT, DiskEntry, Point
 from vault.repo import Vault
 
 
@@ -50,13 +54,13 @@ class MigrateReport:
 
 async def migrate(vault: Vault, *, progress: Callable[[str], None] | None = None,
                   limit: int | None = None) -> MigrateReport:
-    """Migrate ``vault`` to format 2 (the caller holds the exclusive lock); at most
+    """Migrate ``vault`` to format 3 (the caller holds the exclusive lock); at most
     ``limit`` points this run (None: all)."""
     say = progress or (lambda _m: None)
-    report = MigrateReport(vault.config.format, CHUNKED_FORMAT)
-    if vault.config.format < CHUNKED_FORMAT:
-        await vault.set_format(CHUNKED_FORMAT)
-        say(f"config written with format {CHUNKED_FORMAT}")
+    report = MigrateReport(vault.config.format, WRITTEN_FORMAT)
+    if vault.config.format < WRITTEN_FORMAT:
+        await vault.set_format(WRITTEN_FORMAT)
+        say(f"config written with format {WRITTEN_FORMAT}")
     scan = await vault.scan_points()
     report.damaged.extend((name, e.reason) for name, e in scan.damaged)
     report.points = len(scan.points)
@@ -71,7 +75,7 @@ async def migrate(vault: Vault, *, progress: Callable[[str], None] | None = None
             report.damaged.append((e.object_name, f"points/{p.id} (left at format "
                                                   f"{p.format}): {e.reason}"))
             continue
-        await vault.put_point(dataclasses.replace(p, disks=disks, format=CHUNKED_FORMAT))
+        await vault.put_point(dataclasses.replace(p, disks=disks, format=WRITTEN_FORMAT))
         report.migrated += 1
         for map_id in old:
             try:
@@ -86,7 +90,7 @@ async def migrate(vault: Vault, *, progress: Callable[[str], None] | None = None
 
 
 async def _sweep(vault: Vault, report: MigrateReport, say: Callable[[str], None]) -> None:
-    """Every point whole at format 2 and none damaged: delete the maps no point names
+    """Every point's maps chunked and none damaged: delete the maps no point names
     (those of a run killed between a manifest and its old maps' delete), as a prune
     would."""
     named = {d.map for p in (await vault.scan_points()).points for d in p.disks}

@@ -14,7 +14,7 @@ Trailer plaintext: ``u32 count`` then ``count`` entries of
 packs alone. Each pack has its own key (HKDF of the master key and the pack's
 random name), so counter nonces never repeat under a key.
 
-A vault of format 2 seals several blocks together in a **frame** (ObjectType.FRAME,
+A vault of format 3 seals several blocks together in a **frame** (ObjectType.FRAME,
 nonce = counter of the frame in the pack, compressed as one zstd frame: zstd finds the
 matches across the blocks a single block is too small for). Frame plaintext::
 
@@ -76,7 +76,7 @@ def build_pack(
     frame_bytes: int = 0,
 ) -> tuple[bytes, list[PackEntry]]:
     """Seal ``(block_id, data)`` pairs into one pack: each block alone (``frame_bytes``
-    0, format 1), or in frames of up to ``frame_bytes`` of plaintext (format 2);
+    0, formats 1 and 2), or in frames of up to ``frame_bytes`` of plaintext (format 3);
     CPU-bound, run on a worker thread."""
     if frame_bytes:
         return _build_framed(keyring, pack_id, blocks, compressor, frame_bytes)

@@ -15,10 +15,10 @@ from vault.crypto import Keyring, ObjectType, seal, unseal
 from vault.errors import IntegrityError
 
 MAX_POINT = 16 << 20
-FORMATS = (1, 2)  # manifests this code reads
+FORMATS = (1, 2, 3)  # manifests and configs this code reads
 CHUNKED_FORMAT = 2  # from this format on, a point's maps are chunked (vault/mapchunks.py)
-FRAMED_FORMAT = 2  # from this format on, packs are written in frames of blocks (pack.py)
-WRITTEN_FORMAT = 2  # what this code writes
+FRAMED_FORMAT = 3  # from this format on, packs are written in frames of blocks (pack.py)
+WRITTEN_FORMAT = 3  # what this code writes
 
 
 @dataclass(frozen=True)

@@ -98,17 +98,17 @@ class PointScan:
 class Vault:
     #: the id of the key slot that opened this vault (``Vault.open``); None if created
     slot: str | None = None
-    #: entries a chunk of the maps this vault object writes (format 2)
+    #: entries a chunk of the maps this vault object writes (format 2 on)
     map_chunk_entries: int = CHUNK_ENTRIES
 
     #: the most plaintext of blocks a frame of the packs this vault object writes holds
-    #: (format 2; ``vault/pack.py``)
+    #: (format 3; ``vault/pack.py``)
     frame_target: int = FRAME_BYTES
 
     @property
     def frame_bytes(self) -> int:
         """The plaintext of a frame in the packs this vault is written with (0: one
-        block a sealed unit, format 1)."""
+        block a sealed unit, formats 1 and 2)."""
         return self.frame_target if self.config.format >= FRAMED_FORMAT else 0
 
     def __init__(self, store: BlobStore, keyring: Keyring, config: VaultConfig) -> None:
@@ -205,7 +205,7 @@ class Vault:
 
     async def put_map(self, m: BlockMap | MapBuilder, fmt: int | None = None) -> str:
         """Write a map as the vault's format (or ``fmt``) lays it out: sealed whole
-        (format 1) or in chunks (format 2, ``vault/mapchunks.py``); the point naming it
+        (format 1) or in chunks (format 2 on, ``vault/mapchunks.py``); the point naming it
         must have that format."""
         name_id = names.random_id()
         fmt = self.config.format if fmt is None else fmt
