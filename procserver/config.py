@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from common.names import is_name
 from common.pacing import Schedule
+from vault.pack import FRAME_BYTES, MAX_FRAME
 from wire.protocol import DEFAULT_PORT
 
 
@@ -77,6 +78,11 @@ class ProcServerConfig:
     # time (vault/fpstream.py): about 400 bytes a block of the range are held, whatever
     # the disk's size (65536: one MAP frame, some 25 MiB).
     resync_range_blocks: int = 1 << 16
+    # In a vault of format 3, new blocks are sealed together in frames of up to this
+    # many bytes of blocks, compressed as one (docs/FORMAT.md §5.1): larger frames make
+    # a smaller vault; a read of one block (FETCH, instant recovery, a sparse restore)
+    # decrypts and decompresses its whole frame. 0: every block sealed alone.
+    pack_frame_bytes: int = FRAME_BYTES
 
     def validate(self) -> None:
         if not (self.vault_key_file or self.vault_passphrase_file
@@ -117,6 +123,9 @@ class ProcServerConfig:
         if not 1 <= self.resync_range_blocks <= 1 << 24:
             raise ValueError("resync_range_blocks must be 1 to 16777216 (65536: one MAP "
                              "frame of fingerprints)")
+        if not 0 <= self.pack_frame_bytes <= MAX_FRAME:
+            raise ValueError(f"pack_frame_bytes must be 0 (every block alone) to {MAX_FRAME} "
+                             f"(8 MiB); default {FRAME_BYTES}")
         self.upload_schedule()  # raises ValueError naming the bad setting
         if self.heartbeat_interval_seconds <= 0:
             raise ValueError("heartbeat_interval_seconds must be positive")

@@ -204,7 +204,8 @@ class ProcServer:
                            upload_bucket=None if schedule.unlimited else TokenBucket(schedule))
         vaults = VaultAccess(store, km, pack_log=PackLog(self.data_dir / "pack-log"),
                              index_dir=self.data_dir / "index",
-                             index_memory=self.cfg.index_memory_bytes)
+                             index_memory=self.cfg.index_memory_bytes,
+                             frame_bytes=self.cfg.pack_frame_bytes)
         try:
             await vaults.open()
         except TransientStoreError as e:

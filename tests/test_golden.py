@@ -1,6 +1,6 @@
 """Golden vectors: committed vaults (tests/fixtures/golden of format 1, golden2 of format 2
-and golden3 of format 3, made by tests/make_golden.py) that this code must keep reading byte for byte,
-and corruptions of them, made here on a copy, that both ``restore`` and ``check
+and golden3 of format 3, made by tests/make_golden.py) that this code must keep reading
+byte for byte, and corruptions of them, made here on a copy, that both ``restore`` and ``check
 --read-data`` must catch, through the real CLI."""
 
 from __future__ import annotations

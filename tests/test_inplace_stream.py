@@ -215,8 +215,12 @@ async def test_memory_scales_with_the_range_not_the_disk(
     the range it compares at."""
     url, key = vault_at
     sizes = {"small01": 1 << 14, "big01": 1 << 16}
+    # Frames of one block: a reader holds one frame a read in flight, whatever the disk
+    # (1 MiB in a real vault); one block here so that the bounds measure what grows
+    # with the disk as they did before frames.
     async with running_procserver(proc_config(tmp_path, pki, url, key,
-                                              resync_range_blocks=256)) as ps:
+                                              resync_range_blocks=256,
+                                              pack_frame_bytes=BLOCK)) as ps:
         peaks: dict[tuple[str, int], int] = {}
         for i, (machine, nblocks) in enumerate(sizes.items()):
             path = tmp_path / f"{machine}.img"
@@ -233,6 +237,8 @@ async def test_memory_scales_with_the_range_not_the_disk(
             finally:
                 agent.close()
     print(f"peak bytes: {peaks}")
+    packs = [p for p in (tmp_path / "vault" / "packs").rglob("*") if p.is_file()]
+    assert packs and {p.read_bytes()[1] for p in packs} == {10}  # pack_frame_bytes: frames
     small, big, wide = peaks["small01", 4], peaks["big01", 4], peaks["big01", 32]
     grown = 16 * (sizes["big01"] - sizes["small01"])  # what a whole map would add: 768 KiB
     # Half of it: the peaks include the process server's buffers of the moment, which

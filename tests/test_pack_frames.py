@@ -11,11 +11,13 @@ import struct
 import pytest
 import zstandard
 
+from procserver.config import ProcServerConfig
 from vault.crypto import Keyring, ObjectType, counter_nonce, seal
 from vault.errors import IntegrityError
 from vault.pack import (
     FRAME_ENTRY,
     MAGIC,
+    MAX_FRAME,
     TAIL,
     Frames,
     PackEntry,
@@ -128,17 +130,21 @@ def test_a_frame_whose_table_lies_is_refused() -> None:
 
 
 def test_the_blocks_of_one_read_open_each_frame_once() -> None:
-    """A reader opening the blocks of one read of a pack keeps what it opened by offset
-    (one frame: one decryption); a later read, of bytes altered since, is opened
-    afresh and refused."""
+    """A reader opening the blocks of one read of a pack in offset order keeps the frame
+    it opened last (one frame: one decryption, one plaintext, for its four blocks; never
+    more than one frame held); a later read, of bytes altered since, is opened afresh
+    and refused."""
     blocks = _blocks(12, 6)
     data, entries = _pack(blocks, 4 * 65536)
     frames: Frames = {}
+    plains: dict[int, set[int]] = {}  # frame offset -> the plaintexts its blocks came from
     for (bid, want), e in zip(blocks, entries, strict=True):
         got = open_block(KEYRING, PACK, bid, data[e.offset:e.offset + e.length], frames,
                          e.offset)
         assert got == want
-    assert sorted(frames) == sorted({e.offset for e in entries}) and len(frames) == 3
+        assert list(frames) == [e.offset]
+        plains.setdefault(e.offset, set()).add(id(frames[e.offset][0]))
+    assert len(plains) == 3 and all(len(ids) == 1 for ids in plains.values())
     e = entries[0]
     bad = bytearray(data[e.offset:e.offset + e.length])
     bad[len(bad) // 2] ^= 1
@@ -153,3 +159,12 @@ def test_a_frame_of_blocks_from_another_pack_does_not_authenticate() -> None:
     other = "cd" * 32
     with pytest.raises(IntegrityError, match="authentication failed"):
         open_block(KEYRING, other, blocks[0][0], data[e.offset:e.offset + e.length])
+
+
+@pytest.mark.parametrize("bad", [-1, MAX_FRAME + 1])
+def test_a_process_servers_frame_size_is_checked(bad: int) -> None:
+    cfg = ProcServerConfig(data_dir="/nonexistent", vault_url="file:///nonexistent",
+                           vault_key_file="k", tls_cert="c", tls_key="k", tls_ca="a",
+                           pack_frame_bytes=bad)
+    with pytest.raises(ValueError, match="pack_frame_bytes must be 0"):
+        cfg.validate()

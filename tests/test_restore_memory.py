@@ -129,6 +129,9 @@ async def test_a_large_sparse_disk_restores_in_ranges_and_resumes(
         tmp_path: Path, vault_at: tuple[str, Path]) -> None:
     _url, key = vault_at
     vault = await open_vault(tmp_path / "vault", key)
+    # Frames of four blocks: a reader holds one frame a read in flight, whatever the disk
+    # (1 MiB in a real vault); small here so that the bound measures what grows with it.
+    vault.frame_target = 4 * BS
     try:
         cycles = chain_plan(random.Random(16), NBLOCKS, FULL_BLOCKS, DELTA_BLOCKS)
         point, last = await _write_chain(vault, cycles)

@@ -136,7 +136,10 @@ async def test_each_block_is_read_once_within_memory(built: Path, tmp_path: Path
         for p in points:
             needed.update((await vault.resolve_map(p, "d0")).blocks.values())
         needed.discard(bytes(32))
-        want = sum(loc.length for b in needed if (loc := index.get(b)) is not None)
+        # each place read once: in format 3 the blocks of a frame share its place
+        locs = [index.get(b) for b in needed]
+        want = sum(length for _pack, _offset, length in {
+            (loc.pack_id, loc.offset, loc.length) for loc in locs if loc is not None})
         index.close()
         assert want > 0
         got = {}
@@ -149,13 +152,18 @@ async def test_each_block_is_read_once_within_memory(built: Path, tmp_path: Path
         await vault.close()
     # each machine's points rest on one full map: with one range per disk, or with the
     # fingerprints kept, every block is read once
-    assert got[(None, RANGE_BLOCKS)] == got[(None, 7)] == got[(0, RANGE_BLOCKS)] == want
+    assert got[(None, RANGE_BLOCKS)] == got[(None, 7)] == got[(0, RANGE_BLOCKS)] == want, (
+        got, want)
     assert got[(0, 7)] == want  # ranges go forward: nothing a later range needs was read
 
 
 BS = 4096
 NBLOCKS = 1 << 18  # 1 GiB of 4 KiB blocks, sparse
 SPAN = 1 << 12
+#: blocks a frame of the sparse disk's packs: a reader holds one frame a read in flight,
+#: bounded whatever the disk (1 MiB in a real vault); kept small here so that the bound
+#: below measures what grows with the disk
+FRAME_BLOCKS = 4
 
 
 def _content(n: int, cycle: int) -> bytes:
@@ -165,6 +173,7 @@ def _content(n: int, cycle: int) -> bytes:
 async def test_a_large_sparse_disk_is_verified_in_ranges(tmp_path: Path) -> None:
     url, key = await make_vault(tmp_path)
     vault = await open_vault(tmp_path / "vault", key)
+    vault.frame_target = FRAME_BLOCKS * BS  # what a read holds past the maps: small
     try:
         zero_fp = fingerprint(bytes(BS))
         fps = bytearray(zero_fp * NBLOCKS)

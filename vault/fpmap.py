@@ -22,23 +22,13 @@ from concurrent.futures import Executor
 from common.digest import block_count, digest_of_fingerprint_map, fingerprint
 from vault import names
 from vault.errors import IntegrityError
+from vault.fpstream import span_fingerprints
 from vault.index import BlockIndex, Location, locate_blocks
-from vault.pack import Frames, open_block
 from vault.packrange import read_span
 from vault.point import Point
 from vault.repo import Vault
 
 FP = 16  # bytes per fingerprint
-
-
-def _fingerprints(vault: Vault, pack_id: str, items: list[tuple[int, bytes, Location]],
-                  raw: bytes, base: int) -> list[tuple[int, bytes]]:
-    view = memoryview(raw)
-    frames: Frames = {}
-    return [(n, fingerprint(open_block(vault.keyring, pack_id, bid,
-                                       view[loc.offset - base:loc.offset - base + loc.length],
-                                       frames, loc.offset)))
-            for n, bid, loc in items]
 
 
 async def point_fingerprints(vault: Vault, point: Point, disk: str, *, index: BlockIndex,
@@ -62,7 +52,7 @@ async def point_fingerprints(vault: Vault, point: Point, disk: str, *, index: Bl
     async def one(pack_id: str, items: list[tuple[int, bytes, Location]]) -> None:
         async with sem:
             raw, lo = await read_span(vault.store, pack_id, items)
-            got = await loop.run_in_executor(executor, _fingerprints, vault, pack_id, items,
+            got = await loop.run_in_executor(executor, span_fingerprints, vault, pack_id, items,
                                              raw, lo)
             for n, fp in got:
                 out[n * FP:(n + 1) * FP] = fp

@@ -27,8 +27,7 @@ from vault.errors import IntegrityError, UnindexedBlocksError
 from vault.index import BlockIndex, Location
 from vault.mapchain import chain_entries
 from vault.mapranges import ChainRanges
-from vault.pack import Frames, open_block
-from vault.packrange import read_span
+from vault.packrange import open_span, read_span
 from vault.point import Point
 from vault.repo import Vault
 
@@ -56,14 +55,11 @@ def _runs(items: list[tuple[int, bytes, Location]]
         yield run
 
 
-def _fingerprints(vault: Vault, pack_id: str, items: list[tuple[int, bytes, Location]],
-                  raw: bytes, base: int) -> list[tuple[int, bytes]]:
-    view = memoryview(raw)
-    frames: Frames = {}
-    return [(n, fingerprint(open_block(vault.keyring, pack_id, bid,
-                                       view[loc.offset - base:loc.offset - base + loc.length],
-                                       frames, loc.offset)))
-            for n, bid, loc in items]
+def span_fingerprints(vault: Vault, pack_id: str, items: list[tuple[int, bytes, Location]],
+                      raw: bytes, base: int) -> list[tuple[int, bytes]]:
+    """The fingerprint of each block of ``items`` opened from ``raw`` (``open_span``)."""
+    return [(n, fingerprint(data))
+            for n, data in open_span(vault.keyring, pack_id, items, raw, base)]
 
 
 async def fingerprint_ranges(vault: Vault, point: Point, disk: str, *, index: BlockIndex,
@@ -114,7 +110,7 @@ async def fingerprint_ranges(vault: Vault, point: Point, disk: str, *, index: Bl
                        out: bytearray = out, first: int = first) -> None:
             async with sem:
                 raw, lo = await read_span(vault.store, pack_id, run)
-                got = await loop.run_in_executor(executor, _fingerprints, vault, pack_id,
+                got = await loop.run_in_executor(executor, span_fingerprints, vault, pack_id,
                                                  run, raw, lo)
                 for n, fp in got:
                     out[FP * (n - first):FP * (n - first + 1)] = fp

@@ -38,8 +38,7 @@ from vault.errors import IntegrityError, VaultError
 from vault.index import BlockIndex, Location, locate_blocks
 from vault.mapchain import chain_entries
 from vault.mapranges import ChainRanges
-from vault.pack import Frames, open_block
-from vault.packrange import read_span
+from vault.packrange import open_span, read_span
 from vault.point import Point
 from vault.repo import Vault
 
@@ -223,13 +222,8 @@ def _write_zeros(fd: int, numbers: list[int], first: int, size: int, bs: int,
 def _write_blocks(vault: Vault, pack_id: str, items: list[tuple[int, bytes, Location]],
                   raw: bytes, base: int, fd: int, first: int, bs: int, fps: bytearray
                   ) -> int:
-    view = memoryview(raw)
-    frames: Frames = {}
     done = 0
-    for n, bid, loc in items:
-        data = open_block(vault.keyring, pack_id, bid,
-                          view[loc.offset - base:loc.offset - base + loc.length],
-                          frames, loc.offset)
+    for n, data in open_span(vault.keyring, pack_id, items, raw, base):
         os.pwrite(fd, data, n * bs)
         fps[(n - first) * FP:(n - first + 1) * FP] = fingerprint(data)
         done += len(data)

@@ -37,8 +37,7 @@ from vault.errors import IntegrityError, UnindexedBlocksError
 from vault.index import BlockIndex, Location
 from vault.mapchain import chain_entries
 from vault.mapranges import RANGE_BLOCKS, ChainRanges
-from vault.pack import Frames, open_block
-from vault.packrange import read_span
+from vault.packrange import open_span, read_span
 from vault.point import Point
 from vault.repo import Vault
 from vault.restorejournal import Journal, Resumed, ZeroFingerprints, place
@@ -309,12 +308,7 @@ def _zero_fill(fd: int, first: int, end: int, mapped: Container[int],
 def _write_blocks(keyring: Keyring, pack_id: str, items: list[Item], raw: bytes, base: int,
                   fd: int, bs: int) -> dict[int, bytes]:
     out: dict[int, bytes] = {}
-    view = memoryview(raw)
-    frames: Frames = {}
-    for n, bid, loc in items:
-        data = open_block(keyring, pack_id, bid,
-                          view[loc.offset - base: loc.offset - base + loc.length],
-                          frames, loc.offset)
+    for n, data in open_span(keyring, pack_id, items, raw, base):
         os.pwrite(fd, data, n * bs)
         out[n] = fingerprint(data)
     return out

@@ -58,7 +58,10 @@ FRAME_BYTES = 1 << 20  # a frame's blocks: at most this much plaintext, or one b
 FRAME_ENTRY = struct.Struct("<32sI")
 MAX_FRAME = 8 << 20  # a reader's cap on a frame's plaintext
 MAX_SEALED = MAX_FRAME + OVERHEAD  # the longest a block's (or frame's) bytes in a pack
-Frames = dict[int, dict[bytes, bytes]]  # the frames opened from one read: offset -> blocks
+#: a frame opened: its plaintext, and each block's ``(start, length)`` in it by id
+Frame = tuple[bytes, dict[bytes, tuple[int, int]]]
+#: the frame last opened from one read of a pack, by its offset in the pack
+Frames = dict[int, Frame]
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,21 +154,25 @@ def open_block(
     frames: Frames | None = None, at: int = 0,
 ) -> bytes:
     """Decrypt one block (or the frame that holds it, and take the block from it) and
-    check that its content hashes to ``block_id``. ``frames`` and ``at``: the frames
-    already opened from the read ``sealed`` comes from, and ``sealed``'s offset in the
-    pack (a frame opened is put there; one found there is not opened again)."""
+    check that its content hashes to ``block_id``. ``frames`` and ``at``: the frame last
+    opened from the read ``sealed`` comes from, and ``sealed``'s offset in the pack (a
+    frame opened replaces it; one found there is not opened again). It holds one frame
+    (at most 1 MiB of blocks, ``MAX_FRAME``), so a caller goes through the blocks of a
+    read in offset order: the blocks of a frame are then opened together."""
     what = f"packs/{pack_id[:2]}/{pack_id} block {block_id.hex()[:16]}"
     if len(sealed) > 1 and sealed[1] == ObjectType.FRAME:
-        blocks = None if frames is None else frames.get(at)
-        if blocks is None:
+        frame = None if frames is None else frames.get(at)
+        if frame is None:
             plain = unseal(keyring.aead(ObjectType.FRAME, pack_id), ObjectType.FRAME,
                            pack_id, sealed, max_size=MAX_FRAME, what=what)
-            blocks = parse_frame(plain, what)
+            frame = (plain, parse_frame(plain, what))
             if frames is not None:
-                frames[at] = blocks
-        data = blocks.get(block_id)
-        if data is None:
+                frames.clear()
+                frames[at] = frame
+        place = frame[1].get(block_id)
+        if place is None:
             raise IntegrityError(what, "the frame at the block's place does not hold it")
+        data = frame[0][place[0]:place[0] + place[1]]
     else:
         data = unseal(
             keyring.aead(ObjectType.BLOCK, pack_id), ObjectType.BLOCK, pack_id, sealed,
@@ -176,22 +183,21 @@ def open_block(
     return data
 
 
-def parse_frame(plain: bytes, what: str) -> dict[bytes, bytes]:
-    """A frame's plaintext as its blocks by id; ``IntegrityError`` if its table does not
-    add up to its length."""
+def parse_frame(plain: bytes, what: str) -> dict[bytes, tuple[int, int]]:
+    """Where each block of a frame's plaintext is, by id: ``(start, length)``;
+    ``IntegrityError`` if its table does not add up to its length."""
     if len(plain) < 4:
         raise IntegrityError(what, "the frame is truncated")
     (count,) = struct.unpack_from("<I", plain, 0)
     pos = 4 + count * FRAME_ENTRY.size
     if count == 0 or pos > len(plain):
         raise IntegrityError(what, "the frame's table does not match its length")
-    view = memoryview(plain)
-    blocks: dict[bytes, bytes] = {}
+    blocks: dict[bytes, tuple[int, int]] = {}
     for i in range(count):
         bid, length = FRAME_ENTRY.unpack_from(plain, 4 + i * FRAME_ENTRY.size)
         if length > MAX_BLOCK or pos + length > len(plain):
             raise IntegrityError(what, "the frame's table does not match its length")
-        blocks[bid] = bytes(view[pos:pos + length])
+        blocks[bid] = (pos, length)
         pos += length
     if pos != len(plain):
         raise IntegrityError(what, "the frame's table does not match its length")

@@ -1,13 +1,16 @@
 """One read of a pack's bytes that several blocks need: the span from the first of
-their offsets to the end of the last, with a missing or short pack named as damage."""
+their offsets to the end of the last, with a missing or short pack named as damage;
+and the blocks opened from it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from vault import names
+from vault.crypto import Keyring
 from vault.errors import IntegrityError, NotFoundError, PermanentStoreError
 from vault.index import Location
+from vault.pack import Frames, open_block
 from vault.store.protocol import BlobStore
 
 
@@ -32,3 +35,17 @@ async def read_span(store: BlobStore, pack_id: str,
     lo = min(loc.offset for loc in locs)
     hi = max(loc.offset + loc.length for loc in locs)
     return await read_range(store, pack_id, lo, hi - lo), lo
+
+
+def open_span(keyring: Keyring, pack_id: str, items: Iterable[tuple[int, bytes, Location]],
+              raw: bytes, base: int) -> Iterator[tuple[int, bytes]]:
+    """Each block of ``items`` opened from ``raw`` (the bytes of ``pack_id`` from
+    ``base``, as ``read_span`` read them): ``(block number, data)`` in offset order, so
+    the blocks of one frame are opened together and one frame at a time is held
+    (``open_block``). CPU-bound: run on a worker thread."""
+    view = memoryview(raw)
+    frames: Frames = {}
+    for n, bid, loc in sorted(items, key=lambda i: i[2].offset):
+        start = loc.offset - base
+        yield n, open_block(keyring, pack_id, bid, view[start:start + loc.length], frames,
+                            loc.offset)
