@@ -49,6 +49,29 @@ DICT_BYTES = 112 * 1024
 DICT_SAMPLE_EVERY = 50
 
 
+# variant, level, blocks per frame, dictionary, long-distance matching
+Plan = list[tuple[str, int, int, bool, bool]]
+PLAN: Plan = [
+    ("block", 1, 1, False, False), ("block", 3, 1, False, False),
+    ("block", 6, 1, False, False),
+    ("block+dict", 1, 1, True, False), ("block+dict", 3, 1, True, False),
+    ("frame", 1, 4, False, False), ("frame", 3, 4, False, False),
+    ("frame", 1, 16, False, False), ("frame", 3, 16, False, False),
+    ("frame", 1, 64, False, False), ("frame", 3, 64, False, False),
+    ("frame+long", 3, 64, False, True),
+]
+
+
+def parse_plan(text: str) -> Plan:
+    """``LEVEL:BLOCKS[,...]``: frames of BLOCKS 64 KiB blocks at zstd LEVEL (1 block: a
+    block alone)."""
+    plan: Plan = []
+    for item in text.split(","):
+        level, unit = (int(x) for x in item.split(":"))
+        plan.append(("block" if unit == 1 else "frame", level, unit, False, False))
+    return plan
+
+
 @dataclass
 class Row:
     variant: str
@@ -124,20 +147,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raw = sum(len(b) for b in blocks(image))
         say("restic backup of the image")
         restic = asyncio.run(restic_size(image, work))
-        say("training a dictionary")
-        t = time.perf_counter()
-        dictionary = train(image)
-        train_s = time.perf_counter() - t
-        plan: list[tuple[str, int, int, bool, bool]] = [
-            # variant, level, blocks per frame, dictionary, long-distance matching
-            ("block", 1, 1, False, False), ("block", 3, 1, False, False),
-            ("block", 6, 1, False, False),
-            ("block+dict", 1, 1, True, False), ("block+dict", 3, 1, True, False),
-            ("frame", 1, 4, False, False), ("frame", 3, 4, False, False),
-            ("frame", 1, 16, False, False), ("frame", 3, 16, False, False),
-            ("frame", 1, 64, False, False), ("frame", 3, 64, False, False),
-            ("frame+long", 3, 64, False, True),
-        ]
+        dictionary, train_s = None, 0.0
+        if any(use_dict for _v, _l, _u, use_dict, _ldm in args.plan or PLAN):
+            say("training a dictionary")
+            t = time.perf_counter()
+            dictionary = train(image)
+            train_s = time.perf_counter() - t
+        plan = args.plan or PLAN
         rows = []
         for variant, level, unit, use_dict, ldm in plan:
             say(f"{variant} level {level}, {unit * BS >> 10} KiB frames")
@@ -177,6 +193,9 @@ def main() -> int:
                     help="where the image and restic's repository go (default "
                          "benchmarks/work/, git-ignored)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("--plan", type=parse_plan, metavar="LEVEL:BLOCKS,...",
+                    help="only these rows: frames of BLOCKS 64 KiB blocks at zstd LEVEL "
+                         "(e.g. 1:1,1:16,2:16,3:16; default: the full table)")
     args = ap.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
     res = run(args)

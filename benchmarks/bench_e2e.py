@@ -60,6 +60,7 @@ from siterecovery.tomlconfig import load
 from vault.check import check_vault
 from vault.keyslots import KeyMaterial, read_keyfile
 from vault.materialize import materialize
+from vault.pack import FRAME_BYTES, ZSTD_LEVEL
 from vault.repo import Vault
 from vault.store.local import LocalStore
 
@@ -208,17 +209,20 @@ class Borg:
 
 
 class SiteRecovery:
-    def __init__(self, work: Path, image: Path, snapshot: str = "none") -> None:
+    def __init__(self, work: Path, image: Path, snapshot: str = "none",
+                 procserver: dict[str, Any] | None = None) -> None:
         """``snapshot``: the agent's (``reflink``: it clones the image each cycle and its
-        tracker compares the clones' extents; else it reads the image whole)."""
+        tracker compares the clones' extents; else it reads the image whole).
+        ``procserver``: process-server settings (``pack_zstd_level``...)."""
         self.work, self.image, self.snapshot = work, image, snapshot
+        self.procserver = procserver or {}
         self.e: Embedded | None = None
         self.agent: Agent | None = None
         self.cycles: list[dict[str, Any]] = []
 
     async def start(self) -> None:
         self.e = await start_embedded(self.work / "sr", admin_port=0, site_port=0, listen_port=0,
-                                      metrics_port=0)
+                                      metrics_port=0, procserver=self.procserver)
         cfg = await enroll(self.e.config.url, self.e.config.admin_token, MACHINE,
                            f"127.0.0.1:{self.e.proc.port}", [f"sda={self.image}"],
                            self.work / "agent")
@@ -309,6 +313,7 @@ async def _bench(args: argparse.Namespace, work: Path, image: Path) -> Results:
         "rsync": tool_version(["rsync", "--version"]) if use_rsync else None,
         "change_fraction": CHANGE_FRACTION, "change_block": CHANGE_BLOCK,
         "tracker": args.tracker,
+        "pack_zstd_level": args.pack_zstd_level, "pack_frame_bytes": args.pack_frame_bytes,
     }
 
     steps = args.steps
@@ -323,7 +328,9 @@ async def _bench(args: argparse.Namespace, work: Path, image: Path) -> Results:
 
     restic = Restic(work)
     borg = Borg(work) if use_borg else None
-    sr = SiteRecovery(work, image, "reflink" if args.tracker == "reflink" else "none")
+    sr = SiteRecovery(work, image, "reflink" if args.tracker == "reflink" else "none",
+                      {"pack_zstd_level": args.pack_zstd_level,
+                       "pack_frame_bytes": args.pack_frame_bytes})
     await restic.init()
     res.meta["restic_repo_version"] = restic.repo_version()
     res.meta["restic_no_scan"] = restic.no_scan
@@ -496,6 +503,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="keep the image and repositories in --work after the run")
     ap.add_argument("--no-borg", action="store_true", help="skip the borg columns")
     ap.add_argument("--no-rsync", action="store_true", help="skip the rsync column")
+    ap.add_argument("--pack-zstd-level", type=int, default=ZSTD_LEVEL,
+                    help="the process server's pack_zstd_level (default %(default)s)")
+    ap.add_argument("--pack-frame-bytes", type=int, default=FRAME_BYTES,
+                    help="the process server's pack_frame_bytes (default %(default)s)")
     ap.add_argument("--tracker", choices=("scan", "reflink"), default="scan",
                     help="how siterecovery's agent finds the changed blocks: scan reads "
                          "the whole image every cycle; reflink (root) puts the image on "

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from common.names import is_name
 from common.pacing import Schedule
-from vault.pack import FRAME_BYTES, MAX_FRAME
+from vault.pack import FRAME_BYTES, MAX_FRAME, ZSTD_LEVEL, ZSTD_LEVELS
 from wire.protocol import DEFAULT_PORT
 
 
@@ -83,6 +83,9 @@ class ProcServerConfig:
     # a smaller vault; a read of one block (FETCH, instant recovery, a sparse restore)
     # decrypts and decompresses its whole frame. 0: every block sealed alone.
     pack_frame_bytes: int = FRAME_BYTES
+    # The zstd level new packs are compressed at, 1 to 19: higher stores less and costs
+    # more CPU per byte uploaded (README, "Compression"); readers do not depend on it.
+    pack_zstd_level: int = ZSTD_LEVEL
 
     def validate(self) -> None:
         if not (self.vault_key_file or self.vault_passphrase_file
@@ -126,6 +129,9 @@ class ProcServerConfig:
         if not 0 <= self.pack_frame_bytes <= MAX_FRAME:
             raise ValueError(f"pack_frame_bytes must be 0 (every block alone) to {MAX_FRAME} "
                              f"(8 MiB); default {FRAME_BYTES}")
+        if self.pack_zstd_level not in ZSTD_LEVELS:
+            raise ValueError(f"pack_zstd_level must be {ZSTD_LEVELS.start} to "
+                             f"{ZSTD_LEVELS.stop - 1}; default {ZSTD_LEVEL}")
         self.upload_schedule()  # raises ValueError naming the bad setting
         if self.heartbeat_interval_seconds <= 0:
             raise ValueError("heartbeat_interval_seconds must be positive")

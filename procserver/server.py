@@ -205,7 +205,8 @@ class ProcServer:
         vaults = VaultAccess(store, km, pack_log=PackLog(self.data_dir / "pack-log"),
                              index_dir=self.data_dir / "index",
                              index_memory=self.cfg.index_memory_bytes,
-                             frame_bytes=self.cfg.pack_frame_bytes)
+                             frame_bytes=self.cfg.pack_frame_bytes,
+                             zstd_level=self.cfg.pack_zstd_level)
         try:
             await vaults.open()
         except TransientStoreError as e:

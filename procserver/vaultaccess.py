@@ -37,7 +37,7 @@ from vault.indexdb import DiskIndex
 from vault.indexopen import open_block_index, open_disk_index, outgrown
 from vault.keyslots import KeyMaterial, read_keyfile
 from vault.locks import locked
-from vault.pack import FRAME_BYTES
+from vault.pack import FRAME_BYTES, ZSTD_LEVEL
 from vault.repo import Vault
 from vault.store.protocol import BlobStore
 
@@ -97,9 +97,10 @@ class VaultAccess:
                  pack_log: PackLog | None = None,
                  index_dir: str | os.PathLike[str] | None = None,
                  index_memory: int | None = None,
-                 frame_bytes: int = FRAME_BYTES) -> None:
+                 frame_bytes: int = FRAME_BYTES, zstd_level: int = ZSTD_LEVEL) -> None:
         self.store, self._km = store, km
         self.frame_bytes = frame_bytes  # a frame's blocks in the packs written (format 3)
+        self.zstd_level = zstd_level  # the zstd level of the packs written
         self.index_dir, self.index_memory = index_dir, index_memory
         self.on_open = on_open  # called once the vault opened in the background
         self.pack_log = pack_log
@@ -145,7 +146,7 @@ class VaultAccess:
     async def open(self) -> None:
         """Open the vault and load its index (raises what ``Vault.open`` raises)."""
         vault = await Vault.open(self.store, self._km)
-        vault.frame_target = self.frame_bytes
+        vault.frame_target, vault.zstd_level = self.frame_bytes, self.zstd_level
         try:
             self.index = await open_block_index(vault, index_dir=self.index_dir,
                                                 memory=self.index_memory)

@@ -25,11 +25,13 @@ start whenever those names change, or it does not match its key or the CA.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from cryptography import x509
@@ -211,7 +213,10 @@ async def start_embedded(
     listen_host: str = "127.0.0.1",
     listen_port: int = 9443, metrics_port: int = 9444, cache_quota_bytes: int = 8 << 30,
     vault: VaultChoice = VaultChoice(),
+    procserver: Mapping[str, Any] | None = None,
 ) -> Embedded:
+    """``procserver``: settings of the process server beyond these (``ProcServerConfig``
+    fields, e.g. ``pack_zstd_level``)."""
     from configserver.certs import record_pem
     from configserver.server import ConfigServer
     from procserver.server import ProcServer
@@ -245,6 +250,8 @@ async def start_embedded(
         configserver_url=cs.url, configserver_token_file=str(cs.cfg.internal_token_path),
         cache_quota_bytes=cache_quota_bytes,
     )
+    if procserver:
+        pcfg = dataclasses.replace(pcfg, **procserver)
     ps = ProcServer(pcfg)
     try:
         await ps.start()

@@ -5,15 +5,19 @@ reader opens a frame once for the blocks of one read."""
 
 from __future__ import annotations
 
+import hashlib
 import random
 import struct
+from pathlib import Path
 
 import pytest
 import zstandard
 
 from procserver.config import ProcServerConfig
+from tests.helpers import restore_all, write_full_point
 from vault.crypto import Keyring, ObjectType, counter_nonce, seal
 from vault.errors import IntegrityError
+from vault.keyslots import KeyMaterial, new_keyfile
 from vault.pack import (
     FRAME_ENTRY,
     MAGIC,
@@ -27,6 +31,8 @@ from vault.pack import (
     parse_trailer,
 )
 from vault.rebuild import layout_problem
+from vault.repo import Vault
+from vault.store.local import LocalStore
 
 KEYRING = Keyring(bytes(range(64)))
 PACK = "ab" * 32
@@ -161,10 +167,40 @@ def test_a_frame_of_blocks_from_another_pack_does_not_authenticate() -> None:
         open_block(KEYRING, other, blocks[0][0], data[e.offset:e.offset + e.length])
 
 
-@pytest.mark.parametrize("bad", [-1, MAX_FRAME + 1])
-def test_a_process_servers_frame_size_is_checked(bad: int) -> None:
+
+@pytest.mark.parametrize(("setting", "bad", "says"), [
+    ("pack_frame_bytes", -1, "pack_frame_bytes must be 0"),
+    ("pack_frame_bytes", MAX_FRAME + 1, "pack_frame_bytes must be 0"),
+    ("pack_zstd_level", 0, "pack_zstd_level must be 1 to 19"),
+    ("pack_zstd_level", 20, "pack_zstd_level must be 1 to 19")])
+def test_a_process_servers_pack_settings_are_checked(setting: str, bad: int, says: str
+                                                     ) -> None:
     cfg = ProcServerConfig(data_dir="/nonexistent", vault_url="file:///nonexistent",
                            vault_key_file="k", tls_cert="c", tls_key="k", tls_ca="a",
-                           pack_frame_bytes=bad)
-    with pytest.raises(ValueError, match="pack_frame_bytes must be 0"):
+                           **{setting: bad})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=says):
         cfg.validate()
+
+
+async def test_a_higher_zstd_level_stores_less_and_reads_the_same(tmp_path: Path) -> None:
+    """The level a vault object writes at (the process server's pack_zstd_level) is not
+    part of the format: the same disk at level 1 and 19, each restored byte for byte,
+    the packs at 19 smaller."""
+    rng = random.Random(9)
+    words = [rng.randbytes(rng.randrange(3, 12)).hex().encode() for _ in range(3000)]
+    data = b" ".join(rng.choice(words) for _ in range(120_000))[:2 << 20]
+    sizes = {}
+    for level in (1, 19):
+        key = tmp_path / f"{level}.key"
+        v = await Vault.create(LocalStore(tmp_path / f"v{level}"),
+                               KeyMaterial(keyfile=new_keyfile(key)))
+        v.zstd_level = level
+        try:
+            p = await write_full_point(v, data)
+            assert await restore_all(v, p, tmp_path / f"out{level}") == {
+                "sda": hashlib.sha256(data).hexdigest()}
+        finally:
+            await v.close()
+        sizes[level] = sum(f.stat().st_size for f in (tmp_path / f"v{level}" / "packs").rglob("*")
+                           if f.is_file())
+    assert sizes[19] < 0.95 * sizes[1] < len(data), sizes

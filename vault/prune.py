@@ -272,7 +272,8 @@ async def _repack(vault: Vault, work: list[tuple[str, list[tuple[bytes, Location
         pack_id = names.random_id()
         data, entries = await loop.run_in_executor(
             executor,
-            lambda: build_pack(vault.keyring, pack_id, list(blocks), thread_compressor(),
+            lambda: build_pack(vault.keyring, pack_id, list(blocks),
+                               thread_compressor(vault.zstd_level),
                                vault.frame_bytes))
         await vault.put_pack(pack_id, data)
         out[pack_id] = entries

@@ -42,7 +42,7 @@ from vault.maps import (
     seal_map,
     seal_map_plaintext,
 )
-from vault.pack import FRAME_BYTES, PackEntry, open_block
+from vault.pack import FRAME_BYTES, ZSTD_LEVEL, PackEntry, open_block
 from vault.point import (
     CHUNKED_FORMAT,
     FORMATS,
@@ -104,6 +104,10 @@ class Vault:
     #: the most plaintext of blocks a frame of the packs this vault object writes holds
     #: (format 3; ``vault/pack.py``)
     frame_target: int = FRAME_BYTES
+
+    #: the zstd level of the packs this vault object writes (not part of the format: a
+    #: reader decompresses whatever level it was)
+    zstd_level: int = ZSTD_LEVEL
 
     @property
     def frame_bytes(self) -> int:

@@ -29,16 +29,17 @@ from vault.index import BlockIndex, Index
 from vault.mapchain import chain_entries
 from vault.mapranges import RANGE_BLOCKS, ChainRanges
 from vault.maps import DELTA, FULL, ZERO_ID, BlockMap, MapBuilder
-from vault.pack import PackEntry, build_pack
+from vault.pack import ZSTD_LEVEL, PackEntry, build_pack
 from vault.point import DiskEntry, Point
 from vault.repo import MAX_CHAIN, Vault
 
 PACK_TARGET = 8 << 20
-# Blocks are compressed with zstd level 1: on 64 KiB blocks of text-like data it is
-# about a quarter faster than level 3 for about 4 % less compression, and compression
-# is the largest CPU cost of an upload. Incompressible blocks cost zstd next to nothing
-# at any level (it gives up early) and are stored as they are. Readers do not care.
-BLOCK_ZSTD_LEVEL = 1
+# Blocks are compressed with zstd level 1 unless a vault object is told otherwise
+# (``Vault.zstd_level``, the process server's ``pack_zstd_level``): compression is the
+# largest CPU cost of an upload (README, "Compression"). Incompressible blocks cost zstd
+# next to nothing at any level (it gives up early) and are stored as they are. Readers
+# do not care.
+BLOCK_ZSTD_LEVEL = ZSTD_LEVEL
 
 
 class MissingBlocksError(Exception):
@@ -50,11 +51,14 @@ _local = threading.local()
 JournalEntry = tuple[int, int, bytes]
 
 
-def thread_compressor() -> zstandard.ZstdCompressor:
-    # One compressor per thread: zstandard objects must not be shared.
-    c: zstandard.ZstdCompressor | None = getattr(_local, "zc", None)
+def thread_compressor(level: int = BLOCK_ZSTD_LEVEL) -> zstandard.ZstdCompressor:
+    """This thread's compressor at ``level``: zstandard objects must not be shared."""
+    by_level: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "zc", None)
+    if by_level is None:
+        by_level = _local.zc = {}
+    c = by_level.get(level)
     if c is None:
-        c = _local.zc = zstandard.ZstdCompressor(level=BLOCK_ZSTD_LEVEL)
+        c = by_level[level] = zstandard.ZstdCompressor(level=level)
     return c
 
 
@@ -199,7 +203,7 @@ class CycleWriter:
         loop = asyncio.get_running_loop()
         data, entries = await loop.run_in_executor(
             self.executor, _build_pack, self.vault.keyring, pack_id, blocks,
-            self.vault.frame_bytes)
+            self.vault.frame_bytes, self.vault.zstd_level)
         del blocks  # the caller's buffers are free once the pack is sealed
         if self._before_pack is not None:
             await self._before_pack(pack_id)
@@ -337,8 +341,8 @@ def _count_unindexed(index: BlockIndex, ids: Iterable[bytes]) -> int:
 
 
 def _build_pack(keyring: Keyring, pack_id: str, blocks: list[tuple[bytes, bytes | memoryview]],
-                frame_bytes: int) -> tuple[bytes, list[PackEntry]]:
-    return build_pack(keyring, pack_id, blocks, thread_compressor(), frame_bytes)
+                frame_bytes: int, level: int) -> tuple[bytes, list[PackEntry]]:
+    return build_pack(keyring, pack_id, blocks, thread_compressor(level), frame_bytes)
 
 
 def _is_zero(b: bytes | memoryview) -> bool:
