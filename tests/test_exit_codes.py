@@ -226,15 +226,19 @@ def _daemon_ready(proc: subprocess.Popen[str]) -> None:
 def test_a_second_signal_aborts_with_130(site: Site, signals: tuple[int, ...],
                                          code: int, tmp_path: Path) -> None:
     """One SIGTERM: a graceful stop, 0. A second signal before the stop ends: 130 (two
-    different signals, so the kernel cannot merge them into one)."""
+    different signals, so the kernel cannot merge them into one). The daemon is held
+    stopped (SIGSTOP) while they are sent, so both are pending when it runs again: a
+    test preempted between two kills must not let a quick graceful stop finish first."""
     cfg = site.toml("cs-signal", site.configserver, data_dir=str(tmp_path / "cs"))
     with subprocess.Popen([sys.executable, "-m", "siterecovery", "configserver", "run",
                            "--config", cfg], stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True, cwd=REPO) as proc:
         try:
             _daemon_ready(proc)
+            os.kill(proc.pid, signal.SIGSTOP)
             for sig in signals:
                 os.kill(proc.pid, sig)
+            os.kill(proc.pid, signal.SIGCONT)
             assert proc.wait(timeout=120) == code, proc.stderr.read() if proc.stderr else ""
         finally:
             if proc.poll() is None:
