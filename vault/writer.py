@@ -34,7 +34,7 @@ from vault.point import DiskEntry, Point
 from vault.repo import MAX_CHAIN, Vault
 
 PACK_TARGET = 8 << 20
-# Blocks are compressed with zstd level 1 unless a vault object is told otherwise
+# Blocks are compressed with zstd level 2 unless a vault object is told otherwise
 # (``Vault.zstd_level``, the process server's ``pack_zstd_level``): compression is the
 # largest CPU cost of an upload (README, "Compression"). Incompressible blocks cost zstd
 # next to nothing at any level (it gives up early) and are stored as they are. Readers
