@@ -1,8 +1,9 @@
 """The reflink extent diff: what changed in a disk image between two cycles' clones.
 
 With ``snapshot = "reflink"`` each cycle reads a clone of the image. This tracker
-keeps one more clone of what each cycle read (``.<image>.srtrack-<cycle>``, next to
-the image; it shares every extent, so it costs only the space of what is written
+keeps that clone past the cycle under a name of its own (``.<image>.srtrack-<cycle>``,
+next to the image: a hard link to the snapshot's clone, or a clone of what was read if
+it was not one; it shares every extent, so it costs only the space of what is written
 afterwards) and compares the extent maps (FIEMAP) of the last acknowledged cycle's
 clone and the new snapshot: where both map a byte to the same physical location
 with the same flags it is unchanged — the kept clone pins those extents, so the
@@ -29,6 +30,7 @@ import structlog
 
 from mobility.changes import Answer, Changed, Rescan
 from mobility.fiemap import FiemapError, block_ranges, differing, file_extents
+from mobility.snapshot import is_clone_of
 
 log = structlog.get_logger("mobility.tracker")
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
@@ -67,7 +69,13 @@ class ReflinkTracker:
         try:
             if os.path.lexists(new):
                 os.unlink(new)
-            reflink_clone(path, new)
+            if is_clone_of(path, self.image):
+                # The snapshot is a clone nobody writes: keeping it is a second name for
+                # it (the snapshot lets go of its own name after the cycle), not a second
+                # clone — a clone costs the kernel a walk of every extent of the image.
+                os.link(path, new)
+            else:
+                reflink_clone(path, new)
         except OSError as e:
             # Without it the next cycle has nothing to compare with: a scan, then.
             log.warning("tracker_clone_failed", image=self.image, error=e.strerror,

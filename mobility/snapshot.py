@@ -273,6 +273,20 @@ def _clone(src: str, dst: str) -> None:
                                "made with reflink=1, Btrfs)") from None
 
 
+def clone_path(image: str, tag: str) -> str:
+    """Where ``ReflinkSnapshot`` clones ``image`` for the hold ``tag``: beside it."""
+    d, name = os.path.split(image)
+    return os.path.join(d, f".{name}.sr-{tag}")
+
+
+def is_clone_of(path: str, image: str) -> bool:
+    """Whether ``path`` is a clone ``ReflinkSnapshot`` made of ``image`` (a file that
+    shares the image's extents and that nobody writes)."""
+    d, name = os.path.split(os.path.abspath(image))
+    pd, pname = os.path.split(os.path.abspath(path))
+    return pd == d and pname.startswith(f".{name}.sr-")
+
+
 class ReflinkSnapshot:
     """Clones of image files (``FICLONE``), read instead of the images."""
 
@@ -287,8 +301,7 @@ class ReflinkSnapshot:
         try:
             async with FsFreeze(self.mounts, self.timeout).hold():
                 for path in self.disks:
-                    d, name = os.path.split(path)
-                    clone = os.path.join(d, f".{name}.sr-{tag}")
+                    clone = clone_path(path, tag)
                     await asyncio.to_thread(_clone, path, clone)
                     made.append(clone)
                     paths[path] = clone

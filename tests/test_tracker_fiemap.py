@@ -5,6 +5,7 @@ reflink tracker's refusals (no clone can be kept, the image read live)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from mobility.fiemap import (
     file_extents,
 )
 from mobility.reflinktrack import ReflinkTracker
+from mobility.snapshot import clone_path, is_clone_of
 from mobility.tracker import CHUNK, work
 from mobility.trackers import tracker_kind, trackers_for
 
@@ -159,6 +161,25 @@ def test_without_reflinks_the_tracker_asks_for_a_scan_and_keeps_nothing(
     answer = t.changes("base", "c2", str(copy), MIB, 65536)
     assert isinstance(answer, Rescan) and "cannot keep a clone" in answer.reason
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.img", "vm.img"]
+
+
+def test_the_snapshots_clone_is_kept_under_a_second_name(tmp_path: Path) -> None:
+    """A cycle's snapshot made by ``snapshot = "reflink"`` is kept by a hard link (a
+    clone would cost a walk of every extent again); anything else by a clone."""
+    image = tmp_path / "vm.img"
+    image.write_bytes(b"x" * MIB)
+    snap = Path(clone_path(str(image), "0a1b2c3d"))
+    shutil.copyfile(image, snap)  # stands for the snapshot's clone
+    assert is_clone_of(str(snap), str(image))
+    assert not is_clone_of(str(tmp_path / "copy.img"), str(image))
+    assert not is_clone_of(str(tmp_path / "x" / snap.name), str(image))
+    assert not is_clone_of(str(tmp_path / ".vm.img2.sr-0a1b2c3d"), str(image))
+    t = ReflinkTracker(str(image))
+    answer = t.changes(None, "c1", str(snap), MIB, 65536)
+    assert isinstance(answer, Rescan) and "no acknowledged cycle" in answer.reason
+    assert os.stat(t.kept("c1")).st_ino == snap.stat().st_ino
+    snap.unlink()  # the snapshot lets go of its name: the kept one holds the content
+    assert Path(t.kept("c1")).read_bytes() == b"x" * MIB
 
 
 def test_extent_maps_of_an_ordinary_file(tmp_path: Path) -> None:

@@ -24,10 +24,10 @@ Every block of a frame has the frame's ``offset`` and ``length`` in the trailer 
 the index: a reader reads the frame, opens it (``open_block`` tells a frame from a
 single block by its type byte, which is authenticated) and takes the block its id
 names, whose keyed hash it then checks, as for a single block. A caller that opens
-several blocks from one read of a pack passes a ``frames`` dict (offset -> the frame's
-blocks) that lives as long as that read: the blocks of one frame then cost one
-decryption and one decompression, and nothing opened is kept past the bytes it came
-from.
+several blocks from one read of a pack goes through them in offset order and passes a
+``frames`` dict that holds the frame opened last (``vault/packrange.py: open_span``):
+the blocks of one frame then cost one decryption and one decompression, one frame is
+held at a time, and nothing opened is kept past the read it came from.
 """
 
 from __future__ import annotations
@@ -159,8 +159,8 @@ def open_block(
     check that its content hashes to ``block_id``. ``frames`` and ``at``: the frame last
     opened from the read ``sealed`` comes from, and ``sealed``'s offset in the pack (a
     frame opened replaces it; one found there is not opened again). It holds one frame
-    (at most 1 MiB of blocks, ``MAX_FRAME``), so a caller goes through the blocks of a
-    read in offset order: the blocks of a frame are then opened together."""
+    (1 MiB of blocks as written by default, at most ``MAX_FRAME``), so a caller goes
+    through the blocks of a read in offset order: a frame's blocks are opened together."""
     what = f"packs/{pack_id[:2]}/{pack_id} block {block_id.hex()[:16]}"
     if len(sealed) > 1 and sealed[1] == ObjectType.FRAME:
         frame = None if frames is None else frames.get(at)
