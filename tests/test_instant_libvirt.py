@@ -160,6 +160,18 @@ def disk(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 
 
 @pytest.fixture(scope="module")
+def no_leftover_domains(uri: str) -> None:
+    """No domain of this module's names left defined by a run killed before its clean-up
+    (the next run's drill or failover would fail: "a domain of that name already
+    exists")."""
+    for name in (VM, FAILOVER_VM):
+        if _virsh(uri, "domuuid", name).returncode == 0:
+            _virsh(uri, "destroy", name)
+            gone = _virsh(uri, "undefine", name)
+            assert gone.returncode == 0, gone.stderr
+
+
+@pytest.fixture(scope="module")
 def failover_net(uri: str) -> Iterator[str]:
     """A stand-in for the production network a failover joins (isolated: the guest sends
     nothing), made and removed by the test."""
@@ -288,6 +300,7 @@ def _daemon_args(tmp_path: Path, uri: str, images: Path, **settings: Any) -> lis
     return ["configserver", "run", "--config", str(config)]
 
 
+@pytest.mark.usefixtures("no_leftover_domains")
 async def test_instant_drill_boots_from_the_vault_survives_a_kill9_and_pivots(
         uri: str, images: Path, disk: bytes, tmp_path: Path) -> None:
     data_dir = tmp_path / "cs"
@@ -374,6 +387,7 @@ async def test_instant_drill_boots_from_the_vault_survives_a_kill9_and_pivots(
             _virsh(uri, "undefine", VM)
 
 
+@pytest.mark.usefixtures("no_leftover_domains")
 async def test_instant_failover_finishes_a_block_copy_left_running_by_a_kill9_and_commits(
         uri: str, failover_net: str, images: Path, disk: bytes, tmp_path: Path) -> None:
     """``failover start --instant``: booted on the NBD disk, hydrated at full speed; a
