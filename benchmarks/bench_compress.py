@@ -1,8 +1,9 @@
 """How big is the vault's data at each compression choice, and what does each cost?
 
-The vault compresses every 64 KiB block on its own (one zstd frame per sealed block, level
-1: `vault/writer.py: BLOCK_ZSTD_LEVEL`), so any one block can be read, fetched or served
-to an instant-recovery disk by decompressing 64 KiB. restic compresses its larger chunks
+Before format 3 the vault compressed every 64 KiB block on its own (one zstd frame per
+sealed block, level 1), so any one block could be read by decompressing 64 KiB; format 3
+compresses frames of up to 1 MiB of blocks at `vault/pack.py: ZSTD_LEVEL` (2), and a read
+of one block decompresses its frame. restic compresses its larger chunks
 (512 KiB-8 MiB, content-defined) and stores less. This benchmark measures, on the same
 seeded image as ``bench_e2e.py`` (every non-zero 64 KiB block, read in order), what each
 choice stores and costs:

@@ -34,12 +34,11 @@ from vault.point import DiskEntry, Point
 from vault.repo import MAX_CHAIN, Vault
 
 PACK_TARGET = 8 << 20
-# Blocks are compressed with zstd level 2 unless a vault object is told otherwise
-# (``Vault.zstd_level``, the process server's ``pack_zstd_level``): compression is the
-# largest CPU cost of an upload (README, "Compression"). Incompressible blocks cost zstd
-# next to nothing at any level (it gives up early) and are stored as they are. Readers
-# do not care.
-BLOCK_ZSTD_LEVEL = ZSTD_LEVEL
+# Blocks are compressed at ``ZSTD_LEVEL`` (vault/pack.py) unless a vault object is told
+# otherwise (``Vault.zstd_level``, the process server's ``pack_zstd_level``): compression
+# is the largest CPU cost of an upload (README, "Compression"). Incompressible blocks cost
+# zstd next to nothing at any level (it gives up early) and are stored as they are.
+# Readers do not care.
 
 
 class MissingBlocksError(Exception):
@@ -51,7 +50,7 @@ _local = threading.local()
 JournalEntry = tuple[int, int, bytes]
 
 
-def thread_compressor(level: int = BLOCK_ZSTD_LEVEL) -> zstandard.ZstdCompressor:
+def thread_compressor(level: int = ZSTD_LEVEL) -> zstandard.ZstdCompressor:
     """This thread's compressor at ``level``: zstandard objects must not be shared."""
     by_level: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "zc", None)
     if by_level is None:
