@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import zstandard
-from bench_e2e import Restic, ensure_restic, say, tree_bytes
+from bench_e2e import Restic, ensure_tool, say, tree_bytes
 from diskgen import generate
 
 BS = 64 * 1024
@@ -132,7 +132,7 @@ def train(image: Path) -> zstandard.ZstdCompressionDict:
 
 
 async def restic_size(image: Path, work: Path) -> int:
-    ensure_restic()
+    ensure_tool("restic", "restic")
     r = Restic(work)
     await r.init()
     await r.backup(image)

@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -51,6 +52,7 @@ import uvloop
 from diskgen import generate, mutate, sha256_file
 from loopfs import xfs_folder
 
+from mobility import agentfile
 from mobility.agent import Agent
 from mobility.config import MobilityConfig
 from mobility.snapshot import Quiesced
@@ -125,16 +127,51 @@ def evict(root: Path) -> None:
                 os.close(fd)
 
 
+#: children that outlive a step (the agent's process): their CPU time is read from /proc
+LIVE_CHILDREN: list[int] = []
+
+
+def live_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process so far (0 once it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2:].split()  # after the command name
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process (every thread: the servers, the vault's
+    workers, an inline agent), of its children waited for (restic, borg, rsync) and of
+    those still running (``LIVE_CHILDREN``: the agent's own process)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN)
+    return (me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+            + sum(live_cpu_seconds(pid) for pid in LIVE_CHILDREN))
+
+
 async def timed(fn: Callable[[], Awaitable[None]]) -> float:
     t = time.perf_counter()
     await fn()
     return time.perf_counter() - t
 
 
+async def measure(res: Results, step: str, tool: str, fn: Callable[[], Awaitable[None]]
+                  ) -> None:
+    """Run one tool's step: its wall time into ``res.seconds``, the CPU seconds it took
+    (on every core) into ``res.cpu``. One step runs at a time, so the process's and its
+    children's CPU time between the two ends is that tool's alone."""
+    cpu = cpu_seconds()
+    res.seconds[step][tool] = await timed(fn)
+    res.cpu[step][tool] = cpu_seconds() - cpu
+
+
 @dataclass
 class Results:
     meta: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, dict[str, float]] = field(default_factory=lambda: {s: {} for s in STEPS})
+    cpu: dict[str, dict[str, float]] = field(default_factory=lambda: {s: {} for s in STEPS})
     repo_after_initial: dict[str, int] = field(default_factory=dict)
     repo_after_incremental: dict[str, int] = field(default_factory=dict)
     verified: dict[str, bool] = field(default_factory=dict)
@@ -156,7 +193,10 @@ class Results:
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
         doc.update(growth_bytes=self.growth(), mb_per_s=self.mbps(),
-                   ratio_siterecovery_over_restic=self.ratios())
+                   ratio_siterecovery_over_restic=self.ratios(),
+                   cpu_ratio_siterecovery_over_restic={
+                       s: d["siterecovery"] / d["restic"] for s, d in self.cpu.items()
+                       if "siterecovery" in d and d.get("restic")})
         return doc
 
 
@@ -210,14 +250,16 @@ class Borg:
 
 class SiteRecovery:
     def __init__(self, work: Path, image: Path, snapshot: str = "none",
-                 procserver: dict[str, Any] | None = None) -> None:
+                 procserver: dict[str, Any] | None = None, agent: str = "process") -> None:
         """``snapshot``: the agent's (``reflink``: it clones the image each cycle and its
         tracker compares the clones' extents; else it reads the image whole).
         ``procserver``: process-server settings (``pack_zstd_level``...)."""
         self.work, self.image, self.snapshot = work, image, snapshot
         self.procserver = procserver or {}
+        self.mode = agent
         self.e: Embedded | None = None
         self.agent: Agent | None = None
+        self.worker: asyncio.subprocess.Process | None = None
         self.cycles: list[dict[str, Any]] = []
 
     async def start(self) -> None:
@@ -226,6 +268,14 @@ class SiteRecovery:
         cfg = await enroll(self.e.config.url, self.e.config.admin_token, MACHINE,
                            f"127.0.0.1:{self.e.proc.port}", [f"sda={self.image}"],
                            self.work / "agent")
+        if self.mode == "process":  # the agent's own CLI, as on a protected machine
+            agentfile.update(cfg, {"snapshot": "reflink" if self.snapshot == "reflink"
+                                   else "quiesced"})
+            self.worker = await asyncio.create_subprocess_exec(
+                sys.executable, str(Path(__file__).with_name("agentworker.py")), str(cfg),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+            LIVE_CHILDREN.append(self.worker.pid)
+            return
         conf = dataclasses.replace(load(MobilityConfig, cfg), snapshot=self.snapshot)
         self.agent = Agent(conf,
                            provider=None if self.snapshot == "reflink" else Quiesced())
@@ -236,17 +286,40 @@ class SiteRecovery:
 
     async def cycle(self) -> None:
         """One agent cycle, acknowledged, then waited on until its point is whole."""
-        assert self.agent is not None and self.e is not None
+        assert self.e is not None
         t = time.perf_counter()
-        r = await self.agent.replicate_once()
+        r = await self._replicate()
         acked = time.perf_counter() - t
-        point = await self.e.proc.wait_point(r.cycle, timeout=WAIT_POINT_SECONDS)
-        self.cycles.append({"cycle": r.cycle, "point": point, "full": r.full,
-                            "blocks_sent": r.blocks_sent, "bytes_sent": r.bytes_sent,
+        point = await self.e.proc.wait_point(r["cycle"], timeout=WAIT_POINT_SECONDS)
+        self.cycles.append({"cycle": r["cycle"], "point": point, "full": r["full"],
+                            "blocks_sent": r["blocks_sent"], "bytes_sent": r["bytes_sent"],
                             "acked_after_s": round(acked, 3),
                             "whole_after_s": round(time.perf_counter() - t, 3)})
 
+    async def _replicate(self) -> dict[str, Any]:
+        """One cycle of the agent: in its own process (``agentworker.py``, started once
+        like the agent's daemon: not timed), or (``--agent inline``) in this one, beside
+        the servers."""
+        if self.agent is not None:
+            return dataclasses.asdict(await self.agent.replicate_once())
+        worker = self.worker
+        assert worker is not None and worker.stdin is not None and worker.stdout is not None
+        worker.stdin.write(b"cycle\n")
+        await worker.stdin.drain()
+        line = await worker.stdout.readline()
+        if not line:
+            await worker.wait()
+            raise RuntimeError(f"the agent's process exited {worker.returncode}")
+        doc: dict[str, Any] = json.loads(line)
+        return doc
+
     async def stop(self) -> None:
+        if self.worker is not None:
+            assert self.worker.stdin is not None
+            self.worker.stdin.close()  # end of its input: it closes the agent and exits
+            await self.worker.wait()  # its CPU time now counts in RUSAGE_CHILDREN
+            LIVE_CHILDREN.remove(self.worker.pid)
+            self.worker = None
         if self.agent is not None:
             self.agent.close()
             self.agent = None
@@ -272,11 +345,12 @@ class SiteRecovery:
 # -- the run ------------------------------------------------------------------------------
 
 
-def ensure_restic() -> None:
-    if shutil.which("restic"):
+def ensure_tool(command: str, package: str) -> None:
+    """Install ``package`` with apt-get when ``command`` is missing (restic, borg)."""
+    if shutil.which(command):
         return
-    say("restic is missing; installing it with apt-get")
-    subprocess.run(["apt-get", "install", "-y", "restic"], check=True,
+    say(f"{command} is missing; installing {package} with apt-get")
+    subprocess.run(["apt-get", "install", "-y", package], check=True,
                    stdout=subprocess.DEVNULL)
 
 
@@ -301,9 +375,11 @@ async def bench(args: argparse.Namespace) -> Results:
 
 async def _bench(args: argparse.Namespace, work: Path, image: Path) -> Results:
     size = args.size_mib << 20
-    use_borg = not args.no_borg and shutil.which("borg") is not None
+    ensure_tool("restic", "restic")
+    if not args.no_borg:
+        ensure_tool("borg", "borgbackup")
+    use_borg = not args.no_borg
     use_rsync = not args.no_rsync and shutil.which("rsync") is not None
-    ensure_restic()
     res = Results()
     res.meta = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%SZ"), "seed": args.seed,
@@ -312,7 +388,7 @@ async def _bench(args: argparse.Namespace, work: Path, image: Path) -> Results:
         "borg": tool_version(["borg", "--version"]) if use_borg else None,
         "rsync": tool_version(["rsync", "--version"]) if use_rsync else None,
         "change_fraction": CHANGE_FRACTION, "change_block": CHANGE_BLOCK,
-        "tracker": args.tracker,
+        "tracker": args.tracker, "agent": args.agent,
         "pack_zstd_level": args.pack_zstd_level, "pack_frame_bytes": args.pack_frame_bytes,
     }
 
@@ -330,7 +406,7 @@ async def _bench(args: argparse.Namespace, work: Path, image: Path) -> Results:
     borg = Borg(work) if use_borg else None
     sr = SiteRecovery(work, image, "reflink" if args.tracker == "reflink" else "none",
                       {"pack_zstd_level": args.pack_zstd_level,
-                       "pack_frame_bytes": args.pack_frame_bytes})
+                       "pack_frame_bytes": args.pack_frame_bytes}, args.agent)
     await restic.init()
     res.meta["restic_repo_version"] = restic.repo_version()
     res.meta["restic_no_scan"] = restic.no_scan
@@ -340,17 +416,20 @@ async def _bench(args: argparse.Namespace, work: Path, image: Path) -> Results:
     try:
         # 1. initial replication / first backup
         say("step 1: initial")
-        res.seconds["initial"]["siterecovery"] = await timed(sr.cycle)
+        await measure(res, "initial", "siterecovery", sr.cycle)
         res.repo_after_initial["siterecovery"] = tree_bytes(sr.vault_dir)
-        say(f"  siterecovery {res.seconds['initial']['siterecovery']:.2f} s")
-        res.seconds["initial"]["restic"] = await timed(lambda: restic.backup(image))
+        say(f"  siterecovery {res.seconds['initial']['siterecovery']:.2f} s, "
+                f"cpu {res.cpu['initial']['siterecovery']:.2f} s")
+        await measure(res, "initial", "restic", lambda: restic.backup(image))
         res.repo_after_initial["restic"] = tree_bytes(restic.repo)
-        say(f"  restic       {res.seconds['initial']['restic']:.2f} s")
+        say(f"  restic       {res.seconds['initial']['restic']:.2f} s, "
+                f"cpu {res.cpu['initial']['restic']:.2f} s")
         if borg is not None:
             b = borg
-            res.seconds["initial"]["borg"] = await timed(lambda: b.create("initial", image))
+            await measure(res, "initial", "borg", lambda: b.create("initial", image))
             res.repo_after_initial["borg"] = tree_bytes(b.repo)
-            say(f"  borg         {res.seconds['initial']['borg']:.2f} s")
+            say(f"  borg         {res.seconds['initial']['borg']:.2f} s, "
+                f"cpu {res.cpu['initial']['borg']:.2f} s")
         copy = work / "rsync-copy.img"
         use_rsync = use_rsync and "incremental" in steps
         if use_rsync:
@@ -367,24 +446,28 @@ async def _bench(args: argparse.Namespace, work: Path, image: Path) -> Results:
             res.meta["changed_bytes"] = n * CHANGE_BLOCK
             expected = sha256_file(image)  # also re-warms the changed pages
             say(f"step 2: incremental ({n} blocks of 64 KiB changed)")
-            res.seconds["incremental"]["siterecovery"] = await timed(sr.cycle)
+            await measure(res, "incremental", "siterecovery", sr.cycle)
             res.repo_after_incremental["siterecovery"] = tree_bytes(sr.vault_dir)
-            say(f"  siterecovery {res.seconds['incremental']['siterecovery']:.2f} s")
+            say(f"  siterecovery {res.seconds['incremental']['siterecovery']:.2f} s, "
+                f"cpu {res.cpu['incremental']['siterecovery']:.2f} s")
         await sr.stop()  # from here on siterecovery is the vault and its key only
         if "incremental" in steps:
-            res.seconds["incremental"]["restic"] = await timed(lambda: restic.backup(image))
+            await measure(res, "incremental", "restic", lambda: restic.backup(image))
             res.repo_after_incremental["restic"] = tree_bytes(restic.repo)
-            say(f"  restic       {res.seconds['incremental']['restic']:.2f} s")
+            say(f"  restic       {res.seconds['incremental']['restic']:.2f} s, "
+                f"cpu {res.cpu['incremental']['restic']:.2f} s")
             if borg is not None:
                 b = borg
-                res.seconds["incremental"]["borg"] = await timed(
+                await measure(res, "incremental", "borg",
                     lambda: b.create("incr", image))
                 res.repo_after_incremental["borg"] = tree_bytes(b.repo)
-                say(f"  borg         {res.seconds['incremental']['borg']:.2f} s")
+                say(f"  borg         {res.seconds['incremental']['borg']:.2f} s, "
+                f"cpu {res.cpu['incremental']['borg']:.2f} s")
         if use_rsync:
-            res.seconds["incremental"]["rsync"] = await timed(lambda: run_cmd(
+            await measure(res, "incremental", "rsync", lambda: run_cmd(
                 ["rsync", "--inplace", "--no-whole-file", str(image), str(copy)]))
-            say(f"  rsync        {res.seconds['incremental']['rsync']:.2f} s")
+            say(f"  rsync        {res.seconds['incremental']['rsync']:.2f} s, "
+                f"cpu {res.cpu['incremental']['rsync']:.2f} s")
             res.verified["rsync"] = sha256_file(copy) == expected
             copy.unlink()
 
@@ -397,13 +480,13 @@ async def _bench(args: argparse.Namespace, work: Path, image: Path) -> Results:
             # writes its packs past the page cache, restic leaves them in it.
             evict(sr.vault_dir)
             evict(restic.repo)
-            res.seconds["restore"]["siterecovery"] = await timed(lambda: sr.restore(out))
+            await measure(res, "restore", "siterecovery", lambda: sr.restore(out))
             res.verified["siterecovery"] = sha256_file(out) == expected
             say(f"  siterecovery {res.seconds['restore']['siterecovery']:.2f} s, "
                 f"verified={res.verified['siterecovery']}")
             shutil.rmtree(out.parent)
             target = work / "restore-restic"
-            res.seconds["restore"]["restic"] = await timed(lambda: restic.restore(target))
+            await measure(res, "restore", "restic", lambda: restic.restore(target))
             restored = target / image.relative_to(image.anchor)
             res.verified["restic"] = sha256_file(restored) == expected
             say(f"  restic       {res.seconds['restore']['restic']:.2f} s, "
@@ -423,11 +506,12 @@ async def _bench(args: argparse.Namespace, work: Path, image: Path) -> Results:
                         read_data=True, executor=ex)
                 report.append(not r.errors and not r.wrong_key)
 
-            res.seconds["check"]["siterecovery"] = await timed(sr_check)
+            await measure(res, "check", "siterecovery", sr_check)
             res.verified["check"] = report == [True]
             say(f"  siterecovery {res.seconds['check']['siterecovery']:.2f} s, clean={report}")
-            res.seconds["check"]["restic"] = await timed(restic.check)
-            say(f"  restic       {res.seconds['check']['restic']:.2f} s")
+            await measure(res, "check", "restic", restic.check)
+            say(f"  restic       {res.seconds['check']['restic']:.2f} s, "
+                f"cpu {res.cpu['check']['restic']:.2f} s")
     finally:
         await sr.stop()
     res.siterecovery = {"cycles": sr.cycles}
@@ -463,6 +547,17 @@ def render(res: Results) -> str:
             f"{'-' if ratio is None else f'{ratio:.2f}x':>9} "
             f"{_s(mb[step].get('siterecovery')):>8} {_s(mb[step].get('restic')):>11} "
             f"{_s(d.get('borg')):>7} {_s(d.get('rsync')):>8}")
+    lines += ["", f"{'CPU seconds':<12} {'siterecovery':>14} {'restic':>9} {'sr/restic':>9} "
+                  f"{'borg':>8} {'rsync':>11}"]
+    for step in STEPS:
+        c = res.cpu[step]
+        if not c:
+            continue
+        sr, rs = c.get("siterecovery"), c.get("restic")
+        lines.append(
+            f"{step:<12} {_s(sr):>14} {_s(rs):>9} "
+            f"{f'{sr / rs:.2f}x' if sr is not None and rs else '-':>9} "
+            f"{_s(c.get('borg')):>8} {_s(c.get('rsync')):>11}")
     growth = res.growth()
     tools = [t for t in ("siterecovery", "restic", "borg") if t in res.repo_after_initial]
     lines += ["", f"{'repository bytes':<22}" + "".join(f"{t:>16}" for t in tools)]
@@ -501,12 +596,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--json-out", metavar="FILE", help="also write the JSON results to FILE")
     ap.add_argument("--keep", action="store_true",
                     help="keep the image and repositories in --work after the run")
-    ap.add_argument("--no-borg", action="store_true", help="skip the borg columns")
+    ap.add_argument("--no-borg", action="store_true",
+                    help="skip the borg columns (else borg is installed if missing)")
     ap.add_argument("--no-rsync", action="store_true", help="skip the rsync column")
     ap.add_argument("--pack-zstd-level", type=int, default=ZSTD_LEVEL,
                     help="the process server's pack_zstd_level (default %(default)s)")
     ap.add_argument("--pack-frame-bytes", type=int, default=FRAME_BYTES,
                     help="the process server's pack_frame_bytes (default %(default)s)")
+    ap.add_argument("--agent", choices=("process", "inline"), default="process",
+                    help="where siterecovery's agent runs: process, a process of its own "
+                         "started once (agentworker.py, as the agent's daemon runs on a "
+                         "protected machine); inline, in the benchmark's process beside "
+                         "the servers (one interpreter, one GIL for both ends; default "
+                         "process)")
     ap.add_argument("--tracker", choices=("scan", "reflink"), default="scan",
                     help="how siterecovery's agent finds the changed blocks: scan reads "
                          "the whole image every cycle; reflink (root) puts the image on "
