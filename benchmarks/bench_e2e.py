@@ -287,14 +287,20 @@ class SiteRecovery:
     async def cycle(self) -> None:
         """One agent cycle, acknowledged, then waited on until its point is whole."""
         assert self.e is not None
+        pid = self.worker.pid if self.worker is not None else None
+        agent_cpu = live_cpu_seconds(pid) if pid is not None else 0.0
         t = time.perf_counter()
         r = await self._replicate()
         acked = time.perf_counter() - t
+        if pid is not None:
+            agent_cpu = live_cpu_seconds(pid) - agent_cpu
         point = await self.e.proc.wait_point(r["cycle"], timeout=WAIT_POINT_SECONDS)
         self.cycles.append({"cycle": r["cycle"], "point": point, "full": r["full"],
                             "blocks_sent": r["blocks_sent"], "bytes_sent": r["bytes_sent"],
                             "acked_after_s": round(acked, 3),
-                            "whole_after_s": round(time.perf_counter() - t, 3)})
+                            "whole_after_s": round(time.perf_counter() - t, 3),
+                            # the agent's own process (None: inline, in the servers')
+                            "agent_cpu_s": round(agent_cpu, 3) if pid is not None else None})
 
     async def _replicate(self) -> dict[str, Any]:
         """One cycle of the agent: in its own process (``agentworker.py``, started once
@@ -573,7 +579,9 @@ def render(res: Results) -> str:
         lines.append(f"siterecovery {'full' if c['full'] else 'delta'} cycle: "
                      f"{c['blocks_sent']} blocks, {c['bytes_sent'] / 1e6:.1f} MB sent, "
                      f"acked after {c['acked_after_s']:.2f} s, "
-                     f"point whole after {c['whole_after_s']:.2f} s")
+                     f"point whole after {c['whole_after_s']:.2f} s"
+                     + ("" if c.get("agent_cpu_s") is None
+                        else f", agent's CPU {c['agent_cpu_s']:.2f} s"))
     return "\n".join(lines)
 
 
