@@ -207,7 +207,7 @@ class Uploader:
 
     async def _drop(self, cyc: db.Cycle) -> bool:
         """Mark ``cyc`` aborted and delete its cache; whether it had been acknowledged
-        (a cycle still being received is refused at its END: ``session.py``)."""
+        (a cycle still being received is refused at its END: ``receive.py``)."""
         async with self.sessionmaker() as s:
             row = await s.get_one(db.Cycle, cyc.seq, with_for_update=True)
             acknowledged = row.state == db.COMPLETE

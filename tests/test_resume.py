@@ -30,8 +30,8 @@ from mobility.snapshot import Quiesced, Scripts
 from procserver import db
 from procserver.config import ProcServerConfig
 from procserver.listener import RECV_CHUNK, RECV_HIGH_WATER
+from procserver.receive import RUN_BYTES
 from procserver.server import ProcServer
-from procserver.session import RUN_BYTES
 from tests.helpers import (
     Daemon,
     Pki,
