@@ -3,9 +3,9 @@
 On a protected machine the agent is a daemon of its own (``siterecovery-agent run``),
 started once, replicating every interval: not the process of the servers, and not a
 fresh interpreter per cycle. This worker is that daemon with the interval replaced by
-the benchmark's word: it loads mobility.toml and builds the agent once, then for every
-line on stdin runs one cycle and prints it (``CycleResult`` as one JSON line on
-stdout). End of stdin ends it. Logs (warnings) go to stderr.
+the benchmark's word: it loads mobility.toml and builds the agent once, prints
+``ready``, then for every line on stdin runs one cycle and prints it (``CycleResult``
+as one JSON line on stdout). End of stdin ends it. Logs (warnings) go to stderr.
 
 Run: ``.venv/bin/python benchmarks/agentworker.py MOBILITY_TOML``.
 """
@@ -29,6 +29,7 @@ from siterecovery.tomlconfig import load
 async def serve(config: str) -> int:
     agent = Agent(load(MobilityConfig, config))
     loop = asyncio.get_running_loop()
+    print("ready", flush=True)  # imported and built: what a daemon did before its cycles
     try:
         while await loop.run_in_executor(None, sys.stdin.readline):
             r = await agent.replicate_once()

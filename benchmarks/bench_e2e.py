@@ -275,6 +275,9 @@ class SiteRecovery:
                 sys.executable, str(Path(__file__).with_name("agentworker.py")), str(cfg),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
             LIVE_CHILDREN.append(self.worker.pid)
+            assert self.worker.stdout is not None
+            if await self.worker.stdout.readline() != b"ready\n":  # its start-up is over
+                raise RuntimeError(f"the agent's process exited {await self.worker.wait()}")
             return
         conf = dataclasses.replace(load(MobilityConfig, cfg), snapshot=self.snapshot)
         self.agent = Agent(conf,
