@@ -23,28 +23,15 @@ clone, another size, a filesystem without FIEMAP, the image read live — is a
 
 from __future__ import annotations
 
-import fcntl
 import os
 
 import structlog
 
 from mobility.changes import Answer, Changed, Rescan
 from mobility.fiemap import FiemapError, block_ranges, differing, file_extents
-from mobility.snapshot import is_clone_of
+from mobility.snapshot import is_clone_of, reflink_clone
 
 log = structlog.get_logger("mobility.tracker")
-FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
-
-
-def reflink_clone(src: str, dst: str) -> None:
-    with open(src, "rb") as s, open(dst, "xb") as d:
-        try:
-            fcntl.ioctl(d.fileno(), FICLONE, s.fileno())
-        except OSError:
-            os.unlink(dst)
-            raise
-
-
 class ReflinkTracker:
     """The extent diff of the image at ``image`` (see the module docstring)."""
 

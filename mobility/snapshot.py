@@ -262,15 +262,25 @@ class LvmSnapshot:
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 
 
-def _clone(src: str, dst: str) -> None:
+def reflink_clone(src: str, dst: str) -> None:
+    """Make ``dst`` (which must not exist) a clone of ``src``: it shares every extent,
+    no data is copied. Raises ``OSError`` (and leaves no ``dst``) where the filesystem
+    has no reflinks or the two lie on different filesystems."""
     with open(src, "rb") as s, open(dst, "xb") as d:
         try:
             fcntl.ioctl(d.fileno(), FICLONE, s.fileno())
-        except OSError as e:
+        except OSError:
             os.unlink(dst)
-            raise RuntimeError(f"cannot clone {src} ({e.strerror}): snapshot = 'reflink' "
-                               "needs the disk images on a filesystem with reflinks (XFS "
-                               "made with reflink=1, Btrfs)") from None
+            raise
+
+
+def _clone(src: str, dst: str) -> None:
+    try:
+        reflink_clone(src, dst)
+    except OSError as e:
+        raise RuntimeError(f"cannot clone {src} ({e.strerror}): snapshot = 'reflink' "
+                           "needs the disk images on a filesystem with reflinks (XFS "
+                           "made with reflink=1, Btrfs)") from None
 
 
 def clone_path(image: str, tag: str) -> str:

@@ -37,7 +37,7 @@ from mobility.fiemap import (
     differing,
     file_extents,
 )
-from mobility.reflinktrack import reflink_clone
+from mobility.snapshot import reflink_clone
 from procserver.server import ProcServer
 from tests.backends import missing_backend
 from tests.helpers import BLOCK, Pki, make_disk

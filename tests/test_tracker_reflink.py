@@ -21,7 +21,7 @@ import pytest
 from mobility.agent import Agent, CycleResult, provider_for
 from mobility.config import MobilityConfig
 from mobility.fiemap import BATCH, differing, file_extents
-from mobility.reflinktrack import reflink_clone
+from mobility.snapshot import reflink_clone
 from procserver.server import ProcServer
 from tests.backends import missing_backend
 from tests.helpers import (
