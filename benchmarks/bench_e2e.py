@@ -2,7 +2,9 @@
 
 Steps, each timed in the same run on the same warm image file:
 
-1. initial    siterecovery: agent initial cycle -> mutual TLS -> process server ->
+1. initial    siterecovery: agent initial cycle (the agent in a process of its own,
+              ``agentworker.py``, started before the timed steps as its daemon would be;
+              ``--agent inline``: in this process) -> mutual TLS -> process server ->
               fsynced HRL cache -> packs in the local-folder vault, until the
               recovery point is whole.  restic: ``restic backup`` into a fresh
               local repository.  borg (optional): ``borg create --compression lz4``.
@@ -22,8 +24,9 @@ and the agent clones it each cycle (``snapshot = "reflink"``): the incremental r
 the extents the change rewrote, not the whole image; every tool reads the same file.
 
 Run: ``.venv/bin/python benchmarks/bench_e2e.py [--size-mib N] [--work DIR] [--seed S]
-[--steps initial,...] [--tracker scan|reflink] [--json]``. Not a test: nothing here runs
-under pytest.
+[--steps initial,...] [--tracker scan|reflink] [--agent process|inline] [--json]``.
+Every step's wall time and CPU seconds (on every core) are reported for every tool.
+Not a test: nothing here runs under pytest.
 """
 
 from __future__ import annotations
@@ -268,7 +271,7 @@ class SiteRecovery:
         cfg = await enroll(self.e.config.url, self.e.config.admin_token, MACHINE,
                            f"127.0.0.1:{self.e.proc.port}", [f"sda={self.image}"],
                            self.work / "agent")
-        if self.mode == "process":  # the agent's own CLI, as on a protected machine
+        if self.mode == "process":  # a daemon of its own, as on a protected machine
             agentfile.update(cfg, {"snapshot": "reflink" if self.snapshot == "reflink"
                                    else "quiesced"})
             self.worker = await asyncio.create_subprocess_exec(
@@ -428,11 +431,11 @@ async def _bench(args: argparse.Namespace, work: Path, image: Path) -> Results:
         await measure(res, "initial", "siterecovery", sr.cycle)
         res.repo_after_initial["siterecovery"] = tree_bytes(sr.vault_dir)
         say(f"  siterecovery {res.seconds['initial']['siterecovery']:.2f} s, "
-                f"cpu {res.cpu['initial']['siterecovery']:.2f} s")
+            f"cpu {res.cpu['initial']['siterecovery']:.2f} s")
         await measure(res, "initial", "restic", lambda: restic.backup(image))
         res.repo_after_initial["restic"] = tree_bytes(restic.repo)
         say(f"  restic       {res.seconds['initial']['restic']:.2f} s, "
-                f"cpu {res.cpu['initial']['restic']:.2f} s")
+            f"cpu {res.cpu['initial']['restic']:.2f} s")
         if borg is not None:
             b = borg
             await measure(res, "initial", "borg", lambda: b.create("initial", image))
@@ -471,7 +474,7 @@ async def _bench(args: argparse.Namespace, work: Path, image: Path) -> Results:
                     lambda: b.create("incr", image))
                 res.repo_after_incremental["borg"] = tree_bytes(b.repo)
                 say(f"  borg         {res.seconds['incremental']['borg']:.2f} s, "
-                f"cpu {res.cpu['incremental']['borg']:.2f} s")
+                    f"cpu {res.cpu['incremental']['borg']:.2f} s")
         if use_rsync:
             await measure(res, "incremental", "rsync", lambda: run_cmd(
                 ["rsync", "--inplace", "--no-whole-file", str(image), str(copy)]))
