@@ -135,7 +135,8 @@ LIVE_CHILDREN: list[int] = []
 
 
 def live_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a running process so far (0 once it is gone)."""
+    """User + system CPU seconds of a running process so far (0 once it is gone); less
+    sensitive than wall time to other work on the machine."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench_e2e import quiet_logs, say
+from bench_e2e import live_cpu_seconds, quiet_logs, say
 from diskgen import generate
 
 from configserver.ca import CertificateAuthority, write_bundle
@@ -56,13 +56,6 @@ def peak_rss(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (less sensitive than wall time
-    to other work on the machine)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -145,7 +138,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             raise RuntimeError(f"an agent failed: {err.decode()[-2000:]}")
     await asyncio.wait_for(all_uploaded.wait(), 3600)
     whole = time.perf_counter() - t0
-    rss, cpu = peak_rss(ps.pid), cpu_seconds(ps.pid)
+    rss, cpu = peak_rss(ps.pid), live_cpu_seconds(ps.pid)
     ps.terminate()
     await ps.wait()
     follower.cancel()

@@ -32,6 +32,8 @@ from mobility.fiemap import FiemapError, block_ranges, differing, file_extents
 from mobility.snapshot import is_clone_of, reflink_clone
 
 log = structlog.get_logger("mobility.tracker")
+
+
 class ReflinkTracker:
     """The extent diff of the image at ``image`` (see the module docstring)."""
 
