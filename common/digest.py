@@ -18,6 +18,42 @@ def fingerprint(block: bytes | memoryview) -> bytes:
     return xxhash.xxh3_128_digest(block)
 
 
+_ZEROS: dict[int, bytes] = {}  # a block of zeros by length, to compare with
+
+
+def zero_block(length: int) -> bytes:
+    """``length`` zero bytes (made once per length: a disk has few block lengths)."""
+    zeros = _ZEROS.get(length)
+    if zeros is None:
+        zeros = _ZEROS[length] = bytes(length)
+    return zeros
+
+
+_ZERO_FPS: dict[int, bytes] = {}
+
+
+def zero_fingerprint(length: int) -> bytes:
+    """The fingerprint of ``length`` zero bytes (a zero block's, or a disk's short last
+    one), made once per length."""
+    fp = _ZERO_FPS.get(length)
+    if fp is None:
+        fp = _ZERO_FPS[length] = fingerprint(zero_block(length))
+    return fp
+
+
+def is_zero(block: bytes | memoryview) -> bool:
+    """Whether every byte of ``block`` is zero (an empty block is).
+
+    The ends first: almost every other block has a non-zero byte there. Then bytes with
+    bytes, one memcmp: a memoryview (a block of a chunk read, of a mapped segment)
+    compares with bytes one item at a time, ~40x slower than its copy and a memcmp."""
+    if not block:
+        return True
+    if block[0] or block[-1]:
+        return False
+    return bytes(block) == zero_block(len(block))
+
+
 class DiskDigest:
     def __init__(self) -> None:
         self._h = blake3.blake3()

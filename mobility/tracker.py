@@ -19,14 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.digest import block_count, fingerprint
+from common.digest import block_count, fingerprint, is_zero, zero_fingerprint
 from common.fs import atomic_write
 
 CHUNK = 4 << 20
 #: a disk's previous fingerprints: the agent's own map, or a resync basis's, memory-mapped
 #: (mobility/cycleplan.py)
 OldMap = bytes | mmap.mmap
-_ZERO = bytes(1 << 20)
 
 
 @dataclass
@@ -119,7 +118,8 @@ def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
     return out
 
 
-Change = tuple[int, bytes | None]
+#: a changed block: its number, and its bytes (a view of the chunk read) or None: zero
+Change = tuple[int, memoryview | None]
 
 
 def scan_chunk(
@@ -130,6 +130,7 @@ def scan_chunk(
     many bytes were read.
 
     ``(n, data)`` for a changed data block, ``(n, None)`` for a block that became zero.
+    ``data`` is a view of the chunk read, not a copy: the caller's frames join it once.
     """
     start, end = first * bs, min(size, (first + count) * bs)
     has_data = any(s < end and e > start for s, e in extents)
@@ -141,25 +142,15 @@ def scan_chunk(
         lo = i * bs
         ln = min(bs, size - n * bs)
         blk = view[lo:lo + ln] if has_data else None
-        is_zero = blk is None or blk == _ZERO[:ln]
-        fp = _zero_fp(ln) if is_zero else fingerprint(blk)  # type: ignore[arg-type]
+        zero = blk is None or is_zero(blk)
+        fp = zero_fingerprint(ln) if blk is None or zero else fingerprint(blk)
         new_fps[16 * n:16 * n + 16] = fp
         if full:
-            if not is_zero:
-                changes.append((n, bytes(blk)))  # type: ignore[arg-type]
+            if not zero:
+                changes.append((n, blk))
         elif old is None or old[16 * n:16 * n + 16] != fp:
-            changes.append((n, None if is_zero else bytes(blk)))  # type: ignore[arg-type]
+            changes.append((n, None if zero else blk))
     return changes, len(buf)
-
-
-_ZFP: dict[int, bytes] = {}
-
-
-def _zero_fp(ln: int) -> bytes:
-    fp = _ZFP.get(ln)
-    if fp is None:
-        fp = _ZFP[ln] = fingerprint(_ZERO[:ln])
-    return fp
 
 
 Piece = tuple[int, int]  # blocks first .. first+count-1

@@ -30,6 +30,7 @@ from azure.storage.blob import BlobType
 from azure.storage.blob.aio import BlobClient
 
 from common.backoff import Backoff
+from common.digest import is_zero
 from vault.store.azure import is_transient
 from vault.vhd import FOOTER_SIZE, build_footer, vhd_size
 
@@ -39,8 +40,6 @@ GRANULE = 4 << 10  # zero detection works on 4 KiB blocks (a filesystem block)
 READ_BLOCK = MAX_PUT
 SCAN_WINDOW = 16 * MAX_PUT  # the scan reads ahead of the uploads this much at a time
 SOURCE_KEY = "siterecovery_source"  # blob metadata: the image the blob was made from
-
-_ZERO = bytes(READ_BLOCK)
 
 
 class PageBlobError(Exception):
@@ -102,17 +101,16 @@ def nonzero_extents(path: Path, start: int = 0, end: int | None = None, *,
     if start % max_extent or (end != size and end % max_extent):
         raise ValueError(f"scan window {start}-{end} is not aligned to {max_extent}")
     out: list[tuple[int, int]] = []
-    zero_g = bytes(granule)
     fd = os.open(path, os.O_RDONLY)
     try:
         for rstart, rend in _data_regions(fd, start, end):
             block = rstart - rstart % max_extent
             while block < rend:
                 data = os.pread(fd, min(max_extent, end - block), block)
-                if data != _ZERO[:len(data)]:
+                if not is_zero(data):
                     run_start = -1
                     for i in range(0, len(data), granule):
-                        nonzero = data[i:i + granule] != zero_g[:len(data) - i]
+                        nonzero = not is_zero(data[i:i + granule])
                         if nonzero and run_start < 0:
                             run_start = i
                         elif not nonzero and run_start >= 0:

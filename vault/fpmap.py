@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import Executor
 
-from common.digest import block_count, digest_of_fingerprint_map, fingerprint
+from common.digest import block_count, digest_of_fingerprint_map, zero_fingerprint
 from vault import names
 from vault.errors import IntegrityError
 from vault.fpstream import span_fingerprints
@@ -40,11 +40,9 @@ async def point_fingerprints(vault: Vault, point: Point, disk: str, *, index: Bl
     nblocks = block_count(size, bs)
     out = bytearray(FP * nblocks)
     # Blocks absent from the map are zeros; the last one may be short.
-    full_zero = fingerprint(bytes(bs))
     for n in range(nblocks):
         if n not in bmap.blocks:
-            ln = min(bs, size - n * bs)
-            out[n * FP:(n + 1) * FP] = full_zero if ln == bs else fingerprint(bytes(ln))
+            out[n * FP:(n + 1) * FP] = zero_fingerprint(min(bs, size - n * bs))
     by_pack = locate_blocks(index, names.POINTS + point.id, disk, bmap.blocks)
     loop = asyncio.get_running_loop()
     sem = asyncio.Semaphore(4)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from common.digest import block_count, digest_of_fingerprint_map, fingerprint
+from common.digest import block_count, digest_of_fingerprint_map, fingerprint, is_zero
 from vault.point import Point
 from vault.repo import Vault
 from vault.writer import CycleWriter, DiskSpec
@@ -108,19 +108,18 @@ def _read(vault: Vault, fd: int, first: int, last: int, size: int, bs: int,
     data = os.pread(fd, hi - lo, lo)
     if len(data) < hi - lo:
         data += bytes(hi - lo - len(data))
-    zero = bytes(bs)
     out: list[tuple[int, bytes | None]] = []
     fps = bytearray()
     for n in range(first, last):
         b = data[(n - first) * bs:min(hi, (n + 1) * bs) - lo]
         fps += fingerprint(b)
-        is_zero = b == zero[:len(b)]
+        zero = is_zero(b)
         if old is None:
-            if not is_zero:
+            if not zero:
                 out.append((n, b))
             continue
         want = old.get(n)
-        if is_zero:
+        if zero:
             if want is not None:
                 out.append((n, None))
         elif want is None or vault.keyring.block_id(b) != want:

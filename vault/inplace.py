@@ -32,7 +32,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from common.devicebusy import DeviceInUseError, check_not_in_use
-from common.digest import DiskDigest, block_count, fingerprint
+from common.digest import DiskDigest, block_count, fingerprint, is_zero
 from vault import names
 from vault.errors import IntegrityError, VaultError
 from vault.index import BlockIndex, Location, locate_blocks
@@ -152,12 +152,11 @@ def _compare(vault: Vault, fd: int, blocks: dict[int, bytes], first: int, last: 
     if len(data) < hi - lo:
         data += bytes(hi - lo - len(data))  # an image file shorter than it was: zeros
     view = memoryview(data)
-    zero = bytes(bs)
     out = []
     for n in range(first, last):
         b = view[(n - first) * bs:min(hi, (n + 1) * bs) - lo]
         want = blocks.get(n)
-        same = bytes(b) == zero[:len(b)] if want is None else block_id(b) == want
+        same = is_zero(b) if want is None else block_id(b) == want
         if same:
             fps[(n - first) * FP:(n - first + 1) * FP] = fingerprint(b)
         else:

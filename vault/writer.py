@@ -21,7 +21,7 @@ from itertools import islice
 
 import zstandard
 
-from common.digest import block_count
+from common.digest import block_count, is_zero
 from common.timefmt import now_iso
 from vault import names
 from vault.crypto import Keyring
@@ -319,9 +319,6 @@ class CycleWriter:
         self._inflight.clear()
 
 
-_ZERO = bytes(1 << 20)
-
-
 LOOKUP_BATCH = 65_536  # ids asked of the index at once when a map is checked
 
 
@@ -344,12 +341,6 @@ def _build_pack(keyring: Keyring, pack_id: str, blocks: list[tuple[bytes, bytes 
     return build_pack(keyring, pack_id, blocks, thread_compressor(level), frame_bytes)
 
 
-def _is_zero(b: bytes | memoryview) -> bool:
-    # The ends first: almost every block has a non-zero byte there, and the full
-    # comparison copies a slice of _ZERO.
-    return not b or (not b[0] and not b[-1] and _ZERO[: len(b)] == b)
-
-
 def _hash_all(vault: Vault, blocks: list[bytes | memoryview]) -> list[bytes | None]:
     block_id = vault.keyring.block_id
-    return [None if _is_zero(b) else block_id(b) for b in blocks]
+    return [None if is_zero(b) else block_id(b) for b in blocks]
