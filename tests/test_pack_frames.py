@@ -23,11 +23,13 @@ from vault.pack import (
     MAGIC,
     MAX_FRAME,
     TAIL,
+    ZSTD_MIN_HASH_LOG,
     Frames,
     PackEntry,
     build_pack,
     frame_plaintext,
     open_block,
+    pack_compressor,
     parse_trailer,
 )
 from vault.rebuild import layout_problem
@@ -204,3 +206,24 @@ async def test_a_higher_zstd_level_stores_less_and_reads_the_same(tmp_path: Path
         sizes[level] = sum(f.stat().st_size for f in (tmp_path / f"v{level}" / "packs").rglob("*")
                            if f.is_file())
     assert sizes[19] < 0.95 * sizes[1] < len(data), sizes
+
+
+@pytest.mark.parametrize("level", [1, 2, 3, 9])
+def test_packs_are_compressed_at_their_level_with_a_match_table_of_at_least_2_17(
+        level: int) -> None:
+    """``pack_compressor``: zstd's parameters for the level, the match table raised to
+    2^17 entries from level 2 on where the level's own is smaller (level 2; level 1 stays
+    zstd's fastest); what it writes is plain zstd, read back by any decompressor."""
+    rng = random.Random(5)
+    words = [rng.randbytes(rng.randrange(3, 12)).hex().encode() for _ in range(3000)]
+    text = b" ".join(rng.choice(words) for _ in range(60_000))[:1 << 20]
+    own = zstandard.ZstdCompressionParameters.from_level(level)
+    raised = level >= 2 and own.hash_log < ZSTD_MIN_HASH_LOG
+    assert raised == (level == 2)
+    want = zstandard.ZstdCompressionParameters.from_level(
+        level, hash_log=ZSTD_MIN_HASH_LOG if raised else own.hash_log)
+    out = pack_compressor(level).compress(text)
+    assert out == zstandard.ZstdCompressor(compression_params=want).compress(text)
+    plain = zstandard.ZstdCompressor(level=level).compress(text)
+    assert len(out) < len(plain) if raised else out == plain
+    assert zstandard.ZstdDecompressor().decompress(out) == text

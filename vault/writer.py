@@ -29,13 +29,14 @@ from vault.index import BlockIndex, Index
 from vault.mapchain import chain_entries
 from vault.mapranges import RANGE_BLOCKS, ChainRanges
 from vault.maps import DELTA, FULL, ZERO_ID, BlockMap, MapBuilder
-from vault.pack import ZSTD_LEVEL, PackEntry, build_pack
+from vault.pack import ZSTD_LEVEL, PackEntry, build_pack, pack_compressor
 from vault.point import DiskEntry, Point
 from vault.repo import MAX_CHAIN, Vault
 
 PACK_TARGET = 8 << 20
 # Blocks are compressed at ``ZSTD_LEVEL`` (vault/pack.py) unless a vault object is told
-# otherwise (``Vault.zstd_level``, the process server's ``pack_zstd_level``): compression
+# otherwise (``Vault.zstd_level``, the process server's ``pack_zstd_level``), with a match
+# table of at least 2^``ZSTD_MIN_HASH_LOG`` entries (``pack_compressor``): compression
 # is the largest CPU cost of an upload (README, "Compression"). Incompressible blocks cost
 # zstd next to nothing at any level (it gives up early) and are stored as they are.
 # Readers do not care.
@@ -57,7 +58,7 @@ def thread_compressor(level: int = ZSTD_LEVEL) -> zstandard.ZstdCompressor:
         by_level = _local.zc = {}
     c = by_level.get(level)
     if c is None:
-        c = by_level[level] = zstandard.ZstdCompressor(level=level)
+        c = by_level[level] = pack_compressor(level)
     return c
 
 
