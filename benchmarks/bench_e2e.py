@@ -403,13 +403,14 @@ async def _bench(args: argparse.Namespace, work: Path, image: Path) -> Results:
         "change_fraction": CHANGE_FRACTION, "change_block": CHANGE_BLOCK,
         "tracker": args.tracker, "agent": args.agent,
         "pack_zstd_level": args.pack_zstd_level, "pack_frame_bytes": args.pack_frame_bytes,
+        "procserver_set": args.procserver_set, "zeros": args.zeros,
     }
 
     steps = args.steps
     res.meta["steps"] = list(steps)
     say(f"generating a {args.size_mib} MiB image (seed {args.seed}) in {work}")
     t = time.perf_counter()
-    layout = generate(image, size, args.seed)
+    layout = generate(image, size, args.seed, holes=args.zeros == "holes")
     res.meta["layout"] = layout.describe()
     res.meta["image_allocated_bytes"] = os.stat(image).st_blocks * 512
     say(f"  {layout.describe()} in {time.perf_counter() - t:.1f} s")
@@ -419,7 +420,8 @@ async def _bench(args: argparse.Namespace, work: Path, image: Path) -> Results:
     borg = Borg(work) if use_borg else None
     sr = SiteRecovery(work, image, "reflink" if args.tracker == "reflink" else "none",
                       {"pack_zstd_level": args.pack_zstd_level,
-                       "pack_frame_bytes": args.pack_frame_bytes}, args.agent)
+                       "pack_frame_bytes": args.pack_frame_bytes, **args.procserver_set},
+                      args.agent)
     await restic.init()
     res.meta["restic_repo_version"] = restic.repo_version()
     res.meta["restic_no_scan"] = restic.no_scan
@@ -601,6 +603,13 @@ def quiet_logs() -> None:
     )
 
 
+def _setting(text: str) -> tuple[str, int]:
+    key, sep, value = text.partition("=")
+    if not sep or not key or not value.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=INTEGER")
+    return key, int(value)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--size-mib", type=int, default=2048, help="image size (default 2048)")
@@ -618,6 +627,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="the process server's pack_zstd_level (default %(default)s)")
     ap.add_argument("--pack-frame-bytes", type=int, default=FRAME_BYTES,
                     help="the process server's pack_frame_bytes (default %(default)s)")
+    ap.add_argument("--zeros", choices=("holes", "written"), default="holes",
+                    help="the image's zero chunks: holes (an image file, default), or "
+                         "written as zeros (a block device, a preallocated image: every "
+                         "tool reads and checks them)")
+    ap.add_argument("--procserver-set", metavar="KEY=INT", action="append", default=[],
+                    type=_setting,
+                    help="another process-server setting for the run, such as "
+                         "segment_bytes=16777216 or upload_threads=3 (repeatable)")
     ap.add_argument("--agent", choices=("process", "inline"), default="process",
                     help="where siterecovery's agent runs: process, a process of its own "
                          "started once (agentworker.py, as the agent's daemon runs on a "
@@ -643,6 +660,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         ap.error(f"--steps: unknown step(s) {', '.join(sorted(unknown))}; "
                  f"choose from {', '.join(STEPS)}")
     args.steps = tuple(s for s in STEPS if s in steps or s == "initial")
+    args.procserver_set = dict(args.procserver_set)
     return args
 
 
