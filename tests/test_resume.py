@@ -544,20 +544,25 @@ async def test_heartbeats_keep_a_slow_agent_connected(
 
 async def test_fast_agent_is_held_back_by_a_slow_cache_writer(
         tmp_path: Path, pki: Pki, vault_at: tuple[str, Path]) -> None:
-    """Cache writes are limited to 8 MiB/s and the receive buffer to 1 MiB: the server
-    holds a bounded amount in memory whatever the agent sends, the agent is held back by
-    TCP, and heartbeats from the busy server keep the agent from giving it up."""
+    """Cache writes are limited and the receive buffer is 1 MiB: the server holds a
+    bounded amount in memory whatever the agent sends, the agent is held back by TCP, and
+    heartbeats from the busy server keep the agent from giving it up."""
     url, key = vault_at
-    size = 40 << 20
+    receive_buffer = 1 << 20
+    memory_bound = receive_buffer + RUN_BYTES + BLOCK_FRAME + RECV_HIGH_WATER + 2 * RECV_CHUNK
+    # What may lie between the agent and the cache: the server's bounded buffers and the
+    # kernel's socket buffers, whose ceiling is the machine's (tcp_rmem's is 6 MiB on
+    # some kernels, 32 MiB on others). The disk is more than twice that, so a server that
+    # buffered without bound would show as a disk ahead, whatever the machine.
+    ahead_bound = memory_bound + _socket_buffers() + TLS_SLACK
+    size = max(40 << 20, -(-(2 * ahead_bound + (8 << 20)) // BS) * BS)
     disk = tmp_path / "disk.img"
     random_disk(disk, size, seed=10)
-    # The cycle takes 5 s (40 MiB at 8 MiB/s), the agent gives a silent server up after
-    # 2 s: only the busy server's heartbeats keep it. (1 s was too short a margin for an
-    # event loop stalled by a loaded machine.)
+    # The cycle takes 5 s (the disk at a fifth of it a second), the agent gives a silent
+    # server up after 2 s: only the busy server's heartbeats keep it. (1 s was too short a
+    # margin for an event loop stalled by a loaded machine.)
     cfg = proc_config(tmp_path, pki, url, key, idle_timeout_seconds=2.0,
-                      receive_buffer_bytes=1 << 20, receive_bytes_per_second=8 << 20)
-    memory_bound = cfg.receive_buffer_bytes + RUN_BYTES + BLOCK_FRAME + RECV_HIGH_WATER + \
-        2 * RECV_CHUNK
+                      receive_buffer_bytes=receive_buffer, receive_bytes_per_second=size // 5)
     async with running_procserver(cfg) as ps, proxied(ps) as proxy:
         held: list[int] = []
         ahead: list[int] = []
@@ -572,9 +577,7 @@ async def test_fast_agent_is_held_back_by_a_slow_cache_writer(
         assert r.resumes == 0  # slow, never taken for dead
         assert metric(ps, "heartbeats_sent_total") > 0
         assert max(held) <= memory_bound
-        # Between the agent and the cache: the server's bounded buffers and the kernel's
-        # socket buffers. A server that buffered without bound would be a disk ahead.
-        assert max(ahead) <= memory_bound + _socket_buffers() + TLS_SLACK
+        assert max(ahead) <= ahead_bound
         assert max(ahead) < size // 2
         await restored_exactly(ps, tmp_path, key, r, disk)
 
