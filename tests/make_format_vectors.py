@@ -188,7 +188,8 @@ AES-256-GCM(`key`, `nonce`, `payload`, `ad`), whose last 16 bytes are the tag.""
 
     # -- a pack -------------------------------------------------------------
     blocks = [(keyring.block_id(BLOCK_0), BLOCK_0), (keyring.block_id(BLOCK_1), BLOCK_1)]
-    real, real_entries = build_pack(keyring, PACK_ID, list(blocks), thread_compressor())
+    built, real_entries = build_pack(keyring, PACK_ID, list(blocks), thread_compressor())
+    real = bytes(built)
     # The blocks (counter nonces) are deterministic; the trailer's nonce is random, so
     # the trailer is sealed again here, with the same function and a fixed nonce.
     blocks_part = real[: real_entries[-1].offset + real_entries[-1].length]
@@ -387,8 +388,9 @@ random nonce, here fixed), its length and the magic `SRMC`.""")
     out.append(s)
 
     # -- a pack of frames (format 3) --------------------------------------------
-    fpack, fentries = build_pack(keyring, PACK_ID, list(blocks), thread_compressor(),
-                                 FRAME_BYTES)
+    fbuilt, fentries = build_pack(keyring, PACK_ID, list(blocks), thread_compressor(),
+                                  FRAME_BYTES)
+    fpack = bytes(fbuilt)
     frame_end = fentries[0].offset + fentries[0].length
     if {(e.offset, e.length) for e in fentries} != {(0, frame_end)}:
         raise AssertionError("the two blocks are not one frame")

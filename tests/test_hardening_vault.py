@@ -297,7 +297,7 @@ async def test_check_concurrent_with_prune_reports_nothing_missing(tmp_path: Pat
 async def test_check_with_read_only_access_runs_unlocked_with_a_warning(tmp_path: Path
                                                                         ) -> None:
     class ReadOnly(StoreWrapper):
-        async def put(self, name: str, data: bytes) -> None:
+        async def put(self, name: str, data: bytes | bytearray) -> None:
             raise PermanentStoreError(f"{name}: 403 AuthorizationPermissionMismatch")
 
     g = await copy_golden(tmp_path)

@@ -370,7 +370,7 @@ class _Recording(FaultStore):
         super().__init__(inner)
         self.log: list[str] = []
 
-    async def put(self, name: str, data: bytes) -> None:
+    async def put(self, name: str, data: bytes | bytearray) -> None:
         self.log.append("put " + name)
         await super().put(name, data)
 

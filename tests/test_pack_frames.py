@@ -52,8 +52,9 @@ def _blocks(n: int, seed: int, sizes: tuple[int, ...] = (65536,)) -> list[tuple[
 
 def _pack(blocks: list[tuple[bytes, bytes]], frame_bytes: int
           ) -> tuple[bytes, list[PackEntry]]:
-    return build_pack(KEYRING, PACK, list(blocks), zstandard.ZstdCompressor(level=1),
-                      frame_bytes)
+    data, entries = build_pack(KEYRING, PACK, list(blocks), zstandard.ZstdCompressor(level=1),
+                               frame_bytes)
+    return bytes(data), entries
 
 
 def _trailer(data: bytes) -> list[PackEntry]:

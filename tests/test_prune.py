@@ -236,7 +236,7 @@ class _LockPuts(StoreWrapper):
         self.puts = 0
         self.twice = asyncio.Event()
 
-    async def put(self, name: str, data: bytes) -> None:
+    async def put(self, name: str, data: bytes | bytearray) -> None:
         await self.inner.put(name, data)
         if name.startswith(names.LOCKS):
             self.puts += 1

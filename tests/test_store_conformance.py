@@ -193,7 +193,7 @@ class _LostResponses(StoreWrapper):
         self.n = n
         self.bodies: list[str] = []
 
-    async def put(self, name: str, data: bytes) -> None:
+    async def put(self, name: str, data: bytes | bytearray) -> None:
         self.bodies.append(hashlib.sha256(data).hexdigest())
         await self.inner.put(name, data)
         if self.n:

@@ -41,6 +41,7 @@ from vault.crypto import (
     OVERHEAD,
     Keyring,
     ObjectType,
+    compress_payload,
     compress_payloads,
     counter_nonce,
     seal,
@@ -95,31 +96,63 @@ def build_pack(
     blocks: list[tuple[bytes, bytes | memoryview]],
     compressor: zstandard.ZstdCompressor,
     frame_bytes: int = 0,
-) -> tuple[bytes, list[PackEntry]]:
+) -> tuple[bytearray, list[PackEntry]]:
     """Seal ``(block_id, data)`` pairs into one pack: each block alone (``frame_bytes``
     0, formats 1 and 2), or in frames of up to ``frame_bytes`` of plaintext (format 3);
-    CPU-bound, run on a worker thread."""
-    if frame_bytes:
-        return _build_framed(keyring, pack_id, blocks, compressor, frame_bytes)
-    aead = keyring.aead(ObjectType.BLOCK, pack_id)
-    parts: list[bytes | bytearray] = []
+    CPU-bound, run on a worker thread; ``compressor`` is that thread's own.
+
+    The payloads are compressed first, so every sealed unit's place is known before any
+    is encrypted: each is encrypted straight into its place in the pack's one buffer
+    (no buffer per unit, no join)."""
     entries: list[PackEntry] = []
+    extras: list[bytes] = []
     off = 0
-    payloads = compress_payloads([data for _, data in blocks], compressor)
-    for i, ((bid, _data), (payload, flags)) in enumerate(zip(blocks, payloads, strict=True)):
-        # Sealed straight into its own buffer: the join below is the only copy.
-        sealed = bytearray(OVERHEAD + len(payload))
-        seal_into(aead, ObjectType.BLOCK, pack_id, payload, flags, sealed,
-                  nonce=counter_nonce(i), extra=bid)
-        parts.append(sealed)
-        entries.append(PackEntry(bid, off, len(sealed)))
-        off += len(sealed)
-    return _finish(keyring, pack_id, parts, entries, compressor)
+    if frame_bytes:
+        otype = ObjectType.FRAME
+        groups = _frames(blocks, frame_bytes)
+        # One frame at a time through the caller's context: each output is at most a
+        # frame, and nothing is set up per call (multi_compress_to_buffer, kept for
+        # single blocks, makes a fresh context and one output buffer per call: page
+        # faults on every pack; README "Sealing without page faults").
+        payloads = [compress_payload(frame_plaintext(g), compressor) for g in groups]
+        for group, (payload, _flags) in zip(groups, payloads, strict=True):
+            length = OVERHEAD + len(payload)
+            entries.extend(PackEntry(bid, off, length) for bid, _data in group)
+            extras.append(b"")
+            off += length
+    else:
+        otype = ObjectType.BLOCK
+        payloads = compress_payloads([data for _, data in blocks], compressor)
+        for (bid, _data), (payload, _flags) in zip(blocks, payloads, strict=True):
+            length = OVERHEAD + len(payload)
+            entries.append(PackEntry(bid, off, length))
+            extras.append(bid)  # a single block's id is part of its associated data
+            off += length
+    trailer_plain = struct.pack("<I", len(entries)) + b"".join(
+        ENTRY.pack(e.block_id, e.offset, e.length) for e in entries
+    )
+    trailer = seal(
+        keyring.aead(ObjectType.PACK_TRAILER, pack_id), ObjectType.PACK_TRAILER, pack_id,
+        trailer_plain, compressor=compressor,
+    )
+    out = bytearray(off + len(trailer) + TAIL.size)
+    view = memoryview(out)
+    aead = keyring.aead(otype, pack_id)
+    pos = 0
+    for i, ((payload, flags), extra) in enumerate(zip(payloads, extras, strict=True)):
+        end = pos + OVERHEAD + len(payload)
+        seal_into(aead, otype, pack_id, payload, flags, view[pos:end],
+                  nonce=counter_nonce(i), extra=extra)
+        pos = end
+    view[off:off + len(trailer)] = trailer
+    TAIL.pack_into(out, off + len(trailer), len(trailer), MAGIC)
+    view.release()
+    return out, entries
 
 
-def _build_framed(keyring: Keyring, pack_id: str, blocks: list[tuple[bytes, bytes | memoryview]],
-                  compressor: zstandard.ZstdCompressor, frame_bytes: int
-                  ) -> tuple[bytes, list[PackEntry]]:
+def _frames(blocks: list[tuple[bytes, bytes | memoryview]], frame_bytes: int
+            ) -> list[list[tuple[bytes, bytes | memoryview]]]:
+    """``blocks`` in order, cut into frames of at most ``frame_bytes`` (or one block)."""
     groups: list[list[tuple[bytes, bytes | memoryview]]] = []
     size = 0
     for item in blocks:
@@ -128,20 +161,7 @@ def _build_framed(keyring: Keyring, pack_id: str, blocks: list[tuple[bytes, byte
             size = 0
         groups[-1].append(item)
         size += len(item[1])
-    plains = [frame_plaintext(g) for g in groups]
-    payloads = compress_payloads(plains, compressor)
-    aead = keyring.aead(ObjectType.FRAME, pack_id)
-    parts: list[bytes | bytearray] = []
-    entries: list[PackEntry] = []
-    off = 0
-    for i, (group, (payload, flags)) in enumerate(zip(groups, payloads, strict=True)):
-        sealed = bytearray(OVERHEAD + len(payload))
-        seal_into(aead, ObjectType.FRAME, pack_id, payload, flags, sealed,
-                  nonce=counter_nonce(i))
-        parts.append(sealed)
-        entries.extend(PackEntry(bid, off, len(sealed)) for bid, _data in group)
-        off += len(sealed)
-    return _finish(keyring, pack_id, parts, entries, compressor)
+    return groups
 
 
 def frame_plaintext(group: list[tuple[bytes, bytes | memoryview]]) -> bytes:
@@ -149,22 +169,6 @@ def frame_plaintext(group: list[tuple[bytes, bytes | memoryview]]) -> bytes:
     head = struct.pack("<I", len(group)) + b"".join(
         FRAME_ENTRY.pack(bid, len(data)) for bid, data in group)
     return b"".join([head, *(data for _bid, data in group)])
-
-
-def _finish(keyring: Keyring, pack_id: str, parts: list[bytes | bytearray],
-            entries: list[PackEntry], compressor: zstandard.ZstdCompressor
-            ) -> tuple[bytes, list[PackEntry]]:
-    """The trailer and the tail after the sealed blocks or frames; the pack's bytes."""
-    trailer_plain = struct.pack("<I", len(entries)) + b"".join(
-        ENTRY.pack(e.block_id, e.offset, e.length) for e in entries
-    )
-    trailer = seal(
-        keyring.aead(ObjectType.PACK_TRAILER, pack_id), ObjectType.PACK_TRAILER, pack_id,
-        trailer_plain, compressor=compressor,
-    )
-    parts.append(trailer)
-    parts.append(TAIL.pack(len(trailer), MAGIC))
-    return b"".join(parts), entries
 
 
 def open_block(

@@ -195,7 +195,7 @@ class Vault:
         self.config = config
 
     # -- writes, in order ----------------------------------------------------
-    async def put_pack(self, pack_id: str, data: bytes) -> None:
+    async def put_pack(self, pack_id: str, data: bytes | bytearray) -> None:
         await self.store.put(names.pack_name(pack_id), data)
 
     async def put_index(self, packs: dict[str, list[PackEntry]],

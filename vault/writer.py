@@ -338,7 +338,7 @@ def _count_unindexed(index: BlockIndex, ids: Iterable[bytes]) -> int:
 
 
 def _build_pack(keyring: Keyring, pack_id: str, blocks: list[tuple[bytes, bytes | memoryview]],
-                frame_bytes: int, level: int) -> tuple[bytes, list[PackEntry]]:
+                frame_bytes: int, level: int) -> tuple[bytearray, list[PackEntry]]:
     return build_pack(keyring, pack_id, blocks, thread_compressor(level), frame_bytes)
 
 

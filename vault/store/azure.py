@@ -139,7 +139,7 @@ class AzureBlobStore:
     def _key(self, name: str) -> str:
         return self._prefix + check_name(name)
 
-    async def put(self, name: str, data: bytes) -> None:
+    async def put(self, name: str, data: bytes | bytearray) -> None:
         blob = self._c.get_blob_client(self._key(name))
         try:
             if len(data) <= SINGLE_PUT_BYTES:

@@ -40,7 +40,7 @@ class FaultStore(StoreWrapper):
         if self.crash_after and self.mutations >= self.crash_after:
             os._exit(137)
 
-    async def put(self, name: str, data: bytes) -> None:
+    async def put(self, name: str, data: bytes | bytearray) -> None:
         self._maybe_crash()
         if self.hang and name.startswith(self.hang):
             await asyncio.Event().wait()

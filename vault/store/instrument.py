@@ -51,7 +51,7 @@ class InstrumentedStore(StoreWrapper):
         self.m.seconds.labels(op).observe(time.perf_counter() - start)
         return result
 
-    async def put(self, name: str, data: bytes) -> None:
+    async def put(self, name: str, data: bytes | bytearray) -> None:
         await self._timed("put", self.inner.put(name, data))
         self.m.bytes.labels("put").inc(len(data))
 

@@ -18,7 +18,7 @@ class LimitStore(StoreWrapper):
         super().__init__(inner)
         self._sem = asyncio.Semaphore(limit)
 
-    async def put(self, name: str, data: bytes) -> None:
+    async def put(self, name: str, data: bytes | bytearray) -> None:
         async with self._sem:
             await self.inner.put(name, data)
 

@@ -25,7 +25,7 @@ class LocalStore:
     def _path(self, name: str) -> Path:
         return self.root / check_name(name)
 
-    def _put(self, name: str, data: bytes) -> None:
+    def _put(self, name: str, data: bytes | bytearray) -> None:
         path = self._path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(data):x}{_TMP_SUFFIX}")
@@ -50,7 +50,7 @@ class LocalStore:
         finally:
             os.close(dfd)
 
-    async def put(self, name: str, data: bytes) -> None:
+    async def put(self, name: str, data: bytes | bytearray) -> None:
         await asyncio.to_thread(self._put, name, data)
 
     def _get(self, name: str, offset: int, length: int | None) -> bytes:

@@ -13,7 +13,7 @@ class MemoryStore:
         self.url = "memory://"
         self.objects: dict[str, bytes] = {}
 
-    async def put(self, name: str, data: bytes) -> None:
+    async def put(self, name: str, data: bytes | bytearray) -> None:
         self.objects[check_name(name)] = bytes(data)
 
     async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:

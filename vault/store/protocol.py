@@ -37,7 +37,8 @@ class BlobStore(Protocol):
 
     - ``put`` makes the object visible atomically: a reader sees the old object,
       no object, or the whole new one, never a part. After ``put`` returns the
-      object is durable.
+      object is durable. ``data`` may be a ``bytearray`` (a sealed pack is built in
+      one); a backend that keeps it copies it.
     - ``get`` returns ``length`` bytes from ``offset`` (to the end when ``length``
       is ``None``); raises ``NotFoundError`` if the object does not exist and
       ``PermanentStoreError`` if the range lies outside it.
@@ -55,7 +56,7 @@ class BlobStore(Protocol):
 
     url: str
 
-    async def put(self, name: str, data: bytes) -> None: ...
+    async def put(self, name: str, data: bytes | bytearray) -> None: ...
 
     async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes: ...
 

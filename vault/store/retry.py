@@ -47,7 +47,7 @@ class RetryStore(StoreWrapper):
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
-    async def put(self, name: str, data: bytes) -> None:
+    async def put(self, name: str, data: bytes | bytearray) -> None:
         await self._retry(f"put {name}", lambda: self.inner.put(name, data))
 
     async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:

@@ -14,6 +14,6 @@ class ThrottleStore(StoreWrapper):
         super().__init__(inner)
         self.bucket = bucket
 
-    async def put(self, name: str, data: bytes) -> None:
+    async def put(self, name: str, data: bytes | bytearray) -> None:
         await self.bucket.take(len(data))
         await self.inner.put(name, data)

@@ -18,7 +18,7 @@ class StoreWrapper:
         self.inner = inner
         self.url = inner.url
 
-    async def put(self, name: str, data: bytes) -> None:
+    async def put(self, name: str, data: bytes | bytearray) -> None:
         await self.inner.put(name, data)
 
     async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
