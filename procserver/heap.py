@@ -16,11 +16,17 @@ its own, and
 Two remedies, both glibc-only (elsewhere they do nothing):
 
 - ``return_large_buffers`` (once, at start): a fixed mmap threshold of ``MMAP_THRESHOLD``
-  (2 MiB: above the largest block a frame carries, 1 MiB, so per-block buffers stay on
-  the heap, while packs of 8 MiB and zstd's batch outputs are mappings of their own,
-  unmapped when freed — at 1 MiB a replication of 1 MiB blocks cost the process server
-  13 % more CPU seconds against 6 % at 2 MiB, with the same RSS, README "Soak and
-  chaos");
+  and a fixed trim threshold of ``TRIM_THRESHOLD``. 16 MiB is above every buffer the
+  data path allocates again and again (a sealed pack: ``PACK_TARGET``, 8 MiB, plus a
+  frame; a frame's plaintext and its compressed output; a receive chunk), so those
+  come from the arenas' heaps and are reused, never faulted in afresh; anything larger
+  is a mapping of its own, unmapped when freed. An arena keeps up to ``TRIM_THRESHOLD``
+  of free memory at its top instead of giving it back after every pack and taking it
+  again for the next. A threshold of 2 MiB, from the soak until 2026-12-07, made every
+  pack and zstd output a fresh mapping: sealing the benchmark image's packs on two
+  threads cost 1.22 CPU seconds and 158 000 page faults, against 0.80 s and 9 000
+  (README "Sealing without page faults"), for a peak RSS 8-10 % higher under
+  ``bench_ingest.py``'s eight agents;
 - ``HeapTrim``: ``malloc_trim(0)`` after a recovery point is written (at most once per
   ``interval`` seconds, on a worker thread): the free pages inside every arena are given
   back, whatever fragmentation the smaller allocations left.
@@ -41,8 +47,9 @@ from prometheus_client import Counter
 
 log = structlog.get_logger("procserver")
 
-MMAP_THRESHOLD = 2 << 20
-M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+MMAP_THRESHOLD = 16 << 20
+TRIM_THRESHOLD = 32 << 20
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
 TRIM_INTERVAL = 30.0  # seconds: at most one trim this often
 
 
@@ -62,9 +69,11 @@ _LIBC = _glibc()
 
 
 def return_large_buffers() -> bool:
-    """Fix glibc's mmap threshold at ``MMAP_THRESHOLD`` (process-wide), so freed large
-    buffers are unmapped at once; False where the C library is not glibc."""
-    return _LIBC is not None and _LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    """Fix glibc's mmap threshold at ``MMAP_THRESHOLD`` and its trim threshold at
+    ``TRIM_THRESHOLD`` (process-wide), so freed large buffers are unmapped at once and
+    the data path's own buffers are reused; False where the C library is not glibc."""
+    return _LIBC is not None and _LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 \
+        and _LIBC.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
 
 
 def anonymous_rss() -> int:

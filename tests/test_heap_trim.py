@@ -3,8 +3,9 @@
 A soak showed its RSS climbing while its Python objects stayed flat: glibc kept what
 was freed. These tests hold the two remedies on the real C library: freed pages in the
 middle of an arena are released by a trim, a freed large buffer does not raise the mmap
-threshold (so the next large buffer is its own mapping again), and a real process
-server trims after it writes a point."""
+threshold (so the next large buffer is its own mapping again), a buffer of a pack's
+size is reused, not faulted in again, and a real process server trims after it writes
+a point."""
 
 from __future__ import annotations
 
@@ -77,6 +78,42 @@ def test_a_freed_large_buffer_leaves_the_next_one_mapped() -> None:
     grown, size, left = (int(x) for x in out.split())
     assert grown >= size  # its own mapping ...
     assert left == 0  # ... unmapped when freed
+
+
+_REUSED = """
+import resource
+import threading
+from procserver.heap import return_large_buffers
+from vault.writer import PACK_TARGET
+
+assert return_large_buffers()
+size = PACK_TARGET + (1 << 20)  # a sealed pack of incompressible blocks, and a frame
+
+def faults_taking_it_again(out):
+    first = bytearray(size)  # faulted in once
+    del first
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    again = bytearray(size)
+    out.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+    del again
+
+out = []
+faults_taking_it_again(out)  # the event loop's thread: the main arena
+t = threading.Thread(target=faults_taking_it_again, args=(out,))  # a sealing worker's
+t.start()
+t.join()
+print(size // 4096, *out)
+"""
+
+
+def test_a_pack_sized_buffer_freed_is_reused_not_faulted_in_again() -> None:
+    # Sealing allocates a pack-sized buffer per pack: taken from a fresh mapping each
+    # time, every page of it is a page fault (2 304 for this size), on every pack.
+    out = subprocess.run([sys.executable, "-c", _REUSED], check=True, text=True,
+                         capture_output=True, cwd=Path(__file__).parent.parent).stdout
+    pages, main, worker = (int(x) for x in out.split())
+    assert main < pages // 20, out
+    assert worker < pages // 20, out
 
 
 async def test_procserver_trims_after_a_point(tmp_path: Path, pki: Pki,
