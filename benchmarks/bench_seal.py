@@ -30,32 +30,24 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench_compress import BS, blocks
 from bench_e2e import say
 from diskgen import generate
 
-from common.digest import is_zero
 from procserver.heap import return_large_buffers
 from vault.crypto import MASTER_KEY_BYTES, Keyring
 from vault.pack import FRAME_BYTES, ZSTD_LEVEL, build_pack
 from vault.writer import PACK_TARGET, thread_compressor
 
-BLOCK = 64 << 10
-
 
 def load_blocks(image: Path, keyring: Keyring) -> list[tuple[bytes, bytes | memoryview]]:
-    """The image's non-zero blocks with their ids, in order."""
-    data = image.read_bytes()
-    out: list[tuple[bytes, bytes | memoryview]] = []
-    for off in range(0, len(data), BLOCK):
-        block = data[off:off + BLOCK]
-        if not is_zero(block):
-            out.append((keyring.block_id(block), block))
-    return out
+    """The image's non-zero blocks (``bench_compress.blocks``) with their ids, in order."""
+    return [(keyring.block_id(b), b) for b in blocks(image)]
 
 
 def seal_all(keyring: Keyring, blocks: list[tuple[bytes, bytes | memoryview]], threads: int,
              frame_bytes: int, level: int) -> dict[str, float]:
-    per_pack = max(1, PACK_TARGET // BLOCK)
+    per_pack = max(1, PACK_TARGET // BS)
     starts = range(0, len(blocks), per_pack)
 
     def one(start: int) -> int:

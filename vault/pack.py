@@ -105,7 +105,6 @@ def build_pack(
     is encrypted: each is encrypted straight into its place in the pack's one buffer
     (no buffer per unit, no join)."""
     entries: list[PackEntry] = []
-    extras: list[bytes] = []
     off = 0
     if frame_bytes:
         otype = ObjectType.FRAME
@@ -118,7 +117,6 @@ def build_pack(
         for group, (payload, _flags) in zip(groups, payloads, strict=True):
             length = OVERHEAD + len(payload)
             entries.extend(PackEntry(bid, off, length) for bid, _data in group)
-            extras.append(b"")
             off += length
     else:
         otype = ObjectType.BLOCK
@@ -126,7 +124,6 @@ def build_pack(
         for (bid, _data), (payload, _flags) in zip(blocks, payloads, strict=True):
             length = OVERHEAD + len(payload)
             entries.append(PackEntry(bid, off, length))
-            extras.append(bid)  # a single block's id is part of its associated data
             off += length
     trailer_plain = struct.pack("<I", len(entries)) + b"".join(
         ENTRY.pack(e.block_id, e.offset, e.length) for e in entries
@@ -139,10 +136,11 @@ def build_pack(
     view = memoryview(out)
     aead = keyring.aead(otype, pack_id)
     pos = 0
-    for i, ((payload, flags), extra) in enumerate(zip(payloads, extras, strict=True)):
+    for i, (payload, flags) in enumerate(payloads):
         end = pos + OVERHEAD + len(payload)
+        # A single block's id is part of its associated data; a frame's are inside it.
         seal_into(aead, otype, pack_id, payload, flags, view[pos:end],
-                  nonce=counter_nonce(i), extra=extra)
+                  nonce=counter_nonce(i), extra=b"" if frame_bytes else blocks[i][0])
         pos = end
     view[off:off + len(trailer)] = trailer
     TAIL.pack_into(out, off + len(trailer), len(trailer), MAGIC)
