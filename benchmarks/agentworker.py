@@ -21,6 +21,7 @@ import sys
 import structlog
 import uvloop
 
+from common.gcsettle import settle_startup_heap
 from mobility.agent import Agent
 from mobility.config import MobilityConfig
 from siterecovery.tomlconfig import load
@@ -28,6 +29,7 @@ from siterecovery.tomlconfig import load
 
 async def serve(config: str) -> int:
     agent = Agent(load(MobilityConfig, config))
+    settle_startup_heap()  # as the agent's daemon does once it has started
     loop = asyncio.get_running_loop()
     print("ready", flush=True)  # imported and built: what a daemon did before its cycles
     try:

@@ -55,6 +55,7 @@ import uvloop
 from diskgen import generate, mutate, sha256_file
 from loopfs import xfs_folder
 
+from common.gcsettle import settle_startup_heap
 from mobility import agentfile
 from mobility.agent import Agent
 from mobility.config import MobilityConfig
@@ -285,10 +286,14 @@ class SiteRecovery:
             assert self.worker.stdout is not None
             if await self.worker.stdout.readline() != b"ready\n":  # its start-up is over
                 raise RuntimeError(f"the agent's process exited {await self.worker.wait()}")
-            return
-        conf = dataclasses.replace(load(MobilityConfig, cfg), snapshot=self.snapshot)
-        self.agent = Agent(conf,
-                           provider=None if self.snapshot == "reflink" else Quiesced())
+        else:
+            conf = dataclasses.replace(load(MobilityConfig, cfg), snapshot=self.snapshot)
+            self.agent = Agent(conf,
+                               provider=None if self.snapshot == "reflink" else Quiesced())
+        # The servers (and an inline agent) have started: as their daemons do then
+        # (``siterecovery serve``, ``mobility run``), start-up's objects leave the
+        # collector's full collections.
+        settle_startup_heap()
 
     @property
     def vault_dir(self) -> Path:

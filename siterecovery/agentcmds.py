@@ -31,7 +31,7 @@ from mobility.siteclient import (
 )
 from siterecovery import agentfailback
 from siterecovery.apiclient import ApiCallError, ApiClient
-from siterecovery.daemon import MOBILITY_FILES, require_files, wait_for_signal
+from siterecovery.daemon import MOBILITY_FILES, require_files, settled, wait_for_signal
 from siterecovery.errors import CliError, UsageError
 from siterecovery.progress import Progress
 from siterecovery.tomlconfig import load
@@ -208,6 +208,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
     require_files(cfg, args.config, MOBILITY_FILES)  # exit 2 now, not retries forever
     if not cfg.site_url:
         agent = Agent(cfg)
+        settled()
         try:
             await _until_signal(agent.run_forever())
         finally:
@@ -220,6 +221,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
     async with site:
         managed = ManagedAgent(cfg, site, config=Path(args.config),
                                renew_before_days=args.renew_before_days)
+        settled()
         try:
             await _until_signal(managed.run_forever())
         finally:

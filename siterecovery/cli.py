@@ -49,6 +49,7 @@ from siterecovery.daemon import (
     port_number,
     require_files,
     run_until_signal,
+    settled,
     site_port_number,
 )
 from siterecovery.datadir import default_data_dir
@@ -78,6 +79,7 @@ async def cmd_procserver_run(args: argparse.Namespace) -> int:
     ps = ProcServer(cfg)
     signals = StopSignals()  # before the start: a stop during it is graceful too
     await ps.start()
+    settled()
     try:  # a crashed part of the daemon raises TaskCrashedError: exit 1, loudly
         await ps.serve_until(signals.wait())
     finally:

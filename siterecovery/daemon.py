@@ -13,6 +13,7 @@ from typing import Protocol
 
 import structlog
 
+from common.gcsettle import settle_startup_heap
 from siterecovery.tomlconfig import ConfigError
 
 log = structlog.get_logger("siterecovery")
@@ -56,11 +57,18 @@ async def wait_for_signal() -> None:
     await StopSignals().wait()
 
 
+def settled() -> None:
+    """The daemon has started: its start-up objects leave the collector's full
+    collections (common/gcsettle.py); logged with how many they are."""
+    log.info("startup_heap_settled", frozen_objects=settle_startup_heap())
+
+
 async def run_until_signal(service: Service) -> int:
     """Start ``service``, serve until the first signal (one during the start included),
     stop it; exit code 0."""
     signals = StopSignals()
     await service.start()
+    settled()
     try:
         await signals.wait()
     finally:

@@ -42,7 +42,7 @@ from common.fs import atomic_write
 from configserver.ca import CertificateAuthority, write_bundle
 from configserver.config import ConfigServerConfig
 from procserver.config import ProcServerConfig
-from siterecovery.daemon import StopSignals
+from siterecovery.daemon import StopSignals, settled
 from siterecovery.errors import UsageError
 from siterecovery.vaultopts import add_passphrase_args, passphrase
 from vault.errors import NotFoundError
@@ -273,6 +273,7 @@ async def serve(data_dir: str, admin_port: int, listen: str, metrics_port: int,
     e = await start_embedded(data_dir, admin_port=admin_port, site_port=site_port,
                              listen_host=host or "127.0.0.1",
                              listen_port=int(port), metrics_port=metrics_port, vault=vault)
+    settled()
     token = e.config.cfg.token_path
     kind = "local-folder" if e.vault_url.startswith("file://") else "blob-store"
     keys = " + ".join(k for k, given in (

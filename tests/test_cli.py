@@ -47,6 +47,9 @@ async def test_serve_enroll_replicate_restore(tmp_path: Path) -> None:
         api = f"http://127.0.0.1:{api_port}"
         token_file = data / "configserver" / "api-token"
         assert token_file.stat().st_mode & 0o777 == 0o600
+        # Both servers started: their start-up objects left full collections at once.
+        [settled] = await serve.wait_events("startup_heap_settled", 1, timeout=60)
+        assert int(str(settled["frozen_objects"])) > 50_000
         assert (data / "vault.key").stat().st_mode & 0o777 == 0o600
         disk = tmp_path / "disk.img"
         make_disk(disk, 8 << 20, seed=9)

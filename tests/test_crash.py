@@ -106,6 +106,9 @@ async def _restarted(cfg: Path, url: str) -> Daemon:
     write_toml(cfg, {**_read(cfg), "vault_url": url})
     ps = Daemon(["procserver", "run", "--config", str(cfg)], "procserver_started")
     await ps.start()
+    # Started: its start-up objects left full collections (common/gcsettle.py).
+    [settled] = await ps.wait_events("startup_heap_settled", 1, timeout=60)
+    assert int(str(settled["frozen_objects"])) > 50_000
     return ps
 
 

@@ -204,6 +204,9 @@ async def test_kill9_of_the_agent_during_failback_and_during_reprotect(
             await wait_job(api, jid, _asking, timeout=120)
             first = site.agent("failback_requested")
             await first.start()
+            # The agent's daemon settled its start-up heap before its first round.
+            [settled] = first.events("startup_heap_settled")
+            assert int(str(settled["frozen_objects"])) > 20_000
             await wait_job(api, jid, _writing, timeout=120)
             await first.kill9()
             point = (await api.get("/api/v1/items/web01"))["failover"]["failback"]["point"]
