@@ -252,6 +252,13 @@ def write_toml(path: Path, doc: dict[str, object]) -> Path:
     return path
 
 
+def configserver_daemon(tmp: Path) -> Daemon:
+    """``configserver run`` on a fresh data folder in ``tmp``, no site port (not started)."""
+    toml = tmp / "configserver.toml"
+    write_toml(toml, {"data_dir": str(tmp / "cs"), "listen_port": 0, "site_port": -1})
+    return Daemon(["configserver", "run", "--config", str(toml)], "configserver_started")
+
+
 def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "siterecovery", *args], capture_output=True,
                           text=True, cwd=REPO, check=check, timeout=300)

@@ -9,7 +9,7 @@ import signal
 from pathlib import Path
 
 from siterecovery.daemon import StopSignals
-from tests.helpers import Daemon, write_toml
+from tests.helpers import configserver_daemon
 
 
 async def test_a_signal_before_anyone_waits_is_not_lost() -> None:
@@ -21,9 +21,7 @@ async def test_a_signal_before_anyone_waits_is_not_lost() -> None:
 
 async def test_sigterm_as_soon_as_started_stops_the_configuration_server_gracefully(
         tmp_path: Path) -> None:
-    toml = tmp_path / "configserver.toml"
-    write_toml(toml, {"data_dir": str(tmp_path / "cs"), "listen_port": 0, "site_port": -1})
-    cs = Daemon(["configserver", "run", "--config", str(toml)], "configserver_started")
+    cs = configserver_daemon(tmp_path)
     await cs.start()
     assert await cs.stop() == 0
     assert cs.events("configserver_stopped")

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers import REPO, Daemon, write_toml
+from tests.helpers import REPO, configserver_daemon
 
 # A process that imported and built what a process server does at start (in a
 # subprocess: freezing is for the whole process, never pytest's own).
@@ -35,9 +35,7 @@ def test_settling_freezes_start_up_objects_out_of_full_collections() -> None:
 
 async def test_the_configuration_server_daemon_settles_its_heap_once_started(
         tmp_path: Path) -> None:
-    toml = tmp_path / "configserver.toml"
-    write_toml(toml, {"data_dir": str(tmp_path / "cs"), "listen_port": 0, "site_port": -1})
-    cs = Daemon(["configserver", "run", "--config", str(toml)], "configserver_started")
+    cs = configserver_daemon(tmp_path)
     await cs.start()
     try:
         [ev] = await cs.wait_events("startup_heap_settled", 1, timeout=60)
