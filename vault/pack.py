@@ -104,8 +104,6 @@ def build_pack(
     The payloads are compressed first, so every sealed unit's place is known before any
     is encrypted: each is encrypted straight into its place in the pack's one buffer
     (no buffer per unit, no join)."""
-    entries: list[PackEntry] = []
-    off = 0
     if frame_bytes:
         otype = ObjectType.FRAME
         groups = _frames(blocks, frame_bytes)
@@ -114,17 +112,16 @@ def build_pack(
         # single blocks, makes a fresh context and one output buffer per call: page
         # faults on every pack; README "Sealing without page faults").
         payloads = [compress_payload(frame_plaintext(g), compressor) for g in groups]
-        for group, (payload, _flags) in zip(groups, payloads, strict=True):
-            length = OVERHEAD + len(payload)
-            entries.extend(PackEntry(bid, off, length) for bid, _data in group)
-            off += length
     else:
         otype = ObjectType.BLOCK
+        groups = [[item] for item in blocks]
         payloads = compress_payloads([data for _, data in blocks], compressor)
-        for (bid, _data), (payload, _flags) in zip(blocks, payloads, strict=True):
-            length = OVERHEAD + len(payload)
-            entries.append(PackEntry(bid, off, length))
-            off += length
+    entries: list[PackEntry] = []
+    off = 0
+    for group, (payload, _flags) in zip(groups, payloads, strict=True):
+        length = OVERHEAD + len(payload)  # every block of a unit is found at the unit
+        entries.extend(PackEntry(bid, off, length) for bid, _data in group)
+        off += length
     trailer_plain = struct.pack("<I", len(entries)) + b"".join(
         ENTRY.pack(e.block_id, e.offset, e.length) for e in entries
     )
