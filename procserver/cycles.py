@@ -7,6 +7,8 @@ there) or it is aborted. A resumable one whose session ended without END is
 aborted when that window passes or when its machine begins a newer cycle
 (superseded: at that BEGIN, or as soon as the session that still held it lets it go —
 never kept for the window, which would keep the newer cycle's point waiting behind it).
+An open cycle the uploader finds can never become a point (``drop``: what it builds on
+left the vault) is refused by its session at the agent's next frame and aborted.
 At start, ``recover`` keeps each machine's newest resumable cycle, drops every other
 unacknowledged one, and accounts the cache space of what stays.
 """
@@ -30,6 +32,7 @@ from procserver import db
 from procserver.cache import SealedSegment, cache_usage, drop_unsealed, remove_cycle_dir
 from procserver.cachespace import CacheSpace
 from procserver.models import ReceiveProgress
+from wire.protocol import ProtocolError
 
 log = structlog.get_logger("procserver")
 
@@ -63,6 +66,11 @@ class OpenCycle:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     expiry: asyncio.TimerHandle | None = None
     superseded: bool = False  # a newer cycle of its machine began while a session held it
+    # Why the uploader dropped it while it was open (it can never become a point): its
+    # session refuses it at the next frame, ``cycle_dropped``, and aborts it.
+    dropped: str | None = None
+    # Set by the session receiving it: makes its wait for the agent's next frame raise.
+    interrupt: Callable[[BaseException | None], None] | None = None
     limits: list[tuple[int, int, int]] = field(init=False)
     # One bit per block and disk: a block may arrive once per cycle (bounded memory:
     # 1 bit per 64 KiB is 4 MiB for a 2 TiB disk).
@@ -75,6 +83,13 @@ class OpenCycle:
 
     def position(self) -> list[int] | None:
         return None if self.last is None else [self.last[0], self.last[1]]
+
+
+def dropped_error(oc: OpenCycle) -> ProtocolError:
+    """What the agent is told about a cycle the uploader dropped while it was sent."""
+    return ProtocolError("cycle_dropped", f"cycle {oc.id} was dropped while it was "
+                         f"received: {oc.dropped}; the agent's next cycle is refused and "
+                         "resyncs")
 
 
 class CycleBook:
@@ -250,10 +265,25 @@ class CycleBook:
                 oc.superseded = True
                 self.spawn(self._abort_when_let_go(oc))
 
-    async def _abort_when_let_go(self, oc: OpenCycle) -> None:
+    async def _abort_when_let_go(self, oc: OpenCycle, reason: str = "superseded") -> None:
         async with oc.lock:  # held by the session that has it (begin, resume)
             if oc.state == OPEN and oc.owner is None:
-                await self.abort(oc, "superseded")
+                await self.abort(oc, reason)
+
+    def drop(self, seq: int, reason: str) -> bool:
+        """The uploader found that the open cycle ``seq`` can never become a point (what
+        it builds on left the vault; its row is marked aborted already). The session
+        receiving it refuses it at the agent's next frame (``cycle_dropped``) and aborts
+        it once nothing writes into its cache any more; a suspended one is aborted now.
+        False if no such cycle is open here: the caller deletes its cache itself."""
+        oc = next((o for o in self.open.values() if o.seq == seq and o.state == OPEN), None)
+        if oc is None:
+            return False
+        oc.dropped = reason
+        if oc.interrupt is not None:  # its session may be waiting for a quiet agent
+            oc.interrupt(dropped_error(oc))
+        self.spawn(self._abort_when_let_go(oc, f"dropped: {reason}"))
+        return True
 
     async def abort(self, oc: OpenCycle, reason: str = "") -> None:
         """Drop a cycle that was never acknowledged: row aborted, cache deleted.

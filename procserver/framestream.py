@@ -87,6 +87,7 @@ class FrameStream(asyncio.BufferedProtocol):
         self._lost_waiters: list[asyncio.Future[None]] = []
         self._discarding = False
         self._next: tuple[FrameType, int] | None = None  # parsed header of the next frame
+        self._interrupt: BaseException | None = None  # raised by the next wait for a frame
 
     # -- protocol callbacks ---------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -175,6 +176,13 @@ class FrameStream(asyncio.BufferedProtocol):
         """Bytes received and not yet taken as frames."""
         return self._unread
 
+    def interrupt(self, error: BaseException | None) -> None:
+        """Make the wait for a frame under way, or the next one, raise ``error`` once
+        (None: take back one not raised yet). Frames already whole are still returned."""
+        self._interrupt = error
+        if error is not None:
+            self._wake()
+
     def _pause(self) -> None:
         if not self._paused and self.transport is not None:
             self._paused = True
@@ -248,6 +256,9 @@ class FrameStream(asyncio.BufferedProtocol):
             f = self.pop()
             if f is not None:
                 return f
+            if self._interrupt is not None:
+                e, self._interrupt = self._interrupt, None
+                raise e
             if self._error is not None:
                 raise ConnectionResetError(str(self._error) or "connection lost")
             if self._eof:

@@ -25,7 +25,7 @@ import structlog
 
 from procserver import db
 from procserver.cache import SEGMENT_MAGIC, SegmentSink, SinkError
-from procserver.cycles import COMPLETE, OpenCycle
+from procserver.cycles import COMPLETE, OpenCycle, dropped_error
 from procserver.framestream import RawFrame
 from procserver.models import ReceiveProgress
 from wire.checks import validate_end
@@ -122,6 +122,7 @@ async def receive_cycle(session: Session, oc: OpenCycle) -> None:
     deps, stream, slog = session.deps, session.stream, session.log
     cycles, space, buffers, metrics = deps.cycles, deps.space, deps.buffers, deps.metrics
     oc.owner = asyncio.current_task()
+    oc.interrupt = stream.interrupt
     buffers.receiving += 1
     sink = SegmentSink(oc.cycle_dir, budget=buffers.sink_budget, limit=deps.rate_limit,
                        record=lambda segs: cycles.record_segments(oc, segs),
@@ -158,6 +159,8 @@ async def receive_cycle(session: Session, oc: OpenCycle) -> None:
             if f is None:
                 await flush_run()
                 f = await stream.next_frame(timeout)
+            if oc.dropped is not None:
+                raise dropped_error(oc)
             t = f.type
             if t in DATA:
                 d, n = f.block_head()
@@ -239,7 +242,7 @@ async def receive_cycle(session: Session, oc: OpenCycle) -> None:
             oc.detaching = True
 
             async def settle(e: BaseException) -> None:
-                if oc.resumable and _disconnected(e):
+                if oc.resumable and _disconnected(e) and oc.dropped is None:
                     try:
                         # Seal everything that arrived whole: the agent resumes after it.
                         await flush_run(wait=False)
@@ -256,7 +259,8 @@ async def receive_cycle(session: Session, oc: OpenCycle) -> None:
                         await cycles.suspend(oc, reason=str(e) or type(e).__name__)
                 else:
                     await quietly(sink.stop())
-                    await cycles.abort(oc)
+                    await cycles.abort(oc, "" if oc.dropped is None
+                                       else f"dropped: {oc.dropped}")
 
             # Bounded work (what was queued is written and fsynced) that must finish
             # before the cycle is let go, even if this task is cancelled meanwhile.
@@ -264,7 +268,8 @@ async def receive_cycle(session: Session, oc: OpenCycle) -> None:
         raise
     finally:
         await quietly(sink.stop())
-        oc.owner = None
+        oc.owner = oc.interrupt = None
+        stream.interrupt(None)
         oc.detaching = False
         buffers.receiving -= 1
 

@@ -161,6 +161,7 @@ class ProcServer:
         self.barriers = Barriers(self._group_point_outcome, book=self.group_reports)
         self.cycles.on_abort.append(self.barriers.cycle_dropped)
         self.uploader.on_drop.append(self.barriers.cycle_dropped)
+        self.uploader.drop_open = self.cycles.drop
         rate_limit = TokenBucket(Schedule.constant(cfg.receive_bytes_per_second)) \
             if cfg.receive_bytes_per_second > 0 else None
         deps = SessionDeps(

@@ -65,6 +65,10 @@ class Uploader:
         # as unrecoverable (one still being received is aborted by its session, which
         # runs ``CycleBook.on_abort``).
         self.on_drop: list[Callable[[str, str, str], Awaitable[None]]] = []
+        # Called with (cycle seq, reason) when a cycle not yet acknowledged is dropped:
+        # True if a session (or the cycle book) holds it open and aborts it, deleting its
+        # cache once nothing writes into it (``CycleBook.drop``); False: not open here.
+        self.drop_open: Callable[[int, str], bool] = lambda _seq, _reason: False
         self.storage = storage if storage is not None else StorageHealth()
         self.points_changed = asyncio.Condition()  # notified after each point uploaded
         self._wakeups = Wakeups()
@@ -174,7 +178,7 @@ class Uploader:
                 log.error("cycle_unrecoverable", machine=machine, cycle=cyc.id, error=str(e),
                           hint="the machine will resync")
                 self.storage.forget(machine)
-                acknowledged = await self._drop(cyc)
+                acknowledged = await self._drop(cyc, str(e) or type(e).__name__)
                 await drop_lease(self.vaults, cyc)
                 if acknowledged:
                     for hook in self.on_drop:
@@ -205,15 +209,23 @@ class Uploader:
         async with self.points_changed:
             self.points_changed.notify_all()
 
-    async def _drop(self, cyc: db.Cycle) -> bool:
-        """Mark ``cyc`` aborted and delete its cache; whether it had been acknowledged
-        (a cycle still being received is refused at its END: ``receive.py``)."""
+    async def _drop(self, cyc: db.Cycle, reason: str) -> bool:
+        """Mark ``cyc`` aborted and delete its cache; whether it had been acknowledged.
+
+        A cycle still open (being received, or suspended) is handed to its session
+        (``drop_open``), which refuses it at the agent's next frame and deletes the cache
+        once its writer has stopped: deleting it here would pull the folder from under
+        that writer. Its END, if it comes first, finds the row aborted (``receive.py``)."""
         async with self.sessionmaker() as s:
             row = await s.get_one(db.Cycle, cyc.seq, with_for_update=True)
             acknowledged = row.state == db.COMPLETE
             row.state = db.ABORTED
-            await s.execute(delete(db.Segment).where(db.Segment.cycle_seq == cyc.seq))
+            handed = not acknowledged and self.drop_open(cyc.seq, reason)
+            if not handed:
+                await s.execute(delete(db.Segment).where(db.Segment.cycle_seq == cyc.seq))
             await s.commit()
+        if handed:
+            return False
         await asyncio.to_thread(remove_cycle_dir, self.cache_dir / cyc.machine / cyc.id)
         self.space.release(cyc.seq)
         return acknowledged

@@ -1,12 +1,15 @@
-"""A cycle the uploader drops while it is still being received is refused at its END.
+"""A cycle the uploader drops while it is still being received is refused while it is sent.
 
 The uploader drops a cycle that can never become a point (``procserver/uploader.py``:
 the point it builds on, or blocks it names, left the vault). It used to do so behind the
 session's back: the session went on receiving, and its END marked the dropped cycle
 complete and acknowledged it — a promise of a point that could never be (the uploader
-then retried it forever, holding up the machine's later cycles). Now the END finds the
-cycle dropped and answers ``cycle_dropped``: no ACK, no point, nothing left in the cache,
-and the agent's next cycle, a resync, restores byte for byte.
+then retried it forever, holding up the machine's later cycles). Then the END found the
+cycle dropped, but only after the agent had sent all of it, into a cache folder the
+uploader had deleted under the session's writer. Now the uploader hands the cycle to its
+session (``CycleBook.drop``), which answers ``cycle_dropped`` at the agent's next frame
+and deletes the cache once its writer has stopped: no ACK, no point, nothing left in the
+cache or the database, and the agent's next cycle, a resync, restores byte for byte.
 
 Real process server, real agent (paced, so that it is still sending when the drop
 comes), a real vault whose base point is removed the way a hand or a damaged store would
@@ -36,8 +39,9 @@ from tests.helpers import (
     running_procserver,
     sha256,
 )
-from tests.test_resume import random_disk
+from tests.test_resume import frame_bytes, proxied, random_disk, replicate
 from vault import names
+from vault.locks import locked
 from wire.protocol import RemoteError
 
 SIZE = 8 << 20
@@ -63,11 +67,19 @@ async def test_a_cycle_dropped_while_received_is_refused_at_its_end(
             with open(disk, "r+b") as f:  # every block differs: a long delta
                 f.write(random.Random(42).randbytes(SIZE))
 
-            def base_goes(_disk: str, _done: int, _size: int) -> None:
+            sent: list[int] = []
+
+            def base_goes(_disk: str, done: int, _size: int) -> None:
+                sent.append(done)
                 # once the cycle has begun (its base was there then), what it builds on
                 # leaves the vault
                 (tmp_path / "vault" / (names.POINTS + base)).unlink(missing_ok=True)
 
+            def received() -> float:
+                return ps.metrics.registry.get_sample_value(
+                    "siterecovery_procserver_received_bytes_total") or 0.0
+
+            before = received()
             slow = dataclasses.replace(acfg, send_limit_work_mbps=PACE_MBPS,
                                        send_limit_off_mbps=PACE_MBPS)
             agent = make_agent(slow)
@@ -88,12 +100,18 @@ async def test_a_cycle_dropped_while_received_is_refused_at_its_end(
                 with pytest.raises(RemoteError) as refused:
                     await task
                 assert refused.value.code == "cycle_dropped", refused.value
+                # refused while it was sent (the agent paced, waiting to send its second
+                # half), not after the whole disk and its END
+                assert sent and max(sent) < SIZE, sent
+                assert received() - before < SIZE
             finally:
                 agent.close()
             async with ps.sessionmaker() as s:
                 row = (await s.execute(select(db.Cycle).where(db.Cycle.id == dropped))
                        ).scalar_one()
                 assert (row.state, row.point_id) == (db.ABORTED, None)
+                assert (await s.execute(select(db.Segment).where(
+                    db.Segment.cycle_seq == row.seq))).first() is None
             assert not (ps.cache_dir / "web01" / dropped).exists()
             assert ps.space.used == 0
 
@@ -110,9 +128,58 @@ async def test_a_cycle_dropped_while_received_is_refused_at_its_end(
     assert [e["cycle"] for e in logs if e["event"] == "cycle_acknowledged"] == [
         first.cycle, again.cycle]
     assert any(e["event"] == "cycle_unrecoverable" and e["cycle"] == dropped for e in logs)
+    assert [e.get("reason", "")[:8] for e in logs
+            if e["event"] == "cycle_aborted" and e["cycle"] == dropped] == ["dropped:"]
     vault = await open_vault(tmp_path / "vault", key)
     try:
         got = await vault.read_point(point)
         assert await restore_all(vault, got, tmp_path / "restore") == {"sda": sha256(disk)}
     finally:
         await vault.close()
+
+
+async def test_a_suspended_cycle_the_uploader_drops_is_aborted_at_once(
+        tmp_path: Path, pki: Pki, vault_at: tuple[str, Path]) -> None:
+    """A cycle whose session broke off (suspended, kept for its agent to resume) and that
+    the uploader then finds can never become a point is aborted there and then: its cache
+    goes, and it no longer waits out the resume window as a cycle that could resume."""
+    url, key = vault_at
+    disk = tmp_path / "disk.img"
+    random_disk(disk, 4 << 20, seed=43)
+    cfg = proc_config(tmp_path, pki, url, key, segment_bytes=1 << 20)
+    with structlog.testing.capture_logs() as logs:
+        async with running_procserver(cfg) as ps, proxied(ps) as proxy:
+            acfg = agent_config(tmp_path, pki, "web01", proxy.port, {"sda": disk},
+                                snapshot="quiesced", resume_timeout_seconds=0.0)
+            first = await replicate(make_agent(acfg))
+            base = await ps.wait_point(first.cycle, timeout=60)
+            with open(disk, "r+b") as f:  # every block differs: a delta of the whole disk
+                f.write(random.Random(44).randbytes(4 << 20))
+            vault = await open_vault(tmp_path / "vault", key)
+            try:
+                # No upload while the cycle is sent and suspended: the uploader waits for
+                # the vault, as it would behind a prune.
+                async with locked(vault, "exclusive", "prune", wait=30):
+                    proxy.cuts = [proxy.up + frame_bytes(4 << 20) // 2]
+                    with pytest.raises((ConnectionError, OSError)):
+                        await replicate(make_agent(acfg))
+                    async with asyncio.timeout(30), ps.cycles.changed:
+                        await ps.cycles.changed.wait_for(lambda: ps.cycles.suspended() == 1)
+                    (tmp_path / "vault" / (names.POINTS + base)).unlink()
+                async with asyncio.timeout(60), ps.cycles.changed:
+                    await ps.cycles.changed.wait_for(lambda: ps.cycles.suspended() == 0)
+            finally:
+                await vault.close()
+            async with ps.sessionmaker() as s:
+                rows = (await s.execute(select(db.Cycle).order_by(db.Cycle.seq))
+                        ).scalars().all()
+                assert [(r.state, r.point_id) for r in rows] == [
+                    (db.UPLOADED, base), (db.ABORTED, None)]
+                dropped = rows[1]
+                assert (await s.execute(select(db.Segment))).first() is None
+            assert not (ps.cache_dir / "web01" / dropped.id).exists()
+            assert ps.space.used == 0
+    assert any(e["event"] == "cycle_unrecoverable" and e["cycle"] == dropped.id
+               for e in logs)
+    assert [e.get("reason", "")[:8] for e in logs
+            if e["event"] == "cycle_aborted" and e["cycle"] == dropped.id] == ["dropped:"]
