@@ -30,6 +30,8 @@ class CacheSpace:
         self.used = 0  # bytes held in the cache, all cycles together
         self._cycle_bytes: dict[int, int] = {}
         self._space = asyncio.Condition()
+        # Cycles whose wait for space is refused, and why (``refuse``).
+        self._refused: dict[int, BaseException] = {}
 
     def hold(self, cycle_seq: int, n: int) -> None:
         """At start: a cycle kept in the cache holds ``n`` bytes there."""
@@ -45,13 +47,26 @@ class CacheSpace:
         if wait and self.used + n > self.quota:
             log.warning("cache_full_backpressure", cache_bytes=self.used)
             async with self._space:
-                await self._space.wait_for(lambda: self.used + n <= self.quota)
+                await self._space.wait_for(
+                    lambda: self.used + n <= self.quota or cycle_seq in self._refused)
+            refused = self._refused.get(cycle_seq)
+            if refused is not None:
+                raise refused
         self.used += n
         self._cycle_bytes[cycle_seq] = self._cycle_bytes.get(cycle_seq, 0) + n
         self.gauge.set(self.used)
 
+    def refuse(self, cycle_seq: int, error: BaseException) -> None:
+        """Make the cycle's waits for space raise ``error`` from now on (it was dropped:
+        the space it waits for may be its own, which only its abort frees), until all of
+        its bytes are released."""
+        self._refused[cycle_seq] = error
+        self.background(self._notify_space())
+
     def release(self, cycle_seq: int, n: int | None = None) -> None:
         """Give back ``n`` of a cycle's cache bytes (all that remain when ``None``)."""
+        if n is None:
+            self._refused.pop(cycle_seq, None)
         held = self._cycle_bytes.get(cycle_seq, 0)
         freed = held if n is None else min(n, held)
         if n is None or freed == held:

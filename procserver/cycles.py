@@ -280,8 +280,11 @@ class CycleBook:
         if oc is None:
             return False
         oc.dropped = reason
-        if oc.interrupt is not None:  # its session may be waiting for a quiet agent
+        # Its session may be waiting for a quiet agent, or for cache space that only
+        # this cycle's abort would free (a cycle larger than the quota): wake it.
+        if oc.interrupt is not None:
             oc.interrupt(dropped_error(oc))
+        self.space.refuse(oc.seq, dropped_error(oc))
         self.spawn(self._abort_when_let_go(oc, f"dropped: {reason}"))
         return True
 

@@ -183,3 +183,52 @@ async def test_a_suspended_cycle_the_uploader_drops_is_aborted_at_once(
                for e in logs)
     assert [e.get("reason", "")[:8] for e in logs
             if e["event"] == "cycle_aborted" and e["cycle"] == dropped.id] == ["dropped:"]
+
+
+async def test_a_cycle_waiting_for_cache_space_is_refused_when_dropped(
+        tmp_path: Path, pki: Pki, vault_at: tuple[str, Path]) -> None:
+    """A cycle larger than the cache fills it and waits for the uploader to drain it. When
+    the uploader then drops it, the space it waits for is its own, which only its abort
+    frees: the wait is refused (``cycle_dropped``) instead of lasting for ever."""
+    url, key = vault_at
+    disk = tmp_path / "disk.img"
+    random_disk(disk, SIZE, seed=45)
+    cfg = proc_config(tmp_path, pki, url, key, segment_bytes=1 << 20,
+                      cache_quota_bytes=2 << 20)
+    with structlog.testing.capture_logs() as logs:
+        async with running_procserver(cfg) as ps:
+            acfg = agent_config(tmp_path, pki, "web01", ps.port, {"sda": disk},
+                                snapshot="quiesced")
+            first = await replicate(make_agent(acfg))
+            base = await ps.wait_point(first.cycle, timeout=60)
+            with open(disk, "r+b") as f:  # every block differs: a delta of 8 MiB
+                f.write(random.Random(46).randbytes(SIZE))
+            vault = await open_vault(tmp_path / "vault", key)
+            agent = make_agent(acfg)
+            try:
+                # Nothing drains while the lock is held: the cycle fills the cache.
+                async with locked(vault, "exclusive", "prune", wait=30):
+                    seen = len(logs)  # the first cycle filled the cache too
+                    task = asyncio.ensure_future(agent.replicate_once())
+                    end = time.monotonic() + 60
+                    while not any(e["event"] == "cache_full_backpressure"
+                                  for e in logs[seen:]):
+                        assert not task.done(), "the cycle ended before the cache filled"
+                        assert time.monotonic() < end, "the cache never filled"
+                        await asyncio.sleep(0.02)
+                    (tmp_path / "vault" / (names.POINTS + base)).unlink()
+                with pytest.raises(RemoteError) as refused:
+                    async with asyncio.timeout(60):
+                        await task
+                assert refused.value.code == "cycle_dropped", refused.value
+            finally:
+                agent.close()
+                await vault.close()
+            async with ps.sessionmaker() as s:
+                rows = (await s.execute(select(db.Cycle).order_by(db.Cycle.seq))
+                        ).scalars().all()
+                assert [(r.state, r.point_id) for r in rows] == [
+                    (db.UPLOADED, base), (db.ABORTED, None)]
+                assert (await s.execute(select(db.Segment))).first() is None
+            assert not (ps.cache_dir / "web01" / rows[1].id).exists()
+            assert ps.space.used == 0
