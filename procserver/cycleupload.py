@@ -195,7 +195,7 @@ class CycleUpload:
             except MissingObjectError:
                 raise BaseGoneError(f"cycle {cyc.id} builds on point {writer.base.id[:16]}, "
                                     "which a prune removed") from None
-        missing = sum(1 for changes in writer.changes for b in changes.values()
+        missing = sum(1 for changes in writer.changes for b in changes.ids()
                       if b != ZERO_ID and b not in index)
         if missing:
             raise MissingBlocksError(f"cycle {cyc.id}: {missing} block(s) written earlier in "

@@ -24,11 +24,12 @@ import zstandard
 from common.digest import block_count, is_zero
 from common.timefmt import now_iso
 from vault import names
+from vault.blockchanges import BlockChanges
 from vault.crypto import Keyring
 from vault.index import BlockIndex, Index
 from vault.mapchain import chain_entries
 from vault.mapranges import RANGE_BLOCKS, ChainRanges
-from vault.maps import DELTA, FULL, ZERO_ID, BlockMap, MapBuilder
+from vault.maps import DELTA, FULL, ZERO_ID, MapBuilder
 from vault.pack import ZSTD_LEVEL, PackEntry, build_pack, pack_compressor
 from vault.point import DiskEntry, Point
 from vault.repo import MAX_CHAIN, Vault
@@ -111,7 +112,8 @@ class CycleWriter:
         self.vault, self.index, self.executor = vault, index, executor
         self.machine, self.cycle, self.disks = machine, cycle, list(disks)
         self.full, self.base = full, base
-        self.changes: list[dict[int, bytes]] = [{} for _ in self.disks]
+        # Every block recorded, per disk (40 bytes a block: ``vault/blockchanges.py``).
+        self.changes = [BlockChanges() for _ in self.disks]
         self._pending: list[tuple[bytes, bytes | memoryview]] = []
         self._pending_bytes = 0
         self._batch = _Batch()
@@ -133,7 +135,7 @@ class CycleWriter:
     def replay(self, entries: Sequence[JournalEntry]) -> None:
         """Restore map changes journaled by earlier checkpoints of this cycle."""
         for d, n, bid in entries:
-            self.changes[d][n] = bid
+            self.changes[d].set(n, bid)
 
     def _unknown(self, ids: Sequence[bytes | None]) -> set[bytes]:
         """Those of ``ids`` stored by no pack yet: in no index, nor in a pack of this
@@ -157,13 +159,13 @@ class CycleWriter:
         loop = asyncio.get_running_loop()
         blocks: list[bytes | memoryview] = [b for _, _, b in data_items]
         ids = await loop.run_in_executor(self.executor, _hash_all, self.vault, blocks)
-        for d, n, b in items:
-            if b is None:
-                self.changes[d][n] = ZERO_ID
-                self._journal.append((d, n, ZERO_ID))
         unknown = self._unknown(ids)
-        for (d, n, b), bid in zip(data_items, ids, strict=True):
-            self.changes[d][n] = bid or ZERO_ID
+        next_id = iter(ids).__next__
+        # In the order they came (a disk's blocks in increasing order, as its changes
+        # keep them best): zero blocks among the others.
+        for d, n, b in items:
+            bid = None if b is None else next_id()
+            self.changes[d].set(n, bid or ZERO_ID)
             self._journal.append((d, n, bid or ZERO_ID))
             if bid is None or bid not in unknown:
                 continue
@@ -254,15 +256,17 @@ class CycleWriter:
         write_full = self.full or chain > MAX_CHAIN
         disk_entries = []
         for i, spec in enumerate(self.disks):
-            m: BlockMap | MapBuilder
+            m: MapBuilder
+            changes = self.changes[i]
             if write_full and not self.full:  # the chain's 17th: the base's map merged
-                m, missing = await self._merged_full(spec, self.changes[i])
+                m, missing = await self._merged_full(spec, changes)
             else:
-                changes = self.changes[i]
-                if write_full:  # a full cycle: every block of the disk is in its changes
-                    changes = {n: b for n, b in changes.items() if b != ZERO_ID}
-                m = BlockMap(FULL if write_full else DELTA, spec.size, spec.block_size, changes)
-                missing = _count_unindexed(self.index, m.blocks.values())
+                m = MapBuilder(FULL if write_full else DELTA, spec.size, spec.block_size)
+                # A full cycle: every block of the disk is in its changes, zero ones left
+                # out of the map; a delta map says which blocks became zero.
+                m.extend((n, b) for n, b in changes.items()
+                         if not (write_full and b == ZERO_ID))
+                missing = _count_unindexed(self.index, changes.ids())
             if missing:
                 # Never write a point that cannot be restored.
                 raise MissingBlocksError(
@@ -283,7 +287,7 @@ class CycleWriter:
         await self.vault.put_point(point)
         return point
 
-    async def _merged_full(self, spec: DiskSpec, changes: dict[int, bytes]
+    async def _merged_full(self, spec: DiskSpec, changes: BlockChanges
                            ) -> tuple[MapBuilder, int]:
         """A full map of ``spec``: the base's map with this cycle's ``changes``, merged a
         range at a time along the base's chain of maps (vault/mapranges.py), not in a
@@ -291,13 +295,14 @@ class CycleWriter:
         assert self.base is not None
         ranges = ChainRanges(await chain_entries(self.vault, self.base, spec.name),
                              block_count(spec.size, spec.block_size))
-        todo = sorted(changes.items())
-        k = missing = 0
+        todo = changes.items()
+        nxt = next(todo, None)
+        missing = 0
         out = MapBuilder(FULL, spec.size, spec.block_size)
         async for _first, end, blocks in ranges.walk(self.range_blocks):
-            while k < len(todo) and todo[k][0] < end:
-                n, bid = todo[k]
-                k += 1
+            while nxt is not None and nxt[0] < end:
+                n, bid = nxt
+                nxt = next(todo, None)
                 if bid == ZERO_ID:
                     blocks.pop(n, None)
                 else:
@@ -305,8 +310,8 @@ class CycleWriter:
             merged = sorted(blocks.items())
             missing += _count_unindexed(self.index, (b for _, b in merged))
             out.extend(merged)
-        if k < len(todo):
-            raise ValueError(f"cycle {self.cycle}: block {todo[k][0]} lies beyond disk "
+        if nxt is not None:
+            raise ValueError(f"cycle {self.cycle}: block {nxt[0]} lies beyond disk "
                              f"{spec.name!r}")
         return out, missing
 
