@@ -29,6 +29,7 @@ import structlog
 from sqlalchemy import select
 
 from procserver import db
+from procserver.server import ProcServer
 from tests.helpers import (
     Pki,
     agent_config,
@@ -170,19 +171,10 @@ async def test_a_suspended_cycle_the_uploader_drops_is_aborted_at_once(
                     await ps.cycles.changed.wait_for(lambda: ps.cycles.suspended() == 0)
             finally:
                 await vault.close()
-            async with ps.sessionmaker() as s:
-                rows = (await s.execute(select(db.Cycle).order_by(db.Cycle.seq))
-                        ).scalars().all()
-                assert [(r.state, r.point_id) for r in rows] == [
-                    (db.UPLOADED, base), (db.ABORTED, None)]
-                dropped = rows[1]
-                assert (await s.execute(select(db.Segment))).first() is None
-            assert not (ps.cache_dir / "web01" / dropped.id).exists()
-            assert ps.space.used == 0
-    assert any(e["event"] == "cycle_unrecoverable" and e["cycle"] == dropped.id
-               for e in logs)
+            dropped = await _dropped_without_a_trace(ps, base)
+    assert any(e["event"] == "cycle_unrecoverable" and e["cycle"] == dropped for e in logs)
     assert [e.get("reason", "")[:8] for e in logs
-            if e["event"] == "cycle_aborted" and e["cycle"] == dropped.id] == ["dropped:"]
+            if e["event"] == "cycle_aborted" and e["cycle"] == dropped] == ["dropped:"]
 
 
 async def test_a_cycle_waiting_for_cache_space_is_refused_when_dropped(
@@ -224,11 +216,17 @@ async def test_a_cycle_waiting_for_cache_space_is_refused_when_dropped(
             finally:
                 agent.close()
                 await vault.close()
-            async with ps.sessionmaker() as s:
-                rows = (await s.execute(select(db.Cycle).order_by(db.Cycle.seq))
-                        ).scalars().all()
-                assert [(r.state, r.point_id) for r in rows] == [
-                    (db.UPLOADED, base), (db.ABORTED, None)]
-                assert (await s.execute(select(db.Segment))).first() is None
-            assert not (ps.cache_dir / "web01" / rows[1].id).exists()
-            assert ps.space.used == 0
+            await _dropped_without_a_trace(ps, base)
+
+
+async def _dropped_without_a_trace(ps: ProcServer, base: str) -> str:
+    """The first cycle is point ``base``, the second aborted with nothing of it left in
+    the database or the cache; the second's id."""
+    async with ps.sessionmaker() as s:
+        rows = (await s.execute(select(db.Cycle).order_by(db.Cycle.seq))).scalars().all()
+        assert [(r.state, r.point_id) for r in rows] == [
+            (db.UPLOADED, base), (db.ABORTED, None)]
+        assert (await s.execute(select(db.Segment))).first() is None
+    assert not (ps.cache_dir / "web01" / rows[1].id).exists()
+    assert ps.space.used == 0
+    return rows[1].id
