@@ -323,6 +323,11 @@ class JobEngine:
             log.info("job_step_started", job=job.id, kind=job.kind, target=job.target,
                      step=spec.name, attempt=st["attempts"])
             me.step_task = asyncio.create_task(spec.run(StepContext(self, job, i)))
+            if me.cancel_requested:
+                # Asked while the step's start was being saved (the step already showed as
+                # running, and ``cancel`` found no task to cancel): it would otherwise run
+                # to its end with the canceller waiting for it.
+                me.step_task.cancel()
             try:
                 message = await me.step_task
             except asyncio.CancelledError:

@@ -273,3 +273,36 @@ async def test_cli_errors_and_failed_jobs(cs: ConfigServer, api: ApiClient) -> N
     r = await asyncio.to_thread(run_cli, *_cli(cs, "jobs", "cancel", jid))
     assert r.returncode == 2 and "already ended (failed)" in r.stderr
     assert [j["id"] for j in (await api.get("/api/v1/jobs"))["jobs"]] == [jid]
+
+
+async def test_a_cancel_while_a_step_starts_is_not_missed(cs: ConfigServer, api: ApiClient,
+                                                         tmp_path: Path) -> None:
+    """A cancel that comes while the engine saves a step as running (the step shows as
+    running; its task is not made yet) cancels that step: it used to run to its end (here:
+    waiting for an agent that never checks in) with the cancel call waiting for it."""
+    await _ready(cs, api, tmp_path, "web01")
+    jobs = cs.services.jobs
+    save = jobs.save
+    cancelled: list[asyncio.Task[None]] = []
+    asked = asyncio.Event()
+
+    async def save_then_cancel(job: Any, expect: tuple[str, ...], extra: Any = None) -> int:
+        n = await save(job, expect, extra)
+        if not cancelled and step({"steps": job.steps}, "prepare_agent")["state"] == "running":
+            # the interleaving: a cancel arrives here, before the step's task exists
+            cancelled.append(asyncio.create_task(jobs.cancel(job.id)))
+            asked.set()
+            async with asyncio.timeout(30):
+                # until the cancel has asked (it reads the job first): no event to wait on
+                while not jobs._running[job.id].cancel_requested:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+        return n
+
+    jobs.save = save_then_cancel  # type: ignore[method-assign]
+    jid = await _enable(api, "web01")
+    async with asyncio.timeout(30):
+        await asked.wait()
+        await cancelled[0]  # returns once the job is cancelled
+    job = await api.get(f"/api/v1/jobs/{jid}")
+    assert job["state"] == "cancelled", job
+    assert step(job, "prepare_agent")["message"] == "cancelled by the operator"
