@@ -282,9 +282,10 @@ class CycleBook:
         oc.dropped = reason
         # Its session may be waiting for a quiet agent, or for cache space that only
         # this cycle's abort would free (a cycle larger than the quota): wake it.
+        error = dropped_error(oc)
         if oc.interrupt is not None:
-            oc.interrupt(dropped_error(oc))
-        self.space.refuse(oc.seq, dropped_error(oc))
+            oc.interrupt(error)
+        self.space.refuse(oc.seq, error)
         self.spawn(self._abort_when_let_go(oc, f"dropped: {reason}"))
         return True
 

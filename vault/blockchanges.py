@@ -56,10 +56,7 @@ class BlockChanges:
 
     def ids(self) -> Iterator[bytes]:
         """The ids, in block order."""
-        self._settle()
-        ids = self._ids
-        for i in range(len(self._nums)):
-            yield bytes(ids[i * ID:(i + 1) * ID])
+        return (bid for _n, bid in self.items())
 
     def _settle(self) -> None:
         """Put the entries in block order, the last one recorded of each block kept."""
