@@ -2,10 +2,11 @@
 
 ``verify_image(path)`` reads a raw image's partition table (MBR with its extended chain,
 or GPT; a whole-disk filesystem without a table counts as one partition numbered 0),
-names each partition's filesystem by its superblock magic, and checks ext2/3/4 with
-``e2fsck -fn`` and XFS with ``xfs_repair -n`` on a read-only loop device limited to the
-partition. Other filesystems are reported ``not_checked``. A dirty journal or log (a
-crash-consistent point) is replayed first on a throwaway copy (``targets.replay``).
+names each partition's filesystem by its superblock (its magic and sane fields), and
+checks ext2/3/4 with ``e2fsck -fn`` and XFS with ``xfs_repair -n`` on a read-only loop
+device limited to the partition. Other filesystems are reported ``not_checked``. A dirty
+journal or log (a crash-consistent point) is replayed first on a throwaway copy
+(``targets.replay``).
 Nothing is ever written to the image, and every loop device attached is detached again,
 even on cancellation (a process killed mid-check leaves its device to
 ``targets.loopdev.detach_stale_loops`` at the next start).
@@ -234,7 +235,7 @@ def detect_fs(f: BinaryIO, offset: int) -> str:
     head = _read(f, offset, 70 * 1024)
     if head[:4] == b"XFSB":
         return "xfs"
-    if len(head) >= 1124 and head[1024 + 56:1024 + 58] == b"\x53\xef":
+    if _is_ext_superblock(head):
         compat, incompat, ro_compat = struct.unpack_from("<III", head, 1024 + 92)
         # extents, 64bit, flex_bg, or huge_file / metadata_csum: ext4's features
         if incompat & 0x2C0 or ro_compat & 0x408:
@@ -251,6 +252,24 @@ def detect_fs(f: BinaryIO, offset: int) -> str:
     if head[512:520] == b"LABELONE":
         return "lvm2"
     return "unknown"
+
+
+def _is_ext_superblock(head: bytes) -> bool:
+    """An ext2/3/4 superblock at byte 1024: its magic and fields only a real one has.
+
+    Two magic bytes alone are not enough: a boot loader's code in the sectors after an MBR
+    (GRUB's core image lives there) holds them at 1080 once in 65,536 disks, and such a
+    disk would be taken for a filesystem without a partition table."""
+    if len(head) < 1024 + 1024 or head[1024 + 56:1024 + 58] != b"\x53\xef":
+        return False
+    fields: tuple[int, ...] = struct.unpack_from("<II12xIIIIII", head, 1024)
+    inodes, blocks, first_data, log_block, _, per_group, clusters_per_group, per_group_i = (
+        fields)
+    rev_level: int = struct.unpack_from("<I", head, 1024 + 76)[0]
+    # A group's block (or, with bigalloc, cluster) bitmap is one block: 8 bits a byte.
+    return (inodes > 0 and blocks > 0 and first_data <= 1 and log_block <= 6
+            and per_group > 0 and 0 < clusters_per_group <= 8 << (10 + log_block)
+            and per_group_i > 0 and rev_level <= 1)
 
 
 # ---- read-only checks -------------------------------------------------------------------

@@ -5,12 +5,14 @@ neither; a malformed table is an error."""
 from __future__ import annotations
 
 import os
+import random
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from targets.bootmode import detect_boot
-from targets.verify import PartitionTableError
+from targets.verify import SECTOR, PartitionTableError, detect_fs, read_partitions
 from tests import bootimages as bi
 from tests.backends import missing_backend
 from tests.bootdisk import bootdisk, missing_tools
@@ -78,3 +80,33 @@ def test_a_malformed_table_is_an_error(tmp_path: Path) -> None:
         f.write(os.urandom(4096))
     with pytest.raises(PartitionTableError, match="no MBR signature"):
         detect_boot(img)
+
+
+def test_a_boot_loaders_bytes_holding_the_ext_magic_leave_the_disk_an_mbr_disk(
+        tmp_path: Path) -> None:
+    # GRUB embeds its core image in the sectors after the MBR; on one disk in 65,536 its
+    # bytes at 1080 are ext's magic (53 EF). Seeded random loader bytes around it.
+    rnd = random.Random(1080)
+    for i in range(8):
+        img = bi.mbr(tmp_path / f"d{i}.img", boot_code=True)
+        with open(img, "r+b") as f:
+            f.seek(SECTOR)
+            f.write(rnd.randbytes(1023 * SECTOR))
+            f.seek(1024 + 56)
+            f.write(b"\x53\xef")
+        mode = detect_boot(img)
+        assert (mode.table, mode.firmwares) == ("mbr", ("bios",)), mode.evidence
+
+
+@pytest.mark.parametrize("mkfs", [
+    ["mkfs.ext2"], ["mkfs.ext3"], ["mkfs.ext4"], ["mkfs.ext4", "-b", "1024"],
+    ["mkfs.ext4", "-b", "65536"], ["mkfs.ext4", "-O", "bigalloc", "-C", "65536"],
+    ["mkfs.ext4", "-g", "1024"]], ids=" ".join)
+def test_every_ext_layout_mkfs_makes_is_named(tmp_path: Path, mkfs: list[str]) -> None:
+    img = bi.blank(tmp_path / "d.img", 64)
+    out = subprocess.run([*mkfs, "-q", "-F", str(img)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    with open(img, "rb") as f:
+        fs = detect_fs(f, 0)
+    assert fs == {"mkfs.ext2": "ext2", "mkfs.ext3": "ext3"}.get(mkfs[0], "ext4")
+    assert read_partitions(img)[0] == "none"
