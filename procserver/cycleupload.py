@@ -116,7 +116,6 @@ class CycleUpload:
         self.ctx, self.cyc = ctx, cyc
         self.cycle_dir = ctx.cache_dir / cyc.machine / cyc.id
         self.writer: CycleWriter | None = None
-        self._journaled: list[JournalEntry] = []
         self._held: AsyncExitStack | None = None  # while the vault lock is held
 
     def _check_withheld(self) -> None:
@@ -176,13 +175,14 @@ class CycleUpload:
                 machine=cyc.machine, cycle=cyc.id, disks=disks, full=cyc.full, base=base,
                 on_pack=ctx.metrics.pack_uploaded,
                 before_pack=ctx.vaults.pack_recorder(cyc.seq),  # ours: orphans.py
+                spill_dir=ctx.cache_dir,  # a long cycle's changes past 40 MiB a disk
             )
-            self._journaled = await asyncio.to_thread(read_journal, self.cycle_dir / JOURNAL)
-            self.writer.replay(self._journaled)
-            if self._journaled:
+            journaled = await asyncio.to_thread(read_journal, self.cycle_dir / JOURNAL)
+            self.writer.replay(journaled)
+            if journaled:
                 # Resumed (a restart, a failed attempt): its lease may have expired
                 # meanwhile; one part covers what is journaled.
-                await self._lease(self._journaled)
+                await self._lease(journaled)
             return
         if index is writer.index:
             return

@@ -16,7 +16,7 @@ from tests.helpers import restore_all
 from vault import names
 from vault.chain import BrokenChainError, chain_of, crosses, rebase
 from vault.keyslots import KeyMaterial
-from vault.maps import FULL, BlockMap, MapBuilder, encode_map
+from vault.maps import FULL, ZERO_ID, BlockMap, MapBuilder, encode_map
 from vault.point import Point
 from vault.prune import prune
 from vault.repo import MAX_CHAIN, Vault
@@ -28,7 +28,7 @@ BS = 64 * 1024
 NBLOCKS = 24
 
 
-async def _chain(n: int, range_blocks: int = 1 << 16
+async def _chain(n: int, range_blocks: int = 1 << 16, changes_limit: int = 1 << 20
                  ) -> tuple[Vault, list[Point], dict[str, str]]:
     """A vault with one full point and ``n - 1`` deltas on it, each changing (and zeroing)
     a few blocks (a full map again after ``MAX_CHAIN`` deltas, merged from the base's in
@@ -48,8 +48,11 @@ async def _chain(n: int, range_blocks: int = 1 << 16
                 disk[b * BS:(b + 1) * BS] = bytes(BS) if b in zeroed else rng.randbytes(BS)
             w = CycleWriter(v, index, ex, machine="m1", cycle=f"c{i}",
                             disks=[DiskSpec("sda", len(disk), BS)], full=i == 0,
-                            base=points[-1] if points else None, range_blocks=range_blocks)
+                            base=points[-1] if points else None, range_blocks=range_blocks,
+                            changes_limit=changes_limit)
             await w.add([(0, b, bytes(disk[b * BS:(b + 1) * BS])) for b in changed])
+            if changes_limit < len(changed):
+                assert w.changes[0].runs > 0
             fps = b"".join(fingerprint(bytes(disk[b * BS:(b + 1) * BS]))
                            for b in range(NBLOCKS))
             p = await w.finish({"sda": digest_of_fingerprint_map(fps)}, "crash")
@@ -157,3 +160,21 @@ async def test_a_chain_starts_again_with_a_full_map_merged_from_its_base(
     assert len(set(before.blocks.items()) ^ set(changed.blocks.items())) <= 10
     for p in pts[MAX_CHAIN:]:
         assert await restore_all(v, p, tmp_path / "out") == {"sda": expected[p.id]}
+
+
+async def test_changes_spilled_to_runs_make_the_same_maps(tmp_path: Path) -> None:
+    # Each cycle's changes past 2 blocks go to run files (in the random order the deltas
+    # change their blocks, so the runs overlap and are merged): the same maps, every
+    # point restoring byte for byte, the merged full map included.
+    v1, pts1, expected = await _chain(MAX_CHAIN + 3)
+    v2, pts2, expected2 = await _chain(MAX_CHAIN + 3, changes_limit=2)
+    # The same disks, point by point (a point's id is named with its vault's key).
+    assert [expected2[p.id] for p in pts2] == [expected[p.id] for p in pts1]
+    for p1, p2 in zip(pts1, pts2, strict=True):
+        assert p2.disks[0].map_kind == p1.disks[0].map_kind
+        m1 = (await v1.read_map(p1.disks[0].map)).blocks
+        m2 = (await v2.read_map(p2.disks[0].map)).blocks  # ids are keyed: each vault's own
+        assert {n: b == ZERO_ID for n, b in m2.items()} == {n: b == ZERO_ID
+                                                            for n, b in m1.items()}
+    for p in pts2:
+        assert await restore_all(v2, p, tmp_path / "out") == {"sda": expected2[p.id]}

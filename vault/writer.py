@@ -13,6 +13,7 @@ so processing a cycle again after a crash rewrites the same point, never a secon
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import Executor
@@ -24,7 +25,7 @@ import zstandard
 from common.digest import block_count, is_zero
 from common.timefmt import now_iso
 from vault import names
-from vault.blockchanges import BlockChanges
+from vault.blockchanges import SPILL_ENTRIES, BlockChanges
 from vault.crypto import Keyring
 from vault.index import BlockIndex, Index
 from vault.mapchain import chain_entries
@@ -103,6 +104,8 @@ class CycleWriter:
         on_pack: Callable[[int, int], None] | None = None,
         before_pack: Callable[[str], Awaitable[None]] | None = None,
         range_blocks: int = RANGE_BLOCKS,
+        spill_dir: str | os.PathLike[str] | None = None,
+        changes_limit: int = SPILL_ENTRIES,
     ) -> None:
         if not full and base is None:
             raise ValueError("a delta cycle needs a base point")
@@ -112,8 +115,10 @@ class CycleWriter:
         self.vault, self.index, self.executor = vault, index, executor
         self.machine, self.cycle, self.disks = machine, cycle, list(disks)
         self.full, self.base = full, base
-        # Every block recorded, per disk (40 bytes a block: ``vault/blockchanges.py``).
-        self.changes = [BlockChanges() for _ in self.disks]
+        # Every block recorded, per disk: 40 bytes a block, past ``changes_limit`` of a
+        # disk's in run files in ``spill_dir`` (``vault/blockchanges.py``).
+        self.changes = [BlockChanges(limit=changes_limit, spill_dir=spill_dir)
+                        for _ in self.disks]
         self._pending: list[tuple[bytes, bytes | memoryview]] = []
         self._pending_bytes = 0
         self._batch = _Batch()
@@ -251,6 +256,7 @@ class CycleWriter:
         await self.checkpoint()
         point_id = self.vault.keyring.name_for("point", self.machine, self.cycle)
         if await self.vault.has_point(point_id):
+            self._drop_changes()
             return await self.vault.read_point(point_id)
         chain = 0 if self.full or self.base is None else self.base.chain + 1
         write_full = self.full or chain > MAX_CHAIN
@@ -285,7 +291,14 @@ class CycleWriter:
             format=self.vault.config.format,
         )
         await self.vault.put_point(point)
+        self._drop_changes()
         return point
+
+    def _drop_changes(self) -> None:
+        """The changes are in the point's maps, or the cycle is aborted: drop them and
+        their run files (a failed finish keeps them, for the caller to try again)."""
+        for c in self.changes:
+            c.close()
 
     async def _merged_full(self, spec: DiskSpec, changes: BlockChanges
                            ) -> tuple[MapBuilder, int]:
@@ -323,6 +336,7 @@ class CycleWriter:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._inflight.clear()
+        self._drop_changes()
 
 
 LOOKUP_BATCH = 65_536  # ids asked of the index at once when a map is checked
