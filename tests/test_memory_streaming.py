@@ -374,6 +374,10 @@ class _Recording(FaultStore):
         self.log.append("put " + name)
         await super().put(name, data)
 
+    async def put_file(self, name: str, fd: int, length: int) -> None:
+        self.log.append("put " + name)
+        await super().put_file(name, fd, length)
+
     async def delete(self, name: str) -> None:
         self.log.append("delete " + name)
         await super().delete(name)

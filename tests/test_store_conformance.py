@@ -90,6 +90,23 @@ async def test_large_object_roundtrip(store: BlobStore) -> None:
     assert await store.get("packs/00/big", (4 << 20) - 3, 6) == data[(4 << 20) - 3:(4 << 20) + 3]
 
 
+async def test_put_file_puts_the_files_first_bytes(store: BlobStore, tmp_path: Path) -> None:
+    data = os.urandom((9 << 20) + 5)  # staged in blocks by the Azure backend
+    with open(tmp_path / "spool", "w+b") as f:
+        f.write(data + b"not this")
+        f.seek(123)
+        fd = f.fileno()
+        await store.put_file("maps/big", fd, len(data))
+        await store.put_file("maps/small", fd, 1000)
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 123  # read with pread: position untouched
+        assert await store.get("maps/big") == data
+        assert await store.get("maps/small") == data[:1000]
+        # A file shorter than the length asked for: an error, and nothing put.
+        with pytest.raises(PermanentStoreError, match="ends before byte"):
+            await store.put_file("maps/short", fd, len(data) + 9)
+    assert await _names(store, "maps/") == ["maps/big", "maps/small"]
+
+
 async def test_listing_is_sorted_and_prefixed(store: BlobStore) -> None:
     names = ["points/b2", "index/x", "packs/ff/f1", "packs/0a/a1", "points/a1", "config",
              "packs/0a/a0", "keys/k1"]
@@ -208,6 +225,18 @@ async def test_transient_errors_retried_with_identical_body(store: BlobStore) ->
     await retrying.put("packs/22/retried", data)
     assert len(flaky.bodies) == 4 and len(set(flaky.bodies)) == 1
     assert await store.get("packs/22/retried") == data
+
+
+async def test_a_file_put_is_retried_with_an_identical_body(store: BlobStore,
+                                                             tmp_path: Path) -> None:
+    flaky = _LostResponses(store, 2)  # overrides put only: a file put reaches it as one
+    data = os.urandom(300_000)
+    with open(tmp_path / "spool", "w+b") as f:
+        f.write(data)
+        f.flush()
+        await RetryStore(flaky, base=0.001).put_file("maps/retried", f.fileno(), len(data))
+    assert len(flaky.bodies) == 3 and len(set(flaky.bodies)) == 1
+    assert await store.get("maps/retried") == data
 
 
 async def test_retry_gives_up_after_its_attempts(store: BlobStore) -> None:

@@ -27,7 +27,7 @@ import operator
 import struct
 import sys
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from vault import names
@@ -63,28 +63,89 @@ def seal_chunked(keyring: Keyring, map_id: str, kind: int, size: int, block_size
     """The object of a map whose sorted entries (40 bytes each, a format 1 map's body)
     are ``body``: its chunks of ``chunk_entries`` entries, its table and its tail
     (``table_nonce``: for test vectors only; a random one otherwise)."""
-    if not 0 < chunk_entries <= MAX_CHUNK_ENTRIES:
-        raise ValueError(f"a chunk holds 1 to {MAX_CHUNK_ENTRIES} entries, not {chunk_entries}")
-    view = memoryview(body)
-    count = len(view) // ENTRY.size
-    aead = keyring.aead(ObjectType.MAP_CHUNK, map_id)
     parts: list[bytes] = []
-    rows: list[bytes] = []
-    off = 0
-    for i, lo in enumerate(range(0, count, chunk_entries)):
-        hi = min(count, lo + chunk_entries)
-        part = view[lo * ENTRY.size:hi * ENTRY.size]
+    sealer = ChunkSealer(keyring, map_id, kind, size, block_size, parts.append,
+                         chunk_entries)
+    sealer.add_body(memoryview(body))
+    sealer.finish(table_nonce=table_nonce)
+    return b"".join(parts)
+
+
+class ChunkSealer:
+    """A chunked map's object written as its entries come: each chunk sealed and handed
+    to ``write`` once it holds ``chunk_entries`` entries, the table and the tail by
+    ``finish``. Holds one chunk's plaintext and the table's rows (28 bytes a chunk), so
+    a map of any size is written in bounded memory; the bytes are ``seal_chunked``'s."""
+
+    def __init__(self, keyring: Keyring, map_id: str, kind: int, size: int,
+                 block_size: int, write: Callable[[bytes], object],
+                 chunk_entries: int = CHUNK_ENTRIES) -> None:
+        if not 0 < chunk_entries <= MAX_CHUNK_ENTRIES:
+            raise ValueError(f"a chunk holds 1 to {MAX_CHUNK_ENTRIES} entries, not "
+                             f"{chunk_entries}")
+        self.keyring, self.map_id = keyring, map_id
+        self.kind, self.size, self.block_size = kind, size, block_size
+        self._write, self._per_chunk = write, chunk_entries
+        self._aead = keyring.aead(ObjectType.MAP_CHUNK, map_id)
+        self._buf = bytearray()  # the chunk being filled
+        self._rows: list[bytes] = []
+        self._offset = 0  # bytes handed to ``write``
+        self.count = 0  # entries
+        self._last = -1
+
+    def extend(self, entries: Iterable[tuple[int, bytes]]) -> None:
+        """Append ``(block number, id)`` entries, in increasing block order."""
+        buf, pack, full = self._buf, ENTRY.pack, self._per_chunk * ENTRY.size
+        last = self._last
+        for n, bid in entries:
+            if n <= last:
+                raise ValueError(f"map entries go in increasing block order: {n} after "
+                                 f"{last}")
+            buf += pack(n, bid)
+            last = n
+            if len(buf) >= full:
+                self._last = last
+                self._seal_chunk()
+                buf = self._buf
+        self._last = last
+
+    def add_body(self, body: memoryview) -> None:
+        """Append entries already laid out (a format 1 map's body, sorted: its order is
+        not checked again)."""
+        full = self._per_chunk * ENTRY.size
+        while body:
+            take = full - len(self._buf)
+            self._buf += body[:take]
+            body = body[take:]
+            if len(self._buf) >= full:
+                self._seal_chunk()
+
+    def _seal_chunk(self) -> None:
+        part = self._buf
+        if not part:
+            return
+        i = len(self._rows)
         first = struct.unpack_from("<Q", part, 0)[0]
         last = struct.unpack_from("<Q", part, len(part) - ENTRY.size)[0]
-        sealed = seal(aead, ObjectType.MAP_CHUNK, map_id, part, nonce=counter_nonce(i),
-                      extra=INDEX.pack(i))
-        parts.append(sealed)
-        rows.append(CHUNK.pack(first, last, hi - lo, off, len(sealed)))
-        off += len(sealed)
-    plain = HEAD.pack(kind, size, block_size, count, len(rows)) + b"".join(rows)
-    table = seal(keyring.aead(ObjectType.MAP, map_id), ObjectType.MAP, map_id, plain,
-                 nonce=table_nonce)
-    return b"".join(parts) + table + TAIL.pack(len(table), MAGIC)
+        sealed = seal(self._aead, ObjectType.MAP_CHUNK, self.map_id, memoryview(part),
+                      nonce=counter_nonce(i), extra=INDEX.pack(i))
+        self._write(sealed)
+        entries = len(part) // ENTRY.size
+        self._rows.append(CHUNK.pack(first, last, entries, self._offset, len(sealed)))
+        self._offset += len(sealed)
+        self.count += entries
+        self._buf = bytearray()
+
+    def finish(self, *, table_nonce: bytes | None = None) -> int:
+        """Seal the last chunk, write the table and the tail; the object's length."""
+        self._seal_chunk()
+        plain = (HEAD.pack(self.kind, self.size, self.block_size, self.count,
+                           len(self._rows)) + b"".join(self._rows))
+        table = seal(self.keyring.aead(ObjectType.MAP, self.map_id), ObjectType.MAP,
+                     self.map_id, plain, nonce=table_nonce)
+        tail = table + TAIL.pack(len(table), MAGIC)
+        self._write(tail)
+        return self._offset + len(tail)
 
 
 def parse_table(keyring: Keyring, map_id: str, sealed: bytes | memoryview,

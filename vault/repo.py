@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from vault.maps import (
     seal_map,
     seal_map_plaintext,
 )
+from vault.mapspool import MapSpool
 from vault.pack import FRAME_BYTES, ZSTD_LEVEL, PackEntry, open_block
 from vault.point import (
     CHUNKED_FORMAT,
@@ -207,10 +209,24 @@ class Vault:
             index.add_object(names.INDEX + name_id, packs)
         return name_id
 
-    async def put_map(self, m: BlockMap | MapBuilder, fmt: int | None = None) -> str:
+    def map_writer(self, kind: int, size: int, block_size: int, *,
+                   spool_dir: str | os.PathLike[str] | None = None) -> MapBuilder | MapSpool:
+        """Where a map is written entry by entry, in increasing block order, before
+        ``put_map``: sealed chunk by chunk into a file in ``spool_dir`` and put from it a
+        part at a time (format 2 on: ``vault/mapspool.py``), or built in memory to be
+        sealed whole (format 1). The caller closes a ``MapSpool``."""
+        if self.config.format >= CHUNKED_FORMAT:
+            return MapSpool(self.keyring, kind, size, block_size,
+                            chunk_entries=self.map_chunk_entries, spool_dir=spool_dir)
+        return MapBuilder(kind, size, block_size)
+
+    async def put_map(self, m: BlockMap | MapBuilder | MapSpool, fmt: int | None = None
+                      ) -> str:
         """Write a map as the vault's format (or ``fmt``) lays it out: sealed whole
         (format 1) or in chunks (format 2 on, ``vault/mapchunks.py``); the point naming it
-        must have that format."""
+        must have that format. A ``MapSpool`` (``map_writer``) is put from its file."""
+        if isinstance(m, MapSpool):
+            return await m.put(self.store)
         name_id = names.random_id()
         fmt = self.config.format if fmt is None else fmt
         if fmt < CHUNKED_FORMAT:

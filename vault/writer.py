@@ -31,6 +31,7 @@ from vault.index import BlockIndex, Index
 from vault.mapchain import chain_entries
 from vault.mapranges import RANGE_BLOCKS, ChainRanges
 from vault.maps import DELTA, FULL, ZERO_ID, MapBuilder
+from vault.mapspool import MapSpool
 from vault.pack import ZSTD_LEVEL, PackEntry, build_pack, pack_compressor
 from vault.point import DiskEntry, Point
 from vault.repo import MAX_CHAIN, Vault
@@ -112,6 +113,7 @@ class CycleWriter:
         if range_blocks < 1:
             raise ValueError(f"a range is at least one block, not {range_blocks}")
         self.range_blocks = range_blocks  # a full map merged from the base's, per range
+        self.spill_dir = spill_dir  # where changes past their budget and maps are spooled
         self.vault, self.index, self.executor = vault, index, executor
         self.machine, self.cycle, self.disks = machine, cycle, list(disks)
         self.full, self.base = full, base
@@ -262,23 +264,30 @@ class CycleWriter:
         write_full = self.full or chain > MAX_CHAIN
         disk_entries = []
         for i, spec in enumerate(self.disks):
-            m: MapBuilder
             changes = self.changes[i]
-            if write_full and not self.full:  # the chain's 17th: the base's map merged
-                m, missing = await self._merged_full(spec, changes)
-            else:
-                m = MapBuilder(FULL if write_full else DELTA, spec.size, spec.block_size)
-                # A full cycle: every block of the disk is in its changes, zero ones left
-                # out of the map; a delta map says which blocks became zero.
-                m.extend((n, b) for n, b in changes.items()
-                         if not (write_full and b == ZERO_ID))
-                missing = _count_unindexed(self.index, changes.ids())
-            if missing:
-                # Never write a point that cannot be restored.
-                raise MissingBlocksError(
-                    f"cycle {self.cycle}: {missing} block(s) of disk {spec.name!r} are in no "
-                    "index (a prune removed them while the cycle waited in the cache)")
-            map_id = await self.vault.put_map(m)
+            # Spooled to a file and put a part at a time (format 2 on): the map of a
+            # large disk is never held whole.
+            m = self.vault.map_writer(FULL if write_full else DELTA, spec.size,
+                                      spec.block_size, spool_dir=self.spill_dir)
+            try:
+                if write_full and not self.full:  # the chain's 17th: the base's map merged
+                    missing = await self._merged_full(spec, changes, m)
+                else:
+                    # A full cycle: every block of the disk is in its changes, zero ones
+                    # left out of the map; a delta map says which blocks became zero.
+                    m.extend((n, b) for n, b in changes.items()
+                             if not (write_full and b == ZERO_ID))
+                    missing = _count_unindexed(self.index, changes.ids())
+                if missing:
+                    # Never write a point that cannot be restored.
+                    raise MissingBlocksError(
+                        f"cycle {self.cycle}: {missing} block(s) of disk {spec.name!r} are "
+                        "in no index (a prune removed them while the cycle waited in the "
+                        "cache)")
+                map_id = await self.vault.put_map(m)
+            finally:
+                if isinstance(m, MapSpool):
+                    m.close()
             disk_entries.append(DiskEntry(
                 disk=spec.name, size=spec.size, block_size=spec.block_size, map=map_id,
                 map_kind="full" if write_full else "delta", digest=digests[spec.name],
@@ -300,18 +309,18 @@ class CycleWriter:
         for c in self.changes:
             c.close()
 
-    async def _merged_full(self, spec: DiskSpec, changes: BlockChanges
-                           ) -> tuple[MapBuilder, int]:
-        """A full map of ``spec``: the base's map with this cycle's ``changes``, merged a
-        range at a time along the base's chain of maps (vault/mapranges.py), not in a
-        dict of the disk; and how many of its ids are in no index."""
+    async def _merged_full(self, spec: DiskSpec, changes: BlockChanges,
+                           out: MapBuilder | MapSpool) -> int:
+        """Write into ``out`` a full map of ``spec``: the base's map with this cycle's
+        ``changes``, merged a range at a time along the base's chain of maps
+        (vault/mapranges.py), not in a dict of the disk; return how many of its ids are
+        in no index."""
         assert self.base is not None
         ranges = ChainRanges(await chain_entries(self.vault, self.base, spec.name),
                              block_count(spec.size, spec.block_size))
         todo = changes.items()
         nxt = next(todo, None)
         missing = 0
-        out = MapBuilder(FULL, spec.size, spec.block_size)
         async for _first, end, blocks in ranges.walk(self.range_blocks):
             while nxt is not None and nxt[0] < end:
                 n, bid = nxt
@@ -326,7 +335,7 @@ class CycleWriter:
         if nxt is not None:
             raise ValueError(f"cycle {self.cycle}: block {nxt[0]} lies beyond disk "
                              f"{spec.name!r}")
-        return out, missing
+        return missing
 
     async def abort(self) -> None:
         """Cancel the pack writes and checkpoints still running (nothing partial becomes

@@ -17,11 +17,12 @@ retries are the ``RetryStore`` wrapper's job, so there is one retry policy.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import email.utils
 import io
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -37,7 +38,7 @@ from azure.core.exceptions import (
 from azure.storage.blob.aio import BlobServiceClient, ContainerClient
 
 from vault.errors import NotFoundError, PermanentStoreError, StoreError, TransientStoreError
-from vault.store.protocol import BlobInfo, check_name
+from vault.store.protocol import BlobInfo, check_name, read_file_part
 
 # Above 1 MiB, the SDK's single upload hands aiohttp the body as raw bytes (sent on
 # the event loop); staged blocks stream. So larger objects are always staged.
@@ -140,18 +141,38 @@ class AzureBlobStore:
         return self._prefix + check_name(name)
 
     async def put(self, name: str, data: bytes | bytearray) -> None:
+        view = memoryview(data)
+
+        async def part(off: int, length: int) -> bytes:
+            if isinstance(data, bytes) and length == len(data):
+                return data  # whole: no copy
+            return bytes(view[off:off + length])
+
+        await self._put_parts(name, len(data), part)
+
+    async def put_file(self, name: str, fd: int, length: int) -> None:
+        async def part(off: int, n: int) -> bytes:
+            return await asyncio.to_thread(read_file_part, fd, off, n)
+
+        await self._put_parts(name, length, part)
+
+    async def _put_parts(self, name: str, length: int,
+                         part: Callable[[int, int], Awaitable[bytes]]) -> None:
+        """Put an object of ``length`` bytes whose bytes from ``off`` ``part(off, n)``
+        gives: in one request up to ``SINGLE_PUT_BYTES``, else staged a block at a time
+        (one held at once) and committed in one list."""
         blob = self._c.get_blob_client(self._key(name))
         try:
-            if len(data) <= SINGLE_PUT_BYTES:
+            if length <= SINGLE_PUT_BYTES:
+                data = await part(0, length)
                 # A stream, not raw bytes: aiohttp would send a large bytes body on the loop.
-                await blob.upload_blob(io.BytesIO(data), length=len(data), overwrite=True,
+                await blob.upload_blob(io.BytesIO(data), length=length, overwrite=True,
                                        validate_content=True)
                 return
             ids = []
-            view = memoryview(data)
-            for i, off in enumerate(range(0, len(data), STAGE_BYTES)):
+            for i, off in enumerate(range(0, length, STAGE_BYTES)):
                 bid = base64.b64encode(f"{i:08d}".encode()).decode()
-                chunk = bytes(view[off:off + STAGE_BYTES])
+                chunk = await part(off, min(STAGE_BYTES, length - off))
                 await blob.stage_block(bid, io.BytesIO(chunk), length=len(chunk),
                                        validate_content=True)
                 ids.append(bid)

@@ -41,6 +41,14 @@ class FaultStore(StoreWrapper):
             os._exit(137)
 
     async def put(self, name: str, data: bytes | bytearray) -> None:
+        await self._before_put(name)
+        await self.inner.put(name, data)
+
+    async def put_file(self, name: str, fd: int, length: int) -> None:
+        await self._before_put(name)
+        await self.inner.put_file(name, fd, length)
+
+    async def _before_put(self, name: str) -> None:
         self._maybe_crash()
         if self.hang and name.startswith(self.hang):
             await asyncio.Event().wait()
@@ -48,7 +56,6 @@ class FaultStore(StoreWrapper):
                 self.fail_times == 0 or self.failures < self.fail_times):
             self.failures += 1
             raise TransientStoreError(f"injected failure writing {name!r}")
-        await self.inner.put(name, data)
 
     async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         data = await self.inner.get(name, offset, length)

@@ -22,6 +22,10 @@ class LimitStore(StoreWrapper):
         async with self._sem:
             await self.inner.put(name, data)
 
+    async def put_file(self, name: str, fd: int, length: int) -> None:
+        async with self._sem:
+            await self.inner.put_file(name, fd, length)
+
     async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         async with self._sem:
             return await self.inner.get(name, offset, length)

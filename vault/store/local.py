@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from vault.errors import NotFoundError, PermanentStoreError
 from vault.names import PACKS
-from vault.store.protocol import BlobInfo, check_name
+from vault.store.protocol import BlobInfo, check_name, read_file_part
 
 _TMP_SUFFIX = ".tmp"
+_COPY = 4 << 20  # bytes of a file put copied at once
 
 
 class LocalStore:
@@ -26,14 +27,40 @@ class LocalStore:
         return self.root / check_name(name)
 
     def _put(self, name: str, data: bytes | bytearray) -> None:
-        path = self._path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(data):x}{_TMP_SUFFIX}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
+        def fill(fd: int) -> None:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
+
+        self._write(name, fill, id(data))
+
+    def _put_file(self, name: str, src: int, length: int) -> None:
+        def fill(fd: int) -> None:
+            off = 0
+            try:  # in the kernel, nothing read into memory
+                while off < length:
+                    n = os.copy_file_range(src, fd, length - off, offset_src=off)
+                    if n == 0:
+                        break
+                    off += n
+            except OSError:  # a filesystem pair it does not serve: read and write
+                pass
+            for at in range(off, length, _COPY):
+                view = memoryview(read_file_part(src, at, min(_COPY, length - at)))
+                while view:
+                    view = view[os.write(fd, view) :]
+
+        self._write(name, fill, src)
+
+    def _write(self, name: str, fill: Callable[[int], None], tag: int) -> None:
+        """Write an object: a temporary file filled by ``fill``, fsynced, renamed over
+        the name, its folder fsynced."""
+        path = self._path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{tag:x}{_TMP_SUFFIX}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            fill(fd)
             os.fsync(fd)
             if name.startswith(PACKS):
                 # Durable now, and read again only by a restore or a check: give the pages
@@ -52,6 +79,9 @@ class LocalStore:
 
     async def put(self, name: str, data: bytes | bytearray) -> None:
         await asyncio.to_thread(self._put, name, data)
+
+    async def put_file(self, name: str, fd: int, length: int) -> None:
+        await asyncio.to_thread(self._put_file, name, fd, length)
 
     def _get(self, name: str, offset: int, length: int | None) -> bytes:
         path = self._path(name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from vault.errors import NotFoundError, PermanentStoreError
-from vault.store.protocol import BlobInfo, check_name
+from vault.store.protocol import BlobInfo, check_name, read_file_part
 
 
 class MemoryStore:
@@ -15,6 +15,9 @@ class MemoryStore:
 
     async def put(self, name: str, data: bytes | bytearray) -> None:
         self.objects[check_name(name)] = bytes(data)
+
+    async def put_file(self, name: str, fd: int, length: int) -> None:
+        self.objects[check_name(name)] = read_file_part(fd, 0, length)
 
     async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         try:

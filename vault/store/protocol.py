@@ -6,6 +6,7 @@ here (:func:`check_name`) rather than in each backend.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -14,6 +15,15 @@ from typing import Protocol, runtime_checkable
 from vault.errors import PermanentStoreError
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*$")
+
+
+def read_file_part(fd: int, offset: int, length: int) -> bytes:
+    """``length`` bytes of ``fd`` from ``offset`` (``pread``); an error if the file is
+    shorter."""
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise PermanentStoreError(f"the file to put ends before byte {offset + length}")
+    return data
 
 
 def check_name(name: str) -> str:
@@ -39,6 +49,10 @@ class BlobStore(Protocol):
       no object, or the whole new one, never a part. After ``put`` returns the
       object is durable. ``data`` may be a ``bytearray`` (a sealed pack is built in
       one); a backend that keeps it copies it.
+    - ``put_file`` is ``put`` of the first ``length`` bytes of the open file ``fd``,
+      read with ``pread`` (the file's position is not used or moved, and it is not
+      closed; each attempt reads it again): an object too large to hold in memory (a
+      block map of a large disk) is put from a file, a part at a time.
     - ``get`` returns ``length`` bytes from ``offset`` (to the end when ``length``
       is ``None``); raises ``NotFoundError`` if the object does not exist and
       ``PermanentStoreError`` if the range lies outside it.
@@ -57,6 +71,8 @@ class BlobStore(Protocol):
     url: str
 
     async def put(self, name: str, data: bytes | bytearray) -> None: ...
+
+    async def put_file(self, name: str, fd: int, length: int) -> None: ...
 
     async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes: ...
 

@@ -50,6 +50,9 @@ class RetryStore(StoreWrapper):
     async def put(self, name: str, data: bytes | bytearray) -> None:
         await self._retry(f"put {name}", lambda: self.inner.put(name, data))
 
+    async def put_file(self, name: str, fd: int, length: int) -> None:
+        await self._retry(f"put {name}", lambda: self.inner.put_file(name, fd, length))
+
     async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         return await self._retry(f"get {name}", lambda: self.inner.get(name, offset, length))
 

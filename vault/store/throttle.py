@@ -8,7 +8,8 @@ from vault.store.wrapper import StoreWrapper
 
 
 class ThrottleStore(StoreWrapper):
-    """Uploads (``put``) pass through a token bucket; everything else is untouched."""
+    """Uploads (``put``, ``put_file``) pass through a token bucket; everything else is
+    untouched."""
 
     def __init__(self, inner: BlobStore, bucket: TokenBucket) -> None:
         super().__init__(inner)
@@ -17,3 +18,7 @@ class ThrottleStore(StoreWrapper):
     async def put(self, name: str, data: bytes | bytearray) -> None:
         await self.bucket.take(len(data))
         await self.inner.put(name, data)
+
+    async def put_file(self, name: str, fd: int, length: int) -> None:
+        await self.bucket.take(length)
+        await self.inner.put_file(name, fd, length)
