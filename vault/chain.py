@@ -21,7 +21,7 @@ from vault import names
 from vault.errors import MissingObjectError
 from vault.mapchain import chain_entries
 from vault.mapranges import ChainRanges
-from vault.maps import FULL, MapBuilder
+from vault.maps import FULL
 from vault.point import DiskEntry, Point
 from vault.repo import MAX_CHAIN, Vault
 
@@ -86,10 +86,14 @@ async def rebase(vault: Vault, point: Point, known: dict[str, Point] | None = No
     for d in point.disks:  # its chain's maps merged a range at a time, not in a dict
         ranges = ChainRanges(await chain_entries(vault, point, d.disk),
                              block_count(d.size, d.block_size))
-        full = MapBuilder(FULL, d.size, d.block_size)
-        async for _first, _end, blocks in ranges.walk():
-            full.extend(sorted(blocks.items()))
-        map_id = await vault.put_map(full)
+        # Spooled (format 2 on): the new full map is never held whole either.
+        full = vault.map_writer(FULL, d.size, d.block_size)
+        try:
+            async for _first, _end, blocks in ranges.walk():
+                full.extend(sorted(blocks.items()))
+            map_id = await vault.put_map(full)
+        finally:
+            full.close()
         disks.append(DiskEntry(d.disk, d.size, d.block_size, map_id, "full", d.digest))
     rebased = dataclasses.replace(point, base=None, chain=0, disks=disks,
                                   format=vault.config.format)

@@ -73,6 +73,10 @@ class MapBuilder:
     def plaintext(self) -> bytes:
         return HEAD.pack(self.kind, self.size, self.block_size, self._count) + self._body
 
+    def close(self) -> None:
+        """Nothing to free: ``MapSpool``'s counterpart (``Vault.map_writer`` gives
+        either)."""
+
 
 @dataclass(frozen=True)
 class MapEntries:

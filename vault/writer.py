@@ -286,8 +286,7 @@ class CycleWriter:
                         "cache)")
                 map_id = await self.vault.put_map(m)
             finally:
-                if isinstance(m, MapSpool):
-                    m.close()
+                m.close()
             disk_entries.append(DiskEntry(
                 disk=spec.name, size=spec.size, block_size=spec.block_size, map=map_id,
                 map_kind="full" if write_full else "delta", digest=digests[spec.name],
