@@ -27,7 +27,7 @@ from array import array
 from collections.abc import Iterator
 
 ID = 32  # bytes of a block id
-SPILL_ENTRIES = 1 << 20  # entries held in memory before a run is written: 40 MiB
+SPILL_ENTRIES = 1 << 18  # entries held in memory before a run is written: 10 MiB
 _READ_ENTRIES = 4096  # entries read from a run at once
 
 
