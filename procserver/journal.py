@@ -36,16 +36,26 @@ def append_journal(path: Path, entries: list[tuple[int, int, bytes]]) -> None:
             os.close(dfd)
 
 
-def read_journal(path: Path) -> list[tuple[int, int, bytes]]:
-    """The whole entries of the journal at ``path`` (none if it does not exist); a torn
-    tail is cut off (blocking)."""
+def cut_journal(path: Path) -> int:
+    """How many whole entries the journal at ``path`` holds (0 if it does not exist); a
+    torn tail is cut off first (blocking)."""
     try:
-        data = path.read_bytes()
+        size = os.stat(path).st_size
     except FileNotFoundError:
-        return []
-    whole = len(data) - len(data) % JREC.size
-    if whole != len(data):
+        return 0
+    whole = size - size % JREC.size
+    if whole != size:
         # A torn append was never fsynced, so its segment was never deleted and will
         # be processed again: drop the tail so later appends stay aligned.
         os.truncate(path, whole)
-    return [JREC.unpack_from(data, o) for o in range(0, whole, JREC.size)]
+    return whole // JREC.size
+
+
+def read_journal(path: Path, start: int, count: int) -> list[tuple[int, int, bytes]]:
+    """Entries ``start`` to ``start + count`` of the journal at ``path`` (blocking): a
+    resumed cycle replays its journal a batch at a time, never the whole of it."""
+    with open(path, "rb") as f:
+        data = os.pread(f.fileno(), count * JREC.size, start * JREC.size)
+    if len(data) != count * JREC.size:
+        raise OSError(f"{path}: the journal ends before entry {start + count}")
+    return list(JREC.iter_unpack(data))
