@@ -5,7 +5,7 @@ map is written. A dict of them costs about 140 bytes a block (an int key, a 32-b
 bytes object, the table's slot): 4.7 GB for the initial copy of a 2 TiB disk of 64 KiB
 blocks. Here they are appended to two flat arrays (``u64`` block numbers, 32-byte ids:
 40 bytes a block), and past ``limit`` entries the arrays are sorted and written to a
-*run*, an unlinked temporary file in ``spill_dir`` (``O_TMPFILE``: gone with the
+*run*, a nameless file in ``spill_dir`` (``common/scratch.py``: gone with the
 process, even after a ``kill -9``), so what a cycle holds in memory does not grow with
 its disk. Reading the changes back merges the runs and what is in memory, in block
 order.
@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import heapq
 import os
-import tempfile
 import weakref
 from array import array
 from collections.abc import Iterator
+
+from common.scratch import scratch_file, write_all
 
 ID = 32  # bytes of a block id
 SPILL_ENTRIES = 1 << 18  # entries held in memory before a run is written: 10 MiB
@@ -157,13 +158,10 @@ class BlockChanges:
 
     def _spill(self) -> None:
         self._settle()
-        where = os.fspath(self._spill_dir) if self._spill_dir is not None else (
-            tempfile.gettempdir())
-        fd = os.open(where, os.O_TMPFILE | os.O_RDWR, 0o600)  # unlinked from the start
+        fd = scratch_file(self._spill_dir)
         try:
-            for data in (memoryview(self._nums).cast("B"), memoryview(self._ids)):
-                while data:
-                    data = data[os.write(fd, data):]
+            write_all(fd, memoryview(self._nums).cast("B"))
+            write_all(fd, self._ids)
         except BaseException:
             os.close(fd)
             raise

@@ -4,18 +4,18 @@ then put from the file a part at a time (``BlobStore.put_file``).
 A map holds 40 bytes of plaintext an entry: the full map of a 2 TiB disk of 64 KiB
 blocks is 1.3 GB, and built in memory it was held twice over when it was put (the
 plaintext, then the sealed object). A spool holds one chunk of plaintext and the
-table's rows (28 bytes a chunk of 65 536 entries); the sealed chunks go to an unlinked
-temporary file (``O_TMPFILE`` in ``spool_dir``: gone with the process, even after a
+table's rows (28 bytes a chunk of 65 536 entries); the sealed chunks go to a nameless
+file in ``spool_dir`` (``common/scratch.py``: gone with the process, even after a
 ``kill -9``). The bytes are ``seal_chunked``'s for the same entries.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import weakref
 from collections.abc import Iterable
 
+from common.scratch import scratch_file, write_all
 from vault import names
 from vault.crypto import Keyring
 from vault.mapchunks import CHUNK_ENTRIES, ChunkSealer
@@ -30,8 +30,7 @@ class MapSpool:
                  chunk_entries: int = CHUNK_ENTRIES,
                  spool_dir: str | os.PathLike[str] | None = None) -> None:
         self.map_id = names.random_id()
-        where = os.fspath(spool_dir) if spool_dir is not None else tempfile.gettempdir()
-        self._fd = os.open(where, os.O_TMPFILE | os.O_RDWR, 0o600)
+        self._fd = scratch_file(spool_dir)
         self._closer = weakref.finalize(self, os.close, self._fd)
         self._sealer = ChunkSealer(keyring, self.map_id, kind, size, block_size,
                                    self._write, chunk_entries)
@@ -47,9 +46,7 @@ class MapSpool:
         self._sealer.extend(entries)
 
     def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
+        write_all(self._fd, data)
         self.length += len(data)
 
     async def put(self, store: BlobStore) -> str:
