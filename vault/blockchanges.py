@@ -66,8 +66,8 @@ def _tagged(k: int, src: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, int
 class BlockChanges:
     """``block number -> id`` for one disk, appended, read back in block order."""
 
-    __slots__ = ("_ids", "_last", "_limit", "_mem_last", "_nums", "_ordered", "_runs",
-                 "_sorted", "_spill_dir")
+    __slots__ = ("_ids", "_last", "_limit", "_nums", "_ordered", "_runs", "_sorted",
+                 "_spill_dir")
 
     def __init__(self, *, limit: int = SPILL_ENTRIES,
                  spill_dir: str | os.PathLike[str] | None = None) -> None:
@@ -78,7 +78,6 @@ class BlockChanges:
         self._ids = bytearray()
         self._runs: list[_Run] = []
         self._last = -1  # the highest block number recorded
-        self._mem_last = -1  # the highest of those in memory
         self._sorted = True  # in memory, every block after the one before it
         self._ordered = True  # the same of every entry, the runs' too
 
@@ -86,17 +85,16 @@ class BlockChanges:
         """Record block ``n``'s id (a later one for the same block wins)."""
         if len(block_id) != ID:
             raise ValueError(f"a block id is {ID} bytes, not {len(block_id)}")
-        if n > self._last:
+        nums = self._nums
+        if n > self._last:  # the common case: after every block recorded before
             self._last = n
         else:
             self._ordered = False
-        if n > self._mem_last:
-            self._mem_last = n
-        else:
-            self._sorted = False
-        self._nums.append(n)
+            if nums and n <= nums[-1]:  # (while sorted, the last in memory is its highest)
+                self._sorted = False
+        nums.append(n)
         self._ids += block_id
-        if len(self._nums) >= self._limit:
+        if len(nums) >= self._limit:
             self._spill()
 
     @property
@@ -130,7 +128,7 @@ class BlockChanges:
             r.close()
         self._runs.clear()
         self._nums, self._ids = array("Q"), bytearray()
-        self._last = self._mem_last = -1
+        self._last = -1
         self._sorted = self._ordered = True
 
     def _memory(self) -> Iterator[tuple[int, bytes]]:
@@ -166,7 +164,7 @@ class BlockChanges:
             os.close(fd)
             raise
         self._runs.append(_Run(fd, len(self._nums)))
-        self._nums, self._ids, self._mem_last = array("Q"), bytearray(), -1
+        self._nums, self._ids = array("Q"), bytearray()
 
     def _settle(self) -> None:
         """Put the entries in memory in block order, the last one recorded of each block
