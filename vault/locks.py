@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -276,36 +277,52 @@ async def delete_lease(vault: Vault, machine: str, cycle: str) -> int:
 
 @dataclass
 class Leases:
-    """What the live leases of a vault hold: the blocks and base points a prune keeps."""
+    """What the live leases of a vault hold: the base points a prune keeps, and the parts
+    whose blocks it keeps (read again a part at a time by ``leased_blocks``: a lease of
+    a long cycle holds 32 bytes a block, never gathered whole)."""
 
     cycles: set[tuple[str, str]] = field(default_factory=set)  # (machine, cycle)
-    blocks: set[bytes] = field(default_factory=set)
     bases: set[str] = field(default_factory=set)
+    live: list[str] = field(default_factory=list)  # names of the parts of live leases
     expired: list[str] = field(default_factory=list)  # names of the parts of dead leases
     bad: list[str] = field(default_factory=list)  # parts that fail to authenticate
 
 
+class LeaseChangedError(VaultError):
+    """A live lease's part vanished or changed between two reads of a prune."""
+
+
+async def _read_part(vault: Vault, name: str) -> _Part:
+    """One lease part, unsealed and parsed; ``NotFoundError`` if it is gone, ``IntegrityError``
+    or ``ValueError`` (and the like) if it is not a lease part."""
+    raw = await vault.store.get(name)
+    plain = unseal(vault.keyring.aead(ObjectType.LEASE, name), ObjectType.LEASE, name, raw,
+                   max_size=MAX_LEASE_PART)
+    header, _, ids = plain.partition(b"\n")
+    doc = json.loads(header)
+    if len(ids) % 32:
+        raise ValueError("lease part: block ids are 32 bytes each")
+    return _Part(name, str(doc["machine"]), str(doc["cycle"]),
+                 str(doc["base"]) if doc["base"] else None, float(doc["expires"]), ids)
+
+
+_BAD_PART = (IntegrityError, ValueError, KeyError, TypeError)
+
+
 async def read_leases(vault: Vault, now: float | None = None) -> Leases:
-    """Every lease of the vault: the live ones' blocks and bases, the expired ones'
-    parts. A part that fails to authenticate is listed in ``bad`` and keeps nothing."""
+    """Every lease of the vault: the live ones' cycles, bases and parts, the expired ones'
+    parts. A part that fails to authenticate is listed in ``bad`` and keeps nothing.
+    Holds one part at a time (at most ``MAX_LEASE_PART``), not their blocks."""
     now = time.time() if now is None else now
     parts: dict[str, list[_Part]] = {}
     out = Leases()
     async for info in vault.store.list(LEASES):
         lid = info.name[len(LEASES):].split("/", 1)[0]
         try:
-            raw = await vault.store.get(info.name)
-            plain = unseal(vault.keyring.aead(ObjectType.LEASE, info.name), ObjectType.LEASE,
-                           info.name, raw, max_size=MAX_LEASE_PART)
-            header, _, ids = plain.partition(b"\n")
-            doc = json.loads(header)
-            if len(ids) % 32:
-                raise ValueError("lease part: block ids are 32 bytes each")
-            part = _Part(info.name, str(doc["machine"]), str(doc["cycle"]),
-                         str(doc["base"]) if doc["base"] else None, float(doc["expires"]), ids)
+            part = dataclasses.replace(await _read_part(vault, info.name), ids=b"")
         except NotFoundError:
             continue  # deleted while we listed
-        except (IntegrityError, ValueError, KeyError, TypeError):
+        except _BAD_PART:
             out.bad.append(info.name)
             continue
         parts.setdefault(lid, []).append(part)
@@ -317,8 +334,24 @@ async def read_leases(vault: Vault, now: float | None = None) -> Leases:
             out.cycles.add((p.machine, p.cycle))
             if p.base is not None:
                 out.bases.add(p.base)
-            out.blocks.update(p.ids[i:i + 32] for i in range(0, len(p.ids), 32))
+            out.live.append(p.name)
     return out
+
+
+async def leased_blocks(vault: Vault, leases: Leases) -> AsyncIterator[list[bytes]]:
+    """The block ids of the live leases, a part's at a time. A prune reads them under the
+    vault's exclusive lock, when no writer changes a lease: a part gone or damaged since
+    ``read_leases`` raises ``LeaseChangedError`` rather than keep too little."""
+    for name in leases.live:
+        try:
+            ids = (await _read_part(vault, name)).ids
+        except NotFoundError:
+            raise LeaseChangedError(f"lease part {name} vanished while a prune read the "
+                                    "leases; run the prune again") from None
+        except _BAD_PART as e:
+            raise LeaseChangedError(f"lease part {name} changed while a prune read the "
+                                    f"leases ({e}); run the prune again") from None
+        yield [ids[i:i + 32] for i in range(0, len(ids), 32)]
 
 
 @dataclass(frozen=True)

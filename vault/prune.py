@@ -37,7 +37,7 @@ from vault import names, prunestream
 from vault.chain import chain_of, crosses, rebase
 from vault.extsort import SortedSet
 from vault.index import Location
-from vault.locks import Leases, read_leases
+from vault.locks import Leases, leased_blocks, read_leases
 from vault.mapchain import chain_entries
 from vault.mapranges import RANGE_BLOCKS, ChainRanges
 from vault.pack import Frames, PackEntry, build_pack, open_block
@@ -128,12 +128,14 @@ async def prune(
     if not await fits_in_memory(vault, memory):
         assert memory is not None
         with live_set(memory, temp_dir) as marked:
-            await _prune_streaming(vault, report, kept, cache, leases.blocks, marked, executor,
+            await _prune_streaming(vault, report, kept, cache, leases, marked, executor,
                                    repack_below, memory, index_dir, temp_dir, say,
                                    range_blocks)
         await _finish(vault, report, leases)
         return report
-    live_blocks: set[bytes] = set(leases.blocks)
+    live_blocks: set[bytes] = set()
+    async for ids in leased_blocks(vault, leases):
+        live_blocks.update(ids)
     await _mark(vault, report, kept, cache, live_blocks, range_blocks)
     say(f"{report.maps_deleted} unreferenced maps deleted")
 
@@ -209,13 +211,14 @@ async def _mark(vault: Vault, report: PruneReport, kept: list[Point],
 
 async def _prune_streaming(
     vault: Vault, report: PruneReport, kept: list[Point], cache: dict[str, Point],
-    leased: set[bytes], live: SortedSet, executor: Executor, repack_below: float,
+    leases: Leases, live: SortedSet, executor: Executor, repack_below: float,
     memory: int, index_dir: str | os.PathLike[str] | None,
     temp_dir: str | os.PathLike[str] | None, say: Callable[[str], None], range_blocks: int,
 ) -> None:
     """Steps 4-7 within ``memory`` bytes (vault/prunestream.py)."""
     say(f"the index does not fit {memory / 2**20:g} MiB: collecting through temporary files")
-    live.update(leased)
+    async for ids in leased_blocks(vault, leases):  # a part at a time, into the sort
+        live.update(ids)
     await _mark(vault, report, kept, cache, live, range_blocks)
     say(f"{report.maps_deleted} unreferenced maps deleted")
     old_index_names = [b.name async for b in vault.store.list(names.INDEX)]
