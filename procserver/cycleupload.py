@@ -200,8 +200,7 @@ class CycleUpload:
             except MissingObjectError:
                 raise BaseGoneError(f"cycle {cyc.id} builds on point {writer.base.id[:16]}, "
                                     "which a prune removed") from None
-        missing = sum(1 for changes in writer.changes for b in changes.ids()
-                      if b != ZERO_ID and b not in index)
+        missing = writer.unindexed()
         if missing:
             raise MissingBlocksError(f"cycle {cyc.id}: {missing} block(s) written earlier in "
                                      "the cycle are in no index any more")

@@ -354,6 +354,7 @@ async def test_writer_dedups_and_checks_its_maps_in_batches(
                             disks=[DiskSpec("d0", NBLOCKS * BS, BS)], full=True, base=None)
             fake = [(0, n, bytes([n + 1]) * 32) for n in range(5)]
             w.replay([*fake, (0, 9, next(iter(known.values())))])
+            assert w.unindexed() == 5  # what an uploader checks after a prune ran
             with pytest.raises(MissingBlocksError, match="5 block"):
                 await w.finish({"d0": digest.hexdigest()}, CRASH)
     finally:

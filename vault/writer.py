@@ -139,6 +139,11 @@ class CycleWriter:
         """How many distinct blocks (data or zero) this cycle has recorded."""
         return sum(len(c) for c in self.changes)
 
+    def unindexed(self) -> int:
+        """How many of the blocks recorded so far are in no index (after a prune ran
+        while the cycle waited): looked up in batches, not one by one."""
+        return sum(_count_unindexed(self.index, c.ids()) for c in self.changes)
+
     def replay(self, entries: Sequence[JournalEntry]) -> None:
         """Restore map changes journaled by earlier checkpoints of this cycle."""
         for d, n, bid in entries:
