@@ -1,16 +1,21 @@
 """The CLI's shape (siterecovery/ is a thin composition root): verb modules share leaf
 helpers instead of importing one another, every import runs at module level but the
-servers' (imported by the verbs that run them, so no other verb pays for them), and
-nothing reads argparse's private attributes."""
+servers' (imported by the verbs that run them, so no other verb pays for them) and
+cli.py's (which loads the modules of the command it runs, and no other), and nothing
+reads argparse's private attributes."""
 
 from __future__ import annotations
 
 import ast
+import contextlib
+import io
 import subprocess
 import sys
 from pathlib import Path
 
-from siterecovery.cli import build_parser
+import pytest
+
+from siterecovery.cli import GROUPS, build_parser, command_of
 
 CLI = Path(__file__).resolve().parent.parent / "siterecovery"
 
@@ -51,9 +56,11 @@ SERVERS = {"configserver.server", "procserver.server", "configserver.certs"}
 
 def test_every_import_is_at_module_level() -> None:
     """No import hides inside a function (where a cycle or a slow import could hide),
-    but the servers' in the verbs that start them."""
+    but the servers' in the verbs that start them, and the composition root's: cli.py
+    imports the modules of the command it runs when it runs it."""
     bad = [f"{name}.py:{n.lineno} in {fn.name}" for name, tree in _trees().items()
-           for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+           if name != "cli" for fn in ast.walk(tree)
+           if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
            for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))
            and not (isinstance(n, ast.ImportFrom) and n.module in SERVERS)]
     assert not bad
@@ -85,3 +92,47 @@ def test_vault_subcommands_come_from_three_modules() -> None:
     assert args.func.__module__ == "siterecovery.registercmds"
     args = build_parser().parse_args(["vault", "init", "--data-dir", "/nonexistent"])
     assert args.func.__module__ == "siterecovery.vaultcmds"
+
+
+def _help(argv: list[str], *, everything: bool) -> str:
+    """What ``siterecovery ARGV`` prints for its help, from the whole parser or from the
+    one a run builds (the command's own modules, the others by name)."""
+    parser = build_parser(command_of(argv), everything=everything)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        parser.parse_args(argv)
+    return out.getvalue()
+
+
+def test_a_run_builds_the_parser_the_whole_one_is() -> None:
+    """The commands' table in cli.py (their names, order and help) is what the modules
+    define: every help a run prints is the whole parser's."""
+    assert _help(["--help"], everything=False) == _help(["--help"], everything=True)
+    for name in [n for names, _load in GROUPS for n in names]:
+        for argv in ([name, "--help"], ["--log-level", "debug", name, "--help"]):
+            assert _help(argv, everything=False) == _help(argv, everything=True), argv
+
+
+HEAVY = ("vault.repo", "vault.crypto", "mobility.agent", "procserver.config",
+         "configserver.config", "aiohttp", "prometheus_client")
+
+
+def _loaded(argv: list[str]) -> list[str]:
+    code = ("import sys\nfrom siterecovery.cli import main\ntry:\n    main(sys.argv[1:])\n"
+            "except SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith('siterecovery.') or m in "
+            f"{HEAVY!r}))")
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                         check=True).stdout
+    return list(ast.literal_eval(out.strip().splitlines()[-1]))
+
+
+def test_a_command_loads_its_own_modules_and_no_others() -> None:
+    top = _loaded(["--help"])
+    assert not [m for m in top if m.endswith("cmds") or m in HEAVY], top
+    jobs = _loaded(["jobs", "list", "--help"])
+    assert {"siterecovery.replicationcmds", "siterecovery.plancmds"} <= set(jobs)
+    assert not {m for m in jobs if m.endswith("cmds")} - {"siterecovery.replicationcmds",
+                                                          "siterecovery.plancmds"}, jobs
+    assert not {"vault.repo", "mobility.agent", "procserver.config"} & set(jobs), jobs
+    assert "siterecovery.vaultcmds" in _loaded(["vault", "init", "--help"])
