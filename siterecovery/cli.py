@@ -210,7 +210,8 @@ def command_of(argv: Sequence[str]) -> str | None:
     for word in argv:
         if skip:
             skip = False
-        elif word in _TOP_OPTIONS_WITH_VALUE:
+        elif word.startswith("--") and "=" not in word and len(word) > 2 and any(
+                o.startswith(word) for o in _TOP_OPTIONS_WITH_VALUE):  # argparse's prefixes
             skip = True
         elif not word.startswith("-"):
             return word

@@ -109,7 +109,8 @@ def test_a_run_builds_the_parser_the_whole_one_is() -> None:
     define: every help a run prints is the whole parser's."""
     assert _help(["--help"], everything=False) == _help(["--help"], everything=True)
     for name in [n for names, _load in GROUPS for n in names]:
-        for argv in ([name, "--help"], ["--log-level", "debug", name, "--help"]):
+        for argv in ([name, "--help"], ["--log-level", "debug", name, "--help"],
+                     ["--log-l", "debug", name, "--help"], ["--log-level=info", name, "-h"]):
             assert _help(argv, everything=False) == _help(argv, everything=True), argv
 
 
