@@ -177,7 +177,7 @@ class CycleUpload:
                 machine=cyc.machine, cycle=cyc.id, disks=disks, full=cyc.full, base=base,
                 on_pack=ctx.metrics.pack_uploaded,
                 before_pack=ctx.vaults.pack_recorder(cyc.seq),  # ours: orphans.py
-                spill_dir=ctx.cache_dir,  # a long cycle's changes past 40 MiB a disk
+                spill_dir=ctx.cache_dir,  # a long cycle's changes past 10 MiB a disk, its maps
             )
             path = self.cycle_dir / JOURNAL
             total = await asyncio.to_thread(cut_journal, path)
