@@ -41,7 +41,7 @@ from procserver import db
 from procserver.backlog import JOURNAL
 from procserver.cache import remove_cycle_dir
 from procserver.cachespace import CacheSpace
-from procserver.journal import append_journal, cut_journal, read_journal
+from procserver.journal import append_journal, replay_journal
 from procserver.metrics import ProcMetrics
 from procserver.segruns import Mappings, Run, SealedSegment, close_released
 from procserver.storagehealth import StorageHealth
@@ -66,8 +66,6 @@ BATCH_FRAMES = 1024
 # fresh memory costs more than memory the kernel just freed. A segment that is alone
 # is checkpointed at once, so a cache that holds only a few segments always drains.
 CHECKPOINT_BYTES = 64 << 20
-# A resumed cycle's journal is replayed this many entries at a time (10 MB of them).
-REPLAY_BATCH = 1 << 18
 T = TypeVar("T")
 
 
@@ -179,15 +177,15 @@ class CycleUpload:
                 before_pack=ctx.vaults.pack_recorder(cyc.seq),  # ours: orphans.py
                 spill_dir=ctx.cache_dir,  # a long cycle's changes past 10 MiB a disk, its maps
             )
-            path = self.cycle_dir / JOURNAL
-            total = await asyncio.to_thread(cut_journal, path)
-            # Resumed (a restart, a failed attempt): replayed a batch at a time, and its
-            # lease may have expired meanwhile: a part for each batch covers it.
-            for lo in range(0, total, REPLAY_BATCH):
-                batch = await asyncio.to_thread(read_journal, path, lo,
-                                                min(REPLAY_BATCH, total - lo))
-                self.writer.replay(batch)
+            writer = self.writer
+
+            async def apply(batch: list[JournalEntry]) -> None:
+                # Resumed (a restart, a failed attempt): its lease may have expired
+                # meanwhile: a part for each batch covers it.
+                writer.replay(batch)
                 await self._lease(batch)
+
+            await replay_journal(self.cycle_dir / JOURNAL, apply)
             return
         if index is writer.index:
             return

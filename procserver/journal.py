@@ -7,16 +7,21 @@ restarted process server replays them and goes on after the last checkpoint.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import struct
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from procserver.cache import fsync_or_die
 
 JREC = struct.Struct("<HQ32s")
+Entry = tuple[int, int, bytes]  # (disk, block number, block id)
+# A resumed cycle's journal is replayed this many entries at a time (10 MB of them).
+REPLAY_BATCH = 1 << 18
 
 
-def append_journal(path: Path, entries: list[tuple[int, int, bytes]]) -> None:
+def append_journal(path: Path, entries: list[Entry]) -> None:
     """Append ``entries`` to the journal at ``path`` and fsync it (blocking)."""
     new = not path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,7 +56,7 @@ def cut_journal(path: Path) -> int:
     return whole // JREC.size
 
 
-def read_journal(path: Path, start: int, count: int) -> list[tuple[int, int, bytes]]:
+def read_journal(path: Path, start: int, count: int) -> list[Entry]:
     """Entries ``start`` to ``start + count`` of the journal at ``path`` (blocking): a
     resumed cycle replays its journal a batch at a time, never the whole of it."""
     with open(path, "rb") as f:
@@ -59,3 +64,14 @@ def read_journal(path: Path, start: int, count: int) -> list[tuple[int, int, byt
     if len(data) != count * JREC.size:
         raise OSError(f"{path}: the journal ends before entry {start + count}")
     return list(JREC.iter_unpack(data))
+
+
+async def replay_journal(path: Path, apply: Callable[[list[Entry]], Awaitable[None]],
+                         batch: int = REPLAY_BATCH) -> int:
+    """Hand the journal at ``path`` to ``apply`` ``batch`` entries at a time, in order (a
+    torn tail cut first); return how many entries it holds. A resumed cycle's journal is
+    never held whole."""
+    total = await asyncio.to_thread(cut_journal, path)
+    for lo in range(0, total, batch):
+        await apply(await asyncio.to_thread(read_journal, path, lo, min(batch, total - lo)))
+    return total

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from procserver.journal import JREC, append_journal, cut_journal, read_journal
+from procserver.journal import JREC, append_journal, cut_journal, read_journal, replay_journal
 
 
 def _entries(lo: int, hi: int) -> list[tuple[int, int, bytes]]:
@@ -30,3 +30,21 @@ def test_batches_read_back_what_was_appended_and_a_torn_tail_is_cut(tmp_path: Pa
     assert read_journal(path, 2550, 50) == _entries(2550, 2600)
     with pytest.raises(OSError, match="ends before entry 2601"):
         read_journal(path, 2600, 1)
+
+
+async def test_a_journal_is_replayed_a_batch_at_a_time(tmp_path: Path) -> None:
+    path = tmp_path / "changes.log"
+    assert await replay_journal(path, _fail) == 0  # none: nothing to apply
+    append_journal(path, _entries(0, 2500))
+    batches: list[list[tuple[int, int, bytes]]] = []
+
+    async def apply(batch: list[tuple[int, int, bytes]]) -> None:
+        batches.append(batch)
+
+    assert await replay_journal(path, apply, batch=700) == 2500
+    assert [len(b) for b in batches] == [700, 700, 700, 400]
+    assert [e for b in batches for e in b] == _entries(0, 2500)
+
+
+async def _fail(batch: list[tuple[int, int, bytes]]) -> None:
+    raise AssertionError("an empty journal has no batch")
