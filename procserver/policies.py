@@ -110,7 +110,8 @@ class Policies:
         self.rounds = 0  # rounds of the loop finished (pull, report, retention)
         self.changed = asyncio.Condition()  # notified after each round
         self._wake = asyncio.Event()
-        self.retention = PointRetention(sessionmaker, vaults, self, client, interval)
+        self.retention = PointRetention(sessionmaker, vaults, self, client, interval,
+                                        spool_dir=Path(data_dir))
         self._load_saved()
 
     def wake(self) -> None:

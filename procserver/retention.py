@@ -24,6 +24,7 @@ import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Protocol
 
 import structlog
@@ -76,8 +77,10 @@ class PointRetention:
     """Forgets the points past their machine's retention, and tells the catalog."""
 
     def __init__(self, sessionmaker: async_sessionmaker[AsyncSession], vaults: VaultAccess,
-                 policies: PolicySource, client: ConfigServerClient, interval: float) -> None:
+                 policies: PolicySource, client: ConfigServerClient, interval: float,
+                 spool_dir: Path | None = None) -> None:
         self.sessionmaker, self.vaults, self.client = sessionmaker, vaults, client
+        self.spool_dir = spool_dir  # where a rebase spools the full maps it writes
         self.policies = policies  # its items and clock, read at each round
         self.interval = interval  # policy_interval_seconds: the next round
         self._work = asyncio.Lock()  # one retention round or outbox flush at a time
@@ -166,7 +169,8 @@ class PointRetention:
                     log.warning("retention_chain_broken", point=pid, error=str(e))
                     continue
                 if crosses(chain, ids):
-                    by_id[pid] = await rebase(vault, by_id[pid], by_id)
+                    by_id[pid] = await rebase(vault, by_id[pid], by_id,
+                                              spool_dir=self.spool_dir)
                     report.rebased.append(pid)
             for machine, pts in forget.items():
                 for p in pts:

@@ -15,6 +15,7 @@ for it (prune stops before it changes anything; retention leaves the point as it
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from common.digest import block_count
 from vault import names
@@ -73,7 +74,8 @@ def crosses(chain: list[Point], ids: set[str]) -> bool:
     return any(q.id in ids for q in chain[1:])
 
 
-async def rebase(vault: Vault, point: Point, known: dict[str, Point] | None = None) -> Point:
+async def rebase(vault: Vault, point: Point, known: dict[str, Point] | None = None, *,
+                 spool_dir: str | os.PathLike[str] | None = None) -> Point:
     """Cut ``point`` loose from its bases: write a full map of each of its disks, then
     replace its manifest (same id, one atomic put) by one with those maps and no base.
     Returns the new manifest; its restored disks are byte for byte those of ``point``.
@@ -87,7 +89,7 @@ async def rebase(vault: Vault, point: Point, known: dict[str, Point] | None = No
         ranges = ChainRanges(await chain_entries(vault, point, d.disk),
                              block_count(d.size, d.block_size))
         # Spooled (format 2 on): the new full map is never held whole either.
-        full = vault.map_writer(FULL, d.size, d.block_size)
+        full = vault.map_writer(FULL, d.size, d.block_size, spool_dir=spool_dir)
         try:
             async for _first, _end, blocks in ranges.walk():
                 full.extend(sorted(blocks.items()))

@@ -115,7 +115,7 @@ async def prune(
             report.rebased.append(p.id)
             if dry_run:
                 continue
-            cache[p.id] = await rebase(vault, p, cache)
+            cache[p.id] = await rebase(vault, p, cache, spool_dir=temp_dir)
     say(f"{len(report.forgotten)} points to forget, {len(report.rebased)} rebased")
     if dry_run:
         return report
