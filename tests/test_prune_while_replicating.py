@@ -41,6 +41,7 @@ from tests.helpers import (
     write_full_point,
 )
 from vault.check import check_vault
+from vault.indexopen import estimate_blocks
 from vault.keyslots import KeyMaterial, read_keyfile
 from vault.locks import (
     LEASE_TTL,
@@ -54,6 +55,7 @@ from vault.locks import (
     read_leases,
 )
 from vault.prune import prune
+from vault.prunestream import PER_BLOCK, fits_in_memory
 from vault.retention import Retention
 from vault.store.local import LocalStore
 
@@ -320,6 +322,12 @@ async def test_a_lease_is_read_a_part_at_a_time(tmp_path: Path,
         finally:
             tracemalloc.stop()
         assert leases.cycles == {("m1", "c1")} and len(leases.live) == 8
+        assert leases.blocks == 8 * 40_000
+        # The in-memory collection's estimate counts them: a budget the vault's own
+        # blocks fit is not enough with the leased ones in the live set too.
+        budget = await estimate_blocks(vault) * PER_BLOCK
+        assert await fits_in_memory(vault, budget)
+        assert not await fits_in_memory(vault, budget, leases.blocks)
         assert peak < 4 << 20, peak  # a part is 1.3 MB; the blocks' set was ~35 MB
         parts = [p async for p in leased_blocks(vault, leases)]
         assert [len(p) for p in parts] == [40_000] * 8

@@ -284,6 +284,7 @@ class Leases:
     cycles: set[tuple[str, str]] = field(default_factory=set)  # (machine, cycle)
     bases: set[str] = field(default_factory=set)
     live: list[str] = field(default_factory=list)  # names of the parts of live leases
+    blocks: int = 0  # how many block ids the live parts hold (some may be in several)
     expired: list[str] = field(default_factory=list)  # names of the parts of dead leases
     bad: list[str] = field(default_factory=list)  # parts that fail to authenticate
 
@@ -314,27 +315,30 @@ async def read_leases(vault: Vault, now: float | None = None) -> Leases:
     parts. A part that fails to authenticate is listed in ``bad`` and keeps nothing.
     Holds one part at a time (at most ``MAX_LEASE_PART``), not their blocks."""
     now = time.time() if now is None else now
-    parts: dict[str, list[_Part]] = {}
+    parts: dict[str, list[tuple[_Part, int]]] = {}  # by lease: (part, its block count)
     out = Leases()
     async for info in vault.store.list(LEASES):
         lid = info.name[len(LEASES):].split("/", 1)[0]
         try:
-            part = dataclasses.replace(await _read_part(vault, info.name), ids=b"")
+            part = await _read_part(vault, info.name)
+            count = len(part.ids) // 32
+            part = dataclasses.replace(part, ids=b"")
         except NotFoundError:
             continue  # deleted while we listed
         except _BAD_PART:
             out.bad.append(info.name)
             continue
-        parts.setdefault(lid, []).append(part)
+        parts.setdefault(lid, []).append((part, count))
     for lease in parts.values():
-        if max(p.expires for p in lease) < now:
-            out.expired += [p.name for p in lease]
+        if max(p.expires for p, _n in lease) < now:
+            out.expired += [p.name for p, _n in lease]
             continue
-        for p in lease:
+        for p, n in lease:
             out.cycles.add((p.machine, p.cycle))
             if p.base is not None:
                 out.bases.add(p.base)
             out.live.append(p.name)
+            out.blocks += n
     return out
 
 

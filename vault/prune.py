@@ -125,7 +125,7 @@ async def prune(
         await vault.store.delete(names.POINTS + pid)
 
     # 4. maps and blocks still referenced
-    if not await fits_in_memory(vault, memory):
+    if not await fits_in_memory(vault, memory, leases.blocks):
         assert memory is not None
         with live_set(memory, temp_dir) as marked:
             await _prune_streaming(vault, report, kept, cache, leases, marked, executor,

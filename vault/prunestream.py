@@ -37,9 +37,10 @@ PER_BLOCK = 500  # bytes a block costs the in-memory collection (measured: 2.4 G
 INDEX_CHUNK = 200_000
 
 
-async def fits_in_memory(vault: Vault, memory: int | None) -> bool:
-    """Whether the in-memory collection fits ``memory`` bytes (None: no budget)."""
-    return memory is None or await estimate_blocks(vault) * PER_BLOCK <= memory
+async def fits_in_memory(vault: Vault, memory: int | None, leased: int = 0) -> bool:
+    """Whether the in-memory collection fits ``memory`` bytes (None: no budget), with
+    ``leased`` more block ids in its live set (those of cycles in progress)."""
+    return memory is None or (await estimate_blocks(vault) + leased) * PER_BLOCK <= memory
 
 
 def live_set(memory: int, temp_dir: str | os.PathLike[str] | None) -> SortedSet:
