@@ -214,7 +214,7 @@ class Vault:
         """Where a map is written entry by entry, in increasing block order, before
         ``put_map``: sealed chunk by chunk into a file in ``spool_dir`` and put from it a
         part at a time (format 2 on: ``vault/mapspool.py``), or built in memory to be
-        sealed whole (format 1). The caller closes a ``MapSpool``."""
+        sealed whole (format 1). The caller closes what it gets (after ``put_map``)."""
         if self.config.format >= CHUNKED_FORMAT:
             return MapSpool(self.keyring, kind, size, block_size,
                             chunk_entries=self.map_chunk_entries, spool_dir=spool_dir)

@@ -7,6 +7,7 @@ import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+from common.scratch import write_all
 from vault.errors import NotFoundError, PermanentStoreError
 from vault.names import PACKS
 from vault.store.protocol import BlobInfo, check_name, read_file_part
@@ -27,12 +28,7 @@ class LocalStore:
         return self.root / check_name(name)
 
     def _put(self, name: str, data: bytes | bytearray) -> None:
-        def fill(fd: int) -> None:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-
-        self._write(name, fill, id(data))
+        self._write(name, lambda fd: write_all(fd, data), id(data))
 
     def _put_file(self, name: str, src: int, length: int) -> None:
         def fill(fd: int) -> None:
@@ -46,9 +42,7 @@ class LocalStore:
             except OSError:  # a filesystem pair it does not serve: read and write
                 pass
             for at in range(off, length, _COPY):
-                view = memoryview(read_file_part(src, at, min(_COPY, length - at)))
-                while view:
-                    view = view[os.write(fd, view) :]
+                write_all(fd, read_file_part(src, at, min(_COPY, length - at)))
 
         self._write(name, fill, src)
 
