@@ -136,7 +136,7 @@ async def settings(call: Call) -> web.Response:
         item = await s.get(db.ReplicatedItem, name, with_for_update=True)
         who = hostroles.role(machine, item, host_id)
         if who == hostroles.RECOVERED:
-            assert item is not None and host_id is not None
+            assert item is not None
             note_recovered(item, host_id, now)
             reverse = hostroles.reverse(item)
         else:
@@ -238,7 +238,7 @@ async def heartbeat(call: Call) -> web.Response:
         item = await s.get(db.ReplicatedItem, name, with_for_update=True)
         state = item.state if item is not None else None
         if hostroles.role(machine, item, host_id) == hostroles.RECOVERED:
-            assert item is not None and host_id is not None
+            assert item is not None
             note_recovered(item, host_id, now, call.body["agent_version"])
             replicate = hostroles.reverse(item) is not None
         else:
@@ -274,7 +274,6 @@ async def progress(call: Call) -> web.Response:
         item = await s.get(db.ReplicatedItem, name, with_for_update=True)
         if item is not None and hostroles.role(machine, item, host_id) == hostroles.RECOVERED:
             # The recovered machine's resync: its item is failed over, not resyncing.
-            assert host_id is not None
             note_recovered(item, host_id, now, progress=disks)
             await s.commit()
             return reply(item_doc(item, await s.get(db.Policy, item.policy), now))

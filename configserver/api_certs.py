@@ -221,8 +221,8 @@ ROUTES = [
           "Renew the calling machine's certificate", "agent", auth="agent",
           description="The certificate the call was made with stays valid for one more hour, "
                       "then is refused. No request body. 409 recovered_machine from the "
-                      "recovered copy of the machine (host_id: another host than the "
-                      "machine's while it is failed over): it shares the certificate.",
+                      "recovered copy of the machine (while it is failed over, any "
+                      "host_id but the machine's own): it shares the certificate.",
           query={"host_id": hostroles.HOST_ID},
           responses={201: ISSUED}, listeners=("site",)),
     Route("GET", "/api/v1/internal/trust", trust,

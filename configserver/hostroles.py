@@ -4,14 +4,19 @@ recovered.
 A recovered machine boots from the original's disks, so its agent holds the original's
 certificate and checks in as the same machine. What differs is the machine it runs on:
 agents report its SMBIOS UUID (``host_id``, mobility/hostid.py). The first one reported
-is the machine's (``machines.host_id``); while the item is failed over (any of
-``FAILOVER_STATES``), or from a host a failover recovered, a check-in with another one is
-the **recovered** machine's:
+is the machine's (``machines.host_id``). While the item is failed over (any of
+``FAILOVER_STATES``) only a check-in from the original's host is the original's; any
+other is the **recovered** machine's — one with another host id, one with a host id
+when the original never reported any (an older agent, or a machine without SMBIOS: the
+original does not start reporting one halfway through a failover), and one without a
+host id when the original always reported its own. After the failover, a host a
+failover recovered (``recovered_hosts``) stays the recovered machine's. The recovered
+machine:
 
-- it is never sent the original's shutdown or failback requests, and its heartbeats and
+- is never sent the original's shutdown or failback requests, and its heartbeats and
   progress reports leave the machine and the item alone (they go to the failover
   record's ``recovered_agent``);
-- it replicates only once a Re-protect through its agent (``reprotect --agent``) asked
+- replicates only once a Re-protect through its agent (``reprotect --agent``) asked
   for it, and until a failback begins: its first cycle is a resync by basis on the point
   it started from (``basis_point``), then deltas on its own maps; each of its points
   becomes the re-protect's newest (``point_reported``), which failback then starts from.
@@ -20,8 +25,8 @@ Outside a failover another host id means the machine itself moved (new hardware,
 re-created): it is recorded, with a warning event (a clone of a protected machine
 checking in as it would show up there).
 
-Agents that report no host id (no SMBIOS, or an older agent) are taken for the
-original, as before.
+When neither the original nor the caller reports a host id, nothing tells them apart:
+the check-in is taken for the original's, as before host ids.
 """
 
 from __future__ import annotations
@@ -54,10 +59,12 @@ def _failover(item: db.ReplicatedItem | None) -> dict[str, Any]:
 
 def role(machine: db.Machine, item: db.ReplicatedItem | None, host_id: str | None) -> str:
     """``RECOVERED`` for a check-in from the recovered copy of ``machine``."""
-    if host_id is None or machine.host_id is None or host_id == machine.host_id:
+    if host_id == machine.host_id:  # the original's host, or neither says which it is
         return ORIGINAL
     if item is not None and item.state in FAILOVER_STATES:
         return RECOVERED
+    if host_id is None or machine.host_id is None:
+        return ORIGINAL  # an agent without host ids, or the machine's first report
     return RECOVERED if host_id in (_failover(item).get("recovered_hosts") or []) \
         else ORIGINAL
 
@@ -68,7 +75,7 @@ async def refuse_recovered(s: AsyncSession, name: str, host_id: str | None,
     machine ``name``: ``what`` is the original's alone (its certificate's renewal: a
     renewal revokes the certificate both agents hold)."""
     machine = await s.get(db.Machine, name)
-    if machine is None or host_id is None:
+    if machine is None:
         return
     if role(machine, await s.get(db.ReplicatedItem, name), host_id) == RECOVERED:
         raise ApiError(409, "recovered_machine", f"host {host_id} runs the recovered copy "
@@ -92,7 +99,7 @@ def note_original(s: AsyncSession, machine: db.Machine, host_id: str | None,
     machine.host_id = host_id
 
 
-def note_recovered(item: db.ReplicatedItem, host_id: str, now: float,
+def note_recovered(item: db.ReplicatedItem, host_id: str | None, now: float,
                    agent_version: str | None = None,
                    progress: dict[str, float] | None = None) -> None:
     """The recovered machine's agent checked in (with its version, or its progress):
@@ -105,8 +112,9 @@ def note_recovered(item: db.ReplicatedItem, host_id: str, now: float,
     if progress is not None:
         agent["progress"] = progress
     hosts = [h for h in rec.get("recovered_hosts") or [] if h != host_id]
-    item.failover = {**rec, "recovered_agent": agent,
-                     "recovered_hosts": [*hosts, host_id][-KEPT_HOSTS:]}
+    if host_id is not None:
+        hosts = [*hosts, host_id][-KEPT_HOSTS:]
+    item.failover = {**rec, "recovered_agent": agent, "recovered_hosts": hosts}
 
 
 def reverse(item: db.ReplicatedItem | None) -> dict[str, Any] | None:

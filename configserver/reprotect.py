@@ -57,7 +57,8 @@ def kinds(deps: FailoverDeps) -> tuple[JobKind, ...]:
         if ctx.params.get("agent"):
             seen = rec.get("recovered_agent") or {}
             return ("through the agent in the recovered machine: " + (
-                f"host {seen['host_id']} checked in" if seen.get("host_id") else
+                f"host {seen.get('host_id') or '(no host id)'} checked in"
+                if seen.get("last_contact") is not None else
                 "it has not checked in yet (it needs the configuration server's site "
                 "listener and its process server in reach)"))
         images = await recovered_disks(deps, rec, paused_ok=bool(

@@ -171,3 +171,41 @@ async def _scenario(cs: ConfigServer, api: ApiClient, site: Site, copy: ManagedA
     assert await original.round()
     assert original.last is not None and (original.last.kind,
                                           original.last.blocks_sent) == ("delta", 0)
+
+
+async def test_a_copy_is_told_apart_when_only_it_reports_a_host_id(
+        cs: ConfigServer, api: ApiClient, tmp_path: Path) -> None:
+    """The original reports no host id (no SMBIOS there: its ``host_id_file`` is missing),
+    the recovered copy's host does. While failed over the copy is not taken for the
+    original (which does not start reporting one halfway through a failover): it would
+    be handed the original's requests, and its host id recorded as the machine's."""
+    no_smbios = str(tmp_path / "no-product-uuid")
+    async with failed_over(cs, api, tmp_path, host_id_file=no_smbios) as (site, recovered):
+        assert (await api.get("/api/v1/machines/web01"))["host_id"] is None
+        state = Path(site.cfg.state_dir)
+        shutil.copytree(state, tmp_path / "recovered-state")
+        cfg = dataclasses.replace(
+            site.cfg, state_dir=str(tmp_path / "recovered-state"),
+            disks=[{"name": "sda", "path": str(recovered)}],
+            host_id_file=_uuid_file(tmp_path / "recovered-uuid", RECOVERED))
+        async with SiteClient(cfg.site_url, cfg.tls_ca, cfg.tls_cert, cfg.tls_key) as cp:
+            copy = ManagedAgent(cfg, cp)
+            try:
+                assert not await copy.round()
+                s = await copy.site.settings()
+                assert (s.role, s.replicate, s.shutdown_request) == ("recovered", False, None)
+                contact = (await api.get("/api/v1/machines/web01"))["last_contact"]
+                await copy.site.heartbeat()
+                item = await api.get("/api/v1/items/web01")
+                assert item["state"] == "failed_over"
+                assert item["failover"]["recovered_agent"]["host_id"] == RECOVERED
+                assert item["failover"]["recovered_hosts"] == [RECOVERED]
+                machine = await api.get("/api/v1/machines/web01")
+                assert (machine["host_id"], machine["last_contact"]) == (None, contact)
+                with pytest.raises(SiteRefused) as renewal:
+                    await copy.site.renew()
+                assert (renewal.value.status, renewal.value.code) == (409,
+                                                                      "recovered_machine")
+                assert (await site.managed.site.settings()).role == "original"
+            finally:
+                copy.close()
