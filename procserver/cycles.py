@@ -254,8 +254,10 @@ class CycleBook:
         (an agent resumes only the cycle it is sending). A suspended one is aborted now;
         one a session still holds (it may be letting go of it this moment, past its own
         check for a newer cycle) is aborted once that session lets go, unless it ended
-        complete. A session still attached to one is left alone: it ends with END, or
-        its suspend finds this newer cycle."""
+        complete. A session still receiving one is on a connection its agent gave up on
+        (half-open: the agent cannot tell us, and began anew on another): it is cut, as a
+        RESUME cuts it, rather than left to hold the newer cycle's point back until its
+        idle timeout; it suspends, and its suspend finds this newer cycle."""
         for oc in list(self.open.values()):
             if oc.machine != machine or oc.seq >= new_seq or oc.state != OPEN:
                 continue
@@ -263,6 +265,11 @@ class CycleBook:
                 await self.abort(oc, "superseded")
             elif not oc.superseded:
                 oc.superseded = True
+                owner = oc.owner
+                if owner is not None and not owner.done() and not oc.detaching:
+                    log.info("cycle_session_cut", machine=machine, cycle=oc.id,
+                             reason="a newer cycle of its machine began")
+                    owner.cancel()
                 self.spawn(self._abort_when_let_go(oc))
 
     async def _abort_when_let_go(self, oc: OpenCycle, reason: str = "superseded") -> None:

@@ -259,8 +259,9 @@ async def receive_cycle(session: Session, oc: OpenCycle) -> None:
                         await cycles.suspend(oc, reason=str(e) or type(e).__name__)
                 else:
                     await quietly(sink.stop())
-                    await cycles.abort(oc, "" if oc.dropped is None
-                                       else f"dropped: {oc.dropped}")
+                    reason = f"dropped: {oc.dropped}" if oc.dropped is not None \
+                        else "superseded" if oc.superseded else ""
+                    await cycles.abort(oc, reason)
 
             # Bounded work (what was queued is written and fsynced) that must finish
             # before the cycle is let go, even if this task is cancelled meanwhile.

@@ -46,7 +46,7 @@ from tests.helpers import (
     sha256,
     write_toml,
 )
-from tests.test_resume import random_disk
+from tests.test_resume import frame_bytes, proxied, random_disk
 
 SIZE = 8 << 20  # two 4 MiB chunks of the agent's reads
 HOUR = 3600.0
@@ -150,3 +150,55 @@ async def test_agent_killed_mid_cycle_then_a_new_one_uploads_at_once(
             await proc.wait()
 
     await _abandoned_then_new(tmp_path, pki, vault_at, abandon)
+
+
+async def test_a_new_cycle_cuts_the_half_open_session_of_an_older_one(
+        tmp_path: Path, pki: Pki, vault_at: tuple[str, Path]) -> None:
+    """The agent's connection goes silent in the middle of a cycle (a dead path: no reset
+    reaches either side) and the agent starts over on another connection. The process
+    server's session of the old cycle still waits for its frames: with an hour's idle
+    timeout it would hold the new cycle's point back for an hour (the uploader takes a
+    machine's cycles in order). The new BEGIN cuts that session instead, as a RESUME
+    would: the old cycle is aborted as superseded, the new one uploaded at once."""
+    url, key = vault_at
+    disk = tmp_path / "disk.img"
+    random_disk(disk, SIZE, seed=37)
+    cfg = proc_config(tmp_path, pki, url, key, resume_window_seconds=HOUR,
+                      idle_timeout_seconds=HOUR, segment_bytes=1 << 20)
+    with structlog.testing.capture_logs() as logs:
+        async with running_procserver(cfg) as ps, proxied(ps) as proxy:
+            proxy.stall_at = frame_bytes(SIZE) // 2
+            acfg = agent_config(tmp_path, pki, "web01", proxy.port, {"sda": disk},
+                                snapshot="quiesced", resume_timeout_seconds=0.0)
+            first = make_agent(acfg)
+            sending = asyncio.create_task(first.replicate_once())
+            try:
+                await _until(lambda: proxy.up >= frame_bytes(SIZE) // 2 and any(
+                    oc.frames > 0 and oc.owner is not None for oc in ps.cycles.open.values()))
+            finally:  # the agent gives the dead connection up
+                sending.cancel()
+                await asyncio.gather(sending, return_exceptions=True)
+                first.close()
+            (old,) = ps.cycles.open.values()
+            assert old.owner is not None and not old.owner.done()  # still attached
+            agent = make_agent(dataclasses.replace(acfg, server_port=ps.port))
+            try:
+                r = await agent.replicate_once()
+            finally:
+                agent.close()
+            assert r.full and r.resumes == 0
+            point_id = await ps.wait_point(r.cycle, timeout=30)
+            async with ps.sessionmaker() as s:
+                states = dict((await s.execute(select(db.Cycle.id, db.Cycle.state))).all())
+            assert states == {old.id: db.ABORTED, r.cycle: db.UPLOADED}
+            assert not (ps.cache_dir / "web01" / old.id).exists()
+            assert ps.cycles.suspended() == 0 and ps.space.used == 0
+    assert [e["cycle"] for e in logs if e["event"] == "cycle_session_cut"] == [old.id]
+    aborted = [e for e in logs if e["event"] == "cycle_aborted"]
+    assert [(e["cycle"], e["reason"]) for e in aborted] == [(old.id, "superseded")]
+    vault = await open_vault(tmp_path / "vault", key)
+    try:
+        point = await vault.read_point(point_id)
+        assert await restore_all(vault, point, tmp_path / "restore") == {"sda": sha256(disk)}
+    finally:
+        await vault.close()
