@@ -39,6 +39,14 @@ class CacheSpace:
         self.used += n
         self.gauge.set(self.used)
 
+    def fits(self, n: int) -> bool:
+        """Whether ``n`` more bytes fit under the quota now."""
+        return self.used + n <= self.quota
+
+    def held(self, cycle_seq: int) -> int:
+        """The cache bytes the cycle holds."""
+        return self._cycle_bytes.get(cycle_seq, 0)
+
     async def reserve(self, cycle_seq: int, n: int, wait: bool = True) -> None:
         """Account ``n`` cache bytes to a cycle; wait (backpressure) while over quota.
 

@@ -135,10 +135,23 @@ async def receive_cycle(session: Session, oc: OpenCycle) -> None:
     timeout = deps.settings.idle_timeout
 
     async def flush_run(wait: bool = True) -> None:
+        nonlocal seg_size
         views = run.views()
         if not views:
             return
         if not run.reserved:
+            open_bytes = seg_size - run.nbytes  # the open segment's, this run left out
+            if wait and not space.fits(run.nbytes) and \
+                    len(SEGMENT_MAGIC) < open_bytes and space.held(oc.seq) <= open_bytes:
+                # No room, and nothing of this cycle can drain to make some: all it holds
+                # is its open segment, which the uploader takes only once sealed. Seal it
+                # now — sessions whose open segments alone fill the quota would wait on
+                # each other for ever — and go on in a new one.
+                slog.info("segment_sealed_early", cycle=oc.id, segment=oc.next_segment,
+                          bytes=open_bytes, cache_bytes=space.used, quota=space.quota)
+                close_segment()
+                await space.reserve(oc.seq, len(SEGMENT_MAGIC))
+                seg_size = len(SEGMENT_MAGIC) + run.nbytes
             await space.reserve(oc.seq, run.nbytes, wait=wait)
             run.reserved = True
         await sink.write(oc.next_segment, views, run.nbytes)
