@@ -96,11 +96,12 @@ def one_way_to_read(body: dict[str, Any]) -> None:
 
 
 async def request(core: Core, kinds: Mapping[str, JobKind], verb: str, name: str,
-                  body: dict[str, Any]) -> db.Job:
+                  body: dict[str, Any], tags: Mapping[str, Any] | None = None) -> db.Job:
     """Check that ``verb`` may run on item ``name`` now, move the item and queue the job;
     the job. ``body``: point, at, network, notes, shutdown_source, shutdown_timeout_seconds,
     drain_timeout_seconds, instant, hydrate_rate_mbps (what the verb takes); ``instant``
-    on a target that cannot do it is refused (``InvalidRequest``)."""
+    on a target that cannot do it is refused (``InvalidRequest``). ``tags`` go into the
+    job's parameters as they are (a recovery plan's job names itself there)."""
     kind_name, allowed, moves_to = ALLOWED[verb]
     one_way_to_read(body)
     if verb == "cleanup-test-failover" and not str(body.get("notes") or "").strip():
@@ -113,6 +114,7 @@ async def request(core: Core, kinds: Mapping[str, JobKind], verb: str, name: str
         if body.get(k)}
     if body.get("at"):
         params["at"] = _at(body["at"])
+    params.update(tags or {})
     now = core.clock()
     async with core.sessionmaker() as s:
         item = await s.get(db.ReplicatedItem, name, with_for_update=True)

@@ -23,6 +23,7 @@ from configserver import db
 from configserver.schema import iso, nullable, obj
 
 if TYPE_CHECKING:
+    from configserver.core import Core
     from configserver.jobs import StepContext
 
 JOB_STATES = ("queued", "running", "waiting", "succeeded", "failed", "cancelled")
@@ -51,6 +52,10 @@ class JobKind:
     then: str | None = None  # the kind queued for the same target when this one succeeds
     # Called inside the transaction that ends the job, with its final state.
     on_end: Callable[[AsyncSession, JobRun, str], Awaitable[None]] | None = None
+    # Called once an operator's cancel has ended the job (no transaction open), with the
+    # engine's ``cancel``: a recovery plan's job cancels the item jobs it queued.
+    after_cancel: Callable[[Core, JobRun, Callable[[str], Awaitable[None]]],
+                           Awaitable[None]] | None = None
     # Steps that depend on the job's parameters (a recovery plan's groups and items):
     # when set, a job's steps are ``steps_for(params)`` and ``steps`` is unused.
     steps_for: Callable[[dict[str, Any]], tuple[Step, ...]] | None = None

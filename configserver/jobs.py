@@ -323,9 +323,10 @@ class JobEngine:
     # -- operator actions --
 
     async def cancel(self, jid: str) -> None:
-        """Cancel a queued or running job; returns once it is cancelled. Raises ``NotFound``
-        (unknown job), ``Conflict`` (its kind cannot be cancelled) or ``ItemStateError``
-        (code ``job_finished``: it already ended)."""
+        """Cancel a queued or running job; returns once it is cancelled (and so are the
+        jobs its kind's ``after_cancel`` cancels). Raises ``NotFound`` (unknown job),
+        ``Conflict`` (its kind cannot be cancelled) or ``ItemStateError`` (code
+        ``job_finished``: it already ended)."""
         job = await self._load(jid)
         if job is None:
             raise NotFound("job_not_found", f"no job with id {jid!r}",
@@ -336,6 +337,17 @@ class JobEngine:
                            "wait for it to end: siterecovery jobs wait " + jid)
         if job.state not in ACTIVE:
             raise ItemStateError("job_finished", f"job {jid} already ended ({job.state})")
+        # A caller going away stops neither the cancellation nor what follows from it.
+        await asyncio.shield(self._cancel_all(jid, job, kind))
+
+    async def _cancel_all(self, jid: str, job: JobRun, kind: JobKind | None) -> None:
+        await self._cancel(jid, job, kind)
+        ended = await self._load(jid)
+        if kind is not None and kind.after_cancel is not None and ended is not None and \
+                ended.state == "cancelled":
+            await kind.after_cancel(self.core, ended, self.cancel)
+
+    async def _cancel(self, jid: str, job: JobRun, kind: JobKind | None) -> None:
         r = self._running.get(jid)
         if r is None:
             queued = replace(job, state="cancelled")
@@ -348,7 +360,7 @@ class JobEngine:
         r.cancel_requested = True
         if r.step_task is not None:
             r.step_task.cancel()
-        await asyncio.wait([r.task])  # a caller going away does not stop the cancellation
+        await asyncio.wait([r.task])
 
     async def _finish_queued(self, job: JobRun, kind: JobKind | None) -> None:
         now = self.core.clock()

@@ -11,7 +11,9 @@ step per item that waits for that item's job and records the point it used, then
 post script and the post manual action. Any failure — a script, a refusal, an item's
 job — fails the step (its title names the group and the item or script; the job's
 error is that title and why) and so stops the plan:
-the later groups do not start (item jobs already queued run to their end). Run again,
+the later groups do not start (item jobs already queued run to their end). An operator's
+cancel of a plan job (the drills and re-protects: failover, commit and failback cannot
+be cancelled) cancels the item jobs it queued that still run (``cancel_children``). Run again,
 the plan passes by the items already done (``passed_by``: failed over, committed, nothing
 to clean up, or failed back — ``protected`` again with the failback of its newest
 failover recorded as succeeded, never merely protected) and recovers the others.
@@ -30,22 +32,25 @@ queued after the plan job (and is tagged with ``plan`` and ``plan_job``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sqlalchemy import select, update
+import structlog
+from sqlalchemy import select
 
 from configserver import db, failoverops
-from configserver.errors import DomainError
+from configserver.core import Core
+from configserver.errors import Conflict, DomainError, ItemStateError
 from configserver.itemrecord import DRILL, FAILOVER
 from configserver.items import ItemState
-from configserver.jobdefs import ACTIVE, JobKind, Step, StepFailed
+from configserver.jobdefs import ACTIVE, JobKind, JobRun, Step, StepFailed
 from configserver.jobs import StepContext
 from configserver.planmodels import PlanConfirmation
 from configserver.planscripts import run_script
 from configserver.recoverysteps import StepFn
 from configserver.schema import iso
 
+log = structlog.get_logger("configserver.plans")
 # verb -> (plan job kind, its title, the item record the item job writes, cancellable)
 VERBS: dict[str, tuple[str, str, str, bool]] = {
     "test-failover": ("plan_test_failover", "Plan test failover", DRILL, True),
@@ -162,14 +167,12 @@ def _start(g: int) -> StepFn:
             if (own := (ctx.params.get("points") or {}).get(item)) is not None:
                 body["point"] = own  # a consistency group's: each member its own point
             try:
-                job = await failoverops.request(ctx.core, ctx.engine.kinds, verb, item, body)
+                job = await failoverops.request(
+                    ctx.core, ctx.engine.kinds, verb, item, body,
+                    tags={"plan": ctx.params["plan"], "plan_job": ctx.job.id})
             except DomainError as e:
                 raise StepFailed(f"item {item}: {e.message}"
                                  + (f" ({e.hint})" if e.hint else "")) from None
-            async with ctx.core.sessionmaker() as s:
-                await s.execute(update(db.Job).where(db.Job.id == job.id).values(
-                    params={**job.params, "plan": ctx.params["plan"], "plan_job": ctx.job.id}))
-                await s.commit()
             await ctx.core.notify()
             started.append(f"{item} (job {job.id})")
         return f"{ITEM_TITLES[verb]} queued for {len(group['items'])} item(s)" + (
@@ -224,6 +227,26 @@ def _outcome(verb: str, rec: dict[str, Any]) -> str:
     return f"point {rec.get('point')}{rto}"
 
 
+async def cancel_children(core: Core, job: JobRun,
+                          cancel: Callable[[str], Awaitable[None]]) -> None:
+    """An operator cancelled the plan job ``job``: cancel the item jobs it queued that
+    still run (a cancelled plan drill stops its items' drills too, as a plan re-protect
+    its items' re-protects). Each item's job ends as its own cancel ends it."""
+    async with core.sessionmaker() as s:
+        rows = (await s.execute(select(db.Job).where(
+            db.Job.state.in_(ACTIVE), db.Job.id > job.id))).scalars().all()
+    for row in rows:
+        if (row.params or {}).get("plan_job") != job.id:
+            continue
+        try:
+            await cancel(row.id)
+        except (Conflict, ItemStateError) as e:  # not cancellable, or it ended meanwhile
+            log.info("plan_item_job_left", job=row.id, plan_job=job.id, target=row.target,
+                     reason=e.message)
+            continue
+        log.info("plan_item_job_cancelled", job=row.id, plan_job=job.id, target=row.target)
+
+
 def steps_for(verb: str) -> Callable[[dict[str, Any]], tuple[Step, ...]]:
     """The steps of a plan job of ``verb``, from its parameters (the plan's groups)."""
     def build(params: dict[str, Any]) -> tuple[Step, ...]:
@@ -249,5 +272,6 @@ def steps_for(verb: str) -> Callable[[dict[str, Any]], tuple[Step, ...]]:
 
 
 KINDS: tuple[JobKind, ...] = tuple(
-    JobKind(kind, title, (), cancellable=cancellable, steps_for=steps_for(verb))
+    JobKind(kind, title, (), cancellable=cancellable, steps_for=steps_for(verb),
+            after_cancel=cancel_children)
     for verb, (kind, title, _, cancellable) in VERBS.items())

@@ -209,3 +209,29 @@ async def test_a_copy_is_told_apart_when_only_it_reports_a_host_id(
                 assert (await site.managed.site.settings()).role == "original"
             finally:
                 copy.close()
+
+
+async def test_cancelling_a_plan_re_protect_cancels_the_item_jobs_it_queued(
+        cs: ConfigServer, api: ApiClient, tmp_path: Path) -> None:
+    """A plan's Re-protect through the agents waits for each recovered machine's first
+    point (a day at most). Cancelled by its operator, the plan job cancels its items' jobs
+    too, instead of leaving them waiting for that day."""
+    async with failed_over(cs, api, tmp_path):
+        await api.post("/api/v1/plans", {"name": "dr", "groups": [{"items": ["web01"]}]})
+        plan_job = (await api.post("/api/v1/plans/dr/reprotect", {"agent": True}))["job"]
+        await wait_job(api, plan_job["id"], step_running("item_web01"))
+        (item_job,) = (await api.get("/api/v1/jobs", target="web01", kind="reprotect",
+                                     active=True))["jobs"]
+        assert item_job["params"]["plan_job"] == plan_job["id"]
+        await wait_job(api, item_job["id"], step_running("take"))
+        done = await api.post(f"/api/v1/jobs/{plan_job['id']}/cancel")
+        assert done["state"] == "cancelled"
+        item_done = await api.get(f"/api/v1/jobs/{item_job['id']}")
+        assert item_done["state"] == "cancelled"
+        assert step(item_done, "take")["message"] == "cancelled by the operator"
+        item = await api.get("/api/v1/items/web01")
+        assert item["state"] == "failed_over"
+        # Nothing of the plan runs any more: the item takes a new Re-protect.
+        again = (await api.post("/api/v1/items/web01/reprotect", {"agent": True}))["job"]
+        assert again["state"] == "queued"
+        assert (await api.post(f"/api/v1/jobs/{again['id']}/cancel"))["state"] == "cancelled"
