@@ -383,14 +383,22 @@ async def test_every_page_passes_axe_core(site: Site, browser: Browser) -> None:
     await site.api.post("/api/v1/plans", {"name": "dr", "groups": [
         {"items": ["web01"], "pre_action": "open the firewall"}]})
     await site.api.post("/api/v1/groups", {"name": "erp", "members": ["web01"]})
+    # a job that waits at the plan's manual action: its page offers to confirm or cancel
+    waiting = (await site.api.post("/api/v1/plans/dr/reprotect", {}))["job"]
+    await wait_job(site.api, waiting["id"], lambda j: j["state"] == "waiting")
     for page in ["/console/signin", *PAGES, "/console/plans/dr", "/console/groups/erp", *(
             [f"/console/jobs/{j['id']}" for j in (await site.api.get(
-                "/api/v1/jobs", limit=1))["jobs"]])]:
+                "/api/v1/jobs", limit=1))["jobs"]]), f"/console/jobs/{waiting['id']}"]:
         await b.go(cs.url + page)
         violations = await _axe(b)
         assert violations == [], (page, violations)
         title = await b.script("return document.title")
         assert "siterecovery" in title, page
+    assert await b.text("form[action$='/cancel'] button") == "Cancel the job"
+    url = await b.submit("form[action$='/cancel'] button")
+    assert url == f"{cs.url}/console/jobs/{waiting['id']}"
+    assert (await site.api.get(f"/api/v1/jobs/{waiting['id']}"))["state"] == "cancelled"
+    assert await b.text("#job-state") == "cancelled"
     # the keyboard: Tab reaches the skip link, then the navigation, each with a visible
     # focus ring (and the skip link comes into view)
     await b.go(cs.url + "/console/")

@@ -22,9 +22,16 @@ from configserver.config import ConfigServerConfig
 from configserver.console.chart import rpo_chart
 from configserver.console.pages import POINTS_SHOWN
 from configserver.console.sessions import SessionStore
+from configserver.jobs import ACTIVE
 from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiClient
-from tests.sitehelpers import add_machine, sqlite_configserver
+from tests.sitehelpers import (
+    add_machine,
+    add_procserver,
+    sqlite_configserver,
+    step_running,
+    wait_job,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -33,7 +40,7 @@ PAGES = ["/console/", "/console/alerts", "/console/jobs", "/console/procservers"
 ACTIONS = ["/console/items/web01/test-failover", "/console/items/web01/cleanup-test-failover",
            "/console/items/web01/failover", "/console/items/web01/commit",
            "/console/items/web01/resync", "/console/items/web01/disable", "/console/enable",
-           "/console/signout"]
+           "/console/jobs/0123456789abcdef/cancel", "/console/signout"]
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
 
@@ -325,3 +332,40 @@ async def test_an_items_page_lists_its_newest_points_only(cs: ConfigServer) -> N
     rows = re.findall(r'<tr id="point-([0-9a-f]{64})">', page)
     assert rows == [f"{i:064x}" for i in range(POINTS_SHOWN, 0, -1)]  # the oldest left out
     assert f"The newest {POINTS_SHOWN} of {POINTS_SHOWN + 1} points" in page
+
+
+async def test_a_job_is_cancelled_from_its_page(cs: ConfigServer) -> None:
+    await add_procserver(cs.url, cs.internal_token)
+    async with ApiClient(cs.url, cs.admin_token) as api:
+        await add_machine(api, "app01", disks=("sda",))
+        await api.post("/api/v1/replication/enable", {"machine": "app01"})
+        (job,) = (await api.get("/api/v1/jobs", target="app01", active=True))["jobs"]
+        # Enable protection waits for the machine's agent, which never checks in here.
+        await wait_job(api, job["id"], step_running("prepare_agent"))
+        assert job["cancellable"]
+        action = f"/console/jobs/{job['id']}/cancel"
+        async with _browser() as http:
+            csrf = await _sign_in(http, cs)
+            async with http.get(f"{cs.url}/console/jobs/{job['id']}") as r:
+                forms = [f for f in re.findall(r"<form.*?</form>", await r.text(), re.S)
+                         if f'action="{action}"' in f]
+            assert len(forms) == 1 and f'name="csrf" value="{csrf}"' in forms[0]
+            async with http.post(cs.url + action, data={}, allow_redirects=False) as r:
+                assert r.status == 403 and "security token" in await r.text()
+            assert (await api.get(f"/api/v1/jobs/{job['id']}"))["state"] in ACTIVE
+            async with http.post(cs.url + action, data={"csrf": csrf},
+                                 allow_redirects=False) as r:
+                assert r.status == 303 and r.headers["Location"] == \
+                    f"/console/jobs/{job['id']}"
+            done = await api.get(f"/api/v1/jobs/{job['id']}")
+            assert done["state"] == "cancelled"
+            assert (await api.get("/api/v1/items/app01"))["state"] == "enable_failed"
+            async with http.get(f"{cs.url}/console/jobs/{job['id']}") as r:
+                assert action not in await r.text()  # nothing left to cancel
+            async with http.post(cs.url + action, data={"csrf": csrf}) as r:
+                page = await r.text()
+                assert r.status == 409 and 'role="alert"' in page
+                assert f"job {job['id']} already ended (cancelled)" in page
+            async with http.post(f"{cs.url}/console/jobs/0123456789abcdef/cancel",
+                                 data={"csrf": csrf}) as r:
+                assert r.status == 404 and "no job with id" in await r.text()

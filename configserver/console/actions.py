@@ -17,7 +17,7 @@ from multidict import MultiDictProxy
 
 from configserver import failoverops, install, protection
 from configserver.console.app import PREFIX, console_of, see_other
-from configserver.console.pages import item_page, items_page
+from configserver.console.pages import item_page, items_page, job_page
 from configserver.errors import DomainError
 from configserver.rest import status_of
 
@@ -93,7 +93,29 @@ async def enable(request: web.Request) -> web.Response:
     return see_other(f"{PREFIX}/items/{machine}")
 
 
+async def cancel_job(request: web.Request) -> web.Response:
+    """Cancel a queued or running job (``POST /api/v1/jobs/{id}/cancel``); returns once
+    it is cancelled. A refusal — its kind cannot be cancelled, it ended — is shown on
+    the job's page."""
+    console = console_of(request)
+    jid = request.match_info["id"]
+    await request.post()  # the guard checked its CSRF token
+    try:
+        await console.services.jobs.cancel(jid)
+    except DomainError as e:
+        log.info("console_action_refused", code=e.code, verb="cancel", job=jid)
+        if e.code == "job_not_found":
+            return console.page(request, "missing.html", 404, title="Not found",
+                                nav="jobs", message=e.message, hint="see the list of jobs")
+        return await job_page(request, status=status_of(e), error=(
+            f"{e.message}. {e.hint}" if e.hint else e.message))
+    await console.services.notify()
+    log.info("console_action", verb="cancel", job=jid)
+    return see_other(f"{PREFIX}/jobs/{jid}")
+
+
 ROUTES = [
     web.post("/items/{machine}/{verb}", act),
     web.post("/enable", enable),
+    web.post("/jobs/{id}/cancel", cancel_job),
 ]

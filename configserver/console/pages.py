@@ -106,7 +106,9 @@ async def jobs_page(request: web.Request) -> web.Response:
                         refresh=REFRESH_MOVING if moving else REFRESH_ITEMS)
 
 
-async def job_page(request: web.Request) -> web.Response:
+async def job_page(request: web.Request, *, error: str = "", status: int = 200
+                   ) -> web.Response:
+    """One job and its steps; ``error`` is a refused cancel, shown above them."""
     console = console_of(request)
     try:
         job = await Reader(request, console.services).job(request.match_info["id"])
@@ -117,9 +119,10 @@ async def job_page(request: web.Request) -> web.Response:
                             message=e.message, hint="see the list of jobs")
     # a plan job waiting at a manual action is confirmed from here too (planactions.py)
     plan = job["target"][5:] if job["target"].startswith("plan:") else None
-    return console.page(request, "job.html", title=job["title"], nav="jobs", job=job,
-                        plan=plan, waiting=waiting([job]) if plan else None,
-                        refresh=REFRESH_MOVING if job["state"] in ACTIVE else 0)
+    return console.page(request, "job.html", status, title=job["title"], nav="jobs",
+                        job=job, plan=plan, waiting=waiting([job]) if plan else None,
+                        error=error, refresh=0 if error else
+                        REFRESH_MOVING if job["state"] in ACTIVE else 0)
 
 
 async def procservers_page(request: web.Request) -> web.Response:
