@@ -15,6 +15,9 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
+from common.timefmt import iso_seconds
 from mobility.agent import Agent
 from mobility.agentfile import AgentFileError
 from mobility.config import MobilityConfig
@@ -155,8 +158,23 @@ async def cmd_enroll(args: argparse.Namespace) -> int:
     else:
         raise UsageError("enroll with the passphrase (--site URL --passphrase-file F "
                          "--ca-file CA) or with the admin token (--token-file F)")
-    print(f"enrolled {args.machine}; agent config written to {cfg}")
+    if args.json:
+        print(json.dumps(_enrolled(args.machine, cfg)))
+    else:
+        print(f"enrolled {args.machine}; agent config written to {cfg}")
     return 0
+
+
+def _enrolled(machine: str, config: Path) -> dict[str, Any]:
+    """What ``enroll --json`` prints: the files written and the certificate issued (its
+    serial in lowercase hex, as the configuration server's API spells it)."""
+    cfg = load(MobilityConfig, config)
+    cert = x509.load_pem_x509_certificate(Path(cfg.tls_cert).read_bytes())
+    return {"machine": machine, "config": str(config), "cert": cfg.tls_cert,
+            "key": cfg.tls_key, "ca": cfg.tls_ca, "serial": format(cert.serial_number, "x"),
+            "not_after": iso_seconds(cert.not_valid_after_utc.timestamp()),
+            "site_url": cfg.site_url or None,
+            "process_server": f"{cfg.server_host}:{cfg.server_port}"}
 
 
 async def cmd_renew(args: argparse.Namespace) -> int:
@@ -258,6 +276,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     en.add_argument("--disk", action="append", required=True,
                     help="NAME=PATH of a disk to protect (block device or image file)")
     en.add_argument("--out", required=True, help="directory for certificates and config")
+    en.add_argument("--json", action="store_true",
+                    help="machine-readable output: the files written, the certificate's "
+                         "serial and expiry")
     en.set_defaults(func=cmd_enroll)
     rn = msub.add_parser(
         "renew", help="renew the agent's certificate before it expires",

@@ -1,4 +1,5 @@
-"""Verbs that work from the vault and its key alone: no database, no server."""
+"""Verbs that work from the vault and its key alone: no database, no server — and
+``points catalog``, the same points as the configuration server's catalog lists them."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from dataclasses import asdict
 from typing import Any
 
 from common.labels import APP
+from siterecovery.apiopts import add_api_args, call_and_show
 from siterecovery.errors import EXIT_CORRUPT, EXIT_OK, CliError, UsageError
 from siterecovery.inplacerestore import refuse_in_use, restore_in_place
-from siterecovery.output import add_json_arg, mib, show
+from siterecovery.output import add_json_arg, mib, show, table
 from siterecovery.progress import Progress
 from siterecovery.vaultopts import (
     add_vault_args,
@@ -114,6 +116,15 @@ def _report_damaged(scan: PointScan) -> int:
 
 def _damaged_rows(scan: PointScan) -> list[dict[str, Any]]:
     return [{"object": name, "reason": e.reason} for name, e in scan.damaged]
+
+
+CATALOG_COLUMNS = (("machine", "MACHINE"), ("created", "CREATED"),
+                   ("consistency", "CONSISTENCY"), ("id", "POINT"))
+
+
+async def cmd_points_catalog(args: argparse.Namespace) -> int:
+    return await call_and_show(args, "GET", "/api/v1/points", lambda doc: table(
+        doc["points"], CATALOG_COLUMNS), machine=args.machine)
 
 
 async def cmd_points_list(args: argparse.Namespace) -> int:
@@ -229,6 +240,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     pl.add_argument("--machine", help="only this machine's points")
     add_json_arg(pl)
     pl.set_defaults(func=cmd_points_list)
+    pc = psub.add_parser(
+        "catalog", help="list the recovery points the configuration server knows",
+        description="List the recovery points in the configuration server's catalog (what "
+                    "the process servers reported; GET /api/v1/points), oldest first. "
+                    "'points list' reads the vault itself instead.")
+    pc.add_argument("--machine", help="only this machine's points")
+    add_api_args(pc)
+    pc.set_defaults(func=cmd_points_catalog)
 
     mp = sub.add_parser("machines", help="protected machines")
     msub = mp.add_subparsers(dest="machines_cmd", required=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from siterecovery.apiclient import ApiClient
 from tests.helpers import (
     Daemon,
     make_disk,
@@ -56,9 +57,17 @@ async def test_serve_enroll_replicate_restore(tmp_path: Path) -> None:
 
         r = run_cli("mobility", "enroll", "--machine", "vm1", "--api", api, "--token-file",
                     str(token_file), "--server", f"127.0.0.1:{ready['port']}",
-                    "--disk", f"sda={disk}", "--out", str(tmp_path / "agent"))
+                    "--disk", f"sda={disk}", "--out", str(tmp_path / "agent"), "--json")
         assert r.returncode == 0, r.stderr
         cfg = tmp_path / "agent" / "mobility.toml"
+        enrolled = json.loads(r.stdout)
+        assert (enrolled["machine"], enrolled["config"]) == ("vm1", str(cfg))
+        assert enrolled["process_server"] == f"127.0.0.1:{ready['port']}"
+        assert all(Path(enrolled[f]).is_file() for f in ("cert", "key", "ca"))
+        async with ApiClient(api, token_file.read_text().strip()) as admin:
+            issued = await admin.get(f"/api/v1/certificates/{enrolled['serial']}")
+        assert issued["serial"] == enrolled["serial"]
+        assert issued["not_after"] == enrolled["not_after"]
         doc = tomllib.loads(cfg.read_text())
         assert doc["machine"] == "vm1" and doc["snapshot"] == "none"
         r = run_cli("mobility", "replicate", "--config", str(cfg), "--json")
@@ -84,6 +93,16 @@ async def test_serve_enroll_replicate_restore(tmp_path: Path) -> None:
             async with http.get(f"{api}/api/v1/points", headers=auth) as resp:
                 listed = (await resp.json())["points"]
             assert [p["consistency"] for p in listed] == ["inconsistent", "crash"]
+        r = run_cli("points", "catalog", "--api", api, "--token-file", str(token_file),
+                    "--machine", "vm1", "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout) == {"points": listed}
+        r = run_cli("points", "catalog", "--api", api, "--token-file", str(token_file))
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split()[:4] == ["MACHINE", "CREATED", "CONSISTENCY", "POINT"]
+        assert [line.split()[-1] for line in r.stdout.splitlines()[1:]] == [
+            p["id"] for p in listed]
+        async with aiohttp.ClientSession() as http:
             async with http.get(f"{api}/metrics") as resp:
                 assert _metric(await resp.text(),
                                "siterecovery_configserver_recovery_points_total") == 2
