@@ -60,6 +60,7 @@ IndexT = TypeVar("IndexT", bound=BlockIndex)
 
 DEFAULT_BLOCK_SIZE = 64 * 1024
 MAX_CHAIN = 16
+MANIFEST_READS = 32  # manifests read at once by ``scan_points``
 
 
 @dataclass(frozen=True)
@@ -312,17 +313,24 @@ class Vault:
         (its machine cannot be known: it is listed whatever ``machine`` is). A manifest
         deleted since the listing is left out; store errors raise."""
         scan = PointScan()
-        async for info in self.store.list(names.POINTS):
+
+        async def read(name: str) -> None:
             try:
-                p = open_point(self.keyring, info.name[len(names.POINTS):],
-                               await self.store.get(info.name))
+                p = open_point(self.keyring, name[len(names.POINTS):],
+                               await self.store.get(name))
             except NotFoundError:
-                continue  # deleted since the listing (a prune forgot it)
+                return  # deleted since the listing (a prune forgot it)
             except IntegrityError as e:
-                scan.damaged.append((info.name, e))
-                continue
+                scan.damaged.append((name, e))
+                return
             if machine is None or p.machine == machine:
                 scan.points.append(p)
+
+        # A few manifests in flight at a time: one after the other, a vault of many
+        # points on a remote store takes a round trip per point (README "Manifests").
+        listed = [info.name async for info in self.store.list(names.POINTS)]
+        for i in range(0, len(listed), MANIFEST_READS):
+            await asyncio.gather(*(read(n) for n in listed[i:i + MANIFEST_READS]))
         scan.points.sort(key=lambda p: (p.created, p.id))
         scan.damaged.sort(key=lambda d: d[0])
         return scan
