@@ -23,13 +23,15 @@ import asyncio
 import dataclasses
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
 from sqlalchemy import select
 
+from mobility.agent import CycleResult
 from mobility.config import MobilityConfig
 from procserver import db
 from procserver.cycles import OpenCycle
@@ -92,12 +94,27 @@ async def _abandoned_then_new(tmp: Path, pki: Pki, vault_at: tuple[str, Path],
                 assert r.full and r.resumes == 0
             # Let go: the abandoned cycle is aborted, the new one is uploaded at once (an
             # hour's resume window would otherwise hold it up).
-            point_id = await ps.wait_point(r.cycle, timeout=60)
-            async with ps.sessionmaker() as s:
-                states = dict((await s.execute(select(db.Cycle.id, db.Cycle.state))).all())
-            assert states == {old.id: db.ABORTED, r.cycle: db.UPLOADED}
-            assert not (ps.cache_dir / "web01" / old.id).exists()
-            assert ps.cycles.suspended() == 0 and ps.space.used == 0
+            point_id = await _alone_uploaded(ps, old, r, timeout=60)
+    await _superseded_and_restored(logs, old, r, point_id, tmp, key, disk)
+
+
+async def _alone_uploaded(ps: ProcServer, old: OpenCycle, r: CycleResult,
+                          timeout: float) -> str:
+    """The new cycle's point, once uploaded: the old cycle aborted, nothing of it left."""
+    point_id = await ps.wait_point(r.cycle, timeout=timeout)
+    async with ps.sessionmaker() as s:
+        states = dict((await s.execute(select(db.Cycle.id, db.Cycle.state))).all())
+    assert states == {old.id: db.ABORTED, r.cycle: db.UPLOADED}
+    assert not (ps.cache_dir / "web01" / old.id).exists()
+    assert ps.cycles.suspended() == 0 and ps.space.used == 0
+    return point_id
+
+
+async def _superseded_and_restored(logs: list[MutableMapping[str, Any]], old: OpenCycle,
+                                   r: CycleResult, point_id: str, tmp: Path, key: Path,
+                                   disk: Path) -> None:
+    """The old cycle was aborted as superseded; the vault holds the new point alone, and it
+    restores byte for byte."""
     aborted = [e for e in logs if e["event"] == "cycle_aborted"]
     assert [(e["cycle"], e["reason"]) for e in aborted] == [(old.id, "superseded")]
     vault = await open_vault(tmp / "vault", key)
@@ -187,18 +204,6 @@ async def test_a_new_cycle_cuts_the_half_open_session_of_an_older_one(
             finally:
                 agent.close()
             assert r.full and r.resumes == 0
-            point_id = await ps.wait_point(r.cycle, timeout=30)
-            async with ps.sessionmaker() as s:
-                states = dict((await s.execute(select(db.Cycle.id, db.Cycle.state))).all())
-            assert states == {old.id: db.ABORTED, r.cycle: db.UPLOADED}
-            assert not (ps.cache_dir / "web01" / old.id).exists()
-            assert ps.cycles.suspended() == 0 and ps.space.used == 0
+            point_id = await _alone_uploaded(ps, old, r, timeout=30)
     assert [e["cycle"] for e in logs if e["event"] == "cycle_session_cut"] == [old.id]
-    aborted = [e for e in logs if e["event"] == "cycle_aborted"]
-    assert [(e["cycle"], e["reason"]) for e in aborted] == [(old.id, "superseded")]
-    vault = await open_vault(tmp_path / "vault", key)
-    try:
-        point = await vault.read_point(point_id)
-        assert await restore_all(vault, point, tmp_path / "restore") == {"sda": sha256(disk)}
-    finally:
-        await vault.close()
+    await _superseded_and_restored(logs, old, r, point_id, tmp_path, key, disk)

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from configserver.server import ConfigServer
+from mobility.config import MobilityConfig
 from mobility.daemon import ManagedAgent
 from mobility.hostid import read_host_id
 from mobility.siteclient import SiteClient, SiteRefused
@@ -54,6 +55,16 @@ def test_host_ids_read_as_the_kernel_shows_them(tmp_path: Path) -> None:
     assert read_host_id("") is None
 
 
+def _recovered_agent(site: Site, recovered: Path, tmp: Path) -> MobilityConfig:
+    """The recovered machine's agent: the original's files, as its disk holds them, on a
+    host of its own (``RECOVERED``)."""
+    shutil.copytree(Path(site.cfg.state_dir), tmp / "recovered-state")
+    return dataclasses.replace(
+        site.cfg, state_dir=str(tmp / "recovered-state"),
+        disks=[{"name": "sda", "path": str(recovered)}],
+        host_id_file=_uuid_file(tmp / "recovered-uuid", RECOVERED))
+
+
 async def test_reprotect_through_the_agent_in_the_recovered_machine(
         cs: ConfigServer, api: ApiClient, tmp_path: Path) -> None:
     original_id = _uuid_file(tmp_path / "original-uuid", ORIGINAL)
@@ -63,13 +74,7 @@ async def test_reprotect_through_the_agent_in_the_recovered_machine(
         at_failover = recovered.read_bytes()
         failover_point = (await api.get("/api/v1/items/web01"))["failover"]["point"]
 
-        # The recovered machine's agent: the original's files, as its disk holds them.
-        state = Path(site.cfg.state_dir)
-        shutil.copytree(state, tmp_path / "recovered-state")
-        cfg = dataclasses.replace(
-            site.cfg, state_dir=str(tmp_path / "recovered-state"),
-            disks=[{"name": "sda", "path": str(recovered)}],
-            host_id_file=_uuid_file(tmp_path / "recovered-uuid", RECOVERED))
+        cfg = _recovered_agent(site, recovered, tmp_path)
         async with SiteClient(cfg.site_url, cfg.tls_ca, cfg.tls_cert, cfg.tls_key) as cp:
             copy = ManagedAgent(cfg, cp)
             try:
@@ -182,12 +187,7 @@ async def test_a_copy_is_told_apart_when_only_it_reports_a_host_id(
     no_smbios = str(tmp_path / "no-product-uuid")
     async with failed_over(cs, api, tmp_path, host_id_file=no_smbios) as (site, recovered):
         assert (await api.get("/api/v1/machines/web01"))["host_id"] is None
-        state = Path(site.cfg.state_dir)
-        shutil.copytree(state, tmp_path / "recovered-state")
-        cfg = dataclasses.replace(
-            site.cfg, state_dir=str(tmp_path / "recovered-state"),
-            disks=[{"name": "sda", "path": str(recovered)}],
-            host_id_file=_uuid_file(tmp_path / "recovered-uuid", RECOVERED))
+        cfg = _recovered_agent(site, recovered, tmp_path)
         async with SiteClient(cfg.site_url, cfg.tls_ca, cfg.tls_cert, cfg.tls_key) as cp:
             copy = ManagedAgent(cfg, cp)
             try:
