@@ -48,7 +48,7 @@ from tests.helpers import (
     sha256,
     write_toml,
 )
-from tests.test_resume import frame_bytes, proxied, random_disk
+from tests.test_resume import frame_bytes, proxied, random_disk, replicate
 
 SIZE = 8 << 20  # two 4 MiB chunks of the agent's reads
 HOUR = 3600.0
@@ -86,11 +86,7 @@ async def _abandoned_then_new(tmp: Path, pki: Pki, vault_at: tuple[str, Path],
                 await _until(lambda: _suspended(ps) is not None)
                 old = _suspended(ps)
                 assert old is not None and old.frames > 0 and old.owner is not None
-                agent = make_agent(acfg)
-                try:
-                    r = await agent.replicate_once()
-                finally:
-                    agent.close()
+                r = await replicate(make_agent(acfg))
                 assert r.full and r.resumes == 0
             # Let go: the abandoned cycle is aborted, the new one is uploaded at once (an
             # hour's resume window would otherwise hold it up).
@@ -198,11 +194,7 @@ async def test_a_new_cycle_cuts_the_half_open_session_of_an_older_one(
                 first.close()
             (old,) = ps.cycles.open.values()
             assert old.owner is not None and not old.owner.done()  # still attached
-            agent = make_agent(dataclasses.replace(acfg, server_port=ps.port))
-            try:
-                r = await agent.replicate_once()
-            finally:
-                agent.close()
+            r = await replicate(make_agent(dataclasses.replace(acfg, server_port=ps.port)))
             assert r.full and r.resumes == 0
             point_id = await _alone_uploaded(ps, old, r, timeout=30)
     assert [e["cycle"] for e in logs if e["event"] == "cycle_session_cut"] == [old.id]

@@ -23,15 +23,10 @@ from tests.helpers import (
     running_procserver,
     sha256,
 )
+from tests.test_resume import random_disk
 
 SEGMENT = 8 << 20
 MACHINES = ("web01", "web02", "web03", "web04")
-
-
-def _random_disk(path: Path, size: int, seed: int) -> None:
-    import random
-
-    path.write_bytes(random.Random(seed).randbytes(size))  # no zero block: all cached
 
 
 async def test_sessions_whose_open_segments_fill_the_quota_seal_them_and_all_land(
@@ -41,7 +36,7 @@ async def test_sessions_whose_open_segments_fill_the_quota_seal_them_and_all_lan
                       cache_quota_bytes=2 * SEGMENT)
     disks = {m: tmp_path / f"{m}.img" for m in MACHINES}
     for i, path in enumerate(disks.values()):
-        _random_disk(path, 3 * SEGMENT, seed=60 + i)
+        random_disk(path, 3 * SEGMENT, seed=60 + i)  # all of it cached
     with structlog.testing.capture_logs() as logs:
         async with running_procserver(cfg) as ps:
             agents = [make_agent(agent_config(tmp_path, pki, m, ps.port, {"sda": p}))
