@@ -93,6 +93,10 @@ class UploadContext:
     slots: asyncio.Semaphore
     mappings: Mappings
     withheld: set[int]
+    # Called after each checkpoint: its segments' blocks are sealed and their buffers
+    # free (a heap trim, rate limited: a cycle hours long gives memory back before its
+    # point).
+    on_checkpoint: Callable[[], None]
 
 
 async def drop_lease(vaults: VaultAccess, cyc: db.Cycle) -> None:
@@ -372,6 +376,7 @@ class CycleUpload:
         taken.difference_update(ids)
         await asyncio.to_thread(_unlink_all, [seg.path for seg in segs])
         ctx.space.release(cyc.seq, sum(seg.size for seg in segs))
+        ctx.on_checkpoint()
 
 
 async def _stop(task: asyncio.Task[None] | None, *, cancel: bool) -> None:

@@ -27,9 +27,10 @@ Two remedies, both glibc-only (elsewhere they do nothing):
   threads cost 1.22 CPU seconds and 158 000 page faults, against 0.80 s and 9 000
   (README "Sealing without page faults"), for a peak RSS 8-10 % higher under
   ``bench_ingest.py``'s eight agents;
-- ``HeapTrim``: ``malloc_trim(0)`` after a recovery point is written (at most once per
-  ``interval`` seconds, on a worker thread): the free pages inside every arena are given
-  back, whatever fragmentation the smaller allocations left.
+- ``HeapTrim``: ``malloc_trim(0)`` after a recovery point is written and after each
+  checkpoint of a cycle (an initial copy hours long writes its point only at its end),
+  at most once per ``interval`` seconds, on a worker thread: the free pages inside every
+  arena are given back, whatever fragmentation the smaller allocations left.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def trim_heap() -> int:
 
 
 class HeapTrim:
-    """``request`` (after a point is written) trims the heap on a worker thread, unless
+    """``request`` (after a point or a checkpoint) trims the heap on a worker thread, unless
     a trim ran less than ``interval`` seconds ago or runs now; counted in ``trims`` and
     ``released`` (bytes), and in ``done`` (``changed`` is notified after each)."""
 

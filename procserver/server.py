@@ -97,7 +97,7 @@ class ProcServer:
     scrape: ScrapeGauges
     barriers: Barriers  # the consistency groups' barriers (procserver/barrier.py)
     group_reports: GroupPointOutbox
-    heap: HeapTrim  # gives the heap's free pages back after points (procserver/heap.py)
+    heap: HeapTrim  # gives the heap's free pages back after points and checkpoints (heap.py)
     vault_ready: asyncio.Event  # set once the vault is open (``vaults.ready``)
 
     def __init__(self, cfg: ProcServerConfig) -> None:
@@ -139,7 +139,8 @@ class ProcServer:
 
         self.uploader = Uploader(sessionmaker, vaults, self.cache_dir, self.space,
                                  self.executor, metrics, cfg.upload_threads,
-                                 on_point=on_point, storage=self.reporter.storage)
+                                 on_point=on_point, storage=self.reporter.storage,
+                                 on_checkpoint=self.heap.request)
         vaults.on_open = self.uploader.wake
         vaults.before_ready = self._settle_orphans  # when it opens in the background
         self.cycles = CycleBook(sessionmaker, self.cache_dir, self.space,

@@ -50,14 +50,16 @@ LET_GO_WAIT = 60.0
 class Uploader:
     """Turns the cached cycles in ``sessionmaker``'s database into points in the vault
     (once ``vaults`` is open), releasing their ``space`` as they drain; ``on_point`` is
-    called after each point is recorded (the reporter's outbox has a new row). Failed
+    called after each point is recorded (the reporter's outbox has a new row),
+    ``on_checkpoint`` after each checkpoint deleted its segments. Failed
     uploads and the writes that end them are told to ``storage`` (the heartbeat's)."""
 
     def __init__(self, sessionmaker: async_sessionmaker[AsyncSession], vaults: VaultAccess,
                  cache_dir: Path, space: CacheSpace, executor: Executor,
                  metrics: ProcMetrics, threads: int,
                  on_point: Callable[[], None] = lambda: None,
-                 storage: StorageHealth | None = None) -> None:
+                 storage: StorageHealth | None = None,
+                 on_checkpoint: Callable[[], None] = lambda: None) -> None:
         self.sessionmaker, self.vaults, self.cache_dir = sessionmaker, vaults, cache_dir
         self.space, self.executor, self.metrics = space, executor, metrics
         self.on_point = on_point
@@ -81,7 +83,7 @@ class Uploader:
             sessionmaker=sessionmaker, vaults=vaults, cache_dir=cache_dir, space=space,
             executor=executor, metrics=metrics, storage=self.storage, lock=self.vault_lock,
             wakeups=self._wakeups, slots=asyncio.Semaphore(max(1, threads)),
-            mappings=self.mappings, withheld=self._withheld)
+            mappings=self.mappings, withheld=self._withheld, on_checkpoint=on_checkpoint)
 
     def wake(self) -> None:
         """Look for new cycles and segments now."""

@@ -5,7 +5,7 @@ was freed. These tests hold the two remedies on the real C library: freed pages 
 middle of an arena are released by a trim, a freed large buffer does not raise the mmap
 threshold (so the next large buffer is its own mapping again), a buffer of a pack's
 size is reused, not faulted in again, and a real process server trims after it writes
-a point."""
+a point, and during a cycle after its checkpoints."""
 
 from __future__ import annotations
 
@@ -17,10 +17,20 @@ import threading
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
+from procserver import db
 from procserver.heap import anonymous_rss, trim_heap
 from procserver.server import ProcServer
-from tests.helpers import Pki, agent_config, make_agent, make_disk
+from tests.helpers import (
+    Pki,
+    agent_config,
+    make_agent,
+    make_disk,
+    proc_config,
+    running_procserver,
+)
+from tests.test_resume import frame_bytes, proxied, random_disk
 
 BUF = 64 << 10  # below the mmap threshold: from an arena's heap
 
@@ -138,6 +148,38 @@ async def test_procserver_trims_after_a_point(tmp_path: Path, pki: Pki,
     released = procserver.metrics.registry.get_sample_value(
         "siterecovery_procserver_heap_released_bytes_total")
     assert released is not None and released >= 0
+
+
+async def test_procserver_trims_during_a_cycle_before_its_point(
+        tmp_path: Path, pki: Pki, vault_at: tuple[str, Path]) -> None:
+    """An initial copy hours long writes its point only at its end: the process server
+    trims after its checkpoints too (at most once per interval), not only after points.
+    Here the agent's link stops half way through its cycle, with segments checkpointed
+    and no point yet."""
+    url, key = vault_at
+    cfg = proc_config(tmp_path, pki, url, key, segment_bytes=1 << 20)
+    disk = tmp_path / "d.img"
+    random_disk(disk, 8 << 20, seed=2)
+    async with running_procserver(cfg) as ps, proxied(ps) as proxy:
+        proxy.pause_at = frame_bytes(8 << 20) // 2
+        agent = make_agent(agent_config(tmp_path, pki, "heap02", proxy.port, {"sda": disk}))
+        sending = asyncio.create_task(agent.replicate_once())
+        try:
+            heap = ps.heap
+            async with asyncio.timeout(60), heap.changed:
+                await heap.changed.wait_for(lambda: heap.done >= 1)
+            assert proxy.paused.is_set()  # the cycle is still under way
+            async with ps.sessionmaker() as s:
+                assert (await s.execute(select(db.Cycle.point_id))).scalars().all() == [None]
+            proxy.reset_all()  # the link comes back: the agent resumes, the point is written
+            r = await sending
+        finally:
+            if not sending.done():
+                sending.cancel()
+            await asyncio.gather(sending, return_exceptions=True)
+            agent.close()
+        await ps.wait_point(r.cycle)
+    assert r.resumes >= 1
 
 
 @pytest.fixture(autouse=True)
