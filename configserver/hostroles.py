@@ -78,8 +78,8 @@ async def refuse_recovered(s: AsyncSession, name: str, host_id: str | None,
     if machine is None:
         return
     if role(machine, await s.get(db.ReplicatedItem, name), host_id) == RECOVERED:
-        raise ApiError(409, "recovered_machine", f"host {host_id} runs the recovered copy "
-                       f"of {name!r}: {what} is the original machine's",
+        raise ApiError(409, "recovered_machine", f"host {host_id or '(no host id)'} runs "
+                       f"the recovered copy of {name!r}: {what} is the original machine's",
                        "nothing to do: the copy goes on with the certificate it has")
 
 
