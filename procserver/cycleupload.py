@@ -93,10 +93,7 @@ class UploadContext:
     slots: asyncio.Semaphore
     mappings: Mappings
     withheld: set[int]
-    # Called after each checkpoint: its segments' blocks are sealed and their buffers
-    # free (a heap trim, rate limited: a cycle hours long gives memory back before its
-    # point).
-    on_checkpoint: Callable[[], None]
+    on_checkpoint: Callable[[], None]  # a heap trim: a long cycle gives memory back
 
 
 async def drop_lease(vaults: VaultAccess, cyc: db.Cycle) -> None:
