@@ -318,3 +318,40 @@ async def test_a_plan_partly_failed_over_offers_only_what_its_plan_layer_takes(
         assert (await api.get("/api/v1/items/half1"))["state"] == "failed_over"
     assert step(job, "item_half1")["message"] == \
         "half1 passed by: it is failed_over already"
+
+
+async def test_a_plan_is_created_from_the_plans_page(cs: ConfigServer) -> None:
+    async with ApiClient(cs.url, cs.admin_token) as api:
+        before = [p["name"] for p in (await api.get("/api/v1/plans"))["plans"]]
+    async with _browser() as http:
+        csrf = await _sign_in(http, cs)
+        (form,) = [f for a, f in _forms(await _page(http, cs, "/console/plans")).items()
+                   if a == "/console/plans"]
+        assert f'name="csrf" value="{csrf}"' in form
+        async with http.post(f"{cs.url}/console/plans", allow_redirects=False,
+                             data={"name": "new", "groups": "app02"}) as r:
+            assert r.status == 403  # no session token: refused
+        for fields, status, says in (
+                ({"name": "bad name", "groups": "app02"}, 422, "name: &#39;bad name&#39;"),
+                ({"name": "new", "groups": " \n "}, 422, "groups: [] should be non-empty"),
+                ({"name": "new", "groups": "nosuch01"}, 422, "nosuch01 is not replicated"),
+                ({"name": "new", "groups": "app02\napp02"}, 422, "in plan &#39;new&#39; twice"),
+                ({"name": "dr", "groups": "app02"}, 409, "named &#39;dr&#39; exists")):
+            async with http.post(f"{cs.url}/console/plans",
+                                 data={"csrf": csrf, **fields}) as r:
+                page = await r.text()
+            assert r.status == status, (fields, r.status)
+            assert 'role="alert"' in page and says in page, (fields, page[:2000])
+            assert f'id="plan-name" name="name" required maxlength="63" value="' \
+                   f'{fields["name"]}"' in page  # what was typed stays
+        async with ApiClient(cs.url, cs.admin_token) as api:
+            assert [p["name"] for p in (await api.get("/api/v1/plans"))["plans"]] == before
+        async with http.post(f"{cs.url}/console/plans", allow_redirects=False, data={
+                "csrf": csrf, "name": "new", "groups": "app02, half2\n  db02 \n",
+                "description": "two tiers"}) as r:
+            assert r.status == 303 and r.headers["Location"] == "/console/plans/new"
+    async with ApiClient(cs.url, cs.admin_token) as api:
+        plan = await api.get("/api/v1/plans/new")
+        assert [g["items"] for g in plan["groups"]] == [["app02", "half2"], ["db02"]]
+        assert plan["description"] == "two tiers"
+        await api.delete("/api/v1/plans/new")

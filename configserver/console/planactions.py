@@ -1,7 +1,8 @@
 """The console's actions on recovery plans and consistency groups (POST forms, each with
 the session's CSRF token; ``app.guard`` checks it and the form's origin).
 
-They call what the REST routes call: ``planops.request`` (``POST /api/v1/plans/{name}/
+They call what the REST routes call: ``plans.create`` (``POST /api/v1/plans``, its body
+checked against the route's schema), ``planops.request`` (``POST /api/v1/plans/{name}/
 <verb>``), ``groupops.request`` (``POST /api/v1/groups/{name}/<verb>``) and
 ``planops.resume`` (``POST /api/v1/jobs/{id}/resume``). A refusal (``DomainError``) is
 shown on the plan's or group's page with its message and hint, with the status the API
@@ -17,11 +18,12 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from jsonschema import Draft202012Validator
 from multidict import MultiDictProxy
 
 from configserver import db, groupops, planops, plans
 from configserver.console.app import PREFIX, console_of, see_other
-from configserver.console.planpages import group_page, plan_page
+from configserver.console.planpages import group_page, plan_page, plans_page
 from configserver.console.recoverydata import DESTRUCTIVE, VERBS
 from configserver.errors import DomainError, InvalidRequest, NotFound
 from configserver.rest import status_of
@@ -35,6 +37,7 @@ Page = Callable[..., Awaitable[web.Response]]
 PLAN_POINTS = {"test-failover": ("latest-processed", "latest-app-consistent"),
                "failover": ("latest-processed", "latest", "latest-app-consistent")}
 GROUP_POINT = re.compile(r"[0-9a-f]{32}")
+_CREATE = Draft202012Validator(plans.CREATE)
 MAX_NOTES = 4000
 
 
@@ -135,7 +138,36 @@ async def plan_resume(request: web.Request) -> web.Response:
     return see_other(f"{PREFIX}/plans/{name}")
 
 
+async def plan_create(request: web.Request) -> web.Response:
+    """Create a recovery plan (``POST /api/v1/plans``): its name, its groups one per line
+    (the items of a line, in the order they are recovered with the line before first),
+    a description. Scripts and manual actions are the CLI's and the API's."""
+    svc = console_of(request).services
+    form = await request.post()  # the guard checked its CSRF token
+    name = _text(form, "name")
+    groups = [{"items": items} for line in _text(form, "groups").splitlines()
+              if (items := [i for i in re.split(r"[\s,]+", line) if i])]
+    body: dict[str, Any] = {"name": name, "groups": groups}
+    if description := _text(form, "description"):
+        body["description"] = description
+    try:
+        problem = next(iter(sorted(_CREATE.iter_errors(body), key=lambda e: list(e.path))),
+                       None)
+        if problem is not None:
+            where = ".".join(str(p) for p in problem.path) or "the form"
+            raise InvalidRequest("plan_invalid", f"{where}: {problem.message[:200]}",
+                                 "a name of letters, digits, '.', '_' or '-'; one group per "
+                                 "line, each the names of replicated items")
+        await plans.create(svc, body)
+    except DomainError as e:
+        return await _refused(plans_page, request, e, verb="create", target="plans")
+    await svc.notify()
+    log.info("console_action", verb="create", target=f"plans/{name}")
+    return see_other(f"{PREFIX}/plans/{name}")
+
+
 ROUTES = [
+    web.post("/plans", plan_create),
     web.post("/plans/{name}/resume", plan_resume),
     web.post("/plans/{name}/{verb}", plan_verb),
     web.post("/groups/{name}/{verb}", group_verb),

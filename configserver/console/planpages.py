@@ -43,13 +43,18 @@ def _missing(request: web.Request, nav: str, e: NotFound) -> web.Response:
                                     nav=nav, message=e.message, hint=e.hint)
 
 
-async def plans_page(request: web.Request) -> web.Response:
+async def plans_page(request: web.Request, *, error: str = "", status: int = 200
+                     ) -> web.Response:
+    """The plans, and the form that creates one; ``error`` is its refusal, shown above
+    it with what was typed."""
     r = _reader(request)
     docs = await r.plans()
     moving = any(p["last_job"] and p["last_job"]["state"] in ACTIVE for p in docs)
+    typed = await request.post() if error else {}
     return console_of(request).page(
-        request, "plans.html", title="Recovery plans", nav="plans", plans=docs,
-        items=await r.items(), refresh=REFRESH_MOVING if moving else REFRESH_LIST)
+        request, "plans.html", status, title="Recovery plans", nav="plans", plans=docs,
+        items=await r.items(), error=error, typed=typed,
+        refresh=0 if error else REFRESH_MOVING if moving else REFRESH_LIST)
 
 
 async def plan_page(request: web.Request, *, error: str = "", status: int = 200
