@@ -355,3 +355,37 @@ async def test_a_plan_is_created_from_the_plans_page(cs: ConfigServer) -> None:
         assert [g["items"] for g in plan["groups"]] == [["app02", "half2"], ["db02"]]
         assert plan["description"] == "two tiers"
         await api.delete("/api/v1/plans/new")
+
+
+async def test_a_group_is_created_from_the_groups_page(cs: ConfigServer) -> None:
+    async with ApiClient(cs.url, cs.admin_token) as api:
+        before = [g["name"] for g in (await api.get("/api/v1/groups"))["groups"]]
+    async with _browser() as http:
+        csrf = await _sign_in(http, cs)
+        forms = _forms(await _page(http, cs, "/console/groups"))
+        assert f'name="csrf" value="{csrf}"' in forms["/console/groups"]
+        async with http.post(f"{cs.url}/console/groups", allow_redirects=False,
+                             data={"name": "shop", "members": "db01"}) as r:
+            assert r.status == 403  # no session token: refused
+        for fields, status, says in (
+                ({"name": "bad name", "members": "db01"}, 422, "name: &#39;bad name&#39;"),
+                ({"name": "shop", "members": " , "}, 422, "members: [] should be non-empty"),
+                ({"name": "shop", "members": "db01 nosuch01"}, 422,
+                 "no machine named &#39;nosuch01&#39;"),
+                ({"name": "shop", "members": "db01,app01"}, 409,
+                 "machine &#39;app01&#39; is in consistency group &#39;erp&#39;"),
+                ({"name": "erp", "members": "db01"}, 409, "named &#39;erp&#39; exists")):
+            async with http.post(f"{cs.url}/console/groups",
+                                 data={"csrf": csrf, **fields}) as r:
+                page = await r.text()
+            assert r.status == status, (fields, r.status)
+            assert 'role="alert"' in page and says in page, (fields, page[:2000])
+            assert f'value="{fields["members"]}"' in page  # what was typed stays
+        async with ApiClient(cs.url, cs.admin_token) as api:
+            assert [g["name"] for g in (await api.get("/api/v1/groups"))["groups"]] == before
+        async with http.post(f"{cs.url}/console/groups", allow_redirects=False, data={
+                "csrf": csrf, "name": "shop", "members": "db01, web01"}) as r:
+            assert r.status == 303 and r.headers["Location"] == "/console/groups/shop"
+    async with ApiClient(cs.url, cs.admin_token) as api:
+        assert (await api.get("/api/v1/groups/shop"))["members"] == ["db01", "web01"]
+        await api.delete("/api/v1/groups/shop")

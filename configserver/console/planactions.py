@@ -1,13 +1,14 @@
 """The console's actions on recovery plans and consistency groups (POST forms, each with
 the session's CSRF token; ``app.guard`` checks it and the form's origin).
 
-They call what the REST routes call: ``plans.create`` (``POST /api/v1/plans``, its body
-checked against the route's schema), ``planops.request`` (``POST /api/v1/plans/{name}/
-<verb>``), ``groupops.request`` (``POST /api/v1/groups/{name}/<verb>``) and
-``planops.resume`` (``POST /api/v1/jobs/{id}/resume``). A refusal (``DomainError``) is
-shown on the plan's or group's page with its message and hint, with the status the API
-would answer. Failover, commit and failback go ahead only when the form's ``confirm``
-field is the plan's or group's name, typed by the operator.
+They call what the REST routes call: ``plans.create`` and ``groups.create`` (``POST
+/api/v1/plans|groups``, the body checked against the route's schema),
+``planops.request`` (``POST /api/v1/plans/{name}/<verb>``), ``groupops.request``
+(``POST /api/v1/groups/{name}/<verb>``) and ``planops.resume`` (``POST
+/api/v1/jobs/{id}/resume``). A refusal (``DomainError``) is shown on the plan's or
+group's page with its message and hint, with the status the API would answer.
+Failover, commit and failback go ahead only when the form's ``confirm`` field is the
+plan's or group's name, typed by the operator.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from aiohttp import web
 from jsonschema import Draft202012Validator
 from multidict import MultiDictProxy
 
-from configserver import db, groupops, planops, plans
+from configserver import db, groupops, groups, planops, plans
 from configserver.console.app import PREFIX, console_of, see_other
-from configserver.console.planpages import group_page, plan_page, plans_page
+from configserver.console.planpages import group_page, groups_page, plan_page, plans_page
 from configserver.console.recoverydata import DESTRUCTIVE, VERBS
 from configserver.errors import DomainError, InvalidRequest, NotFound
 from configserver.rest import status_of
@@ -37,7 +38,8 @@ Page = Callable[..., Awaitable[web.Response]]
 PLAN_POINTS = {"test-failover": ("latest-processed", "latest-app-consistent"),
                "failover": ("latest-processed", "latest", "latest-app-consistent")}
 GROUP_POINT = re.compile(r"[0-9a-f]{32}")
-_CREATE = Draft202012Validator(plans.CREATE)
+_CREATE_PLAN = Draft202012Validator(plans.CREATE)
+_CREATE_GROUP = Draft202012Validator(groups.CREATE)
 MAX_NOTES = 4000
 
 
@@ -151,13 +153,8 @@ async def plan_create(request: web.Request) -> web.Response:
     if description := _text(form, "description"):
         body["description"] = description
     try:
-        problem = next(iter(sorted(_CREATE.iter_errors(body), key=lambda e: list(e.path))),
-                       None)
-        if problem is not None:
-            where = ".".join(str(p) for p in problem.path) or "the form"
-            raise InvalidRequest("plan_invalid", f"{where}: {problem.message[:200]}",
-                                 "a name of letters, digits, '.', '_' or '-'; one group per "
-                                 "line, each the names of replicated items")
+        _check(_CREATE_PLAN, body, "plan_invalid", "a name of letters, digits, '.', '_' or "
+               "'-'; one group per line, each the names of replicated items")
         await plans.create(svc, body)
     except DomainError as e:
         return await _refused(plans_page, request, e, verb="create", target="plans")
@@ -166,8 +163,37 @@ async def plan_create(request: web.Request) -> web.Response:
     return see_other(f"{PREFIX}/plans/{name}")
 
 
+async def group_create(request: web.Request) -> web.Response:
+    """Create a consistency group (``POST /api/v1/groups``): its name and members, with
+    the default barrier timeout and interval (the CLI and the API set those)."""
+    svc = console_of(request).services
+    form = await request.post()  # the guard checked its CSRF token
+    name = _text(form, "name")
+    body = {"name": name, "members": [m for m in re.split(r"[\s,]+", _text(form, "members"))
+                                      if m]}
+    try:
+        _check(_CREATE_GROUP, body, "group_invalid", "a name of letters, digits, '.', '_' "
+               "or '-'; the members: names of replicated machines")
+        await groups.create(svc, body)
+    except DomainError as e:
+        return await _refused(groups_page, request, e, verb="create", target="groups")
+    await svc.notify()
+    log.info("console_action", verb="create", target=f"groups/{name}")
+    return see_other(f"{PREFIX}/groups/{name}")
+
+
+def _check(schema: Draft202012Validator, body: dict[str, Any], code: str,
+           hint: str) -> None:
+    """``InvalidRequest`` naming the first field the REST route's schema would refuse."""
+    problem = next(iter(sorted(schema.iter_errors(body), key=lambda e: list(e.path))), None)
+    if problem is not None:
+        where = ".".join(str(p) for p in problem.path) or "the form"
+        raise InvalidRequest(code, f"{where}: {problem.message[:200]}", hint)
+
+
 ROUTES = [
     web.post("/plans", plan_create),
+    web.post("/groups", group_create),
     web.post("/plans/{name}/resume", plan_resume),
     web.post("/plans/{name}/{verb}", plan_verb),
     web.post("/groups/{name}/{verb}", group_verb),

@@ -78,15 +78,19 @@ async def plan_page(request: web.Request, *, error: str = "", status: int = 200
         refresh=REFRESH_MOVING if _moving(jobs) and not error else 0)
 
 
-async def groups_page(request: web.Request) -> web.Response:
+async def groups_page(request: web.Request, *, error: str = "", status: int = 200
+                      ) -> web.Response:
+    """The groups, and the form that creates one; ``error`` is its refusal, shown above
+    it with what was typed."""
     r = _reader(request)
     docs = await r.groups()
     last = {g["name"]: next(iter(await r.group_points(g["name"], 1)), None) for g in docs}
     moving = any(g["last_job"] and g["last_job"]["state"] in ACTIVE for g in docs)
+    typed = await request.post() if error else {}
     return console_of(request).page(
-        request, "groups.html", title="Consistency groups", nav="groups", groups=docs,
-        last_points=last, items=await r.items(),
-        refresh=REFRESH_MOVING if moving else REFRESH_LIST)
+        request, "groups.html", status, title="Consistency groups", nav="groups",
+        groups=docs, last_points=last, items=await r.items(), error=error, typed=typed,
+        refresh=0 if error else REFRESH_MOVING if moving else REFRESH_LIST)
 
 
 async def group_page(request: web.Request, *, error: str = "", status: int = 200
