@@ -4,7 +4,8 @@ CSRF token, and a post without it (or from another site) is refused and changes 
 a drill started from a plan's page queues the plan job the REST call queues, the page
 shows it and confirms its manual action; a destructive verb needs the name typed; a
 refusal shows the API's message and hint; a group's page shows its group points' states
-and drills to a complete one.
+and drills to a complete one; plans and groups are created from their pages (a refusal
+keeps what was typed and creates nothing).
 
 One server serves the module (SQLite, as tests/test_console_http.py); the items are put
 in their states in the catalog, as tests/test_group_failover.py does, so no disk or
