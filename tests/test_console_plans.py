@@ -321,6 +321,19 @@ async def test_a_plan_partly_failed_over_offers_only_what_its_plan_layer_takes(
         "half1 passed by: it is failed_over already"
 
 
+async def _refused_forms(http: aiohttp.ClientSession, cs: ConfigServer, action: str,
+                         csrf: str, cases: tuple[tuple[dict[str, str], int, str], ...]
+                         ) -> None:
+    """Each form refused with its status and message, shown with what was typed."""
+    for fields, status, says in cases:
+        async with http.post(cs.url + action, data={"csrf": csrf, **fields}) as r:
+            page = await r.text()
+        assert r.status == status, (fields, r.status)
+        assert 'role="alert"' in page and says in page, (fields, page[:2000])
+        assert all(f'value="{v}"' in page or f">{v}</textarea>" in page
+                   for k, v in fields.items() if k != "groups" or v.strip()), fields
+
+
 async def test_a_plan_is_created_from_the_plans_page(cs: ConfigServer) -> None:
     async with ApiClient(cs.url, cs.admin_token) as api:
         before = [p["name"] for p in (await api.get("/api/v1/plans"))["plans"]]
@@ -332,19 +345,12 @@ async def test_a_plan_is_created_from_the_plans_page(cs: ConfigServer) -> None:
         async with http.post(f"{cs.url}/console/plans", allow_redirects=False,
                              data={"name": "new", "groups": "app02"}) as r:
             assert r.status == 403  # no session token: refused
-        for fields, status, says in (
-                ({"name": "bad name", "groups": "app02"}, 422, "name: &#39;bad name&#39;"),
-                ({"name": "new", "groups": " \n "}, 422, "groups: [] should be non-empty"),
-                ({"name": "new", "groups": "nosuch01"}, 422, "nosuch01 is not replicated"),
-                ({"name": "new", "groups": "app02\napp02"}, 422, "in plan &#39;new&#39; twice"),
-                ({"name": "dr", "groups": "app02"}, 409, "named &#39;dr&#39; exists")):
-            async with http.post(f"{cs.url}/console/plans",
-                                 data={"csrf": csrf, **fields}) as r:
-                page = await r.text()
-            assert r.status == status, (fields, r.status)
-            assert 'role="alert"' in page and says in page, (fields, page[:2000])
-            assert f'id="plan-name" name="name" required maxlength="63" value="' \
-                   f'{fields["name"]}"' in page  # what was typed stays
+        await _refused_forms(http, cs, "/console/plans", csrf, (
+            ({"name": "bad name", "groups": "app02"}, 422, "name: &#39;bad name&#39;"),
+            ({"name": "new", "groups": " \n "}, 422, "groups: [] should be non-empty"),
+            ({"name": "new", "groups": "nosuch01"}, 422, "nosuch01 is not replicated"),
+            ({"name": "new", "groups": "app02\napp02"}, 422, "in plan &#39;new&#39; twice"),
+            ({"name": "dr", "groups": "app02"}, 409, "named &#39;dr&#39; exists")))
         async with ApiClient(cs.url, cs.admin_token) as api:
             assert [p["name"] for p in (await api.get("/api/v1/plans"))["plans"]] == before
         async with http.post(f"{cs.url}/console/plans", allow_redirects=False, data={
@@ -368,20 +374,14 @@ async def test_a_group_is_created_from_the_groups_page(cs: ConfigServer) -> None
         async with http.post(f"{cs.url}/console/groups", allow_redirects=False,
                              data={"name": "shop", "members": "db01"}) as r:
             assert r.status == 403  # no session token: refused
-        for fields, status, says in (
-                ({"name": "bad name", "members": "db01"}, 422, "name: &#39;bad name&#39;"),
-                ({"name": "shop", "members": " , "}, 422, "members: [] should be non-empty"),
-                ({"name": "shop", "members": "db01 nosuch01"}, 422,
-                 "no machine named &#39;nosuch01&#39;"),
-                ({"name": "shop", "members": "db01,app01"}, 409,
-                 "machine &#39;app01&#39; is in consistency group &#39;erp&#39;"),
-                ({"name": "erp", "members": "db01"}, 409, "named &#39;erp&#39; exists")):
-            async with http.post(f"{cs.url}/console/groups",
-                                 data={"csrf": csrf, **fields}) as r:
-                page = await r.text()
-            assert r.status == status, (fields, r.status)
-            assert 'role="alert"' in page and says in page, (fields, page[:2000])
-            assert f'value="{fields["members"]}"' in page  # what was typed stays
+        await _refused_forms(http, cs, "/console/groups", csrf, (
+            ({"name": "bad name", "members": "db01"}, 422, "name: &#39;bad name&#39;"),
+            ({"name": "shop", "members": " , "}, 422, "members: [] should be non-empty"),
+            ({"name": "shop", "members": "db01 nosuch01"}, 422,
+             "no machine named &#39;nosuch01&#39;"),
+            ({"name": "shop", "members": "db01,app01"}, 409,
+             "machine &#39;app01&#39; is in consistency group &#39;erp&#39;"),
+            ({"name": "erp", "members": "db01"}, 409, "named &#39;erp&#39; exists")))
         async with ApiClient(cs.url, cs.admin_token) as api:
             assert [g["name"] for g in (await api.get("/api/v1/groups"))["groups"]] == before
         async with http.post(f"{cs.url}/console/groups", allow_redirects=False, data={

@@ -144,42 +144,46 @@ async def plan_create(request: web.Request) -> web.Response:
     """Create a recovery plan (``POST /api/v1/plans``): its name, its groups one per line
     (the items of a line, in the order they are recovered with the line before first),
     a description. Scripts and manual actions are the CLI's and the API's."""
-    svc = console_of(request).services
     form = await request.post()  # the guard checked its CSRF token
-    name = _text(form, "name")
-    groups = [{"items": items} for line in _text(form, "groups").splitlines()
-              if (items := [i for i in re.split(r"[\s,]+", line) if i])]
-    body: dict[str, Any] = {"name": name, "groups": groups}
+    body: dict[str, Any] = {"name": _text(form, "name"), "groups": [
+        {"items": items} for line in _text(form, "groups").splitlines()
+        if (items := _names(line))]}
     if description := _text(form, "description"):
         body["description"] = description
-    try:
-        _check(_CREATE_PLAN, body, "plan_invalid", "a name of letters, digits, '.', '_' or "
-               "'-'; one group per line, each the names of replicated items")
-        await plans.create(svc, body)
-    except DomainError as e:
-        return await _refused(plans_page, request, e, verb="create", target="plans")
-    await svc.notify()
-    log.info("console_action", verb="create", target=f"plans/{name}")
-    return see_other(f"{PREFIX}/plans/{name}")
+    return await _create(request, "plans", body, _CREATE_PLAN, plans.create, plans_page,
+                         "a name of letters, digits, '.', '_' or '-'; one group per line, "
+                         "each the names of replicated items")
 
 
 async def group_create(request: web.Request) -> web.Response:
     """Create a consistency group (``POST /api/v1/groups``): its name and members, with
     the default barrier timeout and interval (the CLI and the API set those)."""
-    svc = console_of(request).services
     form = await request.post()  # the guard checked its CSRF token
-    name = _text(form, "name")
-    body = {"name": name, "members": [m for m in re.split(r"[\s,]+", _text(form, "members"))
-                                      if m]}
+    body = {"name": _text(form, "name"), "members": _names(_text(form, "members"))}
+    return await _create(request, "groups", body, _CREATE_GROUP, groups.create,
+                         groups_page, "a name of letters, digits, '.', '_' or '-'; the "
+                         "members: names of replicated machines")
+
+
+def _names(text: str) -> list[str]:
+    return [n for n in re.split(r"[\s,]+", text) if n]
+
+
+async def _create(request: web.Request, kind: str, body: dict[str, Any],
+                  schema: Draft202012Validator,
+                  create: Callable[[Any, dict[str, Any]], Awaitable[object]], page: Page,
+                  hint: str) -> web.Response:
+    """Check ``body`` as the REST route would, create it, and show it (or the refusal,
+    on ``page`` with what was typed)."""
+    svc = console_of(request).services
     try:
-        _check(_CREATE_GROUP, body, "group_invalid", "a name of letters, digits, '.', '_' "
-               "or '-'; the members: names of replicated machines")
-        await groups.create(svc, body)
+        _check(schema, body, f"{kind[:-1]}_invalid", hint)
+        await create(svc, body)
     except DomainError as e:
-        return await _refused(groups_page, request, e, verb="create", target="groups")
+        return await _refused(page, request, e, verb="create", target=kind)
     await svc.notify()
-    log.info("console_action", verb="create", target=f"groups/{name}")
-    return see_other(f"{PREFIX}/groups/{name}")
+    log.info("console_action", verb="create", target=f"{kind}/{body['name']}")
+    return see_other(f"{PREFIX}/{kind}/{body['name']}")
 
 
 def _check(schema: Draft202012Validator, body: dict[str, Any], code: str,
