@@ -2,8 +2,8 @@
 selection and ``points list`` do first.
 
 ``--points`` manifests (default 2 000) are put into a vault in a local folder, on a real
-Azurite (started here, as the tests start it), and on the same Azurite behind a link
-that holds every chunk ``--rtt-ms``/2 each way (a store a WAN round trip away, as a
+Azurite (started here, as the tests start it), and on the same Azurite behind the tests'
+proxy holding every chunk ``--rtt-ms``/2 each way (a store a WAN round trip away, as a
 process server in one site writing to a cloud region is); then ``Vault.scan_points``
 reads them all, ``--rounds`` times on each store, and the fastest round is reported. Every
 manifest is opened (authenticated, parsed); their maps are never read.
@@ -36,6 +36,7 @@ os.environ.setdefault("SITERECOVERY_AZURITE",
                       str(REPO / ".cache/azurite/node_modules/.bin/azurite-blob"))
 
 from tests.backends import azurite  # noqa: E402
+from tests.test_resume import Proxy  # noqa: E402  (its ``delay``: a slow link)
 from vault.keyslots import KeyMaterial  # noqa: E402
 from vault.point import DiskEntry, Point  # noqa: E402
 from vault.repo import Vault  # noqa: E402
@@ -76,48 +77,6 @@ async def _scan(url: str, n: int, rounds: int) -> list[float]:
     return times
 
 
-class SlowLink:
-    """A TCP proxy to ``port`` that holds each chunk ``delay`` seconds each way: a
-    store a WAN round trip away (``--rtt-ms``), whatever the store itself costs."""
-
-    def __init__(self, port: int, delay: float) -> None:
-        self.port, self.delay = port, delay
-        self.server: asyncio.Server | None = None
-        self.links: dict[asyncio.Task[Any], list[asyncio.StreamWriter]] = {}
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-        for writers in self.links.values():
-            for w in writers:
-                w.transport.abort()
-        await asyncio.gather(*self.links, return_exceptions=True)
-
-    async def _serve(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self.links[task] = [cw]
-        try:
-            sr, sw = await asyncio.open_connection("127.0.0.1", self.port)
-            self.links[task].append(sw)
-            await asyncio.gather(self._pipe(cr, sw), self._pipe(sr, cw),
-                                 return_exceptions=True)
-        finally:
-            for w in self.links[task]:
-                w.transport.abort()
-
-    async def _pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        while data := await r.read(1 << 16):
-            await asyncio.sleep(self.delay)  # the link's latency, not synchronisation
-            w.write(data)
-            await w.drain()
-        w.transport.abort()
-
-
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--points", type=int, default=2000)
@@ -130,17 +89,17 @@ async def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sr-manifests-") as tmp, \
             azurite(Path(tmp) / "azurite") as conn:
         port = int(conn.split("127.0.0.1:")[1].split("/")[0])
-        link = SlowLink(port, args.rtt_ms / 2000)
-        wan = conn.replace(f"127.0.0.1:{port}", f"127.0.0.1:{await link.start()}")
-        stores = {"local": (f"file://{tmp}/vault", ""), "azurite": ("azure://lan", conn),
-                  "azurite-wan": ("azure://wan", wan)}
-        for name, (url, connection) in stores.items():
-            os.environ["SITERECOVERY_AZURE_CONNECTION_STRING"] = connection
-            await _fill(url, args.points)
-            times = await _scan(url, args.points, args.rounds)
-            out[name] = {"best_s": round(min(times), 3),
-                         "rounds_s": [round(t, 3) for t in times]}
-        await link.close()
+        async with Proxy(port) as link:  # every chunk held rtt/2 each way
+            link.delay = args.rtt_ms / 2000
+            wan = conn.replace(f"127.0.0.1:{port}", f"127.0.0.1:{link.port}")
+            stores = {"local": (f"file://{tmp}/vault", ""), "azurite": ("azure://lan", conn),
+                      "azurite-wan": ("azure://wan", wan)}
+            for name, (url, connection) in stores.items():
+                os.environ["SITERECOVERY_AZURE_CONNECTION_STRING"] = connection
+                await _fill(url, args.points)
+                times = await _scan(url, args.points, args.rounds)
+                out[name] = {"best_s": round(min(times), 3),
+                             "rounds_s": [round(t, 3) for t in times]}
     if args.json:
         print(json.dumps(out))
     else:

@@ -84,6 +84,15 @@ class OpenCycle:
     def position(self) -> list[int] | None:
         return None if self.last is None else [self.last[0], self.last[1]]
 
+    def cut_session(self) -> bool:
+        """Cancel the session still receiving this cycle, if one is (not one already
+        sealing what arrived): its agent gave the connection up. Whether one was."""
+        owner = self.owner
+        if owner is None or owner.done() or self.detaching:
+            return False
+        owner.cancel()
+        return True
+
 
 def dropped_error(oc: OpenCycle) -> ProtocolError:
     """What the agent is told about a cycle the uploader dropped while it was sent."""
@@ -265,11 +274,9 @@ class CycleBook:
                 await self.abort(oc, "superseded")
             elif not oc.superseded:
                 oc.superseded = True
-                owner = oc.owner
-                if owner is not None and not owner.done() and not oc.detaching:
+                if oc.cut_session():
                     log.info("cycle_session_cut", machine=machine, cycle=oc.id,
                              reason="a newer cycle of its machine began")
-                    owner.cancel()
                 self.spawn(self._abort_when_let_go(oc))
 
     async def _abort_when_let_go(self, oc: OpenCycle, reason: str = "superseded") -> None:

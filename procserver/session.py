@@ -206,11 +206,8 @@ class Session:
         assert isinstance(cycle, str)
         oc = self.deps.cycles.open.get(cycle)
         if oc is not None and oc.machine == self.machine and oc.resumable:
-            owner = oc.owner
-            if owner is not None and not owner.done() and not oc.detaching:
-                # A session the agent gave up on (it cannot tell us): take the cycle over.
+            if oc.cut_session():  # one the agent gave up on (it cannot tell us)
                 self.log.info("cycle_taken_over", cycle=cycle)
-                owner.cancel()
             async with oc.lock:
                 if oc.state == OPEN and oc.suspended_at is not None and \
                         time.monotonic() - oc.suspended_at >= \
