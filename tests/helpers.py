@@ -99,6 +99,9 @@ def proc_config(tmp: Path, pki: Pki, vault_url: str, key: Path, **kw: object) ->
     base: dict[str, object] = dict(
         data_dir=str(tmp / "procserver"), vault_url=vault_url, vault_key_file=str(key),
         tls_cert=cert, tls_key=pkey, tls_ca=pki.ca_path, listen_port=0, metrics_port=0,
+        # the cache's free ratio is min(quota - used, the disk's free) / quota: a quota
+        # well below what a test host's disk has free keeps it (and its alert) the test's
+        cache_quota_bytes=512 << 20,
     )
     base.update(kw)
     return ProcServerConfig(**base)  # type: ignore[arg-type]

@@ -741,9 +741,10 @@ async def test_rejected_sessions_do_not_disturb_a_concurrent_good_session(bench:
             await peer.send(encode_json(FrameType.HELLO, {"machine": "m1"}))
             await peer.expect_rejected("wrong_machine")
 
-    async def bad_block() -> None:
-        async with bench.connect("m2") as peer:
-            await peer.start_cycle("m2")
+    async def bad_block(n: int) -> None:
+        # one machine each: a newer BEGIN of a machine cuts the session of its older cycle
+        async with bench.connect(f"b{n}") as peer:
+            await peer.start_cycle(f"b{n}")
             await peer.send(head(FrameType.BLOCK, MAX_FRAME + 1))
             await peer.expect_rejected("frame_too_large")
 
@@ -756,8 +757,8 @@ async def test_rejected_sessions_do_not_disturb_a_concurrent_good_session(bench:
             await gate.in_cycle.wait()
         assert [(c.machine, c.state) for c in await bench.cycles()] == [("m1", db.RECEIVING)]
         async with asyncio.timeout(30):
-            await asyncio.gather(*(f() for f in (garbage, impostor, bad_block, no_cert)
-                                   for _ in range(3)))
+            await asyncio.gather(*(c for n in range(3) for c in (
+                garbage(), impostor(), bad_block(n), no_cert())))
         assert await bench.rejections() == {"bad_magic": 3, "wrong_machine": 3,
                                             "frame_too_large": 3}
         assert [c.state for c in await bench.cycles() if c.machine == "m1"] == [db.RECEIVING]
