@@ -65,6 +65,24 @@ class _Running:
     cancel_requested: bool = False
 
 
+async def _with_its_plan(core: Core, job: JobRun, kind: JobKind) -> str | None:
+    """Why ``job`` ends before its next step: the plan job that queued it (``plan_job``)
+    was cancelled. Its ``after_cancel`` cancels the item jobs still running; this holds
+    for those it missed (the server stopped in between, a standby leads now). None: go on.
+    """
+    plan_job = job.params.get("plan_job")
+    if not plan_job or not kind.cancellable:
+        return None
+    async with core.sessionmaker() as s:
+        state = (await s.execute(select(db.Job.state).where(db.Job.id == plan_job))
+                 ).scalar_one_or_none()
+    if state != "cancelled":
+        return None
+    log.info("plan_item_job_cancelled", job=job.id, plan_job=plan_job, target=job.target,
+             at="step")
+    return f"cancelled by the operator with its plan job {plan_job}"
+
+
 class JobEngine:
     """Runs the jobs of one configuration server; ``run()`` is its background task.
 
@@ -238,8 +256,10 @@ class JobEngine:
             st = job.steps[i]
             if st["state"] in ("succeeded", "skipped"):
                 continue
-            if me.cancel_requested:
-                await self._finish(job, kind, "cancelled", i, "cancelled by the operator")
+            why = "cancelled by the operator" if me.cancel_requested else \
+                await _with_its_plan(self.core, job, kind)
+            if why is not None:
+                await self._finish(job, kind, "cancelled", i, why)
                 return
             now = self.core.clock()
             st.update(state="running", started=st.get("started") or now, ended=None,

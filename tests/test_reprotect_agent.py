@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import create_async_engine
 
+from configserver import db
 from configserver.server import ConfigServer
 from mobility.config import MobilityConfig
 from mobility.daemon import ManagedAgent
@@ -235,3 +238,39 @@ async def test_cancelling_a_plan_re_protect_cancels_the_item_jobs_it_queued(
         again = (await api.post("/api/v1/items/web01/reprotect", {"agent": True}))["job"]
         assert again["state"] == "queued"
         assert (await api.post(f"/api/v1/jobs/{again['id']}/cancel"))["state"] == "cancelled"
+
+
+async def test_a_plan_cancel_cut_short_by_a_stop_still_ends_its_item_jobs(
+        cs: ConfigServer, api: ApiClient, tmp_path: Path, catalog_url: str) -> None:
+    """The plan job's cancel is durable before its item jobs' are. A configuration server
+    stopped in between (the plan job ended cancelled, its item job still waiting for the
+    recovered machine's first point) cancels that item job when it starts again, before
+    the step it would resume at."""
+    async with failed_over(cs, api, tmp_path):
+        await api.post("/api/v1/plans", {"name": "dr", "groups": [{"items": ["web01"]}]})
+        plan_job = (await api.post("/api/v1/plans/dr/reprotect", {"agent": True}))["job"]
+        await wait_job(api, plan_job["id"], step_running("item_web01"))
+        (item_job,) = (await api.get("/api/v1/jobs", target="web01", kind="reprotect",
+                                     active=True))["jobs"]
+        await wait_job(api, item_job["id"], step_running("take"))
+        await cs.stop()  # its jobs resume at the next start, where they stood
+        engine = create_async_engine(catalog_url)
+        try:  # what a stop between the plan job's cancel and its items' leaves
+            async with engine.begin() as c:
+                await c.execute(update(db.Job).where(db.Job.id == plan_job["id"]).values(
+                    state="cancelled", error="cancelled by the operator"))
+        finally:
+            await engine.dispose()
+        again = ConfigServer(dataclasses.replace(cs.cfg, listen_port=cs.port,
+                                                 site_port=cs.site_port))
+        await again.start()
+        try:
+            done = await wait_job(api, item_job["id"])
+            assert done["state"] == "cancelled", done
+            assert done["attempts"] == 2  # resumed, then ended before its step ran again
+            assert step(done, "take")["message"] == (
+                f"cancelled by the operator with its plan job {plan_job['id']}")
+            assert step(done, "take")["attempts"] == 1
+            assert (await api.get("/api/v1/items/web01"))["state"] == "failed_over"
+        finally:
+            await again.stop()

@@ -299,8 +299,10 @@ async def _read_part(vault: Vault, name: str) -> _Part:
     raw = await vault.store.get(name)
     plain = unseal(vault.keyring.aead(ObjectType.LEASE, name), ObjectType.LEASE, name, raw,
                    max_size=MAX_LEASE_PART)
-    header, _, ids = plain.partition(b"\n")
-    doc = json.loads(header)
+    del raw  # a part is up to 1.3 MB: held once, not three times (sealed, plain, ids)
+    nl = plain.find(b"\n")
+    doc = json.loads(plain[:nl] if nl >= 0 else plain)
+    ids = memoryview(plain)[nl + 1:] if nl >= 0 else memoryview(b"")
     if len(ids) % 32:
         raise ValueError("lease part: block ids are 32 bytes each")
     return _Part(name, str(doc["machine"]), str(doc["cycle"]),
@@ -348,7 +350,7 @@ async def leased_blocks(vault: Vault, leases: Leases) -> AsyncIterator[list[byte
     ``read_leases`` raises ``LeaseChangedError`` rather than keep too little."""
     for name in leases.live:
         try:
-            ids = (await _read_part(vault, name)).ids
+            ids = bytes((await _read_part(vault, name)).ids)  # the part goes: one copy held
         except NotFoundError:
             raise LeaseChangedError(f"lease part {name} vanished while a prune read the "
                                     "leases; run the prune again") from None
@@ -365,4 +367,4 @@ class _Part:
     cycle: str
     base: str | None
     expires: float
-    ids: bytes
+    ids: bytes | memoryview  # of the part's plaintext
