@@ -20,7 +20,7 @@ from vault.store.instrument import StoreMetrics
 from vault.store.local import LocalStore
 from vault.store.memory import MemoryStore
 from vault.store.open import open_backend, open_store
-from vault.store.protocol import BlobInfo, BlobStore
+from vault.store.protocol import BlobStore
 from vault.store.retry import RetryStore
 from vault.store.wrapper import StoreWrapper
 
@@ -66,7 +66,30 @@ async def test_put_get_overwrite(store: BlobStore) -> None:
     assert await store.get("config") == b"one"
     await store.put("config", b"two!")
     assert await store.get("config") == b"two!"
-    assert await store.stat("config") == BlobInfo("config", 4)
+    info = await store.stat("config")
+    assert (info.name, info.size) == ("config", 4)
+
+
+async def test_every_write_of_a_name_changes_its_version(store: BlobStore,
+                                                         tmp_path: Path) -> None:
+    """What a reader caching what it opened relies on (``Vault.scan_points``): the same
+    name and version, the same bytes. Writes of the same size, back to back (within one
+    tick of the kernel's clock, a new file reusing the last one's inode), a put from a
+    file, and the listing showing what ``stat`` shows."""
+    seen: list[str] = []
+    for body in (b"one!", b"two!", b"one!", b"two!"):
+        await store.put("points/p1", body)
+        info = await store.stat("points/p1")
+        assert info.version and info.version not in seen, (info, seen)
+        seen.append(info.version)
+        assert [b async for b in store.list("points/")] == [info]
+    with open(tmp_path / "body", "w+b") as f:
+        f.write(b"one!")
+        f.flush()
+        await store.put_file("points/p1", f.fileno(), 4)
+    assert (await store.stat("points/p1")).version not in seen
+    await store.put("points/p2", b"one!")  # another name, same bytes: its own version
+    assert (await store.stat("points/p2")).version not in seen
 
 
 async def test_ranged_reads(store: BlobStore) -> None:

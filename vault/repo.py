@@ -54,7 +54,7 @@ from vault.point import (
     open_point,
     seal_point,
 )
-from vault.store.protocol import BlobStore
+from vault.store.protocol import BlobInfo, BlobStore
 
 IndexT = TypeVar("IndexT", bound=BlockIndex)
 
@@ -122,6 +122,9 @@ class Vault:
         self.store = store
         self.keyring = keyring
         self.config = config
+        # The manifests ``scan_points`` opened, by store name: (version, point). A
+        # long-lived vault object (a process server's) reads only what changed since.
+        self._opened: dict[str, tuple[str, Point]] = {}
 
     # -- lifecycle ---------------------------------------------------------
     @classmethod
@@ -311,26 +314,52 @@ class Vault:
         """Every recovery point whose manifest authenticates (of ``machine``, if given),
         oldest first, and every manifest that does not, in name order, with its error
         (its machine cannot be known: it is listed whatever ``machine`` is). A manifest
-        deleted since the listing is left out; store errors raise."""
-        scan = PointScan()
+        deleted since the listing is left out; store errors raise.
 
-        async def read(name: str) -> None:
+        A manifest this vault object opened before is not read again while the listing
+        shows it at the same version (``BlobInfo.version``: any write of it changes
+        that); one that failed to authenticate always is (a check opens a vault object
+        of its own, which reads every manifest)."""
+        scan = PointScan()
+        opened = self._opened
+
+        async def read(info: BlobInfo) -> None:
+            name = info.name
             try:
                 p = open_point(self.keyring, name[len(names.POINTS):],
                                await self.store.get(name))
             except NotFoundError:
+                opened.pop(name, None)
                 return  # deleted since the listing (a prune forgot it)
             except IntegrityError as e:
+                opened.pop(name, None)
                 scan.damaged.append((name, e))
                 return
+            if info.version:  # what was read is this version or a newer one
+                opened[name] = (info.version, p)
+            found(p)
+
+        def found(p: Point) -> None:
             if machine is None or p.machine == machine:
                 scan.points.append(p)
 
+        listed = [info async for info in self.store.list(names.POINTS)]
+        unread: list[BlobInfo] = []
+        for info in listed:
+            known = opened.get(info.name)
+            if known is not None and info.version and known[0] == info.version:
+                found(known[1])
+            else:
+                unread.append(info)
+        # Forget what is no longer listed: the cache holds at most the vault's points.
+        if len(opened) > len(listed) - len(unread):
+            names_listed = {info.name for info in listed}
+            for gone in [n for n in opened if n not in names_listed]:
+                del opened[gone]
         # A few manifests in flight at a time: one after the other, a vault of many
         # points on a remote store takes a round trip per point (README "Manifests").
-        listed = [info.name async for info in self.store.list(names.POINTS)]
-        for i in range(0, len(listed), MANIFEST_READS):
-            await asyncio.gather(*(read(n) for n in listed[i:i + MANIFEST_READS]))
+        for i in range(0, len(unread), MANIFEST_READS):
+            await asyncio.gather(*(read(info) for info in unread[i:i + MANIFEST_READS]))
         scan.points.sort(key=lambda p: (p.created, p.id))
         scan.damaged.sort(key=lambda d: d[0])
         return scan

@@ -210,13 +210,13 @@ class AzureBlobStore:
             props = await self._c.get_blob_client(self._key(name)).get_blob_properties()
         except AzureError as e:
             raise _map_error(e, f"stat {name!r} in {self.url}") from None
-        return BlobInfo(name, int(props.size))
+        return BlobInfo(name, int(props.size), _etag(props.etag))
 
     async def list(self, prefix: str = "") -> AsyncIterator[BlobInfo]:
         cut = len(self._prefix)
         try:
             async for b in self._c.list_blobs(name_starts_with=self._prefix + prefix):
-                yield BlobInfo(b.name[cut:], int(b.size))
+                yield BlobInfo(b.name[cut:], int(b.size), _etag(b.etag))
         except ResourceNotFoundError:
             return
         except AzureError as e:
@@ -259,3 +259,8 @@ class AzureBlobStore:
         # The container client shares the service client's transport: close both.
         await self._c.close()
         await self._svc.close()
+
+
+def _etag(etag: str | None) -> str:
+    """A blob's ETag as its version: the listing quotes it, the properties do not."""
+    return (etag or "").strip('"')

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -55,6 +56,11 @@ class LocalStore:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             fill(fd)
+            # Stamped to the nanosecond (the kernel's own stamp is a clock tick, a few
+            # ms): two writes of a name always differ in version (``_version``), even
+            # when the second one's file reuses the first one's inode.
+            now = time.time_ns()
+            os.utime(fd, ns=(now, now))
             os.fsync(fd)
             if name.startswith(PACKS):
                 # Durable now, and read again only by a restore or a check: give the pages
@@ -100,7 +106,7 @@ class LocalStore:
             st = await asyncio.to_thread(os.stat, self._path(name))
         except FileNotFoundError:
             raise NotFoundError(f"object {name!r} not found in {self.url}") from None
-        return BlobInfo(name, st.st_size)
+        return BlobInfo(name, st.st_size, _version(st))
 
     def _list(self, prefix: str) -> list[BlobInfo]:
         out: list[BlobInfo] = []
@@ -117,7 +123,8 @@ class LocalStore:
                 name = os.path.relpath(full, self.root).replace(os.sep, "/")
                 if name.startswith(prefix):
                     try:
-                        out.append(BlobInfo(name, os.stat(full).st_size))
+                        st = os.stat(full)
+                        out.append(BlobInfo(name, st.st_size, _version(st)))
                     except FileNotFoundError:
                         continue
         out.sort(key=lambda b: b.name)
@@ -141,3 +148,9 @@ class LocalStore:
 
     async def close(self) -> None:
         return None
+
+
+def _version(st: os.stat_result) -> str:
+    """A file's version: a put renames a new file over the name, stamped to the
+    nanosecond; a write in place moves its ctime, which no caller can set back."""
+    return f"{st.st_ino}-{st.st_mtime_ns}-{st.st_ctime_ns}"

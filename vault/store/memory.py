@@ -12,12 +12,18 @@ class MemoryStore:
     def __init__(self) -> None:
         self.url = "memory://"
         self.objects: dict[str, bytes] = {}
+        self.versions: dict[str, int] = {}  # bumped by every write of a name
+        self._writes = 0
+
+    def _put(self, name: str, data: bytes) -> None:
+        self._writes += 1
+        self.objects[name], self.versions[name] = data, self._writes
 
     async def put(self, name: str, data: bytes | bytearray) -> None:
-        self.objects[check_name(name)] = bytes(data)
+        self._put(check_name(name), bytes(data))
 
     async def put_file(self, name: str, fd: int, length: int) -> None:
-        self.objects[check_name(name)] = read_file_part(fd, 0, length)
+        self._put(check_name(name), read_file_part(fd, 0, length))
 
     async def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         try:
@@ -31,13 +37,14 @@ class MemoryStore:
 
     async def stat(self, name: str) -> BlobInfo:
         try:
-            return BlobInfo(name, len(self.objects[check_name(name)]))
+            data = self.objects[check_name(name)]
+            return BlobInfo(name, len(data), str(self.versions.get(name, "")))
         except KeyError:
             raise NotFoundError(f"object {name!r} not found") from None
 
     async def list(self, prefix: str = "") -> AsyncIterator[BlobInfo]:
         for name in sorted(n for n in self.objects if n.startswith(prefix)):
-            yield BlobInfo(name, len(self.objects[name]))
+            yield BlobInfo(name, len(self.objects[name]), str(self.versions.get(name, "")))
 
     async def delete(self, name: str) -> None:
         self.objects.pop(check_name(name), None)

@@ -37,6 +37,10 @@ def check_name(name: str) -> str:
 class BlobInfo:
     name: str
     size: int
+    #: changes whenever the object is written (Azure's ETag; a file's inode, mtime and
+    #: ctime; a counter in memory): the same name and version, the same bytes. Empty
+    #: where a backend cannot tell (a reader then reads the object again).
+    version: str = ""
 
 
 @runtime_checkable
