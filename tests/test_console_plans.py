@@ -4,8 +4,9 @@ CSRF token, and a post without it (or from another site) is refused and changes 
 a drill started from a plan's page queues the plan job the REST call queues, the page
 shows it and confirms its manual action; a destructive verb needs the name typed; a
 refusal shows the API's message and hint; a group's page shows its group points' states
-and drills to a complete one; plans and groups are created from their pages (a refusal
-keeps what was typed and creates nothing).
+and drills to a complete one; plans and groups are created from their pages, a group's
+members added and removed on its page (a refusal keeps what was typed and changes
+nothing).
 
 One server serves the module (SQLite, as tests/test_console_http.py); the items are put
 in their states in the catalog, as tests/test_group_failover.py does, so no disk or
@@ -390,3 +391,39 @@ async def test_a_group_is_created_from_the_groups_page(cs: ConfigServer) -> None
     async with ApiClient(cs.url, cs.admin_token) as api:
         assert (await api.get("/api/v1/groups/shop"))["members"] == ["db01", "web01"]
         await api.delete("/api/v1/groups/shop")
+
+
+async def test_a_groups_members_are_added_and_removed_from_its_page(cs: ConfigServer) -> None:
+    async def members() -> list[str]:
+        async with ApiClient(cs.url, cs.admin_token) as api:
+            got: list[str] = (await api.get("/api/v1/groups/erp"))["members"]
+        return got
+
+    add, remove = "/console/groups/erp/members/add", "/console/groups/erp/members/remove"
+    async with _browser() as http:
+        csrf = await _sign_in(http, cs)
+        forms = _forms(await _page(http, cs, "/console/groups/erp"))
+        assert {add, remove} <= set(forms)
+        assert all(f'name="csrf" value="{csrf}"' in forms[a] for a in (add, remove))
+        assert '<option>app01</option>' in forms[remove]
+        for action, data in ((add, {"machines": "db01"}), (remove, {"machine": "app01"})):
+            async with http.post(cs.url + action, data=data, allow_redirects=False) as r:
+                assert r.status == 403  # no session token: refused
+        await _refused_forms(http, cs, add, csrf, (
+            ({"machines": " , "}, 422, "machines: [] should be non-empty"),
+            ({"machines": "db01 nosuch01"}, 422, "no machine named &#39;nosuch01&#39;")))
+        async with http.post(cs.url + remove, data={"csrf": csrf, "machine": "web01"}) as r:
+            assert r.status == 404
+            assert "machine &#39;web01&#39; is not in consistency group &#39;erp&#39;" in \
+                await r.text()
+        assert await members() == ["app01", "db02"]  # the refusals changed nothing
+
+        async with http.post(cs.url + add, allow_redirects=False,
+                             data={"csrf": csrf, "machines": "db01, web01"}) as r:
+            assert r.status == 303 and r.headers["Location"] == "/console/groups/erp"
+        assert await members() == ["app01", "db01", "db02", "web01"]
+        for machine, left in (("db01", ["app01", "db02", "web01"]), ("web01", ["app01", "db02"])):
+            async with http.post(cs.url + remove, allow_redirects=False,
+                                 data={"csrf": csrf, "machine": machine}) as r:
+                assert r.status == 303 and r.headers["Location"] == "/console/groups/erp"
+            assert await members() == left

@@ -2,7 +2,8 @@
 the session's CSRF token; ``app.guard`` checks it and the form's origin).
 
 They call what the REST routes call: ``plans.create`` and ``groups.create`` (``POST
-/api/v1/plans|groups``, the body checked against the route's schema),
+/api/v1/plans|groups``, the body checked against the route's schema), ``groups.add`` and
+``groups.remove`` (a group's members),
 ``planops.request`` (``POST /api/v1/plans/{name}/<verb>``), ``groupops.request``
 (``POST /api/v1/groups/{name}/<verb>``) and ``planops.resume`` (``POST
 /api/v1/jobs/{id}/resume``). A refusal (``DomainError``) is shown on the plan's or
@@ -40,6 +41,7 @@ PLAN_POINTS = {"test-failover": ("latest-processed", "latest-app-consistent"),
 GROUP_POINT = re.compile(r"[0-9a-f]{32}")
 _CREATE_PLAN = Draft202012Validator(plans.CREATE)
 _CREATE_GROUP = Draft202012Validator(groups.CREATE)
+_ADD_MEMBERS = Draft202012Validator(groups.MEMBERS_BODY)
 MAX_NOTES = 4000
 
 
@@ -165,6 +167,29 @@ async def group_create(request: web.Request) -> web.Response:
                          "members: names of replicated machines")
 
 
+async def group_members(request: web.Request) -> web.Response:
+    """Add machines to a group (``POST /api/v1/groups/{name}/members``), or remove the one
+    the form names (``DELETE /api/v1/groups/{name}/members/{machine}``), as their REST
+    routes do; a refusal is shown on the group's page, with what was typed."""
+    svc = console_of(request).services
+    name, op = request.match_info["name"], request.match_info["op"]
+    form = await request.post()  # the guard checked its CSRF token
+    try:
+        if op == "add":
+            body = {"machines": _names(_text(form, "machines"))}
+            _check(_ADD_MEMBERS, body, "group_invalid", "the names of replicated machines "
+                   "of the group's process server, separated by spaces or commas")
+            await groups.add(svc, name, body["machines"])
+        else:
+            await groups.remove(svc, name, _text(form, "machine"))
+    except DomainError as e:
+        return await _refused(group_page, request, e, verb=f"members {op}",
+                              target=f"groups/{name}")
+    await svc.notify()
+    log.info("console_action", verb=f"members {op}", target=f"groups/{name}")
+    return see_other(f"{PREFIX}/groups/{name}")
+
+
 def _names(text: str) -> list[str]:
     return [n for n in re.split(r"[\s,]+", text) if n]
 
@@ -199,6 +224,7 @@ ROUTES = [
     web.post("/plans", plan_create),
     web.post("/groups", group_create),
     web.post("/plans/{name}/resume", plan_resume),
+    web.post("/groups/{name}/members/{op:add|remove}", group_members),
     web.post("/plans/{name}/{verb}", plan_verb),
     web.post("/groups/{name}/{verb}", group_verb),
 ]

@@ -106,13 +106,14 @@ async def group_page(request: web.Request, *, error: str = "", status: int = 200
     jobs = await r.jobs(groups.job_target(name))
     points = await r.group_points(name)
     verdicts = await r.verdicts([{"items": group["members"]}], groups.job_target(name))
+    typed = await request.post() if error else {}  # a refused form shows what was typed
     return console_of(request).page(
         request, "group.html", status, title=f"Group {name}", nav="groups", group=group,
         items=items, jobs=jobs, points=points,
         complete=[p for p in points if p["state"] == "complete"],
         actions=offered(verdicts, jobs), verdicts=verdicts,
         withheld=withheld(verdicts, jobs), by_state=by_state(group["members"], items),
-        destructive=DESTRUCTIVE, error=error,
+        destructive=DESTRUCTIVE, error=error, typed=typed,
         refresh=REFRESH_MOVING if _moving(jobs) and not error else 0)
 
 
