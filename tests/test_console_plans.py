@@ -5,8 +5,8 @@ a drill started from a plan's page queues the plan job the REST call queues, the
 shows it and confirms its manual action; a destructive verb needs the name typed; a
 refusal shows the API's message and hint; a group's page shows its group points' states
 and drills to a complete one; plans and groups are created from their pages, a group's
-members added and removed on its page (a refusal keeps what was typed and changes
-nothing).
+members added and removed on its page, and each deleted from its page with its name
+typed (a refusal keeps what was typed and changes nothing).
 
 One server serves the module (SQLite, as tests/test_console_http.py); the items are put
 in their states in the catalog, as tests/test_group_failover.py does, so no disk or
@@ -287,7 +287,8 @@ async def test_a_plan_partly_failed_over_offers_only_what_its_plan_layer_takes(
         csrf = await _sign_in(http, cs)
         page = await _page(http, cs, "/console/plans/half")
         forms = _forms(page)
-        assert set(forms) == {"/console/plans/half/failover", "/console/signout"}
+        assert set(forms) == {"/console/plans/half/failover", "/console/plans/half/delete",
+                              "/console/signout"}
         failover = forms["/console/plans/half/failover"]
         assert "Finish the failover" in failover
         assert "For half2 only; passed by, done already: half1: failed_over." in failover
@@ -427,3 +428,50 @@ async def test_a_groups_members_are_added_and_removed_from_its_page(cs: ConfigSe
                                  data={"csrf": csrf, "machine": machine}) as r:
                 assert r.status == 303 and r.headers["Location"] == "/console/groups/erp"
             assert await members() == left
+
+
+async def test_a_plan_and_a_group_are_deleted_from_their_pages_with_the_name_typed(
+        cs: ConfigServer) -> None:
+    async with ApiClient(cs.url, cs.admin_token) as api:
+        await api.post("/api/v1/plans", {"name": "old", "groups": [{"items": ["app02"]}]})
+        await api.post("/api/v1/groups", {"name": "gone", "members": ["db01"]})
+        busy = (await api.post("/api/v1/plans/dr/test-failover", {}))["job"]  # waits
+    try:
+        async with _browser() as http:
+            csrf = await _sign_in(http, cs)
+            # (no delete form on a plan while a job of it runs: a post is refused)
+            assert "/console/plans/dr/delete" not in _forms(
+                await _page(http, cs, "/console/plans/dr"))
+            for kind, name in (("plans", "old"), ("groups", "gone"), ("plans", "dr")):
+                action = f"/console/{kind}/{name}/delete"
+                if name != "dr":
+                    assert f'name="csrf" value="{csrf}"' in _forms(
+                        await _page(http, cs, f"/console/{kind}/{name}"))[action]
+                async with http.post(cs.url + action, data={"confirm": name},
+                                     allow_redirects=False) as r:
+                    assert r.status == 403  # no session token: refused
+                for typed in ("", name.upper()):
+                    async with http.post(cs.url + action,
+                                         data={"csrf": csrf, "confirm": typed}) as r:
+                        assert r.status == 422 and "type the name" in await r.text()
+            async with http.post(cs.url + "/console/plans/dr/delete",
+                                 data={"csrf": csrf, "confirm": "dr"}) as r:
+                assert r.status == 409 and "a job of plan &#39;dr&#39; is running" in \
+                    await r.text()
+            async with ApiClient(cs.url, cs.admin_token) as api:  # the refusals: nothing
+                assert {"old", "dr"} <= {p["name"] for p in (await api.get(
+                    "/api/v1/plans"))["plans"]}
+                assert "gone" in {g["name"] for g in (await api.get("/api/v1/groups"))[
+                    "groups"]}
+            for kind, name in (("plans", "old"), ("groups", "gone")):
+                async with http.post(f"{cs.url}/console/{kind}/{name}/delete",
+                                     allow_redirects=False,
+                                     data={"csrf": csrf, "confirm": name}) as r:
+                    assert r.status == 303 and r.headers["Location"] == f"/console/{kind}"
+                async with http.get(f"{cs.url}/console/{kind}/{name}") as r:
+                    assert r.status == 404
+    finally:
+        async with ApiClient(cs.url, cs.admin_token) as api:
+            await api.post(f"/api/v1/jobs/{busy['id']}/cancel")
+    async with ApiClient(cs.url, cs.admin_token) as api:
+        assert (await api.get("/api/v1/items/db01"))["state"] == "protected"

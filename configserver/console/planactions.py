@@ -3,13 +3,13 @@ the session's CSRF token; ``app.guard`` checks it and the form's origin).
 
 They call what the REST routes call: ``plans.create`` and ``groups.create`` (``POST
 /api/v1/plans|groups``, the body checked against the route's schema), ``groups.add`` and
-``groups.remove`` (a group's members),
+``groups.remove`` (a group's members), ``plans.delete`` and ``groups.remove_group``,
 ``planops.request`` (``POST /api/v1/plans/{name}/<verb>``), ``groupops.request``
 (``POST /api/v1/groups/{name}/<verb>``) and ``planops.resume`` (``POST
 /api/v1/jobs/{id}/resume``). A refusal (``DomainError``) is shown on the plan's or
 group's page with its message and hint, with the status the API would answer.
-Failover, commit and failback go ahead only when the form's ``confirm`` field is the
-plan's or group's name, typed by the operator.
+Failover, commit, failback and a delete go ahead only when the form's ``confirm`` field
+is the plan's or group's name, typed by the operator.
 """
 
 from __future__ import annotations
@@ -190,6 +190,35 @@ async def group_members(request: web.Request) -> web.Response:
     return see_other(f"{PREFIX}/groups/{name}")
 
 
+async def plan_delete(request: web.Request) -> web.Response:
+    """Delete a plan (``DELETE /api/v1/plans/{name}``: refused while a job of it runs),
+    its name typed to confirm."""
+    return await _delete(request, "plans", plans.delete, plan_page)
+
+
+async def group_delete(request: web.Request) -> web.Response:
+    """Delete a group (``DELETE /api/v1/groups/{name}``: its group points go, the
+    members' own points stay), its name typed to confirm."""
+    return await _delete(request, "groups", groups.remove_group, group_page)
+
+
+async def _delete(request: web.Request, kind: str,
+                  remove: Callable[[Any, str], Awaitable[None]], page: Page) -> web.Response:
+    svc = console_of(request).services
+    name = request.match_info["name"]
+    form = await request.post()  # the guard checked its CSRF token
+    if _text(form, "confirm") != name:
+        return await page(request, status=422, error=(
+            f"delete: type the name, {name}, in the confirmation box to go on"))
+    try:
+        await remove(svc, name)
+    except DomainError as e:
+        return await _refused(page, request, e, verb="delete", target=f"{kind}/{name}")
+    await svc.notify()
+    log.info("console_action", verb="delete", target=f"{kind}/{name}")
+    return see_other(f"{PREFIX}/{kind}")
+
+
 def _names(text: str) -> list[str]:
     return [n for n in re.split(r"[\s,]+", text) if n]
 
@@ -225,6 +254,8 @@ ROUTES = [
     web.post("/groups", group_create),
     web.post("/plans/{name}/resume", plan_resume),
     web.post("/groups/{name}/members/{op:add|remove}", group_members),
+    web.post("/plans/{name}/delete", plan_delete),
+    web.post("/groups/{name}/delete", group_delete),
     web.post("/plans/{name}/{verb}", plan_verb),
     web.post("/groups/{name}/{verb}", group_verb),
 ]
