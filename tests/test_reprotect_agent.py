@@ -214,19 +214,26 @@ async def test_a_copy_is_told_apart_when_only_it_reports_a_host_id(
                 copy.close()
 
 
+async def _plan_reprotect_waiting(api: ApiClient) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A plan dr of web01 re-protected through the agents: its job and web01's, which
+    waits for the recovered machine's first point."""
+    await api.post("/api/v1/plans", {"name": "dr", "groups": [{"items": ["web01"]}]})
+    plan_job = (await api.post("/api/v1/plans/dr/reprotect", {"agent": True}))["job"]
+    await wait_job(api, plan_job["id"], step_running("item_web01"))
+    (item_job,) = (await api.get("/api/v1/jobs", target="web01", kind="reprotect",
+                                 active=True))["jobs"]
+    await wait_job(api, item_job["id"], step_running("take"))
+    return plan_job, item_job
+
+
 async def test_cancelling_a_plan_re_protect_cancels_the_item_jobs_it_queued(
         cs: ConfigServer, api: ApiClient, tmp_path: Path) -> None:
     """A plan's Re-protect through the agents waits for each recovered machine's first
     point (a day at most). Cancelled by its operator, the plan job cancels its items' jobs
     too, instead of leaving them waiting for that day."""
     async with failed_over(cs, api, tmp_path):
-        await api.post("/api/v1/plans", {"name": "dr", "groups": [{"items": ["web01"]}]})
-        plan_job = (await api.post("/api/v1/plans/dr/reprotect", {"agent": True}))["job"]
-        await wait_job(api, plan_job["id"], step_running("item_web01"))
-        (item_job,) = (await api.get("/api/v1/jobs", target="web01", kind="reprotect",
-                                     active=True))["jobs"]
+        plan_job, item_job = await _plan_reprotect_waiting(api)
         assert item_job["params"]["plan_job"] == plan_job["id"]
-        await wait_job(api, item_job["id"], step_running("take"))
         done = await api.post(f"/api/v1/jobs/{plan_job['id']}/cancel")
         assert done["state"] == "cancelled"
         item_done = await api.get(f"/api/v1/jobs/{item_job['id']}")
@@ -247,12 +254,7 @@ async def test_a_plan_cancel_cut_short_by_a_stop_still_ends_its_item_jobs(
     recovered machine's first point) cancels that item job when it starts again, before
     the step it would resume at."""
     async with failed_over(cs, api, tmp_path):
-        await api.post("/api/v1/plans", {"name": "dr", "groups": [{"items": ["web01"]}]})
-        plan_job = (await api.post("/api/v1/plans/dr/reprotect", {"agent": True}))["job"]
-        await wait_job(api, plan_job["id"], step_running("item_web01"))
-        (item_job,) = (await api.get("/api/v1/jobs", target="web01", kind="reprotect",
-                                     active=True))["jobs"]
-        await wait_job(api, item_job["id"], step_running("take"))
+        plan_job, item_job = await _plan_reprotect_waiting(api)
         await cs.stop()  # its jobs resume at the next start, where they stood
         engine = create_async_engine(catalog_url)
         try:  # what a stop between the plan job's cancel and its items' leaves
