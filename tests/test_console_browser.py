@@ -399,6 +399,10 @@ async def test_every_page_passes_axe_core(site: Site, browser: Browser) -> None:
     assert url == f"{cs.url}/console/jobs/{waiting['id']}"
     assert (await site.api.get(f"/api/v1/jobs/{waiting['id']}"))["state"] == "cancelled"
     assert await b.text("#job-state") == "cancelled"
+    # no job of the plan runs now: its page offers to change and to delete it
+    await b.go(cs.url + "/console/plans/dr")
+    assert await b.text("#edit-h") == "Change the plan"
+    assert await _axe(b) == []
     # the keyboard: Tab reaches the skip link, then the navigation, each with a visible
     # focus ring (and the skip link comes into view)
     await b.go(cs.url + "/console/")

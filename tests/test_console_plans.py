@@ -4,8 +4,8 @@ CSRF token, and a post without it (or from another site) is refused and changes 
 a drill started from a plan's page queues the plan job the REST call queues, the page
 shows it and confirms its manual action; a destructive verb needs the name typed; a
 refusal shows the API's message and hint; a group's page shows its group points' states
-and drills to a complete one; plans and groups are created from their pages, a group's
-members added and removed on its page, and each deleted from its page with its name
+and drills to a complete one; plans and groups are created from their pages, a plan's
+description and items changed and a group's members added and removed on its page, and each deleted from its page with its name
 typed (a refusal keeps what was typed and changes nothing).
 
 One server serves the module (SQLite, as tests/test_console_http.py); the items are put
@@ -287,8 +287,8 @@ async def test_a_plan_partly_failed_over_offers_only_what_its_plan_layer_takes(
         csrf = await _sign_in(http, cs)
         page = await _page(http, cs, "/console/plans/half")
         forms = _forms(page)
-        assert set(forms) == {"/console/plans/half/failover", "/console/plans/half/delete",
-                              "/console/signout"}
+        assert set(forms) == {"/console/plans/half/failover", "/console/plans/half/edit",
+                              "/console/plans/half/delete", "/console/signout"}
         failover = forms["/console/plans/half/failover"]
         assert "Finish the failover" in failover
         assert "For half2 only; passed by, done already: half1: failed_over." in failover
@@ -475,3 +475,50 @@ async def test_a_plan_and_a_group_are_deleted_from_their_pages_with_the_name_typ
             await api.post(f"/api/v1/jobs/{busy['id']}/cancel")
     async with ApiClient(cs.url, cs.admin_token) as api:
         assert (await api.get("/api/v1/items/db01"))["state"] == "protected"
+
+
+async def test_a_plans_description_and_items_are_changed_from_its_page(cs: ConfigServer
+                                                                       ) -> None:
+    async with ApiClient(cs.url, cs.admin_token) as api:
+        await api.post("/api/v1/plans", {"name": "edit", "description": "first", "groups": [
+            {"name": "data", "items": ["app02"], "pre_action": "stop the batch"},
+            {"name": "front", "items": ["half2"]}]})
+        before = await api.get("/api/v1/plans/edit")
+    action = "/console/plans/edit/edit"
+    try:
+        async with _browser() as http:
+            csrf = await _sign_in(http, cs)
+            form = _forms(await _page(http, cs, "/console/plans/edit"))[action]
+            assert f'name="csrf" value="{csrf}"' in form
+            assert 'value="first"' in form and ">app02\nhalf2</textarea>" in form
+            async with http.post(cs.url + action, data={"groups": "app02"},
+                                 allow_redirects=False) as r:
+                assert r.status == 403  # no session token: refused
+            await _refused_forms(http, cs, action, csrf, (
+                ({"groups": " \n "}, 422, "groups: [] should be non-empty"),
+                ({"groups": "app02\nnosuch01"}, 422, "nosuch01 is not replicated"),
+                ({"groups": "app02\napp02"}, 422, "in plan &#39;edit&#39; twice"),
+                ({"groups": "app02", "description": "x" * 1001}, 422, "description: ")))
+            async with ApiClient(cs.url, cs.admin_token) as api:
+                assert await api.get("/api/v1/plans/edit") == before  # nothing changed
+            async with http.post(cs.url + action, allow_redirects=False, data={
+                    "csrf": csrf, "description": "second",
+                    "groups": "app02, db01\nhalf2\n\n web01 "}) as r:
+                assert r.status == 303 and r.headers["Location"] == "/console/plans/edit"
+            async with ApiClient(cs.url, cs.admin_token) as api:
+                plan = await api.get("/api/v1/plans/edit")
+            assert plan["description"] == "second"
+            assert [(g["name"], g["items"], g["pre_action"]) for g in plan["groups"]] == [
+                ("data", ["app02", "db01"], "stop the batch"), ("front", ["half2"], None),
+                ("group3", ["web01"], None)]
+            async with http.post(cs.url + action, allow_redirects=False, data={
+                    "csrf": csrf, "description": "", "groups": "half2"}) as r:
+                assert r.status == 303
+            async with ApiClient(cs.url, cs.admin_token) as api:
+                plan = await api.get("/api/v1/plans/edit")
+            assert plan["description"] == ""
+            assert [(g["name"], g["items"], g["pre_action"]) for g in plan["groups"]] == [
+                ("data", ["half2"], "stop the batch")]
+    finally:
+        async with ApiClient(cs.url, cs.admin_token) as api:
+            await api.delete("/api/v1/plans/edit")

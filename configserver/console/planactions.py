@@ -3,7 +3,8 @@ the session's CSRF token; ``app.guard`` checks it and the form's origin).
 
 They call what the REST routes call: ``plans.create`` and ``groups.create`` (``POST
 /api/v1/plans|groups``, the body checked against the route's schema), ``groups.add`` and
-``groups.remove`` (a group's members), ``plans.delete`` and ``groups.remove_group``,
+``groups.remove`` (a group's members), ``plans.update`` (``PATCH``: a plan's
+description and items), ``plans.delete`` and ``groups.remove_group``,
 ``planops.request`` (``POST /api/v1/plans/{name}/<verb>``), ``groupops.request``
 (``POST /api/v1/groups/{name}/<verb>``) and ``planops.resume`` (``POST
 /api/v1/jobs/{id}/resume``). A refusal (``DomainError``) is shown on the plan's or
@@ -42,6 +43,7 @@ GROUP_POINT = re.compile(r"[0-9a-f]{32}")
 _CREATE_PLAN = Draft202012Validator(plans.CREATE)
 _CREATE_GROUP = Draft202012Validator(groups.CREATE)
 _ADD_MEMBERS = Draft202012Validator(groups.MEMBERS_BODY)
+_UPDATE_PLAN = Draft202012Validator(plans.UPDATE)
 MAX_NOTES = 4000
 
 
@@ -190,6 +192,30 @@ async def group_members(request: web.Request) -> web.Response:
     return see_other(f"{PREFIX}/groups/{name}")
 
 
+async def plan_edit(request: web.Request) -> web.Response:
+    """Change a plan's description and its groups' items (``PATCH /api/v1/plans/{name}``):
+    the items of a group a line, in the order the groups run. A line keeps the name,
+    scripts and manual actions of the group at its place; a line past the last group is
+    a new group; groups past the last line go, with their scripts and actions."""
+    svc = console_of(request).services
+    name = request.match_info["name"]
+    form = await request.post()  # the guard checked its CSRF token
+    lines = [items for line in _text(form, "groups").splitlines() if (items := _names(line))]
+    try:
+        stored = (await plans.get(svc, name))["groups"]
+        body = {"description": _text(form, "description"), "groups": [
+            {**(stored[n] if n < len(stored) else {}), "items": items}
+            for n, items in enumerate(lines)]}
+        _check(_UPDATE_PLAN, body, "plan_invalid", "one group per line, each the names of "
+               "replicated items; a description of at most 1000 characters")
+        await plans.update(svc, name, body)
+    except DomainError as e:
+        return await _refused(plan_page, request, e, verb="edit", target=f"plans/{name}")
+    await svc.notify()
+    log.info("console_action", verb="edit", target=f"plans/{name}")
+    return see_other(f"{PREFIX}/plans/{name}")
+
+
 async def plan_delete(request: web.Request) -> web.Response:
     """Delete a plan (``DELETE /api/v1/plans/{name}``: refused while a job of it runs),
     its name typed to confirm."""
@@ -254,6 +280,7 @@ ROUTES = [
     web.post("/groups", group_create),
     web.post("/plans/{name}/resume", plan_resume),
     web.post("/groups/{name}/members/{op:add|remove}", group_members),
+    web.post("/plans/{name}/edit", plan_edit),
     web.post("/plans/{name}/delete", plan_delete),
     web.post("/groups/{name}/delete", group_delete),
     web.post("/plans/{name}/{verb}", plan_verb),

@@ -70,11 +70,13 @@ async def plan_page(request: web.Request, *, error: str = "", status: int = 200
     jobs = await r.jobs(plans.job_target(name))
     verdicts = await r.verdicts(plan["groups"], plans.job_target(name))
     machines = [m for g in plan["groups"] for m in g["items"]]
+    typed = await request.post() if error else {}  # a refused form shows what was typed
     return console_of(request).page(
         request, "plan.html", status, title=f"Plan {name}", nav="plans", plan=plan,
         items=items, jobs=jobs, actions=offered(verdicts, jobs), verdicts=verdicts,
         withheld=withheld(verdicts, jobs), by_state=by_state(machines, items),
-        waiting=waiting(jobs), destructive=DESTRUCTIVE, error=error,
+        waiting=waiting(jobs), destructive=DESTRUCTIVE, error=error, typed=typed,
+        lines="\n".join(", ".join(g["items"]) for g in plan["groups"]),
         refresh=REFRESH_MOVING if _moving(jobs) and not error else 0)
 
 
