@@ -7,7 +7,9 @@ proxy holding every chunk ``--rtt-ms``/2 each way (a store a WAN round trip away
 process server in one site writing to a cloud region is); then ``Vault.scan_points``
 reads them all: a fresh vault object's first scan, the same object's next scan with
 nothing changed, and one after a point was added, ``--rounds`` times on each store (the
-fastest of each is reported), and the heap the object keeps for its next scans. Every
+fastest of each is reported), the heap the object keeps for its next scans, and
+``--burst`` fresh vault objects scanning at once (the drills of a plan's items) with a
+cache each and with one between them (the configuration server's recovery jobs). Every
 manifest read is opened (authenticated, parsed); their maps are never read.
 
 Compare two trees by running the same script against each: ``PYTHONPATH=/path/to/tree
@@ -41,6 +43,7 @@ os.environ.setdefault("SITERECOVERY_AZURITE",
 from tests.backends import azurite  # noqa: E402
 from tests.test_resume import Proxy  # noqa: E402  (its ``delay``: a slow link)
 from vault.keyslots import KeyMaterial  # noqa: E402
+from vault.manifestcache import ManifestCache  # noqa: E402
 from vault.point import DiskEntry, Point  # noqa: E402
 from vault.repo import Vault  # noqa: E402
 from vault.store.open import open_store  # noqa: E402
@@ -102,12 +105,35 @@ async def _scan(url: str, n: int, rounds: int) -> dict[str, Any]:
     return {"first_s": first, "again_s": again, "one_new_s": one_new, "kept_bytes": kept}
 
 
+async def _burst(url: str, n: int, objects: int, shared: bool) -> float:
+    """``objects`` fresh vault objects scanning at once — the drills of a plan's items,
+    each job with a vault object of its own — with a cache each or one between them
+    (the configuration server's); the seconds until the last scan ends."""
+    vaults = [await Vault.open(open_store(url), KeyMaterial(keyfile=KEY))
+              for _ in range(objects)]
+    if shared:
+        cache = ManifestCache()
+        for v in vaults:
+            v.manifests = cache
+    try:
+        t = time.perf_counter()
+        scans = await asyncio.gather(*(v.scan_points() for v in vaults))
+        took = time.perf_counter() - t
+        assert all(len(scan.points) == n for scan in scans)
+    finally:
+        for v in vaults:
+            await v.close()
+    return took
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--points", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rtt-ms", type=float, default=20.0,
                     help="the round trip of the 'azurite-wan' store (default 20)")
+    ap.add_argument("--burst", type=int, default=8,
+                    help="vault objects scanning at once (default 8: a plan's items)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     out: dict[str, Any] = {"points": args.points, "tree": os.environ.get("PYTHONPATH", "")}
@@ -123,6 +149,9 @@ async def main() -> None:
                 os.environ["SITERECOVERY_AZURE_CONNECTION_STRING"] = connection
                 await _fill(url, args.points)
                 got = await _scan(url, args.points, args.rounds)
+                for key, shared in (("burst_own_s", False), ("burst_shared_s", True)):
+                    got[key] = [await _burst(url, args.points, args.burst, shared)
+                                for _ in range(args.rounds)]
                 out[name] = {k: (round(min(v), 3) if isinstance(v, list) else v)
                              for k, v in got.items()}
     if args.json:
@@ -132,7 +161,9 @@ async def main() -> None:
             r = out[name]
             print(f"{name:11} {args.points} manifests, best of {args.rounds}: first scan "
                   f"{r['first_s']:.3f} s, again {r['again_s']:.3f} s, after one new point "
-                  f"{r['one_new_s']:.3f} s; heap kept {r['kept_bytes'] / 1e6:.1f} MB")
+                  f"{r['one_new_s']:.3f} s; heap kept {r['kept_bytes'] / 1e6:.1f} MB; "
+                  f"{args.burst} objects at once, a cache each {r['burst_own_s']:.3f} s, "
+                  f"one cache {r['burst_shared_s']:.3f} s")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from targets.folder import FolderTarget
 from targets.libvirt import LibvirtTarget
 from targets.loopdev import detach_stale_loops
 from targets.verify import verify_image
+from vault.manifestcache import ManifestCache
 
 log = structlog.get_logger("configserver")
 
@@ -67,10 +68,11 @@ def targets_of(cfg: ConfigServerConfig) -> dict[str, Target]:
     return out
 
 
-def for_config(cfg: ConfigServerConfig, targets: dict[str, Target]
-               ) -> Mapping[str, JobKind]:
+def for_config(cfg: ConfigServerConfig, targets: dict[str, Target],
+               manifests: ManifestCache) -> Mapping[str, JobKind]:
     """The kinds the daemon of ``cfg`` runs, bound to its ``targets`` (``targets_of``:
-    the daemon closes them when it stops) and work folder.
+    the daemon closes them when it stops), its work folder and the point manifests its
+    recovery jobs share.
 
     Called once, when the daemon starts its job engine and before any job runs: the loop
     devices a check left attached over the work folder (the server killed during a disk
@@ -81,7 +83,8 @@ def for_config(cfg: ConfigServerConfig, targets: dict[str, Target]
                               check_disk=verify_image,
                               boot_timeout=cfg.failover_boot_timeout_seconds,
                               drain_timeout=cfg.failover_drain_timeout_seconds,
-                              shutdown_timeout=cfg.failover_shutdown_timeout_seconds))
+                              shutdown_timeout=cfg.failover_shutdown_timeout_seconds,
+                              manifests=manifests))
 
 
 def free_stale_loops(work_root: Path) -> list[str]:

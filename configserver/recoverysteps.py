@@ -42,6 +42,7 @@ from targets.base import (
 from vault.errors import VaultError
 from vault.keyslots import KeyMaterial, read_keyfile
 from vault.locks import LockedError, locked
+from vault.manifestcache import ManifestCache
 from vault.repo import Vault
 from vault.restore import restore_point
 from vault.select import LATEST, select_point
@@ -65,6 +66,10 @@ class FailoverDeps:
     boot_timeout: float = 600.0
     drain_timeout: float = 1800.0  # the point 'latest': the process server's upload
     shutdown_timeout: float = 600.0  # the source's agent: a last cycle and its shutdown
+    # The point manifests the jobs' vault objects opened, shared: the drills or failovers
+    # of a plan's items select their points at once, reading each manifest once between
+    # them, and a later job reads only what changed (vault/manifestcache.py).
+    manifests: ManifestCache = dataclasses.field(default_factory=ManifestCache)
 
 
 async def open_vault(ctx: StepContext) -> Vault:
@@ -130,6 +135,7 @@ def steps(field: str, deps: FailoverDeps) -> dict[str, StepFn]:
         elif spec == LATEST_PROCESSED:
             spec = LATEST  # the vault's newest, as it is now
         vault = await open_vault(ctx)
+        vault.manifests = deps.manifests
         try:
             point = select_point(await vault.list_points(ctx.target), spec,
                                  machine=ctx.target, at=_at(ctx.params.get("at")))

@@ -42,6 +42,7 @@ from configserver.pgnotify import PgNotifyLink, asyncpg_dsn
 from configserver.rest import RouteTable
 from configserver.services import Services
 from configserver.tlssite import LoggingTLSSite
+from vault.manifestcache import ManifestCache
 
 log = structlog.get_logger("configserver")
 
@@ -76,11 +77,13 @@ class ConfigServer:
         self.metrics.watch_certificates(sitecert.tls_dir(d) / "site.pem", self.ca.cert_path)
         self.engine, self.sessionmaker = await db.open_db(self.cfg.db_url)
         self._targets = jobkinds.targets_of(self.cfg)  # closed by stop()
+        self.manifests = ManifestCache()  # the recovery jobs' point manifests, shared
         core = Core(self.engine, self.sessionmaker, self.clock, self.notifier, self.metrics)
         self.services = Services(
             database=self.engine, sessionmaker=self.sessionmaker, clock=self.clock,
             notifier=self.notifier, metrics=self.metrics, cfg=self.cfg, ca=self.ca,
-            jobs=JobEngine(core, jobkinds.for_config(self.cfg, self._targets)),
+            jobs=JobEngine(core, jobkinds.for_config(self.cfg, self._targets,
+                                                     self.manifests)),
             alert_book=AlertBook(up_since=self.clock(),
                                  drill_warning_days=self.cfg.drill_warning_days,
                                  storage_alert_seconds=self.cfg.storage_alert_seconds),

@@ -26,8 +26,9 @@ from vault import names
 from vault.errors import AmbiguousPointError, NotFoundError, VaultError
 from vault.keys import list_slots
 from vault.keyslots import KeyMaterial, new_keyfile
+from vault.manifestcache import PointScan
 from vault.point import Point
-from vault.repo import DEFAULT_BLOCK_SIZE, PointScan, Vault
+from vault.repo import DEFAULT_BLOCK_SIZE, Vault
 from vault.restore import FORMATS, restore_point
 from vault.select import SPECS, select_point
 from vault.store.open import open_store

@@ -5,8 +5,9 @@ a drill started from a plan's page queues the plan job the REST call queues, the
 shows it and confirms its manual action; a destructive verb needs the name typed; a
 refusal shows the API's message and hint; a group's page shows its group points' states
 and drills to a complete one; plans and groups are created from their pages, a plan's
-description and items changed and a group's members added and removed on its page, and each deleted from its page with its name
-typed (a refusal keeps what was typed and changes nothing).
+description and items changed and a group's members added and removed on its page, and
+each deleted from its page with its name typed (a refusal keeps what was typed and
+changes nothing).
 
 One server serves the module (SQLite, as tests/test_console_http.py); the items are put
 in their states in the catalog, as tests/test_group_failover.py does, so no disk or

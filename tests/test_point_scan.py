@@ -1,11 +1,14 @@
 """A long-lived vault object (a process server's: each retention round, each session's
 resync basis) reads only the manifests that changed since its last scan
 (``Vault.scan_points``, ``BlobInfo.version``): a manifest rewritten under its id (as a
-prune's rebase does), one added, one deleted, one tampered with, each seen at once; on a
-local folder and on Azure Blob (Azurite), the reads counted by the store's own metrics."""
+prune's rebase does), one added, one deleted, one tampered with, each seen at once; and
+vault objects given one cache (the configuration server's recovery jobs) read each
+manifest once between them. On a local folder and on Azure Blob (Azurite), the reads
+counted by the store's own metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import secrets
 from collections.abc import AsyncIterator
@@ -16,10 +19,12 @@ from prometheus_client import CollectorRegistry
 
 from vault import names
 from vault.keyslots import KeyMaterial
+from vault.manifestcache import MANIFEST_READS, ManifestCache
 from vault.point import DiskEntry, Point
-from vault.repo import MANIFEST_READS, Vault
+from vault.repo import Vault
 from vault.store.instrument import StoreMetrics
 from vault.store.open import open_store
+from vault.store.protocol import BlobInfo
 
 KEY = bytes(range(32))
 POINTS = MANIFEST_READS + 8  # more than one batch of reads
@@ -101,3 +106,73 @@ async def test_a_second_scan_reads_only_what_changed(url: str) -> None:
     finally:
         await reader.close()
         await writer.close()
+
+
+async def test_vault_objects_given_one_cache_read_each_manifest_once(url: str) -> None:
+    """The configuration server's recovery jobs: a vault object each, one cache. Five
+    scans at once read each manifest once between them; a later object reads none; a
+    vault object of another vault in the same cache sees only its own points."""
+    km = KeyMaterial(keyfile=KEY)
+    writer = await Vault.create(open_store(url), km)
+    other_url = url.replace("vault", "other", 1)
+    other = await Vault.create(open_store(other_url), km)
+    registry = CollectorRegistry()
+    metrics = StoreMetrics(registry)
+    cache = ManifestCache()
+
+    def gets() -> float:
+        return registry.get_sample_value("siterecovery_vault_store_operations_total",
+                                         {"op": "get", "outcome": "ok"}) or 0.0
+
+    async def reader(at: str = url) -> Vault:
+        v = await Vault.open(open_store(at, metrics), km)
+        v.manifests = cache
+        return v
+
+    readers: list[Vault] = []
+    try:
+        points = [_point(i) for i in range(POINTS)]
+        for p in points:
+            await writer.put_point(p)
+        mine = _point(POINTS)
+        await other.put_point(mine)
+        readers = [await reader() for _ in range(5)]
+        before = gets()
+        scans = await asyncio.gather(*(r.scan_points(f"m{i % 3}")
+                                       for i, r in enumerate(readers)))
+        assert gets() - before == POINTS  # not five times over
+        for i, scan in enumerate(scans):
+            assert scan.points == [p for p in points if p.machine == f"m{i % 3}"]
+        readers += [await reader(), await reader(other_url)]
+        before = gets()
+        assert (await readers[-2].scan_points()).points == points
+        assert gets() == before
+        assert (await readers[-1].scan_points()).points == [mine]
+        assert gets() - before == 1
+    finally:
+        for v in (*readers, writer, other):
+            await v.close()
+
+
+async def test_a_scan_cancelled_mid_read_leaves_the_read_to_those_still_waiting() -> None:
+    cache, info, point = ManifestCache(), BlobInfo("points/p", 100, "v1"), _point(0)
+    started, release = asyncio.Event(), asyncio.Event()
+    reads: list[int] = []
+
+    async def read() -> Point:
+        reads.append(1)
+        started.set()
+        await release.wait()
+        return point
+
+    first = asyncio.create_task(cache.read("vault", info, read))
+    await started.wait()
+    second = asyncio.create_task(cache.read("vault", info, read))
+    await asyncio.sleep(0)  # one turn of the loop: the second waits for the first's read
+    assert reads == [1]
+    first.cancel()
+    release.set()
+    assert await second == point
+    assert first.cancelled() and reads == [1, 1]  # read again by the scan still waiting
+    assert cache.of("vault") == {"points/p": ("v1", point)}
+    assert await cache.read("vault", info, read) == point and reads == [1, 1]

@@ -166,6 +166,14 @@ async def test_a_plan_drills_and_fails_over_three_items_in_two_groups(
 
     drill = await _run(cs, api, "test-failover", {}, capsys)
     assert drill["state"] == "succeeded", drill
+    # The items' jobs chose their points through one cache of the vault's manifests.
+    vault = await open_vault(tmp_path / "vault", tmp_path / "vault.key")
+    try:
+        shared = cs.manifests.of(f"{vault.store.url}#{vault.config.vault_id}")
+    finally:
+        await vault.close()
+    assert {name: p.id for name, (_v, p) in shared.items()} == {
+        f"points/{pid}": pid for pid, _ in points.values()}
     assert [s["name"] for s in drill["steps"]] == [
         "g1_pre_script", "g1_start", "item_web01", "item_web02", "g1_post_action",
         "g2_start", "item_db01"]

@@ -12,7 +12,7 @@ import json
 import os
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar, overload
 
 from common.timefmt import now_iso
@@ -29,6 +29,7 @@ from vault.errors import (
 from vault.index import BlockIndex, Index, open_index, seal_index
 from vault.keyopen import scan_key_slots
 from vault.keyslots import KeyMaterial, wrap
+from vault.manifestcache import ManifestCache, PointScan, scan_points
 from vault.mapchunks import CHUNK_ENTRIES, open_chunked, seal_chunked
 from vault.maps import (
     DELTA,
@@ -54,13 +55,12 @@ from vault.point import (
     open_point,
     seal_point,
 )
-from vault.store.protocol import BlobInfo, BlobStore
+from vault.store.protocol import BlobStore
 
 IndexT = TypeVar("IndexT", bound=BlockIndex)
 
 DEFAULT_BLOCK_SIZE = 64 * 1024
 MAX_CHAIN = 16
-MANIFEST_READS = 32  # manifests read at once by ``scan_points``
 
 
 @dataclass(frozen=True)
@@ -89,15 +89,6 @@ async def _put_config(store: BlobStore, keyring: Keyring, config: VaultConfig) -
                                        ObjectType.CONFIG, names.CONFIG, body))
 
 
-@dataclass
-class PointScan:
-    """What ``Vault.scan_points`` found: the intact points, oldest first, and the
-    manifests that failed to authenticate, as ``(store name, error)``."""
-
-    points: list[Point] = field(default_factory=list)
-    damaged: list[tuple[str, IntegrityError]] = field(default_factory=list)
-
-
 class Vault:
     #: the id of the key slot that opened this vault (``Vault.open``); None if created
     slot: str | None = None
@@ -122,9 +113,10 @@ class Vault:
         self.store = store
         self.keyring = keyring
         self.config = config
-        # The manifests ``scan_points`` opened, by store name: (version, point). A
-        # long-lived vault object (a process server's) reads only what changed since.
-        self._opened: dict[str, tuple[str, Point]] = {}
+        # The manifests ``scan_points`` opened (vault/manifestcache.py): a long-lived
+        # vault object (a process server's), or vault objects given one cache (the
+        # configuration server's recovery jobs), read only what changed since.
+        self.manifests = ManifestCache()
 
     # -- lifecycle ---------------------------------------------------------
     @classmethod
@@ -319,50 +311,11 @@ class Vault:
         A manifest this vault object opened before is not read again while the listing
         shows it at the same version (``BlobInfo.version``: any write of it changes
         that); one that failed to authenticate always is (a check opens a vault object
-        of its own, which reads every manifest)."""
-        scan = PointScan()
-        opened = self._opened
-
-        async def read(info: BlobInfo) -> None:
-            name = info.name
-            try:
-                p = open_point(self.keyring, name[len(names.POINTS):],
-                               await self.store.get(name))
-            except NotFoundError:
-                opened.pop(name, None)
-                return  # deleted since the listing (a prune forgot it)
-            except IntegrityError as e:
-                opened.pop(name, None)
-                scan.damaged.append((name, e))
-                return
-            if info.version:  # what was read is this version or a newer one
-                opened[name] = (info.version, p)
-            found(p)
-
-        def found(p: Point) -> None:
-            if machine is None or p.machine == machine:
-                scan.points.append(p)
-
-        listed = [info async for info in self.store.list(names.POINTS)]
-        unread: list[BlobInfo] = []
-        for info in listed:
-            known = opened.get(info.name)
-            if known is not None and info.version and known[0] == info.version:
-                found(known[1])
-            else:
-                unread.append(info)
-        # Forget what is no longer listed: the cache holds at most the vault's points.
-        if len(opened) > len(listed) - len(unread):
-            names_listed = {info.name for info in listed}
-            for gone in [n for n in opened if n not in names_listed]:
-                del opened[gone]
-        # A few manifests in flight at a time: one after the other, a vault of many
-        # points on a remote store takes a round trip per point (README "Manifests").
-        for i in range(0, len(unread), MANIFEST_READS):
-            await asyncio.gather(*(read(info) for info in unread[i:i + MANIFEST_READS]))
-        scan.points.sort(key=lambda p: (p.created, p.id))
-        scan.damaged.sort(key=lambda d: d[0])
-        return scan
+        of its own, which reads every manifest). ``self.manifests`` may be shared by
+        vault objects of the vault: then so are the manifests opened and the reads in
+        flight (vault/manifestcache.py)."""
+        return await scan_points(self.store, self.keyring, self.manifests,
+                                 f"{self.store.url}#{self.config.vault_id}", machine)
 
     async def read_map(self, map_id: str, fmt: int = WRITTEN_FORMAT) -> BlockMap:
         """Map ``map_id`` as a dict, read as a point of format ``fmt`` names it."""
