@@ -8,6 +8,7 @@ and after a clean final cycle the newest point is the disk as it is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import random
@@ -147,7 +148,9 @@ async def test_kill9_agent_at_random_moments(
                 try:
                     await asyncio.wait_for(proc.wait(), rng.uniform(0.05, 1.0))
                 except TimeoutError:
-                    proc.kill()  # kill -9 at a random moment of the cycle
+                    # kill -9 at a random moment of the cycle (unless it ended just then)
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
             out, _ = await proc.communicate()
             if proc.returncode == 0:
                 import json
