@@ -50,6 +50,12 @@ class ManifestCache:
         (version, point)."""
         return self._opened.setdefault(vault, {})
 
+    def known(self, vault: str, info: BlobInfo) -> Point | None:
+        """The point of the manifest ``info`` names, if opened before at its version."""
+        got = self._opened.get(vault, {}).get(info.name)
+        return got[1] if got is not None and info.version and got[0] == info.version \
+            else None
+
     async def read(self, vault: str, info: BlobInfo,
                    read: Callable[[], Awaitable[Opened]]) -> Opened:
         """The manifest ``info`` names: opened before at this version, or being read
@@ -58,10 +64,9 @@ class ManifestCache:
         scans want it."""
         if not info.version:
             return await read()
+        if (point := self.known(vault, info)) is not None:
+            return point  # opened by another scan since this one listed
         opened = self.of(vault)
-        known = opened.get(info.name)
-        if known is not None and known[0] == info.version:
-            return known[1]
         key = (vault, info.name, info.version)
         while (reading := self._reading.get(key)) is not None:
             try:  # another scan reads it: its result
@@ -99,7 +104,7 @@ async def scan_points(store: BlobStore, keyring: Keyring, cache: ManifestCache,
     scan = PointScan()
     opened = cache.of(vault)
 
-    async def open_one(name: str) -> Point | Exception | None:
+    async def open_one(name: str) -> Opened:
         try:
             return open_point(keyring, name[len(names.POINTS):], await store.get(name))
         except NotFoundError:
@@ -121,9 +126,8 @@ async def scan_points(store: BlobStore, keyring: Keyring, cache: ManifestCache,
     listed = [info async for info in store.list(names.POINTS)]
     unread: list[BlobInfo] = []
     for info in listed:
-        known = opened.get(info.name)
-        if known is not None and info.version and known[0] == info.version:
-            found(known[1])
+        if (point := cache.known(vault, info)) is not None:
+            found(point)
         else:
             unread.append(info)
     # Forget what is no longer listed: the cache holds at most the vault's points.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator
 
 from vault.errors import NotFoundError, PermanentStoreError
@@ -12,12 +13,11 @@ class MemoryStore:
     def __init__(self) -> None:
         self.url = "memory://"
         self.objects: dict[str, bytes] = {}
-        self.versions: dict[str, int] = {}  # bumped by every write of a name
-        self._writes = 0
+        self.versions: dict[str, str] = {}  # a new one at every write of a name
+        self._writes = itertools.count(1)
 
     def _put(self, name: str, data: bytes) -> None:
-        self._writes += 1
-        self.objects[name], self.versions[name] = data, self._writes
+        self.objects[name], self.versions[name] = data, str(next(self._writes))
 
     async def put(self, name: str, data: bytes | bytearray) -> None:
         self._put(check_name(name), bytes(data))
@@ -38,16 +38,17 @@ class MemoryStore:
     async def stat(self, name: str) -> BlobInfo:
         try:
             data = self.objects[check_name(name)]
-            return BlobInfo(name, len(data), str(self.versions.get(name, "")))
+            return BlobInfo(name, len(data), self.versions[name])
         except KeyError:
             raise NotFoundError(f"object {name!r} not found") from None
 
     async def list(self, prefix: str = "") -> AsyncIterator[BlobInfo]:
         for name in sorted(n for n in self.objects if n.startswith(prefix)):
-            yield BlobInfo(name, len(self.objects[name]), str(self.versions.get(name, "")))
+            yield BlobInfo(name, len(self.objects[name]), self.versions[name])
 
     async def delete(self, name: str) -> None:
         self.objects.pop(check_name(name), None)
+        self.versions.pop(name, None)
 
     async def setup(self) -> None:
         return None
