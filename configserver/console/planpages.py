@@ -8,6 +8,7 @@ is failed over) and, for a plan job waiting at a manual action, the form that co
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -38,6 +39,11 @@ def _moving(jobs: list[dict[str, Any]]) -> bool:
     return any(j["state"] in ACTIVE for j in jobs)
 
 
+async def _typed(request: web.Request, error: str) -> Mapping[str, Any]:
+    """What the refused form held (shown again in it), or nothing."""
+    return await request.post() if error else {}
+
+
 def _missing(request: web.Request, nav: str, e: NotFound) -> web.Response:
     return console_of(request).page(request, "missing.html", 404, title="Not found",
                                     nav=nav, message=e.message, hint=e.hint)
@@ -50,7 +56,7 @@ async def plans_page(request: web.Request, *, error: str = "", status: int = 200
     r = _reader(request)
     docs = await r.plans()
     moving = any(p["last_job"] and p["last_job"]["state"] in ACTIVE for p in docs)
-    typed = await request.post() if error else {}
+    typed = await _typed(request, error)
     return console_of(request).page(
         request, "plans.html", status, title="Recovery plans", nav="plans", plans=docs,
         items=await r.items(), error=error, typed=typed,
@@ -70,7 +76,7 @@ async def plan_page(request: web.Request, *, error: str = "", status: int = 200
     jobs = await r.jobs(plans.job_target(name))
     verdicts = await r.verdicts(plan["groups"], plans.job_target(name))
     machines = [m for g in plan["groups"] for m in g["items"]]
-    typed = await request.post() if error else {}  # a refused form shows what was typed
+    typed = await _typed(request, error)
     return console_of(request).page(
         request, "plan.html", status, title=f"Plan {name}", nav="plans", plan=plan,
         items=items, jobs=jobs, actions=offered(verdicts, jobs), verdicts=verdicts,
@@ -88,7 +94,7 @@ async def groups_page(request: web.Request, *, error: str = "", status: int = 20
     docs = await r.groups()
     last = {g["name"]: next(iter(await r.group_points(g["name"], 1)), None) for g in docs}
     moving = any(g["last_job"] and g["last_job"]["state"] in ACTIVE for g in docs)
-    typed = await request.post() if error else {}
+    typed = await _typed(request, error)
     return console_of(request).page(
         request, "groups.html", status, title="Consistency groups", nav="groups",
         groups=docs, last_points=last, items=await r.items(), error=error, typed=typed,
@@ -108,7 +114,7 @@ async def group_page(request: web.Request, *, error: str = "", status: int = 200
     jobs = await r.jobs(groups.job_target(name))
     points = await r.group_points(name)
     verdicts = await r.verdicts([{"items": group["members"]}], groups.job_target(name))
-    typed = await request.post() if error else {}  # a refused form shows what was typed
+    typed = await _typed(request, error)
     return console_of(request).page(
         request, "group.html", status, title=f"Group {name}", nav="groups", group=group,
         items=items, jobs=jobs, points=points,
