@@ -165,10 +165,11 @@ async def test_a_scan_cancelled_mid_read_leaves_the_read_to_those_still_waiting(
         await release.wait()
         return point
 
+    # Run in the order made: the first starts the read, the second then waits for it,
+    # both before the started event wakes this test.
     first = asyncio.create_task(cache.read("vault", info, read))
-    await started.wait()
     second = asyncio.create_task(cache.read("vault", info, read))
-    await asyncio.sleep(0)  # one turn of the loop: the second waits for the first's read
+    await started.wait()
     assert reads == [1]
     first.cancel()
     release.set()
