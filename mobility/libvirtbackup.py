@@ -49,6 +49,7 @@ from xml.sax.saxutils import quoteattr
 import structlog
 
 from common.fs import atomic_write
+from common.subproc import communicate
 from mobility.changes import Answer, Changed, Rescan
 from mobility.nbdclient import MAX_REQUEST, STATE_DIRTY, NbdClient, NbdError
 from mobility.snapshot import Held
@@ -93,11 +94,8 @@ class LibvirtBackup:
             "virsh", "-q", "-c", self.uri, *args, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE)
         try:
-            async with asyncio.timeout(self.timeout):
-                out, err = await proc.communicate()
+            out, err = await communicate(proc, self.timeout)
         except TimeoutError:
-            proc.kill()
-            await proc.wait()
             raise RuntimeError(f"virsh {args[0]} did not finish within {self.timeout:g}s"
                                ) from None
         if proc.returncode != 0:

@@ -19,6 +19,7 @@ import structlog
 
 from common.backoff import Backoff
 from common.fs import atomic_write
+from common.subproc import communicate
 from mobility.agent import Agent, CycleResult
 from mobility.siteclient import SiteClient, SiteError, SiteRefused
 
@@ -69,11 +70,8 @@ async def _run(command: list[str]) -> str | None:
     except OSError as e:
         return f"{command[0]}: {e.strerror or e}"
     try:
-        async with asyncio.timeout(COMMAND_TIMEOUT_SECONDS):
-            out, _ = await proc.communicate()
+        out, _ = await communicate(proc, COMMAND_TIMEOUT_SECONDS)
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
         return f"{' '.join(command)} did not end within {COMMAND_TIMEOUT_SECONDS:.0f} s"
     if proc.returncode:
         tail = out.decode(errors="replace").strip()[-500:]

@@ -44,6 +44,8 @@ from typing import Protocol
 
 import structlog
 
+from common.subproc import communicate
+
 log = structlog.get_logger("mobility.snapshot")
 
 
@@ -87,11 +89,8 @@ async def _run(argv: list[str], timeout: float) -> str:
     proc = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
-        async with asyncio.timeout(timeout):
-            out, err = await proc.communicate()
+        out, err = await communicate(proc, timeout)
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
         raise RuntimeError(f"{argv[0]} did not finish within {timeout:g}s") from None
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): "

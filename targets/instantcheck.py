@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
+from common.subproc import stop
 from targets.base import TargetError
 
 T = TypeVar("T")
@@ -75,7 +76,6 @@ async def _unmount(proc: asyncio.subprocess.Process, mount: Path) -> None:
         try:
             await asyncio.wait_for(proc.wait(), 30)
         except TimeoutError:
-            proc.kill()  # it would not unmount: the mount goes with it
-            await proc.wait()
+            await stop(proc)  # it would not unmount: the mount goes with it
     with contextlib.suppress(OSError):
         mount.rmdir()

@@ -9,7 +9,13 @@ import os
 import re
 import tempfile
 
+from common.subproc import communicate
 from targets.base import TargetError
+
+# Every virsh command here returns at once (block jobs are started and then polled), so
+# one that has not answered in this long is a libvirtd that no longer answers: the job
+# fails with that said instead of waiting for ever.
+VIRSH_TIMEOUT = 300.0
 
 # libvirt's messages when the object a command names is not there (an idempotent
 # cleanup treats these as done)
@@ -33,8 +39,8 @@ class VirshError(TargetError):
 
 
 class Virsh:
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
+    def __init__(self, uri: str, timeout: float = VIRSH_TIMEOUT) -> None:
+        self.uri, self.timeout = uri, timeout
 
     async def __call__(self, *argv: str) -> str:
         """Run ``virsh -c URI ARGV``; its stdout, or ``VirshError`` with its stderr."""
@@ -46,7 +52,13 @@ class Virsh:
         except FileNotFoundError as e:
             raise TargetError("libvirt", "virsh is not installed",
                               "install libvirt-clients") from e
-        out, err = await proc.communicate()
+        try:
+            out, err = await communicate(proc, self.timeout)
+        except TimeoutError:
+            raise TargetError(
+                "libvirt", f"virsh {' '.join(argv[:2])} got no answer from {self.uri} "
+                f"within {self.timeout:g}s", "check that libvirtd answers "
+                f"(virsh -c {self.uri} list --all; systemctl status libvirtd)") from None
         assert proc.returncode is not None
         if proc.returncode != 0:
             raise VirshError(list(argv), proc.returncode, err.decode(errors="replace"))
