@@ -117,15 +117,18 @@ ROUTES = [
     Route("POST", "/api/v1/groups/{name}/members", add_members,
           "Add machines to a consistency group", "groups", params=_NAME,
           body=groups.MEMBERS_BODY, responses={200: groups.GROUP}, refusals=groups.REFUSALS,
-          description="Machines already in the group are left as they are."),
+          description="Machines already in the group are left as they are. 409 "
+                      "group_job_running while a job of the group is queued or running."),
     Route("DELETE", "/api/v1/groups/{name}/members/{machine}", remove_member,
           "Remove a machine from a consistency group", "groups",
           params={"name": NAME, "machine": NAME}, responses={200: groups.GROUP},
-          description="404 group_member_not_found for a machine not in the group."),
+          description="404 group_member_not_found for a machine not in the group; 409 "
+                      "group_job_running while a job of the group is queued or running."),
     Route("DELETE", "/api/v1/groups/{name}", delete_group, "Delete a consistency group",
           "groups", params=_NAME, responses={200: DELETED},
           description="Its group points go from the catalog; the members' own recovery "
-                      "points stay."),
+                      "points stay. 409 group_job_running while a job of the group is "
+                      "queued or running."),
     Route("GET", "/api/v1/groups/{name}/points", list_group_points,
           "List a consistency group's group points", "groups", params=_NAME,
           responses={200: obj({"points": array(grouppoints.GROUP_POINT)}, ["points"])},

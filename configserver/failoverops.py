@@ -16,13 +16,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import structlog
-from sqlalchemy import select
 
 from configserver import db
 from configserver.core import Core
 from configserver.errors import InvalidRequest, ItemStateError, NotFound
 from configserver.items import ItemState, item_doc
-from configserver.jobdefs import ACTIVE, JobKind, new_job
+from configserver.jobdefs import JobKind, active_kinds, new_job
 from configserver.recovery import RecoverySettings, apply
 from targets.instant import INSTANT_TARGETS, refusal
 
@@ -127,8 +126,7 @@ async def request(core: Core, kinds: Mapping[str, JobKind], verb: str, name: str
         state = ItemState(item.state)
         if state not in allowed:
             raise _refuse(verb, name, state, allowed)
-        active = (await s.execute(select(db.Job.kind).where(
-            db.Job.target == name, db.Job.state.in_(ACTIVE)))).scalars().all()
+        active = await active_kinds(s, name)
         if active:
             raise ItemStateError("job_running", f"{name!r} has a job running or queued "
                                  f"({', '.join(active)})",

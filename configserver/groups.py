@@ -20,6 +20,7 @@ from configserver import db
 from configserver.core import Core
 from configserver.errors import Conflict, InvalidRequest, NotFound
 from configserver.groupmodels import ConsistencyGroup, GroupMember, GroupPoint
+from configserver.jobdefs import active_kinds
 from configserver.schema import NAME, array, iso, nullable, obj
 
 log = structlog.get_logger("configserver.groups")
@@ -173,6 +174,18 @@ async def _stored(s: AsyncSession, name: str) -> ConsistencyGroup:
     return row
 
 
+async def _idle(s: AsyncSession, name: str) -> ConsistencyGroup:
+    """The group, for a change of its members or its deletion: refused while a job of
+    it is queued, running or waiting (a failover's members are the group's when it was
+    started, and its group points are what it recovers)."""
+    row = await _stored(s, name)
+    if await active_kinds(s, job_target(name)):
+        raise Conflict("group_job_running", f"a job of consistency group {name!r} is "
+                       "queued or running", f"wait for it (siterecovery jobs list --target "
+                       f"{job_target(name)} --active), then try again")
+    return row
+
+
 async def update(core: Core, name: str, body: dict[str, Any]) -> dict[str, Any]:
     async with core.sessionmaker() as s:
         row = await _stored(s, name)
@@ -189,7 +202,7 @@ async def update(core: Core, name: str, body: dict[str, Any]) -> dict[str, Any]:
 
 async def add(core: Core, name: str, machines: list[str]) -> dict[str, Any]:
     async with core.sessionmaker() as s:
-        row = await _stored(s, name)
+        row = await _idle(s, name)
         have = await members_of(s, name)
         new = [m for m in machines if m not in have]
         await _check_members(s, name, have + new)
@@ -203,7 +216,7 @@ async def add(core: Core, name: str, machines: list[str]) -> dict[str, Any]:
 
 async def remove(core: Core, name: str, machine: str) -> dict[str, Any]:
     async with core.sessionmaker() as s:
-        row = await _stored(s, name)
+        row = await _idle(s, name)
         have = await members_of(s, name)
         if machine not in have:
             raise NotFound("group_member_not_found", f"machine {machine!r} is not in "
@@ -220,7 +233,7 @@ async def remove(core: Core, name: str, machine: str) -> dict[str, Any]:
 async def remove_group(core: Core, name: str) -> None:
     """The group, its members' rows and its group points (the members' own points stay)."""
     async with core.sessionmaker() as s:
-        row = await _stored(s, name)
+        row = await _idle(s, name)
         await s.execute(delete(GroupMember).where(GroupMember.group_name == name))
         await s.execute(delete(GroupPoint).where(GroupPoint.group_name == name))
         await s.delete(row)

@@ -38,7 +38,7 @@ from configserver import certs, db, sealed, support
 from configserver.agentversion import older
 from configserver.core import Core
 from configserver.errors import Conflict, InvalidRequest, ItemStateError, NotFound
-from configserver.jobdefs import ACTIVE, JobKind, new_job
+from configserver.jobdefs import JobKind, active_kinds, new_job
 from configserver.models import InstallRequest
 
 log = structlog.get_logger("configserver.install")
@@ -118,8 +118,7 @@ async def queue(core: Core, kinds: Mapping[str, JobKind], action: str, name: str
             raise Conflict("no_account", f"machine {name!r} has no push-install account",
                            f"add one (siterecovery account add) and give it: siterecovery "
                            f"machine update {name} --account NAME")
-        active = (await s.execute(select(db.Job.kind).where(
-            db.Job.target == name, db.Job.state.in_(ACTIVE)))).scalars().all()
+        active = await active_kinds(s, name)
         if active:
             raise ItemStateError("job_running", f"{name!r} has a job running or queued "
                                  f"({', '.join(active)})",

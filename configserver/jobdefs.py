@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from configserver import db
@@ -30,6 +31,12 @@ JOB_STATES = ("queued", "running", "waiting", "succeeded", "failed", "cancelled"
 ACTIVE = ("queued", "running", "waiting")
 RUNNING = ("running", "waiting")  # started; waiting: a step waits for an operator
 STEP_STATES = ("pending", "running", "succeeded", "failed", "skipped")
+
+
+async def active_kinds(s: AsyncSession, target: str) -> list[str]:
+    """The kinds of ``target``'s jobs that are queued, running or waiting."""
+    return list((await s.execute(select(db.Job.kind).where(
+        db.Job.target == target, db.Job.state.in_(ACTIVE)))).scalars().all())
 
 
 class StepFailed(Exception):

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from configserver import db
 from configserver.core import Core
 from configserver.errors import Conflict, InvalidRequest, NotFound
-from configserver.jobdefs import ACTIVE, JOB_ID
+from configserver.jobdefs import JOB_ID, active_kinds
 from configserver.planmodels import RecoveryPlan
 from configserver.schema import NAME, array, iso, nullable, obj
 
@@ -200,9 +200,7 @@ async def delete(core: Core, name: str) -> None:
         row = await s.get(RecoveryPlan, name, with_for_update=True)
         if row is None:
             raise _no_plan(name)
-        running = (await s.execute(select(func.count()).select_from(db.Job).where(
-            db.Job.target == job_target(name), db.Job.state.in_(ACTIVE)))).scalar_one()
-        if running:
+        if await active_kinds(s, job_target(name)):
             raise Conflict("plan_job_running", f"a job of plan {name!r} is running",
                            f"wait for it: siterecovery plan show {name}")
         await s.delete(row)

@@ -2,7 +2,7 @@
 configuration server (SQLite and PostgreSQL), a real vault with real points and the folder
 target: each member recovers its own point of the group point (not its newest), byte for
 byte, in one job with a step per member; cleanup and commit likewise; refusals without a
-complete group point."""
+complete group point; a group left as it is while a job of it runs."""
 
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ import pytest
 from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiCallError, ApiClient
 from tests.helpers import open_vault, sha256, write_full_point
-from tests.sitehelpers import step, wait_job
+from tests.sitehelpers import step, step_running, wait_job
+from tests.test_console_http import _browser, _sign_in
 from tests.test_recovery_plans import DISK, _cli, _protect
+from vault.locks import acquire
 
 MEMBERS = ["app01", "db01"]
 
@@ -119,3 +121,50 @@ async def test_a_group_point_that_failed_cannot_be_recovered_to(
     assert (await api.get("/api/v1/groups/erp"))["last_job"] is None
     for m in MEMBERS:
         assert (await api.get("/api/v1/items/" + m))["state"] == "protected"
+
+
+async def test_a_group_is_left_as_it_is_while_a_job_of_it_runs(
+        cs: ConfigServer, api: ApiClient, tmp_path: Path) -> None:
+    """A group failover waits for the vault's lock, held as a prune holds it: while it
+    does, the group's members are neither added nor removed and the group is not
+    deleted, through the REST API or the console; once it has ended, they are."""
+    await _protect(cs, api, tmp_path, [*MEMBERS, "web01"])
+    await api.post("/api/v1/groups", {"name": "erp", "members": MEMBERS})
+    at_group = await _points(cs, tmp_path)
+    gp = uuid.uuid4().hex
+    async with ApiClient(cs.url, cs.internal_token) as internal:
+        await internal.post("/api/v1/internal/group-points", {
+            "id": gp, "group": "erp", "created": 1.8e9, "state": "released",
+            "members": {m: c for m, (_, c, _) in at_group.items()}})
+    vault = await open_vault(tmp_path / "vault", tmp_path / "vault.key")
+    prune = await acquire(vault, "exclusive", "prune (the test's)")
+    job = (await api.post("/api/v1/groups/erp/failover", {"group_point": gp}))["job"]
+    try:
+        await wait_job(api, job["id"], step_running("item_app01"))
+        before = await api.get("/api/v1/groups/erp")
+        for method, path, body in (
+                ("POST", "/api/v1/groups/erp/members", {"machines": ["web01"]}),
+                ("DELETE", "/api/v1/groups/erp/members/db01", None),
+                ("DELETE", "/api/v1/groups/erp", None)):
+            with pytest.raises(ApiCallError) as e:
+                await api.call(method, path, body, {})
+            assert (e.value.status, e.value.api_code) == (409, "group_job_running"), e.value
+            assert "--target group:erp --active" in e.value.hint
+        async with _browser() as http:
+            csrf = await _sign_in(http, cs)
+            async with http.get(cs.url + "/console/groups/erp") as r:
+                page = await r.text()
+            assert "queued or running" in page and f"/console/jobs/{job['id']}" in page
+            for action in ("members/add", "members/remove", "delete"):
+                assert f"/console/groups/erp/{action}" not in page, action
+            async with http.post(cs.url + "/console/groups/erp/members/remove",
+                                 data={"csrf": csrf, "machine": "db01"}) as r:
+                assert r.status == 409 and "is queued or running" in await r.text()
+        assert await api.get("/api/v1/groups/erp") == before  # the refusals: nothing
+    finally:
+        await prune.release()
+        await vault.close()
+    assert (await wait_job(api, job["id"]))["state"] == "succeeded"
+    g = await api.call("DELETE", "/api/v1/groups/erp/members/db01", None, {})
+    assert g["members"] == ["app01"]
+    assert (await api.call("DELETE", "/api/v1/groups/erp", None, {})) == {"deleted": "erp"}
