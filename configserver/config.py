@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,9 @@ class ConfigServerConfig:
     passphrase_file: str = ""
     secrets_key_file: str = ""
     vault_key_file: str = ""
+    # With vault_key_file: the vault this server registers itself with at start, unless it
+    # is registered already (configserver/selfregister.py; the embedded installation's)
+    vault_url: str = ""
     agent_cert_days: float = 365.0  # lifetime of agent certificates; renew before it ends
     alert_interval_seconds: float = 30.0
     # An item with no successful drill (test failover) for this long raises drill_overdue
@@ -113,6 +117,9 @@ class ConfigServerConfig:
             raise ValueError("libvirt_accel must be auto, kvm or qemu")
         if self.azure_target_url and not self.azure_target_url.startswith("azure://"):
             raise ValueError("azure_target_url must be azure://CONTAINER[/PREFIX]")
+        if self.vault_url and not os.path.isabs(self.vault_key_file):
+            raise ValueError("vault_url needs vault_key_file, the absolute path of the "
+                             "vault's key file: the server registers itself with it")
         if self.database_url and not self.database_url.startswith(
                 ("sqlite+aiosqlite://", "postgresql+asyncpg://")):
             raise ValueError("database_url must be sqlite+aiosqlite:///PATH or "

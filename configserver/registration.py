@@ -83,7 +83,7 @@ def _vault_key_path(default: str, given: str | None) -> str:
     return path
 
 
-async def _open(url: str, key_path: str) -> Vault:
+async def open_vault(url: str, key_path: str) -> Vault:
     try:
         km = KeyMaterial(keyfile=read_keyfile(key_path))
     except WrongKeyError as e:
@@ -146,7 +146,7 @@ async def register(core: Core, default_key_file: str, key_text: str,
             "make a new one: siterecovery vault registration-key --out FILE")
     key_path = _vault_key_path(default_key_file, vault_key_file)
     url = vault_url or key.vault_url
-    vault = await _open(url, key_path)
+    vault = await open_vault(url, key_path)
     try:
         if vault.config.vault_id != key.vault_id:
             raise Refused("registration_key_foreign",

@@ -26,7 +26,7 @@ import structlog
 from aiohttp import web
 
 from common.tls import server_context
-from configserver import console, db, jobkinds, sitecert, tokens
+from configserver import console, db, jobkinds, selfregister, sitecert, tokens
 from configserver.alerts import AlertBook
 from configserver.api import all_routes
 from configserver.background import background_tasks
@@ -59,6 +59,7 @@ class ConfigServer:
         self.notifier = Notifier()  # notified when items, points or agents change
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self.registering: asyncio.Task[None] | None = None  # with vault_url: selfregister
         self.port = cfg.listen_port
         self.site_port = cfg.site_port
 
@@ -98,6 +99,10 @@ class ConfigServer:
             raise
         for coro in background_tasks(self.services):
             self._tasks.append(asyncio.create_task(coro))
+        if self.cfg.vault_url:  # it holds the vault's key: it registers itself
+            self.registering = asyncio.create_task(selfregister.run(
+                core, self.cfg.vault_url, self.cfg.vault_key_file))
+            self._tasks.append(self.registering)
         if self.engine.dialect.name == "postgresql":
             # Other configuration servers on this catalog wake with this one's changes.
             link = PgNotifyLink(asyncpg_dsn(self.engine.url), self.notifier)

@@ -17,6 +17,10 @@ given), as the local folder always has. The URL is remembered in ``DATA_DIR/vaul
 the cache holds cycles that build on that vault's points, so a later start naming
 another vault is refused.
 
+The configuration server is given the vault and its key file (``vault_url``,
+``vault_key_file``): it registers itself with the vault at start
+(``configserver/selfregister.py``), so drills and failovers need no registration step.
+
 The process server's certificate names the hosts agents reach it by (``--listen``'s
 host, this machine's names when it listens everywhere, loopback); it is issued again at
 start whenever those names change, or it does not match its key or the CA.
@@ -227,9 +231,12 @@ async def start_embedded(
     wildcard = listen_host in ("0.0.0.0", "::")
     # Listening everywhere: agents will reach us by this machine's names.
     site_names = sorted({socket.gethostname(), socket.getfqdn()}) if wildcard else []
+    # It holds the vault's key file: it registers itself with the vault (selfregister.py)
     cs = ConfigServer(ConfigServerConfig(data_dir=str(d / "configserver"),
                                          listen_port=admin_port, site_port=site_port,
-                                         site_host=listen_host, site_names=site_names))
+                                         site_host=listen_host, site_names=site_names,
+                                         vault_key_file=str(Path(key).resolve()) if key else "",
+                                         vault_url=url if key else ""))
     await cs.start()
     tls = d / "procserver" / "tls"
     ca = CertificateAuthority.load_or_create(cs.cfg.ca_dir)
@@ -276,6 +283,9 @@ async def serve(data_dir: str, admin_port: int, listen: str, metrics_port: int,
     settled()
     token = e.config.cfg.token_path
     kind = "local-folder" if e.vault_url.startswith("file://") else "blob-store"
+    registration = ("at start, with this vault (siterecovery register --status)" if e.key_file
+                    else "by hand: the passphrase alone opens this vault (siterecovery "
+                         "register --key-file FILE --vault-key KEYFILE)")
     keys = " + ".join(k for k, given in (
         (f"key file {e.key_file}", bool(e.key_file)),
         (f"passphrase from {vault.passphrase_file or '$' + str(vault.passphrase_env)}",
@@ -283,6 +293,7 @@ async def serve(data_dir: str, admin_port: int, listen: str, metrics_port: int,
     print(f"""siterecovery is running (embedded: SQLite + {kind} vault)
   data directory   {e.data_dir}
   vault            {e.proc.vaults.store.url}   {keys}
+  registration     {registration}
   admin API        {e.config.url}   token file {token}
   web console      {e.config.url}/console/   (sign in with the token)
   replication      {host or '127.0.0.1'}:{e.proc.port} (mutual TLS)
