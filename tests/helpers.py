@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -169,6 +170,7 @@ class Daemon:
         self.ready: dict[str, object] = {}
         self.lines: list[str] = []
         self._new_line = asyncio.Condition()
+        self._drain: asyncio.Task[None] | None = None  # reads its output once it is ready
 
     async def start(self, timeout: float = 60) -> dict[str, object]:
         self.proc = await asyncio.create_subprocess_exec(
@@ -176,20 +178,27 @@ class Daemon:
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=self.env,
             cwd=REPO)
         assert self.proc.stdout is not None
-        async with asyncio.timeout(timeout):
-            while True:
-                line = await self.proc.stdout.readline()
-                if not line:
-                    raise RuntimeError("daemon exited before ready:\n" + "".join(self.lines))
-                text = line.decode(errors="replace")
-                self.lines.append(text)
-                try:
-                    ev = json.loads(text)
-                except ValueError:
-                    continue
-                if ev.get("event") == self.ready_event:
-                    self.ready = ev
-                    break
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    line = await self.proc.stdout.readline()
+                    if not line:
+                        raise RuntimeError("daemon exited before ready:\n" +
+                                           "".join(self.lines))
+                    text = line.decode(errors="replace")
+                    self.lines.append(text)
+                    try:
+                        ev = json.loads(text)
+                    except ValueError:
+                        continue
+                    if ev.get("event") == self.ready_event:
+                        self.ready = ev
+                        break
+        except BaseException:  # never ready: it does not outlive the test
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
+            raise
         self._drain = asyncio.create_task(self._read_rest())
         return self.ready
 
@@ -228,14 +237,16 @@ class Daemon:
         assert self.proc is not None
         self.proc.kill()
         await self.proc.wait()
-        await self._drain
+        if self._drain is not None:
+            await self._drain
 
     async def stop(self) -> int:
         assert self.proc is not None
         if self.proc.returncode is None:
             self.proc.terminate()
             await self.proc.wait()
-        await self._drain
+        if self._drain is not None:
+            await self._drain
         return self.proc.returncode or 0
 
 
