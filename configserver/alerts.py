@@ -249,6 +249,7 @@ async def evaluate(core: Core, st: AlertBook) -> list[Alert]:
                 .group_by(db.Job.target))).all() if e is not None}
             reports = (await s.execute(select(db.Machine.name, db.Machine.tracker_report))
                        ).all()
+            registered = await s.get(db.Registration, 1) is not None
             newest: dict[str, db.Certificate] = {}
             for c in (await s.execute(select(db.Certificate).where(
                     db.Certificate.kind == "procserver").order_by(
@@ -300,6 +301,7 @@ async def evaluate(core: Core, st: AlertBook) -> list[Alert]:
                 message=a.message)
         _update_metrics(core, st, list(want.values()), procservers,
                         [(i, t) for i, t in items])
+        core.metrics.unrecoverable.set(0 if registered else len(items))
         result = list(want.values())
     if raised or cleared:  # waiters on the notifier see alerts move (at most once more)
         await core.notify()

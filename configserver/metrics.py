@@ -94,6 +94,10 @@ class ConfigMetrics:
         self.verify_last = Gauge("siterecovery_configserver_verify_last_timestamp_seconds",
                                  "When a machine's points were last verified (UNIX seconds)",
                                  ["machine"], registry=r)
+        self.unrecoverable = Gauge("siterecovery_configserver_unrecoverable_items",
+                                   "Replicated items while this server is not registered "
+                                   "with a vault: none of them can be drilled, failed over "
+                                   "or verified until it is (0 once registered)", registry=r)
         self.verify_failed = Gauge("siterecovery_configserver_verify_failed_points",
                                    "A machine's retained points whose last verification "
                                    "failed", ["machine"], registry=r)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from configserver.config import ConfigServerConfig
 from configserver.schema import iso
 from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiCallError, ApiClient
+from tests.helpers import make_vault, open_vault
 from tests.sitehelpers import (
     AgentSite,
     add_machine,
@@ -27,7 +29,9 @@ from tests.sitehelpers import (
     step_running,
     wait_job,
 )
+from tests.test_console_http import _browser, _sign_in
 from tests.test_procservers import beat, post_beat, wait_until
+from vault.regkey import make_key
 
 # The injected clock starts at the real time (whole seconds): the CA dates certificates
 # by it, and TLS checks them against the real one.
@@ -343,3 +347,36 @@ async def test_a_revoked_process_server_certificate_is_critical_until_a_new_one(
     assert await aged.evaluate() == []
     assert [(e["active"], e["cleared_at"]) for e in await aged.history(code)] == [
         (False, iso(T0 + 1))]
+
+
+async def test_items_without_a_registration_are_counted_and_shown(aged: Aged,
+                                                                   tmp_path: Path) -> None:
+    """Items replicate before the server is registered with a vault, but nothing can be
+    recovered through it: the gauge counts them and the console's items page says what
+    to do, until the registration."""
+    api, cs, gauge = aged.api, aged.cs, ("siterecovery_configserver_unrecoverable_items", ())
+    await api.post("/api/v1/policies", {"name": "tight", "rpo_threshold_seconds": 600,
+                                        "crash_consistent_interval_seconds": 60,
+                                        "app_consistent_frequency_seconds": 0})
+    await add_procserver(cs.url, cs.internal_token)
+    assert (await aged.metrics())[gauge] == 0  # no item: nothing to recover yet
+    await _protect(aged, tmp_path, "web01", T0 - 30)
+    await aged.evaluate()
+    assert (await aged.metrics())[gauge] == 1
+    async with _browser() as http:
+        await _sign_in(http, cs)
+        async with http.get(f"{cs.url}/console/") as r:
+            assert 'id="unregistered"' in await r.text()
+        url, key = await make_vault(tmp_path)
+        vault = await open_vault(tmp_path / "vault", key)
+        try:
+            await api.post("/api/v1/registration", {
+                "key": json.dumps(make_key(vault, url, aged.clock())),
+                "vault_key_file": str(key)})
+        finally:
+            await vault.close()
+        await aged.evaluate()
+        assert (await aged.metrics())[gauge] == 0
+        async with http.get(f"{cs.url}/console/") as r:
+            page = await r.text()
+        assert 'id="unregistered"' not in page and "web01" in page

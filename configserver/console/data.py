@@ -21,6 +21,7 @@ from configserver import (
     api_points,
     api_policies,
     api_procservers,
+    api_registration,
     verifyjob,
 )
 from configserver.rest import Call, Handler
@@ -75,6 +76,10 @@ class Reader:
     async def job(self, jid: str) -> dict[str, Any]:
         doc: dict[str, Any] = await self._get(api_jobs.show_job, params={"id": jid})
         return doc
+
+    async def registered(self) -> bool:
+        """Whether this server is registered with a vault (it recovers nothing before)."""
+        return bool((await self._get(api_registration.show_registration))["registered"])
 
     async def active_alerts(self) -> list[dict[str, Any]]:
         docs: list[dict[str, Any]] = (await self._get(api_events.list_events,

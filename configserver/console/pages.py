@@ -61,7 +61,7 @@ async def items_page(request: web.Request, *, error: str = "", status: int = 200
     health = {h: sum(1 for i in items if i["health"] == h) for h in HEALTHS}
     return console.page(request, "items.html", status, title="Replicated items", nav="items",
                         items=items, verified=verified, rpo_status=rpo_status,
-                        health=health, alerts=alerts,
+                        health=health, alerts=alerts, registered=await reader.registered(),
                         machines=await reader.unreplicated(), policies=await reader.policies(),
                         error=error, refresh=0 if error else REFRESH_ITEMS)
 
