@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 from collections.abc import Coroutine
 from pathlib import Path
@@ -33,7 +34,8 @@ from mobility.siteclient import (
     SiteUnreachable,
 )
 from siterecovery import agentfailback
-from siterecovery.apiclient import ApiCallError, ApiClient
+from siterecovery.apiclient import DEFAULT_API, ApiCallError, ApiClient
+from siterecovery.apiopts import token_from, token_given
 from siterecovery.daemon import MOBILITY_FILES, require_files, settled, wait_for_signal
 from siterecovery.errors import CliError, UsageError
 from siterecovery.progress import Progress
@@ -143,21 +145,15 @@ async def cmd_enroll(args: argparse.Namespace) -> int:
             raise UsageError(f"the passphrase file {args.passphrase_file} is empty")
         cfg = await _enroll_on_site(args.site, args.ca_file, secret, args.machine,
                                     args.server, args.disk, out)
-    elif args.token_file:
+    elif token_given(args):
         if args.passphrase_file or args.ca_file:
             raise UsageError("--passphrase-file and --ca-file go with --site")
-        try:
-            token = Path(args.token_file).read_text().strip()
-        except OSError as e:
-            raise CliError(f"cannot read the admin token file: {e}") from None
-        except UnicodeDecodeError:
-            raise UsageError(f"the admin token file {args.token_file} is not a token (it is "
-                             "not text)") from None
-        cfg = await enroll(args.api, token, args.machine, args.server, args.disk, out,
-                           args.site_url or "")
+        cfg = await enroll(args.api, token_from(args), args.machine, args.server, args.disk,
+                           out, args.site_url or "")
     else:
         raise UsageError("enroll with the passphrase (--site URL --passphrase-file F "
-                         "--ca-file CA) or with the admin token (--token-file F)")
+                         "--ca-file CA) or with the admin token (--token-file F, or "
+                         "$SITERECOVERY_TOKEN_FILE)")
     if args.json:
         print(json.dumps(_enrolled(args.machine, cfg)))
     else:
@@ -266,9 +262,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                          "DATA_DIR/enrollment-passphrase)")
     en.add_argument("--ca-file", help="the configuration server's CA certificate "
                                       "(DATA_DIR/ca/ca.pem), to verify the site listener")
-    en.add_argument("--api", default="http://127.0.0.1:9440",
-                    help="admin API URL, with --token-file")
-    en.add_argument("--token-file", help="admin API token file (the admin path)")
+    en.add_argument("--api", default=os.environ.get("SITERECOVERY_API", DEFAULT_API),
+                    help="admin API URL, with the token (default: $SITERECOVERY_API or "
+                         "%(default)s)")
+    en.add_argument("--token-file",
+                    help="admin API token file, the admin path (default: "
+                         "$SITERECOVERY_TOKEN_FILE, else DATA_DIR/configserver/api-token "
+                         "when it exists)")
     en.add_argument("--site-url",
                     help="with --token-file: the site listener the agent will report to "
                          "(https://HOST:9441); with --site it is --site")

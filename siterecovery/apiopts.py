@@ -27,11 +27,22 @@ def add_api_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-def token_from(args: argparse.Namespace) -> str:
-    """The admin token: --token-file, $SITERECOVERY_TOKEN_FILE, or the embedded
-    installation's DATA_DIR/configserver/api-token; a CliError if unreadable or empty."""
-    path = Path(args.token_file or os.environ.get("SITERECOVERY_TOKEN_FILE")
+def token_path(args: argparse.Namespace) -> Path:
+    """--token-file, else $SITERECOVERY_TOKEN_FILE, else the embedded installation's
+    DATA_DIR/configserver/api-token."""
+    return Path(args.token_file or os.environ.get("SITERECOVERY_TOKEN_FILE")
                 or Path(default_data_dir()) / "configserver" / "api-token")
+
+
+def token_given(args: argparse.Namespace) -> bool:
+    """Whether a token file is named (option, environment) or the default one exists."""
+    return bool(args.token_file or os.environ.get("SITERECOVERY_TOKEN_FILE")) or \
+        token_path(args).exists()
+
+
+def token_from(args: argparse.Namespace) -> str:
+    """The admin token (``token_path``); a CliError if unreadable or empty."""
+    path = token_path(args)
     try:
         token = path.read_text().strip()
     except OSError as e:

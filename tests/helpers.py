@@ -273,9 +273,12 @@ def configserver_daemon(tmp: Path) -> Daemon:
     return Daemon(["configserver", "run", "--config", str(toml)], "configserver_started")
 
 
-def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, check: bool = False, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
+    """``siterecovery ARGS`` in a subprocess; ``env`` is added to this environment."""
     return subprocess.run([sys.executable, "-m", "siterecovery", *args], capture_output=True,
-                          text=True, cwd=REPO, check=check, timeout=300)
+                          text=True, cwd=REPO, check=check, timeout=300,
+                          env={**os.environ, **env} if env else None)
 
 
 async def write_full_point(vault: Vault, data: bytes, *, machine: str = "m1",

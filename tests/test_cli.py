@@ -40,7 +40,7 @@ def test_demo_passes() -> None:
 
 async def test_serve_enroll_replicate_restore(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    serve = Daemon(["serve", "--data-dir", str(data), "--admin-port", "0",
+    serve = Daemon(["serve", "--data-dir", str(data), "--admin-port", "0", "--site-port", "0",
                     "--listen", "127.0.0.1:0", "--metrics-port", "0"], "procserver_started")
     ready = await serve.start()
     try:

@@ -17,8 +17,8 @@ def _serve(data: Path) -> Daemon:
                    "--listen", "127.0.0.1:0", "--metrics-port", "0"], "procserver_started")
 
 
-async def _cli(*args: str) -> dict[str, Any]:
-    r = await asyncio.to_thread(run_cli, *args, "--json")
+async def _cli(*args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    r = await asyncio.to_thread(lambda: run_cli(*args, "--json", env=env))
     assert r.returncode == 0, r.stderr
     doc: dict[str, Any] = json.loads(r.stdout)
     return doc
@@ -45,9 +45,11 @@ async def test_serve_registers_itself_and_a_machine_is_drilled_at_once(tmp_path:
         assert status["vault_key_file"] == str((data / "vault.key").resolve())
 
         site = f"https://127.0.0.1:{serve.events('configserver_started')[0]['site_port']}"
+        # the admin path of enroll, from the environment as every admin verb takes it
         await _cli("mobility", "enroll", "--machine", "vm1", "--site-url", site, "--server",
                    f"127.0.0.1:{ready['port']}", "--disk", f"sda={disk}", "--out",
-                   str(tmp_path / "agent"), *admin)
+                   str(tmp_path / "agent"), env={"SITERECOVERY_API": api,
+                                                 "SITERECOVERY_TOKEN_FILE": admin[3]})
         enable = await _cli("replication", "enable", "vm1", *admin)
         agent = Daemon(["mobility", "run", "--config", str(tmp_path / "agent" /
                                                            "mobility.toml")],
