@@ -9,9 +9,7 @@ agent's ``mobility.toml`` is written for ``mobility run`` to take over."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -24,11 +22,10 @@ from mobility.siteclient import SiteClient
 from procserver.server import ProcServer
 from siterecovery.apiclient import ApiClient
 from tests.backends import _free_port, missing_backend
-from tests.helpers import Daemon, make_vault, open_vault, write_toml
+from tests.helpers import Daemon, write_toml
 from tests.managedsite import enroll_machine, issue_procserver_cert, procserver_config
-from tests.sitehelpers import next_job, wait_job
+from tests.sitehelpers import next_job, register_new_vault, wait_job
 from tests.test_failback_job import _ext4
-from vault.regkey import make_key
 
 
 @dataclass
@@ -97,15 +94,8 @@ async def failed_over_site(tmp: Path, catalog_url: str, *,
         site_url = f"https://127.0.0.1:{ready['site_port']}"
         token = (data / "api-token").read_text().strip()
         ca = data / "ca" / "ca.pem"
-        vault_url, key = await make_vault(tmp)
         async with ApiClient(url, token) as api:
-            vault = await open_vault(tmp / "vault", key)
-            try:
-                await api.post("/api/v1/registration", {
-                    "key": json.dumps(make_key(vault, vault_url, time.time())),
-                    "vault_key_file": str(key)})
-            finally:
-                await vault.close()
+            vault_url, key = await register_new_vault(api, tmp)
             await issue_procserver_cert(api, tmp / "ps-tls")
             ps = ProcServer(procserver_config(tmp, vault_url, key, ca, site_url,
                                               data / "internal-token",

@@ -5,7 +5,9 @@ point reports, and waiting for jobs by long-polling the jobs API."""
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,6 +20,8 @@ from configserver import db
 from configserver.config import ConfigServerConfig
 from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiClient
+from tests.helpers import make_vault, open_vault
+from vault.regkey import make_key
 
 T = TypeVar("T")
 
@@ -45,6 +49,21 @@ async def add_machine(api: ApiClient, name: str, disks: tuple[str, ...] = ("sda"
         "os_version": "22.04",
         "disks": [{"name": d, "path": f"/dev/{d}", "size_bytes": 1 << 30} for d in disks]})
     return doc
+
+
+async def register_new_vault(api: ApiClient, tmp: Path, now: float | None = None
+                             ) -> tuple[str, Path]:
+    """A new local vault in ``tmp/vault`` (its key ``tmp/vault.key``) the configuration
+    server behind ``api`` registers with, by a key made at ``now``; its URL and key."""
+    url, key = await make_vault(tmp)
+    vault = await open_vault(tmp / "vault", key)
+    try:
+        await api.post("/api/v1/registration", {
+            "key": json.dumps(make_key(vault, url, time.time() if now is None else now)),
+            "vault_key_file": str(key)})
+    finally:
+        await vault.close()
+    return url, key
 
 
 async def add_procserver(url: str, internal_token: str, name: str = "ps1",

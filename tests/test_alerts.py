@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,19 +18,18 @@ from configserver.config import ConfigServerConfig
 from configserver.schema import iso
 from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiCallError, ApiClient
-from tests.helpers import make_vault, open_vault
 from tests.sitehelpers import (
     AgentSite,
     add_machine,
     add_procserver,
     next_job,
+    register_new_vault,
     report_point,
     step_running,
     wait_job,
 )
 from tests.test_console_http import _browser, _sign_in
 from tests.test_procservers import beat, post_beat, wait_until
-from vault.regkey import make_key
 
 # The injected clock starts at the real time (whole seconds): the CA dates certificates
 # by it, and TLS checks them against the real one.
@@ -367,14 +365,7 @@ async def test_items_without_a_registration_are_counted_and_shown(aged: Aged,
         await _sign_in(http, cs)
         async with http.get(f"{cs.url}/console/") as r:
             assert 'id="unregistered"' in await r.text()
-        url, key = await make_vault(tmp_path)
-        vault = await open_vault(tmp_path / "vault", key)
-        try:
-            await api.post("/api/v1/registration", {
-                "key": json.dumps(make_key(vault, url, aged.clock())),
-                "vault_key_file": str(key)})
-        finally:
-            await vault.close()
+        await register_new_vault(api, tmp_path, aged.clock())
         await aged.evaluate()
         assert (await aged.metrics())[gauge] == 0
         async with http.get(f"{cs.url}/console/") as r:

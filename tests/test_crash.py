@@ -133,6 +133,7 @@ async def test_a_point_recorded_uploaded_but_not_logged_is_logged_at_the_next_st
         agent.close()
     assert ps.proc is not None
     assert await ps.proc.wait() == 137  # died at the lease deletion
+    assert ps._drain is not None
     await ps._drain
     assert ps.events("cycle_acknowledged") and not ps.events("point_uploaded")
     vault = await open_vault(tmp_path / "vault", key)

@@ -48,6 +48,17 @@ async def _points(cs: ConfigServer, tmp: Path) -> dict[str, tuple[str, str, str]
     return out
 
 
+async def _released(cs: ConfigServer, at: dict[str, tuple[str, str, str]]) -> str:
+    """A group point of erp released on the members' cycles of ``at``, as its process
+    server reports it; its id."""
+    gp = uuid.uuid4().hex
+    async with ApiClient(cs.url, cs.internal_token) as internal:
+        await internal.post("/api/v1/internal/group-points", {
+            "id": gp, "group": "erp", "created": 1.8e9, "state": "released",
+            "members": {m: c for m, (_, c, _) in at.items()}})
+    return gp
+
+
 async def test_a_group_drills_and_fails_over_to_one_group_point(
         cs: ConfigServer, api: ApiClient, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -58,11 +69,7 @@ async def test_a_group_drills_and_fails_over_to_one_group_point(
         await api.post("/api/v1/groups/erp/test-failover", {})
     assert (e.value.status, e.value.api_code) == (409, "no_group_point")
     at_group = await _points(cs, tmp_path)
-    gp = uuid.uuid4().hex
-    async with ApiClient(cs.url, cs.internal_token) as internal:
-        await internal.post("/api/v1/internal/group-points", {
-            "id": gp, "group": "erp", "created": 1.8e9, "state": "released",
-            "members": {m: c for m, (_, c, _) in at_group.items()}})
+    gp = await _released(cs, at_group)
     newer = await _points(cs, tmp_path)  # each member's own points go on after it
     assert (await api.get(f"/api/v1/groups/erp/points/{gp}"))["state"] == "complete"
 
@@ -131,11 +138,7 @@ async def test_a_group_is_left_as_it_is_while_a_job_of_it_runs(
     await _protect(cs, api, tmp_path, [*MEMBERS, "web01"])
     await api.post("/api/v1/groups", {"name": "erp", "members": MEMBERS})
     at_group = await _points(cs, tmp_path)
-    gp = uuid.uuid4().hex
-    async with ApiClient(cs.url, cs.internal_token) as internal:
-        await internal.post("/api/v1/internal/group-points", {
-            "id": gp, "group": "erp", "created": 1.8e9, "state": "released",
-            "members": {m: c for m, (_, c, _) in at_group.items()}})
+    gp = await _released(cs, at_group)
     vault = await open_vault(tmp_path / "vault", tmp_path / "vault.key")
     prune = await acquire(vault, "exclusive", "prune (the test's)")
     job = (await api.post("/api/v1/groups/erp/failover", {"group_point": gp}))["job"]
