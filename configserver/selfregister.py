@@ -26,7 +26,7 @@ from vault.regkey import make_key
 
 log = structlog.get_logger("configserver.selfregister")
 
-RETRY = Backoff(base=5.0, cap=300.0)
+RETRY_BASE_SECONDS, RETRY_CAP_SECONDS = 5.0, 300.0
 
 
 async def register_once(core: Core, url: str, key_file: str) -> bool:
@@ -45,19 +45,22 @@ async def register_once(core: Core, url: str, key_file: str) -> bool:
     return True
 
 
-async def run(core: Core, url: str, key_file: str, retry: Backoff = RETRY) -> None:
+async def run(core: Core, url: str, key_file: str) -> None:
     """``register_once`` until it is done or refused (a background task)."""
-    backoff = Backoff(retry.base, retry.cap)
+    backoff = Backoff(RETRY_BASE_SECONDS, RETRY_CAP_SECONDS)
     while True:
         try:
             await register_once(core, url, key_file)
             return
         except Unavailable as e:  # the storage does not answer (yet)
-            wait = backoff.next()
-            log.warning("self_registration_retrying", vault=url, error=e.message,
-                        retry_in_seconds=round(wait, 1))
-            await asyncio.sleep(wait)
+            why = e.message
         except DomainError as e:
             log.error("self_registration_refused", vault=url, code=e.code, error=e.message,
                       hint=e.hint)
             return
+        except Exception as e:  # the catalog's hiccup, or another server registering too
+            why = f"{type(e).__name__}: {e}"
+        wait = backoff.next()
+        log.warning("self_registration_retrying", vault=url, error=why,
+                    retry_in_seconds=round(wait, 1))
+        await asyncio.sleep(wait)

@@ -59,7 +59,6 @@ class ConfigServer:
         self.notifier = Notifier()  # notified when items, points or agents change
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self.registering: asyncio.Task[None] | None = None  # with vault_url: selfregister
         self.port = cfg.listen_port
         self.site_port = cfg.site_port
 
@@ -100,9 +99,8 @@ class ConfigServer:
         for coro in background_tasks(self.services):
             self._tasks.append(asyncio.create_task(coro))
         if self.cfg.vault_url:  # it holds the vault's key: it registers itself
-            self.registering = asyncio.create_task(selfregister.run(
-                core, self.cfg.vault_url, self.cfg.vault_key_file))
-            self._tasks.append(self.registering)
+            self._tasks.append(asyncio.create_task(selfregister.run(
+                core, self.cfg.vault_url, self.cfg.vault_key_file)))
         if self.engine.dialect.name == "postgresql":
             # Other configuration servers on this catalog wake with this one's changes.
             link = PgNotifyLink(asyncpg_dsn(self.engine.url), self.notifier)

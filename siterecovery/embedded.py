@@ -284,8 +284,9 @@ async def serve(data_dir: str, admin_port: int, listen: str, metrics_port: int,
     token = e.config.cfg.token_path
     kind = "local-folder" if e.vault_url.startswith("file://") else "blob-store"
     registration = ("at start, with this vault (siterecovery register --status)" if e.key_file
-                    else "by hand: the passphrase alone opens this vault (siterecovery "
-                         "register --key-file FILE --vault-key KEYFILE)")
+                    else "by hand: the passphrase alone opens this vault; give it a key "
+                         "file (siterecovery vault key add --new-key-file KEYFILE), then "
+                         "register with it (siterecovery register --vault-key KEYFILE)")
     keys = " + ".join(k for k, given in (
         (f"key file {e.key_file}", bool(e.key_file)),
         (f"passphrase from {vault.passphrase_file or '$' + str(vault.passphrase_env)}",
