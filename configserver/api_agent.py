@@ -16,7 +16,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from common.names import DISK_PATTERN
 from configserver import certs, db, groups, hostroles, sendlimit
-from configserver.failback import failback_request
+from configserver.agentwatch import (
+    MAX_WAIT_SECONDS,
+    digest,
+    failback_request,
+    shutdown_request,
+)
 from configserver.hostroles import note_recovered
 from configserver.items import (
     ITEM,
@@ -81,6 +86,9 @@ SETTINGS = obj({
     "basis_point": nullable({"type": "string", "description": (
         "the recovered machine re-protected through its agent: the point a cycle without "
         "the agent's own maps compares the disks with (a resync by basis)")}),
+    "digest": {"type": "string", "description": (
+        "a hash of what the agent acts on at once (the item's state, a failover's shutdown "
+        "and a failback's request): the since of GET /api/v1/agent/settings/changes")},
 }, ["machine", "replicate", "item_state", "resync_required", "disks", "process_server",
     "policy", "bandwidth", "revoked_server_certificates", "server_revocation_list",
     "heartbeat_interval_seconds", "role", "basis_point"])
@@ -187,17 +195,17 @@ def _settings_doc(name: str, item: db.ReplicatedItem | None, policy: db.Policy |
             revoked, call.services.clock()).decode() if revoked else None,
         "heartbeat_interval_seconds": HEARTBEAT_INTERVAL_SECONDS,
         "shutdown_request": None, "failback_request": None, "group": None,
-        "role": hostroles.ORIGINAL, "basis_point": None,
+        "role": hostroles.ORIGINAL, "basis_point": None, "digest": digest(item),
     }
 
 
-def shutdown_request(item: db.ReplicatedItem | None) -> str | None:
-    """The id of a failover's unanswered request to shut the machine down, if any."""
-    if item is None or item.state != ItemState.FAILOVER_IN_PROGRESS:
-        return None
-    asked = (item.failover or {}).get("shutdown") or {}
-    return str(asked["request"]) if asked.get("request") and not asked.get("reported") \
-        else None
+async def changes(call: Call) -> web.Response:
+    """A long poll: the calling agent's digest once it is not ``since``, or after ``wait``
+    seconds (configserver/agentwatch.py)."""
+    watch = call.services.agent_watch
+    now = await watch.wait(call.services, str(call.peer), str(call.query.get("since", "")),
+                           float(call.query.get("wait", 0)))
+    return reply({"digest": now})
 
 
 async def shutdown(call: Call) -> web.Response:
@@ -311,6 +319,17 @@ ROUTES = [
                       "policy's send limit, revoked server certificates; whether to "
                       "replicate. Counts as a check-in (of the original machine; the "
                       "recovered copy's is kept in the item's failover record)."),
+    Route("GET", "/api/v1/agent/settings/changes", changes,
+          "Wait for a change the calling agent acts on at once", "agent", auth="agent",
+          listeners=("site",), responses={200: obj({"digest": {"type": "string"}},
+                                                   ["digest"])},
+          query={"since": {"type": "string", "maxLength": 64},
+                 "wait": {"type": "number", "minimum": 0, "maximum": MAX_WAIT_SECONDS}},
+          description="A long poll: answers with the machine's digest as soon as it is not "
+                      "since (the digest of its last settings; none: at once): "
+                      "replication enabled, disabled or to resynchronize, a failover's "
+                      "shutdown or a failback's request; else after wait seconds. The agent "
+                      "then pulls its settings."),
     Route("POST", "/api/v1/agent/heartbeat", heartbeat, "An agent's heartbeat", "agent",
           auth="agent", listeners=("site",), body=HEARTBEAT, responses={200: HEARTBEAT_REPLY},
           description="Records last contact and the agent's version."),

@@ -7,7 +7,7 @@ import structlog
 from aiohttp import web
 
 from configserver import db
-from configserver.failback import FAILBACK
+from configserver.agentwatch import FAILBACK
 from configserver.rest import ApiError, Call, Route, nullable, obj, reply
 
 log = structlog.get_logger("configserver.failback")

@@ -33,4 +33,5 @@ def background_tasks(services: Services) -> list[Coroutine[Any, Any, None]]:
             pshealth.run(services, services.alert_book.up_since,
                          services.cfg.alert_interval_seconds,
                          services.cfg.procserver_failover_seconds),
-            groupsettle.run(services, services.cfg.alert_interval_seconds)]
+            groupsettle.run(services, services.cfg.alert_interval_seconds),
+            services.agent_watch.run(services)]

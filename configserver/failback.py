@@ -42,6 +42,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from configserver import db
+from configserver.agentwatch import FAILBACK
 from configserver.itemrecord import FAILOVER, read, record
 from configserver.items import ItemState
 from configserver.jobdefs import JobKind, JobRun, Step, StepFailed
@@ -50,18 +51,7 @@ from configserver.recoveredpoint import recovered_disks, take_point
 from configserver.recoverysteps import FailoverDeps, cleanup_recovered
 from vault.imagepoint import ImageDisk
 
-FAILBACK = "failback"  # the failback's record, inside the item's failover record
 TIMEOUT_SECONDS = 6 * 3600.0  # how long the agent may take to answer
-
-
-def failback_request(item: db.ReplicatedItem | None) -> dict[str, str] | None:
-    """What a running failback asks of the machine's agent (its settings), if anything."""
-    if item is None or item.state != ItemState.FAILBACK_IN_PROGRESS:
-        return None
-    fb = (item.failover or {}).get(FAILBACK) or {}
-    if fb.get("request") and fb.get("point") and not fb.get("reported"):
-        return {"request": str(fb["request"]), "point": str(fb["point"])}
-    return None
 
 
 def kinds(deps: FailoverDeps) -> tuple[JobKind, ...]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from configserver.agentwatch import AgentWatch
 from configserver.alerts import AlertBook
 from configserver.ca import CertificateAuthority
 from configserver.config import ConfigServerConfig
@@ -29,3 +30,4 @@ class Services(Core):
     admin_token: str = field(repr=False)
     internal_token: str = field(repr=False)
     passphrase: str = field(repr=False)  # the agents' enrollment passphrase
+    agent_watch: AgentWatch = field(default_factory=AgentWatch)  # agents' long polls

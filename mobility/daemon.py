@@ -40,7 +40,7 @@ from mobility.inplace import failback_pending
 from mobility.renewal import cert_not_after, renew
 from mobility.reporter import ProgressReporter
 from mobility.shutdown import answered, shut_down
-from mobility.siteclient import Settings, SiteClient, SiteError
+from mobility.siteclient import Settings, SiteClient, SiteError, SiteRefused
 from mobility.snapshot import Scripts, SnapshotProvider, crash_provider
 from mobility.verification import tracker_report
 
@@ -80,6 +80,7 @@ class ManagedAgent:
         self._group_slot: int | None = None  # the group's interval of the last group point
         self.last: CycleResult | None = None  # the last acknowledged cycle
         self._revoked: frozenset[str] | None = None  # the revoked servers the CRL lists
+        self._long_poll = True  # the configuration server answers settings/changes
         if self._crl_path().exists():  # revocations known before a restart still hold
             try:
                 self._use_crl(str(self._crl_path()))
@@ -287,21 +288,52 @@ class ManagedAgent:
 
     async def pause(self, seconds: float) -> None:
         """Wait ``seconds`` for the next round, pulling the settings every heartbeat
-        interval meanwhile: a failover's shutdown request ends the wait at once instead
-        of after a whole crash-consistent interval."""
+        interval meanwhile, and at once when the configuration server's long poll says
+        something the agent acts on changed: a failover's shutdown request, a failback's,
+        replication enabled, disabled or to be resynchronized end the wait then."""
         end = self.clock() + seconds
         group = self._until_group_point()
         if group is not None:  # every member wakes when the group's interval begins
             end = min(end, self.clock() + group + 0.05)
         while (left := end - self.clock()) > 0:
             every = self.settings.heartbeat_interval_seconds if self.settings else 60.0
-            await asyncio.sleep(min(left, max(1.0, every)))
-            if self.clock() < end:
+            was = self.settings
+            changed = await self._changes(min(left, max(1.0, every)))
+            if changed or self.clock() < end:
                 await self.refresh()
-                if self._asked_to_shut_down() or (self.settings is not None and
-                                                  asked_to_fail_back(self.settings,
-                                                                     self.cfg.state_dir)):
+                if self._act_now(was):
                     return
+
+    async def _changes(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a change the agent acts on at once (the
+        configuration server's long poll, ``configserver/agentwatch.py``); whether one
+        came. A plain wait without it: no settings yet, a server without the long poll,
+        or the site listener out of reach (the next settings pull says more)."""
+        since = self.settings.digest if self.settings is not None else None
+        start = self.clock()
+        if since is not None and self._long_poll:
+            try:
+                return await self.site.changes(since, timeout) != since
+            except SiteRefused as e:
+                if e.status == 404:
+                    self._long_poll = False
+                    log.info("settings_long_poll_unavailable",
+                             hint="the configuration server predates it: the agent pulls "
+                                  "its settings every heartbeat interval")
+            except SiteError:
+                pass
+        await asyncio.sleep(max(0.0, timeout - (self.clock() - start)))
+        return False
+
+    def _act_now(self, was: Settings | None) -> bool:
+        """Whether the settings just pulled call for a round now, not at the pause's end."""
+        s = self.settings
+        if s is None:
+            return False
+        if self._asked_to_shut_down() or asked_to_fail_back(s, self.cfg.state_dir):
+            return True
+        return was is not None and (s.replicate != was.replicate or
+                                    (s.resync_required and not was.resync_required))
 
     async def run_forever(self) -> None:
         # Without jitter, as before: one agent per machine, each on its own schedule.

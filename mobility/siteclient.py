@@ -90,6 +90,7 @@ class SiteCertificateRevoked(SiteCertificateUnverified):
 
 # OpenSSL's X509_V_ERR_CERT_REVOKED
 CERT_REVOKED = 23
+CHANGES_MAX_WAIT = 55.0  # the configuration server answers a long poll within this long
 
 
 def tls_context(tls_ca: str, tls_cert: str | None = None, tls_key: str | None = None,
@@ -143,6 +144,9 @@ class Settings:
     # The recovered machine re-protected through its agent: the point its first cycle
     # compares the disks with (a resync by basis; afterwards deltas on its own maps).
     basis_point: str | None = None
+    # What the agent acts on at once, hashed by the configuration server: the since of
+    # ``SiteClient.changes`` (None: a server without the long poll).
+    digest: str | None = None
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> Settings:
@@ -174,7 +178,8 @@ class Settings:
                    "barrier_timeout_seconds": float(g["barrier_timeout_seconds"])}
             if (g := doc.get("group")) else None,
             role=str(doc.get("role") or "original"),
-            basis_point=str(doc["basis_point"]) if doc.get("basis_point") else None)
+            basis_point=str(doc["basis_point"]) if doc.get("basis_point") else None,
+            digest=str(doc["digest"]) if doc.get("digest") else None)
 
 
 class SiteClient:
@@ -218,12 +223,15 @@ class SiteClient:
             self._http = None
 
     async def _call(self, method: str, path: str, body: Any = None,
-                    expect: int | None = None) -> Any:
-        """The answer's JSON. A success is any 2xx status, or exactly ``expect``."""
+                    expect: int | None = None, timeout: float | None = None) -> Any:
+        """The answer's JSON. A success is any 2xx status, or exactly ``expect``.
+        ``timeout``: this call's, instead of the client's."""
         assert self._http is not None, "use 'async with SiteClient(...)'"
         try:
-            async with self._http.request(method, self.site_url + path, json=body,
-                                          ssl=self._ctx) as r:
+            async with self._http.request(
+                    method, self.site_url + path, json=body, ssl=self._ctx,
+                    timeout=None if timeout is None else aiohttp.ClientTimeout(total=timeout)
+            ) as r:
                 ok = r.status == expect if expect is not None else 200 <= r.status < 300
                 try:
                     doc = await r.json(content_type=None)
@@ -272,6 +280,18 @@ class SiteClient:
         except (KeyError, TypeError, ValueError) as e:
             raise SiteBadAnswer("GET", path, f"not agent settings: {e}") from None
         return settings
+
+    async def changes(self, since: str, wait: float) -> str:
+        """The machine's digest once it is not ``since`` (its settings' ``digest``), or
+        after ``wait`` seconds (a long poll; ``SiteRefused`` 404 from a server without
+        it)."""
+        wait = max(0.0, min(wait, CHANGES_MAX_WAIT))
+        doc = await self._call("GET", f"/api/v1/agent/settings/changes?since={since}"
+                                      f"&wait={wait:.1f}", timeout=wait + 30.0)
+        if not isinstance(doc, dict) or not isinstance(doc.get("digest"), str):
+            raise SiteBadAnswer("GET", "/api/v1/agent/settings/changes",
+                                f"not a digest: {doc!r:.200}")
+        return str(doc["digest"])
 
     async def heartbeat(self, trackers: dict[str, dict[str, Any]] | None = None
                         ) -> dict[str, Any]:

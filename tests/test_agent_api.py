@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from configserver.agentwatch import digest
 from configserver.server import ConfigServer
 from siterecovery.apiclient import ApiClient
 from tests.sitehelpers import (
@@ -56,7 +57,7 @@ async def test_settings_and_heartbeat(cs: ConfigServer, api: ApiClient, tmp_path
             "server_revocation_list": None,
             "heartbeat_interval_seconds": 60, "shutdown_request": None,
             "failback_request": None, "group": None, "role": "original",
-            "basis_point": None}
+            "basis_point": None, "digest": digest(None)}  # no item
         machine = await api.get("/api/v1/machines/web01")
         assert machine["last_contact"] is not None  # the settings call is a check-in
 
