@@ -227,11 +227,11 @@ class SiteClient:
         """The answer's JSON. A success is any 2xx status, or exactly ``expect``.
         ``timeout``: this call's, instead of the client's."""
         assert self._http is not None, "use 'async with SiteClient(...)'"
+        # (never None: aiohttp takes that as no timeout at all)
+        limit = self._timeout if timeout is None else aiohttp.ClientTimeout(total=timeout)
         try:
-            async with self._http.request(
-                    method, self.site_url + path, json=body, ssl=self._ctx,
-                    timeout=None if timeout is None else aiohttp.ClientTimeout(total=timeout)
-            ) as r:
+            async with self._http.request(method, self.site_url + path, json=body,
+                                          ssl=self._ctx, timeout=limit) as r:
                 ok = r.status == expect if expect is not None else 200 <= r.status < 300
                 try:
                     doc = await r.json(content_type=None)

@@ -80,6 +80,20 @@ async def test_an_unreachable_listener_is_site_unreachable(cs: ConfigServer,
     assert str(e.value).startswith("GET /api/v1/agent/settings: ClientConnectorError")
 
 
+
+async def test_a_listener_that_never_answers_is_given_up_at_the_clients_timeout(
+        cs: ConfigServer) -> None:
+    """A socket that accepts and says nothing (a hung server): a call ends at the
+    client's timeout (a call with a timeout of its own, the long poll, at that one)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"https://127.0.0.1:{silent.getsockname()[1]}"
+        async with SiteClient(url, str(cs.ca.cert_path), timeout=0.5) as site:
+            with pytest.raises(SiteUnreachable) as e:
+                await site.settings()
+            assert isinstance(e.value.cause, TimeoutError)
+
 def test_tls_files_that_do_not_load_are_named(tmp_path: Path) -> None:
     with pytest.raises(SiteTLSFilesError, match=r"cannot load the TLS files \(.*/nosuch.pem\)"):
         SiteClient("https://127.0.0.1:9441", str(tmp_path / "nosuch.pem"))
