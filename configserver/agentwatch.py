@@ -75,17 +75,38 @@ class AgentWatch:
     def __init__(self) -> None:
         self._digests: dict[str, str] = {}
         self._woken: dict[str, asyncio.Event] = {}  # machines with a call waiting
+        self._closed = False
+        self.waiting = 0  # calls waiting now (the gauge siterecovery_..._agent_long_polls)
+        self.changed = asyncio.Condition()  # notified when that number changes
+
+    def close(self) -> None:
+        """Answer every waiting call now, and later ones at once: the server is stopping,
+        and its requests in progress hold its stop for as long as they last."""
+        self._closed = True
+        for woken in self._woken.values():
+            woken.set()
+        self._woken.clear()
 
     async def wait(self, core: Core, machine: str, since: str, timeout: float) -> str:
         """``machine``'s digest once it is not ``since``, or after ``timeout`` seconds."""
         woken = self._woken.setdefault(machine, asyncio.Event())
         now = await digest_of(core, machine)
-        if now == since:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(timeout, MAX_WAIT_SECONDS)):
-                    await woken.wait()
+        if now == since and not self._closed:
+            await self._count(core, +1)
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(timeout, MAX_WAIT_SECONDS)):
+                        await woken.wait()
+            finally:
+                await self._count(core, -1)
             now = await digest_of(core, machine)
         return now
+
+    async def _count(self, core: Core, step: int) -> None:
+        self.waiting += step
+        core.metrics.agent_long_polls.set(self.waiting)
+        async with self.changed:
+            self.changed.notify_all()
 
     async def pass_once(self, core: Core) -> None:
         async with core.sessionmaker() as s:

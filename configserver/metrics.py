@@ -94,6 +94,9 @@ class ConfigMetrics:
         self.verify_last = Gauge("siterecovery_configserver_verify_last_timestamp_seconds",
                                  "When a machine's points were last verified (UNIX seconds)",
                                  ["machine"], registry=r)
+        self.agent_long_polls = Gauge("siterecovery_configserver_agent_long_polls",
+                                      "Agents waiting in GET /api/v1/agent/settings/changes "
+                                      "(between two settings pulls)", registry=r)
         self.unrecoverable = Gauge("siterecovery_configserver_unrecoverable_items",
                                    "Replicated items while this server is not registered "
                                    "with a vault: none of them can be drilled, failed over "

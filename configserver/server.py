@@ -176,6 +176,8 @@ class ConfigServer:
         for r in self._runners:  # 1. close every listening socket first
             for site in list(r.sites):
                 await site.stop()
+        if hasattr(self, "services"):  # agents' long polls answer now, not within 55 s
+            self.services.agent_watch.close()
         in_flight = sum(len(r.server.connections) for r in self._runners if r.server)
         if in_flight:
             log.info("configserver_draining", connections=in_flight,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from configserver import db
 from configserver.agentwatch import digest
+from configserver.config import ConfigServerConfig
 from configserver.server import ConfigServer
 from mobility.config import MobilityConfig
 from mobility.daemon import ManagedAgent
@@ -79,6 +80,33 @@ async def test_the_long_poll_answers_and_refuses(cs: ConfigServer, api: ApiClien
     async with AgentSite(cs.site_url, cs.ca.cert_path) as anonymous:  # no certificate
         assert (await anonymous.call("GET", CHANGES))[0] == 401
 
+
+
+async def test_a_stopping_server_answers_its_waiting_long_polls_at_once(
+        tmp_path: Path) -> None:
+    """A stop lets requests in progress finish within a grace period (60 s): agents'
+    long polls are answered at once instead of holding every stop for their wait."""
+    cs = ConfigServer(ConfigServerConfig(
+        data_dir=str(tmp_path / "cs"), listen_port=0, site_port=0,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'catalog.db'}"))
+    await cs.start()
+    try:
+        async with ApiClient(cs.url, cs.admin_token) as api:
+            await add_procserver(cs.url, cs.internal_token)
+            await add_machine(api, "web01", ("sda",))
+        agent = await AgentSite.enroll(cs.site_url, cs.ca.cert_path, "web01",
+                                       cs.passphrase, tmp_path / "agent")
+        async with agent:
+            since = (await agent.call("GET", "/api/v1/agent/settings"))[1]["digest"]
+            poll = asyncio.create_task(agent.call("GET", f"{CHANGES}?since={since}&wait=50"))
+            watch = cs.services.agent_watch
+            async with asyncio.timeout(30), watch.changed:  # until the server holds it
+                await watch.changed.wait_for(lambda: watch.waiting == 1)
+            async with asyncio.timeout(30):  # well within the poll's 50 s
+                await cs.stop()
+                assert await poll == (200, {"digest": since})
+    finally:
+        await cs.stop()
 
 def test_the_digest_moves_with_what_the_agent_acts_on() -> None:
     item = db.ReplicatedItem(machine="web01", policy="default", state="protected",
