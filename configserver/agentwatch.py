@@ -11,7 +11,8 @@ or after ``wait`` seconds — then it pulls its settings.
 
 One ``AgentWatch`` a server wakes the waiting calls: a pass reads every item's digest with
 one query after each change of the catalog (``core.notifier``; at most one pass a second,
-and one a minute anyway) and sets an event per machine whose digest moved, so agents
+and one a minute anyway; none while no agent waits) and sets an event per machine whose
+digest moved, so agents
 waiting cost one query per change, not one each. Changes another configuration server
 makes on a shared PostgreSQL catalog arrive through its notifications.
 """
@@ -125,7 +126,8 @@ class AgentWatch:
             while True:
                 dirty.clear()
                 try:
-                    await self.pass_once(core)
+                    if self._woken:  # no agent waits: nothing to read (the first pass
+                        await self.pass_once(core)  # after a lull may wake some for naught)
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:  # a catalog hiccup: waiting agents time out, no more
