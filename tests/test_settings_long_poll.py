@@ -11,7 +11,6 @@ from pathlib import Path
 
 from configserver import db
 from configserver.agentwatch import digest
-from configserver.config import ConfigServerConfig
 from configserver.server import ConfigServer
 from mobility.config import MobilityConfig
 from mobility.daemon import ManagedAgent
@@ -19,7 +18,7 @@ from mobility.enroll import enroll_with_passphrase
 from mobility.siteclient import SiteClient
 from siterecovery.apiclient import ApiClient
 from siterecovery.tomlconfig import load
-from tests.sitehelpers import AgentSite, add_machine, add_procserver
+from tests.sitehelpers import AgentSite, add_machine, add_procserver, sqlite_configserver
 
 CHANGES = "/api/v1/agent/settings/changes"
 
@@ -86,11 +85,7 @@ async def test_a_stopping_server_answers_its_waiting_long_polls_at_once(
         tmp_path: Path) -> None:
     """A stop lets requests in progress finish within a grace period (60 s): agents'
     long polls are answered at once instead of holding every stop for their wait."""
-    cs = ConfigServer(ConfigServerConfig(
-        data_dir=str(tmp_path / "cs"), listen_port=0, site_port=0,
-        database_url=f"sqlite+aiosqlite:///{tmp_path / 'catalog.db'}"))
-    await cs.start()
-    try:
+    async with sqlite_configserver(tmp_path, site_port=0) as cs:  # (stopped again on leaving)
         async with ApiClient(cs.url, cs.admin_token) as api:
             await add_procserver(cs.url, cs.internal_token)
             await add_machine(api, "web01", ("sda",))
@@ -105,8 +100,7 @@ async def test_a_stopping_server_answers_its_waiting_long_polls_at_once(
             async with asyncio.timeout(30):  # well within the poll's 50 s
                 await cs.stop()
                 assert await poll == (200, {"digest": since})
-    finally:
-        await cs.stop()
+
 
 def test_the_digest_moves_with_what_the_agent_acts_on() -> None:
     item = db.ReplicatedItem(machine="web01", policy="default", state="protected",
